@@ -1,0 +1,179 @@
+//! The checked-in CRD, the examples users copy, and every schema rule's message.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use sparsemoe_api::{CRD_PATH, crd_yaml, parse_and_validate};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The `# expect: ...` line at the top of an invalid example.
+fn expected_message(text: &str, path: &Path) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix("# expect: "))
+        .unwrap_or_else(|| panic!("{} has no `# expect:` line", path.display()))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn checked_in_crd_matches_the_generator() {
+    let path = repo_root().join(CRD_PATH);
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == crd_yaml(),
+        "{} is stale; regenerate it with `cargo run -p sparsemoe-operator -- crd > {CRD_PATH}`",
+        path.display()
+    );
+}
+
+#[test]
+fn crd_has_subresources_short_name_and_printer_columns() {
+    use kube::CustomResourceExt;
+    let crd = sparsemoe_api::InferenceDeployment::crd();
+    assert_eq!(crd.spec.group, "sparsemoe.io");
+    assert_eq!(crd.spec.scope, "Namespaced");
+    assert_eq!(crd.spec.names.short_names, Some(vec!["idep".to_string()]));
+    let version = &crd.spec.versions[0];
+    assert_eq!(version.name, "v1alpha1");
+    let subresources = version.subresources.as_ref().unwrap();
+    assert!(subresources.status.is_some());
+    let scale = subresources.scale.as_ref().unwrap();
+    assert_eq!(scale.spec_replicas_path, ".spec.scaling.replicas");
+    assert_eq!(scale.status_replicas_path, ".status.replicas");
+    let columns: Vec<&str> = version
+        .additional_printer_columns
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        columns,
+        ["Ready", "Replicas", "Variants", "Tokens/s", "$/Mtok", "Age"]
+    );
+}
+
+#[test]
+fn every_example_parses_and_passes_the_schema_rules() {
+    let files = yaml_files(&repo_root().join("examples"));
+    let names: BTreeSet<String> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for required in [
+        "tiny-cpu.yaml",
+        "deepseek-v3.2-h200.yaml",
+        "cost-aware-variants.yaml",
+    ] {
+        assert!(names.contains(required), "examples/{required} is missing");
+    }
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        if let Err(e) = parse_and_validate(&text) {
+            panic!("{}: {e}", path.display());
+        }
+    }
+}
+
+#[test]
+fn every_invalid_example_fails_with_its_message() {
+    let files = yaml_files(&repo_root().join("examples/invalid"));
+    assert!(files.len() >= 10, "too few invalid examples");
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let expected = expected_message(&text, &path);
+        match parse_and_validate(&text) {
+            Ok(_) => panic!("{} was accepted; expected {expected:?}", path.display()),
+            Err(e) => assert!(
+                e.contains(&expected),
+                "{}: expected {expected:?}, got {e}",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// Every CEL rule in the schema is exercised by some invalid example, so a rule that the API
+/// server would reject (or that never fires) cannot hide.
+#[test]
+fn every_schema_rule_has_an_invalid_example() {
+    let crd: serde_json::Value = serde_json::to_value(
+        <sparsemoe_api::InferenceDeployment as kube::CustomResourceExt>::crd(),
+    )
+    .unwrap();
+    let mut messages = Vec::new();
+    collect_messages(&crd, &mut messages);
+    assert!(messages.len() >= 20, "found only {} rules", messages.len());
+    let expectations: Vec<String> = yaml_files(&repo_root().join("examples/invalid"))
+        .iter()
+        .map(|p| expected_message(&std::fs::read_to_string(p).unwrap(), p))
+        .collect();
+    for message in messages {
+        assert!(
+            expectations.iter().any(|e| message.contains(e.as_str())),
+            "no example in examples/invalid/ expects the rule message {message:?}"
+        );
+    }
+}
+
+fn collect_messages(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Array(rules)) = map.get("x-kubernetes-validations") {
+                for rule in rules {
+                    out.push(rule["message"].as_str().unwrap().to_string());
+                }
+            }
+            map.values().for_each(|v| collect_messages(v, out));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_messages(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn spec_defaults_fill_in_what_a_minimal_manifest_leaves_out() {
+    let idep = parse_and_validate(
+        "apiVersion: sparsemoe.io/v1alpha1\nkind: InferenceDeployment\nmetadata: {name: m}\nspec:\n  model: {name: m, source: {demo: {}}}\n  variants: [{name: cpu, costPerHour: 2}]\n",
+    )
+    .unwrap();
+    let spec = &idep.spec;
+    assert_eq!(spec.scaling.replicas, 1);
+    assert_eq!(spec.parallelism.nodes_per_replica, 1);
+    assert_eq!(spec.variants[0].cost_per_hour.value(), 2.0);
+    assert_eq!(
+        spec.engine.image,
+        sparsemoe_api::v1alpha1::DEFAULT_ENGINE_IMAGE
+    );
+    assert_eq!(spec.scaling.scale_down_stabilization_seconds, 300);
+}
+
+#[test]
+fn unknown_or_mistyped_fields_name_the_problem() {
+    let err = parse_and_validate(
+        "apiVersion: sparsemoe.io/v1alpha1\nkind: InferenceDeployment\nmetadata: {name: m}\nspec:\n  model: {name: m, source: {demo: {}}}\n  variants: [{name: cpu, costPerHour: 31.5}]\n",
+    )
+    .unwrap_err();
+    assert!(err.contains("costPerHour"), "{err}");
+    let err = parse_and_validate(
+        "apiVersion: sparsemoe.io/v1alpha1\nkind: InferenceDeployment\nmetadata: {name: m}\nspec:\n  model: {name: m, source: {demo: {}}}\n  variants: [{name: cpu, costPerHour: 3}]\n  scaling: {replicas: many}\n",
+    )
+    .unwrap_err();
+    assert!(err.contains("replicas"), "{err}");
+}
