@@ -1,0 +1,476 @@
+//! The CPU reference backend: float32 everywhere, weights converted from their stored dtype on
+//! the fly, rayon across rows / heads / experts, `gemm` for the products.
+
+use rayon::prelude::*;
+
+use super::{AttentionForm, Backend, Expert, MlaDims, Routing};
+use crate::error::Result;
+use crate::linalg::{axpy, dot, linear};
+use crate::rope::{Rope, RopeLayout};
+use crate::weights::Matrix;
+
+/// A row-major `[rows, cols]` float32 tensor in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl CpuTensor {
+    fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// The CPU backend (uses rayon's global pool).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    type Tensor = CpuTensor;
+    type Weight = Matrix;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload(&self, matrix: Matrix) -> Result<Matrix> {
+        Ok(matrix)
+    }
+
+    fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> CpuTensor {
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "tensor data is not [{rows}, {cols}]"
+        );
+        CpuTensor { rows, cols, data }
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Vec<f32> {
+        x.data.clone()
+    }
+
+    fn shape(&self, x: &CpuTensor) -> (usize, usize) {
+        (x.rows, x.cols)
+    }
+
+    fn embed(&self, table: &Matrix, tokens: &[u32]) -> CpuTensor {
+        let cols = table.cols;
+        let mut data = vec![0f32; tokens.len() * cols];
+        for (row, &t) in data.chunks_mut(cols).zip(tokens) {
+            table.rows_f32(t as usize, row);
+        }
+        self.tensor(tokens.len(), cols, data)
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &Matrix) -> CpuTensor {
+        let mut y = vec![0f32; x.rows * w.rows];
+        linear(&x.data, x.rows, w, &mut y);
+        self.tensor(x.rows, w.rows, y)
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> CpuTensor {
+        let mut out = x.clone();
+        out.data.par_chunks_mut(x.cols.max(1)).for_each(|row| {
+            let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+            let inv = 1.0 / (mean_sq + eps).sqrt();
+            for (v, g) in row.iter_mut().zip(&w.data) {
+                *v = *v * inv * g;
+            }
+        });
+        out
+    }
+
+    fn layer_norm(&self, x: &CpuTensor, w: &CpuTensor, b: &CpuTensor, eps: f32) -> CpuTensor {
+        let mut out = x.clone();
+        out.data.par_chunks_mut(x.cols.max(1)).for_each(|row| {
+            let n = row.len() as f32;
+            let mean = row.iter().sum::<f32>() / n;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+            let inv = 1.0 / (var + eps).sqrt();
+            for ((v, g), bias) in row.iter_mut().zip(&w.data).zip(&b.data) {
+                *v = (*v - mean) * inv * g + bias;
+            }
+        });
+        out
+    }
+
+    fn add(&self, x: &mut CpuTensor, y: &CpuTensor) {
+        assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add: shapes differ");
+        for (a, b) in x.data.iter_mut().zip(&y.data) {
+            *a += b;
+        }
+    }
+
+    fn columns(&self, x: &CpuTensor, start: usize, len: usize) -> CpuTensor {
+        let mut data = Vec::with_capacity(x.rows * len);
+        for r in 0..x.rows {
+            data.extend_from_slice(&x.row(r)[start..start + len]);
+        }
+        self.tensor(x.rows, len, data)
+    }
+
+    fn rows(&self, x: &CpuTensor, start: usize, len: usize) -> CpuTensor {
+        self.tensor(
+            len,
+            x.cols,
+            x.data[start * x.cols..(start + len) * x.cols].to_vec(),
+        )
+    }
+
+    fn concat_rows(&self, parts: &[&CpuTensor]) -> CpuTensor {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            assert_eq!(p.cols, cols, "concat_rows: column counts differ");
+            data.extend_from_slice(&p.data);
+        }
+        self.tensor(data.len() / cols.max(1), cols, data)
+    }
+
+    fn append_rows(&self, cache: &mut CpuTensor, rows: &CpuTensor) {
+        assert_eq!(cache.cols, rows.cols, "append_rows: column counts differ");
+        cache.data.extend_from_slice(&rows.data);
+        cache.rows += rows.rows;
+    }
+
+    fn rope(
+        &self,
+        x: &mut CpuTensor,
+        heads: usize,
+        head_width: usize,
+        offset: usize,
+        positions: &[usize],
+        rope: &Rope,
+        layout: RopeLayout,
+    ) {
+        let cols = x.cols;
+        x.data
+            .par_chunks_mut(cols)
+            .zip(positions)
+            .for_each(|(row, &pos)| {
+                for h in 0..heads {
+                    let start = h * head_width + offset;
+                    rope.apply(&mut row[start..start + rope.dim()], pos, layout);
+                }
+            });
+    }
+
+    fn indexer_select(
+        &self,
+        q: &CpuTensor,
+        w: &CpuTensor,
+        keys: &CpuTensor,
+        positions: &[usize],
+        k: usize,
+        scale: f32,
+    ) -> Vec<Vec<u32>> {
+        let heads = w.cols;
+        let dim = keys.cols;
+        (0..q.rows)
+            .into_par_iter()
+            .map(|i| {
+                let visible = positions[i] + 1;
+                if visible <= k {
+                    return (0..visible as u32).collect();
+                }
+                let qi = q.row(i);
+                let wi = w.row(i);
+                let mut scored: Vec<(f32, u32)> = (0..visible)
+                    .map(|s| {
+                        let key = keys.row(s);
+                        let score = (0..heads)
+                            .map(|h| {
+                                wi[h] * (scale * dot(&qi[h * dim..(h + 1) * dim], key)).max(0.0)
+                            })
+                            .sum::<f32>();
+                        (score, s as u32)
+                    })
+                    .collect();
+                top_k(&mut scored, k)
+            })
+            .collect()
+    }
+
+    fn mla_attention(
+        &self,
+        q: &CpuTensor,
+        latent: &CpuTensor,
+        k_pe: &CpuTensor,
+        kv_b: &Matrix,
+        positions: &[usize],
+        selection: Option<&[Vec<u32>]>,
+        dims: MlaDims,
+        scale: f32,
+        form: AttentionForm,
+    ) -> CpuTensor {
+        let n = q.rows;
+        let out = match form {
+            AttentionForm::Expanded => mla_expanded(
+                self, q, latent, k_pe, kv_b, positions, selection, dims, scale,
+            ),
+            AttentionForm::Absorbed => {
+                mla_absorbed(q, latent, k_pe, kv_b, positions, selection, dims, scale)
+            }
+        };
+        self.tensor(n, dims.heads * dims.v, out)
+    }
+
+    fn swiglu(&self, x: &CpuTensor, expert: &Expert<Matrix>) -> CpuTensor {
+        let mut gate = self.linear(x, &expert.gate);
+        let up = self.linear(x, &expert.up);
+        for (g, u) in gate.data.iter_mut().zip(&up.data) {
+            *g = silu(*g) * u;
+        }
+        self.linear(&gate, &expert.down)
+    }
+
+    fn moe_experts(
+        &self,
+        x: &CpuTensor,
+        routing: &Routing,
+        experts: &[Expert<Matrix>],
+    ) -> CpuTensor {
+        // Group rows by expert so each expert runs one product over all its tokens.
+        let mut rows_of: Vec<Vec<(usize, f32)>> = vec![Vec::new(); experts.len()];
+        for (row, (ids, weights)) in routing.experts.iter().zip(&routing.weights).enumerate() {
+            for (&e, &wt) in ids.iter().zip(weights) {
+                rows_of[e].push((row, wt));
+            }
+        }
+        let partials: Vec<(usize, CpuTensor)> = rows_of
+            .par_iter()
+            .enumerate()
+            .filter(|(_, rows)| !rows.is_empty())
+            .map(|(e, rows)| {
+                let mut data = Vec::with_capacity(rows.len() * x.cols);
+                for &(r, _) in rows {
+                    data.extend_from_slice(x.row(r));
+                }
+                let gathered = self.tensor(rows.len(), x.cols, data);
+                (e, self.swiglu(&gathered, &experts[e]))
+            })
+            .collect();
+        let mut out = vec![0f32; x.rows * x.cols];
+        for (e, y) in partials {
+            for (j, &(r, wt)) in rows_of[e].iter().enumerate() {
+                axpy(wt, y.row(j), &mut out[r * x.cols..(r + 1) * x.cols]);
+            }
+        }
+        self.tensor(x.rows, x.cols, out)
+    }
+}
+
+/// SiLU in float32.
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// The indices of the `k` largest scores (ties broken towards the lower index).
+fn top_k(scored: &mut [(f32, u32)], k: usize) -> Vec<u32> {
+    let cmp = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    if k < scored.len() {
+        scored.select_nth_unstable_by(k - 1, cmp);
+    }
+    let mut chosen: Vec<u32> = scored[..k.min(scored.len())]
+        .iter()
+        .map(|&(_, s)| s)
+        .collect();
+    chosen.sort_unstable();
+    chosen
+}
+
+/// Keys query `i` may attend to.
+fn visible_keys(i: usize, positions: &[usize], selection: Option<&[Vec<u32>]>) -> Vec<usize> {
+    let pos = positions[i];
+    match selection {
+        Some(sel) => sel[i]
+            .iter()
+            .map(|&s| s as usize)
+            .filter(|&s| s <= pos)
+            .collect(),
+        None => (0..=pos).collect(),
+    }
+}
+
+/// Softmax of `scores` in place (float32, max-subtracted).
+fn softmax(scores: &mut [f32]) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    for s in scores.iter_mut() {
+        *s /= sum;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mla_expanded(
+    cpu: &Cpu,
+    q: &CpuTensor,
+    latent: &CpuTensor,
+    k_pe: &CpuTensor,
+    kv_b: &Matrix,
+    positions: &[usize],
+    selection: Option<&[Vec<u32>]>,
+    d: MlaDims,
+    scale: f32,
+) -> Vec<f32> {
+    let kv = cpu.linear(latent, kv_b); // [T, heads·(nope+v)]
+    let qk = d.nope + d.rope;
+    let kv_width = d.nope + d.v;
+    let n = q.rows;
+    let mut out = vec![0f32; n * d.heads * d.v];
+    out.par_chunks_mut(d.v).enumerate().for_each(|(task, o)| {
+        let (i, h) = (task / d.heads, task % d.heads);
+        let keys = visible_keys(i, positions, selection);
+        let qrow = &q.row(i)[h * qk..(h + 1) * qk];
+        let mut scores: Vec<f32> = keys
+            .iter()
+            .map(|&s| {
+                let kvs = &kv.row(s)[h * kv_width..];
+                (dot(&qrow[..d.nope], &kvs[..d.nope]) + dot(&qrow[d.nope..], k_pe.row(s))) * scale
+            })
+            .collect();
+        softmax(&mut scores);
+        for (&s, &p) in keys.iter().zip(&scores) {
+            let v = &kv.row(s)[h * kv_width + d.nope..h * kv_width + kv_width];
+            axpy(p, v, o);
+        }
+    });
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mla_absorbed(
+    q: &CpuTensor,
+    latent: &CpuTensor,
+    k_pe: &CpuTensor,
+    kv_b: &Matrix,
+    positions: &[usize],
+    selection: Option<&[Vec<u32>]>,
+    d: MlaDims,
+    scale: f32,
+) -> Vec<f32> {
+    let qk = d.nope + d.rope;
+    let kv_width = d.nope + d.v;
+    let n = q.rows;
+    let mut out = vec![0f32; n * d.heads * d.v];
+    let per_head: Vec<Vec<f32>> = (0..d.heads)
+        .into_par_iter()
+        .map(|h| {
+            // W_UK,h: rows [h·kv_width, +nope) of kv_b; W_UV,h: the next v rows. Both [·, latent].
+            let mut w_uk = vec![0f32; d.nope * d.latent];
+            kv_b.rows_f32(h * kv_width, &mut w_uk);
+            let mut w_uv = vec![0f32; d.v * d.latent];
+            kv_b.rows_f32(h * kv_width + d.nope, &mut w_uv);
+            let mut head_out = vec![0f32; n * d.v];
+            for i in 0..n {
+                let qrow = &q.row(i)[h * qk..(h + 1) * qk];
+                // q_lat = W_UKᵀ · q_nope
+                let mut q_lat = vec![0f32; d.latent];
+                for (j, &qn) in qrow[..d.nope].iter().enumerate() {
+                    axpy(qn, &w_uk[j * d.latent..(j + 1) * d.latent], &mut q_lat);
+                }
+                let keys = visible_keys(i, positions, selection);
+                let mut scores: Vec<f32> = keys
+                    .iter()
+                    .map(|&s| {
+                        (dot(&q_lat, latent.row(s)) + dot(&qrow[d.nope..], k_pe.row(s))) * scale
+                    })
+                    .collect();
+                softmax(&mut scores);
+                let mut ctx = vec![0f32; d.latent];
+                for (&s, &p) in keys.iter().zip(&scores) {
+                    axpy(p, latent.row(s), &mut ctx);
+                }
+                for j in 0..d.v {
+                    head_out[i * d.v + j] = dot(&w_uv[j * d.latent..(j + 1) * d.latent], &ctx);
+                }
+            }
+            head_out
+        })
+        .collect();
+    for (h, head_out) in per_head.iter().enumerate() {
+        for i in 0..n {
+            out[(i * d.heads + h) * d.v..(i * d.heads + h + 1) * d.v]
+                .copy_from_slice(&head_out[i * d.v..(i + 1) * d.v]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn absorbed_and_expanded_attention_agree() {
+        let cpu = Cpu;
+        let d = MlaDims {
+            heads: 3,
+            nope: 8,
+            rope: 4,
+            v: 6,
+            latent: 10,
+        };
+        let t = 9;
+        let q = cpu.tensor(2, d.heads * (d.nope + d.rope), pseudo_random(2 * 36, 1));
+        let latent = cpu.tensor(t, d.latent, pseudo_random(t * d.latent, 2));
+        let k_pe = cpu.tensor(t, d.rope, pseudo_random(t * d.rope, 3));
+        let kv_b = Matrix::from_f32(
+            d.heads * (d.nope + d.v),
+            d.latent,
+            pseudo_random(42 * 10, 4),
+        );
+        let positions = [5, 8];
+        let selection = vec![vec![0, 2, 5], vec![1, 3, 7, 8]];
+        for sel in [None, Some(selection.as_slice())] {
+            let a = cpu.mla_attention(
+                &q,
+                &latent,
+                &k_pe,
+                &kv_b,
+                &positions,
+                sel,
+                d,
+                0.3,
+                AttentionForm::Expanded,
+            );
+            let b = cpu.mla_attention(
+                &q,
+                &latent,
+                &k_pe,
+                &kv_b,
+                &positions,
+                sel,
+                d,
+                0.3,
+                AttentionForm::Absorbed,
+            );
+            for (x, y) in a.data.iter().zip(&b.data) {
+                assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_the_largest_and_sorts_indices() {
+        let mut scored = vec![(0.1, 0), (0.9, 1), (-2.0, 2), (0.5, 3), (0.9, 4)];
+        assert_eq!(top_k(&mut scored, 3), vec![1, 3, 4]);
+    }
+}

@@ -1,0 +1,145 @@
+//! The compute interface the model is written against. The CPU backend is the reference
+//! (exact float32, used in CI and to check every GPU kernel); a CUDA backend implements the
+//! same trait, so the model code exists once.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::rope::{Rope, RopeLayout};
+use crate::weights::Matrix;
+
+/// Multi-head latent attention dimensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MlaDims {
+    pub heads: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v: usize,
+    pub latent: usize,
+}
+
+/// Expanded: build per-head keys and values from the latent (cheap for many queries).
+/// Absorbed: fold `kv_b_proj` into the query and output (cheap for few queries over a long cache).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionForm {
+    Expanded,
+    Absorbed,
+}
+
+/// One routed expert's SwiGLU weights.
+#[derive(Debug)]
+pub struct Expert<W> {
+    pub gate: W,
+    pub up: W,
+    pub down: W,
+}
+
+/// Routing of one batch: for each row, the chosen experts and their weights.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Routing {
+    pub experts: Vec<Vec<usize>>,
+    pub weights: Vec<Vec<f32>>,
+}
+
+/// Compute primitives over row-major `[rows, cols]` float32 activations.
+pub trait Backend: Send + Sync + 'static {
+    /// Activations on the device.
+    type Tensor: Send + Sync;
+    /// A weight matrix on the device.
+    type Weight: Send + Sync;
+
+    /// Human-readable device name (metrics, logs).
+    fn name(&self) -> String;
+
+    /// Moves a weight matrix to the device (once, at load).
+    fn upload(&self, matrix: Matrix) -> Result<Self::Weight>;
+    /// Makes a `[rows, cols]` tensor from host data.
+    fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Self::Tensor;
+    /// An empty `[0, cols]` tensor (a cache to append to).
+    fn empty(&self, cols: usize) -> Self::Tensor {
+        self.tensor(0, cols, Vec::new())
+    }
+    /// Copies a tensor to the host.
+    fn to_host(&self, x: &Self::Tensor) -> Vec<f32>;
+    /// `(rows, cols)`.
+    fn shape(&self, x: &Self::Tensor) -> (usize, usize);
+
+    /// Rows of `table` for each token.
+    fn embed(&self, table: &Self::Weight, tokens: &[u32]) -> Self::Tensor;
+    /// `x · wᵀ`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight) -> Self::Tensor;
+    /// RMSNorm of each row with weight `w` (`[1, cols]`).
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> Self::Tensor;
+    /// LayerNorm of each row (biased variance) with weight and bias (`[1, cols]`).
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: &Self::Tensor,
+        eps: f32,
+    ) -> Self::Tensor;
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+    /// Columns `start..start + len` of every row.
+    fn columns(&self, x: &Self::Tensor, start: usize, len: usize) -> Self::Tensor;
+    /// Rows `start..start + len`.
+    fn rows(&self, x: &Self::Tensor, start: usize, len: usize) -> Self::Tensor;
+    /// Stacks tensors with equal column counts.
+    fn concat_rows(&self, parts: &[&Self::Tensor]) -> Self::Tensor;
+    /// Appends `rows` to `cache`.
+    fn append_rows(&self, cache: &mut Self::Tensor, rows: &Self::Tensor);
+    /// Rotates, in every row `r` and head `h`, the values
+    /// `x[r, h·head_width + offset ..][..rope.dim()]` for position `positions[r]`.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        heads: usize,
+        head_width: usize,
+        offset: usize,
+        positions: &[usize],
+        rope: &Rope,
+        layout: RopeLayout,
+    );
+
+    /// DSA lightning indexer: for query row `i` at position `positions[i]` the indices of the
+    /// `k` cached keys `s ≤ positions[i]` with the largest `Σ_h w[i,h]·ReLU(scale·q[i,h]·keys[s])`
+    /// (all of them when there are at most `k`).
+    fn indexer_select(
+        &self,
+        q: &Self::Tensor,
+        w: &Self::Tensor,
+        keys: &Self::Tensor,
+        positions: &[usize],
+        k: usize,
+        scale: f32,
+    ) -> Vec<Vec<u32>>;
+
+    /// Multi-head latent attention of query rows `q` (`[n, heads·(nope+rope)]`, RoPE applied)
+    /// against the cached `latent` (`[T, latent]`) and `k_pe` (`[T, rope]`): each row attends to
+    /// `selection[i]` (or every key `s ≤ positions[i]` when `None`). Returns `[n, heads·v]`.
+    #[allow(clippy::too_many_arguments)]
+    fn mla_attention(
+        &self,
+        q: &Self::Tensor,
+        latent: &Self::Tensor,
+        k_pe: &Self::Tensor,
+        kv_b: &Self::Weight,
+        positions: &[usize],
+        selection: Option<&[Vec<u32>]>,
+        dims: MlaDims,
+        scale: f32,
+        form: AttentionForm,
+    ) -> Self::Tensor;
+
+    /// `down(silu(gate(x)) ⊙ up(x))`.
+    fn swiglu(&self, x: &Self::Tensor, expert: &Expert<Self::Weight>) -> Self::Tensor;
+
+    /// `Σ_j weights[i][j] · experts[ids[i][j]](x[i])` for every row.
+    fn moe_experts(
+        &self,
+        x: &Self::Tensor,
+        routing: &Routing,
+        experts: &[Expert<Self::Weight>],
+    ) -> Self::Tensor;
+}

@@ -1,0 +1,648 @@
+//! DeepSeek-V3.2 / V3, written once over [`Backend`]. Mirrors the Hugging Face module tree
+//! (`model.layers.L.self_attn...`), so checkpoint names map to fields in one place (`load`).
+
+use std::path::Path;
+
+use crate::backend::{AttentionForm, Backend, Expert, MlaDims, Routing};
+use crate::config::{Arch, ModelConfig};
+use crate::error::{EngineError, Result};
+use crate::kv_cache::{LayerCache, SeqCache};
+use crate::moe::{RouterConfig, route};
+use crate::rope::{Rope, RopeLayout};
+use crate::weights::WeightStore;
+
+/// `q_a_layernorm`, `kv_a_layernorm` and the indexer's `k_norm` use this eps whatever the config says.
+const LATENT_NORM_EPS: f32 = 1e-6;
+
+/// Which attention runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionMode {
+    /// DSA: each query attends to the indexer's top-k keys (V3.2; V3 has no indexer).
+    Sparse,
+    /// Every earlier key.
+    Dense,
+    /// Dense while the sequence is shorter than `dense_below` tokens, sparse after.
+    Auto { dense_below: usize },
+}
+
+/// Load-time choices.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelOptions {
+    pub attention: AttentionMode,
+    /// Overrides the config's `index_topk`.
+    pub index_topk: Option<usize>,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self {
+            attention: AttentionMode::Sparse,
+            index_topk: None,
+        }
+    }
+}
+
+struct Indexer<B: Backend> {
+    wq_b: B::Weight,
+    wk: B::Weight,
+    k_norm_weight: B::Tensor,
+    k_norm_bias: B::Tensor,
+    weights_proj: B::Weight,
+}
+
+enum Query<B: Backend> {
+    /// `q_b(RMSNorm(q_a(x)))`.
+    LowRank {
+        q_a: B::Weight,
+        norm: B::Tensor,
+        q_b: B::Weight,
+    },
+    /// V3 with `q_lora_rank: null`.
+    Full(B::Weight),
+}
+
+struct Attention<B: Backend> {
+    query: Query<B>,
+    kv_a: B::Weight,
+    kv_a_norm: B::Tensor,
+    kv_b: B::Weight,
+    o: B::Weight,
+    indexer: Option<Indexer<B>>,
+}
+
+enum Mlp<B: Backend> {
+    Dense(Expert<B::Weight>),
+    Moe {
+        gate: B::Weight,
+        bias: Vec<f32>,
+        experts: Vec<Expert<B::Weight>>,
+        shared: Option<Expert<B::Weight>>,
+    },
+}
+
+struct Layer<B: Backend> {
+    input_norm: B::Tensor,
+    post_attention_norm: B::Tensor,
+    attention: Attention<B>,
+    mlp: Mlp<B>,
+}
+
+/// Which logits a sequence wants back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitRows {
+    /// Only the last position (generation).
+    Last,
+    /// Every position (`logits` subcommand, conformance).
+    All,
+}
+
+/// One sequence's part of a forward step: new tokens appended to its cache.
+#[derive(Debug)]
+pub struct SeqStep<'a, B: Backend> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache<B>,
+    pub logits: LogitRows,
+}
+
+/// The indexer's chosen keys for each query row.
+pub type Selection = Vec<Vec<u32>>;
+
+/// Where each sequence's rows sit in a batch.
+#[derive(Debug, Default)]
+struct BatchRows {
+    /// Position of every row in its sequence.
+    positions: Vec<usize>,
+    /// `(first row, row count)` per sequence.
+    spans: Vec<(usize, usize)>,
+}
+
+/// What a forward step saw, per layer (for conformance tests and expert-load metrics).
+#[derive(Clone, Debug, Default)]
+pub struct Trace {
+    /// Indexer selections per layer (`None`: dense attention), rows of the whole batch.
+    pub selections: Vec<Option<Selection>>,
+    /// Routing per layer (`None`: dense MLP), rows of the whole batch.
+    pub routing: Vec<Option<Routing>>,
+    /// The residual stream after the embeddings and after each layer.
+    pub hidden: Vec<Vec<f32>>,
+}
+
+/// A loaded model on a backend.
+pub struct Model<B: Backend> {
+    pub config: ModelConfig,
+    pub options: ModelOptions,
+    backend: B,
+    embed: B::Weight,
+    layers: Vec<Layer<B>>,
+    final_norm: B::Tensor,
+    lm_head: B::Weight,
+    rope: Rope,
+    router: RouterConfig,
+    weight_bytes: usize,
+}
+
+impl<B: Backend> std::fmt::Debug for Model<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("arch", &self.config.arch)
+            .field("layers", &self.layers.len())
+            .field("backend", &self.backend.name())
+            .finish()
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Loads a Hugging Face model directory.
+    pub fn load(dir: &Path, backend: B, options: ModelOptions) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let store = WeightStore::open(dir)?;
+        Self::from_store(config, &store, backend, options)
+    }
+
+    /// Builds the model from an opened checkpoint.
+    pub fn from_store(
+        config: ModelConfig,
+        store: &WeightStore,
+        backend: B,
+        options: ModelOptions,
+    ) -> Result<Self> {
+        if config.attention_bias {
+            return Err(EngineError::config(
+                "config.json",
+                "attention_bias",
+                "attention biases are not supported (no DeepSeek-V3/V3.2 checkpoint uses them)",
+            ));
+        }
+        if options.index_topk == Some(0) {
+            return Err(EngineError::input("index_topk must be at least 1"));
+        }
+        let c = &config;
+        let h = c.hidden_size;
+        let upload =
+            |name: &str, rows: usize, cols: usize| backend.upload(store.matrix(name, rows, cols)?);
+        let vector = |name: &str, len: usize| -> Result<B::Tensor> {
+            Ok(backend.tensor(1, len, store.vector(name, len)?))
+        };
+        let swiglu = |prefix: &str, width: usize| -> Result<Expert<B::Weight>> {
+            Ok(Expert {
+                gate: upload(&format!("{prefix}.gate_proj.weight"), width, h)?,
+                up: upload(&format!("{prefix}.up_proj.weight"), width, h)?,
+                down: upload(&format!("{prefix}.down_proj.weight"), h, width)?,
+            })
+        };
+
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            let qk = c.qk_head_dim();
+            let query = match c.q_lora_rank {
+                Some(rank) => Query::LowRank {
+                    q_a: upload(&format!("{a}.q_a_proj.weight"), rank, h)?,
+                    norm: vector(&format!("{a}.q_a_layernorm.weight"), rank)?,
+                    q_b: upload(&format!("{a}.q_b_proj.weight"), c.num_heads * qk, rank)?,
+                },
+                None => Query::Full(upload(&format!("{a}.q_proj.weight"), c.num_heads * qk, h)?),
+            };
+            let indexer = match (&c.indexer, c.q_lora_rank) {
+                (Some(ix), Some(rank)) => {
+                    let i = format!("{a}.indexer");
+                    Some(Indexer {
+                        wq_b: upload(&format!("{i}.wq_b.weight"), ix.n_heads * ix.head_dim, rank)?,
+                        wk: upload(&format!("{i}.wk.weight"), ix.head_dim, h)?,
+                        k_norm_weight: vector(&format!("{i}.k_norm.weight"), ix.head_dim)?,
+                        k_norm_bias: vector(&format!("{i}.k_norm.bias"), ix.head_dim)?,
+                        weights_proj: upload(&format!("{i}.weights_proj.weight"), ix.n_heads, h)?,
+                    })
+                }
+                _ => None,
+            };
+            let attention = Attention {
+                query,
+                kv_a: upload(
+                    &format!("{a}.kv_a_proj_with_mqa.weight"),
+                    c.kv_lora_rank + c.qk_rope_head_dim,
+                    h,
+                )?,
+                kv_a_norm: vector(&format!("{a}.kv_a_layernorm.weight"), c.kv_lora_rank)?,
+                kv_b: upload(
+                    &format!("{a}.kv_b_proj.weight"),
+                    c.num_heads * (c.qk_nope_head_dim + c.v_head_dim),
+                    c.kv_lora_rank,
+                )?,
+                o: upload(&format!("{a}.o_proj.weight"), h, c.num_heads * c.v_head_dim)?,
+                indexer,
+            };
+            let mlp = if c.moe_layers[l] {
+                let m = format!("{p}.mlp");
+                let im = c.moe_intermediate_size;
+                let experts = if store.contains(&format!("{m}.experts.gate_up_proj")) {
+                    let gate_up = store.stacked(
+                        &format!("{m}.experts.gate_up_proj"),
+                        c.n_routed_experts,
+                        2 * im,
+                        h,
+                    )?;
+                    let down = store.stacked(
+                        &format!("{m}.experts.down_proj"),
+                        c.n_routed_experts,
+                        h,
+                        im,
+                    )?;
+                    (0..c.n_routed_experts)
+                        .map(|e| {
+                            let base = e * 2 * im;
+                            Ok(Expert {
+                                gate: backend.upload(gate_up.rows_slice(base..base + im))?,
+                                up: backend.upload(gate_up.rows_slice(base + im..base + 2 * im))?,
+                                down: backend.upload(down.rows_slice(e * h..(e + 1) * h))?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                } else {
+                    (0..c.n_routed_experts)
+                        .map(|e| swiglu(&format!("{m}.experts.{e}"), im))
+                        .collect::<Result<Vec<_>>>()?
+                };
+                let shared_width = c.n_shared_experts * im;
+                let shared = if shared_width > 0 {
+                    Some(swiglu(&format!("{m}.shared_experts"), shared_width)?)
+                } else {
+                    None
+                };
+                Mlp::Moe {
+                    gate: upload(&format!("{m}.gate.weight"), c.n_routed_experts, h)?,
+                    bias: store.vector(
+                        &format!("{m}.gate.e_score_correction_bias"),
+                        c.n_routed_experts,
+                    )?,
+                    experts,
+                    shared,
+                }
+            } else {
+                Mlp::Dense(swiglu(&format!("{p}.mlp"), c.intermediate_size)?)
+            };
+            layers.push(Layer {
+                input_norm: vector(&format!("{p}.input_layernorm.weight"), h)?,
+                post_attention_norm: vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                attention,
+                mlp,
+            });
+        }
+
+        let embed_name = "model.embed_tokens.weight";
+        let lm_head = if c.tie_word_embeddings || !store.contains("lm_head.weight") {
+            if !c.tie_word_embeddings {
+                return Err(EngineError::tensor(
+                    "lm_head.weight",
+                    "model directory",
+                    "missing (and tie_word_embeddings is false)",
+                ));
+            }
+            upload(embed_name, c.vocab_size, h)?
+        } else {
+            upload("lm_head.weight", c.vocab_size, h)?
+        };
+        Ok(Self {
+            embed: upload(embed_name, c.vocab_size, h)?,
+            final_norm: vector("model.norm.weight", h)?,
+            lm_head,
+            rope: Rope::new(c),
+            router: RouterConfig::from(c),
+            weight_bytes: store.total_bytes(),
+            layers,
+            backend,
+            options,
+            config,
+        })
+    }
+
+    /// The backend this model runs on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Bytes of the checkpoint files.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// The indexer's k (after the override), if the model has an indexer.
+    pub fn index_topk(&self) -> Option<usize> {
+        self.config
+            .indexer
+            .as_ref()
+            .map(|ix| self.options.index_topk.unwrap_or(ix.topk))
+    }
+
+    /// An empty cache for one sequence.
+    pub fn new_cache(&self) -> SeqCache<B> {
+        let c = &self.config;
+        let layers = (0..c.num_layers)
+            .map(|_| LayerCache {
+                latent: self.backend.empty(c.kv_lora_rank),
+                k_pe: self.backend.empty(c.qk_rope_head_dim),
+                index_keys: c.indexer.as_ref().map(|ix| self.backend.empty(ix.head_dim)),
+            })
+            .collect();
+        SeqCache::new(layers)
+    }
+
+    /// Runs new tokens of several sequences through the model, appending to their caches.
+    /// Returns the requested logits per sequence (`[rows · vocab]`, row-major).
+    pub fn forward(
+        &self,
+        batch: &mut [SeqStep<'_, B>],
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let b = &self.backend;
+        let mut tokens = Vec::new();
+        let mut rows = BatchRows::default();
+        for step in batch.iter() {
+            if step.tokens.is_empty() {
+                return Err(EngineError::input(
+                    "a sequence in the batch has no new tokens",
+                ));
+            }
+            if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(EngineError::input(format!(
+                    "token id {bad} is out of range: the vocabulary has {} tokens (ids 0..{})",
+                    c.vocab_size,
+                    c.vocab_size - 1
+                )));
+            }
+            let start = step.cache.len();
+            rows.spans.push((tokens.len(), step.tokens.len()));
+            tokens.extend_from_slice(step.tokens);
+            rows.positions.extend(start..start + step.tokens.len());
+        }
+
+        let mut h = b.embed(&self.embed, &tokens);
+        if let Some(t) = trace.as_deref_mut() {
+            t.hidden.push(b.to_host(&h));
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let x = b.rms_norm(&h, &layer.input_norm, c.rms_norm_eps);
+            let (attn, selections) = self.attention(l, layer, &x, &rows, batch, trace.is_some())?;
+            b.add(&mut h, &attn);
+            let x = b.rms_norm(&h, &layer.post_attention_norm, c.rms_norm_eps);
+            let (mlp, routing) = self.mlp(&layer.mlp, &x);
+            b.add(&mut h, &mlp);
+            if let Some(t) = trace.as_deref_mut() {
+                t.selections.push(selections);
+                t.routing.push(routing);
+                t.hidden.push(b.to_host(&h));
+            }
+        }
+        for step in batch.iter_mut() {
+            step.cache.advance(step.tokens.len());
+        }
+
+        // Logits only for the rows that asked for them.
+        let mut wanted = Vec::new();
+        for (step, &(start, len)) in batch.iter().zip(&rows.spans) {
+            match step.logits {
+                LogitRows::Last => wanted.push(b.rows(&h, start + len - 1, 1)),
+                LogitRows::All => wanted.push(b.rows(&h, start, len)),
+            }
+        }
+        let parts: Vec<&B::Tensor> = wanted.iter().collect();
+        let selected = b.concat_rows(&parts);
+        let normed = b.rms_norm(&selected, &self.final_norm, c.rms_norm_eps);
+        let logits = b.to_host(&b.linear(&normed, &self.lm_head));
+        let mut out = Vec::with_capacity(batch.len());
+        let mut offset = 0;
+        for part in &wanted {
+            let rows = b.shape(part).0;
+            out.push(logits[offset * c.vocab_size..(offset + rows) * c.vocab_size].to_vec());
+            offset += rows;
+        }
+        Ok(out)
+    }
+
+    /// Logits at every position of `tokens` from an empty cache (`[n · vocab]`).
+    pub fn logits(&self, tokens: &[u32], trace: Option<&mut Trace>) -> Result<Vec<f32>> {
+        let mut cache = self.new_cache();
+        let mut batch = [SeqStep {
+            tokens,
+            cache: &mut cache,
+            logits: LogitRows::All,
+        }];
+        Ok(self.forward(&mut batch, trace)?.remove(0))
+    }
+
+    fn attention(
+        &self,
+        layer_index: usize,
+        layer: &Layer<B>,
+        x: &B::Tensor,
+        rows: &BatchRows,
+        batch: &mut [SeqStep<'_, B>],
+        tracing: bool,
+    ) -> Result<(B::Tensor, Option<Selection>)> {
+        let (positions, spans) = (rows.positions.as_slice(), rows.spans.as_slice());
+        let c = &self.config;
+        let b = &self.backend;
+        let att = &layer.attention;
+        let dims = MlaDims {
+            heads: c.num_heads,
+            nope: c.qk_nope_head_dim,
+            rope: c.qk_rope_head_dim,
+            v: c.v_head_dim,
+            latent: c.kv_lora_rank,
+        };
+        let mla_layout = if c.rope_interleave {
+            RopeLayout::Interleaved
+        } else {
+            RopeLayout::HalfSplit
+        };
+
+        let (mut q, q_latent) = match &att.query {
+            Query::LowRank { q_a, norm, q_b } => {
+                let cq = b.rms_norm(&b.linear(x, q_a), norm, LATENT_NORM_EPS);
+                (b.linear(&cq, q_b), Some(cq))
+            }
+            Query::Full(w) => (b.linear(x, w), None),
+        };
+        b.rope(
+            &mut q,
+            c.num_heads,
+            c.qk_head_dim(),
+            c.qk_nope_head_dim,
+            positions,
+            &self.rope,
+            mla_layout,
+        );
+        let ckv = b.linear(x, &att.kv_a);
+        let latent = b.rms_norm(
+            &b.columns(&ckv, 0, c.kv_lora_rank),
+            &att.kv_a_norm,
+            LATENT_NORM_EPS,
+        );
+        let mut k_pe = b.columns(&ckv, c.kv_lora_rank, c.qk_rope_head_dim);
+        b.rope(
+            &mut k_pe,
+            1,
+            c.qk_rope_head_dim,
+            0,
+            positions,
+            &self.rope,
+            mla_layout,
+        );
+
+        // The indexer's keys are cached even when this step attends densely, so a sequence
+        // that grows past the dense threshold can switch to sparse attention.
+        let indexer_inputs = match (&att.indexer, &q_latent, &c.indexer) {
+            (Some(ix), Some(cq), Some(ixc)) => {
+                let mut qi = b.linear(cq, &ix.wq_b);
+                b.rope(
+                    &mut qi,
+                    ixc.n_heads,
+                    ixc.head_dim,
+                    0,
+                    positions,
+                    &self.rope,
+                    RopeLayout::HalfSplit,
+                );
+                let mut ki = b.layer_norm(
+                    &b.linear(x, &ix.wk),
+                    &ix.k_norm_weight,
+                    &ix.k_norm_bias,
+                    LATENT_NORM_EPS,
+                );
+                b.rope(
+                    &mut ki,
+                    1,
+                    ixc.head_dim,
+                    0,
+                    positions,
+                    &self.rope,
+                    RopeLayout::HalfSplit,
+                );
+                // weights_proj's n_heads^-0.5 and the q·k scale are positive constants: they
+                // scale every score of a row alike and cannot change the top-k, so only the
+                // q·k scale is kept (it sits inside the ReLU, where it is harmless too).
+                let w = b.linear(x, &ix.weights_proj);
+                Some((qi, ki, w, (ixc.head_dim as f32).powf(-0.5)))
+            }
+            _ => None,
+        };
+
+        let scale = c.softmax_scale();
+        let mut outputs = Vec::with_capacity(batch.len());
+        let mut traced: Vec<Vec<u32>> = Vec::new();
+        let mut any_sparse = false;
+        for (step, &(start, len)) in batch.iter_mut().zip(spans) {
+            let seq_positions = &positions[start..start + len];
+            let cache = step.cache.layer_mut(layer_index);
+            b.append_rows(&mut cache.latent, &b.rows(&latent, start, len));
+            b.append_rows(&mut cache.k_pe, &b.rows(&k_pe, start, len));
+            let total = b.shape(&cache.latent).0;
+
+            let mut selection = None;
+            if let (Some((qi, ki, w, ix_scale)), Some(keys)) =
+                (&indexer_inputs, cache.index_keys.as_mut())
+            {
+                b.append_rows(keys, &b.rows(ki, start, len));
+                let k = self.index_topk().unwrap_or(usize::MAX);
+                let sparse = match self.options.attention {
+                    AttentionMode::Sparse => true,
+                    AttentionMode::Dense => false,
+                    AttentionMode::Auto { dense_below } => total >= dense_below,
+                };
+                if sparse && total > k {
+                    selection = Some(b.indexer_select(
+                        &b.rows(qi, start, len),
+                        &b.rows(w, start, len),
+                        keys,
+                        seq_positions,
+                        k,
+                        *ix_scale,
+                    ));
+                }
+            }
+            let widest = selection
+                .as_ref()
+                .map(|s| s.iter().map(Vec::len).max().unwrap_or(0));
+            let form = attention_form(len, total, widest, dims);
+            let cache = step.cache.layer_mut(layer_index);
+            outputs.push(b.mla_attention(
+                &b.rows(&q, start, len),
+                &cache.latent,
+                &cache.k_pe,
+                &att.kv_b,
+                seq_positions,
+                selection.as_deref(),
+                dims,
+                scale,
+                form,
+            ));
+            if tracing {
+                match selection {
+                    Some(sel) => {
+                        any_sparse = true;
+                        traced.extend(sel);
+                    }
+                    None => traced.extend(seq_positions.iter().map(|&p| (0..=p as u32).collect())),
+                }
+            }
+        }
+        let all_selections = any_sparse.then_some(traced);
+        let parts: Vec<&B::Tensor> = outputs.iter().collect();
+        let out = b.linear(&b.concat_rows(&parts), &att.o);
+        Ok((out, all_selections))
+    }
+
+    fn mlp(&self, mlp: &Mlp<B>, x: &B::Tensor) -> (B::Tensor, Option<Routing>) {
+        let b = &self.backend;
+        match mlp {
+            Mlp::Dense(expert) => (b.swiglu(x, expert), None),
+            Mlp::Moe {
+                gate,
+                bias,
+                experts,
+                shared,
+            } => {
+                let logits = b.to_host(&b.linear(x, gate));
+                let mut routing = Routing::default();
+                for row in logits.chunks(self.router.n_experts) {
+                    let (ids, weights) = route(row, bias, &self.router);
+                    routing.experts.push(ids);
+                    routing.weights.push(weights);
+                }
+                let mut y = b.moe_experts(x, &routing, experts);
+                if let Some(shared) = shared {
+                    b.add(&mut y, &b.swiglu(x, shared));
+                }
+                (y, Some(routing))
+            }
+        }
+    }
+
+    /// The architecture.
+    pub fn arch(&self) -> Arch {
+        self.config.arch
+    }
+}
+
+/// Picks the cheaper MLA form by multiply-adds: expanded builds per-head keys and values for
+/// every cached token; absorbed folds `kv_b_proj` into each query and works in the latent space.
+fn attention_form(
+    queries: usize,
+    cached: usize,
+    selected: Option<usize>,
+    d: MlaDims,
+) -> AttentionForm {
+    let keys = selected.unwrap_or(cached).min(cached);
+    let kv_width = d.nope + d.v;
+    let expanded =
+        cached * d.heads * kv_width * d.latent + queries * keys * d.heads * (d.nope + d.rope + d.v);
+    let absorbed = queries * d.heads * kv_width * d.latent
+        + queries * keys * d.heads * (2 * d.latent + d.rope);
+    if absorbed < expanded {
+        AttentionForm::Absorbed
+    } else {
+        AttentionForm::Expanded
+    }
+}

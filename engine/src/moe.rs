@@ -1,0 +1,117 @@
+//! DeepSeek-V3 MoE routing ("noaux_tc"): sigmoid scores, a per-expert bias that steers
+//! *selection only*, group-limited top-k, and weights from the unbiased scores.
+
+use crate::config::ModelConfig;
+
+/// The routing rule's parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouterConfig {
+    pub n_experts: usize,
+    pub top_k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f32,
+}
+
+impl From<&ModelConfig> for RouterConfig {
+    fn from(c: &ModelConfig) -> Self {
+        Self {
+            n_experts: c.n_routed_experts,
+            top_k: c.num_experts_per_tok,
+            n_group: c.n_group,
+            topk_group: c.topk_group,
+            norm_topk_prob: c.norm_topk_prob,
+            routed_scaling_factor: c.routed_scaling_factor,
+        }
+    }
+}
+
+/// Chooses the experts of one token from its router logits. Returns `(experts, weights)`,
+/// sorted by expert id.
+pub fn route(logits: &[f32], bias: &[f32], cfg: &RouterConfig) -> (Vec<usize>, Vec<f32>) {
+    let e = cfg.n_experts;
+    let scores: Vec<f32> = logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect();
+    let mut biased: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
+
+    if cfg.n_group > 1 {
+        let size = e / cfg.n_group;
+        let mut group_scores: Vec<(f32, usize)> = (0..cfg.n_group)
+            .map(|g| {
+                let mut group: Vec<f32> = biased[g * size..(g + 1) * size].to_vec();
+                group.sort_unstable_by(|a, b| b.total_cmp(a));
+                (group[0] + group[1], g)
+            })
+            .collect();
+        group_scores.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        for &(_, g) in &group_scores[cfg.topk_group..] {
+            biased[g * size..(g + 1) * size].fill(f32::NEG_INFINITY);
+        }
+    }
+
+    let mut order: Vec<usize> = (0..e).collect();
+    order.sort_unstable_by(|&a, &b| biased[b].total_cmp(&biased[a]).then(a.cmp(&b)));
+    let mut chosen: Vec<usize> = order[..cfg.top_k].to_vec();
+    chosen.sort_unstable();
+
+    let mut weights: Vec<f32> = chosen.iter().map(|&x| scores[x]).collect();
+    if cfg.norm_topk_prob {
+        let sum: f32 = weights.iter().sum::<f32>() + 1e-20;
+        weights.iter_mut().for_each(|w| *w /= sum);
+    }
+    weights
+        .iter_mut()
+        .for_each(|w| *w *= cfg.routed_scaling_factor);
+    (chosen, weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(n_group: usize, topk_group: usize, top_k: usize) -> RouterConfig {
+        RouterConfig {
+            n_experts: 8,
+            top_k,
+            n_group,
+            topk_group,
+            norm_topk_prob: true,
+            routed_scaling_factor: 2.0,
+        }
+    }
+
+    #[test]
+    fn bias_changes_selection_but_not_weights() {
+        let logits = [2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0];
+        let mut bias = [0.0; 8];
+        let (plain, _) = route(&logits, &bias, &cfg(1, 1, 2));
+        assert_eq!(plain, vec![0, 1]);
+        bias[7] = 10.0;
+        let (ids, weights) = route(&logits, &bias, &cfg(1, 1, 2));
+        assert_eq!(ids, vec![0, 7]);
+        let s = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let expected0 = 2.0 * s(2.0) / (s(2.0) + s(-5.0));
+        assert!((weights[0] - expected0).abs() < 1e-6);
+        assert!((weights.iter().sum::<f32>() - 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn groups_are_scored_by_their_top_two_and_limit_the_choice() {
+        // Group 0 = {0,1}: one strong expert; group 1 = {2,3}: two good ones.
+        let logits = [5.0, -5.0, 1.0, 1.0, -1.0, -1.0, -2.0, -2.0];
+        let bias = [0.0; 8];
+        let (ids, _) = route(&logits, &bias, &cfg(4, 1, 2));
+        assert_eq!(ids, vec![2, 3], "group 1 wins on its top-2 sum");
+        let (ids, _) = route(&logits, &bias, &cfg(4, 2, 2));
+        assert_eq!(ids, vec![0, 2]);
+    }
+
+    #[test]
+    fn unnormalised_weights_are_scaled_sigmoids() {
+        let mut c = cfg(1, 1, 1);
+        c.norm_topk_prob = false;
+        let (ids, weights) = route(&[0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], &[0.0; 8], &c);
+        assert_eq!(ids, vec![1]);
+        assert!((weights[0] - 2.0 / (1.0 + (-3f32).exp())).abs() < 1e-6);
+    }
+}
