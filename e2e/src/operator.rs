@@ -1,0 +1,112 @@
+//! The operator under test: starts `sparsemoe-operator run` against the e2e cluster.
+//!
+//! The operator tests of issue 7 (Ready, children on the right GPU pool, rollouts, SIGKILL
+//! mid-reconcile, two replicas and the Lease, garbage collection, zero writes at steady state)
+//! go in `e2e/tests/operator.rs` and use [`Operator`]:
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use sparsemoe_e2e::{Cluster, operator::Operator};
+//! let Some(cluster) = Cluster::from_env() else { return Ok(()) };
+//! cluster.install_crd()?;
+//! let mut op = Operator::start(&cluster, "a", &[])?;
+//! let mark = cluster.audit_mark()?;
+//! // ... kubectl apply an InferenceDeployment, wait for Ready ...
+//! op.kill(); // SIGKILL
+//! let writes = cluster.writes_since(mark, Operator::USER_AGENT_PREFIX)?;
+//! # let _ = writes; Ok(()) }
+//! ```
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Cluster, repo_root};
+
+/// A running operator process; SIGKILLed when dropped.
+#[derive(Debug)]
+pub struct Operator {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Operator {
+    /// What the operator's requests carry as their user agent, to tell its writes apart in the
+    /// audit log (kube-rs sends `kube-rs/<version>` unless the operator sets its own).
+    pub const USER_AGENT_PREFIX: &str = "sparsemoe-operator";
+
+    /// The operator binary: `$SPARSEMOE_OPERATOR_BIN`, else `sparsemoe-operator` in
+    /// `$CARGO_TARGET_DIR/debug` or `target/debug` (built by `cargo build -p sparsemoe-operator`).
+    pub fn binary() -> PathBuf {
+        if let Some(bin) = std::env::var_os("SPARSEMOE_OPERATOR_BIN") {
+            return PathBuf::from(bin);
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("target"));
+        target.join("debug/sparsemoe-operator")
+    }
+
+    /// Starts `sparsemoe-operator run ARGS...` with the cluster's kubeconfig (`KUBECONFIG`).
+    /// `id` names its log, `<state dir>/logs/operator-<id>.log` (use distinct ids for replicas).
+    pub fn start(cluster: &Cluster, id: &str, args: &[&str]) -> Result<Operator> {
+        let bin = Self::binary();
+        if !bin.is_file() {
+            bail!(
+                "{} not found: run `cargo build -p sparsemoe-operator` first",
+                bin.display()
+            );
+        }
+        let log = cluster.state_dir().join(format!("logs/operator-{id}.log"));
+        let out = File::create(&log).with_context(|| log.display().to_string())?;
+        let child = Command::new(&bin)
+            .arg("run")
+            .args(args)
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Operator { child, log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL, then reap: no shutdown code runs (a crash mid-reconcile).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM (a graceful stop); does not wait.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// The operator's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
