@@ -1,1 +1,158 @@
-fn main() {}
+//! `sparsemoe-engine`: run DeepSeek-V3.2 / V3 models (see `--help`).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sparsemoe_engine::backend::cpu::Cpu;
+use sparsemoe_engine::generate::generate;
+use sparsemoe_engine::model::{AttentionMode, Model, ModelOptions};
+use sparsemoe_engine::sampling::{Sampler, SamplingParams};
+use sparsemoe_engine::tokenizer::{ChatMessage, Tokenizer};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "DeepSeek-V3.2 / V3 inference: sparse MLA attention and MoE"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the model's logits at every position as JSON `{"logits": [[f32; vocab]; n]}`.
+    Logits {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Comma-separated token ids, e.g. 1,2,3.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tokens: Vec<u32>,
+    },
+    /// Generate a continuation of a prompt.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Wrap the prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ModelArgs {
+    /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Attention: sparse (DSA top-k; V3.2) or dense.
+    #[arg(long, value_enum, default_value_t = Attention::Sparse)]
+    attention: Attention,
+    /// Overrides the model's index_topk.
+    #[arg(long)]
+    index_topk: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Attention {
+    Sparse,
+    Dense,
+}
+
+impl ModelArgs {
+    fn load(&self) -> anyhow::Result<Model<Cpu>> {
+        let options = ModelOptions {
+            attention: match self.attention {
+                Attention::Sparse => AttentionMode::Sparse,
+                Attention::Dense => AttentionMode::Dense,
+            },
+            index_topk: self.index_topk,
+        };
+        Model::load(&self.model, Cpu, options)
+            .with_context(|| format!("loading {}", self.model.display()))
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Logits { model, tokens } => {
+            let loaded = model.load()?;
+            let logits = loaded.logits(&tokens, None)?;
+            let rows: Vec<&[f32]> = logits.chunks(loaded.config.vocab_size).collect();
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer(&mut out, &serde_json::json!({ "logits": rows }))?;
+            writeln!(out)?;
+        }
+        Command::Generate {
+            model,
+            prompt,
+            max_tokens,
+            chat,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+        } => {
+            let params = SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                seed,
+            };
+            params.validate()?;
+            let tokenizer = Tokenizer::from_dir(&model.model)?;
+            let loaded = model.load()?;
+            let text = if chat {
+                let message = ChatMessage {
+                    role: "user".into(),
+                    content: prompt,
+                };
+                tokenizer.apply_chat_template(&[message], true)?
+            } else {
+                prompt
+            };
+            let mut ids = Vec::new();
+            if let Some(bos) = loaded.config.bos_token_id.or(tokenizer.bos_token_id()) {
+                ids.push(bos);
+            }
+            ids.extend(tokenizer.encode(&text)?);
+            if ids.is_empty() {
+                bail!("the prompt encodes to no tokens");
+            }
+            let mut stops = loaded.config.eos_token_ids.clone();
+            stops.extend(tokenizer.eos_token_id());
+            let mut sampler = Sampler::new(params);
+            let mut out = std::io::stdout().lock();
+            write!(out, "{text}")?;
+            let mut emitted = String::new();
+            let mut produced = Vec::new();
+            generate(&loaded, &ids, max_tokens, &mut sampler, &stops, |token| {
+                // Decode the whole output so multi-token characters print correctly.
+                produced.push(token);
+                if let Ok(all) = tokenizer.decode(&produced)
+                    && let Some(fresh) = all.strip_prefix(&emitted)
+                {
+                    let _ = write!(out, "{fresh}");
+                    let _ = out.flush();
+                    emitted = all;
+                }
+            })?;
+            writeln!(out)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! The `logits` subcommand: the stable JSON interface conformance tools use.
+
+use std::path::Path;
+use std::process::Command;
+
+fn engine() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sparsemoe-engine"))
+}
+
+#[test]
+fn logits_prints_json_rows_for_every_position() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v3_moe_yarn");
+    let out = engine()
+        .args([
+            "logits",
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokens",
+            "5,17,200,3",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = json["logits"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    assert!(rows.iter().all(|r| r.as_array().unwrap().len() == 256));
+    let first: Vec<f64> = rows[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!(
+        first.iter().any(|&v| v != first[0]),
+        "logits must not be constant"
+    );
+}
+
+#[test]
+fn bad_arguments_fail_with_a_message_not_a_panic() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v3_moe_yarn");
+    let out = engine()
+        .args([
+            "logits",
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokens",
+            "1,70000",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("70000") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+
+    let out = engine()
+        .args(["logits", "--model", "/nonexistent", "--tokens", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("/nonexistent/config.json"),
+        "{stderr}"
+    );
+
+    let out = engine()
+        .args([
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--temperature=-1",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("temperature"),
+        "{stderr}"
+    );
+}
