@@ -16,7 +16,7 @@ tool_version() {
 }
 
 E2E_K8S_VERSION=$(tool_version k8s k8s.io/kubernetes)
-E2E_CACHE=${SPARSEMOE_CACHE:-$HOME/.cache/sparsemoe}
+E2E_CACHE=${SPARSEMOE_CACHE:-${HOME:-/root}/.cache/sparsemoe}
 E2E_BIN=$E2E_CACHE/k8s-$E2E_K8S_VERSION/bin
 E2E_DIR=${SPARSEMOE_E2E_DIR:-/tmp/sparsemoe-e2e}
 export E2E_K8S_VERSION E2E_CACHE E2E_BIN E2E_DIR

@@ -76,7 +76,6 @@ impl Cluster {
             Some(path) => Some(Cluster::new(PathBuf::from(path))),
             None => {
                 eprintln!("{SKIP_MESSAGE}");
-                println!("{SKIP_MESSAGE}");
                 None
             }
         }
