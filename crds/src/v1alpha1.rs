@@ -310,6 +310,9 @@ impl Default for ParallelismSpec {
     }
 }
 
+/// Routed experts per layer when `numExperts` is unset (DeepSeek-V3 / V3.2).
+pub const DEFAULT_NUM_EXPERTS: u32 = 256;
+
 /// Expert parallelism.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -317,6 +320,13 @@ pub struct ExpertParallelSpec {
     /// Shard routed experts across GPUs by the placement plan.
     #[serde(default)]
     pub enabled: bool,
+    /// Routed experts per MoE layer of the model (`n_routed_experts` in config.json); the
+    /// placement plan covers experts `0..numExperts`. Unset: 256, as in DeepSeek-V3 and V3.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 4096").message(
+        "parallelism.expertParallel.numExperts must be between 1 and 4096 (n_routed_experts of the model)"
+    ))]
+    pub num_experts: Option<u32>,
     /// Extra expert slots per replica for copies of hot experts.
     #[serde(default)]
     #[schemars(range(max = 1024))]
@@ -327,6 +337,13 @@ pub struct ExpertParallelSpec {
         "parallelism.expertParallel.rebalanceIntervalSeconds must be at least 60 (a rebalance moves weights)"
     ))]
     pub rebalance_interval_seconds: Option<u32>,
+}
+
+impl ExpertParallelSpec {
+    /// Routed experts per MoE layer: `numExperts`, or [`DEFAULT_NUM_EXPERTS`].
+    pub fn experts(&self) -> u32 {
+        self.num_experts.unwrap_or(DEFAULT_NUM_EXPERTS)
+    }
 }
 
 /// A GPU type this deployment may run on.

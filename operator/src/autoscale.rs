@@ -1,0 +1,188 @@
+//! The replica decision: how many replicas each variant runs. The reconciler calls
+//! [`decide`] and nothing else, so the metrics-driven autoscaler (another issue) replaces the
+//! body of the non-`fixed` arm without touching the reconciler.
+//!
+//! Today: `fixed` takes `spec.scaling.replicas` (which the /scale subresource, HPA and KEDA
+//! set) and fills the variants in listed order up to each one's `maxReplicas`. `queueDepth`
+//! and `costAware` are NOT metrics-driven yet: they hold the replicas currently running,
+//! clamped to `[minReplicas, maxReplicas]`, and say so in their reason. The operator never
+//! writes the user's spec.
+
+use std::collections::BTreeMap;
+
+use sparsemoe_api::InferenceDeploymentSpec;
+use sparsemoe_api::v1alpha1::ScalingPolicy;
+
+/// Replicas per variant, in spec order.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ReplicaDecision {
+    pub variants: Vec<(String, i32)>,
+    /// Replicas asked for that no variant has room for.
+    pub unplaced: i32,
+    /// `true` when the count comes from a policy that is not wired to metrics yet.
+    pub holding: bool,
+    /// Why, in words (shown in the ScalingActive condition).
+    pub reason: String,
+}
+
+impl ReplicaDecision {
+    pub fn replicas_of(&self, variant: &str) -> i32 {
+        self.variants
+            .iter()
+            .find(|(name, _)| name == variant)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    pub fn total(&self) -> i32 {
+        self.variants.iter().map(|(_, n)| n).sum()
+    }
+}
+
+fn capacity(max: Option<u32>) -> i64 {
+    max.map_or(i64::MAX, i64::from)
+}
+
+/// Replicas per variant for `spec`, given the replicas each variant's workload runs now
+/// (`current`, by variant name; absent for variants with no workload yet).
+pub fn decide(spec: &InferenceDeploymentSpec, current: &BTreeMap<String, i32>) -> ReplicaDecision {
+    let scaling = &spec.scaling;
+    match scaling.policy {
+        ScalingPolicy::Fixed => {
+            let (variants, unplaced) = fill_in_order(spec, i64::from(scaling.replicas));
+            ReplicaDecision {
+                variants,
+                unplaced,
+                holding: false,
+                reason: format!(
+                    "policy fixed: {} replicas from spec.scaling.replicas",
+                    scaling.replicas
+                ),
+            }
+        }
+        ScalingPolicy::QueueDepth | ScalingPolicy::CostAware => {
+            let min = i64::from(scaling.min_replicas);
+            let max = i64::from(scaling.max_replicas.unwrap_or(scaling.min_replicas)).max(min);
+            // Keep what runs, per variant, within each variant's capacity.
+            let mut variants: Vec<(String, i64)> = spec
+                .variants
+                .iter()
+                .map(|v| {
+                    let now = i64::from(current.get(&v.name).copied().unwrap_or(0).max(0));
+                    (v.name.clone(), now.min(capacity(v.max_replicas)))
+                })
+                .collect();
+            let total: i64 = variants.iter().map(|(_, n)| n).sum();
+            let mut unplaced = 0;
+            if total < min {
+                // Add replicas to the most preferred variants with room.
+                let mut missing = min - total;
+                for (v, (_, n)) in spec.variants.iter().zip(variants.iter_mut()) {
+                    let add = missing.min(capacity(v.max_replicas) - *n);
+                    *n += add;
+                    missing -= add;
+                }
+                unplaced = missing;
+            } else if total > max {
+                // Remove replicas from the least preferred variants first.
+                let mut excess = total - max;
+                for (_, n) in variants.iter_mut().rev() {
+                    let remove = excess.min(*n);
+                    *n -= remove;
+                    excess -= remove;
+                }
+            }
+            let policy = if scaling.policy == ScalingPolicy::QueueDepth {
+                "queueDepth"
+            } else {
+                "costAware"
+            };
+            ReplicaDecision {
+                variants: variants
+                    .into_iter()
+                    .map(|(name, n)| (name, clamp_i32(n)))
+                    .collect(),
+                unplaced: clamp_i32(unplaced),
+                holding: true,
+                reason: format!(
+                    "policy {policy} is not wired to engine metrics yet: holding the current replicas within minReplicas {} and maxReplicas {max}",
+                    scaling.min_replicas
+                ),
+            }
+        }
+    }
+}
+
+fn clamp_i32(n: i64) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// Spreads `total` replicas over the variants in listed order, each up to its maxReplicas.
+fn fill_in_order(spec: &InferenceDeploymentSpec, total: i64) -> (Vec<(String, i32)>, i32) {
+    let mut left = total;
+    let variants = spec
+        .variants
+        .iter()
+        .map(|v| {
+            let take = left.min(capacity(v.max_replicas));
+            left -= take;
+            (v.name.clone(), clamp_i32(take))
+        })
+        .collect();
+    (variants, clamp_i32(left))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::spec_with_variants;
+
+    #[test]
+    fn fixed_fills_variants_in_order_up_to_their_capacity() {
+        let mut spec = spec_with_variants(&[("h200", Some(2)), ("h100", Some(3)), ("a100", None)]);
+        spec.scaling.replicas = 4;
+        let d = decide(&spec, &BTreeMap::new());
+        assert_eq!(
+            d.variants,
+            vec![("h200".into(), 2), ("h100".into(), 2), ("a100".into(), 0)]
+        );
+        assert_eq!((d.unplaced, d.holding, d.total()), (0, false, 4));
+        spec.scaling.replicas = 9;
+        assert_eq!(decide(&spec, &BTreeMap::new()).replicas_of("a100"), 4);
+        spec.scaling.replicas = 0;
+        assert_eq!(decide(&spec, &BTreeMap::new()).total(), 0);
+    }
+
+    #[test]
+    fn fixed_reports_replicas_that_fit_nowhere() {
+        let mut spec = spec_with_variants(&[("h200", Some(1)), ("h100", Some(1))]);
+        spec.scaling.replicas = 5;
+        let d = decide(&spec, &BTreeMap::new());
+        assert_eq!((d.total(), d.unplaced), (2, 3));
+    }
+
+    #[test]
+    fn metric_policies_hold_current_replicas_within_bounds_and_say_so() {
+        let mut spec = spec_with_variants(&[("h200", Some(4)), ("h100", None)]);
+        spec.scaling.policy = ScalingPolicy::QueueDepth;
+        spec.scaling.min_replicas = 2;
+        spec.scaling.max_replicas = Some(5);
+        // Nothing runs yet: start at minReplicas in preference order.
+        let d = decide(&spec, &BTreeMap::new());
+        assert_eq!(d.variants, vec![("h200".into(), 2), ("h100".into(), 0)]);
+        assert!(d.holding && d.reason.contains("not wired"), "{}", d.reason);
+        // Running replicas are held as they are.
+        let current = BTreeMap::from([("h200".to_string(), 3), ("h100".to_string(), 1)]);
+        assert_eq!(
+            decide(&spec, &current).variants,
+            vec![("h200".into(), 3), ("h100".into(), 1)]
+        );
+        // Above maxReplicas: the least preferred variant shrinks first.
+        let current = BTreeMap::from([("h200".to_string(), 4), ("h100".to_string(), 3)]);
+        assert_eq!(
+            decide(&spec, &current).variants,
+            vec![("h200".into(), 4), ("h100".into(), 1)]
+        );
+        spec.scaling.policy = ScalingPolicy::CostAware;
+        assert!(decide(&spec, &current).reason.contains("costAware"));
+    }
+}

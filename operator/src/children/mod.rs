@@ -1,0 +1,422 @@
+//! The child objects one `InferenceDeployment` becomes, built by pure functions from its spec.
+//!
+//! Per variant a `Deployment` (or a `LeaderWorkerSet` when a replica spans nodes), one
+//! `Service` across all variants, one `PodDisruptionBudget`, and, with expert parallelism,
+//! the `ConfigMap <name>-placement` holding the expert plan. Nothing here does I/O: the
+//! reconciler applies what [`build`] returns, and `render` prints it.
+
+mod lws;
+mod pod;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::core::DynamicObject;
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sparsemoe_api::placement::PLAN_FILE;
+use sparsemoe_api::v1alpha1::GpuVariant;
+use sparsemoe_api::{InferenceDeployment, PlacementPlan};
+
+use crate::autoscale::ReplicaDecision;
+
+pub use lws::{LWS_API_VERSION, LWS_GROUP, LWS_KIND, LWS_PLURAL, lws_api_resource};
+pub use pod::{DRAIN_SECONDS, ENGINE_PORT, MODEL_DIR, PLACEMENT_DIR, TERMINATION_GRACE_SECONDS};
+
+/// Label: the InferenceDeployment a child belongs to.
+pub const LABEL_DEPLOYMENT: &str = "sparsemoe.io/deployment";
+/// Label: the GPU variant of a workload and its pods.
+pub const LABEL_VARIANT: &str = "sparsemoe.io/variant";
+/// Label: `leader` on the pod that serves a replica (every single-node pod), `worker` on the
+/// other pods of a multi-node replica. The Service and the /scale selector pick leaders.
+pub const LABEL_ROLE: &str = "sparsemoe.io/role";
+/// Label value of [`LABEL_ROLE`] on serving pods.
+pub const ROLE_LEADER: &str = "leader";
+/// `app.kubernetes.io/managed-by` value; the operator's watches select on it.
+pub const MANAGED_BY: &str = "sparsemoe-operator";
+/// Label selector the operator's watches use.
+pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=sparsemoe-operator";
+/// Annotation on each child: a hash of what the operator last applied. A child whose hash
+/// matches the desired one is not re-applied, so a settled reconcile makes no write calls.
+/// (It describes the child itself, so losing it only costs one redundant apply.)
+pub const ANNOTATION_APPLIED_HASH: &str = "sparsemoe.io/applied-hash";
+/// Pod-template annotation: the placement plan hash, so a new plan rolls the pods.
+pub const ANNOTATION_PLACEMENT_HASH: &str = "sparsemoe.io/placement-hash";
+
+/// What the cluster can run, discovered once at startup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The LeaderWorkerSet CRD (`leaderworkerset.x-k8s.io/v1`) is installed.
+    pub leader_worker_set: bool,
+}
+
+/// Why part of a spec cannot be realised; becomes the `Degraded` condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// CamelCase reason for the condition.
+    pub reason: &'static str,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// One variant's workload.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Workload {
+    Deployment(Box<Deployment>),
+    /// A `leaderworkerset.x-k8s.io/v1` LeaderWorkerSet (not in k8s-openapi, hence dynamic).
+    LeaderWorkerSet(Box<DynamicObject>),
+}
+
+impl Workload {
+    pub fn name(&self) -> String {
+        match self {
+            Workload::Deployment(d) => d.name_any(),
+            Workload::LeaderWorkerSet(l) => l.name_any(),
+        }
+    }
+}
+
+/// A variant's desired workload and replica count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VariantChild {
+    pub variant: String,
+    pub replicas: i32,
+    pub workload: Workload,
+}
+
+/// Every child of one InferenceDeployment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Children {
+    /// The expert plan (with expert parallelism) and its ConfigMap.
+    pub placement: Option<(PlacementPlan, ConfigMap)>,
+    /// Variants that can be realised, in spec order.
+    pub workloads: Vec<VariantChild>,
+    /// Variants that cannot, by name; their existing workloads are left alone.
+    pub unrealised_variants: Vec<String>,
+    pub service: Service,
+    pub pdb: PodDisruptionBudget,
+    /// Why something could not be realised (empty when all is well).
+    pub problems: Vec<Problem>,
+}
+
+/// Name of the Service, the PDB, and the prefix of every other child.
+pub fn service_name(idep: &InferenceDeployment) -> String {
+    idep.name_any()
+}
+
+/// Name of a variant's workload.
+pub fn workload_name(idep: &InferenceDeployment, variant: &str) -> String {
+    format!("{}-{variant}", idep.name_any())
+}
+
+/// Name of the placement ConfigMap.
+pub fn placement_config_map_name(idep: &InferenceDeployment) -> String {
+    format!("{}-placement", idep.name_any())
+}
+
+/// Label selector (string form) of the serving pods, for status.selector and /scale.
+pub fn pod_selector(idep: &InferenceDeployment) -> String {
+    format!(
+        "{LABEL_DEPLOYMENT}={},{LABEL_ROLE}={ROLE_LEADER}",
+        idep.name_any()
+    )
+}
+
+/// In-cluster URL of the OpenAI-compatible API.
+pub fn endpoint(idep: &InferenceDeployment, namespace: &str) -> String {
+    format!(
+        "http://{}.{namespace}.svc:{ENGINE_PORT}/v1",
+        service_name(idep)
+    )
+}
+
+/// Labels every child carries.
+pub fn common_labels(idep: &InferenceDeployment) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "sparsemoe-engine".into()),
+        ("app.kubernetes.io/instance".into(), idep.name_any()),
+        ("app.kubernetes.io/component".into(), "inference".into()),
+        ("app.kubernetes.io/part-of".into(), "sparsemoe".into()),
+        ("app.kubernetes.io/managed-by".into(), MANAGED_BY.into()),
+        (LABEL_DEPLOYMENT.into(), idep.name_any()),
+    ])
+}
+
+/// Labels of one variant's workload.
+pub fn variant_labels(idep: &InferenceDeployment, variant: &str) -> BTreeMap<String, String> {
+    let mut labels = common_labels(idep);
+    labels.insert(LABEL_VARIANT.into(), variant.into());
+    labels
+}
+
+/// Builds every child. `owner` is the controller reference (absent when rendering offline),
+/// `namespace` the namespace children go to. Pure: same inputs, same objects.
+pub fn build(
+    idep: &InferenceDeployment,
+    namespace: &str,
+    owner: Option<OwnerReference>,
+    decision: &ReplicaDecision,
+    capabilities: Capabilities,
+) -> Children {
+    let spec = &idep.spec;
+    let meta = |name: String, labels: BTreeMap<String, String>| ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace.to_string()),
+        labels: Some(labels),
+        owner_references: owner.clone().map(|o| vec![o]),
+        ..ObjectMeta::default()
+    };
+    let mut problems = Vec::new();
+
+    let placement = if spec.parallelism.expert_parallel.enabled {
+        match default_plan(idep) {
+            Ok(plan) => {
+                let config_map = ConfigMap {
+                    metadata: meta(placement_config_map_name(idep), common_labels(idep)),
+                    data: Some(BTreeMap::from([(
+                        PLAN_FILE.to_string(),
+                        plan.to_canonical_json(),
+                    )])),
+                    ..ConfigMap::default()
+                };
+                Some((plan, stamped(config_map)))
+            }
+            Err(message) => {
+                problems.push(Problem {
+                    reason: "PlacementInfeasible",
+                    message,
+                });
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let placement_hash = placement.as_ref().map(|(plan, _)| plan.hash());
+
+    let mut workloads = Vec::new();
+    let mut unrealised_variants = Vec::new();
+    for variant in &spec.variants {
+        let replicas = decision.replicas_of(&variant.name);
+        // With expert parallelism the pods need the plan; without one, leave them as they are.
+        if spec.parallelism.expert_parallel.enabled && placement.is_none() {
+            unrealised_variants.push(variant.name.clone());
+            continue;
+        }
+        let nodes = variant.nodes(&spec.parallelism);
+        let labels = variant_labels(idep, &variant.name);
+        let name = workload_name(idep, &variant.name);
+        let workload = if nodes > 1 {
+            if !capabilities.leader_worker_set {
+                problems.push(Problem {
+                    reason: "LeaderWorkerSetMissing",
+                    message: format!(
+                        "variant {} spans {nodes} nodes per replica, which needs a LeaderWorkerSet, but the leaderworkerset.x-k8s.io/v1 API is not installed; install LeaderWorkerSet (kubernetes-sigs/lws) and restart the operator, or set nodesPerReplica: 1",
+                        variant.name
+                    ),
+                });
+                unrealised_variants.push(variant.name.clone());
+                continue;
+            }
+            Workload::LeaderWorkerSet(Box::new(stamped_dynamic(lws::leader_worker_set(
+                idep,
+                variant,
+                meta(name, labels.clone()),
+                replicas,
+                placement_hash.as_deref(),
+            ))))
+        } else {
+            Workload::Deployment(Box::new(stamped(deployment(
+                idep,
+                variant,
+                meta(name, labels),
+                replicas,
+                placement_hash.as_deref(),
+            ))))
+        };
+        workloads.push(VariantChild {
+            variant: variant.name.clone(),
+            replicas,
+            workload,
+        });
+    }
+    if decision.unplaced > 0 {
+        problems.push(Problem {
+            reason: "InsufficientCapacity",
+            message: format!(
+                "{} of {} requested replicas fit no variant (every variant is at its maxReplicas); raise a variant's maxReplicas or add a variant",
+                decision.unplaced,
+                decision.total() + decision.unplaced
+            ),
+        });
+    }
+
+    let selector = BTreeMap::from([
+        (LABEL_DEPLOYMENT.to_string(), idep.name_any()),
+        (LABEL_ROLE.to_string(), ROLE_LEADER.to_string()),
+    ]);
+    let service = Service {
+        metadata: meta(service_name(idep), common_labels(idep)),
+        spec: Some(ServiceSpec {
+            selector: Some(selector.clone()),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: ENGINE_PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    // One voluntary disruption at a time across all variants: node drains make progress, and
+    // never take more than one serving replica away at once.
+    let pdb = PodDisruptionBudget {
+        metadata: meta(service_name(idep), common_labels(idep)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    LABEL_DEPLOYMENT.to_string(),
+                    idep.name_any(),
+                )])),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    };
+
+    Children {
+        placement,
+        workloads,
+        unrealised_variants,
+        service: stamped(service),
+        pdb: stamped(pdb),
+        problems,
+    }
+}
+
+/// The plan used until measured expert loads exist: uniform load, so experts spread evenly
+/// and redundant slots hold copies of the lowest-numbered experts. Err: why it cannot exist.
+pub fn default_plan(idep: &InferenceDeployment) -> Result<PlacementPlan, String> {
+    let spec = &idep.spec;
+    let ep = &spec.parallelism.expert_parallel;
+    // Every variant runs the same plan, so their GPU counts must agree.
+    let mut shapes: Vec<(u32, u32)> = spec
+        .variants
+        .iter()
+        .map(|v| (v.gpus(&spec.parallelism), v.nodes(&spec.parallelism)))
+        .collect();
+    shapes.dedup();
+    let Some(&(gpus, nodes)) = shapes.first() else {
+        return Err("spec.variants is empty".into());
+    };
+    if shapes.iter().any(|&(g, _)| g != gpus) {
+        return Err(format!(
+            "expert parallelism uses one placement plan for all variants, but the variants have different gpusPerReplica ({}); give every variant the same GPU count or disable expertParallel",
+            shapes
+                .iter()
+                .map(|(g, _)| g.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let experts = ep.experts();
+    let loads = vec![1.0; experts as usize];
+    crate::placement::plan_experts(&loads, gpus, nodes, ep.redundant_experts)
+        .map_err(|e| format!("{e}; adjust parallelism.expertParallel.redundantExperts so that numExperts + redundantExperts is a multiple of gpusPerReplica"))
+}
+
+fn deployment(
+    idep: &InferenceDeployment,
+    variant: &GpuVariant,
+    metadata: ObjectMeta,
+    replicas: i32,
+    placement_hash: Option<&str>,
+) -> Deployment {
+    let rollout = &idep.spec.rollout;
+    let selector = metadata.labels.clone().map(|labels| {
+        labels
+            .into_iter()
+            .filter(|(k, _)| k == LABEL_DEPLOYMENT || k == LABEL_VARIANT)
+            .collect::<BTreeMap<_, _>>()
+    });
+    Deployment {
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: selector,
+                ..LabelSelector::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(rollout.max_surge.clone()),
+                    max_unavailable: Some(rollout.max_unavailable.clone()),
+                }),
+            }),
+            // Model loading takes minutes; a rollout only counts as stuck well after that.
+            progress_deadline_seconds: Some(1800),
+            revision_history_limit: Some(3),
+            template: pod::pod_template(
+                idep,
+                variant,
+                metadata.labels.clone().unwrap_or_default(),
+                ROLE_LEADER,
+                placement_hash,
+                1,
+            ),
+            ..DeploymentSpec::default()
+        }),
+        metadata,
+        ..Deployment::default()
+    }
+}
+
+/// Hash of an object as the operator would apply it (without the hash annotation itself).
+pub fn content_hash<T: Serialize>(object: &T) -> String {
+    // serde_json::Value sorts keys, so the hash does not depend on field order.
+    let value = serde_json::to_value(object).unwrap_or_default();
+    let digest = Sha256::digest(value.to_string().as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn stamped<K: Resource + Serialize>(mut object: K) -> K {
+    let hash = content_hash(&object);
+    object
+        .meta_mut()
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(ANNOTATION_APPLIED_HASH.into(), hash);
+    object
+}
+
+fn stamped_dynamic(mut object: DynamicObject) -> DynamicObject {
+    let hash = content_hash(&object);
+    object
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(ANNOTATION_APPLIED_HASH.into(), hash);
+    object
+}
+
+/// The applied-hash annotation of an object, if any.
+pub fn applied_hash(meta: &ObjectMeta) -> Option<&str> {
+    meta.annotations
+        .as_ref()?
+        .get(ANNOTATION_APPLIED_HASH)
+        .map(String::as_str)
+}
+
+#[cfg(test)]
+mod tests;

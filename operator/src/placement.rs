@@ -1,0 +1,384 @@
+//! Balanced expert placement from measured per-expert loads, in the manner of DeepSeek's EPLB:
+//! give redundant slots to the hottest experts (splitting their load between copies), then
+//! pack the copies onto GPUs heaviest first, each onto the least loaded GPU with a free slot.
+//! With several nodes and evenly divisible counts the balancing is hierarchical: experts are
+//! first packed onto nodes (so an expert's copies stay inside one node and its traffic does
+//! not cross the inter-node network), then replicated and packed within each node; otherwise
+//! it is global.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use sparsemoe_api::PlacementPlan;
+use sparsemoe_api::placement::{GpuAssignment, PLAN_VERSION, PlanError};
+
+/// Why a placement cannot be made.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlacementError {
+    #[error("{0}")]
+    Plan(#[from] PlanError),
+    #[error("expert loads: {0}")]
+    Loads(String),
+}
+
+/// Loads of one layer; `None` as the layer means every layer.
+pub type LayerLoads = (Option<u32>, Vec<f64>);
+
+/// The `--loads` file: one list of per-expert loads (used for every layer), a list of lists
+/// (one per MoE layer, layer index = position), or `{"layers": {"3": [...], ...}}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum LoadsFile {
+    Single(Vec<f64>),
+    PerLayer(Vec<Vec<f64>>),
+    Keyed { layers: BTreeMap<String, Vec<f64>> },
+}
+
+impl LoadsFile {
+    /// Loads per layer; `None` as the key means "every layer".
+    pub fn into_layers(self) -> Result<Vec<LayerLoads>, PlacementError> {
+        Ok(match self {
+            LoadsFile::Single(loads) => vec![(None, loads)],
+            LoadsFile::PerLayer(layers) => layers
+                .into_iter()
+                .enumerate()
+                .map(|(i, l)| (Some(i as u32), l))
+                .collect(),
+            LoadsFile::Keyed { layers } => layers
+                .into_iter()
+                .map(|(k, l)| {
+                    let layer = k.parse().map_err(|_| {
+                        PlacementError::Loads(format!(
+                            "layer key {k:?} is not a layer index such as \"3\""
+                        ))
+                    })?;
+                    Ok((Some(layer), l))
+                })
+                .collect::<Result<_, PlacementError>>()?,
+        })
+    }
+}
+
+/// A plan from a loads file: a single list becomes the default assignment; per-layer loads
+/// give each layer its own assignment, and the default is planned from their sum.
+pub fn plan_from_file(
+    file: LoadsFile,
+    gpus: u32,
+    nodes: u32,
+    redundant: u32,
+) -> Result<PlacementPlan, PlacementError> {
+    let layers = file.into_layers()?;
+    let Some(experts) = layers.first().map(|(_, l)| l.len()) else {
+        return Err(PlacementError::Loads("the file lists no layers".into()));
+    };
+    if let Some((layer, l)) = layers.iter().find(|(_, l)| l.len() != experts) {
+        return Err(PlacementError::Loads(format!(
+            "layer {} has {} experts, the first layer has {experts}; every layer needs the same number",
+            layer.unwrap_or(0),
+            l.len()
+        )));
+    }
+    let mut total = vec![0.0; experts];
+    for (_, loads) in &layers {
+        for (t, l) in total.iter_mut().zip(loads) {
+            *t += l;
+        }
+    }
+    let mut plan = plan_experts(&total, gpus, nodes, redundant)?;
+    if layers.iter().any(|(k, _)| k.is_some()) {
+        let mut worst = f64::INFINITY;
+        for (layer, loads) in layers {
+            let layer_plan = plan_experts(&loads, gpus, nodes, redundant)?;
+            worst = worst.min(layer_plan.balancedness.unwrap_or(1.0));
+            plan.layers.insert(layer.unwrap_or(0), layer_plan.default);
+        }
+        plan.balancedness = Some(worst);
+    }
+    plan.validate()?;
+    Ok(plan)
+}
+
+/// Places `loads.len()` experts plus `redundant` copies on `gpus` GPUs over `nodes` nodes.
+pub fn plan_experts(
+    loads: &[f64],
+    gpus: u32,
+    nodes: u32,
+    redundant: u32,
+) -> Result<PlacementPlan, PlacementError> {
+    let experts =
+        u32::try_from(loads.len()).map_err(|_| PlacementError::Loads("too many experts".into()))?;
+    if let Some((e, l)) = loads
+        .iter()
+        .enumerate()
+        .find(|(_, l)| !l.is_finite() || **l < 0.0)
+    {
+        return Err(PlacementError::Loads(format!(
+            "expert {e} has load {l}; loads must be finite and not negative"
+        )));
+    }
+    let infeasible = |why| PlanError::Infeasible {
+        experts,
+        gpus,
+        redundant,
+        why,
+    };
+    for (value, name) in [
+        (experts, "numExperts"),
+        (gpus, "numGpus"),
+        (nodes, "numNodes"),
+    ] {
+        if value == 0 {
+            return Err(PlanError::Zero(name).into());
+        }
+    }
+    if !gpus.is_multiple_of(nodes) {
+        return Err(PlanError::NodesDoNotDivideGpus { gpus, nodes }.into());
+    }
+    if !(experts + redundant).is_multiple_of(gpus) {
+        return Err(infeasible("numExperts + redundant must be a multiple of numGpus").into());
+    }
+    let slots = (experts + redundant) / gpus;
+    if u64::from(redundant) > u64::from(experts) * u64::from(gpus - 1) {
+        return Err(
+            infeasible("more redundant slots than experts can have copies (one per GPU)").into(),
+        );
+    }
+
+    let hierarchical =
+        nodes > 1 && experts.is_multiple_of(nodes) && redundant.is_multiple_of(nodes);
+    let assignment = if hierarchical {
+        // Experts onto nodes (each once), then each node on its own.
+        let items: Vec<(u32, f64)> = (0..experts).map(|e| (e, loads[e as usize])).collect();
+        let per_node =
+            pack(items, nodes, experts / nodes).ok_or_else(|| infeasible("no node packing"))?;
+        let gpus_per_node = gpus / nodes;
+        let mut all = Vec::with_capacity(gpus as usize);
+        for node_experts in per_node {
+            let local_loads: Vec<f64> = node_experts.iter().map(|&e| loads[e as usize]).collect();
+            let local = place_globally(&local_loads, gpus_per_node, redundant / nodes, slots)
+                .ok_or_else(|| infeasible("no packing within a node"))?;
+            all.extend(
+                local
+                    .into_iter()
+                    .map(|gpu| gpu.into_iter().map(|i| node_experts[i as usize]).collect()),
+            );
+        }
+        all
+    } else {
+        place_globally(loads, gpus, redundant, slots)
+            .ok_or_else(|| infeasible("no packing without duplicate copies on a GPU"))?
+    };
+
+    let mut plan = PlacementPlan {
+        version: PLAN_VERSION,
+        num_experts: experts,
+        num_gpus: gpus,
+        num_nodes: nodes,
+        default: GpuAssignment { gpus: assignment },
+        layers: BTreeMap::new(),
+        balancedness: None,
+    };
+    plan.balancedness = Some(balancedness(&plan.default, loads));
+    plan.validate()?;
+    Ok(plan)
+}
+
+/// Mean over max GPU load when each expert's load is split evenly between its copies.
+pub fn balancedness(assignment: &GpuAssignment, loads: &[f64]) -> f64 {
+    let mut copies = vec![0u32; loads.len()];
+    for gpu in &assignment.gpus {
+        for &e in gpu {
+            copies[e as usize] += 1;
+        }
+    }
+    let gpu_loads: Vec<f64> = assignment
+        .gpus
+        .iter()
+        .map(|gpu| {
+            gpu.iter()
+                .map(|&e| loads[e as usize] / f64::from(copies[e as usize].max(1)))
+                .sum()
+        })
+        .collect();
+    let max = gpu_loads.iter().cloned().fold(0.0, f64::max);
+    if max <= 0.0 {
+        return 1.0;
+    }
+    gpu_loads.iter().sum::<f64>() / gpu_loads.len() as f64 / max
+}
+
+/// Replicates the hottest experts into `redundant` extra slots and packs every copy onto
+/// `gpus` GPUs of `slots` slots. Returns local expert indices per GPU.
+fn place_globally(loads: &[f64], gpus: u32, redundant: u32, slots: u32) -> Option<Vec<Vec<u32>>> {
+    let mut copies = vec![1u32; loads.len()];
+    for _ in 0..redundant {
+        // The expert whose copies carry the most load each gets one more (lowest index on ties).
+        let (hottest, _) = copies
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c < gpus)
+            .map(|(e, c)| (e, loads[e] / f64::from(*c)))
+            .fold(None, |best: Option<(usize, f64)>, (e, l)| match best {
+                Some((_, bl)) if bl >= l => best,
+                _ => Some((e, l)),
+            })?;
+        copies[hottest] += 1;
+    }
+    let items = copies
+        .iter()
+        .enumerate()
+        .flat_map(|(e, &c)| (0..c).map(move |_| (e as u32, loads[e] / f64::from(c))))
+        .collect();
+    pack(items, gpus, slots)
+}
+
+/// Packs weighted items into `bins` bins of `slots` each, heaviest first onto the lightest bin
+/// with room that does not already hold the same item. `None` if no such packing was found.
+fn pack(mut items: Vec<(u32, f64)>, bins: u32, slots: u32) -> Option<Vec<Vec<u32>>> {
+    items.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut content: Vec<Vec<u32>> = vec![Vec::with_capacity(slots as usize); bins as usize];
+    let mut weight = vec![0.0f64; bins as usize];
+    for (item, w) in items {
+        let fits = |b: usize, content: &Vec<Vec<u32>>| {
+            content[b].len() < slots as usize && !content[b].contains(&item)
+        };
+        let best = (0..bins as usize)
+            .filter(|&b| fits(b, &content))
+            .min_by(|&a, &b| weight[a].total_cmp(&weight[b]).then(a.cmp(&b)));
+        let target = match best {
+            Some(b) => b,
+            None => {
+                // Every bin with room already holds this item: move some other item from a
+                // bin without it into a bin with room, then place this one where that was.
+                let open = (0..bins as usize).find(|&b| content[b].len() < slots as usize)?;
+                let (donor, pos) = (0..bins as usize)
+                    .filter(|&b| !content[b].contains(&item))
+                    .find_map(|b| {
+                        content[b]
+                            .iter()
+                            .position(|x| !content[open].contains(x))
+                            .map(|p| (b, p))
+                    })?;
+                let moved = content[donor].remove(pos);
+                content[open].push(moved);
+                donor
+            }
+        };
+        content[target].push(item);
+        weight[target] += w;
+    }
+    for bin in &mut content {
+        bin.sort_unstable();
+    }
+    Some(content)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu_loads(plan: &PlacementPlan, loads: &[f64]) -> Vec<f64> {
+        let a = &plan.default;
+        let mut copies = vec![0.0; loads.len()];
+        a.gpus
+            .iter()
+            .flatten()
+            .for_each(|&e| copies[e as usize] += 1.0);
+        a.gpus
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .map(|&e| loads[e as usize] / copies[e as usize])
+                    .sum()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn uniform_loads_spread_evenly_and_validate() {
+        let plan = plan_experts(&[1.0; 256], 8, 1, 32).unwrap();
+        assert_eq!(plan.default.gpus.len(), 8);
+        assert!(plan.default.gpus.iter().all(|g| g.len() == 36));
+        assert!(plan.balancedness.unwrap() > 0.99, "{:?}", plan.balancedness);
+        // Deterministic: the same input gives the same plan.
+        assert_eq!(
+            plan.hash(),
+            plan_experts(&[1.0; 256], 8, 1, 32).unwrap().hash()
+        );
+    }
+
+    #[test]
+    fn hot_experts_get_the_redundant_copies_and_balance_improves() {
+        let mut loads = vec![1.0; 16];
+        loads[3] = 20.0;
+        loads[9] = 10.0;
+        let plain = plan_experts(&loads, 4, 1, 0).unwrap();
+        let plan = plan_experts(&loads, 4, 1, 4).unwrap();
+        assert!(plan.replicas_of(0, 3).len() >= 2, "{:?}", plan.default);
+        assert!(plan.replicas_of(0, 9).len() >= 2, "{:?}", plan.default);
+        assert!(plan.balancedness.unwrap() > plain.balancedness.unwrap());
+        let gl = gpu_loads(&plan, &loads);
+        let mean = gl.iter().sum::<f64>() / 4.0;
+        assert!(
+            (plan.balancedness.unwrap() - mean / gl.iter().cloned().fold(0.0, f64::max)).abs()
+                < 1e-9
+        );
+    }
+
+    #[test]
+    fn hierarchical_keeps_copies_inside_a_node() {
+        let loads: Vec<f64> = (0..32).map(|e| 1.0 + (e % 7) as f64 * 3.0).collect();
+        let plan = plan_experts(&loads, 8, 2, 8).unwrap();
+        for e in 0..32 {
+            let nodes: std::collections::BTreeSet<u32> =
+                plan.replicas_of(0, e).into_iter().map(|g| g / 4).collect();
+            assert_eq!(
+                nodes.len(),
+                1,
+                "expert {e} crosses nodes: {:?}",
+                plan.default
+            );
+        }
+        assert!(plan.balancedness.unwrap() > 0.9, "{:?}", plan.balancedness);
+    }
+
+    #[test]
+    fn infeasible_and_bad_inputs_are_errors_not_panics() {
+        let err = plan_experts(&[1.0; 10], 4, 1, 0).unwrap_err().to_string();
+        assert!(err.contains("multiple of numGpus"), "{err}");
+        assert!(
+            plan_experts(&[1.0; 4], 3, 2, 2)
+                .unwrap_err()
+                .to_string()
+                .contains("not a multiple")
+        );
+        assert!(plan_experts(&[], 4, 1, 0).is_err());
+        assert!(plan_experts(&[1.0, f64::NAN], 2, 1, 0).is_err());
+        assert!(plan_experts(&[1.0, -1.0], 2, 1, 0).is_err());
+        assert!(plan_experts(&[1.0; 2], 0, 1, 0).is_err());
+        // Two experts cannot fill 8 slots on 2 GPUs without duplicating on one GPU.
+        assert!(plan_experts(&[1.0; 2], 2, 1, 6).is_err());
+    }
+
+    #[test]
+    fn per_layer_files_give_per_layer_assignments() {
+        let file: LoadsFile = serde_json::from_str("[[1,1,1,9],[9,1,1,1]]").unwrap();
+        let plan = plan_from_file(file, 2, 1, 2).unwrap();
+        assert_eq!(plan.layers.len(), 2);
+        assert_eq!(plan.replicas_of(0, 3).len(), 2);
+        assert_eq!(plan.replicas_of(1, 0).len(), 2);
+        let keyed: LoadsFile =
+            serde_json::from_str(r#"{"layers": {"3": [1, 2], "4": [2, 1]}}"#).unwrap();
+        assert_eq!(
+            plan_from_file(keyed, 2, 1, 0)
+                .unwrap()
+                .layers
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+        let ragged: LoadsFile = serde_json::from_str("[[1,1],[1,1,1]]").unwrap();
+        assert!(plan_from_file(ragged, 2, 1, 0).is_err());
+    }
+}

@@ -1,0 +1,490 @@
+//! The reconciler: the thin I/O shell around [`children::build`], [`autoscale::decide`] and
+//! [`status::compute`].
+//!
+//! Reads come from the watch caches in [`Stores`] (no API calls); writes are server-side
+//! applies under [`FIELD_MANAGER`] with controller owner references (so deletion is garbage
+//! collection, with no finalizer), made only for children whose applied hash differs from the
+//! desired one; the status is applied only when it changed. A settled object therefore costs
+//! zero API requests per reconcile.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::DynamicObject;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sparsemoe_api::InferenceDeployment;
+use sparsemoe_api::v1alpha1::InferenceDeploymentStatus;
+use tracing::{info, warn};
+
+use crate::autoscale::{self, ReplicaDecision};
+use crate::children::{self, Capabilities, Children, LABEL_DEPLOYMENT, LABEL_VARIANT, Workload};
+use crate::metrics::Metrics;
+use crate::status::{self, WorkloadObservation};
+use crate::{Error, FIELD_MANAGER, Result};
+
+/// Watch caches of the children (label `app.kubernetes.io/managed-by=sparsemoe-operator`).
+#[derive(Clone, Debug)]
+pub struct Stores {
+    pub deployments: Store<Deployment>,
+    pub services: Store<Service>,
+    pub pdbs: Store<PodDisruptionBudget>,
+    pub config_maps: Store<ConfigMap>,
+    pub pods: Store<Pod>,
+    /// Present when the LeaderWorkerSet API is installed.
+    pub leader_worker_sets: Option<Store<DynamicObject>>,
+}
+
+/// Shared state of the controller.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub stores: Stores,
+    pub capabilities: Capabilities,
+    /// Consecutive failures per object, for the error policy's backoff.
+    pub failures: Mutex<HashMap<ObjectRef<InferenceDeployment>, u32>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("capabilities", &self.capabilities)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long to wait before looking again at an object that cannot be fully realised: long
+/// enough not to spin, short enough to notice a fixed cluster.
+pub const UNREALISABLE_REQUEUE: Duration = Duration::from_secs(300);
+/// Periodic resync of a healthy object (drift repair).
+pub const RESYNC: Duration = Duration::from_secs(600);
+/// First and longest retry delay after a failed reconcile.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Reconciles one InferenceDeployment.
+pub async fn reconcile(idep: Arc<InferenceDeployment>, ctx: Arc<Context>) -> Result<Action> {
+    let timer = ctx.metrics.duration.start_timer();
+    ctx.metrics.reconciles.inc();
+    let result = reconcile_inner(&idep, &ctx).await;
+    timer.observe_duration();
+    if result.is_ok() {
+        ctx.failures
+            .lock()
+            .map(|mut f| f.remove(&ObjectRef::from_obj(idep.as_ref())))
+            .ok();
+    }
+    result
+}
+
+/// After a failed reconcile: retry with exponential backoff per object (5 s doubling to 5 min).
+pub fn error_policy(idep: Arc<InferenceDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .failures
+        .with_label_values(&[error.metric_label()])
+        .inc();
+    let attempts = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let n = f.entry(ObjectRef::from_obj(idep.as_ref())).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        })
+        .unwrap_or(1);
+    let delay = backoff(attempts);
+    warn!(name = %idep.name_any(), namespace = ?idep.namespace(), %error, attempts, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The delay before retry number `attempts` (1-based).
+pub fn backoff(attempts: u32) -> Duration {
+    let factor = 1u32
+        .checked_shl(attempts.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
+}
+
+/// What the cluster reports about the workloads of `idep`, by variant.
+fn observe(
+    idep: &InferenceDeployment,
+    namespace: &str,
+    stores: &Stores,
+) -> BTreeMap<String, WorkloadObservation> {
+    let mut observed = BTreeMap::new();
+    for v in &idep.spec.variants {
+        let name = children::workload_name(idep, &v.name);
+        if let Some(d) = stores
+            .deployments
+            .get(&ObjectRef::new(&name).within(namespace))
+        {
+            observed.insert(v.name.clone(), WorkloadObservation::from_deployment(&d));
+        } else if let Some(l) = stores.leader_worker_sets.as_ref().and_then(|s| {
+            s.get(&ObjectRef::new_with(&name, children::lws_api_resource()).within(namespace))
+        }) {
+            observed.insert(
+                v.name.clone(),
+                WorkloadObservation::from_leader_worker_set(&l),
+            );
+        }
+    }
+    observed
+}
+
+fn owned_by(meta: &kube::api::ObjectMeta, uid: Option<&str>) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+}
+
+async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Action> {
+    if idep.metadata.deletion_timestamp.is_some() {
+        // Children go with it through their owner references.
+        return Ok(Action::await_change());
+    }
+    let namespace = idep
+        .namespace()
+        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let name = idep.name_any();
+    let uid = idep.metadata.uid.clone();
+    let owner = idep.controller_owner_ref(&());
+    let stores = &ctx.stores;
+
+    let observed = observe(idep, &namespace, stores);
+    let current: BTreeMap<String, i32> = observed
+        .iter()
+        .map(|(v, o)| (v.clone(), o.spec_replicas))
+        .collect();
+    let decision = autoscale::decide(&idep.spec, &current);
+    let desired = children::build(idep, &namespace, owner, &decision, ctx.capabilities);
+    let client = ctx.client.clone();
+    let mut applied_variants = BTreeSet::new();
+    let mut applied_any = false;
+
+    if let Some((_, config_map)) = &desired.placement {
+        let existing = stores.config_maps.get(&ObjectRef::from_obj(config_map));
+        applied_any |= apply_if_changed(
+            &client,
+            &namespace,
+            config_map,
+            existing.as_deref(),
+            &ctx.metrics,
+        )
+        .await?;
+    }
+    for child in &desired.workloads {
+        let changed = match &child.workload {
+            Workload::Deployment(d) => {
+                let existing = stores.deployments.get(&ObjectRef::from_obj(d.as_ref()));
+                apply_if_changed(
+                    &client,
+                    &namespace,
+                    d.as_ref(),
+                    existing.as_deref(),
+                    &ctx.metrics,
+                )
+                .await?
+            }
+            Workload::LeaderWorkerSet(l) => {
+                let existing = stores.leader_worker_sets.as_ref().and_then(|s| {
+                    s.get(
+                        &ObjectRef::new_with(&l.name_any(), children::lws_api_resource())
+                            .within(&namespace),
+                    )
+                });
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(client.clone(), &namespace, &children::lws_api_resource());
+                apply_dynamic_if_changed(&api, l.as_ref(), existing.as_deref(), &ctx.metrics)
+                    .await?
+            }
+        };
+        if changed {
+            applied_variants.insert(child.variant.clone());
+            applied_any = true;
+        }
+    }
+    let existing = stores.services.get(&ObjectRef::from_obj(&desired.service));
+    applied_any |= apply_if_changed(
+        &client,
+        &namespace,
+        &desired.service,
+        existing.as_deref(),
+        &ctx.metrics,
+    )
+    .await?;
+    let existing = stores.pdbs.get(&ObjectRef::from_obj(&desired.pdb));
+    applied_any |= apply_if_changed(
+        &client,
+        &namespace,
+        &desired.pdb,
+        existing.as_deref(),
+        &ctx.metrics,
+    )
+    .await?;
+
+    delete_stale(idep, &namespace, uid.as_deref(), &desired, ctx).await?;
+
+    let pods: Vec<Arc<Pod>> = stores.pods.state_filter(|p| {
+        p.namespace().as_deref() == Some(namespace.as_str())
+            && p.labels().get(LABEL_DEPLOYMENT) == Some(&name)
+    });
+    let pod_problems = status::pod_problems(pods.iter().map(|p| p.as_ref()));
+    let inputs = status::Inputs {
+        idep,
+        namespace: &namespace,
+        decision: &decision,
+        children: &desired,
+        observed: &observed,
+        pod_problems: &pod_problems,
+        applied: &applied_variants,
+    };
+    let previous = idep.status.as_ref();
+    let next = status::compute(&inputs, previous, jiff::Timestamp::now());
+    if status::needs_update(previous, &next) {
+        let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &namespace);
+        let patch = serde_json::json!({
+            "apiVersion": InferenceDeployment::api_version(&()),
+            "kind": InferenceDeployment::kind(&()),
+            "status": next,
+        });
+        ctx.metrics.writes.inc();
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        publish_transitions(idep, previous, &next, &decision, applied_any, ctx).await;
+    }
+
+    Ok(if !desired.problems.is_empty() {
+        Action::requeue(UNREALISABLE_REQUEUE)
+    } else {
+        Action::requeue(RESYNC)
+    })
+}
+
+/// Server-side applies `desired` unless the cached object already carries its hash.
+async fn apply_if_changed<K>(
+    client: &Client,
+    namespace: &str,
+    desired: &K,
+    existing: Option<&K>,
+    metrics: &Metrics,
+) -> Result<bool>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let want = children::applied_hash(desired.meta());
+    if existing.is_some_and(|e| children::applied_hash(e.meta()) == want) {
+        return Ok(false);
+    }
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    metrics.writes.inc();
+    api.patch(
+        &desired.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(desired),
+    )
+    .await?;
+    info!(kind = %K::kind(&()), name = %desired.name_any(), %namespace, "applied");
+    Ok(true)
+}
+
+async fn apply_dynamic_if_changed(
+    api: &Api<DynamicObject>,
+    desired: &DynamicObject,
+    existing: Option<&DynamicObject>,
+    metrics: &Metrics,
+) -> Result<bool> {
+    let want = children::applied_hash(&desired.metadata);
+    if existing.is_some_and(|e| children::applied_hash(&e.metadata) == want) {
+        return Ok(false);
+    }
+    metrics.writes.inc();
+    api.patch(
+        &desired.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(desired),
+    )
+    .await?;
+    info!(kind = children::LWS_KIND, name = %desired.name_any(), "applied");
+    Ok(true)
+}
+
+/// Deletes children this object owns that the spec no longer asks for: workloads of removed
+/// variants (or of a variant that switched between Deployment and LeaderWorkerSet) and the
+/// placement ConfigMap once expert parallelism is off. Workloads of variants that cannot be
+/// realised right now are left running.
+async fn delete_stale(
+    idep: &InferenceDeployment,
+    namespace: &str,
+    uid: Option<&str>,
+    desired: &Children,
+    ctx: &Context,
+) -> Result<()> {
+    let name = idep.name_any();
+    let wanted: BTreeSet<String> = desired
+        .workloads
+        .iter()
+        .map(|c| match &c.workload {
+            Workload::Deployment(d) => format!("Deployment/{}", d.name_any()),
+            Workload::LeaderWorkerSet(l) => format!("LeaderWorkerSet/{}", l.name_any()),
+        })
+        .collect();
+    let keep = |meta: &kube::api::ObjectMeta| {
+        let variant = meta.labels.as_ref().and_then(|l| l.get(LABEL_VARIANT));
+        variant.is_some_and(|v| desired.unrealised_variants.contains(v))
+    };
+    let mine = |meta: &kube::api::ObjectMeta| {
+        meta.namespace.as_deref() == Some(namespace)
+            && meta.labels.as_ref().and_then(|l| l.get(LABEL_DEPLOYMENT)) == Some(&name)
+            && owned_by(meta, uid)
+    };
+    let stale_deployments = ctx.stores.deployments.state_filter(|d| {
+        mine(&d.metadata)
+            && !keep(&d.metadata)
+            && !wanted.contains(&format!("Deployment/{}", d.name_any()))
+    });
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    for d in stale_deployments {
+        ctx.metrics.writes.inc();
+        delete_ignoring_missing(&api, &d.name_any()).await?;
+        info!(deployment = %d.name_any(), %namespace, "deleted stale workload");
+    }
+    if let Some(store) = &ctx.stores.leader_worker_sets {
+        let stale = store.state_filter(|l| {
+            mine(&l.metadata)
+                && !keep(&l.metadata)
+                && !wanted.contains(&format!("LeaderWorkerSet/{}", l.name_any()))
+        });
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), namespace, &children::lws_api_resource());
+        for l in stale {
+            ctx.metrics.writes.inc();
+            delete_ignoring_missing(&api, &l.name_any()).await?;
+        }
+    }
+    let placement_infeasible = desired
+        .problems
+        .iter()
+        .any(|p| p.reason == "PlacementInfeasible");
+    if desired.placement.is_none() && !placement_infeasible {
+        let cm_name = children::placement_config_map_name(idep);
+        if let Some(cm) = ctx
+            .stores
+            .config_maps
+            .get(&ObjectRef::new(&cm_name).within(namespace))
+            && mine(&cm.metadata)
+        {
+            ctx.metrics.writes.inc();
+            delete_ignoring_missing(
+                &Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace),
+                &cm_name,
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Events for the transitions that matter: created, scaled, rollout done, degraded.
+async fn publish_transitions(
+    idep: &InferenceDeployment,
+    previous: Option<&InferenceDeploymentStatus>,
+    next: &InferenceDeploymentStatus,
+    decision: &ReplicaDecision,
+    applied_any: bool,
+    ctx: &Context,
+) {
+    let mut events = Vec::new();
+    let desired_total =
+        |s: &InferenceDeploymentStatus| s.variants.iter().map(|v| v.desired_replicas).sum::<i32>();
+    match previous {
+        None if applied_any => events.push((
+            EventType::Normal,
+            "Created",
+            format!(
+                "created the engine workloads for {} replica(s)",
+                decision.total()
+            ),
+        )),
+        Some(prev) if !prev.variants.is_empty() && desired_total(prev) != desired_total(next) => {
+            events.push((
+                EventType::Normal,
+                "Scaled",
+                format!(
+                    "replicas {} -> {} ({})",
+                    desired_total(prev),
+                    desired_total(next),
+                    decision.reason
+                ),
+            ))
+        }
+        _ => {}
+    }
+    if status::is_true(previous, status::PROGRESSING)
+        && !status::is_true(Some(next), status::PROGRESSING)
+    {
+        events.push((
+            EventType::Normal,
+            "RolloutComplete",
+            "every variant runs the current spec".into(),
+        ));
+    }
+    if let Some(degraded) =
+        status::find(Some(next), status::DEGRADED).filter(|c| c.status == "True")
+    {
+        let before = status::find(previous, status::DEGRADED);
+        if before.is_none_or(|b| b.status != "True" || b.reason != degraded.reason) {
+            events.push((
+                EventType::Warning,
+                "Degraded",
+                format!("{}: {}", degraded.reason, degraded.message),
+            ));
+        }
+    }
+    let reference = idep.object_ref(&());
+    for (type_, reason, note) in events {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        // An event that cannot be recorded is not a reason to retry the reconcile.
+        if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+            warn!(%error, reason, "could not publish event");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,419 @@
+//! Reconcile flows against a mocked API server: every request is asserted, in order, and no
+//! other request may be made.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::controller::Action;
+use kube::runtime::watcher;
+use serde_json::Value;
+
+use super::*;
+use crate::fixtures::*;
+
+const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/ns/deployments";
+const SERVICES: &str = "/api/v1/namespaces/ns/services";
+const CONFIG_MAPS: &str = "/api/v1/namespaces/ns/configmaps";
+const PDBS: &str = "/apis/policy/v1/namespaces/ns/poddisruptionbudgets";
+const IDEPS: &str = "/apis/sparsemoe.io/v1alpha1/namespaces/ns/inferencedeployments";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
+const LWS: &str = "/apis/leaderworkerset.x-k8s.io/v1/namespaces/ns/leaderworkersets";
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+}
+
+fn status_reply(idep: &InferenceDeployment) -> Reply {
+    with_status_reply(idep)
+}
+
+fn patch(path: String) -> Expect {
+    expect(Method::PATCH, path, Reply::Echo)
+}
+
+async fn run(idep: InferenceDeployment, ctx: Arc<Context>) -> Result<Action> {
+    reconcile(Arc::new(idep), ctx).await
+}
+
+#[tokio::test]
+async fn create_applies_every_child_then_status_then_one_event() {
+    let caches = Caches::default();
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let idep = gpu_idep();
+    let verifier = verify(
+        handle,
+        vec![
+            patch(format!("{CONFIG_MAPS}/llm-placement")),
+            patch(format!("{DEPLOYMENTS}/llm-h200")),
+            patch(format!("{SERVICES}/llm")),
+            patch(format!("{PDBS}/llm")),
+            expect(
+                Method::PATCH,
+                format!("{IDEPS}/llm/status"),
+                status_reply(&idep),
+            ),
+            expect(Method::POST, EVENTS, Reply::Echo),
+        ],
+    );
+    let action = run(idep, ctx.clone()).await.expect("reconcile");
+    assert_eq!(action, Action::requeue(RESYNC));
+    assert_eq!(ctx.metrics.writes.get(), 5);
+    drop(ctx);
+    let seen = finish(verifier).await;
+
+    for s in &seen[..5] {
+        assert!(
+            s.query.contains("fieldManager=sparsemoe-operator") && s.query.contains("force=true"),
+            "{}",
+            s.query
+        );
+    }
+    let deployment = &seen[1].body;
+    assert_eq!(
+        deployment["metadata"]["ownerReferences"][0]["uid"],
+        "uid-llm"
+    );
+    assert_eq!(
+        deployment["metadata"]["ownerReferences"][0]["controller"],
+        true
+    );
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    let status = &seen[4].body;
+    assert_eq!(status["status"]["observedGeneration"], 1);
+    assert_eq!(condition(status, "Ready")["status"], "False");
+    assert_eq!(condition(status, "Progressing")["status"], "True");
+    assert_eq!(condition(status, "Progressing")["reason"], "Creating");
+    assert_eq!(condition(status, "Degraded")["status"], "False");
+    assert_eq!(status["status"]["endpoint"], "http://llm.ns.svc:8000/v1");
+    assert_eq!(
+        status["status"]["selector"],
+        "sparsemoe.io/deployment=llm,sparsemoe.io/role=leader"
+    );
+    assert_eq!(status["status"]["placement"]["configMap"], "llm-placement");
+    assert_eq!(status["status"]["variants"][0]["desiredReplicas"], 1);
+    assert_eq!(seen[5].body["reason"], "Created");
+    assert_eq!(seen[5].body["type"], "Normal");
+}
+
+#[tokio::test]
+async fn settled_object_makes_zero_api_calls() {
+    let mut caches = Caches::default();
+    let settled = caches.settle(&gpu_idep(), Capabilities::default());
+    assert!(
+        status::is_true(settled.status.as_ref(), status::READY),
+        "{:?}",
+        settled.status
+    );
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(handle, vec![]);
+    let action = run(settled, ctx.clone()).await.expect("reconcile");
+    assert_eq!(action, Action::requeue(RESYNC));
+    assert_eq!(ctx.metrics.writes.get(), 0);
+    drop(ctx);
+    assert!(finish(verifier).await.is_empty());
+}
+
+#[tokio::test]
+async fn spec_change_rolls_out_one_deployment_and_ready_waits_for_it() {
+    let mut caches = Caches::default();
+    let settled = caches.settle(&gpu_idep(), Capabilities::default());
+    let mut changed = settled.clone();
+    changed.spec.engine.image = "registry.invalid/engine:v2".into();
+    changed.metadata.generation = Some(2);
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(
+        handle,
+        vec![
+            patch(format!("{DEPLOYMENTS}/llm-h200")),
+            expect(
+                Method::PATCH,
+                format!("{IDEPS}/llm/status"),
+                status_reply(&changed),
+            ),
+        ],
+    );
+    run(changed.clone(), ctx.clone()).await.expect("reconcile");
+    drop(ctx);
+    let seen = finish(verifier).await;
+    let image = &seen[0].body["spec"]["template"]["spec"]["containers"][0]["image"];
+    assert_eq!(image, "registry.invalid/engine:v2");
+    let status = &seen[1].body;
+    assert_eq!(status["status"]["observedGeneration"], 2);
+    assert_eq!(condition(status, "Ready")["status"], "False");
+    assert_eq!(condition(status, "Progressing")["reason"], "RollingOut");
+    // Ready's transition time moved (it flipped); Degraded's did not.
+    let before = settled.status.as_ref().unwrap();
+    let degraded_before = &before
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap()
+        .last_transition_time;
+    let degraded_after: Time =
+        serde_json::from_value(condition(status, "Degraded")["lastTransitionTime"].clone())
+            .unwrap();
+    assert_eq!(&degraded_after, degraded_before);
+
+    // The Deployment controller finishes the rollout: one status write and the event.
+    let mut rolled: InferenceDeployment = changed.clone();
+    rolled.status = Some(serde_json::from_value(status["status"].clone()).unwrap());
+    let mut caches = Caches::default();
+    let settled_v2 = caches.settle(&changed, Capabilities::default());
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(
+        handle,
+        vec![
+            expect(
+                Method::PATCH,
+                format!("{IDEPS}/llm/status"),
+                status_reply(&settled_v2),
+            ),
+            expect(Method::POST, EVENTS, Reply::Echo),
+        ],
+    );
+    run(rolled, ctx.clone()).await.expect("reconcile");
+    drop(ctx);
+    let seen = finish(verifier).await;
+    assert_eq!(condition(&seen[0].body, "Ready")["status"], "True");
+    assert_eq!(condition(&seen[0].body, "Progressing")["status"], "False");
+    assert_eq!(seen[1].body["reason"], "RolloutComplete");
+}
+
+#[tokio::test]
+async fn scale_changes_replicas_and_records_an_event() {
+    let mut caches = Caches::default();
+    let mut scaled = caches.settle(&gpu_idep(), Capabilities::default());
+    scaled.spec.scaling.replicas = 3;
+    scaled.metadata.generation = Some(2);
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(
+        handle,
+        vec![
+            patch(format!("{DEPLOYMENTS}/llm-h200")),
+            expect(
+                Method::PATCH,
+                format!("{IDEPS}/llm/status"),
+                status_reply(&scaled),
+            ),
+            expect(Method::POST, EVENTS, Reply::Echo),
+        ],
+    );
+    run(scaled, ctx.clone()).await.expect("reconcile");
+    drop(ctx);
+    let seen = finish(verifier).await;
+    assert_eq!(seen[0].body["spec"]["replicas"], 3);
+    assert_eq!(seen[1].body["status"]["variants"][0]["desiredReplicas"], 3);
+    assert_eq!(seen[2].body["reason"], "Scaled");
+    assert!(seen[2].body["note"].as_str().unwrap().contains("1 -> 3"));
+}
+
+#[tokio::test]
+async fn deleted_object_makes_no_calls_and_removed_variant_is_deleted() {
+    // Being deleted: owner references garbage-collect the children, nothing to do.
+    let mut caches = Caches::default();
+    let mut deleting = caches.settle(&gpu_idep(), Capabilities::default());
+    deleting.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(handle, vec![]);
+    assert_eq!(
+        run(deleting, ctx.clone()).await.unwrap(),
+        Action::await_change()
+    );
+    drop(ctx);
+    finish(verifier).await;
+
+    // A variant removed from the spec: its Deployment is deleted.
+    let mut two = spec_with_variants(&[("h200", Some(1)), ("h100", None)]);
+    two.scaling.replicas = 2;
+    let mut caches = Caches::default();
+    let settled = caches.settle(&idep(two), Capabilities::default());
+    let mut one = settled.clone();
+    one.spec.variants.truncate(1);
+    one.spec.scaling.replicas = 1;
+    one.metadata.generation = Some(2);
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(
+        handle,
+        vec![
+            expect(
+                Method::DELETE,
+                format!("{DEPLOYMENTS}/llm-h100"),
+                success_status(),
+            ),
+            expect(
+                Method::PATCH,
+                format!("{IDEPS}/llm/status"),
+                status_reply(&one),
+            ),
+            expect(Method::POST, EVENTS, Reply::Echo),
+        ],
+    );
+    run(one, ctx.clone()).await.expect("reconcile");
+    drop(ctx);
+    let seen = finish(verifier).await;
+    assert_eq!(
+        seen[1].body["status"]["variants"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(seen[2].body["reason"], "Scaled");
+}
+
+#[tokio::test]
+async fn conflict_fails_the_reconcile_backs_off_and_the_retry_converges() {
+    let caches = Caches::default();
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let idep = gpu_idep();
+    let verifier = verify(
+        handle,
+        vec![
+            patch(format!("{CONFIG_MAPS}/llm-placement")),
+            expect(
+                Method::PATCH,
+                format!("{DEPLOYMENTS}/llm-h200"),
+                Reply::Fail(409, "Conflict"),
+            ),
+        ],
+    );
+    let error = run(idep.clone(), ctx.clone()).await.expect_err("conflict");
+    assert_eq!(error.metric_label(), "conflict");
+    let first = error_policy(Arc::new(idep.clone()), &error, ctx.clone());
+    let second = error_policy(Arc::new(idep.clone()), &error, ctx.clone());
+    assert_eq!(first, Action::requeue(Duration::from_secs(5)));
+    assert_eq!(second, Action::requeue(Duration::from_secs(10)));
+    assert_eq!(
+        ctx.metrics.failures.with_label_values(&["conflict"]).get(),
+        2
+    );
+    drop(ctx);
+    finish(verifier).await;
+
+    // The retry: the ConfigMap is in the cache now, so only the rest is applied.
+    let mut caches = Caches::default();
+    let built = children::build(
+        &idep,
+        NS,
+        idep.controller_owner_ref(&()),
+        &autoscale::decide(&idep.spec, &Default::default()),
+        Capabilities::default(),
+    );
+    caches
+        .config_maps
+        .apply_watcher_event(&watcher::Event::Apply(built.placement.unwrap().1));
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(
+        handle,
+        vec![
+            patch(format!("{DEPLOYMENTS}/llm-h200")),
+            patch(format!("{SERVICES}/llm")),
+            patch(format!("{PDBS}/llm")),
+            expect(
+                Method::PATCH,
+                format!("{IDEPS}/llm/status"),
+                status_reply(&idep),
+            ),
+            expect(Method::POST, EVENTS, Reply::Echo),
+        ],
+    );
+    ctx.failures
+        .lock()
+        .unwrap()
+        .insert(ObjectRef::from_obj(&idep), 2);
+    run(idep, ctx.clone()).await.expect("retry converges");
+    assert!(
+        ctx.failures.lock().unwrap().is_empty(),
+        "success resets the backoff"
+    );
+    drop(ctx);
+    finish(verifier).await;
+    assert_eq!(backoff(100), BACKOFF_MAX);
+}
+
+#[tokio::test]
+async fn multi_node_without_lws_is_degraded_not_an_error() {
+    let mut spec = spec_with_variants(&[("h100", None)]);
+    spec.variants[0].gpus_per_replica = Some(16);
+    spec.variants[0].nodes_per_replica = Some(2);
+    let idep = idep(spec);
+    let caches = Caches::default();
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(
+        handle,
+        vec![
+            patch(format!("{SERVICES}/llm")),
+            patch(format!("{PDBS}/llm")),
+            expect(
+                Method::PATCH,
+                format!("{IDEPS}/llm/status"),
+                status_reply(&idep),
+            ),
+            expect(Method::POST, EVENTS, Reply::Echo),
+            expect(Method::POST, EVENTS, Reply::Echo),
+        ],
+    );
+    let action = run(idep.clone(), ctx.clone())
+        .await
+        .expect("degraded is not an error");
+    assert_eq!(action, Action::requeue(UNREALISABLE_REQUEUE));
+    drop(ctx);
+    let seen = finish(verifier).await;
+    let degraded = condition(&seen[2].body, "Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "LeaderWorkerSetMissing");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("install LeaderWorkerSet")
+    );
+    assert_eq!(condition(&seen[2].body, "Ready")["status"], "False");
+    assert_eq!(seen[3].body["reason"], "Created");
+    assert_eq!(seen[4].body["type"], "Warning");
+    assert_eq!(seen[4].body["reason"], "Degraded");
+
+    // Reconciling the degraded status again changes nothing and writes nothing.
+    let mut again = idep.clone();
+    again.status = Some(serde_json::from_value(seen[2].body["status"].clone()).unwrap());
+    let mut caches = Caches::default();
+    caches.services.apply_watcher_event(&watcher::Event::Apply(
+        serde_json::from_value(seen[0].body.clone()).unwrap(),
+    ));
+    caches.pdbs.apply_watcher_event(&watcher::Event::Apply(
+        serde_json::from_value(seen[1].body.clone()).unwrap(),
+    ));
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(handle, vec![]);
+    run(again, ctx.clone()).await.expect("reconcile");
+    drop(ctx);
+    finish(verifier).await;
+
+    // With the LWS API installed the variant becomes a LeaderWorkerSet.
+    let caps = Capabilities {
+        leader_worker_set: true,
+    };
+    let (ctx, handle) = context(&Caches::default(), caps);
+    let verifier = verify(
+        handle,
+        vec![
+            patch(format!("{LWS}/llm-h100")),
+            patch(format!("{SERVICES}/llm")),
+            patch(format!("{PDBS}/llm")),
+            expect(
+                Method::PATCH,
+                format!("{IDEPS}/llm/status"),
+                status_reply(&idep),
+            ),
+            expect(Method::POST, EVENTS, Reply::Echo),
+        ],
+    );
+    run(idep, ctx.clone()).await.expect("reconcile");
+    drop(ctx);
+    let seen = finish(verifier).await;
+    assert_eq!(seen[0].body["kind"], "LeaderWorkerSet");
+    assert_eq!(seen[0].body["spec"]["leaderWorkerTemplate"]["size"], 2);
+    assert_eq!(condition(&seen[3].body, "Degraded")["status"], "False");
+}

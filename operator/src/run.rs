@@ -1,0 +1,325 @@
+//! `sparsemoe-operator run`: leader election, the controller and its watch caches, the HTTP
+//! endpoints, and graceful shutdown on SIGTERM / Ctrl-C.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::Api;
+use kube::core::DynamicObject;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use sparsemoe_api::InferenceDeployment;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::children::{self, Capabilities, LABEL_DEPLOYMENT, MANAGED_SELECTOR};
+use crate::metrics::Metrics;
+use crate::reconcile::{self, Context, Stores};
+use crate::server::{self, Health};
+
+/// Settings of `sparsemoe-operator run`.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Where /metrics, /healthz and /readyz listen.
+    pub http_addr: SocketAddr,
+    /// Elect a leader on a Lease so that several replicas can run.
+    pub leader_election: bool,
+    pub lease_name: String,
+    /// Namespace of the Lease; defaults to the operator's own namespace.
+    pub lease_namespace: Option<String>,
+    /// This replica's identity in the Lease (the pod name).
+    pub identity: String,
+    /// Watch one namespace only; all namespaces when unset.
+    pub watch_namespace: Option<String>,
+}
+
+/// Seconds a Lease is valid without renewal, and how long before expiry it is renewed.
+const LEASE_SECONDS: u64 = 15;
+const LEASE_GRACE_SECONDS: u64 = 5;
+
+/// A future that resolves on SIGTERM or Ctrl-C.
+async fn termination() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the operator");
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn wait_true(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the operator until SIGTERM; Err if leadership is lost (the pod restarts as a standby).
+pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster service account or KUBECONFIG)")?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Health {
+        metrics: metrics.clone(),
+        ready: Arc::default(),
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        termination().await;
+        info!("termination signal: shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = {
+        let rx = stop_rx.clone();
+        move || {
+            let mut rx = rx.clone();
+            async move { wait_true(&mut rx).await }
+        }
+    };
+    let server = tokio::spawn(server::serve(config.http_addr, health.clone(), stopped()));
+
+    // Leadership: `leader` turns true while this replica holds the Lease.
+    let (mut leader, lease_task) = if config.leader_election {
+        let namespace = config
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        let manager =
+            kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &config.lease_name)
+                .with_namespace(&namespace)
+                .with_identity(&config.identity)
+                .with_duration(LEASE_SECONDS)
+                .with_grace(LEASE_GRACE_SECONDS)
+                .with_field_manager(crate::FIELD_MANAGER)
+                .build()
+                .await
+                .with_context(|| format!("cannot use Lease {namespace}/{}", config.lease_name))?;
+        let (rx, task) = manager.watch().await;
+        (rx, Some(task))
+    } else {
+        (watch::channel(true).1, None)
+    };
+    health.ready.store(true, Ordering::Relaxed);
+    info!(identity = %config.identity, leader_election = config.leader_election, "waiting for leadership");
+    tokio::select! {
+        _ = wait_true(&mut leader) => {},
+        _ = stopped() => {},
+    }
+    let mut lost_leadership = false;
+    if !*stop_rx.borrow() {
+        info!(identity = %config.identity, "leading; starting the controller");
+        health.ready.store(false, Ordering::Relaxed);
+        let mut leader_watch = leader.clone();
+        let lost = async move {
+            while *leader_watch.borrow_and_update() {
+                if leader_watch.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        let stop = stopped();
+        let shutdown = async move {
+            tokio::select! {
+                _ = lost => {},
+                _ = stop => {},
+            }
+        };
+        run_controller(client, &config, metrics, health.clone(), shutdown).await?;
+        lost_leadership = !*stop_rx.borrow();
+    }
+    // Dropping the receiver makes the lease task release the Lease for the next leader.
+    drop(leader);
+    if let Some(task) = lease_task {
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Ok(_))) => info!("released the Lease"),
+            Ok(Ok(Err(e))) => warn!(error = %e, "could not release the Lease"),
+            _ => warn!("the lease task did not finish in time"),
+        }
+    }
+    if lost_leadership {
+        anyhow::bail!("lost the leader Lease; exiting so that this replica restarts as a standby");
+    }
+    let _ = server.await;
+    Ok(())
+}
+
+/// Whether the LeaderWorkerSet API is served (API discovery).
+pub async fn discover(client: &Client) -> Capabilities {
+    let leader_worker_set = match client
+        .list_api_group_resources(children::LWS_API_VERSION)
+        .await
+    {
+        Ok(list) => list
+            .resources
+            .iter()
+            .any(|r| r.name == children::LWS_PLURAL),
+        Err(kube::Error::Api(status)) if status.is_not_found() => false,
+        Err(e) => {
+            warn!(error = %e, "LeaderWorkerSet discovery failed; treating it as absent");
+            false
+        }
+    };
+    info!(leader_worker_set, "discovered cluster capabilities");
+    Capabilities { leader_worker_set }
+}
+
+fn api_for<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A label-filtered watch feeding a cache; returns the cache and the trigger stream.
+fn cached<K>(
+    api: Api<K>,
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default().labels(MANAGED_SELECTOR))
+            .modify(|o: &mut K| o.managed_fields_mut().clear())
+            .default_backoff(),
+    )
+    .touched_objects();
+    (reader, stream)
+}
+
+async fn run_controller(
+    client: Client,
+    config: &RunConfig,
+    metrics: Arc<Metrics>,
+    health: Health,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let capabilities = discover(&client).await;
+    let ns = config.watch_namespace.as_deref();
+    let (deployments, deployment_events) = cached(api_for::<Deployment>(&client, ns));
+    let (services, service_events) = cached(api_for::<Service>(&client, ns));
+    let (pdbs, pdb_events) = cached(api_for::<PodDisruptionBudget>(&client, ns));
+    let (config_maps, config_map_events) = cached(api_for::<ConfigMap>(&client, ns));
+    let (pods, pod_events) = cached(api_for::<Pod>(&client, ns));
+
+    let idep_api: Api<InferenceDeployment> = api_for(&client, ns);
+    let mut controller = Controller::new(idep_api, watcher::Config::default())
+        .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)))
+        .owns_stream(deployment_events)
+        .owns_stream(service_events)
+        .owns_stream(pdb_events)
+        .owns_stream(config_map_events)
+        // Pods belong to ReplicaSets; map them to their InferenceDeployment by label.
+        .watches_stream(pod_events, |pod: Pod| {
+            let name = pod.labels().get(LABEL_DEPLOYMENT)?.clone();
+            Some(ObjectRef::new(&name).within(&pod.namespace()?))
+        });
+
+    let leader_worker_sets = if capabilities.leader_worker_set {
+        let resource = children::lws_api_resource();
+        let api: Api<DynamicObject> = match ns {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+            None => Api::all_with(client.clone(), &resource),
+        };
+        let writer = reflector::store::Writer::new(resource.clone());
+        let reader = writer.as_reader();
+        let stream = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default().labels(MANAGED_SELECTOR))
+                .modify(|o: &mut DynamicObject| o.managed_fields_mut().clear())
+                .default_backoff(),
+        )
+        .touched_objects();
+        controller = controller.owns_stream_with(stream, resource);
+        Some(reader)
+    } else {
+        None
+    };
+
+    let stores = Stores {
+        deployments: deployments.clone(),
+        services,
+        pdbs,
+        config_maps,
+        pods,
+        leader_worker_sets,
+    };
+    let reporter = Reporter {
+        controller: crate::FIELD_MANAGER.into(),
+        instance: Some(config.identity.clone()),
+    };
+    let context = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        metrics: metrics.clone(),
+        stores,
+        capabilities,
+        failures: Mutex::new(HashMap::new()),
+    });
+    let main_store = controller.store();
+    let ready_flag = health.ready.clone();
+    tokio::spawn(async move {
+        if deployments.wait_until_ready().await.is_ok()
+            && main_store.wait_until_ready().await.is_ok()
+        {
+            ready_flag.store(true, Ordering::Relaxed);
+            info!("caches synced; ready");
+        }
+    });
+    let managed = controller.store();
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, reconcile::error_policy, context)
+        .for_each(|result| {
+            metrics.managed.set(managed.len() as i64);
+            if let Err(error) = result {
+                // Reconcile errors are already counted and logged by the error policy.
+                tracing::debug!(%error, "controller");
+            }
+            futures::future::ready(())
+        })
+        .await;
+    info!("controller stopped");
+    Ok(())
+}

@@ -1,0 +1,403 @@
+//! Status and conditions, computed purely from the spec, the replica decision, the children
+//! and what the cluster reports about them.
+//!
+//! kstatus semantics: `Ready` is True only when every variant's current generation is
+//! available (all desired replicas updated and available, no old pods left); `Progressing`
+//! is True while a rollout or scale is under way; `Degraded` is True with a reason when part
+//! of the spec cannot be realised or a rollout is failing. Nothing in the status changes from
+//! one loop to the next unless the world did: condition times move only when a condition's
+//! status flips, so an unchanged, settled object needs no status write ([`needs_update`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+use kube::core::DynamicObject;
+use sparsemoe_api::InferenceDeployment;
+use sparsemoe_api::v1alpha1::{InferenceDeploymentStatus, PlacementStatus, VariantStatus};
+
+use crate::autoscale::ReplicaDecision;
+use crate::children::{self, Children, Problem};
+
+pub const READY: &str = "Ready";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+pub const SCALING_ACTIVE: &str = "ScalingActive";
+
+/// What the cluster reports about one variant's workload.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkloadObservation {
+    /// metadata.generation and status.observedGeneration (None where the kind has none).
+    pub generation: Option<i64>,
+    pub observed_generation: Option<i64>,
+    /// spec.replicas as the cluster has it.
+    pub spec_replicas: i32,
+    pub replicas: i32,
+    pub ready: i32,
+    pub updated: i32,
+    pub available: i32,
+    /// A failing rollout (e.g. ProgressDeadlineExceeded), as a problem.
+    pub failure: Option<Problem>,
+}
+
+impl WorkloadObservation {
+    pub fn from_deployment(d: &Deployment) -> Self {
+        let status = d.status.clone().unwrap_or_default();
+        let failure = status.conditions.iter().flatten().find_map(|c| {
+            let stuck = c.type_ == "Progressing" && c.status == "False";
+            let failed = c.type_ == "ReplicaFailure" && c.status == "True";
+            (stuck || failed).then(|| Problem {
+                reason: if stuck {
+                    "RolloutStuck"
+                } else {
+                    "ReplicaFailure"
+                },
+                message: format!(
+                    "deployment {}: {}",
+                    d.name_any(),
+                    c.message
+                        .clone()
+                        .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
+                ),
+            })
+        });
+        Self {
+            generation: d.metadata.generation,
+            observed_generation: status.observed_generation,
+            spec_replicas: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+            replicas: status.replicas.unwrap_or(0),
+            ready: status.ready_replicas.unwrap_or(0),
+            updated: status.updated_replicas.unwrap_or(0),
+            available: status.available_replicas.unwrap_or(0),
+            failure,
+        }
+    }
+
+    /// A LeaderWorkerSet reports groups: a group is ready when all its pods are.
+    pub fn from_leader_worker_set(l: &DynamicObject) -> Self {
+        let num = |v: &serde_json::Value, key: &str| {
+            v.get(key)
+                .and_then(|x| x.as_i64())
+                .map_or(0, |x| i32::try_from(x).unwrap_or(0))
+        };
+        let spec = l.data.get("spec").cloned().unwrap_or_default();
+        let status = l.data.get("status").cloned().unwrap_or_default();
+        Self {
+            generation: None,
+            observed_generation: None,
+            spec_replicas: spec.get("replicas").map_or(1, |_| num(&spec, "replicas")),
+            replicas: num(&status, "replicas"),
+            ready: num(&status, "readyReplicas"),
+            updated: num(&status, "updatedReplicas"),
+            available: num(&status, "readyReplicas"),
+            failure: None,
+        }
+    }
+
+    /// The current generation is fully rolled out and available at `desired` replicas.
+    pub fn is_current(&self, desired: i32) -> bool {
+        let generation_seen = match (self.generation, self.observed_generation) {
+            (Some(g), Some(o)) => o >= g,
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        generation_seen
+            && self.spec_replicas == desired
+            && self.replicas == desired
+            && self.updated == desired
+            && self.available == desired
+    }
+}
+
+/// Pods that cannot start, as problems (image pulls, crash loops), at most one per reason.
+pub fn pod_problems<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Problem> {
+    let mut found: BTreeMap<&'static str, (usize, String)> = BTreeMap::new();
+    for pod in pods {
+        let statuses = pod.status.iter().flat_map(|s| {
+            s.container_statuses
+                .iter()
+                .flatten()
+                .chain(s.init_container_statuses.iter().flatten())
+        });
+        for cs in statuses {
+            let Some(waiting) = cs.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+                continue;
+            };
+            let reason = match waiting.reason.as_deref() {
+                Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName") => "ImagePullFailed",
+                Some("CrashLoopBackOff") => "EngineCrashLooping",
+                Some("CreateContainerConfigError") => "ContainerConfigError",
+                _ => continue,
+            };
+            let entry = found.entry(reason).or_insert_with(|| {
+                (
+                    0,
+                    format!(
+                        "pod {} (container {}, image {})",
+                        pod.name_any(),
+                        cs.name,
+                        cs.image
+                    ),
+                )
+            });
+            entry.0 += 1;
+        }
+    }
+    found
+        .into_iter()
+        .map(|(reason, (count, example))| Problem {
+            reason,
+            message: match reason {
+                "ImagePullFailed" => format!("{count} engine container(s) cannot pull their image, e.g. {example}; check the image reference and pull secrets"),
+                "EngineCrashLooping" => format!("{count} engine container(s) are crash-looping, e.g. {example}; see its logs"),
+                _ => format!("{count} engine container(s) cannot be configured, e.g. {example}"),
+            },
+        })
+        .collect()
+}
+
+/// Everything the status is computed from.
+#[derive(Debug)]
+pub struct Inputs<'a> {
+    pub idep: &'a InferenceDeployment,
+    pub namespace: &'a str,
+    pub decision: &'a ReplicaDecision,
+    pub children: &'a Children,
+    /// By variant name.
+    pub observed: &'a BTreeMap<String, WorkloadObservation>,
+    pub pod_problems: &'a [Problem],
+    /// Variants whose workload was (re)applied in this reconcile: not current until observed.
+    pub applied: &'a BTreeSet<String>,
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        // Filled by `carry_transition_times`.
+        last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
+    }
+}
+
+/// The status the object should have. `previous` is the status it has now; `now` stamps the
+/// conditions whose status flipped.
+pub fn compute(
+    inputs: &Inputs,
+    previous: Option<&InferenceDeploymentStatus>,
+    now: jiff::Timestamp,
+) -> InferenceDeploymentStatus {
+    let Inputs {
+        idep,
+        namespace,
+        decision,
+        children,
+        observed,
+        pod_problems,
+        applied,
+    } = *inputs;
+    let generation = idep.metadata.generation;
+
+    let mut variants = Vec::new();
+    let mut not_current = Vec::new();
+    for v in &idep.spec.variants {
+        let desired = decision.replicas_of(&v.name);
+        let seen = observed.get(&v.name).cloned().unwrap_or_default();
+        let unrealised = children.unrealised_variants.contains(&v.name);
+        let current = !unrealised
+            && !applied.contains(&v.name)
+            && observed.contains_key(&v.name)
+            && seen.is_current(desired);
+        let current = current || (desired == 0 && !observed.contains_key(&v.name) && !unrealised);
+        if !(current || unrealised && desired == 0) {
+            not_current.push(format!(
+                "{}: {}/{desired} updated, {}/{desired} available",
+                v.name, seen.updated, seen.available
+            ));
+        }
+        variants.push(VariantStatus {
+            name: v.name.clone(),
+            desired_replicas: desired,
+            replicas: seen.replicas,
+            ready_replicas: seen.ready,
+            updated_replicas: seen.updated,
+        });
+    }
+
+    let problems: Vec<&Problem> = children
+        .problems
+        .iter()
+        .chain(observed.values().filter_map(|o| o.failure.as_ref()))
+        .chain(pod_problems)
+        .collect();
+    let degraded = match problems.first() {
+        Some(first) => condition(
+            DEGRADED,
+            true,
+            first.reason,
+            problems
+                .iter()
+                .map(|p| p.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+            generation,
+        ),
+        None => condition(
+            DEGRADED,
+            false,
+            "AsExpected",
+            "every child is realised".into(),
+            generation,
+        ),
+    };
+    let progressing = if not_current.is_empty() {
+        condition(
+            PROGRESSING,
+            false,
+            "RolloutComplete",
+            "every variant runs the current spec".into(),
+            generation,
+        )
+    } else {
+        let reason = if observed.is_empty() {
+            "Creating"
+        } else {
+            "RollingOut"
+        };
+        condition(
+            PROGRESSING,
+            true,
+            reason,
+            not_current.join("; "),
+            generation,
+        )
+    };
+    let total = decision.total();
+    let ready = if total == 0 && decision.unplaced == 0 {
+        condition(
+            READY,
+            false,
+            "NoReplicas",
+            "scaled to zero replicas: nothing serves".into(),
+            generation,
+        )
+    } else if not_current.is_empty() && decision.unplaced == 0 {
+        condition(
+            READY,
+            true,
+            "Available",
+            format!("{total} replica(s) of the current spec are available"),
+            generation,
+        )
+    } else if decision.unplaced > 0 {
+        condition(
+            READY,
+            false,
+            "InsufficientCapacity",
+            format!("{} requested replica(s) fit no variant", decision.unplaced),
+            generation,
+        )
+    } else {
+        condition(
+            READY,
+            false,
+            "NotAvailable",
+            "the current spec is not yet available on every variant".into(),
+            generation,
+        )
+    };
+    let scaling = if decision.holding {
+        condition(
+            SCALING_ACTIVE,
+            false,
+            "AutoscalerNotWired",
+            decision.reason.clone(),
+            generation,
+        )
+    } else {
+        condition(
+            SCALING_ACTIVE,
+            true,
+            "FixedReplicas",
+            decision.reason.clone(),
+            generation,
+        )
+    };
+    let mut conditions = vec![ready, progressing, degraded, scaling];
+    carry_transition_times(
+        &mut conditions,
+        previous
+            .map(|p| p.conditions.as_slice())
+            .unwrap_or_default(),
+        now,
+    );
+
+    InferenceDeploymentStatus {
+        observed_generation: generation,
+        conditions,
+        replicas: variants.iter().map(|v| v.replicas).sum(),
+        ready_replicas: variants.iter().map(|v| v.ready_replicas).sum(),
+        updated_replicas: variants.iter().map(|v| v.updated_replicas).sum(),
+        selector: Some(children::pod_selector(idep)),
+        variants,
+        // Owned by the autoscaler issue; kept as the object has it.
+        last_scaling: previous.and_then(|p| p.last_scaling.clone()),
+        placement: children
+            .placement
+            .as_ref()
+            .map(|(plan, cm)| PlacementStatus {
+                hash: plan.hash(),
+                balancedness: plan.balancedness,
+                config_map: cm.name_any(),
+            }),
+        endpoint: Some(children::endpoint(idep, namespace)),
+    }
+}
+
+/// A condition keeps its lastTransitionTime unless its status flipped.
+fn carry_transition_times(
+    conditions: &mut [Condition],
+    previous: &[Condition],
+    now: jiff::Timestamp,
+) {
+    for c in conditions {
+        c.last_transition_time = match previous.iter().find(|p| p.type_ == c.type_) {
+            Some(p) if p.status == c.status => p.last_transition_time.clone(),
+            _ => Time(now),
+        };
+    }
+}
+
+/// The status subresource needs a write only when the computed status differs.
+pub fn needs_update(
+    previous: Option<&InferenceDeploymentStatus>,
+    next: &InferenceDeploymentStatus,
+) -> bool {
+    previous != Some(next)
+}
+
+/// The condition of `type_`, if present.
+pub fn find<'a>(
+    status: Option<&'a InferenceDeploymentStatus>,
+    type_: &str,
+) -> Option<&'a Condition> {
+    status?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// `true` when the condition of `type_` is "True".
+pub fn is_true(status: Option<&InferenceDeploymentStatus>, type_: &str) -> bool {
+    find(status, type_).is_some_and(|c| c.status == "True")
+}
+
+#[cfg(test)]
+mod tests;

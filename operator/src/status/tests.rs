@@ -1,0 +1,246 @@
+//! Condition semantics (kstatus) and the status no-op rule.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateWaiting, ContainerStatus, PodStatus,
+};
+use kube::Resource;
+
+use super::*;
+use crate::autoscale;
+use crate::children::{self, Capabilities, Workload};
+use crate::fixtures::*;
+
+struct Case {
+    idep: InferenceDeployment,
+    decision: ReplicaDecision,
+    children: Children,
+}
+
+fn case(idep: InferenceDeployment) -> Case {
+    let decision = autoscale::decide(&idep.spec, &BTreeMap::new());
+    let children = children::build(
+        &idep,
+        NS,
+        idep.controller_owner_ref(&()),
+        &decision,
+        Capabilities::default(),
+    );
+    Case {
+        idep,
+        decision,
+        children,
+    }
+}
+
+fn observe(
+    c: &Case,
+    edit: impl Fn(&mut WorkloadObservation),
+) -> BTreeMap<String, WorkloadObservation> {
+    c.children
+        .workloads
+        .iter()
+        .map(|child| {
+            let Workload::Deployment(d) = &child.workload else {
+                panic!("deployment expected")
+            };
+            let mut o = WorkloadObservation::from_deployment(&rolled_out(d, child.replicas));
+            edit(&mut o);
+            (child.variant.clone(), o)
+        })
+        .collect()
+}
+
+fn status_of(
+    c: &Case,
+    observed: &BTreeMap<String, WorkloadObservation>,
+    previous: Option<&InferenceDeploymentStatus>,
+    at: i64,
+) -> InferenceDeploymentStatus {
+    let inputs = Inputs {
+        idep: &c.idep,
+        namespace: NS,
+        decision: &c.decision,
+        children: &c.children,
+        observed,
+        pod_problems: &[],
+        applied: &BTreeSet::new(),
+    };
+    compute(&inputs, previous, jiff::Timestamp::from_second(at).unwrap())
+}
+
+fn cond<'a>(s: &'a InferenceDeploymentStatus, t: &str) -> &'a Condition {
+    find(Some(s), t).unwrap()
+}
+
+#[test]
+fn ready_only_when_the_current_generation_is_fully_available() {
+    let mut idep = gpu_idep();
+    idep.spec.scaling.replicas = 3;
+    let c = case(idep);
+    let done = status_of(&c, &observe(&c, |_| {}), None, 10);
+    assert_eq!(cond(&done, READY).status, "True");
+    assert_eq!(cond(&done, PROGRESSING).status, "False");
+    assert_eq!(cond(&done, DEGRADED).status, "False");
+    assert_eq!(
+        (done.replicas, done.ready_replicas, done.updated_replicas),
+        (3, 3, 3)
+    );
+    assert_eq!(done.variants[0].desired_replicas, 3);
+
+    // Not yet observed by the Deployment controller.
+    let lagging = status_of(&c, &observe(&c, |o| o.generation = Some(2)), None, 10);
+    assert_eq!(cond(&lagging, READY).status, "False");
+    assert_eq!(cond(&lagging, PROGRESSING).status, "True");
+    // Two of three updated: still rolling out, even though three pods are available.
+    let rolling = status_of(&c, &observe(&c, |o| o.updated = 2), None, 10);
+    assert_eq!(cond(&rolling, READY).status, "False");
+    assert!(
+        cond(&rolling, PROGRESSING)
+            .message
+            .contains("h200: 2/3 updated"),
+        "{:?}",
+        cond(&rolling, PROGRESSING)
+    );
+    // A surplus old pod still running (surge): not done.
+    let surge = status_of(&c, &observe(&c, |o| o.replicas = 4), None, 10);
+    assert_eq!(cond(&surge, READY).status, "False");
+    // Nothing observed at all: Creating.
+    let creating = status_of(&c, &BTreeMap::new(), None, 10);
+    assert_eq!(cond(&creating, PROGRESSING).reason, "Creating");
+    for s in [&done, &lagging, &creating] {
+        assert!(
+            s.conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(1))
+        );
+    }
+}
+
+#[test]
+fn transition_times_move_only_when_a_condition_flips_and_settled_status_needs_no_write() {
+    let c = case(gpu_idep());
+    let creating = status_of(&c, &BTreeMap::new(), None, 10);
+    let done = status_of(&c, &observe(&c, |_| {}), Some(&creating), 20);
+    assert_eq!(cond(&done, READY).last_transition_time.0.as_second(), 20);
+    assert_eq!(cond(&done, DEGRADED).last_transition_time.0.as_second(), 10);
+    let again = status_of(&c, &observe(&c, |_| {}), Some(&done), 30);
+    assert_eq!(
+        again, done,
+        "a later loop over the same world gives the same status"
+    );
+    assert!(!needs_update(Some(&done), &again));
+    assert!(needs_update(None, &again));
+    assert!(needs_update(Some(&creating), &done));
+}
+
+#[test]
+fn degraded_carries_reasons_from_children_rollouts_and_pods() {
+    let mut spec = spec_with_variants(&[("h200", Some(1))]);
+    spec.scaling.replicas = 3;
+    let c = case(idep(spec));
+    let s = status_of(&c, &observe(&c, |_| {}), None, 1);
+    assert_eq!(cond(&s, DEGRADED).reason, "InsufficientCapacity");
+    assert_eq!(cond(&s, READY).reason, "InsufficientCapacity");
+
+    let c = case(gpu_idep());
+    let stuck = observe(&c, |o| {
+        o.failure = Some(Problem {
+            reason: "RolloutStuck",
+            message: "deployment llm-h200: ProgressDeadlineExceeded".into(),
+        })
+    });
+    let s = status_of(&c, &stuck, None, 1);
+    assert_eq!(
+        (
+            cond(&s, DEGRADED).status.as_str(),
+            cond(&s, DEGRADED).reason.as_str()
+        ),
+        ("True", "RolloutStuck")
+    );
+
+    let pod = |name: &str, reason: &str| Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        status: Some(PodStatus {
+            container_statuses: Some(vec![ContainerStatus {
+                name: "engine".into(),
+                image: "registry.invalid/engine:typo".into(),
+                state: Some(ContainerState {
+                    waiting: Some(ContainerStateWaiting {
+                        reason: Some(reason.into()),
+                        message: Some("varies".into()),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pods = [
+        pod("a", "ErrImagePull"),
+        pod("b", "ImagePullBackOff"),
+        pod("c", "ContainerCreating"),
+    ];
+    let problems = pod_problems(pods.iter());
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].reason, "ImagePullFailed");
+    assert!(
+        problems[0]
+            .message
+            .starts_with("2 engine container(s) cannot pull"),
+        "{}",
+        problems[0].message
+    );
+    assert!(problems[0].message.contains("registry.invalid/engine:typo"));
+    let inputs = Inputs {
+        idep: &c.idep,
+        namespace: NS,
+        decision: &c.decision,
+        children: &c.children,
+        observed: &observe(&c, |o| o.available = 0),
+        pod_problems: &problems,
+        applied: &BTreeSet::new(),
+    };
+    let s = compute(&inputs, None, jiff::Timestamp::UNIX_EPOCH);
+    assert_eq!(cond(&s, DEGRADED).reason, "ImagePullFailed");
+    assert_eq!(cond(&s, READY).status, "False");
+}
+
+#[test]
+fn scaled_to_zero_is_not_ready_and_not_progressing() {
+    let mut idep = gpu_idep();
+    idep.spec.scaling.replicas = 0;
+    let c = case(idep);
+    let s = status_of(&c, &observe(&c, |_| {}), None, 1);
+    assert_eq!(
+        (
+            cond(&s, READY).status.as_str(),
+            cond(&s, READY).reason.as_str()
+        ),
+        ("False", "NoReplicas")
+    );
+    assert_eq!(cond(&s, PROGRESSING).status, "False");
+}
+
+#[test]
+fn metric_policies_say_the_autoscaler_is_not_wired() {
+    let mut idep = gpu_idep();
+    idep.spec.scaling.policy = sparsemoe_api::v1alpha1::ScalingPolicy::QueueDepth;
+    idep.spec.scaling.max_replicas = Some(4);
+    let c = case(idep);
+    let s = status_of(&c, &observe(&c, |_| {}), None, 1);
+    let scaling = cond(&s, SCALING_ACTIVE);
+    assert_eq!(
+        (scaling.status.as_str(), scaling.reason.as_str()),
+        ("False", "AutoscalerNotWired")
+    );
+    let c = case(gpu_idep());
+    let s = status_of(&c, &observe(&c, |_| {}), None, 1);
+    assert_eq!(cond(&s, SCALING_ACTIVE).reason, "FixedReplicas");
+}
