@@ -2,6 +2,7 @@
 //! reference backend.
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod generate;

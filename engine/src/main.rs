@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use sparsemoe_engine::backend::Backend;
 use sparsemoe_engine::backend::cpu::Cpu;
+use sparsemoe_engine::bench;
 use sparsemoe_engine::generate::generate;
 use sparsemoe_engine::model::{AttentionMode, Model, ModelOptions};
 use sparsemoe_engine::sampling::{Sampler, SamplingParams};
@@ -52,6 +54,23 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Measure throughput and long-context decode steps; prints JSON (see bench/).
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Batch sizes for the prefill/decode throughput runs.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batch: Vec<usize>,
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 32)]
+        decode_tokens: usize,
+        /// Context lengths for single decode-step timings (synthetic cache); empty to skip.
+        #[arg(long, value_delimiter = ',')]
+        context: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +108,40 @@ impl ModelArgs {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Bench {
+            model,
+            batch,
+            prompt_tokens,
+            decode_tokens,
+            context,
+            steps,
+        } => {
+            let loaded = model.load()?;
+            let mut throughput = Vec::new();
+            for b in batch {
+                throughput.push(bench::throughput(
+                    &loaded,
+                    b,
+                    prompt_tokens,
+                    decode_tokens,
+                    1,
+                )?);
+            }
+            let mut decode_steps = Vec::new();
+            for ctx in context {
+                decode_steps.push(bench::decode_step(&loaded, ctx, steps)?);
+            }
+            let report = serde_json::json!({
+                "backend": loaded.backend().name(),
+                "attention": format!("{:?}", model.attention).to_lowercase(),
+                "index_topk": loaded.index_topk(),
+                "weight_bytes": loaded.weight_bytes(),
+                "throughput": throughput,
+                "decode_steps": decode_steps,
+                "peak_rss_bytes": bench::peak_rss_bytes(),
+            });
+            println!("{report}");
+        }
         Command::Logits { model, tokens } => {
             let loaded = model.load()?;
             let logits = loaded.logits(&tokens, None)?;
