@@ -94,8 +94,18 @@ fn init_tracing(json: bool) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    match execute(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Crd => print!("{}", sparsemoe_api::crd_yaml()),
         Command::Render {
             file,
@@ -141,7 +151,8 @@ fn main() -> anyhow::Result<()> {
                 lease_name,
                 lease_namespace,
                 identity,
-                watch_namespace,
+                // The chart passes an empty value for "all namespaces".
+                watch_namespace: watch_namespace.filter(|ns| !ns.is_empty()),
             };
             tokio::runtime::Runtime::new()
                 .context("starting the async runtime")?

@@ -28,7 +28,7 @@ pub(super) fn leader_worker_set(
     variant: &GpuVariant,
     metadata: ObjectMeta,
     replicas: i32,
-    placement_hash: Option<&str>,
+    plan_mount: super::PlanMount,
 ) -> DynamicObject {
     let nodes = variant.nodes(&idep.spec.parallelism);
     let labels = metadata.labels.clone().unwrap_or_default();
@@ -37,10 +37,10 @@ pub(super) fn leader_worker_set(
         variant,
         labels.clone(),
         ROLE_LEADER,
-        placement_hash,
+        plan_mount,
         nodes,
     );
-    let worker = pod_template(idep, variant, labels, "worker", placement_hash, nodes);
+    let worker = pod_template(idep, variant, labels, "worker", plan_mount, nodes);
     let rollout = &idep.spec.rollout;
     let mut object = DynamicObject::new(
         &metadata.name.clone().unwrap_or_default(),

@@ -175,41 +175,69 @@ pub fn build(
     };
     let mut problems = Vec::new();
 
-    let placement = if spec.parallelism.expert_parallel.enabled {
-        match default_plan(idep) {
-            Ok(plan) => {
-                let config_map = ConfigMap {
-                    metadata: meta(placement_config_map_name(idep), common_labels(idep)),
-                    data: Some(BTreeMap::from([(
-                        PLAN_FILE.to_string(),
-                        plan.to_canonical_json(),
-                    )])),
-                    ..ConfigMap::default()
-                };
-                Some((plan, stamped(config_map)))
+    // With expert parallelism each GPU shape (GPUs, nodes per replica) gets its own plan; the
+    // first realisable shape's plan is the ConfigMap key `placement.json`, others get their
+    // own keys, and every pod sees its plan mounted as `placement.json`.
+    let mut shapes: Vec<ShapePlan> = Vec::new();
+    if spec.parallelism.expert_parallel.enabled {
+        for v in &spec.variants {
+            let shape = (v.gpus(&spec.parallelism), v.nodes(&spec.parallelism));
+            if shapes.iter().any(|(s, _)| *s == shape) {
+                continue;
             }
-            Err(message) => {
-                problems.push(Problem {
-                    reason: "PlacementInfeasible",
-                    message,
-                });
-                None
-            }
+            let planned = match default_plan(idep, shape.0, shape.1) {
+                Ok(plan) => {
+                    let key = if shapes.iter().any(|(_, r)| r.is_ok()) {
+                        format!("placement-{}gpu-{}node.json", shape.0, shape.1)
+                    } else {
+                        PLAN_FILE.to_string()
+                    };
+                    Ok((key, plan))
+                }
+                Err(message) => {
+                    problems.push(Problem {
+                        reason: "PlacementInfeasible",
+                        message: format!("variant {}: {message}", v.name),
+                    });
+                    Err(())
+                }
+            };
+            shapes.push((shape, planned));
         }
-    } else {
-        None
-    };
-    let placement_hash = placement.as_ref().map(|(plan, _)| plan.hash());
+    }
+    let plans: Vec<&(String, PlacementPlan)> =
+        shapes.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
+    let placement = plans.first().map(|(_, primary)| {
+        let data = plans
+            .iter()
+            .map(|(key, plan)| (key.clone(), plan.to_canonical_json()))
+            .collect();
+        let config_map = ConfigMap {
+            metadata: meta(placement_config_map_name(idep), common_labels(idep)),
+            data: Some(data),
+            ..ConfigMap::default()
+        };
+        (primary.clone(), stamped(config_map))
+    });
 
     let mut workloads = Vec::new();
     let mut unrealised_variants = Vec::new();
     for variant in &spec.variants {
         let replicas = decision.replicas_of(&variant.name);
-        // With expert parallelism the pods need the plan; without one, leave them as they are.
-        if spec.parallelism.expert_parallel.enabled && placement.is_none() {
-            unrealised_variants.push(variant.name.clone());
-            continue;
-        }
+        let shape = (
+            variant.gpus(&spec.parallelism),
+            variant.nodes(&spec.parallelism),
+        );
+        let plan_mount = match shapes.iter().find(|(s, _)| *s == shape) {
+            Some((_, Ok((key, plan)))) => Some((plan.hash(), key.clone())),
+            // With expert parallelism the pods need a plan; without one, leave them as they are.
+            Some((_, Err(()))) => {
+                unrealised_variants.push(variant.name.clone());
+                continue;
+            }
+            None => None,
+        };
+        let plan_mount = plan_mount.as_ref().map(|(h, k)| (h.as_str(), k.as_str()));
         let nodes = variant.nodes(&spec.parallelism);
         let labels = variant_labels(idep, &variant.name);
         let name = workload_name(idep, &variant.name);
@@ -230,7 +258,7 @@ pub fn build(
                 variant,
                 meta(name, labels.clone()),
                 replicas,
-                placement_hash.as_deref(),
+                plan_mount,
             ))))
         } else {
             Workload::Deployment(Box::new(stamped(deployment(
@@ -238,7 +266,7 @@ pub fn build(
                 variant,
                 meta(name, labels),
                 replicas,
-                placement_hash.as_deref(),
+                plan_mount,
             ))))
         };
         workloads.push(VariantChild {
@@ -307,41 +335,31 @@ pub fn build(
 
 /// The plan used until measured expert loads exist: uniform load, so experts spread evenly
 /// and redundant slots hold copies of the lowest-numbered experts. Err: why it cannot exist.
-pub fn default_plan(idep: &InferenceDeployment) -> Result<PlacementPlan, String> {
-    let spec = &idep.spec;
-    let ep = &spec.parallelism.expert_parallel;
-    // Every variant runs the same plan, so their GPU counts must agree.
-    let mut shapes: Vec<(u32, u32)> = spec
-        .variants
-        .iter()
-        .map(|v| (v.gpus(&spec.parallelism), v.nodes(&spec.parallelism)))
-        .collect();
-    shapes.dedup();
-    let Some(&(gpus, nodes)) = shapes.first() else {
-        return Err("spec.variants is empty".into());
-    };
-    if shapes.iter().any(|&(g, _)| g != gpus) {
-        return Err(format!(
-            "expert parallelism uses one placement plan for all variants, but the variants have different gpusPerReplica ({}); give every variant the same GPU count or disable expertParallel",
-            shapes
-                .iter()
-                .map(|(g, _)| g.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
-    let experts = ep.experts();
-    let loads = vec![1.0; experts as usize];
-    crate::placement::plan_experts(&loads, gpus, nodes, ep.redundant_experts)
-        .map_err(|e| format!("{e}; adjust parallelism.expertParallel.redundantExperts so that numExperts + redundantExperts is a multiple of gpusPerReplica"))
+pub fn default_plan(
+    idep: &InferenceDeployment,
+    gpus: u32,
+    nodes: u32,
+) -> Result<PlacementPlan, String> {
+    let ep = &idep.spec.parallelism.expert_parallel;
+    let loads = vec![1.0; ep.experts() as usize];
+    crate::placement::plan_experts(&loads, gpus, nodes, ep.redundant_experts).map_err(|e| {
+        format!("{e}; choose parallelism.expertParallel.redundantExperts so that numExperts + redundantExperts is a multiple of the GPUs per replica")
+    })
 }
+
+/// A GPU shape (GPUs, nodes per replica) and its plan with its ConfigMap key, or Err when
+/// no plan fits that shape.
+type ShapePlan = ((u32, u32), Result<(String, PlacementPlan), ()>);
+
+/// A variant's plan in the placement ConfigMap: (plan hash, ConfigMap key).
+pub type PlanMount<'a> = Option<(&'a str, &'a str)>;
 
 fn deployment(
     idep: &InferenceDeployment,
     variant: &GpuVariant,
     metadata: ObjectMeta,
     replicas: i32,
-    placement_hash: Option<&str>,
+    plan_mount: PlanMount,
 ) -> Deployment {
     let rollout = &idep.spec.rollout;
     let selector = metadata.labels.clone().map(|labels| {
@@ -372,7 +390,7 @@ fn deployment(
                 variant,
                 metadata.labels.clone().unwrap_or_default(),
                 ROLE_LEADER,
-                placement_hash,
+                plan_mount,
                 1,
             ),
             ..DeploymentSpec::default()

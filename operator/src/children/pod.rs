@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Capabilities as LinuxCapabilities, ConfigMapVolumeSource, Container, ContainerPort,
     EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource,
-    ImageVolumeSource, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    ImageVolumeSource, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
     ResourceRequirements, SeccompProfile, SecurityContext, SleepAction, Volume, VolumeMount,
 };
@@ -94,7 +94,7 @@ pub(super) fn pod_template(
     variant: &GpuVariant,
     mut labels: BTreeMap<String, String>,
     role: &str,
-    placement_hash: Option<&str>,
+    plan_mount: super::PlanMount,
     nodes: u32,
 ) -> PodTemplateSpec {
     let spec = &idep.spec;
@@ -164,11 +164,17 @@ pub(super) fn pod_template(
     args.extend(engine.args.iter().cloned());
 
     let mut annotations = BTreeMap::new();
-    if let Some(hash) = placement_hash {
+    if let Some((hash, key)) = plan_mount {
         volumes.push(Volume {
             name: "placement".into(),
             config_map: Some(ConfigMapVolumeSource {
                 name: placement_config_map_name(idep),
+                // This variant's plan, always seen by the engine as placement.json.
+                items: Some(vec![KeyToPath {
+                    key: key.to_string(),
+                    path: PLAN_FILE.to_string(),
+                    mode: None,
+                }]),
                 ..ConfigMapVolumeSource::default()
             }),
             ..Volume::default()
@@ -226,7 +232,7 @@ pub(super) fn pod_template(
         ("SPARSEMOE_MODEL_REVISION", spec.model.revision.clone()),
         (
             "SPARSEMOE_PLACEMENT",
-            placement_hash.map(|_| format!("{PLACEMENT_DIR}/{PLAN_FILE}")),
+            plan_mount.map(|_| format!("{PLACEMENT_DIR}/{PLAN_FILE}")),
         ),
         (
             "SPARSEMOE_NODES_PER_REPLICA",

@@ -474,3 +474,39 @@ fn unplaceable_expert_plans_are_problems_and_hold_the_workloads() {
     assert!(c.workloads.is_empty());
     assert_eq!(c.unrealised_variants, vec!["h200".to_string()]);
 }
+
+#[test]
+fn variants_with_different_gpu_counts_get_their_own_plans() {
+    let mut spec = spec_with_variants(&[("h200", None), ("h100", None)]);
+    spec.parallelism.expert_parallel.enabled = true;
+    spec.variants[1].gpus_per_replica = Some(16);
+    spec.variants[1].nodes_per_replica = Some(2);
+    spec.scaling.replicas = 1;
+    let c = build_default(
+        &idep(spec),
+        Capabilities {
+            leader_worker_set: true,
+        },
+    );
+    assert!(c.problems.is_empty(), "{:?}", c.problems);
+    let (primary, cm) = c.placement.as_ref().unwrap();
+    assert_eq!(primary.num_gpus, 8);
+    let data = cm.data.as_ref().unwrap();
+    let big = PlacementPlan::from_json(&data["placement-16gpu-2node.json"]).unwrap();
+    assert_eq!((big.num_gpus, big.num_nodes), (16, 2));
+    assert_eq!(data.len(), 2);
+    let Workload::LeaderWorkerSet(lws) = &c.workloads[1].workload else {
+        panic!("LWS expected")
+    };
+    let value = serde_json::to_value(lws.as_ref()).unwrap();
+    let volumes = value["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let placement = volumes.iter().find(|v| v["name"] == "placement").unwrap();
+    assert_eq!(
+        placement["configMap"]["items"][0]["key"],
+        "placement-16gpu-2node.json"
+    );
+    assert_eq!(placement["configMap"]["items"][0]["path"], PLAN_FILE);
+}
