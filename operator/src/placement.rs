@@ -15,7 +15,7 @@ use sparsemoe_api::placement::{GpuAssignment, PLAN_VERSION, PlanError};
 /// Why a placement cannot be made.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PlacementError {
-    #[error("{0}")]
+    #[error(transparent)]
     Plan(#[from] PlanError),
     #[error("expert loads: {0}")]
     Loads(String),
