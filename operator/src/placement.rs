@@ -146,28 +146,13 @@ pub fn plan_experts(
 
     let hierarchical =
         nodes > 1 && experts.is_multiple_of(nodes) && redundant.is_multiple_of(nodes);
-    let assignment = if hierarchical {
-        // Experts onto nodes (each once), then each node on its own.
-        let items: Vec<(u32, f64)> = (0..experts).map(|e| (e, loads[e as usize])).collect();
-        let per_node =
-            pack(items, nodes, experts / nodes).ok_or_else(|| infeasible("no node packing"))?;
-        let gpus_per_node = gpus / nodes;
-        let mut all = Vec::with_capacity(gpus as usize);
-        for node_experts in per_node {
-            let local_loads: Vec<f64> = node_experts.iter().map(|&e| loads[e as usize]).collect();
-            let local = place_globally(&local_loads, gpus_per_node, redundant / nodes, slots)
-                .ok_or_else(|| infeasible("no packing within a node"))?;
-            all.extend(
-                local
-                    .into_iter()
-                    .map(|gpu| gpu.into_iter().map(|i| node_experts[i as usize]).collect()),
-            );
-        }
-        all
-    } else {
-        place_globally(loads, gpus, redundant, slots)
-            .ok_or_else(|| infeasible("no packing without duplicate copies on a GPU"))?
-    };
+    // Hierarchical when it can be done; otherwise (e.g. one GPU per node cannot hold copies
+    // inside its node) global.
+    let assignment = hierarchical
+        .then(|| place_hierarchically(loads, gpus, nodes, redundant, slots))
+        .flatten()
+        .or_else(|| place_globally(loads, gpus, redundant, slots))
+        .ok_or_else(|| infeasible("no packing without duplicate copies on a GPU"))?;
 
     let mut plan = PlacementPlan {
         version: PLAN_VERSION,
@@ -181,6 +166,31 @@ pub fn plan_experts(
     plan.balancedness = Some(balancedness(&plan.default, loads));
     plan.validate()?;
     Ok(plan)
+}
+
+/// Experts onto nodes (each once, balanced by load), then each node replicated and packed on
+/// its own GPUs, so no expert's copies cross nodes.
+fn place_hierarchically(
+    loads: &[f64],
+    gpus: u32,
+    nodes: u32,
+    redundant: u32,
+    slots: u32,
+) -> Option<Vec<Vec<u32>>> {
+    let experts = loads.len() as u32;
+    let items: Vec<(u32, f64)> = (0..experts).map(|e| (e, loads[e as usize])).collect();
+    let per_node = pack(items, nodes, experts / nodes)?;
+    let mut all = Vec::with_capacity(gpus as usize);
+    for node_experts in per_node {
+        let local_loads: Vec<f64> = node_experts.iter().map(|&e| loads[e as usize]).collect();
+        let local = place_globally(&local_loads, gpus / nodes, redundant / nodes, slots)?;
+        all.extend(local.into_iter().map(|gpu| {
+            gpu.into_iter()
+                .map(|i| node_experts[i as usize])
+                .collect::<Vec<u32>>()
+        }));
+    }
+    Some(all)
 }
 
 /// Mean over max GPU load when each expert's load is split evenly between its copies.
@@ -358,6 +368,9 @@ mod tests {
         assert!(plan_experts(&[1.0; 2], 0, 1, 0).is_err());
         // Two experts cannot fill 8 slots on 2 GPUs without duplicating on one GPU.
         assert!(plan_experts(&[1.0; 2], 2, 1, 6).is_err());
+        // One GPU per node cannot hold a copy inside its node: falls back to global placement.
+        let plan = plan_experts(&[1.0, 5.0, 1.0, 1.0], 2, 2, 2).unwrap();
+        assert_eq!(plan.replicas_of(0, 1).len(), 2);
     }
 
     #[test]
