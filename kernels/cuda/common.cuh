@@ -1,0 +1,51 @@
+// Shared helpers for every sparsemoe kernel: bf16 conversion, warp and block reductions,
+// an order-preserving float→uint map for radix selection.
+//
+// Conventions (every kernel): activations are bf16 in device memory unless a name says f32,
+// all arithmetic is float32, row-major tensors, int32 indices with -1 meaning "no entry".
+#pragma once
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define SMOE_DEVICE __device__ __forceinline__
+
+SMOE_DEVICE float bf16_to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+SMOE_DEVICE __nv_bfloat16 f32_to_bf16(float x) { return __float2bfloat16_rn(x); }
+
+SMOE_DEVICE float warp_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+SMOE_DEVICE float warp_max(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Sum over the whole block; every thread gets the result. `scratch` holds >= 32 floats and
+// may be reused only after the call returns (the trailing barrier protects it).
+SMOE_DEVICE float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < warps; ++w) total += scratch[w];
+    __syncthreads();
+    return total;
+}
+
+// Maps a float to a uint32 whose unsigned order is the float order (-inf < ... < +inf);
+// NaN sorts above +inf. Used by radix selection.
+SMOE_DEVICE uint32_t float_to_ordered(float f) {
+    uint32_t bits = __float_as_uint(f);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+SMOE_DEVICE float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
+SMOE_DEVICE float siluf(float x) { return x / (1.f + expf(-x)); }

@@ -1,0 +1,77 @@
+// Top-k per row by radix selection, for long rows (the indexer's 128K+ keys).
+// Reference: engine/src/backend/cpu.rs `top_k` / `indexer_select` (as a set; order is not part of
+// the contract): out[r] holds the indices of the k largest of scores[r, 0 .. n_valid[r]).
+// When n_valid[r] <= k every valid index is returned (0 .. n_valid-1 in order) and the remaining
+// slots are -1, as the engine does for early rows. Ties at the k-th value: any of the tied indices.
+//
+// Launch: grid = rows, block = TOPK_THREADS (1024), no dynamic shared memory.
+// Four passes of 8-bit digits over the order-preserving uint32 image of each score narrow the
+// k-th largest value down to one exact bit pattern; a fifth pass writes the winners.
+#include "common.cuh"
+
+#define TOPK_THREADS 1024
+#define TOPK_BINS 256
+
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
+              const int* __restrict__ n_valid, int k, long long scores_stride) {
+    __shared__ unsigned int hist[TOPK_BINS];
+    __shared__ uint32_t prefix_s, mask_s;
+    __shared__ int want_s;  // how many entries equal to the threshold still belong in the top k
+    __shared__ int above_count, equal_count;
+
+    const int row = blockIdx.x;
+    const int n = n_valid[row];
+    const float* x = scores + (size_t)row * scores_stride;
+    int* o = out + (size_t)row * k;
+
+    if (n <= k) {
+        for (int j = threadIdx.x; j < k; j += blockDim.x) o[j] = j < n ? j : -1;
+        return;
+    }
+
+    if (threadIdx.x == 0) {
+        prefix_s = 0;
+        mask_s = 0;
+        want_s = k;
+    }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < TOPK_BINS; b += blockDim.x) hist[b] = 0;
+        __syncthreads();
+        const uint32_t prefix = prefix_s, mask = mask_s;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const uint32_t u = float_to_ordered(x[i]);
+            if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 0xffu], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            // Walk the digits from the largest: the k-th largest lies in the first bin where
+            // the running count reaches `want`.
+            int want = want_s;
+            int digit = TOPK_BINS - 1;
+            for (; digit > 0; --digit) {
+                const int c = (int)hist[digit];
+                if (c >= want) break;
+                want -= c;
+            }
+            want_s = want;
+            prefix_s = prefix | ((uint32_t)digit << shift);
+            mask_s = mask | (0xffu << shift);
+            above_count = 0;
+            equal_count = 0;
+        }
+        __syncthreads();
+    }
+
+    const uint32_t threshold = prefix_s;
+    const int want = want_s;  // entries equal to the threshold to take; k - want are above it
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const uint32_t u = float_to_ordered(x[i]);
+        if (u > threshold) {
+            o[atomicAdd(&above_count, 1)] = i;
+        } else if (u == threshold) {
+            const int e = atomicAdd(&equal_count, 1);
+            if (e < want) o[k - want + e] = i;
+        }
+    }
+}

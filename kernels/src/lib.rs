@@ -1,0 +1,159 @@
+//! sparsemoe's CUDA kernels, as sources.
+//!
+//! The `.cu` files under `kernels/cuda/` are compiled ahead of time with `nvcc` (PTX + SASS for
+//! `sm_90a` and `sm_80`) or at start-up with NVRTC by the CUDA backend, which loads each entry
+//! point by the name listed in [`KERNELS`]. This crate has no CUDA dependency: it builds and its
+//! tests run anywhere; the compile check (`tests/compile.rs`) needs `nvcc` (see [`toolchain`]).
+
+pub mod toolchain;
+
+/// One CUDA source file: its file name under `kernels/cuda/` and its text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub file: &'static str,
+    pub text: &'static str,
+}
+
+macro_rules! sources {
+    ($($file:literal),* $(,)?) => {
+        &[$(Source { file: $file, text: include_str!(concat!("../cuda/", $file)) }),*]
+    };
+}
+
+/// Headers the `.cu` files include (NVRTC needs them by name).
+pub const HEADERS: &[Source] = sources!["common.cuh", "mla.cuh"];
+
+/// Every compilation unit, one per op group.
+pub const SOURCES: &[Source] = sources![
+    "norm.cu",
+    "rope.cu",
+    "activation.cu",
+    "indexer.cu",
+    "topk.cu",
+    "mla_sparse.cu",
+    "mla_dense.cu",
+    "moe.cu",
+    "fp8.cu",
+    "grouped_gemm.cu",
+];
+
+/// A kernel parameter's type, as the launcher must pass it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Param {
+    /// `__nv_bfloat16*` (written) / `const __nv_bfloat16*`.
+    Bf16Mut,
+    Bf16,
+    /// `float*` / `const float*`.
+    F32Mut,
+    F32,
+    /// `int*` / `const int*` (int32 indices, -1 = none).
+    I32Mut,
+    I32,
+    /// `const uint8_t*` (fp8 e4m3 bytes).
+    U8,
+    /// Scalars.
+    Int,
+    Long,
+    Float,
+}
+
+/// An entry point: its `extern "C"` name, the file that defines it, and its parameters in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernel {
+    pub name: &'static str,
+    pub file: &'static str,
+    pub params: &'static [(&'static str, Param)],
+}
+
+use Param::*;
+
+macro_rules! kernel {
+    ($name:literal in $file:literal: $($p:ident: $t:ident),* $(,)?) => {
+        Kernel { name: $name, file: $file, params: &[$((stringify!($p), $t)),*] }
+    };
+}
+
+/// Every entry point. `tests/entry_points.rs` checks this list against the sources' signatures.
+/// Launch shapes and shared-memory sizes are documented above each kernel and in the README.
+pub const KERNELS: &[Kernel] = &[
+    kernel!("rms_norm_bf16" in "norm.cu": out: Bf16Mut, x: Bf16, weight: Bf16, cols: Int, eps: Float),
+    kernel!("fused_add_rms_norm_bf16" in "norm.cu":
+        out: Bf16Mut, residual: F32Mut, x: Bf16, weight: Bf16, cols: Int, eps: Float),
+    kernel!("rope_cos_sin_f32" in "rope.cu":
+        cos_out: F32Mut, sin_out: F32Mut, positions: I32, inv_freq: F32, n: Int, half: Int,
+        attention_factor: Float),
+    kernel!("rope_apply_bf16" in "rope.cu":
+        x: Bf16Mut, cos_t: F32, sin_t: F32, half: Int, row_stride: Long, head_stride: Int,
+        offset: Int, interleaved: Int),
+    kernel!("silu_and_mul_bf16" in "activation.cu": out: Bf16Mut, x: Bf16, cols: Int),
+    kernel!("silu_and_mul_f32" in "activation.cu": out: Bf16Mut, x: F32, cols: Int),
+    kernel!("indexer_scores_bf16" in "indexer.cu":
+        scores: F32Mut, q: Bf16, keys: Bf16, w: F32, key_start: I32, n_visible: I32,
+        n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long),
+    kernel!("topk_rows_f32" in "topk.cu":
+        out: I32Mut, scores: F32, n_valid: I32, k: Int, scores_stride: Long),
+    kernel!("sparse_mla_attention_bf16" in "mla_sparse.cu":
+        out: Bf16Mut, lse: F32Mut, q: Bf16, kv: Bf16, indices: I32, topk: Int, heads: Int,
+        latent: Int, rope: Int, scale: Float),
+    kernel!("dense_mla_attention_bf16" in "mla_dense.cu":
+        out: Bf16Mut, lse: F32Mut, q: Bf16, kv: Bf16, kv_start: I32, kv_len: I32, heads: Int,
+        latent: Int, rope: Int, scale: Float),
+    kernel!("moe_route_f32" in "moe.cu":
+        ids: I32Mut, weights: F32Mut, logits: F32, bias: F32, tokens: Int, experts: Int,
+        top_k: Int, n_group: Int, topk_group: Int, norm_topk_prob: Int,
+        routed_scaling_factor: Float),
+    kernel!("moe_count_experts" in "moe.cu": counts: I32Mut, ids: I32, n_pairs: Int),
+    kernel!("moe_expert_offsets" in "moe.cu":
+        offsets: I32Mut, cursor: I32Mut, counts: I32, experts: Int),
+    kernel!("moe_permute_bf16" in "moe.cu":
+        x_perm: Bf16Mut, slot_of: I32Mut, x: Bf16, ids: I32, offsets: I32, cursor: I32Mut,
+        top_k: Int, hidden: Int),
+    kernel!("moe_unpermute_combine_bf16" in "moe.cu":
+        out: Bf16Mut, y: F32, slot_of: I32, weights: F32, top_k: Int, hidden: Int,
+        accumulate: Int),
+    kernel!("fp8_block_dequant_bf16" in "fp8.cu":
+        out: Bf16Mut, q: U8, scale_inv: F32, rows: Int, cols: Int),
+    kernel!("fp8_block_dequant_f32" in "fp8.cu":
+        out: F32Mut, q: U8, scale_inv: F32, rows: Int, cols: Int),
+    kernel!("grouped_gemm_bf16_f32" in "grouped_gemm.cu":
+        y: F32Mut, x: Bf16, w: Bf16, offsets: I32, n: Int, k: Int),
+];
+
+/// Tiles and limits the launcher must match (the `#define`s of the sources).
+pub mod launch {
+    /// Keys per indexer block; the block has twice as many threads.
+    pub const INDEXER_KEYS: u32 = 64;
+    /// Threads per top-k block (one block per row).
+    pub const TOPK_THREADS: u32 = 1024;
+    /// Heads per MLA attention block (8 warps of 2 heads), keys per tile.
+    pub const MLA_HEADS_PER_BLOCK: u32 = 16;
+    pub const MLA_THREADS: u32 = 256;
+    pub const MLA_TILE: u32 = 32;
+    pub const MLA_MAX_LATENT: u32 = 512;
+    /// Tokens per routing block (one warp each) and the largest expert count.
+    pub const ROUTE_TOKENS_PER_BLOCK: u32 = 4;
+    pub const ROUTE_MAX_EXPERTS: u32 = 512;
+    /// Output tile edge of the grouped GEMM fallback.
+    pub const GROUPED_GEMM_TILE: u32 = 64;
+
+    /// Dynamic shared memory of `indexer_scores_bf16`.
+    pub fn indexer_smem_bytes(heads: u32, dim: u32) -> u32 {
+        heads * dim * 2 + INDEXER_KEYS * (dim + 2) * 2 + INDEXER_KEYS * 4
+    }
+
+    /// Dynamic shared memory of the MLA attention kernels (raise the kernel's limit above 48 KB).
+    pub fn mla_smem_bytes(latent: u32, rope: u32) -> u32 {
+        let dqk = latent + rope;
+        MLA_HEADS_PER_BLOCK * dqk * 2 + MLA_TILE * (dqk + 2) * 2 + MLA_TILE * 4
+    }
+}
+
+/// The kernel named `name`.
+pub fn kernel(name: &str) -> Option<&'static Kernel> {
+    KERNELS.iter().find(|k| k.name == name)
+}
+
+/// The source file named `file` (a `.cu` or a header).
+pub fn source(file: &str) -> Option<&'static Source> {
+    SOURCES.iter().chain(HEADERS).find(|s| s.file == file)
+}

@@ -1,0 +1,123 @@
+//! The entry-point list in `lib.rs` must match the `extern "C" __global__` signatures in the
+//! sources, so the CUDA backend can load and launch each kernel by name without surprises.
+
+use sparsemoe_kernels::{HEADERS, KERNELS, Param, SOURCES, kernel, launch, source};
+
+/// Every `extern "C" __global__` function in `text`: (name, [(type words, parameter name)]).
+fn entry_points(text: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let mut found = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("extern \"C\" __global__") {
+        rest = rest[at + "extern \"C\" __global__".len()..].trim_start();
+        rest = rest.strip_prefix("void").unwrap().trim_start();
+        if rest.starts_with("__launch_bounds__") {
+            rest = rest[rest.find(')').unwrap() + 1..].trim_start();
+        }
+        let open = rest.find('(').unwrap();
+        let close = open + rest[open..].find(')').unwrap();
+        let name = rest[..open].trim().to_string();
+        let params = rest[open + 1..close]
+            .split(',')
+            .map(|p| {
+                let words: Vec<&str> = p
+                    .split_whitespace()
+                    .filter(|w| *w != "__restrict__")
+                    .collect();
+                let (ty, name) = words.split_at(words.len() - 1);
+                (ty.join(" "), name[0].to_string())
+            })
+            .collect();
+        found.push((name, params));
+        rest = &rest[close..];
+    }
+    found
+}
+
+fn c_type(param: Param) -> &'static str {
+    match param {
+        Param::Bf16Mut => "__nv_bfloat16*",
+        Param::Bf16 => "const __nv_bfloat16*",
+        Param::F32Mut => "float*",
+        Param::F32 => "const float*",
+        Param::I32Mut => "int*",
+        Param::I32 => "const int*",
+        Param::U8 => "const uint8_t*",
+        Param::Int => "int",
+        Param::Long => "long long",
+        Param::Float => "float",
+    }
+}
+
+#[test]
+fn every_listed_kernel_matches_its_source_signature() {
+    for k in KERNELS {
+        let src = source(k.file).unwrap_or_else(|| panic!("{}: no source {}", k.name, k.file));
+        let points = entry_points(src.text);
+        let (_, params) = points.iter().find(|(n, _)| n == k.name).unwrap_or_else(|| {
+            panic!("{} is not an extern \"C\" __global__ in {}", k.name, k.file)
+        });
+        let listed: Vec<(String, String)> = k
+            .params
+            .iter()
+            .map(|(n, t)| (c_type(*t).to_string(), n.to_string()))
+            .collect();
+        let actual: Vec<(String, String)> = params
+            .iter()
+            .map(|(t, n)| (t.replace(" *", "*"), n.clone()))
+            .collect();
+        assert_eq!(listed, actual, "{} signature", k.name);
+    }
+}
+
+#[test]
+fn every_source_entry_point_is_listed_and_names_are_unique() {
+    for src in SOURCES {
+        for (name, _) in entry_points(src.text) {
+            let k = kernel(&name)
+                .unwrap_or_else(|| panic!("{name} ({}) is missing from KERNELS", src.file));
+            assert_eq!(k.file, src.file, "{name}");
+        }
+    }
+    let mut names: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), KERNELS.len(), "duplicate kernel names");
+}
+
+#[test]
+fn includes_resolve_to_listed_headers() {
+    for src in SOURCES.iter().chain(HEADERS) {
+        for line in src.text.lines().filter(|l| l.starts_with("#include \"")) {
+            let file = line.trim_start_matches("#include \"").trim_end_matches('"');
+            assert!(
+                HEADERS.iter().any(|h| h.file == file),
+                "{}: {file} is not in HEADERS",
+                src.file
+            );
+        }
+    }
+}
+
+#[test]
+fn launch_constants_match_the_sources() {
+    let defines = [
+        ("indexer.cu", "INDEXER_KEYS", launch::INDEXER_KEYS),
+        ("topk.cu", "TOPK_THREADS", launch::TOPK_THREADS),
+        ("mla.cuh", "MLA_TILE", launch::MLA_TILE),
+        ("mla.cuh", "MLA_MAX_LATENT", launch::MLA_MAX_LATENT),
+        ("moe.cu", "ROUTE_WARPS", launch::ROUTE_TOKENS_PER_BLOCK),
+        ("moe.cu", "ROUTE_MAX_EXPERTS", launch::ROUTE_MAX_EXPERTS),
+        ("grouped_gemm.cu", "GG_TILE", launch::GROUPED_GEMM_TILE),
+    ];
+    for (file, name, value) in defines {
+        let text = source(file).unwrap().text;
+        let line = format!("#define {name} {value}");
+        assert!(text.contains(&line), "{file} should have `{line}`");
+    }
+    let mla = source("mla.cuh").unwrap().text;
+    assert!(mla.contains("#define MLA_WARPS 8") && mla.contains("#define MLA_HEADS_PER_WARP 2"));
+    assert_eq!(launch::MLA_HEADS_PER_BLOCK * 32 / 2, launch::MLA_THREADS);
+    // The real model's shapes: 64 index heads of 128; latent 512 + rope 64.
+    assert_eq!(launch::indexer_smem_bytes(64, 128), 16384 + 16640 + 256);
+    assert!(launch::mla_smem_bytes(512, 64) > 48 * 1024);
+}
