@@ -1,0 +1,610 @@
+#!/usr/bin/env python3
+"""Checks and times every sparsemoe CUDA kernel on one GPU, against float64 PyTorch references.
+
+Run through kernels/gpu-check.sh on the GPU machine (nvcc 13.0, PyTorch, CuPy; no Rust). Each
+kernel runs on fresh random inputs with its outputs poisoned first; a check passes when every
+output was written and the relative L2 error ||out - ref|| / ||ref|| is within the bound of the
+output's dtype (f32: 1e-5, bf16 outputs: 8e-3); discrete outputs (indices, routing) must match
+exactly, except where the reference itself has a near-tie. Timings are CUDA-event medians against
+PyTorch peers, next to the measured copy bandwidth and bf16 matmul rate. Writes gpu-check.md (the
+table), gpu-check.json and the raw log under --out.
+
+    python3 kernels/gpu_check.py --out DIR [--quick]
+    python3 kernels/gpu_check.py --cpu-selftest      # the references alone, on the CPU
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CUDA_DIR = os.path.join(HERE, "cuda")
+SOURCES = ["norm.cu", "rope.cu", "activation.cu", "indexer.cu", "topk.cu", "mla_sparse.cu",
+           "mla_dense.cu", "moe.cu", "fp8.cu", "grouped_gemm.cu"]
+F32_BOUND, BF16_BOUND = 1e-5, 8e-3
+FLT_MIN = -3.4028234663852886e38
+INDEXER_KEYS, MLA_HEADS_PER_BLOCK, MLA_TILE = 64, 16, 32
+
+
+# ----------------------------------------------------------------------------- references (float64)
+def ref_rms_norm(x, w, eps):
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+def ref_cos_sin(positions, inv_freq, factor):
+    angle = positions.float()[:, None] * inv_freq.float()[None, :]  # float32, as the engine
+    return torch.cos(angle.double()) * factor, torch.sin(angle.double()) * factor
+
+
+def ref_rope(x, cos, sin, offset, dim, interleaved):
+    """x [n, heads, width]; rotates x[..., offset:offset+dim] in float64."""
+    y = x.double().clone()
+    half = dim // 2
+    c, s = cos[:, None, :], sin[:, None, :]
+    if interleaved:
+        a, b = offset + 2 * torch.arange(half), offset + 2 * torch.arange(half) + 1
+    else:
+        a, b = offset + torch.arange(half), offset + half + torch.arange(half)
+    xa, xb = y[..., a].clone(), y[..., b].clone()
+    y[..., a] = xa * c - xb * s
+    y[..., b] = xb * c + xa * s
+    return y
+
+
+def ref_silu_and_mul(x):
+    x = x.double()
+    cols = x.shape[-1] // 2
+    g, u = x[..., :cols], x[..., cols:]
+    return g / (1 + torch.exp(-g)) * u
+
+
+def ref_indexer(q, keys, w, key_start, n_visible, n_keys, scale):
+    """q [T,H,D], keys [S_total,D], w [T,H] -> [T, n_keys] with FLT_MIN where s >= n_visible."""
+    out = torch.full((q.shape[0], n_keys), FLT_MIN, dtype=torch.float64, device=q.device)
+    for t in range(q.shape[0]):
+        v = min(int(n_visible[t]), n_keys)
+        k = keys[int(key_start[t]): int(key_start[t]) + v].double()
+        dots = torch.relu(scale * (q[t].double() @ k.T))  # [H, v]
+        out[t, :v] = (w[t].double()[:, None] * dots).sum(0)
+    return out
+
+
+def ref_mla(q, kv, slots, latent, scale):
+    """q [R,H,dqk]; slots: list of LongTensors (valid cache slots per row). -> out [R,H,latent], lse [R,H]."""
+    R, H, _ = q.shape
+    out = torch.zeros(R, H, latent, dtype=torch.float64, device=q.device)
+    lse = torch.full((R, H), -math.inf, dtype=torch.float64, device=q.device)
+    for r in range(R):
+        if len(slots[r]) == 0:
+            continue
+        k = kv[slots[r]].double()  # [n, dqk]
+        s = (q[r].double() @ k.T) * scale  # [H, n]
+        lse[r] = torch.logsumexp(s, -1)
+        out[r] = torch.softmax(s, -1) @ k[:, :latent]
+    return out, lse
+
+
+def ref_route(logits, bias, top_k, n_group, topk_group, norm, rsf):
+    """engine/src/moe.rs `route`, vectorised, float64. Returns ids (sorted), weights, and each
+    token's smallest selection margin (group boundary and expert boundary) for tie detection."""
+    T, E = logits.shape
+    s = torch.sigmoid(logits.double())
+    b = s + bias.double()
+    margin = torch.full((T,), math.inf, dtype=torch.float64, device=logits.device)
+    if n_group > 1:
+        g = b.view(T, n_group, E // n_group).topk(2, -1).values.sum(-1)  # [T, G]
+        order = g.sort(-1, descending=True).values
+        if topk_group < n_group:
+            margin = torch.minimum(margin, order[:, topk_group - 1] - order[:, topk_group])
+        keep = torch.zeros_like(g, dtype=torch.bool)
+        keep.scatter_(1, g.topk(topk_group, -1).indices, True)
+        b = b.masked_fill(~keep.repeat_interleave(E // n_group, 1), -math.inf)
+    top = b.topk(min(top_k + 1, E), -1)
+    if top_k < E:
+        gap = top.values[:, top_k - 1] - top.values[:, top_k]
+        margin = torch.minimum(margin, torch.nan_to_num(gap, posinf=math.inf))
+    ids = top.indices[:, :top_k].sort(-1).values
+    w = s.gather(1, ids)
+    if norm:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return ids, w * rsf, margin
+
+
+def ref_fp8(q_u8, scale_inv):
+    rows, cols = q_u8.shape
+    v = q_u8.view(torch.float8_e4m3fn).double()
+    sc = scale_inv.double().repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+    return v * sc
+
+
+def ref_grouped_gemm(x, w, offsets):
+    y = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float64, device=x.device)
+    for e in range(w.shape[0]):
+        a, b = int(offsets[e]), int(offsets[e + 1])
+        if b > a:
+            y[a:b] = x[a:b].double() @ w[e].double().T
+    return y
+
+
+def rel_l2(out, ref):
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return math.inf
+    den = torch.linalg.vector_norm(ref).item()
+    num = torch.linalg.vector_norm(out - ref).item()
+    return num / den if den > 0 else num
+
+
+# ----------------------------------------------------------------------------- CPU self-test
+def cpu_selftest():
+    """The references against hand-worked cases (engine/src/moe.rs tests, rope identities)."""
+    torch.manual_seed(0)
+    ok = True
+
+    def expect(cond, what):
+        nonlocal ok
+        print(("ok    " if cond else "FAIL  ") + what)
+        ok &= bool(cond)
+
+    lg = torch.tensor([[2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0]])
+    bias = torch.zeros(8)
+    bias[7] = 10.0
+    ids, w, _ = ref_route(lg, bias, 2, 1, 1, True, 2.0)
+    sg = lambda v: 1 / (1 + math.exp(-v))
+    expect(ids.tolist() == [[0, 7]] and abs(w[0, 0].item() - 2 * sg(2) / (sg(2) + sg(-5))) < 1e-9,
+           "route: bias picks, weights unbiased")
+    lg = torch.tensor([[5.0, -5.0, 1.0, 1.0, -1.0, -1.0, -2.0, -2.0]])
+    expect(ref_route(lg, torch.zeros(8), 2, 4, 1, True, 2.0)[0].tolist() == [[2, 3]], "route: group top-2 sum")
+    ids, _, margin = ref_route(lg, torch.zeros(8), 2, 4, 2, True, 2.0)
+    expect(ids.tolist() in ([[0, 2]], [[0, 3]]) and margin.item() == 0.0,
+           "route: two groups; experts 2 and 3 tie (engine takes 2), margin 0 marks it ambiguous")
+    x = torch.randn(5, 3, 24)
+    pos = torch.arange(5)
+    inv = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+    c, s = ref_cos_sin(pos, inv, 1.0)
+    for inter in (True, False):
+        y = ref_rope(x, c, s, 16, 8, inter)
+        expect(torch.allclose(y[0], x[0].double()) and torch.allclose(y.norm(dim=-1), x.double().norm(dim=-1)),
+               f"rope interleaved={inter}: identity at 0, norm kept")
+    qi, ki, wi = torch.randn(4, 3, 8), torch.randn(10, 8), torch.randn(4, 3)
+    sc = ref_indexer(qi, ki, wi, torch.zeros(4), torch.tensor([1, 3, 10, 12]), 10, 0.5)
+    manual = sum(wi[1, h].item() * max(0.0, 0.5 * float(qi[1, h] @ ki[2])) for h in range(3))
+    expect(abs(sc[1, 2].item() - manual) < 1e-5 and sc[1, 3].item() == FLT_MIN and sc[0, 1].item() == FLT_MIN,
+           "indexer: weighted ReLU sum, float32-min mask")
+    q, kv = torch.randn(2, 4, 12), torch.randn(20, 12)
+    out, lse = ref_mla(q, kv, [torch.tensor([3, 5, 7]), torch.tensor([], dtype=torch.long)], 8, 0.3)
+    p = torch.softmax(0.3 * q[0, 1].double() @ kv[[3, 5, 7]].double().T, -1)
+    expect(torch.allclose(out[0, 1], p @ kv[[3, 5, 7], :8].double()) and lse[1, 0].item() == -math.inf
+           and out[1].abs().sum().item() == 0, "mla: softmax over listed slots, empty row")
+    qb = torch.tensor([[0x38, 0xB8, 0x7E, 0x01]], dtype=torch.uint8)
+    expect(ref_fp8(qb, torch.tensor([[2.0]])).tolist() == [[2.0, -2.0, 896.0, 2 * 2.0 ** -9]], "fp8 e4m3fn decode x scale")
+    xs = torch.randn(3, 10)
+    expect(torch.allclose(ref_silu_and_mul(xs), torch.nn.functional.silu(xs[:, :5].double()) * xs[:, 5:].double()), "silu_and_mul")
+    expect(torch.allclose(ref_rms_norm(xs, torch.ones(10), 0.0).pow(2).mean(-1), torch.ones(3, dtype=torch.float64)), "rms_norm")
+    xg, wg = torch.randn(7, 6), torch.randn(3, 4, 6)
+    off = torch.tensor([0, 2, 2, 7])
+    yg = ref_grouped_gemm(xg, wg, off)
+    expect(torch.allclose(yg[3], xg[3].double() @ wg[2].double().T), "grouped gemm: row 3 belongs to expert 2")
+    print("cpu self-test:", "passed" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+# ----------------------------------------------------------------------------- GPU harness
+class Harness:
+    def __init__(self, out_dir, quick):
+        import cupy  # only on the GPU machine
+
+        self.cp = cupy
+        self.out_dir = out_dir
+        self.quick = quick
+        self.rows = []  # (check, status, detail)
+        self.timings = []  # (what, ours_ms, peer, peer_ms, note)
+        self.failed = 0
+        self.kernels = {}
+        self.smem_raised = {}
+        self.dev = torch.device("cuda")
+        props = torch.cuda.get_device_properties(0)
+        self.card = f"{props.name}, {props.multi_processor_count} SMs"
+        self.load_modules()
+
+    def load_modules(self):
+        cp = self.cp
+        build = os.path.join(self.out_dir, "build")
+        os.makedirs(build, exist_ok=True)
+        nvcc = os.environ.get("NVCC") or "nvcc"
+        for src in SOURCES:
+            path = os.path.join(CUDA_DIR, src)
+            cubin = os.path.join(build, src.replace(".cu", ".cubin"))
+            t = time.time()
+            try:
+                subprocess.run([nvcc, "-std=c++17", "-O3", "-cubin", "-gencode=arch=compute_90a,code=sm_90a",
+                                "-I", CUDA_DIR, "-Xptxas=-v", path, "-o", cubin], check=True,
+                               capture_output=True, text=True)
+                mod = cp.RawModule(path=cubin)
+                how = "nvcc"
+            except (OSError, subprocess.CalledProcessError) as e:  # no nvcc: NVRTC through CuPy
+                print(f"{src}: nvcc failed ({e}); trying NVRTC", flush=True)
+                mod = cp.RawModule(code=open(path).read(), backend="nvrtc",
+                                   options=("-std=c++17", f"-I{CUDA_DIR}", "--gpu-architecture=sm_90a"))
+                how = "nvrtc"
+            for raw in open(path).read().split('extern "C" __global__')[1:]:
+                head = raw.split("(", 2)
+                name = (head[1].split(")")[1] if "__launch_bounds__" in head[0] else head[0]).split()[-1]
+                self.kernels[name] = mod.get_function(name)
+            print(f"{src}: loaded with {how} in {time.time() - t:.1f}s", flush=True)
+
+    def launch(self, name, grid, block, args, smem=0):
+        conv = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                conv.append(np.uint64(a.data_ptr()))
+            elif isinstance(a, tuple):
+                conv.append({"i": np.int32, "l": np.int64, "f": np.float32}[a[0]](a[1]))
+            else:
+                raise TypeError(a)
+        k = self.kernels[name]
+        if smem > 48 * 1024 and self.smem_raised.get(name, 0) < smem:
+            k.max_dynamic_shared_size_bytes = smem  # opt in above 48 KB, once per kernel and size
+            self.smem_raised[name] = smem
+        k(tuple(int(g) for g in grid), (int(block),), tuple(conv), shared_mem=int(smem))
+
+    def record(self, check, err, bound, extra=""):
+        ok = err <= bound
+        self.failed += 0 if ok else 1
+        self.rows.append((check, "pass" if ok else "FAIL", f"rel L2 {err:.2e} (bound {bound:.0e}) {extra}".strip()))
+        print(f"{'pass' if ok else 'FAIL'}  {check}: rel L2 {err:.3e} bound {bound:.0e} {extra}", flush=True)
+
+    def record_bool(self, check, ok, detail):
+        self.failed += 0 if ok else 1
+        self.rows.append((check, "pass" if ok else "FAIL", detail))
+        print(f"{'pass' if ok else 'FAIL'}  {check}: {detail}", flush=True)
+
+    def time_ms(self, fn, reps=20):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return float(np.median(times))
+
+    def bf16(self, *shape, scale=1.0):
+        return (torch.randn(*shape, device=self.dev) * scale).to(torch.bfloat16)
+
+    # ------------------------------------------------------------------ ceilings
+    def ceilings(self):
+        n = 1 << 30  # 1 Gi floats = 4 GiB
+        a = torch.randn(n // 4, device=self.dev).repeat(4)
+        b = torch.empty_like(a)
+        ms = self.time_ms(lambda: b.copy_(a), reps=10)
+        self.copy_gbs = 2 * a.numel() * 4 / ms / 1e6
+        del a, b
+        m = 8192
+        x, y = self.bf16(m, m), self.bf16(m, m)
+        ms = self.time_ms(lambda: x @ y, reps=10)
+        self.mm_tflops = 2 * m ** 3 / ms / 1e9
+        print(f"ceilings: copy {self.copy_gbs:.0f} GB/s (read + write), bf16 matmul {self.mm_tflops:.0f} TFLOP/s", flush=True)
+
+    # ------------------------------------------------------------------ checks
+    def check_norm_rope_act(self):
+        rows, cols = 512, 7168
+        x, w = self.bf16(rows, cols), self.bf16(cols, scale=0.2) + 1
+        out = torch.full((rows, cols), float("nan"), device=self.dev).to(torch.bfloat16)
+        self.launch("rms_norm_bf16", (rows,), 256, [out, x, w, ("i", cols), ("f", 1e-6)])
+        self.record("rms_norm_bf16 512x7168", rel_l2(out, ref_rms_norm(x, w, 1e-6)), BF16_BOUND)
+        res = torch.randn(rows, cols, device=self.dev)
+        res0 = res.clone()
+        out.fill_(float("nan"))
+        self.launch("fused_add_rms_norm_bf16", (rows,), 256, [out, res, x, w, ("i", cols), ("f", 1e-6)])
+        summed = res0.double() + x.double()
+        self.record("fused_add_rms_norm_bf16 residual", rel_l2(res, summed), F32_BOUND)
+        self.record("fused_add_rms_norm_bf16 out", rel_l2(out, ref_rms_norm(summed, w, 1e-6)), BF16_BOUND)
+
+        n, half = 256, 32
+        pos = torch.randint(0, 163840, (n,), device=self.dev, dtype=torch.int32)
+        inv = (1.0 / (10000 ** (torch.arange(0, 2 * half, 2, device=self.dev).float() / (2 * half)))).float()
+        cos = torch.full((n, half), float("nan"), device=self.dev)
+        sin = cos.clone()
+        self.launch("rope_cos_sin_f32", ((n * half + 255) // 256,), 256, [cos, sin, pos, inv, ("i", n), ("i", half), ("f", 1.0253)])
+        rc, rs = ref_cos_sin(pos, inv, 1.0253)
+        self.record("rope_cos_sin_f32 (YaRN factor 1.0253)", max(rel_l2(cos, rc), rel_l2(sin, rs)), F32_BOUND)
+        for heads, width, offset, inter, what in ((128, 192, 128, 1, "MLA q interleaved"), (64, 128, 0, 0, "indexer q half-split")):
+            x = self.bf16(n, heads, width)
+            ref = ref_rope(x, rc, rs, offset, 2 * half, inter)
+            self.launch("rope_apply_bf16", (n, heads), 64, [x, cos, sin, ("i", half), ("l", heads * width), ("i", width), ("i", offset), ("i", inter)])
+            self.record(f"rope_apply_bf16 {what}", rel_l2(x, ref), BF16_BOUND)
+
+        rows, cols = 1024, 2048
+        x = self.bf16(rows, 2 * cols)
+        out = torch.full((rows, cols), float("nan"), device=self.dev).to(torch.bfloat16)
+        self.launch("silu_and_mul_bf16", ((cols + 255) // 256, rows), 256, [out, x, ("i", cols)])
+        self.record("silu_and_mul_bf16", rel_l2(out, ref_silu_and_mul(x)), BF16_BOUND)
+        xf = x.float()
+        out.fill_(float("nan"))
+        self.launch("silu_and_mul_f32", ((cols + 255) // 256, rows), 256, [out, xf, ("i", cols)])
+        self.record("silu_and_mul_f32", rel_l2(out, ref_silu_and_mul(xf)), BF16_BOUND)
+
+    def indexer_launch(self, scores, q, keys, w, start, vis, n_keys, heads, dim):
+        smem = heads * dim * 2 + INDEXER_KEYS * (dim + 2) * 2 + INDEXER_KEYS * 4
+        self.launch("indexer_scores_bf16", ((n_keys + INDEXER_KEYS - 1) // INDEXER_KEYS, q.shape[0]), 2 * INDEXER_KEYS,
+                    [scores, q, keys, w, start, vis, ("i", n_keys), ("i", heads), ("i", dim), ("f", dim ** -0.5), ("l", scores.shape[1])], smem)
+
+    def check_indexer_topk(self):
+        T, S, H, D = 32, 4096, 64, 128
+        q, keys = self.bf16(T, H, D), self.bf16(S, D)
+        w = torch.randn(T, H, device=self.dev) * H ** -0.5
+        start = torch.zeros(T, dtype=torch.int32, device=self.dev)
+        vis = torch.randint(1, S + 1, (T,), dtype=torch.int32, device=self.dev)
+        vis[0], vis[1], vis[2] = 1, S, 63
+        scores = torch.full((T, S), float("nan"), device=self.dev)
+        self.indexer_launch(scores, q, keys, w, start, vis, S, H, D)
+        ref = ref_indexer(q, keys, w, start.cpu(), vis.cpu(), S, D ** -0.5)
+        masked = ref == FLT_MIN
+        self.record_bool("indexer_scores_bf16 mask", bool((scores[masked] == FLT_MIN).all()) and not scores.isnan().any(),
+                         "masked entries are float32 min, none unwritten")
+        self.record("indexer_scores_bf16 32x4096 (64 heads x 128)", rel_l2(scores[~masked], ref[~masked]), F32_BOUND)
+
+        # top-k over long rows, with short rows (n_valid <= k) and k = row length exactly
+        rows, n, k = 48, 131072, 2048
+        x = torch.randn(rows, n, device=self.dev)
+        nv = torch.full((rows,), n, dtype=torch.int32, device=self.dev)
+        nv[0], nv[1], nv[2], nv[3] = 5, k, k + 1, 70000
+        out = torch.full((rows, k), -7, dtype=torch.int32, device=self.dev)
+        self.launch("topk_rows_f32", (rows,), 1024, [out, x, nv, ("i", k), ("l", n)])
+        bad = []
+        for r in range(rows):
+            v = int(nv[r])
+            got = out[r].long()
+            if v <= k:
+                want = torch.cat([torch.arange(v, device=self.dev), torch.full((k - v,), -1, device=self.dev)])
+                if not torch.equal(got, want):
+                    bad.append(r)
+                continue
+            if (got < 0).any() or (got >= v).any() or got.unique().numel() != k:
+                bad.append(r)
+                continue
+            if not torch.equal(x[r, got].sort().values, x[r, :v].topk(k).values.sort().values):
+                bad.append(r)
+        self.record_bool("topk_rows_f32 131072 keys, k=2048", not bad, f"rows wrong: {bad[:8]}" if bad else "same value sets as torch.topk; short rows padded with -1")
+
+        # timing: batch 64 decode at 64K context, each sequence its own keys
+        B, ctx = 64, 65536
+        keys = self.bf16(B * ctx, D)
+        q, w = self.bf16(B, H, D), torch.randn(B, H, device=self.dev) * H ** -0.5
+        start = (torch.arange(B, device=self.dev) * ctx).int()
+        vis = torch.full((B,), ctx, dtype=torch.int32, device=self.dev)
+        scores = torch.empty(B, ctx, device=self.dev)
+        idx = torch.empty(B, k, dtype=torch.int32, device=self.dev)
+        t_idx = self.time_ms(lambda: self.indexer_launch(scores, q, keys, w, start, vis, ctx, H, D))
+        t_topk = self.time_ms(lambda: self.launch("topk_rows_f32", (B,), 1024, [idx, scores, vis, ("i", k), ("l", ctx)]))
+        kb = keys.view(B, ctx, D)
+        peer = lambda: (torch.relu(torch.bmm(q, kb.transpose(1, 2)).float() * D ** -0.5) * w[:, :, None]).sum(1).topk(k, -1)
+        t_peer = self.time_ms(peer, reps=10)
+        bytes_ = keys.numel() * 2 + scores.numel() * 4 * 2  # keys once, scores written then read by top-k
+        self.timings.append(("indexer scores + top-k, B=64, ctx 64K, 64x128 heads, k=2048", t_idx + t_topk,
+                             "torch bmm+relu+sum+topk", t_peer,
+                             f"scores {t_idx:.3f} ms, top-k {t_topk:.3f} ms; {bytes_ / (t_idx + t_topk) / 1e6:.0f} GB/s = "
+                             f"{100 * bytes_ / (t_idx + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
+
+    def mla_launch(self, name, out, lse, q, kv, extra, heads, latent, rope):
+        dqk = latent + rope
+        smem = MLA_HEADS_PER_BLOCK * dqk * 2 + MLA_TILE * (dqk + 2) * 2 + MLA_TILE * 4
+        self.launch(name, ((heads + MLA_HEADS_PER_BLOCK - 1) // MLA_HEADS_PER_BLOCK, q.shape[0]), 256,
+                    [out, lse, q, kv, *extra, ("i", heads), ("i", latent), ("i", rope), ("f", 0.135234)], smem)
+
+    def check_mla(self):
+        H, L, R = 128, 512, 64
+        scale = 0.135234
+        # sparse, decode shape: 16 sequences of 8K, top-k 2048, some -1, one empty row
+        B, ctx, k = 16, 8192, 2048
+        kv = self.bf16(B * ctx, L + R)
+        q = self.bf16(B, H, L + R, scale=0.5)
+        idx = torch.stack([torch.randperm(ctx, device=self.dev)[:k] + b * ctx for b in range(B)]).int()
+        idx[1, ::3] = -1
+        idx[2] = -1
+        out = torch.full((B, H, L), float("nan"), device=self.dev).to(torch.bfloat16)
+        lse = torch.full((B, H), float("nan"), device=self.dev)
+        self.mla_launch("sparse_mla_attention_bf16", out, lse, q, kv, [idx, ("i", k)], H, L, R)
+        slots = [row[row >= 0].long() for row in idx]
+        ro, rl = ref_mla(q, kv, slots, L, scale)
+        self.record("sparse_mla_attention_bf16 decode (16 x 128 heads, top-k 2048)", rel_l2(out, ro), BF16_BOUND)
+        fin = torch.isfinite(rl)
+        self.record_bool("sparse_mla lse / empty row", bool((lse[~fin] == -math.inf).all()) and bool((out[2] == 0).all()),
+                         "empty row: lse -inf, out 0")
+        self.record("sparse_mla_attention_bf16 lse", rel_l2(lse[fin], rl[fin]), F32_BOUND * 10)
+        # prefill shape: 64 tokens of one sequence, causal lists of 48 (future slots -1)
+        n, k = 64, 48
+        kv_p = self.bf16(n, L + R)
+        q_p = self.bf16(n, 32, L + R, scale=0.5)
+        idx = torch.full((n, k), -1, dtype=torch.int32, device=self.dev)
+        for t in range(n):
+            sel = torch.randperm(t + 1, device=self.dev)[:k]
+            idx[t, : sel.numel()] = sel.int()
+        out = torch.full((n, 32, L), float("nan"), device=self.dev).to(torch.bfloat16)
+        lse = torch.full((n, 32), float("nan"), device=self.dev)
+        self.mla_launch("sparse_mla_attention_bf16", out, lse, q_p, kv_p, [idx, ("i", k)], 32, L, R)
+        ro, _ = ref_mla(q_p, kv_p, [row[row >= 0].long() for row in idx], L, scale)
+        self.record("sparse_mla_attention_bf16 prefill (per-query lists)", rel_l2(out, ro), BF16_BOUND)
+        # dense: 8 rows with their own contexts
+        lens = torch.tensor([1, 31, 32, 33, 1000, 4096, 2500, 77], dtype=torch.int32, device=self.dev)
+        starts = torch.cat([torch.zeros(1, device=self.dev, dtype=torch.int32), lens.cumsum(0)[:-1].int()])
+        kv_d = self.bf16(int(lens.sum()), L + R)
+        q_d = self.bf16(8, H, L + R, scale=0.5)
+        out = torch.full((8, H, L), float("nan"), device=self.dev).to(torch.bfloat16)
+        lse = torch.full((8, H), float("nan"), device=self.dev)
+        self.mla_launch("dense_mla_attention_bf16", out, lse, q_d, kv_d, [starts, lens], H, L, R)
+        ro, _ = ref_mla(q_d, kv_d, [torch.arange(int(s), int(s) + int(l), device=self.dev) for s, l in zip(starts, lens)], L, scale)
+        self.record("dense_mla_attention_bf16 (contexts 1..4096)", rel_l2(out, ro), BF16_BOUND)
+
+        # timing: the issue's goal shape, batch 64, 128 heads, top-k 2048, context 64K
+        B, ctx, k = 64, 65536, 2048
+        kv = self.bf16(B * ctx, L + R)
+        q = self.bf16(B, H, L + R, scale=0.5)
+        idx = (torch.randint(0, ctx, (B, k), device=self.dev) + torch.arange(B, device=self.dev)[:, None] * ctx).int()
+        out = torch.empty(B, H, L, device=self.dev, dtype=torch.bfloat16)
+        lse = torch.empty(B, H, device=self.dev)
+        t_sparse = self.time_ms(lambda: self.mla_launch("sparse_mla_attention_bf16", out, lse, q, kv, [idx, ("i", k)], H, L, R))
+
+        def peer():
+            g = kv[idx.long()]  # [B, k, 576] gather
+            p = torch.softmax((torch.bmm(q, g.transpose(1, 2)).float() * scale), -1).to(torch.bfloat16)
+            return torch.bmm(p, g[:, :, :L])
+
+        t_peer = self.time_ms(peer, reps=10)
+        bytes_ = B * k * (L + R) * 2 + q.numel() * 2 + out.numel() * 2
+        gbs = bytes_ / t_sparse / 1e6
+        self.timings.append(("sparse MLA decode B=64, 128 heads, 512+64, top-k 2048, ctx 64K", t_sparse,
+                             "torch gather + bmm attention", t_peer,
+                             f"{gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy (goal 60%); "
+                             f"{t_peer / t_sparse:.1f}x the peer (goal 5x)"))
+        starts = (torch.arange(B, device=self.dev) * ctx).int()
+        lens = torch.full((B,), ctx, dtype=torch.int32, device=self.dev)
+        t_dense = self.time_ms(lambda: self.mla_launch("dense_mla_attention_bf16", out, lse, q, kv, [starts, lens], H, L, R), reps=5)
+        self.timings.append(("dense MLA decode, same shape, all 64K keys", t_dense, "sparse kernel", t_sparse,
+                             f"sparse is {t_dense / t_sparse:.1f}x faster (attention only; whole-step goal 4x needs the backend)"))
+
+    def check_moe(self):
+        for T, E, K, G, TG, norm, rsf in ((4096, 256, 8, 8, 4, 1, 2.5), (512, 8, 2, 4, 2, 1, 2.5),
+                                           (512, 16, 4, 4, 3, 1, 2.5), (512, 8, 1, 1, 1, 0, 1.0)):
+            logits = torch.randn(T, E, device=self.dev) * 2
+            bias = torch.randn(E, device=self.dev) * 0.1
+            ids = torch.full((T, K), -7, dtype=torch.int32, device=self.dev)
+            wts = torch.full((T, K), float("nan"), device=self.dev)
+            self.launch("moe_route_f32", ((T + 3) // 4,), 128, [ids, wts, logits, bias, ("i", T), ("i", E), ("i", K), ("i", G), ("i", TG), ("i", norm), ("f", rsf)])
+            rid, rw, margin = ref_route(logits, bias, K, G, TG, norm, rsf)
+            same = (ids.long() == rid).all(-1)
+            ambiguous = margin < 1e-5
+            ok = bool((same | ambiguous).all())
+            self.record_bool(f"moe_route_f32 T={T} E={E} K={K} G={G} TG={TG} norm={norm}", ok,
+                             f"{int((~same).sum())} tokens differ, all at near-ties (<1e-5)" if ok else f"{int((~same & ~ambiguous).sum())} tokens routed differently")
+            self.record(f"moe_route_f32 weights E={E}", rel_l2(wts[same], rw[same]), F32_BOUND)
+
+        # permutation, combine, grouped GEMM fallback
+        T, E, K, Hd = 2048, 64, 8, 1024
+        hot = (torch.arange(E, device=self.dev) == 5).float() * 0.5  # expert 5 is hot, as real loads are
+        ids = (torch.rand(T, E, device=self.dev) + hot).topk(K, -1).indices.int()  # K distinct per token
+        w = torch.rand(T, K, device=self.dev)
+        x = self.bf16(T, Hd)
+        counts = torch.zeros(E, dtype=torch.int32, device=self.dev)
+        offsets = torch.full((E + 1,), -7, dtype=torch.int32, device=self.dev)
+        cursor = torch.full((E,), -7, dtype=torch.int32, device=self.dev)
+        self.launch("moe_count_experts", ((T * K + 255) // 256,), 256, [counts, ids, ("i", T * K)])
+        self.launch("moe_expert_offsets", (1,), 32, [offsets, cursor, counts, ("i", E)])
+        want = torch.cat([torch.zeros(1, device=self.dev, dtype=torch.long), torch.bincount(ids.flatten().long(), minlength=E).cumsum(0)])
+        self.record_bool("moe_count_experts + moe_expert_offsets", torch.equal(offsets.long(), want), "offsets = prefix sum of bincount")
+        xp = torch.full((T * K, Hd), float("nan"), device=self.dev).to(torch.bfloat16)
+        slot = torch.full((T * K,), -7, dtype=torch.int32, device=self.dev)
+        self.launch("moe_permute_bf16", (T * K,), 128, [xp, slot, x, ids, offsets, cursor, ("i", K), ("i", Hd)])
+        sl = slot.long()
+        ok = sl.sort().values.equal(torch.arange(T * K, device=self.dev)) and torch.equal(xp[sl], x.repeat_interleave(K, 0))
+        seg_ok = bool(((sl >= offsets.long()[ids.flatten().long()]) & (sl < offsets.long()[ids.flatten().long() + 1])).all())
+        self.record_bool("moe_permute_bf16", ok and seg_ok, "every pair in its expert's segment, rows copied exactly")
+        y = torch.randn(T * K, Hd, device=self.dev)
+        out = torch.full((T, Hd), float("nan"), device=self.dev).to(torch.bfloat16)
+        self.launch("moe_unpermute_combine_bf16", ((Hd + 255) // 256, T), 256, [out, y, slot, w, ("i", K), ("i", Hd), ("i", 0)])
+        ref = (y.double()[sl].view(T, K, Hd) * w.double()[:, :, None]).sum(1)
+        self.record("moe_unpermute_combine_bf16", rel_l2(out, ref), BF16_BOUND)
+
+        N, Kd = 384, 512
+        wexp = self.bf16(E, N, Kd, scale=Kd ** -0.5)
+        xg = self.bf16(T * K, Kd)
+        yg = torch.full((T * K, N), float("nan"), device=self.dev)
+        maxrows = int(counts.max())
+        self.launch("grouped_gemm_bf16_f32", ((N + 63) // 64, (maxrows + 63) // 64, E), 256, [yg, xg, wexp, offsets, ("i", N), ("i", Kd)])
+        self.record("grouped_gemm_bf16_f32 (64 experts, uneven rows)", rel_l2(yg, ref_grouped_gemm(xg, wexp, offsets)), F32_BOUND)
+
+        # timing: the issue's grouped GEMM shape (gate_up: 4096 tokens x top-8 over 256 experts, 7168 -> 2x2048)
+        T, E, K, Hd, I = 4096, 256, 8, 7168, 2048
+        if self.quick:
+            return
+        rows = T * K
+        counts = torch.bincount(torch.randint(0, E, (rows,), device=self.dev), minlength=E)
+        offsets = torch.cat([torch.zeros(1, device=self.dev, dtype=torch.long), counts.cumsum(0)]).int()
+        xg = self.bf16(rows, Hd)
+        wexp = self.bf16(E, 2 * I, Hd, scale=Hd ** -0.5)
+        yg = torch.empty(rows, 2 * I, device=self.dev)
+        maxrows = int(counts.max())
+        t_ours = self.time_ms(lambda: self.launch("grouped_gemm_bf16_f32", ((2 * I + 63) // 64, (maxrows + 63) // 64, E), 256,
+                                                  [yg, xg, wexp, offsets, ("i", 2 * I), ("i", Hd)]), reps=3)
+        offs = offsets.tolist()
+
+        def peer():
+            for e in range(E):
+                if offs[e + 1] > offs[e]:
+                    torch.matmul(xg[offs[e]:offs[e + 1]], wexp[e].T)
+
+        t_peer = self.time_ms(peer, reps=5)
+        flops = 2 * rows * 2 * I * Hd
+        self.timings.append(("grouped GEMM fallback (SIMT) 4096x8 tokens, 256 experts, 7168 -> 4096", t_ours,
+                             "torch per-expert bf16 matmul", t_peer,
+                             f"ours {flops / t_ours / 1e9:.0f} TFLOP/s, peer {flops / t_peer / 1e9:.0f}; "
+                             f"goal 60% of {self.mm_tflops:.0f} needs the cuBLAS grouped path"))
+
+    def check_fp8(self):
+        rows, cols = 1000, 700  # not multiples of 128: partial scale blocks
+        qb = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, device=self.dev)
+        qb[(qb & 0x7F) == 0x7F] = 0x42  # no NaN patterns
+        sc = torch.rand((rows + 127) // 128, (cols + 127) // 128, device=self.dev) + 0.5
+        ref = ref_fp8(qb, sc)
+        out = torch.full((rows, cols), float("nan"), device=self.dev)
+        self.launch("fp8_block_dequant_f32", ((cols + 255) // 256, rows), 256, [out, qb, sc, ("i", rows), ("i", cols)])
+        self.record("fp8_block_dequant_f32 (exact)", rel_l2(out, ref), 0.0)
+        outb = out.to(torch.bfloat16).fill_(float("nan"))
+        self.launch("fp8_block_dequant_bf16", ((cols + 255) // 256, min(rows, 65535)), 256, [outb, qb, sc, ("i", rows), ("i", cols)])
+        self.record("fp8_block_dequant_bf16", rel_l2(outb, ref), BF16_BOUND)
+
+    def write(self, total_s):
+        lines = [f"# sparsemoe kernels on {self.card}", "", f"torch {torch.__version__}, cupy {self.cp.__version__}; "
+                 f"ceilings: copy {self.copy_gbs:.0f} GB/s (read + write), bf16 matmul {self.mm_tflops:.0f} TFLOP/s; "
+                 f"run {total_s:.0f} s", "", "| check | result | detail |", "| --- | --- | --- |"]
+        lines += [f"| {c} | {s} | {d} |" for c, s, d in self.rows]
+        lines += ["", "| timing (median, CUDA events) | ours ms | peer | peer ms | note |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {w} | {a:.3f} | {p} | {b:.3f} | {n} |" for w, a, p, b, n in self.timings]
+        text = "\n".join(lines) + "\n"
+        open(os.path.join(self.out_dir, "gpu-check.md"), "w").write(text)
+        json.dump({"card": self.card, "copy_gbs": self.copy_gbs, "bf16_tflops": self.mm_tflops, "checks": self.rows,
+                   "timings": self.timings}, open(os.path.join(self.out_dir, "gpu-check.json"), "w"), indent=1)
+        print(text)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/sparsemoe-gpu-check"))
+    ap.add_argument("--quick", action="store_true", help="skip the large grouped GEMM timing")
+    ap.add_argument("--cpu-selftest", action="store_true")
+    args = ap.parse_args()
+    if args.cpu_selftest:
+        return cpu_selftest()
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(int(time.time()))  # fresh inputs every run
+    started = time.time()
+    h = Harness(args.out, args.quick)
+    h.ceilings()
+    for step in (h.check_norm_rope_act, h.check_fp8, h.check_moe, h.check_indexer_topk, h.check_mla):
+        try:
+            step()
+        except Exception as e:  # one broken kernel must not hide the others' results
+            import traceback
+
+            traceback.print_exc()
+            h.record_bool(step.__name__, False, f"raised {type(e).__name__}: {e}")
+        torch.cuda.synchronize()
+    h.write(time.time() - started)
+    print(f"{h.failed} checks failed" if h.failed else "all checks passed")
+    return 1 if h.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
