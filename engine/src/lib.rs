@@ -1,17 +1,24 @@
 //! sparsemoe-engine: DeepSeek-V3.2 / V3 inference (sparse MLA attention + MoE) with a CPU
 //! reference backend.
 
+pub mod api;
 pub mod backend;
 pub mod bench;
 pub mod config;
+pub mod demo;
 pub mod error;
+pub mod expert_load;
 pub mod generate;
 pub mod kv_cache;
 pub mod linalg;
+pub mod metrics;
 pub mod model;
 pub mod moe;
 pub mod rope;
 pub mod sampling;
+pub mod scheduler;
+pub mod serve;
+pub mod server;
 pub mod tokenizer;
 pub mod weights;
 

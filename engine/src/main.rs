@@ -54,6 +54,8 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Serve the OpenAI-compatible HTTP API (the built-in demo model without --model).
+    Serve(sparsemoe_engine::serve::ServeArgs),
     /// Measure throughput and long-context decode steps; prints JSON (see bench/).
     Bench {
         #[command(flatten)]
@@ -108,6 +110,7 @@ impl ModelArgs {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Serve(args) => sparsemoe_engine::serve::run(args)?,
         Command::Bench {
             model,
             batch,

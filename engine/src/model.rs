@@ -2,10 +2,12 @@
 //! (`model.layers.L.self_attn...`), so checkpoint names map to fields in one place (`load`).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::backend::{AttentionForm, Backend, Expert, MlaDims, Routing};
 use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
+use crate::expert_load::ExpertLoad;
 use crate::kv_cache::{LayerCache, SeqCache};
 use crate::moe::{RouterConfig, route};
 use crate::rope::{Rope, RopeLayout};
@@ -139,6 +141,7 @@ pub struct Model<B: Backend> {
     rope: Rope,
     router: RouterConfig,
     weight_bytes: usize,
+    expert_load: Arc<ExpertLoad>,
 }
 
 impl<B: Backend> std::fmt::Debug for Model<B> {
@@ -310,6 +313,12 @@ impl<B: Backend> Model<B> {
             rope: Rope::new(c),
             router: RouterConfig::from(c),
             weight_bytes: store.total_bytes(),
+            expert_load: Arc::new(ExpertLoad::new(
+                &c.moe_layers
+                    .iter()
+                    .map(|&moe| if moe { c.n_routed_experts } else { 0 })
+                    .collect::<Vec<_>>(),
+            )),
             layers,
             backend,
             options,
@@ -320,6 +329,11 @@ impl<B: Backend> Model<B> {
     /// The backend this model runs on.
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// Routed-token counters per layer and expert (shared; cumulative since load).
+    pub fn expert_load(&self) -> Arc<ExpertLoad> {
+        self.expert_load.clone()
     }
 
     /// Bytes of the checkpoint files.
@@ -387,7 +401,7 @@ impl<B: Backend> Model<B> {
             let (attn, selections) = self.attention(l, layer, &x, &rows, batch, trace.is_some())?;
             b.add(&mut h, &attn);
             let x = b.rms_norm(&h, &layer.post_attention_norm, c.rms_norm_eps);
-            let (mlp, routing) = self.mlp(&layer.mlp, &x);
+            let (mlp, routing) = self.mlp(l, &layer.mlp, &x);
             b.add(&mut h, &mlp);
             if let Some(t) = trace.as_deref_mut() {
                 t.selections.push(selections);
@@ -594,7 +608,7 @@ impl<B: Backend> Model<B> {
         Ok((out, all_selections))
     }
 
-    fn mlp(&self, mlp: &Mlp<B>, x: &B::Tensor) -> (B::Tensor, Option<Routing>) {
+    fn mlp(&self, layer_index: usize, mlp: &Mlp<B>, x: &B::Tensor) -> (B::Tensor, Option<Routing>) {
         let b = &self.backend;
         match mlp {
             Mlp::Dense(expert) => (b.swiglu(x, expert), None),
@@ -608,6 +622,7 @@ impl<B: Backend> Model<B> {
                 let mut routing = Routing::default();
                 for row in logits.chunks(self.router.n_experts) {
                     let (ids, weights) = route(row, bias, &self.router);
+                    self.expert_load.record(layer_index, &ids);
                     routing.experts.push(ids);
                     routing.weights.push(weights);
                 }

@@ -307,11 +307,34 @@ impl WeightStore {
         Ok(store)
     }
 
+    /// A checkpoint held in memory (the built-in demo model, embedded in the binary): one
+    /// safetensors file's bytes, copied once into an anonymous page-aligned map so tensors
+    /// read as aligned f32 exactly as from a mapped file. `name` labels errors.
+    pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Self> {
+        let path = PathBuf::from(name);
+        let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1))
+            .map_err(|e| EngineError::io(&path, e))?;
+        map[..bytes.len()].copy_from_slice(bytes);
+        let map = map
+            .make_read_only()
+            .map_err(|e| EngineError::io(&path, e))?;
+        let mut store = Self {
+            files: Vec::new(),
+            tensors: HashMap::new(),
+        };
+        store.add_map(path, map)?;
+        Ok(store)
+    }
+
     fn add_file(&mut self, path: PathBuf) -> Result<()> {
         let file = File::open(&path).map_err(|e| EngineError::io(&path, e))?;
         // SAFETY: the model files are read-only inputs; the engine never writes them, and a
         // concurrent writer is an operator error that the docs warn about (as with any mmap loader).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(&path, e))?;
+        self.add_map(path, map)
+    }
+
+    fn add_map(&mut self, path: PathBuf, map: Mmap) -> Result<()> {
         let shown = path.display().to_string();
         let parsed = SafeTensors::deserialize(&map).map_err(|e| {
             EngineError::weights(shown.clone(), format!("not a valid safetensors file: {e}"))

@@ -1,0 +1,561 @@
+//! The OpenAI request and error shapes, validated once at the edge (pure: no I/O, so every
+//! rule is unit-tested), and the incremental detokenizer that applies stop strings.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::sampling::SamplingParams;
+use crate::tokenizer::ChatMessage;
+
+/// The largest `logprobs` / `top_logprobs` accepted (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn invalid(param: Option<&str>, message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+        }
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// The fields of `/v1/completions` and `/v1/chat/completions` the engine reads (others are
+/// ignored, as OpenAI-compatible servers do).
+#[derive(Debug, Default, Deserialize)]
+pub struct RequestBody {
+    pub model: Option<String>,
+    pub prompt: Option<Value>,
+    pub messages: Option<Value>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub stop: Option<Value>,
+    pub n: Option<i64>,
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub user: Option<String>,
+}
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Tokens(Vec<u32>),
+    Chat(Vec<ChatMessage>),
+}
+
+/// A validated request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated {
+    pub prompt: PromptInput,
+    /// `None`: as many as the context allows (chat) — completions default to 16 like OpenAI.
+    pub max_tokens: Option<usize>,
+    pub params: SamplingParams,
+    pub stop: Vec<String>,
+    /// `Some(n)`: return logprobs with `n` alternatives.
+    pub logprobs: Option<usize>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Which endpoint a body came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Completions,
+    Chat,
+}
+
+/// Parses a body (bytes, so invalid UTF-8 and bad JSON get clear 400s).
+pub fn parse_body(bytes: &[u8]) -> Result<RequestBody, ApiError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        ApiError::invalid(None, format!("the request body is not valid UTF-8: {e}"))
+    })?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::invalid(None, format!("invalid request body: {e}")))?;
+    let Value::Object(fields) = &value else {
+        return Err(ApiError::invalid(
+            None,
+            "the request body must be a JSON object",
+        ));
+    };
+    serde_json::from_value(value.clone()).map_err(|e| {
+        // Name the field at fault: try each alone.
+        let field = fields.iter().find(|(k, v)| {
+            let mut one = serde_json::Map::new();
+            one.insert((*k).clone(), (*v).clone());
+            serde_json::from_value::<RequestBody>(Value::Object(one)).is_err()
+        });
+        match field {
+            Some((name, _)) => ApiError::invalid(Some(name), format!("`{name}`: {e}")),
+            None => ApiError::invalid(None, format!("invalid request body: {e}")),
+        }
+    })
+}
+
+fn token_list(items: &[Value], param: &str) -> Result<Vec<u32>, ApiError> {
+    items
+        .iter()
+        .map(|v| match v.as_i64() {
+            Some(t) if (0..=u32::MAX as i64).contains(&t) => Ok(t as u32),
+            _ => Err(ApiError::invalid(
+                Some(param),
+                format!("token ids must be non-negative integers, got {v}"),
+            )),
+        })
+        .collect()
+}
+
+fn parse_prompt(prompt: &Value) -> Result<PromptInput, ApiError> {
+    let multiple = || {
+        ApiError::invalid(
+            Some("prompt"),
+            "only one prompt per request is supported (batch prompts: send separate requests)",
+        )
+    };
+    match prompt {
+        Value::String(s) => Ok(PromptInput::Text(s.clone())),
+        Value::Array(items) if items.is_empty() => {
+            Err(ApiError::invalid(Some("prompt"), "the prompt is empty"))
+        }
+        Value::Array(items) if items.iter().all(Value::is_number) => {
+            Ok(PromptInput::Tokens(token_list(items, "prompt")?))
+        }
+        Value::Array(items) if items.len() == 1 => match &items[0] {
+            Value::String(s) => Ok(PromptInput::Text(s.clone())),
+            Value::Array(inner) => Ok(PromptInput::Tokens(token_list(inner, "prompt")?)),
+            _ => Err(ApiError::invalid(
+                Some("prompt"),
+                "prompt must be a string, a list of token ids, or a one-element list of either",
+            )),
+        },
+        Value::Array(_) => Err(multiple()),
+        _ => Err(ApiError::invalid(
+            Some("prompt"),
+            "prompt must be a string or a list of token ids",
+        )),
+    }
+}
+
+fn parse_messages(messages: &Value) -> Result<Vec<ChatMessage>, ApiError> {
+    let bad = |m: &str| ApiError::invalid(Some("messages"), m.to_string());
+    let list = messages
+        .as_array()
+        .ok_or_else(|| bad("messages must be a list of {role, content} objects"))?;
+    if list.is_empty() {
+        return Err(bad("messages must not be empty"));
+    }
+    list.iter()
+        .map(|m| {
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("every message needs a string `role`"))?;
+            let content = match m.get("content") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                            (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                            _ => return Err(bad("only text content parts are supported")),
+                        }
+                    }
+                    text
+                }
+                Some(_) => return Err(bad("message content must be a string or text parts")),
+            };
+            Ok(ChatMessage {
+                role: role.to_string(),
+                content,
+            })
+        })
+        .collect()
+}
+
+fn positive(value: Option<i64>, param: &str) -> Result<Option<usize>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(v) if v >= 1 => Ok(Some(v as usize)),
+        Some(v) => Err(ApiError::invalid(
+            Some(param),
+            format!("{param} must be at least 1, got {v}"),
+        )),
+    }
+}
+
+/// Checks a body for `endpoint` and turns it into engine terms.
+pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, ApiError> {
+    let prompt = match endpoint {
+        Endpoint::Completions => {
+            let p = body
+                .prompt
+                .as_ref()
+                .ok_or_else(|| ApiError::invalid(Some("prompt"), "`prompt` is required"))?;
+            parse_prompt(p)?
+        }
+        Endpoint::Chat => {
+            let m = body
+                .messages
+                .as_ref()
+                .ok_or_else(|| ApiError::invalid(Some("messages"), "`messages` is required"))?;
+            PromptInput::Chat(parse_messages(m)?)
+        }
+    };
+    if let Some(n) = body.n
+        && n != 1
+    {
+        return Err(ApiError::invalid(
+            Some("n"),
+            format!("only n=1 is supported, got {n}"),
+        ));
+    }
+    let max_tokens = match (
+        positive(body.max_completion_tokens, "max_completion_tokens")?,
+        positive(body.max_tokens, "max_tokens")?,
+    ) {
+        (Some(m), _) | (None, Some(m)) => Some(m),
+        (None, None) if endpoint == Endpoint::Completions => Some(16),
+        (None, None) => None,
+    };
+    let temperature = body.temperature.unwrap_or(1.0);
+    if !temperature.is_finite() || temperature < 0.0 {
+        return Err(ApiError::invalid(
+            Some("temperature"),
+            format!("temperature must be >= 0, got {temperature}"),
+        ));
+    }
+    let top_p = body.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            Some("top_p"),
+            format!("top_p must be in (0, 1], got {top_p}"),
+        ));
+    }
+    let top_k = match body.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => {
+            return Err(ApiError::invalid(
+                Some("top_k"),
+                format!("top_k must be -1 (off) or positive, got {k}"),
+            ));
+        }
+    };
+    let stop = match &body.stop {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str().map(str::to_string).ok_or_else(|| {
+                    ApiError::invalid(Some("stop"), "stop must be a string or a list of strings")
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("stop"),
+                "stop must be a string or a list of strings",
+            ));
+        }
+    };
+    if stop.len() > 16 || stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            "at most 16 stop strings, none empty",
+        ));
+    }
+    let top_range = |param: &str, n: i64| -> Result<usize, ApiError> {
+        if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) {
+            Ok(n as usize)
+        } else {
+            Err(ApiError::invalid(
+                Some(param),
+                format!("{param} must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
+            ))
+        }
+    };
+    let logprobs = match (endpoint, &body.logprobs) {
+        (_, None | Some(Value::Null)) => None,
+        (Endpoint::Completions, Some(v)) => match v.as_i64() {
+            Some(n) => Some(top_range("logprobs", n)?),
+            None => {
+                return Err(ApiError::invalid(
+                    Some("logprobs"),
+                    "logprobs must be an integer for completions",
+                ));
+            }
+        },
+        (Endpoint::Chat, Some(Value::Bool(false))) => None,
+        (Endpoint::Chat, Some(Value::Bool(true))) => {
+            Some(top_range("top_logprobs", body.top_logprobs.unwrap_or(0))?)
+        }
+        (Endpoint::Chat, Some(_)) => {
+            return Err(ApiError::invalid(
+                Some("logprobs"),
+                "logprobs must be a boolean for chat completions",
+            ));
+        }
+    };
+    let stream = body.stream.unwrap_or(false);
+    let include_usage = body
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    Ok(Validated {
+        prompt,
+        max_tokens,
+        params: SamplingParams {
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k,
+            seed: body.seed.map(|s| s as u64),
+        },
+        stop,
+        logprobs,
+        stream,
+        include_usage,
+    })
+}
+
+/// Turns generated tokens into text deltas, holding back text that could still become a stop
+/// string (or an incomplete UTF-8 character), and cutting the output at the first stop string.
+#[derive(Debug, Default)]
+pub struct TextStream {
+    stops: Vec<String>,
+    ids: Vec<u32>,
+    text: String,
+    sent: usize,
+    stopped: bool,
+}
+
+impl TextStream {
+    pub fn new(stops: Vec<String>) -> Self {
+        Self {
+            stops,
+            ..Self::default()
+        }
+    }
+
+    /// Adds a token; `decode` turns all tokens so far into text. Returns the text now safe to
+    /// send and whether a stop string ended the output.
+    pub fn push(&mut self, id: u32, decode: impl Fn(&[u32]) -> String) -> (String, bool) {
+        if self.stopped {
+            return (String::new(), true);
+        }
+        self.ids.push(id);
+        let text = decode(&self.ids);
+        if text.ends_with('\u{FFFD}') {
+            return (String::new(), false); // wait for the rest of the character
+        }
+        self.text = text;
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        // A stop string may straddle what was sent and what is new.
+        let mut search_from = self.sent.saturating_sub(longest);
+        while !self.text.is_char_boundary(search_from) {
+            search_from -= 1;
+        }
+        let hit = self
+            .stops
+            .iter()
+            .filter_map(|s| self.text[search_from..].find(s.as_str()))
+            .min()
+            .map(|i| i + search_from);
+        if let Some(end) = hit {
+            self.stopped = true;
+            let delta = self.slice_from_sent(end.max(self.sent));
+            self.text.truncate(end.max(self.sent));
+            return (delta, true);
+        }
+        let mut safe = self.text.len().saturating_sub(longest.saturating_sub(1));
+        while !self.text.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        (self.slice_from_sent(safe.max(self.sent)), false)
+    }
+
+    /// The text held back, at the end of generation.
+    pub fn flush(&mut self) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        self.slice_from_sent(self.text.len())
+    }
+
+    /// The whole output so far (cut at a stop string).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    fn slice_from_sent(&mut self, end: usize) -> String {
+        if end <= self.sent || !self.text.is_char_boundary(self.sent) {
+            return String::new();
+        }
+        let delta = self.text[self.sent..end].to_string();
+        self.sent = end;
+        delta
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(v: Value) -> RequestBody {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn err(v: Value, e: Endpoint) -> ApiError {
+        validate(&body(v), e).unwrap_err()
+    }
+
+    #[test]
+    fn prompts_parse_as_text_or_tokens() {
+        let v = validate(&body(json!({"prompt": "hi"})), Endpoint::Completions).unwrap();
+        assert_eq!(v.prompt, PromptInput::Text("hi".into()));
+        assert_eq!(v.max_tokens, Some(16));
+        let v = validate(&body(json!({"prompt": [1, 2]})), Endpoint::Completions).unwrap();
+        assert_eq!(v.prompt, PromptInput::Tokens(vec![1, 2]));
+        let v = validate(&body(json!({"prompt": [[3]]})), Endpoint::Completions).unwrap();
+        assert_eq!(v.prompt, PromptInput::Tokens(vec![3]));
+        assert_eq!(
+            err(json!({"prompt": [-1]}), Endpoint::Completions).param,
+            Some("prompt".into())
+        );
+        assert_eq!(
+            err(json!({"prompt": ["a", "b"]}), Endpoint::Completions).param,
+            Some("prompt".into())
+        );
+        assert_eq!(
+            err(json!({}), Endpoint::Completions).message,
+            "`prompt` is required"
+        );
+    }
+
+    #[test]
+    fn sampling_ranges_and_n_are_checked() {
+        for (v, param) in [
+            (json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
+            (json!({"prompt": "x", "temperature": -0.5}), "temperature"),
+            (json!({"prompt": "x", "top_p": 0}), "top_p"),
+            (json!({"prompt": "x", "top_k": -2}), "top_k"),
+            (json!({"prompt": "x", "n": 2}), "n"),
+            (json!({"prompt": "x", "logprobs": 21}), "logprobs"),
+            (json!({"prompt": "x", "stop": [1]}), "stop"),
+        ] {
+            let e = err(v, Endpoint::Completions);
+            assert_eq!(e.status, 400);
+            assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn chat_reads_messages_and_logprobs() {
+        let v = validate(
+            &body(
+                json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                         "logprobs": true, "top_logprobs": 2, "max_completion_tokens": 5,
+                         "stream": true, "stream_options": {"include_usage": true}}),
+            ),
+            Endpoint::Chat,
+        )
+        .unwrap();
+        assert_eq!(
+            v.prompt,
+            PromptInput::Chat(vec![ChatMessage {
+                role: "user".into(),
+                content: "hi".into()
+            }])
+        );
+        assert_eq!(
+            (v.logprobs, v.max_tokens, v.stream, v.include_usage),
+            (Some(2), Some(5), true, true)
+        );
+        assert_eq!(
+            err(json!({"messages": []}), Endpoint::Chat).param,
+            Some("messages".into())
+        );
+    }
+
+    #[test]
+    fn bodies_that_are_not_json_or_utf8_are_400() {
+        assert!(
+            parse_body(b"\xff\xfe")
+                .unwrap_err()
+                .message
+                .contains("UTF-8")
+        );
+        assert!(parse_body(b"{").unwrap_err().message.contains("invalid"));
+        let e = parse_body(br#"{"prompt": "x", "max_tokens": "ten"}"#).unwrap_err();
+        assert_eq!(e.status, 400);
+    }
+
+    fn decode(ids: &[u32]) -> String {
+        ids.iter().map(|&i| char::from(b'a' + i as u8)).collect()
+    }
+
+    #[test]
+    fn stop_strings_cut_the_output_and_are_held_back() {
+        let mut s = TextStream::new(vec!["cd".into()]);
+        // The last char is held: it may start the stop string.
+        assert_eq!(s.push(0, decode), ("".into(), false));
+        assert_eq!(s.push(1, decode), ("a".into(), false));
+        assert_eq!(s.push(2, decode), ("b".into(), false));
+        assert_eq!(s.push(3, decode), ("".into(), true));
+        assert_eq!(s.text(), "ab");
+        let mut s = TextStream::new(vec![]);
+        assert_eq!(s.push(4, decode), ("e".into(), false));
+        assert_eq!(s.flush(), "");
+    }
+}

@@ -1,0 +1,202 @@
+//! Prometheus metrics, `sparsemoe_*`, with vLLM's meanings (the README maps the names). The
+//! engine thread sets the scheduler gauges and latency histograms; the server counts request
+//! outcomes; the expert counters are read from the model's [`ExpertLoad`] at scrape time.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::expert_load::ExpertLoad;
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0,
+];
+const TOKEN_LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+    5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+];
+
+/// The model's expert counters and what was exported of them so far.
+type ExpertSource = (Arc<ExpertLoad>, Vec<Vec<u64>>);
+
+/// Every metric the engine exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests_running: IntGauge,
+    pub requests_waiting: IntGauge,
+    pub kv_cache_usage: Gauge,
+    pub kv_cache_blocks: IntGauge,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub e2e_latency: Histogram,
+    pub queue_time: Histogram,
+    pub preemptions: IntCounter,
+    request_success: IntCounterVec,
+    request_errors: IntCounterVec,
+    expert_tokens: IntCounterVec,
+    model_info: IntGaugeVec,
+    expert_source: Mutex<Option<ExpertSource>>,
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("valid histogram");
+    registry.register(Box::new(h.clone())).expect("unique name");
+    h
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("valid metric");
+                registry.register(Box::new(m.clone())).expect("unique name");
+                m
+            }};
+        }
+        Self {
+            requests_running: reg!(IntGauge::new(
+                "sparsemoe_num_requests_running",
+                "Requests in the running batch"
+            )),
+            requests_waiting: reg!(IntGauge::new(
+                "sparsemoe_num_requests_waiting",
+                "Requests accepted and waiting to run (including preempted ones)"
+            )),
+            kv_cache_usage: reg!(Gauge::new(
+                "sparsemoe_kv_cache_usage_perc",
+                "Fraction of KV-cache blocks in use (0 to 1)"
+            )),
+            kv_cache_blocks: reg!(IntGauge::new(
+                "sparsemoe_kv_cache_blocks_total",
+                "KV-cache blocks the memory budget holds"
+            )),
+            prompt_tokens: reg!(IntCounter::new(
+                "sparsemoe_prompt_tokens_total",
+                "Prompt tokens prefilled"
+            )),
+            generation_tokens: reg!(IntCounter::new(
+                "sparsemoe_generation_tokens_total",
+                "Tokens generated"
+            )),
+            time_to_first_token: histogram(
+                &registry,
+                "sparsemoe_time_to_first_token_seconds",
+                "Time from arrival to the first generated token",
+                LATENCY_BUCKETS,
+            ),
+            inter_token_latency: histogram(
+                &registry,
+                "sparsemoe_inter_token_latency_seconds",
+                "Time between consecutive generated tokens of a request",
+                TOKEN_LATENCY_BUCKETS,
+            ),
+            e2e_latency: histogram(
+                &registry,
+                "sparsemoe_e2e_request_latency_seconds",
+                "Time from arrival to the last token",
+                LATENCY_BUCKETS,
+            ),
+            queue_time: histogram(
+                &registry,
+                "sparsemoe_request_queue_time_seconds",
+                "Time from arrival to first scheduled",
+                LATENCY_BUCKETS,
+            ),
+            preemptions: reg!(IntCounter::new(
+                "sparsemoe_num_preemptions_total",
+                "Running requests preempted for KV-cache space (re-queued, not lost)"
+            )),
+            request_success: reg!(IntCounterVec::new(
+                Opts::new(
+                    "sparsemoe_request_success_total",
+                    "Finished requests by finish reason (stop, length, abort)"
+                ),
+                &["finished_reason"]
+            )),
+            request_errors: reg!(IntCounterVec::new(
+                Opts::new(
+                    "sparsemoe_request_errors_total",
+                    "Requests answered with an error, by HTTP status"
+                ),
+                &["code"]
+            )),
+            expert_tokens: reg!(IntCounterVec::new(
+                Opts::new(
+                    "sparsemoe_expert_tokens_total",
+                    "Tokens routed to each expert of each MoE layer"
+                ),
+                &["layer", "expert"]
+            )),
+            model_info: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "sparsemoe_model_info",
+                    "The served model and device (value 1)"
+                ),
+                &["model", "device", "arch"]
+            )),
+            expert_source: Mutex::new(None),
+            registry,
+        }
+    }
+
+    /// Records the served model and the source of the expert counters.
+    pub fn set_model(&self, model: &str, device: &str, arch: &str, load: Arc<ExpertLoad>) {
+        self.model_info
+            .with_label_values(&[model, device, arch])
+            .set(1);
+        let zero = load.snapshot().iter().map(|r| vec![0; r.len()]).collect();
+        if let Ok(mut source) = self.expert_source.lock() {
+            *source = Some((load, zero));
+        }
+    }
+
+    /// A request ended with `reason` (`stop`, `length`, `abort`).
+    pub fn finished(&self, reason: &str) {
+        self.request_success.with_label_values(&[reason]).inc();
+    }
+
+    /// A request was answered with HTTP `status`.
+    pub fn error(&self, status: u16) {
+        self.request_errors
+            .with_label_values(&[&status.to_string()])
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        if let Ok(mut source) = self.expert_source.lock()
+            && let Some((load, exported)) = source.as_mut()
+        {
+            for (layer, (now, before)) in
+                load.snapshot().iter().zip(exported.iter_mut()).enumerate()
+            {
+                for (expert, (&n, b)) in now.iter().zip(before.iter_mut()).enumerate() {
+                    if n > *b {
+                        self.expert_tokens
+                            .with_label_values(&[&layer.to_string(), &expert.to_string()])
+                            .inc_by(n - *b);
+                        *b = n;
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

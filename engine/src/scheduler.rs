@@ -1,0 +1,487 @@
+//! The engine thread: owns the model and runs continuous batching. Requests arrive over a
+//! channel; every step the scheduler drops cancelled sequences, gives each running decode one
+//! token, fills the rest of the step's token budget with prefill chunks (so a long prompt never
+//! stalls running decodes), admits waiting requests while KV blocks last, and preempts the
+//! newest running sequence when a running one needs a block and none is free. A preempted
+//! sequence keeps its sampler and generated tokens and is re-queued at the front; it recomputes
+//! its cache when it runs again, so nothing is lost.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use crate::backend::Backend;
+use crate::generate::FinishReason;
+use crate::kv_cache::{BlockAllocator, BlockTable, SeqCache};
+use crate::metrics::Metrics;
+use crate::model::{LogitRows, Model, SeqStep};
+use crate::sampling::{Sampler, SamplingParams, TokenLogprob, logprobs};
+
+/// Scheduler limits.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Tokens one forward step processes at most (decodes + prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    pub max_running: usize,
+    /// Requests accepted but not yet running; beyond it `submit` says `QueueFull`.
+    pub max_waiting: usize,
+    /// The longest sequence (prompt + output) a request may reach.
+    pub max_context: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 256,
+            max_running: 64,
+            max_waiting: 256,
+            max_context: 4096,
+        }
+    }
+}
+
+/// One generation request.
+#[derive(Debug)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub params: SamplingParams,
+    /// Token ids that end generation (not emitted).
+    pub stop_tokens: Vec<u32>,
+    /// `Some(n)`: report each token's logprob and the `n` most likely alternatives.
+    pub logprobs: Option<usize>,
+}
+
+/// What the engine tells a request's owner.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token {
+        id: u32,
+        logprob: Option<TokenLogprob>,
+    },
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The waiting queue is full (HTTP 429).
+    QueueFull,
+    /// The engine is draining or stopped (HTTP 503).
+    Unavailable,
+}
+
+/// Counters shared between the engine thread and the server.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Submitted and not yet finished (waiting + running); drain waits for it to reach 0.
+    pub active: AtomicUsize,
+    /// Submitted and not yet admitted to the running batch.
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    /// KV blocks in use.
+    pub used_blocks: AtomicUsize,
+    pub total_blocks: AtomicUsize,
+    /// Set when the engine thread has stopped (model error or shutdown).
+    pub stopped: AtomicBool,
+}
+
+struct Submission {
+    request: GenerationRequest,
+    events: UnboundedSender<Event>,
+    arrived: Instant,
+}
+
+/// A cheap, cloneable handle to the engine thread.
+#[derive(Clone, Debug)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Submission>,
+    pub stats: Arc<EngineStats>,
+    max_waiting: usize,
+}
+
+impl EngineHandle {
+    /// Queues a request; its events arrive on the returned receiver. Dropping the receiver
+    /// cancels the request (its slot and KV blocks are freed at the next step).
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        if self.stats.stopped.load(Ordering::SeqCst) {
+            return Err(SubmitError::Unavailable);
+        }
+        let before = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
+        if before >= self.max_waiting {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull);
+        }
+        self.stats.active.fetch_add(1, Ordering::SeqCst);
+        let (events, rx) = unbounded_channel();
+        let submission = Submission {
+            request,
+            events,
+            arrived: Instant::now(),
+        };
+        if self.tx.send(submission).is_err() {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.stats.active.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Unavailable);
+        }
+        Ok(rx)
+    }
+}
+
+struct Sequence<B: Backend> {
+    events: UnboundedSender<Event>,
+    sampler: Sampler,
+    /// Prompt followed by the generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    max_tokens: usize,
+    stop_tokens: Vec<u32>,
+    logprobs: Option<usize>,
+    cache: SeqCache<B>,
+    blocks: BlockTable,
+    arrived: Instant,
+    admitted: bool,
+    last_token_at: Option<Instant>,
+}
+
+impl<B: Backend> Sequence<B> {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.cache.len()
+    }
+
+    fn cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+}
+
+/// Starts the engine thread with `model`, a KV pool of `blocks`, and `metrics`.
+pub fn spawn<B: Backend>(
+    model: Model<B>,
+    blocks: BlockAllocator,
+    config: SchedulerConfig,
+    metrics: Arc<Metrics>,
+) -> EngineHandle {
+    let (tx, rx) = mpsc::channel();
+    let stats = Arc::new(EngineStats::default());
+    stats
+        .total_blocks
+        .store(blocks.total_blocks(), Ordering::SeqCst);
+    let handle = EngineHandle {
+        tx,
+        stats: stats.clone(),
+        max_waiting: config.max_waiting,
+    };
+    let engine = Engine {
+        model,
+        blocks,
+        config,
+        metrics,
+        stats,
+        rx,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+    };
+    std::thread::Builder::new()
+        .name("sparsemoe-engine".into())
+        .spawn(move || engine.run())
+        .expect("spawning the engine thread");
+    handle
+}
+
+struct Engine<B: Backend> {
+    model: Model<B>,
+    blocks: BlockAllocator,
+    config: SchedulerConfig,
+    metrics: Arc<Metrics>,
+    stats: Arc<EngineStats>,
+    rx: mpsc::Receiver<Submission>,
+    waiting: VecDeque<Sequence<B>>,
+    running: Vec<Sequence<B>>,
+}
+
+impl<B: Backend> Engine<B> {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                // Idle: block until a request comes (or every handle is gone).
+                match self.rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(s) => self.accept(s),
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            while let Ok(s) = self.rx.try_recv() {
+                self.accept(s);
+            }
+            if let Err(message) = self.step() {
+                // A model error fails the sequences of this step, not the engine.
+                for seq in self.running.drain(..) {
+                    let _ = seq.events.send(Event::Error(message.clone()));
+                    self.blocks.release(&mut { seq.blocks });
+                    self.stats.active.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            self.publish();
+        }
+        self.stats.stopped.store(true, Ordering::SeqCst);
+    }
+
+    fn accept(&mut self, s: Submission) {
+        // The server validates too; this keeps one bad request from failing a whole step.
+        let vocab = self.model.config.vocab_size;
+        let problem = if s.request.prompt.is_empty() {
+            Some("the prompt is empty".to_string())
+        } else if let Some(bad) = s.request.prompt.iter().find(|&&t| t as usize >= vocab) {
+            Some(format!(
+                "token id {bad} is out of range (vocabulary of {vocab})"
+            ))
+        } else if s.request.prompt.len() >= self.config.max_context {
+            Some(format!(
+                "the prompt has {} tokens; the context limit is {}",
+                s.request.prompt.len(),
+                self.config.max_context
+            ))
+        } else if s.request.max_tokens == 0 {
+            Some("max_tokens must be at least 1".to_string())
+        } else {
+            None
+        };
+        if let Some(message) = problem {
+            let _ = s.events.send(Event::Error(message));
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.stats.active.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        let seq = Sequence {
+            sampler: Sampler::new(s.request.params),
+            prompt_len: s.request.prompt.len(),
+            tokens: s.request.prompt,
+            max_tokens: s.request.max_tokens,
+            stop_tokens: s.request.stop_tokens,
+            logprobs: s.request.logprobs,
+            cache: self.model.new_cache(),
+            blocks: BlockTable::default(),
+            events: s.events,
+            arrived: s.arrived,
+            admitted: false,
+            last_token_at: None,
+        };
+        self.waiting.push_back(seq);
+    }
+
+    fn publish(&self) {
+        // Waiting: accepted and never admitted (some still in the channel), plus preempted.
+        let preempted = self.waiting.iter().filter(|s| s.admitted).count();
+        let waiting = self.stats.waiting.load(Ordering::SeqCst) + preempted;
+        self.metrics.requests_running.set(self.running.len() as i64);
+        self.metrics.requests_waiting.set(waiting as i64);
+        self.metrics.kv_cache_usage.set(self.blocks.usage());
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::SeqCst);
+        self.stats.used_blocks.store(
+            self.blocks.total_blocks() - self.blocks.free_blocks(),
+            Ordering::SeqCst,
+        );
+    }
+
+    fn finish(&mut self, mut seq: Sequence<B>) {
+        self.blocks.release(&mut seq.blocks);
+        if !seq.admitted {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.stats.active.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn preempt(&mut self, index: usize) {
+        let mut seq = self.running.remove(index);
+        self.blocks.release(&mut seq.blocks);
+        seq.cache = self.model.new_cache();
+        self.metrics.preemptions.inc();
+        self.waiting.push_front(seq);
+    }
+
+    /// One forward step. Returns an error message if the model failed.
+    fn step(&mut self) -> Result<(), String> {
+        // Cancelled requests leave first, freeing their blocks.
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].cancelled() {
+                let seq = self.running.remove(i);
+                self.finish(seq);
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.waiting[i].cancelled() {
+                if let Some(seq) = self.waiting.remove(i) {
+                    self.finish(seq);
+                }
+            } else {
+                i += 1;
+            }
+        }
+
+        // Plan: running sequences first (decodes, then unfinished prefills), in arrival order.
+        let mut budget = self.config.max_batch_tokens;
+        let mut plan: Vec<usize> = Vec::new(); // tokens per running index
+        let mut i = 0;
+        while i < self.running.len() {
+            let n = self.running[i].pending().min(budget);
+            if n == 0 {
+                plan.push(0);
+                i += 1;
+                continue;
+            }
+            let want = self.running[i].cache.len() + n;
+            let mut fits = self.blocks.grow(&mut self.running[i].blocks, want);
+            while !fits && self.running.len() > i + 1 {
+                self.preempt(self.running.len() - 1);
+                fits = self.blocks.grow(&mut self.running[i].blocks, want);
+            }
+            if !fits {
+                // Only this sequence is left to give blocks back: it waits for them instead.
+                self.preempt(i);
+                break;
+            }
+            plan.push(n);
+            budget -= n;
+            i += 1;
+        }
+        plan.truncate(self.running.len());
+
+        // Admit waiting requests while the budget and the blocks last.
+        while budget > 0 && self.running.len() < self.config.max_running {
+            let Some(front) = self.waiting.front_mut() else {
+                break;
+            };
+            let n = front.pending().min(budget);
+            let want = front.cache.len() + n;
+            if !self.blocks.grow(&mut front.blocks, want) {
+                break;
+            }
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            if !seq.admitted {
+                seq.admitted = true;
+                self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                self.metrics
+                    .queue_time
+                    .observe(seq.arrived.elapsed().as_secs_f64());
+            }
+            self.running.push(seq);
+            plan.push(n);
+            budget -= n;
+        }
+        if plan.iter().all(|&n| n == 0) {
+            return Ok(());
+        }
+
+        // Run the step.
+        let inputs: Vec<Vec<u32>> = self
+            .running
+            .iter()
+            .zip(&plan)
+            .map(|(s, &n)| s.tokens[s.cache.len()..s.cache.len() + n].to_vec())
+            .collect();
+        let mut steps: Vec<SeqStep<'_, B>> = self
+            .running
+            .iter_mut()
+            .zip(&inputs)
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(s, tokens)| SeqStep {
+                tokens,
+                cache: &mut s.cache,
+                logits: LogitRows::Last,
+            })
+            .collect();
+        let logits = self
+            .model
+            .forward(&mut steps, None)
+            .map_err(|e| e.to_string())?;
+        drop(steps);
+
+        // Sample where a sequence's whole input is now cached.
+        let now = Instant::now();
+        let mut logits = logits.into_iter();
+        let mut done = Vec::new();
+        for (index, n) in plan.iter().enumerate() {
+            if *n == 0 {
+                continue;
+            }
+            let Some(row) = logits.next() else { break };
+            let seq = &mut self.running[index];
+            if seq.pending() > 0 {
+                continue; // mid-prefill chunk
+            }
+            if seq.generated() == 0 && seq.last_token_at.is_none() {
+                self.metrics
+                    .time_to_first_token
+                    .observe(now.duration_since(seq.arrived).as_secs_f64());
+                self.metrics.prompt_tokens.inc_by(seq.prompt_len as u64);
+            } else if let Some(last) = seq.last_token_at {
+                self.metrics
+                    .inter_token_latency
+                    .observe(now.duration_since(last).as_secs_f64());
+            }
+            seq.last_token_at = Some(now);
+            let token = seq.sampler.sample(&row);
+            let finish = if seq.stop_tokens.contains(&token) {
+                Some(FinishReason::Stop)
+            } else {
+                let logprob = seq.logprobs.map(|top| logprobs(&row, token, top));
+                seq.tokens.push(token);
+                self.metrics.generation_tokens.inc();
+                if seq
+                    .events
+                    .send(Event::Token { id: token, logprob })
+                    .is_err()
+                {
+                    None // cancelled; removed next step
+                } else if seq.generated() >= seq.max_tokens
+                    || seq.tokens.len() >= self.config.max_context
+                {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                }
+            };
+            if let Some(reason) = finish {
+                let _ = seq.events.send(Event::Finished {
+                    reason,
+                    prompt_tokens: seq.prompt_len,
+                    completion_tokens: seq.generated(),
+                });
+                self.metrics
+                    .e2e_latency
+                    .observe(now.duration_since(seq.arrived).as_secs_f64());
+                done.push(index);
+            }
+        }
+        for index in done.into_iter().rev() {
+            let seq = self.running.remove(index);
+            self.finish(seq);
+        }
+        Ok(())
+    }
+}

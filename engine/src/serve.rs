@@ -1,0 +1,254 @@
+//! `sparsemoe-engine serve`: load the model (or the built-in demo), size the KV cache, start
+//! the engine thread and the HTTP server, and drain on SIGTERM / Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::backend::Backend;
+use crate::backend::cpu::Cpu;
+use crate::config::ModelConfig;
+use crate::demo::{DEMO, DEMO_NAME};
+use crate::kv_cache::{BlockAllocator, bytes_per_token};
+use crate::metrics::Metrics;
+use crate::model::{AttentionMode, Model, ModelOptions};
+use crate::scheduler::{self, SchedulerConfig};
+use crate::server::{self, AppState};
+use crate::tokenizer::Tokenizer;
+use crate::weights::WeightStore;
+
+/// Options of `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// A Hugging Face model directory; without it, the built-in demo model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// `cpu` (the CUDA backend is not built yet).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Requests that may wait for a slot; beyond it, 429 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// A file holding the API key clients must send as `Authorization: Bearer KEY`.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// The model name clients use (default: the directory name, or `sparsemoe-demo`).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Memory for the KV cache, in bytes.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub kv_cache_bytes: usize,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Cap on prompt + output tokens (default: the model's max_position_embeddings).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Tokens one engine step processes at most (decodes plus prefill chunks).
+    #[arg(long, default_value_t = 256)]
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_running: usize,
+    /// Seconds running requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    pub drain_grace_secs: u64,
+    /// Attention: sparse (DSA top-k) or dense.
+    #[arg(long, default_value = "sparse")]
+    pub attention: String,
+}
+
+struct Loaded {
+    model: Model<Cpu>,
+    tokenizer: Tokenizer,
+    name: String,
+}
+
+fn load(args: &ServeArgs) -> anyhow::Result<Loaded> {
+    if args.device != "cpu" {
+        bail!(
+            "--device {}: only `cpu` is available in this build (the CUDA backend is not built yet)",
+            args.device
+        );
+    }
+    let options = ModelOptions {
+        attention: match args.attention.as_str() {
+            "sparse" => AttentionMode::Sparse,
+            "dense" => AttentionMode::Dense,
+            other => bail!("--attention {other}: expected `sparse` or `dense`"),
+        },
+        index_topk: None,
+    };
+    match (&args.model, DEMO) {
+        (Some(dir), _) => {
+            let model = Model::load(dir, Cpu, options)
+                .with_context(|| format!("loading {}", dir.display()))?;
+            let tokenizer = Tokenizer::from_dir(dir)
+                .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into());
+            Ok(Loaded {
+                model,
+                tokenizer,
+                name,
+            })
+        }
+        (None, Some(demo)) => {
+            let config = ModelConfig::from_json(demo.config, "demo-model/config.json")?;
+            let store = WeightStore::from_bytes("demo-model/model.safetensors", demo.weights)?;
+            let model = Model::from_store(config, &store, Cpu, options)?;
+            let tokenizer = Tokenizer::from_bytes(demo.tokenizer, Some(demo.tokenizer_config))?;
+            Ok(Loaded {
+                model,
+                tokenizer,
+                name: DEMO_NAME.into(),
+            })
+        }
+        (None, None) => bail!(
+            "--model DIR is required: this binary was built without the demo model \
+             (engine/demo-model was absent at build time; rebuild once it exists, or pass --model)"
+        ),
+    }
+}
+
+/// Builds the engine and server state from a loaded model (tests use this directly).
+pub fn build_state(
+    model: Model<Cpu>,
+    tokenizer: Tokenizer,
+    name: String,
+    args: &ServeArgs,
+) -> anyhow::Result<Arc<AppState>> {
+    let config = model.config.clone();
+    let blocks = BlockAllocator::from_budget(
+        args.block_size,
+        args.kv_cache_bytes,
+        bytes_per_token(&config),
+    );
+    let mut max_context = config.max_position_embeddings;
+    if let Some(cap) = args.max_model_len {
+        max_context = max_context.min(cap);
+    }
+    // One sequence of the full context must fit, or preemption could never make room.
+    max_context = max_context.min(blocks.capacity_tokens());
+    if max_context < 2 {
+        bail!(
+            "--kv-cache-bytes {} holds {} tokens; at least one block of {} tokens is needed",
+            args.kv_cache_bytes,
+            blocks.capacity_tokens(),
+            args.block_size
+        );
+    }
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_model(
+        &name,
+        &model.backend().name(),
+        &format!("{:?}", config.arch),
+        model.expert_load(),
+    );
+    metrics.kv_cache_blocks.set(blocks.total_blocks() as i64);
+    let bos = config.bos_token_id.or(tokenizer.bos_token_id());
+    let mut stop_tokens = config.eos_token_ids.clone();
+    stop_tokens.extend(tokenizer.eos_token_id());
+    let engine = scheduler::spawn(
+        model,
+        blocks,
+        SchedulerConfig {
+            max_batch_tokens: args.max_batch_tokens.max(1),
+            max_running: args.max_running.max(1),
+            max_waiting: args.max_queue,
+            max_context,
+        },
+        metrics.clone(),
+    );
+    let mut state = AppState::new(
+        engine,
+        Arc::new(tokenizer),
+        metrics,
+        args.served_model_name.clone().unwrap_or(name),
+        max_context,
+        config.vocab_size,
+    );
+    state.bos_token = bos;
+    state.stop_tokens = stop_tokens;
+    if let Some(path) = &args.api_key_file {
+        let key = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --api-key-file {}", path.display()))?;
+        let key = key.trim().to_string();
+        if key.is_empty() {
+            bail!("--api-key-file {} is empty", path.display());
+        }
+        state.api_key = Some(key);
+    }
+    Ok(Arc::new(state))
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs `serve` until drained.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let loaded = load(&args)?;
+    let state = build_state(loaded.model, loaded.tokenizer, loaded.name, &args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+            .parse()
+            .with_context(|| format!("--host {} --port {}", args.host, args.port))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        eprintln!(
+            "sparsemoe-engine: serving `{}` on http://{} (context {} tokens, {} KV blocks)",
+            state.model_name,
+            listener.local_addr()?,
+            state.max_context,
+            state
+                .engine
+                .stats
+                .total_blocks
+                .load(std::sync::atomic::Ordering::SeqCst)
+        );
+        server::serve(
+            listener,
+            state,
+            shutdown_signal(),
+            Duration::from_secs(args.drain_grace_secs),
+        )
+        .await?;
+        eprintln!("sparsemoe-engine: drained, exiting");
+        anyhow::Ok(())
+    })
+}

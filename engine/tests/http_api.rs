@@ -1,0 +1,532 @@
+//! The HTTP API with a real client (hyper) on 127.0.0.1, over a fixture model with a word-level
+//! tokenizer built here: completions and chat, streaming, bad input, backpressure, preemption,
+//! client disconnects and graceful drain.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use sparsemoe_engine::backend::cpu::Cpu;
+use sparsemoe_engine::model::{Model, ModelOptions};
+use sparsemoe_engine::serve::{ServeArgs, build_state};
+use sparsemoe_engine::server::{self, AppState};
+use sparsemoe_engine::tokenizer::Tokenizer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v32_sparse_moe")
+}
+
+/// Words `<s>`, `</s>`, `t2` … `t255` for the fixture's 256-token vocabulary.
+fn tokenizer() -> Tokenizer {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<s>".into(), json!(0));
+    vocab.insert("</s>".into(), json!(1));
+    for i in 2..256 {
+        vocab.insert(format!("t{i}"), json!(i));
+    }
+    let special = |id: u32, content: &str| {
+        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+               "rstrip": false, "normalized": false, "special": true})
+    };
+    let json = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<s>"), special(1, "</s>")],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t2"}
+    });
+    let config = r#"{"bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}t9{% endif %}"}"#;
+    Tokenizer::from_bytes(&serde_json::to_vec(&json).unwrap(), Some(config)).unwrap()
+}
+
+struct Server {
+    base: String,
+    state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<std::io::Result<()>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+async fn start(extra: &[&str]) -> Server {
+    let mut argv = vec!["serve", "--served-model-name", "tiny"];
+    argv.extend_from_slice(extra);
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+    let args = Wrap::parse_from(argv).args;
+    let model = Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
+    let state = build_state(model, tokenizer(), "fixture".into(), &args).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let done = tokio::spawn(server::serve(
+        listener,
+        state.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(args.drain_grace_secs),
+    ));
+    Server {
+        base,
+        state,
+        stop: Some(stop),
+        done,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: hyper::HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The `data:` payloads of a server-sent event stream.
+    fn events(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.body)
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: ").map(str::to_string))
+            .collect()
+    }
+}
+
+impl Server {
+    async fn send(&self, method: &str, path: &str, body: impl Into<Bytes>) -> Reply {
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(Full::new(body.into()))
+            .unwrap();
+        let response = self.client.request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Reply {
+        self.send("POST", path, body.to_string()).await
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        self.send("GET", path, Bytes::new()).await
+    }
+
+    async fn idle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stats = &self.state.engine.stats;
+        while stats.active.load(Ordering::SeqCst) > 0
+            || stats.used_blocks.load(Ordering::SeqCst) > 0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "engine not idle: {} active, {} blocks",
+                stats.active.load(Ordering::SeqCst),
+                stats.used_blocks.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.done.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_chat_report_usage_and_finish_reasons() {
+    let s = start(&[]).await;
+    let r = s
+        .post(
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "t5 t6 t7", "max_tokens": 5, "temperature": 0,
+                   "logprobs": 2}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["usage"]["prompt_tokens"], 4, "<s> + 3 words");
+    let completion = v["usage"]["completion_tokens"].as_u64().unwrap();
+    let reason = v["choices"][0]["finish_reason"].as_str().unwrap();
+    assert!(
+        (completion == 5 && reason == "length") || (completion < 5 && reason == "stop"),
+        "{v}"
+    );
+    let logprobs = &v["choices"][0]["logprobs"];
+    assert_eq!(
+        logprobs["token_logprobs"].as_array().unwrap().len() as u64,
+        completion
+    );
+
+    // Seeded sampling is reproducible.
+    let seeded = json!({"prompt": [0, 5, 6], "max_tokens": 8, "temperature": 1.0, "seed": 42});
+    let a = s.post("/v1/completions", seeded.clone()).await.json();
+    let b = s.post("/v1/completions", seeded).await.json();
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+
+    let v = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "t3 t4"}], "max_tokens": 3,
+                   "logprobs": true, "top_logprobs": 1}),
+        )
+        .await
+        .json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert!(v["usage"]["total_tokens"].as_u64().unwrap() > 3);
+
+    let models = s.get("/v1/models").await.json();
+    assert_eq!(models["data"][0]["id"], "tiny");
+    assert_eq!(s.get("/health").await.status, 200);
+    assert_eq!(s.get("/ready").await.status, 200);
+    let metrics = String::from_utf8_lossy(&s.get("/metrics").await.body).into_owned();
+    for name in [
+        "sparsemoe_num_requests_running",
+        "sparsemoe_kv_cache_usage_perc",
+        "sparsemoe_time_to_first_token_seconds_bucket",
+        "sparsemoe_generation_tokens_total",
+        "sparsemoe_request_success_total{finished_reason=",
+        "sparsemoe_expert_tokens_total{expert=",
+        "sparsemoe_model_info{arch=",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_ends_with_done_and_usage() {
+    let s = start(&[]).await;
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "t3"}], "max_tokens": 6,
+                   "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-type"], "text/event-stream");
+    let events = r.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert!(usage["completion_tokens"].as_u64().unwrap() >= 1);
+    let finished = &chunks[chunks.len() - 2]["choices"][0]["finish_reason"];
+    assert!(finished == "length" || finished == "stop", "{finished}");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+
+    // Completions stream the same way.
+    let r = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "t7", "max_tokens": 4, "stream": true}),
+        )
+        .await;
+    assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_a_4xx_with_an_openai_error_and_harms_nothing() {
+    let s = start(&[]).await;
+    let cases: Vec<(&str, Bytes, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            Bytes::from("{\"prompt\": "),
+            400,
+            "invalid",
+        ),
+        (
+            "wrong type",
+            Bytes::from(r#"{"prompt": "t3", "max_tokens": "many"}"#),
+            400,
+            "max_tokens",
+        ),
+        ("missing prompt", Bytes::from("{}"), 400, "prompt"),
+        (
+            "unknown model",
+            Bytes::from(r#"{"prompt": "t3", "model": "gpt-9"}"#),
+            404,
+            "gpt-9",
+        ),
+        (
+            "too long",
+            Bytes::from(json!({"prompt": vec![5; 600]}).to_string()),
+            400,
+            "512",
+        ),
+        (
+            "max_tokens 0",
+            Bytes::from(r#"{"prompt": "t3", "max_tokens": 0}"#),
+            400,
+            "max_tokens",
+        ),
+        (
+            "negative temperature",
+            Bytes::from(r#"{"prompt": "t3", "temperature": -1}"#),
+            400,
+            "temperature",
+        ),
+        (
+            "invalid UTF-8",
+            Bytes::from_static(b"{\"prompt\": \"\xff\xfe\"}"),
+            400,
+            "UTF-8",
+        ),
+        (
+            "token out of range",
+            Bytes::from(r#"{"prompt": [3, 999]}"#),
+            400,
+            "999",
+        ),
+        (
+            "n=2",
+            Bytes::from(r#"{"prompt": "t3", "n": 2}"#),
+            400,
+            "n=1",
+        ),
+        (
+            "20 MB body",
+            Bytes::from(vec![b' '; 20 << 20]),
+            413,
+            "larger than",
+        ),
+    ];
+    for (what, body, status, needle) in cases {
+        let r = s.send("POST", "/v1/completions", body).await;
+        assert_eq!(
+            r.status,
+            status,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let e = r.json();
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{what}: {e}");
+        assert!(e["error"]["type"].is_string(), "{what}: {e}");
+    }
+
+    // A header flood is refused by the HTTP layer, not the process.
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut flood = String::from("GET /health HTTP/1.1\r\nhost: x\r\n");
+    for i in 0..500 {
+        flood.push_str(&format!("x-flood-{i}: {}\r\n", "y".repeat(64)));
+    }
+    flood.push_str("\r\n");
+    let _ = tcp.write_all(flood.as_bytes()).await;
+    let mut reply = vec![0; 64];
+    let n = tcp.read(&mut reply).await.unwrap_or(0);
+    let head = String::from_utf8_lossy(&reply[..n]).into_owned();
+    assert!(!head.contains(" 200 "), "header flood accepted: {head}");
+
+    // The server still answers.
+    let r = s
+        .post("/v1/completions", json!({"prompt": "t3", "max_tokens": 2}))
+        .await;
+    assert_eq!(r.status, 200);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_is_required_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "sekret\n").unwrap();
+    let s = start(&["--api-key-file", key.to_str().unwrap()]).await;
+    let r = s.post("/v1/completions", json!({"prompt": "t3"})).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    let request = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("{}/v1/completions", s.base))
+        .header("authorization", "Bearer sekret")
+        .body(Full::new(Bytes::from(
+            json!({"prompt": "t3", "max_tokens": 1}).to_string(),
+        )))
+        .unwrap();
+    assert_eq!(s.client.request(request).await.unwrap().status(), 200);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cache_preempts_and_every_request_still_finishes() {
+    // 448 bytes per token on the fixture: 8 blocks of 16 tokens = 128 tokens of KV in all.
+    let s = start(&["--kv-cache-bytes", "57344", "--max-batch-tokens", "32"]).await;
+    assert_eq!(s.state.max_context, 128);
+    let mut tasks = Vec::new();
+    for i in 0..6u32 {
+        let body = json!({"prompt": [0, 3 + i, 4, 5, 6, 7, 8, 9], "max_tokens": 40,
+                          "temperature": 0.7, "seed": i});
+        let (client, base) = (s.client.clone(), s.base.clone());
+        tasks.push(tokio::spawn(async move {
+            let request = hyper::Request::builder()
+                .method("POST")
+                .uri(format!("{base}/v1/completions"))
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap();
+            let response = client.request(request).await.unwrap();
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice::<Value>(&body).unwrap())
+        }));
+    }
+    for t in tasks {
+        let (status, v) = t.await.unwrap();
+        assert_eq!(status, 200, "{v}");
+        let reason = &v["choices"][0]["finish_reason"];
+        assert!(reason == "length" || reason == "stop", "{v}");
+    }
+    s.idle().await;
+    let metrics = String::from_utf8_lossy(&s.get("/metrics").await.body).into_owned();
+    let preemptions: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sparsemoe_num_preemptions_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(preemptions > 0.0, "expected preemptions:\n{metrics}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let s = start(&["--max-queue", "1", "--max-running", "1"]).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (client, base) = (s.client.clone(), s.base.clone());
+        tasks.push(tokio::spawn(async move {
+            let request = hyper::Request::builder()
+                .method("POST")
+                .uri(format!("{base}/v1/completions"))
+                .body(Full::new(Bytes::from(
+                    json!({"prompt": "t3", "max_tokens": 30}).to_string(),
+                )))
+                .unwrap();
+            let response = client.request(request).await.unwrap();
+            let retry = response.headers().get("retry-after").cloned();
+            (response.status().as_u16(), retry)
+        }));
+    }
+    let mut limited = 0;
+    for t in tasks {
+        let (status, retry) = t.await.unwrap();
+        assert!(status == 200 || status == 429, "{status}");
+        if status == 429 {
+            limited += 1;
+            assert!(retry.is_some(), "429 without Retry-After");
+        }
+    }
+    assert!(limited > 0, "eight requests against a queue of one");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnected_clients_free_their_kv_blocks() {
+    let s = start(&[]).await;
+    for _ in 0..4 {
+        let request = hyper::Request::builder()
+            .method("POST")
+            .uri(format!("{}/v1/completions", s.base))
+            .body(Full::new(Bytes::from(
+                json!({"prompt": [0, 3, 4], "max_tokens": 400, "stream": true}).to_string(),
+            )))
+            .unwrap();
+        let response = s.client.request(request).await.unwrap();
+        let mut body = response.into_body();
+        // Read the first event, then vanish.
+        let _ = body.frame().await;
+        drop(body);
+    }
+    s.idle().await;
+    assert_eq!(s.state.engine.stats.running.load(Ordering::SeqCst), 0);
+    let metrics = String::from_utf8_lossy(&s.get("/metrics").await.body).into_owned();
+    assert!(
+        metrics.contains("sparsemoe_kv_cache_usage_perc 0\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("finished_reason=\"abort\""), "{metrics}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_in_flight_streams_and_refuses_new_requests() {
+    let mut s = start(&["--max-running", "64"]).await;
+    let mut tasks = Vec::new();
+    for i in 0..50u32 {
+        let (client, base) = (s.client.clone(), s.base.clone());
+        tasks.push(tokio::spawn(async move {
+            let request = hyper::Request::builder()
+                .method("POST")
+                .uri(format!("{base}/v1/completions"))
+                .body(Full::new(Bytes::from(
+                    json!({"prompt": [0, 2 + i % 200], "max_tokens": 300, "stream": true,
+                           "temperature": 0})
+                    .to_string(),
+                )))
+                .unwrap();
+            let response = client.request(request).await.unwrap();
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }));
+    }
+    // Wait until all 50 are accepted, then signal.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.state.engine.stats.active.load(Ordering::SeqCst) < 50 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = s.stop.take().unwrap().send(());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let refused = s.post("/v1/completions", json!({"prompt": "t3"})).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(s.get("/ready").await.status, 503);
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            body.ends_with("data: [DONE]\n\n"),
+            "unfinished stream: {body}"
+        );
+    }
+    s.done.await.unwrap().unwrap();
+}
