@@ -1,0 +1,60 @@
+//! The built-in demo model (engine/demo-model) reproduces transformers' greedy output exactly,
+//! and our tokenizer and chat template give the same prompt ids as transformers'.
+
+use std::path::Path;
+
+use sparsemoe_engine::backend::cpu::Cpu;
+use sparsemoe_engine::generate::generate;
+use sparsemoe_engine::model::{Model, ModelOptions};
+use sparsemoe_engine::sampling::{Sampler, SamplingParams};
+use sparsemoe_engine::tokenizer::{ChatMessage, Tokenizer};
+
+#[test]
+fn greedy_continuations_and_prompt_ids_match_transformers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo-model");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let model = Model::load(&dir, Cpu, ModelOptions::default()).unwrap();
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let cases = reference["cases"].as_array().unwrap();
+    assert!(cases.len() >= 3);
+    for case in cases {
+        let prompt_ids = ids(&case["prompt_ids"]);
+        let want = ids(&case["greedy_ids"]);
+        let text = case["prompt"].as_str().unwrap();
+        let ours = match case["kind"].as_str().unwrap() {
+            "chat" => {
+                let messages: Vec<ChatMessage> = case["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| ChatMessage {
+                        role: m["role"].as_str().unwrap().into(),
+                        content: m["content"].as_str().unwrap().into(),
+                    })
+                    .collect();
+                tokenizer
+                    .encode(&tokenizer.apply_chat_template(&messages, true).unwrap())
+                    .unwrap()
+            }
+            _ => {
+                let mut v = vec![tokenizer.bos_token_id().unwrap()];
+                v.extend(tokenizer.encode(text).unwrap());
+                v
+            }
+        };
+        assert_eq!(ours, prompt_ids, "prompt ids of {text:?}");
+        let mut sampler = Sampler::new(SamplingParams::greedy());
+        let (got, _) =
+            generate(&model, &prompt_ids, want.len(), &mut sampler, &[], |_| {}).unwrap();
+        assert_eq!(got, want, "greedy continuation of {text:?}");
+    }
+}
