@@ -15,6 +15,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::{self, UnboundedReceiver};
@@ -122,6 +123,10 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = drained_tx.send(());
+    });
+    // Small SSE writes must leave at once (Nagle + delayed ACK adds ~40 ms per token otherwise).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
     });
     let server = axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {

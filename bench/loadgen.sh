@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Serving benchmark on the CPU: HTTP streaming at concurrency 1 and 32, and the same workload
+# in-process on the scheduler (no HTTP), written to bench/results/serving-cpu.{jsonl,md}.
+# Model: engine/demo-model when it exists, else the tiny conformance fixture (say which in the
+# results). Usage: bench/loadgen.sh [REQUESTS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+requests="${1:-96}"
+cargo build --release -p sparsemoe-engine --example loadgen --bin sparsemoe-engine >&2
+
+model=engine/demo-model
+if [[ ! -f $model/model.safetensors ]]; then
+    model="$(mktemp -d)"
+    cp engine/tests/fixtures/v32_sparse_moe/{config.json,model.safetensors} "$model/"
+    python3 - "$model" <<'PY'
+import json, sys
+d = sys.argv[1]
+vocab = {"<s>": 0, "</s>": 1, **{f"t{i}": i for i in range(2, 256)}}
+sp = lambda i, c: {"id": i, "content": c, "single_word": False, "lstrip": False,
+                   "rstrip": False, "normalized": False, "special": True}
+json.dump({"version": "1.0", "truncation": None, "padding": None,
+           "added_tokens": [sp(0, "<s>"), sp(1, "</s>")], "normalizer": None,
+           "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None,
+           "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
+           "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t2"}},
+          open(f"{d}/tokenizer.json", "w"))
+json.dump({"bos_token": "<s>", "eos_token": "</s>"}, open(f"{d}/tokenizer_config.json", "w"))
+PY
+    label="fixture v32_sparse_moe (2 layers, hidden 64, 8 experts)"
+else
+    label="demo model"
+fi
+vocab=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['vocab_size'])" "$model/config.json")
+
+log="$(mktemp)"
+target/release/sparsemoe-engine serve --model "$model" --port 0 2>"$log" &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 200); do grep -q "serving" "$log" && break; sleep 0.1; done
+url="$(grep -o 'http://127.0.0.1:[0-9]*' "$log" | head -1)"
+
+common=(--requests "$requests" --prompt-len 16:64 --output-len 32:64 --vocab "$vocab")
+out=bench/results/serving-cpu.jsonl
+: >"$out"
+for c in 1 32; do
+    target/release/examples/loadgen --url "$url" --concurrency "$c" --label "$label" "${common[@]}" | tee -a "$out"
+    target/release/examples/loadgen --in-process "$model" --concurrency "$c" --label "$label" "${common[@]}" | tee -a "$out"
+done
+kill -TERM $server
+wait $server || { echo "server exited non-zero after SIGTERM" >&2; exit 1; }
+trap - EXIT
+
+python3 - "$out" >bench/results/serving-cpu.md <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+by = {(r["mode"], r["concurrency"]): r for r in rows}
+print(f"# Serving on the CPU ({rows[0]['label']})\n")
+print(f"{rows[0]['requests']} requests per run, prompts {rows[0]['prompt_len']} tokens, outputs "
+      f"{rows[0]['output_len']} (random token ids, greedy; eos may end some early). "
+      "Written by `bench/loadgen.sh`.\n")
+print("| mode | concurrency | output tok/s | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |")
+print("|---|---|---|---|---|---|---|")
+f = lambda x: "-" if x is None else f"{x:.1f}"
+for r in rows:
+    print(f"| {r['mode']} | {r['concurrency']} | {r['output_tokens_per_s']:.0f} | "
+          f"{r['requests_per_s']:.1f} | {f(r['ttft_ms_p50'])} / {f(r['ttft_ms_p99'])} | "
+          f"{f(r['itl_ms_p50'])} / {f(r['itl_ms_p99'])} | {r['errors']} |")
+h1, h32 = by[("http-streaming", 1)], by[("http-streaming", 32)]
+i1, i32 = by[("in-process", 1)], by[("in-process", 32)]
+print()
+print(f"- Continuous batching: HTTP tokens/s at 32 concurrent / at 1 = "
+      f"**{h32['output_tokens_per_s'] / h1['output_tokens_per_s']:.2f}x** (target >= 4x).")
+print(f"- Server overhead: HTTP streaming / in-process tokens/s = "
+      f"**{h1['output_tokens_per_s'] / i1['output_tokens_per_s']:.2f}** at concurrency 1, "
+      f"**{h32['output_tokens_per_s'] / i32['output_tokens_per_s']:.2f}** at 32 (target >= 0.9).")
+PY
+cat bench/results/serving-cpu.md
