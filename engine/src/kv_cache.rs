@@ -3,7 +3,11 @@
 //! for V3.2. That is all decode needs: 512 + 64 + 128 floats per token and layer on the real
 //! model, against 128 heads × (192 + 128) for an expanded cache.
 
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
+
 use crate::backend::Backend;
+use crate::error::{EngineError, Result};
 
 /// One layer's cached rows.
 pub struct LayerCache<B: Backend> {
@@ -18,26 +22,131 @@ impl<B: Backend> std::fmt::Debug for LayerCache<B> {
     }
 }
 
-/// The cache of one sequence.
-pub struct SeqCache<B: Backend> {
-    len: usize,
+/// The paged store shared by the sequences of a server: per layer, `blocks · block_size` rows
+/// of latent, RoPE key and indexer key. Token `t` of a sequence lives in row
+/// `table[t / block_size] · block_size + t % block_size`.
+pub struct KvPool<B: Backend> {
+    block_size: usize,
     layers: Vec<LayerCache<B>>,
 }
 
-impl<B: Backend> std::fmt::Debug for SeqCache<B> {
+impl<B: Backend> std::fmt::Debug for KvPool<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "SeqCache(len {}, {} layers)",
-            self.len,
-            self.layers.len()
+            "KvPool({} layers, block {})",
+            self.layers.len(),
+            self.block_size
         )
     }
 }
 
+/// A pool shared between sequences (one engine thread uses it; the lock is uncontended).
+pub type SharedPool<B> = Arc<Mutex<KvPool<B>>>;
+
+impl<B: Backend> KvPool<B> {
+    /// `layers` zero-filled layer stores of `rows = blocks · block_size` rows each.
+    pub fn new(block_size: usize, layers: Vec<LayerCache<B>>) -> SharedPool<B> {
+        Arc::new(Mutex::new(Self { block_size, layers }))
+    }
+}
+
+enum Storage<B: Backend> {
+    /// Rows appended to tensors owned by the sequence (CLI, tests, conformance).
+    Contiguous(Vec<LayerCache<B>>),
+    /// Rows in a shared pool, addressed through the sequence's block table.
+    Paged {
+        pool: SharedPool<B>,
+        table: Vec<u32>,
+        block_size: usize,
+    },
+}
+
+/// A tensor borrowed from a contiguous cache or gathered from the pool.
+pub enum CacheRows<'a, T> {
+    Borrowed(&'a T),
+    Owned(T),
+}
+
+impl<T> Deref for CacheRows<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match self {
+            Self::Borrowed(t) => t,
+            Self::Owned(t) => t,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for CacheRows<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Borrowed(_) => "CacheRows::Borrowed",
+            Self::Owned(_) => "CacheRows::Owned",
+        })
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for LayerView<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LayerView")
+    }
+}
+
+/// The rows of one layer a step attends to.
+pub struct LayerView<'a, B: Backend> {
+    pub latent: CacheRows<'a, B::Tensor>,
+    pub k_pe: CacheRows<'a, B::Tensor>,
+    pub index_keys: Option<CacheRows<'a, B::Tensor>>,
+}
+
+/// The cache of one sequence.
+pub struct SeqCache<B: Backend> {
+    len: usize,
+    storage: Storage<B>,
+}
+
+impl<B: Backend> std::fmt::Debug for SeqCache<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.storage {
+            Storage::Contiguous(layers) => {
+                write!(f, "SeqCache(len {}, {} layers)", self.len, layers.len())
+            }
+            Storage::Paged { table, .. } => {
+                write!(f, "SeqCache(len {}, {} blocks)", self.len, table.len())
+            }
+        }
+    }
+}
+
 impl<B: Backend> SeqCache<B> {
+    /// A contiguous cache with its own (empty) layer tensors.
     pub fn new(layers: Vec<LayerCache<B>>) -> Self {
-        Self { len: 0, layers }
+        Self {
+            len: 0,
+            storage: Storage::Contiguous(layers),
+        }
+    }
+
+    /// An empty paged cache in `pool` (blocks are given with [`SeqCache::set_blocks`]).
+    pub fn paged(pool: SharedPool<B>) -> Self {
+        let block_size = pool.lock().map_or(1, |p| p.block_size);
+        Self {
+            len: 0,
+            storage: Storage::Paged {
+                pool,
+                table: Vec::new(),
+                block_size,
+            },
+        }
+    }
+
+    /// Sets a paged cache's block table (the scheduler owns allocation).
+    pub fn set_blocks(&mut self, blocks: &[u32]) {
+        if let Storage::Paged { table, .. } = &mut self.storage {
+            table.clear();
+            table.extend_from_slice(blocks);
+        }
     }
 
     /// Tokens cached.
@@ -49,8 +158,110 @@ impl<B: Backend> SeqCache<B> {
         self.len == 0
     }
 
+    /// Tokens this cache can hold without more blocks.
+    pub fn capacity(&self) -> usize {
+        match &self.storage {
+            Storage::Contiguous(_) => usize::MAX,
+            Storage::Paged {
+                table, block_size, ..
+            } => table.len() * block_size,
+        }
+    }
+
+    /// A contiguous cache's layer (benchmarks build synthetic caches through it).
+    ///
+    /// # Panics
+    /// On a paged cache, whose rows live in the shared pool.
     pub fn layer_mut(&mut self, layer: usize) -> &mut LayerCache<B> {
-        &mut self.layers[layer]
+        match &mut self.storage {
+            Storage::Contiguous(layers) => &mut layers[layer],
+            Storage::Paged { .. } => panic!("layer_mut is for contiguous caches"),
+        }
+    }
+
+    fn slots(table: &[u32], block_size: usize, tokens: std::ops::Range<usize>) -> Vec<usize> {
+        tokens
+            .map(|t| table[t / block_size] as usize * block_size + t % block_size)
+            .collect()
+    }
+
+    /// Stores one layer's rows for the next `rows(latent)` tokens (after the `len` cached ones).
+    pub fn append(
+        &mut self,
+        b: &B,
+        layer: usize,
+        latent: &B::Tensor,
+        k_pe: &B::Tensor,
+        index_keys: Option<&B::Tensor>,
+    ) -> Result<()> {
+        match &mut self.storage {
+            Storage::Contiguous(layers) => {
+                let c = &mut layers[layer];
+                b.append_rows(&mut c.latent, latent);
+                b.append_rows(&mut c.k_pe, k_pe);
+                if let (Some(keys), Some(rows)) = (c.index_keys.as_mut(), index_keys) {
+                    b.append_rows(keys, rows);
+                }
+            }
+            Storage::Paged {
+                pool,
+                table,
+                block_size,
+            } => {
+                let n = b.shape(latent).0;
+                if self.len + n > table.len() * *block_size {
+                    return Err(EngineError::input(format!(
+                        "the KV cache has blocks for {} tokens, {} needed",
+                        table.len() * *block_size,
+                        self.len + n
+                    )));
+                }
+                let slots = Self::slots(table, *block_size, self.len..self.len + n);
+                let mut pool = pool
+                    .lock()
+                    .map_err(|_| EngineError::Device("KV pool lock poisoned".into()))?;
+                let c = &mut pool.layers[layer];
+                b.write_rows(&mut c.latent, &slots, latent);
+                b.write_rows(&mut c.k_pe, &slots, k_pe);
+                if let (Some(keys), Some(rows)) = (c.index_keys.as_mut(), index_keys) {
+                    b.write_rows(keys, &slots, rows);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The first `total` cached rows of a layer (the cached tokens plus this step's).
+    pub fn view(&self, b: &B, layer: usize, total: usize) -> Result<LayerView<'_, B>> {
+        match &self.storage {
+            Storage::Contiguous(layers) => {
+                let c = &layers[layer];
+                Ok(LayerView {
+                    latent: CacheRows::Borrowed(&c.latent),
+                    k_pe: CacheRows::Borrowed(&c.k_pe),
+                    index_keys: c.index_keys.as_ref().map(CacheRows::Borrowed),
+                })
+            }
+            Storage::Paged {
+                pool,
+                table,
+                block_size,
+            } => {
+                let slots = Self::slots(table, *block_size, 0..total);
+                let pool = pool
+                    .lock()
+                    .map_err(|_| EngineError::Device("KV pool lock poisoned".into()))?;
+                let c = &pool.layers[layer];
+                Ok(LayerView {
+                    latent: CacheRows::Owned(b.gather_rows(&c.latent, &slots)),
+                    k_pe: CacheRows::Owned(b.gather_rows(&c.k_pe, &slots)),
+                    index_keys: c
+                        .index_keys
+                        .as_ref()
+                        .map(|k| CacheRows::Owned(b.gather_rows(k, &slots))),
+                })
+            }
+        }
     }
 
     /// Marks `tokens` more tokens as cached (after every layer appended their rows).

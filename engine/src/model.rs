@@ -8,7 +8,7 @@ use crate::backend::{AttentionForm, Backend, Expert, MlaDims, Routing};
 use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::expert_load::ExpertLoad;
-use crate::kv_cache::{LayerCache, SeqCache};
+use crate::kv_cache::{KvPool, LayerCache, SeqCache, SharedPool};
 use crate::moe::{RouterConfig, route};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::WeightStore;
@@ -362,6 +362,22 @@ impl<B: Backend> Model<B> {
         SeqCache::new(layers)
     }
 
+    /// A paged KV store of `blocks` blocks of `block_size` tokens (zero-filled, allocated once)
+    /// for caches made with [`SeqCache::paged`].
+    pub fn new_paged_pool(&self, block_size: usize, blocks: usize) -> SharedPool<B> {
+        let c = &self.config;
+        let rows = block_size * blocks;
+        let zeros = |cols: usize| self.backend.tensor(rows, cols, vec![0.0; rows * cols]);
+        let layers = (0..c.num_layers)
+            .map(|_| LayerCache {
+                latent: zeros(c.kv_lora_rank),
+                k_pe: zeros(c.qk_rope_head_dim),
+                index_keys: c.indexer.as_ref().map(|ix| zeros(ix.head_dim)),
+            })
+            .collect();
+        KvPool::new(block_size, layers)
+    }
+
     /// Runs new tokens of several sequences through the model, appending to their caches.
     /// Returns the requested logits per sequence (`[rows · vocab]`, row-major).
     pub fn forward(
@@ -387,6 +403,13 @@ impl<B: Backend> Model<B> {
                 )));
             }
             let start = step.cache.len();
+            if start + step.tokens.len() > step.cache.capacity() {
+                return Err(EngineError::input(format!(
+                    "the KV cache holds {} tokens of this sequence, {} needed",
+                    step.cache.capacity(),
+                    start + step.tokens.len()
+                )));
+            }
             rows.spans.push((tokens.len(), step.tokens.len()));
             tokens.extend_from_slice(step.tokens);
             rows.positions.extend(start..start + step.tokens.len());
@@ -549,16 +572,23 @@ impl<B: Backend> Model<B> {
         let mut any_sparse = false;
         for (step, &(start, len)) in batch.iter_mut().zip(spans) {
             let seq_positions = &positions[start..start + len];
-            let cache = step.cache.layer_mut(layer_index);
-            b.append_rows(&mut cache.latent, &b.rows(&latent, start, len));
-            b.append_rows(&mut cache.k_pe, &b.rows(&k_pe, start, len));
-            let total = b.shape(&cache.latent).0;
+            let new_keys = indexer_inputs
+                .as_ref()
+                .map(|(_, ki, _, _)| b.rows(ki, start, len));
+            step.cache.append(
+                b,
+                layer_index,
+                &b.rows(&latent, start, len),
+                &b.rows(&k_pe, start, len),
+                new_keys.as_ref(),
+            )?;
+            let total = step.cache.len() + len;
+            let cache = step.cache.view(b, layer_index, total)?;
 
             let mut selection = None;
-            if let (Some((qi, ki, w, ix_scale)), Some(keys)) =
-                (&indexer_inputs, cache.index_keys.as_mut())
+            if let (Some((qi, _, w, ix_scale)), Some(keys)) =
+                (&indexer_inputs, cache.index_keys.as_deref())
             {
-                b.append_rows(keys, &b.rows(ki, start, len));
                 let k = self.index_topk().unwrap_or(usize::MAX);
                 let sparse = match self.options.attention {
                     AttentionMode::Sparse => true,
@@ -580,7 +610,6 @@ impl<B: Backend> Model<B> {
                 .as_ref()
                 .map(|s| s.iter().map(Vec::len).max().unwrap_or(0));
             let form = attention_form(len, total, widest, dims);
-            let cache = step.cache.layer_mut(layer_index);
             outputs.push(b.mla_attention(
                 &b.rows(&q, start, len),
                 &cache.latent,

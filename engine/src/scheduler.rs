@@ -16,7 +16,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::backend::Backend;
 use crate::generate::FinishReason;
-use crate::kv_cache::{BlockAllocator, BlockTable, SeqCache};
+use crate::kv_cache::{BlockAllocator, BlockTable, SeqCache, SharedPool};
 use crate::metrics::Metrics;
 use crate::model::{LogitRows, Model, SeqStep};
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob, logprobs};
@@ -188,7 +188,9 @@ pub fn spawn<B: Backend>(
         stats: stats.clone(),
         max_waiting: config.max_waiting,
     };
+    let pool = model.new_paged_pool(blocks.block_size(), blocks.total_blocks());
     let engine = Engine {
+        pool,
         model,
         blocks,
         config,
@@ -207,6 +209,8 @@ pub fn spawn<B: Backend>(
 
 struct Engine<B: Backend> {
     model: Model<B>,
+    /// The paged KV store every sequence's cache lives in.
+    pool: SharedPool<B>,
     blocks: BlockAllocator,
     config: SchedulerConfig,
     metrics: Arc<Metrics>,
@@ -276,7 +280,7 @@ impl<B: Backend> Engine<B> {
             max_tokens: s.request.max_tokens,
             stop_tokens: s.request.stop_tokens,
             logprobs: s.request.logprobs,
-            cache: self.model.new_cache(),
+            cache: SeqCache::paged(self.pool.clone()),
             blocks: BlockTable::default(),
             events: s.events,
             arrived: s.arrived,
@@ -313,7 +317,7 @@ impl<B: Backend> Engine<B> {
     fn preempt(&mut self, index: usize) {
         let mut seq = self.running.remove(index);
         self.blocks.release(&mut seq.blocks);
-        seq.cache = self.model.new_cache();
+        seq.cache = SeqCache::paged(self.pool.clone());
         self.metrics.preemptions.inc();
         self.waiting.push_front(seq);
     }
@@ -397,7 +401,10 @@ impl<B: Backend> Engine<B> {
             return Ok(());
         }
 
-        // Run the step.
+        // Run the step: each cache reads and writes the pool through its block table.
+        for seq in &mut self.running {
+            seq.cache.set_blocks(&seq.blocks.blocks);
+        }
         let inputs: Vec<Vec<u32>> = self
             .running
             .iter()

@@ -136,6 +136,21 @@ impl Backend for Cpu {
         cache.rows += rows.rows;
     }
 
+    fn write_rows(&self, dst: &mut CpuTensor, slots: &[usize], rows: &CpuTensor) {
+        assert_eq!(dst.cols, rows.cols, "write_rows: column counts differ");
+        for (i, &slot) in slots.iter().enumerate() {
+            dst.data[slot * dst.cols..(slot + 1) * dst.cols].copy_from_slice(rows.row(i));
+        }
+    }
+
+    fn gather_rows(&self, src: &CpuTensor, slots: &[usize]) -> CpuTensor {
+        let mut data = Vec::with_capacity(slots.len() * src.cols);
+        for &slot in slots {
+            data.extend_from_slice(src.row(slot));
+        }
+        self.tensor(slots.len(), src.cols, data)
+    }
+
     fn rope(
         &self,
         x: &mut CpuTensor,

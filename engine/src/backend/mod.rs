@@ -88,6 +88,11 @@ pub trait Backend: Send + Sync + 'static {
     fn concat_rows(&self, parts: &[&Self::Tensor]) -> Self::Tensor;
     /// Appends `rows` to `cache`.
     fn append_rows(&self, cache: &mut Self::Tensor, rows: &Self::Tensor);
+    /// Writes row `i` of `rows` to row `slots[i]` of `dst` (paged KV cache).
+    fn write_rows(&self, dst: &mut Self::Tensor, slots: &[usize], rows: &Self::Tensor);
+    /// Rows `slots[0], slots[1], …` of `src`, stacked (reading a paged KV cache through a
+    /// sequence's block table).
+    fn gather_rows(&self, src: &Self::Tensor, slots: &[usize]) -> Self::Tensor;
     /// Rotates, in every row `r` and head `h`, the values
     /// `x[r, h·head_width + offset ..][..rope.dim()]` for position `positions[r]`.
     #[allow(clippy::too_many_arguments)]
