@@ -50,14 +50,16 @@ kill -TERM $server
 wait $server || { echo "server exited non-zero after SIGTERM" >&2; exit 1; }
 trap - EXIT
 
-python3 - "$out" >bench/results/serving-cpu.md <<'PY'
+load="$(cut -d' ' -f1-3 /proc/loadavg)"
+python3 - "$out" "$load" "$(nproc)" >bench/results/serving-cpu.md <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 by = {(r["mode"], r["concurrency"]): r for r in rows}
 print(f"# Serving on the CPU ({rows[0]['label']})\n")
 print(f"{rows[0]['requests']} requests per run, prompts {rows[0]['prompt_len']} tokens, outputs "
       f"{rows[0]['output_len']} (random token ids, greedy; eos may end some early). "
-      "Written by `bench/loadgen.sh`.\n")
+      f"Written by `bench/loadgen.sh` on {sys.argv[3]} CPU cores; load average after the runs: "
+      f"{sys.argv[2]} (other jobs share the machine, so numbers move run to run).\n")
 print("| mode | concurrency | output tok/s | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |")
 print("|---|---|---|---|---|---|---|")
 f = lambda x: "-" if x is None else f"{x:.1f}"
