@@ -204,6 +204,50 @@ impl Cluster {
         }
     }
 
+    /// `kubectl apply -n NAMESPACE -f -` with `yaml` on standard input: `Ok(stdout)` or
+    /// `Err(stderr)`, as [`Cluster::apply_file`].
+    pub fn apply_yaml(&self, yaml: &str, namespace: &str) -> Result<String, String> {
+        use std::io::Write;
+        let mut child = Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["apply", "-n", namespace, "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("running {}: {e}", self.kubectl.display()));
+        // stdin is closed (dropped) before waiting, so kubectl sees the end of the input.
+        let written = child
+            .stdin
+            .take()
+            .map(|mut stdin| stdin.write_all(yaml.as_bytes()));
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if let Some(Err(e)) = written {
+            return Err(format!("writing to kubectl: {e}"));
+        }
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// The write requests after `mark` by user agents starting with `user_agent_prefix` on
+    /// objects in `namespace`.
+    pub fn writes_in(
+        &self,
+        mark: usize,
+        user_agent_prefix: &str,
+        namespace: &str,
+    ) -> Result<Vec<serde_json::Value>> {
+        Ok(self
+            .writes_since(mark, user_agent_prefix)?
+            .into_iter()
+            .filter(|e| e["objectRef"]["namespace"] == namespace)
+            .collect())
+    }
+
     /// Installs (or updates) the InferenceDeployment CRD from `crds/` and waits until the API
     /// server serves it. Safe to call from every test.
     pub fn install_crd(&self) -> Result<()> {

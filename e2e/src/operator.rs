@@ -30,12 +30,19 @@ use crate::{Cluster, repo_root};
 pub struct Operator {
     child: Child,
     log: PathBuf,
+    http_port: Option<u16>,
 }
 
 impl Operator {
     /// What the operator's requests carry as their user agent, to tell its writes apart in the
-    /// audit log (kube-rs sends `kube-rs/<version>` unless the operator sets its own).
-    pub const USER_AGENT_PREFIX: &str = "sparsemoe-operator";
+    /// audit log: the operator sends `sparsemoe-operator/<version> (<identity>)` (kube-rs sends
+    /// no User-Agent of its own).
+    pub const USER_AGENT_PREFIX: &str = "sparsemoe-operator/";
+
+    /// The user agent of the replica started with identity `id`, as a suffix to match.
+    pub fn user_agent_suffix(id: &str) -> String {
+        format!(" ({id})")
+    }
 
     /// The operator binary: `$SPARSEMOE_OPERATOR_BIN`, else `sparsemoe-operator` in
     /// `$CARGO_TARGET_DIR/debug` or `target/debug` (built by `cargo build -p sparsemoe-operator`).
@@ -74,7 +81,68 @@ impl Operator {
             .stderr(out)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        Ok(Operator { child, log })
+        Ok(Operator {
+            child,
+            log,
+            http_port: None,
+        })
+    }
+
+    /// Starts a replica that watches only `namespace`, with identity `id` (its user agent ends
+    /// in ` (id)`), /metrics on a free loopback port, and, with `leader_election`, the Lease
+    /// `sparsemoe-operator` in `namespace`. Tests running side by side each use their own.
+    pub fn start_in(
+        cluster: &Cluster,
+        id: &str,
+        namespace: &str,
+        leader_election: bool,
+    ) -> Result<Operator> {
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let election = leader_election.to_string();
+        let mut op = Operator::start(
+            cluster,
+            &format!("{namespace}-{id}"),
+            &[
+                "--identity",
+                id,
+                "--http-addr",
+                &addr,
+                "--watch-namespace",
+                namespace,
+                "--lease-namespace",
+                namespace,
+                "--leader-election",
+                &election,
+            ],
+        )?;
+        op.http_port = Some(port);
+        Ok(op)
+    }
+
+    /// The operator's /metrics text (replicas from [`Operator::start_in`] only).
+    pub fn metrics(&self) -> Result<String> {
+        use std::io::{Read, Write};
+        let port = self
+            .http_port
+            .context("this operator was not started with start_in")?;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    }
+
+    /// One sample of a metric without labels from /metrics (0 when absent).
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let text = self.metrics()?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .find_map(|v| v.trim().parse().ok())
+            .unwrap_or(0.0))
     }
 
     pub fn pid(&self) -> u32 {
@@ -103,6 +171,13 @@ impl Operator {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl Drop for Operator {

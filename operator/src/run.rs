@@ -81,11 +81,30 @@ async fn wait_true(rx: &mut watch::Receiver<bool>) {
     }
 }
 
+/// Leadership for a replica that runs without leader election: always true. The sender must
+/// live as long as the controller, or [`leadership_lost`] resolves at once.
+fn always_leader() -> (watch::Sender<bool>, watch::Receiver<bool>) {
+    watch::channel(true)
+}
+
+/// Resolves when leadership turns false or its sender is gone (the lease task ended).
+async fn leadership_lost(mut leader: watch::Receiver<bool>) {
+    while *leader.borrow_and_update() {
+        if leader.changed().await.is_err() {
+            break;
+        }
+    }
+}
+
 /// Runs the operator until SIGTERM; Err if leadership is lost (the pod restarts as a standby).
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
-    let client = Client::try_default()
+    let mut kube_config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration (in-cluster service account or KUBECONFIG)")?;
+    kube_config
+        .headers
+        .push((http::header::USER_AGENT, user_agent(&config.identity)));
+    let client = Client::try_from(kube_config).context("building the Kubernetes client")?;
     let metrics = Arc::new(Metrics::new());
     let health = Health {
         metrics: metrics.clone(),
@@ -107,7 +126,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let server = tokio::spawn(server::serve(config.http_addr, health.clone(), stopped()));
 
     // Leadership: `leader` turns true while this replica holds the Lease.
-    let (mut leader, lease_task) = if config.leader_election {
+    // Without leader election the sender is held until the end (`_always_leader`): a closed
+    // watch reads as lost leadership.
+    let (mut leader, lease_task, _always_leader) = if config.leader_election {
         let namespace = config
             .lease_namespace
             .clone()
@@ -123,9 +144,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot use Lease {namespace}/{}", config.lease_name))?;
         let (rx, task) = manager.watch().await;
-        (rx, Some(task))
+        (rx, Some(task), None)
     } else {
-        (watch::channel(true).1, None)
+        let (tx, rx) = always_leader();
+        (rx, None, Some(tx))
     };
     health.ready.store(true, Ordering::Relaxed);
     info!(identity = %config.identity, leader_election = config.leader_election, "waiting for leadership");
@@ -137,14 +159,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     if !*stop_rx.borrow() {
         info!(identity = %config.identity, "leading; starting the controller");
         health.ready.store(false, Ordering::Relaxed);
-        let mut leader_watch = leader.clone();
-        let lost = async move {
-            while *leader_watch.borrow_and_update() {
-                if leader_watch.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
+        let lost = leadership_lost(leader.clone());
         let stop = stopped();
         let shutdown = async move {
             tokio::select! {
@@ -171,6 +186,25 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The User-Agent of every request, `sparsemoe-operator/<version> (<identity>)`, so that the API
+/// server's audit log and `apiserver_request_total` tell the operator's requests (and each
+/// replica's) apart; kube-rs sends none of its own.
+pub fn user_agent(identity: &str) -> http::HeaderValue {
+    let version = env!("CARGO_PKG_VERSION");
+    http::HeaderValue::from_str(&format!("{}/{version} ({identity})", crate::FIELD_MANAGER))
+        .unwrap_or_else(|_| {
+            http::HeaderValue::from_str(&format!("{}/{version}", crate::FIELD_MANAGER))
+                .expect("a valid header value")
+        })
+}
+
+/// Whether a discovery error means the API group is not installed. The API server answers an
+/// unknown group-version with a plain-text `404 page not found`, which kube-rs turns into a
+/// Status with code 404 but no `NotFound` reason (so `is_not_found` is false).
+fn group_not_served(status: &kube::core::Status) -> bool {
+    status.is_not_found() || status.code == 404
+}
+
 /// Whether the LeaderWorkerSet API is served (API discovery).
 pub async fn discover(client: &Client) -> Capabilities {
     let leader_worker_set = match client
@@ -181,7 +215,7 @@ pub async fn discover(client: &Client) -> Capabilities {
             .resources
             .iter()
             .any(|r| r.name == children::LWS_PLURAL),
-        Err(kube::Error::Api(status)) if status.is_not_found() => false,
+        Err(kube::Error::Api(status)) if group_not_served(&status) => false,
         Err(e) => {
             warn!(error = %e, "LeaderWorkerSet discovery failed; treating it as absent");
             false
@@ -322,4 +356,72 @@ async fn run_controller(
         .await;
     info!("controller stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: without leader election the controller shut down right after starting
+    /// (the sender of the always-true leadership was dropped at once, which read as lost).
+    #[tokio::test]
+    async fn without_leader_election_leadership_is_never_lost() {
+        let (tx, rx) = always_leader();
+        let lost = tokio::time::timeout(Duration::from_millis(200), leadership_lost(rx.clone()));
+        assert!(
+            lost.await.is_err(),
+            "leadership was lost while the sender lives"
+        );
+        drop(tx);
+        let lost = tokio::time::timeout(Duration::from_millis(200), leadership_lost(rx));
+        assert!(
+            lost.await.is_ok(),
+            "a closed leadership watch counts as lost"
+        );
+    }
+
+    #[tokio::test]
+    async fn leadership_is_lost_when_it_turns_false() {
+        let (tx, rx) = watch::channel(true);
+        let waiter = tokio::spawn(leadership_lost(rx));
+        tx.send(false).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("lost in time")
+            .unwrap();
+    }
+
+    /// Regression: a real API server's answer for an uninstalled group was logged as a failed
+    /// discovery.
+    #[test]
+    fn a_plain_404_means_the_group_is_not_served() {
+        let plain = kube::core::Status {
+            status: Some(kube::core::response::StatusSummary::Failure),
+            code: 404,
+            message: "404 page not found".into(),
+            metadata: None,
+            reason: "Failed to parse error data".into(),
+            details: None,
+        };
+        assert!(group_not_served(&plain));
+        let forbidden = kube::core::Status {
+            code: 403,
+            reason: "Forbidden".into(),
+            ..plain
+        };
+        assert!(!group_not_served(&forbidden));
+    }
+
+    #[test]
+    fn user_agent_names_the_operator_and_the_replica() {
+        let ua = user_agent("op-a");
+        let ua = ua.to_str().unwrap();
+        assert!(ua.starts_with("sparsemoe-operator/"), "{ua}");
+        assert!(ua.ends_with(" (op-a)"), "{ua}");
+        // An identity that cannot be a header value still gives a usable agent.
+        assert_eq!(
+            user_agent("bad\nname").to_str().unwrap(),
+            concat!("sparsemoe-operator/", env!("CARGO_PKG_VERSION"))
+        );
+    }
 }
