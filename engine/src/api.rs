@@ -541,6 +541,40 @@ mod tests {
         assert_eq!(e.status, 400);
     }
 
+    /// A cheap stand-in for a fuzz target: mutated and truncated bodies never panic, and every
+    /// rejection is a 400 with a message.
+    #[test]
+    fn mutated_bodies_never_panic() {
+        use rand::{RngExt, SeedableRng};
+        let seeds: [&[u8]; 3] = [
+            br#"{"prompt": [1, 2, 3], "max_tokens": 5, "stop": ["a"], "logprobs": 2}"#,
+            br#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "logprobs": true, "top_logprobs": 3, "n": 1}"#,
+            br#"{"prompt": "x", "temperature": 0.5, "top_p": 0.9, "top_k": -1, "seed": -7, "stream": true, "stream_options": {"include_usage": true}}"#,
+        ];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..20_000 {
+            let mut body = seeds[rng.random_range(0..seeds.len())].to_vec();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..body.len());
+                match rng.random_range(0..3) {
+                    0 => body[at] = rng.random(),
+                    1 => body.truncate(at.max(1)),
+                    _ => {
+                        let junk = b"[]{}\",:-019e\xff";
+                        body.insert(at, junk[rng.random_range(0..junk.len())]);
+                    }
+                }
+            }
+            for endpoint in [Endpoint::Completions, Endpoint::Chat] {
+                let result = parse_body(&body).and_then(|b| validate(&b, endpoint));
+                if let Err(e) = result {
+                    assert_eq!(e.status, 400);
+                    assert!(!e.message.is_empty());
+                }
+            }
+        }
+    }
+
     fn decode(ids: &[u32]) -> String {
         ids.iter().map(|&i| char::from(b'a' + i as u8)).collect()
     }
