@@ -215,6 +215,10 @@ def main():
     if code != 0:
         print(f"openai client tests: FAILED: the server exited with {code} after SIGTERM")
         return 1
+    failed = len(result.failures) + len(result.errors)
+    passed = result.testsRun - failed - len(result.skipped)
+    # The plain closing line CI reads, like the Rust runners' `test result:` line.
+    print(f"openai: {passed} passed, {failed} failed, {len(result.skipped)} skipped")
     return 0 if result.wasSuccessful() else 1
 
 
