@@ -112,6 +112,7 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let (force_tx, force_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_state = state.clone();
     tokio::spawn(async move {
         shutdown.await;
@@ -123,6 +124,9 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = drained_tx.send(());
+        // Connections still open after the grace period (a stuck client) do not hold the exit.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let _ = force_tx.send(());
     });
     // Small SSE writes must leave at once (Nagle + delayed ACK adds ~40 ms per token otherwise).
     let listener = listener.tap_io(|tcp| {
@@ -133,7 +137,10 @@ pub async fn serve(
             let _ = drained_rx.await;
         })
         .into_future();
-    server.await
+    tokio::select! {
+        result = server => result,
+        Ok(()) = force_rx => Ok(()),
+    }
 }
 
 fn error_response(e: &ApiError) -> Response {
