@@ -114,21 +114,44 @@ impl Reply {
 
 impl Server {
     async fn send(&self, method: &str, path: &str, body: impl Into<Bytes>) -> Reply {
+        let body = body.into();
+        // The server may answer (413) and close before a huge body is fully sent; the client
+        // then sometimes reports the broken write instead of the answer: try again.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            match self.try_send(method, path, body.clone()).await {
+                Ok(reply) => return reply,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("{method} {path}: {last_error}");
+    }
+
+    async fn try_send(&self, method: &str, path: &str, body: Bytes) -> Result<Reply, String> {
         let request = hyper::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
             .header("content-type", "application/json")
-            .body(Full::new(body.into()))
+            .body(Full::new(body))
             .unwrap();
-        let response = self.client.request(request).await.unwrap();
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        Reply {
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Reply {
             status,
             headers,
             body,
-        }
+        })
     }
 
     async fn post(&self, path: &str, body: Value) -> Reply {
