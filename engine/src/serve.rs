@@ -30,7 +30,8 @@ pub struct ServeArgs {
     /// `cpu` (the CUDA backend is not built yet).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address to listen on (pods: 0.0.0.0, which the operator passes).
+    #[arg(long, default_value = "127.0.0.1", env = "SPARSEMOE_HOST")]
     pub host: String,
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
@@ -41,7 +42,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub api_key_file: Option<PathBuf>,
     /// The model name clients use (default: the directory name, or `sparsemoe-demo`).
-    #[arg(long)]
+    #[arg(long, env = "SPARSEMOE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
     /// Memory for the KV cache, in bytes.
     #[arg(long, default_value_t = 1 << 30)]
@@ -50,20 +51,26 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
     /// Cap on prompt + output tokens (default: the model's max_position_embeddings).
-    #[arg(long)]
+    #[arg(long, env = "SPARSEMOE_MAX_CONTEXT_TOKENS")]
     pub max_model_len: Option<usize>,
     /// Tokens one engine step processes at most (decodes plus prefill chunks).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, env = "SPARSEMOE_MAX_BATCHED_TOKENS")]
     pub max_batch_tokens: usize,
     /// Sequences running at once.
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
     /// Seconds running requests get to finish after SIGTERM.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "SPARSEMOE_DRAIN_SECONDS")]
     pub drain_grace_secs: u64,
-    /// Attention: sparse (DSA top-k) or dense.
-    #[arg(long, default_value = "sparse")]
+    /// Attention: sparse (DSA top-k), dense, or auto (dense below --dense-below-tokens).
+    #[arg(long, default_value = "sparse", env = "SPARSEMOE_ATTENTION")]
     pub attention: String,
+    /// With `--attention auto`: sequences shorter than this use dense attention (default: index_topk).
+    #[arg(long, env = "SPARSEMOE_DENSE_BELOW_TOKENS")]
+    pub dense_below_tokens: Option<usize>,
+    /// Overrides the model's index_topk.
+    #[arg(long, env = "SPARSEMOE_INDEX_TOPK")]
+    pub index_topk: Option<usize>,
 }
 
 struct Loaded {
@@ -73,6 +80,16 @@ struct Loaded {
 }
 
 fn load(args: &ServeArgs) -> anyhow::Result<Loaded> {
+    let mut loaded = load_model(args)?;
+    if args.attention == "auto" && args.dense_below_tokens.is_none() {
+        // Below index_topk the indexer would select every key anyway.
+        let dense_below = loaded.model.index_topk().unwrap_or(0);
+        loaded.model.options.attention = AttentionMode::Auto { dense_below };
+    }
+    Ok(loaded)
+}
+
+fn load_model(args: &ServeArgs) -> anyhow::Result<Loaded> {
     if args.device != "cpu" {
         bail!(
             "--device {}: only `cpu` is available in this build (the CUDA backend is not built yet)",
@@ -83,9 +100,14 @@ fn load(args: &ServeArgs) -> anyhow::Result<Loaded> {
         attention: match args.attention.as_str() {
             "sparse" => AttentionMode::Sparse,
             "dense" => AttentionMode::Dense,
-            other => bail!("--attention {other}: expected `sparse` or `dense`"),
+            // Below index_topk the indexer would select every key anyway.
+            // The threshold defaults to the model's index_topk, known once it is loaded.
+            "auto" => AttentionMode::Auto {
+                dense_below: args.dense_below_tokens.unwrap_or(0),
+            },
+            other => bail!("--attention {other}: expected `sparse`, `dense` or `auto`"),
         },
-        index_topk: None,
+        index_topk: args.index_topk,
     };
     match (&args.model, DEMO) {
         (Some(dir), _) => {

@@ -151,6 +151,8 @@ pub(super) fn pod_template(
         volumes.push(volume);
         args.extend(["--model".to_string(), MODEL_DIR.to_string()]);
     }
+    // All interfaces: kubelet probes and the Service reach the pod IP, not loopback.
+    args.extend(["--host".to_string(), "0.0.0.0".to_string()]);
     args.extend(["--port".to_string(), ENGINE_PORT.to_string()]);
     args.extend([
         "--device".to_string(),

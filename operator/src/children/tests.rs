@@ -131,7 +131,7 @@ fn gpu_deployment_has_every_field() {
     );
     assert_eq!(
         c.args.as_ref().unwrap().join(" "),
-        "serve --model /models/model --port 8000 --device cuda:0,1,2,3,4,5,6,7"
+        "serve --model /models/model --host 0.0.0.0 --port 8000 --device cuda:0,1,2,3,4,5,6,7"
     );
     let res = c.resources.as_ref().unwrap();
     for list in [&res.requests, &res.limits] {
@@ -331,7 +331,7 @@ fn model_sources_map_to_volumes_and_demo_has_no_model_flag() {
     let d = only_deployment(&c);
     assert_eq!(
         engine(d).args.as_ref().unwrap().join(" "),
-        "serve --port 8000 --device cpu"
+        "serve --host 0.0.0.0 --port 8000 --device cpu"
     );
     assert!(
         pod_spec(d)
