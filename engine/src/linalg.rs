@@ -152,7 +152,7 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn naive(x: &[f32], n: usize, w: &[f32], m: usize, k: usize) -> Vec<f32> {
@@ -165,7 +165,8 @@ mod tests {
         y
     }
 
-    fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic values in [-0.5, 0.5) for tests (no RNG crate needed).
+    pub(crate) fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
         let mut s = seed;
         (0..len)
             .map(|_| {
