@@ -193,7 +193,10 @@ impl Backend for Cpu {
                 }
                 let qi = q.row(i);
                 let wi = w.row(i);
+                // Split the keys across threads too: a decode step has a single query row.
                 let mut scored: Vec<(f32, u32)> = (0..visible)
+                    .into_par_iter()
+                    .with_min_len(1024)
                     .map(|s| {
                         let key = keys.row(s);
                         let score = (0..heads)
