@@ -382,10 +382,17 @@ fn mla_absorbed(
         .into_par_iter()
         .map(|h| {
             // W_UK,h: rows [h·kv_width, +nope) of kv_b; W_UV,h: the next v rows. Both [·, latent].
-            let mut w_uk = vec![0f32; d.nope * d.latent];
-            kv_b.rows_f32(h * kv_width, &mut w_uk);
-            let mut w_uv = vec![0f32; d.v * d.latent];
-            kv_b.rows_f32(h * kv_width + d.nope, &mut w_uv);
+            // f32 weights are read in place; other dtypes are converted once per head and step.
+            let head_rows = kv_b.rows_slice(h * kv_width..(h + 1) * kv_width);
+            let converted;
+            let w_head: &[f32] = match head_rows.as_f32() {
+                Some(rows) => rows,
+                None => {
+                    converted = head_rows.to_f32_vec();
+                    &converted
+                }
+            };
+            let (w_uk, w_uv) = w_head.split_at(d.nope * d.latent);
             let mut head_out = vec![0f32; n * d.v];
             for i in 0..n {
                 let qrow = &q.row(i)[h * qk..(h + 1) * qk];
