@@ -13,7 +13,7 @@ use crate::weights::Matrix;
 /// Rows of a converted weight block (a multiple of the fp8 block size).
 const BLOCK_ROWS: usize = 256;
 /// At most this many input rows use the matrix-vector path.
-const GEMV_MAX_ROWS: usize = 4;
+const GEMV_MAX_ROWS: usize = 8;
 
 fn parallelism() -> Parallelism {
     match rayon::current_num_threads() {
@@ -114,10 +114,11 @@ fn gemv(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
                 }
             };
             for r in 0..rows {
-                let wr = &weights[r * k..(r + 1) * k];
-                for i in 0..n {
-                    out[r * n + i] = dot(wr, &x[i * k..(i + 1) * k]);
-                }
+                dot_rows(
+                    &weights[r * k..(r + 1) * k],
+                    x,
+                    &mut out[r * n..(r + 1) * n],
+                );
             }
         });
     for i in 0..n {
@@ -127,27 +128,177 @@ fn gemv(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     }
 }
 
-/// Dot product with eight independent accumulators (lets the compiler vectorise).
+/// `a · b`. Uses AVX2 + FMA where the CPU has them (checked at run time, so one binary runs
+/// on any x86-64), else a portable loop the compiler vectorises to the baseline SIMD width.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+    assert_eq!(a.len(), b.len(), "dot: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { x86::dot(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+/// `out[i] = w · x[i]` for the `out.len()` rows of `x` (row length `w.len()`). Each chunk of
+/// `w` is loaded once for four rows of `x`, which matters when the product is load-bound.
+fn dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
+    let k = w.len();
+    assert_eq!(
+        x.len(),
+        out.len() * k,
+        "dot_rows: x is not [out.len(), w.len()]"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        let row = |i: usize| &x[i * k..(i + 1) * k];
+        let mut i = 0;
+        while i + 4 <= out.len() {
+            // SAFETY: the CPU supports AVX2 and FMA; every row passed has length k.
+            let sums = unsafe { x86::dot4(w, [row(i), row(i + 1), row(i + 2), row(i + 3)]) };
+            out[i..i + 4].copy_from_slice(&sums);
+            i += 4;
         }
+        for (j, o) in out.iter_mut().enumerate().skip(i) {
+            *o = dot(w, row(j));
+        }
+        return;
     }
-    let mut sum: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
+    for (xr, o) in x.chunks_exact(k.max(1)).zip(out.iter_mut()) {
+        *o = dot_portable(w, xr);
     }
-    sum
 }
 
 /// `y += alpha · x`.
 pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "axpy: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { x86::axpy(alpha, x, y) };
+    }
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += alpha * xi;
+    }
+}
+
+/// Eight independent accumulators, so the compiler can keep them in one vector register.
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a8, a_tail) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_tail) = b.split_at(a8.len());
+    for (ca, cb) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `a` and `b` must have equal lengths.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut i = 0;
+        // SAFETY (all loads): every offset read is below `n`, the length of both slices.
+        unsafe {
+            // Four accumulators hide the FMA latency; each covers 8 lanes.
+            let mut acc = [_mm256_setzero_ps(); 4];
+            while i + 32 <= n {
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let off = i + 8 * j;
+                    *acc = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(off)),
+                        _mm256_loadu_ps(pb.add(off)),
+                        *acc,
+                    );
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i)),
+                    _mm256_loadu_ps(pb.add(i)),
+                    acc[0],
+                );
+                i += 8;
+            }
+            let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let mut sum = hsum(v);
+            while i < n {
+                sum += *pa.add(i) * *pb.add(i);
+                i += 1;
+            }
+            sum
+        }
+    }
+
+    /// `[w · x[0], …, w · x[3]]`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; every `x[j]` must be as long as `w`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+        let n = w.len();
+        let pw = w.as_ptr();
+        let px = x.map(|r| r.as_ptr());
+        let mut i = 0;
+        let mut out = [0f32; 4];
+        // SAFETY (all loads): every offset read is below `n`, the length of `w` and each `x[j]`.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            while i + 8 <= n {
+                let vw = _mm256_loadu_ps(pw.add(i));
+                for j in 0..4 {
+                    acc[j] = _mm256_fmadd_ps(vw, _mm256_loadu_ps(px[j].add(i)), acc[j]);
+                }
+                i += 8;
+            }
+            for j in 0..4 {
+                out[j] = hsum(acc[j]);
+                for t in i..n {
+                    out[j] += *pw.add(t) * *px[j].add(t);
+                }
+            }
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        let v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+        _mm_cvtss_f32(v)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `x` and `y` must have equal lengths.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len();
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let mut i = 0;
+        // SAFETY (all accesses): every offset is below `n`, the length of both slices.
+        unsafe {
+            let va = _mm256_set1_ps(alpha);
+            while i + 8 <= n {
+                let v = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+                _mm256_storeu_ps(py.add(i), v);
+                i += 8;
+            }
+            while i < n {
+                *py.add(i) += alpha * *px.add(i);
+                i += 1;
+            }
+        }
     }
 }
 
@@ -177,8 +328,38 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn dot_and_axpy_match_plain_loops_at_every_tail_length() {
+        for len in [0, 1, 7, 8, 9, 31, 32, 33, 64, 100, 513] {
+            let a = pseudo_random(len, 3);
+            let b = pseudo_random(len, 4);
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let got = dot(&a, &b) as f64;
+            assert!(
+                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "dot len {len}: {got} vs {want}"
+            );
+            assert!((dot_portable(&a, &b) as f64 - want).abs() < 1e-4 * (1.0 + want.abs()));
+            let mut y = b.clone();
+            axpy(0.5, &a, &mut y);
+            for (i, yi) in y.iter().enumerate() {
+                assert!(
+                    (yi - (b[i] + 0.5 * a[i])).abs() < 1e-6,
+                    "axpy len {len} at {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn gemm_and_gemv_paths_match_a_naive_product() {
-        for (n, m, k) in [(1, 7, 5), (3, 300, 33), (9, 513, 40), (17, 64, 1)] {
+        for (n, m, k) in [
+            (1, 7, 5),
+            (3, 300, 33),
+            (6, 129, 37),
+            (8, 65, 64),
+            (9, 513, 40),
+            (17, 64, 1),
+        ] {
             let x = pseudo_random(n * k, 1);
             let wv = pseudo_random(m * k, 2);
             let w = Matrix::from_f32(m, k, wv.clone());
