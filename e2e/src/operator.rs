@@ -39,6 +39,10 @@ impl Operator {
     /// no User-Agent of its own).
     pub const USER_AGENT_PREFIX: &str = "sparsemoe-operator/";
 
+    /// The operator's fault-injection variable (`reconcile::FAULT_PAUSE_ENV`): milliseconds to
+    /// pause after every child apply.
+    pub const FAULT_PAUSE_ENV: &str = "SPARSEMOE_OPERATOR_FAULT_PAUSE_AFTER_APPLY_MS";
+
     /// The user agent of the replica started with identity `id`, as a suffix to match.
     pub fn user_agent_suffix(id: &str) -> String {
         format!(" ({id})")
@@ -59,6 +63,16 @@ impl Operator {
     /// Starts `sparsemoe-operator run ARGS...` with the cluster's kubeconfig (`KUBECONFIG`).
     /// `id` names its log, `<state dir>/logs/operator-<id>.log` (use distinct ids for replicas).
     pub fn start(cluster: &Cluster, id: &str, args: &[&str]) -> Result<Operator> {
+        Self::start_with_env(cluster, id, args, &[])
+    }
+
+    /// [`Operator::start`] with extra environment variables (e.g. fault injection).
+    pub fn start_with_env(
+        cluster: &Cluster,
+        id: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Operator> {
         let bin = Self::binary();
         if !bin.is_file() {
             bail!(
@@ -76,6 +90,7 @@ impl Operator {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -97,10 +112,21 @@ impl Operator {
         namespace: &str,
         leader_election: bool,
     ) -> Result<Operator> {
+        Self::start_in_with_env(cluster, id, namespace, leader_election, &[])
+    }
+
+    /// [`Operator::start_in`] with extra environment variables (e.g. fault injection).
+    pub fn start_in_with_env(
+        cluster: &Cluster,
+        id: &str,
+        namespace: &str,
+        leader_election: bool,
+        env: &[(&str, &str)],
+    ) -> Result<Operator> {
         let port = free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let election = leader_election.to_string();
-        let mut op = Operator::start(
+        let mut op = Operator::start_with_env(
             cluster,
             &format!("{namespace}-{id}"),
             &[
@@ -115,6 +141,7 @@ impl Operator {
                 "--leader-election",
                 &election,
             ],
+            env,
         )?;
         op.http_port = Some(port);
         Ok(op)

@@ -545,14 +545,17 @@ fn sigkill_mid_reconcile_converges_without_duplicates_or_orphans() {
     let ns = ns.name();
     let start = Instant::now();
     // (replicas, engine args): each change is applied, and the operator SIGKILLed as soon as
-    // its log shows the first child applied for it (before the rest and the status).
+    // its log shows the first child applied for it. A fault-injected pause after every child
+    // apply makes that moment fall inside the reconcile: before the other children and the
+    // status are written.
     let steps: [(u32, &[&str]); 4] = [
         (2, &[]),
         (3, &["--log-level=debug"]),
         (1, &["--log-level=info"]),
         (2, &[]),
     ];
-    let mut op = Operator::start_in(&cluster, "a", ns, false).unwrap();
+    let pause = [(Operator::FAULT_PAUSE_ENV, "1500")];
+    let mut op = Operator::start_in_with_env(&cluster, "a", ns, false, &pause).unwrap();
     let mut mid_reconcile = 0;
     for (i, (replicas, args)) in steps.iter().enumerate() {
         let applied_before = op.log().matches(" applied").count();
@@ -571,7 +574,7 @@ fn sigkill_mid_reconcile_converges_without_duplicates_or_orphans() {
             mid_reconcile += 1;
         }
         // Also a crash while nothing runs: the next replica starts from an empty cache.
-        op = Operator::start_in(&cluster, &format!("a{i}"), ns, false).unwrap();
+        op = Operator::start_in_with_env(&cluster, &format!("a{i}"), ns, false, &pause).unwrap();
         wait_ready(&cluster, ns, "crash").unwrap_or_else(|e| {
             panic!(
                 "step {i}: {e:#}\nbefore the kill:\n{log}\nafter:\n{}",
@@ -609,6 +612,11 @@ fn sigkill_mid_reconcile_converges_without_duplicates_or_orphans() {
         .map(|m| m["operation"].clone())
         .collect();
     assert_eq!(managers, vec![Value::from("Apply")], "{managers:?}");
+    assert_eq!(
+        mid_reconcile,
+        steps.len(),
+        "every kill must land after a child apply and before the status write"
+    );
     eprintln!(
         "4 kills ({mid_reconcile} mid-reconcile) and restarts converged in {:?}",
         start.elapsed()

@@ -8,7 +8,7 @@
 //! zero API requests per reconcile.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -303,6 +303,7 @@ where
     )
     .await?;
     info!(kind = %K::kind(&()), name = %desired.name_any(), %namespace, "applied");
+    fault_pause_after_apply().await;
     Ok(true)
 }
 
@@ -324,7 +325,33 @@ async fn apply_dynamic_if_changed(
     )
     .await?;
     info!(kind = children::LWS_KIND, name = %desired.name_any(), "applied");
+    fault_pause_after_apply().await;
     Ok(true)
+}
+
+/// Environment variable for fault injection in the end-to-end tests: each child apply is
+/// followed by a pause of this many milliseconds, so a test can SIGKILL the operator between
+/// two writes of one reconcile. Not for production use.
+pub const FAULT_PAUSE_ENV: &str = "SPARSEMOE_OPERATOR_FAULT_PAUSE_AFTER_APPLY_MS";
+
+async fn fault_pause_after_apply() {
+    static PAUSE: OnceLock<Option<Duration>> = OnceLock::new();
+    let pause = PAUSE.get_or_init(|| {
+        let value = std::env::var(FAULT_PAUSE_ENV).ok()?;
+        match value.parse::<u64>() {
+            Ok(ms) => {
+                warn!("{FAULT_PAUSE_ENV}={ms}: pausing {ms} ms after every child apply (fault injection for tests)");
+                Some(Duration::from_millis(ms))
+            }
+            Err(e) => {
+                warn!("ignoring {FAULT_PAUSE_ENV}={value:?}: not a whole number of milliseconds ({e})");
+                None
+            }
+        }
+    });
+    if let Some(pause) = pause {
+        tokio::time::sleep(*pause).await;
+    }
 }
 
 /// Deletes children this object owns that the spec no longer asks for: workloads of removed
