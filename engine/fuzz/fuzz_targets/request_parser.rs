@@ -1,0 +1,62 @@
+//! The request parser on arbitrary bytes: `parse_body` + `validate` for both endpoints never
+//! panic, every rejection is a 400 with a message, every accepted body is within the limits
+//! the scheduler relies on, and the stop-string streamer never loses or repeats text.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use sparsemoe_engine::api::{Endpoint, TextStream, parse_body, validate};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(body) = parse_body(data).inspect_err(|e| check_rejection(e.status, &e.message)) else {
+        return;
+    };
+    for endpoint in [Endpoint::Completions, Endpoint::Chat] {
+        match validate(&body, endpoint) {
+            Err(e) => check_rejection(e.status, &e.message),
+            Ok(v) => {
+                assert!(v.max_tokens.is_none_or(|n| n >= 1), "max_tokens {:?}", v.max_tokens);
+                let p = &v.params;
+                assert!(p.temperature.is_finite() && p.temperature >= 0.0, "{p:?}");
+                assert!(p.top_p > 0.0 && p.top_p <= 1.0, "{p:?}");
+                assert!(v.stop.iter().all(|s| !s.is_empty()), "empty stop string accepted");
+                stream_through_stops(&v.stop, data);
+            }
+        }
+    }
+});
+
+fn check_rejection(status: u16, message: &str) {
+    assert_eq!(status, 400, "a body was rejected with {status}: {message}");
+    assert!(!message.is_empty(), "a rejection without a message");
+}
+
+/// Streams the input's bytes as tokens (one char each) through the stop-string filter: the
+/// pieces sent plus the flushed tail are exactly the kept text, which contains no stop string
+/// and is a prefix of the whole decoded text.
+fn stream_through_stops(stops: &[String], data: &[u8]) {
+    let decode = |ids: &[u32]| -> String { ids.iter().filter_map(|&i| char::from_u32(i)).collect() };
+    let ids: Vec<u32> = data.iter().map(|&b| u32::from(b % 96) + 32).collect();
+    let mut stream = TextStream::new(stops.to_vec());
+    let mut sent = String::new();
+    let mut stopped = false;
+    for &id in &ids {
+        let (delta, stop) = stream.push(id, decode);
+        sent.push_str(&delta);
+        if stop {
+            stopped = true;
+            break;
+        }
+    }
+    sent.push_str(&stream.flush());
+    assert_eq!(sent, stream.text(), "streamed pieces differ from the kept text");
+    let whole = decode(&ids);
+    assert!(whole.starts_with(&sent), "kept text is not a prefix of the output");
+    if stopped {
+        assert!(stops.iter().any(|s| whole[sent.len()..].starts_with(s.as_str())));
+    } else {
+        assert_eq!(sent, whole, "text lost without a stop string");
+    }
+    for s in stops {
+        assert!(!sent.contains(s.as_str()), "kept text contains stop string {s:?}");
+    }
+}
