@@ -251,15 +251,54 @@ where
         + Sync
         + 'static,
 {
+    cached_pruned(api, |_| {})
+}
+
+/// [`cached`], with `prune` dropping what the operator never reads before an object is
+/// stored (managed fields are always dropped): at 1,000s of objects the caches are most of
+/// the operator's memory.
+fn cached_pruned<K>(
+    api: Api<K>,
+    prune: fn(&mut K),
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(
         writer,
         watcher(api, watcher::Config::default().labels(MANAGED_SELECTOR))
-            .modify(|o: &mut K| o.managed_fields_mut().clear())
+            .modify(move |o: &mut K| {
+                o.managed_fields_mut().clear();
+                prune(o);
+            })
             .default_backoff(),
     )
     .touched_objects();
     (reader, stream)
+}
+
+/// What the operator reads of a pod: its labels, name and namespace, and its containers'
+/// states (for [`crate::status::pod_problems`]). The spec and the rest of the status go.
+pub(crate) fn prune_pod(pod: &mut Pod) {
+    pod.spec = None;
+    pod.metadata.annotations = None;
+    if let Some(status) = &mut pod.status {
+        *status = k8s_openapi::api::core::v1::PodStatus {
+            container_statuses: status.container_statuses.take(),
+            init_container_statuses: status.init_container_statuses.take(),
+            ..Default::default()
+        };
+    }
 }
 
 async fn run_controller(
@@ -275,10 +314,18 @@ async fn run_controller(
     let (services, service_events) = cached(api_for::<Service>(&client, ns));
     let (pdbs, pdb_events) = cached(api_for::<PodDisruptionBudget>(&client, ns));
     let (config_maps, config_map_events) = cached(api_for::<ConfigMap>(&client, ns));
-    let (pods, pod_events) = cached(api_for::<Pod>(&client, ns));
+    let (pods, pod_events) = cached_pruned(api_for::<Pod>(&client, ns), prune_pod);
 
     let idep_api: Api<InferenceDeployment> = api_for(&client, ns);
-    let mut controller = Controller::new(idep_api, watcher::Config::default())
+    let (idep_store, idep_writer) = reflector::store();
+    let idep_events = reflector::reflector(
+        idep_writer,
+        watcher(idep_api, watcher::Config::default())
+            .modify(|o: &mut InferenceDeployment| o.managed_fields_mut().clear())
+            .default_backoff(),
+    )
+    .applied_objects();
+    let mut controller = Controller::for_stream(idep_events, idep_store)
         .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)))
         .owns_stream(deployment_events)
         .owns_stream(service_events)
@@ -378,6 +425,30 @@ mod tests {
             lost.await.is_ok(),
             "a closed leadership watch counts as lost"
         );
+    }
+
+    /// The pruned pod still gives the same problems and the same owner lookup.
+    #[test]
+    fn pruned_pods_keep_what_status_and_triggers_read() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "labels": {LABEL_DEPLOYMENT: "d"},
+                         "annotations": {"a": "b"}},
+            "spec": {"containers": [{"name": "engine", "image": "img", "args": ["serve"]}]},
+            "status": {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}],
+                       "containerStatuses": [{"name": "engine", "image": "img", "imageID": "",
+                           "ready": false, "restartCount": 3,
+                           "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}
+        }))
+        .unwrap();
+        let mut pruned = pod.clone();
+        prune_pod(&mut pruned);
+        assert!(pruned.spec.is_none());
+        assert!(pruned.status.as_ref().unwrap().conditions.is_none());
+        assert_eq!(pruned.labels(), pod.labels());
+        assert_eq!(pruned.namespace(), pod.namespace());
+        let problems = |p: &Pod| crate::status::pod_problems([p]);
+        assert_eq!(problems(&pruned), problems(&pod));
+        assert_eq!(problems(&pruned).len(), 1);
     }
 
     #[tokio::test]
