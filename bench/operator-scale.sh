@@ -4,7 +4,7 @@
 # by its User-Agent), its peak RSS and CPU seconds, and writes bench/results/operator-scale.md.
 #
 #   export SPARSEMOE_E2E_KUBECONFIG=$(e2e/cluster/up)
-#   cargo build -p sparsemoe-operator && bench/operator-scale.sh
+#   cargo build --release -p sparsemoe-operator && bench/operator-scale.sh
 #
 # Adds 10 kwok CPU nodes (bench-cpu-*, 110 pods each) for the 1 pod per object and removes them,
 # with the namespace, at the end. Goal: < 120 s, <= 10 requests/object, RSS < 150 MiB.
@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 : "${SPARSEMOE_E2E_KUBECONFIG:?run e2e/cluster/up and set SPARSEMOE_E2E_KUBECONFIG}"
 N="${N:-1000}"
 TIMEOUT="${TIMEOUT:-600}"
-BIN="${SPARSEMOE_OPERATOR_BIN:-target/debug/sparsemoe-operator}"
+BIN="${SPARSEMOE_OPERATOR_BIN:-target/release/sparsemoe-operator}"
+CLIENTS="${CLIENTS:-4}" # concurrent `kubectl create`s, as a GitOps tool applies in parallel
 STATE="$(dirname "$SPARSEMOE_E2E_KUBECONFIG")"
 KUBECTL="$STATE/bin/kubectl"
 k() { "$KUBECTL" --kubeconfig "$SPARSEMOE_E2E_KUBECONFIG" "$@"; }
@@ -51,7 +52,8 @@ k create namespace "$NS" >/dev/null
 until k get serviceaccount default -n "$NS" >/dev/null 2>&1; do sleep 0.5; done
 
 for i in $(seq 1 "$N"); do
-    cat <<EOF
+    # round-robin over $CLIENTS files, one per concurrent `kubectl create`
+    cat >>"$WORK/ideps-$((i % CLIENTS)).yaml" <<EOF
 ---
 apiVersion: sparsemoe.io/v1alpha1
 kind: InferenceDeployment
@@ -63,7 +65,7 @@ spec:
   variants: [{name: cpu, costPerHour: "0.05", nodeSelector: {sparsemoe.io/e2e-pool: bench}}]
   scaling: {policy: fixed, replicas: 1}
 EOF
-done >"$WORK/ideps.yaml"
+done
 
 RUST_LOG=warn KUBECONFIG="$SPARSEMOE_E2E_KUBECONFIG" "$BIN" run --leader-election false \
     --identity bench --watch-namespace "$NS" --http-addr 127.0.0.1:0 \
@@ -72,7 +74,9 @@ OP_PID=$!
 sleep 2
 MARK=$(wc -l <"$STATE/logs/audit.log")
 START=$(date +%s.%N)
-k create -f "$WORK/ideps.yaml" -n "$NS" >/dev/null
+pids=()
+for f in "$WORK"/ideps-*.yaml; do k create -f "$f" -n "$NS" >/dev/null & pids+=($!); done
+for p in "${pids[@]}"; do wait "$p"; done
 CREATED=$(date +%s.%N)
 ready=0
 while :; do
@@ -107,8 +111,8 @@ cat >"$OUT" <<EOF
 
 \`bench/operator-scale.sh\` on the e2e control plane (kube-apiserver/controller-manager/scheduler
 v1.34.12, etcd, kwok; 10 extra kwok CPU nodes), one operator (\`$BIN\`, no leader election,
-watching one namespace): $N InferenceDeployments (demo model, 1 CPU replica each) created with
-one \`kubectl create\`.
+watching one namespace): $N InferenceDeployments (demo model, 1 CPU replica each) created by
+$CLIENTS concurrent \`kubectl create\`s.
 
 | measure | value | goal |
 |---|---|---|
