@@ -184,6 +184,35 @@ impl Cluster {
         }
     }
 
+    /// Runs helm (built by `e2e/cluster/build` next to kubectl) with `args`; its stdout, or an
+    /// error with its stderr. Helm gets the cluster's kubeconfig but these tests use it only
+    /// offline (`lint`, `template`).
+    pub fn helm(&self, args: &[&str]) -> Result<String> {
+        let helm = self.state_dir.join("bin/helm");
+        if !helm.is_file() {
+            bail!("{} not found: run e2e/cluster/build", helm.display());
+        }
+        let out = Command::new(&helm)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            // helm keeps a cache and config under $HOME by default; keep them in the state dir.
+            .env("HELM_CACHE_HOME", self.state_dir.join("helm/cache"))
+            .env("HELM_CONFIG_HOME", self.state_dir.join("helm/config"))
+            .env("HELM_DATA_HOME", self.state_dir.join("helm/data"))
+            .output()
+            .with_context(|| format!("running {}", helm.display()))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            bail!(
+                "helm {}: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        }
+    }
+
     /// `kubectl get ... -o json`, parsed.
     pub fn get_json(&self, args: &[&str]) -> Result<serde_json::Value> {
         let mut all = vec!["get"];
