@@ -15,10 +15,57 @@ const BLOCK_ROWS: usize = 256;
 /// At most this many input rows use the matrix-vector path.
 const GEMV_MAX_ROWS: usize = 8;
 
-fn parallelism() -> Parallelism {
-    match rayon::current_num_threads() {
-        1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
+/// Below this much work (multiply-adds, or element operations) a step of the forward pass runs
+/// on the calling thread: handing it to the pool and waking the other threads costs more than
+/// it saves. The demo model's ops, and most decode ops of small models, are this small.
+const PARALLEL_MIN_WORK: usize = 1 << 18;
+
+/// Whether `work` should be split across the rayon pool: not when it is small, and not when the
+/// caller already runs inside a pool task (e.g. one expert of a MoE layer), where the outer
+/// loop keeps every thread busy.
+pub(crate) fn split(work: usize) -> bool {
+    rayon::current_num_threads() > 1
+        && work >= PARALLEL_MIN_WORK
+        && rayon::current_thread_index().is_none()
+}
+
+/// `f(i, chunk)` for each `chunk_len`-long chunk of `data`: on the pool when [`split`]`(work)`.
+pub(crate) fn for_each_chunk<T: Send>(
+    data: &mut [T],
+    chunk_len: usize,
+    work: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    let chunk_len = chunk_len.max(1);
+    if split(work) {
+        data.par_chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        data.chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// `[f(0), …, f(n - 1)]`: on the pool when [`split`]`(work)`.
+pub(crate) fn map_range<R: Send>(
+    n: usize,
+    work: usize,
+    f: impl Fn(usize) -> R + Sync + Send,
+) -> Vec<R> {
+    if split(work) {
+        (0..n).into_par_iter().map(f).collect()
+    } else {
+        (0..n).map(f).collect()
+    }
+}
+
+fn parallelism(macs: usize) -> Parallelism {
+    if split(macs) {
+        Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        Parallelism::None
     }
 }
 
@@ -40,15 +87,18 @@ pub fn linear(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     match w.as_f32() {
         Some(data) => gemm_f32(x, n, data, m, k, y, m, 0),
         None => {
-            y.par_chunks_mut(m).for_each(|row| row.fill(0.0));
+            y.fill(0.0);
             let mut block = vec![0f32; BLOCK_ROWS * k];
+            let parallel = split(n * m * k);
             for first in (0..m).step_by(BLOCK_ROWS) {
                 let rows = BLOCK_ROWS.min(m - first);
                 let block = &mut block[..rows * k];
-                block
-                    .par_chunks_mut(k * 16)
-                    .enumerate()
-                    .for_each(|(i, chunk)| w.rows_f32(first + i * 16, chunk));
+                let convert = |(i, chunk): (usize, &mut [f32])| w.rows_f32(first + i * 16, chunk);
+                if parallel {
+                    block.par_chunks_mut(k * 16).enumerate().for_each(convert);
+                } else {
+                    block.chunks_mut(k * 16).enumerate().for_each(convert);
+                }
                 gemm_f32(x, n, block, rows, k, y, m, first);
             }
         }
@@ -91,7 +141,7 @@ fn gemm_f32(
             false,
             false,
             false,
-            parallelism(),
+            parallelism(n * m * k),
         );
     }
 }
@@ -100,27 +150,35 @@ fn gemv(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     let (k, m) = (w.cols, w.rows);
     let rows_per_task = (m / (rayon::current_num_threads() * 4)).clamp(1, 64);
     let mut yt = vec![0f32; m * n]; // [m, n]: each task owns whole output rows
-    yt.par_chunks_mut(rows_per_task * n)
-        .enumerate()
-        .for_each_init(Vec::new, |buf: &mut Vec<f32>, (task, out)| {
-            let first = task * rows_per_task;
-            let rows = out.len() / n;
-            let weights: &[f32] = match w.as_f32() {
-                Some(data) => &data[first * k..(first + rows) * k],
-                None => {
-                    buf.resize(rows * k, 0.0);
-                    w.rows_f32(first, buf);
-                    buf
-                }
-            };
-            for r in 0..rows {
-                dot_rows(
-                    &weights[r * k..(r + 1) * k],
-                    x,
-                    &mut out[r * n..(r + 1) * n],
-                );
+    let task = |buf: &mut Vec<f32>, (task, out): (usize, &mut [f32])| {
+        let first = task * rows_per_task;
+        let rows = out.len() / n;
+        let weights: &[f32] = match w.as_f32() {
+            Some(data) => &data[first * k..(first + rows) * k],
+            None => {
+                buf.resize(rows * k, 0.0);
+                w.rows_f32(first, buf);
+                buf
             }
-        });
+        };
+        for r in 0..rows {
+            dot_rows(
+                &weights[r * k..(r + 1) * k],
+                x,
+                &mut out[r * n..(r + 1) * n],
+            );
+        }
+    };
+    if split(n * m * k) {
+        yt.par_chunks_mut(rows_per_task * n)
+            .enumerate()
+            .for_each_init(Vec::new, task);
+    } else {
+        let mut buf = Vec::new();
+        yt.chunks_mut(rows_per_task * n)
+            .enumerate()
+            .for_each(|item| task(&mut buf, item));
+    }
     for i in 0..n {
         for r in 0..m {
             y[i * m + r] = yt[r * n + i];

@@ -1,11 +1,9 @@
 //! The CPU reference backend: float32 everywhere, weights converted from their stored dtype on
 //! the fly, rayon across rows / heads / experts, `gemm` for the products.
 
-use rayon::prelude::*;
-
 use super::{AttentionForm, Backend, Expert, MlaDims, Routing};
 use crate::error::Result;
-use crate::linalg::{axpy, dot, linear};
+use crate::linalg::{axpy, dot, for_each_chunk, linear, map_range};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::Matrix;
 
@@ -73,7 +71,7 @@ impl Backend for Cpu {
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> CpuTensor {
         let mut out = x.clone();
-        out.data.par_chunks_mut(x.cols.max(1)).for_each(|row| {
+        for_each_chunk(&mut out.data, x.cols, x.data.len(), |_, row| {
             let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
             let inv = 1.0 / (mean_sq + eps).sqrt();
             for (v, g) in row.iter_mut().zip(&w.data) {
@@ -85,7 +83,7 @@ impl Backend for Cpu {
 
     fn layer_norm(&self, x: &CpuTensor, w: &CpuTensor, b: &CpuTensor, eps: f32) -> CpuTensor {
         let mut out = x.clone();
-        out.data.par_chunks_mut(x.cols.max(1)).for_each(|row| {
+        for_each_chunk(&mut out.data, x.cols, x.data.len(), |_, row| {
             let n = row.len() as f32;
             let mean = row.iter().sum::<f32>() / n;
             let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
@@ -161,16 +159,14 @@ impl Backend for Cpu {
         rope: &Rope,
         layout: RopeLayout,
     ) {
-        let cols = x.cols;
-        x.data
-            .par_chunks_mut(cols)
-            .zip(positions)
-            .for_each(|(row, &pos)| {
-                for h in 0..heads {
-                    let start = h * head_width + offset;
-                    rope.apply(&mut row[start..start + rope.dim()], pos, layout);
-                }
-            });
+        let (cols, work) = (x.cols, x.data.len());
+        for_each_chunk(&mut x.data, cols, work, |i, row| {
+            let pos = positions[i];
+            for h in 0..heads {
+                let start = h * head_width + offset;
+                rope.apply(&mut row[start..start + rope.dim()], pos, layout);
+            }
+        });
     }
 
     fn indexer_select(
@@ -184,32 +180,25 @@ impl Backend for Cpu {
     ) -> Vec<Vec<u32>> {
         let heads = w.cols;
         let dim = keys.cols;
-        (0..q.rows)
-            .into_par_iter()
-            .map(|i| {
-                let visible = positions[i] + 1;
-                if visible <= k {
-                    return (0..visible as u32).collect();
-                }
-                let qi = q.row(i);
-                let wi = w.row(i);
-                // Split the keys across threads too: a decode step has a single query row.
-                let mut scored: Vec<(f32, u32)> = (0..visible)
-                    .into_par_iter()
-                    .with_min_len(1024)
-                    .map(|s| {
-                        let key = keys.row(s);
-                        let score = (0..heads)
-                            .map(|h| {
-                                wi[h] * (scale * dot(&qi[h * dim..(h + 1) * dim], key)).max(0.0)
-                            })
-                            .sum::<f32>();
-                        (score, s as u32)
-                    })
-                    .collect();
-                top_k(&mut scored, k)
-            })
-            .collect()
+        let work = |rows: usize, keys: usize| rows * keys * heads * dim;
+        let visible_total: usize = positions.iter().map(|p| p + 1).sum();
+        map_range(q.rows, work(1, visible_total), |i| {
+            let visible = positions[i] + 1;
+            if visible <= k {
+                return (0..visible as u32).collect();
+            }
+            let qi = q.row(i);
+            let wi = w.row(i);
+            // Split the keys across threads too: a decode step has a single query row.
+            let mut scored: Vec<(f32, u32)> = map_range(visible, work(1, visible), |s| {
+                let key = keys.row(s);
+                let score = (0..heads)
+                    .map(|h| wi[h] * (scale * dot(&qi[h * dim..(h + 1) * dim], key)).max(0.0))
+                    .sum::<f32>();
+                (score, s as u32)
+            });
+            top_k(&mut scored, k)
+        })
     }
 
     fn mla_attention(
@@ -258,19 +247,23 @@ impl Backend for Cpu {
                 rows_of[e].push((row, wt));
             }
         }
-        let partials: Vec<(usize, CpuTensor)> = rows_of
-            .par_iter()
-            .enumerate()
-            .filter(|(_, rows)| !rows.is_empty())
-            .map(|(e, rows)| {
-                let mut data = Vec::with_capacity(rows.len() * x.cols);
-                for &(r, _) in rows {
-                    data.extend_from_slice(x.row(r));
-                }
-                let gathered = self.tensor(rows.len(), x.cols, data);
-                (e, self.swiglu(&gathered, &experts[e]))
-            })
+        let used: Vec<usize> = (0..experts.len())
+            .filter(|&e| !rows_of[e].is_empty())
             .collect();
+        let macs: usize = used
+            .iter()
+            .map(|&e| rows_of[e].len() * 3 * x.cols * experts[e].gate.rows)
+            .sum();
+        // One expert per task; each expert's products then run on its task's thread.
+        let partials: Vec<(usize, CpuTensor)> = map_range(used.len(), macs, |j| {
+            let (e, rows) = (used[j], &rows_of[used[j]]);
+            let mut data = Vec::with_capacity(rows.len() * x.cols);
+            for &(r, _) in rows {
+                data.extend_from_slice(x.row(r));
+            }
+            let gathered = self.tensor(rows.len(), x.cols, data);
+            (e, self.swiglu(&gathered, &experts[e]))
+        });
         let mut out = vec![0f32; x.rows * x.cols];
         for (e, y) in partials {
             for (j, &(r, wt)) in rows_of[e].iter().enumerate() {
@@ -343,7 +336,9 @@ fn mla_expanded(
     let kv_width = d.nope + d.v;
     let n = q.rows;
     let mut out = vec![0f32; n * d.heads * d.v];
-    out.par_chunks_mut(d.v).enumerate().for_each(|(task, o)| {
+    let keys_total: usize = positions.iter().map(|p| p + 1).sum();
+    let work = keys_total * d.heads * (qk + d.v);
+    for_each_chunk(&mut out, d.v, work, |task, o| {
         let (i, h) = (task / d.heads, task % d.heads);
         let keys = visible_keys(i, positions, selection);
         let qrow = &q.row(i)[h * qk..(h + 1) * qk];
@@ -378,48 +373,48 @@ fn mla_absorbed(
     let kv_width = d.nope + d.v;
     let n = q.rows;
     let mut out = vec![0f32; n * d.heads * d.v];
-    let per_head: Vec<Vec<f32>> = (0..d.heads)
-        .into_par_iter()
-        .map(|h| {
-            // W_UK,h: rows [h·kv_width, +nope) of kv_b; W_UV,h: the next v rows. Both [·, latent].
-            // f32 weights are read in place; other dtypes are converted once per head and step.
-            let head_rows = kv_b.rows_slice(h * kv_width..(h + 1) * kv_width);
-            let converted;
-            let w_head: &[f32] = match head_rows.as_f32() {
-                Some(rows) => rows,
-                None => {
-                    converted = head_rows.to_f32_vec();
-                    &converted
-                }
-            };
-            let (w_uk, w_uv) = w_head.split_at(d.nope * d.latent);
-            let mut head_out = vec![0f32; n * d.v];
-            for i in 0..n {
-                let qrow = &q.row(i)[h * qk..(h + 1) * qk];
-                // q_lat = W_UKᵀ · q_nope
-                let mut q_lat = vec![0f32; d.latent];
-                for (j, &qn) in qrow[..d.nope].iter().enumerate() {
-                    axpy(qn, &w_uk[j * d.latent..(j + 1) * d.latent], &mut q_lat);
-                }
-                let keys = visible_keys(i, positions, selection);
-                let mut scores: Vec<f32> = keys
-                    .iter()
-                    .map(|&s| {
-                        (dot(&q_lat, latent.row(s)) + dot(&qrow[d.nope..], k_pe.row(s))) * scale
-                    })
-                    .collect();
-                softmax(&mut scores);
-                let mut ctx = vec![0f32; d.latent];
-                for (&s, &p) in keys.iter().zip(&scores) {
-                    axpy(p, latent.row(s), &mut ctx);
-                }
-                for j in 0..d.v {
-                    head_out[i * d.v + j] = dot(&w_uv[j * d.latent..(j + 1) * d.latent], &ctx);
-                }
+    let keys: usize = match selection {
+        Some(sel) => sel.iter().map(Vec::len).sum(),
+        None => positions.iter().map(|p| p + 1).sum(),
+    };
+    let work = d.heads * (keys * (d.latent + d.rope) * 2 + n * (d.nope + d.v) * d.latent);
+    let per_head: Vec<Vec<f32>> = map_range(d.heads, work, |h| {
+        // W_UK,h: rows [h·kv_width, +nope) of kv_b; W_UV,h: the next v rows. Both [·, latent].
+        // f32 weights are read in place; other dtypes are converted once per head and step.
+        let head_rows = kv_b.rows_slice(h * kv_width..(h + 1) * kv_width);
+        let converted;
+        let w_head: &[f32] = match head_rows.as_f32() {
+            Some(rows) => rows,
+            None => {
+                converted = head_rows.to_f32_vec();
+                &converted
             }
-            head_out
-        })
-        .collect();
+        };
+        let (w_uk, w_uv) = w_head.split_at(d.nope * d.latent);
+        let mut head_out = vec![0f32; n * d.v];
+        for i in 0..n {
+            let qrow = &q.row(i)[h * qk..(h + 1) * qk];
+            // q_lat = W_UKᵀ · q_nope
+            let mut q_lat = vec![0f32; d.latent];
+            for (j, &qn) in qrow[..d.nope].iter().enumerate() {
+                axpy(qn, &w_uk[j * d.latent..(j + 1) * d.latent], &mut q_lat);
+            }
+            let keys = visible_keys(i, positions, selection);
+            let mut scores: Vec<f32> = keys
+                .iter()
+                .map(|&s| (dot(&q_lat, latent.row(s)) + dot(&qrow[d.nope..], k_pe.row(s))) * scale)
+                .collect();
+            softmax(&mut scores);
+            let mut ctx = vec![0f32; d.latent];
+            for (&s, &p) in keys.iter().zip(&scores) {
+                axpy(p, latent.row(s), &mut ctx);
+            }
+            for j in 0..d.v {
+                head_out[i * d.v + j] = dot(&w_uv[j * d.latent..(j + 1) * d.latent], &ctx);
+            }
+        }
+        head_out
+    });
     for (h, head_out) in per_head.iter().enumerate() {
         for i in 0..n {
             out[(i * d.heads + h) * d.v..(i * d.heads + h + 1) * d.v]
