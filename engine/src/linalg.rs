@@ -24,9 +24,24 @@ const PARALLEL_MIN_WORK: usize = 1 << 18;
 /// caller already runs inside a pool task (e.g. one expert of a MoE layer), where the outer
 /// loop keeps every thread busy.
 pub(crate) fn split(work: usize) -> bool {
-    rayon::current_num_threads() > 1
-        && work >= PARALLEL_MIN_WORK
-        && rayon::current_thread_index().is_none()
+    rayon::current_num_threads() > 1 && work >= PARALLEL_MIN_WORK && !IN_TASK.get()
+}
+
+thread_local! {
+    /// Set while this thread runs one task of a split loop (see [`split`]).
+    static IN_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as one task of a split loop: work it starts stays on this thread.
+fn as_task<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            IN_TASK.set(self.0);
+        }
+    }
+    let _reset = Reset(IN_TASK.replace(true));
+    f()
 }
 
 /// `f(i, chunk)` for each `chunk_len`-long chunk of `data`: on the pool when [`split`]`(work)`.
@@ -40,7 +55,7 @@ pub(crate) fn for_each_chunk<T: Send>(
     if split(work) {
         data.par_chunks_mut(chunk_len)
             .enumerate()
-            .for_each(|(i, c)| f(i, c));
+            .for_each(|(i, c)| as_task(|| f(i, c)));
     } else {
         data.chunks_mut(chunk_len)
             .enumerate()
@@ -55,7 +70,7 @@ pub(crate) fn map_range<R: Send>(
     f: impl Fn(usize) -> R + Sync + Send,
 ) -> Vec<R> {
     if split(work) {
-        (0..n).into_par_iter().map(f).collect()
+        (0..n).into_par_iter().map(|i| as_task(|| f(i))).collect()
     } else {
         (0..n).map(f).collect()
     }
@@ -67,6 +82,11 @@ fn parallelism(macs: usize) -> Parallelism {
     } else {
         Parallelism::None
     }
+}
+
+thread_local! {
+    /// Each thread's buffer for a block of converted weight rows, kept between products.
+    static BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `y[n, w.rows] = x[n, w.cols] · wᵀ`.
@@ -86,9 +106,12 @@ pub fn linear(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     }
     match w.as_f32() {
         Some(data) => gemm_f32(x, n, data, m, k, y, m, 0),
-        None => {
-            y.fill(0.0);
-            let mut block = vec![0f32; BLOCK_ROWS * k];
+        None => BLOCK.with_borrow_mut(|block| {
+            // Every element of the block is written by the conversion before it is read, and
+            // the product overwrites `y` (it does not accumulate), so nothing needs zeroing.
+            if block.len() < BLOCK_ROWS * k {
+                block.resize(BLOCK_ROWS * k, 0.0);
+            }
             let parallel = split(n * m * k);
             for first in (0..m).step_by(BLOCK_ROWS) {
                 let rows = BLOCK_ROWS.min(m - first);
@@ -101,7 +124,7 @@ pub fn linear(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
                 }
                 gemm_f32(x, n, block, rows, k, y, m, first);
             }
-        }
+        }),
     }
 }
 
@@ -172,7 +195,7 @@ fn gemv(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     if split(n * m * k) {
         yt.par_chunks_mut(rows_per_task * n)
             .enumerate()
-            .for_each_init(Vec::new, task);
+            .for_each_init(Vec::new, |buf, item| as_task(|| task(buf, item)));
     } else {
         let mut buf = Vec::new();
         yt.chunks_mut(rows_per_task * n)
@@ -240,6 +263,19 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// Little-endian bf16 bytes to f32 (`dst.len()` values from `2 · dst.len()` bytes).
+pub fn bf16_to_f32(src: &[u8], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len() * 2, "bf16_to_f32: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above); lengths checked above.
+        return unsafe { x86::bf16_to_f32(src, dst) };
+    }
+    for (o, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+        *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+    }
+}
+
 /// Eight independent accumulators, so the compiler can keep them in one vector register.
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
@@ -295,6 +331,29 @@ mod x86 {
                 i += 1;
             }
             sum
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2; `src` must hold `2 · dst.len()` bytes.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn bf16_to_f32(src: &[u8], dst: &mut [f32]) {
+        let n = dst.len();
+        let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
+        let mut i = 0;
+        // SAFETY (all accesses): value i reads bytes 2i, 2i+1 < src.len() and writes dst[i], i < n.
+        unsafe {
+            while i + 8 <= n {
+                let halves = _mm_loadu_si128(ps.add(2 * i).cast());
+                let wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16);
+                _mm256_storeu_ps(pd.add(i), _mm256_castsi256_ps(wide));
+                i += 8;
+            }
+            while i < n {
+                let bits = u16::from_le_bytes([*ps.add(2 * i), *ps.add(2 * i + 1)]);
+                *pd.add(i) = f32::from_bits(u32::from(bits) << 16);
+                i += 1;
+            }
         }
     }
 
@@ -383,6 +442,23 @@ pub(crate) mod tests {
                 (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
             })
             .collect()
+    }
+
+    #[test]
+    fn bf16_conversion_is_exact_at_every_tail_length() {
+        for len in [0, 1, 7, 8, 9, 17, 100] {
+            let want: Vec<f32> = pseudo_random(len, 5)
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_f32())
+                .collect();
+            let bytes: Vec<u8> = want
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect();
+            let mut got = vec![f32::NAN; len];
+            bf16_to_f32(&bytes, &mut got);
+            assert_eq!(got, want, "len {len}");
+        }
     }
 
     #[test]

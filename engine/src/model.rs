@@ -383,6 +383,15 @@ impl<B: Backend> Model<B> {
     pub fn forward(
         &self,
         batch: &mut [SeqStep<'_, B>],
+        trace: Option<&mut Trace>,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.backend
+            .install(|| self.forward_on_backend(batch, trace))
+    }
+
+    fn forward_on_backend(
+        &self,
+        batch: &mut [SeqStep<'_, B>],
         mut trace: Option<&mut Trace>,
     ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;

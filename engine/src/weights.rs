@@ -157,11 +157,7 @@ impl Matrix {
                     *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
             }
-            StoredType::Bf16 => {
-                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
-                }
-            }
+            StoredType::Bf16 => crate::linalg::bf16_to_f32(bytes, &mut out[..n * self.cols]),
             StoredType::F16 => {
                 for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                     *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();

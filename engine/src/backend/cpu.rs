@@ -33,6 +33,12 @@ impl Backend for Cpu {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        // On a pool thread the pass's sequential parts and its split loops share the pool's
+        // threads; from outside, the caller would be one more thread competing for the cores.
+        rayon::scope(|_| f())
+    }
+
     fn upload(&self, matrix: Matrix) -> Result<Matrix> {
         Ok(matrix)
     }

@@ -51,6 +51,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Human-readable device name (metrics, logs).
     fn name(&self) -> String;
 
+    /// Runs one forward pass `f` where this backend's host work runs best (the CPU backend:
+    /// on its worker pool, so the calling thread does not compete with the workers).
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
     /// Moves a weight matrix to the device (once, at load).
     fn upload(&self, matrix: Matrix) -> Result<Self::Weight>;
     /// Makes a `[rows, cols]` tensor from host data.
