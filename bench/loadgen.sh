@@ -8,14 +8,30 @@ cd "$(dirname "$0")/.."
 requests="${1:-96}"
 cargo build --release -p sparsemoe-engine --example loadgen --bin sparsemoe-engine >&2
 
-model=engine/demo-model
-if [[ ! -f $model/model.safetensors ]]; then
+# MODEL: a model directory to serve instead (e.g. bench/.cache/v32-50m, the 48M-parameter model
+# of bench/cpu_engine_vs_transformers.py); one without tokenizer.json gets a word-level stand-in
+# for its vocabulary (the load uses random token ids; the tokenizer only turns outputs into text).
+# OUT: the results' file stem under bench/results (default serving-cpu).
+model=${MODEL:-engine/demo-model}
+out_stem=${OUT:-serving-cpu}
+if [[ -z ${MODEL:-} && ! -f $model/model.safetensors ]]; then
+    model=engine/tests/fixtures/v32_sparse_moe
+    label="fixture v32_sparse_moe (2 layers, hidden 64, 8 experts)"
+elif [[ -z ${MODEL:-} ]]; then
+    label="demo model"
+else
+    label="$(basename "$model")"
+fi
+if [[ ! -f $model/tokenizer.json ]]; then
+    src=$model
     model="$(mktemp -d)"
-    cp engine/tests/fixtures/v32_sparse_moe/{config.json,model.safetensors} "$model/"
+    ln -s "$(realpath "$src")"/{config.json,*.safetensors} "$model/"
+    [[ -f $src/model.safetensors.index.json ]] && ln -s "$(realpath "$src")/model.safetensors.index.json" "$model/"
     python3 - "$model" <<'PY'
 import json, sys
 d = sys.argv[1]
-vocab = {"<s>": 0, "</s>": 1, **{f"t{i}": i for i in range(2, 256)}}
+n = json.load(open(f"{d}/config.json"))["vocab_size"]
+vocab = {"<s>": 0, "</s>": 1, **{f"t{i}": i for i in range(2, n)}}
 sp = lambda i, c: {"id": i, "content": c, "single_word": False, "lstrip": False,
                    "rstrip": False, "normalized": False, "special": True}
 json.dump({"version": "1.0", "truncation": None, "padding": None,
@@ -26,9 +42,6 @@ json.dump({"version": "1.0", "truncation": None, "padding": None,
           open(f"{d}/tokenizer.json", "w"))
 json.dump({"bos_token": "<s>", "eos_token": "</s>"}, open(f"{d}/tokenizer_config.json", "w"))
 PY
-    label="fixture v32_sparse_moe (2 layers, hidden 64, 8 experts)"
-else
-    label="demo model"
 fi
 vocab=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['vocab_size'])" "$model/config.json")
 
@@ -40,7 +53,7 @@ for _ in $(seq 200); do grep -q "serving" "$log" && break; sleep 0.1; done
 url="$(grep -o 'http://127.0.0.1:[0-9]*' "$log" | head -1)"
 
 common=(--requests "$requests" --prompt-len 16:64 --output-len 32:64 --vocab "$vocab")
-out=bench/results/serving-cpu.jsonl
+out=bench/results/$out_stem.jsonl
 : >"$out"
 for c in 1 32; do
     target/release/examples/loadgen --url "$url" --concurrency "$c" --label "$label" "${common[@]}" | tee -a "$out"
@@ -51,7 +64,7 @@ wait $server || { echo "server exited non-zero after SIGTERM" >&2; exit 1; }
 trap - EXIT
 
 load="$(cut -d' ' -f1-3 /proc/loadavg)"
-python3 - "$out" "$load" "$(nproc)" >bench/results/serving-cpu.md <<'PY'
+python3 - "$out" "$load" "$(nproc)" >"bench/results/$out_stem.md" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 by = {(r["mode"], r["concurrency"]): r for r in rows}
@@ -76,4 +89,4 @@ print(f"- Server overhead: HTTP streaming / in-process tokens/s = "
       f"**{h1['output_tokens_per_s'] / i1['output_tokens_per_s']:.2f}** at concurrency 1, "
       f"**{h32['output_tokens_per_s'] / i32['output_tokens_per_s']:.2f}** at 32 (target >= 0.9).")
 PY
-cat bench/results/serving-cpu.md
+cat "bench/results/$out_stem.md"
