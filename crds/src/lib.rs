@@ -1,20 +1,26 @@
 //! The public API of sparsemoe: the `InferenceDeployment` custom resource
 //! (`sparsemoe.io/v1alpha1`) and the expert placement plan shared by operator and engine.
 
+#[cfg(feature = "crd")]
 pub mod cost;
 pub mod placement;
+#[cfg(feature = "crd")]
 pub mod v1alpha1;
 
+#[cfg(feature = "crd")]
 use kube::CustomResourceExt;
 
+#[cfg(feature = "crd")]
 pub use cost::CostPerHour;
 pub use placement::PlacementPlan;
+#[cfg(feature = "crd")]
 pub use v1alpha1::{InferenceDeployment, InferenceDeploymentSpec, InferenceDeploymentStatus};
 
 /// Path of the checked-in CRD, relative to the repository root.
 pub const CRD_PATH: &str = "crds/sparsemoe.io_inferencedeployments.yaml";
 
 /// The CRD as YAML, exactly as `sparsemoe-operator crd` prints it and as it is checked in.
+#[cfg(feature = "crd")]
 pub fn crd_yaml() -> String {
     let crd = InferenceDeployment::crd();
     let yaml = serde_saphyr::to_string(&crd).expect("the CRD serializes to YAML");
@@ -23,6 +29,7 @@ pub fn crd_yaml() -> String {
 
 /// Parses an InferenceDeployment manifest (YAML) and runs every schema rule on it client-side
 /// (the CEL rules the API server runs). The error names the field and how to fix it.
+#[cfg(feature = "crd")]
 pub fn parse_and_validate(yaml: &str) -> Result<InferenceDeployment, String> {
     let object: InferenceDeployment =
         serde_saphyr::from_str(yaml).map_err(|e| format!("invalid InferenceDeployment: {e}"))?;

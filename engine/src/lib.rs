@@ -8,6 +8,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod expert_load;
+pub mod expert_shards;
 pub mod generate;
 pub mod kv_cache;
 pub mod linalg;

@@ -86,6 +86,12 @@ struct ModelArgs {
     /// Overrides the model's index_topk.
     #[arg(long)]
     index_topk: Option<usize>,
+    /// Expert parallelism: split each MoE layer's routed experts evenly over this many shards.
+    #[arg(long)]
+    expert_shards: Option<usize>,
+    /// A placement plan (JSON) saying which shard holds which experts.
+    #[arg(long)]
+    placement: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -103,8 +109,10 @@ impl ModelArgs {
             },
             index_topk: self.index_topk,
         };
-        Model::load(&self.model, Cpu, options)
-            .with_context(|| format!("loading {}", self.model.display()))
+        let mut model = Model::load(&self.model, Cpu, options)
+            .with_context(|| format!("loading {}", self.model.display()))?;
+        model.configure_expert_shards(self.expert_shards, self.placement.as_deref())?;
+        Ok(model)
     }
 }
 

@@ -8,10 +8,12 @@ use crate::backend::{AttentionForm, Backend, Expert, MlaDims, Routing};
 use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::expert_load::ExpertLoad;
+use crate::expert_shards::ExpertShards;
 use crate::kv_cache::{KvPool, LayerCache, SeqCache, SharedPool};
 use crate::moe::{RouterConfig, route};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::WeightStore;
+use sparsemoe_api::placement::PlacementPlan;
 
 /// `q_a_layernorm`, `kv_a_layernorm` and the indexer's `k_norm` use this eps whatever the config says.
 const LATENT_NORM_EPS: f32 = 1e-6;
@@ -142,6 +144,8 @@ pub struct Model<B: Backend> {
     router: RouterConfig,
     weight_bytes: usize,
     expert_load: Arc<ExpertLoad>,
+    /// Expert parallelism, when the routed experts are split over shards.
+    expert_shards: Option<ExpertShards>,
 }
 
 impl<B: Backend> std::fmt::Debug for Model<B> {
@@ -320,6 +324,7 @@ impl<B: Backend> Model<B> {
                     .collect::<Vec<_>>(),
             )),
             layers,
+            expert_shards: None,
             backend,
             options,
             config,
@@ -664,13 +669,71 @@ impl<B: Backend> Model<B> {
                     routing.experts.push(ids);
                     routing.weights.push(weights);
                 }
-                let mut y = b.moe_experts(x, &routing, experts);
+                let mut y = match &self.expert_shards {
+                    Some(shards) => {
+                        b.moe_experts_sharded(x, &shards.dispatch(layer_index, &routing), experts)
+                    }
+                    None => b.moe_experts(x, &routing, experts),
+                };
                 if let Some(shared) = shared {
                     b.add(&mut y, &b.swiglu(x, shared));
                 }
                 (y, Some(routing))
             }
         }
+    }
+
+    /// Splits every MoE layer's routed experts over shards: `plan` places them, else
+    /// `balanced` shards hold an even share each. Errors when the model has no routed experts
+    /// or the plan does not fit it.
+    pub fn shard_experts(&mut self, plan: Option<PlacementPlan>, balanced: usize) -> Result<()> {
+        let experts = self.config.n_routed_experts;
+        if experts == 0 || !self.config.moe_layers.iter().any(|&m| m) {
+            return Err(EngineError::input(
+                "expert shards: this model has no routed experts to shard",
+            ));
+        }
+        self.expert_shards = Some(match plan {
+            Some(plan) => ExpertShards::new(plan, experts)?,
+            None => ExpertShards::balanced(balanced, experts)?,
+        });
+        Ok(())
+    }
+
+    /// The `--expert-shards N` / `--placement FILE` options: nothing when both are absent; a
+    /// plan file must parse, validate and agree with N when both are given.
+    pub fn configure_expert_shards(
+        &mut self,
+        shards: Option<usize>,
+        placement: Option<&Path>,
+    ) -> Result<()> {
+        let plan = match placement {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    EngineError::input(format!("placement plan {}: {e}", path.display()))
+                })?;
+                let plan = PlacementPlan::from_json(&text)
+                    .map_err(|e| EngineError::input(format!("{}: {e}", path.display())))?;
+                if let Some(n) = shards.filter(|&n| n != plan.num_gpus as usize) {
+                    return Err(EngineError::input(format!(
+                        "--expert-shards {n} disagrees with {}, which places experts on {} shards",
+                        path.display(),
+                        plan.num_gpus
+                    )));
+                }
+                Some(plan)
+            }
+        };
+        match (plan, shards) {
+            (None, None) => Ok(()),
+            (plan, shards) => self.shard_experts(plan, shards.unwrap_or(1)),
+        }
+    }
+
+    /// The expert shards, when [`Model::shard_experts`] set them up.
+    pub fn expert_shards(&self) -> Option<&ExpertShards> {
+        self.expert_shards.as_ref()
     }
 
     /// The architecture.

@@ -71,6 +71,14 @@ pub struct ServeArgs {
     /// Overrides the model's index_topk.
     #[arg(long, env = "SPARSEMOE_INDEX_TOPK")]
     pub index_topk: Option<usize>,
+    /// Expert parallelism: split each MoE layer's routed experts evenly over this many shards
+    /// (tasks on the worker pool on the CPU; GPUs with the CUDA backend).
+    #[arg(long, env = "SPARSEMOE_EXPERT_SHARDS")]
+    pub expert_shards: Option<usize>,
+    /// A placement plan (JSON, as `sparsemoe-operator plan-experts` prints it) saying which
+    /// shard holds which experts, with redundant copies of hot ones.
+    #[arg(long, env = "SPARSEMOE_PLACEMENT")]
+    pub placement: Option<PathBuf>,
 }
 
 struct Loaded {
@@ -81,6 +89,9 @@ struct Loaded {
 
 fn load(args: &ServeArgs) -> anyhow::Result<Loaded> {
     let mut loaded = load_model(args)?;
+    loaded
+        .model
+        .configure_expert_shards(args.expert_shards, args.placement.as_deref())?;
     if args.attention == "auto" && args.dense_below_tokens.is_none() {
         // Below index_topk the indexer would select every key anyway.
         let dense_below = loaded.model.index_topk().unwrap_or(0);

@@ -3,6 +3,7 @@
 
 use super::{AttentionForm, Backend, Expert, MlaDims, Routing};
 use crate::error::Result;
+use crate::expert_shards::Pair;
 use crate::linalg::{axpy, dot, for_each_chunk, linear, map_range};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::Matrix;
@@ -277,6 +278,53 @@ impl Backend for Cpu {
             }
         }
         self.tensor(x.rows, x.cols, out)
+    }
+
+    fn moe_experts_sharded(
+        &self,
+        x: &CpuTensor,
+        work: &[Vec<Pair>],
+        experts: &[Expert<Matrix>],
+    ) -> CpuTensor {
+        // Shards as tasks on the pool, one each (the CPU stand-in for one GPU each).
+        let per_shard: Vec<Vec<(usize, f32, Vec<f32>)>> = map_range(work.len(), usize::MAX, |s| {
+            self.shard_outputs(x, &work[s], experts)
+        });
+        let mut out = vec![0f32; x.rows * x.cols];
+        for (r, wt, y) in per_shard.iter().flatten() {
+            axpy(*wt, y, &mut out[r * x.cols..(r + 1) * x.cols]);
+        }
+        self.tensor(x.rows, x.cols, out)
+    }
+}
+
+impl Cpu {
+    /// One shard's pairs: its experts, each over the rows routed to it, as (row, weight, output).
+    fn shard_outputs(
+        &self,
+        x: &CpuTensor,
+        pairs: &[Pair],
+        experts: &[Expert<Matrix>],
+    ) -> Vec<(usize, f32, Vec<f32>)> {
+        let mut by_expert: Vec<(usize, Vec<(usize, f32)>)> = Vec::new();
+        for p in pairs {
+            match by_expert.iter_mut().find(|(e, _)| *e == p.expert) {
+                Some((_, rows)) => rows.push((p.row, p.weight)),
+                None => by_expert.push((p.expert, vec![(p.row, p.weight)])),
+            }
+        }
+        let mut out = Vec::with_capacity(pairs.len());
+        for (e, rows) in by_expert {
+            let mut data = Vec::with_capacity(rows.len() * x.cols);
+            for &(r, _) in &rows {
+                data.extend_from_slice(x.row(r));
+            }
+            let y = self.swiglu(&self.tensor(rows.len(), x.cols, data), &experts[e]);
+            for (j, (r, wt)) in rows.into_iter().enumerate() {
+                out.push((r, wt, y.row(j).to_vec()));
+            }
+        }
+        out
     }
 }
 

@@ -153,4 +153,14 @@ pub trait Backend: Send + Sync + 'static {
         routing: &Routing,
         experts: &[Expert<Self::Weight>],
     ) -> Self::Tensor;
+
+    /// The same sum with expert parallelism: `work[s]` holds the (row, expert, weight) pairs
+    /// shard `s` computes (see [`crate::expert_shards`]); the shards run side by side and their
+    /// outputs are combined per row.
+    fn moe_experts_sharded(
+        &self,
+        x: &Self::Tensor,
+        work: &[Vec<crate::expert_shards::Pair>],
+        experts: &[Expert<Self::Weight>],
+    ) -> Self::Tensor;
 }

@@ -1,0 +1,184 @@
+//! Expert parallelism: the routed experts of every MoE layer are spread over shards (the GPUs of
+//! a replica with the CUDA backend; tasks on the worker pool with the CPU backend) as a
+//! [`PlacementPlan`] says. Each (token, expert) pair of a step goes to one shard holding a copy
+//! of that expert; when a hot expert has redundant copies, its tokens are spread over them by
+//! load. The shards' outputs are then combined per token with the router's weights.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sparsemoe_api::placement::PlacementPlan;
+
+use crate::backend::Routing;
+use crate::error::{EngineError, Result};
+
+/// One (token row, routed expert, routing weight) pair a shard computes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pair {
+    pub row: usize,
+    pub expert: usize,
+    pub weight: f32,
+}
+
+/// The shards and, per MoE layer, which shards hold each expert.
+#[derive(Debug)]
+pub struct ExpertShards {
+    plan: PlacementPlan,
+    /// Tokens (pairs) each shard has computed since start, for metrics and tests.
+    computed: Vec<AtomicU64>,
+}
+
+impl ExpertShards {
+    /// Checks `plan` against a model with `num_experts` routed experts per layer.
+    pub fn new(plan: PlacementPlan, num_experts: usize) -> Result<Self> {
+        plan.validate()
+            .map_err(|e| EngineError::input(e.to_string()))?;
+        if plan.num_experts as usize != num_experts {
+            return Err(EngineError::input(format!(
+                "placement plan: numExperts is {} but the model has {num_experts} routed experts \
+                 per layer (n_routed_experts)",
+                plan.num_experts
+            )));
+        }
+        let computed = (0..plan.num_gpus).map(|_| AtomicU64::new(0)).collect();
+        Ok(Self { plan, computed })
+    }
+
+    /// A plan with `shards` shards and no redundant copies (experts dealt out evenly).
+    pub fn balanced(shards: usize, num_experts: usize) -> Result<Self> {
+        let (Ok(shards_u32), Ok(experts_u32)) = (u32::try_from(shards), u32::try_from(num_experts))
+        else {
+            return Err(EngineError::input("expert shards: count out of range"));
+        };
+        if shards == 0 || !num_experts.is_multiple_of(shards) {
+            return Err(EngineError::input(format!(
+                "expert shards: {shards} shards cannot hold {num_experts} experts evenly; use a \
+                 count that divides n_routed_experts, or a placement plan (--placement)"
+            )));
+        }
+        let plan = PlacementPlan::balanced(experts_u32, shards_u32, 1)
+            .map_err(|e| EngineError::input(e.to_string()))?;
+        Self::new(plan, num_experts)
+    }
+
+    pub fn plan(&self) -> &PlacementPlan {
+        &self.plan
+    }
+
+    pub fn shards(&self) -> usize {
+        self.plan.num_gpus as usize
+    }
+
+    /// Pairs computed by each shard since start.
+    pub fn computed(&self) -> Vec<u64> {
+        self.computed
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Splits one step's routing for decoder layer `layer` into per-shard work. Every pair goes
+    /// to exactly one shard that holds its expert: among an expert's copies, the one with the
+    /// fewest pairs so far in this step (ties to the lower shard), so copies share the load.
+    ///
+    /// Routed expert ids are below the model's expert count, which equals the plan's, and a
+    /// validated plan places every expert on some shard, so every pair has a shard.
+    pub fn dispatch(&self, layer: usize, routing: &Routing) -> Vec<Vec<Pair>> {
+        let assignment = self.plan.assignment(layer as u32);
+        let mut holders: Vec<Vec<usize>> = vec![Vec::new(); self.plan.num_experts as usize];
+        for (shard, experts) in assignment.gpus.iter().enumerate() {
+            for &e in experts {
+                holders[e as usize].push(shard);
+            }
+        }
+        let mut work: Vec<Vec<Pair>> = vec![Vec::new(); self.shards()];
+        for (row, (ids, weights)) in routing.experts.iter().zip(&routing.weights).enumerate() {
+            for (&expert, &weight) in ids.iter().zip(weights) {
+                let shard = *holders[expert]
+                    .iter()
+                    .min_by_key(|&&s| (work[s].len(), s))
+                    .expect("a validated plan places every expert on some shard");
+                work[shard].push(Pair {
+                    row,
+                    expert,
+                    weight,
+                });
+            }
+        }
+        for (shard, pairs) in work.iter().enumerate() {
+            self.computed[shard].fetch_add(pairs.len() as u64, Ordering::Relaxed);
+        }
+        work
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sparsemoe_api::placement::GpuAssignment;
+
+    fn routing(pairs: &[&[(usize, f32)]]) -> Routing {
+        Routing {
+            experts: pairs
+                .iter()
+                .map(|p| p.iter().map(|x| x.0).collect())
+                .collect(),
+            weights: pairs
+                .iter()
+                .map(|p| p.iter().map(|x| x.1).collect())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn every_pair_goes_to_exactly_one_shard_holding_its_expert() {
+        let shards = ExpertShards::balanced(4, 8).unwrap();
+        let r = routing(&[
+            &[(0, 0.5), (7, 0.5)],
+            &[(3, 1.0), (4, 0.25)],
+            &[(7, 0.1), (1, 0.9)],
+        ]);
+        let work = shards.dispatch(1, &r);
+        let mut seen: Vec<(usize, usize)> = Vec::new();
+        for (shard, pairs) in work.iter().enumerate() {
+            for p in pairs {
+                assert!(shards.plan().assignment(1).gpus[shard].contains(&(p.expert as u32)));
+                seen.push((p.row, p.expert));
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, vec![(0, 0), (0, 7), (1, 3), (1, 4), (2, 1), (2, 7)]);
+        assert_eq!(shards.computed().iter().sum::<u64>(), 6);
+    }
+
+    #[test]
+    fn redundant_copies_of_a_hot_expert_share_its_tokens() {
+        // Expert 0 has copies on shards 0 and 1; every token picks it.
+        let plan = PlacementPlan {
+            version: sparsemoe_api::placement::PLAN_VERSION,
+            num_experts: 4,
+            num_gpus: 2,
+            num_nodes: 1,
+            default: GpuAssignment {
+                gpus: vec![vec![0, 1, 2], vec![0, 3, 1]],
+            },
+            layers: Default::default(),
+            balancedness: None,
+        };
+        let shards = ExpertShards::new(plan, 4).unwrap();
+        let rows: Vec<&[(usize, f32)]> = vec![&[(0, 1.0)]; 9];
+        let work = shards.dispatch(0, &routing(&rows));
+        assert_eq!((work[0].len(), work[1].len()), (5, 4));
+    }
+
+    #[test]
+    fn plans_that_do_not_fit_the_model_are_clear_errors() {
+        let e = ExpertShards::balanced(3, 8).unwrap_err().to_string();
+        assert!(e.contains("3 shards cannot hold 8 experts"), "{e}");
+        let plan = PlacementPlan::balanced(16, 2, 1).unwrap();
+        let e = ExpertShards::new(plan, 8).unwrap_err().to_string();
+        assert!(
+            e.contains("numExperts is 16") && e.contains("8 routed experts"),
+            "{e}"
+        );
+    }
+}
