@@ -52,7 +52,8 @@ pub(crate) fn for_each_chunk<T: Send>(
     f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) {
     let chunk_len = chunk_len.max(1);
-    if split(work) {
+    // One chunk is not split: running it here leaves work it starts free to split.
+    if data.len() > chunk_len && split(work) {
         data.par_chunks_mut(chunk_len)
             .enumerate()
             .for_each(|(i, c)| as_task(|| f(i, c)));
@@ -69,7 +70,7 @@ pub(crate) fn map_range<R: Send>(
     work: usize,
     f: impl Fn(usize) -> R + Sync + Send,
 ) -> Vec<R> {
-    if split(work) {
+    if n > 1 && split(work) {
         (0..n).into_par_iter().map(|i| as_task(|| f(i))).collect()
     } else {
         (0..n).map(f).collect()
@@ -263,6 +264,29 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// The lightning indexer's scores of one query against a block of keys:
+/// `out[s] = Σ_h w[h] · relu(scale · q[h] · keys[s])` with `q` `[heads, dim]`, `keys` `[n, dim]`.
+pub fn index_scores(q: &[f32], w: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    let heads = w.len();
+    let dim = q.len() / heads.max(1);
+    assert_eq!(q.len(), heads * dim, "index_scores: q is not [heads, dim]");
+    assert_eq!(
+        keys.len(),
+        out.len() * dim,
+        "index_scores: keys is not [out.len(), dim]"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above); shapes checked above.
+        return unsafe { x86::index_scores(q, w, keys, dim, scale, out) };
+    }
+    for (o, key) in out.iter_mut().zip(keys.chunks_exact(dim.max(1))) {
+        *o = (0..heads)
+            .map(|h| w[h] * (scale * dot_portable(&q[h * dim..(h + 1) * dim], key)).max(0.0))
+            .sum();
+    }
+}
+
 /// Little-endian bf16 bytes to f32 (`dst.len()` values from `2 · dst.len()` bytes).
 pub fn bf16_to_f32(src: &[u8], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len() * 2, "bf16_to_f32: lengths differ");
@@ -296,6 +320,7 @@ mod x86 {
 
     /// # Safety
     /// The CPU must support AVX2 and FMA; `a` and `b` must have equal lengths.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len();
@@ -331,6 +356,28 @@ mod x86 {
                 i += 1;
             }
             sum
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `q` is `[w.len(), dim]`, `keys` `[out.len(), dim]`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn index_scores(
+        q: &[f32],
+        w: &[f32],
+        keys: &[f32],
+        dim: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        for (o, key) in out.iter_mut().zip(keys.chunks_exact(dim.max(1))) {
+            let mut score = 0.0;
+            for (h, &wh) in w.iter().enumerate() {
+                // SAFETY: same features as this function; both slices have length dim.
+                let qk = unsafe { dot(&q[h * dim..(h + 1) * dim], key) };
+                score += wh * (scale * qk).max(0.0);
+            }
+            *o = score;
         }
     }
 
@@ -442,6 +489,31 @@ pub(crate) mod tests {
                 (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
             })
             .collect()
+    }
+
+    #[test]
+    fn index_scores_match_the_formula() {
+        let (heads, dim, n) = (3, 20, 7);
+        let q = pseudo_random(heads * dim, 6);
+        let w = pseudo_random(heads, 7);
+        let keys = pseudo_random(n * dim, 8);
+        let mut got = vec![0.0; n];
+        index_scores(&q, &w, &keys, 0.5, &mut got);
+        for s in 0..n {
+            let want: f64 = (0..heads)
+                .map(|h| {
+                    let qk: f64 = (0..dim)
+                        .map(|d| q[h * dim + d] as f64 * keys[s * dim + d] as f64)
+                        .sum();
+                    w[h] as f64 * (0.5 * qk).max(0.0)
+                })
+                .sum();
+            assert!(
+                (got[s] as f64 - want).abs() < 1e-5,
+                "key {s}: {} vs {want}",
+                got[s]
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use super::{AttentionForm, Backend, Expert, MlaDims, Routing};
 use crate::error::Result;
 use crate::expert_shards::Pair;
-use crate::linalg::{axpy, dot, for_each_chunk, linear, map_range};
+use crate::linalg::{axpy, dot, for_each_chunk, index_scores, linear, map_range};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::Matrix;
 
@@ -197,13 +197,14 @@ impl Backend for Cpu {
             let qi = q.row(i);
             let wi = w.row(i);
             // Split the keys across threads too: a decode step has a single query row.
-            let mut scored: Vec<(f32, u32)> = map_range(visible, work(1, visible), |s| {
-                let key = keys.row(s);
-                let score = (0..heads)
-                    .map(|h| wi[h] * (scale * dot(&qi[h * dim..(h + 1) * dim], key)).max(0.0))
-                    .sum::<f32>();
-                (score, s as u32)
+            let mut scores = vec![0f32; visible];
+            let keys = &keys.data[..visible * dim];
+            for_each_chunk(&mut scores, KEYS_PER_TASK, work(1, visible), |c, out| {
+                let first = c * KEYS_PER_TASK;
+                let block = &keys[first * dim..(first + out.len()) * dim];
+                index_scores(qi, wi, block, scale, out);
             });
+            let mut scored: Vec<(f32, u32)> = scores.into_iter().zip(0..visible as u32).collect();
             top_k(&mut scored, k)
         })
     }
@@ -327,6 +328,9 @@ impl Cpu {
         out
     }
 }
+
+/// Keys one task of the indexer scores (a decode step's one query splits its keys).
+const KEYS_PER_TASK: usize = 2048;
 
 /// SiLU in float32.
 pub fn silu(x: f32) -> f32 {
