@@ -5,7 +5,7 @@
 # results). Usage: bench/loadgen.sh [REQUESTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-requests="${1:-96}"
+requests="${1:-384}" # long enough that a run at 32 concurrent lasts seconds, not one
 cargo build --release -p sparsemoe-engine --example loadgen --bin sparsemoe-engine >&2
 
 # MODEL: a model directory to serve instead (e.g. bench/.cache/v32-50m, the 48M-parameter model
