@@ -83,7 +83,10 @@ fn a_plan_with_redundant_copies_spreads_hot_experts_and_keeps_the_logits() {
     assert!(diff < 1e-5, "max relative diff {diff}");
     let computed = model.expert_shards().unwrap().computed();
     assert_eq!(computed.iter().sum::<u64>() as usize, tokens().len() * 2);
-    assert!(computed.iter().all(|&c| c > 0), "an idle shard: {computed:?}");
+    assert!(
+        computed.iter().all(|&c| c > 0),
+        "an idle shard: {computed:?}"
+    );
 }
 
 #[test]
@@ -123,6 +126,12 @@ fn bad_shard_options_are_clear_errors() {
         .configure_expert_shards(None, Some(&garbage))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("garbage.json") && e.contains("invalid JSON"), "{e}");
-    assert!(model.expert_shards().is_none(), "a failed setup left shards behind");
+    assert!(
+        e.contains("garbage.json") && e.contains("invalid JSON"),
+        "{e}"
+    );
+    assert!(
+        model.expert_shards().is_none(),
+        "a failed setup left shards behind"
+    );
 }
