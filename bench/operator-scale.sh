@@ -15,6 +15,7 @@ N="${N:-1000}"
 TIMEOUT="${TIMEOUT:-600}"
 BIN="${SPARSEMOE_OPERATOR_BIN:-target/release/sparsemoe-operator}"
 CLIENTS="${CLIENTS:-4}" # concurrent `kubectl create`s, as a GitOps tool applies in parallel
+[[ $CLIENTS =~ ^[1-9][0-9]*$ ]] || { echo "CLIENTS must be a whole number >= 1, got '$CLIENTS'" >&2; exit 2; }
 STATE="$(dirname "$SPARSEMOE_E2E_KUBECONFIG")"
 KUBECTL="$STATE/bin/kubectl"
 k() { "$KUBECTL" --kubeconfig "$SPARSEMOE_E2E_KUBECONFIG" "$@"; }

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sparsemoe_api::placement::PlacementPlan;
+use sparsemoe_api::placement::{GpuAssignment, PlacementPlan};
 
 use crate::backend::Routing;
 use crate::error::{EngineError, Result};
@@ -23,6 +23,10 @@ pub struct Pair {
 #[derive(Debug)]
 pub struct ExpertShards {
     plan: PlacementPlan,
+    /// `holders[e]`: the shards holding expert `e`, for the plan's default assignment and for
+    /// each layer with its own.
+    default_holders: Vec<Vec<usize>>,
+    layer_holders: std::collections::BTreeMap<u32, Vec<Vec<usize>>>,
     /// Tokens (pairs) each shard has computed since start, for metrics and tests.
     computed: Vec<AtomicU64>,
 }
@@ -40,7 +44,21 @@ impl ExpertShards {
             )));
         }
         let computed = (0..plan.num_gpus).map(|_| AtomicU64::new(0)).collect();
-        Ok(Self { plan, computed })
+        let holders = |a: &GpuAssignment| {
+            let mut holders = vec![Vec::new(); num_experts];
+            for (shard, experts) in a.gpus.iter().enumerate() {
+                for &e in experts {
+                    holders[e as usize].push(shard);
+                }
+            }
+            holders
+        };
+        Ok(Self {
+            default_holders: holders(&plan.default),
+            layer_holders: plan.layers.iter().map(|(&l, a)| (l, holders(a))).collect(),
+            plan,
+            computed,
+        })
     }
 
     /// A plan with `shards` shards and no redundant copies (experts dealt out evenly).
@@ -83,13 +101,10 @@ impl ExpertShards {
     /// Routed expert ids are below the model's expert count, which equals the plan's, and a
     /// validated plan places every expert on some shard, so every pair has a shard.
     pub fn dispatch(&self, layer: usize, routing: &Routing) -> Vec<Vec<Pair>> {
-        let assignment = self.plan.assignment(layer as u32);
-        let mut holders: Vec<Vec<usize>> = vec![Vec::new(); self.plan.num_experts as usize];
-        for (shard, experts) in assignment.gpus.iter().enumerate() {
-            for &e in experts {
-                holders[e as usize].push(shard);
-            }
-        }
+        let holders = u32::try_from(layer)
+            .ok()
+            .and_then(|l| self.layer_holders.get(&l))
+            .unwrap_or(&self.default_holders);
         let mut work: Vec<Vec<Pair>> = vec![Vec::new(); self.shards()];
         for (row, (ids, weights)) in routing.experts.iter().zip(&routing.weights).enumerate() {
             for (&expert, &weight) in ids.iter().zip(weights) {
@@ -114,7 +129,6 @@ impl ExpertShards {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sparsemoe_api::placement::GpuAssignment;
 
     fn routing(pairs: &[&[(usize, f32)]]) -> Routing {
         Routing {

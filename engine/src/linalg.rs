@@ -21,8 +21,8 @@ const GEMV_MAX_ROWS: usize = 8;
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 
 /// Whether `work` should be split across the rayon pool: not when it is small, and not when the
-/// caller already runs inside a pool task (e.g. one expert of a MoE layer), where the outer
-/// loop keeps every thread busy.
+/// caller runs as one task of a split loop with at least as many items as threads (e.g. one
+/// expert of a MoE layer with many experts in use), which keeps every thread busy already.
 pub(crate) fn split(work: usize) -> bool {
     rayon::current_num_threads() > 1 && work >= PARALLEL_MIN_WORK && !IN_TASK.get()
 }
@@ -44,6 +44,16 @@ fn as_task<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Runs item `f` of a split loop of `items` items: as a task that keeps its own work on this
+/// thread when the loop alone has enough items to keep every thread busy, else free to split.
+fn run_item<R>(items: usize, f: impl FnOnce() -> R) -> R {
+    if items >= rayon::current_num_threads() {
+        as_task(f)
+    } else {
+        f()
+    }
+}
+
 /// `f(i, chunk)` for each `chunk_len`-long chunk of `data`: on the pool when [`split`]`(work)`.
 pub(crate) fn for_each_chunk<T: Send>(
     data: &mut [T],
@@ -54,9 +64,10 @@ pub(crate) fn for_each_chunk<T: Send>(
     let chunk_len = chunk_len.max(1);
     // One chunk is not split: running it here leaves work it starts free to split.
     if data.len() > chunk_len && split(work) {
+        let items = data.len().div_ceil(chunk_len);
         data.par_chunks_mut(chunk_len)
             .enumerate()
-            .for_each(|(i, c)| as_task(|| f(i, c)));
+            .for_each(|(i, c)| run_item(items, || f(i, c)));
     } else {
         data.chunks_mut(chunk_len)
             .enumerate()
@@ -71,7 +82,10 @@ pub(crate) fn map_range<R: Send>(
     f: impl Fn(usize) -> R + Sync + Send,
 ) -> Vec<R> {
     if n > 1 && split(work) {
-        (0..n).into_par_iter().map(|i| as_task(|| f(i))).collect()
+        (0..n)
+            .into_par_iter()
+            .map(|i| run_item(n, || f(i)))
+            .collect()
     } else {
         (0..n).map(f).collect()
     }
@@ -107,7 +121,11 @@ pub fn linear(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     }
     match w.as_f32() {
         Some(data) => gemm_f32(x, n, data, m, k, y, m, 0),
-        None => BLOCK.with_borrow_mut(|block| {
+        None => {
+            // The buffer is taken out, not borrowed: while this thread waits on the pool below
+            // it may run another product (even another forward pass), which then gets a fresh
+            // buffer instead of finding this one borrowed.
+            let mut block = BLOCK.take();
             // Every element of the block is written by the conversion before it is read, and
             // the product overwrites `y` (it does not accumulate), so nothing needs zeroing.
             if block.len() < BLOCK_ROWS * k {
@@ -125,7 +143,8 @@ pub fn linear(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
                 }
                 gemm_f32(x, n, block, rows, k, y, m, first);
             }
-        }),
+            BLOCK.set(block);
+        }
     }
 }
 
@@ -565,6 +584,9 @@ pub(crate) mod tests {
             (8, 65, 64),
             (9, 513, 40),
             (17, 64, 1),
+            // Above the split threshold: the pool's branches of both paths.
+            (4, 700, 128),
+            (24, 300, 96),
         ] {
             let x = pseudo_random(n * k, 1);
             let wv = pseudo_random(m * k, 2);
@@ -580,7 +602,13 @@ pub(crate) mod tests {
 
     #[test]
     fn bf16_weights_convert_blockwise() {
-        let (n, m, k) = (6, 600, 24);
+        // Matrix-vector (6 rows), block conversion (12 rows), and both above the split threshold.
+        for (n, m, k) in [(6, 600, 24), (12, 600, 24), (6, 700, 128), (12, 700, 64)] {
+            bf16_case(n, m, k);
+        }
+    }
+
+    fn bf16_case(n: usize, m: usize, k: usize) {
         let x = pseudo_random(n * k, 3);
         // Round the weights to bf16 so the two paths see identical values.
         let wv: Vec<f32> = pseudo_random(m * k, 4)
@@ -596,12 +624,18 @@ pub(crate) mod tests {
         linear(&x, n, &w, &mut y);
         let want = naive(&x, n, &wv, m, k);
         for (a, b) in y.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-4);
+            assert!(
+                (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                "{n}x{m}x{k}: {a} vs {b}"
+            );
         }
         let mut y1 = vec![0.0; m];
         linear(&x[..k], 1, &w, &mut y1);
         for (a, b) in y1.iter().zip(&want[..m]) {
-            assert!((a - b).abs() < 1e-4);
+            assert!(
+                (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                "1x{m}x{k}: {a} vs {b}"
+            );
         }
     }
 }

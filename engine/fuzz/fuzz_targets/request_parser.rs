@@ -14,11 +14,18 @@ fuzz_target!(|data: &[u8]| {
         match validate(&body, endpoint) {
             Err(e) => check_rejection(e.status, &e.message),
             Ok(v) => {
-                assert!(v.max_tokens.is_none_or(|n| n >= 1), "max_tokens {:?}", v.max_tokens);
+                assert!(
+                    v.max_tokens.is_none_or(|n| n >= 1),
+                    "max_tokens {:?}",
+                    v.max_tokens
+                );
                 let p = &v.params;
                 assert!(p.temperature.is_finite() && p.temperature >= 0.0, "{p:?}");
                 assert!(p.top_p > 0.0 && p.top_p <= 1.0, "{p:?}");
-                assert!(v.stop.iter().all(|s| !s.is_empty()), "empty stop string accepted");
+                assert!(
+                    v.stop.iter().all(|s| !s.is_empty()),
+                    "empty stop string accepted"
+                );
                 stream_through_stops(&v.stop, data);
             }
         }
@@ -34,7 +41,8 @@ fn check_rejection(status: u16, message: &str) {
 /// pieces sent plus the flushed tail are exactly the kept text, which contains no stop string
 /// and is a prefix of the whole decoded text.
 fn stream_through_stops(stops: &[String], data: &[u8]) {
-    let decode = |ids: &[u32]| -> String { ids.iter().filter_map(|&i| char::from_u32(i)).collect() };
+    let decode =
+        |ids: &[u32]| -> String { ids.iter().filter_map(|&i| char::from_u32(i)).collect() };
     let ids: Vec<u32> = data.iter().map(|&b| u32::from(b % 96) + 32).collect();
     let mut stream = TextStream::new(stops.to_vec());
     let mut sent = String::new();
@@ -48,15 +56,29 @@ fn stream_through_stops(stops: &[String], data: &[u8]) {
         }
     }
     sent.push_str(&stream.flush());
-    assert_eq!(sent, stream.text(), "streamed pieces differ from the kept text");
+    assert_eq!(
+        sent,
+        stream.text(),
+        "streamed pieces differ from the kept text"
+    );
     let whole = decode(&ids);
-    assert!(whole.starts_with(&sent), "kept text is not a prefix of the output");
+    assert!(
+        whole.starts_with(&sent),
+        "kept text is not a prefix of the output"
+    );
     if stopped {
-        assert!(stops.iter().any(|s| whole[sent.len()..].starts_with(s.as_str())));
+        assert!(
+            stops
+                .iter()
+                .any(|s| whole[sent.len()..].starts_with(s.as_str()))
+        );
     } else {
         assert_eq!(sent, whole, "text lost without a stop string");
     }
     for s in stops {
-        assert!(!sent.contains(s.as_str()), "kept text contains stop string {s:?}");
+        assert!(
+            !sent.contains(s.as_str()),
+            "kept text contains stop string {s:?}"
+        );
     }
 }
