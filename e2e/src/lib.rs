@@ -205,7 +205,7 @@ impl Cluster {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
             bail!(
-                "helm {}: {}{}",
+                "helm {}: {}\n{}",
                 args.join(" "),
                 String::from_utf8_lossy(&out.stdout).trim(),
                 String::from_utf8_lossy(&out.stderr).trim()

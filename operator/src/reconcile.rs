@@ -334,9 +334,11 @@ async fn apply_dynamic_if_changed(
 /// two writes of one reconcile. Not for production use.
 pub const FAULT_PAUSE_ENV: &str = "SPARSEMOE_OPERATOR_FAULT_PAUSE_AFTER_APPLY_MS";
 
-async fn fault_pause_after_apply() {
+/// The fault-injection pause, read (and warned about) once; `run` calls it at start-up so the
+/// warning comes before any reconcile.
+pub fn fault_pause() -> Option<Duration> {
     static PAUSE: OnceLock<Option<Duration>> = OnceLock::new();
-    let pause = PAUSE.get_or_init(|| {
+    *PAUSE.get_or_init(|| {
         let value = std::env::var(FAULT_PAUSE_ENV).ok()?;
         match value.parse::<u64>() {
             Ok(ms) => {
@@ -348,9 +350,12 @@ async fn fault_pause_after_apply() {
                 None
             }
         }
-    });
-    if let Some(pause) = pause {
-        tokio::time::sleep(*pause).await;
+    })
+}
+
+async fn fault_pause_after_apply() {
+    if let Some(pause) = fault_pause() {
+        tokio::time::sleep(pause).await;
     }
 }
 

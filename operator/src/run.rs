@@ -98,6 +98,7 @@ async fn leadership_lost(mut leader: watch::Receiver<bool>) {
 
 /// Runs the operator until SIGTERM; Err if leadership is lost (the pod restarts as a standby).
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    reconcile::fault_pause();
     let mut kube_config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration (in-cluster service account or KUBECONFIG)")?;

@@ -394,7 +394,10 @@ fn mla_expanded(
     let kv_width = d.nope + d.v;
     let n = q.rows;
     let mut out = vec![0f32; n * d.heads * d.v];
-    let keys_total: usize = positions.iter().map(|p| p + 1).sum();
+    let keys_total: usize = match selection {
+        Some(sel) => sel.iter().map(Vec::len).sum(),
+        None => positions.iter().map(|p| p + 1).sum(),
+    };
     let work = keys_total * d.heads * (qk + d.v);
     for_each_chunk(&mut out, d.v, work, |task, o| {
         let (i, h) = (task / d.heads, task % d.heads);
