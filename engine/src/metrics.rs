@@ -10,6 +10,7 @@ use prometheus::{
 };
 
 use crate::expert_load::ExpertLoad;
+use crate::expert_shards::ExpertShards;
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -22,6 +23,7 @@ const TOKEN_LATENCY_BUCKETS: &[f64] = &[
 
 /// The model's expert counters and what was exported of them so far.
 type ExpertSource = (Arc<ExpertLoad>, Vec<Vec<u64>>);
+type ShardSource = (Arc<ExpertShards>, Vec<u64>);
 
 /// Every metric the engine exports.
 #[derive(Debug)]
@@ -41,8 +43,10 @@ pub struct Metrics {
     request_success: IntCounterVec,
     request_errors: IntCounterVec,
     expert_tokens: IntCounterVec,
+    shard_pairs: IntCounterVec,
     model_info: IntGaugeVec,
     expert_source: Mutex<Option<ExpertSource>>,
+    shard_source: Mutex<Option<ShardSource>>,
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
@@ -142,6 +146,13 @@ impl Metrics {
                 ),
                 &["layer", "expert"]
             )),
+            shard_pairs: reg!(IntCounterVec::new(
+                Opts::new(
+                    "sparsemoe_expert_shard_pairs_total",
+                    "Routed (token, expert) pairs each expert shard computed (with --placement or --expert-shards)"
+                ),
+                &["shard"]
+            )),
             model_info: reg!(IntGaugeVec::new(
                 Opts::new(
                     "sparsemoe_model_info",
@@ -150,6 +161,7 @@ impl Metrics {
                 &["model", "device", "arch"]
             )),
             expert_source: Mutex::new(None),
+            shard_source: Mutex::new(None),
             registry,
         }
     }
@@ -162,6 +174,14 @@ impl Metrics {
         let zero = load.snapshot().iter().map(|r| vec![0; r.len()]).collect();
         if let Ok(mut source) = self.expert_source.lock() {
             *source = Some((load, zero));
+        }
+    }
+
+    /// Exports the pairs each expert shard computes.
+    pub fn set_expert_shards(&self, shards: Arc<ExpertShards>) {
+        let zero = vec![0; shards.shards()];
+        if let Ok(mut source) = self.shard_source.lock() {
+            *source = Some((shards, zero));
         }
     }
 
@@ -192,6 +212,18 @@ impl Metrics {
                             .inc_by(n - *b);
                         *b = n;
                     }
+                }
+            }
+        }
+        if let Ok(mut source) = self.shard_source.lock()
+            && let Some((shards, exported)) = source.as_mut()
+        {
+            for (shard, (n, before)) in shards.computed().into_iter().zip(exported).enumerate() {
+                if n > *before {
+                    self.shard_pairs
+                        .with_label_values(&[&shard.to_string()])
+                        .inc_by(n - *before);
+                    *before = n;
                 }
             }
         }

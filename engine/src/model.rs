@@ -145,7 +145,7 @@ pub struct Model<B: Backend> {
     weight_bytes: usize,
     expert_load: Arc<ExpertLoad>,
     /// Expert parallelism, when the routed experts are split over shards.
-    expert_shards: Option<ExpertShards>,
+    expert_shards: Option<Arc<ExpertShards>>,
 }
 
 impl<B: Backend> std::fmt::Debug for Model<B> {
@@ -693,10 +693,10 @@ impl<B: Backend> Model<B> {
                 "expert shards: this model has no routed experts to shard",
             ));
         }
-        self.expert_shards = Some(match plan {
+        self.expert_shards = Some(Arc::new(match plan {
             Some(plan) => ExpertShards::new(plan, experts)?,
             None => ExpertShards::balanced(balanced, experts)?,
-        });
+        }));
         Ok(())
     }
 
@@ -732,7 +732,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// The expert shards, when [`Model::shard_experts`] set them up.
-    pub fn expert_shards(&self) -> Option<&ExpertShards> {
+    pub fn expert_shards(&self) -> Option<&Arc<ExpertShards>> {
         self.expert_shards.as_ref()
     }
 

@@ -188,6 +188,9 @@ pub fn build_state(
         &format!("{:?}", config.arch),
         model.expert_load(),
     );
+    if let Some(shards) = model.expert_shards() {
+        metrics.set_expert_shards(shards.clone());
+    }
     metrics.kv_cache_blocks.set(blocks.total_blocks() as i64);
     let bos = config.bos_token_id.or(tokenizer.bos_token_id());
     let mut stop_tokens = config.eos_token_ids.clone();

@@ -59,6 +59,28 @@ fn sharded_experts_give_the_unsharded_logits() {
 }
 
 #[test]
+fn shard_work_is_exported_as_metrics() {
+    let mut model = load();
+    model.configure_expert_shards(Some(2), None).unwrap();
+    let metrics = sparsemoe_engine::metrics::Metrics::new();
+    metrics.set_expert_shards(model.expert_shards().unwrap().clone());
+    logits(&model);
+    let text = metrics.render();
+    let counts: Vec<u64> = (0..2)
+        .map(|s| {
+            let prefix = format!("sparsemoe_expert_shard_pairs_total{{shard=\"{s}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .unwrap_or_else(|| panic!("no counter for shard {s}:\n{text}"))
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(counts, model.expert_shards().unwrap().computed());
+    assert_eq!(counts.iter().sum::<u64>() as usize, tokens().len() * 2);
+}
+
+#[test]
 fn a_plan_with_redundant_copies_spreads_hot_experts_and_keeps_the_logits() {
     let want = logits(&load());
     // 3 shards x 4 slots: experts 0-7 once each, and copies of 0, 1, 2, 3 on other shards.
