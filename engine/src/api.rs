@@ -83,6 +83,8 @@ pub struct RequestBody {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub user: Option<String>,
+    /// vLLM's extension: keep generating past the end-of-sequence token (benchmarks).
+    pub ignore_eos: Option<bool>,
 }
 
 /// What to generate from.
@@ -105,6 +107,8 @@ pub struct Validated {
     pub logprobs: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Generate past the end-of-sequence token (stop strings and max_tokens still apply).
+    pub ignore_eos: bool,
 }
 
 /// Which endpoint a body came to.
@@ -366,6 +370,7 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
         logprobs,
         stream,
         include_usage,
+        ignore_eos: body.ignore_eos.unwrap_or(false),
     })
 }
 

@@ -384,7 +384,11 @@ async fn handle(
         prompt: prepared.prompt.clone(),
         max_tokens: prepared.max_tokens,
         params: prepared.validated.params.clone(),
-        stop_tokens: state.stop_tokens.clone(),
+        stop_tokens: if prepared.validated.ignore_eos {
+            Vec::new()
+        } else {
+            state.stop_tokens.clone()
+        },
         logprobs: prepared.validated.logprobs,
     };
     let events = match state.engine.submit(request) {

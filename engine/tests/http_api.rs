@@ -522,8 +522,10 @@ async fn drain_finishes_in_flight_streams_and_refuses_new_requests() {
                 .method("POST")
                 .uri(format!("{base}/v1/completions"))
                 .body(Full::new(Bytes::from(
+                    // ignore_eos: every stream runs its 300 tokens, so none ends before
+                    // the signal and the server is still draining when the next request comes.
                     json!({"prompt": [0, 2 + i % 200], "max_tokens": 300, "stream": true,
-                           "temperature": 0})
+                           "temperature": 0, "ignore_eos": true})
                     .to_string(),
                 )))
                 .unwrap();
@@ -552,4 +554,25 @@ async fn drain_finishes_in_flight_streams_and_refuses_new_requests() {
         );
     }
     s.done.await.unwrap().unwrap();
+}
+
+/// `ignore_eos` (vLLM's extension) keeps generating past the end-of-sequence token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_eos_generates_past_the_end_of_sequence() {
+    let s = start(&[]).await;
+    let body = |i: u32, ignore: bool| json!({"prompt": [0, 2 + i], "max_tokens": 300, "temperature": 0, "ignore_eos": ignore});
+    // A prompt whose greedy continuation ends on the end-of-sequence token.
+    let mut found = None;
+    for i in 0..100 {
+        let v = s.post("/v1/completions", body(i, false)).await.json();
+        if v["choices"][0]["finish_reason"] == "stop" {
+            found = Some((i, v["usage"]["completion_tokens"].as_u64().unwrap()));
+            break;
+        }
+    }
+    let (i, ended_after) = found.expect("no prompt among 100 ended on end-of-sequence");
+    assert!(ended_after < 300);
+    let v = s.post("/v1/completions", body(i, true)).await.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 300, "{v}");
 }
