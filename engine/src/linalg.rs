@@ -229,12 +229,19 @@ fn gemv(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     }
 }
 
+/// Whether the CPU has AVX2 and FMA (std caches the answer after the first call).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 /// `a · b`. Uses AVX2 + FMA where the CPU has them (checked at run time, so one binary runs
 /// on any x86-64), else a portable loop the compiler vectorises to the baseline SIMD width.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot: lengths differ");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         return unsafe { x86::dot(a, b) };
     }
@@ -251,7 +258,7 @@ fn dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
         "dot_rows: x is not [out.len(), w.len()]"
     );
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         let row = |i: usize| &x[i * k..(i + 1) * k];
         let mut i = 0;
         while i + 4 <= out.len() {
@@ -274,7 +281,7 @@ fn dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
 pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), y.len(), "axpy: lengths differ");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         return unsafe { x86::axpy(alpha, x, y) };
     }
@@ -295,7 +302,7 @@ pub fn index_scores(q: &[f32], w: &[f32], keys: &[f32], scale: f32, out: &mut [f
         "index_scores: keys is not [out.len(), dim]"
     );
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above); shapes checked above.
         return unsafe { x86::index_scores(q, w, keys, dim, scale, out) };
     }

@@ -236,29 +236,10 @@ where
     }
 }
 
-/// A label-filtered watch feeding a cache; returns the cache and the trigger stream.
+/// A label-filtered watch feeding a cache; returns the cache and the trigger stream. `prune`
+/// drops what the operator never reads before an object is stored (managed fields are always
+/// dropped): at 1,000s of objects the caches are most of the operator's memory.
 fn cached<K>(
-    api: Api<K>,
-) -> (
-    Store<K>,
-    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-)
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    cached_pruned(api, |_| {})
-}
-
-/// [`cached`], with `prune` dropping what the operator never reads before an object is
-/// stored (managed fields are always dropped): at 1,000s of objects the caches are most of
-/// the operator's memory.
-fn cached_pruned<K>(
     api: Api<K>,
     prune: fn(&mut K),
 ) -> (
@@ -288,6 +269,9 @@ where
     (reader, stream)
 }
 
+/// For [`cached`]: store objects whole (but for their managed fields).
+fn keep_all<K>(_: &mut K) {}
+
 /// What the operator reads of a pod: its labels, name and namespace, and its containers'
 /// states (for [`crate::status::pod_problems`]). The spec and the rest of the status go.
 pub(crate) fn prune_pod(pod: &mut Pod) {
@@ -311,11 +295,11 @@ async fn run_controller(
 ) -> anyhow::Result<()> {
     let capabilities = discover(&client).await;
     let ns = config.watch_namespace.as_deref();
-    let (deployments, deployment_events) = cached(api_for::<Deployment>(&client, ns));
-    let (services, service_events) = cached(api_for::<Service>(&client, ns));
-    let (pdbs, pdb_events) = cached(api_for::<PodDisruptionBudget>(&client, ns));
-    let (config_maps, config_map_events) = cached(api_for::<ConfigMap>(&client, ns));
-    let (pods, pod_events) = cached_pruned(api_for::<Pod>(&client, ns), prune_pod);
+    let (deployments, deployment_events) = cached(api_for::<Deployment>(&client, ns), keep_all);
+    let (services, service_events) = cached(api_for::<Service>(&client, ns), keep_all);
+    let (pdbs, pdb_events) = cached(api_for::<PodDisruptionBudget>(&client, ns), keep_all);
+    let (config_maps, config_map_events) = cached(api_for::<ConfigMap>(&client, ns), keep_all);
+    let (pods, pod_events) = cached(api_for::<Pod>(&client, ns), prune_pod);
 
     let idep_api: Api<InferenceDeployment> = api_for(&client, ns);
     let (idep_store, idep_writer) = reflector::store();

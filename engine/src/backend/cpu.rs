@@ -248,37 +248,28 @@ impl Backend for Cpu {
         routing: &Routing,
         experts: &[Expert<Matrix>],
     ) -> CpuTensor {
-        // Group rows by expert so each expert runs one product over all its tokens.
-        let mut rows_of: Vec<Vec<(usize, f32)>> = vec![Vec::new(); experts.len()];
-        for (row, (ids, weights)) in routing.experts.iter().zip(&routing.weights).enumerate() {
-            for (&e, &wt) in ids.iter().zip(weights) {
-                rows_of[e].push((row, wt));
-            }
-        }
-        let used: Vec<usize> = (0..experts.len())
-            .filter(|&e| !rows_of[e].is_empty())
-            .collect();
-        let macs: usize = used
+        let pairs = routing
+            .experts
             .iter()
-            .map(|&e| rows_of[e].len() * 3 * x.cols * experts[e].gate.rows)
+            .zip(&routing.weights)
+            .enumerate()
+            .flat_map(|(row, (ids, weights))| {
+                ids.iter().zip(weights).map(move |(&expert, &weight)| Pair {
+                    row,
+                    expert,
+                    weight,
+                })
+            });
+        let groups = by_expert(pairs, experts.len());
+        let macs: usize = groups
+            .iter()
+            .map(|(e, rows)| rows.len() * 3 * x.cols * experts[*e].gate.rows)
             .sum();
         // One expert per task; each expert's products then run on its task's thread.
-        let partials: Vec<(usize, CpuTensor)> = map_range(used.len(), macs, |j| {
-            let (e, rows) = (used[j], &rows_of[used[j]]);
-            let mut data = Vec::with_capacity(rows.len() * x.cols);
-            for &(r, _) in rows {
-                data.extend_from_slice(x.row(r));
-            }
-            let gathered = self.tensor(rows.len(), x.cols, data);
-            (e, self.swiglu(&gathered, &experts[e]))
+        let outputs = map_range(groups.len(), macs, |g| {
+            self.expert_output(x, &groups[g], experts)
         });
-        let mut out = vec![0f32; x.rows * x.cols];
-        for (e, y) in partials {
-            for (j, &(r, wt)) in rows_of[e].iter().enumerate() {
-                axpy(wt, y.row(j), &mut out[r * x.cols..(r + 1) * x.cols]);
-            }
-        }
-        self.tensor(x.rows, x.cols, out)
+        self.combine(x, groups.iter().zip(&outputs))
     }
 
     fn moe_experts_sharded(
@@ -287,45 +278,72 @@ impl Backend for Cpu {
         work: &[Vec<Pair>],
         experts: &[Expert<Matrix>],
     ) -> CpuTensor {
-        // Shards as tasks on the pool, one each (the CPU stand-in for one GPU each).
-        let per_shard: Vec<Vec<(usize, f32, Vec<f32>)>> = map_range(work.len(), usize::MAX, |s| {
-            self.shard_outputs(x, &work[s], experts)
-        });
-        let mut out = vec![0f32; x.rows * x.cols];
-        for (r, wt, y) in per_shard.iter().flatten() {
-            axpy(*wt, y, &mut out[r * x.cols..(r + 1) * x.cols]);
-        }
-        self.tensor(x.rows, x.cols, out)
+        // Shards as tasks on the pool, one each (the CPU stand-in for one GPU each); a shard
+        // runs its experts one after another.
+        let per_shard: Vec<(Vec<ExpertRows>, Vec<CpuTensor>)> =
+            map_range(work.len(), usize::MAX, |s| {
+                let groups = by_expert(work[s].iter().copied(), experts.len());
+                let outputs = groups
+                    .iter()
+                    .map(|g| self.expert_output(x, g, experts))
+                    .collect();
+                (groups, outputs)
+            });
+        self.combine(
+            x,
+            per_shard
+                .iter()
+                .flat_map(|(groups, outputs)| groups.iter().zip(outputs)),
+        )
     }
 }
 
+/// One expert and the (row, weight) pairs routed to it.
+type ExpertRows = (usize, Vec<(usize, f32)>);
+
+/// `pairs` grouped by expert, in expert order (so each expert runs one product over all its
+/// rows, and sums are added in a fixed order).
+fn by_expert(pairs: impl Iterator<Item = Pair>, num_experts: usize) -> Vec<ExpertRows> {
+    let mut rows_of: Vec<Vec<(usize, f32)>> = vec![Vec::new(); num_experts];
+    for p in pairs {
+        rows_of[p.expert].push((p.row, p.weight));
+    }
+    rows_of
+        .into_iter()
+        .enumerate()
+        .filter(|(_, rows)| !rows.is_empty())
+        .collect()
+}
+
 impl Cpu {
-    /// One shard's pairs: its experts, each over the rows routed to it, as (row, weight, output).
-    fn shard_outputs(
+    /// One expert's SwiGLU over the rows of `x` routed to it (row `j` of the result is for
+    /// `rows[j]`).
+    fn expert_output(
         &self,
         x: &CpuTensor,
-        pairs: &[Pair],
+        (e, rows): &ExpertRows,
         experts: &[Expert<Matrix>],
-    ) -> Vec<(usize, f32, Vec<f32>)> {
-        let mut by_expert: Vec<(usize, Vec<(usize, f32)>)> = Vec::new();
-        for p in pairs {
-            match by_expert.iter_mut().find(|(e, _)| *e == p.expert) {
-                Some((_, rows)) => rows.push((p.row, p.weight)),
-                None => by_expert.push((p.expert, vec![(p.row, p.weight)])),
+    ) -> CpuTensor {
+        let mut data = Vec::with_capacity(rows.len() * x.cols);
+        for &(r, _) in rows {
+            data.extend_from_slice(x.row(r));
+        }
+        self.swiglu(&self.tensor(rows.len(), x.cols, data), &experts[*e])
+    }
+
+    /// `Σ weight · output` per row of `x`, over every expert's rows and outputs.
+    fn combine<'a>(
+        &self,
+        x: &CpuTensor,
+        parts: impl Iterator<Item = (&'a ExpertRows, &'a CpuTensor)>,
+    ) -> CpuTensor {
+        let mut out = vec![0f32; x.rows * x.cols];
+        for ((_, rows), y) in parts {
+            for (j, &(r, wt)) in rows.iter().enumerate() {
+                axpy(wt, y.row(j), &mut out[r * x.cols..(r + 1) * x.cols]);
             }
         }
-        let mut out = Vec::with_capacity(pairs.len());
-        for (e, rows) in by_expert {
-            let mut data = Vec::with_capacity(rows.len() * x.cols);
-            for &(r, _) in &rows {
-                data.extend_from_slice(x.row(r));
-            }
-            let y = self.swiglu(&self.tensor(rows.len(), x.cols, data), &experts[e]);
-            for (j, (r, wt)) in rows.into_iter().enumerate() {
-                out.push((r, wt, y.row(j).to_vec()));
-            }
-        }
-        out
+        self.tensor(x.rows, x.cols, out)
     }
 }
 
