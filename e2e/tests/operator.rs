@@ -212,7 +212,7 @@ fn available_pods(pods: &Value) -> usize {
 }
 
 /// Checks every child of `name` is controlled by the InferenceDeployment `uid`, that there is
-/// exactly the expected set of them, and that the pods match the desired replicas.
+/// exactly the expected set of them, and that the pods come to match the desired replicas.
 fn check_converged(
     cluster: &Cluster,
     ns: &str,
@@ -251,14 +251,18 @@ fn check_converged(
             );
         }
     }
-    let pod_list = cluster.get_json(&["pods", "-n", ns, "-l", &selector])?;
-    let all = pod_list["items"].as_array().map_or(0, Vec::len);
-    ensure!(
-        all == pods && available_pods(&pod_list) == pods,
-        "{all} pods ({} available), want {pods}",
-        available_pods(&pod_list)
-    );
-    Ok(())
+    // Ready counts the Deployment's replicas, which leave out pods already terminating (a
+    // scale-down or the last old pod of a rollout); those must be gone soon after, so the pod
+    // count is waited for (bounded), not sampled once.
+    let mut last = String::new();
+    wait_until(CONVERGE, || {
+        let pod_list = cluster.get_json(&["pods", "-n", ns, "-l", &selector])?;
+        let all = pod_list["items"].as_array().map_or(0, Vec::len);
+        let available = available_pods(&pod_list);
+        last = format!("{all} pods ({available} available), want {pods}");
+        Ok(all == pods && available == pods)
+    })
+    .with_context(|| last.clone())
 }
 
 /// Scenario 1: Ready, the children per variant, and GPU pods on nodes of their variant; a
