@@ -1,9 +1,12 @@
 //! Dense products on the CPU: `y = x · Wᵀ` for weights in any stored dtype.
 //!
-//! f32 weights go straight to the `gemm` crate (cache-blocked, SIMD, rayon). Other dtypes are
-//! converted a block of rows at a time into a per-thread f32 buffer, so a bf16 model never
-//! needs an f32 copy of its weights. Few-row products (decode) are matrix-vector work bound by
-//! memory bandwidth; they split the weight rows across threads and convert on the fly.
+//! Products with many input rows (prefill) go to the `gemm` crate (cache-blocked, SIMD,
+//! rayon): f32 weights directly, other dtypes converted a block of rows at a time into a
+//! per-thread f32 buffer, so a bf16 model never needs an f32 copy of its weights. Products with
+//! few input rows (decode batches, short prefill chunks) use a register-tiled kernel here
+//! instead: each weight row is read (and bf16 widened, in registers) once per tile of input
+//! rows, with nothing packed or converted in memory first, and the weight rows are split
+//! across threads.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -12,8 +15,8 @@ use crate::weights::Matrix;
 
 /// Rows of a converted weight block (a multiple of the fp8 block size).
 const BLOCK_ROWS: usize = 256;
-/// At most this many input rows use the matrix-vector path.
-const GEMV_MAX_ROWS: usize = 8;
+/// At most this many input rows use the register-tiled path ([`tiled`]); more use `gemm`.
+const TILED_MAX_ROWS: usize = 64;
 
 /// Below this much work (multiply-adds, or element operations) a step of the forward pass runs
 /// on the calling thread: handing it to the pool and waking the other threads costs more than
@@ -91,6 +94,19 @@ pub(crate) fn map_range<R: Send>(
     }
 }
 
+/// `[f(p) for p in parts]`, the parts side by side on the pool, each one task (work it starts
+/// stays on its thread when there are at least as many parts as threads).
+pub(crate) fn map_parts<P: Send, R: Send>(
+    parts: Vec<P>,
+    f: impl Fn(P) -> R + Sync + Send,
+) -> Vec<R> {
+    let n = parts.len();
+    parts
+        .into_par_iter()
+        .map(|p| run_item(n, || f(p)))
+        .collect()
+}
+
 fn parallelism(macs: usize) -> Parallelism {
     if split(macs) {
         Parallelism::Rayon(rayon::current_num_threads())
@@ -116,8 +132,8 @@ pub fn linear(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
         y.fill(0.0);
         return;
     }
-    if n <= GEMV_MAX_ROWS {
-        return gemv(x, n, w, y);
+    if n <= TILED_MAX_ROWS {
+        return tiled(x, n, w, y);
     }
     match w.as_f32() {
         Some(data) => gemm_f32(x, n, data, m, k, y, m, 0),
@@ -189,28 +205,35 @@ fn gemm_f32(
     }
 }
 
-fn gemv(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
+/// Weight rows as the tiled kernel reads them: f32 as stored, bf16 as stored (widened in
+/// registers), or rows of another dtype converted to f32 first.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u8]),
+}
+
+/// `y = x · wᵀ` for few input rows: the weight rows are split into tasks of whole rows, each
+/// task computes its rows' outputs for every input row (`yt`, transposed), and `yt` is then
+/// transposed into `y`.
+fn tiled(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     let (k, m) = (w.cols, w.rows);
-    let rows_per_task = (m / (rayon::current_num_threads() * 4)).clamp(1, 64);
+    // Multiples of 8 rows (the kernel's tile), about 4 tasks a thread, at most 64 rows a task.
+    let rows_per_task = (m / (rayon::current_num_threads() * 4)).clamp(8, 64) / 8 * 8;
     let mut yt = vec![0f32; m * n]; // [m, n]: each task owns whole output rows
     let task = |buf: &mut Vec<f32>, (task, out): (usize, &mut [f32])| {
         let first = task * rows_per_task;
         let rows = out.len() / n;
-        let weights: &[f32] = match w.as_f32() {
-            Some(data) => &data[first * k..(first + rows) * k],
-            None => {
-                buf.resize(rows * k, 0.0);
-                w.rows_f32(first, buf);
-                buf
-            }
+        let weights = if let Some(data) = w.as_f32() {
+            Rows::F32(&data[first * k..(first + rows) * k])
+        } else if let Some(bytes) = w.as_bf16_bytes() {
+            Rows::Bf16(&bytes[2 * first * k..2 * (first + rows) * k])
+        } else {
+            buf.resize(rows * k, 0.0);
+            w.rows_f32(first, buf);
+            Rows::F32(buf)
         };
-        for r in 0..rows {
-            dot_rows(
-                &weights[r * k..(r + 1) * k],
-                x,
-                &mut out[r * n..(r + 1) * n],
-            );
-        }
+        products(x, n, k, weights, out);
     };
     if split(n * m * k) {
         yt.par_chunks_mut(rows_per_task * n)
@@ -225,6 +248,40 @@ fn gemv(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     for i in 0..n {
         for r in 0..m {
             y[i * m + r] = yt[r * n + i];
+        }
+    }
+}
+
+/// `out[r, i] = w[r] · x[i]` for every weight row `r` (`out.len() / n` of them) and input
+/// row `i` of `x` (`[n, k]`).
+fn products(x: &[f32], n: usize, k: usize, w: Rows, out: &mut [f32]) {
+    let rows = out.len() / n;
+    assert_eq!(x.len(), n * k, "products: x is not [n, k]");
+    match w {
+        Rows::F32(w) => assert_eq!(w.len(), rows * k, "products: weights are not [rows, k]"),
+        Rows::Bf16(w) => assert_eq!(w.len(), 2 * rows * k, "products: weights are not [rows, k]"),
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA; the shapes were checked just above.
+        return unsafe { x86::products(x, n, k, w, out) };
+    }
+    products_portable(x, n, k, w, out);
+}
+
+/// [`products`] without SIMD intrinsics (CPUs without AVX2 + FMA, other architectures).
+fn products_portable(x: &[f32], n: usize, k: usize, w: Rows, out: &mut [f32]) {
+    let mut row = vec![0f32; k];
+    for (r, o) in out.chunks_exact_mut(n).enumerate() {
+        let wr: &[f32] = match w {
+            Rows::F32(w) => &w[r * k..(r + 1) * k],
+            Rows::Bf16(w) => {
+                bf16_to_f32(&w[2 * r * k..2 * (r + 1) * k], &mut row);
+                &row
+            }
+        };
+        for (i, o) in o.iter_mut().enumerate() {
+            *o = dot_portable(wr, &x[i * k..(i + 1) * k]);
         }
     }
 }
@@ -246,35 +303,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         return unsafe { x86::dot(a, b) };
     }
     dot_portable(a, b)
-}
-
-/// `out[i] = w · x[i]` for the `out.len()` rows of `x` (row length `w.len()`). Each chunk of
-/// `w` is loaded once for four rows of `x`, which matters when the product is load-bound.
-fn dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
-    let k = w.len();
-    assert_eq!(
-        x.len(),
-        out.len() * k,
-        "dot_rows: x is not [out.len(), w.len()]"
-    );
-    #[cfg(target_arch = "x86_64")]
-    if avx2_fma() {
-        let row = |i: usize| &x[i * k..(i + 1) * k];
-        let mut i = 0;
-        while i + 4 <= out.len() {
-            // SAFETY: the CPU supports AVX2 and FMA; every row passed has length k.
-            let sums = unsafe { x86::dot4(w, [row(i), row(i + 1), row(i + 2), row(i + 3)]) };
-            out[i..i + 4].copy_from_slice(&sums);
-            i += 4;
-        }
-        for (j, o) in out.iter_mut().enumerate().skip(i) {
-            *o = dot(w, row(j));
-        }
-        return;
-    }
-    for (xr, o) in x.chunks_exact(k.max(1)).zip(out.iter_mut()) {
-        *o = dot_portable(w, xr);
-    }
 }
 
 /// `y += alpha · x`.
@@ -430,35 +458,183 @@ mod x86 {
         }
     }
 
-    /// `[w · x[0], …, w · x[3]]`.
+    use super::Rows;
+
+    /// Reads 8 consecutive values of a weight row as f32 lanes.
+    trait Lanes: Copy {
+        /// # Safety
+        /// AVX2 and FMA; values `t..t + 8` of row `r` exist.
+        unsafe fn load8(self, r: usize, t: usize) -> __m256;
+        /// # Safety
+        /// Value `t` of row `r` exists.
+        unsafe fn get(self, r: usize, t: usize) -> f32;
+        /// The rows from `r` on.
+        fn skip(self, r: usize) -> Self;
+    }
+
+    #[derive(Clone, Copy)]
+    struct F32Rows(*const f32, usize);
+
+    #[derive(Clone, Copy)]
+    struct Bf16Rows(*const u8, usize);
+
+    impl Lanes for F32Rows {
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load8(self, r: usize, t: usize) -> __m256 {
+            // SAFETY: the caller guarantees the 8 values exist.
+            unsafe { _mm256_loadu_ps(self.0.add(r * self.1 + t)) }
+        }
+        #[inline]
+        unsafe fn get(self, r: usize, t: usize) -> f32 {
+            // SAFETY: the caller guarantees the value exists.
+            unsafe { *self.0.add(r * self.1 + t) }
+        }
+        fn skip(self, r: usize) -> Self {
+            Self(self.0.wrapping_add(r * self.1), self.1)
+        }
+    }
+
+    impl Lanes for Bf16Rows {
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load8(self, r: usize, t: usize) -> __m256 {
+            // SAFETY: the caller guarantees the 8 values (16 bytes) exist; bf16 is the top
+            // half of an f32, so widening is a zero-extend and a shift.
+            unsafe {
+                let halves = _mm_loadu_si128(self.0.add(2 * (r * self.1 + t)).cast());
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16))
+            }
+        }
+        #[inline]
+        unsafe fn get(self, r: usize, t: usize) -> f32 {
+            // SAFETY: the caller guarantees the value (2 bytes) exists.
+            unsafe {
+                let p = self.0.add(2 * (r * self.1 + t));
+                f32::from_bits(u32::from(u16::from_le_bytes([*p, *p.add(1)])) << 16)
+            }
+        }
+        fn skip(self, r: usize) -> Self {
+            Self(self.0.wrapping_add(2 * r * self.1), self.1)
+        }
+    }
+
+    /// `out[r, i] = w[r] · x[i]`; see [`super::products`].
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; every `x[j]` must be as long as `w`.
+    /// AVX2 and FMA; `x` is `[n, k]`, `w` holds `out.len() / n` rows of `k`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
-        let n = w.len();
-        let pw = w.as_ptr();
-        let px = x.map(|r| r.as_ptr());
-        let mut i = 0;
-        let mut out = [0f32; 4];
-        // SAFETY (all loads): every offset read is below `n`, the length of `w` and each `x[j]`.
+    pub(super) unsafe fn products(x: &[f32], n: usize, k: usize, w: Rows, out: &mut [f32]) {
+        // SAFETY: forwarded from the caller.
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            while i + 8 <= n {
-                let vw = _mm256_loadu_ps(pw.add(i));
-                for j in 0..4 {
-                    acc[j] = _mm256_fmadd_ps(vw, _mm256_loadu_ps(px[j].add(i)), acc[j]);
-                }
-                i += 8;
+            match w {
+                Rows::F32(w) => products_of(x, n, k, F32Rows(w.as_ptr(), k), out),
+                Rows::Bf16(w) => products_of(x, n, k, Bf16Rows(w.as_ptr(), k), out),
             }
-            for j in 0..4 {
-                out[j] = hsum(acc[j]);
-                for t in i..n {
-                    out[j] += *pw.add(t) * *px[j].add(t);
+        }
+    }
+
+    /// Tiles of 8 weight rows; within one, tiles of 4, 2 or 1 input rows by 2, 4 or 8 weight
+    /// rows, so every tile keeps 8 accumulators (enough independent FMAs to fill both FMA
+    /// pipes) and each weight chunk loaded is used for every input row of the tile.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn products_of<W: Lanes>(x: &[f32], n: usize, k: usize, w: W, out: &mut [f32]) {
+        let rows = out.len() / n;
+        let (px, po) = (x.as_ptr(), out.as_mut_ptr());
+        let mut r = 0;
+        // SAFETY (every tile): rows r..r + c of w and rows i..i + R of x exist, and the tile
+        // writes out[(r + c') * n + i + i'] for c' < c, i' < R, all inside `out`.
+        unsafe {
+            while r < rows {
+                let c = (rows - r).min(8);
+                let wr = w.skip(r);
+                let mut i = 0;
+                while i < n {
+                    let (xi, oi) = (px.add(i * k), po.add(r * n + i));
+                    let step = match n - i {
+                        4.. => {
+                            for_columns::<4, 2, W>(xi, k, wr, c, oi, n);
+                            4
+                        }
+                        2 | 3 => {
+                            for_columns::<2, 4, W>(xi, k, wr, c, oi, n);
+                            2
+                        }
+                        _ => {
+                            for_columns::<1, 8, W>(xi, k, wr, c, oi, n);
+                            1
+                        }
+                    };
+                    i += step;
+                }
+                r += c;
+            }
+        }
+    }
+
+    /// `R` input rows against `c` (≤ 8) weight rows: tiles of `C` weight rows, then one at a
+    /// time.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn for_columns<const R: usize, const C: usize, W: Lanes>(
+        x: *const f32,
+        k: usize,
+        w: W,
+        c: usize,
+        out: *mut f32,
+        n: usize,
+    ) {
+        let mut j = 0;
+        // SAFETY: forwarded from the caller (rows j.. of w, columns of out j * n..).
+        unsafe {
+            while j + C <= c {
+                tile::<R, C, W>(x, k, w.skip(j), out.add(j * n), n);
+                j += C;
+            }
+            while j < c {
+                tile::<R, 1, W>(x, k, w.skip(j), out.add(j * n), n);
+                j += 1;
+            }
+        }
+    }
+
+    /// `out[c * n + r] = w[c] · x[r]` for `r < R`, `c < C`: `R × C` accumulators of 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize, const C: usize, W: Lanes>(
+        x: *const f32,
+        k: usize,
+        w: W,
+        out: *mut f32,
+        n: usize,
+    ) {
+        // SAFETY: rows < R of x and < C of w have k values; the writes are inside out.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            let mut t = 0;
+            while t + 8 <= k {
+                let mut wv = [_mm256_setzero_ps(); C];
+                for (c, v) in wv.iter_mut().enumerate() {
+                    *v = w.load8(c, t);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.add(r * k + t));
+                    for (a, v) in acc.iter_mut().zip(&wv) {
+                        *a = _mm256_fmadd_ps(xv, *v, *a);
+                    }
+                }
+                t += 8;
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (c, a) in acc.iter().enumerate() {
+                    let mut sum = hsum(*a);
+                    for tt in t..k {
+                        sum += *x.add(r * k + tt) * w.get(c, tt);
+                    }
+                    *out.add(c * n + r) = sum;
                 }
             }
         }
-        out
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -583,17 +759,26 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn gemm_and_gemv_paths_match_a_naive_product() {
+    fn gemm_and_tiled_paths_match_a_naive_product() {
+        // Every input-row tail of the tiled kernel (1, 2, 3 after groups of 4), weight-row
+        // tails (not a multiple of 8, or of the tile's 2 / 4 / 8), k tails (not a multiple
+        // of 8), and the gemm path above TILED_MAX_ROWS.
         for (n, m, k) in [
             (1, 7, 5),
+            (2, 9, 8),
             (3, 300, 33),
+            (5, 13, 17),
             (6, 129, 37),
+            (7, 31, 16),
             (8, 65, 64),
             (9, 513, 40),
             (17, 64, 1),
+            (64, 24, 9),
+            (65, 40, 24),
             // Above the split threshold: the pool's branches of both paths.
             (4, 700, 128),
             (24, 300, 96),
+            (100, 300, 64),
         ] {
             let x = pseudo_random(n * k, 1);
             let wv = pseudo_random(m * k, 2);
@@ -608,9 +793,54 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn tiled_kernel_and_portable_loop_agree_for_f32_and_bf16_rows() {
+        for (n, rows, k) in [(1, 9, 7), (3, 8, 16), (4, 17, 33), (6, 5, 64), (13, 24, 9)] {
+            let x = pseudo_random(n * k, 9);
+            let wv: Vec<f32> = pseudo_random(rows * k, 10)
+                .into_iter()
+                .map(|v| f32::from_bits(v.to_bits() & 0xffff_0000))
+                .collect();
+            let bytes: Vec<u8> = wv
+                .iter()
+                .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+                .collect();
+            let want = naive(&x, n, &wv, rows, k); // [n, rows]
+            for w in [Rows::F32(&wv), Rows::Bf16(&bytes)] {
+                let mut fast = vec![f32::NAN; rows * n];
+                let mut portable = vec![f32::NAN; rows * n];
+                products(&x, n, k, w, &mut fast);
+                products_portable(&x, n, k, w, &mut portable);
+                for r in 0..rows {
+                    for i in 0..n {
+                        let b = want[i * rows + r];
+                        for (path, got) in [
+                            ("tiled", fast[r * n + i]),
+                            ("portable", portable[r * n + i]),
+                        ] {
+                            assert!(
+                                (got - b).abs() < 1e-4 * (1.0 + b.abs()),
+                                "{path} {n}x{rows}x{k} at ({r}, {i}): {got} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn bf16_weights_convert_blockwise() {
-        // Matrix-vector (6 rows), block conversion (12 rows), and both above the split threshold.
-        for (n, m, k) in [(6, 600, 24), (12, 600, 24), (6, 700, 128), (12, 700, 64)] {
+        // The tiled kernel (widening in registers, 6 and 12 rows), block conversion for gemm
+        // (80 rows), below and above the split threshold, with row and k tails.
+        for (n, m, k) in [
+            (6, 600, 24),
+            (12, 600, 24),
+            (3, 37, 19),
+            (6, 700, 128),
+            (12, 700, 64),
+            (80, 300, 24),
+            (80, 130, 40),
+        ] {
             bf16_case(n, m, k);
         }
     }

@@ -128,6 +128,11 @@ impl Matrix {
         bytemuck::try_cast_slice(self.blob.bytes()).ok()
     }
 
+    /// The raw little-endian bf16 bytes of a bf16 matrix (`2 · rows · cols` of them).
+    pub fn as_bf16_bytes(&self) -> Option<&[u8]> {
+        (self.dtype == StoredType::Bf16).then(|| self.blob.bytes())
+    }
+
     /// Rows `range` of this matrix as a matrix (no copy).
     pub fn rows_slice(&self, range: Range<usize>) -> Self {
         assert!(range.end <= self.rows);
