@@ -41,7 +41,8 @@ impl<B: Backend> std::fmt::Debug for KvPool<B> {
     }
 }
 
-/// A pool shared between sequences (one engine thread uses it; the lock is uncontended).
+/// A pool shared between sequences. The engine's thread and, when a step's batch is split into
+/// groups run side by side, the pool's threads take the lock only to copy rows in or out.
 pub type SharedPool<B> = Arc<Mutex<KvPool<B>>>;
 
 impl<B: Backend> KvPool<B> {
@@ -87,17 +88,18 @@ impl<T> std::fmt::Debug for CacheRows<'_, T> {
     }
 }
 
-impl<B: Backend> std::fmt::Debug for LayerView<'_, B> {
+impl<B: Backend> std::fmt::Debug for AttendedRows<'_, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("LayerView")
+        f.write_str("AttendedRows")
     }
 }
 
-/// The rows of one layer a step attends to.
-pub struct LayerView<'a, B: Backend> {
+/// The latent and RoPE-key rows of one layer a step attends to, and which of them each query
+/// row attends to (`None`: every row up to its own position).
+pub struct AttendedRows<'a, B: Backend> {
     pub latent: CacheRows<'a, B::Tensor>,
     pub k_pe: CacheRows<'a, B::Tensor>,
-    pub index_keys: Option<CacheRows<'a, B::Tensor>>,
+    pub selection: Option<Vec<Vec<u32>>>,
 }
 
 /// The cache of one sequence.
@@ -231,16 +233,18 @@ impl<B: Backend> SeqCache<B> {
         Ok(())
     }
 
-    /// The first `total` cached rows of a layer (the cached tokens plus this step's).
-    pub fn view(&self, b: &B, layer: usize, total: usize) -> Result<LayerView<'_, B>> {
+    /// Layer `layer`'s indexer keys of the first `total` tokens (the cached ones plus this
+    /// step's): borrowed from a contiguous cache, gathered from the pool (the indexer scores
+    /// every visible key, and its work per key, heads × dim, dwarfs the copy's dim).
+    pub fn index_keys(
+        &self,
+        b: &B,
+        layer: usize,
+        total: usize,
+    ) -> Result<Option<CacheRows<'_, B::Tensor>>> {
         match &self.storage {
             Storage::Contiguous(layers) => {
-                let c = &layers[layer];
-                Ok(LayerView {
-                    latent: CacheRows::Borrowed(&c.latent),
-                    k_pe: CacheRows::Borrowed(&c.k_pe),
-                    index_keys: c.index_keys.as_ref().map(CacheRows::Borrowed),
-                })
+                Ok(layers[layer].index_keys.as_ref().map(CacheRows::Borrowed))
             }
             Storage::Paged {
                 pool,
@@ -248,20 +252,83 @@ impl<B: Backend> SeqCache<B> {
                 block_size,
             } => {
                 let slots = Self::slots(table, *block_size, 0..total);
-                let pool = pool
-                    .lock()
-                    .map_err(|_| EngineError::Device("KV pool lock poisoned".into()))?;
-                let c = &pool.layers[layer];
-                Ok(LayerView {
-                    latent: CacheRows::Owned(b.gather_rows(&c.latent, &slots)),
-                    k_pe: CacheRows::Owned(b.gather_rows(&c.k_pe, &slots)),
-                    index_keys: c
-                        .index_keys
-                        .as_ref()
-                        .map(|k| CacheRows::Owned(b.gather_rows(k, &slots))),
-                })
+                let pool = Self::lock(pool)?;
+                Ok(pool.layers[layer]
+                    .index_keys
+                    .as_ref()
+                    .map(|k| CacheRows::Owned(b.gather_rows(k, &slots))))
             }
         }
+    }
+
+    /// Layer `layer`'s latent and RoPE-key rows that a step attends to: those `selection`
+    /// picks (query row `i` attends to the token positions `selection[i]`), or all of the first
+    /// `total` tokens when there is none. A contiguous cache lends its rows as they are; a paged
+    /// one gathers only the picked rows, so a sparse step copies top-k rows, not the context,
+    /// and the returned selection is renumbered into the gathered rows.
+    pub fn attended_rows(
+        &self,
+        b: &B,
+        layer: usize,
+        total: usize,
+        selection: Option<Vec<Vec<u32>>>,
+    ) -> Result<AttendedRows<'_, B>> {
+        let (pool, table, block_size) = match &self.storage {
+            Storage::Contiguous(layers) => {
+                let c = &layers[layer];
+                return Ok(AttendedRows {
+                    latent: CacheRows::Borrowed(&c.latent),
+                    k_pe: CacheRows::Borrowed(&c.k_pe),
+                    selection,
+                });
+            }
+            Storage::Paged {
+                pool,
+                table,
+                block_size,
+            } => (pool, table, *block_size),
+        };
+        // The picked positions in order, each once; all of them when that is no saving.
+        let (tokens, selection) = match selection {
+            Some(sel) => {
+                let mut index = vec![u32::MAX; total];
+                for &p in sel.iter().flatten() {
+                    if let Some(slot) = index.get_mut(p as usize) {
+                        *slot = 0;
+                    }
+                }
+                let picked: Vec<usize> = (0..total).filter(|&p| index[p] == 0).collect();
+                if picked.len() == total {
+                    ((0..total).collect(), Some(sel))
+                } else {
+                    for (i, &p) in picked.iter().enumerate() {
+                        index[p] = i as u32;
+                    }
+                    let renumbered = sel
+                        .iter()
+                        .map(|row| row.iter().map(|&p| index[p as usize]).collect())
+                        .collect();
+                    (picked, Some(renumbered))
+                }
+            }
+            None => ((0..total).collect(), None),
+        };
+        let slots: Vec<usize> = tokens
+            .iter()
+            .map(|&t| table[t / block_size] as usize * block_size + t % block_size)
+            .collect();
+        let pool = Self::lock(pool)?;
+        let c = &pool.layers[layer];
+        Ok(AttendedRows {
+            latent: CacheRows::Owned(b.gather_rows(&c.latent, &slots)),
+            k_pe: CacheRows::Owned(b.gather_rows(&c.k_pe, &slots)),
+            selection,
+        })
+    }
+
+    fn lock(pool: &SharedPool<B>) -> Result<std::sync::MutexGuard<'_, KvPool<B>>> {
+        pool.lock()
+            .map_err(|_| EngineError::Device("KV pool lock poisoned".into()))
     }
 
     /// Marks `tokens` more tokens as cached (after every layer appended their rows).

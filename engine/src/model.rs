@@ -390,8 +390,24 @@ impl<B: Backend> Model<B> {
         batch: &mut [SeqStep<'_, B>],
         trace: Option<&mut Trace>,
     ) -> Result<Vec<Vec<f32>>> {
-        self.backend
-            .install(|| self.forward_on_backend(batch, trace))
+        self.backend.install(|| {
+            let tokens: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
+            let groups = match trace {
+                Some(_) => 1, // a trace records one pass
+                None => self.backend.batch_groups(&tokens),
+            };
+            if groups <= 1 {
+                return self.forward_on_backend(batch, trace);
+            }
+            let parts = split_by_tokens(batch, &tokens, groups);
+            let logits =
+                crate::linalg::map_parts(parts, |part| self.forward_on_backend(part, None));
+            let mut all = Vec::with_capacity(batch.len());
+            for part in logits {
+                all.extend(part?);
+            }
+            Ok(all)
+        })
     }
 
     fn forward_on_backend(
@@ -597,11 +613,14 @@ impl<B: Backend> Model<B> {
                 new_keys.as_ref(),
             )?;
             let total = step.cache.len() + len;
-            let cache = step.cache.view(b, layer_index, total)?;
+            let index_keys = match &indexer_inputs {
+                Some(_) => step.cache.index_keys(b, layer_index, total)?,
+                None => None,
+            };
 
             let mut selection = None;
             if let (Some((qi, _, w, ix_scale)), Some(keys)) =
-                (&indexer_inputs, cache.index_keys.as_deref())
+                (&indexer_inputs, index_keys.as_deref())
             {
                 let k = self.index_topk().unwrap_or(usize::MAX);
                 let sparse = match self.options.attention {
@@ -624,19 +643,21 @@ impl<B: Backend> Model<B> {
                 .as_ref()
                 .map(|s| s.iter().map(Vec::len).max().unwrap_or(0));
             let form = attention_form(len, total, widest, dims);
+            let traced_selection = if tracing { selection.clone() } else { None };
+            let rows = step.cache.attended_rows(b, layer_index, total, selection)?;
             outputs.push(b.mla_attention(
                 &b.rows(&q, start, len),
-                &cache.latent,
-                &cache.k_pe,
+                &rows.latent,
+                &rows.k_pe,
                 &att.kv_b,
                 seq_positions,
-                selection.as_deref(),
+                rows.selection.as_deref(),
                 dims,
                 scale,
                 form,
             ));
             if tracing {
-                match selection {
+                match traced_selection {
                     Some(sel) => {
                         any_sparse = true;
                         traced.extend(sel);
@@ -760,5 +781,66 @@ fn attention_form(
         AttentionForm::Absorbed
     } else {
         AttentionForm::Expanded
+    }
+}
+
+/// `batch` cut into `groups` contiguous parts (so their outputs concatenate in batch order)
+/// with about equal numbers of new tokens (`tokens[s]` for sequence `s`); none empty.
+fn split_by_tokens<'b, T>(
+    mut batch: &'b mut [T],
+    tokens: &[usize],
+    groups: usize,
+) -> Vec<&'b mut [T]> {
+    let total: usize = tokens.iter().sum();
+    let mut parts = Vec::with_capacity(groups);
+    let (mut start, mut seen) = (0, 0);
+    for g in 1..groups {
+        // The first index whose running total reaches g/groups of the tokens, leaving at least
+        // one sequence for each later part.
+        let target = total * g / groups;
+        let mut end = start + 1;
+        seen += tokens[start];
+        while end < tokens.len() - (groups - g) && seen + tokens[end] <= target {
+            seen += tokens[end];
+            end += 1;
+        }
+        let (part, rest) = batch.split_at_mut(end - start);
+        parts.push(part);
+        batch = rest;
+        start = end;
+    }
+    parts.push(batch);
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_by_tokens;
+
+    #[test]
+    fn batch_parts_are_contiguous_balanced_and_never_empty() {
+        for (tokens, groups) in [
+            (vec![1; 32], 2),
+            (vec![1; 32], 3),
+            (vec![200, 1, 1, 1], 2),
+            (vec![1, 1, 1, 200], 2),
+            (vec![5, 5], 2),
+            (vec![7, 1, 1, 1, 50, 1, 1, 1, 1, 1, 1, 30], 4),
+            (vec![3, 4, 5], 3),
+        ] {
+            let mut batch: Vec<usize> = (0..tokens.len()).collect();
+            let parts = split_by_tokens(&mut batch, &tokens, groups);
+            assert_eq!(parts.len(), groups, "{tokens:?}");
+            assert!(parts.iter().all(|p| !p.is_empty()), "{tokens:?}: {parts:?}");
+            let order: Vec<usize> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+            assert_eq!(order, (0..tokens.len()).collect::<Vec<_>>(), "{tokens:?}");
+            // Balanced: no part exceeds an equal share by more than its largest sequence.
+            let total: usize = tokens.iter().sum();
+            let largest = *tokens.iter().max().unwrap();
+            for p in &parts {
+                let sum: usize = p.iter().map(|&i| tokens[i]).sum();
+                assert!(sum <= total / groups + largest, "{tokens:?}: {parts:?}");
+            }
+        }
     }
 }

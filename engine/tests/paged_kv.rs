@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use sparsemoe_engine::backend::Backend;
 use sparsemoe_engine::backend::cpu::Cpu;
 use sparsemoe_engine::kv_cache::SeqCache;
 use sparsemoe_engine::model::{LogitRows, Model, ModelOptions, SeqStep};
@@ -67,4 +68,86 @@ fn paged_and_contiguous_caches_agree() {
         logits: LogitRows::Last,
     }];
     assert!(model.forward(&mut step, None).is_err());
+}
+
+/// A batch big enough to be split into groups run side by side on the CPU pool (see
+/// `Backend::batch_groups`) gives every sequence the logits it gets alone, prefill and decode.
+#[test]
+fn a_batch_split_into_groups_matches_one_pass_per_sequence() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v32_sparse_moe");
+    let model = Model::load(&dir, Cpu, ModelOptions::default()).unwrap();
+    let prompts: Vec<Vec<u32>> = [20usize, 15, 12, 9]
+        .iter()
+        .enumerate()
+        .map(|(s, &len)| {
+            (0..len)
+                .map(|i| ((i * 13 + s * 7) % 250 + 2) as u32)
+                .collect()
+        })
+        .collect();
+    // Alone: each sequence on its own, prefill then three decode steps of fixed tokens.
+    let decode = [5u32, 77, 140];
+    let alone: Vec<Vec<Vec<f32>>> = prompts
+        .iter()
+        .map(|p| {
+            let mut cache = model.new_cache();
+            let mut rows = Vec::new();
+            for tokens in std::iter::once(&p[..]).chain(decode.iter().map(std::slice::from_ref)) {
+                let mut step = [SeqStep {
+                    tokens,
+                    cache: &mut cache,
+                    logits: LogitRows::Last,
+                }];
+                rows.push(model.forward(&mut step, None).unwrap().remove(0));
+            }
+            rows
+        })
+        .collect();
+    // Together, on a 2-thread pool: the 56-token prefill batch is split into 2 groups (the
+    // 4-token decode batches are not; they check the caches the groups filled).
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let together: Vec<Vec<Vec<f32>>> = pool.install(|| {
+        let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+        let mut out = vec![Vec::new(); prompts.len()];
+        for round in 0..=decode.len() {
+            let inputs: Vec<&[u32]> = prompts
+                .iter()
+                .map(|p| match round {
+                    0 => &p[..],
+                    r => std::slice::from_ref(&decode[r - 1]),
+                })
+                .collect();
+            let mut steps: Vec<SeqStep<'_, Cpu>> = caches
+                .iter_mut()
+                .zip(&inputs)
+                .map(|(cache, tokens)| SeqStep {
+                    tokens,
+                    cache,
+                    logits: LogitRows::Last,
+                })
+                .collect();
+            let logits = model.forward(&mut steps, None).unwrap();
+            assert_eq!(logits.len(), prompts.len());
+            for (o, l) in out.iter_mut().zip(logits) {
+                o.push(l);
+            }
+        }
+        out
+    });
+    for (s, (a, t)) in alone.iter().zip(&together).enumerate() {
+        for (step, (a, t)) in a.iter().zip(t).enumerate() {
+            let err = a
+                .iter()
+                .zip(t)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(err < 1e-4, "sequence {s}, step {step}: max |diff| {err}");
+        }
+    }
+    // The premise: on that pool the prefill batch is split, the decode batches are not.
+    assert_eq!(pool.install(|| Cpu.batch_groups(&[20, 15, 12, 9])), 2);
+    assert_eq!(pool.install(|| Cpu.batch_groups(&[1, 1, 1, 1])), 1);
 }

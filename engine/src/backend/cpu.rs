@@ -40,6 +40,21 @@ impl Backend for Cpu {
         rayon::scope(|_| f())
     }
 
+    fn batch_groups(&self, tokens: &[usize]) -> usize {
+        // A pass over a batch is a few hundred small steps (products, norms, attention per
+        // sequence, routing), and splitting each across the pool costs a wake-up and a join
+        // apiece while leaving the other threads idle in the steps that do not split. With
+        // enough tokens, one pass per thread over its share of the sequences keeps every
+        // thread busy with no synchronisation at all; each share keeps enough rows per weight
+        // read (MIN_GROUP_TOKENS) that the products stay compute-bound, not load-bound.
+        const MIN_GROUP_TOKENS: usize = 16;
+        let total: usize = tokens.iter().sum();
+        rayon::current_num_threads()
+            .min(tokens.len())
+            .min(total / MIN_GROUP_TOKENS)
+            .max(1)
+    }
+
     fn upload(&self, matrix: Matrix) -> Result<Matrix> {
         Ok(matrix)
     }

@@ -57,6 +57,14 @@ pub trait Backend: Send + Sync + 'static {
         f()
     }
 
+    /// Into how many groups a batch with `tokens[s]` new tokens for sequence `s` is split, each
+    /// group run as its own forward pass side by side (inside [`Backend::install`]). The
+    /// default, one, runs the whole batch as one pass.
+    fn batch_groups(&self, tokens: &[usize]) -> usize {
+        let _ = tokens;
+        1
+    }
+
     /// Moves a weight matrix to the device (once, at load).
     fn upload(&self, matrix: Matrix) -> Result<Self::Weight>;
     /// Makes a `[rows, cols]` tensor from host data.
