@@ -534,105 +534,84 @@ mod x86 {
         }
     }
 
-    /// Tiles of 8 weight rows; within one, tiles of 4, 2 or 1 input rows by 2, 4 or 8 weight
-    /// rows, so every tile keeps 8 accumulators (enough independent FMAs to fill both FMA
-    /// pipes) and each weight chunk loaded is used for every input row of the tile.
+    /// Groups of 8, 4, 2 or 1 input rows (whatever is left), each against every weight row in
+    /// turn: one weight row is one memory stream (several rows read side by side would be
+    /// several streams, which on the machines measured halves the bandwidth of products bound
+    /// by it, like an LM head or f32 weights at small batch), each chunk of it loaded once for
+    /// all the group's input rows, which stay in L1; the task's weight rows (at most 64) stay
+    /// in L2 for the later groups. Every group keeps 8 accumulators (enough independent FMAs
+    /// to fill both FMA pipes), unrolling along k when it has fewer than 8 rows.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn products_of<W: Lanes>(x: &[f32], n: usize, k: usize, w: W, out: &mut [f32]) {
         let rows = out.len() / n;
         let (px, po) = (x.as_ptr(), out.as_mut_ptr());
-        let mut r = 0;
-        // SAFETY (every tile): rows r..r + c of w and rows i..i + R of x exist, and the tile
-        // writes out[(r + c') * n + i + i'] for c' < c, i' < R, all inside `out`.
+        let mut i = 0;
+        // SAFETY (every call): rows i..i + R of x and row r of w exist; the writes are
+        // out[r * n + i..][..R], inside `out`.
         unsafe {
-            while r < rows {
-                let c = (rows - r).min(8);
-                let wr = w.skip(r);
-                let mut i = 0;
-                while i < n {
-                    let (xi, oi) = (px.add(i * k), po.add(r * n + i));
-                    let step = match n - i {
-                        4.. => {
-                            for_columns::<4, 2, W>(xi, k, wr, c, oi, n);
-                            4
-                        }
-                        2 | 3 => {
-                            for_columns::<2, 4, W>(xi, k, wr, c, oi, n);
-                            2
-                        }
-                        _ => {
-                            for_columns::<1, 8, W>(xi, k, wr, c, oi, n);
-                            1
-                        }
-                    };
-                    i += step;
-                }
-                r += c;
-            }
-        }
-    }
-
-    /// `R` input rows against `c` (≤ 8) weight rows: tiles of `C` weight rows, then one at a
-    /// time.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn for_columns<const R: usize, const C: usize, W: Lanes>(
-        x: *const f32,
-        k: usize,
-        w: W,
-        c: usize,
-        out: *mut f32,
-        n: usize,
-    ) {
-        let mut j = 0;
-        // SAFETY: forwarded from the caller (rows j.. of w, columns of out j * n..).
-        unsafe {
-            while j + C <= c {
-                tile::<R, C, W>(x, k, w.skip(j), out.add(j * n), n);
-                j += C;
-            }
-            while j < c {
-                tile::<R, 1, W>(x, k, w.skip(j), out.add(j * n), n);
-                j += 1;
-            }
-        }
-    }
-
-    /// `out[c * n + r] = w[c] · x[r]` for `r < R`, `c < C`: `R × C` accumulators of 8 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize, const C: usize, W: Lanes>(
-        x: *const f32,
-        k: usize,
-        w: W,
-        out: *mut f32,
-        n: usize,
-    ) {
-        // SAFETY: rows < R of x and < C of w have k values; the writes are inside out.
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); C]; R];
-            let mut t = 0;
-            while t + 8 <= k {
-                let mut wv = [_mm256_setzero_ps(); C];
-                for (c, v) in wv.iter_mut().enumerate() {
-                    *v = w.load8(c, t);
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_loadu_ps(x.add(r * k + t));
-                    for (a, v) in acc.iter_mut().zip(&wv) {
-                        *a = _mm256_fmadd_ps(xv, *v, *a);
+            while i < n {
+                let group = match n - i {
+                    8.. => 8,
+                    4..=7 => 4,
+                    2 | 3 => 2,
+                    _ => 1,
+                };
+                let xi = px.add(i * k);
+                for r in 0..rows {
+                    let (wr, oi) = (w.skip(r), po.add(r * n + i));
+                    match group {
+                        8 => tile::<8, 1, W>(xi, k, wr, oi),
+                        4 => tile::<4, 2, W>(xi, k, wr, oi),
+                        2 => tile::<2, 4, W>(xi, k, wr, oi),
+                        _ => tile::<1, 8, W>(xi, k, wr, oi),
                     }
+                }
+                i += group;
+            }
+        }
+    }
+
+    /// `out[r] = w[0] · x[r]` for `r < R`: `R × U` accumulators of 8 lanes, the weight row
+    /// read once in chunks of `8 · U`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize, const U: usize, W: Lanes>(
+        x: *const f32,
+        k: usize,
+        w: W,
+        out: *mut f32,
+    ) {
+        // SAFETY: rows < R of x and row 0 of w have k values; the writes are out[..R].
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); U]; R];
+            let mut t = 0;
+            while t + 8 * U <= k {
+                for u in 0..U {
+                    let wv = w.load8(0, t + 8 * u);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_ps(x.add(r * k + t + 8 * u));
+                        acc[u] = _mm256_fmadd_ps(xv, wv, acc[u]);
+                    }
+                }
+                t += 8 * U;
+            }
+            while t + 8 <= k {
+                let wv = w.load8(0, t);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(r * k + t)), wv, acc[0]);
                 }
                 t += 8;
             }
             for (r, acc) in acc.iter().enumerate() {
-                for (c, a) in acc.iter().enumerate() {
-                    let mut sum = hsum(*a);
-                    for tt in t..k {
-                        sum += *x.add(r * k + tt) * w.get(c, tt);
-                    }
-                    *out.add(c * n + r) = sum;
+                let mut v = acc[0];
+                for a in &acc[1..] {
+                    v = _mm256_add_ps(v, *a);
                 }
+                let mut sum = hsum(v);
+                for tt in t..k {
+                    sum += *x.add(r * k + tt) * w.get(0, tt);
+                }
+                *out.add(r) = sum;
             }
         }
     }
