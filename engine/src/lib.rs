@@ -10,6 +10,7 @@ pub mod error;
 pub mod expert_load;
 pub mod expert_shards;
 pub mod generate;
+pub mod host_memory;
 pub mod kv_cache;
 pub mod linalg;
 pub mod metrics;

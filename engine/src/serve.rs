@@ -44,9 +44,13 @@ pub struct ServeArgs {
     /// The model name clients use (default: the directory name, or `sparsemoe-demo`).
     #[arg(long, env = "SPARSEMOE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
-    /// Memory for the KV cache, in bytes.
-    #[arg(long, default_value_t = 1 << 30)]
-    pub kv_cache_bytes: usize,
+    /// Memory for the KV cache, in bytes (default 1 GiB, unless --kv-cache-memory-fraction).
+    #[arg(long)]
+    pub kv_cache_bytes: Option<usize>,
+    /// Size the KV cache as this share, in (0, 0.98], of the memory still available once the
+    /// model is loaded (the container's cgroup limit or the machine's, whichever is smaller).
+    #[arg(long, env = "SPARSEMOE_KV_CACHE_MEMORY_FRACTION")]
+    pub kv_cache_memory_fraction: Option<f64>,
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -154,6 +158,37 @@ fn load_model(args: &ServeArgs) -> anyhow::Result<Loaded> {
     }
 }
 
+/// The KV cache's bytes and where the number came from: `--kv-cache-bytes`, or
+/// `--kv-cache-memory-fraction` of what `available()` reports, or 1 GiB.
+fn kv_cache_budget(
+    bytes: Option<usize>,
+    fraction: Option<f64>,
+    available: impl FnOnce() -> Option<u64>,
+) -> anyhow::Result<(usize, String)> {
+    match (bytes, fraction) {
+        (Some(_), Some(_)) => bail!(
+            "--kv-cache-bytes and --kv-cache-memory-fraction (SPARSEMOE_KV_CACHE_MEMORY_FRACTION) \
+             both size the KV cache: give one"
+        ),
+        (Some(bytes), None) => Ok((bytes, "--kv-cache-bytes".into())),
+        (None, Some(f)) => {
+            if !(f > 0.0 && f <= 0.98) {
+                bail!("--kv-cache-memory-fraction {f}: must be in (0, 0.98], e.g. 0.9");
+            }
+            let free = available().context(
+                "--kv-cache-memory-fraction: could not read the available memory \
+                 (/proc/meminfo, cgroup memory files); pass --kv-cache-bytes instead",
+            )?;
+            let bytes = (free as f64 * f) as usize;
+            Ok((
+                bytes,
+                format!("--kv-cache-memory-fraction {f} of {free} bytes available"),
+            ))
+        }
+        (None, None) => Ok((1 << 30, "the default of 1 GiB".into())),
+    }
+}
+
 /// Builds the engine and server state from a loaded model (tests use this directly).
 pub fn build_state(
     model: Model<Cpu>,
@@ -162,10 +197,15 @@ pub fn build_state(
     args: &ServeArgs,
 ) -> anyhow::Result<Arc<AppState>> {
     let config = model.config.clone();
-    let blocks = BlockAllocator::from_budget(
-        args.block_size,
+    let (kv_bytes, kv_source) = kv_cache_budget(
         args.kv_cache_bytes,
-        bytes_per_token(&config),
+        args.kv_cache_memory_fraction,
+        crate::host_memory::available_bytes,
+    )?;
+    let blocks = BlockAllocator::from_budget(args.block_size, kv_bytes, bytes_per_token(&config));
+    eprintln!(
+        "sparsemoe-engine: KV cache of {kv_bytes} bytes ({} tokens) from {kv_source}",
+        blocks.capacity_tokens()
     );
     let mut max_context = config.max_position_embeddings;
     if let Some(cap) = args.max_model_len {
@@ -175,8 +215,8 @@ pub fn build_state(
     max_context = max_context.min(blocks.capacity_tokens());
     if max_context < 2 {
         bail!(
-            "--kv-cache-bytes {} holds {} tokens; at least one block of {} tokens is needed",
-            args.kv_cache_bytes,
+            "the KV cache ({kv_source}: {kv_bytes} bytes) holds {} tokens; at least one block \
+             of {} tokens is needed",
             blocks.capacity_tokens(),
             args.block_size
         );
@@ -287,4 +327,28 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         eprintln!("sparsemoe-engine: drained, exiting");
         anyhow::Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kv_cache_budget;
+
+    #[test]
+    fn the_kv_cache_is_sized_from_bytes_a_fraction_or_the_default() {
+        let gib = Some(1u64 << 30);
+        let (bytes, from) = kv_cache_budget(Some(4096), None, || gib).unwrap();
+        assert_eq!((bytes, from.as_str()), (4096, "--kv-cache-bytes"));
+        let (bytes, from) = kv_cache_budget(None, Some(0.5), || gib).unwrap();
+        assert_eq!(bytes, 1 << 29);
+        assert!(from.contains("0.5 of 1073741824"), "{from}");
+        assert_eq!(kv_cache_budget(None, None, || None).unwrap().0, 1 << 30);
+
+        let err =
+            |b, f, avail: Option<u64>| kv_cache_budget(b, f, || avail).unwrap_err().to_string();
+        assert!(err(Some(1), Some(0.5), gib).contains("give one"));
+        for bad in [0.0, -0.1, 0.99, f64::NAN] {
+            assert!(err(None, Some(bad), gib).contains("(0, 0.98]"), "{bad}");
+        }
+        assert!(err(None, Some(0.9), None).contains("--kv-cache-bytes instead"));
+    }
 }
