@@ -2,7 +2,7 @@
 # Serving benchmark on the CPU: HTTP streaming at concurrency 1 and 32, and the same workload
 # in-process on the scheduler (no HTTP), written to bench/results/serving-cpu.{jsonl,md}.
 # Model: engine/demo-model when it exists, else the tiny conformance fixture (say which in the
-# results). Usage: bench/loadgen.sh [REQUESTS]
+# results). Usage: [ROUNDS=3] bench/loadgen.sh [REQUESTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests="${1:-384}" # long enough that a run at 32 concurrent lasts seconds, not one
@@ -55,9 +55,17 @@ url="$(grep -o 'http://127.0.0.1:[0-9]*' "$log" | head -1)"
 common=(--requests "$requests" --prompt-len 16:64 --output-len 32:64 --vocab "$vocab")
 out=bench/results/$out_stem.jsonl
 : >"$out"
-for c in 1 32; do
-    target/release/examples/loadgen --url "$url" --concurrency "$c" --label "$label" "${common[@]}" | tee -a "$out"
-    target/release/examples/loadgen --in-process "$model" --concurrency "$c" --label "$label" "${common[@]}" | tee -a "$out"
+# ROUNDS rounds of the four runs, interleaved, so a change in the machine's speed (it is shared)
+# moves both sides of each ratio alike; the report gives each round's ratios and their medians.
+rounds=${ROUNDS:-3}
+for round in $(seq "$rounds"); do
+    for c in 1 32; do
+        for mode in http in-process; do
+            if [[ $mode == http ]]; then src=(--url "$url"); else src=(--in-process "$model"); fi
+            target/release/examples/loadgen "${src[@]}" --concurrency "$c" --label "$label" "${common[@]}" |
+                sed "s/^{/{\"round\":$round,/" | tee -a "$out"
+        done
+    done
 done
 kill -TERM $server
 wait $server || { echo "server exited non-zero after SIGTERM" >&2; exit 1; }
@@ -65,28 +73,35 @@ trap - EXIT
 
 load="$(cut -d' ' -f1-3 /proc/loadavg)"
 python3 - "$out" "$load" "$(nproc)" >"bench/results/$out_stem.md" <<'PY'
-import json, sys
+import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-by = {(r["mode"], r["concurrency"]): r for r in rows}
+rounds = sorted({r["round"] for r in rows})
+by = {(r["round"], r["mode"], r["concurrency"]): r for r in rows}
+tps = lambda rnd, mode, c: by[(rnd, mode, c)]["output_tokens_per_s"]
 print(f"# Serving on the CPU ({rows[0]['label']})\n")
 print(f"{rows[0]['requests']} requests per run, prompts {rows[0]['prompt_len']} tokens, outputs "
       f"{rows[0]['output_len']} (random token ids, greedy; eos may end some early). "
-      f"Written by `bench/loadgen.sh` on {sys.argv[3]} CPU cores; load average after the runs: "
-      f"{sys.argv[2]} (other jobs share the machine, so numbers move run to run).\n")
-print("| mode | concurrency | output tok/s | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |")
-print("|---|---|---|---|---|---|---|")
+      f"Written by `bench/loadgen.sh` on {sys.argv[3]} CPU cores, {len(rounds)} rounds of the "
+      f"four runs interleaved; load average after the runs: {sys.argv[2]} (the machine is "
+      f"shared, so absolute numbers move from run to run; the ratios are taken within a round).\n")
+print("| round | mode | concurrency | output tok/s | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |")
+print("|---|---|---|---|---|---|---|---|")
 f = lambda x: "-" if x is None else f"{x:.1f}"
 for r in rows:
-    print(f"| {r['mode']} | {r['concurrency']} | {r['output_tokens_per_s']:.0f} | "
+    print(f"| {r['round']} | {r['mode']} | {r['concurrency']} | {r['output_tokens_per_s']:.0f} | "
           f"{r['requests_per_s']:.1f} | {f(r['ttft_ms_p50'])} / {f(r['ttft_ms_p99'])} | "
           f"{f(r['itl_ms_p50'])} / {f(r['itl_ms_p99'])} | {r['errors']} |")
-h1, h32 = by[("http-streaming", 1)], by[("http-streaming", 32)]
-i1, i32 = by[("in-process", 1)], by[("in-process", 32)]
+batching = [tps(n, "http-streaming", 32) / tps(n, "http-streaming", 1) for n in rounds]
+batching_ip = [tps(n, "in-process", 32) / tps(n, "in-process", 1) for n in rounds]
+over1 = [tps(n, "http-streaming", 1) / tps(n, "in-process", 1) for n in rounds]
+over32 = [tps(n, "http-streaming", 32) / tps(n, "in-process", 32) for n in rounds]
+each = lambda xs: ", ".join(f"{x:.2f}" for x in xs)
+med = statistics.median
 print()
-print(f"- Continuous batching: HTTP tokens/s at 32 concurrent / at 1 = "
-      f"**{h32['output_tokens_per_s'] / h1['output_tokens_per_s']:.2f}x** (target >= 4x).")
-print(f"- Server overhead: HTTP streaming / in-process tokens/s = "
-      f"**{h1['output_tokens_per_s'] / i1['output_tokens_per_s']:.2f}** at concurrency 1, "
-      f"**{h32['output_tokens_per_s'] / i32['output_tokens_per_s']:.2f}** at 32 (target >= 0.9).")
+print(f"- Continuous batching: HTTP tokens/s at 32 concurrent / at 1 = **{med(batching):.2f}x** "
+      f"median (rounds: {each(batching)}; target >= 4x); in-process {med(batching_ip):.2f}x "
+      f"({each(batching_ip)}).")
+print(f"- Server overhead: HTTP streaming / in-process tokens/s = **{med(over1):.2f}** at "
+      f"concurrency 1 ({each(over1)}), **{med(over32):.2f}** at 32 ({each(over32)}) (target >= 0.9).")
 PY
 cat "bench/results/$out_stem.md"

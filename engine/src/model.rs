@@ -394,7 +394,7 @@ impl<B: Backend> Model<B> {
             let tokens: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
             let groups = match trace {
                 Some(_) => 1, // a trace records one pass
-                None => self.backend.batch_groups(&tokens),
+                None => self.backend.batch_groups(&tokens).min(batch.len()),
             };
             if groups <= 1 {
                 return self.forward_on_backend(batch, trace);
