@@ -58,6 +58,7 @@ out=bench/results/$out_stem.jsonl
 # ROUNDS rounds of the four runs, interleaved, so a change in the machine's speed (it is shared)
 # moves both sides of each ratio alike; the report gives each round's ratios and their medians.
 rounds=${ROUNDS:-3}
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS=$rounds: expected a whole number >= 1" >&2; exit 2; }
 for round in $(seq "$rounds"); do
     for c in 1 32; do
         for mode in http in-process; do

@@ -1,7 +1,8 @@
 //! How much memory this process may still use: the smaller of the kernel's `MemAvailable` and,
 //! in a container, what its cgroup's limit leaves (`memory.max` − `memory.current`, cgroup v2;
-//! `memory.limit_in_bytes` − `memory.usage_in_bytes`, v1). The CPU backend sizes its KV cache
-//! from it when given a memory fraction, as the GPU backends do from free device memory.
+//! `memory.limit_in_bytes` − `memory.usage_in_bytes`, v1; the files at the root of
+//! /sys/fs/cgroup, which is the container's own cgroup under the usual cgroup namespace).
+//! `serve` sizes the KV cache from it when given a memory fraction.
 
 use std::path::Path;
 

@@ -4,7 +4,7 @@
 //! model, against 128 heads × (192 + 128) for an expanded cache.
 
 use std::ops::Deref;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
@@ -42,13 +42,14 @@ impl<B: Backend> std::fmt::Debug for KvPool<B> {
 }
 
 /// A pool shared between sequences. The engine's thread and, when a step's batch is split into
-/// groups run side by side, the pool's threads take the lock only to copy rows in or out.
-pub type SharedPool<B> = Arc<Mutex<KvPool<B>>>;
+/// groups run side by side, the pool's threads lock it to copy rows in (a write lock) or out (a
+/// read lock; copies out run side by side). Each sequence only touches its own blocks.
+pub type SharedPool<B> = Arc<RwLock<KvPool<B>>>;
 
 impl<B: Backend> KvPool<B> {
     /// `layers` zero-filled layer stores of `rows = blocks · block_size` rows each.
     pub fn new(block_size: usize, layers: Vec<LayerCache<B>>) -> SharedPool<B> {
-        Arc::new(Mutex::new(Self { block_size, layers }))
+        Arc::new(RwLock::new(Self { block_size, layers }))
     }
 }
 
@@ -132,7 +133,7 @@ impl<B: Backend> SeqCache<B> {
 
     /// An empty paged cache in `pool` (blocks are given with [`SeqCache::set_blocks`]).
     pub fn paged(pool: SharedPool<B>) -> Self {
-        let block_size = pool.lock().map_or(1, |p| p.block_size);
+        let block_size = pool.read().map_or(1, |p| p.block_size);
         Self {
             len: 0,
             storage: Storage::Paged {
@@ -220,7 +221,7 @@ impl<B: Backend> SeqCache<B> {
                 }
                 let slots = Self::slots(table, *block_size, self.len..self.len + n);
                 let mut pool = pool
-                    .lock()
+                    .write()
                     .map_err(|_| EngineError::Device("KV pool lock poisoned".into()))?;
                 let c = &mut pool.layers[layer];
                 b.write_rows(&mut c.latent, &slots, latent);
@@ -291,16 +292,22 @@ impl<B: Backend> SeqCache<B> {
         // The picked positions in order, each once; all of them when that is no saving.
         let (tokens, selection) = match selection {
             Some(sel) => {
+                // A query attends only to cached tokens: positions below `total`.
+                if let Some(&p) = sel.iter().flatten().find(|&&p| p as usize >= total) {
+                    return Err(EngineError::Device(format!(
+                        "attention selected position {p} of a sequence with {total} tokens"
+                    )));
+                }
                 let mut index = vec![u32::MAX; total];
                 for &p in sel.iter().flatten() {
-                    if let Some(slot) = index.get_mut(p as usize) {
-                        *slot = 0;
-                    }
+                    index[p as usize] = 0;
                 }
                 let picked: Vec<usize> = (0..total).filter(|&p| index[p] == 0).collect();
                 if picked.len() == total {
                     ((0..total).collect(), Some(sel))
                 } else {
+                    // Row i of the gathered rows is token picked[i] ≥ i, so a renumbered
+                    // selection still passes the causal check against the query's position.
                     for (i, &p) in picked.iter().enumerate() {
                         index[p] = i as u32;
                     }
@@ -326,8 +333,8 @@ impl<B: Backend> SeqCache<B> {
         })
     }
 
-    fn lock(pool: &SharedPool<B>) -> Result<std::sync::MutexGuard<'_, KvPool<B>>> {
-        pool.lock()
+    fn lock(pool: &SharedPool<B>) -> Result<std::sync::RwLockReadGuard<'_, KvPool<B>>> {
+        pool.read()
             .map_err(|_| EngineError::Device("KV pool lock poisoned".into()))
     }
 

@@ -94,16 +94,17 @@ pub(crate) fn map_range<R: Send>(
     }
 }
 
-/// `[f(p) for p in parts]`, the parts side by side on the pool, each one task (work it starts
-/// stays on its thread when there are at least as many parts as threads).
+/// `[f(p) for (p, _) in parts]`, the parts side by side on the pool. A part marked `true` runs
+/// as one task (the work it starts stays on its thread); one marked `false` (a part much
+/// bigger than the others) leaves its work free to split, so threads done with their own part
+/// help with it.
 pub(crate) fn map_parts<P: Send, R: Send>(
-    parts: Vec<P>,
+    parts: Vec<(P, bool)>,
     f: impl Fn(P) -> R + Sync + Send,
 ) -> Vec<R> {
-    let n = parts.len();
     parts
         .into_par_iter()
-        .map(|p| run_item(n, || f(p)))
+        .map(|(p, keep)| if keep { as_task(|| f(p)) } else { f(p) })
         .collect()
 }
 
@@ -218,7 +219,7 @@ enum Rows<'a> {
 /// transposed into `y`.
 fn tiled(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     let (k, m) = (w.cols, w.rows);
-    // Multiples of 8 rows (the kernel's tile), about 4 tasks a thread, at most 64 rows a task.
+    // Multiples of 8 weight rows, about 4 tasks a thread, at most 64 rows a task.
     let rows_per_task = (m / (rayon::current_num_threads() * 4)).clamp(8, 64) / 8 * 8;
     let mut yt = vec![0f32; m * n]; // [m, n]: each task owns whole output rows
     let task = |buf: &mut Vec<f32>, (task, out): (usize, &mut [f32])| {
@@ -538,9 +539,10 @@ mod x86 {
     /// turn: one weight row is one memory stream (several rows read side by side would be
     /// several streams, which on the machines measured halves the bandwidth of products bound
     /// by it, like an LM head or f32 weights at small batch), each chunk of it loaded once for
-    /// all the group's input rows, which stay in L1; the task's weight rows (at most 64) stay
-    /// in L2 for the later groups. Every group keeps 8 accumulators (enough independent FMAs
-    /// to fill both FMA pipes), unrolling along k when it has fewer than 8 rows.
+    /// all the group's input rows (which sit in L1 or L2, depending on k); the task's weight
+    /// rows are re-read for later groups from the cache levels they fit in. Every group keeps
+    /// 8 accumulators (enough independent FMAs to fill both FMA pipes), unrolling along k when
+    /// it has fewer than 8 rows.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn products_of<W: Lanes>(x: &[f32], n: usize, k: usize, w: W, out: &mut [f32]) {
         let rows = out.len() / n;

@@ -396,10 +396,24 @@ impl<B: Backend> Model<B> {
                 Some(_) => 1, // a trace records one pass
                 None => self.backend.batch_groups(&tokens).min(batch.len()),
             };
+            // Every sequence is checked before any cache changes, so a bad one fails the
+            // whole batch with no group's caches advanced.
+            for step in batch.iter() {
+                self.check_step(step)?;
+            }
             if groups <= 1 {
                 return self.forward_on_backend(batch, trace);
             }
-            let parts = split_by_tokens(batch, &tokens, groups);
+            let total: usize = tokens.iter().sum();
+            let mut parts = Vec::with_capacity(groups);
+            let mut at = 0;
+            for part in split_by_tokens(batch, &tokens, groups) {
+                let part_tokens: usize = tokens[at..at + part.len()].iter().sum();
+                at += part.len();
+                // A part well over its fair share is left free to split (see map_parts).
+                let keep = part_tokens * groups * 4 <= total * 5;
+                parts.push((part, keep));
+            }
             let logits =
                 crate::linalg::map_parts(parts, |part| self.forward_on_backend(part, None));
             let mut all = Vec::with_capacity(batch.len());
@@ -420,26 +434,7 @@ impl<B: Backend> Model<B> {
         let mut tokens = Vec::new();
         let mut rows = BatchRows::default();
         for step in batch.iter() {
-            if step.tokens.is_empty() {
-                return Err(EngineError::input(
-                    "a sequence in the batch has no new tokens",
-                ));
-            }
-            if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(EngineError::input(format!(
-                    "token id {bad} is out of range: the vocabulary has {} tokens (ids 0..{})",
-                    c.vocab_size,
-                    c.vocab_size - 1
-                )));
-            }
             let start = step.cache.len();
-            if start + step.tokens.len() > step.cache.capacity() {
-                return Err(EngineError::input(format!(
-                    "the KV cache holds {} tokens of this sequence, {} needed",
-                    step.cache.capacity(),
-                    start + step.tokens.len()
-                )));
-            }
             rows.spans.push((tokens.len(), step.tokens.len()));
             tokens.extend_from_slice(step.tokens);
             rows.positions.extend(start..start + step.tokens.len());
@@ -486,6 +481,31 @@ impl<B: Backend> Model<B> {
             offset += rows;
         }
         Ok(out)
+    }
+
+    /// A sequence's step is valid input: new tokens, all in the vocabulary, with room in its
+    /// cache.
+    fn check_step(&self, step: &SeqStep<'_, B>) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        if step.tokens.is_empty() {
+            return Err(EngineError::input(
+                "a sequence in the batch has no new tokens",
+            ));
+        }
+        if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::input(format!(
+                "token id {bad} is out of range: the vocabulary has {vocab} tokens (ids 0..{})",
+                vocab - 1
+            )));
+        }
+        let needed = step.cache.len() + step.tokens.len();
+        if needed > step.cache.capacity() {
+            return Err(EngineError::input(format!(
+                "the KV cache holds {} tokens of this sequence, {needed} needed",
+                step.cache.capacity(),
+            )));
+        }
+        Ok(())
     }
 
     /// Logits at every position of `tokens` from an empty cache (`[n · vocab]`).
@@ -613,32 +633,29 @@ impl<B: Backend> Model<B> {
                 new_keys.as_ref(),
             )?;
             let total = step.cache.len() + len;
+            let k = self.index_topk().unwrap_or(usize::MAX);
+            let sparse = match self.options.attention {
+                AttentionMode::Sparse => true,
+                AttentionMode::Dense => false,
+                AttentionMode::Auto { dense_below } => total >= dense_below,
+            };
+            // The indexer's keys are read (and, from a paged cache, copied) only when it runs.
             let index_keys = match &indexer_inputs {
-                Some(_) => step.cache.index_keys(b, layer_index, total)?,
-                None => None,
+                Some(_) if sparse && total > k => step.cache.index_keys(b, layer_index, total)?,
+                _ => None,
             };
 
-            let mut selection = None;
-            if let (Some((qi, _, w, ix_scale)), Some(keys)) =
-                (&indexer_inputs, index_keys.as_deref())
-            {
-                let k = self.index_topk().unwrap_or(usize::MAX);
-                let sparse = match self.options.attention {
-                    AttentionMode::Sparse => true,
-                    AttentionMode::Dense => false,
-                    AttentionMode::Auto { dense_below } => total >= dense_below,
-                };
-                if sparse && total > k {
-                    selection = Some(b.indexer_select(
-                        &b.rows(qi, start, len),
-                        &b.rows(w, start, len),
-                        keys,
-                        seq_positions,
-                        k,
-                        *ix_scale,
-                    ));
-                }
-            }
+            let selection = match (&indexer_inputs, index_keys.as_deref()) {
+                (Some((qi, _, w, ix_scale)), Some(keys)) => Some(b.indexer_select(
+                    &b.rows(qi, start, len),
+                    &b.rows(w, start, len),
+                    keys,
+                    seq_positions,
+                    k,
+                    *ix_scale,
+                )),
+                _ => None,
+            };
             let widest = selection
                 .as_ref()
                 .map(|s| s.iter().map(Vec::len).max().unwrap_or(0));

@@ -47,8 +47,9 @@ pub struct ServeArgs {
     /// Memory for the KV cache, in bytes (default 1 GiB, unless --kv-cache-memory-fraction).
     #[arg(long)]
     pub kv_cache_bytes: Option<usize>,
-    /// Size the KV cache as this share, in (0, 0.98], of the memory still available once the
-    /// model is loaded (the container's cgroup limit or the machine's, whichever is smaller).
+    /// Size the KV cache as this share, in (0, 0.98], of the memory available to the process
+    /// (the machine's or the container's cgroup headroom, whichever is smaller) less the
+    /// model's weight bytes.
     #[arg(long, env = "SPARSEMOE_KV_CACHE_MEMORY_FRACTION")]
     pub kv_cache_memory_fraction: Option<f64>,
     /// Tokens per KV-cache block.
@@ -182,7 +183,9 @@ fn kv_cache_budget(
             let bytes = (free as f64 * f) as usize;
             Ok((
                 bytes,
-                format!("--kv-cache-memory-fraction {f} of {free} bytes available"),
+                format!(
+                    "--kv-cache-memory-fraction {f} of {free} bytes available beside the weights"
+                ),
             ))
         }
         (None, None) => Ok((1 << 30, "the default of 1 GiB".into())),
@@ -197,11 +200,14 @@ pub fn build_state(
     args: &ServeArgs,
 ) -> anyhow::Result<Arc<AppState>> {
     let config = model.config.clone();
-    let (kv_bytes, kv_source) = kv_cache_budget(
-        args.kv_cache_bytes,
-        args.kv_cache_memory_fraction,
-        crate::host_memory::available_bytes,
-    )?;
+    // The weights are memory-mapped: pages not yet read count as available, and pages read
+    // count as reclaimable cache, yet the model needs them resident, so they are set aside
+    // first (in a container whose cgroup already charges resident weights this errs small).
+    let weight_bytes = model.weight_bytes() as u64;
+    let (kv_bytes, kv_source) =
+        kv_cache_budget(args.kv_cache_bytes, args.kv_cache_memory_fraction, || {
+            crate::host_memory::available_bytes().map(|a| a.saturating_sub(weight_bytes))
+        })?;
     let blocks = BlockAllocator::from_budget(args.block_size, kv_bytes, bytes_per_token(&config));
     eprintln!(
         "sparsemoe-engine: KV cache of {kv_bytes} bytes ({} tokens) from {kv_source}",

@@ -71,7 +71,9 @@ fn paged_and_contiguous_caches_agree() {
 }
 
 /// A batch big enough to be split into groups run side by side on the CPU pool (see
-/// `Backend::batch_groups`) gives every sequence the logits it gets alone, prefill and decode.
+/// `Backend::batch_groups`), its sequences in one paged pool, gives every sequence the logits it
+/// gets alone in a contiguous cache, prefill and decode (where the fixture's top-8 selection
+/// picks a few of 13 to 23 cached tokens, so the paged rows are gathered and renumbered).
 #[test]
 fn a_batch_split_into_groups_matches_one_pass_per_sequence() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v32_sparse_moe");
@@ -109,8 +111,17 @@ fn a_batch_split_into_groups_matches_one_pass_per_sequence() {
         .num_threads(2)
         .build()
         .unwrap();
+    let kv = model.new_paged_pool(4, 32);
     let together: Vec<Vec<Vec<f32>>> = pool.install(|| {
-        let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+        // Interleaved blocks: sequence s holds blocks s, s + 4, s + 8, ...
+        let mut caches: Vec<_> = (0..prompts.len())
+            .map(|s| {
+                let mut cache = SeqCache::paged(kv.clone());
+                let blocks: Vec<u32> = (0..6).map(|b| (s + 4 * b) as u32).collect();
+                cache.set_blocks(&blocks);
+                cache
+            })
+            .collect();
         let mut out = vec![Vec::new(); prompts.len()];
         for round in 0..=decode.len() {
             let inputs: Vec<&[u32]> = prompts

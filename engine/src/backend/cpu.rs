@@ -45,8 +45,10 @@ impl Backend for Cpu {
         // sequence, routing), and splitting each across the pool costs a wake-up and a join
         // apiece while leaving the other threads idle in the steps that do not split. With
         // enough tokens, one pass per thread over its share of the sequences keeps every
-        // thread busy with no synchronisation at all; each share keeps enough rows per weight
-        // read (MIN_GROUP_TOKENS) that the products stay compute-bound, not load-bound.
+        // thread busy with no synchronisation at all; each share keeps at least
+        // MIN_GROUP_TOKENS rows for the dense products (the routed experts see fewer, as they
+        // would at that batch size). A sequence bigger than a fair share (a long prefill chunk)
+        // makes its part run with its work free to split (see `Model::forward`).
         const MIN_GROUP_TOKENS: usize = 16;
         let total: usize = tokens.iter().sum();
         rayon::current_num_threads()
