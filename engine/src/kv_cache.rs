@@ -182,8 +182,14 @@ impl<B: Backend> SeqCache<B> {
         }
     }
 
-    fn slots(table: &[u32], block_size: usize, tokens: std::ops::Range<usize>) -> Vec<usize> {
+    /// The pool rows of the sequence's tokens `tokens`.
+    fn slots(
+        table: &[u32],
+        block_size: usize,
+        tokens: impl IntoIterator<Item = usize>,
+    ) -> Vec<usize> {
         tokens
+            .into_iter()
             .map(|t| table[t / block_size] as usize * block_size + t % block_size)
             .collect()
     }
@@ -320,10 +326,7 @@ impl<B: Backend> SeqCache<B> {
             }
             None => ((0..total).collect(), None),
         };
-        let slots: Vec<usize> = tokens
-            .iter()
-            .map(|&t| table[t / block_size] as usize * block_size + t % block_size)
-            .collect();
+        let slots = Self::slots(table, block_size, tokens);
         let pool = Self::lock(pool)?;
         let c = &pool.layers[layer];
         Ok(AttendedRows {

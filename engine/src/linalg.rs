@@ -351,8 +351,14 @@ pub fn bf16_to_f32(src: &[u8], dst: &mut [f32]) {
         return unsafe { x86::bf16_to_f32(src, dst) };
     }
     for (o, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
-        *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+        *o = bf16_le(b[0], b[1]);
     }
+}
+
+/// One little-endian bf16 value as f32 (bf16 is the top half of an f32).
+#[inline]
+fn bf16_le(lo: u8, hi: u8) -> f32 {
+    f32::from_bits(u32::from(u16::from_le_bytes([lo, hi])) << 16)
 }
 
 /// Eight independent accumulators, so the compiler can keep them in one vector register.
@@ -446,31 +452,42 @@ mod x86 {
         // SAFETY (all accesses): value i reads bytes 2i, 2i+1 < src.len() and writes dst[i], i < n.
         unsafe {
             while i + 8 <= n {
-                let halves = _mm_loadu_si128(ps.add(2 * i).cast());
-                let wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16);
-                _mm256_storeu_ps(pd.add(i), _mm256_castsi256_ps(wide));
+                _mm256_storeu_ps(pd.add(i), widen8(ps.add(2 * i)));
                 i += 8;
             }
             while i < n {
-                let bits = u16::from_le_bytes([*ps.add(2 * i), *ps.add(2 * i + 1)]);
-                *pd.add(i) = f32::from_bits(u32::from(bits) << 16);
+                *pd.add(i) = super::bf16_le(*ps.add(2 * i), *ps.add(2 * i + 1));
                 i += 1;
             }
         }
     }
 
+    /// 8 little-endian bf16 values (16 bytes at `p`) as f32 lanes: a zero-extend and a shift.
+    ///
+    /// # Safety
+    /// AVX2; 16 bytes at `p` are readable.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn widen8(p: *const u8) -> __m256 {
+        // SAFETY: the caller guarantees the 16 bytes.
+        unsafe {
+            let halves = _mm_loadu_si128(p.cast());
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16))
+        }
+    }
+
     use super::Rows;
 
-    /// Reads 8 consecutive values of a weight row as f32 lanes.
+    /// Weight rows of a stored dtype; [`Lanes::row`] picks one, the loads read it as f32.
     trait Lanes: Copy {
         /// # Safety
-        /// AVX2 and FMA; values `t..t + 8` of row `r` exist.
-        unsafe fn load8(self, r: usize, t: usize) -> __m256;
+        /// AVX2 and FMA; values `t..t + 8` of the first row exist.
+        unsafe fn load8(self, t: usize) -> __m256;
         /// # Safety
-        /// Value `t` of row `r` exists.
-        unsafe fn get(self, r: usize, t: usize) -> f32;
+        /// Value `t` of the first row exists.
+        unsafe fn get(self, t: usize) -> f32;
         /// The rows from `r` on.
-        fn skip(self, r: usize) -> Self;
+        fn row(self, r: usize) -> Self;
     }
 
     #[derive(Clone, Copy)]
@@ -482,16 +499,16 @@ mod x86 {
     impl Lanes for F32Rows {
         #[inline]
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn load8(self, r: usize, t: usize) -> __m256 {
+        unsafe fn load8(self, t: usize) -> __m256 {
             // SAFETY: the caller guarantees the 8 values exist.
-            unsafe { _mm256_loadu_ps(self.0.add(r * self.1 + t)) }
+            unsafe { _mm256_loadu_ps(self.0.add(t)) }
         }
         #[inline]
-        unsafe fn get(self, r: usize, t: usize) -> f32 {
+        unsafe fn get(self, t: usize) -> f32 {
             // SAFETY: the caller guarantees the value exists.
-            unsafe { *self.0.add(r * self.1 + t) }
+            unsafe { *self.0.add(t) }
         }
-        fn skip(self, r: usize) -> Self {
+        fn row(self, r: usize) -> Self {
             Self(self.0.wrapping_add(r * self.1), self.1)
         }
     }
@@ -499,23 +516,19 @@ mod x86 {
     impl Lanes for Bf16Rows {
         #[inline]
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn load8(self, r: usize, t: usize) -> __m256 {
-            // SAFETY: the caller guarantees the 8 values (16 bytes) exist; bf16 is the top
-            // half of an f32, so widening is a zero-extend and a shift.
-            unsafe {
-                let halves = _mm_loadu_si128(self.0.add(2 * (r * self.1 + t)).cast());
-                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16))
-            }
+        unsafe fn load8(self, t: usize) -> __m256 {
+            // SAFETY: the caller guarantees the 8 values (16 bytes) exist.
+            unsafe { widen8(self.0.add(2 * t)) }
         }
         #[inline]
-        unsafe fn get(self, r: usize, t: usize) -> f32 {
+        unsafe fn get(self, t: usize) -> f32 {
             // SAFETY: the caller guarantees the value (2 bytes) exists.
             unsafe {
-                let p = self.0.add(2 * (r * self.1 + t));
-                f32::from_bits(u32::from(u16::from_le_bytes([*p, *p.add(1)])) << 16)
+                let p = self.0.add(2 * t);
+                super::bf16_le(*p, *p.add(1))
             }
         }
-        fn skip(self, r: usize) -> Self {
+        fn row(self, r: usize) -> Self {
             Self(self.0.wrapping_add(2 * r * self.1), self.1)
         }
     }
@@ -560,7 +573,7 @@ mod x86 {
                 };
                 let xi = px.add(i * k);
                 for r in 0..rows {
-                    let (wr, oi) = (w.skip(r), po.add(r * n + i));
+                    let (wr, oi) = (w.row(r), po.add(r * n + i));
                     match group {
                         8 => tile::<8, 1, W>(xi, k, wr, oi),
                         4 => tile::<4, 2, W>(xi, k, wr, oi),
@@ -573,7 +586,7 @@ mod x86 {
         }
     }
 
-    /// `out[r] = w[0] · x[r]` for `r < R`: `R × U` accumulators of 8 lanes, the weight row
+    /// `out[r] = w · x[r]` for `r < R`, `w` the first row of `w`: `R × U` accumulators of 8 lanes, the weight row
     /// read once in chunks of `8 · U`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -589,7 +602,7 @@ mod x86 {
             let mut t = 0;
             while t + 8 * U <= k {
                 for u in 0..U {
-                    let wv = w.load8(0, t + 8 * u);
+                    let wv = w.load8(t + 8 * u);
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let xv = _mm256_loadu_ps(x.add(r * k + t + 8 * u));
                         acc[u] = _mm256_fmadd_ps(xv, wv, acc[u]);
@@ -598,7 +611,7 @@ mod x86 {
                 t += 8 * U;
             }
             while t + 8 <= k {
-                let wv = w.load8(0, t);
+                let wv = w.load8(t);
                 for (r, acc) in acc.iter_mut().enumerate() {
                     acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(r * k + t)), wv, acc[0]);
                 }
@@ -611,7 +624,7 @@ mod x86 {
                 }
                 let mut sum = hsum(v);
                 for tt in t..k {
-                    sum += *x.add(r * k + tt) * w.get(0, tt);
+                    sum += *x.add(r * k + tt) * w.get(tt);
                 }
                 *out.add(r) = sum;
             }
@@ -777,14 +790,7 @@ pub(crate) mod tests {
     fn tiled_kernel_and_portable_loop_agree_for_f32_and_bf16_rows() {
         for (n, rows, k) in [(1, 9, 7), (3, 8, 16), (4, 17, 33), (6, 5, 64), (13, 24, 9)] {
             let x = pseudo_random(n * k, 9);
-            let wv: Vec<f32> = pseudo_random(rows * k, 10)
-                .into_iter()
-                .map(|v| f32::from_bits(v.to_bits() & 0xffff_0000))
-                .collect();
-            let bytes: Vec<u8> = wv
-                .iter()
-                .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
-                .collect();
+            let (wv, bytes) = bf16_values(rows * k, 10);
             let want = naive(&x, n, &wv, rows, k); // [n, rows]
             for w in [Rows::F32(&wv), Rows::Bf16(&bytes)] {
                 let mut fast = vec![f32::NAN; rows * n];
@@ -826,17 +832,23 @@ pub(crate) mod tests {
         }
     }
 
-    fn bf16_case(n: usize, m: usize, k: usize) {
-        let x = pseudo_random(n * k, 3);
-        // Round the weights to bf16 so the two paths see identical values.
-        let wv: Vec<f32> = pseudo_random(m * k, 4)
+    /// `len` pseudo-random values rounded to bf16 (so every path sees identical values), as
+    /// f32 and as little-endian bf16 bytes.
+    fn bf16_values(len: usize, seed: u32) -> (Vec<f32>, Vec<u8>) {
+        let values: Vec<f32> = pseudo_random(len, seed)
             .into_iter()
             .map(|v| f32::from_bits(v.to_bits() & 0xffff_0000))
             .collect();
-        let bytes: Vec<u8> = wv
+        let bytes = values
             .iter()
             .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
             .collect();
+        (values, bytes)
+    }
+
+    fn bf16_case(n: usize, m: usize, k: usize) {
+        let x = pseudo_random(n * k, 3);
+        let (wv, bytes) = bf16_values(m * k, 4);
         let w = Matrix::from_bytes(m, k, crate::weights::StoredType::Bf16, bytes);
         let mut y = vec![0.0; n * m];
         linear(&x, n, &w, &mut y);

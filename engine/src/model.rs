@@ -405,15 +405,14 @@ impl<B: Backend> Model<B> {
                 return self.forward_on_backend(batch, trace);
             }
             let total: usize = tokens.iter().sum();
-            let mut parts = Vec::with_capacity(groups);
-            let mut at = 0;
-            for part in split_by_tokens(batch, &tokens, groups) {
-                let part_tokens: usize = tokens[at..at + part.len()].iter().sum();
-                at += part.len();
-                // A part well over its fair share is left free to split (see map_parts).
-                let keep = part_tokens * groups * 4 <= total * 5;
-                parts.push((part, keep));
-            }
+            let parts = split_by_tokens(batch, &tokens, groups)
+                .into_iter()
+                .map(|part| {
+                    let part_tokens: usize = part.iter().map(|s| s.tokens.len()).sum();
+                    // A part well over its fair share is left free to split (see map_parts).
+                    (part, part_tokens * groups * 4 <= total * 5)
+                })
+                .collect();
             let logits =
                 crate::linalg::map_parts(parts, |part| self.forward_on_backend(part, None));
             let mut all = Vec::with_capacity(batch.len());
