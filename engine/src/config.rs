@@ -282,6 +282,17 @@ impl ModelConfig {
     }
 
     /// Query/key head width: nope + rope parts.
+    /// The multi-head latent attention's dimensions.
+    pub fn mla_dims(&self) -> crate::backend::MlaDims {
+        crate::backend::MlaDims {
+            heads: self.num_heads,
+            nope: self.qk_nope_head_dim,
+            rope: self.qk_rope_head_dim,
+            v: self.v_head_dim,
+            latent: self.kv_lora_rank,
+        }
+    }
+
     pub fn qk_head_dim(&self) -> usize {
         self.qk_nope_head_dim + self.qk_rope_head_dim
     }

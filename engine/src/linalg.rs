@@ -287,6 +287,16 @@ fn products_portable(x: &[f32], n: usize, k: usize, w: Rows, out: &mut [f32]) {
     }
 }
 
+/// `out[r, i] = w[r] · x[i]` for every row `r` of the f32 rows `w` (`[out.len() / n, k]`) and
+/// row `i` of `x` (`[n, k]`), on this thread: the tiled kernel for small products whose
+/// "weights" are activations (attention scores of several heads against cached keys).
+pub fn dots(x: &[f32], n: usize, k: usize, w: &[f32], out: &mut [f32]) {
+    if n == 0 || out.is_empty() {
+        return;
+    }
+    products(x, n, k, Rows::F32(w), out);
+}
+
 /// Whether the CPU has AVX2 and FMA (std caches the answer after the first call).
 #[cfg(target_arch = "x86_64")]
 #[inline]

@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::backend::{AttentionForm, Backend, Expert, MlaDims, Routing};
+use crate::backend::{
+    AttentionForm, Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing, absorbed_query_weight,
+};
 use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::expert_load::ExpertLoad;
@@ -70,6 +72,8 @@ struct Attention<B: Backend> {
     kv_a: B::Weight,
     kv_a_norm: B::Tensor,
     kv_b: B::Weight,
+    /// `W_UK,hᵀ` of every head (see [`absorbed_query_weight`]).
+    uk_t: B::Weight,
     o: B::Weight,
     indexer: Option<Indexer<B>>,
 }
@@ -199,6 +203,8 @@ impl<B: Backend> Model<B> {
         };
 
         let mut layers = Vec::with_capacity(c.num_layers);
+        // Bytes of weights made at load on top of the checkpoint's.
+        let mut derived_bytes = 0;
         for l in 0..c.num_layers {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
@@ -224,6 +230,13 @@ impl<B: Backend> Model<B> {
                 }
                 _ => None,
             };
+            let kv_b = store.matrix(
+                &format!("{a}.kv_b_proj.weight"),
+                c.num_heads * (c.qk_nope_head_dim + c.v_head_dim),
+                c.kv_lora_rank,
+            )?;
+            let uk_t = absorbed_query_weight(&kv_b, c.mla_dims());
+            derived_bytes += uk_t.stored_bytes();
             let attention = Attention {
                 query,
                 kv_a: upload(
@@ -232,11 +245,8 @@ impl<B: Backend> Model<B> {
                     h,
                 )?,
                 kv_a_norm: vector(&format!("{a}.kv_a_layernorm.weight"), c.kv_lora_rank)?,
-                kv_b: upload(
-                    &format!("{a}.kv_b_proj.weight"),
-                    c.num_heads * (c.qk_nope_head_dim + c.v_head_dim),
-                    c.kv_lora_rank,
-                )?,
+                kv_b: backend.upload(kv_b)?,
+                uk_t: backend.upload(uk_t)?,
                 o: upload(&format!("{a}.o_proj.weight"), h, c.num_heads * c.v_head_dim)?,
                 indexer,
             };
@@ -316,7 +326,7 @@ impl<B: Backend> Model<B> {
             lm_head,
             rope: Rope::new(c),
             router: RouterConfig::from(c),
-            weight_bytes: store.total_bytes(),
+            weight_bytes: store.total_bytes() + derived_bytes,
             expert_load: Arc::new(ExpertLoad::new(
                 &c.moe_layers
                     .iter()
@@ -531,13 +541,7 @@ impl<B: Backend> Model<B> {
         let c = &self.config;
         let b = &self.backend;
         let att = &layer.attention;
-        let dims = MlaDims {
-            heads: c.num_heads,
-            nope: c.qk_nope_head_dim,
-            rope: c.qk_rope_head_dim,
-            v: c.v_head_dim,
-            latent: c.kv_lora_rank,
-        };
+        let dims = c.mla_dims();
         let mla_layout = if c.rope_interleave {
             RopeLayout::Interleaved
         } else {
@@ -616,9 +620,12 @@ impl<B: Backend> Model<B> {
         };
 
         let scale = c.softmax_scale();
-        let mut outputs = Vec::with_capacity(batch.len());
         let mut traced: Vec<Vec<u32>> = Vec::new();
         let mut any_sparse = false;
+        // Each sequence's new rows go into its cache and its indexer picks its keys; then one
+        // call attends for the whole batch.
+        let mut attended = Vec::with_capacity(batch.len());
+        let mut forms = Vec::with_capacity(batch.len());
         for (step, &(start, len)) in batch.iter_mut().zip(spans) {
             let seq_positions = &positions[start..start + len];
             let new_keys = indexer_inputs
@@ -658,33 +665,45 @@ impl<B: Backend> Model<B> {
             let widest = selection
                 .as_ref()
                 .map(|s| s.iter().map(Vec::len).max().unwrap_or(0));
-            let form = attention_form(len, total, widest, dims);
-            let traced_selection = if tracing { selection.clone() } else { None };
-            let rows = step.cache.attended_rows(b, layer_index, total, selection)?;
-            outputs.push(b.mla_attention(
-                &b.rows(&q, start, len),
-                &rows.latent,
-                &rows.k_pe,
-                &att.kv_b,
-                seq_positions,
-                rows.selection.as_deref(),
-                dims,
-                scale,
-                form,
-            ));
+            forms.push(attention_form(len, total, widest, dims));
             if tracing {
-                match traced_selection {
+                match &selection {
                     Some(sel) => {
                         any_sparse = true;
-                        traced.extend(sel);
+                        traced.extend(sel.iter().cloned());
                     }
                     None => traced.extend(seq_positions.iter().map(|&p| (0..=p as u32).collect())),
                 }
             }
+            attended.push((step, selection, total));
         }
+        let rows: Vec<_> = attended
+            .into_iter()
+            .map(|(step, selection, total)| {
+                let step: &SeqStep<'_, B> = step;
+                step.cache.attended_rows(b, layer_index, total, selection)
+            })
+            .collect::<Result<_>>()?;
+        let seqs: Vec<MlaSeq<'_, B::Tensor>> = rows
+            .iter()
+            .zip(spans)
+            .zip(forms)
+            .map(|((r, &(start, len)), form)| MlaSeq {
+                first: start,
+                latent: &*r.latent,
+                k_pe: &*r.k_pe,
+                positions: &positions[start..start + len],
+                selection: r.selection.as_deref(),
+                form,
+            })
+            .collect();
+        let weights = MlaWeights {
+            kv_b: &att.kv_b,
+            uk_t: &att.uk_t,
+        };
+        let attn = b.mla_attention(&q, &seqs, weights, dims, scale);
         let all_selections = any_sparse.then_some(traced);
-        let parts: Vec<&B::Tensor> = outputs.iter().collect();
-        let out = b.linear(&b.concat_rows(&parts), &att.o);
+        let out = b.linear(&attn, &att.o);
         Ok((out, all_selections))
     }
 

@@ -1,10 +1,12 @@
 //! The CPU reference backend: float32 everywhere, weights converted from their stored dtype on
 //! the fly, rayon across rows / heads / experts, `gemm` for the products.
 
-use super::{AttentionForm, Backend, Expert, MlaDims, Routing};
+use super::{AttentionForm, Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing};
+use std::borrow::Cow;
+
 use crate::error::Result;
 use crate::expert_shards::Pair;
-use crate::linalg::{axpy, dot, for_each_chunk, index_scores, linear, map_range};
+use crate::linalg::{axpy, dot, dots, for_each_chunk, index_scores, linear, map_range};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::Matrix;
 
@@ -229,25 +231,35 @@ impl Backend for Cpu {
     fn mla_attention(
         &self,
         q: &CpuTensor,
-        latent: &CpuTensor,
-        k_pe: &CpuTensor,
-        kv_b: &Matrix,
-        positions: &[usize],
-        selection: Option<&[Vec<u32>]>,
+        seqs: &[MlaSeq<'_, CpuTensor>],
+        weights: MlaWeights<'_, Matrix>,
         dims: MlaDims,
         scale: f32,
-        form: AttentionForm,
     ) -> CpuTensor {
-        let n = q.rows;
-        let out = match form {
-            AttentionForm::Expanded => mla_expanded(
-                self, q, latent, k_pe, kv_b, positions, selection, dims, scale,
-            ),
-            AttentionForm::Absorbed => {
-                mla_absorbed(q, latent, k_pe, kv_b, positions, selection, dims, scale)
+        let width = dims.heads * dims.v;
+        let mut out = vec![0f32; q.rows * width];
+        let mut absorbed = Vec::new();
+        for seq in seqs {
+            match seq.form {
+                AttentionForm::Expanded => {
+                    let n = seq.positions.len();
+                    let y = mla_expanded(
+                        self,
+                        &self.rows(q, seq.first, n),
+                        seq,
+                        weights.kv_b,
+                        dims,
+                        scale,
+                    );
+                    out[seq.first * width..(seq.first + n) * width].copy_from_slice(&y);
+                }
+                AttentionForm::Absorbed => absorbed.push(seq),
             }
-        };
-        self.tensor(n, dims.heads * dims.v, out)
+        }
+        if !absorbed.is_empty() {
+            mla_absorbed(q, &absorbed, weights, dims, scale, &mut out);
+        }
+        self.tensor(q.rows, width, out)
     }
 
     fn swiglu(&self, x: &CpuTensor, expert: &Expert<Matrix>) -> CpuTensor {
@@ -386,10 +398,10 @@ fn top_k(scored: &mut [(f32, u32)], k: usize) -> Vec<u32> {
     chosen
 }
 
-/// Keys query `i` may attend to.
-fn visible_keys(i: usize, positions: &[usize], selection: Option<&[Vec<u32>]>) -> Vec<usize> {
-    let pos = positions[i];
-    match selection {
+/// Keys query `i` of `seq` may attend to.
+fn visible_keys(seq: &MlaSeq<'_, CpuTensor>, i: usize) -> Vec<usize> {
+    let pos = seq.positions[i];
+    match seq.selection {
         Some(sel) => sel[i]
             .iter()
             .map(|&s| s as usize)
@@ -412,37 +424,36 @@ fn softmax(scores: &mut [f32]) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The expanded form for one sequence's rows `q`: per-head keys and values built from every
+/// cached latent row, then ordinary attention.
 fn mla_expanded(
     cpu: &Cpu,
     q: &CpuTensor,
-    latent: &CpuTensor,
-    k_pe: &CpuTensor,
+    seq: &MlaSeq<'_, CpuTensor>,
     kv_b: &Matrix,
-    positions: &[usize],
-    selection: Option<&[Vec<u32>]>,
     d: MlaDims,
     scale: f32,
 ) -> Vec<f32> {
-    let kv = cpu.linear(latent, kv_b); // [T, heads·(nope+v)]
+    let kv = cpu.linear(seq.latent, kv_b); // [T, heads·(nope+v)]
     let qk = d.nope + d.rope;
     let kv_width = d.nope + d.v;
     let n = q.rows;
     let mut out = vec![0f32; n * d.heads * d.v];
-    let keys_total: usize = match selection {
+    let keys_total: usize = match seq.selection {
         Some(sel) => sel.iter().map(Vec::len).sum(),
-        None => positions.iter().map(|p| p + 1).sum(),
+        None => seq.positions.iter().map(|p| p + 1).sum(),
     };
     let work = keys_total * d.heads * (qk + d.v);
     for_each_chunk(&mut out, d.v, work, |task, o| {
         let (i, h) = (task / d.heads, task % d.heads);
-        let keys = visible_keys(i, positions, selection);
+        let keys = visible_keys(seq, i);
         let qrow = &q.row(i)[h * qk..(h + 1) * qk];
         let mut scores: Vec<f32> = keys
             .iter()
             .map(|&s| {
                 let kvs = &kv.row(s)[h * kv_width..];
-                (dot(&qrow[..d.nope], &kvs[..d.nope]) + dot(&qrow[d.nope..], k_pe.row(s))) * scale
+                (dot(&qrow[..d.nope], &kvs[..d.nope]) + dot(&qrow[d.nope..], seq.k_pe.row(s)))
+                    * scale
             })
             .collect();
         softmax(&mut scores);
@@ -454,77 +465,176 @@ fn mla_expanded(
     out
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The absorbed form for the rows of several sequences at once, in three stages (the same as a
+/// GPU runs them): every row's queries are taken into the latent space
+/// (`q_lat,h = q_nope,h · W_UK,h`, one product per head over all rows); each row attends in
+/// the latent space, all heads against the same cached rows at once (`ctx_h = Σ p_h,s ·
+/// latent_s`); and the contexts leave it (`out_h = ctx_h · W_UV,hᵀ`, one product per head).
+/// Writes the rows of `seqs` in `out` (`[rows of q, heads·v]`).
 fn mla_absorbed(
     q: &CpuTensor,
-    latent: &CpuTensor,
-    k_pe: &CpuTensor,
-    kv_b: &Matrix,
-    positions: &[usize],
-    selection: Option<&[Vec<u32>]>,
+    seqs: &[&MlaSeq<'_, CpuTensor>],
+    w: MlaWeights<'_, Matrix>,
+    d: MlaDims,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let qk = d.nope + d.rope;
+    let kv_width = d.nope + d.v;
+    let rows: Vec<usize> = seqs
+        .iter()
+        .flat_map(|s| s.first..s.first + s.positions.len())
+        .collect();
+    let n = rows.len();
+    let lat_width = d.heads * d.latent;
+
+    // Stage 1: q_lat [n, heads·latent].
+    let per_head = map_range(d.heads, n * d.heads * d.nope * d.latent, |h| {
+        let mut x = Vec::with_capacity(n * d.nope);
+        for &r in &rows {
+            x.extend_from_slice(&q.row(r)[h * qk..h * qk + d.nope]);
+        }
+        let mut y = vec![0f32; n * d.latent];
+        linear(
+            &x,
+            n,
+            &w.uk_t.rows_slice(h * d.latent..(h + 1) * d.latent),
+            &mut y,
+        );
+        y
+    });
+    let mut q_lat = vec![0f32; n * lat_width];
+    for (h, y) in per_head.iter().enumerate() {
+        for i in 0..n {
+            q_lat[i * lat_width + h * d.latent..][..d.latent]
+                .copy_from_slice(&y[i * d.latent..(i + 1) * d.latent]);
+        }
+    }
+
+    // Stage 2: ctx [n, heads·latent]. A task is one row's heads, or, with fewer rows than
+    // threads (a decode step of one sequence), a share of them.
+    let row_of: Vec<(&MlaSeq<'_, CpuTensor>, usize)> = seqs
+        .iter()
+        .flat_map(|&s| (0..s.positions.len()).map(move |i| (s, i)))
+        .collect();
+    let keys: usize = seqs
+        .iter()
+        .map(|s| match s.selection {
+            Some(sel) => sel.iter().map(Vec::len).sum::<usize>(),
+            None => s.positions.iter().map(|p| p + 1).sum(),
+        })
+        .sum();
+    let work = keys * d.heads * (2 * d.latent + d.rope);
+    let threads = rayon::current_num_threads();
+    let chunks = if n < threads && crate::linalg::split(work) {
+        (2 * threads).div_ceil(n).min(d.heads)
+    } else {
+        1
+    };
+    let per_chunk = d.heads.div_ceil(chunks);
+    let tasks: Vec<(usize, std::ops::Range<usize>)> = (0..n)
+        .flat_map(|r| {
+            (0..d.heads)
+                .step_by(per_chunk)
+                .map(move |h| (r, h..(h + per_chunk).min(d.heads)))
+        })
+        .collect();
+    let parts = map_range(tasks.len(), work, |t| {
+        let (r, heads) = tasks[t].clone();
+        let (seq, i) = row_of[r];
+        let q_row = q.row(seq.first + i);
+        let q_pe: Vec<f32> = heads
+            .clone()
+            .flat_map(|h| q_row[h * qk + d.nope..(h + 1) * qk].iter().copied())
+            .collect();
+        let q_lat = &q_lat[r * lat_width + heads.start * d.latent..][..heads.len() * d.latent];
+        latent_attention(seq, i, q_lat, &q_pe, d, scale)
+    });
+    // Tasks are in row order, heads ascending: their contexts concatenate into [n, heads·latent].
+    let ctx: Vec<f32> = parts.concat();
+
+    // Stage 3: out_h = ctx_h · W_UV,hᵀ.
+    let per_head = map_range(d.heads, n * d.heads * d.v * d.latent, |h| {
+        let mut x = Vec::with_capacity(n * d.latent);
+        for i in 0..n {
+            x.extend_from_slice(&ctx[i * lat_width + h * d.latent..][..d.latent]);
+        }
+        let mut y = vec![0f32; n * d.v];
+        let w_uv = w.kv_b.rows_slice(h * kv_width + d.nope..(h + 1) * kv_width);
+        linear(&x, n, &w_uv, &mut y);
+        y
+    });
+    let width = d.heads * d.v;
+    for (h, y) in per_head.iter().enumerate() {
+        for (i, &r) in rows.iter().enumerate() {
+            out[r * width + h * d.v..][..d.v].copy_from_slice(&y[i * d.v..(i + 1) * d.v]);
+        }
+    }
+}
+
+/// Row `i` of `seq` in the latent space for some heads: their scores against the same key
+/// rows (`q_lat` `[heads, latent]`, `q_pe` `[heads, rope]`), a softmax per head, and the
+/// softmax-weighted sums of the latent rows (returned, `[heads, latent]`).
+fn latent_attention(
+    seq: &MlaSeq<'_, CpuTensor>,
+    i: usize,
+    q_lat: &[f32],
+    q_pe: &[f32],
     d: MlaDims,
     scale: f32,
 ) -> Vec<f32> {
-    let qk = d.nope + d.rope;
-    let kv_width = d.nope + d.v;
-    let n = q.rows;
-    let mut out = vec![0f32; n * d.heads * d.v];
-    let keys: usize = match selection {
-        Some(sel) => sel.iter().map(Vec::len).sum(),
-        None => positions.iter().map(|p| p + 1).sum(),
-    };
-    let work = d.heads * (keys * (d.latent + d.rope) * 2 + n * (d.nope + d.v) * d.latent);
-    let per_head: Vec<Vec<f32>> = map_range(d.heads, work, |h| {
-        // W_UK,h: rows [h·kv_width, +nope) of kv_b; W_UV,h: the next v rows. Both [·, latent].
-        // f32 weights are read in place; other dtypes are converted once per head and step.
-        let head_rows = kv_b.rows_slice(h * kv_width..(h + 1) * kv_width);
-        let converted;
-        let w_head: &[f32] = match head_rows.as_f32() {
-            Some(rows) => rows,
-            None => {
-                converted = head_rows.to_f32_vec();
-                &converted
-            }
-        };
-        let (w_uk, w_uv) = w_head.split_at(d.nope * d.latent);
-        let mut head_out = vec![0f32; n * d.v];
-        for i in 0..n {
-            let qrow = &q.row(i)[h * qk..(h + 1) * qk];
-            // q_lat = W_UKᵀ · q_nope
-            let mut q_lat = vec![0f32; d.latent];
-            for (j, &qn) in qrow[..d.nope].iter().enumerate() {
-                axpy(qn, &w_uk[j * d.latent..(j + 1) * d.latent], &mut q_lat);
-            }
-            let keys = visible_keys(i, positions, selection);
-            let mut scores: Vec<f32> = keys
-                .iter()
-                .map(|&s| (dot(&q_lat, latent.row(s)) + dot(&qrow[d.nope..], k_pe.row(s))) * scale)
-                .collect();
-            softmax(&mut scores);
-            let mut ctx = vec![0f32; d.latent];
-            for (&s, &p) in keys.iter().zip(&scores) {
-                axpy(p, latent.row(s), &mut ctx);
-            }
-            for j in 0..d.v {
-                head_out[i * d.v + j] = dot(&w_uv[j * d.latent..(j + 1) * d.latent], &ctx);
-            }
+    let heads = q_lat.len() / d.latent;
+    let mut ctx = vec![0f32; heads * d.latent];
+    let keys = visible_keys(seq, i);
+    let t = keys.len();
+    if t == 0 {
+        return ctx;
+    }
+    // The key rows side by side: read in place when they are the cache's first rows in order
+    // (dense attention, or a paged cache's gathered rows), else copied together.
+    let prefix = keys.iter().enumerate().all(|(j, &s)| s == j);
+    let (latent, k_pe): (Cow<'_, [f32]>, Cow<'_, [f32]>) = if prefix {
+        (
+            seq.latent.data[..t * d.latent].into(),
+            seq.k_pe.data[..t * d.rope].into(),
+        )
+    } else {
+        let mut lat = Vec::with_capacity(t * d.latent);
+        let mut pe = Vec::with_capacity(t * d.rope);
+        for &s in &keys {
+            lat.extend_from_slice(seq.latent.row(s));
+            pe.extend_from_slice(seq.k_pe.row(s));
         }
-        head_out
-    });
-    for (h, head_out) in per_head.iter().enumerate() {
-        for i in 0..n {
-            out[(i * d.heads + h) * d.v..(i * d.heads + h + 1) * d.v]
-                .copy_from_slice(&head_out[i * d.v..(i + 1) * d.v]);
+        (lat.into(), pe.into())
+    };
+    // Scores [t, heads]: the latent part and the RoPE part.
+    let mut scores = vec![0f32; t * heads];
+    let mut rope_scores = vec![0f32; t * heads];
+    dots(q_lat, heads, d.latent, &latent, &mut scores);
+    dots(q_pe, heads, d.rope, &k_pe, &mut rope_scores);
+    let mut p = vec![0f32; t];
+    for (h, c) in ctx.chunks_exact_mut(d.latent).enumerate() {
+        for (s, ps) in p.iter_mut().enumerate() {
+            *ps = (scores[s * heads + h] + rope_scores[s * heads + h]) * scale;
+        }
+        softmax(&mut p);
+        for (s, &ps) in p.iter().enumerate() {
+            axpy(ps, &latent[s * d.latent..(s + 1) * d.latent], c);
         }
     }
-    out
+    ctx
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::absorbed_query_weight;
     use crate::linalg::tests::pseudo_random;
 
+    /// Two sequences with their own caches in one call, rows of `q` out of order, one row no
+    /// sequence names: the absorbed form (batched over sequences and heads) gives what the
+    /// expanded form gives, alone or mixed in one call, with f32 and bf16 `kv_b`, dense and
+    /// with selections (in-place prefixes and scattered rows).
     #[test]
     fn absorbed_and_expanded_attention_agree() {
         let cpu = Cpu;
@@ -535,42 +645,179 @@ mod tests {
             v: 6,
             latent: 10,
         };
-        let t = 9;
-        let q = cpu.tensor(2, d.heads * (d.nope + d.rope), pseudo_random(2 * 36, 1));
-        let latent = cpu.tensor(t, d.latent, pseudo_random(t * d.latent, 2));
-        let k_pe = cpu.tensor(t, d.rope, pseudo_random(t * d.rope, 3));
+        let qk = d.nope + d.rope;
+        let cache = |t: usize, seed: u32| {
+            (
+                cpu.tensor(t, d.latent, pseudo_random(t * d.latent, seed)),
+                cpu.tensor(t, d.rope, pseudo_random(t * d.rope, seed + 1)),
+            )
+        };
+        let (lat_a, pe_a) = cache(9, 2);
+        let (lat_b, pe_b) = cache(4, 7);
+        let q = cpu.tensor(4, d.heads * qk, pseudo_random(4 * d.heads * qk, 1));
+        let kv_f32 = pseudo_random(d.heads * (d.nope + d.v) * d.latent, 4);
+        let bf16: Vec<u8> = kv_f32
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+            .collect();
+        let rows = d.heads * (d.nope + d.v);
+        let kv_bs = [
+            Matrix::from_f32(rows, d.latent, kv_f32.clone()),
+            Matrix::from_bytes(rows, d.latent, crate::weights::StoredType::Bf16, bf16),
+        ];
+        // Sequence a: rows 2 and 0 of q at positions 5 and 8; sequence b: row 3 at position 3.
+        let (pos_a, pos_b) = ([5], [8]);
+        let pos_ab = [5, 8];
+        let scattered = vec![vec![0, 2, 5], vec![1, 3, 7, 8]];
+        let prefix = vec![vec![0, 1, 2, 3]];
+        for kv_b in &kv_bs {
+            let uk_t = absorbed_query_weight(kv_b, d);
+            let weights = MlaWeights { kv_b, uk_t: &uk_t };
+            for (sel_a, sel_b) in [
+                (None, None),
+                (Some(scattered.as_slice()), Some(prefix.as_slice())),
+            ] {
+                let run = |forms: [AttentionForm; 3]| {
+                    // a's first query row alone (row 2), a's second (row 0) with b's (row 3).
+                    let seqs = [
+                        MlaSeq {
+                            first: 2,
+                            latent: &lat_a,
+                            k_pe: &pe_a,
+                            positions: &pos_a,
+                            selection: sel_a.map(|s| &s[..1]),
+                            form: forms[0],
+                        },
+                        MlaSeq {
+                            first: 0,
+                            latent: &lat_a,
+                            k_pe: &pe_a,
+                            positions: &pos_b,
+                            selection: sel_a.map(|s| &s[1..]),
+                            form: forms[1],
+                        },
+                        MlaSeq {
+                            first: 3,
+                            latent: &lat_b,
+                            k_pe: &pe_b,
+                            positions: &[3],
+                            selection: sel_b,
+                            form: forms[2],
+                        },
+                    ];
+                    cpu.mla_attention(&q, &seqs, weights, d, 0.3)
+                };
+                use AttentionForm::{Absorbed as A, Expanded as E};
+                let expanded = run([E, E, E]);
+                // Row 1 is no sequence's: zero.
+                let width = d.heads * d.v;
+                assert!(expanded.data[width..2 * width].iter().all(|&x| x == 0.0));
+                assert!(expanded.data.iter().any(|&x| x != 0.0));
+                for forms in [[A, A, A], [A, E, A], [E, A, E]] {
+                    let other = run(forms);
+                    for (x, y) in expanded.data.iter().zip(&other.data) {
+                        assert!((x - y).abs() < 1e-5, "{forms:?}: {x} vs {y}");
+                    }
+                }
+                // Two rows of one sequence in one entry give the same as one entry each.
+                let both = cpu.mla_attention(
+                    &cpu.concat_rows(&[&cpu.rows(&q, 2, 1), &cpu.rows(&q, 0, 1)]),
+                    &[MlaSeq {
+                        first: 0,
+                        latent: &lat_a,
+                        k_pe: &pe_a,
+                        positions: &pos_ab,
+                        selection: sel_a,
+                        form: A,
+                    }],
+                    weights,
+                    d,
+                    0.3,
+                );
+                for (r, src) in [(0, 2), (1, 0)] {
+                    for (x, y) in both.row(r).iter().zip(expanded.row(src)) {
+                        assert!((x - y).abs() < 1e-5, "two rows: {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A single decode row with enough keys to split: its heads go to several tasks (on a
+    /// two-thread pool) and still give the expanded form's result.
+    #[test]
+    fn one_rows_heads_split_over_threads_agree_with_the_expanded_form() {
+        let cpu = Cpu;
+        let d = MlaDims {
+            heads: 8,
+            nope: 16,
+            rope: 16,
+            v: 16,
+            latent: 64,
+        };
+        let t = 400;
+        // Enough work that the absorbed form splits it (see `split`).
+        assert!(t * d.heads * (2 * d.latent + d.rope) >= 1 << 18);
+        let qk = d.nope + d.rope;
+        let q = cpu.tensor(1, d.heads * qk, pseudo_random(d.heads * qk, 11));
+        let latent = cpu.tensor(t, d.latent, pseudo_random(t * d.latent, 12));
+        let k_pe = cpu.tensor(t, d.rope, pseudo_random(t * d.rope, 13));
         let kv_b = Matrix::from_f32(
             d.heads * (d.nope + d.v),
             d.latent,
-            pseudo_random(42 * 10, 4),
+            pseudo_random(d.heads * (d.nope + d.v) * d.latent, 14),
         );
-        let positions = [5, 8];
-        let selection = vec![vec![0, 2, 5], vec![1, 3, 7, 8]];
-        for sel in [None, Some(selection.as_slice())] {
-            let a = cpu.mla_attention(
-                &q,
-                &latent,
-                &k_pe,
-                &kv_b,
-                &positions,
-                sel,
-                d,
-                0.3,
-                AttentionForm::Expanded,
-            );
-            let b = cpu.mla_attention(
-                &q,
-                &latent,
-                &k_pe,
-                &kv_b,
-                &positions,
-                sel,
-                d,
-                0.3,
-                AttentionForm::Absorbed,
-            );
-            for (x, y) in a.data.iter().zip(&b.data) {
-                assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        let uk_t = absorbed_query_weight(&kv_b, d);
+        let weights = MlaWeights {
+            kv_b: &kv_b,
+            uk_t: &uk_t,
+        };
+        let run = |form| {
+            let seq = MlaSeq {
+                first: 0,
+                latent: &latent,
+                k_pe: &k_pe,
+                positions: &[t - 1],
+                selection: None,
+                form,
+            };
+            cpu.mla_attention(&q, &[seq], weights, d, 0.2)
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let (absorbed, expanded) =
+            pool.install(|| (run(AttentionForm::Absorbed), run(AttentionForm::Expanded)));
+        for (x, y) in absorbed.data.iter().zip(&expanded.data) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn the_absorbed_query_weight_is_each_heads_w_uk_transposed() {
+        let d = MlaDims {
+            heads: 2,
+            nope: 3,
+            rope: 2,
+            v: 4,
+            latent: 5,
+        };
+        let kv = pseudo_random(d.heads * (d.nope + d.v) * d.latent, 9);
+        let kv_b = Matrix::from_f32(d.heads * (d.nope + d.v), d.latent, kv.clone());
+        let t = absorbed_query_weight(&kv_b, d);
+        assert_eq!((t.rows, t.cols), (d.heads * d.latent, d.nope));
+        let t = t.to_f32_vec();
+        for h in 0..d.heads {
+            for c in 0..d.nope {
+                for j in 0..d.latent {
+                    let src = kv[(h * (d.nope + d.v) + c) * d.latent + j];
+                    assert_eq!(
+                        t[(h * d.latent + j) * d.nope + c],
+                        src,
+                        "head {h} ({c}, {j})"
+                    );
+                }
             }
         }
     }

@@ -6,7 +6,7 @@ pub mod cpu;
 
 use crate::error::Result;
 use crate::rope::{Rope, RopeLayout};
-use crate::weights::Matrix;
+use crate::weights::{Matrix, StoredType};
 
 /// Multi-head latent attention dimensions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +39,74 @@ pub struct Expert<W> {
 pub struct Routing {
     pub experts: Vec<Vec<usize>>,
     pub weights: Vec<Vec<f32>>,
+}
+
+/// One sequence's part of a batched [`Backend::mla_attention`] call.
+#[derive(Debug)]
+pub struct MlaSeq<'a, T> {
+    /// Its first query row in the batch; it has `positions.len()` rows.
+    pub first: usize,
+    /// The cached latent rows it attends to (`[T, latent]`).
+    pub latent: &'a T,
+    /// The cached RoPE key rows (`[T, rope]`).
+    pub k_pe: &'a T,
+    /// Each query row's position in the sequence.
+    pub positions: &'a [usize],
+    /// Row `i` attends to the cache rows `selection[i]`, or, when `None`, to every row
+    /// `s ≤ positions[i]`.
+    pub selection: Option<&'a [Vec<u32>]>,
+    pub form: AttentionForm,
+}
+
+/// The weights of a layer's MLA that the attention itself uses.
+#[derive(Debug)]
+pub struct MlaWeights<'a, W> {
+    /// `kv_b_proj`: per head `h`, rows `h·(nope+v) ..` hold `W_UK,h` (`[nope, latent]`) and
+    /// then `W_UV,h` (`[v, latent]`).
+    pub kv_b: &'a W,
+    /// `W_UK,hᵀ` (`[latent, nope]`) of every head, stacked (`[heads·latent, nope]`): the
+    /// absorbed form's query projection as an ordinary product (see
+    /// [`absorbed_query_weight`]).
+    pub uk_t: &'a W,
+}
+
+// By hand: a derive would ask `W: Copy`, and only references are copied.
+impl<W> Clone for MlaWeights<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<W> Copy for MlaWeights<'_, W> {}
+
+/// `W_UK,hᵀ` of every head of `kv_b` (`[heads·(nope+v), latent]`), stacked into
+/// `[heads·latent, nope]`, so that a query's latent form `q_nope,h · W_UK,h` is the product
+/// `q_nope,h · (W_UK,hᵀ)ᵀ` every backend computes fast. Kept as bf16 when `kv_b` is bf16 or
+/// fp8 (transposing bf16 is exact; fp8 weights are bf16 in the reference too), else f32.
+pub fn absorbed_query_weight(kv_b: &Matrix, dims: MlaDims) -> Matrix {
+    let (kv_width, latent, nope) = (dims.nope + dims.v, dims.latent, dims.nope);
+    assert_eq!(kv_b.rows, dims.heads * kv_width, "kv_b rows");
+    assert_eq!(kv_b.cols, latent, "kv_b columns");
+    let w = kv_b.to_f32_vec();
+    let mut t = vec![0f32; dims.heads * latent * nope];
+    for h in 0..dims.heads {
+        for c in 0..nope {
+            let src = &w[(h * kv_width + c) * latent..][..latent];
+            for (j, &x) in src.iter().enumerate() {
+                t[(h * latent + j) * nope + c] = x;
+            }
+        }
+    }
+    let rows = dims.heads * latent;
+    match kv_b.dtype {
+        StoredType::Bf16 | StoredType::F8E4M3 => {
+            let bytes = t
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+                .collect();
+            Matrix::from_bytes(rows, nope, StoredType::Bf16, bytes)
+        }
+        _ => Matrix::from_f32(rows, nope, t),
+    }
 }
 
 /// Compute primitives over row-major `[rows, cols]` float32 activations.
@@ -134,21 +202,16 @@ pub trait Backend: Send + Sync + 'static {
         scale: f32,
     ) -> Vec<Vec<u32>>;
 
-    /// Multi-head latent attention of query rows `q` (`[n, heads·(nope+rope)]`, RoPE applied)
-    /// against the cached `latent` (`[T, latent]`) and `k_pe` (`[T, rope]`): each row attends to
-    /// `selection[i]` (or every key `s ≤ positions[i]` when `None`). Returns `[n, heads·v]`.
-    #[allow(clippy::too_many_arguments)]
+    /// Multi-head latent attention of the query rows `q` (`[n, heads·(nope+rope)]`, RoPE
+    /// applied) of several sequences, each against its own cache (see [`MlaSeq`]). Returns
+    /// `[n, heads·v]`; rows of `q` that no sequence names are left zero.
     fn mla_attention(
         &self,
         q: &Self::Tensor,
-        latent: &Self::Tensor,
-        k_pe: &Self::Tensor,
-        kv_b: &Self::Weight,
-        positions: &[usize],
-        selection: Option<&[Vec<u32>]>,
+        seqs: &[MlaSeq<'_, Self::Tensor>],
+        weights: MlaWeights<'_, Self::Weight>,
         dims: MlaDims,
         scale: f32,
-        form: AttentionForm,
     ) -> Self::Tensor;
 
     /// `down(silu(gate(x)) ⊙ up(x))`.
