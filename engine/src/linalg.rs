@@ -214,38 +214,35 @@ enum Rows<'a> {
     Bf16(&'a [u8]),
 }
 
-/// `y = x · wᵀ` for few input rows: the weight rows are split into tasks of whole rows, each
-/// task computes its rows' outputs for every input row (`yt`, transposed), and `yt` is then
-/// transposed into `y`.
+/// `y = x · wᵀ` for few input rows, a block of at most 64 weight rows at a time (so a block
+/// stays in cache while every group of input rows reads it). On one thread the kernel writes
+/// `y` in place; split over the pool, each task computes its blocks' outputs for every input
+/// row into whole rows of a transposed `yt`, which is then transposed into `y`.
 fn tiled(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     let (k, m) = (w.cols, w.rows);
     // Multiples of 8 weight rows, about 4 tasks a thread, at most 64 rows a task.
     let rows_per_task = (m / (rayon::current_num_threads() * 4)).clamp(8, 64) / 8 * 8;
-    let mut yt = vec![0f32; m * n]; // [m, n]: each task owns whole output rows
-    let task = |buf: &mut Vec<f32>, (task, out): (usize, &mut [f32])| {
-        let first = task * rows_per_task;
-        let rows = out.len() / n;
-        let weights = if let Some(data) = w.as_f32() {
-            Rows::F32(&data[first * k..(first + rows) * k])
-        } else if let Some(bytes) = w.as_bf16_bytes() {
-            Rows::Bf16(&bytes[2 * first * k..2 * (first + rows) * k])
-        } else {
-            buf.resize(rows * k, 0.0);
-            w.rows_f32(first, buf);
-            Rows::F32(buf)
-        };
-        products(x, n, k, weights, out);
-    };
-    if split(n * m * k) {
-        yt.par_chunks_mut(rows_per_task * n)
-            .enumerate()
-            .for_each_init(Vec::new, |buf, item| as_task(|| task(buf, item)));
-    } else {
+    if !split(n * m * k) {
+        // On this thread: straight into y (column `first + r` of every row).
         let mut buf = Vec::new();
-        yt.chunks_mut(rows_per_task * n)
-            .enumerate()
-            .for_each(|item| task(&mut buf, item));
+        for first in (0..m).step_by(rows_per_task) {
+            let rows = rows_per_task.min(m - first);
+            let weights = weight_rows(w, &mut buf, first, rows);
+            products_strided(x, n, k, weights, rows, &mut y[first..], 1, m);
+        }
+        return;
     }
+    // Side by side: each task owns whole rows of the transposed output `yt` ([m, n]).
+    let mut yt = vec![0f32; m * n];
+    yt.par_chunks_mut(rows_per_task * n)
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (task, out)| {
+            as_task(|| {
+                let first = task * rows_per_task;
+                let rows = out.len() / n;
+                products(x, n, k, weight_rows(w, buf, first, rows), out)
+            })
+        });
     for i in 0..n {
         for r in 0..m {
             y[i * m + r] = yt[r * n + i];
@@ -253,27 +250,77 @@ fn tiled(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     }
 }
 
+/// Weight rows `first..first + rows` of `w` as the tiled kernel reads them (other dtypes
+/// converted into `buf`).
+fn weight_rows<'a>(w: &'a Matrix, buf: &'a mut Vec<f32>, first: usize, rows: usize) -> Rows<'a> {
+    let k = w.cols;
+    if let Some(data) = w.as_f32() {
+        Rows::F32(&data[first * k..(first + rows) * k])
+    } else if let Some(bytes) = w.as_bf16_bytes() {
+        Rows::Bf16(&bytes[2 * first * k..2 * (first + rows) * k])
+    } else {
+        buf.resize(rows * k, 0.0);
+        w.rows_f32(first, buf);
+        Rows::F32(buf)
+    }
+}
+
 /// `out[r, i] = w[r] · x[i]` for every weight row `r` (`out.len() / n` of them) and input
 /// row `i` of `x` (`[n, k]`).
 fn products(x: &[f32], n: usize, k: usize, w: Rows, out: &mut [f32]) {
     let rows = out.len() / n;
+    products_strided(x, n, k, w, rows, out, n, 1);
+}
+
+/// `out[r · row_stride + i · col_stride] = w[r] · x[i]` for the `rows` weight rows `r` and
+/// the rows `i` of `x` (`[n, k]`); nothing else in `out` is touched.
+#[allow(clippy::too_many_arguments)]
+fn products_strided(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: Rows,
+    rows: usize,
+    out: &mut [f32],
+    row_stride: usize,
+    col_stride: usize,
+) {
     assert_eq!(x.len(), n * k, "products: x is not [n, k]");
     match w {
         Rows::F32(w) => assert_eq!(w.len(), rows * k, "products: weights are not [rows, k]"),
         Rows::Bf16(w) => assert_eq!(w.len(), 2 * rows * k, "products: weights are not [rows, k]"),
     }
+    if rows == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        (rows - 1) * row_stride + (n - 1) * col_stride < out.len(),
+        "products: out is too short for {rows} × {n} at strides {row_stride}, {col_stride}"
+    );
     #[cfg(target_arch = "x86_64")]
     if avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA; the shapes were checked just above.
-        return unsafe { x86::products(x, n, k, w, out) };
+        // SAFETY: the CPU supports AVX2 and FMA; the shapes and the furthest write were
+        // checked just above.
+        return unsafe { x86::products(x, n, k, w, rows, out, row_stride, col_stride) };
     }
-    products_portable(x, n, k, w, out);
+    products_portable(x, n, k, w, rows, out, row_stride, col_stride);
 }
 
-/// [`products`] without SIMD intrinsics (CPUs without AVX2 + FMA, other architectures).
-fn products_portable(x: &[f32], n: usize, k: usize, w: Rows, out: &mut [f32]) {
+/// [`products_strided`] without SIMD intrinsics (CPUs without AVX2 + FMA, other
+/// architectures).
+#[allow(clippy::too_many_arguments)]
+fn products_portable(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: Rows,
+    rows: usize,
+    out: &mut [f32],
+    row_stride: usize,
+    col_stride: usize,
+) {
     let mut row = vec![0f32; k];
-    for (r, o) in out.chunks_exact_mut(n).enumerate() {
+    for r in 0..rows {
         let wr: &[f32] = match w {
             Rows::F32(w) => &w[r * k..(r + 1) * k],
             Rows::Bf16(w) => {
@@ -281,8 +328,8 @@ fn products_portable(x: &[f32], n: usize, k: usize, w: Rows, out: &mut [f32]) {
                 &row
             }
         };
-        for (i, o) in o.iter_mut().enumerate() {
-            *o = dot_portable(wr, &x[i * k..(i + 1) * k]);
+        for i in 0..n {
+            out[r * row_stride + i * col_stride] = dot_portable(wr, &x[i * k..(i + 1) * k]);
         }
     }
 }
@@ -546,14 +593,26 @@ mod x86 {
     /// `out[r, i] = w[r] · x[i]`; see [`super::products`].
     ///
     /// # Safety
-    /// AVX2 and FMA; `x` is `[n, k]`, `w` holds `out.len() / n` rows of `k`.
+    /// AVX2 and FMA; `x` is `[n, k]`, `w` holds `rows` rows of `k`, and `out` reaches
+    /// `(rows - 1) · row_stride + (n - 1) · col_stride`.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn products(x: &[f32], n: usize, k: usize, w: Rows, out: &mut [f32]) {
+    pub(super) unsafe fn products(
+        x: &[f32],
+        n: usize,
+        k: usize,
+        w: Rows,
+        rows: usize,
+        out: &mut [f32],
+        row_stride: usize,
+        col_stride: usize,
+    ) {
+        let strides = (rows, row_stride, col_stride);
         // SAFETY: forwarded from the caller.
         unsafe {
             match w {
-                Rows::F32(w) => products_of(x, n, k, F32Rows(w.as_ptr(), k), out),
-                Rows::Bf16(w) => products_of(x, n, k, Bf16Rows(w.as_ptr(), k), out),
+                Rows::F32(w) => products_of(x, n, k, F32Rows(w.as_ptr(), k), out, strides),
+                Rows::Bf16(w) => products_of(x, n, k, Bf16Rows(w.as_ptr(), k), out, strides),
             }
         }
     }
@@ -567,12 +626,19 @@ mod x86 {
     /// 8 accumulators (enough independent FMAs to fill both FMA pipes), unrolling along k when
     /// it has fewer than 8 rows.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn products_of<W: Lanes>(x: &[f32], n: usize, k: usize, w: W, out: &mut [f32]) {
-        let rows = out.len() / n;
+    unsafe fn products_of<W: Lanes>(
+        x: &[f32],
+        n: usize,
+        k: usize,
+        w: W,
+        out: &mut [f32],
+        (rows, row_stride, col_stride): (usize, usize, usize),
+    ) {
         let (px, po) = (x.as_ptr(), out.as_mut_ptr());
         let mut i = 0;
         // SAFETY (every call): rows i..i + R of x and row r of w exist; the writes are
-        // out[r * n + i..][..R], inside `out`.
+        // out[r * row_stride + (i + j) * col_stride] for j < R, inside `out` (the caller's
+        // bound).
         unsafe {
             while i < n {
                 let group = match n - i {
@@ -583,12 +649,12 @@ mod x86 {
                 };
                 let xi = px.add(i * k);
                 for r in 0..rows {
-                    let (wr, oi) = (w.row(r), po.add(r * n + i));
+                    let (wr, oi) = (w.row(r), po.add(r * row_stride + i * col_stride));
                     match group {
-                        8 => tile::<8, 1, W>(xi, k, wr, oi),
-                        4 => tile::<4, 2, W>(xi, k, wr, oi),
-                        2 => tile::<2, 4, W>(xi, k, wr, oi),
-                        _ => tile::<1, 8, W>(xi, k, wr, oi),
+                        8 => tile::<8, 1, W>(xi, k, wr, oi, col_stride),
+                        4 => tile::<4, 2, W>(xi, k, wr, oi, col_stride),
+                        2 => tile::<2, 4, W>(xi, k, wr, oi, col_stride),
+                        _ => tile::<1, 8, W>(xi, k, wr, oi, col_stride),
                     }
                 }
                 i += group;
@@ -596,8 +662,8 @@ mod x86 {
         }
     }
 
-    /// `out[r] = w · x[r]` for `r < R`, `w` the first row of `w`: `R × U` accumulators of 8 lanes, the weight row
-    /// read once in chunks of `8 · U`.
+    /// `out[r · stride] = w · x[r]` for `r < R`, `w` the first row of `w`: `R × U`
+    /// accumulators of 8 lanes, the weight row read once in chunks of `8 · U`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<const R: usize, const U: usize, W: Lanes>(
@@ -605,8 +671,10 @@ mod x86 {
         k: usize,
         w: W,
         out: *mut f32,
+        stride: usize,
     ) {
-        // SAFETY: rows < R of x and row 0 of w have k values; the writes are out[..R].
+        // SAFETY: rows < R of x and row 0 of w have k values; the writes are out[r · stride]
+        // for r < R.
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); U]; R];
             let mut t = 0;
@@ -636,7 +704,7 @@ mod x86 {
                 for tt in t..k {
                     sum += *x.add(r * k + tt) * w.get(tt);
                 }
-                *out.add(r) = sum;
+                *out.add(r * stride) = sum;
             }
         }
     }
@@ -806,7 +874,7 @@ pub(crate) mod tests {
                 let mut fast = vec![f32::NAN; rows * n];
                 let mut portable = vec![f32::NAN; rows * n];
                 products(&x, n, k, w, &mut fast);
-                products_portable(&x, n, k, w, &mut portable);
+                products_portable(&x, n, k, w, rows, &mut portable, n, 1);
                 for r in 0..rows {
                     for i in 0..n {
                         let b = want[i * rows + r];
@@ -818,6 +886,30 @@ pub(crate) mod tests {
                                 (got - b).abs() < 1e-4 * (1.0 + b.abs()),
                                 "{path} {n}x{rows}x{k} at ({r}, {i}): {got} vs {b}"
                             );
+                        }
+                    }
+                }
+                // Written in place into rows of a wider [n, rows + 3] output: the other
+                // columns stay untouched (NaN).
+                let width = rows + 3;
+                let mut fast = vec![f32::NAN; n * width];
+                let mut portable = vec![f32::NAN; n * width];
+                products_strided(&x, n, k, w, rows, &mut fast[2..], 1, width);
+                products_portable(&x, n, k, w, rows, &mut portable[2..], 1, width);
+                for (path, got) in [("tiled", &fast), ("portable", &portable)] {
+                    for i in 0..n {
+                        for c in 0..width {
+                            let v = got[i * width + c];
+                            match c.checked_sub(2).filter(|&r| r < rows) {
+                                Some(r) => {
+                                    let b = want[i * rows + r];
+                                    assert!(
+                                        (v - b).abs() < 1e-4 * (1.0 + b.abs()),
+                                        "{path} strided {n}x{rows}x{k} at ({i}, {r}): {v} vs {b}"
+                                    );
+                                }
+                                None => assert!(v.is_nan(), "{path} strided wrote column {c}"),
+                            }
                         }
                     }
                 }
