@@ -54,6 +54,12 @@ struct Args {
     /// Uniform max_tokens range MIN:MAX.
     #[arg(long, default_value = "32:64")]
     output_len: String,
+    /// Tokens every prompt starts with (a shared system prompt), before its own prompt_len.
+    #[arg(long, default_value_t = 0)]
+    shared_prefix: usize,
+    /// In-process mode: run the scheduler without prefix caching (the server's flag).
+    #[arg(long, conflicts_with = "url")]
+    no_prefix_caching: bool,
     /// Token ids are drawn from 2..vocab.
     #[arg(long, default_value_t = 256)]
     vocab: u32,
@@ -190,10 +196,14 @@ async fn main() {
     let (p_lo, p_hi) = range(&args.prompt_len);
     let (o_lo, o_hi) = range(&args.output_len);
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let shared: Vec<u32> = (0..args.shared_prefix)
+        .map(|_| rng.random_range(2..args.vocab))
+        .collect();
     let work: Vec<(Vec<u32>, usize)> = (0..args.requests)
         .map(|_| {
             let n = rng.random_range(p_lo..=p_hi).max(1);
-            let prompt = (0..n).map(|_| rng.random_range(2..args.vocab)).collect();
+            let mut prompt = shared.clone();
+            prompt.extend((0..n).map(|_| rng.random_range(2..args.vocab)));
             (prompt, rng.random_range(o_lo..=o_hi).max(1))
         })
         .collect();
@@ -222,6 +232,7 @@ async fn main() {
                     max_running: 64,
                     max_waiting: 1 << 20,
                     max_context,
+                    prefix_caching: !args.no_prefix_caching,
                 },
                 Arc::new(Metrics::new()),
             );
@@ -288,6 +299,9 @@ async fn main() {
         "requests": samples.len(),
         "errors": samples.len() - ok.len(),
         "prompt_len": args.prompt_len,
+        "shared_prefix": args.shared_prefix,
+        // In-process only: over HTTP it is the server's setting, which the caller knows.
+        "prefix_caching": args.in_process.as_ref().map(|_| !args.no_prefix_caching),
         "output_len": args.output_len,
         "duration_s": elapsed,
         "output_tokens": tokens,

@@ -3,6 +3,7 @@
 //! for V3.2. That is all decode needs: 512 + 64 + 128 floats per token and layer on the real
 //! model, against 128 heads × (192 + 128) for an expanded cache.
 
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Deref;
 use std::sync::{Arc, RwLock};
 
@@ -345,6 +346,19 @@ impl<B: Backend> SeqCache<B> {
     pub(crate) fn advance(&mut self, tokens: usize) {
         self.len += tokens;
     }
+
+    /// Marks the first `tokens` tokens of an empty paged cache as cached: their rows are
+    /// already in the pool, in blocks of the table given next (a shared prefix).
+    ///
+    /// # Panics
+    /// On a contiguous or non-empty cache.
+    pub fn start_after_shared_prefix(&mut self, tokens: usize) {
+        assert!(
+            matches!(self.storage, Storage::Paged { .. }) && self.len == 0,
+            "a shared prefix starts an empty paged cache"
+        );
+        self.len = tokens;
+    }
 }
 
 /// Bytes one cached token takes across all layers (f32 latent + rope key + indexer key).
@@ -358,17 +372,46 @@ pub fn bytes_per_token(config: &crate::config::ModelConfig) -> usize {
 /// Fixed-size KV blocks: a free list and per-sequence block tables. The scheduler admits,
 /// grows and preempts sequences by blocks, so the cache's memory is bounded by
 /// `total_blocks · block_size · bytes_per_token` whatever the traffic.
+///
+/// Prefix caching: a full block whose rows are computed can be registered under its content
+/// (its tokens and the block before it), and a new sequence whose prompt starts with the same
+/// tokens shares it instead of computing it again (the rows of a token depend only on the
+/// tokens up to it). Blocks are reference-counted; a registered block no sequence holds stays
+/// cached until its space is needed, least recently released first.
 #[derive(Debug, Clone)]
 pub struct BlockAllocator {
     block_size: usize,
     total: usize,
+    /// Unregistered blocks nobody holds.
     free: Vec<u32>,
+    /// Sequences holding each block.
+    refs: Vec<u32>,
+    /// Bumped each time a block is handed out anew, so a key naming it as the block before
+    /// (see [`BlockKey`]) cannot match its next contents.
+    generation: Vec<u64>,
+    /// The key each registered block is found under.
+    key_of: Vec<Option<BlockKey>>,
+    cached: HashMap<BlockKey, u32>,
+    /// Registered blocks nobody holds, by release time (oldest first): reused last.
+    evictable: BTreeMap<u64, u32>,
+    released_at: Vec<u64>,
+    clock: u64,
+}
+
+/// A full block's contents: the block before it (id and generation; `None` for a sequence's
+/// first block) and its tokens. Exact, so two different prefixes never share a block.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct BlockKey {
+    parent: Option<(u32, u64)>,
+    tokens: Box<[u32]>,
 }
 
 /// The blocks one sequence holds, in token order (token `t` lives in `blocks[t / block_size]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BlockTable {
     pub blocks: Vec<u32>,
+    /// Leading blocks already offered to the prefix cache (see [`BlockAllocator::register`]).
+    registered: usize,
 }
 
 impl BlockAllocator {
@@ -381,6 +424,13 @@ impl BlockAllocator {
             block_size,
             total,
             free,
+            refs: vec![0; total],
+            generation: vec![0; total],
+            key_of: vec![None; total],
+            cached: HashMap::new(),
+            evictable: BTreeMap::new(),
+            released_at: vec![0; total],
+            clock: 0,
         }
     }
 
@@ -398,8 +448,14 @@ impl BlockAllocator {
         self.total
     }
 
+    /// Blocks no sequence holds (including cached prefix blocks, which are reused on demand).
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.evictable.len()
+    }
+
+    /// Registered prefix blocks no sequence holds.
+    pub fn cached_blocks(&self) -> usize {
+        self.evictable.len()
     }
 
     /// Tokens the whole cache holds.
@@ -407,12 +463,12 @@ impl BlockAllocator {
         self.total * self.block_size
     }
 
-    /// Fraction of blocks in use (0 when idle, 1 when full).
+    /// Fraction of blocks sequences hold (0 when idle, 1 when full).
     pub fn usage(&self) -> f64 {
         if self.total == 0 {
             return 0.0;
         }
-        (self.total - self.free.len()) as f64 / self.total as f64
+        (self.total - self.free_blocks()) as f64 / self.total as f64
     }
 
     /// Blocks needed to hold `tokens` tokens.
@@ -426,24 +482,108 @@ impl BlockAllocator {
     }
 
     /// Grows `table` to hold `tokens` tokens; `false` (and no change) when there are too few
-    /// free blocks.
+    /// free blocks. Unregistered free blocks go first, then the least recently released
+    /// cached ones (which leave the prefix cache).
     pub fn grow(&mut self, table: &mut BlockTable, tokens: usize) -> bool {
         let missing = self.missing(table, tokens);
-        if missing > self.free.len() {
+        if missing > self.free_blocks() {
             return false;
         }
         for _ in 0..missing {
-            // Cannot fail: checked above.
-            if let Some(block) = self.free.pop() {
-                table.blocks.push(block);
-            }
+            let block = match self.free.pop() {
+                Some(block) => block,
+                None => {
+                    // Cannot fail: checked above.
+                    let Some((_, block)) = self.evictable.pop_first() else {
+                        break;
+                    };
+                    if let Some(key) = self.key_of[block as usize].take() {
+                        self.cached.remove(&key);
+                    }
+                    block
+                }
+            };
+            let b = block as usize;
+            self.generation[b] += 1;
+            self.refs[b] = 1;
+            table.blocks.push(block);
         }
         true
     }
 
-    /// Returns all of `table`'s blocks to the free list.
+    /// Returns all of `table`'s blocks: each one no other sequence holds is free again, or,
+    /// registered, cached until its space is needed.
     pub fn release(&mut self, table: &mut BlockTable) {
-        self.free.append(&mut table.blocks);
+        for block in table.blocks.drain(..) {
+            let b = block as usize;
+            self.refs[b] = self.refs[b].saturating_sub(1);
+            if self.refs[b] > 0 {
+                continue;
+            }
+            if self.key_of[b].is_some() {
+                self.clock += 1;
+                self.released_at[b] = self.clock;
+                self.evictable.insert(self.clock, block);
+            } else {
+                self.free.push(block);
+            }
+        }
+        table.registered = 0;
+    }
+
+    /// For an empty `table`: shares the cached blocks that hold the longest run of whole
+    /// blocks at the start of `tokens`, and returns how many tokens they hold.
+    pub fn share_prefix(&mut self, table: &mut BlockTable, tokens: &[u32]) -> usize {
+        debug_assert!(
+            table.blocks.is_empty(),
+            "share_prefix on a table with blocks"
+        );
+        let mut parent = None;
+        for chunk in tokens.chunks_exact(self.block_size) {
+            let key = BlockKey {
+                parent,
+                tokens: chunk.into(),
+            };
+            let Some(&block) = self.cached.get(&key) else {
+                break;
+            };
+            let b = block as usize;
+            if self.refs[b] == 0 {
+                self.evictable.remove(&self.released_at[b]);
+            }
+            self.refs[b] += 1;
+            table.blocks.push(block);
+            parent = Some((block, self.generation[b]));
+        }
+        table.registered = table.blocks.len();
+        table.blocks.len() * self.block_size
+    }
+
+    /// Registers `table`'s full blocks among the first `computed` tokens of `tokens` (the
+    /// sequence's tokens, whose rows are in the cache up to `computed`) that are not yet
+    /// registered. A block whose contents another block is already registered for is left
+    /// out (it is freed as usual).
+    pub fn register(&mut self, table: &mut BlockTable, tokens: &[u32], computed: usize) {
+        let full = (computed.min(tokens.len()) / self.block_size).min(table.blocks.len());
+        for i in table.registered..full {
+            let block = table.blocks[i];
+            let b = block as usize;
+            if self.key_of[b].is_some() {
+                continue;
+            }
+            let parent = i
+                .checked_sub(1)
+                .map(|p| (table.blocks[p], self.generation[table.blocks[p] as usize]));
+            let key = BlockKey {
+                parent,
+                tokens: tokens[i * self.block_size..(i + 1) * self.block_size].into(),
+            };
+            if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(key.clone()) {
+                e.insert(block);
+                self.key_of[b] = Some(key);
+            }
+        }
+        table.registered = table.registered.max(full);
     }
 }
 
@@ -467,6 +607,97 @@ mod tests {
         assert_eq!(a.free_blocks(), 3);
         assert_eq!(a.usage(), 0.0);
         assert!(a.grow(&mut u, 12));
+    }
+
+    /// Tokens of `blocks` whole blocks of 4, block `i` filled with `ids[i]`.
+    fn filled(ids: &[u32]) -> Vec<u32> {
+        ids.iter().flat_map(|&i| [i; 4]).collect()
+    }
+
+    #[test]
+    fn registered_blocks_are_shared_by_content_and_counted_once() {
+        let mut a = BlockAllocator::new(4, 6);
+        let tokens = filled(&[7, 8, 9]);
+        let mut t = BlockTable::default();
+        assert!(a.grow(&mut t, 11));
+        // Rows computed for 9 tokens: two full blocks register, the third is not full.
+        a.register(&mut t, &tokens, 9);
+        assert_eq!(a.cached.len(), 2);
+        // A second sequence shares them while the first still holds them.
+        let mut u = BlockTable::default();
+        assert_eq!(a.share_prefix(&mut u, &tokens[..11]), 8);
+        assert_eq!(u.blocks, t.blocks[..2]);
+        assert_eq!(a.free_blocks(), 3, "shared blocks are held once");
+        // Released by both: cached, and free for the count.
+        a.release(&mut t);
+        a.release(&mut u);
+        assert_eq!((a.free_blocks(), a.cached_blocks(), a.usage()), (6, 2, 0.0));
+        // Found again after release; a sequence whose first block differs finds nothing,
+        // even where its second block's tokens match (a block's key includes its prefix).
+        let mut v = BlockTable::default();
+        assert_eq!(a.share_prefix(&mut v, &filled(&[7, 8])), 8);
+        assert_eq!(a.cached_blocks(), 0, "held again: not evictable");
+        let mut w = BlockTable::default();
+        assert_eq!(a.share_prefix(&mut w, &filled(&[6, 8])), 0);
+        assert!(w.blocks.is_empty());
+    }
+
+    #[test]
+    fn cached_blocks_are_evicted_oldest_first_and_never_match_new_contents() {
+        let mut a = BlockAllocator::new(4, 4);
+        let (x, y) = (filled(&[1, 2]), filled(&[3]));
+        let mut t = BlockTable::default();
+        assert!(a.grow(&mut t, 8));
+        a.register(&mut t, &x, 8);
+        a.release(&mut t); // [1] then [2] become evictable, in that order
+        let mut u = BlockTable::default();
+        assert!(a.grow(&mut u, 4));
+        a.register(&mut u, &y, 4);
+        a.release(&mut u);
+        // Four blocks wanted, two free: the two oldest cached ones go, [1] first.
+        let mut big = BlockTable::default();
+        assert!(a.grow(&mut big, 12));
+        assert_eq!(a.cached_blocks(), 1);
+        let mut probe = BlockTable::default();
+        assert_eq!(a.share_prefix(&mut probe, &x), 0, "[1] was evicted");
+        assert_eq!(
+            a.share_prefix(&mut probe, &y),
+            4,
+            "[3], the newest, is kept"
+        );
+        a.release(&mut probe);
+        // The evicted block ids now hold other rows: writing [1] there and registering it
+        // must not revive the old [1][2] chain (the [2] key named [1]'s old generation).
+        a.release(&mut big);
+        let mut again = BlockTable::default();
+        assert!(a.grow(&mut again, 4));
+        a.register(&mut again, &filled(&[1]), 4);
+        let mut probe = BlockTable::default();
+        assert_eq!(a.share_prefix(&mut probe, &x), 4, "only the new [1]");
+        // One block held (by two tables): three to grow into, not four.
+        assert_eq!(probe.blocks, again.blocks);
+        assert_eq!(a.free_blocks(), 3);
+        let mut too_big = BlockTable::default();
+        assert!(!a.grow(&mut too_big, 16));
+        assert!(too_big.blocks.is_empty());
+    }
+
+    #[test]
+    fn a_cached_block_after_an_evicted_one_does_not_follow_its_new_contents() {
+        let mut a = BlockAllocator::new(4, 2);
+        let mut t = BlockTable::default();
+        assert!(a.grow(&mut t, 8));
+        a.register(&mut t, &filled(&[1, 2]), 8);
+        a.release(&mut t);
+        // [1]'s block is evicted and refilled with [3]; [2] stays cached, computed after [1].
+        let mut v = BlockTable::default();
+        assert!(a.grow(&mut v, 4));
+        a.register(&mut v, &filled(&[3]), 4);
+        a.release(&mut v);
+        assert_eq!(a.cached_blocks(), 2);
+        // [3][2] reaches the refilled block, and must not take [2]'s rows (they follow [1]).
+        let mut probe = BlockTable::default();
+        assert_eq!(a.share_prefix(&mut probe, &filled(&[3, 2])), 4);
     }
 
     #[test]

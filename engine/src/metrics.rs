@@ -40,6 +40,8 @@ pub struct Metrics {
     pub e2e_latency: Histogram,
     pub queue_time: Histogram,
     pub preemptions: IntCounter,
+    pub prefix_cache_queries: IntCounter,
+    pub prefix_cache_hits: IntCounter,
     request_success: IntCounterVec,
     request_errors: IntCounterVec,
     expert_tokens: IntCounterVec,
@@ -124,6 +126,14 @@ impl Metrics {
             preemptions: reg!(IntCounter::new(
                 "sparsemoe_num_preemptions_total",
                 "Running requests preempted for KV-cache space (re-queued, not lost)"
+            )),
+            prefix_cache_queries: reg!(IntCounter::new(
+                "sparsemoe_prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache"
+            )),
+            prefix_cache_hits: reg!(IntCounter::new(
+                "sparsemoe_prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache (their KV rows were shared, not computed)"
             )),
             request_success: reg!(IntCounterVec::new(
                 Opts::new(

@@ -32,6 +32,8 @@ pub struct SchedulerConfig {
     pub max_waiting: usize,
     /// The longest sequence (prompt + output) a request may reach.
     pub max_context: usize,
+    /// Share computed KV blocks between requests whose prompts start alike.
+    pub prefix_caching: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -41,6 +43,7 @@ impl Default for SchedulerConfig {
             max_running: 64,
             max_waiting: 256,
             max_context: 4096,
+            prefix_caching: true,
         }
     }
 }
@@ -378,10 +381,27 @@ impl<B: Backend> Engine<B> {
             let Some(front) = self.waiting.front_mut() else {
                 break;
             };
+            // A fresh (or preempted) sequence first shares the cached blocks of its prompt's
+            // longest cached prefix; at least its last token is computed, for its logits.
+            let shared = if self.config.prefix_caching && front.blocks.blocks.is_empty() {
+                let lookup = &front.tokens[..front.tokens.len() - 1];
+                let shared = self.blocks.share_prefix(&mut front.blocks, lookup);
+                front.cache.start_after_shared_prefix(shared);
+                Some((lookup.len(), shared))
+            } else {
+                None
+            };
             let n = front.pending().min(budget);
             let want = front.cache.len() + n;
             if !self.blocks.grow(&mut front.blocks, want) {
+                // It waits with nothing held; the lookup runs again next time.
+                self.blocks.release(&mut front.blocks);
+                front.cache = SeqCache::paged(self.pool.clone());
                 break;
+            }
+            if let Some((queried, hit)) = shared {
+                self.metrics.prefix_cache_queries.inc_by(queried as u64);
+                self.metrics.prefix_cache_hits.inc_by(hit as u64);
             }
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
@@ -427,6 +447,13 @@ impl<B: Backend> Engine<B> {
             .forward(&mut steps, None)
             .map_err(|e| e.to_string())?;
         drop(steps);
+        if self.config.prefix_caching {
+            // Blocks this step filled can now serve other prompts.
+            for seq in &mut self.running {
+                self.blocks
+                    .register(&mut seq.blocks, &seq.tokens, seq.cache.len());
+            }
+        }
 
         // Sample where a sequence's whole input is now cached.
         let now = Instant::now();

@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// Sequences running at once.
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
+    /// Turns off prefix caching (on by default: requests whose prompts start with the same
+    /// whole KV blocks share them instead of computing them again).
+    #[arg(long, env = "SPARSEMOE_NO_PREFIX_CACHING")]
+    pub no_prefix_caching: bool,
     /// Seconds running requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 30, env = "SPARSEMOE_DRAIN_SECONDS")]
     pub drain_grace_secs: u64,
@@ -249,6 +253,7 @@ pub fn build_state(
             max_running: args.max_running.max(1),
             max_waiting: args.max_queue,
             max_context,
+            prefix_caching: !args.no_prefix_caching,
         },
         metrics.clone(),
     );

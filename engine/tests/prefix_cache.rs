@@ -1,0 +1,174 @@
+//! Prefix caching through the scheduler, on the demo model: requests whose prompts start with
+//! the same whole KV blocks share them, and every request's greedy output (and its logprobs)
+//! is what it is without prefix caching, also when cached blocks are evicted for space and
+//! when identical prompts run side by side.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sparsemoe_engine::backend::cpu::Cpu;
+use sparsemoe_engine::kv_cache::{BlockAllocator, bytes_per_token};
+use sparsemoe_engine::metrics::Metrics;
+use sparsemoe_engine::model::{Model, ModelOptions};
+use sparsemoe_engine::sampling::SamplingParams;
+use sparsemoe_engine::scheduler::{self, EngineHandle, Event, GenerationRequest, SchedulerConfig};
+
+const BLOCK: usize = 16;
+
+fn demo_model() -> Model<Cpu> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo-model");
+    Model::load(&dir, Cpu, ModelOptions::default()).expect("loading the demo model")
+}
+
+fn engine(prefix_caching: bool, blocks: usize) -> (EngineHandle, Arc<Metrics>) {
+    let model = demo_model();
+    let allocator = BlockAllocator::new(BLOCK, blocks);
+    assert!(bytes_per_token(&model.config) > 0);
+    let metrics = Arc::new(Metrics::new());
+    let handle = scheduler::spawn(
+        model,
+        allocator,
+        SchedulerConfig {
+            max_context: 256,
+            prefix_caching,
+            ..SchedulerConfig::default()
+        },
+        metrics.clone(),
+    );
+    (handle, metrics)
+}
+
+/// Greedy output of one request: tokens and their logprobs.
+type Output = Vec<(u32, f32)>;
+
+fn submit(engine: &EngineHandle, prompt: &[u32]) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+    engine
+        .submit(GenerationRequest {
+            prompt: prompt.to_vec(),
+            max_tokens: 12,
+            params: SamplingParams::greedy(),
+            stop_tokens: Vec::new(),
+            logprobs: Some(0),
+        })
+        .expect("submitting")
+}
+
+fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Output {
+    let mut out = Vec::new();
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            Event::Token { id, logprob } => out.push((id, logprob.expect("logprob").logprob)),
+            Event::Finished { .. } => return out,
+            Event::Error(e) => panic!("request failed: {e}"),
+        }
+    }
+    panic!("the engine stopped before the request finished")
+}
+
+/// Each wave's prompts are submitted together and run side by side; waves run one after another.
+fn run(engine: &EngineHandle, waves: &[Vec<Vec<u32>>]) -> Vec<Output> {
+    let mut outputs = Vec::new();
+    for wave in waves {
+        let receivers: Vec<_> = wave.iter().map(|p| submit(engine, p)).collect();
+        outputs.extend(receivers.into_iter().map(collect));
+    }
+    outputs
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    // Ids away from the demo model's special tokens (0 and 1).
+    (0..len as u32)
+        .map(|i| 2 + (seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7919)) % 2000)
+        .collect()
+}
+
+fn assert_same(with: &[Output], without: &[Output]) {
+    assert_eq!(with.len(), without.len());
+    for (r, (a, b)) in with.iter().zip(without).enumerate() {
+        let tokens = |o: &Output| o.iter().map(|&(t, _)| t).collect::<Vec<_>>();
+        assert_eq!(tokens(a), tokens(b), "request {r}: tokens differ");
+        for ((_, x), (_, y)) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-3, "request {r}: logprob {x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn shared_prompt_prefixes_are_computed_once_and_change_no_output() {
+    let a = prompt(1, 40);
+    let mut b = a[..2 * BLOCK].to_vec(); // A's first two blocks, then its own tokens
+    b.extend(prompt(2, 9));
+    let c = prompt(3, 20);
+    let waves = vec![
+        vec![a.clone()],
+        vec![b.clone()],
+        vec![a.clone()],
+        // Side by side: identical prompts in one step compute their blocks separately.
+        vec![c.clone(), c.clone(), c.clone()],
+        vec![c.clone()],
+    ];
+    let (plain, plain_metrics) = engine(false, 64);
+    let without = run(&plain, &waves);
+    assert_eq!(plain_metrics.prefix_cache_queries.get(), 0);
+
+    let (cached, metrics) = engine(true, 64);
+    let with = run(&cached, &waves);
+    assert_same(&with, &without);
+    // Looked up: every prompt but its last token.
+    let queried: usize = waves.iter().flatten().map(|p| p.len() - 1).sum();
+    assert_eq!(metrics.prefix_cache_queries.get(), queried as u64);
+    // Hits: B and the second A share A's two full prompt blocks; the last C shares the one
+    // full block of C's 19 looked-up tokens.
+    assert_eq!(
+        metrics.prefix_cache_hits.get(),
+        (2 * BLOCK + 2 * BLOCK + BLOCK) as u64
+    );
+    // Idle: no block is held (cached ones are free for reuse).
+    wait_idle(&cached);
+    assert_eq!(
+        cached
+            .stats
+            .used_blocks
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+#[test]
+fn evicted_prefix_blocks_are_recomputed_and_change_no_output() {
+    // 8 blocks of 16: each request (40 + 12 tokens) needs 4, so the cache keeps at most a
+    // request's worth of released blocks and every new prompt evicts older ones.
+    let prompts: Vec<Vec<u32>> = (10..16).map(|s| prompt(s, 40)).collect();
+    let mut waves: Vec<Vec<Vec<u32>>> = prompts.iter().map(|p| vec![p.clone()]).collect();
+    waves.push(vec![prompts[0].clone()]); // long evicted
+    waves.push(vec![prompts[5].clone()]); // the last one: still cached
+    let (plain, _) = engine(false, 8);
+    let without = run(&plain, &waves);
+    let (cached, metrics) = engine(true, 8);
+    let with = run(&cached, &waves);
+    assert_same(&with, &without);
+    assert_eq!(
+        metrics.prefix_cache_hits.get(),
+        (2 * BLOCK) as u64,
+        "only the last prompt's blocks survive"
+    );
+    wait_idle(&cached);
+    assert_eq!(
+        cached
+            .stats
+            .used_blocks
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+/// The engine publishes its block counts after each step; wait for the one after the last.
+fn wait_idle(engine: &EngineHandle) {
+    use std::sync::atomic::Ordering::SeqCst;
+    for _ in 0..200 {
+        if engine.stats.active.load(SeqCst) == 0 && engine.stats.used_blocks.load(SeqCst) == 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
