@@ -63,7 +63,11 @@ for round in $(seq "$rounds"); do
     for c in 1 32; do
         for mode in http in-process; do
             if [[ $mode == http ]]; then src=(--url "$url"); else src=(--in-process "$model"); fi
-            target/release/examples/loadgen "${src[@]}" --concurrency "$c" --label "$label" "${common[@]}" |
+            # A seed per round and concurrency: the server lives through every run, and a prompt
+            # it saw before would find its blocks in the prefix cache (the HTTP and in-process
+            # runs of one round and concurrency get the same prompts, on different engines).
+            target/release/examples/loadgen "${src[@]}" --concurrency "$c" --label "$label" \
+                --seed "$((1000 * round + c))" "${common[@]}" |
                 sed "s/^{/{\"round\":$round,/" | tee -a "$out"
         done
     done
