@@ -35,7 +35,9 @@ out=bench/results/prefix-cache-cpu.jsonl
 : >"$out"
 for round in $(seq "$rounds"); do
     for mode in on off; do
-        target/release/examples/loadgen --url "${url[$mode]}" "${common[@]}" |
+        # A seed per round (the same for both servers): new prompts and a new shared prefix,
+        # so the caching server never finds a whole prompt it saw in an earlier round.
+        target/release/examples/loadgen --url "${url[$mode]}" --seed "$((1000 * round))" "${common[@]}" |
             sed "s/^{/{\"round\":$round,\"prefix_cache\":\"$mode\",/" | tee -a "$out"
     done
 done

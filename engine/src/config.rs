@@ -281,7 +281,6 @@ impl ModelConfig {
         Ok(config)
     }
 
-    /// Query/key head width: nope + rope parts.
     /// The multi-head latent attention's dimensions.
     pub fn mla_dims(&self) -> crate::backend::MlaDims {
         crate::backend::MlaDims {
@@ -293,6 +292,7 @@ impl ModelConfig {
         }
     }
 
+    /// Query/key head width: nope + rope parts.
     pub fn qk_head_dim(&self) -> usize {
         self.qk_nope_head_dim + self.qk_rope_head_dim
     }

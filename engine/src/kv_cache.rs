@@ -512,10 +512,16 @@ impl BlockAllocator {
     }
 
     /// Returns all of `table`'s blocks: each one no other sequence holds is free again, or,
-    /// registered, cached until its space is needed.
+    /// registered, cached until its space is needed. Last block first, so a prefix's later
+    /// blocks are evicted before its earlier ones (evicting an early block makes every block
+    /// after it unreachable).
     pub fn release(&mut self, table: &mut BlockTable) {
-        for block in table.blocks.drain(..) {
+        for block in table.blocks.drain(..).rev() {
             let b = block as usize;
+            debug_assert!(
+                self.refs[b] > 0,
+                "block {block} released more often than held"
+            );
             self.refs[b] = self.refs[b].saturating_sub(1);
             if self.refs[b] > 0 {
                 continue;
@@ -561,29 +567,44 @@ impl BlockAllocator {
 
     /// Registers `table`'s full blocks among the first `computed` tokens of `tokens` (the
     /// sequence's tokens, whose rows are in the cache up to `computed`) that are not yet
-    /// registered. A block whose contents another block is already registered for is left
-    /// out (it is freed as usual).
+    /// registered. A block whose contents another block is already registered for (two
+    /// requests that computed the same prefix side by side) stays unregistered and is freed as
+    /// usual; the blocks after it are registered as following that other block, so a lookup
+    /// reaches them.
     pub fn register(&mut self, table: &mut BlockTable, tokens: &[u32], computed: usize) {
         let full = (computed.min(tokens.len()) / self.block_size).min(table.blocks.len());
+        if table.registered >= full {
+            return;
+        }
+        // The registered block holding the contents of block `i - 1`: where the chain goes on.
+        let mut parent = table.registered.checked_sub(1).map(|p| {
+            let block = table.blocks[p];
+            match &self.key_of[block as usize] {
+                Some(key) => self.cached.get(key).copied().unwrap_or(block),
+                None => block,
+            }
+        });
         for i in table.registered..full {
             let block = table.blocks[i];
             let b = block as usize;
-            if self.key_of[b].is_some() {
-                continue;
-            }
-            let parent = i
-                .checked_sub(1)
-                .map(|p| (table.blocks[p], self.generation[table.blocks[p] as usize]));
             let key = BlockKey {
-                parent,
+                parent: parent.map(|p: u32| (p, self.generation[p as usize])),
                 tokens: tokens[i * self.block_size..(i + 1) * self.block_size].into(),
             };
-            if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(key.clone()) {
-                e.insert(block);
-                self.key_of[b] = Some(key);
-            }
+            let canonical = match self.cached.get(&key) {
+                Some(&other) => other,
+                None if self.key_of[b].is_none() => {
+                    self.cached.insert(key.clone(), block);
+                    self.key_of[b] = Some(key);
+                    block
+                }
+                // Registered under another key earlier: cannot happen (a block is registered
+                // once, by the one table that computed it), so keep the chain where it is.
+                None => block,
+            };
+            parent = Some(canonical);
         }
-        table.registered = table.registered.max(full);
+        table.registered = full;
     }
 }
 
@@ -649,12 +670,12 @@ mod tests {
         let mut t = BlockTable::default();
         assert!(a.grow(&mut t, 8));
         a.register(&mut t, &x, 8);
-        a.release(&mut t); // [1] then [2] become evictable, in that order
+        a.release(&mut t); // [2] then [1] become evictable, in that order (last block first)
         let mut u = BlockTable::default();
         assert!(a.grow(&mut u, 4));
         a.register(&mut u, &y, 4);
         a.release(&mut u);
-        // Four blocks wanted, two free: the two oldest cached ones go, [1] first.
+        // Three blocks wanted, one free: the two oldest cached ones go, [2] first.
         let mut big = BlockTable::default();
         assert!(a.grow(&mut big, 12));
         assert_eq!(a.cached_blocks(), 1);
@@ -688,7 +709,14 @@ mod tests {
         let mut t = BlockTable::default();
         assert!(a.grow(&mut t, 8));
         a.register(&mut t, &filled(&[1, 2]), 8);
+        let (first, second) = (t.blocks[0] as usize, t.blocks[1] as usize);
         a.release(&mut t);
+        // Releasing last block first never leaves a prefix's first block older than its
+        // second; swap their ages so that [1] goes first, to check the generations guard.
+        let (old, new) = (a.released_at[second], a.released_at[first]);
+        a.evictable.insert(old, first as u32);
+        a.evictable.insert(new, second as u32);
+        a.released_at.swap(first, second);
         // [1]'s block is evicted and refilled with [3]; [2] stays cached, computed after [1].
         let mut v = BlockTable::default();
         assert!(a.grow(&mut v, 4));
@@ -698,6 +726,26 @@ mod tests {
         // [3][2] reaches the refilled block, and must not take [2]'s rows (they follow [1]).
         let mut probe = BlockTable::default();
         assert_eq!(a.share_prefix(&mut probe, &filled(&[3, 2])), 4);
+    }
+
+    #[test]
+    fn blocks_after_a_duplicate_follow_the_registered_copy() {
+        let mut a = BlockAllocator::new(4, 8);
+        let tokens = filled(&[1, 2, 3]);
+        // Two sequences compute the same prompt side by side: the first registers its blocks.
+        let (mut t, mut u) = (BlockTable::default(), BlockTable::default());
+        assert!(a.grow(&mut t, 12) && a.grow(&mut u, 12));
+        a.register(&mut t, &tokens[..8], 8);
+        // The second's first two blocks duplicate them; its third follows the first's second.
+        a.register(&mut u, &tokens, 12);
+        assert_eq!(a.cached.len(), 3);
+        let mut probe = BlockTable::default();
+        assert_eq!(a.share_prefix(&mut probe, &tokens), 12);
+        assert_eq!(probe.blocks, [t.blocks[0], t.blocks[1], u.blocks[2]]);
+        a.release(&mut probe);
+        // The duplicates were never registered: released, they are plainly free.
+        a.release(&mut u);
+        assert_eq!(a.cached_blocks(), 1, "only u's third block is cached");
     }
 
     #[test]

@@ -268,7 +268,7 @@ fn weight_rows<'a>(w: &'a Matrix, buf: &'a mut Vec<f32>, first: usize, rows: usi
 /// `out[r, i] = w[r] · x[i]` for every weight row `r` (`out.len() / n` of them) and input
 /// row `i` of `x` (`[n, k]`).
 fn products(x: &[f32], n: usize, k: usize, w: Rows, out: &mut [f32]) {
-    let rows = out.len() / n;
+    let rows = out.len().checked_div(n).unwrap_or(0);
     products_strided(x, n, k, w, rows, out, n, 1);
 }
 

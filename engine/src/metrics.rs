@@ -129,7 +129,7 @@ impl Metrics {
             )),
             prefix_cache_queries: reg!(IntCounter::new(
                 "sparsemoe_prefix_cache_queries_total",
-                "Prompt tokens looked up in the prefix cache"
+                "Prompt tokens of new requests looked up in the prefix cache (all but the last)"
             )),
             prefix_cache_hits: reg!(IntCounter::new(
                 "sparsemoe_prefix_cache_hits_total",

@@ -399,7 +399,8 @@ impl<B: Backend> Engine<B> {
                 front.cache = SeqCache::paged(self.pool.clone());
                 break;
             }
-            if let Some((queried, hit)) = shared {
+            // Counted for new requests only: a preempted one coming back finds its own blocks.
+            if let (Some((queried, hit)), false) = (shared, front.admitted) {
                 self.metrics.prefix_cache_queries.inc_by(queried as u64);
                 self.metrics.prefix_cache_hits.inc_by(hit as u64);
             }

@@ -80,8 +80,9 @@ impl<W> Copy for MlaWeights<'_, W> {}
 
 /// `W_UK,hᵀ` of every head of `kv_b` (`[heads·(nope+v), latent]`), stacked into
 /// `[heads·latent, nope]`, so that a query's latent form `q_nope,h · W_UK,h` is the product
-/// `q_nope,h · (W_UK,hᵀ)ᵀ` every backend computes fast. Kept as bf16 when `kv_b` is bf16 or
-/// fp8 (transposing bf16 is exact; fp8 weights are bf16 in the reference too), else f32.
+/// `q_nope,h · (W_UK,hᵀ)ᵀ` every backend computes fast. Kept as bf16 when `kv_b` is bf16
+/// (transposing is exact), else as f32 (fp8 values times their block scales, exactly as the
+/// products dequantise them).
 pub fn absorbed_query_weight(kv_b: &Matrix, dims: MlaDims) -> Matrix {
     let (kv_width, latent, nope) = (dims.nope + dims.v, dims.latent, dims.nope);
     assert_eq!(kv_b.rows, dims.heads * kv_width, "kv_b rows");
@@ -98,7 +99,7 @@ pub fn absorbed_query_weight(kv_b: &Matrix, dims: MlaDims) -> Matrix {
     }
     let rows = dims.heads * latent;
     match kv_b.dtype {
-        StoredType::Bf16 | StoredType::F8E4M3 => {
+        StoredType::Bf16 => {
             let bytes = t
                 .iter()
                 .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
