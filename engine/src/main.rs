@@ -108,6 +108,7 @@ impl ModelArgs {
                 Attention::Dense => AttentionMode::Dense,
             },
             index_topk: self.index_topk,
+            ..ModelOptions::default()
         };
         let mut model = Model::load(&self.model, Cpu, options)
             .with_context(|| format!("loading {}", self.model.display()))?;

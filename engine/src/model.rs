@@ -37,6 +37,10 @@ pub struct ModelOptions {
     pub attention: AttentionMode,
     /// Overrides the config's `index_topk`.
     pub index_topk: Option<usize>,
+    /// Gathered cache rows one attention call of a layer holds at most: a batch whose
+    /// sequences attend to more is attended a group of consecutive sequences at a time (a
+    /// single sequence may exceed it).
+    pub attended_bytes: usize,
 }
 
 impl Default for ModelOptions {
@@ -44,6 +48,7 @@ impl Default for ModelOptions {
         Self {
             attention: AttentionMode::Sparse,
             index_topk: None,
+            attended_bytes: 64 << 20,
         }
     }
 }
@@ -625,7 +630,6 @@ impl<B: Backend> Model<B> {
         // Each sequence's new rows go into its cache and its indexer picks its keys; then one
         // call attends for the whole batch.
         let mut attended = Vec::with_capacity(batch.len());
-        let mut forms = Vec::with_capacity(batch.len());
         for (step, &(start, len)) in batch.iter_mut().zip(spans) {
             let seq_positions = &positions[start..start + len];
             let new_keys = indexer_inputs
@@ -665,7 +669,7 @@ impl<B: Backend> Model<B> {
             let widest = selection
                 .as_ref()
                 .map(|s| s.iter().map(Vec::len).max().unwrap_or(0));
-            forms.push(attention_form(len, total, widest, dims));
+            let form = attention_form(len, total, widest, dims);
             if tracing {
                 match &selection {
                     Some(sel) => {
@@ -675,33 +679,71 @@ impl<B: Backend> Model<B> {
                     None => traced.extend(seq_positions.iter().map(|&p| (0..=p as u32).collect())),
                 }
             }
-            attended.push((step, selection, total));
-        }
-        let rows: Vec<_> = attended
-            .into_iter()
-            .map(|(step, selection, total)| {
-                let step: &SeqStep<'_, B> = step;
-                step.cache.attended_rows(b, layer_index, total, selection)
-            })
-            .collect::<Result<_>>()?;
-        let seqs: Vec<MlaSeq<'_, B::Tensor>> = rows
-            .iter()
-            .zip(spans)
-            .zip(forms)
-            .map(|((r, &(start, len)), form)| MlaSeq {
-                first: start,
-                latent: &*r.latent,
-                k_pe: &*r.k_pe,
-                positions: &positions[start..start + len],
-                selection: r.selection.as_deref(),
+            attended.push(Attend {
+                step,
+                selection,
+                total,
+                span: (start, len),
                 form,
-            })
-            .collect();
+            });
+        }
+        // The attended rows of consecutive sequences are gathered and attended together, a
+        // group at a time, so a batch of long contexts holds about `attended_bytes` of
+        // gathered rows at once, not all of them (a step of short ones is one group).
         let weights = MlaWeights {
             kv_b: &att.kv_b,
             uk_t: &att.uk_t,
         };
-        let attn = b.mla_attention(&q, &seqs, weights, dims, scale);
+        let row_bytes = (c.kv_lora_rank + c.qk_rope_head_dim) * std::mem::size_of::<f32>();
+        let mut pending = attended.into_iter().peekable();
+        let mut parts = Vec::new();
+        while pending.peek().is_some() {
+            let mut group = Vec::new();
+            let mut bytes = 0;
+            while let Some(next) = pending.peek() {
+                let rows = next.selection.as_ref().map_or(next.total, |s| {
+                    s.iter().map(Vec::len).sum::<usize>().min(next.total)
+                });
+                if !group.is_empty() && bytes + rows * row_bytes > self.options.attended_bytes {
+                    break;
+                }
+                bytes += rows * row_bytes;
+                group.extend(pending.next());
+            }
+            let first = group[0].span.0;
+            let (last_start, last_len) = group[group.len() - 1].span;
+            let n = last_start + last_len - first;
+            let selections: Vec<_> = group.iter_mut().map(|a| a.selection.take()).collect();
+            let rows: Vec<_> = group
+                .iter()
+                .zip(selections)
+                .map(|(a, selection)| {
+                    let step: &SeqStep<'_, B> = a.step;
+                    step.cache.attended_rows(b, layer_index, a.total, selection)
+                })
+                .collect::<Result<_>>()?;
+            let seqs: Vec<MlaSeq<'_, B::Tensor>> = rows
+                .iter()
+                .zip(&group)
+                .map(|(r, a)| MlaSeq {
+                    first: a.span.0 - first,
+                    latent: &*r.latent,
+                    k_pe: &*r.k_pe,
+                    positions: &positions[a.span.0..a.span.0 + a.span.1],
+                    selection: r.selection.as_deref(),
+                    form: a.form,
+                })
+                .collect();
+            parts.push(if n == positions.len() {
+                b.mla_attention(&q, &seqs, weights, dims, scale)
+            } else {
+                b.mla_attention(&b.rows(&q, first, n), &seqs, weights, dims, scale)
+            });
+        }
+        let attn = match parts.len() {
+            1 => parts.remove(0),
+            _ => b.concat_rows(&parts.iter().collect::<Vec<_>>()),
+        };
         let all_selections = any_sparse.then_some(traced);
         let out = b.linear(&attn, &att.o);
         Ok((out, all_selections))
@@ -796,6 +838,17 @@ impl<B: Backend> Model<B> {
     pub fn arch(&self) -> Arch {
         self.config.arch
     }
+}
+
+/// One sequence's attention in a layer, between its indexer and the attention call.
+struct Attend<S> {
+    step: S,
+    selection: Option<Selection>,
+    /// Tokens visible after this step (cached + new).
+    total: usize,
+    /// Its rows in the batch: (first, count).
+    span: (usize, usize),
+    form: AttentionForm,
 }
 
 /// Picks the cheaper MLA form by multiply-adds: expanded builds per-head keys and values for

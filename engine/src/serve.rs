@@ -128,6 +128,7 @@ fn load_model(args: &ServeArgs) -> anyhow::Result<Loaded> {
             other => bail!("--attention {other}: expected `sparse`, `dense` or `auto`"),
         },
         index_topk: args.index_topk,
+        ..ModelOptions::default()
     };
     match (&args.model, DEMO) {
         (Some(dir), _) => {

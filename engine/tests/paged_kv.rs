@@ -73,7 +73,8 @@ fn paged_and_contiguous_caches_agree() {
 /// A batch big enough to be split into groups run side by side on the CPU pool (see
 /// `Backend::batch_groups`), its sequences in one paged pool, gives every sequence the logits it
 /// gets alone in a contiguous cache, prefill and decode (where the fixture's top-8 selection
-/// picks a few of 13 to 23 cached tokens, so the paged rows are gathered and renumbered).
+/// picks a few of 13 to 23 cached tokens, so the paged rows are gathered and renumbered); also
+/// when a tiny `attended_bytes` makes each sequence's attention a call of its own.
 #[test]
 fn a_batch_split_into_groups_matches_one_pass_per_sequence() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v32_sparse_moe");
@@ -111,51 +112,63 @@ fn a_batch_split_into_groups_matches_one_pass_per_sequence() {
         .num_threads(2)
         .build()
         .unwrap();
-    let kv = model.new_paged_pool(4, 32);
-    let together: Vec<Vec<Vec<f32>>> = pool.install(|| {
-        // Interleaved blocks: sequence s holds blocks s, s + 4, s + 8, ...
-        let mut caches: Vec<_> = (0..prompts.len())
-            .map(|s| {
-                let mut cache = SeqCache::paged(kv.clone());
-                let blocks: Vec<u32> = (0..6).map(|b| (s + 4 * b) as u32).collect();
-                cache.set_blocks(&blocks);
-                cache
-            })
-            .collect();
-        let mut out = vec![Vec::new(); prompts.len()];
-        for round in 0..=decode.len() {
-            let inputs: Vec<&[u32]> = prompts
-                .iter()
-                .map(|p| match round {
-                    0 => &p[..],
-                    r => std::slice::from_ref(&decode[r - 1]),
+    // The same model attending each sequence on its own call (a budget of one byte of
+    // gathered rows per call) and all of a group's at once (the default).
+    let one_at_a_time = ModelOptions {
+        attended_bytes: 1,
+        ..ModelOptions::default()
+    };
+    for model in [model, Model::load(&dir, Cpu, one_at_a_time).unwrap()] {
+        let kv = model.new_paged_pool(4, 32);
+        let together: Vec<Vec<Vec<f32>>> = pool.install(|| {
+            // Interleaved blocks: sequence s holds blocks s, s + 4, s + 8, ...
+            let mut caches: Vec<_> = (0..prompts.len())
+                .map(|s| {
+                    let mut cache = SeqCache::paged(kv.clone());
+                    let blocks: Vec<u32> = (0..6).map(|b| (s + 4 * b) as u32).collect();
+                    cache.set_blocks(&blocks);
+                    cache
                 })
                 .collect();
-            let mut steps: Vec<SeqStep<'_, Cpu>> = caches
-                .iter_mut()
-                .zip(&inputs)
-                .map(|(cache, tokens)| SeqStep {
-                    tokens,
-                    cache,
-                    logits: LogitRows::Last,
-                })
-                .collect();
-            let logits = model.forward(&mut steps, None).unwrap();
-            assert_eq!(logits.len(), prompts.len());
-            for (o, l) in out.iter_mut().zip(logits) {
-                o.push(l);
+            let mut out = vec![Vec::new(); prompts.len()];
+            for round in 0..=decode.len() {
+                let inputs: Vec<&[u32]> = prompts
+                    .iter()
+                    .map(|p| match round {
+                        0 => &p[..],
+                        r => std::slice::from_ref(&decode[r - 1]),
+                    })
+                    .collect();
+                let mut steps: Vec<SeqStep<'_, Cpu>> = caches
+                    .iter_mut()
+                    .zip(&inputs)
+                    .map(|(cache, tokens)| SeqStep {
+                        tokens,
+                        cache,
+                        logits: LogitRows::Last,
+                    })
+                    .collect();
+                let logits = model.forward(&mut steps, None).unwrap();
+                assert_eq!(logits.len(), prompts.len());
+                for (o, l) in out.iter_mut().zip(logits) {
+                    o.push(l);
+                }
             }
-        }
-        out
-    });
-    for (s, (a, t)) in alone.iter().zip(&together).enumerate() {
-        for (step, (a, t)) in a.iter().zip(t).enumerate() {
-            let err = a
-                .iter()
-                .zip(t)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0f32, f32::max);
-            assert!(err < 1e-4, "sequence {s}, step {step}: max |diff| {err}");
+            out
+        });
+        for (s, (a, t)) in alone.iter().zip(&together).enumerate() {
+            for (step, (a, t)) in a.iter().zip(t).enumerate() {
+                let err = a
+                    .iter()
+                    .zip(t)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    err < 1e-4,
+                    "sequence {s}, step {step} (attended bytes {}): max |diff| {err}",
+                    model.options.attended_bytes
+                );
+            }
         }
     }
     // The premise: on that pool the prefill batch is split, the decode batches are not.
