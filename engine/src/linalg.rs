@@ -228,7 +228,7 @@ fn tiled(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
         for first in (0..m).step_by(rows_per_task) {
             let rows = rows_per_task.min(m - first);
             let weights = weight_rows(w, &mut buf, first, rows);
-            products_strided(x, n, k, weights, rows, &mut y[first..], 1, m);
+            products_strided(x, n, k, weights, &mut y[first..], Layout::columns(rows, m));
         }
         return;
     }
@@ -269,22 +269,46 @@ fn weight_rows<'a>(w: &'a Matrix, buf: &'a mut Vec<f32>, first: usize, rows: usi
 /// row `i` of `x` (`[n, k]`).
 fn products(x: &[f32], n: usize, k: usize, w: Rows, out: &mut [f32]) {
     let rows = out.len().checked_div(n).unwrap_or(0);
-    products_strided(x, n, k, w, rows, out, n, 1);
+    products_strided(x, n, k, w, out, Layout::transposed(rows, n));
 }
 
-/// `out[r · row_stride + i · col_stride] = w[r] · x[i]` for the `rows` weight rows `r` and
-/// the rows `i` of `x` (`[n, k]`); nothing else in `out` is touched.
-#[allow(clippy::too_many_arguments)]
-fn products_strided(
-    x: &[f32],
-    n: usize,
-    k: usize,
-    w: Rows,
+/// Where products go: `rows` weight rows, the product of weight row `r` and input row `i` at
+/// `out[r · row_stride + i · col_stride]`.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
     rows: usize,
-    out: &mut [f32],
     row_stride: usize,
     col_stride: usize,
-) {
+}
+
+impl Layout {
+    /// `[rows, n]`: a weight row's products side by side.
+    fn transposed(rows: usize, n: usize) -> Self {
+        Self {
+            rows,
+            row_stride: n,
+            col_stride: 1,
+        }
+    }
+
+    /// Columns of an `[n, width]` output: an input row's products side by side.
+    fn columns(rows: usize, width: usize) -> Self {
+        Self {
+            rows,
+            row_stride: 1,
+            col_stride: width,
+        }
+    }
+}
+
+/// `w[r] · x[i]` for the weight rows `r` and the rows `i` of `x` (`[n, k]`), written where
+/// `layout` says; nothing else in `out` is touched.
+fn products_strided(x: &[f32], n: usize, k: usize, w: Rows, out: &mut [f32], layout: Layout) {
+    let Layout {
+        rows,
+        row_stride,
+        col_stride,
+    } = layout;
     assert_eq!(x.len(), n * k, "products: x is not [n, k]");
     match w {
         Rows::F32(w) => assert_eq!(w.len(), rows * k, "products: weights are not [rows, k]"),
@@ -301,24 +325,19 @@ fn products_strided(
     if avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA; the shapes and the furthest write were
         // checked just above.
-        return unsafe { x86::products(x, n, k, w, rows, out, row_stride, col_stride) };
+        return unsafe { x86::products(x, n, k, w, out, layout) };
     }
-    products_portable(x, n, k, w, rows, out, row_stride, col_stride);
+    products_portable(x, n, k, w, out, layout);
 }
 
 /// [`products_strided`] without SIMD intrinsics (CPUs without AVX2 + FMA, other
 /// architectures).
-#[allow(clippy::too_many_arguments)]
-fn products_portable(
-    x: &[f32],
-    n: usize,
-    k: usize,
-    w: Rows,
-    rows: usize,
-    out: &mut [f32],
-    row_stride: usize,
-    col_stride: usize,
-) {
+fn products_portable(x: &[f32], n: usize, k: usize, w: Rows, out: &mut [f32], layout: Layout) {
+    let Layout {
+        rows,
+        row_stride,
+        col_stride,
+    } = layout;
     let mut row = vec![0f32; k];
     for r in 0..rows {
         let wr: &[f32] = match w {
@@ -533,7 +552,7 @@ mod x86 {
         }
     }
 
-    use super::Rows;
+    use super::{Layout, Rows};
 
     /// Weight rows of a stored dtype; [`Lanes::row`] picks one, the loads read it as f32.
     trait Lanes: Copy {
@@ -594,25 +613,21 @@ mod x86 {
     ///
     /// # Safety
     /// AVX2 and FMA; `x` is `[n, k]`, `w` holds `rows` rows of `k`, and `out` reaches
-    /// `(rows - 1) · row_stride + (n - 1) · col_stride`.
-    #[allow(clippy::too_many_arguments)]
+    /// `(rows - 1) · row_stride + (n - 1) · col_stride` of `layout`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn products(
         x: &[f32],
         n: usize,
         k: usize,
         w: Rows,
-        rows: usize,
         out: &mut [f32],
-        row_stride: usize,
-        col_stride: usize,
+        layout: Layout,
     ) {
-        let strides = (rows, row_stride, col_stride);
         // SAFETY: forwarded from the caller.
         unsafe {
             match w {
-                Rows::F32(w) => products_of(x, n, k, F32Rows(w.as_ptr(), k), out, strides),
-                Rows::Bf16(w) => products_of(x, n, k, Bf16Rows(w.as_ptr(), k), out, strides),
+                Rows::F32(w) => products_of(x, n, k, F32Rows(w.as_ptr(), k), out, layout),
+                Rows::Bf16(w) => products_of(x, n, k, Bf16Rows(w.as_ptr(), k), out, layout),
             }
         }
     }
@@ -632,7 +647,11 @@ mod x86 {
         k: usize,
         w: W,
         out: &mut [f32],
-        (rows, row_stride, col_stride): (usize, usize, usize),
+        Layout {
+            rows,
+            row_stride,
+            col_stride,
+        }: Layout,
     ) {
         let (px, po) = (x.as_ptr(), out.as_mut_ptr());
         let mut i = 0;
@@ -874,7 +893,7 @@ pub(crate) mod tests {
                 let mut fast = vec![f32::NAN; rows * n];
                 let mut portable = vec![f32::NAN; rows * n];
                 products(&x, n, k, w, &mut fast);
-                products_portable(&x, n, k, w, rows, &mut portable, n, 1);
+                products_portable(&x, n, k, w, &mut portable, Layout::transposed(rows, n));
                 for r in 0..rows {
                     for i in 0..n {
                         let b = want[i * rows + r];
@@ -894,8 +913,9 @@ pub(crate) mod tests {
                 let width = rows + 3;
                 let mut fast = vec![f32::NAN; n * width];
                 let mut portable = vec![f32::NAN; n * width];
-                products_strided(&x, n, k, w, rows, &mut fast[2..], 1, width);
-                products_portable(&x, n, k, w, rows, &mut portable[2..], 1, width);
+                let layout = Layout::columns(rows, width);
+                products_strided(&x, n, k, w, &mut fast[2..], layout);
+                products_portable(&x, n, k, w, &mut portable[2..], layout);
                 for (path, got) in [("tiled", &fast), ("portable", &portable)] {
                     for i in 0..n {
                         for c in 0..width {

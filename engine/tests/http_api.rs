@@ -118,13 +118,17 @@ impl Server {
         // The server may answer (413) and close before a huge body is fully sent; the client
         // then sometimes reports the broken write instead of the answer: try again.
         let mut last_error = String::new();
-        for _ in 0..5 {
+        for _ in 0..20 {
             match self.try_send(method, path, body.clone()).await {
                 Ok(reply) => return reply,
                 Err(e) => last_error = e,
             }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        panic!("{method} {path}: {last_error}");
+        panic!(
+            "{method} {path} ({} body bytes): 20 tries failed, the last with: {last_error}",
+            body.len()
+        );
     }
 
     async fn try_send(&self, method: &str, path: &str, body: Bytes) -> Result<Reply, String> {

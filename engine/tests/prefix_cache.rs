@@ -124,14 +124,7 @@ fn shared_prompt_prefixes_are_computed_once_and_change_no_output() {
         (2 * BLOCK + 2 * BLOCK + BLOCK) as u64
     );
     // Idle: no block is held (cached ones are free for reuse).
-    wait_idle(&cached);
-    assert_eq!(
-        cached
-            .stats
-            .used_blocks
-            .load(std::sync::atomic::Ordering::SeqCst),
-        0
-    );
+    assert_idle(&cached);
 }
 
 #[test]
@@ -152,23 +145,24 @@ fn evicted_prefix_blocks_are_recomputed_and_change_no_output() {
         (2 * BLOCK) as u64,
         "only the last prompt's blocks survive"
     );
-    wait_idle(&cached);
-    assert_eq!(
-        cached
-            .stats
-            .used_blocks
-            .load(std::sync::atomic::Ordering::SeqCst),
-        0
-    );
+    assert_idle(&cached);
 }
 
-/// The engine publishes its block counts after each step; wait for the one after the last.
-fn wait_idle(engine: &EngineHandle) {
+/// Every request done and no KV block held. The engine publishes its counts after each
+/// step: this waits (up to 2 s) for the one after the last.
+fn assert_idle(engine: &EngineHandle) {
     use std::sync::atomic::Ordering::SeqCst;
+    let idle =
+        || engine.stats.active.load(SeqCst) == 0 && engine.stats.used_blocks.load(SeqCst) == 0;
     for _ in 0..200 {
-        if engine.stats.active.load(SeqCst) == 0 && engine.stats.used_blocks.load(SeqCst) == 0 {
+        if idle() {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    panic!(
+        "not idle: {} requests active, {} blocks held",
+        engine.stats.active.load(SeqCst),
+        engine.stats.used_blocks.load(SeqCst)
+    );
 }
