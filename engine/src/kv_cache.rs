@@ -412,6 +412,10 @@ pub struct BlockTable {
     pub blocks: Vec<u32>,
     /// Leading blocks already offered to the prefix cache (see [`BlockAllocator::register`]).
     registered: usize,
+    /// The registered block holding the contents of the last of those (this table's own, or
+    /// the one registered first when this table computed the same rows): the next block's
+    /// key follows it.
+    chain: Option<u32>,
 }
 
 impl BlockAllocator {
@@ -535,6 +539,7 @@ impl BlockAllocator {
             }
         }
         table.registered = 0;
+        table.chain = None;
     }
 
     /// For an empty `table`: shares the cached blocks that hold the longest run of whole
@@ -562,6 +567,7 @@ impl BlockAllocator {
             parent = Some((block, self.generation[b]));
         }
         table.registered = table.blocks.len();
+        table.chain = table.blocks.last().copied();
         table.blocks.len() * self.block_size
     }
 
@@ -576,33 +582,23 @@ impl BlockAllocator {
         if table.registered >= full {
             return;
         }
-        // The registered block holding the contents of block `i - 1`: where the chain goes on.
-        let mut parent = table.registered.checked_sub(1).map(|p| {
-            let block = table.blocks[p];
-            match &self.key_of[block as usize] {
-                Some(key) => self.cached.get(key).copied().unwrap_or(block),
-                None => block,
-            }
-        });
         for i in table.registered..full {
             let block = table.blocks[i];
-            let b = block as usize;
             let key = BlockKey {
-                parent: parent.map(|p: u32| (p, self.generation[p as usize])),
+                parent: table.chain.map(|p| (p, self.generation[p as usize])),
                 tokens: tokens[i * self.block_size..(i + 1) * self.block_size].into(),
             };
             let canonical = match self.cached.get(&key) {
                 Some(&other) => other,
-                None if self.key_of[b].is_none() => {
+                None => {
+                    // Blocks past `registered` are this table's own, never registered yet.
+                    debug_assert!(self.key_of[block as usize].is_none());
                     self.cached.insert(key.clone(), block);
-                    self.key_of[b] = Some(key);
+                    self.key_of[block as usize] = Some(key);
                     block
                 }
-                // Registered under another key earlier: cannot happen (a block is registered
-                // once, by the one table that computed it), so keep the chain where it is.
-                None => block,
             };
-            parent = Some(canonical);
+            table.chain = Some(canonical);
         }
         table.registered = full;
     }
@@ -746,6 +742,22 @@ mod tests {
         // The duplicates were never registered: released, they are plainly free.
         a.release(&mut u);
         assert_eq!(a.cached_blocks(), 1, "only u's third block is cached");
+    }
+
+    #[test]
+    fn a_duplicates_later_blocks_follow_the_registered_copy_step_after_step() {
+        let mut a = BlockAllocator::new(4, 8);
+        let tokens = filled(&[1, 2, 3]);
+        let (mut t, mut u) = (BlockTable::default(), BlockTable::default());
+        assert!(a.grow(&mut t, 12) && a.grow(&mut u, 12));
+        // One step computes the first two blocks of both: t registers them, u's duplicate them.
+        a.register(&mut t, &tokens, 8);
+        a.register(&mut u, &tokens, 8);
+        // A later step fills u's third block: it follows t's second, so a lookup reaches it.
+        a.register(&mut u, &tokens, 12);
+        let mut probe = BlockTable::default();
+        assert_eq!(a.share_prefix(&mut probe, &tokens), 12);
+        assert_eq!(probe.blocks, [t.blocks[0], t.blocks[1], u.blocks[2]]);
     }
 
     #[test]
