@@ -609,7 +609,7 @@ mod x86 {
         }
     }
 
-    /// `out[r, i] = w[r] · x[i]`; see [`super::products`].
+    /// `w[r] · x[i]` written where `layout` says; see [`super::products_strided`].
     ///
     /// # Safety
     /// AVX2 and FMA; `x` is `[n, k]`, `w` holds `rows` rows of `k`, and `out` reaches

@@ -439,11 +439,7 @@ fn mla_expanded(
     let kv_width = d.nope + d.v;
     let n = q.rows;
     let mut out = vec![0f32; n * d.heads * d.v];
-    let keys_total: usize = match seq.selection {
-        Some(sel) => sel.iter().map(Vec::len).sum(),
-        None => seq.positions.iter().map(|p| p + 1).sum(),
-    };
-    let work = keys_total * d.heads * (qk + d.v);
+    let work = seq.keys() * d.heads * (qk + d.v);
     for_each_chunk(&mut out, d.v, work, |task, o| {
         let (i, h) = (task / d.heads, task % d.heads);
         let keys = visible_keys(seq, i);
@@ -481,49 +477,34 @@ fn mla_absorbed(
 ) {
     let qk = d.nope + d.rope;
     let kv_width = d.nope + d.v;
-    let rows: Vec<usize> = seqs
+    // Every row of `seqs`: its sequence and its index there.
+    let row_of: Vec<(&MlaSeq<'_, CpuTensor>, usize)> = seqs
         .iter()
-        .flat_map(|s| s.first..s.first + s.positions.len())
+        .flat_map(|&s| (0..s.positions.len()).map(move |i| (s, i)))
         .collect();
-    let n = rows.len();
+    let n = row_of.len();
+    let q_row = |r: usize| q.row(row_of[r].0.first + row_of[r].1);
     let lat_width = d.heads * d.latent;
 
     // Stage 1: q_lat [n, heads·latent].
-    let per_head = map_range(d.heads, n * d.heads * d.nope * d.latent, |h| {
-        let mut x = Vec::with_capacity(n * d.nope);
-        for &r in &rows {
-            x.extend_from_slice(&q.row(r)[h * qk..h * qk + d.nope]);
-        }
-        let mut y = vec![0f32; n * d.latent];
-        linear(
-            &x,
-            n,
-            &w.uk_t.rows_slice(h * d.latent..(h + 1) * d.latent),
-            &mut y,
-        );
-        y
-    });
+    let per_head = per_head_products(
+        d.heads,
+        n,
+        n * d.heads * d.nope * d.latent,
+        |r, h| &q_row(r)[h * qk..h * qk + d.nope],
+        |h| w.uk_t.rows_slice(h * d.latent..(h + 1) * d.latent),
+    );
     let mut q_lat = vec![0f32; n * lat_width];
     for (h, y) in per_head.iter().enumerate() {
-        for i in 0..n {
-            q_lat[i * lat_width + h * d.latent..][..d.latent]
-                .copy_from_slice(&y[i * d.latent..(i + 1) * d.latent]);
+        for r in 0..n {
+            q_lat[r * lat_width + h * d.latent..][..d.latent]
+                .copy_from_slice(&y[r * d.latent..(r + 1) * d.latent]);
         }
     }
 
     // Stage 2: ctx [n, heads·latent]. A task is one row's heads, or, with fewer rows than
     // threads (a decode step of one sequence), a share of them.
-    let row_of: Vec<(&MlaSeq<'_, CpuTensor>, usize)> = seqs
-        .iter()
-        .flat_map(|&s| (0..s.positions.len()).map(move |i| (s, i)))
-        .collect();
-    let keys: usize = seqs
-        .iter()
-        .map(|s| match s.selection {
-            Some(sel) => sel.iter().map(Vec::len).sum::<usize>(),
-            None => s.positions.iter().map(|p| p + 1).sum(),
-        })
-        .sum();
+    let keys: usize = seqs.iter().map(|s| s.keys()).sum();
     let work = keys * d.heads * (2 * d.latent + d.rope);
     let threads = rayon::current_num_threads();
     let chunks = if n < threads && crate::linalg::split(work) {
@@ -542,10 +523,9 @@ fn mla_absorbed(
     let parts = map_range(tasks.len(), work, |t| {
         let (r, heads) = tasks[t].clone();
         let (seq, i) = row_of[r];
-        let q_row = q.row(seq.first + i);
         let q_pe: Vec<f32> = heads
             .clone()
-            .flat_map(|h| q_row[h * qk + d.nope..(h + 1) * qk].iter().copied())
+            .flat_map(|h| q_row(r)[h * qk + d.nope..(h + 1) * qk].iter().copied())
             .collect();
         let q_lat = &q_lat[r * lat_width + heads.start * d.latent..][..heads.len() * d.latent];
         latent_attention(seq, i, q_lat, &q_pe, d, scale)
@@ -554,22 +534,41 @@ fn mla_absorbed(
     let ctx: Vec<f32> = parts.concat();
 
     // Stage 3: out_h = ctx_h · W_UV,hᵀ.
-    let per_head = map_range(d.heads, n * d.heads * d.v * d.latent, |h| {
-        let mut x = Vec::with_capacity(n * d.latent);
-        for i in 0..n {
-            x.extend_from_slice(&ctx[i * lat_width + h * d.latent..][..d.latent]);
-        }
-        let mut y = vec![0f32; n * d.v];
-        let w_uv = w.kv_b.rows_slice(h * kv_width + d.nope..(h + 1) * kv_width);
-        linear(&x, n, &w_uv, &mut y);
-        y
-    });
+    let per_head = per_head_products(
+        d.heads,
+        n,
+        n * d.heads * d.v * d.latent,
+        |r, h| &ctx[r * lat_width + h * d.latent..][..d.latent],
+        |h| w.kv_b.rows_slice(h * kv_width + d.nope..(h + 1) * kv_width),
+    );
     let width = d.heads * d.v;
     for (h, y) in per_head.iter().enumerate() {
-        for (i, &r) in rows.iter().enumerate() {
-            out[r * width + h * d.v..][..d.v].copy_from_slice(&y[i * d.v..(i + 1) * d.v]);
+        for (r, &(seq, i)) in row_of.iter().enumerate() {
+            out[(seq.first + i) * width + h * d.v..][..d.v]
+                .copy_from_slice(&y[r * d.v..(r + 1) * d.v]);
         }
     }
+}
+
+/// For every head `h`: the `n` rows `input(r, h)` times `weight(h)ᵀ`, as `[n, weight(h).rows]`
+/// (the heads side by side on the pool when `work`, their multiply-adds, is large).
+fn per_head_products<'a>(
+    heads: usize,
+    n: usize,
+    work: usize,
+    input: impl Fn(usize, usize) -> &'a [f32] + Sync,
+    weight: impl Fn(usize) -> Matrix + Sync,
+) -> Vec<Vec<f32>> {
+    map_range(heads, work, |h| {
+        let w = weight(h);
+        let mut x = Vec::with_capacity(n * w.cols);
+        for r in 0..n {
+            x.extend_from_slice(input(r, h));
+        }
+        let mut y = vec![0f32; n * w.rows];
+        linear(&x, n, &w, &mut y);
+        y
+    })
 }
 
 /// Row `i` of `seq` in the latent space for some heads: their scores against the same key

@@ -58,6 +58,16 @@ pub struct MlaSeq<'a, T> {
     pub form: AttentionForm,
 }
 
+impl<T> MlaSeq<'_, T> {
+    /// Keys its rows attend to, summed over the rows (the measure of its attention's work).
+    pub fn keys(&self) -> usize {
+        match self.selection {
+            Some(sel) => sel.iter().map(Vec::len).sum(),
+            None => self.positions.iter().map(|p| p + 1).sum(),
+        }
+    }
+}
+
 /// The weights of a layer's MLA that the attention itself uses.
 #[derive(Debug)]
 pub struct MlaWeights<'a, W> {
