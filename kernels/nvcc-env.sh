@@ -15,3 +15,5 @@ root=$(dirname "$(dirname "$nvcc")")
 printf 'export SPARSEMOE_NVCC=%q\n' "$nvcc"
 printf 'export CUDA_HOME=%q\n' "$root"
 printf 'export PATH=%q:"$PATH"\n' "$root/bin"
+# NVRTC (libnvrtc.so.13 and its builtins) for the engine's start-up kernel compile and its test.
+printf 'export LD_LIBRARY_PATH=%q${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}\n' "$root/lib"

@@ -7,10 +7,12 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sparsemoe_engine::backend::Backend;
 use sparsemoe_engine::backend::cpu::Cpu;
+use sparsemoe_engine::backend::cuda::Cuda;
 use sparsemoe_engine::bench;
 use sparsemoe_engine::generate::generate;
 use sparsemoe_engine::model::{AttentionMode, Model, ModelOptions};
 use sparsemoe_engine::sampling::{Sampler, SamplingParams};
+use sparsemoe_engine::serve::Device;
 use sparsemoe_engine::tokenizer::{ChatMessage, Tokenizer};
 
 #[derive(Debug, Parser)]
@@ -80,6 +82,9 @@ struct ModelArgs {
     /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
+    /// `cpu`, or `cuda:N` for GPU N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Attention: sparse (DSA top-k; V3.2) or dense.
     #[arg(long, value_enum, default_value_t = Attention::Sparse)]
     attention: Attention,
@@ -101,7 +106,7 @@ enum Attention {
 }
 
 impl ModelArgs {
-    fn load(&self) -> anyhow::Result<Model<Cpu>> {
+    fn load<B: Backend>(&self, backend: B) -> anyhow::Result<Model<B>> {
         let options = ModelOptions {
             attention: match self.attention {
                 Attention::Sparse => AttentionMode::Sparse,
@@ -110,7 +115,7 @@ impl ModelArgs {
             index_topk: self.index_topk,
             ..ModelOptions::default()
         };
-        let mut model = Model::load(&self.model, Cpu, options)
+        let mut model = Model::load(&self.model, backend, options)
             .with_context(|| format!("loading {}", self.model.display()))?;
         model.configure_expert_shards(self.expert_shards, self.placement.as_deref())?;
         Ok(model)
@@ -118,7 +123,22 @@ impl ModelArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    let device = match &command {
+        Command::Serve(_) => Device::Cpu, // serve opens its own device
+        Command::Logits { model, .. }
+        | Command::Generate { model, .. }
+        | Command::Bench { model, .. } => model.device.parse::<Device>()?,
+    };
+    match device {
+        Device::Cpu => run(command, Cpu),
+        Device::Cuda(ordinal) => run(command, Cuda::new(ordinal)?),
+    }
+}
+
+/// Runs `command` with its model on `backend`.
+fn run<B: Backend>(command: Command, backend: B) -> anyhow::Result<()> {
+    match command {
         Command::Serve(args) => sparsemoe_engine::serve::run(args)?,
         Command::Bench {
             model,
@@ -128,7 +148,7 @@ fn main() -> anyhow::Result<()> {
             context,
             steps,
         } => {
-            let loaded = model.load()?;
+            let loaded = model.load(backend)?;
             let mut throughput = Vec::new();
             for b in batch {
                 throughput.push(bench::throughput(
@@ -155,7 +175,7 @@ fn main() -> anyhow::Result<()> {
             println!("{report}");
         }
         Command::Logits { model, tokens } => {
-            let loaded = model.load()?;
+            let loaded = model.load(backend)?;
             let logits = loaded.logits(&tokens, None)?;
             let rows: Vec<&[f32]> = logits.chunks(loaded.config.vocab_size).collect();
             let mut out = std::io::stdout().lock();
@@ -180,7 +200,7 @@ fn main() -> anyhow::Result<()> {
             };
             params.validate()?;
             let tokenizer = Tokenizer::from_dir(&model.model)?;
-            let loaded = model.load()?;
+            let loaded = model.load(backend)?;
             let text = if chat {
                 let message = ChatMessage {
                     role: "user".into(),

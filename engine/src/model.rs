@@ -387,7 +387,7 @@ impl<B: Backend> Model<B> {
     pub fn new_paged_pool(&self, block_size: usize, blocks: usize) -> SharedPool<B> {
         let c = &self.config;
         let rows = block_size * blocks;
-        let zeros = |cols: usize| self.backend.tensor(rows, cols, vec![0.0; rows * cols]);
+        let zeros = |cols: usize| self.backend.zeros(rows, cols);
         let layers = (0..c.num_layers)
             .map(|_| LayerCache {
                 latent: zeros(c.kv_lora_rank),

@@ -27,7 +27,7 @@ pub struct ServeArgs {
     /// A Hugging Face model directory; without it, the built-in demo model.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// `cpu` (the CUDA backend is not built yet).
+    /// `cpu`, or `cuda:N` for GPU N (one GPU per engine for now).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Address to listen on (pods: 0.0.0.0, which the operator passes).
@@ -90,14 +90,50 @@ pub struct ServeArgs {
     pub placement: Option<PathBuf>,
 }
 
-struct Loaded {
-    model: Model<Cpu>,
+struct Loaded<B: Backend> {
+    model: Model<B>,
     tokenizer: Tokenizer,
     name: String,
 }
 
-fn load(args: &ServeArgs) -> anyhow::Result<Loaded> {
-    let mut loaded = load_model(args)?;
+/// Where the model runs: `--device cpu` or `--device cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        if s == "cpu" {
+            return Ok(Self::Cpu);
+        }
+        let Some(list) = s.strip_prefix("cuda:") else {
+            bail!("--device {s}: expected `cpu` or `cuda:N` (a GPU index, e.g. cuda:0)");
+        };
+        let ids: Vec<&str> = list.split(',').collect();
+        let parsed: Vec<usize> = ids
+            .iter()
+            .map(|id| {
+                id.trim().parse::<usize>().map_err(|_| {
+                    anyhow::anyhow!("--device {s}: `{id}` is not a GPU index (e.g. cuda:0)")
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        match parsed.as_slice() {
+            [one] => Ok(Self::Cuda(*one)),
+            _ => bail!(
+                "--device {s}: one GPU per engine for now (expert shards across several GPUs \
+                 are not built yet); run one GPU per replica, e.g. --device cuda:0"
+            ),
+        }
+    }
+}
+
+fn load<B: Backend>(args: &ServeArgs, backend: B) -> anyhow::Result<Loaded<B>> {
+    let mut loaded = load_model(args, backend)?;
     loaded
         .model
         .configure_expert_shards(args.expert_shards, args.placement.as_deref())?;
@@ -109,13 +145,7 @@ fn load(args: &ServeArgs) -> anyhow::Result<Loaded> {
     Ok(loaded)
 }
 
-fn load_model(args: &ServeArgs) -> anyhow::Result<Loaded> {
-    if args.device != "cpu" {
-        bail!(
-            "--device {}: only `cpu` is available in this build (the CUDA backend is not built yet)",
-            args.device
-        );
-    }
+fn load_model<B: Backend>(args: &ServeArgs, backend: B) -> anyhow::Result<Loaded<B>> {
     let options = ModelOptions {
         attention: match args.attention.as_str() {
             "sparse" => AttentionMode::Sparse,
@@ -132,7 +162,7 @@ fn load_model(args: &ServeArgs) -> anyhow::Result<Loaded> {
     };
     match (&args.model, DEMO) {
         (Some(dir), _) => {
-            let model = Model::load(dir, Cpu, options)
+            let model = Model::load(dir, backend, options)
                 .with_context(|| format!("loading {}", dir.display()))?;
             let tokenizer = Tokenizer::from_dir(dir)
                 .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
@@ -149,7 +179,7 @@ fn load_model(args: &ServeArgs) -> anyhow::Result<Loaded> {
         (None, Some(demo)) => {
             let config = ModelConfig::from_json(demo.config, "demo-model/config.json")?;
             let store = WeightStore::from_bytes("demo-model/model.safetensors", demo.weights)?;
-            let model = Model::from_store(config, &store, Cpu, options)?;
+            let model = Model::from_store(config, &store, backend, options)?;
             let tokenizer = Tokenizer::from_bytes(demo.tokenizer, Some(demo.tokenizer_config))?;
             Ok(Loaded {
                 model,
@@ -161,6 +191,20 @@ fn load_model(args: &ServeArgs) -> anyhow::Result<Loaded> {
             "--model DIR is required: this binary was built without the demo model \
              (engine/demo-model was absent at build time; rebuild once it exists, or pass --model)"
         ),
+    }
+}
+
+/// Loads the model on `--device` and builds the server state.
+fn load_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
+    match args.device.parse::<Device>()? {
+        Device::Cpu => {
+            let l = load(args, Cpu)?;
+            build_state(l.model, l.tokenizer, l.name, args)
+        }
+        Device::Cuda(ordinal) => {
+            let l = load(args, crate::backend::cuda::Cuda::new(ordinal)?)?;
+            build_state(l.model, l.tokenizer, l.name, args)
+        }
     }
 }
 
@@ -198,20 +242,24 @@ fn kv_cache_budget(
 }
 
 /// Builds the engine and server state from a loaded model (tests use this directly).
-pub fn build_state(
-    model: Model<Cpu>,
+pub fn build_state<B: Backend>(
+    model: Model<B>,
     tokenizer: Tokenizer,
     name: String,
     args: &ServeArgs,
 ) -> anyhow::Result<Arc<AppState>> {
     let config = model.config.clone();
-    // The weights are memory-mapped: pages not yet read count as available, and pages read
-    // count as reclaimable cache, yet the model needs them resident, so they are set aside
-    // first (in a container whose cgroup already charges resident weights this errs small).
+    // On the host the weights are memory-mapped: pages not yet read count as available, and
+    // pages read count as reclaimable cache, yet the model needs them resident, so they are set
+    // aside first (in a container whose cgroup already charges resident weights this errs
+    // small). A device reports its free memory with the weights already in it.
     let weight_bytes = model.weight_bytes() as u64;
+    let device_free = model.backend().device_memory_available();
     let (kv_bytes, kv_source) =
         kv_cache_budget(args.kv_cache_bytes, args.kv_cache_memory_fraction, || {
-            crate::host_memory::available_bytes().map(|a| a.saturating_sub(weight_bytes))
+            device_free.or_else(|| {
+                crate::host_memory::available_bytes().map(|a| a.saturating_sub(weight_bytes))
+            })
         })?;
     let blocks = BlockAllocator::from_budget(args.block_size, kv_bytes, bytes_per_token(&config));
     eprintln!(
@@ -305,8 +353,7 @@ async fn shutdown_signal() {
 
 /// Runs `serve` until drained.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let loaded = load(&args)?;
-    let state = build_state(loaded.model, loaded.tokenizer, loaded.name, &args)?;
+    let state = load_state(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -88,3 +88,51 @@ fn bad_arguments_fail_with_a_message_not_a_panic() {
         "{stderr}"
     );
 }
+
+#[test]
+fn devices_are_checked_at_start_up() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v3_moe_yarn");
+    let logits_on = |device: &str| {
+        engine()
+            .args([
+                "logits",
+                "--model",
+                dir.to_str().unwrap(),
+                "--tokens",
+                "1,2",
+            ])
+            .args(["--device", device])
+            .output()
+            .unwrap()
+    };
+    for (device, message) in [
+        ("tpu", "expected `cpu` or `cuda:N`"),
+        ("cuda:x", "`x` is not a GPU index"),
+        ("cuda:0,1", "one GPU per engine"),
+    ] {
+        let out = logits_on(device);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(message) && !stderr.contains("panicked"),
+            "--device {device}: {stderr}"
+        );
+    }
+
+    // cuda:0 runs where there is a GPU (tests/cuda.rs checks its numbers); elsewhere it is an
+    // error that says what is missing.
+    let out = logits_on("cuda:0");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        eprintln!(
+            "devices_are_checked_at_start_up: cuda:0 opened; the missing-GPU error is untested here"
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["logits"].as_array().unwrap().len(), 2);
+    } else {
+        assert!(
+            (stderr.contains("CUDA driver") || stderr.contains("CUDA device"))
+                && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+}

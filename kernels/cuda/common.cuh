@@ -5,13 +5,20 @@
 // all arithmetic is float32, row-major tensors, int32 indices with -1 meaning "no entry".
 #pragma once
 
+#define SMOE_DEVICE __device__ __forceinline__
+
+#ifdef SMOE_RTC
+// The engine compiles its float32 kernels (engine.cu, topk.cu) at start-up with NVRTC, which has
+// no system or toolkit headers without an include path: the fixed-width types by hand, no bf16.
+typedef unsigned char uint8_t;
+typedef unsigned int uint32_t;
+#else
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-#define SMOE_DEVICE __device__ __forceinline__
-
 SMOE_DEVICE float bf16_to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 SMOE_DEVICE __nv_bfloat16 f32_to_bf16(float x) { return __float2bfloat16_rn(x); }
+#endif
 
 SMOE_DEVICE float warp_sum(float v) {
 #pragma unroll

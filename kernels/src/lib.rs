@@ -35,7 +35,15 @@ pub const SOURCES: &[Source] = sources![
     "moe.cu",
     "fp8.cu",
     "grouped_gemm.cu",
+    "engine.cu",
 ];
+
+/// What the engine's CUDA backend compiles at start-up with NVRTC (with [`RTC_DEFINE`]): its
+/// float32 row operations and the top-k selection.
+pub const ENGINE_SOURCES: &[&str] = &["engine.cu", "topk.cu"];
+
+/// The define that makes `common.cuh` compile without system headers (NVRTC).
+pub const RTC_DEFINE: &str = "-DSMOE_RTC";
 
 /// A kernel parameter's type, as the launcher must pass it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,6 +125,26 @@ pub const KERNELS: &[Kernel] = &[
         out: F32Mut, q: U8, scale_inv: F32, rows: Int, cols: Int),
     kernel!("grouped_gemm_bf16_f32" in "grouped_gemm.cu":
         y: F32Mut, x: Bf16, w: Bf16, offsets: I32, n: Int, k: Int),
+    kernel!("gather_rows_f32" in "engine.cu": out: F32Mut, src: F32, slots: I32, cols: Int),
+    kernel!("scatter_rows_f32" in "engine.cu": dst: F32Mut, rows: F32, slots: I32, cols: Int),
+    kernel!("scatter_add_rows_f32" in "engine.cu":
+        out: F32Mut, y: F32, rows: I32, weights: F32, cols: Int),
+    kernel!("copy_columns_f32" in "engine.cu":
+        out: F32Mut, x: F32, src_cols: Int, start: Int, len: Int),
+    kernel!("rms_norm_f32" in "engine.cu": out: F32Mut, x: F32, w: F32, cols: Int, eps: Float),
+    kernel!("layer_norm_f32" in "engine.cu":
+        out: F32Mut, x: F32, w: F32, b: F32, cols: Int, eps: Float),
+    kernel!("add_f32" in "engine.cu": x: F32Mut, y: F32, n: Long),
+    kernel!("silu_mul_f32" in "engine.cu": gate: F32Mut, up: F32, n: Long),
+    kernel!("rope_f32" in "engine.cu":
+        x: F32Mut, cos_t: F32, sin_t: F32, cols: Int, head_width: Int, offset: Int, half: Int,
+        interleaved: Int),
+    kernel!("indexer_scores_f32" in "engine.cu":
+        scores: F32Mut, q: F32, w: F32, keys: F32, n_visible: I32, n_keys: Int, heads: Int,
+        dim: Int, scale: Float),
+    kernel!("mla_latent_attention_f32" in "engine.cu":
+        ctx: F32Mut, q_lat: F32, q_pe: F32, latent: F32, k_pe: F32, keys: I32, key_offsets: I32,
+        heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int, scale: Float),
 ];
 
 /// Tiles and limits the launcher must match (the `#define`s of the sources).
@@ -135,6 +163,26 @@ pub mod launch {
     pub const ROUTE_MAX_EXPERTS: u32 = 512;
     /// Output tile edge of the grouped GEMM fallback.
     pub const GROUPED_GEMM_TILE: u32 = 64;
+
+    /// Threads of the engine's row kernels (one block per row).
+    pub const ENGINE_THREADS: u32 = 256;
+    /// The engine's float32 MLA attention: threads per (row, head) block, keys per tile, and
+    /// the largest latent width.
+    pub const MLA_F32_THREADS: u32 = 128;
+    pub const MLA_F32_TILE: u32 = 32;
+    pub const MLA_F32_MAX_LATENT: u32 = 1024;
+    /// Keys per block of the engine's float32 indexer scores (a key per thread).
+    pub const INDEXER_F32_KEYS: u32 = 128;
+
+    /// Dynamic shared memory of `indexer_scores_f32`.
+    pub fn indexer_f32_smem_bytes(heads: u32, dim: u32) -> u32 {
+        (heads * dim + heads) * 4
+    }
+
+    /// Dynamic shared memory of `mla_latent_attention_f32`.
+    pub fn mla_f32_smem_bytes(latent: u32, rope: u32) -> u32 {
+        (latent + rope + MLA_F32_TILE) * 4
+    }
 
     /// Dynamic shared memory of `indexer_scores_bf16`.
     pub fn indexer_smem_bytes(heads: u32, dim: u32) -> u32 {

@@ -108,6 +108,15 @@ fn launch_constants_match_the_sources() {
         ("moe.cu", "ROUTE_WARPS", launch::ROUTE_TOKENS_PER_BLOCK),
         ("moe.cu", "ROUTE_MAX_EXPERTS", launch::ROUTE_MAX_EXPERTS),
         ("grouped_gemm.cu", "GG_TILE", launch::GROUPED_GEMM_TILE),
+        ("engine.cu", "ENGINE_THREADS", launch::ENGINE_THREADS),
+        ("engine.cu", "MLA_F32_THREADS", launch::MLA_F32_THREADS),
+        ("engine.cu", "MLA_F32_TILE", launch::MLA_F32_TILE),
+        (
+            "engine.cu",
+            "MLA_F32_MAX_LATENT",
+            launch::MLA_F32_MAX_LATENT,
+        ),
+        ("engine.cu", "INDEXER_F32_KEYS", launch::INDEXER_F32_KEYS),
     ];
     for (file, name, value) in defines {
         let text = source(file).unwrap().text;

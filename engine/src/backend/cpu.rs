@@ -1,7 +1,9 @@
 //! The CPU reference backend: float32 everywhere, weights converted from their stored dtype on
 //! the fly, rayon across rows / heads / experts, `gemm` for the products.
 
-use super::{AttentionForm, Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing};
+use super::{
+    AttentionForm, Backend, Expert, ExpertRows, MlaDims, MlaSeq, MlaWeights, Routing, by_expert,
+};
 use std::borrow::Cow;
 
 use crate::error::Result;
@@ -277,19 +279,7 @@ impl Backend for Cpu {
         routing: &Routing,
         experts: &[Expert<Matrix>],
     ) -> CpuTensor {
-        let pairs = routing
-            .experts
-            .iter()
-            .zip(&routing.weights)
-            .enumerate()
-            .flat_map(|(row, (ids, weights))| {
-                ids.iter().zip(weights).map(move |(&expert, &weight)| Pair {
-                    row,
-                    expert,
-                    weight,
-                })
-            });
-        let groups = by_expert(pairs, experts.len());
+        let groups = by_expert(routing.pairs(), experts.len());
         let macs: usize = groups
             .iter()
             .map(|(e, rows)| rows.len() * 3 * x.cols * experts[*e].gate.rows)
@@ -325,23 +315,6 @@ impl Backend for Cpu {
                 .flat_map(|(groups, outputs)| groups.iter().zip(outputs)),
         )
     }
-}
-
-/// One expert and the (row, weight) pairs routed to it.
-type ExpertRows = (usize, Vec<(usize, f32)>);
-
-/// `pairs` grouped by expert, in expert order (so each expert runs one product over all its
-/// rows, and sums are added in a fixed order).
-fn by_expert(pairs: impl Iterator<Item = Pair>, num_experts: usize) -> Vec<ExpertRows> {
-    let mut rows_of: Vec<Vec<(usize, f32)>> = vec![Vec::new(); num_experts];
-    for p in pairs {
-        rows_of[p.expert].push((p.row, p.weight));
-    }
-    rows_of
-        .into_iter()
-        .enumerate()
-        .filter(|(_, rows)| !rows.is_empty())
-        .collect()
 }
 
 impl Cpu {
@@ -398,19 +371,6 @@ fn top_k(scored: &mut [(f32, u32)], k: usize) -> Vec<u32> {
     chosen
 }
 
-/// Keys query `i` of `seq` may attend to.
-fn visible_keys(seq: &MlaSeq<'_, CpuTensor>, i: usize) -> Vec<usize> {
-    let pos = seq.positions[i];
-    match seq.selection {
-        Some(sel) => sel[i]
-            .iter()
-            .map(|&s| s as usize)
-            .filter(|&s| s <= pos)
-            .collect(),
-        None => (0..=pos).collect(),
-    }
-}
-
 /// Softmax of `scores` in place (float32, max-subtracted).
 fn softmax(scores: &mut [f32]) {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -442,7 +402,7 @@ fn mla_expanded(
     let work = seq.keys() * d.heads * (qk + d.v);
     for_each_chunk(&mut out, d.v, work, |task, o| {
         let (i, h) = (task / d.heads, task % d.heads);
-        let keys = visible_keys(seq, i);
+        let keys = seq.visible_keys(i);
         let qrow = &q.row(i)[h * qk..(h + 1) * qk];
         let mut scores: Vec<f32> = keys
             .iter()
@@ -584,7 +544,7 @@ fn latent_attention(
 ) -> Vec<f32> {
     let heads = q_lat.len() / d.latent;
     let mut ctx = vec![0f32; heads * d.latent];
-    let keys = visible_keys(seq, i);
+    let keys = seq.visible_keys(i);
     let t = keys.len();
     if t == 0 {
         return ctx;

@@ -3,6 +3,7 @@
 //! same trait, so the model code exists once.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::rope::{Rope, RopeLayout};
@@ -41,6 +42,45 @@ pub struct Routing {
     pub weights: Vec<Vec<f32>>,
 }
 
+impl Routing {
+    /// Every (row, expert, weight) choice, row by row.
+    pub fn pairs(&self) -> impl Iterator<Item = crate::expert_shards::Pair> + '_ {
+        self.experts
+            .iter()
+            .zip(&self.weights)
+            .enumerate()
+            .flat_map(|(row, (ids, weights))| {
+                ids.iter()
+                    .zip(weights)
+                    .map(move |(&expert, &weight)| crate::expert_shards::Pair {
+                        row,
+                        expert,
+                        weight,
+                    })
+            })
+    }
+}
+
+/// One expert and the (row, weight) pairs routed to it.
+pub(crate) type ExpertRows = (usize, Vec<(usize, f32)>);
+
+/// `pairs` grouped by expert, in expert order (so each expert runs one product over all its
+/// rows, and sums are added in a fixed order).
+pub(crate) fn by_expert(
+    pairs: impl Iterator<Item = crate::expert_shards::Pair>,
+    num_experts: usize,
+) -> Vec<ExpertRows> {
+    let mut rows_of: Vec<Vec<(usize, f32)>> = vec![Vec::new(); num_experts];
+    for p in pairs {
+        rows_of[p.expert].push((p.row, p.weight));
+    }
+    rows_of
+        .into_iter()
+        .enumerate()
+        .filter(|(_, rows)| !rows.is_empty())
+        .collect()
+}
+
 /// One sequence's part of a batched [`Backend::mla_attention`] call.
 #[derive(Debug)]
 pub struct MlaSeq<'a, T> {
@@ -64,6 +104,20 @@ impl<T> MlaSeq<'_, T> {
         match self.selection {
             Some(sel) => sel.iter().map(Vec::len).sum(),
             None => self.positions.iter().map(|p| p + 1).sum(),
+        }
+    }
+
+    /// The cache rows its row `i` attends to: its selection's rows at or before its position,
+    /// or, without a selection, every row up to its position.
+    pub fn visible_keys(&self, i: usize) -> Vec<usize> {
+        let pos = self.positions[i];
+        match self.selection {
+            Some(sel) => sel[i]
+                .iter()
+                .map(|&s| s as usize)
+                .filter(|&s| s <= pos)
+                .collect(),
+            None => (0..=pos).collect(),
         }
     }
 }
@@ -144,10 +198,20 @@ pub trait Backend: Send + Sync + 'static {
         1
     }
 
+    /// Free device memory in bytes, for a device with memory of its own (sizing the KV cache
+    /// with `--kv-cache-memory-fraction`); `None` means host memory.
+    fn device_memory_available(&self) -> Option<u64> {
+        None
+    }
+
     /// Moves a weight matrix to the device (once, at load).
     fn upload(&self, matrix: Matrix) -> Result<Self::Weight>;
     /// Makes a `[rows, cols]` tensor from host data.
     fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Self::Tensor;
+    /// A `[rows, cols]` tensor of zeros (a paged KV pool: a device fills it in place).
+    fn zeros(&self, rows: usize, cols: usize) -> Self::Tensor {
+        self.tensor(rows, cols, vec![0.0; rows * cols])
+    }
     /// An empty `[0, cols]` tensor (a cache to append to).
     fn empty(&self, cols: usize) -> Self::Tensor {
         self.tensor(0, cols, Vec::new())

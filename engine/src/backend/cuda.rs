@@ -1,0 +1,936 @@
+//! The CUDA backend (`--device cuda:N`): the model on one NVIDIA GPU through cudarc.
+//!
+//! First version, written for correctness against the CPU reference, not yet for speed:
+//! - Activations are float32 on the device, as in the CPU backend, and so are the weights:
+//!   bf16 and fp8 checkpoints are widened once at upload (twice a bf16 model's bytes).
+//! - Products go through cuBLAS (`Sgemm`, strided-batched for the per-head products of the
+//!   absorbed MLA); the row operations between them are the float32 kernels of
+//!   `kernels/cuda/engine.cu`, and the indexer's selection is `topk.cu`'s radix select. Both
+//!   files are compiled at start-up with NVRTC, so no CUDA toolkit is needed at build time.
+//! - Attention always takes the absorbed form (the same function as the expanded one), one
+//!   block per (row, head) with an online softmax over the row's keys.
+//! - Routing, selections and block tables come from the host, as the trait asks; the indices
+//!   are uploaded per call.
+//!
+//! Start-up failures (no driver, no such device, no NVRTC, a kernel that does not compile, a
+//! weight that does not fit) are errors that say what is missing. The trait's compute methods
+//! cannot return errors, so a device failure in the middle of a step (an out-of-memory
+//! allocation, a lost device) panics with the CUDA error.
+//!
+//! Owed (issue 5): bf16/fp8 weights on the device with tensor-core products, the bf16 kernels
+//! of `kernels/cuda` (sparse MLA, indexer, MoE permutation, grouped GEMM) in place of these
+//! float32 ones, CUDA graphs for decode, and several GPUs per engine.
+
+use std::sync::Arc;
+
+use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg,
+};
+use sparsemoe_kernels::launch;
+
+use super::{Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing, by_expert};
+use crate::error::{EngineError, Result};
+use crate::expert_shards::Pair;
+use crate::rope::{Rope, RopeLayout};
+use crate::weights::Matrix;
+
+/// A row-major `[rows, cols]` float32 tensor in device memory. The buffer may be longer than
+/// `rows · cols` (room for appended rows).
+pub struct CudaTensor {
+    buf: CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+}
+
+impl std::fmt::Debug for CudaTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaTensor[{}, {}]", self.rows, self.cols)
+    }
+}
+
+/// A weight matrix in device memory, float32, row-major `[rows, cols]`.
+pub struct CudaWeight {
+    buf: CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+}
+
+impl std::fmt::Debug for CudaWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaWeight[{}, {}]", self.rows, self.cols)
+    }
+}
+
+/// The kernels the backend launches, loaded by name from the NVRTC-compiled modules.
+struct Kernels {
+    gather_rows: CudaFunction,
+    scatter_rows: CudaFunction,
+    scatter_add_rows: CudaFunction,
+    copy_columns: CudaFunction,
+    rms_norm: CudaFunction,
+    layer_norm: CudaFunction,
+    add: CudaFunction,
+    silu_mul: CudaFunction,
+    rope: CudaFunction,
+    indexer_scores: CudaFunction,
+    mla_latent_attention: CudaFunction,
+    topk_rows: CudaFunction,
+}
+
+/// The CUDA backend on one device (clones share the device, its stream and its kernels).
+#[derive(Clone)]
+pub struct Cuda {
+    ordinal: usize,
+    device_name: String,
+    stream: Arc<CudaStream>,
+    blas: Arc<CudaBlas>,
+    k: Arc<Kernels>,
+}
+
+impl std::fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cuda(cuda:{} {})", self.ordinal, self.device_name)
+    }
+}
+
+fn device_error(what: impl std::fmt::Display) -> EngineError {
+    EngineError::Device(what.to_string())
+}
+
+/// The value of a device call inside a compute method, which cannot return an error.
+fn ok<T, E: std::fmt::Debug>(result: std::result::Result<T, E>, what: &str) -> T {
+    result.unwrap_or_else(|e| panic!("CUDA {what}: {e:?}"))
+}
+
+/// The source of `file` with the headers it includes pasted in (NVRTC gets no include path).
+fn inline_headers(file: &str) -> Result<String> {
+    let source = sparsemoe_kernels::source(file)
+        .ok_or_else(|| device_error(format!("kernel source {file} is missing from the build")))?;
+    let mut text = String::with_capacity(source.text.len());
+    for line in source.text.lines() {
+        match line
+            .strip_prefix("#include \"")
+            .and_then(|rest| rest.strip_suffix('"'))
+        {
+            Some(header) => {
+                let h = sparsemoe_kernels::source(header).ok_or_else(|| {
+                    device_error(format!(
+                        "{file} includes {header}, which is not in the build"
+                    ))
+                })?;
+                text.push_str(h.text);
+            }
+            None => text.push_str(line),
+        }
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// Compiles the engine's kernels to PTX with NVRTC: `(file, ptx)` for each.
+pub fn compile_kernels() -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>> {
+    // SAFETY: only tries to open the library; nothing is called through it.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(device_error(
+            "NVRTC (libnvrtc.so, CUDA 13) could not be loaded: the CUDA backend compiles its \
+             kernels at start-up; install the CUDA runtime compiler or add its directory to \
+             LD_LIBRARY_PATH",
+        ));
+    }
+    sparsemoe_kernels::ENGINE_SOURCES
+        .iter()
+        .map(|&file| {
+            let options = cudarc::nvrtc::CompileOptions {
+                options: vec![
+                    sparsemoe_kernels::RTC_DEFINE.to_string(),
+                    "-std=c++17".to_string(),
+                ],
+                name: Some(file.to_string()),
+                ..Default::default()
+            };
+            let ptx = cudarc::nvrtc::compile_ptx_with_opts(inline_headers(file)?, options)
+                .map_err(|e| device_error(format!("compiling kernels/cuda/{file}: {e:?}")))?;
+            Ok((file, ptx))
+        })
+        .collect()
+}
+
+impl Cuda {
+    /// Opens device `ordinal`, compiles and loads the kernels, and creates a cuBLAS handle.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: only tries to open the library; nothing is called through it.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(device_error(format!(
+                "--device cuda:{ordinal}: the CUDA driver (libcuda.so) could not be loaded; is \
+                 the NVIDIA driver installed, and the container started with the GPU runtime?"
+            )));
+        }
+        let count = CudaContext::device_count()
+            .map_err(|e| device_error(format!("counting CUDA devices: {e:?}")))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(device_error(format!(
+                "--device cuda:{ordinal}: this machine has {count} CUDA device(s)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| device_error(format!("opening cuda:{ordinal}: {e:?}")))?;
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown device".into());
+        let stream = ctx.default_stream();
+        let mut modules = Vec::new();
+        for (file, ptx) in compile_kernels()? {
+            let module = ctx
+                .load_module(ptx)
+                .map_err(|e| device_error(format!("loading kernels/cuda/{file}: {e:?}")))?;
+            modules.push((file, module));
+        }
+        let function = |name: &str| -> Result<CudaFunction> {
+            let kernel = sparsemoe_kernels::kernel(name)
+                .ok_or_else(|| device_error(format!("kernel {name} is not listed")))?;
+            let (_, module) = modules
+                .iter()
+                .find(|(file, _)| *file == kernel.file)
+                .ok_or_else(|| device_error(format!("{} is not compiled", kernel.file)))?;
+            module
+                .load_function(name)
+                .map_err(|e| device_error(format!("loading kernel {name}: {e:?}")))
+        };
+        let k = Arc::new(Kernels {
+            gather_rows: function("gather_rows_f32")?,
+            scatter_rows: function("scatter_rows_f32")?,
+            scatter_add_rows: function("scatter_add_rows_f32")?,
+            copy_columns: function("copy_columns_f32")?,
+            rms_norm: function("rms_norm_f32")?,
+            layer_norm: function("layer_norm_f32")?,
+            add: function("add_f32")?,
+            silu_mul: function("silu_mul_f32")?,
+            rope: function("rope_f32")?,
+            indexer_scores: function("indexer_scores_f32")?,
+            mla_latent_attention: function("mla_latent_attention_f32")?,
+            topk_rows: function("topk_rows_f32")?,
+        });
+        let blas = CudaBlas::new(stream.clone())
+            .map(Arc::new)
+            .map_err(|e| device_error(format!("creating a cuBLAS handle: {e:?}")))?;
+        Ok(Self {
+            ordinal,
+            device_name,
+            stream,
+            blas,
+            k,
+        })
+    }
+
+    /// Free device memory in bytes (after the weights, once they are uploaded).
+    pub fn free_memory(&self) -> Option<u64> {
+        self.stream
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _)| free as u64)
+    }
+
+    fn alloc_tensor(&self, rows: usize, cols: usize) -> CudaTensor {
+        // One element at least: a zero-length allocation is not a valid device pointer.
+        let buf = ok(
+            self.stream.alloc_zeros::<f32>((rows * cols).max(1)),
+            "allocating",
+        );
+        CudaTensor { buf, rows, cols }
+    }
+
+    fn upload_i32(&self, values: impl Iterator<Item = usize>) -> CudaSlice<i32> {
+        let v: Vec<i32> = values
+            .map(|x| i32::try_from(x).expect("index fits in int32"))
+            .collect();
+        self.upload_slice(&v)
+    }
+
+    fn upload_slice<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        v: &[T],
+    ) -> CudaSlice<T> {
+        if v.is_empty() {
+            return ok(self.stream.alloc_zeros::<T>(1), "allocating");
+        }
+        ok(self.stream.clone_htod(v), "copying to the device")
+    }
+
+    /// `rows` rows per block-row kernel launch of ENGINE_THREADS threads.
+    fn row_config(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (launch::ENGINE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn flat_config(n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (n.div_ceil(launch::ENGINE_THREADS as usize) as u32, 1, 1),
+            block_dim: (launch::ENGINE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Rows `slots` of `src` (`[_, cols]`), stacked.
+    fn gather(&self, src: &CudaSlice<f32>, cols: usize, slots: &[usize]) -> CudaTensor {
+        let mut out = self.alloc_tensor(slots.len(), cols);
+        if slots.is_empty() {
+            return out;
+        }
+        let idx = self.upload_i32(slots.iter().copied());
+        let c = cols as i32;
+        let mut b = self.stream.launch_builder(&self.k.gather_rows);
+        b.arg(&mut out.buf).arg(src).arg(&idx).arg(&c);
+        // SAFETY: out has slots.len()·cols elements; every slot indexes a row of src (callers
+        // pass tokens below the vocabulary and cache slots below the pool's rows).
+        ok(
+            unsafe { b.launch(Self::row_config(slots.len())) },
+            "gather_rows",
+        );
+        out
+    }
+
+    /// `y = x · wᵀ` over device buffers: x `[m, k]`, w `[n, k]`, y `[m, n]`.
+    fn product(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        // Row-major y = x·wᵀ is column-major yᵀ = w·xᵀ: w's storage read transposed.
+        let cfg = GemmConfig {
+            transa: CUBLAS_OP_T,
+            transb: CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: 1.0f32,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: 0.0f32,
+            ldc: n as i32,
+        };
+        // SAFETY: the buffers hold m·k, n·k and m·n elements (checked by the callers' shapes).
+        ok(unsafe { self.blas.gemm(cfg, w, x, y) }, "cublasSgemm");
+    }
+
+    fn swiglu_rows(&self, x: &CudaTensor, expert: &Expert<CudaWeight>) -> CudaTensor {
+        let mut gate = self.linear(x, &expert.gate);
+        let up = self.linear(x, &expert.up);
+        let n = gate.rows * gate.cols;
+        if n > 0 {
+            let len = n as i64;
+            let mut b = self.stream.launch_builder(&self.k.silu_mul);
+            b.arg(&mut gate.buf).arg(&up.buf).arg(&len);
+            // SAFETY: gate and up are both [rows, intermediate].
+            ok(unsafe { b.launch(Self::flat_config(n)) }, "silu_mul");
+        }
+        self.linear(&gate, &expert.down)
+    }
+
+    /// `out[row] += weight · expert(x[row])` for each expert's (row, weight) pairs.
+    fn add_experts<'a>(
+        &self,
+        x: &CudaTensor,
+        out: &mut CudaTensor,
+        groups: impl Iterator<Item = &'a (usize, Vec<(usize, f32)>)>,
+        experts: &[Expert<CudaWeight>],
+    ) {
+        for (e, rows) in groups {
+            let xe = self.gather(
+                &x.buf,
+                x.cols,
+                &rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            );
+            let ye = self.swiglu_rows(&xe, &experts[*e]);
+            let idx = self.upload_i32(rows.iter().map(|r| r.0));
+            let wts: Vec<f32> = rows.iter().map(|r| r.1).collect();
+            let wts = self.upload_slice(&wts);
+            let c = x.cols as i32;
+            let mut b = self.stream.launch_builder(&self.k.scatter_add_rows);
+            b.arg(&mut out.buf).arg(&ye.buf).arg(&idx).arg(&wts).arg(&c);
+            // SAFETY: ye is [rows.len(), cols]; the rows index out's rows and are distinct
+            // within one expert.
+            ok(
+                unsafe { b.launch(Self::row_config(rows.len())) },
+                "scatter_add_rows",
+            );
+        }
+    }
+
+    /// One sequence's rows of the absorbed MLA (see [`Backend::mla_attention`]), written into
+    /// rows `seq.first ..` of `out` (`[_, heads·v]`).
+    fn mla_sequence(
+        &self,
+        q: &CudaTensor,
+        seq: &MlaSeq<'_, CudaTensor>,
+        w: MlaWeights<'_, CudaWeight>,
+        d: MlaDims,
+        scale: f32,
+        out: &mut CudaTensor,
+    ) {
+        let n = seq.positions.len();
+        let qk = d.nope + d.rope;
+        let kv_width = d.nope + d.v;
+        // Each row's keys, concatenated, with offsets.
+        let mut offsets = Vec::with_capacity(n + 1);
+        let mut keys = Vec::new();
+        offsets.push(0usize);
+        for i in 0..n {
+            keys.extend(seq.visible_keys(i));
+            offsets.push(keys.len());
+        }
+        if n == 0 || keys.is_empty() {
+            return;
+        }
+        let keys_d = self.upload_i32(keys.into_iter());
+        let offsets_d = self.upload_i32(offsets.into_iter());
+        let q_rows = q.buf.slice(seq.first * q.cols..);
+
+        // Stage 1: q_lat[r, h] = q_nope[r, h] · W_UK,h (W_UK,hᵀ is uk_t's rows h·latent..).
+        let mut q_lat = self.alloc_tensor(n, d.heads * d.latent);
+        let cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: CUBLAS_OP_T,
+                transb: CUBLAS_OP_N,
+                m: d.latent as i32,
+                n: n as i32,
+                k: d.nope as i32,
+                alpha: 1.0f32,
+                lda: d.nope as i32,
+                ldb: q.cols as i32,
+                beta: 0.0f32,
+                ldc: (d.heads * d.latent) as i32,
+            },
+            batch_size: d.heads as i32,
+            stride_a: (d.latent * d.nope) as i64,
+            stride_b: qk as i64,
+            stride_c: d.latent as i64,
+        };
+        // SAFETY: uk_t is [heads·latent, nope]; q's rows first.. hold n rows of heads·qk;
+        // q_lat is [n, heads·latent].
+        ok(
+            unsafe {
+                self.blas
+                    .gemm_strided_batched(cfg, &w.uk_t.buf, &q_rows, &mut q_lat.buf)
+            },
+            "cublasSgemmStridedBatched (query into the latent space)",
+        );
+
+        // Stage 2: ctx[r, h] over the row's keys.
+        let mut ctx = self.alloc_tensor(n, d.heads * d.latent);
+        let q_pe = q.buf.slice(seq.first * q.cols + d.nope..);
+        let (heads, latent, rope) = (d.heads as i32, d.latent as i32, d.rope as i32);
+        let (q_pe_row, q_pe_head) = (q.cols as i32, qk as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (d.heads as u32, n as u32, 1),
+            block_dim: (launch::MLA_F32_THREADS, 1, 1),
+            shared_mem_bytes: launch::mla_f32_smem_bytes(d.latent as u32, d.rope as u32),
+        };
+        let mut b = self.stream.launch_builder(&self.k.mla_latent_attention);
+        b.arg(&mut ctx.buf)
+            .arg(&q_lat.buf)
+            .arg(&q_pe)
+            .arg(&seq.latent.buf)
+            .arg(&seq.k_pe.buf)
+            .arg(&keys_d)
+            .arg(&offsets_d)
+            .arg(&heads)
+            .arg(&latent)
+            .arg(&rope)
+            .arg(&q_pe_row)
+            .arg(&q_pe_head)
+            .arg(&scale);
+        // SAFETY: every key indexes a row of the sequence's latent and k_pe caches
+        // (visible_keys keeps s ≤ position < cache rows); latent ≤ MLA_F32_MAX_LATENT (checked
+        // by mla_attention).
+        ok(unsafe { b.launch(cfg) }, "mla_latent_attention");
+
+        // Stage 3: out[r, h] = ctx[r, h] · W_UV,hᵀ (W_UV,h is kv_b's rows h·kv_width + nope..).
+        let width = d.heads * d.v;
+        let uv = w.kv_b.buf.slice(d.nope * d.latent..);
+        let mut out_rows = out.buf.slice_mut(seq.first * width..);
+        let cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: CUBLAS_OP_T,
+                transb: CUBLAS_OP_N,
+                m: d.v as i32,
+                n: n as i32,
+                k: d.latent as i32,
+                alpha: 1.0f32,
+                lda: d.latent as i32,
+                ldb: (d.heads * d.latent) as i32,
+                beta: 0.0f32,
+                ldc: width as i32,
+            },
+            batch_size: d.heads as i32,
+            stride_a: (kv_width * d.latent) as i64,
+            stride_b: d.latent as i64,
+            stride_c: d.v as i64,
+        };
+        // SAFETY: kv_b is [heads·(nope+v), latent]; ctx is [n, heads·latent]; out's rows
+        // first.. hold n rows of heads·v.
+        ok(
+            unsafe {
+                self.blas
+                    .gemm_strided_batched(cfg, &uv, &ctx.buf, &mut out_rows)
+            },
+            "cublasSgemmStridedBatched (context out of the latent space)",
+        );
+    }
+}
+
+impl Backend for Cuda {
+    type Tensor = CudaTensor;
+    type Weight = CudaWeight;
+
+    fn name(&self) -> String {
+        format!("cuda:{} ({})", self.ordinal, self.device_name)
+    }
+
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        // cuBLAS calls use the calling thread's current context.
+        ok(
+            self.stream.context().bind_to_thread(),
+            "binding the context",
+        );
+        f()
+    }
+
+    fn device_memory_available(&self) -> Option<u64> {
+        self.free_memory()
+    }
+
+    fn upload(&self, matrix: Matrix) -> Result<CudaWeight> {
+        let (rows, cols) = (matrix.rows, matrix.cols);
+        let data = matrix.to_f32_vec();
+        let buf = if data.is_empty() {
+            self.stream.alloc_zeros::<f32>(1)
+        } else {
+            self.stream.clone_htod(&data)
+        }
+        .map_err(|e: DriverError| {
+            device_error(format!(
+                "uploading a [{rows}, {cols}] weight ({} MiB as float32) to cuda:{}: {e:?}",
+                (data.len() * 4) >> 20,
+                self.ordinal
+            ))
+        })?;
+        Ok(CudaWeight { buf, rows, cols })
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> CudaTensor {
+        self.alloc_tensor(rows, cols)
+    }
+
+    fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> CudaTensor {
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "tensor data is not [{rows}, {cols}]"
+        );
+        CudaTensor {
+            buf: self.upload_slice(&data),
+            rows,
+            cols,
+        }
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Vec<f32> {
+        let n = x.rows * x.cols;
+        if n == 0 {
+            return Vec::new();
+        }
+        ok(
+            self.stream.clone_dtoh(&x.buf.slice(..n)),
+            "copying to the host",
+        )
+    }
+
+    fn shape(&self, x: &CudaTensor) -> (usize, usize) {
+        (x.rows, x.cols)
+    }
+
+    fn embed(&self, table: &CudaWeight, tokens: &[u32]) -> CudaTensor {
+        let slots: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
+        assert!(
+            slots.iter().all(|&t| t < table.rows),
+            "embed: token id beyond the table"
+        );
+        self.gather(&table.buf, table.cols, &slots)
+    }
+
+    fn linear(&self, x: &CudaTensor, w: &CudaWeight) -> CudaTensor {
+        assert_eq!(
+            x.cols, w.cols,
+            "linear: x has {} columns, w {}",
+            x.cols, w.cols
+        );
+        let mut y = self.alloc_tensor(x.rows, w.rows);
+        self.product(&x.buf, &w.buf, &mut y.buf, x.rows, w.rows, w.cols);
+        y
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaTensor, eps: f32) -> CudaTensor {
+        let mut out = self.alloc_tensor(x.rows, x.cols);
+        if x.rows > 0 {
+            let c = x.cols as i32;
+            let mut b = self.stream.launch_builder(&self.k.rms_norm);
+            b.arg(&mut out.buf)
+                .arg(&x.buf)
+                .arg(&w.buf)
+                .arg(&c)
+                .arg(&eps);
+            // SAFETY: out and x are [rows, cols]; w has cols values.
+            ok(unsafe { b.launch(Self::row_config(x.rows)) }, "rms_norm");
+        }
+        out
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        bias: &CudaTensor,
+        eps: f32,
+    ) -> CudaTensor {
+        let mut out = self.alloc_tensor(x.rows, x.cols);
+        if x.rows > 0 {
+            let c = x.cols as i32;
+            let mut b = self.stream.launch_builder(&self.k.layer_norm);
+            b.arg(&mut out.buf)
+                .arg(&x.buf)
+                .arg(&w.buf)
+                .arg(&bias.buf)
+                .arg(&c)
+                .arg(&eps);
+            // SAFETY: out and x are [rows, cols]; w and bias have cols values.
+            ok(unsafe { b.launch(Self::row_config(x.rows)) }, "layer_norm");
+        }
+        out
+    }
+
+    fn add(&self, x: &mut CudaTensor, y: &CudaTensor) {
+        assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add: shapes differ");
+        let n = x.rows * x.cols;
+        if n == 0 {
+            return;
+        }
+        let len = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.add);
+        b.arg(&mut x.buf).arg(&y.buf).arg(&len);
+        // SAFETY: both hold n elements.
+        ok(unsafe { b.launch(Self::flat_config(n)) }, "add");
+    }
+
+    fn columns(&self, x: &CudaTensor, start: usize, len: usize) -> CudaTensor {
+        assert!(start + len <= x.cols, "columns: beyond the row");
+        let mut out = self.alloc_tensor(x.rows, len);
+        if x.rows > 0 && len > 0 {
+            let (sc, st, ln) = (x.cols as i32, start as i32, len as i32);
+            let mut b = self.stream.launch_builder(&self.k.copy_columns);
+            b.arg(&mut out.buf).arg(&x.buf).arg(&sc).arg(&st).arg(&ln);
+            // SAFETY: out is [rows, len]; start + len ≤ cols.
+            ok(
+                unsafe { b.launch(Self::row_config(x.rows)) },
+                "copy_columns",
+            );
+        }
+        out
+    }
+
+    fn rows(&self, x: &CudaTensor, start: usize, len: usize) -> CudaTensor {
+        assert!(start + len <= x.rows, "rows: beyond the tensor");
+        let mut out = self.alloc_tensor(len, x.cols);
+        if len > 0 && x.cols > 0 {
+            let src = x.buf.slice(start * x.cols..(start + len) * x.cols);
+            ok(self.stream.memcpy_dtod(&src, &mut out.buf), "copying rows");
+        }
+        out
+    }
+
+    fn concat_rows(&self, parts: &[&CudaTensor]) -> CudaTensor {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        let mut out = self.alloc_tensor(rows, cols);
+        let mut at = 0;
+        for p in parts {
+            assert_eq!(p.cols, cols, "concat_rows: column counts differ");
+            let n = p.rows * cols;
+            if n > 0 {
+                let mut dst = out.buf.slice_mut(at..at + n);
+                ok(
+                    self.stream.memcpy_dtod(&p.buf.slice(..n), &mut dst),
+                    "copying rows",
+                );
+            }
+            at += n;
+        }
+        out
+    }
+
+    fn append_rows(&self, cache: &mut CudaTensor, rows: &CudaTensor) {
+        assert_eq!(cache.cols, rows.cols, "append_rows: column counts differ");
+        let (old, add) = (cache.rows * cache.cols, rows.rows * rows.cols);
+        if add == 0 {
+            return;
+        }
+        if old + add > cache.buf.len() {
+            // Room for twice the rows, so a growing cache is copied O(log n) times.
+            let capacity = ((old + add) * 2).max(1);
+            let mut grown = ok(self.stream.alloc_zeros::<f32>(capacity), "allocating");
+            if old > 0 {
+                let mut dst = grown.slice_mut(..old);
+                ok(
+                    self.stream.memcpy_dtod(&cache.buf.slice(..old), &mut dst),
+                    "copying rows",
+                );
+            }
+            cache.buf = grown;
+        }
+        let mut dst = cache.buf.slice_mut(old..old + add);
+        ok(
+            self.stream.memcpy_dtod(&rows.buf.slice(..add), &mut dst),
+            "copying rows",
+        );
+        cache.rows += rows.rows;
+    }
+
+    fn write_rows(&self, dst: &mut CudaTensor, slots: &[usize], rows: &CudaTensor) {
+        assert_eq!(dst.cols, rows.cols, "write_rows: column counts differ");
+        assert!(
+            slots.iter().all(|&s| s < dst.rows),
+            "write_rows: slot beyond the pool"
+        );
+        if slots.is_empty() {
+            return;
+        }
+        let idx = self.upload_i32(slots.iter().copied());
+        let c = dst.cols as i32;
+        let mut b = self.stream.launch_builder(&self.k.scatter_rows);
+        b.arg(&mut dst.buf).arg(&rows.buf).arg(&idx).arg(&c);
+        // SAFETY: every slot is a row of dst (checked above); rows has slots.len() rows.
+        ok(
+            unsafe { b.launch(Self::row_config(slots.len())) },
+            "scatter_rows",
+        );
+    }
+
+    fn gather_rows(&self, src: &CudaTensor, slots: &[usize]) -> CudaTensor {
+        assert!(
+            slots.iter().all(|&s| s < src.rows),
+            "gather_rows: slot beyond the pool"
+        );
+        self.gather(&src.buf, src.cols, slots)
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaTensor,
+        heads: usize,
+        head_width: usize,
+        offset: usize,
+        positions: &[usize],
+        rope: &Rope,
+        layout: RopeLayout,
+    ) {
+        let half = rope.dim() / 2;
+        assert_eq!(positions.len(), x.rows, "rope: one position per row");
+        if x.rows == 0 || half == 0 || heads == 0 {
+            return;
+        }
+        assert!(
+            (heads - 1) * head_width + offset + rope.dim() <= x.cols,
+            "rope: beyond the row"
+        );
+        // The angles on the host, exactly as the CPU backend computes them.
+        let mut cos = vec![0f32; x.rows * half];
+        let mut sin = vec![0f32; x.rows * half];
+        for (i, &p) in positions.iter().enumerate() {
+            rope.cos_sin(
+                p,
+                &mut cos[i * half..(i + 1) * half],
+                &mut sin[i * half..(i + 1) * half],
+            );
+        }
+        let (cos, sin) = (self.upload_slice(&cos), self.upload_slice(&sin));
+        let args = [
+            x.cols as i32,
+            head_width as i32,
+            offset as i32,
+            half as i32,
+            i32::from(layout == RopeLayout::Interleaved),
+        ];
+        let mut b = self.stream.launch_builder(&self.k.rope);
+        b.arg(&mut x.buf).arg(&cos).arg(&sin);
+        for a in &args {
+            b.arg(a);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (x.rows as u32, heads as u32, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every head's rotated span lies inside the row (checked above); cos and sin
+        // are [rows, half].
+        ok(unsafe { b.launch(cfg) }, "rope");
+    }
+
+    fn indexer_select(
+        &self,
+        q: &CudaTensor,
+        w: &CudaTensor,
+        keys: &CudaTensor,
+        positions: &[usize],
+        k: usize,
+        scale: f32,
+    ) -> Vec<Vec<u32>> {
+        let (heads, dim, n) = (w.cols, keys.cols, q.rows);
+        assert_eq!(q.cols, heads * dim, "indexer: q is not [rows, heads·dim]");
+        assert_eq!(positions.len(), n, "indexer: one position per row");
+        let n_keys = positions.iter().map(|p| p + 1).max().unwrap_or(0);
+        assert!(
+            n_keys <= keys.rows,
+            "indexer: a position beyond the cached keys"
+        );
+        if n == 0 {
+            return Vec::new();
+        }
+        if n_keys <= k {
+            // Every row keeps all its keys (the CPU backend's early rows).
+            return positions
+                .iter()
+                .map(|&p| (0..=p as u32).collect())
+                .collect();
+        }
+        let visible = self.upload_i32(positions.iter().map(|p| p + 1));
+        let mut scores = self.alloc_tensor(n, n_keys);
+        let smem = launch::indexer_f32_smem_bytes(heads as u32, dim as u32);
+        if smem > 48 * 1024 {
+            ok(
+                self.k.indexer_scores.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                ),
+                "raising the indexer's shared memory",
+            );
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (
+                n_keys.div_ceil(launch::INDEXER_F32_KEYS as usize) as u32,
+                n as u32,
+                1,
+            ),
+            block_dim: (launch::INDEXER_F32_KEYS, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let (nk, h, dm) = (n_keys as i32, heads as i32, dim as i32);
+        let mut b = self.stream.launch_builder(&self.k.indexer_scores);
+        b.arg(&mut scores.buf)
+            .arg(&q.buf)
+            .arg(&w.buf)
+            .arg(&keys.buf)
+            .arg(&visible)
+            .arg(&nk)
+            .arg(&h)
+            .arg(&dm)
+            .arg(&scale);
+        // SAFETY: scores is [n, n_keys]; keys holds n_keys rows of dim; q and w are
+        // [n, heads·dim] and [n, heads].
+        ok(unsafe { b.launch(cfg) }, "indexer_scores");
+
+        let mut chosen = ok(self.stream.alloc_zeros::<i32>(n * k), "allocating");
+        let (kk, stride) = (k as i32, n_keys as i64);
+        let mut b = self.stream.launch_builder(&self.k.topk_rows);
+        b.arg(&mut chosen)
+            .arg(&scores.buf)
+            .arg(&visible)
+            .arg(&kk)
+            .arg(&stride);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (launch::TOPK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: chosen is [n, k]; each row's n_valid ≤ n_keys, the scores' row stride.
+        ok(unsafe { b.launch(cfg) }, "topk_rows");
+        let chosen = ok(self.stream.clone_dtoh(&chosen), "copying to the host");
+        chosen
+            .chunks_exact(k)
+            .map(|row| {
+                let mut keep: Vec<u32> =
+                    row.iter().filter(|&&s| s >= 0).map(|&s| s as u32).collect();
+                keep.sort_unstable();
+                keep
+            })
+            .collect()
+    }
+
+    fn mla_attention(
+        &self,
+        q: &CudaTensor,
+        seqs: &[MlaSeq<'_, CudaTensor>],
+        weights: MlaWeights<'_, CudaWeight>,
+        dims: MlaDims,
+        scale: f32,
+    ) -> CudaTensor {
+        assert!(
+            dims.latent <= launch::MLA_F32_MAX_LATENT as usize,
+            "mla_attention: latent width {} above {}",
+            dims.latent,
+            launch::MLA_F32_MAX_LATENT
+        );
+        assert_eq!(
+            q.cols,
+            dims.heads * (dims.nope + dims.rope),
+            "mla_attention: q width"
+        );
+        let mut out = self.alloc_tensor(q.rows, dims.heads * dims.v);
+        for seq in seqs {
+            self.mla_sequence(q, seq, weights, dims, scale, &mut out);
+        }
+        out
+    }
+
+    fn swiglu(&self, x: &CudaTensor, expert: &Expert<CudaWeight>) -> CudaTensor {
+        self.swiglu_rows(x, expert)
+    }
+
+    fn moe_experts(
+        &self,
+        x: &CudaTensor,
+        routing: &Routing,
+        experts: &[Expert<CudaWeight>],
+    ) -> CudaTensor {
+        let groups = by_expert(routing.pairs(), experts.len());
+        let mut out = self.alloc_tensor(x.rows, x.cols);
+        self.add_experts(x, &mut out, groups.iter(), experts);
+        out
+    }
+
+    fn moe_experts_sharded(
+        &self,
+        x: &CudaTensor,
+        work: &[Vec<Pair>],
+        experts: &[Expert<CudaWeight>],
+    ) -> CudaTensor {
+        // One device: the shards' experts run one after another on its stream (several GPUs
+        // per engine are owed).
+        let mut out = self.alloc_tensor(x.rows, x.cols);
+        for shard in work {
+            let groups = by_expert(shard.iter().copied(), experts.len());
+            self.add_experts(x, &mut out, groups.iter(), experts);
+        }
+        out
+    }
+}

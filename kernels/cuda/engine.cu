@@ -1,0 +1,227 @@
+// The float32 row operations of the engine's CUDA backend (engine/src/backend/cuda.rs), the
+// steps between its cuBLAS products. Activations stay float32 as in the CPU reference backend
+// (engine/src/backend/cpu.rs), which each kernel mirrors; tensors are row-major, indices int32.
+// The engine compiles this file and topk.cu at start-up with NVRTC and -DSMOE_RTC (no system
+// headers); the compile check builds it with nvcc like every other file.
+#include "common.cuh"
+
+#define ENGINE_THREADS 256
+#define MLA_F32_THREADS 128
+#define MLA_F32_TILE 32
+#define MLA_F32_MAX_LATENT 1024
+#define INDEXER_F32_KEYS 128
+
+SMOE_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
+
+// out[r, :] = src[slots[r], :]: embedding lookup and reading a paged cache.
+// Launch: grid rows, block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+gather_rows_f32(float* __restrict__ out, const float* __restrict__ src, const int* __restrict__ slots, int cols) {
+    const float* s = src + (size_t)slots[blockIdx.x] * cols;
+    float* o = out + (size_t)blockIdx.x * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = s[c];
+}
+
+// dst[slots[r], :] = rows[r, :]: writing a paged cache (slots distinct).
+// Launch: grid rows, block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+scatter_rows_f32(float* __restrict__ dst, const float* __restrict__ rows, const int* __restrict__ slots, int cols) {
+    const float* s = rows + (size_t)blockIdx.x * cols;
+    float* d = dst + (size_t)slots[blockIdx.x] * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) d[c] = s[c];
+}
+
+// out[rows[j], :] += weights[j] · y[j, :]: one expert's outputs into the MoE sum (rows distinct
+// within a launch; experts are added one launch after another, in a fixed order).
+// Launch: grid pairs, block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+scatter_add_rows_f32(float* __restrict__ out, const float* __restrict__ y, const int* __restrict__ rows,
+                     const float* __restrict__ weights, int cols) {
+    const float w = weights[blockIdx.x];
+    const float* s = y + (size_t)blockIdx.x * cols;
+    float* d = out + (size_t)rows[blockIdx.x] * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) d[c] += w * s[c];
+}
+
+// out[r, :] = x[r, start .. start + len].
+// Launch: grid rows, block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+copy_columns_f32(float* __restrict__ out, const float* __restrict__ x, int src_cols, int start, int len) {
+    const float* s = x + (size_t)blockIdx.x * src_cols + start;
+    float* o = out + (size_t)blockIdx.x * len;
+    for (int c = threadIdx.x; c < len; c += blockDim.x) o[c] = s[c];
+}
+
+// out[r] = x[r] · w / sqrt(mean(x[r]²) + eps).
+// Launch: grid rows, block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+rms_norm_f32(float* __restrict__ out, const float* __restrict__ x, const float* __restrict__ w, int cols, float eps) {
+    __shared__ float scratch[32];
+    const float* xr = x + (size_t)blockIdx.x * cols;
+    float* o = out + (size_t)blockIdx.x * cols;
+    float sq = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) sq += xr[c] * xr[c];
+    const float inv = 1.f / sqrtf(block_sum(sq, scratch) / (float)cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = xr[c] * inv * w[c];
+}
+
+// out[r] = (x[r] - mean) / sqrt(var + eps) · w + b (biased variance).
+// Launch: grid rows, block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+layer_norm_f32(float* __restrict__ out, const float* __restrict__ x, const float* __restrict__ w,
+               const float* __restrict__ b, int cols, float eps) {
+    __shared__ float scratch[32];
+    const float* xr = x + (size_t)blockIdx.x * cols;
+    float* o = out + (size_t)blockIdx.x * cols;
+    float sum = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) sum += xr[c];
+    const float mean = block_sum(sum, scratch) / (float)cols;
+    float dev = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dev += (xr[c] - mean) * (xr[c] - mean);
+    const float inv = 1.f / sqrtf(block_sum(dev, scratch) / (float)cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = (xr[c] - mean) * inv * w[c] + b[c];
+}
+
+// x[i] += y[i].
+// Launch: grid ceil(n / ENGINE_THREADS), block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+add_f32(float* __restrict__ x, const float* __restrict__ y, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+// gate[i] = silu(gate[i]) · up[i].
+// Launch: grid ceil(n / ENGINE_THREADS), block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+silu_mul_f32(float* __restrict__ gate, const float* __restrict__ up, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) gate[i] = siluf(gate[i]) * up[i];
+}
+
+// Rotates x[r, h·head_width + offset ..][..2·half] of every row r and head h by the angles whose
+// cos/sin (YaRN factor included) the host computed for row r's position: cos_t[r·half + i].
+// Pairs (2i, 2i+1) when interleaved, else (i, i + half).
+// Launch: grid (rows, heads), block 64.
+extern "C" __global__ void __launch_bounds__(64)
+rope_f32(float* __restrict__ x, const float* __restrict__ cos_t, const float* __restrict__ sin_t, int cols,
+         int head_width, int offset, int half, int interleaved) {
+    float* v = x + (size_t)blockIdx.x * cols + (size_t)blockIdx.y * head_width + offset;
+    const float* c = cos_t + (size_t)blockIdx.x * half;
+    const float* s = sin_t + (size_t)blockIdx.x * half;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const int a = interleaved ? 2 * i : i;
+        const int b = interleaved ? 2 * i + 1 : i + half;
+        const float xa = v[a], xb = v[b];
+        v[a] = xa * c[i] - xb * s[i];
+        v[b] = xb * c[i] + xa * s[i];
+    }
+}
+
+// The lightning indexer's scores: scores[r, s] = Σ_h w[r, h] · ReLU(scale · q[r, h, :] · keys[s, :])
+// for s < n_visible[r], float32 -inf for the rest of the row (n_keys columns).
+// Launch: grid (ceil(n_keys / INDEXER_F32_KEYS), rows), block INDEXER_F32_KEYS (a key per
+// thread), dynamic shared memory (heads · dim + heads) floats.
+extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS)
+indexer_scores_f32(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
+                   const float* __restrict__ keys, const int* __restrict__ n_visible, int n_keys, int heads,
+                   int dim, float scale) {
+    extern __shared__ float smem[];
+    float* qs = smem;               // [heads, dim]
+    float* ws = smem + heads * dim;  // [heads]
+    const int r = blockIdx.y;
+    for (int i = threadIdx.x; i < heads * dim; i += blockDim.x) qs[i] = q[(size_t)r * heads * dim + i];
+    for (int i = threadIdx.x; i < heads; i += blockDim.x) ws[i] = w[(size_t)r * heads + i];
+    __syncthreads();
+    const int s = blockIdx.x * INDEXER_F32_KEYS + threadIdx.x;
+    if (s >= n_keys) return;
+    float total = neg_inf();
+    if (s < n_visible[r]) {
+        const float* k = keys + (size_t)s * dim;
+        total = 0.f;
+        for (int h = 0; h < heads; ++h) {
+            float dot = 0.f;
+            for (int d = 0; d < dim; ++d) dot += qs[h * dim + d] * k[d];
+            total += ws[h] * fmaxf(scale * dot, 0.f);
+        }
+    }
+    scores[(size_t)r * n_keys + s] = total;
+}
+
+// Absorbed MLA attention in the latent space, one (row, head) per block:
+//   score_s = (q_lat[r, h] · latent[s] + q_pe[r, h] · k_pe[s]) · scale over the keys
+//   s = keys[key_offsets[r] .. key_offsets[r + 1]] (-1 = none), online softmax, and
+//   ctx[r, h, :] = Σ_s p_s · latent[s] (zero when no key is valid).
+// q_lat is [rows, heads·latent]; q_pe row r head h starts at q_pe + r·q_pe_row + h·q_pe_head.
+// Each warp scores keys of a tile of MLA_F32_TILE; each thread owns latent dims tid, tid + 128, …
+// Launch: grid (heads, rows), block MLA_F32_THREADS, dynamic shared memory
+// (latent + rope + MLA_F32_TILE) floats; latent ≤ MLA_F32_MAX_LATENT.
+extern "C" __global__ void __launch_bounds__(MLA_F32_THREADS)
+mla_latent_attention_f32(float* __restrict__ ctx, const float* __restrict__ q_lat, const float* __restrict__ q_pe,
+                         const float* __restrict__ latent, const float* __restrict__ k_pe,
+                         const int* __restrict__ keys, const int* __restrict__ key_offsets, int heads,
+                         int latent_dim, int rope_dim, int q_pe_row, int q_pe_head, float scale) {
+    extern __shared__ float smem[];
+    float* qs = smem;                          // [latent + rope]
+    float* tile = smem + latent_dim + rope_dim;  // [MLA_F32_TILE] scores
+    const int h = blockIdx.x, r = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = MLA_F32_THREADS / 32;
+    const float* ql = q_lat + ((size_t)r * heads + h) * latent_dim;
+    const float* qp = q_pe + (size_t)r * q_pe_row + (size_t)h * q_pe_head;
+    for (int d = threadIdx.x; d < latent_dim; d += MLA_F32_THREADS) qs[d] = ql[d];
+    for (int d = threadIdx.x; d < rope_dim; d += MLA_F32_THREADS) qs[latent_dim + d] = qp[d];
+    __syncthreads();
+
+    const int first = key_offsets[r], count = key_offsets[r + 1] - first;
+    const int* row_keys = keys + first;
+    constexpr int ITEMS = MLA_F32_MAX_LATENT / MLA_F32_THREADS;
+    float acc[ITEMS];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) acc[i] = 0.f;
+    float m = neg_inf(), l = 0.f;
+
+    for (int t0 = 0; t0 < count; t0 += MLA_F32_TILE) {
+        for (int j = warp; j < MLA_F32_TILE; j += warps) {
+            const int idx = t0 + j;
+            const int s = idx < count ? row_keys[idx] : -1;
+            float dot = 0.f;
+            if (s >= 0) {
+                const float* lat = latent + (size_t)s * latent_dim;
+                const float* pe = k_pe + (size_t)s * rope_dim;
+                for (int d = lane; d < latent_dim; d += 32) dot += qs[d] * lat[d];
+                for (int d = lane; d < rope_dim; d += 32) dot += qs[latent_dim + d] * pe[d];
+            }
+            dot = warp_sum(dot);
+            if (lane == 0) tile[j] = s >= 0 ? dot * scale : neg_inf();
+        }
+        __syncthreads();
+        float m_tile = neg_inf();
+        for (int j = 0; j < MLA_F32_TILE; ++j) m_tile = fmaxf(m_tile, tile[j]);
+        const float m_new = fmaxf(m, m_tile);
+        if (m_new != neg_inf()) {  // block-uniform: every thread read the same tile
+            const float correction = expf(m - m_new);  // 0 while m is -inf
+            l *= correction;
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) acc[i] *= correction;
+            for (int j = 0; j < MLA_F32_TILE; ++j) {
+                const float p = expf(tile[j] - m_new);  // 0 for -inf entries
+                if (p == 0.f) continue;
+                l += p;
+                const float* lat = latent + (size_t)row_keys[t0 + j] * latent_dim;
+#pragma unroll
+                for (int i = 0; i < ITEMS; ++i) {
+                    const int d = threadIdx.x + i * MLA_F32_THREADS;
+                    if (d < latent_dim) acc[i] += p * lat[d];
+                }
+            }
+            m = m_new;
+        }
+        __syncthreads();
+    }
+    float* out = ctx + ((size_t)r * heads + h) * latent_dim;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        const int d = threadIdx.x + i * MLA_F32_THREADS;
+        if (d < latent_dim) out[d] = acc[i] * inv;
+    }
+}
