@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The one GPU check for sparsemoe's kernels, for a single device call (well under 10 minutes;
 # about 2-4 minutes expected on an H200, unmeasured so far). Needs nvcc, PyTorch and CuPy on the GPU
-# machine (its image has them) and nothing built elsewhere: the .cu files are compiled there for
-# sm_90a. Writes under $OUT: gpu-check.md (table), gpu-check.json, gpu-check.log (raw), nvidia-smi.txt.
+# machine (its image has them): the .cu files are compiled there for sm_90a. The engine's own
+# binaries (its CUDA backend) come from the build machine: kernels/gpu-build.sh there, then
+# carry target/gpu-check. Writes under $OUT: gpu-check.md
+# (table), gpu-check.json, gpu-check.log (raw), engine.log, nvidia-smi.txt.
 #   run: OUT=... kernels/gpu-check.sh [--quick]
 # Commit the table and log to bench/results/ with the date and the card afterwards.
 set -uo pipefail
@@ -16,7 +18,45 @@ export NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
     "$NVCC" --version | tail -n 2
     python3 -c 'import torch, cupy; print("torch", torch.__version__, "cupy", cupy.__version__)'
 } 2>&1 | tee "$OUT/nvidia-smi.txt"
-PYTHONUNBUFFERED=1 timeout 540 python3 kernels/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu-check.log"
+PYTHONUNBUFFERED=1 timeout 360 python3 kernels/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu-check.log"
 rc=${PIPESTATUS[0]}
 rm -rf "$OUT/build"  # cubins: not needed back (the device tool returns at most 8 files)
+
+# The engine on the GPU, from the binaries kernels/gpu-build.sh made on the build machine
+# (carried in target/gpu-check): the CUDA backend against the CPU backend on every fixture model
+# and on paged batches, then a whole decode step at 64K context, sparse vs dense, GPU and CPU.
+# engine.log holds the output, engine-bench.jsonl the bench reports.
+bin=target/gpu-check
+if [[ -x $bin/cuda-tests && -x $bin/sparsemoe-engine ]]; then
+    # cuBLAS and NVRTC (CUDA 13) from wherever this machine has them: the toolkit or the wheels.
+    libs=$(python3 - <<'PY'
+import glob, os, site
+dirs = ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
+for sp in site.getsitepackages():
+    dirs += glob.glob(os.path.join(sp, "nvidia", "*", "lib"))
+want = ("libcublas.so.13", "libnvrtc.so.13")
+print(":".join(d for d in dirs if any(os.path.exists(os.path.join(d, w)) for w in want)))
+PY
+)
+    export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "engine: LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee "$OUT/engine.log"
+    SPARSEMOE_REQUIRE_GPU=1 timeout 120 "$bin/cuda-tests" --nocapture --test-threads 1 2>&1 | tee -a "$OUT/engine.log"
+    [[ ${PIPESTATUS[0]} == 0 ]] || rc=1
+    # A whole decode step at 64K context on a V3.2-shaped model (1 layer, random bf16 weights),
+    # sparse vs dense, on the GPU and on this machine's CPUs: one JSON line per run.
+    model=/tmp/sparsemoe-v32-shapes
+    python3 bench/random_checkpoint.py bench/configs/v32-shapes-1layer.json "$model" 2>&1 | tee -a "$OUT/engine.log"
+    for device in cuda:0 cpu; do
+        for attention in sparse dense; do
+            echo "engine: bench $device $attention" | tee -a "$OUT/engine.log"
+            timeout 60 "$bin/sparsemoe-engine" bench --model "$model" --device "$device" \
+                --attention "$attention" --batch 1 --prompt-tokens 16 --decode-tokens 16 \
+                --context 65536 --steps 5 2>>"$OUT/engine.log" | tee -a "$OUT/engine-bench.jsonl"
+        done
+    done
+else
+    echo "engine: skipped: no binaries in $bin (run kernels/gpu-build.sh on the build machine and carry $bin)" |
+        tee "$OUT/engine.log"
+    rc=1
+fi
 exit "$rc"

@@ -168,6 +168,13 @@ impl Cuda {
                  the NVIDIA driver installed, and the container started with the GPU runtime?"
             )));
         }
+        // SAFETY: as above.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(device_error(format!(
+                "--device cuda:{ordinal}: cuBLAS (libcublas.so.13) could not be loaded; install \
+                 the CUDA 13 math libraries or add their directory to LD_LIBRARY_PATH"
+            )));
+        }
         let count = CudaContext::device_count()
             .map_err(|e| device_error(format!("counting CUDA devices: {e:?}")))?;
         if ordinal >= count.max(0) as usize {
