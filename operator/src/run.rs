@@ -81,6 +81,22 @@ async fn wait_true(rx: &mut watch::Receiver<bool>) {
     }
 }
 
+/// The field manager a replica takes the Lease under: its own. kube-lease-manager takes a free
+/// Lease with a server-side apply that is not forced, so a second replica's apply conflicts and
+/// backs off, but only between different field managers: under one shared name the second
+/// apply silently replaced the first holder, and both replicas led until the first one's next
+/// renewal (seen as the standby writing in the e2e failover test).
+fn lease_field_manager(identity: &str) -> String {
+    // Field managers are at most 128 bytes; pod names at most 63.
+    let mut name = format!("{}-{identity}", crate::FIELD_MANAGER);
+    let mut end = name.len().min(128);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.truncate(end);
+    name
+}
+
 /// Leadership for a replica that runs without leader election: always true. The sender must
 /// live as long as the controller, or [`leadership_lost`] resolves at once.
 fn always_leader() -> (watch::Sender<bool>, watch::Receiver<bool>) {
@@ -140,7 +156,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 .with_identity(&config.identity)
                 .with_duration(LEASE_SECONDS)
                 .with_grace(LEASE_GRACE_SECONDS)
-                .with_field_manager(crate::FIELD_MANAGER)
+                .with_field_manager(lease_field_manager(&config.identity))
                 .build()
                 .await
                 .with_context(|| format!("cannot use Lease {namespace}/{}", config.lease_name))?;
@@ -393,6 +409,18 @@ async fn run_controller(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_replica_takes_the_lease_under_its_own_field_manager() {
+        let a = lease_field_manager("sparsemoe-operator-7d9f-abcde");
+        let b = lease_field_manager("sparsemoe-operator-7d9f-fghij");
+        assert_ne!(a, b);
+        assert!(
+            a.starts_with(crate::FIELD_MANAGER) && a.ends_with("abcde"),
+            "{a}"
+        );
+        assert_eq!(lease_field_manager(&"x".repeat(300)).len(), 128);
+    }
 
     /// Regression: without leader election the controller shut down right after starting
     /// (the sender of the always-true leadership was dropped at once, which read as lost).
