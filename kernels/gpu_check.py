@@ -379,6 +379,21 @@ class Harness:
                 bad.append(r)
         self.record_bool("topk_rows_f32 131072 keys, k=2048", not bad, f"rows wrong: {bad[:8]}" if bad else "same value sets as torch.topk; short rows padded with -1")
 
+        # ties at the k-th value go to the lowest indices (the engine's rule): a row of few
+        # distinct values, and a row all equal
+        x = torch.randint(0, 4, (2, n), device=self.dev).float()
+        x[1] = 1.0
+        out = torch.full((2, k), -7, dtype=torch.int32, device=self.dev)
+        nv = torch.full((2,), n, dtype=torch.int32, device=self.dev)
+        self.launch("topk_rows_f32", (2,), 1024, [out, x, nv, ("i", k), ("l", n)])
+        bad = []
+        for r in range(2):
+            # the reference: stable sort by value descending, so equal values keep index order
+            want = torch.sort(-x[r], stable=True).indices[:k].sort().values
+            if not torch.equal(out[r].long().sort().values, want):
+                bad.append(r)
+        self.record_bool("topk_rows_f32 ties, k=2048", not bad, f"rows wrong: {bad}" if bad else "tied entries: the lowest indices, as the engine")
+
         # timing: batch 64 decode at 64K context, each sequence its own keys
         B, ctx = 64, 65536
         keys = self.bf16(B * ctx, D)

@@ -119,7 +119,7 @@ rope_f32(float* __restrict__ x, const float* __restrict__ cos_t, const float* __
 
 // The lightning indexer's scores: scores[r, s] = Σ_h w[r, h] · ReLU(scale · q[r, h, :] · keys[s, :])
 // for s < n_visible[r], float32 -inf for the rest of the row (n_keys columns).
-// Launch: grid (ceil(n_keys / INDEXER_F32_KEYS), rows), block INDEXER_F32_KEYS (a key per
+// Launch: grid (rows, ceil(n_keys / INDEXER_F32_KEYS)), block INDEXER_F32_KEYS (a key per
 // thread), dynamic shared memory (heads · dim + heads) floats.
 extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS)
 indexer_scores_f32(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
@@ -128,11 +128,11 @@ indexer_scores_f32(float* __restrict__ scores, const float* __restrict__ q, cons
     extern __shared__ float smem[];
     float* qs = smem;               // [heads, dim]
     float* ws = smem + heads * dim;  // [heads]
-    const int r = blockIdx.y;
+    const int r = blockIdx.x;
     for (int i = threadIdx.x; i < heads * dim; i += blockDim.x) qs[i] = q[(size_t)r * heads * dim + i];
     for (int i = threadIdx.x; i < heads; i += blockDim.x) ws[i] = w[(size_t)r * heads + i];
     __syncthreads();
-    const int s = blockIdx.x * INDEXER_F32_KEYS + threadIdx.x;
+    const int s = blockIdx.y * INDEXER_F32_KEYS + threadIdx.x;
     if (s >= n_keys) return;
     float total = neg_inf();
     if (s < n_visible[r]) {
@@ -153,7 +153,7 @@ indexer_scores_f32(float* __restrict__ scores, const float* __restrict__ q, cons
 //   ctx[r, h, :] = Σ_s p_s · latent[s] (zero when no key is valid).
 // q_lat is [rows, heads·latent]; q_pe row r head h starts at q_pe + r·q_pe_row + h·q_pe_head.
 // Each warp scores keys of a tile of MLA_F32_TILE; each thread owns latent dims tid, tid + 128, …
-// Launch: grid (heads, rows), block MLA_F32_THREADS, dynamic shared memory
+// Launch: grid (rows, heads), block MLA_F32_THREADS, dynamic shared memory
 // (latent + rope + MLA_F32_TILE) floats; latent ≤ MLA_F32_MAX_LATENT.
 extern "C" __global__ void __launch_bounds__(MLA_F32_THREADS)
 mla_latent_attention_f32(float* __restrict__ ctx, const float* __restrict__ q_lat, const float* __restrict__ q_pe,
@@ -163,7 +163,7 @@ mla_latent_attention_f32(float* __restrict__ ctx, const float* __restrict__ q_la
     extern __shared__ float smem[];
     float* qs = smem;                          // [latent + rope]
     float* tile = smem + latent_dim + rope_dim;  // [MLA_F32_TILE] scores
-    const int h = blockIdx.x, r = blockIdx.y;
+    const int r = blockIdx.x, h = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = MLA_F32_THREADS / 32;
     const float* ql = q_lat + ((size_t)r * heads + h) * latent_dim;
     const float* qp = q_pe + (size_t)r * q_pe_row + (size_t)h * q_pe_head;

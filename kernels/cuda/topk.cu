@@ -2,11 +2,13 @@
 // Reference: engine/src/backend/cpu.rs `top_k` / `indexer_select` (as a set; order is not part of
 // the contract): out[r] holds the indices of the k largest of scores[r, 0 .. n_valid[r]).
 // When n_valid[r] <= k every valid index is returned (0 .. n_valid-1 in order) and the remaining
-// slots are -1, as the engine does for early rows. Ties at the k-th value: any of the tied indices.
+// slots are -1, as the engine does for early rows. Ties at the k-th value: the lowest indices, as
+// the engine breaks them.
 //
 // Launch: grid = rows, block = TOPK_THREADS (1024), no dynamic shared memory.
 // Four passes of 8-bit digits over the order-preserving uint32 image of each score narrow the
-// k-th largest value down to one exact bit pattern; a fifth pass writes the winners.
+// k-th largest value down to one exact bit pattern; a fifth pass, tile by tile in index order,
+// writes the winners.
 #include "common.cuh"
 
 #define TOPK_THREADS 1024
@@ -18,7 +20,7 @@ topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
     __shared__ unsigned int hist[TOPK_BINS];
     __shared__ uint32_t prefix_s, mask_s;
     __shared__ int want_s;  // how many entries equal to the threshold still belong in the top k
-    __shared__ int above_count, equal_count;
+    __shared__ int above_count;
 
     const int row = blockIdx.x;
     const int n = n_valid[row];
@@ -58,20 +60,38 @@ topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
             prefix_s = prefix | ((uint32_t)digit << shift);
             mask_s = mask | (0xffu << shift);
             above_count = 0;
-            equal_count = 0;
         }
         __syncthreads();
     }
 
     const uint32_t threshold = prefix_s;
     const int want = want_s;  // entries equal to the threshold to take; k - want are above it
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const uint32_t u = float_to_ordered(x[i]);
-        if (u > threshold) {
-            o[atomicAdd(&above_count, 1)] = i;
-        } else if (u == threshold) {
-            const int e = atomicAdd(&equal_count, 1);
-            if (e < want) o[k - want + e] = i;
+    // Above the threshold: every entry, in any slot order (the set is the contract). Equal to it:
+    // the `want` lowest indices, as the CPU breaks ties, so the result does not depend on thread
+    // timing. Tiles of the row are walked in index order; within a tile an equal entry's rank is
+    // the equal entries before it (earlier tiles, earlier warps, lower lanes).
+    __shared__ int warp_equal[TOPK_THREADS / 32];
+    __shared__ int taken_s;  // equal entries in the tiles before this one
+    if (threadIdx.x == 0) taken_s = 0;
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int base = 0; base < n; base += blockDim.x) {
+        const int i = base + threadIdx.x;
+        const uint32_t u = i < n ? float_to_ordered(x[i]) : 0u;
+        if (i < n && u > threshold) o[atomicAdd(&above_count, 1)] = i;
+        const bool equal = i < n && u == threshold;
+        const unsigned int ballot = __ballot_sync(0xffffffffu, equal);
+        if (lane == 0) warp_equal[warp] = __popc(ballot);
+        __syncthreads();
+        int rank = taken_s + __popc(ballot & ((1u << lane) - 1u));
+        for (int w = 0; w < warp; ++w) rank += warp_equal[w];
+        if (equal && rank < want) o[k - want + rank] = i;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int tile = 0;
+            for (int w = 0; w < warps; ++w) tile += warp_equal[w];
+            taken_s += tile;
         }
+        __syncthreads();
     }
 }

@@ -45,6 +45,20 @@ pub struct CudaTensor {
     cols: usize,
 }
 
+// A device buffer is freed on whatever thread drops it, which must have the context current
+// (cudarc frees without binding it): bind it first.
+impl Drop for CudaTensor {
+    fn drop(&mut self) {
+        let _ = self.buf.context().bind_to_thread();
+    }
+}
+
+impl Drop for CudaWeight {
+    fn drop(&mut self) {
+        let _ = self.buf.context().bind_to_thread();
+    }
+}
+
 impl std::fmt::Debug for CudaTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CudaTensor[{}, {}]", self.rows, self.cols)
@@ -99,6 +113,13 @@ impl std::fmt::Debug for Cuda {
 fn device_error(what: impl std::fmt::Display) -> EngineError {
     EngineError::Device(what.to_string())
 }
+
+/// Keys listed per attention launch (4 bytes each on the device).
+const KEYS_PER_LAUNCH: usize = 1 << 24;
+
+/// Query rows per indexer launch are bounded so their scores (`rows · keys` floats) stay within
+/// this many.
+const SCORES_PER_LAUNCH: usize = 1 << 26;
 
 /// The value of a device call inside a compute method, which cannot return an error.
 fn ok<T, E: std::fmt::Debug>(result: std::result::Result<T, E>, what: &str) -> T {
@@ -185,6 +206,10 @@ impl Cuda {
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| device_error(format!("opening cuda:{ordinal}: {e:?}")))?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown device".into());
+        // One stream: cudarc's per-buffer events (for ordering across streams) are pure cost.
+        // SAFETY: nothing has been allocated on this context by us yet, and every buffer is
+        // used on the one stream below.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let mut modules = Vec::new();
         for (file, ptx) in compile_kernels()? {
@@ -311,8 +336,8 @@ impl Cuda {
         n: usize,
         k: usize,
     ) {
-        if m == 0 || n == 0 {
-            return;
+        if m == 0 || n == 0 || k == 0 {
+            return; // y stays zero (its buffer is allocated zeroed)
         }
         // Row-major y = x·wᵀ is column-major yᵀ = w·xᵀ: w's storage read transposed.
         let cfg = GemmConfig {
@@ -346,33 +371,96 @@ impl Cuda {
     }
 
     /// `out[row] += weight · expert(x[row])` for each expert's (row, weight) pairs.
-    fn add_experts<'a>(
+    fn add_experts(
         &self,
         x: &CudaTensor,
         out: &mut CudaTensor,
-        groups: impl Iterator<Item = &'a (usize, Vec<(usize, f32)>)>,
+        groups: &[(usize, Vec<(usize, f32)>)],
         experts: &[Expert<CudaWeight>],
     ) {
-        for (e, rows) in groups {
-            let xe = self.gather(
-                &x.buf,
-                x.cols,
-                &rows.iter().map(|r| r.0).collect::<Vec<_>>(),
-            );
+        // Every expert's rows and weights in one upload each; each expert reads its range.
+        let rows: Vec<usize> = groups
+            .iter()
+            .flat_map(|(_, r)| r.iter().map(|p| p.0))
+            .collect();
+        let weights: Vec<f32> = groups
+            .iter()
+            .flat_map(|(_, r)| r.iter().map(|p| p.1))
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let rows_d = self.upload_i32(rows.iter().copied());
+        let weights_d = self.upload_slice(&weights);
+        let c = x.cols as i32;
+        let mut at = 0;
+        for (e, pairs) in groups {
+            let range = at..at + pairs.len();
+            at += pairs.len();
+            let xe = self.gather(&x.buf, x.cols, &rows[range.clone()]);
             let ye = self.swiglu_rows(&xe, &experts[*e]);
-            let idx = self.upload_i32(rows.iter().map(|r| r.0));
-            let wts: Vec<f32> = rows.iter().map(|r| r.1).collect();
-            let wts = self.upload_slice(&wts);
-            let c = x.cols as i32;
+            let (idx, wts) = (rows_d.slice(range.clone()), weights_d.slice(range));
             let mut b = self.stream.launch_builder(&self.k.scatter_add_rows);
             b.arg(&mut out.buf).arg(&ye.buf).arg(&idx).arg(&wts).arg(&c);
-            // SAFETY: ye is [rows.len(), cols]; the rows index out's rows and are distinct
-            // within one expert.
+            // SAFETY: ye is [pairs.len(), cols]; the rows index out's rows and are distinct
+            // within one expert (experts add one launch after another).
             ok(
-                unsafe { b.launch(Self::row_config(rows.len())) },
+                unsafe { b.launch(Self::row_config(pairs.len())) },
                 "scatter_add_rows",
             );
         }
+    }
+
+    /// Stage 2 of [`Cuda::mla_sequence`] for the `offsets.len() - 1` rows from `first_row`:
+    /// row `first_row + i` attends to `keys[offsets[i]..offsets[i + 1]]`.
+    #[allow(clippy::too_many_arguments)]
+    fn latent_attention(
+        &self,
+        q_lat: &CudaTensor,
+        q: &CudaTensor,
+        seq: &MlaSeq<'_, CudaTensor>,
+        first_row: usize,
+        keys: &[usize],
+        offsets: &[usize],
+        d: MlaDims,
+        scale: f32,
+        ctx: &mut CudaTensor,
+    ) {
+        let rows = offsets.len() - 1;
+        if rows == 0 || keys.is_empty() {
+            return; // contexts stay zero, as the CPU's for rows with no key
+        }
+        let width = d.heads * d.latent;
+        let keys_d = self.upload_i32(keys.iter().copied());
+        let offsets_d = self.upload_i32(offsets.iter().copied());
+        let q_lat_rows = q_lat.buf.slice(first_row * width..);
+        let q_pe = q.buf.slice((seq.first + first_row) * q.cols + d.nope..);
+        let mut ctx_rows = ctx.buf.slice_mut(first_row * width..);
+        let (heads, latent, rope) = (d.heads as i32, d.latent as i32, d.rope as i32);
+        let (q_pe_row, q_pe_head) = (q.cols as i32, (d.nope + d.rope) as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, d.heads as u32, 1),
+            block_dim: (launch::MLA_F32_THREADS, 1, 1),
+            shared_mem_bytes: launch::mla_f32_smem_bytes(d.latent as u32, d.rope as u32),
+        };
+        let mut b = self.stream.launch_builder(&self.k.mla_latent_attention);
+        b.arg(&mut ctx_rows)
+            .arg(&q_lat_rows)
+            .arg(&q_pe)
+            .arg(&seq.latent.buf)
+            .arg(&seq.k_pe.buf)
+            .arg(&keys_d)
+            .arg(&offsets_d)
+            .arg(&heads)
+            .arg(&latent)
+            .arg(&rope)
+            .arg(&q_pe_row)
+            .arg(&q_pe_head)
+            .arg(&scale);
+        // SAFETY: every key indexes a row of the sequence's latent and k_pe caches
+        // (visible_keys keeps s ≤ position < cache rows); latent ≤ MLA_F32_MAX_LATENT (checked
+        // by mla_attention); rows ≤ the grid's x limit; heads ≤ its y limit (65535).
+        ok(unsafe { b.launch(cfg) }, "mla_latent_attention");
     }
 
     /// One sequence's rows of the absorbed MLA (see [`Backend::mla_attention`]), written into
@@ -387,21 +475,11 @@ impl Cuda {
         out: &mut CudaTensor,
     ) {
         let n = seq.positions.len();
-        let qk = d.nope + d.rope;
-        let kv_width = d.nope + d.v;
-        // Each row's keys, concatenated, with offsets.
-        let mut offsets = Vec::with_capacity(n + 1);
-        let mut keys = Vec::new();
-        offsets.push(0usize);
-        for i in 0..n {
-            keys.extend(seq.visible_keys(i));
-            offsets.push(keys.len());
-        }
-        if n == 0 || keys.is_empty() {
+        if n == 0 {
             return;
         }
-        let keys_d = self.upload_i32(keys.into_iter());
-        let offsets_d = self.upload_i32(offsets.into_iter());
+        let qk = d.nope + d.rope;
+        let kv_width = d.nope + d.v;
         let q_rows = q.buf.slice(seq.first * q.cols..);
 
         // Stage 1: q_lat[r, h] = q_nope[r, h] · W_UK,h (W_UK,hᵀ is uk_t's rows h·latent..).
@@ -434,34 +512,25 @@ impl Cuda {
             "cublasSgemmStridedBatched (query into the latent space)",
         );
 
-        // Stage 2: ctx[r, h] over the row's keys.
+        // Stage 2: ctx[r, h] over each row's keys, rows in chunks whose key lists (a dense
+        // prefill's grow with the square of its rows) stay within KEYS_PER_LAUNCH.
         let mut ctx = self.alloc_tensor(n, d.heads * d.latent);
-        let q_pe = q.buf.slice(seq.first * q.cols + d.nope..);
-        let (heads, latent, rope) = (d.heads as i32, d.latent as i32, d.rope as i32);
-        let (q_pe_row, q_pe_head) = (q.cols as i32, qk as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (d.heads as u32, n as u32, 1),
-            block_dim: (launch::MLA_F32_THREADS, 1, 1),
-            shared_mem_bytes: launch::mla_f32_smem_bytes(d.latent as u32, d.rope as u32),
-        };
-        let mut b = self.stream.launch_builder(&self.k.mla_latent_attention);
-        b.arg(&mut ctx.buf)
-            .arg(&q_lat.buf)
-            .arg(&q_pe)
-            .arg(&seq.latent.buf)
-            .arg(&seq.k_pe.buf)
-            .arg(&keys_d)
-            .arg(&offsets_d)
-            .arg(&heads)
-            .arg(&latent)
-            .arg(&rope)
-            .arg(&q_pe_row)
-            .arg(&q_pe_head)
-            .arg(&scale);
-        // SAFETY: every key indexes a row of the sequence's latent and k_pe caches
-        // (visible_keys keeps s ≤ position < cache rows); latent ≤ MLA_F32_MAX_LATENT (checked
-        // by mla_attention).
-        ok(unsafe { b.launch(cfg) }, "mla_latent_attention");
+        let (mut first_row, mut keys, mut offsets) = (0, Vec::new(), vec![0usize]);
+        for i in 0..n {
+            let row = seq.visible_keys(i);
+            if i > first_row && keys.len() + row.len() > KEYS_PER_LAUNCH {
+                self.latent_attention(
+                    &q_lat, q, seq, first_row, &keys, &offsets, d, scale, &mut ctx,
+                );
+                (first_row, offsets) = (i, vec![0]);
+                keys.clear();
+            }
+            keys.extend(row);
+            offsets.push(keys.len());
+        }
+        self.latent_attention(
+            &q_lat, q, seq, first_row, &keys, &offsets, d, scale, &mut ctx,
+        );
 
         // Stage 3: out[r, h] = ctx[r, h] · W_UV,hᵀ (W_UV,h is kv_b's rows h·kv_width + nope..).
         let width = d.heads * d.v;
@@ -715,6 +784,7 @@ impl Backend for Cuda {
 
     fn write_rows(&self, dst: &mut CudaTensor, slots: &[usize], rows: &CudaTensor) {
         assert_eq!(dst.cols, rows.cols, "write_rows: column counts differ");
+        assert_eq!(rows.rows, slots.len(), "write_rows: one slot per row");
         assert!(
             slots.iter().all(|&s| s < dst.rows),
             "write_rows: slot beyond the pool"
@@ -820,8 +890,9 @@ impl Backend for Cuda {
                 .map(|&p| (0..=p as u32).collect())
                 .collect();
         }
-        let visible = self.upload_i32(positions.iter().map(|p| p + 1));
-        let mut scores = self.alloc_tensor(n, n_keys);
+        if k == 0 {
+            return vec![Vec::new(); n];
+        }
         let smem = launch::indexer_f32_smem_bytes(heads as u32, dim as u32);
         if smem > 48 * 1024 {
             ok(
@@ -832,55 +903,65 @@ impl Backend for Cuda {
                 "raising the indexer's shared memory",
             );
         }
-        let cfg = LaunchConfig {
-            grid_dim: (
-                n_keys.div_ceil(launch::INDEXER_F32_KEYS as usize) as u32,
-                n as u32,
-                1,
-            ),
-            block_dim: (launch::INDEXER_F32_KEYS, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        let (nk, h, dm) = (n_keys as i32, heads as i32, dim as i32);
-        let mut b = self.stream.launch_builder(&self.k.indexer_scores);
-        b.arg(&mut scores.buf)
-            .arg(&q.buf)
-            .arg(&w.buf)
-            .arg(&keys.buf)
-            .arg(&visible)
-            .arg(&nk)
-            .arg(&h)
-            .arg(&dm)
-            .arg(&scale);
-        // SAFETY: scores is [n, n_keys]; keys holds n_keys rows of dim; q and w are
-        // [n, heads·dim] and [n, heads].
-        ok(unsafe { b.launch(cfg) }, "indexer_scores");
+        let visible = self.upload_i32(positions.iter().map(|p| p + 1));
+        // Rows a chunk at a time, so their scores stay within SCORES_PER_LAUNCH floats.
+        let per_chunk = (SCORES_PER_LAUNCH / n_keys).max(1);
+        let mut selected = Vec::with_capacity(n);
+        for first in (0..n).step_by(per_chunk) {
+            let rows = per_chunk.min(n - first);
+            let mut scores = self.alloc_tensor(rows, n_keys);
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    rows as u32,
+                    n_keys.div_ceil(launch::INDEXER_F32_KEYS as usize) as u32,
+                    1,
+                ),
+                block_dim: (launch::INDEXER_F32_KEYS, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            let (nk, h, dm) = (n_keys as i32, heads as i32, dim as i32);
+            let q_rows = q.buf.slice(first * q.cols..);
+            let w_rows = w.buf.slice(first * heads..);
+            let visible_rows = visible.slice(first..first + rows);
+            let mut b = self.stream.launch_builder(&self.k.indexer_scores);
+            b.arg(&mut scores.buf)
+                .arg(&q_rows)
+                .arg(&w_rows)
+                .arg(&keys.buf)
+                .arg(&visible_rows)
+                .arg(&nk)
+                .arg(&h)
+                .arg(&dm)
+                .arg(&scale);
+            // SAFETY: scores is [rows, n_keys]; keys holds n_keys rows of dim; q and w hold
+            // rows rows of heads·dim and heads from `first`; key blocks ≤ 65535 (the grid's y
+            // limit) up to 8M keys.
+            ok(unsafe { b.launch(cfg) }, "indexer_scores");
 
-        let mut chosen = ok(self.stream.alloc_zeros::<i32>(n * k), "allocating");
-        let (kk, stride) = (k as i32, n_keys as i64);
-        let mut b = self.stream.launch_builder(&self.k.topk_rows);
-        b.arg(&mut chosen)
-            .arg(&scores.buf)
-            .arg(&visible)
-            .arg(&kk)
-            .arg(&stride);
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (launch::TOPK_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: chosen is [n, k]; each row's n_valid ≤ n_keys, the scores' row stride.
-        ok(unsafe { b.launch(cfg) }, "topk_rows");
-        let chosen = ok(self.stream.clone_dtoh(&chosen), "copying to the host");
-        chosen
-            .chunks_exact(k)
-            .map(|row| {
+            let mut chosen = ok(self.stream.alloc_zeros::<i32>(rows * k), "allocating");
+            let (kk, stride) = (k as i32, n_keys as i64);
+            let mut b = self.stream.launch_builder(&self.k.topk_rows);
+            b.arg(&mut chosen)
+                .arg(&scores.buf)
+                .arg(&visible_rows)
+                .arg(&kk)
+                .arg(&stride);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (launch::TOPK_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: chosen is [rows, k]; each row's n_valid ≤ n_keys, the scores' row stride.
+            ok(unsafe { b.launch(cfg) }, "topk_rows");
+            let chosen = ok(self.stream.clone_dtoh(&chosen), "copying to the host");
+            selected.extend(chosen.chunks_exact(k).map(|row| {
                 let mut keep: Vec<u32> =
                     row.iter().filter(|&&s| s >= 0).map(|&s| s as u32).collect();
                 keep.sort_unstable();
                 keep
-            })
-            .collect()
+            }));
+        }
+        selected
     }
 
     fn mla_attention(
@@ -921,7 +1002,7 @@ impl Backend for Cuda {
     ) -> CudaTensor {
         let groups = by_expert(routing.pairs(), experts.len());
         let mut out = self.alloc_tensor(x.rows, x.cols);
-        self.add_experts(x, &mut out, groups.iter(), experts);
+        self.add_experts(x, &mut out, &groups, experts);
         out
     }
 
@@ -936,7 +1017,7 @@ impl Backend for Cuda {
         let mut out = self.alloc_tensor(x.rows, x.cols);
         for shard in work {
             let groups = by_expert(shard.iter().copied(), experts.len());
-            self.add_experts(x, &mut out, groups.iter(), experts);
+            self.add_experts(x, &mut out, &groups, experts);
         }
         out
     }
