@@ -272,10 +272,11 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
         (None, None) => None,
     };
     let temperature = body.temperature.unwrap_or(1.0);
-    if !temperature.is_finite() || temperature < 0.0 {
+    // Sampling runs in f32: a value beyond f32's range would become infinite there.
+    if !(temperature as f32).is_finite() || temperature < 0.0 {
         return Err(ApiError::invalid(
             Some("temperature"),
-            format!("temperature must be >= 0, got {temperature}"),
+            format!("temperature must be a finite number >= 0, got {temperature}"),
         ));
     }
     let top_p = body.top_p.unwrap_or(1.0);
@@ -493,6 +494,7 @@ mod tests {
         for (v, param) in [
             (json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
             (json!({"prompt": "x", "temperature": -0.5}), "temperature"),
+            (json!({"prompt": "x", "temperature": 6.7e44}), "temperature"),
             (json!({"prompt": "x", "top_p": 0}), "top_p"),
             (json!({"prompt": "x", "top_k": -2}), "top_k"),
             (json!({"prompt": "x", "n": 2}), "n"),
