@@ -280,7 +280,8 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
         ));
     }
     let top_p = body.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
+    // As f32, too: 1e-50 is positive as f64 but 0 in f32.
+    if !(top_p > 0.0 && top_p <= 1.0 && top_p as f32 > 0.0) {
         return Err(ApiError::invalid(
             Some("top_p"),
             format!("top_p must be in (0, 1], got {top_p}"),
@@ -496,6 +497,7 @@ mod tests {
             (json!({"prompt": "x", "temperature": -0.5}), "temperature"),
             (json!({"prompt": "x", "temperature": 6.7e44}), "temperature"),
             (json!({"prompt": "x", "top_p": 0}), "top_p"),
+            (json!({"prompt": "x", "top_p": 1e-50}), "top_p"),
             (json!({"prompt": "x", "top_k": -2}), "top_k"),
             (json!({"prompt": "x", "n": 2}), "n"),
             (json!({"prompt": "x", "logprobs": 21}), "logprobs"),
