@@ -635,6 +635,65 @@ fn lease_holder(cluster: &Cluster, ns: &str) -> Option<String> {
     lease["spec"]["holderIdentity"].as_str().map(String::from)
 }
 
+/// Why each replica takes the Lease under its own field manager: a free Lease is taken with an
+/// unforced server-side apply of `holderIdentity`, which the API server refuses to a second
+/// field manager (409, so the second replica backs off) but lets the same field manager
+/// overwrite, which made two replicas lead at once.
+#[test]
+fn a_held_lease_conflicts_only_for_another_field_manager() {
+    let Some(cluster) = cluster() else { return };
+    let ns = cluster.namespace("op-lease-ssa");
+    let ns = ns.name();
+    let dir = tempfile_dir();
+    let apply_as = |manager: &str, holder: &str| {
+        let path = dir.join(format!("{manager}-{holder}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: race\n\
+                 spec:\n  holderIdentity: {holder}\n  leaseDurationSeconds: 15\n"
+            ),
+        )
+        .unwrap();
+        cluster.kubectl(&[
+            "apply",
+            "--server-side",
+            "--field-manager",
+            manager,
+            "-n",
+            ns,
+            "-f",
+            path.to_str().unwrap(),
+        ])
+    };
+    let holder = || {
+        cluster.get_json(&["lease/race", "-n", ns]).unwrap()["spec"]["holderIdentity"]
+            .as_str()
+            .map(String::from)
+    };
+    let first = apply_as("sparsemoe-operator-a", "a");
+    assert!(first.success, "{}", first.stderr);
+    let second = apply_as("sparsemoe-operator-b", "b");
+    assert!(
+        !second.success && second.stderr.to_lowercase().contains("conflict"),
+        "another field manager took a held Lease: {} {}",
+        second.stdout,
+        second.stderr
+    );
+    assert_eq!(holder().as_deref(), Some("a"));
+    // The old shared name: the same field manager silently replaces the holder.
+    let shared = apply_as("sparsemoe-operator-a", "b");
+    assert!(shared.success, "{}", shared.stderr);
+    assert_eq!(holder().as_deref(), Some("b"));
+}
+
+/// A fresh directory for this test process's files.
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sparsemoe-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// Scenario 4: two replicas, exactly one reconciles (the Lease holder); when it dies, the
 /// other takes over.
 #[test]
@@ -653,6 +712,27 @@ fn two_replicas_one_leader_and_failover() {
     .unwrap_or_else(|e| panic!("{e:#}\na:\n{}\nb:\n{}", a.log(), b.log()));
     let first = holder.unwrap();
     assert!(first == "a" || first == "b", "holder {first}");
+    // The holder took the Lease under its own field manager (see the next test for why).
+    let lease = cluster
+        .get_json(&[
+            "lease/sparsemoe-operator",
+            "-n",
+            ns,
+            "--show-managed-fields",
+        ])
+        .unwrap();
+    let applied_by: Vec<&str> = lease["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["fieldsV1"]["f:spec"]["f:holderIdentity"].is_object())
+        .filter_map(|f| f["manager"].as_str())
+        .collect();
+    assert_eq!(
+        applied_by,
+        [format!("sparsemoe-operator-{first}")],
+        "the holder's field manager: {lease:#}"
+    );
     cluster.apply_yaml(&cpu_idep("lead", 2, &[]), ns).unwrap();
     wait_ready(&cluster, ns, "lead")
         .unwrap_or_else(|e| panic!("{e:#}\na:\n{}\nb:\n{}", a.log(), b.log()));
