@@ -26,7 +26,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA_DIR = os.path.join(HERE, "cuda")
 SOURCES = ["norm.cu", "rope.cu", "activation.cu", "indexer.cu", "topk.cu", "mla_sparse.cu",
-           "mla_dense.cu", "moe.cu", "fp8.cu", "grouped_gemm.cu"]
+           "mla_dense.cu", "moe.cu", "fp8.cu", "grouped_gemm.cu", "engine.cu"]
 F32_BOUND, BF16_BOUND = 1e-5, 8e-3
 FLT_MIN = -3.4028234663852886e38
 INDEXER_KEYS, MLA_HEADS_PER_BLOCK, MLA_TILE = 64, 16, 32
@@ -336,6 +336,98 @@ class Harness:
         self.launch("silu_and_mul_f32", ((cols + 255) // 256, rows), 256, [out, xf, ("i", cols)])
         self.record("silu_and_mul_f32", rel_l2(out, ref_silu_and_mul(xf)), BF16_BOUND)
 
+    def check_engine_f32(self):
+        """The engine CUDA backend's float32 kernels (engine.cu), each against float64."""
+        d, nan = self.dev, float("nan")
+        rows, cols = 300, 1000
+        src = torch.randn(500, cols, device=d)
+        slots = torch.randperm(500, device=d)[:rows].int()
+        out = torch.full((rows, cols), nan, device=d)
+        self.launch("gather_rows_f32", (rows,), 256, [out, src, slots, ("i", cols)])
+        self.record_bool("gather_rows_f32", torch.equal(out, src[slots.long()]), "rows copied exactly")
+        dst = torch.randn(500, cols, device=d)
+        want = dst.clone()
+        want[slots.long()] = out
+        self.launch("scatter_rows_f32", (rows,), 256, [dst, out, slots, ("i", cols)])
+        self.record_bool("scatter_rows_f32", torch.equal(dst, want), "rows written exactly, the others untouched")
+        acc, wts = torch.randn(500, cols, device=d), torch.randn(rows, device=d)
+        ref = acc.double().clone()
+        ref[slots.long()] += wts.double()[:, None] * out.double()
+        self.launch("scatter_add_rows_f32", (rows,), 256, [acc, out, slots, wts, ("i", cols)])
+        self.record("scatter_add_rows_f32", rel_l2(acc, ref), F32_BOUND)
+        part = torch.full((rows, 100), nan, device=d)
+        self.launch("copy_columns_f32", (rows,), 256, [part, src, ("i", cols), ("i", 37), ("i", 100)])
+        self.record_bool("copy_columns_f32", torch.equal(part, src[:rows, 37:137]), "columns 37..137 exactly")
+
+        x = torch.randn(rows, 7168, device=d)
+        w, b = torch.randn(7168, device=d) * 0.2 + 1, torch.randn(7168, device=d)
+        o = torch.full_like(x, nan)
+        self.launch("rms_norm_f32", (rows,), 256, [o, x, w, ("i", 7168), ("f", 1e-6)])
+        self.record("rms_norm_f32 300x7168", rel_l2(o, ref_rms_norm(x, w, 1e-6)), F32_BOUND)
+        o.fill_(nan)
+        self.launch("layer_norm_f32", (rows,), 256, [o, x, w, b, ("i", 7168), ("f", 1e-6)])
+        xd = x.double()
+        mu = xd.mean(-1, keepdim=True)
+        ref = (xd - mu) / torch.sqrt(((xd - mu) ** 2).mean(-1, keepdim=True) + 1e-6) * w.double() + b.double()
+        self.record("layer_norm_f32 300x7168", rel_l2(o, ref), F32_BOUND)
+        y, x0 = torch.randn_like(x), x.double().clone()
+        self.launch("add_f32", ((x.numel() + 255) // 256,), 256, [x, y, ("l", x.numel())])
+        self.record("add_f32", rel_l2(x, x0 + y.double()), F32_BOUND)
+        g = torch.randn(rows, 2048, device=d)
+        u, g0 = torch.randn_like(g), g.double().clone()
+        self.launch("silu_mul_f32", ((g.numel() + 255) // 256,), 256, [g, u, ("l", g.numel())])
+        self.record("silu_mul_f32", rel_l2(g, g0 / (1 + torch.exp(-g0)) * u.double()), F32_BOUND)
+
+        n, half, heads, width, offset = 64, 32, 16, 192, 128
+        angle = torch.rand(n, half, device=d) * 100
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        for inter in (1, 0):
+            xr = torch.randn(n, heads, width, device=d)
+            ref = ref_rope(xr, cos.double(), sin.double(), offset, 2 * half, inter)
+            self.launch("rope_f32", (n, heads), 64, [xr, cos, sin, ("i", heads * width), ("i", width), ("i", offset), ("i", half), ("i", inter)])
+            self.record(f"rope_f32 {'interleaved' if inter else 'half-split'}", rel_l2(xr, ref), F32_BOUND)
+
+        # indexer scores (rows on grid x), masked to -inf past each row's visible keys, then top-k
+        T, S, H, D, k = 24, 3000, 64, 128, 512
+        q, keys = torch.randn(T, H, D, device=d), torch.randn(S, D, device=d)
+        wi = torch.randn(T, H, device=d) * H ** -0.5
+        vis = torch.randint(1, S + 1, (T,), dtype=torch.int32, device=d)
+        vis[0], vis[1] = S, k
+        scores = torch.full((T, S), nan, device=d)
+        self.launch("indexer_scores_f32", (T, (S + 127) // 128), 128,
+                    [scores, q, wi, keys, vis, ("i", S), ("i", H), ("i", D), ("f", D ** -0.5)], (H * D + H) * 4)
+        ref = ref_indexer(q, keys, wi, torch.zeros(T, dtype=torch.int32), vis.cpu(), S, D ** -0.5)
+        masked = ref == FLT_MIN
+        self.record_bool("indexer_scores_f32 mask", bool((scores[masked] == -math.inf).all()), "entries past n_visible are -inf")
+        self.record("indexer_scores_f32 24x3000 (64 heads x 128)", rel_l2(scores[~masked], ref[~masked]), F32_BOUND)
+        top = torch.full((T, k), -7, dtype=torch.int32, device=d)
+        self.launch("topk_rows_f32", (T,), 1024, [top, scores, vis, ("i", k), ("l", S)])
+        bad = [r for r in range(T) if int(vis[r]) > k and not torch.equal(
+            top[r].long().sort().values, ref[r, : int(vis[r])].topk(k).indices.sort().values)]
+        self.record_bool("indexer_scores_f32 + topk_rows_f32", not bad, f"rows wrong: {bad[:8]}" if bad else "the float64 reference's top 512")
+
+        # absorbed attention in the latent space: per-row key lists with -1 entries, one empty row
+        R, H, L, P, nope = 12, 16, 512, 64, 128
+        Sk = 5000
+        latent, k_pe = torch.randn(Sk, L, device=d), torch.randn(Sk, P, device=d)
+        q_lat = torch.randn(R, H, L, device=d) * 0.05
+        q_full = torch.randn(R, H, nope + P, device=d) * 0.05
+        lists = [torch.randperm(Sk, device=d)[: int(c)] for c in torch.randint(1, 2500, (R,))]
+        lists[3] = torch.empty(0, dtype=torch.long, device=d)
+        lists[4] = torch.cat([lists[4], torch.full((7,), -1, device=d, dtype=torch.long)])
+        offsets = torch.tensor([0] + [len(x) for x in lists], device=d).cumsum(0).int()
+        flat = torch.cat(lists).int()
+        ctx = torch.full((R, H, L), nan, device=d)
+        scale = 0.135234
+        self.launch("mla_latent_attention_f32", (R, H), 128,
+                    [ctx, q_lat, q_full[:, :, nope:], latent, k_pe, flat, offsets, ("i", H), ("i", L), ("i", P),
+                     ("i", H * (nope + P)), ("i", nope + P), ("f", scale)], (L + P + 32) * 4)
+        q_cat = torch.cat([q_lat, q_full[:, :, nope:]], -1)
+        kv = torch.cat([latent, k_pe], -1)
+        ro, _ = ref_mla(q_cat, kv, [x[x >= 0] for x in lists], L, scale)
+        self.record("mla_latent_attention_f32 (12 rows x 16 heads, lists up to 2500, -1 entries)", rel_l2(ctx, ro), F32_BOUND * 10)
+        self.record_bool("mla_latent_attention_f32 empty row", bool((ctx[3] == 0).all()), "a row with no keys: context 0")
+
     def indexer_launch(self, scores, q, keys, w, start, vis, n_keys, heads, dim):
         smem = heads * dim * 2 + INDEXER_KEYS * (dim + 2) * 2 + INDEXER_KEYS * 4
         self.launch("indexer_scores_bf16", ((n_keys + INDEXER_KEYS - 1) // INDEXER_KEYS, q.shape[0]), 2 * INDEXER_KEYS,
@@ -607,7 +699,7 @@ def main():
     started = time.time()
     h = Harness(args.out, args.quick)
     h.ceilings()
-    for step in (h.check_norm_rope_act, h.check_fp8, h.check_moe, h.check_indexer_topk, h.check_mla):
+    for step in (h.check_norm_rope_act, h.check_engine_f32, h.check_fp8, h.check_moe, h.check_indexer_topk, h.check_mla):
         try:
             step()
         except Exception as e:  # one broken kernel must not hide the others' results
