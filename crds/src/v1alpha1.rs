@@ -188,6 +188,12 @@ pub enum PullPolicy {
 
 /// The engine container.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new(
+    "!has(self.kvCacheMemoryFraction) || !has(self.args) || \
+     !self.args.exists(a, a == '--kv-cache-bytes' || a.startsWith('--kv-cache-bytes='))"
+).message(
+    "engine.kvCacheMemoryFraction and --kv-cache-bytes in engine.args both size the KV cache: give one"
+))]
 #[serde(rename_all = "camelCase")]
 pub struct EngineSpec {
     /// The sparsemoe-engine image.
@@ -218,8 +224,10 @@ pub struct EngineSpec {
         "engine.kvCacheMemoryFraction must be in (0, 0.98], e.g. 0.9"
     ))]
     pub kv_cache_memory_fraction: Option<f64>,
-    /// Extra arguments appended to `sparsemoe-engine serve`.
+    /// Extra arguments appended to `sparsemoe-engine serve` (at most 64, each at most 4096
+    /// bytes: the bounds keep the schema's rules within the API server's cost budget).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 4096)))]
     pub args: Vec<String>,
     /// Extra environment variables for the engine container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
