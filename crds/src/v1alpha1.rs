@@ -224,6 +224,10 @@ pub struct EngineSpec {
         "engine.kvCacheMemoryFraction must be in (0, 0.98], e.g. 0.9"
     ))]
     pub kv_cache_memory_fraction: Option<f64>,
+    /// Reuse the KV blocks of a prompt prefix computed before (automatic prefix caching); on
+    /// unless `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_caching: Option<bool>,
     /// Extra arguments appended to `sparsemoe-engine serve` (at most 64, each at most 4096
     /// bytes: the bounds keep the schema's rules within the API server's cost budget).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -251,6 +255,7 @@ impl Default for EngineSpec {
             max_context_tokens: None,
             max_batched_tokens: None,
             kv_cache_memory_fraction: None,
+            prefix_caching: None,
             args: Vec::new(),
             env: Vec::new(),
             resources: None,

@@ -231,6 +231,10 @@ pub(super) fn pod_template(
             "SPARSEMOE_KV_CACHE_MEMORY_FRACTION",
             engine.kv_cache_memory_fraction.map(|v| v.to_string()),
         ),
+        (
+            "SPARSEMOE_NO_PREFIX_CACHING",
+            (engine.prefix_caching == Some(false)).then(|| "true".to_string()),
+        ),
         ("SPARSEMOE_MODEL_REVISION", spec.model.revision.clone()),
         (
             "SPARSEMOE_PLACEMENT",

@@ -353,6 +353,7 @@ fn user_settings_reach_the_engine() {
     let mut idep = gpu_idep();
     idep.spec.engine.index_top_k = Some(1024);
     idep.spec.engine.kv_cache_memory_fraction = Some(0.85);
+    idep.spec.engine.prefix_caching = Some(false);
     idep.spec.engine.args = vec!["--log-level".into(), "debug".into()];
     idep.spec.engine.env = vec![k8s_openapi::api::core::v1::EnvVar {
         name: "SPARSEMOE_ATTENTION".into(),
@@ -366,6 +367,7 @@ fn user_settings_reach_the_engine() {
     let d = only_deployment(&c);
     let e = engine(d);
     assert_eq!(env_value(e, "SPARSEMOE_INDEX_TOPK"), Some("1024"));
+    assert_eq!(env_value(e, "SPARSEMOE_NO_PREFIX_CACHING"), Some("true"));
     assert_eq!(
         env_value(e, "SPARSEMOE_KV_CACHE_MEMORY_FRACTION"),
         Some("0.85")
@@ -509,4 +511,23 @@ fn variants_with_different_gpu_counts_get_their_own_plans() {
         "placement-16gpu-2node.json"
     );
     assert_eq!(placement["configMap"]["items"][0]["path"], PLAN_FILE);
+}
+
+#[test]
+fn prefix_caching_stays_on_unless_turned_off() {
+    for (setting, want) in [
+        (None, None),
+        (Some(true), None),
+        (Some(false), Some("true")),
+    ] {
+        let mut idep = gpu_idep();
+        idep.spec.engine.prefix_caching = setting;
+        let c = build_default(&idep, Capabilities::default());
+        let e = engine(only_deployment(&c));
+        assert_eq!(
+            env_value(e, "SPARSEMOE_NO_PREFIX_CACHING"),
+            want,
+            "prefixCaching {setting:?}"
+        );
+    }
 }
