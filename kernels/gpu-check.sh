@@ -2,11 +2,11 @@
 # The one GPU check for sparsemoe's kernels and its engine, for a single device call: every step
 # has a time limit and they add up to under 10 minutes (kernels 330 s, engine tests 90 s, four
 # benches 40 s each); about 5 minutes expected on an H200, unmeasured so far. Call it with
-# timeout_s 600 and carry ["target/gpu-check"] (kernels/gpu-build.sh, 21 MB). Needs nvcc, PyTorch and CuPy on the GPU
-# machine (its image has them): the .cu files are compiled there for sm_90a. The engine's own
-# binaries (its CUDA backend) come from the build machine: kernels/gpu-build.sh there, then
-# carry target/gpu-check. Writes under $OUT: gpu-check.md
-# (table), gpu-check.json, gpu-check.log (raw), engine.log, nvidia-smi.txt.
+# timeout_s 600 and carry ["target/gpu-check"] (kernels/gpu-build.sh, 21 MB).
+# Needs nvcc, PyTorch and CuPy on the GPU machine (its image has them): the .cu files are
+# compiled there for sm_90a. The engine's own binaries (its CUDA backend) come from the build
+# machine (kernels/gpu-build.sh). Writes under $OUT: gpu-check.md (table), gpu-check.json,
+# gpu-check.log (raw), engine.log, engine-bench.jsonl, nvidia-smi.txt.
 #   run: OUT=... kernels/gpu-check.sh [--quick]
 # Commit the table and log to bench/results/ with the date and the card afterwards.
 set -uo pipefail
