@@ -27,7 +27,8 @@ use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DriverError, LaunchConfig,
+    PushKernelArg,
 };
 use sparsemoe_kernels::launch;
 
@@ -43,20 +44,6 @@ pub struct CudaTensor {
     buf: CudaSlice<f32>,
     rows: usize,
     cols: usize,
-}
-
-// A device buffer is freed on whatever thread drops it, which must have the context current
-// (cudarc frees without binding it): bind it first.
-impl Drop for CudaTensor {
-    fn drop(&mut self) {
-        let _ = self.buf.context().bind_to_thread();
-    }
-}
-
-impl Drop for CudaWeight {
-    fn drop(&mut self) {
-        let _ = self.buf.context().bind_to_thread();
-    }
 }
 
 impl std::fmt::Debug for CudaTensor {
@@ -75,6 +62,20 @@ pub struct CudaWeight {
 impl std::fmt::Debug for CudaWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CudaWeight[{}, {}]", self.rows, self.cols)
+    }
+}
+
+// A device buffer is freed on whatever thread drops it, which must have the context current
+// (cudarc frees without binding it): bind it first.
+impl Drop for CudaTensor {
+    fn drop(&mut self) {
+        let _ = self.buf.context().bind_to_thread();
+    }
+}
+
+impl Drop for CudaWeight {
+    fn drop(&mut self) {
+        let _ = self.buf.context().bind_to_thread();
     }
 }
 
@@ -255,24 +256,6 @@ impl Cuda {
         })
     }
 
-    /// Free device memory in bytes (after the weights, once they are uploaded).
-    pub fn free_memory(&self) -> Option<u64> {
-        self.stream
-            .context()
-            .mem_get_info()
-            .ok()
-            .map(|(free, _)| free as u64)
-    }
-
-    fn alloc_tensor(&self, rows: usize, cols: usize) -> CudaTensor {
-        // One element at least: a zero-length allocation is not a valid device pointer.
-        let buf = ok(
-            self.stream.alloc_zeros::<f32>((rows * cols).max(1)),
-            "allocating",
-        );
-        CudaTensor { buf, rows, cols }
-    }
-
     fn upload_i32(&self, values: impl Iterator<Item = usize>) -> CudaSlice<i32> {
         let v: Vec<i32> = values
             .map(|x| i32::try_from(x).expect("index fits in int32"))
@@ -309,65 +292,31 @@ impl Cuda {
 
     /// Rows `slots` of `src` (`[_, cols]`), stacked.
     fn gather(&self, src: &CudaSlice<f32>, cols: usize, slots: &[usize]) -> CudaTensor {
-        let mut out = self.alloc_tensor(slots.len(), cols);
         if slots.is_empty() {
-            return out;
+            return self.zeros(0, cols);
         }
         let idx = self.upload_i32(slots.iter().copied());
+        self.gather_indexed(src, cols, &idx.as_view())
+    }
+
+    /// Rows `idx[0], idx[1], …` (already on the device) of `src` (`[_, cols]`), stacked.
+    fn gather_indexed(
+        &self,
+        src: &CudaSlice<f32>,
+        cols: usize,
+        idx: &CudaView<'_, i32>,
+    ) -> CudaTensor {
+        let mut out = self.zeros(idx.len(), cols);
         let c = cols as i32;
         let mut b = self.stream.launch_builder(&self.k.gather_rows);
-        b.arg(&mut out.buf).arg(src).arg(&idx).arg(&c);
-        // SAFETY: out has slots.len()·cols elements; every slot indexes a row of src (callers
-        // pass tokens below the vocabulary and cache slots below the pool's rows).
+        b.arg(&mut out.buf).arg(src).arg(idx).arg(&c);
+        // SAFETY: out has idx.len()·cols elements; every index is a row of src (callers pass
+        // tokens below the vocabulary, cache slots below the pool's rows, rows of x).
         ok(
-            unsafe { b.launch(Self::row_config(slots.len())) },
+            unsafe { b.launch(Self::row_config(idx.len())) },
             "gather_rows",
         );
         out
-    }
-
-    /// `y = x · wᵀ` over device buffers: x `[m, k]`, w `[n, k]`, y `[m, n]`.
-    fn product(
-        &self,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
-        m: usize,
-        n: usize,
-        k: usize,
-    ) {
-        if m == 0 || n == 0 || k == 0 {
-            return; // y stays zero (its buffer is allocated zeroed)
-        }
-        // Row-major y = x·wᵀ is column-major yᵀ = w·xᵀ: w's storage read transposed.
-        let cfg = GemmConfig {
-            transa: CUBLAS_OP_T,
-            transb: CUBLAS_OP_N,
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha: 1.0f32,
-            lda: k as i32,
-            ldb: k as i32,
-            beta: 0.0f32,
-            ldc: n as i32,
-        };
-        // SAFETY: the buffers hold m·k, n·k and m·n elements (checked by the callers' shapes).
-        ok(unsafe { self.blas.gemm(cfg, w, x, y) }, "cublasSgemm");
-    }
-
-    fn swiglu_rows(&self, x: &CudaTensor, expert: &Expert<CudaWeight>) -> CudaTensor {
-        let mut gate = self.linear(x, &expert.gate);
-        let up = self.linear(x, &expert.up);
-        let n = gate.rows * gate.cols;
-        if n > 0 {
-            let len = n as i64;
-            let mut b = self.stream.launch_builder(&self.k.silu_mul);
-            b.arg(&mut gate.buf).arg(&up.buf).arg(&len);
-            // SAFETY: gate and up are both [rows, intermediate].
-            ok(unsafe { b.launch(Self::flat_config(n)) }, "silu_mul");
-        }
-        self.linear(&gate, &expert.down)
     }
 
     /// `out[row] += weight · expert(x[row])` for each expert's (row, weight) pairs.
@@ -397,9 +346,8 @@ impl Cuda {
         for (e, pairs) in groups {
             let range = at..at + pairs.len();
             at += pairs.len();
-            let xe = self.gather(&x.buf, x.cols, &rows[range.clone()]);
-            let ye = self.swiglu_rows(&xe, &experts[*e]);
             let (idx, wts) = (rows_d.slice(range.clone()), weights_d.slice(range));
+            let ye = self.swiglu(&self.gather_indexed(&x.buf, x.cols, &idx), &experts[*e]);
             let mut b = self.stream.launch_builder(&self.k.scatter_add_rows);
             b.arg(&mut out.buf).arg(&ye.buf).arg(&idx).arg(&wts).arg(&c);
             // SAFETY: ye is [pairs.len(), cols]; the rows index out's rows and are distinct
@@ -483,7 +431,7 @@ impl Cuda {
         let q_rows = q.buf.slice(seq.first * q.cols..);
 
         // Stage 1: q_lat[r, h] = q_nope[r, h] · W_UK,h (W_UK,hᵀ is uk_t's rows h·latent..).
-        let mut q_lat = self.alloc_tensor(n, d.heads * d.latent);
+        let mut q_lat = self.zeros(n, d.heads * d.latent);
         let cfg = StridedBatchedConfig {
             gemm: GemmConfig {
                 transa: CUBLAS_OP_T,
@@ -514,7 +462,7 @@ impl Cuda {
 
         // Stage 2: ctx[r, h] over each row's keys, rows in chunks whose key lists (a dense
         // prefill's grow with the square of its rows) stay within KEYS_PER_LAUNCH.
-        let mut ctx = self.alloc_tensor(n, d.heads * d.latent);
+        let mut ctx = self.zeros(n, d.heads * d.latent);
         let (mut first_row, mut keys, mut offsets) = (0, Vec::new(), vec![0usize]);
         for i in 0..n {
             let row = seq.visible_keys(i);
@@ -584,7 +532,8 @@ impl Backend for Cuda {
     }
 
     fn device_memory_available(&self) -> Option<u64> {
-        self.free_memory()
+        let (free, _) = self.stream.context().mem_get_info().ok()?;
+        Some(free as u64)
     }
 
     fn upload(&self, matrix: Matrix) -> Result<CudaWeight> {
@@ -606,7 +555,12 @@ impl Backend for Cuda {
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> CudaTensor {
-        self.alloc_tensor(rows, cols)
+        // One element at least: a zero-length allocation is not a valid device pointer.
+        let buf = ok(
+            self.stream.alloc_zeros::<f32>((rows * cols).max(1)),
+            "allocating",
+        );
+        CudaTensor { buf, rows, cols }
     }
 
     fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> CudaTensor {
@@ -652,13 +606,34 @@ impl Backend for Cuda {
             "linear: x has {} columns, w {}",
             x.cols, w.cols
         );
-        let mut y = self.alloc_tensor(x.rows, w.rows);
-        self.product(&x.buf, &w.buf, &mut y.buf, x.rows, w.rows, w.cols);
+        let (m, n, k) = (x.rows, w.rows, w.cols);
+        let mut y = self.zeros(m, n);
+        if m == 0 || n == 0 || k == 0 {
+            return y; // zeros, as the buffer is allocated
+        }
+        // Row-major y = x·wᵀ is column-major yᵀ = w·xᵀ: w's storage read transposed.
+        let cfg = GemmConfig {
+            transa: CUBLAS_OP_T,
+            transb: CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: 1.0f32,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: 0.0f32,
+            ldc: n as i32,
+        };
+        // SAFETY: x is [m, k], w [n, k] (checked above), y [m, n].
+        ok(
+            unsafe { self.blas.gemm(cfg, &w.buf, &x.buf, &mut y.buf) },
+            "cublasSgemm",
+        );
         y
     }
 
     fn rms_norm(&self, x: &CudaTensor, w: &CudaTensor, eps: f32) -> CudaTensor {
-        let mut out = self.alloc_tensor(x.rows, x.cols);
+        let mut out = self.zeros(x.rows, x.cols);
         if x.rows > 0 {
             let c = x.cols as i32;
             let mut b = self.stream.launch_builder(&self.k.rms_norm);
@@ -680,7 +655,7 @@ impl Backend for Cuda {
         bias: &CudaTensor,
         eps: f32,
     ) -> CudaTensor {
-        let mut out = self.alloc_tensor(x.rows, x.cols);
+        let mut out = self.zeros(x.rows, x.cols);
         if x.rows > 0 {
             let c = x.cols as i32;
             let mut b = self.stream.launch_builder(&self.k.layer_norm);
@@ -711,7 +686,7 @@ impl Backend for Cuda {
 
     fn columns(&self, x: &CudaTensor, start: usize, len: usize) -> CudaTensor {
         assert!(start + len <= x.cols, "columns: beyond the row");
-        let mut out = self.alloc_tensor(x.rows, len);
+        let mut out = self.zeros(x.rows, len);
         if x.rows > 0 && len > 0 {
             let (sc, st, ln) = (x.cols as i32, start as i32, len as i32);
             let mut b = self.stream.launch_builder(&self.k.copy_columns);
@@ -727,7 +702,7 @@ impl Backend for Cuda {
 
     fn rows(&self, x: &CudaTensor, start: usize, len: usize) -> CudaTensor {
         assert!(start + len <= x.rows, "rows: beyond the tensor");
-        let mut out = self.alloc_tensor(len, x.cols);
+        let mut out = self.zeros(len, x.cols);
         if len > 0 && x.cols > 0 {
             let src = x.buf.slice(start * x.cols..(start + len) * x.cols);
             ok(self.stream.memcpy_dtod(&src, &mut out.buf), "copying rows");
@@ -738,7 +713,7 @@ impl Backend for Cuda {
     fn concat_rows(&self, parts: &[&CudaTensor]) -> CudaTensor {
         let cols = parts.first().map_or(0, |p| p.cols);
         let rows: usize = parts.iter().map(|p| p.rows).sum();
-        let mut out = self.alloc_tensor(rows, cols);
+        let mut out = self.zeros(rows, cols);
         let mut at = 0;
         for p in parts {
             assert_eq!(p.cols, cols, "concat_rows: column counts differ");
@@ -909,7 +884,7 @@ impl Backend for Cuda {
         let mut selected = Vec::with_capacity(n);
         for first in (0..n).step_by(per_chunk) {
             let rows = per_chunk.min(n - first);
-            let mut scores = self.alloc_tensor(rows, n_keys);
+            let mut scores = self.zeros(rows, n_keys);
             let cfg = LaunchConfig {
                 grid_dim: (
                     rows as u32,
@@ -983,7 +958,7 @@ impl Backend for Cuda {
             dims.heads * (dims.nope + dims.rope),
             "mla_attention: q width"
         );
-        let mut out = self.alloc_tensor(q.rows, dims.heads * dims.v);
+        let mut out = self.zeros(q.rows, dims.heads * dims.v);
         for seq in seqs {
             self.mla_sequence(q, seq, weights, dims, scale, &mut out);
         }
@@ -991,7 +966,17 @@ impl Backend for Cuda {
     }
 
     fn swiglu(&self, x: &CudaTensor, expert: &Expert<CudaWeight>) -> CudaTensor {
-        self.swiglu_rows(x, expert)
+        let mut gate = self.linear(x, &expert.gate);
+        let up = self.linear(x, &expert.up);
+        let n = gate.rows * gate.cols;
+        if n > 0 {
+            let len = n as i64;
+            let mut b = self.stream.launch_builder(&self.k.silu_mul);
+            b.arg(&mut gate.buf).arg(&up.buf).arg(&len);
+            // SAFETY: gate and up are both [rows, intermediate].
+            ok(unsafe { b.launch(Self::flat_config(n)) }, "silu_mul");
+        }
+        self.linear(&gate, &expert.down)
     }
 
     fn moe_experts(
@@ -1001,7 +986,7 @@ impl Backend for Cuda {
         experts: &[Expert<CudaWeight>],
     ) -> CudaTensor {
         let groups = by_expert(routing.pairs(), experts.len());
-        let mut out = self.alloc_tensor(x.rows, x.cols);
+        let mut out = self.zeros(x.rows, x.cols);
         self.add_experts(x, &mut out, &groups, experts);
         out
     }
@@ -1014,7 +999,7 @@ impl Backend for Cuda {
     ) -> CudaTensor {
         // One device: the shards' experts run one after another on its stream (several GPUs
         // per engine are owed).
-        let mut out = self.alloc_tensor(x.rows, x.cols);
+        let mut out = self.zeros(x.rows, x.cols);
         for shard in work {
             let groups = by_expert(shard.iter().copied(), experts.len());
             self.add_experts(x, &mut out, &groups, experts);
