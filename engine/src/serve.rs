@@ -113,9 +113,8 @@ impl std::str::FromStr for Device {
         let Some(list) = s.strip_prefix("cuda:") else {
             bail!("--device {s}: expected `cpu` or `cuda:N` (a GPU index, e.g. cuda:0)");
         };
-        let ids: Vec<&str> = list.split(',').collect();
-        let parsed: Vec<usize> = ids
-            .iter()
+        let parsed: Vec<usize> = list
+            .split(',')
             .map(|id| {
                 id.trim().parse::<usize>().map_err(|_| {
                     anyhow::anyhow!("--device {s}: `{id}` is not a GPU index (e.g. cuda:0)")
