@@ -4,11 +4,13 @@
 //! of that expert; when a hot expert has redundant copies, its tokens are spread over them by
 //! load. The shards' outputs are then combined per token with the router's weights.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sparsemoe_api::placement::{GpuAssignment, PlacementPlan};
 
 use crate::backend::Routing;
+use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 
 /// One (token row, routed expert, routing weight) pair a shard computes.
@@ -78,12 +80,76 @@ impl ExpertShards {
         Self::new(plan, num_experts)
     }
 
+    /// The `--expert-shards N` / `--placement FILE` options for `config`'s model: `None` when
+    /// both are absent (and `devices` is one device); with several devices and neither option,
+    /// an even split over them. A plan file must parse, validate and agree with N, and with
+    /// several devices the shard count must equal theirs (shard `s` runs on device `s`).
+    pub fn from_options(
+        config: &ModelConfig,
+        shards: Option<usize>,
+        placement: Option<&Path>,
+        devices: usize,
+    ) -> Result<Option<Self>> {
+        let plan = match placement {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    EngineError::input(format!("placement plan {}: {e}", path.display()))
+                })?;
+                let plan = PlacementPlan::from_json(&text)
+                    .map_err(|e| EngineError::input(format!("{}: {e}", path.display())))?;
+                if let Some(n) = shards.filter(|&n| n != plan.num_gpus as usize) {
+                    return Err(EngineError::input(format!(
+                        "--expert-shards {n} disagrees with {}, which places experts on {} shards",
+                        path.display(),
+                        plan.num_gpus
+                    )));
+                }
+                Some(plan)
+            }
+        };
+        if plan.is_none() && shards.is_none() && devices <= 1 {
+            return Ok(None);
+        }
+        if config.n_routed_experts == 0 || !config.moe_layers.iter().any(|&m| m) {
+            return Err(EngineError::input(
+                "expert shards: this model has no routed experts to shard (several devices \
+                 per engine split only the routed experts)",
+            ));
+        }
+        let shards = match plan {
+            Some(plan) => Self::new(plan, config.n_routed_experts)?,
+            None => Self::balanced(shards.unwrap_or(devices), config.n_routed_experts)?,
+        };
+        if devices > 1 && shards.shards() != devices {
+            return Err(EngineError::input(format!(
+                "expert shards: {} shards on {devices} devices; with several devices each \
+                 shard runs on one of them, so give as many shards as devices",
+                shards.shards()
+            )));
+        }
+        Ok(Some(shards))
+    }
+
     pub fn plan(&self) -> &PlacementPlan {
         &self.plan
     }
 
     pub fn shards(&self) -> usize {
         self.plan.num_gpus as usize
+    }
+
+    /// The shards holding routed expert `expert` of decoder layer `layer` (one unless the plan
+    /// gives it redundant copies).
+    pub fn holders(&self, layer: usize, expert: usize) -> &[usize] {
+        self.holders_of(layer)[expert].as_slice()
+    }
+
+    fn holders_of(&self, layer: usize) -> &[Vec<usize>] {
+        u32::try_from(layer)
+            .ok()
+            .and_then(|l| self.layer_holders.get(&l))
+            .unwrap_or(&self.default_holders)
     }
 
     /// Pairs computed by each shard since start.
@@ -101,10 +167,7 @@ impl ExpertShards {
     /// Routed expert ids are below the model's expert count, which equals the plan's, and a
     /// validated plan places every expert on some shard, so every pair has a shard.
     pub fn dispatch(&self, layer: usize, routing: &Routing) -> Vec<Vec<Pair>> {
-        let holders = u32::try_from(layer)
-            .ok()
-            .and_then(|l| self.layer_holders.get(&l))
-            .unwrap_or(&self.default_holders);
+        let holders = self.holders_of(layer);
         let mut work: Vec<Vec<Pair>> = vec![Vec::new(); self.shards()];
         for (row, (ids, weights)) in routing.experts.iter().zip(&routing.weights).enumerate() {
             for (&expert, &weight) in ids.iter().zip(weights) {
@@ -124,6 +187,28 @@ impl ExpertShards {
         }
         work
     }
+}
+
+/// The distinct rows `pairs` name (of a batch of `batch_rows`), in order of first mention, and
+/// the pairs with each row renumbered as its place in that list: what a shard on another device
+/// needs of the batch, and its pairs against the rows it was sent.
+pub fn compact_rows(pairs: &[Pair], batch_rows: usize) -> (Vec<usize>, Vec<Pair>) {
+    let mut local = vec![usize::MAX; batch_rows];
+    let mut rows = Vec::new();
+    let renumbered = pairs
+        .iter()
+        .map(|p| {
+            if local[p.row] == usize::MAX {
+                local[p.row] = rows.len();
+                rows.push(p.row);
+            }
+            Pair {
+                row: local[p.row],
+                ..*p
+            }
+        })
+        .collect();
+    (rows, renumbered)
 }
 
 #[cfg(test)]
@@ -182,6 +267,34 @@ mod tests {
         let rows: Vec<&[(usize, f32)]> = vec![&[(0, 1.0)]; 9];
         let work = shards.dispatch(0, &routing(&rows));
         assert_eq!((work[0].len(), work[1].len()), (5, 4));
+    }
+
+    #[test]
+    fn a_shard_is_sent_each_row_it_needs_once() {
+        let shards = ExpertShards::balanced(2, 8).unwrap();
+        let rows: [&[(usize, f32)]; 5] = [
+            &[(6, 0.5), (7, 0.5)],
+            &[(0, 0.7), (5, 0.3)],
+            &[(4, 1.0), (1, 0.2)],
+            &[(2, 0.1), (3, 0.9)],
+            &[(5, 0.4), (6, 0.6)],
+        ];
+        let work = shards.dispatch(1, &routing(&rows));
+        for pairs in &work {
+            let (sent, local) = compact_rows(pairs, rows.len());
+            let mut distinct = sent.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(distinct.len(), sent.len(), "a row sent twice: {sent:?}");
+            assert_eq!(local.len(), pairs.len());
+            for (p, l) in pairs.iter().zip(&local) {
+                assert_eq!(sent[l.row], p.row);
+                assert_eq!((l.expert, l.weight), (p.expert, p.weight));
+            }
+        }
+        // Shard 1 holds experts 4..8: rows 0, 1, 2 and 4 need it, row 3 does not.
+        assert_eq!(compact_rows(&work[1], rows.len()).0, vec![0, 1, 2, 4]);
+        assert_eq!(compact_rows(&[], 3), (vec![], vec![]));
     }
 
     #[test]

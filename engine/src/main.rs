@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -9,11 +10,14 @@ use sparsemoe_engine::backend::Backend;
 use sparsemoe_engine::backend::cpu::Cpu;
 use sparsemoe_engine::backend::cuda::Cuda;
 use sparsemoe_engine::bench;
+use sparsemoe_engine::config::ModelConfig;
+use sparsemoe_engine::expert_shards::ExpertShards;
 use sparsemoe_engine::generate::generate;
 use sparsemoe_engine::model::{AttentionMode, Model, ModelOptions};
 use sparsemoe_engine::sampling::{Sampler, SamplingParams};
 use sparsemoe_engine::serve::Device;
 use sparsemoe_engine::tokenizer::{ChatMessage, Tokenizer};
+use sparsemoe_engine::weights::WeightStore;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -82,7 +86,8 @@ struct ModelArgs {
     /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// `cpu`, or `cuda:N` for GPU N.
+    /// `cpu`, `cuda:N` for GPU N, or `cuda:N,M,…`: the model on the first GPU, its routed
+    /// experts split over all of them (one expert shard each; see --placement).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Attention: sparse (DSA top-k; V3.2) or dense.
@@ -106,19 +111,27 @@ enum Attention {
 }
 
 impl ModelArgs {
-    fn load<B: Backend>(&self, backend: B) -> anyhow::Result<Model<B>> {
+    fn load<B: Backend>(&self, backend: B, devices: usize) -> anyhow::Result<Model<B>> {
+        let config = ModelConfig::from_dir(&self.model)
+            .with_context(|| format!("loading {}", self.model.display()))?;
+        let expert_shards = ExpertShards::from_options(
+            &config,
+            self.expert_shards,
+            self.placement.as_deref(),
+            devices,
+        )?;
         let options = ModelOptions {
             attention: match self.attention {
                 Attention::Sparse => AttentionMode::Sparse,
                 Attention::Dense => AttentionMode::Dense,
             },
             index_topk: self.index_topk,
+            expert_shards: expert_shards.map(Arc::new),
             ..ModelOptions::default()
         };
-        let mut model = Model::load(&self.model, backend, options)
-            .with_context(|| format!("loading {}", self.model.display()))?;
-        model.configure_expert_shards(self.expert_shards, self.placement.as_deref())?;
-        Ok(model)
+        WeightStore::open(&self.model)
+            .and_then(|store| Model::from_store(config, &store, backend, options))
+            .with_context(|| format!("loading {}", self.model.display()))
     }
 }
 
@@ -130,14 +143,15 @@ fn main() -> anyhow::Result<()> {
         | Command::Generate { model, .. }
         | Command::Bench { model, .. } => model.device.parse::<Device>()?,
     };
+    let devices = device.count();
     match device {
-        Device::Cpu => run(command, Cpu),
-        Device::Cuda(ordinal) => run(command, Cuda::new(ordinal)?),
+        Device::Cpu => run(command, Cpu, devices),
+        Device::Cuda(ordinals) => run(command, Cuda::new(&ordinals)?, devices),
     }
 }
 
-/// Runs `command` with its model on `backend`.
-fn run<B: Backend>(command: Command, backend: B) -> anyhow::Result<()> {
+/// Runs `command` with its model on `backend`, which spans `devices` devices.
+fn run<B: Backend>(command: Command, backend: B, devices: usize) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => sparsemoe_engine::serve::run(args)?,
         Command::Bench {
@@ -148,7 +162,7 @@ fn run<B: Backend>(command: Command, backend: B) -> anyhow::Result<()> {
             context,
             steps,
         } => {
-            let loaded = model.load(backend)?;
+            let loaded = model.load(backend, devices)?;
             let mut throughput = Vec::new();
             for b in batch {
                 throughput.push(bench::throughput(
@@ -175,7 +189,7 @@ fn run<B: Backend>(command: Command, backend: B) -> anyhow::Result<()> {
             println!("{report}");
         }
         Command::Logits { model, tokens } => {
-            let loaded = model.load(backend)?;
+            let loaded = model.load(backend, devices)?;
             let logits = loaded.logits(&tokens, None)?;
             let rows: Vec<&[f32]> = logits.chunks(loaded.config.vocab_size).collect();
             let mut out = std::io::stdout().lock();
@@ -200,7 +214,7 @@ fn run<B: Backend>(command: Command, backend: B) -> anyhow::Result<()> {
             };
             params.validate()?;
             let tokenizer = Tokenizer::from_dir(&model.model)?;
-            let loaded = model.load(backend)?;
+            let loaded = model.load(backend, devices)?;
             let text = if chat {
                 let message = ChatMessage {
                     role: "user".into(),

@@ -15,7 +15,6 @@ use crate::kv_cache::{KvPool, LayerCache, SeqCache, SharedPool};
 use crate::moe::{RouterConfig, route};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::WeightStore;
-use sparsemoe_api::placement::PlacementPlan;
 
 /// `q_a_layernorm`, `kv_a_layernorm` and the indexer's `k_norm` use this eps whatever the config says.
 const LATENT_NORM_EPS: f32 = 1e-6;
@@ -32,7 +31,7 @@ pub enum AttentionMode {
 }
 
 /// Load-time choices.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ModelOptions {
     pub attention: AttentionMode,
     /// Overrides the config's `index_topk`.
@@ -41,6 +40,9 @@ pub struct ModelOptions {
     /// sequences attend to more is attended a group of consecutive sequences at a time (a
     /// single sequence may exceed it).
     pub attended_bytes: usize,
+    /// Expert parallelism: the shards the routed experts are split over (see
+    /// [`ExpertShards::from_options`]); each routed expert is uploaded to the shards holding it.
+    pub expert_shards: Option<Arc<ExpertShards>>,
 }
 
 impl Default for ModelOptions {
@@ -49,6 +51,7 @@ impl Default for ModelOptions {
             attention: AttentionMode::Sparse,
             index_topk: None,
             attended_bytes: 64 << 20,
+            expert_shards: None,
         }
     }
 }
@@ -153,8 +156,6 @@ pub struct Model<B: Backend> {
     router: RouterConfig,
     weight_bytes: usize,
     expert_load: Arc<ExpertLoad>,
-    /// Expert parallelism, when the routed experts are split over shards.
-    expert_shards: Option<Arc<ExpertShards>>,
 }
 
 impl<B: Backend> std::fmt::Debug for Model<B> {
@@ -205,6 +206,14 @@ impl<B: Backend> Model<B> {
                 up: upload(&format!("{prefix}.up_proj.weight"), width, h)?,
                 down: upload(&format!("{prefix}.down_proj.weight"), h, width)?,
             })
+        };
+
+        // The shards holding each routed expert (none: it stays with the other weights).
+        let holders = |layer: usize, expert: usize| -> &[usize] {
+            options
+                .expert_shards
+                .as_deref()
+                .map_or(&[], |s| s.holders(layer, expert))
         };
 
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -274,16 +283,29 @@ impl<B: Backend> Model<B> {
                     (0..c.n_routed_experts)
                         .map(|e| {
                             let base = e * 2 * im;
+                            let upload = |m| backend.upload_expert(m, holders(l, e));
                             Ok(Expert {
-                                gate: backend.upload(gate_up.rows_slice(base..base + im))?,
-                                up: backend.upload(gate_up.rows_slice(base + im..base + 2 * im))?,
-                                down: backend.upload(down.rows_slice(e * h..(e + 1) * h))?,
+                                gate: upload(gate_up.rows_slice(base..base + im))?,
+                                up: upload(gate_up.rows_slice(base + im..base + 2 * im))?,
+                                down: upload(down.rows_slice(e * h..(e + 1) * h))?,
                             })
                         })
                         .collect::<Result<Vec<_>>>()?
                 } else {
                     (0..c.n_routed_experts)
-                        .map(|e| swiglu(&format!("{m}.experts.{e}"), im))
+                        .map(|e| {
+                            let prefix = format!("{m}.experts.{e}");
+                            let upload = |name: &str, rows, cols| {
+                                let matrix =
+                                    store.matrix(&format!("{prefix}.{name}"), rows, cols)?;
+                                backend.upload_expert(matrix, holders(l, e))
+                            };
+                            Ok(Expert {
+                                gate: upload("gate_proj.weight", im, h)?,
+                                up: upload("up_proj.weight", im, h)?,
+                                down: upload("down_proj.weight", h, im)?,
+                            })
+                        })
                         .collect::<Result<Vec<_>>>()?
                 };
                 let shared_width = c.n_shared_experts * im;
@@ -339,7 +361,6 @@ impl<B: Backend> Model<B> {
                     .collect::<Vec<_>>(),
             )),
             layers,
-            expert_shards: None,
             backend,
             options,
             config,
@@ -767,7 +788,7 @@ impl<B: Backend> Model<B> {
                     routing.experts.push(ids);
                     routing.weights.push(weights);
                 }
-                let mut y = match &self.expert_shards {
+                let mut y = match &self.options.expert_shards {
                     Some(shards) => {
                         b.moe_experts_sharded(x, &shards.dispatch(layer_index, &routing), experts)
                     }
@@ -781,57 +802,9 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// Splits every MoE layer's routed experts over shards: `plan` places them, else
-    /// `balanced` shards hold an even share each. Errors when the model has no routed experts
-    /// or the plan does not fit it.
-    pub fn shard_experts(&mut self, plan: Option<PlacementPlan>, balanced: usize) -> Result<()> {
-        let experts = self.config.n_routed_experts;
-        if experts == 0 || !self.config.moe_layers.iter().any(|&m| m) {
-            return Err(EngineError::input(
-                "expert shards: this model has no routed experts to shard",
-            ));
-        }
-        self.expert_shards = Some(Arc::new(match plan {
-            Some(plan) => ExpertShards::new(plan, experts)?,
-            None => ExpertShards::balanced(balanced, experts)?,
-        }));
-        Ok(())
-    }
-
-    /// The `--expert-shards N` / `--placement FILE` options: nothing when both are absent; a
-    /// plan file must parse, validate and agree with N when both are given.
-    pub fn configure_expert_shards(
-        &mut self,
-        shards: Option<usize>,
-        placement: Option<&Path>,
-    ) -> Result<()> {
-        let plan = match placement {
-            None => None,
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    EngineError::input(format!("placement plan {}: {e}", path.display()))
-                })?;
-                let plan = PlacementPlan::from_json(&text)
-                    .map_err(|e| EngineError::input(format!("{}: {e}", path.display())))?;
-                if let Some(n) = shards.filter(|&n| n != plan.num_gpus as usize) {
-                    return Err(EngineError::input(format!(
-                        "--expert-shards {n} disagrees with {}, which places experts on {} shards",
-                        path.display(),
-                        plan.num_gpus
-                    )));
-                }
-                Some(plan)
-            }
-        };
-        match (plan, shards) {
-            (None, None) => Ok(()),
-            (plan, shards) => self.shard_experts(plan, shards.unwrap_or(1)),
-        }
-    }
-
-    /// The expert shards, when [`Model::shard_experts`] set them up.
+    /// The expert shards, when [`ModelOptions::expert_shards`] set them up.
     pub fn expert_shards(&self) -> Option<&Arc<ExpertShards>> {
-        self.expert_shards.as_ref()
+        self.options.expert_shards.as_ref()
     }
 
     /// The architecture.

@@ -11,8 +11,10 @@ use clap::Args;
 
 use crate::backend::Backend;
 use crate::backend::cpu::Cpu;
+use crate::backend::cuda::Cuda;
 use crate::config::ModelConfig;
 use crate::demo::{DEMO, DEMO_NAME};
+use crate::expert_shards::ExpertShards;
 use crate::kv_cache::{BlockAllocator, bytes_per_token};
 use crate::metrics::Metrics;
 use crate::model::{AttentionMode, Model, ModelOptions};
@@ -27,7 +29,8 @@ pub struct ServeArgs {
     /// A Hugging Face model directory; without it, the built-in demo model.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// `cpu`, or `cuda:N` for GPU N (one GPU per engine for now).
+    /// `cpu`, `cuda:N` for GPU N, or `cuda:N,M,…`: the model on the first GPU, its routed
+    /// experts split over all of them (one expert shard each; see --placement).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Address to listen on (pods: 0.0.0.0, which the operator passes).
@@ -96,11 +99,23 @@ struct Loaded<B: Backend> {
     name: String,
 }
 
-/// Where the model runs: `--device cpu` or `--device cuda:N`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where the model runs: `--device cpu`, `--device cuda:N`, or `--device cuda:N,M,…` (the
+/// model on the first GPU and its routed experts split over all of them, one expert shard per
+/// entry; an index may repeat, which puts several shards on one GPU, each with its own stream).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Device {
     Cpu,
-    Cuda(usize),
+    Cuda(Vec<usize>),
+}
+
+impl Device {
+    /// Devices the engine spans (one for the CPU).
+    pub fn count(&self) -> usize {
+        match self {
+            Self::Cpu => 1,
+            Self::Cuda(ordinals) => ordinals.len(),
+        }
+    }
 }
 
 impl std::str::FromStr for Device {
@@ -111,9 +126,11 @@ impl std::str::FromStr for Device {
             return Ok(Self::Cpu);
         }
         let Some(list) = s.strip_prefix("cuda:") else {
-            bail!("--device {s}: expected `cpu` or `cuda:N` (a GPU index, e.g. cuda:0)");
+            bail!(
+                "--device {s}: expected `cpu`, `cuda:N` or `cuda:N,M,…` (GPU indices, e.g. cuda:0)"
+            );
         };
-        let parsed: Vec<usize> = list
+        let ordinals = list
             .split(',')
             .map(|id| {
                 id.trim().parse::<usize>().map_err(|_| {
@@ -121,35 +138,16 @@ impl std::str::FromStr for Device {
                 })
             })
             .collect::<anyhow::Result<_>>()?;
-        match parsed.as_slice() {
-            [one] => Ok(Self::Cuda(*one)),
-            _ => bail!(
-                "--device {s}: one GPU per engine for now (expert shards across several GPUs \
-                 are not built yet); run one GPU per replica, e.g. --device cuda:0"
-            ),
-        }
+        Ok(Self::Cuda(ordinals))
     }
 }
 
-fn load<B: Backend>(args: &ServeArgs, backend: B) -> anyhow::Result<Loaded<B>> {
-    let mut loaded = load_model(args, backend)?;
-    loaded
-        .model
-        .configure_expert_shards(args.expert_shards, args.placement.as_deref())?;
-    if args.attention == "auto" && args.dense_below_tokens.is_none() {
-        // Below index_topk the indexer would select every key anyway.
-        let dense_below = loaded.model.index_topk().unwrap_or(0);
-        loaded.model.options.attention = AttentionMode::Auto { dense_below };
-    }
-    Ok(loaded)
-}
-
-fn load_model<B: Backend>(args: &ServeArgs, backend: B) -> anyhow::Result<Loaded<B>> {
-    let options = ModelOptions {
+/// Loads the model on `backend`, which spans `devices` devices (expert shards need one each).
+fn load<B: Backend>(args: &ServeArgs, backend: B, devices: usize) -> anyhow::Result<Loaded<B>> {
+    let mut options = ModelOptions {
         attention: match args.attention.as_str() {
             "sparse" => AttentionMode::Sparse,
             "dense" => AttentionMode::Dense,
-            // Below index_topk the indexer would select every key anyway.
             // The threshold defaults to the model's index_topk, known once it is loaded.
             "auto" => AttentionMode::Auto {
                 dense_below: args.dense_below_tokens.unwrap_or(0),
@@ -159,49 +157,62 @@ fn load_model<B: Backend>(args: &ServeArgs, backend: B) -> anyhow::Result<Loaded
         index_topk: args.index_topk,
         ..ModelOptions::default()
     };
-    match (&args.model, DEMO) {
+    // The model's config first: the expert shards decide where its experts are uploaded.
+    let (source, config, store, tokenizer, name) = match (&args.model, DEMO) {
         (Some(dir), _) => {
-            let model = Model::load(dir, backend, options)
-                .with_context(|| format!("loading {}", dir.display()))?;
+            let source = dir.display().to_string();
+            let config = ModelConfig::from_dir(dir).with_context(|| format!("loading {source}"))?;
+            let store = WeightStore::open(dir).with_context(|| format!("loading {source}"))?;
             let tokenizer = Tokenizer::from_dir(dir)
-                .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+                .with_context(|| format!("loading the tokenizer of {source}"))?;
             let name = dir
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into());
-            Ok(Loaded {
-                model,
-                tokenizer,
-                name,
-            })
+            (source, config, store, tokenizer, name)
         }
-        (None, Some(demo)) => {
-            let config = ModelConfig::from_json(demo.config, "demo-model/config.json")?;
-            let store = WeightStore::from_bytes("demo-model/model.safetensors", demo.weights)?;
-            let model = Model::from_store(config, &store, backend, options)?;
-            let tokenizer = Tokenizer::from_bytes(demo.tokenizer, Some(demo.tokenizer_config))?;
-            Ok(Loaded {
-                model,
-                tokenizer,
-                name: DEMO_NAME.into(),
-            })
-        }
+        (None, Some(demo)) => (
+            "the demo model".to_string(),
+            ModelConfig::from_json(demo.config, "demo-model/config.json")?,
+            WeightStore::from_bytes("demo-model/model.safetensors", demo.weights)?,
+            Tokenizer::from_bytes(demo.tokenizer, Some(demo.tokenizer_config))?,
+            DEMO_NAME.into(),
+        ),
         (None, None) => bail!(
             "--model DIR is required: this binary was built without the demo model \
              (engine/demo-model was absent at build time; rebuild once it exists, or pass --model)"
         ),
+    };
+    options.expert_shards = ExpertShards::from_options(
+        &config,
+        args.expert_shards,
+        args.placement.as_deref(),
+        devices,
+    )?
+    .map(Arc::new);
+    let mut model = Model::from_store(config, &store, backend, options)
+        .with_context(|| format!("loading {source}"))?;
+    if args.attention == "auto" && args.dense_below_tokens.is_none() {
+        // Below index_topk the indexer would select every key anyway.
+        let dense_below = model.index_topk().unwrap_or(0);
+        model.options.attention = AttentionMode::Auto { dense_below };
     }
+    Ok(Loaded {
+        model,
+        tokenizer,
+        name,
+    })
 }
 
 /// Loads the model on `--device` and builds the server state.
 fn load_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
     match args.device.parse::<Device>()? {
         Device::Cpu => {
-            let l = load(args, Cpu)?;
+            let l = load(args, Cpu, 1)?;
             build_state(l.model, l.tokenizer, l.name, args)
         }
-        Device::Cuda(ordinal) => {
-            let l = load(args, crate::backend::cuda::Cuda::new(ordinal)?)?;
+        Device::Cuda(ordinals) => {
+            let l = load(args, Cuda::new(&ordinals)?, ordinals.len())?;
             build_state(l.model, l.tokenizer, l.name, args)
         }
     }

@@ -5,11 +5,16 @@
 //! test compiles the backend's kernels with no GPU at all; it needs libnvrtc (the pinned wheel
 //! that kernels/nvcc-env.sh puts on LD_LIBRARY_PATH) and fails without it when `CI` is set.
 
+mod support;
+
 use std::path::Path;
+use std::sync::Arc;
 
 use sparsemoe_engine::backend::Backend;
 use sparsemoe_engine::backend::cpu::Cpu;
 use sparsemoe_engine::backend::cuda::{Cuda, compile_kernels};
+use sparsemoe_engine::config::ModelConfig;
+use sparsemoe_engine::expert_shards::ExpertShards;
 use sparsemoe_engine::kv_cache::SeqCache;
 use sparsemoe_engine::model::{AttentionMode, LogitRows, Model, ModelOptions, SeqStep};
 
@@ -21,10 +26,15 @@ fn fixture(name: &str) -> std::path::PathBuf {
 
 /// Device 0, or `None` (with the reason printed) when this machine has none.
 fn gpu(test: &str) -> Option<Cuda> {
-    match Cuda::new(0) {
+    gpus(test, &[0])
+}
+
+/// The backend on GPUs `ordinals`, or `None` (with the reason printed) when they do not open.
+fn gpus(test: &str, ordinals: &[usize]) -> Option<Cuda> {
+    match Cuda::new(ordinals) {
         Ok(cuda) => Some(cuda),
         Err(e) if std::env::var_os("SPARSEMOE_REQUIRE_GPU").is_some() => {
-            panic!("{test}: SPARSEMOE_REQUIRE_GPU is set but cuda:0 did not open: {e}")
+            panic!("{test}: SPARSEMOE_REQUIRE_GPU is set but {ordinals:?} did not open: {e}")
         }
         Err(e) => {
             eprintln!("{test}: skipped (needs a CUDA GPU): {e}");
@@ -90,7 +100,7 @@ fn every_fixture_model_matches_the_cpu_backend() {
                 index_topk: Some(8),
                 ..ModelOptions::default()
             };
-            let cpu = Model::load(&fixture(name), Cpu, options).unwrap();
+            let cpu = Model::load(&fixture(name), Cpu, options.clone()).unwrap();
             let gpu = Model::load(&fixture(name), cuda.clone(), options).unwrap();
             let want = cpu.logits(&tokens, None).unwrap();
             let got = gpu.logits(&tokens, None).unwrap();
@@ -113,7 +123,7 @@ fn paged_batches_match_the_cpu_backend() {
         index_topk: Some(8),
         ..ModelOptions::default()
     };
-    let cpu = Model::load(&dir, Cpu, options).unwrap();
+    let cpu = Model::load(&dir, Cpu, options.clone()).unwrap();
     let gpu = Model::load(&dir, cuda, options).unwrap();
     let want = paged_run(&cpu);
     let got = paged_run(&gpu);
@@ -121,6 +131,65 @@ fn paged_batches_match_the_cpu_backend() {
     for (i, (w, g)) in want.iter().zip(&got).enumerate() {
         let err = rel_l2(w, g);
         assert!(err < 1e-4, "output {i}: relative L2 {err:.2e}");
+    }
+}
+
+/// Expert parallelism across lanes: the routed experts split over two shards on one GPU (each
+/// with its own stream), then three shards with redundant copies of hot experts, then, where
+/// the machine has two GPUs, one shard per GPU; the logits must match the CPU backend with no
+/// shards, and every routed pair must be computed once.
+#[test]
+fn expert_shards_across_lanes_match_the_cpu_backend() {
+    let test = "expert_shards_across_lanes_match_the_cpu_backend";
+    let dir = fixture("v32_sparse_moe");
+    let config = ModelConfig::from_dir(&dir).unwrap();
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 250 + 2) as u32).collect();
+    let options = ModelOptions {
+        index_topk: Some(8),
+        ..ModelOptions::default()
+    };
+    let want = Model::load(&dir, Cpu, options.clone())
+        .unwrap()
+        .logits(&tokens, None)
+        .unwrap();
+    let plan_dir = tempfile::tempdir().unwrap();
+    let redundant = support::write_redundant_plan(plan_dir.path());
+    let setups: [(&[usize], Option<&Path>); 3] = [
+        (&[0, 0], None),
+        (&[0, 0, 0], Some(&redundant)),
+        (&[0, 1], None),
+    ];
+    for (ordinals, placement) in setups {
+        let cuda = match Cuda::new(ordinals) {
+            Ok(cuda) => cuda,
+            Err(e) if ordinals == [0, 1] && e.to_string().contains("no GPU 1") => {
+                eprintln!("{test}: one shard per GPU skipped (needs two GPUs): {e}");
+                continue;
+            }
+            Err(_) => match gpus(test, ordinals) {
+                Some(cuda) => cuda,
+                None => return,
+            },
+        };
+        let shards = ExpertShards::from_options(&config, None, placement, ordinals.len())
+            .unwrap()
+            .map(Arc::new);
+        let sharded = ModelOptions {
+            expert_shards: shards.clone(),
+            ..options.clone()
+        };
+        let model = Model::load(&dir, cuda, sharded).unwrap();
+        let got = model.logits(&tokens, None).unwrap();
+        let err = rel_l2(&want, &got);
+        eprintln!("{ordinals:?} {placement:?}: relative L2 {err:.2e}");
+        assert!(err < 1e-4, "{ordinals:?}: relative L2 {err:.2e}");
+        let computed = shards.unwrap().computed();
+        // One MoE layer, top-2 routing.
+        assert_eq!(computed.iter().sum::<u64>() as usize, tokens.len() * 2);
+        assert!(
+            computed.iter().all(|&c| c > 0),
+            "an idle shard: {computed:?}"
+        );
     }
 }
 

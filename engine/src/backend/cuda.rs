@@ -1,4 +1,5 @@
-//! The CUDA backend (`--device cuda:N`): the model on one NVIDIA GPU through cudarc.
+//! The CUDA backend (`--device cuda:N`, or `cuda:N,M,…`): the model on NVIDIA GPUs through
+//! cudarc.
 //!
 //! First version, written for correctness against the CPU reference, not yet for speed:
 //! - Activations are float32 on the device, as in the CPU backend, and so are the weights:
@@ -11,6 +12,12 @@
 //!   block per (row, head) with an online softmax over the row's keys.
 //! - Routing, selections and block tables come from the host, as the trait asks; the indices
 //!   are uploaded per call.
+//! - Expert parallelism: with several GPUs listed, the model runs on the main *lane* (the
+//!   first GPU's default stream) and expert shard `s` on a lane of its own (a stream, cuBLAS
+//!   handle and kernels on the `s`-th GPU; lanes may share a GPU). A shard's experts live only on
+//!   its lane. Each MoE layer gathers the rows a shard needs on the main GPU, the shard's lane
+//!   copies them over, runs its experts and copies the weighted sums back, and the main lane
+//!   adds them; events order the lanes, which run side by side.
 //!
 //! Start-up failures (no driver, no such device, no NVRTC, a kernel that does not compile, a
 //! weight that does not fit) are errors that say what is missing. The trait's compute methods
@@ -19,7 +26,7 @@
 //!
 //! Owed (issue 5): bf16/fp8 weights on the device with tensor-core products, the bf16 kernels
 //! of `kernels/cuda` (sparse MLA, indexer, MoE permutation, grouped GEMM) in place of these
-//! float32 ones, CUDA graphs for decode, and several GPUs per engine.
+//! float32 ones, CUDA graphs for decode, and NCCL all-to-all in place of per-shard copies.
 
 use std::sync::Arc;
 
@@ -27,14 +34,14 @@ use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DriverError, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, CudaView, DriverError,
+    LaunchConfig, PushKernelArg,
 };
 use sparsemoe_kernels::launch;
 
 use super::{Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing, by_expert};
 use crate::error::{EngineError, Result};
-use crate::expert_shards::Pair;
+use crate::expert_shards::{Pair, compact_rows};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::Matrix;
 
@@ -54,9 +61,22 @@ impl std::fmt::Debug for CudaTensor {
 
 /// A weight matrix in device memory, float32, row-major `[rows, cols]`.
 pub struct CudaWeight {
-    buf: CudaSlice<f32>,
     rows: usize,
     cols: usize,
+    /// `(lane, buffer)`: its copies. An ordinary weight has one, on the main lane; a routed
+    /// expert split over several devices has one on the lane of each shard that holds it.
+    copies: Vec<(usize, CudaSlice<f32>)>,
+}
+
+impl CudaWeight {
+    /// The copy on `lane`.
+    fn on(&self, lane: usize) -> &CudaSlice<f32> {
+        self.copies
+            .iter()
+            .find(|(l, _)| *l == lane)
+            .map(|(_, buf)| buf)
+            .unwrap_or_else(|| panic!("a weight used on lane {lane}, which holds no copy of it"))
+    }
 }
 
 impl std::fmt::Debug for CudaWeight {
@@ -75,7 +95,10 @@ impl Drop for CudaTensor {
 
 impl Drop for CudaWeight {
     fn drop(&mut self) {
-        let _ = self.buf.context().bind_to_thread();
+        for (_, buf) in self.copies.drain(..) {
+            let _ = buf.context().bind_to_thread();
+            drop(buf);
+        }
     }
 }
 
@@ -95,20 +118,34 @@ struct Kernels {
     topk_rows: CudaFunction,
 }
 
-/// The CUDA backend on one device (clones share the device, its stream and its kernels).
+/// The CUDA backend: a *lane* (a stream on one device, with its cuBLAS handle and kernels)
+/// that runs the model, and, with expert parallelism across devices, one lane per expert shard
+/// that runs the routed experts it holds. Clones share all of them.
 #[derive(Clone)]
 pub struct Cuda {
     ordinal: usize,
     device_name: String,
+    /// 0 for the main lane, `1 + s` for expert shard `s`'s.
+    lane: usize,
     stream: Arc<CudaStream>,
     blas: Arc<CudaBlas>,
     k: Arc<Kernels>,
+    /// The expert shards' lanes (`--device cuda:N,M,…`); none with one device.
+    shards: Arc<Vec<Cuda>>,
 }
 
 impl std::fmt::Debug for Cuda {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Cuda(cuda:{} {})", self.ordinal, self.device_name)
+        write!(f, "Cuda({})", self.name())
     }
+}
+
+/// A device opened once for all the lanes on it: its context and kernels.
+struct OpenDevice {
+    ordinal: usize,
+    name: String,
+    ctx: Arc<CudaContext>,
+    k: Arc<Kernels>,
 }
 
 fn device_error(what: impl std::fmt::Display) -> EngineError {
@@ -180,79 +217,200 @@ pub fn compile_kernels() -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>> {
         .collect()
 }
 
+/// Opens GPU `ordinal` and loads the compiled kernels on it.
+fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Result<OpenDevice> {
+    let ctx = CudaContext::new(ordinal)
+        .map_err(|e| device_error(format!("opening cuda:{ordinal}: {e:?}")))?;
+    let name = ctx.name().unwrap_or_else(|_| "unknown device".into());
+    // Streams are ordered by explicit events where they meet (expert shards); cudarc's
+    // per-buffer events would be pure cost.
+    // SAFETY: nothing has been allocated on this context by us yet, and buffers are shared
+    // across streams only after an event the reading stream waits on.
+    unsafe { ctx.disable_event_tracking() };
+    let mut modules = Vec::new();
+    for (file, ptx) in ptx {
+        let module = ctx.load_module(ptx.clone()).map_err(|e| {
+            device_error(format!(
+                "loading kernels/cuda/{file} on cuda:{ordinal}: {e:?}"
+            ))
+        })?;
+        modules.push((*file, module));
+    }
+    let function = |name: &str| -> Result<CudaFunction> {
+        let kernel = sparsemoe_kernels::kernel(name)
+            .ok_or_else(|| device_error(format!("kernel {name} is not listed")))?;
+        let (_, module) = modules
+            .iter()
+            .find(|(file, _)| *file == kernel.file)
+            .ok_or_else(|| device_error(format!("{} is not compiled", kernel.file)))?;
+        module
+            .load_function(name)
+            .map_err(|e| device_error(format!("loading kernel {name}: {e:?}")))
+    };
+    let k = Arc::new(Kernels {
+        gather_rows: function("gather_rows_f32")?,
+        scatter_rows: function("scatter_rows_f32")?,
+        scatter_add_rows: function("scatter_add_rows_f32")?,
+        copy_columns: function("copy_columns_f32")?,
+        rms_norm: function("rms_norm_f32")?,
+        layer_norm: function("layer_norm_f32")?,
+        add: function("add_f32")?,
+        silu_mul: function("silu_mul_f32")?,
+        rope: function("rope_f32")?,
+        indexer_scores: function("indexer_scores_f32")?,
+        mla_latent_attention: function("mla_latent_attention_f32")?,
+        topk_rows: function("topk_rows_f32")?,
+    });
+    Ok(OpenDevice {
+        ordinal,
+        name,
+        ctx,
+        k,
+    })
+}
+
+/// Lets every pair of distinct GPUs read each other's memory where the hardware allows, so the
+/// expert shards' copies go straight between them (without it the driver stages them through
+/// the host: slower, equally correct).
+fn enable_peer_access(devices: &[OpenDevice]) {
+    for a in devices {
+        for b in devices.iter().filter(|b| b.ordinal != a.ordinal) {
+            let mut can = 0;
+            // SAFETY: both devices are open; `can` outlives the call.
+            let query = unsafe {
+                cudarc::driver::sys::cuDeviceCanAccessPeer(
+                    &mut can,
+                    a.ctx.cu_device(),
+                    b.ctx.cu_device(),
+                )
+            };
+            if query != cudarc::driver::sys::CUresult::CUDA_SUCCESS || can == 0 {
+                continue;
+            }
+            if a.ctx.bind_to_thread().is_ok() {
+                // SAFETY: a's context is current and b's is a live context. Failure (already
+                // enabled, or out of peer mappings) leaves staged copies, which still work.
+                let _ = unsafe { cudarc::driver::sys::cuCtxEnablePeerAccess(b.ctx.cu_ctx(), 0) };
+            }
+        }
+    }
+}
+
 impl Cuda {
-    /// Opens device `ordinal`, compiles and loads the kernels, and creates a cuBLAS handle.
-    pub fn new(ordinal: usize) -> Result<Self> {
+    /// Opens the GPUs `ordinals` (`--device cuda:N,M,…`): the model runs on the first; with
+    /// several, expert shard `s` runs on `ordinals[s]` (an index may repeat: several shards on
+    /// one GPU, each on its own stream). Compiles the kernels once and loads them on each GPU.
+    pub fn new(ordinals: &[usize]) -> Result<Self> {
+        let listed = ordinals
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let Some(&first) = ordinals.first() else {
+            return Err(device_error("--device cuda: lists no GPU"));
+        };
         // SAFETY: only tries to open the library; nothing is called through it.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(device_error(format!(
-                "--device cuda:{ordinal}: the CUDA driver (libcuda.so) could not be loaded; is \
+                "--device cuda:{listed}: the CUDA driver (libcuda.so) could not be loaded; is \
                  the NVIDIA driver installed, and the container started with the GPU runtime?"
             )));
         }
         // SAFETY: as above.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
             return Err(device_error(format!(
-                "--device cuda:{ordinal}: cuBLAS (libcublas.so.13) could not be loaded; install \
+                "--device cuda:{listed}: cuBLAS (libcublas.so.13) could not be loaded; install \
                  the CUDA 13 math libraries or add their directory to LD_LIBRARY_PATH"
             )));
         }
         let count = CudaContext::device_count()
             .map_err(|e| device_error(format!("counting CUDA devices: {e:?}")))?;
-        if ordinal >= count.max(0) as usize {
+        if let Some(missing) = ordinals.iter().find(|&&o| o >= count.max(0) as usize) {
             return Err(device_error(format!(
-                "--device cuda:{ordinal}: this machine has {count} CUDA device(s)"
+                "--device cuda:{listed}: there is no GPU {missing}; this machine has {count} \
+                 CUDA device(s)"
             )));
         }
-        let ctx = CudaContext::new(ordinal)
-            .map_err(|e| device_error(format!("opening cuda:{ordinal}: {e:?}")))?;
-        let device_name = ctx.name().unwrap_or_else(|_| "unknown device".into());
-        // One stream: cudarc's per-buffer events (for ordering across streams) are pure cost.
-        // SAFETY: nothing has been allocated on this context by us yet, and every buffer is
-        // used on the one stream below.
-        unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
-        let mut modules = Vec::new();
-        for (file, ptx) in compile_kernels()? {
-            let module = ctx
-                .load_module(ptx)
-                .map_err(|e| device_error(format!("loading kernels/cuda/{file}: {e:?}")))?;
-            modules.push((file, module));
-        }
-        let function = |name: &str| -> Result<CudaFunction> {
-            let kernel = sparsemoe_kernels::kernel(name)
-                .ok_or_else(|| device_error(format!("kernel {name} is not listed")))?;
-            let (_, module) = modules
+        let ptx = compile_kernels()?;
+        let mut devices = Vec::new();
+        let mut main = Self::lane(first, 0, &ptx, &mut devices)?;
+        if ordinals.len() > 1 {
+            let shards = ordinals
                 .iter()
-                .find(|(file, _)| *file == kernel.file)
-                .ok_or_else(|| device_error(format!("{} is not compiled", kernel.file)))?;
-            module
-                .load_function(name)
-                .map_err(|e| device_error(format!("loading kernel {name}: {e:?}")))
+                .enumerate()
+                .map(|(s, &o)| Self::lane(o, 1 + s, &ptx, &mut devices))
+                .collect::<Result<Vec<_>>>()?;
+            enable_peer_access(&devices);
+            main.shards = Arc::new(shards);
+        }
+        Ok(main)
+    }
+
+    /// A lane on GPU `ordinal`, opening the GPU if no earlier lane did.
+    fn lane(
+        ordinal: usize,
+        lane: usize,
+        ptx: &[(&'static str, cudarc::nvrtc::Ptx)],
+        devices: &mut Vec<OpenDevice>,
+    ) -> Result<Self> {
+        let at = match devices.iter().position(|d| d.ordinal == ordinal) {
+            Some(at) => at,
+            None => {
+                devices.push(open_device(ordinal, ptx)?);
+                devices.len() - 1
+            }
         };
-        let k = Arc::new(Kernels {
-            gather_rows: function("gather_rows_f32")?,
-            scatter_rows: function("scatter_rows_f32")?,
-            scatter_add_rows: function("scatter_add_rows_f32")?,
-            copy_columns: function("copy_columns_f32")?,
-            rms_norm: function("rms_norm_f32")?,
-            layer_norm: function("layer_norm_f32")?,
-            add: function("add_f32")?,
-            silu_mul: function("silu_mul_f32")?,
-            rope: function("rope_f32")?,
-            indexer_scores: function("indexer_scores_f32")?,
-            mla_latent_attention: function("mla_latent_attention_f32")?,
-            topk_rows: function("topk_rows_f32")?,
-        });
+        let device = &devices[at];
+        // The main lane takes the context's default stream; a shard's lane its own, so shards
+        // on one GPU run side by side.
+        let stream = if lane == 0 {
+            device.ctx.default_stream()
+        } else {
+            device
+                .ctx
+                .new_stream()
+                .map_err(|e| device_error(format!("creating a stream on cuda:{ordinal}: {e:?}")))?
+        };
         let blas = CudaBlas::new(stream.clone())
             .map(Arc::new)
             .map_err(|e| device_error(format!("creating a cuBLAS handle: {e:?}")))?;
         Ok(Self {
             ordinal,
-            device_name,
+            device_name: device.name.clone(),
+            lane,
             stream,
             blas,
-            k,
+            k: device.k.clone(),
+            shards: Arc::new(Vec::new()),
+        })
+    }
+
+    /// Makes this lane's context current on the calling thread (cuBLAS calls need it).
+    fn bind(&self) {
+        ok(
+            self.stream.context().bind_to_thread(),
+            "binding the context",
+        );
+    }
+
+    /// The copy of `w` this lane computes with.
+    fn weight<'w>(&self, w: &'w CudaWeight) -> &'w CudaSlice<f32> {
+        w.on(self.lane)
+    }
+
+    /// Copies host data to a new buffer on this lane's device, for a weight.
+    fn upload_copy(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaSlice<f32>> {
+        if data.is_empty() {
+            self.stream.alloc_zeros::<f32>(1)
+        } else {
+            self.stream.clone_htod(data)
+        }
+        .map_err(|e: DriverError| {
+            device_error(format!(
+                "uploading a [{rows}, {cols}] weight ({} MiB as float32) to cuda:{}: {e:?}",
+                (data.len() * 4) >> 20,
+                self.ordinal
+            ))
         })
     }
 
@@ -452,10 +610,11 @@ impl Cuda {
         };
         // SAFETY: uk_t is [heads·latent, nope]; q's rows first.. hold n rows of heads·qk;
         // q_lat is [n, heads·latent].
+        self.bind();
         ok(
             unsafe {
                 self.blas
-                    .gemm_strided_batched(cfg, &w.uk_t.buf, &q_rows, &mut q_lat.buf)
+                    .gemm_strided_batched(cfg, self.weight(w.uk_t), &q_rows, &mut q_lat.buf)
             },
             "cublasSgemmStridedBatched (query into the latent space)",
         );
@@ -482,7 +641,7 @@ impl Cuda {
 
         // Stage 3: out[r, h] = ctx[r, h] · W_UV,hᵀ (W_UV,h is kv_b's rows h·kv_width + nope..).
         let width = d.heads * d.v;
-        let uv = w.kv_b.buf.slice(d.nope * d.latent..);
+        let uv = self.weight(w.kv_b).slice(d.nope * d.latent..);
         let mut out_rows = out.buf.slice_mut(seq.first * width..);
         let cfg = StridedBatchedConfig {
             gemm: GemmConfig {
@@ -504,6 +663,7 @@ impl Cuda {
         };
         // SAFETY: kv_b is [heads·(nope+v), latent]; ctx is [n, heads·latent]; out's rows
         // first.. hold n rows of heads·v.
+        self.bind();
         ok(
             unsafe {
                 self.blas
@@ -519,7 +679,12 @@ impl Backend for Cuda {
     type Weight = CudaWeight;
 
     fn name(&self) -> String {
-        format!("cuda:{} ({})", self.ordinal, self.device_name)
+        let main = format!("cuda:{} ({})", self.ordinal, self.device_name);
+        if self.shards.is_empty() {
+            return main;
+        }
+        let shards: Vec<String> = self.shards.iter().map(|s| s.ordinal.to_string()).collect();
+        format!("{main}, routed experts on cuda:{}", shards.join(","))
     }
 
     fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
@@ -538,20 +703,33 @@ impl Backend for Cuda {
 
     fn upload(&self, matrix: Matrix) -> Result<CudaWeight> {
         let (rows, cols) = (matrix.rows, matrix.cols);
-        let data = matrix.to_f32_vec();
-        let buf = if data.is_empty() {
-            self.stream.alloc_zeros::<f32>(1)
-        } else {
-            self.stream.clone_htod(&data)
+        let buf = self.upload_copy(&matrix.to_f32_vec(), rows, cols)?;
+        Ok(CudaWeight {
+            rows,
+            cols,
+            copies: vec![(self.lane, buf)],
+        })
+    }
+
+    fn upload_expert(&self, matrix: Matrix, holders: &[usize]) -> Result<CudaWeight> {
+        if self.shards.is_empty() || holders.is_empty() {
+            return self.upload(matrix);
         }
-        .map_err(|e: DriverError| {
-            device_error(format!(
-                "uploading a [{rows}, {cols}] weight ({} MiB as float32) to cuda:{}: {e:?}",
-                (data.len() * 4) >> 20,
-                self.ordinal
-            ))
-        })?;
-        Ok(CudaWeight { buf, rows, cols })
+        let (rows, cols) = (matrix.rows, matrix.cols);
+        let data = matrix.to_f32_vec();
+        let copies = holders
+            .iter()
+            .map(|&s| {
+                let shard = self.shards.get(s).ok_or_else(|| {
+                    device_error(format!(
+                        "expert shard {s} has no GPU: --device lists {}",
+                        self.shards.len()
+                    ))
+                })?;
+                Ok((shard.lane, shard.upload_copy(&data, rows, cols)?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(CudaWeight { rows, cols, copies })
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> CudaTensor {
@@ -597,7 +775,7 @@ impl Backend for Cuda {
             slots.iter().all(|&t| t < table.rows),
             "embed: token id beyond the table"
         );
-        self.gather(&table.buf, table.cols, &slots)
+        self.gather(self.weight(table), table.cols, &slots)
     }
 
     fn linear(&self, x: &CudaTensor, w: &CudaWeight) -> CudaTensor {
@@ -625,8 +803,9 @@ impl Backend for Cuda {
             ldc: n as i32,
         };
         // SAFETY: x is [m, k], w [n, k] (checked above), y [m, n].
+        self.bind();
         ok(
-            unsafe { self.blas.gemm(cfg, &w.buf, &x.buf, &mut y.buf) },
+            unsafe { self.blas.gemm(cfg, self.weight(w), &x.buf, &mut y.buf) },
             "cublasSgemm",
         );
         y
@@ -997,13 +1176,107 @@ impl Backend for Cuda {
         work: &[Vec<Pair>],
         experts: &[Expert<CudaWeight>],
     ) -> CudaTensor {
-        // One device: the shards' experts run one after another on its stream (several GPUs
-        // per engine are owed).
         let mut out = self.zeros(x.rows, x.cols);
-        for shard in work {
-            let groups = by_expert(shard.iter().copied(), experts.len());
-            self.add_experts(x, &mut out, &groups, experts);
+        if self.shards.is_empty() {
+            // One GPU: the shards' experts run one after another on its stream.
+            for shard in work {
+                let groups = by_expert(shard.iter().copied(), experts.len());
+                self.add_experts(x, &mut out, &groups, experts);
+            }
+            return out;
+        }
+        assert_eq!(
+            work.len(),
+            self.shards.len(),
+            "moe_experts_sharded: one work list per shard"
+        );
+        // On the main GPU: each shard's distinct rows of x, and room for its results.
+        let mut staged: Vec<Staged> = work
+            .iter()
+            .enumerate()
+            .filter(|(_, pairs)| !pairs.is_empty())
+            .map(|(shard, pairs)| self.stage(x, shard, pairs, experts.len()))
+            .collect();
+        let ready = ok(self.stream.record_event(None), "recording an event");
+        // On each shard's lane, side by side: copy the rows in, run its experts (weighted by
+        // the router), copy the sums back.
+        let done: Vec<CudaEvent> = staged
+            .iter_mut()
+            .map(|st| {
+                let lane = &self.shards[st.shard];
+                ok(lane.stream.wait(&ready), "waiting for an event");
+                let n = st.x.rows * st.x.cols;
+                let x_here = CudaTensor {
+                    buf: ok(
+                        lane.stream.clone_dtod(&st.x.buf.slice(..n)),
+                        "copying rows to an expert shard",
+                    ),
+                    rows: st.x.rows,
+                    cols: st.x.cols,
+                };
+                let mut y_here = lane.zeros(st.x.rows, st.x.cols);
+                lane.add_experts(&x_here, &mut y_here, &st.groups, experts);
+                // SAFETY of the cross-stream use: st.y was allocated on the main stream before
+                // `ready`, which this lane waited on; the main stream waits on `done` below
+                // before it reads st.y or frees any staged buffer.
+                let mut y_main = st.y.buf.slice_mut(..n);
+                ok(
+                    lane.stream.memcpy_dtod(&y_here.buf.slice(..n), &mut y_main),
+                    "copying an expert shard's results back",
+                );
+                ok(lane.stream.record_event(None), "recording an event")
+            })
+            .collect();
+        // Back on the main GPU: add each shard's sums into its rows, one shard at a time.
+        for event in &done {
+            ok(self.stream.wait(event), "waiting for an event");
+        }
+        let c = x.cols as i32;
+        for st in &staged {
+            let mut b = self.stream.launch_builder(&self.k.scatter_add_rows);
+            b.arg(&mut out.buf)
+                .arg(&st.y.buf)
+                .arg(&st.rows)
+                .arg(&st.ones)
+                .arg(&c);
+            // SAFETY: st.y is [rows, cols] and st.rows holds that many distinct rows of out.
+            ok(
+                unsafe { b.launch(Self::row_config(st.x.rows)) },
+                "scatter_add_rows",
+            );
         }
         out
+    }
+}
+
+/// One expert shard's part of a step, staged on the main GPU.
+struct Staged {
+    shard: usize,
+    /// The distinct rows of x its pairs name, as indices on the main GPU.
+    rows: CudaSlice<i32>,
+    /// A weight of 1 per row (its sums come back weighted already).
+    ones: CudaSlice<f32>,
+    /// Those rows of x.
+    x: CudaTensor,
+    /// Its weighted sums per row, copied back.
+    y: CudaTensor,
+    /// Its pairs by expert, rows numbered within `x`.
+    groups: Vec<super::ExpertRows>,
+}
+
+impl Cuda {
+    /// Gathers, on this (main) lane, the rows of `x` that `pairs` name for shard `shard`.
+    fn stage(&self, x: &CudaTensor, shard: usize, pairs: &[Pair], num_experts: usize) -> Staged {
+        let (rows, local) = compact_rows(pairs, x.rows);
+        let groups = by_expert(local.into_iter(), num_experts);
+        let rows_d = self.upload_i32(rows.iter().copied());
+        Staged {
+            shard,
+            ones: self.upload_slice(&vec![1.0f32; rows.len()]),
+            x: self.gather_indexed(&x.buf, x.cols, &rows_d.as_view()),
+            y: self.zeros(rows.len(), x.cols),
+            rows: rows_d,
+            groups,
+        }
     }
 }

@@ -206,6 +206,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Moves a weight matrix to the device (once, at load).
     fn upload(&self, matrix: Matrix) -> Result<Self::Weight>;
+    /// Moves a routed expert's weight matrix to the device, at load: with expert parallelism
+    /// across devices, to each of the expert shards `holders` (see [`crate::expert_shards`]);
+    /// by default, with the other weights.
+    fn upload_expert(&self, matrix: Matrix, holders: &[usize]) -> Result<Self::Weight> {
+        let _ = holders;
+        self.upload(matrix)
+    }
     /// Makes a `[rows, cols]` tensor from host data.
     fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Self::Tensor;
     /// A `[rows, cols]` tensor of zeros (a paged KV pool: a device fills it in place).
