@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check for sparsemoe's kernels and its engine, for a single device call: every step
-# has a time limit and they add up to under 10 minutes (kernels 330 s, engine tests 90 s, four
-# benches 40 s each); about 5 minutes expected on an H200, unmeasured so far. Call it with
+# has a time limit and they add up to under 10 minutes (kernels 300 s, engine tests 100 s, six
+# benches 30 s each); about 5 minutes expected on an H200, unmeasured so far. Call it with
 # timeout_s 600 and carry ["target/gpu-check"] (kernels/gpu-build.sh, 21 MB).
 # Needs nvcc, PyTorch and CuPy on the GPU machine (its image has them): the .cu files are
 # compiled there for sm_90a. The engine's own binaries (its CUDA backend) come from the build
@@ -20,13 +20,14 @@ export NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
     "$NVCC" --version | tail -n 2
     python3 -c 'import torch, cupy; print("torch", torch.__version__, "cupy", cupy.__version__)'
 } 2>&1 | tee "$OUT/nvidia-smi.txt"
-PYTHONUNBUFFERED=1 timeout 330 python3 kernels/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu-check.log"
+PYTHONUNBUFFERED=1 timeout 300 python3 kernels/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu-check.log"
 rc=${PIPESTATUS[0]}
 rm -rf "$OUT/build"  # cubins: not needed back (the device tool returns at most 8 files)
 
 # The engine on the GPU, from the binaries kernels/gpu-build.sh made on the build machine
 # (carried in target/gpu-check): the CUDA backend against the CPU backend on every fixture model
-# and on paged batches, then a whole decode step at 64K context, sparse vs dense, GPU and CPU.
+# (float32 and bf16 weights), on paged batches and with expert shards on separate streams, then a
+# whole decode step at 64K context, sparse vs dense: GPU float32, GPU bf16, and CPU.
 # engine.log holds the output, engine-bench.jsonl the bench reports.
 bin=target/gpu-check
 if [[ -x $bin/cuda-tests && -x $bin/sparsemoe-engine ]]; then
@@ -42,18 +43,19 @@ PY
 )
     export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "engine: LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee "$OUT/engine.log"
-    SPARSEMOE_REQUIRE_GPU=1 timeout 90 "$bin/cuda-tests" --nocapture --test-threads 1 2>&1 | tee -a "$OUT/engine.log"
+    SPARSEMOE_REQUIRE_GPU=1 timeout 100 "$bin/cuda-tests" --nocapture --test-threads 1 2>&1 | tee -a "$OUT/engine.log"
     [[ ${PIPESTATUS[0]} == 0 ]] || rc=1
     # A whole decode step at 64K context on a V3.2-shaped model (1 layer, random bf16 weights),
     # sparse vs dense, on the GPU and on this machine's CPUs: one JSON line per run.
     model=/tmp/sparsemoe-v32-shapes
     python3 bench/random_checkpoint.py bench/configs/v32-shapes-1layer.json "$model" 2>&1 | tee -a "$OUT/engine.log"
-    for device in cuda:0 cpu; do
+    for run in cuda:0/float32 cuda:0/bfloat16 cpu/float32; do
         for attention in sparse dense; do
-            echo "engine: bench $device $attention" | tee -a "$OUT/engine.log"
-            timeout 40 "$bin/sparsemoe-engine" bench --model "$model" --device "$device" \
-                --attention "$attention" --batch 1 --prompt-tokens 16 --decode-tokens 16 \
-                --context 65536 --steps 5 2>>"$OUT/engine.log" | tee -a "$OUT/engine-bench.jsonl"
+            echo "engine: bench ${run%/*} ${run#*/} $attention" | tee -a "$OUT/engine.log"
+            timeout 30 "$bin/sparsemoe-engine" bench --model "$model" --device "${run%/*}" \
+                --dtype "${run#*/}" --attention "$attention" --batch 1 --prompt-tokens 16 \
+                --decode-tokens 16 --context 65536 --steps 5 2>>"$OUT/engine.log" |
+                tee -a "$OUT/engine-bench.jsonl"
         done
     done
 else

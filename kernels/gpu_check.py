@@ -355,6 +355,23 @@ class Harness:
         ref[slots.long()] += wts.double()[:, None] * out.double()
         self.launch("scatter_add_rows_f32", (rows,), 256, [acc, out, slots, wts, ("i", cols)])
         self.record("scatter_add_rows_f32", rel_l2(acc, ref), F32_BOUND)
+        table = self.bf16(500, cols)
+        out.fill_(nan)
+        self.launch("gather_rows_bf16_bits_f32", (rows,), 256, [out, table, slots, ("i", cols)])
+        self.record_bool("gather_rows_bf16_bits_f32", torch.equal(out, table[slots.long()].float()),
+                         "bf16 rows widened exactly")
+        # float32 -> bf16 bits, ties to even: against torch's rounding on random values, exact
+        # ties, the edges of the range, infinities and NaN.
+        x = torch.cat([torch.randn(100000, device=d) * 1e3,
+                       torch.randn(1000, device=d).to(torch.bfloat16).float() * (1 + 2 ** -8),
+                       torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.3895e38, 3.4e38, -3.4e38, 1.0 + 2 ** -8,
+                                     1.0 + 3 * 2 ** -8, math.inf, -math.inf, nan], device=d)])
+        b = torch.zeros(x.numel(), dtype=torch.bfloat16, device=d)
+        self.launch("f32_to_bf16_bits", ((x.numel() + 255) // 256,), 256, [b, x, ("l", x.numel())])
+        want, nan_in = x.to(torch.bfloat16), torch.isnan(x)
+        same = torch.equal(b[~nan_in].view(torch.int16), want[~nan_in].view(torch.int16))
+        self.record_bool("f32_to_bf16_bits", same and bool(torch.isnan(b[nan_in]).all()),
+                         "bit-exact with torch's round-to-nearest-even; NaN stays NaN")
         part = torch.full((rows, 100), nan, device=d)
         self.launch("copy_columns_f32", (rows,), 256, [part, src, ("i", cols), ("i", 37), ("i", 100)])
         self.record_bool("copy_columns_f32", torch.equal(part, src[:rows, 37:137]), "columns 37..137 exactly")

@@ -90,6 +90,9 @@ struct ModelArgs {
     /// experts split over all of them (one expert shard each; see --placement).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// With a GPU: `float32` or `bfloat16` (bf16 weights and tensor-core products).
+    #[arg(long, default_value = "float32")]
+    dtype: String,
     /// Attention: sparse (DSA top-k; V3.2) or dense.
     #[arg(long, value_enum, default_value_t = Attention::Sparse)]
     attention: Attention,
@@ -137,16 +140,17 @@ impl ModelArgs {
 
 fn main() -> anyhow::Result<()> {
     let command = Cli::parse().command;
-    let device = match &command {
-        Command::Serve(_) => Device::Cpu, // serve opens its own device
+    let (device, dtype) = match &command {
+        Command::Serve(_) => (Device::Cpu, "float32"), // serve opens its own device
         Command::Logits { model, .. }
         | Command::Generate { model, .. }
-        | Command::Bench { model, .. } => model.device.parse::<Device>()?,
+        | Command::Bench { model, .. } => (model.device.parse::<Device>()?, model.dtype.as_str()),
     };
     let devices = device.count();
+    let dtype = device.dtype(dtype)?;
     match device {
         Device::Cpu => run(command, Cpu, devices),
-        Device::Cuda(ordinals) => run(command, Cuda::new(&ordinals)?, devices),
+        Device::Cuda(ordinals) => run(command, Cuda::new(&ordinals, dtype)?, devices),
     }
 }
 

@@ -11,7 +11,7 @@ use clap::Args;
 
 use crate::backend::Backend;
 use crate::backend::cpu::Cpu;
-use crate::backend::cuda::Cuda;
+use crate::backend::cuda::{Cuda, Dtype};
 use crate::config::ModelConfig;
 use crate::demo::{DEMO, DEMO_NAME};
 use crate::expert_shards::ExpertShards;
@@ -33,6 +33,11 @@ pub struct ServeArgs {
     /// experts split over all of them (one expert shard each; see --placement).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// With a GPU: `float32` (weights and products in float32, as the CPU backend computes) or
+    /// `bfloat16` (bf16 weights, half the memory; products on the tensor cores from inputs
+    /// rounded to bf16, summed in float32).
+    #[arg(long, default_value = "float32", env = "SPARSEMOE_DTYPE")]
+    pub dtype: String,
     /// Address to listen on (pods: 0.0.0.0, which the operator passes).
     #[arg(long, default_value = "127.0.0.1", env = "SPARSEMOE_HOST")]
     pub host: String,
@@ -109,6 +114,19 @@ pub enum Device {
 }
 
 impl Device {
+    /// `--dtype` for this device: the CUDA backend takes `float32` or `bfloat16`; the CPU
+    /// backend computes in float32 (from the weights as stored) only.
+    pub fn dtype(&self, dtype: &str) -> anyhow::Result<Dtype> {
+        let parsed: Dtype = dtype.parse()?;
+        if *self == Self::Cpu && parsed != Dtype::Float32 {
+            bail!(
+                "--dtype {dtype} needs a GPU (--device cuda:N): the CPU backend computes in \
+                 float32 from the weights as stored"
+            );
+        }
+        Ok(parsed)
+    }
+
     /// Devices the engine spans (one for the CPU).
     pub fn count(&self) -> usize {
         match self {
@@ -206,13 +224,16 @@ fn load<B: Backend>(args: &ServeArgs, backend: B, devices: usize) -> anyhow::Res
 
 /// Loads the model on `--device` and builds the server state.
 fn load_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
-    match args.device.parse::<Device>()? {
+    let device = args.device.parse::<Device>()?;
+    match device.clone() {
         Device::Cpu => {
+            device.dtype(&args.dtype)?;
             let l = load(args, Cpu, 1)?;
             build_state(l.model, l.tokenizer, l.name, args)
         }
         Device::Cuda(ordinals) => {
-            let l = load(args, Cuda::new(&ordinals)?, ordinals.len())?;
+            let cuda = Cuda::new(&ordinals, device.dtype(&args.dtype)?)?;
+            let l = load(args, cuda, ordinals.len())?;
             build_state(l.model, l.tokenizer, l.name, args)
         }
     }

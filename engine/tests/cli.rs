@@ -92,7 +92,7 @@ fn bad_arguments_fail_with_a_message_not_a_panic() {
 #[test]
 fn devices_are_checked_at_start_up() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v3_moe_yarn");
-    let logits_on = |device: &str| {
+    let logits_with = |option: &str, value: &str| {
         engine()
             .args([
                 "logits",
@@ -101,7 +101,7 @@ fn devices_are_checked_at_start_up() {
                 "--tokens",
                 "1,2",
             ])
-            .args(["--device", device])
+            .args([option, value])
             .output()
             .unwrap()
     };
@@ -110,7 +110,7 @@ fn devices_are_checked_at_start_up() {
         ("cuda:x", "`x` is not a GPU index"),
         ("cuda:0,", "`` is not a GPU index"),
     ] {
-        let out = logits_on(device);
+        let out = logits_with("--device", device);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success() && stderr.contains(message) && !stderr.contains("panicked"),
@@ -118,11 +118,24 @@ fn devices_are_checked_at_start_up() {
         );
     }
 
+    // --dtype: bf16 weights are a GPU option; the CPU backend says so.
+    for (dtype, message) in [
+        ("bfloat16", "--dtype bfloat16 needs a GPU"),
+        ("float64", "expected `float32` or `bfloat16`"),
+    ] {
+        let out = logits_with("--dtype", dtype);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(message) && !stderr.contains("panicked"),
+            "--dtype {dtype}: {stderr}"
+        );
+    }
+
     // cuda:0 runs where there is a GPU (tests/cuda.rs checks its numbers), and so does
     // cuda:0,0 (the routed experts split over two streams of it); elsewhere each is an error
     // that says what is missing.
     for device in ["cuda:0", "cuda:0,0"] {
-        let out = logits_on(device);
+        let out = logits_with("--device", device);
         let stderr = String::from_utf8_lossy(&out.stderr);
         if out.status.success() {
             eprintln!(

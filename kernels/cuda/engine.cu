@@ -22,6 +22,32 @@ gather_rows_f32(float* __restrict__ out, const float* __restrict__ src, const in
     for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = s[c];
 }
 
+// The bf16 nearest to x, ties to even, as its bits (a NaN stays a quiet NaN): what cuBLAS's
+// bf16 products read. NVRTC compiles this file without cuda_bf16.h, hence the bits by hand.
+SMOE_DEVICE unsigned short bf16_bits_rn(float x) {
+    const unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// out[r, :] = float(src[slots[r], :]) for a bf16 table: the embedding lookup with bf16 weights.
+// Launch: grid rows, block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+gather_rows_bf16_bits_f32(float* __restrict__ out, const unsigned short* __restrict__ src, const int* __restrict__ slots,
+                          int cols) {
+    const unsigned short* s = src + (size_t)slots[blockIdx.x] * cols;
+    float* o = out + (size_t)blockIdx.x * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = __uint_as_float((unsigned int)s[c] << 16);
+}
+
+// out[i] = bf16(x[i]): the input of a product with a bf16 weight.
+// Launch: grid ceil(n / ENGINE_THREADS), block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+f32_to_bf16_bits(unsigned short* __restrict__ out, const float* __restrict__ x, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = bf16_bits_rn(x[i]);
+}
+
 // dst[slots[r], :] = rows[r, :]: writing a paged cache (slots distinct).
 // Launch: grid rows, block ENGINE_THREADS.
 extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)

@@ -51,6 +51,10 @@ pub enum Param {
     /// `__nv_bfloat16*` (written) / `const __nv_bfloat16*`.
     Bf16Mut,
     Bf16,
+    /// `unsigned short*` / `const unsigned short*`: bf16 values as their bits, for the
+    /// kernels NVRTC compiles without `cuda_bf16.h`.
+    Bf16BitsMut,
+    Bf16Bits,
     /// `float*` / `const float*`.
     F32Mut,
     F32,
@@ -126,6 +130,9 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("grouped_gemm_bf16_f32" in "grouped_gemm.cu":
         y: F32Mut, x: Bf16, w: Bf16, offsets: I32, n: Int, k: Int),
     kernel!("gather_rows_f32" in "engine.cu": out: F32Mut, src: F32, slots: I32, cols: Int),
+    kernel!("gather_rows_bf16_bits_f32" in "engine.cu":
+        out: F32Mut, src: Bf16Bits, slots: I32, cols: Int),
+    kernel!("f32_to_bf16_bits" in "engine.cu": out: Bf16BitsMut, x: F32, n: Long),
     kernel!("scatter_rows_f32" in "engine.cu": dst: F32Mut, rows: F32, slots: I32, cols: Int),
     kernel!("scatter_add_rows_f32" in "engine.cu":
         out: F32Mut, y: F32, rows: I32, weights: F32, cols: Int),

@@ -37,6 +37,8 @@ fn c_type(param: Param) -> &'static str {
     match param {
         Param::Bf16Mut => "__nv_bfloat16*",
         Param::Bf16 => "const __nv_bfloat16*",
+        Param::Bf16BitsMut => "unsigned short*",
+        Param::Bf16Bits => "const unsigned short*",
         Param::F32Mut => "float*",
         Param::F32 => "const float*",
         Param::I32Mut => "int*",

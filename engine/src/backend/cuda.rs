@@ -2,10 +2,12 @@
 //! cudarc.
 //!
 //! First version, written for correctness against the CPU reference, not yet for speed:
-//! - Activations are float32 on the device, as in the CPU backend, and so are the weights:
-//!   bf16 and fp8 checkpoints are widened once at upload (twice a bf16 model's bytes).
-//! - Products go through cuBLAS (`Sgemm`, strided-batched for the per-head products of the
-//!   absorbed MLA); the row operations between them are the float32 kernels of
+//! - Activations are float32 on the device, as in the CPU backend. Weights are float32 too
+//!   (`--dtype float32`: bf16 and fp8 checkpoints widened at upload) or bf16 (`--dtype
+//!   bfloat16`: half the bytes; a product rounds its input to bf16 and runs on the tensor cores
+//!   with float32 sums).
+//! - Products go through cuBLAS (`Sgemm` or bf16 `GemmEx`, strided-batched for the per-head
+//!   products of the absorbed MLA); the row operations between them are the float32 kernels of
 //!   `kernels/cuda/engine.cu`, and the indexer's selection is `topk.cu`'s radix select. Both
 //!   files are compiled at start-up with NVRTC, so no CUDA toolkit is needed at build time.
 //! - Attention always takes the absorbed form (the same function as the expanded one), one
@@ -24,7 +26,7 @@
 //! cannot return errors, so a device failure in the middle of a step (an out-of-memory
 //! allocation, a lost device) panics with the CUDA error.
 //!
-//! Owed (issue 5): bf16/fp8 weights on the device with tensor-core products, the bf16 kernels
+//! Owed (issue 5): fp8 weights on the device (dequantised per product), the bf16 kernels
 //! of `kernels/cuda` (sparse MLA, indexer, MoE permutation, grouped GEMM) in place of these
 //! float32 ones, CUDA graphs for decode, and NCCL all-to-all in place of per-shard copies.
 
@@ -34,8 +36,8 @@ use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, CudaView, DriverError,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut,
+    DriverError, LaunchConfig, PushKernelArg,
 };
 use sparsemoe_kernels::launch;
 
@@ -59,18 +61,96 @@ impl std::fmt::Debug for CudaTensor {
     }
 }
 
-/// A weight matrix in device memory, float32, row-major `[rows, cols]`.
+/// How the backend keeps the weights its products read (`--dtype`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dtype {
+    /// float32 weights and products, as the CPU reference backend computes.
+    #[default]
+    Float32,
+    /// bf16 weights (half the memory); each product rounds its float32 input to bf16 and runs on
+    /// the tensor cores, summing in float32. Everything between products stays float32.
+    Bfloat16,
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "float32" => Ok(Self::Float32),
+            "bfloat16" => Ok(Self::Bfloat16),
+            other => Err(EngineError::input(format!(
+                "--dtype {other}: expected `float32` or `bfloat16`"
+            ))),
+        }
+    }
+}
+
+/// A weight's data on one device.
+enum WeightData {
+    F32(CudaSlice<f32>),
+    /// bf16 values as their bits.
+    Bf16(CudaSlice<u16>),
+}
+
+impl WeightData {
+    fn context(&self) -> &Arc<CudaContext> {
+        match self {
+            Self::F32(buf) => buf.context(),
+            Self::Bf16(buf) => buf.context(),
+        }
+    }
+}
+
+/// A weight's data on the host, converted once for every device that gets a copy.
+enum HostWeight {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl HostWeight {
+    fn new(matrix: &Matrix, dtype: Dtype) -> Self {
+        match (dtype, matrix.as_bf16_bytes()) {
+            (Dtype::Float32, _) => Self::F32(matrix.to_f32_vec()),
+            // A bf16 checkpoint's bits as they are.
+            (Dtype::Bfloat16, Some(bytes)) => Self::Bf16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
+            ),
+            // Others (float32, float16, fp8 with its block scales) through float32, rounded to
+            // the nearest bf16.
+            (Dtype::Bfloat16, None) => Self::Bf16(
+                matrix
+                    .to_f32_vec()
+                    .into_iter()
+                    .map(|x| half::bf16::from_f32(x).to_bits())
+                    .collect(),
+            ),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len() * 4,
+            Self::Bf16(v) => v.len() * 2,
+        }
+    }
+}
+
+/// A weight matrix in device memory, row-major `[rows, cols]`, float32 or bf16 (see [`Dtype`]).
 pub struct CudaWeight {
     rows: usize,
     cols: usize,
-    /// `(lane, buffer)`: its copies. An ordinary weight has one, on the main lane; a routed
-    /// expert split over several devices has one on the lane of each shard that holds it.
-    copies: Vec<(usize, CudaSlice<f32>)>,
+    /// `(lane, data)`: its copies. An ordinary weight has one, on the main lane; a routed expert
+    /// split over several devices has one on the lane of each shard that holds it.
+    copies: Vec<(usize, WeightData)>,
 }
 
 impl CudaWeight {
     /// The copy on `lane`.
-    fn on(&self, lane: usize) -> &CudaSlice<f32> {
+    fn on(&self, lane: usize) -> &WeightData {
         self.copies
             .iter()
             .find(|(l, _)| *l == lane)
@@ -95,9 +175,9 @@ impl Drop for CudaTensor {
 
 impl Drop for CudaWeight {
     fn drop(&mut self) {
-        for (_, buf) in self.copies.drain(..) {
-            let _ = buf.context().bind_to_thread();
-            drop(buf);
+        for (_, data) in self.copies.drain(..) {
+            let _ = data.context().bind_to_thread();
+            drop(data);
         }
     }
 }
@@ -105,6 +185,8 @@ impl Drop for CudaWeight {
 /// The kernels the backend launches, loaded by name from the NVRTC-compiled modules.
 struct Kernels {
     gather_rows: CudaFunction,
+    gather_rows_bf16: CudaFunction,
+    f32_to_bf16_bits: CudaFunction,
     scatter_rows: CudaFunction,
     scatter_add_rows: CudaFunction,
     copy_columns: CudaFunction,
@@ -127,6 +209,7 @@ pub struct Cuda {
     device_name: String,
     /// 0 for the main lane, `1 + s` for expert shard `s`'s.
     lane: usize,
+    dtype: Dtype,
     stream: Arc<CudaStream>,
     blas: Arc<CudaBlas>,
     k: Arc<Kernels>,
@@ -249,6 +332,8 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
     };
     let k = Arc::new(Kernels {
         gather_rows: function("gather_rows_f32")?,
+        gather_rows_bf16: function("gather_rows_bf16_bits_f32")?,
+        f32_to_bf16_bits: function("f32_to_bf16_bits")?,
         scatter_rows: function("scatter_rows_f32")?,
         scatter_add_rows: function("scatter_add_rows_f32")?,
         copy_columns: function("copy_columns_f32")?,
@@ -300,7 +385,7 @@ impl Cuda {
     /// Opens the GPUs `ordinals` (`--device cuda:N,M,…`): the model runs on the first; with
     /// several, expert shard `s` runs on `ordinals[s]` (an index may repeat: several shards on
     /// one GPU, each on its own stream). Compiles the kernels once and loads them on each GPU.
-    pub fn new(ordinals: &[usize]) -> Result<Self> {
+    pub fn new(ordinals: &[usize], dtype: Dtype) -> Result<Self> {
         let listed = ordinals
             .iter()
             .map(ToString::to_string)
@@ -333,12 +418,12 @@ impl Cuda {
         }
         let ptx = compile_kernels()?;
         let mut devices = Vec::new();
-        let mut main = Self::lane(first, 0, &ptx, &mut devices)?;
+        let mut main = Self::lane(first, 0, dtype, &ptx, &mut devices)?;
         if ordinals.len() > 1 {
             let shards = ordinals
                 .iter()
                 .enumerate()
-                .map(|(s, &o)| Self::lane(o, 1 + s, &ptx, &mut devices))
+                .map(|(s, &o)| Self::lane(o, 1 + s, dtype, &ptx, &mut devices))
                 .collect::<Result<Vec<_>>>()?;
             enable_peer_access(&devices);
             main.shards = Arc::new(shards);
@@ -350,6 +435,7 @@ impl Cuda {
     fn lane(
         ordinal: usize,
         lane: usize,
+        dtype: Dtype,
         ptx: &[(&'static str, cudarc::nvrtc::Ptx)],
         devices: &mut Vec<OpenDevice>,
     ) -> Result<Self> {
@@ -378,6 +464,7 @@ impl Cuda {
             ordinal,
             device_name: device.name.clone(),
             lane,
+            dtype,
             stream,
             blas,
             k: device.k.clone(),
@@ -394,24 +481,110 @@ impl Cuda {
     }
 
     /// The copy of `w` this lane computes with.
-    fn weight<'w>(&self, w: &'w CudaWeight) -> &'w CudaSlice<f32> {
+    fn weight<'w>(&self, w: &'w CudaWeight) -> &'w WeightData {
         w.on(self.lane)
     }
 
-    /// Copies host data to a new buffer on this lane's device, for a weight.
-    fn upload_copy(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaSlice<f32>> {
-        if data.is_empty() {
-            self.stream.alloc_zeros::<f32>(1)
-        } else {
-            self.stream.clone_htod(data)
+    /// Copies a weight's host data to a new buffer on this lane's device.
+    fn upload_copy(&self, data: &HostWeight, rows: usize, cols: usize) -> Result<WeightData> {
+        fn copy<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+            stream: &Arc<CudaStream>,
+            v: &[T],
+        ) -> std::result::Result<CudaSlice<T>, DriverError> {
+            if v.is_empty() {
+                stream.alloc_zeros::<T>(1)
+            } else {
+                stream.clone_htod(v)
+            }
         }
-        .map_err(|e: DriverError| {
+        match data {
+            HostWeight::F32(v) => copy(&self.stream, v).map(WeightData::F32),
+            HostWeight::Bf16(v) => copy(&self.stream, v).map(WeightData::Bf16),
+        }
+        .map_err(|e| {
             device_error(format!(
-                "uploading a [{rows}, {cols}] weight ({} MiB as float32) to cuda:{}: {e:?}",
-                (data.len() * 4) >> 20,
+                "uploading a [{rows}, {cols}] weight ({} MiB as {:?}) to cuda:{}: {e:?}",
+                data.bytes() >> 20,
+                self.dtype,
                 self.ordinal
             ))
         })
+    }
+
+    /// `x` (its first `n` values) rounded to bf16, as the input of a product with a bf16 weight.
+    fn bf16_bits(&self, x: &CudaView<'_, f32>, n: usize) -> CudaSlice<u16> {
+        let mut out = ok(self.stream.alloc_zeros::<u16>(n.max(1)), "allocating");
+        if n > 0 {
+            let len = n as i64;
+            let mut b = self.stream.launch_builder(&self.k.f32_to_bf16_bits);
+            b.arg(&mut out).arg(x).arg(&len);
+            // SAFETY: out holds n values and x at least n.
+            ok(
+                unsafe { b.launch(Self::flat_config(n)) },
+                "f32_to_bf16_bits",
+            );
+        }
+        out
+    }
+
+    /// cuBLAS's column-major `C = op(A)·B` (`batch`: strided-batched `(count, stride_a,
+    /// stride_b, stride_c)`) with A a bf16 weight, B bf16 bits and C float32, summed in float32
+    /// on the tensor cores. `cfg`'s `alpha` and `beta` are ignored (1 and 0).
+    ///
+    /// # Safety
+    /// The views must hold the elements `cfg` and `batch` address.
+    unsafe fn gemm_bf16(
+        &self,
+        cfg: GemmConfig<f32>,
+        batch: Option<(i32, i64, i64, i64)>,
+        a: &CudaView<'_, u16>,
+        b: &CudaView<'_, u16>,
+        c: &mut CudaViewMut<'_, f32>,
+    ) -> std::result::Result<(), cudarc::cublas::result::CublasError> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        self.bind();
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (a_ptr, _a) = a.device_ptr(&self.stream);
+        let (b_ptr, _b) = b.device_ptr(&self.stream);
+        let (c_ptr, _c) = c.device_ptr_mut(&self.stream);
+        let handle = *self.blas.handle();
+        let bf16 = cudaDataType::CUDA_R_16BF;
+        let f32 = cudaDataType::CUDA_R_32F;
+        let compute = cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let algo = cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+        let alpha = (&alpha as *const f32).cast();
+        let beta = (&beta as *const f32).cast();
+        // One product is a batch of one.
+        let (count, sa, sb, sc) = batch.unwrap_or((1, 0, 0, 0));
+        // SAFETY: the caller's; the pointers stay valid while the guards above live.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                handle,
+                cfg.transa,
+                cfg.transb,
+                cfg.m,
+                cfg.n,
+                cfg.k,
+                alpha,
+                a_ptr as *const _,
+                bf16,
+                cfg.lda,
+                sa,
+                b_ptr as *const _,
+                bf16,
+                cfg.ldb,
+                sb,
+                beta,
+                c_ptr as *mut _,
+                f32,
+                cfg.ldc,
+                sc,
+                count,
+                compute,
+                algo,
+            )
+        }
     }
 
     fn upload_i32(&self, values: impl Iterator<Item = usize>) -> CudaSlice<i32> {
@@ -610,14 +783,17 @@ impl Cuda {
         };
         // SAFETY: uk_t is [heads·latent, nope]; q's rows first.. hold n rows of heads·qk;
         // q_lat is [n, heads·latent].
-        self.bind();
-        ok(
-            unsafe {
-                self.blas
-                    .gemm_strided_batched(cfg, self.weight(w.uk_t), &q_rows, &mut q_lat.buf)
-            },
-            "cublasSgemmStridedBatched (query into the latent space)",
-        );
+        unsafe {
+            self.per_head_product(
+                cfg,
+                self.weight(w.uk_t),
+                0,
+                &q_rows,
+                n * q.cols,
+                &mut q_lat.buf.as_view_mut(),
+                "query into the latent space",
+            )
+        };
 
         // Stage 2: ctx[r, h] over each row's keys, rows in chunks whose key lists (a dense
         // prefill's grow with the square of its rows) stay within KEYS_PER_LAUNCH.
@@ -641,7 +817,6 @@ impl Cuda {
 
         // Stage 3: out[r, h] = ctx[r, h] · W_UV,hᵀ (W_UV,h is kv_b's rows h·kv_width + nope..).
         let width = d.heads * d.v;
-        let uv = self.weight(w.kv_b).slice(d.nope * d.latent..);
         let mut out_rows = out.buf.slice_mut(seq.first * width..);
         let cfg = StridedBatchedConfig {
             gemm: GemmConfig {
@@ -661,16 +836,62 @@ impl Cuda {
             stride_b: d.latent as i64,
             stride_c: d.v as i64,
         };
-        // SAFETY: kv_b is [heads·(nope+v), latent]; ctx is [n, heads·latent]; out's rows
-        // first.. hold n rows of heads·v.
-        self.bind();
-        ok(
-            unsafe {
-                self.blas
-                    .gemm_strided_batched(cfg, &uv, &ctx.buf, &mut out_rows)
-            },
-            "cublasSgemmStridedBatched (context out of the latent space)",
-        );
+        // SAFETY: kv_b is [heads·(nope+v), latent], W_UV,0 from element nope·latent; ctx is
+        // [n, heads·latent]; out's rows first.. hold n rows of heads·v.
+        unsafe {
+            self.per_head_product(
+                cfg,
+                self.weight(w.kv_b),
+                d.nope * d.latent,
+                &ctx.buf.as_view(),
+                n * d.heads * d.latent,
+                &mut out_rows,
+                "context out of the latent space",
+            )
+        };
+    }
+
+    /// The absorbed MLA's per-head products: cuBLAS's strided-batched `C = op(A)·B` with A the
+    /// weight `a` from element `a_from`, and B the first `b_len` values of `b` (rounded to bf16
+    /// for a bf16 weight).
+    ///
+    /// # Safety
+    /// The buffers must hold the elements `cfg` addresses.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn per_head_product(
+        &self,
+        cfg: StridedBatchedConfig<f32>,
+        a: &WeightData,
+        a_from: usize,
+        b: &CudaView<'_, f32>,
+        b_len: usize,
+        c: &mut CudaViewMut<'_, f32>,
+        what: &str,
+    ) {
+        match a {
+            WeightData::F32(a) => {
+                self.bind();
+                // SAFETY: the caller's.
+                ok(
+                    unsafe {
+                        self.blas
+                            .gemm_strided_batched(cfg, &a.slice(a_from..), b, c)
+                    },
+                    &format!("cublasSgemmStridedBatched ({what})"),
+                );
+            }
+            WeightData::Bf16(a) => {
+                let bb = self.bf16_bits(b, b_len);
+                let batch = (cfg.batch_size, cfg.stride_a, cfg.stride_b, cfg.stride_c);
+                // SAFETY: the caller's, with B rounded into bb (b_len values, as B's).
+                ok(
+                    unsafe {
+                        self.gemm_bf16(cfg.gemm, Some(batch), &a.slice(a_from..), &bb.as_view(), c)
+                    },
+                    &format!("cublasGemmStridedBatchedEx bf16 ({what})"),
+                );
+            }
+        }
     }
 }
 
@@ -679,7 +900,10 @@ impl Backend for Cuda {
     type Weight = CudaWeight;
 
     fn name(&self) -> String {
-        let main = format!("cuda:{} ({})", self.ordinal, self.device_name);
+        let mut main = format!("cuda:{} ({})", self.ordinal, self.device_name);
+        if self.dtype == Dtype::Bfloat16 {
+            main.push_str(", bf16 weights");
+        }
         if self.shards.is_empty() {
             return main;
         }
@@ -703,11 +927,11 @@ impl Backend for Cuda {
 
     fn upload(&self, matrix: Matrix) -> Result<CudaWeight> {
         let (rows, cols) = (matrix.rows, matrix.cols);
-        let buf = self.upload_copy(&matrix.to_f32_vec(), rows, cols)?;
+        let data = self.upload_copy(&HostWeight::new(&matrix, self.dtype), rows, cols)?;
         Ok(CudaWeight {
             rows,
             cols,
-            copies: vec![(self.lane, buf)],
+            copies: vec![(self.lane, data)],
         })
     }
 
@@ -716,7 +940,7 @@ impl Backend for Cuda {
             return self.upload(matrix);
         }
         let (rows, cols) = (matrix.rows, matrix.cols);
-        let data = matrix.to_f32_vec();
+        let data = HostWeight::new(&matrix, self.dtype);
         let copies = holders
             .iter()
             .map(|&s| {
@@ -775,7 +999,24 @@ impl Backend for Cuda {
             slots.iter().all(|&t| t < table.rows),
             "embed: token id beyond the table"
         );
-        self.gather(self.weight(table), table.cols, &slots)
+        match self.weight(table) {
+            WeightData::F32(buf) => self.gather(buf, table.cols, &slots),
+            WeightData::Bf16(buf) => {
+                let mut out = self.zeros(slots.len(), table.cols);
+                if !slots.is_empty() {
+                    let idx = self.upload_i32(slots.iter().copied());
+                    let c = table.cols as i32;
+                    let mut b = self.stream.launch_builder(&self.k.gather_rows_bf16);
+                    b.arg(&mut out.buf).arg(buf).arg(&idx).arg(&c);
+                    // SAFETY: out is [tokens, cols]; every token is a row of the table (checked).
+                    ok(
+                        unsafe { b.launch(Self::row_config(slots.len())) },
+                        "gather_rows_bf16_bits_f32",
+                    );
+                }
+                out
+            }
+        }
     }
 
     fn linear(&self, x: &CudaTensor, w: &CudaWeight) -> CudaTensor {
@@ -802,12 +1043,32 @@ impl Backend for Cuda {
             beta: 0.0f32,
             ldc: n as i32,
         };
-        // SAFETY: x is [m, k], w [n, k] (checked above), y [m, n].
-        self.bind();
-        ok(
-            unsafe { self.blas.gemm(cfg, self.weight(w), &x.buf, &mut y.buf) },
-            "cublasSgemm",
-        );
+        match self.weight(w) {
+            WeightData::F32(wb) => {
+                self.bind();
+                // SAFETY: x is [m, k], w [n, k] (checked above), y [m, n].
+                ok(
+                    unsafe { self.blas.gemm(cfg, wb, &x.buf, &mut y.buf) },
+                    "cublasSgemm",
+                );
+            }
+            WeightData::Bf16(wb) => {
+                let xb = self.bf16_bits(&x.buf.as_view(), m * k);
+                // SAFETY: as above, with x rounded to bf16.
+                ok(
+                    unsafe {
+                        self.gemm_bf16(
+                            cfg,
+                            None,
+                            &wb.as_view(),
+                            &xb.as_view(),
+                            &mut y.buf.as_view_mut(),
+                        )
+                    },
+                    "cublasGemmStridedBatchedEx (bf16)",
+                );
+            }
+        }
         y
     }
 
