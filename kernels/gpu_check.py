@@ -372,6 +372,19 @@ class Harness:
         same = torch.equal(b[~nan_in].view(torch.int16), want[~nan_in].view(torch.int16))
         self.record_bool("f32_to_bf16_bits", same and bool(torch.isnan(b[nan_in]).all()),
                          "bit-exact with torch's round-to-nearest-even; NaN stays NaN")
+        # fp8 e4m3 codes (all 256, NaNs included) times per-row block scales -> bf16 bits.
+        fr, fc = 300, 1000
+        codes = torch.randint(0, 256, (fr, fc), dtype=torch.uint8, device=d)
+        codes[0, :256] = torch.arange(256, dtype=torch.uint8, device=d)
+        row_scales = torch.rand(fr, (fc + 127) // 128, device=d) * 4
+        deq = torch.zeros(fr, fc, dtype=torch.bfloat16, device=d)
+        self.launch("fp8_dequant_bf16_bits", ((fr * fc + 255) // 256,), 256,
+                    [deq, codes, row_scales, ("l", fr * fc), ("i", fc), ("i", row_scales.shape[1])])
+        want = (codes.view(torch.float8_e4m3fn).float() * row_scales.repeat_interleave(128, 1)[:, :fc]).to(torch.bfloat16)
+        nan_in = torch.isnan(want)
+        same = torch.equal(deq[~nan_in].view(torch.int16), want[~nan_in].view(torch.int16))
+        self.record_bool("fp8_dequant_bf16_bits", same and bool(torch.isnan(deq[nan_in]).all()),
+                         "bit-exact with torch's float8_e4m3fn times the block scale, rounded to bf16")
         part = torch.full((rows, 100), nan, device=d)
         self.launch("copy_columns_f32", (rows,), 256, [part, src, ("i", cols), ("i", 37), ("i", 100)])
         self.record_bool("copy_columns_f32", torch.equal(part, src[:rows, 37:137]), "columns 37..137 exactly")

@@ -133,6 +133,20 @@ impl Matrix {
         (self.dtype == StoredType::Bf16).then(|| self.blob.bytes())
     }
 
+    /// An fp8 matrix's e4m3 codes (`rows · cols` bytes, row-major) and, per row, the scale of
+    /// each 128-column block (`rows · ceil(cols / 128)` values): value `(r, c)` is
+    /// `fp8_e4m3_to_f32(codes[r · cols + c]) · scales[r · ceil(cols / 128) + c / 128]`.
+    pub fn fp8_parts(&self) -> Option<(&[u8], Vec<f32>)> {
+        let scales = self.fp8_scales.as_ref()?;
+        let per_row = self.cols.div_ceil(FP8_BLOCK);
+        let mut rows = Vec::with_capacity(self.rows * per_row);
+        for r in 0..self.rows {
+            let block_row = (self.scale_row_offset + r) / FP8_BLOCK;
+            rows.extend_from_slice(&scales[block_row * self.scale_cols..][..per_row]);
+        }
+        Some((self.blob.bytes(), rows))
+    }
+
     /// Rows `range` of this matrix as a matrix (no copy).
     pub fn rows_slice(&self, range: Range<usize>) -> Self {
         assert!(range.end <= self.rows);
@@ -524,5 +538,43 @@ mod tests {
         let tail = m.rows_slice(1..3);
         assert_eq!(tail.to_f32_vec(), vec![3., 4., 5., 6.]);
         assert_eq!(m.as_f32().unwrap()[5], 6.0);
+    }
+
+    /// `fp8_parts` of a row slice that starts inside a 128-row block gives back, code by code and
+    /// scale by scale, the values `to_f32_vec` dequantises.
+    #[test]
+    fn fp8_parts_carry_each_rows_block_scales() {
+        let (rows, cols) = (300, 200);
+        let codes: Vec<u8> = (0..rows * cols).map(|i| (i * 7 % 0x7e) as u8).collect();
+        let mut map = memmap2::MmapMut::map_anon(codes.len()).unwrap();
+        map.copy_from_slice(&codes);
+        let grid = vec![0.5, 2.0, 0.25, 4.0, 1.5, 3.0]; // [3 block rows, 2 block cols]
+        let full = Matrix {
+            rows,
+            cols,
+            dtype: StoredType::F8E4M3,
+            blob: Blob {
+                map: Arc::new(map.make_read_only().unwrap()),
+                range: 0..codes.len(),
+            },
+            fp8_scales: Some(Arc::new(grid)),
+            scale_row_offset: 0,
+            scale_cols: 2,
+        };
+        let slice = full.rows_slice(100..290);
+        let want = slice.to_f32_vec();
+        let (q, scales) = slice.fp8_parts().unwrap();
+        assert_eq!((q.len(), scales.len()), (190 * cols, 190 * 2));
+        for (i, &w) in want.iter().enumerate() {
+            let (r, c) = (i / cols, i % cols);
+            assert_eq!(
+                fp8_e4m3_to_f32(q[i]) * scales[r * 2 + c / 128],
+                w,
+                "({r}, {c})"
+            );
+        }
+        // Row 100 of the slice is row 200 of the matrix: block row 1.
+        assert_eq!(&scales[200..202], &[0.25, 4.0]);
+        assert!(Matrix::from_f32(1, 1, vec![1.0]).fp8_parts().is_none());
     }
 }

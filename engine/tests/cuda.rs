@@ -17,12 +17,7 @@ use sparsemoe_engine::config::ModelConfig;
 use sparsemoe_engine::expert_shards::ExpertShards;
 use sparsemoe_engine::kv_cache::SeqCache;
 use sparsemoe_engine::model::{AttentionMode, LogitRows, Model, ModelOptions, SeqStep};
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+use support::fixture;
 
 /// Device 0, or `None` (with the reason printed) when this machine has none.
 fn gpu(test: &str) -> Option<Cuda> {
@@ -195,6 +190,38 @@ fn bf16_weights_stay_within_bf16_rounding_of_the_cpu_backend() {
             }
         }
     }
+}
+
+/// DeepSeek's fp8 weights stay fp8 on the GPU under `--dtype bfloat16` (half the bytes of bf16)
+/// and are dequantised to bf16 for each product. So an fp8 checkpoint must give the logits of a
+/// bf16 checkpoint holding the values its fp8 weights stand for, rounded to bf16: the same bf16
+/// weights reach the same products.
+#[test]
+fn fp8_weights_give_the_logits_of_their_bf16_values() {
+    let test = "fp8_weights_give_the_logits_of_their_bf16_values";
+    let Some(cuda) = gpus(test, &[0], Dtype::Bfloat16) else {
+        return;
+    };
+    let (fp8, bf16) = support::fp8_and_dequantised("v32_sparse_moe", |values| {
+        let bits = values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect();
+        (safetensors::Dtype::BF16, bits)
+    });
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 250 + 2) as u32).collect();
+    let options = ModelOptions {
+        index_topk: Some(8),
+        ..ModelOptions::default()
+    };
+    let logits = |dir: &Path| {
+        let model = Model::load(dir, cuda.clone(), options.clone()).unwrap();
+        model.logits(&tokens, None).unwrap()
+    };
+    let (from_fp8, from_bf16) = (logits(fp8.path()), logits(bf16.path()));
+    let err = rel_l2(&from_bf16, &from_fp8);
+    eprintln!("{test}: relative L2 {err:.2e}");
+    assert!(err < 1e-6, "fp8 vs its bf16 values: relative L2 {err:.2e}");
 }
 
 /// Expert parallelism across lanes: the routed experts split over two shards on one GPU (each

@@ -40,6 +40,29 @@ gather_rows_bf16_bits_f32(float* __restrict__ out, const unsigned short* __restr
     for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = __uint_as_float((unsigned int)s[c] << 16);
 }
 
+// The value of an fp8 e4m3 code (no infinities; S.1111.111 is NaN), without cuda_fp8.h.
+SMOE_DEVICE float fp8_e4m3_value(unsigned int code) {
+    const unsigned int e = (code >> 3) & 15u, m = code & 7u;
+    float v;
+    if (e == 15u && m == 7u) v = __int_as_float(0x7fc00000);
+    else if (e == 0u) v = (float)m * 0.001953125f;               // m/8 · 2^-6
+    else v = __uint_as_float(((e + 120u) << 23) | (m << 20));   // (1 + m/8) · 2^(e-7)
+    return (code & 0x80u) ? -v : v;
+}
+
+// out[r, c] = bf16(fp8(q[r, c]) · row_scales[r · scale_cols + c / 128]): a DeepSeek fp8 weight
+// (128×128 block scales, given per row) as the bf16 input of a product.
+// Launch: grid ceil(n / ENGINE_THREADS), block ENGINE_THREADS; n = rows · cols.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+fp8_dequant_bf16_bits(unsigned short* __restrict__ out, const uint8_t* __restrict__ q,
+                      const float* __restrict__ row_scales, long long n, int cols, int scale_cols) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const long long r = i / cols;
+    const int c = (int)(i - r * cols);
+    out[i] = bf16_bits_rn(fp8_e4m3_value(q[i]) * row_scales[r * scale_cols + c / 128]);
+}
+
 // out[i] = bf16(x[i]): the input of a product with a bf16 weight.
 // Launch: grid ceil(n / ENGINE_THREADS), block ENGINE_THREADS.
 extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)

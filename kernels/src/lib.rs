@@ -133,6 +133,8 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("gather_rows_bf16_bits_f32" in "engine.cu":
         out: F32Mut, src: Bf16Bits, slots: I32, cols: Int),
     kernel!("f32_to_bf16_bits" in "engine.cu": out: Bf16BitsMut, x: F32, n: Long),
+    kernel!("fp8_dequant_bf16_bits" in "engine.cu":
+        out: Bf16BitsMut, q: U8, row_scales: F32, n: Long, cols: Int, scale_cols: Int),
     kernel!("scatter_rows_f32" in "engine.cu": dst: F32Mut, rows: F32, slots: I32, cols: Int),
     kernel!("scatter_add_rows_f32" in "engine.cu":
         out: F32Mut, y: F32, rows: I32, weights: F32, cols: Int),

@@ -5,7 +5,8 @@
 //! - Activations are float32 on the device, as in the CPU backend. Weights are float32 too
 //!   (`--dtype float32`: bf16 and fp8 checkpoints widened at upload) or bf16 (`--dtype
 //!   bfloat16`: half the bytes; a product rounds its input to bf16 and runs on the tensor cores
-//!   with float32 sums).
+//!   with float32 sums). Under bf16, DeepSeek's fp8 weights stay fp8 (a quarter of the float32
+//!   bytes) and are dequantised to bf16 for each product.
 //! - Products go through cuBLAS (`Sgemm` or bf16 `GemmEx`, strided-batched for the per-head
 //!   products of the absorbed MLA); the row operations between them are the float32 kernels of
 //!   `kernels/cuda/engine.cu`, and the indexer's selection is `topk.cu`'s radix select. Both
@@ -26,7 +27,7 @@
 //! cannot return errors, so a device failure in the middle of a step (an out-of-memory
 //! allocation, a lost device) panics with the CUDA error.
 //!
-//! Owed (issue 5): fp8 weights on the device (dequantised per product), the bf16 kernels
+//! Owed (issue 5): fp8 products that read fp8 directly (not dequantised each time), the bf16 kernels
 //! of `kernels/cuda` (sparse MLA, indexer, MoE permutation, grouped GEMM) in place of these
 //! float32 ones, CUDA graphs for decode, and NCCL all-to-all in place of per-shard copies.
 
@@ -91,6 +92,12 @@ enum WeightData {
     F32(CudaSlice<f32>),
     /// bf16 values as their bits.
     Bf16(CudaSlice<u16>),
+    /// A DeepSeek fp8 weight as stored: e4m3 codes, and per row the scale of each 128-column
+    /// block (`cols` is needed to read them). Products dequantise it to bf16 first.
+    Fp8 {
+        codes: CudaSlice<u8>,
+        row_scales: CudaSlice<f32>,
+    },
 }
 
 impl WeightData {
@@ -98,6 +105,7 @@ impl WeightData {
         match self {
             Self::F32(buf) => buf.context(),
             Self::Bf16(buf) => buf.context(),
+            Self::Fp8 { codes, .. } => codes.context(),
         }
     }
 }
@@ -106,10 +114,23 @@ impl WeightData {
 enum HostWeight {
     F32(Vec<f32>),
     Bf16(Vec<u16>),
+    Fp8 {
+        codes: Vec<u8>,
+        row_scales: Vec<f32>,
+    },
 }
 
 impl HostWeight {
     fn new(matrix: &Matrix, dtype: Dtype) -> Self {
+        if dtype == Dtype::Bfloat16
+            && let Some((codes, row_scales)) = matrix.fp8_parts()
+        {
+            // fp8 stays fp8 on the device: half the bytes of bf16.
+            return Self::Fp8 {
+                codes: codes.to_vec(),
+                row_scales,
+            };
+        }
         match (dtype, matrix.as_bf16_bytes()) {
             (Dtype::Float32, _) => Self::F32(matrix.to_f32_vec()),
             // A bf16 checkpoint's bits as they are.
@@ -119,8 +140,7 @@ impl HostWeight {
                     .map(|b| u16::from_le_bytes([b[0], b[1]]))
                     .collect(),
             ),
-            // Others (float32, float16, fp8 with its block scales) through float32, rounded to
-            // the nearest bf16.
+            // float32 and float16 through float32, rounded to the nearest bf16.
             (Dtype::Bfloat16, None) => Self::Bf16(
                 matrix
                     .to_f32_vec()
@@ -135,6 +155,22 @@ impl HostWeight {
         match self {
             Self::F32(v) => v.len() * 4,
             Self::Bf16(v) => v.len() * 2,
+            Self::Fp8 { codes, row_scales } => codes.len() + row_scales.len() * 4,
+        }
+    }
+}
+
+/// A weight's bf16 bits for one product: stored so, or dequantised from fp8 for it.
+enum Bf16Weight<'w> {
+    Stored(&'w CudaSlice<u16>),
+    Dequantised(CudaSlice<u16>),
+}
+
+impl Bf16Weight<'_> {
+    fn view(&self, from: usize) -> CudaView<'_, u16> {
+        match self {
+            Self::Stored(buf) => buf.slice(from..),
+            Self::Dequantised(buf) => buf.slice(from..),
         }
     }
 }
@@ -187,6 +223,7 @@ struct Kernels {
     gather_rows: CudaFunction,
     gather_rows_bf16: CudaFunction,
     f32_to_bf16_bits: CudaFunction,
+    fp8_dequant_bf16: CudaFunction,
     scatter_rows: CudaFunction,
     scatter_add_rows: CudaFunction,
     copy_columns: CudaFunction,
@@ -334,6 +371,7 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         gather_rows: function("gather_rows_f32")?,
         gather_rows_bf16: function("gather_rows_bf16_bits_f32")?,
         f32_to_bf16_bits: function("f32_to_bf16_bits")?,
+        fp8_dequant_bf16: function("fp8_dequant_bf16_bits")?,
         scatter_rows: function("scatter_rows_f32")?,
         scatter_add_rows: function("scatter_add_rows_f32")?,
         copy_columns: function("copy_columns_f32")?,
@@ -500,12 +538,17 @@ impl Cuda {
         match data {
             HostWeight::F32(v) => copy(&self.stream, v).map(WeightData::F32),
             HostWeight::Bf16(v) => copy(&self.stream, v).map(WeightData::Bf16),
+            HostWeight::Fp8 { codes, row_scales } => copy(&self.stream, codes).and_then(|codes| {
+                Ok(WeightData::Fp8 {
+                    codes,
+                    row_scales: copy(&self.stream, row_scales)?,
+                })
+            }),
         }
         .map_err(|e| {
             device_error(format!(
-                "uploading a [{rows}, {cols}] weight ({} MiB as {:?}) to cuda:{}: {e:?}",
+                "uploading a [{rows}, {cols}] weight ({} MiB) to cuda:{}: {e:?}",
                 data.bytes() >> 20,
-                self.dtype,
                 self.ordinal
             ))
         })
@@ -525,6 +568,36 @@ impl Cuda {
             );
         }
         out
+    }
+
+    /// Weight `w`'s copy on this lane as bf16 bits: a bf16 weight as it is, an fp8 one
+    /// dequantised into a new buffer (`None` for a float32 weight).
+    fn bf16_weight<'w>(&self, w: &'w CudaWeight) -> Option<Bf16Weight<'w>> {
+        match self.weight(w) {
+            WeightData::F32(_) => None,
+            WeightData::Bf16(buf) => Some(Bf16Weight::Stored(buf)),
+            WeightData::Fp8 { codes, row_scales } => {
+                let n = w.rows * w.cols;
+                let mut out = ok(self.stream.alloc_zeros::<u16>(n.max(1)), "allocating");
+                if n > 0 {
+                    let (len, cols) = (n as i64, w.cols as i32);
+                    let scale_cols = w.cols.div_ceil(128) as i32;
+                    let mut b = self.stream.launch_builder(&self.k.fp8_dequant_bf16);
+                    b.arg(&mut out)
+                        .arg(codes)
+                        .arg(row_scales)
+                        .arg(&len)
+                        .arg(&cols)
+                        .arg(&scale_cols);
+                    // SAFETY: out and codes hold rows·cols values, row_scales rows·scale_cols.
+                    ok(
+                        unsafe { b.launch(Self::flat_config(n)) },
+                        "fp8_dequant_bf16_bits",
+                    );
+                }
+                Some(Bf16Weight::Dequantised(out))
+            }
+        }
     }
 
     /// cuBLAS's column-major `C = op(A)·B` (`batch`: strided-batched `(count, stride_a,
@@ -784,9 +857,10 @@ impl Cuda {
         // SAFETY: uk_t is [heads·latent, nope]; q's rows first.. hold n rows of heads·qk;
         // q_lat is [n, heads·latent].
         unsafe {
-            self.per_head_product(
-                cfg,
-                self.weight(w.uk_t),
+            self.product(
+                cfg.gemm,
+                Some((cfg.batch_size, cfg.stride_a, cfg.stride_b, cfg.stride_c)),
+                w.uk_t,
                 0,
                 &q_rows,
                 n * q.cols,
@@ -839,9 +913,10 @@ impl Cuda {
         // SAFETY: kv_b is [heads·(nope+v), latent], W_UV,0 from element nope·latent; ctx is
         // [n, heads·latent]; out's rows first.. hold n rows of heads·v.
         unsafe {
-            self.per_head_product(
-                cfg,
-                self.weight(w.kv_b),
+            self.product(
+                cfg.gemm,
+                Some((cfg.batch_size, cfg.stride_a, cfg.stride_b, cfg.stride_c)),
+                w.kv_b,
                 d.nope * d.latent,
                 &ctx.buf.as_view(),
                 n * d.heads * d.latent,
@@ -851,47 +926,54 @@ impl Cuda {
         };
     }
 
-    /// The absorbed MLA's per-head products: cuBLAS's strided-batched `C = op(A)·B` with A the
-    /// weight `a` from element `a_from`, and B the first `b_len` values of `b` (rounded to bf16
-    /// for a bf16 weight).
+    /// cuBLAS's column-major `C = op(A)·B`, strided-batched with `batch` = `(count, stride_a,
+    /// stride_b, stride_c)`, where A is weight `w` from element `w_from` and B the first `b_len`
+    /// values of `b`: `Sgemm` for a float32 weight; for a bf16 or fp8 one, B rounded to bf16
+    /// and the weight's bf16 bits (an fp8 weight dequantised first) on the tensor cores.
     ///
     /// # Safety
-    /// The buffers must hold the elements `cfg` addresses.
+    /// The buffers must hold the elements `cfg` and `batch` address.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn per_head_product(
+    unsafe fn product(
         &self,
-        cfg: StridedBatchedConfig<f32>,
-        a: &WeightData,
-        a_from: usize,
+        cfg: GemmConfig<f32>,
+        batch: Option<(i32, i64, i64, i64)>,
+        w: &CudaWeight,
+        w_from: usize,
         b: &CudaView<'_, f32>,
         b_len: usize,
         c: &mut CudaViewMut<'_, f32>,
         what: &str,
     ) {
-        match a {
-            WeightData::F32(a) => {
+        let result = match (self.weight(w), self.bf16_weight(w)) {
+            (WeightData::F32(a), _) => {
                 self.bind();
+                let a = a.slice(w_from..);
                 // SAFETY: the caller's.
-                ok(
-                    unsafe {
-                        self.blas
-                            .gemm_strided_batched(cfg, &a.slice(a_from..), b, c)
-                    },
-                    &format!("cublasSgemmStridedBatched ({what})"),
-                );
+                unsafe {
+                    match batch {
+                        None => self.blas.gemm(cfg, &a, b, c),
+                        Some((batch_size, stride_a, stride_b, stride_c)) => {
+                            let cfg = StridedBatchedConfig {
+                                gemm: cfg,
+                                batch_size,
+                                stride_a,
+                                stride_b,
+                                stride_c,
+                            };
+                            self.blas.gemm_strided_batched(cfg, &a, b, c)
+                        }
+                    }
+                }
             }
-            WeightData::Bf16(a) => {
+            (_, a) => {
+                let a = a.expect("a bf16 or fp8 weight has bf16 bits");
                 let bb = self.bf16_bits(b, b_len);
-                let batch = (cfg.batch_size, cfg.stride_a, cfg.stride_b, cfg.stride_c);
                 // SAFETY: the caller's, with B rounded into bb (b_len values, as B's).
-                ok(
-                    unsafe {
-                        self.gemm_bf16(cfg.gemm, Some(batch), &a.slice(a_from..), &bb.as_view(), c)
-                    },
-                    &format!("cublasGemmStridedBatchedEx bf16 ({what})"),
-                );
+                unsafe { self.gemm_bf16(cfg, batch, &a.view(w_from), &bb.as_view(), c) }
             }
-        }
+        };
+        ok(result, &format!("cuBLAS product ({what})"));
     }
 }
 
@@ -999,24 +1081,25 @@ impl Backend for Cuda {
             slots.iter().all(|&t| t < table.rows),
             "embed: token id beyond the table"
         );
-        match self.weight(table) {
-            WeightData::F32(buf) => self.gather(buf, table.cols, &slots),
-            WeightData::Bf16(buf) => {
-                let mut out = self.zeros(slots.len(), table.cols);
-                if !slots.is_empty() {
-                    let idx = self.upload_i32(slots.iter().copied());
-                    let c = table.cols as i32;
-                    let mut b = self.stream.launch_builder(&self.k.gather_rows_bf16);
-                    b.arg(&mut out.buf).arg(buf).arg(&idx).arg(&c);
-                    // SAFETY: out is [tokens, cols]; every token is a row of the table (checked).
-                    ok(
-                        unsafe { b.launch(Self::row_config(slots.len())) },
-                        "gather_rows_bf16_bits_f32",
-                    );
-                }
-                out
-            }
+        let bits = match (self.weight(table), self.bf16_weight(table)) {
+            (WeightData::F32(buf), _) => return self.gather(buf, table.cols, &slots),
+            // (An fp8 table, which DeepSeek's checkpoints do not have, is dequantised whole.)
+            (_, bits) => bits.expect("a bf16 or fp8 weight has bf16 bits"),
+        };
+        let mut out = self.zeros(slots.len(), table.cols);
+        if !slots.is_empty() {
+            let idx = self.upload_i32(slots.iter().copied());
+            let c = table.cols as i32;
+            let table_bits = bits.view(0);
+            let mut b = self.stream.launch_builder(&self.k.gather_rows_bf16);
+            b.arg(&mut out.buf).arg(&table_bits).arg(&idx).arg(&c);
+            // SAFETY: out is [tokens, cols]; every token is a row of the table (checked).
+            ok(
+                unsafe { b.launch(Self::row_config(slots.len())) },
+                "gather_rows_bf16_bits_f32",
+            );
         }
+        out
     }
 
     fn linear(&self, x: &CudaTensor, w: &CudaWeight) -> CudaTensor {
@@ -1043,32 +1126,19 @@ impl Backend for Cuda {
             beta: 0.0f32,
             ldc: n as i32,
         };
-        match self.weight(w) {
-            WeightData::F32(wb) => {
-                self.bind();
-                // SAFETY: x is [m, k], w [n, k] (checked above), y [m, n].
-                ok(
-                    unsafe { self.blas.gemm(cfg, wb, &x.buf, &mut y.buf) },
-                    "cublasSgemm",
-                );
-            }
-            WeightData::Bf16(wb) => {
-                let xb = self.bf16_bits(&x.buf.as_view(), m * k);
-                // SAFETY: as above, with x rounded to bf16.
-                ok(
-                    unsafe {
-                        self.gemm_bf16(
-                            cfg,
-                            None,
-                            &wb.as_view(),
-                            &xb.as_view(),
-                            &mut y.buf.as_view_mut(),
-                        )
-                    },
-                    "cublasGemmStridedBatchedEx (bf16)",
-                );
-            }
-        }
+        // SAFETY: x is [m, k], w [n, k] (checked above), y [m, n].
+        unsafe {
+            self.product(
+                cfg,
+                None,
+                w,
+                0,
+                &x.buf.as_view(),
+                m * k,
+                &mut y.buf.as_view_mut(),
+                "linear",
+            )
+        };
         y
     }
 
