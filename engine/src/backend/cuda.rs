@@ -160,18 +160,35 @@ impl HostWeight {
     }
 }
 
-/// A weight's bf16 bits for one product: stored so, or dequantised from fp8 for it.
-enum Bf16Weight<'w> {
-    Stored(&'w CudaSlice<u16>),
+/// A weight as one product reads it: float32, or bf16 bits (stored so, or dequantised from
+/// fp8 for this product).
+enum Operand<'w> {
+    F32(&'w CudaSlice<f32>),
+    Bf16(&'w CudaSlice<u16>),
     Dequantised(CudaSlice<u16>),
 }
 
-impl Bf16Weight<'_> {
-    fn view(&self, from: usize) -> CudaView<'_, u16> {
+impl Operand<'_> {
+    /// Its bf16 bits from element `from` (`None` for a float32 weight).
+    fn bits(&self, from: usize) -> Option<CudaView<'_, u16>> {
         match self {
-            Self::Stored(buf) => buf.slice(from..),
-            Self::Dequantised(buf) => buf.slice(from..),
+            Self::F32(_) => None,
+            Self::Bf16(buf) => Some(buf.slice(from..)),
+            Self::Dequantised(buf) => Some(buf.slice(from..)),
         }
+    }
+}
+
+/// A lane's cuBLAS handle, destroyed with its context current (cudarc's own drop binds none and
+/// unwraps the result).
+struct Blas {
+    ctx: Arc<CudaContext>,
+    handle: CudaBlas,
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
     }
 }
 
@@ -248,7 +265,7 @@ pub struct Cuda {
     lane: usize,
     dtype: Dtype,
     stream: Arc<CudaStream>,
-    blas: Arc<CudaBlas>,
+    blas: Arc<Blas>,
     k: Arc<Kernels>,
     /// The expert shards' lanes (`--device cuda:N,M,…`); none with one device.
     shards: Arc<Vec<Cuda>>,
@@ -392,28 +409,41 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
     })
 }
 
-/// Lets every pair of distinct GPUs read each other's memory where the hardware allows, so the
-/// expert shards' copies go straight between them (without it the driver stages them through
-/// the host: slower, equally correct).
+/// Lets every pair of distinct GPUs reach each other's memory where the hardware allows, so the
+/// expert shards' copies go straight between them: peer access between the contexts, and
+/// access to each GPU's default memory pool, which cudarc allocates from (`cuMemAllocAsync`)
+/// and which context peer access does not cover. Without it the driver stages peer copies
+/// through the host: slower, equally correct.
 fn enable_peer_access(devices: &[OpenDevice]) {
+    use cudarc::driver::sys;
     for a in devices {
         for b in devices.iter().filter(|b| b.ordinal != a.ordinal) {
             let mut can = 0;
             // SAFETY: both devices are open; `can` outlives the call.
             let query = unsafe {
-                cudarc::driver::sys::cuDeviceCanAccessPeer(
-                    &mut can,
-                    a.ctx.cu_device(),
-                    b.ctx.cu_device(),
-                )
+                sys::cuDeviceCanAccessPeer(&mut can, b.ctx.cu_device(), a.ctx.cu_device())
             };
-            if query != cudarc::driver::sys::CUresult::CUDA_SUCCESS || can == 0 {
+            if query != sys::CUresult::CUDA_SUCCESS || can == 0 || b.ctx.bind_to_thread().is_err() {
                 continue;
             }
-            if a.ctx.bind_to_thread().is_ok() {
-                // SAFETY: a's context is current and b's is a live context. Failure (already
-                // enabled, or out of peer mappings) leaves staged copies, which still work.
-                let _ = unsafe { cudarc::driver::sys::cuCtxEnablePeerAccess(b.ctx.cu_ctx(), 0) };
+            // b reads and writes a's memory. Failures (already enabled, out of peer mappings)
+            // leave staged copies.
+            // SAFETY: b's context is current and a's is live.
+            let _ = unsafe { sys::cuCtxEnablePeerAccess(a.ctx.cu_ctx(), 0) };
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            // SAFETY: `pool` outlives the call; a's device is open.
+            if unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, a.ctx.cu_device()) }
+                == sys::CUresult::CUDA_SUCCESS
+            {
+                let access = sys::CUmemAccessDesc {
+                    location: sys::CUmemLocation {
+                        type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+                        id: b.ordinal as i32,
+                    },
+                    flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+                };
+                // SAFETY: a live pool and one access descriptor.
+                let _ = unsafe { sys::cuMemPoolSetAccess(pool, &access, 1) };
             }
         }
     }
@@ -485,18 +515,19 @@ impl Cuda {
             }
         };
         let device = &devices[at];
-        // The main lane takes the context's default stream; a shard's lane its own, so shards
-        // on one GPU run side by side.
-        let stream = if lane == 0 {
-            device.ctx.default_stream()
-        } else {
-            device
-                .ctx
-                .new_stream()
-                .map_err(|e| device_error(format!("creating a stream on cuda:{ordinal}: {e:?}")))?
-        };
+        // Every lane has a stream of its own (non-blocking, ordered against the others only by
+        // the events moe_experts_sharded records), so shards on one GPU run side by side.
+        let stream = device
+            .ctx
+            .new_stream()
+            .map_err(|e| device_error(format!("creating a stream on cuda:{ordinal}: {e:?}")))?;
         let blas = CudaBlas::new(stream.clone())
-            .map(Arc::new)
+            .map(|handle| {
+                Arc::new(Blas {
+                    ctx: device.ctx.clone(),
+                    handle,
+                })
+            })
             .map_err(|e| device_error(format!("creating a cuBLAS handle: {e:?}")))?;
         Ok(Self {
             ordinal,
@@ -554,9 +585,47 @@ impl Cuda {
         })
     }
 
+    /// Copies `src` into `dst` on this lane's stream: within one GPU a device copy, between two
+    /// a peer copy (cudarc picks the peer path only when the source is in another context than
+    /// the stream, so both directions are done here).
+    fn copy(&self, src: &CudaView<'_, f32>, dst: &mut CudaViewMut<'_, f32>, what: &str) {
+        use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceSlice};
+        assert_eq!(src.len(), dst.len(), "{what}: lengths differ");
+        self.bind();
+        let (src_ctx, dst_ctx) = (
+            src.stream().context().clone(),
+            dst.stream().context().clone(),
+        );
+        let bytes = src.len() * std::mem::size_of::<f32>();
+        let (src_ptr, _src) = src.device_ptr(&self.stream);
+        let (dst_ptr, _dst) = dst.device_ptr_mut(&self.stream);
+        // SAFETY: both views hold `bytes` bytes; the callers order the streams with events.
+        let copied = unsafe {
+            if src_ctx.cu_ctx() == dst_ctx.cu_ctx() {
+                cudarc::driver::result::memcpy_dtod_async(
+                    dst_ptr,
+                    src_ptr,
+                    bytes,
+                    self.stream.cu_stream(),
+                )
+            } else {
+                cudarc::driver::result::memcpy_peer_async(
+                    dst_ctx.cu_ctx(),
+                    dst_ptr,
+                    src_ctx.cu_ctx(),
+                    src_ptr,
+                    bytes,
+                    self.stream.cu_stream(),
+                )
+            }
+        };
+        ok(copied, what);
+    }
+
     /// `x` (its first `n` values) rounded to bf16, as the input of a product with a bf16 weight.
     fn bf16_bits(&self, x: &CudaView<'_, f32>, n: usize) -> CudaSlice<u16> {
-        let mut out = ok(self.stream.alloc_zeros::<u16>(n.max(1)), "allocating");
+        // SAFETY: the kernel below writes all n values before any product reads them.
+        let mut out = ok(unsafe { self.stream.alloc::<u16>(n.max(1)) }, "allocating");
         if n > 0 {
             let len = n as i64;
             let mut b = self.stream.launch_builder(&self.k.f32_to_bf16_bits);
@@ -570,34 +639,34 @@ impl Cuda {
         out
     }
 
-    /// Weight `w`'s copy on this lane as bf16 bits: a bf16 weight as it is, an fp8 one
-    /// dequantised into a new buffer (`None` for a float32 weight).
-    fn bf16_weight<'w>(&self, w: &'w CudaWeight) -> Option<Bf16Weight<'w>> {
-        match self.weight(w) {
-            WeightData::F32(_) => None,
-            WeightData::Bf16(buf) => Some(Bf16Weight::Stored(buf)),
-            WeightData::Fp8 { codes, row_scales } => {
-                let n = w.rows * w.cols;
-                let mut out = ok(self.stream.alloc_zeros::<u16>(n.max(1)), "allocating");
-                if n > 0 {
-                    let (len, cols) = (n as i64, w.cols as i32);
-                    let scale_cols = w.cols.div_ceil(128) as i32;
-                    let mut b = self.stream.launch_builder(&self.k.fp8_dequant_bf16);
-                    b.arg(&mut out)
-                        .arg(codes)
-                        .arg(row_scales)
-                        .arg(&len)
-                        .arg(&cols)
-                        .arg(&scale_cols);
-                    // SAFETY: out and codes hold rows·cols values, row_scales rows·scale_cols.
-                    ok(
-                        unsafe { b.launch(Self::flat_config(n)) },
-                        "fp8_dequant_bf16_bits",
-                    );
-                }
-                Some(Bf16Weight::Dequantised(out))
-            }
+    /// Weight `w`'s copy on this lane as a product reads it: an fp8 weight is dequantised to
+    /// bf16 into a new buffer, the others are used as stored.
+    fn operand<'w>(&self, w: &'w CudaWeight) -> Operand<'w> {
+        let (codes, row_scales) = match self.weight(w) {
+            WeightData::F32(buf) => return Operand::F32(buf),
+            WeightData::Bf16(buf) => return Operand::Bf16(buf),
+            WeightData::Fp8 { codes, row_scales } => (codes, row_scales),
+        };
+        let n = w.rows * w.cols;
+        // SAFETY: every element is written below before any product reads it.
+        let mut out = ok(unsafe { self.stream.alloc::<u16>(n.max(1)) }, "allocating");
+        if n > 0 {
+            let (len, cols) = (n as i64, w.cols as i32);
+            let scale_cols = w.cols.div_ceil(128) as i32;
+            let mut b = self.stream.launch_builder(&self.k.fp8_dequant_bf16);
+            b.arg(&mut out)
+                .arg(codes)
+                .arg(row_scales)
+                .arg(&len)
+                .arg(&cols)
+                .arg(&scale_cols);
+            // SAFETY: out and codes hold rows·cols values, row_scales rows·scale_cols.
+            ok(
+                unsafe { b.launch(Self::flat_config(n)) },
+                "fp8_dequant_bf16_bits",
+            );
         }
+        Operand::Dequantised(out)
     }
 
     /// cuBLAS's column-major `C = op(A)·B` (`batch`: strided-batched `(count, stride_a,
@@ -621,7 +690,7 @@ impl Cuda {
         let (a_ptr, _a) = a.device_ptr(&self.stream);
         let (b_ptr, _b) = b.device_ptr(&self.stream);
         let (c_ptr, _c) = c.device_ptr_mut(&self.stream);
-        let handle = *self.blas.handle();
+        let handle = *self.blas.handle.handle();
         let bf16 = cudaDataType::CUDA_R_16BF;
         let f32 = cudaDataType::CUDA_R_32F;
         let compute = cublasComputeType_t::CUBLAS_COMPUTE_32F;
@@ -821,7 +890,7 @@ impl Cuda {
         &self,
         q: &CudaTensor,
         seq: &MlaSeq<'_, CudaTensor>,
-        w: MlaWeights<'_, CudaWeight>,
+        (uk_t, kv_b): (&Operand<'_>, &Operand<'_>),
         d: MlaDims,
         scale: f32,
         out: &mut CudaTensor,
@@ -860,7 +929,7 @@ impl Cuda {
             self.product(
                 cfg.gemm,
                 Some((cfg.batch_size, cfg.stride_a, cfg.stride_b, cfg.stride_c)),
-                w.uk_t,
+                uk_t,
                 0,
                 &q_rows,
                 n * q.cols,
@@ -916,7 +985,7 @@ impl Cuda {
             self.product(
                 cfg.gemm,
                 Some((cfg.batch_size, cfg.stride_a, cfg.stride_b, cfg.stride_c)),
-                w.kv_b,
+                kv_b,
                 d.nope * d.latent,
                 &ctx.buf.as_view(),
                 n * d.heads * d.latent,
@@ -928,8 +997,8 @@ impl Cuda {
 
     /// cuBLAS's column-major `C = op(A)·B`, strided-batched with `batch` = `(count, stride_a,
     /// stride_b, stride_c)`, where A is weight `w` from element `w_from` and B the first `b_len`
-    /// values of `b`: `Sgemm` for a float32 weight; for a bf16 or fp8 one, B rounded to bf16
-    /// and the weight's bf16 bits (an fp8 weight dequantised first) on the tensor cores.
+    /// values of `b`: `Sgemm` for a float32 weight; for bf16 bits, B rounded to bf16 and the
+    /// product on the tensor cores.
     ///
     /// # Safety
     /// The buffers must hold the elements `cfg` and `batch` address.
@@ -938,21 +1007,21 @@ impl Cuda {
         &self,
         cfg: GemmConfig<f32>,
         batch: Option<(i32, i64, i64, i64)>,
-        w: &CudaWeight,
+        w: &Operand<'_>,
         w_from: usize,
         b: &CudaView<'_, f32>,
         b_len: usize,
         c: &mut CudaViewMut<'_, f32>,
         what: &str,
     ) {
-        let result = match (self.weight(w), self.bf16_weight(w)) {
-            (WeightData::F32(a), _) => {
+        let result = match w {
+            Operand::F32(a) => {
                 self.bind();
                 let a = a.slice(w_from..);
                 // SAFETY: the caller's.
                 unsafe {
                     match batch {
-                        None => self.blas.gemm(cfg, &a, b, c),
+                        None => self.blas.handle.gemm(cfg, &a, b, c),
                         Some((batch_size, stride_a, stride_b, stride_c)) => {
                             let cfg = StridedBatchedConfig {
                                 gemm: cfg,
@@ -961,16 +1030,16 @@ impl Cuda {
                                 stride_b,
                                 stride_c,
                             };
-                            self.blas.gemm_strided_batched(cfg, &a, b, c)
+                            self.blas.handle.gemm_strided_batched(cfg, &a, b, c)
                         }
                     }
                 }
             }
-            (_, a) => {
-                let a = a.expect("a bf16 or fp8 weight has bf16 bits");
+            bf16 => {
+                let a = bf16.bits(w_from).expect("a bf16 operand");
                 let bb = self.bf16_bits(b, b_len);
                 // SAFETY: the caller's, with B rounded into bb (b_len values, as B's).
-                unsafe { self.gemm_bf16(cfg, batch, &a.view(w_from), &bb.as_view(), c) }
+                unsafe { self.gemm_bf16(cfg, batch, &a, &bb.as_view(), c) }
             }
         };
         ok(result, &format!("cuBLAS product ({what})"));
@@ -1081,16 +1150,16 @@ impl Backend for Cuda {
             slots.iter().all(|&t| t < table.rows),
             "embed: token id beyond the table"
         );
-        let bits = match (self.weight(table), self.bf16_weight(table)) {
-            (WeightData::F32(buf), _) => return self.gather(buf, table.cols, &slots),
-            // (An fp8 table, which DeepSeek's checkpoints do not have, is dequantised whole.)
-            (_, bits) => bits.expect("a bf16 or fp8 weight has bf16 bits"),
-        };
+        // (An fp8 table, which DeepSeek's checkpoints do not have, is dequantised whole.)
+        let operand = self.operand(table);
+        if let Operand::F32(buf) = operand {
+            return self.gather(buf, table.cols, &slots);
+        }
+        let table_bits = operand.bits(0).expect("a bf16 operand");
         let mut out = self.zeros(slots.len(), table.cols);
         if !slots.is_empty() {
             let idx = self.upload_i32(slots.iter().copied());
             let c = table.cols as i32;
-            let table_bits = bits.view(0);
             let mut b = self.stream.launch_builder(&self.k.gather_rows_bf16);
             b.arg(&mut out.buf).arg(&table_bits).arg(&idx).arg(&c);
             // SAFETY: out is [tokens, cols]; every token is a row of the table (checked).
@@ -1131,7 +1200,7 @@ impl Backend for Cuda {
             self.product(
                 cfg,
                 None,
-                w,
+                &self.operand(w),
                 0,
                 &x.buf.as_view(),
                 m * k,
@@ -1469,8 +1538,10 @@ impl Backend for Cuda {
             "mla_attention: q width"
         );
         let mut out = self.zeros(q.rows, dims.heads * dims.v);
+        // Once per call, not per sequence: an fp8 weight is dequantised here.
+        let (uk_t, kv_b) = (self.operand(weights.uk_t), self.operand(weights.kv_b));
         for seq in seqs {
-            self.mla_sequence(q, seq, weights, dims, scale, &mut out);
+            self.mla_sequence(q, seq, (&uk_t, &kv_b), dims, scale, &mut out);
         }
         out
     }
@@ -1537,22 +1608,20 @@ impl Backend for Cuda {
                 let lane = &self.shards[st.shard];
                 ok(lane.stream.wait(&ready), "waiting for an event");
                 let n = st.x.rows * st.x.cols;
-                let x_here = CudaTensor {
-                    buf: ok(
-                        lane.stream.clone_dtod(&st.x.buf.slice(..n)),
-                        "copying rows to an expert shard",
-                    ),
-                    rows: st.x.rows,
-                    cols: st.x.cols,
-                };
+                let mut x_here = lane.zeros(st.x.rows, st.x.cols);
+                lane.copy(
+                    &st.x.buf.slice(..n),
+                    &mut x_here.buf.slice_mut(..n),
+                    "copying rows to an expert shard",
+                );
                 let mut y_here = lane.zeros(st.x.rows, st.x.cols);
                 lane.add_experts(&x_here, &mut y_here, &st.groups, experts);
-                // SAFETY of the cross-stream use: st.y was allocated on the main stream before
-                // `ready`, which this lane waited on; the main stream waits on `done` below
-                // before it reads st.y or frees any staged buffer.
-                let mut y_main = st.y.buf.slice_mut(..n);
-                ok(
-                    lane.stream.memcpy_dtod(&y_here.buf.slice(..n), &mut y_main),
+                // st.y was allocated on the main stream before `ready`, which this lane waited
+                // on; the main stream waits on `done` below before it reads st.y or frees any
+                // staged buffer.
+                lane.copy(
+                    &y_here.buf.slice(..n),
+                    &mut st.y.buf.slice_mut(..n),
                     "copying an expert shard's results back",
                 );
                 ok(lane.stream.record_event(None), "recording an event")
@@ -1582,6 +1651,8 @@ impl Backend for Cuda {
 
 /// One expert shard's part of a step, staged on the main GPU.
 struct Staged {
+    /// The main GPU's context, current while the staged buffers are freed.
+    main: Arc<CudaContext>,
     shard: usize,
     /// The distinct rows of x its pairs name, as indices on the main GPU.
     rows: CudaSlice<i32>,
@@ -1595,6 +1666,13 @@ struct Staged {
     groups: Vec<super::ExpertRows>,
 }
 
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // The fields are freed next, on the main stream, which must be in the current context.
+        let _ = self.main.bind_to_thread();
+    }
+}
+
 impl Cuda {
     /// Gathers, on this (main) lane, the rows of `x` that `pairs` name for shard `shard`.
     fn stage(&self, x: &CudaTensor, shard: usize, pairs: &[Pair], num_experts: usize) -> Staged {
@@ -1602,6 +1680,7 @@ impl Cuda {
         let groups = by_expert(local.into_iter(), num_experts);
         let rows_d = self.upload_i32(rows.iter().copied());
         Staged {
+            main: self.stream.context().clone(),
             shard,
             ones: self.upload_slice(&vec![1.0f32; rows.len()]),
             x: self.gather_indexed(&x.buf, x.cols, &rows_d.as_view()),
