@@ -73,8 +73,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
     /// Turns off prefix caching (on by default: requests whose prompts start with the same
-    /// whole KV blocks share them instead of computing them again).
-    #[arg(long, env = "SPARSEMOE_NO_PREFIX_CACHING")]
+    /// whole KV blocks share them instead of computing them again). The variable takes
+    /// true/false, yes/no, on/off or 1/0.
+    #[arg(long, env = "SPARSEMOE_NO_PREFIX_CACHING",
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub no_prefix_caching: bool,
     /// Seconds running requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 30, env = "SPARSEMOE_DRAIN_SECONDS")]
