@@ -26,7 +26,8 @@ pub enum AttentionMode {
     Sparse,
     /// Every earlier key.
     Dense,
-    /// Dense while the sequence is shorter than `dense_below` tokens, sparse after.
+    /// Dense for a row whose context (itself included) is shorter than `dense_below` tokens,
+    /// sparse after; the indexer is skipped while the whole sequence is that short.
     Auto { dense_below: usize },
 }
 
@@ -686,6 +687,19 @@ impl<B: Backend> Model<B> {
                     *ix_scale,
                 )),
                 _ => None,
+            };
+            // Auto: a row attends to every earlier key while its own context is shorter than
+            // dense_below, whichever chunk it came in, so chunking cannot change its keys.
+            let selection = match (selection, self.options.attention) {
+                (Some(mut rows), AttentionMode::Auto { dense_below }) => {
+                    for (keys, &p) in rows.iter_mut().zip(seq_positions) {
+                        if p + 1 < dense_below {
+                            *keys = (0..=p as u32).collect();
+                        }
+                    }
+                    Some(rows)
+                }
+                (selection, _) => selection,
             };
             let widest = selection
                 .as_ref()

@@ -84,7 +84,8 @@ pub struct ServeArgs {
     /// Attention: sparse (DSA top-k), dense, or auto (dense below --dense-below-tokens).
     #[arg(long, default_value = "sparse", env = "SPARSEMOE_ATTENTION")]
     pub attention: String,
-    /// With `--attention auto`: sequences shorter than this use dense attention (default: index_topk).
+    /// With `--attention auto`: a token whose context (itself included) is shorter than this
+    /// attends densely, the others sparsely, however the prompt is chunked (default: index_topk).
     #[arg(long, env = "SPARSEMOE_DENSE_BELOW_TOKENS")]
     pub dense_below_tokens: Option<usize>,
     /// Overrides the model's index_topk.

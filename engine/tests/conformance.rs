@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::SafeTensors;
 use sparsemoe_engine::backend::cpu::Cpu;
-use sparsemoe_engine::model::{LogitRows, Model, ModelOptions, SeqStep, Trace};
+use sparsemoe_engine::model::{AttentionMode, LogitRows, Model, ModelOptions, SeqStep, Trace};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -240,6 +240,62 @@ fn decode_after_prefill_equals_the_full_forward() {
         }
         assert_eq!(cache.len(), tokens.len());
     }
+}
+
+/// `--attention auto`: a row attends densely while its own context is shorter than
+/// `dense_below` and sparsely after, however the prompt is chunked. With a threshold above the
+/// indexer's top-k, one pass and chunks of 7 give the same logits, and the rows below the
+/// threshold equal dense attention's.
+#[test]
+fn auto_attention_does_not_depend_on_chunking() {
+    let dir = fixtures().join("v32_sparse_moe");
+    let (topk, dense_below) = (8, 30);
+    let load = |attention| {
+        let options = ModelOptions {
+            attention,
+            index_topk: Some(topk),
+            ..ModelOptions::default()
+        };
+        Model::load(&dir, Cpu, options).unwrap()
+    };
+    let auto = load(AttentionMode::Auto { dense_below });
+    let vocab = auto.config.vocab_size;
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 250 + 2) as u32).collect();
+    let one_pass = auto.logits(&tokens, None).unwrap();
+
+    let mut cache = auto.new_cache();
+    let mut chunked = Vec::new();
+    for chunk in tokens.chunks(7) {
+        let mut step = [SeqStep {
+            tokens: chunk,
+            cache: &mut cache,
+            logits: LogitRows::All,
+        }];
+        chunked.extend(auto.forward(&mut step, None).unwrap().remove(0));
+    }
+    for t in 0..tokens.len() {
+        let row = t * vocab..(t + 1) * vocab;
+        let err = relative_l2(&chunked[row.clone()], &one_pass[row]);
+        assert!(
+            err < F32_REL_L2,
+            "row {t}: chunked vs one pass: relative L2 {err:.2e}"
+        );
+    }
+
+    let dense = load(AttentionMode::Dense).logits(&tokens, None).unwrap();
+    let below = (dense_below - 1) * vocab;
+    let err = relative_l2(&one_pass[..below], &dense[..below]);
+    assert!(
+        err < F32_REL_L2,
+        "rows below the threshold vs dense: relative L2 {err:.2e}"
+    );
+    // The check has teeth: on these rows sparse attention differs from dense.
+    let sparse = load(AttentionMode::Sparse).logits(&tokens, None).unwrap();
+    let apart = relative_l2(&sparse[..below], &dense[..below]);
+    assert!(
+        apart > 1e-3,
+        "sparse and dense rows differ by only {apart:.2e}"
+    );
 }
 
 /// Several sequences in one step give the same logits as each alone (continuous batching).
