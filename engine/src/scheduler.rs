@@ -97,6 +97,38 @@ pub struct EngineStats {
     pub total_blocks: AtomicUsize,
     /// Set when the engine thread has stopped (model error or shutdown).
     pub stopped: AtomicBool,
+    /// Why the engine thread failed, when it did (a panic in a step: a device failure, which
+    /// the backend's compute methods cannot return as an error).
+    pub failure: std::sync::Mutex<Option<String>>,
+}
+
+impl EngineStats {
+    /// Why the engine thread failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .map_or_else(|e| e.into_inner().clone(), |f| f.clone())
+    }
+}
+
+/// Runs the engine loop `run`. A panic in it is caught and recorded in `stats` (and logged), so
+/// `/health` and `/ready` answer 503 with its message and the orchestrator restarts the server,
+/// instead of a server that accepts requests no thread will serve. The requests in flight end
+/// with an error as their sequences are dropped.
+fn run_guarded(stats: &EngineStats, run: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic with no message".into());
+        eprintln!("sparsemoe-engine: the engine thread failed: {message}");
+        match stats.failure.lock() {
+            Ok(mut failure) => *failure = Some(message),
+            Err(poisoned) => *poisoned.into_inner() = Some(message),
+        }
+    }
+    stats.stopped.store(true, Ordering::SeqCst);
 }
 
 struct Submission {
@@ -198,14 +230,14 @@ pub fn spawn<B: Backend>(
         blocks,
         config,
         metrics,
-        stats,
+        stats: stats.clone(),
         rx,
         waiting: VecDeque::new(),
         running: Vec::new(),
     };
     std::thread::Builder::new()
         .name("sparsemoe-engine".into())
-        .spawn(move || engine.run())
+        .spawn(move || run_guarded(&stats, move || engine.run()))
         .expect("spawning the engine thread");
     handle
 }

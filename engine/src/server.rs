@@ -93,7 +93,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -118,7 +118,11 @@ pub async fn serve(
         shutdown.await;
         drain_state.draining.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + grace;
-        while drain_state.engine.stats.active.load(Ordering::SeqCst) > 0
+        // Until the running requests finish, or nothing will finish them (the engine thread
+        // stopped), or the grace period ends.
+        let stats = &drain_state.engine.stats;
+        while stats.active.load(Ordering::SeqCst) > 0
+            && !stats.stopped.load(Ordering::SeqCst)
             && Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -156,6 +160,19 @@ fn error_response(e: &ApiError) -> Response {
 
 fn json_response(value: Value) -> Response {
     axum::Json(value).into_response()
+}
+
+/// Alive unless the engine thread failed (then 503 with why, so the liveness probe restarts
+/// the server).
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    match state.engine.stats.failure() {
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the engine failed: {why}"),
+        )
+            .into_response(),
+        None => "ok".into_response(),
+    }
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {

@@ -15,10 +15,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use sparsemoe_engine::backend::cpu::Cpu;
+use sparsemoe_engine::backend::{Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing};
+use sparsemoe_engine::expert_shards::Pair;
 use sparsemoe_engine::model::{Model, ModelOptions};
+use sparsemoe_engine::rope::{Rope, RopeLayout};
 use sparsemoe_engine::serve::{ServeArgs, build_state};
 use sparsemoe_engine::server::{self, AppState};
 use sparsemoe_engine::tokenizer::Tokenizer;
+use sparsemoe_engine::weights::Matrix;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -61,6 +65,14 @@ struct Server {
 }
 
 async fn start(extra: &[&str]) -> Server {
+    start_with(
+        Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap(),
+        extra,
+    )
+    .await
+}
+
+async fn start_with<B: Backend>(model: Model<B>, extra: &[&str]) -> Server {
     let mut argv = vec!["serve", "--served-model-name", "tiny"];
     argv.extend_from_slice(extra);
     #[derive(Parser)]
@@ -69,7 +81,6 @@ async fn start(extra: &[&str]) -> Server {
         args: ServeArgs,
     }
     let args = Wrap::parse_from(argv).args;
-    let model = Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
     let state = build_state(model, tokenizer(), "fixture".into(), &args).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -579,4 +590,157 @@ async fn ignore_eos_generates_past_the_end_of_sequence() {
     let v = s.post("/v1/completions", body(i, true)).await.json();
     assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 300, "{v}");
+}
+
+/// The CPU backend on a device that can be lost: once `lost` is set, every product panics, as
+/// the CUDA backend does when its device fails in the middle of a step (the trait's compute
+/// methods cannot return errors).
+#[derive(Clone, Debug, Default)]
+struct LosableCpu {
+    cpu: Cpu,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+type T = <Cpu as Backend>::Tensor;
+type W = <Cpu as Backend>::Weight;
+
+impl Backend for LosableCpu {
+    type Tensor = T;
+    type Weight = W;
+
+    fn name(&self) -> String {
+        format!("losable {}", self.cpu.name())
+    }
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.cpu.install(f)
+    }
+    fn upload(&self, matrix: Matrix) -> sparsemoe_engine::error::Result<W> {
+        self.cpu.upload(matrix)
+    }
+    fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> T {
+        self.cpu.tensor(rows, cols, data)
+    }
+    fn to_host(&self, x: &T) -> Vec<f32> {
+        self.cpu.to_host(x)
+    }
+    fn shape(&self, x: &T) -> (usize, usize) {
+        self.cpu.shape(x)
+    }
+    fn embed(&self, table: &W, tokens: &[u32]) -> T {
+        self.cpu.embed(table, tokens)
+    }
+    fn linear(&self, x: &T, w: &W) -> T {
+        assert!(
+            !self.lost.load(Ordering::SeqCst),
+            "CUDA cublasSgemm: CUBLAS_STATUS_EXECUTION_FAILED (the device was lost)"
+        );
+        self.cpu.linear(x, w)
+    }
+    fn rms_norm(&self, x: &T, w: &T, eps: f32) -> T {
+        self.cpu.rms_norm(x, w, eps)
+    }
+    fn layer_norm(&self, x: &T, w: &T, b: &T, eps: f32) -> T {
+        self.cpu.layer_norm(x, w, b, eps)
+    }
+    fn add(&self, x: &mut T, y: &T) {
+        self.cpu.add(x, y)
+    }
+    fn columns(&self, x: &T, start: usize, len: usize) -> T {
+        self.cpu.columns(x, start, len)
+    }
+    fn rows(&self, x: &T, start: usize, len: usize) -> T {
+        self.cpu.rows(x, start, len)
+    }
+    fn concat_rows(&self, parts: &[&T]) -> T {
+        self.cpu.concat_rows(parts)
+    }
+    fn append_rows(&self, cache: &mut T, rows: &T) {
+        self.cpu.append_rows(cache, rows)
+    }
+    fn write_rows(&self, dst: &mut T, slots: &[usize], rows: &T) {
+        self.cpu.write_rows(dst, slots, rows)
+    }
+    fn gather_rows(&self, src: &T, slots: &[usize]) -> T {
+        self.cpu.gather_rows(src, slots)
+    }
+    fn rope(
+        &self,
+        x: &mut T,
+        heads: usize,
+        head_width: usize,
+        offset: usize,
+        positions: &[usize],
+        rope: &Rope,
+        layout: RopeLayout,
+    ) {
+        self.cpu
+            .rope(x, heads, head_width, offset, positions, rope, layout)
+    }
+    fn indexer_select(
+        &self,
+        q: &T,
+        w: &T,
+        keys: &T,
+        positions: &[usize],
+        k: usize,
+        scale: f32,
+    ) -> Vec<Vec<u32>> {
+        self.cpu.indexer_select(q, w, keys, positions, k, scale)
+    }
+    fn mla_attention(
+        &self,
+        q: &T,
+        seqs: &[MlaSeq<'_, T>],
+        weights: MlaWeights<'_, W>,
+        dims: MlaDims,
+        scale: f32,
+    ) -> T {
+        self.cpu.mla_attention(q, seqs, weights, dims, scale)
+    }
+    fn swiglu(&self, x: &T, expert: &Expert<W>) -> T {
+        self.cpu.swiglu(x, expert)
+    }
+    fn moe_experts(&self, x: &T, routing: &Routing, experts: &[Expert<W>]) -> T {
+        self.cpu.moe_experts(x, routing, experts)
+    }
+    fn moe_experts_sharded(&self, x: &T, work: &[Vec<Pair>], experts: &[Expert<W>]) -> T {
+        self.cpu.moe_experts_sharded(x, work, experts)
+    }
+}
+
+/// A device lost in the middle of serving: the request in flight ends with an error, and from
+/// then on `/health` and `/ready` answer 503 saying why (so the liveness probe restarts the
+/// pod) and new requests are refused, rather than queued for an engine thread that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_failure_mid_step_fails_health_instead_of_hanging() {
+    let backend = LosableCpu::default();
+    let lost = backend.lost.clone();
+    let model = Model::load(&fixture(), backend, ModelOptions::default()).unwrap();
+    let s = start_with(model, &[]).await;
+    let request = json!({"model": "tiny", "prompt": "t5 t6 t7", "max_tokens": 3});
+    assert_eq!(s.post("/v1/completions", request.clone()).await.status, 200);
+    assert_eq!(s.get("/health").await.status, 200);
+
+    lost.store(true, Ordering::SeqCst);
+    let failed = s.post("/v1/completions", request.clone()).await;
+    assert!(
+        failed.status >= 500,
+        "{}: {}",
+        failed.status,
+        String::from_utf8_lossy(&failed.body)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let health = s.get("/health").await;
+        if health.status != 200 || Instant::now() > deadline {
+            break health;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let why = String::from_utf8_lossy(&health.body);
+    assert_eq!(health.status, 503, "{why}");
+    assert!(why.contains("the device was lost"), "{why}");
+    assert_eq!(s.get("/ready").await.status, 503);
+    assert_eq!(s.post("/v1/completions", request).await.status, 503);
+    s.shutdown().await;
 }

@@ -25,7 +25,9 @@
 //! Start-up failures (no driver, no such device, no NVRTC, a kernel that does not compile, a
 //! weight that does not fit) are errors that say what is missing. The trait's compute methods
 //! cannot return errors, so a device failure in the middle of a step (an out-of-memory
-//! allocation, a lost device) panics with the CUDA error.
+//! allocation, a lost device) panics with the CUDA error; the server's engine thread catches it,
+//! fails the requests in flight, and `/health` and `/ready` answer 503 with the error from then
+//! on, so the pod is restarted.
 //!
 //! Owed (issue 5): fp8 products that read fp8 directly (not dequantised each time), the bf16 kernels
 //! of `kernels/cuda` (sparse MLA, indexer, MoE permutation, grouped GEMM) in place of these
