@@ -69,6 +69,11 @@ pub const DEFAULT_ENGINE_IMAGE: &str = "ghcr.io/sparsemoe/sparsemoe-engine:v0.1.
     ).message(
         "parallelism.expertParallel needs GPUs: set gpusPerReplica >= 1 (on the variant or in parallelism), or disable expertParallel"
     ),
+    validation = Rule::new(
+        "!has(self.engine.dtype) || self.engine.dtype == 'float32' || self.variants.all(v, (has(v.gpusPerReplica) ? v.gpusPerReplica : self.parallelism.gpusPerReplica) >= 1)"
+    ).message(
+        "engine.dtype bfloat16 needs GPUs (the CPU engine computes in float32): set gpusPerReplica >= 1 on every variant, or drop engine.dtype"
+    ),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct InferenceDeploymentSpec {
@@ -224,6 +229,10 @@ pub struct EngineSpec {
         "engine.kvCacheMemoryFraction must be in (0, 0.98], e.g. 0.9"
     ))]
     pub kv_cache_memory_fraction: Option<f64>,
+    /// How the engine keeps weights on the GPU: `float32` (the default) or `bfloat16` (half
+    /// the memory, tensor-core products; fp8 checkpoints stay fp8). GPU replicas only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<WeightDtype>,
     /// Reuse the KV blocks of a prompt prefix computed before (automatic prefix caching); on
     /// unless `false`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -255,6 +264,7 @@ impl Default for EngineSpec {
             max_context_tokens: None,
             max_batched_tokens: None,
             kv_cache_memory_fraction: None,
+            dtype: None,
             prefix_caching: None,
             args: Vec::new(),
             env: Vec::new(),
@@ -277,6 +287,24 @@ pub struct AttentionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1").message("engine.attention.denseBelowTokens must be at least 1"))]
     pub dense_below_tokens: Option<u32>,
+}
+
+/// How the engine keeps weights on the GPU (`sparsemoe-engine serve --dtype`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    Float32,
+    Bfloat16,
+}
+
+impl WeightDtype {
+    /// The engine's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Float32 => "float32",
+            Self::Bfloat16 => "bfloat16",
+        }
+    }
 }
 
 /// Attention mode.

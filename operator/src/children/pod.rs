@@ -232,6 +232,10 @@ pub(super) fn pod_template(
             engine.kv_cache_memory_fraction.map(|v| v.to_string()),
         ),
         (
+            "SPARSEMOE_DTYPE",
+            engine.dtype.map(|d| d.as_str().to_string()),
+        ),
+        (
             "SPARSEMOE_NO_PREFIX_CACHING",
             (engine.prefix_caching == Some(false)).then(|| "true".to_string()),
         ),

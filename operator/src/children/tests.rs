@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use sparsemoe_api::v1alpha1::{DemoSource, HostPathSource, ImageSource, ModelSource, PullPolicy};
+use sparsemoe_api::v1alpha1::{
+    DemoSource, HostPathSource, ImageSource, ModelSource, PullPolicy, WeightDtype,
+};
 
 use super::*;
 use crate::autoscale;
@@ -354,6 +356,7 @@ fn user_settings_reach_the_engine() {
     idep.spec.engine.index_top_k = Some(1024);
     idep.spec.engine.kv_cache_memory_fraction = Some(0.85);
     idep.spec.engine.prefix_caching = Some(false);
+    idep.spec.engine.dtype = Some(WeightDtype::Bfloat16);
     idep.spec.engine.args = vec!["--log-level".into(), "debug".into()];
     idep.spec.engine.env = vec![k8s_openapi::api::core::v1::EnvVar {
         name: "SPARSEMOE_ATTENTION".into(),
@@ -368,6 +371,7 @@ fn user_settings_reach_the_engine() {
     let e = engine(d);
     assert_eq!(env_value(e, "SPARSEMOE_INDEX_TOPK"), Some("1024"));
     assert_eq!(env_value(e, "SPARSEMOE_NO_PREFIX_CACHING"), Some("true"));
+    assert_eq!(env_value(e, "SPARSEMOE_DTYPE"), Some("bfloat16"));
     assert_eq!(
         env_value(e, "SPARSEMOE_KV_CACHE_MEMORY_FRACTION"),
         Some("0.85")
