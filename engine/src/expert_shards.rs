@@ -191,7 +191,8 @@ impl ExpertShards {
 
 /// The distinct rows `pairs` name (of a batch of `batch_rows`), in order of first mention, and
 /// the pairs with each row renumbered as its place in that list: what a shard on another device
-/// needs of the batch, and its pairs against the rows it was sent.
+/// needs of the batch, and its pairs against the rows it was sent. Every pair's row must be
+/// below `batch_rows`.
 pub fn compact_rows(pairs: &[Pair], batch_rows: usize) -> (Vec<usize>, Vec<Pair>) {
     let mut local = vec![usize::MAX; batch_rows];
     let mut rows = Vec::new();

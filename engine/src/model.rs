@@ -147,6 +147,8 @@ pub struct Trace {
 /// A loaded model on a backend.
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
+    /// The load-time choices. The attention mode may change after load; the expert shards may
+    /// not (the routed experts were uploaded where they said).
     pub options: ModelOptions,
     backend: B,
     embed: B::Weight,
@@ -193,6 +195,21 @@ impl<B: Backend> Model<B> {
         }
         if options.index_topk == Some(0) {
             return Err(EngineError::input("index_topk must be at least 1"));
+        }
+        if let Some(shards) = &options.expert_shards {
+            let planned = shards.plan().num_experts as usize;
+            if !config.moe_layers.iter().any(|&m| m) || planned != config.n_routed_experts {
+                return Err(EngineError::input(format!(
+                    "expert shards: the plan places {planned} experts but the model has {} \
+                     routed experts per layer{}",
+                    config.n_routed_experts,
+                    if config.moe_layers.iter().any(|&m| m) {
+                        ""
+                    } else {
+                        " and no MoE layer"
+                    }
+                )));
+            }
         }
         let c = &config;
         let h = c.hidden_size;

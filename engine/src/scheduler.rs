@@ -95,7 +95,7 @@ pub struct EngineStats {
     /// KV blocks in use.
     pub used_blocks: AtomicUsize,
     pub total_blocks: AtomicUsize,
-    /// Set when the engine thread has stopped (model error or shutdown).
+    /// Set when the engine thread has stopped (every handle gone, or a panic in a step).
     pub stopped: AtomicBool,
     /// Why the engine thread failed, when it did (a panic in a step: a device failure, which
     /// the backend's compute methods cannot return as an error).
@@ -109,24 +109,33 @@ impl EngineStats {
             .lock()
             .map_or_else(|e| e.into_inner().clone(), |f| f.clone())
     }
-}
 
-/// Runs the engine loop `run`. A panic in it is caught and recorded in `stats` (and logged), so
-/// `/health` and `/ready` answer 503 with its message and the orchestrator restarts the server,
-/// instead of a server that accepts requests no thread will serve. The requests in flight end
-/// with an error as their sequences are dropped.
-fn run_guarded(stats: &EngineStats, run: impl FnOnce()) {
-    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
-        let message = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "a panic with no message".into());
+    /// Marks the engine failed (logged): stopped first, so whoever sees the failure (`/health`)
+    /// also sees the stop (`/ready`, `submit`).
+    fn fail(&self, message: String) {
         eprintln!("sparsemoe-engine: the engine thread failed: {message}");
-        match stats.failure.lock() {
+        self.stopped.store(true, Ordering::SeqCst);
+        match self.failure.lock() {
             Ok(mut failure) => *failure = Some(message),
             Err(poisoned) => *poisoned.into_inner() = Some(message),
         }
+    }
+}
+
+/// The message a panic carried.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic with no message".into())
+}
+
+/// Runs the engine loop `run`; a panic that escapes it (outside a step, which
+/// [`Engine::run`] catches itself) is recorded as the engine's failure.
+fn run_guarded(stats: &EngineStats, run: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        stats.fail(panic_message(panic.as_ref()));
     }
     stats.stopped.store(true, Ordering::SeqCst);
 }
@@ -269,17 +278,42 @@ impl<B: Backend> Engine<B> {
             while let Ok(s) = self.rx.try_recv() {
                 self.accept(s);
             }
-            if let Err(message) = self.step() {
-                // A model error fails the sequences of this step, not the engine.
-                for seq in self.running.drain(..) {
-                    let _ = seq.events.send(Event::Error(message.clone()));
-                    self.blocks.release(&mut { seq.blocks });
-                    self.stats.active.fetch_sub(1, Ordering::SeqCst);
+            // A panic in a step is a device failure (the backend's compute methods cannot
+            // return errors): the engine cannot go on.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            match stepped {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) => {
+                    // A model error fails the sequences of this step, not the engine.
+                    for seq in self.running.drain(..) {
+                        let _ = seq.events.send(Event::Error(message.clone()));
+                        self.blocks.release(&mut { seq.blocks });
+                        self.stats.active.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                Err(panic) => {
+                    self.fail(panic_message(panic.as_ref()));
+                    return;
                 }
             }
             self.publish();
         }
         self.stats.stopped.store(true, Ordering::SeqCst);
+    }
+
+    /// The engine failed: recorded (so `/health` and `/ready` answer 503 with why, and new
+    /// requests are refused), and every request it holds, or that is still on its way in, ends
+    /// with the reason.
+    fn fail(&mut self, message: String) {
+        self.stats.fail(message.clone());
+        let error = format!("the engine failed: {message}");
+        for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
+            let _ = seq.events.send(Event::Error(error.clone()));
+        }
+        while let Ok(s) = self.rx.try_recv() {
+            let _ = s.events.send(Event::Error(error.clone()));
+        }
+        self.publish();
     }
 
     fn accept(&mut self, s: Submission) {

@@ -176,10 +176,26 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    if state.draining.load(Ordering::SeqCst) || state.engine.stats.stopped.load(Ordering::SeqCst) {
+    if let Some(why) = state.engine.stats.failure() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the engine failed: {why}"),
+        )
+            .into_response()
+    } else if state.draining.load(Ordering::SeqCst)
+        || state.engine.stats.stopped.load(Ordering::SeqCst)
+    {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
     } else {
         "ready".into_response()
+    }
+}
+
+/// What a request hears when the engine thread ended before it did.
+fn engine_stopped(state: &AppState) -> String {
+    match state.engine.stats.failure() {
+        Some(why) => format!("the engine failed: {why}"),
+        None => "the engine stopped".into(),
     }
 }
 
@@ -613,7 +629,8 @@ async fn complete_response(mut run: Run, mut events: UnboundedReceiver<Event>) -
     let mut generated = 0;
     loop {
         let Some(event) = events.recv().await else {
-            let e = ApiError::new(500, "server_error", "the engine stopped");
+            let e = ApiError::new(500, "server_error", engine_stopped(&run.state));
+            run.outcome.recorded = true;
             run.state.metrics.error(500);
             return error_response(&e);
         };
@@ -693,9 +710,13 @@ fn stream_response(
                 () = tx.closed() => return,
             };
             let Some(event) = event else {
+                run.outcome.recorded = true;
+                run.state.metrics.error(500);
                 let _ = tx
-                    .send(sse(&json!({"error": {"message": "the engine stopped",
-                        "type": "server_error", "param": null, "code": null}})))
+                    .send(sse(
+                        &json!({"error": {"message": engine_stopped(&run.state),
+                        "type": "server_error", "param": null, "code": null}}),
+                    ))
                     .await;
                 return;
             };

@@ -145,10 +145,12 @@ fn devices_are_checked_at_start_up() {
             let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             assert_eq!(json["logits"].as_array().unwrap().len(), 2);
         } else {
+            // No driver, no device, or a driver without cuBLAS or NVRTC: each named.
+            let named = ["CUDA driver", "CUDA device", "cuBLAS", "NVRTC"]
+                .iter()
+                .any(|what| stderr.contains(what));
             assert!(
-                (stderr.contains("CUDA driver") || stderr.contains("CUDA device"))
-                    && stderr.contains(device)
-                    && !stderr.contains("panicked"),
+                named && stderr.contains(device) && !stderr.contains("panicked"),
                 "{device}: {stderr}"
             );
         }

@@ -144,6 +144,19 @@ fn bad_shard_options_are_clear_errors() {
         e.contains("garbage.json") && e.contains("invalid JSON"),
         "{e}"
     );
+
+    // Shards made for another model are refused at load, not met with a panic.
+    let options = ModelOptions {
+        expert_shards: Some(Arc::new(ExpertShards::balanced(2, 16).unwrap())),
+        ..ModelOptions::default()
+    };
+    let e = Model::load(&fixture(), Cpu, options)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("places 16 experts") && e.contains("has 8 routed experts"),
+        "{e}"
+    );
 }
 
 /// With several devices (`--device cuda:0,1`) each device runs one shard: no option means an

@@ -478,15 +478,21 @@ impl Cuda {
                  the CUDA 13 math libraries or add their directory to LD_LIBRARY_PATH"
             )));
         }
-        let count = CudaContext::device_count()
-            .map_err(|e| device_error(format!("counting CUDA devices: {e:?}")))?;
+        let count = CudaContext::device_count().map_err(|e| {
+            device_error(format!(
+                "--device cuda:{listed}: counting CUDA devices: {e:?}"
+            ))
+        })?;
         if let Some(missing) = ordinals.iter().find(|&&o| o >= count.max(0) as usize) {
             return Err(device_error(format!(
                 "--device cuda:{listed}: there is no GPU {missing}; this machine has {count} \
                  CUDA device(s)"
             )));
         }
-        let ptx = compile_kernels()?;
+        let ptx = compile_kernels().map_err(|e| match e {
+            EngineError::Device(why) => device_error(format!("--device cuda:{listed}: {why}")),
+            other => other,
+        })?;
         let mut devices = Vec::new();
         let mut main = Self::lane(first, 0, dtype, &ptx, &mut devices)?;
         if ordinals.len() > 1 {
