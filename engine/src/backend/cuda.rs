@@ -271,6 +271,10 @@ pub struct Cuda {
     k: Arc<Kernels>,
     /// The expert shards' lanes (`--device cuda:N,M,…`); none with one device.
     shards: Arc<Vec<Cuda>>,
+    /// Bytes of the largest bf16 copy a product dequantises from an fp8 weight on this lane's
+    /// GPU (shared by its lanes): memory a step needs for a moment, kept out of the KV cache's
+    /// share.
+    fp8_scratch: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -285,6 +289,7 @@ struct OpenDevice {
     name: String,
     ctx: Arc<CudaContext>,
     k: Arc<Kernels>,
+    fp8_scratch: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn device_error(what: impl std::fmt::Display) -> EngineError {
@@ -408,6 +413,7 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         name,
         ctx,
         k,
+        fp8_scratch: Arc::default(),
     })
 }
 
@@ -546,6 +552,7 @@ impl Cuda {
             blas,
             k: device.k.clone(),
             shards: Arc::new(Vec::new()),
+            fp8_scratch: device.fp8_scratch.clone(),
         })
     }
 
@@ -578,6 +585,9 @@ impl Cuda {
             HostWeight::F32(v) => copy(&self.stream, v).map(WeightData::F32),
             HostWeight::Bf16(v) => copy(&self.stream, v).map(WeightData::Bf16),
             HostWeight::Fp8 { codes, row_scales } => copy(&self.stream, codes).and_then(|codes| {
+                let bf16_bytes = codes.len() * 2;
+                self.fp8_scratch
+                    .fetch_max(bf16_bytes, std::sync::atomic::Ordering::Relaxed);
                 Ok(WeightData::Fp8 {
                     codes,
                     row_scales: copy(&self.stream, row_scales)?,
@@ -1081,7 +1091,9 @@ impl Backend for Cuda {
 
     fn device_memory_available(&self) -> Option<u64> {
         let (free, _) = self.stream.context().mem_get_info().ok()?;
-        Some(free as u64)
+        // Less the room a product needs to dequantise the largest fp8 weight.
+        let scratch = self.fp8_scratch.load(std::sync::atomic::Ordering::Relaxed);
+        Some(free.saturating_sub(scratch) as u64)
     }
 
     fn upload(&self, matrix: Matrix) -> Result<CudaWeight> {
