@@ -17,7 +17,6 @@ use sparsemoe_engine::model::{AttentionMode, Model, ModelOptions};
 use sparsemoe_engine::sampling::{Sampler, SamplingParams};
 use sparsemoe_engine::serve::Device;
 use sparsemoe_engine::tokenizer::{ChatMessage, Tokenizer};
-use sparsemoe_engine::weights::WeightStore;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -115,6 +114,7 @@ enum Attention {
 
 impl ModelArgs {
     fn load<B: Backend>(&self, backend: B, devices: usize) -> anyhow::Result<Model<B>> {
+        // The config first: the expert shards decide where the experts are uploaded.
         let config = ModelConfig::from_dir(&self.model)
             .with_context(|| format!("loading {}", self.model.display()))?;
         let expert_shards = ExpertShards::from_options(
@@ -132,8 +132,7 @@ impl ModelArgs {
             expert_shards: expert_shards.map(Arc::new),
             ..ModelOptions::default()
         };
-        WeightStore::open(&self.model)
-            .and_then(|store| Model::from_store(config, &store, backend, options))
+        Model::load(&self.model, backend, options)
             .with_context(|| format!("loading {}", self.model.display()))
     }
 }

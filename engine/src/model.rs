@@ -198,16 +198,13 @@ impl<B: Backend> Model<B> {
         }
         if let Some(shards) = &options.expert_shards {
             let planned = shards.plan().num_experts as usize;
-            if !config.moe_layers.iter().any(|&m| m) || planned != config.n_routed_experts {
+            let moe = config.moe_layers.iter().any(|&m| m);
+            if !moe || planned != config.n_routed_experts {
                 return Err(EngineError::input(format!(
                     "expert shards: the plan places {planned} experts but the model has {} \
                      routed experts per layer{}",
                     config.n_routed_experts,
-                    if config.moe_layers.iter().any(|&m| m) {
-                        ""
-                    } else {
-                        " and no MoE layer"
-                    }
+                    if moe { "" } else { " and no MoE layer" }
                 )));
             }
         }

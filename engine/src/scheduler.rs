@@ -107,7 +107,8 @@ impl EngineStats {
     pub fn failure(&self) -> Option<String> {
         self.failure
             .lock()
-            .map_or_else(|e| e.into_inner().clone(), |f| f.clone())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Marks the engine failed (logged): stopped first, so whoever sees the failure (`/health`)
@@ -115,10 +116,10 @@ impl EngineStats {
     fn fail(&self, message: String) {
         eprintln!("sparsemoe-engine: the engine thread failed: {message}");
         self.stopped.store(true, Ordering::SeqCst);
-        match self.failure.lock() {
-            Ok(mut failure) => *failure = Some(message),
-            Err(poisoned) => *poisoned.into_inner() = Some(message),
-        }
+        *self
+            .failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(message);
     }
 }
 

@@ -571,26 +571,16 @@ impl Cuda {
 
     /// Copies a weight's host data to a new buffer on this lane's device.
     fn upload_copy(&self, data: &HostWeight, rows: usize, cols: usize) -> Result<WeightData> {
-        fn copy<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-            stream: &Arc<CudaStream>,
-            v: &[T],
-        ) -> std::result::Result<CudaSlice<T>, DriverError> {
-            if v.is_empty() {
-                stream.alloc_zeros::<T>(1)
-            } else {
-                stream.clone_htod(v)
-            }
-        }
         match data {
-            HostWeight::F32(v) => copy(&self.stream, v).map(WeightData::F32),
-            HostWeight::Bf16(v) => copy(&self.stream, v).map(WeightData::Bf16),
-            HostWeight::Fp8 { codes, row_scales } => copy(&self.stream, codes).and_then(|codes| {
+            HostWeight::F32(v) => self.try_upload(v).map(WeightData::F32),
+            HostWeight::Bf16(v) => self.try_upload(v).map(WeightData::Bf16),
+            HostWeight::Fp8 { codes, row_scales } => self.try_upload(codes).and_then(|codes| {
                 let bf16_bytes = codes.len() * 2;
                 self.fp8_scratch
                     .fetch_max(bf16_bytes, std::sync::atomic::Ordering::Relaxed);
                 Ok(WeightData::Fp8 {
                     codes,
-                    row_scales: copy(&self.stream, row_scales)?,
+                    row_scales: self.try_upload(row_scales)?,
                 })
             }),
         }
@@ -758,10 +748,20 @@ impl Cuda {
         &self,
         v: &[T],
     ) -> CudaSlice<T> {
+        ok(self.try_upload(v), "copying to the device")
+    }
+
+    /// `v` in a new device buffer (one zero element for an empty `v`: a zero-length
+    /// allocation is not a valid device pointer).
+    fn try_upload<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        v: &[T],
+    ) -> std::result::Result<CudaSlice<T>, DriverError> {
         if v.is_empty() {
-            return ok(self.stream.alloc_zeros::<T>(1), "allocating");
+            self.stream.alloc_zeros::<T>(1)
+        } else {
+            self.stream.clone_htod(v)
         }
-        ok(self.stream.clone_htod(v), "copying to the device")
     }
 
     /// `rows` rows per block-row kernel launch of ENGINE_THREADS threads.
