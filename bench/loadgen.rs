@@ -26,7 +26,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 use sparsemoe_engine::backend::cpu::Cpu;
-use sparsemoe_engine::kv_cache::{BlockAllocator, bytes_per_token};
+use sparsemoe_engine::kv_cache::{BlockAllocator, KvDtype, bytes_per_token};
 use sparsemoe_engine::metrics::Metrics;
 use sparsemoe_engine::model::{Model, ModelOptions};
 use sparsemoe_engine::sampling::SamplingParams;
@@ -222,7 +222,11 @@ async fn main() {
         (None, Some(dir)) => {
             let model = Model::load(dir, Cpu, ModelOptions::default()).expect("loading the model");
             let config = model.config.clone();
-            let blocks = BlockAllocator::from_budget(16, 1 << 30, bytes_per_token(&config));
+            let blocks = BlockAllocator::from_budget(
+                16,
+                1 << 30,
+                bytes_per_token(&config, KvDtype::Float32),
+            );
             let max_context = config.max_position_embeddings.min(blocks.capacity_tokens());
             let engine = scheduler::spawn(
                 model,
@@ -233,9 +237,11 @@ async fn main() {
                     max_waiting: 1 << 20,
                     max_context,
                     prefix_caching: !args.no_prefix_caching,
+                    kv_dtype: KvDtype::Float32,
                 },
                 Arc::new(Metrics::new()),
-            );
+            )
+            .expect("starting the engine");
             (
                 Target::InProcess(engine, config.eos_token_ids),
                 "in-process",

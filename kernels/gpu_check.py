@@ -360,6 +360,14 @@ class Harness:
         self.launch("gather_rows_bf16_bits_f32", (rows,), 256, [out, table, slots, ("i", cols)])
         self.record_bool("gather_rows_bf16_bits_f32", torch.equal(out, table[slots.long()].float()),
                          "bf16 rows widened exactly")
+        # A KV cache kept in bf16: rows rounded to nearest-even as written, the others untouched.
+        kv, fresh = self.bf16(500, cols), torch.randn(rows, cols, device=d) * 100
+        want = kv.clone()
+        want[slots.long()] = fresh.to(torch.bfloat16)
+        self.launch("scatter_rows_f32_to_bf16_bits", (rows,), 256, [kv, fresh, slots, ("i", cols)])
+        self.record_bool("scatter_rows_f32_to_bf16_bits",
+                         torch.equal(kv.view(torch.int16), want.view(torch.int16)),
+                         "rows rounded as torch rounds to bf16, the others untouched")
         # float32 -> bf16 bits, ties to even: against torch's rounding on random values, exact
         # ties, the edges of the range, infinities and NaN.
         x = torch.cat([torch.randn(100000, device=d) * 1e3,

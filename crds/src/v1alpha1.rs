@@ -233,6 +233,11 @@ pub struct EngineSpec {
     /// the memory, tensor-core products; fp8 checkpoints stay fp8). GPU replicas only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<WeightDtype>,
+    /// How the engine stores the KV cache: `auto` (the default: `bfloat16` with
+    /// `dtype: bfloat16`, else `float32`), `float32`, or `bfloat16` (half the bytes, so twice
+    /// the tokens in the same memory; CPU and GPU replicas alike).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_dtype: Option<KvCacheDtype>,
     /// Reuse the KV blocks of a prompt prefix computed before (automatic prefix caching); on
     /// unless `false`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -265,6 +270,7 @@ impl Default for EngineSpec {
             max_batched_tokens: None,
             kv_cache_memory_fraction: None,
             dtype: None,
+            kv_cache_dtype: None,
             prefix_caching: None,
             args: Vec::new(),
             env: Vec::new(),
@@ -301,6 +307,26 @@ impl WeightDtype {
     /// The engine's spelling.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Float32 => "float32",
+            Self::Bfloat16 => "bfloat16",
+        }
+    }
+}
+
+/// How the engine stores the KV cache (`sparsemoe-engine serve --kv-cache-dtype`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    Auto,
+    Float32,
+    Bfloat16,
+}
+
+impl KvCacheDtype {
+    /// The engine's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
             Self::Float32 => "float32",
             Self::Bfloat16 => "bfloat16",
         }

@@ -10,7 +10,49 @@ use std::sync::{Arc, RwLock};
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 
-/// One layer's cached rows.
+/// How a paged KV pool stores its rows (`--kv-cache-dtype`). Attention reads them back as
+/// float32 either way; the contiguous caches of the CLI and tests keep float32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDtype {
+    /// float32: the rows exactly as computed.
+    #[default]
+    Float32,
+    /// bf16 (rounded to nearest, ties to even): half the bytes, so twice the tokens fit.
+    Bfloat16,
+}
+
+impl KvDtype {
+    /// Bytes of one stored value.
+    pub fn size(self) -> usize {
+        match self {
+            Self::Float32 => 4,
+            Self::Bfloat16 => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Float32 => "float32",
+            Self::Bfloat16 => "bfloat16",
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "float32" => Ok(Self::Float32),
+            "bfloat16" => Ok(Self::Bfloat16),
+            other => Err(EngineError::input(format!(
+                "--kv-cache-dtype {other}: expected `auto`, `float32` or `bfloat16`"
+            ))),
+        }
+    }
+}
+
+/// One layer's cached rows in a contiguous cache.
 pub struct LayerCache<B: Backend> {
     pub latent: B::Tensor,
     pub k_pe: B::Tensor,
@@ -23,21 +65,36 @@ impl<B: Backend> std::fmt::Debug for LayerCache<B> {
     }
 }
 
+/// One layer's rows in a paged pool, each kind in a store of the pool's [`KvDtype`].
+pub struct PoolLayer<B: Backend> {
+    pub latent: B::Store,
+    pub k_pe: B::Store,
+    pub index_keys: Option<B::Store>,
+}
+
+impl<B: Backend> std::fmt::Debug for PoolLayer<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolLayer")
+    }
+}
+
 /// The paged store shared by the sequences of a server: per layer, `blocks · block_size` rows
 /// of latent, RoPE key and indexer key. Token `t` of a sequence lives in row
 /// `table[t / block_size] · block_size + t % block_size`.
 pub struct KvPool<B: Backend> {
     block_size: usize,
-    layers: Vec<LayerCache<B>>,
+    dtype: KvDtype,
+    layers: Vec<PoolLayer<B>>,
 }
 
 impl<B: Backend> std::fmt::Debug for KvPool<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "KvPool({} layers, block {})",
+            "KvPool({} layers, block {}, {})",
             self.layers.len(),
-            self.block_size
+            self.block_size,
+            self.dtype.as_str()
         )
     }
 }
@@ -48,9 +105,18 @@ impl<B: Backend> std::fmt::Debug for KvPool<B> {
 pub type SharedPool<B> = Arc<RwLock<KvPool<B>>>;
 
 impl<B: Backend> KvPool<B> {
-    /// `layers` zero-filled layer stores of `rows = blocks · block_size` rows each.
-    pub fn new(block_size: usize, layers: Vec<LayerCache<B>>) -> SharedPool<B> {
-        Arc::new(RwLock::new(Self { block_size, layers }))
+    /// `layers` zero-filled layer stores of `rows = blocks · block_size` rows each, of `dtype`.
+    pub fn new(block_size: usize, dtype: KvDtype, layers: Vec<PoolLayer<B>>) -> SharedPool<B> {
+        Arc::new(RwLock::new(Self {
+            block_size,
+            dtype,
+            layers,
+        }))
+    }
+
+    /// How the rows are stored.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
     }
 }
 
@@ -361,12 +427,13 @@ impl<B: Backend> SeqCache<B> {
     }
 }
 
-/// Bytes one cached token takes across all layers (f32 latent + rope key + indexer key).
-pub fn bytes_per_token(config: &crate::config::ModelConfig) -> usize {
+/// Bytes one cached token takes across all layers (latent + rope key + indexer key) in a pool
+/// of `dtype`.
+pub fn bytes_per_token(config: &crate::config::ModelConfig, dtype: KvDtype) -> usize {
     let per_layer = config.kv_lora_rank
         + config.qk_rope_head_dim
         + config.indexer.as_ref().map_or(0, |ix| ix.head_dim);
-    per_layer * config.num_layers * std::mem::size_of::<f32>()
+    per_layer * config.num_layers * dtype.size()
 }
 
 /// Fixed-size KV blocks: a free list and per-sequence block tables. The scheduler admits,

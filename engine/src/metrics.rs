@@ -25,6 +25,17 @@ const TOKEN_LATENCY_BUCKETS: &[f64] = &[
 type ExpertSource = (Arc<ExpertLoad>, Vec<Vec<u64>>);
 type ShardSource = (Arc<ExpertShards>, Vec<u64>);
 
+/// The labels of `sparsemoe_model_info`.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelInfo<'a> {
+    pub model: &'a str,
+    /// Empty when not given.
+    pub revision: &'a str,
+    pub device: &'a str,
+    pub arch: &'a str,
+    pub kv_cache_dtype: &'a str,
+}
+
 /// Every metric the engine exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -166,9 +177,9 @@ impl Metrics {
             model_info: reg!(IntGaugeVec::new(
                 Opts::new(
                     "sparsemoe_model_info",
-                    "The served model and device (value 1)"
+                    "The served model, its revision, the device and the KV cache's dtype (value 1)"
                 ),
-                &["model", "device", "arch"]
+                &["model", "revision", "device", "arch", "kv_cache_dtype"]
             )),
             expert_source: Mutex::new(None),
             shard_source: Mutex::new(None),
@@ -177,9 +188,15 @@ impl Metrics {
     }
 
     /// Records the served model and the source of the expert counters.
-    pub fn set_model(&self, model: &str, device: &str, arch: &str, load: Arc<ExpertLoad>) {
+    pub fn set_model(&self, info: ModelInfo<'_>, load: Arc<ExpertLoad>) {
         self.model_info
-            .with_label_values(&[model, device, arch])
+            .with_label_values(&[
+                info.model,
+                info.revision,
+                info.device,
+                info.arch,
+                info.kv_cache_dtype,
+            ])
             .set(1);
         let zero = load.snapshot().iter().map(|r| vec![0; r.len()]).collect();
         if let Ok(mut source) = self.expert_source.lock() {

@@ -11,7 +11,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::expert_load::ExpertLoad;
 use crate::expert_shards::ExpertShards;
-use crate::kv_cache::{KvPool, LayerCache, SeqCache, SharedPool};
+use crate::kv_cache::{KvDtype, KvPool, LayerCache, PoolLayer, SeqCache, SharedPool};
 use crate::moe::{RouterConfig, route};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::WeightStore;
@@ -418,20 +418,31 @@ impl<B: Backend> Model<B> {
         SeqCache::new(layers)
     }
 
-    /// A paged KV store of `blocks` blocks of `block_size` tokens (zero-filled, allocated once)
-    /// for caches made with [`SeqCache::paged`].
-    pub fn new_paged_pool(&self, block_size: usize, blocks: usize) -> SharedPool<B> {
+    /// A paged KV store of `blocks` blocks of `block_size` tokens, its rows kept as `dtype`
+    /// (zero-filled, allocated once), for caches made with [`SeqCache::paged`].
+    pub fn new_paged_pool(
+        &self,
+        block_size: usize,
+        blocks: usize,
+        dtype: KvDtype,
+    ) -> Result<SharedPool<B>> {
         let c = &self.config;
         let rows = block_size * blocks;
-        let zeros = |cols: usize| self.backend.zeros(rows, cols);
+        let store = |cols: usize| self.backend.kv_store(rows, cols, dtype);
         let layers = (0..c.num_layers)
-            .map(|_| LayerCache {
-                latent: zeros(c.kv_lora_rank),
-                k_pe: zeros(c.qk_rope_head_dim),
-                index_keys: c.indexer.as_ref().map(|ix| zeros(ix.head_dim)),
+            .map(|_| {
+                Ok(PoolLayer {
+                    latent: store(c.kv_lora_rank)?,
+                    k_pe: store(c.qk_rope_head_dim)?,
+                    index_keys: c
+                        .indexer
+                        .as_ref()
+                        .map(|ix| store(ix.head_dim))
+                        .transpose()?,
+                })
             })
-            .collect();
-        KvPool::new(block_size, layers)
+            .collect::<Result<_>>()?;
+        Ok(KvPool::new(block_size, dtype, layers))
     }
 
     /// Runs new tokens of several sequences through the model, appending to their caches.

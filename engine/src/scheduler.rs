@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::backend::Backend;
+use crate::error::{EngineError, Result};
 use crate::generate::FinishReason;
-use crate::kv_cache::{BlockAllocator, BlockTable, SeqCache, SharedPool};
+use crate::kv_cache::{BlockAllocator, BlockTable, KvDtype, SeqCache, SharedPool};
 use crate::metrics::Metrics;
 use crate::model::{LogitRows, Model, SeqStep};
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob, logprobs};
@@ -34,6 +35,8 @@ pub struct SchedulerConfig {
     pub max_context: usize,
     /// Share computed KV blocks between requests whose prompts start alike.
     pub prefix_caching: bool,
+    /// How the KV pool stores its rows.
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for SchedulerConfig {
@@ -44,6 +47,7 @@ impl Default for SchedulerConfig {
             max_waiting: 256,
             max_context: 4096,
             prefix_caching: true,
+            kv_dtype: KvDtype::Float32,
         }
     }
 }
@@ -216,13 +220,15 @@ impl<B: Backend> Sequence<B> {
     }
 }
 
-/// Starts the engine thread with `model`, a KV pool of `blocks`, and `metrics`.
+/// Starts the engine thread with `model`, a KV pool of `blocks`, and `metrics`. Fails when the
+/// pool cannot be allocated.
 pub fn spawn<B: Backend>(
     model: Model<B>,
     blocks: BlockAllocator,
     config: SchedulerConfig,
     metrics: Arc<Metrics>,
-) -> EngineHandle {
+) -> Result<EngineHandle> {
+    let pool = model.new_paged_pool(blocks.block_size(), blocks.total_blocks(), config.kv_dtype)?;
     let (tx, rx) = mpsc::channel();
     let stats = Arc::new(EngineStats::default());
     stats
@@ -233,7 +239,6 @@ pub fn spawn<B: Backend>(
         stats: stats.clone(),
         max_waiting: config.max_waiting,
     };
-    let pool = model.new_paged_pool(blocks.block_size(), blocks.total_blocks());
     let engine = Engine {
         pool,
         model,
@@ -248,8 +253,8 @@ pub fn spawn<B: Backend>(
     std::thread::Builder::new()
         .name("sparsemoe-engine".into())
         .spawn(move || run_guarded(&stats, move || engine.run()))
-        .expect("spawning the engine thread");
-    handle
+        .map_err(|e| EngineError::Device(format!("spawning the engine thread: {e}")))?;
+    Ok(handle)
 }
 
 struct Engine<B: Backend> {

@@ -15,8 +15,8 @@ use crate::backend::cuda::{Cuda, Dtype};
 use crate::config::ModelConfig;
 use crate::demo::{DEMO, DEMO_NAME};
 use crate::expert_shards::ExpertShards;
-use crate::kv_cache::{BlockAllocator, bytes_per_token};
-use crate::metrics::Metrics;
+use crate::kv_cache::{BlockAllocator, KvDtype, bytes_per_token};
+use crate::metrics::{Metrics, ModelInfo};
 use crate::model::{AttentionMode, Model, ModelOptions};
 use crate::scheduler::{self, SchedulerConfig};
 use crate::server::{self, AppState};
@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// The model name clients use (default: the directory name, or `sparsemoe-demo`).
     #[arg(long, env = "SPARSEMOE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// The model's revision (e.g. a Hugging Face commit; the operator passes
+    /// `spec.model.revision`): informational, shown in `/v1/models` and `sparsemoe_model_info`.
+    #[arg(long, env = "SPARSEMOE_MODEL_REVISION")]
+    pub model_revision: Option<String>,
     /// Memory for the KV cache, in bytes (default 1 GiB, unless --kv-cache-memory-fraction).
     #[arg(long)]
     pub kv_cache_bytes: Option<usize>,
@@ -60,6 +64,11 @@ pub struct ServeArgs {
     /// model's weight bytes.
     #[arg(long, env = "SPARSEMOE_KV_CACHE_MEMORY_FRACTION")]
     pub kv_cache_memory_fraction: Option<f64>,
+    /// How the KV cache stores its rows: `float32`, `bfloat16` (half the bytes, so twice the
+    /// tokens in the same memory; rows rounded to bf16 as they are written), or `auto`:
+    /// bfloat16 with `--dtype bfloat16`, float32 otherwise.
+    #[arg(long, default_value = "auto", env = "SPARSEMOE_KV_CACHE_DTYPE")]
+    pub kv_cache_dtype: String,
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -99,6 +108,19 @@ pub struct ServeArgs {
     /// shard holds which experts, with redundant copies of hot ones.
     #[arg(long, env = "SPARSEMOE_PLACEMENT")]
     pub placement: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// `--kv-cache-dtype`, with `auto` resolved against `--dtype`.
+    pub fn kv_dtype(&self) -> anyhow::Result<KvDtype> {
+        Ok(match self.kv_cache_dtype.as_str() {
+            "auto" => match self.dtype.parse::<Dtype>()? {
+                Dtype::Float32 => KvDtype::Float32,
+                Dtype::Bfloat16 => KvDtype::Bfloat16,
+            },
+            other => other.parse()?,
+        })
+    }
 }
 
 struct Loaded<B: Backend> {
@@ -283,6 +305,7 @@ pub fn build_state<B: Backend>(
     args: &ServeArgs,
 ) -> anyhow::Result<Arc<AppState>> {
     let config = model.config.clone();
+    let kv_dtype = args.kv_dtype()?;
     // On the host the weights are memory-mapped: pages not yet read count as available, and
     // pages read count as reclaimable cache, yet the model needs them resident, so they are set
     // aside first (in a container whose cgroup already charges resident weights this errs
@@ -295,10 +318,15 @@ pub fn build_state<B: Backend>(
                 crate::host_memory::available_bytes().map(|a| a.saturating_sub(weight_bytes))
             })
         })?;
-    let blocks = BlockAllocator::from_budget(args.block_size, kv_bytes, bytes_per_token(&config));
+    let blocks = BlockAllocator::from_budget(
+        args.block_size,
+        kv_bytes,
+        bytes_per_token(&config, kv_dtype),
+    );
     eprintln!(
-        "sparsemoe-engine: KV cache of {kv_bytes} bytes ({} tokens) from {kv_source}",
-        blocks.capacity_tokens()
+        "sparsemoe-engine: KV cache of {kv_bytes} bytes ({} tokens, {}) from {kv_source}",
+        blocks.capacity_tokens(),
+        kv_dtype.as_str()
     );
     let mut max_context = config.max_position_embeddings;
     if let Some(cap) = args.max_model_len {
@@ -315,10 +343,15 @@ pub fn build_state<B: Backend>(
         );
     }
     let metrics = Arc::new(Metrics::new());
+    let served_name = args.served_model_name.clone().unwrap_or(name);
     metrics.set_model(
-        &name,
-        &model.backend().name(),
-        &format!("{:?}", config.arch),
+        ModelInfo {
+            model: &served_name,
+            revision: args.model_revision.as_deref().unwrap_or(""),
+            device: &model.backend().name(),
+            arch: &format!("{:?}", config.arch),
+            kv_cache_dtype: kv_dtype.as_str(),
+        },
         model.expert_load(),
     );
     if let Some(shards) = model.expert_shards() {
@@ -337,17 +370,19 @@ pub fn build_state<B: Backend>(
             max_waiting: args.max_queue,
             max_context,
             prefix_caching: !args.no_prefix_caching,
+            kv_dtype,
         },
         metrics.clone(),
-    );
+    )?;
     let mut state = AppState::new(
         engine,
         Arc::new(tokenizer),
         metrics,
-        args.served_model_name.clone().unwrap_or(name),
+        served_name,
         max_context,
         config.vocab_size,
     );
+    state.model_revision = args.model_revision.clone();
     state.bos_token = bos;
     state.stop_tokens = stop_tokens;
     if let Some(path) = &args.api_key_file {

@@ -34,6 +34,8 @@ pub struct AppState {
     pub tokenizer: Arc<Tokenizer>,
     pub metrics: Arc<Metrics>,
     pub model_name: String,
+    /// The model's revision (`--model-revision`), shown in `/v1/models`.
+    pub model_revision: Option<String>,
     /// Longest prompt + output, in tokens.
     pub max_context: usize,
     pub vocab_size: usize,
@@ -61,6 +63,7 @@ impl AppState {
             tokenizer,
             metrics,
             model_name,
+            model_revision: None,
             max_context,
             vocab_size,
             bos_token: None,
@@ -215,16 +218,17 @@ async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
         state.metrics.error(e.status);
         return error_response(&e);
     }
-    json_response(json!({
-        "object": "list",
-        "data": [{
-            "id": state.model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "sparsemoe",
-            "max_model_len": state.max_context,
-        }],
-    }))
+    let mut model = json!({
+        "id": state.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "sparsemoe",
+        "max_model_len": state.max_context,
+    });
+    if let Some(revision) = &state.model_revision {
+        model["revision"] = json!(revision);
+    }
+    json_response(json!({ "object": "list", "data": [model] }))
 }
 
 /// Constant-time comparison (the key's length is not secret).

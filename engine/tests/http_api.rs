@@ -247,6 +247,7 @@ async fn completions_and_chat_report_usage_and_finish_reasons() {
 
     let models = s.get("/v1/models").await.json();
     assert_eq!(models["data"][0]["id"], "tiny");
+    assert!(models["data"][0].get("revision").is_none(), "{models}");
     assert_eq!(s.get("/health").await.status, 200);
     assert_eq!(s.get("/ready").await.status, 200);
     let metrics = String::from_utf8_lossy(&s.get("/metrics").await.body).into_owned();
@@ -262,6 +263,75 @@ async fn completions_and_chat_report_usage_and_finish_reasons() {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }
     s.shutdown().await;
+}
+
+/// `--kv-cache-dtype bfloat16` fits twice the tokens in the same bytes and serves; the dtype
+/// and `--model-revision` show in `/v1/models` and `sparsemoe_model_info`; a dtype the engine
+/// does not know is refused at start-up, by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bf16_kv_cache_holds_twice_the_tokens() {
+    let blocks = |s: &Server| s.state.engine.stats.total_blocks.load(Ordering::SeqCst);
+    let bytes = ["--kv-cache-bytes", "4194304"];
+    let f32 = start(&[&bytes[..], &["--kv-cache-dtype", "float32"]].concat()).await;
+    let bf16 = start(
+        &[
+            &bytes[..],
+            &[
+                "--kv-cache-dtype",
+                "bfloat16",
+                "--model-revision",
+                "0123abc",
+            ],
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(blocks(&f32) > 0);
+    assert_eq!(blocks(&bf16), 2 * blocks(&f32));
+    // `auto` follows --dtype, which is float32 on the CPU.
+    let auto = start(&bytes).await;
+    assert_eq!(blocks(&auto), blocks(&f32));
+
+    let r = bf16
+        .post(
+            "/v1/completions",
+            json!({"prompt": "t1 t2 t3", "max_tokens": 8, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["usage"]["completion_tokens"], 8);
+    let models = bf16.get("/v1/models").await.json();
+    assert_eq!(models["data"][0]["revision"], "0123abc");
+    let metrics = String::from_utf8_lossy(&bf16.get("/metrics").await.body).into_owned();
+    let info = metrics
+        .lines()
+        .find(|l| l.starts_with("sparsemoe_model_info{"))
+        .unwrap_or_else(|| panic!("no model info in\n{metrics}"));
+    for label in [
+        "kv_cache_dtype=\"bfloat16\"",
+        "revision=\"0123abc\"",
+        "model=\"tiny\"",
+    ] {
+        assert!(info.contains(label), "{label} missing from {info}");
+    }
+    for s in [f32, bf16, auto] {
+        s.shutdown().await;
+    }
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+    let args = Wrap::parse_from(["serve", "--kv-cache-dtype", "float16"]).args;
+    let model = Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
+    let err = build_state(model, tokenizer(), "fixture".into(), &args)
+        .expect_err("float16 is not a KV cache dtype")
+        .to_string();
+    assert!(
+        err.contains("--kv-cache-dtype float16") && err.contains("`bfloat16`"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -603,10 +673,12 @@ struct LosableCpu {
 
 type T = <Cpu as Backend>::Tensor;
 type W = <Cpu as Backend>::Weight;
+type S = <Cpu as Backend>::Store;
 
 impl Backend for LosableCpu {
     type Tensor = T;
     type Weight = W;
+    type Store = S;
 
     fn name(&self) -> String {
         format!("losable {}", self.cpu.name())
@@ -657,10 +729,18 @@ impl Backend for LosableCpu {
     fn append_rows(&self, cache: &mut T, rows: &T) {
         self.cpu.append_rows(cache, rows)
     }
-    fn write_rows(&self, dst: &mut T, slots: &[usize], rows: &T) {
+    fn kv_store(
+        &self,
+        rows: usize,
+        cols: usize,
+        dtype: sparsemoe_engine::kv_cache::KvDtype,
+    ) -> sparsemoe_engine::error::Result<S> {
+        self.cpu.kv_store(rows, cols, dtype)
+    }
+    fn write_rows(&self, dst: &mut S, slots: &[usize], rows: &T) {
         self.cpu.write_rows(dst, slots, rows)
     }
-    fn gather_rows(&self, src: &T, slots: &[usize]) -> T {
+    fn gather_rows(&self, src: &S, slots: &[usize]) -> T {
         self.cpu.gather_rows(src, slots)
     }
     fn rope(

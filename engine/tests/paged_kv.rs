@@ -1,20 +1,25 @@
 //! A paged cache (rows in a shared pool, read through a block table of scattered blocks) gives
 //! the same logits as the contiguous cache, across prefill chunks and decode steps, with two
-//! sequences interleaved in one pool.
+//! sequences interleaved in one pool; a pool kept in bf16 holds each row rounded to bf16, in
+//! half the bytes, and moves the logits only as far as that rounding does.
+
+mod support;
 
 use std::path::Path;
 
 use sparsemoe_engine::backend::Backend;
 use sparsemoe_engine::backend::cpu::Cpu;
-use sparsemoe_engine::kv_cache::SeqCache;
-use sparsemoe_engine::model::{LogitRows, Model, ModelOptions, SeqStep};
+use sparsemoe_engine::config::ModelConfig;
+use sparsemoe_engine::kv_cache::{KvDtype, SeqCache, bytes_per_token};
+use sparsemoe_engine::model::{AttentionMode, LogitRows, Model, ModelOptions, SeqStep};
+use support::{FIXTURE_MODELS, fixture, rel_l2, sorted_row_errors};
 
 #[test]
 fn paged_and_contiguous_caches_agree() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v32_sparse_moe");
     let model = Model::load(&dir, Cpu, ModelOptions::default()).unwrap();
     let block = 4;
-    let pool = model.new_paged_pool(block, 16);
+    let pool = model.new_paged_pool(block, 16, KvDtype::Float32).unwrap();
     let tokens: Vec<u32> = (0..23).map(|i| (i * 37 % 250 + 2) as u32).collect();
     let other: Vec<u32> = (0..19).map(|i| (i * 11 % 250 + 2) as u32).collect();
 
@@ -119,7 +124,7 @@ fn a_batch_split_into_groups_matches_one_pass_per_sequence() {
         ..ModelOptions::default()
     };
     for model in [model, Model::load(&dir, Cpu, one_at_a_time).unwrap()] {
-        let kv = model.new_paged_pool(4, 32);
+        let kv = model.new_paged_pool(4, 32, KvDtype::Float32).unwrap();
         let together: Vec<Vec<Vec<f32>>> = pool.install(|| {
             // Interleaved blocks: sequence s holds blocks s, s + 4, s + 8, ...
             let mut caches: Vec<_> = (0..prompts.len())
@@ -174,4 +179,125 @@ fn a_batch_split_into_groups_matches_one_pass_per_sequence() {
     // The premise: on that pool the prefill batch is split, the decode batches are not.
     assert_eq!(pool.install(|| Cpu.batch_groups(&[20, 15, 12, 9])), 2);
     assert_eq!(pool.install(|| Cpu.batch_groups(&[1, 1, 1, 1])), 1);
+}
+
+/// A bf16 store holds each written row rounded to the nearest bf16, ties to even (the rounding
+/// of the CUDA backend's `scatter_rows_f32_to_bf16_bits`), and reads it back as float32; a
+/// float32 store holds rows exactly. Rows land in their slots only, and a model's cache takes
+/// half the bytes per token.
+#[test]
+fn a_bf16_pool_holds_each_row_rounded_to_bf16() {
+    let cols = 6;
+    // Hand-worked roundings: bf16 keeps 8 significant bits, so at 1.0 its step is 2^-7.
+    let cases: [(f32, f32); 6] = [
+        (1.0 + 2f32.powi(-8), 1.0), // a tie: to the even neighbour
+        (1.0 + 3.0 * 2f32.powi(-8), 1.0 + 2f32.powi(-6)), // a tie: to the even neighbour
+        (1.0 + 2f32.powi(-8) + 2f32.powi(-20), 1.0 + 2f32.powi(-7)), // past the tie: up
+        (-3.0, -3.0),               // exact
+        (f32::MAX, f32::INFINITY),  // past the largest bf16
+        (f32::from_bits(0x0001_16c2), f32::from_bits(0x0001_0000)), // a subnormal: down
+    ];
+    let x: Vec<f32> = (0..3 * cols)
+        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.0137)
+        .chain(cases.iter().map(|c| c.0))
+        .collect();
+    let rows = Cpu.tensor(4, cols, x.clone());
+    let slots = [5, 0, 7, 2];
+    for dtype in [KvDtype::Float32, KvDtype::Bfloat16] {
+        let mut store = Cpu.kv_store(8, cols, dtype).unwrap();
+        Cpu.write_rows(&mut store, &slots, &rows);
+        let back = Cpu.to_host(&Cpu.gather_rows(&store, &slots));
+        let untouched = Cpu.to_host(&Cpu.gather_rows(&store, &[1, 3, 4, 6]));
+        assert!(
+            untouched.iter().all(|&v| v == 0.0),
+            "{dtype:?}: other slots written"
+        );
+        match dtype {
+            KvDtype::Float32 => assert_eq!(back, x),
+            KvDtype::Bfloat16 => {
+                for (i, (&v, &b)) in x.iter().zip(&back).enumerate() {
+                    assert_eq!(b.to_bits() & 0xffff, 0, "row value {i}: {b} is not a bf16");
+                    if (f32::MIN_POSITIVE..f32::from_bits(0x7f7f_0000)).contains(&v.abs()) {
+                        let step = 2f32.powi(v.abs().log2().floor() as i32 - 7);
+                        assert!((b - v).abs() <= step / 2.0, "value {i}: {v} stored as {b}");
+                    }
+                }
+                for (k, &(_, want)) in cases.iter().enumerate() {
+                    assert_eq!(back[3 * cols + k], want, "case {k}");
+                }
+            }
+        }
+    }
+    let config = ModelConfig::from_dir(&fixture("v32_sparse_moe")).unwrap();
+    assert_eq!(
+        bytes_per_token(&config, KvDtype::Float32),
+        2 * bytes_per_token(&config, KvDtype::Bfloat16)
+    );
+}
+
+/// The logits of every position of `tokens` run through a fresh paged pool of `dtype`, in
+/// prefill chunks of `chunk` tokens.
+fn paged_logits(model: &Model<Cpu>, tokens: &[u32], dtype: KvDtype, chunk: usize) -> Vec<f32> {
+    let pool = model.new_paged_pool(4, 16, dtype).unwrap();
+    let mut cache = SeqCache::paged(pool);
+    cache.set_blocks(&[9, 2, 14, 5, 0, 11, 3, 8, 1, 13, 6, 15]);
+    let mut logits = Vec::new();
+    for part in tokens.chunks(chunk) {
+        let mut step = [SeqStep {
+            tokens: part,
+            cache: &mut cache,
+            logits: LogitRows::All,
+        }];
+        logits.extend(model.forward(&mut step, None).unwrap().remove(0));
+    }
+    logits
+}
+
+/// A bf16 pool against a float32 one on every fixture model, in dense and in sparse attention:
+/// the rounding must show (the rows are really stored in bf16) and stay small.
+/// `tests/fixtures/bf16_error_model.py` rounds the same cached rows (latent, RoPE key, indexer
+/// key) to bf16 in the float64 reference on these tokens: median row error 1.1e-3 to 1.9e-3.
+/// The bound gives that a 2× margin; the floor is far above float32's own noise (1e-6).
+#[test]
+fn a_bf16_kv_cache_stays_within_its_rounding_of_float32() {
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 250 + 2) as u32).collect();
+    for name in FIXTURE_MODELS {
+        for attention in [AttentionMode::Dense, AttentionMode::Sparse] {
+            let options = ModelOptions {
+                attention,
+                index_topk: Some(8),
+                ..ModelOptions::default()
+            };
+            let model = Model::load(&fixture(name), Cpu, options).unwrap();
+            let vocab = model.config.vocab_size;
+            let want = paged_logits(&model, &tokens, KvDtype::Float32, 40);
+            let got = paged_logits(&model, &tokens, KvDtype::Bfloat16, 40);
+            let rows = sorted_row_errors(&want, &got, vocab);
+            let median = rows[rows.len() / 2];
+            eprintln!("{name} {attention:?}: median row error {median:.2e}");
+            assert!(
+                median > 1e-5 && median < 4e-3,
+                "{name} {attention:?}: median row error {median:.2e}"
+            );
+        }
+    }
+}
+
+/// Every row attention reads comes out of the bf16 pool, the step's own rows included, so the
+/// logits do not depend on how a prompt is split into prefill chunks.
+#[test]
+fn a_bf16_kv_cache_does_not_depend_on_chunking() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v32_sparse_moe");
+    let options = ModelOptions {
+        index_topk: Some(8),
+        ..ModelOptions::default()
+    };
+    let model = Model::load(&dir, Cpu, options).unwrap();
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 250 + 2) as u32).collect();
+    let whole = paged_logits(&model, &tokens, KvDtype::Bfloat16, 40);
+    for chunk in [1, 7, 16] {
+        let chunked = paged_logits(&model, &tokens, KvDtype::Bfloat16, chunk);
+        let err = rel_l2(&whole, &chunked);
+        assert!(err < 1e-5, "chunks of {chunk}: relative L2 {err:.2e}");
+    }
 }

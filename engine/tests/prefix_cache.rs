@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use sparsemoe_engine::backend::cpu::Cpu;
-use sparsemoe_engine::kv_cache::{BlockAllocator, bytes_per_token};
+use sparsemoe_engine::kv_cache::BlockAllocator;
 use sparsemoe_engine::metrics::Metrics;
 use sparsemoe_engine::model::{Model, ModelOptions};
 use sparsemoe_engine::sampling::SamplingParams;
@@ -23,7 +23,6 @@ fn demo_model() -> Model<Cpu> {
 fn engine(prefix_caching: bool, blocks: usize) -> (EngineHandle, Arc<Metrics>) {
     let model = demo_model();
     let allocator = BlockAllocator::new(BLOCK, blocks);
-    assert!(bytes_per_token(&model.config) > 0);
     let metrics = Arc::new(Metrics::new());
     let handle = scheduler::spawn(
         model,
@@ -34,7 +33,8 @@ fn engine(prefix_caching: bool, blocks: usize) -> (EngineHandle, Arc<Metrics>) {
             ..SchedulerConfig::default()
         },
         metrics.clone(),
-    );
+    )
+    .expect("starting the engine");
     (handle, metrics)
 }
 

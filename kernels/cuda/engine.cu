@@ -30,7 +30,8 @@ SMOE_DEVICE unsigned short bf16_bits_rn(float x) {
     return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-// out[r, :] = float(src[slots[r], :]) for a bf16 table: the embedding lookup with bf16 weights.
+// out[r, :] = float(src[slots[r], :]) for a bf16 table: the embedding lookup with bf16 weights,
+// and reading a KV cache kept in bf16.
 // Launch: grid rows, block ENGINE_THREADS.
 extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
 gather_rows_bf16_bits_f32(float* __restrict__ out, const unsigned short* __restrict__ src, const int* __restrict__ slots,
@@ -78,6 +79,17 @@ scatter_rows_f32(float* __restrict__ dst, const float* __restrict__ rows, const 
     const float* s = rows + (size_t)blockIdx.x * cols;
     float* d = dst + (size_t)slots[blockIdx.x] * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) d[c] = s[c];
+}
+
+// dst[slots[r], :] = bf16(rows[r, :]): writing a paged cache kept in bf16 (slots distinct);
+// gather_rows_bf16_bits_f32 reads it back.
+// Launch: grid rows, block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+scatter_rows_f32_to_bf16_bits(unsigned short* __restrict__ dst, const float* __restrict__ rows,
+                              const int* __restrict__ slots, int cols) {
+    const float* s = rows + (size_t)blockIdx.x * cols;
+    unsigned short* d = dst + (size_t)slots[blockIdx.x] * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) d[c] = bf16_bits_rn(s[c]);
 }
 
 // out[rows[j], :] += weights[j] · y[j, :]: one expert's outputs into the MoE sum (rows distinct

@@ -136,6 +136,8 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("fp8_dequant_bf16_bits" in "engine.cu":
         out: Bf16BitsMut, q: U8, row_scales: F32, n: Long, cols: Int, scale_cols: Int),
     kernel!("scatter_rows_f32" in "engine.cu": dst: F32Mut, rows: F32, slots: I32, cols: Int),
+    kernel!("scatter_rows_f32_to_bf16_bits" in "engine.cu":
+        dst: Bf16BitsMut, rows: F32, slots: I32, cols: Int),
     kernel!("scatter_add_rows_f32" in "engine.cu":
         out: F32Mut, y: F32, rows: I32, weights: F32, cols: Int),
     kernel!("copy_columns_f32" in "engine.cu":

@@ -6,8 +6,9 @@ use super::{
 };
 use std::borrow::Cow;
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::expert_shards::Pair;
+use crate::kv_cache::KvDtype;
 use crate::linalg::{axpy, dot, dots, for_each_chunk, index_scores, linear, map_range};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::Matrix;
@@ -26,6 +27,22 @@ impl CpuTensor {
     }
 }
 
+/// Rows of a paged KV pool in host memory: float32, or bf16 as its bits (half the bytes).
+#[derive(Clone, Debug, PartialEq)]
+pub enum CpuStore {
+    F32 { cols: usize, data: Vec<f32> },
+    Bf16 { cols: usize, data: Vec<u16> },
+}
+
+impl CpuStore {
+    fn rows(&self) -> usize {
+        match self {
+            Self::F32 { cols, data } => data.len() / (*cols).max(1),
+            Self::Bf16 { cols, data } => data.len() / (*cols).max(1),
+        }
+    }
+}
+
 /// The CPU backend (uses rayon's global pool).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
@@ -33,6 +50,7 @@ pub struct Cpu;
 impl Backend for Cpu {
     type Tensor = CpuTensor;
     type Weight = Matrix;
+    type Store = CpuStore;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -162,19 +180,77 @@ impl Backend for Cpu {
         cache.rows += rows.rows;
     }
 
-    fn write_rows(&self, dst: &mut CpuTensor, slots: &[usize], rows: &CpuTensor) {
-        assert_eq!(dst.cols, rows.cols, "write_rows: column counts differ");
-        for (i, &slot) in slots.iter().enumerate() {
-            dst.data[slot * dst.cols..(slot + 1) * dst.cols].copy_from_slice(rows.row(i));
+    fn kv_store(&self, rows: usize, cols: usize, dtype: KvDtype) -> Result<CpuStore> {
+        let n = rows
+            .checked_mul(cols)
+            .filter(|n| n.checked_mul(dtype.size()).is_some())
+            .ok_or_else(|| {
+                EngineError::input(format!(
+                    "a KV store of {rows} rows of {cols} {} values does not fit in memory",
+                    dtype.as_str()
+                ))
+            })?;
+        // Zeroed allocations: the pages are mapped as the cache fills.
+        Ok(match dtype {
+            KvDtype::Float32 => CpuStore::F32 {
+                cols,
+                data: vec![0.0; n],
+            },
+            KvDtype::Bfloat16 => CpuStore::Bf16 {
+                cols,
+                data: vec![0; n],
+            },
+        })
+    }
+
+    fn write_rows(&self, dst: &mut CpuStore, slots: &[usize], rows: &CpuTensor) {
+        assert_eq!(rows.rows, slots.len(), "write_rows: one slot per row");
+        match dst {
+            CpuStore::F32 { cols, data } => {
+                assert_eq!(*cols, rows.cols, "write_rows: column counts differ");
+                for (i, &slot) in slots.iter().enumerate() {
+                    data[slot * *cols..(slot + 1) * *cols].copy_from_slice(rows.row(i));
+                }
+            }
+            CpuStore::Bf16 { cols, data } => {
+                assert_eq!(*cols, rows.cols, "write_rows: column counts differ");
+                for (i, &slot) in slots.iter().enumerate() {
+                    let dst = &mut data[slot * *cols..(slot + 1) * *cols];
+                    for (d, &x) in dst.iter_mut().zip(rows.row(i)) {
+                        *d = half::bf16::from_f32(x).to_bits();
+                    }
+                }
+            }
         }
     }
 
-    fn gather_rows(&self, src: &CpuTensor, slots: &[usize]) -> CpuTensor {
-        let mut data = Vec::with_capacity(slots.len() * src.cols);
-        for &slot in slots {
-            data.extend_from_slice(src.row(slot));
-        }
-        self.tensor(slots.len(), src.cols, data)
+    fn gather_rows(&self, src: &CpuStore, slots: &[usize]) -> CpuTensor {
+        let rows = src.rows();
+        assert!(
+            slots.iter().all(|&s| s < rows),
+            "gather_rows: slot beyond the pool"
+        );
+        let (cols, data) = match src {
+            CpuStore::F32 { cols, data } => {
+                let mut out = Vec::with_capacity(slots.len() * cols);
+                for &slot in slots {
+                    out.extend_from_slice(&data[slot * cols..(slot + 1) * cols]);
+                }
+                (*cols, out)
+            }
+            CpuStore::Bf16 { cols, data } => {
+                let mut out = Vec::with_capacity(slots.len() * cols);
+                for &slot in slots {
+                    out.extend(
+                        data[slot * cols..(slot + 1) * cols]
+                            .iter()
+                            .map(|&b| half::bf16::from_bits(b).to_f32()),
+                    );
+                }
+                (*cols, out)
+            }
+        };
+        self.tensor(slots.len(), cols, data)
     }
 
     fn rope(

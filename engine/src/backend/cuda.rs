@@ -11,6 +11,8 @@
 //!   products of the absorbed MLA); the row operations between them are the float32 kernels of
 //!   `kernels/cuda/engine.cu`, and the indexer's selection is `topk.cu`'s radix select. Both
 //!   files are compiled at start-up with NVRTC, so no CUDA toolkit is needed at build time.
+//! - The paged KV pool lives on the first GPU, in float32 or, with `--kv-cache-dtype bfloat16`,
+//!   as bf16 bits (rows rounded as they are written, widened to float32 as they are gathered).
 //! - Attention always takes the absorbed form (the same function as the expanded one), one
 //!   block per (row, head) with an online softmax over the row's keys.
 //! - Routing, selections and block tables come from the host, as the trait asks; the indices
@@ -47,6 +49,7 @@ use sparsemoe_kernels::launch;
 use super::{Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing, by_expert};
 use crate::error::{EngineError, Result};
 use crate::expert_shards::{Pair, compact_rows};
+use crate::kv_cache::KvDtype;
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::Matrix;
 
@@ -56,6 +59,42 @@ pub struct CudaTensor {
     buf: CudaSlice<f32>,
     rows: usize,
     cols: usize,
+}
+
+/// Rows of a paged KV pool in device memory (`[rows, cols]`): float32, or bf16 as its bits.
+pub enum CudaStore {
+    F32(CudaTensor),
+    Bf16 {
+        buf: CudaSlice<u16>,
+        rows: usize,
+        cols: usize,
+    },
+}
+
+impl CudaStore {
+    fn rows(&self) -> usize {
+        match self {
+            Self::F32(t) => t.rows,
+            Self::Bf16 { rows, .. } => *rows,
+        }
+    }
+}
+
+impl std::fmt::Debug for CudaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::F32(t) => write!(f, "CudaStore::F32[{}, {}]", t.rows, t.cols),
+            Self::Bf16 { rows, cols, .. } => write!(f, "CudaStore::Bf16[{rows}, {cols}]"),
+        }
+    }
+}
+
+impl Drop for CudaStore {
+    fn drop(&mut self) {
+        if let Self::Bf16 { buf, .. } = self {
+            let _ = buf.context().bind_to_thread();
+        }
+    }
 }
 
 impl std::fmt::Debug for CudaTensor {
@@ -244,6 +283,7 @@ struct Kernels {
     f32_to_bf16_bits: CudaFunction,
     fp8_dequant_bf16: CudaFunction,
     scatter_rows: CudaFunction,
+    scatter_rows_bf16: CudaFunction,
     scatter_add_rows: CudaFunction,
     copy_columns: CudaFunction,
     rms_norm: CudaFunction,
@@ -397,6 +437,7 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         f32_to_bf16_bits: function("f32_to_bf16_bits")?,
         fp8_dequant_bf16: function("fp8_dequant_bf16_bits")?,
         scatter_rows: function("scatter_rows_f32")?,
+        scatter_rows_bf16: function("scatter_rows_f32_to_bf16_bits")?,
         scatter_add_rows: function("scatter_add_rows_f32")?,
         copy_columns: function("copy_columns_f32")?,
         rms_norm: function("rms_norm_f32")?,
@@ -781,6 +822,16 @@ impl Cuda {
         }
     }
 
+    /// A `[rows, cols]` tensor of zeros.
+    fn zeros(&self, rows: usize, cols: usize) -> CudaTensor {
+        // One element at least: a zero-length allocation is not a valid device pointer.
+        let buf = ok(
+            self.stream.alloc_zeros::<f32>((rows * cols).max(1)),
+            "allocating",
+        );
+        CudaTensor { buf, rows, cols }
+    }
+
     /// Rows `slots` of `src` (`[_, cols]`), stacked.
     fn gather(&self, src: &CudaSlice<f32>, cols: usize, slots: &[usize]) -> CudaTensor {
         if slots.is_empty() {
@@ -1067,6 +1118,7 @@ impl Cuda {
 impl Backend for Cuda {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
+    type Store = CudaStore;
 
     fn name(&self) -> String {
         let mut main = format!("cuda:{} ({})", self.ordinal, self.device_name);
@@ -1125,15 +1177,6 @@ impl Backend for Cuda {
             })
             .collect::<Result<_>>()?;
         Ok(CudaWeight { rows, cols, copies })
-    }
-
-    fn zeros(&self, rows: usize, cols: usize) -> CudaTensor {
-        // One element at least: a zero-length allocation is not a valid device pointer.
-        let buf = ok(
-            self.stream.alloc_zeros::<f32>((rows * cols).max(1)),
-            "allocating",
-        );
-        CudaTensor { buf, rows, cols }
     }
 
     fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> CudaTensor {
@@ -1356,33 +1399,90 @@ impl Backend for Cuda {
         cache.rows += rows.rows;
     }
 
-    fn write_rows(&self, dst: &mut CudaTensor, slots: &[usize], rows: &CudaTensor) {
-        assert_eq!(dst.cols, rows.cols, "write_rows: column counts differ");
+    fn kv_store(&self, rows: usize, cols: usize, dtype: KvDtype) -> Result<CudaStore> {
+        self.bind();
+        // One element at least: a zero-length allocation is not a valid device pointer.
+        let n = rows.saturating_mul(cols).max(1);
+        let failed = |e: DriverError| {
+            device_error(format!(
+                "allocating a KV store of {rows} rows of {cols} {} values on {}: {e:?}",
+                dtype.as_str(),
+                self.name()
+            ))
+        };
+        Ok(match dtype {
+            KvDtype::Float32 => CudaStore::F32(CudaTensor {
+                buf: self.stream.alloc_zeros::<f32>(n).map_err(failed)?,
+                rows,
+                cols,
+            }),
+            KvDtype::Bfloat16 => CudaStore::Bf16 {
+                buf: self.stream.alloc_zeros::<u16>(n).map_err(failed)?,
+                rows,
+                cols,
+            },
+        })
+    }
+
+    fn write_rows(&self, dst: &mut CudaStore, slots: &[usize], rows: &CudaTensor) {
+        let (dst_rows, dst_cols) = match dst {
+            CudaStore::F32(t) => (t.rows, t.cols),
+            CudaStore::Bf16 { rows, cols, .. } => (*rows, *cols),
+        };
+        assert_eq!(dst_cols, rows.cols, "write_rows: column counts differ");
         assert_eq!(rows.rows, slots.len(), "write_rows: one slot per row");
         assert!(
-            slots.iter().all(|&s| s < dst.rows),
+            slots.iter().all(|&s| s < dst_rows),
             "write_rows: slot beyond the pool"
         );
         if slots.is_empty() {
             return;
         }
         let idx = self.upload_i32(slots.iter().copied());
-        let c = dst.cols as i32;
-        let mut b = self.stream.launch_builder(&self.k.scatter_rows);
-        b.arg(&mut dst.buf).arg(&rows.buf).arg(&idx).arg(&c);
-        // SAFETY: every slot is a row of dst (checked above); rows has slots.len() rows.
-        ok(
-            unsafe { b.launch(Self::row_config(slots.len())) },
-            "scatter_rows",
-        );
+        let c = dst_cols as i32;
+        let (mut b, name) = match dst {
+            CudaStore::F32(t) => {
+                let mut b = self.stream.launch_builder(&self.k.scatter_rows);
+                b.arg(&mut t.buf);
+                (b, "scatter_rows_f32")
+            }
+            CudaStore::Bf16 { buf, .. } => {
+                let mut b = self.stream.launch_builder(&self.k.scatter_rows_bf16);
+                b.arg(buf);
+                (b, "scatter_rows_f32_to_bf16_bits")
+            }
+        };
+        b.arg(&rows.buf).arg(&idx).arg(&c);
+        // SAFETY: every slot is a row of dst (checked above); rows has slots.len() rows of
+        // dst's width.
+        ok(unsafe { b.launch(Self::row_config(slots.len())) }, name);
     }
 
-    fn gather_rows(&self, src: &CudaTensor, slots: &[usize]) -> CudaTensor {
+    fn gather_rows(&self, src: &CudaStore, slots: &[usize]) -> CudaTensor {
         assert!(
-            slots.iter().all(|&s| s < src.rows),
+            slots.iter().all(|&s| s < src.rows()),
             "gather_rows: slot beyond the pool"
         );
-        self.gather(&src.buf, src.cols, slots)
+        match src {
+            CudaStore::F32(t) => self.gather(&t.buf, t.cols, slots),
+            CudaStore::Bf16 { buf, cols, .. } => {
+                let mut out = self.zeros(slots.len(), *cols);
+                if slots.is_empty() {
+                    return out;
+                }
+                let idx = self.upload_i32(slots.iter().copied());
+                let c = *cols as i32;
+                let mut b = self.stream.launch_builder(&self.k.gather_rows_bf16);
+                b.arg(&mut out.buf).arg(buf).arg(&idx).arg(&c);
+                // SAFETY: out has slots.len()·cols elements; every slot is a row of src
+                // (checked above).
+                ok(
+                    unsafe { b.launch(Self::row_config(slots.len())) },
+                    "gather_rows_bf16_bits_f32",
+                );
+                out
+            }
+        }
     }
 
     fn rope(

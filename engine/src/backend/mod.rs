@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::Result;
+use crate::kv_cache::KvDtype;
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::{Matrix, StoredType};
 
@@ -180,6 +181,9 @@ pub trait Backend: Send + Sync + 'static {
     type Tensor: Send + Sync;
     /// A weight matrix on the device.
     type Weight: Send + Sync;
+    /// Rows of one kind (MLA latent, RoPE key or indexer key) of a paged KV pool, stored as a
+    /// [`KvDtype`].
+    type Store: Send + Sync;
 
     /// Human-readable device name (metrics, logs).
     fn name(&self) -> String;
@@ -215,10 +219,9 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Makes a `[rows, cols]` tensor from host data.
     fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Self::Tensor;
-    /// A `[rows, cols]` tensor of zeros (a paged KV pool: a device fills it in place).
-    fn zeros(&self, rows: usize, cols: usize) -> Self::Tensor {
-        self.tensor(rows, cols, vec![0.0; rows * cols])
-    }
+    /// A zero-filled KV store of `rows` rows of `cols` values kept as `dtype` (allocated once,
+    /// at start-up); an allocation that does not fit is an error naming its size.
+    fn kv_store(&self, rows: usize, cols: usize, dtype: KvDtype) -> Result<Self::Store>;
     /// An empty `[0, cols]` tensor (a cache to append to).
     fn empty(&self, cols: usize) -> Self::Tensor {
         self.tensor(0, cols, Vec::new())
@@ -252,11 +255,12 @@ pub trait Backend: Send + Sync + 'static {
     fn concat_rows(&self, parts: &[&Self::Tensor]) -> Self::Tensor;
     /// Appends `rows` to `cache`.
     fn append_rows(&self, cache: &mut Self::Tensor, rows: &Self::Tensor);
-    /// Writes row `i` of `rows` to row `slots[i]` of `dst` (paged KV cache).
-    fn write_rows(&self, dst: &mut Self::Tensor, slots: &[usize], rows: &Self::Tensor);
-    /// Rows `slots[0], slots[1], …` of `src`, stacked (reading a paged KV cache through a
-    /// sequence's block table).
-    fn gather_rows(&self, src: &Self::Tensor, slots: &[usize]) -> Self::Tensor;
+    /// Writes row `i` of `rows` to row `slots[i]` of the KV store `dst`, in its dtype (bf16:
+    /// rounded to nearest, ties to even).
+    fn write_rows(&self, dst: &mut Self::Store, slots: &[usize], rows: &Self::Tensor);
+    /// Rows `slots[0], slots[1], …` of the KV store `src` as float32, stacked (reading a paged
+    /// KV cache through a sequence's block table).
+    fn gather_rows(&self, src: &Self::Store, slots: &[usize]) -> Self::Tensor;
     /// Rotates, in every row `r` and head `h`, the values
     /// `x[r, h·head_width + offset ..][..rope.dim()]` for position `positions[r]`.
     #[allow(clippy::too_many_arguments)]

@@ -10,6 +10,40 @@ use safetensors::{Dtype, SafeTensors};
 use sparsemoe_api::placement::{GpuAssignment, PLAN_VERSION, PlacementPlan};
 use sparsemoe_engine::weights::fp8_e4m3_to_f32;
 
+/// Every fixture model: MoE, dense, tied embeddings, YaRN, fused experts, top-1 and short
+/// top-k indexers, a bf16 checkpoint with a legacy config, and V3 (no indexer).
+pub const FIXTURE_MODELS: [&str; 7] = [
+    "v32_sparse_moe",
+    "v32_dense_tied_sharded",
+    "v32_edge_topk1",
+    "v32_fused_experts",
+    "v32_long_yarn",
+    "v32_bf16_legacy_config",
+    "v3_moe_yarn",
+];
+
+/// Relative L2 distance of `got` from `want`.
+pub fn rel_l2(want: &[f32], got: &[f32]) -> f64 {
+    assert_eq!(want.len(), got.len(), "lengths differ");
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&a, &b) in want.iter().zip(got) {
+        num += f64::from(a - b).powi(2);
+        den += f64::from(a).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// The relative L2 error of each `vocab`-wide row of `got` from `want`, smallest first.
+pub fn sorted_row_errors(want: &[f32], got: &[f32], vocab: usize) -> Vec<f64> {
+    let mut rows: Vec<f64> = want
+        .chunks(vocab)
+        .zip(got.chunks(vocab))
+        .map(|(w, g)| rel_l2(w, g))
+        .collect();
+    rows.sort_by(f64::total_cmp);
+    rows
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")

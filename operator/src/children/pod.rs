@@ -236,6 +236,10 @@ pub(super) fn pod_template(
             engine.dtype.map(|d| d.as_str().to_string()),
         ),
         (
+            "SPARSEMOE_KV_CACHE_DTYPE",
+            engine.kv_cache_dtype.map(|d| d.as_str().to_string()),
+        ),
+        (
             "SPARSEMOE_NO_PREFIX_CACHING",
             (engine.prefix_caching == Some(false)).then(|| "true".to_string()),
         ),

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use sparsemoe_api::v1alpha1::{
-    DemoSource, HostPathSource, ImageSource, ModelSource, PullPolicy, WeightDtype,
+    DemoSource, HostPathSource, ImageSource, KvCacheDtype, ModelSource, PullPolicy, WeightDtype,
 };
 
 use super::*;
@@ -357,6 +357,7 @@ fn user_settings_reach_the_engine() {
     idep.spec.engine.kv_cache_memory_fraction = Some(0.85);
     idep.spec.engine.prefix_caching = Some(false);
     idep.spec.engine.dtype = Some(WeightDtype::Bfloat16);
+    idep.spec.engine.kv_cache_dtype = Some(KvCacheDtype::Float32);
     idep.spec.engine.args = vec!["--log-level".into(), "debug".into()];
     idep.spec.engine.env = vec![k8s_openapi::api::core::v1::EnvVar {
         name: "SPARSEMOE_ATTENTION".into(),
@@ -372,6 +373,7 @@ fn user_settings_reach_the_engine() {
     assert_eq!(env_value(e, "SPARSEMOE_INDEX_TOPK"), Some("1024"));
     assert_eq!(env_value(e, "SPARSEMOE_NO_PREFIX_CACHING"), Some("true"));
     assert_eq!(env_value(e, "SPARSEMOE_DTYPE"), Some("bfloat16"));
+    assert_eq!(env_value(e, "SPARSEMOE_KV_CACHE_DTYPE"), Some("float32"));
     assert_eq!(
         env_value(e, "SPARSEMOE_KV_CACHE_MEMORY_FRACTION"),
         Some("0.85")
