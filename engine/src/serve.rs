@@ -104,6 +104,11 @@ pub struct ServeArgs {
     /// (tasks on the worker pool on the CPU; GPUs with the CUDA backend).
     #[arg(long, env = "SPARSEMOE_EXPERT_SHARDS")]
     pub expert_shards: Option<usize>,
+    /// Nodes one replica spans (the operator passes its `nodesPerReplica`). Only 1 runs: the
+    /// engine has no transport between nodes yet, so a larger value is refused at start-up
+    /// rather than serving as unrelated single-node engines.
+    #[arg(long, default_value_t = 1, env = "SPARSEMOE_NODES_PER_REPLICA")]
+    pub nodes_per_replica: usize,
     /// A placement plan (JSON, as `sparsemoe-operator plan-experts` prints it) saying which
     /// shard holds which experts, with redundant copies of hot ones.
     #[arg(long, env = "SPARSEMOE_PLACEMENT")]
@@ -249,6 +254,14 @@ fn load<B: Backend>(args: &ServeArgs, backend: B, devices: usize) -> anyhow::Res
 
 /// Loads the model on `--device` and builds the server state.
 fn load_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
+    if args.nodes_per_replica != 1 {
+        bail!(
+            "--nodes-per-replica {} (SPARSEMOE_NODES_PER_REPLICA): a replica spanning several \
+             nodes needs a transport between them, which this engine does not have yet; run one \
+             node per replica (its GPUs hold the replica's expert shards: --device cuda:0,1,…)",
+            args.nodes_per_replica
+        );
+    }
     let device = args.device.parse::<Device>()?;
     match device.clone() {
         Device::Cpu => {

@@ -156,3 +156,27 @@ fn devices_are_checked_at_start_up() {
         }
     }
 }
+
+/// `serve` refuses what it cannot do before it loads anything, with the option's name: a
+/// replica across nodes, a KV-cache dtype it does not know.
+#[test]
+fn serve_refuses_settings_it_cannot_honour() {
+    for (args, message) in [
+        (
+            &["--nodes-per-replica", "2"][..],
+            "--nodes-per-replica 2 (SPARSEMOE_NODES_PER_REPLICA)",
+        ),
+        (&["--kv-cache-dtype", "fp8"][..], "--kv-cache-dtype fp8"),
+    ] {
+        let out = engine()
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(message) && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
