@@ -76,6 +76,22 @@ def ref_indexer(q, keys, w, key_start, n_visible, n_keys, scale):
     return out
 
 
+def ref_quant_fp8(x, pow2):
+    """x [rows, dim] -> (e4m3 codes as uint8, float32 scale per row), as indexer_quant_fp8: scale =
+    max(amax, 1e-4) / 448 (rounded up to a power of two if pow2), codes = e4m3(x / scale)."""
+    xf = x.float()
+    scale = xf.abs().amax(-1).clamp_min(1e-4) / 448.0
+    if pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale.double()))).float()
+    codes = (xf / scale[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return codes.view(torch.uint8), scale
+
+
+def ref_fp8_rows(codes, scale):
+    """e4m3 codes [rows, dim] times a scale per row, in float64."""
+    return codes.view(torch.float8_e4m3fn).double() * scale.double()[:, None]
+
+
 def ref_mla(q, kv, slots, latent, scale):
     """q [R,H,dqk]; slots: list of LongTensors (valid cache slots per row). -> out [R,H,latent], lse [R,H]."""
     R, H, _ = q.shape
@@ -178,6 +194,12 @@ def cpu_selftest():
     manual = sum(wi[1, h].item() * max(0.0, 0.5 * float(qi[1, h] @ ki[2])) for h in range(3))
     expect(abs(sc[1, 2].item() - manual) < 1e-5 and sc[1, 3].item() == FLT_MIN and sc[0, 1].item() == FLT_MIN,
            "indexer: weighted ReLU sum, float32-min mask")
+    xq = torch.tensor([[1.0, -448.0, 0.5, 3.0], [0.0, 0.0, 0.0, 0.0], [1.0, 2.0 ** -12, 0.0, 0.0]])
+    cq, sq = ref_quant_fp8(xq, False)
+    deq = ref_fp8_rows(cq, sq)
+    expect(sq[0].item() == 1.0 and deq[0].tolist() == [1.0, -448.0, 0.5, 3.0] and sq[1].item() == np.float32(1e-4) / np.float32(448)
+           and deq[1].abs().sum().item() == 0 and ref_quant_fp8(xq, True)[1][2].item() == 2.0 ** -8,
+           "fp8 quant: scale amax/448 (floor 1e-4), codes exact where representable, pow2 rounds the scale up")
     q, kv = torch.randn(2, 4, 12), torch.randn(20, 12)
     out, lse = ref_mla(q, kv, [torch.tensor([3, 5, 7]), torch.tensor([], dtype=torch.long)], 8, 0.3)
     p = torch.softmax(0.3 * q[0, 1].double() @ kv[[3, 5, 7]].double().T, -1)
@@ -543,6 +565,73 @@ class Harness:
                              f"scores {t_idx:.3f} ms, top-k {t_topk:.3f} ms; {bytes_ / (t_idx + t_topk) / 1e6:.0f} GB/s = "
                              f"{100 * bytes_ / (t_idx + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
 
+    def indexer_fp8_launch(self, scores, q8, qs, k8, ks, w, start, vis, n_keys, heads, dim):
+        smem = heads * dim + heads * 4 + INDEXER_KEYS * (dim + 4) + INDEXER_KEYS * 4
+        self.launch("indexer_scores_fp8", ((n_keys + INDEXER_KEYS - 1) // INDEXER_KEYS, q8.shape[0]), 2 * INDEXER_KEYS,
+                    [scores, q8, qs, k8, ks, w, start, vis, ("i", n_keys), ("i", heads), ("i", dim), ("f", dim ** -0.5),
+                     ("l", scores.shape[1])], smem)
+
+    def quant_fp8(self, x, pow2):
+        rows, dim = x.numel() // x.shape[-1], x.shape[-1]
+        codes = torch.full((rows, dim), 0x7F, dtype=torch.uint8, device=self.dev)
+        scales = torch.full((rows,), float("nan"), device=self.dev)
+        self.launch("indexer_quant_fp8", (rows,), 128, [codes, scales, x, ("i", dim), ("i", int(pow2))])
+        return codes, scales
+
+    def check_indexer_fp8(self):
+        """DeepSeek's FP8 indexer: per-row e4m3 quantisation bit for bit, scores from the codes
+        against float64, and how much of the bf16 top-k the fp8 scores keep."""
+        T, S, H, D = 32, 4096, 64, 128
+        q, keys = self.bf16(T, H, D), self.bf16(S, D, scale=3.0)
+        keys[5] = 0  # an all-zero key: the 1e-4 floor of the scale
+        for pow2 in (False, True):
+            codes, scales = self.quant_fp8(keys, pow2)
+            want_c, want_s = ref_quant_fp8(keys, pow2)
+            same = torch.equal(codes, want_c) and torch.equal(scales, want_s)
+            self.record_bool(f"indexer_quant_fp8 4096x128{' pow2 scales' if pow2 else ''}", same,
+                             "codes and scales bit-exact with torch's e4m3 cast of x / (amax / 448)")
+        k8, ks = self.quant_fp8(keys, False)
+        q8, qs = self.quant_fp8(q.view(T * H, D), False)
+        w = torch.randn(T, H, device=self.dev) * H ** -0.5
+        start = torch.zeros(T, dtype=torch.int32, device=self.dev)
+        vis = torch.randint(1, S + 1, (T,), dtype=torch.int32, device=self.dev)
+        vis[0], vis[1], vis[2] = 1, S, 63
+        scores = torch.full((T, S), float("nan"), device=self.dev)
+        self.indexer_fp8_launch(scores, q8, qs, k8, ks, w, start, vis, S, H, D)
+        q_deq = ref_fp8_rows(q8, qs).view(T, H, D)
+        ref = ref_indexer(q_deq, ref_fp8_rows(k8, ks), w, start.cpu(), vis.cpu(), S, D ** -0.5)
+        masked = ref == FLT_MIN
+        self.record_bool("indexer_scores_fp8 mask", bool((scores[masked] == FLT_MIN).all()) and not scores.isnan().any(),
+                         "masked entries are float32 min, none unwritten")
+        self.record("indexer_scores_fp8 32x4096 (64 heads x 128)", rel_l2(scores[~masked], ref[~masked]), F32_BOUND)
+        # What fp8 costs in selection: overlap of the top-512 with the bf16 scores' (reported, not bounded).
+        exact = ref_indexer(q, keys, w, start.cpu(), vis.cpu(), S, D ** -0.5)
+        full = vis == S
+        top = lambda x: set(x.topk(512).indices.tolist())
+        rows = [r for r in range(T) if full[r]]
+        overlap = sum(len(top(scores[r]) & top(exact[r])) for r in rows) / (512 * max(len(rows), 1))
+        self.rows.append(("indexer_scores_fp8 vs bf16 selection", "info",
+                          f"{100 * overlap:.1f}% of the top-512 keys agree over {len(rows)} full rows"))
+
+        # timing: B 64 at 64K, fp8 scores against the bf16 kernel on the same keys
+        B, ctx, k = 64, 65536, 2048
+        keys = self.bf16(B * ctx, D)
+        k8, ks = self.quant_fp8(keys, False)
+        q, w = self.bf16(B, H, D), torch.randn(B, H, device=self.dev) * H ** -0.5
+        q8, qs = self.quant_fp8(q.view(B * H, D), False)
+        start = (torch.arange(B, device=self.dev) * ctx).int()
+        vis = torch.full((B,), ctx, dtype=torch.int32, device=self.dev)
+        scores = torch.empty(B, ctx, device=self.dev)
+        idx = torch.empty(B, k, dtype=torch.int32, device=self.dev)
+        t_fp8 = self.time_ms(lambda: self.indexer_fp8_launch(scores, q8, qs, k8, ks, w, start, vis, ctx, H, D))
+        t_topk = self.time_ms(lambda: self.launch("topk_rows_f32", (B,), 1024, [idx, scores, vis, ("i", k), ("l", ctx)]))
+        t_bf16 = self.time_ms(lambda: self.indexer_launch(scores, q, keys, w, start, vis, ctx, H, D))
+        bytes_ = k8.numel() + ks.numel() * 4 + scores.numel() * 4 * 2
+        self.timings.append(("fp8 indexer scores + top-k, B=64, ctx 64K, 64x128 heads, k=2048", t_fp8 + t_topk,
+                             "our bf16 indexer scores + top-k", t_bf16 + t_topk,
+                             f"scores {t_fp8:.3f} ms (bf16 {t_bf16:.3f} ms); {bytes_ / (t_fp8 + t_topk) / 1e6:.0f} GB/s = "
+                             f"{100 * bytes_ / (t_fp8 + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
+
     def mla_launch(self, name, out, lse, q, kv, extra, heads, latent, rope):
         dqk = latent + rope
         smem = MLA_HEADS_PER_BLOCK * dqk * 2 + MLA_TILE * (dqk + 2) * 2 + MLA_TILE * 4
@@ -737,7 +826,8 @@ def main():
     started = time.time()
     h = Harness(args.out, args.quick)
     h.ceilings()
-    for step in (h.check_norm_rope_act, h.check_engine_f32, h.check_fp8, h.check_moe, h.check_indexer_topk, h.check_mla):
+    for step in (h.check_norm_rope_act, h.check_engine_f32, h.check_fp8, h.check_moe, h.check_indexer_topk, h.check_indexer_fp8,
+                 h.check_mla):
         try:
             step()
         except Exception as e:  # one broken kernel must not hide the others' results

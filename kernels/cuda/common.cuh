@@ -47,6 +47,20 @@ SMOE_DEVICE float block_sum(float v, float* scratch) {
     return total;
 }
 
+// Maximum over the whole block; every thread gets the result (same contract as block_sum).
+SMOE_DEVICE float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float m = scratch[0];
+    for (int w = 1; w < warps; ++w) m = fmaxf(m, scratch[w]);
+    __syncthreads();
+    return m;
+}
+
 // Maps a float to a uint32 whose unsigned order is the float order (-inf < ... < +inf);
 // NaN sorts above +inf. Used by radix selection.
 SMOE_DEVICE uint32_t float_to_ordered(float f) {

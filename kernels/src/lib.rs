@@ -61,7 +61,8 @@ pub enum Param {
     /// `int*` / `const int*` (int32 indices, -1 = none).
     I32Mut,
     I32,
-    /// `const uint8_t*` (fp8 e4m3 bytes).
+    /// `uint8_t*` (written) / `const uint8_t*`: fp8 e4m3 codes.
+    U8Mut,
     U8,
     /// Scalars.
     Int,
@@ -102,6 +103,11 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("indexer_scores_bf16" in "indexer.cu":
         scores: F32Mut, q: Bf16, keys: Bf16, w: F32, key_start: I32, n_visible: I32,
         n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long),
+    kernel!("indexer_quant_fp8" in "indexer.cu":
+        codes: U8Mut, scales: F32Mut, x: Bf16, dim: Int, pow2_scale: Int),
+    kernel!("indexer_scores_fp8" in "indexer.cu":
+        scores: F32Mut, q: U8, q_scale: F32, keys: U8, k_scale: F32, w: F32, key_start: I32,
+        n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long),
     kernel!("topk_rows_f32" in "topk.cu":
         out: I32Mut, scores: F32, n_valid: I32, k: Int, scores_stride: Long),
     kernel!("sparse_mla_attention_bf16" in "mla_sparse.cu":
@@ -193,6 +199,14 @@ pub mod launch {
     /// Dynamic shared memory of `mla_latent_attention_f32`.
     pub fn mla_f32_smem_bytes(latent: u32, rope: u32) -> u32 {
         (latent + rope + MLA_F32_TILE) * 4
+    }
+
+    /// Threads of `indexer_quant_fp8` (one block per row).
+    pub const INDEXER_QUANT_THREADS: u32 = 128;
+
+    /// Dynamic shared memory of `indexer_scores_fp8` (`dim` a multiple of 4).
+    pub fn indexer_fp8_smem_bytes(heads: u32, dim: u32) -> u32 {
+        heads * dim + heads * 4 + INDEXER_KEYS * (dim + 4) + INDEXER_KEYS * 4
     }
 
     /// Dynamic shared memory of `indexer_scores_bf16`.

@@ -43,6 +43,7 @@ fn c_type(param: Param) -> &'static str {
         Param::F32 => "const float*",
         Param::I32Mut => "int*",
         Param::I32 => "const int*",
+        Param::U8Mut => "uint8_t*",
         Param::U8 => "const uint8_t*",
         Param::Int => "int",
         Param::Long => "long long",
@@ -104,6 +105,11 @@ fn includes_resolve_to_listed_headers() {
 fn launch_constants_match_the_sources() {
     let defines = [
         ("indexer.cu", "INDEXER_KEYS", launch::INDEXER_KEYS),
+        (
+            "indexer.cu",
+            "INDEXER_QUANT_THREADS",
+            launch::INDEXER_QUANT_THREADS,
+        ),
         ("topk.cu", "TOPK_THREADS", launch::TOPK_THREADS),
         ("mla.cuh", "MLA_TILE", launch::MLA_TILE),
         ("mla.cuh", "MLA_MAX_LATENT", launch::MLA_MAX_LATENT),
@@ -130,5 +136,9 @@ fn launch_constants_match_the_sources() {
     assert_eq!(launch::MLA_HEADS_PER_BLOCK * 32 / 2, launch::MLA_THREADS);
     // The real model's shapes: 64 index heads of 128; latent 512 + rope 64.
     assert_eq!(launch::indexer_smem_bytes(64, 128), 16384 + 16640 + 256);
+    assert_eq!(
+        launch::indexer_fp8_smem_bytes(64, 128),
+        8192 + 256 + 8448 + 256
+    );
     assert!(launch::mla_smem_bytes(512, 64) > 48 * 1024);
 }
