@@ -437,6 +437,23 @@ class Harness:
         u, g0 = torch.randn_like(g), g.double().clone()
         self.launch("silu_mul_f32", ((g.numel() + 255) // 256,), 256, [g, u, ("l", g.numel())])
         self.record("silu_mul_f32", rel_l2(g, g0 / (1 + torch.exp(-g0)) * u.double()), F32_BOUND)
+        gb, ub = g0.to(torch.bfloat16), u.to(torch.bfloat16)
+        hb = torch.full_like(gb, float("nan"))
+        self.launch("silu_mul_bf16_bits", ((gb.numel() + 255) // 256,), 256, [hb, gb, ub, ("l", gb.numel())])
+        ref = gb.double() / (1 + torch.exp(-gb.double())) * ub.double()
+        self.record("silu_mul_bf16_bits", rel_l2(hb, ref), BF16_BOUND)
+        # The grouped experts' combine: each row adds its pairs' weighted outputs, in list order.
+        out_rows, pairs_n, cols = 40, 300, 700
+        row_of = torch.randint(0, out_rows - 3, (pairs_n,), device=d)  # the last 3 rows get none
+        order = torch.argsort(row_of, stable=True)
+        counts = torch.bincount(row_of, minlength=out_rows)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=d), counts.cumsum(0)]).int()
+        y, wts = torch.randn(pairs_n, cols, device=d), torch.randn(pairs_n, device=d)
+        for name, yy in (("combine_rows_f32", y), ("combine_rows_bf16_bits_f32", y.to(torch.bfloat16))):
+            acc = torch.randn(out_rows, cols, device=d)
+            ref = acc.double().index_add(0, row_of, wts.double()[:, None] * yy.double())
+            self.launch(name, (out_rows,), 256, [acc, yy, offsets, order.int(), wts, ("i", cols)])
+            self.record(f"{name} (rows with 0 to many pairs)", rel_l2(acc, ref), F32_BOUND)
 
         n, half, heads, width, offset = 64, 32, 16, 192, 128
         angle = torch.rand(n, half, device=d) * 100

@@ -104,6 +104,37 @@ scatter_add_rows_f32(float* __restrict__ out, const float* __restrict__ y, const
     for (int c = threadIdx.x; c < cols; c += blockDim.x) d[c] += w * s[c];
 }
 
+// out[r, :] += sum_j weights[pairs[j]] · y[pairs[j], :] over j in offsets[r] .. offsets[r + 1]:
+// the routed experts' outputs (a row per (token, expert) pair, grouped by expert) summed into
+// each token's row, in the listed order (experts ascending), as scatter_add_rows_f32 adds them
+// expert after expert. The _bf16_bits form reads y as bf16 bits.
+// Launch: grid rows of out, block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+combine_rows_f32(float* __restrict__ out, const float* __restrict__ y, const int* __restrict__ offsets,
+                 const int* __restrict__ pairs, const float* __restrict__ weights, int cols) {
+    float* d = out + (size_t)blockIdx.x * cols;
+    const int first = offsets[blockIdx.x], last = offsets[blockIdx.x + 1];
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float acc = d[c];
+        for (int j = first; j < last; ++j) acc += weights[pairs[j]] * y[(size_t)pairs[j] * cols + c];
+        d[c] = acc;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+combine_rows_bf16_bits_f32(float* __restrict__ out, const unsigned short* __restrict__ y,
+                           const int* __restrict__ offsets, const int* __restrict__ pairs,
+                           const float* __restrict__ weights, int cols) {
+    float* d = out + (size_t)blockIdx.x * cols;
+    const int first = offsets[blockIdx.x], last = offsets[blockIdx.x + 1];
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float acc = d[c];
+        for (int j = first; j < last; ++j)
+            acc += weights[pairs[j]] * __uint_as_float((unsigned int)y[(size_t)pairs[j] * cols + c] << 16);
+        d[c] = acc;
+    }
+}
+
 // out[r, :] = x[r, start .. start + len].
 // Launch: grid rows, block ENGINE_THREADS.
 extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
@@ -157,6 +188,20 @@ extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
 silu_mul_f32(float* __restrict__ gate, const float* __restrict__ up, long long n) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) gate[i] = siluf(gate[i]) * up[i];
+}
+
+// out[i] = bf16(silu(gate[i]) · up[i]) from bf16 gate and up (the grouped expert products'
+// outputs), computed in float32: the bf16 input of the down product.
+// Launch: grid ceil(n / ENGINE_THREADS), block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+silu_mul_bf16_bits(unsigned short* __restrict__ out, const unsigned short* __restrict__ gate,
+                   const unsigned short* __restrict__ up, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        const float g = __uint_as_float((unsigned int)gate[i] << 16);
+        const float u = __uint_as_float((unsigned int)up[i] << 16);
+        out[i] = bf16_bits_rn(siluf(g) * u);
+    }
 }
 
 // Rotates x[r, h·head_width + offset ..][..2·half] of every row r and head h by the angles whose

@@ -146,6 +146,10 @@ pub const KERNELS: &[Kernel] = &[
         dst: Bf16BitsMut, rows: F32, slots: I32, cols: Int),
     kernel!("scatter_add_rows_f32" in "engine.cu":
         out: F32Mut, y: F32, rows: I32, weights: F32, cols: Int),
+    kernel!("combine_rows_f32" in "engine.cu":
+        out: F32Mut, y: F32, offsets: I32, pairs: I32, weights: F32, cols: Int),
+    kernel!("combine_rows_bf16_bits_f32" in "engine.cu":
+        out: F32Mut, y: Bf16Bits, offsets: I32, pairs: I32, weights: F32, cols: Int),
     kernel!("copy_columns_f32" in "engine.cu":
         out: F32Mut, x: F32, src_cols: Int, start: Int, len: Int),
     kernel!("rms_norm_f32" in "engine.cu": out: F32Mut, x: F32, w: F32, cols: Int, eps: Float),
@@ -153,6 +157,8 @@ pub const KERNELS: &[Kernel] = &[
         out: F32Mut, x: F32, w: F32, b: F32, cols: Int, eps: Float),
     kernel!("add_f32" in "engine.cu": x: F32Mut, y: F32, n: Long),
     kernel!("silu_mul_f32" in "engine.cu": gate: F32Mut, up: F32, n: Long),
+    kernel!("silu_mul_bf16_bits" in "engine.cu":
+        out: Bf16BitsMut, gate: Bf16Bits, up: Bf16Bits, n: Long),
     kernel!("rope_f32" in "engine.cu":
         x: F32Mut, cos_t: F32, sin_t: F32, cols: Int, head_width: Int, offset: Int, half: Int,
         interleaved: Int),

@@ -13,6 +13,10 @@
 //!   files are compiled at start-up with NVRTC, so no CUDA toolkit is needed at build time.
 //! - The paged KV pool lives on the first GPU, in float32 or, with `--kv-cache-dtype bfloat16`,
 //!   as bf16 bits (rows rounded as they are written, widened to float32 as they are gathered).
+//! - The routed experts of a MoE layer run as three grouped products (`cublasGemmGroupedBatchedEx`,
+//!   one group per expert) over their rows gathered in expert order, and one launch adds each
+//!   token's weighted outputs; fp8 experts, or a cuBLAS that refuses the grouped call, run one
+//!   product per expert instead.
 //! - Attention always takes the absorbed form (the same function as the expanded one), one
 //!   block per (row, head) with an online softmax over the row's keys.
 //! - Routing, selections and block tables come from the host, as the trait asks; the indices
@@ -46,7 +50,7 @@ use cudarc::driver::{
 };
 use sparsemoe_kernels::launch;
 
-use super::{Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing, by_expert};
+use super::{Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing, by_expert, pairs_by_row};
 use crate::error::{EngineError, Result};
 use crate::expert_shards::{Pair, compact_rows};
 use crate::kv_cache::KvDtype;
@@ -285,6 +289,9 @@ struct Kernels {
     scatter_rows: CudaFunction,
     scatter_rows_bf16: CudaFunction,
     scatter_add_rows: CudaFunction,
+    combine_rows: CudaFunction,
+    combine_rows_bf16: CudaFunction,
+    silu_mul_bf16: CudaFunction,
     copy_columns: CudaFunction,
     rms_norm: CudaFunction,
     layer_norm: CudaFunction,
@@ -315,6 +322,10 @@ pub struct Cuda {
     /// GPU (shared by its lanes): memory a step needs for a moment, kept out of the KV cache's
     /// share.
     fp8_scratch: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set when the routed experts run expert by expert, one product each, instead of as grouped
+    /// products (see [`Cuda::grouped_experts`]): by [`Cuda::experts_one_by_one`], or once cuBLAS
+    /// has refused a grouped product.
+    one_by_one: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -439,6 +450,9 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         scatter_rows: function("scatter_rows_f32")?,
         scatter_rows_bf16: function("scatter_rows_f32_to_bf16_bits")?,
         scatter_add_rows: function("scatter_add_rows_f32")?,
+        combine_rows: function("combine_rows_f32")?,
+        combine_rows_bf16: function("combine_rows_bf16_bits_f32")?,
+        silu_mul_bf16: function("silu_mul_bf16_bits")?,
         copy_columns: function("copy_columns_f32")?,
         rms_norm: function("rms_norm_f32")?,
         layer_norm: function("layer_norm_f32")?,
@@ -594,7 +608,26 @@ impl Cuda {
             k: device.k.clone(),
             shards: Arc::new(Vec::new()),
             fp8_scratch: device.fp8_scratch.clone(),
+            one_by_one: Arc::default(),
         })
+    }
+
+    /// Runs the routed experts expert by expert (a gather, three products and a scatter-add
+    /// each) instead of as grouped products, on every lane: the numbers of a float32 model do
+    /// not change; a bf16 model's experts then keep their products' float32 outputs.
+    pub fn experts_one_by_one(&self) {
+        for lane in std::iter::once(self).chain(self.shards.iter()) {
+            lane.one_by_one
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the routed experts run as grouped products (false after
+    /// [`Cuda::experts_one_by_one`], or once cuBLAS refused a grouped product on any lane).
+    pub fn experts_grouped(&self) -> bool {
+        std::iter::once(self)
+            .chain(self.shards.iter())
+            .all(|lane| !lane.one_by_one.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Makes this lane's context current on the calling thread (cuBLAS calls need it).
@@ -883,6 +916,9 @@ impl Cuda {
         }
         let rows_d = self.upload_i32(rows.iter().copied());
         let weights_d = self.upload_slice(&weights);
+        if self.grouped_experts(x, out, groups, experts, &rows, &rows_d, &weights_d) {
+            return;
+        }
         let c = x.cols as i32;
         let mut at = 0;
         for (e, pairs) in groups {
@@ -899,6 +935,261 @@ impl Cuda {
                 "scatter_add_rows",
             );
         }
+    }
+
+    /// The routed experts of `groups` as three grouped products (`cublasGemmGroupedBatchedEx`,
+    /// one group per expert) over `x`'s rows gathered in expert order (`rows`, on the device as
+    /// `rows_d`), SiLU-and-mul between them, and one launch adding each row's weighted outputs
+    /// in expert order, as the expert-by-expert path adds them: about ten launches a layer
+    /// instead of about ten per expert. Float32 weights give that path's numbers; bf16 weights
+    /// run on the tensor cores with bf16 outputs (cuBLAS's grouped products write their inputs'
+    /// type), so the gate, up and down outputs are rounded to bf16 once more than there.
+    ///
+    /// Returns false, having written nothing to `out`, when an expert's weights are fp8 (they
+    /// are dequantised per product, expert by expert), when the experts' shapes or dtypes
+    /// differ, or when cuBLAS refuses the grouped call, which turns this path off for the
+    /// process (logged once).
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_experts(
+        &self,
+        x: &CudaTensor,
+        out: &mut CudaTensor,
+        groups: &[(usize, Vec<(usize, f32)>)],
+        experts: &[Expert<CudaWeight>],
+        rows: &[usize],
+        rows_d: &CudaSlice<i32>,
+        weights_d: &CudaSlice<f32>,
+    ) -> bool {
+        use cudarc::cublas::sys::cudaDataType;
+        use cudarc::driver::DevicePtr;
+        use std::sync::atomic::Ordering;
+
+        /// A buffer of grouped-product rows in the weights' dtype.
+        enum Rows {
+            F32(CudaSlice<f32>),
+            Bf16(CudaSlice<u16>),
+        }
+        impl Rows {
+            fn address(&self, stream: &Arc<CudaStream>) -> u64 {
+                match self {
+                    Self::F32(s) => s.device_ptr(stream).0,
+                    Self::Bf16(s) => s.device_ptr(stream).0,
+                }
+            }
+        }
+
+        if self.one_by_one.load(Ordering::Relaxed) {
+            return false;
+        }
+        let (hidden, inter) = (x.cols, experts[groups[0].0].gate.rows);
+        let shaped = |w: &CudaWeight, r: usize, c: usize| w.rows == r && w.cols == c;
+        let shapes_agree = groups.iter().all(|(e, _)| {
+            let ex = &experts[*e];
+            shaped(&ex.gate, inter, hidden)
+                && shaped(&ex.up, inter, hidden)
+                && shaped(&ex.down, hidden, inter)
+        });
+        if !shapes_agree || inter == 0 || hidden == 0 {
+            return false;
+        }
+        // Each active expert's gate, up and down weights on this lane, as device addresses.
+        let mut bf16 = None;
+        let mut weights = [Vec::new(), Vec::new(), Vec::new()];
+        for (e, _) in groups {
+            let ex = &experts[*e];
+            for (list, w) in weights.iter_mut().zip([&ex.gate, &ex.up, &ex.down]) {
+                let (is_bf16, address) = match self.weight(w) {
+                    WeightData::F32(buf) => (false, buf.device_ptr(&self.stream).0),
+                    WeightData::Bf16(buf) => (true, buf.device_ptr(&self.stream).0),
+                    WeightData::Fp8 { .. } => return false,
+                };
+                if *bf16.get_or_insert(is_bf16) != is_bf16 {
+                    return false;
+                }
+                list.push(address);
+            }
+        }
+        let bf16 = bf16 == Some(true);
+        let (elem, dtype) = if bf16 {
+            (2, cudaDataType::CUDA_R_16BF)
+        } else {
+            (4, cudaDataType::CUDA_R_32F)
+        };
+        let n: Vec<i32> = groups.iter().map(|(_, r)| r.len() as i32).collect();
+        let p = rows.len();
+        let alloc = |len: usize| {
+            let len = len.max(1);
+            if bf16 {
+                Rows::Bf16(ok(self.stream.alloc_zeros::<u16>(len), "allocating"))
+            } else {
+                Rows::F32(ok(self.stream.alloc_zeros::<f32>(len), "allocating"))
+            }
+        };
+
+        // The pairs' rows of x in expert order (rounded to bf16 for bf16 weights).
+        let xp = self.gather_indexed(&x.buf, hidden, &rows_d.as_view());
+        let xp_bits = bf16.then(|| self.bf16_bits(&xp.buf.as_view(), p * hidden));
+        let input = match &xp_bits {
+            Some(bits) => bits.device_ptr(&self.stream).0,
+            None => xp.buf.device_ptr(&self.stream).0,
+        };
+        let (gate, up, y) = (alloc(p * inter), alloc(p * inter), alloc(p * hidden));
+        // SiLU-and-mul writes in place on float32 gate outputs, into a bf16 buffer otherwise.
+        let act = if bf16 { alloc(p * inter) } else { alloc(0) };
+        // Group g's rows start at row `starts[g]` of each buffer.
+        let starts: Vec<u64> = n
+            .iter()
+            .scan(0u64, |at, &count| {
+                let here = *at;
+                *at += count as u64;
+                Some(here)
+            })
+            .collect();
+        let at = |base: u64, width: usize| -> Vec<u64> {
+            starts
+                .iter()
+                .map(|&s| base + s * (width * elem) as u64)
+                .collect()
+        };
+        let refused = |e: cudarc::cublas::result::CublasError| {
+            if !self.one_by_one.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "sparsemoe-engine: cuBLAS refused a grouped expert product ({e:?}); routed \
+                     experts run one product each from now on"
+                );
+            }
+            false
+        };
+        let address = |rows: &Rows| rows.address(&self.stream);
+        let x_at = at(input, hidden);
+        for (w, c) in [(&weights[0], &gate), (&weights[1], &up)] {
+            // SAFETY: each group's weight is [inter, hidden], its n[g] input rows lie in the
+            // gathered rows from x_at[g], and its outputs in `c` from the matching row.
+            let c_at = at(address(c), inter);
+            let done = unsafe { self.grouped_gemm(dtype, w, &x_at, &c_at, inter, hidden, &n) };
+            if let Err(e) = done {
+                return refused(e);
+            }
+        }
+        let len = (p * inter) as i64;
+        let down_input = match (&gate, &up, &act) {
+            (Rows::Bf16(g), Rows::Bf16(u), Rows::Bf16(a)) => {
+                let mut b = self.stream.launch_builder(&self.k.silu_mul_bf16);
+                b.arg(a).arg(g).arg(u).arg(&len);
+                // SAFETY: gate, up and act each hold p·inter values.
+                ok(
+                    unsafe { b.launch(Self::flat_config(p * inter)) },
+                    "silu_mul_bf16_bits",
+                );
+                &act
+            }
+            (Rows::F32(g), Rows::F32(u), _) => {
+                let mut b = self.stream.launch_builder(&self.k.silu_mul);
+                b.arg(g).arg(u).arg(&len);
+                // SAFETY: gate and up each hold p·inter values.
+                ok(
+                    unsafe { b.launch(Self::flat_config(p * inter)) },
+                    "silu_mul",
+                );
+                &gate
+            }
+            _ => unreachable!("the grouped buffers share one dtype"),
+        };
+        let (h_at, y_at) = (at(address(down_input), inter), at(address(&y), hidden));
+        // SAFETY: each group's down weight is [hidden, inter]; its inputs are its rows of
+        // down_input, its outputs its rows of y.
+        let done =
+            unsafe { self.grouped_gemm(dtype, &weights[2], &h_at, &y_at, hidden, inter, &n) };
+        if let Err(e) = done {
+            return refused(e);
+        }
+
+        // Each row of out adds its pairs' outputs, experts ascending (the pairs' order).
+        let (offsets, pairs) = pairs_by_row(rows, out.rows);
+        let (offsets_d, pairs_d) = (
+            self.upload_i32(offsets.into_iter()),
+            self.upload_i32(pairs.into_iter()),
+        );
+        let c = hidden as i32;
+        let mut b = match &y {
+            Rows::F32(_) => self.stream.launch_builder(&self.k.combine_rows),
+            Rows::Bf16(_) => self.stream.launch_builder(&self.k.combine_rows_bf16),
+        };
+        b.arg(&mut out.buf);
+        match &y {
+            Rows::F32(s) => b.arg(s),
+            Rows::Bf16(s) => b.arg(s),
+        };
+        b.arg(&offsets_d).arg(&pairs_d).arg(weights_d).arg(&c);
+        // SAFETY: out has out.rows rows of hidden; offsets has out.rows + 1 entries, pairs and
+        // weights p, y p rows of hidden.
+        ok(
+            unsafe { b.launch(Self::row_config(out.rows)) },
+            "combine_rows",
+        );
+        true
+    }
+
+    /// Row-major `C_g = B_g · A_gᵀ` for every group `g`: `A_g` a weight `[m, k]` at address
+    /// `a[g]`, `B_g` its `n[g]` input rows of `k` at `b[g]`, `C_g` `n[g]` rows of `m` at `c[g]`,
+    /// all of `dtype` and summed in float32 (`cublasGemmGroupedBatchedEx`, one product a group).
+    ///
+    /// # Safety
+    /// Every address must hold its matrix, on this lane's device, until the products are done.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn grouped_gemm(
+        &self,
+        dtype: cudarc::cublas::sys::cudaDataType,
+        a: &[u64],
+        b: &[u64],
+        c: &[u64],
+        m: usize,
+        k: usize,
+        n: &[i32],
+    ) -> std::result::Result<(), cudarc::cublas::result::CublasError> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmGroupedBatchedEx};
+        use cudarc::driver::DevicePtr;
+        use std::ffi::c_void;
+        self.bind();
+        let groups = n.len();
+        // The three pointer arrays, which cuBLAS reads from device memory; the sizes, leading
+        // dimensions and scalars it reads from the host, during the call.
+        let pointers: Vec<u64> = a.iter().chain(b).chain(c).copied().collect();
+        let pointers_d = self.upload_slice(&pointers);
+        let (base, _read) = pointers_d.device_ptr(&self.stream);
+        let array = |i: u64| base + i * (groups * std::mem::size_of::<u64>()) as u64;
+        let (m, k) = (m as i32, k as i32);
+        let transa = vec![CUBLAS_OP_T; groups];
+        let transb = vec![CUBLAS_OP_N; groups];
+        let (ms, ks, ldc) = (vec![m; groups], vec![k; groups], vec![m; groups]);
+        let (alpha, beta, size) = (vec![1f32; groups], vec![0f32; groups], vec![1i32; groups]);
+        // SAFETY: the caller's for the matrices; every array above has `groups` entries, and
+        // pointers_d lives until its free, ordered after the products on this stream.
+        unsafe {
+            cublasGemmGroupedBatchedEx(
+                *self.blas.handle.handle(),
+                transa.as_ptr(),
+                transb.as_ptr(),
+                ms.as_ptr(),
+                n.as_ptr(),
+                ks.as_ptr(),
+                alpha.as_ptr().cast(),
+                array(0) as *const *const c_void,
+                dtype,
+                ks.as_ptr(),
+                array(1) as *const *const c_void,
+                dtype,
+                ks.as_ptr(),
+                beta.as_ptr().cast(),
+                array(2) as *const *mut c_void,
+                dtype,
+                ldc.as_ptr(),
+                groups as i32,
+                size.as_ptr(),
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            )
+        }
+        .result()
     }
 
     /// Stage 2 of [`Cuda::mla_sequence`] for the `offsets.len() - 1` rows from `first_row`:

@@ -82,6 +82,26 @@ pub(crate) fn by_expert(
         .collect()
 }
 
+/// The pairs of each row: `rows[j]` is pair `j`'s row (of `n_rows`); row `r`'s pairs are
+/// `pairs[offsets[r]..offsets[r + 1]]`, ascending (a compressed-row list, `offsets` has
+/// `n_rows + 1` entries).
+pub(crate) fn pairs_by_row(rows: &[usize], n_rows: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut offsets = vec![0usize; n_rows + 1];
+    for &r in rows {
+        offsets[r + 1] += 1;
+    }
+    for r in 0..n_rows {
+        offsets[r + 1] += offsets[r];
+    }
+    let mut next = offsets.clone();
+    let mut pairs = vec![0usize; rows.len()];
+    for (j, &r) in rows.iter().enumerate() {
+        pairs[next[r]] = j;
+        next[r] += 1;
+    }
+    (offsets, pairs)
+}
+
 /// One sequence's part of a batched [`Backend::mla_attention`] call.
 #[derive(Debug)]
 pub struct MlaSeq<'a, T> {
@@ -320,4 +340,24 @@ pub trait Backend: Send + Sync + 'static {
         work: &[Vec<crate::expert_shards::Pair>],
         experts: &[Expert<Self::Weight>],
     ) -> Self::Tensor;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pairs_by_row;
+
+    #[test]
+    fn pairs_are_listed_by_row_in_ascending_order() {
+        // Pairs 0..6 in expert order, their rows scattered; row 1 and row 4 have none.
+        let rows = [3, 0, 3, 2, 0, 3];
+        let (offsets, pairs) = pairs_by_row(&rows, 5);
+        assert_eq!(offsets, [0, 2, 2, 3, 6, 6]);
+        assert_eq!(pairs, [1, 4, 3, 0, 2, 5]);
+        for r in 0..5 {
+            for &j in &pairs[offsets[r]..offsets[r + 1]] {
+                assert_eq!(rows[j], r);
+            }
+        }
+        assert_eq!(pairs_by_row(&[], 3), (vec![0, 0, 0, 0], vec![]));
+    }
 }
