@@ -171,9 +171,10 @@ fn bf16_weights_stay_within_bf16_rounding_of_the_cpu_backend() {
         }
     }
     assert!(
-        grouped.experts_grouped(),
-        "cuBLAS refused the grouped expert products (see the log)"
+        grouped.experts_grouped() && grouped.grouped_expert_layers() > 0,
+        "the bf16 experts never ran grouped (refused by cuBLAS? see the log)"
     );
+    assert_eq!(one_by_one.grouped_expert_layers(), 0);
 }
 
 /// The routed experts as grouped products (the default) and one product per expert give the
@@ -194,14 +195,16 @@ fn grouped_expert_products_match_one_product_per_expert() {
             let model = Model::load(&fixture(name), cuda.clone(), ModelOptions::default()).unwrap();
             model.logits(&tokens, None).unwrap()
         };
+        let before = grouped.grouped_expert_layers();
         let err = rel_l2(&logits(&one_by_one), &logits(&grouped));
         eprintln!("{test}: {name}: relative L2 {err:.2e}");
         assert!(err < 1e-5, "{name}: relative L2 {err:.2e}");
+        assert!(
+            grouped.grouped_expert_layers() > before,
+            "{name}: no MoE layer ran grouped (refused by cuBLAS? see the log)"
+        );
     }
-    assert!(
-        grouped.experts_grouped(),
-        "cuBLAS refused the grouped expert products (see the log)"
-    );
+    assert_eq!(one_by_one.grouped_expert_layers(), 0);
 }
 
 /// DeepSeek's fp8 weights stay fp8 on the GPU under `--dtype bfloat16` (half the bytes of bf16)

@@ -22,7 +22,7 @@
 //! - Routing, selections and block tables come from the host, as the trait asks; the indices
 //!   are uploaded per call.
 //! - Expert parallelism: with several GPUs listed, the model runs on the main *lane* (the
-//!   first GPU's default stream) and expert shard `s` on a lane of its own (a stream, cuBLAS
+//!   first GPU's main stream) and expert shard `s` on a lane of its own (a stream, cuBLAS
 //!   handle and kernels on the `s`-th GPU; lanes may share a GPU). A shard's experts live only on
 //!   its lane. Each MoE layer gathers the rows a shard needs on the main GPU, the shard's lane
 //!   copies them over, runs its experts and copies the weighted sums back, and the main lane
@@ -224,16 +224,20 @@ impl Operand<'_> {
     }
 }
 
-/// A lane's cuBLAS handle, destroyed with its context current (cudarc's own drop binds none and
-/// unwraps the result).
+/// A lane's cuBLAS handle, destroyed here with its context current and the result ignored:
+/// cudarc's own drop binds no context and unwraps the result, which panics (or, while
+/// unwinding, aborts) after a device fault, the state a failed engine keeps until it restarts.
 struct Blas {
     ctx: Arc<CudaContext>,
-    handle: CudaBlas,
+    handle: std::mem::ManuallyDrop<CudaBlas>,
 }
 
 impl Drop for Blas {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
+        // SAFETY: the handle is destroyed once, here, and cudarc's drop never runs (its stream
+        // Arc is leaked with it: one per lane, at exit).
+        let _ = unsafe { cudarc::cublas::result::destroy_handle(*self.handle.handle()) };
     }
 }
 
@@ -326,6 +330,8 @@ pub struct Cuda {
     /// products (see [`Cuda::grouped_experts`]): by [`Cuda::experts_one_by_one`], or once cuBLAS
     /// has refused a grouped product.
     one_by_one: Arc<std::sync::atomic::AtomicBool>,
+    /// MoE layers (or shards' parts of them) whose routed experts ran as grouped products.
+    grouped_layers: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -345,6 +351,26 @@ struct OpenDevice {
 
 fn device_error(what: impl std::fmt::Display) -> EngineError {
     EngineError::Device(what.to_string())
+}
+
+/// Whether the loaded cuBLAS has `cublasGemmGroupedBatchedEx` (cuBLAS 12.5 and later). cudarc
+/// resolves each symbol on its first call and panics on a missing one, so the grouped expert
+/// products are turned off up front where it is absent.
+fn grouped_gemm_present() -> bool {
+    // SAFETY: looks a symbol up in the already-loaded library; nothing is called.
+    let present =
+        unsafe { cudarc::cublas::sys::culib().get::<*const ()>(b"cublasGemmGroupedBatchedEx") }
+            .is_ok();
+    static SAID: std::sync::Once = std::sync::Once::new();
+    if !present {
+        SAID.call_once(|| {
+            eprintln!(
+                "sparsemoe-engine: this cuBLAS has no cublasGemmGroupedBatchedEx (it came in \
+                 cuBLAS 12.5); routed experts run one product each"
+            )
+        });
+    }
+    present
 }
 
 /// Keys listed per attention launch (4 bytes each on the device).
@@ -594,7 +620,7 @@ impl Cuda {
             .map(|handle| {
                 Arc::new(Blas {
                     ctx: device.ctx.clone(),
-                    handle,
+                    handle: std::mem::ManuallyDrop::new(handle),
                 })
             })
             .map_err(|e| device_error(format!("creating a cuBLAS handle: {e:?}")))?;
@@ -608,7 +634,8 @@ impl Cuda {
             k: device.k.clone(),
             shards: Arc::new(Vec::new()),
             fp8_scratch: device.fp8_scratch.clone(),
-            one_by_one: Arc::default(),
+            one_by_one: Arc::new(std::sync::atomic::AtomicBool::new(!grouped_gemm_present())),
+            grouped_layers: Arc::default(),
         })
     }
 
@@ -620,6 +647,18 @@ impl Cuda {
             lane.one_by_one
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// How many MoE layers (a shard's part of one counting once) ran their routed experts as
+    /// grouped products, on every lane.
+    pub fn grouped_expert_layers(&self) -> u64 {
+        std::iter::once(self)
+            .chain(self.shards.iter())
+            .map(|lane| {
+                lane.grouped_layers
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum()
     }
 
     /// Whether the routed experts run as grouped products (false after
@@ -989,7 +1028,9 @@ impl Cuda {
                 && shaped(&ex.up, inter, hidden)
                 && shaped(&ex.down, hidden, inter)
         });
-        if !shapes_agree || inter == 0 || hidden == 0 {
+        // Each group's rows start at a multiple of the widths; multiples of 8 keep every start
+        // 16-byte aligned, which cuBLAS cannot check in pointer arrays on the device.
+        if !shapes_agree || inter == 0 || hidden == 0 || inter % 8 != 0 || hidden % 8 != 0 {
             return false;
         }
         // Each active expert's gate, up and down weights on this lane, as device addresses.
@@ -1127,6 +1168,7 @@ impl Cuda {
             unsafe { b.launch(Self::row_config(out.rows)) },
             "combine_rows",
         );
+        self.grouped_layers.fetch_add(1, Ordering::Relaxed);
         true
     }
 
@@ -1211,6 +1253,13 @@ impl Cuda {
         if rows == 0 || keys.is_empty() {
             return; // contexts stay zero, as the CPU's for rows with no key
         }
+        // A key past the cache would read beyond its buffers on the device (the CPU backend's
+        // slices panic instead): checked here, on the host, where the keys are.
+        let cache_rows = seq.latent.rows.min(seq.k_pe.rows);
+        assert!(
+            keys.iter().all(|&k| k < cache_rows),
+            "mla_attention: a key beyond the sequence's {cache_rows} cached rows"
+        );
         let width = d.heads * d.latent;
         let keys_d = self.upload_i32(keys.iter().copied());
         let offsets_d = self.upload_i32(offsets.iter().copied());
@@ -1259,6 +1308,13 @@ impl Cuda {
         if n == 0 {
             return;
         }
+        assert!(
+            seq.first + n <= q.rows.min(out.rows),
+            "mla_attention: rows {}..{} of a batch of {}",
+            seq.first,
+            seq.first + n,
+            q.rows.min(out.rows)
+        );
         let qk = d.nope + d.rope;
         let kv_width = d.nope + d.v;
         let q_rows = q.buf.slice(seq.first * q.cols..);
