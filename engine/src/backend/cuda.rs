@@ -412,6 +412,15 @@ fn inline_headers(file: &str) -> Result<String> {
 
 /// Compiles the engine's kernels to PTX with NVRTC: `(file, ptx)` for each.
 pub fn compile_kernels() -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>> {
+    // Compiled once per process (each backend opened after the first, in tests, reuses it).
+    static COMPILED: std::sync::Mutex<Option<Vec<(&'static str, cudarc::nvrtc::Ptx)>>> =
+        std::sync::Mutex::new(None);
+    let mut compiled = COMPILED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(ptx) = compiled.as_ref() {
+        return Ok(ptx.clone());
+    }
     // SAFETY: only tries to open the library; nothing is called through it.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(device_error(
@@ -420,7 +429,7 @@ pub fn compile_kernels() -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>> {
              LD_LIBRARY_PATH",
         ));
     }
-    sparsemoe_kernels::ENGINE_SOURCES
+    let ptx = sparsemoe_kernels::ENGINE_SOURCES
         .iter()
         .map(|&file| {
             let options = cudarc::nvrtc::CompileOptions {
@@ -435,7 +444,9 @@ pub fn compile_kernels() -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>> {
                 .map_err(|e| device_error(format!("compiling kernels/cuda/{file}: {e:?}")))?;
             Ok((file, ptx))
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    *compiled = Some(ptx.clone());
+    Ok(ptx)
 }
 
 /// Opens GPU `ordinal` and loads the compiled kernels on it.
