@@ -9,8 +9,9 @@ out=target/gpu-check
 rm -rf "$out"
 mkdir -p "$out"
 cargo build --release --locked -p sparsemoe-engine --bin sparsemoe-engine
+# cargo's messages stay on stderr, so a failed build says why.
 test_bin=$(cargo test --release --locked -p sparsemoe-engine --test cuda --no-run \
-    --message-format=json 2>/dev/null |
+    --message-format=json |
     python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
