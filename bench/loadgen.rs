@@ -159,6 +159,7 @@ async fn run_one(target: &Target, prompt: Vec<u32>, max_tokens: usize) -> Sample
                 max_tokens,
                 params: SamplingParams::greedy(),
                 stop_tokens: stops.clone(),
+                min_tokens: 0,
                 logprobs: None,
             };
             let Ok(mut events) = engine.submit(request) else {

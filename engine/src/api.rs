@@ -63,8 +63,10 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-/// The fields of `/v1/completions` and `/v1/chat/completions` the engine reads (others are
-/// ignored, as OpenAI-compatible servers do).
+/// The fields of `/v1/completions` and `/v1/chat/completions` the engine reads. Fields that
+/// would change the output and that the engine cannot honour (`echo`, `best_of`, `suffix`,
+/// `response_format` other than text, `tools`) are refused by name; others are ignored, as
+/// OpenAI-compatible servers do.
 #[derive(Debug, Default, Deserialize)]
 pub struct RequestBody {
     pub model: Option<String>,
@@ -85,6 +87,126 @@ pub struct RequestBody {
     pub user: Option<String>,
     /// vLLM's extension: keep generating past the end-of-sequence token (benchmarks).
     pub ignore_eos: Option<bool>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    /// vLLM's extensions: repetition penalty, min-p filtering, a floor on the output's length
+    /// before a stop token may end it, and more stop tokens.
+    pub repetition_penalty: Option<f64>,
+    pub min_p: Option<f64>,
+    pub min_tokens: Option<i64>,
+    pub stop_token_ids: Option<Value>,
+    /// `{"token id": bias}`.
+    pub logit_bias: Option<Value>,
+    // Refused when they ask for something (see `unsupported`).
+    pub echo: Option<bool>,
+    pub best_of: Option<i64>,
+    pub suffix: Option<String>,
+    pub response_format: Option<Value>,
+    pub tools: Option<Value>,
+}
+
+/// The first field of `body` that asks for something the engine does not do, with why.
+fn unsupported(body: &RequestBody) -> Option<(&'static str, &'static str)> {
+    if body.echo == Some(true) {
+        return Some(("echo", "echo is not supported"));
+    }
+    if body.best_of.is_some_and(|b| b != 1) {
+        return Some(("best_of", "only best_of=1 is supported"));
+    }
+    if body.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Some(("suffix", "suffix (insertion) is not supported"));
+    }
+    if let Some(format) = &body.response_format
+        && !format.is_null()
+        && format.get("type").and_then(Value::as_str) != Some("text")
+    {
+        return Some((
+            "response_format",
+            "only response_format {\"type\": \"text\"} is supported (no JSON mode or schemas)",
+        ));
+    }
+    if body
+        .tools
+        .as_ref()
+        .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return Some(("tools", "tool calling is not supported"));
+    }
+    None
+}
+
+/// A `[-bound, bound]`-style range check of an optional float field, as f32.
+fn float_in(
+    value: Option<f64>,
+    param: &str,
+    default: f32,
+    ok: impl Fn(f64) -> bool,
+    range: &str,
+) -> Result<f32, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(v) if v.is_finite() && ok(v) => Ok(v as f32),
+        Some(v) => Err(ApiError::invalid(
+            Some(param),
+            format!("{param} must be {range}, got {v}"),
+        )),
+    }
+}
+
+/// A list of token ids (`stop_token_ids`).
+fn token_ids(value: &Option<Value>, param: &str) -> Result<Vec<u32>, ApiError> {
+    let bad = || ApiError::invalid(Some(param), format!("{param} must be a list of token ids"));
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(bad)
+            })
+            .collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// `logit_bias`: an object from token ids (as strings) to biases in [-100, 100].
+fn logit_bias(value: &Option<Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let map = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(map)) => map,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("logit_bias"),
+                "logit_bias must be an object mapping token ids to biases",
+            ));
+        }
+    };
+    if map.len() > 300 {
+        return Err(ApiError::invalid(
+            Some("logit_bias"),
+            format!("logit_bias may name at most 300 tokens, got {}", map.len()),
+        ));
+    }
+    map.iter()
+        .map(|(key, bias)| {
+            let token = key.trim().parse::<u32>().map_err(|_| {
+                ApiError::invalid(
+                    Some("logit_bias"),
+                    format!("logit_bias keys must be token ids, got {key:?}"),
+                )
+            })?;
+            match bias.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((token, b as f32)),
+                _ => Err(ApiError::invalid(
+                    Some("logit_bias"),
+                    format!(
+                        "logit_bias for token {token} must be a number in [-100, 100], got {bias}"
+                    ),
+                )),
+            }
+        })
+        .collect()
 }
 
 /// What to generate from.
@@ -109,6 +231,10 @@ pub struct Validated {
     pub include_usage: bool,
     /// Generate past the end-of-sequence token (stop strings and max_tokens still apply).
     pub ignore_eos: bool,
+    /// Tokens to generate before a stop token may end the output.
+    pub min_tokens: usize,
+    /// More token ids that end the output (they apply with `ignore_eos` too).
+    pub stop_token_ids: Vec<u32>,
 }
 
 /// Which endpoint a body came to.
@@ -271,6 +397,9 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
         (None, None) if endpoint == Endpoint::Completions => Some(16),
         (None, None) => None,
     };
+    if let Some((param, why)) = unsupported(body) {
+        return Err(ApiError::invalid(Some(param), why));
+    }
     let temperature = body.temperature.unwrap_or(1.0);
     // Sampling runs in f32: a value beyond f32's range would become infinite there.
     if !(temperature as f32).is_finite() || temperature < 0.0 {
@@ -353,6 +482,53 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
             ));
         }
     };
+    let in_two = |v: f64| (-2.0..=2.0).contains(&v);
+    let presence_penalty = float_in(
+        body.presence_penalty,
+        "presence_penalty",
+        0.0,
+        in_two,
+        "in [-2, 2]",
+    )?;
+    let frequency_penalty = float_in(
+        body.frequency_penalty,
+        "frequency_penalty",
+        0.0,
+        in_two,
+        "in [-2, 2]",
+    )?;
+    let repetition_penalty = float_in(
+        body.repetition_penalty,
+        "repetition_penalty",
+        1.0,
+        |v| v > 0.0 && v <= 100.0,
+        "in (0, 100]",
+    )?;
+    let min_p = float_in(
+        body.min_p,
+        "min_p",
+        0.0,
+        |v| (0.0..=1.0).contains(&v),
+        "in [0, 1]",
+    )?;
+    let min_tokens = match body.min_tokens {
+        None => 0,
+        Some(m) if m >= 0 => m as usize,
+        Some(m) => {
+            return Err(ApiError::invalid(
+                Some("min_tokens"),
+                format!("min_tokens must be >= 0, got {m}"),
+            ));
+        }
+    };
+    if let Some(max) = max_tokens
+        && min_tokens > max
+    {
+        return Err(ApiError::invalid(
+            Some("min_tokens"),
+            format!("min_tokens ({min_tokens}) must not exceed max_tokens ({max})"),
+        ));
+    }
     let stream = body.stream.unwrap_or(false);
     let include_usage = body
         .stream_options
@@ -366,8 +542,15 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
             temperature: temperature as f32,
             top_p: top_p as f32,
             top_k,
+            min_p,
             seed: body.seed.map(|s| s as u64),
+            presence_penalty,
+            frequency_penalty,
+            repetition_penalty,
+            logit_bias: logit_bias(&body.logit_bias)?,
         },
+        min_tokens,
+        stop_token_ids: token_ids(&body.stop_token_ids, "stop_token_ids")?,
         stop,
         logprobs,
         stream,
@@ -502,11 +685,84 @@ mod tests {
             (json!({"prompt": "x", "n": 2}), "n"),
             (json!({"prompt": "x", "logprobs": 21}), "logprobs"),
             (json!({"prompt": "x", "stop": [1]}), "stop"),
+            (
+                json!({"prompt": "x", "presence_penalty": 2.5}),
+                "presence_penalty",
+            ),
+            (
+                json!({"prompt": "x", "frequency_penalty": -2.1}),
+                "frequency_penalty",
+            ),
+            (
+                json!({"prompt": "x", "repetition_penalty": 0}),
+                "repetition_penalty",
+            ),
+            (json!({"prompt": "x", "min_p": 1.5}), "min_p"),
+            (json!({"prompt": "x", "min_tokens": -1}), "min_tokens"),
+            (
+                json!({"prompt": "x", "max_tokens": 4, "min_tokens": 5}),
+                "min_tokens",
+            ),
+            (
+                json!({"prompt": "x", "stop_token_ids": [-3]}),
+                "stop_token_ids",
+            ),
+            (
+                json!({"prompt": "x", "stop_token_ids": 7}),
+                "stop_token_ids",
+            ),
+            (
+                json!({"prompt": "x", "logit_bias": {"12": 101}}),
+                "logit_bias",
+            ),
+            (
+                json!({"prompt": "x", "logit_bias": {"twelve": 1}}),
+                "logit_bias",
+            ),
+            (json!({"prompt": "x", "logit_bias": [1, 2]}), "logit_bias"),
+            // Asked for, and not done: refused rather than ignored.
+            (json!({"prompt": "x", "echo": true}), "echo"),
+            (json!({"prompt": "x", "best_of": 3}), "best_of"),
+            (json!({"prompt": "x", "suffix": "tail"}), "suffix"),
+            (
+                json!({"prompt": "x", "response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
+            (
+                json!({"prompt": "x", "tools": [{"type": "function"}]}),
+                "tools",
+            ),
         ] {
             let e = err(v, Endpoint::Completions);
             assert_eq!(e.status, 400);
             assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
         }
+        // The harmless forms of those fields are accepted.
+        let v = validate(
+            &body(
+                json!({"prompt": "x", "echo": false, "best_of": 1, "suffix": "",
+                         "response_format": {"type": "text"}, "tools": [],
+                         "presence_penalty": -2, "frequency_penalty": 2, "repetition_penalty": 1.3,
+                         "min_p": 0.1, "min_tokens": 3, "stop_token_ids": [5, 9],
+                         "logit_bias": {"7": -100, " 8": 2.5}}),
+            ),
+            Endpoint::Completions,
+        )
+        .unwrap();
+        let p = &v.params;
+        assert_eq!(
+            (
+                p.presence_penalty,
+                p.frequency_penalty,
+                p.repetition_penalty,
+                p.min_p
+            ),
+            (-2.0, 2.0, 1.3, 0.1)
+        );
+        let mut bias = p.logit_bias.clone();
+        bias.sort_by_key(|b| b.0);
+        assert_eq!(bias, [(7, -100.0), (8, 2.5)]);
+        assert_eq!((v.min_tokens, v.stop_token_ids), (3, vec![5, 9]));
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub fn generate<B: Backend>(
             logits: LogitRows::Last,
         }];
         let logits = model.forward(&mut step, None)?.remove(0);
-        let token = sampler.sample(&logits);
+        let token = sampler.sample(&logits, &[]);
         if stop_tokens.contains(&token) {
             return Ok((output, FinishReason::Stop));
         }

@@ -214,6 +214,7 @@ fn run<B: Backend>(command: Command, backend: B, devices: usize) -> anyhow::Resu
                 top_p,
                 top_k,
                 seed,
+                ..SamplingParams::default()
             };
             params.validate()?;
             let tokenizer = Tokenizer::from_dir(&model.model)?;
@@ -237,7 +238,7 @@ fn run<B: Backend>(command: Command, backend: B, devices: usize) -> anyhow::Resu
             }
             let mut stops = loaded.config.eos_token_ids.clone();
             stops.extend(tokenizer.eos_token_id());
-            let mut sampler = Sampler::new(params);
+            let mut sampler = Sampler::new(params).with_prompt(&ids);
             let mut out = std::io::stdout().lock();
             write!(out, "{text}")?;
             let mut emitted = String::new();

@@ -1,5 +1,10 @@
-//! Choosing the next token from logits: greedy, or temperature with top-k / top-p filtering,
-//! reproducible under a seed (ChaCha8, so the same seed gives the same tokens on every machine).
+//! Choosing the next token from logits: greedy, or temperature with top-k / top-p / min-p
+//! filtering, reproducible under a seed (ChaCha8, so the same seed gives the same tokens on every
+//! machine); before either, OpenAI's logit bias and presence / frequency penalties and vLLM's
+//! repetition penalty, in vLLM's order.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -15,7 +20,18 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Keep the `top_k` most likely tokens (0 = off).
     pub top_k: usize,
+    /// Drop the tokens less likely than `min_p` times the most likely one (0 = off; vLLM).
+    pub min_p: f32,
     pub seed: Option<u64>,
+    /// Subtracted once from the logit of every token the output holds (OpenAI, in [-2, 2]).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time the output holds it (OpenAI, in [-2, 2]).
+    pub frequency_penalty: f32,
+    /// A token of the prompt or the output has a positive logit divided by it, a negative one
+    /// multiplied (vLLM / transformers; 1 = off).
+    pub repetition_penalty: f32,
+    /// Added to these tokens' logits (OpenAI's `logit_bias`, each in [-100, 100]).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -24,7 +40,12 @@ impl Default for SamplingParams {
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: 0.0,
             seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -52,6 +73,37 @@ impl SamplingParams {
                 self.top_p
             )));
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(EngineError::input(format!(
+                "min_p must be in [0, 1], got {}",
+                self.min_p
+            )));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(EngineError::input(format!(
+                    "{name} must be in [-2, 2], got {v}"
+                )));
+            }
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(EngineError::input(format!(
+                "repetition_penalty must be a finite number > 0, got {}",
+                self.repetition_penalty
+            )));
+        }
+        if let Some((token, bias)) = self
+            .logit_bias
+            .iter()
+            .find(|b| !(-100.0..=100.0).contains(&b.1))
+        {
+            return Err(EngineError::input(format!(
+                "logit_bias for token {token} must be in [-100, 100], got {bias}"
+            )));
+        }
         Ok(())
     }
 }
@@ -64,11 +116,16 @@ pub struct TokenLogprob {
     pub top: Vec<(u32, f32)>,
 }
 
-/// A sampler for one sequence (owns its random stream).
+/// A sampler for one sequence (owns its random stream, and what the penalties count: the
+/// tokens it has picked, and the prompt's).
 #[derive(Debug)]
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
+    /// How often each token was picked (the output so far).
+    picked: HashMap<u32, u32>,
+    /// The prompt's tokens, kept only for a repetition penalty.
+    prompt: HashSet<u32>,
 }
 
 impl Sampler {
@@ -77,11 +134,72 @@ impl Sampler {
             Some(seed) => ChaCha8Rng::seed_from_u64(seed),
             None => ChaCha8Rng::from_rng(&mut rand::rng()),
         };
-        Self { params, rng }
+        Self {
+            params,
+            rng,
+            picked: HashMap::new(),
+            prompt: HashSet::new(),
+        }
     }
 
-    /// Picks the next token.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// The sampler for a sequence starting with `prompt` (which a repetition penalty counts).
+    pub fn with_prompt(mut self, prompt: &[u32]) -> Self {
+        if self.params.repetition_penalty != 1.0 {
+            self.prompt = prompt.iter().copied().collect();
+        }
+        self
+    }
+
+    /// Picks the next token; the tokens of `suppress` cannot be picked (vLLM's `min_tokens`
+    /// holds the stop tokens back this way).
+    pub fn sample(&mut self, logits: &[f32], suppress: &[u32]) -> u32 {
+        let logits = self.processed(logits, suppress);
+        let token = self.pick(&logits);
+        *self.picked.entry(token).or_default() += 1;
+        token
+    }
+
+    /// The logits after suppression, logit bias and the penalties (vLLM's order); borrowed
+    /// when none applies.
+    fn processed<'l>(&self, logits: &'l [f32], suppress: &[u32]) -> Cow<'l, [f32]> {
+        let p = &self.params;
+        let penalised =
+            p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 || p.repetition_penalty != 1.0;
+        if suppress.is_empty() && p.logit_bias.is_empty() && !penalised {
+            return Cow::Borrowed(logits);
+        }
+        let mut out = logits.to_vec();
+        for &(token, bias) in &p.logit_bias {
+            if let Some(l) = out.get_mut(token as usize) {
+                *l += bias;
+            }
+        }
+        if p.repetition_penalty != 1.0 {
+            let seen = self.prompt.iter().chain(self.picked.keys());
+            for &token in seen.collect::<HashSet<_>>() {
+                if let Some(l) = out.get_mut(token as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        for (&token, &count) in &self.picked {
+            if let Some(l) = out.get_mut(token as usize) {
+                *l -= p.frequency_penalty * count as f32 + p.presence_penalty;
+            }
+        }
+        for &token in suppress {
+            if let Some(l) = out.get_mut(token as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
@@ -100,6 +218,14 @@ impl Sampler {
         }
         let max = candidates[0].1;
         let mut probs: Vec<f32> = candidates.iter().map(|&(_, l)| (l - max).exp()).collect();
+        if self.params.min_p > 0.0 {
+            // Relative to the most likely token, whose unnormalised probability is 1.
+            let keep = probs
+                .iter()
+                .position(|&q| q < self.params.min_p)
+                .unwrap_or(probs.len());
+            probs.truncate(keep.max(1));
+        }
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if self.params.top_p < 1.0 {
@@ -169,7 +295,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_argmax() {
         let mut s = Sampler::new(SamplingParams::greedy());
-        assert_eq!(s.sample(&[0.1, 2.0, -1.0, 2.0]), 1);
+        assert_eq!(s.sample(&[0.1, 2.0, -1.0, 2.0], &[]), 1);
     }
 
     #[test]
@@ -182,7 +308,7 @@ mod tests {
         };
         let run = || {
             let mut s = Sampler::new(params.clone());
-            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+            (0..20).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
         };
         let first = run();
         assert_eq!(first, run());
@@ -206,9 +332,86 @@ mod tests {
             ..Default::default()
         });
         for _ in 0..200 {
-            assert!(top_k.sample(&logits) < 2);
-            assert_eq!(top_p.sample(&logits), 0, "p(token 0) > 0.5 alone");
+            assert!(top_k.sample(&logits, &[]) < 2);
+            assert_eq!(top_p.sample(&logits, &[]), 0, "p(token 0) > 0.5 alone");
         }
+    }
+
+    /// Greedy picks from the same logits, step after step, under a sampler's penalties.
+    fn greedy_run(
+        params: SamplingParams,
+        prompt: &[u32],
+        logits: &[f32],
+        steps: usize,
+    ) -> Vec<u32> {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            ..params
+        })
+        .with_prompt(prompt);
+        (0..steps).map(|_| s.sample(logits, &[])).collect()
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties_count_the_output() {
+        let logits = [1.0, 0.9, 0.8];
+        // Frequency: each pick of a token lowers it again (0: 1.0 → 0.85 → 0.7).
+        let frequency = SamplingParams {
+            frequency_penalty: 0.15,
+            ..Default::default()
+        };
+        assert_eq!(greedy_run(frequency, &[], &logits, 4), [0, 1, 0, 2]);
+        // Presence: once per token, however often it was picked.
+        let presence = SamplingParams {
+            presence_penalty: 0.15,
+            ..Default::default()
+        };
+        assert_eq!(greedy_run(presence, &[], &logits, 4), [0, 1, 0, 0]);
+        // Negative values reward repeats.
+        let sticky = SamplingParams {
+            presence_penalty: -0.5,
+            ..Default::default()
+        };
+        assert_eq!(greedy_run(sticky, &[], &[0.9, 1.0], 3), [1, 1, 1]);
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
+        let repeat = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        // Token 0 is in the prompt: 2.0 / 2 = 1.0 falls below token 1's 1.5.
+        assert_eq!(greedy_run(repeat.clone(), &[0], &[2.0, 1.5], 1), [1]);
+        // Negative: -1.0 · 2 = -2.0 falls below -1.5.
+        assert_eq!(greedy_run(repeat.clone(), &[0], &[-1.0, -1.5], 1), [1]);
+        // The output counts too: token 1 (not in the prompt) once picked, drops to 0.75.
+        assert_eq!(greedy_run(repeat, &[], &[1.2, 1.5], 2), [1, 0]);
+    }
+
+    #[test]
+    fn logit_bias_and_suppressed_tokens_move_the_choice() {
+        let bias = SamplingParams {
+            logit_bias: vec![(2, 5.0), (0, -100.0), (99, 1.0)], // 99: beyond the vocabulary
+            ..Default::default()
+        };
+        assert_eq!(greedy_run(bias, &[], &[3.0, 0.0, 0.0], 1), [2]);
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample(&[3.0, 2.0, 1.0], &[0]), 1);
+        assert_eq!(s.sample(&[3.0, 2.0, 1.0], &[]), 0);
+    }
+
+    #[test]
+    fn min_p_drops_tokens_far_below_the_top_one() {
+        let logits = [5.0, 4.9, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            min_p: 0.5,
+            seed: Some(3),
+            ..Default::default()
+        });
+        let picks: Vec<u32> = (0..300).map(|_| s.sample(&logits, &[])).collect();
+        assert!(!picks.contains(&2), "p(2)/p(0) = e^-5 is below 0.5");
+        assert!(picks.contains(&0) && picks.contains(&1));
     }
 
     #[test]
@@ -236,5 +439,47 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().unwrap_err().to_string().contains("top_p"));
+        for (bad, name) in [
+            (
+                SamplingParams {
+                    min_p: 1.5,
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+            (
+                SamplingParams {
+                    presence_penalty: 2.5,
+                    ..Default::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: -3.0,
+                    ..Default::default()
+                },
+                "frequency_penalty",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    logit_bias: vec![(7, 101.0)],
+                    ..Default::default()
+                },
+                "logit_bias",
+            ),
+        ] {
+            assert!(
+                bad.validate().unwrap_err().to_string().contains(name),
+                "{name}"
+            );
+        }
     }
 }

@@ -60,6 +60,9 @@ pub struct GenerationRequest {
     pub params: SamplingParams,
     /// Token ids that end generation (not emitted).
     pub stop_tokens: Vec<u32>,
+    /// Tokens generated before a stop token may end the request (vLLM's `min_tokens`; stop
+    /// strings still apply).
+    pub min_tokens: usize,
     /// `Some(n)`: report each token's logprob and the `n` most likely alternatives.
     pub logprobs: Option<usize>,
 }
@@ -198,6 +201,7 @@ struct Sequence<B: Backend> {
     prompt_len: usize,
     max_tokens: usize,
     stop_tokens: Vec<u32>,
+    min_tokens: usize,
     logprobs: Option<usize>,
     cache: SeqCache<B>,
     blocks: BlockTable,
@@ -349,7 +353,8 @@ impl<B: Backend> Engine<B> {
             return;
         }
         let seq = Sequence {
-            sampler: Sampler::new(s.request.params),
+            sampler: Sampler::new(s.request.params).with_prompt(&s.request.prompt),
+            min_tokens: s.request.min_tokens,
             prompt_len: s.request.prompt.len(),
             tokens: s.request.prompt,
             max_tokens: s.request.max_tokens,
@@ -552,7 +557,13 @@ impl<B: Backend> Engine<B> {
                     .observe(now.duration_since(last).as_secs_f64());
             }
             seq.last_token_at = Some(now);
-            let token = seq.sampler.sample(&row);
+            // Until min_tokens are out, the stop tokens cannot be picked.
+            let suppress: &[u32] = if seq.generated() < seq.min_tokens {
+                &seq.stop_tokens
+            } else {
+                &[]
+            };
+            let token = seq.sampler.sample(&row, suppress);
             let finish = if seq.stop_tokens.contains(&token) {
                 Some(FinishReason::Stop)
             } else {

@@ -364,15 +364,26 @@ fn prepare(
             "the prompt encodes to no tokens",
         ));
     }
-    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= state.vocab_size) {
-        return Err(ApiError::invalid(
-            Some("prompt"),
-            format!(
-                "token id {bad} is out of range: the vocabulary has {} tokens (ids 0..{})",
-                state.vocab_size,
-                state.vocab_size - 1
-            ),
-        ));
+    let params = &validated.params;
+    let named = [
+        ("prompt", prompt.clone()),
+        ("stop_token_ids", validated.stop_token_ids.clone()),
+        (
+            "logit_bias",
+            params.logit_bias.iter().map(|b| b.0).collect(),
+        ),
+    ];
+    for (param, ids) in named {
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= state.vocab_size) {
+            return Err(ApiError::invalid(
+                Some(param),
+                format!(
+                    "token id {bad} is out of range: the vocabulary has {} tokens (ids 0..{})",
+                    state.vocab_size,
+                    state.vocab_size - 1
+                ),
+            ));
+        }
     }
     if prompt.len() >= state.max_context {
         return Err(ApiError::invalid(
@@ -422,10 +433,13 @@ async fn handle(
         max_tokens: prepared.max_tokens,
         params: prepared.validated.params.clone(),
         stop_tokens: if prepared.validated.ignore_eos {
-            Vec::new()
+            prepared.validated.stop_token_ids.clone()
         } else {
-            state.stop_tokens.clone()
+            let mut stops = state.stop_tokens.clone();
+            stops.extend(&prepared.validated.stop_token_ids);
+            stops
         },
+        min_tokens: prepared.validated.min_tokens,
         logprobs: prepared.validated.logprobs,
     };
     let events = match state.engine.submit(request) {

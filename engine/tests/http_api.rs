@@ -334,6 +334,64 @@ async fn a_bf16_kv_cache_holds_twice_the_tokens() {
     );
 }
 
+/// The sampling controls vLLM users send act on the output: a +100 `logit_bias` makes greedy
+/// decoding repeat one token, `min_tokens` holds the end-of-sequence token back that long,
+/// `stop_token_ids` ends the output (also with `ignore_eos`), and a biased token outside the
+/// vocabulary is a 400 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logit_bias_min_tokens_and_stop_token_ids_shape_the_output() {
+    let s = start(&[]).await;
+    let eos = *s
+        .state
+        .stop_tokens
+        .first()
+        .expect("the fixture has an EOS token");
+    let token = (0..s.state.vocab_size as u32)
+        .find(|t| !s.state.stop_tokens.contains(t) && *t != eos)
+        .unwrap();
+    let complete = |extra: Value| {
+        let mut body = json!({"prompt": [1, 2, 3], "max_tokens": 6, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        s.post("/v1/completions", body)
+    };
+    let r = complete(json!({"logit_bias": {token.to_string(): 100}})).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(
+        v["choices"][0]["text"],
+        tokenizer().decode(&[token; 6]).unwrap(),
+        "{v}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+
+    let eos_bias = json!({eos.to_string(): 100});
+    let r = complete(json!({"logit_bias": eos_bias})).await.json();
+    assert_eq!(r["usage"]["completion_tokens"], 0, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    let r = complete(json!({"logit_bias": eos_bias, "min_tokens": 4}))
+        .await
+        .json();
+    assert_eq!(r["usage"]["completion_tokens"], 4, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+
+    for ignore_eos in [false, true] {
+        let r = complete(json!({"logit_bias": {token.to_string(): 100},
+                                "stop_token_ids": [token], "ignore_eos": ignore_eos}))
+        .await
+        .json();
+        assert_eq!(r["usage"]["completion_tokens"], 0, "{r}");
+        assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    }
+
+    let vocab = s.state.vocab_size;
+    let r = complete(json!({"logit_bias": {vocab.to_string(): 1}})).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "logit_bias");
+    s.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_ends_with_done_and_usage() {
     let s = start(&[]).await;

@@ -48,6 +48,7 @@ fn submit(engine: &EngineHandle, prompt: &[u32]) -> tokio::sync::mpsc::Unbounded
             max_tokens: 12,
             params: SamplingParams::greedy(),
             stop_tokens: Vec::new(),
+            min_tokens: 0,
             logprobs: Some(0),
         })
         .expect("submitting")
