@@ -22,6 +22,15 @@ fuzz_target!(|data: &[u8]| {
                 let p = &v.params;
                 assert!(p.temperature.is_finite() && p.temperature >= 0.0, "{p:?}");
                 assert!(p.top_p > 0.0 && p.top_p <= 1.0, "{p:?}");
+                // Everything accepted is within the sampler's own limits (penalties, min_p,
+                // logit_bias), and min_tokens within max_tokens.
+                assert!(p.validate().is_ok(), "{p:?}");
+                assert!(
+                    v.max_tokens.is_none_or(|n| v.min_tokens <= n),
+                    "min_tokens {} above max_tokens {:?}",
+                    v.min_tokens,
+                    v.max_tokens
+                );
                 assert!(
                     v.stop.iter().all(|s| !s.is_empty()),
                     "empty stop string accepted"
