@@ -3,7 +3,8 @@
 Serves the tiny fixture model (tests/fixtures/v32_sparse_moe) with a word-level tokenizer
 written here, on 127.0.0.1 with a free port, and checks completions and chat, streaming and
 not, usage numbers, stop sequences, max_tokens -> finish_reason "length", seed determinism,
-logprobs, and OpenAI-style errors.
+logprobs, logit bias and penalties (and vLLM's min_tokens through extra_body), and OpenAI-style
+errors.
 
 Run: python engine/tests/openai_client/test_openai.py [path/to/sparsemoe-engine]
 Without the `openai` package it prints that it skipped and exits 0, except under CI=true,
@@ -184,6 +185,22 @@ class OpenAIClientTest(unittest.TestCase):
                                                   temperature=0, stream=True))
         self.assertTrue(chunks)
         self.assertIn(chunks[-1].choices[0].finish_reason, ("stop", "length"))
+
+    def test_sampling_controls(self):
+        # logit_bias as the client sends it (string keys): +100 makes greedy repeat t9.
+        r = client().completions.create(model="tiny", prompt="t3", max_tokens=4, temperature=0,
+                                        logit_bias={"9": 100}, presence_penalty=0.5,
+                                        frequency_penalty=0.5)
+        self.assertEqual(r.choices[0].text.split(), ["t9"] * 4)
+        # vLLM's fields through extra_body: </s> (id 1) forced, held back for min_tokens.
+        r = client().completions.create(model="tiny", prompt="t3", max_tokens=8, temperature=0,
+                                        logit_bias={"1": 100}, extra_body={"min_tokens": 3})
+        self.assertEqual((r.usage.completion_tokens, r.choices[0].finish_reason), (3, "stop"))
+        with self.assertRaises(openai.BadRequestError) as e:
+            client().chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "t3"}],
+                response_format={"type": "json_object"})
+        self.assertIn("response_format", str(e.exception))
 
     def test_models(self):
         self.assertEqual([m.id for m in client().models.list()], ["tiny"])
