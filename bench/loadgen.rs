@@ -71,6 +71,11 @@ struct Args {
     /// Scheduler token budget per step (in-process mode; match the server's flag).
     #[arg(long, default_value_t = 256)]
     max_batch_tokens: usize,
+    /// In-process mode: the KV cache's bytes and dtype (`float32` or `bfloat16`).
+    #[arg(long, default_value_t = 1 << 30, conflicts_with = "url")]
+    kv_cache_bytes: usize,
+    #[arg(long, default_value = "float32", conflicts_with = "url")]
+    kv_cache_dtype: String,
 }
 
 fn range(text: &str) -> (usize, usize) {
@@ -208,6 +213,12 @@ async fn main() {
             (prompt, rng.random_range(o_lo..=o_hi).max(1))
         })
         .collect();
+    let kv_dtype: KvDtype = args.kv_cache_dtype.parse().unwrap_or_else(|e| {
+        eprintln!("loadgen: {e}");
+        std::process::exit(2);
+    });
+    let metrics = Arc::new(Metrics::new());
+    let mut kv_tokens = None;
     let (target, mode) = match (&args.url, &args.in_process) {
         (Some(url), _) => (
             Target::Http(
@@ -225,9 +236,10 @@ async fn main() {
             let config = model.config.clone();
             let blocks = BlockAllocator::from_budget(
                 16,
-                1 << 30,
-                bytes_per_token(&config, KvDtype::Float32),
+                args.kv_cache_bytes,
+                bytes_per_token(&config, kv_dtype),
             );
+            kv_tokens = Some(blocks.capacity_tokens());
             let max_context = config.max_position_embeddings.min(blocks.capacity_tokens());
             let engine = scheduler::spawn(
                 model,
@@ -238,9 +250,9 @@ async fn main() {
                     max_waiting: 1 << 20,
                     max_context,
                     prefix_caching: !args.no_prefix_caching,
-                    kv_dtype: KvDtype::Float32,
+                    kv_dtype,
                 },
-                Arc::new(Metrics::new()),
+                metrics.clone(),
             )
             .expect("starting the engine");
             (
@@ -309,6 +321,9 @@ async fn main() {
         "shared_prefix": args.shared_prefix,
         // In-process only: over HTTP it is the server's setting, which the caller knows.
         "prefix_caching": args.in_process.as_ref().map(|_| !args.no_prefix_caching),
+        "kv_cache_dtype": args.in_process.as_ref().map(|_| kv_dtype.as_str()),
+        "kv_cache_tokens": kv_tokens,
+        "preemptions": args.in_process.as_ref().map(|_| metrics.preemptions.get()),
         "output_len": args.output_len,
         "duration_s": elapsed,
         "output_tokens": tokens,
