@@ -390,6 +390,30 @@ class Harness:
         self.record_bool("scatter_rows_f32_to_bf16_bits",
                          torch.equal(kv.view(torch.int16), want.view(torch.int16)),
                          "rows rounded as torch rounds to bf16, the others untouched")
+        # A KV cache kept in fp8: per 128 values of a row a scale max(amax, 1e-4) / 448 and
+        # e4m3 codes of x / scale (torch's cast, after the clamp the kernel saturates to); a
+        # 300-wide row has a partial last block, and an all-zero row takes the scale's floor.
+        fc = 300
+        fresh = torch.randn(rows, fc, device=d) * torch.rand(rows, 1, device=d) * 50
+        fresh[7] = 0
+        nb = (fc + 127) // 128
+        codes = torch.full((500, fc), 0x55, dtype=torch.uint8, device=d)
+        scales = torch.full((500, nb), -1.0, device=d)
+        want_c, want_s = codes.clone(), scales.clone()
+        for b in range(nb):
+            blk = fresh[:, 128 * b:128 * (b + 1)]
+            sc = blk.abs().amax(-1).clamp_min(1e-4) / 448.0
+            want_s[slots.long(), b] = sc
+            want_c[slots.long(), 128 * b:128 * (b + 1)] = (blk / sc[:, None]).clamp(-448.0, 448.0) \
+                .to(torch.float8_e4m3fn).view(torch.uint8)
+        self.launch("scatter_rows_f32_to_fp8", (rows,), 256, [codes, scales, fresh, slots, ("i", fc)])
+        self.record_bool("scatter_rows_f32_to_fp8", torch.equal(codes, want_c) and torch.equal(scales, want_s),
+                         "codes and scales bit-exact with torch's e4m3 cast; other slots untouched")
+        back = torch.full((rows, fc), nan, device=d)
+        self.launch("gather_rows_fp8_f32", (rows,), 256, [back, codes, scales, slots, ("i", fc)])
+        ref = (want_c[slots.long()].view(torch.float8_e4m3fn).double()
+               * want_s[slots.long()].double().repeat_interleave(128, 1)[:, :fc])
+        self.record("gather_rows_fp8_f32", rel_l2(back, ref), F32_BOUND)
         # float32 -> bf16 bits, ties to even: against torch's rounding on random values, exact
         # ties, the edges of the range, infinities and NaN.
         x = torch.cat([torch.randn(100000, device=d) * 1e3,

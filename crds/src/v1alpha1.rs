@@ -234,8 +234,9 @@ pub struct EngineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<WeightDtype>,
     /// How the engine stores the KV cache: `auto` (the default: `bfloat16` with
-    /// `dtype: bfloat16`, else `float32`), `float32`, or `bfloat16` (half the bytes, so twice
-    /// the tokens in the same memory; CPU and GPU replicas alike).
+    /// `dtype: bfloat16`, else `float32`), `float32`, `bfloat16` (half the bytes, so twice the
+    /// tokens in the same memory), or `fp8` (e4m3 with a scale per 128 values, RoPE keys in
+    /// bf16: about a quarter of the float32 bytes). CPU and GPU replicas alike.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_cache_dtype: Option<KvCacheDtype>,
     /// Reuse the KV blocks of a prompt prefix computed before (automatic prefix caching); on
@@ -320,6 +321,7 @@ pub enum KvCacheDtype {
     Auto,
     Float32,
     Bfloat16,
+    Fp8,
 }
 
 impl KvCacheDtype {
@@ -329,6 +331,7 @@ impl KvCacheDtype {
             Self::Auto => "auto",
             Self::Float32 => "float32",
             Self::Bfloat16 => "bfloat16",
+            Self::Fp8 => "fp8",
         }
     }
 }

@@ -19,14 +19,31 @@ pub enum KvDtype {
     Float32,
     /// bf16 (rounded to nearest, ties to even): half the bytes, so twice the tokens fit.
     Bfloat16,
+    /// fp8 e4m3 with a float32 scale per 128 values of a row (each block's largest magnitude
+    /// maps to 448), as DeepSeek's FlashMLA keeps V3.2's latent cache; the RoPE keys stay bf16
+    /// ([`KvDtype::rope_keys`]). About a quarter of the float32 bytes.
+    Fp8,
 }
 
+/// Values per fp8 scale in a row.
+pub const FP8_BLOCK: usize = 128;
+
 impl KvDtype {
-    /// Bytes of one stored value.
-    pub fn size(self) -> usize {
+    /// Bytes one row of `cols` values takes.
+    pub fn row_bytes(self, cols: usize) -> usize {
         match self {
-            Self::Float32 => 4,
-            Self::Bfloat16 => 2,
+            Self::Float32 => 4 * cols,
+            Self::Bfloat16 => 2 * cols,
+            Self::Fp8 => cols + 4 * cols.div_ceil(FP8_BLOCK),
+        }
+    }
+
+    /// How a pool of this dtype keeps the RoPE keys: in bf16 under fp8 (the rotated part is the
+    /// precision-sensitive one, and FlashMLA keeps it bf16 too), else as the rest.
+    pub fn rope_keys(self) -> Self {
+        match self {
+            Self::Fp8 => Self::Bfloat16,
+            other => other,
         }
     }
 
@@ -34,6 +51,7 @@ impl KvDtype {
         match self {
             Self::Float32 => "float32",
             Self::Bfloat16 => "bfloat16",
+            Self::Fp8 => "fp8",
         }
     }
 }
@@ -45,8 +63,9 @@ impl std::str::FromStr for KvDtype {
         match s {
             "float32" => Ok(Self::Float32),
             "bfloat16" => Ok(Self::Bfloat16),
+            "fp8" | "fp8_e4m3" => Ok(Self::Fp8),
             other => Err(EngineError::input(format!(
-                "--kv-cache-dtype {other}: expected `auto`, `float32` or `bfloat16`"
+                "--kv-cache-dtype {other}: expected `auto`, `float32`, `bfloat16` or `fp8`"
             ))),
         }
     }
@@ -430,10 +449,13 @@ impl<B: Backend> SeqCache<B> {
 /// Bytes one cached token takes across all layers (latent + rope key + indexer key) in a pool
 /// of `dtype`.
 pub fn bytes_per_token(config: &crate::config::ModelConfig, dtype: KvDtype) -> usize {
-    let per_layer = config.kv_lora_rank
-        + config.qk_rope_head_dim
-        + config.indexer.as_ref().map_or(0, |ix| ix.head_dim);
-    per_layer * config.num_layers * dtype.size()
+    let per_layer = dtype.row_bytes(config.kv_lora_rank)
+        + dtype.rope_keys().row_bytes(config.qk_rope_head_dim)
+        + config
+            .indexer
+            .as_ref()
+            .map_or(0, |ix| dtype.row_bytes(ix.head_dim));
+    per_layer * config.num_layers
 }
 
 /// Fixed-size KV blocks: a free list and per-sequence block tables. The scheduler admits,

@@ -433,7 +433,9 @@ impl<B: Backend> Model<B> {
             .map(|_| {
                 Ok(PoolLayer {
                     latent: store(c.kv_lora_rank)?,
-                    k_pe: store(c.qk_rope_head_dim)?,
+                    k_pe: self
+                        .backend
+                        .kv_store(rows, c.qk_rope_head_dim, dtype.rope_keys())?,
                     index_keys: c
                         .indexer
                         .as_ref()

@@ -65,8 +65,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SPARSEMOE_KV_CACHE_MEMORY_FRACTION")]
     pub kv_cache_memory_fraction: Option<f64>,
     /// How the KV cache stores its rows: `float32`, `bfloat16` (half the bytes, so twice the
-    /// tokens in the same memory; rows rounded to bf16 as they are written), or `auto`:
-    /// bfloat16 with `--dtype bfloat16`, float32 otherwise.
+    /// tokens in the same memory; rows rounded to bf16 as they are written), `fp8` (e4m3 codes
+    /// with a float32 scale per 128 values, RoPE keys in bf16: about a quarter of the float32
+    /// bytes), or `auto`: bfloat16 with `--dtype bfloat16`, float32 otherwise.
     #[arg(long, default_value = "auto", env = "SPARSEMOE_KV_CACHE_DTYPE")]
     pub kv_cache_dtype: String,
     /// Tokens per KV-cache block.

@@ -227,6 +227,31 @@ pub fn fp8_e4m3_to_f32(q: u8) -> f32 {
     }
 }
 
+/// The e4m3 ("fn") code nearest `x`, ties to even, saturating at ±448 (NaN gives 0x7f): the
+/// inverse of [`fp8_e4m3_to_f32`] on its values, as the CUDA kernels' `f32_to_e4m3_rn` computes.
+pub fn f32_to_fp8_e4m3(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7f;
+    }
+    let sign = ((x.to_bits() >> 31) as u8) << 7;
+    let a = x.abs().min(448.0);
+    if a < 2f32.powi(-6) {
+        // Subnormal codes step by 2^-9; 8 steps is the smallest normal, code 0x08.
+        return sign | (a * 512.0).round_ties_even() as u8;
+    }
+    let bits = a.to_bits();
+    let mut exp = ((bits >> 23) & 0xff) as i32 - 127;
+    let (mut keep, rest) = ((bits >> 20) & 0x7, bits & 0xf_ffff);
+    if rest > 0x8_0000 || (rest == 0x8_0000 && keep & 1 == 1) {
+        keep += 1;
+    }
+    if keep == 8 {
+        keep = 0;
+        exp += 1;
+    }
+    sign | ((((exp + 7) as u32) << 3 | keep).min(0x7e) as u8)
+}
+
 struct TensorEntry {
     file: usize,
     dtype: StoredType,
@@ -520,6 +545,44 @@ impl WeightStore {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fp8_encoding_inverts_decoding_and_rounds_to_even() {
+        use super::{f32_to_fp8_e4m3, fp8_e4m3_to_f32};
+        for code in (0u8..=0xff).filter(|c| c & 0x7f != 0x7f) {
+            let v = fp8_e4m3_to_f32(code);
+            assert_eq!(f32_to_fp8_e4m3(v), code, "code {code:#04x} = {v}");
+        }
+        // Between every two neighbouring codes: the midpoint goes to the even one, a hair
+        // either side to the nearer one (every binade, the subnormals and their edge).
+        for c in 0u8..0x7e {
+            let (lo, hi) = (fp8_e4m3_to_f32(c), fp8_e4m3_to_f32(c + 1));
+            let mid = (lo + hi) / 2.0;
+            let even = if c % 2 == 0 { c } else { c + 1 };
+            assert_eq!(
+                f32_to_fp8_e4m3(mid),
+                even,
+                "midpoint of {c:#04x} and the next"
+            );
+            let hair = (hi - lo) / 64.0;
+            assert_eq!(f32_to_fp8_e4m3(mid - hair), c);
+            assert_eq!(f32_to_fp8_e4m3(mid + hair), c + 1);
+            assert_eq!(f32_to_fp8_e4m3(-(mid + hair)), 0x80 | (c + 1));
+        }
+        // Midpoints go to the even neighbour: 1.0625 between 1.0 (0x38) and 1.125 (0x39),
+        // 1.1875 between 0x39 and 1.25 (0x3a); just above a midpoint goes up.
+        assert_eq!(f32_to_fp8_e4m3(1.0625), 0x38);
+        assert_eq!(f32_to_fp8_e4m3(1.1875), 0x3a);
+        assert_eq!(f32_to_fp8_e4m3(1.0625 + 1e-6), 0x39);
+        // Subnormals (steps of 2^-9) and the edge to the smallest normal.
+        assert_eq!(f32_to_fp8_e4m3(2.5 * 2f32.powi(-9)), 0x02);
+        assert_eq!(f32_to_fp8_e4m3(2f32.powi(-6) - 2f32.powi(-11)), 0x08);
+        // Saturation, not infinity or NaN; NaN stays NaN; the sign of zero is kept.
+        assert_eq!(f32_to_fp8_e4m3(1e6), 0x7e);
+        assert_eq!(f32_to_fp8_e4m3(-470.0), 0xfe);
+        assert_eq!(f32_to_fp8_e4m3(f32::NAN), 0x7f);
+        assert_eq!(f32_to_fp8_e4m3(-0.0), 0x80);
+    }
+
     use super::*;
 
     #[test]

@@ -166,7 +166,10 @@ fn serve_refuses_settings_it_cannot_honour() {
             &["--nodes-per-replica", "2"][..],
             "--nodes-per-replica 2 (SPARSEMOE_NODES_PER_REPLICA)",
         ),
-        (&["--kv-cache-dtype", "fp8"][..], "--kv-cache-dtype fp8"),
+        (
+            &["--kv-cache-dtype", "float16"][..],
+            "--kv-cache-dtype float16",
+        ),
     ] {
         let out = engine()
             .args(["serve", "--port", "0"])

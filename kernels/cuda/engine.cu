@@ -92,6 +92,61 @@ scatter_rows_f32_to_bf16_bits(unsigned short* __restrict__ dst, const float* __r
     for (int c = threadIdx.x; c < cols; c += blockDim.x) d[c] = bf16_bits_rn(s[c]);
 }
 
+// The e4m3 ("fn") code nearest x, ties to even, saturating at +-448; NaN gives 0x7f (the
+// engine's f32_to_fp8_e4m3, bit for bit).
+SMOE_DEVICE unsigned int f32_to_e4m3_rn(float x) {
+    if (x != x) return 0x7fu;
+    const unsigned int sign = (__float_as_uint(x) >> 31) << 7;
+    const float a = fminf(fabsf(x), 448.f);
+    if (a < 0.015625f) return sign | (unsigned int)__float2int_rn(a * 512.f);  // subnormal steps 2^-9
+    const unsigned int bits = __float_as_uint(a);
+    int exp = (int)((bits >> 23) & 0xffu) - 127;
+    unsigned int keep = (bits >> 20) & 7u;
+    const unsigned int rest = bits & 0xfffffu;
+    if (rest > 0x80000u || (rest == 0x80000u && (keep & 1u))) keep += 1u;
+    if (keep == 8u) {
+        keep = 0u;
+        exp += 1;
+    }
+    const unsigned int code = ((unsigned int)(exp + 7) << 3) | keep;
+    return sign | (code < 0x7eu ? code : 0x7eu);
+}
+
+#define KV_FP8_BLOCK 128
+
+// A KV cache kept in fp8 (FlashMLA's layout for the latent): row r of rows goes to slot
+// slots[r] as e4m3 codes of x / scale, one scale per KV_FP8_BLOCK values, mapping the block's
+// largest magnitude (at least 1e-4) to 448. scales has ceil(cols / KV_FP8_BLOCK) per row.
+// Launch: grid rows, block ENGINE_THREADS (>= KV_FP8_BLOCK).
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+scatter_rows_f32_to_fp8(uint8_t* __restrict__ codes, float* __restrict__ scales, const float* __restrict__ rows,
+                        const int* __restrict__ slots, int cols) {
+    __shared__ float scratch[32];
+    const float* s = rows + (size_t)blockIdx.x * cols;
+    const size_t slot = (size_t)slots[blockIdx.x];
+    const int blocks = (cols + KV_FP8_BLOCK - 1) / KV_FP8_BLOCK;
+    for (int b = 0; b < blocks; ++b) {
+        const int c = b * KV_FP8_BLOCK + (int)threadIdx.x;
+        const bool mine = threadIdx.x < KV_FP8_BLOCK && c < cols;
+        const float x = mine ? s[c] : 0.f;
+        const float scale = fmaxf(block_max(fabsf(x), scratch), 1e-4f) / 448.f;
+        if (mine) codes[slot * cols + c] = (uint8_t)f32_to_e4m3_rn(x / scale);
+        if (threadIdx.x == 0) scales[slot * blocks + b] = scale;
+    }
+}
+
+// out[r, c] = e4m3(codes[slots[r], c]) * scales[slots[r], c / KV_FP8_BLOCK]: reading it back.
+// Launch: grid rows, block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+gather_rows_fp8_f32(float* __restrict__ out, const uint8_t* __restrict__ codes, const float* __restrict__ scales,
+                    const int* __restrict__ slots, int cols) {
+    const size_t slot = (size_t)slots[blockIdx.x];
+    const int blocks = (cols + KV_FP8_BLOCK - 1) / KV_FP8_BLOCK;
+    float* o = out + (size_t)blockIdx.x * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+        o[c] = fp8_e4m3_value(codes[slot * cols + c]) * scales[slot * blocks + c / KV_FP8_BLOCK];
+}
+
 // out[rows[j], :] += weights[j] · y[j, :]: one expert's outputs into the MoE sum (rows distinct
 // within a launch; experts are added one launch after another, in a fixed order).
 // Launch: grid pairs, block ENGINE_THREADS.

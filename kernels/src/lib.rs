@@ -144,6 +144,10 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("scatter_rows_f32" in "engine.cu": dst: F32Mut, rows: F32, slots: I32, cols: Int),
     kernel!("scatter_rows_f32_to_bf16_bits" in "engine.cu":
         dst: Bf16BitsMut, rows: F32, slots: I32, cols: Int),
+    kernel!("scatter_rows_f32_to_fp8" in "engine.cu":
+        codes: U8Mut, scales: F32Mut, rows: F32, slots: I32, cols: Int),
+    kernel!("gather_rows_fp8_f32" in "engine.cu":
+        out: F32Mut, codes: U8, scales: F32, slots: I32, cols: Int),
     kernel!("scatter_add_rows_f32" in "engine.cu":
         out: F32Mut, y: F32, rows: I32, weights: F32, cols: Int),
     kernel!("combine_rows_f32" in "engine.cu":
@@ -189,6 +193,8 @@ pub mod launch {
 
     /// Threads of the engine's row kernels (one block per row).
     pub const ENGINE_THREADS: u32 = 256;
+    /// Values per scale of an fp8 KV row (`scatter_rows_f32_to_fp8`).
+    pub const KV_FP8_BLOCK: u32 = 128;
     /// The engine's float32 MLA attention: threads per (row, head) block, keys per tile, and
     /// the largest latent width.
     pub const MLA_F32_THREADS: u32 = 128;

@@ -117,6 +117,7 @@ fn launch_constants_match_the_sources() {
         ("moe.cu", "ROUTE_MAX_EXPERTS", launch::ROUTE_MAX_EXPERTS),
         ("grouped_gemm.cu", "GG_TILE", launch::GROUPED_GEMM_TILE),
         ("engine.cu", "ENGINE_THREADS", launch::ENGINE_THREADS),
+        ("engine.cu", "KV_FP8_BLOCK", launch::KV_FP8_BLOCK),
         ("engine.cu", "MLA_F32_THREADS", launch::MLA_F32_THREADS),
         ("engine.cu", "MLA_F32_TILE", launch::MLA_F32_TILE),
         (

@@ -8,10 +8,10 @@ use std::borrow::Cow;
 
 use crate::error::{EngineError, Result};
 use crate::expert_shards::Pair;
-use crate::kv_cache::KvDtype;
+use crate::kv_cache::{FP8_BLOCK, KvDtype};
 use crate::linalg::{axpy, dot, dots, for_each_chunk, index_scores, linear, map_range};
 use crate::rope::{Rope, RopeLayout};
-use crate::weights::Matrix;
+use crate::weights::{Matrix, f32_to_fp8_e4m3, fp8_e4m3_to_f32};
 
 /// A row-major `[rows, cols]` float32 tensor in host memory.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,11 +27,23 @@ impl CpuTensor {
     }
 }
 
-/// Rows of a paged KV pool in host memory: float32, or bf16 as its bits (half the bytes).
+/// Rows of a paged KV pool in host memory: float32, bf16 as its bits (half the bytes), or fp8
+/// e4m3 codes with a float32 scale per [`FP8_BLOCK`] values of a row.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CpuStore {
-    F32 { cols: usize, data: Vec<f32> },
-    Bf16 { cols: usize, data: Vec<u16> },
+    F32 {
+        cols: usize,
+        data: Vec<f32>,
+    },
+    Bf16 {
+        cols: usize,
+        data: Vec<u16>,
+    },
+    Fp8 {
+        cols: usize,
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+    },
 }
 
 impl CpuStore {
@@ -39,6 +51,27 @@ impl CpuStore {
         match self {
             Self::F32 { cols, data } => data.len() / (*cols).max(1),
             Self::Bf16 { cols, data } => data.len() / (*cols).max(1),
+            Self::Fp8 { cols, codes, .. } => codes.len() / (*cols).max(1),
+        }
+    }
+}
+
+/// Every e4m3 code's value: reading an fp8 pool is a table lookup and a multiply.
+static FP8_VALUES: std::sync::LazyLock<[f32; 256]> =
+    std::sync::LazyLock::new(|| std::array::from_fn(|q| fp8_e4m3_to_f32(q as u8)));
+
+/// A row as fp8: for each block of [`FP8_BLOCK`] values the scale that maps its largest
+/// magnitude (at least 1e-4) to 448, and each value's e4m3 code of `x / scale`.
+pub fn fp8_row(row: &[f32], codes: &mut [u8], scales: &mut [f32]) {
+    for ((block, codes), scale) in row
+        .chunks(FP8_BLOCK)
+        .zip(codes.chunks_mut(FP8_BLOCK))
+        .zip(scales.iter_mut())
+    {
+        let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+        *scale = amax.max(1e-4) / 448.0;
+        for (c, &x) in codes.iter_mut().zip(block) {
+            *c = f32_to_fp8_e4m3(x / *scale);
         }
     }
 }
@@ -183,7 +216,7 @@ impl Backend for Cpu {
     fn kv_store(&self, rows: usize, cols: usize, dtype: KvDtype) -> Result<CpuStore> {
         let n = rows
             .checked_mul(cols)
-            .filter(|n| n.checked_mul(dtype.size()).is_some())
+            .filter(|_| rows.checked_mul(dtype.row_bytes(cols)).is_some())
             .ok_or_else(|| {
                 EngineError::input(format!(
                     "a KV store of {rows} rows of {cols} {} values does not fit in memory",
@@ -199,6 +232,11 @@ impl Backend for Cpu {
             KvDtype::Bfloat16 => CpuStore::Bf16 {
                 cols,
                 data: vec![0; n],
+            },
+            KvDtype::Fp8 => CpuStore::Fp8 {
+                cols,
+                codes: vec![0; n],
+                scales: vec![0.0; rows * cols.div_ceil(FP8_BLOCK)],
             },
         })
     }
@@ -219,6 +257,21 @@ impl Backend for Cpu {
                     for (d, &x) in dst.iter_mut().zip(rows.row(i)) {
                         *d = half::bf16::from_f32(x).to_bits();
                     }
+                }
+            }
+            CpuStore::Fp8 {
+                cols,
+                codes,
+                scales,
+            } => {
+                assert_eq!(*cols, rows.cols, "write_rows: column counts differ");
+                let blocks = cols.div_ceil(FP8_BLOCK);
+                for (i, &slot) in slots.iter().enumerate() {
+                    fp8_row(
+                        rows.row(i),
+                        &mut codes[slot * *cols..(slot + 1) * *cols],
+                        &mut scales[slot * blocks..(slot + 1) * blocks],
+                    );
                 }
             }
         }
@@ -246,6 +299,23 @@ impl Backend for Cpu {
                             .iter()
                             .map(|&b| half::bf16::from_bits(b).to_f32()),
                     );
+                }
+                (*cols, out)
+            }
+            CpuStore::Fp8 {
+                cols,
+                codes,
+                scales,
+            } => {
+                let blocks = cols.div_ceil(FP8_BLOCK);
+                let values = &*FP8_VALUES;
+                let mut out = Vec::with_capacity(slots.len() * cols);
+                for &slot in slots {
+                    let row = &codes[slot * cols..(slot + 1) * cols];
+                    let row_scales = &scales[slot * blocks..(slot + 1) * blocks];
+                    for (block, &scale) in row.chunks(FP8_BLOCK).zip(row_scales) {
+                        out.extend(block.iter().map(|&q| values[q as usize] * scale));
+                    }
                 }
                 (*cols, out)
             }

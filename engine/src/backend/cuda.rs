@@ -11,8 +11,9 @@
 //!   products of the absorbed MLA); the row operations between them are the float32 kernels of
 //!   `kernels/cuda/engine.cu`, and the indexer's selection is `topk.cu`'s radix select. Both
 //!   files are compiled at start-up with NVRTC, so no CUDA toolkit is needed at build time.
-//! - The paged KV pool lives on the first GPU, in float32 or, with `--kv-cache-dtype bfloat16`,
-//!   as bf16 bits (rows rounded as they are written, widened to float32 as they are gathered).
+//! - The paged KV pool lives on the first GPU, in float32, as bf16 bits, or as fp8 e4m3 codes
+//!   with a scale per 128 values (`--kv-cache-dtype`): rows are rounded as they are written and
+//!   widened to float32 as they are gathered.
 //! - The routed experts of a MoE layer run as three grouped products (`cublasGemmGroupedBatchedEx`,
 //!   one group per expert) over their rows gathered in expert order, and one launch adds each
 //!   token's weighted outputs; fp8 experts, or a cuBLAS that refuses the grouped call, run one
@@ -53,7 +54,7 @@ use sparsemoe_kernels::launch;
 use super::{Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing, by_expert, pairs_by_row};
 use crate::error::{EngineError, Result};
 use crate::expert_shards::{Pair, compact_rows};
-use crate::kv_cache::KvDtype;
+use crate::kv_cache::{FP8_BLOCK, KvDtype};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::Matrix;
 
@@ -65,7 +66,8 @@ pub struct CudaTensor {
     cols: usize,
 }
 
-/// Rows of a paged KV pool in device memory (`[rows, cols]`): float32, or bf16 as its bits.
+/// Rows of a paged KV pool in device memory (`[rows, cols]`): float32, bf16 as its bits, or
+/// fp8 e4m3 codes with a float32 scale per [`FP8_BLOCK`] values of a row.
 pub enum CudaStore {
     F32(CudaTensor),
     Bf16 {
@@ -73,13 +75,21 @@ pub enum CudaStore {
         rows: usize,
         cols: usize,
     },
+    Fp8 {
+        codes: CudaSlice<u8>,
+        scales: CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+    },
 }
+
+const _: () = assert!(launch::KV_FP8_BLOCK as usize == FP8_BLOCK);
 
 impl CudaStore {
     fn rows(&self) -> usize {
         match self {
             Self::F32(t) => t.rows,
-            Self::Bf16 { rows, .. } => *rows,
+            Self::Bf16 { rows, .. } | Self::Fp8 { rows, .. } => *rows,
         }
     }
 }
@@ -89,14 +99,17 @@ impl std::fmt::Debug for CudaStore {
         match self {
             Self::F32(t) => write!(f, "CudaStore::F32[{}, {}]", t.rows, t.cols),
             Self::Bf16 { rows, cols, .. } => write!(f, "CudaStore::Bf16[{rows}, {cols}]"),
+            Self::Fp8 { rows, cols, .. } => write!(f, "CudaStore::Fp8[{rows}, {cols}]"),
         }
     }
 }
 
 impl Drop for CudaStore {
     fn drop(&mut self) {
-        if let Self::Bf16 { buf, .. } = self {
-            let _ = buf.context().bind_to_thread();
+        match self {
+            Self::Bf16 { buf, .. } => drop(buf.context().bind_to_thread()),
+            Self::Fp8 { codes, .. } => drop(codes.context().bind_to_thread()),
+            Self::F32(_) => {}
         }
     }
 }
@@ -292,6 +305,8 @@ struct Kernels {
     fp8_dequant_bf16: CudaFunction,
     scatter_rows: CudaFunction,
     scatter_rows_bf16: CudaFunction,
+    scatter_rows_fp8: CudaFunction,
+    gather_rows_fp8: CudaFunction,
     scatter_add_rows: CudaFunction,
     combine_rows: CudaFunction,
     combine_rows_bf16: CudaFunction,
@@ -486,6 +501,8 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         fp8_dequant_bf16: function("fp8_dequant_bf16_bits")?,
         scatter_rows: function("scatter_rows_f32")?,
         scatter_rows_bf16: function("scatter_rows_f32_to_bf16_bits")?,
+        scatter_rows_fp8: function("scatter_rows_f32_to_fp8")?,
+        gather_rows_fp8: function("gather_rows_fp8_f32")?,
         scatter_add_rows: function("scatter_add_rows_f32")?,
         combine_rows: function("combine_rows_f32")?,
         combine_rows_bf16: function("combine_rows_bf16_bits_f32")?,
@@ -1779,13 +1796,24 @@ impl Backend for Cuda {
                 rows,
                 cols,
             },
+            KvDtype::Fp8 => CudaStore::Fp8 {
+                codes: self.stream.alloc_zeros::<u8>(n).map_err(failed)?,
+                scales: self
+                    .stream
+                    .alloc_zeros::<f32>((rows * cols.div_ceil(FP8_BLOCK)).max(1))
+                    .map_err(failed)?,
+                rows,
+                cols,
+            },
         })
     }
 
     fn write_rows(&self, dst: &mut CudaStore, slots: &[usize], rows: &CudaTensor) {
         let (dst_rows, dst_cols) = match dst {
             CudaStore::F32(t) => (t.rows, t.cols),
-            CudaStore::Bf16 { rows, cols, .. } => (*rows, *cols),
+            CudaStore::Bf16 { rows, cols, .. } | CudaStore::Fp8 { rows, cols, .. } => {
+                (*rows, *cols)
+            }
         };
         assert_eq!(dst_cols, rows.cols, "write_rows: column counts differ");
         assert_eq!(rows.rows, slots.len(), "write_rows: one slot per row");
@@ -1808,6 +1836,11 @@ impl Backend for Cuda {
                 let mut b = self.stream.launch_builder(&self.k.scatter_rows_bf16);
                 b.arg(buf);
                 (b, "scatter_rows_f32_to_bf16_bits")
+            }
+            CudaStore::Fp8 { codes, scales, .. } => {
+                let mut b = self.stream.launch_builder(&self.k.scatter_rows_fp8);
+                b.arg(codes).arg(scales);
+                (b, "scatter_rows_f32_to_fp8")
             }
         };
         b.arg(&rows.buf).arg(&idx).arg(&c);
@@ -1837,6 +1870,28 @@ impl Backend for Cuda {
                 ok(
                     unsafe { b.launch(Self::row_config(slots.len())) },
                     "gather_rows_bf16_bits_f32",
+                );
+                out
+            }
+            CudaStore::Fp8 {
+                codes,
+                scales,
+                cols,
+                ..
+            } => {
+                let mut out = self.zeros(slots.len(), *cols);
+                if slots.is_empty() {
+                    return out;
+                }
+                let idx = self.upload_i32(slots.iter().copied());
+                let c = *cols as i32;
+                let mut b = self.stream.launch_builder(&self.k.gather_rows_fp8);
+                b.arg(&mut out.buf).arg(codes).arg(scales).arg(&idx).arg(&c);
+                // SAFETY: out has slots.len()·cols elements; every slot is a row of src
+                // (checked above), with its codes and scales.
+                ok(
+                    unsafe { b.launch(Self::row_config(slots.len())) },
+                    "gather_rows_fp8_f32",
                 );
                 out
             }
