@@ -76,11 +76,18 @@ def ref_indexer(q, keys, w, key_start, n_visible, n_keys, scale):
     return out
 
 
+def divided(x, d):
+    """x / d as an IEEE division, element by element, as the kernels divide: PyTorch's CUDA
+    division by a Python number multiplies by its reciprocal instead, which is one ulp off in
+    about half the cases (a 0-dim tensor on the same device is divided for real)."""
+    return x / torch.tensor(d, dtype=x.dtype, device=x.device)
+
+
 def ref_quant_fp8(x, pow2):
     """x [rows, dim] -> (e4m3 codes as uint8, float32 scale per row), as indexer_quant_fp8: scale =
     max(amax, 1e-4) / 448 (rounded up to a power of two if pow2), codes = e4m3(x / scale)."""
     xf = x.float()
-    scale = xf.abs().amax(-1).clamp_min(1e-4) / 448.0
+    scale = divided(xf.abs().amax(-1).clamp_min(1e-4), 448.0)
     if pow2:
         scale = torch.exp2(torch.ceil(torch.log2(scale.double()))).float()
     codes = (xf / scale[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
@@ -402,7 +409,7 @@ class Harness:
         want_c, want_s = codes.clone(), scales.clone()
         for b in range(nb):
             blk = fresh[:, 128 * b:128 * (b + 1)]
-            sc = blk.abs().amax(-1).clamp_min(1e-4) / 448.0
+            sc = divided(blk.abs().amax(-1).clamp_min(1e-4), 448.0)
             want_s[slots.long(), b] = sc
             want_c[slots.long(), 128 * b:128 * (b + 1)] = (blk / sc[:, None]).clamp(-448.0, 448.0) \
                 .to(torch.float8_e4m3fn).view(torch.uint8)
@@ -608,7 +615,8 @@ class Harness:
 
     def indexer_fp8_launch(self, scores, q8, qs, k8, ks, w, start, vis, n_keys, heads, dim):
         smem = heads * dim + heads * 4 + INDEXER_KEYS * (dim + 4) + INDEXER_KEYS * 4
-        self.launch("indexer_scores_fp8", ((n_keys + INDEXER_KEYS - 1) // INDEXER_KEYS, q8.shape[0]), 2 * INDEXER_KEYS,
+        # One grid row per query: q8 holds a row per (query, head).
+        self.launch("indexer_scores_fp8", ((n_keys + INDEXER_KEYS - 1) // INDEXER_KEYS, scores.shape[0]), 2 * INDEXER_KEYS,
                     [scores, q8, qs, k8, ks, w, start, vis, ("i", n_keys), ("i", heads), ("i", dim), ("f", dim ** -0.5),
                      ("l", scores.shape[1])], smem)
 
