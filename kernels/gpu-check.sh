@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The one GPU check for sparsemoe's kernels and its engine, for a single device call: every step
-# has a time limit and they add up to under 10 minutes (kernels 300 s, engine tests 100 s, six
-# benches 30 s each); about 5 minutes expected on an H200, unmeasured so far. Call it with
-# timeout_s 600 and carry ["target/gpu-check"] (kernels/gpu-build.sh, 21 MB).
+# has a time limit and the required ones add up to under 10 minutes (kernels 300 s, engine tests
+# 100 s, six benches 30 s each), then a memcheck run of two tests (90 s) if time is left; about
+# 5 minutes expected on an H200, unmeasured so far. Call it with timeout_s 600 and carry
+# ["target/gpu-check"] (kernels/gpu-build.sh, 21 MB).
 # Needs nvcc, PyTorch and CuPy on the GPU machine (its image has them): the .cu files are
 # compiled there for sm_90a. The engine's own binaries (its CUDA backend) come from the build
 # machine (kernels/gpu-build.sh). Writes under $OUT: gpu-check.md (table), gpu-check.json,
-# gpu-check.log (raw), engine.log, engine-bench.jsonl, nvidia-smi.txt.
+# gpu-check.log (raw), engine.log, engine-bench.jsonl, sanitizer.log, nvidia-smi.txt.
 #   run: OUT=... kernels/gpu-check.sh [--quick]
 # Commit the table and log to bench/results/ with the date and the card afterwards.
 set -uo pipefail
@@ -58,6 +59,17 @@ PY
                 tee -a "$OUT/engine-bench.jsonl"
         done
     done
+    # Last, as its output is a bonus: the paged-pool and grouped-expert tests under
+    # compute-sanitizer's memcheck (out-of-bounds and misaligned device accesses), where the
+    # toolkit has it. If the call's time runs out here, everything above is already in $OUT.
+    if command -v compute-sanitizer >/dev/null; then
+        echo "engine: memcheck" | tee "$OUT/sanitizer.log"
+        SPARSEMOE_REQUIRE_GPU=1 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
+            "$bin/cuda-tests" --test-threads 1 paged_batches grouped_expert 2>&1 | tee -a "$OUT/sanitizer.log"
+        [[ ${PIPESTATUS[0]} == 0 ]] || rc=1
+    else
+        echo "engine: memcheck skipped: no compute-sanitizer on this machine" | tee "$OUT/sanitizer.log"
+    fi
 else
     echo "engine: skipped: no binaries in $bin (run kernels/gpu-build.sh on the build machine and carry $bin)" |
         tee "$OUT/engine.log"
