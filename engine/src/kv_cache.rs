@@ -102,7 +102,6 @@ impl<B: Backend> std::fmt::Debug for PoolLayer<B> {
 /// `table[t / block_size] · block_size + t % block_size`.
 pub struct KvPool<B: Backend> {
     block_size: usize,
-    dtype: KvDtype,
     layers: Vec<PoolLayer<B>>,
 }
 
@@ -110,10 +109,9 @@ impl<B: Backend> std::fmt::Debug for KvPool<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "KvPool({} layers, block {}, {})",
+            "KvPool({} layers, block {})",
             self.layers.len(),
-            self.block_size,
-            self.dtype.as_str()
+            self.block_size
         )
     }
 }
@@ -124,18 +122,9 @@ impl<B: Backend> std::fmt::Debug for KvPool<B> {
 pub type SharedPool<B> = Arc<RwLock<KvPool<B>>>;
 
 impl<B: Backend> KvPool<B> {
-    /// `layers` zero-filled layer stores of `rows = blocks · block_size` rows each, of `dtype`.
-    pub fn new(block_size: usize, dtype: KvDtype, layers: Vec<PoolLayer<B>>) -> SharedPool<B> {
-        Arc::new(RwLock::new(Self {
-            block_size,
-            dtype,
-            layers,
-        }))
-    }
-
-    /// How the rows are stored.
-    pub fn dtype(&self) -> KvDtype {
-        self.dtype
+    /// `layers` zero-filled layer stores of `rows = blocks · block_size` rows each.
+    pub fn new(block_size: usize, layers: Vec<PoolLayer<B>>) -> SharedPool<B> {
+        Arc::new(RwLock::new(Self { block_size, layers }))
     }
 }
 

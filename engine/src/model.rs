@@ -444,7 +444,7 @@ impl<B: Backend> Model<B> {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(KvPool::new(block_size, dtype, layers))
+        Ok(KvPool::new(block_size, layers))
     }
 
     /// Runs new tokens of several sequences through the model, appending to their caches.

@@ -124,8 +124,8 @@ pub struct Sampler {
     rng: ChaCha8Rng,
     /// How often each token was picked (the output so far).
     picked: HashMap<u32, u32>,
-    /// The prompt's tokens, kept only for a repetition penalty.
-    prompt: HashSet<u32>,
+    /// The prompt's and the output's tokens, kept only for a repetition penalty.
+    seen: HashSet<u32>,
 }
 
 impl Sampler {
@@ -138,14 +138,14 @@ impl Sampler {
             params,
             rng,
             picked: HashMap::new(),
-            prompt: HashSet::new(),
+            seen: HashSet::new(),
         }
     }
 
     /// The sampler for a sequence starting with `prompt` (which a repetition penalty counts).
     pub fn with_prompt(mut self, prompt: &[u32]) -> Self {
         if self.params.repetition_penalty != 1.0 {
-            self.prompt = prompt.iter().copied().collect();
+            self.seen.extend(prompt);
         }
         self
     }
@@ -156,6 +156,9 @@ impl Sampler {
         let logits = self.processed(logits, suppress);
         let token = self.pick(&logits);
         *self.picked.entry(token).or_default() += 1;
+        if self.params.repetition_penalty != 1.0 {
+            self.seen.insert(token);
+        }
         token
     }
 
@@ -175,8 +178,7 @@ impl Sampler {
             }
         }
         if p.repetition_penalty != 1.0 {
-            let seen = self.prompt.iter().chain(self.picked.keys());
-            for &token in seen.collect::<HashSet<_>>() {
+            for &token in &self.seen {
                 if let Some(l) = out.get_mut(token as usize) {
                     *l = if *l > 0.0 {
                         *l / p.repetition_penalty

@@ -47,12 +47,19 @@ pub enum CpuStore {
 }
 
 impl CpuStore {
-    fn rows(&self) -> usize {
+    fn cols(&self) -> usize {
         match self {
-            Self::F32 { cols, data } => data.len() / (*cols).max(1),
-            Self::Bf16 { cols, data } => data.len() / (*cols).max(1),
-            Self::Fp8 { cols, codes, .. } => codes.len() / (*cols).max(1),
+            Self::F32 { cols, .. } | Self::Bf16 { cols, .. } | Self::Fp8 { cols, .. } => *cols,
         }
+    }
+
+    fn rows(&self) -> usize {
+        let values = match self {
+            Self::F32 { data, .. } => data.len(),
+            Self::Bf16 { data, .. } => data.len(),
+            Self::Fp8 { codes, .. } => codes.len(),
+        };
+        values / self.cols().max(1)
     }
 }
 
@@ -243,15 +250,14 @@ impl Backend for Cpu {
 
     fn write_rows(&self, dst: &mut CpuStore, slots: &[usize], rows: &CpuTensor) {
         assert_eq!(rows.rows, slots.len(), "write_rows: one slot per row");
+        assert_eq!(dst.cols(), rows.cols, "write_rows: column counts differ");
         match dst {
             CpuStore::F32 { cols, data } => {
-                assert_eq!(*cols, rows.cols, "write_rows: column counts differ");
                 for (i, &slot) in slots.iter().enumerate() {
                     data[slot * *cols..(slot + 1) * *cols].copy_from_slice(rows.row(i));
                 }
             }
             CpuStore::Bf16 { cols, data } => {
-                assert_eq!(*cols, rows.cols, "write_rows: column counts differ");
                 for (i, &slot) in slots.iter().enumerate() {
                     let dst = &mut data[slot * *cols..(slot + 1) * *cols];
                     for (d, &x) in dst.iter_mut().zip(rows.row(i)) {
@@ -264,7 +270,6 @@ impl Backend for Cpu {
                 codes,
                 scales,
             } => {
-                assert_eq!(*cols, rows.cols, "write_rows: column counts differ");
                 let blocks = cols.div_ceil(FP8_BLOCK);
                 for (i, &slot) in slots.iter().enumerate() {
                     fp8_row(

@@ -941,6 +941,30 @@ impl Cuda {
         self.gather_indexed(src, cols, &idx.as_view())
     }
 
+    /// Rows `slots` of the bf16 bits `src` (`[_, cols]`) as float32, stacked.
+    fn gather_bf16_bits(
+        &self,
+        src: &CudaView<'_, u16>,
+        cols: usize,
+        slots: &[usize],
+    ) -> CudaTensor {
+        let mut out = self.zeros(slots.len(), cols);
+        if slots.is_empty() {
+            return out;
+        }
+        let idx = self.upload_i32(slots.iter().copied());
+        let c = cols as i32;
+        let mut b = self.stream.launch_builder(&self.k.gather_rows_bf16);
+        b.arg(&mut out.buf).arg(src).arg(&idx).arg(&c);
+        // SAFETY: out has slots.len()·cols elements; every slot is a row of src (callers check
+        // tokens against the table, cache slots against the pool).
+        ok(
+            unsafe { b.launch(Self::row_config(slots.len())) },
+            "gather_rows_bf16_bits_f32",
+        );
+        out
+    }
+
     /// Rows `idx[0], idx[1], …` (already on the device) of `src` (`[_, cols]`), stacked.
     fn gather_indexed(
         &self,
@@ -1086,12 +1110,17 @@ impl Cuda {
         };
         let n: Vec<i32> = groups.iter().map(|(_, r)| r.len() as i32).collect();
         let p = rows.len();
+        // Every value of these buffers is written before it is read (the products, with beta 0,
+        // write all of theirs; SiLU-and-mul all of act's), so none is zeroed first.
         let alloc = |len: usize| {
             let len = len.max(1);
-            if bf16 {
-                Rows::Bf16(ok(self.stream.alloc_zeros::<u16>(len), "allocating"))
-            } else {
-                Rows::F32(ok(self.stream.alloc_zeros::<f32>(len), "allocating"))
+            // SAFETY: see above.
+            unsafe {
+                if bf16 {
+                    Rows::Bf16(ok(self.stream.alloc::<u16>(len), "allocating"))
+                } else {
+                    Rows::F32(ok(self.stream.alloc::<f32>(len), "allocating"))
+                }
             }
         };
 
@@ -1104,7 +1133,7 @@ impl Cuda {
         };
         let (gate, up, y) = (alloc(p * inter), alloc(p * inter), alloc(p * hidden));
         // SiLU-and-mul writes in place on float32 gate outputs, into a bf16 buffer otherwise.
-        let act = if bf16 { alloc(p * inter) } else { alloc(0) };
+        let act = bf16.then(|| alloc(p * inter));
         // Group g's rows start at row `starts[g]` of each buffer.
         let starts: Vec<u64> = n
             .iter()
@@ -1142,7 +1171,7 @@ impl Cuda {
         }
         let len = (p * inter) as i64;
         let down_input = match (&gate, &up, &act) {
-            (Rows::Bf16(g), Rows::Bf16(u), Rows::Bf16(a)) => {
+            (Rows::Bf16(g), Rows::Bf16(u), Some(act @ Rows::Bf16(a))) => {
                 let mut b = self.stream.launch_builder(&self.k.silu_mul_bf16);
                 b.arg(a).arg(g).arg(u).arg(&len);
                 // SAFETY: gate, up and act each hold p·inter values.
@@ -1150,9 +1179,9 @@ impl Cuda {
                     unsafe { b.launch(Self::flat_config(p * inter)) },
                     "silu_mul_bf16_bits",
                 );
-                &act
+                act
             }
-            (Rows::F32(g), Rows::F32(u), _) => {
+            (Rows::F32(g), Rows::F32(u), None) => {
                 let mut b = self.stream.launch_builder(&self.k.silu_mul);
                 b.arg(g).arg(u).arg(&len);
                 // SAFETY: gate and up each hold p·inter values.
@@ -1594,19 +1623,7 @@ impl Backend for Cuda {
             return self.gather(buf, table.cols, &slots);
         }
         let table_bits = operand.bits(0).expect("a bf16 operand");
-        let mut out = self.zeros(slots.len(), table.cols);
-        if !slots.is_empty() {
-            let idx = self.upload_i32(slots.iter().copied());
-            let c = table.cols as i32;
-            let mut b = self.stream.launch_builder(&self.k.gather_rows_bf16);
-            b.arg(&mut out.buf).arg(&table_bits).arg(&idx).arg(&c);
-            // SAFETY: out is [tokens, cols]; every token is a row of the table (checked).
-            ok(
-                unsafe { b.launch(Self::row_config(slots.len())) },
-                "gather_rows_bf16_bits_f32",
-            );
-        }
-        out
+        self.gather_bf16_bits(&table_bits, table.cols, &slots)
     }
 
     fn linear(&self, x: &CudaTensor, w: &CudaWeight) -> CudaTensor {
@@ -1857,21 +1874,7 @@ impl Backend for Cuda {
         match src {
             CudaStore::F32(t) => self.gather(&t.buf, t.cols, slots),
             CudaStore::Bf16 { buf, cols, .. } => {
-                let mut out = self.zeros(slots.len(), *cols);
-                if slots.is_empty() {
-                    return out;
-                }
-                let idx = self.upload_i32(slots.iter().copied());
-                let c = *cols as i32;
-                let mut b = self.stream.launch_builder(&self.k.gather_rows_bf16);
-                b.arg(&mut out.buf).arg(buf).arg(&idx).arg(&c);
-                // SAFETY: out has slots.len()·cols elements; every slot is a row of src
-                // (checked above).
-                ok(
-                    unsafe { b.launch(Self::row_config(slots.len())) },
-                    "gather_rows_bf16_bits_f32",
-                );
-                out
+                self.gather_bf16_bits(&buf.as_view(), *cols, slots)
             }
             CudaStore::Fp8 {
                 codes,
