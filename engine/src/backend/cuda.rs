@@ -36,6 +36,9 @@
 //! fails the requests in flight, and `/health` and `/ready` answer 503 with the error from then
 //! on, so the pod is restarted.
 //!
+//! Without a GPU, `engine/tests/cuda.rs` runs this backend on the CPU emulator of the driver and
+//! cuBLAS in `kernels/emu` (`./scripts/test` does): correctness, never speed.
+//!
 //! Owed (issue 5): fp8 products that read fp8 directly (not dequantised each time), the bf16 kernels
 //! of `kernels/cuda` (sparse MLA, indexer, MoE permutation, grouped GEMM) in place of these
 //! float32 ones, CUDA graphs for decode, and NCCL all-to-all in place of per-shard copies.

@@ -1,0 +1,140 @@
+// Checks the CPU emulator itself (build.sh builds and runs this): that its warp collectives
+// and barriers give what a GPU gives, and that the mistakes it exists to catch are caught: a
+// warp split between different barriers, a write past an allocation or after its free, a
+// launch over the thread or shared-memory limit, work on two streams with no event between.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+
+#include "launch.h"
+
+namespace {
+
+int failures = 0;
+
+void check(bool ok, const char* what) {
+    std::printf("%s: %s\n", ok ? "ok" : "FAILED", what);
+    if (!ok) ++failures;
+}
+
+// Runs `body` in a child process; true when the child died of `signal`.
+bool dies_of(int signal, const std::function<void()>& body) {
+    std::fflush(stdout);
+    const pid_t pid = fork();
+    if (pid == 0) {
+        std::freopen("/dev/null", "w", stderr);
+        body();
+        std::_Exit(0);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFSIGNALED(status) && WTERMSIG(status) == signal;
+}
+
+// Block-wide sums through warp shuffles and shared memory, as common.cuh's block_sum does.
+void block_sum_kernel(float* out) {
+    __shared__ float partial[32];
+    float v = (float)(threadIdx.x + 1);
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float total = 0;
+    for (unsigned int w = 0; w < (blockDim.x + 31) / 32; ++w) total += partial[w];
+    out[threadIdx.x] = total;
+}
+
+void ballot_kernel(unsigned int* out) {
+    const unsigned int b = __ballot_sync(0xffffffffu, threadIdx.x % 3 == 0);
+    const int first = __shfl_sync(0xffffffffu, (int)threadIdx.x, 5);
+    out[threadIdx.x] = b ^ (unsigned int)first;
+}
+
+// Half a warp at a block barrier, the other half at a shuffle: hangs on a GPU.
+void divergent_kernel(float* out) {
+    float v = 1;
+    if (threadIdx.x < 16) __syncthreads();
+    else v = __shfl_xor_sync(0xffffffffu, v, 1);
+    out[threadIdx.x] = v;
+}
+
+}  // namespace
+
+int main() {
+    using smoe_emu::run_grid;
+    std::vector<float> sums(256);
+    run_grid("block_sum", dim3{1}, dim3{256}, 0, [&] { block_sum_kernel(sums.data()); });
+    bool all = true;
+    for (float s : sums) all = all && s == 256.f * 257.f / 2.f;
+    check(all, "a block sum over 256 threads reaches every thread");
+
+    std::vector<unsigned int> ballots(64);
+    run_grid("ballot", dim3{1}, dim3{64}, 0, [&] { ballot_kernel(ballots.data()); });
+    unsigned int want0 = 0, want1 = 0;
+    for (unsigned int l = 0; l < 32; ++l) {
+        if (l % 3 == 0) want0 |= 1u << l;
+        if ((l + 32) % 3 == 0) want1 |= 1u << l;
+    }
+    check(ballots[0] == (want0 ^ 5u) && ballots[31] == (want0 ^ 5u) && ballots[32] == (want1 ^ 37u),
+          "ballots and broadcasts are per warp");
+
+    check(dies_of(SIGABRT, [] {
+              std::vector<float> out(32);
+              run_grid("divergent", dim3{1}, dim3{32}, 0, [&] { divergent_kernel(out.data()); });
+          }),
+          "a warp split between a barrier and a shuffle aborts");
+
+    cuInit(0);
+    CUcontext ctx;
+    cuDevicePrimaryCtxRetain(&ctx, 0);
+    cuCtxSetCurrent(ctx);
+    CUdeviceptr p;
+    check(cuMemAlloc(&p, 1000) == CUDA_SUCCESS, "an allocation");
+    check(dies_of(SIGSEGV, [p] { ((volatile char*)p)[1024 + 4096 - 1] = 1; }), "a write past an allocation faults");
+    cuMemFree(p);
+    check(dies_of(SIGSEGV, [p] { ((volatile char*)p)[0] = 1; }), "a write to freed memory faults");
+
+    // Two streams, no event: the second stream's copy reads what the first has not yet written.
+    CUstream a, b;
+    cuStreamCreate(&a, CU_STREAM_NON_BLOCKING);
+    cuStreamCreate(&b, CU_STREAM_NON_BLOCKING);
+    CUdeviceptr x, y;
+    cuMemAlloc(&x, 4);
+    cuMemAlloc(&y, 4);
+    const int seven = 7, zero = 0;
+    cuMemcpyHtoD(x, &zero, 4);
+    cuMemcpyHtoDAsync(x, &seven, 4, a);
+    cuMemcpyDtoDAsync(y, x, 4, b);
+    int got = -1;
+    cuMemcpyDtoHAsync(&got, y, 4, b);
+    check(got == 0, "an unordered read on another stream misses the write");
+    CUevent e;
+    cuEventCreate(&e, 0);
+    cuMemcpyHtoDAsync(x, &seven, 4, a);
+    cuEventRecord(e, a);
+    cuStreamWaitEvent(b, e, 0);
+    cuMemcpyDtoDAsync(y, x, 4, b);
+    cuMemcpyDtoHAsync(&got, y, 4, b);
+    check(got == 7, "a read ordered by an event sees the write");
+
+    CUmodule module;
+    const char* ptx = ".visible .entry topk_rows_f32(\n";
+    check(cuModuleLoadData(&module, ptx) == CUDA_SUCCESS, "a module from PTX");
+    CUfunction f;
+    check(cuModuleGetFunction(&f, module, "topk_rows_f32") == CUDA_SUCCESS, "a kernel of the engine's sources");
+    check(cuModuleGetFunction(&f, module, "no_such_kernel") == CUDA_ERROR_NOT_FOUND, "an unknown kernel is refused");
+    // Parameters of the right types; neither launch gets as far as reading them.
+    int* out = nullptr;
+    const float* scores = nullptr;
+    const int* n_valid = nullptr;
+    int k = 1;
+    long long stride = 1;
+    void* params[] = {&out, &scores, &n_valid, &k, &stride};
+    check(cuLaunchKernel(f, 1, 1, 1, 1025, 1, 1, 0, a, params, nullptr) == CUDA_ERROR_INVALID_VALUE,
+          "more than 1024 threads a block are refused");
+    check(cuLaunchKernel(f, 1, 1, 1, 32, 1, 1, 64 * 1024, a, params, nullptr) == CUDA_ERROR_INVALID_VALUE,
+          "64 KiB of dynamic shared memory without raising the limit is refused");
+
+    std::printf("%s\n", failures == 0 ? "emulator self-test passed" : "emulator self-test FAILED");
+    return failures == 0 ? 0 : 1;
+}

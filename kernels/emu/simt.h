@@ -1,0 +1,263 @@
+// A SIMT machine on the CPU, for running the engine's CUDA C kernels without a GPU.
+//
+// The stand-in driver (driver.cc) compiles kernels/cuda/engine.cu and topk.cu as C++ with this
+// header forced in front. Each CUDA thread of a block is a fiber (ucontext) on the calling host
+// thread; the blocks of a grid run one after another. A fiber runs until it reaches a barrier:
+// `__syncthreads` releases when every live thread of the block is waiting on it, a warp
+// collective (`__shfl*_sync`, `__ballot_sync`, `__syncwarp`) when every live lane of the warp is.
+// Threads that have returned count as arrived, as on sm_70 and later. A block whose threads can
+// make no progress (a warp with lanes at a collective and lanes at `__syncthreads`) is a kernel
+// bug that hangs a GPU: here it is reported with the kernel's name and the process aborts.
+//
+// What this checks: the kernels' indexing, their use of shared memory and barriers, their
+// arithmetic, in float32 as written. What it cannot: timing, the memory model across blocks
+// (blocks never overlap here), and anything the hardware does differently from C++ float
+// arithmetic (the kernels use no fast-math intrinsics beyond `__expf`, here `expf`).
+#pragma once
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+
+struct dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+};
+
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+// Static shared memory: one copy per host thread; the blocks of a launch run one at a time on
+// it, so each block has it to itself. (Dynamic shared memory, `extern __shared__ T name[]`, is
+// rewritten by build.sh into a call to smoe_emu::dynamic_smem().)
+#define __shared__ static thread_local
+
+namespace smoe_emu {
+
+enum class State { Ready, AtWarp, AtBlock, Done };
+
+struct Fiber {
+    ucontext_t context;
+    State state = State::Ready;
+    unsigned int parity = 0;  // which of the two exchange buffers the next warp collective uses
+    dim3 index;
+};
+
+// One block in flight on this host thread.
+struct Block {
+    const char* kernel = nullptr;
+    std::function<void()> body;
+    std::vector<Fiber> fibers;
+    std::vector<std::unique_ptr<char[]>> stacks;
+    ucontext_t scheduler;
+    size_t current = 0;
+    // Warp collectives: each lane writes its value, waits for its warp, reads its source lane's.
+    // Two buffers, alternating per collective, so a lane that runs ahead to the next collective
+    // does not overwrite a value a slower lane has still to read.
+    std::vector<uint64_t> exchange[2];
+    std::vector<unsigned char> dynamic_smem;
+};
+
+inline thread_local Block* block = nullptr;
+constexpr size_t kStackBytes = 256 * 1024;
+
+[[noreturn]] inline void fail(const char* what) {
+    std::fprintf(stderr, "sparsemoe CUDA emulator: kernel %s, block (%u,%u,%u): %s\n",
+                 block != nullptr ? block->kernel : "?", blockIdx.x, blockIdx.y, blockIdx.z, what);
+    std::abort();
+}
+
+inline Fiber& self() { return block->fibers[block->current]; }
+
+inline void wait(State state) {
+    Fiber& f = self();
+    f.state = state;
+    if (swapcontext(&f.context, &block->scheduler) != 0) fail("swapcontext failed");
+}
+
+inline void fiber_main() {
+    block->body();
+    self().state = State::Done;
+    // uc_link returns to the scheduler.
+}
+
+inline unsigned int lane() { return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) & 31u; }
+inline size_t linear_thread() {
+    return threadIdx.x + (size_t)blockDim.x * (threadIdx.y + (size_t)blockDim.y * threadIdx.z);
+}
+
+// Publishes the calling lane's `bits` and waits for its warp: returns the buffer its warp
+// wrote, from the warp's first thread.
+inline const uint64_t* publish(uint64_t bits) {
+    Fiber& f = self();
+    const unsigned int p = f.parity;
+    f.parity ^= 1u;
+    const size_t me = linear_thread();
+    block->exchange[p][me] = bits;
+    wait(State::AtWarp);
+    return block->exchange[p].data() + (me & ~(size_t)31);
+}
+
+// Exchanges `bits` across the calling lane's warp: returns the value `source` lane wrote.
+inline uint64_t exchange(uint64_t bits, unsigned int source) {
+    const uint64_t* warp = publish(bits);
+    const size_t first = linear_thread() & ~(size_t)31;
+    if (source >= 32 || first + source >= block->fibers.size()) fail("warp collective reads a lane that does not exist");
+    return warp[source];
+}
+
+// All 32 lanes' values (lanes past the block's end read as 0) into `out`.
+inline void exchange_all(uint64_t bits, uint64_t* out) {
+    const uint64_t* warp = publish(bits);
+    const size_t first = linear_thread() & ~(size_t)31;
+    for (size_t l = 0; l < 32; ++l) out[l] = first + l < block->fibers.size() ? warp[l] : 0;
+}
+
+inline void* dynamic_smem() { return block->dynamic_smem.data(); }
+
+// Runs one block of `body` with the block shape in blockDim and its index in blockIdx.
+inline void run_block(const char* kernel, const std::function<void()>& body, size_t smem_bytes) {
+    thread_local Block b;
+    const size_t threads = (size_t)blockDim.x * blockDim.y * blockDim.z;
+    b.kernel = kernel;
+    b.body = body;
+    b.fibers.assign(threads, Fiber{});
+    while (b.stacks.size() < threads) b.stacks.emplace_back(new char[kStackBytes]);
+    for (auto& e : b.exchange) e.assign((threads + 31) & ~(size_t)31, 0);
+    // Shared memory starts as garbage on a GPU: all-ones bytes here (NaN as floats, -1 as ints),
+    // so a kernel that reads before it writes gets an answer no test accepts.
+    b.dynamic_smem.assign(smem_bytes, 0xff);
+    Block* outer = block;
+    block = &b;
+    size_t t = 0;
+    for (unsigned int z = 0; z < blockDim.z; ++z)
+        for (unsigned int y = 0; y < blockDim.y; ++y)
+            for (unsigned int x = 0; x < blockDim.x; ++x, ++t) {
+                Fiber& f = b.fibers[t];
+                f.index = dim3{x, y, z};
+                if (getcontext(&f.context) != 0) fail("getcontext failed");
+                f.context.uc_stack.ss_sp = b.stacks[t].get();
+                f.context.uc_stack.ss_size = kStackBytes;
+                f.context.uc_link = &b.scheduler;
+                makecontext(&f.context, fiber_main, 0);
+            }
+    for (;;) {
+        for (size_t i = 0; i < threads; ++i) {
+            if (b.fibers[i].state != State::Ready) continue;
+            b.current = i;
+            threadIdx = b.fibers[i].index;
+            b.fibers[i].state = State::Done;  // fiber_main or wait() sets the real state
+            if (swapcontext(&b.scheduler, &b.fibers[i].context) != 0) fail("swapcontext failed");
+        }
+        size_t live = 0, at_block = 0;
+        bool released = false;
+        for (size_t w = 0; w < threads; w += 32) {
+            size_t warp_live = 0, warp_at = 0;
+            for (size_t i = w; i < threads && i < w + 32; ++i) {
+                const State s = b.fibers[i].state;
+                if (s == State::Done) continue;
+                ++warp_live;
+                if (s == State::AtWarp) ++warp_at;
+                if (s == State::AtBlock) ++at_block;
+            }
+            live += warp_live;
+            if (warp_at > 0 && warp_at == warp_live) {
+                for (size_t i = w; i < threads && i < w + 32; ++i)
+                    if (b.fibers[i].state == State::AtWarp) b.fibers[i].state = State::Ready;
+                released = true;
+            }
+        }
+        if (live == 0) break;
+        if (released) continue;
+        if (at_block == live) {
+            for (auto& f : b.fibers)
+                if (f.state == State::AtBlock) f.state = State::Ready;
+            continue;
+        }
+        fail("deadlock: the block's threads wait at different barriers (a __syncthreads some "
+             "threads skip, or a warp collective not every lane of the warp reaches)");
+    }
+    block = outer;
+}
+
+template <typename T>
+inline uint64_t to_bits(T v) {
+    static_assert(sizeof(T) <= 8, "warp collectives move at most 8 bytes");
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    return bits;
+}
+
+template <typename T>
+inline T from_bits(uint64_t bits) {
+    T v;
+    std::memcpy(&v, &bits, sizeof(T));
+    return v;
+}
+
+}  // namespace smoe_emu
+
+inline void __syncthreads() { smoe_emu::wait(smoe_emu::State::AtBlock); }
+inline void __syncwarp(unsigned int = 0xffffffffu) { (void)smoe_emu::exchange(0, smoe_emu::lane()); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned int, T v, int lane_mask, int width = 32) {
+    const unsigned int me = smoe_emu::lane();
+    unsigned int source = me ^ (unsigned int)lane_mask;
+    // A source outside the lane's group of `width` reads the lane's own value, as on a GPU.
+    if ((source & ~(unsigned int)(width - 1)) != (me & ~(unsigned int)(width - 1))) source = me;
+    return smoe_emu::from_bits<T>(smoe_emu::exchange(smoe_emu::to_bits(v), source));
+}
+
+template <typename T>
+inline T __shfl_sync(unsigned int, T v, int source_lane, int width = 32) {
+    const unsigned int me = smoe_emu::lane();
+    const unsigned int source = (me & ~(unsigned int)(width - 1)) + ((unsigned int)source_lane & (unsigned int)(width - 1));
+    return smoe_emu::from_bits<T>(smoe_emu::exchange(smoe_emu::to_bits(v), source));
+}
+
+inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
+    uint64_t all[32];
+    smoe_emu::exchange_all(predicate != 0 ? 1 : 0, all);
+    unsigned int ballot = 0;
+    for (unsigned int l = 0; l < 32; ++l)
+        if (all[l] != 0) ballot |= 1u << l;
+    return ballot & mask;
+}
+
+// Blocks run one at a time on one host thread: plain read-modify-writes are atomic here.
+template <typename T>
+inline T atomicAdd(T* address, T value) {
+    const T old = *address;
+    *address = old + value;
+    return old;
+}
+
+template <typename T>
+inline T atomicMax(T* address, T value) {
+    const T old = *address;
+    if (value > old) *address = value;
+    return old;
+}
+
+inline float __int_as_float(int v) { return smoe_emu::from_bits<float>((uint32_t)v); }
+inline float __uint_as_float(unsigned int v) { return smoe_emu::from_bits<float>(v); }
+inline unsigned int __float_as_uint(float v) { return (unsigned int)smoe_emu::to_bits(v); }
+inline int __float_as_int(float v) { return (int)(unsigned int)smoe_emu::to_bits(v); }
+inline int __popc(unsigned int v) { return __builtin_popcount(v); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }
+inline float __fdividef(float a, float b) { return a / b; }
