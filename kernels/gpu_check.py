@@ -11,6 +11,8 @@ table), gpu-check.json and the raw log under --out.
 
     python3 kernels/gpu_check.py --out DIR [--quick]
     python3 kernels/gpu_check.py --cpu-selftest      # the references alone, on the CPU
+    python3 kernels/gpu_check.py --emulate target/cuda-emu/libsparsemoe_kernels_emu.so --out DIR
+                                                     # the checks on the CPU emulator (kernels/emu)
 """
 import argparse
 import json
@@ -238,6 +240,7 @@ class Harness:
         self.failed = 0
         self.kernels = {}
         self.smem_raised = {}
+        self.on_gpu = True  # False in EmuHarness: no timings, no ceilings
         self.dev = torch.device("cuda")
         props = torch.cuda.get_device_properties(0)
         self.card = f"{props.name}, {props.multi_processor_count} SMs"
@@ -514,6 +517,34 @@ class Harness:
             top[r].long().sort().values, ref[r, : int(vis[r])].topk(k).indices.sort().values)]
         self.record_bool("indexer_scores_f32 + topk_rows_f32", not bad, f"rows wrong: {bad[:8]}" if bad else "the float64 reference's top 512")
 
+        # the same scores with the keys read in place from a KV store through slots (key s is
+        # row slots[s] of a pool of 4000 rows): float32, bf16 bits, fp8 codes with a scale per 128
+        pool = 4000
+        slots = torch.randperm(pool, device=d)[:S].int()
+        f32_store = torch.full((pool, D), nan, device=d)
+        f32_store[slots.long()] = keys
+        bf16_store = torch.full((pool, D), nan, device=d).to(torch.bfloat16)
+        bf16_store[slots.long()] = keys.to(torch.bfloat16)
+        sc = divided(keys.abs().amax(-1).clamp_min(1e-4), 448.0)
+        codes = torch.full((pool, D), 0x7F, dtype=torch.uint8, device=d)
+        codes[slots.long()] = (keys / sc[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+        code_scales = torch.full((pool, 1), nan, device=d)
+        code_scales[slots.long(), 0] = sc
+        for name, store, widened in (
+                ("indexer_scores_store_f32", [f32_store], keys),
+                ("indexer_scores_store_bf16_bits", [bf16_store], keys.to(torch.bfloat16)),
+                ("indexer_scores_store_fp8", [codes, code_scales],
+                 codes[slots.long()].view(torch.float8_e4m3fn).double() * sc.double()[:, None])):
+            scores = torch.full((T, S), nan, device=d)
+            self.launch(name, (T, (S + 127) // 128), 128,
+                        [scores, q, wi] + store + [slots, vis, ("i", S), ("i", H), ("i", D), ("f", D ** -0.5)], (H * D + H) * 4)
+            ref = ref_indexer(q, widened, wi, torch.zeros(T, dtype=torch.int32), vis.cpu(), S, D ** -0.5)
+            masked = ref == FLT_MIN
+            self.record(f"{name} 24x3000 (64 heads x 128), keys at scattered slots", rel_l2(scores[~masked], ref[~masked]),
+                        F32_BOUND, "masked -inf" if bool((scores[masked] == -math.inf).all()) else "MASK WRONG")
+            if not bool((scores[masked] == -math.inf).all()):
+                self.record_bool(f"{name} mask", False, "entries past n_visible are not -inf")
+
         # absorbed attention in the latent space: per-row key lists with -1 entries, one empty row
         R, H, L, P, nope = 12, 16, 512, 64, 128
         Sk = 5000
@@ -595,6 +626,8 @@ class Harness:
         self.record_bool("topk_rows_f32 ties, k=2048", not bad, f"rows wrong: {bad}" if bad else "tied entries: the lowest indices, as the engine")
 
         # timing: batch 64 decode at 64K context, each sequence its own keys
+        if not self.on_gpu:
+            return
         B, ctx = 64, 65536
         keys = self.bf16(B * ctx, D)
         q, w = self.bf16(B, H, D), torch.randn(B, H, device=self.dev) * H ** -0.5
@@ -663,6 +696,8 @@ class Harness:
                           f"{100 * overlap:.1f}% of the top-512 keys agree over {len(rows)} full rows"))
 
         # timing: B 64 at 64K, fp8 scores against the bf16 kernel on the same keys
+        if not self.on_gpu:
+            return
         B, ctx, k = 64, 65536, 2048
         keys = self.bf16(B * ctx, D)
         k8, ks = self.quant_fp8(keys, False)
@@ -732,6 +767,8 @@ class Harness:
         self.record("dense_mla_attention_bf16 (contexts 1..4096)", rel_l2(out, ro), BF16_BOUND)
 
         # timing: the issue's goal shape, batch 64, 128 heads, top-k 2048, context 64K
+        if not self.on_gpu:
+            return
         B, ctx, k = 64, 65536, 2048
         kv = self.bf16(B * ctx, L + R)
         q = self.bf16(B, H, L + R, scale=0.5)
@@ -810,7 +847,7 @@ class Harness:
 
         # timing: the issue's grouped GEMM shape (gate_up: 4096 tokens x top-8 over 256 experts, 7168 -> 2x2048)
         T, E, K, Hd, I = 4096, 256, 8, 7168, 2048
-        if self.quick:
+        if self.quick or not self.on_gpu:
             return
         rows = T * K
         counts = torch.bincount(torch.randint(0, E, (rows,), device=self.dev), minlength=E)
@@ -849,9 +886,10 @@ class Harness:
         self.record("fp8_block_dequant_bf16", rel_l2(outb, ref), BF16_BOUND)
 
     def write(self, total_s):
+        ceilings = (f"ceilings: copy {self.copy_gbs:.0f} GB/s (read + write), bf16 matmul {self.mm_tflops:.0f} TFLOP/s"
+                    if self.on_gpu else "no ceilings or timings: emulated kernels show correctness, never speed")
         lines = [f"# sparsemoe kernels on {self.card}", "", f"torch {torch.__version__}, cupy {self.cp.__version__}; "
-                 f"ceilings: copy {self.copy_gbs:.0f} GB/s (read + write), bf16 matmul {self.mm_tflops:.0f} TFLOP/s; "
-                 f"run {total_s:.0f} s", "", "| check | result | detail |", "| --- | --- | --- |"]
+                 f"{ceilings}; run {total_s:.0f} s", "", "| check | result | detail |", "| --- | --- | --- |"]
         lines += [f"| {c} | {s} | {d} |" for c, s, d in self.rows]
         lines += ["", "| timing (median, CUDA events) | ours ms | peer | peer ms | note |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {w} | {a:.3f} | {p} | {b:.3f} | {n} |" for w, a, p, b, n in self.timings]
@@ -862,19 +900,58 @@ class Harness:
         print(text)
 
 
+class EmuHarness(Harness):
+    """The same checks on the CPU emulator (kernels/emu): host tensors, every kernel run by
+    libsparsemoe_kernels_emu.so on the CPU. No timings or ceilings: it shows the kernels compute
+    what the references do, never how fast."""
+
+    def __init__(self, out_dir, lib):
+        import ctypes
+
+        self.ct = ctypes
+        self.lib = ctypes.CDLL(lib)
+        self.lib.smoe_emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 4 + [ctypes.c_ulonglong,
+                                                                                        ctypes.POINTER(ctypes.c_void_p)]
+        self.out_dir, self.quick, self.on_gpu = out_dir, True, False
+        self.rows, self.timings, self.failed = [], [], 0
+        self.dev = torch.device("cpu")
+        self.card = "the CPU emulator (kernels/emu), not a GPU"
+        self.copy_gbs = self.mm_tflops = float("nan")
+        self.cp = type("NoCupy", (), {"__version__": "none (emulated)"})
+
+    def launch(self, name, grid, block, args, smem=0):
+        ct = self.ct
+        values = []
+        for a in args:
+            if isinstance(a, torch.Tensor):  # its first element, as on the GPU (views pass their strides)
+                values.append(ct.c_void_p(a.data_ptr()))
+            elif isinstance(a, tuple):
+                values.append({"i": ct.c_int32, "l": ct.c_int64, "f": ct.c_float}[a[0]](a[1]))
+            else:
+                raise TypeError(a)
+        params = (ct.c_void_p * len(values))(*[ct.cast(ct.pointer(v), ct.c_void_p) for v in values])
+        g = [int(x) for x in grid] + [1] * (3 - len(grid))
+        rc = self.lib.smoe_emu_launch(name.encode(), g[0], g[1], g[2], int(block), int(smem), params)
+        if rc != 0:
+            raise RuntimeError(f"{name}: {'no such kernel' if rc == 1 else 'a launch a GPU refuses'}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/sparsemoe-gpu-check"))
     ap.add_argument("--quick", action="store_true", help="skip the large grouped GEMM timing")
     ap.add_argument("--cpu-selftest", action="store_true")
+    ap.add_argument("--emulate", metavar="LIB", help="run the checks (not the timings) on the CPU emulator: "
+                    "target/cuda-emu/libsparsemoe_kernels_emu.so from kernels/emu/build.sh")
     args = ap.parse_args()
     if args.cpu_selftest:
         return cpu_selftest()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(int(time.time()))  # fresh inputs every run
     started = time.time()
-    h = Harness(args.out, args.quick)
-    h.ceilings()
+    h = EmuHarness(args.out, args.emulate) if args.emulate else Harness(args.out, args.quick)
+    if h.on_gpu:
+        h.ceilings()
     for step in (h.check_norm_rope_act, h.check_engine_f32, h.check_fp8, h.check_moe, h.check_indexer_topk, h.check_indexer_fp8,
                  h.check_mla):
         try:
@@ -884,7 +961,8 @@ def main():
 
             traceback.print_exc()
             h.record_bool(step.__name__, False, f"raised {type(e).__name__}: {e}")
-        torch.cuda.synchronize()
+        if h.on_gpu:
+            torch.cuda.synchronize()
     h.write(time.time() - started)
     print(f"{h.failed} checks failed" if h.failed else "all checks passed")
     return 1 if h.failed else 0

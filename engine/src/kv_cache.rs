@@ -315,19 +315,28 @@ impl<B: Backend> SeqCache<B> {
         Ok(())
     }
 
-    /// Layer `layer`'s indexer keys of the first `total` tokens (the cached ones plus this
-    /// step's): borrowed from a contiguous cache, gathered from the pool (the indexer scores
-    /// every visible key, and its work per key, heads × dim, dwarfs the copy's dim).
-    pub fn index_keys(
+    /// The indexer's picks ([`Backend::indexer_select`]) for query rows `q` (weights `w`, at
+    /// `positions`) among layer `layer`'s indexer keys of the first `total` tokens (the cached
+    /// ones plus this step's), or `None` when the layer keeps no indexer keys. A contiguous
+    /// cache lends its keys; a paged one hands the backend its store and the block table's
+    /// slots ([`Backend::indexer_select_rows`]), which the CUDA backend reads in place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn index_select(
         &self,
         b: &B,
         layer: usize,
         total: usize,
-    ) -> Result<Option<CacheRows<'_, B::Tensor>>> {
+        q: &B::Tensor,
+        w: &B::Tensor,
+        positions: &[usize],
+        k: usize,
+        scale: f32,
+    ) -> Result<Option<Vec<Vec<u32>>>> {
         match &self.storage {
-            Storage::Contiguous(layers) => {
-                Ok(layers[layer].index_keys.as_ref().map(CacheRows::Borrowed))
-            }
+            Storage::Contiguous(layers) => Ok(layers[layer]
+                .index_keys
+                .as_ref()
+                .map(|keys| b.indexer_select(q, w, keys, positions, k, scale))),
             Storage::Paged {
                 pool,
                 table,
@@ -338,7 +347,7 @@ impl<B: Backend> SeqCache<B> {
                 Ok(pool.layers[layer]
                     .index_keys
                     .as_ref()
-                    .map(|k| CacheRows::Owned(b.gather_rows(k, &slots))))
+                    .map(|keys| b.indexer_select_rows(q, w, keys, &slots, positions, k, scale)))
             }
         }
     }

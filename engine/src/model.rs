@@ -698,21 +698,18 @@ impl<B: Backend> Model<B> {
                 AttentionMode::Dense => false,
                 AttentionMode::Auto { dense_below } => total >= dense_below,
             };
-            // The indexer's keys are read (and, from a paged cache, copied) only when it runs.
-            let index_keys = match &indexer_inputs {
-                Some(_) if sparse && total > k => step.cache.index_keys(b, layer_index, total)?,
-                _ => None,
-            };
-
-            let selection = match (&indexer_inputs, index_keys.as_deref()) {
-                (Some((qi, _, w, ix_scale)), Some(keys)) => Some(b.indexer_select(
+            // The indexer runs (and reads its keys) only when it has more keys than it keeps.
+            let selection = match &indexer_inputs {
+                Some((qi, _, w, ix_scale)) if sparse && total > k => step.cache.index_select(
+                    b,
+                    layer_index,
+                    total,
                     &b.rows(qi, start, len),
                     &b.rows(w, start, len),
-                    keys,
                     seq_positions,
                     k,
                     *ix_scale,
-                )),
+                )?,
                 _ => None,
             };
             // Auto: a row attends to every earlier key while its own context is shorter than

@@ -27,7 +27,11 @@ fn gpu(test: &str) -> Option<Cuda> {
 /// The backend on GPUs `ordinals`, or `None` (with the reason printed) when they do not open.
 fn gpus(test: &str, ordinals: &[usize], dtype: Dtype) -> Option<Cuda> {
     match Cuda::new(ordinals, dtype) {
-        Ok(cuda) => Some(cuda),
+        Ok(cuda) => {
+            // Says whether this ran on a GPU or on the CPU emulator (kernels/emu).
+            eprintln!("{test}: on {}", cuda.name());
+            Some(cuda)
+        }
         Err(e) if std::env::var_os("SPARSEMOE_REQUIRE_GPU").is_some() => {
             panic!("{test}: SPARSEMOE_REQUIRE_GPU is set but {ordinals:?} did not open: {e}")
         }
@@ -336,4 +340,96 @@ fn paged_run<B: Backend>(model: &Model<B>, dtype: KvDtype) -> Vec<Vec<f32>> {
         at += n;
     }
     logits
+}
+
+/// The indexer over a paged pool's keys read in place (`indexer_select_rows`), for each KV
+/// dtype, against float64 scores of the keys as the CPU backend stores and widens them: each
+/// row picks k distinct visible keys, none scoring below the k-th best by more than rounding
+/// (fp8: a last-bit difference can move a key value to a neighbouring code), and a row with at
+/// most k visible keys keeps them all. 64 heads run the in-place kernels; 80, more than they
+/// keep sums for, the gathered copy.
+#[test]
+fn the_indexer_reads_each_kv_store_in_place() {
+    let Some(cuda) = gpu("the_indexer_reads_each_kv_store_in_place") else {
+        return;
+    };
+    let (dim, pool_rows, n_keys, k, scale) = (128, 701, 600, 64, 0.088_f32);
+    let positions = [n_keys - 1, 300, 40];
+    let mut seed = 7u32;
+    let mut noise = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    // Key s lives in slot (7s + 3) mod 701: scattered, distinct.
+    let slots: Vec<usize> = (0..n_keys).map(|s| (s * 7 + 3) % pool_rows).collect();
+    for heads in [64, 80] {
+        for (dtype, tolerance) in [
+            (KvDtype::Float32, 1e-4),
+            (KvDtype::Bfloat16, 1e-4),
+            (KvDtype::Fp8, 1e-2),
+        ] {
+            let keys = noise(n_keys * dim);
+            let (q, w) = (
+                noise(positions.len() * heads * dim),
+                noise(positions.len() * heads),
+            );
+            let mut cpu_store = Cpu.kv_store(pool_rows, dim, dtype).unwrap();
+            Cpu.write_rows(
+                &mut cpu_store,
+                &slots,
+                &Cpu.tensor(n_keys, dim, keys.clone()),
+            );
+            let widened = Cpu.to_host(&Cpu.gather_rows(&cpu_store, &slots));
+            let mut store = cuda.kv_store(pool_rows, dim, dtype).unwrap();
+            cuda.write_rows(&mut store, &slots, &cuda.tensor(n_keys, dim, keys));
+            let picked = cuda.indexer_select_rows(
+                &cuda.tensor(positions.len(), heads * dim, q.clone()),
+                &cuda.tensor(positions.len(), heads, w.clone()),
+                &store,
+                &slots,
+                &positions,
+                k,
+                scale,
+            );
+            for (r, (&p, got)) in positions.iter().zip(&picked).enumerate() {
+                let case = format!("{heads} heads, {dtype:?}, row {r}");
+                if p < k {
+                    assert_eq!(*got, (0..=p as u32).collect::<Vec<_>>(), "{case}");
+                    continue;
+                }
+                let score = |s: usize| -> f64 {
+                    (0..heads)
+                        .map(|h| {
+                            let dot: f64 = (0..dim)
+                                .map(|d| {
+                                    f64::from(q[(r * heads + h) * dim + d])
+                                        * f64::from(widened[s * dim + d])
+                                })
+                                .sum();
+                            f64::from(w[r * heads + h]) * (f64::from(scale) * dot).max(0.0)
+                        })
+                        .sum()
+                };
+                let mut all: Vec<f64> = (0..=p).map(score).collect();
+                let largest = all.iter().fold(0f64, |m, v| m.max(v.abs()));
+                all.sort_by(|a, b| b.total_cmp(a));
+                let kth = all[k - 1];
+                let mut distinct = got.clone();
+                distinct.dedup();
+                assert_eq!(distinct.len(), k, "{case}: picked {got:?}");
+                for &s in got {
+                    assert!(s as usize <= p, "{case}: key {s} is past position {p}");
+                    let v = score(s as usize);
+                    assert!(
+                        v >= kth - tolerance * largest,
+                        "{case}: key {s} scores {v:.6}, below the {k}-th best {kth:.6}"
+                    );
+                }
+            }
+        }
+    }
 }

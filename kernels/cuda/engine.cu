@@ -10,6 +10,7 @@
 #define MLA_F32_TILE 32
 #define MLA_F32_MAX_LATENT 1024
 #define INDEXER_F32_KEYS 128
+#define INDEXER_STORE_MAX_HEADS 64
 
 SMOE_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -278,6 +279,19 @@ rope_f32(float* __restrict__ x, const float* __restrict__ cos_t, const float* __
     }
 }
 
+// Row blockIdx.x of the indexer's queries into shared memory, as [heads, dim] or (by_dim) as
+// [dim, heads], followed by its head weights; returns where the weights are.
+SMOE_DEVICE const float* stage_indexer_row(float* smem, const float* q, const float* w, int heads, int dim,
+                                           bool by_dim) {
+    const size_t r = blockIdx.x;
+    for (int i = threadIdx.x; i < heads * dim; i += blockDim.x)
+        smem[by_dim ? (i % dim) * heads + i / dim : i] = q[r * heads * dim + i];
+    float* ws = smem + heads * dim;
+    for (int i = threadIdx.x; i < heads; i += blockDim.x) ws[i] = w[r * heads + i];
+    __syncthreads();
+    return ws;
+}
+
 // The lightning indexer's scores: scores[r, s] = Σ_h w[r, h] · ReLU(scale · q[r, h, :] · keys[s, :])
 // for s < n_visible[r], float32 -inf for the rest of the row (n_keys columns).
 // Launch: grid (rows, ceil(n_keys / INDEXER_F32_KEYS)), block INDEXER_F32_KEYS (a key per
@@ -287,12 +301,9 @@ indexer_scores_f32(float* __restrict__ scores, const float* __restrict__ q, cons
                    const float* __restrict__ keys, const int* __restrict__ n_visible, int n_keys, int heads,
                    int dim, float scale) {
     extern __shared__ float smem[];
-    float* qs = smem;               // [heads, dim]
-    float* ws = smem + heads * dim;  // [heads]
+    const float* qs = smem;  // [heads, dim]
+    const float* ws = stage_indexer_row(smem, q, w, heads, dim, false);
     const int r = blockIdx.x;
-    for (int i = threadIdx.x; i < heads * dim; i += blockDim.x) qs[i] = q[(size_t)r * heads * dim + i];
-    for (int i = threadIdx.x; i < heads; i += blockDim.x) ws[i] = w[(size_t)r * heads + i];
-    __syncthreads();
     const int s = blockIdx.y * INDEXER_F32_KEYS + threadIdx.x;
     if (s >= n_keys) return;
     float total = neg_inf();
@@ -306,6 +317,86 @@ indexer_scores_f32(float* __restrict__ scores, const float* __restrict__ q, cons
         }
     }
     scores[(size_t)r * n_keys + s] = total;
+}
+
+// The indexer's keys read where they are cached: row slots[s] of a paged KV store, float32, bf16
+// bits, or fp8 codes with a scale per KV_FP8_BLOCK values (the layouts scatter_rows_* write).
+struct StoreF32 {
+    const float* rows;
+    SMOE_DEVICE float operator()(size_t row, int c, int cols) const { return rows[row * cols + c]; }
+};
+struct StoreBf16 {
+    const unsigned short* rows;
+    SMOE_DEVICE float operator()(size_t row, int c, int cols) const {
+        return __uint_as_float((unsigned int)rows[row * cols + c] << 16);
+    }
+};
+struct StoreFp8 {
+    const uint8_t* codes;
+    const float* scales;
+    SMOE_DEVICE float operator()(size_t row, int c, int cols) const {
+        const int blocks = (cols + KV_FP8_BLOCK - 1) / KV_FP8_BLOCK;
+        return fp8_e4m3_value(codes[row * cols + c]) * scales[row * blocks + c / KV_FP8_BLOCK];
+    }
+};
+
+// indexer_scores_f32's scores with key s read from row slots[s] of a KV store: no gathered
+// copy of the keys. `smem` is the kernel's dynamic shared memory. Each thread reads its key's values once (widening bf16 or fp8 as it goes)
+// and keeps a running dot product per head, so heads ≤ INDEXER_STORE_MAX_HEADS.
+// Launch: as indexer_scores_f32 (grid (rows, ceil(n_keys / INDEXER_F32_KEYS)), block
+// INDEXER_F32_KEYS, dynamic shared memory (heads · dim + heads) floats).
+template <typename Store>
+SMOE_DEVICE void indexer_scores_store(float* smem, float* scores, const float* q, const float* w, Store store,
+                                      const int* slots, const int* n_visible, int n_keys, int heads, int dim,
+                                      float scale) {
+    const float* qs = smem;  // [dim, heads]: a key value meets every head's q at once
+    const float* ws = stage_indexer_row(smem, q, w, heads, dim, true);
+    const int r = blockIdx.x;
+    const int s = blockIdx.y * INDEXER_F32_KEYS + threadIdx.x;
+    if (s >= n_keys) return;
+    float total = neg_inf();
+    if (s < n_visible[r]) {
+        const size_t row = (size_t)slots[s];
+        float dot[INDEXER_STORE_MAX_HEADS];
+#pragma unroll
+        for (int h = 0; h < INDEXER_STORE_MAX_HEADS; ++h) dot[h] = 0.f;
+        for (int d = 0; d < dim; ++d) {
+            const float k = store(row, d, dim);
+#pragma unroll
+            for (int h = 0; h < INDEXER_STORE_MAX_HEADS; ++h)
+                if (h < heads) dot[h] += qs[d * heads + h] * k;
+        }
+        total = 0.f;
+#pragma unroll
+        for (int h = 0; h < INDEXER_STORE_MAX_HEADS; ++h)
+            if (h < heads) total += ws[h] * fmaxf(scale * dot[h], 0.f);
+    }
+    scores[(size_t)r * n_keys + s] = total;
+}
+
+extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS)
+indexer_scores_store_f32(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
+                         const float* __restrict__ keys, const int* __restrict__ slots,
+                         const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale) {
+    extern __shared__ float smem[];
+    indexer_scores_store(smem, scores, q, w, StoreF32{keys}, slots, n_visible, n_keys, heads, dim, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS)
+indexer_scores_store_bf16_bits(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
+                               const unsigned short* __restrict__ keys, const int* __restrict__ slots,
+                               const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale) {
+    extern __shared__ float smem[];
+    indexer_scores_store(smem, scores, q, w, StoreBf16{keys}, slots, n_visible, n_keys, heads, dim, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS)
+indexer_scores_store_fp8(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
+                         const uint8_t* __restrict__ codes, const float* __restrict__ key_scales,
+                         const int* __restrict__ slots, const int* __restrict__ n_visible, int n_keys, int heads,
+                         int dim, float scale) {
+    extern __shared__ float smem[];
+    indexer_scores_store(smem, scores, q, w, StoreFp8{codes, key_scales}, slots, n_visible, n_keys, heads, dim, scale);
 }
 
 // Absorbed MLA attention in the latent space, one (row, head) per block:

@@ -14,7 +14,7 @@ mkdir -p "$out"
 sources=$(sed -n 's/^pub const ENGINE_SOURCES: &\[&str\] = &\[\(.*\)\];$/\1/p' "$root/kernels/src/lib.rs" | tr -d '"' | tr ',' ' ')
 [[ -n $sources ]] || { echo "build.sh: ENGINE_SOURCES not found in kernels/src/lib.rs" >&2; exit 1; }
 # shellcheck disable=SC2086
-python3 "$here/gen_kernels.py" "$root/kernels/cuda" $sources > "$out/kernels.gen.cc"
+python3 "$here/gen_kernels.py" "$root/kernels/cuda" "$out/kernels.gen.cc" $sources
 flags=(-std=c++17 -O2 -g -fPIC -fvisibility=hidden -Wall -Wextra -Werror -Wno-unknown-pragmas
        -DSMOE_RTC -I"$here" -I"$root/kernels/cuda" -I"$include")
 pids=()
@@ -26,6 +26,13 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 g++ -shared -o "$out/libsparsemoe_cuda_emu.so" "$out"/driver.o "$out"/cublas.o "$out"/kernels.gen.o -lpthread
 ln -sf libsparsemoe_cuda_emu.so "$out/libcuda.so"
 ln -sf libsparsemoe_cuda_emu.so "$out/libcublas.so"
+# Every kernel of kernels/cuda (SOURCES), for kernels/gpu_check.py --emulate: with the bf16 and
+# fp8 headers of include/ in place of CUDA's.
+all=$(sed -n '/^pub const SOURCES/,/^];/p' "$root/kernels/src/lib.rs" | grep -o '"[a-z_0-9]*\.cu"' | tr -d '"' | tr '\n' ' ')
+# shellcheck disable=SC2086
+python3 "$here/gen_kernels.py" "$root/kernels/cuda" "$out/all_kernels.gen.cc" $all
+g++ "${flags[@]/-DSMOE_RTC/-I$here/include}" -shared "$here/standalone.cc" "$out/all_kernels.gen.cc" -lpthread \
+    -o "$out/libsparsemoe_kernels_emu.so"
 # The emulator's own checks (selftest.cc).
 g++ "${flags[@]}" "$here/selftest.cc" "$out"/driver.o "$out"/cublas.o "$out"/kernels.gen.o -lpthread -o "$out/selftest"
 "$out/selftest" >"$out/selftest.log" || { cat "$out/selftest.log" >&2; exit 1; }

@@ -37,7 +37,7 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 // Static shared memory: one copy per host thread; the blocks of a launch run one at a time on
 // it, so each block has it to itself. (Dynamic shared memory, `extern __shared__ T name[]`, is
 // rewritten by build.sh into a call to smoe_emu::dynamic_smem().)
@@ -261,3 +261,12 @@ inline float __logf(float x) { return std::log(x); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+// CUDA's integer and float min/max overloads.
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned int min(unsigned int a, unsigned int b) { return a < b ? a : b; }
+inline unsigned int max(unsigned int a, unsigned int b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return fminf(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }

@@ -169,6 +169,15 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("indexer_scores_f32" in "engine.cu":
         scores: F32Mut, q: F32, w: F32, keys: F32, n_visible: I32, n_keys: Int, heads: Int,
         dim: Int, scale: Float),
+    kernel!("indexer_scores_store_f32" in "engine.cu":
+        scores: F32Mut, q: F32, w: F32, keys: F32, slots: I32, n_visible: I32, n_keys: Int,
+        heads: Int, dim: Int, scale: Float),
+    kernel!("indexer_scores_store_bf16_bits" in "engine.cu":
+        scores: F32Mut, q: F32, w: F32, keys: Bf16Bits, slots: I32, n_visible: I32, n_keys: Int,
+        heads: Int, dim: Int, scale: Float),
+    kernel!("indexer_scores_store_fp8" in "engine.cu":
+        scores: F32Mut, q: F32, w: F32, codes: U8, key_scales: F32, slots: I32, n_visible: I32,
+        n_keys: Int, heads: Int, dim: Int, scale: Float),
     kernel!("mla_latent_attention_f32" in "engine.cu":
         ctx: F32Mut, q_lat: F32, q_pe: F32, latent: F32, k_pe: F32, keys: I32, key_offsets: I32,
         heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int, scale: Float),
@@ -202,6 +211,8 @@ pub mod launch {
     pub const MLA_F32_MAX_LATENT: u32 = 1024;
     /// Keys per block of the engine's float32 indexer scores (a key per thread).
     pub const INDEXER_F32_KEYS: u32 = 128;
+    /// The most indexer heads `indexer_scores_store_*` keep running sums for.
+    pub const INDEXER_STORE_MAX_HEADS: u32 = 64;
 
     /// Dynamic shared memory of `indexer_scores_f32`.
     pub fn indexer_f32_smem_bytes(heads: u32, dim: u32) -> u32 {

@@ -13,7 +13,8 @@
 //!   files are compiled at start-up with NVRTC, so no CUDA toolkit is needed at build time.
 //! - The paged KV pool lives on the first GPU, in float32, as bf16 bits, or as fp8 e4m3 codes
 //!   with a scale per 128 values (`--kv-cache-dtype`): rows are rounded as they are written and
-//!   widened to float32 as they are gathered.
+//!   widened to float32 as they are gathered. The indexer reads its keys in place there, through
+//!   the block table's slots (`indexer_scores_store_*`), so a step copies no keys.
 //! - The routed experts of a MoE layer run as three grouped products (`cublasGemmGroupedBatchedEx`,
 //!   one group per expert) over their rows gathered in expert order, and one launch adds each
 //!   token's weighted outputs; fp8 experts, or a cuBLAS that refuses the grouped call, run one
@@ -95,6 +96,21 @@ impl CudaStore {
             Self::Bf16 { rows, .. } | Self::Fp8 { rows, .. } => *rows,
         }
     }
+
+    fn cols(&self) -> usize {
+        match self {
+            Self::F32(t) => t.cols,
+            Self::Bf16 { cols, .. } | Self::Fp8 { cols, .. } => *cols,
+        }
+    }
+}
+
+/// Where the indexer reads its keys: a float32 tensor (key `s` is row `s`), or a KV store
+/// through slots (key `s` is row `slots[s]`, read in place).
+#[derive(Clone, Copy)]
+enum IndexerKeys<'a> {
+    Rows(&'a CudaTensor),
+    Store(&'a CudaStore, &'a [usize]),
 }
 
 impl std::fmt::Debug for CudaStore {
@@ -321,6 +337,9 @@ struct Kernels {
     silu_mul: CudaFunction,
     rope: CudaFunction,
     indexer_scores: CudaFunction,
+    indexer_scores_store: CudaFunction,
+    indexer_scores_store_bf16: CudaFunction,
+    indexer_scores_store_fp8: CudaFunction,
     mla_latent_attention: CudaFunction,
     topk_rows: CudaFunction,
 }
@@ -517,6 +536,9 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         silu_mul: function("silu_mul_f32")?,
         rope: function("rope_f32")?,
         indexer_scores: function("indexer_scores_f32")?,
+        indexer_scores_store: function("indexer_scores_store_f32")?,
+        indexer_scores_store_bf16: function("indexer_scores_store_bf16_bits")?,
+        indexer_scores_store_fp8: function("indexer_scores_store_fp8")?,
         mla_latent_attention: function("mla_latent_attention_f32")?,
         topk_rows: function("topk_rows_f32")?,
     });
@@ -1230,6 +1252,133 @@ impl Cuda {
         );
         self.grouped_layers.fetch_add(1, Ordering::Relaxed);
         true
+    }
+
+    /// The indexer's scores and top-k on the device, the keys read where `keys` says; the
+    /// selections come back to the host, each row's sorted.
+    fn indexer_topk(
+        &self,
+        q: &CudaTensor,
+        w: &CudaTensor,
+        keys: IndexerKeys<'_>,
+        positions: &[usize],
+        k: usize,
+        scale: f32,
+    ) -> Vec<Vec<u32>> {
+        let (dim, cached) = match keys {
+            IndexerKeys::Rows(t) => (t.cols, t.rows),
+            IndexerKeys::Store(store, slots) => (store.cols(), slots.len()),
+        };
+        let (heads, n) = (w.cols, q.rows);
+        assert_eq!(q.cols, heads * dim, "indexer: q is not [rows, heads·dim]");
+        assert_eq!(positions.len(), n, "indexer: one position per row");
+        let n_keys = positions.iter().map(|p| p + 1).max().unwrap_or(0);
+        assert!(
+            n_keys <= cached,
+            "indexer: a position beyond the cached keys"
+        );
+        if n == 0 {
+            return Vec::new();
+        }
+        if n_keys <= k {
+            // Every row keeps all its keys (the CPU backend's early rows).
+            return positions
+                .iter()
+                .map(|&p| (0..=p as u32).collect())
+                .collect();
+        }
+        if k == 0 {
+            return vec![Vec::new(); n];
+        }
+        let (function, slots) = match keys {
+            IndexerKeys::Rows(_) => (&self.k.indexer_scores, None),
+            IndexerKeys::Store(store, slots) => (
+                match store {
+                    CudaStore::F32(_) => &self.k.indexer_scores_store,
+                    CudaStore::Bf16 { .. } => &self.k.indexer_scores_store_bf16,
+                    CudaStore::Fp8 { .. } => &self.k.indexer_scores_store_fp8,
+                },
+                Some(self.upload_i32(slots[..n_keys].iter().copied())),
+            ),
+        };
+        // Both kernels take the same shared memory: the row's q and weights.
+        let smem = launch::indexer_f32_smem_bytes(heads as u32, dim as u32);
+        if smem > 48 * 1024 {
+            ok(
+                function.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                ),
+                "raising the indexer's shared memory",
+            );
+        }
+        let visible = self.upload_i32(positions.iter().map(|p| p + 1));
+        // Rows a chunk at a time, so their scores stay within SCORES_PER_LAUNCH floats.
+        let per_chunk = (SCORES_PER_LAUNCH / n_keys).max(1);
+        let mut selected = Vec::with_capacity(n);
+        for first in (0..n).step_by(per_chunk) {
+            let rows = per_chunk.min(n - first);
+            let mut scores = self.zeros(rows, n_keys);
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    rows as u32,
+                    n_keys.div_ceil(launch::INDEXER_F32_KEYS as usize) as u32,
+                    1,
+                ),
+                block_dim: (launch::INDEXER_F32_KEYS, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            let (nk, h, dm) = (n_keys as i32, heads as i32, dim as i32);
+            let q_rows = q.buf.slice(first * q.cols..);
+            let w_rows = w.buf.slice(first * heads..);
+            let visible_rows = visible.slice(first..first + rows);
+            let mut b = self.stream.launch_builder(function);
+            b.arg(&mut scores.buf).arg(&q_rows).arg(&w_rows);
+            match (keys, &slots) {
+                (IndexerKeys::Rows(t), _) => b.arg(&t.buf),
+                (IndexerKeys::Store(CudaStore::F32(t), _), Some(slots)) => b.arg(&t.buf).arg(slots),
+                (IndexerKeys::Store(CudaStore::Bf16 { buf, .. }, _), Some(slots)) => {
+                    b.arg(buf).arg(slots)
+                }
+                (IndexerKeys::Store(CudaStore::Fp8 { codes, scales, .. }, _), Some(slots)) => {
+                    b.arg(codes).arg(scales).arg(slots)
+                }
+                (IndexerKeys::Store(..), None) => {
+                    unreachable!("a store's slots are uploaded above")
+                }
+            };
+            b.arg(&visible_rows).arg(&nk).arg(&h).arg(&dm).arg(&scale);
+            // SAFETY: scores is [rows, n_keys]; the keys hold n_keys rows of dim (a tensor's
+            // rows, or a store's rows at the n_keys uploaded slots, each checked < its rows);
+            // q and w hold rows rows of heads·dim and heads from `first`; heads ≤
+            // INDEXER_STORE_MAX_HEADS for the store kernels; key blocks ≤ 65535 (the grid's y
+            // limit) up to 8M keys.
+            ok(unsafe { b.launch(cfg) }, "indexer_scores");
+
+            let mut chosen = ok(self.stream.alloc_zeros::<i32>(rows * k), "allocating");
+            let (kk, stride) = (k as i32, n_keys as i64);
+            let mut b = self.stream.launch_builder(&self.k.topk_rows);
+            b.arg(&mut chosen)
+                .arg(&scores.buf)
+                .arg(&visible_rows)
+                .arg(&kk)
+                .arg(&stride);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (launch::TOPK_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: chosen is [rows, k]; each row's n_valid ≤ n_keys, the scores' row stride.
+            ok(unsafe { b.launch(cfg) }, "topk_rows");
+            let chosen = ok(self.stream.clone_dtoh(&chosen), "copying to the host");
+            selected.extend(chosen.chunks_exact(k).map(|row| {
+                let mut keep: Vec<u32> =
+                    row.iter().filter(|&&s| s >= 0).map(|&s| s as u32).collect();
+                keep.sort_unstable();
+                keep
+            }));
+        }
+        selected
     }
 
     /// Row-major `C_g = B_g · A_gᵀ` for every group `g`: `A_g` a weight `[m, k]` at address
@@ -1965,96 +2114,28 @@ impl Backend for Cuda {
         k: usize,
         scale: f32,
     ) -> Vec<Vec<u32>> {
-        let (heads, dim, n) = (w.cols, keys.cols, q.rows);
-        assert_eq!(q.cols, heads * dim, "indexer: q is not [rows, heads·dim]");
-        assert_eq!(positions.len(), n, "indexer: one position per row");
-        let n_keys = positions.iter().map(|p| p + 1).max().unwrap_or(0);
-        assert!(
-            n_keys <= keys.rows,
-            "indexer: a position beyond the cached keys"
-        );
-        if n == 0 {
-            return Vec::new();
-        }
-        if n_keys <= k {
-            // Every row keeps all its keys (the CPU backend's early rows).
-            return positions
-                .iter()
-                .map(|&p| (0..=p as u32).collect())
-                .collect();
-        }
-        if k == 0 {
-            return vec![Vec::new(); n];
-        }
-        let smem = launch::indexer_f32_smem_bytes(heads as u32, dim as u32);
-        if smem > 48 * 1024 {
-            ok(
-                self.k.indexer_scores.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                ),
-                "raising the indexer's shared memory",
-            );
-        }
-        let visible = self.upload_i32(positions.iter().map(|p| p + 1));
-        // Rows a chunk at a time, so their scores stay within SCORES_PER_LAUNCH floats.
-        let per_chunk = (SCORES_PER_LAUNCH / n_keys).max(1);
-        let mut selected = Vec::with_capacity(n);
-        for first in (0..n).step_by(per_chunk) {
-            let rows = per_chunk.min(n - first);
-            let mut scores = self.zeros(rows, n_keys);
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    rows as u32,
-                    n_keys.div_ceil(launch::INDEXER_F32_KEYS as usize) as u32,
-                    1,
-                ),
-                block_dim: (launch::INDEXER_F32_KEYS, 1, 1),
-                shared_mem_bytes: smem,
-            };
-            let (nk, h, dm) = (n_keys as i32, heads as i32, dim as i32);
-            let q_rows = q.buf.slice(first * q.cols..);
-            let w_rows = w.buf.slice(first * heads..);
-            let visible_rows = visible.slice(first..first + rows);
-            let mut b = self.stream.launch_builder(&self.k.indexer_scores);
-            b.arg(&mut scores.buf)
-                .arg(&q_rows)
-                .arg(&w_rows)
-                .arg(&keys.buf)
-                .arg(&visible_rows)
-                .arg(&nk)
-                .arg(&h)
-                .arg(&dm)
-                .arg(&scale);
-            // SAFETY: scores is [rows, n_keys]; keys holds n_keys rows of dim; q and w hold
-            // rows rows of heads·dim and heads from `first`; key blocks ≤ 65535 (the grid's y
-            // limit) up to 8M keys.
-            ok(unsafe { b.launch(cfg) }, "indexer_scores");
+        self.indexer_topk(q, w, IndexerKeys::Rows(keys), positions, k, scale)
+    }
 
-            let mut chosen = ok(self.stream.alloc_zeros::<i32>(rows * k), "allocating");
-            let (kk, stride) = (k as i32, n_keys as i64);
-            let mut b = self.stream.launch_builder(&self.k.topk_rows);
-            b.arg(&mut chosen)
-                .arg(&scores.buf)
-                .arg(&visible_rows)
-                .arg(&kk)
-                .arg(&stride);
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (launch::TOPK_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: chosen is [rows, k]; each row's n_valid ≤ n_keys, the scores' row stride.
-            ok(unsafe { b.launch(cfg) }, "topk_rows");
-            let chosen = ok(self.stream.clone_dtoh(&chosen), "copying to the host");
-            selected.extend(chosen.chunks_exact(k).map(|row| {
-                let mut keep: Vec<u32> =
-                    row.iter().filter(|&&s| s >= 0).map(|&s| s as u32).collect();
-                keep.sort_unstable();
-                keep
-            }));
+    fn indexer_select_rows(
+        &self,
+        q: &CudaTensor,
+        w: &CudaTensor,
+        keys: &CudaStore,
+        slots: &[usize],
+        positions: &[usize],
+        k: usize,
+        scale: f32,
+    ) -> Vec<Vec<u32>> {
+        if w.cols > launch::INDEXER_STORE_MAX_HEADS as usize {
+            // More heads than the in-place kernel keeps sums for: score a gathered copy.
+            return self.indexer_select(q, w, &self.gather_rows(keys, slots), positions, k, scale);
         }
-        selected
+        assert!(
+            slots.iter().all(|&s| s < keys.rows()),
+            "indexer: slot beyond the pool"
+        );
+        self.indexer_topk(q, w, IndexerKeys::Store(keys, slots), positions, k, scale)
     }
 
     fn mla_attention(

@@ -308,6 +308,23 @@ pub trait Backend: Send + Sync + 'static {
         scale: f32,
     ) -> Vec<Vec<u32>>;
 
+    /// [`Backend::indexer_select`] over keys kept in a KV store: key `s` is row `slots[s]` of
+    /// `keys` (a paged cache's indexer keys, through its block table). This default gathers
+    /// them as float32 first; a backend that reads the store in place overrides it.
+    #[allow(clippy::too_many_arguments)]
+    fn indexer_select_rows(
+        &self,
+        q: &Self::Tensor,
+        w: &Self::Tensor,
+        keys: &Self::Store,
+        slots: &[usize],
+        positions: &[usize],
+        k: usize,
+        scale: f32,
+    ) -> Vec<Vec<u32>> {
+        self.indexer_select(q, w, &self.gather_rows(keys, slots), positions, k, scale)
+    }
+
     /// Multi-head latent attention of the query rows `q` (`[n, heads·(nope+rope)]`, RoPE
     /// applied) of several sequences, each against its own cache (see [`MlaSeq`]). Returns
     /// `[n, heads·v]`; rows of `q` that no sequence names are left zero.
