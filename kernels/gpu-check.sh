@@ -10,18 +10,34 @@
 # gpu-check.log (raw), engine.log, engine-bench.jsonl, sanitizer.log, nvidia-smi.txt.
 #   run: OUT=... kernels/gpu-check.sh [--quick]
 # Commit the table and log to bench/results/ with the date and the card afterwards.
+# A dry run of the whole script with no GPU, on the CPU emulator (kernels/emu): build it, then
+#   OUT=... SPARSEMOE_EMULATE=target/cuda-emu SPARSEMOE_GPU_CHECK_CONTEXT=2048 kernels/gpu-check.sh
+# (correctness only; its timings mean nothing).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/sparsemoe-gpu-check}"
 mkdir -p "$OUT"
 export NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
-{
-    date -u +%FT%TZ
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
-    "$NVCC" --version | tail -n 2
-    python3 -c 'import torch, cupy; print("torch", torch.__version__, "cupy", cupy.__version__)'
-} 2>&1 | tee "$OUT/nvidia-smi.txt"
-PYTHONUNBUFFERED=1 timeout 300 python3 kernels/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu-check.log"
+emulate=${SPARSEMOE_EMULATE:+$(cd "$SPARSEMOE_EMULATE" && pwd)}
+context=${SPARSEMOE_GPU_CHECK_CONTEXT:-65536}
+slow=1
+[[ -n $emulate ]] && slow=20  # emulated kernels run thousands of times slower: longer limits
+# The CUDA tests find the fixture models here, wherever this copy of the tree is.
+export SPARSEMOE_FIXTURES="$PWD/engine/tests/fixtures"
+if [[ -n $emulate ]]; then
+    echo "DRY RUN on the CPU emulator in $emulate: no GPU, timings meaningless" | tee "$OUT/nvidia-smi.txt"
+    kernel_check=(--emulate "$emulate/libsparsemoe_kernels_emu.so")
+else
+    {
+        date -u +%FT%TZ
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+        "$NVCC" --version | tail -n 2
+        python3 -c 'import torch, cupy; print("torch", torch.__version__, "cupy", cupy.__version__)'
+    } 2>&1 | tee "$OUT/nvidia-smi.txt"
+    kernel_check=()
+fi
+PYTHONUNBUFFERED=1 timeout $((300 * slow)) python3 kernels/gpu_check.py --out "$OUT" "${kernel_check[@]}" "$@" 2>&1 |
+    tee "$OUT/gpu-check.log"
 rc=${PIPESTATUS[0]}
 rm -rf "$OUT/build"  # cubins: not needed back (the device tool returns at most 8 files)
 
@@ -42,21 +58,25 @@ want = ("libcublas.so.13", "libnvrtc.so.13")
 print(":".join(d for d in dirs if any(os.path.exists(os.path.join(d, w)) for w in want)))
 PY
 )
-    export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export LD_LIBRARY_PATH="${emulate:+$emulate:}$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "engine: LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee "$OUT/engine.log"
-    SPARSEMOE_REQUIRE_GPU=1 timeout 100 "$bin/cuda-tests" --nocapture --test-threads 1 2>&1 | tee -a "$OUT/engine.log"
-    [[ ${PIPESTATUS[0]} == 0 ]] || rc=1
-    # A whole decode step at 64K context on a V3.2-shaped model (1 layer, random bf16 weights),
+    SPARSEMOE_REQUIRE_GPU=1 timeout $((100 * slow)) "$bin/cuda-tests" --nocapture --test-threads 1 2>&1 |
+        tee -a "$OUT/engine.log"
+    status=${PIPESTATUS[0]}
+    [[ $status == 124 ]] && echo "engine: the CUDA tests timed out after $((100 * slow)) s" | tee -a "$OUT/engine.log"
+    [[ $status == 0 ]] || rc=1
+    # A whole decode step at 64K context (SPARSEMOE_GPU_CHECK_CONTEXT) on a V3.2-shaped model (1 layer, random bf16 weights),
     # sparse vs dense, on the GPU and on this machine's CPUs: one JSON line per run.
     model=/tmp/sparsemoe-v32-shapes
     python3 bench/random_checkpoint.py bench/configs/v32-shapes-1layer.json "$model" 2>&1 | tee -a "$OUT/engine.log"
     for run in cuda:0/float32 cuda:0/bfloat16 cpu/float32; do
         for attention in sparse dense; do
             echo "engine: bench ${run%/*} ${run#*/} $attention" | tee -a "$OUT/engine.log"
-            timeout 30 "$bin/sparsemoe-engine" bench --model "$model" --device "${run%/*}" \
+            timeout $((30 * slow)) "$bin/sparsemoe-engine" bench --model "$model" --device "${run%/*}" \
                 --dtype "${run#*/}" --attention "$attention" --batch 1 --prompt-tokens 16 \
-                --decode-tokens 16 --context 65536 --steps 5 2>>"$OUT/engine.log" |
+                --decode-tokens 16 --context "$context" --steps 5 2>>"$OUT/engine.log" |
                 tee -a "$OUT/engine-bench.jsonl"
+            [[ ${PIPESTATUS[0]} == 124 ]] && echo "engine: timed out after $((30 * slow)) s" | tee -a "$OUT/engine.log"
         done
     done
     # Last, as its output is a bonus: the paged-pool and grouped-expert tests under

@@ -282,12 +282,19 @@ impl Cluster {
     pub fn install_crd(&self) -> Result<()> {
         let crd = repo_root().join("crds/sparsemoe.io_inferencedeployments.yaml");
         self.kubectl_ok(&["apply", "--server-side", "-f", &crd.to_string_lossy()])?;
-        self.kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/inferencedeployments.sparsemoe.io",
-        ])?;
+        // Polled rather than `kubectl wait --for=condition=Established`, which fails outright
+        // (".status.conditions accessor error: <nil>") when it reads the CRD before the API
+        // server has written its first condition, as happened on a loaded CI machine.
+        wait_until(Duration::from_secs(60), || {
+            let established = self.kubectl(&[
+                "get",
+                "crd/inferencedeployments.sparsemoe.io",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+            ]);
+            Ok(established.success && established.stdout.trim() == "True")
+        })
+        .context("the InferenceDeployment CRD is not Established")?;
         // Established comes slightly before discovery serves the kind to kubectl.
         wait_until(Duration::from_secs(30), || {
             Ok(self.kubectl(&["get", "idep", "-A"]).success)

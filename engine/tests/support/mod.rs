@@ -44,10 +44,16 @@ pub fn sorted_row_errors(want: &[f32], got: &[f32], vocab: usize) -> Vec<f64> {
     rows
 }
 
+/// Fixture model `name`: under `SPARSEMOE_FIXTURES` when set (a test binary run away from
+/// the tree it was built in, as kernels/gpu-check.sh runs the CUDA tests on the GPU machine),
+/// else under this crate's tests/fixtures.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    match std::env::var_os("SPARSEMOE_FIXTURES") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    }
 }
 
 /// A copy of a fixture's config and weights in a temporary directory.
