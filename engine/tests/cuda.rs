@@ -17,6 +17,7 @@ use sparsemoe_engine::config::ModelConfig;
 use sparsemoe_engine::expert_shards::ExpertShards;
 use sparsemoe_engine::kv_cache::{KvDtype, SeqCache};
 use sparsemoe_engine::model::{AttentionMode, LogitRows, Model, ModelOptions, SeqStep};
+use sparsemoe_engine::weights::Matrix;
 use support::{FIXTURE_MODELS, fixture, rel_l2, sorted_row_errors};
 
 /// Device 0, or `None` (with the reason printed) when this machine has none.
@@ -430,6 +431,93 @@ fn the_indexer_reads_each_kv_store_in_place() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// The backend's row operations one by one against the CPU backend's, on shapes the fixture
+/// models do not reach: a single value, widths just past a block of threads (257, 1000, 3000),
+/// a width above the largest block, products with one output column, KV stores of a width
+/// with a partial fp8 block. Float32 results within 1e-5 (relative L2; the order of a sum may
+/// differ); KV stores read back bit for bit (both round the same float32 values the same way).
+#[test]
+fn row_operations_match_the_cpu_backend_at_edge_shapes() {
+    let Some(cuda) = gpu("row_operations_match_the_cpu_backend_at_edge_shapes") else {
+        return;
+    };
+    let mut seed = 11u32;
+    let mut noise = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    let close = |what: &str, want: Vec<f32>, got: Vec<f32>| {
+        assert_eq!(want.len(), got.len(), "{what}: sizes");
+        let err = rel_l2(&want, &got);
+        assert!(err < 1e-5, "{what}: relative L2 {err:.2e}");
+    };
+    for (rows, cols) in [(1, 1), (3, 33), (2, 257), (5, 1000), (1, 3000)] {
+        let x = noise(rows * cols);
+        let (w, bias) = (noise(cols), noise(cols));
+        let on_cpu = Cpu.tensor(rows, cols, x.clone());
+        let on_gpu = cuda.tensor(rows, cols, x.clone());
+        let case = format!("[{rows}, {cols}]");
+        close(
+            &format!("rms_norm {case}"),
+            Cpu.to_host(&Cpu.rms_norm(&on_cpu, &Cpu.tensor(1, cols, w.clone()), 1e-6)),
+            cuda.to_host(&cuda.rms_norm(&on_gpu, &cuda.tensor(1, cols, w.clone()), 1e-6)),
+        );
+        close(
+            &format!("layer_norm {case}"),
+            Cpu.to_host(&Cpu.layer_norm(
+                &on_cpu,
+                &Cpu.tensor(1, cols, w.clone()),
+                &Cpu.tensor(1, cols, bias.clone()),
+                1e-6,
+            )),
+            cuda.to_host(&cuda.layer_norm(
+                &on_gpu,
+                &cuda.tensor(1, cols, w.clone()),
+                &cuda.tensor(1, cols, bias.clone()),
+                1e-6,
+            )),
+        );
+        let (start, len) = (cols / 3, cols - cols / 3);
+        close(
+            &format!("columns {case}"),
+            Cpu.to_host(&Cpu.columns(&on_cpu, start, len)),
+            cuda.to_host(&cuda.columns(&on_gpu, start, len)),
+        );
+        for out in [1, 17, 300] {
+            let weight = noise(out * cols);
+            let weight = || Matrix::from_f32(out, cols, weight.clone());
+            close(
+                &format!("linear {case} -> {out}"),
+                Cpu.to_host(&Cpu.linear(&on_cpu, &Cpu.upload(weight()).unwrap())),
+                cuda.to_host(&cuda.linear(&on_gpu, &cuda.upload(weight()).unwrap())),
+            );
+        }
+        // A pool of 9 rows; the rows written to scattered slots, read back in another order.
+        let slots: Vec<usize> = (0..rows).map(|r| (r * 5 + 2) % 9).collect();
+        let read: Vec<usize> = slots.iter().rev().copied().collect();
+        for dtype in [KvDtype::Float32, KvDtype::Bfloat16, KvDtype::Fp8] {
+            let mut a = Cpu.kv_store(9, cols, dtype).unwrap();
+            Cpu.write_rows(&mut a, &slots, &on_cpu);
+            let mut b = cuda.kv_store(9, cols, dtype).unwrap();
+            cuda.write_rows(&mut b, &slots, &on_gpu);
+            let (want, got) = (
+                Cpu.to_host(&Cpu.gather_rows(&a, &read)),
+                cuda.to_host(&cuda.gather_rows(&b, &read)),
+            );
+            assert!(
+                want.iter()
+                    .zip(&got)
+                    .all(|(w, g)| w.to_bits() == g.to_bits()),
+                "{dtype:?} store {case}: rows read back differ"
+            );
         }
     }
 }
