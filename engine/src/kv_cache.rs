@@ -176,6 +176,22 @@ pub struct AttendedRows<'a, B: Backend> {
     pub latent: CacheRows<'a, B::Tensor>,
     pub k_pe: CacheRows<'a, B::Tensor>,
     pub selection: Option<Vec<Vec<u32>>>,
+    /// When the rows are a pool's, read in place: the pool row of each of the sequence's
+    /// tokens ([`crate::backend::MlaSeq::rows`]).
+    pub rows: Option<Vec<usize>>,
+}
+
+/// A read lock on a paged cache's pool, held across a step's [`SeqCache::attended_rows`] so
+/// that they can lend the pool's own rows (see [`Backend::store_rows`]).
+pub struct PoolRead<'p, B: Backend> {
+    shared: &'p SharedPool<B>,
+    guard: std::sync::RwLockReadGuard<'p, KvPool<B>>,
+}
+
+impl<B: Backend> std::fmt::Debug for PoolRead<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolRead")
+    }
 }
 
 /// The cache of one sequence.
@@ -357,13 +373,18 @@ impl<B: Backend> SeqCache<B> {
     /// `total` tokens when there is none. A contiguous cache lends its rows as they are; a paged
     /// one gathers only the picked rows, so a sparse step copies top-k rows, not the context,
     /// and the returned selection is renumbered into the gathered rows.
-    pub fn attended_rows(
-        &self,
+    ///
+    /// With `locked`, a read lock on this cache's pool that outlives the returned rows, a
+    /// backend that reads float32 rows in place ([`Backend::store_rows`]) gets the pool's rows
+    /// and the block table's slots instead of a copy: no rows are gathered.
+    pub fn attended_rows<'a>(
+        &'a self,
         b: &B,
         layer: usize,
         total: usize,
         selection: Option<Vec<Vec<u32>>>,
-    ) -> Result<AttendedRows<'_, B>> {
+        locked: Option<&'a PoolRead<'a, B>>,
+    ) -> Result<AttendedRows<'a, B>> {
         let (pool, table, block_size) = match &self.storage {
             Storage::Contiguous(layers) => {
                 let c = &layers[layer];
@@ -371,6 +392,7 @@ impl<B: Backend> SeqCache<B> {
                     latent: CacheRows::Borrowed(&c.latent),
                     k_pe: CacheRows::Borrowed(&c.k_pe),
                     selection,
+                    rows: None,
                 });
             }
             Storage::Paged {
@@ -379,15 +401,31 @@ impl<B: Backend> SeqCache<B> {
                 block_size,
             } => (pool, table, *block_size),
         };
+        // A query attends only to cached tokens: positions below `total`.
+        if let Some(&p) = selection
+            .iter()
+            .flatten()
+            .flatten()
+            .find(|&&p| p as usize >= total)
+        {
+            return Err(EngineError::Device(format!(
+                "attention selected position {p} of a sequence with {total} tokens"
+            )));
+        }
+        if let Some(locked) = locked.filter(|l| Arc::ptr_eq(l.shared, pool)) {
+            let c = &locked.guard.layers[layer];
+            if let (Some(latent), Some(k_pe)) = (b.store_rows(&c.latent), b.store_rows(&c.k_pe)) {
+                return Ok(AttendedRows {
+                    latent: CacheRows::Borrowed(latent),
+                    k_pe: CacheRows::Borrowed(k_pe),
+                    selection,
+                    rows: Some(Self::slots(table, block_size, 0..total)),
+                });
+            }
+        }
         // The picked positions in order, each once; all of them when that is no saving.
         let (tokens, selection) = match selection {
             Some(sel) => {
-                // A query attends only to cached tokens: positions below `total`.
-                if let Some(&p) = sel.iter().flatten().find(|&&p| p as usize >= total) {
-                    return Err(EngineError::Device(format!(
-                        "attention selected position {p} of a sequence with {total} tokens"
-                    )));
-                }
                 let mut index = vec![u32::MAX; total];
                 for &p in sel.iter().flatten() {
                     index[p as usize] = 0;
@@ -411,13 +449,44 @@ impl<B: Backend> SeqCache<B> {
             None => ((0..total).collect(), None),
         };
         let slots = Self::slots(table, block_size, tokens);
-        let pool = Self::lock(pool)?;
-        let c = &pool.layers[layer];
+        let gather = |pool: &KvPool<B>| {
+            let c = &pool.layers[layer];
+            (
+                CacheRows::Owned(b.gather_rows(&c.latent, &slots)),
+                CacheRows::Owned(b.gather_rows(&c.k_pe, &slots)),
+            )
+        };
+        // This cache's pool may be the one `locked` holds: a second read lock from the same
+        // thread could wait behind a writer, so it is not taken.
+        let (latent, k_pe) = match locked.filter(|l| Arc::ptr_eq(l.shared, pool)) {
+            Some(locked) => gather(&locked.guard),
+            None => gather(&*Self::lock(pool)?),
+        };
         Ok(AttendedRows {
-            latent: CacheRows::Owned(b.gather_rows(&c.latent, &slots)),
-            k_pe: CacheRows::Owned(b.gather_rows(&c.k_pe, &slots)),
+            latent,
+            k_pe,
             selection,
+            rows: None,
         })
+    }
+
+    /// A read lock on this cache's pool for [`SeqCache::attended_rows`], when `b` reads the
+    /// pool's rows of `layer` in place; `None` for a contiguous cache, or when the rows are
+    /// gathered anyway (then no lock is held across the attention: the CPU backend's groups
+    /// of a batch append to the same pool side by side).
+    pub fn read_pool(&self, b: &B, layer: usize) -> Result<Option<PoolRead<'_, B>>> {
+        let Storage::Paged { pool, .. } = &self.storage else {
+            return Ok(None);
+        };
+        let guard = Self::lock(pool)?;
+        let c = &guard.layers[layer];
+        if b.store_rows(&c.latent).is_none() || b.store_rows(&c.k_pe).is_none() {
+            return Ok(None);
+        }
+        Ok(Some(PoolRead {
+            shared: pool,
+            guard,
+        }))
     }
 
     fn lock(pool: &SharedPool<B>) -> Result<std::sync::RwLockReadGuard<'_, KvPool<B>>> {

@@ -773,12 +773,24 @@ impl<B: Backend> Model<B> {
             let (last_start, last_len) = group[group.len() - 1].span;
             let n = last_start + last_len - first;
             let selections: Vec<_> = group.iter_mut().map(|a| a.selection.take()).collect();
+            // The pool of the group's paged caches (one, in the server), read-locked while
+            // attention reads its rows in place, where the backend can (the CUDA backend, for
+            // float32 rows).
+            let mut locked = None;
+            for a in &group {
+                let step: &SeqStep<'_, B> = a.step;
+                if let Some(read) = step.cache.read_pool(b, layer_index)? {
+                    locked = Some(read);
+                    break;
+                }
+            }
             let rows: Vec<_> = group
                 .iter()
                 .zip(selections)
                 .map(|(a, selection)| {
                     let step: &SeqStep<'_, B> = a.step;
-                    step.cache.attended_rows(b, layer_index, a.total, selection)
+                    step.cache
+                        .attended_rows(b, layer_index, a.total, selection, locked.as_ref())
                 })
                 .collect::<Result<_>>()?;
             let seqs: Vec<MlaSeq<'_, B::Tensor>> = rows
@@ -790,6 +802,7 @@ impl<B: Backend> Model<B> {
                     k_pe: &*r.k_pe,
                     positions: &positions[a.span.0..a.span.0 + a.span.1],
                     selection: r.selection.as_deref(),
+                    rows: r.rows.as_deref(),
                     form: a.form,
                 })
                 .collect();

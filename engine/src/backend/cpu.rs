@@ -553,7 +553,7 @@ fn mla_expanded(
     let work = seq.keys() * d.heads * (qk + d.v);
     for_each_chunk(&mut out, d.v, work, |task, o| {
         let (i, h) = (task / d.heads, task % d.heads);
-        let keys = seq.visible_keys(i);
+        let keys = seq.key_rows(i);
         let qrow = &q.row(i)[h * qk..(h + 1) * qk];
         let mut scores: Vec<f32> = keys
             .iter()
@@ -695,7 +695,7 @@ fn latent_attention(
 ) -> Vec<f32> {
     let heads = q_lat.len() / d.latent;
     let mut ctx = vec![0f32; heads * d.latent];
-    let keys = seq.visible_keys(i);
+    let keys = seq.key_rows(i);
     let t = keys.len();
     if t == 0 {
         return ctx;
@@ -796,6 +796,7 @@ mod tests {
                             k_pe: &pe_a,
                             positions: &pos_a,
                             selection: sel_a.map(|s| &s[..1]),
+                            rows: None,
                             form: forms[0],
                         },
                         MlaSeq {
@@ -804,6 +805,7 @@ mod tests {
                             k_pe: &pe_a,
                             positions: &pos_b,
                             selection: sel_a.map(|s| &s[1..]),
+                            rows: None,
                             form: forms[1],
                         },
                         MlaSeq {
@@ -812,6 +814,7 @@ mod tests {
                             k_pe: &pe_b,
                             positions: &[3],
                             selection: sel_b,
+                            rows: None,
                             form: forms[2],
                         },
                     ];
@@ -838,6 +841,7 @@ mod tests {
                         k_pe: &pe_a,
                         positions: &pos_ab,
                         selection: sel_a,
+                        rows: None,
                         form: A,
                     }],
                     weights,
@@ -889,6 +893,7 @@ mod tests {
                 k_pe: &k_pe,
                 positions: &[t - 1],
                 selection: None,
+                rows: None,
                 form,
             };
             cpu.mla_attention(&q, &[seq], weights, d, 0.2)

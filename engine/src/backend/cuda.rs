@@ -14,7 +14,9 @@
 //! - The paged KV pool lives on the first GPU, in float32, as bf16 bits, or as fp8 e4m3 codes
 //!   with a scale per 128 values (`--kv-cache-dtype`): rows are rounded as they are written and
 //!   widened to float32 as they are gathered. The indexer reads its keys in place there, through
-//!   the block table's slots (`indexer_scores_store_*`), so a step copies no keys.
+//!   the block table's slots (`indexer_scores_store_*`), so a step copies no keys; attention
+//!   reads a float32 pool's latent and RoPE rows in place too (`store_rows`, `MlaSeq::rows`),
+//!   and gathers, widened, only the rows it picks from a bf16 or fp8 pool.
 //! - The routed experts of a MoE layer run as three grouped products (`cublasGemmGroupedBatchedEx`,
 //!   one group per expert) over their rows gathered in expert order, and one launch adds each
 //!   token's weighted outputs; fp8 experts, or a cuBLAS that refuses the grouped call, run one
@@ -1496,8 +1498,8 @@ impl Cuda {
             .arg(&q_pe_row)
             .arg(&q_pe_head)
             .arg(&scale);
-        // SAFETY: every key indexes a row of the sequence's latent and k_pe caches
-        // (visible_keys keeps s ≤ position < cache rows); latent ≤ MLA_F32_MAX_LATENT (checked
+        // SAFETY: every key indexes a row of the sequence's latent and k_pe caches (checked
+        // above); latent ≤ MLA_F32_MAX_LATENT (checked
         // by mla_attention); rows ≤ the grid's x limit; heads ≤ its y limit (65535).
         ok(unsafe { b.launch(cfg) }, "mla_latent_attention");
     }
@@ -1568,7 +1570,8 @@ impl Cuda {
         let mut ctx = self.zeros(n, d.heads * d.latent);
         let (mut first_row, mut keys, mut offsets) = (0, Vec::new(), vec![0usize]);
         for i in 0..n {
-            let row = seq.visible_keys(i);
+            // Rows of seq.latent: the pool's own rows when the cache is read in place.
+            let row = seq.key_rows(i);
             if i > first_row && keys.len() + row.len() > KEYS_PER_LAUNCH {
                 self.latent_attention(
                     &q_lat, q, seq, first_row, &keys, &offsets, d, scale, &mut ctx,
@@ -2115,6 +2118,13 @@ impl Backend for Cuda {
         scale: f32,
     ) -> Vec<Vec<u32>> {
         self.indexer_topk(q, w, IndexerKeys::Rows(keys), positions, k, scale)
+    }
+
+    fn store_rows<'s>(&self, store: &'s CudaStore) -> Option<&'s CudaTensor> {
+        match store {
+            CudaStore::F32(t) => Some(t),
+            CudaStore::Bf16 { .. } | CudaStore::Fp8 { .. } => None,
+        }
     }
 
     fn indexer_select_rows(

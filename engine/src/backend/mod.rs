@@ -116,6 +116,9 @@ pub struct MlaSeq<'a, T> {
     /// Row `i` attends to the cache rows `selection[i]`, or, when `None`, to every row
     /// `s ≤ positions[i]`.
     pub selection: Option<&'a [Vec<u32>]>,
+    /// Where cache row `s` is: row `rows[s]` of `latent` and `k_pe` (a paged pool's rows, read
+    /// in place through the block table), or, when `None`, row `s`.
+    pub rows: Option<&'a [usize]>,
     pub form: AttentionForm,
 }
 
@@ -139,6 +142,15 @@ impl<T> MlaSeq<'_, T> {
                 .filter(|&s| s <= pos)
                 .collect(),
             None => (0..=pos).collect(),
+        }
+    }
+
+    /// [`MlaSeq::visible_keys`] as rows of `latent` and `k_pe`.
+    pub fn key_rows(&self, i: usize) -> Vec<usize> {
+        let keys = self.visible_keys(i);
+        match self.rows {
+            Some(rows) => keys.into_iter().map(|s| rows[s]).collect(),
+            None => keys,
         }
     }
 }
@@ -307,6 +319,15 @@ pub trait Backend: Send + Sync + 'static {
         k: usize,
         scale: f32,
     ) -> Vec<Vec<u32>>;
+
+    /// A KV store's rows as a float32 tensor that [`Backend::mla_attention`] reads in place
+    /// (through [`MlaSeq::rows`]), or `None` when they must be gathered first: the default,
+    /// for narrow stores and for the CPU backend, whose expanded form expands every row it is
+    /// given.
+    fn store_rows<'s>(&self, store: &'s Self::Store) -> Option<&'s Self::Tensor> {
+        let _ = store;
+        None
+    }
 
     /// [`Backend::indexer_select`] over keys kept in a KV store: key `s` is row `slots[s]` of
     /// `keys` (a paged cache's indexer keys, through its block table). This default gathers
