@@ -106,7 +106,7 @@ size_t extent(int rows, int cols, int ld) {
 }
 
 cublasStatus_t validate(const Gemm& g) {
-    if (g.ta > CUBLAS_OP_T || g.tb > CUBLAS_OP_T) return CUBLAS_STATUS_INVALID_VALUE;
+    if (g.ta > CUBLAS_OP_C || g.tb > CUBLAS_OP_C) return CUBLAS_STATUS_INVALID_VALUE;
     if (g.m < 0 || g.n < 0 || g.k < 0) return CUBLAS_STATUS_INVALID_VALUE;
     const int a_rows = g.ta == CUBLAS_OP_N ? g.m : g.k;
     const int b_rows = g.tb == CUBLAS_OP_N ? g.k : g.n;

@@ -119,6 +119,10 @@ std::set<CUstream>& streams() {
     static std::set<CUstream> s;
     return s;
 }
+std::set<CUevent>& events() {
+    static std::set<CUevent> e;
+    return e;
+}
 
 // Runs `stream`'s queued work up to (not including) position `seq`.
 void run_until(CUstream stream, uint64_t seq) {
@@ -176,6 +180,8 @@ const Allocation* find(uintptr_t p) {
 
 bool device_range(const void* p, size_t bytes, int device, bool peers_allowed) {
     const Allocation* a = find((uintptr_t)p);
+    // A kernel argument may point one past an allocation's end (an empty view).
+    if (a == nullptr && bytes == 0 && (uintptr_t)p > 0) a = find((uintptr_t)p - 1);
     if (a == nullptr) return false;
 
 
@@ -404,8 +410,10 @@ API CUresult cuStreamCreate(CUstream* stream, unsigned int flags) {
 API CUresult cuStreamDestroy(CUstream stream) {
     LOCKED;
     if (is_default(stream) || streams().count(stream) == 0) return CUDA_ERROR_INVALID_HANDLE;
-    // Work already queued still completes.
+    // Work already queued still completes, so events recorded on it have happened.
     drain(stream);
+    for (CUevent e : events())
+        if (e->stream == stream) e->stream = nullptr;
     streams().erase(stream);
     delete stream;
     return CUDA_SUCCESS;
@@ -429,13 +437,16 @@ API CUresult cuStreamQuery(CUstream stream) {
 
 API CUresult cuEventCreate(CUevent* event, unsigned int flags) {
     (void)flags;
+    LOCKED;
     NEED_CONTEXT;
     if (event == nullptr) return CUDA_ERROR_INVALID_VALUE;
     *event = new CUevent_st{};
+    events().insert(*event);
     return CUDA_SUCCESS;
 }
 API CUresult cuEventDestroy(CUevent event) {
-    if (event == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    LOCKED;
+    if (event == nullptr || events().erase(event) == 0) return CUDA_ERROR_INVALID_HANDLE;
     delete event;
     return CUDA_SUCCESS;
 }

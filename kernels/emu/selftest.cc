@@ -1,7 +1,9 @@
 // Checks the CPU emulator itself (build.sh builds and runs this): that its warp collectives
-// and barriers give what a GPU gives, and that the mistakes it exists to catch are caught: a
-// warp split between different barriers, a write past an allocation or after its free, a
-// launch over the thread or shared-memory limit, work on two streams with no event between.
+// and barriers give what a GPU gives (lanes that have returned vote false; static shared memory
+// starts as garbage in every block), and that the mistakes it exists to catch are caught: a
+// warp split between different barriers, a shuffle from a lane that has returned, a write past
+// an allocation or after its free, a launch over the thread or shared-memory limit, work on
+// two streams with no event between.
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -58,6 +60,27 @@ void divergent_kernel(float* out) {
     out[threadIdx.x] = v;
 }
 
+// Lanes 16..31 return; the rest take a ballot (the returned lanes count as false) and then
+// read a returned lane (a kernel bug: aborts).
+void exited_lanes_kernel(unsigned int* out, int read_returned) {
+    if (threadIdx.x >= 16) return;
+    out[threadIdx.x] = __ballot_sync(0xffffffffu, 1);
+    if (read_returned) out[threadIdx.x] = __shfl_sync(0xffffffffu, 1u, 20);
+}
+
+// A static shared variable as gen_kernels.py rewrites it: garbage (all ones) at the start of
+// every block, and thread 0's write survives the other threads passing the declaration.
+void shared_kernel(int* first, int* after) {
+    __shared__ int x;
+    smoe_emu::poison_shared(&x, sizeof(x));
+    if (threadIdx.x == 0) {
+        first[blockIdx.x] = x;
+        x = 7;
+    }
+    __syncthreads();
+    after[blockIdx.x * blockDim.x + threadIdx.x] = x;
+}
+
 }  // namespace
 
 int main() {
@@ -83,6 +106,22 @@ int main() {
               run_grid("divergent", dim3{1}, dim3{32}, 0, [&] { divergent_kernel(out.data()); });
           }),
           "a warp split between a barrier and a shuffle aborts");
+
+    std::vector<unsigned int> ballots16(32, 0);
+    run_grid("exited", dim3{1}, dim3{32}, 0, [&] { exited_lanes_kernel(ballots16.data(), 0); });
+    check(ballots16[0] == 0xffffu && ballots16[15] == 0xffffu, "lanes that have returned vote false in a ballot");
+    check(dies_of(SIGABRT, [] {
+              std::vector<unsigned int> out(32);
+              run_grid("exited", dim3{1}, dim3{32}, 0, [&] { exited_lanes_kernel(out.data(), 1); });
+          }),
+          "a shuffle reading a lane that has returned aborts");
+
+    std::vector<int> first(2, 0), after(64, 0);
+    run_grid("shared", dim3{2}, dim3{32}, 0, [&] { shared_kernel(first.data(), after.data()); });
+    bool sevens = true;
+    for (int v : after) sevens = sevens && v == 7;
+    check(first[0] == -1 && first[1] == -1 && sevens,
+          "static shared memory is garbage at each block's start and keeps the block's own writes");
 
     cuInit(0);
     CUcontext ctx;

@@ -50,7 +50,7 @@ enum class State { Ready, AtWarp, AtBlock, Done };
 struct Fiber {
     ucontext_t context;
     State state = State::Ready;
-    unsigned int parity = 0;  // which of the two exchange buffers the next warp collective uses
+    uint64_t collectives = 0;  // warp collectives so far; its parity picks the exchange buffer
     dim3 index;
 };
 
@@ -64,9 +64,12 @@ struct Block {
     size_t current = 0;
     // Warp collectives: each lane writes its value, waits for its warp, reads its source lane's.
     // Two buffers, alternating per collective, so a lane that runs ahead to the next collective
-    // does not overwrite a value a slower lane has still to read.
+    // does not overwrite a value a slower lane has still to read; with each value, the number
+    // of the collective that wrote it (a lane that has returned stops writing).
     std::vector<uint64_t> exchange[2];
+    std::vector<uint64_t> stamp[2];
     std::vector<unsigned char> dynamic_smem;
+    uint64_t serial = 0;  // which block this is, for poison_shared
 };
 
 inline thread_local Block* block = nullptr;
@@ -97,31 +100,58 @@ inline size_t linear_thread() {
     return threadIdx.x + (size_t)blockDim.x * (threadIdx.y + (size_t)blockDim.y * threadIdx.z);
 }
 
-// Publishes the calling lane's `bits` and waits for its warp: returns the buffer its warp
-// wrote, from the warp's first thread.
-inline const uint64_t* publish(uint64_t bits) {
+// Only full-warp collectives are modelled (every kernel here uses them).
+inline void full_mask(unsigned int mask, int width = 32) {
+    if (mask != 0xffffffffu || width != 32) fail("a warp collective with a partial mask or width (not emulated)");
+}
+
+// Publishes the calling lane's `bits` and waits for its warp; returns which collective this
+// is. The warp's values are then in exchange[n & 1] from the warp's first thread.
+inline uint64_t publish(uint64_t bits) {
     Fiber& f = self();
-    const unsigned int p = f.parity;
-    f.parity ^= 1u;
+    const uint64_t n = ++f.collectives;
     const size_t me = linear_thread();
-    block->exchange[p][me] = bits;
+    block->exchange[n & 1][me] = bits;
+    block->stamp[n & 1][me] = n;
     wait(State::AtWarp);
-    return block->exchange[p].data() + (me & ~(size_t)31);
+    return n;
 }
 
 // Exchanges `bits` across the calling lane's warp: returns the value `source` lane wrote.
 inline uint64_t exchange(uint64_t bits, unsigned int source) {
-    const uint64_t* warp = publish(bits);
-    const size_t first = linear_thread() & ~(size_t)31;
-    if (source >= 32 || first + source >= block->fibers.size()) fail("warp collective reads a lane that does not exist");
-    return warp[source];
+    const uint64_t n = publish(bits);
+    const size_t from = (linear_thread() & ~(size_t)31) + source;
+    if (source >= 32 || from >= block->fibers.size()) fail("warp collective reads a lane that does not exist");
+    if (block->stamp[n & 1][from] != n) fail("warp collective reads a lane that has returned");
+    return block->exchange[n & 1][from];
 }
 
-// All 32 lanes' values (lanes past the block's end read as 0) into `out`.
+// All 32 lanes' values into `out`; lanes past the block's end or that have returned give 0.
 inline void exchange_all(uint64_t bits, uint64_t* out) {
-    const uint64_t* warp = publish(bits);
+    const uint64_t n = publish(bits);
     const size_t first = linear_thread() & ~(size_t)31;
-    for (size_t l = 0; l < 32; ++l) out[l] = first + l < block->fibers.size() ? warp[l] : 0;
+    for (size_t l = 0; l < 32; ++l) {
+        const size_t from = first + l;
+        const bool live = from < block->fibers.size() && block->stamp[n & 1][from] == n;
+        out[l] = live ? block->exchange[n & 1][from] : 0;
+    }
+}
+
+// Fills a static shared variable with all-ones bytes the first time a block's threads reach
+// its declaration (gen_kernels.py puts the call after each one): garbage, as on a GPU, instead
+// of zeros or the previous block's values.
+inline void poison_shared(void* p, size_t bytes) {
+    thread_local std::vector<std::pair<void*, uint64_t>> seen;
+    for (auto& [at, serial] : seen)
+        if (at == p) {
+            if (serial != block->serial) {
+                serial = block->serial;
+                std::memset(p, 0xff, bytes);
+            }
+            return;
+        }
+    seen.emplace_back(p, block->serial);
+    std::memset(p, 0xff, bytes);
 }
 
 inline void* dynamic_smem() { return block->dynamic_smem.data(); }
@@ -135,6 +165,8 @@ inline void run_block(const char* kernel, const std::function<void()>& body, siz
     b.fibers.assign(threads, Fiber{});
     while (b.stacks.size() < threads) b.stacks.emplace_back(new char[kStackBytes]);
     for (auto& e : b.exchange) e.assign((threads + 31) & ~(size_t)31, 0);
+    for (auto& e : b.stamp) e.assign((threads + 31) & ~(size_t)31, 0);
+    ++b.serial;
     // Shared memory starts as garbage on a GPU: all-ones bytes here (NaN as floats, -1 as ints),
     // so a kernel that reads before it writes gets an answer no test accepts.
     b.dynamic_smem.assign(smem_bytes, 0xff);
@@ -209,25 +241,26 @@ inline T from_bits(uint64_t bits) {
 }  // namespace smoe_emu
 
 inline void __syncthreads() { smoe_emu::wait(smoe_emu::State::AtBlock); }
-inline void __syncwarp(unsigned int = 0xffffffffu) { (void)smoe_emu::exchange(0, smoe_emu::lane()); }
+inline void __syncwarp(unsigned int mask = 0xffffffffu) {
+    smoe_emu::full_mask(mask);
+    (void)smoe_emu::publish(0);
+}
 
 template <typename T>
-inline T __shfl_xor_sync(unsigned int, T v, int lane_mask, int width = 32) {
-    const unsigned int me = smoe_emu::lane();
-    unsigned int source = me ^ (unsigned int)lane_mask;
-    // A source outside the lane's group of `width` reads the lane's own value, as on a GPU.
-    if ((source & ~(unsigned int)(width - 1)) != (me & ~(unsigned int)(width - 1))) source = me;
+inline T __shfl_xor_sync(unsigned int mask, T v, int lane_mask, int width = 32) {
+    smoe_emu::full_mask(mask, width);
+    const unsigned int source = (smoe_emu::lane() ^ (unsigned int)lane_mask) & 31u;
     return smoe_emu::from_bits<T>(smoe_emu::exchange(smoe_emu::to_bits(v), source));
 }
 
 template <typename T>
-inline T __shfl_sync(unsigned int, T v, int source_lane, int width = 32) {
-    const unsigned int me = smoe_emu::lane();
-    const unsigned int source = (me & ~(unsigned int)(width - 1)) + ((unsigned int)source_lane & (unsigned int)(width - 1));
-    return smoe_emu::from_bits<T>(smoe_emu::exchange(smoe_emu::to_bits(v), source));
+inline T __shfl_sync(unsigned int mask, T v, int source_lane, int width = 32) {
+    smoe_emu::full_mask(mask, width);
+    return smoe_emu::from_bits<T>(smoe_emu::exchange(smoe_emu::to_bits(v), (unsigned int)source_lane & 31u));
 }
 
 inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
+    smoe_emu::full_mask(mask);
     uint64_t all[32];
     smoe_emu::exchange_all(predicate != 0 ? 1 : 0, all);
     unsigned int ballot = 0;

@@ -27,7 +27,7 @@ inline float __bfloat162float(__nv_bfloat16 v) {
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{(unsigned short)((u >> 16) | 0x40u)};
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{0x7fff};  // CUDA's canonical NaN
     return __nv_bfloat16{(unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
 }
 

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 #include "cuda_bf16.h"
 
@@ -44,15 +46,28 @@ inline float e4m3_value(unsigned int code) {
 }
 }  // namespace smoe_emu
 
-inline __half_raw __nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t code, __nv_fp8_interpretation_t) {
+namespace smoe_emu {
+inline void e4m3_only(__nv_fp8_interpretation_t interpretation) {
+    if (interpretation != __NV_E4M3) {
+        std::fprintf(stderr, "sparsemoe CUDA emulator: only e4m3 fp8 is emulated\n");
+        std::abort();
+    }
+}
+}  // namespace smoe_emu
+
+inline __half_raw __nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t code, __nv_fp8_interpretation_t interpretation) {
+    smoe_emu::e4m3_only(interpretation);
     return __half_raw{smoe_emu::e4m3_value(code)};
 }
 
-inline __half2_raw __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t pair, __nv_fp8_interpretation_t) {
+inline __half2_raw __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t pair, __nv_fp8_interpretation_t interpretation) {
+    smoe_emu::e4m3_only(interpretation);
     return __half2_raw{smoe_emu::e4m3_value(pair & 0xffu), smoe_emu::e4m3_value(pair >> 8)};
 }
 
-inline __nv_fp8_storage_t __nv_cvt_float_to_fp8(float x, __nv_saturation_t saturation, __nv_fp8_interpretation_t) {
+inline __nv_fp8_storage_t __nv_cvt_float_to_fp8(float x, __nv_saturation_t saturation,
+                                                __nv_fp8_interpretation_t interpretation) {
+    smoe_emu::e4m3_only(interpretation);
     if (std::isnan(x)) return 0x7f;
     const unsigned int sign = std::signbit(x) ? 0x80u : 0u;
     const float a = std::fabs(x);
@@ -62,7 +77,8 @@ inline __nv_fp8_storage_t __nv_cvt_float_to_fp8(float x, __nv_saturation_t satur
         const float d = std::fabs(smoe_emu::e4m3_value(c) - a), b = std::fabs(smoe_emu::e4m3_value(best) - a);
         if (d < b || (d == b && (c & 1u) == 0)) best = c;
     }
-    // Past the largest finite value: 448 saturated, else NaN beyond the rounding midpoint (464).
-    if (a > 448.f && saturation == __NV_NOSAT && a >= 464.f) return (__nv_fp8_storage_t)(sign | 0x7fu);
+    // Past the largest finite value: 448 saturated, else NaN beyond the rounding midpoint (464,
+    // which rounds to even: 448).
+    if (saturation == __NV_NOSAT && a > 464.f) return (__nv_fp8_storage_t)(sign | 0x7fu);
     return (__nv_fp8_storage_t)(sign | best);
 }
