@@ -310,6 +310,18 @@ fn expert_shards_across_lanes_match_the_cpu_backend() {
     }
 }
 
+/// Deterministic values in [-0.5, 0.5) from `seed`, `len` at a call (no RNG crate needed).
+fn noise(mut seed: u32) -> impl FnMut(usize) -> Vec<f32> {
+    move |len| {
+        (0..len)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+}
+
 /// Two sequences through a pool of 16 blocks of 4 rows of `dtype`, scattered and interleaved:
 /// the first in prefill chunks of 7 and then single tokens (every row's logits), the second a
 /// token a step alongside (its last row's logits).
@@ -356,15 +368,7 @@ fn the_indexer_reads_each_kv_store_in_place() {
     };
     let (dim, pool_rows, n_keys, k, scale) = (128, 701, 600, 64, 0.088_f32);
     let positions = [n_keys - 1, 300, 40];
-    let mut seed = 7u32;
-    let mut noise = |len: usize| -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    };
+    let mut noise = noise(7);
     // Key s lives in slot (7s + 3) mod 701: scattered, distinct.
     let slots: Vec<usize> = (0..n_keys).map(|s| (s * 7 + 3) % pool_rows).collect();
     for heads in [64, 80] {
@@ -445,15 +449,7 @@ fn row_operations_match_the_cpu_backend_at_edge_shapes() {
     let Some(cuda) = gpu("row_operations_match_the_cpu_backend_at_edge_shapes") else {
         return;
     };
-    let mut seed = 11u32;
-    let mut noise = |len: usize| -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    };
+    let mut noise = noise(11);
     let close = |what: &str, want: Vec<f32>, got: Vec<f32>| {
         assert_eq!(want.len(), got.len(), "{what}: sizes");
         let err = rel_l2(&want, &got);

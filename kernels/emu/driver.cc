@@ -191,8 +191,6 @@ bool device_range(const void* p, size_t bytes, int device, bool peers_allowed) {
 
 bool is_device_pointer(const void* p) { return find((uintptr_t)p) != nullptr; }
 
-int current_device() { return current != nullptr ? current->device : -1; }
-
 void queue_on(void* stream, std::function<void()> op) { enqueue((CUstream)stream, std::move(op)); }
 int device_of_stream(void* stream) { return stream_device((CUstream)stream); }
 
@@ -540,10 +538,14 @@ API CUresult cuMemcpyDtoHAsync(void* dst, CUdeviceptr src, size_t bytes, CUstrea
     LOCKED;
     if (check_alloc_target(src, bytes) != CUDA_SUCCESS || (bytes > 0 && dst == nullptr)) return CUDA_ERROR_INVALID_VALUE;
     if (is_device_pointer(dst)) return CUDA_ERROR_INVALID_VALUE;
-    // A copy to pageable host memory returns once it is done.
-    if (!is_default(stream)) drain(stream);
-    enqueue(stream, [dst, src, bytes] { std::memcpy(dst, (const void*)src, bytes); });
-    if (!is_default(stream)) drain(stream);
+    // A copy to pageable host memory returns once it is done: after the stream's earlier work.
+    if (is_default(stream)) {
+        NEED_CONTEXT;
+        drain_device(current->device, true);
+    } else {
+        drain(stream);
+    }
+    std::memcpy(dst, (const void*)src, bytes);
     return CUDA_SUCCESS;
 }
 API CUresult cuMemcpyDtoH(void* dst, CUdeviceptr src, size_t bytes) { return cuMemcpyDtoHAsync(dst, src, bytes, nullptr); }

@@ -277,23 +277,13 @@ inline T atomicAdd(T* address, T value) {
     return old;
 }
 
-template <typename T>
-inline T atomicMax(T* address, T value) {
-    const T old = *address;
-    if (value > old) *address = value;
-    return old;
-}
-
 inline float __int_as_float(int v) { return smoe_emu::from_bits<float>((uint32_t)v); }
 inline float __uint_as_float(unsigned int v) { return smoe_emu::from_bits<float>(v); }
 inline unsigned int __float_as_uint(float v) { return (unsigned int)smoe_emu::to_bits(v); }
-inline int __float_as_int(float v) { return (int)(unsigned int)smoe_emu::to_bits(v); }
 inline int __popc(unsigned int v) { return __builtin_popcount(v); }
 inline float __expf(float x) { return std::exp(x); }
-inline float __logf(float x) { return std::log(x); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }
-inline float __fdividef(float a, float b) { return a / b; }
 // CUDA's integer and float min/max overloads.
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
