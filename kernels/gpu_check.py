@@ -567,6 +567,42 @@ class Harness:
         self.record("mla_latent_attention_f32 (12 rows x 16 heads, lists up to 2500, -1 entries)", rel_l2(ctx, ro), F32_BOUND * 10)
         self.record_bool("mla_latent_attention_f32 empty row", bool((ctx[3] == 0).all()), "a row with no keys: context 0")
 
+        # the same attention with the rows read in place from a paged pool's stores: key s of the
+        # lists above is row where[s] of a pool of 7000 rows (NaN or 0x7F codes everywhere else),
+        # bf16 bits, or latent rows as fp8 codes with a scale per 128 values and RoPE keys as bf16
+        pool = 7000
+        where = torch.randperm(pool, device=d)[:Sk]
+        in_pool = torch.where(flat >= 0, where[flat.clamp_min(0).long()].int(), flat)
+
+        def fp8_rows(x):
+            blocks = x.view(x.shape[0], -1, 128)
+            sc = divided(blocks.abs().amax(-1).clamp_min(1e-4), 448.0)
+            codes = (blocks / sc[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+            return codes.view(torch.uint8).reshape(x.shape), sc, (codes.double() * sc.double()[..., None]).reshape(x.shape)
+
+        def scattered(rows, fill):
+            out = torch.full((pool,) + tuple(rows.shape[1:]), fill, dtype=rows.dtype, device=d)
+            out[where] = rows
+            return out
+
+        lat_codes, lat_sc, lat_wide = fp8_rows(latent)
+        for name, stores, wide in (
+                ("mla_latent_attention_bf16_bits",
+                 [scattered(latent.to(torch.bfloat16), nan), scattered(k_pe.to(torch.bfloat16), nan)],
+                 (latent.to(torch.bfloat16), k_pe.to(torch.bfloat16))),
+                ("mla_latent_attention_fp8",
+                 [scattered(lat_codes, 0x7F), scattered(lat_sc, nan), scattered(k_pe.to(torch.bfloat16), nan)],
+                 (lat_wide, k_pe.to(torch.bfloat16)))):
+            ctx = torch.full((R, H, L), nan, device=d)
+            self.launch(name, (R, H), 128,
+                        [ctx, q_lat, q_full[:, :, nope:]] + stores + [in_pool, offsets, ("i", H), ("i", L), ("i", P),
+                         ("i", H * (nope + P)), ("i", nope + P), ("f", scale)], (L + P + 32) * 4)
+            ro, _ = ref_mla(q_cat, torch.cat([wide[0].double(), wide[1].double()], -1), [x[x >= 0] for x in lists], L, scale)
+            self.record(f"{name} (12 rows x 16 heads, rows at scattered pool slots)", rel_l2(ctx, ro), F32_BOUND * 10,
+                        "empty row 0" if bool((ctx[3] == 0).all()) else "EMPTY ROW NOT 0")
+            if not bool((ctx[3] == 0).all()):
+                self.record_bool(f"{name} empty row", False, "a row with no keys: context not 0")
+
     def indexer_launch(self, scores, q, keys, w, start, vis, n_keys, heads, dim):
         smem = heads * dim * 2 + INDEXER_KEYS * (dim + 2) * 2 + INDEXER_KEYS * 4
         self.launch("indexer_scores_bf16", ((n_keys + INDEXER_KEYS - 1) // INDEXER_KEYS, q.shape[0]), 2 * INDEXER_KEYS,

@@ -4,10 +4,9 @@
 //! model, against 128 heads × (192 + 128) for an expanded cache.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Deref;
 use std::sync::{Arc, RwLock};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, CachedRows};
 use crate::error::{EngineError, Result};
 
 /// How a paged KV pool stores its rows (`--kv-cache-dtype`). Attention reads them back as
@@ -139,50 +138,47 @@ enum Storage<B: Backend> {
     },
 }
 
-/// A tensor borrowed from a contiguous cache or gathered from the pool.
-pub enum CacheRows<'a, T> {
-    Borrowed(&'a T),
-    Owned(T),
-}
-
-impl<T> Deref for CacheRows<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        match self {
-            Self::Borrowed(t) => t,
-            Self::Owned(t) => t,
-        }
-    }
-}
-
-impl<T> std::fmt::Debug for CacheRows<'_, T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Borrowed(_) => "CacheRows::Borrowed",
-            Self::Owned(_) => "CacheRows::Owned",
-        })
-    }
+/// The latent and RoPE-key rows an [`AttendedRows`] holds: a contiguous cache's tensors, rows
+/// gathered from the pool, or the pool's stores themselves.
+enum Held<'a, B: Backend> {
+    Borrowed(&'a B::Tensor, &'a B::Tensor),
+    Owned(B::Tensor, B::Tensor),
+    Stores(&'a B::Store, &'a B::Store),
 }
 
 impl<B: Backend> std::fmt::Debug for AttendedRows<'_, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AttendedRows")
+        f.write_str(match self.held {
+            Held::Borrowed(..) => "AttendedRows::Borrowed",
+            Held::Owned(..) => "AttendedRows::Owned",
+            Held::Stores(..) => "AttendedRows::Stores",
+        })
     }
 }
 
 /// The latent and RoPE-key rows of one layer a step attends to, and which of them each query
 /// row attends to (`None`: every row up to its own position).
 pub struct AttendedRows<'a, B: Backend> {
-    pub latent: CacheRows<'a, B::Tensor>,
-    pub k_pe: CacheRows<'a, B::Tensor>,
+    held: Held<'a, B>,
     pub selection: Option<Vec<Vec<u32>>>,
     /// When the rows are a pool's, read in place: the pool row of each of the sequence's
     /// tokens ([`crate::backend::MlaSeq::rows`]).
     pub rows: Option<Vec<usize>>,
 }
 
+impl<B: Backend> AttendedRows<'_, B> {
+    /// The rows, as [`crate::backend::MlaSeq::cached`].
+    pub fn cached(&self) -> CachedRows<'_, B::Tensor, B::Store> {
+        match &self.held {
+            Held::Borrowed(latent, k_pe) => CachedRows::Tensors { latent, k_pe },
+            Held::Owned(latent, k_pe) => CachedRows::Tensors { latent, k_pe },
+            Held::Stores(latent, k_pe) => CachedRows::Stores { latent, k_pe },
+        }
+    }
+}
+
 /// A read lock on a paged cache's pool, held across a step's [`SeqCache::attended_rows`] so
-/// that they can lend the pool's own rows (see [`Backend::store_rows`]).
+/// that they can lend the pool's own rows (see [`Backend::reads_in_place`]).
 pub struct PoolRead<'p, B: Backend> {
     shared: &'p SharedPool<B>,
     guard: std::sync::RwLockReadGuard<'p, KvPool<B>>,
@@ -375,7 +371,7 @@ impl<B: Backend> SeqCache<B> {
     /// and the returned selection is renumbered into the gathered rows.
     ///
     /// With `locked`, a read lock on this cache's pool that outlives the returned rows, a
-    /// backend that reads float32 rows in place ([`Backend::store_rows`]) gets the pool's rows
+    /// backend that reads the pool's stores in place ([`Backend::reads_in_place`]) gets them
     /// and the block table's slots instead of a copy: no rows are gathered.
     pub fn attended_rows<'a>(
         &'a self,
@@ -389,8 +385,7 @@ impl<B: Backend> SeqCache<B> {
             Storage::Contiguous(layers) => {
                 let c = &layers[layer];
                 return Ok(AttendedRows {
-                    latent: CacheRows::Borrowed(&c.latent),
-                    k_pe: CacheRows::Borrowed(&c.k_pe),
+                    held: Held::Borrowed(&c.latent, &c.k_pe),
                     selection,
                     rows: None,
                 });
@@ -414,10 +409,9 @@ impl<B: Backend> SeqCache<B> {
         }
         if let Some(locked) = locked.filter(|l| Arc::ptr_eq(l.shared, pool)) {
             let c = &locked.guard.layers[layer];
-            if let (Some(latent), Some(k_pe)) = (b.store_rows(&c.latent), b.store_rows(&c.k_pe)) {
+            if b.reads_in_place(&c.latent) && b.reads_in_place(&c.k_pe) {
                 return Ok(AttendedRows {
-                    latent: CacheRows::Borrowed(latent),
-                    k_pe: CacheRows::Borrowed(k_pe),
+                    held: Held::Stores(&c.latent, &c.k_pe),
                     selection,
                     rows: Some(Self::slots(table, block_size, 0..total)),
                 });
@@ -451,20 +445,19 @@ impl<B: Backend> SeqCache<B> {
         let slots = Self::slots(table, block_size, tokens);
         let gather = |pool: &KvPool<B>| {
             let c = &pool.layers[layer];
-            (
-                CacheRows::Owned(b.gather_rows(&c.latent, &slots)),
-                CacheRows::Owned(b.gather_rows(&c.k_pe, &slots)),
+            Held::Owned(
+                b.gather_rows(&c.latent, &slots),
+                b.gather_rows(&c.k_pe, &slots),
             )
         };
         // This cache's pool may be the one `locked` holds: a second read lock from the same
         // thread could wait behind a writer, so it is not taken.
-        let (latent, k_pe) = match locked.filter(|l| Arc::ptr_eq(l.shared, pool)) {
+        let held = match locked.filter(|l| Arc::ptr_eq(l.shared, pool)) {
             Some(locked) => gather(&locked.guard),
             None => gather(&*Self::lock(pool)?),
         };
         Ok(AttendedRows {
-            latent,
-            k_pe,
+            held,
             selection,
             rows: None,
         })
@@ -480,7 +473,7 @@ impl<B: Backend> SeqCache<B> {
         };
         let guard = Self::lock(pool)?;
         let c = &guard.layers[layer];
-        if b.store_rows(&c.latent).is_none() || b.store_rows(&c.k_pe).is_none() {
+        if !b.reads_in_place(&c.latent) || !b.reads_in_place(&c.k_pe) {
             return Ok(None);
         }
         Ok(Some(PoolRead {

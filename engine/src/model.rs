@@ -774,8 +774,7 @@ impl<B: Backend> Model<B> {
             let n = last_start + last_len - first;
             let selections: Vec<_> = group.iter_mut().map(|a| a.selection.take()).collect();
             // The pool of the group's paged caches (one, in the server), read-locked while
-            // attention reads its rows in place, where the backend can (the CUDA backend, for
-            // float32 rows).
+            // attention reads its rows in place, where the backend can (the CUDA backend).
             let mut locked = None;
             for a in &group {
                 let step: &SeqStep<'_, B> = a.step;
@@ -793,13 +792,12 @@ impl<B: Backend> Model<B> {
                         .attended_rows(b, layer_index, a.total, selection, locked.as_ref())
                 })
                 .collect::<Result<_>>()?;
-            let seqs: Vec<MlaSeq<'_, B::Tensor>> = rows
+            let seqs: Vec<MlaSeq<'_, B::Tensor, B::Store>> = rows
                 .iter()
                 .zip(&group)
                 .map(|(r, a)| MlaSeq {
                     first: a.span.0 - first,
-                    latent: &*r.latent,
-                    k_pe: &*r.k_pe,
+                    cached: r.cached(),
                     positions: &positions[a.span.0..a.span.0 + a.span.1],
                     selection: r.selection.as_deref(),
                     rows: r.rows.as_deref(),

@@ -10,9 +10,11 @@ mod support;
 use std::path::Path;
 use std::sync::Arc;
 
-use sparsemoe_engine::backend::Backend;
 use sparsemoe_engine::backend::cpu::Cpu;
 use sparsemoe_engine::backend::cuda::{Cuda, Dtype, compile_kernels};
+use sparsemoe_engine::backend::{
+    AttentionForm, Backend, CachedRows, MlaDims, MlaSeq, MlaWeights, absorbed_query_weight,
+};
 use sparsemoe_engine::config::ModelConfig;
 use sparsemoe_engine::expert_shards::ExpertShards;
 use sparsemoe_engine::kv_cache::{KvDtype, SeqCache};
@@ -434,6 +436,114 @@ fn the_indexer_reads_each_kv_store_in_place() {
                         "{case}: key {s} scores {v:.6}, below the {k}-th best {kth:.6}"
                     );
                 }
+            }
+        }
+    }
+}
+
+/// Absorbed attention over a paged pool's latent and RoPE-key stores read in place
+/// (`mla_latent_attention_{f32, bf16_bits, fp8}` through the block table's rows), for each KV
+/// dtype, against the CPU backend over the same rows as it stores and widens them: tokens
+/// scattered over the pool, dense rows and top-k selections, DeepSeek's widths (latent 512,
+/// RoPE 64) and widths with partial fp8 blocks.
+#[test]
+fn attention_reads_each_kv_store_in_place() {
+    let Some(cuda) = gpu("attention_reads_each_kv_store_in_place") else {
+        return;
+    };
+    let (pool_rows, tokens) = (301, 150);
+    // Token s lives in pool row (7s + 3) mod 301: scattered, distinct.
+    let slots: Vec<usize> = (0..tokens).map(|s| (s * 7 + 3) % pool_rows).collect();
+    let positions = [tokens - 1, 80, 5];
+    // Row i picks every third visible token, up to 40 of them.
+    let picked: Vec<Vec<u32>> = positions
+        .iter()
+        .map(|&p| (0..=p as u32).step_by(3).take(40).collect())
+        .collect();
+    let mut noise = noise(5);
+    for (latent, rope) in [(512, 64), (200, 24)] {
+        let d = MlaDims {
+            heads: 3,
+            nope: 16,
+            rope,
+            v: 24,
+            latent,
+        };
+        let kv_b = Matrix::from_f32(
+            d.heads * (d.nope + d.v),
+            d.latent,
+            noise(d.heads * (d.nope + d.v) * d.latent),
+        );
+        let uk_t = absorbed_query_weight(&kv_b, d);
+        let (kv_b_d, uk_t_d) = (
+            cuda.upload(kv_b.clone()).unwrap(),
+            cuda.upload(uk_t.clone()).unwrap(),
+        );
+        let q = noise(positions.len() * d.heads * (d.nope + d.rope));
+        let (lat, pe) = (noise(tokens * latent), noise(tokens * rope));
+        for dtype in [KvDtype::Float32, KvDtype::Bfloat16, KvDtype::Fp8] {
+            // The pool's stores: an fp8 pool keeps its RoPE keys in bf16.
+            let stores = [(latent, &lat, dtype), (rope, &pe, dtype.rope_keys())].map(
+                |(cols, rows, dtype)| {
+                    let mut on_cpu = Cpu.kv_store(pool_rows, cols, dtype).unwrap();
+                    Cpu.write_rows(&mut on_cpu, &slots, &Cpu.tensor(tokens, cols, rows.clone()));
+                    let mut on_gpu = cuda.kv_store(pool_rows, cols, dtype).unwrap();
+                    cuda.write_rows(
+                        &mut on_gpu,
+                        &slots,
+                        &cuda.tensor(tokens, cols, rows.clone()),
+                    );
+                    (on_cpu, on_gpu)
+                },
+            );
+            let [(cpu_lat, gpu_lat), (cpu_pe, gpu_pe)] = &stores;
+            for selection in [None, Some(picked.as_slice())] {
+                let case = format!(
+                    "latent {latent}, rope {rope}, {dtype:?}, {}",
+                    if selection.is_some() {
+                        "top-k"
+                    } else {
+                        "dense"
+                    }
+                );
+                fn seq<'a, T, S>(
+                    (latent, k_pe): (&'a S, &'a S),
+                    positions: &'a [usize],
+                    selection: Option<&'a [Vec<u32>]>,
+                    rows: &'a [usize],
+                ) -> MlaSeq<'a, T, S> {
+                    MlaSeq {
+                        first: 0,
+                        cached: CachedRows::Stores { latent, k_pe },
+                        positions,
+                        selection,
+                        rows: Some(rows),
+                        form: AttentionForm::Absorbed,
+                    }
+                }
+                let want = Cpu.to_host(&Cpu.mla_attention(
+                    &Cpu.tensor(positions.len(), q.len() / positions.len(), q.clone()),
+                    &[seq((cpu_lat, cpu_pe), &positions, selection, &slots)],
+                    MlaWeights {
+                        kv_b: &kv_b,
+                        uk_t: &uk_t,
+                    },
+                    d,
+                    0.07,
+                ));
+                let got = cuda.to_host(&cuda.mla_attention(
+                    &cuda.tensor(positions.len(), q.len() / positions.len(), q.clone()),
+                    &[seq((gpu_lat, gpu_pe), &positions, selection, &slots)],
+                    MlaWeights {
+                        kv_b: &kv_b_d,
+                        uk_t: &uk_t_d,
+                    },
+                    d,
+                    0.07,
+                ));
+                assert!(want.iter().any(|&x| x != 0.0), "{case}: zero reference");
+                let err = rel_l2(&want, &got);
+                assert!(err < 1e-5, "{case}: relative L2 {err:.2e}");
             }
         }
     }

@@ -828,7 +828,7 @@ impl Backend for LosableCpu {
     fn mla_attention(
         &self,
         q: &T,
-        seqs: &[MlaSeq<'_, T>],
+        seqs: &[MlaSeq<'_, T, S>],
         weights: MlaWeights<'_, W>,
         dims: MlaDims,
         scale: f32,

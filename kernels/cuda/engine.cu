@@ -403,17 +403,18 @@ indexer_scores_store_fp8(float* __restrict__ scores, const float* __restrict__ q
 //   score_s = (q_lat[r, h] · latent[s] + q_pe[r, h] · k_pe[s]) · scale over the keys
 //   s = keys[key_offsets[r] .. key_offsets[r + 1]] (-1 = none), online softmax, and
 //   ctx[r, h, :] = Σ_s p_s · latent[s] (zero when no key is valid).
+// The latent and RoPE-key rows are read where they are, through a store reader as the indexer's
+// (float32 rows, bf16 bits, or fp8 codes with a scale per KV_FP8_BLOCK values), so a paged
+// cache's rows are read in place in the dtype they are cached in; keys are their row numbers.
 // q_lat is [rows, heads·latent]; q_pe row r head h starts at q_pe + r·q_pe_row + h·q_pe_head.
 // Each warp scores keys of a tile of MLA_F32_TILE; each thread owns latent dims tid, tid + 128, …
 // Launch: grid (rows, heads), block MLA_F32_THREADS, dynamic shared memory
 // (latent + rope + MLA_F32_TILE) floats; latent ≤ MLA_F32_MAX_LATENT.
-extern "C" __global__ void __launch_bounds__(MLA_F32_THREADS)
-mla_latent_attention_f32(float* __restrict__ ctx, const float* __restrict__ q_lat, const float* __restrict__ q_pe,
-                         const float* __restrict__ latent, const float* __restrict__ k_pe,
-                         const int* __restrict__ keys, const int* __restrict__ key_offsets, int heads,
-                         int latent_dim, int rope_dim, int q_pe_row, int q_pe_head, float scale) {
-    extern __shared__ float smem[];
-    float* qs = smem;                          // [latent + rope]
+template <typename LatentStore, typename RopeStore>
+SMOE_DEVICE void mla_latent_attention(float* smem, float* ctx, const float* q_lat, const float* q_pe,
+                                      LatentStore latent, RopeStore k_pe, const int* keys, const int* key_offsets, int heads, int latent_dim,
+                                      int rope_dim, int q_pe_row, int q_pe_head, float scale) {
+    float* qs = smem;                            // [latent + rope]
     float* tile = smem + latent_dim + rope_dim;  // [MLA_F32_TILE] scores
     const int r = blockIdx.x, h = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = MLA_F32_THREADS / 32;
@@ -437,10 +438,8 @@ mla_latent_attention_f32(float* __restrict__ ctx, const float* __restrict__ q_la
             const int s = idx < count ? row_keys[idx] : -1;
             float dot = 0.f;
             if (s >= 0) {
-                const float* lat = latent + (size_t)s * latent_dim;
-                const float* pe = k_pe + (size_t)s * rope_dim;
-                for (int d = lane; d < latent_dim; d += 32) dot += qs[d] * lat[d];
-                for (int d = lane; d < rope_dim; d += 32) dot += qs[latent_dim + d] * pe[d];
+                for (int d = lane; d < latent_dim; d += 32) dot += qs[d] * latent(s, d, latent_dim);
+                for (int d = lane; d < rope_dim; d += 32) dot += qs[latent_dim + d] * k_pe(s, d, rope_dim);
             }
             dot = warp_sum(dot);
             if (lane == 0) tile[j] = s >= 0 ? dot * scale : neg_inf();
@@ -458,11 +457,11 @@ mla_latent_attention_f32(float* __restrict__ ctx, const float* __restrict__ q_la
                 const float p = expf(tile[j] - m_new);  // 0 for -inf entries
                 if (p == 0.f) continue;
                 l += p;
-                const float* lat = latent + (size_t)row_keys[t0 + j] * latent_dim;
+                const size_t s = (size_t)row_keys[t0 + j];
 #pragma unroll
                 for (int i = 0; i < ITEMS; ++i) {
                     const int d = threadIdx.x + i * MLA_F32_THREADS;
-                    if (d < latent_dim) acc[i] += p * lat[d];
+                    if (d < latent_dim) acc[i] += p * latent(s, d, latent_dim);
                 }
             }
             m = m_new;
@@ -476,4 +475,40 @@ mla_latent_attention_f32(float* __restrict__ ctx, const float* __restrict__ q_la
         const int d = threadIdx.x + i * MLA_F32_THREADS;
         if (d < latent_dim) out[d] = acc[i] * inv;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(MLA_F32_THREADS)
+mla_latent_attention_f32(float* __restrict__ ctx, const float* __restrict__ q_lat, const float* __restrict__ q_pe,
+                         const float* __restrict__ latent, const float* __restrict__ k_pe,
+                         const int* __restrict__ keys, const int* __restrict__ key_offsets, int heads,
+                         int latent_dim, int rope_dim, int q_pe_row, int q_pe_head, float scale) {
+    extern __shared__ float smem[];
+    mla_latent_attention(smem, ctx, q_lat, q_pe, StoreF32{latent}, StoreF32{k_pe}, keys, key_offsets, heads,
+                         latent_dim, rope_dim, q_pe_row, q_pe_head, scale);
+}
+
+// mla_latent_attention_f32 over bf16 rows (their bits): a bf16 KV pool read in place.
+extern "C" __global__ void __launch_bounds__(MLA_F32_THREADS)
+mla_latent_attention_bf16_bits(float* __restrict__ ctx, const float* __restrict__ q_lat,
+                               const float* __restrict__ q_pe, const unsigned short* __restrict__ latent,
+                               const unsigned short* __restrict__ k_pe, const int* __restrict__ keys,
+                               const int* __restrict__ key_offsets, int heads, int latent_dim, int rope_dim,
+                               int q_pe_row, int q_pe_head, float scale) {
+    extern __shared__ float smem[];
+    mla_latent_attention(smem, ctx, q_lat, q_pe, StoreBf16{latent}, StoreBf16{k_pe}, keys, key_offsets, heads,
+                         latent_dim, rope_dim, q_pe_row, q_pe_head, scale);
+}
+
+// mla_latent_attention_f32 over an fp8 KV pool read in place: latent rows as fp8 e4m3 codes with
+// a float32 scale per KV_FP8_BLOCK values (scatter_rows_f32_to_fp8's layout), RoPE keys as bf16
+// bits (the pool keeps them bf16, as DeepSeek's cache does).
+extern "C" __global__ void __launch_bounds__(MLA_F32_THREADS)
+mla_latent_attention_fp8(float* __restrict__ ctx, const float* __restrict__ q_lat, const float* __restrict__ q_pe,
+                         const uint8_t* __restrict__ latent_codes, const float* __restrict__ latent_scales,
+                         const unsigned short* __restrict__ k_pe, const int* __restrict__ keys,
+                         const int* __restrict__ key_offsets, int heads, int latent_dim, int rope_dim, int q_pe_row,
+                         int q_pe_head, float scale) {
+    extern __shared__ float smem[];
+    mla_latent_attention(smem, ctx, q_lat, q_pe, StoreFp8{latent_codes, latent_scales}, StoreBf16{k_pe}, keys,
+                         key_offsets, heads, latent_dim, rope_dim, q_pe_row, q_pe_head, scale);
 }

@@ -181,6 +181,14 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("mla_latent_attention_f32" in "engine.cu":
         ctx: F32Mut, q_lat: F32, q_pe: F32, latent: F32, k_pe: F32, keys: I32, key_offsets: I32,
         heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int, scale: Float),
+    kernel!("mla_latent_attention_bf16_bits" in "engine.cu":
+        ctx: F32Mut, q_lat: F32, q_pe: F32, latent: Bf16Bits, k_pe: Bf16Bits, keys: I32,
+        key_offsets: I32, heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int,
+        scale: Float),
+    kernel!("mla_latent_attention_fp8" in "engine.cu":
+        ctx: F32Mut, q_lat: F32, q_pe: F32, latent_codes: U8, latent_scales: F32, k_pe: Bf16Bits,
+        keys: I32, key_offsets: I32, heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int,
+        q_pe_head: Int, scale: Float),
 ];
 
 /// Tiles and limits the launcher must match (the `#define`s of the sources).
@@ -219,7 +227,7 @@ pub mod launch {
         (heads * dim + heads) * 4
     }
 
-    /// Dynamic shared memory of `mla_latent_attention_f32`.
+    /// Dynamic shared memory of `mla_latent_attention_*`.
     pub fn mla_f32_smem_bytes(latent: u32, rope: u32) -> u32 {
         (latent + rope + MLA_F32_TILE) * 4
     }

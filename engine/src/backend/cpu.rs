@@ -13,6 +13,17 @@ use crate::linalg::{axpy, dot, dots, for_each_chunk, index_scores, linear, map_r
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::{Matrix, f32_to_fp8_e4m3, fp8_e4m3_to_f32};
 
+/// A sequence of an [`Backend::mla_attention`] call on this backend.
+type Seq<'a> = MlaSeq<'a, CpuTensor, CpuStore>;
+
+/// The sequence's latent and RoPE-key tensors: [`Cpu::mla_attention`] has gathered any
+/// stores before it hands a sequence on.
+fn cached_tensors<'a>(seq: &Seq<'a>) -> (&'a CpuTensor, &'a CpuTensor) {
+    seq.cached
+        .tensors()
+        .expect("mla_attention gathers stores into tensors first")
+}
+
 /// A row-major `[rows, cols]` float32 tensor in host memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuTensor {
@@ -384,15 +395,23 @@ impl Backend for Cpu {
     fn mla_attention(
         &self,
         q: &CpuTensor,
-        seqs: &[MlaSeq<'_, CpuTensor>],
+        seqs: &[Seq<'_>],
         weights: MlaWeights<'_, Matrix>,
         dims: MlaDims,
         scale: f32,
     ) -> CpuTensor {
+        // This backend reads no store in place, so a paged cache hands it gathered rows; a
+        // sequence that names stores all the same has the rows it can see gathered here.
+        let gathered: Vec<_> = seqs.iter().map(|s| s.gather_stores(self)).collect();
+        let seqs: Vec<Seq<'_>> = seqs
+            .iter()
+            .zip(&gathered)
+            .map(|(s, g)| g.as_ref().map_or(*s, |(latent, k_pe)| s.over(latent, k_pe)))
+            .collect();
         let width = dims.heads * dims.v;
         let mut out = vec![0f32; q.rows * width];
         let mut absorbed = Vec::new();
-        for seq in seqs {
+        for seq in &seqs {
             match seq.form {
                 AttentionForm::Expanded => {
                     let n = seq.positions.len();
@@ -540,12 +559,13 @@ fn softmax(scores: &mut [f32]) {
 fn mla_expanded(
     cpu: &Cpu,
     q: &CpuTensor,
-    seq: &MlaSeq<'_, CpuTensor>,
+    seq: &Seq<'_>,
     kv_b: &Matrix,
     d: MlaDims,
     scale: f32,
 ) -> Vec<f32> {
-    let kv = cpu.linear(seq.latent, kv_b); // [T, heads·(nope+v)]
+    let (latent, k_pe) = cached_tensors(seq);
+    let kv = cpu.linear(latent, kv_b); // [T, heads·(nope+v)]
     let qk = d.nope + d.rope;
     let kv_width = d.nope + d.v;
     let n = q.rows;
@@ -559,8 +579,7 @@ fn mla_expanded(
             .iter()
             .map(|&s| {
                 let kvs = &kv.row(s)[h * kv_width..];
-                (dot(&qrow[..d.nope], &kvs[..d.nope]) + dot(&qrow[d.nope..], seq.k_pe.row(s)))
-                    * scale
+                (dot(&qrow[..d.nope], &kvs[..d.nope]) + dot(&qrow[d.nope..], k_pe.row(s))) * scale
             })
             .collect();
         softmax(&mut scores);
@@ -580,7 +599,7 @@ fn mla_expanded(
 /// Writes the rows of `seqs` in `out` (`[rows of q, heads·v]`).
 fn mla_absorbed(
     q: &CpuTensor,
-    seqs: &[&MlaSeq<'_, CpuTensor>],
+    seqs: &[&Seq<'_>],
     w: MlaWeights<'_, Matrix>,
     d: MlaDims,
     scale: f32,
@@ -589,7 +608,7 @@ fn mla_absorbed(
     let qk = d.nope + d.rope;
     let kv_width = d.nope + d.v;
     // Every row of `seqs`: its sequence and its index there.
-    let row_of: Vec<(&MlaSeq<'_, CpuTensor>, usize)> = seqs
+    let row_of: Vec<(&Seq<'_>, usize)> = seqs
         .iter()
         .flat_map(|&s| (0..s.positions.len()).map(move |i| (s, i)))
         .collect();
@@ -686,7 +705,7 @@ fn per_head_products<'a>(
 /// rows (`q_lat` `[heads, latent]`, `q_pe` `[heads, rope]`), a softmax per head, and the
 /// softmax-weighted sums of the latent rows (returned, `[heads, latent]`).
 fn latent_attention(
-    seq: &MlaSeq<'_, CpuTensor>,
+    seq: &Seq<'_>,
     i: usize,
     q_lat: &[f32],
     q_pe: &[f32],
@@ -703,17 +722,18 @@ fn latent_attention(
     // The key rows side by side: read in place when they are the cache's first rows in order
     // (dense attention, or a paged cache's gathered rows), else copied together.
     let prefix = keys.iter().enumerate().all(|(j, &s)| s == j);
+    let (cached_latent, cached_k_pe) = cached_tensors(seq);
     let (latent, k_pe): (Cow<'_, [f32]>, Cow<'_, [f32]>) = if prefix {
         (
-            seq.latent.data[..t * d.latent].into(),
-            seq.k_pe.data[..t * d.rope].into(),
+            cached_latent.data[..t * d.latent].into(),
+            cached_k_pe.data[..t * d.rope].into(),
         )
     } else {
         let mut lat = Vec::with_capacity(t * d.latent);
         let mut pe = Vec::with_capacity(t * d.rope);
         for &s in &keys {
-            lat.extend_from_slice(seq.latent.row(s));
-            pe.extend_from_slice(seq.k_pe.row(s));
+            lat.extend_from_slice(cached_latent.row(s));
+            pe.extend_from_slice(cached_k_pe.row(s));
         }
         (lat.into(), pe.into())
     };
@@ -738,7 +758,7 @@ fn latent_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::absorbed_query_weight;
+    use crate::backend::{CachedRows, absorbed_query_weight};
     use crate::linalg::tests::pseudo_random;
 
     /// Two sequences with their own caches in one call, rows of `q` out of order, one row no
@@ -792,8 +812,10 @@ mod tests {
                     let seqs = [
                         MlaSeq {
                             first: 2,
-                            latent: &lat_a,
-                            k_pe: &pe_a,
+                            cached: CachedRows::Tensors {
+                                latent: &lat_a,
+                                k_pe: &pe_a,
+                            },
                             positions: &pos_a,
                             selection: sel_a.map(|s| &s[..1]),
                             rows: None,
@@ -801,8 +823,10 @@ mod tests {
                         },
                         MlaSeq {
                             first: 0,
-                            latent: &lat_a,
-                            k_pe: &pe_a,
+                            cached: CachedRows::Tensors {
+                                latent: &lat_a,
+                                k_pe: &pe_a,
+                            },
                             positions: &pos_b,
                             selection: sel_a.map(|s| &s[1..]),
                             rows: None,
@@ -810,8 +834,10 @@ mod tests {
                         },
                         MlaSeq {
                             first: 3,
-                            latent: &lat_b,
-                            k_pe: &pe_b,
+                            cached: CachedRows::Tensors {
+                                latent: &lat_b,
+                                k_pe: &pe_b,
+                            },
                             positions: &[3],
                             selection: sel_b,
                             rows: None,
@@ -837,8 +863,10 @@ mod tests {
                     &cpu.concat_rows(&[&cpu.rows(&q, 2, 1), &cpu.rows(&q, 0, 1)]),
                     &[MlaSeq {
                         first: 0,
-                        latent: &lat_a,
-                        k_pe: &pe_a,
+                        cached: CachedRows::Tensors {
+                            latent: &lat_a,
+                            k_pe: &pe_a,
+                        },
                         positions: &pos_ab,
                         selection: sel_a,
                         rows: None,
@@ -852,6 +880,75 @@ mod tests {
                     for (x, y) in both.row(r).iter().zip(expanded.row(src)) {
                         assert!((x - y).abs() < 1e-5, "two rows: {x} vs {y}");
                     }
+                }
+            }
+        }
+    }
+
+    /// A random float32 `kv_b` for `d` and its absorbed query weight.
+    fn random_mla_weights(d: MlaDims, seed: u32) -> (Matrix, Matrix) {
+        let kv_b = Matrix::from_f32(
+            d.heads * (d.nope + d.v),
+            d.latent,
+            pseudo_random(d.heads * (d.nope + d.v) * d.latent, seed),
+        );
+        let uk_t = absorbed_query_weight(&kv_b, d);
+        (kv_b, uk_t)
+    }
+
+    /// Cached rows handed over as a paged pool's stores (which this backend does not read in
+    /// place) are gathered first: every KV dtype, both forms, dense and with a selection, give
+    /// what the same rows gathered by the caller give.
+    #[test]
+    fn attention_over_stores_gathers_the_rows_it_sees() {
+        let cpu = Cpu;
+        let d = MlaDims {
+            heads: 2,
+            nope: 4,
+            rope: 6,
+            v: 5,
+            latent: 12,
+        };
+        let qk = d.nope + d.rope;
+        let (pool, tokens) = (20, 9);
+        // Token s lives in pool row (3s + 2) mod 20.
+        let slots: Vec<usize> = (0..tokens).map(|s| (3 * s + 2) % pool).collect();
+        let (kv_b, uk_t) = random_mla_weights(d, 3);
+        let weights = MlaWeights {
+            kv_b: &kv_b,
+            uk_t: &uk_t,
+        };
+        let q = cpu.tensor(2, d.heads * qk, pseudo_random(2 * d.heads * qk, 5));
+        let positions = [8, 4];
+        let picked = vec![vec![0, 3, 8], vec![1, 4]];
+        for dtype in [KvDtype::Float32, KvDtype::Bfloat16, KvDtype::Fp8] {
+            let mut latent = cpu.kv_store(pool, d.latent, dtype).unwrap();
+            let mut k_pe = cpu.kv_store(pool, d.rope, dtype.rope_keys()).unwrap();
+            let rows = |cols, seed| cpu.tensor(tokens, cols, pseudo_random(tokens * cols, seed));
+            cpu.write_rows(&mut latent, &slots, &rows(d.latent, 7));
+            cpu.write_rows(&mut k_pe, &slots, &rows(d.rope, 8));
+            let (lat_t, pe_t) = (
+                cpu.gather_rows(&latent, &slots),
+                cpu.gather_rows(&k_pe, &slots),
+            );
+            for form in [AttentionForm::Expanded, AttentionForm::Absorbed] {
+                for selection in [None, Some(picked.as_slice())] {
+                    let seq = MlaSeq {
+                        first: 0,
+                        cached: CachedRows::Stores {
+                            latent: &latent,
+                            k_pe: &k_pe,
+                        },
+                        positions: &positions,
+                        selection,
+                        rows: Some(&slots),
+                        form,
+                    };
+                    let gathered = seq.over(&lat_t, &pe_t);
+                    let want = cpu.mla_attention(&q, &[gathered], weights, d, 0.4);
+                    let got = cpu.mla_attention(&q, &[seq], weights, d, 0.4);
+                    assert!(want.data.iter().any(|&x| x != 0.0));
+                    assert_eq!(want.data, got.data, "{dtype:?} {form:?} {selection:?}");
                 }
             }
         }
@@ -876,12 +973,7 @@ mod tests {
         let q = cpu.tensor(1, d.heads * qk, pseudo_random(d.heads * qk, 11));
         let latent = cpu.tensor(t, d.latent, pseudo_random(t * d.latent, 12));
         let k_pe = cpu.tensor(t, d.rope, pseudo_random(t * d.rope, 13));
-        let kv_b = Matrix::from_f32(
-            d.heads * (d.nope + d.v),
-            d.latent,
-            pseudo_random(d.heads * (d.nope + d.v) * d.latent, 14),
-        );
-        let uk_t = absorbed_query_weight(&kv_b, d);
+        let (kv_b, uk_t) = random_mla_weights(d, 14);
         let weights = MlaWeights {
             kv_b: &kv_b,
             uk_t: &uk_t,
@@ -889,8 +981,10 @@ mod tests {
         let run = |form| {
             let seq = MlaSeq {
                 first: 0,
-                latent: &latent,
-                k_pe: &k_pe,
+                cached: CachedRows::Tensors {
+                    latent: &latent,
+                    k_pe: &k_pe,
+                },
                 positions: &[t - 1],
                 selection: None,
                 rows: None,

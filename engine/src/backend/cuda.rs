@@ -13,10 +13,10 @@
 //!   files are compiled at start-up with NVRTC, so no CUDA toolkit is needed at build time.
 //! - The paged KV pool lives on the first GPU, in float32, as bf16 bits, or as fp8 e4m3 codes
 //!   with a scale per 128 values (`--kv-cache-dtype`): rows are rounded as they are written and
-//!   widened to float32 as they are gathered. The indexer reads its keys in place there, through
-//!   the block table's slots (`indexer_scores_store_*`), so a step copies no keys; attention
-//!   reads a float32 pool's latent and RoPE rows in place too (`store_rows`, `MlaSeq::rows`),
-//!   and gathers, widened, only the rows it picks from a bf16 or fp8 pool.
+//!   widened to float32 as they are read. The indexer reads its keys in place there, through
+//!   the block table's slots (`indexer_scores_store_*`), and attention the latent and RoPE rows
+//!   (`mla_latent_attention_{f32, bf16_bits, fp8}`, `reads_in_place`, `MlaSeq::rows`), so a
+//!   step copies no cached rows.
 //! - The routed experts of a MoE layer run as three grouped products (`cublasGemmGroupedBatchedEx`,
 //!   one group per expert) over their rows gathered in expert order, and one launch adds each
 //!   token's weighted outputs; fp8 experts, or a cuBLAS that refuses the grouped call, run one
@@ -57,7 +57,9 @@ use cudarc::driver::{
 };
 use sparsemoe_kernels::launch;
 
-use super::{Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing, by_expert, pairs_by_row};
+use super::{
+    Backend, CachedRows, Expert, MlaDims, MlaSeq, MlaWeights, Routing, by_expert, pairs_by_row,
+};
 use crate::error::{EngineError, Result};
 use crate::expert_shards::{Pair, compact_rows};
 use crate::kv_cache::{FP8_BLOCK, KvDtype};
@@ -343,6 +345,8 @@ struct Kernels {
     indexer_scores_store_bf16: CudaFunction,
     indexer_scores_store_fp8: CudaFunction,
     mla_latent_attention: CudaFunction,
+    mla_latent_attention_bf16: CudaFunction,
+    mla_latent_attention_fp8: CudaFunction,
     topk_rows: CudaFunction,
 }
 
@@ -542,6 +546,8 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         indexer_scores_store_bf16: function("indexer_scores_store_bf16_bits")?,
         indexer_scores_store_fp8: function("indexer_scores_store_fp8")?,
         mla_latent_attention: function("mla_latent_attention_f32")?,
+        mla_latent_attention_bf16: function("mla_latent_attention_bf16_bits")?,
+        mla_latent_attention_fp8: function("mla_latent_attention_fp8")?,
         topk_rows: function("topk_rows_f32")?,
     });
     Ok(OpenDevice {
@@ -1452,7 +1458,7 @@ impl Cuda {
         &self,
         q_lat: &CudaTensor,
         q: &CudaTensor,
-        seq: &MlaSeq<'_, CudaTensor>,
+        seq: &MlaSeq<'_, CudaTensor, CudaStore>,
         first_row: usize,
         keys: &[usize],
         offsets: &[usize],
@@ -1466,7 +1472,10 @@ impl Cuda {
         }
         // A key past the cache would read beyond its buffers on the device (the CPU backend's
         // slices panic instead): checked here, on the host, where the keys are.
-        let cache_rows = seq.latent.rows.min(seq.k_pe.rows);
+        let cache_rows = match seq.cached {
+            CachedRows::Tensors { latent, k_pe } => latent.rows.min(k_pe.rows),
+            CachedRows::Stores { latent, k_pe } => latent.rows().min(k_pe.rows()),
+        };
         assert!(
             keys.iter().all(|&k| k < cache_rows),
             "mla_attention: a key beyond the sequence's {cache_rows} cached rows"
@@ -1484,13 +1493,58 @@ impl Cuda {
             block_dim: (launch::MLA_F32_THREADS, 1, 1),
             shared_mem_bytes: launch::mla_f32_smem_bytes(d.latent as u32, d.rope as u32),
         };
-        let mut b = self.stream.launch_builder(&self.k.mla_latent_attention);
-        b.arg(&mut ctx_rows)
-            .arg(&q_lat_rows)
-            .arg(&q_pe)
-            .arg(&seq.latent.buf)
-            .arg(&seq.k_pe.buf)
-            .arg(&keys_d)
+        // The cached rows where they are, in their dtype: the kernel per dtype, and its rows.
+        let (kernel, f32_rows, bf16_rows, fp8_rows) = match seq.cached {
+            CachedRows::Tensors { latent, k_pe }
+            | CachedRows::Stores {
+                latent: CudaStore::F32(latent),
+                k_pe: CudaStore::F32(k_pe),
+            } => (
+                &self.k.mla_latent_attention,
+                Some((latent, k_pe)),
+                None,
+                None,
+            ),
+            CachedRows::Stores {
+                latent: CudaStore::Bf16 { buf: latent, .. },
+                k_pe: CudaStore::Bf16 { buf: k_pe, .. },
+            } => (
+                &self.k.mla_latent_attention_bf16,
+                None,
+                Some((latent, k_pe)),
+                None,
+            ),
+            CachedRows::Stores {
+                latent:
+                    CudaStore::Fp8 {
+                        codes: latent_codes,
+                        scales: latent_scales,
+                        ..
+                    },
+                k_pe: CudaStore::Bf16 { buf: k_pe, .. },
+            } => (
+                &self.k.mla_latent_attention_fp8,
+                None,
+                None,
+                Some((latent_codes, latent_scales, k_pe)),
+            ),
+            CachedRows::Stores { latent, k_pe } => panic!(
+                "mla_attention: latent rows in {latent:?} with RoPE keys in {k_pe:?}: a pool \
+                 keeps both in the same dtype, or (fp8) its RoPE keys in bf16"
+            ),
+        };
+        let mut b = self.stream.launch_builder(kernel);
+        b.arg(&mut ctx_rows).arg(&q_lat_rows).arg(&q_pe);
+        if let Some((latent, k_pe)) = f32_rows {
+            b.arg(&latent.buf).arg(&k_pe.buf);
+        }
+        if let Some((latent, k_pe)) = bf16_rows {
+            b.arg(latent).arg(k_pe);
+        }
+        if let Some((latent_codes, latent_scales, k_pe)) = fp8_rows {
+            b.arg(latent_codes).arg(latent_scales).arg(k_pe);
+        }
+        b.arg(&keys_d)
             .arg(&offsets_d)
             .arg(&heads)
             .arg(&latent)
@@ -1498,9 +1552,11 @@ impl Cuda {
             .arg(&q_pe_row)
             .arg(&q_pe_head)
             .arg(&scale);
-        // SAFETY: every key indexes a row of the sequence's latent and k_pe caches (checked
-        // above); latent ≤ MLA_F32_MAX_LATENT (checked
-        // by mla_attention); rows ≤ the grid's x limit; heads ≤ its y limit (65535).
+        // SAFETY: every key indexes a row of the sequence's latent and k_pe rows (checked
+        // above), whose buffers the kernel reads in their dtype (an fp8 store's scales hold
+        // ceil(cols / KV_FP8_BLOCK) per row, as scatter_rows_f32_to_fp8 writes them);
+        // latent ≤ MLA_F32_MAX_LATENT (checked by mla_attention); rows ≤ the grid's x limit;
+        // heads ≤ its y limit (65535).
         ok(unsafe { b.launch(cfg) }, "mla_latent_attention");
     }
 
@@ -1509,7 +1565,7 @@ impl Cuda {
     fn mla_sequence(
         &self,
         q: &CudaTensor,
-        seq: &MlaSeq<'_, CudaTensor>,
+        seq: &MlaSeq<'_, CudaTensor, CudaStore>,
         (uk_t, kv_b): (&Operand<'_>, &Operand<'_>),
         d: MlaDims,
         scale: f32,
@@ -2120,11 +2176,8 @@ impl Backend for Cuda {
         self.indexer_topk(q, w, IndexerKeys::Rows(keys), positions, k, scale)
     }
 
-    fn store_rows<'s>(&self, store: &'s CudaStore) -> Option<&'s CudaTensor> {
-        match store {
-            CudaStore::F32(t) => Some(t),
-            CudaStore::Bf16 { .. } | CudaStore::Fp8 { .. } => None,
-        }
+    fn reads_in_place(&self, _store: &CudaStore) -> bool {
+        true // mla_latent_attention_{f32, bf16_bits, fp8}
     }
 
     fn indexer_select_rows(
@@ -2151,7 +2204,7 @@ impl Backend for Cuda {
     fn mla_attention(
         &self,
         q: &CudaTensor,
-        seqs: &[MlaSeq<'_, CudaTensor>],
+        seqs: &[MlaSeq<'_, CudaTensor, CudaStore>],
         weights: MlaWeights<'_, CudaWeight>,
         dims: MlaDims,
         scale: f32,

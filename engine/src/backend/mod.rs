@@ -102,27 +102,60 @@ pub(crate) fn pairs_by_row(rows: &[usize], n_rows: usize) -> (Vec<usize>, Vec<us
     (offsets, pairs)
 }
 
+/// A sequence's cached latent (`[T, latent]`) and RoPE-key (`[T, rope]`) rows as
+/// [`Backend::mla_attention`] reads them: tensors, or a paged pool's KV stores read in place
+/// (only stores the backend reads in place: [`Backend::reads_in_place`]).
+#[derive(Debug)]
+pub enum CachedRows<'a, T, S> {
+    Tensors { latent: &'a T, k_pe: &'a T },
+    Stores { latent: &'a S, k_pe: &'a S },
+}
+
+impl<T, S> Clone for CachedRows<'_, T, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T, S> Copy for CachedRows<'_, T, S> {}
+
+impl<'a, T, S> CachedRows<'a, T, S> {
+    /// The latent and RoPE-key tensors, when the rows are tensors.
+    pub fn tensors(self) -> Option<(&'a T, &'a T)> {
+        match self {
+            Self::Tensors { latent, k_pe } => Some((latent, k_pe)),
+            Self::Stores { .. } => None,
+        }
+    }
+}
+
 /// One sequence's part of a batched [`Backend::mla_attention`] call.
 #[derive(Debug)]
-pub struct MlaSeq<'a, T> {
+pub struct MlaSeq<'a, T, S> {
     /// Its first query row in the batch; it has `positions.len()` rows.
     pub first: usize,
-    /// The cached latent rows it attends to (`[T, latent]`).
-    pub latent: &'a T,
-    /// The cached RoPE key rows (`[T, rope]`).
-    pub k_pe: &'a T,
+    /// The cached latent and RoPE-key rows it attends to.
+    pub cached: CachedRows<'a, T, S>,
     /// Each query row's position in the sequence.
     pub positions: &'a [usize],
     /// Row `i` attends to the cache rows `selection[i]`, or, when `None`, to every row
     /// `s ≤ positions[i]`.
     pub selection: Option<&'a [Vec<u32>]>,
-    /// Where cache row `s` is: row `rows[s]` of `latent` and `k_pe` (a paged pool's rows, read
-    /// in place through the block table), or, when `None`, row `s`.
+    /// Where cache row `s` is: row `rows[s]` of the cached rows (a paged pool's rows, read in
+    /// place through the block table), or, when `None`, row `s`.
     pub rows: Option<&'a [usize]>,
     pub form: AttentionForm,
 }
 
-impl<T> MlaSeq<'_, T> {
+impl<T, S> Clone for MlaSeq<'_, T, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T, S> Copy for MlaSeq<'_, T, S> {}
+
+impl<'a, T, S> MlaSeq<'a, T, S> {
     /// Keys its rows attend to, summed over the rows (the measure of its attention's work).
     pub fn keys(&self) -> usize {
         match self.selection {
@@ -145,12 +178,42 @@ impl<T> MlaSeq<'_, T> {
         }
     }
 
-    /// [`MlaSeq::visible_keys`] as rows of `latent` and `k_pe`.
+    /// [`MlaSeq::visible_keys`] as rows of the cached rows.
     pub fn key_rows(&self, i: usize) -> Vec<usize> {
         let keys = self.visible_keys(i);
         match self.rows {
             Some(rows) => keys.into_iter().map(|s| rows[s]).collect(),
             None => keys,
+        }
+    }
+
+    /// For a backend that reads only tensors: the cache rows its query rows can see (tokens
+    /// `0..=max(positions)`) gathered out of the stores it reads, or `None` when it reads
+    /// tensors. [`MlaSeq::over`] makes the sequence that reads the copies.
+    pub fn gather_stores<B>(&self, b: &B) -> Option<(T, T)>
+    where
+        B: Backend<Tensor = T, Store = S> + ?Sized,
+    {
+        let CachedRows::Stores { latent, k_pe } = self.cached else {
+            return None;
+        };
+        let tokens = self.positions.iter().max().map_or(0, |p| p + 1);
+        let slots: Vec<usize> = (0..tokens)
+            .map(|s| self.rows.map_or(s, |rows| rows[s]))
+            .collect();
+        Some((b.gather_rows(latent, &slots), b.gather_rows(k_pe, &slots)))
+    }
+
+    /// This sequence reading the tensors `latent` and `k_pe`, whose row `s` is its token `s`
+    /// (as [`MlaSeq::gather_stores`] returns them).
+    pub fn over<'b>(&self, latent: &'b T, k_pe: &'b T) -> MlaSeq<'b, T, S>
+    where
+        'a: 'b,
+    {
+        MlaSeq {
+            cached: CachedRows::Tensors { latent, k_pe },
+            rows: None,
+            ..*self
         }
     }
 }
@@ -320,13 +383,13 @@ pub trait Backend: Send + Sync + 'static {
         scale: f32,
     ) -> Vec<Vec<u32>>;
 
-    /// A KV store's rows as a float32 tensor that [`Backend::mla_attention`] reads in place
-    /// (through [`MlaSeq::rows`]), or `None` when they must be gathered first: the default,
-    /// for narrow stores and for the CPU backend, whose expanded form expands every row it is
-    /// given.
-    fn store_rows<'s>(&self, store: &'s Self::Store) -> Option<&'s Self::Tensor> {
+    /// Whether [`Backend::mla_attention`] reads this KV store's rows where they are (through
+    /// [`CachedRows::Store`] and [`MlaSeq::rows`]), in the store's dtype. The default, false,
+    /// has a paged cache gather the attended rows into float32 tensors first: the CPU
+    /// backend's choice, as its expanded form expands every row it is given.
+    fn reads_in_place(&self, store: &Self::Store) -> bool {
         let _ = store;
-        None
+        false
     }
 
     /// [`Backend::indexer_select`] over keys kept in a KV store: key `s` is row `slots[s]` of
@@ -352,7 +415,7 @@ pub trait Backend: Send + Sync + 'static {
     fn mla_attention(
         &self,
         q: &Self::Tensor,
-        seqs: &[MlaSeq<'_, Self::Tensor>],
+        seqs: &[MlaSeq<'_, Self::Tensor, Self::Store>],
         weights: MlaWeights<'_, Self::Weight>,
         dims: MlaDims,
         scale: f32,
