@@ -517,10 +517,13 @@ class Harness:
             top[r].long().sort().values, ref[r, : int(vis[r])].topk(k).indices.sort().values)]
         self.record_bool("indexer_scores_f32 + topk_rows_f32", not bad, f"rows wrong: {bad[:8]}" if bad else "the float64 reference's top 512")
 
-        # the same scores with the keys read in place from a KV store through slots (key s is
-        # row slots[s] of a pool of 4000 rows): float32, bf16 bits, fp8 codes with a scale per 128
-        pool = 4000
-        slots = torch.randperm(pool, device=d)[:S].int()
+        # the same scores with the keys read in place from a KV store through a block table (key s
+        # is row blocks[s / 16] * 16 + s % 16 of a pool of 4000 rows; the last of the keys' 188
+        # blocks holds 8): float32, bf16 bits, fp8 codes with a scale per 128
+        pool, bs = 4000, 16
+        blocks = torch.randperm(pool // bs, device=d)[: (S + bs - 1) // bs].int()
+        ks = torch.arange(S, device=d)
+        slots = (blocks.long()[ks // bs] * bs + ks % bs).int()
         f32_store = torch.full((pool, D), nan, device=d)
         f32_store[slots.long()] = keys
         bf16_store = torch.full((pool, D), nan, device=d).to(torch.bfloat16)
@@ -537,10 +540,11 @@ class Harness:
                  codes[slots.long()].view(torch.float8_e4m3fn).double() * sc.double()[:, None])):
             scores = torch.full((T, S), nan, device=d)
             self.launch(name, (T, (S + 127) // 128), 128,
-                        [scores, q, wi] + store + [slots, vis, ("i", S), ("i", H), ("i", D), ("f", D ** -0.5)], (H * D + H) * 4)
+                        [scores, q, wi] + store + [blocks, ("i", bs), vis, ("i", S), ("i", H), ("i", D), ("f", D ** -0.5)],
+                        (H * D + H) * 4)
             ref = ref_indexer(q, widened, wi, torch.zeros(T, dtype=torch.int32), vis.cpu(), S, D ** -0.5)
             masked = ref == FLT_MIN
-            self.record(f"{name} 24x3000 (64 heads x 128), keys at scattered slots", rel_l2(scores[~masked], ref[~masked]),
+            self.record(f"{name} 24x3000 (64 heads x 128), keys in scattered blocks of 16", rel_l2(scores[~masked], ref[~masked]),
                         F32_BOUND, "masked -inf" if bool((scores[masked] == -math.inf).all()) else "MASK WRONG")
             if not bool((scores[masked] == -math.inf).all()):
                 self.record_bool(f"{name} mask", False, "entries past n_visible are not -inf")
@@ -575,9 +579,9 @@ class Harness:
         in_pool = torch.where(flat >= 0, where[flat.clamp_min(0).long()].int(), flat)
 
         def fp8_rows(x):
-            blocks = x.view(x.shape[0], -1, 128)
-            sc = divided(blocks.abs().amax(-1).clamp_min(1e-4), 448.0)
-            codes = (blocks / sc[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+            groups = x.view(x.shape[0], -1, 128)
+            sc = divided(groups.abs().amax(-1).clamp_min(1e-4), 448.0)
+            codes = (groups / sc[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
             return codes.view(torch.uint8).reshape(x.shape), sc, (codes.double() * sc.double()[..., None]).reshape(x.shape)
 
         def scattered(rows, fill):

@@ -138,6 +138,64 @@ enum Storage<B: Backend> {
     },
 }
 
+/// Where a paged cache's first `tokens` tokens are in its pool: token `t` is pool row
+/// `blocks[t / block_size] · block_size + t % block_size`. Backends read a pool through the
+/// table, not through a row number per token, so what a step computes and uploads for it grows
+/// with the sequence's blocks, not its tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct PagedRows<'a> {
+    blocks: &'a [u32],
+    block_size: usize,
+    tokens: usize,
+}
+
+impl<'a> PagedRows<'a> {
+    /// The table of `tokens` tokens in `blocks` of `block_size` rows.
+    ///
+    /// # Panics
+    /// When `block_size` is 0 or the blocks hold fewer than `tokens` rows.
+    pub fn new(blocks: &'a [u32], block_size: usize, tokens: usize) -> Self {
+        assert!(block_size > 0, "paged rows: block size 0");
+        assert!(
+            tokens <= blocks.len() * block_size,
+            "paged rows: {tokens} tokens in {} blocks of {block_size}",
+            blocks.len()
+        );
+        Self {
+            blocks,
+            block_size,
+            tokens,
+        }
+    }
+
+    /// The blocks that hold the tokens.
+    pub fn blocks(&self) -> &'a [u32] {
+        &self.blocks[..self.tokens.div_ceil(self.block_size)]
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// The pool row of token `t`.
+    ///
+    /// # Panics
+    /// When `t` is not one of the table's tokens.
+    pub fn row(&self, t: usize) -> usize {
+        assert!(t < self.tokens, "paged rows: token {t} of {}", self.tokens);
+        self.blocks[t / self.block_size] as usize * self.block_size + t % self.block_size
+    }
+
+    /// The pool rows of `tokens`.
+    pub fn rows(&self, tokens: impl IntoIterator<Item = usize>) -> Vec<usize> {
+        tokens.into_iter().map(|t| self.row(t)).collect()
+    }
+}
+
 /// The latent and RoPE-key rows an [`AttendedRows`] holds: a contiguous cache's tensors, rows
 /// gathered from the pool, or the pool's stores themselves.
 enum Held<'a, B: Backend> {
@@ -161,9 +219,9 @@ impl<B: Backend> std::fmt::Debug for AttendedRows<'_, B> {
 pub struct AttendedRows<'a, B: Backend> {
     held: Held<'a, B>,
     pub selection: Option<Vec<Vec<u32>>>,
-    /// When the rows are a pool's, read in place: the pool row of each of the sequence's
-    /// tokens ([`crate::backend::MlaSeq::rows`]).
-    pub rows: Option<Vec<usize>>,
+    /// When the rows are a pool's, read in place: where the sequence's tokens are in it
+    /// ([`crate::backend::MlaSeq::rows`]).
+    pub rows: Option<PagedRows<'a>>,
 }
 
 impl<B: Backend> AttendedRows<'_, B> {
@@ -275,10 +333,8 @@ impl<B: Backend> SeqCache<B> {
         block_size: usize,
         tokens: impl IntoIterator<Item = usize>,
     ) -> Vec<usize> {
-        tokens
-            .into_iter()
-            .map(|t| table[t / block_size] as usize * block_size + t % block_size)
-            .collect()
+        let table = PagedRows::new(table, block_size, table.len() * block_size);
+        table.rows(tokens)
     }
 
     /// Stores one layer's rows for the next `rows(latent)` tokens (after the `len` cached ones).
@@ -330,8 +386,8 @@ impl<B: Backend> SeqCache<B> {
     /// The indexer's picks ([`Backend::indexer_select`]) for query rows `q` (weights `w`, at
     /// `positions`) among layer `layer`'s indexer keys of the first `total` tokens (the cached
     /// ones plus this step's), or `None` when the layer keeps no indexer keys. A contiguous
-    /// cache lends its keys; a paged one hands the backend its store and the block table's
-    /// slots ([`Backend::indexer_select_rows`]), which the CUDA backend reads in place.
+    /// cache lends its keys; a paged one hands the backend its store and block table
+    /// ([`Backend::indexer_select_rows`]), which the CUDA backend reads in place.
     #[allow(clippy::too_many_arguments)]
     pub fn index_select(
         &self,
@@ -354,12 +410,12 @@ impl<B: Backend> SeqCache<B> {
                 table,
                 block_size,
             } => {
-                let slots = Self::slots(table, *block_size, 0..total);
+                let table = PagedRows::new(table, *block_size, total);
                 let pool = Self::lock(pool)?;
                 Ok(pool.layers[layer]
                     .index_keys
                     .as_ref()
-                    .map(|keys| b.indexer_select_rows(q, w, keys, &slots, positions, k, scale)))
+                    .map(|keys| b.indexer_select_rows(q, w, keys, table, positions, k, scale)))
             }
         }
     }
@@ -372,7 +428,7 @@ impl<B: Backend> SeqCache<B> {
     ///
     /// With `locked`, a read lock on this cache's pool that outlives the returned rows, a
     /// backend that reads the pool's stores in place ([`Backend::reads_in_place`]) gets them
-    /// and the block table's slots instead of a copy: no rows are gathered.
+    /// and the block table instead of a copy: no rows are gathered.
     pub fn attended_rows<'a>(
         &'a self,
         b: &B,
@@ -413,7 +469,7 @@ impl<B: Backend> SeqCache<B> {
                 return Ok(AttendedRows {
                     held: Held::Stores(&c.latent, &c.k_pe),
                     selection,
-                    rows: Some(Self::slots(table, block_size, 0..total)),
+                    rows: Some(PagedRows::new(table, block_size, total)),
                 });
             }
         }

@@ -800,7 +800,7 @@ impl<B: Backend> Model<B> {
                     cached: r.cached(),
                     positions: &positions[a.span.0..a.span.0 + a.span.1],
                     selection: r.selection.as_deref(),
-                    rows: r.rows.as_deref(),
+                    rows: r.rows,
                     form: a.form,
                 })
                 .collect();

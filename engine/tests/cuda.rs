@@ -17,7 +17,7 @@ use sparsemoe_engine::backend::{
 };
 use sparsemoe_engine::config::ModelConfig;
 use sparsemoe_engine::expert_shards::ExpertShards;
-use sparsemoe_engine::kv_cache::{KvDtype, SeqCache};
+use sparsemoe_engine::kv_cache::{KvDtype, PagedRows, SeqCache};
 use sparsemoe_engine::model::{AttentionMode, LogitRows, Model, ModelOptions, SeqStep};
 use sparsemoe_engine::weights::Matrix;
 use support::{FIXTURE_MODELS, fixture, rel_l2, sorted_row_errors};
@@ -368,11 +368,14 @@ fn the_indexer_reads_each_kv_store_in_place() {
     let Some(cuda) = gpu("the_indexer_reads_each_kv_store_in_place") else {
         return;
     };
-    let (dim, pool_rows, n_keys, k, scale) = (128, 701, 600, 64, 0.088_f32);
+    let (dim, pool_rows, n_keys, k, scale) = (128, 705, 598, 64, 0.088_f32);
     let positions = [n_keys - 1, 300, 40];
     let mut noise = noise(7);
-    // Key s lives in slot (7s + 3) mod 701: scattered, distinct.
-    let slots: Vec<usize> = (0..n_keys).map(|s| (s * 7 + 3) % pool_rows).collect();
+    // Blocks of 5 rows; the keys' 120 blocks (the last holding 3) are blocks (7b + 3) mod 141
+    // of the pool's: scattered, distinct.
+    let blocks: Vec<u32> = (0..120).map(|b| (b * 7 + 3) % 141).collect();
+    let table = PagedRows::new(&blocks, 5, n_keys);
+    let slots = table.rows(0..n_keys);
     for heads in [64, 80] {
         for (dtype, tolerance) in [
             (KvDtype::Float32, 1e-4),
@@ -397,7 +400,7 @@ fn the_indexer_reads_each_kv_store_in_place() {
                 &cuda.tensor(positions.len(), heads * dim, q.clone()),
                 &cuda.tensor(positions.len(), heads, w.clone()),
                 &store,
-                &slots,
+                table,
                 &positions,
                 k,
                 scale,
@@ -451,9 +454,11 @@ fn attention_reads_each_kv_store_in_place() {
     let Some(cuda) = gpu("attention_reads_each_kv_store_in_place") else {
         return;
     };
-    let (pool_rows, tokens) = (301, 150);
-    // Token s lives in pool row (7s + 3) mod 301: scattered, distinct.
-    let slots: Vec<usize> = (0..tokens).map(|s| (s * 7 + 3) % pool_rows).collect();
+    let (pool_rows, tokens) = (304, 150);
+    // Blocks of 4 rows; the sequence's 38 blocks are blocks (7b + 3) mod 76 of the pool's.
+    let blocks: Vec<u32> = (0..38).map(|b| (b * 7 + 3) % 76).collect();
+    let table = PagedRows::new(&blocks, 4, tokens);
+    let slots = table.rows(0..tokens);
     let positions = [tokens - 1, 80, 5];
     // Row i picks every third visible token, up to 40 of them.
     let picked: Vec<Vec<u32>> = positions
@@ -510,7 +515,7 @@ fn attention_reads_each_kv_store_in_place() {
                     (latent, k_pe): (&'a S, &'a S),
                     positions: &'a [usize],
                     selection: Option<&'a [Vec<u32>]>,
-                    rows: &'a [usize],
+                    rows: PagedRows<'a>,
                 ) -> MlaSeq<'a, T, S> {
                     MlaSeq {
                         first: 0,
@@ -523,7 +528,7 @@ fn attention_reads_each_kv_store_in_place() {
                 }
                 let want = Cpu.to_host(&Cpu.mla_attention(
                     &Cpu.tensor(positions.len(), q.len() / positions.len(), q.clone()),
-                    &[seq((cpu_lat, cpu_pe), &positions, selection, &slots)],
+                    &[seq((cpu_lat, cpu_pe), &positions, selection, table)],
                     MlaWeights {
                         kv_b: &kv_b,
                         uk_t: &uk_t,
@@ -533,7 +538,7 @@ fn attention_reads_each_kv_store_in_place() {
                 ));
                 let got = cuda.to_host(&cuda.mla_attention(
                     &cuda.tensor(positions.len(), q.len() / positions.len(), q.clone()),
-                    &[seq((gpu_lat, gpu_pe), &positions, selection, &slots)],
+                    &[seq((gpu_lat, gpu_pe), &positions, selection, table)],
                     MlaWeights {
                         kv_b: &kv_b_d,
                         uk_t: &uk_t_d,

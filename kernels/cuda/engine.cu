@@ -319,36 +319,51 @@ indexer_scores_f32(float* __restrict__ scores, const float* __restrict__ q, cons
     scores[(size_t)r * n_keys + s] = total;
 }
 
-// The indexer's keys read where they are cached: row slots[s] of a paged KV store, float32, bf16
-// bits, or fp8 codes with a scale per KV_FP8_BLOCK values (the layouts scatter_rows_* write).
+// Rows read where they are cached, in a paged KV store: float32, bf16 bits, or fp8 codes with a
+// scale per KV_FP8_BLOCK values (the layouts scatter_rows_* write). store.row(r, cols) is row r,
+// whose value c is row(c): the row's addresses are worked out once, not per value.
 struct StoreF32 {
     const float* rows;
-    SMOE_DEVICE float operator()(size_t row, int c, int cols) const { return rows[row * cols + c]; }
+    struct Row {
+        const float* p;
+        SMOE_DEVICE float operator()(int c) const { return p[c]; }
+    };
+    SMOE_DEVICE Row row(size_t r, int cols) const { return Row{rows + r * cols}; }
 };
 struct StoreBf16 {
     const unsigned short* rows;
-    SMOE_DEVICE float operator()(size_t row, int c, int cols) const {
-        return __uint_as_float((unsigned int)rows[row * cols + c] << 16);
-    }
+    struct Row {
+        const unsigned short* p;
+        SMOE_DEVICE float operator()(int c) const { return __uint_as_float((unsigned int)p[c] << 16); }
+    };
+    SMOE_DEVICE Row row(size_t r, int cols) const { return Row{rows + r * cols}; }
 };
 struct StoreFp8 {
     const uint8_t* codes;
     const float* scales;
-    SMOE_DEVICE float operator()(size_t row, int c, int cols) const {
-        const int blocks = (cols + KV_FP8_BLOCK - 1) / KV_FP8_BLOCK;
-        return fp8_e4m3_value(codes[row * cols + c]) * scales[row * blocks + c / KV_FP8_BLOCK];
+    struct Row {
+        const uint8_t* codes;
+        const float* scales;
+        SMOE_DEVICE float operator()(int c) const {
+            return fp8_e4m3_value(codes[c]) * scales[(unsigned int)c / KV_FP8_BLOCK];
+        }
+    };
+    SMOE_DEVICE Row row(size_t r, int cols) const {
+        return Row{codes + r * cols, scales + r * ((cols + KV_FP8_BLOCK - 1) / KV_FP8_BLOCK)};
     }
 };
 
-// indexer_scores_f32's scores with key s read from row slots[s] of a KV store: no gathered
-// copy of the keys. `smem` is the kernel's dynamic shared memory. Each thread reads its key's values once (widening bf16 or fp8 as it goes)
-// and keeps a running dot product per head, so heads ≤ INDEXER_STORE_MAX_HEADS.
+// indexer_scores_f32's scores with key s read where a paged cache keeps it, row
+// blocks[s / block_size] · block_size + s % block_size of a KV store (the sequence's block table
+// is what the host uploads, not a row per key): no gathered copy of the keys. `smem` is the
+// kernel's dynamic shared memory. Each thread reads its key's values once (widening bf16 or fp8
+// as it goes) and keeps a running dot product per head, so heads ≤ INDEXER_STORE_MAX_HEADS.
 // Launch: as indexer_scores_f32 (grid (rows, ceil(n_keys / INDEXER_F32_KEYS)), block
 // INDEXER_F32_KEYS, dynamic shared memory (heads · dim + heads) floats).
 template <typename Store>
 SMOE_DEVICE void indexer_scores_store(float* smem, float* scores, const float* q, const float* w, Store store,
-                                      const int* slots, const int* n_visible, int n_keys, int heads, int dim,
-                                      float scale) {
+                                      const int* blocks, int block_size, const int* n_visible, int n_keys,
+                                      int heads, int dim, float scale) {
     const float* qs = smem;  // [dim, heads]: a key value meets every head's q at once
     const float* ws = stage_indexer_row(smem, q, w, heads, dim, true);
     const int r = blockIdx.x;
@@ -356,12 +371,12 @@ SMOE_DEVICE void indexer_scores_store(float* smem, float* scores, const float* q
     if (s >= n_keys) return;
     float total = neg_inf();
     if (s < n_visible[r]) {
-        const size_t row = (size_t)slots[s];
+        const auto key = store.row((size_t)blocks[s / block_size] * block_size + s % block_size, dim);
         float dot[INDEXER_STORE_MAX_HEADS];
 #pragma unroll
         for (int h = 0; h < INDEXER_STORE_MAX_HEADS; ++h) dot[h] = 0.f;
         for (int d = 0; d < dim; ++d) {
-            const float k = store(row, d, dim);
+            const float k = key(d);
 #pragma unroll
             for (int h = 0; h < INDEXER_STORE_MAX_HEADS; ++h)
                 if (h < heads) dot[h] += qs[d * heads + h] * k;
@@ -376,27 +391,34 @@ SMOE_DEVICE void indexer_scores_store(float* smem, float* scores, const float* q
 
 extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS)
 indexer_scores_store_f32(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
-                         const float* __restrict__ keys, const int* __restrict__ slots,
-                         const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale) {
+                         const float* __restrict__ keys, const int* __restrict__ blocks,
+                         int block_size, const int* __restrict__ n_visible, int n_keys, int heads, int dim,
+                         float scale) {
     extern __shared__ float smem[];
-    indexer_scores_store(smem, scores, q, w, StoreF32{keys}, slots, n_visible, n_keys, heads, dim, scale);
+    indexer_scores_store(smem, scores, q, w, StoreF32{keys}, blocks, block_size, n_visible, n_keys, heads, dim,
+                         scale);
 }
 
 extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS)
 indexer_scores_store_bf16_bits(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
-                               const unsigned short* __restrict__ keys, const int* __restrict__ slots,
-                               const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale) {
+                               const unsigned short* __restrict__ keys, const int* __restrict__ blocks,
+                               int block_size, const int* __restrict__ n_visible, int n_keys, int heads, int dim,
+                               float scale) {
     extern __shared__ float smem[];
-    indexer_scores_store(smem, scores, q, w, StoreBf16{keys}, slots, n_visible, n_keys, heads, dim, scale);
+    indexer_scores_store(smem, scores, q, w, StoreBf16{keys}, blocks, block_size, n_visible, n_keys, heads, dim,
+                         scale);
 }
 
-extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS)
+// At least one block an SM (not ptxas's default occupancy target): the fp8 decode needs a few
+// registers beyond the 80 the 64 sums and the rest fit in, which the default would spill.
+extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS, 1)
 indexer_scores_store_fp8(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
                          const uint8_t* __restrict__ codes, const float* __restrict__ key_scales,
-                         const int* __restrict__ slots, const int* __restrict__ n_visible, int n_keys, int heads,
-                         int dim, float scale) {
+                         const int* __restrict__ blocks, int block_size, const int* __restrict__ n_visible,
+                         int n_keys, int heads, int dim, float scale) {
     extern __shared__ float smem[];
-    indexer_scores_store(smem, scores, q, w, StoreFp8{codes, key_scales}, slots, n_visible, n_keys, heads, dim, scale);
+    indexer_scores_store(smem, scores, q, w, StoreFp8{codes, key_scales}, blocks, block_size, n_visible, n_keys,
+                         heads, dim, scale);
 }
 
 // Absorbed MLA attention in the latent space, one (row, head) per block:
@@ -438,8 +460,10 @@ SMOE_DEVICE void mla_latent_attention(float* smem, float* ctx, const float* q_la
             const int s = idx < count ? row_keys[idx] : -1;
             float dot = 0.f;
             if (s >= 0) {
-                for (int d = lane; d < latent_dim; d += 32) dot += qs[d] * latent(s, d, latent_dim);
-                for (int d = lane; d < rope_dim; d += 32) dot += qs[latent_dim + d] * k_pe(s, d, rope_dim);
+                const auto lat = latent.row(s, latent_dim);
+                const auto pe = k_pe.row(s, rope_dim);
+                for (int d = lane; d < latent_dim; d += 32) dot += qs[d] * lat(d);
+                for (int d = lane; d < rope_dim; d += 32) dot += qs[latent_dim + d] * pe(d);
             }
             dot = warp_sum(dot);
             if (lane == 0) tile[j] = s >= 0 ? dot * scale : neg_inf();
@@ -457,11 +481,11 @@ SMOE_DEVICE void mla_latent_attention(float* smem, float* ctx, const float* q_la
                 const float p = expf(tile[j] - m_new);  // 0 for -inf entries
                 if (p == 0.f) continue;
                 l += p;
-                const size_t s = (size_t)row_keys[t0 + j];
+                const auto lat = latent.row((size_t)row_keys[t0 + j], latent_dim);
 #pragma unroll
                 for (int i = 0; i < ITEMS; ++i) {
                     const int d = threadIdx.x + i * MLA_F32_THREADS;
-                    if (d < latent_dim) acc[i] += p * latent(s, d, latent_dim);
+                    if (d < latent_dim) acc[i] += p * lat(d);
                 }
             }
             m = m_new;

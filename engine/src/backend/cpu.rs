@@ -759,6 +759,7 @@ fn latent_attention(
 mod tests {
     use super::*;
     use crate::backend::{CachedRows, absorbed_query_weight};
+    use crate::kv_cache::PagedRows;
     use crate::linalg::tests::pseudo_random;
 
     /// Two sequences with their own caches in one call, rows of `q` out of order, one row no
@@ -911,8 +912,10 @@ mod tests {
         };
         let qk = d.nope + d.rope;
         let (pool, tokens) = (20, 9);
-        // Token s lives in pool row (3s + 2) mod 20.
-        let slots: Vec<usize> = (0..tokens).map(|s| (3 * s + 2) % pool).collect();
+        // Blocks of 2 rows, the sequence's scattered over the pool's 10.
+        let blocks = [7, 2, 9, 0, 5];
+        let table = PagedRows::new(&blocks, 2, tokens);
+        let slots = table.rows(0..tokens);
         let (kv_b, uk_t) = random_mla_weights(d, 3);
         let weights = MlaWeights {
             kv_b: &kv_b,
@@ -941,7 +944,7 @@ mod tests {
                         },
                         positions: &positions,
                         selection,
-                        rows: Some(&slots),
+                        rows: Some(table),
                         form,
                     };
                     let gathered = seq.over(&lat_t, &pe_t);

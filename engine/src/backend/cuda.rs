@@ -14,7 +14,8 @@
 //! - The paged KV pool lives on the first GPU, in float32, as bf16 bits, or as fp8 e4m3 codes
 //!   with a scale per 128 values (`--kv-cache-dtype`): rows are rounded as they are written and
 //!   widened to float32 as they are read. The indexer reads its keys in place there, through
-//!   the block table's slots (`indexer_scores_store_*`), and attention the latent and RoPE rows
+//!   the sequence's block table (`indexer_scores_store_*`: the table, a value a block, is what
+//!   is uploaded, not a row number a key), and attention the latent and RoPE rows
 //!   (`mla_latent_attention_{f32, bf16_bits, fp8}`, `reads_in_place`, `MlaSeq::rows`), so a
 //!   step copies no cached rows.
 //! - The routed experts of a MoE layer run as three grouped products (`cublasGemmGroupedBatchedEx`,
@@ -62,7 +63,7 @@ use super::{
 };
 use crate::error::{EngineError, Result};
 use crate::expert_shards::{Pair, compact_rows};
-use crate::kv_cache::{FP8_BLOCK, KvDtype};
+use crate::kv_cache::{FP8_BLOCK, KvDtype, PagedRows};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::Matrix;
 
@@ -110,11 +111,11 @@ impl CudaStore {
 }
 
 /// Where the indexer reads its keys: a float32 tensor (key `s` is row `s`), or a KV store
-/// through slots (key `s` is row `slots[s]`, read in place).
+/// through a block table (key `s` is row `table.row(s)`, read in place).
 #[derive(Clone, Copy)]
 enum IndexerKeys<'a> {
     Rows(&'a CudaTensor),
-    Store(&'a CudaStore, &'a [usize]),
+    Store(&'a CudaStore, PagedRows<'a>),
 }
 
 impl std::fmt::Debug for CudaStore {
@@ -1275,7 +1276,7 @@ impl Cuda {
     ) -> Vec<Vec<u32>> {
         let (dim, cached) = match keys {
             IndexerKeys::Rows(t) => (t.cols, t.rows),
-            IndexerKeys::Store(store, slots) => (store.cols(), slots.len()),
+            IndexerKeys::Store(store, table) => (store.cols(), table.tokens()),
         };
         let (heads, n) = (w.cols, q.rows);
         assert_eq!(q.cols, heads * dim, "indexer: q is not [rows, heads·dim]");
@@ -1298,15 +1299,24 @@ impl Cuda {
         if k == 0 {
             return vec![Vec::new(); n];
         }
-        let (function, slots) = match keys {
+        // A store's keys through the blocks that hold the first n_keys tokens: one entry a
+        // block uploaded, not one a key.
+        let (function, blocks) = match keys {
             IndexerKeys::Rows(_) => (&self.k.indexer_scores, None),
-            IndexerKeys::Store(store, slots) => (
+            IndexerKeys::Store(store, table) => (
                 match store {
                     CudaStore::F32(_) => &self.k.indexer_scores_store,
                     CudaStore::Bf16 { .. } => &self.k.indexer_scores_store_bf16,
                     CudaStore::Fp8 { .. } => &self.k.indexer_scores_store_fp8,
                 },
-                Some(self.upload_i32(slots[..n_keys].iter().copied())),
+                Some((
+                    self.upload_i32(
+                        table.blocks()[..n_keys.div_ceil(table.block_size())]
+                            .iter()
+                            .map(|&b| b as usize),
+                    ),
+                    table.block_size() as i32,
+                )),
             ),
         };
         // Both kernels take the same shared memory: the row's q and weights.
@@ -1342,22 +1352,25 @@ impl Cuda {
             let visible_rows = visible.slice(first..first + rows);
             let mut b = self.stream.launch_builder(function);
             b.arg(&mut scores.buf).arg(&q_rows).arg(&w_rows);
-            match (keys, &slots) {
+            match (keys, &blocks) {
                 (IndexerKeys::Rows(t), _) => b.arg(&t.buf),
-                (IndexerKeys::Store(CudaStore::F32(t), _), Some(slots)) => b.arg(&t.buf).arg(slots),
-                (IndexerKeys::Store(CudaStore::Bf16 { buf, .. }, _), Some(slots)) => {
-                    b.arg(buf).arg(slots)
+                (IndexerKeys::Store(CudaStore::F32(t), _), Some((blocks, bs))) => {
+                    b.arg(&t.buf).arg(blocks).arg(bs)
                 }
-                (IndexerKeys::Store(CudaStore::Fp8 { codes, scales, .. }, _), Some(slots)) => {
-                    b.arg(codes).arg(scales).arg(slots)
+                (IndexerKeys::Store(CudaStore::Bf16 { buf, .. }, _), Some((blocks, bs))) => {
+                    b.arg(buf).arg(blocks).arg(bs)
                 }
+                (
+                    IndexerKeys::Store(CudaStore::Fp8 { codes, scales, .. }, _),
+                    Some((blocks, bs)),
+                ) => b.arg(codes).arg(scales).arg(blocks).arg(bs),
                 (IndexerKeys::Store(..), None) => {
-                    unreachable!("a store's slots are uploaded above")
+                    unreachable!("a store's blocks are uploaded above")
                 }
             };
             b.arg(&visible_rows).arg(&nk).arg(&h).arg(&dm).arg(&scale);
             // SAFETY: scores is [rows, n_keys]; the keys hold n_keys rows of dim (a tensor's
-            // rows, or a store's rows at the n_keys uploaded slots, each checked < its rows);
+            // rows, or a store's rows in the uploaded blocks, each checked to lie in the store);
             // q and w hold rows rows of heads·dim and heads from `first`; heads ≤
             // INDEXER_STORE_MAX_HEADS for the store kernels; key blocks ≤ 65535 (the grid's y
             // limit) up to 8M keys.
@@ -2185,20 +2198,27 @@ impl Backend for Cuda {
         q: &CudaTensor,
         w: &CudaTensor,
         keys: &CudaStore,
-        slots: &[usize],
+        table: PagedRows<'_>,
         positions: &[usize],
         k: usize,
         scale: f32,
     ) -> Vec<Vec<u32>> {
         if w.cols > launch::INDEXER_STORE_MAX_HEADS as usize {
             // More heads than the in-place kernel keeps sums for: score a gathered copy.
-            return self.indexer_select(q, w, &self.gather_rows(keys, slots), positions, k, scale);
+            let gathered = self.gather_rows(keys, &table.rows(0..table.tokens()));
+            return self.indexer_select(q, w, &gathered, positions, k, scale);
         }
+        // The kernel reads whole blocks' rows: each must lie in the pool.
+        let bs = table.block_size();
         assert!(
-            slots.iter().all(|&s| s < keys.rows()),
-            "indexer: slot beyond the pool"
+            table
+                .blocks()
+                .iter()
+                .all(|&b| (b as usize + 1) * bs <= keys.rows()),
+            "indexer: a block beyond the pool's {} rows",
+            keys.rows()
         );
-        self.indexer_topk(q, w, IndexerKeys::Store(keys, slots), positions, k, scale)
+        self.indexer_topk(q, w, IndexerKeys::Store(keys, table), positions, k, scale)
     }
 
     fn mla_attention(

@@ -6,7 +6,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::Result;
-use crate::kv_cache::KvDtype;
+use crate::kv_cache::{KvDtype, PagedRows};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::{Matrix, StoredType};
 
@@ -141,9 +141,9 @@ pub struct MlaSeq<'a, T, S> {
     /// Row `i` attends to the cache rows `selection[i]`, or, when `None`, to every row
     /// `s ≤ positions[i]`.
     pub selection: Option<&'a [Vec<u32>]>,
-    /// Where cache row `s` is: row `rows[s]` of the cached rows (a paged pool's rows, read in
-    /// place through the block table), or, when `None`, row `s`.
-    pub rows: Option<&'a [usize]>,
+    /// Where cache row `s` is: row `rows.row(s)` of the cached rows (a paged pool's rows, read
+    /// in place through its block table), or, when `None`, row `s`.
+    pub rows: Option<PagedRows<'a>>,
     pub form: AttentionForm,
 }
 
@@ -182,7 +182,7 @@ impl<'a, T, S> MlaSeq<'a, T, S> {
     pub fn key_rows(&self, i: usize) -> Vec<usize> {
         let keys = self.visible_keys(i);
         match self.rows {
-            Some(rows) => keys.into_iter().map(|s| rows[s]).collect(),
+            Some(table) => table.rows(keys),
             None => keys,
         }
     }
@@ -198,9 +198,10 @@ impl<'a, T, S> MlaSeq<'a, T, S> {
             return None;
         };
         let tokens = self.positions.iter().max().map_or(0, |p| p + 1);
-        let slots: Vec<usize> = (0..tokens)
-            .map(|s| self.rows.map_or(s, |rows| rows[s]))
-            .collect();
+        let slots = match self.rows {
+            Some(table) => table.rows(0..tokens),
+            None => (0..tokens).collect(),
+        };
         Some((b.gather_rows(latent, &slots), b.gather_rows(k_pe, &slots)))
     }
 
@@ -392,21 +393,23 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
-    /// [`Backend::indexer_select`] over keys kept in a KV store: key `s` is row `slots[s]` of
-    /// `keys` (a paged cache's indexer keys, through its block table). This default gathers
-    /// them as float32 first; a backend that reads the store in place overrides it.
+    /// [`Backend::indexer_select`] over keys kept in a KV store: key `s` is row `table.row(s)`
+    /// of `keys` (a paged cache's indexer keys, through its block table), for the table's
+    /// tokens. This default gathers them as float32 first; a backend that reads the store in
+    /// place overrides it.
     #[allow(clippy::too_many_arguments)]
     fn indexer_select_rows(
         &self,
         q: &Self::Tensor,
         w: &Self::Tensor,
         keys: &Self::Store,
-        slots: &[usize],
+        table: PagedRows<'_>,
         positions: &[usize],
         k: usize,
         scale: f32,
     ) -> Vec<Vec<u32>> {
-        self.indexer_select(q, w, &self.gather_rows(keys, slots), positions, k, scale)
+        let gathered = self.gather_rows(keys, &table.rows(0..table.tokens()));
+        self.indexer_select(q, w, &gathered, positions, k, scale)
     }
 
     /// Multi-head latent attention of the query rows `q` (`[n, heads·(nope+rope)]`, RoPE
