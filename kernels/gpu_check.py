@@ -549,8 +549,11 @@ class Harness:
             if not bool((scores[masked] == -math.inf).all()):
                 self.record_bool(f"{name} mask", False, "entries past n_visible are not -inf")
 
-        # absorbed attention in the latent space: per-row key lists with -1 entries, one empty row
-        R, H, L, P, nope = 12, 16, 512, 64, 128
+        # absorbed attention in the latent space: per-row key lists with -1 entries, one empty row;
+        # 20 heads, so the second block of 16 has 4 (a block takes a row and 16 heads: 256
+        # threads, the queries and a tile of 32 widened keys in 108 KB of shared memory)
+        R, H, L, P, nope = 12, 20, 512, 64, 128
+        mla_grid, mla_smem = (R, (H + 15) // 16), (16 * (L + P) + 32 * (L + P + 1) + 32) * 4
         Sk = 5000
         latent, k_pe = torch.randn(Sk, L, device=d), torch.randn(Sk, P, device=d)
         q_lat = torch.randn(R, H, L, device=d) * 0.05
@@ -562,13 +565,13 @@ class Harness:
         flat = torch.cat(lists).int()
         ctx = torch.full((R, H, L), nan, device=d)
         scale = 0.135234
-        self.launch("mla_latent_attention_f32", (R, H), 128,
+        self.launch("mla_latent_attention_f32", mla_grid, 256,
                     [ctx, q_lat, q_full[:, :, nope:], latent, k_pe, flat, offsets, ("i", H), ("i", L), ("i", P),
-                     ("i", H * (nope + P)), ("i", nope + P), ("f", scale)], (L + P + 32) * 4)
+                     ("i", H * (nope + P)), ("i", nope + P), ("f", scale)], mla_smem)
         q_cat = torch.cat([q_lat, q_full[:, :, nope:]], -1)
         kv = torch.cat([latent, k_pe], -1)
         ro, _ = ref_mla(q_cat, kv, [x[x >= 0] for x in lists], L, scale)
-        self.record("mla_latent_attention_f32 (12 rows x 16 heads, lists up to 2500, -1 entries)", rel_l2(ctx, ro), F32_BOUND * 10)
+        self.record("mla_latent_attention_f32 (12 rows x 20 heads, lists up to 2500, -1 entries)", rel_l2(ctx, ro), F32_BOUND * 10)
         self.record_bool("mla_latent_attention_f32 empty row", bool((ctx[3] == 0).all()), "a row with no keys: context 0")
 
         # the same attention with the rows read in place from a paged pool's stores: key s of the
@@ -598,11 +601,11 @@ class Harness:
                  [scattered(lat_codes, 0x7F), scattered(lat_sc, nan), scattered(k_pe.to(torch.bfloat16), nan)],
                  (lat_wide, k_pe.to(torch.bfloat16)))):
             ctx = torch.full((R, H, L), nan, device=d)
-            self.launch(name, (R, H), 128,
+            self.launch(name, mla_grid, 256,
                         [ctx, q_lat, q_full[:, :, nope:]] + stores + [in_pool, offsets, ("i", H), ("i", L), ("i", P),
-                         ("i", H * (nope + P)), ("i", nope + P), ("f", scale)], (L + P + 32) * 4)
+                         ("i", H * (nope + P)), ("i", nope + P), ("f", scale)], mla_smem)
             ro, _ = ref_mla(q_cat, torch.cat([wide[0].double(), wide[1].double()], -1), [x[x >= 0] for x in lists], L, scale)
-            self.record(f"{name} (12 rows x 16 heads, rows at scattered pool slots)", rel_l2(ctx, ro), F32_BOUND * 10,
+            self.record(f"{name} (12 rows x 20 heads, rows at scattered pool slots)", rel_l2(ctx, ro), F32_BOUND * 10,
                         "empty row 0" if bool((ctx[3] == 0).all()) else "EMPTY ROW NOT 0")
             if not bool((ctx[3] == 0).all()):
                 self.record_bool(f"{name} empty row", False, "a row with no keys: context not 0")
@@ -762,6 +765,11 @@ class Harness:
         self.launch(name, ((heads + MLA_HEADS_PER_BLOCK - 1) // MLA_HEADS_PER_BLOCK, q.shape[0]), 256,
                     [out, lse, q, kv, *extra, ("i", heads), ("i", latent), ("i", rope), ("f", 0.135234)], smem)
 
+    def mla_tc_launch(self, out, lse, q, kv, idx, k, heads, latent, rope):
+        smem = (16 + 32) * (latent + rope + 8) * 2 + 16 * (32 + 8) * 2 + 2 * 4 * 16 * 4 + 32 * 4
+        self.launch("sparse_mla_attention_bf16_tc", ((heads + 15) // 16, q.shape[0]), 128,
+                    [out, lse, q, kv, idx, ("i", k), ("i", heads), ("i", latent), ("i", rope), ("f", 0.135234)], smem)
+
     def check_mla(self):
         H, L, R = 128, 512, 64
         scale = 0.135234
@@ -782,6 +790,15 @@ class Harness:
         self.record_bool("sparse_mla lse / empty row", bool((lse[~fin] == -math.inf).all()) and bool((out[2] == 0).all()),
                          "empty row: lse -inf, out 0")
         self.record("sparse_mla_attention_bf16 lse", rel_l2(lse[fin], rl[fin]), F32_BOUND * 10)
+        # the tensor-core kernel on the same inputs (its P is rounded to bf16 before P·V, as
+        # FlashMLA's is: the bf16 bound still holds)
+        out_tc = torch.full_like(out, float("nan"))
+        lse_tc = torch.full_like(lse, float("nan"))
+        self.mla_tc_launch(out_tc, lse_tc, q, kv, idx, k, H, L, R)
+        self.record("sparse_mla_attention_bf16_tc decode (16 x 128 heads, top-k 2048)", rel_l2(out_tc, ro), BF16_BOUND)
+        self.record_bool("sparse_mla_attention_bf16_tc empty row",
+                         bool((lse_tc[~fin] == -math.inf).all()) and bool((out_tc[2] == 0).all()), "empty row: lse -inf, out 0")
+        self.record("sparse_mla_attention_bf16_tc lse", rel_l2(lse_tc[fin], rl[fin]), F32_BOUND * 10)
         # prefill shape: 64 tokens of one sequence, causal lists of 48 (future slots -1)
         n, k = 64, 48
         kv_p = self.bf16(n, L + R)
@@ -795,6 +812,13 @@ class Harness:
         self.mla_launch("sparse_mla_attention_bf16", out, lse, q_p, kv_p, [idx, ("i", k)], 32, L, R)
         ro, _ = ref_mla(q_p, kv_p, [row[row >= 0].long() for row in idx], L, scale)
         self.record("sparse_mla_attention_bf16 prefill (per-query lists)", rel_l2(out, ro), BF16_BOUND)
+        # tensor cores, 24 heads: the second block's 16 rows hold 8 heads
+        q_24 = q_p[:, :24].contiguous()
+        out = torch.full((n, 24, L), float("nan"), device=self.dev).to(torch.bfloat16)
+        lse = torch.full((n, 24), float("nan"), device=self.dev)
+        self.mla_tc_launch(out, lse, q_24, kv_p, idx, k, 24, L, R)
+        ro, _ = ref_mla(q_24, kv_p, [row[row >= 0].long() for row in idx], L, scale)
+        self.record("sparse_mla_attention_bf16_tc prefill (per-query lists, 24 heads)", rel_l2(out, ro), BF16_BOUND)
         # dense: 8 rows with their own contexts
         lens = torch.tensor([1, 31, 32, 33, 1000, 4096, 2500, 77], dtype=torch.int32, device=self.dev)
         starts = torch.cat([torch.zeros(1, device=self.dev, dtype=torch.int32), lens.cumsum(0)[:-1].int()])
@@ -829,6 +853,14 @@ class Harness:
                              "torch gather + bmm attention", t_peer,
                              f"{gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy (goal 60%); "
                              f"{t_peer / t_sparse:.1f}x the peer (goal 5x)"))
+        t_tc = self.time_ms(lambda: self.mla_tc_launch(out, lse, q, kv, idx, k, H, L, R))
+        gbs = bytes_ / t_tc / 1e6
+        flops = 2 * B * H * k * (L + R + L)
+        self.timings.append(("sparse MLA decode, same shape, tensor cores (mma.sync)", t_tc,
+                             "torch gather + bmm attention", t_peer,
+                             f"{gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy (goal 60%); "
+                             f"{t_peer / t_tc:.1f}x the peer (goal 5x); {flops / t_tc / 1e9:.0f} TFLOP/s; "
+                             f"{t_sparse / t_tc:.1f}x the SIMT kernel"))
         starts = (torch.arange(B, device=self.dev) * ctx).int()
         lens = torch.full((B,), ctx, dtype=torch.int32, device=self.dev)
         t_dense = self.time_ms(lambda: self.mla_launch("dense_mla_attention_bf16", out, lse, q, kv, [starts, lens], H, L, R), reps=5)

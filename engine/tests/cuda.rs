@@ -448,7 +448,7 @@ fn the_indexer_reads_each_kv_store_in_place() {
 /// (`mla_latent_attention_{f32, bf16_bits, fp8}` through the block table's rows), for each KV
 /// dtype, against the CPU backend over the same rows as it stores and widens them: tokens
 /// scattered over the pool, dense rows and top-k selections, DeepSeek's widths (latent 512,
-/// RoPE 64) and widths with partial fp8 blocks.
+/// RoPE 64) with 20 heads (a partial second block of heads) and widths with partial fp8 blocks.
 #[test]
 fn attention_reads_each_kv_store_in_place() {
     let Some(cuda) = gpu("attention_reads_each_kv_store_in_place") else {
@@ -466,9 +466,10 @@ fn attention_reads_each_kv_store_in_place() {
         .map(|&p| (0..=p as u32).step_by(3).take(40).collect())
         .collect();
     let mut noise = noise(5);
-    for (latent, rope) in [(512, 64), (200, 24)] {
+    // 20 heads: a block of 16 and one of 4.
+    for (latent, rope, heads) in [(512, 64, 20), (200, 24, 3)] {
         let d = MlaDims {
-            heads: 3,
+            heads,
             nope: 16,
             rope,
             v: 24,
@@ -504,7 +505,7 @@ fn attention_reads_each_kv_store_in_place() {
             let [(cpu_lat, gpu_lat), (cpu_pe, gpu_pe)] = &stores;
             for selection in [None, Some(picked.as_slice())] {
                 let case = format!(
-                    "latent {latent}, rope {rope}, {dtype:?}, {}",
+                    "latent {latent}, rope {rope}, {heads} heads, {dtype:?}, {}",
                     if selection.is_some() {
                         "top-k"
                     } else {

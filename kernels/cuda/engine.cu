@@ -6,9 +6,12 @@
 #include "common.cuh"
 
 #define ENGINE_THREADS 256
-#define MLA_F32_THREADS 128
+#define MLA_F32_WARPS 8
+#define MLA_F32_HEADS_PER_WARP 2
+#define MLA_F32_HEADS (MLA_F32_WARPS * MLA_F32_HEADS_PER_WARP)
+#define MLA_F32_THREADS (MLA_F32_WARPS * 32)
 #define MLA_F32_TILE 32
-#define MLA_F32_MAX_LATENT 1024
+#define MLA_F32_MAX_LATENT 512
 #define INDEXER_F32_KEYS 128
 #define INDEXER_STORE_MAX_HEADS 64
 
@@ -421,7 +424,7 @@ indexer_scores_store_fp8(float* __restrict__ scores, const float* __restrict__ q
                          heads, dim, scale);
 }
 
-// Absorbed MLA attention in the latent space, one (row, head) per block:
+// Absorbed MLA attention in the latent space, for query row r and head h:
 //   score_s = (q_lat[r, h] · latent[s] + q_pe[r, h] · k_pe[s]) · scale over the keys
 //   s = keys[key_offsets[r] .. key_offsets[r + 1]] (-1 = none), online softmax, and
 //   ctx[r, h, :] = Σ_s p_s · latent[s] (zero when no key is valid).
@@ -429,75 +432,111 @@ indexer_scores_store_fp8(float* __restrict__ scores, const float* __restrict__ q
 // (float32 rows, bf16 bits, or fp8 codes with a scale per KV_FP8_BLOCK values), so a paged
 // cache's rows are read in place in the dtype they are cached in; keys are their row numbers.
 // q_lat is [rows, heads·latent]; q_pe row r head h starts at q_pe + r·q_pe_row + h·q_pe_head.
-// Each warp scores keys of a tile of MLA_F32_TILE; each thread owns latent dims tid, tid + 128, …
-// Launch: grid (rows, heads), block MLA_F32_THREADS, dynamic shared memory
-// (latent + rope + MLA_F32_TILE) floats; latent ≤ MLA_F32_MAX_LATENT.
+//
+// A block takes one row and MLA_F32_HEADS heads (MLA_F32_WARPS warps of MLA_F32_HEADS_PER_WARP):
+// each tile of MLA_F32_TILE keys is read from the store once, widened into shared memory, and
+// scored against all of the block's heads there (lane = key while scoring; rows padded to an
+// odd stride, so the 32 lanes read 32 banks); each head keeps a running max and sum, and lane l
+// accumulates its heads' latent dims l, l + 32, ….
+// Launch: grid (rows, ceil(heads / MLA_F32_HEADS)), block MLA_F32_THREADS, dynamic shared memory
+// mla_f32_smem_bytes (MLA_F32_HEADS · dqk + MLA_F32_TILE · (dqk + 1) + MLA_F32_TILE words, dqk =
+// latent + rope: 108 KB at 512 + 64, so raise the kernel's limit above 48 KB first);
+// latent ≤ MLA_F32_MAX_LATENT.
 template <typename LatentStore, typename RopeStore>
 SMOE_DEVICE void mla_latent_attention(float* smem, float* ctx, const float* q_lat, const float* q_pe,
-                                      LatentStore latent, RopeStore k_pe, const int* keys, const int* key_offsets, int heads, int latent_dim,
-                                      int rope_dim, int q_pe_row, int q_pe_head, float scale) {
-    float* qs = smem;                            // [latent + rope]
-    float* tile = smem + latent_dim + rope_dim;  // [MLA_F32_TILE] scores
-    const int r = blockIdx.x, h = blockIdx.y;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = MLA_F32_THREADS / 32;
-    const float* ql = q_lat + ((size_t)r * heads + h) * latent_dim;
-    const float* qp = q_pe + (size_t)r * q_pe_row + (size_t)h * q_pe_head;
-    for (int d = threadIdx.x; d < latent_dim; d += MLA_F32_THREADS) qs[d] = ql[d];
-    for (int d = threadIdx.x; d < rope_dim; d += MLA_F32_THREADS) qs[latent_dim + d] = qp[d];
-    __syncthreads();
+                                      LatentStore latent, RopeStore k_pe, const int* keys, const int* key_offsets,
+                                      int heads, int latent_dim, int rope_dim, int q_pe_row, int q_pe_head,
+                                      float scale) {
+    const int dqk = latent_dim + rope_dim, kstride = dqk + 1;
+    float* q_s = smem;                          // [MLA_F32_HEADS, dqk]
+    float* k_s = q_s + MLA_F32_HEADS * dqk;     // [MLA_F32_TILE, kstride]
+    int* slot_s = reinterpret_cast<int*>(k_s + MLA_F32_TILE * kstride);  // [MLA_F32_TILE]
+    const int r = blockIdx.x, head0 = blockIdx.y * MLA_F32_HEADS;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+    for (int i = threadIdx.x; i < MLA_F32_HEADS * dqk; i += MLA_F32_THREADS) {
+        const int h = head0 + i / dqk, d = i % dqk;
+        float v = 0.f;
+        if (h < heads)
+            v = d < latent_dim ? q_lat[((size_t)r * heads + h) * latent_dim + d]
+                               : q_pe[(size_t)r * q_pe_row + (size_t)h * q_pe_head + (d - latent_dim)];
+        q_s[i] = v;
+    }
+
+    constexpr int ITEMS = MLA_F32_MAX_LATENT / 32;
+    float m[MLA_F32_HEADS_PER_WARP], l[MLA_F32_HEADS_PER_WARP], acc[MLA_F32_HEADS_PER_WARP][ITEMS];
+#pragma unroll
+    for (int hh = 0; hh < MLA_F32_HEADS_PER_WARP; ++hh) {
+        m[hh] = neg_inf();
+        l[hh] = 0.f;
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) acc[hh][i] = 0.f;
+    }
 
     const int first = key_offsets[r], count = key_offsets[r + 1] - first;
-    const int* row_keys = keys + first;
-    constexpr int ITEMS = MLA_F32_MAX_LATENT / MLA_F32_THREADS;
-    float acc[ITEMS];
-#pragma unroll
-    for (int i = 0; i < ITEMS; ++i) acc[i] = 0.f;
-    float m = neg_inf(), l = 0.f;
-
     for (int t0 = 0; t0 < count; t0 += MLA_F32_TILE) {
-        for (int j = warp; j < MLA_F32_TILE; j += warps) {
-            const int idx = t0 + j;
-            const int s = idx < count ? row_keys[idx] : -1;
-            float dot = 0.f;
-            if (s >= 0) {
-                const auto lat = latent.row(s, latent_dim);
-                const auto pe = k_pe.row(s, rope_dim);
-                for (int d = lane; d < latent_dim; d += 32) dot += qs[d] * lat(d);
-                for (int d = lane; d < rope_dim; d += 32) dot += qs[latent_dim + d] * pe(d);
-            }
-            dot = warp_sum(dot);
-            if (lane == 0) tile[j] = s >= 0 ? dot * scale : neg_inf();
+        __syncthreads();  // the previous tile is consumed (and q_s written, on the first pass)
+        if (threadIdx.x < MLA_F32_TILE) {
+            const int j = t0 + threadIdx.x;
+            slot_s[threadIdx.x] = j < count ? keys[first + j] : -1;
         }
         __syncthreads();
-        float m_tile = neg_inf();
-        for (int j = 0; j < MLA_F32_TILE; ++j) m_tile = fmaxf(m_tile, tile[j]);
-        const float m_new = fmaxf(m, m_tile);
-        if (m_new != neg_inf()) {  // block-uniform: every thread read the same tile
-            const float correction = expf(m - m_new);  // 0 while m is -inf
-            l *= correction;
+        for (int j = warp; j < MLA_F32_TILE; j += MLA_F32_WARPS) {  // a warp a row, widened once
+            const int s = slot_s[j];
+            float* row = k_s + j * kstride;
+            if (s < 0) {
+                for (int d = lane; d < dqk; d += 32) row[d] = 0.f;
+                continue;
+            }
+            const auto lat = latent.row((size_t)s, latent_dim);
+            const auto pe = k_pe.row((size_t)s, rope_dim);
+            for (int d = lane; d < latent_dim; d += 32) row[d] = lat(d);
+            for (int d = lane; d < rope_dim; d += 32) row[latent_dim + d] = pe(d);
+        }
+        __syncthreads();
+
+        const bool key_ok = slot_s[lane] >= 0;
+        const float* k_row = k_s + lane * kstride;
 #pragma unroll
-            for (int i = 0; i < ITEMS; ++i) acc[i] *= correction;
-            for (int j = 0; j < MLA_F32_TILE; ++j) {
-                const float p = expf(tile[j] - m_new);  // 0 for -inf entries
-                if (p == 0.f) continue;
-                l += p;
-                const auto lat = latent.row((size_t)row_keys[t0 + j], latent_dim);
+        for (int hh = 0; hh < MLA_F32_HEADS_PER_WARP; ++hh) {
+            const int hl = warp * MLA_F32_HEADS_PER_WARP + hh;
+            if (head0 + hl >= heads) continue;  // warp-uniform
+            const float* qh = q_s + hl * dqk;
+            float dot = 0.f;
+            for (int d = 0; d < dqk; ++d) dot = fmaf(qh[d], k_row[d], dot);
+            const float score = key_ok ? dot * scale : neg_inf();
+            const float m_new = fmaxf(m[hh], warp_max(score));
+            if (m_new == neg_inf()) continue;  // nothing visible yet for this head (warp-uniform)
+            const float correction = expf(m[hh] - m_new);  // 0 while m is -inf
+            const float p = key_ok ? expf(score - m_new) : 0.f;
+            l[hh] = l[hh] * correction + warp_sum(p);
+            m[hh] = m_new;
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) acc[hh][i] *= correction;
+            for (int key = 0; key < MLA_F32_TILE; ++key) {
+                const float pk = __shfl_sync(0xffffffffu, p, key);
+                if (pk == 0.f) continue;  // warp-uniform: an invalid key, or underflow
+                const float* row = k_s + key * kstride;
 #pragma unroll
                 for (int i = 0; i < ITEMS; ++i) {
-                    const int d = threadIdx.x + i * MLA_F32_THREADS;
-                    if (d < latent_dim) acc[i] += p * lat(d);
+                    const int d = lane + 32 * i;
+                    if (d < latent_dim) acc[hh][i] = fmaf(pk, row[d], acc[hh][i]);
                 }
             }
-            m = m_new;
         }
-        __syncthreads();
     }
-    float* out = ctx + ((size_t)r * heads + h) * latent_dim;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-        const int d = threadIdx.x + i * MLA_F32_THREADS;
-        if (d < latent_dim) out[d] = acc[i] * inv;
+    for (int hh = 0; hh < MLA_F32_HEADS_PER_WARP; ++hh) {
+        const int h = head0 + warp * MLA_F32_HEADS_PER_WARP + hh;
+        if (h >= heads) continue;
+        const float inv = l[hh] > 0.f ? 1.f / l[hh] : 0.f;
+        float* out = ctx + ((size_t)r * heads + h) * latent_dim;
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const int d = lane + 32 * i;
+            if (d < latent_dim) out[d] = acc[hh][i] * inv;
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 // Checks the CPU emulator itself (build.sh builds and runs this): that its warp collectives
 // and barriers give what a GPU gives (lanes that have returned vote false; static shared memory
 // starts as garbage in every block), and that the mistakes it exists to catch are caught: a
-// warp split between different barriers, a shuffle from a lane that has returned, a write past
+// warp split between different barriers, a shuffle or an mma.sync with a lane that has returned, a write past
 // an allocation or after its free, a launch over the thread or shared-memory limit, work on
 // two streams with no event between.
 #include <sys/wait.h>
@@ -50,6 +50,35 @@ void ballot_kernel(unsigned int* out) {
     const unsigned int b = __ballot_sync(0xffffffffu, threadIdx.x % 3 == 0);
     const int first = __shfl_sync(0xffffffffu, (int)threadIdx.x, 5);
     out[threadIdx.x] = b ^ (unsigned int)first;
+}
+
+// Small integers, exact in bf16: the A (16×16), B (16×8) and C (16×8) of the tensor-core check.
+float mma_a(int m, int k) { return (float)((m * 3 + k) % 7 - 3); }
+float mma_b(int k, int n) { return (float)((k + 2 * n) % 5 - 2); }
+float mma_c(int m, int n) { return (float)(m - n); }
+uint32_t bf16_pair(float lo, float hi) {
+    uint32_t l, h;
+    std::memcpy(&l, &lo, 4);
+    std::memcpy(&h, &hi, 4);
+    return (l >> 16) | (h >> 16 << 16);
+}
+
+// Each warp builds its fragments of A, B and C as the PTX ISA lays out mma.m16n8k16 and runs
+// the product twice (D = C + 2·A·B); out holds each lane's four D values. With `leave`, lane 3
+// returns first: the instruction needs the whole warp.
+void mma_kernel(float* out, int leave) {
+    const int lane = threadIdx.x & 31, g = lane / 4, t = lane % 4;
+    if (leave && lane == 3) return;
+    const uint32_t a[4] = {bf16_pair(mma_a(g, 2 * t), mma_a(g, 2 * t + 1)),
+                           bf16_pair(mma_a(g + 8, 2 * t), mma_a(g + 8, 2 * t + 1)),
+                           bf16_pair(mma_a(g, 2 * t + 8), mma_a(g, 2 * t + 9)),
+                           bf16_pair(mma_a(g + 8, 2 * t + 8), mma_a(g + 8, 2 * t + 9))};
+    const uint32_t b[2] = {bf16_pair(mma_b(2 * t, g), mma_b(2 * t + 1, g)),
+                           bf16_pair(mma_b(2 * t + 8, g), mma_b(2 * t + 9, g))};
+    float d[4] = {mma_c(g, 2 * t), mma_c(g, 2 * t + 1), mma_c(g + 8, 2 * t), mma_c(g + 8, 2 * t + 1)};
+    smoe_emu::mma_m16n8k16_bf16(d, a, b);
+    smoe_emu::mma_m16n8k16_bf16(d, a, b);
+    for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = d[i];
 }
 
 // Half a warp at a block barrier, the other half at a shuffle: hangs on a GPU.
@@ -115,6 +144,23 @@ int main() {
               run_grid("exited", dim3{1}, dim3{32}, 0, [&] { exited_lanes_kernel(out.data(), 1); });
           }),
           "a shuffle reading a lane that has returned aborts");
+
+    std::vector<float> d(64 * 4, -1.f);
+    run_grid("mma", dim3{1}, dim3{64}, 0, [&] { mma_kernel(d.data(), 0); });
+    bool products = true;
+    for (int lane = 0; lane < 64; ++lane)
+        for (int i = 0; i < 4; ++i) {
+            const int g = (lane & 31) / 4, t = lane % 4, m = g + (i >= 2 ? 8 : 0), n = 2 * t + (i & 1);
+            float want = mma_c(m, n);
+            for (int k = 0; k < 16; ++k) want += 2.f * mma_a(m, k) * mma_b(k, n);
+            products = products && d[lane * 4 + i] == want;
+        }
+    check(products, "mma.m16n8k16 bf16: D = C + A·B from the PTX fragment layout, twice, per warp");
+    check(dies_of(SIGABRT, [] {
+              std::vector<float> out(32 * 4);
+              run_grid("mma", dim3{1}, dim3{32}, 0, [&] { mma_kernel(out.data(), 1); });
+          }),
+          "an mma.sync a lane of the warp has left aborts");
 
     std::vector<int> first(2, 0), after(64, 0);
     run_grid("shared", dim3{2}, dim3{32}, 0, [&] { shared_kernel(first.data(), after.data()); });

@@ -42,6 +42,8 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 // it, so each block has it to itself. (Dynamic shared memory, `extern __shared__ T name[]`, is
 // rewritten by build.sh into a call to smoe_emu::dynamic_smem().)
 #define __shared__ static thread_local
+// Kernel sources test this to call the emulator's collectives in place of inline PTX.
+#define SMOE_EMULATED 1
 
 namespace smoe_emu {
 
@@ -68,11 +70,15 @@ struct Block {
     // of the collective that wrote it (a lane that has returned stops writing).
     std::vector<uint64_t> exchange[2];
     std::vector<uint64_t> stamp[2];
+    // The same for the tensor-core collective (mma_m16n8k16_bf16): each lane's A and B
+    // fragments, kMmaWords a lane.
+    std::vector<uint32_t> fragments[2];
     std::vector<unsigned char> dynamic_smem;
     uint64_t serial = 0;  // which block this is, for poison_shared
 };
 
 inline thread_local Block* block = nullptr;
+constexpr size_t kMmaWords = 6;  // a lane's A (4 registers) and B (2) fragments
 constexpr size_t kStackBytes = 256 * 1024;
 
 [[noreturn]] inline void fail(const char* what) {
@@ -137,6 +143,60 @@ inline void exchange_all(uint64_t bits, uint64_t* out) {
     }
 }
 
+// A bf16 value from the low (hi = false) or high 16 bits of a fragment register, widened.
+inline float bf16_half(uint32_t reg, bool hi) {
+    const uint32_t bits = (hi ? reg >> 16 : reg & 0xffffu) << 16;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return v;
+}
+
+// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 d, a, b, d` for the calling warp:
+// D (16×8, float) += A (16×16, bf16) · B (16×8, bf16), the matrices spread over the 32 lanes as
+// the PTX ISA lays out this shape's fragments, with g = lane / 4 and t = lane % 4 (a register's
+// lower-numbered element in its low 16 bits):
+//   a[0] = A[g][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]
+//   d[0], d[1] = D[g][2t, 2t+1]   d[2], d[3] = D[g+8][2t, 2t+1]
+// Every lane of the warp must take part (the instruction is warp-synchronous); a lane that has
+// returned makes it fail. Products are exact in double, each output's 16 summed there and
+// rounded to float once (a GPU sums them in at least float precision, in its own order).
+inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    Fiber& f = self();
+    const uint64_t n = ++f.collectives;
+    const size_t me = linear_thread();
+    uint32_t* mine = &block->fragments[n & 1][me * kMmaWords];
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    mine[4] = b[0];
+    mine[5] = b[1];
+    block->stamp[n & 1][me] = n;
+    wait(State::AtWarp);
+    const size_t first = me & ~(size_t)31;
+    float A[16][16], B[16][8];
+    for (size_t l = 0; l < 32; ++l) {
+        const size_t from = first + l;
+        if (from >= block->fibers.size() || block->stamp[n & 1][from] != n)
+            fail("mma.sync with a lane of the warp missing (returned, or past the block's end)");
+        const uint32_t* r = &block->fragments[n & 1][from * kMmaWords];
+        const size_t g = l / 4, t = l % 4;
+        for (size_t e = 0; e < 2; ++e) {
+            A[g][2 * t + e] = bf16_half(r[0], e == 1);
+            A[g + 8][2 * t + e] = bf16_half(r[1], e == 1);
+            A[g][2 * t + 8 + e] = bf16_half(r[2], e == 1);
+            A[g + 8][2 * t + 8 + e] = bf16_half(r[3], e == 1);
+            B[2 * t + e][g] = bf16_half(r[4], e == 1);
+            B[2 * t + 8 + e][g] = bf16_half(r[5], e == 1);
+        }
+    }
+    const size_t g = (me & 31) / 4, t = (me & 31) % 4;
+    for (size_t i = 0; i < 4; ++i) {
+        const size_t row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+        double sum = d[i];
+        for (size_t k = 0; k < 16; ++k) sum += (double)A[row][k] * (double)B[k][col];
+        d[i] = (float)sum;
+    }
+}
+
 // Fills a static shared variable with all-ones bytes the first time a block's threads reach
 // its declaration (gen_kernels.py puts the call after each one): garbage, as on a GPU, instead
 // of zeros or the previous block's values.
@@ -166,6 +226,7 @@ inline void run_block(const char* kernel, const std::function<void()>& body, siz
     while (b.stacks.size() < threads) b.stacks.emplace_back(new char[kStackBytes]);
     for (auto& e : b.exchange) e.assign((threads + 31) & ~(size_t)31, 0);
     for (auto& e : b.stamp) e.assign((threads + 31) & ~(size_t)31, 0);
+    for (auto& e : b.fragments) e.assign(((threads + 31) & ~(size_t)31) * kMmaWords, 0);
     ++b.serial;
     // Shared memory starts as garbage on a GPU: all-ones bytes here (NaN as floats, -1 as ints),
     // so a kernel that reads before it writes gets an answer no test accepts.

@@ -21,7 +21,7 @@ macro_rules! sources {
 }
 
 /// Headers the `.cu` files include (NVRTC needs them by name).
-pub const HEADERS: &[Source] = sources!["common.cuh", "mla.cuh"];
+pub const HEADERS: &[Source] = sources!["common.cuh", "mla.cuh", "mma.cuh", "mla_tc.cuh"];
 
 /// Every compilation unit, one per op group.
 pub const SOURCES: &[Source] = sources![
@@ -113,6 +113,9 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("sparse_mla_attention_bf16" in "mla_sparse.cu":
         out: Bf16Mut, lse: F32Mut, q: Bf16, kv: Bf16, indices: I32, topk: Int, heads: Int,
         latent: Int, rope: Int, scale: Float),
+    kernel!("sparse_mla_attention_bf16_tc" in "mla_sparse.cu":
+        out: Bf16Mut, lse: F32Mut, q: Bf16, kv: Bf16, indices: I32, topk: Int, heads: Int,
+        latent: Int, rope: Int, scale: Float),
     kernel!("dense_mla_attention_bf16" in "mla_dense.cu":
         out: Bf16Mut, lse: F32Mut, q: Bf16, kv: Bf16, kv_start: I32, kv_len: I32, heads: Int,
         latent: Int, rope: Int, scale: Float),
@@ -202,6 +205,12 @@ pub mod launch {
     pub const MLA_THREADS: u32 = 256;
     pub const MLA_TILE: u32 = 32;
     pub const MLA_MAX_LATENT: u32 = 512;
+    /// The tensor-core MLA attention (`mla_tc.cuh`): warps per block (one row, 16 heads), keys
+    /// per tile, the largest latent width, and the padding of its shared-memory rows.
+    pub const MLA_TC_WARPS: u32 = 4;
+    pub const MLA_TC_TILE: u32 = 32;
+    pub const MLA_TC_MAX_LATENT: u32 = 512;
+    pub const MLA_TC_PAD: u32 = 8;
     /// Tokens per routing block (one warp each) and the largest expert count.
     pub const ROUTE_TOKENS_PER_BLOCK: u32 = 4;
     pub const ROUTE_MAX_EXPERTS: u32 = 512;
@@ -212,11 +221,14 @@ pub mod launch {
     pub const ENGINE_THREADS: u32 = 256;
     /// Values per scale of an fp8 KV row (`scatter_rows_f32_to_fp8`).
     pub const KV_FP8_BLOCK: u32 = 128;
-    /// The engine's float32 MLA attention: threads per (row, head) block, keys per tile, and
-    /// the largest latent width.
-    pub const MLA_F32_THREADS: u32 = 128;
+    /// The engine's float32 MLA attention: warps per block and heads per warp (a block takes
+    /// one row and `MLA_F32_HEADS` heads), keys per tile, and the largest latent width.
+    pub const MLA_F32_WARPS: u32 = 8;
+    pub const MLA_F32_HEADS_PER_WARP: u32 = 2;
+    pub const MLA_F32_HEADS: u32 = MLA_F32_WARPS * MLA_F32_HEADS_PER_WARP;
+    pub const MLA_F32_THREADS: u32 = MLA_F32_WARPS * 32;
     pub const MLA_F32_TILE: u32 = 32;
-    pub const MLA_F32_MAX_LATENT: u32 = 1024;
+    pub const MLA_F32_MAX_LATENT: u32 = 512;
     /// Keys per block of the engine's float32 indexer scores (a key per thread).
     pub const INDEXER_F32_KEYS: u32 = 128;
     /// The most indexer heads `indexer_scores_store_*` keep running sums for.
@@ -227,9 +239,11 @@ pub mod launch {
         (heads * dim + heads) * 4
     }
 
-    /// Dynamic shared memory of `mla_latent_attention_*`.
+    /// Dynamic shared memory of `mla_latent_attention_*`: the block's queries, a tile of keys
+    /// widened to float32 (rows padded by one word), and the tile's rows.
     pub fn mla_f32_smem_bytes(latent: u32, rope: u32) -> u32 {
-        (latent + rope + MLA_F32_TILE) * 4
+        let dqk = latent + rope;
+        (MLA_F32_HEADS * dqk + MLA_F32_TILE * (dqk + 1) + MLA_F32_TILE) * 4
     }
 
     /// Threads of `indexer_quant_fp8` (one block per row).
@@ -249,6 +263,16 @@ pub mod launch {
     pub fn mla_smem_bytes(latent: u32, rope: u32) -> u32 {
         let dqk = latent + rope;
         MLA_HEADS_PER_BLOCK * dqk * 2 + MLA_TILE * (dqk + 2) * 2 + MLA_TILE * 4
+    }
+
+    /// Dynamic shared memory of `sparse_mla_attention_bf16_tc` (`mla_tc.cuh`): queries and a
+    /// tile of keys (bf16 rows padded by `MLA_TC_PAD`), P, the warps' maxima and sums, slots.
+    pub fn mla_tc_smem_bytes(latent: u32, rope: u32) -> u32 {
+        let stride = latent + rope + MLA_TC_PAD;
+        (MLA_HEADS_PER_BLOCK + MLA_TC_TILE) * stride * 2
+            + MLA_HEADS_PER_BLOCK * (MLA_TC_TILE + MLA_TC_PAD) * 2
+            + 2 * MLA_TC_WARPS * MLA_HEADS_PER_BLOCK * 4
+            + MLA_TC_TILE * 4
     }
 }
 

@@ -113,12 +113,22 @@ fn launch_constants_match_the_sources() {
         ("topk.cu", "TOPK_THREADS", launch::TOPK_THREADS),
         ("mla.cuh", "MLA_TILE", launch::MLA_TILE),
         ("mla.cuh", "MLA_MAX_LATENT", launch::MLA_MAX_LATENT),
+        ("mla_tc.cuh", "MLA_TC_WARPS", launch::MLA_TC_WARPS),
+        ("mla_tc.cuh", "MLA_TC_HEADS", launch::MLA_HEADS_PER_BLOCK),
+        ("mla_tc.cuh", "MLA_TC_TILE", launch::MLA_TC_TILE),
+        ("mla_tc.cuh", "MLA_TC_MAX_LATENT", launch::MLA_TC_MAX_LATENT),
+        ("mla_tc.cuh", "MLA_TC_PAD", launch::MLA_TC_PAD),
         ("moe.cu", "ROUTE_WARPS", launch::ROUTE_TOKENS_PER_BLOCK),
         ("moe.cu", "ROUTE_MAX_EXPERTS", launch::ROUTE_MAX_EXPERTS),
         ("grouped_gemm.cu", "GG_TILE", launch::GROUPED_GEMM_TILE),
         ("engine.cu", "ENGINE_THREADS", launch::ENGINE_THREADS),
         ("engine.cu", "KV_FP8_BLOCK", launch::KV_FP8_BLOCK),
-        ("engine.cu", "MLA_F32_THREADS", launch::MLA_F32_THREADS),
+        ("engine.cu", "MLA_F32_WARPS", launch::MLA_F32_WARPS),
+        (
+            "engine.cu",
+            "MLA_F32_HEADS_PER_WARP",
+            launch::MLA_F32_HEADS_PER_WARP,
+        ),
         ("engine.cu", "MLA_F32_TILE", launch::MLA_F32_TILE),
         (
             "engine.cu",
@@ -142,4 +152,15 @@ fn launch_constants_match_the_sources() {
         8192 + 256 + 8448 + 256
     );
     assert!(launch::mla_smem_bytes(512, 64) > 48 * 1024);
+    assert_eq!(launch::mla_tc_smem_bytes(512, 64), 57_984);
+    let engine = source("engine.cu").unwrap().text;
+    assert!(
+        engine.contains("#define MLA_F32_THREADS (MLA_F32_WARPS * 32)")
+            && engine.contains("#define MLA_F32_HEADS (MLA_F32_WARPS * MLA_F32_HEADS_PER_WARP)")
+    );
+    // 108 KB at DeepSeek's 512 + 64: above the default 48 KB, within sm_80's 163 KB.
+    assert_eq!(
+        launch::mla_f32_smem_bytes(512, 64),
+        (16 * 576 + 32 * 577 + 32) * 4
+    );
 }

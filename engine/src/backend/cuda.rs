@@ -22,8 +22,9 @@
 //!   one group per expert) over their rows gathered in expert order, and one launch adds each
 //!   token's weighted outputs; fp8 experts, or a cuBLAS that refuses the grouped call, run one
 //!   product per expert instead.
-//! - Attention always takes the absorbed form (the same function as the expanded one), one
-//!   block per (row, head) with an online softmax over the row's keys.
+//! - Attention always takes the absorbed form (the same function as the expanded one): a block
+//!   per row and 16 heads, which reads each tile of the row's keys once, widened into shared
+//!   memory, and scores all its heads against it, with an online softmax per head.
 //! - Routing, selections and block tables come from the host, as the trait asks; the indices
 //!   are uploaded per call.
 //! - Expert parallelism: with several GPUs listed, the model runs on the main *lane* (the
@@ -1502,7 +1503,11 @@ impl Cuda {
         let (heads, latent, rope) = (d.heads as i32, d.latent as i32, d.rope as i32);
         let (q_pe_row, q_pe_head) = (q.cols as i32, (d.nope + d.rope) as i32);
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, d.heads as u32, 1),
+            grid_dim: (
+                rows as u32,
+                d.heads.div_ceil(launch::MLA_F32_HEADS as usize) as u32,
+                1,
+            ),
             block_dim: (launch::MLA_F32_THREADS, 1, 1),
             shared_mem_bytes: launch::mla_f32_smem_bytes(d.latent as u32, d.rope as u32),
         };
@@ -1546,6 +1551,15 @@ impl Cuda {
                  keeps both in the same dtype, or (fp8) its RoPE keys in bf16"
             ),
         };
+        if cfg.shared_mem_bytes > 48 * 1024 {
+            ok(
+                kernel.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    cfg.shared_mem_bytes as i32,
+                ),
+                "raising the attention's shared memory",
+            );
+        }
         let mut b = self.stream.launch_builder(kernel);
         b.arg(&mut ctx_rows).arg(&q_lat_rows).arg(&q_pe);
         if let Some((latent, k_pe)) = f32_rows {
@@ -1569,7 +1583,8 @@ impl Cuda {
         // above), whose buffers the kernel reads in their dtype (an fp8 store's scales hold
         // ceil(cols / KV_FP8_BLOCK) per row, as scatter_rows_f32_to_fp8 writes them);
         // latent ≤ MLA_F32_MAX_LATENT (checked by mla_attention); rows ≤ the grid's x limit;
-        // heads ≤ its y limit (65535).
+        // head groups ≤ its y limit (65535); the shared memory the launch asks for is allowed
+        // (raised above).
         ok(unsafe { b.launch(cfg) }, "mla_latent_attention");
     }
 

@@ -1,0 +1,188 @@
+// MLA attention in the absorbed form on the tensor cores: what mla.cuh's mla_attend computes
+// (the same inputs and outputs), with both products on mma.sync (bf16 in, float32 sums).
+//
+// Block: MLA_TC_WARPS warps for one query row and MLA_TC_HEADS heads (the M = 16 rows of every
+// product). Each tile of MLA_TC_TILE keys is copied into shared memory once (bf16 rows, latent
+// then rope). Warp w scores the 16 heads against keys 8w .. 8w+7 (S = Q·Kᵀ, dqk / 16 products);
+// the block combines the tile's per-head maxima and sums through shared memory (an online
+// softmax, a running max and sum per head); P goes to shared memory as bf16; and warp w adds
+// P·V to its quarter of the latent dims (latent / 32 products of 8 dims per 16 keys), its
+// accumulators rescaled row by row as the max moves.
+// Needs dqk % 16 == 0 and latent % 32 == 0, latent ≤ MLA_TC_MAX_LATENT.
+#pragma once
+#include "mma.cuh"
+
+#define MLA_TC_WARPS 4
+#define MLA_TC_HEADS 16
+#define MLA_TC_TILE 32
+#define MLA_TC_MAX_LATENT 512
+#define MLA_TC_PAD 8
+
+// Dynamic shared memory: (MLA_TC_HEADS + MLA_TC_TILE) · (dqk + MLA_TC_PAD) · 2 (queries and keys)
+// + MLA_TC_HEADS · (MLA_TC_TILE + MLA_TC_PAD) · 2 (P) + 2 · MLA_TC_WARPS · MLA_TC_HEADS · 4 (the
+// warps' maxima and sums) + MLA_TC_TILE · 4 (slots) bytes: 56.6 KB at dqk = 576, so raise the
+// kernel's MaxDynamicSharedMemorySize attribute before launching.
+
+template <class KeySlots>
+SMOE_DEVICE void mla_attend_tc(__nv_bfloat16* __restrict__ out, float* __restrict__ lse,
+                               const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
+                               const KeySlots& keys, int heads, int latent, int rope, float scale) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int dqk = latent + rope;
+    const int stride = dqk + MLA_TC_PAD;          // even: every fragment register is 4-byte aligned
+    const int p_stride = MLA_TC_TILE + MLA_TC_PAD;
+    __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [MLA_TC_HEADS][stride]
+    __nv_bfloat16* k_s = q_s + MLA_TC_HEADS * stride;                   // [MLA_TC_TILE][stride]
+    __nv_bfloat16* p_s = k_s + MLA_TC_TILE * stride;                    // [MLA_TC_HEADS][p_stride]
+    float* max_s = reinterpret_cast<float*>(p_s + MLA_TC_HEADS * p_stride);  // [warps][heads]
+    float* sum_s = max_s + MLA_TC_WARPS * MLA_TC_HEADS;                      // [warps][heads]
+    int* slot_s = reinterpret_cast<int*>(sum_s + MLA_TC_WARPS * MLA_TC_HEADS);
+    const unsigned short* k_bits = reinterpret_cast<const unsigned short*>(k_s);
+
+    const int qr = blockIdx.y, head0 = blockIdx.x * MLA_TC_HEADS;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+
+    for (int i = threadIdx.x; i < MLA_TC_HEADS * dqk; i += blockDim.x) {
+        const int hl = i / dqk, d = i % dqk, h = head0 + hl;
+        q_s[hl * stride + d] = h < heads ? q[((size_t)qr * heads + h) * dqk + d] : f32_to_bf16(0.f);
+    }
+
+    // This lane's rows are heads g and g + 8: their running max and sum (the lanes of a group
+    // of four keep the same), and its share of their output, dims dim0 + 8j + 2t, + 1.
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    constexpr int N_TILES = MLA_TC_MAX_LATENT / MLA_TC_WARPS / 8;
+    const int my_tiles = latent / MLA_TC_WARPS / 8;
+    const int dim0 = warp * (latent / MLA_TC_WARPS);
+    float o[N_TILES][4];
+#pragma unroll
+    for (int j = 0; j < N_TILES; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+
+    const int count = keys.count(qr);
+    const int words = dqk / 2;
+    for (int tile = 0; tile < count; tile += MLA_TC_TILE) {
+        __syncthreads();  // the previous tile is consumed (and q_s written, on the first pass)
+        if (threadIdx.x < MLA_TC_TILE) {
+            const int j = tile + threadIdx.x;
+            slot_s[threadIdx.x] = j < count ? keys.slot(qr, j) : -1;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < MLA_TC_TILE * words; i += blockDim.x) {
+            const int r = i / words, c = i % words;
+            const int slot = slot_s[r];
+            uint32_t v = 0u;  // a missing key's row is zero (its scores are masked below)
+            if (slot >= 0) v = reinterpret_cast<const uint32_t*>(kv + (size_t)slot * dqk)[c];
+            reinterpret_cast<uint32_t*>(k_s + r * stride)[c] = v;
+        }
+        __syncthreads();
+
+        // Scores of heads g, g + 8 against keys key0, key0 + 1 (B's column g is key 8w + g).
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+        const __nv_bfloat16* k_row = k_s + (warp * 8 + g) * stride;
+        for (int k0 = 0; k0 < dqk; k0 += 16) {
+            const uint32_t a[4] = {load_bf16x2(q_s + g * stride + k0 + 2 * t),
+                                   load_bf16x2(q_s + (g + 8) * stride + k0 + 2 * t),
+                                   load_bf16x2(q_s + g * stride + k0 + 2 * t + 8),
+                                   load_bf16x2(q_s + (g + 8) * stride + k0 + 2 * t + 8)};
+            const uint32_t b[2] = {load_bf16x2(k_row + k0 + 2 * t), load_bf16x2(k_row + k0 + 2 * t + 8)};
+            mma_bf16_16816(s, a, b);
+        }
+        const int key0 = warp * 8 + 2 * t;
+        const bool ok0 = slot_s[key0] >= 0, ok1 = slot_s[key0 + 1] >= 0;
+        s[0] = ok0 ? s[0] * scale : -INFINITY;
+        s[1] = ok1 ? s[1] * scale : -INFINITY;
+        s[2] = ok0 ? s[2] * scale : -INFINITY;
+        s[3] = ok1 ? s[3] * scale : -INFINITY;
+
+        // The tile's max per head: over the group's four lanes, then over the warps.
+        float mx[2] = {fmaxf(s[0], s[1]), fmaxf(s[2], s[3])};
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            mx[0] = fmaxf(mx[0], __shfl_xor_sync(0xffffffffu, mx[0], off));
+            mx[1] = fmaxf(mx[1], __shfl_xor_sync(0xffffffffu, mx[1], off));
+        }
+        if (t == 0) {
+            max_s[warp * MLA_TC_HEADS + g] = mx[0];
+            max_s[warp * MLA_TC_HEADS + g + 8] = mx[1];
+        }
+        __syncthreads();
+        float m_new[2], corr[2];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            float tile_max = -INFINITY;
+            for (int w = 0; w < MLA_TC_WARPS; ++w) tile_max = fmaxf(tile_max, max_s[w * MLA_TC_HEADS + g + 8 * hh]);
+            m_new[hh] = fmaxf(m[hh], tile_max);
+            // exp(-inf) = 0 rescales nothing-yet to zero; no visible key at all leaves it as it is.
+            corr[hh] = m_new[hh] == -INFINITY ? 1.f : __expf(m[hh] - m_new[hh]);
+        }
+        // P as bf16, the A of the second product; the sums are of the rounded values it uses.
+        __nv_bfloat16 pb[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float mn = m_new[i >> 1];
+            pb[i] = f32_to_bf16(mn == -INFINITY ? 0.f : __expf(s[i] - mn));
+        }
+        p_s[g * p_stride + key0] = pb[0];
+        p_s[g * p_stride + key0 + 1] = pb[1];
+        p_s[(g + 8) * p_stride + key0] = pb[2];
+        p_s[(g + 8) * p_stride + key0 + 1] = pb[3];
+        float sm[2] = {bf16_to_f32(pb[0]) + bf16_to_f32(pb[1]), bf16_to_f32(pb[2]) + bf16_to_f32(pb[3])};
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            sm[0] += __shfl_xor_sync(0xffffffffu, sm[0], off);
+            sm[1] += __shfl_xor_sync(0xffffffffu, sm[1], off);
+        }
+        if (t == 0) {
+            sum_s[warp * MLA_TC_HEADS + g] = sm[0];
+            sum_s[warp * MLA_TC_HEADS + g + 8] = sm[1];
+        }
+        __syncthreads();  // P and the sums are written
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            float tile_sum = 0.f;
+            for (int w = 0; w < MLA_TC_WARPS; ++w) tile_sum += sum_s[w * MLA_TC_HEADS + g + 8 * hh];
+            l[hh] = l[hh] * corr[hh] + tile_sum;
+            m[hh] = m_new[hh];
+        }
+#pragma unroll
+        for (int j = 0; j < N_TILES; ++j) {
+            o[j][0] *= corr[0];
+            o[j][1] *= corr[0];
+            o[j][2] *= corr[1];
+            o[j][3] *= corr[1];
+        }
+
+        // O += P·V over this warp's dims: V is the keys' latent part (B[k][n] = k_s[k][n]).
+        for (int k0 = 0; k0 < MLA_TC_TILE; k0 += 16) {
+            const uint32_t a[4] = {load_bf16x2(p_s + g * p_stride + k0 + 2 * t),
+                                   load_bf16x2(p_s + (g + 8) * p_stride + k0 + 2 * t),
+                                   load_bf16x2(p_s + g * p_stride + k0 + 2 * t + 8),
+                                   load_bf16x2(p_s + (g + 8) * p_stride + k0 + 2 * t + 8)};
+            const unsigned short* v0 = k_bits + (k0 + 2 * t) * stride;
+            const unsigned short* v8 = k_bits + (k0 + 2 * t + 8) * stride;
+#pragma unroll
+            for (int j = 0; j < N_TILES; ++j) {
+                if (j >= my_tiles) break;  // warp-uniform
+                const int n = dim0 + 8 * j + g;
+                const uint32_t b[2] = {pack_bf16x2(v0[n], v0[stride + n]), pack_bf16x2(v8[n], v8[stride + n])};
+                mma_bf16_16816(o[j], a, b);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int h = head0 + g + 8 * hh;
+        if (h >= heads) continue;
+        const float inv = l[hh] > 0.f ? 1.f / l[hh] : 0.f;
+        __nv_bfloat16* o_row = out + ((size_t)qr * heads + h) * latent;
+#pragma unroll
+        for (int j = 0; j < N_TILES; ++j) {
+            if (j >= my_tiles) break;
+            const int d = dim0 + 8 * j + 2 * t;
+            o_row[d] = f32_to_bf16(o[j][2 * hh] * inv);
+            o_row[d + 1] = f32_to_bf16(o[j][2 * hh + 1] * inv);
+        }
+        if (warp == 0 && t == 0) lse[(size_t)qr * heads + h] = l[hh] > 0.f ? m[hh] + logf(l[hh]) : -INFINITY;
+    }
+}
