@@ -615,6 +615,12 @@ class Harness:
         self.launch("indexer_scores_bf16", ((n_keys + INDEXER_KEYS - 1) // INDEXER_KEYS, q.shape[0]), 2 * INDEXER_KEYS,
                     [scores, q, keys, w, start, vis, ("i", n_keys), ("i", heads), ("i", dim), ("f", dim ** -0.5), ("l", scores.shape[1])], smem)
 
+    def indexer_tc_launch(self, scores, q, keys, w, start, vis, n_keys, heads, dim):
+        rows = (heads + 15) // 16 * 16
+        smem = (rows + 64) * (dim + 8) * 2 + rows * 4 + 4 * 64 * 4
+        self.launch("indexer_scores_bf16_tc", ((n_keys + 63) // 64, q.shape[0]), 128,
+                    [scores, q, keys, w, start, vis, ("i", n_keys), ("i", heads), ("i", dim), ("f", dim ** -0.5), ("l", scores.shape[1])], smem)
+
     def check_indexer_topk(self):
         T, S, H, D = 32, 4096, 64, 128
         q, keys = self.bf16(T, H, D), self.bf16(S, D)
@@ -629,6 +635,23 @@ class Harness:
         self.record_bool("indexer_scores_bf16 mask", bool((scores[masked] == FLT_MIN).all()) and not scores.isnan().any(),
                          "masked entries are float32 min, none unwritten")
         self.record("indexer_scores_bf16 32x4096 (64 heads x 128)", rel_l2(scores[~masked], ref[~masked]), F32_BOUND)
+        # the tensor-core kernel on the same inputs, then with 24 heads (a half-empty second
+        # 16-row tile) and keys starting at each row's own offset
+        for heads, offset in ((H, 0), (24, 17)):
+            qh, wh = q[:, :heads].contiguous(), w[:, :heads].contiguous()
+            st = torch.full((T,), offset, dtype=torch.int32, device=self.dev)
+            n = S - offset
+            scores = torch.full((T, n), float("nan"), device=self.dev)
+            vis_n = vis.clamp(max=n)
+            self.indexer_tc_launch(scores, qh, keys, wh, st, vis_n, n, heads, D)
+            ref = ref_indexer(qh, keys, wh, st.cpu(), vis_n.cpu(), n, D ** -0.5)
+            masked = ref == FLT_MIN
+            mask_ok = bool((scores[masked] == FLT_MIN).all()) and not scores.isnan().any()
+            self.record(f"indexer_scores_bf16_tc 32x{n} ({heads} heads x 128, keys from {offset})",
+                        rel_l2(scores[~masked], ref[~masked]), F32_BOUND,
+                        "mask ok" if mask_ok else "MASK WRONG or entries unwritten")
+            if not mask_ok:
+                self.record_bool(f"indexer_scores_bf16_tc mask ({heads} heads)", False, "masked entries not float32 min, or unwritten")
 
         # top-k over long rows, with short rows (n_valid <= k) and k = row length exactly
         rows, n, k = 48, 131072, 2048
@@ -679,6 +702,7 @@ class Harness:
         scores = torch.empty(B, ctx, device=self.dev)
         idx = torch.empty(B, k, dtype=torch.int32, device=self.dev)
         t_idx = self.time_ms(lambda: self.indexer_launch(scores, q, keys, w, start, vis, ctx, H, D))
+        t_tc = self.time_ms(lambda: self.indexer_tc_launch(scores, q, keys, w, start, vis, ctx, H, D))
         t_topk = self.time_ms(lambda: self.launch("topk_rows_f32", (B,), 1024, [idx, scores, vis, ("i", k), ("l", ctx)]))
         kb = keys.view(B, ctx, D)
         peer = lambda: (torch.relu(torch.bmm(q, kb.transpose(1, 2)).float() * D ** -0.5) * w[:, :, None]).sum(1).topk(k, -1)
@@ -688,6 +712,11 @@ class Harness:
                              "torch bmm+relu+sum+topk", t_peer,
                              f"scores {t_idx:.3f} ms, top-k {t_topk:.3f} ms; {bytes_ / (t_idx + t_topk) / 1e6:.0f} GB/s = "
                              f"{100 * bytes_ / (t_idx + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
+        self.timings.append(("indexer scores on tensor cores + top-k, same shape", t_tc + t_topk,
+                             "torch bmm+relu+sum+topk", t_peer,
+                             f"scores {t_tc:.3f} ms ({t_idx / t_tc:.1f}x the SIMT kernel), top-k {t_topk:.3f} ms; "
+                             f"{bytes_ / (t_tc + t_topk) / 1e6:.0f} GB/s = "
+                             f"{100 * bytes_ / (t_tc + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
 
     def indexer_fp8_launch(self, scores, q8, qs, k8, ks, w, start, vis, n_keys, heads, dim):
         smem = heads * dim + heads * 4 + INDEXER_KEYS * (dim + 4) + INDEXER_KEYS * 4

@@ -103,6 +103,9 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("indexer_scores_bf16" in "indexer.cu":
         scores: F32Mut, q: Bf16, keys: Bf16, w: F32, key_start: I32, n_visible: I32,
         n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long),
+    kernel!("indexer_scores_bf16_tc" in "indexer.cu":
+        scores: F32Mut, q: Bf16, keys: Bf16, w: F32, key_start: I32, n_visible: I32,
+        n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long),
     kernel!("indexer_quant_fp8" in "indexer.cu":
         codes: U8Mut, scales: F32Mut, x: Bf16, dim: Int, pow2_scale: Int),
     kernel!("indexer_scores_fp8" in "indexer.cu":
@@ -198,6 +201,10 @@ pub const KERNELS: &[Kernel] = &[
 pub mod launch {
     /// Keys per indexer block; the block has twice as many threads.
     pub const INDEXER_KEYS: u32 = 64;
+    /// The tensor-core indexer (`indexer_scores_bf16_tc`): keys per block, warps, row padding.
+    pub const INDEXER_TC_KEYS: u32 = 64;
+    pub const INDEXER_TC_WARPS: u32 = 4;
+    pub const INDEXER_TC_PAD: u32 = 8;
     /// Threads per top-k block (one block per row).
     pub const TOPK_THREADS: u32 = 1024;
     /// Heads per MLA attention block (8 warps of 2 heads), keys per tile.
@@ -263,6 +270,15 @@ pub mod launch {
     pub fn mla_smem_bytes(latent: u32, rope: u32) -> u32 {
         let dqk = latent + rope;
         MLA_HEADS_PER_BLOCK * dqk * 2 + MLA_TILE * (dqk + 2) * 2 + MLA_TILE * 4
+    }
+
+    /// Dynamic shared memory of `indexer_scores_bf16_tc`: the query's heads (rounded up to 16)
+    /// and the key tile as padded bf16 rows, the heads' weights, the warps' per-key sums.
+    pub fn indexer_tc_smem_bytes(heads: u32, dim: u32) -> u32 {
+        let rows = heads.div_ceil(16) * 16;
+        (rows + INDEXER_TC_KEYS) * (dim + INDEXER_TC_PAD) * 2
+            + rows * 4
+            + INDEXER_TC_WARPS * INDEXER_TC_KEYS * 4
     }
 
     /// Dynamic shared memory of `sparse_mla_attention_bf16_tc` (`mla_tc.cuh`): queries and a

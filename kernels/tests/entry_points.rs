@@ -110,6 +110,9 @@ fn launch_constants_match_the_sources() {
             "INDEXER_QUANT_THREADS",
             launch::INDEXER_QUANT_THREADS,
         ),
+        ("indexer.cu", "INDEXER_TC_KEYS", launch::INDEXER_TC_KEYS),
+        ("indexer.cu", "INDEXER_TC_WARPS", launch::INDEXER_TC_WARPS),
+        ("indexer.cu", "INDEXER_TC_PAD", launch::INDEXER_TC_PAD),
         ("topk.cu", "TOPK_THREADS", launch::TOPK_THREADS),
         ("mla.cuh", "MLA_TILE", launch::MLA_TILE),
         ("mla.cuh", "MLA_MAX_LATENT", launch::MLA_MAX_LATENT),
@@ -153,6 +156,7 @@ fn launch_constants_match_the_sources() {
     );
     assert!(launch::mla_smem_bytes(512, 64) > 48 * 1024);
     assert_eq!(launch::mla_tc_smem_bytes(512, 64), 57_984);
+    assert_eq!(launch::indexer_tc_smem_bytes(64, 128), 36_096);
     let engine = source("engine.cu").unwrap().text;
     assert!(
         engine.contains("#define MLA_F32_THREADS (MLA_F32_WARPS * 32)")
