@@ -208,6 +208,7 @@ impl<B: Backend> Model<B> {
                 )));
             }
         }
+        backend.check_attention(config.mla_dims())?;
         let c = &config;
         let h = c.hidden_size;
         let upload =

@@ -555,6 +555,34 @@ fn attention_reads_each_kv_store_in_place() {
     }
 }
 
+/// Attention the kernels cannot run is refused when a model loads, saying why: DeepSeek's
+/// widths pass, a latent wider than the kernel's 512 does not.
+#[test]
+fn attention_beyond_the_kernels_limits_is_refused_at_load() {
+    let Some(cuda) = gpu("attention_beyond_the_kernels_limits_is_refused_at_load") else {
+        return;
+    };
+    let deepseek = MlaDims {
+        heads: 128,
+        nope: 128,
+        rope: 64,
+        v: 128,
+        latent: 512,
+    };
+    cuda.check_attention(deepseek).unwrap();
+    let err = cuda
+        .check_attention(MlaDims {
+            latent: 1024,
+            ..deepseek
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("kv_lora_rank") && err.contains("1024 + 64"),
+        "{err}"
+    );
+}
+
 /// The backend's row operations one by one against the CPU backend's, on shapes the fixture
 /// models do not reach: a single value, widths just past a block of threads (257, 1000, 3000),
 /// a width above the largest block, products with one output column, KV stores of a width

@@ -2204,6 +2204,25 @@ impl Backend for Cuda {
         self.indexer_topk(q, w, IndexerKeys::Rows(keys), positions, k, scale)
     }
 
+    fn check_attention(&self, dims: MlaDims) -> Result<()> {
+        let latent_max = launch::MLA_F32_MAX_LATENT as usize;
+        // The attention kernel's shared memory: within every GPU this engine targets (sm_80's
+        // 163 KB opt-in limit).
+        let smem = launch::mla_f32_smem_bytes(dims.latent as u32, dims.rope as u32) as usize;
+        if dims.latent > latent_max || smem > 163 * 1024 {
+            return Err(EngineError::Device(format!(
+                "the CUDA backend's attention takes a latent width (kv_lora_rank) of at most \
+                 {latent_max} with its RoPE width within {} KB of shared memory; this model has \
+                 {} + {} ({} KB)",
+                163,
+                dims.latent,
+                dims.rope,
+                smem.div_ceil(1024)
+            )));
+        }
+        Ok(())
+    }
+
     fn reads_in_place(&self, _store: &CudaStore) -> bool {
         true // mla_latent_attention_{f32, bf16_bits, fp8}
     }

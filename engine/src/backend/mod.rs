@@ -384,6 +384,14 @@ pub trait Backend: Send + Sync + 'static {
         scale: f32,
     ) -> Vec<Vec<u32>>;
 
+    /// Whether [`Backend::mla_attention`] can run attention of these dimensions: an error that
+    /// names the limit when it cannot, checked when a model is loaded rather than at its first
+    /// step. The default takes any.
+    fn check_attention(&self, dims: MlaDims) -> Result<()> {
+        let _ = dims;
+        Ok(())
+    }
+
     /// Whether [`Backend::mla_attention`] reads this KV store's rows where they are (through
     /// [`CachedRows::Store`] and [`MlaSeq::rows`]), in the store's dtype. The default, false,
     /// has a paged cache gather the attended rows into float32 tensors first: the CPU
