@@ -809,6 +809,7 @@ class Harness:
         idx = torch.stack([torch.randperm(ctx, device=self.dev)[:k] + b * ctx for b in range(B)]).int()
         idx[1, ::3] = -1
         idx[2] = -1
+        idx[3, :70] = -1  # two whole tiles and part of a third masked before the first key
         out = torch.full((B, H, L), float("nan"), device=self.dev).to(torch.bfloat16)
         lse = torch.full((B, H), float("nan"), device=self.dev)
         self.mla_launch("sparse_mla_attention_bf16", out, lse, q, kv, [idx, ("i", k)], H, L, R)

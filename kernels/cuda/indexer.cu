@@ -94,6 +94,7 @@ indexer_scores_bf16(float* __restrict__ scores, const __nv_bfloat16* __restrict_
 #define INDEXER_TC_KEYS 64
 #define INDEXER_TC_WARPS 4
 #define INDEXER_TC_PAD 8
+static_assert(INDEXER_TC_KEYS % 8 == 0 && INDEXER_TC_PAD % 2 == 0, "keys in blocks of 8; rows 4-byte aligned");
 
 // Shared memory: the query's heads rounded up to 16 and the key tile, bf16 rows of dim +
 // INDEXER_TC_PAD; the heads' weights (rounded up to 16); the warps' per-key sums.

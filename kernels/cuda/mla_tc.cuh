@@ -18,6 +18,10 @@
 #define MLA_TC_MAX_LATENT 512
 #define MLA_TC_PAD 8
 
+// Warp w scores keys 8w .. 8w+7 of a tile, and P·V takes the tile's keys 16 at a time.
+static_assert(MLA_TC_WARPS * 8 == MLA_TC_TILE && MLA_TC_TILE % 16 == 0, "a tile is 8 keys a warp");
+static_assert(MLA_TC_MAX_LATENT % (MLA_TC_WARPS * 8) == 0, "each warp's dims are whole 8-dim tiles");
+
 // Dynamic shared memory: (MLA_TC_HEADS + MLA_TC_TILE) · (dqk + MLA_TC_PAD) · 2 (queries and keys)
 // + MLA_TC_HEADS · (MLA_TC_TILE + MLA_TC_PAD) · 2 (P) + 2 · MLA_TC_WARPS · MLA_TC_HEADS · 4 (the
 // warps' maxima and sums) + MLA_TC_TILE · 4 (slots) bytes: 56.6 KB at dqk = 576, so raise the

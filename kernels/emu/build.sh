@@ -15,7 +15,9 @@ sources=$(sed -n 's/^pub const ENGINE_SOURCES: &\[&str\] = &\[\(.*\)\];$/\1/p' "
 [[ -n $sources ]] || { echo "build.sh: ENGINE_SOURCES not found in kernels/src/lib.rs" >&2; exit 1; }
 # shellcheck disable=SC2086
 python3 "$here/gen_kernels.py" "$root/kernels/cuda" "$out/kernels.gen.cc" $sources
-flags=(-std=c++17 -O2 -g -fPIC -fvisibility=hidden -Wall -Wextra -Werror -Wno-unknown-pragmas
+# -fno-strict-aliasing: the kernels read bf16 storage as 32-bit words, as CUDA allows and C++
+# aliasing rules do not.
+flags=(-std=c++17 -O2 -fno-strict-aliasing -g -fPIC -fvisibility=hidden -Wall -Wextra -Werror -Wno-unknown-pragmas
        -DSMOE_RTC -I"$here" -I"$root/kernels/cuda" -I"$include")
 pids=()
 for file in "$here/driver.cc" "$here/cublas.cc" "$out/kernels.gen.cc"; do

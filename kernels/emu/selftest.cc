@@ -81,6 +81,15 @@ void mma_kernel(float* out, int leave) {
     for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = d[i];
 }
 
+// Half a warp at a shuffle, the other half at an mma.sync.
+void shuffle_or_mma_kernel(float* out) {
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    const uint32_t a[4] = {0u, 0u, 0u, 0u}, b[2] = {0u, 0u};
+    if (threadIdx.x < 16) d[0] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+    else smoe_emu::mma_m16n8k16_bf16(d, a, b);
+    out[threadIdx.x] = d[0];
+}
+
 // Half a warp at a block barrier, the other half at a shuffle: hangs on a GPU.
 void divergent_kernel(float* out) {
     float v = 1;
@@ -161,6 +170,11 @@ int main() {
               run_grid("mma", dim3{1}, dim3{32}, 0, [&] { mma_kernel(out.data(), 1); });
           }),
           "an mma.sync a lane of the warp has left aborts");
+    check(dies_of(SIGABRT, [] {
+              std::vector<float> out(32);
+              run_grid("split", dim3{1}, dim3{32}, 0, [&] { shuffle_or_mma_kernel(out.data()); });
+          }),
+          "a warp split between a shuffle and an mma.sync aborts");
 
     std::vector<int> first(2, 0), after(64, 0);
     run_grid("shared", dim3{2}, dim3{32}, 0, [&] { shared_kernel(first.data(), after.data()); });

@@ -66,8 +66,9 @@ struct Block {
     size_t current = 0;
     // Warp collectives: each lane writes its value, waits for its warp, reads its source lane's.
     // Two buffers, alternating per collective, so a lane that runs ahead to the next collective
-    // does not overwrite a value a slower lane has still to read; with each value, the number
-    // of the collective that wrote it (a lane that has returned stops writing).
+    // does not overwrite a value a slower lane has still to read; with each value, its stamp:
+    // the number of the collective that wrote it and its kind (stamp()), so a lane that has
+    // returned (it stops writing) or a warp split between two kinds of collective shows.
     std::vector<uint64_t> exchange[2];
     std::vector<uint64_t> stamp[2];
     // The same for the tensor-core collective (mma_m16n8k16_bf16): each lane's A and B
@@ -111,6 +112,23 @@ inline void full_mask(unsigned int mask, int width = 32) {
     if (mask != 0xffffffffu || width != 32) fail("a warp collective with a partial mask or width (not emulated)");
 }
 
+// Kinds of warp collective: value exchanges (shuffles, ballots, __syncwarp) and mma.sync.
+enum class Collective : uint64_t { Exchange = 0, Mma = 1 };
+
+// What a lane at collective number `n` of kind `kind` writes beside its value.
+inline uint64_t stamp(uint64_t n, Collective kind) { return 2 * n + (uint64_t)kind; }
+
+// Whether lane `from` (a thread of the block) is at collective `n` of kind `kind` too: false
+// when it has returned; a lane at the same collective number but of the other kind (a warp
+// split between a shuffle and an mma.sync, which hangs or corrupts on a GPU) aborts.
+inline bool at_same_collective(size_t from, uint64_t n, Collective kind) {
+    if (from >= block->fibers.size()) return false;
+    const uint64_t s = block->stamp[n & 1][from];
+    if (s == stamp(n, kind)) return true;
+    if (s / 2 == n) fail("a warp split between a shuffle or ballot and an mma.sync");
+    return false;
+}
+
 // Publishes the calling lane's `bits` and waits for its warp; returns which collective this
 // is. The warp's values are then in exchange[n & 1] from the warp's first thread.
 inline uint64_t publish(uint64_t bits) {
@@ -118,7 +136,7 @@ inline uint64_t publish(uint64_t bits) {
     const uint64_t n = ++f.collectives;
     const size_t me = linear_thread();
     block->exchange[n & 1][me] = bits;
-    block->stamp[n & 1][me] = n;
+    block->stamp[n & 1][me] = stamp(n, Collective::Exchange);
     wait(State::AtWarp);
     return n;
 }
@@ -128,7 +146,7 @@ inline uint64_t exchange(uint64_t bits, unsigned int source) {
     const uint64_t n = publish(bits);
     const size_t from = (linear_thread() & ~(size_t)31) + source;
     if (source >= 32 || from >= block->fibers.size()) fail("warp collective reads a lane that does not exist");
-    if (block->stamp[n & 1][from] != n) fail("warp collective reads a lane that has returned");
+    if (!at_same_collective(from, n, Collective::Exchange)) fail("warp collective reads a lane that has returned");
     return block->exchange[n & 1][from];
 }
 
@@ -138,8 +156,7 @@ inline void exchange_all(uint64_t bits, uint64_t* out) {
     const size_t first = linear_thread() & ~(size_t)31;
     for (size_t l = 0; l < 32; ++l) {
         const size_t from = first + l;
-        const bool live = from < block->fibers.size() && block->stamp[n & 1][from] == n;
-        out[l] = live ? block->exchange[n & 1][from] : 0;
+        out[l] = at_same_collective(from, n, Collective::Exchange) ? block->exchange[n & 1][from] : 0;
     }
 }
 
@@ -169,13 +186,13 @@ inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint3
     for (int i = 0; i < 4; ++i) mine[i] = a[i];
     mine[4] = b[0];
     mine[5] = b[1];
-    block->stamp[n & 1][me] = n;
+    block->stamp[n & 1][me] = stamp(n, Collective::Mma);
     wait(State::AtWarp);
     const size_t first = me & ~(size_t)31;
     float A[16][16], B[16][8];
     for (size_t l = 0; l < 32; ++l) {
         const size_t from = first + l;
-        if (from >= block->fibers.size() || block->stamp[n & 1][from] != n)
+        if (!at_same_collective(from, n, Collective::Mma))
             fail("mma.sync with a lane of the warp missing (returned, or past the block's end)");
         const uint32_t* r = &block->fragments[n & 1][from * kMmaWords];
         const size_t g = l / 4, t = l % 4;
