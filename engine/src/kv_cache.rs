@@ -327,16 +327,6 @@ impl<B: Backend> SeqCache<B> {
         }
     }
 
-    /// The pool rows of the sequence's tokens `tokens`.
-    fn slots(
-        table: &[u32],
-        block_size: usize,
-        tokens: impl IntoIterator<Item = usize>,
-    ) -> Vec<usize> {
-        let table = PagedRows::new(table, block_size, table.len() * block_size);
-        table.rows(tokens)
-    }
-
     /// Stores one layer's rows for the next `rows(latent)` tokens (after the `len` cached ones).
     pub fn append(
         &mut self,
@@ -368,7 +358,8 @@ impl<B: Backend> SeqCache<B> {
                         self.len + n
                     )));
                 }
-                let slots = Self::slots(table, *block_size, self.len..self.len + n);
+                let slots =
+                    PagedRows::new(table, *block_size, self.len + n).rows(self.len..self.len + n);
                 let mut pool = pool
                     .write()
                     .map_err(|_| EngineError::Device("KV pool lock poisoned".into()))?;
@@ -498,7 +489,7 @@ impl<B: Backend> SeqCache<B> {
             }
             None => ((0..total).collect(), None),
         };
-        let slots = Self::slots(table, block_size, tokens);
+        let slots = PagedRows::new(table, block_size, total).rows(tokens);
         let gather = |pool: &KvPool<B>| {
             let c = &pool.layers[layer];
             Held::Owned(

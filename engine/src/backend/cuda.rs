@@ -1511,40 +1511,31 @@ impl Cuda {
             block_dim: (launch::MLA_F32_THREADS, 1, 1),
             shared_mem_bytes: launch::mla_f32_smem_bytes(d.latent as u32, d.rope as u32),
         };
-        // The cached rows where they are, in their dtype: the kernel per dtype, and its rows.
-        let (kernel, f32_rows, bf16_rows, fp8_rows) = match seq.cached {
+        // The cached rows where they are, in their dtype, and the kernel that reads them.
+        enum Rows<'r> {
+            F32(&'r CudaSlice<f32>, &'r CudaSlice<f32>),
+            Bf16(&'r CudaSlice<u16>, &'r CudaSlice<u16>),
+            Fp8(&'r CudaSlice<u8>, &'r CudaSlice<f32>, &'r CudaSlice<u16>),
+        }
+        let (kernel, rows_d) = match seq.cached {
             CachedRows::Tensors { latent, k_pe }
             | CachedRows::Stores {
                 latent: CudaStore::F32(latent),
                 k_pe: CudaStore::F32(k_pe),
             } => (
                 &self.k.mla_latent_attention,
-                Some((latent, k_pe)),
-                None,
-                None,
+                Rows::F32(&latent.buf, &k_pe.buf),
             ),
             CachedRows::Stores {
                 latent: CudaStore::Bf16 { buf: latent, .. },
                 k_pe: CudaStore::Bf16 { buf: k_pe, .. },
-            } => (
-                &self.k.mla_latent_attention_bf16,
-                None,
-                Some((latent, k_pe)),
-                None,
-            ),
+            } => (&self.k.mla_latent_attention_bf16, Rows::Bf16(latent, k_pe)),
             CachedRows::Stores {
-                latent:
-                    CudaStore::Fp8 {
-                        codes: latent_codes,
-                        scales: latent_scales,
-                        ..
-                    },
+                latent: CudaStore::Fp8 { codes, scales, .. },
                 k_pe: CudaStore::Bf16 { buf: k_pe, .. },
             } => (
                 &self.k.mla_latent_attention_fp8,
-                None,
-                None,
-                Some((latent_codes, latent_scales, k_pe)),
+                Rows::Fp8(codes, scales, k_pe),
             ),
             CachedRows::Stores { latent, k_pe } => panic!(
                 "mla_attention: latent rows in {latent:?} with RoPE keys in {k_pe:?}: a pool \
@@ -1562,15 +1553,11 @@ impl Cuda {
         }
         let mut b = self.stream.launch_builder(kernel);
         b.arg(&mut ctx_rows).arg(&q_lat_rows).arg(&q_pe);
-        if let Some((latent, k_pe)) = f32_rows {
-            b.arg(&latent.buf).arg(&k_pe.buf);
-        }
-        if let Some((latent, k_pe)) = bf16_rows {
-            b.arg(latent).arg(k_pe);
-        }
-        if let Some((latent_codes, latent_scales, k_pe)) = fp8_rows {
-            b.arg(latent_codes).arg(latent_scales).arg(k_pe);
-        }
+        match rows_d {
+            Rows::F32(latent, k_pe) => b.arg(latent).arg(k_pe),
+            Rows::Bf16(latent, k_pe) => b.arg(latent).arg(k_pe),
+            Rows::Fp8(codes, scales, k_pe) => b.arg(codes).arg(scales).arg(k_pe),
+        };
         b.arg(&keys_d)
             .arg(&offsets_d)
             .arg(&heads)
@@ -2207,14 +2194,14 @@ impl Backend for Cuda {
     fn check_attention(&self, dims: MlaDims) -> Result<()> {
         let latent_max = launch::MLA_F32_MAX_LATENT as usize;
         // The attention kernel's shared memory: within every GPU this engine targets (sm_80's
-        // 163 KB opt-in limit).
+        // opt-in limit is the smallest).
+        const SMEM_KB: usize = 163;
         let smem = launch::mla_f32_smem_bytes(dims.latent as u32, dims.rope as u32) as usize;
-        if dims.latent > latent_max || smem > 163 * 1024 {
+        if dims.latent > latent_max || smem > SMEM_KB * 1024 {
             return Err(EngineError::Device(format!(
                 "the CUDA backend's attention takes a latent width (kv_lora_rank) of at most \
-                 {latent_max} with its RoPE width within {} KB of shared memory; this model has \
-                 {} + {} ({} KB)",
-                163,
+                 {latent_max} with its RoPE width within {SMEM_KB} KB of shared memory; this \
+                 model has {} + {} ({} KB)",
                 dims.latent,
                 dims.rope,
                 smem.div_ceil(1024)

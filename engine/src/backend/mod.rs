@@ -393,7 +393,7 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// Whether [`Backend::mla_attention`] reads this KV store's rows where they are (through
-    /// [`CachedRows::Store`] and [`MlaSeq::rows`]), in the store's dtype. The default, false,
+    /// [`CachedRows::Stores`] and [`MlaSeq::rows`]), in the store's dtype. The default, false,
     /// has a paged cache gather the attended rows into float32 tensors first: the CPU
     /// backend's choice, as its expanded form expands every row it is given.
     fn reads_in_place(&self, store: &Self::Store) -> bool {
