@@ -30,6 +30,10 @@ CUDA_DIR = os.path.join(HERE, "cuda")
 SOURCES = ["norm.cu", "rope.cu", "activation.cu", "indexer.cu", "topk.cu", "mla_sparse.cu",
            "mla_dense.cu", "moe.cu", "fp8.cu", "grouped_gemm.cu", "engine.cu"]
 F32_BOUND, BF16_BOUND = 1e-5, 8e-3
+# float32 in and out with bf16 operands on the tensor cores (queries, keys, probabilities each
+# rounded once): on the emulator the engine's attention measures 0.8e-3 to 2.0e-3 in
+# engine/tests/cuda.rs and 1.7e-3 to 2.4e-3 here (the indexer's scores 1.5e-3 to 2.2e-3)
+TC_BOUND = 5e-3
 FLT_MIN = -3.4028234663852886e38
 INDEXER_KEYS, MLA_HEADS_PER_BLOCK, MLA_TILE = 64, 16, 32
 
@@ -548,6 +552,16 @@ class Harness:
                         F32_BOUND, "masked -inf" if bool((scores[masked] == -math.inf).all()) else "MASK WRONG")
             if not bool((scores[masked] == -math.inf).all()):
                 self.record_bool(f"{name} mask", False, "entries past n_visible are not -inf")
+            # the same on the tensor cores (indexer_tc.cuh): q and the keys rounded to bf16
+            tc = name.replace("indexer_scores_store_", "indexer_scores_tc_store_")
+            scores = torch.full((T, S), nan, device=d)
+            self.launch(tc, (T, (S + 63) // 64), 128,
+                        [scores, q, wi] + store + [blocks, ("i", bs), vis, ("i", S), ("i", H), ("i", D), ("f", D ** -0.5)],
+                        self.indexer_tc_smem(H, D))
+            self.record(f"{tc} 24x3000 (64 heads x 128), bf16 roundings", rel_l2(scores[~masked], ref[~masked]),
+                        TC_BOUND, "masked -inf" if bool((scores[masked] == -math.inf).all()) else "MASK WRONG")
+            if not bool((scores[masked] == -math.inf).all()):
+                self.record_bool(f"{tc} mask", False, "entries past n_visible are not -inf")
 
         # absorbed attention in the latent space: per-row key lists with -1 entries, one empty row;
         # 20 heads, so the second block of 16 has 4 (a block takes a row and 16 heads: 256
@@ -610,14 +624,64 @@ class Harness:
             if not bool((ctx[3] == 0).all()):
                 self.record_bool(f"{name} empty row", False, "a row with no keys: context not 0")
 
+        # the same three on the tensor cores (mla_tc.cuh through engine.cu): queries, keys and
+        # probabilities rounded to bf16, sums in float32; block 128, bf16 rows in shared memory
+        tc_smem = self.mla_tc_smem(L, P)
+        for name, stores, wide in (
+                ("mla_latent_attention_tc_f32", [latent, k_pe], (latent, k_pe)),
+                ("mla_latent_attention_tc_bf16_bits",
+                 [scattered(latent.to(torch.bfloat16), nan), scattered(k_pe.to(torch.bfloat16), nan)],
+                 (latent.to(torch.bfloat16), k_pe.to(torch.bfloat16))),
+                ("mla_latent_attention_tc_fp8",
+                 [scattered(lat_codes, 0x7F), scattered(lat_sc, nan), scattered(k_pe.to(torch.bfloat16), nan)],
+                 (lat_wide, k_pe.to(torch.bfloat16)))):
+            ctx = torch.full((R, H, L), nan, device=d)
+            keys = flat if name.endswith("_f32") else in_pool
+            self.launch(name, mla_grid, 128,
+                        [ctx, q_lat, q_full[:, :, nope:]] + stores + [keys, offsets, ("i", H), ("i", L), ("i", P),
+                         ("i", H * (nope + P)), ("i", nope + P), ("f", scale)], tc_smem)
+            ro, _ = ref_mla(q_cat, torch.cat([wide[0].double(), wide[1].double()], -1), [x[x >= 0] for x in lists], L, scale)
+            self.record(f"{name} (12 rows x 20 heads, bf16 roundings)", rel_l2(ctx, ro), TC_BOUND,
+                        "empty row 0" if bool((ctx[3] == 0).all()) else "EMPTY ROW NOT 0")
+            if not bool((ctx[3] == 0).all()):
+                self.record_bool(f"{name} empty row", False, "a row with no keys: context not 0")
+
+        # timing: the engine's attention at the issue's decode shape over a bf16 pool read in
+        # place (B 64, 128 heads, 512 + 64, top-k 2048 of 64K), float32 SIMT vs tensor cores
+        if self.on_gpu:
+            B, Hd, ctx_len, k = 64, 128, 65536, 2048
+            pool_lat = torch.randn(B * ctx_len, L, device=d).to(torch.bfloat16)
+            pool_pe = torch.randn(B * ctx_len, P, device=d).to(torch.bfloat16)
+            q_lat = torch.randn(B, Hd, L, device=d) * 0.05
+            q_pe = torch.randn(B, Hd, P, device=d) * 0.05
+            keys = (torch.randint(0, ctx_len, (B, k), device=d) + torch.arange(B, device=d)[:, None] * ctx_len).int().flatten()
+            offsets = (torch.arange(B + 1, device=d) * k).int()
+            ctx = torch.empty(B, Hd, L, device=d)
+            grid = (B, Hd // 16)
+            args = [ctx, q_lat, q_pe, pool_lat, pool_pe, keys, offsets, ("i", Hd), ("i", L), ("i", P),
+                    ("i", Hd * P), ("i", P), ("f", scale)]
+            t_simt = self.time_ms(lambda: self.launch("mla_latent_attention_bf16_bits", grid, 256, args,
+                                                      (16 * (L + P) + 32 * (L + P + 1) + 32) * 4))
+            t_tc = self.time_ms(lambda: self.launch("mla_latent_attention_tc_bf16_bits", grid, 128, args, tc_smem))
+            bytes_ = B * k * (L + P) * 2
+            self.timings.append(("engine attention (bf16 pool in place) B=64, 128 heads, top-k 2048, tensor cores", t_tc,
+                                 "the engine's float32 SIMT kernel", t_simt,
+                                 f"{t_simt / t_tc:.1f}x the SIMT kernel; {bytes_ / t_tc / 1e6:.0f} GB/s of picked rows = "
+                                 f"{100 * bytes_ / t_tc / 1e6 / self.copy_gbs:.0f}% of copy"))
+
     def indexer_launch(self, scores, q, keys, w, start, vis, n_keys, heads, dim):
         smem = heads * dim * 2 + INDEXER_KEYS * (dim + 2) * 2 + INDEXER_KEYS * 4
         self.launch("indexer_scores_bf16", ((n_keys + INDEXER_KEYS - 1) // INDEXER_KEYS, q.shape[0]), 2 * INDEXER_KEYS,
                     [scores, q, keys, w, start, vis, ("i", n_keys), ("i", heads), ("i", dim), ("f", dim ** -0.5), ("l", scores.shape[1])], smem)
 
-    def indexer_tc_launch(self, scores, q, keys, w, start, vis, n_keys, heads, dim):
+    @staticmethod
+    def indexer_tc_smem(heads, dim):
+        """Dynamic shared memory of indexer_tc.cuh (launch::indexer_tc_smem_bytes)."""
         rows = (heads + 15) // 16 * 16
-        smem = (rows + 64) * (dim + 8) * 2 + rows * 4 + 4 * 64 * 4
+        return (rows + 64) * ((dim + 15) // 16 * 16 + 8) * 2 + rows * 4 + 4 * 64 * 4
+
+    def indexer_tc_launch(self, scores, q, keys, w, start, vis, n_keys, heads, dim):
+        smem = self.indexer_tc_smem(heads, dim)
         self.launch("indexer_scores_bf16_tc", ((n_keys + 63) // 64, q.shape[0]), 128,
                     [scores, q, keys, w, start, vis, ("i", n_keys), ("i", heads), ("i", dim), ("f", dim ** -0.5), ("l", scores.shape[1])], smem)
 
@@ -794,8 +858,14 @@ class Harness:
         self.launch(name, ((heads + MLA_HEADS_PER_BLOCK - 1) // MLA_HEADS_PER_BLOCK, q.shape[0]), 256,
                     [out, lse, q, kv, *extra, ("i", heads), ("i", latent), ("i", rope), ("f", 0.135234)], smem)
 
+    @staticmethod
+    def mla_tc_smem(latent, rope):
+        """Dynamic shared memory of mla_tc.cuh (launch::mla_tc_smem_bytes): padded bf16 rows."""
+        row = ((latent + 31) // 32 * 32 + rope + 15) // 16 * 16
+        return (16 + 32) * (row + 8) * 2 + 16 * (32 + 8) * 2 + 2 * 4 * 16 * 4 + 32 * 4
+
     def mla_tc_launch(self, out, lse, q, kv, idx, k, heads, latent, rope):
-        smem = (16 + 32) * (latent + rope + 8) * 2 + 16 * (32 + 8) * 2 + 2 * 4 * 16 * 4 + 32 * 4
+        smem = self.mla_tc_smem(latent, rope)
         self.launch("sparse_mla_attention_bf16_tc", ((heads + 15) // 16, q.shape[0]), 128,
                     [out, lse, q, kv, idx, ("i", k), ("i", heads), ("i", latent), ("i", rope), ("f", 0.135234)], smem)
 

@@ -89,7 +89,8 @@ struct ModelArgs {
     /// experts split over all of them (one expert shard each; see --placement).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// With a GPU: `float32` or `bfloat16` (bf16 weights and tensor-core products).
+    /// With a GPU: `float32` or `bfloat16` (bf16 weights; products, attention and the
+    /// indexer on the tensor cores).
     #[arg(long, default_value = "float32")]
     dtype: String,
     /// Attention: sparse (DSA top-k; V3.2) or dense.

@@ -34,8 +34,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// With a GPU: `float32` (weights and products in float32, as the CPU backend computes) or
-    /// `bfloat16` (bf16 weights, half the memory; products on the tensor cores from inputs
-    /// rounded to bf16, summed in float32).
+    /// `bfloat16` (bf16 weights, half the memory; products, attention and the indexer on the
+    /// tensor cores from inputs rounded to bf16, summed in float32).
     #[arg(long, default_value = "float32", env = "SPARSEMOE_DTYPE")]
     pub dtype: String,
     /// Address to listen on (pods: 0.0.0.0, which the operator passes).

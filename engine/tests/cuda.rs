@@ -145,8 +145,12 @@ fn paged_batches_match_the_cpu_backend() {
 /// within 3e-2. `tests/fixtures/bf16_error_model.py` measured the same rounding in float64 on
 /// these models and tokens (with the routed experts' grouped products writing bf16, as here by
 /// default): median row error 4.0e-3 to 8.2e-3, and in dense attention at least 97.5% of rows
-/// within 3e-2; the bounds give that a 2× margin. The experts run both ways: grouped, and one
-/// product per expert (float32 outputs, less rounding).
+/// within 3e-2; the bounds give that a 2× margin. The model does not round attention or the
+/// indexer, which with bf16 weights run on the tensor cores (queries, keys and probabilities in
+/// bf16): with them the CPU emulator measures medians of 4.6e-3 to 8.7e-3, still within the
+/// bound (sparse attention flips more keys at the edge of the top-k: as few as 62.5% of a
+/// model's rows within 3e-2). The experts run both ways: grouped, and one product per expert
+/// (float32 outputs, less rounding).
 #[test]
 fn bf16_weights_stay_within_bf16_rounding_of_the_cpu_backend() {
     let test = "bf16_weights_stay_within_bf16_rounding_of_the_cpu_backend";
@@ -186,6 +190,9 @@ fn bf16_weights_stay_within_bf16_rounding_of_the_cpu_backend() {
         grouped.experts_grouped() && grouped.grouped_expert_layers() > 0,
         "the bf16 experts never ran grouped (refused by cuBLAS? see the log)"
     );
+    // With bf16 weights attention and the indexer run on the tensor cores too (the fixtures'
+    // widths fit).
+    assert!(grouped.tensor_core_launches() > 0);
     assert_eq!(one_by_one.grouped_expert_layers(), 0);
 }
 
@@ -362,7 +369,10 @@ fn paged_run<B: Backend>(model: &Model<B>, dtype: KvDtype) -> Vec<Vec<f32>> {
 /// row picks k distinct visible keys, none scoring below the k-th best by more than rounding
 /// (fp8: a last-bit difference can move a key value to a neighbouring code), and a row with at
 /// most k visible keys keeps them all. 64 heads run the in-place kernels; 80, more than they
-/// keep sums for, the gathered copy.
+/// keep sums for, the gathered copy. Then the same on the tensor cores
+/// (`indexer_scores_tc_store_*`, queries and keys rounded to bf16, in place for 80 heads too),
+/// whose picks may trail the k-th best by bf16 rounding: within 2e-3 of the largest score
+/// (measured on the CPU emulator: at most 1.3e-4).
 #[test]
 fn the_indexer_reads_each_kv_store_in_place() {
     let Some(cuda) = gpu("the_indexer_reads_each_kv_store_in_place") else {
@@ -376,12 +386,14 @@ fn the_indexer_reads_each_kv_store_in_place() {
     let blocks: Vec<u32> = (0..120).map(|b| (b * 7 + 3) % 141).collect();
     let table = PagedRows::new(&blocks, 5, n_keys);
     let slots = table.rows(0..n_keys);
-    for heads in [64, 80] {
+    for (heads, tensor_cores) in [(64, false), (80, false), (64, true), (80, true)] {
+        cuda.attention_on_tensor_cores(tensor_cores);
         for (dtype, tolerance) in [
             (KvDtype::Float32, 1e-4),
             (KvDtype::Bfloat16, 1e-4),
             (KvDtype::Fp8, 1e-2),
         ] {
+            let tolerance = if tensor_cores { 2e-3 } else { tolerance };
             let keys = noise(n_keys * dim);
             let (q, w) = (
                 noise(positions.len() * heads * dim),
@@ -406,7 +418,8 @@ fn the_indexer_reads_each_kv_store_in_place() {
                 scale,
             );
             for (r, (&p, got)) in positions.iter().zip(&picked).enumerate() {
-                let case = format!("{heads} heads, {dtype:?}, row {r}");
+                let case =
+                    format!("{heads} heads, {dtype:?}, tensor cores {tensor_cores}, row {r}");
                 if p < k {
                     assert_eq!(*got, (0..=p as u32).collect::<Vec<_>>(), "{case}");
                     continue;
@@ -431,17 +444,22 @@ fn the_indexer_reads_each_kv_store_in_place() {
                 let mut distinct = got.clone();
                 distinct.dedup();
                 assert_eq!(distinct.len(), k, "{case}: picked {got:?}");
+                let mut worst = 0f64;
                 for &s in got {
                     assert!(s as usize <= p, "{case}: key {s} is past position {p}");
                     let v = score(s as usize);
+                    worst = worst.max((kth - v) / largest);
                     assert!(
                         v >= kth - tolerance * largest,
                         "{case}: key {s} scores {v:.6}, below the {k}-th best {kth:.6}"
                     );
                 }
+                eprintln!("{case}: picks trail the {k}-th best by {worst:.2e} of the largest");
             }
         }
     }
+    // One scores launch a call on the tensor cores: 2 head counts × 3 dtypes.
+    assert_eq!(cuda.tensor_core_launches(), 6);
 }
 
 /// Absorbed attention over a paged pool's latent and RoPE-key stores read in place
@@ -449,6 +467,11 @@ fn the_indexer_reads_each_kv_store_in_place() {
 /// dtype, against the CPU backend over the same rows as it stores and widens them: tokens
 /// scattered over the pool, dense rows and top-k selections, DeepSeek's widths (latent 512,
 /// RoPE 64) with 20 heads (a partial second block of heads) and widths with partial fp8 blocks.
+/// Float32 attention within 1e-5. The same on the tensor cores (`mla_latent_attention_tc_*`,
+/// which round the queries, the keys and the probabilities to bf16, 2^-9 relative each, and sum
+/// in float32; 200 + 24 is padded to 224 + 24 + 8 in shared memory) within 5e-3: on the CPU
+/// emulator these cases measure 0.8e-3 to 2.0e-3 (least from a bf16 pool, whose keys need no
+/// rounding), while the query's RoPE part misplaced in the padded row measures 2.7e-2.
 #[test]
 fn attention_reads_each_kv_store_in_place() {
     let Some(cuda) = gpu("attention_reads_each_kv_store_in_place") else {
@@ -503,14 +526,19 @@ fn attention_reads_each_kv_store_in_place() {
                 },
             );
             let [(cpu_lat, gpu_lat), (cpu_pe, gpu_pe)] = &stores;
-            for selection in [None, Some(picked.as_slice())] {
+            for (selection, tensor_cores) in [None, Some(picked.as_slice())]
+                .into_iter()
+                .flat_map(|s| [(s, false), (s, true)])
+            {
+                cuda.attention_on_tensor_cores(tensor_cores);
                 let case = format!(
-                    "latent {latent}, rope {rope}, {heads} heads, {dtype:?}, {}",
+                    "latent {latent}, rope {rope}, {heads} heads, {dtype:?}, {}{}",
                     if selection.is_some() {
                         "top-k"
                     } else {
                         "dense"
-                    }
+                    },
+                    if tensor_cores { ", tensor cores" } else { "" }
                 );
                 fn seq<'a, T, S>(
                     (latent, k_pe): (&'a S, &'a S),
@@ -549,10 +577,14 @@ fn attention_reads_each_kv_store_in_place() {
                 ));
                 assert!(want.iter().any(|&x| x != 0.0), "{case}: zero reference");
                 let err = rel_l2(&want, &got);
-                assert!(err < 1e-5, "{case}: relative L2 {err:.2e}");
+                let bound = if tensor_cores { 5e-3 } else { 1e-5 };
+                eprintln!("{case}: relative L2 {err:.2e}");
+                assert!(err < bound, "{case}: relative L2 {err:.2e}");
             }
         }
     }
+    // 2 width sets × 3 dtypes × 2 selections, one launch each.
+    assert_eq!(cuda.tensor_core_launches(), 12);
 }
 
 /// Attention the kernels cannot run is refused when a model loads, saying why: DeepSeek's

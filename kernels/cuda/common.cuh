@@ -12,6 +12,9 @@
 // no system or toolkit headers without an include path: the fixed-width types by hand, no bf16.
 typedef unsigned char uint8_t;
 typedef unsigned int uint32_t;
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
 #else
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -19,6 +22,15 @@ typedef unsigned int uint32_t;
 SMOE_DEVICE float bf16_to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 SMOE_DEVICE __nv_bfloat16 f32_to_bf16(float x) { return __float2bfloat16_rn(x); }
 #endif
+
+// The bf16 nearest to x, ties to even, as its bits (a NaN stays a quiet NaN), and back: bf16
+// as raw 16-bit values, which NVRTC compiles without cuda_bf16.h.
+SMOE_DEVICE unsigned short bf16_bits_rn(float x) {
+    const unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+SMOE_DEVICE float bf16_bits_to_f32(unsigned short bits) { return __uint_as_float((unsigned int)bits << 16); }
 
 SMOE_DEVICE float warp_sum(float v) {
 #pragma unroll

@@ -4,6 +4,8 @@
 // The engine compiles this file and topk.cu at start-up with NVRTC and -DSMOE_RTC (no system
 // headers); the compile check builds it with nvcc like every other file.
 #include "common.cuh"
+#include "mla_tc.cuh"
+#include "indexer_tc.cuh"
 
 #define ENGINE_THREADS 256
 #define MLA_F32_WARPS 8
@@ -26,14 +28,6 @@ gather_rows_f32(float* __restrict__ out, const float* __restrict__ src, const in
     for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = s[c];
 }
 
-// The bf16 nearest to x, ties to even, as its bits (a NaN stays a quiet NaN): what cuBLAS's
-// bf16 products read. NVRTC compiles this file without cuda_bf16.h, hence the bits by hand.
-SMOE_DEVICE unsigned short bf16_bits_rn(float x) {
-    const unsigned int u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
-    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 // out[r, :] = float(src[slots[r], :]) for a bf16 table: the embedding lookup with bf16 weights,
 // and reading a KV cache kept in bf16.
 // Launch: grid rows, block ENGINE_THREADS.
@@ -42,7 +36,7 @@ gather_rows_bf16_bits_f32(float* __restrict__ out, const unsigned short* __restr
                           int cols) {
     const unsigned short* s = src + (size_t)slots[blockIdx.x] * cols;
     float* o = out + (size_t)blockIdx.x * cols;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = __uint_as_float((unsigned int)s[c] << 16);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = bf16_bits_to_f32(s[c]);
 }
 
 // The value of an fp8 e4m3 code (no infinities; S.1111.111 is NaN), without cuda_fp8.h.
@@ -189,7 +183,7 @@ combine_rows_bf16_bits_f32(float* __restrict__ out, const unsigned short* __rest
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float acc = d[c];
         for (int j = first; j < last; ++j)
-            acc += weights[pairs[j]] * __uint_as_float((unsigned int)y[(size_t)pairs[j] * cols + c] << 16);
+            acc += weights[pairs[j]] * bf16_bits_to_f32(y[(size_t)pairs[j] * cols + c]);
         d[c] = acc;
     }
 }
@@ -257,8 +251,8 @@ silu_mul_bf16_bits(unsigned short* __restrict__ out, const unsigned short* __res
                    const unsigned short* __restrict__ up, long long n) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
-        const float g = __uint_as_float((unsigned int)gate[i] << 16);
-        const float u = __uint_as_float((unsigned int)up[i] << 16);
+        const float g = bf16_bits_to_f32(gate[i]);
+        const float u = bf16_bits_to_f32(up[i]);
         out[i] = bf16_bits_rn(siluf(g) * u);
     }
 }
@@ -330,6 +324,7 @@ struct StoreF32 {
     struct Row {
         const float* p;
         SMOE_DEVICE float operator()(int c) const { return p[c]; }
+        SMOE_DEVICE uint32_t bf16_pair(int i) const { return pack_bf16x2(bf16_bits_rn(p[2 * i]), bf16_bits_rn(p[2 * i + 1])); }
     };
     SMOE_DEVICE Row row(size_t r, int cols) const { return Row{rows + r * cols}; }
 };
@@ -337,7 +332,8 @@ struct StoreBf16 {
     const unsigned short* rows;
     struct Row {
         const unsigned short* p;
-        SMOE_DEVICE float operator()(int c) const { return __uint_as_float((unsigned int)p[c] << 16); }
+        SMOE_DEVICE float operator()(int c) const { return bf16_bits_to_f32(p[c]); }
+        SMOE_DEVICE uint32_t bf16_pair(int i) const { return load_bf16x2(p + 2 * i); }  // cols even
     };
     SMOE_DEVICE Row row(size_t r, int cols) const { return Row{rows + r * cols}; }
 };
@@ -349,6 +345,9 @@ struct StoreFp8 {
         const float* scales;
         SMOE_DEVICE float operator()(int c) const {
             return fp8_e4m3_value(codes[c]) * scales[(unsigned int)c / KV_FP8_BLOCK];
+        }
+        SMOE_DEVICE uint32_t bf16_pair(int i) const {
+            return pack_bf16x2(bf16_bits_rn((*this)(2 * i)), bf16_bits_rn((*this)(2 * i + 1)));
         }
     };
     SMOE_DEVICE Row row(size_t r, int cols) const {
@@ -422,6 +421,60 @@ indexer_scores_store_fp8(float* __restrict__ scores, const float* __restrict__ q
     extern __shared__ float smem[];
     indexer_scores_store(smem, scores, q, w, StoreFp8{codes, key_scales}, blocks, block_size, n_visible, n_keys,
                          heads, dim, scale);
+}
+
+// indexer_scores_store_* on the tensor cores (indexer_tc.cuh): the queries and the keys rounded to
+// bf16 as they enter shared memory (a bf16 pool's keys as they are; an fp8 pool's values times
+// their scales), products summed in float32; masked entries -inf as there. Same parameters; dim
+// even, any number of heads (the block's shared memory grows with them: indexer_tc_smem_bytes).
+// A table of one block as long as the keys reads rows 0, 1, … of a plain tensor.
+// Launch: grid (rows, ceil(n_keys / INDEXER_TC_KEYS)), block INDEXER_TC_WARPS · 32.
+struct F32IndexerQueries {
+    const float* q;  // [rows, heads · dim]
+    int heads, dim;
+    SMOE_DEVICE unsigned short at(int t, int h, int c) const { return bf16_bits_rn(q[((size_t)t * heads + h) * dim + c]); }
+};
+template <typename Store>
+struct PagedKeys {
+    Store store;
+    const int* blocks;
+    int block_size, dim;
+    SMOE_DEVICE uint32_t pair(int s, int i) const {
+        return store.row((size_t)blocks[s / block_size] * block_size + s % block_size, dim).bf16_pair(i);
+    }
+};
+template <typename Store>
+SMOE_DEVICE void indexer_scores_tc_store(float* scores, const float* q, const float* w, Store store, const int* blocks,
+                                         int block_size, const int* n_visible, int n_keys, int heads, int dim,
+                                         float scale) {
+    const int t = blockIdx.x;
+    indexer_scores_tc(scores + (size_t)t * n_keys, F32IndexerQueries{q, heads, dim}, IndexerWeights{w, heads},
+                      PagedKeys<Store>{store, blocks, block_size, dim}, t, blockIdx.y * INDEXER_TC_KEYS,
+                      n_visible[t] < n_keys ? n_visible[t] : n_keys, n_keys, heads, dim, scale, neg_inf());
+}
+
+extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
+indexer_scores_tc_store_f32(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
+                            const float* __restrict__ keys, const int* __restrict__ blocks, int block_size,
+                            const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale) {
+    indexer_scores_tc_store(scores, q, w, StoreF32{keys}, blocks, block_size, n_visible, n_keys, heads, dim, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
+indexer_scores_tc_store_bf16_bits(float* __restrict__ scores, const float* __restrict__ q,
+                                  const float* __restrict__ w, const unsigned short* __restrict__ keys,
+                                  const int* __restrict__ blocks, int block_size, const int* __restrict__ n_visible,
+                                  int n_keys, int heads, int dim, float scale) {
+    indexer_scores_tc_store(scores, q, w, StoreBf16{keys}, blocks, block_size, n_visible, n_keys, heads, dim, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
+indexer_scores_tc_store_fp8(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
+                            const uint8_t* __restrict__ codes, const float* __restrict__ key_scales,
+                            const int* __restrict__ blocks, int block_size, const int* __restrict__ n_visible,
+                            int n_keys, int heads, int dim, float scale) {
+    indexer_scores_tc_store(scores, q, w, StoreFp8{codes, key_scales}, blocks, block_size, n_visible, n_keys, heads,
+                            dim, scale);
 }
 
 // Absorbed MLA attention in the latent space, for query row r and head h:
@@ -574,4 +627,85 @@ mla_latent_attention_fp8(float* __restrict__ ctx, const float* __restrict__ q_la
     extern __shared__ float smem[];
     mla_latent_attention(smem, ctx, q_lat, q_pe, StoreFp8{latent_codes, latent_scales}, StoreBf16{k_pe}, keys,
                          key_offsets, heads, latent_dim, rope_dim, q_pe_row, q_pe_head, scale);
+}
+
+// The same attention on the tensor cores (mla_tc.cuh): the queries and the cached rows rounded to
+// bf16 as they enter shared memory (a bf16 pool's rows as they are; an fp8 pool's values times
+// their scales), the probabilities rounded to bf16 for P·V, every sum in float32. Same
+// parameters as mla_latent_attention_*; latent and rope even, latent ≤ MLA_TC_MAX_LATENT.
+// Launch: grid (rows, ceil(heads / MLA_TC_HEADS)), block MLA_TC_WARPS · 32, dynamic shared memory
+// as mla_tc.cuh says (56.6 KB at 512 + 64: raise the kernel's limit above 48 KB first).
+struct F32Queries {
+    const float* q_lat;
+    const float* q_pe;
+    int heads, latent, q_pe_row, q_pe_head;
+    SMOE_DEVICE unsigned short at(int r, int h, int d) const {
+        return bf16_bits_rn(d < latent ? q_lat[((size_t)r * heads + h) * latent + d]
+                                       : q_pe[(size_t)r * q_pe_row + (size_t)h * q_pe_head + (d - latent)]);
+    }
+};
+struct KeyLists {
+    const int* keys;
+    const int* offsets;
+    SMOE_DEVICE int count(int r) const { return offsets[r + 1] - offsets[r]; }
+    SMOE_DEVICE int slot(int r, int j) const { return keys[offsets[r] + j]; }
+};
+template <typename LatentStore, typename RopeStore>
+struct PoolRows {
+    LatentStore latent;
+    RopeStore k_pe;
+    int latent_dim, rope_dim;
+    struct Row {
+        typename LatentStore::Row lat;
+        typename RopeStore::Row pe;
+        SMOE_DEVICE uint32_t latent_pair(int i) const { return lat.bf16_pair(i); }
+        SMOE_DEVICE uint32_t rope_pair(int i) const { return pe.bf16_pair(i); }
+    };
+    SMOE_DEVICE Row row(int s) const { return Row{latent.row((size_t)s, latent_dim), k_pe.row((size_t)s, rope_dim)}; }
+};
+template <typename LatentStore, typename RopeStore>
+SMOE_DEVICE PoolRows<LatentStore, RopeStore> pool_rows(LatentStore latent, RopeStore k_pe, int latent_dim,
+                                                       int rope_dim) {
+    return PoolRows<LatentStore, RopeStore>{latent, k_pe, latent_dim, rope_dim};
+}
+struct F32Context {
+    float* ctx;
+    int heads, latent;
+    SMOE_DEVICE void write(int r, int h, int d, float v) const { ctx[((size_t)r * heads + h) * latent + d] = v; }
+    SMOE_DEVICE void lse_of(int, int, float) const {}
+};
+
+extern "C" __global__ void __launch_bounds__(MLA_TC_WARPS * 32)
+mla_latent_attention_tc_f32(float* __restrict__ ctx, const float* __restrict__ q_lat, const float* __restrict__ q_pe,
+                            const float* __restrict__ latent, const float* __restrict__ k_pe,
+                            const int* __restrict__ keys, const int* __restrict__ key_offsets, int heads,
+                            int latent_dim, int rope_dim, int q_pe_row, int q_pe_head, float scale) {
+    mla_attend_tc(F32Queries{q_lat, q_pe, heads, latent_dim, q_pe_row, q_pe_head}, KeyLists{keys, key_offsets},
+                  pool_rows(StoreF32{latent}, StoreF32{k_pe}, latent_dim, rope_dim),
+                  F32Context{ctx, heads, latent_dim}, blockIdx.x, blockIdx.y * MLA_TC_HEADS, heads, latent_dim,
+                  rope_dim, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(MLA_TC_WARPS * 32)
+mla_latent_attention_tc_bf16_bits(float* __restrict__ ctx, const float* __restrict__ q_lat,
+                                  const float* __restrict__ q_pe, const unsigned short* __restrict__ latent,
+                                  const unsigned short* __restrict__ k_pe, const int* __restrict__ keys,
+                                  const int* __restrict__ key_offsets, int heads, int latent_dim, int rope_dim,
+                                  int q_pe_row, int q_pe_head, float scale) {
+    mla_attend_tc(F32Queries{q_lat, q_pe, heads, latent_dim, q_pe_row, q_pe_head}, KeyLists{keys, key_offsets},
+                  pool_rows(StoreBf16{latent}, StoreBf16{k_pe}, latent_dim, rope_dim),
+                  F32Context{ctx, heads, latent_dim}, blockIdx.x, blockIdx.y * MLA_TC_HEADS, heads, latent_dim,
+                  rope_dim, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(MLA_TC_WARPS * 32)
+mla_latent_attention_tc_fp8(float* __restrict__ ctx, const float* __restrict__ q_lat, const float* __restrict__ q_pe,
+                            const uint8_t* __restrict__ latent_codes, const float* __restrict__ latent_scales,
+                            const unsigned short* __restrict__ k_pe, const int* __restrict__ keys,
+                            const int* __restrict__ key_offsets, int heads, int latent_dim, int rope_dim,
+                            int q_pe_row, int q_pe_head, float scale) {
+    mla_attend_tc(F32Queries{q_lat, q_pe, heads, latent_dim, q_pe_row, q_pe_head}, KeyLists{keys, key_offsets},
+                  pool_rows(StoreFp8{latent_codes, latent_scales}, StoreBf16{k_pe}, latent_dim, rope_dim),
+                  F32Context{ctx, heads, latent_dim}, blockIdx.x, blockIdx.y * MLA_TC_HEADS, heads, latent_dim,
+                  rope_dim, scale);
 }

@@ -10,7 +10,7 @@
 // dynamic shared memory = indexer_smem_bytes(heads, dim) below (33 KB at 64 heads x 128).
 // Each thread scores one key over half the heads; the key tile and the query sit in shared memory.
 #include "common.cuh"
-#include "mma.cuh"
+#include "indexer_tc.cuh"
 #include <cuda_fp8.h>
 
 #define INDEXER_KEYS 64
@@ -82,103 +82,33 @@ indexer_scores_bf16(float* __restrict__ scores, const __nv_bfloat16* __restrict_
 }
 
 // ------------------------------------------------------------------------------ tensor cores
-// indexer_scores_bf16 with q·kᵀ on the tensor cores (mma.sync m16n8k16, mma.cuh): the same
-// parameters and results. A block scores one query row against a tile of INDEXER_TC_KEYS keys:
-// warp w takes the heads' 16-row tiles w, w + 4, …, and for each the products of its 16 heads
-// with the tile's 64 keys (8 blocks of 8 keys, dim / 16 products each); each lane folds its
-// heads' w · ReLU(scale · dot) into per-key sums, the warp adds them over its lanes and the
-// block over its warps. Needs dim % 16 == 0.
-// Launch: grid = (ceil(n_keys / INDEXER_TC_KEYS), n_queries), block = 128, dynamic shared memory
-// = indexer_tc_smem_bytes(heads, dim) (35.3 KB at 64 heads x 128).
+// indexer_scores_bf16 with q·kᵀ on the tensor cores (indexer_tc.cuh): the same parameters and
+// results. dim even. Launch: grid = (ceil(n_keys / INDEXER_TC_KEYS), n_queries), block = 128,
+// dynamic shared memory = indexer_tc_smem_bytes(heads, dim) (35.3 KB at 64 heads x 128).
+struct Bf16IndexerQueries {
+    const unsigned short* q;  // [T, heads, dim]
+    int heads, dim;
+    SMOE_DEVICE unsigned short at(int t, int h, int c) const { return q[((size_t)t * heads + h) * dim + c]; }
+};
+struct Bf16IndexerKeys {
+    const unsigned short* base;  // row t's key 0
+    int dim;
+    SMOE_DEVICE uint32_t pair(int s, int i) const { return load_bf16x2(base + (size_t)s * dim + 2 * i); }
+};
 
-#define INDEXER_TC_KEYS 64
-#define INDEXER_TC_WARPS 4
-#define INDEXER_TC_PAD 8
-static_assert(INDEXER_TC_KEYS % 8 == 0 && INDEXER_TC_PAD % 2 == 0, "keys in blocks of 8; rows 4-byte aligned");
-
-// Shared memory: the query's heads rounded up to 16 and the key tile, bf16 rows of dim +
-// INDEXER_TC_PAD; the heads' weights (rounded up to 16); the warps' per-key sums.
-// = (ceil16(heads) + INDEXER_TC_KEYS) * (dim + 8) * 2 + ceil16(heads) * 4 + 4 * INDEXER_TC_KEYS * 4
-
-extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
+// One block an SM at least (not ptxas's default occupancy target, which spills on sm_90a).
+extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32, 1)
 indexer_scores_bf16_tc(float* __restrict__ scores, const __nv_bfloat16* __restrict__ q,
                        const __nv_bfloat16* __restrict__ keys, const float* __restrict__ w,
                        const int* __restrict__ key_start, const int* __restrict__ n_visible,
                        int n_keys, int heads, int dim, float scale, long long scores_stride) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
     const int t = blockIdx.y;
-    const int tile0 = blockIdx.x * INDEXER_TC_KEYS;
-    const int visible = min(n_visible[t], n_keys);
-    float* out_row = scores + (size_t)t * scores_stride;
-    if (tile0 >= visible) {  // the whole tile is masked: write the mask and leave
-        for (int i = threadIdx.x; i < INDEXER_TC_KEYS; i += blockDim.x)
-            if (tile0 + i < n_keys) out_row[tile0 + i] = -3.402823466e38f;
-        return;
-    }
-
-    const int m_tiles = (heads + 15) / 16;
-    const int stride = dim + INDEXER_TC_PAD;  // even: fragment registers stay 4-byte aligned
-    __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(smem_raw);   // [16 m_tiles][stride]
-    __nv_bfloat16* k_s = q_s + m_tiles * 16 * stride;                    // [INDEXER_TC_KEYS][stride]
-    float* w_s = reinterpret_cast<float*>(k_s + INDEXER_TC_KEYS * stride);  // [16 m_tiles]
-    float* partial = w_s + m_tiles * 16;                                    // [warps][keys]
-
-    const __nv_bfloat16* q_t = q + (size_t)t * heads * dim;
-    for (int i = threadIdx.x; i < m_tiles * 16 * dim; i += blockDim.x) {
-        const int h = i / dim, c = i % dim;
-        q_s[h * stride + c] = h < heads ? q_t[(size_t)h * dim + c] : f32_to_bf16(0.f);
-    }
-    for (int h = threadIdx.x; h < m_tiles * 16; h += blockDim.x) w_s[h] = h < heads ? w[(size_t)t * heads + h] : 0.f;
-    const __nv_bfloat16* k_base = keys + (size_t)key_start[t] * dim;
-    for (int i = threadIdx.x; i < INDEXER_TC_KEYS * dim; i += blockDim.x) {
-        const int r = i / dim, c = i % dim;
-        const int key = tile0 + r;
-        k_s[r * stride + c] = key < visible ? k_base[(size_t)key * dim + c] : f32_to_bf16(0.f);
-    }
-    __syncthreads();
-
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, tg = lane & 3;
-    // This lane's per-key sums: keys 8n + 2tg and 8n + 2tg + 1 of the tile.
-    float acc[INDEXER_TC_KEYS / 8][2];
-#pragma unroll
-    for (int n = 0; n < INDEXER_TC_KEYS / 8; ++n) acc[n][0] = acc[n][1] = 0.f;
-    for (int mt = warp; mt < m_tiles; mt += INDEXER_TC_WARPS) {  // warp-uniform
-        const __nv_bfloat16* q0 = q_s + (mt * 16 + g) * stride;
-        const __nv_bfloat16* q8 = q0 + 8 * stride;
-        const float w0 = w_s[mt * 16 + g], w8 = w_s[mt * 16 + g + 8];
-#pragma unroll
-        for (int n = 0; n < INDEXER_TC_KEYS / 8; ++n) {
-            const __nv_bfloat16* k_row = k_s + (n * 8 + g) * stride;  // B's column g: key 8n + g
-            float d[4] = {0.f, 0.f, 0.f, 0.f};
-            for (int k0 = 0; k0 < dim; k0 += 16) {
-                const uint32_t a[4] = {load_bf16x2(q0 + k0 + 2 * tg), load_bf16x2(q8 + k0 + 2 * tg),
-                                       load_bf16x2(q0 + k0 + 2 * tg + 8), load_bf16x2(q8 + k0 + 2 * tg + 8)};
-                const uint32_t b[2] = {load_bf16x2(k_row + k0 + 2 * tg), load_bf16x2(k_row + k0 + 2 * tg + 8)};
-                mma_bf16_16816(d, a, b);
-            }
-            // d[0], d[1]: head 16mt + g against keys 8n + 2tg, + 1; d[2], d[3]: head 16mt + g + 8.
-            acc[n][0] += w0 * fmaxf(scale * d[0], 0.f) + w8 * fmaxf(scale * d[2], 0.f);
-            acc[n][1] += w0 * fmaxf(scale * d[1], 0.f) + w8 * fmaxf(scale * d[3], 0.f);
-        }
-    }
-    // Over the eight lanes that share tg (their heads), then over the warps.
-#pragma unroll
-    for (int n = 0; n < INDEXER_TC_KEYS / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            float v = acc[n][e];
-            for (int off = 4; off < 32; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-            if (g == 0) partial[warp * INDEXER_TC_KEYS + n * 8 + 2 * tg + e] = v;
-        }
-    __syncthreads();
-    for (int i = threadIdx.x; i < INDEXER_TC_KEYS; i += blockDim.x) {
-        const int s = tile0 + i;
-        if (s >= n_keys) continue;
-        float total = 0.f;
-        for (int w_ = 0; w_ < INDEXER_TC_WARPS; ++w_) total += partial[w_ * INDEXER_TC_KEYS + i];
-        out_row[s] = s < visible ? total : -3.402823466e38f;
-    }
+    const unsigned short* k_bits = reinterpret_cast<const unsigned short*>(keys);
+    indexer_scores_tc(scores + (size_t)t * scores_stride,
+                      Bf16IndexerQueries{reinterpret_cast<const unsigned short*>(q), heads, dim},
+                      IndexerWeights{w, heads}, Bf16IndexerKeys{k_bits + (size_t)key_start[t] * dim, dim}, t,
+                      blockIdx.x * INDEXER_TC_KEYS, min(n_visible[t], n_keys), n_keys, heads, dim, scale,
+                      -3.402823466e38f);
 }
 
 // ---------------------------------------------------------------------------------------- fp8

@@ -1,14 +1,25 @@
-// MLA attention in the absorbed form on the tensor cores: what mla.cuh's mla_attend computes
-// (the same inputs and outputs), with both products on mma.sync (bf16 in, float32 sums).
+// MLA attention in the absorbed form on the tensor cores: what mla.cuh's mla_attend computes,
+// with both products on mma.sync (bf16 in, float32 sums). Shared by sparse_mla_attention_bf16_tc
+// (mla_sparse.cu: bf16 queries, a bf16 [slot, latent + rope] cache) and the engine's
+// mla_latent_attention_tc_* (engine.cu: float32 queries, a paged pool read in its dtype), which
+// bring their inputs and outputs as policies:
+//   q.at(qr, h, d)        query row qr, head h, dim d as bf16 bits (d < latent: the latent part;
+//                         latent + i: RoPE dim i)
+//   keys.count(qr), keys.slot(qr, j)   row qr's keys (a slot < 0 is none)
+//   kv.row(slot)          a key, with .latent_pair(i) and .rope_pair(i): dims 2i, 2i + 1 of its
+//                         latent or RoPE part as two bf16 (the first in the low 16 bits)
+//   out.write(qr, h, d, v)  output dim d of head h; out.lse_of(qr, h, v) its log-sum-exp
 //
 // Block: MLA_TC_WARPS warps for one query row and MLA_TC_HEADS heads (the M = 16 rows of every
-// product). Each tile of MLA_TC_TILE keys is copied into shared memory once (bf16 rows, latent
-// then rope). Warp w scores the 16 heads against keys 8w .. 8w+7 (S = Q·Kᵀ, dqk / 16 products);
-// the block combines the tile's per-head maxima and sums through shared memory (an online
-// softmax, a running max and sum per head); P goes to shared memory as bf16; and warp w adds
-// P·V to its quarter of the latent dims (latent / 32 products of 8 dims per 16 keys), its
-// accumulators rescaled row by row as the max moves.
-// Needs dqk % 16 == 0 and latent % 32 == 0, latent ≤ MLA_TC_MAX_LATENT.
+// product). In shared memory a query or key row is its latent part padded with zeros to a
+// multiple of MLA_TC_WARPS · 8 (each warp's share of the output dims is whole 8-dim tiles), then
+// its RoPE part, padded to a multiple of 16 (the products' K): zeros add nothing to a score.
+// Each tile of MLA_TC_TILE keys is copied into shared memory once. Warp w scores the 16 heads
+// against keys 8w .. 8w+7 (S = Q·Kᵀ); the block combines the tile's per-head maxima and sums
+// through shared memory (an online softmax, a running max and sum per head); P goes to shared
+// memory as bf16; and warp w adds P·V to its quarter of the latent dims, its accumulators
+// rescaled row by row as the max moves.
+// Needs latent and rope even, and the padded latent ≤ MLA_TC_MAX_LATENT.
 #pragma once
 #include "mma.cuh"
 
@@ -22,48 +33,57 @@
 static_assert(MLA_TC_WARPS * 8 == MLA_TC_TILE && MLA_TC_TILE % 16 == 0, "a tile is 8 keys a warp");
 static_assert(MLA_TC_MAX_LATENT % (MLA_TC_WARPS * 8) == 0, "each warp's dims are whole 8-dim tiles");
 
-// Dynamic shared memory: (MLA_TC_HEADS + MLA_TC_TILE) · (dqk + MLA_TC_PAD) · 2 (queries and keys)
-// + MLA_TC_HEADS · (MLA_TC_TILE + MLA_TC_PAD) · 2 (P) + 2 · MLA_TC_WARPS · MLA_TC_HEADS · 4 (the
-// warps' maxima and sums) + MLA_TC_TILE · 4 (slots) bytes: 56.6 KB at dqk = 576, so raise the
-// kernel's MaxDynamicSharedMemorySize attribute before launching.
+// The latent part's width in shared memory, and the whole row's (launch::mla_tc_dims).
+SMOE_DEVICE int mla_tc_latent_padded(int latent) {
+    return (latent + MLA_TC_WARPS * 8 - 1) / (MLA_TC_WARPS * 8) * (MLA_TC_WARPS * 8);
+}
+SMOE_DEVICE int mla_tc_row_padded(int latent, int rope) { return (mla_tc_latent_padded(latent) + rope + 15) / 16 * 16; }
 
-template <class KeySlots>
-SMOE_DEVICE void mla_attend_tc(__nv_bfloat16* __restrict__ out, float* __restrict__ lse,
-                               const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
-                               const KeySlots& keys, int heads, int latent, int rope, float scale) {
+// Dynamic shared memory: (MLA_TC_HEADS + MLA_TC_TILE) · (row + MLA_TC_PAD) · 2 (queries and keys)
+// + MLA_TC_HEADS · (MLA_TC_TILE + MLA_TC_PAD) · 2 (P) + 2 · MLA_TC_WARPS · MLA_TC_HEADS · 4 (the
+// warps' maxima and sums) + MLA_TC_TILE · 4 (slots) bytes, row the padded width: 56.6 KB at
+// 512 + 64, so raise the kernel's MaxDynamicSharedMemorySize attribute before launching.
+
+template <class Queries, class Keys, class KvRows, class Out>
+SMOE_DEVICE void mla_attend_tc(const Queries& q, const Keys& keys, const KvRows& kv, const Out& out, int qr,
+                               int head0, int heads, int latent, int rope, float scale) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    const int dqk = latent + rope;
-    const int stride = dqk + MLA_TC_PAD;          // even: every fragment register is 4-byte aligned
+    const int lat_p = mla_tc_latent_padded(latent);
+    const int dqk = mla_tc_row_padded(latent, rope);
+    const int stride = dqk + MLA_TC_PAD;  // a multiple of 8: every fragment register is 4-byte aligned
     const int p_stride = MLA_TC_TILE + MLA_TC_PAD;
-    __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [MLA_TC_HEADS][stride]
-    __nv_bfloat16* k_s = q_s + MLA_TC_HEADS * stride;                   // [MLA_TC_TILE][stride]
-    __nv_bfloat16* p_s = k_s + MLA_TC_TILE * stride;                    // [MLA_TC_HEADS][p_stride]
+    unsigned short* q_s = reinterpret_cast<unsigned short*>(smem_raw);  // [MLA_TC_HEADS][stride]
+    unsigned short* k_s = q_s + MLA_TC_HEADS * stride;                   // [MLA_TC_TILE][stride]
+    unsigned short* p_s = k_s + MLA_TC_TILE * stride;                    // [MLA_TC_HEADS][p_stride]
     float* max_s = reinterpret_cast<float*>(p_s + MLA_TC_HEADS * p_stride);  // [warps][heads]
     float* sum_s = max_s + MLA_TC_WARPS * MLA_TC_HEADS;                      // [warps][heads]
     int* slot_s = reinterpret_cast<int*>(sum_s + MLA_TC_WARPS * MLA_TC_HEADS);
-    const unsigned short* k_bits = reinterpret_cast<const unsigned short*>(k_s);
 
-    const int qr = blockIdx.y, head0 = blockIdx.x * MLA_TC_HEADS;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
 
     for (int i = threadIdx.x; i < MLA_TC_HEADS * dqk; i += blockDim.x) {
-        const int hl = i / dqk, d = i % dqk, h = head0 + hl;
-        q_s[hl * stride + d] = h < heads ? q[((size_t)qr * heads + h) * dqk + d] : f32_to_bf16(0.f);
+        const int hl = i / dqk, p = i % dqk, h = head0 + hl;
+        unsigned short v = 0;  // +0.0
+        if (h < heads) {
+            if (p < latent) v = q.at(qr, h, p);
+            else if (p >= lat_p && p - lat_p < rope) v = q.at(qr, h, latent + (p - lat_p));
+        }
+        q_s[hl * stride + p] = v;
     }
 
     // This lane's rows are heads g and g + 8: their running max and sum (the lanes of a group
     // of four keep the same), and its share of their output, dims dim0 + 8j + 2t, + 1.
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     constexpr int N_TILES = MLA_TC_MAX_LATENT / MLA_TC_WARPS / 8;
-    const int my_tiles = latent / MLA_TC_WARPS / 8;
-    const int dim0 = warp * (latent / MLA_TC_WARPS);
+    const int my_tiles = lat_p / MLA_TC_WARPS / 8;
+    const int dim0 = warp * (lat_p / MLA_TC_WARPS);
     float o[N_TILES][4];
 #pragma unroll
     for (int j = 0; j < N_TILES; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
 
     const int count = keys.count(qr);
-    const int words = dqk / 2;
+    const int words = dqk / 2, lat_words = latent / 2, lat_p_words = lat_p / 2, rope_words = rope / 2;
     for (int tile = 0; tile < count; tile += MLA_TC_TILE) {
         __syncthreads();  // the previous tile is consumed (and q_s written, on the first pass)
         if (threadIdx.x < MLA_TC_TILE) {
@@ -74,15 +94,18 @@ SMOE_DEVICE void mla_attend_tc(__nv_bfloat16* __restrict__ out, float* __restric
         for (int i = threadIdx.x; i < MLA_TC_TILE * words; i += blockDim.x) {
             const int r = i / words, c = i % words;
             const int slot = slot_s[r];
-            uint32_t v = 0u;  // a missing key's row is zero (its scores are masked below)
-            if (slot >= 0) v = reinterpret_cast<const uint32_t*>(kv + (size_t)slot * dqk)[c];
+            uint32_t v = 0u;  // padding, and a missing key's row (its scores are masked below)
+            if (slot >= 0) {
+                if (c < lat_words) v = kv.row(slot).latent_pair(c);
+                else if (c >= lat_p_words && c - lat_p_words < rope_words) v = kv.row(slot).rope_pair(c - lat_p_words);
+            }
             reinterpret_cast<uint32_t*>(k_s + r * stride)[c] = v;
         }
         __syncthreads();
 
         // Scores of heads g, g + 8 against keys key0, key0 + 1 (B's column g is key 8w + g).
         float s[4] = {0.f, 0.f, 0.f, 0.f};
-        const __nv_bfloat16* k_row = k_s + (warp * 8 + g) * stride;
+        const unsigned short* k_row = k_s + (warp * 8 + g) * stride;
         for (int k0 = 0; k0 < dqk; k0 += 16) {
             const uint32_t a[4] = {load_bf16x2(q_s + g * stride + k0 + 2 * t),
                                    load_bf16x2(q_s + (g + 8) * stride + k0 + 2 * t),
@@ -120,17 +143,18 @@ SMOE_DEVICE void mla_attend_tc(__nv_bfloat16* __restrict__ out, float* __restric
             corr[hh] = m_new[hh] == -INFINITY ? 1.f : __expf(m[hh] - m_new[hh]);
         }
         // P as bf16, the A of the second product; the sums are of the rounded values it uses.
-        __nv_bfloat16 pb[4];
+        unsigned short pb[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const float mn = m_new[i >> 1];
-            pb[i] = f32_to_bf16(mn == -INFINITY ? 0.f : __expf(s[i] - mn));
+            pb[i] = bf16_bits_rn(mn == -INFINITY ? 0.f : __expf(s[i] - mn));
         }
         p_s[g * p_stride + key0] = pb[0];
         p_s[g * p_stride + key0 + 1] = pb[1];
         p_s[(g + 8) * p_stride + key0] = pb[2];
         p_s[(g + 8) * p_stride + key0 + 1] = pb[3];
-        float sm[2] = {bf16_to_f32(pb[0]) + bf16_to_f32(pb[1]), bf16_to_f32(pb[2]) + bf16_to_f32(pb[3])};
+        float sm[2] = {bf16_bits_to_f32(pb[0]) + bf16_bits_to_f32(pb[1]),
+                       bf16_bits_to_f32(pb[2]) + bf16_bits_to_f32(pb[3])};
 #pragma unroll
         for (int off = 1; off < 4; off <<= 1) {
             sm[0] += __shfl_xor_sync(0xffffffffu, sm[0], off);
@@ -162,8 +186,8 @@ SMOE_DEVICE void mla_attend_tc(__nv_bfloat16* __restrict__ out, float* __restric
                                    load_bf16x2(p_s + (g + 8) * p_stride + k0 + 2 * t),
                                    load_bf16x2(p_s + g * p_stride + k0 + 2 * t + 8),
                                    load_bf16x2(p_s + (g + 8) * p_stride + k0 + 2 * t + 8)};
-            const unsigned short* v0 = k_bits + (k0 + 2 * t) * stride;
-            const unsigned short* v8 = k_bits + (k0 + 2 * t + 8) * stride;
+            const unsigned short* v0 = k_s + (k0 + 2 * t) * stride;
+            const unsigned short* v8 = k_s + (k0 + 2 * t + 8) * stride;
 #pragma unroll
             for (int j = 0; j < N_TILES; ++j) {
                 if (j >= my_tiles) break;  // warp-uniform
@@ -179,14 +203,14 @@ SMOE_DEVICE void mla_attend_tc(__nv_bfloat16* __restrict__ out, float* __restric
         const int h = head0 + g + 8 * hh;
         if (h >= heads) continue;
         const float inv = l[hh] > 0.f ? 1.f / l[hh] : 0.f;
-        __nv_bfloat16* o_row = out + ((size_t)qr * heads + h) * latent;
 #pragma unroll
         for (int j = 0; j < N_TILES; ++j) {
             if (j >= my_tiles) break;
             const int d = dim0 + 8 * j + 2 * t;
-            o_row[d] = f32_to_bf16(o[j][2 * hh] * inv);
-            o_row[d + 1] = f32_to_bf16(o[j][2 * hh + 1] * inv);
+            if (d >= latent) break;  // padding from here on (latent is even, so d + 1 < latent)
+            out.write(qr, h, d, o[j][2 * hh] * inv);
+            out.write(qr, h, d + 1, o[j][2 * hh + 1] * inv);
         }
-        if (warp == 0 && t == 0) lse[(size_t)qr * heads + h] = l[hh] > 0.f ? m[hh] + logf(l[hh]) : -INFINITY;
+        if (warp == 0 && t == 0) out.lse_of(qr, h, l[hh] > 0.f ? m[hh] + logf(l[hh]) : -INFINITY);
     }
 }

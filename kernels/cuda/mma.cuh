@@ -24,7 +24,10 @@ SMOE_DEVICE void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uin
 
 // Two consecutive bf16 values (the first at an even element of a 4-byte aligned row) as one
 // fragment register.
+SMOE_DEVICE uint32_t load_bf16x2(const unsigned short* p) { return *reinterpret_cast<const uint32_t*>(p); }
+#ifndef SMOE_RTC
 SMOE_DEVICE uint32_t load_bf16x2(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+#endif
 
 // Two bf16 values (their bits) as one fragment register, `lo` in the low 16 bits.
 SMOE_DEVICE uint32_t pack_bf16x2(unsigned short lo, unsigned short hi) {

@@ -21,7 +21,13 @@ macro_rules! sources {
 }
 
 /// Headers the `.cu` files include (NVRTC needs them by name).
-pub const HEADERS: &[Source] = sources!["common.cuh", "mla.cuh", "mma.cuh", "mla_tc.cuh"];
+pub const HEADERS: &[Source] = sources![
+    "common.cuh",
+    "mla.cuh",
+    "mma.cuh",
+    "mla_tc.cuh",
+    "indexer_tc.cuh"
+];
 
 /// Every compilation unit, one per op group.
 pub const SOURCES: &[Source] = sources![
@@ -184,6 +190,15 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("indexer_scores_store_fp8" in "engine.cu":
         scores: F32Mut, q: F32, w: F32, codes: U8, key_scales: F32, blocks: I32, block_size: Int,
         n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float),
+    kernel!("indexer_scores_tc_store_f32" in "engine.cu":
+        scores: F32Mut, q: F32, w: F32, keys: F32, blocks: I32, block_size: Int, n_visible: I32,
+        n_keys: Int, heads: Int, dim: Int, scale: Float),
+    kernel!("indexer_scores_tc_store_bf16_bits" in "engine.cu":
+        scores: F32Mut, q: F32, w: F32, keys: Bf16Bits, blocks: I32, block_size: Int,
+        n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float),
+    kernel!("indexer_scores_tc_store_fp8" in "engine.cu":
+        scores: F32Mut, q: F32, w: F32, codes: U8, key_scales: F32, blocks: I32, block_size: Int,
+        n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float),
     kernel!("mla_latent_attention_f32" in "engine.cu":
         ctx: F32Mut, q_lat: F32, q_pe: F32, latent: F32, k_pe: F32, keys: I32, key_offsets: I32,
         heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int, scale: Float),
@@ -192,6 +207,17 @@ pub const KERNELS: &[Kernel] = &[
         key_offsets: I32, heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int,
         scale: Float),
     kernel!("mla_latent_attention_fp8" in "engine.cu":
+        ctx: F32Mut, q_lat: F32, q_pe: F32, latent_codes: U8, latent_scales: F32, k_pe: Bf16Bits,
+        keys: I32, key_offsets: I32, heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int,
+        q_pe_head: Int, scale: Float),
+    kernel!("mla_latent_attention_tc_f32" in "engine.cu":
+        ctx: F32Mut, q_lat: F32, q_pe: F32, latent: F32, k_pe: F32, keys: I32, key_offsets: I32,
+        heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int, scale: Float),
+    kernel!("mla_latent_attention_tc_bf16_bits" in "engine.cu":
+        ctx: F32Mut, q_lat: F32, q_pe: F32, latent: Bf16Bits, k_pe: Bf16Bits, keys: I32,
+        key_offsets: I32, heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int,
+        scale: Float),
+    kernel!("mla_latent_attention_tc_fp8" in "engine.cu":
         ctx: F32Mut, q_lat: F32, q_pe: F32, latent_codes: U8, latent_scales: F32, k_pe: Bf16Bits,
         keys: I32, key_offsets: I32, heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int,
         q_pe_head: Int, scale: Float),
@@ -272,19 +298,38 @@ pub mod launch {
         MLA_HEADS_PER_BLOCK * dqk * 2 + MLA_TILE * (dqk + 2) * 2 + MLA_TILE * 4
     }
 
-    /// Dynamic shared memory of `indexer_scores_bf16_tc`: the query's heads (rounded up to 16)
-    /// and the key tile as padded bf16 rows, the heads' weights, the warps' per-key sums.
+    /// Dynamic shared memory of the tensor-core indexer (`indexer_tc.cuh`:
+    /// `indexer_scores_bf16_tc`, `indexer_scores_tc_store_*`): the query's heads (rounded up to
+    /// 16) and the key tile as bf16 rows of `dim` rounded up to 16 and padded, the heads'
+    /// weights, the warps' per-key sums.
     pub fn indexer_tc_smem_bytes(heads: u32, dim: u32) -> u32 {
         let rows = heads.div_ceil(16) * 16;
-        (rows + INDEXER_TC_KEYS) * (dim + INDEXER_TC_PAD) * 2
+        (rows + INDEXER_TC_KEYS) * (dim.div_ceil(16) * 16 + INDEXER_TC_PAD) * 2
             + rows * 4
             + INDEXER_TC_WARPS * INDEXER_TC_KEYS * 4
     }
 
-    /// Dynamic shared memory of `sparse_mla_attention_bf16_tc` (`mla_tc.cuh`): queries and a
-    /// tile of keys (bf16 rows padded by `MLA_TC_PAD`), P, the warps' maxima and sums, slots.
+    /// The width of a query or key row in the tensor-core MLA attention's shared memory
+    /// (`mla_tc.cuh`): the latent part padded to a multiple of `MLA_TC_WARPS · 8`, then the RoPE
+    /// part, padded to a multiple of 16.
+    pub fn mla_tc_row_width(latent: u32, rope: u32) -> u32 {
+        (latent.div_ceil(MLA_TC_WARPS * 8) * MLA_TC_WARPS * 8 + rope).div_ceil(16) * 16
+    }
+
+    /// Whether the tensor-core MLA attention takes these widths: both even (bf16 pairs), the
+    /// padded latent within `MLA_TC_MAX_LATENT`.
+    pub fn mla_tc_fits(latent: u32, rope: u32) -> bool {
+        latent.is_multiple_of(2)
+            && rope.is_multiple_of(2)
+            && latent.div_ceil(MLA_TC_WARPS * 8) * MLA_TC_WARPS * 8 <= MLA_TC_MAX_LATENT
+    }
+
+    /// Dynamic shared memory of the tensor-core MLA attention (`mla_tc.cuh`:
+    /// `sparse_mla_attention_bf16_tc`, `mla_latent_attention_tc_*`): queries and a tile of keys
+    /// (bf16 rows of [`mla_tc_row_width`] padded by `MLA_TC_PAD`), P, the warps' maxima and sums,
+    /// slots.
     pub fn mla_tc_smem_bytes(latent: u32, rope: u32) -> u32 {
-        let stride = latent + rope + MLA_TC_PAD;
+        let stride = mla_tc_row_width(latent, rope) + MLA_TC_PAD;
         (MLA_HEADS_PER_BLOCK + MLA_TC_TILE) * stride * 2
             + MLA_HEADS_PER_BLOCK * (MLA_TC_TILE + MLA_TC_PAD) * 2
             + 2 * MLA_TC_WARPS * MLA_HEADS_PER_BLOCK * 4

@@ -110,9 +110,13 @@ fn launch_constants_match_the_sources() {
             "INDEXER_QUANT_THREADS",
             launch::INDEXER_QUANT_THREADS,
         ),
-        ("indexer.cu", "INDEXER_TC_KEYS", launch::INDEXER_TC_KEYS),
-        ("indexer.cu", "INDEXER_TC_WARPS", launch::INDEXER_TC_WARPS),
-        ("indexer.cu", "INDEXER_TC_PAD", launch::INDEXER_TC_PAD),
+        ("indexer_tc.cuh", "INDEXER_TC_KEYS", launch::INDEXER_TC_KEYS),
+        (
+            "indexer_tc.cuh",
+            "INDEXER_TC_WARPS",
+            launch::INDEXER_TC_WARPS,
+        ),
+        ("indexer_tc.cuh", "INDEXER_TC_PAD", launch::INDEXER_TC_PAD),
         ("topk.cu", "TOPK_THREADS", launch::TOPK_THREADS),
         ("mla.cuh", "MLA_TILE", launch::MLA_TILE),
         ("mla.cuh", "MLA_MAX_LATENT", launch::MLA_MAX_LATENT),
@@ -156,6 +160,16 @@ fn launch_constants_match_the_sources() {
     );
     assert!(launch::mla_smem_bytes(512, 64) > 48 * 1024);
     assert_eq!(launch::mla_tc_smem_bytes(512, 64), 57_984);
+    // Padded rows: the latent part to a multiple of 32, the whole row to a multiple of 16.
+    assert_eq!(launch::mla_tc_row_width(512, 64), 576);
+    assert_eq!(launch::mla_tc_row_width(32, 8), 48);
+    assert_eq!(launch::mla_tc_row_width(200, 24), 256);
+    assert!(launch::mla_tc_fits(512, 64) && launch::mla_tc_fits(200, 24));
+    assert!(
+        !launch::mla_tc_fits(513, 64)
+            && !launch::mla_tc_fits(32, 7)
+            && !launch::mla_tc_fits(514, 64)
+    );
     assert_eq!(launch::indexer_tc_smem_bytes(64, 128), 36_096);
     let engine = source("engine.cu").unwrap().text;
     assert!(

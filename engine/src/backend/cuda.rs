@@ -152,7 +152,8 @@ pub enum Dtype {
     #[default]
     Float32,
     /// bf16 weights (half the memory); each product rounds its float32 input to bf16 and runs on
-    /// the tensor cores, summing in float32. Everything between products stays float32.
+    /// the tensor cores, summing in float32, and so do attention and the indexer's scores
+    /// (queries, keys and softmax probabilities rounded to bf16). Everything else stays float32.
     Bfloat16,
 }
 
@@ -346,9 +347,15 @@ struct Kernels {
     indexer_scores_store: CudaFunction,
     indexer_scores_store_bf16: CudaFunction,
     indexer_scores_store_fp8: CudaFunction,
+    indexer_scores_tc_store: CudaFunction,
+    indexer_scores_tc_store_bf16: CudaFunction,
+    indexer_scores_tc_store_fp8: CudaFunction,
     mla_latent_attention: CudaFunction,
     mla_latent_attention_bf16: CudaFunction,
     mla_latent_attention_fp8: CudaFunction,
+    mla_latent_attention_tc: CudaFunction,
+    mla_latent_attention_tc_bf16: CudaFunction,
+    mla_latent_attention_tc_fp8: CudaFunction,
     topk_rows: CudaFunction,
 }
 
@@ -377,6 +384,13 @@ pub struct Cuda {
     one_by_one: Arc<std::sync::atomic::AtomicBool>,
     /// MoE layers (or shards' parts of them) whose routed experts ran as grouped products.
     grouped_layers: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether attention and the indexer's scores run on the tensor cores
+    /// (`mla_latent_attention_tc_*`, `indexer_scores_tc_store_*`: queries, keys and
+    /// probabilities rounded to bf16) where their widths allow, rather than in float32: on with
+    /// `--dtype bfloat16`, or by [`Cuda::attention_on_tensor_cores`].
+    tensor_cores: Arc<std::sync::atomic::AtomicBool>,
+    /// Attention and indexer launches that ran on the tensor cores.
+    tensor_core_launches: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -432,27 +446,36 @@ fn ok<T, E: std::fmt::Debug>(result: std::result::Result<T, E>, what: &str) -> T
 
 /// The source of `file` with the headers it includes pasted in (NVRTC gets no include path).
 fn inline_headers(file: &str) -> Result<String> {
+    let mut text = String::new();
+    paste(file, &mut Vec::new(), &mut text)?;
+    Ok(text)
+}
+
+/// Appends `file` to `text` with its `#include "…"` lines replaced by the headers themselves,
+/// each pasted once (at its first include, as `#pragma once` would), headers within headers too.
+fn paste(file: &str, pasted: &mut Vec<String>, text: &mut String) -> Result<()> {
     let source = sparsemoe_kernels::source(file)
         .ok_or_else(|| device_error(format!("kernel source {file} is missing from the build")))?;
-    let mut text = String::with_capacity(source.text.len());
+    pasted.push(file.to_string());
     for line in source.text.lines() {
         match line
             .strip_prefix("#include \"")
             .and_then(|rest| rest.strip_suffix('"'))
         {
+            Some(header) if pasted.iter().any(|p| p == header) => {}
             Some(header) => {
-                let h = sparsemoe_kernels::source(header).ok_or_else(|| {
-                    device_error(format!(
+                if sparsemoe_kernels::source(header).is_none() {
+                    return Err(device_error(format!(
                         "{file} includes {header}, which is not in the build"
-                    ))
-                })?;
-                text.push_str(h.text);
+                    )));
+                }
+                paste(header, pasted, text)?;
             }
             None => text.push_str(line),
         }
         text.push('\n');
     }
-    Ok(text)
+    Ok(())
 }
 
 /// Compiles the engine's kernels to PTX with NVRTC: `(file, ptx)` for each.
@@ -547,9 +570,15 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         indexer_scores_store: function("indexer_scores_store_f32")?,
         indexer_scores_store_bf16: function("indexer_scores_store_bf16_bits")?,
         indexer_scores_store_fp8: function("indexer_scores_store_fp8")?,
+        indexer_scores_tc_store: function("indexer_scores_tc_store_f32")?,
+        indexer_scores_tc_store_bf16: function("indexer_scores_tc_store_bf16_bits")?,
+        indexer_scores_tc_store_fp8: function("indexer_scores_tc_store_fp8")?,
         mla_latent_attention: function("mla_latent_attention_f32")?,
         mla_latent_attention_bf16: function("mla_latent_attention_bf16_bits")?,
         mla_latent_attention_fp8: function("mla_latent_attention_fp8")?,
+        mla_latent_attention_tc: function("mla_latent_attention_tc_f32")?,
+        mla_latent_attention_tc_bf16: function("mla_latent_attention_tc_bf16_bits")?,
+        mla_latent_attention_tc_fp8: function("mla_latent_attention_tc_fp8")?,
         topk_rows: function("topk_rows_f32")?,
     });
     Ok(OpenDevice {
@@ -699,6 +728,8 @@ impl Cuda {
             fp8_scratch: device.fp8_scratch.clone(),
             one_by_one: Arc::new(std::sync::atomic::AtomicBool::new(!grouped_gemm_present())),
             grouped_layers: Arc::default(),
+            tensor_cores: Arc::new(std::sync::atomic::AtomicBool::new(dtype == Dtype::Bfloat16)),
+            tensor_core_launches: Arc::default(),
         })
     }
 
@@ -730,6 +761,26 @@ impl Cuda {
         std::iter::once(self)
             .chain(self.shards.iter())
             .all(|lane| !lane.one_by_one.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Runs attention and the indexer's scores on the tensor cores (`on`: bf16 queries, keys
+    /// and probabilities, float32 sums; where the widths allow: `launch::mla_tc_fits`, an even
+    /// indexer width) or in float32 (the CPU backend's numbers). The default follows the dtype:
+    /// tensor cores with `--dtype bfloat16`.
+    pub fn attention_on_tensor_cores(&self, on: bool) {
+        self.tensor_cores
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the indexer's scores over keys of `dim` run on the tensor cores.
+    fn tensor_cores(&self, dim: usize) -> bool {
+        self.tensor_cores.load(std::sync::atomic::Ordering::Relaxed) && dim.is_multiple_of(2)
+    }
+
+    /// How many attention and indexer launches ran on the tensor cores.
+    pub fn tensor_core_launches(&self) -> u64 {
+        self.tensor_core_launches
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes this lane's context current on the calling thread (cuBLAS calls need it).
@@ -1300,15 +1351,31 @@ impl Cuda {
         if k == 0 {
             return vec![Vec::new(); n];
         }
+        let tensor_cores = self.tensor_cores(dim);
+        let k_ = &self.k;
+        let pick = |simt, tc| if tensor_cores { tc } else { simt };
         // A store's keys through the blocks that hold the first n_keys tokens: one entry a
-        // block uploaded, not one a key.
+        // block uploaded, not one a key. On the tensor cores a tensor's rows are a store's with
+        // one block of n_keys rows.
         let (function, blocks) = match keys {
-            IndexerKeys::Rows(_) => (&self.k.indexer_scores, None),
+            IndexerKeys::Rows(_) if tensor_cores => (
+                &k_.indexer_scores_tc_store,
+                Some((self.upload_i32(std::iter::once(0)), n_keys as i32)),
+            ),
+            IndexerKeys::Rows(_) => (&k_.indexer_scores, None),
             IndexerKeys::Store(store, table) => (
                 match store {
-                    CudaStore::F32(_) => &self.k.indexer_scores_store,
-                    CudaStore::Bf16 { .. } => &self.k.indexer_scores_store_bf16,
-                    CudaStore::Fp8 { .. } => &self.k.indexer_scores_store_fp8,
+                    CudaStore::F32(_) => {
+                        pick(&k_.indexer_scores_store, &k_.indexer_scores_tc_store)
+                    }
+                    CudaStore::Bf16 { .. } => pick(
+                        &k_.indexer_scores_store_bf16,
+                        &k_.indexer_scores_tc_store_bf16,
+                    ),
+                    CudaStore::Fp8 { .. } => pick(
+                        &k_.indexer_scores_store_fp8,
+                        &k_.indexer_scores_tc_store_fp8,
+                    ),
                 },
                 Some((
                     self.upload_i32(
@@ -1320,8 +1387,21 @@ impl Cuda {
                 )),
             ),
         };
-        // Both kernels take the same shared memory: the row's q and weights.
-        let smem = launch::indexer_f32_smem_bytes(heads as u32, dim as u32);
+        // The float32 kernels take the row's q and weights in shared memory, a key a thread;
+        // the tensor-core ones a tile of keys too, 64 keys a block.
+        let (smem, threads, keys_per_block) = if tensor_cores {
+            (
+                launch::indexer_tc_smem_bytes(heads as u32, dim as u32),
+                launch::INDEXER_TC_WARPS * 32,
+                launch::INDEXER_TC_KEYS,
+            )
+        } else {
+            (
+                launch::indexer_f32_smem_bytes(heads as u32, dim as u32),
+                launch::INDEXER_F32_KEYS,
+                launch::INDEXER_F32_KEYS,
+            )
+        };
         if smem > 48 * 1024 {
             ok(
                 function.set_attribute(
@@ -1341,10 +1421,10 @@ impl Cuda {
             let cfg = LaunchConfig {
                 grid_dim: (
                     rows as u32,
-                    n_keys.div_ceil(launch::INDEXER_F32_KEYS as usize) as u32,
+                    n_keys.div_ceil(keys_per_block as usize) as u32,
                     1,
                 ),
-                block_dim: (launch::INDEXER_F32_KEYS, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: smem,
             };
             let (nk, h, dm) = (n_keys as i32, heads as i32, dim as i32);
@@ -1354,7 +1434,8 @@ impl Cuda {
             let mut b = self.stream.launch_builder(function);
             b.arg(&mut scores.buf).arg(&q_rows).arg(&w_rows);
             match (keys, &blocks) {
-                (IndexerKeys::Rows(t), _) => b.arg(&t.buf),
+                (IndexerKeys::Rows(t), None) => b.arg(&t.buf),
+                (IndexerKeys::Rows(t), Some((blocks, bs))) => b.arg(&t.buf).arg(blocks).arg(bs),
                 (IndexerKeys::Store(CudaStore::F32(t), _), Some((blocks, bs))) => {
                     b.arg(&t.buf).arg(blocks).arg(bs)
                 }
@@ -1373,9 +1454,14 @@ impl Cuda {
             // SAFETY: scores is [rows, n_keys]; the keys hold n_keys rows of dim (a tensor's
             // rows, or a store's rows in the uploaded blocks, each checked to lie in the store);
             // q and w hold rows rows of heads·dim and heads from `first`; heads ≤
-            // INDEXER_STORE_MAX_HEADS for the store kernels; key blocks ≤ 65535 (the grid's y
-            // limit) up to 8M keys.
+            // INDEXER_STORE_MAX_HEADS for the float32 store kernels, dim even for the
+            // tensor-core ones; key blocks ≤ 65535 (the grid's y limit) up to 8M keys (4M on the
+            // tensor cores).
             ok(unsafe { b.launch(cfg) }, "indexer_scores");
+            if tensor_cores {
+                self.tensor_core_launches
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
 
             let mut chosen = ok(self.stream.alloc_zeros::<i32>(rows * k), "allocating");
             let (kk, stride) = (k as i32, n_keys as i64);
@@ -1502,14 +1588,28 @@ impl Cuda {
         let mut ctx_rows = ctx.buf.slice_mut(first_row * width..);
         let (heads, latent, rope) = (d.heads as i32, d.latent as i32, d.rope as i32);
         let (q_pe_row, q_pe_head) = (q.cols as i32, (d.nope + d.rope) as i32);
+        // Both kernels take a row and 16 heads a block, with the same parameters.
+        let tensor_cores = self.tensor_cores.load(std::sync::atomic::Ordering::Relaxed)
+            && launch::mla_tc_fits(d.latent as u32, d.rope as u32);
+        let (threads, smem) = if tensor_cores {
+            (
+                launch::MLA_TC_WARPS * 32,
+                launch::mla_tc_smem_bytes(d.latent as u32, d.rope as u32),
+            )
+        } else {
+            (
+                launch::MLA_F32_THREADS,
+                launch::mla_f32_smem_bytes(d.latent as u32, d.rope as u32),
+            )
+        };
         let cfg = LaunchConfig {
             grid_dim: (
                 rows as u32,
                 d.heads.div_ceil(launch::MLA_F32_HEADS as usize) as u32,
                 1,
             ),
-            block_dim: (launch::MLA_F32_THREADS, 1, 1),
-            shared_mem_bytes: launch::mla_f32_smem_bytes(d.latent as u32, d.rope as u32),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem,
         };
         // The cached rows where they are, in their dtype, and the kernel that reads them.
         enum Rows<'r> {
@@ -1517,24 +1617,32 @@ impl Cuda {
             Bf16(&'r CudaSlice<u16>, &'r CudaSlice<u16>),
             Fp8(&'r CudaSlice<u8>, &'r CudaSlice<f32>, &'r CudaSlice<u16>),
         }
+        let k = &self.k;
+        let pick = |simt, tc| if tensor_cores { tc } else { simt };
         let (kernel, rows_d) = match seq.cached {
             CachedRows::Tensors { latent, k_pe }
             | CachedRows::Stores {
                 latent: CudaStore::F32(latent),
                 k_pe: CudaStore::F32(k_pe),
             } => (
-                &self.k.mla_latent_attention,
+                pick(&k.mla_latent_attention, &k.mla_latent_attention_tc),
                 Rows::F32(&latent.buf, &k_pe.buf),
             ),
             CachedRows::Stores {
                 latent: CudaStore::Bf16 { buf: latent, .. },
                 k_pe: CudaStore::Bf16 { buf: k_pe, .. },
-            } => (&self.k.mla_latent_attention_bf16, Rows::Bf16(latent, k_pe)),
+            } => (
+                pick(
+                    &k.mla_latent_attention_bf16,
+                    &k.mla_latent_attention_tc_bf16,
+                ),
+                Rows::Bf16(latent, k_pe),
+            ),
             CachedRows::Stores {
                 latent: CudaStore::Fp8 { codes, scales, .. },
                 k_pe: CudaStore::Bf16 { buf: k_pe, .. },
             } => (
-                &self.k.mla_latent_attention_fp8,
+                pick(&k.mla_latent_attention_fp8, &k.mla_latent_attention_tc_fp8),
                 Rows::Fp8(codes, scales, k_pe),
             ),
             CachedRows::Stores { latent, k_pe } => panic!(
@@ -1569,10 +1677,15 @@ impl Cuda {
         // SAFETY: every key indexes a row of the sequence's latent and k_pe rows (checked
         // above), whose buffers the kernel reads in their dtype (an fp8 store's scales hold
         // ceil(cols / KV_FP8_BLOCK) per row, as scatter_rows_f32_to_fp8 writes them);
-        // latent ≤ MLA_F32_MAX_LATENT (checked by mla_attention); rows ≤ the grid's x limit;
-        // head groups ≤ its y limit (65535); the shared memory the launch asks for is allowed
-        // (raised above).
+        // latent ≤ MLA_F32_MAX_LATENT (checked by mla_attention), and for the tensor cores both
+        // widths even with the padded latent ≤ MLA_TC_MAX_LATENT (mla_tc_fits); rows ≤ the
+        // grid's x limit; head groups ≤ its y limit (65535); the shared memory the launch asks
+        // for is allowed (raised above).
         ok(unsafe { b.launch(cfg) }, "mla_latent_attention");
+        if tensor_cores {
+            self.tensor_core_launches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// One sequence's rows of the absorbed MLA (see [`Backend::mla_attention`]), written into
@@ -2224,7 +2337,7 @@ impl Backend for Cuda {
         k: usize,
         scale: f32,
     ) -> Vec<Vec<u32>> {
-        if w.cols > launch::INDEXER_STORE_MAX_HEADS as usize {
+        if w.cols > launch::INDEXER_STORE_MAX_HEADS as usize && !self.tensor_cores(keys.cols()) {
             // More heads than the in-place kernel keeps sums for: score a gathered copy.
             let gathered = self.gather_rows(keys, &table.rows(0..table.tokens()));
             return self.indexer_select(q, w, &gathered, positions, k, scale);

@@ -1,0 +1,107 @@
+// The DSA indexer's scores with q·kᵀ on the tensor cores (mma.sync m16n8k16, mma.cuh):
+//   scores[s] = Σ_h w[t, h] · ReLU(scale · q[t, h] · k[s])   for s < visible, `mask` after.
+// Shared by indexer_scores_bf16_tc (indexer.cu: bf16 queries and keys) and the engine's
+// indexer_scores_tc_store_* (engine.cu: float32 queries, keys read in place from a paged pool
+// in its dtype), which bring their inputs as policies:
+//   q.at(t, h, c)     query row t, head h, dim c as bf16 bits
+//   w.at(t, h)        the head's weight (float32)
+//   keys.pair(s, i)   dims 2i, 2i + 1 of row t's key s as two bf16 (the first in the low bits)
+//
+// A block scores one query row against a tile of INDEXER_TC_KEYS keys: warp w takes the heads'
+// 16-row tiles w, w + 4, …, and for each the products of its 16 heads with the tile's 64 keys (8
+// blocks of 8 keys, dim / 16 products each); each lane folds its heads' w · ReLU(scale · dot)
+// into per-key sums, the warp adds them over its lanes and the block over its warps. Rows are
+// padded with zeros in shared memory to a multiple of 16 dims (dim must be even).
+// Shared memory: the query's heads rounded up to 16 and the key tile, bf16 rows of
+// ceil16(dim) + INDEXER_TC_PAD; the heads' weights (rounded up to 16); the warps' per-key sums
+// = (ceil16(heads) + INDEXER_TC_KEYS) · (ceil16(dim) + 8) · 2 + ceil16(heads) · 4 + 4 · INDEXER_TC_KEYS · 4
+// bytes (35.3 KB at 64 heads × 128).
+#pragma once
+#include "mma.cuh"
+
+#define INDEXER_TC_KEYS 64
+#define INDEXER_TC_WARPS 4
+#define INDEXER_TC_PAD 8
+static_assert(INDEXER_TC_KEYS % 8 == 0 && INDEXER_TC_PAD % 2 == 0, "keys in blocks of 8; rows 4-byte aligned");
+
+// The weights policy every user has: float32 [T, heads].
+struct IndexerWeights {
+    const float* w;
+    int heads;
+    SMOE_DEVICE float at(int t, int h) const { return w[(size_t)t * heads + h]; }
+};
+
+template <class Queries, class Weights, class Keys>
+SMOE_DEVICE void indexer_scores_tc(float* __restrict__ out_row, const Queries& q, const Weights& w, const Keys& keys,
+                                   int t, int tile0, int visible, int n_keys, int heads, int dim, float scale,
+                                   float mask) {
+    extern __shared__ __align__(16) unsigned char indexer_tc_smem[];
+    if (tile0 >= visible) {  // the whole tile is masked: write the mask and leave
+        for (int i = threadIdx.x; i < INDEXER_TC_KEYS; i += blockDim.x)
+            if (tile0 + i < n_keys) out_row[tile0 + i] = mask;
+        return;
+    }
+
+    const int m_tiles = (heads + 15) / 16;
+    const int dim_p = (dim + 15) / 16 * 16, words = dim_p / 2, dim_words = dim / 2;
+    const int stride = dim_p + INDEXER_TC_PAD;  // a multiple of 8: fragment registers stay 4-byte aligned
+    unsigned short* q_s = reinterpret_cast<unsigned short*>(indexer_tc_smem);  // [16 m_tiles][stride]
+    unsigned short* k_s = q_s + m_tiles * 16 * stride;                   // [INDEXER_TC_KEYS][stride]
+    float* w_s = reinterpret_cast<float*>(k_s + INDEXER_TC_KEYS * stride);  // [16 m_tiles]
+    float* partial = w_s + m_tiles * 16;                                    // [warps][keys]
+
+    for (int i = threadIdx.x; i < m_tiles * 16 * dim_p; i += blockDim.x) {
+        const int h = i / dim_p, c = i % dim_p;
+        q_s[h * stride + c] = h < heads && c < dim ? q.at(t, h, c) : (unsigned short)0;
+    }
+    for (int h = threadIdx.x; h < m_tiles * 16; h += blockDim.x) w_s[h] = h < heads ? w.at(t, h) : 0.f;
+    for (int i = threadIdx.x; i < INDEXER_TC_KEYS * words; i += blockDim.x) {
+        const int r = i / words, c = i % words;
+        const int key = tile0 + r;
+        reinterpret_cast<uint32_t*>(k_s + r * stride)[c] = key < visible && c < dim_words ? keys.pair(key, c) : 0u;
+    }
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, tg = lane & 3;
+    // This lane's per-key sums: keys 8n + 2tg and 8n + 2tg + 1 of the tile.
+    float acc[INDEXER_TC_KEYS / 8][2];
+#pragma unroll
+    for (int n = 0; n < INDEXER_TC_KEYS / 8; ++n) acc[n][0] = acc[n][1] = 0.f;
+    for (int mt = warp; mt < m_tiles; mt += INDEXER_TC_WARPS) {  // warp-uniform
+        const unsigned short* q0 = q_s + (mt * 16 + g) * stride;
+        const unsigned short* q8 = q0 + 8 * stride;
+        const float w0 = w_s[mt * 16 + g], w8 = w_s[mt * 16 + g + 8];
+#pragma unroll
+        for (int n = 0; n < INDEXER_TC_KEYS / 8; ++n) {
+            const unsigned short* k_row = k_s + (n * 8 + g) * stride;  // B's column g: key 8n + g
+            float d[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int k0 = 0; k0 < dim_p; k0 += 16) {
+                const uint32_t a[4] = {load_bf16x2(q0 + k0 + 2 * tg), load_bf16x2(q8 + k0 + 2 * tg),
+                                       load_bf16x2(q0 + k0 + 2 * tg + 8), load_bf16x2(q8 + k0 + 2 * tg + 8)};
+                const uint32_t b[2] = {load_bf16x2(k_row + k0 + 2 * tg), load_bf16x2(k_row + k0 + 2 * tg + 8)};
+                mma_bf16_16816(d, a, b);
+            }
+            // d[0], d[1]: head 16mt + g against keys 8n + 2tg, + 1; d[2], d[3]: head 16mt + g + 8.
+            acc[n][0] += w0 * fmaxf(scale * d[0], 0.f) + w8 * fmaxf(scale * d[2], 0.f);
+            acc[n][1] += w0 * fmaxf(scale * d[1], 0.f) + w8 * fmaxf(scale * d[3], 0.f);
+        }
+    }
+    // Over the eight lanes that share tg (their heads), then over the warps.
+#pragma unroll
+    for (int n = 0; n < INDEXER_TC_KEYS / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            float v = acc[n][e];
+            for (int off = 4; off < 32; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (g == 0) partial[warp * INDEXER_TC_KEYS + n * 8 + 2 * tg + e] = v;
+        }
+    __syncthreads();
+    for (int i = threadIdx.x; i < INDEXER_TC_KEYS; i += blockDim.x) {
+        const int s = tile0 + i;
+        if (s >= n_keys) continue;
+        float total = 0.f;
+        for (int w_ = 0; w_ < INDEXER_TC_WARPS; ++w_) total += partial[w_ * INDEXER_TC_KEYS + i];
+        out_row[s] = s < visible ? total : mask;
+    }
+}
