@@ -355,6 +355,12 @@ struct StoreFp8 {
     }
 };
 
+// Where a paged cache keeps a sequence's token s: row blocks[s / block_size] · block_size +
+// s % block_size of its KV store (blocks: the sequence's block table).
+SMOE_DEVICE size_t paged_row(const int* blocks, int block_size, int s) {
+    return (size_t)blocks[s / block_size] * block_size + s % block_size;
+}
+
 // indexer_scores_f32's scores with key s read where a paged cache keeps it, row
 // blocks[s / block_size] · block_size + s % block_size of a KV store (the sequence's block table
 // is what the host uploads, not a row per key): no gathered copy of the keys. `smem` is the
@@ -373,7 +379,7 @@ SMOE_DEVICE void indexer_scores_store(float* smem, float* scores, const float* q
     if (s >= n_keys) return;
     float total = neg_inf();
     if (s < n_visible[r]) {
-        const auto key = store.row((size_t)blocks[s / block_size] * block_size + s % block_size, dim);
+        const auto key = store.row(paged_row(blocks, block_size, s), dim);
         float dot[INDEXER_STORE_MAX_HEADS];
 #pragma unroll
         for (int h = 0; h < INDEXER_STORE_MAX_HEADS; ++h) dot[h] = 0.f;
@@ -439,9 +445,7 @@ struct PagedKeys {
     Store store;
     const int* blocks;
     int block_size, dim;
-    SMOE_DEVICE uint32_t pair(int s, int i) const {
-        return store.row((size_t)blocks[s / block_size] * block_size + s % block_size, dim).bf16_pair(i);
-    }
+    SMOE_DEVICE typename Store::Row row(int s) const { return store.row(paged_row(blocks, block_size, s), dim); }
 };
 template <typename Store>
 SMOE_DEVICE void indexer_scores_tc_store(float* scores, const float* q, const float* w, Store store, const int* blocks,

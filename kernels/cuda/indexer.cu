@@ -93,7 +93,11 @@ struct Bf16IndexerQueries {
 struct Bf16IndexerKeys {
     const unsigned short* base;  // row t's key 0
     int dim;
-    SMOE_DEVICE uint32_t pair(int s, int i) const { return load_bf16x2(base + (size_t)s * dim + 2 * i); }
+    struct Row {
+        const unsigned short* p;
+        SMOE_DEVICE uint32_t bf16_pair(int i) const { return load_bf16x2(p + 2 * i); }
+    };
+    SMOE_DEVICE Row row(int s) const { return Row{base + (size_t)s * dim}; }
 };
 
 // One block an SM at least (not ptxas's default occupancy target, which spills on sm_90a).

@@ -5,7 +5,8 @@
 // in its dtype), which bring their inputs as policies:
 //   q.at(t, h, c)     query row t, head h, dim c as bf16 bits
 //   w.at(t, h)        the head's weight (float32)
-//   keys.pair(s, i)   dims 2i, 2i + 1 of row t's key s as two bf16 (the first in the low bits)
+//   keys.row(s)       row t's key s, with .bf16_pair(i): its dims 2i, 2i + 1 as two bf16 (the
+//                     first in the low bits)
 //
 // A block scores one query row against a tile of INDEXER_TC_KEYS keys: warp w takes the heads'
 // 16-row tiles w, w + 4, …, and for each the products of its 16 heads with the tile's 64 keys (8
@@ -55,14 +56,19 @@ SMOE_DEVICE void indexer_scores_tc(float* __restrict__ out_row, const Queries& q
         q_s[h * stride + c] = h < heads && c < dim ? q.at(t, h, c) : (unsigned short)0;
     }
     for (int h = threadIdx.x; h < m_tiles * 16; h += blockDim.x) w_s[h] = h < heads ? w.at(t, h) : 0.f;
-    for (int i = threadIdx.x; i < INDEXER_TC_KEYS * words; i += blockDim.x) {
-        const int r = i / words, c = i % words;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int r = warp; r < INDEXER_TC_KEYS; r += INDEXER_TC_WARPS) {  // a warp a key: its row found once
         const int key = tile0 + r;
-        reinterpret_cast<uint32_t*>(k_s + r * stride)[c] = key < visible && c < dim_words ? keys.pair(key, c) : 0u;
+        uint32_t* dst = reinterpret_cast<uint32_t*>(k_s + r * stride);
+        if (key >= visible) {
+            for (int c = lane; c < words; c += 32) dst[c] = 0u;
+            continue;
+        }
+        const auto row = keys.row(key);
+        for (int c = lane; c < words; c += 32) dst[c] = c < dim_words ? row.bf16_pair(c) : 0u;
     }
     __syncthreads();
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, tg = lane & 3;
     // This lane's per-key sums: keys 8n + 2tg and 8n + 2tg + 1 of the tile.
     float acc[INDEXER_TC_KEYS / 8][2];

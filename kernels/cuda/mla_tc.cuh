@@ -91,15 +91,20 @@ SMOE_DEVICE void mla_attend_tc(const Queries& q, const Keys& keys, const KvRows&
             slot_s[threadIdx.x] = j < count ? keys.slot(qr, j) : -1;
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < MLA_TC_TILE * words; i += blockDim.x) {
-            const int r = i / words, c = i % words;
+        for (int r = warp; r < MLA_TC_TILE; r += MLA_TC_WARPS) {  // a warp a key: its row found once
             const int slot = slot_s[r];
-            uint32_t v = 0u;  // padding, and a missing key's row (its scores are masked below)
-            if (slot >= 0) {
-                if (c < lat_words) v = kv.row(slot).latent_pair(c);
-                else if (c >= lat_p_words && c - lat_p_words < rope_words) v = kv.row(slot).rope_pair(c - lat_p_words);
+            uint32_t* dst = reinterpret_cast<uint32_t*>(k_s + r * stride);
+            if (slot < 0) {  // a missing key's row is zero (its scores are masked below)
+                for (int c = lane; c < words; c += 32) dst[c] = 0u;
+                continue;
             }
-            reinterpret_cast<uint32_t*>(k_s + r * stride)[c] = v;
+            const auto row = kv.row(slot);
+            for (int c = lane; c < words; c += 32) {
+                uint32_t v = 0u;  // padding
+                if (c < lat_words) v = row.latent_pair(c);
+                else if (c >= lat_p_words && c - lat_p_words < rope_words) v = row.rope_pair(c - lat_p_words);
+                dst[c] = v;
+            }
         }
         __syncthreads();
 
