@@ -626,23 +626,24 @@ class Harness:
                 self.record_bool(f"{name} empty row", False, "a row with no keys: context not 0")
 
         # the same three on the tensor cores (mla_tc.cuh through engine.cu): queries, keys and
-        # probabilities rounded to bf16, sums in float32; block 128, bf16 rows in shared memory
-        tc_smem = self.mla_tc_smem(L, P)
-        for name, stores, wide in (
+        # probabilities rounded to bf16, sums in float32; bf16 rows in shared memory; blocks of 1,
+        # 2 and 4 groups of 16 heads (128 threads a group), one per kernel: 20 heads are 2 blocks,
+        # 1 block, 1 block with 44 empty heads
+        for groups, (name, stores, wide) in zip((1, 2, 4), (
                 ("mla_latent_attention_tc_f32", [latent, k_pe], (latent, k_pe)),
                 ("mla_latent_attention_tc_bf16_bits",
                  [scattered(latent.to(torch.bfloat16), nan), scattered(k_pe.to(torch.bfloat16), nan)],
                  (latent.to(torch.bfloat16), k_pe.to(torch.bfloat16))),
                 ("mla_latent_attention_tc_fp8",
                  [scattered(lat_codes, 0x7F), scattered(lat_sc, nan), scattered(k_pe.to(torch.bfloat16), nan)],
-                 (lat_wide, k_pe.to(torch.bfloat16)))):
+                 (lat_wide, k_pe.to(torch.bfloat16))))):
             ctx = torch.full((R, H, L), nan, device=d)
             keys = flat if name.endswith("_f32") else in_pool
-            self.launch(name, mla_grid, 128,
+            self.launch(name, (R, (H + 16 * groups - 1) // (16 * groups)), 128 * groups,
                         [ctx, q_lat, q_full[:, :, nope:]] + stores + [keys, offsets, ("i", H), ("i", L), ("i", P),
-                         ("i", H * (nope + P)), ("i", nope + P), ("f", scale)], tc_smem)
+                         ("i", H * (nope + P)), ("i", nope + P), ("f", scale)], self.mla_tc_smem(L, P, groups))
             ro, _ = ref_mla(q_cat, torch.cat([wide[0].double(), wide[1].double()], -1), [x[x >= 0] for x in lists], L, scale)
-            self.record(f"{name} (12 rows x 20 heads, bf16 roundings)", rel_l2(ctx, ro), TC_BOUND,
+            self.record(f"{name} (12 rows x 20 heads, {groups} group(s) a block, bf16 roundings)", rel_l2(ctx, ro), TC_BOUND,
                         "empty row 0" if bool((ctx[3] == 0).all()) else "EMPTY ROW NOT 0")
             if not bool((ctx[3] == 0).all()):
                 self.record_bool(f"{name} empty row", False, "a row with no keys: context not 0")
@@ -663,12 +664,18 @@ class Harness:
                     ("i", Hd * P), ("i", P), ("f", scale)]
             t_simt = self.time_ms(lambda: self.launch("mla_latent_attention_bf16_bits", grid, 256, args,
                                                       (16 * (L + P) + 32 * (L + P + 1) + 32) * 4))
-            t_tc = self.time_ms(lambda: self.launch("mla_latent_attention_tc_bf16_bits", grid, 128, args, tc_smem))
             bytes_ = B * k * (L + P) * 2
-            self.timings.append(("engine attention (bf16 pool in place) B=64, 128 heads, top-k 2048, tensor cores", t_tc,
-                                 "the engine's float32 SIMT kernel", t_simt,
-                                 f"{t_simt / t_tc:.1f}x the SIMT kernel; {bytes_ / t_tc / 1e6:.0f} GB/s of picked rows = "
-                                 f"{100 * bytes_ / t_tc / 1e6 / self.copy_gbs:.0f}% of copy"))
+            t_one = None
+            for groups in (1, 2, 4):  # heads a block: 16, 32, 64 (launch::mla_tc_groups picks)
+                t_tc = self.time_ms(lambda: self.launch("mla_latent_attention_tc_bf16_bits", (B, Hd // (16 * groups)),
+                                                        128 * groups, args, self.mla_tc_smem(L, P, groups)))
+                t_one = t_one or t_tc
+                self.timings.append((f"engine attention (bf16 pool in place) B=64, 128 heads, top-k 2048, tensor cores, "
+                                     f"{16 * groups} heads a block", t_tc,
+                                     "the engine's float32 SIMT kernel", t_simt,
+                                     f"{t_simt / t_tc:.1f}x the SIMT kernel; {t_one / t_tc:.2f}x 16 heads a block; "
+                                     f"{bytes_ / t_tc / 1e6:.0f} GB/s of picked rows = "
+                                     f"{100 * bytes_ / t_tc / 1e6 / self.copy_gbs:.0f}% of copy"))
 
     def indexer_launch(self, scores, q, keys, w, start, vis, n_keys, heads, dim):
         smem = heads * dim * 2 + INDEXER_KEYS * (dim + 2) * 2 + INDEXER_KEYS * 4
@@ -860,14 +867,16 @@ class Harness:
                     [out, lse, q, kv, *extra, ("i", heads), ("i", latent), ("i", rope), ("f", 0.135234)], smem)
 
     @staticmethod
-    def mla_tc_smem(latent, rope):
-        """Dynamic shared memory of mla_tc.cuh (launch::mla_tc_smem_bytes): padded bf16 rows."""
+    def mla_tc_smem(latent, rope, groups=1):
+        """Dynamic shared memory of mla_tc.cuh (launch::mla_tc_smem_bytes) for blocks of `groups`
+        groups of 16 heads: padded bf16 rows."""
         row = ((latent + 31) // 32 * 32 + rope + 15) // 16 * 16
-        return (16 + 32) * (row + 8) * 2 + 16 * (32 + 8) * 2 + 2 * 4 * 16 * 4 + 32 * 4
+        h = 16 * groups
+        return (h + 32) * (row + 8) * 2 + h * (32 + 8) * 2 + 2 * 4 * h * 4 + 32 * 4
 
-    def mla_tc_launch(self, out, lse, q, kv, idx, k, heads, latent, rope):
-        smem = self.mla_tc_smem(latent, rope)
-        self.launch("sparse_mla_attention_bf16_tc", ((heads + 15) // 16, q.shape[0]), 128,
+    def mla_tc_launch(self, out, lse, q, kv, idx, k, heads, latent, rope, groups=1):
+        smem = self.mla_tc_smem(latent, rope, groups)
+        self.launch("sparse_mla_attention_bf16_tc", ((heads + 16 * groups - 1) // (16 * groups), q.shape[0]), 128 * groups,
                     [out, lse, q, kv, idx, ("i", k), ("i", heads), ("i", latent), ("i", rope), ("f", 0.135234)], smem)
 
     def check_mla(self):
@@ -893,13 +902,16 @@ class Harness:
         self.record("sparse_mla_attention_bf16 lse", rel_l2(lse[fin], rl[fin]), F32_BOUND * 10)
         # the tensor-core kernel on the same inputs (its P is rounded to bf16 before P·V, as
         # FlashMLA's is: the bf16 bound still holds)
-        out_tc = torch.full_like(out, float("nan"))
-        lse_tc = torch.full_like(lse, float("nan"))
-        self.mla_tc_launch(out_tc, lse_tc, q, kv, idx, k, H, L, R)
-        self.record("sparse_mla_attention_bf16_tc decode (16 x 128 heads, top-k 2048)", rel_l2(out_tc, ro), BF16_BOUND)
-        self.record_bool("sparse_mla_attention_bf16_tc empty row",
-                         bool((lse_tc[~fin] == -math.inf).all()) and bool((out_tc[2] == 0).all()), "empty row: lse -inf, out 0")
-        self.record("sparse_mla_attention_bf16_tc lse", rel_l2(lse_tc[fin], rl[fin]), F32_BOUND * 10)
+        # blocks of 1, 2 and 4 groups of 16 heads: 8, 4 and 2 blocks a row
+        for groups in (1, 2, 4):
+            out_tc = torch.full_like(out, float("nan"))
+            lse_tc = torch.full_like(lse, float("nan"))
+            self.mla_tc_launch(out_tc, lse_tc, q, kv, idx, k, H, L, R, groups)
+            what = f"sparse_mla_attention_bf16_tc, {16 * groups} heads a block"
+            self.record(f"{what}, decode (16 x 128 heads, top-k 2048)", rel_l2(out_tc, ro), BF16_BOUND)
+            self.record_bool(f"{what}, empty row",
+                             bool((lse_tc[~fin] == -math.inf).all()) and bool((out_tc[2] == 0).all()), "empty row: lse -inf, out 0")
+            self.record(f"{what}, lse", rel_l2(lse_tc[fin], rl[fin]), F32_BOUND * 10)
         # prefill shape: 64 tokens of one sequence, causal lists of 48 (future slots -1)
         n, k = 64, 48
         kv_p = self.bf16(n, L + R)
@@ -913,13 +925,16 @@ class Harness:
         self.mla_launch("sparse_mla_attention_bf16", out, lse, q_p, kv_p, [idx, ("i", k)], 32, L, R)
         ro, _ = ref_mla(q_p, kv_p, [row[row >= 0].long() for row in idx], L, scale)
         self.record("sparse_mla_attention_bf16 prefill (per-query lists)", rel_l2(out, ro), BF16_BOUND)
-        # tensor cores, 24 heads: the second block's 16 rows hold 8 heads
+        # tensor cores, 24 heads: the second group's 16 rows hold 8 heads (in its own block, or
+        # in one block of 2 groups)
         q_24 = q_p[:, :24].contiguous()
-        out = torch.full((n, 24, L), float("nan"), device=self.dev).to(torch.bfloat16)
-        lse = torch.full((n, 24), float("nan"), device=self.dev)
-        self.mla_tc_launch(out, lse, q_24, kv_p, idx, k, 24, L, R)
         ro, _ = ref_mla(q_24, kv_p, [row[row >= 0].long() for row in idx], L, scale)
-        self.record("sparse_mla_attention_bf16_tc prefill (per-query lists, 24 heads)", rel_l2(out, ro), BF16_BOUND)
+        for groups in (1, 2):
+            out = torch.full((n, 24, L), float("nan"), device=self.dev).to(torch.bfloat16)
+            lse = torch.full((n, 24), float("nan"), device=self.dev)
+            self.mla_tc_launch(out, lse, q_24, kv_p, idx, k, 24, L, R, groups)
+            self.record(f"sparse_mla_attention_bf16_tc prefill (per-query lists, 24 heads, {groups} group(s) a block)",
+                        rel_l2(out, ro), BF16_BOUND)
         # dense: 8 rows with their own contexts
         lens = torch.tensor([1, 31, 32, 33, 1000, 4096, 2500, 77], dtype=torch.int32, device=self.dev)
         starts = torch.cat([torch.zeros(1, device=self.dev, dtype=torch.int32), lens.cumsum(0)[:-1].int()])
@@ -954,14 +969,15 @@ class Harness:
                              "torch gather + bmm attention", t_peer,
                              f"{gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy (goal 60%); "
                              f"{t_peer / t_sparse:.1f}x the peer (goal 5x)"))
-        t_tc = self.time_ms(lambda: self.mla_tc_launch(out, lse, q, kv, idx, k, H, L, R))
-        gbs = bytes_ / t_tc / 1e6
         flops = 2 * B * H * k * (L + R + L)
-        self.timings.append(("sparse MLA decode, same shape, tensor cores (mma.sync)", t_tc,
-                             "torch gather + bmm attention", t_peer,
-                             f"{gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy (goal 60%); "
-                             f"{t_peer / t_tc:.1f}x the peer (goal 5x); {flops / t_tc / 1e9:.0f} TFLOP/s; "
-                             f"{t_sparse / t_tc:.1f}x the SIMT kernel"))
+        for groups in (1, 2, 4):
+            t_tc = self.time_ms(lambda: self.mla_tc_launch(out, lse, q, kv, idx, k, H, L, R, groups))
+            gbs = bytes_ / t_tc / 1e6
+            self.timings.append((f"sparse MLA decode, same shape, tensor cores (mma.sync), {16 * groups} heads a block", t_tc,
+                                 "torch gather + bmm attention", t_peer,
+                                 f"{gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy (goal 60%); "
+                                 f"{t_peer / t_tc:.1f}x the peer (goal 5x); {flops / t_tc / 1e9:.0f} TFLOP/s; "
+                                 f"{t_sparse / t_tc:.1f}x the SIMT kernel"))
         starts = (torch.arange(B, device=self.dev) * ctx).int()
         lens = torch.full((B,), ctx, dtype=torch.int32, device=self.dev)
         t_dense = self.time_ms(lambda: self.mla_launch("dense_mla_attention_bf16", out, lse, q, kv, [starts, lens], H, L, R), reps=5)

@@ -526,6 +526,15 @@ fn attention_reads_each_kv_store_in_place() {
                 },
             );
             let [(cpu_lat, gpu_lat), (cpu_pe, gpu_pe)] = &stores;
+            // The tensor-core blocks take 1, 2 or 4 groups of 16 heads, one per dtype: 20 heads
+            // are two blocks of one group (the second partial), one of two, one of four (the
+            // last 44 heads empty).
+            let groups = match dtype {
+                KvDtype::Float32 => 1,
+                KvDtype::Bfloat16 => 2,
+                KvDtype::Fp8 => 4,
+            };
+            cuda.attention_head_groups(Some(groups)).unwrap();
             for (selection, tensor_cores) in [None, Some(picked.as_slice())]
                 .into_iter()
                 .flat_map(|s| [(s, false), (s, true)])
@@ -538,7 +547,11 @@ fn attention_reads_each_kv_store_in_place() {
                     } else {
                         "dense"
                     },
-                    if tensor_cores { ", tensor cores" } else { "" }
+                    if tensor_cores {
+                        format!(", tensor cores, {groups} group(s) a block")
+                    } else {
+                        String::new()
+                    }
                 );
                 fn seq<'a, T, S>(
                     (latent, k_pe): (&'a S, &'a S),
@@ -585,6 +598,181 @@ fn attention_reads_each_kv_store_in_place() {
     }
     // 2 width sets × 3 dtypes × 2 selections, one launch each.
     assert_eq!(cuda.tensor_core_launches(), 12);
+    for bad in [0, 3, 8] {
+        let err = cuda.attention_head_groups(Some(bad)).unwrap_err();
+        assert!(err.to_string().contains("1, 2 or 4"), "{bad}: {err}");
+    }
+}
+
+/// One attention call over several sequences (a decode step's batch), against the CPU backend:
+/// two sequences in one paged pool, each through its own block table, with a row between them
+/// that no sequence names; one that reads cached tensors of its own; one more in the pool. The
+/// pool's sequences next to each other share a launch: on the tensor cores (bf16 pool, 128
+/// heads, blocks of as many groups of heads as the device fills, 4 on the emulator) three
+/// launches; the unnamed row's output is zero.
+#[test]
+fn attention_over_a_batch_of_sequences_shares_launches() {
+    let Some(cuda) = gpu("attention_over_a_batch_of_sequences_shares_launches") else {
+        return;
+    };
+    let d = MlaDims {
+        heads: 128,
+        nope: 8,
+        rope: 64,
+        v: 8,
+        latent: 512,
+    };
+    let mut noise = noise(11);
+    let kv_b = Matrix::from_f32(
+        d.heads * (d.nope + d.v),
+        d.latent,
+        noise(d.heads * (d.nope + d.v) * d.latent),
+    );
+    let uk_t = absorbed_query_weight(&kv_b, d);
+    let (kv_b_d, uk_t_d) = (
+        cuda.upload(kv_b.clone()).unwrap(),
+        cuda.upload(uk_t.clone()).unwrap(),
+    );
+    // Two sequences of 40 and 24 tokens in a pool of 32 blocks of 4 rows.
+    let (pool_rows, block) = (128, 4);
+    let blocks_a: Vec<u32> = (0..10).map(|b| 31 - 3 * b).collect();
+    let blocks_b: Vec<u32> = (0..6).map(|b| 3 * b).collect();
+    let (table_a, table_b) = (
+        PagedRows::new(&blocks_a, block, 40),
+        PagedRows::new(&blocks_b, block, 24),
+    );
+    let pools =
+        [(d.latent, KvDtype::Bfloat16), (d.rope, KvDtype::Bfloat16)].map(|(cols, dtype)| {
+            let mut on_cpu = Cpu.kv_store(pool_rows, cols, dtype).unwrap();
+            let mut on_gpu = cuda.kv_store(pool_rows, cols, dtype).unwrap();
+            for table in [&table_a, &table_b] {
+                let (slots, rows) = (table.rows(0..table.tokens()), noise(table.tokens() * cols));
+                Cpu.write_rows(
+                    &mut on_cpu,
+                    &slots,
+                    &Cpu.tensor(slots.len(), cols, rows.clone()),
+                );
+                cuda.write_rows(&mut on_gpu, &slots, &cuda.tensor(slots.len(), cols, rows));
+            }
+            (on_cpu, on_gpu)
+        });
+    let [(cpu_lat, gpu_lat), (cpu_pe, gpu_pe)] = &pools;
+    // The sequence with cached tensors of its own: 12 tokens.
+    let (own_lat, own_pe) = (noise(12 * d.latent), noise(12 * d.rope));
+    let (cpu_own, gpu_own) = (
+        (
+            Cpu.tensor(12, d.latent, own_lat.clone()),
+            Cpu.tensor(12, d.rope, own_pe.clone()),
+        ),
+        (
+            cuda.tensor(12, d.latent, own_lat),
+            cuda.tensor(12, d.rope, own_pe),
+        ),
+    );
+    // Rows: 0-1 sequence A (positions 38, 39), 2 none, 3 B (23, top-k), 4 the tensors (11),
+    // 5 A again (a second query of A's, as a later step's would be: its own launch).
+    let (pos_a, pos_b, pos_own, pos_a2) = ([38, 39], [23], [11], [30]);
+    let picked_b: Vec<Vec<u32>> = vec![(0..=23).step_by(2).collect()];
+    let q = noise(6 * d.heads * (d.nope + d.rope));
+    fn seqs<'a, T, S>(
+        (lat, pe): (&'a S, &'a S),
+        (own_lat, own_pe): (&'a T, &'a T),
+        (table_a, table_b): (PagedRows<'a>, PagedRows<'a>),
+        positions: [&'a [usize]; 4],
+        picked_b: &'a [Vec<u32>],
+    ) -> Vec<MlaSeq<'a, T, S>> {
+        let pool = CachedRows::Stores {
+            latent: lat,
+            k_pe: pe,
+        };
+        let in_pool = |first, positions, selection, table| MlaSeq {
+            first,
+            cached: pool,
+            positions,
+            selection,
+            rows: Some(table),
+            form: AttentionForm::Absorbed,
+        };
+        vec![
+            in_pool(0, positions[0], None, table_a),
+            in_pool(3, positions[1], Some(picked_b), table_b),
+            MlaSeq {
+                first: 4,
+                cached: CachedRows::Tensors {
+                    latent: own_lat,
+                    k_pe: own_pe,
+                },
+                positions: positions[2],
+                selection: None,
+                rows: None,
+                form: AttentionForm::Absorbed,
+            },
+            in_pool(5, positions[3], None, table_a),
+        ]
+    }
+    let positions: [&[usize]; 4] = [&pos_a, &pos_b, &pos_own, &pos_a2];
+    let want = Cpu.to_host(&Cpu.mla_attention(
+        &Cpu.tensor(6, q.len() / 6, q.clone()),
+        &seqs(
+            (cpu_lat, cpu_pe),
+            (&cpu_own.0, &cpu_own.1),
+            (table_a, table_b),
+            positions,
+            &picked_b,
+        ),
+        MlaWeights {
+            kv_b: &kv_b,
+            uk_t: &uk_t,
+        },
+        d,
+        0.05,
+    ));
+    let width = d.heads * d.v;
+    assert!(want[2 * width..3 * width].iter().all(|&x| x == 0.0));
+    for tensor_cores in [false, true] {
+        cuda.attention_on_tensor_cores(tensor_cores);
+        let launches = cuda.tensor_core_launches();
+        let got = cuda.to_host(&cuda.mla_attention(
+            &cuda.tensor(6, q.len() / 6, q.clone()),
+            &seqs(
+                (gpu_lat, gpu_pe),
+                (&gpu_own.0, &gpu_own.1),
+                (table_a, table_b),
+                positions,
+                &picked_b,
+            ),
+            MlaWeights {
+                kv_b: &kv_b_d,
+                uk_t: &uk_t_d,
+            },
+            d,
+            0.05,
+        ));
+        let case = if tensor_cores {
+            "tensor cores"
+        } else {
+            "float32"
+        };
+        assert!(
+            got[2 * width..3 * width].iter().all(|&x| x == 0.0),
+            "{case}: the row no sequence names"
+        );
+        for (r, (want, got)) in want.chunks(width).zip(got.chunks(width)).enumerate() {
+            if r == 2 {
+                continue;
+            }
+            let err = rel_l2(want, got);
+            eprintln!("{case}, row {r}: relative L2 {err:.2e}");
+            assert!(
+                err < if tensor_cores { 5e-3 } else { 1e-5 },
+                "{case}, row {r}: relative L2 {err:.2e}"
+            );
+        }
+        // Rows 0-3 (the pool's A and B, row 2 between them), 4 (its own tensors), 5 (A once
+        // more, after the tensors): three launches.
+        let expect = if tensor_cores { 3 } else { 0 };
+        assert_eq!(cuda.tensor_core_launches() - launches, expect, "{case}");
+    }
 }
 
 /// Attention the kernels cannot run is refused when a model loads, saying why: DeepSeek's

@@ -637,8 +637,9 @@ mla_latent_attention_fp8(float* __restrict__ ctx, const float* __restrict__ q_la
 // bf16 as they enter shared memory (a bf16 pool's rows as they are; an fp8 pool's values times
 // their scales), the probabilities rounded to bf16 for P·V, every sum in float32. Same
 // parameters as mla_latent_attention_*; latent and rope even, latent ≤ MLA_TC_MAX_LATENT.
-// Launch: grid (rows, ceil(heads / MLA_TC_HEADS)), block MLA_TC_WARPS · 32, dynamic shared memory
-// as mla_tc.cuh says (56.6 KB at 512 + 64: raise the kernel's limit above 48 KB first).
+// Launch: block MLA_TC_WARPS · 32 · groups (1 to MLA_TC_MAX_GROUPS groups of MLA_TC_HEADS heads),
+// grid (rows, ceil(heads / (MLA_TC_HEADS · groups))), dynamic shared memory as mla_tc.cuh says
+// (56.6 KB at 512 + 64 for one group: raise the kernel's limit above 48 KB first).
 struct F32Queries {
     const float* q_lat;
     const float* q_pe;
@@ -679,18 +680,18 @@ struct F32Context {
     SMOE_DEVICE void lse_of(int, int, float) const {}
 };
 
-extern "C" __global__ void __launch_bounds__(MLA_TC_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(MLA_TC_MAX_THREADS)
 mla_latent_attention_tc_f32(float* __restrict__ ctx, const float* __restrict__ q_lat, const float* __restrict__ q_pe,
                             const float* __restrict__ latent, const float* __restrict__ k_pe,
                             const int* __restrict__ keys, const int* __restrict__ key_offsets, int heads,
                             int latent_dim, int rope_dim, int q_pe_row, int q_pe_head, float scale) {
     mla_attend_tc(F32Queries{q_lat, q_pe, heads, latent_dim, q_pe_row, q_pe_head}, KeyLists{keys, key_offsets},
                   pool_rows(StoreF32{latent}, StoreF32{k_pe}, latent_dim, rope_dim),
-                  F32Context{ctx, heads, latent_dim}, blockIdx.x, blockIdx.y * MLA_TC_HEADS, heads, latent_dim,
-                  rope_dim, scale);
+                  F32Context{ctx, heads, latent_dim}, blockIdx.x, blockIdx.y * mla_tc_block_heads(),
+                  heads, latent_dim, rope_dim, scale);
 }
 
-extern "C" __global__ void __launch_bounds__(MLA_TC_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(MLA_TC_MAX_THREADS)
 mla_latent_attention_tc_bf16_bits(float* __restrict__ ctx, const float* __restrict__ q_lat,
                                   const float* __restrict__ q_pe, const unsigned short* __restrict__ latent,
                                   const unsigned short* __restrict__ k_pe, const int* __restrict__ keys,
@@ -698,11 +699,11 @@ mla_latent_attention_tc_bf16_bits(float* __restrict__ ctx, const float* __restri
                                   int q_pe_row, int q_pe_head, float scale) {
     mla_attend_tc(F32Queries{q_lat, q_pe, heads, latent_dim, q_pe_row, q_pe_head}, KeyLists{keys, key_offsets},
                   pool_rows(StoreBf16{latent}, StoreBf16{k_pe}, latent_dim, rope_dim),
-                  F32Context{ctx, heads, latent_dim}, blockIdx.x, blockIdx.y * MLA_TC_HEADS, heads, latent_dim,
-                  rope_dim, scale);
+                  F32Context{ctx, heads, latent_dim}, blockIdx.x, blockIdx.y * mla_tc_block_heads(),
+                  heads, latent_dim, rope_dim, scale);
 }
 
-extern "C" __global__ void __launch_bounds__(MLA_TC_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(MLA_TC_MAX_THREADS)
 mla_latent_attention_tc_fp8(float* __restrict__ ctx, const float* __restrict__ q_lat, const float* __restrict__ q_pe,
                             const uint8_t* __restrict__ latent_codes, const float* __restrict__ latent_scales,
                             const unsigned short* __restrict__ k_pe, const int* __restrict__ keys,
@@ -710,6 +711,6 @@ mla_latent_attention_tc_fp8(float* __restrict__ ctx, const float* __restrict__ q
                             int q_pe_row, int q_pe_head, float scale) {
     mla_attend_tc(F32Queries{q_lat, q_pe, heads, latent_dim, q_pe_row, q_pe_head}, KeyLists{keys, key_offsets},
                   pool_rows(StoreFp8{latent_codes, latent_scales}, StoreBf16{k_pe}, latent_dim, rope_dim),
-                  F32Context{ctx, heads, latent_dim}, blockIdx.x, blockIdx.y * MLA_TC_HEADS, heads, latent_dim,
-                  rope_dim, scale);
+                  F32Context{ctx, heads, latent_dim}, blockIdx.x, blockIdx.y * mla_tc_block_heads(),
+                  heads, latent_dim, rope_dim, scale);
 }

@@ -51,8 +51,9 @@ struct Bf16Output {
 
 // The same on the tensor cores (mla_tc.cuh): latent and rope even (the cache's rows then start
 // 4-byte aligned), latent ≤ 512.
-// Launch: grid = (ceil(heads / 16), n_rows), block = 128, dynamic shared memory as in mla_tc.cuh.
-extern "C" __global__ void __launch_bounds__(MLA_TC_WARPS * 32)
+// Launch: block = 128 · groups (1 to 4 groups of 16 heads), grid = (ceil(heads / (16 · groups)),
+// n_rows), dynamic shared memory as in mla_tc.cuh.
+extern "C" __global__ void __launch_bounds__(MLA_TC_MAX_THREADS)
 sparse_mla_attention_bf16_tc(__nv_bfloat16* __restrict__ out, float* __restrict__ lse,
                              const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
                              const int* __restrict__ indices, int topk, int heads, int latent, int rope,
@@ -61,5 +62,5 @@ sparse_mla_attention_bf16_tc(__nv_bfloat16* __restrict__ out, float* __restrict_
     mla_attend_tc(Bf16Queries{reinterpret_cast<const unsigned short*>(q), heads, dqk}, TopkSlots{indices, topk},
                   Bf16CacheRows{reinterpret_cast<const unsigned short*>(kv), dqk, latent},
                   Bf16Output{reinterpret_cast<unsigned short*>(out), lse, heads, latent}, blockIdx.y,
-                  blockIdx.x * MLA_TC_HEADS, heads, latent, rope, scale);
+                  blockIdx.x * mla_tc_block_heads(), heads, latent, rope, scale);
 }

@@ -238,9 +238,13 @@ pub mod launch {
     pub const MLA_THREADS: u32 = 256;
     pub const MLA_TILE: u32 = 32;
     pub const MLA_MAX_LATENT: u32 = 512;
-    /// The tensor-core MLA attention (`mla_tc.cuh`): warps per block (one row, 16 heads), keys
-    /// per tile, the largest latent width, and the padding of its shared-memory rows.
+    /// The tensor-core MLA attention (`mla_tc.cuh`): a block takes one row and 1 to
+    /// `MLA_TC_MAX_GROUPS` groups of `MLA_TC_HEADS` heads, `MLA_TC_WARPS` warps a group (see
+    /// [`mla_tc_groups`]); keys per tile, the largest latent width, and the padding of its
+    /// shared-memory rows.
     pub const MLA_TC_WARPS: u32 = 4;
+    pub const MLA_TC_HEADS: u32 = 16;
+    pub const MLA_TC_MAX_GROUPS: u32 = 4;
     pub const MLA_TC_TILE: u32 = 32;
     pub const MLA_TC_MAX_LATENT: u32 = 512;
     pub const MLA_TC_PAD: u32 = 8;
@@ -325,15 +329,34 @@ pub mod launch {
     }
 
     /// Dynamic shared memory of the tensor-core MLA attention (`mla_tc.cuh`:
-    /// `sparse_mla_attention_bf16_tc`, `mla_latent_attention_tc_*`): queries and a tile of keys
-    /// (bf16 rows of [`mla_tc_row_width`] padded by `MLA_TC_PAD`), P, the warps' maxima and sums,
-    /// slots.
-    pub fn mla_tc_smem_bytes(latent: u32, rope: u32) -> u32 {
+    /// `sparse_mla_attention_bf16_tc`, `mla_latent_attention_tc_*`) with `groups` groups of heads
+    /// a block: the block's queries and a tile of keys (bf16 rows of [`mla_tc_row_width`] padded
+    /// by `MLA_TC_PAD`), P, the warps' maxima and sums, slots.
+    pub fn mla_tc_smem_bytes(latent: u32, rope: u32, groups: u32) -> u32 {
         let stride = mla_tc_row_width(latent, rope) + MLA_TC_PAD;
-        (MLA_HEADS_PER_BLOCK + MLA_TC_TILE) * stride * 2
-            + MLA_HEADS_PER_BLOCK * (MLA_TC_TILE + MLA_TC_PAD) * 2
-            + 2 * MLA_TC_WARPS * MLA_HEADS_PER_BLOCK * 4
+        let heads = groups * MLA_TC_HEADS;
+        (heads + MLA_TC_TILE) * stride * 2
+            + heads * (MLA_TC_TILE + MLA_TC_PAD) * 2
+            + 2 * MLA_TC_WARPS * heads * 4
             + MLA_TC_TILE * 4
+    }
+
+    /// Groups of `MLA_TC_HEADS` heads per block of the tensor-core MLA attention (its block is
+    /// `groups · MLA_TC_WARPS · 32` threads) for `rows` query rows of `heads` heads on a device
+    /// of `sms` multiprocessors: the most, of 4, 2 and 1, that divides the rows' head groups and
+    /// still gives every multiprocessor a block. A block reads each of its row's keys once for
+    /// all its heads, so more heads a block is less traffic (at 128 heads, 4 groups read a
+    /// row's keys twice, 1 group eight times); but few rows with many heads a block would leave
+    /// multiprocessors idle, and then blocks of one group are the better trade.
+    pub fn mla_tc_groups(heads: u32, rows: u32, sms: u32) -> u32 {
+        let head_groups = heads.div_ceil(MLA_TC_HEADS);
+        [MLA_TC_MAX_GROUPS, 2]
+            .into_iter()
+            .find(|&g| {
+                head_groups.is_multiple_of(g)
+                    && u64::from(rows) * u64::from(head_groups / g) >= u64::from(sms)
+            })
+            .unwrap_or(1)
     }
 }
 

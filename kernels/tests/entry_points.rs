@@ -121,7 +121,8 @@ fn launch_constants_match_the_sources() {
         ("mla.cuh", "MLA_TILE", launch::MLA_TILE),
         ("mla.cuh", "MLA_MAX_LATENT", launch::MLA_MAX_LATENT),
         ("mla_tc.cuh", "MLA_TC_WARPS", launch::MLA_TC_WARPS),
-        ("mla_tc.cuh", "MLA_TC_HEADS", launch::MLA_HEADS_PER_BLOCK),
+        ("mla_tc.cuh", "MLA_TC_HEADS", launch::MLA_TC_HEADS),
+        ("mla_tc.cuh", "MLA_TC_MAX_GROUPS", launch::MLA_TC_MAX_GROUPS),
         ("mla_tc.cuh", "MLA_TC_TILE", launch::MLA_TC_TILE),
         ("mla_tc.cuh", "MLA_TC_MAX_LATENT", launch::MLA_TC_MAX_LATENT),
         ("mla_tc.cuh", "MLA_TC_PAD", launch::MLA_TC_PAD),
@@ -159,7 +160,13 @@ fn launch_constants_match_the_sources() {
         8192 + 256 + 8448 + 256
     );
     assert!(launch::mla_smem_bytes(512, 64) > 48 * 1024);
-    assert_eq!(launch::mla_tc_smem_bytes(512, 64), 57_984);
+    assert_eq!(launch::mla_tc_smem_bytes(512, 64, 1), 57_984);
+    // Four groups (64 heads): 119.5 KB, within sm_80's 163 KB.
+    assert_eq!(
+        launch::mla_tc_smem_bytes(512, 64, 4),
+        (64 + 32) * 584 * 2 + 64 * 40 * 2 + 2 * 4 * 64 * 4 + 32 * 4
+    );
+    assert!(launch::mla_tc_smem_bytes(512, 64, launch::MLA_TC_MAX_GROUPS) <= 163 * 1024);
     // Padded rows: the latent part to a multiple of 32, the whole row to a multiple of 16.
     assert_eq!(launch::mla_tc_row_width(512, 64), 576);
     assert_eq!(launch::mla_tc_row_width(32, 8), 48);
@@ -181,4 +188,32 @@ fn launch_constants_match_the_sources() {
         launch::mla_f32_smem_bytes(512, 64),
         (16 * 576 + 32 * 577 + 32) * 4
     );
+}
+
+#[test]
+fn attention_blocks_take_more_heads_only_while_every_multiprocessor_gets_one() {
+    // (heads, rows, multiprocessors) -> groups of 16 heads a block.
+    let cases = [
+        // DeepSeek's 128 heads on an H200 (132): 64 rows in blocks of 64 heads would be 128
+        // blocks, so 32 heads a block; 66 rows fill it with 64.
+        ((128, 64, 132), 2),
+        ((128, 66, 132), 4),
+        ((128, 1, 132), 1),
+        ((128, 1, 1), 4),
+        // 20 heads are two groups (the second partial): both in one block when it is divisible.
+        ((20, 1, 1), 2),
+        ((3, 1, 1), 1),
+        // Five or three groups split evenly only one a block.
+        ((80, 1000, 132), 1),
+        ((48, 1000, 132), 1),
+        // No overflow at the extremes.
+        ((u32::MAX, u32::MAX, u32::MAX), 4),
+    ];
+    for ((heads, rows, sms), groups) in cases {
+        assert_eq!(
+            launch::mla_tc_groups(heads, rows, sms),
+            groups,
+            "{heads} heads, {rows} rows, {sms} multiprocessors"
+        );
+    }
 }

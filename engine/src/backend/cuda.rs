@@ -391,6 +391,11 @@ pub struct Cuda {
     tensor_cores: Arc<std::sync::atomic::AtomicBool>,
     /// Attention and indexer launches that ran on the tensor cores.
     tensor_core_launches: Arc<std::sync::atomic::AtomicU64>,
+    /// Groups of 16 heads a block of the tensor-core attention, as set by
+    /// [`Cuda::attention_head_groups`]; 0: chosen per launch ([`launch::mla_tc_groups`]).
+    head_groups: Arc<std::sync::atomic::AtomicU32>,
+    /// The device's multiprocessors (streaming multiprocessors, SMs).
+    multiprocessors: u32,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -403,6 +408,7 @@ impl std::fmt::Debug for Cuda {
 struct OpenDevice {
     ordinal: usize,
     name: String,
+    multiprocessors: u32,
     ctx: Arc<CudaContext>,
     k: Arc<Kernels>,
     fp8_scratch: Arc<std::sync::atomic::AtomicUsize>,
@@ -434,6 +440,35 @@ fn grouped_gemm_present() -> bool {
 
 /// Keys listed per attention launch (4 bytes each on the device).
 const KEYS_PER_LAUNCH: usize = 1 << 24;
+
+/// The most shared memory an attention block takes: what every GPU this engine targets allows
+/// (sm_80's opt-in limit is the smallest).
+const ATTENTION_SMEM_KB: u32 = 163;
+
+/// Whether two sequences' cached rows are the same buffers (a paged pool's stores, or the same
+/// tensors), so one attention launch can read both.
+fn same_cached_rows(
+    a: CachedRows<'_, CudaTensor, CudaStore>,
+    b: CachedRows<'_, CudaTensor, CudaStore>,
+) -> bool {
+    match (a, b) {
+        (
+            CachedRows::Tensors { latent, k_pe },
+            CachedRows::Tensors {
+                latent: latent_b,
+                k_pe: k_pe_b,
+            },
+        ) => std::ptr::eq(latent, latent_b) && std::ptr::eq(k_pe, k_pe_b),
+        (
+            CachedRows::Stores { latent, k_pe },
+            CachedRows::Stores {
+                latent: latent_b,
+                k_pe: k_pe_b,
+            },
+        ) => std::ptr::eq(latent, latent_b) && std::ptr::eq(k_pe, k_pe_b),
+        _ => false,
+    }
+}
 
 /// Query rows per indexer launch are bounded so their scores (`rows · keys` floats) stay within
 /// this many.
@@ -522,6 +557,12 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
     let ctx = CudaContext::new(ordinal)
         .map_err(|e| device_error(format!("opening cuda:{ordinal}: {e:?}")))?;
     let name = ctx.name().unwrap_or_else(|_| "unknown device".into());
+    let multiprocessors = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .map_err(|e| device_error(format!("asking cuda:{ordinal} its multiprocessors: {e:?}")))?
+        .max(1) as u32;
     // Streams are ordered by explicit events where they meet (expert shards); cudarc's
     // per-buffer events would be pure cost.
     // SAFETY: nothing has been allocated on this context by us yet, and buffers are shared
@@ -584,6 +625,7 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
     Ok(OpenDevice {
         ordinal,
         name,
+        multiprocessors,
         ctx,
         k,
         fp8_scratch: Arc::default(),
@@ -730,6 +772,8 @@ impl Cuda {
             grouped_layers: Arc::default(),
             tensor_cores: Arc::new(std::sync::atomic::AtomicBool::new(dtype == Dtype::Bfloat16)),
             tensor_core_launches: Arc::default(),
+            head_groups: Arc::default(),
+            multiprocessors: device.multiprocessors,
         })
     }
 
@@ -775,6 +819,25 @@ impl Cuda {
     /// Whether the indexer's scores over keys of `dim` run on the tensor cores.
     fn tensor_cores(&self, dim: usize) -> bool {
         self.tensor_cores.load(std::sync::atomic::Ordering::Relaxed) && dim.is_multiple_of(2)
+    }
+
+    /// Sets how many groups of 16 heads a block of the tensor-core attention takes: 1, 2 or 4
+    /// (fewer when its shared memory would pass 163 KB), or, with `None` (the default), the
+    /// most that still gives every multiprocessor a block ([`launch::mla_tc_groups`]). More
+    /// heads a block read each key fewer times.
+    pub fn attention_head_groups(&self, groups: Option<u32>) -> Result<()> {
+        let groups = match groups {
+            None => 0,
+            Some(g @ (1 | 2 | 4)) => g,
+            Some(g) => {
+                return Err(EngineError::Device(format!(
+                    "attention head groups: {g}; a block takes 1, 2 or 4 groups of 16 heads"
+                )));
+            }
+        };
+        self.head_groups
+            .store(groups, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// How many attention and indexer launches ran on the tensor cores.
@@ -1551,14 +1614,15 @@ impl Cuda {
         .result()
     }
 
-    /// Stage 2 of [`Cuda::mla_sequence`] for the `offsets.len() - 1` rows from `first_row`:
-    /// row `first_row + i` attends to `keys[offsets[i]..offsets[i + 1]]`.
+    /// Stage 2 of [`Backend::mla_attention`] for the `offsets.len() - 1` rows of the batch from
+    /// `first_row`, all reading `cached`: row `first_row + i` attends to its rows
+    /// `keys[offsets[i]..offsets[i + 1]]`. One launch.
     #[allow(clippy::too_many_arguments)]
     fn latent_attention(
         &self,
         q_lat: &CudaTensor,
         q: &CudaTensor,
-        seq: &MlaSeq<'_, CudaTensor, CudaStore>,
+        cached: CachedRows<'_, CudaTensor, CudaStore>,
         first_row: usize,
         keys: &[usize],
         offsets: &[usize],
@@ -1572,40 +1636,44 @@ impl Cuda {
         }
         // A key past the cache would read beyond its buffers on the device (the CPU backend's
         // slices panic instead): checked here, on the host, where the keys are.
-        let cache_rows = match seq.cached {
+        let cache_rows = match cached {
             CachedRows::Tensors { latent, k_pe } => latent.rows.min(k_pe.rows),
             CachedRows::Stores { latent, k_pe } => latent.rows().min(k_pe.rows()),
         };
         assert!(
             keys.iter().all(|&k| k < cache_rows),
-            "mla_attention: a key beyond the sequence's {cache_rows} cached rows"
+            "mla_attention: a key beyond the {cache_rows} cached rows it reads"
         );
         let width = d.heads * d.latent;
         let keys_d = self.upload_i32(keys.iter().copied());
         let offsets_d = self.upload_i32(offsets.iter().copied());
         let q_lat_rows = q_lat.buf.slice(first_row * width..);
-        let q_pe = q.buf.slice((seq.first + first_row) * q.cols + d.nope..);
+        let q_pe = q.buf.slice(first_row * q.cols + d.nope..);
         let mut ctx_rows = ctx.buf.slice_mut(first_row * width..);
         let (heads, latent, rope) = (d.heads as i32, d.latent as i32, d.rope as i32);
         let (q_pe_row, q_pe_head) = (q.cols as i32, (d.nope + d.rope) as i32);
-        // Both kernels take a row and 16 heads a block, with the same parameters.
+        // Both kernels take a row and a block's heads a block, with the same parameters: the
+        // float32 one 16 heads, the tensor-core one 16 a group.
         let tensor_cores = self.tensor_cores.load(std::sync::atomic::Ordering::Relaxed)
             && launch::mla_tc_fits(d.latent as u32, d.rope as u32);
-        let (threads, smem) = if tensor_cores {
+        let (threads, smem, block_heads) = if tensor_cores {
+            let groups = self.attention_groups(d, rows);
             (
-                launch::MLA_TC_WARPS * 32,
-                launch::mla_tc_smem_bytes(d.latent as u32, d.rope as u32),
+                groups * launch::MLA_TC_WARPS * 32,
+                launch::mla_tc_smem_bytes(d.latent as u32, d.rope as u32, groups),
+                groups * launch::MLA_TC_HEADS,
             )
         } else {
             (
                 launch::MLA_F32_THREADS,
                 launch::mla_f32_smem_bytes(d.latent as u32, d.rope as u32),
+                launch::MLA_F32_HEADS,
             )
         };
         let cfg = LaunchConfig {
             grid_dim: (
                 rows as u32,
-                d.heads.div_ceil(launch::MLA_F32_HEADS as usize) as u32,
+                d.heads.div_ceil(block_heads as usize) as u32,
                 1,
             ),
             block_dim: (threads, 1, 1),
@@ -1619,7 +1687,7 @@ impl Cuda {
         }
         let k = &self.k;
         let pick = |simt, tc| if tensor_cores { tc } else { simt };
-        let (kernel, rows_d) = match seq.cached {
+        let (kernel, rows_d) = match cached {
             CachedRows::Tensors { latent, k_pe }
             | CachedRows::Stores {
                 latent: CudaStore::F32(latent),
@@ -1688,33 +1756,34 @@ impl Cuda {
         }
     }
 
-    /// One sequence's rows of the absorbed MLA (see [`Backend::mla_attention`]), written into
-    /// rows `seq.first ..` of `out` (`[_, heads·v]`).
-    fn mla_sequence(
-        &self,
-        q: &CudaTensor,
-        seq: &MlaSeq<'_, CudaTensor, CudaStore>,
-        (uk_t, kv_b): (&Operand<'_>, &Operand<'_>),
-        d: MlaDims,
-        scale: f32,
-        out: &mut CudaTensor,
-    ) {
-        let n = seq.positions.len();
-        if n == 0 {
-            return;
+    /// Groups of 16 heads a block of the tensor-core attention over `rows` rows: as
+    /// [`Cuda::attention_head_groups`] set, else [`launch::mla_tc_groups`] for this GPU; fewer
+    /// while the block's shared memory would pass [`ATTENTION_SMEM_KB`].
+    fn attention_groups(&self, d: MlaDims, rows: usize) -> u32 {
+        let forced = self.head_groups.load(std::sync::atomic::Ordering::Relaxed);
+        let mut groups = if forced > 0 {
+            forced
+        } else {
+            launch::mla_tc_groups(
+                d.heads.try_into().unwrap_or(u32::MAX),
+                rows.try_into().unwrap_or(u32::MAX),
+                self.multiprocessors,
+            )
+        };
+        while groups > 1
+            && launch::mla_tc_smem_bytes(d.latent as u32, d.rope as u32, groups)
+                > ATTENTION_SMEM_KB * 1024
+        {
+            groups /= 2;
         }
-        assert!(
-            seq.first + n <= q.rows.min(out.rows),
-            "mla_attention: rows {}..{} of a batch of {}",
-            seq.first,
-            seq.first + n,
-            q.rows.min(out.rows)
-        );
-        let qk = d.nope + d.rope;
-        let kv_width = d.nope + d.v;
-        let q_rows = q.buf.slice(seq.first * q.cols..);
+        groups
+    }
 
-        // Stage 1: q_lat[r, h] = q_nope[r, h] · W_UK,h (W_UK,hᵀ is uk_t's rows h·latent..).
+    /// Stage 1 of [`Backend::mla_attention`] for every row of the batch: `q_lat[r, h] =
+    /// q_nope[r, h] · W_UK,h` (`W_UK,hᵀ` is `uk_t`'s rows `h·latent..`), one strided-batched
+    /// product over the heads.
+    fn query_latent(&self, q: &CudaTensor, uk_t: &Operand<'_>, d: MlaDims) -> CudaTensor {
+        let n = q.rows;
         let mut q_lat = self.zeros(n, d.heads * d.latent);
         let cfg = StridedBatchedConfig {
             gemm: GemmConfig {
@@ -1731,48 +1800,101 @@ impl Cuda {
             },
             batch_size: d.heads as i32,
             stride_a: (d.latent * d.nope) as i64,
-            stride_b: qk as i64,
+            stride_b: (d.nope + d.rope) as i64,
             stride_c: d.latent as i64,
         };
-        // SAFETY: uk_t is [heads·latent, nope]; q's rows first.. hold n rows of heads·qk;
-        // q_lat is [n, heads·latent].
+        // SAFETY: uk_t is [heads·latent, nope]; q holds n rows of heads·(nope + rope); q_lat is
+        // [n, heads·latent].
         unsafe {
             self.product(
                 cfg.gemm,
                 Some((cfg.batch_size, cfg.stride_a, cfg.stride_b, cfg.stride_c)),
                 uk_t,
                 0,
-                &q_rows,
+                &q.buf.as_view(),
                 n * q.cols,
                 &mut q_lat.buf.as_view_mut(),
                 "query into the latent space",
             )
         };
+        q_lat
+    }
 
-        // Stage 2: ctx[r, h] over each row's keys, rows in chunks whose key lists (a dense
-        // prefill's grow with the square of its rows) stay within KEYS_PER_LAUNCH.
-        let mut ctx = self.zeros(n, d.heads * d.latent);
-        let (mut first_row, mut keys, mut offsets) = (0, Vec::new(), vec![0usize]);
-        for i in 0..n {
-            // Rows of seq.latent: the pool's own rows when the cache is read in place.
-            let row = seq.key_rows(i);
-            if i > first_row && keys.len() + row.len() > KEYS_PER_LAUNCH {
-                self.latent_attention(
-                    &q_lat, q, seq, first_row, &keys, &offsets, d, scale, &mut ctx,
-                );
-                (first_row, offsets) = (i, vec![0]);
-                keys.clear();
-            }
-            keys.extend(row);
-            offsets.push(keys.len());
+    /// Stage 2 of [`Backend::mla_attention`]: `ctx[r, h]` of every row a sequence names, over
+    /// its keys. Sequences that follow one another in the batch and read the same cached rows
+    /// (a paged pool's, each through its own block table) share launches: a decode step's
+    /// rows, one a sequence, are one launch. A launch's key lists (a dense prefill's grow with
+    /// the square of its rows) stay within `KEYS_PER_LAUNCH`; rows between its sequences that
+    /// none names get no keys, and their contexts stay zero.
+    fn attend(
+        &self,
+        q_lat: &CudaTensor,
+        q: &CudaTensor,
+        seqs: &[MlaSeq<'_, CudaTensor, CudaStore>],
+        d: MlaDims,
+        scale: f32,
+        ctx: &mut CudaTensor,
+    ) {
+        /// Rows `first ..` of the batch, all reading `cached`, with their keys so far.
+        struct Launch<'s> {
+            cached: CachedRows<'s, CudaTensor, CudaStore>,
+            first: usize,
+            keys: Vec<usize>,
+            offsets: Vec<usize>,
         }
-        self.latent_attention(
-            &q_lat, q, seq, first_row, &keys, &offsets, d, scale, &mut ctx,
-        );
+        impl Launch<'_> {
+            fn end(&self) -> usize {
+                self.first + self.offsets.len() - 1
+            }
+        }
+        let flush = |launch: Launch<'_>, ctx: &mut CudaTensor| {
+            let Launch {
+                cached,
+                first,
+                keys,
+                offsets,
+            } = launch;
+            self.latent_attention(q_lat, q, cached, first, &keys, &offsets, d, scale, ctx);
+        };
+        let mut pending: Option<Launch<'_>> = None;
+        for seq in seqs {
+            if let Some(launch) =
+                pending.take_if(|l| !same_cached_rows(l.cached, seq.cached) || seq.first < l.end())
+            {
+                flush(launch, ctx);
+            }
+            for i in 0..seq.positions.len() {
+                let row = seq.first + i;
+                // Rows of the cached rows: the pool's own rows when it is read in place.
+                let keys = seq.key_rows(i);
+                if let Some(launch) = pending
+                    .take_if(|l| l.offsets.len() > 1 && l.keys.len() + keys.len() > KEYS_PER_LAUNCH)
+                {
+                    flush(launch, ctx);
+                }
+                let launch = pending.get_or_insert_with(|| Launch {
+                    cached: seq.cached,
+                    first: row,
+                    keys: Vec::new(),
+                    offsets: vec![0],
+                });
+                // Rows in between that no sequence names: no keys.
+                let before = launch.keys.len();
+                launch.offsets.resize(row - launch.first + 1, before);
+                launch.keys.extend(keys);
+                launch.offsets.push(launch.keys.len());
+            }
+        }
+        if let Some(launch) = pending {
+            flush(launch, ctx);
+        }
+    }
 
-        // Stage 3: out[r, h] = ctx[r, h] · W_UV,hᵀ (W_UV,h is kv_b's rows h·kv_width + nope..).
+    /// Stage 3 of [`Backend::mla_attention`] for every row of the batch: `out[r, h] = ctx[r, h] ·
+    /// W_UV,hᵀ` (`W_UV,h` is `kv_b`'s rows `h·(nope + v) + nope..`).
+    fn context_out(&self, ctx: &CudaTensor, kv_b: &Operand<'_>, d: MlaDims, out: &mut CudaTensor) {
+        let n = ctx.rows;
         let width = d.heads * d.v;
-        let mut out_rows = out.buf.slice_mut(seq.first * width..);
         let cfg = StridedBatchedConfig {
             gemm: GemmConfig {
                 transa: CUBLAS_OP_T,
@@ -1787,12 +1909,12 @@ impl Cuda {
                 ldc: width as i32,
             },
             batch_size: d.heads as i32,
-            stride_a: (kv_width * d.latent) as i64,
+            stride_a: ((d.nope + d.v) * d.latent) as i64,
             stride_b: d.latent as i64,
             stride_c: d.v as i64,
         };
         // SAFETY: kv_b is [heads·(nope+v), latent], W_UV,0 from element nope·latent; ctx is
-        // [n, heads·latent]; out's rows first.. hold n rows of heads·v.
+        // [n, heads·latent]; out is [n, heads·v].
         unsafe {
             self.product(
                 cfg.gemm,
@@ -1801,7 +1923,7 @@ impl Cuda {
                 d.nope * d.latent,
                 &ctx.buf.as_view(),
                 n * d.heads * d.latent,
-                &mut out_rows,
+                &mut out.buf.as_view_mut(),
                 "context out of the latent space",
             )
         };
@@ -2306,9 +2428,9 @@ impl Backend for Cuda {
 
     fn check_attention(&self, dims: MlaDims) -> Result<()> {
         let latent_max = launch::MLA_F32_MAX_LATENT as usize;
-        // The attention kernel's shared memory: within every GPU this engine targets (sm_80's
-        // opt-in limit is the smallest).
-        const SMEM_KB: usize = 163;
+        // The float32 kernel's shared memory (the tensor-core one's, with one group of heads,
+        // is less; with more it takes fewer groups rather than more memory).
+        const SMEM_KB: usize = ATTENTION_SMEM_KB as usize;
         let smem = launch::mla_f32_smem_bytes(dims.latent as u32, dims.rope as u32) as usize;
         if dims.latent > latent_max || smem > SMEM_KB * 1024 {
             return Err(EngineError::Device(format!(
@@ -2375,11 +2497,25 @@ impl Backend for Cuda {
             "mla_attention: q width"
         );
         let mut out = self.zeros(q.rows, dims.heads * dims.v);
-        // Once per call, not per sequence: an fp8 weight is dequantised here.
-        let (uk_t, kv_b) = (self.operand(weights.uk_t), self.operand(weights.kv_b));
         for seq in seqs {
-            self.mla_sequence(q, seq, (&uk_t, &kv_b), dims, scale, &mut out);
+            assert!(
+                seq.first + seq.positions.len() <= q.rows,
+                "mla_attention: rows {}..{} of a batch of {}",
+                seq.first,
+                seq.first + seq.positions.len(),
+                q.rows
+            );
         }
+        if seqs.iter().all(|seq| seq.positions.is_empty()) {
+            return out;
+        }
+        // The whole batch at once: an fp8 weight is dequantised once, each product is one call
+        // over every row, and a decode step's attention is one launch (see Cuda::attend).
+        let (uk_t, kv_b) = (self.operand(weights.uk_t), self.operand(weights.kv_b));
+        let q_lat = self.query_latent(q, &uk_t, dims);
+        let mut ctx = self.zeros(q.rows, dims.heads * dims.latent);
+        self.attend(&q_lat, q, seqs, dims, scale, &mut ctx);
+        self.context_out(&ctx, &kv_b, dims, &mut out);
         out
     }
 
