@@ -39,7 +39,8 @@ pub struct ModelOptions {
     pub index_topk: Option<usize>,
     /// Gathered cache rows one attention call of a layer holds at most: a batch whose
     /// sequences attend to more is attended a group of consecutive sequences at a time (a
-    /// single sequence may exceed it).
+    /// single sequence may exceed it). Rows the backend reads in place in a paged pool
+    /// ([`Backend::reads_in_place`]) are not gathered and count nothing.
     pub attended_bytes: usize,
     /// Expert parallelism: the shards the routed experts are split over (see
     /// [`ExpertShards::from_options`]); each routed expert is uploaded to the shards holding it.
@@ -749,7 +750,8 @@ impl<B: Backend> Model<B> {
         }
         // The attended rows of consecutive sequences are gathered and attended together, a
         // group at a time, so a batch of long contexts holds about `attended_bytes` of
-        // gathered rows at once, not all of them (a step of short ones is one group).
+        // gathered rows at once, not all of them (a step of short ones is one group, and so is
+        // a step whose rows are all read in place).
         let weights = MlaWeights {
             kv_b: &att.kv_b,
             uk_t: &att.uk_t,
@@ -761,9 +763,15 @@ impl<B: Backend> Model<B> {
             let mut group = Vec::new();
             let mut bytes = 0;
             while let Some(next) = pending.peek() {
-                let rows = next.selection.as_ref().map_or(next.total, |s| {
-                    s.iter().map(Vec::len).sum::<usize>().min(next.total)
-                });
+                // Rows the backend reads where they are (a paged pool it reads in place, as
+                // the CUDA backend does) are not copied: they cost nothing here, so a decode
+                // step's batch in one pool is one call.
+                let in_place = next.step.cache.read_pool(b, layer_index)?.is_some();
+                let rows = match &next.selection {
+                    _ if in_place => 0,
+                    Some(s) => s.iter().map(Vec::len).sum::<usize>().min(next.total),
+                    None => next.total,
+                };
                 if !group.is_empty() && bytes + rows * row_bytes > self.options.attended_bytes {
                     break;
                 }

@@ -138,6 +138,41 @@ fn paged_batches_match_the_cpu_backend() {
     }
 }
 
+/// A batch of sequences in one paged pool, which the CUDA backend reads in place, is one
+/// attention call and one launch a layer, however small `attended_bytes` (the budget of rows
+/// gathered at once: none are gathered here), and gives the CPU backend's logits.
+#[test]
+fn a_paged_batch_is_one_attention_launch_a_layer() {
+    let Some(cuda) = gpu("a_paged_batch_is_one_attention_launch_a_layer") else {
+        return;
+    };
+    let dir = fixture("v32_sparse_moe");
+    let options = ModelOptions {
+        attention: AttentionMode::Dense,
+        attended_bytes: 1,
+        ..ModelOptions::default()
+    };
+    let cpu = Model::load(&dir, Cpu, options.clone()).unwrap();
+    let gpu = Model::load(&dir, cuda.clone(), options).unwrap();
+    // Dense attention: no indexer, so every tensor-core launch is an attention launch.
+    cuda.attention_on_tensor_cores(true);
+    let want = paged_run(&cpu, KvDtype::Bfloat16);
+    let launches = cuda.tensor_core_launches();
+    let got = paged_run(&gpu, KvDtype::Bfloat16);
+    // paged_run's 11 steps (2 of 7 tokens, 9 of 1) each batch both sequences.
+    assert_eq!(
+        cuda.tensor_core_launches() - launches,
+        11 * gpu.config.num_layers as u64
+    );
+    let mut worst: f64 = 0.0;
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        let err = rel_l2(w, g);
+        assert!(err < 5e-3, "output {i}: relative L2 {err:.2e}");
+        worst = worst.max(err);
+    }
+    eprintln!("a paged batch on the tensor cores: worst output's relative L2 {worst:.2e}");
+}
+
 /// bf16 weights with tensor-core products, against the float32 CPU backend. Rounding the
 /// products' inputs to bf16 moves every logit a little and flips some discrete choices (an
 /// expert, a key at the edge of the indexer's top-k), which moves that row a lot; so the bounds
