@@ -510,6 +510,15 @@ impl<B: Backend> SeqCache<B> {
         })
     }
 
+    /// Which pool this paged cache's rows live in, as an identity to compare with another
+    /// cache's; `None` for a contiguous cache.
+    pub fn pool_id(&self) -> Option<usize> {
+        match &self.storage {
+            Storage::Paged { pool, .. } => Some(Arc::as_ptr(pool).cast::<()>() as usize),
+            Storage::Contiguous(_) => None,
+        }
+    }
+
     /// A read lock on this cache's pool for [`SeqCache::attended_rows`], when `b` reads the
     /// pool's rows of `layer` in place; `None` for a contiguous cache, or when the rows are
     /// gathered anyway (then no lock is held across the attention: the CPU backend's groups

@@ -762,11 +762,17 @@ impl<B: Backend> Model<B> {
         while pending.peek().is_some() {
             let mut group = Vec::new();
             let mut bytes = 0;
+            // The pool the group's attention will read in place (its first sequence's that the
+            // backend reads in place: see `locked` below).
+            let mut in_place_pool = None;
             while let Some(next) = pending.peek() {
-                // Rows the backend reads where they are (a paged pool it reads in place, as
-                // the CUDA backend does) are not copied: they cost nothing here, so a decode
-                // step's batch in one pool is one call.
-                let in_place = next.step.cache.read_pool(b, layer_index)?.is_some();
+                // Rows the backend reads where they are (the group's pool, where the backend
+                // reads it in place, as the CUDA backend does) are not copied: they cost
+                // nothing here, so a decode step's batch in one pool is one call. Rows of any
+                // other pool are gathered, and count.
+                let pool = next.step.cache.pool_id();
+                let in_place = next.step.cache.read_pool(b, layer_index)?.is_some()
+                    && in_place_pool.is_none_or(|p| Some(p) == pool);
                 let rows = match &next.selection {
                     _ if in_place => 0,
                     Some(s) => s.iter().map(Vec::len).sum::<usize>().min(next.total),
@@ -776,6 +782,9 @@ impl<B: Backend> Model<B> {
                     break;
                 }
                 bytes += rows * row_bytes;
+                if in_place {
+                    in_place_pool = in_place_pool.or(pool);
+                }
                 group.extend(pending.next());
             }
             let first = group[0].span.0;
