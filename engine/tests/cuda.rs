@@ -497,6 +497,50 @@ fn the_indexer_reads_each_kv_store_in_place() {
     assert_eq!(cuda.tensor_core_launches(), 6);
 }
 
+/// A `kv_b` of `d`'s shape from `noise`, its absorbed query weight `uk_t`, and both uploaded to
+/// `cuda`.
+fn mla_weights(
+    cuda: &Cuda,
+    d: MlaDims,
+    noise: &mut impl FnMut(usize) -> Vec<f32>,
+) -> (
+    Matrix,
+    Matrix,
+    <Cuda as Backend>::Weight,
+    <Cuda as Backend>::Weight,
+) {
+    let kv_b = Matrix::from_f32(
+        d.heads * (d.nope + d.v),
+        d.latent,
+        noise(d.heads * (d.nope + d.v) * d.latent),
+    );
+    let uk_t = absorbed_query_weight(&kv_b, d);
+    let (kv_b_d, uk_t_d) = (
+        cuda.upload(kv_b.clone()).unwrap(),
+        cuda.upload(uk_t.clone()).unwrap(),
+    );
+    (kv_b, uk_t, kv_b_d, uk_t_d)
+}
+
+/// The same KV store on the CPU and on `cuda`: `rows` rows of `cols` in `dtype`, with each
+/// write's values (`slots.len()` rows) at its slots.
+fn store_on_both(
+    cuda: &Cuda,
+    rows: usize,
+    cols: usize,
+    dtype: KvDtype,
+    writes: &[(Vec<usize>, Vec<f32>)],
+) -> (<Cpu as Backend>::Store, <Cuda as Backend>::Store) {
+    let mut on_cpu = Cpu.kv_store(rows, cols, dtype).unwrap();
+    let mut on_gpu = cuda.kv_store(rows, cols, dtype).unwrap();
+    for (slots, values) in writes {
+        let n = slots.len();
+        Cpu.write_rows(&mut on_cpu, slots, &Cpu.tensor(n, cols, values.clone()));
+        cuda.write_rows(&mut on_gpu, slots, &cuda.tensor(n, cols, values.clone()));
+    }
+    (on_cpu, on_gpu)
+}
+
 /// Absorbed attention over a paged pool's latent and RoPE-key stores read in place
 /// (`mla_latent_attention_{f32, bf16_bits, fp8}` through the block table's rows), for each KV
 /// dtype, against the CPU backend over the same rows as it stores and widens them: tokens
@@ -533,31 +577,20 @@ fn attention_reads_each_kv_store_in_place() {
             v: 24,
             latent,
         };
-        let kv_b = Matrix::from_f32(
-            d.heads * (d.nope + d.v),
-            d.latent,
-            noise(d.heads * (d.nope + d.v) * d.latent),
-        );
-        let uk_t = absorbed_query_weight(&kv_b, d);
-        let (kv_b_d, uk_t_d) = (
-            cuda.upload(kv_b.clone()).unwrap(),
-            cuda.upload(uk_t.clone()).unwrap(),
-        );
+        let (kv_b, uk_t, kv_b_d, uk_t_d) = mla_weights(&cuda, d, &mut noise);
         let q = noise(positions.len() * d.heads * (d.nope + d.rope));
         let (lat, pe) = (noise(tokens * latent), noise(tokens * rope));
         for dtype in [KvDtype::Float32, KvDtype::Bfloat16, KvDtype::Fp8] {
             // The pool's stores: an fp8 pool keeps its RoPE keys in bf16.
             let stores = [(latent, &lat, dtype), (rope, &pe, dtype.rope_keys())].map(
                 |(cols, rows, dtype)| {
-                    let mut on_cpu = Cpu.kv_store(pool_rows, cols, dtype).unwrap();
-                    Cpu.write_rows(&mut on_cpu, &slots, &Cpu.tensor(tokens, cols, rows.clone()));
-                    let mut on_gpu = cuda.kv_store(pool_rows, cols, dtype).unwrap();
-                    cuda.write_rows(
-                        &mut on_gpu,
-                        &slots,
-                        &cuda.tensor(tokens, cols, rows.clone()),
-                    );
-                    (on_cpu, on_gpu)
+                    store_on_both(
+                        &cuda,
+                        pool_rows,
+                        cols,
+                        dtype,
+                        &[(slots.clone(), rows.clone())],
+                    )
                 },
             );
             let [(cpu_lat, gpu_lat), (cpu_pe, gpu_pe)] = &stores;
@@ -658,16 +691,7 @@ fn attention_over_a_batch_of_sequences_shares_launches() {
         latent: 512,
     };
     let mut noise = noise(11);
-    let kv_b = Matrix::from_f32(
-        d.heads * (d.nope + d.v),
-        d.latent,
-        noise(d.heads * (d.nope + d.v) * d.latent),
-    );
-    let uk_t = absorbed_query_weight(&kv_b, d);
-    let (kv_b_d, uk_t_d) = (
-        cuda.upload(kv_b.clone()).unwrap(),
-        cuda.upload(uk_t.clone()).unwrap(),
-    );
+    let (kv_b, uk_t, kv_b_d, uk_t_d) = mla_weights(&cuda, d, &mut noise);
     // Two sequences of 40 and 24 tokens in a pool of 32 blocks of 4 rows.
     let (pool_rows, block) = (128, 4);
     let blocks_a: Vec<u32> = (0..10).map(|b| 31 - 3 * b).collect();
@@ -676,21 +700,11 @@ fn attention_over_a_batch_of_sequences_shares_launches() {
         PagedRows::new(&blocks_a, block, 40),
         PagedRows::new(&blocks_b, block, 24),
     );
-    let pools =
-        [(d.latent, KvDtype::Bfloat16), (d.rope, KvDtype::Bfloat16)].map(|(cols, dtype)| {
-            let mut on_cpu = Cpu.kv_store(pool_rows, cols, dtype).unwrap();
-            let mut on_gpu = cuda.kv_store(pool_rows, cols, dtype).unwrap();
-            for table in [&table_a, &table_b] {
-                let (slots, rows) = (table.rows(0..table.tokens()), noise(table.tokens() * cols));
-                Cpu.write_rows(
-                    &mut on_cpu,
-                    &slots,
-                    &Cpu.tensor(slots.len(), cols, rows.clone()),
-                );
-                cuda.write_rows(&mut on_gpu, &slots, &cuda.tensor(slots.len(), cols, rows));
-            }
-            (on_cpu, on_gpu)
-        });
+    let pools = [d.latent, d.rope].map(|cols| {
+        let writes = [&table_a, &table_b]
+            .map(|table| (table.rows(0..table.tokens()), noise(table.tokens() * cols)));
+        store_on_both(&cuda, pool_rows, cols, KvDtype::Bfloat16, &writes)
+    });
     let [(cpu_lat, gpu_lat), (cpu_pe, gpu_pe)] = &pools;
     // The sequence with cached tensors of its own: 12 tokens.
     let (own_lat, own_pe) = (noise(12 * d.latent), noise(12 * d.rope));
