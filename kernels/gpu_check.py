@@ -522,34 +522,42 @@ class Harness:
             top[r].long().sort().values, ref[r, : int(vis[r])].topk(k).indices.sort().values)]
         self.record_bool("indexer_scores_f32 + topk_rows_f32", not bad, f"rows wrong: {bad[:8]}" if bad else "the float64 reference's top 512")
 
-        # the same scores with the keys read in place from a KV store through a block table (key s
-        # is row blocks[s / 16] * 16 + s % 16 of a pool of 4000 rows; the last of the keys' 188
-        # blocks holds 8): float32, bf16 bits, fp8 codes with a scale per 128
-        pool, bs = 4000, 16
-        blocks = torch.randperm(pool // bs, device=d)[: (S + bs - 1) // bs].int()
+        # the same scores with the keys read in place from a KV store through block tables, a
+        # batch of two sequences: rows 0..11 read `keys` through table A, rows 12..23 other keys
+        # through table B (row_tables: where each row's table starts in `blocks`); key s of a
+        # table is row table[s / 16] * 16 + s % 16 of a pool of 7000 rows (each table's last of
+        # 188 blocks holds 8 keys): float32, bf16 bits, fp8 codes with a scale per 128
+        pool, bs = 7000, 16
+        nb = (S + bs - 1) // bs
+        blocks = torch.randperm(pool // bs, device=d)[: 2 * nb].int()
+        row_tables = torch.tensor([0] * (T // 2) + [nb] * (T - T // 2), dtype=torch.int32, device=d)
+        key_start = torch.tensor([0] * (T // 2) + [S] * (T - T // 2), dtype=torch.int32)
+        both = torch.cat([keys, torch.randn(S, D, device=d)])  # table A's keys, then B's
         ks = torch.arange(S, device=d)
-        slots = (blocks.long()[ks // bs] * bs + ks % bs).int()
+        slots = torch.cat([blocks.long()[ks // bs] * bs + ks % bs, blocks.long()[nb + ks // bs] * bs + ks % bs])
         f32_store = torch.full((pool, D), nan, device=d)
-        f32_store[slots.long()] = keys
+        f32_store[slots] = both
         bf16_store = torch.full((pool, D), nan, device=d).to(torch.bfloat16)
-        bf16_store[slots.long()] = keys.to(torch.bfloat16)
-        sc = divided(keys.abs().amax(-1).clamp_min(1e-4), 448.0)
+        bf16_store[slots] = both.to(torch.bfloat16)
+        sc = divided(both.abs().amax(-1).clamp_min(1e-4), 448.0)
         codes = torch.full((pool, D), 0x7F, dtype=torch.uint8, device=d)
-        codes[slots.long()] = (keys / sc[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+        codes[slots] = (both / sc[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
         code_scales = torch.full((pool, 1), nan, device=d)
-        code_scales[slots.long(), 0] = sc
+        code_scales[slots, 0] = sc
         for name, store, widened in (
-                ("indexer_scores_store_f32", [f32_store], keys),
-                ("indexer_scores_store_bf16_bits", [bf16_store], keys.to(torch.bfloat16)),
+                ("indexer_scores_store_f32", [f32_store], both),
+                ("indexer_scores_store_bf16_bits", [bf16_store], both.to(torch.bfloat16)),
                 ("indexer_scores_store_fp8", [codes, code_scales],
-                 codes[slots.long()].view(torch.float8_e4m3fn).double() * sc.double()[:, None])):
+                 codes[slots].view(torch.float8_e4m3fn).double() * sc.double()[:, None])):
             scores = torch.full((T, S), nan, device=d)
             self.launch(name, (T, (S + 127) // 128), 128,
-                        [scores, q, wi] + store + [blocks, ("i", bs), vis, ("i", S), ("i", H), ("i", D), ("f", D ** -0.5)],
+                        [scores, q, wi] + store + [blocks, row_tables, ("i", bs), vis, ("i", S), ("i", H), ("i", D),
+                                                   ("f", D ** -0.5)],
                         (H * D + H) * 4)
-            ref = ref_indexer(q, widened, wi, torch.zeros(T, dtype=torch.int32), vis.cpu(), S, D ** -0.5)
+            ref = ref_indexer(q, widened, wi, key_start, vis.cpu(), S, D ** -0.5)
             masked = ref == FLT_MIN
-            self.record(f"{name} 24x3000 (64 heads x 128), keys in scattered blocks of 16", rel_l2(scores[~masked], ref[~masked]),
+            self.record(f"{name} 24x3000 (64 heads x 128), two sequences' tables of blocks of 16",
+                        rel_l2(scores[~masked], ref[~masked]),
                         F32_BOUND, "masked -inf" if bool((scores[masked] == -math.inf).all()) else "MASK WRONG")
             if not bool((scores[masked] == -math.inf).all()):
                 self.record_bool(f"{name} mask", False, "entries past n_visible are not -inf")
@@ -557,7 +565,8 @@ class Harness:
             tc = name.replace("indexer_scores_store_", "indexer_scores_tc_store_")
             scores = torch.full((T, S), nan, device=d)
             self.launch(tc, (T, (S + 63) // 64), 128,
-                        [scores, q, wi] + store + [blocks, ("i", bs), vis, ("i", S), ("i", H), ("i", D), ("f", D ** -0.5)],
+                        [scores, q, wi] + store + [blocks, row_tables, ("i", bs), vis, ("i", S), ("i", H), ("i", D),
+                                                   ("f", D ** -0.5)],
                         self.indexer_tc_smem(H, D))
             self.record(f"{tc} 24x3000 (64 heads x 128), bf16 roundings", rel_l2(scores[~masked], ref[~masked]),
                         TC_BOUND, "masked -inf" if bool((scores[masked] == -math.inf).all()) else "MASK WRONG")

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
-use crate::backend::{Backend, CachedRows};
+use crate::backend::{Backend, CachedRows, IndexerSeq};
 use crate::error::{EngineError, Result};
 
 /// How a paged KV pool stores its rows (`--kv-cache-dtype`). Attention reads them back as
@@ -196,6 +196,91 @@ impl<'a> PagedRows<'a> {
     }
 }
 
+/// One sequence's part of an [`index_select`] call.
+#[derive(Debug)]
+pub struct IndexQuery<'a, B: Backend> {
+    pub cache: &'a SeqCache<B>,
+    /// Tokens whose indexer keys are cached after this step (the cached ones plus its own).
+    pub total: usize,
+    /// Its first query row in the batch; it has `positions.len()` rows.
+    pub first: usize,
+    /// Each query row's position in the sequence.
+    pub positions: &'a [usize],
+}
+
+/// The indexer's picks ([`Backend::indexer_select`]) for the query rows of several sequences
+/// (rows `first..` of `q` and the weights `w`, at `positions`), each among its own cache's
+/// layer-`layer` indexer keys of its first `total` tokens, in `queries`' order; `None` for a
+/// sequence whose layer keeps no indexer keys. A contiguous cache lends its keys, a sequence
+/// at a time. The paged caches of one pool are read together: the pool is read-locked once
+/// and the backend gets its key store and their block tables in one call
+/// ([`Backend::indexer_select_paged`]), which the CUDA backend answers with one launch for
+/// the batch, reading the keys in place.
+#[allow(clippy::too_many_arguments)]
+pub fn index_select<B: Backend>(
+    b: &B,
+    layer: usize,
+    queries: &[IndexQuery<'_, B>],
+    q: &B::Tensor,
+    w: &B::Tensor,
+    k: usize,
+    scale: f32,
+) -> Result<Vec<Option<Vec<Vec<u32>>>>> {
+    let mut picked: Vec<Option<Vec<Vec<u32>>>> = queries.iter().map(|_| None).collect();
+    let mut done = vec![false; queries.len()];
+    for i in 0..queries.len() {
+        if done[i] {
+            continue;
+        }
+        let query = &queries[i];
+        let pool = match &query.cache.storage {
+            Storage::Contiguous(layers) => {
+                let n = query.positions.len();
+                picked[i] = layers[layer].index_keys.as_ref().map(|keys| {
+                    let (q, w) = (b.rows(q, query.first, n), b.rows(w, query.first, n));
+                    b.indexer_select(&q, &w, keys, query.positions, k, scale)
+                });
+                done[i] = true;
+                continue;
+            }
+            Storage::Paged { pool, .. } => pool,
+        };
+        // This and every later sequence of the same pool.
+        let members: Vec<usize> = (i..queries.len())
+            .filter(|&j| !done[j] && queries[j].cache.pool_id() == query.cache.pool_id())
+            .collect();
+        let guard = SeqCache::lock(pool)?;
+        let seqs: Vec<IndexerSeq<'_>> = members
+            .iter()
+            .map(|&j| {
+                let query = &queries[j];
+                let Storage::Paged {
+                    table, block_size, ..
+                } = &query.cache.storage
+                else {
+                    unreachable!("members share a pool");
+                };
+                IndexerSeq {
+                    first: query.first,
+                    positions: query.positions,
+                    table: PagedRows::new(table, *block_size, query.total),
+                }
+            })
+            .collect();
+        let chosen = guard.layers[layer]
+            .index_keys
+            .as_ref()
+            .map(|keys| b.indexer_select_paged(q, w, keys, &seqs, k, scale));
+        drop(guard);
+        let mut chosen = chosen.map(Vec::into_iter);
+        for &j in &members {
+            picked[j] = chosen.as_mut().and_then(Iterator::next);
+            done[j] = true;
+        }
+    }
+    Ok(picked)
+}
+
 /// The latent and RoPE-key rows an [`AttendedRows`] holds: a contiguous cache's tensors, rows
 /// gathered from the pool, or the pool's stores themselves.
 enum Held<'a, B: Backend> {
@@ -372,43 +457,6 @@ impl<B: Backend> SeqCache<B> {
             }
         }
         Ok(())
-    }
-
-    /// The indexer's picks ([`Backend::indexer_select`]) for query rows `q` (weights `w`, at
-    /// `positions`) among layer `layer`'s indexer keys of the first `total` tokens (the cached
-    /// ones plus this step's), or `None` when the layer keeps no indexer keys. A contiguous
-    /// cache lends its keys; a paged one hands the backend its store and block table
-    /// ([`Backend::indexer_select_rows`]), which the CUDA backend reads in place.
-    #[allow(clippy::too_many_arguments)]
-    pub fn index_select(
-        &self,
-        b: &B,
-        layer: usize,
-        total: usize,
-        q: &B::Tensor,
-        w: &B::Tensor,
-        positions: &[usize],
-        k: usize,
-        scale: f32,
-    ) -> Result<Option<Vec<Vec<u32>>>> {
-        match &self.storage {
-            Storage::Contiguous(layers) => Ok(layers[layer]
-                .index_keys
-                .as_ref()
-                .map(|keys| b.indexer_select(q, w, keys, positions, k, scale))),
-            Storage::Paged {
-                pool,
-                table,
-                block_size,
-            } => {
-                let table = PagedRows::new(table, *block_size, total);
-                let pool = Self::lock(pool)?;
-                Ok(pool.layers[layer]
-                    .index_keys
-                    .as_ref()
-                    .map(|keys| b.indexer_select_rows(q, w, keys, table, positions, k, scale)))
-            }
-        }
     }
 
     /// Layer `layer`'s latent and RoPE-key rows that a step attends to: those `selection`

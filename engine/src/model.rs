@@ -11,7 +11,9 @@ use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::expert_load::ExpertLoad;
 use crate::expert_shards::ExpertShards;
-use crate::kv_cache::{KvDtype, KvPool, LayerCache, PoolLayer, SeqCache, SharedPool};
+use crate::kv_cache::{
+    IndexQuery, KvDtype, KvPool, LayerCache, PoolLayer, SeqCache, SharedPool, index_select,
+};
 use crate::moe::{RouterConfig, route};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::WeightStore;
@@ -678,11 +680,11 @@ impl<B: Backend> Model<B> {
         let scale = c.softmax_scale();
         let mut traced: Vec<Vec<u32>> = Vec::new();
         let mut any_sparse = false;
-        // Each sequence's new rows go into its cache and its indexer picks its keys; then one
-        // call attends for the whole batch.
-        let mut attended = Vec::with_capacity(batch.len());
+        // Each sequence's new rows go into its cache; then the indexer picks every sparse
+        // sequence's keys in one call, and one call attends for the whole batch.
+        let k = self.index_topk().unwrap_or(usize::MAX);
+        let mut appended = Vec::with_capacity(batch.len());
         for (step, &(start, len)) in batch.iter_mut().zip(spans) {
-            let seq_positions = &positions[start..start + len];
             let new_keys = indexer_inputs
                 .as_ref()
                 .map(|(_, ki, _, _)| b.rows(ki, start, len));
@@ -694,25 +696,38 @@ impl<B: Backend> Model<B> {
                 new_keys.as_ref(),
             )?;
             let total = step.cache.len() + len;
-            let k = self.index_topk().unwrap_or(usize::MAX);
             let sparse = match self.options.attention {
                 AttentionMode::Sparse => true,
                 AttentionMode::Dense => false,
                 AttentionMode::Auto { dense_below } => total >= dense_below,
             };
             // The indexer runs (and reads its keys) only when it has more keys than it keeps.
-            let selection = match &indexer_inputs {
-                Some((qi, _, w, ix_scale)) if sparse && total > k => step.cache.index_select(
-                    b,
-                    layer_index,
-                    total,
-                    &b.rows(qi, start, len),
-                    &b.rows(w, start, len),
-                    seq_positions,
-                    k,
-                    *ix_scale,
-                )?,
-                _ => None,
+            let indexed = indexer_inputs.is_some() && sparse && total > k;
+            appended.push((step, start, len, total, indexed));
+        }
+        let mut selections = match &indexer_inputs {
+            Some((qi, _, w, ix_scale)) => {
+                let queries: Vec<IndexQuery<'_, B>> = appended
+                    .iter()
+                    .filter(|(.., indexed)| *indexed)
+                    .map(|&(ref step, start, len, total, _)| IndexQuery {
+                        cache: step.cache,
+                        total,
+                        first: start,
+                        positions: &positions[start..start + len],
+                    })
+                    .collect();
+                index_select(b, layer_index, &queries, qi, w, k, *ix_scale)?.into_iter()
+            }
+            None => Vec::new().into_iter(),
+        };
+        let mut attended = Vec::with_capacity(appended.len());
+        for (step, start, len, total, indexed) in appended {
+            let seq_positions = &positions[start..start + len];
+            let selection = if indexed {
+                selections.next().flatten()
+            } else {
+                None
             };
             // Auto: a row attends to every earlier key while its own context is shorter than
             // dense_below, whichever chunk it came in, so chunking cannot change its keys.

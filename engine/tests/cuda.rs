@@ -13,7 +13,8 @@ use std::sync::Arc;
 use sparsemoe_engine::backend::cpu::Cpu;
 use sparsemoe_engine::backend::cuda::{Cuda, Dtype, compile_kernels};
 use sparsemoe_engine::backend::{
-    AttentionForm, Backend, CachedRows, MlaDims, MlaSeq, MlaWeights, absorbed_query_weight,
+    AttentionForm, Backend, CachedRows, IndexerSeq, MlaDims, MlaSeq, MlaWeights,
+    absorbed_query_weight,
 };
 use sparsemoe_engine::config::ModelConfig;
 use sparsemoe_engine::expert_shards::ExpertShards;
@@ -121,7 +122,7 @@ fn paged_batches_match_the_cpu_backend() {
         ..ModelOptions::default()
     };
     let cpu = Model::load(&dir, Cpu, options.clone()).unwrap();
-    let gpu = Model::load(&dir, cuda, options).unwrap();
+    let gpu = Model::load(&dir, cuda.clone(), options).unwrap();
     // fp8: a last-bit difference can move a value to the next e4m3 code (1/8 of it), rarely.
     for (dtype, bound) in [
         (KvDtype::Float32, 1e-4),
@@ -129,7 +130,16 @@ fn paged_batches_match_the_cpu_backend() {
         (KvDtype::Fp8, 1e-2),
     ] {
         let want = paged_run(&cpu, dtype);
+        let launches = cuda.indexer_launches();
         let got = paged_run(&gpu, dtype);
+        // The indexer (top-k 8) runs for the first sequence from its second step (14 tokens)
+        // on, 10 steps, and for the second in the last 3 (9 to 11 tokens): one launch a layer
+        // for both sequences together, not 13 a layer one sequence at a time.
+        assert_eq!(
+            cuda.indexer_launches() - launches,
+            10 * gpu.config.num_layers as u64,
+            "{dtype:?}"
+        );
         assert_eq!(want.len(), got.len());
         for (i, (w, g)) in want.iter().zip(&got).enumerate() {
             let err = rel_l2(w, g);
@@ -399,7 +409,7 @@ fn paged_run<B: Backend>(model: &Model<B>, dtype: KvDtype) -> Vec<Vec<f32>> {
     logits
 }
 
-/// The indexer over a paged pool's keys read in place (`indexer_select_rows`), for each KV
+/// The indexer over a paged pool's keys read in place (`indexer_select_paged`), for each KV
 /// dtype, against float64 scores of the keys as the CPU backend stores and widens them: each
 /// row picks k distinct visible keys, none scoring below the k-th best by more than rounding
 /// (fp8: a last-bit difference can move a key value to a neighbouring code), and a row with at
@@ -443,15 +453,21 @@ fn the_indexer_reads_each_kv_store_in_place() {
             let widened = Cpu.to_host(&Cpu.gather_rows(&cpu_store, &slots));
             let mut store = cuda.kv_store(pool_rows, dim, dtype).unwrap();
             cuda.write_rows(&mut store, &slots, &cuda.tensor(n_keys, dim, keys));
-            let picked = cuda.indexer_select_rows(
-                &cuda.tensor(positions.len(), heads * dim, q.clone()),
-                &cuda.tensor(positions.len(), heads, w.clone()),
-                &store,
+            let seq = IndexerSeq {
+                first: 0,
+                positions: &positions,
                 table,
-                &positions,
-                k,
-                scale,
-            );
+            };
+            let picked = cuda
+                .indexer_select_paged(
+                    &cuda.tensor(positions.len(), heads * dim, q.clone()),
+                    &cuda.tensor(positions.len(), heads, w.clone()),
+                    &store,
+                    &[seq],
+                    k,
+                    scale,
+                )
+                .remove(0);
             for (r, (&p, got)) in positions.iter().zip(&picked).enumerate() {
                 let case =
                     format!("{heads} heads, {dtype:?}, tensor cores {tensor_cores}, row {r}");
@@ -495,6 +511,86 @@ fn the_indexer_reads_each_kv_store_in_place() {
     }
     // One scores launch a call on the tensor cores: 2 head counts × 3 dtypes.
     assert_eq!(cuda.tensor_core_launches(), 6);
+}
+
+/// The indexer's rows of several sequences in one pool are one launch
+/// (`indexer_select_paged`): each row reads its own sequence's block table. Three sequences
+/// with tables over scattered, disjoint blocks of one pool and rows in an order that leaves a
+/// gap (a batch row no sequence names), one of them all early rows (at most k keys each,
+/// answered without a launch), pick exactly what each sequence picks on its own, for every KV
+/// dtype, in float32 and on the tensor cores.
+#[test]
+fn the_indexer_takes_a_batch_of_sequences_in_one_launch() {
+    let Some(cuda) = gpu("the_indexer_takes_a_batch_of_sequences_in_one_launch") else {
+        return;
+    };
+    let (heads, dim, k, scale, block) = (16, 32, 24, 0.17_f32, 4);
+    let mut noise = noise(11);
+    // Tokens, each sequence's table (blocks 3s + 1 + 3b mod 150: disjoint between sequences),
+    // and its query rows' positions and first batch row.
+    let tokens = [130, 70, 20];
+    let tables: Vec<Vec<u32>> = tokens
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            let n: usize = n;
+            (0..n.div_ceil(block))
+                .map(|b| ((3 * b + s + 1) % 150) as u32)
+                .collect()
+        })
+        .collect();
+    let positions: [&[usize]; 3] = [&[125, 126, 127, 128, 129], &[69], &[3, 19]];
+    let firsts = [3, 0, 8]; // rows 1 and 2 belong to no sequence
+    let batch_rows = 10;
+    for tensor_cores in [false, true] {
+        cuda.attention_on_tensor_cores(tensor_cores);
+        for dtype in [KvDtype::Float32, KvDtype::Bfloat16, KvDtype::Fp8] {
+            let mut store = cuda.kv_store(150 * block, dim, dtype).unwrap();
+            for (table, &n) in tables.iter().zip(&tokens) {
+                let rows = PagedRows::new(table, block, n).rows(0..n);
+                cuda.write_rows(&mut store, &rows, &cuda.tensor(n, dim, noise(n * dim)));
+            }
+            let q = cuda.tensor(batch_rows, heads * dim, noise(batch_rows * heads * dim));
+            let w = cuda.tensor(batch_rows, heads, noise(batch_rows * heads));
+            let seqs: Vec<IndexerSeq<'_>> = (0..3)
+                .map(|s| IndexerSeq {
+                    first: firsts[s],
+                    positions: positions[s],
+                    table: PagedRows::new(&tables[s], block, tokens[s]),
+                })
+                .collect();
+            let launches = cuda.indexer_launches();
+            let batched = cuda.indexer_select_paged(&q, &w, &store, &seqs, k, scale);
+            let case = format!("{dtype:?}, tensor cores {tensor_cores}");
+            assert_eq!(cuda.indexer_launches() - launches, 1, "{case}");
+            assert_eq!(batched.len(), 3, "{case}");
+            for (s, seq) in seqs.iter().enumerate() {
+                let n = seq.positions.len();
+                let alone = cuda
+                    .indexer_select_paged(
+                        &cuda.rows(&q, seq.first, n),
+                        &cuda.rows(&w, seq.first, n),
+                        &store,
+                        &[IndexerSeq { first: 0, ..*seq }],
+                        k,
+                        scale,
+                    )
+                    .remove(0);
+                assert_eq!(batched[s], alone, "{case}: sequence {s}");
+                for (got, &p) in batched[s].iter().zip(seq.positions) {
+                    let want_len = (p + 1).min(k);
+                    assert_eq!(got.len(), want_len, "{case}: sequence {s}, position {p}");
+                    assert!(got.iter().all(|&key| key as usize <= p), "{case}: {got:?}");
+                }
+            }
+            // The early sequence alone launches nothing.
+            assert_eq!(
+                cuda.indexer_launches() - launches,
+                3,
+                "{case}: the early rows launched"
+            );
+        }
+    }
 }
 
 /// A `kv_b` of `d`'s shape from `noise`, its absorbed query weight `uk_t`, and both uploaded to

@@ -361,17 +361,19 @@ SMOE_DEVICE size_t paged_row(const int* blocks, int block_size, int s) {
     return (size_t)blocks[s / block_size] * block_size + s % block_size;
 }
 
-// indexer_scores_f32's scores with key s read where a paged cache keeps it, row
-// blocks[s / block_size] · block_size + s % block_size of a KV store (the sequence's block table
-// is what the host uploads, not a row per key): no gathered copy of the keys. `smem` is the
+// indexer_scores_f32's scores with key s of row r read where a paged cache keeps it, row
+// table[s / block_size] · block_size + s % block_size of a KV store, where table = blocks +
+// row_tables[r] is the block table of row r's sequence (the host uploads the batch's tables, a
+// value a block, one after another, not a row per key): no gathered copy of the keys, and the
+// rows of a batch's sequences are scored in one launch. `smem` is the
 // kernel's dynamic shared memory. Each thread reads its key's values once (widening bf16 or fp8
 // as it goes) and keeps a running dot product per head, so heads ≤ INDEXER_STORE_MAX_HEADS.
 // Launch: as indexer_scores_f32 (grid (rows, ceil(n_keys / INDEXER_F32_KEYS)), block
 // INDEXER_F32_KEYS, dynamic shared memory (heads · dim + heads) floats).
 template <typename Store>
 SMOE_DEVICE void indexer_scores_store(float* smem, float* scores, const float* q, const float* w, Store store,
-                                      const int* blocks, int block_size, const int* n_visible, int n_keys,
-                                      int heads, int dim, float scale) {
+                                      const int* blocks, const int* row_tables, int block_size,
+                                      const int* n_visible, int n_keys, int heads, int dim, float scale) {
     const float* qs = smem;  // [dim, heads]: a key value meets every head's q at once
     const float* ws = stage_indexer_row(smem, q, w, heads, dim, true);
     const int r = blockIdx.x;
@@ -379,7 +381,7 @@ SMOE_DEVICE void indexer_scores_store(float* smem, float* scores, const float* q
     if (s >= n_keys) return;
     float total = neg_inf();
     if (s < n_visible[r]) {
-        const auto key = store.row(paged_row(blocks, block_size, s), dim);
+        const auto key = store.row(paged_row(blocks + row_tables[r], block_size, s), dim);
         float dot[INDEXER_STORE_MAX_HEADS];
 #pragma unroll
         for (int h = 0; h < INDEXER_STORE_MAX_HEADS; ++h) dot[h] = 0.f;
@@ -400,21 +402,21 @@ SMOE_DEVICE void indexer_scores_store(float* smem, float* scores, const float* q
 extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS)
 indexer_scores_store_f32(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
                          const float* __restrict__ keys, const int* __restrict__ blocks,
-                         int block_size, const int* __restrict__ n_visible, int n_keys, int heads, int dim,
-                         float scale) {
+                         const int* __restrict__ row_tables, int block_size, const int* __restrict__ n_visible,
+                         int n_keys, int heads, int dim, float scale) {
     extern __shared__ float smem[];
-    indexer_scores_store(smem, scores, q, w, StoreF32{keys}, blocks, block_size, n_visible, n_keys, heads, dim,
-                         scale);
+    indexer_scores_store(smem, scores, q, w, StoreF32{keys}, blocks, row_tables, block_size, n_visible, n_keys, heads,
+                         dim, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS)
 indexer_scores_store_bf16_bits(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
                                const unsigned short* __restrict__ keys, const int* __restrict__ blocks,
-                               int block_size, const int* __restrict__ n_visible, int n_keys, int heads, int dim,
-                               float scale) {
+                               const int* __restrict__ row_tables, int block_size,
+                               const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale) {
     extern __shared__ float smem[];
-    indexer_scores_store(smem, scores, q, w, StoreBf16{keys}, blocks, block_size, n_visible, n_keys, heads, dim,
-                         scale);
+    indexer_scores_store(smem, scores, q, w, StoreBf16{keys}, blocks, row_tables, block_size, n_visible, n_keys, heads,
+                         dim, scale);
 }
 
 // At least one block an SM (not ptxas's default occupancy target): the fp8 decode needs a few
@@ -422,18 +424,19 @@ indexer_scores_store_bf16_bits(float* __restrict__ scores, const float* __restri
 extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS, 1)
 indexer_scores_store_fp8(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
                          const uint8_t* __restrict__ codes, const float* __restrict__ key_scales,
-                         const int* __restrict__ blocks, int block_size, const int* __restrict__ n_visible,
-                         int n_keys, int heads, int dim, float scale) {
+                         const int* __restrict__ blocks, const int* __restrict__ row_tables, int block_size,
+                         const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale) {
     extern __shared__ float smem[];
-    indexer_scores_store(smem, scores, q, w, StoreFp8{codes, key_scales}, blocks, block_size, n_visible, n_keys,
-                         heads, dim, scale);
+    indexer_scores_store(smem, scores, q, w, StoreFp8{codes, key_scales}, blocks, row_tables, block_size, n_visible,
+                         n_keys, heads, dim, scale);
 }
 
 // indexer_scores_store_* on the tensor cores (indexer_tc.cuh): the queries and the keys rounded to
 // bf16 as they enter shared memory (a bf16 pool's keys as they are; an fp8 pool's values times
 // their scales), products summed in float32; masked entries -inf as there. Same parameters; dim
 // even, any number of heads (the block's shared memory grows with them: indexer_tc_smem_bytes).
-// A table of one block as long as the keys reads rows 0, 1, … of a plain tensor.
+// A table of one block as long as the keys (and row_tables all 0) reads rows 0, 1, … of a plain
+// tensor.
 // Launch: grid (rows, ceil(n_keys / INDEXER_TC_KEYS)), block INDEXER_TC_WARPS · 32.
 struct F32IndexerQueries {
     const float* q;  // [rows, heads · dim]
@@ -449,36 +452,40 @@ struct PagedKeys {
 };
 template <typename Store>
 SMOE_DEVICE void indexer_scores_tc_store(float* scores, const float* q, const float* w, Store store, const int* blocks,
-                                         int block_size, const int* n_visible, int n_keys, int heads, int dim,
-                                         float scale) {
+                                         const int* row_tables, int block_size, const int* n_visible, int n_keys,
+                                         int heads, int dim, float scale) {
     const int t = blockIdx.x;
     indexer_scores_tc(scores + (size_t)t * n_keys, F32IndexerQueries{q, heads, dim}, IndexerWeights{w, heads},
-                      PagedKeys<Store>{store, blocks, block_size, dim}, t, blockIdx.y * INDEXER_TC_KEYS,
+                      PagedKeys<Store>{store, blocks + row_tables[t], block_size, dim}, t, blockIdx.y * INDEXER_TC_KEYS,
                       n_visible[t] < n_keys ? n_visible[t] : n_keys, n_keys, heads, dim, scale, neg_inf());
 }
 
 extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
 indexer_scores_tc_store_f32(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
-                            const float* __restrict__ keys, const int* __restrict__ blocks, int block_size,
-                            const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale) {
-    indexer_scores_tc_store(scores, q, w, StoreF32{keys}, blocks, block_size, n_visible, n_keys, heads, dim, scale);
+                            const float* __restrict__ keys, const int* __restrict__ blocks,
+                            const int* __restrict__ row_tables, int block_size, const int* __restrict__ n_visible,
+                            int n_keys, int heads, int dim, float scale) {
+    indexer_scores_tc_store(scores, q, w, StoreF32{keys}, blocks, row_tables, block_size, n_visible, n_keys, heads,
+                            dim, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
 indexer_scores_tc_store_bf16_bits(float* __restrict__ scores, const float* __restrict__ q,
                                   const float* __restrict__ w, const unsigned short* __restrict__ keys,
-                                  const int* __restrict__ blocks, int block_size, const int* __restrict__ n_visible,
-                                  int n_keys, int heads, int dim, float scale) {
-    indexer_scores_tc_store(scores, q, w, StoreBf16{keys}, blocks, block_size, n_visible, n_keys, heads, dim, scale);
+                                  const int* __restrict__ blocks, const int* __restrict__ row_tables,
+                                  int block_size, const int* __restrict__ n_visible, int n_keys, int heads, int dim,
+                                  float scale) {
+    indexer_scores_tc_store(scores, q, w, StoreBf16{keys}, blocks, row_tables, block_size, n_visible, n_keys, heads,
+                            dim, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
 indexer_scores_tc_store_fp8(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
                             const uint8_t* __restrict__ codes, const float* __restrict__ key_scales,
-                            const int* __restrict__ blocks, int block_size, const int* __restrict__ n_visible,
-                            int n_keys, int heads, int dim, float scale) {
-    indexer_scores_tc_store(scores, q, w, StoreFp8{codes, key_scales}, blocks, block_size, n_visible, n_keys, heads,
-                            dim, scale);
+                            const int* __restrict__ blocks, const int* __restrict__ row_tables, int block_size,
+                            const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale) {
+    indexer_scores_tc_store(scores, q, w, StoreFp8{codes, key_scales}, blocks, row_tables, block_size, n_visible,
+                            n_keys, heads, dim, scale);
 }
 
 // Absorbed MLA attention in the latent space, for query row r and head h:

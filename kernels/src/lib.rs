@@ -182,23 +182,25 @@ pub const KERNELS: &[Kernel] = &[
         scores: F32Mut, q: F32, w: F32, keys: F32, n_visible: I32, n_keys: Int, heads: Int,
         dim: Int, scale: Float),
     kernel!("indexer_scores_store_f32" in "engine.cu":
-        scores: F32Mut, q: F32, w: F32, keys: F32, blocks: I32, block_size: Int, n_visible: I32,
-        n_keys: Int, heads: Int, dim: Int, scale: Float),
+        scores: F32Mut, q: F32, w: F32, keys: F32, blocks: I32, row_tables: I32,
+        block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float),
     kernel!("indexer_scores_store_bf16_bits" in "engine.cu":
-        scores: F32Mut, q: F32, w: F32, keys: Bf16Bits, blocks: I32, block_size: Int,
-        n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float),
+        scores: F32Mut, q: F32, w: F32, keys: Bf16Bits, blocks: I32, row_tables: I32,
+        block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float),
     kernel!("indexer_scores_store_fp8" in "engine.cu":
-        scores: F32Mut, q: F32, w: F32, codes: U8, key_scales: F32, blocks: I32, block_size: Int,
-        n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float),
+        scores: F32Mut, q: F32, w: F32, codes: U8, key_scales: F32, blocks: I32,
+        row_tables: I32, block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int,
+        scale: Float),
     kernel!("indexer_scores_tc_store_f32" in "engine.cu":
-        scores: F32Mut, q: F32, w: F32, keys: F32, blocks: I32, block_size: Int, n_visible: I32,
-        n_keys: Int, heads: Int, dim: Int, scale: Float),
+        scores: F32Mut, q: F32, w: F32, keys: F32, blocks: I32, row_tables: I32,
+        block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float),
     kernel!("indexer_scores_tc_store_bf16_bits" in "engine.cu":
-        scores: F32Mut, q: F32, w: F32, keys: Bf16Bits, blocks: I32, block_size: Int,
-        n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float),
+        scores: F32Mut, q: F32, w: F32, keys: Bf16Bits, blocks: I32, row_tables: I32,
+        block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float),
     kernel!("indexer_scores_tc_store_fp8" in "engine.cu":
-        scores: F32Mut, q: F32, w: F32, codes: U8, key_scales: F32, blocks: I32, block_size: Int,
-        n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float),
+        scores: F32Mut, q: F32, w: F32, codes: U8, key_scales: F32, blocks: I32,
+        row_tables: I32, block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int,
+        scale: Float),
     kernel!("mla_latent_attention_f32" in "engine.cu":
         ctx: F32Mut, q_lat: F32, q_pe: F32, latent: F32, k_pe: F32, keys: I32, key_offsets: I32,
         heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int, scale: Float),

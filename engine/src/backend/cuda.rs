@@ -14,8 +14,9 @@
 //! - The paged KV pool lives on the first GPU, in float32, as bf16 bits, or as fp8 e4m3 codes
 //!   with a scale per 128 values (`--kv-cache-dtype`): rows are rounded as they are written and
 //!   widened to float32 as they are read. The indexer reads its keys in place there, through
-//!   the sequence's block table (`indexer_scores_store_*`: the table, a value a block, is what
-//!   is uploaded, not a row number a key), and attention the latent and RoPE rows
+//!   each sequence's block table (`indexer_scores_store_*`: the tables, a value a block, are
+//!   what is uploaded, not a row number a key; a layer's batch is one scores launch and one
+//!   top-k launch, `indexer_select_paged`), and attention the latent and RoPE rows
 //!   (`mla_latent_attention_{f32, bf16_bits, fp8}`, `reads_in_place`, `MlaSeq::rows`), so a
 //!   step copies no cached rows.
 //! - The routed experts of a MoE layer run as three grouped products (`cublasGemmGroupedBatchedEx`,
@@ -60,7 +61,8 @@ use cudarc::driver::{
 use sparsemoe_kernels::launch;
 
 use super::{
-    Backend, CachedRows, Expert, MlaDims, MlaSeq, MlaWeights, Routing, by_expert, pairs_by_row,
+    Backend, CachedRows, Expert, IndexerSeq, MlaDims, MlaSeq, MlaWeights, Routing, by_expert,
+    pairs_by_row,
 };
 use crate::error::{EngineError, Result};
 use crate::expert_shards::{Pair, compact_rows};
@@ -112,11 +114,11 @@ impl CudaStore {
 }
 
 /// Where the indexer reads its keys: a float32 tensor (key `s` is row `s`), or a KV store
-/// through a block table (key `s` is row `table.row(s)`, read in place).
+/// through each sequence's block table (its key `s` is row `table.row(s)`, read in place).
 #[derive(Clone, Copy)]
 enum IndexerKeys<'a> {
     Rows(&'a CudaTensor),
-    Store(&'a CudaStore, PagedRows<'a>),
+    Store(&'a CudaStore),
 }
 
 impl std::fmt::Debug for CudaStore {
@@ -391,6 +393,8 @@ pub struct Cuda {
     tensor_cores: Arc<std::sync::atomic::AtomicBool>,
     /// Attention and indexer launches that ran on the tensor cores.
     tensor_core_launches: Arc<std::sync::atomic::AtomicU64>,
+    /// The indexer's scores launches, on the tensor cores or not.
+    indexer_launches: Arc<std::sync::atomic::AtomicU64>,
     /// Groups of 16 heads a block of the tensor-core attention, as set by
     /// [`Cuda::attention_head_groups`]; 0: chosen per launch ([`launch::mla_tc_groups`]).
     head_groups: Arc<std::sync::atomic::AtomicU32>,
@@ -772,6 +776,7 @@ impl Cuda {
             grouped_layers: Arc::default(),
             tensor_cores: Arc::new(std::sync::atomic::AtomicBool::new(dtype == Dtype::Bfloat16)),
             tensor_core_launches: Arc::default(),
+            indexer_launches: Arc::default(),
             head_groups: Arc::default(),
             multiprocessors: device.multiprocessors,
         })
@@ -843,6 +848,13 @@ impl Cuda {
     /// How many attention and indexer launches ran on the tensor cores.
     pub fn tensor_core_launches(&self) -> u64 {
         self.tensor_core_launches
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many scores launches the indexer made (a batch's rows take one, or one a chunk
+    /// when their scores pass `SCORES_PER_LAUNCH`).
+    pub fn indexer_launches(&self) -> u64 {
+        self.indexer_launches
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -1378,76 +1390,127 @@ impl Cuda {
         true
     }
 
-    /// The indexer's scores and top-k on the device, the keys read where `keys` says; the
-    /// selections come back to the host, each row's sorted.
+    /// The indexer's scores and top-k on the device for the query rows of `seqs` (sequence `i`'s
+    /// key `s` is row `seqs[i].table.row(s)` of `keys`), one scores launch and one top-k launch
+    /// for the whole batch (a chunk of rows at a time when their scores would pass
+    /// `SCORES_PER_LAUNCH`): each row reads its own sequence's block table. The selections come
+    /// back to the host, each row's sorted, a list a sequence. A row with at most `k` visible
+    /// keys keeps them all, answered here without a launch.
     fn indexer_topk(
         &self,
         q: &CudaTensor,
         w: &CudaTensor,
         keys: IndexerKeys<'_>,
-        positions: &[usize],
+        seqs: &[IndexerSeq<'_>],
         k: usize,
         scale: f32,
-    ) -> Vec<Vec<u32>> {
-        let (dim, cached) = match keys {
+    ) -> Vec<Vec<Vec<u32>>> {
+        let (dim, key_rows) = match keys {
             IndexerKeys::Rows(t) => (t.cols, t.rows),
-            IndexerKeys::Store(store, table) => (store.cols(), table.tokens()),
+            IndexerKeys::Store(store) => (store.cols(), store.rows()),
         };
-        let (heads, n) = (w.cols, q.rows);
+        let heads = w.cols;
         assert_eq!(q.cols, heads * dim, "indexer: q is not [rows, heads·dim]");
-        assert_eq!(positions.len(), n, "indexer: one position per row");
-        let n_keys = positions.iter().map(|p| p + 1).max().unwrap_or(0);
+        assert_eq!(w.rows, q.rows, "indexer: one weight row a query row");
+        // Each row's answer: every visible key when it has at most k (or none when k is 0),
+        // else what the launches below pick.
+        let mut selected: Vec<Vec<Vec<u32>>> = seqs
+            .iter()
+            .map(|seq| {
+                seq.positions
+                    .iter()
+                    .map(|&p| match k {
+                        0 => Vec::new(),
+                        _ if p < k => (0..=p as u32).collect(),
+                        _ => Vec::new(),
+                    })
+                    .collect()
+            })
+            .collect();
+        // The batch rows the launches cover, each row's visible keys (0: answered above) and
+        // where its sequence's block table starts in the uploaded tables.
+        let Some(lo) = seqs
+            .iter()
+            .filter(|s| !s.positions.is_empty())
+            .map(|s| s.first)
+            .min()
+        else {
+            return selected;
+        };
+        let hi = seqs
+            .iter()
+            .map(|s| s.first + s.positions.len())
+            .max()
+            .unwrap_or(lo);
         assert!(
-            n_keys <= cached,
-            "indexer: a position beyond the cached keys"
+            hi <= q.rows,
+            "indexer: rows {lo}..{hi} of a batch of {}",
+            q.rows
         );
-        if n == 0 {
-            return Vec::new();
+        let block_size = seqs[0].table.block_size();
+        let mut visible = vec![0usize; hi - lo];
+        let mut row_tables = vec![0usize; hi - lo];
+        let mut owner = vec![None; hi - lo];
+        let mut tables: Vec<u32> = Vec::new();
+        for (i, seq) in seqs.iter().enumerate() {
+            let Some(last) = seq.positions.iter().max() else {
+                continue;
+            };
+            assert!(
+                *last < seq.table.tokens(),
+                "indexer: position {last} beyond the sequence's {} keys",
+                seq.table.tokens()
+            );
+            assert_eq!(
+                seq.table.block_size(),
+                block_size,
+                "indexer: one block size for a store"
+            );
+            let used = &seq.table.blocks()[..(last + 1).div_ceil(block_size)];
+            // The kernels read whole blocks' rows: each must lie in the keys.
+            assert!(
+                used.iter()
+                    .all(|&b| (b as usize + 1) * block_size <= key_rows),
+                "indexer: a block beyond the keys' {key_rows} rows"
+            );
+            let table_at = tables.len();
+            tables.extend_from_slice(used);
+            for (j, &p) in seq.positions.iter().enumerate() {
+                let r = seq.first + j - lo;
+                assert!(
+                    owner[r].is_none(),
+                    "indexer: batch row {} in two sequences",
+                    r + lo
+                );
+                owner[r] = Some((i, j));
+                row_tables[r] = table_at;
+                if k > 0 && p >= k {
+                    visible[r] = p + 1;
+                }
+            }
         }
-        if n_keys <= k {
-            // Every row keeps all its keys (the CPU backend's early rows).
-            return positions
-                .iter()
-                .map(|&p| (0..=p as u32).collect())
-                .collect();
+        let n_keys = visible.iter().copied().max().unwrap_or(0);
+        if n_keys == 0 {
+            return selected;
         }
-        if k == 0 {
-            return vec![Vec::new(); n];
-        }
+
         let tensor_cores = self.tensor_cores(dim);
         let k_ = &self.k;
         let pick = |simt, tc| if tensor_cores { tc } else { simt };
-        // A store's keys through the blocks that hold the first n_keys tokens: one entry a
-        // block uploaded, not one a key. On the tensor cores a tensor's rows are a store's with
-        // one block of n_keys rows.
-        let (function, blocks) = match keys {
-            IndexerKeys::Rows(_) if tensor_cores => (
-                &k_.indexer_scores_tc_store,
-                Some((self.upload_i32(std::iter::once(0)), n_keys as i32)),
+        let function = match keys {
+            // A tensor's rows are a store's with one block of all its rows.
+            IndexerKeys::Rows(_) if tensor_cores => &k_.indexer_scores_tc_store,
+            IndexerKeys::Rows(_) => &k_.indexer_scores,
+            IndexerKeys::Store(CudaStore::F32(_)) => {
+                pick(&k_.indexer_scores_store, &k_.indexer_scores_tc_store)
+            }
+            IndexerKeys::Store(CudaStore::Bf16 { .. }) => pick(
+                &k_.indexer_scores_store_bf16,
+                &k_.indexer_scores_tc_store_bf16,
             ),
-            IndexerKeys::Rows(_) => (&k_.indexer_scores, None),
-            IndexerKeys::Store(store, table) => (
-                match store {
-                    CudaStore::F32(_) => {
-                        pick(&k_.indexer_scores_store, &k_.indexer_scores_tc_store)
-                    }
-                    CudaStore::Bf16 { .. } => pick(
-                        &k_.indexer_scores_store_bf16,
-                        &k_.indexer_scores_tc_store_bf16,
-                    ),
-                    CudaStore::Fp8 { .. } => pick(
-                        &k_.indexer_scores_store_fp8,
-                        &k_.indexer_scores_tc_store_fp8,
-                    ),
-                },
-                Some((
-                    self.upload_i32(
-                        table.blocks()[..n_keys.div_ceil(table.block_size())]
-                            .iter()
-                            .map(|&b| b as usize),
-                    ),
-                    table.block_size() as i32,
-                )),
+            IndexerKeys::Store(CudaStore::Fp8 { .. }) => pick(
+                &k_.indexer_scores_store_fp8,
+                &k_.indexer_scores_tc_store_fp8,
             ),
         };
         // The float32 kernels take the row's q and weights in shared memory, a key a thread;
@@ -1474,12 +1537,22 @@ impl Cuda {
                 "raising the indexer's shared memory",
             );
         }
-        let visible = self.upload_i32(positions.iter().map(|p| p + 1));
+        let visible_d = self.upload_i32(visible.iter().copied());
+        let (tables_d, row_tables_d) = (
+            self.upload_i32(tables.iter().map(|&b| b as usize)),
+            self.upload_i32(row_tables.into_iter()),
+        );
+        let block_size = match keys {
+            IndexerKeys::Rows(_) => key_rows as i32,
+            IndexerKeys::Store(_) => block_size as i32,
+        };
         // Rows a chunk at a time, so their scores stay within SCORES_PER_LAUNCH floats.
         let per_chunk = (SCORES_PER_LAUNCH / n_keys).max(1);
-        let mut selected = Vec::with_capacity(n);
-        for first in (0..n).step_by(per_chunk) {
-            let rows = per_chunk.min(n - first);
+        for first in (0..hi - lo).step_by(per_chunk) {
+            let rows = per_chunk.min(hi - lo - first);
+            if visible[first..first + rows].iter().all(|&v| v == 0) {
+                continue;
+            }
             let mut scores = self.zeros(rows, n_keys);
             let cfg = LaunchConfig {
                 grid_dim: (
@@ -1491,36 +1564,39 @@ impl Cuda {
                 shared_mem_bytes: smem,
             };
             let (nk, h, dm) = (n_keys as i32, heads as i32, dim as i32);
-            let q_rows = q.buf.slice(first * q.cols..);
-            let w_rows = w.buf.slice(first * heads..);
-            let visible_rows = visible.slice(first..first + rows);
+            let q_rows = q.buf.slice((lo + first) * q.cols..);
+            let w_rows = w.buf.slice((lo + first) * heads..);
+            let visible_rows = visible_d.slice(first..first + rows);
+            let tables_rows = row_tables_d.slice(first..first + rows);
             let mut b = self.stream.launch_builder(function);
             b.arg(&mut scores.buf).arg(&q_rows).arg(&w_rows);
-            match (keys, &blocks) {
-                (IndexerKeys::Rows(t), None) => b.arg(&t.buf),
-                (IndexerKeys::Rows(t), Some((blocks, bs))) => b.arg(&t.buf).arg(blocks).arg(bs),
-                (IndexerKeys::Store(CudaStore::F32(t), _), Some((blocks, bs))) => {
-                    b.arg(&t.buf).arg(blocks).arg(bs)
+            match keys {
+                IndexerKeys::Rows(t) if !tensor_cores => b.arg(&t.buf),
+                IndexerKeys::Rows(t) | IndexerKeys::Store(CudaStore::F32(t)) => b
+                    .arg(&t.buf)
+                    .arg(&tables_d)
+                    .arg(&tables_rows)
+                    .arg(&block_size),
+                IndexerKeys::Store(CudaStore::Bf16 { buf, .. }) => {
+                    b.arg(buf).arg(&tables_d).arg(&tables_rows).arg(&block_size)
                 }
-                (IndexerKeys::Store(CudaStore::Bf16 { buf, .. }, _), Some((blocks, bs))) => {
-                    b.arg(buf).arg(blocks).arg(bs)
-                }
-                (
-                    IndexerKeys::Store(CudaStore::Fp8 { codes, scales, .. }, _),
-                    Some((blocks, bs)),
-                ) => b.arg(codes).arg(scales).arg(blocks).arg(bs),
-                (IndexerKeys::Store(..), None) => {
-                    unreachable!("a store's blocks are uploaded above")
-                }
+                IndexerKeys::Store(CudaStore::Fp8 { codes, scales, .. }) => b
+                    .arg(codes)
+                    .arg(scales)
+                    .arg(&tables_d)
+                    .arg(&tables_rows)
+                    .arg(&block_size),
             };
             b.arg(&visible_rows).arg(&nk).arg(&h).arg(&dm).arg(&scale);
-            // SAFETY: scores is [rows, n_keys]; the keys hold n_keys rows of dim (a tensor's
-            // rows, or a store's rows in the uploaded blocks, each checked to lie in the store);
-            // q and w hold rows rows of heads·dim and heads from `first`; heads ≤
-            // INDEXER_STORE_MAX_HEADS for the float32 store kernels, dim even for the
-            // tensor-core ones; key blocks ≤ 65535 (the grid's y limit) up to 8M keys (4M on the
-            // tensor cores).
+            // SAFETY: scores is [rows, n_keys]; q and w hold rows rows of heads·dim and heads
+            // from `lo + first`; a row with visible keys reads only the blocks of its own table
+            // that hold them (uploaded above, each checked to lie in the keys), and a tensor's
+            // keys are one block of all its rows; heads ≤ INDEXER_STORE_MAX_HEADS for the
+            // float32 store kernels (indexer_select_paged), dim even for the tensor-core ones;
+            // key blocks ≤ 65535 (the grid's y limit) up to 8M keys (4M on the tensor cores).
             ok(unsafe { b.launch(cfg) }, "indexer_scores");
+            self.indexer_launches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if tensor_cores {
                 self.tensor_core_launches
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1542,12 +1618,13 @@ impl Cuda {
             // SAFETY: chosen is [rows, k]; each row's n_valid ≤ n_keys, the scores' row stride.
             ok(unsafe { b.launch(cfg) }, "topk_rows");
             let chosen = ok(self.stream.clone_dtoh(&chosen), "copying to the host");
-            selected.extend(chosen.chunks_exact(k).map(|row| {
-                let mut keep: Vec<u32> =
-                    row.iter().filter(|&&s| s >= 0).map(|&s| s as u32).collect();
-                keep.sort_unstable();
-                keep
-            }));
+            for (r, row) in (first..first + rows).zip(chosen.chunks_exact(k)) {
+                if let (Some((i, j)), true) = (owner[r], visible[r] > 0) {
+                    let keep = &mut selected[i][j];
+                    keep.extend(row.iter().filter(|&&s| s >= 0).map(|&s| s as u32));
+                    keep.sort_unstable();
+                }
+            }
         }
         selected
     }
@@ -2423,7 +2500,16 @@ impl Backend for Cuda {
         k: usize,
         scale: f32,
     ) -> Vec<Vec<u32>> {
-        self.indexer_topk(q, w, IndexerKeys::Rows(keys), positions, k, scale)
+        // One sequence whose keys are the tensor's rows: a table of one block of all of them.
+        let block = [0];
+        let seq = IndexerSeq {
+            first: 0,
+            positions,
+            table: PagedRows::new(&block, keys.rows.max(1), keys.rows),
+        };
+        assert_eq!(positions.len(), q.rows, "indexer: one position per row");
+        let mut picked = self.indexer_topk(q, w, IndexerKeys::Rows(keys), &[seq], k, scale);
+        picked.pop().unwrap_or_default()
     }
 
     fn check_attention(&self, dims: MlaDims) -> Result<()> {
@@ -2449,32 +2535,28 @@ impl Backend for Cuda {
         true // mla_latent_attention_{f32, bf16_bits, fp8}
     }
 
-    fn indexer_select_rows(
+    fn indexer_select_paged(
         &self,
         q: &CudaTensor,
         w: &CudaTensor,
         keys: &CudaStore,
-        table: PagedRows<'_>,
-        positions: &[usize],
+        seqs: &[IndexerSeq<'_>],
         k: usize,
         scale: f32,
-    ) -> Vec<Vec<u32>> {
+    ) -> Vec<Vec<Vec<u32>>> {
         if w.cols > launch::INDEXER_STORE_MAX_HEADS as usize && !self.tensor_cores(keys.cols()) {
-            // More heads than the in-place kernel keeps sums for: score a gathered copy.
-            let gathered = self.gather_rows(keys, &table.rows(0..table.tokens()));
-            return self.indexer_select(q, w, &gathered, positions, k, scale);
-        }
-        // The kernel reads whole blocks' rows: each must lie in the pool.
-        let bs = table.block_size();
-        assert!(
-            table
-                .blocks()
+            // More heads than the in-place kernel keeps sums for: score gathered copies.
+            return seqs
                 .iter()
-                .all(|&b| (b as usize + 1) * bs <= keys.rows()),
-            "indexer: a block beyond the pool's {} rows",
-            keys.rows()
-        );
-        self.indexer_topk(q, w, IndexerKeys::Store(keys, table), positions, k, scale)
+                .map(|seq| {
+                    let n = seq.positions.len();
+                    let gathered = self.gather_rows(keys, &seq.table.rows(0..seq.table.tokens()));
+                    let (q, w) = (self.rows(q, seq.first, n), self.rows(w, seq.first, n));
+                    self.indexer_select(&q, &w, &gathered, seq.positions, k, scale)
+                })
+                .collect();
+        }
+        self.indexer_topk(q, w, IndexerKeys::Store(keys), seqs, k, scale)
     }
 
     fn mla_attention(

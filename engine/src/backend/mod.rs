@@ -129,6 +129,17 @@ impl<'a, T, S> CachedRows<'a, T, S> {
     }
 }
 
+/// One sequence's part of a batched [`Backend::indexer_select_paged`] call.
+#[derive(Clone, Copy, Debug)]
+pub struct IndexerSeq<'a> {
+    /// Its first query row in the batch; it has `positions.len()` rows.
+    pub first: usize,
+    /// Each query row's position in the sequence (its visible keys: `0..=position`).
+    pub positions: &'a [usize],
+    /// Where its keys are in the store; it holds at least `max(positions) + 1` tokens.
+    pub table: PagedRows<'a>,
+}
+
 /// One sequence's part of a batched [`Backend::mla_attention`] call.
 #[derive(Debug)]
 pub struct MlaSeq<'a, T, S> {
@@ -401,23 +412,35 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
-    /// [`Backend::indexer_select`] over keys kept in a KV store: key `s` is row `table.row(s)`
-    /// of `keys` (a paged cache's indexer keys, through its block table), for the table's
-    /// tokens. This default gathers them as float32 first; a backend that reads the store in
-    /// place overrides it.
-    #[allow(clippy::too_many_arguments)]
-    fn indexer_select_rows(
+    /// [`Backend::indexer_select`] for the query rows of several sequences whose indexer keys
+    /// are kept in one KV store (a paged pool's): sequence `i`'s rows are rows
+    /// `seqs[i].first..` of `q` and `w`, and its key `s` is row `seqs[i].table.row(s)` of
+    /// `keys`. Returns each sequence's selections, in `seqs`' order. This default gathers each
+    /// sequence's keys as float32 and selects a sequence at a time; a backend that reads the
+    /// store in place overrides it (the CUDA backend: one launch for the whole batch).
+    fn indexer_select_paged(
         &self,
         q: &Self::Tensor,
         w: &Self::Tensor,
         keys: &Self::Store,
-        table: PagedRows<'_>,
-        positions: &[usize],
+        seqs: &[IndexerSeq<'_>],
         k: usize,
         scale: f32,
-    ) -> Vec<Vec<u32>> {
-        let gathered = self.gather_rows(keys, &table.rows(0..table.tokens()));
-        self.indexer_select(q, w, &gathered, positions, k, scale)
+    ) -> Vec<Vec<Vec<u32>>> {
+        seqs.iter()
+            .map(|seq| {
+                let n = seq.positions.len();
+                let gathered = self.gather_rows(keys, &seq.table.rows(0..seq.table.tokens()));
+                self.indexer_select(
+                    &self.rows(q, seq.first, n),
+                    &self.rows(w, seq.first, n),
+                    &gathered,
+                    seq.positions,
+                    k,
+                    scale,
+                )
+            })
+            .collect()
     }
 
     /// Multi-head latent attention of the query rows `q` (`[n, heads·(nope+rope)]`, RoPE
