@@ -283,7 +283,7 @@ class Harness:
             if isinstance(a, torch.Tensor):
                 conv.append(np.uint64(a.data_ptr()))
             elif isinstance(a, tuple):
-                conv.append({"i": np.int32, "l": np.int64, "f": np.float32}[a[0]](a[1]))
+                conv.append({"i": np.int32, "l": np.int64, "f": np.float32, "p": np.uint64}[a[0]](a[1]))
             else:
                 raise TypeError(a)
         k = self.kernels[name]
@@ -591,7 +591,7 @@ class Harness:
         scale = 0.135234
         self.launch("mla_latent_attention_f32", mla_grid, 256,
                     [ctx, q_lat, q_full[:, :, nope:], latent, k_pe, flat, offsets, ("i", H), ("i", L), ("i", P),
-                     ("i", H * (nope + P)), ("i", nope + P), ("f", scale)], mla_smem)
+                     ("i", H * (nope + P)), ("i", nope + P), ("f", scale), ("p", 0), ("i", 0)], mla_smem)
         q_cat = torch.cat([q_lat, q_full[:, :, nope:]], -1)
         kv = torch.cat([latent, k_pe], -1)
         ro, _ = ref_mla(q_cat, kv, [x[x >= 0] for x in lists], L, scale)
@@ -627,7 +627,7 @@ class Harness:
             ctx = torch.full((R, H, L), nan, device=d)
             self.launch(name, mla_grid, 256,
                         [ctx, q_lat, q_full[:, :, nope:]] + stores + [in_pool, offsets, ("i", H), ("i", L), ("i", P),
-                         ("i", H * (nope + P)), ("i", nope + P), ("f", scale)], mla_smem)
+                         ("i", H * (nope + P)), ("i", nope + P), ("f", scale), ("p", 0), ("i", 0)], mla_smem)
             ro, _ = ref_mla(q_cat, torch.cat([wide[0].double(), wide[1].double()], -1), [x[x >= 0] for x in lists], L, scale)
             self.record(f"{name} (12 rows x 20 heads, rows at scattered pool slots)", rel_l2(ctx, ro), F32_BOUND * 10,
                         "empty row 0" if bool((ctx[3] == 0).all()) else "EMPTY ROW NOT 0")
@@ -650,12 +650,36 @@ class Harness:
             keys = flat if name.endswith("_f32") else in_pool
             self.launch(name, (R, (H + 16 * groups - 1) // (16 * groups)), 128 * groups,
                         [ctx, q_lat, q_full[:, :, nope:]] + stores + [keys, offsets, ("i", H), ("i", L), ("i", P),
-                         ("i", H * (nope + P)), ("i", nope + P), ("f", scale)], self.mla_tc_smem(L, P, groups))
+                         ("i", H * (nope + P)), ("i", nope + P), ("f", scale), ("p", 0), ("i", 0)], self.mla_tc_smem(L, P, groups))
             ro, _ = ref_mla(q_cat, torch.cat([wide[0].double(), wide[1].double()], -1), [x[x >= 0] for x in lists], L, scale)
             self.record(f"{name} (12 rows x 20 heads, {groups} group(s) a block, bf16 roundings)", rel_l2(ctx, ro), TC_BOUND,
                         "empty row 0" if bool((ctx[3] == 0).all()) else "EMPTY ROW NOT 0")
             if not bool((ctx[3] == 0).all()):
                 self.record_bool(f"{name} empty row", False, "a row with no keys: context not 0")
+
+        # split keys (flash decoding): each row's list in 4 parts of whole 32-key tiles (the
+        # empty row's parts all empty, short lists' later parts empty), each part's context and
+        # log-sum-exp from its own blocks (grid z), then mla_combine_splits_f32 weighs them
+        longest = int((offsets[1:] - offsets[:-1]).max())
+        split_keys = (longest + 3) // 4
+        split_keys = (split_keys + 31) // 32 * 32
+        splits = (longest + split_keys - 1) // split_keys
+        ro, _ = ref_mla(q_cat, kv, [x[x >= 0] for x in lists], L, scale)
+        for name, block, hb, smem in (("mla_latent_attention_f32", 256, (H + 15) // 16, mla_smem),
+                                      ("mla_latent_attention_tc_f32", 128, (H + 15) // 16, self.mla_tc_smem(L, P, 1))):
+            partial = torch.full((splits, R, H, L), nan, device=d)
+            lse = torch.full((splits, R, H), nan, device=d)
+            self.launch(name, (R, hb, splits), block,
+                        [partial, q_lat, q_full[:, :, nope:], latent, k_pe, flat, offsets, ("i", H), ("i", L), ("i", P),
+                         ("i", H * (nope + P)), ("i", nope + P), ("f", scale), lse, ("i", split_keys)], smem)
+            ctx = torch.full((R, H, L), nan, device=d)
+            self.launch("mla_combine_splits_f32", (R, H), 128, [ctx, partial, lse, ("i", splits), ("i", H), ("i", L)])
+            bound = TC_BOUND if "_tc_" in name else F32_BOUND * 10
+            empty = bool((ctx[3] == 0).all())
+            self.record(f"{name} + mla_combine_splits_f32 (keys in {splits} splits of {split_keys})", rel_l2(ctx, ro),
+                        bound, "empty row 0" if empty else "EMPTY ROW NOT 0")
+            if not empty:
+                self.record_bool(f"{name} split empty row", False, "a row with no keys: context not 0")
 
         # timing: the engine's attention at the issue's decode shape over a bf16 pool read in
         # place (B 64, 128 heads, 512 + 64, top-k 2048 of 64K), float32 SIMT vs tensor cores
@@ -670,7 +694,7 @@ class Harness:
             ctx = torch.empty(B, Hd, L, device=d)
             grid = (B, Hd // 16)
             args = [ctx, q_lat, q_pe, pool_lat, pool_pe, keys, offsets, ("i", Hd), ("i", L), ("i", P),
-                    ("i", Hd * P), ("i", P), ("f", scale)]
+                    ("i", Hd * P), ("i", P), ("f", scale), ("p", 0), ("i", 0)]
             t_simt = self.time_ms(lambda: self.launch("mla_latent_attention_bf16_bits", grid, 256, args,
                                                       (16 * (L + P) + 32 * (L + P + 1) + 32) * 4))
             bytes_ = B * k * (L + P) * 2
@@ -685,6 +709,36 @@ class Harness:
                                      f"{t_simt / t_tc:.1f}x the SIMT kernel; {t_one / t_tc:.2f}x 16 heads a block; "
                                      f"{bytes_ / t_tc / 1e6:.0f} GB/s of picked rows = "
                                      f"{100 * bytes_ / t_tc / 1e6 / self.copy_gbs:.0f}% of copy"))
+
+            # one decode row (a single long request): 8 blocks of 16 heads leave most of the
+            # multiprocessors idle; split keys as launch::mla_split_keys picks for this device
+            # (one block a multiprocessor, parts of >= 256 keys), then the combine
+            for n_keys in (k, ctx_len):
+                keys1 = torch.randint(0, ctx_len, (n_keys,), device=d).int()
+                offsets1 = torch.tensor([0, n_keys], dtype=torch.int32, device=d)
+                ctx1 = torch.empty(1, Hd, L, device=d)
+                base = [q_lat[:1], q_pe[:1], pool_lat, pool_pe, keys1, offsets1, ("i", Hd), ("i", L), ("i", P),
+                        ("i", Hd * P), ("i", P), ("f", scale)]
+                smem1 = self.mla_tc_smem(L, P, 1)
+                t_whole = self.time_ms(lambda: self.launch("mla_latent_attention_tc_bf16_bits", (1, Hd // 16), 128,
+                                                           [ctx1] + base + [("p", 0), ("i", 0)], smem1))
+                sms = torch.cuda.get_device_properties(0).multi_processor_count
+                parts = min((sms + Hd // 16 - 1) // (Hd // 16), n_keys // 256, 32)
+                per = ((n_keys + parts - 1) // parts + 31) // 32 * 32
+                parts = (n_keys + per - 1) // per
+                partial = torch.empty(parts, 1, Hd, L, device=d)
+                lse = torch.empty(parts, 1, Hd, device=d)
+
+                def split_run():
+                    self.launch("mla_latent_attention_tc_bf16_bits", (1, Hd // 16, parts), 128,
+                                [partial] + base + [lse, ("i", per)], smem1)
+                    self.launch("mla_combine_splits_f32", (1, Hd), 128, [ctx1, partial, lse, ("i", parts), ("i", Hd), ("i", L)])
+                t_split = self.time_ms(split_run)
+                self.timings.append((f"engine attention (bf16 pool in place) one decode row, 128 heads, {n_keys} keys, "
+                                     f"tensor cores, keys in {parts} splits + combine", t_split,
+                                     "the same keys unsplit (8 blocks)", t_whole,
+                                     f"{t_whole / t_split:.1f}x unsplit; "
+                                     f"{n_keys * (L + P) * 2 / t_split / 1e6:.0f} GB/s of picked rows"))
 
     def indexer_launch(self, scores, q, keys, w, start, vis, n_keys, heads, dim):
         smem = heads * dim * 2 + INDEXER_KEYS * (dim + 2) * 2 + INDEXER_KEYS * 4
@@ -1124,7 +1178,7 @@ class EmuHarness(Harness):
             if isinstance(a, torch.Tensor):  # its first element, as on the GPU (views pass their strides)
                 values.append(ct.c_void_p(a.data_ptr()))
             elif isinstance(a, tuple):
-                values.append({"i": ct.c_int32, "l": ct.c_int64, "f": ct.c_float}[a[0]](a[1]))
+                values.append({"i": ct.c_int32, "l": ct.c_int64, "f": ct.c_float, "p": ct.c_void_p}[a[0]](a[1]))
             else:
                 raise TypeError(a)
         params = (ct.c_void_p * len(values))(*[ct.cast(ct.pointer(v), ct.c_void_p) for v in values])

@@ -646,7 +646,10 @@ fn store_on_both(
 /// which round the queries, the keys and the probabilities to bf16, 2^-9 relative each, and sum
 /// in float32; 200 + 24 is padded to 224 + 24 + 8 in shared memory) within 5e-3: on the CPU
 /// emulator these cases measure 0.8e-3 to 2.0e-3 (least from a bf16 pool, whose keys need no
-/// rounding), while the query's RoPE part misplaced in the padded row measures 2.7e-2.
+/// rounding), while the query's RoPE part misplaced in the padded row measures 2.7e-2. Every
+/// case runs whole and with each row's keys split in three (flash decoding: the dense rows'
+/// 150, 81 and 6 keys in splits of 64, so the last row has two empty splits; the top-k rows' up
+/// to 40 in splits of 32), to the same bounds.
 #[test]
 fn attention_reads_each_kv_store_in_place() {
     let Some(cuda) = gpu("attention_reads_each_kv_store_in_place") else {
@@ -699,13 +702,16 @@ fn attention_reads_each_kv_store_in_place() {
                 KvDtype::Fp8 => 4,
             };
             cuda.attention_head_groups(Some(groups)).unwrap();
-            for (selection, tensor_cores) in [None, Some(picked.as_slice())]
+            for ((selection, tensor_cores), splits) in [None, Some(picked.as_slice())]
                 .into_iter()
                 .flat_map(|s| [(s, false), (s, true)])
+                .flat_map(|c| [(c, 1), (c, 3)])
             {
                 cuda.attention_on_tensor_cores(tensor_cores);
+                cuda.attention_key_splits(Some(splits)).unwrap();
                 let case = format!(
-                    "latent {latent}, rope {rope}, {heads} heads, {dtype:?}, {}{}",
+                    "latent {latent}, rope {rope}, {heads} heads, {dtype:?}, {}{}, keys in \
+                     {splits} split(s)",
                     if selection.is_some() {
                         "top-k"
                     } else {
@@ -760,12 +766,19 @@ fn attention_reads_each_kv_store_in_place() {
             }
         }
     }
-    // 2 width sets × 3 dtypes × 2 selections, one launch each.
-    assert_eq!(cuda.tensor_core_launches(), 12);
+    // 2 width sets × 3 dtypes × 2 selections × 2 splittings, one launch each; the 3-way
+    // splits, on the tensor cores or not, are followed by a combine.
+    assert_eq!(cuda.tensor_core_launches(), 24);
+    assert_eq!(cuda.split_attention_launches(), 24);
     for bad in [0, 3, 8] {
         let err = cuda.attention_head_groups(Some(bad)).unwrap_err();
         assert!(err.to_string().contains("1, 2 or 4"), "{bad}: {err}");
     }
+    for bad in [0, 33] {
+        let err = cuda.attention_key_splits(Some(bad)).unwrap_err();
+        assert!(err.to_string().contains("from 1 to 32"), "{bad}: {err}");
+    }
+    cuda.attention_key_splits(None).unwrap();
 }
 
 /// One attention call over several sequences (a decode step's batch), against the CPU backend:

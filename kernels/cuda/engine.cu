@@ -488,6 +488,54 @@ indexer_scores_tc_store_fp8(float* __restrict__ scores, const float* __restrict_
                             n_keys, heads, dim, scale);
 }
 
+// Split keys (flash decoding), for few rows with long key lists: with split_keys > 0, block z
+// (blockIdx.z) of a row takes entries z · split_keys .. (z + 1) · split_keys of its list (none
+// past its end), writes its context normalised over those keys to ctx + z · rows · heads ·
+// latent (rows = gridDim.x) and their log-sum-exp, -inf when none is valid, to lse + z · rows ·
+// heads; mla_combine_splits_f32 then weighs the splits into the context. split_keys = 0: the
+// whole list, ctx the context, lse (if not null) its log-sum-exp.
+struct MlaSplit {
+    int split_keys;
+    const int* offsets;
+    int r;
+    unsigned int rows;
+    int heads, latent;
+    SMOE_DEVICE int total() const { return offsets[r + 1] - offsets[r]; }
+    SMOE_DEVICE int begin() const { return split_keys > 0 ? min(total(), (int)blockIdx.z * split_keys) : 0; }
+    SMOE_DEVICE int count() const { return split_keys > 0 ? min(total() - begin(), split_keys) : total(); }
+    SMOE_DEVICE size_t part() const { return split_keys > 0 ? (size_t)blockIdx.z * rows * heads : 0; }
+    SMOE_DEVICE float* context(float* ctx) const { return ctx + part() * latent; }
+    SMOE_DEVICE float* lse(float* lse) const { return lse == nullptr ? lse : lse + part(); }
+};
+
+// The context of every row r and head h from `splits` split-key parts (MlaSplit): with L_z the
+// parts' log-sum-exps (partial [z, r, h, :] and lse [z, r, h]) and M their max,
+//   ctx[r, h, :] = Σ_z e^(L_z - M) · partial[z, r, h, :] / Σ_z e^(L_z - M),   0 when M = -inf.
+// Launch: grid (rows, heads), block MLA_COMBINE_THREADS.
+#define MLA_COMBINE_THREADS 128
+extern "C" __global__ void __launch_bounds__(MLA_COMBINE_THREADS)
+mla_combine_splits_f32(float* __restrict__ ctx, const float* __restrict__ partial, const float* __restrict__ lse,
+                       int splits, int heads, int latent_dim) {
+    const size_t r = blockIdx.x, h = blockIdx.y, rows = gridDim.x;
+    float top = neg_inf();
+    for (int z = 0; z < splits; ++z) top = fmaxf(top, lse[(z * rows + r) * heads + h]);
+    float* out = ctx + (r * heads + h) * latent_dim;
+    if (top == neg_inf()) {
+        for (int d = threadIdx.x; d < latent_dim; d += blockDim.x) out[d] = 0.f;
+        return;
+    }
+    float total = 0.f;
+    for (int z = 0; z < splits; ++z) total += expf(lse[(z * rows + r) * heads + h] - top);
+    for (int d = threadIdx.x; d < latent_dim; d += blockDim.x) {
+        float acc = 0.f;
+        for (int z = 0; z < splits; ++z) {
+            const float weight = expf(lse[(z * rows + r) * heads + h] - top);
+            if (weight > 0.f) acc = fmaf(weight, partial[((z * rows + r) * heads + h) * latent_dim + d], acc);
+        }
+        out[d] = acc / total;
+    }
+}
+
 // Absorbed MLA attention in the latent space, for query row r and head h:
 //   score_s = (q_lat[r, h] · latent[s] + q_pe[r, h] · k_pe[s]) · scale over the keys
 //   s = keys[key_offsets[r] .. key_offsets[r + 1]] (-1 = none), online softmax, and
@@ -502,15 +550,15 @@ indexer_scores_tc_store_fp8(float* __restrict__ scores, const float* __restrict_
 // scored against all of the block's heads there (lane = key while scoring; rows padded to an
 // odd stride, so the 32 lanes read 32 banks); each head keeps a running max and sum, and lane l
 // accumulates its heads' latent dims l, l + 32, ….
-// Launch: grid (rows, ceil(heads / MLA_F32_HEADS)), block MLA_F32_THREADS, dynamic shared memory
-// mla_f32_smem_bytes (MLA_F32_HEADS · dqk + MLA_F32_TILE · (dqk + 1) + MLA_F32_TILE words, dqk =
-// latent + rope: 108 KB at 512 + 64, so raise the kernel's limit above 48 KB first);
-// latent ≤ MLA_F32_MAX_LATENT.
+// Launch: grid (rows, ceil(heads / MLA_F32_HEADS), splits (MlaSplit; 1 without)), block
+// MLA_F32_THREADS, dynamic shared memory mla_f32_smem_bytes (MLA_F32_HEADS · dqk + MLA_F32_TILE ·
+// (dqk + 1) + MLA_F32_TILE words, dqk = latent + rope: 108 KB at 512 + 64, so raise the kernel's
+// limit above 48 KB first); latent ≤ MLA_F32_MAX_LATENT.
 template <typename LatentStore, typename RopeStore>
 SMOE_DEVICE void mla_latent_attention(float* smem, float* ctx, const float* q_lat, const float* q_pe,
                                       LatentStore latent, RopeStore k_pe, const int* keys, const int* key_offsets,
                                       int heads, int latent_dim, int rope_dim, int q_pe_row, int q_pe_head,
-                                      float scale) {
+                                      float scale, float* lse, int split_keys) {
     const int dqk = latent_dim + rope_dim, kstride = dqk + 1;
     float* q_s = smem;                          // [MLA_F32_HEADS, dqk]
     float* k_s = q_s + MLA_F32_HEADS * dqk;     // [MLA_F32_TILE, kstride]
@@ -537,7 +585,10 @@ SMOE_DEVICE void mla_latent_attention(float* smem, float* ctx, const float* q_la
         for (int i = 0; i < ITEMS; ++i) acc[hh][i] = 0.f;
     }
 
-    const int first = key_offsets[r], count = key_offsets[r + 1] - first;
+    const MlaSplit split{split_keys, key_offsets, r, gridDim.x, heads, latent_dim};
+    const int first = key_offsets[r] + split.begin(), count = split.count();
+    ctx = split.context(ctx);
+    lse = split.lse(lse);
     for (int t0 = 0; t0 < count; t0 += MLA_F32_TILE) {
         __syncthreads();  // the previous tile is consumed (and q_s written, on the first pass)
         if (threadIdx.x < MLA_F32_TILE) {
@@ -601,6 +652,7 @@ SMOE_DEVICE void mla_latent_attention(float* smem, float* ctx, const float* q_la
             const int d = lane + 32 * i;
             if (d < latent_dim) out[d] = acc[hh][i] * inv;
         }
+        if (lse != nullptr && lane == 0) lse[(size_t)r * heads + h] = l[hh] > 0.f ? m[hh] + logf(l[hh]) : neg_inf();
     }
 }
 
@@ -608,10 +660,11 @@ extern "C" __global__ void __launch_bounds__(MLA_F32_THREADS)
 mla_latent_attention_f32(float* __restrict__ ctx, const float* __restrict__ q_lat, const float* __restrict__ q_pe,
                          const float* __restrict__ latent, const float* __restrict__ k_pe,
                          const int* __restrict__ keys, const int* __restrict__ key_offsets, int heads,
-                         int latent_dim, int rope_dim, int q_pe_row, int q_pe_head, float scale) {
+                         int latent_dim, int rope_dim, int q_pe_row, int q_pe_head, float scale,
+                         float* __restrict__ lse, int split_keys) {
     extern __shared__ float smem[];
     mla_latent_attention(smem, ctx, q_lat, q_pe, StoreF32{latent}, StoreF32{k_pe}, keys, key_offsets, heads,
-                         latent_dim, rope_dim, q_pe_row, q_pe_head, scale);
+                         latent_dim, rope_dim, q_pe_row, q_pe_head, scale, lse, split_keys);
 }
 
 // mla_latent_attention_f32 over bf16 rows (their bits): a bf16 KV pool read in place.
@@ -620,24 +673,27 @@ mla_latent_attention_bf16_bits(float* __restrict__ ctx, const float* __restrict_
                                const float* __restrict__ q_pe, const unsigned short* __restrict__ latent,
                                const unsigned short* __restrict__ k_pe, const int* __restrict__ keys,
                                const int* __restrict__ key_offsets, int heads, int latent_dim, int rope_dim,
-                               int q_pe_row, int q_pe_head, float scale) {
+                               int q_pe_row, int q_pe_head, float scale, float* __restrict__ lse,
+                               int split_keys) {
     extern __shared__ float smem[];
     mla_latent_attention(smem, ctx, q_lat, q_pe, StoreBf16{latent}, StoreBf16{k_pe}, keys, key_offsets, heads,
-                         latent_dim, rope_dim, q_pe_row, q_pe_head, scale);
+                         latent_dim, rope_dim, q_pe_row, q_pe_head, scale, lse, split_keys);
 }
 
 // mla_latent_attention_f32 over an fp8 KV pool read in place: latent rows as fp8 e4m3 codes with
 // a float32 scale per KV_FP8_BLOCK values (scatter_rows_f32_to_fp8's layout), RoPE keys as bf16
-// bits (the pool keeps them bf16, as DeepSeek's cache does).
-extern "C" __global__ void __launch_bounds__(MLA_F32_THREADS)
+// bits (the pool keeps them bf16, as DeepSeek's cache does). Two blocks an SM at least (its
+// 108 KB of shared memory allows no more), not ptxas's default target, whose 64 registers the
+// fp8 decode and the split's pointers would spill past.
+extern "C" __global__ void __launch_bounds__(MLA_F32_THREADS, 2)
 mla_latent_attention_fp8(float* __restrict__ ctx, const float* __restrict__ q_lat, const float* __restrict__ q_pe,
                          const uint8_t* __restrict__ latent_codes, const float* __restrict__ latent_scales,
                          const unsigned short* __restrict__ k_pe, const int* __restrict__ keys,
                          const int* __restrict__ key_offsets, int heads, int latent_dim, int rope_dim, int q_pe_row,
-                         int q_pe_head, float scale) {
+                         int q_pe_head, float scale, float* __restrict__ lse, int split_keys) {
     extern __shared__ float smem[];
     mla_latent_attention(smem, ctx, q_lat, q_pe, StoreFp8{latent_codes, latent_scales}, StoreBf16{k_pe}, keys,
-                         key_offsets, heads, latent_dim, rope_dim, q_pe_row, q_pe_head, scale);
+                         key_offsets, heads, latent_dim, rope_dim, q_pe_row, q_pe_head, scale, lse, split_keys);
 }
 
 // The same attention on the tensor cores (mla_tc.cuh): the queries and the cached rows rounded to
@@ -645,8 +701,8 @@ mla_latent_attention_fp8(float* __restrict__ ctx, const float* __restrict__ q_la
 // their scales), the probabilities rounded to bf16 for P·V, every sum in float32. Same
 // parameters as mla_latent_attention_*; latent and rope even, latent ≤ MLA_TC_MAX_LATENT.
 // Launch: block MLA_TC_WARPS · 32 · groups (1 to MLA_TC_MAX_GROUPS groups of MLA_TC_HEADS heads),
-// grid (rows, ceil(heads / (MLA_TC_HEADS · groups))), dynamic shared memory as mla_tc.cuh says
-// (56.6 KB at 512 + 64 for one group: raise the kernel's limit above 48 KB first).
+// grid (rows, ceil(heads / (MLA_TC_HEADS · groups)), splits), dynamic shared memory as mla_tc.cuh
+// says (56.6 KB at 512 + 64 for one group: raise the kernel's limit above 48 KB first).
 struct F32Queries {
     const float* q_lat;
     const float* q_pe;
@@ -656,11 +712,14 @@ struct F32Queries {
                                        : q_pe[(size_t)r * q_pe_row + (size_t)h * q_pe_head + (d - latent)]);
     }
 };
+// Row r's keys keys[offsets[r] ..], or with split_keys > 0 this block's part of them (MlaSplit).
 struct KeyLists {
     const int* keys;
     const int* offsets;
-    SMOE_DEVICE int count(int r) const { return offsets[r + 1] - offsets[r]; }
-    SMOE_DEVICE int slot(int r, int j) const { return keys[offsets[r] + j]; }
+    int split_keys;
+    SMOE_DEVICE MlaSplit split(int r) const { return MlaSplit{split_keys, offsets, r, 0, 0, 0}; }
+    SMOE_DEVICE int count(int r) const { return split(r).count(); }
+    SMOE_DEVICE int slot(int r, int j) const { return keys[offsets[r] + split(r).begin() + j]; }
 };
 template <typename LatentStore, typename RopeStore>
 struct PoolRows {
@@ -680,21 +739,31 @@ SMOE_DEVICE PoolRows<LatentStore, RopeStore> pool_rows(LatentStore latent, RopeS
                                                        int rope_dim) {
     return PoolRows<LatentStore, RopeStore>{latent, k_pe, latent_dim, rope_dim};
 }
+// The context rows (this split's, with split_keys > 0) and, when lse is not null, the log-sum-exp.
 struct F32Context {
     float* ctx;
+    float* lse;
     int heads, latent;
     SMOE_DEVICE void write(int r, int h, int d, float v) const { ctx[((size_t)r * heads + h) * latent + d] = v; }
-    SMOE_DEVICE void lse_of(int, int, float) const {}
+    SMOE_DEVICE void lse_of(int r, int h, float v) const {
+        if (lse != nullptr) lse[(size_t)r * heads + h] = v;
+    }
 };
+SMOE_DEVICE F32Context f32_context(float* ctx, float* lse, int split_keys, int heads, int latent) {
+    const MlaSplit split{split_keys, nullptr, 0, gridDim.x, heads, latent};
+    return F32Context{split.context(ctx), split.lse(lse), heads, latent};
+}
 
 extern "C" __global__ void __launch_bounds__(MLA_TC_MAX_THREADS)
 mla_latent_attention_tc_f32(float* __restrict__ ctx, const float* __restrict__ q_lat, const float* __restrict__ q_pe,
                             const float* __restrict__ latent, const float* __restrict__ k_pe,
                             const int* __restrict__ keys, const int* __restrict__ key_offsets, int heads,
-                            int latent_dim, int rope_dim, int q_pe_row, int q_pe_head, float scale) {
-    mla_attend_tc(F32Queries{q_lat, q_pe, heads, latent_dim, q_pe_row, q_pe_head}, KeyLists{keys, key_offsets},
+                            int latent_dim, int rope_dim, int q_pe_row, int q_pe_head, float scale,
+                            float* __restrict__ lse, int split_keys) {
+    mla_attend_tc(F32Queries{q_lat, q_pe, heads, latent_dim, q_pe_row, q_pe_head},
+                  KeyLists{keys, key_offsets, split_keys},
                   pool_rows(StoreF32{latent}, StoreF32{k_pe}, latent_dim, rope_dim),
-                  F32Context{ctx, heads, latent_dim}, blockIdx.x, blockIdx.y * mla_tc_block_heads(),
+                  f32_context(ctx, lse, split_keys, heads, latent_dim), blockIdx.x, blockIdx.y * mla_tc_block_heads(),
                   heads, latent_dim, rope_dim, scale);
 }
 
@@ -703,10 +772,12 @@ mla_latent_attention_tc_bf16_bits(float* __restrict__ ctx, const float* __restri
                                   const float* __restrict__ q_pe, const unsigned short* __restrict__ latent,
                                   const unsigned short* __restrict__ k_pe, const int* __restrict__ keys,
                                   const int* __restrict__ key_offsets, int heads, int latent_dim, int rope_dim,
-                                  int q_pe_row, int q_pe_head, float scale) {
-    mla_attend_tc(F32Queries{q_lat, q_pe, heads, latent_dim, q_pe_row, q_pe_head}, KeyLists{keys, key_offsets},
+                                  int q_pe_row, int q_pe_head, float scale, float* __restrict__ lse,
+                                  int split_keys) {
+    mla_attend_tc(F32Queries{q_lat, q_pe, heads, latent_dim, q_pe_row, q_pe_head},
+                  KeyLists{keys, key_offsets, split_keys},
                   pool_rows(StoreBf16{latent}, StoreBf16{k_pe}, latent_dim, rope_dim),
-                  F32Context{ctx, heads, latent_dim}, blockIdx.x, blockIdx.y * mla_tc_block_heads(),
+                  f32_context(ctx, lse, split_keys, heads, latent_dim), blockIdx.x, blockIdx.y * mla_tc_block_heads(),
                   heads, latent_dim, rope_dim, scale);
 }
 
@@ -715,9 +786,11 @@ mla_latent_attention_tc_fp8(float* __restrict__ ctx, const float* __restrict__ q
                             const uint8_t* __restrict__ latent_codes, const float* __restrict__ latent_scales,
                             const unsigned short* __restrict__ k_pe, const int* __restrict__ keys,
                             const int* __restrict__ key_offsets, int heads, int latent_dim, int rope_dim,
-                            int q_pe_row, int q_pe_head, float scale) {
-    mla_attend_tc(F32Queries{q_lat, q_pe, heads, latent_dim, q_pe_row, q_pe_head}, KeyLists{keys, key_offsets},
+                            int q_pe_row, int q_pe_head, float scale, float* __restrict__ lse,
+                            int split_keys) {
+    mla_attend_tc(F32Queries{q_lat, q_pe, heads, latent_dim, q_pe_row, q_pe_head},
+                  KeyLists{keys, key_offsets, split_keys},
                   pool_rows(StoreFp8{latent_codes, latent_scales}, StoreBf16{k_pe}, latent_dim, rope_dim),
-                  F32Context{ctx, heads, latent_dim}, blockIdx.x, blockIdx.y * mla_tc_block_heads(),
+                  f32_context(ctx, lse, split_keys, heads, latent_dim), blockIdx.x, blockIdx.y * mla_tc_block_heads(),
                   heads, latent_dim, rope_dim, scale);
 }

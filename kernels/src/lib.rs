@@ -203,26 +203,34 @@ pub const KERNELS: &[Kernel] = &[
         scale: Float),
     kernel!("mla_latent_attention_f32" in "engine.cu":
         ctx: F32Mut, q_lat: F32, q_pe: F32, latent: F32, k_pe: F32, keys: I32, key_offsets: I32,
-        heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int, scale: Float),
+        heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int, scale: Float,
+        lse: F32Mut, split_keys: Int),
     kernel!("mla_latent_attention_bf16_bits" in "engine.cu":
         ctx: F32Mut, q_lat: F32, q_pe: F32, latent: Bf16Bits, k_pe: Bf16Bits, keys: I32,
         key_offsets: I32, heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int,
-        scale: Float),
+        scale: Float,
+        lse: F32Mut, split_keys: Int),
     kernel!("mla_latent_attention_fp8" in "engine.cu":
         ctx: F32Mut, q_lat: F32, q_pe: F32, latent_codes: U8, latent_scales: F32, k_pe: Bf16Bits,
         keys: I32, key_offsets: I32, heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int,
-        q_pe_head: Int, scale: Float),
+        q_pe_head: Int, scale: Float,
+        lse: F32Mut, split_keys: Int),
     kernel!("mla_latent_attention_tc_f32" in "engine.cu":
         ctx: F32Mut, q_lat: F32, q_pe: F32, latent: F32, k_pe: F32, keys: I32, key_offsets: I32,
-        heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int, scale: Float),
+        heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int, scale: Float,
+        lse: F32Mut, split_keys: Int),
     kernel!("mla_latent_attention_tc_bf16_bits" in "engine.cu":
         ctx: F32Mut, q_lat: F32, q_pe: F32, latent: Bf16Bits, k_pe: Bf16Bits, keys: I32,
         key_offsets: I32, heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int,
-        scale: Float),
+        scale: Float,
+        lse: F32Mut, split_keys: Int),
     kernel!("mla_latent_attention_tc_fp8" in "engine.cu":
         ctx: F32Mut, q_lat: F32, q_pe: F32, latent_codes: U8, latent_scales: F32, k_pe: Bf16Bits,
         keys: I32, key_offsets: I32, heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int,
-        q_pe_head: Int, scale: Float),
+        q_pe_head: Int, scale: Float,
+        lse: F32Mut, split_keys: Int),
+    kernel!("mla_combine_splits_f32" in "engine.cu":
+        ctx: F32Mut, partial: F32, lse: F32, splits: Int, heads: Int, latent_dim: Int),
 ];
 
 /// Tiles and limits the launcher must match (the `#define`s of the sources).
@@ -268,6 +276,13 @@ pub mod launch {
     pub const MLA_F32_THREADS: u32 = MLA_F32_WARPS * 32;
     pub const MLA_F32_TILE: u32 = 32;
     pub const MLA_F32_MAX_LATENT: u32 = 512;
+    /// Threads of `mla_combine_splits_f32`.
+    pub const MLA_COMBINE_THREADS: u32 = 128;
+    /// Fewest keys a split of the engine's MLA attention takes: below it the partial contexts'
+    /// writes and the combine cost more than the parallelism gains.
+    pub const MLA_SPLIT_MIN_KEYS: u32 = 256;
+    /// Most splits of a row's keys.
+    pub const MLA_MAX_SPLITS: u32 = 32;
     /// Keys per block of the engine's float32 indexer scores (a key per thread).
     pub const INDEXER_F32_KEYS: u32 = 128;
     /// The most indexer heads `indexer_scores_store_*` keep running sums for.
@@ -341,6 +356,27 @@ pub mod launch {
             + heads * (MLA_TC_TILE + MLA_TC_PAD) * 2
             + 2 * MLA_TC_WARPS * heads * 4
             + MLA_TC_TILE * 4
+    }
+
+    /// Keys a split takes (`split_keys` of `mla_latent_attention_*`; 0: no split) when
+    /// `blocks` blocks (rows × blocks of heads) attend to at most `longest` keys each on a
+    /// device of `sms` multiprocessors. Flash decoding: a block reads its row's keys one tile
+    /// at a time, so a decode step of a few rows (a single long request: 8 blocks at 128 heads)
+    /// would leave most multiprocessors idle; its keys are split so that the blocks reach one
+    /// a multiprocessor, in splits of at least `MLA_SPLIT_MIN_KEYS` keys (a multiple of the
+    /// tile, 32), at most `MLA_MAX_SPLITS`. None once the blocks fill the device.
+    pub fn mla_split_keys(blocks: u32, longest: u32, sms: u32) -> u32 {
+        if blocks >= sms {
+            return 0;
+        }
+        let splits = sms
+            .div_ceil(blocks.max(1))
+            .min(longest / MLA_SPLIT_MIN_KEYS)
+            .min(MLA_MAX_SPLITS);
+        if splits <= 1 {
+            return 0;
+        }
+        longest.div_ceil(splits).next_multiple_of(MLA_F32_TILE)
     }
 
     /// Groups of `MLA_TC_HEADS` heads per block of the tensor-core MLA attention (its block is

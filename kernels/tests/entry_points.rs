@@ -144,6 +144,11 @@ fn launch_constants_match_the_sources() {
             launch::MLA_F32_MAX_LATENT,
         ),
         ("engine.cu", "INDEXER_F32_KEYS", launch::INDEXER_F32_KEYS),
+        (
+            "engine.cu",
+            "MLA_COMBINE_THREADS",
+            launch::MLA_COMBINE_THREADS,
+        ),
     ];
     for (file, name, value) in defines {
         let text = source(file).unwrap().text;
@@ -215,5 +220,46 @@ fn attention_blocks_take_more_heads_only_while_every_multiprocessor_gets_one() {
             groups,
             "{heads} heads, {rows} rows, {sms} multiprocessors"
         );
+    }
+}
+
+#[test]
+fn attention_keys_are_split_only_while_the_blocks_leave_multiprocessors_idle() {
+    // (blocks, longest list, multiprocessors) -> keys a split (0: none).
+    let cases = [
+        // One decode row of 128 heads (8 blocks) on an H200 (132): top-k 2048 in 8 splits of
+        // the 256-key minimum; a dense 64K context in 17 splits (136 blocks).
+        ((8, 2048, 132), 256),
+        ((8, 65536, 132), 3872),
+        // Enough blocks already, or too few keys to split.
+        ((132, 65536, 132), 0),
+        ((512, 2048, 132), 0),
+        ((8, 256, 132), 0),
+        // 511 keys are one split's worth; 600 two, each a whole number of 32-key tiles.
+        ((8, 511, 132), 0),
+        ((8, 600, 132), 320),
+        // One block on many multiprocessors: at most 32 splits.
+        ((1, 1 << 20, 1000), 32768),
+        // The emulator's one multiprocessor never splits; no overflow at the extremes.
+        ((1, 1 << 20, 1), 0),
+        ((0, u32::MAX - 64, u32::MAX), 134_217_728),
+    ];
+    for ((blocks, longest, sms), keys) in cases {
+        let split = launch::mla_split_keys(blocks, longest, sms);
+        assert_eq!(
+            split, keys,
+            "{blocks} blocks, {longest} keys, {sms} multiprocessors"
+        );
+        if split > 0 {
+            let splits = longest.div_ceil(split);
+            assert!(
+                split.is_multiple_of(32) && split >= launch::MLA_SPLIT_MIN_KEYS,
+                "{split} keys"
+            );
+            assert!(
+                (2..=launch::MLA_MAX_SPLITS).contains(&splits),
+                "{splits} splits"
+            );
+        }
     }
 }

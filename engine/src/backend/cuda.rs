@@ -24,8 +24,11 @@
 //!   token's weighted outputs; fp8 experts, or a cuBLAS that refuses the grouped call, run one
 //!   product per expert instead.
 //! - Attention always takes the absorbed form (the same function as the expanded one): a block
-//!   per row and 16 heads, which reads each tile of the row's keys once, widened into shared
-//!   memory, and scores all its heads against it, with an online softmax per head.
+//!   per row and 16 heads (on the tensor cores 16 to 64), which reads each tile of the row's
+//!   keys once, widened into shared memory, and scores all its heads against it, with an online
+//!   softmax per head. A launch of too few rows to give every multiprocessor a block splits
+//!   each row's keys over several blocks and combines their parts by log-sum-exp (flash
+//!   decoding: `launch::mla_split_keys`, `mla_combine_splits_f32`).
 //! - Routing, selections and block tables come from the host, as the trait asks; the indices
 //!   are uploaded per call.
 //! - Expert parallelism: with several GPUs listed, the model runs on the main *lane* (the
@@ -358,6 +361,7 @@ struct Kernels {
     mla_latent_attention_tc: CudaFunction,
     mla_latent_attention_tc_bf16: CudaFunction,
     mla_latent_attention_tc_fp8: CudaFunction,
+    mla_combine_splits: CudaFunction,
     topk_rows: CudaFunction,
 }
 
@@ -398,6 +402,11 @@ pub struct Cuda {
     /// Groups of 16 heads a block of the tensor-core attention, as set by
     /// [`Cuda::attention_head_groups`]; 0: chosen per launch ([`launch::mla_tc_groups`]).
     head_groups: Arc<std::sync::atomic::AtomicU32>,
+    /// Splits of each row's keys in the attention, as [`Cuda::attention_key_splits`] set; 0:
+    /// chosen per launch ([`launch::mla_split_keys`]).
+    key_splits: Arc<std::sync::atomic::AtomicU32>,
+    /// Attention launches whose keys were split (each followed by `mla_combine_splits_f32`).
+    split_launches: Arc<std::sync::atomic::AtomicU64>,
     /// The device's multiprocessors (streaming multiprocessors, SMs).
     multiprocessors: u32,
 }
@@ -624,6 +633,7 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         mla_latent_attention_tc: function("mla_latent_attention_tc_f32")?,
         mla_latent_attention_tc_bf16: function("mla_latent_attention_tc_bf16_bits")?,
         mla_latent_attention_tc_fp8: function("mla_latent_attention_tc_fp8")?,
+        mla_combine_splits: function("mla_combine_splits_f32")?,
         topk_rows: function("topk_rows_f32")?,
     });
     Ok(OpenDevice {
@@ -778,6 +788,8 @@ impl Cuda {
             tensor_core_launches: Arc::default(),
             indexer_launches: Arc::default(),
             head_groups: Arc::default(),
+            key_splits: Arc::default(),
+            split_launches: Arc::default(),
             multiprocessors: device.multiprocessors,
         })
     }
@@ -843,6 +855,34 @@ impl Cuda {
         self.head_groups
             .store(groups, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Sets how many parts the attention splits each row's keys into (flash decoding: the
+    /// parts run in blocks of their own and `mla_combine_splits_f32` weighs their contexts by
+    /// their log-sum-exps): `Some(1)` never splits, `Some(n)` splits the longest list of every
+    /// launch into `n` parts of whole 32-key tiles (fewer when it is short), up to
+    /// `launch::MLA_MAX_SPLITS`; `None` (the default) splits only while a launch's blocks
+    /// would leave multiprocessors idle ([`launch::mla_split_keys`]).
+    pub fn attention_key_splits(&self, splits: Option<u32>) -> Result<()> {
+        let splits = match splits {
+            None => 0,
+            Some(n @ 1..=launch::MLA_MAX_SPLITS) => n,
+            Some(n) => {
+                return Err(EngineError::Device(format!(
+                    "attention key splits: {n}; from 1 to {}",
+                    launch::MLA_MAX_SPLITS
+                )));
+            }
+        };
+        self.key_splits
+            .store(splits, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How many attention launches split their rows' keys.
+    pub fn split_attention_launches(&self) -> u64 {
+        self.split_launches
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many attention and indexer launches ran on the tensor cores.
@@ -1747,12 +1787,32 @@ impl Cuda {
                 launch::MLA_F32_HEADS,
             )
         };
-        let cfg = LaunchConfig {
-            grid_dim: (
-                rows as u32,
-                d.heads.div_ceil(block_heads as usize) as u32,
-                1,
+        let head_blocks = d.heads.div_ceil(block_heads as usize) as u32;
+        // Split keys (flash decoding) when few rows would leave multiprocessors idle: each
+        // split's context goes to `partial`, its log-sum-exp to `lse`, and a second launch
+        // weighs them into ctx.
+        let longest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        let longest = u32::try_from(longest).unwrap_or(u32::MAX);
+        let split_keys = match self.key_splits.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => launch::mla_split_keys(
+                (rows as u32).saturating_mul(head_blocks),
+                longest,
+                self.multiprocessors,
             ),
+            1 => 0,
+            n => longest.div_ceil(n).next_multiple_of(launch::MLA_F32_TILE),
+        };
+        let splits = if split_keys > 0 {
+            longest.div_ceil(split_keys)
+        } else {
+            1
+        };
+        let parts = splits as usize * rows * d.heads;
+        let mut partial = (splits > 1).then(|| self.zeros(parts, d.latent));
+        let mut lse = (splits > 1).then(|| ok(self.stream.alloc_zeros::<f32>(parts), "allocating"));
+        let split_keys = if splits > 1 { split_keys as i32 } else { 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, head_blocks, splits),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem,
         };
@@ -1805,7 +1865,11 @@ impl Cuda {
             );
         }
         let mut b = self.stream.launch_builder(kernel);
-        b.arg(&mut ctx_rows).arg(&q_lat_rows).arg(&q_pe);
+        match &mut partial {
+            Some(partial) => b.arg(&mut partial.buf),
+            None => b.arg(&mut ctx_rows),
+        };
+        b.arg(&q_lat_rows).arg(&q_pe);
         match rows_d {
             Rows::F32(latent, k_pe) => b.arg(latent).arg(k_pe),
             Rows::Bf16(latent, k_pe) => b.arg(latent).arg(k_pe),
@@ -1819,16 +1883,45 @@ impl Cuda {
             .arg(&q_pe_row)
             .arg(&q_pe_head)
             .arg(&scale);
+        // No log-sum-exp without splits: a null pointer, which the kernels skip.
+        let no_lse: u64 = 0;
+        match &mut lse {
+            Some(lse) => b.arg(lse),
+            None => b.arg(&no_lse),
+        };
+        b.arg(&split_keys);
         // SAFETY: every key indexes a row of the sequence's latent and k_pe rows (checked
         // above), whose buffers the kernel reads in their dtype (an fp8 store's scales hold
         // ceil(cols / KV_FP8_BLOCK) per row, as scatter_rows_f32_to_fp8 writes them);
         // latent ≤ MLA_F32_MAX_LATENT (checked by mla_attention), and for the tensor cores both
         // widths even with the padded latent ≤ MLA_TC_MAX_LATENT (mla_tc_fits); rows ≤ the
-        // grid's x limit; head groups ≤ its y limit (65535); the shared memory the launch asks
-        // for is allowed (raised above).
+        // grid's x limit; head groups ≤ its y limit (65535), splits ≤ MLA_MAX_SPLITS; with
+        // splits, partial holds splits · rows · heads rows of latent and lse splits · rows ·
+        // heads values (split_keys · splits covers the longest list); the shared memory the
+        // launch asks for is allowed (raised above).
         ok(unsafe { b.launch(cfg) }, "mla_latent_attention");
         if tensor_cores {
             self.tensor_core_launches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let (Some(partial), Some(lse)) = (&partial, &lse) {
+            let (splits, heads) = (splits as i32, d.heads as i32);
+            let mut b = self.stream.launch_builder(&self.k.mla_combine_splits);
+            b.arg(&mut ctx_rows)
+                .arg(&partial.buf)
+                .arg(lse)
+                .arg(&splits)
+                .arg(&heads)
+                .arg(&latent);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, d.heads as u32, 1),
+                block_dim: (launch::MLA_COMBINE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: ctx_rows holds rows · heads · latent values from first_row; partial and
+            // lse hold the splits' parts as the attention wrote them (above).
+            ok(unsafe { b.launch(cfg) }, "mla_combine_splits");
+            self.split_launches
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
