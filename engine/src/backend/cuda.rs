@@ -48,9 +48,11 @@
 //! Without a GPU, `engine/tests/cuda.rs` runs this backend on the CPU emulator of the driver and
 //! cuBLAS in `kernels/emu` (`./scripts/test` does): correctness, never speed.
 //!
-//! Owed (issue 5): fp8 products that read fp8 directly (not dequantised each time), the bf16 kernels
-//! of `kernels/cuda` (sparse MLA, indexer, MoE permutation, grouped GEMM) in place of these
-//! float32 ones, CUDA graphs for decode, and NCCL all-to-all in place of per-shard copies.
+//! Owed (issue 5): fp8 products that read fp8 directly (not dequantised each time); the
+//! indexer's selections kept on the device (each layer copies them to the host, and the
+//! attention's key rows back) and the routing there too, which CUDA graphs for decode need
+//! first; `wgmma`/TMA versions of the tensor-core kernels; and NCCL all-to-all in place of
+//! per-shard copies.
 
 use std::sync::Arc;
 
