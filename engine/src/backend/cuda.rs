@@ -67,7 +67,7 @@ use sparsemoe_kernels::launch;
 
 use super::{
     Backend, CachedRows, Expert, IndexerSeq, MlaDims, MlaSeq, MlaWeights, Routing, by_expert,
-    pairs_by_row,
+    indexer_select_gathered, pairs_by_row,
 };
 use crate::error::{EngineError, Result};
 use crate::expert_shards::{Pair, compact_rows};
@@ -2641,15 +2641,7 @@ impl Backend for Cuda {
     ) -> Vec<Vec<Vec<u32>>> {
         if w.cols > launch::INDEXER_STORE_MAX_HEADS as usize && !self.tensor_cores(keys.cols()) {
             // More heads than the in-place kernel keeps sums for: score gathered copies.
-            return seqs
-                .iter()
-                .map(|seq| {
-                    let n = seq.positions.len();
-                    let gathered = self.gather_rows(keys, &seq.table.rows(0..seq.table.tokens()));
-                    let (q, w) = (self.rows(q, seq.first, n), self.rows(w, seq.first, n));
-                    self.indexer_select(&q, &w, &gathered, seq.positions, k, scale)
-                })
-                .collect();
+            return indexer_select_gathered(self, q, w, keys, seqs, k, scale);
         }
         self.indexer_topk(q, w, IndexerKeys::Store(keys), seqs, k, scale)
     }

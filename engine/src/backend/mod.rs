@@ -140,6 +140,28 @@ pub struct IndexerSeq<'a> {
     pub table: PagedRows<'a>,
 }
 
+/// [`Backend::indexer_select_paged`] a sequence at a time over its keys gathered as float32
+/// ([`Backend::gather_rows`]): the trait's default, and a backend's fallback for keys its
+/// in-place kernels cannot read.
+pub fn indexer_select_gathered<B: Backend + ?Sized>(
+    b: &B,
+    q: &B::Tensor,
+    w: &B::Tensor,
+    keys: &B::Store,
+    seqs: &[IndexerSeq<'_>],
+    k: usize,
+    scale: f32,
+) -> Vec<Vec<Vec<u32>>> {
+    seqs.iter()
+        .map(|seq| {
+            let n = seq.positions.len();
+            let gathered = b.gather_rows(keys, &seq.table.rows(0..seq.table.tokens()));
+            let (q, w) = (b.rows(q, seq.first, n), b.rows(w, seq.first, n));
+            b.indexer_select(&q, &w, &gathered, seq.positions, k, scale)
+        })
+        .collect()
+}
+
 /// One sequence's part of a batched [`Backend::mla_attention`] call.
 #[derive(Debug)]
 pub struct MlaSeq<'a, T, S> {
@@ -427,20 +449,7 @@ pub trait Backend: Send + Sync + 'static {
         k: usize,
         scale: f32,
     ) -> Vec<Vec<Vec<u32>>> {
-        seqs.iter()
-            .map(|seq| {
-                let n = seq.positions.len();
-                let gathered = self.gather_rows(keys, &seq.table.rows(0..seq.table.tokens()));
-                self.indexer_select(
-                    &self.rows(q, seq.first, n),
-                    &self.rows(w, seq.first, n),
-                    &gathered,
-                    seq.positions,
-                    k,
-                    scale,
-                )
-            })
-            .collect()
+        indexer_select_gathered(self, q, w, keys, seqs, k, scale)
     }
 
     /// Multi-head latent attention of the query rows `q` (`[n, heads·(nope+rope)]`, RoPE
