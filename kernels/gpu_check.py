@@ -1124,6 +1124,78 @@ class Harness:
                              f"ours {flops / t_ours / 1e9:.0f} TFLOP/s, peer {flops / t_peer / 1e9:.0f}; "
                              f"goal 60% of {self.mm_tflops:.0f} needs the cuBLAS grouped path"))
 
+    def fp8_linear(self, y, x, codes, row_scales, sms):
+        """y = x . W^T through fp8_linear_tc, split as the engine splits it
+        (launch::fp8_linear_split_steps), the parts added by sum_splits_f32."""
+        m, k = x.shape
+        n = codes.shape[0]
+        steps = max(1, (k + 127) // 128)
+        grid = ((n + 63) // 64, (m + 63) // 64)
+        want = -(-sms * 4 // max(1, grid[0] * grid[1]))
+        splits = max(1, min(want, steps // 2, 16))
+        split_steps = -(-steps // splits)
+        splits = -(-steps // split_steps)
+        args = [x, codes, row_scales, ("i", m), ("i", n), ("i", k), ("i", row_scales.shape[1]), ("i", split_steps)]
+        if splits == 1:
+            self.launch("fp8_linear_tc", grid + (1,), 128, [y] + args)
+        else:
+            parts = torch.empty(splits, m, n, device=self.dev)
+            self.launch("fp8_linear_tc", grid + (splits,), 128, [parts] + args)
+            self.launch("sum_splits_f32", ((m * n + 255) // 256,), 256, [y, parts, ("i", splits), ("l", m * n)])
+        return splits
+
+    def fp8_weight(self, n, k):
+        codes = torch.randint(0, 256, (n, k), dtype=torch.uint8, device=self.dev)
+        codes[(codes & 0x7F) == 0x7F] = 0x3E  # no NaNs
+        row_scales = torch.rand(n, (k + 127) // 128, device=self.dev) * 0.004 + 0.001
+        return codes, row_scales
+
+    @staticmethod
+    def fp8_values_bf16(codes, row_scales):
+        k = codes.shape[1]
+        return (codes.view(torch.float8_e4m3fn).float() * row_scales.repeat_interleave(128, 1)[:, :k]).to(torch.bfloat16)
+
+    def check_fp8_linear(self):
+        """fp8_linear_tc (+ sum_splits_f32): an fp8 weight's product read in place, against
+        float64 sums of the bf16 values dequantising gives; then, on a GPU, timed at decode
+        shapes against what it replaces (fp8_dequant_bf16_bits + a bf16 matmul) and a bf16
+        weight's matmul."""
+        sms = 1 if not self.on_gpu else torch.cuda.get_device_properties(0).multi_processor_count
+        shapes = ((1, 300, 1000), (5, 64, 4096), (64, 130, 259), (100, 70, 512), (3, 7, 130))
+        if self.on_gpu:
+            shapes += ((64, 7168, 2048), (1, 2048, 7168), (17, 24576, 1536))
+        for m, n, k in shapes:
+            codes, row_scales = self.fp8_weight(n, k)
+            x = torch.randn(m, k, device=self.dev)
+            y = torch.full((m, n), float("nan"), device=self.dev)
+            splits = self.fp8_linear(y, x, codes, row_scales, sms)
+            ref = x.to(torch.bfloat16).double() @ self.fp8_values_bf16(codes, row_scales).double().T
+            self.record(f"fp8_linear_tc m={m} n={n} k={k} ({splits} k-split{'s' if splits > 1 else ''})",
+                        rel_l2(y, ref), F32_BOUND)
+        if not self.on_gpu:
+            return
+        for m, n, k, what in ((1, 2048, 7168, "expert gate"), (64, 2048, 7168, "expert gate"),
+                              (1, 7168, 16384, "o_proj"), (64, 7168, 16384, "o_proj")):
+            codes, row_scales = self.fp8_weight(n, k)
+            x = torch.randn(m, k, device=self.dev)
+            y = torch.empty(m, n, device=self.dev)
+            deq = torch.empty(n, k, dtype=torch.bfloat16, device=self.dev)
+            w16 = self.fp8_values_bf16(codes, row_scales)
+            t_ours = self.time_ms(lambda: self.fp8_linear(y, x, codes, row_scales, sms))
+
+            def dequant_then_matmul():
+                self.launch("fp8_dequant_bf16_bits", ((n * k + 255) // 256,), 256,
+                            [deq, codes, row_scales, ("l", n * k), ("i", k), ("i", row_scales.shape[1])])
+                torch.matmul(x.to(torch.bfloat16), deq.T, out=None)
+
+            t_deq = self.time_ms(dequant_then_matmul)
+            t_bf16 = self.time_ms(lambda: torch.matmul(x.to(torch.bfloat16), w16.T))
+            gbs = (n * k + n * row_scales.shape[1] * 4 + m * k * 4 + m * n * 4) / t_ours / 1e6
+            self.timings.append((f"fp8 product in place, {what} {m}x{k} by {n}x{k}", t_ours,
+                                 "fp8_dequant_bf16_bits + torch bf16 matmul (the path it replaces)", t_deq,
+                                 f"{t_deq / t_ours:.1f}x the dequantising path; {t_bf16 / t_ours:.2f}x a bf16 weight's "
+                                 f"torch matmul ({t_bf16:.3f} ms); {gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy"))
+
     def check_fp8(self):
         rows, cols = 1000, 700  # not multiples of 128: partial scale blocks
         qb = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, device=self.dev)
@@ -1204,7 +1276,7 @@ def main():
     h = EmuHarness(args.out, args.emulate) if args.emulate else Harness(args.out, args.quick)
     if h.on_gpu:
         h.ceilings()
-    for step in (h.check_norm_rope_act, h.check_engine_f32, h.check_fp8, h.check_moe, h.check_indexer_topk, h.check_indexer_fp8,
+    for step in (h.check_norm_rope_act, h.check_engine_f32, h.check_fp8, h.check_fp8_linear, h.check_moe, h.check_indexer_topk, h.check_indexer_fp8,
                  h.check_mla):
         try:
             step()

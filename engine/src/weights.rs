@@ -120,6 +120,33 @@ impl Matrix {
         }
     }
 
+    /// An fp8 e4m3 matrix that owns its codes (`rows · cols`, row-major) and DeepSeek's block
+    /// scales (`scale_inv`: `[ceil(rows/128), ceil(cols/128)]` multipliers), as a checkpoint
+    /// stores them (tests, converted weights).
+    pub fn from_fp8(rows: usize, cols: usize, codes: Vec<u8>, scale_inv: Vec<f32>) -> Self {
+        assert_eq!(codes.len(), rows * cols, "fp8 matrix codes length");
+        let scale_cols = cols.div_ceil(FP8_BLOCK);
+        assert_eq!(
+            scale_inv.len(),
+            rows.div_ceil(FP8_BLOCK) * scale_cols,
+            "fp8 matrix scale grid length"
+        );
+        let mut map = memmap2::MmapMut::map_anon(codes.len().max(1)).expect("anonymous map");
+        map[..codes.len()].copy_from_slice(&codes);
+        Self {
+            rows,
+            cols,
+            dtype: StoredType::F8E4M3,
+            blob: Blob {
+                map: Arc::new(map.make_read_only().expect("read-only map")),
+                range: 0..codes.len(),
+            },
+            fp8_scales: Some(Arc::new(scale_inv)),
+            scale_row_offset: 0,
+            scale_cols,
+        }
+    }
+
     /// The data as `&[f32]` when stored as aligned f32 (zero-copy fast path).
     pub fn as_f32(&self) -> Option<&[f32]> {
         if self.dtype != StoredType::F32 {
@@ -609,21 +636,8 @@ mod tests {
     fn fp8_parts_carry_each_rows_block_scales() {
         let (rows, cols) = (300, 200);
         let codes: Vec<u8> = (0..rows * cols).map(|i| (i * 7 % 0x7e) as u8).collect();
-        let mut map = memmap2::MmapMut::map_anon(codes.len()).unwrap();
-        map.copy_from_slice(&codes);
         let grid = vec![0.5, 2.0, 0.25, 4.0, 1.5, 3.0]; // [3 block rows, 2 block cols]
-        let full = Matrix {
-            rows,
-            cols,
-            dtype: StoredType::F8E4M3,
-            blob: Blob {
-                map: Arc::new(map.make_read_only().unwrap()),
-                range: 0..codes.len(),
-            },
-            fp8_scales: Some(Arc::new(grid)),
-            scale_row_offset: 0,
-            scale_cols: 2,
-        };
+        let full = Matrix::from_fp8(rows, cols, codes, grid);
         let slice = full.rows_slice(100..290);
         let want = slice.to_f32_vec();
         let (q, scales) = slice.fp8_parts().unwrap();

@@ -271,10 +271,14 @@ fn grouped_expert_products_match_one_product_per_expert() {
     assert_eq!(one_by_one.grouped_expert_layers(), 0);
 }
 
-/// DeepSeek's fp8 weights stay fp8 on the GPU under `--dtype bfloat16` (half the bytes of bf16)
-/// and are dequantised to bf16 for each product. So an fp8 checkpoint must give the logits of a
-/// bf16 checkpoint holding the values its fp8 weights stand for, rounded to bf16: the same bf16
-/// weights reach the same products.
+/// DeepSeek's fp8 weights stay fp8 on the GPU under `--dtype bfloat16` (half the bytes of bf16).
+/// A product of more rows than `fp8_in_place_rows` dequantises them to bf16 first: then an fp8
+/// checkpoint must give the logits of a bf16 checkpoint holding the values its fp8 weights
+/// stand for, rounded to bf16 (the same bf16 weights reach the same products). Products of
+/// fewer rows (all of this 40-token prompt's, by default) read the codes in place
+/// (`fp8_linear_tc`): the same bf16 values, summed in another order, so within float32 rounding
+/// of that (the median row: with sparse attention a last-bit change can move a key across the
+/// top-k's edge and one row with it; on the emulator they are equal).
 #[test]
 fn fp8_weights_give_the_logits_of_their_bf16_values() {
     let test = "fp8_weights_give_the_logits_of_their_bf16_values";
@@ -299,10 +303,97 @@ fn fp8_weights_give_the_logits_of_their_bf16_values() {
         let model = Model::load(dir, cuda.clone(), options.clone()).unwrap();
         model.logits(&tokens, None).unwrap()
     };
-    let (from_fp8, from_bf16) = (logits(fp8.path()), logits(bf16.path()));
-    let err = rel_l2(&from_bf16, &from_fp8);
-    eprintln!("{test}: relative L2 {err:.2e}");
+    let from_bf16 = logits(bf16.path());
+    cuda.fp8_in_place_rows(0);
+    let dequantised = logits(fp8.path());
+    let err = rel_l2(&from_bf16, &dequantised);
+    eprintln!("{test}: dequantised: relative L2 {err:.2e}");
     assert!(err < 1e-6, "fp8 vs its bf16 values: relative L2 {err:.2e}");
+    assert_eq!(cuda.fp8_in_place_products(), 0);
+
+    cuda.fp8_in_place_rows(tokens.len());
+    let in_place = logits(fp8.path());
+    let products = cuda.fp8_in_place_products();
+    let rows = sorted_row_errors(&dequantised, &in_place, in_place.len() / tokens.len());
+    let median = rows[rows.len() / 2];
+    eprintln!(
+        "{test}: {products} products read the codes in place: median row {median:.2e}, worst {:.2e}",
+        rows[rows.len() - 1]
+    );
+    assert!(products > 0, "no product read the fp8 codes in place");
+    assert!(
+        median < 1e-4,
+        "in place vs dequantised: median row {median:.2e}"
+    );
+}
+
+/// A product of an fp8 weight with few rows (a decode step's) reads the codes in place
+/// (`fp8_linear_tc`: each value the bf16 that dequantising gives, x rounded to bf16, float32
+/// sums; k split over blocks where the grid is small); a product of more rows than
+/// `fp8_in_place_rows` dequantises the weight and runs on cuBLAS. Both must give the product of
+/// those bf16 values summed in float64, within float32 summation error, at shapes with partial
+/// tiles: 1 to 70 rows (past 64, a second block of rows), weight rows not a multiple of 64, k
+/// not a multiple of 4 (codes read a byte at a time) or of 128 (a partial scale block), and k
+/// long enough to split (the emulator's one multiprocessor splits grids of under 4 blocks).
+#[test]
+fn fp8_products_read_the_codes_in_place() {
+    let test = "fp8_products_read_the_codes_in_place";
+    let Some(cuda) = gpus(test, &[0], Dtype::Bfloat16) else {
+        return;
+    };
+    let mut rand = noise(11);
+    let bf16 = |v: f32| half::bf16::from_f32(v).to_f32();
+    let shapes = [
+        (1, 64, 128),
+        (3, 100, 301),
+        (16, 130, 1000),
+        (64, 72, 2048),
+        (70, 65, 259),
+        (1, 1, 4096),
+    ];
+    for (m, n, k) in shapes {
+        // Any e4m3 code but the NaNs (S.1111.111), and scales of DeepSeek's size.
+        let codes: Vec<u8> = rand(n * k)
+            .into_iter()
+            .map(|v| match ((v + 0.5) * 256.0) as u8 {
+                c if c & 0x7f == 0x7f => 0x3e,
+                c => c,
+            })
+            .collect();
+        let scale_inv: Vec<f32> = rand(n.div_ceil(128) * k.div_ceil(128))
+            .into_iter()
+            .map(|v| 0.001 + (v + 0.5) * 0.004)
+            .collect();
+        let w = Matrix::from_fp8(n, k, codes, scale_inv);
+        let w_values: Vec<f32> = w.to_f32_vec().into_iter().map(bf16).collect();
+        let x = rand(m * k);
+        let want: Vec<f32> = (0..m * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                (0..k)
+                    .map(|j| f64::from(bf16(x[r * k + j])) * f64::from(w_values[c * k + j]))
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let weight = cuda.upload(w).unwrap();
+        let xt = cuda.tensor(m, k, x);
+        for in_place_rows in [usize::MAX, 64, 0] {
+            cuda.fp8_in_place_rows(in_place_rows);
+            let before = cuda.fp8_in_place_products();
+            let got = cuda.to_host(&cuda.linear(&xt, &weight));
+            let err = rel_l2(&want, &got);
+            let in_place = cuda.fp8_in_place_products() - before;
+            eprintln!(
+                "{test}: {m}x{k} by {n}x{k}, in place up to {in_place_rows} rows: relative L2 {err:.2e}"
+            );
+            assert!(err < 1e-5, "{m}x{k} by {n}x{k}: relative L2 {err:.2e}");
+            assert_eq!(
+                in_place,
+                u64::from(m <= in_place_rows),
+                "{m} rows, in place up to {in_place_rows}"
+            );
+        }
+    }
 }
 
 /// Expert parallelism across lanes: the routed experts split over two shards on one GPU (each

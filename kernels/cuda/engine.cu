@@ -62,6 +62,154 @@ fp8_dequant_bf16_bits(unsigned short* __restrict__ out, const uint8_t* __restric
     out[i] = bf16_bits_rn(fp8_e4m3_value(q[i]) * row_scales[r * scale_cols + c / 128]);
 }
 
+// y = x · Wᵀ for a DeepSeek fp8 weight read as it is stored, without a bf16 copy of it: the
+// product fp8_dequant_bf16_bits + a bf16 GEMM compute, fused. W is [n, k] e4m3 codes with a
+// float32 scale per row and 128-column block (row_scales [n, scale_cols], scale_cols =
+// ceil(k / 128)); x is [m, k] float32. Each value enters the tensor cores as the bf16 the
+// dequantising kernel would write (bf16(fp8 · scale)), x rounded to bf16, sums in float32.
+// Decode's products are a few rows against a large weight, so reading each code once (a byte)
+// is the cost, where a dequantised copy writes and reads two bytes more per value.
+//
+// A block takes FP8_LINEAR_COLS weight rows (16 per warp: two n8 tiles of mma.m16n8k16) and up
+// to FP8_LINEAR_ROWS rows of x (as many 16-row tiles as it has rows), and walks k in steps of
+// one scale block (128 columns): the step's codes, converted to bf16 with their row's scale,
+// and x's columns, rounded, go to shared memory (rows padded to FP8_LINEAR_STRIDE values, so
+// a fragment's 32 lanes read 32 banks); the next step's codes are loaded into registers while
+// the tensor cores work on this one.
+// Launch: grid (ceil(n / FP8_LINEAR_COLS), ceil(m / FP8_LINEAR_ROWS), splits), block
+// FP8_LINEAR_WARPS · 32, no dynamic shared memory. Block z takes the k-steps [z · split_steps,
+// (z + 1) · split_steps) and writes y + z · m · n: with one split, y itself; with more, partial
+// sums that sum_splits_f32 adds (split-K, for the grids of few blocks a decode step has).
+#define FP8_LINEAR_WARPS 4
+#define FP8_LINEAR_COLS (FP8_LINEAR_WARPS * 16)
+#define FP8_LINEAR_ROWS 64
+#define FP8_LINEAR_K 128
+#define FP8_LINEAR_STRIDE (FP8_LINEAR_K + 8)
+#define FP8_LINEAR_WORDS (FP8_LINEAR_STRIDE / 2)
+#define FP8_LINEAR_CODE_WORDS (FP8_LINEAR_COLS * FP8_LINEAR_K / 4 / (FP8_LINEAR_WARPS * 32))
+
+// Four codes of row `row` (< n) from column c (a multiple of 4) on, as a little-endian word; those
+// at or past column k are 0 (value 0). `aligned`: k is a multiple of 4, so the word is loaded whole.
+SMOE_DEVICE uint32_t fp8_code_word(const uint8_t* codes, int row, int c, int k, bool aligned) {
+    const uint8_t* p = codes + (size_t)row * k + c;
+    if (aligned && c + 4 <= k) return *reinterpret_cast<const uint32_t*>(p);
+    uint32_t w = 0;
+    for (int b = 0; b < 4; ++b)
+        if (c + b < k) w |= (uint32_t)p[b] << (8 * b);
+    return w;
+}
+
+// Step `step`'s codes of the FP8_LINEAR_COLS weight rows from row col0 on, as thread
+// threadIdx.x holds them for fp8_linear_tc: of the step's [FP8_LINEAR_COLS, FP8_LINEAR_K / 4]
+// words, words i, i + blockDim, … (rows i / 32 + 4j, word i % 32 of each: a warp reads a
+// row's 128 bytes); rows past n are 0.
+SMOE_DEVICE void fp8_linear_load(uint32_t (&pre)[FP8_LINEAR_CODE_WORDS], const uint8_t* codes, int col0, int n,
+                                 int k, int step, bool aligned) {
+#pragma unroll
+    for (int j = 0; j < FP8_LINEAR_CODE_WORDS; ++j) {
+        const int i = threadIdx.x + j * FP8_LINEAR_WARPS * 32, r = i >> 5, c = step * FP8_LINEAR_K + (i & 31) * 4;
+        pre[j] = col0 + r < n && c < k ? fp8_code_word(codes, col0 + r, c, k, aligned) : 0u;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FP8_LINEAR_WARPS * 32)
+fp8_linear_tc(float* __restrict__ y, const float* __restrict__ x, const uint8_t* __restrict__ codes,
+              const float* __restrict__ row_scales, int m, int n, int k, int scale_cols, int split_steps) {
+    __shared__ uint32_t xs[FP8_LINEAR_ROWS * FP8_LINEAR_WORDS];  // bf16 pairs
+    __shared__ uint32_t ws[FP8_LINEAR_COLS * FP8_LINEAR_WORDS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int col0 = blockIdx.x * FP8_LINEAR_COLS, row0 = blockIdx.y * FP8_LINEAR_ROWS;
+    const int tiles = min(FP8_LINEAR_ROWS, m - row0 + 15) / 16;  // 16-row tiles of x this block has
+    const int steps = (k + FP8_LINEAR_K - 1) / FP8_LINEAR_K;
+    const int first = blockIdx.z * split_steps, last = min(steps, first + split_steps);
+    const bool aligned = (k & 3) == 0;
+    y += (size_t)blockIdx.z * m * n;
+
+    uint32_t pre[FP8_LINEAR_CODE_WORDS];
+    float acc[FP8_LINEAR_ROWS / 16][2][4];
+#pragma unroll
+    for (int i = 0; i < FP8_LINEAR_ROWS / 16; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    if (first < last) fp8_linear_load(pre, codes, col0, n, k, first, aligned);
+    for (int step = first; step < last; ++step) {
+        __syncthreads();  // the previous step's tiles are consumed
+#pragma unroll
+        for (int j = 0; j < FP8_LINEAR_CODE_WORDS; ++j) {
+            const int i = threadIdx.x + j * FP8_LINEAR_WARPS * 32, r = i >> 5, wd = i & 31;
+            const float s = col0 + r < n ? row_scales[(size_t)(col0 + r) * scale_cols + step] : 0.f;
+            const uint32_t w = pre[j];
+            uint32_t* dst = ws + r * FP8_LINEAR_WORDS + 2 * wd;
+            dst[0] = pack_bf16x2(bf16_bits_rn(fp8_e4m3_value(w & 0xffu) * s),
+                                 bf16_bits_rn(fp8_e4m3_value((w >> 8) & 0xffu) * s));
+            dst[1] = pack_bf16x2(bf16_bits_rn(fp8_e4m3_value((w >> 16) & 0xffu) * s),
+                                 bf16_bits_rn(fp8_e4m3_value(w >> 24) * s));
+        }
+        const int k0 = step * FP8_LINEAR_K;
+        for (int i = threadIdx.x; i < tiles * 16 * (FP8_LINEAR_K / 2); i += FP8_LINEAR_WARPS * 32) {
+            const int r = i / (FP8_LINEAR_K / 2), c = k0 + 2 * (i % (FP8_LINEAR_K / 2));
+            const float* xr = x + (size_t)(row0 + r) * k;
+            const bool row_ok = row0 + r < m;
+            const float a = row_ok && c < k ? xr[c] : 0.f, b = row_ok && c + 1 < k ? xr[c + 1] : 0.f;
+            xs[r * FP8_LINEAR_WORDS + i % (FP8_LINEAR_K / 2)] = pack_bf16x2(bf16_bits_rn(a), bf16_bits_rn(b));
+        }
+        __syncthreads();
+        if (step + 1 < last) fp8_linear_load(pre, codes, col0, n, k, step + 1, aligned);  // in flight while the tensor cores run
+
+#pragma unroll
+        for (int kk = 0; kk < FP8_LINEAR_K / 2; kk += 8) {  // k16 steps, in words
+            uint32_t b[2][2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const uint32_t* wr = ws + (warp * 16 + j * 8 + g) * FP8_LINEAR_WORDS + kk + t;
+                b[j][0] = wr[0];
+                b[j][1] = wr[4];
+            }
+#pragma unroll
+            for (int i = 0; i < FP8_LINEAR_ROWS / 16; ++i) {
+                if (i >= tiles) break;  // block-uniform
+                const uint32_t* lo = xs + (i * 16 + g) * FP8_LINEAR_WORDS + kk + t;
+                const uint32_t* hi = lo + 8 * FP8_LINEAR_WORDS;
+                const uint32_t a[4] = {lo[0], hi[0], lo[4], hi[4]};
+                mma_bf16_16816(acc[i][0], a, b[0]);
+                mma_bf16_16816(acc[i][1], a, b[1]);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < FP8_LINEAR_ROWS / 16; ++i) {
+        if (i >= tiles) break;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int c = col0 + warp * 16 + j * 8 + 2 * t;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = row0 + i * 16 + g + 8 * half;
+                if (r >= m) continue;
+                float* out = y + (size_t)r * n;
+                if (c < n) out[c] = acc[i][j][2 * half];
+                if (c + 1 < n) out[c + 1] = acc[i][j][2 * half + 1];
+            }
+        }
+    }
+}
+
+// y[i] = Σ_z partial[z · len + i] for z < splits: the split-K parts of fp8_linear_tc, added in
+// order (the same sums every run).
+// Launch: grid ceil(len / ENGINE_THREADS), block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+sum_splits_f32(float* __restrict__ y, const float* __restrict__ partial, int splits, long long len) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    float s = 0.f;
+    for (int z = 0; z < splits; ++z) s += partial[z * len + i];
+    y[i] = s;
+}
+
 // out[i] = bf16(x[i]): the input of a product with a bf16 weight.
 // Launch: grid ceil(n / ENGINE_THREADS), block ENGINE_THREADS.
 extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)

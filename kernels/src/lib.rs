@@ -150,6 +150,10 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("gather_rows_f32" in "engine.cu": out: F32Mut, src: F32, slots: I32, cols: Int),
     kernel!("gather_rows_bf16_bits_f32" in "engine.cu":
         out: F32Mut, src: Bf16Bits, slots: I32, cols: Int),
+    kernel!("fp8_linear_tc" in "engine.cu":
+        y: F32Mut, x: F32, codes: U8, row_scales: F32, m: Int, n: Int, k: Int, scale_cols: Int,
+        split_steps: Int),
+    kernel!("sum_splits_f32" in "engine.cu": y: F32Mut, partial: F32, splits: Int, len: Long),
     kernel!("f32_to_bf16_bits" in "engine.cu": out: Bf16BitsMut, x: F32, n: Long),
     kernel!("fp8_dequant_bf16_bits" in "engine.cu":
         out: Bf16BitsMut, q: U8, row_scales: F32, n: Long, cols: Int, scale_cols: Int),
@@ -287,6 +291,38 @@ pub mod launch {
     pub const INDEXER_F32_KEYS: u32 = 128;
     /// The most indexer heads `indexer_scores_store_*` keep running sums for.
     pub const INDEXER_STORE_MAX_HEADS: u32 = 64;
+
+    /// `fp8_linear_tc`: warps a block, weight rows a block (16 a warp), rows of x a block,
+    /// columns a k-step (one fp8 scale block).
+    pub const FP8_LINEAR_WARPS: u32 = 4;
+    pub const FP8_LINEAR_COLS: u32 = FP8_LINEAR_WARPS * 16;
+    pub const FP8_LINEAR_ROWS: u32 = 64;
+    pub const FP8_LINEAR_K: u32 = 128;
+    /// Most split-K parts of an `fp8_linear_tc` launch.
+    pub const FP8_LINEAR_MAX_SPLITS: u32 = 16;
+    /// Fewest k-steps a split takes.
+    pub const FP8_LINEAR_MIN_SPLIT_STEPS: u32 = 2;
+    /// Blocks an `fp8_linear_tc` launch aims for, per multiprocessor: its products read each
+    /// code once, so they are bound by memory, and each block keeps one step's codes (8 KB) in
+    /// flight; five fit an SM by registers (96 a thread on sm_90a).
+    pub const FP8_LINEAR_BLOCKS_PER_SM: u32 = 4;
+
+    /// k-steps a split of `fp8_linear_tc` takes (`split_steps`) for a product of `k` columns
+    /// whose grid has `blocks` blocks a split, on a device of `sms` multiprocessors: all of them
+    /// (one split) once the blocks reach `FP8_LINEAR_BLOCKS_PER_SM` an SM; otherwise k is split
+    /// until they do, into parts of at least `FP8_LINEAR_MIN_SPLIT_STEPS` steps, at most
+    /// `FP8_LINEAR_MAX_SPLITS` of them. A decode step's expert products (n = 2048 weight rows
+    /// at k = 7168: 32 blocks) would otherwise use a quarter of an H200's multiprocessors.
+    pub fn fp8_linear_split_steps(blocks: u32, k: u32, sms: u32) -> u32 {
+        let steps = k.div_ceil(FP8_LINEAR_K).max(1);
+        let target = u64::from(sms) * u64::from(FP8_LINEAR_BLOCKS_PER_SM);
+        let want = target.div_ceil(u64::from(blocks.max(1)));
+        let splits = want
+            .min(u64::from(steps / FP8_LINEAR_MIN_SPLIT_STEPS))
+            .min(u64::from(FP8_LINEAR_MAX_SPLITS))
+            .max(1) as u32;
+        steps.div_ceil(splits)
+    }
 
     /// Dynamic shared memory of `indexer_scores_f32`.
     pub fn indexer_f32_smem_bytes(heads: u32, dim: u32) -> u32 {

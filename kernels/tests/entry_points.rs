@@ -149,6 +149,9 @@ fn launch_constants_match_the_sources() {
             "MLA_COMBINE_THREADS",
             launch::MLA_COMBINE_THREADS,
         ),
+        ("engine.cu", "FP8_LINEAR_WARPS", launch::FP8_LINEAR_WARPS),
+        ("engine.cu", "FP8_LINEAR_ROWS", launch::FP8_LINEAR_ROWS),
+        ("engine.cu", "FP8_LINEAR_K", launch::FP8_LINEAR_K),
     ];
     for (file, name, value) in defines {
         let text = source(file).unwrap().text;
@@ -188,6 +191,10 @@ fn launch_constants_match_the_sources() {
         engine.contains("#define MLA_F32_THREADS (MLA_F32_WARPS * 32)")
             && engine.contains("#define MLA_F32_HEADS (MLA_F32_WARPS * MLA_F32_HEADS_PER_WARP)")
     );
+    assert!(engine.contains("#define FP8_LINEAR_COLS (FP8_LINEAR_WARPS * 16)"));
+    assert_eq!(launch::FP8_LINEAR_COLS, 64);
+    // One k-step is one fp8 scale block of the weight.
+    assert_eq!(launch::FP8_LINEAR_K, launch::KV_FP8_BLOCK);
     // 108 KB at DeepSeek's 512 + 64: above the default 48 KB, within sm_80's 163 KB.
     assert_eq!(
         launch::mla_f32_smem_bytes(512, 64),
@@ -261,5 +268,47 @@ fn attention_keys_are_split_only_while_the_blocks_leave_multiprocessors_idle() {
                 "{splits} splits"
             );
         }
+    }
+}
+
+#[test]
+fn fp8_products_split_k_only_while_the_blocks_leave_multiprocessors_idle() {
+    // (blocks a split, k, multiprocessors) -> k-steps a split.
+    let cases = [
+        // A decode step's expert gate product on an H200 (132): 2048 weight rows are 32
+        // blocks; k = 7168 is 56 steps, in 16 splits (the most) of 4 steps (14 splits).
+        ((32, 7168, 132), 4),
+        // o_proj (7168 rows: 112 blocks, k = 16384: 128 steps): 5 splits of 26.
+        ((112, 16384, 132), 26),
+        // Enough blocks: one split of every step.
+        ((528, 7168, 132), 56),
+        ((10_000, 7168, 132), 56),
+        // Too few steps to split (at least 2 a split): 3 steps in 1; 4 in 2.
+        ((1, 384, 132), 3),
+        ((1, 512, 132), 2),
+        // A partial last step counts; k = 0 is one (empty) step.
+        ((1, 129, 132), 2),
+        ((1, 0, 132), 1),
+        // The emulator's one multiprocessor: 4 blocks are enough.
+        ((4, 7168, 1), 56),
+        ((1, 7168, 1), 14),
+        // No overflow at the extremes.
+        // (four blocks an SM wanted: 4 splits).
+        (
+            (u32::MAX, u32::MAX, u32::MAX),
+            u32::MAX.div_ceil(128).div_ceil(4),
+        ),
+    ];
+    for ((blocks, k, sms), steps) in cases {
+        let split = launch::fp8_linear_split_steps(blocks, k, sms);
+        assert_eq!(
+            split, steps,
+            "{blocks} blocks, k = {k}, {sms} multiprocessors"
+        );
+        let total = k.div_ceil(launch::FP8_LINEAR_K).max(1);
+        let splits = total.div_ceil(split);
+        assert!(splits <= launch::FP8_LINEAR_MAX_SPLITS, "{splits} splits");
+        // Every split has a step.
+        assert!((splits - 1) * split < total, "an empty split");
     }
 }

@@ -6,7 +6,9 @@
 //!   (`--dtype float32`: bf16 and fp8 checkpoints widened at upload) or bf16 (`--dtype
 //!   bfloat16`: half the bytes; a product rounds its input to bf16 and runs on the tensor cores
 //!   with float32 sums). Under bf16, DeepSeek's fp8 weights stay fp8 (a quarter of the float32
-//!   bytes) and are dequantised to bf16 for each product.
+//!   bytes): a product of at most [`Cuda::fp8_in_place_rows`] rows (64; a decode step's) reads
+//!   the codes in place on the tensor cores (`fp8_linear_tc`, split over k when its grid is
+//!   small), a longer one dequantises the weight to bf16 for cuBLAS.
 //! - Products go through cuBLAS (`Sgemm` or bf16 `GemmEx`, strided-batched for the per-head
 //!   products of the absorbed MLA); the row operations between them are the float32 kernels of
 //!   `kernels/cuda/engine.cu`, and the indexer's selection is `topk.cu`'s radix select. Both
@@ -48,7 +50,7 @@
 //! Without a GPU, `engine/tests/cuda.rs` runs this backend on the CPU emulator of the driver and
 //! cuBLAS in `kernels/emu` (`./scripts/test` does): correctness, never speed.
 //!
-//! Owed (issue 5): fp8 products that read fp8 directly (not dequantised each time); the
+//! Owed (issue 5): prefill's fp8 products without the dequantised copy (fp8 tensor cores); the
 //! indexer's selections kept on the device (each layer copies them to the host, and the
 //! attention's key rows back) and the routing there too, which CUDA graphs for decode need
 //! first; `wgmma`/TMA versions of the tensor-core kernels; and NCCL all-to-all in place of
@@ -336,6 +338,8 @@ struct Kernels {
     gather_rows_bf16: CudaFunction,
     f32_to_bf16_bits: CudaFunction,
     fp8_dequant_bf16: CudaFunction,
+    fp8_linear: CudaFunction,
+    sum_splits: CudaFunction,
     scatter_rows: CudaFunction,
     scatter_rows_bf16: CudaFunction,
     scatter_rows_fp8: CudaFunction,
@@ -409,6 +413,12 @@ pub struct Cuda {
     key_splits: Arc<std::sync::atomic::AtomicU32>,
     /// Attention launches whose keys were split (each followed by `mla_combine_splits_f32`).
     split_launches: Arc<std::sync::atomic::AtomicU64>,
+    /// The most rows of x a product with an fp8 weight has for it to read the codes in place
+    /// (`fp8_linear_tc`) rather than dequantise the weight to bf16 for cuBLAS; see
+    /// [`Cuda::fp8_in_place_rows`].
+    fp8_in_place_rows: Arc<std::sync::atomic::AtomicUsize>,
+    /// Products that read an fp8 weight in place.
+    fp8_in_place_launches: Arc<std::sync::atomic::AtomicU64>,
     /// The device's multiprocessors (streaming multiprocessors, SMs).
     multiprocessors: u32,
 }
@@ -608,6 +618,8 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         gather_rows_bf16: function("gather_rows_bf16_bits_f32")?,
         f32_to_bf16_bits: function("f32_to_bf16_bits")?,
         fp8_dequant_bf16: function("fp8_dequant_bf16_bits")?,
+        fp8_linear: function("fp8_linear_tc")?,
+        sum_splits: function("sum_splits_f32")?,
         scatter_rows: function("scatter_rows_f32")?,
         scatter_rows_bf16: function("scatter_rows_f32_to_bf16_bits")?,
         scatter_rows_fp8: function("scatter_rows_f32_to_fp8")?,
@@ -792,15 +804,24 @@ impl Cuda {
             head_groups: Arc::default(),
             key_splits: Arc::default(),
             split_launches: Arc::default(),
+            fp8_in_place_rows: Arc::new(std::sync::atomic::AtomicUsize::new(
+                launch::FP8_LINEAR_ROWS as usize,
+            )),
+            fp8_in_place_launches: Arc::default(),
             multiprocessors: device.multiprocessors,
         })
+    }
+
+    /// This lane and the expert shards' lanes.
+    fn lanes(&self) -> impl Iterator<Item = &Cuda> {
+        std::iter::once(self).chain(self.shards.iter())
     }
 
     /// Runs the routed experts expert by expert (a gather, three products and a scatter-add
     /// each) instead of as grouped products, on every lane: the numbers of a float32 model do
     /// not change; a bf16 model's experts then keep their products' float32 outputs.
     pub fn experts_one_by_one(&self) {
-        for lane in std::iter::once(self).chain(self.shards.iter()) {
+        for lane in self.lanes() {
             lane.one_by_one
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -809,8 +830,7 @@ impl Cuda {
     /// How many MoE layers (a shard's part of one counting once) ran their routed experts as
     /// grouped products, on every lane.
     pub fn grouped_expert_layers(&self) -> u64 {
-        std::iter::once(self)
-            .chain(self.shards.iter())
+        self.lanes()
             .map(|lane| {
                 lane.grouped_layers
                     .load(std::sync::atomic::Ordering::Relaxed)
@@ -821,8 +841,7 @@ impl Cuda {
     /// Whether the routed experts run as grouped products (false after
     /// [`Cuda::experts_one_by_one`], or once cuBLAS refused a grouped product on any lane).
     pub fn experts_grouped(&self) -> bool {
-        std::iter::once(self)
-            .chain(self.shards.iter())
+        self.lanes()
             .all(|lane| !lane.one_by_one.load(std::sync::atomic::Ordering::Relaxed))
     }
 
@@ -885,6 +904,28 @@ impl Cuda {
     pub fn split_attention_launches(&self) -> u64 {
         self.split_launches
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets the most rows a product with an fp8 weight may have for it to read the weight's
+    /// codes in place (`fp8_linear_tc`: a byte a value read once, the decode step's case) on
+    /// every lane; a product of more rows (a prefill's) dequantises the weight to bf16 and
+    /// runs on cuBLAS, whose tiles reuse each value across many rows. 0 always dequantises.
+    /// The default is `launch::FP8_LINEAR_ROWS` (64), one block's rows.
+    pub fn fp8_in_place_rows(&self, rows: usize) {
+        for lane in self.lanes() {
+            lane.fp8_in_place_rows
+                .store(rows, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// How many products read an fp8 weight in place, on every lane.
+    pub fn fp8_in_place_products(&self) -> u64 {
+        self.lanes()
+            .map(|lane| {
+                lane.fp8_in_place_launches
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum()
     }
 
     /// How many attention and indexer launches ran on the tensor cores.
@@ -1019,6 +1060,77 @@ impl Cuda {
             );
         }
         Operand::Dequantised(out)
+    }
+
+    /// `y = x · Wᵀ` (`y` `[m, n]`, `x` `[m, k]`) for an fp8 weight W (`[n, k]` codes, a scale
+    /// per row and 128 columns) read in place by `fp8_linear_tc`, its k split over several
+    /// blocks when the weight's rows alone would leave multiprocessors idle
+    /// ([`launch::fp8_linear_split_steps`]; the parts are then added by `sum_splits_f32`).
+    fn fp8_linear(
+        &self,
+        y: &mut CudaTensor,
+        x: &CudaTensor,
+        codes: &CudaSlice<u8>,
+        row_scales: &CudaSlice<f32>,
+        n: usize,
+        k: usize,
+    ) {
+        let m = x.rows;
+        let int = |v: usize, what: &str| {
+            i32::try_from(v).unwrap_or_else(|_| panic!("fp8 product: {what} {v} exceeds int32"))
+        };
+        let (mi, ni, ki) = (int(m, "rows"), int(n, "weight rows"), int(k, "columns"));
+        let scale_cols = int(k.div_ceil(launch::FP8_LINEAR_K as usize), "scale columns");
+        let grid = (
+            n.div_ceil(launch::FP8_LINEAR_COLS as usize) as u32,
+            m.div_ceil(launch::FP8_LINEAR_ROWS as usize) as u32,
+        );
+        let split_steps = launch::fp8_linear_split_steps(
+            grid.0.saturating_mul(grid.1),
+            k.try_into().unwrap_or(u32::MAX),
+            self.multiprocessors,
+        );
+        let splits = (scale_cols as u32).div_ceil(split_steps);
+        let config = LaunchConfig {
+            grid_dim: (grid.0, grid.1, splits),
+            block_dim: (launch::FP8_LINEAR_WARPS * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let steps = split_steps as i32;
+        let launch = |out: &mut CudaSlice<f32>| {
+            let mut b = self.stream.launch_builder(&self.k.fp8_linear);
+            b.arg(out)
+                .arg(&x.buf)
+                .arg(codes)
+                .arg(row_scales)
+                .arg(&mi)
+                .arg(&ni)
+                .arg(&ki)
+                .arg(&scale_cols)
+                .arg(&steps);
+            // SAFETY: out holds splits·m·n values, x m·k, codes n·k, row_scales n·scale_cols.
+            ok(unsafe { b.launch(config) }, "fp8_linear_tc");
+        };
+        if splits == 1 {
+            launch(&mut y.buf);
+        } else {
+            // SAFETY: the launch writes every value of every part.
+            let mut parts = ok(
+                unsafe { self.stream.alloc::<f32>(splits as usize * m * n) },
+                "allocating",
+            );
+            launch(&mut parts);
+            let (len, parts_i) = ((m * n) as i64, splits as i32);
+            let mut b = self.stream.launch_builder(&self.k.sum_splits);
+            b.arg(&mut y.buf).arg(&parts).arg(&parts_i).arg(&len);
+            // SAFETY: y holds m·n values, parts splits·m·n.
+            ok(
+                unsafe { b.launch(Self::flat_config(m * n)) },
+                "sum_splits_f32",
+            );
+        }
+        self.fp8_in_place_launches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// cuBLAS's column-major `C = op(A)·B` (`batch`: strided-batched `(count, stride_a,
@@ -2269,6 +2381,14 @@ impl Backend for Cuda {
         let mut y = self.zeros(m, n);
         if m == 0 || n == 0 || k == 0 {
             return y; // zeros, as the buffer is allocated
+        }
+        if let WeightData::Fp8 { codes, row_scales } = self.weight(w)
+            && m <= self
+                .fp8_in_place_rows
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.fp8_linear(&mut y, x, codes, row_scales, n, k);
+            return y;
         }
         // Row-major y = x·wᵀ is column-major yᵀ = w·xᵀ: w's storage read transposed.
         let cfg = GemmConfig {
