@@ -1124,24 +1124,31 @@ class Harness:
                              f"ours {flops / t_ours / 1e9:.0f} TFLOP/s, peer {flops / t_peer / 1e9:.0f}; "
                              f"goal 60% of {self.mm_tflops:.0f} needs the cuBLAS grouped path"))
 
-    def fp8_linear(self, y, x, codes, row_scales, sms):
+    def fp8_linear(self, y, x, codes, row_scales, sms, heads=None):
         """y = x . W^T through fp8_linear_tc, split as the engine splits it
-        (launch::fp8_linear_split_steps), the parts added by sum_splits_f32."""
-        m, k = x.shape
-        n = codes.shape[0]
+        (launch::fp8_linear_split_steps), the parts added by sum_splits_f32. With heads =
+        (count, nope, v): the absorbed MLA's products out of the latent space, as the engine
+        batches them: x [m, count * k], W = kv_b [count * (nope + v), k], head h's W_UV,h its
+        rows h * (nope + v) + nope .., y [m, count * v]."""
+        m = x.shape[0]
+        k = codes.shape[1]
+        count, nope, v = heads if heads else (1, 0, codes.shape[0])
+        n, ldx, ldy = v, x.shape[1], y.shape[1]
         steps = max(1, (k + 127) // 128)
         grid = ((n + 63) // 64, (m + 63) // 64)
-        want = -(-sms * 4 // max(1, grid[0] * grid[1]))
+        want = -(-sms * 4 // max(1, grid[0] * grid[1] * count))
         splits = max(1, min(want, steps // 2, 16))
         split_steps = -(-steps // splits)
         splits = -(-steps // split_steps)
-        args = [x, codes, row_scales, ("i", m), ("i", n), ("i", k), ("i", row_scales.shape[1]), ("i", split_steps)]
+        w, s = codes[nope:], row_scales[nope:]
+        args = [x, w, s, ("i", m), ("i", n), ("i", k), ("i", row_scales.shape[1]), ("i", split_steps),
+                ("i", ldx), ("i", ldy), ("l", k if heads else 0), ("i", nope + v if heads else 0), ("l", v if heads else 0)]
         if splits == 1:
-            self.launch("fp8_linear_tc", grid + (1,), 128, [y] + args)
+            self.launch("fp8_linear_tc", grid + (count,), 128, [y] + args)
         else:
-            parts = torch.empty(splits, m, n, device=self.dev)
-            self.launch("fp8_linear_tc", grid + (splits,), 128, [parts] + args)
-            self.launch("sum_splits_f32", ((m * n + 255) // 256,), 256, [y, parts, ("i", splits), ("l", m * n)])
+            parts = torch.empty(splits, m, ldy, device=self.dev)
+            self.launch("fp8_linear_tc", grid + (count * splits,), 128, [parts] + args)
+            self.launch("sum_splits_f32", ((m * ldy + 255) // 256,), 256, [y, parts, ("i", splits), ("l", m * ldy)])
         return splits
 
     def fp8_weight(self, n, k):
@@ -1171,6 +1178,16 @@ class Harness:
             splits = self.fp8_linear(y, x, codes, row_scales, sms)
             ref = x.to(torch.bfloat16).double() @ self.fp8_values_bf16(codes, row_scales).double().T
             self.record(f"fp8_linear_tc m={m} n={n} k={k} ({splits} k-split{'s' if splits > 1 else ''})",
+                        rel_l2(y, ref), F32_BOUND)
+        # The absorbed MLA's per-head products out of the latent space, batched over heads.
+        for m, (heads, nope, v, k) in ((3, (20, 24, 40, 200)), (64, (4, 16, 130, 512)), (2, (2, 8, 16, 1024))):
+            codes, row_scales = self.fp8_weight(heads * (nope + v), k)
+            x = torch.randn(m, heads * k, device=self.dev)
+            y = torch.full((m, heads * v), float("nan"), device=self.dev)
+            splits = self.fp8_linear(y, x, codes, row_scales, sms, heads=(heads, nope, v))
+            w = self.fp8_values_bf16(codes, row_scales).double().view(heads, nope + v, k)[:, nope:]
+            ref = torch.einsum("mhk,hvk->mhv", x.to(torch.bfloat16).double().view(m, heads, k), w).reshape(m, heads * v)
+            self.record(f"fp8_linear_tc {heads} heads' W_UV (v={v}, latent {k}) over {m} rows ({splits} k-splits)",
                         rel_l2(y, ref), F32_BOUND)
         if not self.on_gpu:
             return

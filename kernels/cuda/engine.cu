@@ -76,10 +76,14 @@ fp8_dequant_bf16_bits(unsigned short* __restrict__ out, const uint8_t* __restric
 // and x's columns, rounded, go to shared memory (rows padded to FP8_LINEAR_STRIDE values, so
 // a fragment's 32 lanes read 32 banks); the next step's codes are loaded into registers while
 // the tensor cores work on this one.
-// Launch: grid (ceil(n / FP8_LINEAR_COLS), ceil(m / FP8_LINEAR_ROWS), splits), block
-// FP8_LINEAR_WARPS · 32, no dynamic shared memory. Block z takes the k-steps [z · split_steps,
-// (z + 1) · split_steps) and writes y + z · m · n: with one split, y itself; with more, partial
-// sums that sum_splits_f32 adds (split-K, for the grids of few blocks a decode step has).
+// Rows of x are ldx values apart and rows of y ldy (k and n for one plain product). A batch of
+// products (the absorbed MLA's per-head products out of the latent space) takes grid z: product
+// b reads x + b · batch_x, the weight rows from b · batch_rows on, and writes y + b · batch_y.
+// Launch: grid (ceil(n / FP8_LINEAR_COLS), ceil(m / FP8_LINEAR_ROWS), batch · splits), block
+// FP8_LINEAR_WARPS · 32, no dynamic shared memory; splits = ceil(ceil(k / 128) / split_steps).
+// Block z (product z / splits, split z % splits) takes the k-steps [split · split_steps,
+// (split + 1) · split_steps) and writes y + split · m · ldy: with one split, y itself; with more,
+// partial sums that sum_splits_f32 adds (split-K, for the grids of few blocks a decode step has).
 #define FP8_LINEAR_WARPS 4
 #define FP8_LINEAR_COLS (FP8_LINEAR_WARPS * 16)
 #define FP8_LINEAR_ROWS 64
@@ -114,16 +118,22 @@ SMOE_DEVICE void fp8_linear_load(uint32_t (&pre)[FP8_LINEAR_CODE_WORDS], const u
 
 extern "C" __global__ void __launch_bounds__(FP8_LINEAR_WARPS * 32)
 fp8_linear_tc(float* __restrict__ y, const float* __restrict__ x, const uint8_t* __restrict__ codes,
-              const float* __restrict__ row_scales, int m, int n, int k, int scale_cols, int split_steps) {
+              const float* __restrict__ row_scales, int m, int n, int k, int scale_cols, int split_steps, int ldx,
+              int ldy, long long batch_x, int batch_rows, long long batch_y) {
     __shared__ uint32_t xs[FP8_LINEAR_ROWS * FP8_LINEAR_WORDS];  // bf16 pairs
     __shared__ uint32_t ws[FP8_LINEAR_COLS * FP8_LINEAR_WORDS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int col0 = blockIdx.x * FP8_LINEAR_COLS, row0 = blockIdx.y * FP8_LINEAR_ROWS;
     const int tiles = min(FP8_LINEAR_ROWS, m - row0 + 15) / 16;  // 16-row tiles of x this block has
     const int steps = (k + FP8_LINEAR_K - 1) / FP8_LINEAR_K;
-    const int first = blockIdx.z * split_steps, last = min(steps, first + split_steps);
+    const int splits = (steps + split_steps - 1) / split_steps;
+    const int product = blockIdx.z / splits, split = blockIdx.z % splits;
+    const int first = split * split_steps, last = min(steps, first + split_steps);
     const bool aligned = (k & 3) == 0;
-    y += (size_t)blockIdx.z * m * n;
+    x += product * batch_x;
+    codes += (size_t)product * batch_rows * k;
+    row_scales += (size_t)product * batch_rows * scale_cols;
+    y += (size_t)split * m * ldy + product * batch_y;
 
     uint32_t pre[FP8_LINEAR_CODE_WORDS];
     float acc[FP8_LINEAR_ROWS / 16][2][4];
@@ -151,7 +161,7 @@ fp8_linear_tc(float* __restrict__ y, const float* __restrict__ x, const uint8_t*
         const int k0 = step * FP8_LINEAR_K;
         for (int i = threadIdx.x; i < tiles * 16 * (FP8_LINEAR_K / 2); i += FP8_LINEAR_WARPS * 32) {
             const int r = i / (FP8_LINEAR_K / 2), c = k0 + 2 * (i % (FP8_LINEAR_K / 2));
-            const float* xr = x + (size_t)(row0 + r) * k;
+            const float* xr = x + (size_t)(row0 + r) * ldx;
             const bool row_ok = row0 + r < m;
             const float a = row_ok && c < k ? xr[c] : 0.f, b = row_ok && c + 1 < k ? xr[c + 1] : 0.f;
             xs[r * FP8_LINEAR_WORDS + i % (FP8_LINEAR_K / 2)] = pack_bf16x2(bf16_bits_rn(a), bf16_bits_rn(b));
@@ -190,7 +200,7 @@ fp8_linear_tc(float* __restrict__ y, const float* __restrict__ x, const uint8_t*
             for (int half = 0; half < 2; ++half) {
                 const int r = row0 + i * 16 + g + 8 * half;
                 if (r >= m) continue;
-                float* out = y + (size_t)r * n;
+                float* out = y + (size_t)r * ldy;
                 if (c < n) out[c] = acc[i][j][2 * half];
                 if (c + 1 < n) out[c + 1] = acc[i][j][2 * half + 1];
             }

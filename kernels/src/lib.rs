@@ -152,7 +152,7 @@ pub const KERNELS: &[Kernel] = &[
         out: F32Mut, src: Bf16Bits, slots: I32, cols: Int),
     kernel!("fp8_linear_tc" in "engine.cu":
         y: F32Mut, x: F32, codes: U8, row_scales: F32, m: Int, n: Int, k: Int, scale_cols: Int,
-        split_steps: Int),
+        split_steps: Int, ldx: Int, ldy: Int, batch_x: Long, batch_rows: Int, batch_y: Long),
     kernel!("sum_splits_f32" in "engine.cu": y: F32Mut, partial: F32, splits: Int, len: Long),
     kernel!("f32_to_bf16_bits" in "engine.cu": out: Bf16BitsMut, x: F32, n: Long),
     kernel!("fp8_dequant_bf16_bits" in "engine.cu":

@@ -8,7 +8,8 @@
 //!   with float32 sums). Under bf16, DeepSeek's fp8 weights stay fp8 (a quarter of the float32
 //!   bytes): a product of at most [`Cuda::fp8_in_place_rows`] rows (64; a decode step's) reads
 //!   the codes in place on the tensor cores (`fp8_linear_tc`, split over k when its grid is
-//!   small), a longer one dequantises the weight to bf16 for cuBLAS.
+//!   small; the absorbed attention's per-head products out of the latent space as one batch),
+//!   a longer one dequantises the weight to bf16 for cuBLAS.
 //! - Products go through cuBLAS (`Sgemm` or bf16 `GemmEx`, strided-batched for the per-head
 //!   products of the absorbed MLA); the row operations between them are the float32 kernels of
 //!   `kernels/cuda/engine.cu`, and the indexer's selection is `topk.cu`'s radix select. Both
@@ -328,6 +329,42 @@ impl Drop for CudaWeight {
         for (_, data) in self.copies.drain(..) {
             let _ = data.context().bind_to_thread();
             drop(data);
+        }
+    }
+}
+
+/// The shape of a batch of fp8 products (see [`Cuda::fp8_products`]).
+#[derive(Clone, Copy, Debug)]
+struct Fp8Products {
+    m: usize,
+    n: usize,
+    k: usize,
+    /// Values between rows of x and of y.
+    ldx: usize,
+    ldy: usize,
+    batch: usize,
+    /// Where product b's x starts (b · batch_x), its weight rows (first_row + b · batch_rows)
+    /// and its y (b · batch_y).
+    batch_x: usize,
+    first_row: usize,
+    batch_rows: usize,
+    batch_y: usize,
+}
+
+impl Fp8Products {
+    /// One product of dense `[m, k]` and `[n, k]` into `[m, n]`.
+    fn one(m: usize, n: usize, k: usize) -> Self {
+        Self {
+            m,
+            n,
+            k,
+            ldx: k,
+            ldy: n,
+            batch: 1,
+            batch_x: 0,
+            first_row: 0,
+            batch_rows: 0,
+            batch_y: 0,
         }
     }
 }
@@ -1062,75 +1099,111 @@ impl Cuda {
         Operand::Dequantised(out)
     }
 
-    /// `y = x · Wᵀ` (`y` `[m, n]`, `x` `[m, k]`) for an fp8 weight W (`[n, k]` codes, a scale
-    /// per row and 128 columns) read in place by `fp8_linear_tc`, its k split over several
-    /// blocks when the weight's rows alone would leave multiprocessors idle
-    /// ([`launch::fp8_linear_split_steps`]; the parts are then added by `sum_splits_f32`).
-    fn fp8_linear(
+    /// Products of an fp8 weight read in place by `fp8_linear_tc`: for `b < p.batch`,
+    /// `y_b = x_b · W_bᵀ`, where x_b is `[m, k]` (rows `ldx` apart) from `x[b · batch_x]`, W_b
+    /// the weight's rows `first_row + b · batch_rows ..` (`n` of them, `k` columns, a scale per
+    /// row and 128 columns), and y_b `[m, n]` (rows `ldy` apart) from `y[b · batch_y]`. k is
+    /// split over blocks when the products' blocks alone would leave multiprocessors idle
+    /// ([`launch::fp8_linear_split_steps`]; `sum_splits_f32` then adds the parts, so y must be
+    /// dense: `m · ldy` values, every one written by some product).
+    fn fp8_products(
         &self,
-        y: &mut CudaTensor,
-        x: &CudaTensor,
-        codes: &CudaSlice<u8>,
-        row_scales: &CudaSlice<f32>,
-        n: usize,
-        k: usize,
+        y: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        (codes, row_scales): (&CudaSlice<u8>, &CudaSlice<f32>),
+        p: Fp8Products,
     ) {
-        let m = x.rows;
+        let Fp8Products { m, n, k, .. } = p;
         let int = |v: usize, what: &str| {
             i32::try_from(v).unwrap_or_else(|_| panic!("fp8 product: {what} {v} exceeds int32"))
         };
-        let (mi, ni, ki) = (int(m, "rows"), int(n, "weight rows"), int(k, "columns"));
-        let scale_cols = int(k.div_ceil(launch::FP8_LINEAR_K as usize), "scale columns");
+        let scale_cols = k.div_ceil(launch::FP8_LINEAR_K as usize);
         let grid = (
             n.div_ceil(launch::FP8_LINEAR_COLS as usize) as u32,
             m.div_ceil(launch::FP8_LINEAR_ROWS as usize) as u32,
         );
+        let batch = u32::try_from(p.batch).expect("fp8 products: batch fits in u32");
         let split_steps = launch::fp8_linear_split_steps(
-            grid.0.saturating_mul(grid.1),
+            grid.0.saturating_mul(grid.1).saturating_mul(batch),
             k.try_into().unwrap_or(u32::MAX),
             self.multiprocessors,
         );
-        let splits = (scale_cols as u32).div_ceil(split_steps);
+        let splits = (scale_cols.max(1) as u32).div_ceil(split_steps);
         let config = LaunchConfig {
-            grid_dim: (grid.0, grid.1, splits),
+            grid_dim: (grid.0, grid.1, batch * splits),
             block_dim: (launch::FP8_LINEAR_WARPS * 32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let steps = split_steps as i32;
+        let (codes, row_scales) = (
+            codes.slice(p.first_row * k..),
+            row_scales.slice(p.first_row * scale_cols..),
+        );
+        let ints = [
+            int(m, "rows"),
+            int(n, "weight rows"),
+            int(k, "columns"),
+            int(scale_cols, "scale columns"),
+            split_steps as i32,
+            int(p.ldx, "x's row stride"),
+            int(p.ldy, "y's row stride"),
+        ];
+        let (batch_x, batch_rows, batch_y) = (
+            p.batch_x as i64,
+            int(p.batch_rows, "weight rows between products"),
+            p.batch_y as i64,
+        );
         let launch = |out: &mut CudaSlice<f32>| {
             let mut b = self.stream.launch_builder(&self.k.fp8_linear);
-            b.arg(out)
-                .arg(&x.buf)
-                .arg(codes)
-                .arg(row_scales)
-                .arg(&mi)
-                .arg(&ni)
-                .arg(&ki)
-                .arg(&scale_cols)
-                .arg(&steps);
-            // SAFETY: out holds splits·m·n values, x m·k, codes n·k, row_scales n·scale_cols.
+            b.arg(out).arg(x).arg(&codes).arg(&row_scales);
+            for v in &ints {
+                b.arg(v);
+            }
+            b.arg(&batch_x).arg(&batch_rows).arg(&batch_y);
+            // SAFETY: the caller's: x holds every x_b, the weight every W_b, and out (y, or
+            // the splits' parts) splits · m · ldy values.
             ok(unsafe { b.launch(config) }, "fp8_linear_tc");
         };
         if splits == 1 {
-            launch(&mut y.buf);
+            launch(y);
         } else {
-            // SAFETY: the launch writes every value of every part.
+            let len = m * p.ldy;
+            // SAFETY: the launch writes every value of every part (y is dense).
             let mut parts = ok(
-                unsafe { self.stream.alloc::<f32>(splits as usize * m * n) },
+                unsafe { self.stream.alloc::<f32>(splits as usize * len) },
                 "allocating",
             );
             launch(&mut parts);
-            let (len, parts_i) = ((m * n) as i64, splits as i32);
+            let (len_i, parts_i) = (len as i64, splits as i32);
             let mut b = self.stream.launch_builder(&self.k.sum_splits);
-            b.arg(&mut y.buf).arg(&parts).arg(&parts_i).arg(&len);
-            // SAFETY: y holds m·n values, parts splits·m·n.
+            b.arg(y).arg(&parts).arg(&parts_i).arg(&len_i);
+            // SAFETY: y holds len values, parts splits · len.
             ok(
-                unsafe { b.launch(Self::flat_config(m * n)) },
+                unsafe { b.launch(Self::flat_config(len)) },
                 "sum_splits_f32",
             );
         }
         self.fp8_in_place_launches
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The fp8 codes and row scales of `w` on this lane when a product of `rows` rows reads
+    /// them in place (see [`Cuda::fp8_in_place_rows`]).
+    fn fp8_in_place<'w>(
+        &self,
+        w: &'w CudaWeight,
+        rows: usize,
+    ) -> Option<(&'w CudaSlice<u8>, &'w CudaSlice<f32>)> {
+        match self.weight(w) {
+            WeightData::Fp8 { codes, row_scales }
+                if rows
+                    <= self
+                        .fp8_in_place_rows
+                        .load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                Some((codes, row_scales))
+            }
+            _ => None,
+        }
     }
 
     /// cuBLAS's column-major `C = op(A)·B` (`batch`: strided-batched `(count, stride_a,
@@ -2176,9 +2249,28 @@ impl Cuda {
 
     /// Stage 3 of [`Backend::mla_attention`] for every row of the batch: `out[r, h] = ctx[r, h] ·
     /// W_UV,hᵀ` (`W_UV,h` is `kv_b`'s rows `h·(nope + v) + nope..`).
-    fn context_out(&self, ctx: &CudaTensor, kv_b: &Operand<'_>, d: MlaDims, out: &mut CudaTensor) {
+    fn context_out(&self, ctx: &CudaTensor, kv_b: &CudaWeight, d: MlaDims, out: &mut CudaTensor) {
         let n = ctx.rows;
         let width = d.heads * d.v;
+        if let Some(fp8) = self.fp8_in_place(kv_b, n) {
+            // Head h: ctx's [n, latent] from column h·latent, times W_UV,hᵀ (kv_b's rows from
+            // h·(nope+v) + nope), into out's columns from h·v.
+            let heads = Fp8Products {
+                m: n,
+                n: d.v,
+                k: d.latent,
+                ldx: d.heads * d.latent,
+                ldy: width,
+                batch: d.heads,
+                batch_x: d.latent,
+                first_row: d.nope,
+                batch_rows: d.nope + d.v,
+                batch_y: d.v,
+            };
+            self.fp8_products(&mut out.buf, &ctx.buf, fp8, heads);
+            return;
+        }
+        let kv_b = &self.operand(kv_b);
         let cfg = StridedBatchedConfig {
             gemm: GemmConfig {
                 transa: CUBLAS_OP_T,
@@ -2382,12 +2474,8 @@ impl Backend for Cuda {
         if m == 0 || n == 0 || k == 0 {
             return y; // zeros, as the buffer is allocated
         }
-        if let WeightData::Fp8 { codes, row_scales } = self.weight(w)
-            && m <= self
-                .fp8_in_place_rows
-                .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            self.fp8_linear(&mut y, x, codes, row_scales, n, k);
+        if let Some(fp8) = self.fp8_in_place(w, m) {
+            self.fp8_products(&mut y.buf, &x.buf, fp8, Fp8Products::one(m, n, k));
             return y;
         }
         // Row-major y = x·wᵀ is column-major yᵀ = w·xᵀ: w's storage read transposed.
@@ -2798,13 +2886,12 @@ impl Backend for Cuda {
         if seqs.iter().all(|seq| seq.positions.is_empty()) {
             return out;
         }
-        // The whole batch at once: an fp8 weight is dequantised once, each product is one call
-        // over every row, and a decode step's attention is one launch (see Cuda::attend).
-        let (uk_t, kv_b) = (self.operand(weights.uk_t), self.operand(weights.kv_b));
-        let q_lat = self.query_latent(q, &uk_t, dims);
+        // The whole batch at once: an fp8 weight is read in place or dequantised once, each
+        // product is one call over every row, and a decode step's attention is one launch (see Cuda::attend).
+        let q_lat = self.query_latent(q, &self.operand(weights.uk_t), dims);
         let mut ctx = self.zeros(q.rows, dims.heads * dims.latent);
         self.attend(&q_lat, q, seqs, dims, scale, &mut ctx);
-        self.context_out(&ctx, &kv_b, dims, &mut out);
+        self.context_out(&ctx, weights.kv_b, dims, &mut out);
         out
     }
 
