@@ -325,6 +325,29 @@ fn fp8_weights_give_the_logits_of_their_bf16_values() {
         median < 1e-4,
         "in place vs dequantised: median row {median:.2e}"
     );
+
+    // Grouped (the default): each MoE layer's active experts in three `fp8_grouped_tc`
+    // launches, the same products as one by one (no split of k there, so float32 rounding).
+    let grouped = gpus(test, &[0], Dtype::Bfloat16).unwrap();
+    let model = Model::load(fp8.path(), grouped.clone(), options.clone()).unwrap();
+    let from_grouped = model.logits(&tokens, None).unwrap();
+    let rows = sorted_row_errors(&in_place, &from_grouped, in_place.len() / tokens.len());
+    let median = rows[rows.len() / 2];
+    eprintln!(
+        "{test}: {} MoE layers grouped, {} in-place launches: vs one by one, median row \
+         {median:.2e}, worst {:.2e}",
+        grouped.grouped_expert_layers(),
+        grouped.fp8_in_place_products(),
+        rows[rows.len() - 1]
+    );
+    assert!(
+        grouped.grouped_expert_layers() > 0,
+        "fp8 experts never ran grouped"
+    );
+    assert!(
+        median < 1e-4,
+        "grouped vs one by one: median row {median:.2e}"
+    );
 }
 
 /// A product of an fp8 weight with few rows (a decode step's) reads the codes in place

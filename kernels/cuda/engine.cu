@@ -88,6 +88,7 @@ fp8_dequant_bf16_bits(unsigned short* __restrict__ out, const uint8_t* __restric
 #define FP8_LINEAR_COLS (FP8_LINEAR_WARPS * 16)
 #define FP8_LINEAR_ROWS 64
 #define FP8_LINEAR_K 128
+#define FP8_LINEAR_MIN_BLOCKS 4  // an SM: at most 128 registers a thread
 #define FP8_LINEAR_STRIDE (FP8_LINEAR_K + 8)
 #define FP8_LINEAR_WORDS (FP8_LINEAR_STRIDE / 2)
 #define FP8_LINEAR_CODE_WORDS (FP8_LINEAR_COLS * FP8_LINEAR_K / 4 / (FP8_LINEAR_WARPS * 32))
@@ -116,24 +117,16 @@ SMOE_DEVICE void fp8_linear_load(uint32_t (&pre)[FP8_LINEAR_CODE_WORDS], const u
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FP8_LINEAR_WARPS * 32)
-fp8_linear_tc(float* __restrict__ y, const float* __restrict__ x, const uint8_t* __restrict__ codes,
-              const float* __restrict__ row_scales, int m, int n, int k, int scale_cols, int split_steps, int ldx,
-              int ldy, long long batch_x, int batch_rows, long long batch_y) {
+// The block (blockIdx.x, row block row0 / FP8_LINEAR_ROWS) of one fp8 product over the k-steps
+// [first, last): the body of fp8_linear_tc and fp8_grouped_tc.
+SMOE_DEVICE void fp8_linear_block(float* y, const float* x, const uint8_t* codes, const float* row_scales, int m,
+                                  int n, int k, int scale_cols, int first, int last, int ldx, int ldy, int row0) {
     __shared__ uint32_t xs[FP8_LINEAR_ROWS * FP8_LINEAR_WORDS];  // bf16 pairs
     __shared__ uint32_t ws[FP8_LINEAR_COLS * FP8_LINEAR_WORDS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int col0 = blockIdx.x * FP8_LINEAR_COLS, row0 = blockIdx.y * FP8_LINEAR_ROWS;
+    const int col0 = blockIdx.x * FP8_LINEAR_COLS;
     const int tiles = min(FP8_LINEAR_ROWS, m - row0 + 15) / 16;  // 16-row tiles of x this block has
-    const int steps = (k + FP8_LINEAR_K - 1) / FP8_LINEAR_K;
-    const int splits = (steps + split_steps - 1) / split_steps;
-    const int product = blockIdx.z / splits, split = blockIdx.z % splits;
-    const int first = split * split_steps, last = min(steps, first + split_steps);
     const bool aligned = (k & 3) == 0;
-    x += product * batch_x;
-    codes += (size_t)product * batch_rows * k;
-    row_scales += (size_t)product * batch_rows * scale_cols;
-    y += (size_t)split * m * ldy + product * batch_y;
 
     uint32_t pre[FP8_LINEAR_CODE_WORDS];
     float acc[FP8_LINEAR_ROWS / 16][2][4];
@@ -206,6 +199,39 @@ fp8_linear_tc(float* __restrict__ y, const float* __restrict__ x, const uint8_t*
             }
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(FP8_LINEAR_WARPS * 32, FP8_LINEAR_MIN_BLOCKS)
+fp8_linear_tc(float* __restrict__ y, const float* __restrict__ x, const uint8_t* __restrict__ codes,
+              const float* __restrict__ row_scales, int m, int n, int k, int scale_cols, int split_steps, int ldx,
+              int ldy, long long batch_x, int batch_rows, long long batch_y) {
+    const int steps = (k + FP8_LINEAR_K - 1) / FP8_LINEAR_K;
+    const int splits = (steps + split_steps - 1) / split_steps;
+    const int product = blockIdx.z / splits, split = blockIdx.z % splits;
+    const int first = split * split_steps;
+    fp8_linear_block(y + (size_t)split * m * ldy + product * batch_y, x + product * batch_x,
+                     codes + (size_t)product * batch_rows * k, row_scales + (size_t)product * batch_rows * scale_cols,
+                     m, n, k, scale_cols, first, min(steps, first + split_steps), ldx, ldy,
+                     blockIdx.y * FP8_LINEAR_ROWS);
+}
+
+// The routed experts' products of a MoE layer in one launch, each expert's weight read in place
+// as fp8_linear_tc reads one: group e (grid z) multiplies rows offsets[e] .. offsets[e + 1] of x
+// ([rows, k], the pairs' rows in expert order) by its weight (n × k codes at codes[e], scales
+// at row_scales[e], device addresses) into the same rows of y ([rows, n]). No k-split: a
+// layer's experts give the grid its blocks.
+// Launch: grid (ceil(n / FP8_LINEAR_COLS), ceil(most rows of a group / FP8_LINEAR_ROWS), groups),
+// block FP8_LINEAR_WARPS · 32.
+extern "C" __global__ void __launch_bounds__(FP8_LINEAR_WARPS * 32, FP8_LINEAR_MIN_BLOCKS)
+fp8_grouped_tc(float* __restrict__ y, const float* __restrict__ x, const unsigned long long* __restrict__ codes,
+               const unsigned long long* __restrict__ row_scales, const int* __restrict__ offsets, int n, int k,
+               int scale_cols) {
+    const int e = blockIdx.z, start = offsets[e], rows = offsets[e + 1] - start;
+    const int row0 = blockIdx.y * FP8_LINEAR_ROWS;
+    if (row0 >= rows) return;  // block-uniform, before any barrier
+    fp8_linear_block(y + (size_t)start * n, x + (size_t)start * k, reinterpret_cast<const uint8_t*>(codes[e]),
+                     reinterpret_cast<const float*>(row_scales[e]), rows, n, k, scale_cols, 0,
+                     (k + FP8_LINEAR_K - 1) / FP8_LINEAR_K, k, n, row0);
 }
 
 // y[i] = Σ_z partial[z · len + i] for z < splits: the split-K parts of fp8_linear_tc, added in

@@ -70,6 +70,9 @@ pub enum Param {
     /// `uint8_t*` (written) / `const uint8_t*`: fp8 e4m3 codes.
     U8Mut,
     U8,
+    /// `const unsigned long long*`: device addresses, one a group (a grouped product's
+    /// weights).
+    Addresses,
     /// Scalars.
     Int,
     Long,
@@ -153,6 +156,9 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("fp8_linear_tc" in "engine.cu":
         y: F32Mut, x: F32, codes: U8, row_scales: F32, m: Int, n: Int, k: Int, scale_cols: Int,
         split_steps: Int, ldx: Int, ldy: Int, batch_x: Long, batch_rows: Int, batch_y: Long),
+    kernel!("fp8_grouped_tc" in "engine.cu":
+        y: F32Mut, x: F32, codes: Addresses, row_scales: Addresses, offsets: I32, n: Int, k: Int,
+        scale_cols: Int),
     kernel!("sum_splits_f32" in "engine.cu": y: F32Mut, partial: F32, splits: Int, len: Long),
     kernel!("f32_to_bf16_bits" in "engine.cu": out: Bf16BitsMut, x: F32, n: Long),
     kernel!("fp8_dequant_bf16_bits" in "engine.cu":
@@ -304,7 +310,8 @@ pub mod launch {
     pub const FP8_LINEAR_MIN_SPLIT_STEPS: u32 = 2;
     /// Blocks an `fp8_linear_tc` launch aims for, per multiprocessor: its products read each
     /// code once, so they are bound by memory, and each block keeps one step's codes (8 KB) in
-    /// flight; five fit an SM by registers (96 a thread on sm_90a).
+    /// flight; four fit an SM by registers (`__launch_bounds__` asks for them:
+    /// `FP8_LINEAR_MIN_BLOCKS`).
     pub const FP8_LINEAR_BLOCKS_PER_SM: u32 = 4;
 
     /// k-steps a split of `fp8_linear_tc` takes (`split_steps`) for a product of `k` columns

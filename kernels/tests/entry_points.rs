@@ -45,6 +45,7 @@ fn c_type(param: Param) -> &'static str {
         Param::I32 => "const int*",
         Param::U8Mut => "uint8_t*",
         Param::U8 => "const uint8_t*",
+        Param::Addresses => "const unsigned long long*",
         Param::Int => "int",
         Param::Long => "long long",
         Param::Float => "float",
@@ -152,6 +153,11 @@ fn launch_constants_match_the_sources() {
         ("engine.cu", "FP8_LINEAR_WARPS", launch::FP8_LINEAR_WARPS),
         ("engine.cu", "FP8_LINEAR_ROWS", launch::FP8_LINEAR_ROWS),
         ("engine.cu", "FP8_LINEAR_K", launch::FP8_LINEAR_K),
+        (
+            "engine.cu",
+            "FP8_LINEAR_MIN_BLOCKS",
+            launch::FP8_LINEAR_BLOCKS_PER_SM,
+        ),
     ];
     for (file, name, value) in defines {
         let text = source(file).unwrap().text;

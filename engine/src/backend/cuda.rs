@@ -24,8 +24,10 @@
 //!   step copies no cached rows.
 //! - The routed experts of a MoE layer run as three grouped products (`cublasGemmGroupedBatchedEx`,
 //!   one group per expert) over their rows gathered in expert order, and one launch adds each
-//!   token's weighted outputs; fp8 experts, or a cuBLAS that refuses the grouped call, run one
-//!   product per expert instead.
+//!   token's weighted outputs. fp8 experts run as three `fp8_grouped_tc` launches instead, each
+//!   reading every active expert's codes in place, while no expert has more rows than
+//!   [`Cuda::fp8_in_place_rows`]; beyond that, or when cuBLAS refuses the grouped call, the
+//!   experts run one product per expert.
 //! - Attention always takes the absorbed form (the same function as the expanded one): a block
 //!   per row and 16 heads (on the tensor cores 16 to 64), which reads each tile of the row's
 //!   keys once, widened into shared memory, and scores all its heads against it, with an online
@@ -369,6 +371,22 @@ impl Fp8Products {
     }
 }
 
+/// A buffer of grouped expert products' rows in the weights' dtype.
+enum Rows {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+impl Rows {
+    fn address(&self, stream: &Arc<CudaStream>) -> u64 {
+        use cudarc::driver::DevicePtr;
+        match self {
+            Self::F32(s) => s.device_ptr(stream).0,
+            Self::Bf16(s) => s.device_ptr(stream).0,
+        }
+    }
+}
+
 /// The kernels the backend launches, loaded by name from the NVRTC-compiled modules.
 struct Kernels {
     gather_rows: CudaFunction,
@@ -377,6 +395,7 @@ struct Kernels {
     fp8_dequant_bf16: CudaFunction,
     fp8_linear: CudaFunction,
     sum_splits: CudaFunction,
+    fp8_grouped: CudaFunction,
     scatter_rows: CudaFunction,
     scatter_rows_bf16: CudaFunction,
     scatter_rows_fp8: CudaFunction,
@@ -657,6 +676,7 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         fp8_dequant_bf16: function("fp8_dequant_bf16_bits")?,
         fp8_linear: function("fp8_linear_tc")?,
         sum_splits: function("sum_splits_f32")?,
+        fp8_grouped: function("fp8_grouped_tc")?,
         scatter_rows: function("scatter_rows_f32")?,
         scatter_rows_bf16: function("scatter_rows_f32_to_bf16_bits")?,
         scatter_rows_fp8: function("scatter_rows_f32_to_fp8")?,
@@ -1422,12 +1442,15 @@ impl Cuda {
     /// in expert order, as the expert-by-expert path adds them: about ten launches a layer
     /// instead of about ten per expert. Float32 weights give that path's numbers; bf16 weights
     /// run on the tensor cores with bf16 outputs (cuBLAS's grouped products write their inputs'
-    /// type), so the gate, up and down outputs are rounded to bf16 once more than there.
+    /// type), so the gate, up and down outputs are rounded to bf16 once more than there. fp8
+    /// weights are read in place by `fp8_grouped_tc` instead of cuBLAS, with float32 outputs
+    /// (the expert-by-expert path's numbers), while no expert has more rows than
+    /// [`Cuda::fp8_in_place_rows`] (see [`Cuda::grouped_fp8`]).
     ///
-    /// Returns false, having written nothing to `out`, when an expert's weights are fp8 (they
-    /// are dequantised per product, expert by expert), when the experts' shapes or dtypes
-    /// differ, or when cuBLAS refuses the grouped call, which turns this path off for the
-    /// process (logged once).
+    /// Returns false, having written nothing to `out`, when the experts' shapes or dtypes
+    /// differ, when fp8 experts have too many rows to read in place (they then dequantise per
+    /// product, expert by expert), or when cuBLAS refuses the grouped call, which turns this
+    /// path off for the process (logged once).
     #[allow(clippy::too_many_arguments)]
     fn grouped_experts(
         &self,
@@ -1443,20 +1466,6 @@ impl Cuda {
         use cudarc::driver::DevicePtr;
         use std::sync::atomic::Ordering;
 
-        /// A buffer of grouped-product rows in the weights' dtype.
-        enum Rows {
-            F32(CudaSlice<f32>),
-            Bf16(CudaSlice<u16>),
-        }
-        impl Rows {
-            fn address(&self, stream: &Arc<CudaStream>) -> u64 {
-                match self {
-                    Self::F32(s) => s.device_ptr(stream).0,
-                    Self::Bf16(s) => s.device_ptr(stream).0,
-                }
-            }
-        }
-
         if self.one_by_one.load(Ordering::Relaxed) {
             return false;
         }
@@ -1470,7 +1479,15 @@ impl Cuda {
         });
         // Each group's rows start at a multiple of the widths; multiples of 8 keep every start
         // 16-byte aligned, which cuBLAS cannot check in pointer arrays on the device.
-        if !shapes_agree || inter == 0 || hidden == 0 || inter % 8 != 0 || hidden % 8 != 0 {
+        if !shapes_agree || inter == 0 || hidden == 0 {
+            return false;
+        }
+        if let Some(y) = self.grouped_fp8(x, groups, experts, rows_d, hidden, inter) {
+            self.combine_pairs(out, &Rows::F32(y), rows, weights_d);
+            self.grouped_layers.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        if inter % 8 != 0 || hidden % 8 != 0 {
             return false;
         }
         // Each active expert's gate, up and down weights on this lane, as device addresses.
@@ -1590,7 +1607,22 @@ impl Cuda {
             return refused(e);
         }
 
-        // Each row of out adds its pairs' outputs, experts ascending (the pairs' order).
+        self.combine_pairs(out, &y, rows, weights_d);
+        self.grouped_layers.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Adds to each row of `out` its pairs' outputs (`y`: a row a pair, in expert order, the
+    /// pair of row `rows[j]` at row j) times their weights, experts ascending (the pairs'
+    /// order): one `combine_rows` launch.
+    fn combine_pairs(
+        &self,
+        out: &mut CudaTensor,
+        y: &Rows,
+        rows: &[usize],
+        weights_d: &CudaSlice<f32>,
+    ) {
+        let hidden = out.cols;
         let (offsets, pairs) = pairs_by_row(rows, out.rows);
         let (offsets_d, pairs_d) = (
             self.upload_i32(offsets.into_iter()),
@@ -1613,8 +1645,107 @@ impl Cuda {
             unsafe { b.launch(Self::row_config(out.rows)) },
             "combine_rows",
         );
-        self.grouped_layers.fetch_add(1, Ordering::Relaxed);
-        true
+    }
+
+    /// The routed experts' outputs before their weights (`[pairs, hidden]`, a row a pair in
+    /// expert order) when every active expert's weights are fp8 and no expert has more rows than
+    /// [`Cuda::fp8_in_place_rows`]: three `fp8_grouped_tc` launches, each reading every
+    /// active expert's weight in place, with SiLU-and-mul between them. `None` otherwise,
+    /// having launched nothing.
+    fn grouped_fp8(
+        &self,
+        x: &CudaTensor,
+        groups: &[(usize, Vec<(usize, f32)>)],
+        experts: &[Expert<CudaWeight>],
+        rows_d: &CudaSlice<i32>,
+        hidden: usize,
+        inter: usize,
+    ) -> Option<CudaSlice<f32>> {
+        use cudarc::driver::DevicePtr;
+        let most = groups.iter().map(|(_, r)| r.len()).max()?;
+        if most
+            > self
+                .fp8_in_place_rows
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return None;
+        }
+        // Gate, up and down: each active expert's codes and scales, as device addresses.
+        let mut tables: [(Vec<u64>, Vec<u64>); 3] = Default::default();
+        for (e, _) in groups {
+            let ex = &experts[*e];
+            for (table, w) in tables.iter_mut().zip([&ex.gate, &ex.up, &ex.down]) {
+                let WeightData::Fp8 { codes, row_scales } = self.weight(w) else {
+                    return None;
+                };
+                table.0.push(codes.device_ptr(&self.stream).0);
+                table.1.push(row_scales.device_ptr(&self.stream).0);
+            }
+        }
+        let offsets: Vec<i32> = std::iter::once(0)
+            .chain(groups.iter().scan(0usize, |at, (_, r)| {
+                *at += r.len();
+                Some(*at)
+            }))
+            .map(|v| i32::try_from(v).expect("pairs fit in int32"))
+            .collect();
+        let p = *offsets.last()? as usize;
+        let offsets_d = self.upload_slice(&offsets);
+        let xp = self.gather_indexed(&x.buf, hidden, &rows_d.slice(0..p));
+        let product = |y: &mut CudaSlice<f32>,
+                       x: &CudaSlice<f32>,
+                       table: &(Vec<u64>, Vec<u64>),
+                       n: usize,
+                       k: usize| {
+            let (codes, scales) = (self.upload_slice(&table.0), self.upload_slice(&table.1));
+            let (ni, ki) = (n as i32, k as i32);
+            let scale_cols = k.div_ceil(launch::FP8_LINEAR_K as usize) as i32;
+            let config = LaunchConfig {
+                grid_dim: (
+                    n.div_ceil(launch::FP8_LINEAR_COLS as usize) as u32,
+                    most.div_ceil(launch::FP8_LINEAR_ROWS as usize) as u32,
+                    groups.len() as u32,
+                ),
+                block_dim: (launch::FP8_LINEAR_WARPS * 32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(&self.k.fp8_grouped);
+            b.arg(y)
+                .arg(x)
+                .arg(&codes)
+                .arg(&scales)
+                .arg(&offsets_d)
+                .arg(&ni)
+                .arg(&ki)
+                .arg(&scale_cols);
+            // SAFETY: x holds p rows of k and y p rows of n; group g's rows are
+            // offsets[g]..offsets[g + 1], its weight n × k codes and n × scale_cols scales at
+            // the addresses of the tables' entry g, which outlive the launch (the experts').
+            ok(unsafe { b.launch(config) }, "fp8_grouped_tc");
+            self.fp8_in_place_launches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        // SAFETY (all three): the grouped products write every row of their outputs (the
+        // groups cover rows 0..p), and SiLU-and-mul writes gate in place.
+        let (mut gate, mut up, mut y) = unsafe {
+            (
+                ok(self.stream.alloc::<f32>(p * inter), "allocating"),
+                ok(self.stream.alloc::<f32>(p * inter), "allocating"),
+                ok(self.stream.alloc::<f32>(p * hidden), "allocating"),
+            )
+        };
+        product(&mut gate, &xp.buf, &tables[0], inter, hidden);
+        product(&mut up, &xp.buf, &tables[1], inter, hidden);
+        let len = (p * inter) as i64;
+        let mut b = self.stream.launch_builder(&self.k.silu_mul);
+        b.arg(&mut gate).arg(&up).arg(&len);
+        // SAFETY: gate and up each hold p·inter values.
+        ok(
+            unsafe { b.launch(Self::flat_config(p * inter)) },
+            "silu_mul",
+        );
+        product(&mut y, &gate, &tables[2], hidden, inter);
+        Some(y)
     }
 
     /// The indexer's scores and top-k on the device for the query rows of `seqs` (sequence `i`'s
