@@ -1477,8 +1477,6 @@ impl Cuda {
                 && shaped(&ex.up, inter, hidden)
                 && shaped(&ex.down, hidden, inter)
         });
-        // Each group's rows start at a multiple of the widths; multiples of 8 keep every start
-        // 16-byte aligned, which cuBLAS cannot check in pointer arrays on the device.
         if !shapes_agree || inter == 0 || hidden == 0 {
             return false;
         }
@@ -1487,6 +1485,8 @@ impl Cuda {
             self.grouped_layers.fetch_add(1, Ordering::Relaxed);
             return true;
         }
+        // For cuBLAS: each group's rows start at a multiple of the widths; multiples of 8 keep
+        // every start 16-byte aligned, which cuBLAS cannot check in pointer arrays on the device.
         if inter % 8 != 0 || hidden % 8 != 0 {
             return false;
         }
