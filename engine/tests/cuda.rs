@@ -1153,3 +1153,54 @@ fn row_operations_match_the_cpu_backend_at_edge_shapes() {
         }
     }
 }
+
+/// Read-only arrays a step gives every layer (RoPE angles, cache slots, the indexer's block
+/// tables, attention offsets and dense keys) are copied to the device once and then reused
+/// (`Cuda::reuse_uploads`): the same logits, bit for bit, as copying each array every time it
+/// is used, with far fewer copies.
+#[test]
+fn repeated_uploads_are_copied_once() {
+    let Some(cuda) = gpu("repeated_uploads_are_copied_once") else {
+        return;
+    };
+    let dir = fixture("v32_sparse_moe");
+    let options = ModelOptions {
+        index_topk: Some(8),
+        ..ModelOptions::default()
+    };
+    let gpu = Model::load(&dir, cuda.clone(), options).unwrap();
+    let mut runs = Vec::new();
+    for reuse in [false, true] {
+        cuda.reuse_uploads(reuse);
+        let (copies, reused) = cuda.upload_counts();
+        let logits = paged_run(&gpu, KvDtype::Bfloat16);
+        let (after, reused_after) = cuda.upload_counts();
+        runs.push((logits, after - copies, reused_after - reused));
+    }
+    let [(want, copied_each_time, none), (got, copied, reused)] = &runs[..] else {
+        unreachable!("two runs")
+    };
+    let steps_layers = 11 * gpu.config.num_layers as u64;
+    eprintln!(
+        "uploads a layer a step: {:.1} copying each time, {:.1} reusing ({:.1} reused)",
+        *copied_each_time as f64 / steps_layers as f64,
+        *copied as f64 / steps_layers as f64,
+        *reused as f64 / steps_layers as f64,
+    );
+    assert_eq!(*none, 0, "nothing is reused with reuse off");
+    assert_eq!(
+        copied + reused,
+        *copied_each_time,
+        "every array is copied or reused"
+    );
+    assert!(
+        copied * 2 < *copied_each_time,
+        "{copied} copies reusing, {copied_each_time} without"
+    );
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        assert!(
+            w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "output {i} differs when uploads are reused"
+        );
+    }
+}

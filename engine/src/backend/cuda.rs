@@ -34,8 +34,13 @@
 //!   softmax per head. A launch of too few rows to give every multiprocessor a block splits
 //!   each row's keys over several blocks and combines their parts by log-sum-exp (flash
 //!   decoding: `launch::mla_split_keys`, `mla_combine_splits_f32`).
-//! - Routing, selections and block tables come from the host, as the trait asks; the indices
-//!   are uploaded per call.
+//! - Routing, selections and block tables come from the host, as the trait asks. A read-only
+//!   array a step gives every layer (RoPE angles, cache slots, the indexer's block tables,
+//!   attention offsets, dense keys) is copied once and reused while its contents repeat
+//!   ([`uploads`], [`Cuda::reuse_uploads`]); a MoE layer's lists (rows, weights, the combine's
+//!   lists, the fp8 experts' address tables) are one copy, and the grouped products' pointer
+//!   arrays another. On the two-layer test model that is 5.5 copies a layer a step instead of
+//!   20.2 (`repeated_uploads_are_copied_once`), most of them once a step rather than a layer.
 //! - Expert parallelism: with several GPUs listed, the model runs on the main *lane* (the
 //!   first GPU's main stream) and expert shard `s` on a lane of its own (a stream, cuBLAS
 //!   handle and kernels on the `s`-th GPU; lanes may share a GPU). A shard's experts live only on
@@ -79,6 +84,9 @@ use crate::expert_shards::{Pair, compact_rows};
 use crate::kv_cache::{FP8_BLOCK, KvDtype, PagedRows};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::Matrix;
+
+mod uploads;
+use uploads::{Pack, Packed, Part, Recent, UploadCounts};
 
 /// A row-major `[rows, cols]` float32 tensor in device memory. The buffer may be longer than
 /// `rows · cols` (room for appended rows).
@@ -427,6 +435,33 @@ struct Kernels {
     topk_rows: CudaFunction,
 }
 
+/// A MoE layer's index lists on the device, copied in one upload ([`Cuda::expert_lists`]).
+struct ExpertLists {
+    packed: Packed,
+    /// The pairs' rows of x, and their weights, in expert order.
+    rows: Part<i32>,
+    weights: Part<f32>,
+    /// `combine_rows`' lists: each row's first pair (out's rows + 1 entries) and the pairs by
+    /// row ([`pairs_by_row`]).
+    by_row: (Part<i32>, Part<i32>),
+    /// `fp8_grouped_tc`'s lists, when its products apply.
+    fp8: Option<Fp8Lists>,
+}
+
+/// `fp8_grouped_tc`'s lists: each active expert's first pair (experts + 1 entries), and, for
+/// gate, up and down in that order, each active expert's codes and row scales as addresses.
+struct Fp8Lists {
+    offsets: Part<i32>,
+    codes: [Part<u64>; 3],
+    scales: [Part<u64>; 3],
+}
+
+impl ExpertLists {
+    fn view<T: cudarc::driver::DeviceRepr>(&self, part: Part<T>) -> CudaView<'_, T> {
+        self.packed.view(part)
+    }
+}
+
 /// The CUDA backend: a *lane* (a stream on one device, with its cuBLAS handle and kernels)
 /// that runs the model, and, with expert parallelism across devices, one lane per expert shard
 /// that runs the routed experts it holds. Clones share all of them.
@@ -477,6 +512,11 @@ pub struct Cuda {
     fp8_in_place_launches: Arc<std::sync::atomic::AtomicU64>,
     /// The device's multiprocessors (streaming multiprocessors, SMs).
     multiprocessors: u32,
+    /// Read-only arrays this lane uploaded lately, reused while their contents repeat (see
+    /// [`uploads`]), and its count of copies.
+    recent_i32: Arc<Recent<i32>>,
+    recent_f32: Arc<Recent<f32>>,
+    uploads: Arc<UploadCounts>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -866,6 +906,9 @@ impl Cuda {
             )),
             fp8_in_place_launches: Arc::default(),
             multiprocessors: device.multiprocessors,
+            recent_i32: Arc::default(),
+            recent_f32: Arc::default(),
+            uploads: Arc::default(),
         })
     }
 
@@ -996,6 +1039,33 @@ impl Cuda {
     pub fn indexer_launches(&self) -> u64 {
         self.indexer_launches
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the lanes reuse a device copy of a read-only array (RoPE angles, cache slots,
+    /// block tables, attention keys and offsets) they uploaded lately with the same contents
+    /// (on by default; see [`uploads`]); off, every such array is copied again.
+    pub fn reuse_uploads(&self, on: bool) {
+        for lane in self.lanes() {
+            lane.uploads
+                .off
+                .store(!on, std::sync::atomic::Ordering::Relaxed);
+            if !on {
+                lane.recent_i32.clear();
+                lane.recent_f32.clear();
+            }
+        }
+    }
+
+    /// Host-to-device copies of step data the lanes made (weights at load time not counted),
+    /// and arrays they answered with a copy already on the device.
+    pub fn upload_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.lanes().fold((0, 0), |(copies, reused), lane| {
+            (
+                copies + lane.uploads.copies.load(Relaxed),
+                reused + lane.uploads.reused.load(Relaxed),
+            )
+        })
     }
 
     /// Makes this lane's context current on the calling thread (cuBLAS calls need it).
@@ -1297,7 +1367,30 @@ impl Cuda {
         &self,
         v: &[T],
     ) -> CudaSlice<T> {
+        self.uploads
+            .copies
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ok(self.try_upload(v), "copying to the device")
+    }
+
+    /// `values` as int32 on the device for kernels that only read them: a buffer this lane
+    /// uploaded earlier with the same values, or a new copy (see [`uploads`]).
+    fn shared_i32(&self, values: impl Iterator<Item = usize>) -> Arc<CudaSlice<i32>> {
+        let v: Vec<i32> = values
+            .map(|x| i32::try_from(x).expect("index fits in int32"))
+            .collect();
+        let got = self
+            .recent_i32
+            .get(&v, &self.uploads, |v| self.try_upload(v));
+        ok(got, "copying to the device")
+    }
+
+    /// [`Cuda::shared_i32`] for float32 values.
+    fn shared_f32(&self, v: &[f32]) -> Arc<CudaSlice<f32>> {
+        let got = self
+            .recent_f32
+            .get(v, &self.uploads, |v| self.try_upload(v));
+        ok(got, "copying to the device")
     }
 
     /// `v` in a new device buffer (one zero element for an empty `v`: a zero-length
@@ -1345,7 +1438,7 @@ impl Cuda {
         if slots.is_empty() {
             return self.zeros(0, cols);
         }
-        let idx = self.upload_i32(slots.iter().copied());
+        let idx = self.shared_i32(slots.iter().copied());
         self.gather_indexed(src, cols, &idx.as_view())
     }
 
@@ -1360,10 +1453,10 @@ impl Cuda {
         if slots.is_empty() {
             return out;
         }
-        let idx = self.upload_i32(slots.iter().copied());
+        let idx = self.shared_i32(slots.iter().copied());
         let c = cols as i32;
         let mut b = self.stream.launch_builder(&self.k.gather_rows_bf16);
-        b.arg(&mut out.buf).arg(src).arg(&idx).arg(&c);
+        b.arg(&mut out.buf).arg(src).arg(&*idx).arg(&c);
         // SAFETY: out has slots.len()·cols elements; every slot is a row of src (callers check
         // tokens against the table, cache slots against the pool).
         ok(
@@ -1401,7 +1494,8 @@ impl Cuda {
         groups: &[(usize, Vec<(usize, f32)>)],
         experts: &[Expert<CudaWeight>],
     ) {
-        // Every expert's rows and weights in one upload each; each expert reads its range.
+        // Every expert's rows and weights, and the lists the grouped path reads, in one upload;
+        // each expert reads its range.
         let rows: Vec<usize> = groups
             .iter()
             .flat_map(|(_, r)| r.iter().map(|p| p.0))
@@ -1413,11 +1507,11 @@ impl Cuda {
         if rows.is_empty() {
             return;
         }
-        let rows_d = self.upload_i32(rows.iter().copied());
-        let weights_d = self.upload_slice(&weights);
-        if self.grouped_experts(x, out, groups, experts, &rows, &rows_d, &weights_d) {
+        let lists = self.expert_lists(groups, experts, &rows, &weights, out.rows);
+        if self.grouped_experts(x, out, groups, experts, &lists) {
             return;
         }
+        let (rows_d, weights_d) = (lists.view(lists.rows), lists.view(lists.weights));
         let c = x.cols as i32;
         let mut at = 0;
         for (e, pairs) in groups {
@@ -1451,16 +1545,13 @@ impl Cuda {
     /// differ, when fp8 experts have too many rows to read in place (they then dequantise per
     /// product, expert by expert), or when cuBLAS refuses the grouped call, which turns this
     /// path off for the process (logged once).
-    #[allow(clippy::too_many_arguments)]
     fn grouped_experts(
         &self,
         x: &CudaTensor,
         out: &mut CudaTensor,
         groups: &[(usize, Vec<(usize, f32)>)],
         experts: &[Expert<CudaWeight>],
-        rows: &[usize],
-        rows_d: &CudaSlice<i32>,
-        weights_d: &CudaSlice<f32>,
+        lists: &ExpertLists,
     ) -> bool {
         use cudarc::cublas::sys::cudaDataType;
         use cudarc::driver::DevicePtr;
@@ -1480,8 +1571,8 @@ impl Cuda {
         if !shapes_agree || inter == 0 || hidden == 0 {
             return false;
         }
-        if let Some(y) = self.grouped_fp8(x, groups, experts, rows_d, hidden, inter) {
-            self.combine_pairs(out, &Rows::F32(y), rows, weights_d);
+        if let Some(y) = self.grouped_fp8(x, groups, lists, hidden, inter) {
+            self.combine_pairs(out, &Rows::F32(y), lists);
             self.grouped_layers.fetch_add(1, Ordering::Relaxed);
             return true;
         }
@@ -1514,7 +1605,7 @@ impl Cuda {
             (4, cudaDataType::CUDA_R_32F)
         };
         let n: Vec<i32> = groups.iter().map(|(_, r)| r.len() as i32).collect();
-        let p = rows.len();
+        let p = lists.rows.len();
         // Every value of these buffers is written before it is read (the products, with beta 0,
         // write all of theirs; SiLU-and-mul all of act's), so none is zeroed first.
         let alloc = |len: usize| {
@@ -1530,7 +1621,7 @@ impl Cuda {
         };
 
         // The pairs' rows of x in expert order (rounded to bf16 for bf16 weights).
-        let xp = self.gather_indexed(&x.buf, hidden, &rows_d.as_view());
+        let xp = self.gather_indexed(&x.buf, hidden, &lists.view(lists.rows));
         let xp_bits = bf16.then(|| self.bf16_bits(&xp.buf.as_view(), p * hidden));
         let input = match &xp_bits {
             Some(bits) => bits.device_ptr(&self.stream).0,
@@ -1564,18 +1655,39 @@ impl Cuda {
             false
         };
         let address = |rows: &Rows| rows.address(&self.stream);
+        // The three products' pointer arrays (weights, inputs, outputs: a group an entry),
+        // which cuBLAS reads from device memory, in one upload: gate, up, then down, which
+        // reads SiLU-and-mul's output (act, or gate in place).
         let x_at = at(input, hidden);
-        for (w, c) in [(&weights[0], &gate), (&weights[1], &up)] {
+        let down_input = act.as_ref().unwrap_or(&gate);
+        let products = [
+            [&weights[0], &x_at, &at(address(&gate), inter)],
+            [&weights[1], &x_at, &at(address(&up), inter)],
+            [
+                &weights[2],
+                &at(address(down_input), inter),
+                &at(address(&y), hidden),
+            ],
+        ];
+        let pointers: Vec<u64> = products
+            .iter()
+            .flatten()
+            .flat_map(|v| v.iter())
+            .copied()
+            .collect();
+        let pointers_d = self.upload_slice(&pointers);
+        let per_product = 3 * groups.len();
+        let arrays = |i: usize| pointers_d.slice(i * per_product..(i + 1) * per_product);
+        for (i, m) in [(0, inter), (1, inter)] {
             // SAFETY: each group's weight is [inter, hidden], its n[g] input rows lie in the
-            // gathered rows from x_at[g], and its outputs in `c` from the matching row.
-            let c_at = at(address(c), inter);
-            let done = unsafe { self.grouped_gemm(dtype, w, &x_at, &c_at, inter, hidden, &n) };
+            // gathered rows from x_at[g], and its outputs in gate (up) from the matching row.
+            let done = unsafe { self.grouped_gemm(dtype, &arrays(i), m, hidden, &n) };
             if let Err(e) = done {
                 return refused(e);
             }
         }
         let len = (p * inter) as i64;
-        let down_input = match (&gate, &up, &act) {
+        let silu_out = match (&gate, &up, &act) {
             (Rows::Bf16(g), Rows::Bf16(u), Some(act @ Rows::Bf16(a))) => {
                 let mut b = self.stream.launch_builder(&self.k.silu_mul_bf16);
                 b.arg(a).arg(g).arg(u).arg(&len);
@@ -1598,36 +1710,29 @@ impl Cuda {
             }
             _ => unreachable!("the grouped buffers share one dtype"),
         };
-        let (h_at, y_at) = (at(address(down_input), inter), at(address(&y), hidden));
+        debug_assert!(
+            std::ptr::eq(down_input, silu_out),
+            "down reads what SiLU-and-mul wrote"
+        );
         // SAFETY: each group's down weight is [hidden, inter]; its inputs are its rows of
         // down_input, its outputs its rows of y.
-        let done =
-            unsafe { self.grouped_gemm(dtype, &weights[2], &h_at, &y_at, hidden, inter, &n) };
+        let done = unsafe { self.grouped_gemm(dtype, &arrays(2), hidden, inter, &n) };
         if let Err(e) = done {
             return refused(e);
         }
 
-        self.combine_pairs(out, &y, rows, weights_d);
+        self.combine_pairs(out, &y, lists);
         self.grouped_layers.fetch_add(1, Ordering::Relaxed);
         true
     }
 
     /// Adds to each row of `out` its pairs' outputs (`y`: a row a pair, in expert order, the
-    /// pair of row `rows[j]` at row j) times their weights, experts ascending (the pairs'
+    /// pair of row `lists.rows[j]` at row j) times their weights, experts ascending (the pairs'
     /// order): one `combine_rows` launch.
-    fn combine_pairs(
-        &self,
-        out: &mut CudaTensor,
-        y: &Rows,
-        rows: &[usize],
-        weights_d: &CudaSlice<f32>,
-    ) {
+    fn combine_pairs(&self, out: &mut CudaTensor, y: &Rows, lists: &ExpertLists) {
         let hidden = out.cols;
-        let (offsets, pairs) = pairs_by_row(rows, out.rows);
-        let (offsets_d, pairs_d) = (
-            self.upload_i32(offsets.into_iter()),
-            self.upload_i32(pairs.into_iter()),
-        );
+        let (offsets_d, pairs_d) = (lists.view(lists.by_row.0), lists.view(lists.by_row.1));
+        let weights_d = lists.view(lists.weights);
         let c = hidden as i32;
         let mut b = match &y {
             Rows::F32(_) => self.stream.launch_builder(&self.k.combine_rows),
@@ -1638,66 +1743,118 @@ impl Cuda {
             Rows::F32(s) => b.arg(s),
             Rows::Bf16(s) => b.arg(s),
         };
-        b.arg(&offsets_d).arg(&pairs_d).arg(weights_d).arg(&c);
-        // SAFETY: out has out.rows rows of hidden; offsets has out.rows + 1 entries, pairs and
-        // weights p, y p rows of hidden.
+        b.arg(&offsets_d).arg(&pairs_d).arg(&weights_d).arg(&c);
+        // SAFETY: out has out.rows rows of hidden (the rows the lists were made for); offsets
+        // has out.rows + 1 entries, pairs and weights p, y p rows of hidden.
         ok(
             unsafe { b.launch(Self::row_config(out.rows)) },
             "combine_rows",
         );
     }
 
+    /// A MoE layer's index lists on the device in one upload ([`Pack`]): the pairs' rows and
+    /// weights in expert order (`rows`, `weights`: every path reads them), the pairs by row
+    /// for `combine_rows` (`pairs_by_row` over the `out_rows` rows), and, when the active
+    /// experts can run as `fp8_grouped_tc` (every weight fp8, no expert with more rows than
+    /// [`Cuda::fp8_in_place_rows`]), the groups' offsets and address tables.
+    fn expert_lists(
+        &self,
+        groups: &[(usize, Vec<(usize, f32)>)],
+        experts: &[Expert<CudaWeight>],
+        rows: &[usize],
+        weights: &[f32],
+        out_rows: usize,
+    ) -> ExpertLists {
+        let int32 = |v: &mut dyn Iterator<Item = usize>| -> Vec<i32> {
+            v.map(|x| i32::try_from(x).expect("index fits in int32"))
+                .collect()
+        };
+        let (offsets, pairs) = pairs_by_row(rows, out_rows);
+        let mut pack = Pack::default();
+        let rows_part = pack.push(&int32(&mut rows.iter().copied()));
+        let weights_part = pack.push(weights);
+        let by_row = (
+            pack.push(&int32(&mut offsets.into_iter())),
+            pack.push(&int32(&mut pairs.into_iter())),
+        );
+        let fp8 = self.fp8_tables(groups, experts).map(|(codes, scales)| {
+            let mut at = 0;
+            let starts = int32(&mut std::iter::once(0).chain(groups.iter().map(|(_, r)| {
+                at += r.len();
+                at
+            })));
+            Fp8Lists {
+                offsets: pack.push(&starts),
+                codes: codes.map(|table| pack.push(&table)),
+                scales: scales.map(|table| pack.push(&table)),
+            }
+        });
+        self.uploads
+            .copies
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ExpertLists {
+            packed: Packed(ok(self.try_upload(pack.bytes()), "copying to the device")),
+            rows: rows_part,
+            weights: weights_part,
+            by_row,
+            fp8,
+        }
+    }
+
+    /// Each active expert's gate, up and down codes and scales as device addresses (in that
+    /// order, a table a weight), when every one is fp8 and no expert has more rows than
+    /// [`Cuda::fp8_in_place_rows`]: what `fp8_grouped_tc` reads.
+    #[allow(clippy::type_complexity)]
+    fn fp8_tables(
+        &self,
+        groups: &[(usize, Vec<(usize, f32)>)],
+        experts: &[Expert<CudaWeight>],
+    ) -> Option<([Vec<u64>; 3], [Vec<u64>; 3])> {
+        use cudarc::driver::DevicePtr;
+        let most = groups.iter().map(|(_, r)| r.len()).max()?;
+        let limit = self
+            .fp8_in_place_rows
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if most > limit {
+            return None;
+        }
+        let (mut codes, mut scales): ([Vec<u64>; 3], [Vec<u64>; 3]) = Default::default();
+        for (e, _) in groups {
+            let ex = &experts[*e];
+            for (i, w) in [&ex.gate, &ex.up, &ex.down].into_iter().enumerate() {
+                let WeightData::Fp8 {
+                    codes: c,
+                    row_scales,
+                } = self.weight(w)
+                else {
+                    return None;
+                };
+                codes[i].push(c.device_ptr(&self.stream).0);
+                scales[i].push(row_scales.device_ptr(&self.stream).0);
+            }
+        }
+        Some((codes, scales))
+    }
+
     /// The routed experts' outputs before their weights (`[pairs, hidden]`, a row a pair in
-    /// expert order) when every active expert's weights are fp8 and no expert has more rows than
-    /// [`Cuda::fp8_in_place_rows`]: three `fp8_grouped_tc` launches, each reading every
-    /// active expert's weight in place, with SiLU-and-mul between them. `None` otherwise,
-    /// having launched nothing.
+    /// expert order) when `lists` has `fp8_grouped_tc`'s tables (see [`Cuda::expert_lists`]):
+    /// three `fp8_grouped_tc` launches, each reading every active expert's weight in place,
+    /// with SiLU-and-mul between them. `None` otherwise, having launched nothing.
     fn grouped_fp8(
         &self,
         x: &CudaTensor,
         groups: &[(usize, Vec<(usize, f32)>)],
-        experts: &[Expert<CudaWeight>],
-        rows_d: &CudaSlice<i32>,
+        lists: &ExpertLists,
         hidden: usize,
         inter: usize,
     ) -> Option<CudaSlice<f32>> {
-        use cudarc::driver::DevicePtr;
+        let fp8 = lists.fp8.as_ref()?;
         let most = groups.iter().map(|(_, r)| r.len()).max()?;
-        if most
-            > self
-                .fp8_in_place_rows
-                .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return None;
-        }
-        // Gate, up and down: each active expert's codes and scales, as device addresses.
-        let mut tables: [(Vec<u64>, Vec<u64>); 3] = Default::default();
-        for (e, _) in groups {
-            let ex = &experts[*e];
-            for (table, w) in tables.iter_mut().zip([&ex.gate, &ex.up, &ex.down]) {
-                let WeightData::Fp8 { codes, row_scales } = self.weight(w) else {
-                    return None;
-                };
-                table.0.push(codes.device_ptr(&self.stream).0);
-                table.1.push(row_scales.device_ptr(&self.stream).0);
-            }
-        }
-        let offsets: Vec<i32> = std::iter::once(0)
-            .chain(groups.iter().scan(0usize, |at, (_, r)| {
-                *at += r.len();
-                Some(*at)
-            }))
-            .map(|v| i32::try_from(v).expect("pairs fit in int32"))
-            .collect();
-        let p = *offsets.last()? as usize;
-        let offsets_d = self.upload_slice(&offsets);
-        let xp = self.gather_indexed(&x.buf, hidden, &rows_d.slice(0..p));
-        let product = |y: &mut CudaSlice<f32>,
-                       x: &CudaSlice<f32>,
-                       table: &(Vec<u64>, Vec<u64>),
-                       n: usize,
-                       k: usize| {
-            let (codes, scales) = (self.upload_slice(&table.0), self.upload_slice(&table.1));
+        let p = lists.rows.len();
+        let offsets_d = lists.view(fp8.offsets);
+        let xp = self.gather_indexed(&x.buf, hidden, &lists.view(lists.rows));
+        let product = |y: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: usize, n: usize, k: usize| {
+            let (codes, scales) = (lists.view(fp8.codes[w]), lists.view(fp8.scales[w]));
             let (ni, ki) = (n as i32, k as i32);
             let scale_cols = k.div_ceil(launch::FP8_LINEAR_K as usize) as i32;
             let config = LaunchConfig {
@@ -1734,8 +1891,8 @@ impl Cuda {
                 ok(self.stream.alloc::<f32>(p * hidden), "allocating"),
             )
         };
-        product(&mut gate, &xp.buf, &tables[0], inter, hidden);
-        product(&mut up, &xp.buf, &tables[1], inter, hidden);
+        product(&mut gate, &xp.buf, 0, inter, hidden);
+        product(&mut up, &xp.buf, 1, inter, hidden);
         let len = (p * inter) as i64;
         let mut b = self.stream.launch_builder(&self.k.silu_mul);
         b.arg(&mut gate).arg(&up).arg(&len);
@@ -1744,7 +1901,7 @@ impl Cuda {
             unsafe { b.launch(Self::flat_config(p * inter)) },
             "silu_mul",
         );
-        product(&mut y, &gate, &tables[2], hidden, inter);
+        product(&mut y, &gate, 2, hidden, inter);
         Some(y)
     }
 
@@ -1895,10 +2052,11 @@ impl Cuda {
                 "raising the indexer's shared memory",
             );
         }
-        let visible_d = self.upload_i32(visible.iter().copied());
+        // The same every layer of a step: copied once a step.
+        let visible_d = self.shared_i32(visible.iter().copied());
         let (tables_d, row_tables_d) = (
-            self.upload_i32(tables.iter().map(|&b| b as usize)),
-            self.upload_i32(row_tables.into_iter()),
+            self.shared_i32(tables.iter().map(|&b| b as usize)),
+            self.shared_i32(row_tables.into_iter()),
         );
         let block_size = match keys {
             IndexerKeys::Rows(_) => key_rows as i32,
@@ -1932,16 +2090,18 @@ impl Cuda {
                 IndexerKeys::Rows(t) if !tensor_cores => b.arg(&t.buf),
                 IndexerKeys::Rows(t) | IndexerKeys::Store(CudaStore::F32(t)) => b
                     .arg(&t.buf)
-                    .arg(&tables_d)
+                    .arg(&*tables_d)
                     .arg(&tables_rows)
                     .arg(&block_size),
-                IndexerKeys::Store(CudaStore::Bf16 { buf, .. }) => {
-                    b.arg(buf).arg(&tables_d).arg(&tables_rows).arg(&block_size)
-                }
+                IndexerKeys::Store(CudaStore::Bf16 { buf, .. }) => b
+                    .arg(buf)
+                    .arg(&*tables_d)
+                    .arg(&tables_rows)
+                    .arg(&block_size),
                 IndexerKeys::Store(CudaStore::Fp8 { codes, scales, .. }) => b
                     .arg(codes)
                     .arg(scales)
-                    .arg(&tables_d)
+                    .arg(&*tables_d)
                     .arg(&tables_rows)
                     .arg(&block_size),
             };
@@ -1987,19 +2147,19 @@ impl Cuda {
         selected
     }
 
-    /// Row-major `C_g = B_g · A_gᵀ` for every group `g`: `A_g` a weight `[m, k]` at address
-    /// `a[g]`, `B_g` its `n[g]` input rows of `k` at `b[g]`, `C_g` `n[g]` rows of `m` at `c[g]`,
-    /// all of `dtype` and summed in float32 (`cublasGemmGroupedBatchedEx`, one product a group).
+    /// Row-major `C_g = B_g · A_gᵀ` for every group `g` of `n.len()`: `A_g` a weight `[m, k]`
+    /// at address `pointers[g]`, `B_g` its `n[g]` input rows of `k` at `pointers[G + g]`, `C_g`
+    /// `n[g]` rows of `m` at `pointers[2G + g]` (G groups), all of `dtype` and summed in
+    /// float32 (`cublasGemmGroupedBatchedEx`, one product a group). cuBLAS reads the pointer
+    /// arrays from device memory; the sizes, leading dimensions and scalars from the host,
+    /// during the call.
     ///
     /// # Safety
     /// Every address must hold its matrix, on this lane's device, until the products are done.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn grouped_gemm(
         &self,
         dtype: cudarc::cublas::sys::cudaDataType,
-        a: &[u64],
-        b: &[u64],
-        c: &[u64],
+        pointers: &CudaView<'_, u64>,
         m: usize,
         k: usize,
         n: &[i32],
@@ -2009,11 +2169,12 @@ impl Cuda {
         use std::ffi::c_void;
         self.bind();
         let groups = n.len();
-        // The three pointer arrays, which cuBLAS reads from device memory; the sizes, leading
-        // dimensions and scalars it reads from the host, during the call.
-        let pointers: Vec<u64> = a.iter().chain(b).chain(c).copied().collect();
-        let pointers_d = self.upload_slice(&pointers);
-        let (base, _read) = pointers_d.device_ptr(&self.stream);
+        assert_eq!(
+            pointers.len(),
+            3 * groups,
+            "grouped_gemm: 3 addresses a group"
+        );
+        let (base, _read) = pointers.device_ptr(&self.stream);
         let array = |i: u64| base + i * (groups * std::mem::size_of::<u64>()) as u64;
         let (m, k) = (m as i32, k as i32);
         let transa = vec![CUBLAS_OP_T; groups];
@@ -2021,7 +2182,7 @@ impl Cuda {
         let (ms, ks, ldc) = (vec![m; groups], vec![k; groups], vec![m; groups]);
         let (alpha, beta, size) = (vec![1f32; groups], vec![0f32; groups], vec![1i32; groups]);
         // SAFETY: the caller's for the matrices; every array above has `groups` entries, and
-        // pointers_d lives until its free, ordered after the products on this stream.
+        // the pointers live until their free, ordered after the products on this stream.
         unsafe {
             cublasGemmGroupedBatchedEx(
                 *self.blas.handle.handle(),
@@ -2080,8 +2241,9 @@ impl Cuda {
             "mla_attention: a key beyond the {cache_rows} cached rows it reads"
         );
         let width = d.heads * d.latent;
-        let keys_d = self.upload_i32(keys.iter().copied());
-        let offsets_d = self.upload_i32(offsets.iter().copied());
+        // The offsets are the same every layer of a step, and so are the keys of dense rows.
+        let keys_d = self.shared_i32(keys.iter().copied());
+        let offsets_d = self.shared_i32(offsets.iter().copied());
         let q_lat_rows = q_lat.buf.slice(first_row * width..);
         let q_pe = q.buf.slice(first_row * q.cols + d.nope..);
         let mut ctx_rows = ctx.buf.slice_mut(first_row * width..);
@@ -2193,8 +2355,8 @@ impl Cuda {
             Rows::Bf16(latent, k_pe) => b.arg(latent).arg(k_pe),
             Rows::Fp8(codes, scales, k_pe) => b.arg(codes).arg(scales).arg(k_pe),
         };
-        b.arg(&keys_d)
-            .arg(&offsets_d)
+        b.arg(&*keys_d)
+            .arg(&*offsets_d)
             .arg(&heads)
             .arg(&latent)
             .arg(&rope)
@@ -2813,7 +2975,8 @@ impl Backend for Cuda {
         if slots.is_empty() {
             return;
         }
-        let idx = self.upload_i32(slots.iter().copied());
+        // The same slots for every store of every layer in a step.
+        let idx = self.shared_i32(slots.iter().copied());
         let c = dst_cols as i32;
         let (mut b, name) = match dst {
             CudaStore::F32(t) => {
@@ -2832,7 +2995,7 @@ impl Backend for Cuda {
                 (b, "scatter_rows_f32_to_fp8")
             }
         };
-        b.arg(&rows.buf).arg(&idx).arg(&c);
+        b.arg(&rows.buf).arg(&*idx).arg(&c);
         // SAFETY: every slot is a row of dst (checked above); rows has slots.len() rows of
         // dst's width.
         ok(unsafe { b.launch(Self::row_config(slots.len())) }, name);
@@ -2858,10 +3021,14 @@ impl Backend for Cuda {
                 if slots.is_empty() {
                     return out;
                 }
-                let idx = self.upload_i32(slots.iter().copied());
+                let idx = self.shared_i32(slots.iter().copied());
                 let c = *cols as i32;
                 let mut b = self.stream.launch_builder(&self.k.gather_rows_fp8);
-                b.arg(&mut out.buf).arg(codes).arg(scales).arg(&idx).arg(&c);
+                b.arg(&mut out.buf)
+                    .arg(codes)
+                    .arg(scales)
+                    .arg(&*idx)
+                    .arg(&c);
                 // SAFETY: out has slots.len()·cols elements; every slot is a row of src
                 // (checked above), with its codes and scales.
                 ok(
@@ -2902,7 +3069,8 @@ impl Backend for Cuda {
                 &mut sin[i * half..(i + 1) * half],
             );
         }
-        let (cos, sin) = (self.upload_slice(&cos), self.upload_slice(&sin));
+        // The same positions' angles in every layer of a step: copied once a step.
+        let (cos, sin) = (self.shared_f32(&cos), self.shared_f32(&sin));
         let args = [
             x.cols as i32,
             head_width as i32,
@@ -2911,7 +3079,7 @@ impl Backend for Cuda {
             i32::from(layout == RopeLayout::Interleaved),
         ];
         let mut b = self.stream.launch_builder(&self.k.rope);
-        b.arg(&mut x.buf).arg(&cos).arg(&sin);
+        b.arg(&mut x.buf).arg(&*cos).arg(&*sin);
         for a in &args {
             b.arg(a);
         }

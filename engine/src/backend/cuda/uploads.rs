@@ -1,0 +1,172 @@
+//! The read-only index arrays and angles a lane copied to its device lately, kept by their
+//! contents. A decode step gives every layer the same RoPE angles, the same cache slots to
+//! write, the same block tables for the indexer and the same attention offsets (and, for dense
+//! attention, the same keys): each is copied once a step instead of once a layer, which saves
+//! the host a driver call and a staging copy each time.
+//!
+//! A MoE layer's lists differ from layer to layer; [`Pack`] puts them, of several types, in
+//! one copy instead of one each.
+//!
+//! Only arrays that no kernel writes may come from here: a buffer is handed to every later
+//! caller with the same contents, and freed (stream-ordered, by cudarc) once it is evicted and
+//! no caller holds it.
+
+use std::collections::VecDeque;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, DriverError};
+
+/// The most arrays one [`Recent`] keeps.
+const ENTRIES: usize = 16;
+/// The most bytes one [`Recent`] keeps on the device; an array of more than a quarter of this
+/// is copied each time and not kept.
+const BYTES: usize = 64 << 20;
+
+/// An array's host values and its copy on the device.
+type Held<T> = (Vec<T>, Arc<CudaSlice<T>>);
+
+/// Recently uploaded arrays of one element type, most recent first.
+pub(super) struct Recent<T> {
+    held: Mutex<VecDeque<Held<T>>>,
+}
+
+impl<T> Default for Recent<T> {
+    fn default() -> Self {
+        Self {
+            held: Mutex::new(VecDeque::new()),
+        }
+    }
+}
+
+/// What a lane's uploads did, for tests and the note's numbers.
+#[derive(Debug, Default)]
+pub(super) struct UploadCounts {
+    /// Host-to-device copies of step data (weights at load time are not counted).
+    pub copies: AtomicU64,
+    /// Arrays answered by a buffer already on the device.
+    pub reused: AtomicU64,
+    /// Off: every array is copied (see `Cuda::reuse_uploads`).
+    pub off: AtomicBool,
+}
+
+impl<T: bytemuck::Pod + DeviceRepr> Recent<T> {
+    /// A device buffer holding `v`: one already uploaded with the same bytes, or a new one from
+    /// `upload`, kept for later callers.
+    pub fn get(
+        &self,
+        v: &[T],
+        counts: &UploadCounts,
+        upload: impl FnOnce(&[T]) -> Result<CudaSlice<T>, DriverError>,
+    ) -> Result<Arc<CudaSlice<T>>, DriverError> {
+        let bytes = std::mem::size_of_val(v);
+        let keep = !counts.off.load(Ordering::Relaxed) && bytes <= BYTES / 4;
+        if keep {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            // Bitwise, so that 0.0 and -0.0 (or two NaNs) are told apart as a copy would.
+            let same = |h: &Vec<T>| {
+                h.len() == v.len()
+                    && bytemuck::cast_slice::<T, u8>(h) == bytemuck::cast_slice::<T, u8>(v)
+            };
+            if let Some(at) = held.iter().position(|(h, _)| same(h)) {
+                let entry = held.remove(at).expect("the position found");
+                let buf = entry.1.clone();
+                held.push_front(entry);
+                counts.reused.fetch_add(1, Ordering::Relaxed);
+                return Ok(buf);
+            }
+        }
+        let buf = Arc::new(upload(v)?);
+        counts.copies.fetch_add(1, Ordering::Relaxed);
+        if keep {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            held.push_front((v.to_vec(), buf.clone()));
+            let mut total: usize = held
+                .iter()
+                .map(|(h, _)| std::mem::size_of_val(&h[..]))
+                .sum();
+            while held.len() > ENTRIES || total > BYTES {
+                let Some((h, _)) = held.pop_back() else { break };
+                total -= std::mem::size_of_val(&h[..]);
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Forgets every array (their buffers are freed once no caller holds them).
+    pub fn clear(&self) {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// Arrays of several element types gathered for one copy to the device ([`Packed`]), each
+/// starting at a multiple of 8 bytes.
+#[derive(Default)]
+pub(super) struct Pack {
+    bytes: Vec<u8>,
+}
+
+/// Where [`Pack::push`] put an array: its byte offset and length.
+pub(super) struct Part<T> {
+    at: usize,
+    len: usize,
+    of: PhantomData<T>,
+}
+
+impl<T> Clone for Part<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Part<T> {}
+
+impl<T> Part<T> {
+    /// Its values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Pack {
+    /// Adds `v`; its values are read on the device through [`Packed::view`].
+    pub fn push<T: bytemuck::Pod>(&mut self, v: &[T]) -> Part<T> {
+        const {
+            assert!(std::mem::align_of::<T>() <= 8, "parts are 8-byte aligned");
+        }
+        let at = self.bytes.len().next_multiple_of(8);
+        self.bytes.resize(at, 0);
+        self.bytes.extend_from_slice(bytemuck::cast_slice(v));
+        Part {
+            at,
+            len: v.len(),
+            of: PhantomData,
+        }
+    }
+
+    /// The bytes to copy (at least one: an empty allocation is not a valid device pointer).
+    pub fn bytes(&self) -> &[u8] {
+        if self.bytes.is_empty() {
+            &[0]
+        } else {
+            &self.bytes
+        }
+    }
+}
+
+/// A [`Pack`]'s bytes on the device.
+pub(super) struct Packed(pub CudaSlice<u8>);
+
+impl Packed {
+    /// The values of `part` (an empty view for an empty part).
+    pub fn view<T: DeviceRepr>(&self, part: Part<T>) -> CudaView<'_, T> {
+        let bytes = self
+            .0
+            .slice(part.at..part.at + part.len * std::mem::size_of::<T>());
+        // SAFETY: these bytes are the values `Pack::push` wrote as a T array, at an offset
+        // that is a multiple of 8 (T's alignment or more) in an allocation the driver aligns
+        // to 256 bytes.
+        unsafe { bytes.transmute::<T>(part.len) }.expect("a part's bytes hold its values")
+    }
+}
