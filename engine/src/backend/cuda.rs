@@ -435,6 +435,15 @@ struct Kernels {
     topk_rows: CudaFunction,
 }
 
+/// An attention launch's key rows (the cached rows each query row attends to, a list after
+/// another): every visible row (`Dense`: the same in every layer of a step), or with some of
+/// the indexer's picks among them (`Selected`).
+#[derive(Clone, Copy)]
+enum Keys<'k> {
+    Dense(&'k [usize]),
+    Selected(&'k [usize]),
+}
+
 /// A MoE layer's index lists on the device, copied in one upload ([`Cuda::expert_lists`]).
 struct ExpertLists {
     packed: Packed,
@@ -2220,12 +2229,14 @@ impl Cuda {
         q: &CudaTensor,
         cached: CachedRows<'_, CudaTensor, CudaStore>,
         first_row: usize,
-        keys: &[usize],
+        keys: Keys<'_>,
         offsets: &[usize],
         d: MlaDims,
         scale: f32,
         ctx: &mut CudaTensor,
     ) {
+        let keys_kind = keys;
+        let (Keys::Dense(keys) | Keys::Selected(keys)) = keys;
         let rows = offsets.len() - 1;
         if rows == 0 || keys.is_empty() {
             return; // contexts stay zero, as the CPU's for rows with no key
@@ -2241,8 +2252,12 @@ impl Cuda {
             "mla_attention: a key beyond the {cache_rows} cached rows it reads"
         );
         let width = d.heads * d.latent;
-        // The offsets are the same every layer of a step, and so are the keys of dense rows.
-        let keys_d = self.shared_i32(keys.iter().copied());
+        // The offsets are the same every layer of a step, and so are dense rows' keys; the
+        // indexer's picks are not, and are copied without being kept.
+        let keys_d = match keys_kind {
+            Keys::Dense(_) => self.shared_i32(keys.iter().copied()),
+            Keys::Selected(_) => Arc::new(self.upload_i32(keys.iter().copied())),
+        };
         let offsets_d = self.shared_i32(offsets.iter().copied());
         let q_lat_rows = q_lat.buf.slice(first_row * width..);
         let q_pe = q.buf.slice(first_row * q.cols + d.nope..);
@@ -2485,12 +2500,14 @@ impl Cuda {
         scale: f32,
         ctx: &mut CudaTensor,
     ) {
-        /// Rows `first ..` of the batch, all reading `cached`, with their keys so far.
+        /// Rows `first ..` of the batch, all reading `cached`, with their keys so far, and
+        /// whether the indexer chose any of them (such keys differ from layer to layer).
         struct Launch<'s> {
             cached: CachedRows<'s, CudaTensor, CudaStore>,
             first: usize,
             keys: Vec<usize>,
             offsets: Vec<usize>,
+            selected: bool,
         }
         impl Launch<'_> {
             fn end(&self) -> usize {
@@ -2503,8 +2520,14 @@ impl Cuda {
                 first,
                 keys,
                 offsets,
+                selected,
             } = launch;
-            self.latent_attention(q_lat, q, cached, first, &keys, &offsets, d, scale, ctx);
+            let keys = if selected {
+                Keys::Selected(&keys)
+            } else {
+                Keys::Dense(&keys)
+            };
+            self.latent_attention(q_lat, q, cached, first, keys, &offsets, d, scale, ctx);
         };
         let mut pending: Option<Launch<'_>> = None;
         for seq in seqs {
@@ -2527,7 +2550,9 @@ impl Cuda {
                     first: row,
                     keys: Vec::new(),
                     offsets: vec![0],
+                    selected: false,
                 });
+                launch.selected |= seq.selection.is_some();
                 // Rows in between that no sequence names: no keys.
                 let before = launch.keys.len();
                 launch.offsets.resize(row - launch.first + 1, before);

@@ -170,3 +170,33 @@ impl Packed {
         unsafe { bytes.transmute::<T>(part.len) }.expect("a part's bytes hold its values")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Pack;
+
+    #[test]
+    fn packed_parts_start_on_8_byte_boundaries_and_keep_their_bytes() {
+        let mut pack = Pack::default();
+        assert_eq!(pack.bytes(), [0], "an empty pack still copies a byte");
+        let a = pack.push(&[1i32, -2, 3]);
+        let b = pack.push(&[u64::MAX, 7]);
+        let empty = pack.push::<f32>(&[]);
+        let c = pack.push(&[0.5f32]);
+        assert_eq!((a.at, a.len), (0, 3));
+        assert_eq!(
+            (b.at, b.len),
+            (16, 2),
+            "after 12 bytes, the next multiple of 8"
+        );
+        assert_eq!((empty.at, empty.len), (32, 0));
+        assert_eq!((c.at, c.len), (32, 1));
+        let bytes = pack.bytes();
+        assert_eq!(bytes.len(), 36);
+        let at = |p: usize, n: usize| &bytes[p..p + n];
+        assert_eq!(at(0, 12), bytemuck::cast_slice::<i32, u8>(&[1, -2, 3]));
+        assert_eq!(at(12, 4), [0; 4], "padding is zero");
+        assert_eq!(at(16, 16), bytemuck::cast_slice::<u64, u8>(&[u64::MAX, 7]));
+        assert_eq!(at(32, 4), 0.5f32.to_ne_bytes());
+    }
+}
