@@ -1293,16 +1293,21 @@ impl Cuda {
         rows: usize,
     ) -> Option<(&'w CudaSlice<u8>, &'w CudaSlice<f32>)> {
         match self.weight(w) {
-            WeightData::Fp8 { codes, row_scales }
-                if rows
-                    <= self
-                        .fp8_in_place_rows
-                        .load(std::sync::atomic::Ordering::Relaxed) =>
-            {
+            WeightData::Fp8 { codes, row_scales } if rows <= self.in_place_limit() => {
                 Some((codes, row_scales))
             }
             _ => None,
         }
+    }
+
+    /// The most rows of x an fp8 product reads its weight in place for: as
+    /// [`Cuda::fp8_in_place_rows`] set, and never more than the launches' grid holds (a block
+    /// of 64 rows a grid row, 65,535 grid rows).
+    fn in_place_limit(&self) -> usize {
+        let set = self
+            .fp8_in_place_rows
+            .load(std::sync::atomic::Ordering::Relaxed);
+        set.min(launch::FP8_LINEAR_ROWS as usize * 65_535)
     }
 
     /// cuBLAS's column-major `C = op(A)·B` (`batch`: strided-batched `(count, stride_a,
@@ -1821,10 +1826,7 @@ impl Cuda {
     ) -> Option<([Vec<u64>; 3], [Vec<u64>; 3])> {
         use cudarc::driver::DevicePtr;
         let most = groups.iter().map(|(_, r)| r.len()).max()?;
-        let limit = self
-            .fp8_in_place_rows
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if most > limit {
+        if most > self.in_place_limit() {
             return None;
         }
         let (mut codes, mut scales): ([Vec<u64>; 3], [Vec<u64>; 3]) = Default::default();
@@ -3310,7 +3312,7 @@ impl Backend for Cuda {
             b.arg(&mut out.buf)
                 .arg(&st.y.buf)
                 .arg(&st.rows)
-                .arg(&st.ones)
+                .arg(&*st.ones)
                 .arg(&c);
             // SAFETY: st.y is [rows, cols] and st.rows holds that many distinct rows of out.
             ok(
@@ -3330,7 +3332,7 @@ struct Staged {
     /// The distinct rows of x its pairs name, as indices on the main GPU.
     rows: CudaSlice<i32>,
     /// A weight of 1 per row (its sums come back weighted already).
-    ones: CudaSlice<f32>,
+    ones: Arc<CudaSlice<f32>>,
     /// Those rows of x.
     x: CudaTensor,
     /// Its weighted sums per row, copied back.
@@ -3355,7 +3357,8 @@ impl Cuda {
         Staged {
             main: self.stream.context().clone(),
             shard,
-            ones: self.upload_slice(&vec![1.0f32; rows.len()]),
+            // Read only, and the same whenever a shard has as many rows again.
+            ones: self.shared_f32(&vec![1.0f32; rows.len()]),
             x: self.gather_indexed(&x.buf, x.cols, &rows_d.as_view()),
             y: self.zeros(rows.len(), x.cols),
             rows: rows_d,
