@@ -606,6 +606,8 @@ fn the_indexer_reads_each_kv_store_in_place() {
                 let largest = all.iter().fold(0f64, |m, v| m.max(v.abs()));
                 all.sort_by(|a, b| b.total_cmp(a));
                 let kth = all[k - 1];
+                // Ascending, as topk_rows writes them, so dedup finds any repeat.
+                assert!(got.is_sorted(), "{case}: picks out of order: {got:?}");
                 let mut distinct = got.clone();
                 distinct.dedup();
                 assert_eq!(distinct.len(), k, "{case}: picked {got:?}");

@@ -1920,8 +1920,8 @@ impl Cuda {
     /// key `s` is row `seqs[i].table.row(s)` of `keys`), one scores launch and one top-k launch
     /// for the whole batch (a chunk of rows at a time when their scores would pass
     /// `SCORES_PER_LAUNCH`): each row reads its own sequence's block table. The selections come
-    /// back to the host, each row's sorted, a list a sequence. A row with at most `k` visible
-    /// keys keeps them all, answered here without a launch.
+    /// back to the host, each row's ascending (as `topk_rows` writes them), a list a sequence. A
+    /// row with at most `k` visible keys keeps them all, answered here without a launch.
     fn indexer_topk(
         &self,
         q: &CudaTensor,
@@ -2147,11 +2147,12 @@ impl Cuda {
             // SAFETY: chosen is [rows, k]; each row's n_valid ≤ n_keys, the scores' row stride.
             ok(unsafe { b.launch(cfg) }, "topk_rows");
             let chosen = ok(self.stream.clone_dtoh(&chosen), "copying to the host");
+            // Each row's picks come in ascending order (topk_rows writes them so): no sort here.
             for (r, row) in (first..first + rows).zip(chosen.chunks_exact(k)) {
                 if let (Some((i, j)), true) = (owner[r], visible[r] > 0) {
                     let keep = &mut selected[i][j];
                     keep.extend(row.iter().filter(|&&s| s >= 0).map(|&s| s as u32));
-                    keep.sort_unstable();
+                    debug_assert!(keep.is_sorted(), "topk_rows: picks out of order");
                 }
             }
         }
