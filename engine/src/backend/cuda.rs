@@ -440,8 +440,8 @@ struct Kernels {
 /// the indexer's picks among them (`Selected`).
 #[derive(Clone, Copy)]
 enum Keys<'k> {
-    Dense(&'k [usize]),
-    Selected(&'k [usize]),
+    Dense(&'k [i32]),
+    Selected(&'k [i32]),
 }
 
 /// A MoE layer's index lists on the device, copied in one upload ([`Cuda::expert_lists`]).
@@ -1393,9 +1393,14 @@ impl Cuda {
         let v: Vec<i32> = values
             .map(|x| i32::try_from(x).expect("index fits in int32"))
             .collect();
+        self.shared(&v)
+    }
+
+    /// [`Cuda::shared_i32`] for values already int32.
+    fn shared(&self, v: &[i32]) -> Arc<CudaSlice<i32>> {
         let got = self
             .recent_i32
-            .get(&v, &self.uploads, |v| self.try_upload(v));
+            .get(v, &self.uploads, |v| self.try_upload(v));
         ok(got, "copying to the device")
     }
 
@@ -2251,15 +2256,15 @@ impl Cuda {
             CachedRows::Stores { latent, k_pe } => latent.rows().min(k_pe.rows()),
         };
         assert!(
-            keys.iter().all(|&k| k < cache_rows),
+            keys.iter().all(|&k| (k as usize) < cache_rows),
             "mla_attention: a key beyond the {cache_rows} cached rows it reads"
         );
         let width = d.heads * d.latent;
         // The offsets are the same every layer of a step, and so are dense rows' keys; the
         // indexer's picks are not, and are copied without being kept.
         let keys_d = match keys_kind {
-            Keys::Dense(_) => self.shared_i32(keys.iter().copied()),
-            Keys::Selected(_) => Arc::new(self.upload_i32(keys.iter().copied())),
+            Keys::Dense(_) => self.shared(keys),
+            Keys::Selected(_) => Arc::new(self.upload_slice(keys)),
         };
         let offsets_d = self.shared_i32(offsets.iter().copied());
         let q_lat_rows = q_lat.buf.slice(first_row * width..);
@@ -2508,7 +2513,7 @@ impl Cuda {
         struct Launch<'s> {
             cached: CachedRows<'s, CudaTensor, CudaStore>,
             first: usize,
-            keys: Vec<usize>,
+            keys: Vec<i32>,
             offsets: Vec<usize>,
             selected: bool,
         }
@@ -2541,10 +2546,10 @@ impl Cuda {
             }
             for i in 0..seq.positions.len() {
                 let row = seq.first + i;
-                // Rows of the cached rows: the pool's own rows when it is read in place.
-                let keys = seq.key_rows(i);
+                // At most this many keys (a selection's keys past the position are dropped).
+                let listed = seq.listed_keys(i);
                 if let Some(launch) = pending
-                    .take_if(|l| l.offsets.len() > 1 && l.keys.len() + keys.len() > KEYS_PER_LAUNCH)
+                    .take_if(|l| l.offsets.len() > 1 && l.keys.len() + listed > KEYS_PER_LAUNCH)
                 {
                     flush(launch, ctx);
                 }
@@ -2559,7 +2564,12 @@ impl Cuda {
                 // Rows in between that no sequence names: no keys.
                 let before = launch.keys.len();
                 launch.offsets.resize(row - launch.first + 1, before);
-                launch.keys.extend(keys);
+                // Rows of the cached rows (the pool's own rows when it is read in place), as
+                // the kernels take them.
+                launch.keys.extend(
+                    seq.key_rows_iter(i)
+                        .map(|r| i32::try_from(r).expect("a cache row fits in int32")),
+                );
                 launch.offsets.push(launch.keys.len());
             }
         }

@@ -213,11 +213,34 @@ impl<'a, T, S> MlaSeq<'a, T, S> {
 
     /// [`MlaSeq::visible_keys`] as rows of the cached rows.
     pub fn key_rows(&self, i: usize) -> Vec<usize> {
-        let keys = self.visible_keys(i);
-        match self.rows {
-            Some(table) => table.rows(keys),
-            None => keys,
-        }
+        self.key_rows_iter(i).collect()
+    }
+
+    /// [`MlaSeq::key_rows`] one at a time, in the same order, collecting nothing (a decode
+    /// batch's rows each have thousands).
+    pub fn key_rows_iter(&self, i: usize) -> impl Iterator<Item = usize> + use<'a, T, S> {
+        let pos = self.positions[i];
+        // Every key up to the position, or the picks: one of the two is empty.
+        let (every, picked) = match self.selection {
+            Some(sel) => (0..0, &sel[i][..]),
+            None => (0..pos + 1, &[][..]),
+        };
+        let table = self.rows;
+        every
+            .chain(
+                picked
+                    .iter()
+                    .map(|&s| s as usize)
+                    .filter(move |&s| s <= pos),
+            )
+            .map(move |s| table.map_or(s, |t| t.row(s)))
+    }
+
+    /// How many keys row `i` lists: [`MlaSeq::key_rows`]' length, or more when its selection
+    /// names keys past its position (which it does not attend to).
+    pub fn listed_keys(&self, i: usize) -> usize {
+        self.selection
+            .map_or(self.positions[i] + 1, |sel| sel[i].len())
     }
 
     /// For a backend that reads only tensors: the cache rows its query rows can see (tokens
@@ -488,7 +511,41 @@ pub trait Backend: Send + Sync + 'static {
 
 #[cfg(test)]
 mod tests {
-    use super::pairs_by_row;
+    use super::{AttentionForm, CachedRows, MlaSeq, pairs_by_row};
+    use crate::kv_cache::PagedRows;
+
+    #[test]
+    fn key_rows_are_the_visible_keys_through_the_table() {
+        // Tokens 0..8 in blocks of 2: token t is pool row 2·blocks[t / 2] + t % 2.
+        let blocks = [3, 0, 5, 1];
+        let table = PagedRows::new(&blocks, 2, 8);
+        let picks = [vec![0, 3, 6], vec![1, 7, 2]];
+        let positions = [5, 7];
+        let unit = ();
+        let seq = |selection, rows| MlaSeq::<'_, (), ()> {
+            first: 0,
+            cached: CachedRows::Tensors {
+                latent: &unit,
+                k_pe: &unit,
+            },
+            positions: &positions,
+            selection,
+            rows,
+            form: AttentionForm::Absorbed,
+        };
+        // Row 0 lists 6 but sits at position 5: it attends to 0 and 3 only.
+        let picked = seq(Some(&picks[..]), None);
+        assert_eq!(picked.key_rows(0), [0, 3]);
+        assert_eq!(picked.listed_keys(0), 3);
+        assert_eq!(picked.key_rows(1), [1, 7, 2], "the picks' own order");
+        let paged = seq(Some(&picks[..]), Some(table));
+        assert_eq!(paged.key_rows(0), [6, 1]);
+        assert_eq!(paged.key_rows(1), [7, 3, 0]);
+        let dense = seq(None, Some(table));
+        assert_eq!(dense.key_rows(0), [6, 7, 0, 1, 10, 11]);
+        assert_eq!(dense.listed_keys(1), 8);
+        assert_eq!(dense.key_rows_iter(1).count(), 8);
+    }
 
     #[test]
     fn pairs_are_listed_by_row_in_ascending_order() {
