@@ -2715,9 +2715,10 @@ impl Backend for Cuda {
 
     fn device_memory_available(&self) -> Option<u64> {
         let (free, _) = self.stream.context().mem_get_info().ok()?;
-        // Less the room a product needs to dequantise the largest fp8 weight.
+        // Less the room a product needs to dequantise the largest fp8 weight, and the most the
+        // main lane's reused uploads keep (two element types).
         let scratch = self.fp8_scratch.load(std::sync::atomic::Ordering::Relaxed);
-        Some(free.saturating_sub(scratch) as u64)
+        Some(free.saturating_sub(scratch + 2 * uploads::BYTES) as u64)
     }
 
     fn upload(&self, matrix: Matrix) -> Result<CudaWeight> {

@@ -20,9 +20,9 @@ use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, DriverError};
 
 /// The most arrays one [`Recent`] keeps.
 const ENTRIES: usize = 16;
-/// The most bytes one [`Recent`] keeps on the device; an array of more than a quarter of this
-/// is copied each time and not kept.
-const BYTES: usize = 64 << 20;
+/// The most bytes one [`Recent`] keeps on the device (the KV cache's share leaves room for
+/// them); an array of more than a quarter of this is copied each time and not kept.
+pub(super) const BYTES: usize = 64 << 20;
 
 /// An array's host values and its copy on the device.
 type Held<T> = (Vec<T>, Arc<CudaSlice<T>>);
