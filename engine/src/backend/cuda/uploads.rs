@@ -9,7 +9,9 @@
 //!
 //! Only arrays that no kernel writes may come from here: a buffer is handed to every later
 //! caller with the same contents, and freed (stream-ordered, by cudarc) once it is evicted and
-//! no caller holds it.
+//! no caller holds it. cudarc frees a buffer without making its context current, so whatever
+//! this module drops (an evicted array, the cache itself, a [`Packed`]) binds it first, as the
+//! backend's tensors do.
 
 use std::collections::VecDeque;
 use std::marker::PhantomData;
@@ -87,8 +89,11 @@ impl<T: bytemuck::Pod + DeviceRepr> Recent<T> {
                 .map(|(h, _)| std::mem::size_of_val(&h[..]))
                 .sum();
             while held.len() > ENTRIES || total > BYTES {
-                let Some((h, _)) = held.pop_back() else { break };
+                let Some((h, buf)) = held.pop_back() else {
+                    break;
+                };
                 total -= std::mem::size_of_val(&h[..]);
+                release(buf);
             }
         }
         Ok(buf)
@@ -96,8 +101,27 @@ impl<T: bytemuck::Pod + DeviceRepr> Recent<T> {
 
     /// Forgets every array (their buffers are freed once no caller holds them).
     pub fn clear(&self) {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, buf) in held.drain(..) {
+            release(buf);
+        }
     }
+}
+
+impl<T> Drop for Recent<T> {
+    fn drop(&mut self) {
+        let held = self.held.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (_, buf) in held.drain(..) {
+            release(buf);
+        }
+    }
+}
+
+/// Drops this holder of `buf`, with its context current on this thread in case it is the last
+/// (cudarc frees a buffer without binding its context).
+fn release<T>(buf: Arc<CudaSlice<T>>) {
+    let _ = buf.context().bind_to_thread();
+    drop(buf);
 }
 
 /// Arrays of several element types gathered for one copy to the device ([`Packed`]), each
@@ -157,6 +181,13 @@ impl Pack {
 
 /// A [`Pack`]'s bytes on the device.
 pub(super) struct Packed(pub CudaSlice<u8>);
+
+impl Drop for Packed {
+    fn drop(&mut self) {
+        // The buffer is freed next: see the module's note.
+        let _ = self.0.context().bind_to_thread();
+    }
+}
 
 impl Packed {
     /// The values of `part` (an empty view for an empty part).
