@@ -444,6 +444,14 @@ enum Keys<'k> {
     Selected(&'k [i32]),
 }
 
+impl<'k> Keys<'k> {
+    fn list(self) -> &'k [i32] {
+        match self {
+            Keys::Dense(list) | Keys::Selected(list) => list,
+        }
+    }
+}
+
 /// A MoE layer's index lists on the device, copied in one upload ([`Cuda::expert_lists`]).
 struct ExpertLists {
     packed: Packed,
@@ -542,6 +550,13 @@ struct OpenDevice {
     ctx: Arc<CudaContext>,
     k: Arc<Kernels>,
     fp8_scratch: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Indices as the kernels take them.
+fn int32(values: impl Iterator<Item = usize>) -> Vec<i32> {
+    values
+        .map(|x| i32::try_from(x).expect("index fits in int32"))
+        .collect()
 }
 
 fn device_error(what: impl std::fmt::Display) -> EngineError {
@@ -1371,10 +1386,7 @@ impl Cuda {
     }
 
     fn upload_i32(&self, values: impl Iterator<Item = usize>) -> CudaSlice<i32> {
-        let v: Vec<i32> = values
-            .map(|x| i32::try_from(x).expect("index fits in int32"))
-            .collect();
-        self.upload_slice(&v)
+        self.upload_slice(&int32(values))
     }
 
     fn upload_slice<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -1390,10 +1402,7 @@ impl Cuda {
     /// `values` as int32 on the device for kernels that only read them: a buffer this lane
     /// uploaded earlier with the same values, or a new copy (see [`uploads`]).
     fn shared_i32(&self, values: impl Iterator<Item = usize>) -> Arc<CudaSlice<i32>> {
-        let v: Vec<i32> = values
-            .map(|x| i32::try_from(x).expect("index fits in int32"))
-            .collect();
-        self.shared(&v)
+        self.shared(&int32(values))
     }
 
     /// [`Cuda::shared_i32`] for values already int32.
@@ -1706,8 +1715,8 @@ impl Cuda {
             }
         }
         let len = (p * inter) as i64;
-        let silu_out = match (&gate, &up, &act) {
-            (Rows::Bf16(g), Rows::Bf16(u), Some(act @ Rows::Bf16(a))) => {
+        match (&gate, &up, &act) {
+            (Rows::Bf16(g), Rows::Bf16(u), Some(Rows::Bf16(a))) => {
                 let mut b = self.stream.launch_builder(&self.k.silu_mul_bf16);
                 b.arg(a).arg(g).arg(u).arg(&len);
                 // SAFETY: gate, up and act each hold p·inter values.
@@ -1715,7 +1724,6 @@ impl Cuda {
                     unsafe { b.launch(Self::flat_config(p * inter)) },
                     "silu_mul_bf16_bits",
                 );
-                act
             }
             (Rows::F32(g), Rows::F32(u), None) => {
                 let mut b = self.stream.launch_builder(&self.k.silu_mul);
@@ -1725,14 +1733,9 @@ impl Cuda {
                     unsafe { b.launch(Self::flat_config(p * inter)) },
                     "silu_mul",
                 );
-                &gate
             }
             _ => unreachable!("the grouped buffers share one dtype"),
-        };
-        debug_assert!(
-            std::ptr::eq(down_input, silu_out),
-            "down reads what SiLU-and-mul wrote"
-        );
+        }
         // SAFETY: each group's down weight is [hidden, inter]; its inputs are its rows of
         // down_input, its outputs its rows of y.
         let done = unsafe { self.grouped_gemm(dtype, &arrays(2), hidden, inter, &n) };
@@ -1784,21 +1787,17 @@ impl Cuda {
         weights: &[f32],
         out_rows: usize,
     ) -> ExpertLists {
-        let int32 = |v: &mut dyn Iterator<Item = usize>| -> Vec<i32> {
-            v.map(|x| i32::try_from(x).expect("index fits in int32"))
-                .collect()
-        };
         let (offsets, pairs) = pairs_by_row(rows, out_rows);
         let mut pack = Pack::default();
-        let rows_part = pack.push(&int32(&mut rows.iter().copied()));
+        let rows_part = pack.push(&int32(rows.iter().copied()));
         let weights_part = pack.push(weights);
         let by_row = (
-            pack.push(&int32(&mut offsets.into_iter())),
-            pack.push(&int32(&mut pairs.into_iter())),
+            pack.push(&int32(offsets.into_iter())),
+            pack.push(&int32(pairs.into_iter())),
         );
         let fp8 = self.fp8_tables(groups, experts).map(|(codes, scales)| {
             let mut at = 0;
-            let starts = int32(&mut std::iter::once(0).chain(groups.iter().map(|(_, r)| {
+            let starts = int32(std::iter::once(0).chain(groups.iter().map(|(_, r)| {
                 at += r.len();
                 at
             })));
@@ -2243,10 +2242,9 @@ impl Cuda {
         scale: f32,
         ctx: &mut CudaTensor,
     ) {
-        let keys_kind = keys;
-        let (Keys::Dense(keys) | Keys::Selected(keys)) = keys;
+        let list = keys.list();
         let rows = offsets.len() - 1;
-        if rows == 0 || keys.is_empty() {
+        if rows == 0 || list.is_empty() {
             return; // contexts stay zero, as the CPU's for rows with no key
         }
         // A key past the cache would read beyond its buffers on the device (the CPU backend's
@@ -2256,15 +2254,15 @@ impl Cuda {
             CachedRows::Stores { latent, k_pe } => latent.rows().min(k_pe.rows()),
         };
         assert!(
-            keys.iter().all(|&k| (k as usize) < cache_rows),
+            list.iter().all(|&k| (k as usize) < cache_rows),
             "mla_attention: a key beyond the {cache_rows} cached rows it reads"
         );
         let width = d.heads * d.latent;
         // The offsets are the same every layer of a step, and so are dense rows' keys; the
         // indexer's picks are not, and are copied without being kept.
-        let keys_d = match keys_kind {
-            Keys::Dense(_) => self.shared(keys),
-            Keys::Selected(_) => Arc::new(self.upload_slice(keys)),
+        let keys_d = match keys {
+            Keys::Dense(list) => self.shared(list),
+            Keys::Selected(list) => Arc::new(self.upload_slice(list)),
         };
         let offsets_d = self.shared_i32(offsets.iter().copied());
         let q_lat_rows = q_lat.buf.slice(first_row * width..);
