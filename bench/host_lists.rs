@@ -22,7 +22,7 @@ use std::time::Instant;
 use clap::Parser;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sparsemoe_engine::backend::{AttentionForm, CachedRows, MlaSeq};
+use sparsemoe_engine::backend::{AttentionForm, CachedRows, MlaSeq, Selection};
 use sparsemoe_engine::kv_cache::PagedRows;
 
 #[derive(Parser)]
@@ -128,7 +128,7 @@ fn main() -> anyhow::Result<()> {
             k_pe: &dummy,
         },
         positions: &positions,
-        selection: Some(&selection),
+        selection: Some(Selection::Listed(&selection)),
         rows: Some(table),
         form: AttentionForm::Absorbed,
     };

@@ -827,6 +827,37 @@ class Harness:
                 bad.append(r)
         self.record_bool("topk_rows_f32 ties, k=2048", not bad, f"rows wrong: {bad}" if bad else "tied entries: the lowest indices, as the engine")
 
+        # the picks kept on the device become pool rows through each row's block table
+        # (picks_to_pool_rows): 6 rows of 3 sequences (tables of scattered distinct blocks of 64
+        # tokens, one after another in one array), -1s kept
+        bs, width, rows_n = 64, 512, 6
+        tokens = [20000, 9000, 700]
+        blocks = torch.randperm(sum(-(-t // bs) for t in tokens) + 40, device=self.dev)
+        tables, starts, at = [], [], 0
+        for t in tokens:
+            used = -(-t // bs)
+            starts.append(at)
+            tables.append(blocks[at:at + used])
+            at += used
+        owner = [0, 0, 1, 2, 1, 2]
+        picks = torch.full((rows_n, width), -1, dtype=torch.int32, device=self.dev)
+        for r, s in enumerate(owner):
+            m = min(width, tokens[s]) - r  # rows with fewer picks than the width: -1 after
+            picks[r, :m] = torch.randperm(tokens[s], device=self.dev)[:m].sort().values.int()
+        table_d = blocks[:at].int().contiguous()
+        row_tables = torch.tensor([starts[s] for s in owner], dtype=torch.int32, device=self.dev)
+        want = picks.long().clone()
+        for r, s in enumerate(owner):
+            valid = want[r] >= 0
+            t = want[r, valid]
+            want[r, valid] = tables[s][t // bs].long() * bs + t % bs
+        got = picks.clone()
+        n = rows_n * width
+        self.launch("picks_to_pool_rows", (-(-n // 256),), 256,
+                    [got, table_d, row_tables, ("i", bs), ("i", width), ("l", n)])
+        self.record_bool("picks_to_pool_rows 6x512 (3 tables)", torch.equal(got.long(), want),
+                         "each pick the pool row of its token; -1 kept" if torch.equal(got.long(), want) else "rows differ")
+
         # timing: batch 64 decode at 64K context, each sequence its own keys
         if not self.on_gpu:
             return

@@ -252,20 +252,7 @@ pub fn index_select<B: Backend>(
         let guard = SeqCache::lock(pool)?;
         let seqs: Vec<IndexerSeq<'_>> = members
             .iter()
-            .map(|&j| {
-                let query = &queries[j];
-                let Storage::Paged {
-                    table, block_size, ..
-                } = &query.cache.storage
-                else {
-                    unreachable!("members share a pool");
-                };
-                IndexerSeq {
-                    first: query.first,
-                    positions: query.positions,
-                    table: PagedRows::new(table, *block_size, query.total),
-                }
-            })
+            .map(|&j| queries[j].paged().expect("members share a pool"))
             .collect();
         let chosen = guard.layers[layer]
             .index_keys
@@ -279,6 +266,61 @@ pub fn index_select<B: Backend>(
         }
     }
     Ok(picked)
+}
+
+/// [`index_select`] with the picks left on the device ([`Backend::indexer_keep_paged`]) for an
+/// attention that reads them there ([`crate::backend::Selection::Kept`]; query `i` is
+/// `seq: i`): when every query's cache is paged in one pool whose layer-`layer` indexer keys
+/// the backend keeps picks for and whose latent and RoPE-key rows it reads in place. `None`
+/// otherwise (and for no queries): the caller then asks [`index_select`].
+#[allow(clippy::too_many_arguments)]
+pub fn index_keep<B: Backend>(
+    b: &B,
+    layer: usize,
+    queries: &[IndexQuery<'_, B>],
+    q: &B::Tensor,
+    w: &B::Tensor,
+    k: usize,
+    scale: f32,
+) -> Result<Option<B::Picks>> {
+    let Some(Storage::Paged { pool, .. }) = queries.first().map(|query| &query.cache.storage)
+    else {
+        return Ok(None);
+    };
+    let id = queries[0].cache.pool_id();
+    if queries.iter().any(|query| query.cache.pool_id() != id) {
+        return Ok(None);
+    }
+    let guard = SeqCache::lock(pool)?;
+    let c = &guard.layers[layer];
+    let Some(keys) = c.index_keys.as_ref() else {
+        return Ok(None);
+    };
+    if !b.reads_in_place(&c.latent) || !b.reads_in_place(&c.k_pe) {
+        return Ok(None);
+    }
+    let seqs: Vec<IndexerSeq<'_>> = queries
+        .iter()
+        .map(|query| query.paged().expect("one paged pool"))
+        .collect();
+    Ok(b.indexer_keep_paged(q, w, keys, &seqs, k, scale))
+}
+
+impl<B: Backend> IndexQuery<'_, B> {
+    /// Its part of a paged pool's indexer call; `None` for a contiguous cache.
+    fn paged(&self) -> Option<IndexerSeq<'_>> {
+        let Storage::Paged {
+            table, block_size, ..
+        } = &self.cache.storage
+        else {
+            return None;
+        };
+        Some(IndexerSeq {
+            first: self.first,
+            positions: self.positions,
+            table: PagedRows::new(table, *block_size, self.total),
+        })
+    }
 }
 
 /// The latent and RoPE-key rows an [`AttendedRows`] holds: a contiguous cache's tensors, rows

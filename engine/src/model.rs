@@ -5,14 +5,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::backend::{
-    AttentionForm, Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing, absorbed_query_weight,
+    self, AttentionForm, Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing,
+    absorbed_query_weight,
 };
 use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::expert_load::ExpertLoad;
 use crate::expert_shards::ExpertShards;
 use crate::kv_cache::{
-    IndexQuery, KvDtype, KvPool, LayerCache, PoolLayer, SeqCache, SharedPool, index_select,
+    IndexQuery, KvDtype, KvPool, LayerCache, PoolLayer, SeqCache, SharedPool, index_keep,
+    index_select,
 };
 use crate::moe::{RouterConfig, route};
 use crate::rope::{Rope, RopeLayout};
@@ -705,26 +707,49 @@ impl<B: Backend> Model<B> {
             let indexed = indexer_inputs.is_some() && sparse && total > k;
             appended.push((step, start, len, total, indexed));
         }
-        let mut selections = match &indexer_inputs {
-            Some((qi, _, w, ix_scale)) => {
-                let queries: Vec<IndexQuery<'_, B>> = appended
+        let queries: Vec<IndexQuery<'_, B>> = appended
+            .iter()
+            .filter(|(.., indexed)| *indexed)
+            .map(|&(ref step, start, len, total, _)| IndexQuery {
+                cache: step.cache,
+                total,
+                first: start,
+                positions: &positions[start..start + len],
+            })
+            .collect();
+        // The picks stay on the device when the backend keeps them for these caches (the
+        // CUDA backend, for one pool it reads in place), unless the host needs them: to trace
+        // them, or to let rows of a context shorter than dense_below attend to every key.
+        let host_needs_picks = tracing
+            || match self.options.attention {
+                AttentionMode::Auto { dense_below } => queries
                     .iter()
-                    .filter(|(.., indexed)| *indexed)
-                    .map(|&(ref step, start, len, total, _)| IndexQuery {
-                        cache: step.cache,
-                        total,
-                        first: start,
-                        positions: &positions[start..start + len],
-                    })
-                    .collect();
+                    .flat_map(|query| query.positions)
+                    .any(|&p| p + 1 < dense_below),
+                _ => false,
+            };
+        let kept = match &indexer_inputs {
+            Some((qi, _, w, ix_scale)) if !host_needs_picks => {
+                index_keep(b, layer_index, &queries, qi, w, k, *ix_scale)?
+            }
+            _ => None,
+        };
+        let mut selections = match &indexer_inputs {
+            Some((qi, _, w, ix_scale)) if kept.is_none() => {
                 index_select(b, layer_index, &queries, qi, w, k, *ix_scale)?.into_iter()
             }
-            None => Vec::new().into_iter(),
+            _ => Vec::new().into_iter(),
         };
+        drop(queries);
+        let mut kept_seqs = 0..;
         let mut attended = Vec::with_capacity(appended.len());
         for (step, start, len, total, indexed) in appended {
             let seq_positions = &positions[start..start + len];
-            let selection = if indexed {
+            // The indexed sequences are the kept picks' sequences, in order.
+            let kept_as = (indexed && kept.is_some())
+                .then(|| kept_seqs.next())
+                .flatten();
+            let selection = if indexed && kept.is_none() {
                 selections.next().flatten()
             } else {
                 None
@@ -742,9 +767,11 @@ impl<B: Backend> Model<B> {
                 }
                 (selection, _) => selection,
             };
-            let widest = selection
-                .as_ref()
-                .map(|s| s.iter().map(Vec::len).max().unwrap_or(0));
+            let widest = match (&selection, kept_as) {
+                (_, Some(_)) => Some(k.min(total)),
+                (Some(s), None) => Some(s.iter().map(Vec::len).max().unwrap_or(0)),
+                (None, None) => None,
+            };
             let form = attention_form(len, total, widest, dims);
             if tracing {
                 match &selection {
@@ -758,6 +785,7 @@ impl<B: Backend> Model<B> {
             attended.push(Attend {
                 step,
                 selection,
+                kept: kept_as,
                 total,
                 span: (start, len),
                 form,
@@ -788,6 +816,11 @@ impl<B: Backend> Model<B> {
                 let pool = next.step.cache.pool_id();
                 let in_place = next.step.cache.read_pool(b, layer_index)?.is_some()
                     && in_place_pool.is_none_or(|p| Some(p) == pool);
+                // Kept picks are rows of the pool the attention reads in place (which a group
+                // of its own gives them).
+                if next.kept.is_some() && !in_place && !group.is_empty() {
+                    break;
+                }
                 let rows = match &next.selection {
                     _ if in_place => 0,
                     Some(s) => s.iter().map(Vec::len).sum::<usize>().min(next.total),
@@ -821,18 +854,34 @@ impl<B: Backend> Model<B> {
                 .zip(selections)
                 .map(|(a, selection)| {
                     let step: &SeqStep<'_, B> = a.step;
-                    step.cache
-                        .attended_rows(b, layer_index, a.total, selection, locked.as_ref())
+                    let rows = step.cache.attended_rows(
+                        b,
+                        layer_index,
+                        a.total,
+                        selection,
+                        locked.as_ref(),
+                    )?;
+                    if a.kept.is_some() && rows.rows.is_none() {
+                        return Err(EngineError::Device(
+                            "the indexer kept its picks on the device for a pool the attention \
+                             does not read in place"
+                                .into(),
+                        ));
+                    }
+                    Ok(rows)
                 })
                 .collect::<Result<_>>()?;
-            let seqs: Vec<MlaSeq<'_, B::Tensor, B::Store>> = rows
+            let seqs: Vec<MlaSeq<'_, B::Tensor, B::Store, B::Picks>> = rows
                 .iter()
                 .zip(&group)
                 .map(|(r, a)| MlaSeq {
                     first: a.span.0 - first,
                     cached: r.cached(),
                     positions: &positions[a.span.0..a.span.0 + a.span.1],
-                    selection: r.selection.as_deref(),
+                    selection: match (kept.as_ref(), a.kept) {
+                        (Some(picks), Some(seq)) => Some(backend::Selection::Kept { picks, seq }),
+                        _ => r.selection.as_deref().map(backend::Selection::Listed),
+                    },
                     rows: r.rows,
                     form: a.form,
                 })
@@ -899,6 +948,9 @@ impl<B: Backend> Model<B> {
 struct Attend<S> {
     step: S,
     selection: Option<Selection>,
+    /// Its sequence in the picks the backend kept on the device, when it kept them (and then
+    /// `selection` is `None`).
+    kept: Option<usize>,
     /// Tokens visible after this step (cached + new).
     total: usize,
     /// Its rows in the batch: (first, count).

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use sparsemoe_engine::backend::cpu::Cpu;
 use sparsemoe_engine::backend::cuda::{Cuda, Dtype, compile_kernels};
 use sparsemoe_engine::backend::{
-    AttentionForm, Backend, CachedRows, IndexerSeq, MlaDims, MlaSeq, MlaWeights,
+    AttentionForm, Backend, CachedRows, IndexerSeq, MlaDims, MlaSeq, MlaWeights, Selection,
     absorbed_query_weight,
 };
 use sparsemoe_engine::config::ModelConfig;
@@ -634,7 +634,8 @@ fn the_indexer_reads_each_kv_store_in_place() {
 /// with tables over scattered, disjoint blocks of one pool and rows in an order that leaves a
 /// gap (a batch row no sequence names), one of them all early rows (at most k keys each,
 /// answered without a launch), pick exactly what each sequence picks on its own, for every KV
-/// dtype, in float32 and on the tensor cores.
+/// dtype, in float32 and on the tensor cores; kept on the device
+/// (`indexer_keep_paged`), they are those picks' pool rows.
 #[test]
 fn the_indexer_takes_a_batch_of_sequences_in_one_launch() {
     let Some(cuda) = gpu("the_indexer_takes_a_batch_of_sequences_in_one_launch") else {
@@ -705,6 +706,31 @@ fn the_indexer_takes_a_batch_of_sequences_in_one_launch() {
                 3,
                 "{case}: the early rows launched"
             );
+            // Kept on the device: the same picks as the pool rows that hold them, the early
+            // rows' too (launched then), in one launch.
+            let kept = cuda
+                .indexer_keep_paged(&q, &w, &store, &seqs, k, scale)
+                .expect("the picks of a store's keys are kept");
+            assert_eq!(cuda.indexer_launches() - launches, 4, "{case}");
+            let kept = kept.to_host();
+            for (s, seq) in seqs.iter().enumerate() {
+                let want: Vec<Vec<u32>> = batched[s]
+                    .iter()
+                    .map(|row| {
+                        row.iter()
+                            .map(|&t| seq.table.row(t as usize) as u32)
+                            .collect()
+                    })
+                    .collect();
+                assert_eq!(kept[s], want, "{case}: sequence {s} kept");
+            }
+            cuda.keep_picks(false);
+            assert!(
+                cuda.indexer_keep_paged(&q, &w, &store, &seqs, k, scale)
+                    .is_none(),
+                "{case}: kept though keep_picks is off"
+            );
+            cuda.keep_picks(true);
         }
     }
 }
@@ -839,17 +865,17 @@ fn attention_reads_each_kv_store_in_place() {
                         String::new()
                     }
                 );
-                fn seq<'a, T, S>(
+                fn seq<'a, T, S, P>(
                     (latent, k_pe): (&'a S, &'a S),
                     positions: &'a [usize],
                     selection: Option<&'a [Vec<u32>]>,
                     rows: PagedRows<'a>,
-                ) -> MlaSeq<'a, T, S> {
+                ) -> MlaSeq<'a, T, S, P> {
                     MlaSeq {
                         first: 0,
                         cached: CachedRows::Stores { latent, k_pe },
                         positions,
-                        selection,
+                        selection: selection.map(Selection::Listed),
                         rows: Some(rows),
                         form: AttentionForm::Absorbed,
                     }
@@ -948,13 +974,13 @@ fn attention_over_a_batch_of_sequences_shares_launches() {
     let (pos_a, pos_b, pos_own, pos_a2) = ([38, 39], [23], [11], [30]);
     let picked_b: Vec<Vec<u32>> = vec![(0..=23).step_by(2).collect()];
     let q = noise(6 * d.heads * (d.nope + d.rope));
-    fn seqs<'a, T, S>(
+    fn seqs<'a, T, S, P>(
         (lat, pe): (&'a S, &'a S),
         (own_lat, own_pe): (&'a T, &'a T),
         (table_a, table_b): (PagedRows<'a>, PagedRows<'a>),
         positions: [&'a [usize]; 4],
         picked_b: &'a [Vec<u32>],
-    ) -> Vec<MlaSeq<'a, T, S>> {
+    ) -> Vec<MlaSeq<'a, T, S, P>> {
         let pool = CachedRows::Stores {
             latent: lat,
             k_pe: pe,
@@ -969,7 +995,7 @@ fn attention_over_a_batch_of_sequences_shares_launches() {
         };
         vec![
             in_pool(0, positions[0], None, table_a),
-            in_pool(3, positions[1], Some(picked_b), table_b),
+            in_pool(3, positions[1], Some(Selection::Listed(picked_b)), table_b),
             MlaSeq {
                 first: 4,
                 cached: CachedRows::Tensors {
@@ -1156,6 +1182,74 @@ fn row_operations_match_the_cpu_backend_at_edge_shapes() {
     }
 }
 
+/// The `v32_sparse_moe` fixture on `cuda` with the indexer keeping 8 keys, so that
+/// [`paged_run`]'s sequences outgrow it.
+fn sparse_moe_top8(cuda: &Cuda) -> Model<Cuda> {
+    let options = ModelOptions {
+        index_topk: Some(8),
+        ..ModelOptions::default()
+    };
+    Model::load(&fixture("v32_sparse_moe"), cuda.clone(), options).unwrap()
+}
+
+/// Each output of `got` is `want`'s, bit for bit (`case` says what differs between them).
+fn assert_same_bits(want: &[Vec<f32>], got: &[Vec<f32>], case: &str) {
+    assert_eq!(want.len(), got.len(), "{case}: outputs");
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        assert!(
+            w.len() == g.len() && w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{case}: output {i} differs"
+        );
+    }
+}
+
+/// The indexer's picks kept on the device (`Cuda::keep_picks`, `indexer_keep_paged`) and read
+/// there by the attention give the logits, bit for bit, of the picks copied to the host and
+/// the attention's key lists copied back, through prefill chunks (rows with fewer than k keys
+/// among them) and decode steps of two sequences in one pool, for each KV dtype, with fewer
+/// copies to the device.
+#[test]
+fn kept_picks_give_the_logits_of_listed_picks() {
+    let Some(cuda) = gpu("kept_picks_give_the_logits_of_listed_picks") else {
+        return;
+    };
+    let gpu = sparse_moe_top8(&cuda);
+    for dtype in [KvDtype::Float32, KvDtype::Bfloat16, KvDtype::Fp8] {
+        let mut runs = Vec::new();
+        for keep in [false, true] {
+            cuda.keep_picks(keep);
+            let (copies, _) = cuda.upload_counts();
+            let kept = cuda.kept_pick_launches();
+            let logits = paged_run(&gpu, dtype);
+            let (after, _) = cuda.upload_counts();
+            runs.push((logits, after - copies, cuda.kept_pick_launches() - kept));
+        }
+        let [(want, listed_copies, none), (got, kept_copies, kept)] = &runs[..] else {
+            unreachable!("two runs")
+        };
+        eprintln!(
+            "{dtype:?}: {listed_copies} copies listing the picks, {kept_copies} keeping them \
+             ({kept} attention launches read kept picks)"
+        );
+        assert_eq!(*none, 0, "{dtype:?}: kept picks read with keep_picks off");
+        // One launch a layer in each of the 10 steps after the first (the first sequence has
+        // more than k tokens from its second prefill chunk on; the second sequence joins its
+        // launch in the last 3 steps, when it has too).
+        let layers = gpu.config.num_layers as u64;
+        assert_eq!(
+            *kept,
+            10 * layers,
+            "{dtype:?}: launches that read kept picks"
+        );
+        assert!(
+            kept_copies < listed_copies,
+            "{dtype:?}: {kept_copies} copies keeping the picks, {listed_copies} without"
+        );
+        assert_same_bits(want, got, &format!("{dtype:?}, the picks kept"));
+    }
+    cuda.keep_picks(true);
+}
+
 /// Read-only arrays a step gives every layer (RoPE angles, cache slots, the indexer's block
 /// tables, attention offsets and dense keys) are copied to the device once and then reused
 /// (`Cuda::reuse_uploads`): the same logits, bit for bit, as copying each array every time it
@@ -1165,12 +1259,7 @@ fn repeated_uploads_are_copied_once() {
     let Some(cuda) = gpu("repeated_uploads_are_copied_once") else {
         return;
     };
-    let dir = fixture("v32_sparse_moe");
-    let options = ModelOptions {
-        index_topk: Some(8),
-        ..ModelOptions::default()
-    };
-    let gpu = Model::load(&dir, cuda.clone(), options).unwrap();
+    let gpu = sparse_moe_top8(&cuda);
     let mut runs = Vec::new();
     for reuse in [false, true] {
         cuda.reuse_uploads(reuse);
@@ -1199,10 +1288,5 @@ fn repeated_uploads_are_copied_once() {
         copied * 2 < *copied_each_time,
         "{copied} copies reusing, {copied_each_time} without"
     );
-    for (i, (w, g)) in want.iter().zip(got).enumerate() {
-        assert!(
-            w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "output {i} differs when uploads are reused"
-        );
-    }
+    assert_same_bits(want, got, "uploads reused");
 }

@@ -15,7 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use sparsemoe_engine::backend::cpu::Cpu;
-use sparsemoe_engine::backend::{Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing};
+use sparsemoe_engine::backend::{Backend, Expert, MlaDims, MlaSeq, MlaWeights, NoPicks, Routing};
 use sparsemoe_engine::expert_shards::Pair;
 use sparsemoe_engine::model::{Model, ModelOptions};
 use sparsemoe_engine::rope::{Rope, RopeLayout};
@@ -737,6 +737,7 @@ impl Backend for LosableCpu {
     type Tensor = T;
     type Weight = W;
     type Store = S;
+    type Picks = NoPicks;
 
     fn name(&self) -> String {
         format!("losable {}", self.cpu.name())

@@ -672,6 +672,20 @@ indexer_scores_tc_store_fp8(float* __restrict__ scores, const float* __restrict_
                             n_keys, heads, dim, scale);
 }
 
+// The indexer's picks (topk_rows_f32's out: token positions, -1 none) as the rows of a paged
+// cache that hold them, in place: entry j of row r becomes paged_row(blocks + row_tables[r],
+// block_size, picks[r, j]), as the scores read that key, so the attention
+// (mla_latent_attention's keys) reads the picks where they are, with no trip to the host.
+// Launch: grid ceil(n / ENGINE_THREADS), block ENGINE_THREADS; n = rows · width.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+picks_to_pool_rows(int* __restrict__ picks, const int* __restrict__ blocks, const int* __restrict__ row_tables,
+                   int block_size, int width, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int s = picks[i];
+    if (s >= 0) picks[i] = (int)paged_row(blocks + row_tables[i / width], block_size, s);
+}
+
 // Split keys (flash decoding), for few rows with long key lists: with split_keys > 0, block z
 // (blockIdx.z) of a row takes entries z · split_keys .. (z + 1) · split_keys of its list (none
 // past its end), writes its context normalised over those keys to ctx + z · rows · heads ·

@@ -191,6 +191,8 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("indexer_scores_f32" in "engine.cu":
         scores: F32Mut, q: F32, w: F32, keys: F32, n_visible: I32, n_keys: Int, heads: Int,
         dim: Int, scale: Float),
+    kernel!("picks_to_pool_rows" in "engine.cu":
+        picks: I32Mut, blocks: I32, row_tables: I32, block_size: Int, width: Int, n: Long),
     kernel!("indexer_scores_store_f32" in "engine.cu":
         scores: F32Mut, q: F32, w: F32, keys: F32, blocks: I32, row_tables: I32,
         block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float),

@@ -2,7 +2,8 @@
 //! the fly, rayon across rows / heads / experts, `gemm` for the products.
 
 use super::{
-    AttentionForm, Backend, Expert, ExpertRows, MlaDims, MlaSeq, MlaWeights, Routing, by_expert,
+    AttentionForm, Backend, Expert, ExpertRows, MlaDims, MlaSeq, MlaWeights, NoPicks, Routing,
+    by_expert,
 };
 use std::borrow::Cow;
 
@@ -102,6 +103,7 @@ impl Backend for Cpu {
     type Tensor = CpuTensor;
     type Weight = Matrix;
     type Store = CpuStore;
+    type Picks = NoPicks;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -758,7 +760,7 @@ fn latent_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{CachedRows, absorbed_query_weight};
+    use crate::backend::{CachedRows, Selection, absorbed_query_weight};
     use crate::kv_cache::PagedRows;
     use crate::linalg::tests::pseudo_random;
 
@@ -818,7 +820,7 @@ mod tests {
                                 k_pe: &pe_a,
                             },
                             positions: &pos_a,
-                            selection: sel_a.map(|s| &s[..1]),
+                            selection: sel_a.map(|s| Selection::Listed(&s[..1])),
                             rows: None,
                             form: forms[0],
                         },
@@ -829,7 +831,7 @@ mod tests {
                                 k_pe: &pe_a,
                             },
                             positions: &pos_b,
-                            selection: sel_a.map(|s| &s[1..]),
+                            selection: sel_a.map(|s| Selection::Listed(&s[1..])),
                             rows: None,
                             form: forms[1],
                         },
@@ -840,7 +842,7 @@ mod tests {
                                 k_pe: &pe_b,
                             },
                             positions: &[3],
-                            selection: sel_b,
+                            selection: sel_b.map(Selection::Listed),
                             rows: None,
                             form: forms[2],
                         },
@@ -869,7 +871,7 @@ mod tests {
                             k_pe: &pe_a,
                         },
                         positions: &pos_ab,
-                        selection: sel_a,
+                        selection: sel_a.map(Selection::Listed),
                         rows: None,
                         form: A,
                     }],
@@ -935,7 +937,7 @@ mod tests {
                 cpu.gather_rows(&k_pe, &slots),
             );
             for form in [AttentionForm::Expanded, AttentionForm::Absorbed] {
-                for selection in [None, Some(picked.as_slice())] {
+                for selection in [None, Some(Selection::Listed(picked.as_slice()))] {
                     let seq = MlaSeq {
                         first: 0,
                         cached: CachedRows::Stores {

@@ -34,13 +34,20 @@
 //!   softmax per head. A launch of too few rows to give every multiprocessor a block splits
 //!   each row's keys over several blocks and combines their parts by log-sum-exp (flash
 //!   decoding: `launch::mla_split_keys`, `mla_combine_splits_f32`).
-//! - Routing, selections and block tables come from the host, as the trait asks. A read-only
+//! - The indexer's picks stay on the device ([`Backend::indexer_keep_paged`], [`KeptPicks`]):
+//!   `picks_to_pool_rows` turns each top-k row into the pool rows that hold its tokens, through
+//!   the row's block table, and the attention reads those as its key lists, so a layer copies
+//!   neither the picks to the host nor the key lists back (`kept_picks_give_the_logits_of_listed_picks`:
+//!   the same logits bit for bit). The picks come to the host only when it needs them (a trace,
+//!   `--attention auto`'s dense rows, more than `KEYS_PER_LAUNCH` of them, or
+//!   [`Cuda::keep_picks`] off).
+//! - Routing and block tables come from the host, as the trait asks. A read-only
 //!   array a step gives every layer (RoPE angles, cache slots, the indexer's block tables,
 //!   attention offsets, dense keys) is copied once and reused while its contents repeat
 //!   ([`uploads`], [`Cuda::reuse_uploads`]); a MoE layer's lists (rows, weights, the combine's
 //!   lists, the fp8 experts' address tables) are one copy, and the grouped products' pointer
-//!   arrays another. On the two-layer test model that is 5.5 copies a layer a step instead of
-//!   20.2 (`repeated_uploads_are_copied_once`), most of them once a step rather than a layer.
+//!   arrays another. On the two-layer test model that is 5.0 copies a layer a step instead of
+//!   20.6 (`repeated_uploads_are_copied_once`), most of them once a step rather than a layer.
 //! - Expert parallelism: with several GPUs listed, the model runs on the main *lane* (the
 //!   first GPU's main stream) and expert shard `s` on a lane of its own (a stream, cuBLAS
 //!   handle and kernels on the `s`-th GPU; lanes may share a GPU). A shard's experts live only on
@@ -59,10 +66,9 @@
 //! cuBLAS in `kernels/emu` (`./scripts/test` does): correctness, never speed.
 //!
 //! Owed (issue 5): prefill's fp8 products without the dequantised copy (fp8 tensor cores); the
-//! indexer's selections kept on the device (each layer copies them to the host, and the
-//! attention's key rows back) and the routing there too, which CUDA graphs for decode need
-//! first; `wgmma`/TMA versions of the tensor-core kernels; and NCCL all-to-all in place of
-//! per-shard copies.
+//! routing kept on the device (each MoE layer copies the router's logits to the host), which
+//! CUDA graphs for decode need first; `wgmma`/TMA versions of the tensor-core kernels; and NCCL
+//! all-to-all in place of per-shard copies.
 
 use std::sync::Arc;
 
@@ -76,8 +82,8 @@ use cudarc::driver::{
 use sparsemoe_kernels::launch;
 
 use super::{
-    Backend, CachedRows, Expert, IndexerSeq, MlaDims, MlaSeq, MlaWeights, Routing, by_expert,
-    indexer_select_gathered, pairs_by_row,
+    Backend, CachedRows, Expert, IndexerSeq, MlaDims, MlaSeq, MlaWeights, Routing, Selection,
+    by_expert, indexer_select_gathered, pairs_by_row,
 };
 use crate::error::{EngineError, Result};
 use crate::expert_shards::{Pair, compact_rows};
@@ -137,6 +143,74 @@ impl CudaStore {
 enum IndexerKeys<'a> {
     Rows(&'a CudaTensor),
     Store(&'a CudaStore),
+}
+
+/// A batch's indexer picks kept on the device ([`Backend::indexer_keep_paged`]): row `r` of
+/// `rows` holds batch row `lo + r`'s picks as rows of the paged pool (ascending in token
+/// order, -1 past the last), `width` a row.
+pub struct KeptPicks {
+    rows: CudaSlice<i32>,
+    width: usize,
+    lo: usize,
+    /// Each sequence's first batch row and row count, in the indexer call's order.
+    seqs: Vec<(usize, usize)>,
+    /// The rows of the pool the picks name: each lies below it.
+    pool_rows: usize,
+    /// The stream that writes them.
+    stream: Arc<CudaStream>,
+}
+
+impl KeptPicks {
+    /// Rows `from..from + n` of the picks as one list, `width` entries a row.
+    fn view(&self, from: usize, n: usize) -> CudaView<'_, i32> {
+        self.rows.slice(from * self.width..(from + n) * self.width)
+    }
+
+    /// Where sequence `seq`'s row `i` is among the picks' rows.
+    fn row(&self, seq: usize, i: usize) -> usize {
+        let (first, n) = self.seqs[seq];
+        assert!(i < n, "kept picks: row {i} of a sequence of {n}");
+        first + i - self.lo
+    }
+
+    /// The picks on the host, as [`Backend::indexer_select_paged`] gives them: each sequence's
+    /// rows, each row its picks' pool rows in order.
+    pub fn to_host(&self) -> Vec<Vec<Vec<u32>>> {
+        let all = ok(self.stream.clone_dtoh(&self.rows), "copying to the host");
+        self.seqs
+            .iter()
+            .map(|&(first, n)| {
+                all[(first - self.lo) * self.width..][..n * self.width]
+                    .chunks_exact(self.width)
+                    .map(|row| row.iter().filter(|&&s| s >= 0).map(|&s| s as u32).collect())
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for KeptPicks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "KeptPicks[{} sequences, {} a row]",
+            self.seqs.len(),
+            self.width
+        )
+    }
+}
+
+impl Drop for KeptPicks {
+    fn drop(&mut self) {
+        let _ = self.rows.context().bind_to_thread();
+    }
+}
+
+/// What [`Cuda::indexer_topk`] gives: each sequence's picks on the host, or the batch's kept
+/// on the device.
+enum Picked {
+    Host(Vec<Vec<Vec<u32>>>),
+    Kept(KeptPicks),
 }
 
 impl std::fmt::Debug for CudaStore {
@@ -433,23 +507,22 @@ struct Kernels {
     mla_latent_attention_tc_fp8: CudaFunction,
     mla_combine_splits: CudaFunction,
     topk_rows: CudaFunction,
+    picks_to_pool_rows: CudaFunction,
 }
 
 /// An attention launch's key rows (the cached rows each query row attends to, a list after
 /// another): every visible row (`Dense`: the same in every layer of a step), or with some of
-/// the indexer's picks among them (`Selected`).
-#[derive(Clone, Copy)]
+/// the indexer's picks among them (`Selected`), or the picks where the indexer kept them
+/// (`Kept`).
 enum Keys<'k> {
     Dense(&'k [i32]),
     Selected(&'k [i32]),
-}
-
-impl<'k> Keys<'k> {
-    fn list(self) -> &'k [i32] {
-        match self {
-            Keys::Dense(list) | Keys::Selected(list) => list,
-        }
-    }
+    /// The indexer's picks kept on the device ([`KeptPicks`]), each a pool row below `below`
+    /// or -1.
+    Kept {
+        rows: CudaView<'k, i32>,
+        below: usize,
+    },
 }
 
 /// A MoE layer's index lists on the device, copied in one upload ([`Cuda::expert_lists`]).
@@ -521,6 +594,11 @@ pub struct Cuda {
     key_splits: Arc<std::sync::atomic::AtomicU32>,
     /// Attention launches whose keys were split (each followed by `mla_combine_splits_f32`).
     split_launches: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether the indexer keeps its picks on the device for the attention
+    /// ([`Backend::indexer_keep_paged`]); see [`Cuda::keep_picks`].
+    keep_picks: Arc<std::sync::atomic::AtomicBool>,
+    /// Attention launches that read kept picks.
+    kept_launches: Arc<std::sync::atomic::AtomicU64>,
     /// The most rows of x a product with an fp8 weight has for it to read the codes in place
     /// (`fp8_linear_tc`) rather than dequantise the weight to bf16 for cuBLAS; see
     /// [`Cuda::fp8_in_place_rows`].
@@ -770,6 +848,7 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         mla_latent_attention_tc_fp8: function("mla_latent_attention_tc_fp8")?,
         mla_combine_splits: function("mla_combine_splits_f32")?,
         topk_rows: function("topk_rows_f32")?,
+        picks_to_pool_rows: function("picks_to_pool_rows")?,
     });
     Ok(OpenDevice {
         ordinal,
@@ -925,6 +1004,8 @@ impl Cuda {
             head_groups: Arc::default(),
             key_splits: Arc::default(),
             split_launches: Arc::default(),
+            keep_picks: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            kept_launches: Arc::default(),
             fp8_in_place_rows: Arc::new(std::sync::atomic::AtomicUsize::new(
                 launch::FP8_LINEAR_ROWS as usize,
             )),
@@ -1062,6 +1143,21 @@ impl Cuda {
     /// when their scores pass `SCORES_PER_LAUNCH`).
     pub fn indexer_launches(&self) -> u64 {
         self.indexer_launches
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the indexer's picks stay on the device, as the pool rows the attention reads
+    /// (on by default): a step's layer then copies neither its picks to the host nor its
+    /// attention's key lists back ([`Backend::indexer_keep_paged`]). Off, they make the round
+    /// trip, as for a trace.
+    pub fn keep_picks(&self, on: bool) {
+        self.keep_picks
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many attention launches read the indexer's picks where it kept them.
+    pub fn kept_pick_launches(&self) -> u64 {
+        self.kept_launches
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -1926,6 +2022,12 @@ impl Cuda {
     /// `SCORES_PER_LAUNCH`): each row reads its own sequence's block table. The selections come
     /// back to the host, each row's ascending (as `topk_rows` writes them), a list a sequence. A
     /// row with at most `k` visible keys keeps them all, answered here without a launch.
+    ///
+    /// With `keep` (a store's keys, `k` > 0), the picks stay on the device instead, as the
+    /// pool rows that hold them (`picks_to_pool_rows`), every row of the batch's from the
+    /// launches (rows with at most `k` keys too): [`Picked::Kept`], or `None` for a batch with
+    /// no rows.
+    #[allow(clippy::too_many_arguments)]
     fn indexer_topk(
         &self,
         q: &CudaTensor,
@@ -1934,7 +2036,12 @@ impl Cuda {
         seqs: &[IndexerSeq<'_>],
         k: usize,
         scale: f32,
-    ) -> Vec<Vec<Vec<u32>>> {
+        keep: bool,
+    ) -> Option<Picked> {
+        assert!(
+            !keep || (k > 0 && matches!(keys, IndexerKeys::Store(_))),
+            "indexer: picks are kept for a store's keys, k > 0"
+        );
         let (dim, key_rows) = match keys {
             IndexerKeys::Rows(t) => (t.cols, t.rows),
             IndexerKeys::Store(store) => (store.cols(), store.rows()),
@@ -1965,7 +2072,7 @@ impl Cuda {
             .map(|s| s.first)
             .min()
         else {
-            return selected;
+            return (!keep).then_some(Picked::Host(selected));
         };
         let hi = seqs
             .iter()
@@ -2014,15 +2121,24 @@ impl Cuda {
                 );
                 owner[r] = Some((i, j));
                 row_tables[r] = table_at;
-                if k > 0 && p >= k {
+                if k > 0 && (keep || p >= k) {
                     visible[r] = p + 1;
                 }
             }
         }
         let n_keys = visible.iter().copied().max().unwrap_or(0);
         if n_keys == 0 {
-            return selected;
+            return (!keep).then_some(Picked::Host(selected));
         }
+        // Kept: every row's picks, written by the top-k launches (a row no sequence names gets
+        // none: -1s).
+        let mut kept = keep.then(|| {
+            // SAFETY: the chunks below cover every row, and top-k writes all k of each.
+            ok(
+                unsafe { self.stream.alloc::<i32>((hi - lo) * k) },
+                "allocating",
+            )
+        });
 
         let tensor_cores = self.tensor_cores(dim);
         let k_ = &self.k;
@@ -2081,7 +2197,7 @@ impl Cuda {
         let per_chunk = (SCORES_PER_LAUNCH / n_keys).max(1);
         for first in (0..hi - lo).step_by(per_chunk) {
             let rows = per_chunk.min(hi - lo - first);
-            if visible[first..first + rows].iter().all(|&v| v == 0) {
+            if !keep && visible[first..first + rows].iter().all(|&v| v == 0) {
                 continue;
             }
             let mut scores = self.zeros(rows, n_keys);
@@ -2135,21 +2251,29 @@ impl Cuda {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
 
-            let mut chosen = ok(self.stream.alloc_zeros::<i32>(rows * k), "allocating");
             let (kk, stride) = (k as i32, n_keys as i64);
-            let mut b = self.stream.launch_builder(&self.k.topk_rows);
-            b.arg(&mut chosen)
-                .arg(&scores.buf)
-                .arg(&visible_rows)
-                .arg(&kk)
-                .arg(&stride);
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (launch::TOPK_THREADS, 1, 1),
-                shared_mem_bytes: 0,
+            let topk = |chosen: &mut CudaViewMut<'_, i32>| {
+                let mut b = self.stream.launch_builder(&self.k.topk_rows);
+                b.arg(chosen)
+                    .arg(&scores.buf)
+                    .arg(&visible_rows)
+                    .arg(&kk)
+                    .arg(&stride);
+                let cfg = LaunchConfig {
+                    grid_dim: (rows as u32, 1, 1),
+                    block_dim: (launch::TOPK_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: chosen is [rows, k]; each row's n_valid ≤ n_keys, the scores' row
+                // stride.
+                ok(unsafe { b.launch(cfg) }, "topk_rows");
             };
-            // SAFETY: chosen is [rows, k]; each row's n_valid ≤ n_keys, the scores' row stride.
-            ok(unsafe { b.launch(cfg) }, "topk_rows");
+            if let Some(kept) = &mut kept {
+                topk(&mut kept.slice_mut(first * k..(first + rows) * k));
+                continue;
+            }
+            let mut chosen = ok(self.stream.alloc_zeros::<i32>(rows * k), "allocating");
+            topk(&mut chosen.as_view_mut());
             let chosen = ok(self.stream.clone_dtoh(&chosen), "copying to the host");
             // Each row's picks come in ascending order (topk_rows writes them so): no sort here.
             for (r, row) in (first..first + rows).zip(chosen.chunks_exact(k)) {
@@ -2160,7 +2284,34 @@ impl Cuda {
                 }
             }
         }
-        selected
+        let Some(mut kept) = kept else {
+            return Some(Picked::Host(selected));
+        };
+        // Each pick as the pool row that holds it, through its row's block table.
+        let n = kept.len();
+        let (block_size, width, n_i) = (block_size, k as i32, n as i64);
+        let mut b = self.stream.launch_builder(&self.k.picks_to_pool_rows);
+        b.arg(&mut kept)
+            .arg(&*tables_d)
+            .arg(&*row_tables_d)
+            .arg(&block_size)
+            .arg(&width)
+            .arg(&n_i);
+        // SAFETY: kept is [hi - lo, k], and row_tables has hi - lo entries; every pick of a row
+        // is a key it scored (below its visible count), so its block is one of its table's
+        // uploaded blocks.
+        ok(
+            unsafe { b.launch(Self::flat_config(n)) },
+            "picks_to_pool_rows",
+        );
+        Some(Picked::Kept(KeptPicks {
+            rows: kept,
+            width: k,
+            lo,
+            seqs: seqs.iter().map(|s| (s.first, s.positions.len())).collect(),
+            pool_rows: key_rows,
+            stream: self.stream.clone(),
+        }))
     }
 
     /// Row-major `C_g = B_g · A_gᵀ` for every group `g` of `n.len()`: `A_g` a weight `[m, k]`
@@ -2242,27 +2393,44 @@ impl Cuda {
         scale: f32,
         ctx: &mut CudaTensor,
     ) {
-        let list = keys.list();
         let rows = offsets.len() - 1;
-        if rows == 0 || list.is_empty() {
+        let listed = match &keys {
+            Keys::Dense(list) | Keys::Selected(list) => list.len(),
+            Keys::Kept { rows, .. } => rows.len(),
+        };
+        if rows == 0 || listed == 0 {
             return; // contexts stay zero, as the CPU's for rows with no key
         }
         // A key past the cache would read beyond its buffers on the device (the CPU backend's
-        // slices panic instead): checked here, on the host, where the keys are.
+        // slices panic instead): checked here, on the host, where the keys are, or, for kept
+        // picks, against the rows they were picked in.
         let cache_rows = match cached {
             CachedRows::Tensors { latent, k_pe } => latent.rows.min(k_pe.rows),
             CachedRows::Stores { latent, k_pe } => latent.rows().min(k_pe.rows()),
         };
+        let fits = match &keys {
+            Keys::Dense(list) | Keys::Selected(list) => {
+                list.iter().all(|&k| (k as usize) < cache_rows)
+            }
+            Keys::Kept { below, .. } => *below <= cache_rows,
+        };
         assert!(
-            list.iter().all(|&k| (k as usize) < cache_rows),
+            fits,
             "mla_attention: a key beyond the {cache_rows} cached rows it reads"
         );
         let width = d.heads * d.latent;
         // The offsets are the same every layer of a step, and so are dense rows' keys; the
-        // indexer's picks are not, and are copied without being kept.
-        let keys_d = match keys {
-            Keys::Dense(list) => self.shared(list),
-            Keys::Selected(list) => Arc::new(self.upload_slice(list)),
+        // indexer's picks are not, and are copied without being kept, unless they are on the
+        // device already.
+        let (copied, kept) = match keys {
+            Keys::Dense(list) => (Some(self.shared(list)), None),
+            Keys::Selected(list) => (Some(Arc::new(self.upload_slice(list))), None),
+            Keys::Kept { rows, .. } => (None, Some(rows)),
+        };
+        let keys_d = match (&copied, &kept) {
+            (Some(copy), _) => copy.as_view(),
+            (None, Some(rows)) => rows.slice(..),
+            (None, None) => unreachable!("a launch's keys are copied or kept"),
         };
         let offsets_d = self.shared_i32(offsets.iter().copied());
         let q_lat_rows = q_lat.buf.slice(first_row * width..);
@@ -2376,7 +2544,7 @@ impl Cuda {
             Rows::Bf16(latent, k_pe) => b.arg(latent).arg(k_pe),
             Rows::Fp8(codes, scales, k_pe) => b.arg(codes).arg(scales).arg(k_pe),
         };
-        b.arg(&*keys_d)
+        b.arg(&keys_d)
             .arg(&*offsets_d)
             .arg(&heads)
             .arg(&latent)
@@ -2501,23 +2669,30 @@ impl Cuda {
         &self,
         q_lat: &CudaTensor,
         q: &CudaTensor,
-        seqs: &[MlaSeq<'_, CudaTensor, CudaStore>],
+        seqs: &[MlaSeq<'_, CudaTensor, CudaStore, KeptPicks>],
         d: MlaDims,
         scale: f32,
         ctx: &mut CudaTensor,
     ) {
         /// Rows `first ..` of the batch, all reading `cached`, with their keys so far, and
-        /// whether the indexer chose any of them (such keys differ from layer to layer).
+        /// whether the indexer chose any of them (such keys differ from layer to layer); or
+        /// rows whose keys are kept picks, rows `from ..` of `picks`.
         struct Launch<'s> {
             cached: CachedRows<'s, CudaTensor, CudaStore>,
             first: usize,
-            keys: Vec<i32>,
+            keys: Listed<'s>,
             offsets: Vec<usize>,
-            selected: bool,
+        }
+        enum Listed<'s> {
+            Host { keys: Vec<i32>, selected: bool },
+            Kept { picks: &'s KeptPicks, from: usize },
         }
         impl Launch<'_> {
             fn end(&self) -> usize {
                 self.first + self.offsets.len() - 1
+            }
+            fn rows(&self) -> usize {
+                self.offsets.len() - 1
             }
         }
         let flush = |launch: Launch<'_>, ctx: &mut CudaTensor| {
@@ -2526,12 +2701,21 @@ impl Cuda {
                 first,
                 keys,
                 offsets,
-                selected,
             } = launch;
-            let keys = if selected {
-                Keys::Selected(&keys)
-            } else {
-                Keys::Dense(&keys)
+            let keys = match &keys {
+                Listed::Host {
+                    keys,
+                    selected: true,
+                } => Keys::Selected(keys),
+                Listed::Host { keys, .. } => Keys::Dense(keys),
+                Listed::Kept { picks, from } => {
+                    self.kept_launches
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Keys::Kept {
+                        rows: picks.view(*from, offsets.len() - 1),
+                        below: picks.pool_rows,
+                    }
+                }
             };
             self.latent_attention(q_lat, q, cached, first, keys, &offsets, d, scale, ctx);
         };
@@ -2542,33 +2726,73 @@ impl Cuda {
             {
                 flush(launch, ctx);
             }
+            if let Some(Selection::Kept { picks, seq: at }) = seq.selection {
+                assert!(
+                    matches!(seq.cached, CachedRows::Stores { .. }) && seq.rows.is_some(),
+                    "mla_attention: kept picks are rows of a pool read in place"
+                );
+                let from = picks.row(at, 0);
+                let n = seq.positions.len();
+                // One launch while the rows follow one another here and among the picks.
+                let joins = |l: &Launch<'_>| match l.keys {
+                    Listed::Kept { picks: p, from: f } => {
+                        std::ptr::eq(p, picks)
+                            && seq.first == l.end()
+                            && from == f + l.rows()
+                            && (l.rows() + n) * picks.width <= KEYS_PER_LAUNCH
+                    }
+                    Listed::Host { .. } => false,
+                };
+                if let Some(launch) = pending.take_if(|l| !joins(l)) {
+                    flush(launch, ctx);
+                }
+                let launch = pending.get_or_insert_with(|| Launch {
+                    cached: seq.cached,
+                    first: seq.first,
+                    keys: Listed::Kept { picks, from },
+                    offsets: vec![0],
+                });
+                for _ in 0..n {
+                    let next = launch.offsets[launch.rows()] + picks.width;
+                    launch.offsets.push(next);
+                }
+                continue;
+            }
             for i in 0..seq.positions.len() {
                 let row = seq.first + i;
                 // At most this many keys (a selection's keys past the position are dropped).
                 let listed = seq.listed_keys(i);
-                if let Some(launch) = pending
-                    .take_if(|l| l.offsets.len() > 1 && l.keys.len() + listed > KEYS_PER_LAUNCH)
-                {
+                if let Some(launch) = pending.take_if(|l| match &l.keys {
+                    Listed::Host { keys, .. } => {
+                        l.offsets.len() > 1 && keys.len() + listed > KEYS_PER_LAUNCH
+                    }
+                    Listed::Kept { .. } => true,
+                }) {
                     flush(launch, ctx);
                 }
                 let launch = pending.get_or_insert_with(|| Launch {
                     cached: seq.cached,
                     first: row,
-                    keys: Vec::new(),
+                    keys: Listed::Host {
+                        keys: Vec::new(),
+                        selected: false,
+                    },
                     offsets: vec![0],
-                    selected: false,
                 });
-                launch.selected |= seq.selection.is_some();
+                let Listed::Host { keys, selected } = &mut launch.keys else {
+                    unreachable!("a launch of kept picks was flushed above");
+                };
+                *selected |= seq.selection.is_some();
                 // Rows in between that no sequence names: no keys.
-                let before = launch.keys.len();
+                let before = keys.len();
                 launch.offsets.resize(row - launch.first + 1, before);
                 // Rows of the cached rows (the pool's own rows when it is read in place), as
                 // the kernels take them.
-                launch.keys.extend(
+                keys.extend(
                     seq.key_rows_iter(i)
                         .map(|r| i32::try_from(r).expect("a cache row fits in int32")),
                 );
-                launch.offsets.push(launch.keys.len());
+                launch.offsets.push(keys.len());
             }
         }
         if let Some(launch) = pending {
@@ -2689,6 +2913,7 @@ impl Backend for Cuda {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
     type Store = CudaStore;
+    type Picks = KeptPicks;
 
     fn name(&self) -> String {
         let mut main = format!("cuda:{} ({})", self.ordinal, self.device_name);
@@ -3147,7 +3372,11 @@ impl Backend for Cuda {
             table: PagedRows::new(&block, keys.rows.max(1), keys.rows),
         };
         assert_eq!(positions.len(), q.rows, "indexer: one position per row");
-        let mut picked = self.indexer_topk(q, w, IndexerKeys::Rows(keys), &[seq], k, scale);
+        let Some(Picked::Host(mut picked)) =
+            self.indexer_topk(q, w, IndexerKeys::Rows(keys), &[seq], k, scale, false)
+        else {
+            unreachable!("indexer_topk: host picks unless kept");
+        };
         picked.pop().unwrap_or_default()
     }
 
@@ -3187,13 +3416,46 @@ impl Backend for Cuda {
             // More heads than the in-place kernel keeps sums for: score gathered copies.
             return indexer_select_gathered(self, q, w, keys, seqs, k, scale);
         }
-        self.indexer_topk(q, w, IndexerKeys::Store(keys), seqs, k, scale)
+        match self.indexer_topk(q, w, IndexerKeys::Store(keys), seqs, k, scale, false) {
+            Some(Picked::Host(picked)) => picked,
+            _ => unreachable!("indexer_topk: host picks unless kept"),
+        }
+    }
+
+    fn indexer_keep_paged(
+        &self,
+        q: &CudaTensor,
+        w: &CudaTensor,
+        keys: &CudaStore,
+        seqs: &[IndexerSeq<'_>],
+        k: usize,
+        scale: f32,
+    ) -> Option<KeptPicks> {
+        let in_place =
+            w.cols <= launch::INDEXER_STORE_MAX_HEADS as usize || self.tensor_cores(keys.cols());
+        // Kept picks take `k` values a batch row on the device until the attention has read
+        // them: a batch of at most KEYS_PER_LAUNCH of them (a decode step's), or the host's
+        // lists, a launch's worth at a time.
+        let named = seqs.iter().filter(|s| !s.positions.is_empty());
+        let lo = named.clone().map(|s| s.first).min()?;
+        let hi = named.map(|s| s.first + s.positions.len()).max()?;
+        if !self.keep_picks.load(std::sync::atomic::Ordering::Relaxed)
+            || !in_place
+            || k == 0
+            || (hi - lo).saturating_mul(k) > KEYS_PER_LAUNCH
+        {
+            return None;
+        }
+        match self.indexer_topk(q, w, IndexerKeys::Store(keys), seqs, k, scale, true)? {
+            Picked::Kept(picks) => Some(picks),
+            Picked::Host(_) => unreachable!("indexer_topk: kept picks when asked"),
+        }
     }
 
     fn mla_attention(
         &self,
         q: &CudaTensor,
-        seqs: &[MlaSeq<'_, CudaTensor, CudaStore>],
+        seqs: &[MlaSeq<'_, CudaTensor, CudaStore, KeptPicks>],
         weights: MlaWeights<'_, CudaWeight>,
         dims: MlaDims,
         scale: f32,

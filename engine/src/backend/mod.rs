@@ -162,36 +162,77 @@ pub fn indexer_select_gathered<B: Backend + ?Sized>(
         .collect()
 }
 
+/// The keys an [`MlaSeq`]'s rows attend to, when the indexer chose them.
+#[derive(Debug)]
+pub enum Selection<'a, P> {
+    /// Row `i` attends to the tokens `listed[i]` (those at or before its position).
+    Listed(&'a [Vec<u32>]),
+    /// Row `i` attends to the keys the indexer picked for row `i` of sequence `seq` of a batch
+    /// whose picks the backend kept on its device ([`Backend::indexer_keep_paged`]). Only a
+    /// backend that keeps picks gets these, for rows it reads in place ([`MlaSeq::rows`]); it
+    /// reads them itself, and [`MlaSeq`]'s host lists ([`MlaSeq::key_rows_iter`] and the
+    /// others) have none to give.
+    Kept { picks: &'a P, seq: usize },
+}
+
+impl<P> Clone for Selection<'_, P> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<P> Copy for Selection<'_, P> {}
+
+/// A backend's [`Backend::Picks`] when it keeps none: no value of it exists, so no
+/// [`Selection::Kept`] can be made for that backend.
+#[derive(Debug)]
+pub enum NoPicks {}
+
 /// One sequence's part of a batched [`Backend::mla_attention`] call.
 #[derive(Debug)]
-pub struct MlaSeq<'a, T, S> {
+pub struct MlaSeq<'a, T, S, P = NoPicks> {
     /// Its first query row in the batch; it has `positions.len()` rows.
     pub first: usize,
     /// The cached latent and RoPE-key rows it attends to.
     pub cached: CachedRows<'a, T, S>,
     /// Each query row's position in the sequence.
     pub positions: &'a [usize],
-    /// Row `i` attends to the cache rows `selection[i]`, or, when `None`, to every row
-    /// `s ≤ positions[i]`.
-    pub selection: Option<&'a [Vec<u32>]>,
+    /// The keys the indexer chose for its rows ([`Selection`]), or, when `None`, every row
+    /// `s ≤ positions[i]` for row `i`.
+    pub selection: Option<Selection<'a, P>>,
     /// Where cache row `s` is: row `rows.row(s)` of the cached rows (a paged pool's rows, read
     /// in place through its block table), or, when `None`, row `s`.
     pub rows: Option<PagedRows<'a>>,
     pub form: AttentionForm,
 }
 
-impl<T, S> Clone for MlaSeq<'_, T, S> {
+impl<T, S, P> Clone for MlaSeq<'_, T, S, P> {
     fn clone(&self) -> Self {
         *self
     }
 }
 
-impl<T, S> Copy for MlaSeq<'_, T, S> {}
+impl<T, S, P> Copy for MlaSeq<'_, T, S, P> {}
 
-impl<'a, T, S> MlaSeq<'a, T, S> {
+impl<'a, T, S, P> MlaSeq<'a, T, S, P> {
+    /// The host's lists of its picks (`None`: it attends densely).
+    ///
+    /// # Panics
+    /// With picks kept on the device ([`Selection::Kept`]): the backend that kept them reads
+    /// them there.
+    fn listed(&self) -> Option<&'a [Vec<u32>]> {
+        match self.selection {
+            None => None,
+            Some(Selection::Listed(lists)) => Some(lists),
+            Some(Selection::Kept { .. }) => {
+                panic!("MlaSeq: the picks are kept on the device; the backend reads them there")
+            }
+        }
+    }
+
     /// Keys its rows attend to, summed over the rows (the measure of its attention's work).
     pub fn keys(&self) -> usize {
-        match self.selection {
+        match self.listed() {
             Some(sel) => sel.iter().map(Vec::len).sum(),
             None => self.positions.iter().map(|p| p + 1).sum(),
         }
@@ -201,7 +242,7 @@ impl<'a, T, S> MlaSeq<'a, T, S> {
     /// or, without a selection, every row up to its position.
     pub fn visible_keys(&self, i: usize) -> Vec<usize> {
         let pos = self.positions[i];
-        match self.selection {
+        match self.listed() {
             Some(sel) => sel[i]
                 .iter()
                 .map(|&s| s as usize)
@@ -218,10 +259,10 @@ impl<'a, T, S> MlaSeq<'a, T, S> {
 
     /// [`MlaSeq::key_rows`] one at a time, in the same order, collecting nothing (a decode
     /// batch's rows each have thousands).
-    pub fn key_rows_iter(&self, i: usize) -> impl Iterator<Item = usize> + use<'a, T, S> {
+    pub fn key_rows_iter(&self, i: usize) -> impl Iterator<Item = usize> + use<'a, T, S, P> {
         let pos = self.positions[i];
         // Every key up to the position, or the picks: one of the two is empty.
-        let (every, picked) = match self.selection {
+        let (every, picked) = match self.listed() {
             Some(sel) => (0..0, &sel[i][..]),
             None => (0..pos + 1, &[][..]),
         };
@@ -239,7 +280,7 @@ impl<'a, T, S> MlaSeq<'a, T, S> {
     /// How many keys row `i` lists: [`MlaSeq::key_rows`]' length, or more when its selection
     /// names keys past its position (which it does not attend to).
     pub fn listed_keys(&self, i: usize) -> usize {
-        self.selection
+        self.listed()
             .map_or(self.positions[i] + 1, |sel| sel[i].len())
     }
 
@@ -248,7 +289,7 @@ impl<'a, T, S> MlaSeq<'a, T, S> {
     /// tensors. [`MlaSeq::over`] makes the sequence that reads the copies.
     pub fn gather_stores<B>(&self, b: &B) -> Option<(T, T)>
     where
-        B: Backend<Tensor = T, Store = S> + ?Sized,
+        B: Backend<Tensor = T, Store = S, Picks = P> + ?Sized,
     {
         let CachedRows::Stores { latent, k_pe } = self.cached else {
             return None;
@@ -263,7 +304,7 @@ impl<'a, T, S> MlaSeq<'a, T, S> {
 
     /// This sequence reading the tensors `latent` and `k_pe`, whose row `s` is its token `s`
     /// (as [`MlaSeq::gather_stores`] returns them).
-    pub fn over<'b>(&self, latent: &'b T, k_pe: &'b T) -> MlaSeq<'b, T, S>
+    pub fn over<'b>(&self, latent: &'b T, k_pe: &'b T) -> MlaSeq<'b, T, S, P>
     where
         'a: 'b,
     {
@@ -336,6 +377,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Rows of one kind (MLA latent, RoPE key or indexer key) of a paged KV pool, stored as a
     /// [`KvDtype`].
     type Store: Send + Sync;
+    /// A batch's indexer picks kept on the device ([`Backend::indexer_keep_paged`]);
+    /// [`NoPicks`] for a backend that keeps none.
+    type Picks: Send + Sync;
 
     /// Human-readable device name (metrics, logs).
     fn name(&self) -> String;
@@ -475,13 +519,32 @@ pub trait Backend: Send + Sync + 'static {
         indexer_select_gathered(self, q, w, keys, seqs, k, scale)
     }
 
+    /// [`Backend::indexer_select_paged`] with the picks left on the device, each pick already
+    /// the pool row that holds its token (through its sequence's block table), for an
+    /// attention that reads the same pool in place to take as [`Selection::Kept`] (sequence
+    /// `i` of `seqs` is `seq: i`), so that neither the picks nor the attention's key lists
+    /// cross to the host. `None` (the default) when this backend keeps no picks, or not these:
+    /// the caller then asks [`Backend::indexer_select_paged`].
+    fn indexer_keep_paged(
+        &self,
+        q: &Self::Tensor,
+        w: &Self::Tensor,
+        keys: &Self::Store,
+        seqs: &[IndexerSeq<'_>],
+        k: usize,
+        scale: f32,
+    ) -> Option<Self::Picks> {
+        let _ = (q, w, keys, seqs, k, scale);
+        None
+    }
+
     /// Multi-head latent attention of the query rows `q` (`[n, heads·(nope+rope)]`, RoPE
     /// applied) of several sequences, each against its own cache (see [`MlaSeq`]). Returns
     /// `[n, heads·v]`; rows of `q` that no sequence names are left zero.
     fn mla_attention(
         &self,
         q: &Self::Tensor,
-        seqs: &[MlaSeq<'_, Self::Tensor, Self::Store>],
+        seqs: &[MlaSeq<'_, Self::Tensor, Self::Store, Self::Picks>],
         weights: MlaWeights<'_, Self::Weight>,
         dims: MlaDims,
         scale: f32,
@@ -511,7 +574,7 @@ pub trait Backend: Send + Sync + 'static {
 
 #[cfg(test)]
 mod tests {
-    use super::{AttentionForm, CachedRows, MlaSeq, pairs_by_row};
+    use super::{AttentionForm, CachedRows, MlaSeq, Selection, pairs_by_row};
     use crate::kv_cache::PagedRows;
 
     #[test]
@@ -534,11 +597,11 @@ mod tests {
             form: AttentionForm::Absorbed,
         };
         // Row 0 lists 6 but sits at position 5: it attends to 0 and 3 only.
-        let picked = seq(Some(&picks[..]), None);
+        let picked = seq(Some(Selection::Listed(&picks[..])), None);
         assert_eq!(picked.key_rows(0), [0, 3]);
         assert_eq!(picked.listed_keys(0), 3);
         assert_eq!(picked.key_rows(1), [1, 7, 2], "the picks' own order");
-        let paged = seq(Some(&picks[..]), Some(table));
+        let paged = seq(Some(Selection::Listed(&picks[..])), Some(table));
         assert_eq!(paged.key_rows(0), [6, 1]);
         assert_eq!(paged.key_rows(1), [7, 3, 0]);
         let dense = seq(None, Some(table));
