@@ -2664,7 +2664,10 @@ impl Cuda {
     /// (a paged pool's, each through its own block table) share launches: a decode step's
     /// rows, one a sequence, are one launch. A launch's key lists (a dense prefill's grow with
     /// the square of its rows) stay within `KEYS_PER_LAUNCH`; rows between its sequences that
-    /// none names get no keys, and their contexts stay zero.
+    /// none names get no keys, and their contexts stay zero. Sequences whose keys are picks the
+    /// indexer kept ([`Selection::Kept`]) take launches of their own, whose key lists are the
+    /// kept rows themselves (`width` a row, -1s skipped), while their rows follow one another
+    /// in the batch and among the picks: a decode step's are one launch.
     fn attend(
         &self,
         q_lat: &CudaTensor,
