@@ -1184,9 +1184,10 @@ fn row_operations_match_the_cpu_backend_at_edge_shapes() {
 
 /// The `v32_sparse_moe` fixture on `cuda` with the indexer keeping 8 keys, so that
 /// [`paged_run`]'s sequences outgrow it.
-fn sparse_moe_top8(cuda: &Cuda) -> Model<Cuda> {
+fn sparse_moe_top8(cuda: &Cuda, attention: AttentionMode) -> Model<Cuda> {
     let options = ModelOptions {
         index_topk: Some(8),
+        attention,
         ..ModelOptions::default()
     };
     Model::load(&fixture("v32_sparse_moe"), cuda.clone(), options).unwrap()
@@ -1207,47 +1208,68 @@ fn assert_same_bits(want: &[Vec<f32>], got: &[Vec<f32>], case: &str) {
 /// there by the attention give the logits, bit for bit, of the picks copied to the host and
 /// the attention's key lists copied back, through prefill chunks (rows with fewer than k keys
 /// among them) and decode steps of two sequences in one pool, for each KV dtype, with fewer
-/// copies to the device.
+/// copies to the device. With `--attention auto` the chunk whose rows cross `dense_below`
+/// lists its picks on the host (its early rows attend to every key), and the steps after it
+/// keep them.
 #[test]
 fn kept_picks_give_the_logits_of_listed_picks() {
     let Some(cuda) = gpu("kept_picks_give_the_logits_of_listed_picks") else {
         return;
     };
-    let gpu = sparse_moe_top8(&cuda);
-    for dtype in [KvDtype::Float32, KvDtype::Bfloat16, KvDtype::Fp8] {
-        let mut runs = Vec::new();
-        for keep in [false, true] {
-            cuda.keep_picks(keep);
-            let (copies, _) = cuda.upload_counts();
-            let kept = cuda.kept_pick_launches();
-            let logits = paged_run(&gpu, dtype);
-            let (after, _) = cuda.upload_counts();
-            runs.push((logits, after - copies, cuda.kept_pick_launches() - kept));
+    // One launch a layer in each of the 10 steps after the first (the first sequence has more
+    // than k tokens from its second prefill chunk on; the second sequence joins its launch in
+    // the last 3 steps, when it has too); with auto attention from 12 tokens on, not in the
+    // second step, whose chunk (positions 7 to 13) crosses it.
+    for (attention, kept_steps) in [
+        (AttentionMode::Sparse, 10),
+        (AttentionMode::Auto { dense_below: 12 }, 9),
+    ] {
+        let gpu = sparse_moe_top8(&cuda, attention);
+        for dtype in [KvDtype::Float32, KvDtype::Bfloat16, KvDtype::Fp8] {
+            kept_against_listed(&cuda, &gpu, dtype, kept_steps, &format!("{attention:?}"));
         }
-        let [(want, listed_copies, none), (got, kept_copies, kept)] = &runs[..] else {
-            unreachable!("two runs")
-        };
-        eprintln!(
-            "{dtype:?}: {listed_copies} copies listing the picks, {kept_copies} keeping them \
-             ({kept} attention launches read kept picks)"
-        );
-        assert_eq!(*none, 0, "{dtype:?}: kept picks read with keep_picks off");
-        // One launch a layer in each of the 10 steps after the first (the first sequence has
-        // more than k tokens from its second prefill chunk on; the second sequence joins its
-        // launch in the last 3 steps, when it has too).
-        let layers = gpu.config.num_layers as u64;
-        assert_eq!(
-            *kept,
-            10 * layers,
-            "{dtype:?}: launches that read kept picks"
-        );
-        assert!(
-            kept_copies < listed_copies,
-            "{dtype:?}: {kept_copies} copies keeping the picks, {listed_copies} without"
-        );
-        assert_same_bits(want, got, &format!("{dtype:?}, the picks kept"));
     }
     cuda.keep_picks(true);
+}
+
+/// [`kept_picks_give_the_logits_of_listed_picks`] for one model and KV dtype: `kept_steps` of
+/// [`paged_run`]'s steps keep their picks.
+fn kept_against_listed(
+    cuda: &Cuda,
+    gpu: &Model<Cuda>,
+    dtype: KvDtype,
+    kept_steps: u64,
+    mode: &str,
+) {
+    let case = format!("{mode}, {dtype:?}");
+    let mut runs = Vec::new();
+    for keep in [false, true] {
+        cuda.keep_picks(keep);
+        let (copies, _) = cuda.upload_counts();
+        let kept = cuda.kept_pick_launches();
+        let logits = paged_run(gpu, dtype);
+        let (after, _) = cuda.upload_counts();
+        runs.push((logits, after - copies, cuda.kept_pick_launches() - kept));
+    }
+    let [(want, listed_copies, none), (got, kept_copies, kept)] = &runs[..] else {
+        unreachable!("two runs")
+    };
+    eprintln!(
+        "{case}: {listed_copies} copies listing the picks, {kept_copies} keeping them ({kept} \
+         attention launches read kept picks)"
+    );
+    assert_eq!(*none, 0, "{case}: kept picks read with keep_picks off");
+    let layers = gpu.config.num_layers as u64;
+    assert_eq!(
+        *kept,
+        kept_steps * layers,
+        "{case}: launches that read kept picks"
+    );
+    assert!(
+        kept_copies < listed_copies,
+        "{case}: {kept_copies} copies keeping the picks, {listed_copies} without"
+    );
+    assert_same_bits(want, got, &format!("{case}, the picks kept"));
 }
 
 /// Read-only arrays a step gives every layer (RoPE angles, cache slots, the indexer's block
@@ -1259,7 +1281,7 @@ fn repeated_uploads_are_copied_once() {
     let Some(cuda) = gpu("repeated_uploads_are_copied_once") else {
         return;
     };
-    let gpu = sparse_moe_top8(&cuda);
+    let gpu = sparse_moe_top8(&cuda, AttentionMode::Sparse);
     let mut runs = Vec::new();
     for reuse in [false, true] {
         cuda.reuse_uploads(reuse);
