@@ -2734,8 +2734,11 @@ impl Cuda {
                     matches!(seq.cached, CachedRows::Stores { .. }) && seq.rows.is_some(),
                     "mla_attention: kept picks are rows of a pool read in place"
                 );
-                let from = picks.row(at, 0);
                 let n = seq.positions.len();
+                if n == 0 {
+                    continue; // no rows, no keys
+                }
+                let from = picks.row(at, 0);
                 // One launch while the rows follow one another here and among the picks.
                 let joins = |l: &Launch<'_>| match l.keys {
                     Listed::Kept { picks: p, from: f } => {
