@@ -145,14 +145,13 @@ enum IndexerKeys<'a> {
     Store(&'a CudaStore),
 }
 
-/// A batch's indexer picks kept on the device ([`Backend::indexer_keep_paged`]): row `r` of
-/// `rows` holds batch row `lo + r`'s picks as rows of the paged pool (ascending in token
-/// order, -1 past the last), `width` a row.
+/// A batch's indexer picks kept on the device ([`Backend::indexer_keep_paged`]): each row of
+/// `rows` holds a batch row's picks as rows of the paged pool (ascending in token order, -1
+/// past the last), `width` a row.
 pub struct KeptPicks {
     rows: CudaSlice<i32>,
     width: usize,
-    lo: usize,
-    /// Each sequence's first batch row and row count, in the indexer call's order.
+    /// Each sequence's first row among `rows` and its row count, in the indexer call's order.
     seqs: Vec<(usize, usize)>,
     /// The rows of the pool the picks name: each lies below it.
     pool_rows: usize,
@@ -170,7 +169,7 @@ impl KeptPicks {
     fn row(&self, seq: usize, i: usize) -> usize {
         let (first, n) = self.seqs[seq];
         assert!(i < n, "kept picks: row {i} of a sequence of {n}");
-        first + i - self.lo
+        first + i
     }
 
     /// The picks on the host, as [`Backend::indexer_select_paged`] gives them: each sequence's
@@ -180,7 +179,9 @@ impl KeptPicks {
         self.seqs
             .iter()
             .map(|&(first, n)| {
-                all[(first - self.lo) * self.width..][..n * self.width]
+                // (An empty sequence's rows may lie past the picks.)
+                all.get(first * self.width..(first + n) * self.width)
+                    .unwrap_or_default()
                     .chunks_exact(self.width)
                     .map(|row| row.iter().filter(|&&s| s >= 0).map(|&s| s as u32).collect())
                     .collect()
@@ -2307,8 +2308,11 @@ impl Cuda {
         Some(Picked::Kept(KeptPicks {
             rows: kept,
             width: k,
-            lo,
-            seqs: seqs.iter().map(|s| (s.first, s.positions.len())).collect(),
+            // An empty sequence's rows start anywhere: it has none to read.
+            seqs: seqs
+                .iter()
+                .map(|s| (s.first.saturating_sub(lo), s.positions.len()))
+                .collect(),
             pool_rows: key_rows,
             stream: self.stream.clone(),
         }))
@@ -2422,15 +2426,17 @@ impl Cuda {
         // The offsets are the same every layer of a step, and so are dense rows' keys; the
         // indexer's picks are not, and are copied without being kept, unless they are on the
         // device already.
-        let (copied, kept) = match keys {
-            Keys::Dense(list) => (Some(self.shared(list)), None),
-            Keys::Selected(list) => (Some(Arc::new(self.upload_slice(list))), None),
-            Keys::Kept { rows, .. } => (None, Some(rows)),
-        };
-        let keys_d = match (&copied, &kept) {
-            (Some(copy), _) => copy.as_view(),
-            (None, Some(rows)) => rows.slice(..),
-            (None, None) => unreachable!("a launch's keys are copied or kept"),
+        let copied;
+        let keys_d = match keys {
+            Keys::Dense(list) => {
+                copied = self.shared(list);
+                copied.as_view()
+            }
+            Keys::Selected(list) => {
+                copied = Arc::new(self.upload_slice(list));
+                copied.as_view()
+            }
+            Keys::Kept { rows, .. } => rows,
         };
         let offsets_d = self.shared_i32(offsets.iter().copied());
         let q_lat_rows = q_lat.buf.slice(first_row * width..);
