@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check for sparsemoe's kernels and its engine, for a single device call: every step
 # has a time limit and the required ones add up to under 10 minutes (kernels 300 s, engine tests
-# 100 s, six benches 30 s each), then a memcheck run of two tests (90 s) if time is left; about
+# 100 s, six benches 30 s each), then a memcheck run of three tests (90 s) if time is left; about
 # 5 minutes expected on an H200, unmeasured so far. Call it with timeout_s 600 and carry
 # ["target/gpu-check"] (kernels/gpu-build.sh, 21 MB).
 # Needs nvcc, PyTorch and CuPy on the GPU machine (its image has them): the .cu files are
@@ -79,13 +79,13 @@ PY
             [[ ${PIPESTATUS[0]} == 124 ]] && echo "engine: timed out after $((30 * slow)) s" | tee -a "$OUT/engine.log"
         done
     done
-    # Last, as its output is a bonus: the paged-pool and grouped-expert tests under
+    # Last, as its output is a bonus: the paged-pool, grouped-expert and device-routing tests under
     # compute-sanitizer's memcheck (out-of-bounds and misaligned device accesses), where the
     # toolkit has it. If the call's time runs out here, everything above is already in $OUT.
     if command -v compute-sanitizer >/dev/null; then
         echo "engine: memcheck" | tee "$OUT/sanitizer.log"
         SPARSEMOE_REQUIRE_GPU=1 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
-            "$bin/cuda-tests" --test-threads 1 paged_batches grouped_expert 2>&1 | tee -a "$OUT/sanitizer.log"
+            "$bin/cuda-tests" --test-threads 1 paged_batches grouped_expert decode_steps_route 2>&1 | tee -a "$OUT/sanitizer.log"
         [[ ${PIPESTATUS[0]} == 0 ]] || rc=1
     else
         echo "engine: memcheck skipped: no compute-sanitizer on this machine" | tee "$OUT/sanitizer.log"

@@ -1095,6 +1095,34 @@ class Harness:
                              f"{int((~same).sum())} tokens differ, all at near-ties (<1e-5)" if ok else f"{int((~same & ~ambiguous).sum())} tokens routed differently")
             self.record(f"moe_route_f32 weights E={E}", rel_l2(wts[same], rw[same]), F32_BOUND)
 
+        # the engine's lists from a routing on the device (moe_expert_slots): pairs in expert
+        # order, an expert's in token order; counts added to one load row
+        for T, E, K in ((64, 256, 8), (5, 8, 2), (300, 16, 1)):
+            ids = torch.rand(T, E, device=self.dev).topk(K, -1).indices.sort(-1).values.int().contiguous()
+            w = torch.rand(T, K, device=self.dev)
+            P = T * K
+            group_offsets = torch.full((E + 1,), -7, dtype=torch.int32, device=self.dev)
+            row_offsets = torch.full((T + 1,), -7, dtype=torch.int32, device=self.dev)
+            slot_rows = torch.full((P,), -7, dtype=torch.int32, device=self.dev)
+            slot_w = torch.full((P,), float("nan"), device=self.dev)
+            slot_of = torch.full((P,), -7, dtype=torch.int32, device=self.dev)
+            load = torch.ones(3, E, device=self.dev)
+            self.launch("moe_expert_slots", (1,), 256, [group_offsets, row_offsets, slot_rows, slot_w, slot_of, load[1], ids, w,
+                                                        ("i", T), ("i", K), ("i", E)])
+            flat = ids.flatten().long()
+            order = torch.sort(flat * P + torch.arange(P, device=self.dev)).indices  # by expert, then pair
+            counts = torch.bincount(flat, minlength=E)
+            want_offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=self.dev), counts.cumsum(0)])
+            want_slot_of = torch.empty(P, dtype=torch.long, device=self.dev)
+            want_slot_of[order] = torch.arange(P, device=self.dev)
+            want_load = torch.ones(3, E, device=self.dev)
+            want_load[1] += counts.float()
+            ok = (torch.equal(group_offsets.long(), want_offsets) and torch.equal(slot_of.long(), want_slot_of)
+                  and torch.equal(slot_rows.long(), order // K) and torch.equal(slot_w, w.flatten()[order])
+                  and torch.equal(row_offsets.long(), torch.arange(T + 1, device=self.dev) * K) and torch.equal(load, want_load))
+            self.record_bool(f"moe_expert_slots T={T} E={E} K={K}", ok,
+                             "expert-order slots, token order within, counts into one load row" if ok else "lists differ")
+
         # permutation, combine, grouped GEMM fallback
         T, E, K, Hd = 2048, 64, 8, 1024
         hot = (torch.arange(E, device=self.dev) == 5).float() * 0.5  # expert 5 is hot, as real loads are

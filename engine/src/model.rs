@@ -97,6 +97,9 @@ enum Mlp<B: Backend> {
     Moe {
         gate: B::Weight,
         bias: Vec<f32>,
+        /// `bias` as a `[1, experts]` tensor, for a backend that routes where the tensors are
+        /// ([`Backend::moe_routed`]).
+        bias_row: B::Tensor,
         experts: Vec<Expert<B::Weight>>,
         shared: Option<Expert<B::Weight>>,
     },
@@ -335,12 +338,14 @@ impl<B: Backend> Model<B> {
                 } else {
                     None
                 };
+                let bias = store.vector(
+                    &format!("{m}.gate.e_score_correction_bias"),
+                    c.n_routed_experts,
+                )?;
                 Mlp::Moe {
                     gate: upload(&format!("{m}.gate.weight"), c.n_routed_experts, h)?,
-                    bias: store.vector(
-                        &format!("{m}.gate.e_score_correction_bias"),
-                        c.n_routed_experts,
-                    )?,
+                    bias_row: backend.tensor(1, c.n_routed_experts, bias.clone()),
+                    bias,
                     experts,
                     shared,
                 }
@@ -513,12 +518,15 @@ impl<B: Backend> Model<B> {
         if let Some(t) = trace.as_deref_mut() {
             t.hidden.push(b.to_host(&h));
         }
+        // The step's routed-token counts per (layer, expert) where the backend routed on the
+        // device (a row a layer), and whether any layer did: read back once after the last.
+        let mut device_load = None;
         for (l, layer) in self.layers.iter().enumerate() {
             let x = b.rms_norm(&h, &layer.input_norm, c.rms_norm_eps);
             let (attn, selections) = self.attention(l, layer, &x, &rows, batch, trace.is_some())?;
             b.add(&mut h, &attn);
             let x = b.rms_norm(&h, &layer.post_attention_norm, c.rms_norm_eps);
-            let (mlp, routing) = self.mlp(l, &layer.mlp, &x);
+            let (mlp, routing) = self.mlp(l, &layer.mlp, &x, trace.is_some(), &mut device_load);
             b.add(&mut h, &mlp);
             if let Some(t) = trace.as_deref_mut() {
                 t.selections.push(selections);
@@ -528,6 +536,12 @@ impl<B: Backend> Model<B> {
         }
         for step in batch.iter_mut() {
             step.cache.advance(step.tokens.len());
+        }
+        if let Some((load, true)) = device_load {
+            let counts = b.to_host(&load);
+            for (layer, row) in counts.chunks(self.router.n_experts).enumerate() {
+                self.expert_load.add(layer, row);
+            }
         }
 
         // Logits only for the rows that asked for them.
@@ -901,17 +915,52 @@ impl<B: Backend> Model<B> {
         Ok((out, all_selections))
     }
 
-    fn mlp(&self, layer_index: usize, mlp: &Mlp<B>, x: &B::Tensor) -> (B::Tensor, Option<Routing>) {
+    /// A layer's MLP. A MoE layer routes where the tensors are ([`Backend::moe_routed`], its
+    /// counts in `device_load`, made on first use) unless a trace asks for the routing or
+    /// expert shards need it on the host; otherwise its router logits come to the host,
+    /// which routes them and counts each choice in [`ExpertLoad`].
+    fn mlp(
+        &self,
+        layer_index: usize,
+        mlp: &Mlp<B>,
+        x: &B::Tensor,
+        tracing: bool,
+        device_load: &mut Option<(B::Tensor, bool)>,
+    ) -> (B::Tensor, Option<Routing>) {
         let b = &self.backend;
         match mlp {
             Mlp::Dense(expert) => (b.swiglu(x, expert), None),
             Mlp::Moe {
                 gate,
                 bias,
+                bias_row,
                 experts,
                 shared,
             } => {
-                let logits = b.to_host(&b.linear(x, gate));
+                let logits = b.linear(x, gate);
+                if !tracing && self.options.expert_shards.is_none() {
+                    let (rows, cols) = (self.layers.len(), self.router.n_experts);
+                    let (load, used) = device_load.get_or_insert_with(|| {
+                        (b.tensor(rows, cols, vec![0.0; rows * cols]), false)
+                    });
+                    let routed = b.moe_routed(
+                        x,
+                        &logits,
+                        bias_row,
+                        &self.router,
+                        experts,
+                        load,
+                        layer_index,
+                    );
+                    if let Some(mut y) = routed {
+                        *used = true;
+                        if let Some(shared) = shared {
+                            b.add(&mut y, &b.swiglu(x, shared));
+                        }
+                        return (y, None);
+                    }
+                }
+                let logits = b.to_host(&logits);
                 let mut routing = Routing::default();
                 for row in logits.chunks(self.router.n_experts) {
                     let (ids, weights) = route(row, bias, &self.router);

@@ -375,19 +375,7 @@ fn fp8_products_read_the_codes_in_place() {
         (1, 1, 4096),
     ];
     for (m, n, k) in shapes {
-        // Any e4m3 code but the NaNs (S.1111.111), and scales of DeepSeek's size.
-        let codes: Vec<u8> = rand(n * k)
-            .into_iter()
-            .map(|v| match ((v + 0.5) * 256.0) as u8 {
-                c if c & 0x7f == 0x7f => 0x3e,
-                c => c,
-            })
-            .collect();
-        let scale_inv: Vec<f32> = rand(n.div_ceil(128) * k.div_ceil(128))
-            .into_iter()
-            .map(|v| 0.001 + (v + 0.5) * 0.004)
-            .collect();
-        let w = Matrix::from_fp8(n, k, codes, scale_inv);
+        let w = random_fp8(&mut rand, n, k);
         let w_values: Vec<f32> = w.to_f32_vec().into_iter().map(bf16).collect();
         let x = rand(m * k);
         let want: Vec<f32> = (0..m * n)
@@ -1311,4 +1299,180 @@ fn repeated_uploads_are_copied_once() {
         "{copied} copies reusing, {copied_each_time} without"
     );
     assert_same_bits(want, got, "uploads reused");
+}
+
+/// An `n × k` fp8 weight of random e4m3 codes (any but the NaNs) and block scales of
+/// DeepSeek's size.
+fn random_fp8(rand: &mut impl FnMut(usize) -> Vec<f32>, n: usize, k: usize) -> Matrix {
+    let codes: Vec<u8> = rand(n * k)
+        .into_iter()
+        .map(|v| match ((v + 0.5) * 256.0) as u8 {
+            c if c & 0x7f == 0x7f => 0x3e,
+            c => c,
+        })
+        .collect();
+    let scale_inv: Vec<f32> = rand(n.div_ceil(128) * k.div_ceil(128))
+        .into_iter()
+        .map(|v| 0.001 + (v + 0.5) * 0.004)
+        .collect();
+    Matrix::from_fp8(n, k, codes, scale_inv)
+}
+
+/// A MoE layer routed on the device (`Backend::moe_routed`: `moe_route_f32`, `moe_expert_slots`,
+/// the grouped fp8 products over every expert, `combine_rows`) against the same layer routed
+/// on the host by `moe::route` and run by `moe_experts`, for routing rules from one group to
+/// DeepSeek-V3's (256 experts in 8 groups, 4 kept, top 8), with and without normalised
+/// weights: the same experts chosen (the counts added to the load's row, and only to it), and
+/// the same outputs within float32 rounding (the device's `expf` may round the sigmoid
+/// differently; on the emulator they are the same bits). A layer of more rows than
+/// `fp8_in_place_rows` is left to the host.
+#[test]
+fn routing_on_the_device_matches_the_host() {
+    use sparsemoe_engine::backend::{Expert, Routing};
+    use sparsemoe_engine::moe::{RouterConfig, route};
+    let test = "routing_on_the_device_matches_the_host";
+    let Some(cuda) = gpus(test, &[0], Dtype::Bfloat16) else {
+        return;
+    };
+    let mut rand = noise(29);
+    let (hidden, inter) = (64, 32);
+    let rules = [
+        (8, 2, 4, 2, true, 2.5),
+        (16, 1, 1, 1, false, 1.0),
+        (64, 6, 8, 3, false, 1.5),
+        (256, 8, 8, 4, true, 2.5),
+    ];
+    for (n_experts, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor) in rules {
+        let router = RouterConfig {
+            n_experts,
+            top_k,
+            n_group,
+            topk_group,
+            norm_topk_prob,
+            routed_scaling_factor,
+        };
+        let experts: Vec<Expert<_>> = (0..n_experts)
+            .map(|_| Expert {
+                gate: cuda.upload(random_fp8(&mut rand, inter, hidden)).unwrap(),
+                up: cuda.upload(random_fp8(&mut rand, inter, hidden)).unwrap(),
+                down: cuda.upload(random_fp8(&mut rand, hidden, inter)).unwrap(),
+            })
+            .collect();
+        let bias: Vec<f32> = rand(n_experts).iter().map(|b| b * 0.2).collect();
+        let bias_row = cuda.tensor(1, n_experts, bias.clone());
+        for rows in [1, 5, 64, 65] {
+            let case = format!(
+                "{n_experts} experts, top {top_k}, {topk_group} of {n_group} groups, {rows} rows"
+            );
+            let x = cuda.tensor(rows, hidden, rand(rows * hidden));
+            let logits_host: Vec<f32> = rand(rows * n_experts).iter().map(|v| v * 6.0).collect();
+            let logits = cuda.tensor(rows, n_experts, logits_host.clone());
+            let mut routing = Routing::default();
+            let mut counts = vec![1f32; 3 * n_experts];
+            for row in logits_host.chunks(n_experts) {
+                let (ids, weights) = route(row, &bias, &router);
+                for &e in &ids {
+                    counts[n_experts + e] += 1.0;
+                }
+                routing.experts.push(ids);
+                routing.weights.push(weights);
+            }
+            let want = cuda.to_host(&cuda.moe_experts(&x, &routing, &experts));
+            let mut load = cuda.tensor(3, n_experts, vec![1.0; 3 * n_experts]);
+            let before = cuda.routed_on_device();
+            let got = cuda.moe_routed(&x, &logits, &bias_row, &router, &experts, &mut load, 1);
+            let Some(got) = got else {
+                assert_eq!(rows, 65, "{case}: not routed on the device");
+                assert_eq!(cuda.routed_on_device(), before, "{case}");
+                assert_eq!(
+                    cuda.to_host(&load),
+                    vec![1.0; 3 * n_experts],
+                    "{case}: load changed"
+                );
+                continue;
+            };
+            assert!(
+                rows <= 64,
+                "{case}: routed on the device past fp8_in_place_rows"
+            );
+            assert_eq!(cuda.routed_on_device(), before + 1, "{case}");
+            assert_eq!(cuda.to_host(&load), counts, "{case}: the experts' counts");
+            let got = cuda.to_host(&got);
+            let err = rel_l2(&want, &got);
+            let same = want
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            eprintln!("{test}: {case}: relative L2 {err:.2e} (same bits: {same})");
+            assert!(err < 1e-6, "{case}: relative L2 {err:.2e}");
+        }
+    }
+}
+
+/// A model whose routed experts are fp8 routes a step's MoE layers on the device when the step
+/// has at most `fp8_in_place_rows` rows (here the decode steps of `paged_run`, not its prefill
+/// chunks): the same logits as routing every layer on the host (within float32 rounding; the
+/// same bits on the emulator), the same expert counts, and a copy to the host saved per layer
+/// routed on the device, less one a step for reading back the step's counts.
+#[test]
+fn decode_steps_route_on_the_device() {
+    let test = "decode_steps_route_on_the_device";
+    let Some(cuda) = gpus(test, &[0], Dtype::Bfloat16) else {
+        return;
+    };
+    let (fp8, _) = support::fp8_and_dequantised("v32_sparse_moe", |values| {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        (safetensors::Dtype::F32, bytes)
+    });
+    // paged_run's prefill steps have 8 rows, its 9 decode steps 2.
+    cuda.fp8_in_place_rows(4);
+    let options = ModelOptions {
+        index_topk: Some(8),
+        ..ModelOptions::default()
+    };
+    let mut runs = Vec::new();
+    let mut moe_layers = 0;
+    for on_device in [false, true] {
+        cuda.route_on_device(on_device);
+        let model = Model::load(fp8.path(), cuda.clone(), options.clone()).unwrap();
+        moe_layers = model.config.moe_layers.iter().filter(|&&moe| moe).count() as u64;
+        let (reads, routed) = (cuda.host_reads(), cuda.routed_on_device());
+        let logits = paged_run(&model, KvDtype::Bfloat16);
+        let load = model.expert_load().snapshot();
+        runs.push((
+            logits,
+            load,
+            cuda.host_reads() - reads,
+            cuda.routed_on_device() - routed,
+        ));
+    }
+    cuda.route_on_device(true);
+    let [
+        (want, host_load, host_reads, none),
+        (got, device_load, reads, routed),
+    ] = &runs[..]
+    else {
+        unreachable!("two runs")
+    };
+    eprintln!(
+        "{test}: {routed} MoE layers routed on the device; {host_reads} copies to the host \
+         routing on the host, {reads} on the device"
+    );
+    assert_eq!(*none, 0, "routed on the device with route_on_device off");
+    assert_eq!(*routed, 9 * moe_layers, "the decode steps' MoE layers");
+    assert_eq!(*reads, host_reads - routed + 9, "copies to the host");
+    assert_eq!(device_load, host_load, "the expert counts");
+    assert!(
+        host_load.iter().flatten().sum::<u64>() > 0,
+        "no expert counted"
+    );
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        let err = rel_l2(w, g);
+        assert!(err < 1e-5, "output {i}: relative L2 {err:.2e}");
+    }
+    let same = want
+        .iter()
+        .zip(got)
+        .all(|(w, g)| w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
+    eprintln!("{test}: logits the same bits: {same}");
 }

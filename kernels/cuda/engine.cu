@@ -372,6 +372,166 @@ combine_rows_bf16_bits_f32(float* __restrict__ out, const unsigned short* __rest
     }
 }
 
+// MoE routing (DeepSeek "noaux_tc") on the device, mirroring engine/src/moe.rs `route`.
+#define ROUTE_WARPS 4
+#define ROUTE_MAX_EXPERTS 512
+#define ROUTE_SLOT_THREADS 256
+
+// Warp-wide argmax of (value, index): larger value wins, the lower index on ties.
+SMOE_DEVICE void warp_argmax(float& v, int& idx) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, offset);
+        const int oi = __shfl_xor_sync(0xffffffffu, idx, offset);
+        if (ov > v || (ov == v && oi < idx)) {
+            v = ov;
+            idx = oi;
+        }
+    }
+}
+
+// One warp per token. s = sigmoid(logits); b = s + bias picks the experts: groups scored by the
+// sum of their two largest b, the topk_group best groups kept, then the top_k largest b among
+// them. Weights are the unbiased s of the chosen experts, normalised (sum + 1e-20) when
+// norm_topk_prob, times routed_scaling_factor. ids come out sorted ascending, weights aligned.
+// Limits: experts <= 512, n_group <= 32, top_k <= 32, experts / n_group >= 2 when n_group > 1.
+// Launch: grid = ceil(tokens / 4), block = 128.
+extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
+moe_route_f32(int* __restrict__ ids, float* __restrict__ weights, const float* __restrict__ logits,
+              const float* __restrict__ bias, int tokens, int experts, int top_k, int n_group,
+              int topk_group, int norm_topk_prob, float routed_scaling_factor) {
+    __shared__ float score_s[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
+    __shared__ float biased_s[ROUTE_WARPS][ROUTE_MAX_EXPERTS];
+    __shared__ int chosen_s[ROUTE_WARPS][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int t = blockIdx.x * ROUTE_WARPS + warp;
+    if (t >= tokens) return;  // warp-uniform; no block barrier below
+    float* sc = score_s[warp];
+    float* b = biased_s[warp];
+
+    for (int e = lane; e < experts; e += 32) {
+        const float s = sigmoidf(logits[(size_t)t * experts + e]);
+        sc[e] = s;
+        b[e] = s + bias[e];
+    }
+    __syncwarp();
+
+    if (n_group > 1) {
+        const int size = experts / n_group;
+        float gscore = -INFINITY;
+        if (lane < n_group) {
+            float first = -INFINITY, second = -INFINITY;
+            for (int e = lane * size; e < (lane + 1) * size; ++e) {
+                const float v = b[e];
+                if (v > first) {
+                    second = first;
+                    first = v;
+                } else if (v > second) {
+                    second = v;
+                }
+            }
+            gscore = first + second;
+        }
+        bool keep = false;
+        float candidate = lane < n_group ? gscore : -INFINITY;
+        for (int r = 0; r < topk_group; ++r) {
+            float v = candidate;
+            int g = lane < n_group && !keep ? lane : 0x7fffffff;
+            if (keep || lane >= n_group) v = -INFINITY;
+            warp_argmax(v, g);
+            if (lane == g) keep = true;
+        }
+        __syncwarp();
+        if (lane < n_group && !keep)
+            for (int e = lane * size; e < (lane + 1) * size; ++e) b[e] = -INFINITY;
+        __syncwarp();
+    }
+
+    // top_k rounds of a warp argmax; a chosen expert leaves the race through `taken` bits.
+    unsigned int taken = 0;  // bit j set: expert lane + 32 j taken (experts <= 512 -> 16 bits)
+    for (int r = 0; r < top_k; ++r) {
+        float v = -INFINITY;
+        int idx = 0x7fffffff;
+        for (int j = 0; lane + 32 * j < experts; ++j) {
+            const int e = lane + 32 * j;
+            if (taken & (1u << j)) continue;
+            const float be = b[e];
+            if (idx == 0x7fffffff || be > v) {  // first untaken, then strictly larger (lower e wins ties)
+                v = be;
+                idx = e;
+            }
+        }
+        warp_argmax(v, idx);
+        if ((idx & 31) == lane) taken |= 1u << (idx >> 5);
+        if (lane == 0) chosen_s[warp][r] = idx;
+    }
+    __syncwarp();
+
+    if (lane == 0) {
+        int* c = chosen_s[warp];
+        for (int i = 1; i < top_k; ++i)  // insertion sort: top_k is small
+            for (int j = i; j > 0 && c[j - 1] > c[j]; --j) {
+                const int tmp = c[j];
+                c[j] = c[j - 1];
+                c[j - 1] = tmp;
+            }
+        float sum = 0.f;
+        for (int i = 0; i < top_k; ++i) sum += sc[c[i]];
+        sum += 1e-20f;
+        for (int i = 0; i < top_k; ++i) {
+            // As moe.rs divides, then scales: the same roundings.
+            float w = sc[c[i]];
+            if (norm_topk_prob) w = w / sum;
+            ids[(size_t)t * top_k + i] = c[i];
+            weights[(size_t)t * top_k + i] = w * routed_scaling_factor;
+        }
+    }
+}
+
+// The lists a MoE layer's grouped products and combine_rows_f32 read, from the routing on the
+// device (moe_route_f32's ids and weights, top_k a token): pairs p = t · top_k + j in expert
+// order, an expert's in token order (the order the host's lists have, so the products and sums
+// are the host path's). group_offsets[e] .. group_offsets[e + 1] are expert e's slots
+// (experts + 1 entries); slot s holds token slot_rows[s] with weight slot_weights[s]; pair p is
+// at slot slot_of[p]; row_offsets[t] = t · top_k (tokens + 1 entries: each token's pairs for
+// combine_rows_f32, whose `pairs` is slot_of). load[e] += expert e's pairs (the step's expert
+// counters, kept on the device). A thread per expert counts, then places, its pairs in order:
+// deterministic, with no atomics.
+// Limits: experts <= ROUTE_MAX_EXPERTS; ids in [0, experts).
+// Launch: grid 1, block ROUTE_SLOT_THREADS.
+extern "C" __global__ void __launch_bounds__(ROUTE_SLOT_THREADS)
+moe_expert_slots(int* __restrict__ group_offsets, int* __restrict__ row_offsets, int* __restrict__ slot_rows,
+                 float* __restrict__ slot_weights, int* __restrict__ slot_of, float* __restrict__ load,
+                 const int* __restrict__ ids, const float* __restrict__ weights, int tokens, int top_k,
+                 int experts) {
+    __shared__ int start[ROUTE_MAX_EXPERTS + 1];
+    const int pairs = tokens * top_k;
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+        int count = 0;
+        for (int p = 0; p < pairs; ++p) count += ids[p] == e;
+        start[e + 1] = count;
+        load[e] += (float)count;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        start[0] = 0;
+        for (int e = 0; e < experts; ++e) start[e + 1] += start[e];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e <= experts; e += blockDim.x) group_offsets[e] = start[e];
+    for (int t = threadIdx.x; t <= tokens; t += blockDim.x) row_offsets[t] = t * top_k;
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+        int at = start[e];
+        for (int p = 0; p < pairs; ++p)
+            if (ids[p] == e) {
+                slot_rows[at] = p / top_k;
+                slot_weights[at] = weights[p];
+                slot_of[p] = at;
+                ++at;
+            }
+    }
+}
+
 // out[r, :] = x[r, start .. start + len].
 // Launch: grid rows, block ENGINE_THREADS.
 extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)

@@ -131,10 +131,14 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("dense_mla_attention_bf16" in "mla_dense.cu":
         out: Bf16Mut, lse: F32Mut, q: Bf16, kv: Bf16, kv_start: I32, kv_len: I32, heads: Int,
         latent: Int, rope: Int, scale: Float),
-    kernel!("moe_route_f32" in "moe.cu":
+    kernel!("moe_route_f32" in "engine.cu":
         ids: I32Mut, weights: F32Mut, logits: F32, bias: F32, tokens: Int, experts: Int,
         top_k: Int, n_group: Int, topk_group: Int, norm_topk_prob: Int,
         routed_scaling_factor: Float),
+    kernel!("moe_expert_slots" in "engine.cu":
+        group_offsets: I32Mut, row_offsets: I32Mut, slot_rows: I32Mut, slot_weights: F32Mut,
+        slot_of: I32Mut, load: F32Mut, ids: I32, weights: F32, tokens: Int, top_k: Int,
+        experts: Int),
     kernel!("moe_count_experts" in "moe.cu": counts: I32Mut, ids: I32, n_pairs: Int),
     kernel!("moe_expert_offsets" in "moe.cu":
         offsets: I32Mut, cursor: I32Mut, counts: I32, experts: Int),
@@ -270,9 +274,14 @@ pub mod launch {
     pub const MLA_TC_TILE: u32 = 32;
     pub const MLA_TC_MAX_LATENT: u32 = 512;
     pub const MLA_TC_PAD: u32 = 8;
-    /// Tokens per routing block (one warp each) and the largest expert count.
+    /// Tokens per routing block (one warp each), the largest expert count, and the threads of
+    /// `moe_expert_slots`' one block.
     pub const ROUTE_TOKENS_PER_BLOCK: u32 = 4;
     pub const ROUTE_MAX_EXPERTS: u32 = 512;
+    pub const ROUTE_SLOT_THREADS: u32 = 256;
+    /// The most routing choices a token has (`moe_route_f32`) and the most expert groups.
+    pub const ROUTE_MAX_TOP_K: u32 = 32;
+    pub const ROUTE_MAX_GROUPS: u32 = 32;
     /// Output tile edge of the grouped GEMM fallback.
     pub const GROUPED_GEMM_TILE: u32 = 64;
 

@@ -41,7 +41,16 @@
 //!   the same logits bit for bit). The picks come to the host only when it needs them (a trace,
 //!   `--attention auto`'s dense rows, more than `KEYS_PER_LAUNCH` of them, or
 //!   [`Cuda::keep_picks`] off).
-//! - Routing and block tables come from the host, as the trait asks. A read-only
+//! - A MoE layer of at most [`Cuda::fp8_in_place_rows`] rows (a decode step's) whose routed
+//!   experts are fp8 routes on the device ([`Backend::moe_routed`]): `moe_route_f32` chooses
+//!   each row's experts as `moe::route` does, `moe_expert_slots` lists the pairs in expert
+//!   order and adds the counts to the step's load (read back once a step), and
+//!   `fp8_grouped_tc` runs every expert (those with no rows end at once), so the layer copies
+//!   neither its router logits to the host nor its lists back
+//!   (`routing_on_the_device_matches_the_host`, `decode_steps_route_on_the_device`). Longer
+//!   chunks, bf16 and float32 experts (cuBLAS's grouped products take their sizes from the
+//!   host), expert shards and traces route on the host ([`Cuda::route_on_device`] turns it off).
+//! - Block tables come from the host, as the trait asks. A read-only
 //!   array a step gives every layer (RoPE angles, cache slots, the indexer's block tables,
 //!   attention offsets, dense keys) is copied once and reused while its contents repeat
 //!   ([`uploads`], [`Cuda::reuse_uploads`]); a MoE layer's lists (rows, weights, the combine's
@@ -65,9 +74,8 @@
 //! Without a GPU, `engine/tests/cuda.rs` runs this backend on the CPU emulator of the driver and
 //! cuBLAS in `kernels/emu` (`./scripts/test` does): correctness, never speed.
 //!
-//! Owed (issue 5): prefill's fp8 products without the dequantised copy (fp8 tensor cores); the
-//! routing kept on the device (each MoE layer copies the router's logits to the host), which
-//! CUDA graphs for decode need first; `wgmma`/TMA versions of the tensor-core kernels; and NCCL
+//! Owed (issue 5): prefill's fp8 products without the dequantised copy (fp8 tensor cores);
+//! CUDA graphs for decode (which the routing on the device makes possible for fp8 experts); `wgmma`/TMA versions of the tensor-core kernels; and NCCL
 //! all-to-all in place of per-shard copies.
 
 use std::sync::Arc;
@@ -92,7 +100,7 @@ use crate::rope::{Rope, RopeLayout};
 use crate::weights::Matrix;
 
 mod uploads;
-use uploads::{Pack, Packed, Part, Recent, UploadCounts};
+use uploads::{Pack, Packed, Part, Recent, Tables, UploadCounts};
 
 /// A row-major `[rows, cols]` float32 tensor in device memory. The buffer may be longer than
 /// `rows · cols` (room for appended rows).
@@ -509,6 +517,8 @@ struct Kernels {
     mla_combine_splits: CudaFunction,
     topk_rows: CudaFunction,
     picks_to_pool_rows: CudaFunction,
+    moe_route: CudaFunction,
+    moe_expert_slots: CudaFunction,
 }
 
 /// An attention launch's key rows (the cached rows each query row attends to, a list after
@@ -524,6 +534,17 @@ enum Keys<'k> {
         rows: CudaView<'k, i32>,
         below: usize,
     },
+}
+
+/// What `fp8_grouped_tc` reads besides its rows: each group's first row (groups + 1
+/// entries), and for gate, up and down in that order each group's codes and row scales as
+/// addresses; `most` bounds the rows of a group.
+struct Fp8Tables<'a> {
+    offsets: CudaView<'a, i32>,
+    codes: [CudaView<'a, u64>; 3],
+    scales: [CudaView<'a, u64>; 3],
+    groups: usize,
+    most: usize,
 }
 
 /// A MoE layer's index lists on the device, copied in one upload ([`Cuda::expert_lists`]).
@@ -600,6 +621,13 @@ pub struct Cuda {
     keep_picks: Arc<std::sync::atomic::AtomicBool>,
     /// Attention launches that read kept picks.
     kept_launches: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether MoE layers route on the device when they can ([`Backend::moe_routed`]); see
+    /// [`Cuda::route_on_device`].
+    route_on_device: Arc<std::sync::atomic::AtomicBool>,
+    /// MoE layers routed on the device.
+    routed_layers: Arc<std::sync::atomic::AtomicU64>,
+    /// Device-to-host copies (`to_host`, the indexer's picks): each waits for the stream.
+    host_reads: Arc<std::sync::atomic::AtomicU64>,
     /// The most rows of x a product with an fp8 weight has for it to read the codes in place
     /// (`fp8_linear_tc`) rather than dequantise the weight to bf16 for cuBLAS; see
     /// [`Cuda::fp8_in_place_rows`].
@@ -612,6 +640,8 @@ pub struct Cuda {
     /// [`uploads`]), and its count of copies.
     recent_i32: Arc<Recent<i32>>,
     recent_f32: Arc<Recent<f32>>,
+    /// The routed experts' weight addresses, a table a MoE layer ([`Cuda::expert_tables`]).
+    tables: Arc<Tables>,
     uploads: Arc<UploadCounts>,
 }
 
@@ -850,6 +880,8 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         mla_combine_splits: function("mla_combine_splits_f32")?,
         topk_rows: function("topk_rows_f32")?,
         picks_to_pool_rows: function("picks_to_pool_rows")?,
+        moe_route: function("moe_route_f32")?,
+        moe_expert_slots: function("moe_expert_slots")?,
     });
     Ok(OpenDevice {
         ordinal,
@@ -1007,6 +1039,9 @@ impl Cuda {
             split_launches: Arc::default(),
             keep_picks: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             kept_launches: Arc::default(),
+            route_on_device: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            routed_layers: Arc::default(),
+            host_reads: Arc::default(),
             fp8_in_place_rows: Arc::new(std::sync::atomic::AtomicUsize::new(
                 launch::FP8_LINEAR_ROWS as usize,
             )),
@@ -1014,6 +1049,7 @@ impl Cuda {
             multiprocessors: device.multiprocessors,
             recent_i32: Arc::default(),
             recent_f32: Arc::default(),
+            tables: Arc::default(),
             uploads: Arc::default(),
         })
     }
@@ -1160,6 +1196,28 @@ impl Cuda {
     pub fn kept_pick_launches(&self) -> u64 {
         self.kept_launches
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether a MoE layer of at most [`Cuda::fp8_in_place_rows`] rows with fp8 experts (a
+    /// decode step's) routes on the device (on by default): `moe_route_f32` and
+    /// `moe_expert_slots` build the grouped products' lists there, so the layer copies neither
+    /// its router logits to the host nor its lists back ([`Backend::moe_routed`]). Off, every
+    /// layer routes on the host.
+    pub fn route_on_device(&self, on: bool) {
+        self.route_on_device
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many MoE layers routed on the device.
+    pub fn routed_on_device(&self) -> u64 {
+        self.routed_layers
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many copies to the host the main lane made (tensors, the indexer's picks): each
+    /// waits for everything queued before it on the stream.
+    pub fn host_reads(&self) -> u64 {
+        self.host_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the lanes reuse a device copy of a read-only array (RoPE angles, cache slots,
@@ -1849,10 +1907,20 @@ impl Cuda {
     /// pair of row `lists.rows[j]` at row j) times their weights, experts ascending (the pairs'
     /// order): one `combine_rows` launch.
     fn combine_pairs(&self, out: &mut CudaTensor, y: &Rows, lists: &ExpertLists) {
-        let hidden = out.cols;
-        let (offsets_d, pairs_d) = (lists.view(lists.by_row.0), lists.view(lists.by_row.1));
-        let weights_d = lists.view(lists.weights);
-        let c = hidden as i32;
+        let by_row = (lists.view(lists.by_row.0), lists.view(lists.by_row.1));
+        self.combine(out, y, by_row, &lists.view(lists.weights));
+    }
+
+    /// Adds to each row `r` of `out` the rows `pairs[j]` of `y` times `weights[pairs[j]]`, for
+    /// `j` from `offsets[r]` to `offsets[r + 1]` in order: one `combine_rows` launch.
+    fn combine(
+        &self,
+        out: &mut CudaTensor,
+        y: &Rows,
+        (offsets_d, pairs_d): (CudaView<'_, i32>, CudaView<'_, i32>),
+        weights_d: &CudaView<'_, f32>,
+    ) {
+        let c = out.cols as i32;
         let mut b = match &y {
             Rows::F32(_) => self.stream.launch_builder(&self.k.combine_rows),
             Rows::Bf16(_) => self.stream.launch_builder(&self.k.combine_rows_bf16),
@@ -1862,9 +1930,10 @@ impl Cuda {
             Rows::F32(s) => b.arg(s),
             Rows::Bf16(s) => b.arg(s),
         };
-        b.arg(&offsets_d).arg(&pairs_d).arg(&weights_d).arg(&c);
+        b.arg(&offsets_d).arg(&pairs_d).arg(weights_d).arg(&c);
         // SAFETY: out has out.rows rows of hidden (the rows the lists were made for); offsets
-        // has out.rows + 1 entries, pairs and weights p, y p rows of hidden.
+        // has out.rows + 1 entries, pairs and weights p, y p rows of hidden, and every pair
+        // is below p.
         ok(
             unsafe { b.launch(Self::row_config(out.rows)) },
             "combine_rows",
@@ -1948,6 +2017,46 @@ impl Cuda {
         Some((codes, scales))
     }
 
+    /// Every routed expert's gate, up and down codes, then their row scales, as device
+    /// addresses in one table (`experts.len()` entries each), and the experts' width, when each
+    /// expert is fp8 with gate and up `[inter, hidden]` and down `[hidden, inter]`: what
+    /// `fp8_grouped_tc` reads for a layer routed on the device. A layer's table is copied once
+    /// and kept ([`Tables`]).
+    fn expert_tables(
+        &self,
+        experts: &[Expert<CudaWeight>],
+        hidden: usize,
+    ) -> Option<(Arc<CudaSlice<u64>>, usize)> {
+        use cudarc::driver::DevicePtr;
+        let e = experts.len();
+        let inter = experts.first()?.gate.rows;
+        if inter == 0 || hidden == 0 {
+            return None;
+        }
+        let mut table = vec![0u64; 6 * e];
+        for (i, ex) in experts.iter().enumerate() {
+            let shaped = [
+                (&ex.gate, inter, hidden),
+                (&ex.up, inter, hidden),
+                (&ex.down, hidden, inter),
+            ];
+            for (w, (weight, rows, cols)) in shaped.into_iter().enumerate() {
+                if (weight.rows, weight.cols) != (rows, cols) {
+                    return None;
+                }
+                let WeightData::Fp8 { codes, row_scales } = self.weight(weight) else {
+                    return None;
+                };
+                table[w * e + i] = codes.device_ptr(&self.stream).0;
+                table[(3 + w) * e + i] = row_scales.device_ptr(&self.stream).0;
+            }
+        }
+        let got = self
+            .tables
+            .get(&table, &self.uploads, |v| self.try_upload(v));
+        Some((ok(got, "copying to the device"), inter))
+    }
+
     /// The routed experts' outputs before their weights (`[pairs, hidden]`, a row a pair in
     /// expert order) when `lists` has `fp8_grouped_tc`'s tables (see [`Cuda::expert_lists`]):
     /// three `fp8_grouped_tc` launches, each reading every active expert's weight in place,
@@ -1962,18 +2071,38 @@ impl Cuda {
     ) -> Option<CudaSlice<f32>> {
         let fp8 = lists.fp8.as_ref()?;
         let most = groups.iter().map(|(_, r)| r.len()).max()?;
-        let p = lists.rows.len();
-        let offsets_d = lists.view(fp8.offsets);
         let xp = self.gather_indexed(&x.buf, hidden, &lists.view(lists.rows));
+        let tables = Fp8Tables {
+            offsets: lists.view(fp8.offsets),
+            codes: fp8.codes.map(|part| lists.view(part)),
+            scales: fp8.scales.map(|part| lists.view(part)),
+            groups: groups.len(),
+            most,
+        };
+        Some(self.fp8_expert_products(&xp, &tables, hidden, inter))
+    }
+
+    /// The routed experts' outputs before their weights (`[pairs, hidden]`) for `xp`, the
+    /// pairs' rows in expert order (`[pairs, hidden]`), grouped as `tables` says: three
+    /// `fp8_grouped_tc` launches, each reading every group's weight in place, with
+    /// SiLU-and-mul between them.
+    fn fp8_expert_products(
+        &self,
+        xp: &CudaTensor,
+        tables: &Fp8Tables<'_>,
+        hidden: usize,
+        inter: usize,
+    ) -> CudaSlice<f32> {
+        let p = xp.rows;
         let product = |y: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: usize, n: usize, k: usize| {
-            let (codes, scales) = (lists.view(fp8.codes[w]), lists.view(fp8.scales[w]));
+            let (codes, scales) = (&tables.codes[w], &tables.scales[w]);
             let (ni, ki) = (n as i32, k as i32);
             let scale_cols = k.div_ceil(launch::FP8_LINEAR_K as usize) as i32;
             let config = LaunchConfig {
                 grid_dim: (
                     n.div_ceil(launch::FP8_LINEAR_COLS as usize) as u32,
-                    most.div_ceil(launch::FP8_LINEAR_ROWS as usize) as u32,
-                    groups.len() as u32,
+                    tables.most.div_ceil(launch::FP8_LINEAR_ROWS as usize) as u32,
+                    tables.groups as u32,
                 ),
                 block_dim: (launch::FP8_LINEAR_WARPS * 32, 1, 1),
                 shared_mem_bytes: 0,
@@ -1981,15 +2110,16 @@ impl Cuda {
             let mut b = self.stream.launch_builder(&self.k.fp8_grouped);
             b.arg(y)
                 .arg(x)
-                .arg(&codes)
-                .arg(&scales)
-                .arg(&offsets_d)
+                .arg(codes)
+                .arg(scales)
+                .arg(&tables.offsets)
                 .arg(&ni)
                 .arg(&ki)
                 .arg(&scale_cols);
             // SAFETY: x holds p rows of k and y p rows of n; group g's rows are
-            // offsets[g]..offsets[g + 1], its weight n × k codes and n × scale_cols scales at
-            // the addresses of the tables' entry g, which outlive the launch (the experts').
+            // offsets[g]..offsets[g + 1] (at most `most` of them), its weight n × k codes and
+            // n × scale_cols scales at the addresses of the tables' entry g, which outlive the
+            // launch (the experts').
             ok(unsafe { b.launch(config) }, "fp8_grouped_tc");
             self.fp8_in_place_launches
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -2014,7 +2144,7 @@ impl Cuda {
             "silu_mul",
         );
         product(&mut y, &gate, 2, hidden, inter);
-        Some(y)
+        y
     }
 
     /// The indexer's scores and top-k on the device for the query rows of `seqs` (sequence `i`'s
@@ -2276,6 +2406,8 @@ impl Cuda {
             let mut chosen = ok(self.stream.alloc_zeros::<i32>(rows * k), "allocating");
             topk(&mut chosen.as_view_mut());
             let chosen = ok(self.stream.clone_dtoh(&chosen), "copying to the host");
+            self.host_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // Each row's picks come in ascending order (topk_rows writes them so): no sort here.
             for (r, row) in (first..first + rows).zip(chosen.chunks_exact(k)) {
                 if let (Some((i, j)), true) = (owner[r], visible[r] > 0) {
@@ -3005,6 +3137,8 @@ impl Backend for Cuda {
         if n == 0 {
             return Vec::new();
         }
+        self.host_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ok(
             self.stream.clone_dtoh(&x.buf.slice(..n)),
             "copying to the host",
@@ -3529,6 +3663,130 @@ impl Backend for Cuda {
         let mut out = self.zeros(x.rows, x.cols);
         self.add_experts(x, &mut out, &groups, experts);
         out
+    }
+
+    /// On the device while the layer has at most [`Cuda::fp8_in_place_rows`] rows (so no
+    /// expert has more) and every routed expert is fp8 with one shape: `moe_route_f32` routes,
+    /// `moe_expert_slots` lists the pairs in expert order (as the host's lists have them) and
+    /// adds the counts to `load`, the rows are gathered, three `fp8_grouped_tc` launches run
+    /// every expert (those with no rows end at once), and `combine_rows` adds each row's
+    /// weighted outputs: seven launches, nothing copied either way (the experts' address
+    /// tables are copied once per layer and kept). The products and sums are those of the host
+    /// routing's grouped path, so only the routing's own float32 roundings (the device's
+    /// `expf`) can differ.
+    fn moe_routed(
+        &self,
+        x: &CudaTensor,
+        logits: &CudaTensor,
+        bias: &CudaTensor,
+        router: &crate::moe::RouterConfig,
+        experts: &[Expert<CudaWeight>],
+        load: &mut CudaTensor,
+        load_row: usize,
+    ) -> Option<CudaTensor> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (n, e, k, hidden) = (x.rows, router.n_experts, router.top_k, x.cols);
+        let groups_fit = router.n_group <= 1
+            || (router.n_group <= launch::ROUTE_MAX_GROUPS as usize
+                && e % router.n_group == 0
+                && e / router.n_group >= 2
+                && (1..=router.n_group).contains(&router.topk_group));
+        let routable = self.route_on_device.load(Relaxed)
+            && !self.one_by_one.load(Relaxed)
+            && n > 0
+            && n <= self.in_place_limit()
+            && e == experts.len()
+            && (1..=launch::ROUTE_MAX_EXPERTS as usize).contains(&e)
+            && (1..=e.min(launch::ROUTE_MAX_TOP_K as usize)).contains(&k)
+            && groups_fit
+            && (logits.rows, logits.cols) == (n, e)
+            && bias.rows * bias.cols == e
+            && load.cols == e
+            && load_row < load.rows;
+        if !routable {
+            return None;
+        }
+        let (table, inter) = self.expert_tables(experts, hidden)?;
+        let p = n * k;
+        // SAFETY: moe_route_f32 writes each token's k ids and weights, and moe_expert_slots
+        // every entry of its lists (the experts' slots cover the p pairs).
+        let (mut ids, mut weights, mut group_offsets, mut row_offsets) = unsafe {
+            (
+                ok(self.stream.alloc::<i32>(p), "allocating"),
+                ok(self.stream.alloc::<f32>(p), "allocating"),
+                ok(self.stream.alloc::<i32>(e + 1), "allocating"),
+                ok(self.stream.alloc::<i32>(n + 1), "allocating"),
+            )
+        };
+        // SAFETY: as above.
+        let (mut slot_rows, mut slot_weights, mut slot_of) = unsafe {
+            (
+                ok(self.stream.alloc::<i32>(p), "allocating"),
+                ok(self.stream.alloc::<f32>(p), "allocating"),
+                ok(self.stream.alloc::<i32>(p), "allocating"),
+            )
+        };
+        let (ni, ei, ki) = (n as i32, e as i32, k as i32);
+        let (n_group, topk_group) = (router.n_group as i32, router.topk_group as i32);
+        let norm = i32::from(router.norm_topk_prob);
+        let mut b = self.stream.launch_builder(&self.k.moe_route);
+        b.arg(&mut ids)
+            .arg(&mut weights)
+            .arg(&logits.buf)
+            .arg(&bias.buf)
+            .arg(&ni)
+            .arg(&ei)
+            .arg(&ki)
+            .arg(&n_group)
+            .arg(&topk_group)
+            .arg(&norm)
+            .arg(&router.routed_scaling_factor);
+        let tokens_per_block = launch::ROUTE_TOKENS_PER_BLOCK;
+        let config = LaunchConfig {
+            grid_dim: (n.div_ceil(tokens_per_block as usize) as u32, 1, 1),
+            block_dim: (tokens_per_block * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: logits is [n, e], bias e values, ids and weights [n, k]; e, k and the
+        // groups are within the kernel's limits (checked above).
+        ok(unsafe { b.launch(config) }, "moe_route_f32");
+        let mut load_row = load.buf.slice_mut(load_row * e..(load_row + 1) * e);
+        let mut b = self.stream.launch_builder(&self.k.moe_expert_slots);
+        b.arg(&mut group_offsets)
+            .arg(&mut row_offsets)
+            .arg(&mut slot_rows)
+            .arg(&mut slot_weights)
+            .arg(&mut slot_of)
+            .arg(&mut load_row)
+            .arg(&ids)
+            .arg(&weights)
+            .arg(&ni)
+            .arg(&ki)
+            .arg(&ei);
+        let config = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (launch::ROUTE_SLOT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the lists have the lengths above, load_row e values, and every id the
+        // routing wrote is below e.
+        ok(unsafe { b.launch(config) }, "moe_expert_slots");
+
+        let xp = self.gather_indexed(&x.buf, hidden, &slot_rows.as_view());
+        let tables = Fp8Tables {
+            offsets: group_offsets.as_view(),
+            codes: [0, 1, 2].map(|w| table.slice(w * e..(w + 1) * e)),
+            scales: [3, 4, 5].map(|w| table.slice(w * e..(w + 1) * e)),
+            groups: e,
+            most: n,
+        };
+        let y = self.fp8_expert_products(&xp, &tables, hidden, inter);
+        let mut out = self.zeros(n, hidden);
+        let by_row = (row_offsets.as_view(), slot_of.as_view());
+        self.combine(&mut out, &Rows::F32(y), by_row, &slot_weights.as_view());
+        self.grouped_layers.fetch_add(1, Relaxed);
+        self.routed_layers.fetch_add(1, Relaxed);
+        Some(out)
     }
 
     fn moe_experts_sharded(

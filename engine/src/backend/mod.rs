@@ -561,6 +561,29 @@ pub trait Backend: Send + Sync + 'static {
         experts: &[Expert<Self::Weight>],
     ) -> Self::Tensor;
 
+    /// The routed experts of a MoE layer, routed where the tensors are: each row of `x` routed
+    /// by its router `logits` (`[n, router.n_experts]`) and the selection `bias`
+    /// (`[1, n_experts]`) as [`crate::moe::route`] routes it, and the sum
+    /// [`Backend::moe_experts`] returns for that routing; each expert's routed rows are added
+    /// to row `load_row` of `load` (`[rows, n_experts]`, a step's counts, so that they cross to
+    /// the host once a step rather than a layer). `None` (the default), having changed nothing,
+    /// when this backend routes on the host, or not these rows: the caller then copies the
+    /// logits to the host, routes them there and calls [`Backend::moe_experts`].
+    #[allow(clippy::too_many_arguments)]
+    fn moe_routed(
+        &self,
+        x: &Self::Tensor,
+        logits: &Self::Tensor,
+        bias: &Self::Tensor,
+        router: &crate::moe::RouterConfig,
+        experts: &[Expert<Self::Weight>],
+        load: &mut Self::Tensor,
+        load_row: usize,
+    ) -> Option<Self::Tensor> {
+        let _ = (x, logits, bias, router, experts, load, load_row);
+        None
+    }
+
     /// The same sum with expert parallelism: `work[s]` holds the (row, expert, weight) pairs
     /// shard `s` computes (see [`crate::expert_shards`]); the shards run side by side and their
     /// outputs are combined per row.

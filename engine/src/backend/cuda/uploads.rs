@@ -5,7 +5,8 @@
 //! the host a driver call and a staging copy each time.
 //!
 //! A MoE layer's lists differ from layer to layer; [`Pack`] puts them, of several types, in
-//! one copy instead of one each.
+//! one copy instead of one each. The routed experts' address tables, which a layer routed on
+//! the device reads, differ between layers but not between steps: [`Tables`] keeps them all.
 //!
 //! Only arrays that no kernel writes may come from here: a buffer is handed to every later
 //! caller with the same contents, and freed (stream-ordered, by cudarc) once it is evicted and
@@ -13,7 +14,7 @@
 //! this module drops (an evicted array, the cache itself, a [`Packed`]) binds it first, as the
 //! backend's tensors do.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -112,6 +113,53 @@ impl<T> Drop for Recent<T> {
     fn drop(&mut self) {
         let held = self.held.get_mut().unwrap_or_else(|e| e.into_inner());
         for (_, buf) in held.drain(..) {
+            release(buf);
+        }
+    }
+}
+
+/// The most address tables one [`Tables`] keeps (a model has one a MoE layer); past it, all are
+/// forgotten and copied again as they are asked for.
+const TABLES: usize = 4096;
+
+/// Tables of weight addresses (the routed experts' codes and scales, a table a MoE layer),
+/// copied once and kept by their contents for as long as the lane lives: a table is asked for
+/// with the addresses of the weights it must point at, so one found is always right, even if
+/// weights were freed and others put at the same addresses.
+#[derive(Default)]
+pub(super) struct Tables {
+    held: Mutex<HashMap<Vec<u64>, Arc<CudaSlice<u64>>>>,
+}
+
+impl Tables {
+    /// A device buffer holding `v`: one copied earlier, or a new one from `upload`.
+    pub fn get(
+        &self,
+        v: &[u64],
+        counts: &UploadCounts,
+        upload: impl FnOnce(&[u64]) -> Result<CudaSlice<u64>, DriverError>,
+    ) -> Result<Arc<CudaSlice<u64>>, DriverError> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(buf) = held.get(v) {
+            counts.reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(buf.clone());
+        }
+        let buf = Arc::new(upload(v)?);
+        counts.copies.fetch_add(1, Ordering::Relaxed);
+        if held.len() >= TABLES {
+            for (_, old) in held.drain() {
+                release(old);
+            }
+        }
+        held.insert(v.to_vec(), buf.clone());
+        Ok(buf)
+    }
+}
+
+impl Drop for Tables {
+    fn drop(&mut self) {
+        let held = self.held.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (_, buf) in held.drain() {
             release(buf);
         }
     }
