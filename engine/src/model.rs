@@ -940,9 +940,8 @@ impl<B: Backend> Model<B> {
                 let logits = b.linear(x, gate);
                 if !tracing && self.options.expert_shards.is_none() {
                     let (rows, cols) = (self.layers.len(), self.router.n_experts);
-                    let (load, used) = device_load.get_or_insert_with(|| {
-                        (b.tensor(rows, cols, vec![0.0; rows * cols]), false)
-                    });
+                    let (load, used) =
+                        device_load.get_or_insert_with(|| (b.zeros(rows, cols), false));
                     let routed = b.moe_routed(
                         x,
                         &logits,

@@ -3132,6 +3132,11 @@ impl Backend for Cuda {
         }
     }
 
+    fn zeros(&self, rows: usize, cols: usize) -> CudaTensor {
+        // The lane's own: a memset on the stream.
+        Cuda::zeros(self, rows, cols)
+    }
+
     fn to_host(&self, x: &CudaTensor) -> Vec<f32> {
         let n = x.rows * x.cols;
         if n == 0 {

@@ -415,6 +415,12 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Makes a `[rows, cols]` tensor from host data.
     fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Self::Tensor;
+
+    /// A `[rows, cols]` tensor of zeros (a device backend sets it where it is, copying
+    /// nothing).
+    fn zeros(&self, rows: usize, cols: usize) -> Self::Tensor {
+        self.tensor(rows, cols, vec![0.0; rows * cols])
+    }
     /// A zero-filled KV store of `rows` rows of `cols` values kept as `dtype` (allocated once,
     /// at start-up); an allocation that does not fit is an error naming its size.
     fn kv_store(&self, rows: usize, cols: usize, dtype: KvDtype) -> Result<Self::Store>;
