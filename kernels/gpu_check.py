@@ -1081,7 +1081,8 @@ class Harness:
 
     def check_moe(self):
         for T, E, K, G, TG, norm, rsf in ((4096, 256, 8, 8, 4, 1, 2.5), (512, 8, 2, 4, 2, 1, 2.5),
-                                           (512, 16, 4, 4, 3, 1, 2.5), (512, 8, 1, 1, 1, 0, 1.0)):
+                                           (512, 16, 4, 4, 3, 1, 2.5), (512, 8, 1, 1, 1, 0, 1.0),
+                                           (256, 512, 8, 16, 4, 1, 2.5)):
             logits = torch.randn(T, E, device=self.dev) * 2
             bias = torch.randn(E, device=self.dev) * 0.1
             ids = torch.full((T, K), -7, dtype=torch.int32, device=self.dev)
@@ -1097,7 +1098,7 @@ class Harness:
 
         # the engine's lists from a routing on the device (moe_expert_slots): pairs in expert
         # order, an expert's in token order; counts added to one load row
-        for T, E, K in ((64, 256, 8), (5, 8, 2), (300, 16, 1)):
+        for T, E, K in ((64, 256, 8), (5, 8, 2), (300, 16, 1), (40, 512, 8)):
             ids = torch.rand(T, E, device=self.dev).topk(K, -1).indices.sort(-1).values.int().contiguous()
             w = torch.rand(T, K, device=self.dev)
             P = T * K
@@ -1122,6 +1123,23 @@ class Harness:
                   and torch.equal(row_offsets.long(), torch.arange(T + 1, device=self.dev) * K) and torch.equal(load, want_load))
             self.record_bool(f"moe_expert_slots T={T} E={E} K={K}", ok,
                              "expert-order slots, token order within, counts into one load row" if ok else "lists differ")
+
+        # NaN and infinite logits: every token still gets K distinct experts in range (the
+        # engine's rows of NaN logits route without fault), and the other tokens as before
+        T, E, K = 64, 16, 4
+        logits = torch.randn(T, E, device=self.dev) * 2
+        logits[0] = float("nan")
+        logits[1, :3] = torch.tensor([float("nan"), float("inf"), float("-inf")], device=self.dev)
+        bias = torch.randn(E, device=self.dev) * 0.1
+        ids = torch.full((T, K), -7, dtype=torch.int32, device=self.dev)
+        wts = torch.full((T, K), float("nan"), device=self.dev)
+        self.launch("moe_route_f32", ((T + 3) // 4,), 128, [ids, wts, logits, bias, ("i", T), ("i", E), ("i", K), ("i", 1), ("i", 1), ("i", 1), ("f", 1.0)])
+        rid, _, margin = ref_route(logits[2:], bias, K, 1, 1, 1, 1.0)
+        il = ids.long()
+        same = (il[2:] == rid).all(-1) | (margin < 1e-5)
+        ok = bool(((il >= 0) & (il < E)).all()) and bool((il[:, 1:] > il[:, :-1]).all()) and bool(same.all())
+        self.record_bool("moe_route_f32 NaN and infinite logits", ok,
+                         "distinct ids in range for every token; the other tokens as the reference" if ok else "ids out of range, repeated or changed")
 
         # permutation, combine, grouped GEMM fallback
         T, E, K, Hd = 2048, 64, 8, 1024

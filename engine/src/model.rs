@@ -519,7 +519,7 @@ impl<B: Backend> Model<B> {
             t.hidden.push(b.to_host(&h));
         }
         // The step's routed-token counts per (layer, expert) where the backend routed on the
-        // device (a row a layer), and whether any layer did: read back once after the last.
+        // device (a row a layer), read back once, after the logits.
         let mut device_load = None;
         for (l, layer) in self.layers.iter().enumerate() {
             let x = b.rms_norm(&h, &layer.input_norm, c.rms_norm_eps);
@@ -537,12 +537,6 @@ impl<B: Backend> Model<B> {
         for step in batch.iter_mut() {
             step.cache.advance(step.tokens.len());
         }
-        if let Some((load, true)) = device_load {
-            let counts = b.to_host(&load);
-            for (layer, row) in counts.chunks(self.router.n_experts).enumerate() {
-                self.expert_load.add(layer, row);
-            }
-        }
 
         // Logits only for the rows that asked for them.
         let mut wanted = Vec::new();
@@ -556,6 +550,12 @@ impl<B: Backend> Model<B> {
         let selected = b.concat_rows(&parts);
         let normed = b.rms_norm(&selected, &self.final_norm, c.rms_norm_eps);
         let logits = b.to_host(&b.linear(&normed, &self.lm_head));
+        if let Some(load) = device_load {
+            let counts = b.to_host(&load);
+            for (layer, row) in counts.chunks(self.router.n_experts).enumerate() {
+                self.expert_load.add(layer, row);
+            }
+        }
         let mut out = Vec::with_capacity(batch.len());
         let mut offset = 0;
         for part in &wanted {
@@ -916,7 +916,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// A layer's MLP. A MoE layer routes where the tensors are ([`Backend::moe_routed`], its
-    /// counts in `device_load`, made on first use) unless a trace asks for the routing or
+    /// counts in `device_load`, which the backend makes on first use) unless a trace asks for the routing or
     /// expert shards need it on the host; otherwise its router logits come to the host,
     /// which routes them and counts each choice in [`ExpertLoad`].
     fn mlp(
@@ -925,7 +925,7 @@ impl<B: Backend> Model<B> {
         mlp: &Mlp<B>,
         x: &B::Tensor,
         tracing: bool,
-        device_load: &mut Option<(B::Tensor, bool)>,
+        device_load: &mut Option<B::Tensor>,
     ) -> (B::Tensor, Option<Routing>) {
         let b = &self.backend;
         match mlp {
@@ -939,20 +939,17 @@ impl<B: Backend> Model<B> {
             } => {
                 let logits = b.linear(x, gate);
                 if !tracing && self.options.expert_shards.is_none() {
-                    let (rows, cols) = (self.layers.len(), self.router.n_experts);
-                    let (load, used) =
-                        device_load.get_or_insert_with(|| (b.zeros(rows, cols), false));
+                    let rows = (layer_index, self.layers.len());
                     let routed = b.moe_routed(
                         x,
                         &logits,
                         bias_row,
                         &self.router,
                         experts,
-                        load,
-                        layer_index,
+                        device_load,
+                        rows,
                     );
                     if let Some(mut y) = routed {
-                        *used = true;
                         if let Some(shared) = shared {
                             b.add(&mut y, &b.swiglu(x, shared));
                         }

@@ -1322,10 +1322,11 @@ fn random_fp8(rand: &mut impl FnMut(usize) -> Vec<f32>, n: usize, k: usize) -> M
 /// the grouped fp8 products over every expert, `combine_rows`) against the same layer routed
 /// on the host by `moe::route` and run by `moe_experts`, for routing rules from one group to
 /// DeepSeek-V3's (256 experts in 8 groups, 4 kept, top 8), with and without normalised
-/// weights: the same experts chosen (the counts added to the load's row, and only to it), and
+/// weights, and 512 experts (the kernels' limit): the same experts chosen (the counts added to
+/// the load's row, and only to it; the load made by the call when the step has none yet), and
 /// the same outputs within float32 rounding (the device's `expf` may round the sigmoid
-/// differently; on the emulator they are the same bits). A layer of more rows than
-/// `fp8_in_place_rows` is left to the host.
+/// differently; on the emulator they are the same bits). A row of NaN and infinite logits
+/// routes without fault (each row still counts top_k experts). A layer of more rows than `fp8_in_place_rows` is left to the host.
 #[test]
 fn routing_on_the_device_matches_the_host() {
     use sparsemoe_engine::backend::{Expert, Routing};
@@ -1338,9 +1339,10 @@ fn routing_on_the_device_matches_the_host() {
     let (hidden, inter) = (64, 32);
     let rules = [
         (8, 2, 4, 2, true, 2.5),
-        (16, 1, 1, 1, false, 1.0),
+        (16, 2, 1, 1, false, 1.0),
         (64, 6, 8, 3, false, 1.5),
         (256, 8, 8, 4, true, 2.5),
+        (512, 8, 16, 4, true, 2.5),
     ];
     for (n_experts, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor) in rules {
         let router = RouterConfig {
@@ -1360,15 +1362,40 @@ fn routing_on_the_device_matches_the_host() {
             .collect();
         let bias: Vec<f32> = rand(n_experts).iter().map(|b| b * 0.2).collect();
         let bias_row = cuda.tensor(1, n_experts, bias.clone());
-        for rows in [1, 5, 64, 65] {
+        // (rows, whether row 0's logits hold a NaN and infinities, whether the step's load is
+        // still to be made).
+        let cases = [
+            (1, false, false),
+            (5, false, true),
+            (64, false, false),
+            (65, false, false),
+            (6, true, false),
+        ];
+        for (rows, poisoned, fresh) in cases {
             let case = format!(
-                "{n_experts} experts, top {top_k}, {topk_group} of {n_group} groups, {rows} rows"
+                "{n_experts} experts, top {top_k}, {topk_group} of {n_group} groups, {rows} rows{}",
+                if poisoned {
+                    ", NaN and infinite logits"
+                } else {
+                    ""
+                }
             );
             let x = cuda.tensor(rows, hidden, rand(rows * hidden));
-            let logits_host: Vec<f32> = rand(rows * n_experts).iter().map(|v| v * 6.0).collect();
+            let mut logits_host: Vec<f32> =
+                rand(rows * n_experts).iter().map(|v| v * 6.0).collect();
+            if poisoned {
+                // Row 0 all NaN; row 1 a NaN and infinities among numbers.
+                logits_host[..n_experts].fill(f32::NAN);
+                logits_host[n_experts..n_experts + 3].copy_from_slice(&[
+                    f32::NAN,
+                    f32::INFINITY,
+                    f32::NEG_INFINITY,
+                ]);
+            }
             let logits = cuda.tensor(rows, n_experts, logits_host.clone());
+            let base = if fresh { 0.0 } else { 1.0 };
             let mut routing = Routing::default();
-            let mut counts = vec![1f32; 3 * n_experts];
+            let mut counts = vec![base; 3 * n_experts];
             for row in logits_host.chunks(n_experts) {
                 let (ids, weights) = route(row, &bias, &router);
                 for &e in &ids {
@@ -1378,15 +1405,16 @@ fn routing_on_the_device_matches_the_host() {
                 routing.weights.push(weights);
             }
             let want = cuda.to_host(&cuda.moe_experts(&x, &routing, &experts));
-            let mut load = cuda.tensor(3, n_experts, vec![1.0; 3 * n_experts]);
+            let mut load = (!fresh).then(|| cuda.tensor(3, n_experts, vec![1.0; 3 * n_experts]));
             let before = cuda.routed_on_device();
-            let got = cuda.moe_routed(&x, &logits, &bias_row, &router, &experts, &mut load, 1);
+            let got = cuda.moe_routed(&x, &logits, &bias_row, &router, &experts, &mut load, (1, 3));
             let Some(got) = got else {
                 assert_eq!(rows, 65, "{case}: not routed on the device");
                 assert_eq!(cuda.routed_on_device(), before, "{case}");
+                let load = load.as_ref().map(|load| cuda.to_host(load));
                 assert_eq!(
-                    cuda.to_host(&load),
-                    vec![1.0; 3 * n_experts],
+                    load,
+                    Some(counts.iter().map(|_| 1.0).collect()),
                     "{case}: load changed"
                 );
                 continue;
@@ -1396,8 +1424,29 @@ fn routing_on_the_device_matches_the_host() {
                 "{case}: routed on the device past fp8_in_place_rows"
             );
             assert_eq!(cuda.routed_on_device(), before + 1, "{case}");
-            assert_eq!(cuda.to_host(&load), counts, "{case}: the experts' counts");
+            let load = cuda.to_host(load.as_ref().expect("the load, made by the routed layer"));
             let got = cuda.to_host(&got);
+            if poisoned {
+                // A GPU's NaN may carry another sign than the host's and so rank elsewhere (the
+                // emulator's does not): rows 0 and 1 may route differently, but every row still
+                // counts top_k experts, and the other rows are the host's.
+                let counted: f32 = load[n_experts..2 * n_experts].iter().sum();
+                assert_eq!(
+                    counted - base * n_experts as f32,
+                    (rows * top_k) as f32,
+                    "{case}: counts"
+                );
+                let untouched = [&load[..n_experts], &load[2 * n_experts..]];
+                assert!(
+                    untouched.iter().all(|r| r.iter().all(|&c| c == base)),
+                    "{case}: other load rows"
+                );
+                let err = rel_l2(&want[2 * hidden..], &got[2 * hidden..]);
+                eprintln!("{test}: {case}: rows 2.. relative L2 {err:.2e}");
+                assert!(err < 1e-6, "{case}: rows 2..: relative L2 {err:.2e}");
+                continue;
+            }
+            assert_eq!(load, counts, "{case}: the experts' counts");
             let err = rel_l2(&want, &got);
             let same = want
                 .iter()

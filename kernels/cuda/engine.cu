@@ -377,14 +377,26 @@ combine_rows_bf16_bits_f32(float* __restrict__ out, const unsigned short* __rest
 #define ROUTE_MAX_EXPERTS 512
 #define ROUTE_SLOT_THREADS 256
 
-// Warp-wide argmax of (value, index): larger value wins, the lower index on ties.
-SMOE_DEVICE void warp_argmax(float& v, int& idx) {
+#define ROUTE_KEY_MIN (-2147483647 - 1)
+#define ROUTE_NONE 0x7fffffff
+
+// x's place in the order of Rust's f32::total_cmp, which moe.rs sorts by, as a signed integer:
+// -NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN. Comparing these instead of floats makes every
+// comparison decided (a NaN too), so the lanes of a warp agree on each winner, as the host does.
+SMOE_DEVICE int total_order_key(float x) {
+    const int bits = __float_as_int(x);
+    return bits ^ (int)((unsigned int)(bits >> 31) >> 1);
+}
+
+// Warp-wide argmax of (key, index): the larger key wins, the lower index on ties; every lane
+// ends with the winner.
+SMOE_DEVICE void warp_argmax(int& key, int& idx) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, offset);
+        const int ok = __shfl_xor_sync(0xffffffffu, key, offset);
         const int oi = __shfl_xor_sync(0xffffffffu, idx, offset);
-        if (ov > v || (ov == v && oi < idx)) {
-            v = ov;
+        if (ok > key || (ok == key && oi < idx)) {
+            key = ok;
             idx = oi;
         }
     }
@@ -394,6 +406,8 @@ SMOE_DEVICE void warp_argmax(float& v, int& idx) {
 // sum of their two largest b, the topk_group best groups kept, then the top_k largest b among
 // them. Weights are the unbiased s of the chosen experts, normalised (sum + 1e-20) when
 // norm_topk_prob, times routed_scaling_factor. ids come out sorted ascending, weights aligned.
+// Values are ranked as f32::total_cmp ranks them (total_order_key; ties to the lower index), so
+// NaN logits route as on the host and every token gets top_k distinct experts.
 // Limits: experts <= 512, n_group <= 32, top_k <= 32, experts / n_group >= 2 when n_group > 1.
 // Launch: grid = ceil(tokens / 4), block = 128.
 extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
@@ -418,27 +432,32 @@ moe_route_f32(int* __restrict__ ids, float* __restrict__ weights, const float* _
 
     if (n_group > 1) {
         const int size = experts / n_group;
-        float gscore = -INFINITY;
+        int gkey = ROUTE_KEY_MIN;
         if (lane < n_group) {
-            float first = -INFINITY, second = -INFINITY;
-            for (int e = lane * size; e < (lane + 1) * size; ++e) {
+            // The group's two largest (size >= 2), as moe.rs sorts it and adds its first two.
+            float first = b[lane * size], second = b[lane * size + 1];
+            if (total_order_key(second) > total_order_key(first)) {
+                const float tmp = first;
+                first = second;
+                second = tmp;
+            }
+            for (int e = lane * size + 2; e < (lane + 1) * size; ++e) {
                 const float v = b[e];
-                if (v > first) {
+                if (total_order_key(v) > total_order_key(first)) {
                     second = first;
                     first = v;
-                } else if (v > second) {
+                } else if (total_order_key(v) > total_order_key(second)) {
                     second = v;
                 }
             }
-            gscore = first + second;
+            gkey = total_order_key(first + second);
         }
         bool keep = false;
-        float candidate = lane < n_group ? gscore : -INFINITY;
         for (int r = 0; r < topk_group; ++r) {
-            float v = candidate;
-            int g = lane < n_group && !keep ? lane : 0x7fffffff;
-            if (keep || lane >= n_group) v = -INFINITY;
-            warp_argmax(v, g);
+            const bool racing = lane < n_group && !keep;
+            int key = racing ? gkey : ROUTE_KEY_MIN;
+            int g = racing ? lane : ROUTE_NONE;
+            warp_argmax(key, g);
             if (lane == g) keep = true;
         }
         __syncwarp();
@@ -450,18 +469,18 @@ moe_route_f32(int* __restrict__ ids, float* __restrict__ weights, const float* _
     // top_k rounds of a warp argmax; a chosen expert leaves the race through `taken` bits.
     unsigned int taken = 0;  // bit j set: expert lane + 32 j taken (experts <= 512 -> 16 bits)
     for (int r = 0; r < top_k; ++r) {
-        float v = -INFINITY;
-        int idx = 0x7fffffff;
+        int key = ROUTE_KEY_MIN;
+        int idx = ROUTE_NONE;  // loses every tie: a lane with nothing left never wins
         for (int j = 0; lane + 32 * j < experts; ++j) {
             const int e = lane + 32 * j;
             if (taken & (1u << j)) continue;
-            const float be = b[e];
-            if (idx == 0x7fffffff || be > v) {  // first untaken, then strictly larger (lower e wins ties)
-                v = be;
+            const int k = total_order_key(b[e]);
+            if (idx == ROUTE_NONE || k > key) {  // first untaken, then strictly larger (lower e wins ties)
+                key = k;
                 idx = e;
             }
         }
-        warp_argmax(v, idx);
+        warp_argmax(key, idx);
         if ((idx & 31) == lane) taken |= 1u << (idx >> 5);
         if (lane == 0) chosen_s[warp][r] = idx;
     }

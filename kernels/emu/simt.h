@@ -358,6 +358,7 @@ inline T atomicAdd(T* address, T value) {
 inline float __int_as_float(int v) { return smoe_emu::from_bits<float>((uint32_t)v); }
 inline float __uint_as_float(unsigned int v) { return smoe_emu::from_bits<float>(v); }
 inline unsigned int __float_as_uint(float v) { return (unsigned int)smoe_emu::to_bits(v); }
+inline int __float_as_int(float v) { return (int)smoe_emu::to_bits(v); }
 inline int __popc(unsigned int v) { return __builtin_popcount(v); }
 inline float __expf(float x) { return std::exp(x); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }

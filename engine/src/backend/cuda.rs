@@ -3132,11 +3132,6 @@ impl Backend for Cuda {
         }
     }
 
-    fn zeros(&self, rows: usize, cols: usize) -> CudaTensor {
-        // The lane's own: a memset on the stream.
-        Cuda::zeros(self, rows, cols)
-    }
-
     fn to_host(&self, x: &CudaTensor) -> Vec<f32> {
         let n = x.rows * x.cols;
         if n == 0 {
@@ -3674,8 +3669,9 @@ impl Backend for Cuda {
     /// expert has more) and every routed expert is fp8 with one shape: `moe_route_f32` routes,
     /// `moe_expert_slots` lists the pairs in expert order (as the host's lists have them) and
     /// adds the counts to `load`, the rows are gathered, three `fp8_grouped_tc` launches run
-    /// every expert (those with no rows end at once), and `combine_rows` adds each row's
-    /// weighted outputs: seven launches, nothing copied either way (the experts' address
+    /// every expert (those with no rows end at once) with SiLU-and-mul between them, and
+    /// `combine_rows` adds each row's weighted outputs: eight launches (and the memsets of the
+    /// gathered rows and the output), nothing copied either way (the experts' address
     /// tables are copied once per layer and kept). The products and sums are those of the host
     /// routing's grouped path, so only the routing's own float32 roundings (the device's
     /// `expf`) can differ.
@@ -3686,8 +3682,8 @@ impl Backend for Cuda {
         bias: &CudaTensor,
         router: &crate::moe::RouterConfig,
         experts: &[Expert<CudaWeight>],
-        load: &mut CudaTensor,
-        load_row: usize,
+        load: &mut Option<CudaTensor>,
+        (layer, layers): (usize, usize),
     ) -> Option<CudaTensor> {
         use std::sync::atomic::Ordering::Relaxed;
         let (n, e, k, hidden) = (x.rows, router.n_experts, router.top_k, x.cols);
@@ -3706,12 +3702,15 @@ impl Backend for Cuda {
             && groups_fit
             && (logits.rows, logits.cols) == (n, e)
             && bias.rows * bias.cols == e
-            && load.cols == e
-            && load_row < load.rows;
+            && layer < layers
+            && load
+                .as_ref()
+                .is_none_or(|load| (load.rows, load.cols) == (layers, e));
         if !routable {
             return None;
         }
         let (table, inter) = self.expert_tables(experts, hidden)?;
+        let load = load.get_or_insert_with(|| self.zeros(layers, e));
         let p = n * k;
         // SAFETY: moe_route_f32 writes each token's k ids and weights, and moe_expert_slots
         // every entry of its lists (the experts' slots cover the p pairs).
@@ -3755,7 +3754,7 @@ impl Backend for Cuda {
         // SAFETY: logits is [n, e], bias e values, ids and weights [n, k]; e, k and the
         // groups are within the kernel's limits (checked above).
         ok(unsafe { b.launch(config) }, "moe_route_f32");
-        let mut load_row = load.buf.slice_mut(load_row * e..(load_row + 1) * e);
+        let mut load_row = load.buf.slice_mut(layer * e..(layer + 1) * e);
         let mut b = self.stream.launch_builder(&self.k.moe_expert_slots);
         b.arg(&mut group_offsets)
             .arg(&mut row_offsets)

@@ -63,11 +63,11 @@ impl Routing {
 }
 
 /// One expert and the (row, weight) pairs routed to it.
-pub(crate) type ExpertRows = (usize, Vec<(usize, f32)>);
+pub type ExpertRows = (usize, Vec<(usize, f32)>);
 
 /// `pairs` grouped by expert, in expert order (so each expert runs one product over all its
 /// rows, and sums are added in a fixed order).
-pub(crate) fn by_expert(
+pub fn by_expert(
     pairs: impl Iterator<Item = crate::expert_shards::Pair>,
     num_experts: usize,
 ) -> Vec<ExpertRows> {
@@ -85,7 +85,7 @@ pub(crate) fn by_expert(
 /// The pairs of each row: `rows[j]` is pair `j`'s row (of `n_rows`); row `r`'s pairs are
 /// `pairs[offsets[r]..offsets[r + 1]]`, ascending (a compressed-row list, `offsets` has
 /// `n_rows + 1` entries).
-pub(crate) fn pairs_by_row(rows: &[usize], n_rows: usize) -> (Vec<usize>, Vec<usize>) {
+pub fn pairs_by_row(rows: &[usize], n_rows: usize) -> (Vec<usize>, Vec<usize>) {
     let mut offsets = vec![0usize; n_rows + 1];
     for &r in rows {
         offsets[r + 1] += 1;
@@ -416,11 +416,6 @@ pub trait Backend: Send + Sync + 'static {
     /// Makes a `[rows, cols]` tensor from host data.
     fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Self::Tensor;
 
-    /// A `[rows, cols]` tensor of zeros (a device backend sets it where it is, copying
-    /// nothing).
-    fn zeros(&self, rows: usize, cols: usize) -> Self::Tensor {
-        self.tensor(rows, cols, vec![0.0; rows * cols])
-    }
     /// A zero-filled KV store of `rows` rows of `cols` values kept as `dtype` (allocated once,
     /// at start-up); an allocation that does not fit is an error naming its size.
     fn kv_store(&self, rows: usize, cols: usize, dtype: KvDtype) -> Result<Self::Store>;
@@ -570,11 +565,12 @@ pub trait Backend: Send + Sync + 'static {
     /// The routed experts of a MoE layer, routed where the tensors are: each row of `x` routed
     /// by its router `logits` (`[n, router.n_experts]`) and the selection `bias`
     /// (`[1, n_experts]`) as [`crate::moe::route`] routes it, and the sum
-    /// [`Backend::moe_experts`] returns for that routing; each expert's routed rows are added
-    /// to row `load_row` of `load` (`[rows, n_experts]`, a step's counts, so that they cross to
-    /// the host once a step rather than a layer). `None` (the default), having changed nothing,
-    /// when this backend routes on the host, or not these rows: the caller then copies the
-    /// logits to the host, routes them there and calls [`Backend::moe_experts`].
+    /// [`Backend::moe_experts`] returns for that routing. Each expert's routed rows are added
+    /// to row `layer` of `load`, the step's counts (`[layers, n_experts]`, made as zeros by the
+    /// first layer routed this way in the step), so that they cross to the host once a step
+    /// rather than a layer. `None` (the default), having changed nothing, when this backend
+    /// routes on the host, or not these rows: the caller then copies the logits to the host,
+    /// routes them there and calls [`Backend::moe_experts`].
     #[allow(clippy::too_many_arguments)]
     fn moe_routed(
         &self,
@@ -583,10 +579,10 @@ pub trait Backend: Send + Sync + 'static {
         bias: &Self::Tensor,
         router: &crate::moe::RouterConfig,
         experts: &[Expert<Self::Weight>],
-        load: &mut Self::Tensor,
-        load_row: usize,
+        load: &mut Option<Self::Tensor>,
+        (layer, layers): (usize, usize),
     ) -> Option<Self::Tensor> {
-        let _ = (x, logits, bias, router, experts, load, load_row);
+        let _ = (x, logits, bias, router, experts, load, layer, layers);
         None
     }
 
