@@ -25,6 +25,10 @@ use rand_chacha::ChaCha8Rng;
 use sparsemoe_engine::backend::{AttentionForm, CachedRows, MlaSeq, Selection};
 use sparsemoe_engine::kv_cache::PagedRows;
 
+#[path = "support.rs"]
+mod support;
+use support::{machine, median};
+
 #[derive(Parser)]
 struct Args {
     #[arg(long, default_value_t = 64)]
@@ -40,11 +44,6 @@ struct Args {
     /// Markdown table to write (printed either way).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Milliseconds each run of `before` and `after` took, alternating.
@@ -152,16 +151,7 @@ fn main() -> anyhow::Result<()> {
         },
     );
 
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let (model, cpus) = machine();
     let table = format!(
         "# Host work a CUDA decode layer does for sparse attention\n\n\
          `cargo run --release -p sparsemoe-engine --example host_lists` (`bench/host_lists.rs`) on \

@@ -28,29 +28,18 @@ impl From<&ModelConfig> for RouterConfig {
 }
 
 /// Chooses the experts of one token from its router logits. Returns `(experts, weights)`,
-/// sorted by expert id.
+/// sorted by expert id. Values rank by `f32::total_cmp` (so a NaN has a place), ties to the
+/// lower index.
 pub fn route(logits: &[f32], bias: &[f32], cfg: &RouterConfig) -> (Vec<usize>, Vec<f32>) {
-    let e = cfg.n_experts;
-    let scores: Vec<f32> = logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect();
-    let mut biased: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
-
-    if cfg.n_group > 1 {
-        let size = e / cfg.n_group;
-        let mut group_scores: Vec<(f32, usize)> = (0..cfg.n_group)
-            .map(|g| {
-                let mut group: Vec<f32> = biased[g * size..(g + 1) * size].to_vec();
-                group.sort_unstable_by(|a, b| b.total_cmp(a));
-                (group[0] + group[1], g)
-            })
-            .collect();
-        group_scores.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        for &(_, g) in &group_scores[cfg.topk_group..] {
-            biased[g * size..(g + 1) * size].fill(f32::NEG_INFINITY);
-        }
+    let (scores, biased) = scored(logits, bias, cfg, top_two_sum);
+    // The top_k by (value descending, index ascending), a strict order: selecting them and
+    // sorting the few chosen costs O(experts) where sorting all of them cost O(experts log
+    // experts), with the same choice.
+    let mut order: Vec<usize> = (0..cfg.n_experts).collect();
+    let before = |&a: &usize, &b: &usize| biased[b].total_cmp(&biased[a]).then(a.cmp(&b));
+    if cfg.top_k < cfg.n_experts {
+        order.select_nth_unstable_by(cfg.top_k, before);
     }
-
-    let mut order: Vec<usize> = (0..e).collect();
-    order.sort_unstable_by(|&a, &b| biased[b].total_cmp(&biased[a]).then(a.cmp(&b)));
     let mut chosen: Vec<usize> = order[..cfg.top_k].to_vec();
     chosen.sort_unstable();
 
@@ -63,6 +52,63 @@ pub fn route(logits: &[f32], bias: &[f32], cfg: &RouterConfig) -> (Vec<usize>, V
         .iter_mut()
         .for_each(|w| *w *= cfg.routed_scaling_factor);
     (chosen, weights)
+}
+
+/// The experts [`route`] chooses, by the rule as first written here: each group sorted for its
+/// top two, then every expert sorted. `route` must choose exactly as this does (its tests
+/// check it); `bench/host_routing.rs` times the two.
+pub fn route_by_sorting(logits: &[f32], bias: &[f32], cfg: &RouterConfig) -> Vec<usize> {
+    let by_sorting = |group: &[f32]| {
+        let mut group = group.to_vec();
+        group.sort_unstable_by(|a, b| b.total_cmp(a));
+        group[0] + group[1]
+    };
+    let (_, biased) = scored(logits, bias, cfg, by_sorting);
+    let mut order: Vec<usize> = (0..cfg.n_experts).collect();
+    order.sort_unstable_by(|&a, &b| biased[b].total_cmp(&biased[a]).then(a.cmp(&b)));
+    let mut chosen = order[..cfg.top_k].to_vec();
+    chosen.sort_unstable();
+    chosen
+}
+
+/// Each expert's score (the logit's sigmoid) and its score plus bias, the latter set to -inf
+/// outside the `topk_group` groups of the highest `group_score` (ties to the lower group).
+fn scored(
+    logits: &[f32],
+    bias: &[f32],
+    cfg: &RouterConfig,
+    group_score: impl Fn(&[f32]) -> f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let scores: Vec<f32> = logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect();
+    let mut biased: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
+    if cfg.n_group > 1 {
+        let size = cfg.n_experts / cfg.n_group;
+        let mut group_scores: Vec<(f32, usize)> = (0..cfg.n_group)
+            .map(|g| (group_score(&biased[g * size..(g + 1) * size]), g))
+            .collect();
+        group_scores.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        for &(_, g) in &group_scores[cfg.topk_group..] {
+            biased[g * size..(g + 1) * size].fill(f32::NEG_INFINITY);
+        }
+    }
+    (scores, biased)
+}
+
+/// The sum of a group's two largest values by `f32::total_cmp` (the group has two or more).
+fn top_two_sum(group: &[f32]) -> f32 {
+    let (mut first, mut second) = (group[0], group[1]);
+    if second.total_cmp(&first).is_gt() {
+        std::mem::swap(&mut first, &mut second);
+    }
+    for &v in &group[2..] {
+        if v.total_cmp(&first).is_gt() {
+            second = first;
+            first = v;
+        } else if v.total_cmp(&second).is_gt() {
+            second = v;
+        }
+    }
+    first + second
 }
 
 #[cfg(test)]
@@ -104,6 +150,51 @@ mod tests {
         assert_eq!(ids, vec![2, 3], "group 1 wins on its top-2 sum");
         let (ids, _) = route(&logits, &bias, &cfg(4, 2, 2));
         assert_eq!(ids, vec![0, 2]);
+    }
+
+    #[test]
+    fn selecting_chooses_as_sorting_everything() {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let rules = [
+            (256, 8, 8, 4),
+            (64, 6, 8, 3),
+            (16, 2, 1, 1),
+            (8, 8, 1, 1),
+            (8, 2, 4, 2),
+        ];
+        for (n_experts, top_k, n_group, topk_group) in rules {
+            let cfg = RouterConfig {
+                n_experts,
+                top_k,
+                n_group,
+                topk_group,
+                norm_topk_prob: true,
+                routed_scaling_factor: 2.5,
+            };
+            for token in 0..300 {
+                // Coarse values (many ties), and now and then NaNs and infinities.
+                let mut logits: Vec<f32> = (0..n_experts)
+                    .map(|_| f32::from(rng.random_range(-8i8..8)) * 0.5)
+                    .collect();
+                if token % 7 == 0 {
+                    logits[rng.random_range(0..n_experts)] = f32::NAN;
+                    logits[rng.random_range(0..n_experts)] = f32::INFINITY;
+                    logits[rng.random_range(0..n_experts)] = f32::NEG_INFINITY;
+                }
+                let bias: Vec<f32> = (0..n_experts)
+                    .map(|_| f32::from(rng.random_range(-2i8..2)) * 0.05)
+                    .collect();
+                let (ids, weights) = route(&logits, &bias, &cfg);
+                assert_eq!(
+                    ids,
+                    route_by_sorting(&logits, &bias, &cfg),
+                    "{cfg:?}: {logits:?}"
+                );
+                assert_eq!(weights.len(), top_k);
+                assert!(ids.windows(2).all(|w| w[0] < w[1]), "distinct, ascending");
+            }
+        }
     }
 
     #[test]
