@@ -916,9 +916,9 @@ impl<B: Backend> Model<B> {
     }
 
     /// A layer's MLP. A MoE layer routes where the tensors are ([`Backend::moe_routed`], its
-    /// counts in `device_load`, which the backend makes on first use) unless a trace asks for the routing or
-    /// expert shards need it on the host; otherwise its router logits come to the host,
-    /// which routes them and counts each choice in [`ExpertLoad`].
+    /// counts in `device_load`, which the backend makes on first use) unless a trace asks for
+    /// the routing or expert shards need it on the host; otherwise its router logits come to
+    /// the host, which routes them and counts each choice in [`ExpertLoad`].
     fn mlp(
         &self,
         layer_index: usize,
@@ -928,34 +928,35 @@ impl<B: Backend> Model<B> {
         device_load: &mut Option<B::Tensor>,
     ) -> (B::Tensor, Option<Routing>) {
         let b = &self.backend;
-        match mlp {
-            Mlp::Dense(expert) => (b.swiglu(x, expert), None),
+        let (gate, bias, bias_row, experts, shared) = match mlp {
+            Mlp::Dense(expert) => return (b.swiglu(x, expert), None),
             Mlp::Moe {
                 gate,
                 bias,
                 bias_row,
                 experts,
                 shared,
-            } => {
-                let logits = b.linear(x, gate);
-                if !tracing && self.options.expert_shards.is_none() {
-                    let rows = (layer_index, self.layers.len());
-                    let routed = b.moe_routed(
-                        x,
-                        &logits,
-                        bias_row,
-                        &self.router,
-                        experts,
-                        device_load,
-                        rows,
-                    );
-                    if let Some(mut y) = routed {
-                        if let Some(shared) = shared {
-                            b.add(&mut y, &b.swiglu(x, shared));
-                        }
-                        return (y, None);
-                    }
-                }
+            } => (gate, bias, bias_row, experts, shared),
+        };
+        let logits = b.linear(x, gate);
+        let on_device = !tracing && self.options.expert_shards.is_none();
+        let layer = (layer_index, self.layers.len());
+        let routed = on_device
+            .then(|| {
+                b.moe_routed(
+                    x,
+                    &logits,
+                    bias_row,
+                    &self.router,
+                    experts,
+                    device_load,
+                    layer,
+                )
+            })
+            .flatten();
+        let (mut y, routing) = match routed {
+            Some(y) => (y, None),
+            None => {
                 let logits = b.to_host(&logits);
                 let mut routing = Routing::default();
                 for row in logits.chunks(self.router.n_experts) {
@@ -964,18 +965,19 @@ impl<B: Backend> Model<B> {
                     routing.experts.push(ids);
                     routing.weights.push(weights);
                 }
-                let mut y = match &self.options.expert_shards {
+                let y = match &self.options.expert_shards {
                     Some(shards) => {
                         b.moe_experts_sharded(x, &shards.dispatch(layer_index, &routing), experts)
                     }
                     None => b.moe_experts(x, &routing, experts),
                 };
-                if let Some(shared) = shared {
-                    b.add(&mut y, &b.swiglu(x, shared));
-                }
                 (y, Some(routing))
             }
+        };
+        if let Some(shared) = shared {
+            b.add(&mut y, &b.swiglu(x, shared));
         }
+        (y, routing)
     }
 
     /// The expert shards, when [`ModelOptions::expert_shards`] set them up.

@@ -75,8 +75,9 @@
 //! cuBLAS in `kernels/emu` (`./scripts/test` does): correctness, never speed.
 //!
 //! Owed (issue 5): prefill's fp8 products without the dequantised copy (fp8 tensor cores);
-//! CUDA graphs for decode (which the routing on the device makes possible for fp8 experts); `wgmma`/TMA versions of the tensor-core kernels; and NCCL
-//! all-to-all in place of per-shard copies.
+//! CUDA graphs for decode (which the routing on the device makes possible for fp8 experts);
+//! `wgmma`/TMA versions of the tensor-core kernels; and NCCL all-to-all in place of per-shard
+//! copies.
 
 use std::sync::Arc;
 
@@ -1994,27 +1995,32 @@ impl Cuda {
         groups: &[(usize, Vec<(usize, f32)>)],
         experts: &[Expert<CudaWeight>],
     ) -> Option<([Vec<u64>; 3], [Vec<u64>; 3])> {
-        use cudarc::driver::DevicePtr;
         let most = groups.iter().map(|(_, r)| r.len()).max()?;
         if most > self.in_place_limit() {
             return None;
         }
         let (mut codes, mut scales): ([Vec<u64>; 3], [Vec<u64>; 3]) = Default::default();
         for (e, _) in groups {
-            let ex = &experts[*e];
-            for (i, w) in [&ex.gate, &ex.up, &ex.down].into_iter().enumerate() {
-                let WeightData::Fp8 {
-                    codes: c,
-                    row_scales,
-                } = self.weight(w)
-                else {
-                    return None;
-                };
-                codes[i].push(c.device_ptr(&self.stream).0);
-                scales[i].push(row_scales.device_ptr(&self.stream).0);
+            for (i, (c, s)) in self.fp8_addresses(&experts[*e])?.into_iter().enumerate() {
+                codes[i].push(c);
+                scales[i].push(s);
             }
         }
         Some((codes, scales))
+    }
+
+    /// An expert's gate, up and down weights on this lane as (codes, row scales) device
+    /// addresses, when all three are fp8.
+    fn fp8_addresses(&self, ex: &Expert<CudaWeight>) -> Option<[(u64, u64); 3]> {
+        use cudarc::driver::DevicePtr;
+        let address = |w: &CudaWeight| match self.weight(w) {
+            WeightData::Fp8 { codes, row_scales } => Some((
+                codes.device_ptr(&self.stream).0,
+                row_scales.device_ptr(&self.stream).0,
+            )),
+            _ => None,
+        };
+        Some([address(&ex.gate)?, address(&ex.up)?, address(&ex.down)?])
     }
 
     /// Every routed expert's gate, up and down codes, then their row scales, as device
@@ -2027,28 +2033,23 @@ impl Cuda {
         experts: &[Expert<CudaWeight>],
         hidden: usize,
     ) -> Option<(Arc<CudaSlice<u64>>, usize)> {
-        use cudarc::driver::DevicePtr;
         let e = experts.len();
         let inter = experts.first()?.gate.rows;
         if inter == 0 || hidden == 0 {
             return None;
         }
+        let shaped = |w: &CudaWeight, r: usize, c: usize| w.rows == r && w.cols == c;
         let mut table = vec![0u64; 6 * e];
         for (i, ex) in experts.iter().enumerate() {
-            let shaped = [
-                (&ex.gate, inter, hidden),
-                (&ex.up, inter, hidden),
-                (&ex.down, hidden, inter),
-            ];
-            for (w, (weight, rows, cols)) in shaped.into_iter().enumerate() {
-                if (weight.rows, weight.cols) != (rows, cols) {
-                    return None;
-                }
-                let WeightData::Fp8 { codes, row_scales } = self.weight(weight) else {
-                    return None;
-                };
-                table[w * e + i] = codes.device_ptr(&self.stream).0;
-                table[(3 + w) * e + i] = row_scales.device_ptr(&self.stream).0;
+            let shapes_agree = shaped(&ex.gate, inter, hidden)
+                && shaped(&ex.up, inter, hidden)
+                && shaped(&ex.down, hidden, inter);
+            if !shapes_agree {
+                return None;
+            }
+            for (w, (codes, scales)) in self.fp8_addresses(ex)?.into_iter().enumerate() {
+                table[w * e + i] = codes;
+                table[(3 + w) * e + i] = scales;
             }
         }
         let got = self

@@ -415,7 +415,6 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Makes a `[rows, cols]` tensor from host data.
     fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Self::Tensor;
-
     /// A zero-filled KV store of `rows` rows of `cols` values kept as `dtype` (allocated once,
     /// at start-up); an allocation that does not fit is an error naming its size.
     fn kv_store(&self, rows: usize, cols: usize, dtype: KvDtype) -> Result<Self::Store>;
