@@ -20,8 +20,11 @@ if compgen -G "$venv/lib/python3*/site-packages/nvidia/cu13/bin/nvcc" >/dev/null
     exit 0
 fi
 mkdir -p "$cache/wheels"
-have=$(ls "$cache/wheels"/*.whl 2>/dev/null | wc -l)
-if [[ $have -lt ${#pins[@]} ]]; then
+# nullglob: an empty cache counts 0 wheels (a failing `ls` would end the script under pipefail).
+shopt -s nullglob
+have=("$cache/wheels"/*.whl)
+shopt -u nullglob
+if [[ ${#have[@]} -lt ${#pins[@]} ]]; then
     python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$cache/wheels" "${pins[@]}" >&2
 fi
 python3 -m venv "$venv"
