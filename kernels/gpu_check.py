@@ -1229,31 +1229,43 @@ class Harness:
             self.launch("sum_splits_f32", ((m * ldy + 255) // 256,), 256, [y, parts, ("i", splits), ("l", m * ldy)])
         return splits
 
-    def check_fp8_grouped(self, counts, n, k, time_it=False):
-        """fp8_grouped_tc: group e multiplies its rows of x by its own fp8 weight."""
+    def check_grouped(self, fp8, counts, n, k, time_it=False):
+        """fp8_grouped_tc (fp8) or bf16_grouped_tc: group e multiplies its rows of x (rounded to
+        bf16) by its own weight (fp8 codes with row scales, or bf16), float32 sums and outputs."""
         d, E = self.dev, len(counts)
-        codes = torch.randint(0, 256, (E, n, k), dtype=torch.uint8, device=d)
-        codes[(codes & 0x7F) == 0x7F] = 0x3E
-        scales = torch.rand(E, n, (k + 127) // 128, device=d) * 0.004 + 0.001
         offsets = [0]
         for c in counts:
             offsets.append(offsets[-1] + c)
         rows = offsets[-1]
         x = torch.randn(rows, k, device=d)
         y = torch.full((rows, n), float("nan"), device=d)
-        code_at = torch.tensor([codes.data_ptr() + e * n * k for e in range(E)], dtype=torch.int64, device=d)
-        scale_at = torch.tensor([scales.data_ptr() + e * scales[0].numel() * 4 for e in range(E)], dtype=torch.int64, device=d)
         offs = torch.tensor(offsets, dtype=torch.int32, device=d)
         grid = ((n + 63) // 64, (max(counts) + 63) // 64, E)
-        launch = lambda: self.launch("fp8_grouped_tc", grid, 128,  # noqa: E731
-                                     [y, x, code_at, scale_at, offs, ("i", n), ("i", k), ("i", scales.shape[2])])
+
+        def addresses(t):  # each expert's slice of t ([E, ...]) as a device address
+            return torch.tensor([t.data_ptr() + e * t[0].numel() * t.element_size() for e in range(E)],
+                                dtype=torch.int64, device=d)
+
+        if fp8:
+            codes = torch.randint(0, 256, (E, n, k), dtype=torch.uint8, device=d)
+            codes[(codes & 0x7F) == 0x7F] = 0x3E
+            scales = torch.rand(E, n, (k + 127) // 128, device=d) * 0.004 + 0.001
+            name, args = "fp8_grouped_tc", [addresses(codes), addresses(scales), offs, ("i", n), ("i", k),
+                                            ("i", scales.shape[2])]
+            w16 = [self.fp8_values_bf16(codes[e], scales[e]) for e in range(E)]
+            weight_bytes = n * k + n * scales.shape[2] * 4
+        else:
+            w = (torch.randn(E, n, k, device=d) * 0.05).to(torch.bfloat16)
+            name, args = "bf16_grouped_tc", [addresses(w), offs, ("i", n), ("i", k)]
+            w16 = list(w)
+            weight_bytes = n * k * 2
+        launch = lambda: self.launch(name, grid, 128, [y, x] + args)  # noqa: E731
         launch()
         ref = torch.empty(rows, n, dtype=torch.float64, device=d)
-        w16 = [self.fp8_values_bf16(codes[e], scales[e]) for e in range(E)]
         for e in range(E):
             a, b = offsets[e], offsets[e + 1]
             ref[a:b] = x[a:b].to(torch.bfloat16).double() @ w16[e].double().T
-        self.record(f"fp8_grouped_tc {E} experts, {rows} rows (most {max(counts)}), n={n} k={k}", rel_l2(y, ref), F32_BOUND)
+        self.record(f"{name} {E} experts, {rows} rows (most {max(counts)}), n={n} k={k}", rel_l2(y, ref), F32_BOUND)
         if not time_it:
             return
         t_ours = self.time_ms(launch, reps=10)
@@ -1265,8 +1277,9 @@ class Harness:
                 torch.matmul(xb[offsets[e]:offsets[e + 1]], w16[e].T)
 
         t_peer = self.time_ms(peer, reps=5)
-        gbs = len(active) * (n * k + n * scales.shape[2] * 4) / t_ours / 1e6
-        self.timings.append((f"fp8 grouped experts in place: {rows} pairs over {len(active)} active of {E}, {k} -> {n}", t_ours,
+        gbs = len(active) * weight_bytes / t_ours / 1e6
+        self.timings.append((f"{'fp8' if fp8 else 'bf16'} grouped experts in place: {rows} pairs over {len(active)} "
+                             f"active of {E}, {k} -> {n}", t_ours,
                              "torch bf16 matmul an active expert at a time", t_peer,
                              f"{t_peer / t_ours:.1f}x the peer; {gbs:.0f} GB/s of weights = {100 * gbs / self.copy_gbs:.0f}% of copy"))
 
@@ -1311,13 +1324,18 @@ class Harness:
         # A MoE layer's experts in one launch, uneven rows (an empty expert, one of 70: two row
         # blocks), k not a multiple of 128.
         counts = [3, 0, 70, 1, 10]
-        self.check_fp8_grouped(counts, 72, 300)
+        self.check_grouped(True, counts, 72, 300)
+        # bf16 experts the same way: k not a multiple of 4 (values read one by one), then k a
+        # multiple of 4 but not of 128 (8-byte loads, a partial last step).
+        self.check_grouped(False, counts, 72, 300)
+        self.check_grouped(False, [1, 17, 0, 64], 130, 260)
         if not self.on_gpu:
             return
         # Timing: a decode step's routed experts (64 tokens x top-8 over 256 experts, gate
         # 7168 -> 2048) in one launch, against torch bf16 matmuls, an active expert at a time.
         counts = torch.bincount(torch.randint(0, 256, (64 * 8,)), minlength=256).tolist()
-        self.check_fp8_grouped(counts, 2048, 7168, time_it=True)
+        self.check_grouped(True, counts, 2048, 7168, time_it=True)
+        self.check_grouped(False, counts, 2048, 7168, time_it=True)
         for m, n, k, what in ((1, 2048, 7168, "expert gate"), (64, 2048, 7168, "expert gate"),
                               (1, 7168, 16384, "o_proj"), (64, 7168, 16384, "o_proj")):
             codes, row_scales = self.fp8_weight(n, k)

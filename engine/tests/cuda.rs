@@ -46,6 +46,15 @@ fn gpus(test: &str, ordinals: &[usize], dtype: Dtype) -> Option<Cuda> {
     }
 }
 
+/// Two backends on device 0 with `dtype` weights: one running the routed experts as grouped
+/// products (the default), one expert by expert; `None` (with the reason printed) without one.
+fn grouped_and_one_by_one(test: &str, dtype: Dtype) -> Option<(Cuda, Cuda)> {
+    let grouped = gpus(test, &[0], dtype)?;
+    let one_by_one = gpus(test, &[0], dtype).unwrap();
+    one_by_one.experts_one_by_one();
+    Some((grouped, one_by_one))
+}
+
 /// The logits of fixture model `name` at every position of a 40-token prompt, on the CPU and on
 /// `cuda`, with a short indexer top-k (8, so it selects among the prompt's keys), and the vocab.
 fn logits_on_both(
@@ -188,8 +197,9 @@ fn a_paged_batch_is_one_attention_launch_a_layer() {
 /// expert, a key at the edge of the indexer's top-k), which moves that row a lot; so the bounds
 /// are on the median row and, in dense attention (expert flips only), on the share of rows
 /// within 3e-2. `tests/fixtures/bf16_error_model.py` measured the same rounding in float64 on
-/// these models and tokens (with the routed experts' grouped products writing bf16, as here by
-/// default): median row error 4.0e-3 to 8.2e-3, and in dense attention at least 97.5% of rows
+/// these models and tokens (with the routed experts' grouped products writing bf16, as cuBLAS's
+/// do; `bf16_grouped_tc`, which these 40-token prompts get, writes float32, less rounding):
+/// median row error 4.0e-3 to 8.2e-3, and in dense attention at least 97.5% of rows
 /// within 3e-2; the bounds give that a 2× margin. The model does not round attention or the
 /// indexer, which with bf16 weights run on the tensor cores (queries, keys and probabilities in
 /// bf16): with them the CPU emulator measures medians of 4.6e-3 to 8.7e-3, still within the
@@ -199,11 +209,9 @@ fn a_paged_batch_is_one_attention_launch_a_layer() {
 #[test]
 fn bf16_weights_stay_within_bf16_rounding_of_the_cpu_backend() {
     let test = "bf16_weights_stay_within_bf16_rounding_of_the_cpu_backend";
-    let Some(grouped) = gpus(test, &[0], Dtype::Bfloat16) else {
+    let Some((grouped, one_by_one)) = grouped_and_one_by_one(test, Dtype::Bfloat16) else {
         return;
     };
-    let one_by_one = gpus(test, &[0], Dtype::Bfloat16).unwrap();
-    one_by_one.experts_one_by_one();
     for (cuda, experts) in [(&grouped, "grouped"), (&one_by_one, "one by one")] {
         for name in FIXTURE_MODELS {
             for attention in [AttentionMode::Dense, AttentionMode::Sparse] {
@@ -242,33 +250,70 @@ fn bf16_weights_stay_within_bf16_rounding_of_the_cpu_backend() {
 }
 
 /// The routed experts as grouped products (the default) and one product per expert give the
-/// same float32 logits (the same products, summed in the same order; cuBLAS may tile them
-/// differently, hence a float32-rounding bound, not equality), and cuBLAS accepts the grouped
-/// call.
+/// same logits, and cuBLAS accepts the grouped call. Float32 experts: cuBLAS's grouped products,
+/// the same products summed in the same order (cuBLAS may tile them differently, hence a
+/// float32-rounding bound, not equality). bf16 experts (one by one, each product a cuBLAS bf16
+/// product: x rounded to bf16, float32 sums and outputs): while no expert has more rows than
+/// `fp8_in_place_rows` (all of this 40-token prompt's), the grouped products are
+/// `bf16_grouped_tc`'s, the same products summed in another order, so within float32 rounding;
+/// past it (`fp8_in_place_rows(0)`) they are cuBLAS's grouped products, which write bf16
+/// outputs: within bf16 rounding of the gate, up and down outputs (2e-2, a little above the
+/// fixtures' measured median row error of bf16 rounding; the run prints what it measures).
 #[test]
 fn grouped_expert_products_match_one_product_per_expert() {
     let test = "grouped_expert_products_match_one_product_per_expert";
-    let Some(grouped) = gpu(test) else {
-        return;
-    };
-    let one_by_one = gpu(test).unwrap();
-    one_by_one.experts_one_by_one();
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 250 + 2) as u32).collect();
-    for name in ["v32_sparse_moe", "v32_fused_experts", "v3_moe_yarn"] {
-        let logits = |cuda: &Cuda| {
-            let model = Model::load(&fixture(name), cuda.clone(), ModelOptions::default()).unwrap();
-            model.logits(&tokens, None).unwrap()
+    // (weights, [(fp8_in_place_rows, bound on the relative L2 error)]).
+    let cases = [
+        (Dtype::Float32, &[(64, 1e-5)][..]),
+        (Dtype::Bfloat16, &[(64, 1e-5), (0, 2e-2)][..]),
+    ];
+    for (dtype, bounds) in cases {
+        let Some((grouped, one_by_one)) = grouped_and_one_by_one(test, dtype) else {
+            return;
         };
-        let before = grouped.grouped_expert_layers();
-        let err = rel_l2(&logits(&one_by_one), &logits(&grouped));
-        eprintln!("{test}: {name}: relative L2 {err:.2e}");
-        assert!(err < 1e-5, "{name}: relative L2 {err:.2e}");
+        for name in ["v32_sparse_moe", "v32_fused_experts", "v3_moe_yarn"] {
+            let logits = |cuda: &Cuda| {
+                let model =
+                    Model::load(&fixture(name), cuda.clone(), ModelOptions::default()).unwrap();
+                model.logits(&tokens, None).unwrap()
+            };
+            let want = logits(&one_by_one);
+            for &(in_place_rows, bound) in bounds {
+                grouped.fp8_in_place_rows(in_place_rows);
+                let (layers, launches) = (
+                    grouped.grouped_expert_layers(),
+                    grouped.bf16_grouped_products(),
+                );
+                let err = rel_l2(&want, &logits(&grouped));
+                let (layers, launches) = (
+                    grouped.grouped_expert_layers() - layers,
+                    grouped.bf16_grouped_products() - launches,
+                );
+                let case = format!("{name}, {dtype:?}, in place up to {in_place_rows} rows");
+                eprintln!(
+                    "{test}: {case}: {layers} MoE layers grouped, {launches} bf16_grouped_tc \
+                     launches: relative L2 {err:.2e}"
+                );
+                assert!(err < bound, "{case}: relative L2 {err:.2e}");
+                assert!(
+                    layers > 0,
+                    "{case}: no MoE layer ran grouped (refused by cuBLAS? see the log)"
+                );
+                let in_place = dtype == Dtype::Bfloat16 && in_place_rows > 0;
+                assert_eq!(
+                    launches,
+                    if in_place { 3 * layers } else { 0 },
+                    "{case}: bf16_grouped_tc launches"
+                );
+            }
+        }
         assert!(
-            grouped.grouped_expert_layers() > before,
-            "{name}: no MoE layer ran grouped (refused by cuBLAS? see the log)"
+            grouped.experts_grouped(),
+            "cuBLAS refused a grouped product"
         );
+        assert_eq!(one_by_one.grouped_expert_layers(), 0);
     }
-    assert_eq!(one_by_one.grouped_expert_layers(), 0);
 }
 
 /// DeepSeek's fp8 weights stay fp8 on the GPU under `--dtype bfloat16` (half the bytes of bf16).
@@ -1319,14 +1364,16 @@ fn random_fp8(rand: &mut impl FnMut(usize) -> Vec<f32>, n: usize, k: usize) -> M
 }
 
 /// A MoE layer routed on the device (`Backend::moe_routed`: `moe_route_f32`, `moe_expert_slots`,
-/// the grouped fp8 products over every expert, `combine_rows`) against the same layer routed
-/// on the host by `moe::route` and run by `moe_experts`, for routing rules from one group to
+/// the grouped products over every expert, `combine_rows`) against the same layer routed on
+/// the host by `moe::route` and run by `moe_experts`, for routing rules from one group to
 /// DeepSeek-V3's (256 experts in 8 groups, 4 kept, top 8), with and without normalised
-/// weights, and 512 experts (the kernels' limit): the same experts chosen (the counts added to
-/// the load's row, and only to it; the load made by the call when the step has none yet), and
-/// the same outputs within float32 rounding (the device's `expf` may round the sigmoid
-/// differently; on the emulator they are the same bits). A row of NaN and infinite logits
-/// routes without fault (each row still counts top_k experts). A layer of more rows than `fp8_in_place_rows` is left to the host.
+/// weights, and 512 experts (the kernels' limit), with fp8 experts (`fp8_grouped_tc`) and, for
+/// three of the rules, bf16 experts (`bf16_grouped_tc`): the same experts chosen (the counts
+/// added to the load's row, and only to it; the load made by the call when the step has none
+/// yet), and the same outputs within float32 rounding (the device's `expf` may round the
+/// sigmoid differently; on the emulator they are the same bits). A row of NaN and infinite
+/// logits routes without fault (each row still counts top_k experts). A layer of more rows than
+/// `fp8_in_place_rows` is left to the host, and so are experts of mixed dtypes.
 #[test]
 fn routing_on_the_device_matches_the_host() {
     use sparsemoe_engine::backend::{Expert, Routing};
@@ -1337,14 +1384,20 @@ fn routing_on_the_device_matches_the_host() {
     };
     let mut rand = noise(29);
     let (hidden, inter) = (64, 32);
+    // (experts, top-k, groups, groups kept, normalised, scale, expert weights).
     let rules = [
-        (8, 2, 4, 2, true, 2.5),
-        (16, 2, 1, 1, false, 1.0),
-        (64, 6, 8, 3, false, 1.5),
-        (256, 8, 8, 4, true, 2.5),
-        (512, 8, 16, 4, true, 2.5),
+        (8, 2, 4, 2, true, 2.5, "fp8"),
+        (8, 2, 4, 2, true, 2.5, "bf16"),
+        (16, 2, 1, 1, false, 1.0, "fp8"),
+        (64, 6, 8, 3, false, 1.5, "fp8"),
+        (64, 6, 8, 3, false, 1.5, "bf16"),
+        (256, 8, 8, 4, true, 2.5, "fp8"),
+        (256, 8, 8, 4, true, 2.5, "bf16"),
+        (512, 8, 16, 4, true, 2.5, "fp8"),
     ];
-    for (n_experts, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor) in rules {
+    for (n_experts, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor, dtype) in
+        rules
+    {
         let router = RouterConfig {
             n_experts,
             top_k,
@@ -1353,11 +1406,22 @@ fn routing_on_the_device_matches_the_host() {
             norm_topk_prob,
             routed_scaling_factor,
         };
+        // fp8 weights stay fp8 under bf16; float32 ones are rounded to bf16 at upload.
+        let mut weight = |n: usize, k: usize| match dtype {
+            "fp8" => cuda.upload(random_fp8(&mut rand, n, k)).unwrap(),
+            _ => cuda
+                .upload(Matrix::from_f32(
+                    n,
+                    k,
+                    rand(n * k).iter().map(|v| v * 0.2).collect(),
+                ))
+                .unwrap(),
+        };
         let experts: Vec<Expert<_>> = (0..n_experts)
             .map(|_| Expert {
-                gate: cuda.upload(random_fp8(&mut rand, inter, hidden)).unwrap(),
-                up: cuda.upload(random_fp8(&mut rand, inter, hidden)).unwrap(),
-                down: cuda.upload(random_fp8(&mut rand, hidden, inter)).unwrap(),
+                gate: weight(inter, hidden),
+                up: weight(inter, hidden),
+                down: weight(hidden, inter),
             })
             .collect();
         let bias: Vec<f32> = rand(n_experts).iter().map(|b| b * 0.2).collect();
@@ -1373,7 +1437,8 @@ fn routing_on_the_device_matches_the_host() {
         ];
         for (rows, poisoned, fresh) in cases {
             let case = format!(
-                "{n_experts} experts, top {top_k}, {topk_group} of {n_group} groups, {rows} rows{}",
+                "{dtype} {n_experts} experts, top {top_k}, {topk_group} of {n_group} groups, \
+                 {rows} rows{}",
                 if poisoned {
                     ", NaN and infinite logits"
                 } else {
@@ -1404,6 +1469,7 @@ fn routing_on_the_device_matches_the_host() {
                 routing.experts.push(ids);
                 routing.weights.push(weights);
             }
+            let bf16_launches = cuda.bf16_grouped_products();
             let want = cuda.to_host(&cuda.moe_experts(&x, &routing, &experts));
             let mut load = (!fresh).then(|| cuda.tensor(3, n_experts, vec![1.0; 3 * n_experts]));
             let before = cuda.routed_on_device();
@@ -1424,6 +1490,12 @@ fn routing_on_the_device_matches_the_host() {
                 "{case}: routed on the device past fp8_in_place_rows"
             );
             assert_eq!(cuda.routed_on_device(), before + 1, "{case}");
+            // Three grouped launches each way (gate, up, down), on bf16_grouped_tc for bf16.
+            assert_eq!(
+                cuda.bf16_grouped_products() - bf16_launches,
+                if dtype == "bf16" { 6 } else { 0 },
+                "{case}: bf16_grouped_tc launches"
+            );
             let load = cuda.to_host(load.as_ref().expect("the load, made by the routed layer"));
             let got = cuda.to_host(&got);
             if poisoned {
@@ -1456,22 +1528,62 @@ fn routing_on_the_device_matches_the_host() {
             assert!(err < 1e-6, "{case}: relative L2 {err:.2e}");
         }
     }
+
+    // fp8 experts but one bf16: no one kernel runs them all, so the host routes.
+    let router = RouterConfig {
+        n_experts: 4,
+        top_k: 2,
+        n_group: 1,
+        topk_group: 1,
+        norm_topk_prob: true,
+        routed_scaling_factor: 1.0,
+    };
+    let experts: Vec<Expert<_>> = (0..4)
+        .map(|e| {
+            let mut weight = |n: usize, k: usize| match e {
+                2 => Matrix::from_f32(n, k, rand(n * k)),
+                _ => random_fp8(&mut rand, n, k),
+            };
+            Expert {
+                gate: cuda.upload(weight(inter, hidden)).unwrap(),
+                up: cuda.upload(weight(inter, hidden)).unwrap(),
+                down: cuda.upload(weight(hidden, inter)).unwrap(),
+            }
+        })
+        .collect();
+    let x = cuda.tensor(2, hidden, rand(2 * hidden));
+    let logits = cuda.tensor(2, 4, rand(8));
+    let bias = cuda.tensor(1, 4, vec![0.0; 4]);
+    let mut load = None;
+    let routed = cuda.moe_routed(&x, &logits, &bias, &router, &experts, &mut load, (0, 1));
+    assert!(
+        routed.is_none(),
+        "mixed fp8 and bf16 experts routed on the device"
+    );
+    assert!(
+        load.is_none(),
+        "a load made for a layer not routed on the device"
+    );
 }
 
-/// A model whose routed experts are fp8 routes a step's MoE layers on the device when the step
-/// has at most `fp8_in_place_rows` rows (here the decode steps of `paged_run`, not its prefill
-/// chunks): the same logits as routing every layer on the host (within float32 rounding; the
-/// same bits on the emulator), the same expert counts, and a copy to the host saved per layer
-/// routed on the device, less one a step for reading back the step's counts.
+/// A model whose routed experts are fp8 (and the same model with bf16 weights) routes a step's
+/// MoE layers on the device when the step has at most `fp8_in_place_rows` rows (here the decode
+/// steps of `paged_run`, not its prefill chunks): the same logits as routing every layer on the
+/// host (within float32 rounding; the same bits on the emulator), the same expert counts, and a
+/// copy to the host saved per layer routed on the device, less one a step for reading back the
+/// step's counts.
 #[test]
 fn decode_steps_route_on_the_device() {
     let test = "decode_steps_route_on_the_device";
     let Some(cuda) = gpus(test, &[0], Dtype::Bfloat16) else {
         return;
     };
-    let (fp8, _) = support::fp8_and_dequantised("v32_sparse_moe", |values| {
-        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        (safetensors::Dtype::F32, bytes)
+    let (fp8, bf16) = support::fp8_and_dequantised("v32_sparse_moe", |values| {
+        let bits = values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect();
+        (safetensors::Dtype::BF16, bits)
     });
     // paged_run's prefill steps have 8 rows, its 9 decode steps 2.
     cuda.fp8_in_place_rows(4);
@@ -1479,49 +1591,62 @@ fn decode_steps_route_on_the_device() {
         index_topk: Some(8),
         ..ModelOptions::default()
     };
-    let mut runs = Vec::new();
-    let mut moe_layers = 0;
-    for on_device in [false, true] {
-        cuda.route_on_device(on_device);
-        let model = Model::load(fp8.path(), cuda.clone(), options.clone()).unwrap();
-        moe_layers = model.config.moe_layers.iter().filter(|&&moe| moe).count() as u64;
-        let (reads, routed) = (cuda.host_reads(), cuda.routed_on_device());
-        let logits = paged_run(&model, KvDtype::Bfloat16);
-        let load = model.expert_load().snapshot();
-        runs.push((
-            logits,
-            load,
-            cuda.host_reads() - reads,
-            cuda.routed_on_device() - routed,
-        ));
+    for (weights, dir) in [("fp8", fp8.path()), ("bf16", bf16.path())] {
+        let mut runs = Vec::new();
+        let mut moe_layers = 0;
+        for on_device in [false, true] {
+            cuda.route_on_device(on_device);
+            let model = Model::load(dir, cuda.clone(), options.clone()).unwrap();
+            moe_layers = model.config.moe_layers.iter().filter(|&&moe| moe).count() as u64;
+            let (reads, routed) = (cuda.host_reads(), cuda.routed_on_device());
+            let logits = paged_run(&model, KvDtype::Bfloat16);
+            let load = model.expert_load().snapshot();
+            runs.push((
+                logits,
+                load,
+                cuda.host_reads() - reads,
+                cuda.routed_on_device() - routed,
+            ));
+        }
+        cuda.route_on_device(true);
+        let [
+            (want, host_load, host_reads, none),
+            (got, device_load, reads, routed),
+        ] = &runs[..]
+        else {
+            unreachable!("two runs")
+        };
+        eprintln!(
+            "{test}: {weights} experts: {routed} MoE layers routed on the device; {host_reads} \
+             copies to the host routing on the host, {reads} on the device"
+        );
+        assert_eq!(
+            *none, 0,
+            "{weights}: routed on the device with route_on_device off"
+        );
+        assert_eq!(
+            *routed,
+            9 * moe_layers,
+            "{weights}: the decode steps' MoE layers"
+        );
+        assert_eq!(
+            *reads,
+            host_reads - routed + 9,
+            "{weights}: copies to the host"
+        );
+        assert_eq!(device_load, host_load, "{weights}: the expert counts");
+        assert!(
+            host_load.iter().flatten().sum::<u64>() > 0,
+            "{weights}: no expert counted"
+        );
+        for (i, (w, g)) in want.iter().zip(got).enumerate() {
+            let err = rel_l2(w, g);
+            assert!(err < 1e-5, "{weights}: output {i}: relative L2 {err:.2e}");
+        }
+        let same = want
+            .iter()
+            .zip(got)
+            .all(|(w, g)| w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
+        eprintln!("{test}: {weights} experts: logits the same bits: {same}");
     }
-    cuda.route_on_device(true);
-    let [
-        (want, host_load, host_reads, none),
-        (got, device_load, reads, routed),
-    ] = &runs[..]
-    else {
-        unreachable!("two runs")
-    };
-    eprintln!(
-        "{test}: {routed} MoE layers routed on the device; {host_reads} copies to the host \
-         routing on the host, {reads} on the device"
-    );
-    assert_eq!(*none, 0, "routed on the device with route_on_device off");
-    assert_eq!(*routed, 9 * moe_layers, "the decode steps' MoE layers");
-    assert_eq!(*reads, host_reads - routed + 9, "copies to the host");
-    assert_eq!(device_load, host_load, "the expert counts");
-    assert!(
-        host_load.iter().flatten().sum::<u64>() > 0,
-        "no expert counted"
-    );
-    for (i, (w, g)) in want.iter().zip(got).enumerate() {
-        let err = rel_l2(w, g);
-        assert!(err < 1e-5, "output {i}: relative L2 {err:.2e}");
-    }
-    let same = want
-        .iter()
-        .zip(got)
-        .all(|(w, g)| w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
-    eprintln!("{test}: logits the same bits: {same}");
 }

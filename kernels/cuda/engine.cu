@@ -104,42 +104,33 @@ SMOE_DEVICE uint32_t fp8_code_word(const uint8_t* codes, int row, int c, int k, 
     return w;
 }
 
-// Step `step`'s codes of the FP8_LINEAR_COLS weight rows from row col0 on, as thread
-// threadIdx.x holds them for fp8_linear_tc: of the step's [FP8_LINEAR_COLS, FP8_LINEAR_K / 4]
-// words, words i, i + blockDim, … (rows i / 32 + 4j, word i % 32 of each: a warp reads a
-// row's 128 bytes); rows past n are 0.
-SMOE_DEVICE void fp8_linear_load(uint32_t (&pre)[FP8_LINEAR_CODE_WORDS], const uint8_t* codes, int col0, int n,
-                                 int k, int step, bool aligned) {
+// Where fp8_linear_tc, fp8_grouped_tc and bf16_grouped_tc take a product's weight from, a
+// k-step at a time: the step's FP8_LINEAR_COLS weight rows from row col0 on, FP8_LINEAR_K
+// columns, as thread threadIdx.x holds them in registers (`load`, issued a step ahead) and
+// then writes them to shared memory as bf16 pairs (`store`, rows FP8_LINEAR_WORDS words
+// apart). A step is [FP8_LINEAR_COLS, FP8_LINEAR_K / 4] groups of four columns: thread i takes
+// groups i, i + blockDim, … (rows i / 32 + 4j, group i % 32 of each: a warp reads a row's
+// step whole); rows past n and columns past k are 0.
+//
+// Fp8Weight: DeepSeek's e4m3 codes ([n, k], a byte each) with a float32 scale per row and
+// 128-column block; each value enters shared memory as bf16(fp8 · scale), what
+// fp8_dequant_bf16_bits writes. A group of four codes is one register.
+struct Fp8Weight {
+    static constexpr int REGS = FP8_LINEAR_CODE_WORDS;
+    const uint8_t* codes;
+    const float* row_scales;
+    int scale_cols;
+
+    SMOE_DEVICE void load(uint32_t (&pre)[REGS], int col0, int n, int k, int step) const {
+        const bool aligned = (k & 3) == 0;
 #pragma unroll
-    for (int j = 0; j < FP8_LINEAR_CODE_WORDS; ++j) {
-        const int i = threadIdx.x + j * FP8_LINEAR_WARPS * 32, r = i >> 5, c = step * FP8_LINEAR_K + (i & 31) * 4;
-        pre[j] = col0 + r < n && c < k ? fp8_code_word(codes, col0 + r, c, k, aligned) : 0u;
+        for (int j = 0; j < FP8_LINEAR_CODE_WORDS; ++j) {
+            const int i = threadIdx.x + j * FP8_LINEAR_WARPS * 32, r = i >> 5, c = step * FP8_LINEAR_K + (i & 31) * 4;
+            pre[j] = col0 + r < n && c < k ? fp8_code_word(codes, col0 + r, c, k, aligned) : 0u;
+        }
     }
-}
 
-// The block (blockIdx.x, row block row0 / FP8_LINEAR_ROWS) of one fp8 product over the k-steps
-// [first, last): the body of fp8_linear_tc and fp8_grouped_tc.
-SMOE_DEVICE void fp8_linear_block(float* y, const float* x, const uint8_t* codes, const float* row_scales, int m,
-                                  int n, int k, int scale_cols, int first, int last, int ldx, int ldy, int row0) {
-    __shared__ uint32_t xs[FP8_LINEAR_ROWS * FP8_LINEAR_WORDS];  // bf16 pairs
-    __shared__ uint32_t ws[FP8_LINEAR_COLS * FP8_LINEAR_WORDS];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int col0 = blockIdx.x * FP8_LINEAR_COLS;
-    const int tiles = min(FP8_LINEAR_ROWS, m - row0 + 15) / 16;  // 16-row tiles of x this block has
-    const bool aligned = (k & 3) == 0;
-
-    uint32_t pre[FP8_LINEAR_CODE_WORDS];
-    float acc[FP8_LINEAR_ROWS / 16][2][4];
-#pragma unroll
-    for (int i = 0; i < FP8_LINEAR_ROWS / 16; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
-
-    if (first < last) fp8_linear_load(pre, codes, col0, n, k, first, aligned);
-    for (int step = first; step < last; ++step) {
-        __syncthreads();  // the previous step's tiles are consumed
+    SMOE_DEVICE void store(uint32_t* ws, const uint32_t (&pre)[REGS], int col0, int n, int step) const {
 #pragma unroll
         for (int j = 0; j < FP8_LINEAR_CODE_WORDS; ++j) {
             const int i = threadIdx.x + j * FP8_LINEAR_WARPS * 32, r = i >> 5, wd = i & 31;
@@ -151,6 +142,77 @@ SMOE_DEVICE void fp8_linear_block(float* y, const float* x, const uint8_t* codes
             dst[1] = pack_bf16x2(bf16_bits_rn(fp8_e4m3_value((w >> 16) & 0xffu) * s),
                                  bf16_bits_rn(fp8_e4m3_value(w >> 24) * s));
         }
+    }
+};
+
+// Bf16Weight: bf16 values ([n, k], their bits), as they are. A group of four values is two
+// registers, loaded as one 8-byte word when k is a multiple of 4 (every row then starts 8-byte
+// aligned in an allocation), value by value otherwise.
+struct Bf16Weight {
+    static constexpr int REGS = 2 * FP8_LINEAR_CODE_WORDS;
+    const unsigned short* values;
+
+    SMOE_DEVICE void load(uint32_t (&pre)[REGS], int col0, int n, int k, int step) const {
+        const bool aligned = (k & 3) == 0;
+#pragma unroll
+        for (int j = 0; j < FP8_LINEAR_CODE_WORDS; ++j) {
+            const int i = threadIdx.x + j * FP8_LINEAR_WARPS * 32, r = i >> 5, c = step * FP8_LINEAR_K + (i & 31) * 4;
+            uint32_t lo = 0u, hi = 0u;
+            if (col0 + r < n && c < k) {
+                const unsigned short* p = values + (size_t)(col0 + r) * k + c;
+                if (aligned && c + 4 <= k) {
+                    const unsigned long long w = *reinterpret_cast<const unsigned long long*>(p);
+                    lo = (uint32_t)w;
+                    hi = (uint32_t)(w >> 32);
+                } else {
+                    unsigned short v[4] = {0, 0, 0, 0};
+                    for (int b = 0; b < 4; ++b)
+                        if (c + b < k) v[b] = p[b];
+                    lo = pack_bf16x2(v[0], v[1]);
+                    hi = pack_bf16x2(v[2], v[3]);
+                }
+            }
+            pre[2 * j] = lo;
+            pre[2 * j + 1] = hi;
+        }
+    }
+
+    SMOE_DEVICE void store(uint32_t* ws, const uint32_t (&pre)[REGS], int, int, int) const {
+#pragma unroll
+        for (int j = 0; j < FP8_LINEAR_CODE_WORDS; ++j) {
+            const int i = threadIdx.x + j * FP8_LINEAR_WARPS * 32, r = i >> 5, wd = i & 31;
+            uint32_t* dst = ws + r * FP8_LINEAR_WORDS + 2 * wd;
+            dst[0] = pre[2 * j];
+            dst[1] = pre[2 * j + 1];
+        }
+    }
+};
+
+// The block (blockIdx.x, row block row0 / FP8_LINEAR_ROWS) of one product y = x · Wᵀ over the
+// k-steps [first, last), W read through `w` (Fp8Weight or Bf16Weight): the body of
+// fp8_linear_tc, fp8_grouped_tc and bf16_grouped_tc.
+template <class Weight>
+SMOE_DEVICE void linear_tc_block(float* y, const float* x, const Weight& w, int m, int n, int k, int first, int last,
+                                 int ldx, int ldy, int row0) {
+    __shared__ uint32_t xs[FP8_LINEAR_ROWS * FP8_LINEAR_WORDS];  // bf16 pairs
+    __shared__ uint32_t ws[FP8_LINEAR_COLS * FP8_LINEAR_WORDS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int col0 = blockIdx.x * FP8_LINEAR_COLS;
+    const int tiles = min(FP8_LINEAR_ROWS, m - row0 + 15) / 16;  // 16-row tiles of x this block has
+
+    uint32_t pre[Weight::REGS];
+    float acc[FP8_LINEAR_ROWS / 16][2][4];
+#pragma unroll
+    for (int i = 0; i < FP8_LINEAR_ROWS / 16; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    if (first < last) w.load(pre, col0, n, k, first);
+    for (int step = first; step < last; ++step) {
+        __syncthreads();  // the previous step's tiles are consumed
+        w.store(ws, pre, col0, n, step);
         const int k0 = step * FP8_LINEAR_K;
         for (int i = threadIdx.x; i < tiles * 16 * (FP8_LINEAR_K / 2); i += FP8_LINEAR_WARPS * 32) {
             const int r = i / (FP8_LINEAR_K / 2), c = k0 + 2 * (i % (FP8_LINEAR_K / 2));
@@ -160,7 +222,7 @@ SMOE_DEVICE void fp8_linear_block(float* y, const float* x, const uint8_t* codes
             xs[r * FP8_LINEAR_WORDS + i % (FP8_LINEAR_K / 2)] = pack_bf16x2(bf16_bits_rn(a), bf16_bits_rn(b));
         }
         __syncthreads();
-        if (step + 1 < last) fp8_linear_load(pre, codes, col0, n, k, step + 1, aligned);  // in flight while the tensor cores run
+        if (step + 1 < last) w.load(pre, col0, n, k, step + 1);  // in flight while the tensor cores run
 
 #pragma unroll
         for (int kk = 0; kk < FP8_LINEAR_K / 2; kk += 8) {  // k16 steps, in words
@@ -209,10 +271,10 @@ fp8_linear_tc(float* __restrict__ y, const float* __restrict__ x, const uint8_t*
     const int splits = (steps + split_steps - 1) / split_steps;
     const int product = blockIdx.z / splits, split = blockIdx.z % splits;
     const int first = split * split_steps;
-    fp8_linear_block(y + (size_t)split * m * ldy + product * batch_y, x + product * batch_x,
-                     codes + (size_t)product * batch_rows * k, row_scales + (size_t)product * batch_rows * scale_cols,
-                     m, n, k, scale_cols, first, min(steps, first + split_steps), ldx, ldy,
-                     blockIdx.y * FP8_LINEAR_ROWS);
+    const Fp8Weight w = {codes + (size_t)product * batch_rows * k,
+                         row_scales + (size_t)product * batch_rows * scale_cols, scale_cols};
+    linear_tc_block(y + (size_t)split * m * ldy + product * batch_y, x + product * batch_x, w, m, n, k, first,
+                    min(steps, first + split_steps), ldx, ldy, blockIdx.y * FP8_LINEAR_ROWS);
 }
 
 // The routed experts' products of a MoE layer in one launch, each expert's weight read in place
@@ -229,9 +291,27 @@ fp8_grouped_tc(float* __restrict__ y, const float* __restrict__ x, const unsigne
     const int e = blockIdx.z, start = offsets[e], rows = offsets[e + 1] - start;
     const int row0 = blockIdx.y * FP8_LINEAR_ROWS;
     if (row0 >= rows) return;  // block-uniform, before any barrier
-    fp8_linear_block(y + (size_t)start * n, x + (size_t)start * k, reinterpret_cast<const uint8_t*>(codes[e]),
-                     reinterpret_cast<const float*>(row_scales[e]), rows, n, k, scale_cols, 0,
-                     (k + FP8_LINEAR_K - 1) / FP8_LINEAR_K, k, n, row0);
+    const Fp8Weight w = {reinterpret_cast<const uint8_t*>(codes[e]), reinterpret_cast<const float*>(row_scales[e]),
+                         scale_cols};
+    linear_tc_block(y + (size_t)start * n, x + (size_t)start * k, w, rows, n, k, 0,
+                    (k + FP8_LINEAR_K - 1) / FP8_LINEAR_K, k, n, row0);
+}
+
+// fp8_grouped_tc for bf16 experts: group e multiplies rows offsets[e] .. offsets[e + 1] of x
+// ([rows, k] float32, rounded to bf16 as they enter the tensor cores) by its bf16 weight (n × k
+// at weights[e], a device address) into the same rows of y ([rows, n] float32): the numbers of
+// a bf16 weight's product expert by expert (x rounded to bf16, float32 sums and outputs), in one
+// launch whose group sizes are read on the device.
+// Launch: as fp8_grouped_tc.
+extern "C" __global__ void __launch_bounds__(FP8_LINEAR_WARPS * 32, FP8_LINEAR_MIN_BLOCKS)
+bf16_grouped_tc(float* __restrict__ y, const float* __restrict__ x, const unsigned long long* __restrict__ weights,
+                const int* __restrict__ offsets, int n, int k) {
+    const int e = blockIdx.z, start = offsets[e], rows = offsets[e + 1] - start;
+    const int row0 = blockIdx.y * FP8_LINEAR_ROWS;
+    if (row0 >= rows) return;  // block-uniform, before any barrier
+    const Bf16Weight w = {reinterpret_cast<const unsigned short*>(weights[e])};
+    linear_tc_block(y + (size_t)start * n, x + (size_t)start * k, w, rows, n, k, 0,
+                    (k + FP8_LINEAR_K - 1) / FP8_LINEAR_K, k, n, row0);
 }
 
 // y[i] = Σ_z partial[z · len + i] for z < splits: the split-K parts of fp8_linear_tc, added in

@@ -163,6 +163,8 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("fp8_grouped_tc" in "engine.cu":
         y: F32Mut, x: F32, codes: Addresses, row_scales: Addresses, offsets: I32, n: Int, k: Int,
         scale_cols: Int),
+    kernel!("bf16_grouped_tc" in "engine.cu":
+        y: F32Mut, x: F32, weights: Addresses, offsets: I32, n: Int, k: Int),
     kernel!("sum_splits_f32" in "engine.cu": y: F32Mut, partial: F32, splits: Int, len: Long),
     kernel!("f32_to_bf16_bits" in "engine.cu": out: Bf16BitsMut, x: F32, n: Long),
     kernel!("fp8_dequant_bf16_bits" in "engine.cu":

@@ -24,10 +24,12 @@
 //!   step copies no cached rows.
 //! - The routed experts of a MoE layer run as three grouped products (`cublasGemmGroupedBatchedEx`,
 //!   one group per expert) over their rows gathered in expert order, and one launch adds each
-//!   token's weighted outputs. fp8 experts run as three `fp8_grouped_tc` launches instead, each
-//!   reading every active expert's codes in place, while no expert has more rows than
-//!   [`Cuda::fp8_in_place_rows`]; beyond that, or when cuBLAS refuses the grouped call, the
-//!   experts run one product per expert.
+//!   token's weighted outputs. While no expert has more rows than
+//!   [`Cuda::fp8_in_place_rows`] (a decode step's), fp8 and bf16 experts run as three launches
+//!   of our own grouped kernels instead (`fp8_grouped_tc`, `bf16_grouped_tc`), each reading
+//!   every active expert's weight in place with float32 outputs, and the group sizes read on
+//!   the device; beyond that bf16 experts take cuBLAS's, and fp8 experts (or any, once cuBLAS
+//!   refuses the grouped call) run one product per expert.
 //! - Attention always takes the absorbed form (the same function as the expanded one): a block
 //!   per row and 16 heads (on the tensor cores 16 to 64), which reads each tile of the row's
 //!   keys once, widened into shared memory, and scores all its heads against it, with an online
@@ -42,19 +44,19 @@
 //!   `--attention auto`'s dense rows, more than `KEYS_PER_LAUNCH` of them, or
 //!   [`Cuda::keep_picks`] off).
 //! - A MoE layer of at most [`Cuda::fp8_in_place_rows`] rows (a decode step's) whose routed
-//!   experts are fp8 routes on the device ([`Backend::moe_routed`]): `moe_route_f32` chooses
-//!   each row's experts as `moe::route` does, `moe_expert_slots` lists the pairs in expert
-//!   order and adds the counts to the step's load (read back once a step), and
-//!   `fp8_grouped_tc` runs every expert (those with no rows end at once), so the layer copies
-//!   neither its router logits to the host nor its lists back
+//!   experts are fp8 or bf16 routes on the device ([`Backend::moe_routed`]): `moe_route_f32`
+//!   chooses each row's experts as `moe::route` does, `moe_expert_slots` lists the pairs in
+//!   expert order and adds the counts to the step's load (read back once a step), and
+//!   `fp8_grouped_tc` or `bf16_grouped_tc` runs every expert (those with no rows end at once),
+//!   so the layer copies neither its router logits to the host nor its lists back
 //!   (`routing_on_the_device_matches_the_host`, `decode_steps_route_on_the_device`). Longer
-//!   chunks, bf16 and float32 experts (cuBLAS's grouped products take their sizes from the
-//!   host), expert shards and traces route on the host ([`Cuda::route_on_device`] turns it off).
+//!   chunks, float32 experts (cuBLAS's grouped products take their sizes from the host),
+//!   expert shards and traces route on the host ([`Cuda::route_on_device`] turns it off).
 //! - Block tables come from the host, as the trait asks. A read-only
 //!   array a step gives every layer (RoPE angles, cache slots, the indexer's block tables,
 //!   attention offsets, dense keys) is copied once and reused while its contents repeat
 //!   ([`uploads`], [`Cuda::reuse_uploads`]); a MoE layer's lists (rows, weights, the combine's
-//!   lists, the fp8 experts' address tables) are one copy, and the grouped products' pointer
+//!   lists, the in-place grouped kernels' address tables) are one copy, and the grouped products' pointer
 //!   arrays another. On the two-layer test model that is 5.0 copies a layer a step instead of
 //!   20.6 (`repeated_uploads_are_copied_once`), most of them once a step rather than a layer.
 //! - Expert parallelism: with several GPUs listed, the model runs on the main *lane* (the
@@ -75,7 +77,8 @@
 //! cuBLAS in `kernels/emu` (`./scripts/test` does): correctness, never speed.
 //!
 //! Owed (issue 5): prefill's fp8 products without the dequantised copy (fp8 tensor cores);
-//! CUDA graphs for decode (which the routing on the device makes possible for fp8 experts);
+//! CUDA graphs for decode (which the routing on the device makes possible for fp8 and bf16
+//! experts);
 //! `wgmma`/TMA versions of the tensor-core kernels; and NCCL all-to-all in place of per-shard
 //! copies.
 
@@ -488,6 +491,7 @@ struct Kernels {
     fp8_linear: CudaFunction,
     sum_splits: CudaFunction,
     fp8_grouped: CudaFunction,
+    bf16_grouped: CudaFunction,
     scatter_rows: CudaFunction,
     scatter_rows_bf16: CudaFunction,
     scatter_rows_fp8: CudaFunction,
@@ -537,13 +541,14 @@ enum Keys<'k> {
     },
 }
 
-/// What `fp8_grouped_tc` reads besides its rows: each group's first row (groups + 1
-/// entries), and for gate, up and down in that order each group's codes and row scales as
-/// addresses; `most` bounds the rows of a group.
-struct Fp8Tables<'a> {
+/// What the grouped kernels that read each expert's weight in place (`fp8_grouped_tc`,
+/// `bf16_grouped_tc`) read besides their rows: each group's first row (groups + 1 entries),
+/// and for gate, up and down in that order each group's weight as an address (fp8 codes or
+/// bf16 values) and, for fp8 weights, its row scales; `most` bounds the rows of a group.
+struct GroupedTables<'a> {
     offsets: CudaView<'a, i32>,
-    codes: [CudaView<'a, u64>; 3],
-    scales: [CudaView<'a, u64>; 3],
+    weights: [CudaView<'a, u64>; 3],
+    scales: Option<[CudaView<'a, u64>; 3]>,
     groups: usize,
     most: usize,
 }
@@ -557,16 +562,17 @@ struct ExpertLists {
     /// `combine_rows`' lists: each row's first pair (out's rows + 1 entries) and the pairs by
     /// row ([`pairs_by_row`]).
     by_row: (Part<i32>, Part<i32>),
-    /// `fp8_grouped_tc`'s lists, when its products apply.
-    fp8: Option<Fp8Lists>,
+    /// The in-place grouped kernels' lists, when they apply.
+    in_place: Option<InPlaceLists>,
 }
 
-/// `fp8_grouped_tc`'s lists: each active expert's first pair (experts + 1 entries), and, for
-/// gate, up and down in that order, each active expert's codes and row scales as addresses.
-struct Fp8Lists {
+/// The in-place grouped kernels' lists ([`GroupedTables`]): each active expert's first pair
+/// (experts + 1 entries), and, for gate, up and down in that order, each active expert's weight
+/// and (fp8) row scales as addresses.
+struct InPlaceLists {
     offsets: Part<i32>,
-    codes: [Part<u64>; 3],
-    scales: [Part<u64>; 3],
+    weights: [Part<u64>; 3],
+    scales: Option<[Part<u64>; 3]>,
 }
 
 impl ExpertLists {
@@ -635,6 +641,8 @@ pub struct Cuda {
     fp8_in_place_rows: Arc<std::sync::atomic::AtomicUsize>,
     /// Products that read an fp8 weight in place.
     fp8_in_place_launches: Arc<std::sync::atomic::AtomicU64>,
+    /// `bf16_grouped_tc` launches (bf16 experts' grouped products read in place).
+    bf16_grouped_launches: Arc<std::sync::atomic::AtomicU64>,
     /// The device's multiprocessors (streaming multiprocessors, SMs).
     multiprocessors: u32,
     /// Read-only arrays this lane uploaded lately, reused while their contents repeat (see
@@ -851,6 +859,7 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         fp8_linear: function("fp8_linear_tc")?,
         sum_splits: function("sum_splits_f32")?,
         fp8_grouped: function("fp8_grouped_tc")?,
+        bf16_grouped: function("bf16_grouped_tc")?,
         scatter_rows: function("scatter_rows_f32")?,
         scatter_rows_bf16: function("scatter_rows_f32_to_bf16_bits")?,
         scatter_rows_fp8: function("scatter_rows_f32_to_fp8")?,
@@ -1047,6 +1056,7 @@ impl Cuda {
                 launch::FP8_LINEAR_ROWS as usize,
             )),
             fp8_in_place_launches: Arc::default(),
+            bf16_grouped_launches: Arc::default(),
             multiprocessors: device.multiprocessors,
             recent_i32: Arc::default(),
             recent_f32: Arc::default(),
@@ -1153,7 +1163,11 @@ impl Cuda {
     /// codes in place (`fp8_linear_tc`: a byte a value read once, the decode step's case) on
     /// every lane; a product of more rows (a prefill's) dequantises the weight to bf16 and
     /// runs on cuBLAS, whose tiles reuse each value across many rows. 0 always dequantises.
-    /// The default is `launch::FP8_LINEAR_ROWS` (64), one block's rows.
+    /// The default is `launch::FP8_LINEAR_ROWS` (64), one block's rows. The same bound picks
+    /// the routed experts' grouped products: while no expert has more rows, fp8 and bf16
+    /// experts run as `fp8_grouped_tc` / `bf16_grouped_tc` (each weight read once, float32
+    /// outputs), beyond it as cuBLAS's grouped products (bf16) or expert by expert (fp8); and a
+    /// MoE layer of at most that many rows routes on the device ([`Cuda::route_on_device`]).
     pub fn fp8_in_place_rows(&self, rows: usize) {
         for lane in self.lanes() {
             lane.fp8_in_place_rows
@@ -1166,6 +1180,17 @@ impl Cuda {
         self.lanes()
             .map(|lane| {
                 lane.fp8_in_place_launches
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum()
+    }
+
+    /// How many grouped products of bf16 experts read their weights in place
+    /// (`bf16_grouped_tc`), on every lane.
+    pub fn bf16_grouped_products(&self) -> u64 {
+        self.lanes()
+            .map(|lane| {
+                lane.bf16_grouped_launches
                     .load(std::sync::atomic::Ordering::Relaxed)
             })
             .sum()
@@ -1199,8 +1224,8 @@ impl Cuda {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether a MoE layer of at most [`Cuda::fp8_in_place_rows`] rows with fp8 experts (a
-    /// decode step's) routes on the device (on by default): `moe_route_f32` and
+    /// Whether a MoE layer of at most [`Cuda::fp8_in_place_rows`] rows with fp8 or bf16
+    /// experts (a decode step's) routes on the device (on by default): `moe_route_f32` and
     /// `moe_expert_slots` build the grouped products' lists there, so the layer copies neither
     /// its router logits to the host nor its lists back ([`Backend::moe_routed`]). Off, every
     /// layer routes on the host.
@@ -1718,12 +1743,13 @@ impl Cuda {
     /// one group per expert) over `x`'s rows gathered in expert order (`rows`, on the device as
     /// `rows_d`), SiLU-and-mul between them, and one launch adding each row's weighted outputs
     /// in expert order, as the expert-by-expert path adds them: about ten launches a layer
-    /// instead of about ten per expert. Float32 weights give that path's numbers; bf16 weights
-    /// run on the tensor cores with bf16 outputs (cuBLAS's grouped products write their inputs'
-    /// type), so the gate, up and down outputs are rounded to bf16 once more than there. fp8
-    /// weights are read in place by `fp8_grouped_tc` instead of cuBLAS, with float32 outputs
-    /// (the expert-by-expert path's numbers), while no expert has more rows than
-    /// [`Cuda::fp8_in_place_rows`] (see [`Cuda::grouped_fp8`]).
+    /// instead of about ten per expert. Float32 weights give that path's numbers. While no
+    /// expert has more rows than [`Cuda::fp8_in_place_rows`], fp8 and bf16 weights are read in
+    /// place by `fp8_grouped_tc` / `bf16_grouped_tc` instead of cuBLAS, with float32 outputs
+    /// (the expert-by-expert path's numbers; see [`Cuda::grouped_in_place`]); past it, bf16
+    /// weights run on cuBLAS's tensor cores with bf16 outputs (its grouped products write their
+    /// inputs' type), so the gate, up and down outputs are rounded to bf16 once more than
+    /// there.
     ///
     /// Returns false, having written nothing to `out`, when the experts' shapes or dtypes
     /// differ, when fp8 experts have too many rows to read in place (they then dequantise per
@@ -1755,7 +1781,7 @@ impl Cuda {
         if !shapes_agree || inter == 0 || hidden == 0 {
             return false;
         }
-        if let Some(y) = self.grouped_fp8(x, groups, lists, hidden, inter) {
+        if let Some(y) = self.grouped_in_place(x, groups, lists, hidden, inter) {
             self.combine_pairs(out, &Rows::F32(y), lists);
             self.grouped_layers.fetch_add(1, Ordering::Relaxed);
             return true;
@@ -1962,18 +1988,20 @@ impl Cuda {
             pack.push(&int32(offsets.into_iter())),
             pack.push(&int32(pairs.into_iter())),
         );
-        let fp8 = self.fp8_tables(groups, experts).map(|(codes, scales)| {
-            let mut at = 0;
-            let starts = int32(std::iter::once(0).chain(groups.iter().map(|(_, r)| {
-                at += r.len();
-                at
-            })));
-            Fp8Lists {
-                offsets: pack.push(&starts),
-                codes: codes.map(|table| pack.push(&table)),
-                scales: scales.map(|table| pack.push(&table)),
-            }
-        });
+        let in_place = self
+            .in_place_tables(groups, experts)
+            .map(|(weights, scales)| {
+                let mut at = 0;
+                let starts = int32(std::iter::once(0).chain(groups.iter().map(|(_, r)| {
+                    at += r.len();
+                    at
+                })));
+                InPlaceLists {
+                    offsets: pack.push(&starts),
+                    weights: weights.map(|table| pack.push(&table)),
+                    scales: scales.map(|tables| tables.map(|table| pack.push(&table))),
+                }
+            });
         self.uploads
             .copies
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1982,87 +2010,112 @@ impl Cuda {
             rows: rows_part,
             weights: weights_part,
             by_row,
-            fp8,
+            in_place,
         }
     }
 
-    /// Each active expert's gate, up and down codes and scales as device addresses (in that
-    /// order, a table a weight), when every one is fp8 and no expert has more rows than
-    /// [`Cuda::fp8_in_place_rows`]: what `fp8_grouped_tc` reads.
+    /// Each active expert's gate, up and down weights as device addresses (in that order, a
+    /// table a weight), with their row scales for fp8 weights, when every one is fp8 or every
+    /// one bf16 and no expert has more rows than [`Cuda::fp8_in_place_rows`]: what
+    /// `fp8_grouped_tc` or `bf16_grouped_tc` reads.
     #[allow(clippy::type_complexity)]
-    fn fp8_tables(
+    fn in_place_tables(
         &self,
         groups: &[(usize, Vec<(usize, f32)>)],
         experts: &[Expert<CudaWeight>],
-    ) -> Option<([Vec<u64>; 3], [Vec<u64>; 3])> {
+    ) -> Option<([Vec<u64>; 3], Option<[Vec<u64>; 3]>)> {
         let most = groups.iter().map(|(_, r)| r.len()).max()?;
         if most > self.in_place_limit() {
             return None;
         }
-        let (mut codes, mut scales): ([Vec<u64>; 3], [Vec<u64>; 3]) = Default::default();
-        for (e, _) in groups {
-            for (i, (c, s)) in self.fp8_addresses(&experts[*e])?.into_iter().enumerate() {
-                codes[i].push(c);
-                scales[i].push(s);
+        let mut weights: [Vec<u64>; 3] = Default::default();
+        let mut scales: Option<[Vec<u64>; 3]> = None;
+        for (i, (e, _)) in groups.iter().enumerate() {
+            let (w, s) = self.in_place_addresses(&experts[*e])?;
+            match (s, &mut scales) {
+                (Some(s), Some(tables)) => tables.iter_mut().zip(s).for_each(|(t, a)| t.push(a)),
+                (Some(s), None) if i == 0 => scales = Some(s.map(|a| vec![a])),
+                (None, None) => {}
+                _ => return None, // fp8 and bf16 experts mixed
             }
+            weights.iter_mut().zip(w).for_each(|(t, a)| t.push(a));
         }
-        Some((codes, scales))
+        Some((weights, scales))
     }
 
-    /// An expert's gate, up and down weights on this lane as (codes, row scales) device
-    /// addresses, when all three are fp8.
-    fn fp8_addresses(&self, ex: &Expert<CudaWeight>) -> Option<[(u64, u64); 3]> {
+    /// An expert's gate, up and down weights on this lane as device addresses for the in-place
+    /// grouped kernels, when all three are fp8 (codes, then their row scales) or all three bf16
+    /// (values, no scales).
+    fn in_place_addresses(&self, ex: &Expert<CudaWeight>) -> Option<([u64; 3], Option<[u64; 3]>)> {
         use cudarc::driver::DevicePtr;
         let address = |w: &CudaWeight| match self.weight(w) {
             WeightData::Fp8 { codes, row_scales } => Some((
                 codes.device_ptr(&self.stream).0,
-                row_scales.device_ptr(&self.stream).0,
+                Some(row_scales.device_ptr(&self.stream).0),
             )),
-            _ => None,
+            WeightData::Bf16(values) => Some((values.device_ptr(&self.stream).0, None)),
+            WeightData::F32(_) => None,
         };
-        Some([address(&ex.gate)?, address(&ex.up)?, address(&ex.down)?])
+        let [(g, gs), (u, us), (d, ds)] =
+            [address(&ex.gate)?, address(&ex.up)?, address(&ex.down)?];
+        match (gs, us, ds) {
+            (Some(gs), Some(us), Some(ds)) => Some(([g, u, d], Some([gs, us, ds]))),
+            (None, None, None) => Some(([g, u, d], None)),
+            _ => None,
+        }
     }
 
-    /// Every routed expert's gate, up and down codes, then their row scales, as device
-    /// addresses in one table (`experts.len()` entries each), and the experts' width, when each
-    /// expert is fp8 with gate and up `[inter, hidden]` and down `[hidden, inter]`: what
-    /// `fp8_grouped_tc` reads for a layer routed on the device. A layer's table is copied once
+    /// Every routed expert's gate, up and down weights, then (fp8) their row scales, as device
+    /// addresses in one table (`experts.len()` entries each), the experts' width, and whether
+    /// they are fp8, when the experts are all fp8 or all bf16 with gate and up
+    /// `[inter, hidden]` and down `[hidden, inter]`: what `fp8_grouped_tc` or
+    /// `bf16_grouped_tc` reads for a layer routed on the device. A layer's table is copied once
     /// and kept ([`Tables`]).
     fn expert_tables(
         &self,
         experts: &[Expert<CudaWeight>],
         hidden: usize,
-    ) -> Option<(Arc<CudaSlice<u64>>, usize)> {
+    ) -> Option<(Arc<CudaSlice<u64>>, usize, bool)> {
         let e = experts.len();
         let inter = experts.first()?.gate.rows;
         if inter == 0 || hidden == 0 {
             return None;
         }
         let shaped = |w: &CudaWeight, r: usize, c: usize| w.rows == r && w.cols == c;
-        let mut table = vec![0u64; 6 * e];
-        for (i, ex) in experts.iter().enumerate() {
+        let mut table = Vec::with_capacity(6 * e);
+        let mut scale_table = Vec::new();
+        let mut fp8 = None;
+        for ex in experts {
             let shapes_agree = shaped(&ex.gate, inter, hidden)
                 && shaped(&ex.up, inter, hidden)
                 && shaped(&ex.down, hidden, inter);
             if !shapes_agree {
                 return None;
             }
-            for (w, (codes, scales)) in self.fp8_addresses(ex)?.into_iter().enumerate() {
-                table[w * e + i] = codes;
-                table[(3 + w) * e + i] = scales;
+            let (weights, scales) = self.in_place_addresses(ex)?;
+            if *fp8.get_or_insert(scales.is_some()) != scales.is_some() {
+                return None;
             }
+            table.extend(weights);
+            scale_table.extend(scales.into_iter().flatten());
         }
+        // Expert-major as gathered; the kernels read a table a weight.
+        fn by_weight(t: &[u64]) -> impl Iterator<Item = u64> + '_ {
+            (0..3).flat_map(move |w| t.iter().skip(w).step_by(3).copied())
+        }
+        let table: Vec<u64> = by_weight(&table).chain(by_weight(&scale_table)).collect();
         let got = self
             .tables
             .get(&table, &self.uploads, |v| self.try_upload(v));
-        Some((ok(got, "copying to the device"), inter))
+        Some((ok(got, "copying to the device"), inter, fp8 == Some(true)))
     }
 
     /// The routed experts' outputs before their weights (`[pairs, hidden]`, a row a pair in
-    /// expert order) when `lists` has `fp8_grouped_tc`'s tables (see [`Cuda::expert_lists`]):
-    /// three `fp8_grouped_tc` launches, each reading every active expert's weight in place,
-    /// with SiLU-and-mul between them. `None` otherwise, having launched nothing.
-    fn grouped_fp8(
+    /// expert order) when `lists` has the in-place grouped kernels' tables (see
+    /// [`Cuda::expert_lists`]): three `fp8_grouped_tc` or `bf16_grouped_tc` launches, each
+    /// reading every active expert's weight in place, with SiLU-and-mul between them. `None`
+    /// otherwise, having launched nothing.
+    fn grouped_in_place(
         &self,
         x: &CudaTensor,
         groups: &[(usize, Vec<(usize, f32)>)],
@@ -2070,33 +2123,35 @@ impl Cuda {
         hidden: usize,
         inter: usize,
     ) -> Option<CudaSlice<f32>> {
-        let fp8 = lists.fp8.as_ref()?;
+        let in_place = lists.in_place.as_ref()?;
         let most = groups.iter().map(|(_, r)| r.len()).max()?;
         let xp = self.gather_indexed(&x.buf, hidden, &lists.view(lists.rows));
-        let tables = Fp8Tables {
-            offsets: lists.view(fp8.offsets),
-            codes: fp8.codes.map(|part| lists.view(part)),
-            scales: fp8.scales.map(|part| lists.view(part)),
+        let tables = GroupedTables {
+            offsets: lists.view(in_place.offsets),
+            weights: in_place.weights.map(|part| lists.view(part)),
+            scales: in_place
+                .scales
+                .map(|parts| parts.map(|part| lists.view(part))),
             groups: groups.len(),
             most,
         };
-        Some(self.fp8_expert_products(&xp, &tables, hidden, inter))
+        Some(self.expert_products_in_place(&xp, &tables, hidden, inter))
     }
 
     /// The routed experts' outputs before their weights (`[pairs, hidden]`) for `xp`, the
     /// pairs' rows in expert order (`[pairs, hidden]`), grouped as `tables` says: three
-    /// `fp8_grouped_tc` launches, each reading every group's weight in place, with
-    /// SiLU-and-mul between them.
-    fn fp8_expert_products(
+    /// `fp8_grouped_tc` launches (fp8 experts) or `bf16_grouped_tc` launches (bf16), each
+    /// reading every group's weight in place, with SiLU-and-mul between them.
+    fn expert_products_in_place(
         &self,
         xp: &CudaTensor,
-        tables: &Fp8Tables<'_>,
+        tables: &GroupedTables<'_>,
         hidden: usize,
         inter: usize,
     ) -> CudaSlice<f32> {
+        use std::sync::atomic::Ordering::Relaxed;
         let p = xp.rows;
         let product = |y: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: usize, n: usize, k: usize| {
-            let (codes, scales) = (&tables.codes[w], &tables.scales[w]);
             let (ni, ki) = (n as i32, k as i32);
             let scale_cols = k.div_ceil(launch::FP8_LINEAR_K as usize) as i32;
             let config = LaunchConfig {
@@ -2108,22 +2163,38 @@ impl Cuda {
                 block_dim: (launch::FP8_LINEAR_WARPS * 32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = self.stream.launch_builder(&self.k.fp8_grouped);
-            b.arg(y)
-                .arg(x)
-                .arg(codes)
-                .arg(scales)
-                .arg(&tables.offsets)
-                .arg(&ni)
-                .arg(&ki)
-                .arg(&scale_cols);
-            // SAFETY: x holds p rows of k and y p rows of n; group g's rows are
-            // offsets[g]..offsets[g + 1] (at most `most` of them), its weight n × k codes and
-            // n × scale_cols scales at the addresses of the tables' entry g, which outlive the
-            // launch (the experts').
-            ok(unsafe { b.launch(config) }, "fp8_grouped_tc");
-            self.fp8_in_place_launches
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let weights = &tables.weights[w];
+            match &tables.scales {
+                Some(scales) => {
+                    let mut b = self.stream.launch_builder(&self.k.fp8_grouped);
+                    b.arg(y)
+                        .arg(x)
+                        .arg(weights)
+                        .arg(&scales[w])
+                        .arg(&tables.offsets)
+                        .arg(&ni)
+                        .arg(&ki)
+                        .arg(&scale_cols);
+                    // SAFETY: x holds p rows of k and y p rows of n; group g's rows are
+                    // offsets[g]..offsets[g + 1] (at most `most` of them), its weight n × k
+                    // codes and n × scale_cols scales at the addresses of the tables' entry g,
+                    // which outlive the launch (the experts').
+                    ok(unsafe { b.launch(config) }, "fp8_grouped_tc");
+                    self.fp8_in_place_launches.fetch_add(1, Relaxed);
+                }
+                None => {
+                    let mut b = self.stream.launch_builder(&self.k.bf16_grouped);
+                    b.arg(y)
+                        .arg(x)
+                        .arg(weights)
+                        .arg(&tables.offsets)
+                        .arg(&ni)
+                        .arg(&ki);
+                    // SAFETY: as above, with n × k bf16 values at entry g's address.
+                    ok(unsafe { b.launch(config) }, "bf16_grouped_tc");
+                    self.bf16_grouped_launches.fetch_add(1, Relaxed);
+                }
+            }
         };
         // SAFETY (all three): the grouped products write every row of their outputs (the
         // groups cover rows 0..p), and SiLU-and-mul writes gate in place.
@@ -3667,9 +3738,10 @@ impl Backend for Cuda {
     }
 
     /// On the device while the layer has at most [`Cuda::fp8_in_place_rows`] rows (so no
-    /// expert has more) and every routed expert is fp8 with one shape: `moe_route_f32` routes,
-    /// `moe_expert_slots` lists the pairs in expert order (as the host's lists have them) and
-    /// adds the counts to `load`, the rows are gathered, three `fp8_grouped_tc` launches run
+    /// expert has more) and the routed experts are all fp8 or all bf16, with one shape:
+    /// `moe_route_f32` routes, `moe_expert_slots` lists the pairs in expert order (as the
+    /// host's lists have them) and adds the counts to `load`, the rows are gathered, three
+    /// `fp8_grouped_tc` (or `bf16_grouped_tc`) launches run
     /// every expert (those with no rows end at once) with SiLU-and-mul between them, and
     /// `combine_rows` adds each row's weighted outputs: eight launches (and the memsets of the
     /// gathered rows and the output), nothing copied either way (the experts' address
@@ -3710,7 +3782,7 @@ impl Backend for Cuda {
         if !routable {
             return None;
         }
-        let (table, inter) = self.expert_tables(experts, hidden)?;
+        let (table, inter, fp8) = self.expert_tables(experts, hidden)?;
         let load = load.get_or_insert_with(|| self.zeros(layers, e));
         let p = n * k;
         // SAFETY: moe_route_f32 writes each token's k ids and weights, and moe_expert_slots
@@ -3778,14 +3850,14 @@ impl Backend for Cuda {
         ok(unsafe { b.launch(config) }, "moe_expert_slots");
 
         let xp = self.gather_indexed(&x.buf, hidden, &slot_rows.as_view());
-        let tables = Fp8Tables {
+        let tables = GroupedTables {
             offsets: group_offsets.as_view(),
-            codes: [0, 1, 2].map(|w| table.slice(w * e..(w + 1) * e)),
-            scales: [3, 4, 5].map(|w| table.slice(w * e..(w + 1) * e)),
+            weights: [0, 1, 2].map(|w| table.slice(w * e..(w + 1) * e)),
+            scales: fp8.then(|| [3, 4, 5].map(|w| table.slice(w * e..(w + 1) * e))),
             groups: e,
             most: n,
         };
-        let y = self.fp8_expert_products(&xp, &tables, hidden, inter);
+        let y = self.expert_products_in_place(&xp, &tables, hidden, inter);
         let mut out = self.zeros(n, hidden);
         let by_row = (row_offsets.as_view(), slot_of.as_view());
         self.combine(&mut out, &Rows::F32(y), by_row, &slot_weights.as_view());
