@@ -332,13 +332,7 @@ fn fp8_weights_give_the_logits_of_their_bf16_values() {
     };
     // fp8 experts run one product each; so must the bf16 ones, for the same products.
     cuda.experts_one_by_one();
-    let (fp8, bf16) = support::fp8_and_dequantised("v32_sparse_moe", |values| {
-        let bits = values
-            .iter()
-            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
-            .collect();
-        (safetensors::Dtype::BF16, bits)
-    });
+    let (fp8, bf16) = fp8_and_bf16("v32_sparse_moe");
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 250 + 2) as u32).collect();
     let options = ModelOptions {
         index_topk: Some(8),
@@ -1346,6 +1340,18 @@ fn repeated_uploads_are_copied_once() {
     assert_same_bits(want, got, "uploads reused");
 }
 
+/// Fixture model `name` with its large weights as fp8, and as the bf16 values those stand for
+/// ([`support::fp8_and_dequantised`]).
+fn fp8_and_bf16(name: &str) -> (tempfile::TempDir, tempfile::TempDir) {
+    support::fp8_and_dequantised(name, |values| {
+        let bits = values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect();
+        (safetensors::Dtype::BF16, bits)
+    })
+}
+
 /// An `n × k` fp8 weight of random e4m3 codes (any but the NaNs) and block scales of
 /// DeepSeek's size.
 fn random_fp8(rand: &mut impl FnMut(usize) -> Vec<f32>, n: usize, k: usize) -> Matrix {
@@ -1578,13 +1584,7 @@ fn decode_steps_route_on_the_device() {
     let Some(cuda) = gpus(test, &[0], Dtype::Bfloat16) else {
         return;
     };
-    let (fp8, bf16) = support::fp8_and_dequantised("v32_sparse_moe", |values| {
-        let bits = values
-            .iter()
-            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
-            .collect();
-        (safetensors::Dtype::BF16, bits)
-    });
+    let (fp8, bf16) = fp8_and_bf16("v32_sparse_moe");
     // paged_run's prefill steps have 8 rows, its 9 decode steps 2.
     cuda.fp8_in_place_rows(4);
     let options = ModelOptions {
