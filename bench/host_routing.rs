@@ -7,15 +7,16 @@
 //!
 //! A batch of `--rows` rows routed among `--experts` experts (`--groups` groups, `--keep` of
 //! them kept, top `--top-k`), DeepSeek-V3's rule by default:
-//! - host path (bf16 and float32 experts, traces, expert shards, longer chunks; every layer
-//!   before `477fd15`): each row's router logits through `moe::route`, the choices counted in
+//! - host path (float32 experts, traces, expert shards, longer chunks; every layer before
+//!   `477fd15`, and bf16 experts' before `caca1f0`): each row's router logits through `moe::route`, the choices counted in
 //!   `ExpertLoad`, the pairs grouped by expert (`by_expert`), the rows, weights and each row's
 //!   pairs (`pairs_by_row`) as the int32 and float32 lists the kernels read. Not counted: the
 //!   copy of the logits to the host, which waits for the stream, and the lists' copy back.
 //!   Twice: with `route` as it is (the top k selected), and as it was (`moe::route_by_sorting`:
 //!   every expert sorted, and its weights not even computed, to its advantage).
-//! - device path (fp8 experts, at most `fp8_in_place_rows` rows): the host only builds the
-//!   layer's table of expert addresses (`--experts` × 6 values) and finds its copy, kept by
+//! - device path (fp8 or bf16 experts, at most `fp8_in_place_rows` rows): the host only builds
+//!   the layer's table of expert addresses (`--experts` × 6 values for fp8, as timed; 3 for
+//!   bf16) and finds its copy, kept by
 //!   content (`Cuda::expert_tables` with `uploads::Tables`, replayed here with the same
 //!   `HashMap<Vec<u64>, _>` lookup).
 //!
@@ -164,8 +165,8 @@ fn main() -> anyhow::Result<()> {
          | host routing before (`moe::route_by_sorting`: every expert sorted), the lists | {sorted_ms:.4} | {ss:.2} | {sr:.2}x |\n\
          | host routing now (`moe::route`: the top k selected), `ExpertLoad::record`, the lists | {host_ms:.4} | {hs:.2} | 1 |\n\
          | routing on the device (the address table found by content) | {device_ms:.4} | {ds:.2} | {dr:.3}x |\n\n\
-         The last row is all a layer routed on the device leaves the host (fp8 experts, at most \
-         `fp8_in_place_rows` rows). The larger saving is not in this table: the host path copies \
+         The last row is all a layer routed on the device leaves the host (fp8 or bf16 experts, \
+         at most `fp8_in_place_rows` rows; timed with fp8's table, twice bf16's). The larger saving is not in this table: the host path copies \
          each layer's logits to the host, which waits for all the work queued before it, so the \
          GPU idles while the host routes; only a GPU can time that. A server CPU is faster than \
          this one; the ratios are what carry over.\n",

@@ -29,7 +29,9 @@ impl From<&ModelConfig> for RouterConfig {
 
 /// Chooses the experts of one token from its router logits. Returns `(experts, weights)`,
 /// sorted by expert id. Values rank by `f32::total_cmp` (so a NaN has a place), ties to the
-/// lower index.
+/// lower index; every NaN ranked is first made the positive quiet NaN ([`canonical`]), above
+/// +inf, so that where a NaN's sign came from (the host's arithmetic, or a GPU's, which
+/// `moe_route_f32` mirrors) does not change the choice.
 pub fn route(logits: &[f32], bias: &[f32], cfg: &RouterConfig) -> (Vec<usize>, Vec<f32>) {
     let (scores, biased) = scored(logits, bias, cfg, top_two_sum);
     // The top_k by (value descending, index ascending), a strict order: selecting them and
@@ -80,11 +82,15 @@ fn scored(
     group_score: impl Fn(&[f32]) -> f32,
 ) -> (Vec<f32>, Vec<f32>) {
     let scores: Vec<f32> = logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect();
-    let mut biased: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
+    let mut biased: Vec<f32> = scores
+        .iter()
+        .zip(bias)
+        .map(|(s, b)| canonical(s + b))
+        .collect();
     if cfg.n_group > 1 {
         let size = cfg.n_experts / cfg.n_group;
         let mut group_scores: Vec<(f32, usize)> = (0..cfg.n_group)
-            .map(|g| (group_score(&biased[g * size..(g + 1) * size]), g))
+            .map(|g| (canonical(group_score(&biased[g * size..(g + 1) * size])), g))
             .collect();
         group_scores.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         for &(_, g) in &group_scores[cfg.topk_group..] {
@@ -92,6 +98,13 @@ fn scored(
         }
     }
     (scores, biased)
+}
+
+/// `x`, or the positive quiet NaN (`f32::NAN`) for any NaN: what the routing ranks, so that a
+/// NaN's sign and payload, which differ between the host's arithmetic and a GPU's (x86 makes
+/// `inf - inf` a negative NaN, a GPU a positive one), never change a choice.
+pub fn canonical(x: f32) -> f32 {
+    if x.is_nan() { f32::NAN } else { x }
 }
 
 /// The sum of a group's two largest values by `f32::total_cmp` (the group has two or more).
@@ -204,5 +217,40 @@ mod tests {
         let (ids, weights) = route(&[0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], &[0.0; 8], &c);
         assert_eq!(ids, vec![1]);
         assert!((weights[0] - 2.0 / (1.0 + (-3f32).exp())).abs() < 1e-6);
+    }
+
+    /// A NaN ranks above every number whatever its sign or payload (the host's arithmetic and a
+    /// GPU's give NaNs of different signs), in a logit, and in a bias that makes a group's
+    /// score NaN.
+    #[test]
+    fn a_nan_ranks_the_same_whatever_its_sign() {
+        let negative_nan = f32::from_bits(0xffc0_0000);
+        let payload_nan = f32::from_bits(0x7f80_0001);
+        for (n_group, topk_group) in [(1, 1), (4, 2)] {
+            let c = cfg(n_group, topk_group, 2);
+            let logits = [0.5, 2.0, -1.0, 0.0, 1.0, 3.0, -2.0, 0.25];
+            for nan in [f32::NAN, negative_nan, payload_nan] {
+                let mut with_nan = logits;
+                with_nan[6] = nan;
+                let (ids, weights) = route(&with_nan, &[0.0; 8], &c);
+                // Expert 6's NaN outranks expert 5's 3.0, the best number.
+                assert_eq!(ids, vec![5, 6], "NaN {:#x}", nan.to_bits());
+                assert!(weights[1].is_nan());
+                // The NaN in a bias instead: expert 6 still chosen, its weight a number.
+                let mut bias = [0.0; 8];
+                bias[6] = nan;
+                let (ids, weights) = route(&logits, &bias, &c);
+                assert_eq!(ids, vec![5, 6], "NaN bias {:#x}", nan.to_bits());
+                assert!(weights.iter().all(|w| w.is_finite()));
+            }
+            // Biases of +inf and -inf in experts 2 and 3 (group 1 of four): expert 2 ranks
+            // first; with groups, only if its group's score, inf + -inf, a NaN (negative on
+            // x86), ranks the group first.
+            let mut bias = [0.0; 8];
+            bias[2] = f32::INFINITY;
+            bias[3] = f32::NEG_INFINITY;
+            let (ids, _) = route(&logits, &bias, &c);
+            assert_eq!(ids, vec![2, 5], "{n_group} groups: inf - inf");
+        }
     }
 }

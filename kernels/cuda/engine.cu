@@ -461,10 +461,13 @@ combine_rows_bf16_bits_f32(float* __restrict__ out, const unsigned short* __rest
 #define ROUTE_NONE 0x7fffffff
 
 // x's place in the order of Rust's f32::total_cmp, which moe.rs sorts by, as a signed integer:
-// -NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN. Comparing these instead of floats makes every
-// comparison decided (a NaN too), so the lanes of a warp agree on each winner, as the host does.
+// -inf < ... < -0 < +0 < ... < +inf < NaN, every NaN taken as the positive quiet NaN first (as
+// moe.rs `canonical` takes it: a NaN's sign differs between the host's arithmetic and the GPU's).
+// Comparing these instead of floats makes every comparison decided (a NaN too), so the lanes of
+// a warp agree on each winner, as the host does.
 SMOE_DEVICE int total_order_key(float x) {
-    const int bits = __float_as_int(x);
+    int bits = __float_as_int(x);
+    if ((bits & 0x7fffffff) > 0x7f800000) bits = 0x7fc00000;  // a NaN, tested on the bits (no fast-math folding)
     return bits ^ (int)((unsigned int)(bits >> 31) >> 1);
 }
 

@@ -1970,8 +1970,9 @@ impl Cuda {
     /// A MoE layer's index lists on the device in one upload ([`Pack`]): the pairs' rows and
     /// weights in expert order (`rows`, `weights`: every path reads them), the pairs by row
     /// for `combine_rows` (`pairs_by_row` over the `out_rows` rows), and, when the active
-    /// experts can run as `fp8_grouped_tc` (every weight fp8, no expert with more rows than
-    /// [`Cuda::fp8_in_place_rows`]), the groups' offsets and address tables.
+    /// experts can run as `fp8_grouped_tc` or `bf16_grouped_tc` (every weight fp8, or every
+    /// one bf16, and no expert with more rows than [`Cuda::fp8_in_place_rows`]), the groups'
+    /// offsets and address tables.
     fn expert_lists(
         &self,
         groups: &[(usize, Vec<(usize, f32)>)],
