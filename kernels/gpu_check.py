@@ -1270,13 +1270,29 @@ class Harness:
             return
         t_ours = self.time_ms(launch, reps=10)
         active = [e for e in range(E) if counts[e]]
-        t_peer, peer = self.grouped_peer(x.to(torch.bfloat16), w16, offsets, active)
+        xb = x.to(torch.bfloat16)
+        t_peer, peer = self.grouped_peer(xb, w16, offsets, active)
         gbs = len(active) * weight_bytes / t_ours / 1e6
         tflops = 2 * rows * n * k / t_ours / 1e9
-        self.timings.append((f"{'fp8' if fp8 else 'bf16'} grouped experts in place: {rows} pairs over {len(active)} "
-                             f"active of {E}, {k} -> {n}", t_ours, peer, t_peer,
+        what = f"{'fp8' if fp8 else 'bf16'} grouped experts in place: {rows} pairs over {len(active)} active of {E}, {k} -> {n}"
+        self.timings.append((what, t_ours, peer, t_peer,
                              f"{t_peer / t_ours:.2f}x the peer; {gbs:.0f} GB/s of weights = {100 * gbs / self.copy_gbs:.0f}% "
                              f"of copy; {tflops:.0f} TFLOP/s = {100 * tflops / self.mm_tflops:.0f}% of the bf16 matmul rate"))
+        if not fp8:
+            return
+        # What the engine runs instead past fp8_in_place_rows (an expert with more rows): each
+        # active expert's weight dequantised to bf16, then a matmul; the data for that bound.
+        deq = torch.empty(n, k, dtype=torch.bfloat16, device=d)
+
+        def dequantised():
+            for e in active:
+                self.launch("fp8_dequant_bf16_bits", ((n * k + 255) // 256,), 256,
+                            [deq, codes[e], scales[e], ("l", n * k), ("i", k), ("i", scales.shape[2])])
+                torch.matmul(xb[offsets[e]:offsets[e + 1]], deq.T)
+
+        t_deq = self.time_ms(dequantised, reps=5)
+        self.timings.append((what, t_ours, "fp8_dequant_bf16_bits + torch matmul an active expert at a time (the "
+                             "engine past fp8_in_place_rows)", t_deq, f"{t_deq / t_ours:.2f}x the dequantising path"))
 
     def grouped_peer(self, xb, w16, offsets, active):
         """The faster PyTorch way to run these groups (x rows in bf16, each group's bf16 weight
@@ -1353,9 +1369,11 @@ class Harness:
         self.check_grouped(True, counts, 2048, 7168, time_it=True)
         self.check_grouped(False, counts, 2048, 7168, time_it=True)
         # The issue's grouped GEMM goal (>= 60% of the bf16 matmul rate): a prefill's 4096 tokens
-        # x top-8 over 256 experts (about 128 rows an expert), gate 7168 -> 2048, bf16 experts.
+        # x top-8 over 256 experts (about 128 rows an expert), gate 7168 -> 2048, bf16 experts;
+        # and fp8 experts at that shape, against the dequantising path the engine takes there.
         counts = torch.bincount(torch.randint(0, 256, (4096 * 8,)), minlength=256).tolist()
         self.check_grouped(False, counts, 2048, 7168, time_it=True)
+        self.check_grouped(True, counts, 2048, 7168, time_it=True)
         for m, n, k, what in ((1, 2048, 7168, "expert gate"), (64, 2048, 7168, "expert gate"),
                               (1, 7168, 16384, "o_proj"), (64, 7168, 16384, "o_proj")):
             codes, row_scales = self.fp8_weight(n, k)
