@@ -454,30 +454,16 @@ impl<B: Backend> SeqCache<B> {
         }
     }
 
-    /// Stores one layer's rows for the next `rows(latent)` tokens (after the `len` cached ones).
-    pub fn append(
-        &mut self,
-        b: &B,
-        layer: usize,
-        latent: &B::Tensor,
-        k_pe: &B::Tensor,
-        index_keys: Option<&B::Tensor>,
-    ) -> Result<()> {
-        match &mut self.storage {
-            Storage::Contiguous(layers) => {
-                let c = &mut layers[layer];
-                b.append_rows(&mut c.latent, latent);
-                b.append_rows(&mut c.k_pe, k_pe);
-                if let (Some(keys), Some(rows)) = (c.index_keys.as_mut(), index_keys) {
-                    b.append_rows(keys, rows);
-                }
-            }
+    /// A paged cache's pool and the pool rows of its next `n` tokens (after the `len` cached
+    /// ones); `None` for a contiguous cache. An error when its blocks hold fewer tokens.
+    fn next_slots(&self, n: usize) -> Result<Option<(&SharedPool<B>, Vec<usize>)>> {
+        match &self.storage {
+            Storage::Contiguous(_) => Ok(None),
             Storage::Paged {
                 pool,
                 table,
                 block_size,
             } => {
-                let n = b.shape(latent).0;
                 if self.len + n > table.len() * *block_size {
                     return Err(EngineError::input(format!(
                         "the KV cache has blocks for {} tokens, {} needed",
@@ -487,18 +473,33 @@ impl<B: Backend> SeqCache<B> {
                 }
                 let slots =
                     PagedRows::new(table, *block_size, self.len + n).rows(self.len..self.len + n);
-                let mut pool = pool
-                    .write()
-                    .map_err(|_| EngineError::Device("KV pool lock poisoned".into()))?;
-                let c = &mut pool.layers[layer];
-                b.write_rows(&mut c.latent, &slots, latent);
-                b.write_rows(&mut c.k_pe, &slots, k_pe);
-                if let (Some(keys), Some(rows)) = (c.index_keys.as_mut(), index_keys) {
-                    b.write_rows(keys, &slots, rows);
-                }
+                Ok(Some((pool, slots)))
             }
         }
-        Ok(())
+    }
+
+    /// Stores one layer's rows for the next `rows(latent)` tokens (after the `len` cached ones).
+    pub fn append(
+        &mut self,
+        b: &B,
+        layer: usize,
+        latent: &B::Tensor,
+        k_pe: &B::Tensor,
+        index_keys: Option<&B::Tensor>,
+    ) -> Result<()> {
+        if let Storage::Contiguous(layers) = &mut self.storage {
+            let c = &mut layers[layer];
+            b.append_rows(&mut c.latent, latent);
+            b.append_rows(&mut c.k_pe, k_pe);
+            if let (Some(keys), Some(rows)) = (c.index_keys.as_mut(), index_keys) {
+                b.append_rows(keys, rows);
+            }
+            return Ok(());
+        }
+        let Some((pool, slots)) = self.next_slots(b.shape(latent).0)? else {
+            unreachable!("not contiguous, so paged")
+        };
+        write_pool_rows(b, pool, layer, &slots, latent, k_pe, index_keys)
     }
 
     /// Layer `layer`'s latent and RoPE-key rows that a step attends to: those `selection`
@@ -650,6 +651,90 @@ impl<B: Backend> SeqCache<B> {
         );
         self.len = tokens;
     }
+}
+
+/// Writes layer `layer`'s rows of a paged pool: `latent`, `k_pe` and (where the pool keeps
+/// them) `index_keys` at pool rows `slots`, a row each.
+fn write_pool_rows<B: Backend>(
+    b: &B,
+    pool: &SharedPool<B>,
+    layer: usize,
+    slots: &[usize],
+    latent: &B::Tensor,
+    k_pe: &B::Tensor,
+    index_keys: Option<&B::Tensor>,
+) -> Result<()> {
+    let mut pool = pool
+        .write()
+        .map_err(|_| EngineError::Device("KV pool lock poisoned".into()))?;
+    let c = &mut pool.layers[layer];
+    b.write_rows(&mut c.latent, slots, latent);
+    b.write_rows(&mut c.k_pe, slots, k_pe);
+    if let (Some(keys), Some(rows)) = (c.index_keys.as_mut(), index_keys) {
+        b.write_rows(keys, slots, rows);
+    }
+    Ok(())
+}
+
+/// Stores one layer's rows for a batch: cache `i`'s next rows are rows `spans[i]` (start, len)
+/// of `latent`, `k_pe` and `index_keys`. When every cache is paged in one pool and the spans
+/// tile the tensors' rows in order (as a step's batch does), each store takes one
+/// `write_rows` of all the batch's pool rows: one launch a store on the CUDA backend, where a
+/// cache at a time took one a cache and store, and a copy of each cache's rows besides.
+/// Otherwise each cache appends its own rows. Either way every cache's capacity is checked
+/// before anything is written.
+pub fn append_batch<B: Backend>(
+    b: &B,
+    layer: usize,
+    caches: &mut [&mut SeqCache<B>],
+    spans: &[(usize, usize)],
+    latent: &B::Tensor,
+    k_pe: &B::Tensor,
+    index_keys: Option<&B::Tensor>,
+) -> Result<()> {
+    if caches.len() != spans.len() {
+        return Err(EngineError::input(format!(
+            "{} caches for {} spans of rows",
+            caches.len(),
+            spans.len()
+        )));
+    }
+    let rows = b.shape(latent).0;
+    let tiled = spans
+        .iter()
+        .try_fold(0, |at, &(start, len)| (start == at).then_some(at + len))
+        == Some(rows);
+    // Every cache's capacity is checked (an error) before any row is written.
+    let mut one_pool: Option<Option<&SharedPool<B>>> = None;
+    let mut slots = Vec::with_capacity(rows);
+    for (cache, &(_, len)) in caches.iter().zip(spans) {
+        let next = cache.next_slots(len)?;
+        one_pool = match (one_pool, next) {
+            (None, Some((pool, more))) => {
+                slots.extend(more);
+                Some(Some(pool))
+            }
+            (Some(Some(p)), Some((pool, more))) if Arc::ptr_eq(p, pool) => {
+                slots.extend(more);
+                Some(Some(p))
+            }
+            _ => Some(None),
+        };
+    }
+    if let (true, Some(Some(pool))) = (tiled, one_pool) {
+        return write_pool_rows(b, pool, layer, &slots, latent, k_pe, index_keys);
+    }
+    for (cache, &(start, len)) in caches.iter_mut().zip(spans) {
+        let keys = index_keys.map(|k| b.rows(k, start, len));
+        cache.append(
+            b,
+            layer,
+            &b.rows(latent, start, len),
+            &b.rows(k_pe, start, len),
+            keys.as_ref(),
+        )?;
+    }
+    Ok(())
 }
 
 /// Bytes one cached token takes across all layers (latent + rope key + indexer key) in a pool
@@ -1060,5 +1145,92 @@ mod tests {
         let a = BlockAllocator::from_budget(16, 16 * 100 * 10 + 5, 100);
         assert_eq!(a.total_blocks(), 10);
         assert_eq!(a.capacity_tokens(), 160);
+    }
+
+    /// A paged pool of one layer (block 2, 12 rows: latent 3 wide, RoPE keys 2, indexer keys 2).
+    fn small_pool(b: &crate::backend::cpu::Cpu) -> SharedPool<crate::backend::cpu::Cpu> {
+        let store = |cols| b.kv_store(12, cols, KvDtype::Float32).unwrap();
+        Arc::new(RwLock::new(KvPool {
+            block_size: 2,
+            layers: vec![PoolLayer {
+                latent: store(3),
+                k_pe: store(2),
+                index_keys: Some(store(2)),
+            }],
+        }))
+    }
+
+    /// Every store's 12 rows, as the host sees them.
+    fn pool_rows(
+        b: &crate::backend::cpu::Cpu,
+        pool: &SharedPool<crate::backend::cpu::Cpu>,
+    ) -> Vec<Vec<f32>> {
+        let pool = pool.read().unwrap();
+        let c = &pool.layers[0];
+        let all: Vec<usize> = (0..12).collect();
+        [&c.latent, &c.k_pe, c.index_keys.as_ref().unwrap()]
+            .map(|store| b.to_host(&b.gather_rows(store, &all)))
+            .to_vec()
+    }
+
+    /// A batch's rows written in one call (`append_batch`) land where appending cache by cache
+    /// puts them, for caches with blocks interleaved in one pool, one with rows cached already;
+    /// caches in two pools take the cache-by-cache path with the same result; and a batch with
+    /// a cache short of blocks is an error that writes nothing.
+    #[test]
+    fn a_batch_appends_as_its_caches_would_one_by_one() {
+        use crate::backend::cpu::Cpu;
+        let b = Cpu;
+        // Rows 0..2 for cache 0, 2..5 for cache 1.
+        let tensor = |cols: usize, base: f32| {
+            b.tensor(5, cols, (0..5 * cols).map(|i| base + i as f32).collect())
+        };
+        let (latent, k_pe, keys) = (tensor(3, 100.0), tensor(2, 200.0), tensor(2, 300.0));
+        let spans = [(0, 2), (2, 3)];
+        // Cache 0 in pools[0], one token cached (its rows go to pool rows 9 and 2); cache 1 in
+        // pools[1], with one block (too few) when `short`.
+        let setup = |pools: [&SharedPool<Cpu>; 2], short: bool| {
+            let mut first = SeqCache::paged(pools[0].clone());
+            first.set_blocks(&[4, 1]);
+            first.len = 1;
+            let mut second = SeqCache::paged(pools[1].clone());
+            second.set_blocks(if short { &[0] } else { &[0, 5] });
+            (first, second)
+        };
+        let append = |pools: [&SharedPool<Cpu>; 2], short: bool| {
+            let (mut first, mut second) = setup(pools, short);
+            let mut caches = [&mut first, &mut second];
+            append_batch(&b, 0, &mut caches, &spans, &latent, &k_pe, Some(&keys))
+        };
+
+        let one_by_one = small_pool(&b);
+        let (mut first, mut second) = setup([&one_by_one, &one_by_one], false);
+        for (cache, (start, len)) in [(&mut first, spans[0]), (&mut second, spans[1])] {
+            let keys = b.rows(&keys, start, len);
+            let (l, k) = (b.rows(&latent, start, len), b.rows(&k_pe, start, len));
+            cache.append(&b, 0, &l, &k, Some(&keys)).unwrap();
+        }
+        let want = pool_rows(&b, &one_by_one);
+
+        let batched = small_pool(&b);
+        append([&batched, &batched], false).unwrap();
+        assert_eq!(pool_rows(&b, &batched), want, "one pool, one write a store");
+        // Cache 0's second row went to pool row 2 (block 1's first row).
+        assert_eq!(pool_rows(&b, &batched)[0][6..9], [103.0, 104.0, 105.0]);
+
+        let (a, c) = (small_pool(&b), small_pool(&b));
+        append([&a, &c], false).unwrap();
+        let merged: Vec<Vec<f32>> = pool_rows(&b, &a)
+            .into_iter()
+            .zip(pool_rows(&b, &c))
+            .map(|(x, y)| x.iter().zip(&y).map(|(p, q)| p + q).collect())
+            .collect();
+        assert_eq!(merged, want, "two pools, cache by cache");
+
+        let full = small_pool(&b);
+        let err = append([&full, &full], true).unwrap_err().to_string();
+        assert!(err.contains("blocks for 2 tokens, 3 needed"), "{err}");
+        let untouched = pool_rows(&b, &full).iter().flatten().all(|&v| v == 0.0);
+        assert!(untouched, "rows written");
     }
 }

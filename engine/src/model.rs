@@ -13,8 +13,8 @@ use crate::error::{EngineError, Result};
 use crate::expert_load::ExpertLoad;
 use crate::expert_shards::ExpertShards;
 use crate::kv_cache::{
-    IndexQuery, KvDtype, KvPool, LayerCache, PoolLayer, SeqCache, SharedPool, index_keep,
-    index_select,
+    IndexQuery, KvDtype, KvPool, LayerCache, PoolLayer, SeqCache, SharedPool, append_batch,
+    index_keep, index_select,
 };
 use crate::moe::{RouterConfig, route};
 use crate::rope::{Rope, RopeLayout};
@@ -538,16 +538,15 @@ impl<B: Backend> Model<B> {
             step.cache.advance(step.tokens.len());
         }
 
-        // Logits only for the rows that asked for them.
+        // Logits only for the rows that asked for them, gathered in one go.
         let mut wanted = Vec::new();
         for (step, &(start, len)) in batch.iter().zip(&rows.spans) {
             match step.logits {
-                LogitRows::Last => wanted.push(b.rows(&h, start + len - 1, 1)),
-                LogitRows::All => wanted.push(b.rows(&h, start, len)),
+                LogitRows::Last => wanted.push(start + len - 1),
+                LogitRows::All => wanted.extend(start..start + len),
             }
         }
-        let parts: Vec<&B::Tensor> = wanted.iter().collect();
-        let selected = b.concat_rows(&parts);
+        let selected = b.select_rows(&h, &wanted);
         let normed = b.rms_norm(&selected, &self.final_norm, c.rms_norm_eps);
         let logits = b.to_host(&b.linear(&normed, &self.lm_head));
         if let Some(load) = device_load {
@@ -558,8 +557,11 @@ impl<B: Backend> Model<B> {
         }
         let mut out = Vec::with_capacity(batch.len());
         let mut offset = 0;
-        for part in &wanted {
-            let rows = b.shape(part).0;
+        for (step, &(_, len)) in batch.iter().zip(&rows.spans) {
+            let rows = match step.logits {
+                LogitRows::Last => 1,
+                LogitRows::All => len,
+            };
             out.push(logits[offset * c.vocab_size..(offset + rows) * c.vocab_size].to_vec());
             offset += rows;
         }
@@ -696,21 +698,16 @@ impl<B: Backend> Model<B> {
         let scale = c.softmax_scale();
         let mut traced: Vec<Vec<u32>> = Vec::new();
         let mut any_sparse = false;
-        // Each sequence's new rows go into its cache; then the indexer picks every sparse
-        // sequence's keys in one call, and one call attends for the whole batch.
+        // The batch's new rows go into its caches (a paged batch: one write a store); then the
+        // indexer picks every sparse sequence's keys in one call, and one call attends for the
+        // whole batch.
         let k = self.index_topk().unwrap_or(usize::MAX);
+        let mut caches: Vec<&mut SeqCache<B>> = batch.iter_mut().map(|s| &mut *s.cache).collect();
+        let new_keys = indexer_inputs.as_ref().map(|(_, ki, _, _)| ki);
+        append_batch(b, layer_index, &mut caches, spans, &latent, &k_pe, new_keys)?;
+        drop(caches);
         let mut appended = Vec::with_capacity(batch.len());
         for (step, &(start, len)) in batch.iter_mut().zip(spans) {
-            let new_keys = indexer_inputs
-                .as_ref()
-                .map(|(_, ki, _, _)| b.rows(ki, start, len));
-            step.cache.append(
-                b,
-                layer_index,
-                &b.rows(&latent, start, len),
-                &b.rows(&k_pe, start, len),
-                new_keys.as_ref(),
-            )?;
             let total = step.cache.len() + len;
             let sparse = match self.options.attention {
                 AttentionMode::Sparse => true,

@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if __has_include(<cublas_api.h>)
@@ -177,6 +178,7 @@ cublasStatus_t strided(const char* call, cublasHandle_t h, Gemm g, const void* a
     g.alpha = scalar(call, alpha);
     g.beta = scalar(call, beta);
     if (count == 0 || g.m == 0 || g.n == 0) return CUBLAS_STATUS_SUCCESS;
+    count_call(std::string("cublas/") + call);
     const int device = device_of_stream(h->stream);
     const auto span = [count](size_t one, long long stride) { return one == 0 ? 0 : one + (size_t)(count - 1) * (size_t)stride; };
     if (g.k > 0) {
@@ -260,6 +262,7 @@ API cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t h, const cublasOper
     LOCKED;
     if (h == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (groups < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    count_call(std::string("cublas/") + call);
     if (groups == 0) return CUBLAS_STATUS_SUCCESS;
     // Scalars per group, of the compute's scale type (float); bf16 in and out is the only
     // narrow combination cuBLAS offers here.

@@ -194,6 +194,41 @@ bool is_device_pointer(const void* p) { return find((uintptr_t)p) != nullptr; }
 void queue_on(void* stream, std::function<void()> op) { enqueue((CUstream)stream, std::move(op)); }
 int device_of_stream(void* stream) { return stream_device((CUstream)stream); }
 
+// With SPARSEMOE_EMU_STATS=FILE, the process's calls by kind, as the engine made them (kernel
+// launches by kernel, cuBLAS calls by function, copies by direction, memsets, allocations,
+// waits for the host), are written to FILE as JSON when it exits: {"what": [calls, bytes]}.
+// Counts, not times: what a GPU would be asked to do, for bench/decode-launches.sh.
+namespace {
+struct Stats {
+    std::map<std::string, std::pair<unsigned long long, unsigned long long>> calls;
+    ~Stats() {
+        const char* path = std::getenv("SPARSEMOE_EMU_STATS");
+        if (path == nullptr || *path == 0) return;
+        std::FILE* f = std::fopen(path, "w");
+        if (f == nullptr) return;
+        std::fprintf(f, "{");
+        const char* sep = "";
+        for (const auto& [what, n] : calls) {
+            std::fprintf(f, "%s\n  \"%s\": [%llu, %llu]", sep, what.c_str(), n.first, n.second);
+            sep = ",";
+        }
+        std::fprintf(f, "\n}\n");
+        std::fclose(f);
+    }
+};
+Stats& stats() {
+    static Stats s;
+    return s;
+}
+}  // namespace
+
+void count_call(const std::string& what, size_t bytes) {
+    std::lock_guard<std::recursive_mutex> guard(lock());
+    auto& n = stats().calls[what];
+    n.first += 1;
+    n.second += bytes;
+}
+
 }  // namespace smoe_emu
 
 using namespace smoe_emu;
@@ -418,6 +453,7 @@ API CUresult cuStreamDestroy(CUstream stream) {
 }
 API CUresult cuStreamSynchronize(CUstream stream) {
     LOCKED;
+    count_call("wait/stream synchronize");
     if (is_default(stream)) {
         NEED_CONTEXT;
         drain_device(current->device, true);
@@ -464,6 +500,7 @@ API CUresult cuEventRecord(CUevent event, CUstream stream) {
 }
 API CUresult cuEventSynchronize(CUevent event) {
     LOCKED;
+    count_call("wait/event synchronize");
     if (event == nullptr) return CUDA_ERROR_INVALID_HANDLE;
     if (event->stream != nullptr) run_until(event->stream, event->seq);
     return CUDA_SUCCESS;
@@ -496,12 +533,14 @@ API CUresult cuMemAlloc(CUdeviceptr* p, size_t bytes) {
     LOCKED;
     NEED_CONTEXT;
     if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    count_call("memory/alloc", bytes);
     return alloc(p, bytes, current->device);
 }
 API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream stream) {
     LOCKED;
     NEED_CONTEXT;
     if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    count_call("memory/alloc", bytes);
     return alloc(p, bytes, stream_device(stream));
 }
 API CUresult cuMemFree(CUdeviceptr p) {
@@ -525,6 +564,7 @@ API CUresult cuMemcpyHtoDAsync(CUdeviceptr dst, const void* src, size_t bytes, C
     LOCKED;
     if (check_alloc_target(dst, bytes) != CUDA_SUCCESS || (bytes > 0 && src == nullptr)) return CUDA_ERROR_INVALID_VALUE;
     // Pageable host memory is staged during the call: the caller may reuse it on return.
+    count_call("copy/host to device", bytes);
     auto staged = std::make_shared<std::vector<char>>((const char*)src, (const char*)src + bytes);
     enqueue(stream, [dst, staged] {
         if (!staged->empty()) std::memcpy((void*)dst, staged->data(), staged->size());
@@ -538,6 +578,7 @@ API CUresult cuMemcpyDtoHAsync(void* dst, CUdeviceptr src, size_t bytes, CUstrea
     LOCKED;
     if (check_alloc_target(src, bytes) != CUDA_SUCCESS || (bytes > 0 && dst == nullptr)) return CUDA_ERROR_INVALID_VALUE;
     if (is_device_pointer(dst)) return CUDA_ERROR_INVALID_VALUE;
+    count_call("copy/device to host (waits)", bytes);
     // A copy to pageable host memory returns once it is done: after the stream's earlier work.
     if (is_default(stream)) {
         NEED_CONTEXT;
@@ -553,6 +594,7 @@ API CUresult cuMemcpyDtoDAsync(CUdeviceptr dst, CUdeviceptr src, size_t bytes, C
     LOCKED;
     if (check_alloc_target(dst, bytes) != CUDA_SUCCESS || check_alloc_target(src, bytes) != CUDA_SUCCESS)
         return CUDA_ERROR_INVALID_VALUE;
+    count_call("copy/device to device", bytes);
     enqueue(stream, [dst, src, bytes] { std::memmove((void*)dst, (const void*)src, bytes); });
     return CUDA_SUCCESS;
 }
@@ -564,12 +606,14 @@ API CUresult cuMemcpyPeerAsync(CUdeviceptr dst, CUcontext dst_ctx, CUdeviceptr s
     if (!device_range((const void*)dst, bytes, dst_ctx->device, false) ||
         !device_range((const void*)src, bytes, src_ctx->device, false))
         return CUDA_ERROR_INVALID_VALUE;
+    count_call("copy/peer", bytes);
     enqueue(stream, [dst, src, bytes] { std::memmove((void*)dst, (const void*)src, bytes); });
     return CUDA_SUCCESS;
 }
 API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, CUstream stream) {
     LOCKED;
     if (check_alloc_target(dst, n) != CUDA_SUCCESS) return CUDA_ERROR_INVALID_VALUE;
+    count_call("memset", n);
     enqueue(stream, [dst, value, n] { std::memset((void*)dst, value, n); });
     return CUDA_SUCCESS;
 }
@@ -577,6 +621,7 @@ API CUresult cuMemsetD8(CUdeviceptr dst, unsigned char value, size_t n) { return
 API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned int value, size_t n, CUstream stream) {
     LOCKED;
     if (check_alloc_target(dst, n * 4) != CUDA_SUCCESS || dst % 4 != 0) return CUDA_ERROR_INVALID_VALUE;
+    count_call("memset", n * 4);
     enqueue(stream, [dst, value, n] {
         for (size_t i = 0; i < n; ++i) ((unsigned int*)dst)[i] = value;
     });
@@ -667,6 +712,7 @@ API CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsi
     if (!is_default(stream) && streams().count(stream) == 0) return CUDA_ERROR_INVALID_HANDLE;
     // The parameters are copied now, as the driver does; the kernel runs when the stream
     // reaches it.
+    count_call(std::string("launch/") + f->kernel->name);
     std::function<void()> run = f->kernel->bind(params, dim3{gx, gy, gz}, dim3{bx, by, bz}, smem, device);
     enqueue(stream, std::move(run));
     return CUDA_SUCCESS;

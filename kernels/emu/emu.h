@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <functional>
 #include <mutex>
+#include <string>
 
 namespace smoe_emu {
 
@@ -17,5 +18,7 @@ bool is_device_pointer(const void* p);
 // Queues `op` on `stream` (a CUstream; the default stream runs it now).
 void queue_on(void* stream, std::function<void()> op);
 int device_of_stream(void* stream);
+// Counts one call of `what` moving `bytes` (SPARSEMOE_EMU_STATS: see driver.cc).
+void count_call(const std::string& what, size_t bytes = 0);
 
 }  // namespace smoe_emu

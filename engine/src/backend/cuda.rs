@@ -3379,6 +3379,21 @@ impl Backend for Cuda {
         out
     }
 
+    /// One `gather_rows_f32` launch (the row list copied once and reused while it repeats, as a
+    /// decode step's is).
+    fn select_rows(&self, x: &CudaTensor, rows: &[usize]) -> CudaTensor {
+        if rows.is_empty() {
+            return self.zeros(0, x.cols);
+        }
+        assert!(
+            rows.iter().all(|&r| r < x.rows),
+            "select_rows: a row past the tensor's {}",
+            x.rows
+        );
+        let idx = self.shared_i32(rows.iter().copied());
+        self.gather_indexed(&x.buf, x.cols, &idx.as_view())
+    }
+
     fn append_rows(&self, cache: &mut CudaTensor, rows: &CudaTensor) {
         assert_eq!(cache.cols, rows.cols, "append_rows: column counts differ");
         let (old, add) = (cache.rows * cache.cols, rows.rows * rows.cols);

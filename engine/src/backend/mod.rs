@@ -449,6 +449,26 @@ pub trait Backend: Send + Sync + 'static {
     fn rows(&self, x: &Self::Tensor, start: usize, len: usize) -> Self::Tensor;
     /// Stacks tensors with equal column counts.
     fn concat_rows(&self, parts: &[&Self::Tensor]) -> Self::Tensor;
+    /// Rows `rows[0]`, `rows[1]`, … of `x`, stacked (each below x's row count). By default
+    /// each run of consecutive rows is cut out ([`Backend::rows`]) and the runs stacked; a
+    /// backend that gathers rows in one go overrides it.
+    fn select_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for &r in rows {
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == r => *len += 1,
+                _ => runs.push((r, 1)),
+            }
+        }
+        match runs[..] {
+            [(start, len)] => self.rows(x, start, len),
+            _ => {
+                let parts: Vec<Self::Tensor> =
+                    runs.iter().map(|&(s, n)| self.rows(x, s, n)).collect();
+                self.concat_rows(&parts.iter().collect::<Vec<_>>())
+            }
+        }
+    }
     /// Appends `rows` to `cache`.
     fn append_rows(&self, cache: &mut Self::Tensor, rows: &Self::Tensor);
     /// Writes row `i` of `rows` to row `slots[i]` of the KV store `dst`, in its dtype (bf16:

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# What one decode step of the CUDA backend asks of the GPU, counted on the CPU emulator of the
+# driver (kernels/emu, SPARSEMOE_EMU_STATS): kernel launches by kernel, cuBLAS calls, copies,
+# memsets, allocations and waits for the host. Runs bench/decode_calls.rs twice, a prefill and
+# one decode step, then the same with STEPS more, and divides the difference by STEPS. Counts,
+# not times: the emulator models no timing. They are the calls a CUDA graph of the step would
+# replace with one launch, and they hold on a GPU (the engine makes the same calls there).
+#   bench/decode-calls.sh [OUT.md]     (default bench/results/decode-calls.md)
+#   MODELS ("v32_sparse_moe v3_moe_yarn"), BATCH (8), STEPS (8), DTYPE (bfloat16)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-bench/results/decode-calls.md}
+models=${MODELS:-v32_sparse_moe v3_moe_yarn}
+batch=${BATCH:-8}
+steps=${STEPS:-8}
+dtype=${DTYPE:-bfloat16}
+kernels/install-nvcc.sh
+eval "$(kernels/nvcc-env.sh)"
+kernels/emu/build.sh >/dev/null
+cargo build --release --locked -p sparsemoe-engine --example decode_calls
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+for model in $models; do
+    for decode in 1 $((1 + steps)); do
+        SPARSEMOE_EMU_STATS="$work/$model-$decode.json" LD_LIBRARY_PATH="$PWD/target/cuda-emu:${LD_LIBRARY_PATH:-}" \
+            target/release/examples/decode_calls --model "engine/tests/fixtures/$model" --batch "$batch" \
+            --decode "$decode" --dtype "$dtype" >"$work/$model-$decode.run.json"
+    done
+done
+python3 - "$work" "$out" "$steps" "$batch" "$dtype" "$(git rev-parse --short HEAD)" $models <<'EOF'
+import json
+import sys
+
+work, out, steps, batch, dtype, commit, models = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:]
+runs, per_step = {}, {}
+for m in models:
+    one, more = (json.load(open(f"{work}/{m}-{d}.json")) for d in (1, 1 + steps))
+    runs[m] = json.load(open(f"{work}/{m}-{1 + steps}.run.json"))
+    per_step[m] = {k: ((more.get(k, [0, 0])[0] - one.get(k, [0, 0])[0]) / steps,
+                       (more.get(k, [0, 0])[1] - one.get(k, [0, 0])[1]) / steps)
+                   for k in set(one) | set(more)}
+kinds = sorted({k for m in models for k, v in per_step[m].items() if v[0]})
+lines = [
+    "# Driver calls of one CUDA decode step",
+    "",
+    f"`bench/decode-calls.sh` at {commit}: `bench/decode_calls.rs` on the CPU emulator of the driver "
+    f"(`kernels/emu`, `SPARSEMOE_EMU_STATS`), {batch} sequences of 16 prompt tokens in a paged bf16 pool, "
+    f"{dtype} weights; a prefill and 1 decode step, then {1 + steps}, the difference divided by {steps}. "
+    "Calls as the engine makes them on a GPU, not times (the emulator models none): each kernel launch and "
+    "cuBLAS call costs the host a few microseconds to issue, and a CUDA graph of the step would issue them "
+    "as one. cuBLAS calls launch one or more kernels of their own. A copy to the host waits for the stream.",
+    "",
+    "| model | layers (MoE) | routed on the device a step |",
+    "|---|---|---|",
+]
+for m in models:
+    r = runs[m]
+    lines.append(f"| {m} | {r['layers']} ({r['moe_layers']}) | {r['routed_on_device'] / (1 + steps):.2f} (of {r['moe_layers']}) |")
+lines += ["", "| call a decode step | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+total = {m: 0.0 for m in models}
+for k in kinds:
+    cells = []
+    for m in models:
+        n, b = per_step[m].get(k, (0, 0))
+        cells.append(f"{n:g}" + (f" ({b / 1024:.1f} KiB)" if b and not k.startswith("memory") else ""))
+        if k.startswith(("launch/", "cublas/")):
+            total[m] += n
+    lines.append(f"| `{k}` | " + " | ".join(cells) + " |")
+lines.append("| **kernel launches and cuBLAS calls** | " + " | ".join(f"**{total[m]:g}**" for m in models) + " |")
+for m in models:
+    layers = runs[m]["layers"]
+    lines.append("")
+    lines.append(f"{m}: {total[m]:g} launches and cuBLAS calls a step, {total[m] / layers:.1f} a layer on average.")
+open(out, "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
