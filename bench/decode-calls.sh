@@ -5,7 +5,8 @@
 # one decode step, then the same with STEPS more, and divides the difference by STEPS. Counts,
 # not times: the emulator models no timing. They are the calls a CUDA graph of the step would
 # replace with one launch, and they hold on a GPU (the engine makes the same calls there).
-#   bench/decode-calls.sh [OUT.md]     (default bench/results/decode-calls.md)
+#   bench/decode-calls.sh [OUT.md]     (default bench/results/decode-calls.md; what OUT.md has
+#                                       from the line "<!-- kept -->" on is kept)
 #   MODELS ("v32_sparse_moe v3_moe_yarn"), BATCH (8), STEPS (8), DTYPE (bfloat16)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ models=${MODELS:-v32_sparse_moe v3_moe_yarn}
 batch=${BATCH:-8}
 steps=${STEPS:-8}
 dtype=${DTYPE:-bfloat16}
+(( steps > 0 && batch > 0 )) || { echo "decode-calls.sh: STEPS and BATCH must be above 0" >&2; exit 2; }
 kernels/install-nvcc.sh
 eval "$(kernels/nvcc-env.sh)"
 kernels/emu/build.sh >/dev/null
@@ -27,15 +29,16 @@ for model in $models; do
             --decode "$decode" --dtype "$dtype" >"$work/$model-$decode.run.json"
     done
 done
-python3 - "$work" "$out" "$steps" "$batch" "$dtype" "$(git rev-parse --short HEAD)" $models <<'EOF'
+python3 - "$work" "$out" "$steps" "$batch" "$dtype" "$(git describe --always --dirty)" $models <<'EOF'
 import json
 import sys
 
 work, out, steps, batch, dtype, commit, models = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:]
-runs, per_step = {}, {}
+runs, per_step, routed = {}, {}, {}
 for m in models:
     one, more = (json.load(open(f"{work}/{m}-{d}.json")) for d in (1, 1 + steps))
-    runs[m] = json.load(open(f"{work}/{m}-{1 + steps}.run.json"))
+    run_one, runs[m] = (json.load(open(f"{work}/{m}-{d}.run.json")) for d in (1, 1 + steps))
+    routed[m] = (runs[m]["routed_on_device"] - run_one["routed_on_device"]) / steps
     per_step[m] = {k: ((more.get(k, [0, 0])[0] - one.get(k, [0, 0])[0]) / steps,
                        (more.get(k, [0, 0])[1] - one.get(k, [0, 0])[1]) / steps)
                    for k in set(one) | set(more)}
@@ -55,7 +58,7 @@ lines = [
 ]
 for m in models:
     r = runs[m]
-    lines.append(f"| {m} | {r['layers']} ({r['moe_layers']}) | {r['routed_on_device'] / (1 + steps):.2f} (of {r['moe_layers']}) |")
+    lines.append(f"| {m} | {r['layers']} ({r['moe_layers']}) | {routed[m]:g} (of {r['moe_layers']}) |")
 lines += ["", "| call a decode step | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
 total = {m: 0.0 for m in models}
 for k in kinds:
@@ -71,6 +74,11 @@ for m in models:
     layers = runs[m]["layers"]
     lines.append("")
     lines.append(f"{m}: {total[m]:g} launches and cuBLAS calls a step, {total[m] / layers:.1f} a layer on average.")
-open(out, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
+try:
+    old = open(out).read()
+    kept = old[old.index("<!-- kept -->"):]
+except (OSError, ValueError):
+    kept = ""
+open(out, "w").write("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
 EOF

@@ -262,7 +262,7 @@ API cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t h, const cublasOper
     LOCKED;
     if (h == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (groups < 0) return CUBLAS_STATUS_INVALID_VALUE;
-    count_call(std::string("cublas/") + call);
+    if (groups > 0) count_call(std::string("cublas/") + call);
     if (groups == 0) return CUBLAS_STATUS_SUCCESS;
     // Scalars per group, of the compute's scale type (float); bf16 in and out is the only
     // narrow combination cuBLAS offers here.

@@ -197,34 +197,46 @@ int device_of_stream(void* stream) { return stream_device((CUstream)stream); }
 // With SPARSEMOE_EMU_STATS=FILE, the process's calls by kind, as the engine made them (kernel
 // launches by kernel, cuBLAS calls by function, copies by direction, memsets, allocations,
 // waits for the host), are written to FILE as JSON when it exits: {"what": [calls, bytes]}.
-// Counts, not times: what a GPU would be asked to do, for bench/decode-launches.sh.
+// Counts, not times: what a GPU would be asked to do, for bench/decode-calls.sh. The counts are
+// never destroyed (a call during exit still finds them); an atexit handler, registered with
+// the first count, writes them under the lock, and later calls are not counted.
 namespace {
 struct Stats {
     std::map<std::string, std::pair<unsigned long long, unsigned long long>> calls;
-    ~Stats() {
-        const char* path = std::getenv("SPARSEMOE_EMU_STATS");
-        if (path == nullptr || *path == 0) return;
-        std::FILE* f = std::fopen(path, "w");
-        if (f == nullptr) return;
-        std::fprintf(f, "{");
-        const char* sep = "";
-        for (const auto& [what, n] : calls) {
-            std::fprintf(f, "%s\n  \"%s\": [%llu, %llu]", sep, what.c_str(), n.first, n.second);
-            sep = ",";
-        }
-        std::fprintf(f, "\n}\n");
-        std::fclose(f);
-    }
+    bool written = false;
 };
 Stats& stats() {
-    static Stats s;
-    return s;
+    static Stats* s = new Stats;
+    return *s;
+}
+void write_stats() {
+    std::lock_guard<std::recursive_mutex> guard(lock());
+    Stats& s = stats();
+    s.written = true;
+    const char* path = std::getenv("SPARSEMOE_EMU_STATS");
+    std::FILE* f = path != nullptr && *path != 0 ? std::fopen(path, "w") : nullptr;
+    if (f == nullptr) return;
+    std::fprintf(f, "{");
+    const char* sep = "";
+    for (const auto& [what, n] : s.calls) {
+        std::fprintf(f, "%s\n  \"%s\": [%llu, %llu]", sep, what.c_str(), n.first, n.second);
+        sep = ",";
+    }
+    std::fprintf(f, "\n}\n");
+    std::fclose(f);
 }
 }  // namespace
 
 void count_call(const std::string& what, size_t bytes) {
+    static const bool wanted = [] {
+        const char* path = std::getenv("SPARSEMOE_EMU_STATS");
+        return path != nullptr && *path != 0 && std::atexit(write_stats) == 0;
+    }();
+    if (!wanted) return;
     std::lock_guard<std::recursive_mutex> guard(lock());
-    auto& n = stats().calls[what];
+    Stats& s = stats();
+    if (s.written) return;
+    auto& n = s.calls[what];
     n.first += 1;
     n.second += bytes;
 }
@@ -533,15 +545,17 @@ API CUresult cuMemAlloc(CUdeviceptr* p, size_t bytes) {
     LOCKED;
     NEED_CONTEXT;
     if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
-    count_call("memory/alloc", bytes);
-    return alloc(p, bytes, current->device);
+    const CUresult r = alloc(p, bytes, current->device);
+    if (r == CUDA_SUCCESS) count_call("memory/alloc", bytes);
+    return r;
 }
 API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream stream) {
     LOCKED;
     NEED_CONTEXT;
     if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
-    count_call("memory/alloc", bytes);
-    return alloc(p, bytes, stream_device(stream));
+    const CUresult r = alloc(p, bytes, stream_device(stream));
+    if (r == CUDA_SUCCESS) count_call("memory/alloc", bytes);
+    return r;
 }
 API CUresult cuMemFree(CUdeviceptr p) {
     LOCKED;
