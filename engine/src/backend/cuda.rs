@@ -541,6 +541,10 @@ enum Keys<'k> {
     },
 }
 
+/// Experts' gate, up and down weights as device addresses, a table a weight and an entry an
+/// expert, and for fp8 weights their row scales' tables ([`Cuda::address_tables`]).
+type AddressTables = ([Vec<u64>; 3], Option<[Vec<u64>; 3]>);
+
 /// What the grouped kernels that read each expert's weight in place (`fp8_grouped_tc`,
 /// `bf16_grouped_tc`) read besides their rows: each group's first row (groups + 1 entries),
 /// and for gate, up and down in that order each group's weight as an address (fp8 codes or
@@ -2015,33 +2019,42 @@ impl Cuda {
         }
     }
 
-    /// Each active expert's gate, up and down weights as device addresses (in that order, a
-    /// table a weight), with their row scales for fp8 weights, when every one is fp8 or every
-    /// one bf16 and no expert has more rows than [`Cuda::fp8_in_place_rows`]: what
-    /// `fp8_grouped_tc` or `bf16_grouped_tc` reads.
-    #[allow(clippy::type_complexity)]
+    /// Each active expert's gate, up and down weights as device addresses ([`AddressTables`]),
+    /// when every one is fp8 or every one bf16 and no expert has more rows than
+    /// [`Cuda::fp8_in_place_rows`]: what `fp8_grouped_tc` or `bf16_grouped_tc` reads.
     fn in_place_tables(
         &self,
         groups: &[(usize, Vec<(usize, f32)>)],
         experts: &[Expert<CudaWeight>],
-    ) -> Option<([Vec<u64>; 3], Option<[Vec<u64>; 3]>)> {
+    ) -> Option<AddressTables> {
         let most = groups.iter().map(|(_, r)| r.len()).max()?;
         if most > self.in_place_limit() {
             return None;
         }
+        self.address_tables(groups.iter().map(|(e, _)| &experts[*e]))
+    }
+
+    /// The gate, up and down weights of `experts` on this lane as device addresses, a table a
+    /// weight and an entry an expert, with their row scales' tables when the weights are fp8:
+    /// `None` unless every one is fp8 or every one bf16 (and there is one expert at least).
+    fn address_tables<'e>(
+        &self,
+        experts: impl Iterator<Item = &'e Expert<CudaWeight>>,
+    ) -> Option<AddressTables> {
         let mut weights: [Vec<u64>; 3] = Default::default();
-        let mut scales: Option<[Vec<u64>; 3]> = None;
-        for (i, (e, _)) in groups.iter().enumerate() {
-            let (w, s) = self.in_place_addresses(&experts[*e])?;
-            match (s, &mut scales) {
-                (Some(s), Some(tables)) => tables.iter_mut().zip(s).for_each(|(t, a)| t.push(a)),
-                (Some(s), None) if i == 0 => scales = Some(s.map(|a| vec![a])),
-                (None, None) => {}
-                _ => return None, // fp8 and bf16 experts mixed
+        let mut scales: [Vec<u64>; 3] = Default::default();
+        let mut fp8 = None;
+        for ex in experts {
+            let (w, s) = self.in_place_addresses(ex)?;
+            if *fp8.get_or_insert(s.is_some()) != s.is_some() {
+                return None; // fp8 and bf16 experts mixed
             }
             weights.iter_mut().zip(w).for_each(|(t, a)| t.push(a));
+            if let Some(s) = s {
+                scales.iter_mut().zip(s).for_each(|(t, a)| t.push(a));
+            }
         }
-        Some((weights, scales))
+        Some((weights, fp8?.then_some(scales)))
     }
 
     /// An expert's gate, up and down weights on this lane as device addresses for the in-place
@@ -2077,38 +2090,30 @@ impl Cuda {
         experts: &[Expert<CudaWeight>],
         hidden: usize,
     ) -> Option<(Arc<CudaSlice<u64>>, usize, bool)> {
-        let e = experts.len();
         let inter = experts.first()?.gate.rows;
         if inter == 0 || hidden == 0 {
             return None;
         }
         let shaped = |w: &CudaWeight, r: usize, c: usize| w.rows == r && w.cols == c;
-        let mut table = Vec::with_capacity(6 * e);
-        let mut scale_table = Vec::new();
-        let mut fp8 = None;
-        for ex in experts {
-            let shapes_agree = shaped(&ex.gate, inter, hidden)
+        let shapes_agree = experts.iter().all(|ex| {
+            shaped(&ex.gate, inter, hidden)
                 && shaped(&ex.up, inter, hidden)
-                && shaped(&ex.down, hidden, inter);
-            if !shapes_agree {
-                return None;
-            }
-            let (weights, scales) = self.in_place_addresses(ex)?;
-            if *fp8.get_or_insert(scales.is_some()) != scales.is_some() {
-                return None;
-            }
-            table.extend(weights);
-            scale_table.extend(scales.into_iter().flatten());
+                && shaped(&ex.down, hidden, inter)
+        });
+        if !shapes_agree {
+            return None;
         }
-        // Expert-major as gathered; the kernels read a table a weight.
-        fn by_weight(t: &[u64]) -> impl Iterator<Item = u64> + '_ {
-            (0..3).flat_map(move |w| t.iter().skip(w).step_by(3).copied())
-        }
-        let table: Vec<u64> = by_weight(&table).chain(by_weight(&scale_table)).collect();
+        let (weights, scales) = self.address_tables(experts.iter())?;
+        let fp8 = scales.is_some();
+        let table: Vec<u64> = weights
+            .into_iter()
+            .chain(scales.into_iter().flatten())
+            .flatten()
+            .collect();
         let got = self
             .tables
             .get(&table, &self.uploads, |v| self.try_upload(v));
-        Some((ok(got, "copying to the device"), inter, fp8 == Some(true)))
+        Some((ok(got, "copying to the device"), inter, fp8))
     }
 
     /// The routed experts' outputs before their weights (`[pairs, hidden]`, a row a pair in
