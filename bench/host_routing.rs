@@ -14,7 +14,7 @@
 //!   copy of the logits to the host, which waits for the stream, and the lists' copy back.
 //!   Twice: with `route` as it is (the top k selected), and as it was (`moe::route_by_sorting`:
 //!   every expert sorted, and its weights not even computed, to its advantage).
-//! - device path (fp8 or bf16 experts, at most `fp8_in_place_rows` rows): the host only builds
+//! - device path (fp8 or bf16 experts, at most `in_place_rows` rows): the host only builds
 //!   the layer's table of expert addresses (`--experts` × 6 values for fp8, as timed; 3 for
 //!   bf16) and finds its copy, kept by
 //!   content (`Cuda::expert_tables` with `uploads::Tables`, replayed here with the same
@@ -166,7 +166,7 @@ fn main() -> anyhow::Result<()> {
          | host routing now (`moe::route`: the top k selected), `ExpertLoad::record`, the lists | {host_ms:.4} | {hs:.2} | 1 |\n\
          | routing on the device (the address table found by content) | {device_ms:.4} | {ds:.2} | {dr:.3}x |\n\n\
          The last row is all a layer routed on the device leaves the host (fp8 or bf16 experts, \
-         at most `fp8_in_place_rows` rows; timed with fp8's table, twice bf16's). The larger saving is not in this table: the host path copies \
+         at most `in_place_rows` rows; timed with fp8's table, twice bf16's). The larger saving is not in this table: the host path copies \
          each layer's logits to the host, which waits for all the work queued before it, so the \
          GPU idles while the host routes; only a GPU can time that. A server CPU is faster than \
          this one; the ratios are what carry over.\n",

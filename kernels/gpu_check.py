@@ -1203,11 +1203,18 @@ class Harness:
                              f"goal 60% of {self.mm_tflops:.0f} needs the cuBLAS grouped path"))
 
     def fp8_linear(self, y, x, codes, row_scales, sms, heads=None):
-        """y = x . W^T through fp8_linear_tc, split as the engine splits it
-        (launch::fp8_linear_split_steps), the parts added by sum_splits_f32. With heads =
+        """y = x . W^T through fp8_linear_tc (see linear_in_place)."""
+        return self.linear_in_place(y, x, (codes, row_scales), sms, heads)
+
+    def linear_in_place(self, y, x, weight, sms, heads=None):
+        """y = x . W^T with W read in place, split as the engine splits it
+        (launch::fp8_linear_split_steps), the parts added by sum_splits_f32: fp8_linear_tc for
+        weight = (codes, row_scales), bf16_linear_tc for a bf16 tensor. With heads =
         (count, nope, v): the absorbed MLA's products out of the latent space, as the engine
         batches them: x [m, count * k], W = kv_b [count * (nope + v), k], head h's W_UV,h its
         rows h * (nope + v) + nope .., y [m, count * v]."""
+        fp8 = isinstance(weight, tuple)
+        codes = weight[0] if fp8 else weight
         m = x.shape[0]
         k = codes.shape[1]
         count, nope, v = heads if heads else (1, 0, codes.shape[0])
@@ -1218,14 +1225,18 @@ class Harness:
         splits = max(1, min(want, steps // 2, 16))
         split_steps = -(-steps // splits)
         splits = -(-steps // split_steps)
-        w, s = codes[nope:], row_scales[nope:]
-        args = [x, w, s, ("i", m), ("i", n), ("i", k), ("i", row_scales.shape[1]), ("i", split_steps),
-                ("i", ldx), ("i", ldy), ("l", k if heads else 0), ("i", nope + v if heads else 0), ("l", v if heads else 0)]
+        if fp8:
+            name, args = "fp8_linear_tc", [x, codes[nope:], weight[1][nope:], ("i", m), ("i", n), ("i", k),
+                                           ("i", weight[1].shape[1])]
+        else:
+            name, args = "bf16_linear_tc", [x, codes[nope:], ("i", m), ("i", n), ("i", k)]
+        args += [("i", split_steps), ("i", ldx), ("i", ldy), ("l", k if heads else 0), ("i", nope + v if heads else 0),
+                 ("l", v if heads else 0)]
         if splits == 1:
-            self.launch("fp8_linear_tc", grid + (count,), 128, [y] + args)
+            self.launch(name, grid + (count,), 128, [y] + args)
         else:
             parts = torch.empty(splits, m, ldy, device=self.dev)
-            self.launch("fp8_linear_tc", grid + (count * splits,), 128, [parts] + args)
+            self.launch(name, grid + (count * splits,), 128, [parts] + args)
             self.launch("sum_splits_f32", ((m * ldy + 255) // 256,), 256, [y, parts, ("i", splits), ("l", m * ldy)])
         return splits
 
@@ -1280,7 +1291,7 @@ class Harness:
                              f"of copy; {tflops:.0f} TFLOP/s = {100 * tflops / self.mm_tflops:.0f}% of the bf16 matmul rate"))
         if not fp8:
             return
-        # What the engine runs instead past fp8_in_place_rows (an expert with more rows): each
+        # What the engine runs instead past in_place_rows (an expert with more rows): each
         # active expert's weight dequantised to bf16, then a matmul; the data for that bound.
         deq = torch.empty(n, k, dtype=torch.bfloat16, device=d)
 
@@ -1292,7 +1303,7 @@ class Harness:
 
         t_deq = self.time_ms(dequantised, reps=5)
         self.timings.append((what, t_ours, "fp8_dequant_bf16_bits + torch matmul an active expert at a time (the "
-                             "engine past fp8_in_place_rows)", t_deq, f"{t_deq / t_ours:.2f}x the dequantising path"))
+                             "engine past in_place_rows)", t_deq, f"{t_deq / t_ours:.2f}x the dequantising path"))
 
     def grouped_peer(self, xb, w16, offsets, active):
         """The faster PyTorch way to run these groups (x rows in bf16, each group's bf16 weight
@@ -1352,6 +1363,25 @@ class Harness:
             ref = torch.einsum("mhk,hvk->mhv", x.to(torch.bfloat16).double().view(m, heads, k), w).reshape(m, heads * v)
             self.record(f"fp8_linear_tc {heads} heads' W_UV (v={v}, latent {k}) over {m} rows ({splits} k-splits)",
                         rel_l2(y, ref), F32_BOUND)
+        # bf16_linear_tc: the same products of a bf16 weight (k odd, k even but not a multiple
+        # of 4: values read one by one; multiples of 4: 8-byte loads), then batched over heads.
+        for m, n, k in ((1, 300, 1000), (5, 64, 4096), (64, 130, 259), (100, 70, 514), (3, 7, 130)):
+            w = torch.randn(n, k, device=self.dev).to(torch.bfloat16)
+            x = torch.randn(m, k, device=self.dev)
+            y = torch.full((m, n), float("nan"), device=self.dev)
+            splits = self.linear_in_place(y, x, w, sms)
+            ref = x.to(torch.bfloat16).double() @ w.double().T
+            self.record(f"bf16_linear_tc m={m} n={n} k={k} ({splits} k-split{'s' if splits > 1 else ''})",
+                        rel_l2(y, ref), F32_BOUND)
+        for m, (heads, nope, v, k) in ((3, (20, 24, 40, 200)), (64, (4, 16, 130, 512)), (2, (2, 8, 16, 1026))):
+            w = torch.randn(heads * (nope + v), k, device=self.dev).to(torch.bfloat16)
+            x = torch.randn(m, heads * k, device=self.dev)
+            y = torch.full((m, heads * v), float("nan"), device=self.dev)
+            splits = self.linear_in_place(y, x, w, sms, heads=(heads, nope, v))
+            wh = w.double().view(heads, nope + v, k)[:, nope:]
+            ref = torch.einsum("mhk,hvk->mhv", x.to(torch.bfloat16).double().view(m, heads, k), wh).reshape(m, heads * v)
+            self.record(f"bf16_linear_tc {heads} heads' W_UV (v={v}, latent {k}) over {m} rows ({splits} k-splits)",
+                        rel_l2(y, ref), F32_BOUND)
         # A MoE layer's experts in one launch, uneven rows (an empty expert, one of 70: two row
         # blocks), k not a multiple of 128.
         counts = [3, 0, 70, 1, 10]
@@ -1395,6 +1425,32 @@ class Harness:
                                  "fp8_dequant_bf16_bits + torch bf16 matmul (the path it replaces)", t_deq,
                                  f"{t_deq / t_ours:.1f}x the dequantising path; {t_bf16 / t_ours:.2f}x a bf16 weight's "
                                  f"torch matmul ({t_bf16:.3f} ms); {gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy"))
+        # A bf16 weight's decode-step products: bf16_linear_tc against what it replaces in the
+        # engine, x rounded to bf16 and a cuBLAS bf16 product with float32 outputs (torch's
+        # matmul, then the cast). DeepSeek-V3's q_b (1536 -> 24576), o_proj, an expert's gate,
+        # and the absorbed MLA's W_UV over 128 heads (latent 512 -> v 128).
+        for m, n, k, what in ((1, 24576, 1536, "q_b"), (64, 24576, 1536, "q_b"), (1, 7168, 16384, "o_proj"),
+                              (64, 7168, 16384, "o_proj"), (8, 2048, 7168, "expert gate")):
+            w = torch.randn(n, k, device=self.dev).to(torch.bfloat16)
+            x = torch.randn(m, k, device=self.dev)
+            y = torch.empty(m, n, device=self.dev)
+            t_ours = self.time_ms(lambda: self.linear_in_place(y, x, w, sms))
+            t_peer = self.time_ms(lambda: torch.matmul(x.to(torch.bfloat16), w.T).float())
+            gbs = (n * k * 2 + m * k * 4 + m * n * 4) / t_ours / 1e6
+            self.timings.append((f"bf16 product in place, {what} {m}x{k} by {n}x{k}", t_ours,
+                                 "x to bf16 + torch bf16 matmul + to float32 (the cuBLAS path it replaces)", t_peer,
+                                 f"{t_peer / t_ours:.2f}x; {gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy"))
+        heads, nope, v, k = 128, 128, 128, 512
+        for m in (1, 64):
+            w = torch.randn(heads * (nope + v), k, device=self.dev).to(torch.bfloat16)
+            x = torch.randn(m, heads * k, device=self.dev)
+            y = torch.empty(m, heads * v, device=self.dev)
+            wv = w.view(heads, nope + v, k)[:, nope:]
+            t_ours = self.time_ms(lambda: self.linear_in_place(y, x, w, sms, heads=(heads, nope, v)))
+            t_peer = self.time_ms(lambda: torch.bmm(x.to(torch.bfloat16).view(m, heads, k).transpose(0, 1),
+                                                    wv.transpose(1, 2)).float())
+            self.timings.append((f"bf16 W_UV in place, {heads} heads over {m} rows (latent {k} -> v {v})", t_ours,
+                                 "x to bf16 + torch batched bf16 matmul + to float32", t_peer, f"{t_peer / t_ours:.2f}x"))
 
     def check_fp8(self):
         rows, cols = 1000, 700  # not multiples of 128: partial scale blocks

@@ -20,7 +20,7 @@ use sparsemoe_engine::config::ModelConfig;
 use sparsemoe_engine::expert_shards::ExpertShards;
 use sparsemoe_engine::kv_cache::{KvDtype, PagedRows, SeqCache};
 use sparsemoe_engine::model::{AttentionMode, LogitRows, Model, ModelOptions, SeqStep};
-use sparsemoe_engine::weights::Matrix;
+use sparsemoe_engine::weights::{Matrix, StoredType};
 use support::{FIXTURE_MODELS, fixture, rel_l2, sorted_row_errors};
 
 /// Device 0, or `None` (with the reason printed) when this machine has none.
@@ -254,16 +254,16 @@ fn bf16_weights_stay_within_bf16_rounding_of_the_cpu_backend() {
 /// the same products summed in the same order (cuBLAS may tile them differently, hence a
 /// float32-rounding bound, not equality). bf16 experts (one by one, each product a cuBLAS bf16
 /// product: x rounded to bf16, float32 sums and outputs): while no expert has more rows than
-/// `fp8_in_place_rows` (all of this 40-token prompt's), the grouped products are
+/// `in_place_rows` (all of this 40-token prompt's), the grouped products are
 /// `bf16_grouped_tc`'s, the same products summed in another order, so within float32 rounding;
-/// past it (`fp8_in_place_rows(0)`) they are cuBLAS's grouped products, which write bf16
+/// past it (`in_place_rows(0)`) they are cuBLAS's grouped products, which write bf16
 /// outputs: within bf16 rounding of the gate, up and down outputs (2e-2, a little above the
 /// fixtures' measured median row error of bf16 rounding; the run prints what it measures).
 #[test]
 fn grouped_expert_products_match_one_product_per_expert() {
     let test = "grouped_expert_products_match_one_product_per_expert";
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 250 + 2) as u32).collect();
-    // (weights, [(fp8_in_place_rows, bound on the relative L2 error)]).
+    // (weights, [(in_place_rows, bound on the relative L2 error)]).
     let cases = [
         (Dtype::Float32, &[(64, 1e-5)][..]),
         (Dtype::Bfloat16, &[(64, 1e-5), (0, 2e-2)][..]),
@@ -280,7 +280,7 @@ fn grouped_expert_products_match_one_product_per_expert() {
             };
             let want = logits(&one_by_one);
             for &(in_place_rows, bound) in bounds {
-                grouped.fp8_in_place_rows(in_place_rows);
+                grouped.in_place_rows(in_place_rows);
                 let (layers, launches) = (
                     grouped.grouped_expert_layers(),
                     grouped.bf16_grouped_products(),
@@ -317,7 +317,7 @@ fn grouped_expert_products_match_one_product_per_expert() {
 }
 
 /// DeepSeek's fp8 weights stay fp8 on the GPU under `--dtype bfloat16` (half the bytes of bf16).
-/// A product of more rows than `fp8_in_place_rows` dequantises them to bf16 first: then an fp8
+/// A product of more rows than `in_place_rows` dequantises them to bf16 first: then an fp8
 /// checkpoint must give the logits of a bf16 checkpoint holding the values its fp8 weights
 /// stand for, rounded to bf16 (the same bf16 weights reach the same products). Products of
 /// fewer rows (all of this 40-token prompt's, by default) read the codes in place
@@ -342,17 +342,19 @@ fn fp8_weights_give_the_logits_of_their_bf16_values() {
         let model = Model::load(dir, cuda.clone(), options.clone()).unwrap();
         model.logits(&tokens, None).unwrap()
     };
+    // Every product on cuBLAS: the bf16 checkpoint's products too (under the default bound
+    // they would read their bf16 weights in place, summing in another order).
+    cuda.in_place_rows(0);
     let from_bf16 = logits(bf16.path());
-    cuda.fp8_in_place_rows(0);
     let dequantised = logits(fp8.path());
     let err = rel_l2(&from_bf16, &dequantised);
     eprintln!("{test}: dequantised: relative L2 {err:.2e}");
     assert!(err < 1e-6, "fp8 vs its bf16 values: relative L2 {err:.2e}");
-    assert_eq!(cuda.fp8_in_place_products(), 0);
+    assert_eq!(cuda.in_place_products(), 0);
 
-    cuda.fp8_in_place_rows(tokens.len());
+    cuda.in_place_rows(tokens.len());
     let in_place = logits(fp8.path());
-    let products = cuda.fp8_in_place_products();
+    let products = cuda.in_place_products();
     let rows = sorted_row_errors(&dequantised, &in_place, in_place.len() / tokens.len());
     let median = rows[rows.len() / 2];
     eprintln!(
@@ -376,7 +378,7 @@ fn fp8_weights_give_the_logits_of_their_bf16_values() {
         "{test}: {} MoE layers grouped, {} in-place launches: vs one by one, median row \
          {median:.2e}, worst {:.2e}",
         grouped.grouped_expert_layers(),
-        grouped.fp8_in_place_products(),
+        grouped.in_place_products(),
         rows[rows.len() - 1]
     );
     assert!(
@@ -389,17 +391,18 @@ fn fp8_weights_give_the_logits_of_their_bf16_values() {
     );
 }
 
-/// A product of an fp8 weight with few rows (a decode step's) reads the codes in place
-/// (`fp8_linear_tc`: each value the bf16 that dequantising gives, x rounded to bf16, float32
-/// sums; k split over blocks where the grid is small); a product of more rows than
-/// `fp8_in_place_rows` dequantises the weight and runs on cuBLAS. Both must give the product of
-/// those bf16 values summed in float64, within float32 summation error, at shapes with partial
-/// tiles: 1 to 70 rows (past 64, a second block of rows), weight rows not a multiple of 64, k
-/// not a multiple of 4 (codes read a byte at a time) or of 128 (a partial scale block), and k
-/// long enough to split (the emulator's one multiprocessor splits grids of under 4 blocks).
+/// A product of an fp8 or bf16 weight with few rows (a decode step's) reads the weight in place
+/// (`fp8_linear_tc`: each code the bf16 value that dequantising gives; `bf16_linear_tc`: the
+/// values as stored; x rounded to bf16, float32 sums; k split over blocks where the grid is
+/// small); a product of more rows than `in_place_rows` runs on cuBLAS (an fp8 weight
+/// dequantised for it). Both must give the product of those bf16 values summed in float64,
+/// within float32 summation error, at shapes with partial tiles: 1 to 70 rows (past 64, a
+/// second block of rows), weight rows not a multiple of 64, k not a multiple of 4 (codes and
+/// values read one at a time) or of 128 (a partial scale block or k-step), and k long enough
+/// to split (the emulator's one multiprocessor splits grids of under 4 blocks).
 #[test]
-fn fp8_products_read_the_codes_in_place() {
-    let test = "fp8_products_read_the_codes_in_place";
+fn products_read_fp8_and_bf16_weights_in_place() {
+    let test = "products_read_fp8_and_bf16_weights_in_place";
     let Some(cuda) = gpus(test, &[0], Dtype::Bfloat16) else {
         return;
     };
@@ -412,36 +415,57 @@ fn fp8_products_read_the_codes_in_place() {
         (64, 72, 2048),
         (70, 65, 259),
         (1, 1, 4096),
+        (5, 33, 130),
     ];
     for (m, n, k) in shapes {
-        let w = random_fp8(&mut rand, n, k);
-        let w_values: Vec<f32> = w.to_f32_vec().into_iter().map(bf16).collect();
-        let x = rand(m * k);
-        let want: Vec<f32> = (0..m * n)
-            .map(|i| {
-                let (r, c) = (i / n, i % n);
-                (0..k)
-                    .map(|j| f64::from(bf16(x[r * k + j])) * f64::from(w_values[c * k + j]))
-                    .sum::<f64>() as f32
-            })
+        let fp8 = random_fp8(&mut rand, n, k);
+        let fp8_values: Vec<f32> = fp8.to_f32_vec().into_iter().map(bf16).collect();
+        let bf16_values: Vec<f32> = rand(n * k).into_iter().map(bf16).collect();
+        let bf16_bytes = bf16_values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
             .collect();
-        let weight = cuda.upload(w).unwrap();
-        let xt = cuda.tensor(m, k, x);
-        for in_place_rows in [usize::MAX, 64, 0] {
-            cuda.fp8_in_place_rows(in_place_rows);
-            let before = cuda.fp8_in_place_products();
-            let got = cuda.to_host(&cuda.linear(&xt, &weight));
-            let err = rel_l2(&want, &got);
-            let in_place = cuda.fp8_in_place_products() - before;
-            eprintln!(
-                "{test}: {m}x{k} by {n}x{k}, in place up to {in_place_rows} rows: relative L2 {err:.2e}"
-            );
-            assert!(err < 1e-5, "{m}x{k} by {n}x{k}: relative L2 {err:.2e}");
-            assert_eq!(
-                in_place,
-                u64::from(m <= in_place_rows),
-                "{m} rows, in place up to {in_place_rows}"
-            );
+        let weights = [
+            ("fp8", fp8, fp8_values),
+            (
+                "bf16",
+                Matrix::from_bytes(n, k, StoredType::Bf16, bf16_bytes),
+                bf16_values,
+            ),
+        ];
+        let x = rand(m * k);
+        for (dtype, w, w_values) in weights {
+            let want: Vec<f32> = (0..m * n)
+                .map(|i| {
+                    let (r, c) = (i / n, i % n);
+                    (0..k)
+                        .map(|j| f64::from(bf16(x[r * k + j])) * f64::from(w_values[c * k + j]))
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            let weight = cuda.upload(w).unwrap();
+            let xt = cuda.tensor(m, k, x.clone());
+            for in_place_rows in [usize::MAX, 64, 0] {
+                cuda.in_place_rows(in_place_rows);
+                let before = cuda.in_place_products();
+                let got = cuda.to_host(&cuda.linear(&xt, &weight));
+                let err = rel_l2(&want, &got);
+                let in_place = cuda.in_place_products() - before;
+                let case =
+                    format!("{dtype} {m}x{k} by {n}x{k}, in place up to {in_place_rows} rows");
+                eprintln!("{test}: {case}: relative L2 {err:.2e}");
+                assert_eq!(got.len(), m * n, "{case}: output length");
+                assert!(
+                    got.iter().all(|v| v.is_finite()),
+                    "{case}: a value not written"
+                );
+                assert!(err < 1e-5, "{case}: relative L2 {err:.2e}");
+                assert_eq!(
+                    in_place,
+                    u64::from(m <= in_place_rows),
+                    "{case}: in-place launches"
+                );
+            }
         }
     }
 }
@@ -1380,7 +1404,7 @@ fn random_fp8(rand: &mut impl FnMut(usize) -> Vec<f32>, n: usize, k: usize) -> M
 /// yet), and the same outputs within float32 rounding (the device's `expf` may round the
 /// sigmoid differently; on the emulator they are the same bits). Rows of NaN and infinite
 /// logits route without fault, to the host's experts. A layer of more rows than
-/// `fp8_in_place_rows` is left to the host, and so are experts of mixed dtypes.
+/// `in_place_rows` is left to the host, and so are experts of mixed dtypes.
 #[test]
 fn routing_on_the_device_matches_the_host() {
     use sparsemoe_engine::backend::{Expert, Routing};
@@ -1500,7 +1524,7 @@ fn routing_on_the_device_matches_the_host() {
             };
             assert!(
                 rows <= 64,
-                "{case}: routed on the device past fp8_in_place_rows"
+                "{case}: routed on the device past in_place_rows"
             );
             assert_eq!(cuda.routed_on_device(), before + 1, "{case}");
             // Three grouped launches each way (gate, up, down), on bf16_grouped_tc for bf16.
@@ -1575,7 +1599,7 @@ fn routing_on_the_device_matches_the_host() {
 }
 
 /// A model whose routed experts are fp8 (and the same model with bf16 weights) routes a step's
-/// MoE layers on the device when the step has at most `fp8_in_place_rows` rows (here the decode
+/// MoE layers on the device when the step has at most `in_place_rows` rows (here the decode
 /// steps of `paged_run`, not its prefill chunks): the same logits as routing every layer on the
 /// host (within float32 rounding; the same bits on the emulator), the same expert counts, and a
 /// copy to the host saved per layer routed on the device, less one a step for reading back the
@@ -1588,7 +1612,7 @@ fn decode_steps_route_on_the_device() {
     };
     let (fp8, bf16) = fp8_and_bf16("v32_sparse_moe");
     // paged_run's prefill steps have 8 rows, its 9 decode steps 2.
-    cuda.fp8_in_place_rows(4);
+    cuda.in_place_rows(4);
     let options = ModelOptions {
         index_topk: Some(8),
         ..ModelOptions::default()

@@ -104,7 +104,7 @@ SMOE_DEVICE uint32_t fp8_code_word(const uint8_t* codes, int row, int c, int k, 
     return w;
 }
 
-// Where fp8_linear_tc, fp8_grouped_tc and bf16_grouped_tc take a product's weight from, a
+// Where fp8_linear_tc, bf16_linear_tc, fp8_grouped_tc and bf16_grouped_tc take a product's weight from, a
 // k-step at a time: the step's FP8_LINEAR_COLS weight rows from row col0 on, FP8_LINEAR_K
 // columns, as thread threadIdx.x holds them in registers (`load`, issued a step ahead) and
 // then writes them to shared memory as bf16 pairs (`store`, rows FP8_LINEAR_WORDS words
@@ -190,7 +190,7 @@ struct Bf16Weight {
 
 // The block (blockIdx.x, row block row0 / FP8_LINEAR_ROWS) of one product y = x · Wᵀ over the
 // k-steps [first, last), W read through `w` (Fp8Weight or Bf16Weight): the body of
-// fp8_linear_tc, fp8_grouped_tc and bf16_grouped_tc.
+// fp8_linear_tc, bf16_linear_tc, fp8_grouped_tc and bf16_grouped_tc.
 template <class Weight>
 SMOE_DEVICE void linear_tc_block(float* y, const float* x, const Weight& w, int m, int n, int k, int first, int last,
                                  int ldx, int ldy, int row0) {
@@ -273,6 +273,23 @@ fp8_linear_tc(float* __restrict__ y, const float* __restrict__ x, const uint8_t*
     const int first = split * split_steps;
     const Fp8Weight w = {codes + (size_t)product * batch_rows * k,
                          row_scales + (size_t)product * batch_rows * scale_cols, scale_cols};
+    linear_tc_block(y + (size_t)split * m * ldy + product * batch_y, x + product * batch_x, w, m, n, k, first,
+                    min(steps, first + split_steps), ldx, ldy, blockIdx.y * FP8_LINEAR_ROWS);
+}
+
+// fp8_linear_tc for a bf16 weight ([rows, k], its bits): the same products (x rounded to bf16,
+// float32 sums and outputs), batches and k-splits, the weight read 8 bytes at a time where k is
+// a multiple of 4. A decode step's product of a bf16 weight runs here instead of as a
+// conversion of x to bf16 and a cuBLAS call: one launch, not two.
+// Launch: as fp8_linear_tc.
+extern "C" __global__ void __launch_bounds__(FP8_LINEAR_WARPS * 32, FP8_LINEAR_MIN_BLOCKS)
+bf16_linear_tc(float* __restrict__ y, const float* __restrict__ x, const unsigned short* __restrict__ values, int m,
+               int n, int k, int split_steps, int ldx, int ldy, long long batch_x, int batch_rows, long long batch_y) {
+    const int steps = (k + FP8_LINEAR_K - 1) / FP8_LINEAR_K;
+    const int splits = (steps + split_steps - 1) / split_steps;
+    const int product = blockIdx.z / splits, split = blockIdx.z % splits;
+    const int first = split * split_steps;
+    const Bf16Weight w = {values + (size_t)product * batch_rows * k};
     linear_tc_block(y + (size_t)split * m * ldy + product * batch_y, x + product * batch_x, w, m, n, k, first,
                     min(steps, first + split_steps), ldx, ldy, blockIdx.y * FP8_LINEAR_ROWS);
 }

@@ -160,6 +160,9 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("fp8_linear_tc" in "engine.cu":
         y: F32Mut, x: F32, codes: U8, row_scales: F32, m: Int, n: Int, k: Int, scale_cols: Int,
         split_steps: Int, ldx: Int, ldy: Int, batch_x: Long, batch_rows: Int, batch_y: Long),
+    kernel!("bf16_linear_tc" in "engine.cu":
+        y: F32Mut, x: F32, values: Bf16Bits, m: Int, n: Int, k: Int, split_steps: Int, ldx: Int,
+        ldy: Int, batch_x: Long, batch_rows: Int, batch_y: Long),
     kernel!("fp8_grouped_tc" in "engine.cu":
         y: F32Mut, x: F32, codes: Addresses, row_scales: Addresses, offsets: I32, n: Int, k: Int,
         scale_cols: Int),

@@ -6,12 +6,13 @@
 //!   (`--dtype float32`: bf16 and fp8 checkpoints widened at upload) or bf16 (`--dtype
 //!   bfloat16`: half the bytes; a product rounds its input to bf16 and runs on the tensor cores
 //!   with float32 sums). Under bf16, DeepSeek's fp8 weights stay fp8 (a quarter of the float32
-//!   bytes): a product of at most [`Cuda::fp8_in_place_rows`] rows (64; a decode step's) reads
-//!   the codes in place on the tensor cores (`fp8_linear_tc`, split over k when its grid is
-//!   small; the absorbed attention's per-head products out of the latent space as one batch),
-//!   a longer one dequantises the weight to bf16 for cuBLAS.
-//! - Products go through cuBLAS (`Sgemm` or bf16 `GemmEx`, strided-batched for the per-head
-//!   products of the absorbed MLA); the row operations between them are the float32 kernels of
+//!   bytes). A product of at most [`Cuda::in_place_rows`] rows (64; a decode step's) with an
+//!   fp8 or bf16 weight reads it in place on the tensor cores, x rounded to bf16 as it is read
+//!   (`fp8_linear_tc`, `bf16_linear_tc`: one launch, split over k when its grid is small; the
+//!   absorbed attention's per-head products into and out of the latent space as one batch
+//!   each); a longer one runs on cuBLAS, an fp8 weight dequantised to bf16 for it.
+//! - Other products go through cuBLAS (`Sgemm` or bf16 `GemmEx`, strided-batched for the
+//!   per-head products of the absorbed MLA); the row operations between them are the float32 kernels of
 //!   `kernels/cuda/engine.cu`, and the indexer's selection is `topk.cu`'s radix select. Both
 //!   files are compiled at start-up with NVRTC, so no CUDA toolkit is needed at build time.
 //! - The paged KV pool lives on the first GPU, in float32, as bf16 bits, or as fp8 e4m3 codes
@@ -25,7 +26,7 @@
 //! - The routed experts of a MoE layer run as three grouped products (`cublasGemmGroupedBatchedEx`,
 //!   one group per expert) over their rows gathered in expert order, and one launch adds each
 //!   token's weighted outputs. While no expert has more rows than
-//!   [`Cuda::fp8_in_place_rows`] (a decode step's), fp8 and bf16 experts run as three launches
+//!   [`Cuda::in_place_rows`] (a decode step's), fp8 and bf16 experts run as three launches
 //!   of our own grouped kernels instead (`fp8_grouped_tc`, `bf16_grouped_tc`), each reading
 //!   every active expert's weight in place with float32 outputs, and the group sizes read on
 //!   the device; beyond that bf16 experts take cuBLAS's, and fp8 experts (or any, once cuBLAS
@@ -43,7 +44,7 @@
 //!   the same logits bit for bit). The picks come to the host only when it needs them (a trace,
 //!   `--attention auto`'s dense rows, more than `KEYS_PER_LAUNCH` of them, or
 //!   [`Cuda::keep_picks`] off).
-//! - A MoE layer of at most [`Cuda::fp8_in_place_rows`] rows (a decode step's) whose routed
+//! - A MoE layer of at most [`Cuda::in_place_rows`] rows (a decode step's) whose routed
 //!   experts are fp8 or bf16 routes on the device ([`Backend::moe_routed`]): `moe_route_f32`
 //!   chooses each row's experts as `moe::route` does, `moe_expert_slots` lists the pairs in
 //!   expert order and adds the counts to the step's load (read back once a step), and
@@ -370,6 +371,24 @@ impl Operand<'_> {
     }
 }
 
+/// A weight `[rows, cols]` as a product reads it in place (`fp8_linear_tc`, `bf16_linear_tc`).
+#[derive(Clone, Copy)]
+struct InPlace<'w> {
+    data: InPlaceData<'w>,
+    cols: usize,
+}
+
+#[derive(Clone, Copy)]
+enum InPlaceData<'w> {
+    /// e4m3 codes with a float32 scale per row and 128 columns.
+    Fp8 {
+        codes: &'w CudaSlice<u8>,
+        row_scales: &'w CudaSlice<f32>,
+    },
+    /// bf16 values, their bits.
+    Bf16(&'w CudaSlice<u16>),
+}
+
 /// A lane's cuBLAS handle, destroyed here with its context current and the result ignored:
 /// cudarc's own drop binds no context and unwraps the result, which panics (or, while
 /// unwinding, aborts) after a device fault, the state a failed engine keeps until it restarts.
@@ -430,9 +449,10 @@ impl Drop for CudaWeight {
     }
 }
 
-/// The shape of a batch of fp8 products (see [`Cuda::fp8_products`]).
+/// The shape of a batch of products that read their weight in place (see
+/// [`Cuda::products_in_place`]).
 #[derive(Clone, Copy, Debug)]
-struct Fp8Products {
+struct InPlaceProducts {
     m: usize,
     n: usize,
     k: usize,
@@ -448,7 +468,7 @@ struct Fp8Products {
     batch_y: usize,
 }
 
-impl Fp8Products {
+impl InPlaceProducts {
     /// One product of dense `[m, k]` and `[n, k]` into `[m, n]`.
     fn one(m: usize, n: usize, k: usize) -> Self {
         Self {
@@ -489,6 +509,7 @@ struct Kernels {
     f32_to_bf16_bits: CudaFunction,
     fp8_dequant_bf16: CudaFunction,
     fp8_linear: CudaFunction,
+    bf16_linear: CudaFunction,
     sum_splits: CudaFunction,
     fp8_grouped: CudaFunction,
     bf16_grouped: CudaFunction,
@@ -639,12 +660,13 @@ pub struct Cuda {
     routed_layers: Arc<std::sync::atomic::AtomicU64>,
     /// Device-to-host copies (`to_host`, the indexer's picks): each waits for the stream.
     host_reads: Arc<std::sync::atomic::AtomicU64>,
-    /// The most rows of x a product with an fp8 weight has for it to read the codes in place
-    /// (`fp8_linear_tc`) rather than dequantise the weight to bf16 for cuBLAS; see
-    /// [`Cuda::fp8_in_place_rows`].
-    fp8_in_place_rows: Arc<std::sync::atomic::AtomicUsize>,
-    /// Products that read an fp8 weight in place.
-    fp8_in_place_launches: Arc<std::sync::atomic::AtomicU64>,
+    /// The most rows of x a product with an fp8 or bf16 weight has for it to read the weight in
+    /// place (`fp8_linear_tc`, `bf16_linear_tc`) rather than run on cuBLAS; see
+    /// [`Cuda::in_place_rows`].
+    in_place_rows: Arc<std::sync::atomic::AtomicUsize>,
+    /// Launches that read a weight in place (`fp8_linear_tc`, `bf16_linear_tc`,
+    /// `fp8_grouped_tc`, `bf16_grouped_tc`).
+    in_place_launches: Arc<std::sync::atomic::AtomicU64>,
     /// `bf16_grouped_tc` launches (bf16 experts' grouped products read in place).
     bf16_grouped_launches: Arc<std::sync::atomic::AtomicU64>,
     /// The device's multiprocessors (streaming multiprocessors, SMs).
@@ -861,6 +883,7 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         f32_to_bf16_bits: function("f32_to_bf16_bits")?,
         fp8_dequant_bf16: function("fp8_dequant_bf16_bits")?,
         fp8_linear: function("fp8_linear_tc")?,
+        bf16_linear: function("bf16_linear_tc")?,
         sum_splits: function("sum_splits_f32")?,
         fp8_grouped: function("fp8_grouped_tc")?,
         bf16_grouped: function("bf16_grouped_tc")?,
@@ -1056,10 +1079,10 @@ impl Cuda {
             route_on_device: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             routed_layers: Arc::default(),
             host_reads: Arc::default(),
-            fp8_in_place_rows: Arc::new(std::sync::atomic::AtomicUsize::new(
+            in_place_rows: Arc::new(std::sync::atomic::AtomicUsize::new(
                 launch::FP8_LINEAR_ROWS as usize,
             )),
-            fp8_in_place_launches: Arc::default(),
+            in_place_launches: Arc::default(),
             bf16_grouped_launches: Arc::default(),
             multiprocessors: device.multiprocessors,
             recent_i32: Arc::default(),
@@ -1163,27 +1186,30 @@ impl Cuda {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Sets the most rows a product with an fp8 weight may have for it to read the weight's
-    /// codes in place (`fp8_linear_tc`: a byte a value read once, the decode step's case) on
-    /// every lane; a product of more rows (a prefill's) dequantises the weight to bf16 and
-    /// runs on cuBLAS, whose tiles reuse each value across many rows. 0 always dequantises.
-    /// The default is `launch::FP8_LINEAR_ROWS` (64), one block's rows. The same bound picks
+    /// Sets the most rows a product with an fp8 or bf16 weight may have for it to read the
+    /// weight in place on every lane (`fp8_linear_tc`: a byte a value read once, the decode
+    /// step's case; `bf16_linear_tc`: one launch, with x rounded to bf16 as it is read, where
+    /// cuBLAS takes a conversion of x and a call); a product of more rows (a prefill's) runs on
+    /// cuBLAS, whose tiles reuse each value across many rows, an fp8 weight dequantised to bf16
+    /// for it. 0 always takes cuBLAS. The default is `launch::FP8_LINEAR_ROWS` (64), one
+    /// block's rows. The same bound picks
     /// the routed experts' grouped products: while no expert has more rows, fp8 and bf16
     /// experts run as `fp8_grouped_tc` / `bf16_grouped_tc` (each weight read once, float32
     /// outputs), beyond it as cuBLAS's grouped products (bf16) or expert by expert (fp8); and a
     /// MoE layer of at most that many rows routes on the device ([`Cuda::route_on_device`]).
-    pub fn fp8_in_place_rows(&self, rows: usize) {
+    pub fn in_place_rows(&self, rows: usize) {
         for lane in self.lanes() {
-            lane.fp8_in_place_rows
+            lane.in_place_rows
                 .store(rows, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
-    /// How many products read an fp8 weight in place, on every lane.
-    pub fn fp8_in_place_products(&self) -> u64 {
+    /// How many launches read a weight in place (`fp8_linear_tc`, `bf16_linear_tc`,
+    /// `fp8_grouped_tc`, `bf16_grouped_tc`), on every lane.
+    pub fn in_place_products(&self) -> u64 {
         self.lanes()
             .map(|lane| {
-                lane.fp8_in_place_launches
+                lane.in_place_launches
                     .load(std::sync::atomic::Ordering::Relaxed)
             })
             .sum()
@@ -1228,7 +1254,7 @@ impl Cuda {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether a MoE layer of at most [`Cuda::fp8_in_place_rows`] rows with fp8 or bf16
+    /// Whether a MoE layer of at most [`Cuda::in_place_rows`] rows with fp8 or bf16
     /// experts (a decode step's) routes on the device (on by default): `moe_route_f32` and
     /// `moe_expert_slots` build the grouped products' lists there, so the layer copies neither
     /// its router logits to the host nor its lists back ([`Backend::moe_routed`]). Off, every
@@ -1398,30 +1424,33 @@ impl Cuda {
         Operand::Dequantised(out)
     }
 
-    /// Products of an fp8 weight read in place by `fp8_linear_tc`: for `b < p.batch`,
-    /// `y_b = x_b · W_bᵀ`, where x_b is `[m, k]` (rows `ldx` apart) from `x[b · batch_x]`, W_b
-    /// the weight's rows `first_row + b · batch_rows ..` (`n` of them, `k` columns, a scale per
-    /// row and 128 columns), and y_b `[m, n]` (rows `ldy` apart) from `y[b · batch_y]`. k is
-    /// split over blocks when the products' blocks alone would leave multiprocessors idle
+    /// Products of a weight read in place (`fp8_linear_tc` for fp8 codes, `bf16_linear_tc` for
+    /// bf16 values): for `b < p.batch`, `y_b = x_b · W_bᵀ`, where x_b is `[m, k]` (rows `ldx`
+    /// apart) from `x[b · batch_x]`, W_b the weight's rows `first_row + b · batch_rows ..` (`n`
+    /// of them, `k` columns; an fp8 weight's with a scale per row and 128 columns), and y_b
+    /// `[m, n]` (rows `ldy` apart) from `y[b · batch_y]`. k is split over blocks when the
+    /// products' blocks alone would leave multiprocessors idle
     /// ([`launch::fp8_linear_split_steps`]; `sum_splits_f32` then adds the parts, so y must be
     /// dense: `m · ldy` values, every one written by some product).
-    fn fp8_products(
+    fn products_in_place(
         &self,
         y: &mut CudaSlice<f32>,
         x: &CudaSlice<f32>,
-        (codes, row_scales): (&CudaSlice<u8>, &CudaSlice<f32>),
-        p: Fp8Products,
+        w: InPlace<'_>,
+        p: InPlaceProducts,
     ) {
-        let Fp8Products { m, n, k, .. } = p;
+        let InPlaceProducts { m, n, k, .. } = p;
+        assert_eq!(k, w.cols, "in-place products: k is not the weight's width");
         let int = |v: usize, what: &str| {
-            i32::try_from(v).unwrap_or_else(|_| panic!("fp8 product: {what} {v} exceeds int32"))
+            i32::try_from(v)
+                .unwrap_or_else(|_| panic!("in-place product: {what} {v} exceeds int32"))
         };
         let scale_cols = k.div_ceil(launch::FP8_LINEAR_K as usize);
         let grid = (
             n.div_ceil(launch::FP8_LINEAR_COLS as usize) as u32,
             m.div_ceil(launch::FP8_LINEAR_ROWS as usize) as u32,
         );
-        let batch = u32::try_from(p.batch).expect("fp8 products: batch fits in u32");
+        let batch = u32::try_from(p.batch).expect("in-place products: batch fits in u32");
         let split_steps = launch::fp8_linear_split_steps(
             grid.0.saturating_mul(grid.1).saturating_mul(batch),
             k.try_into().unwrap_or(u32::MAX),
@@ -1433,15 +1462,8 @@ impl Cuda {
             block_dim: (launch::FP8_LINEAR_WARPS * 32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (codes, row_scales) = (
-            codes.slice(p.first_row * k..),
-            row_scales.slice(p.first_row * scale_cols..),
-        );
-        let ints = [
-            int(m, "rows"),
-            int(n, "weight rows"),
-            int(k, "columns"),
-            int(scale_cols, "scale columns"),
+        let (m_i, n_i, k_i) = (int(m, "rows"), int(n, "weight rows"), int(k, "columns"));
+        let tail = [
             split_steps as i32,
             int(p.ldx, "x's row stride"),
             int(p.ldy, "y's row stride"),
@@ -1452,15 +1474,38 @@ impl Cuda {
             p.batch_y as i64,
         );
         let launch = |out: &mut CudaSlice<f32>| {
-            let mut b = self.stream.launch_builder(&self.k.fp8_linear);
-            b.arg(out).arg(x).arg(&codes).arg(&row_scales);
-            for v in &ints {
+            let (kernel, name) = match w.data {
+                InPlaceData::Fp8 { .. } => (&self.k.fp8_linear, "fp8_linear_tc"),
+                InPlaceData::Bf16(_) => (&self.k.bf16_linear, "bf16_linear_tc"),
+            };
+            let mut b = self.stream.launch_builder(kernel);
+            b.arg(out).arg(x);
+            // Views of the products' weight rows, from first_row on.
+            let (codes, row_scales, values);
+            let scale_cols_i = scale_cols as i32;
+            match w.data {
+                InPlaceData::Fp8 {
+                    codes: c,
+                    row_scales: r,
+                } => {
+                    codes = c.slice(p.first_row * k..);
+                    row_scales = r.slice(p.first_row * scale_cols..);
+                    b.arg(&codes).arg(&row_scales);
+                    b.arg(&m_i).arg(&n_i).arg(&k_i).arg(&scale_cols_i);
+                }
+                InPlaceData::Bf16(v) => {
+                    values = v.slice(p.first_row * k..);
+                    b.arg(&values);
+                    b.arg(&m_i).arg(&n_i).arg(&k_i);
+                }
+            }
+            for v in &tail {
                 b.arg(v);
             }
             b.arg(&batch_x).arg(&batch_rows).arg(&batch_y);
             // SAFETY: the caller's: x holds every x_b, the weight every W_b, and out (y, or
             // the splits' parts) splits · m · ldy values.
-            ok(unsafe { b.launch(config) }, "fp8_linear_tc");
+            ok(unsafe { b.launch(config) }, name);
         };
         if splits == 1 {
             launch(y);
@@ -1481,31 +1526,31 @@ impl Cuda {
                 "sum_splits_f32",
             );
         }
-        self.fp8_in_place_launches
+        self.in_place_launches
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The fp8 codes and row scales of `w` on this lane when a product of `rows` rows reads
-    /// them in place (see [`Cuda::fp8_in_place_rows`]).
-    fn fp8_in_place<'w>(
-        &self,
-        w: &'w CudaWeight,
-        rows: usize,
-    ) -> Option<(&'w CudaSlice<u8>, &'w CudaSlice<f32>)> {
-        match self.weight(w) {
-            WeightData::Fp8 { codes, row_scales } if rows <= self.in_place_limit() => {
-                Some((codes, row_scales))
-            }
-            _ => None,
+    /// `w` on this lane as a product of `rows` rows reads it in place (see
+    /// [`Cuda::in_place_rows`]): fp8 codes and row scales, or bf16 values; `None` for a float32
+    /// weight or more rows.
+    fn in_place<'w>(&self, w: &'w CudaWeight, rows: usize) -> Option<InPlace<'w>> {
+        if rows > self.in_place_limit() {
+            return None;
         }
+        let data = match self.weight(w) {
+            WeightData::Fp8 { codes, row_scales } => InPlaceData::Fp8 { codes, row_scales },
+            WeightData::Bf16(values) => InPlaceData::Bf16(values),
+            WeightData::F32(_) => return None,
+        };
+        Some(InPlace { data, cols: w.cols })
     }
 
-    /// The most rows of x an fp8 product reads its weight in place for: as
-    /// [`Cuda::fp8_in_place_rows`] set, and never more than the launches' grid holds (a block
+    /// The most rows of x a product reads its weight in place for: as
+    /// [`Cuda::in_place_rows`] set, and never more than the launches' grid holds (a block
     /// of 64 rows a grid row, 65,535 grid rows).
     fn in_place_limit(&self) -> usize {
         let set = self
-            .fp8_in_place_rows
+            .in_place_rows
             .load(std::sync::atomic::Ordering::Relaxed);
         set.min(launch::FP8_LINEAR_ROWS as usize * 65_535)
     }
@@ -1636,6 +1681,21 @@ impl Cuda {
         }
     }
 
+    /// A `[rows, cols]` tensor whose values are whatever the allocation held: for an output
+    /// that a kernel, copy or product writes whole, which then costs no memset.
+    ///
+    /// # Safety
+    /// Every value must be written before any is read.
+    unsafe fn uninit(&self, rows: usize, cols: usize) -> CudaTensor {
+        // One element at least: a zero-length allocation is not a valid device pointer.
+        // SAFETY: the caller's.
+        let buf = ok(
+            unsafe { self.stream.alloc::<f32>((rows * cols).max(1)) },
+            "allocating",
+        );
+        CudaTensor { buf, rows, cols }
+    }
+
     /// A `[rows, cols]` tensor of zeros.
     fn zeros(&self, rows: usize, cols: usize) -> CudaTensor {
         // One element at least: a zero-length allocation is not a valid device pointer.
@@ -1662,7 +1722,8 @@ impl Cuda {
         cols: usize,
         slots: &[usize],
     ) -> CudaTensor {
-        let mut out = self.zeros(slots.len(), cols);
+        // SAFETY: the launch below writes every row.
+        let mut out = unsafe { self.uninit(slots.len(), cols) };
         if slots.is_empty() {
             return out;
         }
@@ -1686,7 +1747,8 @@ impl Cuda {
         cols: usize,
         idx: &CudaView<'_, i32>,
     ) -> CudaTensor {
-        let mut out = self.zeros(idx.len(), cols);
+        // SAFETY: the launch below writes every row.
+        let mut out = unsafe { self.uninit(idx.len(), cols) };
         let c = cols as i32;
         let mut b = self.stream.launch_builder(&self.k.gather_rows);
         b.arg(&mut out.buf).arg(src).arg(idx).arg(&c);
@@ -1748,7 +1810,7 @@ impl Cuda {
     /// `rows_d`), SiLU-and-mul between them, and one launch adding each row's weighted outputs
     /// in expert order, as the expert-by-expert path adds them: about ten launches a layer
     /// instead of about ten per expert. Float32 weights give that path's numbers. While no
-    /// expert has more rows than [`Cuda::fp8_in_place_rows`], fp8 and bf16 weights are read in
+    /// expert has more rows than [`Cuda::in_place_rows`], fp8 and bf16 weights are read in
     /// place by `fp8_grouped_tc` / `bf16_grouped_tc` instead of cuBLAS, with float32 outputs
     /// (the expert-by-expert path's numbers; see [`Cuda::grouped_in_place`]); past it, bf16
     /// weights run on cuBLAS's tensor cores with bf16 outputs (its grouped products write their
@@ -1975,7 +2037,7 @@ impl Cuda {
     /// weights in expert order (`rows`, `weights`: every path reads them), the pairs by row
     /// for `combine_rows` (`pairs_by_row` over the `out_rows` rows), and, when the active
     /// experts can run as `fp8_grouped_tc` or `bf16_grouped_tc` (every weight fp8, or every
-    /// one bf16, and no expert with more rows than [`Cuda::fp8_in_place_rows`]), the groups'
+    /// one bf16, and no expert with more rows than [`Cuda::in_place_rows`]), the groups'
     /// offsets and address tables.
     fn expert_lists(
         &self,
@@ -2021,7 +2083,7 @@ impl Cuda {
 
     /// Each active expert's gate, up and down weights as device addresses ([`AddressTables`]),
     /// when every one is fp8 or every one bf16 and no expert has more rows than
-    /// [`Cuda::fp8_in_place_rows`]: what `fp8_grouped_tc` or `bf16_grouped_tc` reads.
+    /// [`Cuda::in_place_rows`]: what `fp8_grouped_tc` or `bf16_grouped_tc` reads.
     fn in_place_tables(
         &self,
         groups: &[(usize, Vec<(usize, f32)>)],
@@ -2186,7 +2248,7 @@ impl Cuda {
                     // codes and n × scale_cols scales at the addresses of the tables' entry g,
                     // which outlive the launch (the experts').
                     ok(unsafe { b.launch(config) }, "fp8_grouped_tc");
-                    self.fp8_in_place_launches.fetch_add(1, Relaxed);
+                    self.in_place_launches.fetch_add(1, Relaxed);
                 }
                 None => {
                     let mut b = self.stream.launch_builder(&self.k.bf16_grouped);
@@ -2198,6 +2260,7 @@ impl Cuda {
                         .arg(&ki);
                     // SAFETY: as above, with n × k bf16 values at entry g's address.
                     ok(unsafe { b.launch(config) }, "bf16_grouped_tc");
+                    self.in_place_launches.fetch_add(1, Relaxed);
                     self.bf16_grouped_launches.fetch_add(1, Relaxed);
                 }
             }
@@ -2409,7 +2472,9 @@ impl Cuda {
             if !keep && visible[first..first + rows].iter().all(|&v| v == 0) {
                 continue;
             }
-            let mut scores = self.zeros(rows, n_keys);
+            // SAFETY: every variant of the launch below writes each row's n_keys scores (-inf
+            // past the row's visible keys).
+            let mut scores = unsafe { self.uninit(rows, n_keys) };
             let cfg = LaunchConfig {
                 grid_dim: (
                     rows as u32,
@@ -2835,11 +2900,36 @@ impl Cuda {
     }
 
     /// Stage 1 of [`Backend::mla_attention`] for every row of the batch: `q_lat[r, h] =
-    /// q_nope[r, h] · W_UK,h` (`W_UK,hᵀ` is `uk_t`'s rows `h·latent..`), one strided-batched
-    /// product over the heads.
-    fn query_latent(&self, q: &CudaTensor, uk_t: &Operand<'_>, d: MlaDims) -> CudaTensor {
+    /// q_nope[r, h] · W_UK,h` (`W_UK,hᵀ` is `uk_t`'s rows `h·latent..`), one batch of products
+    /// over the heads: read in place for an fp8 or bf16 weight and a decode step's rows, one
+    /// strided-batched cuBLAS call otherwise.
+    fn query_latent(&self, q: &CudaTensor, uk_t: &CudaWeight, d: MlaDims) -> CudaTensor {
         let n = q.rows;
-        let mut q_lat = self.zeros(n, d.heads * d.latent);
+        // SAFETY: the products below write every value (in place: every head's columns of
+        // every row; cuBLAS: beta 0, so C is written, never read).
+        let mut q_lat = unsafe { self.uninit(n, d.heads * d.latent) };
+        if n == 0 {
+            return q_lat;
+        }
+        if let Some(w) = self.in_place(uk_t, n) {
+            // Head h: q's [n, nope] from column h·(nope + rope), times W_UK,h (uk_t's rows from
+            // h·latent), into q_lat's columns from h·latent.
+            let heads = InPlaceProducts {
+                m: n,
+                n: d.latent,
+                k: d.nope,
+                ldx: q.cols,
+                ldy: d.heads * d.latent,
+                batch: d.heads,
+                batch_x: d.nope + d.rope,
+                first_row: 0,
+                batch_rows: d.latent,
+                batch_y: d.latent,
+            };
+            self.products_in_place(&mut q_lat.buf, &q.buf, w, heads);
+            return q_lat;
+        }
+        let uk_t = &self.operand(uk_t);
         let cfg = StridedBatchedConfig {
             gemm: GemmConfig {
                 transa: CUBLAS_OP_T,
@@ -3027,10 +3117,10 @@ impl Cuda {
     fn context_out(&self, ctx: &CudaTensor, kv_b: &CudaWeight, d: MlaDims, out: &mut CudaTensor) {
         let n = ctx.rows;
         let width = d.heads * d.v;
-        if let Some(fp8) = self.fp8_in_place(kv_b, n) {
+        if let Some(w) = self.in_place(kv_b, n) {
             // Head h: ctx's [n, latent] from column h·latent, times W_UV,hᵀ (kv_b's rows from
             // h·(nope+v) + nope), into out's columns from h·v.
-            let heads = Fp8Products {
+            let heads = InPlaceProducts {
                 m: n,
                 n: d.v,
                 k: d.latent,
@@ -3042,7 +3132,7 @@ impl Cuda {
                 batch_rows: d.nope + d.v,
                 batch_y: d.v,
             };
-            self.fp8_products(&mut out.buf, &ctx.buf, fp8, heads);
+            self.products_in_place(&mut out.buf, &ctx.buf, w, heads);
             return;
         }
         let kv_b = &self.operand(kv_b);
@@ -3249,12 +3339,17 @@ impl Backend for Cuda {
             x.cols, w.cols
         );
         let (m, n, k) = (x.rows, w.rows, w.cols);
-        let mut y = self.zeros(m, n);
-        if m == 0 || n == 0 || k == 0 {
-            return y; // zeros, as the buffer is allocated
+        if k == 0 {
+            return self.zeros(m, n); // empty sums
         }
-        if let Some(fp8) = self.fp8_in_place(w, m) {
-            self.fp8_products(&mut y.buf, &x.buf, fp8, Fp8Products::one(m, n, k));
+        // SAFETY: the product below writes every value (cuBLAS: beta 0, so y is written, never
+        // read); with no rows or columns there is none.
+        let mut y = unsafe { self.uninit(m, n) };
+        if m == 0 || n == 0 {
+            return y;
+        }
+        if let Some(w) = self.in_place(w, m) {
+            self.products_in_place(&mut y.buf, &x.buf, w, InPlaceProducts::one(m, n, k));
             return y;
         }
         // Row-major y = x·wᵀ is column-major yᵀ = w·xᵀ: w's storage read transposed.
@@ -3287,7 +3382,8 @@ impl Backend for Cuda {
     }
 
     fn rms_norm(&self, x: &CudaTensor, w: &CudaTensor, eps: f32) -> CudaTensor {
-        let mut out = self.zeros(x.rows, x.cols);
+        // SAFETY: the launch below writes every row.
+        let mut out = unsafe { self.uninit(x.rows, x.cols) };
         if x.rows > 0 {
             let c = x.cols as i32;
             let mut b = self.stream.launch_builder(&self.k.rms_norm);
@@ -3309,7 +3405,8 @@ impl Backend for Cuda {
         bias: &CudaTensor,
         eps: f32,
     ) -> CudaTensor {
-        let mut out = self.zeros(x.rows, x.cols);
+        // SAFETY: the launch below writes every row.
+        let mut out = unsafe { self.uninit(x.rows, x.cols) };
         if x.rows > 0 {
             let c = x.cols as i32;
             let mut b = self.stream.launch_builder(&self.k.layer_norm);
@@ -3340,7 +3437,8 @@ impl Backend for Cuda {
 
     fn columns(&self, x: &CudaTensor, start: usize, len: usize) -> CudaTensor {
         assert!(start + len <= x.cols, "columns: beyond the row");
-        let mut out = self.zeros(x.rows, len);
+        // SAFETY: the launch below writes every row's len values.
+        let mut out = unsafe { self.uninit(x.rows, len) };
         if x.rows > 0 && len > 0 {
             let (sc, st, ln) = (x.cols as i32, start as i32, len as i32);
             let mut b = self.stream.launch_builder(&self.k.copy_columns);
@@ -3356,7 +3454,8 @@ impl Backend for Cuda {
 
     fn rows(&self, x: &CudaTensor, start: usize, len: usize) -> CudaTensor {
         assert!(start + len <= x.rows, "rows: beyond the tensor");
-        let mut out = self.zeros(len, x.cols);
+        // SAFETY: the copy below writes every value.
+        let mut out = unsafe { self.uninit(len, x.cols) };
         if len > 0 && x.cols > 0 {
             let src = x.buf.slice(start * x.cols..(start + len) * x.cols);
             ok(self.stream.memcpy_dtod(&src, &mut out.buf), "copying rows");
@@ -3367,10 +3466,14 @@ impl Backend for Cuda {
     fn concat_rows(&self, parts: &[&CudaTensor]) -> CudaTensor {
         let cols = parts.first().map_or(0, |p| p.cols);
         let rows: usize = parts.iter().map(|p| p.rows).sum();
-        let mut out = self.zeros(rows, cols);
+        assert!(
+            parts.iter().all(|p| p.cols == cols),
+            "concat_rows: column counts differ"
+        );
+        // SAFETY: the parts' copies below write every value (all have cols columns).
+        let mut out = unsafe { self.uninit(rows, cols) };
         let mut at = 0;
         for p in parts {
-            assert_eq!(p.cols, cols, "concat_rows: column counts differ");
             let n = p.rows * cols;
             if n > 0 {
                 let mut dst = out.buf.slice_mut(at..at + n);
@@ -3518,7 +3621,8 @@ impl Backend for Cuda {
                 cols,
                 ..
             } => {
-                let mut out = self.zeros(slots.len(), *cols);
+                // SAFETY: the launch below writes every row.
+                let mut out = unsafe { self.uninit(slots.len(), *cols) };
                 if slots.is_empty() {
                     return out;
                 }
@@ -3725,7 +3829,7 @@ impl Backend for Cuda {
         }
         // The whole batch at once: an fp8 weight is read in place or dequantised once, each
         // product is one call over every row, and a decode step's attention is one launch (see Cuda::attend).
-        let q_lat = self.query_latent(q, &self.operand(weights.uk_t), dims);
+        let q_lat = self.query_latent(q, weights.uk_t, dims);
         let mut ctx = self.zeros(q.rows, dims.heads * dims.latent);
         self.attend(&q_lat, q, seqs, dims, scale, &mut ctx);
         self.context_out(&ctx, weights.kv_b, dims, &mut out);
@@ -3758,7 +3862,7 @@ impl Backend for Cuda {
         out
     }
 
-    /// On the device while the layer has at most [`Cuda::fp8_in_place_rows`] rows (so no
+    /// On the device while the layer has at most [`Cuda::in_place_rows`] rows (so no
     /// expert has more) and the routed experts are all fp8 or all bf16, with one shape:
     /// `moe_route_f32` routes, `moe_expert_slots` lists the pairs in expert order (as the
     /// host's lists have them) and adds the counts to `load`, the rows are gathered, three
