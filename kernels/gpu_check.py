@@ -1206,18 +1206,25 @@ class Harness:
         """y = x . W^T through fp8_linear_tc (see linear_in_place)."""
         return self.linear_in_place(y, x, (codes, row_scales), sms, heads)
 
-    def linear_in_place(self, y, x, weight, sms, heads=None):
+    def linear_in_place(self, y, x, weight, sms, heads=None, query=None):
         """y = x . W^T with W read in place, split as the engine splits it
         (launch::fp8_linear_split_steps), the parts added by sum_splits_f32: fp8_linear_tc for
         weight = (codes, row_scales), bf16_linear_tc for a bf16 tensor. With heads =
         (count, nope, v): the absorbed MLA's products out of the latent space, as the engine
         batches them: x [m, count * k], W = kv_b [count * (nope + v), k], head h's W_UV,h its
-        rows h * (nope + v) + nope .., y [m, count * v]."""
+        rows h * (nope + v) + nope .., y [m, count * v]. With query = (count, nope, rope, latent):
+        the products into the latent space: x = q [m, count * (nope + rope)], head h's q_nope its
+        columns h * (nope + rope) .. + nope, W = the absorbed query weight [count * latent, nope],
+        head h's its rows h * latent .., y [m, count * latent]."""
         fp8 = isinstance(weight, tuple)
         codes = weight[0] if fp8 else weight
         m = x.shape[0]
         k = codes.shape[1]
         count, nope, v = heads if heads else (1, 0, codes.shape[0])
+        batch_x, batch_rows, batch_y = (k, nope + v, v) if heads else (0, 0, 0)
+        if query:
+            count, _, rope, v = query
+            nope, batch_x, batch_rows, batch_y = 0, k + rope, v, v  # first row 0; k is q_nope's width
         n, ldx, ldy = v, x.shape[1], y.shape[1]
         steps = max(1, (k + 127) // 128)
         grid = ((n + 63) // 64, (m + 63) // 64)
@@ -1230,8 +1237,7 @@ class Harness:
                                            ("i", weight[1].shape[1])]
         else:
             name, args = "bf16_linear_tc", [x, codes[nope:], ("i", m), ("i", n), ("i", k)]
-        args += [("i", split_steps), ("i", ldx), ("i", ldy), ("l", k if heads else 0), ("i", nope + v if heads else 0),
-                 ("l", v if heads else 0)]
+        args += [("i", split_steps), ("i", ldx), ("i", ldy), ("l", batch_x), ("i", batch_rows), ("l", batch_y)]
         if splits == 1:
             self.launch(name, grid + (count,), 128, [y] + args)
         else:
@@ -1382,6 +1388,16 @@ class Harness:
             ref = torch.einsum("mhk,hvk->mhv", x.to(torch.bfloat16).double().view(m, heads, k), wh).reshape(m, heads * v)
             self.record(f"bf16_linear_tc {heads} heads' W_UV (v={v}, latent {k}) over {m} rows ({splits} k-splits)",
                         rel_l2(y, ref), F32_BOUND)
+        # The products into the latent space: each head's q_nope is a strided slice of q's row.
+        for m, (heads, nope, rope, latent) in ((3, (20, 24, 8, 40)), (64, (4, 130, 6, 96)), (2, (2, 514, 4, 16))):
+            w = torch.randn(heads * latent, nope, device=self.dev).to(torch.bfloat16)
+            x = torch.randn(m, heads * (nope + rope), device=self.dev)
+            y = torch.full((m, heads * latent), float("nan"), device=self.dev)
+            splits = self.linear_in_place(y, x, w, sms, query=(heads, nope, rope, latent))
+            q_nope = x.view(m, heads, nope + rope)[:, :, :nope].to(torch.bfloat16).double()
+            ref = torch.einsum("mhk,hlk->mhl", q_nope, w.double().view(heads, latent, nope)).reshape(m, heads * latent)
+            self.record(f"bf16_linear_tc {heads} heads' W_UK (nope {nope}, rope {rope} -> latent {latent}) over {m} rows "
+                        f"({splits} k-splits)", rel_l2(y, ref), F32_BOUND)
         # A MoE layer's experts in one launch, uneven rows (an empty expert, one of 70: two row
         # blocks), k not a multiple of 128.
         counts = [3, 0, 70, 1, 10]
@@ -1451,6 +1467,18 @@ class Harness:
                                                     wv.transpose(1, 2)).float())
             self.timings.append((f"bf16 W_UV in place, {heads} heads over {m} rows (latent {k} -> v {v})", t_ours,
                                  "x to bf16 + torch batched bf16 matmul + to float32", t_peer, f"{t_peer / t_ours:.2f}x"))
+        rope = 64
+        for m in (1, 64):
+            w = torch.randn(heads * k, nope, device=self.dev).to(torch.bfloat16)
+            x = torch.randn(m, heads * (nope + rope), device=self.dev)
+            y = torch.empty(m, heads * k, device=self.dev)
+            wk = w.view(heads, k, nope)
+            t_ours = self.time_ms(lambda: self.linear_in_place(y, x, w, sms, query=(heads, nope, rope, k)))
+            t_peer = self.time_ms(lambda: torch.bmm(x.view(m, heads, nope + rope)[:, :, :nope].to(torch.bfloat16)
+                                                    .transpose(0, 1), wk.transpose(1, 2)).float())
+            self.timings.append((f"bf16 W_UK in place, {heads} heads over {m} rows (nope {nope} -> latent {k})", t_ours,
+                                 "q_nope to bf16 + torch batched bf16 matmul + to float32", t_peer,
+                                 f"{t_peer / t_ours:.2f}x"))
 
     def check_fp8(self):
         rows, cols = 1000, 700  # not multiples of 128: partial scale blocks

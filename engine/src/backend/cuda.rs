@@ -371,6 +371,24 @@ impl Operand<'_> {
     }
 }
 
+/// Launches that read their weight in place ([`Cuda::in_place_products`]): `fp8_linear_tc`
+/// and `fp8_grouped_tc` (fp8 weights), `bf16_linear_tc` and `bf16_grouped_tc` (bf16).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InPlaceLaunches {
+    pub fp8: u64,
+    pub bf16: u64,
+}
+
+impl InPlaceLaunches {
+    pub fn total(&self) -> u64 {
+        self.fp8 + self.bf16
+    }
+}
+
+/// Indices of [`Cuda`]'s in-place launch counts (`in_place_launches`), by the weight's dtype.
+const FP8: usize = 0;
+const BF16: usize = 1;
+
 /// A weight `[rows, cols]` as a product reads it in place (`fp8_linear_tc`, `bf16_linear_tc`).
 #[derive(Clone, Copy)]
 struct InPlace<'w> {
@@ -664,9 +682,9 @@ pub struct Cuda {
     /// place (`fp8_linear_tc`, `bf16_linear_tc`) rather than run on cuBLAS; see
     /// [`Cuda::in_place_rows`].
     in_place_rows: Arc<std::sync::atomic::AtomicUsize>,
-    /// Launches that read a weight in place (`fp8_linear_tc`, `bf16_linear_tc`,
-    /// `fp8_grouped_tc`, `bf16_grouped_tc`).
-    in_place_launches: Arc<std::sync::atomic::AtomicU64>,
+    /// Launches that read an fp8 weight in place (`fp8_linear_tc`, `fp8_grouped_tc`) and a
+    /// bf16 one (`bf16_linear_tc`, `bf16_grouped_tc`).
+    in_place_launches: Arc<[std::sync::atomic::AtomicU64; 2]>,
     /// `bf16_grouped_tc` launches (bf16 experts' grouped products read in place).
     bf16_grouped_launches: Arc<std::sync::atomic::AtomicU64>,
     /// The device's multiprocessors (streaming multiprocessors, SMs).
@@ -1204,15 +1222,19 @@ impl Cuda {
         }
     }
 
-    /// How many launches read a weight in place (`fp8_linear_tc`, `bf16_linear_tc`,
-    /// `fp8_grouped_tc`, `bf16_grouped_tc`), on every lane.
-    pub fn in_place_products(&self) -> u64 {
-        self.lanes()
-            .map(|lane| {
-                lane.in_place_launches
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            })
-            .sum()
+    /// How many launches read a weight in place, by the weight's dtype, on every lane.
+    pub fn in_place_products(&self) -> InPlaceLaunches {
+        let count = |dtype: usize| {
+            self.lanes()
+                .map(|lane| {
+                    lane.in_place_launches[dtype].load(std::sync::atomic::Ordering::Relaxed)
+                })
+                .sum()
+        };
+        InPlaceLaunches {
+            fp8: count(FP8),
+            bf16: count(BF16),
+        }
     }
 
     /// How many grouped products of bf16 experts read their weights in place
@@ -1441,6 +1463,15 @@ impl Cuda {
     ) {
         let InPlaceProducts { m, n, k, .. } = p;
         assert_eq!(k, w.cols, "in-place products: k is not the weight's width");
+        if m == 0 || n == 0 || p.batch == 0 {
+            return; // nothing to write
+        }
+        if k == 0 {
+            // Empty sums: y's products are zeros (y is dense, as below).
+            let mut all = y.slice_mut(..m * p.ldy);
+            ok(self.stream.memset_zeros(&mut all), "zeroing");
+            return;
+        }
         let int = |v: usize, what: &str| {
             i32::try_from(v)
                 .unwrap_or_else(|_| panic!("in-place product: {what} {v} exceeds int32"))
@@ -1526,8 +1557,11 @@ impl Cuda {
                 "sum_splits_f32",
             );
         }
-        self.in_place_launches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dtype = match w.data {
+            InPlaceData::Fp8 { .. } => FP8,
+            InPlaceData::Bf16(_) => BF16,
+        };
+        self.in_place_launches[dtype].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// `w` on this lane as a product of `rows` rows reads it in place (see
@@ -2248,7 +2282,7 @@ impl Cuda {
                     // codes and n × scale_cols scales at the addresses of the tables' entry g,
                     // which outlive the launch (the experts').
                     ok(unsafe { b.launch(config) }, "fp8_grouped_tc");
-                    self.in_place_launches.fetch_add(1, Relaxed);
+                    self.in_place_launches[FP8].fetch_add(1, Relaxed);
                 }
                 None => {
                     let mut b = self.stream.launch_builder(&self.k.bf16_grouped);
@@ -2260,7 +2294,7 @@ impl Cuda {
                         .arg(&ki);
                     // SAFETY: as above, with n × k bf16 values at entry g's address.
                     ok(unsafe { b.launch(config) }, "bf16_grouped_tc");
-                    self.in_place_launches.fetch_add(1, Relaxed);
+                    self.in_place_launches[BF16].fetch_add(1, Relaxed);
                     self.bf16_grouped_launches.fetch_add(1, Relaxed);
                 }
             }
@@ -2758,8 +2792,11 @@ impl Cuda {
             1
         };
         let parts = splits as usize * rows * d.heads;
-        let mut partial = (splits > 1).then(|| self.zeros(parts, d.latent));
-        let mut lse = (splits > 1).then(|| ok(self.stream.alloc_zeros::<f32>(parts), "allocating"));
+        // SAFETY (both): every split of every row and head writes its context and
+        // log-sum-exp, a split with no keys zeros and -inf.
+        let mut partial = (splits > 1).then(|| unsafe { self.uninit(parts, d.latent) });
+        let mut lse =
+            (splits > 1).then(|| ok(unsafe { self.stream.alloc::<f32>(parts) }, "allocating"));
         let split_keys = if splits > 1 { split_keys as i32 } else { 0 };
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, head_blocks, splits),
@@ -3814,7 +3851,6 @@ impl Backend for Cuda {
             dims.heads * (dims.nope + dims.rope),
             "mla_attention: q width"
         );
-        let mut out = self.zeros(q.rows, dims.heads * dims.v);
         for seq in seqs {
             assert!(
                 seq.first + seq.positions.len() <= q.rows,
@@ -3825,13 +3861,26 @@ impl Backend for Cuda {
             );
         }
         if seqs.iter().all(|seq| seq.positions.is_empty()) {
-            return out;
+            return self.zeros(q.rows, dims.heads * dims.v);
         }
         // The whole batch at once: an fp8 weight is read in place or dequantised once, each
         // product is one call over every row, and a decode step's attention is one launch (see Cuda::attend).
         let q_lat = self.query_latent(q, weights.uk_t, dims);
-        let mut ctx = self.zeros(q.rows, dims.heads * dims.latent);
+        // The attention writes every row a sequence names (one with no keys as zeros); rows
+        // none names must read as zeros.
+        let mut named = vec![false; q.rows];
+        for seq in seqs {
+            named[seq.first..seq.first + seq.positions.len()].fill(true);
+        }
+        let mut ctx = if named.iter().all(|&n| n) {
+            // SAFETY: as said above, every row is written.
+            unsafe { self.uninit(q.rows, dims.heads * dims.latent) }
+        } else {
+            self.zeros(q.rows, dims.heads * dims.latent)
+        };
         self.attend(&q_lat, q, seqs, dims, scale, &mut ctx);
+        // SAFETY: context_out's products write every row and head (cuBLAS: beta 0).
+        let mut out = unsafe { self.uninit(q.rows, dims.heads * dims.v) };
         self.context_out(&ctx, weights.kv_b, dims, &mut out);
         out
     }
