@@ -3959,27 +3959,22 @@ impl Backend for Cuda {
         let (table, inter, fp8) = self.expert_tables(experts, hidden)?;
         let load = load.get_or_insert_with(|| self.zeros(layers, e));
         let p = n * k;
+        // The layer's lists in two allocations: ints = ids [p] | slot_rows [p] | slot_of [p] |
+        // group_offsets [e + 1] | row_offsets [n + 1], floats = weights [p] | slot_weights [p].
+        let (slots_at, of_at, groups_at, rows_at) = (p, 2 * p, 3 * p, 3 * p + e + 1);
         // SAFETY: moe_route_f32 writes each token's k ids and weights, and moe_expert_slots
         // every entry of its lists (the experts' slots cover the p pairs).
-        let (mut ids, mut weights, mut group_offsets, mut row_offsets) = unsafe {
+        let (mut ints, mut floats) = unsafe {
             (
-                ok(self.stream.alloc::<i32>(p), "allocating"),
-                ok(self.stream.alloc::<f32>(p), "allocating"),
-                ok(self.stream.alloc::<i32>(e + 1), "allocating"),
-                ok(self.stream.alloc::<i32>(n + 1), "allocating"),
-            )
-        };
-        // SAFETY: as above.
-        let (mut slot_rows, mut slot_weights, mut slot_of) = unsafe {
-            (
-                ok(self.stream.alloc::<i32>(p), "allocating"),
-                ok(self.stream.alloc::<f32>(p), "allocating"),
-                ok(self.stream.alloc::<i32>(p), "allocating"),
+                ok(self.stream.alloc::<i32>(rows_at + n + 1), "allocating"),
+                ok(self.stream.alloc::<f32>(2 * p), "allocating"),
             )
         };
         let (ni, ei, ki) = (n as i32, e as i32, k as i32);
         let (n_group, topk_group) = (router.n_group as i32, router.topk_group as i32);
         let norm = i32::from(router.norm_topk_prob);
+        let (mut ids, mut lists) = ints.split_at_mut(slots_at);
+        let (mut weights, mut slot_weights) = floats.split_at_mut(p);
         let mut b = self.stream.launch_builder(&self.k.moe_route);
         b.arg(&mut ids)
             .arg(&mut weights)
@@ -4001,6 +3996,10 @@ impl Backend for Cuda {
         // SAFETY: logits is [n, e], bias e values, ids and weights [n, k]; e, k and the
         // groups are within the kernel's limits (checked above).
         ok(unsafe { b.launch(config) }, "moe_route_f32");
+        let (ids, weights) = (ids.slice(..), weights.slice(..));
+        let (mut slot_rows, mut rest) = lists.split_at_mut(of_at - slots_at);
+        let (mut slot_of, mut rest) = rest.split_at_mut(groups_at - of_at);
+        let (mut group_offsets, mut row_offsets) = rest.split_at_mut(rows_at - groups_at);
         let mut load_row = load.buf.slice_mut(layer * e..(layer + 1) * e);
         let mut b = self.stream.launch_builder(&self.k.moe_expert_slots);
         b.arg(&mut group_offsets)
@@ -4022,10 +4021,14 @@ impl Backend for Cuda {
         // SAFETY: the lists have the lengths above, load_row e values, and every id the
         // routing wrote is below e.
         ok(unsafe { b.launch(config) }, "moe_expert_slots");
+        drop(b);
+        let (slot_rows, slot_of) = (ints.slice(slots_at..of_at), ints.slice(of_at..groups_at));
+        let (group_offsets, row_offsets) = (ints.slice(groups_at..rows_at), ints.slice(rows_at..));
+        let slot_weights = floats.slice(p..);
 
-        let xp = self.gather_indexed(&x.buf, hidden, &slot_rows.as_view());
+        let xp = self.gather_indexed(&x.buf, hidden, &slot_rows);
         let tables = GroupedTables {
-            offsets: group_offsets.as_view(),
+            offsets: group_offsets,
             weights: [0, 1, 2].map(|w| table.slice(w * e..(w + 1) * e)),
             scales: fp8.then(|| [3, 4, 5].map(|w| table.slice(w * e..(w + 1) * e))),
             groups: e,
@@ -4033,8 +4036,12 @@ impl Backend for Cuda {
         };
         let y = self.expert_products_in_place(&xp, &tables, hidden, inter);
         let mut out = self.zeros(n, hidden);
-        let by_row = (row_offsets.as_view(), slot_of.as_view());
-        self.combine(&mut out, &Rows::F32(y), by_row, &slot_weights.as_view());
+        self.combine(
+            &mut out,
+            &Rows::F32(y),
+            (row_offsets, slot_of),
+            &slot_weights,
+        );
         self.grouped_layers.fetch_add(1, Relaxed);
         self.routed_layers.fetch_add(1, Relaxed);
         Some(out)
