@@ -1202,10 +1202,6 @@ class Harness:
                              f"ours {flops / t_ours / 1e9:.0f} TFLOP/s, peer {flops / t_peer / 1e9:.0f}; "
                              f"goal 60% of {self.mm_tflops:.0f} needs the cuBLAS grouped path"))
 
-    def fp8_linear(self, y, x, codes, row_scales, sms, heads=None):
-        """y = x . W^T through fp8_linear_tc (see linear_in_place)."""
-        return self.linear_in_place(y, x, (codes, row_scales), sms, heads)
-
     def linear_in_place(self, y, x, weight, sms, heads=None, query=None):
         """y = x . W^T with W read in place, split as the engine splits it
         (launch::fp8_linear_split_steps), the parts added by sum_splits_f32: fp8_linear_tc for
@@ -1355,7 +1351,7 @@ class Harness:
             codes, row_scales = self.fp8_weight(n, k)
             x = torch.randn(m, k, device=self.dev)
             y = torch.full((m, n), float("nan"), device=self.dev)
-            splits = self.fp8_linear(y, x, codes, row_scales, sms)
+            splits = self.linear_in_place(y, x, (codes, row_scales), sms)
             ref = x.to(torch.bfloat16).double() @ self.fp8_values_bf16(codes, row_scales).double().T
             self.record(f"fp8_linear_tc m={m} n={n} k={k} ({splits} k-split{'s' if splits > 1 else ''})",
                         rel_l2(y, ref), F32_BOUND)
@@ -1364,7 +1360,7 @@ class Harness:
             codes, row_scales = self.fp8_weight(heads * (nope + v), k)
             x = torch.randn(m, heads * k, device=self.dev)
             y = torch.full((m, heads * v), float("nan"), device=self.dev)
-            splits = self.fp8_linear(y, x, codes, row_scales, sms, heads=(heads, nope, v))
+            splits = self.linear_in_place(y, x, (codes, row_scales), sms, heads=(heads, nope, v))
             w = self.fp8_values_bf16(codes, row_scales).double().view(heads, nope + v, k)[:, nope:]
             ref = torch.einsum("mhk,hvk->mhv", x.to(torch.bfloat16).double().view(m, heads, k), w).reshape(m, heads * v)
             self.record(f"fp8_linear_tc {heads} heads' W_UV (v={v}, latent {k}) over {m} rows ({splits} k-splits)",
@@ -1427,7 +1423,7 @@ class Harness:
             y = torch.empty(m, n, device=self.dev)
             deq = torch.empty(n, k, dtype=torch.bfloat16, device=self.dev)
             w16 = self.fp8_values_bf16(codes, row_scales)
-            t_ours = self.time_ms(lambda: self.fp8_linear(y, x, codes, row_scales, sms))
+            t_ours = self.time_ms(lambda: self.linear_in_place(y, x, (codes, row_scales), sms))
 
             def dequant_then_matmul():
                 self.launch("fp8_dequant_bf16_bits", ((n * k + 255) // 256,), 256,

@@ -407,6 +407,17 @@ enum InPlaceData<'w> {
     Bf16(&'w CudaSlice<u16>),
 }
 
+impl<'w> InPlaceData<'w> {
+    /// `data` as a product reads it in place; `None` for a float32 weight.
+    fn of(data: &'w WeightData) -> Option<Self> {
+        match data {
+            WeightData::Fp8 { codes, row_scales } => Some(Self::Fp8 { codes, row_scales }),
+            WeightData::Bf16(values) => Some(Self::Bf16(values)),
+            WeightData::F32(_) => None,
+        }
+    }
+}
+
 /// A lane's cuBLAS handle, destroyed here with its context current and the result ignored:
 /// cudarc's own drop binds no context and unwraps the result, which panics (or, while
 /// unwinding, aborts) after a device fault, the state a failed engine keeps until it restarts.
@@ -1504,11 +1515,11 @@ impl Cuda {
             int(p.batch_rows, "weight rows between products"),
             p.batch_y as i64,
         );
+        let (kernel, name, dtype) = match w.data {
+            InPlaceData::Fp8 { .. } => (&self.k.fp8_linear, "fp8_linear_tc", FP8),
+            InPlaceData::Bf16(_) => (&self.k.bf16_linear, "bf16_linear_tc", BF16),
+        };
         let launch = |out: &mut CudaSlice<f32>| {
-            let (kernel, name) = match w.data {
-                InPlaceData::Fp8 { .. } => (&self.k.fp8_linear, "fp8_linear_tc"),
-                InPlaceData::Bf16(_) => (&self.k.bf16_linear, "bf16_linear_tc"),
-            };
             let mut b = self.stream.launch_builder(kernel);
             b.arg(out).arg(x);
             // Views of the products' weight rows, from first_row on.
@@ -1557,10 +1568,6 @@ impl Cuda {
                 "sum_splits_f32",
             );
         }
-        let dtype = match w.data {
-            InPlaceData::Fp8 { .. } => FP8,
-            InPlaceData::Bf16(_) => BF16,
-        };
         self.in_place_launches[dtype].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -1571,11 +1578,7 @@ impl Cuda {
         if rows > self.in_place_limit() {
             return None;
         }
-        let data = match self.weight(w) {
-            WeightData::Fp8 { codes, row_scales } => InPlaceData::Fp8 { codes, row_scales },
-            WeightData::Bf16(values) => InPlaceData::Bf16(values),
-            WeightData::F32(_) => return None,
-        };
+        let data = InPlaceData::of(self.weight(w))?;
         Some(InPlace { data, cols: w.cols })
     }
 
@@ -2158,13 +2161,14 @@ impl Cuda {
     /// (values, no scales).
     fn in_place_addresses(&self, ex: &Expert<CudaWeight>) -> Option<([u64; 3], Option<[u64; 3]>)> {
         use cudarc::driver::DevicePtr;
-        let address = |w: &CudaWeight| match self.weight(w) {
-            WeightData::Fp8 { codes, row_scales } => Some((
-                codes.device_ptr(&self.stream).0,
-                Some(row_scales.device_ptr(&self.stream).0),
-            )),
-            WeightData::Bf16(values) => Some((values.device_ptr(&self.stream).0, None)),
-            WeightData::F32(_) => None,
+        let address = |w: &CudaWeight| {
+            Some(match InPlaceData::of(self.weight(w))? {
+                InPlaceData::Fp8 { codes, row_scales } => (
+                    codes.device_ptr(&self.stream).0,
+                    Some(row_scales.device_ptr(&self.stream).0),
+                ),
+                InPlaceData::Bf16(values) => (values.device_ptr(&self.stream).0, None),
+            })
         };
         let [(g, gs), (u, us), (d, ds)] =
             [address(&ex.gate)?, address(&ex.up)?, address(&ex.down)?];
