@@ -493,6 +493,16 @@ class Harness:
             ref = acc.double().index_add(0, row_of, wts.double()[:, None] * yy.double())
             self.launch(name, (out_rows,), 256, [acc, yy, offsets, order.int(), wts, ("i", cols)])
             self.record(f"{name} (rows with 0 to many pairs)", rel_l2(acc, ref), F32_BOUND)
+            # an entry of -1 (a pair another expert shard computes) adds nothing; its row of y,
+            # poisoned, is never read
+            skip = torch.rand(pairs_n, device=d) < 0.3
+            listed = torch.where(skip[order], -1, order).int()
+            ys = yy.clone()
+            ys[skip] = float("nan")
+            acc = torch.randn(out_rows, cols, device=d)
+            ref = acc.double().index_add(0, row_of[~skip], wts.double()[~skip, None] * yy.double()[~skip])
+            self.launch(name, (out_rows,), 256, [acc, ys, offsets, listed, wts, ("i", cols)])
+            self.record(f"{name} (entries of -1 skipped)", rel_l2(acc, ref), F32_BOUND)
 
         n, half, heads, width, offset = 64, 32, 16, 192, 128
         angle = torch.rand(n, half, device=d) * 100
@@ -1123,6 +1133,48 @@ class Harness:
                   and torch.equal(row_offsets.long(), torch.arange(T + 1, device=self.dev) * K) and torch.equal(load, want_load))
             self.record_bool(f"moe_expert_slots T={T} E={E} K={K}", ok,
                              "expert-order slots, token order within, counts into one load row" if ok else "lists differ")
+
+            # expert shards (engine: run_shards): each shard keeps the pairs dealt to its copies
+            # (moe_shard_pairs: an expert's r-th pair to copy r mod copies), then lists them over
+            # its own experts (moe_expert_slots with -1 for the others and no load)
+            S = 3
+            holders = [sorted(torch.randperm(S)[:1 + int(torch.randint(0, S, ()))].tolist()) for _ in range(E)]
+            kept = torch.zeros(P, dtype=torch.long, device=self.dev)
+            good = True
+            for s in range(S):
+                held = [e for e in range(E) if s in holders[e]]
+                table = torch.tensor([held.index(e) if s in holders[e] else -1 for e in range(E)]
+                                     + [holders[e].index(s) if s in holders[e] else -1 for e in range(E)]
+                                     + [len(holders[e]) for e in range(E)], dtype=torch.int32, device=self.dev)
+                local = torch.full((P,), -7, dtype=torch.int32, device=self.dev)
+                self.launch("moe_shard_pairs", ((P + 255) // 256,), 256, [local, ids, slot_of, group_offsets, table, ("i", P), ("i", E)])
+                rank = slot_of.long() - group_offsets.long()[flat]
+                copies = torch.tensor([len(h) for h in holders], device=self.dev)[flat]
+                copy = table.long()[E:2 * E][flat]
+                mine = (table.long()[:E][flat] >= 0) & (rank % copies == copy)
+                want_local = torch.where(mine, table.long()[:E][flat], -1)
+                good &= torch.equal(local.long(), want_local)
+                kept += mine.long()
+                Es = len(held)
+                go = torch.full((Es + 1,), -7, dtype=torch.int32, device=self.dev)
+                ro = torch.full((T + 1,), -7, dtype=torch.int32, device=self.dev)
+                sr = torch.full((P,), -7, dtype=torch.int32, device=self.dev)
+                sw = torch.full((P,), float("nan"), device=self.dev)
+                so = torch.full((P,), -7, dtype=torch.int32, device=self.dev)
+                self.launch("moe_expert_slots", (1,), 256, [go, ro, sr, sw, so, ("p", 0), local, w, ("i", T), ("i", K), ("i", Es)])
+                ll = local.long()
+                n_kept = int(mine.sum())
+                korder = torch.sort(torch.where(mine, ll, Es) * P + torch.arange(P, device=self.dev)).indices[:n_kept]
+                want_so = torch.full((P,), -1, dtype=torch.long, device=self.dev)
+                want_so[korder] = torch.arange(n_kept, device=self.dev)
+                want_go = torch.cat([torch.zeros(1, dtype=torch.long, device=self.dev), torch.bincount(ll[mine], minlength=Es).cumsum(0)])
+                good &= (torch.equal(go.long(), want_go) and torch.equal(so.long(), want_so)
+                         and torch.equal(sr.long()[:n_kept], korder // K) and torch.equal(sw[:n_kept], w.flatten()[korder])
+                         and bool((sr[n_kept:] == 0).all()) and bool((sw[n_kept:] == 0).all())
+                         and torch.equal(ro.long(), torch.arange(T + 1, device=self.dev) * K))
+            good &= bool((kept == 1).all())
+            self.record_bool(f"moe_shard_pairs + moe_expert_slots per shard T={T} E={E} K={K} S={S}", good,
+                             "each pair dealt to one copy, in turn; shard lists skip the rest" if good else "shard lists differ")
 
         # NaN and infinite logits: every token still gets K distinct experts in range (the
         # engine's rows of NaN logits route without fault), and the other tokens as before

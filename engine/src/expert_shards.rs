@@ -1,8 +1,11 @@
 //! Expert parallelism: the routed experts of every MoE layer are spread over shards (the GPUs of
 //! a replica with the CUDA backend; tasks on the worker pool with the CPU backend) as a
 //! [`PlacementPlan`] says. Each (token, expert) pair of a step goes to one shard holding a copy
-//! of that expert; when a hot expert has redundant copies, its tokens are spread over them by
-//! load. The shards' outputs are then combined per token with the router's weights.
+//! of that expert; when a hot expert has redundant copies, its pairs are dealt to them in turn,
+//! so the copies share its load. The shards' outputs are then combined per token with the
+//! router's weights. The rule is simple enough for a GPU to follow on its own (the CUDA backend's
+//! `moe_shard_pairs`), so the host can count each shard's pairs from the experts' counts alone
+//! ([`ExpertShards::count_routed`]).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -161,20 +164,21 @@ impl ExpertShards {
     }
 
     /// Splits one step's routing for decoder layer `layer` into per-shard work. Every pair goes
-    /// to exactly one shard that holds its expert: among an expert's copies, the one with the
-    /// fewest pairs so far in this step (ties to the lower shard), so copies share the load.
+    /// to exactly one shard that holds its expert: an expert's pairs, in row order, are dealt to
+    /// its copies in turn (the `r`-th to `holders(layer, expert)[r % copies]`), so copies share
+    /// the load evenly.
     ///
     /// Routed expert ids are below the model's expert count, which equals the plan's, and a
     /// validated plan places every expert on some shard, so every pair has a shard.
     pub fn dispatch(&self, layer: usize, routing: &Routing) -> Vec<Vec<Pair>> {
         let holders = self.holders_of(layer);
         let mut work: Vec<Vec<Pair>> = vec![Vec::new(); self.shards()];
+        let mut dealt = vec![0usize; holders.len()];
         for (row, (ids, weights)) in routing.experts.iter().zip(&routing.weights).enumerate() {
             for (&expert, &weight) in ids.iter().zip(weights) {
-                let shard = *holders[expert]
-                    .iter()
-                    .min_by_key(|&&s| (work[s].len(), s))
-                    .expect("a validated plan places every expert on some shard");
+                let copies = &holders[expert];
+                let shard = copies[dealt[expert] % copies.len()];
+                dealt[expert] += 1;
                 work[shard].push(Pair {
                     row,
                     expert,
@@ -186,6 +190,41 @@ impl ExpertShards {
             self.computed[shard].fetch_add(pairs.len() as u64, Ordering::Relaxed);
         }
         work
+    }
+
+    /// Counts, for the shards' totals ([`ExpertShards::computed`]), the pairs of decoder layer
+    /// `layer` that a backend dispatched on its own by [`ExpertShards::dispatch`]'s rule, from
+    /// how many pairs each expert had (`counts[e]`, as the step's expert load has them).
+    pub fn count_routed(&self, layer: usize, counts: &[f32]) {
+        for (copies, &count) in self.holders_of(layer).iter().zip(counts) {
+            let pairs = count as usize;
+            let n = copies.len();
+            for (i, &shard) in copies.iter().enumerate() {
+                // The ranks r < pairs with r % n == i.
+                let dealt = (pairs + n - 1 - i) / n;
+                self.computed[shard].fetch_add(dealt as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The routed experts shard `shard` holds for decoder layer `layer`, in the order it
+    /// numbers them, and the table `moe_shard_pairs` reads to deal it its pairs: three arrays of
+    /// one value an expert of the layer: the shard's number for the expert (-1 where it holds
+    /// no copy), which of the expert's copies the shard's is, and how many copies there are.
+    pub fn shard_table(&self, layer: usize, shard: usize) -> (Vec<usize>, Vec<i32>) {
+        let holders = self.holders_of(layer);
+        let e = holders.len();
+        let mut held = Vec::new();
+        let mut table = vec![-1i32; 3 * e];
+        for (expert, copies) in holders.iter().enumerate() {
+            if let Some(copy) = copies.iter().position(|&s| s == shard) {
+                table[expert] = held.len() as i32;
+                table[e + expert] = copy as i32;
+                held.push(expert);
+            }
+            table[2 * e + expert] = copies.len() as i32;
+        }
+        (held, table)
     }
 }
 
@@ -268,6 +307,58 @@ mod tests {
         let rows: Vec<&[(usize, f32)]> = vec![&[(0, 1.0)]; 9];
         let work = shards.dispatch(0, &routing(&rows));
         assert_eq!((work[0].len(), work[1].len()), (5, 4));
+    }
+
+    #[test]
+    fn counts_per_expert_give_each_shards_dispatched_pairs() {
+        // Expert 0 on shards 0, 1 and 2; expert 1 on 0 and 1; expert 2 on 0 and 2; expert 3
+        // on 1 and 2.
+        let plan = PlacementPlan {
+            version: sparsemoe_api::placement::PLAN_VERSION,
+            num_experts: 4,
+            num_gpus: 3,
+            num_nodes: 1,
+            default: GpuAssignment {
+                gpus: vec![vec![0, 2, 1], vec![0, 1, 3], vec![0, 2, 3]],
+            },
+            layers: Default::default(),
+            balancedness: None,
+        };
+        let dispatched = ExpertShards::new(plan.clone(), 4).unwrap();
+        let counted = ExpertShards::new(plan, 4).unwrap();
+        // 11 rows of two experts each, in a mix that leaves the copies uneven.
+        let rows: Vec<Vec<(usize, f32)>> = (0..11)
+            .map(|r| vec![(0, 0.5), ([1, 2, 3, 2][r % 4], 0.5)])
+            .collect();
+        let rows: Vec<&[(usize, f32)]> = rows.iter().map(|r| r.as_slice()).collect();
+        let work = dispatched.dispatch(0, &routing(&rows));
+        // Expert 0's 11 pairs go 0, 1, 2, 0, 1, …: shard 0 gets rows 0, 3, 6, 9.
+        let rows_of = |shard: usize, expert: usize| -> Vec<usize> {
+            work[shard]
+                .iter()
+                .filter(|p| p.expert == expert)
+                .map(|p| p.row)
+                .collect()
+        };
+        assert_eq!(rows_of(0, 0), vec![0, 3, 6, 9]);
+        assert_eq!(rows_of(2, 0), vec![2, 5, 8]);
+        // Expert 2's pairs (rows 1, 3, 5, 7, 9) alternate between its copies on shards 0 and 2.
+        assert_eq!(rows_of(0, 2), vec![1, 5, 9]);
+        assert_eq!(rows_of(2, 2), vec![3, 7]);
+        assert_eq!(rows_of(1, 3), vec![2, 10]);
+        let mut counts = vec![0f32; 4];
+        for row in &rows {
+            for &(e, _) in *row {
+                counts[e] += 1.0;
+            }
+        }
+        counted.count_routed(0, &counts);
+        assert_eq!(counted.computed(), dispatched.computed());
+        assert_eq!(dispatched.computed().iter().sum::<u64>(), 22);
+
+        let (held, table) = counted.shard_table(0, 2);
+        assert_eq!(held, vec![0, 2, 3]);
+        assert_eq!(table, vec![0, -1, 1, 2, 2, -1, 1, 1, 3, 2, 2, 2]);
     }
 
     #[test]

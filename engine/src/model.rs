@@ -553,6 +553,10 @@ impl<B: Backend> Model<B> {
             let counts = b.to_host(&load);
             for (layer, row) in counts.chunks(self.router.n_experts).enumerate() {
                 self.expert_load.add(layer, row);
+                // A layer the host routed has a row of zeros here: its shards counted already.
+                if let Some(shards) = &self.options.expert_shards {
+                    shards.count_routed(layer, row);
+                }
             }
         }
         let mut out = Vec::with_capacity(batch.len());
@@ -914,8 +918,9 @@ impl<B: Backend> Model<B> {
 
     /// A layer's MLP. A MoE layer routes where the tensors are ([`Backend::moe_routed`], its
     /// counts in `device_load`, which the backend makes on first use) unless a trace asks for
-    /// the routing or expert shards need it on the host; otherwise its router logits come to
-    /// the host, which routes them and counts each choice in [`ExpertLoad`].
+    /// the routing or the backend cannot; otherwise its router logits come to the host, which
+    /// routes them, counts each choice in [`ExpertLoad`] and, with expert shards, deals the
+    /// pairs to them.
     fn mlp(
         &self,
         layer_index: usize,
@@ -936,9 +941,8 @@ impl<B: Backend> Model<B> {
             } => (gate, bias, bias_row, experts, shared),
         };
         let logits = b.linear(x, gate);
-        let on_device = !tracing && self.options.expert_shards.is_none();
         let layer = (layer_index, self.layers.len());
-        let routed = on_device
+        let routed = (!tracing)
             .then(|| {
                 b.moe_routed(
                     x,
@@ -948,6 +952,7 @@ impl<B: Backend> Model<B> {
                     experts,
                     device_load,
                     layer,
+                    self.options.expert_shards.as_deref(),
                 )
             })
             .flatten();

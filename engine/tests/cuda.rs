@@ -1516,7 +1516,16 @@ fn routing_on_the_device_matches_the_host() {
             let want = cuda.to_host(&cuda.moe_experts(&x, &routing, &experts));
             let mut load = (!fresh).then(|| cuda.tensor(3, n_experts, vec![1.0; 3 * n_experts]));
             let before = cuda.routed_on_device();
-            let got = cuda.moe_routed(&x, &logits, &bias_row, &router, &experts, &mut load, (1, 3));
+            let got = cuda.moe_routed(
+                &x,
+                &logits,
+                &bias_row,
+                &router,
+                &experts,
+                &mut load,
+                (1, 3),
+                None,
+            );
             let Some(got) = got else {
                 assert_eq!(rows, 65, "{case}: not routed on the device");
                 assert_eq!(cuda.routed_on_device(), before, "{case}");
@@ -1593,7 +1602,16 @@ fn routing_on_the_device_matches_the_host() {
     let logits = cuda.tensor(2, 4, rand(8));
     let bias = cuda.tensor(1, 4, vec![0.0; 4]);
     let mut load = None;
-    let routed = cuda.moe_routed(&x, &logits, &bias, &router, &experts, &mut load, (0, 1));
+    let routed = cuda.moe_routed(
+        &x,
+        &logits,
+        &bias,
+        &router,
+        &experts,
+        &mut load,
+        (0, 1),
+        None,
+    );
     assert!(
         routed.is_none(),
         "mixed fp8 and bf16 experts routed on the device"
@@ -1680,5 +1698,92 @@ fn decode_steps_route_on_the_device() {
             .zip(got)
             .all(|(w, g)| w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
         eprintln!("{test}: {weights} experts: logits the same bits: {same}");
+    }
+}
+
+/// Expert shards with the routing on the device: on two lanes (each shard's experts only
+/// there), then three with redundant copies of hot experts, for fp8 and for bf16 experts, every
+/// step of `paged_run` (8 and 2 rows) routes each MoE layer on the main lane and the shards
+/// deal themselves their pairs (`moe_shard_pairs`). The logits must be those of the host's
+/// routing and dispatch, the expert counts the same, each shard's count of pairs the same
+/// (the host counts the device's from the experts' counts), and the only copies to the host
+/// that remain are the logits and one read of the counts a step.
+#[test]
+fn sharded_steps_route_on_the_device() {
+    let test = "sharded_steps_route_on_the_device";
+    let (fp8, bf16) = fp8_and_bf16("v32_sparse_moe");
+    let config = ModelConfig::from_dir(fp8.path()).unwrap();
+    let moe_layers = config.moe_layers.iter().filter(|&&moe| moe).count() as u64;
+    let plan_dir = tempfile::tempdir().unwrap();
+    let redundant = support::write_redundant_plan(plan_dir.path());
+    let setups: [(&[usize], Option<&Path>); 2] = [(&[0, 0], None), (&[0, 0, 0], Some(&redundant))];
+    let options = ModelOptions {
+        index_topk: Some(8),
+        ..ModelOptions::default()
+    };
+    // paged_run's steps: 2 of 8 rows, then 9 of 2.
+    let steps = 11;
+    for (ordinals, placement) in setups {
+        let Some(cuda) = gpus(test, ordinals, Dtype::Bfloat16) else {
+            return;
+        };
+        cuda.in_place_rows(8);
+        for (weights, dir) in [("fp8", fp8.path()), ("bf16", bf16.path())] {
+            let mut runs = Vec::new();
+            for on_device in [false, true] {
+                cuda.route_on_device(on_device);
+                let shards = ExpertShards::from_options(&config, None, placement, ordinals.len())
+                    .unwrap()
+                    .map(Arc::new);
+                let sharded = ModelOptions {
+                    expert_shards: shards.clone(),
+                    ..options.clone()
+                };
+                let model = Model::load(dir, cuda.clone(), sharded).unwrap();
+                let (reads, routed) = (cuda.host_reads(), cuda.routed_on_device());
+                let logits = paged_run(&model, KvDtype::Bfloat16);
+                runs.push((
+                    logits,
+                    model.expert_load().snapshot(),
+                    shards.unwrap().computed(),
+                    cuda.host_reads() - reads,
+                    cuda.routed_on_device() - routed,
+                ));
+            }
+            cuda.route_on_device(true);
+            let [
+                (want, host_load, host_computed, host_reads, none),
+                (got, device_load, device_computed, reads, routed),
+            ] = &runs[..]
+            else {
+                unreachable!("two runs")
+            };
+            let case = format!("{ordinals:?} {weights}");
+            eprintln!(
+                "{test}: {case}: {routed} MoE layers routed on the device; pairs per shard \
+                 {device_computed:?}; {host_reads} copies to the host routing on the host, \
+                 {reads} on the device"
+            );
+            assert_eq!(
+                *none, 0,
+                "{case}: routed on the device with route_on_device off"
+            );
+            assert_eq!(*routed, steps * moe_layers, "{case}: MoE layers routed");
+            assert_eq!(
+                *reads,
+                host_reads - routed + steps,
+                "{case}: copies to the host"
+            );
+            assert_eq!(device_load, host_load, "{case}: the expert counts");
+            assert_eq!(device_computed, host_computed, "{case}: pairs per shard");
+            assert!(
+                device_computed.iter().all(|&c| c > 0),
+                "{case}: an idle shard: {device_computed:?}"
+            );
+            for (i, (w, g)) in want.iter().zip(got).enumerate() {
+                let err = rel_l2(w, g);
+                assert!(err < 1e-5, "{case}: output {i}: relative L2 {err:.2e}");
+            }
+        }
     }
 }

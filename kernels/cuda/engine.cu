@@ -441,7 +441,8 @@ scatter_add_rows_f32(float* __restrict__ out, const float* __restrict__ y, const
 // out[r, :] += sum_j weights[pairs[j]] · y[pairs[j], :] over j in offsets[r] .. offsets[r + 1]:
 // the routed experts' outputs (a row per (token, expert) pair, grouped by expert) summed into
 // each token's row, in the listed order (experts ascending), as scatter_add_rows_f32 adds them
-// expert after expert. The _bf16_bits form reads y as bf16 bits.
+// expert after expert; a negative entry of `pairs` (a pair another expert shard computes) adds
+// nothing. The _bf16_bits form reads y as bf16 bits.
 // Launch: grid rows of out, block ENGINE_THREADS.
 extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
 combine_rows_f32(float* __restrict__ out, const float* __restrict__ y, const int* __restrict__ offsets,
@@ -450,7 +451,8 @@ combine_rows_f32(float* __restrict__ out, const float* __restrict__ y, const int
     const int first = offsets[blockIdx.x], last = offsets[blockIdx.x + 1];
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float acc = d[c];
-        for (int j = first; j < last; ++j) acc += weights[pairs[j]] * y[(size_t)pairs[j] * cols + c];
+        for (int j = first; j < last; ++j)
+            if (pairs[j] >= 0) acc += weights[pairs[j]] * y[(size_t)pairs[j] * cols + c];
         d[c] = acc;
     }
 }
@@ -464,7 +466,7 @@ combine_rows_bf16_bits_f32(float* __restrict__ out, const unsigned short* __rest
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float acc = d[c];
         for (int j = first; j < last; ++j)
-            acc += weights[pairs[j]] * bf16_bits_to_f32(y[(size_t)pairs[j] * cols + c]);
+            if (pairs[j] >= 0) acc += weights[pairs[j]] * bf16_bits_to_f32(y[(size_t)pairs[j] * cols + c]);
         d[c] = acc;
     }
 }
@@ -614,9 +616,13 @@ moe_route_f32(int* __restrict__ ids, float* __restrict__ weights, const float* _
 // (experts + 1 entries); slot s holds token slot_rows[s] with weight slot_weights[s]; pair p is
 // at slot slot_of[p]; row_offsets[t] = t · top_k (tokens + 1 entries: each token's pairs for
 // combine_rows_f32, whose `pairs` is slot_of). load[e] += expert e's pairs (the step's expert
-// counters, kept on the device). A thread per expert counts, then places, its pairs in order:
-// deterministic, with no atomics.
-// Limits: experts <= ROUTE_MAX_EXPERTS; ids in [0, experts).
+// counters, kept on the device; null: none). A thread per expert counts, then places, its pairs
+// in order: deterministic, with no atomics.
+// A pair whose id is outside [0, experts) (an expert shard's pair that another shard computes;
+// see moe_shard_pairs) takes no slot: its slot_of is -1, which combine_rows_f32 skips, and the
+// slots it leaves free at the end (group_offsets[experts] .. pairs) hold row 0 with weight 0, so
+// that a gather over all `pairs` slots reads only rows that exist.
+// Limits: experts <= ROUTE_MAX_EXPERTS.
 // Launch: grid 1, block ROUTE_SLOT_THREADS.
 extern "C" __global__ void __launch_bounds__(ROUTE_SLOT_THREADS)
 moe_expert_slots(int* __restrict__ group_offsets, int* __restrict__ row_offsets, int* __restrict__ slot_rows,
@@ -629,8 +635,10 @@ moe_expert_slots(int* __restrict__ group_offsets, int* __restrict__ row_offsets,
         int count = 0;
         for (int p = 0; p < pairs; ++p) count += ids[p] == e;
         start[e + 1] = count;
-        load[e] += (float)count;
+        if (load) load[e] += (float)count;
     }
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x)
+        if (ids[p] < 0 || ids[p] >= experts) slot_of[p] = -1;
     __syncthreads();
     if (threadIdx.x == 0) {
         start[0] = 0;
@@ -639,6 +647,10 @@ moe_expert_slots(int* __restrict__ group_offsets, int* __restrict__ row_offsets,
     __syncthreads();
     for (int e = threadIdx.x; e <= experts; e += blockDim.x) group_offsets[e] = start[e];
     for (int t = threadIdx.x; t <= tokens; t += blockDim.x) row_offsets[t] = t * top_k;
+    for (int s = start[experts] + threadIdx.x; s < pairs; s += blockDim.x) {
+        slot_rows[s] = 0;
+        slot_weights[s] = 0.f;
+    }
     for (int e = threadIdx.x; e < experts; e += blockDim.x) {
         int at = start[e];
         for (int p = 0; p < pairs; ++p)
@@ -649,6 +661,27 @@ moe_expert_slots(int* __restrict__ group_offsets, int* __restrict__ row_offsets,
                 ++at;
             }
     }
+}
+
+// Expert shard `s`'s part of a MoE layer routed on the device: local_ids[p] is the shard's own
+// number for pair p's expert when this shard computes the pair, else -1; moe_expert_slots then
+// lists the shard's pairs over its own experts. `dispatch` holds three arrays of `experts`
+// values for this shard: local[e] (its number for expert e, or -1 where it holds no copy),
+// copy[e] (which of e's copies it holds) and copies[e] (how many shards hold one). An expert's
+// pairs in expert order (ids, slot_of and group_offsets are the whole layer's, from
+// moe_expert_slots) are dealt to its copies in turn: the pair at rank r among its expert's goes
+// to copy r mod copies[e], as ExpertShards::dispatch deals them on the host.
+// Limits: ids in [0, experts).
+// Launch: grid ceil(pairs / ENGINE_THREADS), block ENGINE_THREADS.
+extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
+moe_shard_pairs(int* __restrict__ local_ids, const int* __restrict__ ids, const int* __restrict__ slot_of,
+                const int* __restrict__ group_offsets, const int* __restrict__ dispatch, int pairs, int experts) {
+    const int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= pairs) return;
+    const int e = ids[p];
+    const int local = dispatch[e], copy = dispatch[experts + e], copies = dispatch[2 * experts + e];
+    const int rank = slot_of[p] - group_offsets[e];
+    local_ids[p] = local >= 0 && rank % copies == copy ? local : -1;
 }
 
 // out[r, :] = x[r, start .. start + len].

@@ -139,6 +139,9 @@ pub const KERNELS: &[Kernel] = &[
         group_offsets: I32Mut, row_offsets: I32Mut, slot_rows: I32Mut, slot_weights: F32Mut,
         slot_of: I32Mut, load: F32Mut, ids: I32, weights: F32, tokens: Int, top_k: Int,
         experts: Int),
+    kernel!("moe_shard_pairs" in "engine.cu":
+        local_ids: I32Mut, ids: I32, slot_of: I32, group_offsets: I32, dispatch: I32, pairs: Int,
+        experts: Int),
     kernel!("moe_count_experts" in "moe.cu": counts: I32Mut, ids: I32, n_pairs: Int),
     kernel!("moe_expert_offsets" in "moe.cu":
         offsets: I32Mut, cursor: I32Mut, counts: I32, experts: Int),

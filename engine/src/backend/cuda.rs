@@ -51,8 +51,8 @@
 //!   `fp8_grouped_tc` or `bf16_grouped_tc` runs every expert (those with no rows end at once),
 //!   so the layer copies neither its router logits to the host nor its lists back
 //!   (`routing_on_the_device_matches_the_host`, `decode_steps_route_on_the_device`). Longer
-//!   chunks, float32 experts (cuBLAS's grouped products take their sizes from the host),
-//!   expert shards and traces route on the host ([`Cuda::route_on_device`] turns it off).
+//!   chunks, float32 experts (cuBLAS's grouped products take their sizes from the host) and
+//!   traces route on the host ([`Cuda::route_on_device`] turns it off).
 //! - Block tables come from the host, as the trait asks. A read-only
 //!   array a step gives every layer (RoPE angles, cache slots, the indexer's block tables,
 //!   attention offsets, dense keys) is copied once and reused while its contents repeat
@@ -63,9 +63,12 @@
 //! - Expert parallelism: with several GPUs listed, the model runs on the main *lane* (the
 //!   first GPU's main stream) and expert shard `s` on a lane of its own (a stream, cuBLAS
 //!   handle and kernels on the `s`-th GPU; lanes may share a GPU). A shard's experts live only on
-//!   its lane. Each MoE layer gathers the rows a shard needs on the main GPU, the shard's lane
-//!   copies them over, runs its experts and copies the weighted sums back, and the main lane
-//!   adds them; events order the lanes, which run side by side.
+//!   its lane. A MoE layer routed on the host gathers the rows a shard needs on the main GPU,
+//!   the shard's lane copies them over, runs its experts and copies the weighted sums back, and
+//!   the main lane adds them; events order the lanes, which run side by side. A layer routed on
+//!   the device ([`Backend::moe_routed`]) routes on the main lane, and each shard's lane copies
+//!   in all the rows and the routing and keeps the pairs dealt to it (`moe_shard_pairs`), so
+//!   nothing waits for the host (`sharded_steps_route_on_the_device`).
 //!
 //! Start-up failures (no driver, no such device, no NVRTC, a kernel that does not compile, a
 //! weight that does not fit) are errors that say what is missing. The trait's compute methods
@@ -99,7 +102,7 @@ use super::{
     by_expert, indexer_select_gathered, pairs_by_row,
 };
 use crate::error::{EngineError, Result};
-use crate::expert_shards::{Pair, compact_rows};
+use crate::expert_shards::{ExpertShards, Pair, compact_rows};
 use crate::kv_cache::{FP8_BLOCK, KvDtype, PagedRows};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::Matrix;
@@ -574,6 +577,7 @@ struct Kernels {
     picks_to_pool_rows: CudaFunction,
     moe_route: CudaFunction,
     moe_expert_slots: CudaFunction,
+    moe_shard_pairs: CudaFunction,
 }
 
 /// An attention launch's key rows (the cached rows each query row attends to, a list after
@@ -948,6 +952,7 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
         picks_to_pool_rows: function("picks_to_pool_rows")?,
         moe_route: function("moe_route_f32")?,
         moe_expert_slots: function("moe_expert_slots")?,
+        moe_shard_pairs: function("moe_shard_pairs")?,
     });
     Ok(OpenDevice {
         ordinal,
@@ -1290,8 +1295,8 @@ impl Cuda {
     /// Whether a MoE layer of at most [`Cuda::in_place_rows`] rows with fp8 or bf16
     /// experts (a decode step's) routes on the device (on by default): `moe_route_f32` and
     /// `moe_expert_slots` build the grouped products' lists there, so the layer copies neither
-    /// its router logits to the host nor its lists back ([`Backend::moe_routed`]). Off, every
-    /// layer routes on the host.
+    /// its router logits to the host nor its lists back ([`Backend::moe_routed`]), with expert
+    /// shards too. Off, every layer routes on the host.
     pub fn route_on_device(&self, on: bool) {
         self.route_on_device
             .store(on, std::sync::atomic::Ordering::Relaxed);
@@ -1376,7 +1381,12 @@ impl Cuda {
     /// Copies `src` into `dst` on this lane's stream: within one GPU a device copy, between two
     /// a peer copy (cudarc picks the peer path only when the source is in another context than
     /// the stream, so both directions are done here).
-    fn copy(&self, src: &CudaView<'_, f32>, dst: &mut CudaViewMut<'_, f32>, what: &str) {
+    fn copy<T: cudarc::driver::DeviceRepr>(
+        &self,
+        src: &CudaView<'_, T>,
+        dst: &mut CudaViewMut<'_, T>,
+        what: &str,
+    ) {
         use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceSlice};
         assert_eq!(src.len(), dst.len(), "{what}: lengths differ");
         self.bind();
@@ -1384,7 +1394,7 @@ impl Cuda {
             src.stream().context().clone(),
             dst.stream().context().clone(),
         );
-        let bytes = src.len() * std::mem::size_of::<f32>();
+        let bytes = src.len() * std::mem::size_of::<T>();
         let (src_ptr, _src) = src.device_ptr(&self.stream);
         let (dst_ptr, _dst) = dst.device_ptr_mut(&self.stream);
         // SAFETY: both views hold `bytes` bytes; the callers order the streams with events.
@@ -2063,7 +2073,7 @@ impl Cuda {
         b.arg(&offsets_d).arg(&pairs_d).arg(weights_d).arg(&c);
         // SAFETY: out has out.rows rows of hidden (the rows the lists were made for); offsets
         // has out.rows + 1 entries, pairs and weights p, y p rows of hidden, and every pair
-        // is below p.
+        // is below p (a negative one is skipped).
         ok(
             unsafe { b.launch(Self::row_config(out.rows)) },
             "combine_rows",
@@ -2179,23 +2189,24 @@ impl Cuda {
         }
     }
 
-    /// Every routed expert's gate, up and down weights, then (fp8) their row scales, as device
-    /// addresses in one table (`experts.len()` entries each), the experts' width, and whether
-    /// they are fp8, when the experts are all fp8 or all bf16 with gate and up
-    /// `[inter, hidden]` and down `[hidden, inter]`: what `fp8_grouped_tc` or
+    /// The gate, up and down weights of `experts` on this lane, then (fp8) their row scales,
+    /// as device addresses in one table (an entry an expert each), followed by `extra`; the
+    /// experts' width, and whether they are fp8, when the experts are all fp8 or all bf16 with
+    /// gate and up `[inter, hidden]` and down `[hidden, inter]`: what `fp8_grouped_tc` or
     /// `bf16_grouped_tc` reads for a layer routed on the device. A layer's table is copied once
     /// and kept ([`Tables`]).
-    fn expert_tables(
+    fn expert_tables<'e>(
         &self,
-        experts: &[Expert<CudaWeight>],
+        experts: impl Iterator<Item = &'e Expert<CudaWeight>> + Clone,
         hidden: usize,
+        extra: &[u64],
     ) -> Option<(Arc<CudaSlice<u64>>, usize, bool)> {
-        let inter = experts.first()?.gate.rows;
+        let inter = experts.clone().next()?.gate.rows;
         if inter == 0 || hidden == 0 {
             return None;
         }
         let shaped = |w: &CudaWeight, r: usize, c: usize| w.rows == r && w.cols == c;
-        let shapes_agree = experts.iter().all(|ex| {
+        let shapes_agree = experts.clone().all(|ex| {
             shaped(&ex.gate, inter, hidden)
                 && shaped(&ex.up, inter, hidden)
                 && shaped(&ex.down, hidden, inter)
@@ -2203,12 +2214,13 @@ impl Cuda {
         if !shapes_agree {
             return None;
         }
-        let (weights, scales) = self.address_tables(experts.iter())?;
+        let (weights, scales) = self.address_tables(experts)?;
         let fp8 = scales.is_some();
         let table: Vec<u64> = weights
             .into_iter()
             .chain(scales.into_iter().flatten())
             .flatten()
+            .chain(extra.iter().copied())
             .collect();
         let got = self
             .tables
@@ -3926,6 +3938,14 @@ impl Backend for Cuda {
     /// tables are copied once per layer and kept). The products and sums are those of the host
     /// routing's grouped path, so only the routing's own float32 roundings (the device's
     /// `expf`) can differ.
+    ///
+    /// With expert shards on lanes of their own, the main lane routes and lists as above, and
+    /// each shard's lane, side by side, copies in the rows and the lists, keeps the pairs
+    /// [`ExpertShards::dispatch`]'s rule deals it (`moe_shard_pairs`), lists them over its own
+    /// experts (`moe_expert_slots` again), runs them as above and copies its sums back, which
+    /// the main lane adds up: no copy to the host, where the host's routing would wait for the
+    /// step's work so far at every MoE layer. (With shards on one lane, every expert is there:
+    /// the layer runs as without shards.)
     fn moe_routed(
         &self,
         x: &CudaTensor,
@@ -3935,6 +3955,7 @@ impl Backend for Cuda {
         experts: &[Expert<CudaWeight>],
         load: &mut Option<CudaTensor>,
         (layer, layers): (usize, usize),
+        shards: Option<&ExpertShards>,
     ) -> Option<CudaTensor> {
         use std::sync::atomic::Ordering::Relaxed;
         let (n, e, k, hidden) = (x.rows, router.n_experts, router.top_k, x.cols);
@@ -3960,7 +3981,11 @@ impl Backend for Cuda {
         if !routable {
             return None;
         }
-        let (table, inter, fp8) = self.expert_tables(experts, hidden)?;
+        // Where the experts run, settled before anything is launched.
+        let run = match shards.filter(|_| !self.shards.is_empty()) {
+            None => Run::Here(self.expert_tables(experts.iter(), hidden, &[])?),
+            Some(shards) => Run::Shards(self.shard_tables(shards, layer, experts, hidden)?),
+        };
         let load = load.get_or_insert_with(|| self.zeros(layers, e));
         let p = n * k;
         // The layer's lists in two allocations: ints = ids [p] | slot_rows [p] | slot_of [p] |
@@ -4026,27 +4051,35 @@ impl Backend for Cuda {
         // routing wrote is below e.
         ok(unsafe { b.launch(config) }, "moe_expert_slots");
         drop(b);
-        let (slot_rows, slot_of) = (ints.slice(slots_at..of_at), ints.slice(of_at..groups_at));
-        let (group_offsets, row_offsets) = (ints.slice(groups_at..rows_at), ints.slice(rows_at..));
-        let slot_weights = floats.slice(p..);
-
-        let xp = self.gather_indexed(&x.buf, hidden, &slot_rows);
-        let tables = GroupedTables {
-            offsets: group_offsets,
-            weights: [0, 1, 2].map(|w| table.slice(w * e..(w + 1) * e)),
-            scales: fp8.then(|| [3, 4, 5].map(|w| table.slice(w * e..(w + 1) * e))),
-            groups: e,
-            most: n,
+        let out = match run {
+            Run::Here((table, inter, fp8)) => {
+                let slot_rows = ints.slice(slots_at..of_at);
+                let xp = self.gather_indexed(&x.buf, hidden, &slot_rows);
+                let tables = GroupedTables {
+                    offsets: ints.slice(groups_at..rows_at),
+                    weights: [0, 1, 2].map(|w| table.slice(w * e..(w + 1) * e)),
+                    scales: fp8.then(|| [3, 4, 5].map(|w| table.slice(w * e..(w + 1) * e))),
+                    groups: e,
+                    most: n,
+                };
+                let y = self.expert_products_in_place(&xp, &tables, hidden, inter);
+                let mut out = self.zeros(n, hidden);
+                let by_row = (ints.slice(rows_at..), ints.slice(of_at..groups_at));
+                self.combine(&mut out, &Rows::F32(y), by_row, &floats.slice(p..));
+                self.grouped_layers.fetch_add(1, Relaxed);
+                out
+            }
+            Run::Shards(tables) => {
+                let routed = Routed {
+                    lists: &ints,
+                    weights: floats.slice(..p),
+                    tokens: n,
+                    top_k: k,
+                    experts: e,
+                };
+                self.run_shards(x, &routed, &tables)
+            }
         };
-        let y = self.expert_products_in_place(&xp, &tables, hidden, inter);
-        let mut out = self.zeros(n, hidden);
-        self.combine(
-            &mut out,
-            &Rows::F32(y),
-            (row_offsets, slot_of),
-            &slot_weights,
-        );
-        self.grouped_layers.fetch_add(1, Relaxed);
         self.routed_layers.fetch_add(1, Relaxed);
         Some(out)
     }
@@ -4125,6 +4158,232 @@ impl Backend for Cuda {
             );
         }
         out
+    }
+}
+
+/// Where a MoE layer routed on the device runs its experts ([`Backend::moe_routed`]): on this
+/// lane (the address table of every expert, their width, whether fp8), or on the expert shards'.
+enum Run {
+    Here((Arc<CudaSlice<u64>>, usize, bool)),
+    Shards(Vec<ShardTable>),
+}
+
+/// What an expert shard's lane reads to run its part of a MoE layer routed on the device: the
+/// addresses of the experts it holds (as [`Cuda::expert_tables`] lays them out), then its
+/// `moe_shard_pairs` table (three arrays of the layer's `experts` i32 values, two to a u64,
+/// low half first).
+struct ShardTable {
+    shard: usize,
+    /// The experts it holds (its numbers for them run from 0).
+    held: usize,
+    table: Arc<CudaSlice<u64>>,
+    inter: usize,
+    fp8: bool,
+}
+
+/// A MoE layer's routing on the main lane, as `moe_route_f32` and `moe_expert_slots` left it:
+/// `lists` = ids [p] | slot_rows [p] | slot_of [p] | group_offsets [experts + 1] |
+/// row_offsets [tokens + 1] (p = tokens · top_k), `weights` the pairs' weights [p].
+struct Routed<'a> {
+    lists: &'a CudaSlice<i32>,
+    weights: CudaView<'a, f32>,
+    tokens: usize,
+    top_k: usize,
+    experts: usize,
+}
+
+impl Cuda {
+    /// Each expert shard's [`ShardTable`] for decoder layer `layer` (shards that hold none of
+    /// its experts have nothing to do and none), copied once and kept by the shard's lane;
+    /// `None` when `shards` is not this backend's lanes' plan or some shard's experts cannot
+    /// run in place (see [`Cuda::expert_tables`]).
+    fn shard_tables(
+        &self,
+        shards: &ExpertShards,
+        layer: usize,
+        experts: &[Expert<CudaWeight>],
+        hidden: usize,
+    ) -> Option<Vec<ShardTable>> {
+        if shards.shards() != self.shards.len() {
+            return None;
+        }
+        let mut tables = Vec::new();
+        for (shard, lane) in self.shards.iter().enumerate() {
+            let (held, dispatch) = shards.shard_table(layer, shard);
+            if held.is_empty() {
+                continue;
+            }
+            let packed: Vec<u64> = dispatch
+                .chunks(2)
+                .map(|two| {
+                    let low = two[0] as u32;
+                    let high = two.get(1).map_or(0, |&v| v as u32);
+                    u64::from(low) | (u64::from(high) << 32)
+                })
+                .collect();
+            let mine = held.iter().map(|&expert| experts.get(expert));
+            if mine.clone().any(|ex| ex.is_none()) {
+                return None;
+            }
+            let (table, inter, fp8) = lane.expert_tables(mine.flatten(), hidden, &packed)?;
+            tables.push(ShardTable {
+                shard,
+                held: held.len(),
+                table,
+                inter,
+                fp8,
+            });
+        }
+        Some(tables)
+    }
+
+    /// The routed experts' sums for `x`, routed as `routed` says, from the expert shards'
+    /// lanes, side by side: each copies in x and the lists, runs the pairs it is dealt and
+    /// copies its sums back; this (main) lane adds them up.
+    fn run_shards(&self, x: &CudaTensor, routed: &Routed<'_>, tables: &[ShardTable]) -> CudaTensor {
+        let (n, hidden) = (x.rows, x.cols);
+        // Room here for each shard's sums, allocated before the shards wait on `ready`.
+        // SAFETY: each shard's copy back writes all of its part.
+        let mut parts: Vec<CudaTensor> = tables
+            .iter()
+            .map(|_| unsafe { self.uninit(n, hidden) })
+            .collect();
+        let ready = ok(self.stream.record_event(None), "recording an event");
+        let done: Vec<CudaEvent> = tables
+            .iter()
+            .zip(&mut parts)
+            .map(|(table, part)| {
+                let lane = &self.shards[table.shard];
+                ok(lane.stream.wait(&ready), "waiting for an event");
+                lane.shard_part(x, routed, table, part);
+                ok(lane.stream.record_event(None), "recording an event")
+            })
+            .collect();
+        // This stream waits for every shard before it reads a part or frees what they read (x,
+        // the lists).
+        for event in &done {
+            ok(self.stream.wait(event), "waiting for an event");
+        }
+        let mut parts = parts.into_iter();
+        let Some(mut out) = parts.next() else {
+            return self.zeros(n, hidden);
+        };
+        for part in parts {
+            self.add(&mut out, &part);
+        }
+        out
+    }
+
+    /// On an expert shard's lane: its part of a MoE layer routed on the main lane (see
+    /// [`Cuda::run_shards`]), the weighted sums of the pairs it is dealt, copied into `part`
+    /// (`[tokens, hidden]` on the main lane; rows it has no pair for are zeros).
+    fn shard_part(
+        &self,
+        x: &CudaTensor,
+        routed: &Routed<'_>,
+        t: &ShardTable,
+        part: &mut CudaTensor,
+    ) {
+        let (n, k, e, es) = (routed.tokens, routed.top_k, routed.experts, t.held);
+        let (hidden, p) = (x.cols, n * k);
+        let nx = n * hidden;
+        // SAFETY: the three copies below write every value.
+        let (mut x_here, mut lists, mut weights) = unsafe {
+            (
+                self.uninit(n, hidden),
+                ok(self.stream.alloc::<i32>(routed.lists.len()), "allocating"),
+                ok(self.stream.alloc::<f32>(p), "allocating"),
+            )
+        };
+        let into = "copying a MoE layer's rows and routing to an expert shard";
+        self.copy(&x.buf.slice(..nx), &mut x_here.buf.slice_mut(..nx), into);
+        self.copy(&routed.lists.slice(..), &mut lists.slice_mut(..), into);
+        self.copy(&routed.weights, &mut weights.slice_mut(..), into);
+
+        // The shard's own lists, in two allocations: ints = local ids [p] | slot_rows [p] |
+        // slot_of [p] | group_offsets [es + 1] | row_offsets [n + 1], slot_weights [p].
+        let (slots_at, of_at, groups_at, rows_at) = (p, 2 * p, 3 * p, 3 * p + es + 1);
+        // SAFETY: moe_shard_pairs writes every local id, and moe_expert_slots every entry of
+        // its lists (the slots it leaves free too).
+        let (mut ints, mut slot_weights) = unsafe {
+            (
+                ok(self.stream.alloc::<i32>(rows_at + n + 1), "allocating"),
+                ok(self.stream.alloc::<f32>(p), "allocating"),
+            )
+        };
+        let dispatch_at = if t.fp8 { 6 } else { 3 } * es;
+        let dispatch = t
+            .table
+            .slice(dispatch_at..dispatch_at + (3 * e).div_ceil(2));
+        // SAFETY: those u64 values hold the table's 3·e i32 values, two to one, low half first:
+        // the order a little-endian device reads them in.
+        let dispatch = unsafe { dispatch.transmute::<i32>(3 * e) }
+            .expect("a shard's table holds its dispatch values");
+        let (pi, ei, esi, ni, ki) = (p as i32, e as i32, es as i32, n as i32, k as i32);
+        let (mut local_ids, mut rest) = ints.split_at_mut(slots_at);
+        let (ids, slot_of_all, groups_all) = (
+            lists.slice(..p),
+            lists.slice(2 * p..3 * p),
+            lists.slice(3 * p..3 * p + e + 1),
+        );
+        let mut b = self.stream.launch_builder(&self.k.moe_shard_pairs);
+        b.arg(&mut local_ids)
+            .arg(&ids)
+            .arg(&slot_of_all)
+            .arg(&groups_all)
+            .arg(&dispatch)
+            .arg(&pi)
+            .arg(&ei);
+        // SAFETY: the routing's ids are below e, each pair's slot lies in its expert's group,
+        // and the dispatch table has 3·e values.
+        ok(unsafe { b.launch(Self::flat_config(p)) }, "moe_shard_pairs");
+        drop(b);
+        let local_ids = local_ids.slice(..);
+        let (mut slot_rows, mut rest) = rest.split_at_mut(of_at - slots_at);
+        let (mut slot_of, mut rest) = rest.split_at_mut(groups_at - of_at);
+        let (mut group_offsets, mut row_offsets) = rest.split_at_mut(rows_at - groups_at);
+        // No load: the main lane counted the layer's pairs.
+        let no_load: u64 = 0;
+        let mut b = self.stream.launch_builder(&self.k.moe_expert_slots);
+        b.arg(&mut group_offsets)
+            .arg(&mut row_offsets)
+            .arg(&mut slot_rows)
+            .arg(&mut slot_weights)
+            .arg(&mut slot_of)
+            .arg(&no_load)
+            .arg(&local_ids)
+            .arg(&weights)
+            .arg(&ni)
+            .arg(&ki)
+            .arg(&esi);
+        let config = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (launch::ROUTE_SLOT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the lists have the lengths above; the local ids are below es or -1 (no
+        // slot), and `load` may be null.
+        ok(unsafe { b.launch(config) }, "moe_expert_slots");
+        drop(b);
+
+        let xp = self.gather_indexed(&x_here.buf, hidden, &ints.slice(slots_at..of_at));
+        let tables = GroupedTables {
+            offsets: ints.slice(groups_at..rows_at),
+            weights: [0, 1, 2].map(|w| t.table.slice(w * es..(w + 1) * es)),
+            scales: t
+                .fp8
+                .then(|| [3, 4, 5].map(|w| t.table.slice(w * es..(w + 1) * es))),
+            groups: es,
+            most: n,
+        };
+        let y = self.expert_products_in_place(&xp, &tables, hidden, t.inter);
+        let mut sums = self.zeros(n, hidden);
+        let by_row = (ints.slice(rows_at..), ints.slice(of_at..groups_at));
+        self.combine(&mut sums, &Rows::F32(y), by_row, &slot_weights.slice(..));
+        self.grouped_layers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let back = "copying an expert shard's sums back";
+        self.copy(&sums.buf.slice(..nx), &mut part.buf.slice_mut(..nx), back);
     }
 }
 

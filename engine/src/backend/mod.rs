@@ -589,7 +589,12 @@ pub trait Backend: Send + Sync + 'static {
     /// first layer routed this way in the step), so that they cross to the host once a step
     /// rather than a layer. `None` (the default), having changed nothing, when this backend
     /// routes on the host, or not these rows: the caller then copies the logits to the host,
-    /// routes them there and calls [`Backend::moe_experts`].
+    /// routes them there and calls [`Backend::moe_experts`] (or, with `shards`,
+    /// [`Backend::moe_experts_sharded`]).
+    ///
+    /// With expert `shards`, each pair is computed by the shard
+    /// [`crate::expert_shards::ExpertShards::dispatch`]'s rule names, and the caller counts the
+    /// shards' pairs from `load` ([`crate::expert_shards::ExpertShards::count_routed`]).
     #[allow(clippy::too_many_arguments)]
     fn moe_routed(
         &self,
@@ -600,8 +605,11 @@ pub trait Backend: Send + Sync + 'static {
         experts: &[Expert<Self::Weight>],
         load: &mut Option<Self::Tensor>,
         (layer, layers): (usize, usize),
+        shards: Option<&crate::expert_shards::ExpertShards>,
     ) -> Option<Self::Tensor> {
-        let _ = (x, logits, bias, router, experts, load, layer, layers);
+        let _ = (
+            x, logits, bias, router, experts, load, layer, layers, shards,
+        );
         None
     }
 
