@@ -8,6 +8,8 @@
 #   bench/decode-calls.sh [OUT.md]     (default bench/results/decode-calls.md; what OUT.md has
 #                                       from the line "<!-- kept -->" on is kept)
 #   MODELS ("v32_sparse_moe v3_moe_yarn"), BATCH (8), STEPS (8), DTYPE (bfloat16)
+#   SHARDED_MODEL (v3_moe_yarn), SHARDS (2): a second table, that model's routed experts over
+#   SHARDS expert shards (lanes of device 0), routed on the host and on the device
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results/decode-calls.md}
@@ -15,7 +17,9 @@ models=${MODELS:-v32_sparse_moe v3_moe_yarn}
 batch=${BATCH:-8}
 steps=${STEPS:-8}
 dtype=${DTYPE:-bfloat16}
-(( steps > 0 && batch > 0 )) || { echo "decode-calls.sh: STEPS and BATCH must be above 0" >&2; exit 2; }
+sharded_model=${SHARDED_MODEL:-v3_moe_yarn}
+shards=${SHARDS:-2}
+(( steps > 0 && batch > 0 && shards > 1 )) || { echo "decode-calls.sh: STEPS and BATCH must be above 0, SHARDS above 1" >&2; exit 2; }
 kernels/install-nvcc.sh
 eval "$(kernels/nvcc-env.sh)"
 kernels/emu/build.sh >/dev/null
@@ -29,13 +33,24 @@ for model in $models; do
             --decode "$decode" --dtype "$dtype" >"$work/$model-$decode.run.json"
     done
 done
-python3 - "$work" "$out" "$steps" "$batch" "$dtype" "$(git describe --always --dirty)" $models <<'EOF'
+devices=$(printf '0,%.0s' $(seq "$shards"))  # "0,0,…": every shard a lane of device 0
+devices=${devices%,}
+for routing in host device; do
+    flag=$([[ $routing == host ]] && echo --route-on-host || true)
+    for decode in 1 $((1 + steps)); do
+        SPARSEMOE_EMU_STATS="$work/shards-$routing-$decode.json" LD_LIBRARY_PATH="$PWD/target/cuda-emu:${LD_LIBRARY_PATH:-}" \
+            target/release/examples/decode_calls --model "engine/tests/fixtures/$sharded_model" --batch "$batch" \
+            --decode "$decode" --dtype "$dtype" --devices "$devices" $flag >"$work/shards-$routing-$decode.run.json"
+    done
+done
+python3 - "$work" "$out" "$steps" "$batch" "$dtype" "$(git describe --always --dirty)" "$sharded_model" "$shards" $models <<'EOF'
 import json
 import sys
 
-work, out, steps, batch, dtype, commit, models = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:]
+work, out, steps, batch, dtype, commit = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+sharded_model, shards, models = sys.argv[7], int(sys.argv[8]), sys.argv[9:]
 runs, per_step, routed = {}, {}, {}
-for m in models:
+for m in models + ["shards-host", "shards-device"]:
     one, more = (json.load(open(f"{work}/{m}-{d}.json")) for d in (1, 1 + steps))
     run_one, runs[m] = (json.load(open(f"{work}/{m}-{d}.run.json")) for d in (1, 1 + steps))
     routed[m] = (runs[m]["routed_on_device"] - run_one["routed_on_device"]) / steps
@@ -74,6 +89,36 @@ for m in models:
     layers = runs[m]["layers"]
     lines.append("")
     lines.append(f"{m}: {total[m]:g} launches and cuBLAS calls a step, {total[m] / layers:.1f} a layer on average.")
+
+# The same model's routed experts over expert shards, routed on the host and on the device.
+sharded = ["shards-host", "shards-device"]
+r = runs["shards-device"]
+assert r["expert_shards"] == shards, r
+lines += [
+    "",
+    f"## Expert shards: {sharded_model}'s routed experts over {shards} shards",
+    "",
+    f"The same steps with `--devices {','.join(['0'] * shards)}`: {shards} expert shards, each a lane (stream) of "
+    f"device 0, holding {r['layers']} layers' ({r['moe_layers']} MoE) routed experts split evenly; every MoE layer "
+    "routed on the host (`--route-on-host`: its router logits copied to the host, which deals the pairs, then "
+    "each shard's rows gathered and its lists copied) and on the device (the main lane routes, each shard's lane "
+    "copies in the rows and the routing and keeps its pairs). Rows where the two differ:",
+    "",
+    f"| call a decode step | routed on the host | routed on the device |",
+    "|---|---|---|",
+]
+shard_kinds = sorted({k for m in sharded for k, v in per_step[m].items() if v[0]})
+total = {m: 0.0 for m in sharded}
+for k in shard_kinds:
+    counts = [per_step[m].get(k, (0, 0)) for m in sharded]
+    for m, (n, _) in zip(sharded, counts):
+        if k.startswith(("launch/", "cublas/")):
+            total[m] += n
+    if counts[0][0] != counts[1][0]:
+        lines.append(f"| `{k}` | " + " | ".join(
+            f"{n:g}" + (f" ({b / 1024:.1f} KiB)" if b and not k.startswith("memory") else "") for n, b in counts) + " |")
+lines.append("| **kernel launches and cuBLAS calls** | " + " | ".join(f"**{total[m]:g}**" for m in sharded) + " |")
+lines.append("| MoE layers routed on the device | " + " | ".join(f"{routed[m]:g}" for m in sharded) + " |")
 print("\n".join(lines))
 try:
     old = open(out).read()

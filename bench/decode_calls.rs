@@ -4,15 +4,21 @@
 //! divides the difference of the two runs' driver calls by the extra steps: what one decode
 //! step asks of a GPU (kernel launches by kernel, cuBLAS calls, copies, memsets, allocations,
 //! waits for the host), the calls a CUDA graph of the step would replace. On a GPU it runs too
-//! (it counts nothing there).
+//! (it counts nothing there). `--devices 0,0` splits the routed experts over two expert shards
+//! (here on one device), and `--route-on-host` routes every MoE layer on the host, for the
+//! comparison the script's second table makes.
 //!
 //! ```sh
 //! cargo run --release -p sparsemoe-engine --example decode_calls -- --model DIR --decode 9
 //! ```
 
+use std::sync::Arc;
+
 use clap::Parser;
 use sparsemoe_engine::backend::Backend;
 use sparsemoe_engine::backend::cuda::{Cuda, Dtype};
+use sparsemoe_engine::config::ModelConfig;
+use sparsemoe_engine::expert_shards::ExpertShards;
 use sparsemoe_engine::kv_cache::{KvDtype, SeqCache};
 use sparsemoe_engine::model::{LogitRows, Model, ModelOptions, SeqStep};
 use sparsemoe_engine::sampling::argmax;
@@ -34,6 +40,13 @@ struct Args {
     /// `bfloat16` or `float32` weights.
     #[arg(long, default_value = "bfloat16")]
     dtype: String,
+    /// Devices, as `--device cuda:…` lists them: with several, the routed experts are split
+    /// over expert shards, one a device (an index may repeat: shards on one GPU).
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    devices: Vec<usize>,
+    /// Route every MoE layer on the host (`Cuda::route_on_device(false)`), for comparison.
+    #[arg(long)]
+    route_on_host: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,8 +56,15 @@ fn main() -> anyhow::Result<()> {
         "--batch, --prompt and --decode must be above 0"
     );
     let dtype: Dtype = args.dtype.parse()?;
-    let cuda = Cuda::new(&[0], dtype)?;
-    let model = Model::load(&args.model, cuda.clone(), ModelOptions::default())?;
+    let cuda = Cuda::new(&args.devices, dtype)?;
+    cuda.route_on_device(!args.route_on_host);
+    let config = ModelConfig::from_dir(&args.model)?;
+    let options = ModelOptions {
+        expert_shards: ExpertShards::from_options(&config, None, None, args.devices.len())?
+            .map(Arc::new),
+        ..ModelOptions::default()
+    };
+    let model = Model::load(&args.model, cuda.clone(), options)?;
     let vocab = model.config.vocab_size as u32;
     // Blocks of 16 tokens, enough for every sequence's prompt and decode steps.
     let block = 16;
@@ -81,6 +101,7 @@ fn main() -> anyhow::Result<()> {
             "prompt": args.prompt,
             "decode": args.decode,
             "routed_on_device": cuda.routed_on_device(),
+            "expert_shards": model.expert_shards().map_or(0, |s| s.shards()),
         })
     );
     Ok(())
