@@ -7,7 +7,7 @@
 //!
 //! A batch of `--rows` rows routed among `--experts` experts (`--groups` groups, `--keep` of
 //! them kept, top `--top-k`), DeepSeek-V3's rule by default:
-//! - host path (float32 experts, traces, expert shards, longer chunks; every layer before
+//! - host path (float32 experts, traces, longer chunks; expert shards before `dfc930a`; every layer before
 //!   `477fd15`, and bf16 experts' before `caca1f0`): each row's router logits through `moe::route`, the choices counted in
 //!   `ExpertLoad`, the pairs grouped by expert (`by_expert`), the rows, weights and each row's
 //!   pairs (`pairs_by_row`) as the int32 and float32 lists the kernels read. Not counted: the
@@ -19,6 +19,13 @@
 //!   bf16) and finds its copy, kept by
 //!   content (`Cuda::expert_tables` with `uploads::Tables`, replayed here with the same
 //!   `HashMap<Vec<u64>, _>` lookup).
+//!
+//! - with `--shards` expert shards (an even plan, `ExpertShards::balanced`): the host path
+//!   routes as above, deals the pairs (`ExpertShards::dispatch`) and makes each shard's lists
+//!   (`compact_rows`, `by_expert`), as `Cuda::moe_experts_sharded` does before its copies; the
+//!   device path builds each shard's table (`ExpertShards::shard_table`, packed two values to a
+//!   u64, after the addresses of the experts it holds) and finds its copy by content, as
+//!   `Cuda::shard_tables` does.
 //!
 //! Neither side counts its kernel launches (seven on the device path, about as many on the host
 //! path's grouped products). Each variant runs `--reps` times, alternating; medians and their
@@ -32,6 +39,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sparsemoe_engine::backend::{Routing, by_expert, pairs_by_row};
 use sparsemoe_engine::expert_load::ExpertLoad;
+use sparsemoe_engine::expert_shards::{ExpertShards, compact_rows};
 use sparsemoe_engine::moe::{RouterConfig, route, route_by_sorting};
 
 #[path = "support.rs"]
@@ -50,6 +58,9 @@ struct Args {
     keep: usize,
     #[arg(long, default_value_t = 8)]
     top_k: usize,
+    /// Expert shards for the sharded rows (GPUs of a replica).
+    #[arg(long, default_value_t = 8)]
+    shards: usize,
     /// MoE layers in a step, for the per-step line (DeepSeek-V3/V3.2: 58).
     #[arg(long, default_value_t = 58)]
     layers: usize,
@@ -137,7 +148,52 @@ fn main() -> anyhow::Result<()> {
         *tables.entry(table).or_insert(next) as u64
     };
 
+    let shards = ExpertShards::balanced(args.shards, e)?;
+    let route_all = || {
+        let mut routing = Routing::default();
+        for row in logits.chunks(e) {
+            let (ids, weights) = route(row, &bias, &router);
+            load.record(0, &ids);
+            routing.experts.push(ids);
+            routing.weights.push(weights);
+        }
+        routing
+    };
+    let host_sharded = || {
+        let work = shards.dispatch(0, &route_all());
+        let mut values = 0;
+        for pairs in work.iter().filter(|p| !p.is_empty()) {
+            let (rows, local) = compact_rows(pairs, args.rows);
+            let groups = by_expert(local.into_iter(), e);
+            let rows: Vec<i32> = rows.into_iter().map(|r| r as i32).collect();
+            values += rows.len() + groups.iter().map(|(_, r)| r.len()).sum::<usize>();
+        }
+        values as u64
+    };
+    let mut shard_tables: HashMap<Vec<u64>, usize> = HashMap::new();
+    let mut device_sharded = || {
+        let mut found = 0;
+        for s in 0..args.shards {
+            let (held, dispatch) = shards.shard_table(0, s);
+            let mut table = vec![0u64; 6 * held.len()];
+            for (j, &i) in held.iter().enumerate() {
+                for w in 0..3 {
+                    table[w * held.len() + j] = codes[3 * i + w];
+                    table[(3 + w) * held.len() + j] = scales[3 * i + w];
+                }
+            }
+            table.extend(dispatch.chunks(2).map(|two| {
+                let high = two.get(1).map_or(0, |&v| v as u32);
+                u64::from(two[0] as u32) | (u64::from(high) << 32)
+            }));
+            let next = shard_tables.len();
+            found += *shard_tables.entry(table).or_insert(next);
+        }
+        found as u64
+    };
+
     let (mut sorted, mut selected, mut on_device) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut sharded_host, mut sharded_device) = (Vec::new(), Vec::new());
     let mut sink = 0u64;
     for _ in 0..args.reps {
         let t = Instant::now();
@@ -149,9 +205,16 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         sink = sink.wrapping_add(std::hint::black_box(device()));
         on_device.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        sink = sink.wrapping_add(std::hint::black_box(host_sharded()));
+        sharded_host.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        sink = sink.wrapping_add(std::hint::black_box(device_sharded()));
+        sharded_device.push(t.elapsed().as_secs_f64() * 1e3);
     }
     std::hint::black_box(sink);
     let (sorted_ms, host_ms, device_ms) = (median(sorted), median(selected), median(on_device));
+    let (sharded_host_ms, sharded_device_ms) = (median(sharded_host), median(sharded_device));
 
     let (model, cpus) = machine();
     let table = format!(
@@ -164,9 +227,13 @@ fn main() -> anyhow::Result<()> {
          | path | host time a layer (ms) | a step of {layers} MoE layers (ms) | vs the host path now |\n|---|---|---|---|\n\
          | host routing before (`moe::route_by_sorting`: every expert sorted), the lists | {sorted_ms:.4} | {ss:.2} | {sr:.2}x |\n\
          | host routing now (`moe::route`: the top k selected), `ExpertLoad::record`, the lists | {host_ms:.4} | {hs:.2} | 1 |\n\
-         | routing on the device (the address table found by content) | {device_ms:.4} | {ds:.2} | {dr:.3}x |\n\n\
-         The last row is all a layer routed on the device leaves the host (fp8 or bf16 experts, \
-         at most `in_place_rows` rows; timed with fp8's table, twice bf16's). The larger saving is not in this table: the host path copies \
+         | routing on the device (the address table found by content) | {device_ms:.4} | {ds:.2} | {dr:.3}x |\n\
+         | {shards} expert shards, host routing, `ExpertShards::dispatch` and each shard's lists | {sharded_host_ms:.4} | {shs:.2} | {shr:.2}x |\n\
+         | {shards} expert shards, routing on the device (each shard's table found by content) | {sharded_device_ms:.4} | {sds:.2} | {sdr:.3}x |\n\n\
+         The third and last rows are all a layer routed on the device leaves the host, without \
+         and with expert shards (fp8 or bf16 experts, at most `in_place_rows` rows; timed with \
+         fp8's tables, twice bf16's; the sharded rows with an even plan over {shards} shards, \
+         whose lists the host path makes before its copies to each shard). The larger saving is not in this table: the host path copies \
          each layer's logits to the host, which waits for all the work queued before it, so the \
          GPU idles while the host routes; only a GPU can time that. A server CPU is faster than \
          this one; the ratios are what carry over.\n",
@@ -181,6 +248,11 @@ fn main() -> anyhow::Result<()> {
         ds = device_ms * args.layers as f64,
         sr = sorted_ms / host_ms,
         dr = device_ms / host_ms,
+        shards = args.shards,
+        shs = sharded_host_ms * args.layers as f64,
+        sds = sharded_device_ms * args.layers as f64,
+        shr = sharded_host_ms / host_ms,
+        sdr = sharded_device_ms / host_ms,
     );
     print!("{table}");
     if let Some(out) = args.out {

@@ -491,8 +491,13 @@ class Harness:
         for name, yy in (("combine_rows_f32", y), ("combine_rows_bf16_bits_f32", y.to(torch.bfloat16))):
             acc = torch.randn(out_rows, cols, device=d)
             ref = acc.double().index_add(0, row_of, wts.double()[:, None] * yy.double())
-            self.launch(name, (out_rows,), 256, [acc, yy, offsets, order.int(), wts, ("i", cols)])
+            self.launch(name, (out_rows,), 256, [acc, yy, offsets, order.int(), wts, ("i", cols), ("i", 1)])
             self.record(f"{name} (rows with 0 to many pairs)", rel_l2(acc, ref), F32_BOUND)
+            # accumulate 0: out set, not added to (poisoned first: never read; rows of no pair 0)
+            acc = torch.full((out_rows, cols), float("nan"), device=d)
+            ref = torch.zeros(out_rows, cols, dtype=torch.float64, device=d).index_add(0, row_of, wts.double()[:, None] * yy.double())
+            self.launch(name, (out_rows,), 256, [acc, yy, offsets, order.int(), wts, ("i", cols), ("i", 0)])
+            self.record(f"{name} (set, not added)", rel_l2(acc, ref), F32_BOUND)
             # an entry of -1 (a pair another expert shard computes) adds nothing; its row of y,
             # poisoned, is never read
             skip = torch.rand(pairs_n, device=d) < 0.3
@@ -501,7 +506,7 @@ class Harness:
             ys[skip] = float("nan")
             acc = torch.randn(out_rows, cols, device=d)
             ref = acc.double().index_add(0, row_of[~skip], wts.double()[~skip, None] * yy.double()[~skip])
-            self.launch(name, (out_rows,), 256, [acc, ys, offsets, listed, wts, ("i", cols)])
+            self.launch(name, (out_rows,), 256, [acc, ys, offsets, listed, wts, ("i", cols), ("i", 1)])
             self.record(f"{name} (entries of -1 skipped)", rel_l2(acc, ref), F32_BOUND)
 
         n, half, heads, width, offset = 64, 32, 16, 192, 128

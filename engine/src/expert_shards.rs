@@ -2,7 +2,8 @@
 //! a replica with the CUDA backend; tasks on the worker pool with the CPU backend) as a
 //! [`PlacementPlan`] says. Each (token, expert) pair of a step goes to one shard holding a copy
 //! of that expert; when a hot expert has redundant copies, its pairs are dealt to them in turn,
-//! so the copies share its load. The shards' outputs are then combined per token with the
+//! starting at a copy that moves with the expert and the layer, so the copies share its load
+//! (and the first pairs of different experts do not all land on their first copies). The shards' outputs are then combined per token with the
 //! router's weights. The rule is simple enough for a GPU to follow on its own (the CUDA backend's
 //! `moe_shard_pairs`), so the host can count each shard's pairs from the experts' counts alone
 //! ([`ExpertShards::count_routed`]).
@@ -165,8 +166,9 @@ impl ExpertShards {
 
     /// Splits one step's routing for decoder layer `layer` into per-shard work. Every pair goes
     /// to exactly one shard that holds its expert: an expert's pairs, in row order, are dealt to
-    /// its copies in turn (the `r`-th to `holders(layer, expert)[r % copies]`), so copies share
-    /// the load evenly.
+    /// its copies in turn, the `r`-th to `holders(layer, expert)[(r + expert + layer) % copies]`,
+    /// so copies share an expert's load evenly, and an expert with a single pair in a step
+    /// does not always load its first copy.
     ///
     /// Routed expert ids are below the model's expert count, which equals the plan's, and a
     /// validated plan places every expert on some shard, so every pair has a shard.
@@ -177,7 +179,7 @@ impl ExpertShards {
         for (row, (ids, weights)) in routing.experts.iter().zip(&routing.weights).enumerate() {
             for (&expert, &weight) in ids.iter().zip(weights) {
                 let copies = &holders[expert];
-                let shard = copies[dealt[expert] % copies.len()];
+                let shard = copies[(dealt[expert] + expert + layer) % copies.len()];
                 dealt[expert] += 1;
                 work[shard].push(Pair {
                     row,
@@ -196,12 +198,13 @@ impl ExpertShards {
     /// `layer` that a backend dispatched on its own by [`ExpertShards::dispatch`]'s rule, from
     /// how many pairs each expert had (`counts[e]`, as the step's expert load has them).
     pub fn count_routed(&self, layer: usize, counts: &[f32]) {
-        for (copies, &count) in self.holders_of(layer).iter().zip(counts) {
+        for (expert, (copies, &count)) in self.holders_of(layer).iter().zip(counts).enumerate() {
             let pairs = count as usize;
             let n = copies.len();
             for (i, &shard) in copies.iter().enumerate() {
-                // The ranks r < pairs with r % n == i.
-                let dealt = (pairs + n - 1 - i) / n;
+                // The ranks r < pairs with (r + expert + layer) % n == i: those with r % n == j.
+                let j = (i + n - (expert + layer) % n) % n;
+                let dealt = (pairs + n - 1 - j) / n;
                 self.computed[shard].fetch_add(dealt as u64, Ordering::Relaxed);
             }
         }
@@ -210,7 +213,9 @@ impl ExpertShards {
     /// The routed experts shard `shard` holds for decoder layer `layer`, in the order it
     /// numbers them, and the table `moe_shard_pairs` reads to deal it its pairs: three arrays of
     /// one value an expert of the layer: the shard's number for the expert (-1 where it holds
-    /// no copy), which of the expert's copies the shard's is, and how many copies there are.
+    /// no copy), the ranks `r % copies` of the expert's pairs that are the shard's (its copy's
+    /// place among the holders, less `expert + layer`, modulo the copies: [`Self::dispatch`]'s
+    /// rule), and how many copies there are.
     pub fn shard_table(&self, layer: usize, shard: usize) -> (Vec<usize>, Vec<i32>) {
         let holders = self.holders_of(layer);
         let e = holders.len();
@@ -218,8 +223,9 @@ impl ExpertShards {
         let mut table = vec![-1i32; 3 * e];
         for (expert, copies) in holders.iter().enumerate() {
             if let Some(copy) = copies.iter().position(|&s| s == shard) {
+                let n = copies.len();
                 table[expert] = held.len() as i32;
-                table[e + expert] = copy as i32;
+                table[e + expert] = ((copy + n - (expert + layer) % n) % n) as i32;
                 held.push(expert);
             }
             table[2 * e + expert] = copies.len() as i32;
@@ -332,7 +338,8 @@ mod tests {
             .collect();
         let rows: Vec<&[(usize, f32)]> = rows.iter().map(|r| r.as_slice()).collect();
         let work = dispatched.dispatch(0, &routing(&rows));
-        // Expert 0's 11 pairs go 0, 1, 2, 0, 1, …: shard 0 gets rows 0, 3, 6, 9.
+        // Layer 0: expert e's r-th pair goes to its copy (r + e) % copies. Expert 0's 11 pairs go
+        // to shards 0, 1, 2, 0, 1, …: shard 0 gets rows 0, 3, 6, 9.
         let rows_of = |shard: usize, expert: usize| -> Vec<usize> {
             work[shard]
                 .iter()
@@ -342,10 +349,12 @@ mod tests {
         };
         assert_eq!(rows_of(0, 0), vec![0, 3, 6, 9]);
         assert_eq!(rows_of(2, 0), vec![2, 5, 8]);
-        // Expert 2's pairs (rows 1, 3, 5, 7, 9) alternate between its copies on shards 0 and 2.
+        // Expert 2's pairs (rows 1, 3, 5, 7, 9) alternate between its copies on shards 0 and 2;
+        // expert 3's (rows 2, 6, 10) between shards 1 and 2, starting at its second copy.
         assert_eq!(rows_of(0, 2), vec![1, 5, 9]);
         assert_eq!(rows_of(2, 2), vec![3, 7]);
-        assert_eq!(rows_of(1, 3), vec![2, 10]);
+        assert_eq!(rows_of(2, 3), vec![2, 10]);
+        assert_eq!(rows_of(1, 3), vec![6]);
         let mut counts = vec![0f32; 4];
         for row in &rows {
             for &(e, _) in *row {
@@ -358,7 +367,18 @@ mod tests {
 
         let (held, table) = counted.shard_table(0, 2);
         assert_eq!(held, vec![0, 2, 3]);
-        assert_eq!(table, vec![0, -1, 1, 2, 2, -1, 1, 1, 3, 2, 2, 2]);
+        assert_eq!(table, vec![0, -1, 1, 2, 2, -1, 1, 0, 3, 2, 2, 2]);
+
+        // Layer 1 moves every start by one copy, and the counts follow.
+        let work = dispatched.dispatch(1, &routing(&rows));
+        counted.count_routed(1, &counts);
+        assert_eq!(counted.computed(), dispatched.computed());
+        let layer_1: Vec<usize> = work[0]
+            .iter()
+            .filter(|p| p.expert == 0)
+            .map(|p| p.row)
+            .collect();
+        assert_eq!(layer_1, vec![2, 5, 8]);
     }
 
     #[test]

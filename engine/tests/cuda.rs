@@ -1705,9 +1705,11 @@ fn decode_steps_route_on_the_device() {
 /// there), then three with redundant copies of hot experts, for fp8 and for bf16 experts, every
 /// step of `paged_run` (8 and 2 rows) routes each MoE layer on the main lane and the shards
 /// deal themselves their pairs (`moe_shard_pairs`). The logits must be those of the host's
-/// routing and dispatch, the expert counts the same, each shard's count of pairs the same
-/// (the host counts the device's from the experts' counts), and the only copies to the host
-/// that remain are the logits and one read of the counts a step.
+/// routing and dispatch (so every pair was computed once), the expert counts the same, each
+/// shard's count of pairs the same (the host counts the device's from the experts' counts), and
+/// the only copies to the host that remain are the logits and one read of the counts a step.
+/// Which shard computed a pair the logits cannot tell: `kernels/gpu_check.py` checks
+/// `moe_shard_pairs`' dealing against the rule exactly.
 #[test]
 fn sharded_steps_route_on_the_device() {
     let test = "sharded_steps_route_on_the_device";

@@ -438,19 +438,20 @@ scatter_add_rows_f32(float* __restrict__ out, const float* __restrict__ y, const
     for (int c = threadIdx.x; c < cols; c += blockDim.x) d[c] += w * s[c];
 }
 
-// out[r, :] += sum_j weights[pairs[j]] · y[pairs[j], :] over j in offsets[r] .. offsets[r + 1]:
-// the routed experts' outputs (a row per (token, expert) pair, grouped by expert) summed into
-// each token's row, in the listed order (experts ascending), as scatter_add_rows_f32 adds them
-// expert after expert; a negative entry of `pairs` (a pair another expert shard computes) adds
-// nothing. The _bf16_bits form reads y as bf16 bits.
+// out[r, :] += sum_j weights[pairs[j]] · y[pairs[j], :] over j in offsets[r] .. offsets[r + 1]
+// (accumulate != 0; else out[r, :] = the sum, and out is never read): the routed experts' outputs
+// (a row per (token, expert) pair, grouped by expert) summed into each token's row, in the listed
+// order (experts ascending), as scatter_add_rows_f32 adds them expert after expert; a negative
+// entry of `pairs` (a pair another expert shard computes) adds nothing. The _bf16_bits form reads
+// y as bf16 bits.
 // Launch: grid rows of out, block ENGINE_THREADS.
 extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
 combine_rows_f32(float* __restrict__ out, const float* __restrict__ y, const int* __restrict__ offsets,
-                 const int* __restrict__ pairs, const float* __restrict__ weights, int cols) {
+                 const int* __restrict__ pairs, const float* __restrict__ weights, int cols, int accumulate) {
     float* d = out + (size_t)blockIdx.x * cols;
     const int first = offsets[blockIdx.x], last = offsets[blockIdx.x + 1];
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float acc = d[c];
+        float acc = accumulate ? d[c] : 0.f;
         for (int j = first; j < last; ++j)
             if (pairs[j] >= 0) acc += weights[pairs[j]] * y[(size_t)pairs[j] * cols + c];
         d[c] = acc;
@@ -460,11 +461,11 @@ combine_rows_f32(float* __restrict__ out, const float* __restrict__ y, const int
 extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
 combine_rows_bf16_bits_f32(float* __restrict__ out, const unsigned short* __restrict__ y,
                            const int* __restrict__ offsets, const int* __restrict__ pairs,
-                           const float* __restrict__ weights, int cols) {
+                           const float* __restrict__ weights, int cols, int accumulate) {
     float* d = out + (size_t)blockIdx.x * cols;
     const int first = offsets[blockIdx.x], last = offsets[blockIdx.x + 1];
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float acc = d[c];
+        float acc = accumulate ? d[c] : 0.f;
         for (int j = first; j < last; ++j)
             if (pairs[j] >= 0) acc += weights[pairs[j]] * bf16_bits_to_f32(y[(size_t)pairs[j] * cols + c]);
         d[c] = acc;

@@ -185,9 +185,10 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("scatter_add_rows_f32" in "engine.cu":
         out: F32Mut, y: F32, rows: I32, weights: F32, cols: Int),
     kernel!("combine_rows_f32" in "engine.cu":
-        out: F32Mut, y: F32, offsets: I32, pairs: I32, weights: F32, cols: Int),
+        out: F32Mut, y: F32, offsets: I32, pairs: I32, weights: F32, cols: Int, accumulate: Int),
     kernel!("combine_rows_bf16_bits_f32" in "engine.cu":
-        out: F32Mut, y: Bf16Bits, offsets: I32, pairs: I32, weights: F32, cols: Int),
+        out: F32Mut, y: Bf16Bits, offsets: I32, pairs: I32, weights: F32, cols: Int,
+        accumulate: Int),
     kernel!("copy_columns_f32" in "engine.cu":
         out: F32Mut, x: F32, src_cols: Int, start: Int, len: Int),
     kernel!("rms_norm_f32" in "engine.cu": out: F32Mut, x: F32, w: F32, cols: Int, eps: Float),

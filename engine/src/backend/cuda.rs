@@ -2048,17 +2048,19 @@ impl Cuda {
     /// order): one `combine_rows` launch.
     fn combine_pairs(&self, out: &mut CudaTensor, y: &Rows, lists: &ExpertLists) {
         let by_row = (lists.view(lists.by_row.0), lists.view(lists.by_row.1));
-        self.combine(out, y, by_row, &lists.view(lists.weights));
+        self.combine(out, y, by_row, &lists.view(lists.weights), true);
     }
 
-    /// Adds to each row `r` of `out` the rows `pairs[j]` of `y` times `weights[pairs[j]]`, for
-    /// `j` from `offsets[r]` to `offsets[r + 1]` in order: one `combine_rows` launch.
+    /// Adds to each row `r` of `out` (`accumulate`; else sets it to) the rows `pairs[j]` of `y`
+    /// times `weights[pairs[j]]`, for `j` from `offsets[r]` to `offsets[r + 1]` in order (a
+    /// negative `pairs[j]` skipped): one `combine_rows` launch.
     fn combine(
         &self,
         out: &mut CudaTensor,
         y: &Rows,
         (offsets_d, pairs_d): (CudaView<'_, i32>, CudaView<'_, i32>),
         weights_d: &CudaView<'_, f32>,
+        accumulate: bool,
     ) {
         let c = out.cols as i32;
         let mut b = match &y {
@@ -2070,7 +2072,12 @@ impl Cuda {
             Rows::F32(s) => b.arg(s),
             Rows::Bf16(s) => b.arg(s),
         };
-        b.arg(&offsets_d).arg(&pairs_d).arg(weights_d).arg(&c);
+        let accumulate = i32::from(accumulate);
+        b.arg(&offsets_d)
+            .arg(&pairs_d)
+            .arg(weights_d)
+            .arg(&c)
+            .arg(&accumulate);
         // SAFETY: out has out.rows rows of hidden (the rows the lists were made for); offsets
         // has out.rows + 1 entries, pairs and weights p, y p rows of hidden, and every pair
         // is below p (a negative one is skipped).
@@ -2315,8 +2322,10 @@ impl Cuda {
                 }
             }
         };
-        // SAFETY (all three): the grouped products write every row of their outputs (the
-        // groups cover rows 0..p), and SiLU-and-mul writes gate in place.
+        // SAFETY (all three): the grouped products write every row of their outputs that the
+        // groups cover (all p rows, but for an expert shard's, whose rows past its own pairs
+        // are never written and never combined: SiLU-and-mul reads them, whatever they hold,
+        // and combine_rows skips them), and SiLU-and-mul writes gate in place.
         let (mut gate, mut up, mut y) = unsafe {
             (
                 ok(self.stream.alloc::<f32>(p * inter), "allocating"),
@@ -3933,8 +3942,8 @@ impl Backend for Cuda {
     /// host's lists have them) and adds the counts to `load`, the rows are gathered, three
     /// `fp8_grouped_tc` (or `bf16_grouped_tc`) launches run
     /// every expert (those with no rows end at once) with SiLU-and-mul between them, and
-    /// `combine_rows` adds each row's weighted outputs: eight launches (and the memsets of the
-    /// gathered rows and the output), nothing copied either way (the experts' address
+    /// `combine_rows` sums each row's weighted outputs: eight launches and no memset, nothing
+    /// copied either way (the experts' address
     /// tables are copied once per layer and kept). The products and sums are those of the host
     /// routing's grouped path, so only the routing's own float32 roundings (the device's
     /// `expf`) can differ.
@@ -3981,7 +3990,7 @@ impl Backend for Cuda {
         if !routable {
             return None;
         }
-        // Where the experts run, settled before anything is launched.
+        // Where the experts run, settled before anything is launched (tables may be copied).
         let run = match shards.filter(|_| !self.shards.is_empty()) {
             None => Run::Here(self.expert_tables(experts.iter(), hidden, &[])?),
             Some(shards) => Run::Shards(self.shard_tables(shards, layer, experts, hidden)?),
@@ -4063,9 +4072,10 @@ impl Backend for Cuda {
                     most: n,
                 };
                 let y = self.expert_products_in_place(&xp, &tables, hidden, inter);
-                let mut out = self.zeros(n, hidden);
+                // SAFETY: combine_rows sets every row (a row's sum of no pairs is 0).
+                let mut out = unsafe { self.uninit(n, hidden) };
                 let by_row = (ints.slice(rows_at..), ints.slice(of_at..groups_at));
-                self.combine(&mut out, &Rows::F32(y), by_row, &floats.slice(p..));
+                self.combine(&mut out, &Rows::F32(y), by_row, &floats.slice(p..), false);
                 self.grouped_layers.fetch_add(1, Relaxed);
                 out
             }
@@ -4195,8 +4205,10 @@ struct Routed<'a> {
 impl Cuda {
     /// Each expert shard's [`ShardTable`] for decoder layer `layer` (shards that hold none of
     /// its experts have nothing to do and none), copied once and kept by the shard's lane;
-    /// `None` when `shards` is not this backend's lanes' plan or some shard's experts cannot
-    /// run in place (see [`Cuda::expert_tables`]).
+    /// `None`, having launched nothing, when `shards` does not fit this backend's lanes and
+    /// `experts` (as many shards as lanes, as many experts as the plan places, each expert a
+    /// shard holds uploaded to its lane) or some shard's experts cannot run in place (see
+    /// [`Cuda::expert_tables`]).
     fn shard_tables(
         &self,
         shards: &ExpertShards,
@@ -4210,6 +4222,9 @@ impl Cuda {
         let mut tables = Vec::new();
         for (shard, lane) in self.shards.iter().enumerate() {
             let (held, dispatch) = shards.shard_table(layer, shard);
+            if dispatch.len() != 3 * experts.len() {
+                return None;
+            }
             if held.is_empty() {
                 continue;
             }
@@ -4221,11 +4236,15 @@ impl Cuda {
                     u64::from(low) | (u64::from(high) << 32)
                 })
                 .collect();
-            let mine = held.iter().map(|&expert| experts.get(expert));
-            if mine.clone().any(|ex| ex.is_none()) {
+            let here = |w: &CudaWeight| w.copies.iter().any(|(l, _)| *l == lane.lane);
+            let mine = held.iter().map(|&expert| &experts[expert]);
+            if !mine
+                .clone()
+                .all(|ex| here(&ex.gate) && here(&ex.up) && here(&ex.down))
+            {
                 return None;
             }
-            let (table, inter, fp8) = lane.expert_tables(mine.flatten(), hidden, &packed)?;
+            let (table, inter, fp8) = lane.expert_tables(mine, hidden, &packed)?;
             tables.push(ShardTable {
                 shard,
                 held: held.len(),
@@ -4377,9 +4396,16 @@ impl Cuda {
             most: n,
         };
         let y = self.expert_products_in_place(&xp, &tables, hidden, t.inter);
-        let mut sums = self.zeros(n, hidden);
+        // SAFETY: combine_rows sets every row (a row with none of this shard's pairs to 0).
+        let mut sums = unsafe { self.uninit(n, hidden) };
         let by_row = (ints.slice(rows_at..), ints.slice(of_at..groups_at));
-        self.combine(&mut sums, &Rows::F32(y), by_row, &slot_weights.slice(..));
+        self.combine(
+            &mut sums,
+            &Rows::F32(y),
+            by_row,
+            &slot_weights.slice(..),
+            false,
+        );
         self.grouped_layers
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let back = "copying an expert shard's sums back";

@@ -587,10 +587,10 @@ pub trait Backend: Send + Sync + 'static {
     /// [`Backend::moe_experts`] returns for that routing. Each expert's routed rows are added
     /// to row `layer` of `load`, the step's counts (`[layers, n_experts]`, made as zeros by the
     /// first layer routed this way in the step), so that they cross to the host once a step
-    /// rather than a layer. `None` (the default), having changed nothing, when this backend
-    /// routes on the host, or not these rows: the caller then copies the logits to the host,
-    /// routes them there and calls [`Backend::moe_experts`] (or, with `shards`,
-    /// [`Backend::moe_experts_sharded`]).
+    /// rather than a layer. `None` (the default), having launched nothing (nor made `load`),
+    /// when this backend routes on the host, or not these rows: the caller then copies the
+    /// logits to the host, routes them there and calls [`Backend::moe_experts`] (or, with
+    /// `shards`, [`Backend::moe_experts_sharded`]).
     ///
     /// With expert `shards`, each pair is computed by the shard
     /// [`crate::expert_shards::ExpertShards::dispatch`]'s rule names, and the caller counts the
