@@ -14,7 +14,7 @@ use crate::error::{EngineError, Result};
 /// Sampling parameters (OpenAI / vLLM meanings).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy.
+    /// 0 means greedy, and so does anything below [`GREEDY_BELOW`] (as in vLLM).
     pub temperature: f32,
     /// Keep the smallest set of tokens whose probability reaches `top_p` (1 = off).
     pub top_p: f32,
@@ -33,6 +33,11 @@ pub struct SamplingParams {
     /// Added to these tokens' logits (OpenAI's `logit_bias`, each in [-100, 100]).
     pub logit_bias: Vec<(u32, f32)>,
 }
+
+/// Temperatures below this sample greedily (vLLM's `_SAMPLING_EPS`): dividing logits by a
+/// smaller one only turns the most likely token's probability into 1 after float rounding, or,
+/// near 0, overflows.
+pub const GREEDY_BELOW: f32 = 1e-5;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -179,12 +184,17 @@ impl Sampler {
         }
         if p.repetition_penalty != 1.0 {
             for &token in &self.seen {
-                if let Some(l) = out.get_mut(token as usize) {
-                    *l = if *l > 0.0 {
+                if let Some(l) = out.get_mut(token as usize)
+                    && l.is_finite()
+                {
+                    // Kept finite: a tiny penalty would make a seen token's logit infinite,
+                    // which `pick` would then drop instead of favouring.
+                    let penalised = if *l > 0.0 {
                         *l / p.repetition_penalty
                     } else {
                         *l * p.repetition_penalty
                     };
+                    *l = penalised.clamp(f32::MIN, f32::MAX);
                 }
             }
         }
@@ -202,18 +212,17 @@ impl Sampler {
     }
 
     fn pick(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature == 0.0 {
+        if self.params.temperature < GREEDY_BELOW {
             return argmax(logits);
         }
-        let mut candidates: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l / self.params.temperature))
+        let finite = || logits.iter().enumerate().filter(|(_, l)| l.is_finite());
+        let Some(top) = finite().map(|(_, &l)| l).max_by(f32::total_cmp) else {
+            return argmax(logits);
+        };
+        // Scaled from the largest logit down, so that no scaled logit overflows to +inf.
+        let mut candidates: Vec<(u32, f32)> = finite()
+            .map(|(i, &l)| (i as u32, (l - top) / self.params.temperature))
             .collect();
-        if candidates.is_empty() {
-            return argmax(logits);
-        }
         candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if self.params.top_k > 0 {
             candidates.truncate(self.params.top_k);
@@ -298,6 +307,45 @@ mod tests {
     fn greedy_takes_the_argmax() {
         let mut s = Sampler::new(SamplingParams::greedy());
         assert_eq!(s.sample(&[0.1, 2.0, -1.0, 2.0], &[]), 1);
+    }
+
+    #[test]
+    fn tiny_temperatures_and_penalties_stay_sensible() {
+        // Below GREEDY_BELOW: the argmax, not the NaN probabilities of logits divided into
+        // infinities (which picked the least likely token).
+        let logits = [1.0, 3.0, -2.0, 0.5];
+        for temperature in [1e-40, 1e-30, 1e-6] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature,
+                seed: Some(3),
+                ..Default::default()
+            });
+            assert!(
+                (0..10).all(|_| s.sample(&logits, &[]) == 1),
+                "{temperature}"
+            );
+        }
+        // Just above it, with logits far apart: still finite probabilities, so the top token.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 2e-5,
+            seed: Some(3),
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&[1e30, 3e30, -1e30], &[]), 1);
+        // A tiny repetition penalty raises a seen positive logit to f32::MAX, so greedy picks
+        // it (an infinite logit would have been dropped as not finite).
+        let tiny = SamplingParams {
+            repetition_penalty: 1e-39,
+            ..Default::default()
+        };
+        assert_eq!(greedy_run(tiny.clone(), &[0], &[0.5, 2.0], 1), [0]);
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: Some(5),
+            ..tiny
+        })
+        .with_prompt(&[0]);
+        assert!((0..10).all(|_| s.sample(&[0.5, 2.0], &[]) == 0));
     }
 
     #[test]

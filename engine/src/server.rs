@@ -505,6 +505,8 @@ enum Step {
     },
     Done {
         text: String,
+        /// The last token's, when a stop string ends the output at that token.
+        logprob: Option<Value>,
         reason: FinishReason,
         completion_tokens: usize,
     },
@@ -553,6 +555,7 @@ impl Run {
                 if stopped {
                     Step::Done {
                         text,
+                        logprob,
                         reason: FinishReason::Stop,
                         completion_tokens: *generated,
                     }
@@ -566,6 +569,7 @@ impl Run {
                 ..
             } => Step::Done {
                 text: self.text.flush(),
+                logprob: None,
                 reason,
                 completion_tokens,
             },
@@ -659,10 +663,12 @@ async fn complete_response(mut run: Run, mut events: UnboundedReceiver<Event>) -
             }
             Step::Done {
                 text: t,
+                logprob,
                 reason,
                 completion_tokens,
             } => {
                 text.push_str(&t);
+                logprobs.extend(logprob);
                 drop(events); // a stop string ends the request early: cancel the rest
                 run.outcome.finish(reason.as_str());
                 let usage = run.usage(completion_tokens);
@@ -750,13 +756,16 @@ fn stream_response(
                 }
                 Step::Done {
                     text,
+                    logprob,
                     reason,
                     completion_tokens,
                 } => {
                     drop(events);
                     run.outcome.finish(reason.as_str());
-                    let last =
-                        run.chunk(run.choice_delta(&text, None, Some(reason.as_str())), None);
+                    let last = run.chunk(
+                        run.choice_delta(&text, logprob, Some(reason.as_str())),
+                        None,
+                    );
                     let _ = tx.send(sse(&last)).await;
                     if include_usage {
                         let usage = run.chunk(json!([]), Some(run.usage(completion_tokens)));

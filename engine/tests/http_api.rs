@@ -202,6 +202,66 @@ impl Server {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_string_keeps_the_last_tokens_logprob() {
+    let s = start(&[]).await;
+    let body = json!({"prompt": "t5 t6 t7", "max_tokens": 4, "temperature": 0, "logprobs": 1,
+                      "ignore_eos": true});
+    let free = s.post("/v1/completions", body.clone()).await.json();
+    let tokens: Vec<String> = free["choices"][0]["logprobs"]["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(tokens.len(), 4, "{free}");
+    // The text of the first two tokens (the fixture's tokens are words) as the stop string:
+    // the output ends at the second token.
+    let text = free["choices"][0]["text"].as_str().unwrap();
+    let stop = format!("{} {}", tokens[0], tokens[1]);
+    assert!(text.starts_with(&stop), "{free}");
+    let mut stopped = body.clone();
+    stopped["stop"] = json!([stop]);
+    for stream in [false, true] {
+        stopped["stream"] = json!(stream);
+        let r = s.post("/v1/completions", stopped.clone()).await;
+        assert_eq!(r.status, 200);
+        let (entries, reason) = if stream {
+            let events = r.events();
+            let chunks: Vec<Value> = events
+                .iter()
+                .filter(|e| *e != "[DONE]")
+                .map(|e| serde_json::from_str(e).unwrap())
+                .collect();
+            let entries: usize = chunks
+                .iter()
+                .filter_map(|c| c["choices"][0]["logprobs"]["token_logprobs"].as_array())
+                .map(Vec::len)
+                .sum();
+            let reason = chunks.last().unwrap()["choices"][0]["finish_reason"].clone();
+            (entries, reason)
+        } else {
+            let v = r.json();
+            assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
+            assert_eq!(
+                v["choices"][0]["text"], "",
+                "the stop string is not returned: {v}"
+            );
+            let entries = v["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .unwrap()
+                .len();
+            (entries, v["choices"][0]["finish_reason"].clone())
+        };
+        assert_eq!(reason, "stop", "stream {stream}");
+        assert_eq!(
+            entries, 2,
+            "stream {stream}: a logprob for each of the 2 tokens"
+        );
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_and_chat_report_usage_and_finish_reasons() {
     let s = start(&[]).await;
     let r = s
