@@ -912,3 +912,129 @@ fn steady_state_makes_zero_writes() {
     );
     eprintln!("60 s steady: {reconciles} reconciles, 0 writes");
 }
+
+/// Scenario 7: a workload changed by hand (`kubectl scale`, an edited image) is put back as the
+/// spec says (drift repair), by the reconcile its change triggers, and the operator is quiet
+/// again afterwards.
+#[test]
+fn a_child_changed_by_hand_is_put_back() {
+    let Some(cluster) = cluster() else { return };
+    let ns = cluster.namespace("op-drift");
+    let ns = ns.name();
+    let op = Operator::start_in(&cluster, "a", ns, false).unwrap();
+    cluster.apply_yaml(&cpu_idep("drift", 2, &[]), ns).unwrap();
+    wait_ready(&cluster, ns, "drift").unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
+    let deployment = "deployment/drift-cpu";
+    let image = |d: &Value| d["spec"]["template"]["spec"]["containers"][0]["image"].clone();
+    let before = get(&cluster, ns, deployment).unwrap();
+    assert_eq!(before["spec"]["replicas"], 2);
+
+    cluster
+        .kubectl_ok(&["scale", "-n", ns, deployment, "--replicas=4"])
+        .unwrap();
+    cluster
+        .kubectl_ok(&[
+            "set",
+            "image",
+            "-n",
+            ns,
+            deployment,
+            "engine=example.invalid/other:1",
+        ])
+        .unwrap();
+    let start = Instant::now();
+    wait_until(CONVERGE, || {
+        let d = get(&cluster, ns, deployment)?;
+        Ok(d["spec"]["replicas"] == 2 && image(&d) == image(&before))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}: {:#}\n{}",
+            get(&cluster, ns, deployment).unwrap_or_default()["spec"],
+            op.log()
+        )
+    });
+    assert!(
+        op.log().contains("changed by someone else"),
+        "no drift repair in the log:\n{}",
+        op.log()
+    );
+    wait_ready(&cluster, ns, "drift").unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
+    eprintln!(
+        "scaled and re-imaged by hand; put back after {:?}",
+        start.elapsed()
+    );
+
+    // Settled again: a reconcile (an annotation on the object) writes nothing.
+    std::thread::sleep(Duration::from_secs(3));
+    let mark = cluster.audit_mark().unwrap();
+    cluster
+        .kubectl_ok(&[
+            "annotate",
+            "-n",
+            ns,
+            "--overwrite",
+            "inferencedeployment/drift",
+            "e2e.sparsemoe.io/poke=1",
+        ])
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let writes = cluster
+        .writes_in(mark, Operator::USER_AGENT_PREFIX, ns)
+        .unwrap();
+    assert!(writes.is_empty(), "writes once settled: {writes:#?}");
+}
+
+/// Scenario 8: a spec the CRD lets through but a child's API refuses (memory requested above its
+/// limit) is `Degraded: ApplyRejected` with the API server's message, the other children are
+/// still applied, and a fixed spec then goes Ready.
+#[test]
+fn a_child_the_api_server_refuses_is_reported() {
+    let Some(cluster) = cluster() else { return };
+    let ns = cluster.namespace("op-refused");
+    let ns = ns.name();
+    let op = Operator::start_in(&cluster, "a", ns, false).unwrap();
+    let good = cpu_idep("refused", 1, &[]);
+    let bad = good.replace("limits: {memory: 1Gi}", "limits: {memory: 256Mi}");
+    assert_ne!(bad, good);
+    cluster.apply_yaml(&bad, ns).unwrap();
+    let target = "inferencedeployment/refused";
+    wait_until(CONVERGE, || {
+        let idep = get(&cluster, ns, target)?;
+        Ok(condition(&idep, "Degraded")
+            .is_some_and(|(s, reason, _)| s == "True" && reason == "ApplyRejected"))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}: {:#}\n{}",
+            get(&cluster, ns, target).unwrap_or_default()["status"],
+            op.log()
+        )
+    });
+    let idep = get(&cluster, ns, target).unwrap();
+    let (_, _, message) = condition(&idep, "Degraded").unwrap();
+    assert!(
+        message.contains("Deployment refused-cpu") && message.contains("memory"),
+        "{message}"
+    );
+    assert_eq!(
+        idep["status"]["observedGeneration"],
+        idep["metadata"]["generation"]
+    );
+    // The Deployment was refused; the Service after it was still applied.
+    let children = children_of(&cluster, ns, "refused").unwrap();
+    let of = |kind: &str| {
+        children
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map(|(_, n)| n.clone())
+            .unwrap_or_default()
+    };
+    assert!(of("deployments").is_empty(), "{children:?}");
+    assert_eq!(of("services"), set(&["refused"]), "{children:?}");
+
+    cluster.apply_yaml(&good, ns).unwrap();
+    wait_ready(&cluster, ns, "refused").unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
+    let idep = get(&cluster, ns, target).unwrap();
+    assert_eq!(condition(&idep, "Degraded").unwrap().0, "False");
+}

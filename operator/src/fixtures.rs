@@ -220,6 +220,7 @@ pub fn context(
         stores: caches.stores(capabilities),
         capabilities,
         failures: Mutex::new(HashMap::new()),
+        applied: Mutex::new(HashMap::new()),
     };
     (Arc::new(ctx), handle)
 }

@@ -4,8 +4,10 @@
 //! Reads come from the watch caches in [`Stores`] (no API calls); writes are server-side
 //! applies under [`FIELD_MANAGER`] with controller owner references (so deletion is garbage
 //! collection, with no finalizer), made only for children whose applied hash differs from the
-//! desired one; the status is applied only when it changed. A settled object therefore costs
-//! zero API requests per reconcile.
+//! desired one, or that someone else changed since (their generation moved past the one this
+//! operator's apply left: `kubectl scale` or an edit of a workload, which is then applied
+//! again); the status is applied only when it changed. A settled object therefore costs zero
+//! API requests per reconcile.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -53,6 +55,9 @@ pub struct Context {
     pub capabilities: Capabilities,
     /// Consecutive failures per object, for the error policy's backoff.
     pub failures: Mutex<HashMap<ObjectRef<InferenceDeployment>, u32>>,
+    /// Each child's generation right after this process last applied it, by `kind/ns/name`:
+    /// a cached child whose generation is past it was changed by someone else (drift).
+    pub applied: Mutex<HashMap<String, i64>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -171,30 +176,23 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
     let client = ctx.client.clone();
     let mut applied_variants = BTreeSet::new();
     let mut applied_any = false;
+    // Children the API server refused as invalid: problems for the status (see `refused`).
+    let mut rejected = Vec::new();
 
     if let Some((_, config_map)) = &desired.placement {
         let existing = stores.config_maps.get(&ObjectRef::from_obj(config_map));
-        applied_any |= apply_if_changed(
-            &client,
-            &namespace,
-            config_map,
-            existing.as_deref(),
-            &ctx.metrics,
-        )
-        .await?;
+        let result =
+            apply_if_changed(&client, &namespace, config_map, existing.as_deref(), ctx).await;
+        applied_any |= refused(result, "ConfigMap", &config_map.name_any(), &mut rejected)?;
     }
     for child in &desired.workloads {
         let changed = match &child.workload {
             Workload::Deployment(d) => {
                 let existing = stores.deployments.get(&ObjectRef::from_obj(d.as_ref()));
-                apply_if_changed(
-                    &client,
-                    &namespace,
-                    d.as_ref(),
-                    existing.as_deref(),
-                    &ctx.metrics,
-                )
-                .await?
+                let result =
+                    apply_if_changed(&client, &namespace, d.as_ref(), existing.as_deref(), ctx)
+                        .await;
+                refused(result, "Deployment", &d.name_any(), &mut rejected)?
             }
             Workload::LeaderWorkerSet(l) => {
                 let existing = stores.leader_worker_sets.as_ref().and_then(|s| {
@@ -205,8 +203,9 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
                 });
                 let api: Api<DynamicObject> =
                     Api::namespaced_with(client.clone(), &namespace, &children::lws_api_resource());
-                apply_dynamic_if_changed(&api, l.as_ref(), existing.as_deref(), &ctx.metrics)
-                    .await?
+                let result =
+                    apply_dynamic_if_changed(&api, l.as_ref(), existing.as_deref(), ctx).await;
+                refused(result, children::LWS_KIND, &l.name_any(), &mut rejected)?
             }
         };
         if changed {
@@ -215,23 +214,29 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
         }
     }
     let existing = stores.services.get(&ObjectRef::from_obj(&desired.service));
-    applied_any |= apply_if_changed(
+    let result = apply_if_changed(
         &client,
         &namespace,
         &desired.service,
         existing.as_deref(),
-        &ctx.metrics,
+        ctx,
     )
-    .await?;
+    .await;
+    applied_any |= refused(
+        result,
+        "Service",
+        &desired.service.name_any(),
+        &mut rejected,
+    )?;
     let existing = stores.pdbs.get(&ObjectRef::from_obj(&desired.pdb));
-    applied_any |= apply_if_changed(
-        &client,
-        &namespace,
-        &desired.pdb,
-        existing.as_deref(),
-        &ctx.metrics,
-    )
-    .await?;
+    let result =
+        apply_if_changed(&client, &namespace, &desired.pdb, existing.as_deref(), ctx).await;
+    applied_any |= refused(
+        result,
+        "PodDisruptionBudget",
+        &desired.pdb.name_any(),
+        &mut rejected,
+    )?;
 
     delete_stale(idep, &namespace, uid.as_deref(), &desired, ctx).await?;
 
@@ -239,14 +244,16 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
         p.namespace().as_deref() == Some(namespace.as_str())
             && p.labels().get(LABEL_DEPLOYMENT) == Some(&name)
     });
-    let pod_problems = status::pod_problems(pods.iter().map(|p| p.as_ref()));
+    let refusals = rejected.len();
+    let mut problems = rejected;
+    problems.extend(status::pod_problems(pods.iter().map(|p| p.as_ref())));
     let inputs = status::Inputs {
         idep,
         namespace: &namespace,
         decision: &decision,
         children: &desired,
         observed: &observed,
-        pod_problems: &pod_problems,
+        pod_problems: &problems,
         applied: &applied_variants,
     };
     let previous = idep.status.as_ref();
@@ -268,20 +275,74 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
         publish_transitions(idep, previous, &next, &decision, applied_any, ctx).await;
     }
 
-    Ok(if !desired.problems.is_empty() {
+    Ok(if !desired.problems.is_empty() || refusals > 0 {
         Action::requeue(UNREALISABLE_REQUEUE)
     } else {
         Action::requeue(RESYNC)
     })
 }
 
-/// Server-side applies `desired` unless the cached object already carries its hash.
+/// An apply's result, with a refusal as invalid (HTTP 400 or 422: a spec the CRD's schema lets
+/// through but the child's own API does not, such as resource requests above their limits)
+/// turned into a problem for the status: retrying cannot help, only a new spec can, so the
+/// reconcile goes on (the status says `Degraded`, reason `ApplyRejected`, with the API
+/// server's message) and looks again after [`UNREALISABLE_REQUEUE`]. Other errors stay errors.
+fn refused(
+    result: Result<bool>,
+    kind: &str,
+    name: &str,
+    problems: &mut Vec<children::Problem>,
+) -> Result<bool> {
+    match result {
+        Err(Error::Kube(kube::Error::Api(status))) if matches!(status.code, 400 | 422) => {
+            warn!(%kind, %name, message = %status.message, "the API server refused a child");
+            problems.push(children::Problem {
+                reason: "ApplyRejected",
+                message: format!("the API server refused {kind} {name}: {}", status.message),
+            });
+            Ok(false)
+        }
+        other => other,
+    }
+}
+
+/// Why a child is applied, or `None` when the cached object is as this operator left it: it
+/// carries the desired hash and its generation is not past the one recorded at this process's
+/// last apply of it (`key`). Objects with no generation, and those not applied since this
+/// process started, are taken as they are: a restart alone writes nothing.
+fn apply_reason(
+    ctx: &Context,
+    key: &str,
+    desired: &kube::api::ObjectMeta,
+    existing: Option<&kube::api::ObjectMeta>,
+) -> Option<&'static str> {
+    let Some(existing) = existing else {
+        return Some("created");
+    };
+    if children::applied_hash(existing) != children::applied_hash(desired) {
+        return Some("spec changed");
+    }
+    let ours = ctx.applied.lock().ok()?.get(key).copied();
+    match (existing.generation, ours) {
+        (Some(live), Some(ours)) if live > ours => Some("changed by someone else"),
+        _ => None,
+    }
+}
+
+/// Notes the generation an apply of `key` left (see [`Context::applied`]).
+fn record_apply(ctx: &Context, key: String, applied: &kube::api::ObjectMeta) {
+    if let (Some(generation), Ok(mut map)) = (applied.generation, ctx.applied.lock()) {
+        map.insert(key, generation);
+    }
+}
+
+/// Server-side applies `desired` when [`apply_reason`] gives a reason; whether it did.
 async fn apply_if_changed<K>(
     client: &Client,
     namespace: &str,
     desired: &K,
     existing: Option<&K>,
-    metrics: &Metrics,
+    ctx: &Context,
 ) -> Result<bool>
 where
     K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
@@ -290,19 +351,21 @@ where
         + DeserializeOwned
         + std::fmt::Debug,
 {
-    let want = children::applied_hash(desired.meta());
-    if existing.is_some_and(|e| children::applied_hash(e.meta()) == want) {
+    let key = format!("{}/{namespace}/{}", K::kind(&()), desired.name_any());
+    let Some(reason) = apply_reason(ctx, &key, desired.meta(), existing.map(|e| e.meta())) else {
         return Ok(false);
-    }
+    };
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    metrics.writes.inc();
-    api.patch(
-        &desired.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(desired),
-    )
-    .await?;
-    info!(kind = %K::kind(&()), name = %desired.name_any(), %namespace, "applied");
+    ctx.metrics.writes.inc();
+    let applied = api
+        .patch(
+            &desired.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(desired),
+        )
+        .await?;
+    record_apply(ctx, key, applied.meta());
+    info!(kind = %K::kind(&()), name = %desired.name_any(), %namespace, reason, "applied");
     fault_pause_after_apply().await;
     Ok(true)
 }
@@ -311,20 +374,28 @@ async fn apply_dynamic_if_changed(
     api: &Api<DynamicObject>,
     desired: &DynamicObject,
     existing: Option<&DynamicObject>,
-    metrics: &Metrics,
+    ctx: &Context,
 ) -> Result<bool> {
-    let want = children::applied_hash(&desired.metadata);
-    if existing.is_some_and(|e| children::applied_hash(&e.metadata) == want) {
+    let key = format!(
+        "{}/{}/{}",
+        children::LWS_KIND,
+        desired.namespace().unwrap_or_default(),
+        desired.name_any()
+    );
+    let Some(reason) = apply_reason(ctx, &key, &desired.metadata, existing.map(|e| &e.metadata))
+    else {
         return Ok(false);
-    }
-    metrics.writes.inc();
-    api.patch(
-        &desired.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(desired),
-    )
-    .await?;
-    info!(kind = children::LWS_KIND, name = %desired.name_any(), "applied");
+    };
+    ctx.metrics.writes.inc();
+    let applied = api
+        .patch(
+            &desired.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(desired),
+        )
+        .await?;
+    record_apply(ctx, key, &applied.metadata);
+    info!(kind = children::LWS_KIND, name = %desired.name_any(), reason, "applied");
     fault_pause_after_apply().await;
     Ok(true)
 }

@@ -378,6 +378,7 @@ async fn run_controller(
         stores,
         capabilities,
         failures: Mutex::new(HashMap::new()),
+        applied: Mutex::new(HashMap::new()),
     });
     let main_store = controller.store();
     let ready_flag = health.ready.clone();

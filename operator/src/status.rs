@@ -167,6 +167,8 @@ pub struct Inputs<'a> {
     pub children: &'a Children,
     /// By variant name.
     pub observed: &'a BTreeMap<String, WorkloadObservation>,
+    /// What this reconcile found wrong besides the spec: children the API server refused,
+    /// then pods that cannot start.
     pub pod_problems: &'a [Problem],
     /// Variants whose workload was (re)applied in this reconcile: not current until observed.
     pub applied: &'a BTreeSet<String>,

@@ -3940,10 +3940,9 @@ impl Backend for Cuda {
     /// expert has more) and the routed experts are all fp8 or all bf16, with one shape:
     /// `moe_route_f32` routes, `moe_expert_slots` lists the pairs in expert order (as the
     /// host's lists have them) and adds the counts to `load`, the rows are gathered, three
-    /// `fp8_grouped_tc` (or `bf16_grouped_tc`) launches run
-    /// every expert (those with no rows end at once) with SiLU-and-mul between them, and
-    /// `combine_rows` sums each row's weighted outputs: eight launches and no memset, nothing
-    /// copied either way (the experts' address
+    /// `fp8_grouped_tc` (or `bf16_grouped_tc`) launches run every expert (those with no rows
+    /// end at once) with SiLU-and-mul between them, and `combine_rows` sums each row's weighted
+    /// outputs: eight launches and no memset, nothing copied either way (the experts' address
     /// tables are copied once per layer and kept). The products and sums are those of the host
     /// routing's grouped path, so only the routing's own float32 roundings (the device's
     /// `expf`) can differ.

@@ -258,8 +258,15 @@ pub(super) fn pod_template(
             .into_iter()
             .filter_map(|(name, value)| value.map(|v| env(name, v))),
     );
-    // The user's variables come last, so they override ours.
-    env_vars.extend(engine.env.iter().cloned());
+    // The user's variables override ours of the same name, in place, and a name the user
+    // lists twice keeps its last value (the kubelet's rule): server-side apply refuses a
+    // container whose env names a variable twice, which would fail every reconcile.
+    for var in &engine.env {
+        match env_vars.iter_mut().find(|v| v.name == var.name) {
+            Some(ours) => *ours = var.clone(),
+            None => env_vars.push(var.clone()),
+        }
+    }
 
     let mut resources = engine.resources.clone().unwrap_or_default();
     if gpus > 0 {

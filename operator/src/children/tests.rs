@@ -359,11 +359,18 @@ fn user_settings_reach_the_engine() {
     idep.spec.engine.dtype = Some(WeightDtype::Bfloat16);
     idep.spec.engine.kv_cache_dtype = Some(KvCacheDtype::Float32);
     idep.spec.engine.args = vec!["--log-level".into(), "debug".into()];
-    idep.spec.engine.env = vec![k8s_openapi::api::core::v1::EnvVar {
-        name: "SPARSEMOE_ATTENTION".into(),
-        value: Some("dense".into()),
+    let var = |name: &str, value: &str| k8s_openapi::api::core::v1::EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
         ..Default::default()
-    }];
+    };
+    // One of ours overridden, and one of the user's own listed twice.
+    idep.spec.engine.env = vec![
+        var("SPARSEMOE_ATTENTION", "dense"),
+        var("SPARSEMOE_DTYPE", "float32"),
+        var("EXTRA", "1"),
+        var("EXTRA", "2"),
+    ];
     idep.spec.engine.image_pull_policy = Some(PullPolicy::Always);
     idep.spec.rollout.max_surge = IntOrString::Int(0);
     idep.spec.rollout.max_unavailable = IntOrString::String("25%".into());
@@ -372,7 +379,8 @@ fn user_settings_reach_the_engine() {
     let e = engine(d);
     assert_eq!(env_value(e, "SPARSEMOE_INDEX_TOPK"), Some("1024"));
     assert_eq!(env_value(e, "SPARSEMOE_NO_PREFIX_CACHING"), Some("true"));
-    assert_eq!(env_value(e, "SPARSEMOE_DTYPE"), Some("bfloat16"));
+    // The user's value wins over the spec's dtype.
+    assert_eq!(env_value(e, "SPARSEMOE_DTYPE"), Some("float32"));
     assert_eq!(env_value(e, "SPARSEMOE_KV_CACHE_DTYPE"), Some("float32"));
     assert_eq!(
         env_value(e, "SPARSEMOE_KV_CACHE_MEMORY_FRACTION"),
@@ -384,14 +392,14 @@ fn user_settings_reach_the_engine() {
             .unwrap()
             .ends_with(&["--log-level".to_string(), "debug".to_string()])
     );
-    // The user's variable comes after ours, so it wins.
-    let attention: Vec<_> = e
-        .env
-        .iter()
-        .flatten()
-        .filter(|v| v.name == "SPARSEMOE_ATTENTION")
-        .collect();
-    assert_eq!(attention.last().unwrap().value.as_deref(), Some("dense"));
+    // The user's variables win, and no name is listed twice (server-side apply refuses that).
+    assert_eq!(env_value(e, "SPARSEMOE_ATTENTION"), Some("dense"));
+    assert_eq!(env_value(e, "EXTRA"), Some("2"));
+    let mut names: Vec<&str> = e.env.iter().flatten().map(|v| v.name.as_str()).collect();
+    let listed = names.len();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), listed, "a variable listed twice");
     assert_eq!(e.image_pull_policy.as_deref(), Some("Always"));
     let rolling = d
         .spec
