@@ -742,6 +742,8 @@ fn stream_response(
                         "type": "server_error", "param": null, "code": null}}),
                     ))
                     .await;
+                // As vLLM ends a failed stream: clients wait for [DONE].
+                let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
                 return;
             };
             match run.apply(event, &mut generated) {
@@ -781,6 +783,7 @@ fn stream_response(
                         .send(sse(&json!({"error": {"message": message,
                             "type": "server_error", "param": null, "code": null}})))
                         .await;
+                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
                     return;
                 }
             }

@@ -947,3 +947,31 @@ async fn a_device_failure_mid_step_fails_health_instead_of_hanging() {
     assert_eq!(within("a new request")(refused).status, 503);
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_fails_sends_its_error_then_done() {
+    let backend = LosableCpu::default();
+    let lost = backend.lost.clone();
+    let model = Model::load(&fixture(), backend, ModelOptions::default()).unwrap();
+    let s = start_with(model, &[]).await;
+    lost.store(true, Ordering::SeqCst);
+    let request = json!({"prompt": "t5 t6 t7", "max_tokens": 3, "stream": true});
+    let r = tokio::time::timeout(Duration::from_secs(10), s.post("/v1/completions", request))
+        .await
+        .expect("an answer in 10 s");
+    assert_eq!(r.status, 200, "a stream's status is sent before it fails");
+    let events = r.events();
+    let error: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("the device was lost")),
+        "{events:?}"
+    );
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    s.shutdown().await;
+}
