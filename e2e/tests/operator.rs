@@ -1038,3 +1038,55 @@ fn a_child_the_api_server_refuses_is_reported() {
     let idep = get(&cluster, ns, target).unwrap();
     assert_eq!(condition(&idep, "Degraded").unwrap().0, "False");
 }
+
+/// Scenario 9: a child's name already taken by someone else's object (a user's Service named
+/// like the InferenceDeployment) is `Degraded: NameConflict`, and that object is left as it was
+/// (not taken over, so not garbage-collected with the InferenceDeployment); the other children
+/// are made all the same.
+#[test]
+fn a_taken_child_name_is_a_conflict_not_a_takeover() {
+    let Some(cluster) = cluster() else { return };
+    let ns = cluster.namespace("op-taken");
+    let ns = ns.name();
+    let op = Operator::start_in(&cluster, "a", ns, false).unwrap();
+    let users = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: taken
+spec:
+  selector: {app: theirs}
+  ports:
+    - {name: web, port: 9999}
+"#;
+    cluster.apply_yaml(users, ns).unwrap();
+    cluster.apply_yaml(&cpu_idep("taken", 1, &[]), ns).unwrap();
+    let target = "inferencedeployment/taken";
+    wait_until(CONVERGE, || {
+        let idep = get(&cluster, ns, target)?;
+        Ok(condition(&idep, "Degraded")
+            .is_some_and(|(s, reason, _)| s == "True" && reason == "NameConflict"))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}: {:#}\n{}",
+            get(&cluster, ns, target).unwrap_or_default()["status"],
+            op.log()
+        )
+    });
+    let (_, _, message) = condition(&get(&cluster, ns, target).unwrap(), "Degraded").unwrap();
+    assert!(message.contains("Service taken"), "{message}");
+    let service = get(&cluster, ns, "service/taken").unwrap();
+    assert_eq!(
+        service["spec"]["selector"],
+        serde_json::json!({"app": "theirs"})
+    );
+    assert!(
+        service["metadata"]["ownerReferences"].is_null(),
+        "taken over: {service:#}"
+    );
+    // The Deployment was made regardless.
+    wait_until(CONVERGE, || {
+        Ok(get(&cluster, ns, "deployment/taken-cpu").is_ok_and(|d| d["spec"]["replicas"] == 1))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
+}

@@ -283,9 +283,10 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
 }
 
 /// An apply's result, with a refusal as invalid (HTTP 400 or 422: a spec the CRD's schema lets
-/// through but the child's own API does not, such as resource requests above their limits)
-/// turned into a problem for the status: retrying cannot help, only a new spec can, so the
-/// reconcile goes on (the status says `Degraded`, reason `ApplyRejected`, with the API
+/// through but the child's own API does not, such as resource requests above their limits) or a
+/// conflict over a new child's name (409: see [`apply_params`]) turned into a problem for the
+/// status: retrying cannot help, only a new spec (or the other object gone) can, so the reconcile
+/// goes on (the status says `Degraded`, reason `ApplyRejected` or `NameConflict`, with the API
 /// server's message) and looks again after [`UNREALISABLE_REQUEUE`]. Other errors stay errors.
 fn refused(
     result: Result<bool>,
@@ -299,6 +300,19 @@ fn refused(
             problems.push(children::Problem {
                 reason: "ApplyRejected",
                 message: format!("the API server refused {kind} {name}: {}", status.message),
+            });
+            Ok(false)
+        }
+        // Only an apply that is not forced meets a conflict: a new child whose name is taken.
+        Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => {
+            warn!(%kind, %name, message = %status.message, "a child's name is taken");
+            problems.push(children::Problem {
+                reason: "NameConflict",
+                message: format!(
+                    "{kind} {name} exists and is not this InferenceDeployment's (the API \
+                     server: {}); delete or rename it, or rename this object or variant",
+                    status.message
+                ),
             });
             Ok(false)
         }
@@ -327,6 +341,16 @@ fn apply_reason(
         (Some(live), Some(ours)) if live > ours => Some("changed by someone else"),
         _ => None,
     }
+}
+
+/// Server-side apply under [`FIELD_MANAGER`]: forced over a child the caches hold (ours, by its
+/// labels: the force takes back fields someone else changed), not forced where they hold none,
+/// so that an object of that name made by someone else (a user's Service, another
+/// InferenceDeployment's Deployment whose name collides) is a conflict (409, `NameConflict` in
+/// the status; see [`refused`]) rather than taken over.
+fn apply_params(ours: bool) -> PatchParams {
+    let params = PatchParams::apply(FIELD_MANAGER);
+    if ours { params.force() } else { params }
 }
 
 /// Notes the generation an apply of `key` left (see [`Context::applied`]).
@@ -360,7 +384,7 @@ where
     let applied = api
         .patch(
             &desired.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
+            &apply_params(existing.is_some()),
             &Patch::Apply(desired),
         )
         .await?;
@@ -390,7 +414,7 @@ async fn apply_dynamic_if_changed(
     let applied = api
         .patch(
             &desired.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
+            &apply_params(existing.is_some()),
             &Patch::Apply(desired),
         )
         .await?;

@@ -66,13 +66,16 @@ async fn create_applies_every_child_then_status_then_one_event() {
     drop(ctx);
     let seen = finish(verifier).await;
 
-    for s in &seen[..5] {
+    // New children are applied without force (a name someone else holds is a conflict, not a
+    // takeover); the status is forced.
+    for s in &seen[..4] {
         assert!(
-            s.query.contains("fieldManager=sparsemoe-operator") && s.query.contains("force=true"),
+            s.query.contains("fieldManager=sparsemoe-operator") && !s.query.contains("force=true"),
             "{}",
             s.query
         );
     }
+    assert!(seen[4].query.contains("force=true"), "{}", seen[4].query);
     let deployment = &seen[1].body;
     assert_eq!(
         deployment["metadata"]["ownerReferences"][0]["uid"],
@@ -264,7 +267,7 @@ async fn deleted_object_makes_no_calls_and_removed_variant_is_deleted() {
 }
 
 #[tokio::test]
-async fn conflict_fails_the_reconcile_backs_off_and_the_retry_converges() {
+async fn a_failed_apply_backs_off_and_the_retry_converges() {
     let caches = Caches::default();
     let (ctx, handle) = context(&caches, Capabilities::default());
     let idep = gpu_idep();
@@ -275,20 +278,19 @@ async fn conflict_fails_the_reconcile_backs_off_and_the_retry_converges() {
             expect(
                 Method::PATCH,
                 format!("{DEPLOYMENTS}/llm-h200"),
-                Reply::Fail(409, "Conflict"),
+                Reply::Fail(500, "InternalError"),
             ),
         ],
     );
-    let error = run(idep.clone(), ctx.clone()).await.expect_err("conflict");
-    assert_eq!(error.metric_label(), "conflict");
+    let error = run(idep.clone(), ctx.clone())
+        .await
+        .expect_err("a server error");
+    assert_eq!(error.metric_label(), "api");
     let first = error_policy(Arc::new(idep.clone()), &error, ctx.clone());
     let second = error_policy(Arc::new(idep.clone()), &error, ctx.clone());
     assert_eq!(first, Action::requeue(Duration::from_secs(5)));
     assert_eq!(second, Action::requeue(Duration::from_secs(10)));
-    assert_eq!(
-        ctx.metrics.failures.with_label_values(&["conflict"]).get(),
-        2
-    );
+    assert_eq!(ctx.metrics.failures.with_label_values(&["api"]).get(), 2);
     drop(ctx);
     finish(verifier).await;
 
@@ -331,6 +333,52 @@ async fn conflict_fails_the_reconcile_backs_off_and_the_retry_converges() {
     drop(ctx);
     finish(verifier).await;
     assert_eq!(backoff(100), BACKOFF_MAX);
+}
+
+/// A new child whose name someone else's object holds: the unforced apply meets a conflict,
+/// which is `Degraded: NameConflict`, not an error to retry; the other children are applied.
+#[tokio::test]
+async fn a_new_childs_taken_name_is_degraded_not_an_error() {
+    let caches = Caches::default();
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let idep = gpu_idep();
+    let verifier = verify(
+        handle,
+        vec![
+            patch(format!("{CONFIG_MAPS}/llm-placement")),
+            expect(
+                Method::PATCH,
+                format!("{DEPLOYMENTS}/llm-h200"),
+                Reply::Fail(409, "Conflict"),
+            ),
+            patch(format!("{SERVICES}/llm")),
+            patch(format!("{PDBS}/llm")),
+            expect(
+                Method::PATCH,
+                format!("{IDEPS}/llm/status"),
+                status_reply(&idep),
+            ),
+            expect(Method::POST, EVENTS, Reply::Echo),
+            expect(Method::POST, EVENTS, Reply::Echo),
+        ],
+    );
+    let action = run(idep, ctx.clone())
+        .await
+        .expect("a taken name is not an error");
+    assert_eq!(action, Action::requeue(UNREALISABLE_REQUEUE));
+    assert!(ctx.failures.lock().unwrap().is_empty());
+    drop(ctx);
+    let seen = finish(verifier).await;
+    let degraded = condition(&seen[4].body, "Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "NameConflict");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("Deployment llm-h200 exists and is not this InferenceDeployment's"),
+        "{degraded}"
+    );
 }
 
 #[tokio::test]
