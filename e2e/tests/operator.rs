@@ -985,6 +985,24 @@ fn a_child_changed_by_hand_is_put_back() {
     assert!(writes.is_empty(), "writes once settled: {writes:#?}");
 }
 
+/// Waits until `target` is `Degraded=True` with `reason`; its message.
+fn wait_degraded(cluster: &Cluster, ns: &str, target: &str, reason: &str, op: &Operator) -> String {
+    wait_until(CONVERGE, || {
+        let idep = get(cluster, ns, target)?;
+        Ok(condition(&idep, "Degraded").is_some_and(|(s, r, _)| s == "True" && r == reason))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}: {:#}\n{}",
+            get(cluster, ns, target).unwrap_or_default()["status"],
+            op.log()
+        )
+    });
+    condition(&get(cluster, ns, target).unwrap(), "Degraded")
+        .unwrap()
+        .2
+}
+
 /// Scenario 8: a spec the CRD lets through but a child's API refuses (memory requested above its
 /// limit) is `Degraded: ApplyRejected` with the API server's message, the other children are
 /// still applied, and a fixed spec then goes Ready.
@@ -999,20 +1017,8 @@ fn a_child_the_api_server_refuses_is_reported() {
     assert_ne!(bad, good);
     cluster.apply_yaml(&bad, ns).unwrap();
     let target = "inferencedeployment/refused";
-    wait_until(CONVERGE, || {
-        let idep = get(&cluster, ns, target)?;
-        Ok(condition(&idep, "Degraded")
-            .is_some_and(|(s, reason, _)| s == "True" && reason == "ApplyRejected"))
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e:#}: {:#}\n{}",
-            get(&cluster, ns, target).unwrap_or_default()["status"],
-            op.log()
-        )
-    });
+    let message = wait_degraded(&cluster, ns, target, "ApplyRejected", &op);
     let idep = get(&cluster, ns, target).unwrap();
-    let (_, _, message) = condition(&idep, "Degraded").unwrap();
     assert!(
         message.contains("Deployment refused-cpu") && message.contains("memory"),
         "{message}"
@@ -1061,19 +1067,7 @@ spec:
     cluster.apply_yaml(users, ns).unwrap();
     cluster.apply_yaml(&cpu_idep("taken", 1, &[]), ns).unwrap();
     let target = "inferencedeployment/taken";
-    wait_until(CONVERGE, || {
-        let idep = get(&cluster, ns, target)?;
-        Ok(condition(&idep, "Degraded")
-            .is_some_and(|(s, reason, _)| s == "True" && reason == "NameConflict"))
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e:#}: {:#}\n{}",
-            get(&cluster, ns, target).unwrap_or_default()["status"],
-            op.log()
-        )
-    });
-    let (_, _, message) = condition(&get(&cluster, ns, target).unwrap(), "Degraded").unwrap();
+    let message = wait_degraded(&cluster, ns, target, "NameConflict", &op);
     assert!(message.contains("Service taken"), "{message}");
     let service = get(&cluster, ns, "service/taken").unwrap();
     assert_eq!(

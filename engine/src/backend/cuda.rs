@@ -4033,32 +4033,15 @@ impl Backend for Cuda {
         // SAFETY: logits is [n, e], bias e values, ids and weights [n, k]; e, k and the
         // groups are within the kernel's limits (checked above).
         ok(unsafe { b.launch(config) }, "moe_route_f32");
-        let (ids, weights) = (ids.slice(..), weights.slice(..));
-        let (mut slot_rows, mut rest) = lists.split_at_mut(of_at - slots_at);
-        let (mut slot_of, mut rest) = rest.split_at_mut(groups_at - of_at);
-        let (mut group_offsets, mut row_offsets) = rest.split_at_mut(rows_at - groups_at);
-        let mut load_row = load.buf.slice_mut(layer * e..(layer + 1) * e);
-        let mut b = self.stream.launch_builder(&self.k.moe_expert_slots);
-        b.arg(&mut group_offsets)
-            .arg(&mut row_offsets)
-            .arg(&mut slot_rows)
-            .arg(&mut slot_weights)
-            .arg(&mut slot_of)
-            .arg(&mut load_row)
-            .arg(&ids)
-            .arg(&weights)
-            .arg(&ni)
-            .arg(&ki)
-            .arg(&ei);
-        let config = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (launch::ROUTE_SLOT_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the lists have the lengths above, load_row e values, and every id the
-        // routing wrote is below e.
-        ok(unsafe { b.launch(config) }, "moe_expert_slots");
         drop(b);
+        let mut load_row = load.buf.slice_mut(layer * e..(layer + 1) * e);
+        self.expert_slots(
+            &mut lists,
+            &mut slot_weights,
+            Some(&mut load_row),
+            (&ids.slice(..), &weights.slice(..)),
+            (n, k, e),
+        );
         let out = match run {
             Run::Here((table, inter, fp8)) => {
                 let slot_rows = ints.slice(slots_at..of_at);
@@ -4202,6 +4185,46 @@ struct Routed<'a> {
 }
 
 impl Cuda {
+    /// `moe_expert_slots` over `ids` (`[tokens, top_k]`, each below `experts`, or negative to
+    /// take no slot) and their `weights`: `lists` = slot_rows [p] | slot_of [p] |
+    /// group_offsets [experts + 1] | row_offsets [tokens + 1] and `slot_weights` [p]
+    /// (p = tokens · top_k) written whole, and each expert's pairs added to `load` (`experts`
+    /// values) where given.
+    fn expert_slots(
+        &self,
+        lists: &mut CudaViewMut<'_, i32>,
+        slot_weights: &mut CudaViewMut<'_, f32>,
+        load: Option<&mut CudaViewMut<'_, f32>>,
+        (ids, weights): (&CudaView<'_, i32>, &CudaView<'_, f32>),
+        (tokens, top_k, experts): (usize, usize, usize),
+    ) {
+        let p = tokens * top_k;
+        let (mut slot_rows, mut rest) = lists.split_at_mut(p);
+        let (mut slot_of, mut rest) = rest.split_at_mut(p);
+        let (mut group_offsets, mut row_offsets) = rest.split_at_mut(experts + 1);
+        let (ti, ki, ei) = (tokens as i32, top_k as i32, experts as i32);
+        let no_load: u64 = 0;
+        let mut b = self.stream.launch_builder(&self.k.moe_expert_slots);
+        b.arg(&mut group_offsets)
+            .arg(&mut row_offsets)
+            .arg(&mut slot_rows)
+            .arg(slot_weights)
+            .arg(&mut slot_of);
+        match load {
+            Some(load) => b.arg(load),
+            None => b.arg(&no_load),
+        };
+        b.arg(ids).arg(weights).arg(&ti).arg(&ki).arg(&ei);
+        let config = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (launch::ROUTE_SLOT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the callers' lists have the lengths above, `load` holds `experts` values or
+        // is null, and every id is below `experts` or negative (no slot).
+        ok(unsafe { b.launch(config) }, "moe_expert_slots");
+    }
+
     /// Each expert shard's [`ShardTable`] for decoder layer `layer` (shards that hold none of
     /// its experts have nothing to do and none), copied once and kept by the shard's lane;
     /// `None`, having launched nothing, when `shards` does not fit this backend's lanes and
@@ -4337,7 +4360,7 @@ impl Cuda {
         // the order a little-endian device reads them in.
         let dispatch = unsafe { dispatch.transmute::<i32>(3 * e) }
             .expect("a shard's table holds its dispatch values");
-        let (pi, ei, esi, ni, ki) = (p as i32, e as i32, es as i32, n as i32, k as i32);
+        let (pi, ei) = (p as i32, e as i32);
         let (mut local_ids, mut rest) = ints.split_at_mut(slots_at);
         let (ids, slot_of_all, groups_all) = (
             lists.slice(..p),
@@ -4356,33 +4379,14 @@ impl Cuda {
         // and the dispatch table has 3·e values.
         ok(unsafe { b.launch(Self::flat_config(p)) }, "moe_shard_pairs");
         drop(b);
-        let local_ids = local_ids.slice(..);
-        let (mut slot_rows, mut rest) = rest.split_at_mut(of_at - slots_at);
-        let (mut slot_of, mut rest) = rest.split_at_mut(groups_at - of_at);
-        let (mut group_offsets, mut row_offsets) = rest.split_at_mut(rows_at - groups_at);
         // No load: the main lane counted the layer's pairs.
-        let no_load: u64 = 0;
-        let mut b = self.stream.launch_builder(&self.k.moe_expert_slots);
-        b.arg(&mut group_offsets)
-            .arg(&mut row_offsets)
-            .arg(&mut slot_rows)
-            .arg(&mut slot_weights)
-            .arg(&mut slot_of)
-            .arg(&no_load)
-            .arg(&local_ids)
-            .arg(&weights)
-            .arg(&ni)
-            .arg(&ki)
-            .arg(&esi);
-        let config = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (launch::ROUTE_SLOT_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the lists have the lengths above; the local ids are below es or -1 (no
-        // slot), and `load` may be null.
-        ok(unsafe { b.launch(config) }, "moe_expert_slots");
-        drop(b);
+        self.expert_slots(
+            &mut rest,
+            &mut slot_weights.slice_mut(..),
+            None,
+            (&local_ids.slice(..), &weights.slice(..)),
+            (n, k, es),
+        );
 
         let xp = self.gather_indexed(&x_here.buf, hidden, &ints.slice(slots_at..of_at));
         let tables = GroupedTables {
