@@ -111,6 +111,30 @@ impl WorkloadObservation {
     }
 }
 
+/// Restarts after which a container that is running again but not yet ready, and last ended in
+/// failure, counts as crash-looping: between two back-offs it runs (loading the model, for
+/// minutes) and is not `waiting`, which alone would flip `Degraded` back and forth each cycle.
+const CRASH_LOOP_RESTARTS: i32 = 2;
+
+/// Whether a container crash-loops: waiting in `CrashLoopBackOff`, or running again, not ready,
+/// after [`CRASH_LOOP_RESTARTS`] or more restarts, the last one a failure.
+fn crash_looping(cs: &k8s_openapi::api::core::v1::ContainerStatus) -> bool {
+    let state = cs.state.as_ref();
+    let backing_off = state
+        .and_then(|s| s.waiting.as_ref())
+        .is_some_and(|w| w.reason.as_deref() == Some("CrashLoopBackOff"));
+    let failed_last = cs
+        .last_state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .is_some_and(|t| t.exit_code != 0);
+    let running_again = state.is_some_and(|s| s.running.is_some())
+        && !cs.ready
+        && cs.restart_count >= CRASH_LOOP_RESTARTS
+        && failed_last;
+    backing_off || running_again
+}
+
 /// Pods that cannot start, as problems (image pulls, crash loops), at most one per reason.
 pub fn pod_problems<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Problem> {
     let mut found: BTreeMap<&'static str, (usize, String)> = BTreeMap::new();
@@ -122,12 +146,10 @@ pub fn pod_problems<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Problem>
                 .chain(s.init_container_statuses.iter().flatten())
         });
         for cs in statuses {
-            let Some(waiting) = cs.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
-                continue;
-            };
-            let reason = match waiting.reason.as_deref() {
+            let waiting = cs.state.as_ref().and_then(|s| s.waiting.as_ref());
+            let reason = match waiting.and_then(|w| w.reason.as_deref()) {
+                _ if crash_looping(cs) => "EngineCrashLooping",
                 Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName") => "ImagePullFailed",
-                Some("CrashLoopBackOff") => "EngineCrashLooping",
                 Some("CreateContainerConfigError") => "ContainerConfigError",
                 _ => continue,
             };

@@ -3,7 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateWaiting, ContainerStatus, PodStatus,
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+    ContainerStatus, PodStatus,
 };
 use kube::Resource;
 
@@ -243,4 +244,61 @@ fn metric_policies_say_the_autoscaler_is_not_wired() {
     let c = case(gpu_idep());
     let s = status_of(&c, &observe(&c, |_| {}), None, 1);
     assert_eq!(cond(&s, SCALING_ACTIVE).reason, "FixedReplicas");
+}
+
+/// A crash loop stays a crash loop between back-offs: a container running again (loading the
+/// model) but not ready, after restarts that ended in failure, is `EngineCrashLooping` as it is
+/// while waiting in `CrashLoopBackOff`; a first start, a ready container, or restarts that
+/// ended cleanly are not.
+#[test]
+fn a_crash_loop_between_back_offs_is_still_one() {
+    let pod = |name: &str, running: bool, ready: bool, restarts: i32, last_exit: Option<i32>| Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        status: Some(PodStatus {
+            container_statuses: Some(vec![ContainerStatus {
+                name: "engine".into(),
+                image: "engine:1".into(),
+                ready,
+                restart_count: restarts,
+                state: Some(if running {
+                    ContainerState {
+                        running: Some(ContainerStateRunning::default()),
+                        ..Default::default()
+                    }
+                } else {
+                    ContainerState {
+                        waiting: Some(ContainerStateWaiting {
+                            reason: Some("CrashLoopBackOff".into()),
+                            message: None,
+                        }),
+                        ..Default::default()
+                    }
+                }),
+                last_state: last_exit.map(|code| ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: code,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let looping = |p: &Pod| {
+        pod_problems([p])
+            .iter()
+            .any(|p| p.reason == "EngineCrashLooping")
+    };
+    assert!(looping(&pod("backing-off", false, false, 3, Some(1))));
+    assert!(looping(&pod("running-again", true, false, 3, Some(1))));
+    assert!(!looping(&pod("first-start", true, false, 0, None)));
+    assert!(!looping(&pod("one-restart", true, false, 1, Some(1))));
+    assert!(!looping(&pod("recovered", true, true, 3, Some(1))));
+    assert!(!looping(&pod("clean-exits", true, false, 3, Some(0))));
 }
