@@ -375,51 +375,48 @@ where
         + DeserializeOwned
         + std::fmt::Debug,
 {
-    let key = format!("{}/{namespace}/{}", K::kind(&()), desired.name_any());
-    let Some(reason) = apply_reason(ctx, &key, desired.meta(), existing.map(|e| e.meta())) else {
-        return Ok(false);
-    };
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    ctx.metrics.writes.inc();
-    let applied = api
-        .patch(
-            &desired.name_any(),
-            &apply_params(existing.is_some()),
-            &Patch::Apply(desired),
-        )
-        .await?;
-    record_apply(ctx, key, applied.meta());
-    info!(kind = %K::kind(&()), name = %desired.name_any(), %namespace, reason, "applied");
-    fault_pause_after_apply().await;
-    Ok(true)
+    apply_with(&api, &K::kind(&()), namespace, desired, existing, ctx).await
 }
 
+/// [`apply_if_changed`] for a LeaderWorkerSet (a dynamic object).
 async fn apply_dynamic_if_changed(
     api: &Api<DynamicObject>,
     desired: &DynamicObject,
     existing: Option<&DynamicObject>,
     ctx: &Context,
 ) -> Result<bool> {
-    let key = format!(
-        "{}/{}/{}",
-        children::LWS_KIND,
-        desired.namespace().unwrap_or_default(),
-        desired.name_any()
-    );
-    let Some(reason) = apply_reason(ctx, &key, &desired.metadata, existing.map(|e| &e.metadata))
-    else {
+    let namespace = desired.namespace().unwrap_or_default();
+    apply_with(api, children::LWS_KIND, &namespace, desired, existing, ctx).await
+}
+
+/// The apply itself, through `api`, for both.
+async fn apply_with<K>(
+    api: &Api<K>,
+    kind: &str,
+    namespace: &str,
+    desired: &K,
+    existing: Option<&K>,
+    ctx: &Context,
+) -> Result<bool>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let name = desired.name_any();
+    let key = format!("{kind}/{namespace}/{name}");
+    let Some(reason) = apply_reason(ctx, &key, desired.meta(), existing.map(|e| e.meta())) else {
         return Ok(false);
     };
     ctx.metrics.writes.inc();
     let applied = api
         .patch(
-            &desired.name_any(),
+            &name,
             &apply_params(existing.is_some()),
             &Patch::Apply(desired),
         )
         .await?;
-    record_apply(ctx, key, &applied.metadata);
-    info!(kind = children::LWS_KIND, name = %desired.name_any(), reason, "applied");
+    record_apply(ctx, key, applied.meta());
+    info!(%kind, %name, %namespace, reason, "applied");
     fault_pause_after_apply().await;
     Ok(true)
 }
