@@ -17,8 +17,6 @@
 //! Each variant runs `--reps` times, alternating, and the medians are reported with their
 //! ratio. Host time only: no device is involved (the device side is `kernels/gpu-check.sh`'s).
 
-use std::time::Instant;
-
 use clap::Parser;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -27,7 +25,7 @@ use sparsemoe_engine::kv_cache::PagedRows;
 
 #[path = "support.rs"]
 mod support;
-use support::{machine, median};
+use support::{machine, race};
 
 #[derive(Parser)]
 struct Args {
@@ -44,26 +42,6 @@ struct Args {
     /// Markdown table to write (printed either way).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
-}
-
-/// Milliseconds each run of `before` and `after` took, alternating.
-fn race(
-    reps: usize,
-    mut before: impl FnMut() -> u64,
-    mut after: impl FnMut() -> u64,
-) -> (f64, f64) {
-    let (mut b, mut a) = (Vec::new(), Vec::new());
-    let mut sink = 0u64;
-    for _ in 0..reps {
-        let t = Instant::now();
-        sink = sink.wrapping_add(before());
-        b.push(t.elapsed().as_secs_f64() * 1e3);
-        let t = Instant::now();
-        sink = sink.wrapping_add(after());
-        a.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    std::hint::black_box(sink);
-    (median(b), median(a))
 }
 
 fn main() -> anyhow::Result<()> {

@@ -1,4 +1,6 @@
-//! What the host-side benchmark examples share: medians and the machine's description.
+//! What the host-side benchmark examples share: medians, races and the machine's description.
+
+use std::time::Instant;
 
 /// The median of `v` (the upper one for an even count).
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -19,4 +21,26 @@ pub fn machine() -> (String, usize) {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     (model, cpus)
+}
+
+/// The median milliseconds a run of `before` and a run of `after` took, run alternately `reps`
+/// times (what each returns is kept from the optimiser).
+#[allow(dead_code)] // not every example races two variants
+pub fn race(
+    reps: usize,
+    mut before: impl FnMut() -> u64,
+    mut after: impl FnMut() -> u64,
+) -> (f64, f64) {
+    let (mut b, mut a) = (Vec::new(), Vec::new());
+    let mut sink = 0u64;
+    for _ in 0..reps {
+        let t = Instant::now();
+        sink = sink.wrapping_add(before());
+        b.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        sink = sink.wrapping_add(after());
+        a.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    std::hint::black_box(sink);
+    (median(b), median(a))
 }

@@ -223,6 +223,10 @@ pub struct Validated {
     pub prompt: PromptInput,
     /// `None`: as many as the context allows (chat) — completions default to 16 like OpenAI.
     pub max_tokens: Option<usize>,
+    /// The parameter `max_tokens` came from (`max_tokens` or `max_completion_tokens`), `None`
+    /// for a default: a limit the client asked for must fit the context, a default is cut to
+    /// it.
+    pub max_tokens_param: Option<&'static str>,
     pub params: SamplingParams,
     pub stop: Vec<String>,
     /// `Some(n)`: return logprobs with `n` alternatives.
@@ -389,13 +393,14 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
             format!("only n=1 is supported, got {n}"),
         ));
     }
-    let max_tokens = match (
+    let (max_tokens, max_tokens_param) = match (
         positive(body.max_completion_tokens, "max_completion_tokens")?,
         positive(body.max_tokens, "max_tokens")?,
     ) {
-        (Some(m), _) | (None, Some(m)) => Some(m),
-        (None, None) if endpoint == Endpoint::Completions => Some(16),
-        (None, None) => None,
+        (Some(m), _) => (Some(m), Some("max_completion_tokens")),
+        (None, Some(m)) => (Some(m), Some("max_tokens")),
+        (None, None) if endpoint == Endpoint::Completions => (Some(16), None),
+        (None, None) => (None, None),
     };
     if let Some((param, why)) = unsupported(body) {
         return Err(ApiError::invalid(Some(param), why));
@@ -538,6 +543,7 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
     Ok(Validated {
         prompt,
         max_tokens,
+        max_tokens_param,
         params: SamplingParams {
             temperature: temperature as f32,
             top_p: top_p as f32,
@@ -559,12 +565,11 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
     })
 }
 
-/// Turns generated tokens into text deltas, holding back text that could still become a stop
-/// string (or an incomplete UTF-8 character), and cutting the output at the first stop string.
+/// Turns generated text, a token's piece at a time, into the deltas to send: holds back text
+/// that could still become a stop string, and cuts the output at the first stop string.
 #[derive(Debug, Default)]
 pub struct TextStream {
     stops: Vec<String>,
-    ids: Vec<u32>,
     text: String,
     sent: usize,
     stopped: bool,
@@ -578,18 +583,13 @@ impl TextStream {
         }
     }
 
-    /// Adds a token; `decode` turns all tokens so far into text. Returns the text now safe to
-    /// send and whether a stop string ended the output.
-    pub fn push(&mut self, id: u32, decode: impl Fn(&[u32]) -> String) -> (String, bool) {
+    /// Adds the text one more token gave (whole characters: `Tokenizer::decode_next`).
+    /// Returns the text now safe to send and whether a stop string ended the output.
+    pub fn push(&mut self, piece: &str) -> (String, bool) {
         if self.stopped {
             return (String::new(), true);
         }
-        self.ids.push(id);
-        let text = decode(&self.ids);
-        if text.ends_with('\u{FFFD}') {
-            return (String::new(), false); // wait for the rest of the character
-        }
-        self.text = text;
+        self.text.push_str(piece);
         let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
         // A stop string may straddle what was sent and what is new.
         let mut search_from = self.sent.saturating_sub(longest);
@@ -840,21 +840,27 @@ mod tests {
         }
     }
 
-    fn decode(ids: &[u32]) -> String {
-        ids.iter().map(|&i| char::from(b'a' + i as u8)).collect()
-    }
-
     #[test]
     fn stop_strings_cut_the_output_and_are_held_back() {
         let mut s = TextStream::new(vec!["cd".into()]);
         // The last char is held: it may start the stop string.
-        assert_eq!(s.push(0, decode), ("".into(), false));
-        assert_eq!(s.push(1, decode), ("a".into(), false));
-        assert_eq!(s.push(2, decode), ("b".into(), false));
-        assert_eq!(s.push(3, decode), ("".into(), true));
+        assert_eq!(s.push("a"), ("".into(), false));
+        assert_eq!(s.push("b"), ("a".into(), false));
+        assert_eq!(s.push("c"), ("b".into(), false));
+        assert_eq!(s.push("d"), ("".into(), true));
         assert_eq!(s.text(), "ab");
+        assert_eq!(s.push("e"), ("".into(), true));
         let mut s = TextStream::new(vec![]);
-        assert_eq!(s.push(4, decode), ("e".into(), false));
+        assert_eq!(s.push("e"), ("e".into(), false));
         assert_eq!(s.flush(), "");
+        // A stop string inside one piece, and one over two pieces and a multi-byte character.
+        let mut s = TextStream::new(vec!["ü!".into(), "xyz".into()]);
+        assert_eq!(s.push("wxy"), ("w".into(), false));
+        assert_eq!(s.push("zq"), ("".into(), true));
+        assert_eq!(s.text(), "w");
+        let mut s = TextStream::new(vec!["ü!".into()]);
+        assert_eq!(s.push("aü"), ("a".into(), false));
+        assert_eq!(s.push("!b"), ("".into(), true));
+        assert_eq!(s.text(), "a");
     }
 }

@@ -77,7 +77,11 @@ pub enum Event {
     Finished {
         reason: FinishReason,
         prompt_tokens: usize,
+        /// Tokens generated, the stop token that ended the output among them.
         completion_tokens: usize,
+        /// The stop token's log-probability, when it ended the output and they were asked for
+        /// (its text is never sent).
+        stop_logprob: Option<TokenLogprob>,
     },
     Error(String),
 }
@@ -564,7 +568,13 @@ impl<B: Backend> Engine<B> {
                 &[]
             };
             let token = seq.sampler.sample(&row, suppress);
-            let finish = if seq.stop_tokens.contains(&token) {
+            // A stop token is generated (and counted, as OpenAI and vLLM count it) but neither
+            // sent nor kept in the sequence.
+            let stop_token = seq.stop_tokens.contains(&token);
+            let mut stop_logprob = None;
+            let finish = if stop_token {
+                self.metrics.generation_tokens.inc();
+                stop_logprob = seq.logprobs.map(|top| logprobs(&row, token, top));
                 Some(FinishReason::Stop)
             } else {
                 let logprob = seq.logprobs.map(|top| logprobs(&row, token, top));
@@ -588,7 +598,8 @@ impl<B: Backend> Engine<B> {
                 let _ = seq.events.send(Event::Finished {
                     reason,
                     prompt_tokens: seq.prompt_len,
-                    completion_tokens: seq.generated(),
+                    completion_tokens: seq.generated() + usize::from(stop_token),
+                    stop_logprob,
                 });
                 self.metrics
                     .e2e_latency

@@ -25,7 +25,7 @@ use crate::generate::FinishReason;
 use crate::metrics::Metrics;
 use crate::sampling::TokenLogprob;
 use crate::scheduler::{EngineHandle, Event, GenerationRequest, SubmitError};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{DecodeState, Tokenizer};
 
 /// Everything a handler needs.
 #[derive(Debug)]
@@ -398,7 +398,22 @@ fn prepare(
         .with_code("context_length_exceeded"));
     }
     let room = state.max_context - prompt.len();
-    let max_tokens = validated.max_tokens.unwrap_or(room).min(room);
+    let max_tokens = match (validated.max_tokens, validated.max_tokens_param) {
+        (Some(asked), Some(param)) if asked > room => {
+            return Err(ApiError::invalid(
+                Some(param),
+                format!(
+                    "{param} ({asked}) is too large: this model's maximum context length is {} \
+                     tokens and the prompt has {} tokens, which leaves room for {room}",
+                    state.max_context,
+                    prompt.len()
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        // A default (completions' 16, or none) is cut to the room the prompt leaves.
+        (asked, _) => asked.unwrap_or(room).min(room),
+    };
     Ok(Prepared {
         validated,
         prompt,
@@ -473,7 +488,9 @@ async fn handle(
         created: unix_now(),
         endpoint,
         prompt_tokens: prepared.prompt.len(),
+        decoding: DecodeState::default(),
         text: TextStream::new(prepared.validated.stop.clone()),
+        text_offset: 0,
         logprobs: prepared.validated.logprobs.is_some(),
         state,
         outcome,
@@ -491,7 +508,12 @@ struct Run {
     created: u64,
     endpoint: Endpoint,
     prompt_tokens: usize,
+    /// Where the incremental decoding of the output stands.
+    decoding: DecodeState,
     text: TextStream,
+    /// Characters of token text given in streamed completions logprobs so far (the next
+    /// token's `text_offset`).
+    text_offset: usize,
     logprobs: bool,
     state: Arc<AppState>,
     outcome: Outcome,
@@ -545,10 +567,8 @@ impl Run {
         match event {
             Event::Token { id, logprob } => {
                 *generated += 1;
-                let tokenizer = self.state.tokenizer.clone();
-                let (text, stopped) = self
-                    .text
-                    .push(id, |ids| tokenizer.decode(ids).unwrap_or_default());
+                let piece = self.state.tokenizer.decode_next(&mut self.decoding, id);
+                let (text, stopped) = self.text.push(&piece);
                 let logprob = logprob
                     .filter(|_| self.logprobs)
                     .map(|lp| self.logprob_entry(&lp));
@@ -566,13 +586,25 @@ impl Run {
             Event::Finished {
                 reason,
                 completion_tokens,
+                stop_logprob,
                 ..
-            } => Step::Done {
-                text: self.text.flush(),
-                logprob: None,
-                reason,
-                completion_tokens,
-            },
+            } => {
+                // The end of a character no token finished, as the whole output's decode shows it.
+                let rest = self.state.tokenizer.decode_rest(&mut self.decoding);
+                let (mut text, stopped) = self.text.push(&rest);
+                if !stopped {
+                    text.push_str(&self.text.flush());
+                }
+                let logprob = stop_logprob
+                    .filter(|_| self.logprobs)
+                    .map(|lp| self.logprob_entry(&lp));
+                Step::Done {
+                    text,
+                    logprob,
+                    reason: if stopped { FinishReason::Stop } else { reason },
+                    completion_tokens,
+                }
+            }
             Event::Error(message) => Step::Failed(message),
         }
     }
@@ -607,7 +639,7 @@ impl Run {
         v
     }
 
-    fn choice_delta(&self, text: &str, logprob: Option<Value>, finish: Option<&str>) -> Value {
+    fn choice_delta(&mut self, text: &str, logprob: Option<Value>, finish: Option<&str>) -> Value {
         match self.endpoint {
             Endpoint::Chat => json!([{
                 "index": 0,
@@ -615,27 +647,42 @@ impl Run {
                 "logprobs": logprob.map(|l| json!({"content": [l]})),
                 "finish_reason": finish,
             }]),
-            Endpoint::Completions => json!([{
-                "index": 0,
-                "text": text,
-                "logprobs": logprob.map(completion_logprobs_one),
-                "finish_reason": finish,
-            }]),
+            Endpoint::Completions => {
+                let logprobs = logprob.map(|entry| {
+                    let entries = [entry];
+                    let shaped = completion_logprobs(&entries, self.text_offset);
+                    self.text_offset = text_offset_after(&entries, self.text_offset);
+                    shaped
+                });
+                json!([{
+                    "index": 0,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                }])
+            }
         }
     }
 }
 
-fn completion_logprobs_one(entry: Value) -> Value {
-    completion_logprobs(&[entry])
+/// Characters of one token's text in a logprobs entry.
+fn token_chars(entry: &Value) -> usize {
+    entry["token"].as_str().map_or(0, |t| t.chars().count())
 }
 
-/// The legacy completions logprobs shape from per-token entries.
-fn completion_logprobs(entries: &[Value]) -> Value {
-    let mut offset = 0;
+/// The `text_offset` after `entries`, the first at `start`.
+fn text_offset_after(entries: &[Value], start: usize) -> usize {
+    start + entries.iter().map(token_chars).sum::<usize>()
+}
+
+/// The legacy completions logprobs shape from per-token entries, the first token at character
+/// `start` of the output (a stream's chunks go on where the last one ended).
+fn completion_logprobs(entries: &[Value], start: usize) -> Value {
+    let mut offset = start;
     let mut offsets = Vec::new();
     for e in entries {
         offsets.push(offset);
-        offset += e["token"].as_str().map_or(0, str::len);
+        offset += token_chars(e);
     }
     json!({
         "tokens": entries.iter().map(|e| e["token"].clone()).collect::<Vec<_>>(),
@@ -682,7 +729,7 @@ async fn complete_response(mut run: Run, mut events: UnboundedReceiver<Event>) -
                     Endpoint::Completions => json!({
                         "index": 0,
                         "text": text,
-                        "logprobs": run.logprobs.then(|| completion_logprobs(&logprobs)),
+                        "logprobs": run.logprobs.then(|| completion_logprobs(&logprobs, 0)),
                         "finish_reason": reason.as_str(),
                     }),
                 };
@@ -751,7 +798,8 @@ fn stream_response(
                     if text.is_empty() && logprob.is_none() {
                         continue;
                     }
-                    let chunk = run.chunk(run.choice_delta(&text, logprob, None), None);
+                    let choices = run.choice_delta(&text, logprob, None);
+                    let chunk = run.chunk(choices, None);
                     if tx.send(sse(&chunk)).await.is_err() {
                         return;
                     }
@@ -764,10 +812,8 @@ fn stream_response(
                 } => {
                     drop(events);
                     run.outcome.finish(reason.as_str());
-                    let last = run.chunk(
-                        run.choice_delta(&text, logprob, Some(reason.as_str())),
-                        None,
-                    );
+                    let choices = run.choice_delta(&text, logprob, Some(reason.as_str()));
+                    let last = run.chunk(choices, None);
                     let _ = tx.send(sse(&last)).await;
                     if include_usage {
                         let usage = run.chunk(json!([]), Some(run.usage(completion_tokens)));

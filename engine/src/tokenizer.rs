@@ -16,6 +16,15 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// Where one output's incremental decoding stands ([`Tokenizer::decode_next`]): the ids since
+/// the last text that was whole, and that text.
+#[derive(Debug, Default)]
+pub struct DecodeState {
+    ids: Vec<u32>,
+    prefix: String,
+    prefix_index: usize,
+}
+
 /// A tokenizer with its special tokens and chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -98,6 +107,45 @@ impl Tokenizer {
         self.inner
             .decode(ids, true)
             .map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    /// The text one more generated token adds to an output, special tokens skipped: what
+    /// `decode` of the whole output gains, computed from the last few ids (`state`) rather than
+    /// all of them, so a long output costs the same per token as a short one. A token that ends
+    /// inside a UTF-8 character adds nothing until the character is whole
+    /// ([`Tokenizer::decode_rest`] gives what is held back when the output ends there).
+    pub fn decode_next(&self, state: &mut DecodeState, id: u32) -> String {
+        let step = |state: &mut DecodeState| {
+            tokenizers::step_decode_stream(
+                &self.inner,
+                vec![id],
+                true,
+                &mut state.ids,
+                &mut state.prefix,
+                &mut state.prefix_index,
+            )
+        };
+        match step(state) {
+            Ok(piece) => piece.unwrap_or_default(),
+            // A decoder whose text of the longer window does not begin with the shorter one's
+            // (none of the byte-level or metaspace decoders does this): start a new window at
+            // this token, as if the output began here.
+            Err(_) => {
+                *state = DecodeState::default();
+                step(state).ok().flatten().unwrap_or_default()
+            }
+        }
+    }
+
+    /// The text `decode_next` is holding back (the start of a UTF-8 character that no token
+    /// finished, shown as `decode` shows it), for when the output ends; resets `state`.
+    pub fn decode_rest(&self, state: &mut DecodeState) -> String {
+        let state = std::mem::take(state);
+        let text = self.inner.decode(&state.ids, true).unwrap_or_default();
+        match text.strip_prefix(state.prefix.as_str()) {
+            Some(rest) => rest.to_string(),
+            None => String::new(),
+        }
     }
 
     /// The id of a token string, if it is in the vocabulary.
@@ -213,5 +261,72 @@ mod tests {
         .unwrap();
         let err = t.apply_chat_template(&[], false).unwrap_err().to_string();
         assert!(err.contains("no system role"), "{err}");
+    }
+
+    fn demo_tokenizer() -> Tokenizer {
+        let demo = crate::demo::DEMO.expect("engine/demo-model is part of the repository");
+        Tokenizer::from_bytes(demo.tokenizer, Some(demo.tokenizer_config)).unwrap()
+    }
+
+    /// `decode_next` token by token, then `decode_rest`.
+    fn decode_streamed(t: &Tokenizer, ids: &[u32]) -> (Vec<String>, String) {
+        let mut state = DecodeState::default();
+        let pieces = ids
+            .iter()
+            .map(|&id| t.decode_next(&mut state, id))
+            .collect();
+        (pieces, t.decode_rest(&mut state))
+    }
+
+    #[test]
+    fn decoding_token_by_token_gives_the_text_of_the_whole() {
+        let t = demo_tokenizer();
+        let text = "Grüße aus Köln, 日本語のテキスト, naïve café — and 🎉🦀 at the end";
+        let ids = t.encode(text).unwrap();
+        // The byte-level vocabulary splits these characters over several tokens.
+        let split = ids
+            .iter()
+            .filter(|&&id| t.decode(&[id]).unwrap().contains('\u{FFFD}'))
+            .count();
+        assert!(split >= 4, "only {split} tokens end inside a character");
+        let (pieces, rest) = decode_streamed(&t, &ids);
+        for piece in &pieces {
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "{piece:?} holds half a character"
+            );
+        }
+        assert_eq!(rest, "");
+        assert_eq!(pieces.concat(), t.decode(&ids).unwrap());
+
+        // Cut inside a character: the held bytes come out at the end, as `decode` shows them.
+        let cut = (1..ids.len())
+            .find(|&n| t.decode(&ids[..n]).unwrap().ends_with('\u{FFFD}'))
+            .unwrap();
+        let (pieces, rest) = decode_streamed(&t, &ids[..cut]);
+        assert!(rest.ends_with('\u{FFFD}'), "{rest:?}");
+        assert_eq!(pieces.concat() + &rest, t.decode(&ids[..cut]).unwrap());
+    }
+
+    #[test]
+    fn any_token_sequence_streams_to_its_decoded_text() {
+        use rand::{RngExt, SeedableRng};
+        let t = demo_tokenizer();
+        let vocab = t.vocab_size() as u32;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..200 {
+            let n = rng.random_range(1..60);
+            let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
+            let (pieces, rest) = decode_streamed(&t, &ids);
+            assert_eq!(pieces.concat() + &rest, t.decode(&ids).unwrap(), "{ids:?}");
+        }
+    }
+
+    #[test]
+    fn a_word_level_output_streams_with_its_spaces() {
+        let t = Tokenizer::from_bytes(&word_tokenizer_json(), None).unwrap();
+        let (pieces, rest) = decode_streamed(&t, &[1, 2, 0, 1]);
+        assert_eq!(pieces, ["hello", " world", "", " hello"]);
+        assert_eq!(rest, "");
     }
 }

@@ -261,6 +261,76 @@ async fn a_stop_string_keeps_the_last_tokens_logprob() {
     s.shutdown().await;
 }
 
+/// A streamed completion's logprobs give each token's `text_offset` in the whole output, as
+/// the same request unstreamed does (not from 0 in every chunk), counted in characters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_logprobs_go_on_where_the_last_chunk_ended() {
+    let s = start(&[]).await;
+    let mut body = json!({"prompt": "t5 t6 t7", "max_tokens": 6, "temperature": 0, "logprobs": 1,
+                          "ignore_eos": true});
+    let whole = s.post("/v1/completions", body.clone()).await.json();
+    let logprobs = &whole["choices"][0]["logprobs"];
+    let tokens = logprobs["tokens"].as_array().unwrap().clone();
+    let offsets = logprobs["text_offset"].as_array().unwrap().clone();
+    assert_eq!(tokens.len(), 6, "{whole}");
+    for i in 1..tokens.len() {
+        let chars = tokens[i - 1].as_str().unwrap().chars().count() as u64;
+        assert_eq!(
+            offsets[i].as_u64().unwrap(),
+            offsets[i - 1].as_u64().unwrap() + chars
+        );
+    }
+    assert!(offsets[5].as_u64().unwrap() > 0, "{whole}");
+
+    body["stream"] = json!(true);
+    let r = s.post("/v1/completions", body).await;
+    let (mut streamed_tokens, mut streamed_offsets, mut text) = (vec![], vec![], String::new());
+    for event in r.events().iter().filter(|e| *e != "[DONE]") {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        let choice = &chunk["choices"][0];
+        text.push_str(choice["text"].as_str().unwrap_or(""));
+        if let Some(lp) = choice["logprobs"].as_object() {
+            streamed_tokens.extend(lp["tokens"].as_array().unwrap().iter().cloned());
+            streamed_offsets.extend(lp["text_offset"].as_array().unwrap().iter().cloned());
+        }
+    }
+    assert_eq!(text, whole["choices"][0]["text"]);
+    assert_eq!(streamed_tokens, tokens);
+    assert_eq!(streamed_offsets, offsets);
+    s.shutdown().await;
+}
+
+/// A `max_tokens` the prompt leaves no room for is a 400 naming the parameter, as in vLLM;
+/// completions' default of 16 is cut to the room instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_max_tokens_past_the_context_is_refused_and_a_default_is_cut() {
+    let s = start(&[]).await;
+    let max = s.state.max_context;
+    let prompt: Vec<u32> = (0..max - 10).map(|i| 3 + (i % 5) as u32).collect();
+    for param in ["max_tokens", "max_completion_tokens"] {
+        let r = s
+            .post("/v1/completions", json!({"prompt": prompt, param: 11}))
+            .await;
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        let e = r.json();
+        assert_eq!(e["error"]["param"], param, "{e}");
+        assert_eq!(e["error"]["code"], "context_length_exceeded", "{e}");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.contains("room for 10"), "{message}");
+    }
+    let fits = json!({"prompt": prompt, "max_tokens": 10, "ignore_eos": true});
+    let v = s.post("/v1/completions", fits).await.json();
+    assert_eq!(v["usage"]["completion_tokens"], 10, "{v}");
+    let default = json!({"prompt": prompt, "ignore_eos": true});
+    let v = s.post("/v1/completions", default).await.json();
+    assert_eq!(
+        v["usage"]["completion_tokens"], 10,
+        "16 cut to the room: {v}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    s.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_and_chat_report_usage_and_finish_reasons() {
     let s = start(&[]).await;
@@ -426,14 +496,26 @@ async fn logit_bias_min_tokens_and_stop_token_ids_shape_the_output() {
     );
     assert_eq!(v["choices"][0]["finish_reason"], "length");
 
+    // The stop token counts as generated (as OpenAI and vLLM count it); its text is not sent.
     let eos_bias = json!({eos.to_string(): 100});
-    let r = complete(json!({"logit_bias": eos_bias})).await.json();
-    assert_eq!(r["usage"]["completion_tokens"], 0, "{r}");
+    let r = complete(json!({"logit_bias": eos_bias, "logprobs": 1}))
+        .await
+        .json();
+    assert_eq!(r["usage"]["completion_tokens"], 1, "{r}");
     assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    assert_eq!(r["choices"][0]["text"], "", "{r}");
+    // Its logprob is there, one for each counted token.
+    let lps = r["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap();
+    assert_eq!(lps.len(), 1, "{r}");
+    // The model's own log-probability, before the bias, as for every other token.
+    let lp = lps[0].as_f64().unwrap();
+    assert!(lp.is_finite() && lp <= 0.0, "{r}");
     let r = complete(json!({"logit_bias": eos_bias, "min_tokens": 4}))
         .await
         .json();
-    assert_eq!(r["usage"]["completion_tokens"], 4, "{r}");
+    assert_eq!(r["usage"]["completion_tokens"], 5, "{r}");
     assert_eq!(r["choices"][0]["finish_reason"], "stop");
 
     for ignore_eos in [false, true] {
@@ -441,8 +523,9 @@ async fn logit_bias_min_tokens_and_stop_token_ids_shape_the_output() {
                                 "stop_token_ids": [token], "ignore_eos": ignore_eos}))
         .await
         .json();
-        assert_eq!(r["usage"]["completion_tokens"], 0, "{r}");
+        assert_eq!(r["usage"]["completion_tokens"], 1, "{r}");
         assert_eq!(r["choices"][0]["finish_reason"], "stop");
+        assert_eq!(r["choices"][0]["text"], "", "{r}");
     }
 
     let vocab = s.state.vocab_size;

@@ -192,10 +192,11 @@ class OpenAIClientTest(unittest.TestCase):
                                         logit_bias={"9": 100}, presence_penalty=0.5,
                                         frequency_penalty=0.5)
         self.assertEqual(r.choices[0].text.split(), ["t9"] * 4)
-        # vLLM's fields through extra_body: </s> (id 1) forced, held back for min_tokens.
+        # vLLM's fields through extra_body: </s> (id 1) forced, held back for min_tokens; it
+        # then ends the output and counts as a fourth completion token, as in vLLM.
         r = client().completions.create(model="tiny", prompt="t3", max_tokens=8, temperature=0,
                                         logit_bias={"1": 100}, extra_body={"min_tokens": 3})
-        self.assertEqual((r.usage.completion_tokens, r.choices[0].finish_reason), (3, "stop"))
+        self.assertEqual((r.usage.completion_tokens, r.choices[0].finish_reason), (4, "stop"))
         with self.assertRaises(openai.BadRequestError) as e:
             client().chat.completions.create(
                 model="tiny", messages=[{"role": "user", "content": "t3"}],
@@ -211,6 +212,13 @@ class OpenAIClientTest(unittest.TestCase):
         with self.assertRaises(openai.BadRequestError) as e:
             client().completions.create(model="tiny", prompt=[3] * 600)
         self.assertIn("512", str(e.exception))
+        # A completion longer than the context leaves room for, as vLLM answers it.
+        with self.assertRaises(openai.BadRequestError) as e:
+            client().chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "t3"}],
+                max_completion_tokens=100000)
+        self.assertEqual(e.exception.code, "context_length_exceeded")
+        self.assertEqual(e.exception.param, "max_completion_tokens")
         with self.assertRaises(openai.BadRequestError):
             client().completions.create(model="tiny", prompt="t3", max_tokens=0)
         with self.assertRaises(openai.BadRequestError):
