@@ -465,6 +465,16 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
             ))
         }
     };
+    if endpoint == Endpoint::Chat
+        && body.top_logprobs.is_some()
+        && body.logprobs != Some(Value::Bool(true))
+    {
+        // As OpenAI and vLLM answer it: alternatives without logprobs would be dropped.
+        return Err(ApiError::invalid(
+            Some("top_logprobs"),
+            "top_logprobs needs logprobs: true",
+        ));
+    }
     let logprobs = match (endpoint, &body.logprobs) {
         (_, None | Some(Value::Null)) => None,
         (Endpoint::Completions, Some(v)) => match v.as_i64() {
@@ -737,6 +747,20 @@ mod tests {
             assert_eq!(e.status, 400);
             assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
         }
+        let messages = json!([{"role": "user", "content": "x"}]);
+        for logprobs in [json!(null), json!(false)] {
+            let mut v = json!({"messages": messages, "top_logprobs": 2});
+            if !logprobs.is_null() {
+                v["logprobs"] = logprobs;
+            }
+            let e = err(v, Endpoint::Chat);
+            assert_eq!(e.param.as_deref(), Some("top_logprobs"), "{}", e.message);
+        }
+        let v = json!({"messages": messages, "top_logprobs": 2, "logprobs": true});
+        assert_eq!(
+            validate(&body(v), Endpoint::Chat).unwrap().logprobs,
+            Some(2)
+        );
         // The harmless forms of those fields are accepted.
         let v = validate(
             &body(

@@ -215,52 +215,78 @@ impl Sampler {
         if self.params.temperature < GREEDY_BELOW {
             return argmax(logits);
         }
-        let finite = || logits.iter().enumerate().filter(|(_, l)| l.is_finite());
-        let Some(top) = finite().map(|(_, &l)| l).max_by(f32::total_cmp) else {
+        let kept = self.kept(logits);
+        let Some(&(last, _)) = kept.last() else {
             return argmax(logits);
         };
-        // Scaled from the largest logit down, so that no scaled logit overflows to +inf.
-        let mut candidates: Vec<(u32, f32)> = finite()
-            .map(|(i, &l)| (i as u32, (l - top) / self.params.temperature))
-            .collect();
-        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
-            candidates.truncate(self.params.top_k);
-        }
-        let max = candidates[0].1;
-        let mut probs: Vec<f32> = candidates.iter().map(|&(_, l)| (l - max).exp()).collect();
-        if self.params.min_p > 0.0 {
-            // Relative to the most likely token, whose unnormalised probability is 1.
-            let keep = probs
-                .iter()
-                .position(|&q| q < self.params.min_p)
-                .unwrap_or(probs.len());
-            probs.truncate(keep.max(1));
-        }
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        if self.params.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            let keep = probs
-                .iter()
-                .position(|&p| {
-                    cumulative += p;
-                    cumulative >= self.params.top_p
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-            let total: f32 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= total);
-        }
-        let draw: f32 = self.rng.random();
+        let total: f32 = kept.iter().map(|&(_, w)| w).sum();
+        let draw = self.rng.random::<f32>() * total;
         let mut cumulative = 0.0;
-        for (i, &p) in probs.iter().enumerate() {
-            cumulative += p;
+        for &(token, weight) in &kept {
+            cumulative += weight;
             if draw < cumulative {
-                return candidates[i].0;
+                return token;
             }
         }
-        candidates[probs.len() - 1].0
+        last
+    }
+
+    /// The tokens that may be picked, each with its weight (its probability up to a common
+    /// factor; the most likely token's is 1): the finite logits at the temperature, then top-k,
+    /// min-p and top-p (vLLM's order). `O(vocabulary)`: only top-k's survivors and top-p's
+    /// nucleus are ever sorted, never the whole vocabulary (129,280 tokens on DeepSeek's, for
+    /// every token of every sequence).
+    fn kept(&self, logits: &[f32]) -> Vec<(u32, f32)> {
+        let p = &self.params;
+        let finite = || logits.iter().enumerate().filter(|(_, l)| l.is_finite());
+        let Some(top) = finite().map(|(_, &l)| l).max_by(f32::total_cmp) else {
+            return Vec::new();
+        };
+        // Scaled from the largest logit down, so that no scaled logit overflows to +inf.
+        let mut kept: Vec<(u32, f32)> = finite()
+            .map(|(i, &l)| (i as u32, ((l - top) / p.temperature).exp()))
+            .collect();
+        // More likely first; the lower id first among equals.
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < kept.len() {
+            kept.select_nth_unstable_by(p.top_k - 1, order);
+            kept.truncate(p.top_k);
+        }
+        if p.min_p > 0.0 {
+            // Relative to the most likely token, whose weight is 1 (it always stays).
+            kept.retain(|&(_, w)| w >= p.min_p || w >= 1.0);
+        }
+        if p.top_p < 1.0 {
+            let total: f32 = kept.iter().map(|&(_, w)| w).sum();
+            // The nucleus lies within the tokens down to some power-of-two weight band: find
+            // the band where the mass, from the top, reaches top_p (one pass over the weights,
+            // binned by their float exponent), keep those tokens, and sort only them.
+            let mut mass = [0f32; 256];
+            for &(_, w) in &kept {
+                mass[(w.to_bits() >> 23) as usize & 255] += w;
+            }
+            let mut cumulative = 0.0;
+            let band = (0..256)
+                .rev()
+                .find(|&b| {
+                    cumulative += mass[b];
+                    cumulative >= p.top_p * total
+                })
+                .unwrap_or(0);
+            let floor = f32::from_bits((band as u32) << 23);
+            kept.retain(|&(_, w)| w >= floor);
+            kept.sort_unstable_by(order);
+            let mut cumulative = 0.0;
+            let keep = kept
+                .iter()
+                .position(|&(_, w)| {
+                    cumulative += w;
+                    cumulative >= p.top_p * total
+                })
+                .map_or(kept.len(), |i| i + 1);
+            kept.truncate(keep);
+        }
+        kept
     }
 }
 
@@ -384,6 +410,98 @@ mod tests {
         for _ in 0..200 {
             assert!(top_k.sample(&logits, &[]) < 2);
             assert_eq!(top_p.sample(&logits, &[]), 0, "p(token 0) > 0.5 alone");
+        }
+    }
+
+    /// The tokens and weights a full sort keeps (the way the sampler kept them before it
+    /// stopped sorting the vocabulary).
+    fn kept_by_sorting(p: &SamplingParams, logits: &[f32]) -> Vec<(u32, f32)> {
+        let top = logits
+            .iter()
+            .copied()
+            .filter(|l| l.is_finite())
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut c: Vec<(u32, f32)> = (0..logits.len())
+            .filter(|&i| logits[i].is_finite())
+            .map(|i| (i as u32, ((logits[i] - top) / p.temperature).exp()))
+            .collect();
+        c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            c.truncate(p.top_k);
+        }
+        if p.min_p > 0.0 {
+            let keep = c.iter().position(|x| x.1 < p.min_p).unwrap_or(c.len());
+            c.truncate(keep.max(1));
+        }
+        if p.top_p < 1.0 {
+            let total: f32 = c.iter().map(|x| x.1).sum();
+            let mut cumulative = 0.0;
+            let keep = c.iter().position(|x| {
+                cumulative += x.1;
+                cumulative >= p.top_p * total
+            });
+            c.truncate(keep.map_or(c.len(), |i| i + 1));
+        }
+        c
+    }
+
+    #[test]
+    fn the_kept_tokens_are_those_a_full_sort_keeps() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut cases = 0;
+        for vocab in [1usize, 7, 1000, 5000] {
+            for _ in 0..60 {
+                let spread = [0.5f32, 3.0, 12.0][rng.random_range(0..3)];
+                let logits: Vec<f32> = (0..vocab)
+                    .map(|_| match rng.random_range(0..50) {
+                        0 => f32::NEG_INFINITY,
+                        _ => rng.random_range(-spread..spread),
+                    })
+                    .collect();
+                let params = SamplingParams {
+                    temperature: [0.3f32, 1.0, 2.5][rng.random_range(0..3)],
+                    top_k: [0, 1, 5, 50, vocab + 3][rng.random_range(0..5)],
+                    top_p: [1.0f32, 0.95, 0.5, 0.01][rng.random_range(0..4)],
+                    min_p: [0.0f32, 0.05, 0.5][rng.random_range(0..3)],
+                    ..Default::default()
+                };
+                let mut kept = Sampler::new(params.clone()).kept(&logits);
+                kept.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                let reference = kept_by_sorting(&params, &logits);
+                assert_eq!(kept, reference, "{params:?}");
+                assert!(!kept.is_empty() || logits.iter().all(|l| !l.is_finite()));
+                cases += 1;
+            }
+        }
+        assert_eq!(cases, 240);
+    }
+
+    #[test]
+    fn picks_follow_the_kept_weights() {
+        // 20,000 draws over 4 kept tokens of known probability (top-k drops the fifth).
+        let logits = [2.0f32, 1.0, 0.0, 1.5, -3.0];
+        let params = SamplingParams {
+            top_k: 4,
+            seed: Some(9),
+            ..Default::default()
+        };
+        let weights: Vec<f64> = [2.0f64, 1.0, 0.0, 1.5].iter().map(|l| l.exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut s = Sampler::new(params);
+        let mut counts = [0usize; 5];
+        let draws = 20_000;
+        for _ in 0..draws {
+            counts[s.sample(&logits, &[]) as usize] += 1;
+        }
+        assert_eq!(counts[4], 0);
+        for (token, w) in weights.iter().enumerate() {
+            let p = w / total;
+            let sigma = (p * (1.0 - p) / draws as f64).sqrt();
+            let seen = counts[token] as f64 / draws as f64;
+            assert!(
+                (seen - p).abs() < 5.0 * sigma,
+                "token {token}: {seen} vs {p}"
+            );
         }
     }
 

@@ -21,6 +21,7 @@ use crate::kv_cache::{BlockAllocator, BlockTable, KvDtype, SeqCache, SharedPool}
 use crate::metrics::Metrics;
 use crate::model::{LogitRows, Model, SeqStep};
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob, logprobs};
+use rayon::prelude::*;
 
 /// Scheduler limits.
 #[derive(Clone, Debug)]
@@ -537,19 +538,48 @@ impl<B: Backend> Engine<B> {
             }
         }
 
-        // Sample where a sequence's whole input is now cached.
+        // Sample where a sequence's whole input is now cached (not after a mid-prefill chunk):
+        // the draws (and logprobs) side by side over the rayon pool, as each reads a whole
+        // vocabulary of logits; each sequence has its own random stream, so the order does not
+        // matter.
         let now = Instant::now();
         let mut logits = logits.into_iter();
+        let rows: Vec<Option<Vec<f32>>> = plan
+            .iter()
+            .enumerate()
+            .map(|(index, &n)| {
+                let row = if n == 0 { None } else { logits.next() };
+                row.filter(|_| self.running[index].pending() == 0)
+            })
+            .collect();
+        let picks: Vec<Option<(u32, Option<TokenLogprob>)>> = self
+            .running
+            .iter_mut()
+            .zip(&rows)
+            .map(|(seq, row)| {
+                let row = row.as_deref()?;
+                // Until min_tokens are out, the stop tokens cannot be picked.
+                let suppress: &[u32] = if seq.generated() < seq.min_tokens {
+                    &seq.stop_tokens
+                } else {
+                    &[]
+                };
+                Some((&mut seq.sampler, suppress, seq.logprobs, row))
+            })
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|job| {
+                let (sampler, suppress, top, row) = job?;
+                let token = sampler.sample(row, suppress);
+                Some((token, top.map(|top| logprobs(row, token, top))))
+            })
+            .collect();
         let mut done = Vec::new();
-        for (index, n) in plan.iter().enumerate() {
-            if *n == 0 {
+        for (index, pick) in picks.into_iter().enumerate() {
+            let Some((token, logprob)) = pick else {
                 continue;
-            }
-            let Some(row) = logits.next() else { break };
+            };
             let seq = &mut self.running[index];
-            if seq.pending() > 0 {
-                continue; // mid-prefill chunk
-            }
             if seq.generated() == 0 && seq.last_token_at.is_none() {
                 self.metrics
                     .time_to_first_token
@@ -561,23 +591,15 @@ impl<B: Backend> Engine<B> {
                     .observe(now.duration_since(last).as_secs_f64());
             }
             seq.last_token_at = Some(now);
-            // Until min_tokens are out, the stop tokens cannot be picked.
-            let suppress: &[u32] = if seq.generated() < seq.min_tokens {
-                &seq.stop_tokens
-            } else {
-                &[]
-            };
-            let token = seq.sampler.sample(&row, suppress);
             // A stop token is generated (and counted, as OpenAI and vLLM count it) but neither
             // sent nor kept in the sequence.
             let stop_token = seq.stop_tokens.contains(&token);
             let mut stop_logprob = None;
             let finish = if stop_token {
                 self.metrics.generation_tokens.inc();
-                stop_logprob = seq.logprobs.map(|top| logprobs(&row, token, top));
+                stop_logprob = logprob;
                 Some(FinishReason::Stop)
             } else {
-                let logprob = seq.logprobs.map(|top| logprobs(&row, token, top));
                 seq.tokens.push(token);
                 self.metrics.generation_tokens.inc();
                 if seq

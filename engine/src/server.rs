@@ -490,7 +490,7 @@ async fn handle(
         prompt_tokens: prepared.prompt.len(),
         decoding: DecodeState::default(),
         text: TextStream::new(prepared.validated.stop.clone()),
-        text_offset: 0,
+        decoded_chars: 0,
         logprobs: prepared.validated.logprobs.is_some(),
         state,
         outcome,
@@ -511,9 +511,9 @@ struct Run {
     /// Where the incremental decoding of the output stands.
     decoding: DecodeState,
     text: TextStream,
-    /// Characters of token text given in streamed completions logprobs so far (the next
-    /// token's `text_offset`).
-    text_offset: usize,
+    /// Characters of output text the tokens so far decoded to: where the next token's text
+    /// begins (its completions logprobs `text_offset`).
+    decoded_chars: usize,
     logprobs: bool,
     state: Arc<AppState>,
     outcome: Outcome,
@@ -540,7 +540,8 @@ impl Run {
         self.state.tokenizer.decode(&[id]).unwrap_or_default()
     }
 
-    fn logprob_entry(&self, lp: &TokenLogprob) -> Value {
+    /// A token's logprobs entry; `offset`: where its text begins in the output, in characters.
+    fn logprob_entry(&self, lp: &TokenLogprob, offset: usize) -> Value {
         let token = self.token_text(lp.token);
         match self.endpoint {
             Endpoint::Chat => json!({
@@ -557,7 +558,7 @@ impl Run {
                 for &(t, l) in &lp.top {
                     top.insert(self.token_text(t), json!(l));
                 }
-                json!({"token": token, "logprob": lp.logprob, "top": top})
+                json!({"token": token, "logprob": lp.logprob, "top": top, "offset": offset})
             }
         }
     }
@@ -568,10 +569,11 @@ impl Run {
             Event::Token { id, logprob } => {
                 *generated += 1;
                 let piece = self.state.tokenizer.decode_next(&mut self.decoding, id);
-                let (text, stopped) = self.text.push(&piece);
                 let logprob = logprob
                     .filter(|_| self.logprobs)
-                    .map(|lp| self.logprob_entry(&lp));
+                    .map(|lp| self.logprob_entry(&lp, self.decoded_chars));
+                self.decoded_chars += piece.chars().count();
+                let (text, stopped) = self.text.push(&piece);
                 if stopped {
                     Step::Done {
                         text,
@@ -597,7 +599,7 @@ impl Run {
                 }
                 let logprob = stop_logprob
                     .filter(|_| self.logprobs)
-                    .map(|lp| self.logprob_entry(&lp));
+                    .map(|lp| self.logprob_entry(&lp, self.decoded_chars));
                 Step::Done {
                     text,
                     logprob,
@@ -639,7 +641,7 @@ impl Run {
         v
     }
 
-    fn choice_delta(&mut self, text: &str, logprob: Option<Value>, finish: Option<&str>) -> Value {
+    fn choice_delta(&self, text: &str, logprob: Option<Value>, finish: Option<&str>) -> Value {
         match self.endpoint {
             Endpoint::Chat => json!([{
                 "index": 0,
@@ -647,48 +649,25 @@ impl Run {
                 "logprobs": logprob.map(|l| json!({"content": [l]})),
                 "finish_reason": finish,
             }]),
-            Endpoint::Completions => {
-                let logprobs = logprob.map(|entry| {
-                    let entries = [entry];
-                    let shaped = completion_logprobs(&entries, self.text_offset);
-                    self.text_offset = text_offset_after(&entries, self.text_offset);
-                    shaped
-                });
-                json!([{
-                    "index": 0,
-                    "text": text,
-                    "logprobs": logprobs,
-                    "finish_reason": finish,
-                }])
-            }
+            Endpoint::Completions => json!([{
+                "index": 0,
+                "text": text,
+                "logprobs": logprob.map(|entry| completion_logprobs(&[entry])),
+                "finish_reason": finish,
+            }]),
         }
     }
 }
 
-/// Characters of one token's text in a logprobs entry.
-fn token_chars(entry: &Value) -> usize {
-    entry["token"].as_str().map_or(0, |t| t.chars().count())
-}
-
-/// The `text_offset` after `entries`, the first at `start`.
-fn text_offset_after(entries: &[Value], start: usize) -> usize {
-    start + entries.iter().map(token_chars).sum::<usize>()
-}
-
-/// The legacy completions logprobs shape from per-token entries, the first token at character
-/// `start` of the output (a stream's chunks go on where the last one ended).
-fn completion_logprobs(entries: &[Value], start: usize) -> Value {
-    let mut offset = start;
-    let mut offsets = Vec::new();
-    for e in entries {
-        offsets.push(offset);
-        offset += token_chars(e);
-    }
+/// The legacy completions logprobs shape from per-token entries. A token's `text_offset` is
+/// where its text begins in the output, in characters (a token that ends inside a character
+/// begins where that character does), so it indexes the returned text, in a stream too.
+fn completion_logprobs(entries: &[Value]) -> Value {
     json!({
         "tokens": entries.iter().map(|e| e["token"].clone()).collect::<Vec<_>>(),
         "token_logprobs": entries.iter().map(|e| e["logprob"].clone()).collect::<Vec<_>>(),
         "top_logprobs": entries.iter().map(|e| e["top"].clone()).collect::<Vec<_>>(),
-        "text_offset": offsets,
+        "text_offset": entries.iter().map(|e| e["offset"].clone()).collect::<Vec<_>>(),
     })
 }
 
@@ -729,7 +708,7 @@ async fn complete_response(mut run: Run, mut events: UnboundedReceiver<Event>) -
                     Endpoint::Completions => json!({
                         "index": 0,
                         "text": text,
-                        "logprobs": run.logprobs.then(|| completion_logprobs(&logprobs, 0)),
+                        "logprobs": run.logprobs.then(|| completion_logprobs(&logprobs)),
                         "finish_reason": reason.as_str(),
                     }),
                 };
@@ -798,8 +777,7 @@ fn stream_response(
                     if text.is_empty() && logprob.is_none() {
                         continue;
                     }
-                    let choices = run.choice_delta(&text, logprob, None);
-                    let chunk = run.chunk(choices, None);
+                    let chunk = run.chunk(run.choice_delta(&text, logprob, None), None);
                     if tx.send(sse(&chunk)).await.is_err() {
                         return;
                     }
@@ -812,8 +790,10 @@ fn stream_response(
                 } => {
                     drop(events);
                     run.outcome.finish(reason.as_str());
-                    let choices = run.choice_delta(&text, logprob, Some(reason.as_str()));
-                    let last = run.chunk(choices, None);
+                    let last = run.chunk(
+                        run.choice_delta(&text, logprob, Some(reason.as_str())),
+                        None,
+                    );
                     let _ = tx.send(sse(&last)).await;
                     if include_usage {
                         let usage = run.chunk(json!([]), Some(run.usage(completion_tokens)));

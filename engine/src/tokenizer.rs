@@ -115,6 +115,16 @@ impl Tokenizer {
     /// inside a UTF-8 character adds nothing until the character is whole
     /// ([`Tokenizer::decode_rest`] gives what is held back when the output ends there).
     pub fn decode_next(&self, state: &mut DecodeState, id: u32) -> String {
+        // Tokens `decode` drops (special ones, ids past the vocabulary: a model's embedding
+        // rows may outnumber its tokens) stay out of the window, which would otherwise grow by
+        // one with each, and every later token decode them all again.
+        let shown = self
+            .inner
+            .id_to_token(id)
+            .is_some_and(|t| !self.inner.get_added_vocabulary().is_special_token(&t));
+        if !shown {
+            return String::new();
+        }
         let step = |state: &mut DecodeState| {
             tokenizers::step_decode_stream(
                 &self.inner,
@@ -328,5 +338,14 @@ mod tests {
         let (pieces, rest) = decode_streamed(&t, &[1, 2, 0, 1]);
         assert_eq!(pieces, ["hello", " world", "", " hello"]);
         assert_eq!(rest, "");
+        // Special tokens and ids past the vocabulary give no text and are not kept: a long run
+        // of them leaves the window as it was.
+        let mut state = DecodeState::default();
+        t.decode_next(&mut state, 1);
+        for id in (0..1000).map(|i| if i % 2 == 0 { 0 } else { 1_000_000 }) {
+            assert_eq!(t.decode_next(&mut state, id), "");
+        }
+        assert!(state.ids.len() <= 1, "{state:?}");
+        assert_eq!(t.decode_next(&mut state, 2), " world");
     }
 }
