@@ -965,6 +965,31 @@ fn a_child_changed_by_hand_is_put_back() {
         start.elapsed()
     );
 
+    // A Service has no generation: its edited selector is put back all the same.
+    let selector = |s: &Value| s["spec"]["selector"].clone();
+    let service = get(&cluster, ns, "service/drift").unwrap();
+    cluster
+        .kubectl_ok(&[
+            "patch",
+            "-n",
+            ns,
+            "service/drift",
+            "-p",
+            r#"{"spec":{"selector":{"app":"someone-else"}}}"#,
+        ])
+        .unwrap();
+    wait_until(CONVERGE, || {
+        let now = get(&cluster, ns, "service/drift")?;
+        Ok(selector(&now) == selector(&service))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}: {:#}\n{}",
+            get(&cluster, ns, "service/drift").unwrap_or_default()["spec"],
+            op.log()
+        )
+    });
+
     // Settled again: a reconcile (an annotation on the object) writes nothing.
     std::thread::sleep(Duration::from_secs(3));
     let mark = cluster.audit_mark().unwrap();
@@ -1083,4 +1108,62 @@ spec:
         Ok(get(&cluster, ns, "deployment/taken-cpu").is_ok_and(|d| d["spec"]["replicas"] == 1))
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
+}
+
+/// Scenario 10: a variant renamed. The old name's Deployment keeps serving until the new one's
+/// pods are all available, and only then goes (make before break): at every look the two
+/// together have at least the replicas asked for available.
+#[test]
+fn a_renamed_variant_is_made_before_the_old_is_broken() {
+    let Some(cluster) = cluster() else { return };
+    let ns = cluster.namespace("op-rename");
+    let ns = ns.name();
+    let op = Operator::start_in(&cluster, "a", ns, false).unwrap();
+    let before = cpu_idep("rename", 2, &[]);
+    cluster.apply_yaml(&before, ns).unwrap();
+    wait_ready(&cluster, ns, "rename").unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
+    let renamed = before.replace("    - name: cpu\n", "    - name: cpu-b\n");
+    assert_ne!(renamed, before);
+    cluster.apply_yaml(&renamed, ns).unwrap();
+    let start = Instant::now();
+    let mut looks = 0;
+    loop {
+        let list = cluster
+            .get_json(&[
+                "deployments",
+                "-n",
+                ns,
+                "-l",
+                "sparsemoe.io/deployment=rename",
+            ])
+            .unwrap();
+        let available: i64 = list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| d["status"]["availableReplicas"].as_i64().unwrap_or(0))
+            .sum();
+        looks += 1;
+        assert!(
+            available >= 2,
+            "look {looks}: {available} available over {:?}\n{}",
+            names(&list),
+            op.log()
+        );
+        if names(&list) == set(&["rename-cpu-b"]) {
+            break;
+        }
+        assert!(
+            start.elapsed() < CONVERGE,
+            "the old Deployment never went: {:?}\n{}",
+            names(&list),
+            op.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_ready(&cluster, ns, "rename").unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
+    eprintln!(
+        "renamed a variant: the old Deployment went after {:?} ({looks} looks)",
+        start.elapsed()
+    );
 }

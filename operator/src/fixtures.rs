@@ -26,7 +26,7 @@ use tower_test::mock::{self, Handle};
 use crate::autoscale;
 use crate::children::{self, Capabilities, Workload};
 use crate::metrics::Metrics;
-use crate::reconcile::{Context, Stores};
+use crate::reconcile::{AppliedMark, Context, Stores, applied_key};
 use crate::status::{self, WorkloadObservation};
 
 pub const NS: &str = "ns";
@@ -101,6 +101,8 @@ pub struct Caches {
     pub config_maps: Writer<ConfigMap>,
     pub pods: Writer<Pod>,
     pub leader_worker_sets: Writer<DynamicObject>,
+    /// What `settle` applied, as the operator's [`Context::applied`] records it.
+    pub applied: HashMap<String, AppliedMark>,
 }
 
 impl Default for Caches {
@@ -112,12 +114,13 @@ impl Default for Caches {
             config_maps: Writer::default(),
             pods: Writer::default(),
             leader_worker_sets: Writer::new(children::lws_api_resource()),
+            applied: HashMap::new(),
         }
     }
 }
 
 impl Caches {
-    fn stores(&self, capabilities: Capabilities) -> Stores {
+    pub fn stores(&self, capabilities: Capabilities) -> Stores {
         Stores {
             deployments: self.deployments.as_reader(),
             services: self.services.as_reader(),
@@ -128,6 +131,18 @@ impl Caches {
                 .leader_worker_set
                 .then(|| self.leader_worker_sets.as_reader()),
         }
+    }
+
+    /// Makes `meta` as the API server leaves an object (a resourceVersion; a generation where
+    /// the kind has one, `generation`) and records it as this process's apply of it left it.
+    pub fn mark(&mut self, kind: &str, meta: &mut kube::api::ObjectMeta, generation: bool) {
+        meta.resource_version = Some("1".into());
+        if generation {
+            meta.generation = Some(meta.generation.unwrap_or(1));
+        }
+        let key = applied_key(kind, NS, meta.name.as_deref().unwrap_or_default());
+        self.applied
+            .insert(key, AppliedMark::of(meta).expect("a resourceVersion"));
     }
 
     /// Fills the caches with the children of a settled `idep`: what the operator applied, each
@@ -145,25 +160,34 @@ impl Caches {
             &decision,
             capabilities,
         );
-        if let Some((_, cm)) = &built.placement {
-            self.config_maps
-                .apply_watcher_event(&watcher::Event::Apply(cm.clone()));
+        let mut service = built.service.clone();
+        self.mark("Service", &mut service.metadata, false);
+        let mut pdb = built.pdb.clone();
+        self.mark("PodDisruptionBudget", &mut pdb.metadata, true);
+        let mut cm = built.placement.as_ref().map(|(_, cm)| cm.clone());
+        if let Some(cm) = &mut cm {
+            self.mark("ConfigMap", &mut cm.metadata, false);
         }
-        self.services
-            .apply_watcher_event(&watcher::Event::Apply(built.service.clone()));
-        self.pdbs
-            .apply_watcher_event(&watcher::Event::Apply(built.pdb.clone()));
-        let mut observed = BTreeMap::new();
+        let mut deployments = Vec::new();
         for child in &built.workloads {
             if let Workload::Deployment(d) = &child.workload {
-                let d = rolled_out(d, child.replicas);
-                observed.insert(
-                    child.variant.clone(),
-                    WorkloadObservation::from_deployment(&d),
-                );
-                self.deployments
-                    .apply_watcher_event(&watcher::Event::Apply(d));
+                let mut d = rolled_out(d, child.replicas);
+                self.mark("Deployment", &mut d.metadata, true);
+                deployments.push((child.variant.clone(), d));
             }
+        }
+        if let Some(cm) = cm {
+            self.config_maps
+                .apply_watcher_event(&watcher::Event::Apply(cm));
+        }
+        self.services
+            .apply_watcher_event(&watcher::Event::Apply(service));
+        self.pdbs.apply_watcher_event(&watcher::Event::Apply(pdb));
+        let mut observed = BTreeMap::new();
+        for (variant, d) in deployments {
+            observed.insert(variant, WorkloadObservation::from_deployment(&d));
+            self.deployments
+                .apply_watcher_event(&watcher::Event::Apply(d));
         }
         let inputs = status::Inputs {
             idep,
@@ -220,7 +244,7 @@ pub fn context(
         stores: caches.stores(capabilities),
         capabilities,
         failures: Mutex::new(HashMap::new()),
-        applied: Mutex::new(HashMap::new()),
+        applied: Mutex::new(caches.applied.clone()),
     };
     (Arc::new(ctx), handle)
 }

@@ -31,6 +31,14 @@ pub enum Error {
     MissingObjectKey(&'static str),
     #[error("serializing a child object: {0}")]
     Serialize(#[from] serde_json::Error),
+    /// A child's name is held by an object this InferenceDeployment does not control (another
+    /// InferenceDeployment's child whose name collides, say): not applied, not taken over.
+    #[error("{kind} {name} exists and is controlled by {owner}, not this InferenceDeployment")]
+    NotOurs {
+        kind: String,
+        name: String,
+        owner: String,
+    },
 }
 
 impl Error {
@@ -43,6 +51,7 @@ impl Error {
             Error::Kube(_) => "transport",
             Error::MissingObjectKey(_) => "missing_key",
             Error::Serialize(_) => "serialize",
+            Error::NotOurs { .. } => "not_ours",
         }
     }
 }

@@ -4,10 +4,14 @@
 //! Reads come from the watch caches in [`Stores`] (no API calls); writes are server-side
 //! applies under [`FIELD_MANAGER`] with controller owner references (so deletion is garbage
 //! collection, with no finalizer), made only for children whose applied hash differs from the
-//! desired one, or that someone else changed since (their generation moved past the one this
-//! operator's apply left: `kubectl scale` or an edit of a workload, which is then applied
-//! again); the status is applied only when it changed. A settled object therefore costs zero
-//! API requests per reconcile.
+//! desired one, that someone else changed since (their generation, or for kinds without one their
+//! resourceVersion, moved past what this process's apply left: `kubectl scale`, an edited image
+//! or Service, which is then applied again), or that this process has not applied yet (once,
+//! after a restart or a change of leader); the status is applied only when it changed. A
+//! settled object therefore costs zero API requests per reconcile. A child of the right name
+//! that another object controls is never applied over (`NameConflict`), and a workload the spec
+//! no longer asks for is deleted only once the ones it asks for are rolled out (make before
+//! break).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -55,9 +59,9 @@ pub struct Context {
     pub capabilities: Capabilities,
     /// Consecutive failures per object, for the error policy's backoff.
     pub failures: Mutex<HashMap<ObjectRef<InferenceDeployment>, u32>>,
-    /// Each child's generation right after this process last applied it, by `kind/ns/name`:
-    /// a cached child whose generation is past it was changed by someone else (drift).
-    pub applied: Mutex<HashMap<String, i64>>,
+    /// What each child was right after this process last applied it, by `kind/ns/name`: a
+    /// cached child past it was changed by someone else (drift). See [`apply_reason`].
+    pub applied: Mutex<HashMap<String, AppliedMark>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -66,6 +70,39 @@ impl std::fmt::Debug for Context {
             .field("capabilities", &self.capabilities)
             .finish_non_exhaustive()
     }
+}
+
+/// A child as this process's last apply of it left it: its generation where its kind has one
+/// (status updates do not move it), else its resourceVersion (Services and ConfigMaps, whose
+/// only writers besides this operator are the people changing them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AppliedMark {
+    Generation(i64),
+    ResourceVersion(String),
+}
+
+impl AppliedMark {
+    /// The mark of `meta`, `None` when it has neither.
+    pub fn of(meta: &kube::api::ObjectMeta) -> Option<Self> {
+        match (meta.generation, &meta.resource_version) {
+            (Some(g), _) => Some(Self::Generation(g)),
+            (None, Some(v)) => Some(Self::ResourceVersion(v.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// Whether `live` has been changed since this mark.
+    fn moved(&self, live: &kube::api::ObjectMeta) -> bool {
+        match self {
+            Self::Generation(ours) => live.generation.is_some_and(|g| g > *ours),
+            Self::ResourceVersion(ours) => live.resource_version.as_ref() != Some(ours),
+        }
+    }
+}
+
+/// The `kind/ns/name` key of a child in [`Context::applied`].
+pub fn applied_key(kind: &str, namespace: &str, name: &str) -> String {
+    format!("{kind}/{namespace}/{name}")
 }
 
 /// How long to wait before looking again at an object that cannot be fully realised: long
@@ -90,6 +127,46 @@ pub async fn reconcile(idep: Arc<InferenceDeployment>, ctx: Arc<Context>) -> Res
             .ok();
     }
     result
+}
+
+/// Forgets what [`Context`] keeps about objects that are gone: the backoff of InferenceDeployments
+/// no longer in `ideps` (deleted while failing, so never reconciled again) and the marks of
+/// children no longer in the caches (garbage-collected, or deleted as stale). Without this both
+/// maps would grow with every object ever made; `run` calls it every [`RESYNC`].
+pub fn prune(ctx: &Context, ideps: &Store<InferenceDeployment>) {
+    if let Ok(mut failures) = ctx.failures.lock() {
+        failures.retain(|key, _| ideps.get(key).is_some());
+    }
+    let stores = &ctx.stores;
+    let cached = |key: &str| {
+        let mut parts = key.splitn(3, '/');
+        let (Some(kind), Some(ns), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+            return false;
+        };
+        match kind {
+            "Deployment" => stores
+                .deployments
+                .get(&ObjectRef::new(name).within(ns))
+                .is_some(),
+            "Service" => stores
+                .services
+                .get(&ObjectRef::new(name).within(ns))
+                .is_some(),
+            "PodDisruptionBudget" => stores.pdbs.get(&ObjectRef::new(name).within(ns)).is_some(),
+            "ConfigMap" => stores
+                .config_maps
+                .get(&ObjectRef::new(name).within(ns))
+                .is_some(),
+            children::LWS_KIND => stores.leader_worker_sets.as_ref().is_some_and(|s| {
+                s.get(&ObjectRef::new_with(name, children::lws_api_resource()).within(ns))
+                    .is_some()
+            }),
+            _ => false,
+        }
+    };
+    if let Ok(mut applied) = ctx.applied.lock() {
+        applied.retain(|key, _| cached(key));
+    }
 }
 
 /// After a failed reconcile: retry with exponential backoff per object (5 s doubling to 5 min).
@@ -120,22 +197,26 @@ pub fn backoff(attempts: u32) -> Duration {
     BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
 }
 
-/// What the cluster reports about the workloads of `idep`, by variant.
+/// What the cluster reports about the workloads of `idep`, by variant (only workloads `idep`
+/// controls: another object's of the same name says nothing about this one's).
 fn observe(
     idep: &InferenceDeployment,
     namespace: &str,
     stores: &Stores,
 ) -> BTreeMap<String, WorkloadObservation> {
+    let uid = idep.metadata.uid.as_deref();
     let mut observed = BTreeMap::new();
     for v in &idep.spec.variants {
         let name = children::workload_name(idep, &v.name);
         if let Some(d) = stores
             .deployments
             .get(&ObjectRef::new(&name).within(namespace))
+            .filter(|d| owned_by(&d.metadata, uid))
         {
             observed.insert(v.name.clone(), WorkloadObservation::from_deployment(&d));
         } else if let Some(l) = stores.leader_worker_sets.as_ref().and_then(|s| {
             s.get(&ObjectRef::new_with(&name, children::lws_api_resource()).within(namespace))
+                .filter(|l| owned_by(&l.metadata, uid))
         }) {
             observed.insert(
                 v.name.clone(),
@@ -238,7 +319,15 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
         &mut rejected,
     )?;
 
-    delete_stale(idep, &namespace, uid.as_deref(), &desired, ctx).await?;
+    // Make before break: workloads the spec no longer asks for (a variant renamed, removed, or
+    // switched between Deployment and LeaderWorkerSet) go only once every workload it does ask
+    // for is rolled out and available, and nothing was refused; until then they keep serving.
+    let replaced = rejected.is_empty()
+        && desired.workloads.iter().all(|child| {
+            !applied_variants.contains(&child.variant)
+                && rolled_out(child, &namespace, uid.as_deref(), stores)
+        });
+    delete_stale(idep, &namespace, uid.as_deref(), &desired, replaced, ctx).await?;
 
     let pods: Vec<Arc<Pod>> = stores.pods.state_filter(|p| {
         p.namespace().as_deref() == Some(namespace.as_str())
@@ -316,14 +405,26 @@ fn refused(
             });
             Ok(false)
         }
+        Err(Error::NotOurs { kind, name, owner }) => {
+            warn!(%kind, %name, %owner, "a child's name is another object's");
+            problems.push(children::Problem {
+                reason: "NameConflict",
+                message: format!(
+                    "{kind} {name} exists and is controlled by {owner}, not this \
+                     InferenceDeployment; delete or rename it, or rename this object or variant"
+                ),
+            });
+            Ok(false)
+        }
         other => other,
     }
 }
 
 /// Why a child is applied, or `None` when the cached object is as this operator left it: it
-/// carries the desired hash and its generation is not past the one recorded at this process's
-/// last apply of it (`key`). Objects with no generation, and those not applied since this
-/// process started, are taken as they are: a restart alone writes nothing.
+/// carries the desired hash and has not moved since this process's last apply of it (`key`,
+/// [`AppliedMark`]). A child this process has not applied yet (after a restart, or a new
+/// leader) is applied once, since what happened to it meanwhile is unknown: a server-side apply
+/// that changes nothing changes nothing, and from then on only drift or a new spec writes.
 fn apply_reason(
     ctx: &Context,
     key: &str,
@@ -336,15 +437,19 @@ fn apply_reason(
     if children::applied_hash(existing) != children::applied_hash(desired) {
         return Some("spec changed");
     }
-    let ours = ctx.applied.lock().ok()?.get(key).copied();
-    match (existing.generation, ours) {
-        (Some(live), Some(ours)) if live > ours => Some("changed by someone else"),
-        _ => None,
+    let Ok(marks) = ctx.applied.lock() else {
+        return Some("not applied since this operator started");
+    };
+    match marks.get(key) {
+        None => Some("not applied since this operator started"),
+        Some(mark) if mark.moved(existing) => Some("changed by someone else"),
+        Some(_) => None,
     }
 }
 
-/// Server-side apply under [`FIELD_MANAGER`]: forced over a child the caches hold (ours, by its
-/// labels: the force takes back fields someone else changed), not forced where they hold none,
+/// Server-side apply under [`FIELD_MANAGER`]: forced over a child the caches hold (ours: its
+/// labels, and [`apply_with`] has checked that this InferenceDeployment controls it; the force
+/// takes back fields someone else changed), not forced where they hold none,
 /// so that an object of that name made by someone else (a user's Service, another
 /// InferenceDeployment's Deployment whose name collides) is a conflict (409, `NameConflict` in
 /// the status; see [`refused`]) rather than taken over.
@@ -353,14 +458,14 @@ fn apply_params(ours: bool) -> PatchParams {
     if ours { params.force() } else { params }
 }
 
-/// Notes the generation an apply of `key` left (see [`Context::applied`]).
+/// Notes what an apply of `key` left (see [`Context::applied`]).
 fn record_apply(ctx: &Context, key: String, applied: &kube::api::ObjectMeta) {
-    if let (Some(generation), Ok(mut map)) = (applied.generation, ctx.applied.lock()) {
-        map.insert(key, generation);
+    if let (Some(mark), Ok(mut map)) = (AppliedMark::of(applied), ctx.applied.lock()) {
+        map.insert(key, mark);
     }
 }
 
-/// Server-side applies `desired` when [`apply_reason`] gives a reason; whether it did.
+/// Server-side applies `desired` when [`apply_reason`] gives a reason; whether that changed it.
 async fn apply_if_changed<K>(
     client: &Client,
     namespace: &str,
@@ -403,7 +508,34 @@ where
     K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
     let name = desired.name_any();
-    let key = format!("{kind}/{namespace}/{name}");
+    // A cached child of this name that another object controls (the caches hold what carries
+    // the managed-by label, which another InferenceDeployment's children carry too) is neither
+    // applied over nor taken: its owner reference would flip at every apply.
+    let owner = desired
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    if let Some(existing) = existing
+        && !owned_by(existing.meta(), owner.map(|o| o.uid.as_str()))
+    {
+        let controller = existing
+            .meta()
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true))
+            .map_or("no controller".to_string(), |o| {
+                format!("{} {}", o.kind, o.name)
+            });
+        return Err(Error::NotOurs {
+            kind: kind.to_string(),
+            name,
+            owner: controller,
+        });
+    }
+    let key = applied_key(kind, namespace, &name);
     let Some(reason) = apply_reason(ctx, &key, desired.meta(), existing.map(|e| e.meta())) else {
         return Ok(false);
     };
@@ -418,7 +550,9 @@ where
     record_apply(ctx, key, applied.meta());
     info!(%kind, %name, %namespace, reason, "applied");
     fault_pause_after_apply().await;
-    Ok(true)
+    // Whether the apply changed the object: an apply that only re-asserts it (after a restart)
+    // starts no rollout, so the status need not wait for one.
+    Ok(existing.is_none_or(|e| AppliedMark::of(e.meta()) != AppliedMark::of(applied.meta())))
 }
 
 /// Environment variable for fault injection in the end-to-end tests: each child apply is
@@ -451,15 +585,42 @@ async fn fault_pause_after_apply() {
     }
 }
 
+/// Whether the cluster has `child`'s workload, controlled by `uid`, with all its replicas of the
+/// current spec available.
+fn rolled_out(
+    child: &children::VariantChild,
+    namespace: &str,
+    uid: Option<&str>,
+    stores: &Stores,
+) -> bool {
+    let observation = match &child.workload {
+        Workload::Deployment(d) => stores
+            .deployments
+            .get(&ObjectRef::from_obj(d.as_ref()))
+            .filter(|d| owned_by(&d.metadata, uid))
+            .map(|d| WorkloadObservation::from_deployment(&d)),
+        Workload::LeaderWorkerSet(l) => stores.leader_worker_sets.as_ref().and_then(|s| {
+            s.get(
+                &ObjectRef::new_with(&l.name_any(), children::lws_api_resource()).within(namespace),
+            )
+            .filter(|l| owned_by(&l.metadata, uid))
+            .map(|l| WorkloadObservation::from_leader_worker_set(&l))
+        }),
+    };
+    observation.is_some_and(|o| o.is_current(child.replicas))
+}
+
 /// Deletes children this object owns that the spec no longer asks for: workloads of removed
-/// variants (or of a variant that switched between Deployment and LeaderWorkerSet) and the
-/// placement ConfigMap once expert parallelism is off. Workloads of variants that cannot be
-/// realised right now are left running.
+/// variants (or of a variant that switched between Deployment and LeaderWorkerSet), once
+/// `replaced` (the workloads it asks for are rolled out), and the placement ConfigMap once
+/// expert parallelism is off. Workloads of variants that cannot be realised right now are left
+/// running.
 async fn delete_stale(
     idep: &InferenceDeployment,
     namespace: &str,
     uid: Option<&str>,
     desired: &Children,
+    replaced: bool,
     ctx: &Context,
 ) -> Result<()> {
     let name = idep.name_any();
@@ -481,7 +642,8 @@ async fn delete_stale(
             && owned_by(meta, uid)
     };
     let stale_deployments = ctx.stores.deployments.state_filter(|d| {
-        mine(&d.metadata)
+        replaced
+            && mine(&d.metadata)
             && !keep(&d.metadata)
             && !wanted.contains(&format!("Deployment/{}", d.name_any()))
     });
@@ -493,7 +655,8 @@ async fn delete_stale(
     }
     if let Some(store) = &ctx.stores.leader_worker_sets {
         let stale = store.state_filter(|l| {
-            mine(&l.metadata)
+            replaced
+                && mine(&l.metadata)
                 && !keep(&l.metadata)
                 && !wanted.contains(&format!("LeaderWorkerSet/{}", l.name_any()))
         });

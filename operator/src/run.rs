@@ -390,6 +390,16 @@ async fn run_controller(
             info!("caches synced; ready");
         }
     });
+    // Forget what the context keeps about deleted objects, every resync period.
+    let (pruned, ideps) = (context.clone(), controller.store());
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(reconcile::RESYNC);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            reconcile::prune(&pruned, &ideps);
+        }
+    });
     let managed = controller.store();
     controller
         .graceful_shutdown_on(shutdown)

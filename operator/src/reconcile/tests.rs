@@ -303,9 +303,11 @@ async fn a_failed_apply_backs_off_and_the_retry_converges() {
         &autoscale::decide(&idep.spec, &Default::default()),
         Capabilities::default(),
     );
+    let mut cm = built.placement.unwrap().1;
+    caches.mark("ConfigMap", &mut cm.metadata, false);
     caches
         .config_maps
-        .apply_watcher_event(&watcher::Event::Apply(built.placement.unwrap().1));
+        .apply_watcher_event(&watcher::Event::Apply(cm));
     let (ctx, handle) = context(&caches, Capabilities::default());
     let verifier = verify(
         handle,
@@ -427,12 +429,14 @@ async fn multi_node_without_lws_is_degraded_not_an_error() {
     let mut again = idep.clone();
     again.status = Some(serde_json::from_value(seen[2].body["status"].clone()).unwrap());
     let mut caches = Caches::default();
-    caches.services.apply_watcher_event(&watcher::Event::Apply(
-        serde_json::from_value(seen[0].body.clone()).unwrap(),
-    ));
-    caches.pdbs.apply_watcher_event(&watcher::Event::Apply(
-        serde_json::from_value(seen[1].body.clone()).unwrap(),
-    ));
+    let mut service: Service = serde_json::from_value(seen[0].body.clone()).unwrap();
+    caches.mark("Service", &mut service.metadata, false);
+    caches
+        .services
+        .apply_watcher_event(&watcher::Event::Apply(service));
+    let mut pdb: PodDisruptionBudget = serde_json::from_value(seen[1].body.clone()).unwrap();
+    caches.mark("PodDisruptionBudget", &mut pdb.metadata, true);
+    caches.pdbs.apply_watcher_event(&watcher::Event::Apply(pdb));
     let (ctx, handle) = context(&caches, Capabilities::default());
     let verifier = verify(handle, vec![]);
     run(again, ctx.clone()).await.expect("reconcile");
@@ -464,4 +468,195 @@ async fn multi_node_without_lws_is_degraded_not_an_error() {
     assert_eq!(seen[0].body["kind"], "LeaderWorkerSet");
     assert_eq!(seen[0].body["spec"]["leaderWorkerTemplate"]["size"], 2);
     assert_eq!(condition(&seen[3].body, "Degraded")["status"], "False");
+}
+
+/// The status write and the one event of a reconcile that applies nothing.
+fn status_and_event(idep: &InferenceDeployment) -> Vec<Expect> {
+    vec![
+        expect(
+            Method::PATCH,
+            format!("{IDEPS}/llm/status"),
+            status_reply(idep),
+        ),
+        expect(Method::POST, EVENTS, Reply::Echo),
+    ]
+}
+
+/// A cached child as its API server reports it: `obj` with its resourceVersion and generation
+/// (the reply to an apply that changed nothing).
+fn as_cached<K: Resource + Serialize>(obj: &K) -> Reply {
+    Reply::Json(serde_json::to_value(obj).unwrap())
+}
+
+#[tokio::test]
+async fn children_not_applied_since_start_or_edited_are_applied_again() {
+    let mut caches = Caches::default();
+    let settled = caches.settle(&gpu_idep(), Capabilities::default());
+    let cached = |caches: &Caches| {
+        let stores = caches.stores(Capabilities::default());
+        (
+            stores.config_maps.state()[0].clone(),
+            stores.deployments.state()[0].clone(),
+            stores.services.state()[0].clone(),
+            stores.pdbs.state()[0].clone(),
+        )
+    };
+    let (cm, deployment, service, pdb) = cached(&caches);
+
+    // A new process (nothing recorded): each child applied once, which changes nothing, so
+    // the status stays as it was (no rollout to wait for).
+    caches.applied.clear();
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(
+        handle,
+        vec![
+            expect(
+                Method::PATCH,
+                format!("{CONFIG_MAPS}/llm-placement"),
+                as_cached(cm.as_ref()),
+            ),
+            expect(
+                Method::PATCH,
+                format!("{DEPLOYMENTS}/llm-h200"),
+                as_cached(deployment.as_ref()),
+            ),
+            expect(
+                Method::PATCH,
+                format!("{SERVICES}/llm"),
+                as_cached(service.as_ref()),
+            ),
+            expect(
+                Method::PATCH,
+                format!("{PDBS}/llm"),
+                as_cached(pdb.as_ref()),
+            ),
+        ],
+    );
+    run(settled.clone(), ctx.clone()).await.expect("reconcile");
+    assert_eq!(ctx.metrics.writes.get(), 4);
+    // Recorded: the next reconcile writes nothing.
+    let recorded = ctx.applied.lock().unwrap().clone();
+    drop(ctx);
+    finish(verifier).await;
+    caches.applied = recorded;
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(handle, vec![]);
+    run(settled.clone(), ctx.clone()).await.expect("reconcile");
+    drop(ctx);
+    finish(verifier).await;
+
+    // A Service edited by hand (it has no generation: its resourceVersion moved) is applied.
+    let mut edited = service.as_ref().clone();
+    edited.metadata.resource_version = Some("2".into());
+    caches
+        .services
+        .apply_watcher_event(&watcher::Event::Apply(edited));
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(handle, vec![patch(format!("{SERVICES}/llm"))]);
+    run(settled, ctx.clone()).await.expect("reconcile");
+    drop(ctx);
+    finish(verifier).await;
+}
+
+#[tokio::test]
+async fn a_child_another_object_controls_is_a_conflict_not_applied_or_observed() {
+    let mut caches = Caches::default();
+    let settled = caches.settle(&gpu_idep(), Capabilities::default());
+    // llm-h200 as another InferenceDeployment's (a colliding name), with a different spec.
+    let stores = caches.stores(Capabilities::default());
+    let mut theirs = stores.deployments.state()[0].as_ref().clone();
+    for owner in theirs.metadata.owner_references.iter_mut().flatten() {
+        owner.uid = "uid-other".into();
+        owner.name = "llm-other".into();
+    }
+    theirs
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(children::ANNOTATION_APPLIED_HASH.into(), "other".into());
+    caches
+        .deployments
+        .apply_watcher_event(&watcher::Event::Apply(theirs));
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(handle, status_and_event(&settled));
+    let action = run(settled, ctx.clone())
+        .await
+        .expect("degraded, not an error");
+    assert_eq!(action, Action::requeue(UNREALISABLE_REQUEUE));
+    drop(ctx);
+    let seen = finish(verifier).await;
+    let degraded = condition(&seen[0].body, "Degraded");
+    assert_eq!(degraded["reason"], "NameConflict", "{degraded}");
+    assert!(
+        degraded["message"].as_str().unwrap().contains("llm-other"),
+        "{degraded}"
+    );
+    // Its replicas are not this object's: nothing is ready.
+    assert_eq!(seen[0].body["status"]["variants"][0]["readyReplicas"], 0);
+}
+
+#[tokio::test]
+async fn a_removed_variants_workload_stays_until_the_rest_is_rolled_out() {
+    let mut two = spec_with_variants(&[("h200", Some(1)), ("h100", None)]);
+    two.scaling.replicas = 2;
+    let mut caches = Caches::default();
+    let settled = caches.settle(&idep(two), Capabilities::default());
+    let mut one = settled.clone();
+    one.spec.variants.truncate(1);
+    one.spec.scaling.replicas = 1;
+    one.metadata.generation = Some(2);
+    // h200 is still rolling out: h100's Deployment keeps serving.
+    let stores = caches.stores(Capabilities::default());
+    let mut rolling = stores
+        .deployments
+        .get(&ObjectRef::new("llm-h200").within(NS))
+        .unwrap()
+        .as_ref()
+        .clone();
+    rolling.status.get_or_insert_default().available_replicas = Some(0);
+    caches
+        .deployments
+        .apply_watcher_event(&watcher::Event::Apply(rolling));
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(handle, status_and_event(&one));
+    run(one.clone(), ctx.clone()).await.expect("reconcile");
+    drop(ctx);
+    finish(verifier).await;
+}
+
+#[tokio::test]
+async fn prune_forgets_what_is_gone() {
+    let mut caches = Caches::default();
+    let settled = caches.settle(&gpu_idep(), Capabilities::default());
+    let (ctx, _handle) = context(&caches, Capabilities::default());
+    let (ideps, mut writer) = kube::runtime::reflector::store::<InferenceDeployment>();
+    writer.apply_watcher_event(&watcher::Event::Apply(settled.clone()));
+    let mut gone = settled.clone();
+    gone.metadata.name = Some("gone".into());
+    {
+        let mut failures = ctx.failures.lock().unwrap();
+        failures.insert(ObjectRef::from_obj(&settled), 3);
+        failures.insert(ObjectRef::from_obj(&gone), 2);
+        let mut applied = ctx.applied.lock().unwrap();
+        assert_eq!(applied.len(), 4, "{applied:?}");
+        applied.insert(
+            applied_key("Deployment", NS, "gone-h200"),
+            AppliedMark::Generation(1),
+        );
+        applied.insert(
+            applied_key("Service", NS, "gone"),
+            AppliedMark::ResourceVersion("7".into()),
+        );
+    }
+    prune(&ctx, &ideps);
+    let failures = ctx.failures.lock().unwrap().clone();
+    assert_eq!(
+        failures.keys().collect::<Vec<_>>(),
+        [&ObjectRef::from_obj(&settled)]
+    );
+    let applied = ctx.applied.lock().unwrap().clone();
+    assert_eq!(
+        applied, caches.applied,
+        "the settled object's four children remain"
+    );
 }
