@@ -169,6 +169,25 @@ pub fn prune(ctx: &Context, ideps: &Store<InferenceDeployment>) {
     }
 }
 
+/// The longest `note` an `events.k8s.io/v1` Event takes (bytes); the API server refuses a
+/// longer one, and the event would be lost.
+pub const EVENT_NOTE_MAX: usize = 1024;
+
+/// `note` cut to [`EVENT_NOTE_MAX`] bytes on a character boundary, marked with an ellipsis
+/// when cut (a Degraded note joins every problem, and can run long).
+pub fn event_note(mut note: String) -> String {
+    if note.len() <= EVENT_NOTE_MAX {
+        return note;
+    }
+    let mut end = EVENT_NOTE_MAX - '…'.len_utf8();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    note.truncate(end);
+    note.push('…');
+    note
+}
+
 /// After a failed reconcile: retry with exponential backoff per object (5 s doubling to 5 min).
 pub fn error_policy(idep: Arc<InferenceDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
@@ -329,10 +348,12 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
         });
     delete_stale(idep, &namespace, uid.as_deref(), &desired, replaced, ctx).await?;
 
-    let pods: Vec<Arc<Pod>> = stores.pods.state_filter(|p| {
+    let mut pods: Vec<Arc<Pod>> = stores.pods.state_filter(|p| {
         p.namespace().as_deref() == Some(namespace.as_str())
             && p.labels().get(LABEL_DEPLOYMENT) == Some(&name)
     });
+    // In name order, so the pod a problem names does not change with the cache's order.
+    pods.sort_by_key(|p| p.name_any());
     let refusals = rejected.len();
     let mut problems = rejected;
     problems.extend(status::pod_problems(pods.iter().map(|p| p.as_ref())));
@@ -736,8 +757,14 @@ async fn publish_transitions(
         }
         _ => {}
     }
-    if status::is_true(previous, status::PROGRESSING)
-        && !status::is_true(Some(next), status::PROGRESSING)
+    // Complete now, and not before (rolling out, or stalled by a problem).
+    let complete = |s: Option<&InferenceDeploymentStatus>| {
+        status::find(s, status::PROGRESSING)
+            .is_some_and(|c| c.status == "False" && c.reason == "RolloutComplete")
+    };
+    if status::find(previous, status::PROGRESSING).is_some()
+        && !complete(previous)
+        && complete(Some(next))
     {
         events.push((
             EventType::Normal,
@@ -762,7 +789,7 @@ async fn publish_transitions(
         let event = Event {
             type_,
             reason: reason.into(),
-            note: Some(note),
+            note: Some(event_note(note)),
             action: "Reconcile".into(),
             secondary: None,
         };

@@ -24,6 +24,8 @@ use crate::children::{self, Children, Problem};
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// The reason of `Progressing=False` while a problem (see `Degraded`) blocks the rollout.
+pub const STALLED: &str = "Stalled";
 pub const SCALING_ACTIVE: &str = "ScalingActive";
 
 /// What the cluster reports about one variant's workload.
@@ -290,6 +292,20 @@ pub fn compute(
             false,
             "RolloutComplete",
             "every variant runs the current spec".into(),
+            generation,
+        )
+    } else if let Some(blocker) = problems.first() {
+        // Not progressing: waiting will not finish the rollout while a problem blocks it, and
+        // GitOps tools should see a failure now rather than at their timeout.
+        condition(
+            PROGRESSING,
+            false,
+            STALLED,
+            format!(
+                "{}; blocked by {}: see Degraded",
+                not_current.join("; "),
+                blocker.reason
+            ),
             generation,
         )
     } else {

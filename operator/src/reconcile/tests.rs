@@ -660,3 +660,18 @@ async fn prune_forgets_what_is_gone() {
         "the settled object's four children remain"
     );
 }
+
+#[test]
+fn long_event_notes_are_cut_on_a_character_boundary() {
+    assert_eq!(event_note("short".into()), "short");
+    for filler in ["a", "é", "日", "🦀"] {
+        let long = filler.repeat(2000);
+        let note = event_note(long.clone());
+        assert!(note.len() <= EVENT_NOTE_MAX, "{}", note.len());
+        assert!(note.len() > EVENT_NOTE_MAX - 8, "{}", note.len());
+        assert!(note.ends_with('…'));
+        assert!(long.starts_with(note.trim_end_matches('…')));
+    }
+    let exact = "x".repeat(EVENT_NOTE_MAX);
+    assert_eq!(event_note(exact.clone()), exact);
+}

@@ -211,6 +211,25 @@ fn degraded_carries_reasons_from_children_rollouts_and_pods() {
     let s = compute(&inputs, None, jiff::Timestamp::UNIX_EPOCH);
     assert_eq!(cond(&s, DEGRADED).reason, "ImagePullFailed");
     assert_eq!(cond(&s, READY).status, "False");
+    // A rollout a problem blocks is not progressing (a GitOps tool fails it now, not at its
+    // timeout); one that is merely underway is.
+    let stalled = cond(&s, PROGRESSING);
+    assert_eq!(
+        (stalled.status.as_str(), stalled.reason.as_str()),
+        ("False", STALLED)
+    );
+    assert!(
+        stalled.message.contains("blocked by ImagePullFailed"),
+        "{}",
+        stalled.message
+    );
+    let underway = Inputs {
+        pod_problems: &[],
+        ..inputs
+    };
+    let s = compute(&underway, None, jiff::Timestamp::UNIX_EPOCH);
+    assert_eq!(cond(&s, PROGRESSING).status, "True");
+    assert_eq!(cond(&s, DEGRADED).status, "False");
 }
 
 #[test]
