@@ -222,20 +222,40 @@ fn group_not_served(status: &kube::core::Status) -> bool {
     status.is_not_found() || status.code == 404
 }
 
-/// Whether the LeaderWorkerSet API is served (API discovery).
+/// Attempts at LeaderWorkerSet discovery before an error counts as "absent"; the waits between
+/// them double from [`DISCOVERY_FIRST_WAIT`] (1 + 2 + 4 + 8 + 16 s).
+const DISCOVERY_ATTEMPTS: u32 = 6;
+const DISCOVERY_FIRST_WAIT: Duration = Duration::from_secs(1);
+
+/// Whether the LeaderWorkerSet API is served (API discovery). It is read once, at start-up (the
+/// controller's watches are wired then), so an error other than "not served" (an API server
+/// restarting, a timeout) is retried for about half a minute before the API is taken as absent:
+/// one blip would otherwise turn multi-node variants off until the operator restarts.
 pub async fn discover(client: &Client) -> Capabilities {
-    let leader_worker_set = match client
-        .list_api_group_resources(children::LWS_API_VERSION)
-        .await
-    {
-        Ok(list) => list
-            .resources
-            .iter()
-            .any(|r| r.name == children::LWS_PLURAL),
-        Err(kube::Error::Api(status)) if group_not_served(&status) => false,
-        Err(e) => {
-            warn!(error = %e, "LeaderWorkerSet discovery failed; treating it as absent");
-            false
+    let mut wait = DISCOVERY_FIRST_WAIT;
+    let mut attempt = 1;
+    let leader_worker_set = loop {
+        match client
+            .list_api_group_resources(children::LWS_API_VERSION)
+            .await
+        {
+            Ok(list) => {
+                break list
+                    .resources
+                    .iter()
+                    .any(|r| r.name == children::LWS_PLURAL);
+            }
+            Err(kube::Error::Api(status)) if group_not_served(&status) => break false,
+            Err(e) if attempt < DISCOVERY_ATTEMPTS => {
+                warn!(error = %e, attempt, retry_in = ?wait, "LeaderWorkerSet discovery failed");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                attempt += 1;
+            }
+            Err(e) => {
+                warn!(error = %e, attempt, "LeaderWorkerSet discovery failed; treating it as absent (multi-node variants are Degraded until the operator restarts)");
+                break false;
+            }
         }
     };
     info!(leader_worker_set, "discovered cluster capabilities");
@@ -484,6 +504,72 @@ mod tests {
             .await
             .expect("lost in time")
             .unwrap();
+    }
+
+    /// Discovery retries a failing API server, and takes "not served" at once.
+    #[tokio::test(start_paused = true)]
+    async fn discovery_retries_errors_but_not_a_group_that_is_not_served() {
+        use crate::fixtures::{Reply, expect, finish, verify};
+        let path = format!("/apis/{}", children::LWS_API_VERSION);
+        let served = Reply::Json(serde_json::json!({
+            "kind": "APIResourceList", "apiVersion": "v1",
+            "groupVersion": children::LWS_API_VERSION,
+            "resources": [{"name": children::LWS_PLURAL, "singularName": "", "namespaced": true,
+                           "kind": "LeaderWorkerSet", "verbs": ["get"]}]
+        }));
+        let (service, handle) = tower_test::mock::pair();
+        let verifier = verify(
+            handle,
+            vec![
+                expect(
+                    http::Method::GET,
+                    &path,
+                    Reply::Fail(503, "ServiceUnavailable"),
+                ),
+                expect(http::Method::GET, &path, Reply::Fail(500, "InternalError")),
+                expect(http::Method::GET, &path, served),
+            ],
+        );
+        let started = tokio::time::Instant::now();
+        assert!(
+            discover(&Client::new(service, "ns"))
+                .await
+                .leader_worker_set
+        );
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(3),
+            "waited 1 s, then 2 s"
+        );
+        finish(verifier).await;
+
+        let (service, handle) = tower_test::mock::pair();
+        let verifier = verify(
+            handle,
+            vec![expect(
+                http::Method::GET,
+                &path,
+                Reply::Fail(404, "NotFound"),
+            )],
+        );
+        assert!(
+            !discover(&Client::new(service, "ns"))
+                .await
+                .leader_worker_set
+        );
+        finish(verifier).await;
+
+        let (service, handle) = tower_test::mock::pair();
+        let failures = (0..DISCOVERY_ATTEMPTS)
+            .map(|_| expect(http::Method::GET, &path, Reply::Fail(500, "InternalError")))
+            .collect();
+        let verifier = verify(handle, failures);
+        assert!(
+            !discover(&Client::new(service, "ns"))
+                .await
+                .leader_worker_set
+        );
+        finish(verifier).await;
     }
 
     /// Regression: a real API server's answer for an uninstalled group was logged as a failed
