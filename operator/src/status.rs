@@ -77,7 +77,9 @@ impl WorkloadObservation {
         }
     }
 
-    /// A LeaderWorkerSet reports groups: a group is ready when all its pods are.
+    /// A LeaderWorkerSet reports groups: a group is ready when all its pods are. Its generation
+    /// is seen once a condition carries it (so the counts of the spec before do not pass for
+    /// the new one's).
     pub fn from_leader_worker_set(l: &DynamicObject) -> Self {
         let num = |v: &serde_json::Value, key: &str| {
             v.get(key)
@@ -86,9 +88,19 @@ impl WorkloadObservation {
         };
         let spec = l.data.get("spec").cloned().unwrap_or_default();
         let status = l.data.get("status").cloned().unwrap_or_default();
+        // LeaderWorkerSet has no status.observedGeneration; its controller stamps each condition
+        // with the generation it saw. Without that (an older controller), the counts alone.
+        let observed = status
+            .get("conditions")
+            .and_then(|c| c.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("observedGeneration")?.as_i64())
+            .filter(|&g| g > 0)
+            .max();
         Self {
-            generation: None,
-            observed_generation: None,
+            generation: observed.and(l.metadata.generation),
+            observed_generation: observed,
             spec_replicas: spec.get("replicas").map_or(1, |_| num(&spec, "replicas")),
             replicas: num(&status, "replicas"),
             ready: num(&status, "readyReplicas"),

@@ -321,3 +321,27 @@ fn a_crash_loop_between_back_offs_is_still_one() {
     assert!(!looping(&pod("recovered", true, true, 3, Some(1))));
     assert!(!looping(&pod("clean-exits", true, false, 3, Some(0))));
 }
+
+#[test]
+fn a_leader_worker_set_is_current_once_its_conditions_carry_its_generation() {
+    let lws = |conditions: serde_json::Value| {
+        let mut l = kube::core::DynamicObject::new("llm-h100", &children::lws_api_resource());
+        l.metadata.generation = Some(2);
+        l.data = serde_json::json!({
+            "spec": {"replicas": 2},
+            "status": {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2,
+                       "conditions": conditions},
+        });
+        WorkloadObservation::from_leader_worker_set(&l)
+    };
+    let condition = |generation: i64| {
+        serde_json::json!({"type": "Available", "status": "True", "reason": "AllGroupsReady",
+                           "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z",
+                           "observedGeneration": generation})
+    };
+    // The counts of generation 1 with the spec at 2: not current until the controller saw it.
+    assert!(!lws(serde_json::json!([condition(1)])).is_current(2));
+    assert!(lws(serde_json::json!([condition(1), condition(2)])).is_current(2));
+    // A controller that stamps no generation: the counts alone, as before.
+    assert!(lws(serde_json::json!([])).is_current(2));
+}
