@@ -216,19 +216,8 @@ impl Sampler {
             return argmax(logits);
         }
         let kept = self.kept(logits);
-        let Some(&(last, _)) = kept.last() else {
-            return argmax(logits);
-        };
-        let total: f32 = kept.iter().map(|&(_, w)| w).sum();
-        let draw = self.rng.random::<f32>() * total;
-        let mut cumulative = 0.0;
-        for &(token, weight) in &kept {
-            cumulative += weight;
-            if draw < cumulative {
-                return token;
-            }
-        }
-        last
+        let u = self.rng.random::<f64>();
+        draw(&kept, u).unwrap_or_else(|| argmax(logits))
     }
 
     /// The tokens that may be picked, each with its weight (its probability up to a common
@@ -251,54 +240,91 @@ impl Sampler {
         if p.top_k > 0 && p.top_k < kept.len() {
             kept.select_nth_unstable_by(p.top_k - 1, order);
             kept.truncate(p.top_k);
+            // In a defined order, so a seed draws the same token whatever order the selection
+            // left (the standard library does not promise one).
+            kept.sort_unstable_by(order);
         }
         if p.min_p > 0.0 {
             // Relative to the most likely token, whose weight is 1 (it always stays).
             kept.retain(|&(_, w)| w >= p.min_p || w >= 1.0);
         }
         if p.top_p < 1.0 {
-            let total: f32 = kept.iter().map(|&(_, w)| w).sum();
+            let need = f64::from(p.top_p) * kept.iter().map(|&(_, w)| f64::from(w)).sum::<f64>();
             // The nucleus lies within the tokens down to some power-of-two weight band: find
             // the band where the mass, from the top, reaches top_p (one pass over the weights,
             // binned by their float exponent), keep those tokens, and sort only them.
-            let mut mass = [0f32; 256];
+            let mut mass = [0f64; 256];
             for &(_, w) in &kept {
-                mass[(w.to_bits() >> 23) as usize & 255] += w;
+                mass[(w.to_bits() >> 23) as usize & 255] += f64::from(w);
             }
             let mut cumulative = 0.0;
             let band = (0..256)
                 .rev()
                 .find(|&b| {
                     cumulative += mass[b];
-                    cumulative >= p.top_p * total
+                    cumulative >= need
                 })
                 .unwrap_or(0);
             let floor = f32::from_bits((band as u32) << 23);
-            kept.retain(|&(_, w)| w >= floor);
-            kept.sort_unstable_by(order);
-            let mut cumulative = 0.0;
-            let keep = kept
-                .iter()
-                .position(|&(_, w)| {
-                    cumulative += w;
-                    cumulative >= p.top_p * total
-                })
-                .map_or(kept.len(), |i| i + 1);
-            kept.truncate(keep);
+            let mut nucleus: Vec<(u32, f32)> =
+                kept.iter().copied().filter(|&(_, w)| w >= floor).collect();
+            let mut end = prefix_reaching(&mut nucleus, need, order);
+            if end.is_none() && nucleus.len() < kept.len() {
+                // Summed in another order, the bands' mass reached top_p a rounding sooner
+                // than the sorted tokens do: the nucleus goes on below the band.
+                nucleus = kept;
+                end = prefix_reaching(&mut nucleus, need, order);
+            }
+            nucleus.truncate(end.unwrap_or(nucleus.len()));
+            return nucleus;
         }
         kept
     }
 }
 
-/// Index of the largest logit (lowest index on ties).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+/// The token at fraction `u` (in [0, 1)) of the weight of `kept`, in their order; `None` when
+/// there is none. Summed in f64: in f32 a long tail of weights each below half a step of the
+/// total (e^-17 next to a top token's 1) would add nothing, and could never be drawn.
+fn draw(kept: &[(u32, f32)], u: f64) -> Option<u32> {
+    let total: f64 = kept.iter().map(|&(_, w)| f64::from(w)).sum();
+    let target = u * total;
+    let mut cumulative = 0.0;
+    for &(token, weight) in kept {
+        cumulative += f64::from(weight);
+        if target < cumulative {
+            return Some(token);
         }
     }
-    best as u32
+    kept.last().map(|&(token, _)| token)
+}
+
+/// Sorts `tokens` by `order` and gives how many of them, from the first, reach weight `need`.
+fn prefix_reaching(
+    tokens: &mut [(u32, f32)],
+    need: f64,
+    order: impl Fn(&(u32, f32), &(u32, f32)) -> std::cmp::Ordering,
+) -> Option<usize> {
+    tokens.sort_unstable_by(order);
+    let mut cumulative = 0.0;
+    tokens
+        .iter()
+        .position(|&(_, w)| {
+            cumulative += f64::from(w);
+            cumulative >= need
+        })
+        .map(|i| i + 1)
+}
+
+/// Index of the largest logit (lowest index on ties; NaN never wins, and an all-NaN or empty
+/// row gives 0).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best: Option<usize> = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if !l.is_nan() && best.is_none_or(|b| l > logits[b]) {
+            best = Some(i);
+        }
+    }
+    best.unwrap_or(0) as u32
 }
 
 /// Log-probability of `token` and the `top` most likely tokens, under the unscaled logits.
@@ -434,11 +460,11 @@ mod tests {
             c.truncate(keep.max(1));
         }
         if p.top_p < 1.0 {
-            let total: f32 = c.iter().map(|x| x.1).sum();
+            let total: f64 = c.iter().map(|x| f64::from(x.1)).sum();
             let mut cumulative = 0.0;
             let keep = c.iter().position(|x| {
-                cumulative += x.1;
-                cumulative >= p.top_p * total
+                cumulative += f64::from(x.1);
+                cumulative >= f64::from(p.top_p) * total
             });
             c.truncate(keep.map_or(c.len(), |i| i + 1));
         }
@@ -474,6 +500,34 @@ mod tests {
             }
         }
         assert_eq!(cases, 240);
+    }
+
+    #[test]
+    fn a_long_tail_of_small_weights_keeps_its_mass_wherever_its_ids_are() {
+        // One token at 0 and 129,279 at -17: each tail weight (e^-17) is below half an f32
+        // step of the total, yet the tail holds about 0.53% of the probability.
+        let vocab = 129_280;
+        let tail = (vocab - 1) as f64 * (-17f64).exp();
+        let share = tail / (1.0 + tail);
+        let sampler = Sampler::new(SamplingParams::default());
+        for top in [0, vocab - 1] {
+            let mut logits = vec![-17f32; vocab];
+            logits[top] = 0.0;
+            let kept = sampler.kept(&logits);
+            // The draws that land past the top token's share land in the tail, and before it
+            // on the top token, whichever end the top token is at.
+            let at = |u: f64| draw(&kept, u).unwrap() as usize;
+            let (in_top, in_tail) = if top == 0 {
+                (1.0 - share * 1.1, 1.0 - share * 0.9)
+            } else {
+                (share * 1.1, share * 0.9)
+            };
+            assert_eq!(at(in_top), top, "{share}");
+            assert_ne!(at(in_tail), top, "{share}");
+        }
+        // NaN never wins greedy.
+        assert_eq!(argmax(&[f32::NAN, 1.0, 3.0, f32::NAN]), 2);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
     }
 
     #[test]

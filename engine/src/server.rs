@@ -593,6 +593,7 @@ impl Run {
             } => {
                 // The end of a character no token finished, as the whole output's decode shows it.
                 let rest = self.state.tokenizer.decode_rest(&mut self.decoding);
+                self.decoded_chars += rest.chars().count();
                 let (mut text, stopped) = self.text.push(&rest);
                 if !stopped {
                     text.push_str(&self.text.flush());
