@@ -106,8 +106,9 @@ pub struct Caches {
 }
 
 impl Default for Caches {
+    /// Empty caches that have had their first (empty) list, as synced watches' have.
     fn default() -> Self {
-        Self {
+        let mut caches = Self {
             deployments: Writer::default(),
             services: Writer::default(),
             pdbs: Writer::default(),
@@ -115,7 +116,22 @@ impl Default for Caches {
             pods: Writer::default(),
             leader_worker_sets: Writer::new(children::lws_api_resource()),
             applied: HashMap::new(),
-        }
+        };
+        caches
+            .deployments
+            .apply_watcher_event(&watcher::Event::InitDone);
+        caches
+            .services
+            .apply_watcher_event(&watcher::Event::InitDone);
+        caches.pdbs.apply_watcher_event(&watcher::Event::InitDone);
+        caches
+            .config_maps
+            .apply_watcher_event(&watcher::Event::InitDone);
+        caches.pods.apply_watcher_event(&watcher::Event::InitDone);
+        caches
+            .leader_worker_sets
+            .apply_watcher_event(&watcher::Event::InitDone);
+        caches
     }
 }
 
@@ -195,6 +211,7 @@ impl Caches {
             decision: &decision,
             children: &built,
             observed: &observed,
+            refused: &[],
             pod_problems: &[],
             applied: &BTreeSet::new(),
         };

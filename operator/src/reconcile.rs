@@ -216,26 +216,29 @@ pub fn backoff(attempts: u32) -> Duration {
     BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
 }
 
-/// What the cluster reports about the workloads of `idep`, by variant (only workloads `idep`
-/// controls: another object's of the same name says nothing about this one's).
+/// What the cluster reports about the workloads of `idep`, by variant: of the kind the spec
+/// asks for (a LeaderWorkerSet when a replica spans several nodes), so that while a variant
+/// moves between kinds the old workload, kept serving until the new one is rolled out, does
+/// not pass for it; and only workloads `idep` controls (another object's of the same name
+/// says nothing about this one's).
 fn observe(
     idep: &InferenceDeployment,
     namespace: &str,
     stores: &Stores,
 ) -> BTreeMap<String, WorkloadObservation> {
-    let uid = idep.metadata.uid.as_deref();
     let mut observed = BTreeMap::new();
     for v in &idep.spec.variants {
         let name = children::workload_name(idep, &v.name);
+        let multi_node = v.nodes(&idep.spec.parallelism) > 1;
         if let Some(d) = stores
             .deployments
             .get(&ObjectRef::new(&name).within(namespace))
-            .filter(|d| owned_by(&d.metadata, uid))
+            .filter(|d| !multi_node && ours_to_read(&d.metadata, idep))
         {
             observed.insert(v.name.clone(), WorkloadObservation::from_deployment(&d));
         } else if let Some(l) = stores.leader_worker_sets.as_ref().and_then(|s| {
             s.get(&ObjectRef::new_with(&name, children::lws_api_resource()).within(namespace))
-                .filter(|l| owned_by(&l.metadata, uid))
+                .filter(|l| multi_node && ours_to_read(&l.metadata, idep))
         }) {
             observed.insert(
                 v.name.clone(),
@@ -246,6 +249,20 @@ fn observe(
     observed
 }
 
+/// Whether a cached child is `idep`'s to read: it controls it, or nothing does and it carries
+/// `idep`'s label (an orphan the next apply adopts).
+fn ours_to_read(meta: &kube::api::ObjectMeta, idep: &InferenceDeployment) -> bool {
+    let orphan = !meta
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true));
+    owned_by(meta, idep.metadata.uid.as_deref())
+        || orphan
+            && meta.labels.as_ref().and_then(|l| l.get(LABEL_DEPLOYMENT))
+                == idep.metadata.name.as_ref()
+}
+
 fn owned_by(meta: &kube::api::ObjectMeta, uid: Option<&str>) -> bool {
     meta.owner_references
         .iter()
@@ -253,10 +270,42 @@ fn owned_by(meta: &kube::api::ObjectMeta, uid: Option<&str>) -> bool {
         .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
 }
 
+/// How long a reconcile waits for the children's caches to sync (see [`caches_synced`]).
+pub const CACHE_SYNC_WAIT: Duration = Duration::from_secs(1);
+
+/// Whether `store` has had its first full list.
+fn synced<K>(store: &Store<K>) -> bool
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    use futures::FutureExt;
+    store
+        .wait_until_ready()
+        .now_or_never()
+        .is_some_and(|r| r.is_ok())
+}
+
+/// Whether every child cache has had its first full list. The controller holds reconciles only
+/// until the InferenceDeployments' cache is ready; until the children's are too, a child would
+/// look missing: applied as new (a status of `Creating` and a `Created` event on every restart)
+/// and without the check that it is this object's.
+fn caches_synced(stores: &Stores) -> bool {
+    synced(&stores.deployments)
+        && synced(&stores.services)
+        && synced(&stores.pdbs)
+        && synced(&stores.config_maps)
+        && synced(&stores.pods)
+        && stores.leader_worker_sets.as_ref().is_none_or(synced)
+}
+
 async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Action> {
     if idep.metadata.deletion_timestamp.is_some() {
         // Children go with it through their owner references.
         return Ok(Action::await_change());
+    }
+    if !caches_synced(&ctx.stores) {
+        return Ok(Action::requeue(CACHE_SYNC_WAIT));
     }
     let namespace = idep
         .namespace()
@@ -340,30 +389,36 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
 
     // Make before break: workloads the spec no longer asks for (a variant renamed, removed, or
     // switched between Deployment and LeaderWorkerSet) go only once every workload it does ask
-    // for is rolled out and available, and nothing was refused; until then they keep serving.
+    // for is rolled out and available, and none is refused or unrealisable; until then they
+    // keep serving (and the placement ConfigMap they may mount stays).
     let replaced = rejected.is_empty()
+        && desired.unrealised_variants.is_empty()
         && desired.workloads.iter().all(|child| {
             !applied_variants.contains(&child.variant)
                 && rolled_out(child, &namespace, uid.as_deref(), stores)
         });
     delete_stale(idep, &namespace, uid.as_deref(), &desired, replaced, ctx).await?;
 
+    // Pods of the variants the spec has: a removed variant's, kept serving until its
+    // replacement is rolled out, say nothing about this spec.
     let mut pods: Vec<Arc<Pod>> = stores.pods.state_filter(|p| {
         p.namespace().as_deref() == Some(namespace.as_str())
             && p.labels().get(LABEL_DEPLOYMENT) == Some(&name)
+            && p.labels()
+                .get(LABEL_VARIANT)
+                .is_some_and(|v| idep.spec.variants.iter().any(|s| &s.name == v))
     });
     // In name order, so the pod a problem names does not change with the cache's order.
     pods.sort_by_key(|p| p.name_any());
-    let refusals = rejected.len();
-    let mut problems = rejected;
-    problems.extend(status::pod_problems(pods.iter().map(|p| p.as_ref())));
+    let pod_problems = status::pod_problems(pods.iter().map(|p| p.as_ref()));
     let inputs = status::Inputs {
         idep,
         namespace: &namespace,
         decision: &decision,
         children: &desired,
         observed: &observed,
-        pod_problems: &problems,
+        refused: &rejected,
+        pod_problems: &pod_problems,
         applied: &applied_variants,
     };
     let previous = idep.status.as_ref();
@@ -385,7 +440,7 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
         publish_transitions(idep, previous, &next, &decision, applied_any, ctx).await;
     }
 
-    Ok(if !desired.problems.is_empty() || refusals > 0 {
+    Ok(if !desired.problems.is_empty() || !rejected.is_empty() {
         Action::requeue(UNREALISABLE_REQUEUE)
     } else {
         Action::requeue(RESYNC)
@@ -531,33 +586,51 @@ where
     let name = desired.name_any();
     // A cached child of this name that another object controls (the caches hold what carries
     // the managed-by label, which another InferenceDeployment's children carry too) is neither
-    // applied over nor taken: its owner reference would flip at every apply.
-    let owner = desired
-        .meta()
-        .owner_references
-        .iter()
-        .flatten()
-        .find(|o| o.controller == Some(true));
-    if let Some(existing) = existing
-        && !owned_by(existing.meta(), owner.map(|o| o.uid.as_str()))
-    {
-        let controller = existing
-            .meta()
-            .owner_references
+    // applied over nor taken: its owner reference would flip at every apply. One that no
+    // object controls and that is labelled as this InferenceDeployment's (its children, left
+    // by a `--cascade=orphan` delete of it) is adopted.
+    let controller_of = |meta: &kube::api::ObjectMeta| {
+        meta.owner_references
             .iter()
             .flatten()
             .find(|o| o.controller == Some(true))
-            .map_or("no controller".to_string(), |o| {
-                format!("{} {}", o.kind, o.name)
-            });
-        return Err(Error::NotOurs {
-            kind: kind.to_string(),
-            name,
-            owner: controller,
-        });
+            .cloned()
+    };
+    let ours = controller_of(desired.meta()).map(|o| o.uid);
+    let label = |meta: &kube::api::ObjectMeta| {
+        meta.labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_DEPLOYMENT))
+            .cloned()
+    };
+    let mut adopt = false;
+    if let Some(existing) = existing {
+        match controller_of(existing.meta()) {
+            Some(c) if Some(&c.uid) != ours.as_ref() => {
+                return Err(Error::NotOurs {
+                    kind: kind.to_string(),
+                    name,
+                    owner: format!("{} {}", c.kind, c.name),
+                });
+            }
+            Some(_) => {}
+            None if label(existing.meta()) == label(desired.meta()) => adopt = true,
+            None => {
+                return Err(Error::NotOurs {
+                    kind: kind.to_string(),
+                    name,
+                    owner: "no controller (and another object's labels)".to_string(),
+                });
+            }
+        }
     }
     let key = applied_key(kind, namespace, &name);
-    let Some(reason) = apply_reason(ctx, &key, desired.meta(), existing.map(|e| e.meta())) else {
+    let reason = if adopt {
+        Some("adopted (it had no controller)")
+    } else {
+        apply_reason(ctx, &key, desired.meta(), existing.map(|e| e.meta()))
+    };
+    let Some(reason) = reason else {
         return Ok(false);
     };
     ctx.metrics.writes.inc();
@@ -692,7 +765,7 @@ async fn delete_stale(
         .problems
         .iter()
         .any(|p| p.reason == "PlacementInfeasible");
-    if desired.placement.is_none() && !placement_infeasible {
+    if replaced && desired.placement.is_none() && !placement_infeasible {
         let cm_name = children::placement_config_map_name(idep);
         if let Some(cm) = ctx
             .stores

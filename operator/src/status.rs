@@ -203,8 +203,10 @@ pub struct Inputs<'a> {
     pub children: &'a Children,
     /// By variant name.
     pub observed: &'a BTreeMap<String, WorkloadObservation>,
-    /// What this reconcile found wrong besides the spec: children the API server refused,
-    /// then pods that cannot start.
+    /// Children the API server refused in this reconcile (they block the rollout).
+    pub refused: &'a [Problem],
+    /// Pods that cannot start (a rollout may still fix them: they make the object Degraded,
+    /// and block its rollout only once the workload's own progress deadline passes).
     pub pod_problems: &'a [Problem],
     /// Variants whose workload was (re)applied in this reconcile: not current until observed.
     pub applied: &'a BTreeSet<String>,
@@ -241,6 +243,7 @@ pub fn compute(
         decision,
         children,
         observed,
+        refused,
         pod_problems,
         applied,
     } = *inputs;
@@ -272,12 +275,14 @@ pub fn compute(
         });
     }
 
-    let problems: Vec<&Problem> = children
+    // What no rollout gets past: an unrealisable spec, a refused child, a stuck workload.
+    let blocking: Vec<&Problem> = children
         .problems
         .iter()
         .chain(observed.values().filter_map(|o| o.failure.as_ref()))
-        .chain(pod_problems)
+        .chain(refused)
         .collect();
+    let problems: Vec<&Problem> = blocking.iter().copied().chain(pod_problems).collect();
     let degraded = match problems.first() {
         Some(first) => condition(
             DEGRADED,
@@ -306,7 +311,7 @@ pub fn compute(
             "every variant runs the current spec".into(),
             generation,
         )
-    } else if let Some(blocker) = problems.first() {
+    } else if let Some(blocker) = blocking.first() {
         // Not progressing: waiting will not finish the rollout while a problem blocks it, and
         // GitOps tools should see a failure now rather than at their timeout.
         condition(

@@ -675,3 +675,72 @@ fn long_event_notes_are_cut_on_a_character_boundary() {
     let exact = "x".repeat(EVENT_NOTE_MAX);
     assert_eq!(event_note(exact.clone()), exact);
 }
+
+#[tokio::test]
+async fn a_reconcile_waits_for_the_child_caches_to_sync() {
+    let mut caches = Caches::default();
+    let settled = caches.settle(&gpu_idep(), Capabilities::default());
+    caches.pods = kube::runtime::reflector::store::Writer::default(); // not listed yet
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(handle, vec![]);
+    let action = run(settled, ctx.clone()).await.expect("reconcile");
+    assert_eq!(action, Action::requeue(CACHE_SYNC_WAIT));
+    assert_eq!(ctx.metrics.writes.get(), 0);
+    drop(ctx);
+    finish(verifier).await;
+}
+
+#[tokio::test]
+async fn an_orphaned_child_with_this_objects_labels_is_adopted() {
+    let mut caches = Caches::default();
+    let settled = caches.settle(&gpu_idep(), Capabilities::default());
+    let stores = caches.stores(Capabilities::default());
+    let owned = stores.deployments.state()[0].as_ref().clone();
+    // Left by `kubectl delete --cascade=orphan` of an earlier object of this name.
+    let mut orphan = owned.clone();
+    orphan.metadata.owner_references = None;
+    caches
+        .deployments
+        .apply_watcher_event(&watcher::Event::Apply(orphan));
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(
+        handle,
+        vec![expect(
+            Method::PATCH,
+            format!("{DEPLOYMENTS}/llm-h200"),
+            as_cached(&owned),
+        )],
+    );
+    run(settled, ctx.clone()).await.expect("reconcile");
+    drop(ctx);
+    let seen = finish(verifier).await;
+    assert_eq!(
+        seen[0].body["metadata"]["ownerReferences"][0]["uid"],
+        "uid-llm"
+    );
+    assert!(seen[0].query.contains("force=true"), "{}", seen[0].query);
+}
+
+#[tokio::test]
+async fn a_removed_variants_workload_stays_while_another_is_unrealisable() {
+    let mut two = spec_with_variants(&[("h200", Some(1)), ("h100", None)]);
+    two.scaling.replicas = 2;
+    let mut caches = Caches::default();
+    let settled = caches.settle(&idep(two), Capabilities::default());
+    // h100 is replaced by a multi-node variant, which needs the LeaderWorkerSet API.
+    let mut next = settled.clone();
+    next.spec.variants[1].name = "h100-pair".into();
+    next.spec.variants[1].gpus_per_replica = Some(16);
+    next.spec.variants[1].nodes_per_replica = Some(2);
+    next.metadata.generation = Some(2);
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(handle, status_and_event(&next));
+    let action = run(next, ctx.clone()).await.expect("reconcile");
+    assert_eq!(action, Action::requeue(UNREALISABLE_REQUEUE));
+    drop(ctx);
+    let seen = finish(verifier).await;
+    assert_eq!(
+        condition(&seen[0].body, "Degraded")["reason"],
+        "LeaderWorkerSetMissing"
+    );
+}

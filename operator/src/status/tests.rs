@@ -65,6 +65,7 @@ fn status_of(
         decision: &c.decision,
         children: &c.children,
         observed,
+        refused: &[],
         pod_problems: &[],
         applied: &BTreeSet::new(),
     };
@@ -205,31 +206,46 @@ fn degraded_carries_reasons_from_children_rollouts_and_pods() {
         decision: &c.decision,
         children: &c.children,
         observed: &observe(&c, |o| o.available = 0),
+        refused: &[],
         pod_problems: &problems,
         applied: &BTreeSet::new(),
     };
     let s = compute(&inputs, None, jiff::Timestamp::UNIX_EPOCH);
     assert_eq!(cond(&s, DEGRADED).reason, "ImagePullFailed");
     assert_eq!(cond(&s, READY).status, "False");
-    // A rollout a problem blocks is not progressing (a GitOps tool fails it now, not at its
-    // timeout); one that is merely underway is.
+    // Pods that cannot start leave the rollout progressing (the rollout of a fix is underway);
+    // a problem no rollout gets past (a refused child, a stuck workload) stalls it, so a
+    // GitOps tool fails it now rather than at its timeout.
+    assert_eq!(cond(&s, PROGRESSING).status, "True");
+    let refused = [Problem {
+        reason: "ApplyRejected",
+        message: "the API server refused Deployment llm-h200".into(),
+    }];
+    let blocked = Inputs {
+        refused: &refused,
+        ..inputs
+    };
+    let s = compute(&blocked, None, jiff::Timestamp::UNIX_EPOCH);
     let stalled = cond(&s, PROGRESSING);
     assert_eq!(
         (stalled.status.as_str(), stalled.reason.as_str()),
         ("False", STALLED)
     );
     assert!(
-        stalled.message.contains("blocked by ImagePullFailed"),
+        stalled.message.contains("blocked by ApplyRejected"),
         "{}",
         stalled.message
     );
-    let underway = Inputs {
-        pod_problems: &[],
-        ..inputs
-    };
-    let s = compute(&underway, None, jiff::Timestamp::UNIX_EPOCH);
-    assert_eq!(cond(&s, PROGRESSING).status, "True");
-    assert_eq!(cond(&s, DEGRADED).status, "False");
+    assert_eq!(cond(&s, DEGRADED).reason, "ApplyRejected");
+    let stuck = observe(&c, |o| {
+        o.available = 0;
+        o.failure = Some(Problem {
+            reason: "RolloutStuck",
+            message: "deployment llm-h200: ProgressDeadlineExceeded".into(),
+        })
+    });
+    let s = status_of(&c, &stuck, None, 1);
+    assert_eq!(cond(&s, PROGRESSING).reason, STALLED);
 }
 
 #[test]
