@@ -46,18 +46,24 @@ fn check_rejection(status: u16, message: &str) {
     assert!(!message.is_empty(), "a rejection without a message");
 }
 
-/// Streams the input's bytes as tokens (one char each) through the stop-string filter: the
-/// pieces sent plus the flushed tail are exactly the kept text, which contains no stop string
-/// and is a prefix of the whole decoded text.
+/// Streams the input's bytes as tokens' text (an ASCII character each, or a character of two
+/// to four bytes) through the stop-string filter: the pieces sent plus the flushed tail are
+/// exactly the kept text, which contains no stop string and is a prefix of the whole text.
 fn stream_through_stops(stops: &[String], data: &[u8]) {
-    let decode =
-        |ids: &[u32]| -> String { ids.iter().filter_map(|&i| char::from_u32(i)).collect() };
-    let ids: Vec<u32> = data.iter().map(|&b| u32::from(b % 96) + 32).collect();
+    let pieces: Vec<String> = data
+        .iter()
+        .map(|&b| match b {
+            0..200 => char::from(b % 96 + 32).to_string(),
+            200..220 => "é".to_string(),
+            220..240 => "日".to_string(),
+            _ => "🦀".to_string(),
+        })
+        .collect();
     let mut stream = TextStream::new(stops.to_vec());
     let mut sent = String::new();
     let mut stopped = false;
-    for &id in &ids {
-        let (delta, stop) = stream.push(id, decode);
+    for piece in &pieces {
+        let (delta, stop) = stream.push(piece);
         sent.push_str(&delta);
         if stop {
             stopped = true;
@@ -70,7 +76,7 @@ fn stream_through_stops(stops: &[String], data: &[u8]) {
         stream.text(),
         "streamed pieces differ from the kept text"
     );
-    let whole = decode(&ids);
+    let whole = pieces.concat();
     assert!(
         whole.starts_with(&sent),
         "kept text is not a prefix of the output"
