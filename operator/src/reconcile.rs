@@ -20,6 +20,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::DynamicObject;
 use kube::runtime::controller::Action;
@@ -252,22 +253,27 @@ fn observe(
 /// Whether a cached child is `idep`'s to read: it controls it, or nothing does and it carries
 /// `idep`'s label (an orphan the next apply adopts).
 fn ours_to_read(meta: &kube::api::ObjectMeta, idep: &InferenceDeployment) -> bool {
-    let orphan = !meta
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.controller == Some(true));
-    owned_by(meta, idep.metadata.uid.as_deref())
-        || orphan
-            && meta.labels.as_ref().and_then(|l| l.get(LABEL_DEPLOYMENT))
-                == idep.metadata.name.as_ref()
+    match controller_of(meta) {
+        Some(c) => Some(c.uid.as_str()) == idep.metadata.uid.as_deref(),
+        None => deployment_label(meta) == idep.metadata.name.as_ref(),
+    }
 }
 
-fn owned_by(meta: &kube::api::ObjectMeta, uid: Option<&str>) -> bool {
+/// The owner reference of the object that controls `meta`'s, if any.
+fn controller_of(meta: &kube::api::ObjectMeta) -> Option<&OwnerReference> {
     meta.owner_references
         .iter()
         .flatten()
-        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+        .find(|o| o.controller == Some(true))
+}
+
+/// The InferenceDeployment a child is labelled as belonging to.
+fn deployment_label(meta: &kube::api::ObjectMeta) -> Option<&String> {
+    meta.labels.as_ref()?.get(LABEL_DEPLOYMENT)
+}
+
+fn owned_by(meta: &kube::api::ObjectMeta, uid: Option<&str>) -> bool {
+    controller_of(meta).is_some_and(|o| Some(o.uid.as_str()) == uid)
 }
 
 /// How long a reconcile waits for the children's caches to sync (see [`caches_synced`]).
@@ -395,7 +401,9 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
         && desired.unrealised_variants.is_empty()
         && desired.workloads.iter().all(|child| {
             !applied_variants.contains(&child.variant)
-                && rolled_out(child, &namespace, uid.as_deref(), stores)
+                && observed
+                    .get(&child.variant)
+                    .is_some_and(|o| o.is_current(child.replicas))
         });
     delete_stale(idep, &namespace, uid.as_deref(), &desired, replaced, ctx).await?;
 
@@ -589,24 +597,11 @@ where
     // applied over nor taken: its owner reference would flip at every apply. One that no
     // object controls and that is labelled as this InferenceDeployment's (its children, left
     // by a `--cascade=orphan` delete of it) is adopted.
-    let controller_of = |meta: &kube::api::ObjectMeta| {
-        meta.owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true))
-            .cloned()
-    };
-    let ours = controller_of(desired.meta()).map(|o| o.uid);
-    let label = |meta: &kube::api::ObjectMeta| {
-        meta.labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_DEPLOYMENT))
-            .cloned()
-    };
+    let ours = controller_of(desired.meta()).map(|o| &o.uid);
     let mut adopt = false;
     if let Some(existing) = existing {
         match controller_of(existing.meta()) {
-            Some(c) if Some(&c.uid) != ours.as_ref() => {
+            Some(c) if Some(&c.uid) != ours => {
                 return Err(Error::NotOurs {
                     kind: kind.to_string(),
                     name,
@@ -614,7 +609,9 @@ where
                 });
             }
             Some(_) => {}
-            None if label(existing.meta()) == label(desired.meta()) => adopt = true,
+            None if deployment_label(existing.meta()) == deployment_label(desired.meta()) => {
+                adopt = true
+            }
             None => {
                 return Err(Error::NotOurs {
                     kind: kind.to_string(),
@@ -677,31 +674,6 @@ async fn fault_pause_after_apply() {
     if let Some(pause) = fault_pause() {
         tokio::time::sleep(pause).await;
     }
-}
-
-/// Whether the cluster has `child`'s workload, controlled by `uid`, with all its replicas of the
-/// current spec available.
-fn rolled_out(
-    child: &children::VariantChild,
-    namespace: &str,
-    uid: Option<&str>,
-    stores: &Stores,
-) -> bool {
-    let observation = match &child.workload {
-        Workload::Deployment(d) => stores
-            .deployments
-            .get(&ObjectRef::from_obj(d.as_ref()))
-            .filter(|d| owned_by(&d.metadata, uid))
-            .map(|d| WorkloadObservation::from_deployment(&d)),
-        Workload::LeaderWorkerSet(l) => stores.leader_worker_sets.as_ref().and_then(|s| {
-            s.get(
-                &ObjectRef::new_with(&l.name_any(), children::lws_api_resource()).within(namespace),
-            )
-            .filter(|l| owned_by(&l.metadata, uid))
-            .map(|l| WorkloadObservation::from_leader_worker_set(&l))
-        }),
-    };
-    observation.is_some_and(|o| o.is_current(child.replicas))
 }
 
 /// Deletes children this object owns that the spec no longer asks for: workloads of removed

@@ -162,13 +162,10 @@ fn degraded_carries_reasons_from_children_rollouts_and_pods() {
         ("True", "RolloutStuck")
     );
 
-    let pod = |name: &str, reason: &str| Pod {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        status: Some(PodStatus {
-            container_statuses: Some(vec![ContainerStatus {
+    let pod = |name: &str, reason: &str| {
+        engine_pod(
+            name,
+            ContainerStatus {
                 name: "engine".into(),
                 image: "registry.invalid/engine:typo".into(),
                 state: Some(ContainerState {
@@ -179,10 +176,8 @@ fn degraded_carries_reasons_from_children_rollouts_and_pods() {
                     ..Default::default()
                 }),
                 ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
+            },
+        )
     };
     let pods = [
         pod("a", "ErrImagePull"),
@@ -287,13 +282,10 @@ fn metric_policies_say_the_autoscaler_is_not_wired() {
 /// ended cleanly are not.
 #[test]
 fn a_crash_loop_between_back_offs_is_still_one() {
-    let pod = |name: &str, running: bool, ready: bool, restarts: i32, last_exit: Option<i32>| Pod {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        status: Some(PodStatus {
-            container_statuses: Some(vec![ContainerStatus {
+    let pod = |name: &str, running: bool, ready: bool, restarts: i32, last_exit: Option<i32>| {
+        engine_pod(
+            name,
+            ContainerStatus {
                 name: "engine".into(),
                 image: "engine:1".into(),
                 ready,
@@ -320,10 +312,8 @@ fn a_crash_loop_between_back_offs_is_still_one() {
                     ..Default::default()
                 }),
                 ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
+            },
+        )
     };
     let looping = |p: &Pod| {
         pod_problems([p])
@@ -360,4 +350,19 @@ fn a_leader_worker_set_is_current_once_its_conditions_carry_its_generation() {
     assert!(lws(serde_json::json!([condition(1), condition(2)])).is_current(2));
     // A controller that stamps no generation: the counts alone, as before.
     assert!(lws(serde_json::json!([])).is_current(2));
+}
+
+/// A pod named `name` with one container whose status is `container`.
+fn engine_pod(name: &str, container: ContainerStatus) -> Pod {
+    Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        status: Some(PodStatus {
+            container_statuses: Some(vec![container]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
