@@ -1112,19 +1112,25 @@ class Harness:
             self.record(f"moe_route_f32 weights E={E}", rel_l2(wts[same], rw[same]), F32_BOUND)
 
         # the engine's lists from a routing on the device (moe_expert_slots): pairs in expert
-        # order, an expert's in token order; counts added to one load row
-        for T, E, K in ((64, 256, 8), (5, 8, 2), (300, 16, 1), (40, 512, 8)):
+        # order, an expert's in token order; each expert's tiles of 64 rows (the grouped
+        # kernels' grid rows); counts added to one load row. A decode step's pairs, and a
+        # prefill chunk's (4096 x top-8: 128 of the kernel's 256-pair tiles).
+        def tiles_of(counts):
+            return torch.cat([torch.zeros(1, dtype=torch.long, device=self.dev), ((counts + 63) // 64).cumsum(0)])
+
+        for T, E, K in ((64, 256, 8), (5, 8, 2), (300, 16, 1), (40, 512, 8), (4096, 256, 8)):
             ids = torch.rand(T, E, device=self.dev).topk(K, -1).indices.sort(-1).values.int().contiguous()
             w = torch.rand(T, K, device=self.dev)
             P = T * K
             group_offsets = torch.full((E + 1,), -7, dtype=torch.int32, device=self.dev)
+            tile_offsets = torch.full((E + 1,), -7, dtype=torch.int32, device=self.dev)
             row_offsets = torch.full((T + 1,), -7, dtype=torch.int32, device=self.dev)
             slot_rows = torch.full((P,), -7, dtype=torch.int32, device=self.dev)
             slot_w = torch.full((P,), float("nan"), device=self.dev)
             slot_of = torch.full((P,), -7, dtype=torch.int32, device=self.dev)
             load = torch.ones(3, E, device=self.dev)
-            self.launch("moe_expert_slots", (1,), 256, [group_offsets, row_offsets, slot_rows, slot_w, slot_of, load[1], ids, w,
-                                                        ("i", T), ("i", K), ("i", E)])
+            self.launch("moe_expert_slots", (1,), 256, [group_offsets, tile_offsets, row_offsets, slot_rows, slot_w, slot_of,
+                                                        load[1], ids, w, ("i", T), ("i", K), ("i", E)])
             flat = ids.flatten().long()
             order = torch.sort(flat * P + torch.arange(P, device=self.dev)).indices  # by expert, then pair
             counts = torch.bincount(flat, minlength=E)
@@ -1133,11 +1139,13 @@ class Harness:
             want_slot_of[order] = torch.arange(P, device=self.dev)
             want_load = torch.ones(3, E, device=self.dev)
             want_load[1] += counts.float()
-            ok = (torch.equal(group_offsets.long(), want_offsets) and torch.equal(slot_of.long(), want_slot_of)
+            ok = (torch.equal(group_offsets.long(), want_offsets) and torch.equal(tile_offsets.long(), tiles_of(counts))
+                  and torch.equal(slot_of.long(), want_slot_of)
                   and torch.equal(slot_rows.long(), order // K) and torch.equal(slot_w, w.flatten()[order])
                   and torch.equal(row_offsets.long(), torch.arange(T + 1, device=self.dev) * K) and torch.equal(load, want_load))
             self.record_bool(f"moe_expert_slots T={T} E={E} K={K}", ok,
-                             "expert-order slots, token order within, counts into one load row" if ok else "lists differ")
+                             "expert-order slots, token order within, 64-row tiles, counts into one load row" if ok
+                             else "lists differ")
 
             # expert shards (engine: run_shards): each shard keeps the pairs dealt to its copies
             # (moe_shard_pairs: an expert's r-th pair to copy r mod copies), then lists them over
@@ -1162,18 +1170,22 @@ class Harness:
                 kept += mine.long()
                 Es = len(held)
                 go = torch.full((Es + 1,), -7, dtype=torch.int32, device=self.dev)
+                to = torch.full((Es + 1,), -7, dtype=torch.int32, device=self.dev)
                 ro = torch.full((T + 1,), -7, dtype=torch.int32, device=self.dev)
                 sr = torch.full((P,), -7, dtype=torch.int32, device=self.dev)
                 sw = torch.full((P,), float("nan"), device=self.dev)
                 so = torch.full((P,), -7, dtype=torch.int32, device=self.dev)
-                self.launch("moe_expert_slots", (1,), 256, [go, ro, sr, sw, so, ("p", 0), local, w, ("i", T), ("i", K), ("i", Es)])
+                self.launch("moe_expert_slots", (1,), 256, [go, to, ro, sr, sw, so, ("p", 0), local, w, ("i", T), ("i", K),
+                                                            ("i", Es)])
                 ll = local.long()
                 n_kept = int(mine.sum())
                 korder = torch.sort(torch.where(mine, ll, Es) * P + torch.arange(P, device=self.dev)).indices[:n_kept]
                 want_so = torch.full((P,), -1, dtype=torch.long, device=self.dev)
                 want_so[korder] = torch.arange(n_kept, device=self.dev)
-                want_go = torch.cat([torch.zeros(1, dtype=torch.long, device=self.dev), torch.bincount(ll[mine], minlength=Es).cumsum(0)])
-                good &= (torch.equal(go.long(), want_go) and torch.equal(so.long(), want_so)
+                shard_counts = torch.bincount(ll[mine], minlength=Es)
+                want_go = torch.cat([torch.zeros(1, dtype=torch.long, device=self.dev), shard_counts.cumsum(0)])
+                good &= (torch.equal(go.long(), want_go) and torch.equal(to.long(), tiles_of(shard_counts))
+                         and torch.equal(so.long(), want_so)
                          and torch.equal(sr.long()[:n_kept], korder // K) and torch.equal(sw[:n_kept], w.flatten()[korder])
                          and bool((sr[n_kept:] == 0).all()) and bool((sw[n_kept:] == 0).all())
                          and torch.equal(ro.long(), torch.arange(T + 1, device=self.dev) * K))
@@ -1301,16 +1313,22 @@ class Harness:
 
     def check_grouped(self, fp8, counts, n, k, time_it=False):
         """fp8_grouped_tc (fp8) or bf16_grouped_tc: group e multiplies its rows of x (rounded to
-        bf16) by its own weight (fp8 codes with row scales, or bf16), float32 sums and outputs."""
+        bf16) by its own weight (fp8 codes with row scales, or bf16), float32 sums and outputs. A
+        grid row per 64-row tile of a group (tile_offsets), and as many more as the engine
+        launches when the routing is on the device and the tiles are not known on the host (they
+        end at once)."""
         d, E = self.dev, len(counts)
-        offsets = [0]
+        offsets, tiles = [0], [0]
         for c in counts:
             offsets.append(offsets[-1] + c)
+            tiles.append(tiles[-1] + (c + 63) // 64)
         rows = offsets[-1]
         x = torch.randn(rows, k, device=d)
         y = torch.full((rows, n), float("nan"), device=d)
         offs = torch.tensor(offsets, dtype=torch.int32, device=d)
-        grid = ((n + 63) // 64, (max(counts) + 63) // 64, E)
+        tile_offs = torch.tensor(tiles, dtype=torch.int32, device=d)
+        grid = ((n + 63) // 64, (rows + 63) // 64 + min(E, rows), 1)
+        assert grid[1] >= tiles[-1]
 
         def addresses(t):  # each expert's slice of t ([E, ...]) as a device address
             return torch.tensor([t.data_ptr() + e * t[0].numel() * t.element_size() for e in range(E)],
@@ -1320,13 +1338,13 @@ class Harness:
             codes = torch.randint(0, 256, (E, n, k), dtype=torch.uint8, device=d)
             codes[(codes & 0x7F) == 0x7F] = 0x3E
             scales = torch.rand(E, n, (k + 127) // 128, device=d) * 0.004 + 0.001
-            name, args = "fp8_grouped_tc", [addresses(codes), addresses(scales), offs, ("i", n), ("i", k),
-                                            ("i", scales.shape[2])]
+            name, args = "fp8_grouped_tc", [addresses(codes), addresses(scales), offs, tile_offs, ("i", E), ("i", n),
+                                            ("i", k), ("i", scales.shape[2])]
             w16 = [self.fp8_values_bf16(codes[e], scales[e]) for e in range(E)]
             weight_bytes = n * k + n * scales.shape[2] * 4
         else:
             w = (torch.randn(E, n, k, device=d) * 0.05).to(torch.bfloat16)
-            name, args = "bf16_grouped_tc", [addresses(w), offs, ("i", n), ("i", k)]
+            name, args = "bf16_grouped_tc", [addresses(w), offs, tile_offs, ("i", E), ("i", n), ("i", k)]
             w16 = list(w)
             weight_bytes = n * k * 2
         launch = lambda: self.launch(name, grid, 128, [y, x] + args)  # noqa: E731
@@ -1350,8 +1368,8 @@ class Harness:
                              f"of copy; {tflops:.0f} TFLOP/s = {100 * tflops / self.mm_tflops:.0f}% of the bf16 matmul rate"))
         if not fp8:
             return
-        # What the engine runs instead past in_place_rows (an expert with more rows): each
-        # active expert's weight dequantised to bf16, then a matmul; the data for that bound.
+        # The way without an fp8 grouped kernel (the engine's before fp8 experts ran in place at
+        # every size): each active expert's weight dequantised to bf16, then a matmul.
         deq = torch.empty(n, k, dtype=torch.bfloat16, device=d)
 
         def dequantised():
@@ -1361,8 +1379,8 @@ class Harness:
                 torch.matmul(xb[offsets[e]:offsets[e + 1]], deq.T)
 
         t_deq = self.time_ms(dequantised, reps=5)
-        self.timings.append((what, t_ours, "fp8_dequant_bf16_bits + torch matmul an active expert at a time (the "
-                             "engine past in_place_rows)", t_deq, f"{t_deq / t_ours:.2f}x the dequantising path"))
+        self.timings.append((what, t_ours, "fp8_dequant_bf16_bits + torch matmul an active expert at a time", t_deq,
+                             f"{t_deq / t_ours:.2f}x the dequantising path"))
 
     def grouped_peer(self, xb, w16, offsets, active):
         """The faster PyTorch way to run these groups (x rows in bf16, each group's bf16 weight
@@ -1455,6 +1473,8 @@ class Harness:
         # blocks), k not a multiple of 128.
         counts = [3, 0, 70, 1, 10]
         self.check_grouped(True, counts, 72, 300)
+        # A prefill chunk's: groups of several tiles each, one of exactly 64 rows and one of 65.
+        self.check_grouped(True, [130, 0, 200, 64, 65], 72, 300)
         # bf16 experts the same way: k odd and k even but not a multiple of 4 (values read one
         # by one), then k a multiple of 4 but not of 128 (8-byte loads, a partial last step).
         self.check_grouped(False, counts, 72, 301)
@@ -1469,7 +1489,8 @@ class Harness:
         self.check_grouped(False, counts, 2048, 7168, time_it=True)
         # The issue's grouped GEMM goal (>= 60% of the bf16 matmul rate): a prefill's 4096 tokens
         # x top-8 over 256 experts (about 128 rows an expert), gate 7168 -> 2048, bf16 experts;
-        # and fp8 experts at that shape, against the dequantising path the engine takes there.
+        # and fp8 experts at that shape (the engine's prefill of fp8 experts), also against
+        # dequantising each expert and a matmul.
         counts = torch.bincount(torch.randint(0, 256, (4096 * 8,)), minlength=256).tolist()
         self.check_grouped(False, counts, 2048, 7168, time_it=True)
         self.check_grouped(True, counts, 2048, 7168, time_it=True)

@@ -1409,8 +1409,11 @@ fn random_fp8(rand: &mut impl FnMut(usize) -> Vec<f32>, n: usize, k: usize) -> M
 /// added to the load's row, and only to it; the load made by the call when the step has none
 /// yet), and the same outputs within float32 rounding (the device's `expf` may round the
 /// sigmoid differently; on the emulator they are the same bits). Rows of NaN and infinite
-/// logits route without fault, to the host's experts. A layer of more rows than
-/// `in_place_rows` is left to the host, and so are experts of mixed dtypes.
+/// logits route without fault, to the host's experts. fp8 experts route on the device at any
+/// rows (300 rows: experts with several 64-row tiles each, and top-8 pairs over more than one
+/// of `moe_expert_slots`' 256-pair tiles); bf16 experts past `in_place_rows` (cuBLAS's
+/// grouped products take those, with sizes from the host) are left to the host, and so are
+/// experts of mixed dtypes.
 #[test]
 fn routing_on_the_device_matches_the_host() {
     use sparsemoe_engine::backend::{Expert, Routing};
@@ -1450,23 +1453,39 @@ fn routing_on_the_device_matches_the_host() {
             routed_scaling_factor,
         };
         // fp8 weights stay fp8 under bf16; float32 ones are rounded to bf16 at upload.
-        let mut weight = |n: usize, k: usize| match dtype {
-            "fp8" => cuda.upload(random_fp8(&mut rand, n, k)).unwrap(),
-            _ => cuda
-                .upload(Matrix::from_f32(
-                    n,
-                    k,
-                    rand(n * k).iter().map(|v| v * 0.2).collect(),
-                ))
-                .unwrap(),
+        // Each weight on the GPU, and as the CPU backend holds it (a reference that shares
+        // no kernel with the GPU's two ways).
+        let mut weight = |n: usize, k: usize| {
+            let matrix = match dtype {
+                "fp8" => random_fp8(&mut rand, n, k),
+                _ => Matrix::from_f32(n, k, rand(n * k).iter().map(|v| v * 0.2).collect()),
+            };
+            (
+                cuda.upload(matrix.clone()).unwrap(),
+                Cpu.upload(matrix).unwrap(),
+            )
         };
-        let experts: Vec<Expert<_>> = (0..n_experts)
-            .map(|_| Expert {
-                gate: weight(inter, hidden),
-                up: weight(inter, hidden),
-                down: weight(hidden, inter),
+        let (experts, cpu_experts): (Vec<Expert<_>>, Vec<Expert<_>>) = (0..n_experts)
+            .map(|_| {
+                let (gate, up, down) = (
+                    weight(inter, hidden),
+                    weight(inter, hidden),
+                    weight(hidden, inter),
+                );
+                (
+                    Expert {
+                        gate: gate.0,
+                        up: up.0,
+                        down: down.0,
+                    },
+                    Expert {
+                        gate: gate.1,
+                        up: up.1,
+                        down: down.1,
+                    },
+                )
             })
-            .collect();
+            .unzip();
         let bias: Vec<f32> = rand(n_experts).iter().map(|b| b * 0.2).collect();
         let bias_row = cuda.tensor(1, n_experts, bias.clone());
         // (rows, whether row 0's logits hold a NaN and infinities, whether the step's load is
@@ -1476,6 +1495,7 @@ fn routing_on_the_device_matches_the_host() {
             (5, false, true),
             (64, false, false),
             (65, false, false),
+            (300, false, false),
             (6, true, false),
         ];
         for (rows, poisoned, fresh) in cases {
@@ -1488,7 +1508,8 @@ fn routing_on_the_device_matches_the_host() {
                     ""
                 }
             );
-            let x = cuda.tensor(rows, hidden, rand(rows * hidden));
+            let x_host = rand(rows * hidden);
+            let x = cuda.tensor(rows, hidden, x_host.clone());
             let mut logits_host: Vec<f32> =
                 rand(rows * n_experts).iter().map(|v| v * 6.0).collect();
             if poisoned {
@@ -1514,6 +1535,19 @@ fn routing_on_the_device_matches_the_host() {
             }
             let bf16_launches = cuda.bf16_grouped_products();
             let want = cuda.to_host(&cuda.moe_experts(&x, &routing, &experts));
+            if !poisoned {
+                // The host's routing on the GPU against the CPU backend: within bf16 rounding
+                // (the GPU's products read x, the SiLU-and-mul outputs and, for float32
+                // weights, the weights rounded to bf16; the CPU's keep float32).
+                let x_cpu = Cpu.tensor(rows, hidden, x_host.clone());
+                let cpu = Cpu.to_host(&Cpu.moe_experts(&x_cpu, &routing, &cpu_experts));
+                let err = rel_l2(&cpu, &want);
+                eprintln!("{test}: {case}: against the CPU backend: relative L2 {err:.2e}");
+                assert!(
+                    err < 1e-2,
+                    "{case}: against the CPU backend: relative L2 {err:.2e}"
+                );
+            }
             let mut load = (!fresh).then(|| cuda.tensor(3, n_experts, vec![1.0; 3 * n_experts]));
             let before = cuda.routed_on_device();
             let got = cuda.moe_routed(
@@ -1526,8 +1560,9 @@ fn routing_on_the_device_matches_the_host() {
                 (1, 3),
                 None,
             );
+            let on_device = dtype == "fp8" || rows <= 64;
             let Some(got) = got else {
-                assert_eq!(rows, 65, "{case}: not routed on the device");
+                assert!(!on_device, "{case}: not routed on the device");
                 assert_eq!(cuda.routed_on_device(), before, "{case}");
                 let load = load.as_ref().map(|load| cuda.to_host(load));
                 assert_eq!(
@@ -1538,8 +1573,8 @@ fn routing_on_the_device_matches_the_host() {
                 continue;
             };
             assert!(
-                rows <= 64,
-                "{case}: routed on the device past in_place_rows"
+                on_device,
+                "{case}: bf16 routed on the device past in_place_rows"
             );
             assert_eq!(cuda.routed_on_device(), before + 1, "{case}");
             // Three grouped launches each way (gate, up, down), on bf16_grouped_tc for bf16.
@@ -1622,12 +1657,12 @@ fn routing_on_the_device_matches_the_host() {
     );
 }
 
-/// A model whose routed experts are fp8 (and the same model with bf16 weights) routes a step's
-/// MoE layers on the device when the step has at most `in_place_rows` rows (here the decode
-/// steps of `paged_run`, not its prefill chunks): the same logits as routing every layer on the
-/// host (within float32 rounding; the same bits on the emulator), the same expert counts, and a
-/// copy to the host saved per layer routed on the device, less one a step for reading back the
-/// step's counts.
+/// A model whose routed experts are fp8 routes every step's MoE layers on the device (the
+/// prefill chunks of `paged_run` too), and the same model with bf16 weights those of steps of
+/// at most `in_place_rows` rows (its decode steps): the same logits as routing every layer on
+/// the host (within float32 rounding; the same bits on the emulator), the same expert counts,
+/// and a copy to the host saved per layer routed on the device, less one a step for reading
+/// back the step's counts.
 #[test]
 fn decode_steps_route_on_the_device() {
     let test = "decode_steps_route_on_the_device";
@@ -1635,7 +1670,7 @@ fn decode_steps_route_on_the_device() {
         return;
     };
     let (fp8, bf16) = fp8_and_bf16("v32_sparse_moe");
-    // paged_run's prefill steps have 8 rows, its 9 decode steps 2.
+    // paged_run's 2 prefill steps have 8 rows, its 9 decode steps 2.
     cuda.in_place_rows(4);
     let options = ModelOptions {
         index_topk: Some(8),
@@ -1674,14 +1709,15 @@ fn decode_steps_route_on_the_device() {
             *none, 0,
             "{weights}: routed on the device with route_on_device off"
         );
+        let steps = if weights == "fp8" { 11 } else { 9 };
         assert_eq!(
             *routed,
-            9 * moe_layers,
-            "{weights}: the decode steps' MoE layers"
+            steps * moe_layers,
+            "{weights}: the MoE layers of {steps} steps"
         );
         assert_eq!(
             *reads,
-            host_reads - routed + 9,
+            host_reads - routed + steps,
             "{weights}: copies to the host"
         );
         assert_eq!(device_load, host_load, "{weights}: the expert counts");

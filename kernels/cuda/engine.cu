@@ -294,20 +294,43 @@ bf16_linear_tc(float* __restrict__ y, const float* __restrict__ x, const unsigne
                     min(steps, first + split_steps), ldx, ldy, blockIdx.y * FP8_LINEAR_ROWS);
 }
 
+// Which group and which of its row blocks grid row blockIdx.y of fp8_grouped_tc or
+// bf16_grouped_tc takes: tile_offsets[g] .. tile_offsets[g + 1] are group g's tiles of
+// FP8_LINEAR_ROWS rows (groups + 1 entries, as moe_expert_slots writes them), so the grid has a
+// row per tile, however the rows fall over the groups, and none for a group with no rows. A grid
+// row past tile_offsets[groups] (a grid sized before the routing was known) has nothing to do:
+// false. Block-uniform.
+SMOE_DEVICE bool grouped_tile(const int* tile_offsets, int groups, int& group, int& row0) {
+    const int tile = blockIdx.y;
+    if (tile >= tile_offsets[groups]) return false;
+    int lo = 0, hi = groups;  // the last group whose tiles start at or before `tile`
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (tile_offsets[mid] <= tile)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    group = lo;
+    row0 = (tile - tile_offsets[lo]) * FP8_LINEAR_ROWS;
+    return true;
+}
+
 // The routed experts' products of a MoE layer in one launch, each expert's weight read in place
-// as fp8_linear_tc reads one: group e (grid z) multiplies rows offsets[e] .. offsets[e + 1] of x
-// ([rows, k], the pairs' rows in expert order) by its weight (n × k codes at codes[e], scales
-// at row_scales[e], device addresses) into the same rows of y ([rows, n]). No k-split: a
-// layer's experts give the grid its blocks.
-// Launch: grid (ceil(n / FP8_LINEAR_COLS), ceil(most rows of a group / FP8_LINEAR_ROWS), groups),
-// block FP8_LINEAR_WARPS · 32.
+// as fp8_linear_tc reads one: group e multiplies rows offsets[e] .. offsets[e + 1] of x ([rows,
+// k], the pairs' rows in expert order) by its weight (n × k codes at codes[e], scales at
+// row_scales[e], device addresses) into the same rows of y ([rows, n]); grid row y is the tile
+// grouped_tile names. No k-split: a layer's tiles give the grid its blocks. Any number of rows
+// a group: a prefill chunk's as well as a decode step's.
+// Launch: grid (ceil(n / FP8_LINEAR_COLS), tiles (tile_offsets[groups], or more), 1), block
+// FP8_LINEAR_WARPS · 32.
 extern "C" __global__ void __launch_bounds__(FP8_LINEAR_WARPS * 32, FP8_LINEAR_MIN_BLOCKS)
 fp8_grouped_tc(float* __restrict__ y, const float* __restrict__ x, const unsigned long long* __restrict__ codes,
-               const unsigned long long* __restrict__ row_scales, const int* __restrict__ offsets, int n, int k,
-               int scale_cols) {
-    const int e = blockIdx.z, start = offsets[e], rows = offsets[e + 1] - start;
-    const int row0 = blockIdx.y * FP8_LINEAR_ROWS;
-    if (row0 >= rows) return;  // block-uniform, before any barrier
+               const unsigned long long* __restrict__ row_scales, const int* __restrict__ offsets,
+               const int* __restrict__ tile_offsets, int groups, int n, int k, int scale_cols) {
+    int e, row0;
+    if (!grouped_tile(tile_offsets, groups, e, row0)) return;  // block-uniform, before any barrier
+    const int start = offsets[e], rows = offsets[e + 1] - start;
     const Fp8Weight w = {reinterpret_cast<const uint8_t*>(codes[e]), reinterpret_cast<const float*>(row_scales[e]),
                          scale_cols};
     linear_tc_block(y + (size_t)start * n, x + (size_t)start * k, w, rows, n, k, 0,
@@ -322,10 +345,10 @@ fp8_grouped_tc(float* __restrict__ y, const float* __restrict__ x, const unsigne
 // Launch: as fp8_grouped_tc.
 extern "C" __global__ void __launch_bounds__(FP8_LINEAR_WARPS * 32, FP8_LINEAR_MIN_BLOCKS)
 bf16_grouped_tc(float* __restrict__ y, const float* __restrict__ x, const unsigned long long* __restrict__ weights,
-                const int* __restrict__ offsets, int n, int k) {
-    const int e = blockIdx.z, start = offsets[e], rows = offsets[e + 1] - start;
-    const int row0 = blockIdx.y * FP8_LINEAR_ROWS;
-    if (row0 >= rows) return;  // block-uniform, before any barrier
+                const int* __restrict__ offsets, const int* __restrict__ tile_offsets, int groups, int n, int k) {
+    int e, row0;
+    if (!grouped_tile(tile_offsets, groups, e, row0)) return;  // block-uniform, before any barrier
+    const int start = offsets[e], rows = offsets[e + 1] - start;
     const Bf16Weight w = {reinterpret_cast<const unsigned short*>(weights[e])};
     linear_tc_block(y + (size_t)start * n, x + (size_t)start * k, w, rows, n, k, 0,
                     (k + FP8_LINEAR_K - 1) / FP8_LINEAR_K, k, n, row0);
@@ -614,53 +637,98 @@ moe_route_f32(int* __restrict__ ids, float* __restrict__ weights, const float* _
 // device (moe_route_f32's ids and weights, top_k a token): pairs p = t · top_k + j in expert
 // order, an expert's in token order (the order the host's lists have, so the products and sums
 // are the host path's). group_offsets[e] .. group_offsets[e + 1] are expert e's slots
-// (experts + 1 entries); slot s holds token slot_rows[s] with weight slot_weights[s]; pair p is
-// at slot slot_of[p]; row_offsets[t] = t · top_k (tokens + 1 entries: each token's pairs for
-// combine_rows_f32, whose `pairs` is slot_of). load[e] += expert e's pairs (the step's expert
-// counters, kept on the device; null: none). A thread per expert counts, then places, its pairs
-// in order: deterministic, with no atomics.
+// (experts + 1 entries); tile_offsets[e] .. tile_offsets[e + 1] are its tiles of
+// FP8_LINEAR_ROWS slots, the grid rows of fp8_grouped_tc and bf16_grouped_tc (experts + 1
+// entries; tile_offsets[experts] tiles in all); slot s holds token slot_rows[s] with weight
+// slot_weights[s]; pair p is at slot slot_of[p]; row_offsets[t] = t · top_k (tokens + 1
+// entries: each token's pairs for combine_rows_f32, whose `pairs` is slot_of). load[e] +=
+// expert e's pairs (the step's expert counters, kept on the device; null: none).
+// The block counts the pairs (shared-memory atomics: a count does not depend on their order),
+// then places them a block-wide tile of pairs at a time, each pair at its expert's next slot
+// plus the number of earlier pairs of the tile with the same expert (lanes of its warp by
+// shuffles, earlier warps by their counts in shared memory): deterministic, and linear in the
+// pairs, so a prefill chunk's tens of thousands cost what a decode step's hundreds do per pair.
 // A pair whose id is outside [0, experts) (an expert shard's pair that another shard computes;
 // see moe_shard_pairs) takes no slot: its slot_of is -1, which combine_rows_f32 skips, and the
 // slots it leaves free at the end (group_offsets[experts] .. pairs) hold row 0 with weight 0, so
 // that a gather over all `pairs` slots reads only rows that exist.
 // Limits: experts <= ROUTE_MAX_EXPERTS.
-// Launch: grid 1, block ROUTE_SLOT_THREADS.
+// Launch: grid 1, block ROUTE_SLOT_THREADS (exactly: in_warp has a row per warp of it).
 extern "C" __global__ void __launch_bounds__(ROUTE_SLOT_THREADS)
-moe_expert_slots(int* __restrict__ group_offsets, int* __restrict__ row_offsets, int* __restrict__ slot_rows,
-                 float* __restrict__ slot_weights, int* __restrict__ slot_of, float* __restrict__ load,
-                 const int* __restrict__ ids, const float* __restrict__ weights, int tokens, int top_k,
-                 int experts) {
-    __shared__ int start[ROUTE_MAX_EXPERTS + 1];
-    const int pairs = tokens * top_k;
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-        int count = 0;
-        for (int p = 0; p < pairs; ++p) count += ids[p] == e;
-        start[e + 1] = count;
-        if (load) load[e] += (float)count;
+moe_expert_slots(int* __restrict__ group_offsets, int* __restrict__ tile_offsets, int* __restrict__ row_offsets,
+                 int* __restrict__ slot_rows, float* __restrict__ slot_weights, int* __restrict__ slot_of,
+                 float* __restrict__ load, const int* __restrict__ ids, const float* __restrict__ weights, int tokens,
+                 int top_k, int experts) {
+    constexpr int WARPS = ROUTE_SLOT_THREADS / 32;
+    __shared__ int start[ROUTE_MAX_EXPERTS + 1];  // counts, then each expert's first slot
+    __shared__ int next[ROUTE_MAX_EXPERTS];        // each expert's next free slot while placing
+    __shared__ int in_warp[WARPS][ROUTE_MAX_EXPERTS];  // this tile's pairs by warp and expert
+    const int pairs = tokens * top_k, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int e = threadIdx.x; e <= experts; e += blockDim.x) start[e] = 0;
+    for (int i = threadIdx.x; i < WARPS * ROUTE_MAX_EXPERTS; i += blockDim.x) (&in_warp[0][0])[i] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const int e = ids[p];
+        if (e >= 0 && e < experts)
+            atomicAdd(&start[e + 1], 1);
+        else
+            slot_of[p] = -1;
     }
-    for (int p = threadIdx.x; p < pairs; p += blockDim.x)
-        if (ids[p] < 0 || ids[p] >= experts) slot_of[p] = -1;
+    __syncthreads();
+    if (load)
+        for (int e = threadIdx.x; e < experts; e += blockDim.x) load[e] += (float)start[e + 1];
     __syncthreads();
     if (threadIdx.x == 0) {
-        start[0] = 0;
-        for (int e = 0; e < experts; ++e) start[e + 1] += start[e];
+        int tiles = 0;
+        tile_offsets[0] = 0;
+        for (int e = 0; e < experts; ++e) {
+            tiles += (start[e + 1] + FP8_LINEAR_ROWS - 1) / FP8_LINEAR_ROWS;
+            tile_offsets[e + 1] = tiles;
+            start[e + 1] += start[e];
+        }
     }
     __syncthreads();
-    for (int e = threadIdx.x; e <= experts; e += blockDim.x) group_offsets[e] = start[e];
+    for (int e = threadIdx.x; e <= experts; e += blockDim.x) {
+        group_offsets[e] = start[e];
+        if (e < experts) next[e] = start[e];
+    }
     for (int t = threadIdx.x; t <= tokens; t += blockDim.x) row_offsets[t] = t * top_k;
     for (int s = start[experts] + threadIdx.x; s < pairs; s += blockDim.x) {
         slot_rows[s] = 0;
         slot_weights[s] = 0.f;
     }
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-        int at = start[e];
-        for (int p = 0; p < pairs; ++p)
-            if (ids[p] == e) {
-                slot_rows[at] = p / top_k;
-                slot_weights[at] = weights[p];
-                slot_of[p] = at;
-                ++at;
+    // Every thread runs every tile (the barriers inside), with id -1 past the pairs.
+    for (int base = 0; base < pairs; base += blockDim.x) {
+        const int p = base + threadIdx.x;
+        const int e = p < pairs ? ids[p] : -1;
+        const bool placed = e >= 0 && e < experts;
+        int before = 0, after = 0;  // lanes of this warp with the same expert, below and above
+        for (int j = 0; j < 32; ++j) {
+            const int other = __shfl_sync(0xffffffffu, e, j);
+            if (other == e) {
+                before += j < lane;
+                after += j > lane;
             }
+        }
+        if (placed && after == 0) in_warp[warp][e] = before + 1;
+        __syncthreads();
+        int slot = 0, later = 0;  // later: this tile's pairs of e in later warps
+        if (placed) {
+            slot = next[e] + before;
+            for (int w = 0; w < WARPS; ++w) {
+                if (w < warp) slot += in_warp[w][e];
+                if (w > warp) later += in_warp[w][e];
+            }
+            slot_rows[slot] = p / top_k;
+            slot_weights[slot] = weights[p];
+            slot_of[p] = slot;
+        }
+        __syncthreads();  // every slot of the tile read `next`
+        if (placed && after == 0) {
+            if (later == 0) next[e] = slot + 1;  // the tile's last pair of e
+            in_warp[warp][e] = 0;
+        }
+        __syncthreads();
     }
 }
 

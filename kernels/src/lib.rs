@@ -136,9 +136,9 @@ pub const KERNELS: &[Kernel] = &[
         top_k: Int, n_group: Int, topk_group: Int, norm_topk_prob: Int,
         routed_scaling_factor: Float),
     kernel!("moe_expert_slots" in "engine.cu":
-        group_offsets: I32Mut, row_offsets: I32Mut, slot_rows: I32Mut, slot_weights: F32Mut,
-        slot_of: I32Mut, load: F32Mut, ids: I32, weights: F32, tokens: Int, top_k: Int,
-        experts: Int),
+        group_offsets: I32Mut, tile_offsets: I32Mut, row_offsets: I32Mut, slot_rows: I32Mut,
+        slot_weights: F32Mut, slot_of: I32Mut, load: F32Mut, ids: I32, weights: F32, tokens: Int,
+        top_k: Int, experts: Int),
     kernel!("moe_shard_pairs" in "engine.cu":
         local_ids: I32Mut, ids: I32, slot_of: I32, group_offsets: I32, dispatch: I32, pairs: Int,
         experts: Int),
@@ -167,10 +167,11 @@ pub const KERNELS: &[Kernel] = &[
         y: F32Mut, x: F32, values: Bf16Bits, m: Int, n: Int, k: Int, split_steps: Int, ldx: Int,
         ldy: Int, batch_x: Long, batch_rows: Int, batch_y: Long),
     kernel!("fp8_grouped_tc" in "engine.cu":
-        y: F32Mut, x: F32, codes: Addresses, row_scales: Addresses, offsets: I32, n: Int, k: Int,
-        scale_cols: Int),
+        y: F32Mut, x: F32, codes: Addresses, row_scales: Addresses, offsets: I32,
+        tile_offsets: I32, groups: Int, n: Int, k: Int, scale_cols: Int),
     kernel!("bf16_grouped_tc" in "engine.cu":
-        y: F32Mut, x: F32, weights: Addresses, offsets: I32, n: Int, k: Int),
+        y: F32Mut, x: F32, weights: Addresses, offsets: I32, tile_offsets: I32, groups: Int,
+        n: Int, k: Int),
     kernel!("sum_splits_f32" in "engine.cu": y: F32Mut, partial: F32, splits: Int, len: Long),
     kernel!("f32_to_bf16_bits" in "engine.cu": out: Bf16BitsMut, x: F32, n: Long),
     kernel!("fp8_dequant_bf16_bits" in "engine.cu":
@@ -324,6 +325,8 @@ pub mod launch {
     pub const FP8_LINEAR_COLS: u32 = FP8_LINEAR_WARPS * 16;
     pub const FP8_LINEAR_ROWS: u32 = 64;
     pub const FP8_LINEAR_K: u32 = 128;
+    /// The most rows (y) and layers (z) a launch's grid may have.
+    pub const MAX_GRID_ROWS: u32 = 65_535;
     /// Most split-K parts of an `fp8_linear_tc` launch.
     pub const FP8_LINEAR_MAX_SPLITS: u32 = 16;
     /// Fewest k-steps a split takes.

@@ -23,14 +23,15 @@
 //!   top-k launch, `indexer_select_paged`), and attention the latent and RoPE rows
 //!   (`mla_latent_attention_{f32, bf16_bits, fp8}`, `reads_in_place`, `MlaSeq::rows`), so a
 //!   step copies no cached rows.
-//! - The routed experts of a MoE layer run as three grouped products (`cublasGemmGroupedBatchedEx`,
-//!   one group per expert) over their rows gathered in expert order, and one launch adds each
-//!   token's weighted outputs. While no expert has more rows than
-//!   [`Cuda::in_place_rows`] (a decode step's), fp8 and bf16 experts run as three launches
-//!   of our own grouped kernels instead (`fp8_grouped_tc`, `bf16_grouped_tc`), each reading
-//!   every active expert's weight in place with float32 outputs, and the group sizes read on
-//!   the device; beyond that bf16 experts take cuBLAS's, and fp8 experts (or any, once cuBLAS
-//!   refuses the grouped call) run one product per expert.
+//! - The routed experts of a MoE layer run as three grouped products over their rows gathered
+//!   in expert order, and one launch adds each token's weighted outputs. fp8 experts, at any
+//!   rows, and bf16 experts while no expert has more rows than [`Cuda::in_place_rows`] (a
+//!   decode step's) run as three launches of our own grouped kernels (`fp8_grouped_tc`,
+//!   `bf16_grouped_tc`), each reading every active expert's weight in place with float32
+//!   outputs, a grid row per 64-row tile of an expert, the tiles read on the device; bf16
+//!   experts with more rows and float32 experts take cuBLAS's grouped products
+//!   (`cublasGemmGroupedBatchedEx`, one group per expert), and experts of mixed dtypes or
+//!   shapes (or any, once cuBLAS refuses the grouped call) run one product per expert.
 //! - Attention always takes the absorbed form (the same function as the expanded one): a block
 //!   per row and 16 heads (on the tensor cores 16 to 64), which reads each tile of the row's
 //!   keys once, widened into shared memory, and scores all its heads against it, with an online
@@ -44,15 +45,17 @@
 //!   the same logits bit for bit). The picks come to the host only when it needs them (a trace,
 //!   `--attention auto`'s dense rows, more than `KEYS_PER_LAUNCH` of them, or
 //!   [`Cuda::keep_picks`] off).
-//! - A MoE layer of at most [`Cuda::in_place_rows`] rows (a decode step's) whose routed
-//!   experts are fp8 or bf16 routes on the device ([`Backend::moe_routed`]): `moe_route_f32`
-//!   chooses each row's experts as `moe::route` does, `moe_expert_slots` lists the pairs in
-//!   expert order and adds the counts to the step's load (read back once a step), and
-//!   `fp8_grouped_tc` or `bf16_grouped_tc` runs every expert (those with no rows end at once),
-//!   so the layer copies neither its router logits to the host nor its lists back
-//!   (`routing_on_the_device_matches_the_host`, `decode_steps_route_on_the_device`). Longer
-//!   chunks, float32 experts (cuBLAS's grouped products take their sizes from the host) and
-//!   traces route on the host ([`Cuda::route_on_device`] turns it off).
+//! - A MoE layer whose routed experts are fp8 (any rows: a prefill chunk's too) or bf16 (at
+//!   most [`Cuda::in_place_rows`] rows, a decode step's) routes on the device
+//!   ([`Backend::moe_routed`]): `moe_route_f32` chooses each row's experts as `moe::route`
+//!   does, `moe_expert_slots` lists the pairs in expert order with each expert's 64-row tiles
+//!   and adds the counts to the step's load (read back once a step), and `fp8_grouped_tc` or
+//!   `bf16_grouped_tc` runs every tile (the grid sized for the most tiles the pairs can take;
+//!   the rows past the real ones end at once), so the layer copies neither its router logits
+//!   to the host nor its lists back (`routing_on_the_device_matches_the_host`,
+//!   `decode_steps_route_on_the_device`). Longer chunks of bf16 experts, float32 experts
+//!   (cuBLAS's grouped products take their sizes from the host) and traces route on the host
+//!   ([`Cuda::route_on_device`] turns it off).
 //! - Block tables come from the host, as the trait asks. A read-only
 //!   array a step gives every layer (RoPE angles, cache slots, the indexer's block tables,
 //!   attention offsets, dense keys) is copied once and reused while its contents repeat
@@ -80,9 +83,9 @@
 //! Without a GPU, `engine/tests/cuda.rs` runs this backend on the CPU emulator of the driver and
 //! cuBLAS in `kernels/emu` (`./scripts/test` does): correctness, never speed.
 //!
-//! Owed (issue 5): prefill's fp8 products without the dequantised copy (fp8 tensor cores);
-//! CUDA graphs for decode (which the routing on the device makes possible for fp8 and bf16
-//! experts);
+//! Owed (issue 5): prefill's fp8 products outside the experts without the dequantised copy
+//! (fp8 tensor cores); CUDA graphs for decode (which the routing on the device makes possible
+//! for fp8 and bf16 experts);
 //! `wgmma`/TMA versions of the tensor-core kernels; and NCCL all-to-all in place of per-shard
 //! copies.
 
@@ -456,6 +459,11 @@ impl CudaWeight {
             .map(|(_, buf)| buf)
             .unwrap_or_else(|| panic!("a weight used on lane {lane}, which holds no copy of it"))
     }
+
+    /// Whether its values are fp8 codes (every copy holds the same dtype).
+    fn is_fp8(&self) -> bool {
+        matches!(self.copies.first(), Some((_, WeightData::Fp8 { .. })))
+    }
 }
 
 impl std::fmt::Debug for CudaWeight {
@@ -600,15 +608,30 @@ enum Keys<'k> {
 type AddressTables = ([Vec<u64>; 3], Option<[Vec<u64>; 3]>);
 
 /// What the grouped kernels that read each expert's weight in place (`fp8_grouped_tc`,
-/// `bf16_grouped_tc`) read besides their rows: each group's first row (groups + 1 entries),
-/// and for gate, up and down in that order each group's weight as an address (fp8 codes or
-/// bf16 values) and, for fp8 weights, its row scales; `most` bounds the rows of a group.
+/// `bf16_grouped_tc`) read besides their rows: each group's first row and first tile of
+/// [`launch::FP8_LINEAR_ROWS`] rows (groups + 1 entries each), and for gate, up and down in
+/// that order each group's weight as an address (fp8 codes or bf16 values) and, for fp8
+/// weights, its row scales; `tiles` is the grid's rows, at least the groups' tiles (more when
+/// the routing is on the device, so not known here: the rest end at once).
 struct GroupedTables<'a> {
     offsets: CudaView<'a, i32>,
+    tile_offsets: CudaView<'a, i32>,
     weights: [CudaView<'a, u64>; 3],
     scales: Option<[CudaView<'a, u64>; 3]>,
     groups: usize,
-    most: usize,
+    tiles: usize,
+}
+
+/// Tiles of [`launch::FP8_LINEAR_ROWS`] rows: the grid rows an in-place grouped launch needs
+/// for `rows` rows.
+fn row_tiles(rows: usize) -> usize {
+    rows.div_ceil(launch::FP8_LINEAR_ROWS as usize)
+}
+
+/// The most tiles `pairs` pairs over `experts` groups can take, however they fall: the grid
+/// rows of a layer routed on the device. Each group with rows wastes less than a tile.
+fn most_tiles(pairs: usize, experts: usize) -> usize {
+    row_tiles(pairs) + experts.min(pairs)
 }
 
 /// A MoE layer's index lists on the device, copied in one upload ([`Cuda::expert_lists`]).
@@ -625,10 +648,12 @@ struct ExpertLists {
 }
 
 /// The in-place grouped kernels' lists ([`GroupedTables`]): each active expert's first pair
-/// (experts + 1 entries), and, for gate, up and down in that order, each active expert's weight
-/// and (fp8) row scales as addresses.
+/// and first tile (experts + 1 entries each), and, for gate, up and down in that order, each
+/// active expert's weight and (fp8) row scales as addresses.
 struct InPlaceLists {
     offsets: Part<i32>,
+    tile_offsets: Part<i32>,
+    tiles: usize,
     weights: [Part<u64>; 3],
     scales: Option<[Part<u64>; 3]>,
 }
@@ -1226,11 +1251,11 @@ impl Cuda {
     /// cuBLAS takes a conversion of x and a call); a product of more rows (a prefill's) runs on
     /// cuBLAS, whose tiles reuse each value across many rows, an fp8 weight dequantised to bf16
     /// for it. 0 always takes cuBLAS. The default is `launch::FP8_LINEAR_ROWS` (64), one
-    /// block's rows. The same bound picks
-    /// the routed experts' grouped products: while no expert has more rows, fp8 and bf16
-    /// experts run as `fp8_grouped_tc` / `bf16_grouped_tc` (each weight read once, float32
-    /// outputs), beyond it as cuBLAS's grouped products (bf16) or expert by expert (fp8); and a
-    /// MoE layer of at most that many rows routes on the device ([`Cuda::route_on_device`]).
+    /// block's rows. The same bound picks bf16 experts' grouped products: while no expert has
+    /// more rows, they run as `bf16_grouped_tc` (each weight read once, float32 outputs), and
+    /// a MoE layer of at most that many rows routes on the device ([`Cuda::route_on_device`]);
+    /// beyond it, as cuBLAS's grouped products. fp8 experts run as `fp8_grouped_tc`, and route
+    /// on the device, at any rows (see `Cuda::grouped_in_place_fits`).
     pub fn in_place_rows(&self, rows: usize) {
         for lane in self.lanes() {
             lane.in_place_rows
@@ -1292,8 +1317,9 @@ impl Cuda {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether a MoE layer of at most [`Cuda::in_place_rows`] rows with fp8 or bf16
-    /// experts (a decode step's) routes on the device (on by default): `moe_route_f32` and
+    /// Whether a MoE layer with fp8 experts, or bf16 experts and at most
+    /// [`Cuda::in_place_rows`] rows (a decode step's), routes on the device (on by default):
+    /// `moe_route_f32` and
     /// `moe_expert_slots` build the grouped products' lists there, so the layer copies neither
     /// its router logits to the host nor its lists back ([`Backend::moe_routed`]), with expert
     /// shards too. Off, every layer routes on the host.
@@ -1599,7 +1625,7 @@ impl Cuda {
         let set = self
             .in_place_rows
             .load(std::sync::atomic::Ordering::Relaxed);
-        set.min(launch::FP8_LINEAR_ROWS as usize * 65_535)
+        set.min(launch::FP8_LINEAR_ROWS as usize * launch::MAX_GRID_ROWS as usize)
     }
 
     /// cuBLAS's column-major `C = op(A)·B` (`batch`: strided-batched `(count, stride_a,
@@ -1856,18 +1882,18 @@ impl Cuda {
     /// one group per expert) over `x`'s rows gathered in expert order (`rows`, on the device as
     /// `rows_d`), SiLU-and-mul between them, and one launch adding each row's weighted outputs
     /// in expert order, as the expert-by-expert path adds them: about ten launches a layer
-    /// instead of about ten per expert. Float32 weights give that path's numbers. While no
-    /// expert has more rows than [`Cuda::in_place_rows`], fp8 and bf16 weights are read in
-    /// place by `fp8_grouped_tc` / `bf16_grouped_tc` instead of cuBLAS, with float32 outputs
-    /// (the expert-by-expert path's numbers; see [`Cuda::grouped_in_place`]); past it, bf16
-    /// weights run on cuBLAS's tensor cores with bf16 outputs (its grouped products write their
-    /// inputs' type), so the gate, up and down outputs are rounded to bf16 once more than
-    /// there.
+    /// instead of about ten per expert. Float32 weights give that path's numbers. fp8
+    /// weights, and bf16 ones while no expert has more rows than [`Cuda::in_place_rows`], are
+    /// read in place by `fp8_grouped_tc` / `bf16_grouped_tc` instead of cuBLAS, with float32
+    /// outputs (the expert-by-expert path's numbers; see [`Cuda::grouped_in_place`]); past it,
+    /// bf16 weights run on cuBLAS's tensor cores with bf16 outputs (its grouped products write
+    /// their inputs' type), so the gate, up and down outputs are rounded to bf16 once more
+    /// than there.
     ///
     /// Returns false, having written nothing to `out`, when the experts' shapes or dtypes
-    /// differ, when fp8 experts have too many rows to read in place (they then dequantise per
-    /// product, expert by expert), or when cuBLAS refuses the grouped call, which turns this
-    /// path off for the process (logged once).
+    /// differ, when fp8 experts would need more grid rows than a launch has (they then
+    /// dequantise per product, expert by expert), or when cuBLAS refuses the grouped call,
+    /// which turns this path off for the process (logged once).
     fn grouped_experts(
         &self,
         x: &CudaTensor,
@@ -2091,8 +2117,8 @@ impl Cuda {
     /// weights in expert order (`rows`, `weights`: every path reads them), the pairs by row
     /// for `combine_rows` (`pairs_by_row` over the `out_rows` rows), and, when the active
     /// experts can run as `fp8_grouped_tc` or `bf16_grouped_tc` (every weight fp8, or every
-    /// one bf16, and no expert with more rows than [`Cuda::in_place_rows`]), the groups'
-    /// offsets and address tables.
+    /// one bf16 and no expert with more rows than [`Cuda::in_place_rows`]), the groups'
+    /// offsets, their tiles' offsets and the address tables.
     fn expert_lists(
         &self,
         groups: &[(usize, Vec<(usize, f32)>)],
@@ -2112,13 +2138,18 @@ impl Cuda {
         let in_place = self
             .in_place_tables(groups, experts)
             .map(|(weights, scales)| {
-                let mut at = 0;
-                let starts = int32(std::iter::once(0).chain(groups.iter().map(|(_, r)| {
-                    at += r.len();
-                    at
-                })));
+                let prefix = |size: fn(usize) -> usize| {
+                    let mut at = 0;
+                    int32(std::iter::once(0).chain(groups.iter().map(|(_, r)| {
+                        at += size(r.len());
+                        at
+                    })))
+                };
+                let tile_offsets = prefix(row_tiles);
                 InPlaceLists {
-                    offsets: pack.push(&starts),
+                    tiles: tile_offsets.last().map_or(0, |&t| t as usize),
+                    offsets: pack.push(&prefix(|rows| rows)),
+                    tile_offsets: pack.push(&tile_offsets),
                     weights: weights.map(|table| pack.push(&table)),
                     scales: scales.map(|tables| tables.map(|table| pack.push(&table))),
                 }
@@ -2136,18 +2167,30 @@ impl Cuda {
     }
 
     /// Each active expert's gate, up and down weights as device addresses ([`AddressTables`]),
-    /// when every one is fp8 or every one bf16 and no expert has more rows than
-    /// [`Cuda::in_place_rows`]: what `fp8_grouped_tc` or `bf16_grouped_tc` reads.
+    /// when every one is fp8, or every one bf16 and no expert has more rows than
+    /// [`Cuda::in_place_rows`]: what `fp8_grouped_tc` or `bf16_grouped_tc` reads. fp8 experts
+    /// run in place at any rows (see [`Cuda::grouped_in_place_fits`]).
     fn in_place_tables(
         &self,
         groups: &[(usize, Vec<(usize, f32)>)],
         experts: &[Expert<CudaWeight>],
     ) -> Option<AddressTables> {
         let most = groups.iter().map(|(_, r)| r.len()).max()?;
-        if most > self.in_place_limit() {
-            return None;
-        }
-        self.address_tables(groups.iter().map(|(e, _)| &experts[*e]))
+        let pairs = groups.iter().map(|(_, r)| r.len()).sum();
+        let tables = self.address_tables(groups.iter().map(|(e, _)| &experts[*e]))?;
+        self.grouped_in_place_fits(tables.1.is_some(), most, most_tiles(pairs, groups.len()))
+            .then_some(tables)
+    }
+
+    /// Whether a MoE layer's routed experts run as in-place grouped launches
+    /// (`fp8_grouped_tc`, `bf16_grouped_tc`) when no expert has more than `most` rows and the
+    /// grid needs `tiles` rows. fp8 experts: at any rows, since the other way dequantises each
+    /// expert's weights to a bf16 copy and runs a cuBLAS product per expert, some 1,500
+    /// launches a layer of 256 experts; bf16 experts: up to [`Cuda::in_place_rows`] rows, past
+    /// which cuBLAS's grouped products (three launches too) take them. Neither choice is timed
+    /// yet on a GPU (issue 5's GPU run).
+    fn grouped_in_place_fits(&self, fp8: bool, most: usize, tiles: usize) -> bool {
+        tiles <= launch::MAX_GRID_ROWS as usize && (fp8 || most <= self.in_place_limit())
     }
 
     /// The gate, up and down weights of `experts` on this lane as device addresses, a table a
@@ -2249,16 +2292,16 @@ impl Cuda {
         inter: usize,
     ) -> Option<CudaSlice<f32>> {
         let in_place = lists.in_place.as_ref()?;
-        let most = groups.iter().map(|(_, r)| r.len()).max()?;
         let xp = self.gather_indexed(&x.buf, hidden, &lists.view(lists.rows));
         let tables = GroupedTables {
             offsets: lists.view(in_place.offsets),
+            tile_offsets: lists.view(in_place.tile_offsets),
             weights: in_place.weights.map(|part| lists.view(part)),
             scales: in_place
                 .scales
                 .map(|parts| parts.map(|part| lists.view(part))),
             groups: groups.len(),
-            most,
+            tiles: in_place.tiles,
         };
         Some(self.expert_products_in_place(&xp, &tables, hidden, inter))
     }
@@ -2279,11 +2322,12 @@ impl Cuda {
         let product = |y: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: usize, n: usize, k: usize| {
             let (ni, ki) = (n as i32, k as i32);
             let scale_cols = k.div_ceil(launch::FP8_LINEAR_K as usize) as i32;
+            let groups = tables.groups as i32;
             let config = LaunchConfig {
                 grid_dim: (
                     n.div_ceil(launch::FP8_LINEAR_COLS as usize) as u32,
-                    tables.most.div_ceil(launch::FP8_LINEAR_ROWS as usize) as u32,
-                    tables.groups as u32,
+                    tables.tiles as u32,
+                    1,
                 ),
                 block_dim: (launch::FP8_LINEAR_WARPS * 32, 1, 1),
                 shared_mem_bytes: 0,
@@ -2297,13 +2341,16 @@ impl Cuda {
                         .arg(weights)
                         .arg(&scales[w])
                         .arg(&tables.offsets)
+                        .arg(&tables.tile_offsets)
+                        .arg(&groups)
                         .arg(&ni)
                         .arg(&ki)
                         .arg(&scale_cols);
                     // SAFETY: x holds p rows of k and y p rows of n; group g's rows are
-                    // offsets[g]..offsets[g + 1] (at most `most` of them), its weight n × k
-                    // codes and n × scale_cols scales at the addresses of the tables' entry g,
-                    // which outlive the launch (the experts').
+                    // offsets[g]..offsets[g + 1] and its tiles tile_offsets[g]..[g + 1] (those
+                    // rows' tiles, `groups` + 1 entries each), its weight n × k codes and
+                    // n × scale_cols scales at the addresses of the tables' entry g, which
+                    // outlive the launch (the experts').
                     ok(unsafe { b.launch(config) }, "fp8_grouped_tc");
                     self.in_place_launches[FP8].fetch_add(1, Relaxed);
                 }
@@ -2313,6 +2360,8 @@ impl Cuda {
                         .arg(x)
                         .arg(weights)
                         .arg(&tables.offsets)
+                        .arg(&tables.tile_offsets)
+                        .arg(&groups)
                         .arg(&ni)
                         .arg(&ki);
                     // SAFETY: as above, with n × k bf16 values at entry g's address.
@@ -3936,12 +3985,13 @@ impl Backend for Cuda {
         out
     }
 
-    /// On the device while the layer has at most [`Cuda::in_place_rows`] rows (so no
-    /// expert has more) and the routed experts are all fp8 or all bf16, with one shape:
+    /// On the device while the routed experts are all fp8, or all bf16 and the layer has at
+    /// most [`Cuda::in_place_rows`] rows (so no expert has more), with one shape:
     /// `moe_route_f32` routes, `moe_expert_slots` lists the pairs in expert order (as the
-    /// host's lists have them) and adds the counts to `load`, the rows are gathered, three
-    /// `fp8_grouped_tc` (or `bf16_grouped_tc`) launches run every expert (those with no rows
-    /// end at once) with SiLU-and-mul between them, and `combine_rows` sums each row's weighted
+    /// host's lists have them) and each expert's tiles of 64 rows and adds the counts to
+    /// `load`, the rows are gathered, three `fp8_grouped_tc` (or `bf16_grouped_tc`) launches
+    /// run every tile (a grid sized for the most tiles the pairs could take; the rest end at
+    /// once) with SiLU-and-mul between them, and `combine_rows` sums each row's weighted
     /// outputs: eight launches and no memset, nothing copied either way (the experts' address
     /// tables are copied once per layer and kept). The products and sums are those of the host
     /// routing's grouped path, so only the routing's own float32 roundings (the device's
@@ -3975,7 +4025,6 @@ impl Backend for Cuda {
         let routable = self.route_on_device.load(Relaxed)
             && !self.one_by_one.load(Relaxed)
             && n > 0
-            && n <= self.in_place_limit()
             && e == experts.len()
             && (1..=launch::ROUTE_MAX_EXPERTS as usize).contains(&e)
             && (1..=e.min(launch::ROUTE_MAX_TOP_K as usize)).contains(&k)
@@ -3986,19 +4035,36 @@ impl Backend for Cuda {
             && load
                 .as_ref()
                 .is_none_or(|load| (load.rows, load.cols) == (layers, e));
-        if !routable {
+        // bf16 experts run in place only up to in_place_rows (checked again, with the tiles,
+        // once their tables are known): refused here before any table is looked up.
+        let fp8 = experts.first().is_some_and(|ex| ex.gate.is_fp8());
+        if !routable || (!fp8 && n > self.in_place_limit()) {
             return None;
         }
-        // Where the experts run, settled before anything is launched (tables may be copied).
+        let p = n * k;
+        // Where the experts run, settled before anything is launched (tables may be copied):
+        // as in-place grouped launches, of up to n rows an expert.
         let run = match shards.filter(|_| !self.shards.is_empty()) {
-            None => Run::Here(self.expert_tables(experts.iter(), hidden, &[])?),
-            Some(shards) => Run::Shards(self.shard_tables(shards, layer, experts, hidden)?),
+            None => {
+                let here = self.expert_tables(experts.iter(), hidden, &[])?;
+                self.grouped_in_place_fits(here.2, n, most_tiles(p, e))
+                    .then_some(Run::Here(here))?
+            }
+            Some(shards) => {
+                let tables = self.shard_tables(shards, layer, experts, hidden)?;
+                let fits = |t: &ShardTable| {
+                    let lane = &self.shards[t.shard];
+                    lane.grouped_in_place_fits(t.fp8, n, most_tiles(p, t.held))
+                };
+                tables.iter().all(fits).then_some(Run::Shards(tables))?
+            }
         };
         let load = load.get_or_insert_with(|| self.zeros(layers, e));
-        let p = n * k;
         // The layer's lists in two allocations: ints = ids [p] | slot_rows [p] | slot_of [p] |
-        // group_offsets [e + 1] | row_offsets [n + 1], floats = weights [p] | slot_weights [p].
-        let (slots_at, of_at, groups_at, rows_at) = (p, 2 * p, 3 * p, 3 * p + e + 1);
+        // group_offsets [e + 1] | tile_offsets [e + 1] | row_offsets [n + 1], floats =
+        // weights [p] | slot_weights [p].
+        let (slots_at, of_at, groups_at) = (p, 2 * p, 3 * p);
+        let (tiles_at, rows_at) = (groups_at + e + 1, groups_at + 2 * (e + 1));
         // SAFETY: moe_route_f32 writes each token's k ids and weights, and moe_expert_slots
         // every entry of its lists (the experts' slots cover the p pairs).
         let (mut ints, mut floats) = unsafe {
@@ -4047,11 +4113,12 @@ impl Backend for Cuda {
                 let slot_rows = ints.slice(slots_at..of_at);
                 let xp = self.gather_indexed(&x.buf, hidden, &slot_rows);
                 let tables = GroupedTables {
-                    offsets: ints.slice(groups_at..rows_at),
+                    offsets: ints.slice(groups_at..tiles_at),
+                    tile_offsets: ints.slice(tiles_at..rows_at),
                     weights: [0, 1, 2].map(|w| table.slice(w * e..(w + 1) * e)),
                     scales: fp8.then(|| [3, 4, 5].map(|w| table.slice(w * e..(w + 1) * e))),
                     groups: e,
-                    most: n,
+                    tiles: most_tiles(p, e),
                 };
                 let y = self.expert_products_in_place(&xp, &tables, hidden, inter);
                 // SAFETY: combine_rows sets every row (a row's sum of no pairs is 0).
@@ -4175,7 +4242,8 @@ struct ShardTable {
 
 /// A MoE layer's routing on the main lane, as `moe_route_f32` and `moe_expert_slots` left it:
 /// `lists` = ids [p] | slot_rows [p] | slot_of [p] | group_offsets [experts + 1] |
-/// row_offsets [tokens + 1] (p = tokens · top_k), `weights` the pairs' weights [p].
+/// tile_offsets [experts + 1] | row_offsets [tokens + 1] (p = tokens · top_k), `weights` the
+/// pairs' weights [p].
 struct Routed<'a> {
     lists: &'a CudaSlice<i32>,
     weights: CudaView<'a, f32>,
@@ -4187,9 +4255,9 @@ struct Routed<'a> {
 impl Cuda {
     /// `moe_expert_slots` over `ids` (`[tokens, top_k]`, each below `experts`, or negative to
     /// take no slot) and their `weights`: `lists` = slot_rows [p] | slot_of [p] |
-    /// group_offsets [experts + 1] | row_offsets [tokens + 1] and `slot_weights` [p]
-    /// (p = tokens · top_k) written whole, and each expert's pairs added to `load` (`experts`
-    /// values) where given.
+    /// group_offsets [experts + 1] | tile_offsets [experts + 1] | row_offsets [tokens + 1] and
+    /// `slot_weights` [p] (p = tokens · top_k) written whole, and each expert's pairs added to
+    /// `load` (`experts` values) where given.
     fn expert_slots(
         &self,
         lists: &mut CudaViewMut<'_, i32>,
@@ -4201,11 +4269,13 @@ impl Cuda {
         let p = tokens * top_k;
         let (mut slot_rows, mut rest) = lists.split_at_mut(p);
         let (mut slot_of, mut rest) = rest.split_at_mut(p);
-        let (mut group_offsets, mut row_offsets) = rest.split_at_mut(experts + 1);
+        let (mut group_offsets, mut rest) = rest.split_at_mut(experts + 1);
+        let (mut tile_offsets, mut row_offsets) = rest.split_at_mut(experts + 1);
         let (ti, ki, ei) = (tokens as i32, top_k as i32, experts as i32);
         let no_load: u64 = 0;
         let mut b = self.stream.launch_builder(&self.k.moe_expert_slots);
         b.arg(&mut group_offsets)
+            .arg(&mut tile_offsets)
             .arg(&mut row_offsets)
             .arg(&mut slot_rows)
             .arg(slot_weights)
@@ -4342,8 +4412,10 @@ impl Cuda {
         self.copy(&routed.weights, &mut weights.slice_mut(..), into);
 
         // The shard's own lists, in two allocations: ints = local ids [p] | slot_rows [p] |
-        // slot_of [p] | group_offsets [es + 1] | row_offsets [n + 1], slot_weights [p].
-        let (slots_at, of_at, groups_at, rows_at) = (p, 2 * p, 3 * p, 3 * p + es + 1);
+        // slot_of [p] | group_offsets [es + 1] | tile_offsets [es + 1] | row_offsets [n + 1],
+        // slot_weights [p].
+        let (slots_at, of_at, groups_at) = (p, 2 * p, 3 * p);
+        let (tiles_at, rows_at) = (groups_at + es + 1, groups_at + 2 * (es + 1));
         // SAFETY: moe_shard_pairs writes every local id, and moe_expert_slots every entry of
         // its lists (the slots it leaves free too).
         let (mut ints, mut slot_weights) = unsafe {
@@ -4390,13 +4462,14 @@ impl Cuda {
 
         let xp = self.gather_indexed(&x_here.buf, hidden, &ints.slice(slots_at..of_at));
         let tables = GroupedTables {
-            offsets: ints.slice(groups_at..rows_at),
+            offsets: ints.slice(groups_at..tiles_at),
+            tile_offsets: ints.slice(tiles_at..rows_at),
             weights: [0, 1, 2].map(|w| t.table.slice(w * es..(w + 1) * es)),
             scales: t
                 .fp8
                 .then(|| [3, 4, 5].map(|w| t.table.slice(w * es..(w + 1) * es))),
             groups: es,
-            most: n,
+            tiles: most_tiles(p, es),
         };
         let y = self.expert_products_in_place(&xp, &tables, hidden, t.inter);
         // SAFETY: combine_rows sets every row (a row with none of this shard's pairs to 0).
