@@ -9,6 +9,8 @@ use crate::tokenizer::ChatMessage;
 
 /// The largest `logprobs` / `top_logprobs` accepted (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
+/// The most choices (`n`) a request may ask for, as OpenAI's API allows.
+pub const MAX_CHOICES: usize = 128;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,8 +112,11 @@ fn unsupported(body: &RequestBody) -> Option<(&'static str, &'static str)> {
     if body.echo == Some(true) {
         return Some(("echo", "echo is not supported"));
     }
-    if body.best_of.is_some_and(|b| b != 1) {
-        return Some(("best_of", "only best_of=1 is supported"));
+    if body.best_of.is_some_and(|b| b != body.n.unwrap_or(1)) {
+        return Some((
+            "best_of",
+            "best_of must equal n (choosing the best of more candidates is not supported)",
+        ));
     }
     if body.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Some(("suffix", "suffix (insertion) is not supported"));
@@ -221,6 +226,8 @@ pub enum PromptInput {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Validated {
     pub prompt: PromptInput,
+    /// Choices to generate for the prompt (`n`), each its own sequence.
+    pub n: usize,
     /// `None`: as many as the context allows (chat) — completions default to 16 like OpenAI.
     pub max_tokens: Option<usize>,
     /// The parameter `max_tokens` came from (`max_tokens` or `max_completion_tokens`), `None`
@@ -385,14 +392,16 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
             PromptInput::Chat(parse_messages(m)?)
         }
     };
-    if let Some(n) = body.n
-        && n != 1
-    {
-        return Err(ApiError::invalid(
-            Some("n"),
-            format!("only n=1 is supported, got {n}"),
-        ));
-    }
+    let n = match body.n {
+        None => 1,
+        Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ApiError::invalid(
+                Some("n"),
+                format!("n must be between 1 and {MAX_CHOICES}, got {n}"),
+            ));
+        }
+    };
     let (max_tokens, max_tokens_param) = match (
         positive(body.max_completion_tokens, "max_completion_tokens")?,
         positive(body.max_tokens, "max_tokens")?,
@@ -552,6 +561,7 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
         .unwrap_or(false);
     Ok(Validated {
         prompt,
+        n,
         max_tokens,
         max_tokens_param,
         params: SamplingParams {
@@ -692,7 +702,9 @@ mod tests {
             (json!({"prompt": "x", "top_p": 0}), "top_p"),
             (json!({"prompt": "x", "top_p": 1e-50}), "top_p"),
             (json!({"prompt": "x", "top_k": -2}), "top_k"),
-            (json!({"prompt": "x", "n": 2}), "n"),
+            (json!({"prompt": "x", "n": 0}), "n"),
+            (json!({"prompt": "x", "n": 129}), "n"),
+            (json!({"prompt": "x", "n": 2, "best_of": 3}), "best_of"),
             (json!({"prompt": "x", "logprobs": 21}), "logprobs"),
             (json!({"prompt": "x", "stop": [1]}), "stop"),
             (

@@ -149,7 +149,7 @@ impl Metrics {
             request_success: reg!(IntCounterVec::new(
                 Opts::new(
                     "sparsemoe_request_success_total",
-                    "Finished requests by finish reason (stop, length, abort)"
+                    "Finished requests by finish reason (stop, length, abort); a request of n choices counts each"
                 ),
                 &["finished_reason"]
             )),
@@ -212,7 +212,8 @@ impl Metrics {
         }
     }
 
-    /// A request ended with `reason` (`stop`, `length`, `abort`).
+    /// A request (or one of a request's `n` choices) ended with `reason` (`stop`, `length`,
+    /// `abort`).
     pub fn finished(&self, reason: &str) {
         self.request_success.with_label_values(&[reason]).inc();
     }

@@ -174,27 +174,56 @@ impl EngineHandle {
         &self,
         request: GenerationRequest,
     ) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        let mut receivers = self.submit_all(vec![request])?;
+        Ok(receivers.remove(0))
+    }
+
+    /// Queues several requests (the choices of one API request) all or none: when the queue
+    /// has room for fewer, none is queued. Their events arrive on the receivers, in order.
+    pub fn submit_all(
+        &self,
+        requests: Vec<GenerationRequest>,
+    ) -> Result<Vec<UnboundedReceiver<Event>>, SubmitError> {
         if self.stats.stopped.load(Ordering::SeqCst) {
             return Err(SubmitError::Unavailable);
         }
-        let before = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
-        if before >= self.max_waiting {
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        let n = requests.len();
+        // Room for all n is taken in one step: a request that does not fit never holds room
+        // another could have used.
+        let reserved =
+            self.stats
+                .waiting
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |waiting| {
+                    (waiting + n <= self.max_waiting).then_some(waiting + n)
+                });
+        if reserved.is_err() {
             return Err(SubmitError::QueueFull);
         }
-        self.stats.active.fetch_add(1, Ordering::SeqCst);
-        let (events, rx) = unbounded_channel();
-        let submission = Submission {
-            request,
-            events,
-            arrived: Instant::now(),
-        };
-        if self.tx.send(submission).is_err() {
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            self.stats.active.fetch_sub(1, Ordering::SeqCst);
-            return Err(SubmitError::Unavailable);
+        self.stats.active.fetch_add(n, Ordering::SeqCst);
+        let mut receivers = Vec::with_capacity(n);
+        for (sent, request) in requests.into_iter().enumerate() {
+            let (events, rx) = unbounded_channel();
+            let submission = Submission {
+                request,
+                events,
+                arrived: Instant::now(),
+            };
+            if self.tx.send(submission).is_err() {
+                // The engine thread is gone. The room of those not sent is given back; those
+                // sent went with the thread, which may have counted some of them off already,
+                // so theirs is left (the counters no longer matter once it has stopped).
+                self.stats.waiting.fetch_sub(n - sent, Ordering::SeqCst);
+                self.stats.active.fetch_sub(n - sent, Ordering::SeqCst);
+                return Err(SubmitError::Unavailable);
+            }
+            receivers.push(rx);
         }
-        Ok(rx)
+        Ok(receivers)
+    }
+
+    /// The most requests that may wait for a slot (`--max-queue`).
+    pub fn queue_capacity(&self) -> usize {
+        self.max_waiting
     }
 }
 
@@ -634,5 +663,68 @@ impl<B: Backend> Engine<B> {
             self.finish(seq);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handle whose engine thread is a channel the test holds (or has dropped).
+    fn handle(max_waiting: usize) -> (EngineHandle, mpsc::Receiver<Submission>) {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(EngineStats::default());
+        let handle = EngineHandle {
+            tx,
+            stats,
+            max_waiting,
+        };
+        (handle, rx)
+    }
+
+    fn requests(n: usize) -> Vec<GenerationRequest> {
+        (0..n)
+            .map(|i| GenerationRequest {
+                prompt: vec![2, 3 + i as u32],
+                max_tokens: 4,
+                params: SamplingParams::greedy(),
+                stop_tokens: Vec::new(),
+                min_tokens: 0,
+                logprobs: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_requests_choices_are_queued_all_or_none() {
+        let (engine, rx) = handle(4);
+        let counts = |e: &EngineHandle| {
+            (
+                e.stats.waiting.load(Ordering::SeqCst),
+                e.stats.active.load(Ordering::SeqCst),
+            )
+        };
+        assert_eq!(engine.submit_all(requests(3)).map(|r| r.len()), Ok(3));
+        assert_eq!(counts(&engine), (3, 3));
+        // Room for one: two are refused together, and take nothing.
+        assert_eq!(
+            engine.submit_all(requests(2)).map(|r| r.len()),
+            Err(SubmitError::QueueFull)
+        );
+        assert_eq!(counts(&engine), (3, 3));
+        assert_eq!(engine.submit(requests(1).remove(0)).map(|_| ()), Ok(()));
+        assert_eq!(counts(&engine), (4, 4));
+        // Queued in order, each with its own events.
+        let prompts: Vec<Vec<u32>> = rx.try_iter().map(|s| s.request.prompt).collect();
+        assert_eq!(prompts, [vec![2, 3], vec![2, 4], vec![2, 5], vec![2, 3]]);
+
+        // The engine thread gone: refused, and the room given back.
+        let (engine, rx) = handle(4);
+        drop(rx);
+        assert_eq!(
+            engine.submit_all(requests(2)).map(|r| r.len()),
+            Err(SubmitError::Unavailable)
+        );
+        assert_eq!(counts(&engine), (0, 0));
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::mpsc::{self, UnboundedReceiver};
 use crate::api::{self, ApiError, Endpoint, PromptInput, TextStream, Validated};
 use crate::generate::FinishReason;
 use crate::metrics::Metrics;
-use crate::sampling::TokenLogprob;
+use crate::sampling::{SamplingParams, TokenLogprob};
 use crate::scheduler::{EngineHandle, Event, GenerationRequest, SubmitError};
 use crate::tokenizer::{DecodeState, Tokenizer};
 
@@ -443,22 +443,43 @@ async fn handle(
             return error_response(&e);
         }
     };
-    let request = GenerationRequest {
-        prompt: prepared.prompt.clone(),
-        max_tokens: prepared.max_tokens,
-        params: prepared.validated.params.clone(),
-        stop_tokens: if prepared.validated.ignore_eos {
-            prepared.validated.stop_token_ids.clone()
-        } else {
-            let mut stops = state.stop_tokens.clone();
-            stops.extend(&prepared.validated.stop_token_ids);
-            stops
-        },
-        min_tokens: prepared.validated.min_tokens,
-        logprobs: prepared.validated.logprobs,
+    let validated = &prepared.validated;
+    let (n, capacity) = (validated.n, state.engine.queue_capacity());
+    if n > capacity {
+        let e = ApiError::invalid(
+            Some("n"),
+            format!(
+                "n ({n}) is more than this server queues at once ({capacity} requests, \
+                 --max-queue)"
+            ),
+        );
+        state.metrics.error(e.status);
+        return error_response(&e);
+    }
+    let stop_tokens = if validated.ignore_eos {
+        validated.stop_token_ids.clone()
+    } else {
+        let mut stops = state.stop_tokens.clone();
+        stops.extend(&validated.stop_token_ids);
+        stops
     };
-    let events = match state.engine.submit(request) {
-        Ok(rx) => rx,
+    // Each choice is a sequence of its own; under a seed, choice i draws from seed + i, so the
+    // choices differ and the request still reproduces.
+    let requests = (0..n)
+        .map(|i| GenerationRequest {
+            prompt: prepared.prompt.clone(),
+            max_tokens: prepared.max_tokens,
+            params: SamplingParams {
+                seed: validated.params.seed.map(|s| s.wrapping_add(i as u64)),
+                ..validated.params.clone()
+            },
+            stop_tokens: stop_tokens.clone(),
+            min_tokens: validated.min_tokens,
+            logprobs: validated.logprobs,
+        })
+        .collect();
+    let receivers = match state.engine.submit_all(requests) {
+        Ok(receivers) => receivers,
         Err(SubmitError::QueueFull) => {
             let e = ApiError::new(
                 429,
@@ -476,11 +497,7 @@ async fn handle(
             return error_response(&e);
         }
     };
-    let outcome = Outcome {
-        metrics: state.metrics.clone(),
-        recorded: false,
-    };
-    let run = Run {
+    let run = Arc::new(Run {
         id: request_id(match endpoint {
             Endpoint::Completions => "cmpl",
             Endpoint::Chat => "chatcmpl",
@@ -488,34 +505,43 @@ async fn handle(
         created: unix_now(),
         endpoint,
         prompt_tokens: prepared.prompt.len(),
-        decoding: DecodeState::default(),
-        text: TextStream::new(prepared.validated.stop.clone()),
-        decoded_chars: 0,
-        logprobs: prepared.validated.logprobs.is_some(),
+        logprobs: validated.logprobs.is_some(),
         state,
-        outcome,
-    };
-    if prepared.validated.stream {
-        stream_response(run, events, prepared.validated.include_usage)
+        failed: AtomicBool::new(false),
+    });
+    let steps = spawn_choices(&run, receivers, &validated.stop);
+    if validated.stream {
+        stream_response(run, steps, n, validated.include_usage)
     } else {
-        complete_response(run, events).await
+        complete_response(run, steps, n).await
     }
 }
 
-/// One request's progress.
+/// What a request's choices share.
 struct Run {
     id: String,
     created: u64,
     endpoint: Endpoint,
     prompt_tokens: usize,
+    logprobs: bool,
+    state: Arc<AppState>,
+    /// Set when the request failed: its choices still running are ended as part of that
+    /// failure, not counted as aborted.
+    failed: AtomicBool,
+}
+
+/// One choice's progress (its own sequence on the engine), on a task of its own.
+struct Choice {
+    index: usize,
     /// Where the incremental decoding of the output stands.
     decoding: DecodeState,
     text: TextStream,
     /// Characters of output text the tokens so far decoded to: where the next token's text
     /// begins (its completions logprobs `text_offset`).
     decoded_chars: usize,
-    logprobs: bool,
-    state: Arc<AppState>,
+    /// Tokens generated so far.
+    generated: usize,
+    /// Counted once per choice in `sparsemoe_request_success_total`.
     outcome: Outcome,
 }
 
@@ -563,55 +589,6 @@ impl Run {
         }
     }
 
-    /// Applies one engine event; `generated` counts tokens so far.
-    fn apply(&mut self, event: Event, generated: &mut usize) -> Step {
-        match event {
-            Event::Token { id, logprob } => {
-                *generated += 1;
-                let piece = self.state.tokenizer.decode_next(&mut self.decoding, id);
-                let logprob = logprob
-                    .filter(|_| self.logprobs)
-                    .map(|lp| self.logprob_entry(&lp, self.decoded_chars));
-                self.decoded_chars += piece.chars().count();
-                let (text, stopped) = self.text.push(&piece);
-                if stopped {
-                    Step::Done {
-                        text,
-                        logprob,
-                        reason: FinishReason::Stop,
-                        completion_tokens: *generated,
-                    }
-                } else {
-                    Step::Delta { text, logprob }
-                }
-            }
-            Event::Finished {
-                reason,
-                completion_tokens,
-                stop_logprob,
-                ..
-            } => {
-                // The end of a character no token finished, as the whole output's decode shows it.
-                let rest = self.state.tokenizer.decode_rest(&mut self.decoding);
-                self.decoded_chars += rest.chars().count();
-                let (mut text, stopped) = self.text.push(&rest);
-                if !stopped {
-                    text.push_str(&self.text.flush());
-                }
-                let logprob = stop_logprob
-                    .filter(|_| self.logprobs)
-                    .map(|lp| self.logprob_entry(&lp, self.decoded_chars));
-                Step::Done {
-                    text,
-                    logprob,
-                    reason: if stopped { FinishReason::Stop } else { reason },
-                    completion_tokens,
-                }
-            }
-            Event::Error(message) => Step::Failed(message),
-        }
-    }
-
     fn usage(&self, completion_tokens: usize) -> Value {
         json!({
             "prompt_tokens": self.prompt_tokens,
@@ -642,22 +619,175 @@ impl Run {
         v
     }
 
-    fn choice_delta(&self, text: &str, logprob: Option<Value>, finish: Option<&str>) -> Value {
+    /// A stream chunk's choice `index`.
+    fn choice_delta(
+        &self,
+        index: usize,
+        text: &str,
+        logprob: Option<Value>,
+        finish: Option<&str>,
+    ) -> Value {
         match self.endpoint {
-            Endpoint::Chat => json!([{
-                "index": 0,
+            Endpoint::Chat => json!({
+                "index": index,
                 "delta": if text.is_empty() { json!({}) } else { json!({"content": text}) },
                 "logprobs": logprob.map(|l| json!({"content": [l]})),
                 "finish_reason": finish,
-            }]),
-            Endpoint::Completions => json!([{
-                "index": 0,
+            }),
+            Endpoint::Completions => json!({
+                "index": index,
                 "text": text,
                 "logprobs": logprob.map(|entry| completion_logprobs(&[entry])),
                 "finish_reason": finish,
-            }]),
+            }),
         }
     }
+
+    /// A whole response's choice `index`.
+    fn choice(&self, index: usize, text: String, logprobs: Vec<Value>, reason: &str) -> Value {
+        match self.endpoint {
+            Endpoint::Chat => json!({
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": self.logprobs.then(|| json!({"content": logprobs})),
+                "finish_reason": reason,
+            }),
+            Endpoint::Completions => json!({
+                "index": index,
+                "text": text,
+                "logprobs": self.logprobs.then(|| completion_logprobs(&logprobs)),
+                "finish_reason": reason,
+            }),
+        }
+    }
+
+    /// Fails the request: counted once, whatever its choices.
+    fn failed(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.state.metrics.error(500);
+    }
+}
+
+impl Choice {
+    /// Applies one engine event.
+    fn apply(&mut self, run: &Run, event: Event) -> Step {
+        let tokenizer = &run.state.tokenizer;
+        match event {
+            Event::Token { id, logprob } => {
+                self.generated += 1;
+                let piece = tokenizer.decode_next(&mut self.decoding, id);
+                let logprob = logprob
+                    .filter(|_| run.logprobs)
+                    .map(|lp| run.logprob_entry(&lp, self.decoded_chars));
+                self.decoded_chars += piece.chars().count();
+                let (text, stopped) = self.text.push(&piece);
+                if stopped {
+                    Step::Done {
+                        text,
+                        logprob,
+                        reason: FinishReason::Stop,
+                        completion_tokens: self.generated,
+                    }
+                } else {
+                    Step::Delta { text, logprob }
+                }
+            }
+            Event::Finished {
+                reason,
+                completion_tokens,
+                stop_logprob,
+                ..
+            } => {
+                // The end of a character no token finished, as the whole output's decode shows it.
+                let rest = tokenizer.decode_rest(&mut self.decoding);
+                self.decoded_chars += rest.chars().count();
+                let (mut text, stopped) = self.text.push(&rest);
+                if !stopped {
+                    text.push_str(&self.text.flush());
+                }
+                let logprob = stop_logprob
+                    .filter(|_| run.logprobs)
+                    .map(|lp| run.logprob_entry(&lp, self.decoded_chars));
+                Step::Done {
+                    text,
+                    logprob,
+                    reason: if stopped { FinishReason::Stop } else { reason },
+                    completion_tokens,
+                }
+            }
+            Event::Error(message) => Step::Failed(message),
+        }
+    }
+}
+
+/// Runs each choice on a task of its own, which turns its sequence's events into [`Step`]s
+/// (decoding, stop strings, logprobs) and sends them, with its index, on the returned channel.
+/// A choice's task ends after its last step, dropping its events, which cancels its sequence
+/// (a stop string ends it early), and ends at once, cancelling it, when the channel's receiver
+/// is dropped (the client left, or another choice failed the request).
+fn spawn_choices(
+    run: &Arc<Run>,
+    receivers: Vec<UnboundedReceiver<Event>>,
+    stop: &[String],
+) -> mpsc::Receiver<(usize, Step)> {
+    let (tx, rx) = mpsc::channel(64);
+    for (index, mut events) in receivers.into_iter().enumerate() {
+        let (run, tx) = (run.clone(), tx.clone());
+        let mut choice = Choice {
+            index,
+            decoding: DecodeState::default(),
+            text: TextStream::new(stop.to_vec()),
+            decoded_chars: 0,
+            generated: 0,
+            outcome: Outcome {
+                metrics: run.state.metrics.clone(),
+                recorded: false,
+            },
+        };
+        tokio::spawn(async move {
+            // Ended by the response's end rather than its own: the client left (an abort), or
+            // another choice failed the request (counted there).
+            let cut_short = |choice: &mut Choice| {
+                if run.failed.load(Ordering::SeqCst) {
+                    choice.outcome.recorded = true;
+                }
+            };
+            loop {
+                let step = tokio::select! {
+                    event = events.recv() => match event {
+                        Some(event) => choice.apply(&run, event),
+                        None => Step::Failed(engine_stopped(&run.state)),
+                    },
+                    () = tx.closed() => {
+                        cut_short(&mut choice);
+                        return;
+                    }
+                };
+                let last = match &step {
+                    Step::Delta { .. } => false,
+                    Step::Done { reason, .. } => {
+                        choice.outcome.finish(reason.as_str());
+                        true
+                    }
+                    Step::Failed(_) => {
+                        choice.outcome.recorded = true;
+                        true
+                    }
+                };
+                if last {
+                    events.close();
+                }
+                if tx.send((choice.index, step)).await.is_err() {
+                    cut_short(&mut choice);
+                    return;
+                }
+                if last {
+                    return;
+                }
+            }
+        });
+    }
+    rx
 }
 
 /// The legacy completions logprobs shape from per-token entries. A token's `text_offset` is
@@ -672,149 +802,155 @@ fn completion_logprobs(entries: &[Value]) -> Value {
     })
 }
 
-async fn complete_response(mut run: Run, mut events: UnboundedReceiver<Event>) -> Response {
-    let mut text = String::new();
-    let mut logprobs = Vec::new();
-    let mut generated = 0;
-    loop {
-        let Some(event) = events.recv().await else {
-            let e = ApiError::new(500, "server_error", engine_stopped(&run.state));
-            run.outcome.recorded = true;
-            run.state.metrics.error(500);
-            return error_response(&e);
+/// The whole response once every choice is done: the choices in index order, the prompt's
+/// tokens counted once and every choice's output tokens.
+async fn complete_response(
+    run: Arc<Run>,
+    mut steps: mpsc::Receiver<(usize, Step)>,
+    n: usize,
+) -> Response {
+    let mut texts = vec![String::new(); n];
+    let mut logprobs = vec![Vec::new(); n];
+    let mut reasons: Vec<Option<FinishReason>> = vec![None; n];
+    let mut completion_tokens = 0;
+    while reasons.iter().any(Option::is_none) {
+        // Every choice's task sends its last step before it ends.
+        let Some((index, step)) = steps.recv().await else {
+            run.failed();
+            return error_response(&ApiError::new(
+                500,
+                "server_error",
+                engine_stopped(&run.state),
+            ));
         };
-        match run.apply(event, &mut generated) {
-            Step::Delta { text: t, logprob } => {
-                text.push_str(&t);
-                logprobs.extend(logprob);
+        match step {
+            Step::Delta { text, logprob } => {
+                texts[index].push_str(&text);
+                logprobs[index].extend(logprob);
             }
             Step::Done {
-                text: t,
+                text,
                 logprob,
                 reason,
-                completion_tokens,
+                completion_tokens: tokens,
             } => {
-                text.push_str(&t);
-                logprobs.extend(logprob);
-                drop(events); // a stop string ends the request early: cancel the rest
-                run.outcome.finish(reason.as_str());
-                let usage = run.usage(completion_tokens);
-                let choice = match run.endpoint {
-                    Endpoint::Chat => json!({
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": run.logprobs.then(|| json!({"content": logprobs})),
-                        "finish_reason": reason.as_str(),
-                    }),
-                    Endpoint::Completions => json!({
-                        "index": 0,
-                        "text": text,
-                        "logprobs": run.logprobs.then(|| completion_logprobs(&logprobs)),
-                        "finish_reason": reason.as_str(),
-                    }),
-                };
-                return json_response(json!({
-                    "id": run.id,
-                    "object": run.object(false),
-                    "created": run.created,
-                    "model": run.state.model_name,
-                    "choices": [choice],
-                    "usage": usage,
-                }));
+                texts[index].push_str(&text);
+                logprobs[index].extend(logprob);
+                reasons[index] = Some(reason);
+                completion_tokens += tokens;
             }
             Step::Failed(message) => {
-                let e = ApiError::new(500, "server_error", message);
-                run.state.metrics.error(500);
-                run.outcome.recorded = true;
-                return error_response(&e);
+                run.failed();
+                return error_response(&ApiError::new(500, "server_error", message));
             }
         }
     }
+    let choices: Vec<Value> = texts
+        .into_iter()
+        .zip(logprobs)
+        .zip(reasons)
+        .enumerate()
+        .map(|(index, ((text, logprobs), reason))| {
+            let reason = reason.map_or("stop", FinishReason::as_str);
+            run.choice(index, text, logprobs, reason)
+        })
+        .collect();
+    json_response(json!({
+        "id": run.id,
+        "object": run.object(false),
+        "created": run.created,
+        "model": run.state.model_name,
+        "choices": choices,
+        "usage": run.usage(completion_tokens),
+    }))
 }
 
 fn sse(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
 }
 
+/// The choices' steps as server-sent events, each chunk with its choice's index (a chat
+/// stream first sends each choice's role), as they come; once every choice is done, the usage
+/// (when asked for) and `[DONE]`.
 fn stream_response(
-    mut run: Run,
-    mut events: UnboundedReceiver<Event>,
+    run: Arc<Run>,
+    mut steps: mpsc::Receiver<(usize, Step)>,
+    n: usize,
     include_usage: bool,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
-        let mut generated = 0;
         if run.endpoint == Endpoint::Chat {
-            let first = run.chunk(
-                json!([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                        "logprobs": null, "finish_reason": null}]),
-                None,
-            );
-            if tx.send(sse(&first)).await.is_err() {
-                return;
+            for index in 0..n {
+                let first = run.chunk(
+                    json!([{"index": index, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": null, "finish_reason": null}]),
+                    None,
+                );
+                if tx.send(sse(&first)).await.is_err() {
+                    return;
+                }
             }
         }
-        loop {
-            // Client gone: stop at once, which drops `events` and cancels the request.
-            let event = tokio::select! {
-                e = events.recv() => e,
+        let (mut open, mut completion_tokens) = (n, 0);
+        while open > 0 {
+            // Client gone: stop at once, which drops `steps` and cancels every choice.
+            let step = tokio::select! {
+                s = steps.recv() => s,
                 () = tx.closed() => return,
             };
-            let Some(event) = event else {
-                run.outcome.recorded = true;
-                run.state.metrics.error(500);
+            let failure = match step {
+                None => Some(engine_stopped(&run.state)),
+                Some((_, Step::Failed(message))) => Some(message),
+                Some((index, Step::Delta { text, logprob })) => {
+                    if text.is_empty() && logprob.is_none() {
+                        continue;
+                    }
+                    let chunk =
+                        run.chunk(json!([run.choice_delta(index, &text, logprob, None)]), None);
+                    if tx.send(sse(&chunk)).await.is_err() {
+                        return;
+                    }
+                    None
+                }
+                Some((
+                    index,
+                    Step::Done {
+                        text,
+                        logprob,
+                        reason,
+                        completion_tokens: tokens,
+                    },
+                )) => {
+                    open -= 1;
+                    completion_tokens += tokens;
+                    let last = run.chunk(
+                        json!([run.choice_delta(index, &text, logprob, Some(reason.as_str()))]),
+                        None,
+                    );
+                    if tx.send(sse(&last)).await.is_err() {
+                        return;
+                    }
+                    None
+                }
+            };
+            if let Some(message) = failure {
+                run.failed();
+                drop(steps); // ends the other choices now, not when the client has read this
                 let _ = tx
-                    .send(sse(
-                        &json!({"error": {"message": engine_stopped(&run.state),
-                        "type": "server_error", "param": null, "code": null}}),
-                    ))
+                    .send(sse(&json!({"error": {"message": message,
+                        "type": "server_error", "param": null, "code": null}})))
                     .await;
                 // As vLLM ends a failed stream: clients wait for [DONE].
                 let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
                 return;
-            };
-            match run.apply(event, &mut generated) {
-                Step::Delta { text, logprob } => {
-                    if text.is_empty() && logprob.is_none() {
-                        continue;
-                    }
-                    let chunk = run.chunk(run.choice_delta(&text, logprob, None), None);
-                    if tx.send(sse(&chunk)).await.is_err() {
-                        return;
-                    }
-                }
-                Step::Done {
-                    text,
-                    logprob,
-                    reason,
-                    completion_tokens,
-                } => {
-                    drop(events);
-                    run.outcome.finish(reason.as_str());
-                    let last = run.chunk(
-                        run.choice_delta(&text, logprob, Some(reason.as_str())),
-                        None,
-                    );
-                    let _ = tx.send(sse(&last)).await;
-                    if include_usage {
-                        let usage = run.chunk(json!([]), Some(run.usage(completion_tokens)));
-                        let _ = tx.send(sse(&usage)).await;
-                    }
-                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-                    return;
-                }
-                Step::Failed(message) => {
-                    run.outcome.recorded = true;
-                    run.state.metrics.error(500);
-                    let _ = tx
-                        .send(sse(&json!({"error": {"message": message,
-                            "type": "server_error", "param": null, "code": null}})))
-                        .await;
-                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-                    return;
-                }
             }
         }
+        if include_usage {
+            let usage = run.chunk(json!([]), Some(run.usage(completion_tokens)));
+            let _ = tx.send(sse(&usage)).await;
+        }
+        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))

@@ -121,6 +121,16 @@ impl Reply {
             .filter_map(|e| e.strip_prefix("data: ").map(str::to_string))
             .collect()
     }
+
+    /// The JSON chunks of a stream, which must end with `[DONE]`.
+    fn chunks(&self) -> Vec<Value> {
+        let events = self.events();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect()
+    }
 }
 
 impl Server {
@@ -557,12 +567,7 @@ async fn streaming_ends_with_done_and_usage() {
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.headers["content-type"], "text/event-stream");
-    let events = r.events();
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = r.chunks();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let usage = &chunks.last().unwrap()["usage"];
     assert!(usage["completion_tokens"].as_u64().unwrap() >= 1);
@@ -582,6 +587,117 @@ async fn streaming_ends_with_done_and_usage() {
         )
         .await;
     assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+    s.shutdown().await;
+}
+
+/// `n` choices are sequences of their own: choice i under seed s is what a request of one
+/// choice under seed s + i gives (so the choices differ, and the request reproduces), the
+/// usage counts the prompt once and every choice's tokens, a stream tags each chunk with its
+/// choice (a chat stream opens each with its role) and ends once all are done, and an `n` the
+/// queue can never hold is a 400 that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_are_sequences_of_their_own() {
+    let s = start(&["--max-queue", "8"]).await;
+    let body = |n: u64, seed: u64| {
+        json!({"prompt": "t3 t4", "n": n, "max_tokens": 8, "ignore_eos": true,
+               "temperature": 1.0, "seed": seed, "logprobs": 0})
+    };
+    let r = s.post("/v1/completions", body(3, 11)).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let whole = r.json();
+    let choices = whole["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{whole}");
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i as u64, "{whole}");
+        assert_eq!(choice["finish_reason"], "length", "{whole}");
+        assert_eq!(choice["logprobs"]["tokens"].as_array().unwrap().len(), 8);
+        // The same tokens; their logprobs within the rounding a batch of another size gives.
+        let one = s
+            .post("/v1/completions", body(1, 11 + i as u64))
+            .await
+            .json();
+        let (lp, one_lp) = (&choice["logprobs"], &one["choices"][0]["logprobs"]);
+        assert_eq!(one["choices"][0]["text"], choice["text"], "choice {i}");
+        assert_eq!(one_lp["tokens"], lp["tokens"], "choice {i}");
+        let near = |a: &Value, b: &Value| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-4;
+        let (a, b) = (
+            lp["token_logprobs"].as_array().unwrap(),
+            one_lp["token_logprobs"].as_array(),
+        );
+        assert!(
+            a.iter().zip(b.unwrap()).all(|(a, b)| near(a, b)),
+            "choice {i}: {lp} {one_lp}"
+        );
+        assert_eq!(
+            one["usage"]["prompt_tokens"],
+            whole["usage"]["prompt_tokens"]
+        );
+    }
+    assert!(
+        choices[0]["text"] != choices[1]["text"] || choices[1]["text"] != choices[2]["text"],
+        "three seeded choices, all the same: {whole}"
+    );
+    assert_eq!(whole["usage"]["completion_tokens"], 24, "{whole}");
+    let again = s.post("/v1/completions", body(3, 11)).await.json();
+    let texts = |v: &Value| -> Vec<Value> {
+        v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["text"].clone())
+            .collect()
+    };
+    assert_eq!(texts(&again), texts(&whole), "the same request again");
+
+    // A chat stream of two choices against the same request whole.
+    let chat = |stream: bool| {
+        json!({"messages": [{"role": "user", "content": "t5"}], "n": 2, "max_tokens": 5,
+               "ignore_eos": true, "seed": 3, "stream": stream,
+               "stream_options": {"include_usage": true}})
+    };
+    let want = s.post("/v1/chat/completions", chat(false)).await.json();
+    let r = s.post("/v1/chat/completions", chat(true)).await;
+    assert_eq!(r.status, 200);
+    let chunks = r.chunks();
+    let (mut texts, mut roles, mut finishes) = (vec![String::new(); 2], [0; 2], [0; 2]);
+    for chunk in &chunks[..chunks.len() - 1] {
+        let choices = chunk["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 1, "{chunk}");
+        let i = choices[0]["index"].as_u64().unwrap() as usize;
+        let delta = &choices[0]["delta"];
+        if delta["role"] == "assistant" {
+            roles[i] += 1;
+        }
+        texts[i].push_str(delta["content"].as_str().unwrap_or_default());
+        if !choices[0]["finish_reason"].is_null() {
+            finishes[i] += 1;
+        }
+    }
+    assert_eq!((roles, finishes), ([1, 1], [1, 1]), "{chunks:?}");
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(
+            want["choices"][i]["message"]["content"].as_str(),
+            Some(text.as_str()),
+            "choice {i}"
+        );
+    }
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 10, "{usage}");
+    assert_eq!(usage, &want["usage"]);
+
+    // More choices than the queue holds can never run: a 400 naming n, not a 429.
+    let r = s.post("/v1/completions", body(9, 1)).await;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let e = r.json();
+    assert_eq!(e["error"]["param"], "n", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-queue"),
+        "{e}"
+    );
+    s.idle().await;
     s.shutdown().await;
 }
 
@@ -639,10 +755,10 @@ async fn bad_input_is_a_4xx_with_an_openai_error_and_harms_nothing() {
             "999",
         ),
         (
-            "n=2",
-            Bytes::from(r#"{"prompt": "t3", "n": 2}"#),
+            "n=129",
+            Bytes::from(r#"{"prompt": "t3", "n": 129}"#),
             400,
-            "n=1",
+            "between 1 and 128",
         ),
         (
             "20 MB body",

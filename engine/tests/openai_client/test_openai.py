@@ -180,6 +180,20 @@ class OpenAIClientTest(unittest.TestCase):
         self.assertEqual(finish, plain.choices[0].finish_reason)
         self.assertEqual(usage.completion_tokens, plain.usage.completion_tokens)
 
+    def test_n_choices(self):
+        # Each choice its own sequence: n=3 under a seed gives three indexed choices, and the
+        # usage counts every choice's tokens; a stream delivers both of two chat choices.
+        r = client().completions.create(model="tiny", prompt="t3 t4", max_tokens=5, n=3,
+                                        temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+        self.assertEqual([c.index for c in r.choices], [0, 1, 2])
+        self.assertEqual(r.usage.completion_tokens, 15)
+        stream = client().chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "t3"}], max_tokens=4, n=2,
+            seed=7, stream=True)
+        finished = {ch.index: ch.finish_reason for chunk in stream for ch in chunk.choices
+                    if ch.finish_reason}
+        self.assertEqual(sorted(finished), [0, 1])
+
     def test_completion_streaming(self):
         chunks = list(client().completions.create(model="tiny", prompt="t8", max_tokens=5,
                                                   temperature=0, stream=True))
