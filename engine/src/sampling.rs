@@ -227,10 +227,22 @@ impl Sampler {
     /// every token of every sequence).
     fn kept(&self, logits: &[f32]) -> Vec<(u32, f32)> {
         let p = &self.params;
-        let finite = || logits.iter().enumerate().filter(|(_, l)| l.is_finite());
-        let Some(top) = finite().map(|(_, &l)| l).max_by(f32::total_cmp) else {
+        let Some(top) = logits
+            .iter()
+            .copied()
+            .filter(|l| !l.is_nan())
+            .max_by(f32::total_cmp)
+        else {
             return Vec::new();
         };
+        if top == f32::INFINITY {
+            // Every other token's probability is 0 next to an infinite logit: the infinite
+            // ones share it (an overflow in the model's last product, say), whatever the
+            // filters, which cannot tell them apart.
+            let infinite = logits.iter().enumerate().filter(|(_, l)| **l == top);
+            return infinite.map(|(i, _)| (i as u32, 1.0)).collect();
+        }
+        let finite = || logits.iter().enumerate().filter(|(_, l)| l.is_finite());
         // Scaled from the largest logit down, so that no scaled logit overflows to +inf.
         let mut kept: Vec<(u32, f32)> = finite()
             .map(|(i, &l)| (i as u32, ((l - top) / p.temperature).exp()))
@@ -500,6 +512,40 @@ mod tests {
             }
         }
         assert_eq!(cases, 240);
+    }
+
+    #[test]
+    fn infinite_logits_take_all_the_probability() {
+        // Two +inf among numbers (and a NaN): only they are drawn, both of them, under every
+        // filter; greedy takes the first. Without one, -inf and NaN are never drawn.
+        let logits = [1.0, f32::INFINITY, 30.0, f32::NAN, f32::INFINITY, -2.0];
+        for (top_k, top_p, min_p) in [(0, 1.0, 0.0), (1, 1.0, 0.0), (0, 0.5, 0.0), (0, 1.0, 0.9)] {
+            let mut s = Sampler::new(SamplingParams {
+                top_k,
+                top_p,
+                min_p,
+                seed: Some(4),
+                ..Default::default()
+            });
+            let mut seen = [0; 6];
+            for _ in 0..200 {
+                seen[s.sample(&logits, &[]) as usize] += 1;
+            }
+            assert_eq!(seen[0] + seen[2] + seen[3] + seen[5], 0, "{seen:?}");
+            assert!(seen[1] > 50 && seen[4] > 50, "{seen:?}");
+        }
+        assert_eq!(
+            Sampler::new(SamplingParams::greedy()).sample(&logits, &[]),
+            1
+        );
+        let mut s = Sampler::new(SamplingParams {
+            seed: Some(4),
+            ..Default::default()
+        });
+        let logits = [f32::NEG_INFINITY, 0.5, f32::NAN, 0.0];
+        for _ in 0..100 {
+            assert!([1, 3].contains(&s.sample(&logits, &[])));
+        }
     }
 
     #[test]
