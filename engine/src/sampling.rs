@@ -212,8 +212,19 @@ impl Sampler {
     }
 
     fn pick(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature < GREEDY_BELOW {
+        let p = &self.params;
+        if p.temperature < GREEDY_BELOW {
             return argmax(logits);
+        }
+        let unfiltered = p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0;
+        if unfiltered && largest(logits, |l| !l.is_nan()) < f32::INFINITY {
+            // Every finite logit may be drawn: from the weights as they lie, no list made.
+            let u = self.rng.random::<f64>();
+            let token = WEIGHTS.with_borrow_mut(|weights| {
+                weights_of(logits, p.temperature, weights);
+                draw_dense(weights, u)
+            });
+            return token.unwrap_or_else(|| argmax(logits));
         }
         let kept = self.kept(logits);
         let u = self.rng.random::<f64>();
@@ -227,14 +238,7 @@ impl Sampler {
     /// every token of every sequence).
     fn kept(&self, logits: &[f32]) -> Vec<(u32, f32)> {
         let p = &self.params;
-        let Some(top) = logits
-            .iter()
-            .copied()
-            .filter(|l| !l.is_nan())
-            .max_by(f32::total_cmp)
-        else {
-            return Vec::new();
-        };
+        let top = largest(logits, |l| !l.is_nan());
         if top == f32::INFINITY {
             // Every other token's probability is 0 next to an infinite logit: the infinite
             // ones share it (an overflow in the model's last product, say), whatever the
@@ -242,56 +246,170 @@ impl Sampler {
             let infinite = logits.iter().enumerate().filter(|(_, l)| **l == top);
             return infinite.map(|(i, _)| (i as u32, 1.0)).collect();
         }
-        let finite = || logits.iter().enumerate().filter(|(_, l)| l.is_finite());
-        // Scaled from the largest logit down, so that no scaled logit overflows to +inf.
-        let mut kept: Vec<(u32, f32)> = finite()
-            .map(|(i, &l)| (i as u32, ((l - top) / p.temperature).exp()))
-            .collect();
-        // More likely first; the lower id first among equals.
-        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if p.top_k > 0 && p.top_k < kept.len() {
-            kept.select_nth_unstable_by(p.top_k - 1, order);
-            kept.truncate(p.top_k);
-            // In a defined order, so a seed draws the same token whatever order the selection
-            // left (the standard library does not promise one).
-            kept.sort_unstable_by(order);
-        }
-        if p.min_p > 0.0 {
-            // Relative to the most likely token, whose weight is 1 (it always stays).
-            kept.retain(|&(_, w)| w >= p.min_p || w >= 1.0);
-        }
-        if p.top_p < 1.0 {
-            let need = f64::from(p.top_p) * kept.iter().map(|&(_, w)| f64::from(w)).sum::<f64>();
-            // The nucleus lies within the tokens down to some power-of-two weight band: find
-            // the band where the mass, from the top, reaches top_p (one pass over the weights,
-            // binned by their float exponent), keep those tokens, and sort only them.
-            let mut mass = [0f64; 256];
-            for &(_, w) in &kept {
-                mass[(w.to_bits() >> 23) as usize & 255] += f64::from(w);
+        WEIGHTS.with_borrow_mut(|weights| {
+            weights_of(logits, p.temperature, weights);
+            // A finite logit's weight is above 0 (at least 2^-126), a non-finite one's 0.
+            let at_least = |min: f32| {
+                let tokens = weights.iter().enumerate();
+                tokens
+                    .filter(move |&(_, &w)| w > 0.0 && w >= min)
+                    .map(|(i, &w)| (i as u32, w))
+            };
+            if p.top_k == 0 && p.min_p <= 0.0 {
+                // top-p alone (or nothing): straight from the weights, listing only the
+                // nucleus.
+                return match p.top_p < 1.0 {
+                    true => nucleus(at_least(0.0), p.top_p),
+                    false => at_least(0.0).collect(),
+                };
             }
-            let mut cumulative = 0.0;
-            let band = (0..256)
-                .rev()
-                .find(|&b| {
-                    cumulative += mass[b];
-                    cumulative >= need
-                })
-                .unwrap_or(0);
-            let floor = f32::from_bits((band as u32) << 23);
-            let mut nucleus: Vec<(u32, f32)> =
-                kept.iter().copied().filter(|&(_, w)| w >= floor).collect();
-            let mut end = prefix_reaching(&mut nucleus, need, order);
-            if end.is_none() && nucleus.len() < kept.len() {
-                // Summed in another order, the bands' mass reached top_p a rounding sooner
-                // than the sorted tokens do: the nucleus goes on below the band.
-                nucleus = kept;
-                end = prefix_reaching(&mut nucleus, need, order);
+            // min-p keeps the tokens of at least min_p of the most likely one's weight (1,
+            // which always stays); without top-k first, only those are listed.
+            let min_p = p.min_p.min(1.0);
+            let mut kept: Vec<(u32, f32)> = match p.top_k {
+                0 => at_least(min_p).collect(),
+                _ => at_least(0.0).collect(),
+            };
+            if p.top_k > 0 && p.top_k < kept.len() {
+                kept.select_nth_unstable_by(p.top_k - 1, likelier);
+                kept.truncate(p.top_k);
+                // In a defined order, so a seed draws the same token whatever order the
+                // selection left (the standard library does not promise one).
+                kept.sort_unstable_by(likelier);
             }
-            nucleus.truncate(end.unwrap_or(nucleus.len()));
-            return nucleus;
-        }
-        kept
+            if p.min_p > 0.0 {
+                kept.retain(|&(_, w)| w >= min_p);
+            }
+            match p.top_p < 1.0 {
+                true => nucleus(kept.into_iter(), p.top_p),
+                false => kept,
+            }
+        })
     }
+}
+
+/// More likely first; the lower id first among equals.
+fn likelier(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The nucleus of `tokens` (id and weight each): the fewest most likely tokens whose weight
+/// reaches `top_p` of the whole. It lies within the tokens down to some power-of-two weight
+/// band: two passes find the band where the mass, from the top, reaches top_p (the weights
+/// binned by their float exponent); every token above that band is in the nucleus, in
+/// whatever order, and only the band's tokens are sorted, to find where it ends. So only the
+/// nucleus is ever listed, and at most one band of it sorted, however long the tail.
+fn nucleus<I>(tokens: I, top_p: f32) -> Vec<(u32, f32)>
+where
+    I: Iterator<Item = (u32, f32)> + Clone,
+{
+    let need = f64::from(top_p) * tokens.clone().map(|(_, w)| f64::from(w)).sum::<f64>();
+    let mut mass = [0f64; 256];
+    for (_, w) in tokens.clone() {
+        mass[(w.to_bits() >> 23) as usize & 255] += f64::from(w);
+    }
+    let mut cumulative = 0.0;
+    let band = (0..256)
+        .rev()
+        .find(|&b| {
+            cumulative += mass[b];
+            cumulative >= need
+        })
+        .unwrap_or(0);
+    let floor = f32::from_bits((band as u32) << 23);
+    let ceiling = f32::from_bits((band as u32 + 1) << 23);
+    let (mut nucleus, mut edge) = (Vec::new(), Vec::new());
+    for (token, w) in tokens.clone().filter(|&(_, w)| w >= floor) {
+        match w >= ceiling {
+            true => nucleus.push((token, w)),
+            false => edge.push((token, w)),
+        }
+    }
+    let above: f64 = nucleus.iter().map(|&(_, w)| f64::from(w)).sum();
+    if above < need
+        && let Some(end) = prefix_reaching(&mut edge, need - above, likelier)
+    {
+        nucleus.extend_from_slice(&edge[..end]);
+        return nucleus;
+    }
+    // Summed in another order, the bands' mass reached top_p a rounding sooner or later than
+    // these tokens do: the nucleus ends above the band or goes on below it. Sort them all.
+    let mut all: Vec<(u32, f32)> = tokens.collect();
+    let end = prefix_reaching(&mut all, need, likelier);
+    all.truncate(end.unwrap_or(all.len()));
+    all
+}
+
+thread_local! {
+    /// Each thread's room for a row's weights (a sampling thread reuses it for every token).
+    static WEIGHTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Each logit's weight at `temperature` into `weights` (its probability up to a common factor:
+/// the largest finite logit's is 1, a non-finite logit's 0), scaled from the largest logit
+/// down, so that no weight overflows. One pass of [`exp_nonpositive`], which the compiler
+/// vectorises (the standard library's `exp` is a call a value).
+fn weights_of(logits: &[f32], temperature: f32, weights: &mut Vec<f32>) {
+    let top = largest(logits, f32::is_finite);
+    let inverse = 1.0 / temperature;
+    weights.clear();
+    weights.extend(logits.iter().map(|&l| {
+        let w = exp_nonpositive((l - top) * inverse);
+        if l.is_finite() { w } else { 0.0 }
+    }));
+}
+
+/// e^x for x ≤ 0, within 3e-7 relative of the exact value where that is above 2^-126 (about
+/// 1e-38; below it, 2^-126 or 0), with no branch and no call, so that a loop of it runs as
+/// vector instructions: x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r by its Taylor polynomial to r^6,
+/// and 2^n by the exponent bits. The same bits on every machine (plain float arithmetic, no
+/// library `exp`). NaN gives NaN; -inf gives 2^-126.
+fn exp_nonpositive(x: f32) -> f32 {
+    // Round to nearest by adding and removing 1.5 · 2^23 (`round` is a call on baseline x86).
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 0.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    // ln 2 in two parts, so that n · ln 2 is subtracted without losing r's bits.
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // n + 127 is in [1, 127]: it sits in the low mantissa bits of 2^23 + 127 + n.
+    let scale = f32::from_bits(((n + 8_388_735.0).to_bits() & 0xff) << 23);
+    p * scale
+}
+
+/// The token at fraction `u` (in [0, 1)) of the total of `weights` (one a token, in token
+/// order, 0 for a token that cannot be drawn); `None` when all are 0. Summed in f64, the total
+/// in eight running sums (which vectorise), the search from the first token.
+fn draw_dense(weights: &[f32], u: f64) -> Option<u32> {
+    let mut sums = [0f64; 8];
+    let chunks = weights.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&w| f64::from(w)).sum();
+    for chunk in chunks {
+        for (sum, &w) in sums.iter_mut().zip(chunk) {
+            *sum += f64::from(w);
+        }
+    }
+    let total = sums.iter().sum::<f64>() + tail;
+    if total <= 0.0 || total.is_nan() {
+        return None;
+    }
+    let target = u * total;
+    let mut cumulative = 0.0;
+    let mut last = None;
+    for (token, &w) in weights.iter().enumerate() {
+        if w > 0.0 {
+            cumulative += f64::from(w);
+            last = Some(token as u32);
+            if target < cumulative {
+                return last;
+            }
+        }
+    }
+    // Summed in another order, the running total can end a rounding short of `target`.
+    last
 }
 
 /// The token at fraction `u` (in [0, 1)) of the weight of `kept`, in their order; `None` when
@@ -330,13 +448,29 @@ fn prefix_reaching(
 /// Index of the largest logit (lowest index on ties; NaN never wins, and an all-NaN or empty
 /// row gives 0).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best: Option<usize> = None;
-    for (i, &l) in logits.iter().enumerate() {
-        if !l.is_nan() && best.is_none_or(|b| l > logits[b]) {
-            best = Some(i);
+    let top = largest(logits, |l| !l.is_nan());
+    logits.iter().position(|&l| l == top).unwrap_or(0) as u32
+}
+
+/// The largest of `values` that `admit` lets in (-inf when none). In eight lanes of selects,
+/// which the compiler turns into vector compares and blends: a fold of `f32::max` (NaN-aware)
+/// runs a value at a time, about twenty times slower on a vocabulary-sized row.
+fn largest(values: &[f32], admit: impl Fn(f32) -> bool) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            let v = if admit(v) { v } else { f32::NEG_INFINITY };
+            *lane = if v > *lane { v } else { *lane };
         }
     }
-    best.unwrap_or(0) as u32
+    lanes
+        .iter()
+        .chain(rest)
+        .copied()
+        .filter(|&v| admit(v))
+        .fold(f32::NEG_INFINITY, |top, v| if v > top { v } else { top })
 }
 
 /// Log-probability of `token` and the `top` most likely tokens, under the unscaled logits.
@@ -461,7 +595,10 @@ mod tests {
             .fold(f32::NEG_INFINITY, f32::max);
         let mut c: Vec<(u32, f32)> = (0..logits.len())
             .filter(|&i| logits[i].is_finite())
-            .map(|i| (i as u32, ((logits[i] - top) / p.temperature).exp()))
+            .map(|i| {
+                let w = exp_nonpositive((logits[i] - top) * (1.0 / p.temperature));
+                (i as u32, w)
+            })
             .collect();
         c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 {
@@ -512,6 +649,79 @@ mod tests {
             }
         }
         assert_eq!(cases, 240);
+    }
+
+    #[test]
+    fn the_vectorised_exponential_is_within_3e_7_of_exp() {
+        let mut worst = 0f64;
+        for i in 0..=870_000 {
+            let x = -(i as f32) * 1e-4;
+            let (want, got) = (f64::from(x).exp(), f64::from(exp_nonpositive(x)));
+            if want > 2f64.powi(-126) {
+                worst = worst.max((got - want).abs() / want);
+            }
+        }
+        assert!(worst < 3e-7, "relative error {worst:.2e}");
+        assert_eq!(
+            exp_nonpositive(0.0),
+            1.0,
+            "the top token's weight is exactly 1"
+        );
+        assert!(exp_nonpositive(-200.0) <= 2f32.powi(-125));
+        assert!(exp_nonpositive(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn a_dense_draw_follows_the_weights() {
+        // Tokens 1 and 4 cannot be drawn (weight 0); the others in proportion 2 : 6 : 1 : 1.
+        let weights = [2.0f32, 0.0, 6.0, 1.0, 0.0, 1.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut seen = [0u32; 6];
+        let draws = 50_000;
+        for _ in 0..draws {
+            seen[draw_dense(&weights, rng.random::<f64>()).unwrap() as usize] += 1;
+        }
+        assert_eq!((seen[1], seen[4]), (0, 0), "{seen:?}");
+        for (token, share) in [(0, 0.2), (2, 0.6), (3, 0.1), (5, 0.1)] {
+            let got = f64::from(seen[token]) / f64::from(draws);
+            assert!(
+                (got - share).abs() < 0.01,
+                "token {token}: {got} of draws, want {share}"
+            );
+        }
+        // The ends: the first token at 0, the last drawable one just below 1, and none at all.
+        assert_eq!(draw_dense(&weights, 0.0), Some(0));
+        assert_eq!(draw_dense(&weights, 1.0 - 1e-16), Some(5));
+        assert_eq!(draw_dense(&[0.0; 9], 0.5), None);
+    }
+
+    #[test]
+    fn the_vector_max_and_argmax_agree_with_a_plain_scan() {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        for len in [0usize, 1, 7, 8, 9, 63, 1000] {
+            for _ in 0..50 {
+                let row: Vec<f32> = (0..len)
+                    .map(|_| match rng.random_range(0..12) {
+                        0 => f32::NAN,
+                        1 => f32::NEG_INFINITY,
+                        2 if rng.random_range(0..4) == 0 => f32::INFINITY,
+                        3 => 1.5, // ties
+                        _ => rng.random_range(-3.0f32..3.0),
+                    })
+                    .collect();
+                // Lowest index among the largest; NaN never; 0 when nothing but NaN.
+                let mut want: Option<usize> = None;
+                for (i, &l) in row.iter().enumerate() {
+                    if !l.is_nan() && want.is_none_or(|b| l > row[b]) {
+                        want = Some(i);
+                    }
+                }
+                assert_eq!(argmax(&row) as usize, want.unwrap_or(0), "{row:?}");
+                let finite = row.iter().copied().filter(|l| l.is_finite());
+                let top = finite.fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(largest(&row, f32::is_finite), top, "{row:?}");
+            }
+        }
     }
 
     #[test]
