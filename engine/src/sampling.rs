@@ -188,7 +188,7 @@ impl Sampler {
                     && l.is_finite()
                 {
                     // Kept finite: a tiny penalty would make a seen token's logit infinite,
-                    // which `pick` would then drop instead of favouring.
+                    // which would then take all the probability from every other token.
                     let penalised = if *l > 0.0 {
                         *l / p.repetition_penalty
                     } else {
@@ -298,7 +298,8 @@ fn likelier(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
 /// band: two passes find the band where the mass, from the top, reaches top_p (the weights
 /// binned by their float exponent); every token above that band is in the nucleus, in
 /// whatever order, and only the band's tokens are sorted, to find where it ends. So only the
-/// nucleus is ever listed, and at most one band of it sorted, however long the tail.
+/// nucleus is listed, and at most one band of it sorted, however long the tail (but where the
+/// sums' rounding puts the end just outside the band found: then every token is sorted).
 fn nucleus<I>(tokens: I, top_p: f32) -> Vec<(u32, f32)>
 where
     I: Iterator<Item = (u32, f32)> + Clone,
@@ -359,11 +360,13 @@ fn weights_of(logits: &[f32], temperature: f32, weights: &mut Vec<f32>) {
     }));
 }
 
-/// e^x for x ≤ 0, within 3e-7 relative of the exact value where that is above 2^-126 (about
-/// 1e-38; below it, 2^-126 or 0), with no branch and no call, so that a loop of it runs as
-/// vector instructions: x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r by its Taylor polynomial to r^6,
-/// and 2^n by the exponent bits. The same bits on every machine (plain float arithmetic, no
-/// library `exp`). NaN gives NaN; -inf gives 2^-126.
+/// e^x for x ≤ 0, within 3e-7 relative of the exact value on [-87, 0], with no branch and no
+/// call, so that a loop of it runs as vector instructions: x = n·ln 2 + r with |r| ≤ ln 2 / 2,
+/// e^r by its Taylor polynomial to r^6, and 2^n by the exponent bits. The same bits on every
+/// machine (plain float arithmetic, no library `exp`). Below -87 (-inf too) it gives e^-87,
+/// about 1.6e-38: a finite logit's weight never reaches 0, though a probability that small
+/// (the whole vocabulary's tail together below 1e-32) is never drawn in practice. NaN gives
+/// NaN.
 fn exp_nonpositive(x: f32) -> f32 {
     // Round to nearest by adding and removing 1.5 · 2^23 (`round` is a call on baseline x86).
     const ROUND: f32 = 12_582_912.0;
@@ -453,8 +456,8 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// The largest of `values` that `admit` lets in (-inf when none). In eight lanes of selects,
-/// which the compiler turns into vector compares and blends: a fold of `f32::max` (NaN-aware)
-/// runs a value at a time, about twenty times slower on a vocabulary-sized row.
+/// which the compiler turns into vector compares and blends, where a fold of `f32::max`
+/// (NaN-aware) runs a value at a time.
 fn largest(values: &[f32], admit: impl Fn(f32) -> bool) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let chunks = values.chunks_exact(8);
@@ -530,8 +533,8 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.sample(&[1e30, 3e30, -1e30], &[]), 1);
-        // A tiny repetition penalty raises a seen positive logit to f32::MAX, so greedy picks
-        // it (an infinite logit would have been dropped as not finite).
+        // A tiny repetition penalty raises a seen positive logit to f32::MAX (not to +inf),
+        // so greedy picks it.
         let tiny = SamplingParams {
             repetition_penalty: 1e-39,
             ..Default::default()
@@ -586,7 +589,7 @@ mod tests {
     }
 
     /// The tokens and weights a full sort keeps (the way the sampler kept them before it
-    /// stopped sorting the vocabulary).
+    /// stopped sorting the vocabulary), from the same weights the sampler computes.
     fn kept_by_sorting(p: &SamplingParams, logits: &[f32]) -> Vec<(u32, f32)> {
         let top = logits
             .iter()
@@ -657,17 +660,17 @@ mod tests {
         for i in 0..=870_000 {
             let x = -(i as f32) * 1e-4;
             let (want, got) = (f64::from(x).exp(), f64::from(exp_nonpositive(x)));
-            if want > 2f64.powi(-126) {
-                worst = worst.max((got - want).abs() / want);
-            }
+            worst = worst.max((got - want).abs() / want);
         }
         assert!(worst < 3e-7, "relative error {worst:.2e}");
+        // Below -87, e^-87: never 0, never more.
+        assert_eq!(exp_nonpositive(-1e4), exp_nonpositive(-87.0));
+        assert!(exp_nonpositive(f32::NEG_INFINITY) > 0.0);
         assert_eq!(
             exp_nonpositive(0.0),
             1.0,
             "the top token's weight is exactly 1"
         );
-        assert!(exp_nonpositive(-200.0) <= 2f32.powi(-125));
         assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 
@@ -693,6 +696,23 @@ mod tests {
         assert_eq!(draw_dense(&weights, 0.0), Some(0));
         assert_eq!(draw_dense(&weights, 1.0 - 1e-16), Some(5));
         assert_eq!(draw_dense(&[0.0; 9], 0.5), None);
+        // A row long enough for the eight running sums: the middle of each token's share of
+        // the total draws that token, and never one of weight 0.
+        let row: Vec<f32> = (0..1003)
+            .map(|i| match rng.random_range(0..5) {
+                0 => 0.0,
+                _ => rng.random_range(0.0f32..1.0) * if i % 97 == 0 { 1e3 } else { 1.0 },
+            })
+            .collect();
+        let total: f64 = row.iter().map(|&w| f64::from(w)).sum();
+        let mut before = 0.0;
+        for (token, &w) in row.iter().enumerate() {
+            if w > 0.0 {
+                let u = (before + f64::from(w) / 2.0) / total;
+                assert_eq!(draw_dense(&row, u), Some(token as u32), "u {u}");
+                before += f64::from(w);
+            }
+        }
     }
 
     #[test]
