@@ -217,16 +217,17 @@ impl Sampler {
             return argmax(logits);
         }
         let unfiltered = p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0;
-        if unfiltered && largest(logits, |l| !l.is_nan()) < f32::INFINITY {
+        let top = largest(logits, |l| !l.is_nan());
+        if unfiltered && top < f32::INFINITY {
             // Every finite logit may be drawn: from the weights as they lie, no list made.
             let u = self.rng.random::<f64>();
             let token = WEIGHTS.with_borrow_mut(|weights| {
-                weights_of(logits, p.temperature, weights);
+                weights_of(logits, top, p.temperature, weights);
                 draw_dense(weights, u)
             });
             return token.unwrap_or_else(|| argmax(logits));
         }
-        let kept = self.kept(logits);
+        let kept = self.kept_below(logits, top);
         let u = self.rng.random::<f64>();
         draw(&kept, u).unwrap_or_else(|| argmax(logits))
     }
@@ -236,9 +237,9 @@ impl Sampler {
     /// min-p and top-p (vLLM's order). `O(vocabulary)`: only top-k's survivors and top-p's
     /// nucleus are ever sorted, never the whole vocabulary (129,280 tokens on DeepSeek's, for
     /// every token of every sequence).
-    fn kept(&self, logits: &[f32]) -> Vec<(u32, f32)> {
+    /// `top` is the row's largest logit other than NaN.
+    fn kept_below(&self, logits: &[f32], top: f32) -> Vec<(u32, f32)> {
         let p = &self.params;
-        let top = largest(logits, |l| !l.is_nan());
         if top == f32::INFINITY {
             // Every other token's probability is 0 next to an infinite logit: the infinite
             // ones share it (an overflow in the model's last product, say), whatever the
@@ -247,7 +248,7 @@ impl Sampler {
             return infinite.map(|(i, _)| (i as u32, 1.0)).collect();
         }
         WEIGHTS.with_borrow_mut(|weights| {
-            weights_of(logits, p.temperature, weights);
+            weights_of(logits, top, p.temperature, weights);
             // A finite logit's weight is above 0 (at least 2^-126), a non-finite one's 0.
             let at_least = |min: f32| {
                 let tokens = weights.iter().enumerate();
@@ -285,6 +286,14 @@ impl Sampler {
                 false => kept,
             }
         })
+    }
+}
+
+#[cfg(test)]
+impl Sampler {
+    /// [`Sampler::kept_below`] for the row's own largest logit.
+    fn kept(&self, logits: &[f32]) -> Vec<(u32, f32)> {
+        self.kept_below(logits, largest(logits, |l| !l.is_nan()))
     }
 }
 
@@ -348,10 +357,12 @@ thread_local! {
 
 /// Each logit's weight at `temperature` into `weights` (its probability up to a common factor:
 /// the largest finite logit's is 1, a non-finite logit's 0), scaled from the largest logit
-/// down, so that no weight overflows. One pass of [`exp_nonpositive`], which the compiler
-/// vectorises (the standard library's `exp` is a call a value).
-fn weights_of(logits: &[f32], temperature: f32, weights: &mut Vec<f32>) {
-    let top = largest(logits, f32::is_finite);
+/// down, so that no weight overflows. `top` is the row's largest logit other than NaN, which
+/// must not be +inf (it is then the largest finite one, or -inf when there is none). One pass
+/// of [`exp_nonpositive`], which the compiler vectorises (the standard library's `exp` is a
+/// call a value).
+fn weights_of(logits: &[f32], top: f32, temperature: f32, weights: &mut Vec<f32>) {
+    debug_assert!(top < f32::INFINITY);
     let inverse = 1.0 / temperature;
     weights.clear();
     weights.extend(logits.iter().map(|&l| {

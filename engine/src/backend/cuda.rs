@@ -2176,10 +2176,13 @@ impl Cuda {
         experts: &[Expert<CudaWeight>],
     ) -> Option<AddressTables> {
         let most = groups.iter().map(|(_, r)| r.len()).max()?;
-        let pairs = groups.iter().map(|(_, r)| r.len()).sum();
-        let tables = self.address_tables(groups.iter().map(|(e, _)| &experts[*e]))?;
-        self.grouped_in_place_fits(tables.1.is_some(), most, most_tiles(pairs, groups.len()))
-            .then_some(tables)
+        let tiles = groups.iter().map(|(_, r)| row_tiles(r.len())).sum();
+        // The first expert's dtype stands for all: `address_tables` refuses a mix.
+        let fp8 = experts[groups[0].0].gate.is_fp8();
+        if !self.grouped_in_place_fits(fp8, most, tiles) {
+            return None;
+        }
+        self.address_tables(groups.iter().map(|(e, _)| &experts[*e]))
     }
 
     /// Whether a MoE layer's routed experts run as in-place grouped launches
@@ -4035,29 +4038,18 @@ impl Backend for Cuda {
             && load
                 .as_ref()
                 .is_none_or(|load| (load.rows, load.cols) == (layers, e));
-        // bf16 experts run in place only up to in_place_rows (checked again, with the tiles,
-        // once their tables are known): refused here before any table is looked up.
+        // The experts run as in-place grouped launches of up to n rows an expert. The first
+        // expert's dtype stands for all (the tables below refuse a mix); a shard lane's grid,
+        // over fewer experts, is no larger, and every lane has the same in_place_rows.
+        let p = n * k;
         let fp8 = experts.first().is_some_and(|ex| ex.gate.is_fp8());
-        if !routable || (!fp8 && n > self.in_place_limit()) {
+        if !routable || !self.grouped_in_place_fits(fp8, n, most_tiles(p, e)) {
             return None;
         }
-        let p = n * k;
-        // Where the experts run, settled before anything is launched (tables may be copied):
-        // as in-place grouped launches, of up to n rows an expert.
+        // Where the experts run, settled before anything is launched (tables may be copied).
         let run = match shards.filter(|_| !self.shards.is_empty()) {
-            None => {
-                let here = self.expert_tables(experts.iter(), hidden, &[])?;
-                self.grouped_in_place_fits(here.2, n, most_tiles(p, e))
-                    .then_some(Run::Here(here))?
-            }
-            Some(shards) => {
-                let tables = self.shard_tables(shards, layer, experts, hidden)?;
-                let fits = |t: &ShardTable| {
-                    let lane = &self.shards[t.shard];
-                    lane.grouped_in_place_fits(t.fp8, n, most_tiles(p, t.held))
-                };
-                tables.iter().all(fits).then_some(Run::Shards(tables))?
-            }
+            None => Run::Here(self.expert_tables(experts.iter(), hidden, &[])?),
+            Some(shards) => Run::Shards(self.shard_tables(shards, layer, experts, hidden)?),
         };
         let load = load.get_or_insert_with(|| self.zeros(layers, e));
         // The layer's lists in two allocations: ints = ids [p] | slot_rows [p] | slot_of [p] |
