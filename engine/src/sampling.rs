@@ -487,27 +487,58 @@ fn largest(values: &[f32], admit: impl Fn(f32) -> bool) -> f32 {
         .fold(f32::NEG_INFINITY, |top, v| if v > top { v } else { top })
 }
 
-/// Log-probability of `token` and the `top` most likely tokens, under the unscaled logits.
+/// The lowest log-probability reported: an impossible token's (a `-inf` or NaN logit, or any
+/// token beside a `+inf` one), which JSON cannot carry as `-inf`; vLLM reports the same.
+pub const LOGPROB_FLOOR: f32 = -9999.0;
+
+/// Log-probability of `token` and the `top` most likely tokens, under the unscaled logits, as
+/// the sampler sees them: a NaN logit has probability 0, and `+inf` logits share all of it.
+/// Never below [`LOGPROB_FLOOR`] nor NaN.
 pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
+    let max = largest(logits, |l| !l.is_nan());
+    // What a +inf logit gets, and what a finite one's log-probability subtracts from it: with
+    // a +inf logit, every finite one's is -inf (floored).
+    let (inf_share, log_sum) = if max == f32::INFINITY {
+        let count = logits.iter().filter(|&&l| l == f32::INFINITY).count();
+        (0.0 - (count as f32).ln(), f32::INFINITY) // 0, not -0, for a single one
+    } else if max == f32::NEG_INFINITY {
+        (LOGPROB_FLOOR, f32::INFINITY) // nothing is possible: an empty or all -inf / NaN row
+    } else {
+        let sum: f32 = logits
+            .iter()
+            .filter(|l| !l.is_nan())
+            .map(|l| (l - max).exp())
+            .sum();
+        (LOGPROB_FLOOR, sum.ln() + max)
+    };
+    let log_prob = |l: f32| {
+        if l == f32::INFINITY {
+            inf_share
+        } else if l.is_nan() {
+            LOGPROB_FLOOR
+        } else {
+            (l - log_sum).max(LOGPROB_FLOOR)
+        }
+    };
+    let lp = |t: u32| log_prob(logits[t as usize]);
     let mut order: Vec<u32> = (0..logits.len() as u32).collect();
     let top = top.min(logits.len());
     if top > 0 {
-        order.select_nth_unstable_by(top - 1, |&a, &b| {
-            logits[b as usize].total_cmp(&logits[a as usize])
-        });
+        // By logit, a NaN one last (total_cmp would rank it above +inf; as a negative NaN it
+        // ranks below -inf), ties by token id.
+        let key = |t: u32| {
+            let l = logits[t as usize];
+            if l.is_nan() { -f32::NAN } else { l }
+        };
+        let rank = |a: &u32, b: &u32| key(*b).total_cmp(&key(*a)).then(a.cmp(b));
+        order.select_nth_unstable_by(top - 1, rank);
         order.truncate(top);
-        order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        order.sort_unstable_by(rank);
     }
     TokenLogprob {
         token,
-        logprob: logits[token as usize] - log_sum,
-        top: order
-            .into_iter()
-            .take(top)
-            .map(|t| (t, logits[t as usize] - log_sum))
-            .collect(),
+        logprob: lp(token),
+        top: order.into_iter().map(|t| (t, lp(t))).collect(),
     }
 }
 
@@ -921,6 +952,34 @@ mod tests {
         let picks: Vec<u32> = (0..300).map(|_| s.sample(&logits, &[])).collect();
         assert!(!picks.contains(&2), "p(2)/p(0) = e^-5 is below 0.5");
         assert!(picks.contains(&0) && picks.contains(&1));
+    }
+
+    #[test]
+    fn logprobs_of_infinite_and_nan_logits_are_numbers() {
+        // Two +inf logits share all the probability; the rest (a NaN among them) have none.
+        let lp = logprobs(&[1.0, f32::INFINITY, f32::NAN, f32::INFINITY, 5.0], 1, 4);
+        assert!((lp.logprob + 2f32.ln()).abs() < 1e-6, "{lp:?}");
+        let ranked: Vec<u32> = lp.top.iter().map(|&(t, _)| t).collect();
+        assert_eq!(ranked, [1, 3, 4, 0], "{lp:?}");
+        assert!(
+            lp.top[2..].iter().all(|&(_, l)| l == LOGPROB_FLOOR),
+            "{lp:?}"
+        );
+        // A NaN logit is impossible, ranks after every number, and does not spoil the rest.
+        let lp = logprobs(&[f32::NAN, 0.0, f32::NEG_INFINITY, 0.0], 0, 4);
+        assert_eq!(lp.logprob, LOGPROB_FLOOR);
+        assert_eq!(lp.top[0].1, -(2f32.ln()));
+        assert_eq!(lp.top[1].1, -(2f32.ln()));
+        assert_eq!(lp.top[2..], [(2, LOGPROB_FLOOR), (0, LOGPROB_FLOOR)]);
+        // A single +inf logit takes it all: 0, not -0.
+        let lp = logprobs(&[f32::INFINITY, 1.0], 0, 0);
+        assert!(lp.logprob == 0.0 && lp.logprob.is_sign_positive());
+        // Nothing possible at all: every entry at the floor, never NaN.
+        let lp = logprobs(&[f32::NEG_INFINITY, f32::NAN], 1, 2);
+        assert!(lp.top.iter().all(|&(_, l)| l == LOGPROB_FLOOR));
+        assert_eq!(lp.logprob, LOGPROB_FLOOR);
+        // A finite logit far below the rest is floored too.
+        assert_eq!(logprobs(&[0.0, 20_000.0], 0, 0).logprob, LOGPROB_FLOOR);
     }
 
     #[test]
