@@ -35,6 +35,9 @@ F32_BOUND, BF16_BOUND = 1e-5, 8e-3
 # engine/tests/cuda.rs and 1.3e-3 to 2.4e-3 here (the indexer's scores 1.5e-3 to 2.6e-3), over two
 # runs' fresh random inputs
 TC_BOUND = 5e-3
+# fp8 codes on the fp8 tensor cores: every product exact, each instruction's 32 summed by the
+# tensor cores (DeepSeek-V3's report: about 14 bits kept on Hopper) and added in float32
+FP8_TC_BOUND = 2e-4
 FLT_MIN = -3.4028234663852886e38
 INDEXER_KEYS, MLA_HEADS_PER_BLOCK, MLA_TILE = 64, 16, 32
 
@@ -559,32 +562,40 @@ class Harness:
         codes[slots] = (both / sc[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
         code_scales = torch.full((pool, 1), nan, device=d)
         code_scales[slots, 0] = sc
-        for name, store, widened in (
-                ("indexer_scores_store_f32", [f32_store], both),
-                ("indexer_scores_store_bf16_bits", [bf16_store], both.to(torch.bfloat16)),
+        # over an fp8 pool, DeepSeek's fp8 indexer: each head's query rounded as the pool rounds
+        # a key (e4m3 codes of q / (amax / 448), the engine's fp8_row), in float32 and on the
+        # fp8 tensor cores alike
+        q_sc = divided(q.abs().amax(-1, keepdim=True).clamp_min(1e-4), 448.0)
+        q_fp8 = (q / q_sc).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).double() * q_sc.double()
+        for name, store, widened, q_ref in (
+                ("indexer_scores_store_f32", [f32_store], both, q),
+                ("indexer_scores_store_bf16_bits", [bf16_store], both.to(torch.bfloat16), q),
                 ("indexer_scores_store_fp8", [codes, code_scales],
-                 codes[slots].view(torch.float8_e4m3fn).double() * sc.double()[:, None])):
+                 codes[slots].view(torch.float8_e4m3fn).double() * sc.double()[:, None], q_fp8)):
             scores = torch.full((T, S), nan, device=d)
             self.launch(name, (T, (S + 127) // 128), 128,
                         [scores, q, wi] + store + [blocks, row_tables, ("i", bs), vis, ("i", S), ("i", H), ("i", D),
                                                    ("f", D ** -0.5)],
                         (H * D + H) * 4)
-            ref = ref_indexer(q, widened, wi, key_start, vis.cpu(), S, D ** -0.5)
+            ref = ref_indexer(q_ref, widened, wi, key_start, vis.cpu(), S, D ** -0.5)
             masked = ref == FLT_MIN
             self.record(f"{name} 24x3000 (64 heads x 128), two sequences' tables of blocks of 16",
                         rel_l2(scores[~masked], ref[~masked]),
                         F32_BOUND, "masked -inf" if bool((scores[masked] == -math.inf).all()) else "MASK WRONG")
             if not bool((scores[masked] == -math.inf).all()):
                 self.record_bool(f"{name} mask", False, "entries past n_visible are not -inf")
-            # the same on the tensor cores (indexer_tc.cuh): q and the keys rounded to bf16
+            # the same on the tensor cores (indexer_tc.cuh): q and the keys rounded to bf16, or
+            # an fp8 pool's as e4m3 codes on the fp8 tensor cores
             tc = name.replace("indexer_scores_store_", "indexer_scores_tc_store_")
+            fp8 = tc.endswith("fp8")
             scores = torch.full((T, S), nan, device=d)
             self.launch(tc, (T, (S + 63) // 64), 128,
                         [scores, q, wi] + store + [blocks, row_tables, ("i", bs), vis, ("i", S), ("i", H), ("i", D),
                                                    ("f", D ** -0.5)],
-                        self.indexer_tc_smem(H, D))
-            self.record(f"{tc} 24x3000 (64 heads x 128), bf16 roundings", rel_l2(scores[~masked], ref[~masked]),
-                        TC_BOUND, "masked -inf" if bool((scores[masked] == -math.inf).all()) else "MASK WRONG")
+                        self.indexer_fp8_tc_smem(H, D) if fp8 else self.indexer_tc_smem(H, D))
+            self.record(f"{tc} 24x3000 (64 heads x 128), {'e4m3 products' if fp8 else 'bf16 roundings'}",
+                        rel_l2(scores[~masked], ref[~masked]), FP8_TC_BOUND if fp8 else TC_BOUND,
+                        "masked -inf" if bool((scores[masked] == -math.inf).all()) else "MASK WRONG")
             if not bool((scores[masked] == -math.inf).all()):
                 self.record_bool(f"{tc} mask", False, "entries past n_visible are not -inf")
 
@@ -766,6 +777,18 @@ class Harness:
         rows = (heads + 15) // 16 * 16
         return (rows + 64) * ((dim + 15) // 16 * 16 + 8) * 2 + rows * 4 + 4 * 64 * 4
 
+    @staticmethod
+    def indexer_fp8_tc_smem(heads, dim):
+        """Dynamic shared memory of the fp8 tensor-core indexer (launch::indexer_fp8_tc_smem_bytes)."""
+        rows = (heads + 15) // 16 * 16
+        return (rows + 64) * ((dim + 31) // 32 * 32 + 16) + rows * 4 + 64 * 4 + 4 * 64 * 4
+
+    def indexer_fp8_tc_launch(self, scores, q8, qs, k8, ks, w, start, vis, n_keys, heads, dim, widened=False):
+        self.launch("indexer_scores_fp8_tc_widened" if widened else "indexer_scores_fp8_tc",
+                    ((n_keys + 63) // 64, scores.shape[0]), 128,
+                    [scores, q8, qs, k8, ks, w, start, vis, ("i", n_keys), ("i", heads), ("i", dim), ("f", dim ** -0.5),
+                     ("l", scores.shape[1])], self.indexer_fp8_tc_smem(heads, dim))
+
     def indexer_tc_launch(self, scores, q, keys, w, start, vis, n_keys, heads, dim):
         smem = self.indexer_tc_smem(heads, dim)
         self.launch("indexer_scores_bf16_tc", ((n_keys + 63) // 64, q.shape[0]), 128,
@@ -940,6 +963,31 @@ class Harness:
         self.record_bool("indexer_scores_fp8 mask", bool((scores[masked] == FLT_MIN).all()) and not scores.isnan().any(),
                          "masked entries are float32 min, none unwritten")
         self.record("indexer_scores_fp8 32x4096 (64 heads x 128)", rel_l2(scores[~masked], ref[~masked]), F32_BOUND)
+        # the same codes on the fp8 tensor cores (mma.sync m16n8k32 e4m3), and widened to bf16
+        # (sm_80's path); 20 heads of 24 (a partial tile of heads, a row of one 32-wide step
+        # padded) with keys from row 100 too
+        for widened in (False, True):
+            name = "indexer_scores_fp8_tc" + ("_widened" if widened else "")
+            scores = torch.full((T, S), float("nan"), device=self.dev)
+            self.indexer_fp8_tc_launch(scores, q8, qs, k8, ks, w, start, vis, S, H, D, widened)
+            self.record(f"{name} 32x4096 (64 heads x 128)", rel_l2(scores[~masked], ref[~masked]), FP8_TC_BOUND,
+                        "masked float32 min" if bool((scores[masked] == FLT_MIN).all()) else "MASK WRONG")
+            if not bool((scores[masked] == FLT_MIN).all()) or scores.isnan().any():
+                self.record_bool(f"{name} mask", False, "masked entries not float32 min, or unwritten")
+            h2, d2, n2 = 20, 24, 1000
+            q2, k2 = self.bf16(T, h2, d2), self.bf16(S, d2, scale=2.0)
+            k8b, ksb = self.quant_fp8(k2, False)
+            q8b, qsb = self.quant_fp8(q2.view(T * h2, d2), False)
+            w2 = torch.randn(T, h2, device=self.dev) * h2 ** -0.5
+            st2 = torch.full((T,), 100, dtype=torch.int32, device=self.dev)
+            vis2 = torch.randint(1, n2 + 1, (T,), dtype=torch.int32, device=self.dev)
+            sc2 = torch.full((T, n2), float("nan"), device=self.dev)
+            self.indexer_fp8_tc_launch(sc2, q8b, qsb, k8b, ksb, w2, st2, vis2, n2, h2, d2, widened)
+            ref2 = ref_indexer(ref_fp8_rows(q8b, qsb).view(T, h2, d2), ref_fp8_rows(k8b, ksb), w2, st2.cpu(), vis2.cpu(),
+                               n2, d2 ** -0.5)
+            m2 = ref2 == FLT_MIN
+            self.record(f"{name} 32x1000 (20 heads x 24, keys from 100)", rel_l2(sc2[~m2], ref2[~m2]), FP8_TC_BOUND,
+                        "masked float32 min" if bool((sc2[m2] == FLT_MIN).all()) else "MASK WRONG")
         # What fp8 costs in selection: overlap of the top-512 with the bf16 scores' (reported, not bounded).
         exact = ref_indexer(q, keys, w, start.cpu(), vis.cpu(), S, D ** -0.5)
         full = vis == S
@@ -964,11 +1012,21 @@ class Harness:
         t_fp8 = self.time_ms(lambda: self.indexer_fp8_launch(scores, q8, qs, k8, ks, w, start, vis, ctx, H, D))
         t_topk = self.time_ms(lambda: self.launch("topk_rows_f32", (B,), 1024, [idx, scores, vis, ("i", k), ("l", ctx)]))
         t_bf16 = self.time_ms(lambda: self.indexer_launch(scores, q, keys, w, start, vis, ctx, H, D))
+        t_bf16_tc = self.time_ms(lambda: self.indexer_tc_launch(scores, q, keys, w, start, vis, ctx, H, D))
+        t_fp8_tc = self.time_ms(lambda: self.indexer_fp8_tc_launch(scores, q8, qs, k8, ks, w, start, vis, ctx, H, D))
+        t_widened = self.time_ms(
+            lambda: self.indexer_fp8_tc_launch(scores, q8, qs, k8, ks, w, start, vis, ctx, H, D, widened=True))
         bytes_ = k8.numel() + ks.numel() * 4 + scores.numel() * 4 * 2
         self.timings.append(("fp8 indexer scores + top-k, B=64, ctx 64K, 64x128 heads, k=2048", t_fp8 + t_topk,
                              "our bf16 indexer scores + top-k", t_bf16 + t_topk,
                              f"scores {t_fp8:.3f} ms (bf16 {t_bf16:.3f} ms); {bytes_ / (t_fp8 + t_topk) / 1e6:.0f} GB/s = "
                              f"{100 * bytes_ / (t_fp8 + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
+        self.timings.append(("fp8 indexer scores on fp8 tensor cores + top-k, same shape", t_fp8_tc + t_topk,
+                             "our bf16 tensor-core scores + top-k", t_bf16_tc + t_topk,
+                             f"scores {t_fp8_tc:.3f} ms (bf16 tensor cores {t_bf16_tc:.3f} ms, fp8 widened to bf16 "
+                             f"{t_widened:.3f} ms, fp8 SIMT {t_fp8:.3f} ms); "
+                             f"{bytes_ / (t_fp8_tc + t_topk) / 1e6:.0f} GB/s = "
+                             f"{100 * bytes_ / (t_fp8_tc + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
 
     def mla_launch(self, name, out, lse, q, kv, extra, heads, latent, rope):
         dqk = latent + rope

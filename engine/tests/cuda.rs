@@ -10,7 +10,7 @@ mod support;
 use std::path::Path;
 use std::sync::Arc;
 
-use sparsemoe_engine::backend::cpu::Cpu;
+use sparsemoe_engine::backend::cpu::{Cpu, fp8_round_rows};
 use sparsemoe_engine::backend::cuda::{Cuda, Dtype, compile_kernels};
 use sparsemoe_engine::backend::{
     AttentionForm, Backend, CachedRows, IndexerSeq, MlaDims, MlaSeq, MlaWeights, Selection,
@@ -586,15 +586,18 @@ fn paged_run<B: Backend>(model: &Model<B>, dtype: KvDtype) -> Vec<Vec<f32>> {
 /// (fp8: a last-bit difference can move a key value to a neighbouring code), and a row with at
 /// most k visible keys keeps them all. 64 heads run the in-place kernels; 80, more than they
 /// keep sums for, the gathered copy. Then the same on the tensor cores
-/// (`indexer_scores_tc_store_*`, queries and keys rounded to bf16, in place for 80 heads too),
-/// whose picks may trail the k-th best by bf16 rounding: within 2e-3 of the largest score
-/// (measured on the CPU emulator: at most 1.3e-4).
+/// (`indexer_scores_tc_store_*`, in place for 80 heads too): over float32 and bf16 pools the
+/// queries and keys rounded to bf16, whose picks may trail the k-th best by bf16 rounding:
+/// within 2e-3 of the largest score (measured on the CPU emulator: at most 1.3e-4); over an fp8
+/// pool the e4m3 codes on the fp8 tensor cores, exact products. Keys of 132 values, wider than
+/// the fp8 kernel takes (and two fp8 scale blocks a row), fall back over an fp8 pool: to the
+/// float32 in-place kernel for 64 heads, to the gathered copy for 80.
 #[test]
 fn the_indexer_reads_each_kv_store_in_place() {
     let Some(cuda) = gpu("the_indexer_reads_each_kv_store_in_place") else {
         return;
     };
-    let (dim, pool_rows, n_keys, k, scale) = (128, 705, 598, 64, 0.088_f32);
+    let (pool_rows, n_keys, k, scale) = (705, 598, 64, 0.088_f32);
     let positions = [n_keys - 1, 300, 40];
     let mut noise = noise(7);
     // Blocks of 5 rows; the keys' 120 blocks (the last holding 3) are blocks (7b + 3) mod 141
@@ -602,19 +605,32 @@ fn the_indexer_reads_each_kv_store_in_place() {
     let blocks: Vec<u32> = (0..120).map(|b| (b * 7 + 3) % 141).collect();
     let table = PagedRows::new(&blocks, 5, n_keys);
     let slots = table.rows(0..n_keys);
-    for (heads, tensor_cores) in [(64, false), (80, false), (64, true), (80, true)] {
+    let cases = [(64, false), (80, false), (64, true), (80, true)];
+    for ((heads, tensor_cores), dim) in cases.into_iter().flat_map(|c| [(c, 128), (c, 132)]) {
         cuda.attention_on_tensor_cores(tensor_cores);
+        // Over an fp8 pool the scores are those of the queries rounded as the pool rounds its
+        // keys (DeepSeek's fp8 indexer), on the fp8 tensor cores as in float32: products of
+        // e4m3 codes are exact, so only the order of the float32 sums differs. The bf16 tensor
+        // cores round the queries and keys of the other pools to bf16.
         for (dtype, tolerance) in [
             (KvDtype::Float32, 1e-4),
             (KvDtype::Bfloat16, 1e-4),
-            (KvDtype::Fp8, 1e-2),
+            (KvDtype::Fp8, 1e-4),
         ] {
-            let tolerance = if tensor_cores { 2e-3 } else { tolerance };
+            let tolerance = match (tensor_cores, dtype) {
+                (true, KvDtype::Fp8) => 5e-4,
+                (true, _) => 2e-3,
+                (false, _) => tolerance,
+            };
             let keys = noise(n_keys * dim);
             let (q, w) = (
                 noise(positions.len() * heads * dim),
                 noise(positions.len() * heads),
             );
+            let mut scored = q.clone();
+            if dtype == KvDtype::Fp8 {
+                fp8_round_rows(&mut scored, dim);
+            }
             let mut cpu_store = Cpu.kv_store(pool_rows, dim, dtype).unwrap();
             Cpu.write_rows(
                 &mut cpu_store,
@@ -640,8 +656,9 @@ fn the_indexer_reads_each_kv_store_in_place() {
                 )
                 .remove(0);
             for (r, (&p, got)) in positions.iter().zip(&picked).enumerate() {
-                let case =
-                    format!("{heads} heads, {dtype:?}, tensor cores {tensor_cores}, row {r}");
+                let case = format!(
+                    "{heads} heads of {dim}, {dtype:?}, tensor cores {tensor_cores}, row {r}"
+                );
                 if p < k {
                     assert_eq!(*got, (0..=p as u32).collect::<Vec<_>>(), "{case}");
                     continue;
@@ -651,7 +668,7 @@ fn the_indexer_reads_each_kv_store_in_place() {
                         .map(|h| {
                             let dot: f64 = (0..dim)
                                 .map(|d| {
-                                    f64::from(q[(r * heads + h) * dim + d])
+                                    f64::from(scored[(r * heads + h) * dim + d])
                                         * f64::from(widened[s * dim + d])
                                 })
                                 .sum();
@@ -682,8 +699,10 @@ fn the_indexer_reads_each_kv_store_in_place() {
             }
         }
     }
-    // One scores launch a call on the tensor cores: 2 head counts × 3 dtypes.
-    assert_eq!(cuda.tensor_core_launches(), 6);
+    // One scores launch a call on the tensor cores: 2 head counts × 3 dtypes at 128 values;
+    // at 132, 2 × 2 and the 80 heads' over the fp8 pool (its keys gathered as float32 rows,
+    // scored on the bf16 tensor cores), where 64 heads take the float32 in-place kernel.
+    assert_eq!(cuda.tensor_core_launches(), 6 + 5);
 }
 
 /// The indexer's rows of several sequences in one pool are one launch

@@ -1020,6 +1020,9 @@ impl Backend for LosableCpu {
     fn tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> T {
         self.cpu.tensor(rows, cols, data)
     }
+    fn kv_dtype(&self, store: &S) -> sparsemoe_engine::kv_cache::KvDtype {
+        self.cpu.kv_dtype(store)
+    }
     fn to_host(&self, x: &T) -> Vec<f32> {
         self.cpu.to_host(x)
     }

@@ -32,6 +32,16 @@ SMOE_DEVICE unsigned short bf16_bits_rn(float x) {
 }
 SMOE_DEVICE float bf16_bits_to_f32(unsigned short bits) { return __uint_as_float((unsigned int)bits << 16); }
 
+// The value of an fp8 e4m3 code (no infinities; S.1111.111 is NaN), without cuda_fp8.h.
+SMOE_DEVICE float fp8_e4m3_value(unsigned int code) {
+    const unsigned int e = (code >> 3) & 15u, m = code & 7u;
+    float v;
+    if (e == 15u && m == 7u) v = __int_as_float(0x7fc00000);
+    else if (e == 0u) v = (float)m * 0.001953125f;               // m/8 · 2^-6
+    else v = __uint_as_float(((e + 120u) << 23) | (m << 20));   // (1 + m/8) · 2^(e-7)
+    return (code & 0x80u) ? -v : v;
+}
+
 SMOE_DEVICE float warp_sum(float v) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

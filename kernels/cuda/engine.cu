@@ -39,16 +39,6 @@ gather_rows_bf16_bits_f32(float* __restrict__ out, const unsigned short* __restr
     for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = bf16_bits_to_f32(s[c]);
 }
 
-// The value of an fp8 e4m3 code (no infinities; S.1111.111 is NaN), without cuda_fp8.h.
-SMOE_DEVICE float fp8_e4m3_value(unsigned int code) {
-    const unsigned int e = (code >> 3) & 15u, m = code & 7u;
-    float v;
-    if (e == 15u && m == 7u) v = __int_as_float(0x7fc00000);
-    else if (e == 0u) v = (float)m * 0.001953125f;               // m/8 · 2^-6
-    else v = __uint_as_float(((e + 120u) << 23) | (m << 20));   // (1 + m/8) · 2^(e-7)
-    return (code & 0x80u) ? -v : v;
-}
-
 // out[r, c] = bf16(fp8(q[r, c]) · row_scales[r · scale_cols + c / 128]): a DeepSeek fp8 weight
 // (128×128 block scales, given per row) as the bf16 input of a product.
 // Launch: grid ceil(n / ENGINE_THREADS), block ENGINE_THREADS; n = rows · cols.
@@ -914,6 +904,9 @@ struct StoreFp8 {
         SMOE_DEVICE uint32_t bf16_pair(int i) const {
             return pack_bf16x2(bf16_bits_rn((*this)(2 * i)), bf16_bits_rn((*this)(2 * i + 1)));
         }
+        // Codes 4i .. 4i + 3 as one word (cols a multiple of 4), and the first block's scale.
+        SMOE_DEVICE uint32_t code_word(int i) const { return load_u32(codes + 4 * i); }
+        SMOE_DEVICE float scale() const { return scales[0]; }
     };
     SMOE_DEVICE Row row(size_t r, int cols) const {
         return Row{codes + r * cols, scales + r * ((cols + KV_FP8_BLOCK - 1) / KV_FP8_BLOCK)};
@@ -926,12 +919,31 @@ SMOE_DEVICE size_t paged_row(const int* blocks, int block_size, int s) {
     return (size_t)blocks[s / block_size] * block_size + s % block_size;
 }
 
+// The staged queries ([dim, heads]) as the scores over a store's keys take them: over an fp8
+// pool, DeepSeek's fp8 indexer's, each head's rounded in place as the pool rounds a key (the
+// engine's fp8_row: e4m3 codes times a scale per KV_FP8_BLOCK values); over the others, as
+// they are. Every thread of the block calls it.
+template <typename Store>
+SMOE_DEVICE void round_staged_queries(const Store&, float*, int, int) {}
+SMOE_DEVICE void round_staged_queries(const StoreFp8&, float* qs, int heads, int dim) {
+    const int blocks = (dim + KV_FP8_BLOCK - 1) / KV_FP8_BLOCK;
+    for (int i = threadIdx.x; i < heads * blocks; i += blockDim.x) {  // a thread a head's block
+        const int h = i % heads, c0 = i / heads * KV_FP8_BLOCK;
+        const int c1 = c0 + KV_FP8_BLOCK < dim ? c0 + KV_FP8_BLOCK : dim;
+        float amax = 0.f;
+        for (int c = c0; c < c1; ++c) amax = fmaxf(amax, fabsf(qs[c * heads + h]));
+        const float s = fmaxf(amax, 1e-4f) / 448.f;
+        for (int c = c0; c < c1; ++c) qs[c * heads + h] = fp8_e4m3_value(f32_to_e4m3_rn(qs[c * heads + h] / s)) * s;
+    }
+    __syncthreads();
+}
+
 // indexer_scores_f32's scores with key s of row r read where a paged cache keeps it, row
 // table[s / block_size] · block_size + s % block_size of a KV store, where table = blocks +
 // row_tables[r] is the block table of row r's sequence (the host uploads the batch's tables, a
 // value a block, one after another, not a row per key): no gathered copy of the keys, and the
-// rows of a batch's sequences are scored in one launch. `smem` is the
-// kernel's dynamic shared memory. Each thread reads its key's values once (widening bf16 or fp8
+// rows of a batch's sequences are scored in one launch (over an fp8 pool, from the queries
+// round_staged_queries rounds). `smem` is the kernel's dynamic shared memory. Each thread reads its key's values once (widening bf16 or fp8
 // as it goes) and keeps a running dot product per head, so heads ≤ INDEXER_STORE_MAX_HEADS.
 // Launch: as indexer_scores_f32 (grid (rows, ceil(n_keys / INDEXER_F32_KEYS)), block
 // INDEXER_F32_KEYS, dynamic shared memory (heads · dim + heads) floats).
@@ -941,6 +953,7 @@ SMOE_DEVICE void indexer_scores_store(float* smem, float* scores, const float* q
                                       const int* n_visible, int n_keys, int heads, int dim, float scale) {
     const float* qs = smem;  // [dim, heads]: a key value meets every head's q at once
     const float* ws = stage_indexer_row(smem, q, w, heads, dim, true);
+    round_staged_queries(store, smem, heads, dim);
     const int r = blockIdx.x;
     const int s = blockIdx.y * INDEXER_F32_KEYS + threadIdx.x;
     if (s >= n_keys) return;
@@ -984,8 +997,10 @@ indexer_scores_store_bf16_bits(float* __restrict__ scores, const float* __restri
                          dim, scale);
 }
 
-// At least one block an SM (not ptxas's default occupancy target): the fp8 decode needs a few
-// registers beyond the 80 the 64 sums and the rest fit in, which the default would spill.
+// Over an fp8 pool the queries are rounded first, as DeepSeek's fp8 indexer rounds them
+// (round_staged_queries). At least one block an SM (not ptxas's default occupancy target): the
+// fp8 decode needs a few registers beyond the 80 the 64 sums and the rest fit in, which the
+// default would spill.
 extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS, 1)
 indexer_scores_store_fp8(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
                          const uint8_t* __restrict__ codes, const float* __restrict__ key_scales,
@@ -996,10 +1011,11 @@ indexer_scores_store_fp8(float* __restrict__ scores, const float* __restrict__ q
                          n_keys, heads, dim, scale);
 }
 
-// indexer_scores_store_* on the tensor cores (indexer_tc.cuh): the queries and the keys rounded to
-// bf16 as they enter shared memory (a bf16 pool's keys as they are; an fp8 pool's values times
-// their scales), products summed in float32; masked entries -inf as there. Same parameters; dim
-// even, any number of heads (the block's shared memory grows with them: indexer_tc_smem_bytes).
+// indexer_scores_store_f32 and _bf16_bits on the bf16 tensor cores (indexer_tc.cuh): the queries
+// and the keys rounded to bf16 as they enter shared memory (a bf16 pool's keys as they are),
+// products summed in float32; masked entries -inf as there. Same parameters; dim even, any
+// number of heads (the block's shared memory grows with them: indexer_tc_smem_bytes). An fp8
+// pool's keys take the fp8 tensor cores (indexer_scores_tc_store_fp8 below).
 // A table of one block as long as the keys (and row_tables all 0) reads rows 0, 1, … of a plain
 // tensor.
 // Launch: grid (rows, ceil(n_keys / INDEXER_TC_KEYS)), block INDEXER_TC_WARPS · 32.
@@ -1044,13 +1060,46 @@ indexer_scores_tc_store_bf16_bits(float* __restrict__ scores, const float* __res
                             dim, scale);
 }
 
+// DeepSeek's fp8 indexer over an fp8 pool, on the fp8 tensor cores (indexer_scores_e4m3_tc,
+// indexer_tc.cuh): each head's query rounded to e4m3 with a scale per head as the pool rounds a
+// key (fp8_row), the products of codes exact, each key's scale applied to its sum. Parameters as
+// indexer_scores_tc_store_*; dim ≤ INDEXER_FP8_TC_MAX_DIM, a multiple of 4.
+// Launch: grid (rows, ceil(n_keys / INDEXER_TC_KEYS)), block INDEXER_TC_WARPS · 32, dynamic shared
+// memory indexer_fp8_tc_smem_bytes(heads, dim).
+struct F32Fp8IndexerQueries {
+    const float* q;  // [rows, heads · dim]
+    int heads;
+    // As the engine's fp8_row: scale = max(amax, 1e-4) / 448, codes e4m3(x / scale).
+    SMOE_DEVICE float stage_head(uint8_t* dst, int t, int h, int dim, int dim_p, int lane) const {
+        const float* x = q + ((size_t)t * heads + h) * dim;
+        float v[INDEXER_FP8_TC_MAX_DIM / 32];
+        float amax = 0.f;
+#pragma unroll
+        for (int j = 0; j < INDEXER_FP8_TC_MAX_DIM / 32; ++j) {
+            const int c = lane + 32 * j;
+            v[j] = c < dim ? x[c] : 0.f;
+            amax = fmaxf(amax, fabsf(v[j]));
+        }
+        const float s = fmaxf(warp_max(amax), 1e-4f) / 448.f;
+#pragma unroll
+        for (int j = 0; j < INDEXER_FP8_TC_MAX_DIM / 32; ++j) {
+            const int c = lane + 32 * j;
+            if (c < dim_p) dst[c] = c < dim ? (uint8_t)f32_to_e4m3_rn(v[j] / s) : (uint8_t)0;
+        }
+        return s;
+    }
+};
+
 extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
 indexer_scores_tc_store_fp8(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
                             const uint8_t* __restrict__ codes, const float* __restrict__ key_scales,
                             const int* __restrict__ blocks, const int* __restrict__ row_tables, int block_size,
                             const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale) {
-    indexer_scores_tc_store(scores, q, w, StoreFp8{codes, key_scales}, blocks, row_tables, block_size, n_visible,
-                            n_keys, heads, dim, scale);
+    const int t = blockIdx.x;
+    indexer_scores_e4m3_tc<false>(scores + (size_t)t * n_keys, F32Fp8IndexerQueries{q, heads}, IndexerWeights{w, heads},
+                                 PagedKeys<StoreFp8>{StoreFp8{codes, key_scales}, blocks + row_tables[t], block_size, dim},
+                                 t, blockIdx.y * INDEXER_TC_KEYS, n_visible[t] < n_keys ? n_visible[t] : n_keys, n_keys,
+                                 heads, dim, scale, neg_inf());
 }
 
 // The indexer's picks (topk_rows_f32's out: token positions, -1 none) as the rows of a paged

@@ -228,3 +228,65 @@ indexer_scores_fp8(float* __restrict__ scores, const uint8_t* __restrict__ q, co
     if (half_id == 0 && s < n_keys)
         out_row[s] = s < visible ? k_scale[base + s] * (total + partial[key_row]) : -3.402823466e38f;
 }
+
+// indexer_scores_fp8 on the fp8 tensor cores (indexer_scores_e4m3_tc, indexer_tc.cuh: mma.sync
+// m16n8k32 e4m3 on sm_89 and later, the codes widened to bf16 before that): the same parameters
+// and, up to the order of the float32 sums, the same scores (every product of codes is exact).
+// dim ≤ INDEXER_FP8_TC_MAX_DIM (one scale a row), a multiple of 4. The _widened kernel runs the
+// bf16 products on any device (what sm_80 runs), so the check compares the two.
+// Launch: grid (ceil(n_keys / INDEXER_TC_KEYS), n_queries), block INDEXER_TC_WARPS · 32, dynamic
+// shared memory indexer_fp8_tc_smem_bytes(heads, dim) (19.5 KB at 64 heads × 128).
+struct Fp8IndexerQueries {
+    const uint8_t* q;      // [T, heads, dim] codes
+    const float* q_scale;  // [T, heads]
+    int heads;
+    SMOE_DEVICE float stage_head(uint8_t* dst, int t, int h, int dim, int dim_p, int lane) const {
+        const uint8_t* row = q + ((size_t)t * heads + h) * dim;
+        for (int c = lane; c < dim_p; c += 32) dst[c] = c < dim ? row[c] : (uint8_t)0;
+        return q_scale[(size_t)t * heads + h];
+    }
+};
+struct Fp8IndexerKeys {
+    const uint8_t* codes;  // row t's key 0
+    const float* scales;
+    int dim;
+    struct Row {
+        const uint8_t* p;
+        float s;
+        SMOE_DEVICE uint32_t code_word(int i) const { return load_u32(p + 4 * i); }
+        SMOE_DEVICE float scale() const { return s; }
+    };
+    SMOE_DEVICE Row row(int s) const { return Row{codes + (size_t)s * dim, scales[s]}; }
+};
+
+template <bool kWidened>
+SMOE_DEVICE void indexer_scores_fp8_tc_launch(float* scores, const uint8_t* q, const float* q_scale,
+                                              const uint8_t* keys, const float* k_scale, const float* w,
+                                              const int* key_start, const int* n_visible, int n_keys, int heads,
+                                              int dim, float scale, long long scores_stride) {
+    const int t = blockIdx.y;
+    const size_t base = (size_t)key_start[t];
+    indexer_scores_e4m3_tc<kWidened>(scores + (size_t)t * scores_stride, Fp8IndexerQueries{q, q_scale, heads},
+                                    IndexerWeights{w, heads}, Fp8IndexerKeys{keys + base * dim, k_scale + base, dim}, t,
+                                    blockIdx.x * INDEXER_TC_KEYS, min(n_visible[t], n_keys), n_keys, heads, dim, scale,
+                                    -3.402823466e38f);
+}
+
+extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
+indexer_scores_fp8_tc(float* __restrict__ scores, const uint8_t* __restrict__ q, const float* __restrict__ q_scale,
+                      const uint8_t* __restrict__ keys, const float* __restrict__ k_scale, const float* __restrict__ w,
+                      const int* __restrict__ key_start, const int* __restrict__ n_visible, int n_keys, int heads,
+                      int dim, float scale, long long scores_stride) {
+    indexer_scores_fp8_tc_launch<false>(scores, q, q_scale, keys, k_scale, w, key_start, n_visible, n_keys, heads, dim,
+                                        scale, scores_stride);
+}
+
+extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
+indexer_scores_fp8_tc_widened(float* __restrict__ scores, const uint8_t* __restrict__ q,
+                              const float* __restrict__ q_scale, const uint8_t* __restrict__ keys,
+                              const float* __restrict__ k_scale, const float* __restrict__ w,
+                              const int* __restrict__ key_start, const int* __restrict__ n_visible, int n_keys,
+                              int heads, int dim, float scale, long long scores_stride) {
+    indexer_scores_fp8_tc_launch<true>(scores, q, q_scale, keys, k_scale, w, key_start, n_visible, n_keys, heads, dim,
+                                       scale, scores_stride);
+}

@@ -10,6 +10,7 @@
 #include <csignal>
 
 #include "launch.h"
+#include "mma.cuh"
 
 namespace {
 
@@ -79,6 +80,47 @@ void mma_kernel(float* out, int leave) {
     smoe_emu::mma_m16n8k16_bf16(d, a, b);
     smoe_emu::mma_m16n8k16_bf16(d, a, b);
     for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = d[i];
+}
+
+// Small integers and halves, exact in e4m3: the A (16×32) and B (32×8) of the fp8 check.
+float fp8_a(int m, int k) { return (float)((m * 5 + k) % 9 - 4) * 0.5f; }
+float fp8_b(int k, int n) { return (float)((k * 3 + n) % 7 - 3); }
+// The e4m3 code of such a value (|x| < 8, a multiple of 0.5).
+uint32_t e4m3_code(float x) {
+    for (uint32_t c = 0; c < 256; ++c)
+        if (smoe_emu::e4m3_value(c) == x) return c;
+    std::abort();
+}
+uint32_t e4m3_word(float a, float b, float c, float d) {
+    return e4m3_code(a) | e4m3_code(b) << 8 | e4m3_code(c) << 16 | e4m3_code(d) << 24;
+}
+
+// Each warp builds its fragments of A and B as the PTX ISA lays out mma.m16n8k32's 8-bit ones
+// and runs the fp8 product (widened: as two bf16 products, mma.cuh's sm_80 path); out holds
+// each lane's four D values.
+void fp8_mma_kernel(float* out, int widened) {
+    const int lane = threadIdx.x & 31, g = lane / 4, t = lane % 4;
+    const auto a_word = [&](int m, int k0) {
+        return e4m3_word(fp8_a(m, k0), fp8_a(m, k0 + 1), fp8_a(m, k0 + 2), fp8_a(m, k0 + 3));
+    };
+    const auto b_word = [&](int k0, int n) {
+        return e4m3_word(fp8_b(k0, n), fp8_b(k0 + 1, n), fp8_b(k0 + 2, n), fp8_b(k0 + 3, n));
+    };
+    const uint32_t a[4] = {a_word(g, 4 * t), a_word(g + 8, 4 * t), a_word(g, 4 * t + 16), a_word(g + 8, 4 * t + 16)};
+    const uint32_t b[2] = {b_word(4 * t, g), b_word(4 * t + 16, g)};
+    float d[4] = {mma_c(g, 2 * t), mma_c(g, 2 * t + 1), mma_c(g + 8, 2 * t), mma_c(g + 8, 2 * t + 1)};
+    if (widened) mma_e4m3_16832_widened(d, a, b);
+    else mma_e4m3_16832(d, a, b);
+    for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = d[i];
+}
+
+// Half a warp at a bf16 mma.sync, the other half at an fp8 one.
+void bf16_or_fp8_mma_kernel(float* out) {
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    const uint32_t a[4] = {0u, 0u, 0u, 0u}, b[2] = {0u, 0u};
+    if (threadIdx.x < 16) smoe_emu::mma_m16n8k16_bf16(d, a, b);
+    else smoe_emu::mma_m16n8k32_e4m3(d, a, b);
+    out[threadIdx.x] = d[0];
 }
 
 // Half a warp at a shuffle, the other half at an mma.sync.
@@ -175,6 +217,27 @@ int main() {
               run_grid("split", dim3{1}, dim3{32}, 0, [&] { shuffle_or_mma_kernel(out.data()); });
           }),
           "a warp split between a shuffle and an mma.sync aborts");
+
+    for (int widened = 0; widened < 2; ++widened) {
+        std::vector<float> d8(64 * 4, -1.f);
+        run_grid("fp8_mma", dim3{1}, dim3{64}, 0, [&] { fp8_mma_kernel(d8.data(), widened); });
+        bool fp8_products = true;
+        for (int lane = 0; lane < 64; ++lane)
+            for (int i = 0; i < 4; ++i) {
+                const int g = (lane & 31) / 4, t = lane % 4, m = g + (i >= 2 ? 8 : 0), n = 2 * t + (i & 1);
+                float want = mma_c(m, n);
+                for (int k = 0; k < 32; ++k) want += fp8_a(m, k) * fp8_b(k, n);
+                fp8_products = fp8_products && d8[lane * 4 + i] == want;
+            }
+        check(fp8_products, widened ? "mma.m16n8k32 e4m3 as two bf16 products of the widened codes (sm_80's path): "
+                                      "D = C + A·B"
+                                    : "mma.m16n8k32 e4m3: D = C + A·B from the PTX fragment layout, per warp");
+    }
+    check(dies_of(SIGABRT, [] {
+              std::vector<float> out(32);
+              run_grid("split", dim3{1}, dim3{32}, 0, [&] { bf16_or_fp8_mma_kernel(out.data()); });
+          }),
+          "a warp split between a bf16 and an fp8 mma.sync aborts");
 
     std::vector<int> first(2, 0), after(64, 0);
     run_grid("shared", dim3{2}, dim3{32}, 0, [&] { shared_kernel(first.data(), after.data()); });

@@ -112,11 +112,12 @@ inline void full_mask(unsigned int mask, int width = 32) {
     if (mask != 0xffffffffu || width != 32) fail("a warp collective with a partial mask or width (not emulated)");
 }
 
-// Kinds of warp collective: value exchanges (shuffles, ballots, __syncwarp) and mma.sync.
-enum class Collective : uint64_t { Exchange = 0, Mma = 1 };
+// Kinds of warp collective: value exchanges (shuffles, ballots, __syncwarp) and mma.sync (bf16,
+// and e4m3).
+enum class Collective : uint64_t { Exchange = 0, Mma = 1, MmaFp8 = 2 };
 
 // What a lane at collective number `n` of kind `kind` writes beside its value.
-inline uint64_t stamp(uint64_t n, Collective kind) { return 2 * n + (uint64_t)kind; }
+inline uint64_t stamp(uint64_t n, Collective kind) { return 4 * n + (uint64_t)kind; }
 
 // Whether lane `from` (a thread of the block) is at collective `n` of kind `kind` too: false
 // when it has returned; a lane at the same collective number but of the other kind (a warp
@@ -125,7 +126,7 @@ inline bool at_same_collective(size_t from, uint64_t n, Collective kind) {
     if (from >= block->fibers.size()) return false;
     const uint64_t s = block->stamp[n & 1][from];
     if (s == stamp(n, kind)) return true;
-    if (s / 2 == n) fail("a warp split between a shuffle or ballot and an mma.sync");
+    if (s / 4 == n) fail("a warp split between two kinds of collective (a shuffle or ballot, a bf16 or an fp8 mma.sync)");
     return false;
 }
 
@@ -168,6 +169,53 @@ inline float bf16_half(uint32_t reg, bool hi) {
     return v;
 }
 
+// The value of an e4m3 ("fn") code: no infinities, S.1111.111 NaN. (include/cuda_fp8.h's
+// conversions use it too.)
+inline float e4m3_value(unsigned int code) {
+    const unsigned int e = (code >> 3) & 15u, m = code & 7u;
+    float v;
+    if (e == 15u && m == 7u) v = NAN;
+    else if (e == 0u) v = std::ldexp((float)m, -9);
+    else v = std::ldexp(1.f + (float)m / 8.f, (int)e - 7);
+    return (code & 0x80u) ? -v : v;
+}
+
+// The calling lane's part of an mma.sync of kind `kind`: publishes its fragments (A's four
+// registers, B's two), waits for its warp, and copies all 32 lanes' into `lanes`, failing when a
+// lane is missing.
+inline void mma_fragments(Collective kind, const uint32_t (&a)[4], const uint32_t (&b)[2],
+                          uint32_t (&lanes)[32][kMmaWords]) {
+    Fiber& f = self();
+    const uint64_t n = ++f.collectives;
+    const size_t me = linear_thread();
+    uint32_t* mine = &block->fragments[n & 1][me * kMmaWords];
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    mine[4] = b[0];
+    mine[5] = b[1];
+    block->stamp[n & 1][me] = stamp(n, kind);
+    wait(State::AtWarp);
+    const size_t first = me & ~(size_t)31;
+    for (size_t l = 0; l < 32; ++l) {
+        const size_t from = first + l;
+        if (!at_same_collective(from, n, kind))
+            fail("mma.sync with a lane of the warp missing (returned, or past the block's end)");
+        std::memcpy(lanes[l], &block->fragments[n & 1][from * kMmaWords], sizeof lanes[l]);
+    }
+}
+
+// d += A · B for the calling lane's four outputs (D[g][2t, 2t+1], D[g+8][2t, 2t+1]), each
+// output's K products exact in double, summed there and rounded to float once.
+template <size_t K>
+inline void mma_outputs(float (&d)[4], const float (&A)[16][K], const float (&B)[K][8]) {
+    const size_t g = lane() / 4, t = lane() % 4;
+    for (size_t i = 0; i < 4; ++i) {
+        const size_t row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+        double sum = d[i];
+        for (size_t k = 0; k < K; ++k) sum += (double)A[row][k] * (double)B[k][col];
+        d[i] = (float)sum;
+    }
+}
+
 // `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 d, a, b, d` for the calling warp:
 // D (16×8, float) += A (16×16, bf16) · B (16×8, bf16), the matrices spread over the 32 lanes as
 // the PTX ISA lays out this shape's fragments, with g = lane / 4 and t = lane % 4 (a register's
@@ -179,22 +227,11 @@ inline float bf16_half(uint32_t reg, bool hi) {
 // returned makes it fail. Products are exact in double, each output's 16 summed there and
 // rounded to float once (a GPU sums them in at least float precision, in its own order).
 inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    Fiber& f = self();
-    const uint64_t n = ++f.collectives;
-    const size_t me = linear_thread();
-    uint32_t* mine = &block->fragments[n & 1][me * kMmaWords];
-    for (int i = 0; i < 4; ++i) mine[i] = a[i];
-    mine[4] = b[0];
-    mine[5] = b[1];
-    block->stamp[n & 1][me] = stamp(n, Collective::Mma);
-    wait(State::AtWarp);
-    const size_t first = me & ~(size_t)31;
+    uint32_t lanes[32][kMmaWords];
+    mma_fragments(Collective::Mma, a, b, lanes);
     float A[16][16], B[16][8];
     for (size_t l = 0; l < 32; ++l) {
-        const size_t from = first + l;
-        if (!at_same_collective(from, n, Collective::Mma))
-            fail("mma.sync with a lane of the warp missing (returned, or past the block's end)");
-        const uint32_t* r = &block->fragments[n & 1][from * kMmaWords];
+        const uint32_t* r = lanes[l];
         const size_t g = l / 4, t = l % 4;
         for (size_t e = 0; e < 2; ++e) {
             A[g][2 * t + e] = bf16_half(r[0], e == 1);
@@ -205,13 +242,35 @@ inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint3
             B[2 * t + 8 + e][g] = bf16_half(r[5], e == 1);
         }
     }
-    const size_t g = (me & 31) / 4, t = (me & 31) % 4;
-    for (size_t i = 0; i < 4; ++i) {
-        const size_t row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
-        double sum = d[i];
-        for (size_t k = 0; k < 16; ++k) sum += (double)A[row][k] * (double)B[k][col];
-        d[i] = (float)sum;
+    mma_outputs(d, A, B);
+}
+
+// `mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 d, a, b, d` (sm_89 and later): D (16×8,
+// float) += A (16×32, e4m3) · B (32×8, e4m3), four codes a register (the lowest-numbered element
+// in the low byte), laid out as the PTX ISA lays out this shape's 8-bit fragments:
+//   a[0] = A[g][4t .. 4t+3]   a[1] = A[g+8][4t .. 4t+3]   a[2] = A[g][4t+16 .. 4t+19]   a[3] = A[g+8][4t+16 .. 4t+19]
+//   b[0] = B[4t .. 4t+3][g]   b[1] = B[4t+16 .. 4t+19][g]
+//   d as mma_m16n8k16_bf16
+// The kernels use it only for whole dot products over k with A and B packed alike, which a
+// different order of k within the instruction would leave the same.
+inline void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    uint32_t lanes[32][kMmaWords];
+    mma_fragments(Collective::MmaFp8, a, b, lanes);
+    float A[16][32], B[32][8];
+    for (size_t l = 0; l < 32; ++l) {
+        const uint32_t* r = lanes[l];
+        const size_t g = l / 4, t = l % 4;
+        for (size_t e = 0; e < 4; ++e) {
+            const auto code = [&](int reg) { return e4m3_value((r[reg] >> (8 * e)) & 0xffu); };
+            A[g][4 * t + e] = code(0);
+            A[g + 8][4 * t + e] = code(1);
+            A[g][4 * t + 16 + e] = code(2);
+            A[g + 8][4 * t + 16 + e] = code(3);
+            B[4 * t + e][g] = code(4);
+            B[4 * t + 16 + e][g] = code(5);
+        }
     }
+    mma_outputs(d, A, B);
 }
 
 // Fills a static shared variable with all-ones bytes the first time a block's threads reach

@@ -120,6 +120,12 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("indexer_scores_fp8" in "indexer.cu":
         scores: F32Mut, q: U8, q_scale: F32, keys: U8, k_scale: F32, w: F32, key_start: I32,
         n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long),
+    kernel!("indexer_scores_fp8_tc" in "indexer.cu":
+        scores: F32Mut, q: U8, q_scale: F32, keys: U8, k_scale: F32, w: F32, key_start: I32,
+        n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long),
+    kernel!("indexer_scores_fp8_tc_widened" in "indexer.cu":
+        scores: F32Mut, q: U8, q_scale: F32, keys: U8, k_scale: F32, w: F32, key_start: I32,
+        n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long),
     kernel!("topk_rows_f32" in "topk.cu":
         out: I32Mut, scores: F32, n_valid: I32, k: Int, scores_stride: Long),
     kernel!("sparse_mla_attention_bf16" in "mla_sparse.cu":
@@ -267,6 +273,10 @@ pub mod launch {
     pub const INDEXER_TC_KEYS: u32 = 64;
     pub const INDEXER_TC_WARPS: u32 = 4;
     pub const INDEXER_TC_PAD: u32 = 8;
+    /// The fp8 tensor-core indexer (`indexer_scores_fp8_tc`, `indexer_scores_tc_store_fp8`):
+    /// the widest row it takes (one fp8 scale block), and its rows' padding in bytes.
+    pub const INDEXER_FP8_TC_MAX_DIM: u32 = 128;
+    pub const INDEXER_FP8_TC_PAD: u32 = 16;
     /// Threads per top-k block (one block per row).
     pub const TOPK_THREADS: u32 = 1024;
     /// Heads per MLA attention block (8 warps of 2 heads), keys per tile.
@@ -393,6 +403,24 @@ pub mod launch {
         let rows = heads.div_ceil(16) * 16;
         (rows + INDEXER_TC_KEYS) * (dim.div_ceil(16) * 16 + INDEXER_TC_PAD) * 2
             + rows * 4
+            + INDEXER_TC_WARPS * INDEXER_TC_KEYS * 4
+    }
+
+    /// Whether the fp8 tensor-core indexer takes rows of `dim`: at most
+    /// `INDEXER_FP8_TC_MAX_DIM` (a query head and a key one scale each), whole 4-byte words.
+    pub fn indexer_fp8_tc_fits(dim: u32) -> bool {
+        dim > 0 && dim <= INDEXER_FP8_TC_MAX_DIM && dim.is_multiple_of(4)
+    }
+
+    /// Dynamic shared memory of the fp8 tensor-core indexer (`indexer_tc.cuh`:
+    /// `indexer_scores_fp8_tc`, `indexer_scores_tc_store_fp8`): the query's heads (rounded up
+    /// to 16) and the key tile as e4m3 rows of `dim` rounded up to 32 and padded, the heads'
+    /// weights times their scales, the keys' scales, the warps' per-key sums.
+    pub fn indexer_fp8_tc_smem_bytes(heads: u32, dim: u32) -> u32 {
+        let rows = heads.div_ceil(16) * 16;
+        (rows + INDEXER_TC_KEYS) * (dim.div_ceil(32) * 32 + INDEXER_FP8_TC_PAD)
+            + rows * 4
+            + INDEXER_TC_KEYS * 4
             + INDEXER_TC_WARPS * INDEXER_TC_KEYS * 4
     }
 

@@ -118,6 +118,16 @@ fn launch_constants_match_the_sources() {
             launch::INDEXER_TC_WARPS,
         ),
         ("indexer_tc.cuh", "INDEXER_TC_PAD", launch::INDEXER_TC_PAD),
+        (
+            "indexer_tc.cuh",
+            "INDEXER_FP8_TC_MAX_DIM",
+            launch::INDEXER_FP8_TC_MAX_DIM,
+        ),
+        (
+            "indexer_tc.cuh",
+            "INDEXER_FP8_TC_PAD",
+            launch::INDEXER_FP8_TC_PAD,
+        ),
         ("topk.cu", "TOPK_THREADS", launch::TOPK_THREADS),
         ("mla.cuh", "MLA_TILE", launch::MLA_TILE),
         ("mla.cuh", "MLA_MAX_LATENT", launch::MLA_MAX_LATENT),
@@ -197,6 +207,18 @@ fn launch_constants_match_the_sources() {
             && !launch::mla_tc_fits(514, 64)
     );
     assert_eq!(launch::indexer_tc_smem_bytes(64, 128), 36_096);
+    // fp8: 128 rows of 144 bytes, then 64 + 64 + 256 floats.
+    assert_eq!(launch::indexer_fp8_tc_smem_bytes(64, 128), 19_968);
+    assert_eq!(
+        launch::indexer_fp8_tc_smem_bytes(20, 24),
+        (32 + 64) * 48 + 32 * 4 + 64 * 4 + 256 * 4
+    );
+    assert!(launch::indexer_fp8_tc_fits(128) && launch::indexer_fp8_tc_fits(16));
+    assert!(
+        !launch::indexer_fp8_tc_fits(132)
+            && !launch::indexer_fp8_tc_fits(18)
+            && !launch::indexer_fp8_tc_fits(0)
+    );
     let engine = source("engine.cu").unwrap().text;
     assert!(
         engine.contains("#define MLA_F32_THREADS (MLA_F32_WARPS * 32)")

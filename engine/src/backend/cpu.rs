@@ -95,6 +95,21 @@ pub fn fp8_row(row: &[f32], codes: &mut [u8], scales: &mut [f32]) {
     }
 }
 
+/// Each `dim` values of `x` (a head of the indexer's queries) rounded as an fp8 pool rounds a
+/// row of `dim` ([`fp8_row`]): to an e4m3 code times a scale per [`FP8_BLOCK`] values. These are
+/// the values DeepSeek's fp8 indexer multiplies (its `act_quant` of the queries and keys).
+pub fn fp8_round_rows(x: &mut [f32], dim: usize) {
+    let mut codes = vec![0u8; dim];
+    let mut scales = vec![0f32; dim.div_ceil(FP8_BLOCK)];
+    let values = &*FP8_VALUES;
+    for row in x.chunks_mut(dim) {
+        fp8_row(row, &mut codes, &mut scales);
+        for (i, (v, &c)) in row.iter_mut().zip(&codes).enumerate() {
+            *v = values[c as usize] * scales[i / FP8_BLOCK];
+        }
+    }
+}
+
 /// The CPU backend (uses rayon's global pool).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
@@ -259,6 +274,14 @@ impl Backend for Cpu {
                 scales: vec![0.0; rows * cols.div_ceil(FP8_BLOCK)],
             },
         })
+    }
+
+    fn kv_dtype(&self, store: &CpuStore) -> KvDtype {
+        match store {
+            CpuStore::F32 { .. } => KvDtype::Float32,
+            CpuStore::Bf16 { .. } => KvDtype::Bfloat16,
+            CpuStore::Fp8 { .. } => KvDtype::Fp8,
+        }
     }
 
     fn write_rows(&self, dst: &mut CpuStore, slots: &[usize], rows: &CpuTensor) {
@@ -760,7 +783,7 @@ fn latent_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{CachedRows, Selection, absorbed_query_weight};
+    use crate::backend::{CachedRows, IndexerSeq, Selection, absorbed_query_weight};
     use crate::kv_cache::PagedRows;
     use crate::linalg::tests::pseudo_random;
 
@@ -956,6 +979,42 @@ mod tests {
                     assert_eq!(want.data, got.data, "{dtype:?} {form:?} {selection:?}");
                 }
             }
+        }
+    }
+
+    /// Under an fp8 pool the indexer scores the queries rounded as the pool rounds its keys
+    /// (DeepSeek's fp8 indexer); under the others, the queries as they are. The query
+    /// [1, 0.94] rounds to [1, 13/14] (421.1 of the scale's 448 is nearest the e4m3 code 416),
+    /// so against the keys [0, 1] and [0.935, 0], which both pools keep close to exactly, the
+    /// fp8 pool picks the second key and the others the first.
+    #[test]
+    fn an_fp8_pool_scores_the_rounded_queries() {
+        let cpu = Cpu;
+        let mut rounded = vec![1.0, 0.94];
+        fp8_round_rows(&mut rounded, 2);
+        assert_eq!(rounded, [1.0, 1.0 / 448.0 * 416.0]);
+        let keys = cpu.tensor(2, 2, vec![0.0, 1.0, 0.935, 0.0]);
+        let blocks = [1];
+        let table = PagedRows::new(&blocks, 2, 2);
+        let seq = IndexerSeq {
+            first: 0,
+            positions: &[1],
+            table,
+        };
+        let (q, w) = (
+            cpu.tensor(1, 2, vec![1.0, 0.94]),
+            cpu.tensor(1, 1, vec![1.0]),
+        );
+        for (dtype, want) in [
+            (KvDtype::Float32, 0),
+            (KvDtype::Bfloat16, 0),
+            (KvDtype::Fp8, 1),
+        ] {
+            let mut store = cpu.kv_store(4, 2, dtype).unwrap();
+            cpu.write_rows(&mut store, &table.rows(0..2), &keys);
+            assert_eq!(cpu.kv_dtype(&store), dtype);
+            let picked = cpu.indexer_select_paged(&q, &w, &store, &[seq], 1, 1.0);
+            assert_eq!(picked, [[[want]]], "{dtype:?}");
         }
     }
 

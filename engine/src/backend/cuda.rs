@@ -38,6 +38,11 @@
 //!   softmax per head. A launch of too few rows to give every multiprocessor a block splits
 //!   each row's keys over several blocks and combines their parts by log-sum-exp (flash
 //!   decoding: `launch::mla_split_keys`, `mla_combine_splits_f32`).
+//! - Over an fp8 pool the indexer is DeepSeek's fp8 indexer, as the trait asks
+//!   ([`super::fp8_indexer_queries`]): the kernels round each head's query to e4m3 in shared
+//!   memory as the pool rounds a key, and with the tensor cores on multiply the codes on the
+//!   fp8 tensor cores (`indexer_scores_tc_store_fp8`, `mma.sync.m16n8k32` e4m3; sm_80 widens
+//!   each to two exact bf16 products), each key's scale applied to its sum.
 //! - The indexer's picks stay on the device ([`Backend::indexer_keep_paged`], [`KeptPicks`]):
 //!   `picks_to_pool_rows` turns each top-k row into the pool rows that hold its tokens, through
 //!   the row's block table, and the attention reads those as its key lists, so a layer copies
@@ -162,6 +167,18 @@ impl CudaStore {
 enum IndexerKeys<'a> {
     Rows(&'a CudaTensor),
     Store(&'a CudaStore),
+}
+
+/// Which kernels score the indexer's keys ([`Cuda::indexer_scores_on`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IndexerScores {
+    /// `indexer_scores_f32`, `indexer_scores_store_*`: float32 products (an fp8 pool's
+    /// queries rounded to fp8 first).
+    Float32,
+    /// `indexer_scores_tc_store_{f32, bf16_bits}`: queries and keys rounded to bf16.
+    TensorCores,
+    /// `indexer_scores_tc_store_fp8`: DeepSeek's fp8 indexer, queries and keys as e4m3.
+    Fp8TensorCores,
 }
 
 /// A batch's indexer picks kept on the device ([`Backend::indexer_keep_paged`]): each row of
@@ -1193,9 +1210,36 @@ impl Cuda {
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether the indexer's scores over keys of `dim` run on the tensor cores.
-    fn tensor_cores(&self, dim: usize) -> bool {
-        self.tensor_cores.load(std::sync::atomic::Ordering::Relaxed) && dim.is_multiple_of(2)
+    /// Which kernels score the indexer's keys: with the tensor cores on, an fp8 pool's keys of
+    /// a width the fp8 kernel takes on the fp8 tensor cores, other keys of an even width on the
+    /// bf16 ones; the rest in float32.
+    fn indexer_scores_on(&self, keys: IndexerKeys<'_>) -> IndexerScores {
+        let on = self.tensor_cores.load(std::sync::atomic::Ordering::Relaxed);
+        match keys {
+            IndexerKeys::Store(CudaStore::Fp8 { cols, .. }) => {
+                if on && launch::indexer_fp8_tc_fits(*cols as u32) {
+                    IndexerScores::Fp8TensorCores
+                } else {
+                    IndexerScores::Float32
+                }
+            }
+            IndexerKeys::Store(CudaStore::F32(CudaTensor { cols, .. }))
+            | IndexerKeys::Store(CudaStore::Bf16 { cols, .. })
+            | IndexerKeys::Rows(CudaTensor { cols, .. }) => {
+                if on && cols.is_multiple_of(2) {
+                    IndexerScores::TensorCores
+                } else {
+                    IndexerScores::Float32
+                }
+            }
+        }
+    }
+
+    /// Whether the indexer scores a store's keys where they are: the float32 kernels keep
+    /// running sums for at most `INDEXER_STORE_MAX_HEADS` heads, the tensor-core ones any.
+    fn indexer_in_place(&self, heads: usize, keys: &CudaStore) -> bool {
+        heads <= launch::INDEXER_STORE_MAX_HEADS as usize
+            || self.indexer_scores_on(IndexerKeys::Store(keys)) != IndexerScores::Float32
     }
 
     /// Sets how many groups of 16 heads a block of the tensor-core attention takes: 1, 2 or 4
@@ -2523,7 +2567,8 @@ impl Cuda {
             )
         });
 
-        let tensor_cores = self.tensor_cores(dim);
+        let on = self.indexer_scores_on(keys);
+        let tensor_cores = on != IndexerScores::Float32;
         let k_ = &self.k;
         let pick = |simt, tc| if tensor_cores { tc } else { simt };
         let function = match keys {
@@ -2544,18 +2589,22 @@ impl Cuda {
         };
         // The float32 kernels take the row's q and weights in shared memory, a key a thread;
         // the tensor-core ones a tile of keys too, 64 keys a block.
-        let (smem, threads, keys_per_block) = if tensor_cores {
-            (
-                launch::indexer_tc_smem_bytes(heads as u32, dim as u32),
-                launch::INDEXER_TC_WARPS * 32,
-                launch::INDEXER_TC_KEYS,
-            )
-        } else {
-            (
+        let (smem, threads, keys_per_block) = match on {
+            IndexerScores::Float32 => (
                 launch::indexer_f32_smem_bytes(heads as u32, dim as u32),
                 launch::INDEXER_F32_KEYS,
                 launch::INDEXER_F32_KEYS,
-            )
+            ),
+            IndexerScores::TensorCores => (
+                launch::indexer_tc_smem_bytes(heads as u32, dim as u32),
+                launch::INDEXER_TC_WARPS * 32,
+                launch::INDEXER_TC_KEYS,
+            ),
+            IndexerScores::Fp8TensorCores => (
+                launch::indexer_fp8_tc_smem_bytes(heads as u32, dim as u32),
+                launch::INDEXER_TC_WARPS * 32,
+                launch::INDEXER_TC_KEYS,
+            ),
         };
         if smem > 48 * 1024 {
             ok(
@@ -2626,8 +2675,10 @@ impl Cuda {
             // from `lo + first`; a row with visible keys reads only the blocks of its own table
             // that hold them (uploaded above, each checked to lie in the keys), and a tensor's
             // keys are one block of all its rows; heads ≤ INDEXER_STORE_MAX_HEADS for the
-            // float32 store kernels (indexer_select_paged), dim even for the tensor-core ones;
-            // key blocks ≤ 65535 (the grid's y limit) up to 8M keys (4M on the tensor cores).
+            // float32 store kernels (indexer_select_paged), dim even for the bf16 tensor-core
+            // ones and within indexer_fp8_tc_fits (≤ 128, a multiple of 4: whole code words
+            // from 4-byte aligned rows) for the fp8 one (indexer_scores_on); key blocks ≤ 65535
+            // (the grid's y limit) up to 8M keys (4M on the tensor cores).
             ok(unsafe { b.launch(cfg) }, "indexer_scores");
             self.indexer_launches
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -3856,6 +3907,14 @@ impl Backend for Cuda {
         Ok(())
     }
 
+    fn kv_dtype(&self, store: &CudaStore) -> KvDtype {
+        match store {
+            CudaStore::F32(_) => KvDtype::Float32,
+            CudaStore::Bf16 { .. } => KvDtype::Bfloat16,
+            CudaStore::Fp8 { .. } => KvDtype::Fp8,
+        }
+    }
+
     fn reads_in_place(&self, _store: &CudaStore) -> bool {
         true // mla_latent_attention_{f32, bf16_bits, fp8}
     }
@@ -3869,7 +3928,7 @@ impl Backend for Cuda {
         k: usize,
         scale: f32,
     ) -> Vec<Vec<Vec<u32>>> {
-        if w.cols > launch::INDEXER_STORE_MAX_HEADS as usize && !self.tensor_cores(keys.cols()) {
+        if !self.indexer_in_place(w.cols, keys) {
             // More heads than the in-place kernel keeps sums for: score gathered copies.
             return indexer_select_gathered(self, q, w, keys, seqs, k, scale);
         }
@@ -3888,8 +3947,7 @@ impl Backend for Cuda {
         k: usize,
         scale: f32,
     ) -> Option<KeptPicks> {
-        let in_place =
-            w.cols <= launch::INDEXER_STORE_MAX_HEADS as usize || self.tensor_cores(keys.cols());
+        let in_place = self.indexer_in_place(w.cols, keys);
         // Kept picks take `k` values a batch row on the device until the attention has read
         // them: a batch of at most KEYS_PER_LAUNCH of them (a decode step's), or the host's
         // lists, a launch's worth at a time.

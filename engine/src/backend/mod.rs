@@ -142,7 +142,8 @@ pub struct IndexerSeq<'a> {
 
 /// [`Backend::indexer_select_paged`] a sequence at a time over its keys gathered as float32
 /// ([`Backend::gather_rows`]): the trait's default, and a backend's fallback for keys its
-/// in-place kernels cannot read.
+/// in-place kernels cannot read. Under an fp8 store the queries are rounded to fp8 first, on
+/// the host ([`fp8_indexer_queries`]).
 pub fn indexer_select_gathered<B: Backend + ?Sized>(
     b: &B,
     q: &B::Tensor,
@@ -152,6 +153,14 @@ pub fn indexer_select_gathered<B: Backend + ?Sized>(
     k: usize,
     scale: f32,
 ) -> Vec<Vec<Vec<u32>>> {
+    let rounded;
+    let q = match fp8_indexer_queries(b, q, w, keys) {
+        Some(r) => {
+            rounded = r;
+            &rounded
+        }
+        None => q,
+    };
     seqs.iter()
         .map(|seq| {
             let n = seq.positions.len();
@@ -160,6 +169,32 @@ pub fn indexer_select_gathered<B: Backend + ?Sized>(
             b.indexer_select(&q, &w, &gathered, seq.positions, k, scale)
         })
         .collect()
+}
+
+/// The indexer's queries `q` (`[rows, heads·dim]`, `w` `[rows, heads]`) as the indexer
+/// multiplies them against the keys of `keys`: under an fp8 store, DeepSeek's fp8 indexer
+/// rounds each head's query to e4m3 with a scale per [`crate::kv_cache::FP8_BLOCK`] values, as
+/// the store rounds each key ([`cpu::fp8_round_rows`]), so the scores are those of the rounded
+/// values on both sides (`Some`: the rounded copy, made on the host); other stores score the
+/// queries as they are (`None`). Every backend's indexer over a store answers for these values:
+/// the CUDA backend's kernels round in shared memory.
+pub fn fp8_indexer_queries<B: Backend + ?Sized>(
+    b: &B,
+    q: &B::Tensor,
+    w: &B::Tensor,
+    keys: &B::Store,
+) -> Option<B::Tensor> {
+    if b.kv_dtype(keys) != KvDtype::Fp8 {
+        return None;
+    }
+    let ((rows, cols), heads) = (b.shape(q), b.shape(w).1);
+    assert!(
+        heads > 0 && cols.is_multiple_of(heads),
+        "indexer: q is not [rows, heads·dim]"
+    );
+    let mut host = b.to_host(q);
+    cpu::fp8_round_rows(&mut host, cols / heads);
+    Some(b.tensor(rows, cols, host))
 }
 
 /// The keys an [`MlaSeq`]'s rows attend to, when the indexer chose them.
@@ -418,6 +453,9 @@ pub trait Backend: Send + Sync + 'static {
     /// A zero-filled KV store of `rows` rows of `cols` values kept as `dtype` (allocated once,
     /// at start-up); an allocation that does not fit is an error naming its size.
     fn kv_store(&self, rows: usize, cols: usize, dtype: KvDtype) -> Result<Self::Store>;
+
+    /// How a KV store keeps its rows (the dtype [`Backend::kv_store`] made it with).
+    fn kv_dtype(&self, store: &Self::Store) -> KvDtype;
     /// An empty `[0, cols]` tensor (a cache to append to).
     fn empty(&self, cols: usize) -> Self::Tensor {
         self.tensor(0, cols, Vec::new())
@@ -524,9 +562,12 @@ pub trait Backend: Send + Sync + 'static {
     /// [`Backend::indexer_select`] for the query rows of several sequences whose indexer keys
     /// are kept in one KV store (a paged pool's): sequence `i`'s rows are rows
     /// `seqs[i].first..` of `q` and `w`, and its key `s` is row `seqs[i].table.row(s)` of
-    /// `keys`. Returns each sequence's selections, in `seqs`' order. This default gathers each
-    /// sequence's keys as float32 and selects a sequence at a time; a backend that reads the
-    /// store in place overrides it (the CUDA backend: one launch for the whole batch).
+    /// `keys`. Under an fp8 store the scores are those of the queries rounded as the store
+    /// rounds its keys ([`fp8_indexer_queries`]: DeepSeek's fp8 indexer), so every backend
+    /// picks the same keys. Returns each sequence's selections, in `seqs`' order. This default
+    /// gathers each sequence's keys as float32 and selects a sequence at a time; a backend that
+    /// reads the store in place overrides it (the CUDA backend: one launch for the whole
+    /// batch).
     fn indexer_select_paged(
         &self,
         q: &Self::Tensor,

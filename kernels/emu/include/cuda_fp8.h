@@ -34,17 +34,7 @@ struct __half2 {
 inline float __half2float(__half h) { return h.value; }
 inline float2 __half22float2(__half2 h) { return float2{h.x, h.y}; }
 
-namespace smoe_emu {
-// The value of e4m3 `code` (S.1111.111 is NaN; there are no infinities).
-inline float e4m3_value(unsigned int code) {
-    const unsigned int e = (code >> 3) & 15u, m = code & 7u;
-    float v;
-    if (e == 15u && m == 7u) v = NAN;
-    else if (e == 0u) v = std::ldexp((float)m, -9);
-    else v = std::ldexp(1.f + (float)m / 8.f, (int)e - 7);
-    return (code & 0x80u) ? -v : v;
-}
-}  // namespace smoe_emu
+// smoe_emu::e4m3_value (simt.h): the value of an e4m3 code.
 
 namespace smoe_emu {
 inline void e4m3_only(__nv_fp8_interpretation_t interpretation) {
