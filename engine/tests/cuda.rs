@@ -78,23 +78,47 @@ fn logits_on_both(
     )
 }
 
+/// NVRTC compiles the engine's kernels for the device's architecture, not its own default
+/// (CUDA 13's is below sm_80, where the bf16 `mma.sync` of the tensor-core kernels would not
+/// load): for compute_90 the PTX targets sm_90 and the fp8 indexer multiplies on the fp8
+/// tensor cores; for compute_80 it targets sm_80 and widens the codes to bf16 instead.
 #[test]
 fn nvrtc_compiles_the_engine_kernels() {
-    match compile_kernels() {
-        Ok(modules) => {
-            assert_eq!(modules.len(), sparsemoe_kernels::ENGINE_SOURCES.len());
-            for (file, ptx) in modules {
-                let text = ptx.to_src();
-                assert!(
-                    text.contains(".entry"),
-                    "{file}: no kernel entry in the PTX"
-                );
+    for (arch, fp8_mma) in [(90, true), (80, false)] {
+        let modules = match compile_kernels(arch) {
+            Ok(modules) => modules,
+            Err(e) if std::env::var_os("CI").is_some() => {
+                panic!("CI is set and the engine's kernels did not compile: {e}")
             }
+            Err(e) => {
+                eprintln!("nvrtc_compiles_the_engine_kernels: skipped: {e}");
+                return;
+            }
+        };
+        assert_eq!(modules.len(), sparsemoe_kernels::ENGINE_SOURCES.len());
+        for (file, ptx) in &modules {
+            let text = ptx.to_src();
+            assert!(
+                text.contains(".entry"),
+                "{file}: no kernel entry in the PTX"
+            );
+            assert!(
+                text.contains(&format!(".target sm_{arch}")),
+                "{file}: the PTX does not target sm_{arch}"
+            );
         }
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("CI is set and the engine's kernels did not compile: {e}")
-        }
-        Err(e) => eprintln!("nvrtc_compiles_the_engine_kernels: skipped: {e}"),
+        let engine = modules
+            .iter()
+            .find(|(file, _)| *file == "engine.cu")
+            .expect("engine.cu compiled")
+            .1
+            .to_src();
+        assert!(engine.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+        assert_eq!(
+            engine.contains("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32"),
+            fp8_mma,
+            "compute_{arch}: fp8 tensor-core products"
+        );
     }
 }
 

@@ -14,7 +14,10 @@
 //! - Other products go through cuBLAS (`Sgemm` or bf16 `GemmEx`, strided-batched for the
 //!   per-head products of the absorbed MLA); the row operations between them are the float32 kernels of
 //!   `kernels/cuda/engine.cu`, and the indexer's selection is `topk.cu`'s radix select. Both
-//!   files are compiled at start-up with NVRTC, so no CUDA toolkit is needed at build time.
+//!   files are compiled at start-up with NVRTC, so no CUDA toolkit is needed at build time,
+//!   for each GPU's own architecture ([`kernel_arch`]: the newest NVRTC has that the GPU runs;
+//!   NVRTC's default, sm_75 in CUDA 13, has no bf16 `mma.sync`), and a GPU older than sm_80 is
+//!   refused at start-up.
 //! - The paged KV pool lives on the first GPU, in float32, as bf16 bits, or as fp8 e4m3 codes
 //!   with a scale per 128 values (`--kv-cache-dtype`): rows are rounded as they are written and
 //!   widened to float32 as they are read. The indexer reads its keys in place there, through
@@ -877,25 +880,61 @@ fn paste(file: &str, pasted: &mut Vec<String>, text: &mut String) -> Result<()> 
     Ok(())
 }
 
-/// Compiles the engine's kernels to PTX with NVRTC: `(file, ptx)` for each.
-pub fn compile_kernels() -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>> {
-    // Compiled once per process (each backend opened after the first, in tests, reuses it).
-    static COMPILED: std::sync::Mutex<Option<Vec<(&'static str, cudarc::nvrtc::Ptx)>>> =
-        std::sync::Mutex::new(None);
+/// The oldest GPU the engine's kernels run on (compute capability × 10): their tensor-core
+/// products are `mma.sync` on bf16, which sm_80 brought.
+pub const MIN_COMPUTE_CAPABILITY: u32 = 80;
+
+/// The virtual architecture to compile the kernels for on a device of compute capability
+/// `device` (× 10), among the ones NVRTC supports (`supported`): the newest that is not newer
+/// than the device (the driver compiles its PTX for the device), so the kernels take the
+/// device's instructions where they test `__CUDA_ARCH__` (fp8 tensor cores from 89). `None`
+/// when NVRTC supports none of them.
+pub fn kernel_arch(device: u32, supported: &[u32]) -> Option<u32> {
+    supported
+        .iter()
+        .copied()
+        .filter(|&a| (MIN_COMPUTE_CAPABILITY..=device).contains(&a))
+        .max()
+}
+
+/// The virtual architectures NVRTC compiles for (compute capability × 10).
+fn nvrtc_archs() -> Result<Vec<u32>> {
+    use cudarc::nvrtc::sys;
+    let mut n = 0;
+    // SAFETY: NVRTC writes the count, then that many ints into a buffer of that size.
+    let archs = unsafe {
+        let counted = sys::nvrtcGetNumSupportedArchs(&mut n);
+        if counted != sys::nvrtcResult::NVRTC_SUCCESS {
+            return Err(device_error(format!(
+                "asking NVRTC its architectures: {counted:?}"
+            )));
+        }
+        let mut archs = vec![0; n.max(0) as usize];
+        let listed = sys::nvrtcGetSupportedArchs(archs.as_mut_ptr());
+        if listed != sys::nvrtcResult::NVRTC_SUCCESS {
+            return Err(device_error(format!(
+                "asking NVRTC its architectures: {listed:?}"
+            )));
+        }
+        archs
+    };
+    Ok(archs.into_iter().map(|a| a.max(0) as u32).collect())
+}
+
+/// Compiles the engine's kernels to PTX with NVRTC for virtual architecture `arch` (compute
+/// capability × 10, e.g. 90: `compute_90`): `(file, ptx)` for each. Compiled once per process
+/// and architecture.
+pub fn compile_kernels(arch: u32) -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>> {
+    type Compiled = std::collections::HashMap<u32, Vec<(&'static str, cudarc::nvrtc::Ptx)>>;
+    static COMPILED: std::sync::Mutex<Option<Compiled>> = std::sync::Mutex::new(None);
     let mut compiled = COMPILED
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(ptx) = compiled.as_ref() {
+    let compiled = compiled.get_or_insert_with(Compiled::new);
+    if let Some(ptx) = compiled.get(&arch) {
         return Ok(ptx.clone());
     }
-    // SAFETY: only tries to open the library; nothing is called through it.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(device_error(
-            "NVRTC (libnvrtc.so, CUDA 13) could not be loaded: the CUDA backend compiles its \
-             kernels at start-up; install the CUDA runtime compiler or add its directory to \
-             LD_LIBRARY_PATH",
-        ));
-    }
+    nvrtc_present()?;
     let ptx = sparsemoe_kernels::ENGINE_SOURCES
         .iter()
         .map(|&file| {
@@ -903,21 +942,72 @@ pub fn compile_kernels() -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>> {
                 options: vec![
                     sparsemoe_kernels::RTC_DEFINE.to_string(),
                     "-std=c++17".to_string(),
+                    format!("--gpu-architecture=compute_{arch}"),
                 ],
                 name: Some(file.to_string()),
                 ..Default::default()
             };
             let ptx = cudarc::nvrtc::compile_ptx_with_opts(inline_headers(file)?, options)
-                .map_err(|e| device_error(format!("compiling kernels/cuda/{file}: {e:?}")))?;
+                .map_err(|e| {
+                    device_error(format!(
+                        "compiling kernels/cuda/{file} for compute_{arch}: {e:?}"
+                    ))
+                })?;
             Ok((file, ptx))
         })
         .collect::<Result<Vec<_>>>()?;
-    *compiled = Some(ptx.clone());
+    compiled.insert(arch, ptx.clone());
     Ok(ptx)
 }
 
-/// Opens GPU `ordinal` and loads the compiled kernels on it.
-fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Result<OpenDevice> {
+/// An error that says so unless NVRTC can be loaded.
+fn nvrtc_present() -> Result<()> {
+    // SAFETY: only tries to open the library; nothing is called through it.
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Ok(());
+    }
+    Err(device_error(
+        "NVRTC (libnvrtc.so, CUDA 13) could not be loaded: the CUDA backend compiles its \
+         kernels at start-up; install the CUDA runtime compiler or add its directory to \
+         LD_LIBRARY_PATH",
+    ))
+}
+
+/// The kernels for the device of `ctx` (named `name`, as cuda:`ordinal`): compiled for the
+/// newest architecture NVRTC has that the device runs ([`kernel_arch`]); a device older than
+/// [`MIN_COMPUTE_CAPABILITY`] is an error that says so.
+fn kernels_for(
+    ctx: &CudaContext,
+    ordinal: usize,
+    name: &str,
+) -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>> {
+    let (major, minor) = ctx.compute_capability().map_err(|e| {
+        device_error(format!(
+            "asking cuda:{ordinal} its compute capability: {e:?}"
+        ))
+    })?;
+    let device = (major.max(0) * 10 + minor.max(0)) as u32;
+    if device < MIN_COMPUTE_CAPABILITY {
+        return Err(device_error(format!(
+            "cuda:{ordinal} ({name}) has compute capability {major}.{minor}; the CUDA backend \
+             needs {}.{} or later (its tensor-core kernels are bf16 mma.sync)",
+            MIN_COMPUTE_CAPABILITY / 10,
+            MIN_COMPUTE_CAPABILITY % 10
+        )));
+    }
+    nvrtc_present()?;
+    let supported = nvrtc_archs()?;
+    let arch = kernel_arch(device, &supported).ok_or_else(|| {
+        device_error(format!(
+            "NVRTC compiles for none of the architectures from compute_{MIN_COMPUTE_CAPABILITY} \
+             to cuda:{ordinal}'s compute_{device} (it has {supported:?})"
+        ))
+    })?;
+    compile_kernels(arch)
+}
+
+/// Opens GPU `ordinal` and loads the kernels compiled for it.
+fn open_device(ordinal: usize) -> Result<OpenDevice> {
     let ctx = CudaContext::new(ordinal)
         .map_err(|e| device_error(format!("opening cuda:{ordinal}: {e:?}")))?;
     let name = ctx.name().unwrap_or_else(|_| "unknown device".into());
@@ -932,8 +1022,9 @@ fn open_device(ordinal: usize, ptx: &[(&'static str, cudarc::nvrtc::Ptx)]) -> Re
     // SAFETY: nothing has been allocated on this context by us yet, and buffers are shared
     // across streams only after an event the reading stream waits on.
     unsafe { ctx.disable_event_tracking() };
+    let ptx = kernels_for(&ctx, ordinal, &name)?;
     let mut modules = Vec::new();
-    for (file, ptx) in ptx {
+    for (file, ptx) in &ptx {
         let module = ctx.load_module(ptx.clone()).map_err(|e| {
             device_error(format!(
                 "loading kernels/cuda/{file} on cuda:{ordinal}: {e:?}"
@@ -1084,18 +1175,19 @@ impl Cuda {
                  CUDA device(s)"
             )));
         }
-        let ptx = compile_kernels().map_err(|e| match e {
+        let listed_first = |e| match e {
             EngineError::Device(why) => device_error(format!("--device cuda:{listed}: {why}")),
             other => other,
-        })?;
+        };
         let mut devices = Vec::new();
-        let mut main = Self::lane(first, 0, dtype, &ptx, &mut devices)?;
+        let mut main = Self::lane(first, 0, dtype, &mut devices).map_err(listed_first)?;
         if ordinals.len() > 1 {
             let shards = ordinals
                 .iter()
                 .enumerate()
-                .map(|(s, &o)| Self::lane(o, 1 + s, dtype, &ptx, &mut devices))
-                .collect::<Result<Vec<_>>>()?;
+                .map(|(s, &o)| Self::lane(o, 1 + s, dtype, &mut devices))
+                .collect::<Result<Vec<_>>>()
+                .map_err(listed_first)?;
             enable_peer_access(&devices);
             main.shards = Arc::new(shards);
         }
@@ -1107,13 +1199,12 @@ impl Cuda {
         ordinal: usize,
         lane: usize,
         dtype: Dtype,
-        ptx: &[(&'static str, cudarc::nvrtc::Ptx)],
         devices: &mut Vec<OpenDevice>,
     ) -> Result<Self> {
         let at = match devices.iter().position(|d| d.ordinal == ordinal) {
             Some(at) => at,
             None => {
-                devices.push(open_device(ordinal, ptx)?);
+                devices.push(open_device(ordinal)?);
                 devices.len() - 1
             }
         };
@@ -4579,5 +4670,29 @@ impl Cuda {
             rows: rows_d,
             groups,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernels compile for the newest architecture NVRTC has that the device runs, never
+    /// one below sm_80 (their bf16 `mma.sync`) nor one newer than the device.
+    #[test]
+    fn kernels_compile_for_the_newest_architecture_the_device_runs() {
+        // CUDA 13.0's NVRTC.
+        let nvrtc = [75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121];
+        assert_eq!(kernel_arch(90, &nvrtc), Some(90));
+        assert_eq!(kernel_arch(89, &nvrtc), Some(89));
+        assert_eq!(kernel_arch(80, &nvrtc), Some(80));
+        // A device newer than NVRTC knows: its newest, which the driver compiles up.
+        assert_eq!(kernel_arch(130, &nvrtc), Some(121));
+        // Between listed ones: the one below.
+        assert_eq!(kernel_arch(101, &nvrtc), Some(100));
+        // Too old for the kernels, or an NVRTC without a usable architecture.
+        assert_eq!(kernel_arch(75, &nvrtc), None);
+        assert_eq!(kernel_arch(90, &[75]), None);
+        assert_eq!(kernel_arch(90, &[]), None);
     }
 }
