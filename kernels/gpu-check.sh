@@ -47,7 +47,12 @@ rm -rf "$OUT/build"  # cubins: not needed back (the device tool returns at most 
 # whole decode step at 64K context, sparse vs dense: GPU float32, GPU bf16, and CPU.
 # engine.log holds the output, engine-bench.jsonl the bench reports.
 bin=target/gpu-check
-if [[ -x $bin/cuda-tests && -x $bin/sparsemoe-engine ]]; then
+built_from=$(cat "$bin/SOURCES" 2>/dev/null || echo none)
+if [[ -x $bin/cuda-tests && -x $bin/sparsemoe-engine && $built_from != "$(kernels/gpu-sources.sh)" ]]; then
+    echo "engine: skipped: the binaries in $bin were built from other sources than this tree's" \
+        "(run kernels/gpu-build.sh again and carry $bin)" | tee "$OUT/engine.log"
+    rc=1
+elif [[ -x $bin/cuda-tests && -x $bin/sparsemoe-engine ]]; then
     # cuBLAS and NVRTC (CUDA 13) from wherever this machine has them: the toolkit or the wheels.
     libs=$(python3 - <<'PY'
 import glob, os, site

@@ -122,6 +122,49 @@ fn nvrtc_compiles_the_engine_kernels() {
     }
 }
 
+/// Each GPU's memory pool keeps what the engine frees (release threshold: all of it), so that
+/// a step does not map again what the last one freed, and the memory the engine reports
+/// available still counts what the pool keeps (it is trimmed first): freeing a 64 MiB buffer
+/// gives it back.
+#[test]
+fn freed_device_memory_stays_with_the_pool() {
+    use cudarc::driver::sys;
+    let Some(cuda) = gpu("freed_device_memory_stays_with_the_pool") else {
+        return;
+    };
+    let mut device = 0;
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = 0u64;
+    // SAFETY: each call writes the value it is asked for.
+    unsafe {
+        sys::cuDeviceGet(&mut device, 0).result().unwrap();
+        sys::cuDeviceGetDefaultMemPool(&mut pool, device)
+            .result()
+            .unwrap();
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .unwrap();
+    }
+    assert_eq!(threshold, u64::MAX);
+    let before = cuda.device_memory_available().unwrap();
+    let big = cuda.tensor(4096, 4096, vec![1.0; 4096 * 4096]);
+    let during = cuda.device_memory_available().unwrap();
+    assert!(
+        before - during >= 64 << 20,
+        "{before} bytes free before, {during} with 64 MiB allocated"
+    );
+    drop(big);
+    let after = cuda.device_memory_available().unwrap();
+    assert!(
+        after + (1 << 20) >= before,
+        "{before} bytes free before, {after} after the 64 MiB were freed"
+    );
+}
+
 /// Logits at every position of a prompt, on the GPU and on the CPU, for every fixture model
 /// (MoE, dense, tied embeddings, YaRN, fused experts, top-1 and short top-k indexers) in
 /// sparse and dense attention.
@@ -613,7 +656,8 @@ fn paged_run<B: Backend>(model: &Model<B>, dtype: KvDtype) -> Vec<Vec<f32>> {
 /// (`indexer_scores_tc_store_*`, in place for 80 heads too): over float32 and bf16 pools the
 /// queries and keys rounded to bf16, whose picks may trail the k-th best by bf16 rounding:
 /// within 2e-3 of the largest score (measured on the CPU emulator: at most 1.3e-4); over an fp8
-/// pool the e4m3 codes on the fp8 tensor cores, exact products. Keys of 132 values, wider than
+/// pool the e4m3 codes on the fp8 tensor cores, exact products (the emulator's picks trail by
+/// 0.0; a GPU's fp8 sums keep about 14 bits: the same 2e-3). Keys of 132 values, wider than
 /// the fp8 kernel takes (and two fp8 scale blocks a row), fall back over an fp8 pool: to the
 /// float32 in-place kernel for 64 heads, to the gathered copy for 80.
 #[test]
@@ -641,11 +685,9 @@ fn the_indexer_reads_each_kv_store_in_place() {
             (KvDtype::Bfloat16, 1e-4),
             (KvDtype::Fp8, 1e-4),
         ] {
-            let tolerance = match (tensor_cores, dtype) {
-                (true, KvDtype::Fp8) => 5e-4,
-                (true, _) => 2e-3,
-                (false, _) => tolerance,
-            };
+            // The tensor cores' own sums keep fewer bits (bf16 roundings aside, Hopper's fp8
+            // instruction sums its 32 products to about 14 bits): within 2e-3 either way.
+            let tolerance = if tensor_cores { 2e-3 } else { tolerance };
             let keys = noise(n_keys * dim);
             let (q, w) = (
                 noise(positions.len() * heads * dim),

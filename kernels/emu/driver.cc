@@ -108,6 +108,9 @@ struct CUfunc_st {
 };
 struct CUmemPoolHandle_st {
     int device;
+    // What the engine sets; this emulator frees at once whatever the threshold (memory is
+    // never held back), so it is only stored and read back.
+    cuuint64_t release_threshold = 0;
 };
 
 namespace smoe_emu {
@@ -441,6 +444,26 @@ API CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice d) {
 API CUresult cuMemPoolSetAccess(CUmemoryPool pool, const CUmemAccessDesc* map, size_t count) {
     if (pool == nullptr || (map == nullptr && count > 0)) return CUDA_ERROR_INVALID_VALUE;
     return CUDA_SUCCESS;
+}
+// Only the release threshold, the attribute the engine sets.
+API CUresult cuMemPoolSetAttribute(CUmemoryPool pool, CUmemPool_attribute attribute, void* value) {
+    LOCKED;
+    if (pool == nullptr || value == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (attribute != CU_MEMPOOL_ATTR_RELEASE_THRESHOLD) return CUDA_ERROR_NOT_SUPPORTED;
+    pool->release_threshold = *static_cast<cuuint64_t*>(value);
+    return CUDA_SUCCESS;
+}
+API CUresult cuMemPoolGetAttribute(CUmemoryPool pool, CUmemPool_attribute attribute, void* value) {
+    LOCKED;
+    if (pool == nullptr || value == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (attribute != CU_MEMPOOL_ATTR_RELEASE_THRESHOLD) return CUDA_ERROR_NOT_SUPPORTED;
+    *static_cast<cuuint64_t*>(value) = pool->release_threshold;
+    return CUDA_SUCCESS;
+}
+// Nothing is held back here (frees are immediate), so there is nothing to trim.
+API CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t min_bytes_to_keep) {
+    (void)min_bytes_to_keep;
+    return pool == nullptr ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
 }
 
 API CUresult cuStreamCreate(CUstream* stream, unsigned int flags) {

@@ -973,6 +973,26 @@ fn nvrtc_present() -> Result<()> {
     ))
 }
 
+/// The CUDA driver's and NVRTC's versions, as `driver 13.0, NVRTC 13.0` (what a PTX that does
+/// not load is most likely about: an NVRTC newer than the driver).
+fn cuda_versions() -> String {
+    let (mut driver, mut major, mut minor) = (0, 0, 0);
+    // SAFETY: each writes the ints it is given.
+    let driver_ok = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) }
+        == cudarc::driver::sys::CUresult::CUDA_SUCCESS;
+    let nvrtc_ok = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS;
+    let driver = match driver_ok {
+        true => format!("{}.{}", driver / 1000, driver % 1000 / 10),
+        false => "unknown".into(),
+    };
+    let nvrtc = match nvrtc_ok {
+        true => format!("{major}.{minor}"),
+        false => "unknown".into(),
+    };
+    format!("driver {driver}, NVRTC {nvrtc}")
+}
+
 /// The kernels for the device of `ctx` (named `name`, as cuda:`ordinal`): compiled for the
 /// newest architecture NVRTC has that the device runs ([`kernel_arch`]); a device older than
 /// [`MIN_COMPUTE_CAPABILITY`] is an error that says so.
@@ -980,7 +1000,7 @@ fn kernels_for(
     ctx: &CudaContext,
     ordinal: usize,
     name: &str,
-) -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>> {
+) -> Result<(u32, Vec<(&'static str, cudarc::nvrtc::Ptx)>)> {
     let (major, minor) = ctx.compute_capability().map_err(|e| {
         device_error(format!(
             "asking cuda:{ordinal} its compute capability: {e:?}"
@@ -1003,7 +1023,50 @@ fn kernels_for(
              to cuda:{ordinal}'s compute_{device} (it has {supported:?})"
         ))
     })?;
-    compile_kernels(arch)
+    Ok((arch, compile_kernels(arch)?))
+}
+
+/// The default memory pool of the device of `ctx`, where cudarc's stream-ordered allocations
+/// come from; `None` where the device has no memory pools (cudarc then allocates directly).
+fn default_pool(ctx: &CudaContext) -> Result<Option<cudarc::driver::sys::CUmemoryPool>> {
+    use cudarc::driver::sys;
+    let pools = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+        .map_err(|e| device_error(format!("asking whether the GPU has memory pools: {e:?}")))?;
+    if pools == 0 {
+        return Ok(None);
+    }
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: writes the device's default pool handle.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(|e| device_error(format!("finding the GPU's memory pool: {e:?}")))?;
+    Ok(Some(pool))
+}
+
+/// Has the device's memory pool keep what is freed, for the next allocations: its default
+/// release threshold, 0, hands every freed byte back to the driver at each synchronisation
+/// (every step's read of its logits), and the next step maps it all again.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    let Some(pool) = default_pool(ctx)? else {
+        return Ok(());
+    };
+    let mut keep = u64::MAX;
+    // SAFETY: the release threshold is a cuuint64_t, read from `keep`.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut keep as *mut u64).cast(),
+        )
+    }
+    .result()
+    .map_err(|e| {
+        device_error(format!(
+            "setting the memory pool's release threshold: {e:?}"
+        ))
+    })
 }
 
 /// Opens GPU `ordinal` and loads the kernels compiled for it.
@@ -1022,12 +1085,19 @@ fn open_device(ordinal: usize) -> Result<OpenDevice> {
     // SAFETY: nothing has been allocated on this context by us yet, and buffers are shared
     // across streams only after an event the reading stream waits on.
     unsafe { ctx.disable_event_tracking() };
-    let ptx = kernels_for(&ctx, ordinal, &name)?;
+    keep_freed_memory(&ctx).map_err(|e| match e {
+        EngineError::Device(why) => device_error(format!("cuda:{ordinal}: {why}")),
+        other => other,
+    })?;
+    let (arch, ptx) = kernels_for(&ctx, ordinal, &name)?;
+    let name = format!("{name}, kernels for compute_{arch}");
     let mut modules = Vec::new();
     for (file, ptx) in &ptx {
         let module = ctx.load_module(ptx.clone()).map_err(|e| {
             device_error(format!(
-                "loading kernels/cuda/{file} on cuda:{ordinal}: {e:?}"
+                "loading kernels/cuda/{file} (PTX for compute_{arch}) on cuda:{ordinal}: {e:?} \
+                 ({})",
+                cuda_versions()
             ))
         })?;
         modules.push((*file, module));
@@ -3505,6 +3575,15 @@ impl Backend for Cuda {
     }
 
     fn device_memory_available(&self) -> Option<u64> {
+        // What the memory pool keeps of freed allocations (keep_freed_memory) is free to it
+        // but not to the driver's count: hand it back first.
+        self.stream.synchronize().ok()?;
+        if let Some(pool) = default_pool(self.stream.context()).ok()? {
+            // SAFETY: trims only memory no allocation holds.
+            unsafe { cudarc::driver::sys::cuMemPoolTrimTo(pool, 0) }
+                .result()
+                .ok()?;
+        }
         let (free, _) = self.stream.context().mem_get_info().ok()?;
         // Less the room a product needs to dequantise the largest fp8 weight, and the most the
         // main lane's reused uploads keep (two element types).
