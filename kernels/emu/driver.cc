@@ -66,6 +66,18 @@ int device_count() {
     return count;
 }
 
+// Multiprocessors a device reports (SPARSEMOE_EMU_SMS, default 1): the engine sizes launches
+// by them (keys split over blocks, heads a block, split-K), so 132, an H200's, takes the
+// choices the GPU run will.
+int multiprocessors() {
+    static const int count = [] {
+        const char* env = std::getenv("SPARSEMOE_EMU_SMS");
+        const int n = env != nullptr ? std::atoi(env) : 1;
+        return std::clamp(n, 1, 1024);
+    }();
+    return count;
+}
+
 struct Allocation {
     char* map;
     size_t map_bytes;
@@ -273,9 +285,10 @@ CUresult alloc(CUdeviceptr* out, size_t bytes, int device) {
     if (map == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
     char* guard = (char*)map + data_pages * page;
     if (mprotect(guard, page, PROT_NONE) != 0) die("mprotect failed");
-    // Fresh device memory is garbage: all-ones bytes (NaN as float32 and bf16, -1 as int32).
+    // Fresh device memory is garbage (smoe_emu::poison: NaN as float32, bf16 and e4m3, a huge
+    // int32, never the kernels' -1 for "none").
     char* start = guard - data;
-    std::memset(start, 0xff, data);
+    smoe_emu::poison(start, data);
     allocations()[(uintptr_t)start] = Allocation{(char*)map, map_bytes, bytes, device};
     allocated[device] += bytes;
     *out = (CUdeviceptr)start;
@@ -366,7 +379,7 @@ API CUresult cuDeviceGetAttribute(int* v, CUdevice_attribute attribute, CUdevice
         case CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING: *v = 1; break;
         case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *v = 1024; break;
         case CU_DEVICE_ATTRIBUTE_WARP_SIZE: *v = 32; break;
-        case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: *v = 1; break;
+        case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: *v = multiprocessors(); break;
         case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK: *v = (int)kDefaultSmem; break;
         case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *v = (int)kMaxSmem; break;
         default: return CUDA_ERROR_INVALID_VALUE;

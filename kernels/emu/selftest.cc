@@ -243,7 +243,7 @@ int main() {
     run_grid("shared", dim3{2}, dim3{32}, 0, [&] { shared_kernel(first.data(), after.data()); });
     bool sevens = true;
     for (int v : after) sevens = sevens && v == 7;
-    check(first[0] == -1 && first[1] == -1 && sevens,
+    check(first[0] == 0x7fffffff && first[1] == 0x7fffffff && sevens,
           "static shared memory is garbage at each block's start and keeps the block's own writes");
 
     cuInit(0);

@@ -17,6 +17,7 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -273,7 +274,18 @@ inline void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t (&a)[4], const uint3
     mma_outputs(d, A, B);
 }
 
-// Fills a static shared variable with all-ones bytes the first time a block's threads reach
+// Garbage, as a GPU's fresh memory is: the bytes ff ff ff 7f over and over from `p` (4-byte
+// aligned), which read as NaN in float32 (0x7fffffff), bf16 (0xffff, 0x7fff) and e4m3, and as
+// 2147483647 in int32: not -1, which the kernels write for "none", so an index read before it
+// was written points far out of bounds instead of passing for an empty entry.
+inline void poison(void* p, size_t bytes) {
+    const size_t words = bytes / 4;
+    std::fill_n(static_cast<uint32_t*>(p), words, 0x7fffffffu);
+    auto* tail = static_cast<unsigned char*>(p) + 4 * words;
+    for (size_t i = 0; i < bytes % 4; ++i) tail[i] = 0xff;
+}
+
+// Fills a static shared variable with garbage (poison) the first time a block's threads reach
 // its declaration (gen_kernels.py puts the call after each one): garbage, as on a GPU, instead
 // of zeros or the previous block's values.
 inline void poison_shared(void* p, size_t bytes) {
@@ -282,12 +294,12 @@ inline void poison_shared(void* p, size_t bytes) {
         if (at == p) {
             if (serial != block->serial) {
                 serial = block->serial;
-                std::memset(p, 0xff, bytes);
+                poison(p, bytes);
             }
             return;
         }
     seen.emplace_back(p, block->serial);
-    std::memset(p, 0xff, bytes);
+    poison(p, bytes);
 }
 
 inline void* dynamic_smem() { return block->dynamic_smem.data(); }
@@ -304,9 +316,10 @@ inline void run_block(const char* kernel, const std::function<void()>& body, siz
     for (auto& e : b.stamp) e.assign((threads + 31) & ~(size_t)31, 0);
     for (auto& e : b.fragments) e.assign(((threads + 31) & ~(size_t)31) * kMmaWords, 0);
     ++b.serial;
-    // Shared memory starts as garbage on a GPU: all-ones bytes here (NaN as floats, -1 as ints),
-    // so a kernel that reads before it writes gets an answer no test accepts.
-    b.dynamic_smem.assign(smem_bytes, 0xff);
+    // Shared memory starts as garbage on a GPU: poison here (NaN as floats, a huge int), so a
+    // kernel that reads before it writes gets an answer no test accepts.
+    b.dynamic_smem.assign(smem_bytes, 0);
+    poison(b.dynamic_smem.data(), smem_bytes);
     Block* outer = block;
     block = &b;
     size_t t = 0;
