@@ -406,6 +406,11 @@ SMOE_DEVICE unsigned int f32_to_e4m3_rn(float x) {
 
 #define KV_FP8_BLOCK 128
 
+// The scale an fp8 block of largest magnitude `amax` takes (the engine's fp8_row): amax maps to
+// 448, e4m3's largest, with a floor for all-zero blocks. The pool's keys and, over an fp8 pool,
+// the indexer's queries are rounded with it, so both sides must compute it alike.
+SMOE_DEVICE float kv_fp8_scale(float amax) { return fmaxf(amax, 1e-4f) / 448.f; }
+
 // A KV cache kept in fp8 (FlashMLA's layout for the latent): row r of rows goes to slot
 // slots[r] as e4m3 codes of x / scale, one scale per KV_FP8_BLOCK values, mapping the block's
 // largest magnitude (at least 1e-4) to 448. scales has ceil(cols / KV_FP8_BLOCK) per row.
@@ -421,7 +426,7 @@ scatter_rows_f32_to_fp8(uint8_t* __restrict__ codes, float* __restrict__ scales,
         const int c = b * KV_FP8_BLOCK + (int)threadIdx.x;
         const bool mine = threadIdx.x < KV_FP8_BLOCK && c < cols;
         const float x = mine ? s[c] : 0.f;
-        const float scale = fmaxf(block_max(fabsf(x), scratch), 1e-4f) / 448.f;
+        const float scale = kv_fp8_scale(block_max(fabsf(x), scratch));
         if (mine) codes[slot * cols + c] = (uint8_t)f32_to_e4m3_rn(x / scale);
         if (threadIdx.x == 0) scales[slot * blocks + b] = scale;
     }
@@ -932,7 +937,7 @@ SMOE_DEVICE void round_staged_queries(const StoreFp8&, float* qs, int heads, int
         const int c1 = c0 + KV_FP8_BLOCK < dim ? c0 + KV_FP8_BLOCK : dim;
         float amax = 0.f;
         for (int c = c0; c < c1; ++c) amax = fmaxf(amax, fabsf(qs[c * heads + h]));
-        const float s = fmaxf(amax, 1e-4f) / 448.f;
+        const float s = kv_fp8_scale(amax);
         for (int c = c0; c < c1; ++c) qs[c * heads + h] = fp8_e4m3_value(f32_to_e4m3_rn(qs[c * heads + h] / s)) * s;
     }
     __syncthreads();
@@ -1080,7 +1085,7 @@ struct F32Fp8IndexerQueries {
             v[j] = c < dim ? x[c] : 0.f;
             amax = fmaxf(amax, fabsf(v[j]));
         }
-        const float s = fmaxf(warp_max(amax), 1e-4f) / 448.f;
+        const float s = kv_fp8_scale(warp_max(amax));
 #pragma unroll
         for (int j = 0; j < INDEXER_FP8_TC_MAX_DIM / 32; ++j) {
             const int c = lane + 32 * j;
