@@ -26,12 +26,13 @@ const KernelEntry* find_kernel(const char* name);
 inline void run_grid(const char* name, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
     gridDim = grid;
     blockDim = block;
-    for (unsigned int z = 0; z < grid.z; ++z)
-        for (unsigned int y = 0; y < grid.y; ++y)
-            for (unsigned int x = 0; x < grid.x; ++x) {
-                blockIdx = dim3{x, y, z};
-                run_block(name, body, smem);
-            }
+    const size_t blocks = (size_t)grid.x * grid.y * grid.z;
+    for (size_t n = 0; n < blocks; ++n) {
+        const size_t i = reverse_order() ? blocks - 1 - n : n;
+        blockIdx = dim3{(unsigned int)(i % grid.x), (unsigned int)(i / grid.x % grid.y),
+                        (unsigned int)(i / ((size_t)grid.x * grid.y))};
+        run_block(name, body, smem);
+    }
 }
 
 template <typename T>

@@ -161,6 +161,20 @@ void shared_kernel(int* first, int* after) {
     after[blockIdx.x * blockDim.x + threadIdx.x] = x;
 }
 
+// A race: each thread reads its left neighbour's shared slot with no barrier after the writes.
+// Threads run in index order, so it reads the written value; reversed, it reads garbage.
+void neighbour_kernel(int* out) {
+    __shared__ int slot[32];
+    smoe_emu::poison_shared(slot, sizeof(slot));
+    slot[threadIdx.x] = (int)threadIdx.x;
+    out[threadIdx.x] = threadIdx.x == 0 ? 0 : slot[threadIdx.x - 1] + 1;
+}
+
+// Which block ran first.
+void first_block_kernel(int* first) {
+    if (threadIdx.x == 0 && *first < 0) *first = (int)(blockIdx.x + blockIdx.y * gridDim.x);
+}
+
 }  // namespace
 
 int main() {
@@ -245,6 +259,21 @@ int main() {
     for (int v : after) sevens = sevens && v == 7;
     check(first[0] == 0x7fffffff && first[1] == 0x7fffffff && sevens,
           "static shared memory is garbage at each block's start and keeps the block's own writes");
+
+    for (const bool reverse : {false, true}) {
+        smoe_emu::reverse_order() = reverse;
+        std::vector<int> got(32, -1);
+        run_grid("neighbour", dim3{1}, dim3{32}, 0, [&] { neighbour_kernel(got.data()); });
+        bool in_order = true;
+        for (int i = 0; i < 32; ++i) in_order = in_order && got[i] == i;
+        check(in_order != reverse,
+              reverse ? "reversed, a read of another thread's unfenced write sees garbage"
+                      : "in index order, a read of a lower thread's unfenced write happens to pass");
+        int first = -1;
+        run_grid("first_block", dim3{3, 2}, dim3{32}, 0, [&] { first_block_kernel(&first); });
+        check(first == (reverse ? 5 : 0), reverse ? "reversed, the last block runs first" : "block 0 runs first");
+    }
+    smoe_emu::reverse_order() = false;
 
     cuInit(0);
     CUcontext ctx;

@@ -304,6 +304,23 @@ inline void poison_shared(void* p, size_t bytes) {
 
 inline void* dynamic_smem() { return block->dynamic_smem.data(); }
 
+// `SPARSEMOE_EMU_ORDER=reverse`: a block's threads, between barriers, and a grid's blocks run
+// from the last index down instead of from 0 up. Both orders are schedules a GPU may take, so a
+// kernel must pass in both: a thread that reads what a lower-numbered thread wrote with no barrier
+// between passes forward (the writer ran first) and fails reversed, and a block that counts on
+// lower-numbered blocks having run fails reversed too.
+// (The self-test sets it through the reference.)
+inline bool& reverse_order() {
+    static bool reverse = [] {
+        const char* env = std::getenv("SPARSEMOE_EMU_ORDER");
+        if (env == nullptr || std::strcmp(env, "forward") == 0) return false;
+        if (std::strcmp(env, "reverse") == 0) return true;
+        std::fprintf(stderr, "sparsemoe CUDA emulator: SPARSEMOE_EMU_ORDER=%s: expected forward or reverse\n", env);
+        std::abort();
+    }();
+    return reverse;
+}
+
 // Runs one block of `body` with the block shape in blockDim and its index in blockIdx.
 inline void run_block(const char* kernel, const std::function<void()>& body, size_t smem_bytes) {
     thread_local Block b;
@@ -335,7 +352,9 @@ inline void run_block(const char* kernel, const std::function<void()>& body, siz
                 makecontext(&f.context, fiber_main, 0);
             }
     for (;;) {
-        for (size_t i = 0; i < threads; ++i) {
+        const bool reverse = reverse_order();
+        for (size_t n = 0; n < threads; ++n) {
+            const size_t i = reverse ? threads - 1 - n : n;
             if (b.fibers[i].state != State::Ready) continue;
             b.current = i;
             threadIdx = b.fibers[i].index;
