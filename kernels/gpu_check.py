@@ -35,9 +35,10 @@ F32_BOUND, BF16_BOUND = 1e-5, 8e-3
 # engine/tests/cuda.rs and 1.3e-3 to 2.4e-3 here (the indexer's scores 1.5e-3 to 2.6e-3), over two
 # runs' fresh random inputs
 TC_BOUND = 5e-3
-# fp8 codes on the fp8 tensor cores: every product exact, each instruction's 32 summed by the
-# tensor cores (DeepSeek-V3's report: about 14 bits kept on Hopper, so a part in 1e4 of a sum's
-# largest product) and added in float32; 8e-8 on the emulator, which sums in double
+# fp8 codes through mma.sync e4m3 (Ada's fp8 tensor cores; on Hopper converted to fp16 for the
+# fp16 ones): every product exact, each instruction's 32 summed by the tensor cores (at worst
+# about 14 bits kept, DeepSeek-V3's report's figure for Hopper's fp8 wgmma: a part in 1e4 of a
+# sum's largest product) and added in float32; 8e-8 on the emulator, which sums in double
 FP8_TC_BOUND = 1e-3
 FLT_MIN = -3.4028234663852886e38
 INDEXER_KEYS, MLA_HEADS_PER_BLOCK, MLA_TILE = 64, 16, 32
@@ -1022,7 +1023,7 @@ class Harness:
                              "our bf16 indexer scores + top-k", t_bf16 + t_topk,
                              f"scores {t_fp8:.3f} ms (bf16 {t_bf16:.3f} ms); {bytes_ / (t_fp8 + t_topk) / 1e6:.0f} GB/s = "
                              f"{100 * bytes_ / (t_fp8 + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
-        self.timings.append(("fp8 indexer scores on fp8 tensor cores + top-k, same shape", t_fp8_tc + t_topk,
+        self.timings.append(("fp8 indexer scores on mma.sync e4m3 (fp16 on Hopper) + top-k, same shape", t_fp8_tc + t_topk,
                              "our bf16 tensor-core scores + top-k", t_bf16_tc + t_topk,
                              f"scores {t_fp8_tc:.3f} ms (bf16 tensor cores {t_bf16_tc:.3f} ms, fp8 widened to bf16 "
                              f"{t_widened:.3f} ms, fp8 SIMT {t_fp8:.3f} ms); "

@@ -128,7 +128,7 @@ SMOE_DEVICE void indexer_scores_tc(float* __restrict__ out_row, const Queries& q
 }
 
 // ------------------------------------------------------------------------------------------- fp8
-// DeepSeek's fp8 indexer on the fp8 tensor cores (mma_e4m3_16832): each head's query and each key
+// DeepSeek's fp8 indexer as fp8 tensor-core products (mma_e4m3_16832; on Hopper run as fp16 ones): each head's query and each key
 // as e4m3 codes with one float32 scale (dim ≤ INDEXER_FP8_TC_MAX_DIM, one fp8 block), so
 //   scores[s] = k_scale[s] · Σ_h w[t, h] · q_scale[t, h] · ReLU(scale · q8[t, h] · k8[s])
 // for s < visible, `mask` after: the scores of the dequantised values (the scales are positive),
@@ -139,7 +139,7 @@ SMOE_DEVICE void indexer_scores_tc(float* __restrict__ out_row, const Queries& q
 //       dim a multiple of 4) and .scale()
 // A block scores one query row against INDEXER_TC_KEYS keys, warp w taking the heads' 16-row tiles
 // w, w + 4, …, as indexer_scores_tc; each instruction's k = 32 sums start from zero and are added
-// in float32 (DeepSeek-V3's report found the fp8 tensor cores' own accumulation keeps about 14
+// in float32 (DeepSeek-V3's report found Hopper's fp8 wgmma accumulation keeps about 14
 // bits, so it promotes partial sums every 128 values; this does every 32). kWidened runs the
 // products as bf16 (mma_e4m3_16832_widened, what sm_80 runs) on any device, for the checks.
 // Shared memory: the query's codes (heads rounded up to 16) and the key tile's, rows of

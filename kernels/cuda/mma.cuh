@@ -66,8 +66,11 @@ SMOE_DEVICE void mma_e4m3_16832_widened(float (&d)[4], const uint32_t (&a)[4], c
     mma_bf16_16816(d, a_hi, b_hi);
 }
 
-// mma_e4m3_16832_widened's sum on the fp8 tensor cores where the device has them (sm_89 and
-// later: mma.sync m16n8k32 e4m3, twice bf16's rate), widened elsewhere. Every lane of the warp
+// mma_e4m3_16832_widened's sum as mma.sync m16n8k32 e4m3 where the device takes it (sm_89 and
+// later), widened elsewhere. Only Ada (sm_89) has fp8 tensor cores for it, at twice bf16's rate:
+// sm_90 takes the instruction but converts the codes to fp16 for its fp16 tensor cores (NVIDIA's
+// answer in CUTLASS issue 1986), bf16's rate with hardware conversions, which still beats the
+// widened path's software ones; Hopper's fp8 rate needs wgmma. Every lane of the warp
 // must call it together. The callers use it only for whole dot products over k with A and B
 // packed alike, which any order of k within the instruction leaves the same.
 SMOE_DEVICE void mma_e4m3_16832(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {

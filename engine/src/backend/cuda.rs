@@ -43,9 +43,10 @@
 //!   decoding: `launch::mla_split_keys`, `mla_combine_splits_f32`).
 //! - Over an fp8 pool the indexer is DeepSeek's fp8 indexer, as the trait asks
 //!   ([`super::fp8_indexer_queries`]): the kernels round each head's query to e4m3 in shared
-//!   memory as the pool rounds a key, and with the tensor cores on multiply the codes on the
-//!   fp8 tensor cores (`indexer_scores_tc_store_fp8`, `mma.sync.m16n8k32` e4m3; sm_80 widens
-//!   each to two exact bf16 products), each key's scale applied to its sum.
+//!   memory as the pool rounds a key, and with the tensor cores on multiply the codes
+//!   (`indexer_scores_tc_store_fp8`, `mma.sync.m16n8k32` e4m3: Ada's fp8 tensor cores, fp16
+//!   products on Hopper, which has fp8 rates only through `wgmma`; sm_80 widens each to two
+//!   exact bf16 products), each key's scale applied to its sum.
 //! - The indexer's picks stay on the device ([`Backend::indexer_keep_paged`], [`KeptPicks`]):
 //!   `picks_to_pool_rows` turns each top-k row into the pool rows that hold its tokens, through
 //!   the row's block table, and the attention reads those as its key lists, so a layer copies
