@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use sparsemoe_engine::backend::cpu::{Cpu, fp8_round_rows};
-use sparsemoe_engine::backend::cuda::{Cuda, Dtype, compile_kernels};
+use sparsemoe_engine::backend::cuda::{Cuda, Dtype, KernelTarget, compile_kernels};
 use sparsemoe_engine::backend::{
     AttentionForm, Backend, CachedRows, IndexerSeq, MlaDims, MlaSeq, MlaWeights, Selection,
     absorbed_query_weight,
@@ -80,12 +80,18 @@ fn logits_on_both(
 
 /// NVRTC compiles the engine's kernels for the device's architecture, not its own default
 /// (CUDA 13's is below sm_80, where the bf16 `mma.sync` of the tensor-core kernels would not
-/// load): for compute_90 the PTX targets sm_90 and the fp8 indexer multiplies on the fp8
-/// tensor cores; for compute_80 it targets sm_80 and widens the codes to bf16 instead.
+/// load): machine code (an ELF) for sm_90 and sm_80, from PTX that targets them, and PTX alone
+/// for compute_90. For 90 the fp8 indexer's products are `mma.sync` e4m3; for 80 the codes are
+/// widened to bf16 instead.
 #[test]
 fn nvrtc_compiles_the_engine_kernels() {
-    for (arch, fp8_mma) in [(90, true), (80, false)] {
-        let modules = match compile_kernels(arch) {
+    let targets = [
+        (KernelTarget::Sm(90), true),
+        (KernelTarget::Sm(80), false),
+        (KernelTarget::Compute(90), true),
+    ];
+    for (target, fp8_mma) in targets {
+        let modules = match compile_kernels(target) {
             Ok(modules) => modules,
             Err(e) if std::env::var_os("CI").is_some() => {
                 panic!("CI is set and the engine's kernels did not compile: {e}")
@@ -96,28 +102,40 @@ fn nvrtc_compiles_the_engine_kernels() {
             }
         };
         assert_eq!(modules.len(), sparsemoe_kernels::ENGINE_SOURCES.len());
-        for (file, ptx) in &modules {
-            let text = ptx.to_src();
+        for kernels in &modules {
+            let file = kernels.file;
             assert!(
-                text.contains(".entry"),
+                kernels.ptx.contains(".entry"),
                 "{file}: no kernel entry in the PTX"
             );
             assert!(
-                text.contains(&format!(".target sm_{arch}")),
-                "{file}: the PTX does not target sm_{arch}"
+                kernels
+                    .ptx
+                    .contains(&format!(".target sm_{}", target.arch())),
+                "{file}: the PTX does not target sm_{}",
+                target.arch()
             );
+            match (target, &kernels.cubin) {
+                (KernelTarget::Sm(_), Some(cubin)) => {
+                    assert!(
+                        cubin.starts_with(b"\x7fELF"),
+                        "{file}: the machine code is no ELF"
+                    )
+                }
+                (KernelTarget::Compute(_), None) => {}
+                (_, cubin) => panic!("{file} for {target}: machine code {:?}", cubin.is_some()),
+            }
         }
-        let engine = modules
+        let engine = &modules
             .iter()
-            .find(|(file, _)| *file == "engine.cu")
+            .find(|kernels| kernels.file == "engine.cu")
             .expect("engine.cu compiled")
-            .1
-            .to_src();
+            .ptx;
         assert!(engine.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
         assert_eq!(
             engine.contains("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32"),
             fp8_mma,
-            "compute_{arch}: fp8 tensor-core products"
+            "{target}: fp8 tensor-core products"
         );
     }
 }

@@ -22,6 +22,7 @@
 // does not make (they are absent, and cudarc names a missing one when it is called).
 #include "launch.h"
 
+#include <elf.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -693,18 +694,49 @@ API CUresult cuPointerGetAttribute(void* data, CUpointer_attribute attribute, CU
     }
 }
 
+// The global functions of a 64-bit ELF image (a CUBIN's kernels), from its symbol table;
+// nothing for another kind of ELF.
+static std::set<std::string> elf_functions(const unsigned char* image) {
+    std::set<std::string> names;
+    Elf64_Ehdr header;
+    std::memcpy(&header, image, sizeof header);
+    if (header.e_ident[EI_CLASS] != ELFCLASS64 || header.e_shentsize != sizeof(Elf64_Shdr)) return names;
+    const auto section = [&](size_t i) {
+        Elf64_Shdr s;
+        std::memcpy(&s, image + header.e_shoff + i * sizeof(Elf64_Shdr), sizeof s);
+        return s;
+    };
+    for (size_t i = 0; i < header.e_shnum; ++i) {
+        const Elf64_Shdr symbols = section(i);
+        if (symbols.sh_type != SHT_SYMTAB || symbols.sh_entsize != sizeof(Elf64_Sym)) continue;
+        const Elf64_Shdr strings = section(symbols.sh_link);
+        for (size_t j = 0; j < symbols.sh_size / sizeof(Elf64_Sym); ++j) {
+            Elf64_Sym sym;
+            std::memcpy(&sym, image + symbols.sh_offset + j * sizeof(Elf64_Sym), sizeof sym);
+            if (ELF64_ST_TYPE(sym.st_info) == STT_FUNC && ELF64_ST_BIND(sym.st_info) == STB_GLOBAL)
+                names.insert(reinterpret_cast<const char*>(image + strings.sh_offset + sym.st_name));
+        }
+    }
+    return names;
+}
+
 API CUresult cuModuleLoadData(CUmodule* module, const void* image) {
     LOCKED;
     NEED_CONTEXT;
     if (module == nullptr || image == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    // The kernels come from this library's own build of the same sources; the PTX says which
-    // of them this module has.
-    const std::string ptx((const char*)image);
+    // The kernels come from this library's own build of the same sources; the image says which
+    // of them this module has: machine code (an ELF: its global function symbols) or PTX (its
+    // .entry directives).
     auto* m = new CUmod_st{};
-    for (size_t at = ptx.find(".entry"); at != std::string::npos; at = ptx.find(".entry", at + 6)) {
-        size_t name = ptx.find_first_not_of(" \t", at + 6);
-        size_t end = ptx.find_first_of(" \t(\n", name);
-        m->entries.insert(ptx.substr(name, end - name));
+    if (std::memcmp(image, ELFMAG, SELFMAG) == 0) {
+        m->entries = elf_functions(static_cast<const unsigned char*>(image));
+    } else {
+        const std::string ptx((const char*)image);
+        for (size_t at = ptx.find(".entry"); at != std::string::npos; at = ptx.find(".entry", at + 6)) {
+            size_t name = ptx.find_first_not_of(" \t", at + 6);
+            size_t end = ptx.find_first_of(" \t(\n", name);
+            m->entries.insert(ptx.substr(name, end - name));
+        }
     }
     if (m->entries.empty()) {
         delete m;

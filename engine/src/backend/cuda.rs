@@ -15,8 +15,10 @@
 //!   per-head products of the absorbed MLA); the row operations between them are the float32 kernels of
 //!   `kernels/cuda/engine.cu`, and the indexer's selection is `topk.cu`'s radix select. Both
 //!   files are compiled at start-up with NVRTC, so no CUDA toolkit is needed at build time,
-//!   for each GPU's own architecture ([`kernel_arch`]: the newest NVRTC has that the GPU runs;
-//!   NVRTC's default, sm_75 in CUDA 13, has no bf16 `mma.sync`), and a GPU older than sm_80 is
+//!   for each GPU's own architecture ([`kernel_target`]: machine code for it where NVRTC knows
+//!   it, so the driver compiles nothing and an NVRTC newer than the driver still loads; else PTX
+//!   for the newest architecture NVRTC has that the GPU runs, [`kernel_arch`]; never NVRTC's
+//!   default, sm_75 in CUDA 13, which has no bf16 `mma.sync`), and a GPU older than sm_80 is
 //!   refused at start-up.
 //! - The paged KV pool lives on the first GPU, in float32, as bf16 bits, or as fp8 e4m3 codes
 //!   with a scale per 128 values (`--kv-cache-dtype`): rows are rounded as they are written and
@@ -922,43 +924,160 @@ fn nvrtc_archs() -> Result<Vec<u32>> {
     Ok(archs.into_iter().map(|a| a.max(0) as u32).collect())
 }
 
-/// Compiles the engine's kernels to PTX with NVRTC for virtual architecture `arch` (compute
-/// capability × 10, e.g. 90: `compute_90`): `(file, ptx)` for each. Compiled once per process
-/// and architecture.
-pub fn compile_kernels(arch: u32) -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>> {
-    type Compiled = std::collections::HashMap<u32, Vec<(&'static str, cudarc::nvrtc::Ptx)>>;
+/// What NVRTC builds the kernels as for a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelTarget {
+    /// Machine code (CUBIN) for `sm_XX`: a device NVRTC knows by its own compute capability.
+    /// The driver loads it as it is, with no compile of its own: a driver older than NVRTC
+    /// (CUDA 13.0 on the node, 13.x in the image) loads it where it would refuse NVRTC's newer
+    /// PTX, and a start-up does not wait for the driver's compile.
+    Sm(u32),
+    /// PTX for virtual architecture `compute_XX`, which the driver compiles for the device at
+    /// load: a device newer than NVRTC knows.
+    Compute(u32),
+}
+
+impl KernelTarget {
+    /// The architecture, compute capability × 10.
+    pub fn arch(self) -> u32 {
+        match self {
+            Self::Sm(arch) | Self::Compute(arch) => arch,
+        }
+    }
+}
+
+impl std::fmt::Display for KernelTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sm(arch) => write!(f, "sm_{arch}"),
+            Self::Compute(arch) => write!(f, "compute_{arch}"),
+        }
+    }
+}
+
+/// How to build the kernels for a device of compute capability `device` (× 10) with an NVRTC
+/// that supports `supported`: machine code for the device where NVRTC has its architecture,
+/// else PTX for [`kernel_arch`]'s. `None` where NVRTC has nothing the device runs.
+pub fn kernel_target(device: u32, supported: &[u32]) -> Option<KernelTarget> {
+    if device >= MIN_COMPUTE_CAPABILITY && supported.contains(&device) {
+        return Some(KernelTarget::Sm(device));
+    }
+    kernel_arch(device, supported).map(KernelTarget::Compute)
+}
+
+/// One kernel source file as NVRTC compiled it.
+#[derive(Clone)]
+pub struct CompiledKernels {
+    /// The file under `kernels/cuda`.
+    pub file: &'static str,
+    /// The PTX (also for an `sm_XX` target, where it is the step before the machine code).
+    pub ptx: String,
+    /// The machine code (ELF) for an `sm_XX` target.
+    pub cubin: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for CompiledKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledKernels")
+            .field("file", &self.file)
+            .field("ptx_bytes", &self.ptx.len())
+            .field("cubin_bytes", &self.cubin.as_ref().map(Vec::len))
+            .finish()
+    }
+}
+
+impl CompiledKernels {
+    /// What the driver loads: the machine code where there is some, else the PTX.
+    fn image(&self) -> cudarc::nvrtc::Ptx {
+        match &self.cubin {
+            Some(cubin) => cudarc::nvrtc::Ptx::from_binary(cubin.clone()),
+            None => cudarc::nvrtc::Ptx::from_src(self.ptx.clone()),
+        }
+    }
+}
+
+/// Compiles the engine's kernels with NVRTC for `target`: one [`CompiledKernels`] a source
+/// file. Compiled once per process and target.
+pub fn compile_kernels(target: KernelTarget) -> Result<Vec<CompiledKernels>> {
+    type Compiled = std::collections::HashMap<KernelTarget, Vec<CompiledKernels>>;
     static COMPILED: std::sync::Mutex<Option<Compiled>> = std::sync::Mutex::new(None);
     let mut compiled = COMPILED
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let compiled = compiled.get_or_insert_with(Compiled::new);
-    if let Some(ptx) = compiled.get(&arch) {
-        return Ok(ptx.clone());
+    if let Some(kernels) = compiled.get(&target) {
+        return Ok(kernels.clone());
     }
     nvrtc_present()?;
-    let ptx = sparsemoe_kernels::ENGINE_SOURCES
+    let kernels = sparsemoe_kernels::ENGINE_SOURCES
         .iter()
         .map(|&file| {
-            let options = cudarc::nvrtc::CompileOptions {
-                options: vec![
-                    sparsemoe_kernels::RTC_DEFINE.to_string(),
-                    "-std=c++17".to_string(),
-                    format!("--gpu-architecture=compute_{arch}"),
-                ],
-                name: Some(file.to_string()),
-                ..Default::default()
-            };
-            let ptx = cudarc::nvrtc::compile_ptx_with_opts(inline_headers(file)?, options)
-                .map_err(|e| {
-                    device_error(format!(
-                        "compiling kernels/cuda/{file} for compute_{arch}: {e:?}"
-                    ))
-                })?;
-            Ok((file, ptx))
+            let options = [
+                sparsemoe_kernels::RTC_DEFINE.to_string(),
+                "-std=c++17".to_string(),
+                format!("--gpu-architecture={target}"),
+            ];
+            nvrtc_compile(file, &inline_headers(file)?, &options, target).map_err(|e| {
+                device_error(format!("compiling kernels/cuda/{file} for {target}: {e}"))
+            })
         })
         .collect::<Result<Vec<_>>>()?;
-    compiled.insert(arch, ptx.clone());
-    Ok(ptx)
+    compiled.insert(target, kernels.clone());
+    Ok(kernels)
+}
+
+/// One NVRTC compile of `source` (named `file`) with `options`: its PTX, and for an `sm_XX`
+/// target its machine code; an error carries NVRTC's log.
+fn nvrtc_compile(
+    file: &'static str,
+    source: &str,
+    options: &[String],
+    target: KernelTarget,
+) -> std::result::Result<CompiledKernels, String> {
+    use cudarc::nvrtc::{result, sys};
+    let text = |chars: Vec<std::ffi::c_char>| {
+        let bytes: Vec<u8> = chars.into_iter().map(|c| c as u8).collect();
+        String::from_utf8_lossy(bytes.split(|&b| b == 0).next().unwrap_or_default()).into_owned()
+    };
+    let source =
+        std::ffi::CString::new(source).map_err(|_| "a NUL byte in the source".to_string())?;
+    let name = std::ffi::CString::new(file).map_err(|_| "a NUL byte in the name".to_string())?;
+    let program = result::create_program(&source, Some(&name)).map_err(|e| format!("{e:?}"))?;
+    /// Destroys the program however the compile ends.
+    struct Program(sys::nvrtcProgram);
+    impl Drop for Program {
+        fn drop(&mut self) {
+            // SAFETY: created above, destroyed only here.
+            let _ = unsafe { result::destroy_program(self.0) };
+        }
+    }
+    let program = Program(program);
+    // SAFETY: `program` is live until the end of this function, and `source` and `name`
+    // outlive it.
+    unsafe {
+        if let Err(e) = result::compile_program(program.0, options) {
+            let log = result::get_program_log(program.0)
+                .map(text)
+                .unwrap_or_default();
+            return Err(format!("{e:?}: {}", log.trim()));
+        }
+        let ptx = text(result::get_ptx(program.0).map_err(|e| format!("{e:?}"))?);
+        let cubin = match target {
+            KernelTarget::Compute(_) => None,
+            KernelTarget::Sm(_) => {
+                let mut size = 0usize;
+                sys::nvrtcGetCUBINSize(program.0, &mut size)
+                    .result()
+                    .map_err(|e| format!("the machine code's size: {e:?}"))?;
+                let mut cubin = vec![0u8; size];
+                sys::nvrtcGetCUBIN(program.0, cubin.as_mut_ptr().cast())
+                    .result()
+                    .map_err(|e| format!("the machine code: {e:?}"))?;
+                Some(cubin)
+            }
+        };
+        Ok(CompiledKernels { file, ptx, cubin })
+    }
 }
 
 /// An error that says so unless NVRTC can be loaded.
@@ -994,14 +1113,15 @@ fn cuda_versions() -> String {
     format!("driver {driver}, NVRTC {nvrtc}")
 }
 
-/// The kernels for the device of `ctx` (named `name`, as cuda:`ordinal`): compiled for the
-/// newest architecture NVRTC has that the device runs ([`kernel_arch`]); a device older than
-/// [`MIN_COMPUTE_CAPABILITY`] is an error that says so.
+/// The kernels for the device of `ctx` (named `name`, as cuda:`ordinal`): machine code for the
+/// device, or PTX for the newest architecture NVRTC has that the device runs where NVRTC does
+/// not know the device ([`kernel_target`]); a device older than [`MIN_COMPUTE_CAPABILITY`] is
+/// an error that says so.
 fn kernels_for(
     ctx: &CudaContext,
     ordinal: usize,
     name: &str,
-) -> Result<(u32, Vec<(&'static str, cudarc::nvrtc::Ptx)>)> {
+) -> Result<(KernelTarget, Vec<CompiledKernels>)> {
     let (major, minor) = ctx.compute_capability().map_err(|e| {
         device_error(format!(
             "asking cuda:{ordinal} its compute capability: {e:?}"
@@ -1018,13 +1138,13 @@ fn kernels_for(
     }
     nvrtc_present()?;
     let supported = nvrtc_archs()?;
-    let arch = kernel_arch(device, &supported).ok_or_else(|| {
+    let target = kernel_target(device, &supported).ok_or_else(|| {
         device_error(format!(
             "NVRTC compiles for none of the architectures from compute_{MIN_COMPUTE_CAPABILITY} \
              to cuda:{ordinal}'s compute_{device} (it has {supported:?})"
         ))
     })?;
-    Ok((arch, compile_kernels(arch)?))
+    Ok((target, compile_kernels(target)?))
 }
 
 /// The default memory pool of the device of `ctx`, where cudarc's stream-ordered allocations
@@ -1090,18 +1210,23 @@ fn open_device(ordinal: usize) -> Result<OpenDevice> {
         EngineError::Device(why) => device_error(format!("cuda:{ordinal}: {why}")),
         other => other,
     })?;
-    let (arch, ptx) = kernels_for(&ctx, ordinal, &name)?;
-    let name = format!("{name}, kernels for compute_{arch}");
+    let (target, compiled) = kernels_for(&ctx, ordinal, &name)?;
+    let name = format!("{name}, kernels for {target}");
     let mut modules = Vec::new();
-    for (file, ptx) in &ptx {
-        let module = ctx.load_module(ptx.clone()).map_err(|e| {
+    for kernels in &compiled {
+        let module = ctx.load_module(kernels.image()).map_err(|e| {
             device_error(format!(
-                "loading kernels/cuda/{file} (PTX for compute_{arch}) on cuda:{ordinal}: {e:?} \
-                 ({})",
+                "loading kernels/cuda/{} ({} for {target}) on cuda:{ordinal}: {e:?} ({})",
+                kernels.file,
+                if kernels.cubin.is_some() {
+                    "machine code"
+                } else {
+                    "PTX"
+                },
                 cuda_versions()
             ))
         })?;
-        modules.push((*file, module));
+        modules.push((kernels.file, module));
     }
     let function = |name: &str| -> Result<CudaFunction> {
         let kernel = sparsemoe_kernels::kernel(name)
@@ -4774,5 +4899,23 @@ mod tests {
         assert_eq!(kernel_arch(75, &nvrtc), None);
         assert_eq!(kernel_arch(90, &[75]), None);
         assert_eq!(kernel_arch(90, &[]), None);
+    }
+
+    /// Machine code for a device NVRTC knows, PTX (which the driver compiles up) for one it
+    /// does not, nothing for one too old.
+    #[test]
+    fn kernels_are_machine_code_for_a_device_nvrtc_knows() {
+        let nvrtc = [75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121];
+        assert_eq!(kernel_target(90, &nvrtc), Some(KernelTarget::Sm(90)));
+        assert_eq!(kernel_target(80, &nvrtc), Some(KernelTarget::Sm(80)));
+        assert_eq!(kernel_target(130, &nvrtc), Some(KernelTarget::Compute(121)));
+        assert_eq!(kernel_target(101, &nvrtc), Some(KernelTarget::Compute(100)));
+        assert_eq!(
+            kernel_target(90, &[80, 89]),
+            Some(KernelTarget::Compute(89))
+        );
+        assert_eq!(kernel_target(75, &nvrtc), None);
+        assert_eq!(KernelTarget::Sm(90).to_string(), "sm_90");
+        assert_eq!(KernelTarget::Compute(121).to_string(), "compute_121");
     }
 }
