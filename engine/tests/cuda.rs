@@ -663,8 +663,8 @@ fn paged_run<B: Backend>(model: &Model<B>, dtype: KvDtype) -> Vec<Vec<f32>> {
 /// (`indexer_scores_tc_store_*`, in place for 80 heads too): over float32 and bf16 pools the
 /// queries and keys rounded to bf16, whose picks may trail the k-th best by bf16 rounding:
 /// within 2e-3 of the largest score (measured on the CPU emulator: at most 1.3e-4); over an fp8
-/// pool the e4m3 codes on the fp8 tensor cores, exact products (the emulator's picks trail by
-/// 0.0; a GPU's fp8 sums keep about 14 bits: the same 2e-3). Keys of 132 values, wider than
+/// pool the e4m3 codes through `mma.sync` e4m3, exact products (the emulator's picks trail by
+/// 0.0; a GPU's tensor-core sums may keep fewer bits than float32: the same 2e-3). Keys of 132 values, wider than
 /// the fp8 kernel takes (and two fp8 scale blocks a row), fall back over an fp8 pool: to the
 /// float32 in-place kernel for 64 heads, to the gathered copy for 80.
 #[test]
@@ -684,7 +684,7 @@ fn the_indexer_reads_each_kv_store_in_place() {
     for ((heads, tensor_cores), dim) in cases.into_iter().flat_map(|c| [(c, 128), (c, 132)]) {
         cuda.attention_on_tensor_cores(tensor_cores);
         // Over an fp8 pool the scores are those of the queries rounded as the pool rounds its
-        // keys (DeepSeek's fp8 indexer), on the fp8 tensor cores as in float32: products of
+        // keys (DeepSeek's fp8 indexer), through mma.sync e4m3 as in float32: products of
         // e4m3 codes are exact, so only the order of the float32 sums differs. The bf16 tensor
         // cores round the queries and keys of the other pools to bf16.
         for (dtype, tolerance) in [
@@ -692,8 +692,8 @@ fn the_indexer_reads_each_kv_store_in_place() {
             (KvDtype::Bfloat16, 1e-4),
             (KvDtype::Fp8, 1e-4),
         ] {
-            // The tensor cores' own sums keep fewer bits (bf16 roundings aside, Hopper's fp8
-            // instruction sums its 32 products to about 14 bits): within 2e-3 either way.
+            // The tensor cores' own sums may keep fewer bits than float32 (bf16 roundings aside;
+            // DeepSeek-V3's report gives about 14 for Hopper's fp8 wgmma): within 2e-3 either way.
             let tolerance = if tensor_cores { 2e-3 } else { tolerance };
             let keys = noise(n_keys * dim);
             let (q, w) = (

@@ -27,8 +27,9 @@ inline void run_grid(const char* name, dim3 grid, dim3 block, size_t smem, const
     gridDim = grid;
     blockDim = block;
     const size_t blocks = (size_t)grid.x * grid.y * grid.z;
+    const bool reverse = reverse_order();
     for (size_t n = 0; n < blocks; ++n) {
-        const size_t i = reverse_order() ? blocks - 1 - n : n;
+        const size_t i = reverse ? blocks - 1 - n : n;
         blockIdx = dim3{(unsigned int)(i % grid.x), (unsigned int)(i / grid.x % grid.y),
                         (unsigned int)(i / ((size_t)grid.x * grid.y))};
         run_block(name, body, smem);

@@ -335,7 +335,7 @@ inline void run_block(const char* kernel, const std::function<void()>& body, siz
     ++b.serial;
     // Shared memory starts as garbage on a GPU: poison here (NaN as floats, a huge int), so a
     // kernel that reads before it writes gets an answer no test accepts.
-    b.dynamic_smem.assign(smem_bytes, 0);
+    b.dynamic_smem.resize(smem_bytes);
     poison(b.dynamic_smem.data(), smem_bytes);
     Block* outer = block;
     block = &b;
