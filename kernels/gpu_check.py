@@ -591,11 +591,13 @@ class Harness:
             tc = name.replace("indexer_scores_store_", "indexer_scores_tc_store_")
             fp8 = tc.endswith("fp8")
             scores = torch.full((T, S), nan, device=d)
-            self.launch(tc, (T, (S + 63) // 64), 128,
+            tiles = 2  # 47 tiles of keys: the last block takes one, and stops at the keys' end
+            self.launch(tc, (T, (S + 64 * tiles - 1) // (64 * tiles)), 128,
                         [scores, q, wi] + store + [blocks, row_tables, ("i", bs), vis, ("i", S), ("i", H), ("i", D),
-                                                   ("f", D ** -0.5)],
+                                                   ("f", D ** -0.5), ("i", tiles)],
                         self.indexer_fp8_tc_smem(H, D) if fp8 else self.indexer_tc_smem(H, D))
-            self.record(f"{tc} 24x3000 (64 heads x 128), {'e4m3 products' if fp8 else 'bf16 roundings'}",
+            self.record(f"{tc} 24x3000 (64 heads x 128, {tiles}-tile blocks), "
+                        f"{'e4m3 products' if fp8 else 'bf16 roundings'}",
                         rel_l2(scores[~masked], ref[~masked]), FP8_TC_BOUND if fp8 else TC_BOUND,
                         "masked -inf" if bool((scores[masked] == -math.inf).all()) else "MASK WRONG")
             if not bool((scores[masked] == -math.inf).all()):
@@ -785,16 +787,18 @@ class Harness:
         rows = (heads + 15) // 16 * 16
         return (rows + 64) * ((dim + 31) // 32 * 32 + 16) + rows * 4 + 64 * 4 + 4 * 64 * 4
 
-    def indexer_fp8_tc_launch(self, scores, q8, qs, k8, ks, w, start, vis, n_keys, heads, dim, widened=False):
+    def indexer_fp8_tc_launch(self, scores, q8, qs, k8, ks, w, start, vis, n_keys, heads, dim, widened=False, tiles=1):
         self.launch("indexer_scores_fp8_tc_widened" if widened else "indexer_scores_fp8_tc",
-                    ((n_keys + 63) // 64, scores.shape[0]), 128,
+                    ((n_keys + 64 * tiles - 1) // (64 * tiles), scores.shape[0]), 128,
                     [scores, q8, qs, k8, ks, w, start, vis, ("i", n_keys), ("i", heads), ("i", dim), ("f", dim ** -0.5),
-                     ("l", scores.shape[1])], self.indexer_fp8_tc_smem(heads, dim))
+                     ("l", scores.shape[1]), ("i", tiles)], self.indexer_fp8_tc_smem(heads, dim))
 
-    def indexer_tc_launch(self, scores, q, keys, w, start, vis, n_keys, heads, dim):
+    def indexer_tc_launch(self, scores, q, keys, w, start, vis, n_keys, heads, dim, tiles=1):
+        """indexer_scores_bf16_tc, `tiles` tiles of 64 keys a block (its query staged once for them)."""
         smem = self.indexer_tc_smem(heads, dim)
-        self.launch("indexer_scores_bf16_tc", ((n_keys + 63) // 64, q.shape[0]), 128,
-                    [scores, q, keys, w, start, vis, ("i", n_keys), ("i", heads), ("i", dim), ("f", dim ** -0.5), ("l", scores.shape[1])], smem)
+        self.launch("indexer_scores_bf16_tc", ((n_keys + 64 * tiles - 1) // (64 * tiles), q.shape[0]), 128,
+                    [scores, q, keys, w, start, vis, ("i", n_keys), ("i", heads), ("i", dim), ("f", dim ** -0.5),
+                     ("l", scores.shape[1]), ("i", tiles)], smem)
 
     def check_indexer_topk(self):
         T, S, H, D = 32, 4096, 64, 128
@@ -811,18 +815,20 @@ class Harness:
                          "masked entries are float32 min, none unwritten")
         self.record("indexer_scores_bf16 32x4096 (64 heads x 128)", rel_l2(scores[~masked], ref[~masked]), F32_BOUND)
         # the tensor-core kernel on the same inputs, then with 24 heads (a half-empty second
-        # 16-row tile) and keys starting at each row's own offset
-        for heads, offset in ((H, 0), (24, 17)):
+        # 16-row tile) and keys starting at each row's own offset, 3 tiles of keys a block (64
+        # tiles: the last block takes one)
+        for heads, offset, tiles in ((H, 0, 1), (24, 17, 3)):
             qh, wh = q[:, :heads].contiguous(), w[:, :heads].contiguous()
             st = torch.full((T,), offset, dtype=torch.int32, device=self.dev)
             n = S - offset
             scores = torch.full((T, n), float("nan"), device=self.dev)
             vis_n = vis.clamp(max=n)
-            self.indexer_tc_launch(scores, qh, keys, wh, st, vis_n, n, heads, D)
+            self.indexer_tc_launch(scores, qh, keys, wh, st, vis_n, n, heads, D, tiles)
             ref = ref_indexer(qh, keys, wh, st.cpu(), vis_n.cpu(), n, D ** -0.5)
             masked = ref == FLT_MIN
             mask_ok = bool((scores[masked] == FLT_MIN).all()) and not scores.isnan().any()
-            self.record(f"indexer_scores_bf16_tc 32x{n} ({heads} heads x 128, keys from {offset})",
+            self.record(f"indexer_scores_bf16_tc 32x{n} ({heads} heads x 128, keys from {offset}, "
+                        f"{tiles}-tile blocks)",
                         rel_l2(scores[~masked], ref[~masked]), F32_BOUND,
                         "mask ok" if mask_ok else "MASK WRONG or entries unwritten")
             if not mask_ok:
@@ -924,6 +930,24 @@ class Harness:
                              f"scores {t_tc:.3f} ms ({t_idx / t_tc:.1f}x the SIMT kernel), top-k {t_topk:.3f} ms; "
                              f"{bytes_ / (t_tc + t_topk) / 1e6:.0f} GB/s = "
                              f"{100 * bytes_ / (t_tc + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
+        # Key tiles a block: 8 (what launch::indexer_tc_tiles picks at this shape on 132 SMs)
+        # stage each row's query an eighth as often as 1. The engine's kernel reads float32
+        # queries (32 KB a row against 16 KB of bf16 keys a tile), through a table of one block
+        # a sequence over the same keys.
+        t_tc8 = self.time_ms(lambda: self.indexer_tc_launch(scores, q, keys, w, start, vis, ctx, H, D, tiles=8))
+        self.timings.append(("indexer scores on tensor cores, 8 key tiles a block, same shape", t_tc8,
+                             "the same kernel, 1 tile a block", t_tc, f"{t_tc / t_tc8:.2f}x 1 tile a block"))
+        q32 = q.float().reshape(B, H * D)
+        seq_blocks = torch.arange(B, dtype=torch.int32, device=self.dev)
+        engine_tc = lambda tiles: self.launch(
+            "indexer_scores_tc_store_bf16_bits", (B, (ctx + 64 * tiles - 1) // (64 * tiles)), 128,
+            [scores, q32, w, keys, seq_blocks, seq_blocks, ("i", ctx), vis, ("i", ctx), ("i", H), ("i", D),
+             ("f", D ** -0.5), ("i", tiles)], self.indexer_tc_smem(H, D))
+        t_eng1 = self.time_ms(lambda: engine_tc(1))
+        t_eng8 = self.time_ms(lambda: engine_tc(8))
+        self.timings.append(("engine indexer scores (float32 queries, bf16 pool in place), tensor cores, "
+                             "8 key tiles a block, same shape", t_eng8, "the same kernel, 1 tile a block", t_eng1,
+                             f"{t_eng1 / t_eng8:.2f}x 1 tile a block; {keys.numel() * 2 / t_eng8 / 1e6:.0f} GB/s of keys"))
 
     def indexer_fp8_launch(self, scores, q8, qs, k8, ks, w, start, vis, n_keys, heads, dim):
         smem = heads * dim + heads * 4 + INDEXER_KEYS * (dim + 4) + INDEXER_KEYS * 4
@@ -971,8 +995,8 @@ class Harness:
         for widened in (False, True):
             name = "indexer_scores_fp8_tc" + ("_widened" if widened else "")
             scores = torch.full((T, S), float("nan"), device=self.dev)
-            self.indexer_fp8_tc_launch(scores, q8, qs, k8, ks, w, start, vis, S, H, D, widened)
-            self.record(f"{name} 32x4096 (64 heads x 128)", rel_l2(scores[~masked], ref[~masked]), FP8_TC_BOUND,
+            self.indexer_fp8_tc_launch(scores, q8, qs, k8, ks, w, start, vis, S, H, D, widened, tiles=4 if widened else 1)
+            self.record(f"{name} 32x4096 (64 heads x 128, {4 if widened else 1}-tile blocks)", rel_l2(scores[~masked], ref[~masked]), FP8_TC_BOUND,
                         "masked float32 min" if bool((scores[masked] == FLT_MIN).all()) else "MASK WRONG")
             if not bool((scores[masked] == FLT_MIN).all()) or scores.isnan().any():
                 self.record_bool(f"{name} mask", False, "masked entries not float32 min, or unwritten")
@@ -984,11 +1008,11 @@ class Harness:
             st2 = torch.full((T,), 100, dtype=torch.int32, device=self.dev)
             vis2 = torch.randint(1, n2 + 1, (T,), dtype=torch.int32, device=self.dev)
             sc2 = torch.full((T, n2), float("nan"), device=self.dev)
-            self.indexer_fp8_tc_launch(sc2, q8b, qsb, k8b, ksb, w2, st2, vis2, n2, h2, d2, widened)
+            self.indexer_fp8_tc_launch(sc2, q8b, qsb, k8b, ksb, w2, st2, vis2, n2, h2, d2, widened, tiles=3)
             ref2 = ref_indexer(ref_fp8_rows(q8b, qsb).view(T, h2, d2), ref_fp8_rows(k8b, ksb), w2, st2.cpu(), vis2.cpu(),
                                n2, d2 ** -0.5)
             m2 = ref2 == FLT_MIN
-            self.record(f"{name} 32x1000 (20 heads x 24, keys from 100)", rel_l2(sc2[~m2], ref2[~m2]), FP8_TC_BOUND,
+            self.record(f"{name} 32x1000 (20 heads x 24, keys from 100, 3-tile blocks)", rel_l2(sc2[~m2], ref2[~m2]), FP8_TC_BOUND,
                         "masked float32 min" if bool((sc2[m2] == FLT_MIN).all()) else "MASK WRONG")
         # What fp8 costs in selection: overlap of the top-512 with the bf16 scores' (reported, not bounded).
         exact = ref_indexer(q, keys, w, start.cpu(), vis.cpu(), S, D ** -0.5)
@@ -1018,6 +1042,8 @@ class Harness:
         t_fp8_tc = self.time_ms(lambda: self.indexer_fp8_tc_launch(scores, q8, qs, k8, ks, w, start, vis, ctx, H, D))
         t_widened = self.time_ms(
             lambda: self.indexer_fp8_tc_launch(scores, q8, qs, k8, ks, w, start, vis, ctx, H, D, widened=True))
+        t_fp8_tc8 = self.time_ms(
+            lambda: self.indexer_fp8_tc_launch(scores, q8, qs, k8, ks, w, start, vis, ctx, H, D, tiles=8))
         bytes_ = k8.numel() + ks.numel() * 4 + scores.numel() * 4 * 2
         self.timings.append(("fp8 indexer scores + top-k, B=64, ctx 64K, 64x128 heads, k=2048", t_fp8 + t_topk,
                              "our bf16 indexer scores + top-k", t_bf16 + t_topk,
@@ -1029,6 +1055,10 @@ class Harness:
                              f"{t_widened:.3f} ms, fp8 SIMT {t_fp8:.3f} ms); "
                              f"{bytes_ / (t_fp8_tc + t_topk) / 1e6:.0f} GB/s = "
                              f"{100 * bytes_ / (t_fp8_tc + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
+        self.timings.append(("fp8 indexer scores on mma.sync e4m3, 8 key tiles a block, + top-k, same shape",
+                             t_fp8_tc8 + t_topk, "1 tile a block + top-k", t_fp8_tc + t_topk,
+                             f"scores {t_fp8_tc8:.3f} ms ({t_fp8_tc / t_fp8_tc8:.2f}x 1 tile a block); "
+                             f"{100 * bytes_ / (t_fp8_tc8 + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
 
     def mla_launch(self, name, out, lse, q, kv, extra, heads, latent, rope):
         dqk = latent + rope

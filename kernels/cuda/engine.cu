@@ -1022,8 +1022,9 @@ indexer_scores_store_fp8(float* __restrict__ scores, const float* __restrict__ q
 // number of heads (the block's shared memory grows with them: indexer_tc_smem_bytes). An fp8
 // pool's keys take the fp8 tensor cores (indexer_scores_tc_store_fp8 below).
 // A table of one block as long as the keys (and row_tables all 0) reads rows 0, 1, … of a plain
-// tensor.
-// Launch: grid (rows, ceil(n_keys / INDEXER_TC_KEYS)), block INDEXER_TC_WARPS · 32.
+// tensor. A block scores `tiles` (≥ 1) tiles of INDEXER_TC_KEYS keys, its query rounded and staged
+// once for them all.
+// Launch: grid (rows, ceil(n_keys / (tiles · INDEXER_TC_KEYS))), block INDEXER_TC_WARPS · 32.
 struct F32IndexerQueries {
     const float* q;  // [rows, heads · dim]
     int heads, dim;
@@ -1039,37 +1040,41 @@ struct PagedKeys {
 template <typename Store>
 SMOE_DEVICE void indexer_scores_tc_store(float* scores, const float* q, const float* w, Store store, const int* blocks,
                                          const int* row_tables, int block_size, const int* n_visible, int n_keys,
-                                         int heads, int dim, float scale) {
+                                         int heads, int dim, float scale, int tiles) {
     const int t = blockIdx.x;
     indexer_scores_tc(scores + (size_t)t * n_keys, F32IndexerQueries{q, heads, dim}, IndexerWeights{w, heads},
-                      PagedKeys<Store>{store, blocks + row_tables[t], block_size, dim}, t, blockIdx.y * INDEXER_TC_KEYS,
-                      n_visible[t] < n_keys ? n_visible[t] : n_keys, n_keys, heads, dim, scale, neg_inf());
+                      PagedKeys<Store>{store, blocks + row_tables[t], block_size, dim}, t,
+                      blockIdx.y * tiles * INDEXER_TC_KEYS, tiles, n_visible[t] < n_keys ? n_visible[t] : n_keys,
+                      n_keys, heads, dim, scale, neg_inf());
 }
 
-extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
+// One block an SM at least, as indexer_scores_bf16_tc (ptxas's default occupancy target spills
+// the tile loop on sm_80); at 72 to 76 registers (ptxas -v, CUDA 13.0) and 35 KB of shared memory
+// at 64 heads × 128 a block, an SM still holds 6 blocks on sm_90.
+extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32, 1)
 indexer_scores_tc_store_f32(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
                             const float* __restrict__ keys, const int* __restrict__ blocks,
                             const int* __restrict__ row_tables, int block_size, const int* __restrict__ n_visible,
-                            int n_keys, int heads, int dim, float scale) {
+                            int n_keys, int heads, int dim, float scale, int tiles) {
     indexer_scores_tc_store(scores, q, w, StoreF32{keys}, blocks, row_tables, block_size, n_visible, n_keys, heads,
-                            dim, scale);
+                            dim, scale, tiles);
 }
 
-extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32, 1)
 indexer_scores_tc_store_bf16_bits(float* __restrict__ scores, const float* __restrict__ q,
                                   const float* __restrict__ w, const unsigned short* __restrict__ keys,
                                   const int* __restrict__ blocks, const int* __restrict__ row_tables,
                                   int block_size, const int* __restrict__ n_visible, int n_keys, int heads, int dim,
-                                  float scale) {
+                                  float scale, int tiles) {
     indexer_scores_tc_store(scores, q, w, StoreBf16{keys}, blocks, row_tables, block_size, n_visible, n_keys, heads,
-                            dim, scale);
+                            dim, scale, tiles);
 }
 
 // DeepSeek's fp8 indexer over an fp8 pool, on the fp8 tensor cores (indexer_scores_e4m3_tc,
 // indexer_tc.cuh): each head's query rounded to e4m3 with a scale per head as the pool rounds a
 // key (fp8_row), the products of codes exact, each key's scale applied to its sum. Parameters as
-// indexer_scores_tc_store_*; dim ≤ INDEXER_FP8_TC_MAX_DIM, a multiple of 4.
-// Launch: grid (rows, ceil(n_keys / INDEXER_TC_KEYS)), block INDEXER_TC_WARPS · 32, dynamic shared
+// indexer_scores_tc_store_* (`tiles` too); dim ≤ INDEXER_FP8_TC_MAX_DIM, a multiple of 4.
+// Launch: grid (rows, ceil(n_keys / (tiles · INDEXER_TC_KEYS))), block INDEXER_TC_WARPS · 32, dynamic shared
 // memory indexer_fp8_tc_smem_bytes(heads, dim).
 struct F32Fp8IndexerQueries {
     const float* q;  // [rows, heads · dim]
@@ -1099,12 +1104,13 @@ extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
 indexer_scores_tc_store_fp8(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
                             const uint8_t* __restrict__ codes, const float* __restrict__ key_scales,
                             const int* __restrict__ blocks, const int* __restrict__ row_tables, int block_size,
-                            const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale) {
+                            const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale,
+                            int tiles) {
     const int t = blockIdx.x;
     indexer_scores_e4m3_tc<false>(scores + (size_t)t * n_keys, F32Fp8IndexerQueries{q, heads}, IndexerWeights{w, heads},
                                  PagedKeys<StoreFp8>{StoreFp8{codes, key_scales}, blocks + row_tables[t], block_size, dim},
-                                 t, blockIdx.y * INDEXER_TC_KEYS, n_visible[t] < n_keys ? n_visible[t] : n_keys, n_keys,
-                                 heads, dim, scale, neg_inf());
+                                 t, blockIdx.y * tiles * INDEXER_TC_KEYS, tiles,
+                                 n_visible[t] < n_keys ? n_visible[t] : n_keys, n_keys, heads, dim, scale, neg_inf());
 }
 
 // The indexer's picks (topk_rows_f32's out: token positions, -1 none) as the rows of a paged

@@ -83,8 +83,10 @@ indexer_scores_bf16(float* __restrict__ scores, const __nv_bfloat16* __restrict_
 
 // ------------------------------------------------------------------------------ tensor cores
 // indexer_scores_bf16 with q·kᵀ on the tensor cores (indexer_tc.cuh): the same parameters and
-// results. dim even. Launch: grid = (ceil(n_keys / INDEXER_TC_KEYS), n_queries), block = 128,
-// dynamic shared memory = indexer_tc_smem_bytes(heads, dim) (35.3 KB at 64 heads x 128).
+// results, and `tiles` (≥ 1): the tiles of INDEXER_TC_KEYS keys a block scores, its query staged
+// once for them all. dim even. Launch: grid = (ceil(n_keys / (tiles · INDEXER_TC_KEYS)),
+// n_queries), block = 128, dynamic shared memory = indexer_tc_smem_bytes(heads, dim) (35.3 KB at
+// 64 heads x 128).
 struct Bf16IndexerQueries {
     const unsigned short* q;  // [T, heads, dim]
     int heads, dim;
@@ -105,14 +107,14 @@ extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32, 1)
 indexer_scores_bf16_tc(float* __restrict__ scores, const __nv_bfloat16* __restrict__ q,
                        const __nv_bfloat16* __restrict__ keys, const float* __restrict__ w,
                        const int* __restrict__ key_start, const int* __restrict__ n_visible,
-                       int n_keys, int heads, int dim, float scale, long long scores_stride) {
+                       int n_keys, int heads, int dim, float scale, long long scores_stride, int tiles) {
     const int t = blockIdx.y;
     const unsigned short* k_bits = reinterpret_cast<const unsigned short*>(keys);
     indexer_scores_tc(scores + (size_t)t * scores_stride,
                       Bf16IndexerQueries{reinterpret_cast<const unsigned short*>(q), heads, dim},
                       IndexerWeights{w, heads}, Bf16IndexerKeys{k_bits + (size_t)key_start[t] * dim, dim}, t,
-                      blockIdx.x * INDEXER_TC_KEYS, min(n_visible[t], n_keys), n_keys, heads, dim, scale,
-                      -3.402823466e38f);
+                      blockIdx.x * tiles * INDEXER_TC_KEYS, tiles, min(n_visible[t], n_keys), n_keys, heads, dim,
+                      scale, -3.402823466e38f);
 }
 
 // ---------------------------------------------------------------------------------------- fp8
@@ -233,9 +235,10 @@ indexer_scores_fp8(float* __restrict__ scores, const uint8_t* __restrict__ q, co
 // m16n8k32 e4m3 on sm_89 and later, the codes widened to bf16 before that): the same parameters
 // and, up to the order of the float32 sums, the same scores (every product of codes is exact).
 // dim ≤ INDEXER_FP8_TC_MAX_DIM (one scale a row), a multiple of 4. The _widened kernel runs the
-// bf16 products on any device (what sm_80 runs), so the check compares the two.
-// Launch: grid (ceil(n_keys / INDEXER_TC_KEYS), n_queries), block INDEXER_TC_WARPS · 32, dynamic
-// shared memory indexer_fp8_tc_smem_bytes(heads, dim) (19.5 KB at 64 heads × 128).
+// bf16 products on any device (what sm_80 runs), so the check compares the two. `tiles` as
+// indexer_scores_bf16_tc's.
+// Launch: grid (ceil(n_keys / (tiles · INDEXER_TC_KEYS)), n_queries), block INDEXER_TC_WARPS · 32,
+// dynamic shared memory indexer_fp8_tc_smem_bytes(heads, dim) (19.5 KB at 64 heads × 128).
 struct Fp8IndexerQueries {
     const uint8_t* q;      // [T, heads, dim] codes
     const float* q_scale;  // [T, heads]
@@ -263,22 +266,22 @@ template <bool kWidened>
 SMOE_DEVICE void indexer_scores_fp8_tc_launch(float* scores, const uint8_t* q, const float* q_scale,
                                               const uint8_t* keys, const float* k_scale, const float* w,
                                               const int* key_start, const int* n_visible, int n_keys, int heads,
-                                              int dim, float scale, long long scores_stride) {
+                                              int dim, float scale, long long scores_stride, int tiles) {
     const int t = blockIdx.y;
     const size_t base = (size_t)key_start[t];
     indexer_scores_e4m3_tc<kWidened>(scores + (size_t)t * scores_stride, Fp8IndexerQueries{q, q_scale, heads},
                                     IndexerWeights{w, heads}, Fp8IndexerKeys{keys + base * dim, k_scale + base, dim}, t,
-                                    blockIdx.x * INDEXER_TC_KEYS, min(n_visible[t], n_keys), n_keys, heads, dim, scale,
-                                    -3.402823466e38f);
+                                    blockIdx.x * tiles * INDEXER_TC_KEYS, tiles, min(n_visible[t], n_keys), n_keys,
+                                    heads, dim, scale, -3.402823466e38f);
 }
 
 extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
 indexer_scores_fp8_tc(float* __restrict__ scores, const uint8_t* __restrict__ q, const float* __restrict__ q_scale,
                       const uint8_t* __restrict__ keys, const float* __restrict__ k_scale, const float* __restrict__ w,
                       const int* __restrict__ key_start, const int* __restrict__ n_visible, int n_keys, int heads,
-                      int dim, float scale, long long scores_stride) {
+                      int dim, float scale, long long scores_stride, int tiles) {
     indexer_scores_fp8_tc_launch<false>(scores, q, q_scale, keys, k_scale, w, key_start, n_visible, n_keys, heads, dim,
-                                        scale, scores_stride);
+                                        scale, scores_stride, tiles);
 }
 
 extern "C" __global__ void __launch_bounds__(INDEXER_TC_WARPS * 32)
@@ -286,7 +289,7 @@ indexer_scores_fp8_tc_widened(float* __restrict__ scores, const uint8_t* __restr
                               const float* __restrict__ q_scale, const uint8_t* __restrict__ keys,
                               const float* __restrict__ k_scale, const float* __restrict__ w,
                               const int* __restrict__ key_start, const int* __restrict__ n_visible, int n_keys,
-                              int heads, int dim, float scale, long long scores_stride) {
+                              int heads, int dim, float scale, long long scores_stride, int tiles) {
     indexer_scores_fp8_tc_launch<true>(scores, q, q_scale, keys, k_scale, w, key_start, n_visible, n_keys, heads, dim,
-                                       scale, scores_stride);
+                                       scale, scores_stride, tiles);
 }

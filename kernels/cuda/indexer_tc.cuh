@@ -8,11 +8,15 @@
 //   keys.row(s)       row t's key s, with .bf16_pair(i): its dims 2i, 2i + 1 as two bf16 (the
 //                     first in the low bits)
 //
-// A block scores one query row against a tile of INDEXER_TC_KEYS keys: warp w takes the heads'
+// A block scores one query row against `tiles` consecutive tiles of INDEXER_TC_KEYS keys, from
+// key tile0: it stages the query once, then for each tile its keys, and warp w takes the heads'
 // 16-row tiles w, w + 4, …, and for each the products of its 16 heads with the tile's 64 keys (8
 // blocks of 8 keys, dim / 16 products each); each lane folds its heads' w · ReLU(scale · dot)
-// into per-key sums, the warp adds them over its lanes and the block over its warps. Rows are
-// padded with zeros in shared memory to a multiple of 16 dims (dim must be even).
+// into per-key sums, the warp adds them over its lanes and the block over its warps. More tiles
+// a block read the query fewer times (the engine's float32 query of 64 heads × 128 is 32 KB, a
+// tile of bf16 keys 16 KB), fewer leave more blocks to fill the device (launch::indexer_tc_tiles
+// picks). Rows are padded with zeros in shared memory to a multiple of 16 dims (dim must be
+// even).
 // Shared memory: the query's heads rounded up to 16 and the key tile, bf16 rows of
 // ceil16(dim) + INDEXER_TC_PAD; the heads' weights (rounded up to 16); the warps' per-key sums
 // = (ceil16(heads) + INDEXER_TC_KEYS) · (ceil16(dim) + 8) · 2 + ceil16(heads) · 4 + 4 · INDEXER_TC_KEYS · 4
@@ -32,12 +36,12 @@ struct IndexerWeights {
     SMOE_DEVICE float at(int t, int h) const { return w[(size_t)t * heads + h]; }
 };
 
-// A tile of keys all past the row's visible ones: writes the mask over it (none past n_keys) and
-// says so, for the block to leave.
-SMOE_DEVICE bool indexer_tc_masked_tile(float* out_row, int tile0, int visible, int n_keys, float mask) {
-    if (tile0 < visible) return false;
-    for (int i = threadIdx.x; i < INDEXER_TC_KEYS; i += blockDim.x)
-        if (tile0 + i < n_keys) out_row[tile0 + i] = mask;
+// `tiles` tiles of keys from key0 all past the row's visible ones: writes the mask over them (none
+// past n_keys) and says so, for the block to leave.
+SMOE_DEVICE bool indexer_tc_masked_tiles(float* out_row, int key0, int tiles, int visible, int n_keys, float mask) {
+    if (key0 < visible) return false;
+    for (int i = threadIdx.x; i < tiles * INDEXER_TC_KEYS; i += blockDim.x)
+        if (key0 + i < n_keys) out_row[key0 + i] = mask;
     return true;
 }
 
@@ -69,10 +73,10 @@ SMOE_DEVICE void indexer_tc_write(float (&acc)[INDEXER_TC_KEYS / 8][2], float* p
 
 template <class Queries, class Weights, class Keys>
 SMOE_DEVICE void indexer_scores_tc(float* __restrict__ out_row, const Queries& q, const Weights& w, const Keys& keys,
-                                   int t, int tile0, int visible, int n_keys, int heads, int dim, float scale,
-                                   float mask) {
+                                   int t, int tile0, int tiles, int visible, int n_keys, int heads, int dim,
+                                   float scale, float mask) {
     extern __shared__ __align__(16) unsigned char indexer_tc_smem[];
-    if (indexer_tc_masked_tile(out_row, tile0, visible, n_keys, mask)) return;
+    if (indexer_tc_masked_tiles(out_row, tile0, tiles, visible, n_keys, mask)) return;
 
     const int m_tiles = (heads + 15) / 16;
     const int dim_p = (dim + 15) / 16 * 16, words = dim_p / 2, dim_words = dim / 2;
@@ -87,44 +91,48 @@ SMOE_DEVICE void indexer_scores_tc(float* __restrict__ out_row, const Queries& q
         q_s[h * stride + c] = h < heads && c < dim ? q.at(t, h, c) : (unsigned short)0;
     }
     for (int h = threadIdx.x; h < m_tiles * 16; h += blockDim.x) w_s[h] = h < heads ? w.at(t, h) : 0.f;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int r = warp; r < INDEXER_TC_KEYS; r += INDEXER_TC_WARPS) {  // a warp a key: its row found once
-        const int key = tile0 + r;
-        uint32_t* dst = reinterpret_cast<uint32_t*>(k_s + r * stride);
-        if (key >= visible) {
-            for (int c = lane; c < words; c += 32) dst[c] = 0u;
-            continue;
-        }
-        const auto row = keys.row(key);
-        for (int c = lane; c < words; c += 32) dst[c] = c < dim_words ? row.bf16_pair(c) : 0u;
-    }
-    __syncthreads();
-
-    const int g = lane >> 2, tg = lane & 3;
-    // This lane's per-key sums: keys 8n + 2tg and 8n + 2tg + 1 of the tile.
-    float acc[INDEXER_TC_KEYS / 8][2];
-#pragma unroll
-    for (int n = 0; n < INDEXER_TC_KEYS / 8; ++n) acc[n][0] = acc[n][1] = 0.f;
-    for (int mt = warp; mt < m_tiles; mt += INDEXER_TC_WARPS) {  // warp-uniform
-        const unsigned short* q0 = q_s + (mt * 16 + g) * stride;
-        const unsigned short* q8 = q0 + 8 * stride;
-        const float w0 = w_s[mt * 16 + g], w8 = w_s[mt * 16 + g + 8];
-#pragma unroll
-        for (int n = 0; n < INDEXER_TC_KEYS / 8; ++n) {
-            const unsigned short* k_row = k_s + (n * 8 + g) * stride;  // B's column g: key 8n + g
-            float d[4] = {0.f, 0.f, 0.f, 0.f};
-            for (int k0 = 0; k0 < dim_p; k0 += 16) {
-                const uint32_t a[4] = {load_bf16x2(q0 + k0 + 2 * tg), load_bf16x2(q8 + k0 + 2 * tg),
-                                       load_bf16x2(q0 + k0 + 2 * tg + 8), load_bf16x2(q8 + k0 + 2 * tg + 8)};
-                const uint32_t b[2] = {load_bf16x2(k_row + k0 + 2 * tg), load_bf16x2(k_row + k0 + 2 * tg + 8)};
-                mma_bf16_16816(d, a, b);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tg = lane & 3;
+    for (int tile = 0; tile < tiles; ++tile) {  // block-uniform
+        const int key0 = tile0 + tile * INDEXER_TC_KEYS;
+        if (key0 >= n_keys || indexer_tc_masked_tiles(out_row, key0, tiles - tile, visible, n_keys, mask)) return;
+        if (tile > 0) __syncthreads();  // the last tile's keys and sums read
+        for (int r = warp; r < INDEXER_TC_KEYS; r += INDEXER_TC_WARPS) {  // a warp a key: its row found once
+            const int key = key0 + r;
+            uint32_t* dst = reinterpret_cast<uint32_t*>(k_s + r * stride);
+            if (key >= visible) {
+                for (int c = lane; c < words; c += 32) dst[c] = 0u;
+                continue;
             }
-            // d[0], d[1]: head 16mt + g against keys 8n + 2tg, + 1; d[2], d[3]: head 16mt + g + 8.
-            acc[n][0] += w0 * fmaxf(scale * d[0], 0.f) + w8 * fmaxf(scale * d[2], 0.f);
-            acc[n][1] += w0 * fmaxf(scale * d[1], 0.f) + w8 * fmaxf(scale * d[3], 0.f);
+            const auto row = keys.row(key);
+            for (int c = lane; c < words; c += 32) dst[c] = c < dim_words ? row.bf16_pair(c) : 0u;
         }
+        __syncthreads();
+
+        // This lane's per-key sums: keys 8n + 2tg and 8n + 2tg + 1 of the tile.
+        float acc[INDEXER_TC_KEYS / 8][2];
+#pragma unroll
+        for (int n = 0; n < INDEXER_TC_KEYS / 8; ++n) acc[n][0] = acc[n][1] = 0.f;
+        for (int mt = warp; mt < m_tiles; mt += INDEXER_TC_WARPS) {  // warp-uniform
+            const unsigned short* q0 = q_s + (mt * 16 + g) * stride;
+            const unsigned short* q8 = q0 + 8 * stride;
+            const float w0 = w_s[mt * 16 + g], w8 = w_s[mt * 16 + g + 8];
+#pragma unroll
+            for (int n = 0; n < INDEXER_TC_KEYS / 8; ++n) {
+                const unsigned short* k_row = k_s + (n * 8 + g) * stride;  // B's column g: key 8n + g
+                float d[4] = {0.f, 0.f, 0.f, 0.f};
+                for (int k0 = 0; k0 < dim_p; k0 += 16) {
+                    const uint32_t a[4] = {load_bf16x2(q0 + k0 + 2 * tg), load_bf16x2(q8 + k0 + 2 * tg),
+                                           load_bf16x2(q0 + k0 + 2 * tg + 8), load_bf16x2(q8 + k0 + 2 * tg + 8)};
+                    const uint32_t b[2] = {load_bf16x2(k_row + k0 + 2 * tg), load_bf16x2(k_row + k0 + 2 * tg + 8)};
+                    mma_bf16_16816(d, a, b);
+                }
+                // d[0], d[1]: head 16mt + g against keys 8n + 2tg, + 1; d[2], d[3]: head 16mt + g + 8.
+                acc[n][0] += w0 * fmaxf(scale * d[0], 0.f) + w8 * fmaxf(scale * d[2], 0.f);
+                acc[n][1] += w0 * fmaxf(scale * d[1], 0.f) + w8 * fmaxf(scale * d[3], 0.f);
+            }
+        }
+        indexer_tc_write(acc, partial, nullptr, out_row, key0, visible, n_keys, mask);
     }
-    indexer_tc_write(acc, partial, nullptr, out_row, tile0, visible, n_keys, mask);
 }
 
 // ------------------------------------------------------------------------------------------- fp8
@@ -137,8 +145,9 @@ SMOE_DEVICE void indexer_scores_tc(float* __restrict__ out_row, const Queries& q
 //       codes to dst[0 .. dim_p) (zeros past dim) and returns its scale
 //   keys.row(s)   key s, with .code_word(i) (its codes 4i .. 4i+3, the first in the low byte;
 //       dim a multiple of 4) and .scale()
-// A block scores one query row against INDEXER_TC_KEYS keys, warp w taking the heads' 16-row tiles
-// w, w + 4, …, as indexer_scores_tc; each instruction's k = 32 sums start from zero and are added
+// A block scores one query row against `tiles` tiles of INDEXER_TC_KEYS keys, its query's codes
+// staged once (the engine's queries rounded to e4m3 once a block), warp w taking the heads' 16-row
+// tiles w, w + 4, …, as indexer_scores_tc; each instruction's k = 32 sums start from zero and are added
 // in float32 (DeepSeek-V3's report found Hopper's fp8 wgmma accumulation keeps about 14
 // bits, so it promotes partial sums every 128 values; this does every 32). kWidened runs the
 // products as bf16 (mma_e4m3_16832_widened, what sm_80 runs) on any device, for the checks.
@@ -153,10 +162,10 @@ static_assert(INDEXER_FP8_TC_PAD % 16 == 0, "rows 16-byte aligned; 4 + 4g + t di
 
 template <bool kWidened, class Queries, class Weights, class Keys>
 SMOE_DEVICE void indexer_scores_e4m3_tc(float* __restrict__ out_row, const Queries& q, const Weights& w,
-                                       const Keys& keys, int t, int tile0, int visible, int n_keys, int heads,
-                                       int dim, float scale, float mask) {
+                                       const Keys& keys, int t, int tile0, int tiles, int visible, int n_keys,
+                                       int heads, int dim, float scale, float mask) {
     extern __shared__ __align__(16) unsigned char indexer_tc_smem[];
-    if (indexer_tc_masked_tile(out_row, tile0, visible, n_keys, mask)) return;
+    if (indexer_tc_masked_tiles(out_row, tile0, tiles, visible, n_keys, mask)) return;
 
     const int m_tiles = (heads + 15) / 16;
     const int dim_p = (dim + 31) / 32 * 32, words = dim_p / 4, dim_words = dim / 4;
@@ -167,7 +176,7 @@ SMOE_DEVICE void indexer_scores_e4m3_tc(float* __restrict__ out_row, const Queri
     float* ks_s = qw_s + m_tiles * 16;                                       // [INDEXER_TC_KEYS]
     float* partial = ks_s + INDEXER_TC_KEYS;                                 // [warps][keys]
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tg = lane & 3;
     for (int h = warp; h < m_tiles * 16; h += INDEXER_TC_WARPS) {  // a warp a head
         uint8_t* dst = q_s + h * stride;
         if (h < heads) {
@@ -178,47 +187,51 @@ SMOE_DEVICE void indexer_scores_e4m3_tc(float* __restrict__ out_row, const Queri
             if (lane == 0) qw_s[h] = 0.f;
         }
     }
-    for (int r = warp; r < INDEXER_TC_KEYS; r += INDEXER_TC_WARPS) {  // a warp a key: its row found once
-        const int key = tile0 + r;
-        uint32_t* dst = reinterpret_cast<uint32_t*>(k_s + r * stride);
-        if (key >= visible) {
-            for (int c = lane; c < words; c += 32) dst[c] = 0u;
-            if (lane == 0) ks_s[r] = 0.f;
-            continue;
-        }
-        const auto row = keys.row(key);
-        for (int c = lane; c < words; c += 32) dst[c] = c < dim_words ? row.code_word(c) : 0u;
-        if (lane == 0) ks_s[r] = row.scale();
-    }
-    __syncthreads();
-
-    const int g = lane >> 2, tg = lane & 3;
-    // This lane's per-key sums: keys 8n + 2tg and 8n + 2tg + 1 of the tile.
-    float acc[INDEXER_TC_KEYS / 8][2];
-#pragma unroll
-    for (int n = 0; n < INDEXER_TC_KEYS / 8; ++n) acc[n][0] = acc[n][1] = 0.f;
-    for (int mt = warp; mt < m_tiles; mt += INDEXER_TC_WARPS) {  // warp-uniform
-        const uint8_t* q0 = q_s + (mt * 16 + g) * stride + 4 * tg;
-        const uint8_t* q8 = q0 + 8 * stride;
-        const float w0 = qw_s[mt * 16 + g], w8 = qw_s[mt * 16 + g + 8];
-#pragma unroll
-        for (int n = 0; n < INDEXER_TC_KEYS / 8; ++n) {
-            const uint8_t* k_row = k_s + (n * 8 + g) * stride + 4 * tg;  // B's column g: key 8n + g
-            float dot[4] = {0.f, 0.f, 0.f, 0.f};
-            for (int k0 = 0; k0 < dim_p; k0 += 32) {
-                const uint32_t a[4] = {load_u32(q0 + k0), load_u32(q8 + k0), load_u32(q0 + k0 + 16),
-                                       load_u32(q8 + k0 + 16)};
-                const uint32_t b[2] = {load_u32(k_row + k0), load_u32(k_row + k0 + 16)};
-                float d[4] = {0.f, 0.f, 0.f, 0.f};
-                if (kWidened) mma_e4m3_16832_widened(d, a, b);
-                else mma_e4m3_16832(d, a, b);
-#pragma unroll
-                for (int i = 0; i < 4; ++i) dot[i] += d[i];
+    for (int tile = 0; tile < tiles; ++tile) {  // block-uniform
+        const int key0 = tile0 + tile * INDEXER_TC_KEYS;
+        if (key0 >= n_keys || indexer_tc_masked_tiles(out_row, key0, tiles - tile, visible, n_keys, mask)) return;
+        if (tile > 0) __syncthreads();  // the last tile's keys, their scales and sums read
+        for (int r = warp; r < INDEXER_TC_KEYS; r += INDEXER_TC_WARPS) {  // a warp a key: its row found once
+            const int key = key0 + r;
+            uint32_t* dst = reinterpret_cast<uint32_t*>(k_s + r * stride);
+            if (key >= visible) {
+                for (int c = lane; c < words; c += 32) dst[c] = 0u;
+                if (lane == 0) ks_s[r] = 0.f;
+                continue;
             }
-            // dot[0], dot[1]: head 16mt + g against keys 8n + 2tg, + 1; dot[2], dot[3]: head 16mt + g + 8.
-            acc[n][0] += w0 * fmaxf(scale * dot[0], 0.f) + w8 * fmaxf(scale * dot[2], 0.f);
-            acc[n][1] += w0 * fmaxf(scale * dot[1], 0.f) + w8 * fmaxf(scale * dot[3], 0.f);
+            const auto row = keys.row(key);
+            for (int c = lane; c < words; c += 32) dst[c] = c < dim_words ? row.code_word(c) : 0u;
+            if (lane == 0) ks_s[r] = row.scale();
         }
+        __syncthreads();
+
+        // This lane's per-key sums: keys 8n + 2tg and 8n + 2tg + 1 of the tile.
+        float acc[INDEXER_TC_KEYS / 8][2];
+#pragma unroll
+        for (int n = 0; n < INDEXER_TC_KEYS / 8; ++n) acc[n][0] = acc[n][1] = 0.f;
+        for (int mt = warp; mt < m_tiles; mt += INDEXER_TC_WARPS) {  // warp-uniform
+            const uint8_t* q0 = q_s + (mt * 16 + g) * stride + 4 * tg;
+            const uint8_t* q8 = q0 + 8 * stride;
+            const float w0 = qw_s[mt * 16 + g], w8 = qw_s[mt * 16 + g + 8];
+#pragma unroll
+            for (int n = 0; n < INDEXER_TC_KEYS / 8; ++n) {
+                const uint8_t* k_row = k_s + (n * 8 + g) * stride + 4 * tg;  // B's column g: key 8n + g
+                float dot[4] = {0.f, 0.f, 0.f, 0.f};
+                for (int k0 = 0; k0 < dim_p; k0 += 32) {
+                    const uint32_t a[4] = {load_u32(q0 + k0), load_u32(q8 + k0), load_u32(q0 + k0 + 16),
+                                           load_u32(q8 + k0 + 16)};
+                    const uint32_t b[2] = {load_u32(k_row + k0), load_u32(k_row + k0 + 16)};
+                    float d[4] = {0.f, 0.f, 0.f, 0.f};
+                    if (kWidened) mma_e4m3_16832_widened(d, a, b);
+                    else mma_e4m3_16832(d, a, b);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) dot[i] += d[i];
+                }
+                // dot[0], dot[1]: head 16mt + g against keys 8n + 2tg, + 1; dot[2], dot[3]: head 16mt + g + 8.
+                acc[n][0] += w0 * fmaxf(scale * dot[0], 0.f) + w8 * fmaxf(scale * dot[2], 0.f);
+                acc[n][1] += w0 * fmaxf(scale * dot[1], 0.f) + w8 * fmaxf(scale * dot[3], 0.f);
+            }
+        }
+        indexer_tc_write(acc, partial, ks_s, out_row, key0, visible, n_keys, mask);
     }
-    indexer_tc_write(acc, partial, ks_s, out_row, tile0, visible, n_keys, mask);
 }

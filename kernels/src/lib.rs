@@ -114,7 +114,8 @@ pub const KERNELS: &[Kernel] = &[
         n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long),
     kernel!("indexer_scores_bf16_tc" in "indexer.cu":
         scores: F32Mut, q: Bf16, keys: Bf16, w: F32, key_start: I32, n_visible: I32,
-        n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long),
+        n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long,
+        tiles: Int),
     kernel!("indexer_quant_fp8" in "indexer.cu":
         codes: U8Mut, scales: F32Mut, x: Bf16, dim: Int, pow2_scale: Int),
     kernel!("indexer_scores_fp8" in "indexer.cu":
@@ -122,10 +123,12 @@ pub const KERNELS: &[Kernel] = &[
         n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long),
     kernel!("indexer_scores_fp8_tc" in "indexer.cu":
         scores: F32Mut, q: U8, q_scale: F32, keys: U8, k_scale: F32, w: F32, key_start: I32,
-        n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long),
+        n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long,
+        tiles: Int),
     kernel!("indexer_scores_fp8_tc_widened" in "indexer.cu":
         scores: F32Mut, q: U8, q_scale: F32, keys: U8, k_scale: F32, w: F32, key_start: I32,
-        n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long),
+        n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float, scores_stride: Long,
+        tiles: Int),
     kernel!("topk_rows_f32" in "topk.cu":
         out: I32Mut, scores: F32, n_valid: I32, k: Int, scores_stride: Long),
     kernel!("sparse_mla_attention_bf16" in "mla_sparse.cu":
@@ -225,14 +228,16 @@ pub const KERNELS: &[Kernel] = &[
         scale: Float),
     kernel!("indexer_scores_tc_store_f32" in "engine.cu":
         scores: F32Mut, q: F32, w: F32, keys: F32, blocks: I32, row_tables: I32,
-        block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float),
+        block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float,
+        tiles: Int),
     kernel!("indexer_scores_tc_store_bf16_bits" in "engine.cu":
         scores: F32Mut, q: F32, w: F32, keys: Bf16Bits, blocks: I32, row_tables: I32,
-        block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float),
+        block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float,
+        tiles: Int),
     kernel!("indexer_scores_tc_store_fp8" in "engine.cu":
         scores: F32Mut, q: F32, w: F32, codes: U8, key_scales: F32, blocks: I32,
         row_tables: I32, block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int,
-        scale: Float),
+        scale: Float, tiles: Int),
     kernel!("mla_latent_attention_f32" in "engine.cu":
         ctx: F32Mut, q_lat: F32, q_pe: F32, latent: F32, k_pe: F32, keys: I32, key_offsets: I32,
         heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int, scale: Float,
@@ -269,10 +274,15 @@ pub const KERNELS: &[Kernel] = &[
 pub mod launch {
     /// Keys per indexer block; the block has twice as many threads.
     pub const INDEXER_KEYS: u32 = 64;
-    /// The tensor-core indexer (`indexer_scores_bf16_tc`): keys per block, warps, row padding.
+    /// The tensor-core indexer (`indexer_scores_bf16_tc`): keys per tile (a block takes
+    /// `tiles` of them, [`indexer_tc_tiles`]), warps, row padding.
     pub const INDEXER_TC_KEYS: u32 = 64;
     pub const INDEXER_TC_WARPS: u32 = 4;
     pub const INDEXER_TC_PAD: u32 = 8;
+    /// The most key tiles a tensor-core indexer block takes ([`indexer_tc_tiles`]), and the
+    /// blocks a multiprocessor it leaves at least.
+    pub const INDEXER_TC_MAX_TILES: u32 = 8;
+    pub const INDEXER_TC_BLOCKS_PER_SM: u32 = 4;
     /// The fp8 tensor-core indexer (`indexer_scores_fp8_tc`, `indexer_scores_tc_store_fp8`):
     /// the widest row it takes (one fp8 scale block), and its rows' padding in bytes.
     pub const INDEXER_FP8_TC_MAX_DIM: u32 = 128;
@@ -404,6 +414,24 @@ pub mod launch {
         (rows + INDEXER_TC_KEYS) * (dim.div_ceil(16) * 16 + INDEXER_TC_PAD) * 2
             + rows * 4
             + INDEXER_TC_WARPS * INDEXER_TC_KEYS * 4
+    }
+
+    /// Key tiles (of `INDEXER_TC_KEYS`) per block of the tensor-core indexers
+    /// (`indexer_tc.cuh`'s `tiles`) for `rows` query rows of up to `n_keys` keys on a device of
+    /// `sms` multiprocessors: the most, of 8, 4, 2 and 1 (powers of two up to
+    /// `INDEXER_TC_MAX_TILES`), that still gives every multiprocessor
+    /// `INDEXER_TC_BLOCKS_PER_SM` blocks. A block stages its row's query once for all its tiles,
+    /// so more tiles a block is less query traffic (the engine's float32 query of 64 heads × 128
+    /// is 32 KB, read once a tile of 64 bf16 keys, 16 KB, at 1 tile a block); but few rows of
+    /// short contexts at many tiles a block would leave multiprocessors idle.
+    pub fn indexer_tc_tiles(rows: u32, n_keys: u32, sms: u32) -> u32 {
+        let key_tiles = u64::from(n_keys.div_ceil(INDEXER_TC_KEYS));
+        let wanted = u64::from(sms) * u64::from(INDEXER_TC_BLOCKS_PER_SM);
+        (1..=INDEXER_TC_MAX_TILES.ilog2())
+            .rev()
+            .map(|e| 1 << e)
+            .find(|&t| u64::from(rows) * key_tiles.div_ceil(u64::from(t)) >= wanted)
+            .unwrap_or(1)
     }
 
     /// Whether the fp8 tensor-core indexer takes rows of `dim`: at most

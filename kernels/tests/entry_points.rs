@@ -264,6 +264,33 @@ fn attention_blocks_take_more_heads_only_while_every_multiprocessor_gets_one() {
 }
 
 #[test]
+fn indexer_blocks_take_more_key_tiles_only_while_every_multiprocessor_keeps_four() {
+    // (rows, keys, multiprocessors) -> tiles of 64 keys a block.
+    let cases = [
+        // A batch of 64 at 64K on an H200: 1024 tiles a row, 8 a block still leaves 8192 blocks.
+        ((64, 65_536, 132), 8),
+        // 8 rows of 16K: 256 tiles a row; 4 a block would be 512 blocks < 4 · 132, 2 are 1024.
+        ((8, 16_384, 132), 2),
+        // One row of 4K: 64 blocks even at one tile each.
+        ((1, 4_096, 132), 1),
+        // The emulator's one multiprocessor: 4 blocks are enough, a ragged last tile counts.
+        ((1, 4_096, 1), 8),
+        ((1, 1_000, 1), 4),
+        ((1, 300, 1), 1),
+        // No keys, and no overflow at the extremes.
+        ((4, 0, 132), 1),
+        ((u32::MAX, u32::MAX, u32::MAX), 8),
+    ];
+    for ((rows, keys, sms), tiles) in cases {
+        assert_eq!(
+            launch::indexer_tc_tiles(rows, keys, sms),
+            tiles,
+            "{rows} rows, {keys} keys, {sms} multiprocessors"
+        );
+    }
+}
+
+#[test]
 fn attention_keys_are_split_only_while_the_blocks_leave_multiprocessors_idle() {
     // (blocks, longest list, multiprocessors) -> keys a split (0: none).
     let cases = [

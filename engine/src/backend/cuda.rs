@@ -48,7 +48,10 @@
 //!   memory as the pool rounds a key, and with the tensor cores on multiply the codes
 //!   (`indexer_scores_tc_store_fp8`, `mma.sync.m16n8k32` e4m3: Ada's fp8 tensor cores, fp16
 //!   products on Hopper, which has fp8 rates only through `wgmma`; sm_80 widens each to two
-//!   exact bf16 products), each key's scale applied to its sum.
+//!   exact bf16 products), each key's scale applied to its sum. A tensor-core indexer block
+//!   scores several tiles of 64 keys while the launch still leaves every multiprocessor four
+//!   blocks (`launch::indexer_tc_tiles`), so a row's query is staged (and rounded) once for
+//!   them all, not once a tile.
 //! - The indexer's picks stay on the device ([`Backend::indexer_keep_paged`], [`KeptPicks`]):
 //!   `picks_to_pool_rows` turns each top-k row into the pool rows that hold its tokens, through
 //!   the row's block table, and the attention reads those as its key lists, so a layer copies
@@ -2875,7 +2878,7 @@ impl Cuda {
             ),
         };
         // The float32 kernels take the row's q and weights in shared memory, a key a thread;
-        // the tensor-core ones a tile of keys too, 64 keys a block.
+        // the tensor-core ones tiles of 64 keys too, `tiles` of them a block.
         let (smem, threads, keys_per_block) = match on {
             IndexerScores::Float32 => (
                 launch::indexer_f32_smem_bytes(heads as u32, dim as u32),
@@ -2922,10 +2925,17 @@ impl Cuda {
             // SAFETY: every variant of the launch below writes each row's n_keys scores (-inf
             // past the row's visible keys).
             let mut scores = unsafe { self.uninit(rows, n_keys) };
+            // The tensor-core kernels take several tiles of keys a block while the launch still
+            // fills the device: a row's query is then staged once for them all.
+            let tiles = if tensor_cores {
+                launch::indexer_tc_tiles(rows as u32, n_keys as u32, self.multiprocessors)
+            } else {
+                1
+            };
             let cfg = LaunchConfig {
                 grid_dim: (
                     rows as u32,
-                    n_keys.div_ceil(keys_per_block as usize) as u32,
+                    n_keys.div_ceil((keys_per_block * tiles) as usize) as u32,
                     1,
                 ),
                 block_dim: (threads, 1, 1),
@@ -2958,6 +2968,10 @@ impl Cuda {
                     .arg(&block_size),
             };
             b.arg(&visible_rows).arg(&nk).arg(&h).arg(&dm).arg(&scale);
+            let tiles_arg = tiles as i32;
+            if tensor_cores {
+                b.arg(&tiles_arg);
+            }
             // SAFETY: scores is [rows, n_keys]; q and w hold rows rows of heads·dim and heads
             // from `lo + first`; a row with visible keys reads only the blocks of its own table
             // that hold them (uploaded above, each checked to lie in the keys), and a tensor's
