@@ -24,6 +24,9 @@ slow=1
 [[ -n $emulate ]] && slow=20  # emulated kernels run thousands of times slower: longer limits
 # The CUDA tests find the fixture models here, wherever this copy of the tree is.
 export SPARSEMOE_FIXTURES="$PWD/engine/tests/fixtures"
+# NVRTC's builds of the engine's kernels, kept on disk: the CUDA tests compile them once and every
+# bench after them loads them from here instead of compiling again (seconds each).
+export SPARSEMOE_KERNEL_CACHE="${SPARSEMOE_KERNEL_CACHE:-$(mktemp -d)}"  # this run's own, mode 0700
 if [[ -n $emulate ]]; then
     echo "DRY RUN on the CPU emulator in $emulate: no GPU, timings meaningless" | tee "$OUT/nvidia-smi.txt"
     kernel_check=(--emulate "$emulate/libsparsemoe_kernels_emu.so")

@@ -11,7 +11,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use sparsemoe_engine::backend::cpu::{Cpu, fp8_round_rows};
-use sparsemoe_engine::backend::cuda::{Cuda, Dtype, KernelTarget, compile_kernels};
+use sparsemoe_engine::backend::cuda::kernel_cache::KernelCache;
+use sparsemoe_engine::backend::cuda::{
+    CompiledKernels, Cuda, Dtype, KernelTarget, compile_kernels, compile_kernels_with,
+};
 use sparsemoe_engine::backend::{
     AttentionForm, Backend, CachedRows, IndexerSeq, MlaDims, MlaSeq, MlaWeights, Selection,
     absorbed_query_weight,
@@ -78,11 +81,31 @@ fn logits_on_both(
     )
 }
 
+/// The kernels NVRTC compiled, or `None` (with the reason printed) where it could not: a
+/// failure when `CI` is set.
+fn compiled<E: std::fmt::Display>(
+    test: &str,
+    result: Result<Vec<CompiledKernels>, E>,
+) -> Option<Vec<CompiledKernels>> {
+    match result {
+        Ok(modules) => Some(modules),
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("CI is set and the engine's kernels did not compile: {e}")
+        }
+        Err(e) => {
+            eprintln!("{test}: skipped: {e}");
+            None
+        }
+    }
+}
+
 /// NVRTC compiles the engine's kernels for the device's architecture, not its own default
 /// (CUDA 13's is below sm_80, where the bf16 `mma.sync` of the tensor-core kernels would not
 /// load): machine code (an ELF) for sm_90 and sm_80, from PTX that targets them, and PTX alone
 /// for compute_90. For 90 the fp8 indexer's products are `mma.sync` e4m3; for 80 the codes are
 /// widened to bf16 instead.
+/// (Through the kernel cache where it has these kernels already, as the engine would: NVRTC
+/// wrote them from the same source, options and NVRTC version; CI starts with an empty one.)
 #[test]
 fn nvrtc_compiles_the_engine_kernels() {
     let targets = [
@@ -91,15 +114,9 @@ fn nvrtc_compiles_the_engine_kernels() {
         (KernelTarget::Compute(90), true),
     ];
     for (target, fp8_mma) in targets {
-        let modules = match compile_kernels(target) {
-            Ok(modules) => modules,
-            Err(e) if std::env::var_os("CI").is_some() => {
-                panic!("CI is set and the engine's kernels did not compile: {e}")
-            }
-            Err(e) => {
-                eprintln!("nvrtc_compiles_the_engine_kernels: skipped: {e}");
-                return;
-            }
+        let Some(modules) = compiled("nvrtc_compiles_the_engine_kernels", compile_kernels(target))
+        else {
+            return;
         };
         assert_eq!(modules.len(), sparsemoe_kernels::ENGINE_SOURCES.len());
         for kernels in &modules {
@@ -138,6 +155,55 @@ fn nvrtc_compiles_the_engine_kernels() {
             "{target}: fp8 tensor-core products"
         );
     }
+}
+
+/// The kernel cache on disk: a start with an empty cache compiles each source file and keeps
+/// it; the next takes every file from the cache, the same PTX byte for byte.
+/// A damaged entry (a flipped byte) is compiled again and rewritten, and the others are still
+/// read from the cache. PTX for compute_90: the shorter compile (the GPU check runs this too),
+/// and the cache's machine code is the unit tests' (`kernel_cache`).
+#[test]
+fn compiled_kernels_are_kept_on_disk_for_the_next_start() {
+    let target = KernelTarget::Compute(90);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = KernelCache::at(dir.path().join("kernels"));
+    let test = "compiled_kernels_are_kept_on_disk_for_the_next_start";
+    let Some(first) = compiled(test, compile_kernels_with(target, Some(&cache))) else {
+        return;
+    };
+    assert!(first.iter().all(|k| !k.cached), "an empty cache: {first:?}");
+    let entries = || std::fs::read_dir(cache.dir()).unwrap().count();
+    assert_eq!(entries(), sparsemoe_kernels::ENGINE_SOURCES.len());
+
+    let second = compile_kernels_with(target, Some(&cache)).unwrap();
+    for (a, b) in first.iter().zip(&second) {
+        assert!(b.cached, "{}: not from the cache", b.file);
+        assert_eq!((a.file, &a.ptx, &a.cubin), (b.file, &b.ptx, &b.cubin));
+    }
+
+    // Damage topk.cu's entry (its compile is the short one).
+    let topk = std::fs::read_dir(cache.dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("topk-compute_90-")
+        })
+        .expect("topk.cu's entry");
+    let mut bytes = std::fs::read(&topk).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&topk, &bytes).unwrap();
+    let third = compile_kernels_with(target, Some(&cache)).unwrap();
+    for (a, c) in first.iter().zip(&third) {
+        assert_eq!(c.cached, c.file != "topk.cu", "{}", c.file);
+        assert_eq!((&a.ptx, &a.cubin), (&c.ptx, &c.cubin), "{}", c.file);
+    }
+    let fourth = compile_kernels_with(target, Some(&cache)).unwrap();
+    assert!(fourth.iter().all(|k| k.cached), "rewritten: {fourth:?}");
+    assert_eq!(entries(), sparsemoe_kernels::ENGINE_SOURCES.len());
 }
 
 /// Each GPU's memory pool keeps what the engine frees (release threshold: all of it), so that

@@ -124,6 +124,7 @@ use crate::kv_cache::{FP8_BLOCK, KvDtype, PagedRows};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::Matrix;
 
+pub mod kernel_cache;
 mod uploads;
 use uploads::{Pack, Packed, Part, Recent, Tables, UploadCounts};
 
@@ -977,6 +978,8 @@ pub struct CompiledKernels {
     pub ptx: String,
     /// The machine code (ELF) for an `sm_XX` target.
     pub cubin: Option<Vec<u8>>,
+    /// Whether it came from the kernel cache on disk ([`kernel_cache`]), not from NVRTC.
+    pub cached: bool,
 }
 
 impl std::fmt::Debug for CompiledKernels {
@@ -985,6 +988,7 @@ impl std::fmt::Debug for CompiledKernels {
             .field("file", &self.file)
             .field("ptx_bytes", &self.ptx.len())
             .field("cubin_bytes", &self.cubin.as_ref().map(Vec::len))
+            .field("cached", &self.cached)
             .finish()
     }
 }
@@ -1000,7 +1004,8 @@ impl CompiledKernels {
 }
 
 /// Compiles the engine's kernels with NVRTC for `target`: one [`CompiledKernels`] a source
-/// file. Compiled once per process and target.
+/// file. Compiled once per process and target, and kept between processes in the kernel cache
+/// the environment names ([`kernel_cache::cache_dir`]).
 pub fn compile_kernels(target: KernelTarget) -> Result<Vec<CompiledKernels>> {
     type Compiled = std::collections::HashMap<KernelTarget, Vec<CompiledKernels>>;
     static COMPILED: std::sync::Mutex<Option<Compiled>> = std::sync::Mutex::new(None);
@@ -1011,8 +1016,25 @@ pub fn compile_kernels(target: KernelTarget) -> Result<Vec<CompiledKernels>> {
     if let Some(kernels) = compiled.get(&target) {
         return Ok(kernels.clone());
     }
+    let kernels = compile_kernels_with(target, kernel_cache::KernelCache::from_env().as_ref())?;
+    compiled.insert(target, kernels.clone());
+    Ok(kernels)
+}
+
+/// [`compile_kernels`] with the kernel cache `cache` (or none), every call: each source file's
+/// entry where the cache has a whole one for this NVRTC, else NVRTC's compile, then written to
+/// the cache. A damaged entry, or a cache that cannot be written, is reported on stderr and
+/// costs only the compile.
+pub fn compile_kernels_with(
+    target: KernelTarget,
+    cache: Option<&kernel_cache::KernelCache>,
+) -> Result<Vec<CompiledKernels>> {
+    use kernel_cache::{EntryKey, Image};
     nvrtc_present()?;
-    let kernels = sparsemoe_kernels::ENGINE_SOURCES
+    // Without NVRTC's version an entry could be another NVRTC's: no cache then.
+    let version = nvrtc_version();
+    let cache = cache.zip(version.as_deref());
+    sparsemoe_kernels::ENGINE_SOURCES
         .iter()
         .map(|&file| {
             let options = [
@@ -1020,13 +1042,50 @@ pub fn compile_kernels(target: KernelTarget) -> Result<Vec<CompiledKernels>> {
                 "-std=c++17".to_string(),
                 format!("--gpu-architecture={target}"),
             ];
-            nvrtc_compile(file, &inline_headers(file)?, &options, target).map_err(|e| {
+            let source = inline_headers(file)?;
+            let entry = cache.map(|(cache, version)| {
+                let key = EntryKey::new(file, &source, &options, &target.to_string(), version);
+                (cache, key)
+            });
+            if let Some((cache, key)) = &entry {
+                match cache.load(key, matches!(target, KernelTarget::Sm(_))) {
+                    Ok(Some(Image { ptx, cubin })) => {
+                        return Ok(CompiledKernels {
+                            file,
+                            ptx,
+                            cubin,
+                            cached: true,
+                        });
+                    }
+                    Ok(None) => {}
+                    Err(why) => eprintln!(
+                        "sparsemoe-engine: kernel cache: compiling kernels/cuda/{file} again: {why}"
+                    ),
+                }
+            }
+            let kernels = nvrtc_compile(file, &source, &options, target).map_err(|e| {
                 device_error(format!("compiling kernels/cuda/{file} for {target}: {e}"))
-            })
+            })?;
+            if let Some((cache, key)) = &entry {
+                let image = Image {
+                    ptx: kernels.ptx.clone(),
+                    cubin: kernels.cubin.clone(),
+                };
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                if let Err(e) = cache.store(key, &image) {
+                    WARNED.call_once(|| {
+                        eprintln!(
+                            "sparsemoe-engine: kernel cache: could not keep the compiled \
+                             kernels in {}: {e}; they are compiled at every start (set \
+                             SPARSEMOE_KERNEL_CACHE to a writable directory, or to off)",
+                            cache.dir().display()
+                        )
+                    });
+                }
+            }
+            Ok(kernels)
         })
-        .collect::<Result<Vec<_>>>()?;
-    compiled.insert(target, kernels.clone());
-    Ok(kernels)
+        .collect()
 }
 
 /// One NVRTC compile of `source` (named `file`) with `options`: its PTX, and for an `sm_XX`
@@ -1079,7 +1138,12 @@ fn nvrtc_compile(
                 Some(cubin)
             }
         };
-        Ok(CompiledKernels { file, ptx, cubin })
+        Ok(CompiledKernels {
+            file,
+            ptx,
+            cubin,
+            cached: false,
+        })
     }
 }
 
@@ -1096,23 +1160,27 @@ fn nvrtc_present() -> Result<()> {
     ))
 }
 
+/// NVRTC's version, as `13.0`; `None` where NVRTC does not say.
+fn nvrtc_version() -> Option<String> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: writes the two ints it is given.
+    let ok = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS;
+    ok.then(|| format!("{major}.{minor}"))
+}
+
 /// The CUDA driver's and NVRTC's versions, as `driver 13.0, NVRTC 13.0` (what a PTX that does
 /// not load is most likely about: an NVRTC newer than the driver).
 fn cuda_versions() -> String {
-    let (mut driver, mut major, mut minor) = (0, 0, 0);
-    // SAFETY: each writes the ints it is given.
+    let mut driver = 0;
+    // SAFETY: writes the int it is given.
     let driver_ok = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) }
         == cudarc::driver::sys::CUresult::CUDA_SUCCESS;
-    let nvrtc_ok = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
-        == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS;
     let driver = match driver_ok {
         true => format!("{}.{}", driver / 1000, driver % 1000 / 10),
         false => "unknown".into(),
     };
-    let nvrtc = match nvrtc_ok {
-        true => format!("{major}.{minor}"),
-        false => "unknown".into(),
-    };
+    let nvrtc = nvrtc_version().unwrap_or_else(|| "unknown".into());
     format!("driver {driver}, NVRTC {nvrtc}")
 }
 

@@ -1,0 +1,397 @@
+//! The kernels NVRTC built, kept on disk between starts.
+//!
+//! NVRTC takes seconds over the engine's kernels (about 13 s for `engine.cu` as machine code on
+//! a 2-core machine), and every process compiled them again: each pod restart, each `bench`
+//! run, each of a GPU check's engine runs. An entry holds one source file's PTX and machine
+//! code under a name that ends in a SHA-256 of what decides them: the source with its headers
+//! pasted in, NVRTC's options, the target and NVRTC's version. A changed kernel, option, target
+//! or NVRTC release is therefore a new entry, never a stale one; but NVRTC reports only its
+//! major and minor version, so two patch releases of one CUDA minor share entries (clear the
+//! directory after such an upgrade for the newer compiler's code).
+//!
+//! Where ([`cache_dir`]): `SPARSEMOE_KERNEL_CACHE` (a directory; `off` or empty for none), else
+//! `$XDG_CACHE_HOME/sparsemoe/kernels`, else `$HOME/.cache/sparsemoe/kernels`. An entry is
+//! written to a temporary file in the directory and renamed into place, so engines that share
+//! the directory (several on a node, on one volume) each read a whole entry or none. An entry
+//! that does not read back whole (its marker, lengths, checksum or kind wrong) is a miss: the
+//! caller compiles again and rewrites it. A directory that cannot be written costs the compile,
+//! never the start. Entries are never removed (a few MB a kernel version and target): clear the
+//! directory to take the space back.
+
+use sha2::{Digest, Sha256};
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The first bytes of every entry (the format's version is its last character).
+const MAGIC: &[u8; 8] = b"SMOEKRN1";
+/// Marker, two lengths, the SHA-256 of those 24 bytes and the payload.
+const HEADER: usize = 8 + 8 + 8 + 32;
+/// The machine-code length that says there is none (a PTX-only target).
+const NO_CUBIN: u64 = u64::MAX;
+
+/// The directory of the kernel cache from `SPARSEMOE_KERNEL_CACHE` (`explicit`),
+/// `XDG_CACHE_HOME` and `HOME`, in that order; `None` when the cache is off (`off` or empty)
+/// or there is nowhere to put it.
+pub(crate) fn cache_dir(
+    explicit: Option<OsString>,
+    xdg_cache_home: Option<OsString>,
+    home: Option<OsString>,
+) -> Option<PathBuf> {
+    if let Some(dir) = explicit {
+        return (!dir.is_empty() && dir != "off").then(|| PathBuf::from(dir));
+    }
+    let nonempty = |v: Option<OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
+    nonempty(xdg_cache_home)
+        .or_else(|| nonempty(home).map(|home| home.join(".cache")))
+        .map(|cache| cache.join("sparsemoe").join("kernels"))
+}
+
+/// What NVRTC built from one source file: its PTX, and for a machine-code target its CUBIN.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Image {
+    pub ptx: String,
+    /// Present for a machine-code target (`sm_XX`), absent for a PTX one.
+    pub cubin: Option<Vec<u8>>,
+}
+
+/// An entry's name: `{file stem}-{target}-{SHA-256 of its inputs, hex}.bin`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct EntryKey(String);
+
+impl EntryKey {
+    /// The key of `file` compiled from `source` (headers pasted in) with `options` for
+    /// `target` (as `sm_90`) by NVRTC `nvrtc_version`.
+    pub fn new(
+        file: &str,
+        source: &str,
+        options: &[String],
+        target: &str,
+        nvrtc_version: &str,
+    ) -> Self {
+        let mut hash = Sha256::new();
+        // Each input with its length first, so no two lists of inputs hash alike.
+        let inputs = [file, source, target, nvrtc_version]
+            .into_iter()
+            .chain(options.iter().map(String::as_str));
+        for input in inputs {
+            hash.update((input.len() as u64).to_le_bytes());
+            hash.update(input.as_bytes());
+        }
+        let digest: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let stem = Path::new(file)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("kernels");
+        Self(format!("{stem}-{target}-{digest}.bin"))
+    }
+
+    /// The entry's file name in the cache's directory.
+    pub fn file_name(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A directory of entries.
+#[derive(Clone, Debug)]
+pub struct KernelCache {
+    dir: PathBuf,
+}
+
+impl KernelCache {
+    /// The cache in `dir`, made when the first entry is written.
+    pub fn at(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The cache this process's environment names ([`cache_dir`]), if any.
+    pub fn from_env() -> Option<Self> {
+        cache_dir(
+            std::env::var_os("SPARSEMOE_KERNEL_CACHE"),
+            std::env::var_os("XDG_CACHE_HOME"),
+            std::env::var_os("HOME"),
+        )
+        .map(Self::at)
+    }
+
+    /// Where the entries are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the entry under `key` is.
+    pub(crate) fn path(&self, key: &EntryKey) -> PathBuf {
+        self.dir.join(key.file_name())
+    }
+
+    /// The entry under `key`: `Ok(None)` where there is none, an error that says what is wrong
+    /// with one that does not read back whole or is not of the kind asked for (`cubin`: whether
+    /// the target is machine code).
+    pub(crate) fn load(&self, key: &EntryKey, cubin: bool) -> Result<Option<Image>, String> {
+        let path = self.path(key);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        };
+        decode(&bytes, cubin)
+            .map(Some)
+            .map_err(|why| format!("{}: {why}", path.display()))
+    }
+
+    /// Writes `image` under `key`: to a temporary file in the directory (made if missing), then
+    /// renamed over the entry's name (its own name in this process: the process id and a
+    /// count). The temporary file is removed if anything fails.
+    pub(crate) fn store(&self, key: &EntryKey, image: &Image) -> std::io::Result<()> {
+        static WRITES: AtomicU64 = AtomicU64::new(0);
+        std::fs::create_dir_all(&self.dir)?;
+        let tmp = self.dir.join(format!(
+            ".{}.{}.{}.tmp",
+            key.file_name(),
+            std::process::id(),
+            WRITES.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            f.write_all(&encode(image))?;
+            f.sync_all()
+        });
+        let renamed = written.and_then(|()| std::fs::rename(&tmp, self.path(key)));
+        if renamed.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        renamed
+    }
+}
+
+fn encode(image: &Image) -> Vec<u8> {
+    let cubin = image.cubin.as_deref().unwrap_or_default();
+    let mut payload = Vec::with_capacity(image.ptx.len() + cubin.len());
+    payload.extend_from_slice(image.ptx.as_bytes());
+    payload.extend_from_slice(cubin);
+    let mut out = Vec::with_capacity(HEADER + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(image.ptx.len() as u64).to_le_bytes());
+    let cubin_len = image.cubin.as_ref().map_or(NO_CUBIN, |c| c.len() as u64);
+    out.extend_from_slice(&cubin_len.to_le_bytes());
+    let digest = checksum(&out, &payload);
+    out.extend_from_slice(&digest);
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// The SHA-256 of an entry's marker and lengths (`head`, 24 bytes) and its payload.
+fn checksum(head: &[u8], payload: &[u8]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(head);
+    hash.update(payload);
+    hash.finalize().into()
+}
+
+fn decode(bytes: &[u8], want_cubin: bool) -> Result<Image, String> {
+    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+        return Err("not a kernel cache entry of this version".into());
+    }
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let (ptx_len, cubin_len) = (word(8), word(16));
+    let payload = &bytes[HEADER..];
+    let cubin_bytes = if cubin_len == NO_CUBIN { 0 } else { cubin_len };
+    if ptx_len.checked_add(cubin_bytes) != Some(payload.len() as u64) {
+        return Err(format!(
+            "{} bytes of payload, where its header says {ptx_len} of PTX and {cubin_bytes} of \
+             machine code",
+            payload.len()
+        ));
+    }
+    if checksum(&bytes[..24], payload).as_slice() != &bytes[24..HEADER] {
+        return Err("its checksum does not match".into());
+    }
+    if want_cubin == (cubin_len == NO_CUBIN) {
+        return Err(format!(
+            "it holds {}machine code, and the target asks for {}",
+            if cubin_len == NO_CUBIN { "no " } else { "" },
+            if want_cubin { "some" } else { "none" }
+        ));
+    }
+    let (ptx, cubin) = payload.split_at(ptx_len as usize);
+    let ptx = String::from_utf8(ptx.to_vec()).map_err(|_| "its PTX is not UTF-8".to_string())?;
+    Ok(Image {
+        ptx,
+        cubin: (cubin_len != NO_CUBIN).then(|| cubin.to_vec()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(cubin: bool) -> Image {
+        Image {
+            ptx: ".version 9.0\n.target sm_90\n.entry k() {}\n".into(),
+            cubin: cubin.then(|| b"\x7fELF\x02\x01\x01machine code".to_vec()),
+        }
+    }
+
+    fn key(target: &str) -> EntryKey {
+        EntryKey::new(
+            "engine.cu",
+            "__global__ void k() {}",
+            &["-std=c++17".into()],
+            target,
+            "13.0",
+        )
+    }
+
+    #[test]
+    fn an_entry_reads_back_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = KernelCache::at(dir.path().join("made/on/demand"));
+        for (target, cubin) in [("sm_90", true), ("compute_90", false)] {
+            let key = key(target);
+            assert_eq!(cache.load(&key, cubin), Ok(None), "{target}: before");
+            cache.store(&key, &image(cubin)).unwrap();
+            assert_eq!(cache.load(&key, cubin), Ok(Some(image(cubin))), "{target}");
+            // Written again (another engine compiled it too): still whole.
+            cache.store(&key, &image(cubin)).unwrap();
+            assert_eq!(cache.load(&key, cubin), Ok(Some(image(cubin))), "{target}");
+        }
+        // The two entries and nothing else: no temporary file is left behind.
+        let mut names: Vec<_> = std::fs::read_dir(cache.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names[0].starts_with("engine-compute_90-") && names[0].ends_with(".bin"));
+        assert!(names[1].starts_with("engine-sm_90-"), "{names:?}");
+    }
+
+    #[test]
+    fn every_input_of_the_compile_changes_the_key() {
+        let base = key("sm_90");
+        assert_eq!(base, key("sm_90"));
+        let options = ["-std=c++17".to_string()];
+        let changed = [
+            EntryKey::new(
+                "topk.cu",
+                "__global__ void k() {}",
+                &options,
+                "sm_90",
+                "13.0",
+            ),
+            EntryKey::new(
+                "engine.cu",
+                "__global__ void k2() {}",
+                &options,
+                "sm_90",
+                "13.0",
+            ),
+            EntryKey::new(
+                "engine.cu",
+                "__global__ void k() {}",
+                &["-std=c++20".into()],
+                "sm_90",
+                "13.0",
+            ),
+            EntryKey::new("engine.cu", "__global__ void k() {}", &[], "sm_90", "13.0"),
+            key("sm_80"),
+            EntryKey::new(
+                "engine.cu",
+                "__global__ void k() {}",
+                &options,
+                "sm_90",
+                "13.1",
+            ),
+        ];
+        // The same bytes split differently between inputs.
+        let split = |options: &[&str]| {
+            let options: Vec<String> = options.iter().map(|o| o.to_string()).collect();
+            EntryKey::new("engine.cu", "k", &options, "sm_90", "13.0")
+        };
+        assert_ne!(split(&["-a", "-b"]), split(&["-a-b"]));
+        assert_ne!(split(&["-a", ""]), split(&["", "-a"]));
+        for (i, other) in changed.iter().enumerate() {
+            assert_ne!(&base, other, "change {i}");
+            for later in &changed[i + 1..] {
+                assert_ne!(other, later);
+            }
+        }
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_entry_is_refused_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = KernelCache::at(dir.path());
+        let key = key("sm_90");
+        cache.store(&key, &image(true)).unwrap();
+        let whole = std::fs::read(cache.path(&key)).unwrap();
+        let damage = |bytes: &[u8]| {
+            std::fs::write(cache.path(&key), bytes).unwrap();
+            cache.load(&key, true).unwrap_err()
+        };
+        let mut flipped = whole.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(damage(&flipped).contains("checksum"));
+        // Lengths that still add up, moved between PTX and machine code.
+        let mut moved = whole.clone();
+        let ptx_len = u64::from_le_bytes(moved[8..16].try_into().unwrap());
+        let cubin_len = u64::from_le_bytes(moved[16..24].try_into().unwrap());
+        moved[8..16].copy_from_slice(&(ptx_len + 1).to_le_bytes());
+        moved[16..24].copy_from_slice(&(cubin_len - 1).to_le_bytes());
+        assert!(damage(&moved).contains("checksum"));
+        assert!(damage(&whole[..whole.len() - 3]).contains("bytes of payload"));
+        assert!(damage(&whole[..20]).contains("not a kernel cache entry"));
+        assert!(damage(b"").contains("not a kernel cache entry"));
+        let mut foreign = whole.clone();
+        foreign[7] = b'2';
+        assert!(damage(&foreign).contains("not a kernel cache entry"));
+        // A length that would overflow the sum.
+        let mut huge = whole.clone();
+        huge[8..16].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+        assert!(damage(&huge).contains("bytes of payload"));
+        // Whole, but PTX only where the target wants machine code, and the other way round.
+        std::fs::write(cache.path(&key), &whole).unwrap();
+        assert!(
+            cache
+                .load(&key, false)
+                .unwrap_err()
+                .contains("asks for none")
+        );
+        cache.store(&key, &image(false)).unwrap();
+        assert!(
+            cache
+                .load(&key, true)
+                .unwrap_err()
+                .contains("no machine code")
+        );
+    }
+
+    #[test]
+    fn a_cache_that_cannot_be_written_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"not a directory").unwrap();
+        let cache = KernelCache::at(file.join("kernels"));
+        assert!(cache.store(&key("sm_90"), &image(true)).is_err());
+        assert!(cache.load(&key("sm_90"), true).is_err());
+    }
+
+    #[test]
+    fn the_directory_comes_from_the_environment_in_order() {
+        let s = |v: &str| Some(OsString::from(v));
+        let p = |v: &str| Some(PathBuf::from(v));
+        assert_eq!(cache_dir(s("/cache"), s("/xdg"), s("/home/u")), p("/cache"));
+        assert_eq!(cache_dir(s("off"), s("/xdg"), s("/home/u")), None);
+        assert_eq!(cache_dir(s(""), s("/xdg"), s("/home/u")), None);
+        assert_eq!(
+            cache_dir(None, s("/xdg"), s("/home/u")),
+            p("/xdg/sparsemoe/kernels")
+        );
+        assert_eq!(
+            cache_dir(None, s(""), s("/home/u")),
+            p("/home/u/.cache/sparsemoe/kernels")
+        );
+        assert_eq!(cache_dir(None, None, s("")), None);
+        assert_eq!(cache_dir(None, None, None), None);
+    }
+}
