@@ -94,7 +94,7 @@ SMOE_DEVICE void indexer_scores_tc(float* __restrict__ out_row, const Queries& q
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tg = lane & 3;
     for (int tile = 0; tile < tiles; ++tile) {  // block-uniform
         const int key0 = tile0 + tile * INDEXER_TC_KEYS;
-        if (key0 >= n_keys || indexer_tc_masked_tiles(out_row, key0, tiles - tile, visible, n_keys, mask)) return;
+        if (indexer_tc_masked_tiles(out_row, key0, tiles - tile, visible, n_keys, mask)) return;  // visible ≤ n_keys
         if (tile > 0) __syncthreads();  // the last tile's keys and sums read
         for (int r = warp; r < INDEXER_TC_KEYS; r += INDEXER_TC_WARPS) {  // a warp a key: its row found once
             const int key = key0 + r;
@@ -189,7 +189,7 @@ SMOE_DEVICE void indexer_scores_e4m3_tc(float* __restrict__ out_row, const Queri
     }
     for (int tile = 0; tile < tiles; ++tile) {  // block-uniform
         const int key0 = tile0 + tile * INDEXER_TC_KEYS;
-        if (key0 >= n_keys || indexer_tc_masked_tiles(out_row, key0, tiles - tile, visible, n_keys, mask)) return;
+        if (indexer_tc_masked_tiles(out_row, key0, tiles - tile, visible, n_keys, mask)) return;  // visible ≤ n_keys
         if (tile > 0) __syncthreads();  // the last tile's keys, their scales and sums read
         for (int r = warp; r < INDEXER_TC_KEYS; r += INDEXER_TC_WARPS) {  // a warp a key: its row found once
             const int key = key0 + r;

@@ -1067,12 +1067,8 @@ pub fn compile_kernels_with(
                 device_error(format!("compiling kernels/cuda/{file} for {target}: {e}"))
             })?;
             if let Some((cache, key)) = &entry {
-                let image = Image {
-                    ptx: kernels.ptx.clone(),
-                    cubin: kernels.cubin.clone(),
-                };
                 static WARNED: std::sync::Once = std::sync::Once::new();
-                if let Err(e) = cache.store(key, &image) {
+                if let Err(e) = cache.store(key, &kernels.ptx, kernels.cubin.as_deref()) {
                     WARNED.call_once(|| {
                         eprintln!(
                             "sparsemoe-engine: kernel cache: could not keep the compiled \
@@ -2947,7 +2943,7 @@ impl Cuda {
         };
         // The float32 kernels take the row's q and weights in shared memory, a key a thread;
         // the tensor-core ones tiles of 64 keys too, `tiles` of them a block.
-        let (smem, threads, keys_per_block) = match on {
+        let (smem, threads, keys_per_tile) = match on {
             IndexerScores::Float32 => (
                 launch::indexer_f32_smem_bytes(heads as u32, dim as u32),
                 launch::INDEXER_F32_KEYS,
@@ -3003,7 +2999,7 @@ impl Cuda {
             let cfg = LaunchConfig {
                 grid_dim: (
                     rows as u32,
-                    n_keys.div_ceil((keys_per_block * tiles) as usize) as u32,
+                    n_keys.div_ceil((keys_per_tile * tiles) as usize) as u32,
                     1,
                 ),
                 block_dim: (threads, 1, 1),

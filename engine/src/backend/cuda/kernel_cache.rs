@@ -140,10 +140,15 @@ impl KernelCache {
             .map_err(|why| format!("{}: {why}", path.display()))
     }
 
-    /// Writes `image` under `key`: to a temporary file in the directory (made if missing), then
+    /// Writes `ptx` and `cubin` under `key`: to a temporary file in the directory (made if missing), then
     /// renamed over the entry's name (its own name in this process: the process id and a
     /// count). The temporary file is removed if anything fails.
-    pub(crate) fn store(&self, key: &EntryKey, image: &Image) -> std::io::Result<()> {
+    pub(crate) fn store(
+        &self,
+        key: &EntryKey,
+        ptx: &str,
+        cubin: Option<&[u8]>,
+    ) -> std::io::Result<()> {
         static WRITES: AtomicU64 = AtomicU64::new(0);
         std::fs::create_dir_all(&self.dir)?;
         let tmp = self.dir.join(format!(
@@ -153,7 +158,7 @@ impl KernelCache {
             WRITES.fetch_add(1, Ordering::Relaxed)
         ));
         let written = std::fs::File::create(&tmp).and_then(|mut f| {
-            f.write_all(&encode(image))?;
+            f.write_all(&encode(ptx, cubin))?;
             f.sync_all()
         });
         let renamed = written.and_then(|()| std::fs::rename(&tmp, self.path(key)));
@@ -164,27 +169,26 @@ impl KernelCache {
     }
 }
 
-fn encode(image: &Image) -> Vec<u8> {
-    let cubin = image.cubin.as_deref().unwrap_or_default();
-    let mut payload = Vec::with_capacity(image.ptx.len() + cubin.len());
-    payload.extend_from_slice(image.ptx.as_bytes());
-    payload.extend_from_slice(cubin);
-    let mut out = Vec::with_capacity(HEADER + payload.len());
+fn encode(ptx: &str, cubin: Option<&[u8]>) -> Vec<u8> {
+    let machine_code = cubin.unwrap_or_default();
+    let mut out = Vec::with_capacity(HEADER + ptx.len() + machine_code.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(image.ptx.len() as u64).to_le_bytes());
-    let cubin_len = image.cubin.as_ref().map_or(NO_CUBIN, |c| c.len() as u64);
+    out.extend_from_slice(&(ptx.len() as u64).to_le_bytes());
+    let cubin_len = cubin.map_or(NO_CUBIN, |c| c.len() as u64);
     out.extend_from_slice(&cubin_len.to_le_bytes());
-    let digest = checksum(&out, &payload);
+    let digest = checksum(&[&out, ptx.as_bytes(), machine_code]);
     out.extend_from_slice(&digest);
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(ptx.as_bytes());
+    out.extend_from_slice(machine_code);
     out
 }
 
-/// The SHA-256 of an entry's marker and lengths (`head`, 24 bytes) and its payload.
-fn checksum(head: &[u8], payload: &[u8]) -> [u8; 32] {
+/// The SHA-256 of an entry's marker and lengths (24 bytes) and its payload, in `parts`.
+fn checksum(parts: &[&[u8]]) -> [u8; 32] {
     let mut hash = Sha256::new();
-    hash.update(head);
-    hash.update(payload);
+    for part in parts {
+        hash.update(part);
+    }
     hash.finalize().into()
 }
 
@@ -203,7 +207,7 @@ fn decode(bytes: &[u8], want_cubin: bool) -> Result<Image, String> {
             payload.len()
         ));
     }
-    if checksum(&bytes[..24], payload).as_slice() != &bytes[24..HEADER] {
+    if checksum(&[&bytes[..24], payload]).as_slice() != &bytes[24..HEADER] {
         return Err("its checksum does not match".into());
     }
     if want_cubin == (cubin_len == NO_CUBIN) {
@@ -232,6 +236,10 @@ mod tests {
         }
     }
 
+    fn store(cache: &KernelCache, key: &EntryKey, image: &Image) -> std::io::Result<()> {
+        cache.store(key, &image.ptx, image.cubin.as_deref())
+    }
+
     fn key(target: &str) -> EntryKey {
         EntryKey::new(
             "engine.cu",
@@ -249,10 +257,10 @@ mod tests {
         for (target, cubin) in [("sm_90", true), ("compute_90", false)] {
             let key = key(target);
             assert_eq!(cache.load(&key, cubin), Ok(None), "{target}: before");
-            cache.store(&key, &image(cubin)).unwrap();
+            store(&cache, &key, &image(cubin)).unwrap();
             assert_eq!(cache.load(&key, cubin), Ok(Some(image(cubin))), "{target}");
             // Written again (another engine compiled it too): still whole.
-            cache.store(&key, &image(cubin)).unwrap();
+            store(&cache, &key, &image(cubin)).unwrap();
             assert_eq!(cache.load(&key, cubin), Ok(Some(image(cubin))), "{target}");
         }
         // The two entries and nothing else: no temporary file is left behind.
@@ -323,7 +331,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = KernelCache::at(dir.path());
         let key = key("sm_90");
-        cache.store(&key, &image(true)).unwrap();
+        store(&cache, &key, &image(true)).unwrap();
         let whole = std::fs::read(cache.path(&key)).unwrap();
         let damage = |bytes: &[u8]| {
             std::fs::write(cache.path(&key), bytes).unwrap();
@@ -357,7 +365,7 @@ mod tests {
                 .unwrap_err()
                 .contains("asks for none")
         );
-        cache.store(&key, &image(false)).unwrap();
+        store(&cache, &key, &image(false)).unwrap();
         assert!(
             cache
                 .load(&key, true)
@@ -372,7 +380,7 @@ mod tests {
         let file = dir.path().join("a-file");
         std::fs::write(&file, b"not a directory").unwrap();
         let cache = KernelCache::at(file.join("kernels"));
-        assert!(cache.store(&key("sm_90"), &image(true)).is_err());
+        assert!(store(&cache, &key("sm_90"), &image(true)).is_err());
         assert!(cache.load(&key("sm_90"), true).is_err());
     }
 
