@@ -859,14 +859,20 @@ class Harness:
         self.record_bool("topk_rows_f32 131072 keys, k=2048", not bad, f"rows wrong: {bad[:8]}" if bad else "same value sets as torch.topk, indices ascending; short rows padded with -1")
 
         # ties at the k-th value go to the lowest indices (the engine's rule): a row of few
-        # distinct values, and a row all equal
-        x = torch.randint(0, 4, (2, n), device=self.dev).float()
+        # distinct values, a row all equal, and a row of zeros with 1,000 twos and 3,000 ones
+        # at random places, so the winners above the k-th value lie all along the row and only
+        # the first 1,048 of its ties win
+        x = torch.randint(0, 4, (3, n), device=self.dev).float()
         x[1] = 1.0
-        out = torch.full((2, k), -7, dtype=torch.int32, device=self.dev)
-        nv = torch.full((2,), n, dtype=torch.int32, device=self.dev)
-        self.launch("topk_rows_f32", (2,), 1024, [out, x, nv, ("i", k), ("l", n)])
+        x[2] = 0.0
+        places = torch.randperm(n, device=self.dev)
+        x[2, places[:1000]] = 2.0
+        x[2, places[1000:4000]] = 1.0
+        out = torch.full((3, k), -7, dtype=torch.int32, device=self.dev)
+        nv = torch.full((3,), n, dtype=torch.int32, device=self.dev)
+        self.launch("topk_rows_f32", (3,), 1024, [out, x, nv, ("i", k), ("l", n)])
         bad = []
-        for r in range(2):
+        for r in range(3):
             # the reference: stable sort by value descending, so equal values keep index order
             want = torch.sort(-x[r], stable=True).indices[:k].sort().values
             if not torch.equal(out[r].long(), want):
@@ -930,6 +936,11 @@ class Harness:
                              f"scores {t_tc:.3f} ms ({t_idx / t_tc:.1f}x the SIMT kernel), top-k {t_topk:.3f} ms; "
                              f"{bytes_ / (t_tc + t_topk) / 1e6:.0f} GB/s = "
                              f"{100 * bytes_ / (t_tc + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
+        t_torch_topk = self.time_ms(lambda: scores.topk(k, -1))
+        self.timings.append(("topk_rows_f32 alone, 64 rows x 64K scores, k=2048", t_topk,
+                             "torch.topk on the same scores", t_torch_topk,
+                             f"{scores.numel() * 4 / t_topk / 1e6:.0f} GB/s of scores (read 6 times: 4 digit "
+                             f"passes, a count and the write); {t_torch_topk / t_topk:.2f}x torch.topk"))
         # Key tiles a block: 8 (what launch::indexer_tc_tiles picks at this shape on 132 SMs)
         # stage each row's query an eighth as often as 1. The engine's kernel reads float32
         # queries (32 KB a row against 16 KB of bf16 keys a tile), through a table of one block

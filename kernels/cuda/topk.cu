@@ -8,12 +8,32 @@
 //
 // Launch: grid = rows, block = TOPK_THREADS (1024), no dynamic shared memory.
 // Four passes of 8-bit digits over the order-preserving uint32 image of each score narrow the
-// k-th largest value down to one exact bit pattern; a fifth pass, tile by tile in index order,
-// writes the winners in index order.
+// k-th largest value down to one exact bit pattern (after each, one warp scans the 256 bins
+// to find the digit). Then the row is cut into one contiguous segment a warp: a pass counts
+// each segment's entries above and equal to that value, and a last pass writes each warp's
+// winners from its segment's place in the row, in index order, ranked by ballots: two block
+// barriers for the whole write, not some per tile.
 #include "common.cuh"
 
 #define TOPK_THREADS 1024
 #define TOPK_BINS 256
+#define TOPK_WARPS (TOPK_THREADS / 32)
+#define TOPK_BINS_PER_LANE (TOPK_BINS / 32)
+
+// Warp-wide inclusive prefix sum of v over lanes 0 .. lane.
+SMOE_DEVICE int warp_inclusive_sum(int v, int lane) {
+    for (int d = 1; d < 32; d *= 2) {
+        const int other = __shfl_up_sync(0xffffffffu, v, d);
+        if (lane >= d) v += other;
+    }
+    return v;
+}
+
+// Warp-wide sum of v.
+SMOE_DEVICE int warp_sum(int v) {
+    for (int d = 16; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
+    return v;
+}
 
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
 topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
@@ -32,6 +52,7 @@ topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
         return;
     }
 
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (threadIdx.x == 0) {
         prefix_s = 0;
         mask_s = 0;
@@ -46,19 +67,31 @@ topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
             if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 0xffu], 1u);
         }
         __syncthreads();
-        if (threadIdx.x == 0) {
-            // Walk the digits from the largest: the k-th largest lies in the first bin where
-            // the running count reaches `want`.
-            int want = want_s;
-            int digit = TOPK_BINS - 1;
-            for (; digit > 0; --digit) {
-                const int c = (int)hist[digit];
-                if (c >= want) break;
-                want -= c;
+        if (warp == 0) {
+            // The k-th largest lies in the first digit, from the largest down, where the
+            // running count reaches `want`. Lane l holds digits 255 - 8l down to 248 - 8l; a
+            // prefix sum over the lanes finds the lane whose digits reach it, which walks them.
+            const int want = want_s;
+            const int top = TOPK_BINS - 1 - lane * TOPK_BINS_PER_LANE;
+            int mine = 0;
+            for (int j = 0; j < TOPK_BINS_PER_LANE; ++j) mine += (int)hist[top - j];
+            const int through = warp_inclusive_sum(mine, lane);
+            const unsigned int reached = __ballot_sync(0xffffffffu, through >= want);
+            // The bins always hold `want` matching entries; were they short, digit 0 and what
+            // is left of `want`, as a walk to the bottom would end.
+            const int at = reached ? __ffs(reached) - 1 : 31;
+            if (lane == at) {
+                int left = want - (through - mine);
+                int digit = top;
+                for (int j = 0; j < TOPK_BINS_PER_LANE - 1; ++j, --digit) {
+                    const int c = (int)hist[digit];
+                    if (c >= left) break;
+                    left -= c;
+                }
+                want_s = left;
+                prefix_s = prefix | ((uint32_t)digit << shift);
+                mask_s = mask | (0xffu << shift);
             }
-            want_s = want;
-            prefix_s = prefix | ((uint32_t)digit << shift);
-            mask_s = mask | (0xffu << shift);
         }
         __syncthreads();
     }
@@ -66,44 +99,39 @@ topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
     const uint32_t threshold = prefix_s;
     const int want = want_s;  // entries equal to the threshold to take; k - want are above it
     // The winners: every entry above the threshold, and of those equal to it the `want` lowest
-    // indices, as the CPU breaks ties, so the result does not depend on thread timing. Tiles of
-    // the row are walked in index order; within a tile an entry's rank among the equal entries,
-    // and its slot among the winners, are those before it (earlier tiles, earlier warps, lower
-    // lanes), counted by ballots.
-    __shared__ int warp_equal[TOPK_THREADS / 32], warp_won[TOPK_THREADS / 32];
-    __shared__ int taken_s, won_s;  // equal entries and winners in the tiles before this one
-    if (threadIdx.x == 0) taken_s = won_s = 0;
-    __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    // indices, as the CPU breaks ties, so the result does not depend on thread timing. Warp w
+    // owns entries [w * seg, (w + 1) * seg), a whole number of 32-entry chunks.
+    __shared__ int warp_above[TOPK_WARPS], warp_equal[TOPK_WARPS];
+    const int warps = blockDim.x >> 5;
+    const int seg = (n + warps * 32 - 1) / (warps * 32) * 32;
+    const int begin = warp * seg, end = min(n, begin + seg);
     const unsigned int below_lane = (1u << lane) - 1u;
-    for (int base = 0; base < n; base += blockDim.x) {
-        const int i = base + threadIdx.x;
-        const uint32_t u = i < n ? float_to_ordered(x[i]) : 0u;
-        const bool equal = i < n && u == threshold;
-        const unsigned int equals = __ballot_sync(0xffffffffu, equal);
-        if (lane == 0) warp_equal[warp] = __popc(equals);
-        __syncthreads();
-        int rank = taken_s + __popc(equals & below_lane);
-        for (int w = 0; w < warp; ++w) rank += warp_equal[w];
-        const bool won = (i < n && u > threshold) || (equal && rank < want);
+    int above = 0, equal = 0;
+    for (int base = begin; base < end; base += 32) {
+        const int i = base + lane;
+        const uint32_t u = i < end ? float_to_ordered(x[i]) : 0u;
+        above += __popc(__ballot_sync(0xffffffffu, i < end && u > threshold));
+        equal += __popc(__ballot_sync(0xffffffffu, i < end && u == threshold));
+    }
+    if (lane == 0) {
+        warp_above[warp] = above;
+        warp_equal[warp] = equal;
+    }
+    __syncthreads();
+    // This warp's first slot, and the rank of its first equal entry among the row's.
+    const int before = lane < warp ? lane : -1;
+    int equal_rank = warp_sum(before >= 0 ? warp_equal[before] : 0);
+    int slot = warp_sum(before >= 0 ? warp_above[before] : 0) + min(equal_rank, want);
+    for (int base = begin; base < end; base += 32) {
+        const int i = base + lane;
+        const uint32_t u = i < end ? float_to_ordered(x[i]) : 0u;
+        const bool is_equal = i < end && u == threshold;
+        const unsigned int equals = __ballot_sync(0xffffffffu, is_equal);
+        const bool won = (i < end && u > threshold) ||
+                         (is_equal && equal_rank + __popc(equals & below_lane) < want);
         const unsigned int wins = __ballot_sync(0xffffffffu, won);
-        if (lane == 0) warp_won[warp] = __popc(wins);
-        __syncthreads();
-        if (won) {
-            int slot = won_s + __popc(wins & below_lane);
-            for (int w = 0; w < warp; ++w) slot += warp_won[w];
-            o[slot] = i;
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            int equal_tile = 0, won_tile = 0;
-            for (int w = 0; w < warps; ++w) {
-                equal_tile += warp_equal[w];
-                won_tile += warp_won[w];
-            }
-            taken_s += equal_tile;
-            won_s += won_tile;
-        }
-        __syncthreads();
+        if (won) o[slot + __popc(wins & below_lane)] = i;
+        equal_rank += __popc(equals);
+        slot += __popc(wins);
     }
 }

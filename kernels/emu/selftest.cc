@@ -53,6 +53,20 @@ void ballot_kernel(unsigned int* out) {
     out[threadIdx.x] = b ^ (unsigned int)first;
 }
 
+// A warp's inclusive prefix sums by shifts up (lanes below the shift keep their own value),
+// and the first lane whose sum reaches 100.
+void scan_kernel(int* out) {
+    const unsigned int lane = threadIdx.x & 31u;
+    int v = (int)lane + 1;
+    for (unsigned int d = 1; d < 32; d *= 2) {
+        const int other = __shfl_up_sync(0xffffffffu, v, d);
+        if (lane >= d) v += other;
+    }
+    out[threadIdx.x] = v;
+    if (lane == 0) out[64 + (threadIdx.x >> 5)] = __ffs((int)__ballot_sync(0xffffffffu, v >= 100)) - 1;
+    else (void)__ballot_sync(0xffffffffu, v >= 100);
+}
+
 // Small integers, exact in bf16: the A (16×16), B (16×8) and C (16×8) of the tensor-core check.
 float mma_a(int m, int k) { return (float)((m * 3 + k) % 7 - 3); }
 float mma_b(int k, int n) { return (float)((k + 2 * n) % 5 - 2); }
@@ -194,6 +208,12 @@ int main() {
     }
     check(ballots[0] == (want0 ^ 5u) && ballots[31] == (want0 ^ 5u) && ballots[32] == (want1 ^ 37u),
           "ballots and broadcasts are per warp");
+
+    std::vector<int> scans(66);
+    run_grid("scan", dim3{1}, dim3{64}, 0, [&] { scan_kernel(scans.data()); });
+    bool scanned = scans[64] == 13 && scans[65] == 13 && __ffs(0) == 0;  // 1+…+14 = 105
+    for (int t = 0; t < 64; ++t) scanned = scanned && scans[t] == (t % 32 + 1) * (t % 32 + 2) / 2;
+    check(scanned, "shifts up and __ffs give a warp's prefix sums and the first lane over a bound");
 
     check(dies_of(SIGABRT, [] {
               std::vector<float> out(32);

@@ -428,6 +428,13 @@ inline T __shfl_sync(unsigned int mask, T v, int source_lane, int width = 32) {
     return smoe_emu::from_bits<T>(smoe_emu::exchange(smoe_emu::to_bits(v), (unsigned int)source_lane & 31u));
 }
 
+template <typename T>
+inline T __shfl_up_sync(unsigned int mask, T v, unsigned int delta, int width = 32) {
+    smoe_emu::full_mask(mask, width);
+    const unsigned int lane = smoe_emu::lane();
+    return smoe_emu::from_bits<T>(smoe_emu::exchange(smoe_emu::to_bits(v), lane >= delta ? lane - delta : lane));
+}
+
 inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
     smoe_emu::full_mask(mask);
     uint64_t all[32];
@@ -451,6 +458,7 @@ inline float __uint_as_float(unsigned int v) { return smoe_emu::from_bits<float>
 inline unsigned int __float_as_uint(float v) { return (unsigned int)smoe_emu::to_bits(v); }
 inline int __float_as_int(float v) { return (int)smoe_emu::to_bits(v); }
 inline int __popc(unsigned int v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
 inline float __expf(float x) { return std::exp(x); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }
