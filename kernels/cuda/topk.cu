@@ -12,13 +12,18 @@
 // to find the digit). Then the row is cut into one contiguous segment a warp: a pass counts
 // each segment's entries above and equal to that value, and a last pass writes each warp's
 // winners from its segment's place in the row, in index order, ranked by ballots: two block
-// barriers for the whole write, not some per tile.
+// barriers for the whole write, not some per tile. Every pass loads TOPK_LOADS scores a thread
+// before it uses them.
 #include "common.cuh"
 
 #define TOPK_THREADS 1024
 #define TOPK_BINS 256
 #define TOPK_WARPS (TOPK_THREADS / 32)
 #define TOPK_BINS_PER_LANE (TOPK_BINS / 32)
+// Scores a thread (or a lane, 32-score chunks a warp) loads before it uses the first: a loop
+// of one load then its use would keep one load a warp in flight, and the passes are bound by
+// the latency of reading the row (from L2: 64K scores do not fit in L1).
+#define TOPK_LOADS 8
 
 // Warp-wide inclusive prefix sum of v over lanes 0 .. lane.
 SMOE_DEVICE int warp_inclusive_sum(int v, int lane) {
@@ -62,9 +67,19 @@ topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
         for (int b = threadIdx.x; b < TOPK_BINS; b += blockDim.x) hist[b] = 0;
         __syncthreads();
         const uint32_t prefix = prefix_s, mask = mask_s;
-        for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            const uint32_t u = float_to_ordered(x[i]);
-            if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 0xffu], 1u);
+        for (int base = threadIdx.x; base < n; base += TOPK_LOADS * blockDim.x) {
+            float v[TOPK_LOADS];
+#pragma unroll
+            for (int c = 0; c < TOPK_LOADS; ++c) {
+                const int i = base + c * blockDim.x;
+                v[c] = i < n ? x[i] : 0.f;
+            }
+#pragma unroll
+            for (int c = 0; c < TOPK_LOADS; ++c) {
+                const uint32_t u = float_to_ordered(v[c]);
+                if (base + c * (int)blockDim.x < n && (u & mask) == prefix)
+                    atomicAdd(&hist[(u >> shift) & 0xffu], 1u);
+            }
         }
         __syncthreads();
         if (warp == 0) {
@@ -107,11 +122,20 @@ topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
     const int begin = warp * seg, end = min(n, begin + seg);
     const unsigned int below_lane = (1u << lane) - 1u;
     int above = 0, equal = 0;
-    for (int base = begin; base < end; base += 32) {
-        const int i = base + lane;
-        const uint32_t u = i < end ? float_to_ordered(x[i]) : 0u;
-        above += __popc(__ballot_sync(0xffffffffu, i < end && u > threshold));
-        equal += __popc(__ballot_sync(0xffffffffu, i < end && u == threshold));
+    for (int base = begin; base < end; base += TOPK_LOADS * 32) {
+        float v[TOPK_LOADS];
+#pragma unroll
+        for (int c = 0; c < TOPK_LOADS; ++c) {
+            const int i = base + c * 32 + lane;
+            v[c] = i < end ? x[i] : 0.f;
+        }
+#pragma unroll
+        for (int c = 0; c < TOPK_LOADS; ++c) {
+            const int i = base + c * 32 + lane;
+            const uint32_t u = float_to_ordered(v[c]);
+            above += __popc(__ballot_sync(0xffffffffu, i < end && u > threshold));
+            equal += __popc(__ballot_sync(0xffffffffu, i < end && u == threshold));
+        }
     }
     if (lane == 0) {
         warp_above[warp] = above;
@@ -122,16 +146,25 @@ topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
     const int before = lane < warp ? lane : -1;
     int equal_rank = warp_sum(before >= 0 ? warp_equal[before] : 0);
     int slot = warp_sum(before >= 0 ? warp_above[before] : 0) + min(equal_rank, want);
-    for (int base = begin; base < end; base += 32) {
-        const int i = base + lane;
-        const uint32_t u = i < end ? float_to_ordered(x[i]) : 0u;
-        const bool is_equal = i < end && u == threshold;
-        const unsigned int equals = __ballot_sync(0xffffffffu, is_equal);
-        const bool won = (i < end && u > threshold) ||
-                         (is_equal && equal_rank + __popc(equals & below_lane) < want);
-        const unsigned int wins = __ballot_sync(0xffffffffu, won);
-        if (won) o[slot + __popc(wins & below_lane)] = i;
-        equal_rank += __popc(equals);
-        slot += __popc(wins);
+    for (int base = begin; base < end; base += TOPK_LOADS * 32) {
+        float v[TOPK_LOADS];
+#pragma unroll
+        for (int c = 0; c < TOPK_LOADS; ++c) {
+            const int i = base + c * 32 + lane;
+            v[c] = i < end ? x[i] : 0.f;
+        }
+#pragma unroll
+        for (int c = 0; c < TOPK_LOADS; ++c) {
+            const int i = base + c * 32 + lane;
+            const uint32_t u = float_to_ordered(v[c]);
+            const bool is_equal = i < end && u == threshold;
+            const unsigned int equals = __ballot_sync(0xffffffffu, is_equal);
+            const bool won = (i < end && u > threshold) ||
+                             (is_equal && equal_rank + __popc(equals & below_lane) < want);
+            const unsigned int wins = __ballot_sync(0xffffffffu, won);
+            if (won) o[slot + __popc(wins & below_lane)] = i;
+            equal_rank += __popc(equals);
+            slot += __popc(wins);
+        }
     }
 }
