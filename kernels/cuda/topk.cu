@@ -40,6 +40,17 @@ SMOE_DEVICE int warp_sum(int v) {
     return v;
 }
 
+// A lane's scores of the TOPK_LOADS 32-score chunks from `base` (0 past `end`), all loaded
+// before any is used.
+SMOE_DEVICE void load_chunks(float (&v)[TOPK_LOADS], const float* __restrict__ x, int base,
+                             int lane, int end) {
+#pragma unroll
+    for (int c = 0; c < TOPK_LOADS; ++c) {
+        const int i = base + c * 32 + lane;
+        v[c] = i < end ? x[i] : 0.f;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
 topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
               const int* __restrict__ n_valid, int k, long long scores_stride) {
@@ -124,11 +135,7 @@ topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
     int above = 0, equal = 0;
     for (int base = begin; base < end; base += TOPK_LOADS * 32) {
         float v[TOPK_LOADS];
-#pragma unroll
-        for (int c = 0; c < TOPK_LOADS; ++c) {
-            const int i = base + c * 32 + lane;
-            v[c] = i < end ? x[i] : 0.f;
-        }
+        load_chunks(v, x, base, lane, end);
 #pragma unroll
         for (int c = 0; c < TOPK_LOADS; ++c) {
             const int i = base + c * 32 + lane;
@@ -148,11 +155,7 @@ topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
     int slot = warp_sum(before >= 0 ? warp_above[before] : 0) + min(equal_rank, want);
     for (int base = begin; base < end; base += TOPK_LOADS * 32) {
         float v[TOPK_LOADS];
-#pragma unroll
-        for (int c = 0; c < TOPK_LOADS; ++c) {
-            const int i = base + c * 32 + lane;
-            v[c] = i < end ? x[i] : 0.f;
-        }
+        load_chunks(v, x, base, lane, end);
 #pragma unroll
         for (int c = 0; c < TOPK_LOADS; ++c) {
             const int i = base + c * 32 + lane;
