@@ -9,11 +9,11 @@
 // Launch: grid = rows, block = TOPK_THREADS (1024), no dynamic shared memory.
 // Four passes of 8-bit digits over the order-preserving uint32 image of each score narrow the
 // k-th largest value down to one exact bit pattern (after each, one warp scans the 256 bins
-// to find the digit). Then the row is cut into one contiguous segment a warp: a pass counts
-// each segment's entries above and equal to that value, and a last pass writes each warp's
-// winners from its segment's place in the row, in index order, ranked by ballots: two block
-// barriers for the whole write, not some per tile. Every pass loads TOPK_LOADS scores a thread
-// before it uses them.
+// to find the digit). The last of them goes over the row as one contiguous segment a warp,
+// with a histogram a warp, so that each warp then knows how many of its entries are above
+// that value and how many equal it; a fifth pass writes each warp's winners from its
+// segment's place in the row, in index order, ranked by ballots (no block barrier inside a
+// pass). Every pass loads TOPK_LOADS scores a thread before it uses them.
 #include "common.cuh"
 
 #define TOPK_THREADS 1024
@@ -51,12 +51,44 @@ SMOE_DEVICE void load_chunks(float (&v)[TOPK_LOADS], const float* __restrict__ x
     }
 }
 
+// Warp 0, after a radix pass's histogram: the k-th largest lies in the first digit, from the
+// largest down, where the running count reaches `want`. Lane l holds digits 255 - 8l down to
+// 248 - 8l; a prefix sum over the lanes finds the lane whose digits reach it, which walks them
+// and narrows the prefix, its mask and `want` to that digit.
+SMOE_DEVICE void choose_digit(const unsigned int* hist, int shift, int lane, uint32_t* prefix_s,
+                              uint32_t* mask_s, int* want_s) {
+    const int want = *want_s;
+    const int top = TOPK_BINS - 1 - lane * TOPK_BINS_PER_LANE;
+    int mine = 0;
+    for (int j = 0; j < TOPK_BINS_PER_LANE; ++j) mine += (int)hist[top - j];
+    const int through = warp_inclusive_sum(mine, lane);
+    const unsigned int reached = __ballot_sync(0xffffffffu, through >= want);
+    // The bins always hold `want` matching entries; were they short, digit 0 and what is left
+    // of `want`, as a walk to the bottom would end.
+    const int at = reached ? __ffs(reached) - 1 : 31;
+    if (lane == at) {
+        int left = want - (through - mine);
+        int digit = top;
+        for (int j = 0; j < TOPK_BINS_PER_LANE - 1; ++j, --digit) {
+            const int c = (int)hist[digit];
+            if (c >= left) break;
+            left -= c;
+        }
+        *want_s = left;
+        *prefix_s |= (uint32_t)digit << shift;
+        *mask_s |= 0xffu << shift;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
 topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
               const int* __restrict__ n_valid, int k, long long scores_stride) {
     __shared__ unsigned int hist[TOPK_BINS];
+    // The last digit's histogram of each warp's segment of the row.
+    __shared__ unsigned int warp_hist[TOPK_WARPS][TOPK_BINS];
     __shared__ uint32_t prefix_s, mask_s;
     __shared__ int want_s;  // how many entries equal to the threshold still belong in the top k
+    __shared__ int warp_above[TOPK_WARPS], warp_equal[TOPK_WARPS];
 
     const int row = blockIdx.x;
     const int n = n_valid[row];
@@ -68,13 +100,14 @@ topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
         return;
     }
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     if (threadIdx.x == 0) {
         prefix_s = 0;
         mask_s = 0;
         want_s = k;
     }
-    for (int shift = 24; shift >= 0; shift -= 8) {
+    // The first three digits: the block's threads stride over the row.
+    for (int shift = 24; shift >= 8; shift -= 8) {
         for (int b = threadIdx.x; b < TOPK_BINS; b += blockDim.x) hist[b] = 0;
         __syncthreads();
         const uint32_t prefix = prefix_s, mask = mask_s;
@@ -93,63 +126,64 @@ topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
             }
         }
         __syncthreads();
-        if (warp == 0) {
-            // The k-th largest lies in the first digit, from the largest down, where the
-            // running count reaches `want`. Lane l holds digits 255 - 8l down to 248 - 8l; a
-            // prefix sum over the lanes finds the lane whose digits reach it, which walks them.
-            const int want = want_s;
-            const int top = TOPK_BINS - 1 - lane * TOPK_BINS_PER_LANE;
-            int mine = 0;
-            for (int j = 0; j < TOPK_BINS_PER_LANE; ++j) mine += (int)hist[top - j];
-            const int through = warp_inclusive_sum(mine, lane);
-            const unsigned int reached = __ballot_sync(0xffffffffu, through >= want);
-            // The bins always hold `want` matching entries; were they short, digit 0 and what
-            // is left of `want`, as a walk to the bottom would end.
-            const int at = reached ? __ffs(reached) - 1 : 31;
-            if (lane == at) {
-                int left = want - (through - mine);
-                int digit = top;
-                for (int j = 0; j < TOPK_BINS_PER_LANE - 1; ++j, --digit) {
-                    const int c = (int)hist[digit];
-                    if (c >= left) break;
-                    left -= c;
-                }
-                want_s = left;
-                prefix_s = prefix | ((uint32_t)digit << shift);
-                mask_s = mask | (0xffu << shift);
-            }
-        }
+        if (warp == 0) choose_digit(hist, shift, lane, &prefix_s, &mask_s, &want_s);
         __syncthreads();
     }
 
-    const uint32_t threshold = prefix_s;
-    const int want = want_s;  // entries equal to the threshold to take; k - want are above it
-    // The winners: every entry above the threshold, and of those equal to it the `want` lowest
-    // indices, as the CPU breaks ties, so the result does not depend on thread timing. Warp w
-    // owns entries [w * seg, (w + 1) * seg), a whole number of 32-entry chunks.
-    __shared__ int warp_above[TOPK_WARPS], warp_equal[TOPK_WARPS];
-    const int warps = blockDim.x >> 5;
+    // The last digit, from here on a contiguous segment of the row a warp: warp w owns entries
+    // [w * seg, (w + 1) * seg), a whole number of 32-entry chunks. Each warp keeps its own
+    // histogram and counts its entries above the 24-bit prefix, so that once the digit is
+    // known it knows how many of its entries are above the threshold and how many equal it,
+    // with no pass over the row to count them.
     const int seg = (n + warps * 32 - 1) / (warps * 32) * 32;
     const int begin = warp * seg, end = min(n, begin + seg);
-    const unsigned int below_lane = (1u << lane) - 1u;
-    int above = 0, equal = 0;
+    unsigned int* my_hist = warp_hist[warp];
+    for (int b = lane; b < TOPK_BINS; b += 32) my_hist[b] = 0;
+    __syncwarp();
+    const uint32_t prefix = prefix_s, mask = mask_s;
+    int above = 0;  // this warp's entries whose first three digits are above the prefix's
     for (int base = begin; base < end; base += TOPK_LOADS * 32) {
         float v[TOPK_LOADS];
         load_chunks(v, x, base, lane, end);
 #pragma unroll
         for (int c = 0; c < TOPK_LOADS; ++c) {
-            const int i = base + c * 32 + lane;
+            const bool in = base + c * 32 + lane < end;
             const uint32_t u = float_to_ordered(v[c]);
-            above += __popc(__ballot_sync(0xffffffffu, i < end && u > threshold));
-            equal += __popc(__ballot_sync(0xffffffffu, i < end && u == threshold));
+            if (in && (u & mask) == prefix) atomicAdd(&my_hist[u & 0xffu], 1u);
+            above += __popc(__ballot_sync(0xffffffffu, in && (u & mask) > prefix));
         }
     }
-    if (lane == 0) {
-        warp_above[warp] = above;
-        warp_equal[warp] = equal;
+    __syncthreads();
+    for (int b = threadIdx.x; b < TOPK_BINS; b += blockDim.x) {
+        unsigned int sum = 0;
+        for (int w = 0; w < warps; ++w) sum += warp_hist[w][b];
+        hist[b] = sum;
     }
     __syncthreads();
-    // This warp's first slot, and the rank of its first equal entry among the row's.
+    if (warp == 0) choose_digit(hist, 0, lane, &prefix_s, &mask_s, &want_s);
+    __syncthreads();
+
+    const uint32_t threshold = prefix_s;
+    const int want = want_s;  // entries equal to the threshold to take; k - want are above it
+    const int digit = (int)(threshold & 0xffu);
+    {
+        int mine = 0;  // this lane's bins above the last digit
+        for (int j = 0; j < TOPK_BINS_PER_LANE; ++j) {
+            const int b = lane * TOPK_BINS_PER_LANE + j;
+            if (b > digit) mine += (int)my_hist[b];
+        }
+        above += warp_sum(mine);
+        if (lane == 0) {
+            warp_above[warp] = above;
+            warp_equal[warp] = (int)my_hist[digit];
+        }
+    }
+    __syncthreads();
+
+    // The winners: every entry above the threshold, and of those equal to it the `want` lowest
+    // indices, as the CPU breaks ties, so the result does not depend on thread timing. This
+    // warp's first slot, and the rank of its first equal entry among the row's:
+    const unsigned int below_lane = (1u << lane) - 1u;
     const int before = lane < warp ? lane : -1;
     int equal_rank = warp_sum(before >= 0 ? warp_equal[before] : 0);
     int slot = warp_sum(before >= 0 ? warp_above[before] : 0) + min(equal_rank, want);
