@@ -42,7 +42,9 @@ SMOE_DEVICE float fp8_e4m3_value(unsigned int code) {
     return (code & 0x80u) ? -v : v;
 }
 
-SMOE_DEVICE float warp_sum(float v) {
+// The sum of v over the warp's 32 lanes (float or int), in every lane.
+template <typename T>
+SMOE_DEVICE T warp_sum(T v) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;

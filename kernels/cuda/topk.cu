@@ -34,12 +34,6 @@ SMOE_DEVICE int warp_inclusive_sum(int v, int lane) {
     return v;
 }
 
-// Warp-wide sum of v.
-SMOE_DEVICE int warp_sum(int v) {
-    for (int d = 16; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
-    return v;
-}
-
 // A lane's scores of the TOPK_LOADS 32-score chunks from `base` (0 past `end`), all loaded
 // before any is used.
 SMOE_DEVICE void load_chunks(float (&v)[TOPK_LOADS], const float* __restrict__ x, int base,
