@@ -800,6 +800,24 @@ class Harness:
                     [scores, q, keys, w, start, vis, ("i", n_keys), ("i", heads), ("i", dim), ("f", dim ** -0.5),
                      ("l", scores.shape[1]), ("i", tiles)], smem)
 
+    def topk_split_launch(self, out, x, nv, k, n, parts, cands=None):
+        """Each row's top k as the engine takes it for few long rows: the top k of each of
+        `parts` parts (topk_parts_f32), then of their candidates (topk_merge_f32). Parts of
+        whole 32-score chunks, at least k long (launch::topk_split). The candidates' buffers
+        are `cands` (for timing) or fresh ones filled with -7 and NaN."""
+        part_len = -(-(-(-n // parts)) // 32) * 32
+        parts = -(-n // part_len)
+        assert parts > 1 and part_len >= k, (parts, part_len, k)
+        rows = x.shape[0]
+        cand_idx, cand_scores = cands or (
+            torch.full((rows, parts * k), -7, dtype=torch.int32, device=self.dev),
+            torch.full((rows, parts * k), float("nan"), device=self.dev))
+        self.launch("topk_parts_f32", (rows, parts), 1024,
+                    [cand_idx, cand_scores, x, nv, ("i", k), ("l", x.stride(0)), ("i", part_len)])
+        self.launch("topk_merge_f32", (rows,), 1024,
+                    [out, cand_idx, cand_scores, nv, ("i", k), ("i", part_len), ("i", parts)])
+        return parts
+
     def check_indexer_topk(self):
         T, S, H, D = 32, 4096, 64, 128
         q, keys = self.bf16(T, H, D), self.bf16(S, D)
@@ -857,6 +875,14 @@ class Harness:
             if not torch.equal(x[r, got].sort().values, x[r, :v].topk(k).values.sort().values):
                 bad.append(r)
         self.record_bool("topk_rows_f32 131072 keys, k=2048", not bad, f"rows wrong: {bad[:8]}" if bad else "same value sets as torch.topk, indices ascending; short rows padded with -1")
+        # the same rows split into parts (row 3's 70000 end inside the fifth of 8 parts; the
+        # short rows' candidates lie all in the first): exactly the picks of a block a row
+        for parts in (8, 3):
+            split = torch.full((rows, k), -7, dtype=torch.int32, device=self.dev)
+            self.topk_split_launch(split, x, nv, k, n, parts)
+            wrong = [r for r in range(rows) if not torch.equal(split[r], out[r])]
+            self.record_bool(f"topk_parts_f32 + topk_merge_f32, {parts} parts, 131072 keys, k=2048", not wrong,
+                             f"rows differ from topk_rows_f32: {wrong[:8]}" if wrong else "the same picks as topk_rows_f32, every row")
 
         # ties at the k-th value go to the lowest indices (the engine's rule): a row of few
         # distinct values, a row all equal, and a row of zeros with 1,000 twos and 3,000 ones
@@ -878,6 +904,15 @@ class Harness:
             if not torch.equal(out[r].long(), want):
                 bad.append(r)
         self.record_bool("topk_rows_f32 ties, k=2048", not bad, f"rows wrong: {bad}" if bad else "tied entries: the lowest indices, as the engine")
+        # and split: the tied winners of the first rows lie in the first part; the third
+        # row's in all of them
+        for parts in (5, 16):
+            out = torch.full((3, k), -7, dtype=torch.int32, device=self.dev)
+            self.topk_split_launch(out, x, nv, k, n, parts)
+            bad = [r for r in range(3)
+                   if not torch.equal(out[r].long(), torch.sort(-x[r], stable=True).indices[:k].sort().values)]
+            self.record_bool(f"topk_parts_f32 + topk_merge_f32 ties, {parts} parts, k=2048", not bad,
+                             f"rows wrong: {bad}" if bad else "tied entries: the lowest indices, as the engine")
 
         # the picks kept on the device become pool rows through each row's block table
         # (picks_to_pool_rows): 6 rows of 3 sequences (tables of scattered distinct blocks of 64
@@ -941,6 +976,20 @@ class Harness:
                              "torch.topk on the same scores", t_torch_topk,
                              f"{scores.numel() * 4 / t_topk / 1e6:.0f} GB/s of scores (read 5 times: 4 digit "
                              f"passes and the write); {t_torch_topk / t_topk:.2f}x torch.topk"))
+        # Few rows leave multiprocessors idle a block a row: the engine splits them
+        # (launch::topk_parts: 2 parts for 64 rows on 132 SMs, 5 for 8 rows at 64K, k = 2048).
+        for rows_t, parts in ((64, 2), (8, 5)):
+            sub, ids = scores[:rows_t], idx[:rows_t]
+            t_one = self.time_ms(lambda: self.launch("topk_rows_f32", (rows_t,), 1024,
+                                                     [ids, sub, vis, ("i", k), ("l", ctx)]))
+            cands = (torch.empty(rows_t, parts * k, dtype=torch.int32, device=self.dev),
+                     torch.empty(rows_t, parts * k, device=self.dev))
+            t_split = self.time_ms(lambda: self.topk_split_launch(ids, sub, vis, k, ctx, parts, cands))
+            t_torch = self.time_ms(lambda: sub.topk(k, -1))
+            self.timings.append((f"top-k split into {parts} parts, {rows_t} rows x 64K scores, k=2048", t_split,
+                                 "topk_rows_f32, a block a row", t_one,
+                                 f"{t_one / t_split:.2f}x a block a row, {t_torch / t_split:.2f}x torch.topk "
+                                 f"({t_torch:.3f} ms)"))
         # Key tiles a block: 8 (what launch::indexer_tc_tiles picks at this shape on 132 SMs)
         # stage each row's query an eighth as often as 1. The engine's kernel reads float32
         # queries (32 KB a row against 16 KB of bf16 keys a tile), through a table of one block

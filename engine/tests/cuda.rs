@@ -24,6 +24,7 @@ use sparsemoe_engine::expert_shards::ExpertShards;
 use sparsemoe_engine::kv_cache::{KvDtype, PagedRows, SeqCache};
 use sparsemoe_engine::model::{AttentionMode, LogitRows, Model, ModelOptions, SeqStep};
 use sparsemoe_engine::weights::{Matrix, StoredType};
+use sparsemoe_kernels::launch;
 use support::{FIXTURE_MODELS, fixture, rel_l2, sorted_row_errors};
 
 /// Device 0, or `None` (with the reason printed) when this machine has none.
@@ -720,6 +721,31 @@ fn paged_run<B: Backend>(model: &Model<B>, dtype: KvDtype) -> Vec<Vec<f32>> {
     logits
 }
 
+/// The indexer's score of key `s` for query row `r`, in float64: Σ_h w[r, h] · relu(scale ·
+/// q[r, h] · keys[s]), with `heads` heads of the keys' width.
+fn indexer_score(
+    q: &[f32],
+    w: &[f32],
+    keys: &[f32],
+    (r, s): (usize, usize),
+    heads: usize,
+    scale: f32,
+) -> f64 {
+    let dim = q.len() / (w.len() / heads) / heads;
+    let key = &keys[s * dim..(s + 1) * dim];
+    (0..heads)
+        .map(|h| {
+            let query = &q[(r * heads + h) * dim..(r * heads + h + 1) * dim];
+            let dot: f64 = query
+                .iter()
+                .zip(key)
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+            f64::from(w[r * heads + h]) * (f64::from(scale) * dot).max(0.0)
+        })
+        .sum()
+}
+
 /// The indexer over a paged pool's keys read in place (`indexer_select_paged`), for each KV
 /// dtype, against float64 scores of the keys as the CPU backend stores and widens them: each
 /// row picks k distinct visible keys, none scoring below the k-th best by more than rounding
@@ -802,19 +828,7 @@ fn the_indexer_reads_each_kv_store_in_place() {
                     assert_eq!(*got, (0..=p as u32).collect::<Vec<_>>(), "{case}");
                     continue;
                 }
-                let score = |s: usize| -> f64 {
-                    (0..heads)
-                        .map(|h| {
-                            let dot: f64 = (0..dim)
-                                .map(|d| {
-                                    f64::from(scored[(r * heads + h) * dim + d])
-                                        * f64::from(widened[s * dim + d])
-                                })
-                                .sum();
-                            f64::from(w[r * heads + h]) * (f64::from(scale) * dot).max(0.0)
-                        })
-                        .sum()
-                };
+                let score = |s| indexer_score(&scored, &w, &widened, (r, s), heads, scale);
                 let mut all: Vec<f64> = (0..=p).map(score).collect();
                 let largest = all.iter().fold(0f64, |m, v| m.max(v.abs()));
                 all.sort_by(|a, b| b.total_cmp(a));
@@ -948,6 +962,108 @@ fn the_indexer_takes_a_batch_of_sequences_in_one_launch() {
             cuda.keep_picks(true);
         }
     }
+}
+
+/// The indexer's top-k split into parts (`topk_parts_f32`, then `topk_merge_f32`: what a
+/// decode step of few rows takes on a GPU of many multiprocessors) picks exactly what one
+/// block a row picks, for 2 to 16 parts, and both pick what float64 scores of the same keys
+/// pick: every key above the k-th best, and of the keys tied with it, the lowest indices.
+/// Three of every five keys are copies of three rows, so the scores tie in large groups (in
+/// three of the rows here, at the k-th best, with some of the tied keys left out); rows of
+/// 4000, 3000, 2101 and 1001 visible keys (a part past a row's keys has no candidates) and one
+/// of 451, at most k = 500, which keeps them all.
+#[test]
+fn the_indexer_top_k_splits_rows_into_parts_with_the_same_picks() {
+    let Some(cuda) = gpu("the_indexer_top_k_splits_rows_into_parts_with_the_same_picks") else {
+        return;
+    };
+    cuda.attention_on_tensor_cores(false);
+    let (n_keys, heads, dim, k, scale) = (4000, 4, 32, 500, 0.177_f32);
+    let positions = [n_keys - 1, 2999, 2100, 1000, 450];
+    let mut noise = noise(11);
+    let copied = noise(3 * dim);
+    let mut keys = noise(n_keys * dim);
+    for j in 0..n_keys {
+        if j % 5 < 3 {
+            let t = (j * 7 + j / 5) % 3;
+            keys[j * dim..(j + 1) * dim].copy_from_slice(&copied[t * dim..(t + 1) * dim]);
+        }
+    }
+    let (q, w) = (
+        noise(positions.len() * heads * dim),
+        noise(positions.len() * heads),
+    );
+    let select = |parts: Option<u32>| {
+        cuda.indexer_top_k_parts(parts).unwrap();
+        let launches = cuda.split_top_k_launches();
+        let picked = cuda.indexer_select(
+            &cuda.tensor(positions.len(), heads * dim, q.clone()),
+            &cuda.tensor(positions.len(), heads, w.clone()),
+            &cuda.tensor(n_keys, dim, keys.clone()),
+            &positions,
+            k,
+            scale,
+        );
+        (picked, cuda.split_top_k_launches() - launches)
+    };
+    let (whole, splits) = select(Some(1));
+    assert_eq!(splits, 0, "one block a row");
+    for parts in [2, 3, 6, 16] {
+        let (picked, splits) = select(Some(parts));
+        assert_eq!(splits, 1, "{parts} parts: one split launch");
+        assert_eq!(picked, whole, "{parts} parts");
+    }
+    // Out of range: refused, and the setting is unchanged (a split launch still).
+    for parts in [0, launch::TOPK_MAX_PARTS + 1] {
+        let err = cuda.indexer_top_k_parts(Some(parts)).unwrap_err();
+        assert!(err.to_string().contains("indexer top-k parts"), "{err}");
+    }
+    assert_eq!(select(Some(16)), (whole.clone(), 1));
+    cuda.indexer_top_k_parts(None).unwrap();
+
+    let mut tied_rows = 0;
+    for (r, (&p, got)) in positions.iter().zip(&whole).enumerate() {
+        if p < k {
+            assert_eq!(*got, (0..=p as u32).collect::<Vec<_>>(), "row {r}");
+            continue;
+        }
+        let scores: Vec<f64> = (0..=p)
+            .map(|s| indexer_score(&q, &w, &keys, (r, s), heads, scale))
+            .collect();
+        let mut order: Vec<usize> = (0..=p).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        let kth = scores[order[k - 1]];
+        let largest = scores.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let near = |s: usize| (scores[s] - kth).abs() <= 1e-4 * largest;
+        assert!(got.is_sorted(), "row {r}: picks out of order");
+        let mut distinct = got.clone();
+        distinct.dedup();
+        assert_eq!(distinct.len(), k, "row {r}");
+        let picked: std::collections::HashSet<usize> = got.iter().map(|&s| s as usize).collect();
+        // Clear of the k-th best by more than float32 rounding: in exactly when above it.
+        for s in (0..=p).filter(|&s| !near(s)) {
+            assert_eq!(picked.contains(&s), scores[s] > kth, "row {r}: key {s}");
+        }
+        // Tied with it exactly (copies of one row): the lowest indices win.
+        let tied: Vec<usize> = (0..=p).filter(|&s| scores[s] == kth).collect();
+        let won = tied.iter().filter(|s| picked.contains(s)).count();
+        assert!(won > 0, "row {r}: no key tied at the k-th picked");
+        assert!(
+            tied[..won].iter().all(|s| picked.contains(s)),
+            "row {r}: tied keys won out of index order"
+        );
+        eprintln!(
+            "row {r}: {won} of the {} keys tied at the k-th best picked",
+            tied.len()
+        );
+        if won < tied.len() {
+            tied_rows += 1;
+        }
+    }
+    assert!(
+        tied_rows >= 2,
+        "the case must tie at the k-th with keys left out, in {tied_rows} rows"
+    );
 }
 
 /// A `kv_b` of `d`'s shape from `noise`, its absorbed query weight `uk_t`, and both uploaded to

@@ -6,7 +6,19 @@
 // as the engine does for early rows. Ties at the k-th value: the lowest indices, as the engine
 // breaks them.
 //
-// Launch: grid = rows, block = TOPK_THREADS (1024), no dynamic shared memory.
+// Two ways to the same result:
+// - `topk_rows_f32`: grid = rows, one block a row.
+// - For few long rows (a decode step's: 8 rows would leave all but 8 of an H200's 132
+//   multiprocessors idle), `topk_parts_f32` then `topk_merge_f32`. The first splits each row
+//   into `parts` parts of `part_len` scores (grid = rows x parts) and writes each part's top k,
+//   indices and scores, to its k slots of the row's candidates; the second picks each row's
+//   top k of its candidates (grid = rows). Every winner of the row is a winner of its part
+//   (fewer than k scores of the row beat it, so fewer than k of its part do), so the row's
+//   top k are among the candidates. With part_len >= k every part before a row's last
+//   non-empty one fills its k slots, so a row's candidates are a contiguous prefix, in index
+//   order: the merge's ties at the k-th value go to the lowest indices too.
+//
+// Block = TOPK_THREADS (1024), no dynamic shared memory (33.3 KB static).
 // Four passes of 8-bit digits over the order-preserving uint32 image of each score narrow the
 // k-th largest value down to one exact bit pattern (after each, one warp scans the 256 bins
 // to find the digit). The last of them goes over the row as one contiguous segment a warp,
@@ -74,9 +86,11 @@ SMOE_DEVICE void choose_digit(const unsigned int* hist, int shift, int lane, uin
     }
 }
 
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
-              const int* __restrict__ n_valid, int k, long long scores_stride) {
+// One block's top k of x[0 .. n) into o[0 .. k): as index `first + i`, or `map[i]` where map is
+// given; with `o_scores`, each winner's score too (in the same slot).
+SMOE_DEVICE void topk_block(int* __restrict__ o, float* __restrict__ o_scores,
+                            const float* __restrict__ x, const int* __restrict__ map, int n, int k,
+                            int first) {
     __shared__ unsigned int hist[TOPK_BINS];
     // The last digit's histogram of each warp's segment of the row.
     __shared__ unsigned int warp_hist[TOPK_WARPS][TOPK_BINS];
@@ -84,13 +98,11 @@ topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
     __shared__ int want_s;  // how many entries equal to the threshold still belong in the top k
     __shared__ int warp_above[TOPK_WARPS], warp_equal[TOPK_WARPS];
 
-    const int row = blockIdx.x;
-    const int n = n_valid[row];
-    const float* x = scores + (size_t)row * scores_stride;
-    int* o = out + (size_t)row * k;
-
     if (n <= k) {
-        for (int j = threadIdx.x; j < k; j += blockDim.x) o[j] = j < n ? j : -1;
+        for (int j = threadIdx.x; j < k; j += blockDim.x) {
+            o[j] = j < n ? (map ? map[j] : first + j) : -1;
+            if (o_scores) o_scores[j] = j < n ? x[j] : 0.f;
+        }
         return;
     }
 
@@ -193,9 +205,52 @@ topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
             const bool won = (i < end && u > threshold) ||
                              (is_equal && equal_rank + __popc(equals & below_lane) < want);
             const unsigned int wins = __ballot_sync(0xffffffffu, won);
-            if (won) o[slot + __popc(wins & below_lane)] = i;
+            if (won) {
+                const int at = slot + __popc(wins & below_lane);
+                o[at] = map ? map[i] : first + i;
+                if (o_scores) o_scores[at] = v[c];
+            }
             equal_rank += __popc(equals);
             slot += __popc(wins);
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+topk_rows_f32(int* __restrict__ out, const float* __restrict__ scores,
+              const int* __restrict__ n_valid, int k, long long scores_stride) {
+    const int row = blockIdx.x;
+    topk_block(out + (size_t)row * k, nullptr, scores + (size_t)row * scores_stride, nullptr,
+               n_valid[row], k, 0);
+}
+
+// Block (row, p): the top k of part p, scores[row, p * part_len .. min(n_valid[row], (p + 1) *
+// part_len)), to slots [p * k, (p + 1) * k) of the row's candidates: indices into the row in
+// cand_idx, their scores in cand_scores (both [rows, gridDim.y * k]). A part past the row's
+// valid scores writes -1s. part_len >= k (see the top of the file).
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+topk_parts_f32(int* __restrict__ cand_idx, float* __restrict__ cand_scores,
+               const float* __restrict__ scores, const int* __restrict__ n_valid, int k,
+               long long scores_stride, int part_len) {
+    const int row = blockIdx.x, part = blockIdx.y;
+    const size_t slots = (size_t)row * gridDim.y * k + (size_t)part * k;
+    const int first = part * part_len;
+    const int n = max(0, min(n_valid[row] - first, part_len));
+    topk_block(cand_idx + slots, cand_scores + slots,
+               scores + (size_t)row * scores_stride + first, nullptr, n, k, first);
+}
+
+// Block row: the top k of the row's candidates from `topk_parts_f32` (`parts` parts of
+// part_len), as indices into the row, to out[row].
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+topk_merge_f32(int* __restrict__ out, const int* __restrict__ cand_idx,
+               const float* __restrict__ cand_scores, const int* __restrict__ n_valid, int k,
+               int part_len, int parts) {
+    const int row = blockIdx.x;
+    // The valid candidates: k from every full part, then the rest of the row (at most k).
+    const int n_row = n_valid[row];
+    int n = 0;
+    for (int p = 0; p < parts; ++p) n += max(0, min(min(n_row - p * part_len, part_len), k));
+    const size_t from = (size_t)row * parts * k;
+    topk_block(out + (size_t)row * k, nullptr, cand_scores + from, cand_idx + from, n, k, 0);
 }

@@ -131,6 +131,12 @@ pub const KERNELS: &[Kernel] = &[
         tiles: Int),
     kernel!("topk_rows_f32" in "topk.cu":
         out: I32Mut, scores: F32, n_valid: I32, k: Int, scores_stride: Long),
+    kernel!("topk_parts_f32" in "topk.cu":
+        cand_idx: I32Mut, cand_scores: F32Mut, scores: F32, n_valid: I32, k: Int,
+        scores_stride: Long, part_len: Int),
+    kernel!("topk_merge_f32" in "topk.cu":
+        out: I32Mut, cand_idx: I32, cand_scores: F32, n_valid: I32, k: Int, part_len: Int,
+        parts: Int),
     kernel!("sparse_mla_attention_bf16" in "mla_sparse.cu":
         out: Bf16Mut, lse: F32Mut, q: Bf16, kv: Bf16, indices: I32, topk: Int, heads: Int,
         latent: Int, rope: Int, scale: Float),
@@ -287,8 +293,10 @@ pub mod launch {
     /// the widest row it takes (one fp8 scale block), and its rows' padding in bytes.
     pub const INDEXER_FP8_TC_MAX_DIM: u32 = 128;
     pub const INDEXER_FP8_TC_PAD: u32 = 16;
-    /// Threads per top-k block (one block per row).
+    /// Threads per top-k block (a row, or a part of one: [`topk_split`]).
     pub const TOPK_THREADS: u32 = 1024;
+    /// The most parts `topk_parts_f32` splits a row into.
+    pub const TOPK_MAX_PARTS: u32 = 16;
     /// Heads per MLA attention block (8 warps of 2 heads), keys per tile.
     pub const MLA_HEADS_PER_BLOCK: u32 = 16;
     pub const MLA_THREADS: u32 = 256;
@@ -432,6 +440,41 @@ pub mod launch {
             .map(|e| 1 << e)
             .find(|&t| u64::from(rows) * key_tiles.div_ceil(u64::from(t)) >= wanted)
             .unwrap_or(1)
+    }
+
+    /// Parts to split each of `rows` rows of up to `n_keys` scores into for their top `k`
+    /// (`topk_parts_f32`, then `topk_merge_f32`), on a device of `sms` multiprocessors: 1 (no
+    /// split: `topk_rows_f32`, a block a row) once the rows give every multiprocessor a block.
+    /// Fewer rows leave multiprocessors idle (a block reads its row five times, one load
+    /// after another, so a decode step of 8 rows would use 8 of an H200's 132): their rows
+    /// are split into enough parts to fill them, up to `TOPK_MAX_PARTS`, and no more than
+    /// √(n_keys / k), as a block's reads of its part (n_keys / parts) and the merge's of the
+    /// candidates (parts · k) then weigh the same. That bound also keeps parts at least k
+    /// long, as the merge needs ([`topk_split`]).
+    pub fn topk_parts(rows: u32, n_keys: u32, k: u32, sms: u32) -> u32 {
+        if k == 0 || rows >= sms {
+            return 1;
+        }
+        (sms / rows.max(1))
+            .min((n_keys / k).isqrt())
+            .clamp(1, TOPK_MAX_PARTS)
+    }
+
+    /// `parts` (or fewer) parts of a row of `n_keys` scores for a top `k`, and the scores a part
+    /// takes (`part_len`, whole 32-score chunks): `None` when that is one part, so no split.
+    /// Parts are at least k long (`topk_parts_f32`'s candidates of a row are then a
+    /// contiguous prefix), so at most `n_keys / k` of them.
+    pub fn topk_split(n_keys: u32, k: u32, parts: u32) -> Option<(u32, u32)> {
+        if k == 0 {
+            return None;
+        }
+        let parts = parts.min(n_keys / k).min(TOPK_MAX_PARTS);
+        if parts <= 1 {
+            return None;
+        }
+        let part_len = n_keys.div_ceil(parts).next_multiple_of(32);
+        let parts = n_keys.div_ceil(part_len);
+        (parts > 1).then_some((parts, part_len))
     }
 
     /// Whether the fp8 tensor-core indexer takes rows of `dim`: at most

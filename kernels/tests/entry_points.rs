@@ -372,3 +372,60 @@ fn fp8_products_split_k_only_while_the_blocks_leave_multiprocessors_idle() {
         assert!((splits - 1) * split < total, "an empty split");
     }
 }
+
+#[test]
+fn top_k_rows_are_split_only_while_the_rows_leave_multiprocessors_idle() {
+    // (rows, keys a row, k, multiprocessors) -> parts.
+    let cases = [
+        // A decode step of 8 rows at 64K keys on an H200 (132): 16 parts would fill it, but
+        // √(64K / 2048) = 5 weighs the parts' reads against the merge's.
+        ((8, 65536, 2048, 132), 5),
+        // 64 rows: two parts fill 128 of the 132.
+        ((64, 65536, 2048, 132), 2),
+        // One row of 128K: 8 parts (√64); of 1M keys, the most (16).
+        ((1, 131_072, 2048, 132), 8),
+        ((1, 1 << 20, 2048, 1000), 16),
+        // Enough rows, or too few keys a row for two parts of k.
+        ((132, 65536, 2048, 132), 1),
+        ((1000, 65536, 2048, 132), 1),
+        ((1, 4095, 2048, 132), 1),
+        ((1, 1000, 2048, 132), 1),
+        // The emulator's one multiprocessor never splits; nor does k = 0.
+        ((1, 1 << 20, 2048, 1), 1),
+        ((1, 1 << 20, 0, 132), 1),
+        // The engine's tests: 3 rows of 598 keys, k = 64.
+        ((3, 598, 64, 132), 3),
+        ((1, u32::MAX, 1, u32::MAX), 16),
+    ];
+    for ((rows, n_keys, k, sms), parts) in cases {
+        let case = format!("{rows} rows of {n_keys}, k = {k}, {sms} multiprocessors");
+        assert_eq!(launch::topk_parts(rows, n_keys, k, sms), parts, "{case}");
+    }
+    // (keys, k, parts asked) -> (parts, part_len), None for no split.
+    let splits = [
+        ((65536, 2048, 5), Some((5, 13120))),
+        ((65536, 2048, 2), Some((2, 32768))),
+        ((65536, 2048, 100), Some((16, 4096))),
+        ((598, 64, 3), Some((3, 224))),
+        // 9 parts of 598 would be 67 keys; 96 (whole chunks of 32) take 7.
+        ((598, 64, 32), Some((7, 96))),
+        // Two parts of 16 round up to one chunk of 32: no split.
+        ((32, 16, 2), None),
+        ((100, 64, 4), None),
+        ((65536, 2048, 1), None),
+        ((65536, 0, 4), None),
+        ((u32::MAX, 1, 16), Some((16, 268_435_456))),
+    ];
+    for ((n_keys, k, asked), want) in splits {
+        let got = launch::topk_split(n_keys, k, asked);
+        assert_eq!(got, want, "{n_keys} keys, k = {k}, {asked} parts");
+        if let Some((parts, part_len)) = got {
+            // Whole chunks, each part at least k (the merge's candidates are then a prefix),
+            // every key in a part and no part empty.
+            assert!(part_len.is_multiple_of(32) && part_len >= k, "{part_len}");
+            assert!((2..=launch::TOPK_MAX_PARTS).contains(&parts), "{parts}");
+            assert!(u64::from(parts) * u64::from(part_len) >= u64::from(n_keys));
+            assert!((parts - 1) * part_len < n_keys, "an empty part");
+        }
+    }
+}

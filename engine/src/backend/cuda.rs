@@ -609,6 +609,8 @@ struct Kernels {
     mla_latent_attention_tc_fp8: CudaFunction,
     mla_combine_splits: CudaFunction,
     topk_rows: CudaFunction,
+    topk_parts: CudaFunction,
+    topk_merge: CudaFunction,
     picks_to_pool_rows: CudaFunction,
     moe_route: CudaFunction,
     moe_expert_slots: CudaFunction,
@@ -725,6 +727,12 @@ pub struct Cuda {
     tensor_core_launches: Arc<std::sync::atomic::AtomicU64>,
     /// The indexer's scores launches, on the tensor cores or not.
     indexer_launches: Arc<std::sync::atomic::AtomicU64>,
+    /// Parts of each row the indexer's top-k splits into, as [`Cuda::indexer_top_k_parts`]
+    /// set; 0: chosen per launch ([`launch::topk_parts`]).
+    topk_parts: Arc<std::sync::atomic::AtomicU32>,
+    /// The indexer's top-k launches that split their rows (`topk_parts_f32`, then
+    /// `topk_merge_f32`).
+    split_topk_launches: Arc<std::sync::atomic::AtomicU64>,
     /// Groups of 16 heads a block of the tensor-core attention, as set by
     /// [`Cuda::attention_head_groups`]; 0: chosen per launch ([`launch::mla_tc_groups`]).
     head_groups: Arc<std::sync::atomic::AtomicU32>,
@@ -1345,6 +1353,8 @@ fn open_device(ordinal: usize) -> Result<OpenDevice> {
         mla_latent_attention_tc_fp8: function("mla_latent_attention_tc_fp8")?,
         mla_combine_splits: function("mla_combine_splits_f32")?,
         topk_rows: function("topk_rows_f32")?,
+        topk_parts: function("topk_parts_f32")?,
+        topk_merge: function("topk_merge_f32")?,
         picks_to_pool_rows: function("picks_to_pool_rows")?,
         moe_route: function("moe_route_f32")?,
         moe_expert_slots: function("moe_expert_slots")?,
@@ -1501,6 +1511,8 @@ impl Cuda {
             tensor_cores: Arc::new(std::sync::atomic::AtomicBool::new(dtype == Dtype::Bfloat16)),
             tensor_core_launches: Arc::default(),
             indexer_launches: Arc::default(),
+            topk_parts: Arc::default(),
+            split_topk_launches: Arc::default(),
             head_groups: Arc::default(),
             key_splits: Arc::default(),
             split_launches: Arc::default(),
@@ -1635,6 +1647,35 @@ impl Cuda {
         self.key_splits
             .store(splits, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Sets how many parts the indexer's top-k splits each row's scores into (the parts' top k
+    /// in blocks of their own, `topk_parts_f32`, then each row's top k of theirs,
+    /// `topk_merge_f32`; the same picks): `Some(1)` never splits, `Some(n)` splits every
+    /// launch's rows into `n` parts (fewer where parts would be shorter than k, none for
+    /// rows of fewer than 2k scores), up to `launch::TOPK_MAX_PARTS`; `None` (the default)
+    /// splits only while a launch's rows would leave multiprocessors idle
+    /// ([`launch::topk_parts`]).
+    pub fn indexer_top_k_parts(&self, parts: Option<u32>) -> Result<()> {
+        let parts = match parts {
+            None => 0,
+            Some(n @ 1..=launch::TOPK_MAX_PARTS) => n,
+            Some(n) => {
+                return Err(EngineError::Device(format!(
+                    "indexer top-k parts: {n}; from 1 to {}",
+                    launch::TOPK_MAX_PARTS
+                )));
+            }
+        };
+        self.topk_parts
+            .store(parts, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How many of the indexer's top-k launches split their rows.
+    pub fn split_top_k_launches(&self) -> u64 {
+        self.split_topk_launches
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many attention launches split their rows' keys.
@@ -3053,21 +3094,61 @@ impl Cuda {
             }
 
             let (kk, stride) = (k as i32, n_keys as i64);
+            // A block a row, unless so few rows would leave multiprocessors idle: then each
+            // row's top k of its parts' top k.
+            let parts = match self.topk_parts.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => launch::topk_parts(rows as u32, n_keys as u32, k as u32, self.multiprocessors),
+                n => n,
+            };
+            let split = launch::topk_split(n_keys as u32, k as u32, parts);
+            let blocks = |parts: u32| LaunchConfig {
+                grid_dim: (rows as u32, parts, 1),
+                block_dim: (launch::TOPK_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
             let topk = |chosen: &mut CudaViewMut<'_, i32>| {
-                let mut b = self.stream.launch_builder(&self.k.topk_rows);
-                b.arg(chosen)
+                let Some((parts, part_len)) = split else {
+                    let mut b = self.stream.launch_builder(&self.k.topk_rows);
+                    b.arg(chosen)
+                        .arg(&scores.buf)
+                        .arg(&visible_rows)
+                        .arg(&kk)
+                        .arg(&stride);
+                    // SAFETY: chosen is [rows, k]; each row's n_valid ≤ n_keys, the scores'
+                    // row stride.
+                    ok(unsafe { b.launch(blocks(1)) }, "topk_rows");
+                    return;
+                };
+                let slots = rows * parts as usize * k;
+                // SAFETY (both): topk_parts_f32 writes all k slots of every part of every row
+                // (a part past a row's scores, -1s).
+                let mut cand_idx = ok(unsafe { self.stream.alloc::<i32>(slots) }, "allocating");
+                let mut cand_scores = ok(unsafe { self.stream.alloc::<f32>(slots) }, "allocating");
+                let (part_len, parts_) = (part_len as i32, parts as i32);
+                let mut b = self.stream.launch_builder(&self.k.topk_parts);
+                b.arg(&mut cand_idx)
+                    .arg(&mut cand_scores)
                     .arg(&scores.buf)
                     .arg(&visible_rows)
                     .arg(&kk)
-                    .arg(&stride);
-                let cfg = LaunchConfig {
-                    grid_dim: (rows as u32, 1, 1),
-                    block_dim: (launch::TOPK_THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: chosen is [rows, k]; each row's n_valid ≤ n_keys, the scores' row
-                // stride.
-                ok(unsafe { b.launch(cfg) }, "topk_rows");
+                    .arg(&stride)
+                    .arg(&part_len);
+                // SAFETY: the candidates are [rows, parts · k]; each row's n_valid ≤ n_keys
+                // (the scores' row stride) ≤ parts · part_len, and part_len ≥ k
+                // (launch::topk_split).
+                ok(unsafe { b.launch(blocks(parts)) }, "topk_parts");
+                let mut b = self.stream.launch_builder(&self.k.topk_merge);
+                b.arg(chosen)
+                    .arg(&cand_idx)
+                    .arg(&cand_scores)
+                    .arg(&visible_rows)
+                    .arg(&kk)
+                    .arg(&part_len)
+                    .arg(&parts_);
+                // SAFETY: chosen is [rows, k]; the candidates as written above.
+                ok(unsafe { b.launch(blocks(1)) }, "topk_merge");
+                self.split_topk_launches
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             };
             if let Some(kept) = &mut kept {
                 topk(&mut kept.slice_mut(first * k..(first + rows) * k));
