@@ -168,6 +168,14 @@ def ref_grouped_gemm(x, w, offsets):
     return y
 
 
+def topk_parts(rows, n, k, sms):
+    """Parts the engine splits each of `rows` top-k rows of n scores into (launch::topk_parts):
+    1 once the rows give every SM a block; else enough to fill them, at most 16 and sqrt(n / k)."""
+    if k == 0 or rows >= sms:
+        return 1
+    return max(1, min(sms // max(rows, 1), math.isqrt(n // k), 16))
+
+
 def rel_l2(out, ref):
     out, ref = out.double(), ref.double()
     if torch.isnan(out).any():
@@ -818,6 +826,20 @@ class Harness:
                     [out, cand_idx, cand_scores, nv, ("i", k), ("i", part_len), ("i", parts)])
         return parts
 
+    def time_topk_as_the_engine(self, idx, scores, vis, k):
+        """Milliseconds of the top-k as the engine runs it for these rows (split into parts
+        while a block a row would leave SMs idle: 2 parts for 64 rows of 64K on 132 SMs), and
+        its parts a row."""
+        rows, n = scores.shape
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        parts = topk_parts(rows, n, k, sms)
+        if parts < 2:
+            return self.time_ms(lambda: self.launch("topk_rows_f32", (rows,), 1024,
+                                                    [idx, scores, vis, ("i", k), ("l", n)])), 1
+        cands = (torch.empty(rows, parts * k, dtype=torch.int32, device=self.dev),
+                 torch.empty(rows, parts * k, device=self.dev))
+        return self.time_ms(lambda: self.topk_split_launch(idx, scores, vis, k, n, parts, cands)), parts
+
     def check_indexer_topk(self):
         T, S, H, D = 32, 4096, 64, 128
         q, keys = self.bf16(T, H, D), self.bf16(S, D)
@@ -957,14 +979,15 @@ class Harness:
         idx = torch.empty(B, k, dtype=torch.int32, device=self.dev)
         t_idx = self.time_ms(lambda: self.indexer_launch(scores, q, keys, w, start, vis, ctx, H, D))
         t_tc = self.time_ms(lambda: self.indexer_tc_launch(scores, q, keys, w, start, vis, ctx, H, D))
-        t_topk = self.time_ms(lambda: self.launch("topk_rows_f32", (B,), 1024, [idx, scores, vis, ("i", k), ("l", ctx)]))
+        t_topk, parts = self.time_topk_as_the_engine(idx, scores, vis, k)
         kb = keys.view(B, ctx, D)
         peer = lambda: (torch.relu(torch.bmm(q, kb.transpose(1, 2)).float() * D ** -0.5) * w[:, :, None]).sum(1).topk(k, -1)
         t_peer = self.time_ms(peer, reps=10)
         bytes_ = keys.numel() * 2 + scores.numel() * 4 * 2  # keys once, scores written then read by top-k
         self.timings.append(("indexer scores + top-k, B=64, ctx 64K, 64x128 heads, k=2048", t_idx + t_topk,
                              "torch bmm+relu+sum+topk", t_peer,
-                             f"scores {t_idx:.3f} ms, top-k {t_topk:.3f} ms; {bytes_ / (t_idx + t_topk) / 1e6:.0f} GB/s = "
+                             f"scores {t_idx:.3f} ms, top-k {t_topk:.3f} ms ({parts} parts a row); "
+                             f"{bytes_ / (t_idx + t_topk) / 1e6:.0f} GB/s = "
                              f"{100 * bytes_ / (t_idx + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
         self.timings.append(("indexer scores on tensor cores + top-k, same shape", t_tc + t_topk,
                              "torch bmm+relu+sum+topk", t_peer,
@@ -972,19 +995,20 @@ class Harness:
                              f"{bytes_ / (t_tc + t_topk) / 1e6:.0f} GB/s = "
                              f"{100 * bytes_ / (t_tc + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
         t_torch_topk = self.time_ms(lambda: scores.topk(k, -1))
-        self.timings.append(("topk_rows_f32 alone, 64 rows x 64K scores, k=2048", t_topk,
+        t_rows = self.time_ms(lambda: self.launch("topk_rows_f32", (B,), 1024, [idx, scores, vis, ("i", k), ("l", ctx)]))
+        self.timings.append(("topk_rows_f32 alone, 64 rows x 64K scores, k=2048", t_rows,
                              "torch.topk on the same scores", t_torch_topk,
-                             f"{scores.numel() * 4 / t_topk / 1e6:.0f} GB/s of scores (read 5 times: 4 digit "
-                             f"passes and the write); {t_torch_topk / t_topk:.2f}x torch.topk"))
+                             f"{scores.numel() * 4 / t_rows / 1e6:.0f} GB/s of scores (read 5 times: 4 digit "
+                             f"passes and the write); {t_torch_topk / t_rows:.2f}x torch.topk"))
         # Few rows leave multiprocessors idle a block a row: the engine splits them
         # (launch::topk_parts: 2 parts for 64 rows on 132 SMs, 5 for 8 rows at 64K, k = 2048).
-        for rows_t, parts in ((64, 2), (8, 5)):
+        for rows_t in (64, 8):
             sub, ids = scores[:rows_t], idx[:rows_t]
+            t_split, parts = self.time_topk_as_the_engine(ids, sub, vis, k)
+            if parts < 2:
+                continue
             t_one = self.time_ms(lambda: self.launch("topk_rows_f32", (rows_t,), 1024,
                                                      [ids, sub, vis, ("i", k), ("l", ctx)]))
-            cands = (torch.empty(rows_t, parts * k, dtype=torch.int32, device=self.dev),
-                     torch.empty(rows_t, parts * k, device=self.dev))
-            t_split = self.time_ms(lambda: self.topk_split_launch(ids, sub, vis, k, ctx, parts, cands))
             t_torch = self.time_ms(lambda: sub.topk(k, -1))
             self.timings.append((f"top-k split into {parts} parts, {rows_t} rows x 64K scores, k=2048", t_split,
                                  "topk_rows_f32, a block a row", t_one,
@@ -1096,7 +1120,7 @@ class Harness:
         scores = torch.empty(B, ctx, device=self.dev)
         idx = torch.empty(B, k, dtype=torch.int32, device=self.dev)
         t_fp8 = self.time_ms(lambda: self.indexer_fp8_launch(scores, q8, qs, k8, ks, w, start, vis, ctx, H, D))
-        t_topk = self.time_ms(lambda: self.launch("topk_rows_f32", (B,), 1024, [idx, scores, vis, ("i", k), ("l", ctx)]))
+        t_topk, _ = self.time_topk_as_the_engine(idx, scores, vis, k)
         t_bf16 = self.time_ms(lambda: self.indexer_launch(scores, q, keys, w, start, vis, ctx, H, D))
         t_bf16_tc = self.time_ms(lambda: self.indexer_tc_launch(scores, q, keys, w, start, vis, ctx, H, D))
         t_fp8_tc = self.time_ms(lambda: self.indexer_fp8_tc_launch(scores, q8, qs, k8, ks, w, start, vis, ctx, H, D))

@@ -966,7 +966,8 @@ fn the_indexer_takes_a_batch_of_sequences_in_one_launch() {
 
 /// The indexer's top-k split into parts (`topk_parts_f32`, then `topk_merge_f32`: what a
 /// decode step of few rows takes on a GPU of many multiprocessors) picks exactly what one
-/// block a row picks, for 2 to 16 parts, and both pick what float64 scores of the same keys
+/// block a row picks, for 2, 3, 6 and 16 parts asked (16 takes 8, the most parts of at least
+/// k that 4000 keys make), and both pick what float64 scores of the same keys
 /// pick: every key above the k-th best, and of the keys tied with it, the lowest indices.
 /// Three of every five keys are copies of three rows, so the scores tie in large groups (in
 /// three of the rows here, at the k-th best, with some of the tied keys left out); rows of
@@ -993,8 +994,7 @@ fn the_indexer_top_k_splits_rows_into_parts_with_the_same_picks() {
         noise(positions.len() * heads * dim),
         noise(positions.len() * heads),
     );
-    let select = |parts: Option<u32>| {
-        cuda.indexer_top_k_parts(parts).unwrap();
+    let pick = || {
         let launches = cuda.split_top_k_launches();
         let picked = cuda.indexer_select(
             &cuda.tensor(positions.len(), heads * dim, q.clone()),
@@ -1005,6 +1005,10 @@ fn the_indexer_top_k_splits_rows_into_parts_with_the_same_picks() {
             scale,
         );
         (picked, cuda.split_top_k_launches() - launches)
+    };
+    let select = |parts: Option<u32>| {
+        cuda.indexer_top_k_parts(parts).unwrap();
+        pick()
     };
     let (whole, splits) = select(Some(1));
     assert_eq!(splits, 0, "one block a row");
@@ -1018,7 +1022,7 @@ fn the_indexer_top_k_splits_rows_into_parts_with_the_same_picks() {
         let err = cuda.indexer_top_k_parts(Some(parts)).unwrap_err();
         assert!(err.to_string().contains("indexer top-k parts"), "{err}");
     }
-    assert_eq!(select(Some(16)), (whole.clone(), 1));
+    assert_eq!(pick(), (whole.clone(), 1));
     cuda.indexer_top_k_parts(None).unwrap();
 
     let mut tied_rows = 0;

@@ -1652,8 +1652,9 @@ impl Cuda {
     /// Sets how many parts the indexer's top-k splits each row's scores into (the parts' top k
     /// in blocks of their own, `topk_parts_f32`, then each row's top k of theirs,
     /// `topk_merge_f32`; the same picks): `Some(1)` never splits, `Some(n)` splits every
-    /// launch's rows into `n` parts (fewer where parts would be shorter than k, none for
-    /// rows of fewer than 2k scores), up to `launch::TOPK_MAX_PARTS`; `None` (the default)
+    /// launch's rows into `n` parts, up to `launch::TOPK_MAX_PARTS` (fewer where parts of the
+    /// launch's longest row would be shorter than k, none where that leaves one part:
+    /// [`launch::topk_split`]); `None` (the default)
     /// splits only while a launch's rows would leave multiprocessors idle
     /// ([`launch::topk_parts`]).
     pub fn indexer_top_k_parts(&self, parts: Option<u32>) -> Result<()> {
