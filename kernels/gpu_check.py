@@ -176,6 +176,15 @@ def topk_parts(rows, n, k, sms):
     return max(1, min(sms // max(rows, 1), math.isqrt(n // k), 16))
 
 
+def topk_collected(row, k):
+    """Entries of a row at or above the first 16 bits of its k-th largest (as topk.cu orders
+    float bits): what topk_rows_f32 collects into shared memory when there are at most 4096."""
+    b = row.float().view(torch.int32).long() & 0xFFFFFFFF
+    u = torch.where(b >= 0x80000000, (~b) & 0xFFFFFFFF, b | 0x80000000)
+    top16 = u >> 16
+    return int((top16 >= u.topk(k).values[-1] >> 16).sum())
+
+
 def rel_l2(out, ref):
     out, ref = out.double(), ref.double()
     if torch.isnan(out).any():
@@ -907,31 +916,43 @@ class Harness:
                              f"rows differ from topk_rows_f32: {wrong[:8]}" if wrong else "the same picks as topk_rows_f32, every row")
 
         # ties at the k-th value go to the lowest indices (the engine's rule): a row of few
-        # distinct values, a row all equal, and a row of zeros with 1,000 twos and 3,000 ones
-        # at random places, so the winners above the k-th value lie all along the row and only
-        # the first 1,048 of its ties win
-        x = torch.randint(0, 4, (3, n), device=self.dev).float()
+        # distinct values, a row all equal, two rows of zeros with 1,000 twos and 3,000 (6,000)
+        # ones at random places, so the winners above the k-th value lie all along the row and
+        # only the first 1,048 of its ties win, and normal scores on a grid of 1/32 (about 160
+        # copies of each value near the k-th). Rows 2 and 4 have at most 4096 entries at or
+        # above the k-th's first 16 bits, which the kernel collects into shared memory; the
+        # others take five passes over the row
+        rows_t, collect = 5, (2, 4)
+        x = torch.randint(0, 4, (rows_t, n), device=self.dev).float()
         x[1] = 1.0
-        x[2] = 0.0
-        places = torch.randperm(n, device=self.dev)
-        x[2, places[:1000]] = 2.0
-        x[2, places[1000:4000]] = 1.0
-        out = torch.full((3, k), -7, dtype=torch.int32, device=self.dev)
-        nv = torch.full((3,), n, dtype=torch.int32, device=self.dev)
-        self.launch("topk_rows_f32", (3,), 1024, [out, x, nv, ("i", k), ("l", n)])
+        for r, ones in ((2, 3000), (3, 6000)):
+            places = torch.randperm(n, device=self.dev)
+            x[r] = 0.0
+            x[r, places[:1000]] = 2.0
+            x[r, places[1000:1000 + ones]] = 1.0
+        x[4] = torch.round(torch.randn(n, device=self.dev) * 32) / 32
+        out = torch.full((rows_t, k), -7, dtype=torch.int32, device=self.dev)
+        nv = torch.full((rows_t,), n, dtype=torch.int32, device=self.dev)
+        self.launch("topk_rows_f32", (rows_t,), 1024, [out, x, nv, ("i", k), ("l", n)])
         bad = []
-        for r in range(3):
+        for r in range(rows_t):
             # the reference: stable sort by value descending, so equal values keep index order
             want = torch.sort(-x[r], stable=True).indices[:k].sort().values
             if not torch.equal(out[r].long(), want):
                 bad.append(r)
-        self.record_bool("topk_rows_f32 ties, k=2048", not bad, f"rows wrong: {bad}" if bad else "tied entries: the lowest indices, as the engine")
+        collected = [topk_collected(x[r], k) for r in range(rows_t)]
+        paths_ok = all((c <= 4096) == (r in collect) for r, c in enumerate(collected))
+        self.record_bool("topk_rows_f32 ties, k=2048", not bad and paths_ok,
+                         f"rows wrong: {bad}" if bad else
+                         f"tied entries: the lowest indices, as the engine; entries at or above the k-th's first "
+                         f"16 bits {collected} (the kernel collects at most 4096)"
+                         + ("" if paths_ok else f": NOT the cases meant (rows {collect} within 4096, the others past)"))
         # and split: the tied winners of the first rows lie in the first part; the third
         # row's in all of them
         for parts in (5, 16):
-            out = torch.full((3, k), -7, dtype=torch.int32, device=self.dev)
+            out = torch.full((rows_t, k), -7, dtype=torch.int32, device=self.dev)
             self.topk_split_launch(out, x, nv, k, n, parts)
-            bad = [r for r in range(3)
+            bad = [r for r in range(rows_t)
                    if not torch.equal(out[r].long(), torch.sort(-x[r], stable=True).indices[:k].sort().values)]
             self.record_bool(f"topk_parts_f32 + topk_merge_f32 ties, {parts} parts, k=2048", not bad,
                              f"rows wrong: {bad}" if bad else "tied entries: the lowest indices, as the engine")
@@ -998,8 +1019,8 @@ class Harness:
         t_rows = self.time_ms(lambda: self.launch("topk_rows_f32", (B,), 1024, [idx, scores, vis, ("i", k), ("l", ctx)]))
         self.timings.append(("topk_rows_f32 alone, 64 rows x 64K scores, k=2048", t_rows,
                              "torch.topk on the same scores", t_torch_topk,
-                             f"{scores.numel() * 4 / t_rows / 1e6:.0f} GB/s of scores (read 5 times: 4 digit "
-                             f"passes and the write); {t_torch_topk / t_rows:.2f}x torch.topk"))
+                             f"{scores.numel() * 4 / t_rows / 1e6:.0f} GB/s of scores (read 3 times: 2 digit "
+                             f"passes and the collection); {t_torch_topk / t_rows:.2f}x torch.topk"))
         # Few rows leave multiprocessors idle a block a row: the engine splits them
         # (launch::topk_parts: 2 parts for 64 rows on 132 SMs, 5 for 8 rows at 64K, k = 2048).
         for rows_t in (64, 8):
