@@ -25,9 +25,10 @@
 // scans the 256 bins to find the digit. The first digit's pass strides over the row; the
 // second's goes over it as one contiguous segment a warp, with a histogram a warp, so that each
 // warp then knows how many of its entries are above the 16-bit prefix and how many equal it.
-// - Usually (continuous scores: k plus a few hundred, for k up to 4096) those number at most TOPK_COLLECT
-//   (4096): a third pass copies them, in row order, into shared memory, and the last two
-//   digits and the winners are found there. Three reads of the row.
+// - Usually (continuous scores: k plus a few hundred, so for k up to about 3800) those number
+//   at most TOPK_COLLECT (4096): a third pass copies them, in row order, into shared memory,
+//   and the last two digits and the winners are found there (one warp writes the winners:
+//   k / 32 steps). Three reads of the row.
 // - Otherwise (heavy ties): the third digit strides over the row, the fourth goes a segment a
 //   warp, and a fifth pass writes each warp's winners from its segment's place in the row, in
 //   index order, ranked by ballots. Five reads.
