@@ -104,7 +104,9 @@ fn shared_prompt_prefixes_are_computed_once_and_change_no_output() {
         vec![a.clone()],
         vec![b.clone()],
         vec![a.clone()],
-        // Side by side: identical prompts in one step compute their blocks separately.
+        // Side by side: identical prompts submitted together. Those the engine takes into one
+        // step compute their blocks separately; one it takes after the first's prefill (the
+        // requests arrive one by one at a running engine) finds C's block cached.
         vec![c.clone(), c.clone(), c.clone()],
         vec![c.clone()],
     ];
@@ -119,10 +121,13 @@ fn shared_prompt_prefixes_are_computed_once_and_change_no_output() {
     let queried: usize = waves.iter().flatten().map(|p| p.len() - 1).sum();
     assert_eq!(metrics.prefix_cache_queries.get(), queried as u64);
     // Hits: B and the second A share A's two full prompt blocks; the last C shares the one
-    // full block of C's 19 looked-up tokens.
-    assert_eq!(
-        metrics.prefix_cache_hits.get(),
-        (2 * BLOCK + 2 * BLOCK + BLOCK) as u64
+    // full block of C's 19 looked-up tokens; of the side-by-side Cs, the second and third do
+    // too when they reached the engine after the first's prefill (a race with its loop).
+    let hits = metrics.prefix_cache_hits.get();
+    let least = (2 * BLOCK + 2 * BLOCK + BLOCK) as u64;
+    assert!(
+        (least..=least + 2 * BLOCK as u64).contains(&hits) && hits.is_multiple_of(BLOCK as u64),
+        "{hits} prefix-cache hits: {least} plus a block for each side-by-side C that came late"
     );
     // Idle: no block is held (cached ones are free for reuse).
     assert_idle(&cached);
