@@ -179,6 +179,28 @@ SMOE_DEVICE void segment_counts(unsigned int* hist, const unsigned int (*warp_hi
     __syncthreads();
 }
 
+// One 32-entry chunk of a warp's winners, in row order: lane's entry (score v at row position
+// i, `in` the row) wins if above the threshold, or equal to it and among the `want` first
+// equal ones (equal_rank of them came before this chunk); winners go to slots from `slot`.
+SMOE_DEVICE void write_winners(int* __restrict__ o, float* __restrict__ o_scores,
+                               const int* __restrict__ map, int first, float v, int i, bool in,
+                               uint32_t threshold, int want, unsigned int below_lane,
+                               int& equal_rank, int& slot) {
+    const uint32_t u = float_to_ordered(v);
+    const bool is_equal = in && u == threshold;
+    const unsigned int equals = __ballot_sync(0xffffffffu, is_equal);
+    const bool won =
+        (in && u > threshold) || (is_equal && equal_rank + __popc(equals & below_lane) < want);
+    const unsigned int wins = __ballot_sync(0xffffffffu, won);
+    if (won) {
+        const int at = slot + __popc(wins & below_lane);
+        o[at] = map ? map[i] : first + i;
+        if (o_scores) o_scores[at] = v;
+    }
+    equal_rank += __popc(equals);
+    slot += __popc(wins);
+}
+
 // One block's top k of x[0 .. n) into o[0 .. k): as index `first + i`, or `map[i]` where map is
 // given; with `o_scores`, each winner's score too (in the same slot).
 SMOE_DEVICE void topk_block(int* __restrict__ o, float* __restrict__ o_scores,
@@ -264,21 +286,10 @@ SMOE_DEVICE void topk_block(int* __restrict__ o, float* __restrict__ o_scores,
         slot = 0;
         for (int base = 0; base < collected; base += 32) {
             const int j = base + lane;
-            const float v = j < collected ? scratch.c.score[j] : 0.f;
-            const uint32_t u = float_to_ordered(v);
-            const bool is_equal = j < collected && u == threshold;
-            const unsigned int equals = __ballot_sync(0xffffffffu, is_equal);
-            const bool won = (j < collected && u > threshold) ||
-                             (is_equal && equal_rank + __popc(equals & below_lane) < want);
-            const unsigned int wins = __ballot_sync(0xffffffffu, won);
-            if (won) {
-                const int at = slot + __popc(wins & below_lane);
-                const int i = scratch.c.pos[j];
-                o[at] = map ? map[i] : first + i;
-                if (o_scores) o_scores[at] = v;
-            }
-            equal_rank += __popc(equals);
-            slot += __popc(wins);
+            const bool in = j < collected;
+            write_winners(o, o_scores, map, first, in ? scratch.c.score[j] : 0.f,
+                          in ? scratch.c.pos[j] : 0, in, threshold, want, below_lane, equal_rank,
+                          slot);
         }
         return;
     }
@@ -309,19 +320,8 @@ SMOE_DEVICE void topk_block(int* __restrict__ o, float* __restrict__ o_scores,
 #pragma unroll
         for (int c = 0; c < TOPK_LOADS; ++c) {
             const int i = base + c * 32 + lane;
-            const uint32_t u = float_to_ordered(v[c]);
-            const bool is_equal = i < end && u == threshold;
-            const unsigned int equals = __ballot_sync(0xffffffffu, is_equal);
-            const bool won = (i < end && u > threshold) ||
-                             (is_equal && equal_rank + __popc(equals & below_lane) < want);
-            const unsigned int wins = __ballot_sync(0xffffffffu, won);
-            if (won) {
-                const int at = slot + __popc(wins & below_lane);
-                o[at] = map ? map[i] : first + i;
-                if (o_scores) o_scores[at] = v[c];
-            }
-            equal_rank += __popc(equals);
-            slot += __popc(wins);
+            write_winners(o, o_scores, map, first, v[c], i, i < end, threshold, want, below_lane,
+                          equal_rank, slot);
         }
     }
 }
