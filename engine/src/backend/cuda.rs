@@ -1013,7 +1013,7 @@ impl CompiledKernels {
 
 /// Compiles the engine's kernels with NVRTC for `target`: one [`CompiledKernels`] a source
 /// file. Compiled once per process and target, and kept between processes in the kernel cache
-/// the environment names ([`kernel_cache::cache_dir`]).
+/// the environment names ([`kernel_cache::location`]).
 pub fn compile_kernels(target: KernelTarget) -> Result<Vec<CompiledKernels>> {
     type Compiled = std::collections::HashMap<KernelTarget, Vec<CompiledKernels>>;
     static COMPILED: std::sync::Mutex<Option<Compiled>> = std::sync::Mutex::new(None);

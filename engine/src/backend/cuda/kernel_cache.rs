@@ -9,8 +9,13 @@
 //! major and minor version, so two patch releases of one CUDA minor share entries (clear the
 //! directory after such an upgrade for the newer compiler's code).
 //!
-//! Where ([`cache_dir`]): `SPARSEMOE_KERNEL_CACHE` (a directory; `off` or empty for none), else
-//! `$XDG_CACHE_HOME/sparsemoe/kernels`, else `$HOME/.cache/sparsemoe/kernels`. An entry is
+//! Where ([`location`]): `SPARSEMOE_KERNEL_CACHE` (a directory; `off` or empty for none), else
+//! the first of `$XDG_CACHE_HOME/sparsemoe/kernels`, `$HOME/.cache/sparsemoe/kernels` and
+//! `$TMPDIR/sparsemoe-kernels` that can be written ([`KernelCache::from_env`] tries each). The
+//! last is for containers with a read-only root file system, such as the operator's engine pods,
+//! whose `/tmp` is an emptyDir that outlives a container restart: being in a shared directory,
+//! it is made private (mode 0700) and refused if another user owns it or others may write to
+//! it, since the engine loads machine code from it. An entry is
 //! written to a temporary file in the directory and renamed into place, so engines that share
 //! the directory (several on a node, on one volume) each read a whole entry or none. An entry
 //! that does not read back whole (its marker, lengths, checksum or kind wrong) is a miss: the
@@ -31,21 +36,101 @@ const HEADER: usize = 8 + 8 + 8 + 32;
 /// The machine-code length that says there is none (a PTX-only target).
 const NO_CUBIN: u64 = u64::MAX;
 
-/// The directory of the kernel cache from `SPARSEMOE_KERNEL_CACHE` (`explicit`),
-/// `XDG_CACHE_HOME` and `HOME`, in that order; `None` when the cache is off (`off` or empty)
-/// or there is nowhere to put it.
-pub(crate) fn cache_dir(
+/// Where the kernel cache goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Location {
+    /// No cache (`SPARSEMOE_KERNEL_CACHE` is `off` or empty).
+    Off,
+    /// The directory `SPARSEMOE_KERNEL_CACHE` names, used as it is.
+    Named(PathBuf),
+    /// The default directories, best first; the cache goes in the first that can be written.
+    /// The last is the one in the shared temporary directory.
+    Defaults(Vec<PathBuf>),
+}
+
+/// The kernel cache's [`Location`] from `SPARSEMOE_KERNEL_CACHE` (`explicit`), `XDG_CACHE_HOME`,
+/// `HOME` and the temporary directory `temp`, in that order.
+pub(crate) fn location(
     explicit: Option<OsString>,
     xdg_cache_home: Option<OsString>,
     home: Option<OsString>,
-) -> Option<PathBuf> {
+    temp: PathBuf,
+) -> Location {
     if let Some(dir) = explicit {
-        return (!dir.is_empty() && dir != "off").then(|| PathBuf::from(dir));
+        return if dir.is_empty() || dir == "off" {
+            Location::Off
+        } else {
+            Location::Named(PathBuf::from(dir))
+        };
     }
     let nonempty = |v: Option<OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
-    nonempty(xdg_cache_home)
-        .or_else(|| nonempty(home).map(|home| home.join(".cache")))
-        .map(|cache| cache.join("sparsemoe").join("kernels"))
+    let xdg = nonempty(xdg_cache_home).map(|cache| cache.join("sparsemoe").join("kernels"));
+    let home = nonempty(home).map(|home| home.join(".cache").join("sparsemoe").join("kernels"));
+    Location::Defaults(
+        xdg.into_iter()
+            .chain(home)
+            .chain([temp.join("sparsemoe-kernels")])
+            .collect(),
+    )
+}
+
+/// Makes `dir` if it is missing and checks that this process can write to it, by writing and
+/// removing a file. A `shared` one (in the temporary directory, where others can make it first)
+/// is made with mode 0700 and must be owned by this process's user with no write permission
+/// for group or others: the engine loads machine code from it.
+pub(crate) fn writable(dir: &Path, shared: bool) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    if shared {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)?;
+    let probe = dir.join(format!(".probe.{}", std::process::id()));
+    let created = std::fs::File::create(&probe).and_then(|f| f.metadata());
+    let _ = std::fs::remove_file(&probe);
+    let probe_metadata = created?;
+    #[cfg(unix)]
+    if shared {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::metadata(dir)?;
+        if metadata.uid() != probe_metadata.uid() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "owned by user {}, not by this process's user {}",
+                    metadata.uid(),
+                    probe_metadata.uid()
+                ),
+            ));
+        }
+        if metadata.mode() & 0o022 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "group or others may write to it (mode {:o})",
+                    metadata.mode() & 0o777
+                ),
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (shared, probe_metadata);
+    Ok(())
+}
+
+/// The first of the default directories `dirs` that [`writable`] accepts (the last one checked
+/// as shared), with why each one before it was passed over.
+pub(crate) fn first_writable(dirs: &[PathBuf]) -> (Option<PathBuf>, Vec<String>) {
+    let mut passed_over = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        match writable(dir, i + 1 == dirs.len()) {
+            Ok(()) => return (Some(dir.clone()), passed_over),
+            Err(e) => passed_over.push(format!("{}: {e}", dir.display())),
+        }
+    }
+    (None, passed_over)
 }
 
 /// What NVRTC built from one source file: its PTX, and for a machine-code target its CUBIN.
@@ -105,14 +190,34 @@ impl KernelCache {
         Self { dir: dir.into() }
     }
 
-    /// The cache this process's environment names ([`cache_dir`]), if any.
+    /// The cache this process's environment names ([`location`]), if any: the named
+    /// directory, or the first default one that can be written. Passing over a default one says
+    /// so on stderr, once, as does finding none.
     pub fn from_env() -> Option<Self> {
-        cache_dir(
+        let dirs = match location(
             std::env::var_os("SPARSEMOE_KERNEL_CACHE"),
             std::env::var_os("XDG_CACHE_HOME"),
             std::env::var_os("HOME"),
-        )
-        .map(Self::at)
+            std::env::temp_dir(),
+        ) {
+            Location::Off => return None,
+            Location::Named(dir) => return Some(Self::at(dir)),
+            Location::Defaults(dirs) => dirs,
+        };
+        let (dir, passed_over) = first_writable(&dirs);
+        if !passed_over.is_empty() {
+            let outcome = match &dir {
+                Some(dir) => format!("keeping the compiled kernels in {}", dir.display()),
+                None => "they are compiled at every start (set SPARSEMOE_KERNEL_CACHE to a \
+                         writable directory, or to off)"
+                    .into(),
+            };
+            eprintln!(
+                "sparsemoe-engine: kernel cache: cannot write to {}; {outcome}",
+                passed_over.join("; ")
+            );
+        }
+        dir.map(Self::at)
     }
 
     /// Where the entries are.
@@ -387,19 +492,86 @@ mod tests {
     #[test]
     fn the_directory_comes_from_the_environment_in_order() {
         let s = |v: &str| Some(OsString::from(v));
-        let p = |v: &str| Some(PathBuf::from(v));
-        assert_eq!(cache_dir(s("/cache"), s("/xdg"), s("/home/u")), p("/cache"));
-        assert_eq!(cache_dir(s("off"), s("/xdg"), s("/home/u")), None);
-        assert_eq!(cache_dir(s(""), s("/xdg"), s("/home/u")), None);
+        let at = |explicit, xdg, home| location(explicit, xdg, home, PathBuf::from("/tmp"));
+        let defaults = |dirs: &[&str]| Location::Defaults(dirs.iter().map(PathBuf::from).collect());
         assert_eq!(
-            cache_dir(None, s("/xdg"), s("/home/u")),
-            p("/xdg/sparsemoe/kernels")
+            at(s("/cache"), s("/xdg"), s("/home/u")),
+            Location::Named("/cache".into())
+        );
+        assert_eq!(at(s("off"), s("/xdg"), s("/home/u")), Location::Off);
+        assert_eq!(at(s(""), s("/xdg"), s("/home/u")), Location::Off);
+        assert_eq!(
+            at(None, s("/xdg"), s("/home/u")),
+            defaults(&[
+                "/xdg/sparsemoe/kernels",
+                "/home/u/.cache/sparsemoe/kernels",
+                "/tmp/sparsemoe-kernels"
+            ])
         );
         assert_eq!(
-            cache_dir(None, s(""), s("/home/u")),
-            p("/home/u/.cache/sparsemoe/kernels")
+            at(None, s(""), s("/home/u")),
+            defaults(&["/home/u/.cache/sparsemoe/kernels", "/tmp/sparsemoe-kernels"])
         );
-        assert_eq!(cache_dir(None, None, s("")), None);
-        assert_eq!(cache_dir(None, None, None), None);
+        assert_eq!(at(None, None, s("")), defaults(&["/tmp/sparsemoe-kernels"]));
+        assert_eq!(at(None, None, None), defaults(&["/tmp/sparsemoe-kernels"]));
+    }
+
+    #[test]
+    fn an_unwritable_default_directory_is_passed_over_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"not a directory").unwrap();
+        let shared = dir.path().join("tmp/sparsemoe-kernels");
+        let dirs = [
+            file.join("kernels"),
+            dir.path().join("home/kernels"),
+            shared.clone(),
+        ];
+        let (chosen, passed_over) = first_writable(&dirs);
+        assert_eq!(chosen.as_ref(), Some(&dirs[1]));
+        assert_eq!(passed_over.len(), 1, "{passed_over:?}");
+        assert!(passed_over[0].contains("a-file"), "{passed_over:?}");
+        // The first usable one is made; the ones after it are not touched.
+        assert!(dirs[1].is_dir() && !shared.exists());
+        // Nothing writable but the shared one: it is made, private to this user.
+        let (chosen, passed_over) = first_writable(&[file.join("kernels"), shared.clone()]);
+        assert_eq!((chosen.as_ref(), passed_over.len()), (Some(&shared), 1));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&shared).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{mode:o}");
+        }
+        // A cache that stores there reads its entry back.
+        let cache = KernelCache::at(&shared);
+        store(&cache, &key("sm_90"), &image(true)).unwrap();
+        assert_eq!(cache.load(&key("sm_90"), true), Ok(Some(image(true))));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_shared_directory_others_may_write_to_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("sparsemoe-kernels");
+        std::fs::create_dir(&shared).unwrap();
+        // Made by someone else first, writable by everyone: its machine code is not trusted.
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let refused = writable(&shared, true).unwrap_err().to_string();
+        assert!(
+            refused.contains("others may write") && refused.contains("777"),
+            "{refused}"
+        );
+        let (chosen, passed_over) = first_writable(std::slice::from_ref(&shared));
+        assert_eq!(chosen, None);
+        assert!(
+            passed_over[0].contains("others may write"),
+            "{passed_over:?}"
+        );
+        // The same directory as a user's own (not shared) one is theirs to choose.
+        assert!(writable(&shared, false).is_ok());
+        // Private again, it is accepted as shared too.
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(writable(&shared, true).is_ok());
     }
 }
