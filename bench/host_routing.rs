@@ -20,6 +20,12 @@
 //!   content (`Cuda::expert_tables` with `uploads::Tables`, replayed here with the same
 //!   `HashMap<Vec<u64>, _>` lookup).
 //!
+//! - device path by counts (bf16 experts past `in_place_rows`: a prefill chunk's; before this
+//!   row, the host path): the host gets each expert's row offsets back (`--experts` + 1
+//!   values, their copy not counted), lists the experts with rows, and builds the three
+//!   grouped products' pointer arrays (weights, inputs, outputs) as `Cuda::cublas_grouped`
+//!   does.
+//!
 //! - with `--shards` expert shards (an even plan, `ExpertShards::balanced`): the host path
 //!   routes as above, deals the pairs (`ExpertShards::dispatch`) and makes each shard's lists
 //!   (`compact_rows`, `by_expert`), as `Cuda::moe_experts_sharded` does before its copies; the
@@ -37,7 +43,7 @@ use std::time::Instant;
 use clap::Parser;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sparsemoe_engine::backend::{Routing, by_expert, pairs_by_row};
+use sparsemoe_engine::backend::{Routing, by_expert, experts_with_rows, pairs_by_row};
 use sparsemoe_engine::expert_load::ExpertLoad;
 use sparsemoe_engine::expert_shards::{ExpertShards, compact_rows};
 use sparsemoe_engine::moe::{RouterConfig, route, route_by_sorting};
@@ -148,6 +154,45 @@ fn main() -> anyhow::Result<()> {
         *tables.entry(table).or_insert(next) as u64
     };
 
+    // The expert offsets moe_expert_slots leaves on the device, as the host gets them back.
+    let counted = {
+        let mut counts = vec![0i32; e];
+        for row in logits.chunks(e) {
+            for id in route(row, &bias, &router).0 {
+                counts[id] += 1;
+            }
+        }
+        std::iter::once(0)
+            .chain(counts.iter().scan(0, |at, &c| {
+                *at += c;
+                Some(*at)
+            }))
+            .collect::<Vec<i32>>()
+    };
+    let (hidden, inter) = (7168u64, 2048u64);
+    let by_counts = || {
+        // As Cuda::experts_by_counts and Cuda::cublas_grouped: the experts with rows, their
+        // weights' addresses, and each product's pointers (weights, inputs, outputs).
+        let active = experts_with_rows(&counted);
+        let sizes: Vec<i32> = active.iter().map(|a| a.2 as i32).collect();
+        let weights: [Vec<u64>; 3] =
+            [0, 1, 2].map(|w| active.iter().map(|a| codes[3 * a.0 + w]).collect());
+        let at = |base: u64, width: u64| -> Vec<u64> {
+            active
+                .iter()
+                .map(|a| base + a.1 as u64 * width * 2)
+                .collect()
+        };
+        let (x, gate, up, act, y) = (address(0), address(1), address(2), address(3), address(4));
+        let products = [
+            [&weights[0], &at(x, hidden), &at(gate, inter)],
+            [&weights[1], &at(x, hidden), &at(up, inter)],
+            [&weights[2], &at(act, inter), &at(y, hidden)],
+        ];
+        let pointers: Vec<u64> = products.into_iter().flatten().flatten().copied().collect();
+        (pointers.len() + sizes.len()) as u64
+    };
+
     let shards = ExpertShards::balanced(args.shards, e)?;
     let route_all = || {
         let mut routing = Routing::default();
@@ -193,7 +238,8 @@ fn main() -> anyhow::Result<()> {
     };
 
     let (mut sorted, mut selected, mut on_device) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut sharded_host, mut sharded_device) = (Vec::new(), Vec::new());
+    let (mut sharded_host, mut sharded_device, mut counted_ms) =
+        (Vec::new(), Vec::new(), Vec::new());
     let mut sink = 0u64;
     for _ in 0..args.reps {
         let t = Instant::now();
@@ -206,6 +252,9 @@ fn main() -> anyhow::Result<()> {
         sink = sink.wrapping_add(std::hint::black_box(device()));
         on_device.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
+        sink = sink.wrapping_add(std::hint::black_box(by_counts()));
+        counted_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
         sink = sink.wrapping_add(std::hint::black_box(host_sharded()));
         sharded_host.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
@@ -215,10 +264,11 @@ fn main() -> anyhow::Result<()> {
     std::hint::black_box(sink);
     let (sorted_ms, host_ms, device_ms) = (median(sorted), median(selected), median(on_device));
     let (sharded_host_ms, sharded_device_ms) = (median(sharded_host), median(sharded_device));
+    let by_counts_ms = median(counted_ms);
 
     let (model, cpus) = machine();
     let table = format!(
-        "# Host work of a MoE layer's routing in a CUDA decode step\n\n\
+        "# Host work of a MoE layer's routing in a CUDA step\n\n\
          `cargo run --release -p sparsemoe-engine --example host_routing` (`bench/host_routing.rs`) \
          on {model}, {cpus} CPUs: {rows} rows, {e} experts in {groups} groups ({keep} kept), top \
          {k}; median of {reps} runs each, alternating. Host time only: neither side's kernel \
@@ -228,14 +278,19 @@ fn main() -> anyhow::Result<()> {
          | host routing before (`moe::route_by_sorting`: every expert sorted), the lists | {sorted_ms:.4} | {ss:.2} | {sr:.2}x |\n\
          | host routing now (`moe::route`: the top k selected), `ExpertLoad::record`, the lists | {host_ms:.4} | {hs:.2} | 1 |\n\
          | routing on the device (the address table found by content) | {device_ms:.4} | {ds:.2} | {dr:.3}x |\n\
+         | routing on the device, bf16 experts by counts (the offsets back, cuBLAS's pointer arrays) | {by_counts_ms:.4} | {cs:.2} | {cr:.3}x |\n\
          | {shards} expert shards, host routing, `ExpertShards::dispatch` and each shard's lists | {sharded_host_ms:.4} | {shs:.2} | {shr:.2}x |\n\
          | {shards} expert shards, routing on the device (each shard's table found by content) | {sharded_device_ms:.4} | {sds:.2} | {sdr:.3}x |\n\n\
          The third and last rows are all a layer routed on the device leaves the host, without \
          and with expert shards (fp8 or bf16 experts, at most `in_place_rows` rows; timed with \
          fp8's tables, twice bf16's; the sharded rows with an even plan over {shards} shards, \
-         whose lists the host path makes before its copies to each shard). The larger saving is not in this table: the host path copies \
-         each layer's logits to the host, which waits for all the work queued before it, so the \
-         GPU idles while the host routes; only a GPU can time that. A server CPU is faster than \
+         whose lists the host path makes before its copies to each shard). The fourth is what \
+         bf16 experts past `in_place_rows` leave it: their expert offsets come back to size \
+         cuBLAS's grouped products ({hidden} to {inter} wide), a copy that waits for the routing \
+         (not counted, like the host path's copy of the logits, which waits as long). The larger \
+         saving is not in this table: the host path copies each layer's logits to the host, \
+         which waits for all the work queued before it, so the GPU idles while the host routes; \
+         only a GPU can time that. A server CPU is faster than \
          this one; the ratios are what carry over.\n",
         rows = args.rows,
         groups = args.groups,
@@ -247,6 +302,8 @@ fn main() -> anyhow::Result<()> {
         hs = host_ms * args.layers as f64,
         ds = device_ms * args.layers as f64,
         sr = sorted_ms / host_ms,
+        cs = by_counts_ms * args.layers as f64,
+        cr = by_counts_ms / host_ms,
         dr = device_ms / host_ms,
         shards = args.shards,
         shs = sharded_host_ms * args.layers as f64,

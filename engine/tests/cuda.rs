@@ -1689,9 +1689,11 @@ fn random_fp8(rand: &mut impl FnMut(usize) -> Vec<f32>, n: usize, k: usize) -> M
 /// sigmoid differently; on the emulator they are the same bits). Rows of NaN and infinite
 /// logits route without fault, to the host's experts. fp8 experts route on the device at any
 /// rows (300 rows: experts with several 64-row tiles each, and top-8 pairs over more than one
-/// of `moe_expert_slots`' 256-pair tiles); bf16 experts past `in_place_rows` (cuBLAS's
-/// grouped products take those, with sizes from the host) are left to the host, and so are
-/// experts of mixed dtypes.
+/// of `moe_expert_slots`' 256-pair tiles). bf16 experts past `in_place_rows` route on the
+/// device too where their widths suit cuBLAS (multiples of 8): their counts come back to the
+/// host (one copy), and experts of at most `in_place_rows` rows still run in place, more on
+/// cuBLAS's grouped products, as the host's routing would run them. Other widths past
+/// `in_place_rows` are left to the host, and so are experts of mixed dtypes.
 #[test]
 fn routing_on_the_device_matches_the_host() {
     use sparsemoe_engine::backend::{Expert, Routing};
@@ -1712,6 +1714,10 @@ fn routing_on_the_device_matches_the_host() {
         (256, 8, 8, 4, true, 2.5, "fp8"),
         (256, 8, 8, 4, true, 2.5, "bf16"),
         (512, 8, 16, 4, true, 2.5, "fp8"),
+        // bf16 widths cuBLAS takes: at 300 rows, about 75 rows an expert (cuBLAS) and about 9
+        // (in place); at 65, about 16 and 2 (in place).
+        (8, 2, 4, 2, true, 2.5, "bf16 x8"),
+        (256, 8, 8, 4, true, 2.5, "bf16 x8"),
     ];
     for (n_experts, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor, dtype) in
         rules
@@ -1811,6 +1817,17 @@ fn routing_on_the_device_matches_the_host() {
                 routing.experts.push(ids);
                 routing.weights.push(weights);
             }
+            // The most rows an expert has: past in_place_rows (64), bf16 experts run on cuBLAS.
+            let most = (0..n_experts)
+                .map(|e| {
+                    routing
+                        .experts
+                        .iter()
+                        .filter(|ids| ids.contains(&e))
+                        .count()
+                })
+                .max()
+                .unwrap_or(0);
             let bf16_launches = cuda.bf16_grouped_products();
             let want = cuda.to_host(&cuda.moe_experts(&x, &routing, &experts));
             if !poisoned {
@@ -1827,7 +1844,7 @@ fn routing_on_the_device_matches_the_host() {
                 );
             }
             let mut load = (!fresh).then(|| cuda.tensor(3, n_experts, vec![1.0; 3 * n_experts]));
-            let before = cuda.routed_on_device();
+            let (before, reads) = (cuda.routed_on_device(), cuda.host_reads());
             let got = cuda.moe_routed(
                 &x,
                 &logits,
@@ -1838,7 +1855,8 @@ fn routing_on_the_device_matches_the_host() {
                 (1, 3),
                 None,
             );
-            let on_device = dtype == "fp8" || rows <= 64;
+            let by_counts = dtype == "bf16 x8" && rows > 64;
+            let on_device = dtype == "fp8" || rows <= 64 || by_counts;
             let Some(got) = got else {
                 assert!(!on_device, "{case}: not routed on the device");
                 assert_eq!(cuda.routed_on_device(), before, "{case}");
@@ -1855,11 +1873,18 @@ fn routing_on_the_device_matches_the_host() {
                 "{case}: bf16 routed on the device past in_place_rows"
             );
             assert_eq!(cuda.routed_on_device(), before + 1, "{case}");
-            // Three grouped launches each way (gate, up, down), on bf16_grouped_tc for bf16.
+            // Only bf16 experts past in_place_rows read their counts back.
+            assert_eq!(
+                cuda.host_reads() - reads,
+                u64::from(by_counts),
+                "{case}: copies to the host"
+            );
+            // Three grouped launches each way (gate, up, down), on bf16_grouped_tc for bf16
+            // experts of at most 64 rows, on cuBLAS for more.
             assert_eq!(
                 cuda.bf16_grouped_products() - bf16_launches,
-                if dtype == "bf16" { 6 } else { 0 },
-                "{case}: bf16_grouped_tc launches"
+                if dtype != "fp8" && most <= 64 { 6 } else { 0 },
+                "{case}: bf16_grouped_tc launches (at most {most} rows an expert)"
             );
             let load = cuda.to_host(load.as_ref().expect("the load, made by the routed layer"));
             let got = cuda.to_host(&got);
@@ -1987,7 +2012,10 @@ fn decode_steps_route_on_the_device() {
             *none, 0,
             "{weights}: routed on the device with route_on_device off"
         );
-        let steps = if weights == "fp8" { 11 } else { 9 };
+        // Every step routes on the device; the bf16 experts' 2 prefill steps, past
+        // in_place_rows, read each MoE layer's expert counts back.
+        let steps = 11;
+        let by_counts = if weights == "bf16" { 2 * moe_layers } else { 0 };
         assert_eq!(
             *routed,
             steps * moe_layers,
@@ -1995,7 +2023,7 @@ fn decode_steps_route_on_the_device() {
         );
         assert_eq!(
             *reads,
-            host_reads - routed + steps,
+            host_reads - routed + steps + by_counts,
             "{weights}: copies to the host"
         );
         assert_eq!(device_load, host_load, "{weights}: the expert counts");

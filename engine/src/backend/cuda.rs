@@ -59,17 +59,18 @@
 //!   the same logits bit for bit). The picks come to the host only when it needs them (a trace,
 //!   `--attention auto`'s dense rows, more than `KEYS_PER_LAUNCH` of them, or
 //!   [`Cuda::keep_picks`] off).
-//! - A MoE layer whose routed experts are fp8 (any rows: a prefill chunk's too) or bf16 (at
-//!   most [`Cuda::in_place_rows`] rows, a decode step's) routes on the device
-//!   ([`Backend::moe_routed`]): `moe_route_f32` chooses each row's experts as `moe::route`
+//! - A MoE layer whose routed experts are fp8 or bf16 (any rows: a prefill chunk's too) routes
+//!   on the device ([`Backend::moe_routed`]): `moe_route_f32` chooses each row's experts as `moe::route`
 //!   does, `moe_expert_slots` lists the pairs in expert order with each expert's 64-row tiles
 //!   and adds the counts to the step's load (read back once a step), and `fp8_grouped_tc` or
 //!   `bf16_grouped_tc` runs every tile (the grid sized for the most tiles the pairs can take;
 //!   the rows past the real ones end at once), so the layer copies neither its router logits
 //!   to the host nor its lists back (`routing_on_the_device_matches_the_host`,
-//!   `decode_steps_route_on_the_device`). Longer chunks of bf16 experts, float32 experts
-//!   (cuBLAS's grouped products take their sizes from the host) and traces route on the host
-//!   ([`Cuda::route_on_device`] turns it off).
+//!   `decode_steps_route_on_the_device`). bf16 experts past [`Cuda::in_place_rows`] rows (of
+//!   widths that are multiples of 8) copy one thing back, the layer's expert offsets
+//!   (`Cuda::experts_by_counts`), since cuBLAS's grouped products take their sizes from the
+//!   host; those of at most `in_place_rows` rows each still run in place. Float32 experts, expert shards' bf16 experts
+//!   past `in_place_rows` and traces route on the host ([`Cuda::route_on_device`] turns it off).
 //! - Block tables come from the host, as the trait asks. A read-only
 //!   array a step gives every layer (RoPE angles, cache slots, the indexer's block tables,
 //!   attention offsets, dense keys) is copied once and reused while its contents repeat
@@ -798,6 +799,13 @@ fn int32(values: impl Iterator<Item = usize>) -> Vec<i32> {
 
 fn device_error(what: impl std::fmt::Display) -> EngineError {
     EngineError::Device(what.to_string())
+}
+
+/// Whether experts of these widths can run on cuBLAS's grouped products: each group's rows
+/// start at a multiple of the widths, and multiples of 8 keep every start 16-byte aligned, which
+/// cuBLAS cannot check in pointer arrays on the device.
+fn cublas_widths(hidden: usize, inter: usize) -> bool {
+    hidden.is_multiple_of(8) && inter.is_multiple_of(8)
 }
 
 /// Whether the loaded cuBLAS has `cublasGemmGroupedBatchedEx` (cuBLAS 12.5 and later). cudarc
@@ -1757,12 +1765,12 @@ impl Cuda {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether a MoE layer with fp8 experts, or bf16 experts and at most
-    /// [`Cuda::in_place_rows`] rows (a decode step's), routes on the device (on by default):
-    /// `moe_route_f32` and
-    /// `moe_expert_slots` build the grouped products' lists there, so the layer copies neither
-    /// its router logits to the host nor its lists back ([`Backend::moe_routed`]), with expert
-    /// shards too. Off, every layer routes on the host.
+    /// Whether a MoE layer with fp8 or bf16 experts routes on the device (on by default):
+    /// `moe_route_f32` and `moe_expert_slots` build the grouped products' lists there, so the
+    /// layer copies neither its router logits to the host nor its lists back
+    /// ([`Backend::moe_routed`]; bf16 experts past [`Cuda::in_place_rows`] rows copy their
+    /// expert offsets back), with expert shards too (bf16 ones up to `in_place_rows` rows).
+    /// Off, every layer routes on the host.
     pub fn route_on_device(&self, on: bool) {
         self.route_on_device
             .store(on, std::sync::atomic::Ordering::Relaxed);
@@ -2342,8 +2350,6 @@ impl Cuda {
         experts: &[Expert<CudaWeight>],
         lists: &ExpertLists,
     ) -> bool {
-        use cudarc::cublas::sys::cudaDataType;
-        use cudarc::driver::DevicePtr;
         use std::sync::atomic::Ordering;
 
         if self.one_by_one.load(Ordering::Relaxed) {
@@ -2365,36 +2371,79 @@ impl Cuda {
             self.grouped_layers.fetch_add(1, Ordering::Relaxed);
             return true;
         }
-        // For cuBLAS: each group's rows start at a multiple of the widths; multiples of 8 keep
-        // every start 16-byte aligned, which cuBLAS cannot check in pointer arrays on the device.
-        if inter % 8 != 0 || hidden % 8 != 0 {
+        let Some(addresses) = self.cublas_addresses(groups.iter().map(|(e, _)| *e), experts) else {
+            return false;
+        };
+        if !cublas_widths(hidden, inter) {
             return false;
         }
-        // Each active expert's gate, up and down weights on this lane, as device addresses.
+        // The pairs' rows of x in expert order.
+        let xp = self.gather_indexed(&x.buf, hidden, &lists.view(lists.rows));
+        let sizes: Vec<usize> = groups.iter().map(|(_, r)| r.len()).collect();
+        let Some(y) = self.cublas_grouped(&xp, &sizes, &addresses, hidden, inter) else {
+            return false;
+        };
+        self.combine_pairs(out, &y, lists);
+        self.grouped_layers.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Each of `experts`' gate, up and down weights on this lane as device addresses, a list a
+    /// weight and an entry an expert, for cuBLAS's grouped products, and whether they are bf16
+    /// (else float32): `None` for fp8 weights or a mix of dtypes.
+    fn cublas_addresses(
+        &self,
+        ids: impl Iterator<Item = usize>,
+        experts: &[Expert<CudaWeight>],
+    ) -> Option<(bool, [Vec<u64>; 3])> {
+        use cudarc::driver::DevicePtr;
         let mut bf16 = None;
         let mut weights = [Vec::new(), Vec::new(), Vec::new()];
-        for (e, _) in groups {
-            let ex = &experts[*e];
+        for e in ids {
+            let ex = &experts[e];
             for (list, w) in weights.iter_mut().zip([&ex.gate, &ex.up, &ex.down]) {
                 let (is_bf16, address) = match self.weight(w) {
                     WeightData::F32(buf) => (false, buf.device_ptr(&self.stream).0),
                     WeightData::Bf16(buf) => (true, buf.device_ptr(&self.stream).0),
-                    WeightData::Fp8 { .. } => return false,
+                    WeightData::Fp8 { .. } => return None,
                 };
                 if *bf16.get_or_insert(is_bf16) != is_bf16 {
-                    return false;
+                    return None;
                 }
                 list.push(address);
             }
         }
-        let bf16 = bf16 == Some(true);
+        Some((bf16?, weights))
+    }
+
+    /// The routed experts' outputs before their weights (a row a pair, in expert order) as
+    /// three cuBLAS grouped products (`cublasGemmGroupedBatchedEx`, a group an expert) and
+    /// SiLU-and-mul between them: `xp` holds x's rows in expert order, `sizes[g]` of them for
+    /// the g-th expert of `addresses` ([`Cuda::cublas_addresses`]), every size above 0, and the
+    /// widths suit cuBLAS ([`cublas_widths`]). Float32 outputs for float32 weights; bf16 ones for
+    /// bf16 weights (cuBLAS's grouped products write their inputs' type). `None` when cuBLAS
+    /// refuses a product, which turns the grouped expert products off for the process (logged
+    /// once).
+    fn cublas_grouped(
+        &self,
+        xp: &CudaTensor,
+        sizes: &[usize],
+        addresses: &(bool, [Vec<u64>; 3]),
+        hidden: usize,
+        inter: usize,
+    ) -> Option<Rows> {
+        use cudarc::cublas::sys::cudaDataType;
+        use cudarc::driver::DevicePtr;
+        use std::sync::atomic::Ordering;
+
+        let (bf16, weights) = (addresses.0, &addresses.1);
         let (elem, dtype) = if bf16 {
             (2, cudaDataType::CUDA_R_16BF)
         } else {
             (4, cudaDataType::CUDA_R_32F)
         };
-        let n: Vec<i32> = groups.iter().map(|(_, r)| r.len() as i32).collect();
-        let p = lists.rows.len();
+        let n: Vec<i32> = sizes.iter().map(|&rows| rows as i32).collect();
+        let p: usize = sizes.iter().sum();
         // Every value of these buffers is written before it is read (the products, with beta 0,
         // write all of theirs; SiLU-and-mul all of act's), so none is zeroed first.
         let alloc = |len: usize| {
@@ -2409,8 +2458,7 @@ impl Cuda {
             }
         };
 
-        // The pairs' rows of x in expert order (rounded to bf16 for bf16 weights).
-        let xp = self.gather_indexed(&x.buf, hidden, &lists.view(lists.rows));
+        // The rows rounded to bf16 for bf16 weights.
         let xp_bits = bf16.then(|| self.bf16_bits(&xp.buf.as_view(), p * hidden));
         let input = match &xp_bits {
             Some(bits) => bits.device_ptr(&self.stream).0,
@@ -2441,7 +2489,6 @@ impl Cuda {
                      experts run one product each from now on"
                 );
             }
-            false
         };
         let address = |rows: &Rows| rows.address(&self.stream);
         // The three products' pointer arrays (weights, inputs, outputs: a group an entry),
@@ -2458,21 +2505,17 @@ impl Cuda {
                 &at(address(&y), hidden),
             ],
         ];
-        let pointers: Vec<u64> = products
-            .iter()
-            .flatten()
-            .flat_map(|v| v.iter())
-            .copied()
-            .collect();
+        let pointers: Vec<u64> = products.into_iter().flatten().flatten().copied().collect();
         let pointers_d = self.upload_slice(&pointers);
-        let per_product = 3 * groups.len();
+        let per_product = 3 * sizes.len();
         let arrays = |i: usize| pointers_d.slice(i * per_product..(i + 1) * per_product);
         for (i, m) in [(0, inter), (1, inter)] {
             // SAFETY: each group's weight is [inter, hidden], its n[g] input rows lie in the
             // gathered rows from x_at[g], and its outputs in gate (up) from the matching row.
             let done = unsafe { self.grouped_gemm(dtype, &arrays(i), m, hidden, &n) };
             if let Err(e) = done {
-                return refused(e);
+                refused(e);
+                return None;
             }
         }
         let len = (p * inter) as i64;
@@ -2501,12 +2544,63 @@ impl Cuda {
         // down_input, its outputs its rows of y.
         let done = unsafe { self.grouped_gemm(dtype, &arrays(2), hidden, inter, &n) };
         if let Err(e) = done {
-            return refused(e);
+            refused(e);
+            return None;
         }
+        Some(y)
+    }
 
-        self.combine_pairs(out, &y, lists);
-        self.grouped_layers.fetch_add(1, Ordering::Relaxed);
-        true
+    /// The experts' outputs before their weights (a row a pair, in expert order) for a MoE
+    /// layer routed on the device with bf16 experts and more rows than [`Cuda::in_place_rows`]:
+    /// `xp` holds x's rows in expert order, and `tables` the routing's lists. Each expert's
+    /// count of rows comes back to the host (one copy of its group offsets, which waits for the
+    /// routing: cuBLAS's grouped products take their sizes from the host, and this is all the
+    /// host reads, not the router's logits). Experts of at most `in_place_rows` rows each still
+    /// run in place, as a step routed on the host would run them; more take cuBLAS's grouped
+    /// products, or, once cuBLAS has refused one, a product at a time.
+    fn experts_by_counts(
+        &self,
+        xp: &CudaTensor,
+        tables: &GroupedTables<'_>,
+        experts: &[Expert<CudaWeight>],
+        hidden: usize,
+        inter: usize,
+    ) -> Rows {
+        use std::sync::atomic::Ordering::Relaxed;
+        let offsets = ok(
+            self.stream.clone_dtoh(&tables.offsets),
+            "copying to the host",
+        );
+        self.host_reads.fetch_add(1, Relaxed);
+        let active = super::experts_with_rows(&offsets);
+        let most = active.iter().map(|a| a.2).max().unwrap_or(0);
+        if self.grouped_in_place_fits(false, most, tables.tiles) {
+            return Rows::F32(self.expert_products_in_place(xp, tables, hidden, inter));
+        }
+        let sizes: Vec<usize> = active.iter().map(|a| a.2).collect();
+        let addresses = self.cublas_addresses(active.iter().map(|a| a.0), experts);
+        if let (Some(addresses), false) = (addresses, self.one_by_one.load(Relaxed))
+            && let Some(y) = self.cublas_grouped(xp, &sizes, &addresses, hidden, inter)
+        {
+            return y;
+        }
+        // cuBLAS refused: each expert's rows through its three products, into their place.
+        let p = offsets[offsets.len() - 1] as usize;
+        // SAFETY: the experts' rows cover all p rows, each written below.
+        let mut y = ok(
+            unsafe { self.stream.alloc::<f32>((p * hidden).max(1)) },
+            "allocating",
+        );
+        for &(e, first, rows) in &active {
+            let ye = self.swiglu(&self.rows(xp, first, rows), &experts[e]);
+            let at = first * hidden..(first + rows) * hidden;
+            self.copy(
+                &ye.buf.slice(..rows * hidden),
+                &mut y.slice_mut(at),
+                "copying an expert's outputs",
+            );
+        }
+        Rows::F32(y)
     }
 
     /// Adds to each row of `out` its pairs' outputs (`y`: a row a pair, in expert order, the
@@ -4554,17 +4648,28 @@ impl Backend for Cuda {
                 .is_none_or(|load| (load.rows, load.cols) == (layers, e));
         // The experts run as in-place grouped launches of up to n rows an expert. The first
         // expert's dtype stands for all (the tables below refuse a mix); a shard lane's grid,
-        // over fewer experts, is no larger, and every lane has the same in_place_rows.
+        // over fewer experts, is no larger, and every lane has the same in_place_rows. Past
+        // in_place_rows, bf16 experts on this lane run as their counts come out (see
+        // `experts_by_counts`); on shard lanes they are left to the host.
         let p = n * k;
         let fp8 = experts.first().is_some_and(|ex| ex.gate.is_fp8());
-        if !routable || !self.grouped_in_place_fits(fp8, n, most_tiles(p, e)) {
+        if !routable {
+            return None;
+        }
+        let in_place = self.grouped_in_place_fits(fp8, n, most_tiles(p, e));
+        let sharded = shards.filter(|_| !self.shards.is_empty());
+        if !in_place && (fp8 || sharded.is_some() || !grouped_gemm_present()) {
             return None;
         }
         // Where the experts run, settled before anything is launched (tables may be copied).
-        let run = match shards.filter(|_| !self.shards.is_empty()) {
+        let run = match sharded {
             None => Run::Here(self.expert_tables(experts.iter(), hidden, &[])?),
             Some(shards) => Run::Shards(self.shard_tables(shards, layer, experts, hidden)?),
         };
+        if !in_place && !matches!(run, Run::Here((_, inter, false)) if cublas_widths(hidden, inter))
+        {
+            return None;
+        }
         let load = load.get_or_insert_with(|| self.zeros(layers, e));
         // The layer's lists in two allocations: ints = ids [p] | slot_rows [p] | slot_of [p] |
         // group_offsets [e + 1] | tile_offsets [e + 1] | row_offsets [n + 1], floats =
@@ -4626,11 +4731,15 @@ impl Backend for Cuda {
                     groups: e,
                     tiles: most_tiles(p, e),
                 };
-                let y = self.expert_products_in_place(&xp, &tables, hidden, inter);
+                let y = if in_place {
+                    Rows::F32(self.expert_products_in_place(&xp, &tables, hidden, inter))
+                } else {
+                    self.experts_by_counts(&xp, &tables, experts, hidden, inter)
+                };
                 // SAFETY: combine_rows sets every row (a row's sum of no pairs is 0).
                 let mut out = unsafe { self.uninit(n, hidden) };
                 let by_row = (ints.slice(rows_at..), ints.slice(of_at..groups_at));
-                self.combine(&mut out, &Rows::F32(y), by_row, &floats.slice(p..), false);
+                self.combine(&mut out, &y, by_row, &floats.slice(p..), false);
                 self.grouped_layers.fetch_add(1, Relaxed);
                 out
             }

@@ -82,6 +82,17 @@ pub fn by_expert(
         .collect()
 }
 
+/// `(expert, first row, rows)` of each expert with rows, in expert order, from the experts'
+/// group offsets (`offsets[e]..offsets[e + 1]` are expert e's rows in expert order).
+pub fn experts_with_rows(offsets: &[i32]) -> Vec<(usize, usize, usize)> {
+    offsets
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| w[1] > w[0])
+        .map(|(e, w)| (e, w[0] as usize, (w[1] - w[0]) as usize))
+        .collect()
+}
+
 /// The pairs of each row: `rows[j]` is pair `j`'s row (of `n_rows`); row `r`'s pairs are
 /// `pairs[offsets[r]..offsets[r + 1]]`, ascending (a compressed-row list, `offsets` has
 /// `n_rows + 1` entries).
@@ -667,8 +678,20 @@ pub trait Backend: Send + Sync + 'static {
 
 #[cfg(test)]
 mod tests {
-    use super::{AttentionForm, CachedRows, MlaSeq, Selection, pairs_by_row};
+    use super::{AttentionForm, CachedRows, MlaSeq, Selection, experts_with_rows, pairs_by_row};
     use crate::kv_cache::PagedRows;
+
+    #[test]
+    fn experts_with_rows_skip_the_empty_ones_and_keep_their_places() {
+        // Experts 0 and 3 have no rows; expert 4's start where expert 2's end.
+        let offsets = [0, 0, 3, 5, 5, 9];
+        assert_eq!(
+            experts_with_rows(&offsets),
+            [(1, 0, 3), (2, 3, 2), (4, 5, 4)]
+        );
+        assert!(experts_with_rows(&[0, 0, 0]).is_empty());
+        assert!(experts_with_rows(&[]).is_empty());
+    }
 
     #[test]
     fn key_rows_are_the_visible_keys_through_the_table() {

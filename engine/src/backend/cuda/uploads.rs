@@ -194,13 +194,6 @@ impl<T> Clone for Part<T> {
 
 impl<T> Copy for Part<T> {}
 
-impl<T> Part<T> {
-    /// Its values.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-}
-
 impl Pack {
     /// Adds `v`; its values are read on the device through [`Packed::view`].
     pub fn push<T: bytemuck::Pod>(&mut self, v: &[T]) -> Part<T> {
