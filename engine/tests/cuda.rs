@@ -1960,6 +1960,88 @@ fn routing_on_the_device_matches_the_host() {
     );
 }
 
+/// A layer of bf16 experts routed on the device past `in_place_rows` whose cuBLAS grouped
+/// product is refused (`refuse_next_grouped_product`, as cuBLAS refuses one) still gives the
+/// layer's outputs: each expert's products one at a time, the same as the host routing's
+/// expert-by-expert path, with the experts counted once; later layers route on the host.
+#[test]
+fn a_refused_grouped_product_runs_the_layer_expert_by_expert() {
+    use sparsemoe_engine::backend::{Expert, Routing};
+    use sparsemoe_engine::moe::{RouterConfig, route};
+    let test = "a_refused_grouped_product_runs_the_layer_expert_by_expert";
+    let Some(cuda) = gpus(test, &[0], Dtype::Bfloat16) else {
+        return;
+    };
+    let mut rand = noise(31);
+    let (hidden, inter, n_experts, rows) = (64, 32, 8, 300);
+    let router = RouterConfig {
+        n_experts,
+        top_k: 2,
+        n_group: 4,
+        topk_group: 2,
+        norm_topk_prob: true,
+        routed_scaling_factor: 2.5,
+    };
+    let mut weight = |n: usize, k: usize| {
+        let values = rand(n * k).iter().map(|v| v * 0.2).collect();
+        cuda.upload(Matrix::from_f32(n, k, values)).unwrap()
+    };
+    let experts: Vec<Expert<_>> = (0..n_experts)
+        .map(|_| Expert {
+            gate: weight(inter, hidden),
+            up: weight(inter, hidden),
+            down: weight(hidden, inter),
+        })
+        .collect();
+    let bias: Vec<f32> = rand(n_experts).iter().map(|b| b * 0.2).collect();
+    let logits_host: Vec<f32> = rand(rows * n_experts).iter().map(|v| v * 6.0).collect();
+    let x = cuda.tensor(rows, hidden, rand(rows * hidden));
+    let (logits, bias_row) = (
+        cuda.tensor(rows, n_experts, logits_host.clone()),
+        cuda.tensor(1, n_experts, bias.clone()),
+    );
+    let mut routing = Routing::default();
+    let mut counts = vec![0.0; n_experts];
+    for row in logits_host.chunks(n_experts) {
+        let (ids, weights) = route(row, &bias, &router);
+        ids.iter().for_each(|&e| counts[e] += 1.0);
+        routing.experts.push(ids);
+        routing.weights.push(weights);
+    }
+    // About 75 rows an expert: past in_place_rows (64), so cuBLAS's turn.
+    assert!(counts.iter().any(|&c| c > 64.0), "{counts:?}");
+    cuda.refuse_next_grouped_product();
+    let mut load = None;
+    let layer = |load: &mut Option<_>| {
+        cuda.moe_routed(
+            &x,
+            &logits,
+            &bias_row,
+            &router,
+            &experts,
+            load,
+            (0, 1),
+            None,
+        )
+    };
+    let got = layer(&mut load).expect("routed on the device");
+    assert!(!cuda.experts_grouped(), "the refusal turned grouping off");
+    assert_eq!(
+        cuda.to_host(load.as_ref().unwrap()),
+        counts,
+        "the experts' counts"
+    );
+    // The host routing's expert-by-expert path, now that grouping is off.
+    let want = cuda.to_host(&cuda.moe_experts(&x, &routing, &experts));
+    let err = rel_l2(&want, &cuda.to_host(&got));
+    eprintln!("{test}: against the host routing, expert by expert: relative L2 {err:.2e}");
+    assert!(err < 1e-6, "relative L2 {err:.2e}");
+    assert!(
+        layer(&mut None).is_none(),
+        "a layer routed on the device after the refusal"
+    );
+}
+
 /// A model whose routed experts are fp8 routes every step's MoE layers on the device (the
 /// prefill chunks of `paged_run` too), and the same model with bf16 weights those of steps of
 /// at most `in_place_rows` rows (its decode steps): the same logits as routing every layer on

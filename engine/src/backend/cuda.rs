@@ -717,6 +717,9 @@ pub struct Cuda {
     /// products (see [`Cuda::grouped_experts`]): by [`Cuda::experts_one_by_one`], or once cuBLAS
     /// has refused a grouped product.
     one_by_one: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by [`Cuda::refuse_next_grouped_product`]: the next cuBLAS grouped product fails as
+    /// one cuBLAS refuses.
+    refuse_grouped: Arc<std::sync::atomic::AtomicBool>,
     /// MoE layers (or shards' parts of them) whose routed experts ran as grouped products.
     grouped_layers: Arc<std::sync::atomic::AtomicU64>,
     /// Whether attention and the indexer's scores run on the tensor cores
@@ -1515,6 +1518,7 @@ impl Cuda {
             shards: Arc::new(Vec::new()),
             fp8_scratch: device.fp8_scratch.clone(),
             one_by_one: Arc::new(std::sync::atomic::AtomicBool::new(!grouped_gemm_present())),
+            refuse_grouped: Arc::default(),
             grouped_layers: Arc::default(),
             tensor_cores: Arc::new(std::sync::atomic::AtomicBool::new(dtype == Dtype::Bfloat16)),
             tensor_core_launches: Arc::default(),
@@ -1555,6 +1559,14 @@ impl Cuda {
             lane.one_by_one
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Makes the main lane's next cuBLAS grouped product fail as one cuBLAS refuses (for tests
+    /// of what follows: that layer's experts run one product at a time, and so do every later
+    /// layer's, as after a real refusal).
+    pub fn refuse_next_grouped_product(&self) {
+        self.refuse_grouped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// How many MoE layers (a shard's part of one counting once) ran their routed experts as
@@ -1700,10 +1712,11 @@ impl Cuda {
     /// cuBLAS, whose tiles reuse each value across many rows, an fp8 weight dequantised to bf16
     /// for it. 0 always takes cuBLAS. The default is `launch::FP8_LINEAR_ROWS` (64), one
     /// block's rows. The same bound picks bf16 experts' grouped products: while no expert has
-    /// more rows, they run as `bf16_grouped_tc` (each weight read once, float32 outputs), and
-    /// a MoE layer of at most that many rows routes on the device ([`Cuda::route_on_device`]);
-    /// beyond it, as cuBLAS's grouped products. fp8 experts run as `fp8_grouped_tc`, and route
-    /// on the device, at any rows (see `Cuda::grouped_in_place_fits`).
+    /// more rows, they run as `bf16_grouped_tc` (each weight read once, float32 outputs);
+    /// beyond it, as cuBLAS's grouped products, and a MoE layer of more rows than the bound
+    /// routed on the device reads its experts' counts back to choose
+    /// ([`Cuda::route_on_device`]). fp8 experts run as `fp8_grouped_tc` at any rows (see
+    /// `Cuda::grouped_in_place_fits`).
     pub fn in_place_rows(&self, rows: usize) {
         for lane in self.lanes() {
             lane.in_place_rows
@@ -2509,6 +2522,11 @@ impl Cuda {
         let pointers_d = self.upload_slice(&pointers);
         let per_product = 3 * sizes.len();
         let arrays = |i: usize| pointers_d.slice(i * per_product..(i + 1) * per_product);
+        if self.refuse_grouped.swap(false, Ordering::Relaxed) {
+            use cudarc::cublas::{result::CublasError, sys::cublasStatus_t};
+            refused(CublasError(cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED));
+            return None;
+        }
         for (i, m) in [(0, inter), (1, inter)] {
             // SAFETY: each group's weight is [inter, hidden], its n[g] input rows lie in the
             // gathered rows from x_at[g], and its outputs in gate (up) from the matching row.
@@ -2555,9 +2573,10 @@ impl Cuda {
     /// `xp` holds x's rows in expert order, and `tables` the routing's lists. Each expert's
     /// count of rows comes back to the host (one copy of its group offsets, which waits for the
     /// routing: cuBLAS's grouped products take their sizes from the host, and this is all the
-    /// host reads, not the router's logits). Experts of at most `in_place_rows` rows each still
-    /// run in place, as a step routed on the host would run them; more take cuBLAS's grouped
-    /// products, or, once cuBLAS has refused one, a product at a time.
+    /// host reads, not the router's logits). The experts then run as a step routed on the host
+    /// would run them: all in place while no expert has more than `in_place_rows` rows, else
+    /// all on cuBLAS's grouped products, or, where cuBLAS refuses one, each expert's products
+    /// one at a time.
     fn experts_by_counts(
         &self,
         xp: &CudaTensor,
@@ -2585,8 +2604,8 @@ impl Cuda {
             return y;
         }
         // cuBLAS refused: each expert's rows through its three products, into their place.
-        let p = offsets[offsets.len() - 1] as usize;
-        // SAFETY: the experts' rows cover all p rows, each written below.
+        let p = xp.rows;
+        // SAFETY: the experts' rows cover all p rows (the offsets end at p), each written below.
         let mut y = ok(
             unsafe { self.stream.alloc::<f32>((p * hidden).max(1)) },
             "allocating",
@@ -4596,8 +4615,7 @@ impl Backend for Cuda {
         out
     }
 
-    /// On the device while the routed experts are all fp8, or all bf16 and the layer has at
-    /// most [`Cuda::in_place_rows`] rows (so no expert has more), with one shape:
+    /// On the device while the routed experts are all fp8, or all bf16, with one shape:
     /// `moe_route_f32` routes, `moe_expert_slots` lists the pairs in expert order (as the
     /// host's lists have them) and each expert's tiles of 64 rows and adds the counts to
     /// `load`, the rows are gathered, three `fp8_grouped_tc` (or `bf16_grouped_tc`) launches
@@ -4607,6 +4625,12 @@ impl Backend for Cuda {
     /// tables are copied once per layer and kept). The products and sums are those of the host
     /// routing's grouped path, so only the routing's own float32 roundings (the device's
     /// `expf`) can differ.
+    ///
+    /// bf16 experts in a layer of more than [`Cuda::in_place_rows`] rows (where cuBLAS may take
+    /// them, and their widths are multiples of 8) copy one thing to the host, the experts'
+    /// group offsets, and then run as the host routing's grouped path would: all in place while
+    /// no expert has more than `in_place_rows` rows, else all on cuBLAS's grouped products
+    /// ([`Cuda::experts_by_counts`]). Expert shards leave those layers to the host.
     ///
     /// With expert shards on lanes of their own, the main lane routes and lists as above, and
     /// each shard's lane, side by side, copies in the rows and the lists, keeps the pairs
@@ -4658,7 +4682,10 @@ impl Backend for Cuda {
         }
         let in_place = self.grouped_in_place_fits(fp8, n, most_tiles(p, e));
         let sharded = shards.filter(|_| !self.shards.is_empty());
-        if !in_place && (fp8 || sharded.is_some() || !grouped_gemm_present()) {
+        let widths = experts
+            .first()
+            .is_some_and(|ex| cublas_widths(hidden, ex.gate.rows));
+        if !in_place && (fp8 || sharded.is_some() || !widths || !grouped_gemm_present()) {
             return None;
         }
         // Where the experts run, settled before anything is launched (tables may be copied).
@@ -4666,10 +4693,6 @@ impl Backend for Cuda {
             None => Run::Here(self.expert_tables(experts.iter(), hidden, &[])?),
             Some(shards) => Run::Shards(self.shard_tables(shards, layer, experts, hidden)?),
         };
-        if !in_place && !matches!(run, Run::Here((_, inter, false)) if cublas_widths(hidden, inter))
-        {
-            return None;
-        }
         let load = load.get_or_insert_with(|| self.zeros(layers, e));
         // The layer's lists in two allocations: ints = ids [p] | slot_rows [p] | slot_of [p] |
         // group_offsets [e + 1] | tile_offsets [e + 1] | row_offsets [n + 1], floats =

@@ -11,11 +11,14 @@
 //!
 //! Where ([`location`]): `SPARSEMOE_KERNEL_CACHE` (a directory; `off` or empty for none), else
 //! the first of `$XDG_CACHE_HOME/sparsemoe/kernels`, `$HOME/.cache/sparsemoe/kernels` and
-//! `$TMPDIR/sparsemoe-kernels` that can be written ([`KernelCache::from_env`] tries each). The
-//! last is for containers with a read-only root file system, such as the operator's engine pods,
-//! whose `/tmp` is an emptyDir that outlives a container restart: being in a shared directory,
-//! it is made private (mode 0700) and refused if another user owns it or others may write to
-//! it, since the engine loads machine code from it. An entry is
+//! `$TMPDIR/sparsemoe-kernels-<uid>` that can be written ([`KernelCache::from_env`] tries each).
+//! The last is for containers with a read-only root file system, such as the operator's engine
+//! pods, whose `/tmp` is an emptyDir that outlives a container restart. Since the engine loads
+//! machine code from the cache, a default directory is made with mode 0700 and passed over
+//! (on Unix) unless it is a real directory, not a symbolic link, owned by this process's user,
+//! with no write permission for group or others; only then is a file written to it, one that
+//! must not exist before (so no link is followed). A directory named by
+//! `SPARSEMOE_KERNEL_CACHE` is used as it is. An entry is
 //! written to a temporary file in the directory and renamed into place, so engines that share
 //! the directory (several on a node, on one volume) each read a whole entry or none. An entry
 //! that does not read back whole (its marker, lengths, checksum or kind wrong) is a miss: the
@@ -49,12 +52,12 @@ pub(crate) enum Location {
 }
 
 /// The kernel cache's [`Location`] from `SPARSEMOE_KERNEL_CACHE` (`explicit`), `XDG_CACHE_HOME`,
-/// `HOME` and the temporary directory `temp`, in that order.
+/// `HOME` and `shared` (this user's directory in the temporary directory), in that order.
 pub(crate) fn location(
     explicit: Option<OsString>,
     xdg_cache_home: Option<OsString>,
     home: Option<OsString>,
-    temp: PathBuf,
+    shared: PathBuf,
 ) -> Location {
     if let Some(dir) = explicit {
         return if dir.is_empty() || dir == "off" {
@@ -66,66 +69,82 @@ pub(crate) fn location(
     let nonempty = |v: Option<OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
     let xdg = nonempty(xdg_cache_home).map(|cache| cache.join("sparsemoe").join("kernels"));
     let home = nonempty(home).map(|home| home.join(".cache").join("sparsemoe").join("kernels"));
-    Location::Defaults(
-        xdg.into_iter()
-            .chain(home)
-            .chain([temp.join("sparsemoe-kernels")])
-            .collect(),
-    )
+    Location::Defaults(xdg.into_iter().chain(home).chain([shared]).collect())
 }
 
-/// Makes `dir` if it is missing and checks that this process can write to it, by writing and
-/// removing a file. A `shared` one (in the temporary directory, where others can make it first)
-/// is made with mode 0700 and must be owned by this process's user with no write permission
-/// for group or others: the engine loads machine code from it.
-pub(crate) fn writable(dir: &Path, shared: bool) -> std::io::Result<()> {
+/// This user's directory for the kernel cache in the temporary directory.
+fn shared_dir() -> PathBuf {
+    #[cfg(unix)]
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let name = format!("sparsemoe-kernels-{}", unsafe { libc::geteuid() });
+    #[cfg(not(unix))]
+    let name = "sparsemoe-kernels".to_string();
+    std::env::temp_dir().join(name)
+}
+
+/// Makes `dir` (mode 0700) if it is missing and checks that the cache may live there: on Unix,
+/// that it is private to this process's user ([`private`]); then that this process can write
+/// to it, by making and removing a file that must not exist before.
+pub(crate) fn writable(dir: &Path) -> std::io::Result<()> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
-    if shared {
+    {
         use std::os::unix::fs::DirBuilderExt;
         builder.mode(0o700);
     }
     builder.create(dir)?;
-    let probe = dir.join(format!(".probe.{}", std::process::id()));
-    let created = std::fs::File::create(&probe).and_then(|f| f.metadata());
-    let _ = std::fs::remove_file(&probe);
-    let probe_metadata = created?;
     #[cfg(unix)]
-    if shared {
-        use std::os::unix::fs::MetadataExt;
-        let metadata = std::fs::metadata(dir)?;
-        if metadata.uid() != probe_metadata.uid() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "owned by user {}, not by this process's user {}",
-                    metadata.uid(),
-                    probe_metadata.uid()
-                ),
-            ));
-        }
-        if metadata.mode() & 0o022 != 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "group or others may write to it (mode {:o})",
-                    metadata.mode() & 0o777
-                ),
-            ));
-        }
+    private(dir)?;
+    // A probe left by an earlier process of this pid (a container's are alike) is this user's
+    // own: the directory is private.
+    let probe = dir.join(format!(".probe.{}", std::process::id()));
+    let _ = std::fs::remove_file(&probe);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
+/// Whether `dir` is a directory (not a symbolic link to one) owned by this process's user, with
+/// no write permission for group or others: no one else can put machine code in it.
+#[cfg(unix)]
+fn private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            why,
+        ))
+    };
+    let metadata = std::fs::symlink_metadata(dir)?;
+    if !metadata.file_type().is_dir() {
+        return refuse("not a directory (a symbolic link?)".into());
     }
-    #[cfg(not(unix))]
-    let _ = (shared, probe_metadata);
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let user = unsafe { libc::geteuid() };
+    if metadata.uid() != user {
+        return refuse(format!(
+            "owned by user {}, not by this process's user {user}",
+            metadata.uid()
+        ));
+    }
+    if metadata.mode() & 0o022 != 0 {
+        return refuse(format!(
+            "group or others may write to it (mode {:o})",
+            metadata.mode() & 0o777
+        ));
+    }
     Ok(())
 }
 
-/// The first of the default directories `dirs` that [`writable`] accepts (the last one checked
-/// as shared), with why each one before it was passed over.
+/// The first of the default directories `dirs` that [`writable`] accepts, with why each one
+/// before it was passed over.
 pub(crate) fn first_writable(dirs: &[PathBuf]) -> (Option<PathBuf>, Vec<String>) {
     let mut passed_over = Vec::new();
-    for (i, dir) in dirs.iter().enumerate() {
-        match writable(dir, i + 1 == dirs.len()) {
+    for dir in dirs {
+        match writable(dir) {
             Ok(()) => return (Some(dir.clone()), passed_over),
             Err(e) => passed_over.push(format!("{}: {e}", dir.display())),
         }
@@ -198,7 +217,7 @@ impl KernelCache {
             std::env::var_os("SPARSEMOE_KERNEL_CACHE"),
             std::env::var_os("XDG_CACHE_HOME"),
             std::env::var_os("HOME"),
-            std::env::temp_dir(),
+            shared_dir(),
         ) {
             Location::Off => return None,
             Location::Named(dir) => return Some(Self::at(dir)),
@@ -213,7 +232,7 @@ impl KernelCache {
                     .into(),
             };
             eprintln!(
-                "sparsemoe-engine: kernel cache: cannot write to {}; {outcome}",
+                "sparsemoe-engine: kernel cache: passing over {}; {outcome}",
                 passed_over.join("; ")
             );
         }
@@ -492,7 +511,8 @@ mod tests {
     #[test]
     fn the_directory_comes_from_the_environment_in_order() {
         let s = |v: &str| Some(OsString::from(v));
-        let at = |explicit, xdg, home| location(explicit, xdg, home, PathBuf::from("/tmp"));
+        let shared = "/tmp/sparsemoe-kernels-1000";
+        let at = |explicit, xdg, home| location(explicit, xdg, home, PathBuf::from(shared));
         let defaults = |dirs: &[&str]| Location::Defaults(dirs.iter().map(PathBuf::from).collect());
         assert_eq!(
             at(s("/cache"), s("/xdg"), s("/home/u")),
@@ -505,15 +525,15 @@ mod tests {
             defaults(&[
                 "/xdg/sparsemoe/kernels",
                 "/home/u/.cache/sparsemoe/kernels",
-                "/tmp/sparsemoe-kernels"
+                shared
             ])
         );
         assert_eq!(
             at(None, s(""), s("/home/u")),
-            defaults(&["/home/u/.cache/sparsemoe/kernels", "/tmp/sparsemoe-kernels"])
+            defaults(&["/home/u/.cache/sparsemoe/kernels", shared])
         );
-        assert_eq!(at(None, None, s("")), defaults(&["/tmp/sparsemoe-kernels"]));
-        assert_eq!(at(None, None, None), defaults(&["/tmp/sparsemoe-kernels"]));
+        assert_eq!(at(None, None, s("")), defaults(&[shared]));
+        assert_eq!(at(None, None, None), defaults(&[shared]));
     }
 
     #[test]
@@ -521,7 +541,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a-file");
         std::fs::write(&file, b"not a directory").unwrap();
-        let shared = dir.path().join("tmp/sparsemoe-kernels");
+        let shared = dir.path().join("tmp/sparsemoe-kernels-1000");
         let dirs = [
             file.join("kernels"),
             dir.path().join("home/kernels"),
@@ -542,22 +562,24 @@ mod tests {
             let mode = std::fs::metadata(&shared).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o700, "{mode:o}");
         }
-        // A cache that stores there reads its entry back.
+        // A cache that stores there reads its entry back, and the probe is gone.
         let cache = KernelCache::at(&shared);
         store(&cache, &key("sm_90"), &image(true)).unwrap();
         assert_eq!(cache.load(&key("sm_90"), true), Ok(Some(image(true))));
+        let names: Vec<_> = std::fs::read_dir(&shared).unwrap().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
     }
 
     #[cfg(unix)]
     #[test]
-    fn a_shared_directory_others_may_write_to_is_refused() {
+    fn a_directory_others_may_write_to_or_a_link_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let shared = dir.path().join("sparsemoe-kernels");
+        let shared = dir.path().join("sparsemoe-kernels-1000");
         std::fs::create_dir(&shared).unwrap();
         // Made by someone else first, writable by everyone: its machine code is not trusted.
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let refused = writable(&shared, true).unwrap_err().to_string();
+        let refused = writable(&shared).unwrap_err().to_string();
         assert!(
             refused.contains("others may write") && refused.contains("777"),
             "{refused}"
@@ -568,10 +590,24 @@ mod tests {
             passed_over[0].contains("others may write"),
             "{passed_over:?}"
         );
-        // The same directory as a user's own (not shared) one is theirs to choose.
-        assert!(writable(&shared, false).is_ok());
-        // Private again, it is accepted as shared too.
+        // Private again, it is accepted.
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700)).unwrap();
-        assert!(writable(&shared, true).is_ok());
+        assert!(writable(&shared).is_ok());
+        // A symbolic link to a private directory is not one.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&shared, &link).unwrap();
+        let refused = writable(&link).unwrap_err().to_string();
+        assert!(refused.contains("not a directory"), "{refused}");
+        // A probe left behind under this process's id, even a link, is replaced, not followed.
+        let target = dir.path().join("precious");
+        std::fs::write(&target, b"keep me").unwrap();
+        let probe = shared.join(format!(".probe.{}", std::process::id()));
+        std::os::unix::fs::symlink(&target, &probe).unwrap();
+        assert!(writable(&shared).is_ok());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+        assert!(
+            std::fs::symlink_metadata(&probe).is_err(),
+            "the probe is left"
+        );
     }
 }
