@@ -1689,8 +1689,12 @@ class Harness:
         counts = torch.bincount(torch.randint(0, 256, (4096 * 8,)), minlength=256).tolist()
         self.check_grouped(False, counts, 2048, 7168, time_it=True)
         self.check_grouped(True, counts, 2048, 7168, time_it=True)
+        # The last three are past the engine's in_place_rows (64), where it dequantises and calls
+        # cuBLAS instead: they say whether in place would still pay there (in_place_rows is the
+        # knob, grid rows of 64 the kernel's way to more rows).
         for m, n, k, what in ((1, 2048, 7168, "expert gate"), (64, 2048, 7168, "expert gate"),
-                              (1, 7168, 16384, "o_proj"), (64, 7168, 16384, "o_proj")):
+                              (1, 7168, 16384, "o_proj"), (64, 7168, 16384, "o_proj"), (128, 7168, 16384, "o_proj"),
+                              (256, 7168, 16384, "o_proj"), (1024, 7168, 16384, "o_proj")):
             codes, row_scales = self.fp8_weight(n, k)
             x = torch.randn(m, k, device=self.dev)
             y = torch.empty(m, n, device=self.dev)
@@ -1714,8 +1718,10 @@ class Harness:
         # engine, x rounded to bf16 and a cuBLAS bf16 product with float32 outputs (torch's
         # matmul, then the cast). DeepSeek-V3's q_b (1536 -> 24576), o_proj, an expert's gate,
         # and the absorbed MLA's W_UV over 128 heads (latent 512 -> v 128).
+        # And past in_place_rows (the last two), as for fp8 above.
         for m, n, k, what in ((1, 24576, 1536, "q_b"), (64, 24576, 1536, "q_b"), (1, 7168, 16384, "o_proj"),
-                              (64, 7168, 16384, "o_proj"), (8, 2048, 7168, "expert gate")):
+                              (64, 7168, 16384, "o_proj"), (8, 2048, 7168, "expert gate"), (256, 7168, 16384, "o_proj"),
+                              (1024, 7168, 16384, "o_proj")):
             w = torch.randn(n, k, device=self.dev).to(torch.bfloat16)
             x = torch.randn(m, k, device=self.dev)
             y = torch.empty(m, n, device=self.dev)
