@@ -2131,7 +2131,8 @@ fn decode_steps_route_on_the_device() {
 /// deal themselves their pairs (`moe_shard_pairs`). The logits must be those of the host's
 /// routing and dispatch (so every pair was computed once), the expert counts the same, each
 /// shard's count of pairs the same (the host counts the device's from the experts' counts), and
-/// the only copies to the host that remain are the logits and one read of the counts a step.
+/// the only copies to the host that remain are the logits and one read of the counts a step,
+/// and, for bf16 experts past `in_place_rows`, each shard lane's read of its experts' offsets.
 /// Which shard computed a pair the logits cannot tell: `kernels/gpu_check.py` checks
 /// `moe_shard_pairs`' dealing against the rule exactly.
 #[test]
@@ -2153,8 +2154,17 @@ fn sharded_steps_route_on_the_device() {
         let Some(cuda) = gpus(test, ordinals, Dtype::Bfloat16) else {
             return;
         };
-        cuda.in_place_rows(8);
-        for (weights, dir) in [("fp8", fp8.path()), ("bf16", bf16.path())] {
+        // At in_place_rows 8 every step runs in place; at 2 the bf16 experts' prefill steps of 8
+        // rows read each shard's expert counts back (and run in place or on cuBLAS from them).
+        let cases = [
+            ("fp8", fp8.path(), 8),
+            ("bf16", bf16.path(), 8),
+            ("bf16 past in_place_rows", bf16.path(), 2),
+        ];
+        // The device runs' bf16_grouped_tc launches: the bf16 case's, then this case's.
+        let (mut all_in_place, mut in_place_launches) = (0, 0);
+        for (weights, dir, in_place_rows) in cases {
+            cuda.in_place_rows(in_place_rows);
             let mut runs = Vec::new();
             for on_device in [false, true] {
                 cuda.route_on_device(on_device);
@@ -2167,7 +2177,9 @@ fn sharded_steps_route_on_the_device() {
                 };
                 let model = Model::load(dir, cuda.clone(), sharded).unwrap();
                 let (reads, routed) = (cuda.host_reads(), cuda.routed_on_device());
+                let in_place = cuda.bf16_grouped_products();
                 let logits = paged_run(&model, KvDtype::Bfloat16);
+                in_place_launches = cuda.bf16_grouped_products() - in_place;
                 runs.push((
                     logits,
                     model.expert_load().snapshot(),
@@ -2188,16 +2200,32 @@ fn sharded_steps_route_on_the_device() {
             eprintln!(
                 "{test}: {case}: {routed} MoE layers routed on the device; pairs per shard \
                  {device_computed:?}; {host_reads} copies to the host routing on the host, \
-                 {reads} on the device"
+                 {reads} on the device; {in_place_launches} bf16_grouped_tc launches"
             );
+            match in_place_rows {
+                8 => all_in_place = in_place_launches,
+                // Some shard's experts had more rows than 2 at some layer: cuBLAS took them.
+                _ => assert!(
+                    in_place_launches < all_in_place,
+                    "{case}: no layer of a shard on cuBLAS ({in_place_launches} in-place \
+                     launches, {all_in_place} with every step in place)"
+                ),
+            }
             assert_eq!(
                 *none, 0,
                 "{case}: routed on the device with route_on_device off"
             );
             assert_eq!(*routed, steps * moe_layers, "{case}: MoE layers routed");
+            // Past in_place_rows, each shard's lane reads its counts back at every MoE layer of
+            // the 2 prefill steps.
+            let by_counts = if in_place_rows < 8 {
+                2 * moe_layers * ordinals.len() as u64
+            } else {
+                0
+            };
             assert_eq!(
                 *reads,
-                host_reads - routed + steps,
+                host_reads - routed + steps + by_counts,
                 "{case}: copies to the host"
             );
             assert_eq!(device_load, host_load, "{case}: the expert counts");

@@ -67,10 +67,12 @@
 //!   the rows past the real ones end at once), so the layer copies neither its router logits
 //!   to the host nor its lists back (`routing_on_the_device_matches_the_host`,
 //!   `decode_steps_route_on_the_device`). bf16 experts past [`Cuda::in_place_rows`] rows (of
-//!   widths that are multiples of 8) copy one thing back, the layer's expert offsets
-//!   (`Cuda::experts_by_counts`), since cuBLAS's grouped products take their sizes from the
-//!   host; those of at most `in_place_rows` rows each still run in place. Float32 experts, expert shards' bf16 experts
-//!   past `in_place_rows` and traces route on the host ([`Cuda::route_on_device`] turns it off).
+//!   widths that are multiples of 8) copy one thing back, the layer's expert offsets (each
+//!   shard's lane its own, with expert shards), since cuBLAS's grouped products take their
+//!   sizes from the host, and then run as the host's routing would run them
+//!   (`Cuda::experts_by_counts`). Float32 experts (the conformance mode, whose routing is the
+//!   CPU backend's own code) and traces route on the host ([`Cuda::route_on_device`] turns it
+//!   off).
 //! - Block tables come from the host, as the trait asks. A read-only
 //!   array a step gives every layer (RoPE angles, cache slots, the indexer's block tables,
 //!   attention offsets, dense keys) is copied once and reused while its contents repeat
@@ -1782,8 +1784,7 @@ impl Cuda {
     /// `moe_route_f32` and `moe_expert_slots` build the grouped products' lists there, so the
     /// layer copies neither its router logits to the host nor its lists back
     /// ([`Backend::moe_routed`]; bf16 experts past [`Cuda::in_place_rows`] rows copy their
-    /// expert offsets back), with expert shards too (bf16 ones up to `in_place_rows` rows).
-    /// Off, every layer routes on the host.
+    /// expert offsets back), with expert shards too. Off, every layer routes on the host.
     pub fn route_on_device(&self, on: bool) {
         self.route_on_device
             .store(on, std::sync::atomic::Ordering::Relaxed);
@@ -1795,10 +1796,12 @@ impl Cuda {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// How many copies to the host the main lane made (tensors, the indexer's picks): each
-    /// waits for everything queued before it on the stream.
+    /// How many copies to the host the lanes made (tensors, the indexer's picks, expert
+    /// counts): each waits for everything queued before it on its lane's stream.
     pub fn host_reads(&self) -> u64 {
-        self.host_reads.load(std::sync::atomic::Ordering::Relaxed)
+        self.lanes()
+            .map(|lane| lane.host_reads.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
     }
 
     /// Whether the lanes reuse a device copy of a read-only array (RoPE angles, cache slots,
@@ -2384,7 +2387,8 @@ impl Cuda {
             self.grouped_layers.fetch_add(1, Ordering::Relaxed);
             return true;
         }
-        let Some(addresses) = self.cublas_addresses(groups.iter().map(|(e, _)| *e), experts) else {
+        let Some(addresses) = self.cublas_addresses(groups.iter().map(|(e, _)| &experts[*e]))
+        else {
             return false;
         };
         if !cublas_widths(hidden, inter) {
@@ -2404,16 +2408,14 @@ impl Cuda {
     /// Each of `experts`' gate, up and down weights on this lane as device addresses, a list a
     /// weight and an entry an expert, for cuBLAS's grouped products, and whether they are bf16
     /// (else float32): `None` for fp8 weights or a mix of dtypes.
-    fn cublas_addresses(
+    fn cublas_addresses<'e>(
         &self,
-        ids: impl Iterator<Item = usize>,
-        experts: &[Expert<CudaWeight>],
+        experts: impl Iterator<Item = &'e Expert<CudaWeight>>,
     ) -> Option<(bool, [Vec<u64>; 3])> {
         use cudarc::driver::DevicePtr;
         let mut bf16 = None;
         let mut weights = [Vec::new(), Vec::new(), Vec::new()];
-        for e in ids {
-            let ex = &experts[e];
+        for ex in experts {
             for (list, w) in weights.iter_mut().zip([&ex.gate, &ex.up, &ex.down]) {
                 let (is_bf16, address) = match self.weight(w) {
                     WeightData::F32(buf) => (false, buf.device_ptr(&self.stream).0),
@@ -2570,7 +2572,8 @@ impl Cuda {
 
     /// The experts' outputs before their weights (a row a pair, in expert order) for a MoE
     /// layer routed on the device with bf16 experts and more rows than [`Cuda::in_place_rows`]:
-    /// `xp` holds x's rows in expert order, and `tables` the routing's lists. Each expert's
+    /// `xp` holds x's rows in expert order, `tables` the routing's lists, and `experts` the
+    /// experts they number (a shard's lane: the ones it holds). Each expert's
     /// count of rows comes back to the host (one copy of its group offsets, which waits for the
     /// routing: cuBLAS's grouped products take their sizes from the host, and this is all the
     /// host reads, not the router's logits). The experts then run as a step routed on the host
@@ -2581,7 +2584,7 @@ impl Cuda {
         &self,
         xp: &CudaTensor,
         tables: &GroupedTables<'_>,
-        experts: &[Expert<CudaWeight>],
+        experts: &[&Expert<CudaWeight>],
         hidden: usize,
         inter: usize,
     ) -> Rows {
@@ -2597,7 +2600,7 @@ impl Cuda {
             return Rows::F32(self.expert_products_in_place(xp, tables, hidden, inter));
         }
         let sizes: Vec<usize> = active.iter().map(|a| a.2).collect();
-        let addresses = self.cublas_addresses(active.iter().map(|a| a.0), experts);
+        let addresses = self.cublas_addresses(active.iter().map(|a| experts[a.0]));
         if let (Some(addresses), false) = (addresses, self.one_by_one.load(Relaxed))
             && let Some(y) = self.cublas_grouped(xp, &sizes, &addresses, hidden, inter)
         {
@@ -2611,7 +2614,7 @@ impl Cuda {
             "allocating",
         );
         for &(e, first, rows) in &active {
-            let ye = self.swiglu(&self.rows(xp, first, rows), &experts[e]);
+            let ye = self.swiglu(&self.rows(xp, first, rows), experts[e]);
             let at = first * hidden..(first + rows) * hidden;
             self.copy(
                 &ye.buf.slice(..rows * hidden),
@@ -4630,7 +4633,8 @@ impl Backend for Cuda {
     /// them, and their widths are multiples of 8) copy one thing to the host, the experts'
     /// group offsets, and then run as the host routing's grouped path would: all in place while
     /// no expert has more than `in_place_rows` rows, else all on cuBLAS's grouped products
-    /// ([`Cuda::experts_by_counts`]). Expert shards leave those layers to the host.
+    /// (`Cuda::experts_by_counts`); with expert shards on lanes of their own, each shard's
+    /// lane reads its own experts' offsets back and chooses so for them.
     ///
     /// With expert shards on lanes of their own, the main lane routes and lists as above, and
     /// each shard's lane, side by side, copies in the rows and the lists, keeps the pairs
@@ -4685,7 +4689,7 @@ impl Backend for Cuda {
         let widths = experts
             .first()
             .is_some_and(|ex| cublas_widths(hidden, ex.gate.rows));
-        if !in_place && (fp8 || sharded.is_some() || !widths || !grouped_gemm_present()) {
+        if !in_place && (fp8 || !widths || !grouped_gemm_present()) {
             return None;
         }
         // Where the experts run, settled before anything is launched (tables may be copied).
@@ -4757,7 +4761,8 @@ impl Backend for Cuda {
                 let y = if in_place {
                     Rows::F32(self.expert_products_in_place(&xp, &tables, hidden, inter))
                 } else {
-                    self.experts_by_counts(&xp, &tables, experts, hidden, inter)
+                    let all: Vec<&Expert<CudaWeight>> = experts.iter().collect();
+                    self.experts_by_counts(&xp, &tables, &all, hidden, inter)
                 };
                 // SAFETY: combine_rows sets every row (a row's sum of no pairs is 0).
                 let mut out = unsafe { self.uninit(n, hidden) };
@@ -4774,7 +4779,7 @@ impl Backend for Cuda {
                     top_k: k,
                     experts: e,
                 };
-                self.run_shards(x, &routed, &tables)
+                self.run_shards(x, &routed, &tables, experts, in_place)
             }
         };
         self.routed_layers.fetch_add(1, Relaxed);
@@ -4871,8 +4876,8 @@ enum Run {
 /// low half first).
 struct ShardTable {
     shard: usize,
-    /// The experts it holds (its numbers for them run from 0).
-    held: usize,
+    /// The experts it holds (its numbers for them run from 0, in this order).
+    held: Vec<usize>,
     table: Arc<CudaSlice<u64>>,
     inter: usize,
     fp8: bool,
@@ -4977,7 +4982,7 @@ impl Cuda {
             let (table, inter, fp8) = lane.expert_tables(mine, hidden, &packed)?;
             tables.push(ShardTable {
                 shard,
-                held: held.len(),
+                held,
                 table,
                 inter,
                 fp8,
@@ -4989,7 +4994,16 @@ impl Cuda {
     /// The routed experts' sums for `x`, routed as `routed` says, from the expert shards'
     /// lanes, side by side: each copies in x and the lists, runs the pairs it is dealt and
     /// copies its sums back; this (main) lane adds them up.
-    fn run_shards(&self, x: &CudaTensor, routed: &Routed<'_>, tables: &[ShardTable]) -> CudaTensor {
+    /// `in_place`: whether every shard's experts run in place; else each lane reads its counts
+    /// back (`Cuda::experts_by_counts`).
+    fn run_shards(
+        &self,
+        x: &CudaTensor,
+        routed: &Routed<'_>,
+        tables: &[ShardTable],
+        experts: &[Expert<CudaWeight>],
+        in_place: bool,
+    ) -> CudaTensor {
         let (n, hidden) = (x.rows, x.cols);
         // Room here for each shard's sums, allocated before the shards wait on `ready`.
         // SAFETY: each shard's copy back writes all of its part.
@@ -5004,7 +5018,7 @@ impl Cuda {
             .map(|(table, part)| {
                 let lane = &self.shards[table.shard];
                 ok(lane.stream.wait(&ready), "waiting for an event");
-                lane.shard_part(x, routed, table, part);
+                lane.shard_part(x, routed, table, part, (experts, in_place));
                 ok(lane.stream.record_event(None), "recording an event")
             })
             .collect();
@@ -5032,8 +5046,9 @@ impl Cuda {
         routed: &Routed<'_>,
         t: &ShardTable,
         part: &mut CudaTensor,
+        (experts, in_place): (&[Expert<CudaWeight>], bool),
     ) {
-        let (n, k, e, es) = (routed.tokens, routed.top_k, routed.experts, t.held);
+        let (n, k, e, es) = (routed.tokens, routed.top_k, routed.experts, t.held.len());
         let (hidden, p) = (x.cols, n * k);
         let nx = n * hidden;
         // SAFETY: the three copies below write every value.
@@ -5109,17 +5124,16 @@ impl Cuda {
             groups: es,
             tiles: most_tiles(p, es),
         };
-        let y = self.expert_products_in_place(&xp, &tables, hidden, t.inter);
+        let y = if in_place {
+            Rows::F32(self.expert_products_in_place(&xp, &tables, hidden, t.inter))
+        } else {
+            let mine: Vec<&Expert<CudaWeight>> = t.held.iter().map(|&g| &experts[g]).collect();
+            self.experts_by_counts(&xp, &tables, &mine, hidden, t.inter)
+        };
         // SAFETY: combine_rows sets every row (a row with none of this shard's pairs to 0).
         let mut sums = unsafe { self.uninit(n, hidden) };
         let by_row = (ints.slice(rows_at..), ints.slice(of_at..groups_at));
-        self.combine(
-            &mut sums,
-            &Rows::F32(y),
-            by_row,
-            &slot_weights.slice(..),
-            false,
-        );
+        self.combine(&mut sums, &y, by_row, &slot_weights.slice(..), false);
         self.grouped_layers
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let back = "copying an expert shard's sums back";
