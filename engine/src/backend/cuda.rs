@@ -88,7 +88,9 @@
 //!   the main lane adds them; events order the lanes, which run side by side. A layer routed on
 //!   the device ([`Backend::moe_routed`]) routes on the main lane, and each shard's lane copies
 //!   in all the rows and the routing and keeps the pairs dealt to it (`moe_shard_pairs`), so
-//!   nothing waits for the host (`sharded_steps_route_on_the_device`).
+//!   nothing waits for the host (`sharded_steps_route_on_the_device`), but for bf16 experts
+//!   past [`Cuda::in_place_rows`] rows: each shard's lane then reads its experts' offsets back,
+//!   after every lane's routing work is queued.
 //!
 //! Start-up failures (no driver, no such device, no NVRTC, a kernel that does not compile, a
 //! weight that does not fit) are errors that say what is missing. The trait's compute methods
@@ -757,7 +759,8 @@ pub struct Cuda {
     route_on_device: Arc<std::sync::atomic::AtomicBool>,
     /// MoE layers routed on the device.
     routed_layers: Arc<std::sync::atomic::AtomicU64>,
-    /// Device-to-host copies (`to_host`, the indexer's picks): each waits for the stream.
+    /// Device-to-host copies (`to_host`, the indexer's picks, expert offsets read back): each
+    /// waits for the stream.
     host_reads: Arc<std::sync::atomic::AtomicU64>,
     /// The most rows of x a product with an fp8 or bf16 weight has for it to read the weight in
     /// place (`fp8_linear_tc`, `bf16_linear_tc`) rather than run on cuBLAS; see
@@ -2608,7 +2611,9 @@ impl Cuda {
         }
         // cuBLAS refused: each expert's rows through its three products, into their place.
         let p = xp.rows;
-        // SAFETY: the experts' rows cover all p rows (the offsets end at p), each written below.
+        // SAFETY: the experts' rows, each written below, are rows 0.. of the last offset; on a
+        // shard's lane the pairs dealt to other shards leave rows past it, which combine_rows
+        // never reads (their slots are -1).
         let mut y = ok(
             unsafe { self.stream.alloc::<f32>((p * hidden).max(1)) },
             "allocating",
@@ -4640,9 +4645,10 @@ impl Backend for Cuda {
     /// each shard's lane, side by side, copies in the rows and the lists, keeps the pairs
     /// [`ExpertShards::dispatch`]'s rule deals it (`moe_shard_pairs`), lists them over its own
     /// experts (`moe_expert_slots` again), runs them as above and copies its sums back, which
-    /// the main lane adds up: no copy to the host, where the host's routing would wait for the
-    /// step's work so far at every MoE layer. (With shards on one lane, every expert is there:
-    /// the layer runs as without shards.)
+    /// the main lane adds up: no copy to the host (but each lane's expert offsets, for bf16
+    /// experts past `in_place_rows`), where the host's routing would wait for the step's work
+    /// so far at every MoE layer. (With shards on one lane, every expert is there: the layer
+    /// runs as without shards.)
     fn moe_routed(
         &self,
         x: &CudaTensor,
@@ -4661,8 +4667,10 @@ impl Backend for Cuda {
                 && e % router.n_group == 0
                 && e / router.n_group >= 2
                 && (1..=router.n_group).contains(&router.topk_group));
+        // Once cuBLAS refused a grouped product on any lane, layers route on the host, which
+        // then runs every lane's experts one by one.
         let routable = self.route_on_device.load(Relaxed)
-            && !self.one_by_one.load(Relaxed)
+            && !self.lanes().any(|lane| lane.one_by_one.load(Relaxed))
             && n > 0
             && e == experts.len()
             && (1..=launch::ROUTE_MAX_EXPERTS as usize).contains(&e)
@@ -4677,8 +4685,8 @@ impl Backend for Cuda {
         // The experts run as in-place grouped launches of up to n rows an expert. The first
         // expert's dtype stands for all (the tables below refuse a mix); a shard lane's grid,
         // over fewer experts, is no larger, and every lane has the same in_place_rows. Past
-        // in_place_rows, bf16 experts on this lane run as their counts come out (see
-        // `experts_by_counts`); on shard lanes they are left to the host.
+        // in_place_rows, bf16 experts run as their counts come out, each lane reading its own
+        // (see `experts_by_counts`).
         let p = n * k;
         let fp8 = experts.first().is_some_and(|ex| ex.gate.is_fp8());
         if !routable {
@@ -5012,13 +5020,24 @@ impl Cuda {
             .map(|_| unsafe { self.uninit(n, hidden) })
             .collect();
         let ready = ok(self.stream.record_event(None), "recording an event");
-        let done: Vec<CudaEvent> = tables
+        // Every lane's copies and lists are queued before any lane's sums, so a lane that reads
+        // its experts' offsets back (bf16 experts past in_place_rows) waits only for its own
+        // work while the others' runs.
+        let lists: Vec<ShardLists> = tables
             .iter()
-            .zip(&mut parts)
-            .map(|(table, part)| {
+            .map(|table| {
                 let lane = &self.shards[table.shard];
                 ok(lane.stream.wait(&ready), "waiting for an event");
-                lane.shard_part(x, routed, table, part, (experts, in_place));
+                lane.shard_lists(x, routed, table)
+            })
+            .collect();
+        let done: Vec<CudaEvent> = tables
+            .iter()
+            .zip(lists)
+            .zip(&mut parts)
+            .map(|((table, lists), part)| {
+                let lane = &self.shards[table.shard];
+                lane.shard_sums(lists, table, part, (experts, in_place));
                 ok(lane.stream.record_event(None), "recording an event")
             })
             .collect();
@@ -5037,17 +5056,10 @@ impl Cuda {
         out
     }
 
-    /// On an expert shard's lane: its part of a MoE layer routed on the main lane (see
-    /// [`Cuda::run_shards`]), the weighted sums of the pairs it is dealt, copied into `part`
-    /// (`[tokens, hidden]` on the main lane; rows it has no pair for are zeros).
-    fn shard_part(
-        &self,
-        x: &CudaTensor,
-        routed: &Routed<'_>,
-        t: &ShardTable,
-        part: &mut CudaTensor,
-        (experts, in_place): (&[Expert<CudaWeight>], bool),
-    ) {
+    /// On an expert shard's lane, the first half of its part of a MoE layer routed on the main
+    /// lane (see [`Cuda::run_shards`]): x and the routing copied in, the pairs it is dealt
+    /// listed over its own experts, and their rows of x gathered in that order.
+    fn shard_lists(&self, x: &CudaTensor, routed: &Routed<'_>, t: &ShardTable) -> ShardLists {
         let (n, k, e, es) = (routed.tokens, routed.top_k, routed.experts, t.held.len());
         let (hidden, p) = (x.cols, n * k);
         let nx = n * hidden;
@@ -5064,11 +5076,9 @@ impl Cuda {
         self.copy(&routed.lists.slice(..), &mut lists.slice_mut(..), into);
         self.copy(&routed.weights, &mut weights.slice_mut(..), into);
 
-        // The shard's own lists, in two allocations: ints = local ids [p] | slot_rows [p] |
-        // slot_of [p] | group_offsets [es + 1] | tile_offsets [es + 1] | row_offsets [n + 1],
-        // slot_weights [p].
-        let (slots_at, of_at, groups_at) = (p, 2 * p, 3 * p);
-        let (tiles_at, rows_at) = (groups_at + es + 1, groups_at + 2 * (es + 1));
+        // The shard's own lists, in two allocations (laid out as `ShardLists` says).
+        let (slots_at, of_at) = (p, 2 * p);
+        let rows_at = 3 * p + 2 * (es + 1);
         // SAFETY: moe_shard_pairs writes every local id, and moe_expert_slots every entry of
         // its lists (the slots it leaves free too).
         let (mut ints, mut slot_weights) = unsafe {
@@ -5114,6 +5124,36 @@ impl Cuda {
         );
 
         let xp = self.gather_indexed(&x_here.buf, hidden, &ints.slice(slots_at..of_at));
+        ShardLists {
+            ints,
+            slot_weights,
+            xp,
+            tokens: n,
+            pairs: p,
+        }
+    }
+
+    /// The second half, after [`Cuda::shard_lists`]: the shard's experts on its rows (in place,
+    /// or as their counts say: `in_place`), and the weighted sums of its pairs, copied into
+    /// `part` (`[tokens, hidden]` on the main lane; rows it has no pair for are zeros).
+    fn shard_sums(
+        &self,
+        lists: ShardLists,
+        t: &ShardTable,
+        part: &mut CudaTensor,
+        (experts, in_place): (&[Expert<CudaWeight>], bool),
+    ) {
+        let ShardLists {
+            ints,
+            slot_weights,
+            xp,
+            tokens: n,
+            pairs: p,
+        } = lists;
+        let (hidden, es) = (xp.cols, t.held.len());
+        let nx = n * hidden;
+        let (of_at, groups_at) = (2 * p, 3 * p);
+        let (tiles_at, rows_at) = (groups_at + es + 1, groups_at + 2 * (es + 1));
         let tables = GroupedTables {
             offsets: ints.slice(groups_at..tiles_at),
             tile_offsets: ints.slice(tiles_at..rows_at),
@@ -5139,6 +5179,18 @@ impl Cuda {
         let back = "copying an expert shard's sums back";
         self.copy(&sums.buf.slice(..nx), &mut part.buf.slice_mut(..nx), back);
     }
+}
+
+/// An expert shard's lists for a MoE layer routed on the device, on its lane
+/// ([`Cuda::shard_lists`]): `ints` = local ids [pairs] | slot_rows [pairs] | slot_of [pairs] |
+/// group_offsets [held + 1] | tile_offsets [held + 1] | row_offsets [tokens + 1], the slots'
+/// weights, and the slots' rows of x.
+struct ShardLists {
+    ints: CudaSlice<i32>,
+    slot_weights: CudaSlice<f32>,
+    xp: CudaTensor,
+    tokens: usize,
+    pairs: usize,
 }
 
 /// One expert shard's part of a step, staged on the main GPU.
