@@ -2586,7 +2586,7 @@ impl Cuda {
     fn experts_by_counts(
         &self,
         xp: &CudaTensor,
-        tables: &GroupedTables<'_>,
+        mut tables: GroupedTables<'_>,
         experts: &[&Expert<CudaWeight>],
         hidden: usize,
         inter: usize,
@@ -2599,8 +2599,11 @@ impl Cuda {
         self.host_reads.fetch_add(1, Relaxed);
         let active = super::experts_with_rows(&offsets);
         let most = active.iter().map(|a| a.2).max().unwrap_or(0);
+        // The grid's rows are the experts' own tiles now that their counts are known (one at
+        // least, which ends at once, for a shard dealt no pairs).
+        tables.tiles = active.iter().map(|a| row_tiles(a.2)).sum::<usize>().max(1);
         if self.grouped_in_place_fits(false, most, tables.tiles) {
-            return Rows::F32(self.expert_products_in_place(xp, tables, hidden, inter));
+            return Rows::F32(self.expert_products_in_place(xp, &tables, hidden, inter));
         }
         let sizes: Vec<usize> = active.iter().map(|a| a.2).collect();
         let addresses = self.cublas_addresses(active.iter().map(|a| experts[a.0]));
@@ -4770,7 +4773,7 @@ impl Backend for Cuda {
                     Rows::F32(self.expert_products_in_place(&xp, &tables, hidden, inter))
                 } else {
                     let all: Vec<&Expert<CudaWeight>> = experts.iter().collect();
-                    self.experts_by_counts(&xp, &tables, &all, hidden, inter)
+                    self.experts_by_counts(&xp, tables, &all, hidden, inter)
                 };
                 // SAFETY: combine_rows sets every row (a row's sum of no pairs is 0).
                 let mut out = unsafe { self.uninit(n, hidden) };
@@ -5168,7 +5171,7 @@ impl Cuda {
             Rows::F32(self.expert_products_in_place(&xp, &tables, hidden, t.inter))
         } else {
             let mine: Vec<&Expert<CudaWeight>> = t.held.iter().map(|&g| &experts[g]).collect();
-            self.experts_by_counts(&xp, &tables, &mine, hidden, t.inter)
+            self.experts_by_counts(&xp, tables, &mine, hidden, t.inter)
         };
         // SAFETY: combine_rows sets every row (a row with none of this shard's pairs to 0).
         let mut sums = unsafe { self.uninit(n, hidden) };
