@@ -171,7 +171,7 @@ fn main() -> anyhow::Result<()> {
     };
     let (hidden, inter) = (7168u64, 2048u64);
     let by_counts = || {
-        // As Cuda::experts_by_counts and Cuda::cublas_grouped: the experts with rows, their
+        // As Cuda::routed_products and Cuda::cublas_grouped: the experts with rows, their
         // weights' addresses, and each product's pointers (weights, inputs, outputs).
         let active = experts_with_rows(&counted);
         let sizes: Vec<i32> = active.iter().map(|a| a.2 as i32).collect();

@@ -70,7 +70,7 @@
 //!   widths that are multiples of 8) copy one thing back, the layer's expert offsets (each
 //!   shard's lane its own, with expert shards), since cuBLAS's grouped products take their
 //!   sizes from the host, and then run as the host's routing would run them
-//!   (`Cuda::experts_by_counts`). Float32 experts (the conformance mode, whose routing is the
+//!   (`Cuda::routed_products`). Float32 experts (the conformance mode, whose routing is the
 //!   CPU backend's own code) and traces route on the host ([`Cuda::route_on_device`] turns it
 //!   off).
 //! - Block tables come from the host, as the trait asks. A read-only
@@ -2390,13 +2390,13 @@ impl Cuda {
             self.grouped_layers.fetch_add(1, Ordering::Relaxed);
             return true;
         }
+        if !cublas_widths(hidden, inter) {
+            return false;
+        }
         let Some(addresses) = self.cublas_addresses(groups.iter().map(|(e, _)| &experts[*e]))
         else {
             return false;
         };
-        if !cublas_widths(hidden, inter) {
-            return false;
-        }
         // The pairs' rows of x in expert order.
         let xp = self.gather_indexed(&x.buf, hidden, &lists.view(lists.rows));
         let sizes: Vec<usize> = groups.iter().map(|(_, r)| r.len()).collect();
@@ -2574,24 +2574,28 @@ impl Cuda {
     }
 
     /// The experts' outputs before their weights (a row a pair, in expert order) for a MoE
-    /// layer routed on the device with bf16 experts and more rows than [`Cuda::in_place_rows`]:
-    /// `xp` holds x's rows in expert order, `tables` the routing's lists, and `experts` the
-    /// experts they number (a shard's lane: the ones it holds). Each expert's
+    /// layer routed on the device: `xp` holds x's rows in expert order, `tables` the routing's
+    /// lists, and `expert(i)` the expert they number i (a shard's lane: the i-th it holds).
+    /// `in_place`: the in-place grouped launches, sized for the most rows an expert could
+    /// have. Otherwise (bf16 experts and more rows than [`Cuda::in_place_rows`]) each expert's
     /// count of rows comes back to the host (one copy of its group offsets, which waits for the
     /// routing: cuBLAS's grouped products take their sizes from the host, and this is all the
     /// host reads, not the router's logits). The experts then run as a step routed on the host
     /// would run them: all in place while no expert has more than `in_place_rows` rows, else
     /// all on cuBLAS's grouped products, or, where cuBLAS refuses one, each expert's products
     /// one at a time.
-    fn experts_by_counts(
+    fn routed_products<'e>(
         &self,
         xp: &CudaTensor,
         mut tables: GroupedTables<'_>,
-        experts: &[&Expert<CudaWeight>],
-        hidden: usize,
-        inter: usize,
+        expert: impl Fn(usize) -> &'e Expert<CudaWeight>,
+        in_place: bool,
+        (hidden, inter): (usize, usize),
     ) -> Rows {
         use std::sync::atomic::Ordering::Relaxed;
+        if in_place {
+            return Rows::F32(self.expert_products_in_place(xp, &tables, hidden, inter));
+        }
         let offsets = ok(
             self.stream.clone_dtoh(&tables.offsets),
             "copying to the host",
@@ -2606,7 +2610,7 @@ impl Cuda {
             return Rows::F32(self.expert_products_in_place(xp, &tables, hidden, inter));
         }
         let sizes: Vec<usize> = active.iter().map(|a| a.2).collect();
-        let addresses = self.cublas_addresses(active.iter().map(|a| experts[a.0]));
+        let addresses = self.cublas_addresses(active.iter().map(|a| expert(a.0)));
         if let (Some(addresses), false) = (addresses, self.one_by_one.load(Relaxed))
             && let Some(y) = self.cublas_grouped(xp, &sizes, &addresses, hidden, inter)
         {
@@ -2622,7 +2626,7 @@ impl Cuda {
             "allocating",
         );
         for &(e, first, rows) in &active {
-            let ye = self.swiglu(&self.rows(xp, first, rows), experts[e]);
+            let ye = self.swiglu(&self.rows(xp, first, rows), expert(e));
             let at = first * hidden..(first + rows) * hidden;
             self.copy(
                 &ye.buf.slice(..rows * hidden),
@@ -4641,7 +4645,7 @@ impl Backend for Cuda {
     /// them, and their widths are multiples of 8) copy one thing to the host, the experts'
     /// group offsets, and then run as the host routing's grouped path would: all in place while
     /// no expert has more than `in_place_rows` rows, else all on cuBLAS's grouped products
-    /// (`Cuda::experts_by_counts`); with expert shards on lanes of their own, each shard's
+    /// (`Cuda::routed_products`); with expert shards on lanes of their own, each shard's
     /// lane reads its own experts' offsets back and chooses so for them.
     ///
     /// With expert shards on lanes of their own, the main lane routes and lists as above, and
@@ -4689,7 +4693,7 @@ impl Backend for Cuda {
         // expert's dtype stands for all (the tables below refuse a mix); a shard lane's grid,
         // over fewer experts, is no larger, and every lane has the same in_place_rows. Past
         // in_place_rows, bf16 experts run as their counts come out, each lane reading its own
-        // (see `experts_by_counts`).
+        // (see `routed_products`).
         let p = n * k;
         let fp8 = experts.first().is_some_and(|ex| ex.gate.is_fp8());
         if !routable {
@@ -4769,12 +4773,8 @@ impl Backend for Cuda {
                     groups: e,
                     tiles: most_tiles(p, e),
                 };
-                let y = if in_place {
-                    Rows::F32(self.expert_products_in_place(&xp, &tables, hidden, inter))
-                } else {
-                    let all: Vec<&Expert<CudaWeight>> = experts.iter().collect();
-                    self.experts_by_counts(&xp, tables, &all, hidden, inter)
-                };
+                let y =
+                    self.routed_products(&xp, tables, |i| &experts[i], in_place, (hidden, inter));
                 // SAFETY: combine_rows sets every row (a row's sum of no pairs is 0).
                 let mut out = unsafe { self.uninit(n, hidden) };
                 let by_row = (ints.slice(rows_at..), ints.slice(of_at..groups_at));
@@ -5006,7 +5006,7 @@ impl Cuda {
     /// lanes, side by side: each copies in x and the lists, runs the pairs it is dealt and
     /// copies its sums back; this (main) lane adds them up.
     /// `in_place`: whether every shard's experts run in place; else each lane reads its counts
-    /// back (`Cuda::experts_by_counts`).
+    /// back (`Cuda::routed_products`).
     fn run_shards(
         &self,
         x: &CudaTensor,
@@ -5167,12 +5167,8 @@ impl Cuda {
             groups: es,
             tiles: most_tiles(p, es),
         };
-        let y = if in_place {
-            Rows::F32(self.expert_products_in_place(&xp, &tables, hidden, t.inter))
-        } else {
-            let mine: Vec<&Expert<CudaWeight>> = t.held.iter().map(|&g| &experts[g]).collect();
-            self.experts_by_counts(&xp, tables, &mine, hidden, t.inter)
-        };
+        let mine = |i: usize| &experts[t.held[i]];
+        let y = self.routed_products(&xp, tables, mine, in_place, (hidden, t.inter));
         // SAFETY: combine_rows sets every row (a row with none of this shard's pairs to 0).
         let mut sums = unsafe { self.uninit(n, hidden) };
         let by_row = (ints.slice(rows_at..), ints.slice(of_at..groups_at));
