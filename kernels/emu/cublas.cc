@@ -48,6 +48,8 @@ typedef struct CUstream_st* cudaStream_t;
 
 struct cublasContext {
     cudaStream_t stream = nullptr;
+    void* workspace = nullptr;  // set by cublasSetWorkspace_v2; this cuBLAS needs none
+    size_t workspace_bytes = 0;
 };
 
 using namespace smoe_emu;
@@ -215,6 +217,15 @@ API cublasStatus_t cublasGetStream_v2(cublasHandle_t handle, cudaStream_t* strea
     if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (stream == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
     *stream = handle->stream;
+    return CUBLAS_STATUS_SUCCESS;
+}
+API cublasStatus_t cublasSetWorkspace_v2(cublasHandle_t handle, void* workspace, size_t bytes) {
+    std::lock_guard<std::recursive_mutex> guard(lock());
+    if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (bytes > 0 && (workspace == nullptr || !device_range(workspace, bytes, -1, false)))
+        return CUBLAS_STATUS_INVALID_VALUE;
+    handle->workspace = workspace;
+    handle->workspace_bytes = bytes;
     return CUBLAS_STATUS_SUCCESS;
 }
 API cublasStatus_t cublasSetMathMode(cublasHandle_t handle, cublasMath_t) {

@@ -95,6 +95,36 @@ bool peer_enabled[kMaxDevices][kMaxDevices] = {};
 thread_local CUcontext current = nullptr;
 
 }  // namespace
+
+// Frees an allocation a graph owned (defined with the allocator below).
+void release_owned(CUdeviceptr p);
+
+// Work and allocations recorded by a stream capture. Stricter than the driver where the engine
+// must never go (each refusal invalidates the capture, as the driver's do):
+// - nothing is copied from or to the host, and no event is recorded or waited on, in a capture
+//   (a graph would copy the same host bytes again at every launch; the engine captures one
+//   stream);
+// - an allocation made in a capture is freed in it, and nothing else is freed in it (a graph
+//   with a live allocation is refused at instantiation).
+struct Recording {
+    std::vector<std::function<void()>> work;
+    std::map<CUdeviceptr, size_t> owned;  // every allocation made while capturing, and its bytes
+    bool unfreed = false;                 // one of them was still live when the capture ended
+    ~Recording() {
+        for (const auto& [p, bytes] : owned) release_owned(p);
+    }
+};
+struct Capture {
+    std::shared_ptr<Recording> recording = std::make_shared<Recording>();
+    std::set<CUdeviceptr> live;  // allocated in the capture and not yet freed in it
+    bool invalidated = false;
+};
+// Every allocation some capture or graph owns (freed only with its graph).
+std::set<CUdeviceptr>& graph_owned() {
+    static std::set<CUdeviceptr> s;
+    return s;
+}
+
 }  // namespace smoe_emu
 
 struct CUctx_st {
@@ -107,6 +137,15 @@ struct CUstream_st {
     std::deque<std::function<void()>> queue;
     uint64_t enqueued = 0, executed = 0;
     bool running = false;
+    std::unique_ptr<smoe_emu::Capture> capture;  // while cuStreamBeginCapture records its work
+};
+// A captured graph: its work in order, and the allocations made while capturing it, which it
+// owns until it is destroyed (both handles share it).
+struct CUgraph_st {
+    std::shared_ptr<smoe_emu::Recording> recording;
+};
+struct CUgraphExec_st {
+    std::shared_ptr<smoe_emu::Recording> recording;
 };
 struct CUevent_st {
     CUstream stream = nullptr;  // where it was last recorded (nullptr: never, or the default stream)
@@ -166,6 +205,7 @@ bool is_default(CUstream s) {
     return s == nullptr || s == CU_STREAM_LEGACY || s == CU_STREAM_PER_THREAD;
 }
 
+
 // Queues `op` on `stream`; the default stream runs it now, after the blocking streams' work.
 void enqueue(CUstream stream, std::function<void()> op) {
     if (is_default(stream)) {
@@ -174,8 +214,26 @@ void enqueue(CUstream stream, std::function<void()> op) {
         op();
         return;
     }
+    if (stream->capture) {
+        stream->capture->recording->work.push_back(std::move(op));
+        return;
+    }
     stream->queue.push_back(std::move(op));
     ++stream->enqueued;
+}
+
+bool capturing(CUstream stream) { return !is_default(stream) && stream->capture != nullptr; }
+
+// Refuses a call a capture may not contain: invalidates `stream`'s capture (every capture,
+// when `stream` is null: a call that waits for the whole device), as the driver does.
+bool refused_in_capture(CUstream stream) {
+    bool refused = false;
+    for (CUstream s : streams())
+        if (s->capture && (stream == nullptr || s == stream)) {
+            s->capture->invalidated = true;
+            refused = true;
+        }
+    return refused;
 }
 
 int stream_device(CUstream stream) {
@@ -306,6 +364,14 @@ CUresult release(CUdeviceptr p) {
     return CUDA_SUCCESS;
 }
 
+}  // namespace
+
+void smoe_emu::release_owned(CUdeviceptr p) {
+    graph_owned().erase(p);
+    if (release(p) != CUDA_SUCCESS) die("a graph's allocation %#llx was freed elsewhere", (unsigned long long)p);
+}
+
+namespace {
 const char* error_name(CUresult e) {
     switch (e) {
         case CUDA_SUCCESS: return "CUDA_SUCCESS";
@@ -318,6 +384,9 @@ const char* error_name(CUresult e) {
         case CUDA_ERROR_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
         case CUDA_ERROR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
         case CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED: return "CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED";
+        case CUDA_ERROR_ILLEGAL_STATE: return "CUDA_ERROR_ILLEGAL_STATE";
+        case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
+        case CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: return "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED";
         default: return "CUDA_ERROR_UNKNOWN";
     }
 }
@@ -437,6 +506,7 @@ API CUresult cuCtxGetDevice(CUdevice* d) {
 API CUresult cuCtxSynchronize() {
     LOCKED;
     NEED_CONTEXT;
+    if (refused_in_capture(nullptr)) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     drain_device(current->device, false);
     return CUDA_SUCCESS;
 }
@@ -484,7 +554,7 @@ API CUresult cuStreamCreate(CUstream* stream, unsigned int flags) {
     LOCKED;
     NEED_CONTEXT;
     if (stream == nullptr || (flags & ~(unsigned int)CU_STREAM_NON_BLOCKING) != 0) return CUDA_ERROR_INVALID_VALUE;
-    auto* s = new CUstream_st{current, (flags & CU_STREAM_NON_BLOCKING) == 0, {}};
+    auto* s = new CUstream_st{current, (flags & CU_STREAM_NON_BLOCKING) == 0, {}, 0, 0, false, nullptr};
     streams().insert(s);
     *stream = s;
     return CUDA_SUCCESS;
@@ -503,6 +573,7 @@ API CUresult cuStreamDestroy(CUstream stream) {
 API CUresult cuStreamSynchronize(CUstream stream) {
     LOCKED;
     count_call("wait/stream synchronize");
+    if (refused_in_capture(is_default(stream) ? nullptr : stream)) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     if (is_default(stream)) {
         NEED_CONTEXT;
         drain_device(current->device, true);
@@ -515,6 +586,7 @@ API CUresult cuStreamSynchronize(CUstream stream) {
 API CUresult cuStreamQuery(CUstream stream) {
     LOCKED;
     if (!is_default(stream) && streams().count(stream) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    if (refused_in_capture(is_default(stream) ? nullptr : stream)) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     return is_default(stream) || stream->executed == stream->enqueued ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
 }
 
@@ -543,6 +615,7 @@ API CUresult cuEventRecord(CUevent event, CUstream stream) {
         return CUDA_SUCCESS;
     }
     if (streams().count(stream) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    if (refused_in_capture(stream)) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     event->stream = stream;
     event->seq = stream->enqueued;
     return CUDA_SUCCESS;
@@ -563,10 +636,82 @@ API CUresult cuStreamWaitEvent(CUstream stream, CUevent event, unsigned int flag
     LOCKED;
     if (event == nullptr) return CUDA_ERROR_INVALID_HANDLE;
     if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    if (capturing(stream) && refused_in_capture(stream)) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     CUstream source = event->stream;
     const uint64_t seq = event->seq;
     if (source == nullptr) return CUDA_SUCCESS;
     enqueue(stream, [source, seq] { run_until(source, seq); });
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuStreamBeginCapture_v2(CUstream stream, CUstreamCaptureMode mode) {
+    LOCKED;
+    if (is_default(stream)) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    if (streams().count(stream) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    if (mode != CU_STREAM_CAPTURE_MODE_GLOBAL && mode != CU_STREAM_CAPTURE_MODE_THREAD_LOCAL &&
+        mode != CU_STREAM_CAPTURE_MODE_RELAXED)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (stream->capture) return CUDA_ERROR_ILLEGAL_STATE;
+    stream->capture = std::make_unique<Capture>();
+    return CUDA_SUCCESS;
+}
+API CUresult cuStreamIsCapturing(CUstream stream, CUstreamCaptureStatus* status) {
+    LOCKED;
+    if (status == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (!is_default(stream) && streams().count(stream) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    *status = !capturing(stream)             ? CU_STREAM_CAPTURE_STATUS_NONE
+              : stream->capture->invalidated ? CU_STREAM_CAPTURE_STATUS_INVALIDATED
+                                             : CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    return CUDA_SUCCESS;
+}
+API CUresult cuStreamEndCapture(CUstream stream, CUgraph* graph) {
+    LOCKED;
+    if (graph == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (!capturing(stream)) return CUDA_ERROR_ILLEGAL_STATE;
+    std::unique_ptr<Capture> capture = std::move(stream->capture);
+    if (capture->invalidated) return CUDA_ERROR_STREAM_CAPTURE_INVALIDATED;  // its allocations go with it
+    *graph = new CUgraph_st{capture->recording};
+    (*graph)->recording->unfreed = !capture->live.empty();
+    return CUDA_SUCCESS;
+}
+API CUresult cuGraphInstantiateWithFlags(CUgraphExec* exec, CUgraph graph, unsigned long long flags) {
+    LOCKED;
+    if (exec == nullptr || graph == nullptr || flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    if (graph->recording->unfreed) return CUDA_ERROR_INVALID_VALUE;  // see Recording
+    *exec = new CUgraphExec_st{graph->recording};
+    return CUDA_SUCCESS;
+}
+API CUresult cuGraphUpload(CUgraphExec exec, CUstream stream) {
+    LOCKED;
+    (void)stream;
+    return exec == nullptr ? CUDA_ERROR_INVALID_HANDLE : CUDA_SUCCESS;
+}
+API CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream) {
+    LOCKED;
+    if (exec == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    if (!is_default(stream) && streams().count(stream) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    if (capturing(stream) && refused_in_capture(stream)) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    count_call("graph/launch");
+    // A graph's allocations are garbage again at each launch, as fresh memory is.
+    auto recording = exec->recording;
+    enqueue(stream, [recording] {
+        for (const auto& [p, bytes] : recording->owned) smoe_emu::poison((void*)p, bytes);
+    });
+    // Each step holds the recording, so its memory outlives the handles until the work has run.
+    for (size_t i = 0; i < recording->work.size(); ++i) enqueue(stream, [recording, i] { recording->work[i](); });
+    return CUDA_SUCCESS;
+}
+API CUresult cuGraphExecDestroy(CUgraphExec exec) {
+    LOCKED;
+    if (exec == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    // Launched work still to run keeps the recording (and its memory) alive.
+    delete exec;
+    return CUDA_SUCCESS;
+}
+API CUresult cuGraphDestroy(CUgraph graph) {
+    LOCKED;
+    if (graph == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    delete graph;
     return CUDA_SUCCESS;
 }
 
@@ -582,6 +727,7 @@ API CUresult cuMemAlloc(CUdeviceptr* p, size_t bytes) {
     LOCKED;
     NEED_CONTEXT;
     if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (refused_in_capture(nullptr)) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     const CUresult r = alloc(p, bytes, current->device);
     if (r == CUDA_SUCCESS) count_call("memory/alloc", bytes);
     return r;
@@ -592,19 +738,35 @@ API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream stream) {
     if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
     const CUresult r = alloc(p, bytes, stream_device(stream));
     if (r == CUDA_SUCCESS) count_call("memory/alloc", bytes);
+    if (r == CUDA_SUCCESS && capturing(stream)) {
+        // The graph's from now on: kept for every launch, freed with the graph.
+        stream->capture->live.insert(*p);
+        stream->capture->recording->owned[*p] = bytes;
+        graph_owned().insert(*p);
+    }
     return r;
 }
 API CUresult cuMemFree(CUdeviceptr p) {
     LOCKED;
     NEED_CONTEXT;
     const Allocation* a = find((uintptr_t)p);
-    if (a == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (a == nullptr || graph_owned().count(p) != 0) return CUDA_ERROR_INVALID_VALUE;
+    if (refused_in_capture(nullptr)) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     drain_device(a->device, false);
     return release(p);
 }
 API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream stream) {
     LOCKED;
     if (allocations().count((uintptr_t)p) == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (capturing(stream)) {
+        // Only what the capture allocated, once: it stays the graph's until the graph goes.
+        if (stream->capture->live.erase(p) == 0) {
+            stream->capture->invalidated = true;
+            return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+        }
+        return CUDA_SUCCESS;
+    }
+    if (graph_owned().count(p) != 0) return CUDA_ERROR_INVALID_VALUE;
     enqueue(stream, [p] {
         if (release(p) != CUDA_SUCCESS) die("cuMemFreeAsync: %#llx was freed twice", (unsigned long long)p);
     });
@@ -614,6 +776,7 @@ API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream stream) {
 API CUresult cuMemcpyHtoDAsync(CUdeviceptr dst, const void* src, size_t bytes, CUstream stream) {
     LOCKED;
     if (check_alloc_target(dst, bytes) != CUDA_SUCCESS || (bytes > 0 && src == nullptr)) return CUDA_ERROR_INVALID_VALUE;
+    if (refused_in_capture(is_default(stream) ? nullptr : stream)) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     // Pageable host memory is staged during the call: the caller may reuse it on return.
     count_call("copy/host to device", bytes);
     auto staged = std::make_shared<std::vector<char>>((const char*)src, (const char*)src + bytes);
@@ -629,6 +792,7 @@ API CUresult cuMemcpyDtoHAsync(void* dst, CUdeviceptr src, size_t bytes, CUstrea
     LOCKED;
     if (check_alloc_target(src, bytes) != CUDA_SUCCESS || (bytes > 0 && dst == nullptr)) return CUDA_ERROR_INVALID_VALUE;
     if (is_device_pointer(dst)) return CUDA_ERROR_INVALID_VALUE;
+    if (refused_in_capture(is_default(stream) ? nullptr : stream)) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     count_call("copy/device to host (waits)", bytes);
     // A copy to pageable host memory returns once it is done: after the stream's earlier work.
     if (is_default(stream)) {

@@ -346,6 +346,66 @@ int main() {
     check(cuLaunchKernel(f, 1, 1, 1, 32, 1, 1, 64 * 1024, a, params, nullptr) == CUDA_ERROR_INVALID_VALUE,
           "64 KiB of dynamic shared memory without raising the limit is refused");
 
+    // Stream capture: recorded work runs only when the graph is launched, every launch again,
+    // on what the buffers hold then; the graph's own allocations are fresh garbage each launch.
+    CUdeviceptr in, acc;
+    cuMemAlloc(&in, 4);
+    cuMemAlloc(&acc, 4);
+    const int five = 5;
+    cuMemcpyHtoD(in, &five, 4);
+    cuMemcpyHtoD(acc, &seven, 4);
+    cuStreamSynchronize(a);
+    check(cuStreamBeginCapture_v2(a, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) == CUDA_SUCCESS, "a capture begins");
+    CUdeviceptr scratch;
+    check(cuMemAllocAsync(&scratch, 4, a) == CUDA_SUCCESS, "an allocation in a capture");
+    cuMemcpyDtoDAsync(scratch, in, 4, a);
+    cuMemcpyDtoDAsync(acc, scratch, 4, a);
+    check(cuMemFreeAsync(scratch, a) == CUDA_SUCCESS, "the capture frees its own allocation");
+    CUgraph graph;
+    check(cuStreamEndCapture(a, &graph) == CUDA_SUCCESS, "the capture ends with a graph");
+    cuMemcpyDtoH(&got, acc, 4);
+    check(got == 7, "captured work has not run");
+    CUgraphExec exec;
+    check(cuGraphInstantiateWithFlags(&exec, graph, 0) == CUDA_SUCCESS, "the graph is instantiated");
+    cuGraphLaunch(exec, a);
+    cuMemcpyDtoHAsync(&got, acc, 4, a);
+    check(got == 5, "a launch runs the captured work");
+    const int nine = 9;
+    cuMemcpyHtoD(in, &nine, 4);
+    cuGraphLaunch(exec, a);
+    cuMemcpyDtoHAsync(&got, acc, 4, a);
+    check(got == 9, "a second launch reads the inputs as they are then");
+    cuGraphExecDestroy(exec);
+    cuGraphDestroy(graph);
+
+    // Refused in a capture, and each refusal spoils it: a copy to or from the host, a wait, a
+    // free of memory from before the capture, an allocation it does not free.
+    const std::pair<const char*, std::function<CUresult()>> refused[] = {
+        {"a copy from the host", [&] { return cuMemcpyHtoDAsync(in, &five, 4, a); }},
+        {"a copy to the host", [&] { return cuMemcpyDtoHAsync(&got, in, 4, a); }},
+        {"a stream synchronize", [&] { return cuStreamSynchronize(a); }},
+        {"a free of older memory", [&] { return cuMemFreeAsync(in, a); }},
+    };
+    for (const auto& [what, call] : refused) {
+        cuStreamBeginCapture_v2(a, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+        const CUresult r = call();
+        CUstreamCaptureStatus status;
+        cuStreamIsCapturing(a, &status);
+        const CUresult ended = cuStreamEndCapture(a, &graph);
+        check(r == CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED && status == CU_STREAM_CAPTURE_STATUS_INVALIDATED &&
+                  ended == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+              (std::string(what) + " in a capture is refused and spoils it").c_str());
+    }
+    cuStreamBeginCapture_v2(a, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+    cuMemAllocAsync(&scratch, 4, a);
+    check(cuStreamEndCapture(a, &graph) == CUDA_SUCCESS &&
+              cuGraphInstantiateWithFlags(&exec, graph, 0) == CUDA_ERROR_INVALID_VALUE,
+          "a graph with an allocation it never frees is refused");
+    check(cuMemFreeAsync(scratch, a) == CUDA_ERROR_INVALID_VALUE, "a graph's allocation is not freed outside it");
+    cuGraphDestroy(graph);
+    cuMemFree(in);
+    cuMemFree(acc);
+
     std::printf("%s\n", failures == 0 ? "emulator self-test passed" : "emulator self-test FAILED");
     return failures == 0 ? 0 : 1;
 }
