@@ -10,6 +10,9 @@
 #   MODELS ("v32_sparse_moe v3_moe_yarn"), BATCH (8), STEPS (8), DTYPE (bfloat16)
 #   SHARDED_MODEL (v3_moe_yarn), SHARDS (2): a second table, that model's routed experts over
 #   SHARDS expert shards (lanes of device 0), routed on the host and on the device
+#   A third table: each model with its MLP blocks as CUDA graphs (--graph-rows BATCH), the
+#   runs' decode steps 2 and 2 + STEPS (the first decode step runs the blocks as they are, the
+#   second captures them: the difference is replays only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results/decode-calls.md}
@@ -33,6 +36,13 @@ for model in $models; do
             --decode "$decode" --dtype "$dtype" >"$work/$model-$decode.run.json"
     done
 done
+for model in $models; do
+    for decode in 2 $((2 + steps)); do
+        SPARSEMOE_EMU_STATS="$work/graphs-$model-$decode.json" LD_LIBRARY_PATH="$PWD/target/cuda-emu:${LD_LIBRARY_PATH:-}" \
+            target/release/examples/decode_calls --model "engine/tests/fixtures/$model" --batch "$batch" \
+            --decode "$decode" --dtype "$dtype" --graph-rows "$batch" >"$work/graphs-$model-$decode.run.json"
+    done
+done
 devices=$(printf '0,%.0s' $(seq "$shards"))  # "0,0,…": every shard a lane of device 0
 devices=${devices%,}
 for routing in host device; do
@@ -49,10 +59,13 @@ import sys
 
 work, out, steps, batch, dtype, commit = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 sharded_model, shards, models = sys.argv[7], int(sys.argv[8]), sys.argv[9:]
-runs, per_step, routed = {}, {}, {}
-for m in models + ["shards-host", "shards-device"]:
-    one, more = (json.load(open(f"{work}/{m}-{d}.json")) for d in (1, 1 + steps))
-    run_one, runs[m] = (json.load(open(f"{work}/{m}-{d}.run.json")) for d in (1, 1 + steps))
+runs, per_step, routed, first = {}, {}, {}, {}
+graphed = [f"graphs-{m}" for m in models]
+for m in models + ["shards-host", "shards-device"] + graphed:
+    decodes = (2, 2 + steps) if m in graphed else (1, 1 + steps)
+    one, more = (json.load(open(f"{work}/{m}-{d}.json")) for d in decodes)
+    first[m], runs[m] = (json.load(open(f"{work}/{m}-{d}.run.json")) for d in decodes)
+    run_one = first[m]
     routed[m] = (runs[m]["routed_on_device"] - run_one["routed_on_device"]) / steps
     per_step[m] = {k: ((more.get(k, [0, 0])[0] - one.get(k, [0, 0])[0]) / steps,
                        (more.get(k, [0, 0])[1] - one.get(k, [0, 0])[1]) / steps)
@@ -119,6 +132,44 @@ for k in shard_kinds:
             f"{n:g}" + (f" ({b / 1024:.1f} KiB)" if b and not k.startswith("memory") else "") for n, b in counts) + " |")
 lines.append("| **kernel launches and cuBLAS calls** | " + " | ".join(f"**{total[m]:g}**" for m in sharded) + " |")
 lines.append("| MoE layers routed on the device | " + " | ".join(f"{routed[m]:g}" for m in sharded) + " |")
+
+# Each model with its MLP blocks as CUDA graphs, against the same steps without.
+lines += [
+    "",
+    "## CUDA graphs of the MLP blocks",
+    "",
+    f"The same steps with `--graph-rows {batch}` (`Cuda::graph_rows`): each layer's MLP block (its norm, the "
+    "router's product, the routing, the experts, their sum and the shared expert) runs as it is in the first "
+    "decode step, is captured in the second and is replayed from then on: a copy of the rows in, one graph "
+    "launch, a copy out and, for a MoE layer, its counts added to the step's. These runs count decode steps 2 "
+    f"and {2 + steps}, so the difference is replays only. Attention stays outside the graphs. Rows where the "
+    "two differ:",
+    "",
+    "| call a decode step | " + " | ".join(f"{m} | {m}, graphs" for m in models) + " |",
+    "|---|" + "---|" * (2 * len(models)),
+]
+pairs = [(m, f"graphs-{m}") for m in models]
+graph_kinds = sorted({k for a, b in pairs for m in (a, b) for k, v in per_step[m].items() if v[0]})
+total = {m: 0.0 for a, b in pairs for m in (a, b)}
+for k in graph_kinds:
+    cells, differ = [], False
+    for a, b in pairs:
+        ca, cb = per_step[a].get(k, (0, 0)), per_step[b].get(k, (0, 0))
+        differ = differ or ca[0] != cb[0]
+        for m, (n, by) in ((a, ca), (b, cb)):
+            cells.append(f"{n:g}" + (f" ({by / 1024:.1f} KiB)" if by and not k.startswith("memory") else ""))
+            if k.startswith(("launch/", "cublas/", "graph/")):
+                total[m] += n
+    if differ:
+        lines.append(f"| `{k}` | " + " | ".join(cells) + " |")
+lines.append("| **kernel launches, cuBLAS calls and graph launches** | "
+             + " | ".join(f"**{total[m]:g}**" for a, b in pairs for m in (a, b)) + " |")
+for a, b in pairs:
+    g = runs[b]["graphs"]
+    replays = (g["replayed"] - first[b]["graphs"]["replayed"]) / steps
+    assert g["eager"] == 0 and replays == runs[b]["layers"], (b, g, replays)
+    lines += ["", f"{a}: {total[a]:g} calls a step without graphs, {total[b]:g} with ({total[a] / total[b]:.2f}× "
+              f"fewer; {replays:g} graph launches a step, one a layer; {g['captured']} blocks captured)."]
 print("\n".join(lines))
 try:
     old = open(out).read()

@@ -5,8 +5,9 @@
 //! step asks of a GPU (kernel launches by kernel, cuBLAS calls, copies, memsets, allocations,
 //! waits for the host), the calls a CUDA graph of the step would replace. On a GPU it runs too
 //! (it counts nothing there). `--devices 0,0` splits the routed experts over two expert shards
-//! (here on one device), and `--route-on-host` routes every MoE layer on the host, for the
-//! comparison the script's second table makes.
+//! (here on one device), `--route-on-host` routes every MoE layer on the host, for the
+//! comparison the script's second table makes, and `--graph-rows` runs the MLP blocks of steps
+//! of up to that many rows as CUDA graphs (`Cuda::graph_rows`), for its third.
 //!
 //! ```sh
 //! cargo run --release -p sparsemoe-engine --example decode_calls -- --model DIR --decode 9
@@ -47,6 +48,9 @@ struct Args {
     /// Route every MoE layer on the host (`Cuda::route_on_device(false)`), for comparison.
     #[arg(long)]
     route_on_host: bool,
+    /// Steps of at most this many rows run each layer's MLP block as a CUDA graph (0: none).
+    #[arg(long, default_value_t = 0)]
+    graph_rows: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +62,7 @@ fn main() -> anyhow::Result<()> {
     let dtype: Dtype = args.dtype.parse()?;
     let cuda = Cuda::new(&args.devices, dtype)?;
     cuda.route_on_device(!args.route_on_host);
+    cuda.graph_rows(args.graph_rows);
     let config = ModelConfig::from_dir(&args.model)?;
     let options = ModelOptions {
         expert_shards: ExpertShards::from_options(&config, None, None, args.devices.len())?
@@ -91,6 +96,7 @@ fn main() -> anyhow::Result<()> {
         logits = step(&model, &next, &mut caches)?;
     }
     let c = &model.config;
+    let graphs = cuda.graph_counts();
     println!(
         "{}",
         serde_json::json!({
@@ -102,6 +108,11 @@ fn main() -> anyhow::Result<()> {
             "decode": args.decode,
             "routed_on_device": cuda.routed_on_device(),
             "expert_shards": model.expert_shards().map_or(0, |s| s.shards()),
+            "graphs": {
+                "captured": graphs.captured,
+                "replayed": graphs.replayed,
+                "eager": graphs.eager,
+            },
         })
     );
     Ok(())

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU check for sparsemoe's kernels and its engine, for a single device call: every step
 # has a time limit and the required ones add up to under 10 minutes (kernels 300 s, engine tests
-# 100 s, six benches 30 s each), then a memcheck run of three tests (90 s) if time is left; about
+# 100 s, six benches 30 s each), then, if time is left, two benches with and without CUDA graphs
+# (20 s each) and a memcheck run of three tests (90 s); about
 # 5 minutes expected on an H200, unmeasured so far. Call it with timeout_s 600 and carry
 # ["target/gpu-check"] (kernels/gpu-build.sh, 21 MB).
 # Needs nvcc, PyTorch and CuPy on the GPU machine (its image has them): the .cu files are
@@ -86,6 +87,17 @@ PY
                 tee -a "$OUT/engine-bench.jsonl"
             [[ ${PIPESTATUS[0]} == 124 ]] && echo "engine: timed out after $((30 * slow)) s" | tee -a "$OUT/engine.log"
         done
+    done
+    # If time is left: the MLP blocks as CUDA graphs (--cuda-graph-rows) or not, side by side:
+    # decode throughput at batches 1 and 8 and single decode steps at 4K context, bf16 (each
+    # report says which).
+    for graph_rows in 0 8; do
+        echo "engine: bench cuda:0 bfloat16 sparse --cuda-graph-rows $graph_rows" | tee -a "$OUT/engine.log"
+        timeout $((20 * slow)) "$bin/sparsemoe-engine" bench --model "$model" --device cuda:0 \
+            --dtype bfloat16 --attention sparse --batch 1,8 --prompt-tokens 16 --decode-tokens 32 \
+            --context 4096 --steps 10 --cuda-graph-rows "$graph_rows" 2>>"$OUT/engine.log" |
+            tee -a "$OUT/engine-bench.jsonl"
+        [[ ${PIPESTATUS[0]} == 124 ]] && echo "engine: timed out after $((20 * slow)) s" | tee -a "$OUT/engine.log"
     done
     # Last, as its output is a bonus: the paged-pool, grouped-expert and device-routing tests under
     # compute-sanitizer's memcheck (out-of-bounds and misaligned device accesses), where the

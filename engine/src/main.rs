@@ -105,6 +105,10 @@ struct ModelArgs {
     /// A placement plan (JSON) saying which shard holds which experts.
     #[arg(long)]
     placement: Option<PathBuf>,
+    /// With a GPU: steps of at most this many rows run each layer's MLP block as a CUDA graph
+    /// (0: none).
+    #[arg(long, default_value_t = 0)]
+    cuda_graph_rows: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -140,17 +144,26 @@ impl ModelArgs {
 
 fn main() -> anyhow::Result<()> {
     let command = Cli::parse().command;
-    let (device, dtype) = match &command {
-        Command::Serve(_) => (Device::Cpu, "float32"), // serve opens its own device
+    let (device, dtype, graph_rows) = match &command {
+        Command::Serve(_) => (Device::Cpu, "float32", 0), // serve opens its own device
         Command::Logits { model, .. }
         | Command::Generate { model, .. }
-        | Command::Bench { model, .. } => (model.device.parse::<Device>()?, model.dtype.as_str()),
+        | Command::Bench { model, .. } => (
+            model.device.parse::<Device>()?,
+            model.dtype.as_str(),
+            model.cuda_graph_rows,
+        ),
     };
     let devices = device.count();
     let dtype = device.dtype(dtype)?;
+    let graph_rows = device.graph_rows(graph_rows)?;
     match device {
         Device::Cpu => run(command, Cpu, devices),
-        Device::Cuda(ordinals) => run(command, Cuda::new(&ordinals, dtype)?, devices),
+        Device::Cuda(ordinals) => {
+            let cuda = Cuda::new(&ordinals, dtype)?;
+            cuda.graph_rows(graph_rows);
+            run(command, cuda, devices)
+        }
     }
 }
 
@@ -185,6 +198,7 @@ fn run<B: Backend>(command: Command, backend: B, devices: usize) -> anyhow::Resu
                 "backend": loaded.backend().name(),
                 "attention": format!("{:?}", model.attention).to_lowercase(),
                 "index_topk": loaded.index_topk(),
+                "cuda_graph_rows": model.cuda_graph_rows,
                 "weight_bytes": loaded.weight_bytes(),
                 "throughput": throughput,
                 "decode_steps": decode_steps,

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::backend::{
-    self, AttentionForm, Backend, Expert, MlaDims, MlaSeq, MlaWeights, Routing,
+    self, AttentionForm, Backend, BlockId, Expert, MlaDims, MlaSeq, MlaWeights, Routing,
     absorbed_query_weight,
 };
 use crate::config::{Arch, ModelConfig};
@@ -167,6 +167,14 @@ pub struct Model<B: Backend> {
     router: RouterConfig,
     weight_bytes: usize,
     expert_load: Arc<ExpertLoad>,
+    /// This model's number among those the process loaded ([`crate::backend::BlockId`]).
+    serial: u64,
+}
+
+impl<B: Backend> Drop for Model<B> {
+    fn drop(&mut self) {
+        self.backend.forget_blocks(self.serial);
+    }
 }
 
 impl<B: Backend> std::fmt::Debug for Model<B> {
@@ -390,6 +398,10 @@ impl<B: Backend> Model<B> {
             backend,
             options,
             config,
+            serial: {
+                static MODELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                MODELS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
         })
     }
 
@@ -525,13 +537,27 @@ impl<B: Backend> Model<B> {
             let x = b.rms_norm(&h, &layer.input_norm, c.rms_norm_eps);
             let (attn, selections) = self.attention(l, layer, &x, &rows, batch, trace.is_some())?;
             b.add(&mut h, &attn);
-            let x = b.rms_norm(&h, &layer.post_attention_norm, c.rms_norm_eps);
-            let (mlp, routing) = self.mlp(l, &layer.mlp, &x, trace.is_some(), &mut device_load);
-            b.add(&mut h, &mlp);
-            if let Some(t) = trace.as_deref_mut() {
-                t.selections.push(selections);
-                t.routing.push(routing);
-                t.hidden.push(b.to_host(&h));
+            match trace.as_deref_mut() {
+                // A trace reads the routing, which only the host's holds.
+                Some(t) => {
+                    let x = b.rms_norm(&h, &layer.post_attention_norm, c.rms_norm_eps);
+                    let (mlp, routing) = self.mlp(l, &layer.mlp, &x, true, &mut device_load);
+                    b.add(&mut h, &mlp);
+                    t.selections.push(selections);
+                    t.routing.push(routing);
+                    t.hidden.push(b.to_host(&h));
+                }
+                None => {
+                    let id = BlockId {
+                        model: self.serial,
+                        layer: l,
+                    };
+                    b.mlp_block(id, &mut h, &mut device_load, &mut |h, load| {
+                        let x = b.rms_norm(h, &layer.post_attention_norm, c.rms_norm_eps);
+                        let (mlp, _) = self.mlp(l, &layer.mlp, &x, false, load);
+                        b.add(h, &mlp);
+                    })
+                }
             }
         }
         for step in batch.iter_mut() {

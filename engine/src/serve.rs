@@ -114,6 +114,11 @@ pub struct ServeArgs {
     /// shard holds which experts, with redundant copies of hot ones.
     #[arg(long, env = "SPARSEMOE_PLACEMENT")]
     pub placement: Option<PathBuf>,
+    /// With a GPU: steps of at most this many rows (decode batches) run each layer's MLP block
+    /// as a CUDA graph, recorded the second time a (layer, rows) comes and replayed after that;
+    /// 0 (the default) for none. Attention runs outside the graphs.
+    #[arg(long, default_value_t = 0, env = "SPARSEMOE_CUDA_GRAPH_ROWS")]
+    pub cuda_graph_rows: usize,
 }
 
 impl ServeArgs {
@@ -156,6 +161,17 @@ impl Device {
             );
         }
         Ok(parsed)
+    }
+
+    /// `--cuda-graph-rows` for this device: the CPU backend has no graphs, so only 0 there.
+    pub fn graph_rows(&self, rows: usize) -> anyhow::Result<usize> {
+        if *self == Self::Cpu && rows > 0 {
+            bail!(
+                "--cuda-graph-rows {rows} needs a GPU (--device cuda:N): the CPU backend has no \
+                 CUDA graphs"
+            );
+        }
+        Ok(rows)
     }
 
     /// Devices the engine spans (one for the CPU).
@@ -267,11 +283,13 @@ fn load_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
     match device.clone() {
         Device::Cpu => {
             device.dtype(&args.dtype)?;
+            device.graph_rows(args.cuda_graph_rows)?;
             let l = load(args, Cpu, 1)?;
             build_state(l.model, l.tokenizer, l.name, args)
         }
         Device::Cuda(ordinals) => {
             let cuda = Cuda::new(&ordinals, device.dtype(&args.dtype)?)?;
+            cuda.graph_rows(args.cuda_graph_rows);
             let l = load(args, cuda, ordinals.len())?;
             build_state(l.model, l.tokenizer, l.name, args)
         }

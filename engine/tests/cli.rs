@@ -131,6 +131,22 @@ fn devices_are_checked_at_start_up() {
         );
     }
 
+    // --cuda-graph-rows: graphs are the CUDA backend's; 0 (none) is the CPU's only value.
+    let out = logits_with("--cuda-graph-rows", "4");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("--cuda-graph-rows 4 needs a GPU")
+            && !stderr.contains("panicked"),
+        "--cuda-graph-rows 4 on the CPU: {stderr}"
+    );
+    let out = logits_with("--cuda-graph-rows", "0");
+    assert!(
+        out.status.success(),
+        "--cuda-graph-rows 0 on the CPU: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // cuda:0 runs where there is a GPU (tests/cuda.rs checks its numbers), and so does
     // cuda:0,0 (the routed experts split over two streams of it); elsewhere each is an error
     // that says what is missing.
@@ -169,6 +185,10 @@ fn serve_refuses_settings_it_cannot_honour() {
         (
             &["--kv-cache-dtype", "float16"][..],
             "--kv-cache-dtype float16",
+        ),
+        (
+            &["--cuda-graph-rows", "8"][..],
+            "--cuda-graph-rows 8 needs a GPU",
         ),
     ] {
         let out = engine()

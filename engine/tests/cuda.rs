@@ -13,7 +13,7 @@ use std::sync::Arc;
 use sparsemoe_engine::backend::cpu::{Cpu, fp8_round_rows};
 use sparsemoe_engine::backend::cuda::kernel_cache::KernelCache;
 use sparsemoe_engine::backend::cuda::{
-    CompiledKernels, Cuda, Dtype, KernelTarget, compile_kernels, compile_kernels_with,
+    CompiledKernels, Cuda, Dtype, GraphCounts, KernelTarget, compile_kernels, compile_kernels_with,
 };
 use sparsemoe_engine::backend::{
     AttentionForm, Backend, CachedRows, IndexerSeq, MlaDims, MlaSeq, MlaWeights, Selection,
@@ -2123,6 +2123,168 @@ fn decode_steps_route_on_the_device() {
             .all(|(w, g)| w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
         eprintln!("{test}: {weights} experts: logits the same bits: {same}");
     }
+}
+
+/// CUDA graphs of the MLP blocks: `paged_run`'s 9 decode steps have 2 rows, its 2 prefill
+/// steps 8. With `graph_rows(2)`, each layer's block runs as it is in the first decode step,
+/// is captured in the second and replayed from then on; prefill steps, past the limit, never
+/// are. A graph launches the same kernels on the same values, so the logits and the expert
+/// counts must be those of the run without graphs to the bit, for fp8 and bf16 experts. With
+/// the routing on the host (its logits copied to the host every step), the MoE layers' blocks
+/// are never captured, the dense layers' still are.
+#[test]
+fn mlp_blocks_replay_as_cuda_graphs() {
+    let test = "mlp_blocks_replay_as_cuda_graphs";
+    let Some(cuda) = gpus(test, &[0], Dtype::Bfloat16) else {
+        return;
+    };
+    let (fp8, bf16) = fp8_and_bf16("v32_sparse_moe");
+    let options = ModelOptions {
+        index_topk: Some(8),
+        ..ModelOptions::default()
+    };
+    let run = |dir: &std::path::Path, rows: usize| {
+        cuda.graph_rows(rows);
+        let model = Model::load(dir, cuda.clone(), options.clone()).unwrap();
+        let before = cuda.graph_counts();
+        let logits = paged_run(&model, KvDtype::Bfloat16);
+        let counts = cuda.graph_counts() - before;
+        let layers = model.config.num_layers as u64;
+        let moe = model.config.moe_layers.iter().filter(|&&m| m).count() as u64;
+        (logits, model.expert_load().snapshot(), counts, layers, moe)
+    };
+    for (weights, dir) in [("fp8", fp8.path()), ("bf16", bf16.path())] {
+        cuda.route_on_device(true);
+        let (want, want_load, none, ..) = run(dir, 0);
+        assert_eq!(none, GraphCounts::default(), "{weights}: graphs while off");
+        let (got, load, counts, layers, moe) = run(dir, 2);
+        eprintln!("{test}: {weights} experts, {layers} layers ({moe} MoE): {counts:?}");
+        assert!(
+            moe > 0 && moe < layers,
+            "{weights}: the fixture mixes dense and MoE layers"
+        );
+        assert_same_bits(&want, &got, &format!("{weights} experts with graphs"));
+        assert_eq!(load, want_load, "{weights}: the expert counts with graphs");
+        assert_eq!(
+            counts,
+            GraphCounts {
+                captured: layers,
+                replayed: 8 * layers,
+                ..GraphCounts::default()
+            },
+            "{weights}: every layer captured in the second decode step, replayed from it on"
+        );
+
+        cuda.route_on_device(false);
+        let (want, want_load, ..) = run(dir, 0);
+        let (got, load, counts, ..) = run(dir, 2);
+        assert_same_bits(
+            &want,
+            &got,
+            &format!("{weights} experts routed on the host"),
+        );
+        assert_eq!(
+            load, want_load,
+            "{weights}: the host's expert counts with graphs"
+        );
+        let dense = layers - moe;
+        assert_eq!(
+            counts,
+            GraphCounts {
+                captured: dense,
+                replayed: 8 * dense,
+                ..GraphCounts::default()
+            },
+            "{weights}: only the dense layers' blocks, which copy nothing to the host"
+        );
+    }
+    cuda.route_on_device(true);
+    cuda.graph_rows(0);
+}
+
+/// A capture that needs a copy is spoiled, not launched: one sequence decodes a token a step
+/// with `graph_rows(1)`, and the lane forgets its cached uploads (`forget_uploads`, as an
+/// eviction would) before some decode steps, so a MoE block captured in that step finds its
+/// experts' address table gone and would copy it. That capture is dropped, the block runs as it
+/// is, and it is captured again after a clean run; spoiled three times, it runs without a
+/// graph for good. The dense layers' blocks, which read no cached upload, are captured in the
+/// second decode step either way. The logits must be those of the same steps without graphs.
+#[test]
+fn a_capture_that_needs_a_copy_is_tried_again_then_given_up() {
+    let test = "a_capture_that_needs_a_copy_is_tried_again_then_given_up";
+    let Some(cuda) = gpus(test, &[0], Dtype::Bfloat16) else {
+        return;
+    };
+    let (_fp8, bf16) = fp8_and_bf16("v32_sparse_moe");
+    let options = ModelOptions {
+        index_topk: Some(8),
+        ..ModelOptions::default()
+    };
+    let prompt: Vec<u32> = (0..8).map(|i| (i * 29 % 250 + 2) as u32).collect();
+    let decode = 8;
+    // The logits of every step, and the graphs' counts, forgetting uploads before the decode
+    // steps (1-based) in `forget`.
+    let run = |graph_rows: usize, forget: &[usize]| {
+        cuda.graph_rows(graph_rows);
+        let model = Model::load(bf16.path(), cuda.clone(), options.clone()).unwrap();
+        let before = cuda.graph_counts();
+        let mut cache = model.new_cache();
+        let mut logits = Vec::new();
+        let mut tokens = prompt.clone();
+        for step in 0..=decode {
+            if forget.contains(&step) {
+                cuda.forget_uploads();
+            }
+            let mut batch = [SeqStep {
+                tokens: &tokens,
+                cache: &mut cache,
+                logits: LogitRows::Last,
+            }];
+            let out = model.forward(&mut batch, None).unwrap().remove(0);
+            tokens = vec![(step as u32 * 53 + 7) % 250 + 2];
+            logits.push(out);
+        }
+        let moe = model.config.moe_layers.iter().filter(|&&m| m).count() as u64;
+        let dense = model.config.num_layers as u64 - moe;
+        (logits, cuda.graph_counts() - before, moe, dense)
+    };
+    // Spoiled once: captured after the next clean run (decode step 4), replayed from then on.
+    let (want, none, ..) = run(0, &[2]);
+    assert_eq!(none, GraphCounts::default(), "graphs while off");
+    let (got, counts, moe, dense) = run(1, &[2]);
+    eprintln!("{test}: spoiled once: {counts:?} ({moe} MoE, {dense} dense layers)");
+    assert!(
+        moe > 0 && dense > 0,
+        "the fixture mixes dense and MoE layers"
+    );
+    assert_same_bits(&want, &got, "spoiled once");
+    let d = decode as u64;
+    assert_eq!(
+        counts,
+        GraphCounts {
+            captured: moe + dense,
+            replayed: (d - 1) * dense + (d - 3) * moe,
+            spoiled: moe,
+            eager: 0,
+        },
+        "spoiled once"
+    );
+    // Spoiled three times: given up.
+    let (want, ..) = run(0, &[2, 4, 6]);
+    let (got, counts, ..) = run(1, &[2, 4, 6]);
+    eprintln!("{test}: spoiled three times: {counts:?}");
+    assert_same_bits(&want, &got, "spoiled three times");
+    assert_eq!(
+        counts,
+        GraphCounts {
+            captured: dense,
+            replayed: (d - 1) * dense,
+            spoiled: 3 * moe,
+            eager: moe,
+        },
+        "spoiled three times"
+    );
+    cuda.graph_rows(0);
 }
 
 /// Expert shards with the routing on the device: on two lanes (each shard's experts only

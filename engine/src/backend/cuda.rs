@@ -120,8 +120,8 @@ use cudarc::driver::{
 use sparsemoe_kernels::launch;
 
 use super::{
-    Backend, CachedRows, Expert, IndexerSeq, MlaDims, MlaSeq, MlaWeights, Routing, Selection,
-    by_expert, indexer_select_gathered, pairs_by_row,
+    Backend, BlockId, CachedRows, Expert, IndexerSeq, MlaDims, MlaSeq, MlaWeights, MlpBlock,
+    Routing, Selection, by_expert, indexer_select_gathered, pairs_by_row,
 };
 use crate::error::{EngineError, Result};
 use crate::expert_shards::{ExpertShards, Pair, compact_rows};
@@ -129,6 +129,7 @@ use crate::kv_cache::{FP8_BLOCK, KvDtype, PagedRows};
 use crate::rope::{Rope, RopeLayout};
 use crate::weights::Matrix;
 
+mod graphs;
 pub mod kernel_cache;
 mod uploads;
 use uploads::{Pack, Packed, Part, Recent, Tables, UploadCounts};
@@ -409,6 +410,33 @@ impl Operand<'_> {
     }
 }
 
+/// What the MLP blocks' CUDA graphs did ([`Cuda::graph_counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphCounts {
+    /// MLP blocks captured into graphs.
+    pub captured: u64,
+    /// Graph launches.
+    pub replayed: u64,
+    /// Captures spoiled by a copy to or from the host (each tried again after a clean run).
+    pub spoiled: u64,
+    /// Blocks that run without a graph for good (their captures were refused or spoiled).
+    pub eager: u64,
+}
+
+impl std::ops::Sub for GraphCounts {
+    type Output = Self;
+
+    /// What happened between two readings (`later - earlier`).
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            captured: self.captured - earlier.captured,
+            replayed: self.replayed - earlier.replayed,
+            spoiled: self.spoiled - earlier.spoiled,
+            eager: self.eager - earlier.eager,
+        }
+    }
+}
+
 /// Launches that read their weight in place ([`Cuda::in_place_products`]): `fp8_linear_tc`
 /// and `fp8_grouped_tc` (fp8 weights), `bf16_linear_tc` and `bf16_grouped_tc` (bf16).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -462,7 +490,13 @@ impl<'w> InPlaceData<'w> {
 struct Blas {
     ctx: Arc<CudaContext>,
     handle: std::mem::ManuallyDrop<CudaBlas>,
+    /// The handle's workspace, given so that cuBLAS allocates none of its own while a graph is
+    /// captured (see [`graphs`]).
+    _workspace: CudaSlice<u8>,
 }
+
+/// Bytes of a cuBLAS handle's workspace (what cuBLAS itself suggests for Hopper).
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 impl Drop for Blas {
     fn drop(&mut self) {
@@ -780,6 +814,8 @@ pub struct Cuda {
     /// The routed experts' weight addresses, a table a MoE layer ([`Cuda::expert_tables`]).
     tables: Arc<Tables>,
     uploads: Arc<UploadCounts>,
+    /// Graphs of the MLP blocks at small batches ([`Cuda::graph_rows`]).
+    graphs: Arc<graphs::Graphs>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -1504,14 +1540,34 @@ impl Cuda {
             .ctx
             .new_stream()
             .map_err(|e| device_error(format!("creating a stream on cuda:{ordinal}: {e:?}")))?;
-        let blas = CudaBlas::new(stream.clone())
-            .map(|handle| {
-                Arc::new(Blas {
-                    ctx: device.ctx.clone(),
-                    handle: std::mem::ManuallyDrop::new(handle),
-                })
-            })
+        let handle = CudaBlas::new(stream.clone())
             .map_err(|e| device_error(format!("creating a cuBLAS handle: {e:?}")))?;
+        let workspace = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE)
+            .map_err(|e| device_error(format!("allocating cuBLAS's workspace: {e:?}")))?;
+        {
+            use cudarc::driver::DevicePtr;
+            let (ptr, _) = workspace.device_ptr(&stream);
+            // SAFETY: the workspace outlives the handle (both are the Blas's; the handle is
+            // destroyed first, in its drop), and is used only on the handle's stream.
+            let set = unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *handle.handle(),
+                    ptr as *mut std::ffi::c_void,
+                    BLAS_WORKSPACE,
+                )
+            };
+            if set != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(device_error(format!(
+                    "giving cuBLAS its workspace: {set:?}"
+                )));
+            }
+        }
+        let blas = Arc::new(Blas {
+            ctx: device.ctx.clone(),
+            handle: std::mem::ManuallyDrop::new(handle),
+            _workspace: workspace,
+        });
         Ok(Self {
             ordinal,
             device_name: device.name.clone(),
@@ -1548,6 +1604,7 @@ impl Cuda {
             recent_f32: Arc::default(),
             tables: Arc::default(),
             uploads: Arc::default(),
+            graphs: Arc::default(),
         })
     }
 
@@ -1564,6 +1621,7 @@ impl Cuda {
             lane.one_by_one
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
+        self.graphs.clear(); // recorded with the other choice
     }
 
     /// Makes the main lane's next cuBLAS grouped product fail as one cuBLAS refuses (for tests
@@ -1599,6 +1657,7 @@ impl Cuda {
     pub fn attention_on_tensor_cores(&self, on: bool) {
         self.tensor_cores
             .store(on, std::sync::atomic::Ordering::Relaxed);
+        self.graphs.clear(); // recorded with the other choice
     }
 
     /// Which kernels score the indexer's keys: with the tensor cores on, an fp8 pool's keys of
@@ -1727,6 +1786,7 @@ impl Cuda {
             lane.in_place_rows
                 .store(rows, std::sync::atomic::Ordering::Relaxed);
         }
+        self.graphs.clear(); // recorded with the other choice
     }
 
     /// How many launches read a weight in place, by the weight's dtype, on every lane.
@@ -1791,6 +1851,7 @@ impl Cuda {
     pub fn route_on_device(&self, on: bool) {
         self.route_on_device
             .store(on, std::sync::atomic::Ordering::Relaxed);
+        self.graphs.clear(); // recorded with the other choice
     }
 
     /// How many MoE layers routed on the device.
@@ -1807,6 +1868,30 @@ impl Cuda {
             .sum()
     }
 
+    /// The most rows of a step for which each layer's MLP block runs as a CUDA graph, captured
+    /// the second time its (layer, rows) comes and replayed after that (see [`graphs`]); 0
+    /// (the default) for none. Setting it forgets the graphs made so far, as do the setters
+    /// that change what a block launches (`route_on_device`, `in_place_rows`,
+    /// `experts_one_by_one`, `attention_on_tensor_cores`).
+    pub fn graph_rows(&self, rows: usize) {
+        self.graphs
+            .rows
+            .store(rows, std::sync::atomic::Ordering::Relaxed);
+        self.graphs.clear();
+    }
+
+    /// What the MLP blocks' graphs did: blocks captured, graph launches, and blocks left to run
+    /// without a graph for good.
+    pub fn graph_counts(&self) -> GraphCounts {
+        use std::sync::atomic::Ordering::Relaxed;
+        GraphCounts {
+            captured: self.graphs.captured.load(Relaxed),
+            replayed: self.graphs.replayed.load(Relaxed),
+            spoiled: self.graphs.spoiled.load(Relaxed),
+            eager: self.graphs.eager.load(Relaxed),
+        }
+    }
+
     /// Whether the lanes reuse a device copy of a read-only array (RoPE angles, cache slots,
     /// block tables, attention keys and offsets) they uploaded lately with the same contents
     /// (on by default; see [`uploads`]); off, every such array is copied again.
@@ -1819,6 +1904,16 @@ impl Cuda {
                 lane.recent_i32.clear();
                 lane.recent_f32.clear();
             }
+        }
+    }
+
+    /// Forgets every array and address table the lanes keep, as if all had been evicted (for
+    /// tests: the next uploads are copies again, and a graph captured meanwhile is spoiled).
+    pub fn forget_uploads(&self) {
+        for lane in self.lanes() {
+            lane.recent_i32.clear();
+            lane.recent_f32.clear();
+            lane.tables.clear();
         }
     }
 
@@ -2197,11 +2292,31 @@ impl Cuda {
         &self,
         v: &[T],
     ) -> std::result::Result<CudaSlice<T>, DriverError> {
+        if !self.uploads.may_copy() {
+            // A graph being captured would copy these bytes again at every launch: the capture
+            // is spoiled and never launched, so what this buffer holds is never read.
+            return self.stream.alloc_zeros::<T>(v.len().max(1));
+        }
         if v.is_empty() {
             self.stream.alloc_zeros::<T>(1)
         } else {
             self.stream.clone_htod(v)
         }
+    }
+
+    /// `src` copied to the host (once the stream's work so far is done). While a graph is
+    /// captured, nothing is copied (the capture is spoiled, see [`uploads`]) and the values are
+    /// zeros.
+    fn read_back<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        src: &CudaView<'_, T>,
+    ) -> Vec<T> {
+        if !self.uploads.may_copy() {
+            return vec![T::default(); src.len()];
+        }
+        self.host_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ok(self.stream.clone_dtoh(src), "copying to the host")
     }
 
     /// `rows` rows per block-row kernel launch of ENGINE_THREADS threads.
@@ -2596,11 +2711,7 @@ impl Cuda {
         if in_place {
             return Rows::F32(self.expert_products_in_place(xp, &tables, hidden, inter));
         }
-        let offsets = ok(
-            self.stream.clone_dtoh(&tables.offsets),
-            "copying to the host",
-        );
-        self.host_reads.fetch_add(1, Relaxed);
+        let offsets = self.read_back(&tables.offsets);
         let active = super::experts_with_rows(&offsets);
         let most = active.iter().map(|a| a.2).max().unwrap_or(0);
         // The grid's rows are the experts' own tiles now that their counts are known (one at
@@ -4054,12 +4165,7 @@ impl Backend for Cuda {
         if n == 0 {
             return Vec::new();
         }
-        self.host_reads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        ok(
-            self.stream.clone_dtoh(&x.buf.slice(..n)),
-            "copying to the host",
-        )
+        self.read_back(&x.buf.slice(..n))
     }
 
     fn shape(&self, x: &CudaTensor) -> (usize, usize) {
@@ -4602,6 +4708,20 @@ impl Backend for Cuda {
         let mut out = unsafe { self.uninit(q.rows, dims.heads * dims.v) };
         self.context_out(&ctx, weights.kv_b, dims, &mut out);
         out
+    }
+
+    fn mlp_block(
+        &self,
+        id: BlockId,
+        h: &mut CudaTensor,
+        load: &mut Option<CudaTensor>,
+        block: &mut MlpBlock<'_, CudaTensor>,
+    ) {
+        self.graphed_block(id, h, load, block)
+    }
+
+    fn forget_blocks(&self, model: u64) {
+        self.graphs.forget(model);
     }
 
     fn swiglu(&self, x: &CudaTensor, expert: &Expert<CudaWeight>) -> CudaTensor {

@@ -665,6 +665,27 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Runs a layer's MLP block, `block(h, load)`: `h += mlp(norm(h))`, adding the layer's
+    /// routed-token counts to `load` where [`Backend::moe_routed`] routes on the device. The
+    /// block's launches depend on the shape of `h` and nothing else the host holds, so a
+    /// backend may record them once for an `(id, rows)` and replay the recording each time
+    /// after (the CUDA backend's graphs, `Cuda::graph_rows`). The default runs `block`.
+    fn mlp_block(
+        &self,
+        id: BlockId,
+        h: &mut Self::Tensor,
+        load: &mut Option<Self::Tensor>,
+        block: &mut MlpBlock<'_, Self::Tensor>,
+    ) {
+        let _ = id;
+        block(h, load)
+    }
+
+    /// Drops whatever [`Backend::mlp_block`] kept for `model`'s blocks (its model is gone).
+    fn forget_blocks(&self, model: u64) {
+        let _ = model;
+    }
+
     /// The same sum with expert parallelism: `work[s]` holds the (row, expert, weight) pairs
     /// shard `s` computes (see [`crate::expert_shards`]); the shards run side by side and their
     /// outputs are combined per row.
@@ -674,6 +695,18 @@ pub trait Backend: Send + Sync + 'static {
         work: &[Vec<crate::expert_shards::Pair>],
         experts: &[Expert<Self::Weight>],
     ) -> Self::Tensor;
+}
+
+/// A layer's MLP block as [`Backend::mlp_block`] runs it: `(h, load)`.
+pub type MlpBlock<'a, T> = dyn FnMut(&mut T, &mut Option<T>) + 'a;
+
+/// Which model's which layer a [`Backend::mlp_block`] is: two models on one backend never
+/// share a recording.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlockId {
+    /// The model's serial number (each model loaded in the process has its own).
+    pub model: u64,
+    pub layer: usize,
 }
 
 #[cfg(test)]

@@ -8,12 +8,17 @@
 //! one copy instead of one each. The routed experts' address tables, which a layer routed on
 //! the device reads, differ between layers but not between steps: [`Tables`] keeps them all.
 //!
+//! While a lane captures a CUDA graph ([`UploadCounts::capturing`]), nothing is copied: an array
+//! found here is handed out and held for the graph ([`UploadCounts::take_kept`]), since the graph
+//! reads it at every launch; an array not found spoils the capture, and nothing new is kept.
+//!
 //! Only arrays that no kernel writes may come from here: a buffer is handed to every later
 //! caller with the same contents, and freed (stream-ordered, by cudarc) once it is evicted and
 //! no caller holds it. cudarc frees a buffer without making its context current, so whatever
 //! this module drops (an evicted array, the cache itself, a [`Packed`]) binds it first, as the
 //! backend's tensors do.
 
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -52,9 +57,39 @@ pub(super) struct UploadCounts {
     pub reused: AtomicU64,
     /// Off: every array is copied (see `Cuda::reuse_uploads`).
     pub off: AtomicBool,
+    /// Set while the lane's stream captures a graph (see `graphs`).
+    pub capturing: AtomicBool,
+    /// Set when a capture needed a copy to or from the host, which a graph cannot replay.
+    pub spoiled: AtomicBool,
+    /// Buffers a capture read from here, held for its graph.
+    kept: Mutex<Vec<Arc<dyn Any + Send + Sync>>>,
 }
 
-impl<T: bytemuck::Pod + DeviceRepr> Recent<T> {
+impl UploadCounts {
+    /// Whether a copy asked for now can go ahead: not while capturing, which it spoils.
+    pub fn may_copy(&self) -> bool {
+        let capturing = self.capturing.load(Ordering::Relaxed);
+        if capturing {
+            self.spoiled.store(true, Ordering::Relaxed);
+        }
+        !capturing
+    }
+
+    /// The buffers the capture now ending read from here.
+    pub fn take_kept(&self) -> Vec<Arc<dyn Any + Send + Sync>> {
+        std::mem::take(&mut *self.kept.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Holds `buf` for the graph being captured, if one is.
+    fn keep_for_capture<T: Send + Sync + 'static>(&self, buf: &Arc<T>) {
+        if self.capturing.load(Ordering::Relaxed) {
+            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            kept.push(buf.clone());
+        }
+    }
+}
+
+impl<T: bytemuck::Pod + DeviceRepr + Send + Sync> Recent<T> {
     /// A device buffer holding `v`: one already uploaded with the same bytes, or a new one from
     /// `upload`, kept for later callers.
     pub fn get(
@@ -64,8 +99,9 @@ impl<T: bytemuck::Pod + DeviceRepr> Recent<T> {
         upload: impl FnOnce(&[T]) -> Result<CudaSlice<T>, DriverError>,
     ) -> Result<Arc<CudaSlice<T>>, DriverError> {
         let bytes = std::mem::size_of_val(v);
-        let keep = !counts.off.load(Ordering::Relaxed) && bytes <= BYTES / 4;
-        if keep {
+        let look = !counts.off.load(Ordering::Relaxed) && bytes <= BYTES / 4;
+        let keep = look && !counts.capturing.load(Ordering::Relaxed);
+        if look {
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
             // Bitwise, so that 0.0 and -0.0 (or two NaNs) are told apart as a copy would.
             let same = |h: &Vec<T>| {
@@ -77,6 +113,7 @@ impl<T: bytemuck::Pod + DeviceRepr> Recent<T> {
                 let buf = entry.1.clone();
                 held.push_front(entry);
                 counts.reused.fetch_add(1, Ordering::Relaxed);
+                counts.keep_for_capture(&buf);
                 return Ok(buf);
             }
         }
@@ -142,10 +179,14 @@ impl Tables {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(buf) = held.get(v) {
             counts.reused.fetch_add(1, Ordering::Relaxed);
+            counts.keep_for_capture(buf);
             return Ok(buf.clone());
         }
         let buf = Arc::new(upload(v)?);
         counts.copies.fetch_add(1, Ordering::Relaxed);
+        if counts.capturing.load(Ordering::Relaxed) {
+            return Ok(buf); // the capture is spoiled; nothing from it is kept
+        }
         if held.len() >= TABLES {
             for (_, old) in held.drain() {
                 release(old);
@@ -153,6 +194,16 @@ impl Tables {
         }
         held.insert(v.to_vec(), buf.clone());
         Ok(buf)
+    }
+}
+
+impl Tables {
+    /// Forgets every table (their buffers are freed once no caller holds them).
+    pub fn clear(&self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, buf) in held.drain() {
+            release(buf);
+        }
     }
 }
 
