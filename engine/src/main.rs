@@ -105,8 +105,8 @@ struct ModelArgs {
     /// A placement plan (JSON) saying which shard holds which experts.
     #[arg(long)]
     placement: Option<PathBuf>,
-    /// With a GPU: steps of at most this many rows run each layer's MLP block as a CUDA graph
-    /// (0: none).
+    /// With a GPU: steps of at most this many rows (64 at most) run each layer's MLP block as a
+    /// CUDA graph (0: none; none either with expert shards on several lanes).
     #[arg(long, default_value_t = 0)]
     cuda_graph_rows: usize,
 }

@@ -552,7 +552,13 @@ impl<B: Backend> Model<B> {
                         model: self.serial,
                         layer: l,
                     };
-                    b.mlp_block(id, &mut h, &mut device_load, &mut |h, load| {
+                    // A dense layer's block is given no counts, which it would not touch.
+                    let mut none = None;
+                    let load = match layer.mlp {
+                        Mlp::Moe { .. } => &mut device_load,
+                        Mlp::Dense(_) => &mut none,
+                    };
+                    b.mlp_block(id, &mut h, load, &mut |h, load| {
                         let x = b.rms_norm(h, &layer.post_attention_norm, c.rms_norm_eps);
                         let (mlp, _) = self.mlp(l, &layer.mlp, &x, false, load);
                         b.add(h, &mlp);

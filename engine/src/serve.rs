@@ -114,9 +114,10 @@ pub struct ServeArgs {
     /// shard holds which experts, with redundant copies of hot ones.
     #[arg(long, env = "SPARSEMOE_PLACEMENT")]
     pub placement: Option<PathBuf>,
-    /// With a GPU: steps of at most this many rows (decode batches) run each layer's MLP block
-    /// as a CUDA graph, recorded the second time a (layer, rows) comes and replayed after that;
-    /// 0 (the default) for none. Attention runs outside the graphs.
+    /// With a GPU: steps of at most this many rows (decode batches; 64 at most) run each
+    /// layer's MLP block as a CUDA graph, recorded the second time a (layer, rows) comes and
+    /// replayed after that; 0 (the default) for none. Attention runs outside the graphs, and so
+    /// does everything with expert shards on several lanes (`--device cuda:N,M,…`).
     #[arg(long, default_value_t = 0, env = "SPARSEMOE_CUDA_GRAPH_ROWS")]
     pub cuda_graph_rows: usize,
 }
@@ -163,12 +164,20 @@ impl Device {
         Ok(parsed)
     }
 
-    /// `--cuda-graph-rows` for this device: the CPU backend has no graphs, so only 0 there.
+    /// `--cuda-graph-rows` for this device: the CPU backend has no graphs, so only 0 there;
+    /// on a GPU at most the rows a product reads its weight in place for.
     pub fn graph_rows(&self, rows: usize) -> anyhow::Result<usize> {
+        let most = sparsemoe_kernels::launch::FP8_LINEAR_ROWS as usize;
         if *self == Self::Cpu && rows > 0 {
             bail!(
                 "--cuda-graph-rows {rows} needs a GPU (--device cuda:N): the CPU backend has no \
                  CUDA graphs"
+            );
+        }
+        if rows > most {
+            bail!(
+                "--cuda-graph-rows {rows}: at most {most} (longer steps read their weights \
+                 through copies and cuBLAS, and copy to the host, which a graph cannot replay)"
             );
         }
         Ok(rows)

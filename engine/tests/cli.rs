@@ -146,6 +146,20 @@ fn devices_are_checked_at_start_up() {
         "--cuda-graph-rows 0 on the CPU: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // On a GPU, at most the 64 rows a product reads its weight in place for: refused before
+    // any device is opened, so here too.
+    let out = engine()
+        .args(["logits", "--model", dir.to_str().unwrap(), "--tokens", "1"])
+        .args(["--device", "cuda:0", "--cuda-graph-rows", "65"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("--cuda-graph-rows 65: at most 64")
+            && !stderr.contains("panicked"),
+        "--cuda-graph-rows 65: {stderr}"
+    );
 
     // cuda:0 runs where there is a GPU (tests/cuda.rs checks its numbers), and so does
     // cuda:0,0 (the routed experts split over two streams of it); elsewhere each is an error

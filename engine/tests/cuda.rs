@@ -13,11 +13,12 @@ use std::sync::Arc;
 use sparsemoe_engine::backend::cpu::{Cpu, fp8_round_rows};
 use sparsemoe_engine::backend::cuda::kernel_cache::KernelCache;
 use sparsemoe_engine::backend::cuda::{
-    CompiledKernels, Cuda, Dtype, GraphCounts, KernelTarget, compile_kernels, compile_kernels_with,
+    CompiledKernels, Cuda, CudaTensor, Dtype, GraphCounts, KernelTarget, compile_kernels,
+    compile_kernels_with,
 };
 use sparsemoe_engine::backend::{
-    AttentionForm, Backend, CachedRows, IndexerSeq, MlaDims, MlaSeq, MlaWeights, Selection,
-    absorbed_query_weight,
+    AttentionForm, Backend, BlockId, CachedRows, IndexerSeq, MlaDims, MlaSeq, MlaWeights,
+    Selection, absorbed_query_weight,
 };
 use sparsemoe_engine::config::ModelConfig;
 use sparsemoe_engine::expert_shards::ExpertShards;
@@ -2284,6 +2285,98 @@ fn a_capture_that_needs_a_copy_is_tried_again_then_given_up() {
         },
         "spoiled three times"
     );
+    cuda.graph_rows(0);
+}
+
+/// `Backend::mlp_block` on the CUDA backend with blocks of the test's own: `h += h` (a copy
+/// of `h` added to it) runs, is captured, and is replayed, doubling `h` each time; a block
+/// that copies to the host only while it is captured spoils that capture and runs as it is
+/// instead; a block that panics while it is captured leaves the stream out of the capture, so
+/// the work after it runs (and `h` as it was). Steps of more than `graph_rows` rows are never
+/// captured.
+#[test]
+fn mlp_blocks_are_captured_replayed_spoiled_and_abandoned_safely() {
+    let test = "mlp_blocks_are_captured_replayed_spoiled_and_abandoned_safely";
+    let Some(cuda) = gpus(test, &[0], Dtype::Bfloat16) else {
+        return;
+    };
+    cuda.graph_rows(4);
+    let (rows, cols) = (3, 40);
+    let start = noise(7)(rows * cols);
+    let twice = |v: &[f32]| v.iter().map(|x| x * 2.0).collect::<Vec<f32>>();
+    let id = |layer| BlockId {
+        model: u64::MAX,
+        layer,
+    };
+    let doubling = |h: &mut CudaTensor, _: &mut Option<CudaTensor>| {
+        let copy = cuda.columns(h, 0, cols);
+        cuda.add(h, &copy);
+    };
+
+    // Run, captured, replayed: h doubles each time.
+    let before = cuda.graph_counts();
+    let mut h = cuda.tensor(rows, cols, start.clone());
+    let mut want = start.clone();
+    for _ in 0..4 {
+        cuda.mlp_block(id(0), &mut h, &mut None, &mut |h, l| doubling(h, l));
+        want = twice(&want);
+        assert_eq!(cuda.to_host(&h), want, "doubled once a call");
+    }
+    let counts = cuda.graph_counts() - before;
+    assert_eq!((counts.captured, counts.replayed), (1, 3), "{counts:?}");
+
+    // More rows than graph_rows: never captured.
+    let before = cuda.graph_counts();
+    let mut wide = cuda.tensor(5, cols, noise(9)(5 * cols));
+    for _ in 0..3 {
+        cuda.mlp_block(id(0), &mut wide, &mut None, &mut |h, l| doubling(h, l));
+    }
+    assert_eq!(cuda.graph_counts() - before, GraphCounts::default());
+
+    // A copy to the host only while captured: spoiled, then run as it is.
+    let before = cuda.graph_counts();
+    let mut h = cuda.tensor(rows, cols, start.clone());
+    let mut calls = 0;
+    for _ in 0..2 {
+        cuda.mlp_block(id(1), &mut h, &mut None, &mut |h, l| {
+            calls += 1;
+            if calls == 2 {
+                let _ = cuda.to_host(h);
+            }
+            doubling(h, l)
+        });
+    }
+    assert_eq!(
+        cuda.to_host(&h),
+        twice(&twice(&start)),
+        "a spoiled capture ran as it is"
+    );
+    let counts = cuda.graph_counts() - before;
+    assert_eq!((counts.captured, counts.spoiled), (0, 1), "{counts:?}");
+    assert_eq!(calls, 3, "run, captured, run again as it is");
+
+    // A panic while captured: the stream leaves the capture; h is as it was.
+    let mut h = cuda.tensor(rows, cols, start.clone());
+    let mut calls = 0;
+    cuda.mlp_block(id(2), &mut h, &mut None, &mut |h, l| doubling(h, l));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cuda.mlp_block(id(2), &mut h, &mut None, &mut |h, l| {
+            calls += 1;
+            doubling(h, l);
+            panic!("a block that fails while captured");
+        })
+    }));
+    assert!(
+        caught.is_err() && calls == 1,
+        "the block panicked in its capture"
+    );
+    assert_eq!(
+        cuda.to_host(&h),
+        twice(&start),
+        "h as the first run left it"
+    );
+    cuda.mlp_block(id(3), &mut h, &mut None, &mut |h, l| doubling(h, l));
+    assert_eq!(cuda.to_host(&h), twice(&twice(&start)), "later work runs");
     cuda.graph_rows(0);
 }
 

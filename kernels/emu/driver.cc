@@ -104,8 +104,10 @@ void release_owned(CUdeviceptr p);
 // - nothing is copied from or to the host, and no event is recorded or waited on, in a capture
 //   (a graph would copy the same host bytes again at every launch; the engine captures one
 //   stream);
-// - an allocation made in a capture is freed in it, and nothing else is freed in it (a graph
-//   with a live allocation is refused at instantiation).
+// - nothing from before a capture is freed in it.
+// As the driver does, a graph that leaves one of its allocations live launches once, and is
+// refused after (the allocation would still be live), and such an allocation is never freed
+// outside its graph here (the driver allows that; the engine never does it).
 struct Recording {
     std::vector<std::function<void()>> work;
     std::map<CUdeviceptr, size_t> owned;  // every allocation made while capturing, and its bytes
@@ -146,6 +148,7 @@ struct CUgraph_st {
 };
 struct CUgraphExec_st {
     std::shared_ptr<smoe_emu::Recording> recording;
+    bool launched = false;
 };
 struct CUevent_st {
     CUstream stream = nullptr;  // where it was last recorded (nullptr: never, or the default stream)
@@ -677,7 +680,6 @@ API CUresult cuStreamEndCapture(CUstream stream, CUgraph* graph) {
 API CUresult cuGraphInstantiateWithFlags(CUgraphExec* exec, CUgraph graph, unsigned long long flags) {
     LOCKED;
     if (exec == nullptr || graph == nullptr || flags != 0) return CUDA_ERROR_INVALID_VALUE;
-    if (graph->recording->unfreed) return CUDA_ERROR_INVALID_VALUE;  // see Recording
     *exec = new CUgraphExec_st{graph->recording};
     return CUDA_SUCCESS;
 }
@@ -691,6 +693,8 @@ API CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream) {
     if (exec == nullptr) return CUDA_ERROR_INVALID_HANDLE;
     if (!is_default(stream) && streams().count(stream) == 0) return CUDA_ERROR_INVALID_HANDLE;
     if (capturing(stream) && refused_in_capture(stream)) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    if (exec->recording->unfreed && exec->launched) return CUDA_ERROR_INVALID_VALUE;  // see Recording
+    exec->launched = true;
     count_call("graph/launch");
     // A graph's allocations are garbage again at each launch, as fresh memory is.
     auto recording = exec->recording;

@@ -398,10 +398,12 @@ int main() {
     }
     cuStreamBeginCapture_v2(a, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
     cuMemAllocAsync(&scratch, 4, a);
-    check(cuStreamEndCapture(a, &graph) == CUDA_SUCCESS &&
-              cuGraphInstantiateWithFlags(&exec, graph, 0) == CUDA_ERROR_INVALID_VALUE,
-          "a graph with an allocation it never frees is refused");
+    check(cuStreamEndCapture(a, &graph) == CUDA_SUCCESS && cuGraphInstantiateWithFlags(&exec, graph, 0) == CUDA_SUCCESS &&
+              cuGraphLaunch(exec, a) == CUDA_SUCCESS && cuGraphLaunch(exec, a) == CUDA_ERROR_INVALID_VALUE,
+          "a graph with an allocation it never frees launches once, then is refused");
     check(cuMemFreeAsync(scratch, a) == CUDA_ERROR_INVALID_VALUE, "a graph's allocation is not freed outside it");
+    cuStreamSynchronize(a);
+    cuGraphExecDestroy(exec);
     cuGraphDestroy(graph);
     cuMemFree(in);
     cuMemFree(acc);

@@ -2621,6 +2621,8 @@ impl Cuda {
                     "sparsemoe-engine: cuBLAS refused a grouped expert product ({e:?}); routed \
                      experts run one product each from now on"
                 );
+                // Later MoE layers route on the host: graphs recorded routing on the device go.
+                self.graphs.clear();
             }
         };
         let address = |rows: &Rows| rows.address(&self.stream);

@@ -666,10 +666,12 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// Runs a layer's MLP block, `block(h, load)`: `h += mlp(norm(h))`, adding the layer's
-    /// routed-token counts to `load` where [`Backend::moe_routed`] routes on the device. The
-    /// block's launches depend on the shape of `h` and nothing else the host holds, so a
-    /// backend may record them once for an `(id, rows)` and replay the recording each time
-    /// after (the CUDA backend's graphs, `Cuda::graph_rows`). The default runs `block`.
+    /// routed-token counts to `load` where [`Backend::moe_routed`] routes on the device (a
+    /// dense layer is given a `None` of its own). While the backend's settings stay as they
+    /// are, a block that copies nothing to or from the host launches the same work for the
+    /// same `(id, rows)` every time, so a backend may record it once and replay the recording
+    /// after (the CUDA backend's graphs, `Cuda::graph_rows`, forgotten when a setting
+    /// changes). The default runs `block`.
     fn mlp_block(
         &self,
         id: BlockId,
