@@ -537,12 +537,18 @@ impl<B: Backend> Model<B> {
             let x = b.rms_norm(&h, &layer.input_norm, c.rms_norm_eps);
             let (attn, selections) = self.attention(l, layer, &x, &rows, batch, trace.is_some())?;
             b.add(&mut h, &attn);
+            // A trace reads the routing, which only the host's holds.
+            let tracing = trace.is_some();
+            let mut routing = None;
+            let mut block = |h: &mut B::Tensor, load: &mut Option<B::Tensor>| {
+                let x = b.rms_norm(h, &layer.post_attention_norm, c.rms_norm_eps);
+                let (mlp, routed) = self.mlp(l, &layer.mlp, &x, tracing, load);
+                routing = routed;
+                b.add(h, &mlp);
+            };
             match trace.as_deref_mut() {
-                // A trace reads the routing, which only the host's holds.
                 Some(t) => {
-                    let x = b.rms_norm(&h, &layer.post_attention_norm, c.rms_norm_eps);
-                    let (mlp, routing) = self.mlp(l, &layer.mlp, &x, true, &mut device_load);
-                    b.add(&mut h, &mlp);
+                    block(&mut h, &mut device_load);
                     t.selections.push(selections);
                     t.routing.push(routing);
                     t.hidden.push(b.to_host(&h));
@@ -558,11 +564,7 @@ impl<B: Backend> Model<B> {
                         Mlp::Moe { .. } => &mut device_load,
                         Mlp::Dense(_) => &mut none,
                     };
-                    b.mlp_block(id, &mut h, load, &mut |h, load| {
-                        let x = b.rms_norm(h, &layer.post_attention_norm, c.rms_norm_eps);
-                        let (mlp, _) = self.mlp(l, &layer.mlp, &x, false, load);
-                        b.add(h, &mlp);
-                    })
+                    b.mlp_block(id, &mut h, load, &mut block);
                 }
             }
         }

@@ -391,11 +391,7 @@ impl Cuda {
         if let Some(counts) = &io.load {
             match load {
                 Some(load) => self.add(load, counts),
-                None => {
-                    let mut copy = self.zeros(counts.rows, counts.cols);
-                    self.add(&mut copy, counts);
-                    *load = Some(copy);
-                }
+                None => *load = Some(self.columns(counts, 0, counts.cols)),
             }
         }
         self.graphs.replayed.fetch_add(1, Relaxed);
