@@ -74,6 +74,11 @@ pub const DEFAULT_ENGINE_IMAGE: &str = "ghcr.io/sparsemoe/sparsemoe-engine:v0.1.
     ).message(
         "engine.dtype bfloat16 needs GPUs (the CPU engine computes in float32): set gpusPerReplica >= 1 on every variant, or drop engine.dtype"
     ),
+    validation = Rule::new(
+        "!has(self.engine.cudaGraphRows) || self.engine.cudaGraphRows == 0 || self.variants.all(v, (has(v.gpusPerReplica) ? v.gpusPerReplica : self.parallelism.gpusPerReplica) >= 1)"
+    ).message(
+        "engine.cudaGraphRows needs GPUs (the CPU engine has no CUDA graphs): set gpusPerReplica >= 1 on every variant, or drop engine.cudaGraphRows"
+    ),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct InferenceDeploymentSpec {
@@ -243,6 +248,15 @@ pub struct EngineSpec {
     /// unless `false`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_caching: Option<bool>,
+    /// Decode steps of at most this many tokens replay each layer's MLP block as a CUDA graph
+    /// (`sparsemoe-engine serve --cuda-graph-rows`): fewer kernel launches for the host to
+    /// issue a step. 0 (the default) turns graphs off; at most 64. GPU replicas only; replicas
+    /// whose experts are sharded over several GPUs run without graphs for now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self <= 64").message(
+        "engine.cudaGraphRows must be at most 64: longer steps copy to the host, which a graph cannot replay"
+    ))]
+    pub cuda_graph_rows: Option<u32>,
     /// Extra arguments appended to `sparsemoe-engine serve` (at most 64, each at most 4096
     /// bytes: the bounds keep the schema's rules within the API server's cost budget).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -273,6 +287,7 @@ impl Default for EngineSpec {
             dtype: None,
             kv_cache_dtype: None,
             prefix_caching: None,
+            cuda_graph_rows: None,
             args: Vec::new(),
             env: Vec::new(),
             resources: None,

@@ -9,6 +9,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use crate::backend::{GraphCounts, GraphCountsSource};
 use crate::expert_load::ExpertLoad;
 use crate::expert_shards::ExpertShards;
 
@@ -24,6 +25,25 @@ const TOKEN_LATENCY_BUCKETS: &[f64] = &[
 /// The model's expert counters and what was exported of them so far.
 type ExpertSource = (Arc<ExpertLoad>, Vec<Vec<u64>>);
 type ShardSource = (Arc<ExpertShards>, Vec<u64>);
+
+/// The backend's CUDA graph counters, what was exported of them so far, and their metrics
+/// (registered only for a backend that records graphs).
+struct GraphExport {
+    source: GraphCountsSource,
+    exported: GraphCounts,
+    captured: IntCounter,
+    replayed: IntCounter,
+    spoiled: IntCounter,
+    eager: IntCounter,
+}
+
+impl std::fmt::Debug for GraphExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphExport")
+            .field("exported", &self.exported)
+            .finish_non_exhaustive()
+    }
+}
 
 /// The labels of `sparsemoe_model_info`.
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +80,7 @@ pub struct Metrics {
     model_info: IntGaugeVec,
     expert_source: Mutex<Option<ExpertSource>>,
     shard_source: Mutex<Option<ShardSource>>,
+    graphs: Mutex<Option<GraphExport>>,
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
@@ -183,6 +204,7 @@ impl Metrics {
             )),
             expert_source: Mutex::new(None),
             shard_source: Mutex::new(None),
+            graphs: Mutex::new(None),
             registry,
         }
     }
@@ -210,6 +232,43 @@ impl Metrics {
         if let Ok(mut source) = self.shard_source.lock() {
             *source = Some((shards, zero));
         }
+    }
+
+    /// Exports the backend's CUDA graph counters (`sparsemoe_cuda_graph_*`).
+    pub fn set_graph_counts(&self, source: GraphCountsSource) {
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            self.registry
+                .register(Box::new(c.clone()))
+                .expect("unique name");
+            c
+        };
+        let Ok(mut graphs) = self.graphs.lock() else {
+            return;
+        };
+        if graphs.is_some() {
+            return;
+        }
+        *graphs = Some(GraphExport {
+            source,
+            exported: GraphCounts::default(),
+            captured: counter(
+                "sparsemoe_cuda_graph_captures_total",
+                "MLP blocks captured into CUDA graphs (--cuda-graph-rows): a (layer, batch rows) each, again after a setting change forgets them",
+            ),
+            replayed: counter(
+                "sparsemoe_cuda_graph_replays_total",
+                "CUDA graph launches: a layer's MLP block each",
+            ),
+            spoiled: counter(
+                "sparsemoe_cuda_graph_spoiled_captures_total",
+                "CUDA graph captures dropped because the block asked for a copy to or from the host (tried again after a clean run)",
+            ),
+            eager: counter(
+                "sparsemoe_cuda_graph_ungraphed_blocks_total",
+                "MLP blocks left to run without a CUDA graph for good (captures refused, or spoiled three times)",
+            ),
+        });
     }
 
     /// A request (or one of a request's `n` choices) ended with `reason` (`stop`, `length`,
@@ -255,8 +314,66 @@ impl Metrics {
                 }
             }
         }
+        if let Ok(mut graphs) = self.graphs.lock()
+            && let Some(g) = graphs.as_mut()
+        {
+            let now = (g.source)();
+            let before = g.exported;
+            for (counter, now, before) in [
+                (&g.captured, now.captured, before.captured),
+                (&g.replayed, now.replayed, before.replayed),
+                (&g.spoiled, now.spoiled, before.spoiled),
+                (&g.eager, now.eager, before.eager),
+            ] {
+                counter.inc_by(now.saturating_sub(before));
+            }
+            g.exported = now;
+        }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    use super::*;
+
+    fn value(text: &str, name: &str) -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn graph_counters_appear_only_with_a_source_and_follow_it() {
+        let metrics = Metrics::new();
+        assert!(!metrics.render().contains("sparsemoe_cuda_graph"));
+        let replays = Arc::new(AtomicU64::new(5));
+        let source = replays.clone();
+        metrics.set_graph_counts(Arc::new(move || GraphCounts {
+            captured: 2,
+            replayed: source.load(Relaxed),
+            spoiled: 1,
+            eager: 0,
+        }));
+        let text = metrics.render();
+        assert_eq!(value(&text, "sparsemoe_cuda_graph_captures_total"), Some(2));
+        assert_eq!(value(&text, "sparsemoe_cuda_graph_replays_total"), Some(5));
+        assert_eq!(
+            value(&text, "sparsemoe_cuda_graph_spoiled_captures_total"),
+            Some(1)
+        );
+        assert_eq!(
+            value(&text, "sparsemoe_cuda_graph_ungraphed_blocks_total"),
+            Some(0)
+        );
+        replays.store(12, Relaxed);
+        // Rendered twice: the counters follow the source, not add it again.
+        metrics.render();
+        let text = metrics.render();
+        assert_eq!(value(&text, "sparsemoe_cuda_graph_replays_total"), Some(12));
+        assert_eq!(value(&text, "sparsemoe_cuda_graph_captures_total"), Some(2));
     }
 }

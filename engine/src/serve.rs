@@ -297,9 +297,22 @@ fn load_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
             build_state(l.model, l.tokenizer, l.name, args)
         }
         Device::Cuda(ordinals) => {
+            let graph_rows = device.graph_rows(args.cuda_graph_rows)?;
             let cuda = Cuda::new(&ordinals, device.dtype(&args.dtype)?)?;
-            cuda.graph_rows(args.cuda_graph_rows);
+            cuda.graph_rows(graph_rows);
             let l = load(args, cuda, ordinals.len())?;
+            if graph_rows > 0 {
+                match l.model.backend().graphs_unavailable() {
+                    Some(why) => eprintln!(
+                        "sparsemoe-engine: --cuda-graph-rows {graph_rows}: no CUDA graphs on \
+                         this configuration: {why}"
+                    ),
+                    None => eprintln!(
+                        "sparsemoe-engine: CUDA graphs of each layer's MLP block in steps of at \
+                         most {graph_rows} rows"
+                    ),
+                }
+            }
             build_state(l.model, l.tokenizer, l.name, args)
         }
     }
@@ -397,6 +410,9 @@ pub fn build_state<B: Backend>(
     );
     if let Some(shards) = model.expert_shards() {
         metrics.set_expert_shards(shards.clone());
+    }
+    if let Some(source) = model.backend().graph_counts_source() {
+        metrics.set_graph_counts(source);
     }
     metrics.kv_cache_blocks.set(blocks.total_blocks() as i64);
     let bos = config.bos_token_id.or(tokenizer.bos_token_id());

@@ -188,7 +188,7 @@ fn devices_are_checked_at_start_up() {
 }
 
 /// `serve` refuses what it cannot do before it loads anything, with the option's name: a
-/// replica across nodes, a KV-cache dtype it does not know.
+/// replica across nodes, a KV-cache dtype it does not know, CUDA graphs it cannot capture.
 #[test]
 fn serve_refuses_settings_it_cannot_honour() {
     for (args, message) in [
@@ -203,6 +203,11 @@ fn serve_refuses_settings_it_cannot_honour() {
         (
             &["--cuda-graph-rows", "8"][..],
             "--cuda-graph-rows 8 needs a GPU",
+        ),
+        // Refused before any device is opened, so here too.
+        (
+            &["--device", "cuda:0", "--cuda-graph-rows", "65"][..],
+            "--cuda-graph-rows 65: at most 64",
         ),
     ] {
         let out = engine()

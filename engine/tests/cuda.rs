@@ -2201,6 +2201,24 @@ fn mlp_blocks_replay_as_cuda_graphs() {
     }
     cuda.route_on_device(true);
     cuda.graph_rows(0);
+    // `/metrics` exports the lane's counters as they stand.
+    let metrics = sparsemoe_engine::metrics::Metrics::new();
+    metrics.set_graph_counts(
+        cuda.graph_counts_source()
+            .expect("the CUDA backend's graphs"),
+    );
+    let total = cuda.graph_counts();
+    assert!(total.replayed > 0);
+    let text = metrics.render();
+    for (name, value) in [
+        ("captures", total.captured),
+        ("replays", total.replayed),
+        ("spoiled_captures", total.spoiled),
+        ("ungraphed_blocks", total.eager),
+    ] {
+        let line = format!("sparsemoe_cuda_graph_{name}_total {value}\n");
+        assert!(text.contains(&line), "{line:?} missing from:\n{text}");
+    }
 }
 
 /// A capture that needs a copy is spoiled, not launched: one sequence decodes a token a step

@@ -119,9 +119,10 @@ use cudarc::driver::{
 };
 use sparsemoe_kernels::launch;
 
+pub use super::GraphCounts;
 use super::{
-    Backend, BlockId, CachedRows, Expert, IndexerSeq, MlaDims, MlaSeq, MlaWeights, MlpBlock,
-    Routing, Selection, by_expert, indexer_select_gathered, pairs_by_row,
+    Backend, BlockId, CachedRows, Expert, GraphCountsSource, IndexerSeq, MlaDims, MlaSeq,
+    MlaWeights, MlpBlock, Routing, Selection, by_expert, indexer_select_gathered, pairs_by_row,
 };
 use crate::error::{EngineError, Result};
 use crate::expert_shards::{ExpertShards, Pair, compact_rows};
@@ -406,33 +407,6 @@ impl Operand<'_> {
             Self::F32(_) => None,
             Self::Bf16(buf) => Some(buf.slice(from..)),
             Self::Dequantised(buf) => Some(buf.slice(from..)),
-        }
-    }
-}
-
-/// What the MLP blocks' CUDA graphs did ([`Cuda::graph_counts`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GraphCounts {
-    /// MLP blocks captured into graphs.
-    pub captured: u64,
-    /// Graph launches.
-    pub replayed: u64,
-    /// Captures spoiled by a copy to or from the host (each tried again after a clean run).
-    pub spoiled: u64,
-    /// Blocks that run without a graph for good (their captures were refused or spoiled).
-    pub eager: u64,
-}
-
-impl std::ops::Sub for GraphCounts {
-    type Output = Self;
-
-    /// What happened between two readings (`later - earlier`).
-    fn sub(self, earlier: Self) -> Self {
-        Self {
-            captured: self.captured - earlier.captured,
-            replayed: self.replayed - earlier.replayed,
-            spoiled: self.spoiled - earlier.spoiled,
-            eager: self.eager - earlier.eager,
         }
     }
 }
@@ -1883,12 +1857,22 @@ impl Cuda {
     /// What the MLP blocks' graphs did: blocks captured, graph launches, and blocks left to run
     /// without a graph for good.
     pub fn graph_counts(&self) -> GraphCounts {
-        use std::sync::atomic::Ordering::Relaxed;
-        GraphCounts {
-            captured: self.graphs.captured.load(Relaxed),
-            replayed: self.graphs.replayed.load(Relaxed),
-            spoiled: self.graphs.spoiled.load(Relaxed),
-            eager: self.graphs.eager.load(Relaxed),
+        self.graphs.counts()
+    }
+
+    /// Why [`Cuda::graph_rows`] captures nothing on this backend whatever its setting, if it
+    /// cannot.
+    pub fn graphs_unavailable(&self) -> Option<&'static str> {
+        if !self.shards.is_empty() {
+            Some(
+                "expert shards run on lanes of their own, and a capture across streams is not built",
+            )
+        } else if !self.stream.context().has_async_alloc() {
+            Some(
+                "the driver has no stream-ordered allocations (cuMemAllocAsync), which a captured block's buffers need",
+            )
+        } else {
+            None
         }
     }
 
@@ -4724,6 +4708,11 @@ impl Backend for Cuda {
 
     fn forget_blocks(&self, model: u64) {
         self.graphs.forget(model);
+    }
+
+    fn graph_counts_source(&self) -> Option<GraphCountsSource> {
+        let graphs = self.graphs.clone();
+        Some(Arc::new(move || graphs.counts()))
     }
 
     fn swiglu(&self, x: &CudaTensor, expert: &Expert<CudaWeight>) -> CudaTensor {

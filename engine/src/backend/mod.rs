@@ -688,6 +688,13 @@ pub trait Backend: Send + Sync + 'static {
         let _ = model;
     }
 
+    /// What this backend's recordings of [`Backend::mlp_block`] did so far, read from any
+    /// thread (`/metrics`), where it records them (the CUDA backend's graphs); `None` where it
+    /// records nothing.
+    fn graph_counts_source(&self) -> Option<GraphCountsSource> {
+        None
+    }
+
     /// The same sum with expert parallelism: `work[s]` holds the (row, expert, weight) pairs
     /// shard `s` computes (see [`crate::expert_shards`]); the shards run side by side and their
     /// outputs are combined per row.
@@ -710,6 +717,36 @@ pub struct BlockId {
     pub model: u64,
     pub layer: usize,
 }
+
+/// What a backend's recordings of MLP blocks (CUDA graphs) did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphCounts {
+    /// Blocks captured into graphs.
+    pub captured: u64,
+    /// Graph launches.
+    pub replayed: u64,
+    /// Captures spoiled by a copy to or from the host (each tried again after a clean run).
+    pub spoiled: u64,
+    /// Blocks that run without a graph for good (their captures were refused or spoiled).
+    pub eager: u64,
+}
+
+impl std::ops::Sub for GraphCounts {
+    type Output = Self;
+
+    /// What happened between two readings (`later - earlier`).
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            captured: self.captured - earlier.captured,
+            replayed: self.replayed - earlier.replayed,
+            spoiled: self.spoiled - earlier.spoiled,
+            eager: self.eager - earlier.eager,
+        }
+    }
+}
+
+/// Reads a backend's [`GraphCounts`] ([`Backend::graph_counts_source`]).
+pub type GraphCountsSource = std::sync::Arc<dyn Fn() -> GraphCounts + Send + Sync>;
 
 #[cfg(test)]
 mod tests {

@@ -243,6 +243,10 @@ pub(super) fn pod_template(
             "SPARSEMOE_NO_PREFIX_CACHING",
             (engine.prefix_caching == Some(false)).then(|| "true".to_string()),
         ),
+        (
+            "SPARSEMOE_CUDA_GRAPH_ROWS",
+            engine.cuda_graph_rows.map(|v| v.to_string()),
+        ),
         ("SPARSEMOE_MODEL_REVISION", spec.model.revision.clone()),
         (
             "SPARSEMOE_PLACEMENT",

@@ -358,6 +358,7 @@ fn user_settings_reach_the_engine() {
     idep.spec.engine.prefix_caching = Some(false);
     idep.spec.engine.dtype = Some(WeightDtype::Bfloat16);
     idep.spec.engine.kv_cache_dtype = Some(KvCacheDtype::Float32);
+    idep.spec.engine.cuda_graph_rows = Some(8);
     idep.spec.engine.args = vec!["--log-level".into(), "debug".into()];
     let var = |name: &str, value: &str| k8s_openapi::api::core::v1::EnvVar {
         name: name.into(),
@@ -379,6 +380,7 @@ fn user_settings_reach_the_engine() {
     let e = engine(d);
     assert_eq!(env_value(e, "SPARSEMOE_INDEX_TOPK"), Some("1024"));
     assert_eq!(env_value(e, "SPARSEMOE_NO_PREFIX_CACHING"), Some("true"));
+    assert_eq!(env_value(e, "SPARSEMOE_CUDA_GRAPH_ROWS"), Some("8"));
     // The user's value wins over the spec's dtype.
     assert_eq!(env_value(e, "SPARSEMOE_DTYPE"), Some("float32"));
     assert_eq!(env_value(e, "SPARSEMOE_KV_CACHE_DTYPE"), Some("float32"));
@@ -525,6 +527,23 @@ fn variants_with_different_gpu_counts_get_their_own_plans() {
         "placement-16gpu-2node.json"
     );
     assert_eq!(placement["configMap"]["items"][0]["path"], PLAN_FILE);
+}
+
+#[test]
+fn cuda_graphs_stay_the_engines_default_unless_set() {
+    let idep = gpu_idep();
+    let c = build_default(&idep, Capabilities::default());
+    assert_eq!(
+        env_value(engine(only_deployment(&c)), "SPARSEMOE_CUDA_GRAPH_ROWS"),
+        None
+    );
+    let mut idep = gpu_idep();
+    idep.spec.engine.cuda_graph_rows = Some(0);
+    let c = build_default(&idep, Capabilities::default());
+    assert_eq!(
+        env_value(engine(only_deployment(&c)), "SPARSEMOE_CUDA_GRAPH_ROWS"),
+        Some("0")
+    );
 }
 
 #[test]

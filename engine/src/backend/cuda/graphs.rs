@@ -37,7 +37,7 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaContext, CudaGraph};
 
 use super::{Cuda, CudaTensor, ok};
-use crate::backend::{Backend, BlockId, MlpBlock};
+use crate::backend::{Backend, BlockId, GraphCounts, MlpBlock};
 
 /// A lane's graphs and what they did.
 #[derive(Default)]
@@ -67,6 +67,16 @@ struct State {
 impl Graphs {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the graphs did so far.
+    pub fn counts(&self) -> GraphCounts {
+        GraphCounts {
+            captured: self.captured.load(Relaxed),
+            replayed: self.replayed.load(Relaxed),
+            spoiled: self.spoiled.load(Relaxed),
+            eager: self.eager.load(Relaxed),
+        }
     }
 
     /// Forgets every graph (their buffers are freed with them).
@@ -210,9 +220,7 @@ impl Cuda {
         // One stream only (expert shards' lanes would need a capture across streams), and steps
         // whose products read their weights in place (longer ones copy to the host).
         let most = self.graphs.rows.load(Relaxed).min(self.in_place_limit());
-        let wanted = (1..=most).contains(&h.rows)
-            && self.shards.is_empty()
-            && self.stream.context().has_async_alloc();
+        let wanted = (1..=most).contains(&h.rows) && self.graphs_unavailable().is_none();
         if !wanted {
             return block(h, load);
         }
