@@ -102,11 +102,16 @@
 //! Without a GPU, `engine/tests/cuda.rs` runs this backend on the CPU emulator of the driver and
 //! cuBLAS in `kernels/emu` (`./scripts/test` does): correctness, never speed.
 //!
+//! - CUDA graphs ([`Cuda::graph_rows`], `--cuda-graph-rows`; off by default): in steps of at
+//!   most that many rows each layer's MLP block (the routing on the device included) is
+//!   captured once it runs without a copy to or from the host, and replayed after that
+//!   ([`graphs`]); attention stays outside. Not with expert shards on lanes of their own
+//!   ([`Cuda::graphs_unavailable`]).
+//!
 //! Owed (issue 5): prefill's fp8 products outside the experts without the dequantised copy
-//! (fp8 tensor cores); CUDA graphs for decode (which the routing on the device makes possible
-//! for fp8 and bf16 experts);
-//! `wgmma`/TMA versions of the tensor-core kernels; and NCCL all-to-all in place of per-shard
-//! copies.
+//! (fp8 tensor cores); CUDA graphs of the attention half of decode (see `kernels/README.md`
+//! for the steps); `wgmma`/TMA versions of the tensor-core kernels; and NCCL all-to-all in
+//! place of per-shard copies.
 
 use std::sync::Arc;
 
