@@ -4,7 +4,8 @@
 //!
 //! Each test works in its own namespace with its own operator replica(s) watching only that
 //! namespace (Lease in that namespace too), so the tests run side by side. Only
-//! `ready_children_and_gpu_placement` uses GPUs (2 H200 nodes, 1 H100 node); the others run
+//! `ready_children_and_gpu_placement` (2 H200 nodes, 1 H100 node) and
+//! `a_removed_variants_plan_stays_while_its_workload_does` (1 of each) use GPUs; the others run
 //! the engine on the CPU pool. Every wait is bounded.
 
 use std::collections::BTreeSet;
@@ -1164,6 +1165,112 @@ fn a_renamed_variant_is_made_before_the_old_is_broken() {
     wait_ready(&cluster, ns, "rename").unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
     eprintln!(
         "renamed a variant: the old Deployment went after {:?} ({looks} looks)",
+        start.elapsed()
+    );
+}
+
+/// Expert plans by GPU shape: an 8-GPU H200 variant and a 4-GPU H100 variant each mount the
+/// ConfigMap key of their own shape. When the H200 variant is removed, its Deployment keeps
+/// serving until the spec's workloads are rolled out, and as long as it is there the plan its
+/// pods mount stays in the ConfigMap (a pod of it that restarts must find a plan for 8 GPUs);
+/// once it is gone, so is its plan.
+#[test]
+fn a_removed_variants_plan_stays_while_its_workload_does() {
+    let Some(cluster) = cluster() else { return };
+    let ns = cluster.namespace("op-plans");
+    let ns = ns.name();
+    // A pause after each apply, so that a plan dropped before its workload would be seen.
+    let pause = [(Operator::FAULT_PAUSE_ENV, "300")];
+    let op = Operator::start_in_with_env(&cluster, "a", ns, false, &pause).unwrap();
+    let spec = |variants: &str, replicas: u32| {
+        format!(
+            r#"apiVersion: sparsemoe.io/v1alpha1
+kind: InferenceDeployment
+metadata:
+  name: plans
+spec:
+  model:
+    name: deepseek-ai/DeepSeek-V3.2
+    source:
+      hostPath:
+        path: /models/deepseek-v3.2
+  parallelism:
+    gpusPerReplica: 8
+    expertParallel:
+      enabled: true
+  variants:
+{variants}  scaling:
+    policy: fixed
+    replicas: {replicas}
+"#
+        )
+    };
+    let h100 = format!(
+        "    - name: h100\n      gpusPerReplica: 4\n      nodeSelector:\n        nvidia.com/gpu.product: {H100}\n      costPerHour: \"10.80\"\n      maxReplicas: 1\n"
+    );
+    let h200 = format!(
+        "    - name: h200\n      nodeSelector:\n        nvidia.com/gpu.product: {H200}\n      costPerHour: \"31.60\"\n      maxReplicas: 1\n"
+    );
+    cluster
+        .apply_yaml(&spec(&format!("{h200}{h100}"), 2), ns)
+        .unwrap();
+    wait_ready(&cluster, ns, "plans").unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
+    let keys = || -> BTreeSet<String> {
+        let cm = get(&cluster, ns, "configmap/plans-placement").unwrap();
+        cm["data"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k.clone())
+            .collect()
+    };
+    let (k8, k4) = ("placement-8gpu-1node.json", "placement-4gpu-1node.json");
+    assert_eq!(keys(), set(&[k8, k4]));
+    for (deployment, key) in [("plans-h200", k8), ("plans-h100", k4)] {
+        let d = get(&cluster, ns, &format!("deployment/{deployment}")).unwrap();
+        let volumes = d["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+        let placement = volumes.iter().find(|v| v["name"] == "placement").unwrap();
+        assert_eq!(
+            placement["configMap"]["items"][0]["key"], key,
+            "{deployment}"
+        );
+    }
+
+    cluster.apply_yaml(&spec(&h100, 1), ns).unwrap();
+    let start = Instant::now();
+    let mut looks = 0;
+    loop {
+        let list = cluster
+            .get_json(&[
+                "deployments",
+                "-n",
+                ns,
+                "-l",
+                "sparsemoe.io/deployment=plans",
+            ])
+            .unwrap();
+        let have = keys();
+        looks += 1;
+        if names(&list).contains("plans-h200") {
+            assert!(
+                have.contains(k8),
+                "look {looks}: plans-h200 still serves, its plan is gone: {have:?}\n{}",
+                op.log()
+            );
+        } else if have == set(&[k4]) {
+            break;
+        }
+        assert!(
+            start.elapsed() < CONVERGE,
+            "never settled: {:?}, keys {have:?}\n{}",
+            names(&list),
+            op.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_ready(&cluster, ns, "plans").unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
+    eprintln!(
+        "removed a variant: its plan went with its Deployment after {:?} ({looks} looks)",
         start.elapsed()
     );
 }

@@ -334,10 +334,16 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
     // Children the API server refused as invalid: problems for the status (see `refused`).
     let mut rejected = Vec::new();
 
+    let stale = StaleWorkloads::find(idep, &namespace, uid.as_deref(), &desired, ctx);
     if let Some((_, config_map)) = &desired.placement {
         let existing = stores.config_maps.get(&ObjectRef::from_obj(config_map));
+        // Workloads on their way out may mount plans the spec no longer has.
+        let config_map = match stale.is_empty() {
+            true => config_map.clone(),
+            false => children::keeping_plans(config_map, existing.as_deref()),
+        };
         let result =
-            apply_if_changed(&client, &namespace, config_map, existing.as_deref(), ctx).await;
+            apply_if_changed(&client, &namespace, &config_map, existing.as_deref(), ctx).await;
         applied_any |= refused(result, "ConfigMap", &config_map.name_any(), &mut rejected)?;
     }
     for child in &desired.workloads {
@@ -405,7 +411,16 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
                     .get(&child.variant)
                     .is_some_and(|o| o.is_current(child.replicas))
         });
-    delete_stale(idep, &namespace, uid.as_deref(), &desired, replaced, ctx).await?;
+    delete_stale(
+        idep,
+        &namespace,
+        uid.as_deref(),
+        &desired,
+        stale,
+        replaced,
+        ctx,
+    )
+    .await?;
 
     // Pods of the variants the spec has: a removed variant's, kept serving until its
     // replacement is rolled out, say nothing about this spec.
@@ -676,74 +691,103 @@ async fn fault_pause_after_apply() {
     }
 }
 
-/// Deletes children this object owns that the spec no longer asks for: workloads of removed
-/// variants (or of a variant that switched between Deployment and LeaderWorkerSet), once
-/// `replaced` (the workloads it asks for are rolled out), and the placement ConfigMap once
-/// expert parallelism is off. Workloads of variants that cannot be realised right now are left
-/// running.
+/// Workloads this object owns that the spec no longer asks for: those of removed or renamed
+/// variants, or of a variant that switched between Deployment and LeaderWorkerSet. Workloads
+/// of variants that cannot be realised right now are not among them (they are left running).
+struct StaleWorkloads {
+    deployments: Vec<Arc<Deployment>>,
+    leader_worker_sets: Vec<Arc<DynamicObject>>,
+}
+
+impl StaleWorkloads {
+    fn find(
+        idep: &InferenceDeployment,
+        namespace: &str,
+        uid: Option<&str>,
+        desired: &Children,
+        ctx: &Context,
+    ) -> Self {
+        let name = idep.name_any();
+        let wanted: BTreeSet<String> = desired
+            .workloads
+            .iter()
+            .map(|c| match &c.workload {
+                Workload::Deployment(d) => format!("Deployment/{}", d.name_any()),
+                Workload::LeaderWorkerSet(l) => format!("LeaderWorkerSet/{}", l.name_any()),
+            })
+            .collect();
+        let stale = |kind: &str, meta: &kube::api::ObjectMeta| {
+            let variant = meta.labels.as_ref().and_then(|l| l.get(LABEL_VARIANT));
+            let unrealised = variant.is_some_and(|v| desired.unrealised_variants.contains(v));
+            meta.namespace.as_deref() == Some(namespace)
+                && meta.labels.as_ref().and_then(|l| l.get(LABEL_DEPLOYMENT)) == Some(&name)
+                && owned_by(meta, uid)
+                && !unrealised
+                && !wanted.contains(&format!(
+                    "{kind}/{}",
+                    meta.name.as_deref().unwrap_or_default()
+                ))
+        };
+        Self {
+            deployments: ctx
+                .stores
+                .deployments
+                .state_filter(|d| stale("Deployment", &d.metadata)),
+            leader_worker_sets: ctx
+                .stores
+                .leader_worker_sets
+                .as_ref()
+                .map_or_else(Vec::new, |store| {
+                    store.state_filter(|l| stale("LeaderWorkerSet", &l.metadata))
+                }),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.deployments.is_empty() && self.leader_worker_sets.is_empty()
+    }
+}
+
+/// Deletes children this object owns that the spec no longer asks for: the `stale` workloads
+/// once `replaced` (the workloads it asks for are rolled out), and the placement ConfigMap once
+/// expert parallelism is off.
 async fn delete_stale(
     idep: &InferenceDeployment,
     namespace: &str,
     uid: Option<&str>,
     desired: &Children,
+    stale: StaleWorkloads,
     replaced: bool,
     ctx: &Context,
 ) -> Result<()> {
-    let name = idep.name_any();
-    let wanted: BTreeSet<String> = desired
-        .workloads
-        .iter()
-        .map(|c| match &c.workload {
-            Workload::Deployment(d) => format!("Deployment/{}", d.name_any()),
-            Workload::LeaderWorkerSet(l) => format!("LeaderWorkerSet/{}", l.name_any()),
-        })
-        .collect();
-    let keep = |meta: &kube::api::ObjectMeta| {
-        let variant = meta.labels.as_ref().and_then(|l| l.get(LABEL_VARIANT));
-        variant.is_some_and(|v| desired.unrealised_variants.contains(v))
-    };
-    let mine = |meta: &kube::api::ObjectMeta| {
-        meta.namespace.as_deref() == Some(namespace)
-            && meta.labels.as_ref().and_then(|l| l.get(LABEL_DEPLOYMENT)) == Some(&name)
-            && owned_by(meta, uid)
-    };
-    let stale_deployments = ctx.stores.deployments.state_filter(|d| {
-        replaced
-            && mine(&d.metadata)
-            && !keep(&d.metadata)
-            && !wanted.contains(&format!("Deployment/{}", d.name_any()))
-    });
+    if !replaced {
+        return Ok(());
+    }
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
-    for d in stale_deployments {
+    for d in stale.deployments {
         ctx.metrics.writes.inc();
         delete_ignoring_missing(&api, &d.name_any()).await?;
         info!(deployment = %d.name_any(), %namespace, "deleted stale workload");
     }
-    if let Some(store) = &ctx.stores.leader_worker_sets {
-        let stale = store.state_filter(|l| {
-            replaced
-                && mine(&l.metadata)
-                && !keep(&l.metadata)
-                && !wanted.contains(&format!("LeaderWorkerSet/{}", l.name_any()))
-        });
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(ctx.client.clone(), namespace, &children::lws_api_resource());
-        for l in stale {
-            ctx.metrics.writes.inc();
-            delete_ignoring_missing(&api, &l.name_any()).await?;
-        }
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), namespace, &children::lws_api_resource());
+    for l in stale.leader_worker_sets {
+        ctx.metrics.writes.inc();
+        delete_ignoring_missing(&api, &l.name_any()).await?;
+        info!(leader_worker_set = %l.name_any(), %namespace, "deleted stale workload");
     }
     let placement_infeasible = desired
         .problems
         .iter()
         .any(|p| p.reason == "PlacementInfeasible");
-    if replaced && desired.placement.is_none() && !placement_infeasible {
+    if desired.placement.is_none() && !placement_infeasible {
         let cm_name = children::placement_config_map_name(idep);
         if let Some(cm) = ctx
             .stores
             .config_maps
             .get(&ObjectRef::new(&cm_name).within(namespace))
-            && mine(&cm.metadata)
+            && cm.labels().get(LABEL_DEPLOYMENT) == Some(&idep.name_any())
+            && owned_by(&cm.metadata, uid)
         {
             ctx.metrics.writes.inc();
             delete_ignoring_missing(

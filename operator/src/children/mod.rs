@@ -21,7 +21,6 @@ use kube::core::DynamicObject;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use sparsemoe_api::placement::PLAN_FILE;
 use sparsemoe_api::v1alpha1::GpuVariant;
 use sparsemoe_api::{InferenceDeployment, PlacementPlan};
 
@@ -122,6 +121,35 @@ pub fn placement_config_map_name(idep: &InferenceDeployment) -> String {
 }
 
 /// Label selector (string form) of the serving pods, for status.selector and /scale.
+/// The placement ConfigMap's key for the plan of replicas of `gpus` GPUs over `nodes` nodes.
+pub fn plan_key(gpus: u32, nodes: u32) -> String {
+    format!("placement-{gpus}gpu-{nodes}node.json")
+}
+
+/// `config_map` (a placement ConfigMap as [`build`] makes it) keeping the plans of `existing`
+/// that it drops: workloads the spec no longer asks for keep serving until their replacements
+/// are rolled out (make before break), and a pod of theirs that restarts meanwhile must still
+/// find the plan of its shape.
+pub fn keeping_plans(config_map: &ConfigMap, existing: Option<&ConfigMap>) -> ConfigMap {
+    let mut kept = config_map.clone();
+    let old = existing.and_then(|e| e.data.as_ref());
+    let data = kept.data.get_or_insert_with(BTreeMap::new);
+    let mut added = false;
+    for (key, plan) in old.into_iter().flatten() {
+        if key.starts_with("placement-") && !data.contains_key(key) {
+            data.insert(key.clone(), plan.clone());
+            added = true;
+        }
+    }
+    if !added {
+        return config_map.clone();
+    }
+    if let Some(annotations) = kept.metadata.annotations.as_mut() {
+        annotations.remove(ANNOTATION_APPLIED_HASH);
+    }
+    stamped(kept)
+}
+
 pub fn pod_selector(idep: &InferenceDeployment) -> String {
     format!(
         "{LABEL_DEPLOYMENT}={},{LABEL_ROLE}={ROLE_LEADER}",
@@ -175,9 +203,10 @@ pub fn build(
     };
     let mut problems = Vec::new();
 
-    // With expert parallelism each GPU shape (GPUs, nodes per replica) gets its own plan; the
-    // first realisable shape's plan is the ConfigMap key `placement.json`, others get their
-    // own keys, and every pod sees its plan mounted as `placement.json`.
+    // With expert parallelism each GPU shape (GPUs, nodes per replica) gets its own plan under
+    // a ConfigMap key named after the shape ([`plan_key`]), so a key never changes shape when
+    // variants are added, removed or reordered; every pod sees its plan mounted as
+    // `placement.json`.
     let mut shapes: Vec<ShapePlan> = Vec::new();
     if spec.parallelism.expert_parallel.enabled {
         for v in &spec.variants {
@@ -186,14 +215,7 @@ pub fn build(
                 continue;
             }
             let planned = match default_plan(idep, shape.0, shape.1) {
-                Ok(plan) => {
-                    let key = if shapes.iter().any(|(_, r)| r.is_ok()) {
-                        format!("placement-{}gpu-{}node.json", shape.0, shape.1)
-                    } else {
-                        PLAN_FILE.to_string()
-                    };
-                    Ok((key, plan))
-                }
+                Ok(plan) => Ok((plan_key(shape.0, shape.1), plan)),
                 Err(message) => {
                     problems.push(Problem {
                         reason: "PlacementInfeasible",

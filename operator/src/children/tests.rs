@@ -8,6 +8,8 @@ use sparsemoe_api::v1alpha1::{
     DemoSource, HostPathSource, ImageSource, KvCacheDtype, ModelSource, PullPolicy, WeightDtype,
 };
 
+use sparsemoe_api::placement::PLAN_FILE;
+
 use super::*;
 use crate::autoscale;
 use crate::fixtures::*;
@@ -221,7 +223,7 @@ fn gpu_deployment_has_every_field() {
     // The plan: ConfigMap file, and its hash on the pod template so a new plan rolls pods.
     let (plan, cm) = children.placement.as_ref().unwrap();
     assert_eq!(cm.metadata.name.as_deref(), Some("llm-placement"));
-    let text = &cm.data.as_ref().unwrap()[PLAN_FILE];
+    let text = &cm.data.as_ref().unwrap()[&plan_key(8, 1)];
     assert_eq!(&PlacementPlan::from_json(text).unwrap(), plan);
     assert_eq!(
         (plan.num_experts, plan.num_gpus, plan.default.gpus[0].len()),
@@ -527,6 +529,91 @@ fn variants_with_different_gpu_counts_get_their_own_plans() {
         "placement-16gpu-2node.json"
     );
     assert_eq!(placement["configMap"]["items"][0]["path"], PLAN_FILE);
+}
+
+/// A ConfigMap key holds one shape's plan whatever the variants around it: removing or
+/// reordering variants never puts another shape's plan under a key that running pods mount.
+#[test]
+fn a_plan_key_keeps_its_shape_when_variants_change() {
+    let plans = |variants: &[(&str, u32)]| {
+        let names: Vec<(&str, Option<u32>)> = variants.iter().map(|(n, _)| (*n, None)).collect();
+        let mut spec = spec_with_variants(&names);
+        spec.parallelism.expert_parallel.enabled = true;
+        for (v, (_, gpus)) in spec.variants.iter_mut().zip(variants) {
+            v.gpus_per_replica = Some(*gpus);
+        }
+        spec.scaling.replicas = 1;
+        let c = build_default(&idep(spec), Capabilities::default());
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        let (_, cm) = c.placement.unwrap();
+        let data = cm.data.unwrap();
+        let mounted: Vec<String> = c
+            .workloads
+            .iter()
+            .map(|w| {
+                let Workload::Deployment(d) = &w.workload else {
+                    panic!("deployment expected")
+                };
+                let spec = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+                let volume = spec
+                    .volumes
+                    .iter()
+                    .flatten()
+                    .find(|v| v.name == "placement");
+                let items = volume.unwrap().config_map.as_ref().unwrap().items.clone();
+                items.unwrap()[0].key.clone()
+            })
+            .collect();
+        (data, mounted)
+    };
+    let (both, mounted) = plans(&[("h200", 8), ("h100", 4)]);
+    assert_eq!(mounted, [plan_key(8, 1), plan_key(4, 1)]);
+    let (reordered, mounted) = plans(&[("h100", 4), ("h200", 8)]);
+    assert_eq!(mounted, [plan_key(4, 1), plan_key(8, 1)]);
+    assert_eq!(reordered, both, "the same plans under the same keys");
+    let (alone, mounted) = plans(&[("h100", 4)]);
+    assert_eq!(mounted, [plan_key(4, 1)]);
+    assert_eq!(alone.get(&plan_key(4, 1)), both.get(&plan_key(4, 1)));
+    for (key, text) in &both {
+        let plan = PlacementPlan::from_json(text).unwrap();
+        assert_eq!(key, &plan_key(plan.num_gpus, plan.num_nodes));
+    }
+}
+
+/// While workloads on their way out may still mount them, the plans the spec dropped stay in
+/// the ConfigMap (stamped anew, so the apply happens); the spec's own plans win.
+#[test]
+fn plans_of_workloads_on_their_way_out_are_kept() {
+    let build = |gpus: &[u32]| {
+        let names: Vec<String> = gpus.iter().map(|g| format!("v{g}")).collect();
+        let names: Vec<(&str, Option<u32>)> = names.iter().map(|n| (n.as_str(), None)).collect();
+        let mut spec = spec_with_variants(&names);
+        spec.parallelism.expert_parallel.enabled = true;
+        for (v, g) in spec.variants.iter_mut().zip(gpus) {
+            v.gpus_per_replica = Some(*g);
+        }
+        build_default(&idep(spec), Capabilities::default())
+            .placement
+            .unwrap()
+            .1
+    };
+    let before = build(&[8, 4]);
+    let after = build(&[4]);
+    let kept = keeping_plans(&after, Some(&before));
+    let data = kept.data.as_ref().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(
+        data[&plan_key(8, 1)],
+        before.data.as_ref().unwrap()[&plan_key(8, 1)]
+    );
+    assert_eq!(
+        data[&plan_key(4, 1)],
+        after.data.as_ref().unwrap()[&plan_key(4, 1)]
+    );
+    assert_ne!(applied_hash(&kept.metadata), applied_hash(&after.metadata));
+    // Nothing to keep: the ConfigMap as built.
+    assert_eq!(keeping_plans(&after, Some(&after)), after);
+    assert_eq!(keeping_plans(&after, None), after);
 }
 
 #[test]
