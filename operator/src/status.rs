@@ -275,14 +275,24 @@ pub fn compute(
         });
     }
 
-    // What no rollout gets past: an unrealisable spec, a refused child, a stuck workload.
-    let blocking: Vec<&Problem> = children
+    // What no rollout gets past: an unrealisable spec, a refused child, a stuck workload. (Too
+    // few variants' room for the replicas asked for is a problem, but the replicas that fit
+    // roll out all the same.)
+    let (short, unrealisable): (Vec<&Problem>, Vec<&Problem>) = children
         .problems
         .iter()
+        .partition(|p| p.reason == children::INSUFFICIENT_CAPACITY);
+    let blocking: Vec<&Problem> = unrealisable
+        .into_iter()
         .chain(observed.values().filter_map(|o| o.failure.as_ref()))
         .chain(refused)
         .collect();
-    let problems: Vec<&Problem> = blocking.iter().copied().chain(pod_problems).collect();
+    let problems: Vec<&Problem> = blocking
+        .iter()
+        .copied()
+        .chain(short)
+        .chain(pod_problems)
+        .collect();
     let degraded = match problems.first() {
         Some(first) => condition(
             DEGRADED,
@@ -360,7 +370,7 @@ pub fn compute(
         condition(
             READY,
             false,
-            "InsufficientCapacity",
+            children::INSUFFICIENT_CAPACITY,
             format!("{} requested replica(s) fit no variant", decision.unplaced),
             generation,
         )

@@ -106,6 +106,10 @@ pub struct Children {
 }
 
 /// Name of the Service, the PDB, and the prefix of every other child.
+/// The problem of replicas asked for that no variant has room for: the status says so
+/// (`Degraded`, not `Ready`), but it blocks no rollout of the replicas that do fit.
+pub const INSUFFICIENT_CAPACITY: &str = "InsufficientCapacity";
+
 pub fn service_name(idep: &InferenceDeployment) -> String {
     idep.name_any()
 }
@@ -299,7 +303,7 @@ pub fn build(
     }
     if decision.unplaced > 0 {
         problems.push(Problem {
-            reason: "InsufficientCapacity",
+            reason: INSUFFICIENT_CAPACITY,
             message: format!(
                 "{} of {} requested replicas fit no variant (every variant is at its maxReplicas); raise a variant's maxReplicas or add a variant",
                 decision.unplaced,

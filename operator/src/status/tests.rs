@@ -145,6 +145,17 @@ fn degraded_carries_reasons_from_children_rollouts_and_pods() {
     let s = status_of(&c, &observe(&c, |_| {}), None, 1);
     assert_eq!(cond(&s, DEGRADED).reason, "InsufficientCapacity");
     assert_eq!(cond(&s, READY).reason, "InsufficientCapacity");
+    assert_eq!(cond(&s, PROGRESSING).reason, "RolloutComplete");
+    // The replica that fits rolls out: progressing, not stalled by the one that does not.
+    let rolling = status_of(&c, &observe(&c, |o| o.updated = 0), None, 1);
+    assert_eq!(
+        (
+            cond(&rolling, PROGRESSING).status.as_str(),
+            cond(&rolling, PROGRESSING).reason.as_str()
+        ),
+        ("True", "RollingOut")
+    );
+    assert_eq!(cond(&rolling, DEGRADED).reason, "InsufficientCapacity");
 
     let c = case(gpu_idep());
     let stuck = observe(&c, |o| {
