@@ -1,17 +1,19 @@
 //! The replica decision: how many replicas each variant runs. The reconciler calls
-//! [`decide`] and nothing else, so the metrics-driven autoscaler (another issue) replaces the
-//! body of the non-`fixed` arm without touching the reconciler.
+//! [`decide_around`] (through `children::decide_and_build`) and nothing else, so the
+//! metrics-driven autoscaler (another issue) replaces the body of the non-`fixed` arm without
+//! touching the reconciler.
 //!
 //! Today: `fixed` takes `spec.scaling.replicas` (which the /scale subresource, HPA and KEDA
-//! set) and fills the variants in listed order up to each one's `maxReplicas`. `queueDepth`
+//! set) and fills the variants in listed order up to each one's `maxReplicas`, passing over
+//! variants that cannot be realised now ([`decide_around`]). `queueDepth`
 //! and `costAware` are NOT metrics-driven yet: they hold the replicas currently running,
 //! clamped to `[minReplicas, maxReplicas]`, and say so in their reason. The operator never
 //! writes the user's spec.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use sparsemoe_api::InferenceDeploymentSpec;
-use sparsemoe_api::v1alpha1::ScalingPolicy;
+use sparsemoe_api::v1alpha1::{GpuVariant, ScalingPolicy};
 
 /// Replicas per variant, in spec order.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -45,10 +47,27 @@ fn capacity(max: Option<u32>) -> i64 {
 /// Replicas per variant for `spec`, given the replicas each variant's workload runs now
 /// (`current`, by variant name; absent for variants with no workload yet).
 pub fn decide(spec: &InferenceDeploymentSpec, current: &BTreeMap<String, i32>) -> ReplicaDecision {
+    decide_around(spec, current, &BTreeSet::new())
+}
+
+/// [`decide`], leaving out the variants in `unavailable` (ones that cannot be realised now: a
+/// multi-node variant without the LeaderWorkerSet API, a GPU shape no expert plan fits): no
+/// replica is added to them, so the next variant in order of preference takes it; what such a
+/// variant's workload runs already is left as it is.
+pub fn decide_around(
+    spec: &InferenceDeploymentSpec,
+    current: &BTreeMap<String, i32>,
+    unavailable: &BTreeSet<String>,
+) -> ReplicaDecision {
     let scaling = &spec.scaling;
+    // The most replicas a variant may be given.
+    let room = |v: &GpuVariant| match unavailable.contains(&v.name) {
+        true => 0,
+        false => capacity(v.max_replicas),
+    };
     match scaling.policy {
         ScalingPolicy::Fixed => {
-            let (variants, unplaced) = fill_in_order(spec, i64::from(scaling.replicas));
+            let (variants, unplaced) = fill_in_order(spec, i64::from(scaling.replicas), room);
             ReplicaDecision {
                 variants,
                 unplaced,
@@ -68,7 +87,11 @@ pub fn decide(spec: &InferenceDeploymentSpec, current: &BTreeMap<String, i32>) -
                 .iter()
                 .map(|v| {
                     let now = i64::from(current.get(&v.name).copied().unwrap_or(0).max(0));
-                    (v.name.clone(), now.min(capacity(v.max_replicas)))
+                    let most = match unavailable.contains(&v.name) {
+                        true => now,
+                        false => room(v),
+                    };
+                    (v.name.clone(), now.min(most))
                 })
                 .collect();
             let total: i64 = variants.iter().map(|(_, n)| n).sum();
@@ -77,7 +100,7 @@ pub fn decide(spec: &InferenceDeploymentSpec, current: &BTreeMap<String, i32>) -
                 // Add replicas to the most preferred variants with room.
                 let mut missing = min - total;
                 for (v, (_, n)) in spec.variants.iter().zip(variants.iter_mut()) {
-                    let add = missing.min(capacity(v.max_replicas) - *n);
+                    let add = missing.min((room(v) - *n).max(0));
                     *n += add;
                     missing -= add;
                 }
@@ -116,14 +139,18 @@ fn clamp_i32(n: i64) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-/// Spreads `total` replicas over the variants in listed order, each up to its maxReplicas.
-fn fill_in_order(spec: &InferenceDeploymentSpec, total: i64) -> (Vec<(String, i32)>, i32) {
+/// Spreads `total` replicas over the variants in listed order, each up to its `room`.
+fn fill_in_order(
+    spec: &InferenceDeploymentSpec,
+    total: i64,
+    room: impl Fn(&GpuVariant) -> i64,
+) -> (Vec<(String, i32)>, i32) {
     let mut left = total;
     let variants = spec
         .variants
         .iter()
         .map(|v| {
-            let take = left.min(capacity(v.max_replicas));
+            let take = left.min(room(v));
             left -= take;
             (v.name.clone(), clamp_i32(take))
         })
@@ -150,6 +177,30 @@ mod tests {
         assert_eq!(decide(&spec, &BTreeMap::new()).replicas_of("a100"), 4);
         spec.scaling.replicas = 0;
         assert_eq!(decide(&spec, &BTreeMap::new()).total(), 0);
+    }
+
+    /// A variant that cannot be realised now gets no new replicas: the next one in order of
+    /// preference takes them, under either kind of policy; what it runs already stays.
+    #[test]
+    fn unavailable_variants_pass_their_replicas_on() {
+        let mut spec = spec_with_variants(&[("h200", None), ("h100", Some(3))]);
+        spec.scaling.replicas = 2;
+        let h200 = BTreeSet::from(["h200".to_string()]);
+        let d = decide_around(&spec, &BTreeMap::new(), &h200);
+        assert_eq!(d.variants, vec![("h200".into(), 0), ("h100".into(), 2)]);
+        spec.scaling.replicas = 5;
+        let d = decide_around(&spec, &BTreeMap::new(), &h200);
+        assert_eq!((d.replicas_of("h100"), d.unplaced), (3, 2));
+
+        spec.scaling.policy = ScalingPolicy::QueueDepth;
+        spec.scaling.min_replicas = 2;
+        spec.scaling.max_replicas = Some(6);
+        let d = decide_around(&spec, &BTreeMap::new(), &h200);
+        assert_eq!(d.variants, vec![("h200".into(), 0), ("h100".into(), 2)]);
+        // One already running on h200 stays, and counts.
+        let current = BTreeMap::from([("h200".to_string(), 1)]);
+        let d = decide_around(&spec, &current, &h200);
+        assert_eq!(d.variants, vec![("h200".into(), 1), ("h100".into(), 1)]);
     }
 
     #[test]

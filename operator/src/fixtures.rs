@@ -23,7 +23,6 @@ use sparsemoe_api::{CostPerHour, InferenceDeployment, InferenceDeploymentSpec};
 use tokio::task::JoinHandle;
 use tower_test::mock::{self, Handle};
 
-use crate::autoscale;
 use crate::children::{self, Capabilities, Workload};
 use crate::metrics::Metrics;
 use crate::reconcile::{AppliedMark, Context, Stores, applied_key};
@@ -168,12 +167,11 @@ impl Caches {
         idep: &InferenceDeployment,
         capabilities: Capabilities,
     ) -> InferenceDeployment {
-        let decision = autoscale::decide(&idep.spec, &BTreeMap::new());
-        let built = children::build(
+        let (decision, built) = children::decide_and_build(
             idep,
             NS,
             idep.controller_owner_ref(&()),
-            &decision,
+            &BTreeMap::new(),
             capabilities,
         );
         let mut service = built.service.clone();

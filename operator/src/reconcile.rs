@@ -33,7 +33,7 @@ use sparsemoe_api::InferenceDeployment;
 use sparsemoe_api::v1alpha1::InferenceDeploymentStatus;
 use tracing::{info, warn};
 
-use crate::autoscale::{self, ReplicaDecision};
+use crate::autoscale::ReplicaDecision;
 use crate::children::{self, Capabilities, Children, LABEL_DEPLOYMENT, LABEL_VARIANT, Workload};
 use crate::metrics::Metrics;
 use crate::status::{self, WorkloadObservation};
@@ -326,8 +326,8 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
         .iter()
         .map(|(v, o)| (v.clone(), o.spec_replicas))
         .collect();
-    let decision = autoscale::decide(&idep.spec, &current);
-    let desired = children::build(idep, &namespace, owner, &decision, ctx.capabilities);
+    let (decision, desired) =
+        children::decide_and_build(idep, &namespace, owner, &current, ctx.capabilities);
     let client = ctx.client.clone();
     let mut applied_variants = BTreeSet::new();
     let mut applied_any = false;

@@ -7,7 +7,6 @@ use kube::ResourceExt;
 use serde::Serialize;
 use sparsemoe_api::InferenceDeployment;
 
-use crate::autoscale;
 use crate::children::{self, Capabilities, Workload};
 
 fn document<T: Serialize>(object: &T) -> Result<String, String> {
@@ -25,12 +24,11 @@ pub fn render(manifest: &str, leader_worker_set: bool) -> Result<String, String>
     }
     let namespace = idep.namespace().unwrap_or_else(|| "default".into());
     // No cluster: nothing runs yet, so autoscaling policies start at their minimum.
-    let decision = autoscale::decide(&idep.spec, &BTreeMap::new());
-    let built = children::build(
+    let (_, built) = children::decide_and_build(
         &idep,
         &namespace,
         None,
-        &decision,
+        &BTreeMap::new(),
         Capabilities { leader_worker_set },
     );
     let mut out = String::new();

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use sparsemoe_api::v1alpha1::GpuVariant;
 use sparsemoe_api::{InferenceDeployment, PlacementPlan};
 
-use crate::autoscale::ReplicaDecision;
+use crate::autoscale::{self, ReplicaDecision};
 
 pub use lws::{LWS_API_VERSION, LWS_GROUP, LWS_KIND, LWS_PLURAL, lws_api_resource};
 pub use pod::{DRAIN_SECONDS, ENGINE_PORT, MODEL_DIR, PLACEMENT_DIR, TERMINATION_GRACE_SECONDS};
@@ -190,6 +190,32 @@ pub fn variant_labels(idep: &InferenceDeployment, variant: &str) -> BTreeMap<Str
 
 /// Builds every child. `owner` is the controller reference (absent when rendering offline),
 /// `namespace` the namespace children go to. Pure: same inputs, same objects.
+/// The replica decision for `idep` (given the replicas its workloads run now, `current`) and
+/// its children: a variant that cannot be realised ([`Children::unrealised_variants`]) is
+/// given no new replicas, so the next variant in order of preference takes them.
+pub fn decide_and_build(
+    idep: &InferenceDeployment,
+    namespace: &str,
+    owner: Option<OwnerReference>,
+    current: &BTreeMap<String, i32>,
+    capabilities: Capabilities,
+) -> (ReplicaDecision, Children) {
+    // Which variants cannot be realised does not depend on their replicas.
+    let unavailable = build(
+        idep,
+        namespace,
+        None,
+        &ReplicaDecision::default(),
+        capabilities,
+    )
+    .unrealised_variants
+    .into_iter()
+    .collect();
+    let decision = autoscale::decide_around(&idep.spec, current, &unavailable);
+    let children = build(idep, namespace, owner, &decision, capabilities);
+    (decision, children)
+}
+
 pub fn build(
     idep: &InferenceDeployment,
     namespace: &str,

@@ -651,3 +651,39 @@ fn prefix_caching_stays_on_unless_turned_off() {
         );
     }
 }
+
+/// A multi-node variant without the LeaderWorkerSet API cannot be realised, so the replicas go
+/// to the next variant, which can serve them; the problem is still reported.
+#[test]
+fn replicas_skip_a_variant_that_cannot_be_realised() {
+    let mut spec = spec_with_variants(&[("h200", None), ("h100", None)]);
+    spec.variants[0].gpus_per_replica = Some(16);
+    spec.variants[0].nodes_per_replica = Some(2);
+    spec.scaling.replicas = 2;
+    let idep = idep(spec);
+    let (decision, c) =
+        decide_and_build(&idep, NS, None, &BTreeMap::new(), Capabilities::default());
+    assert_eq!(
+        decision.variants,
+        vec![("h200".into(), 0), ("h100".into(), 2)]
+    );
+    assert_eq!(c.unrealised_variants, ["h200"]);
+    assert_eq!(c.problems[0].reason, "LeaderWorkerSetMissing");
+    assert_eq!(c.workloads.len(), 1);
+    assert_eq!(
+        (c.workloads[0].variant.as_str(), c.workloads[0].replicas),
+        ("h100", 2)
+    );
+    // With LeaderWorkerSet installed the preferred variant takes them again.
+    let (decision, c) = decide_and_build(
+        &idep,
+        NS,
+        None,
+        &BTreeMap::new(),
+        Capabilities {
+            leader_worker_set: true,
+        },
+    );
+    assert_eq!(decision.replicas_of("h200"), 2);
+    assert!(c.problems.is_empty(), "{:?}", c.problems);
+}

@@ -296,11 +296,11 @@ async fn a_failed_apply_backs_off_and_the_retry_converges() {
 
     // The retry: the ConfigMap is in the cache now, so only the rest is applied.
     let mut caches = Caches::default();
-    let built = children::build(
+    let (_, built) = children::decide_and_build(
         &idep,
         NS,
         idep.controller_owner_ref(&()),
-        &autoscale::decide(&idep.spec, &Default::default()),
+        &Default::default(),
         Capabilities::default(),
     );
     let mut cm = built.placement.unwrap().1;
@@ -734,7 +734,11 @@ async fn a_removed_variants_workload_stays_while_another_is_unrealisable() {
     next.spec.variants[1].nodes_per_replica = Some(2);
     next.metadata.generation = Some(2);
     let (ctx, handle) = context(&caches, Capabilities::default());
-    let verifier = verify(handle, status_and_event(&next));
+    // The status, then two events: Scaled (h100-pair's replica has nowhere to go: h200 is at
+    // its maxReplicas) and Degraded.
+    let mut expected = status_and_event(&next);
+    expected.push(expect(Method::POST, EVENTS, Reply::Echo));
+    let verifier = verify(handle, expected);
     let action = run(next, ctx.clone()).await.expect("reconcile");
     assert_eq!(action, Action::requeue(UNREALISABLE_REQUEUE));
     drop(ctx);
@@ -742,5 +746,16 @@ async fn a_removed_variants_workload_stays_while_another_is_unrealisable() {
     assert_eq!(
         condition(&seen[0].body, "Degraded")["reason"],
         "LeaderWorkerSetMissing"
+    );
+    assert_eq!(seen[1].body["reason"], "Scaled");
+    assert_eq!(seen[2].body["reason"], "Degraded");
+    // The unrealisable variant was given none of the replicas.
+    let variants = seen[0].body["status"]["variants"].as_array().unwrap();
+    let desired = |name: &str| {
+        variants.iter().find(|v| v["name"] == name).unwrap()["desiredReplicas"].clone()
+    };
+    assert_eq!(
+        (desired("h200"), desired("h100-pair")),
+        (1.into(), 0.into())
     );
 }
