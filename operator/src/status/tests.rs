@@ -377,3 +377,174 @@ fn engine_pod(name: &str, container: ContainerStatus) -> Pod {
         ..Default::default()
     }
 }
+
+/// The GitOps health checks shipped in `gitops/` (Argo CD's Lua, Flux's CEL expressions), run
+/// on statuses this module computes, so they read the conditions the operator really writes.
+mod gitops {
+    use mlua::LuaSerdeExt;
+    use serde_json::Value;
+
+    use super::*;
+
+    fn repo_file(path: &str) -> String {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// The object as the API server returns it: the spec at `generation`, with `status`.
+    fn object(c: &Case, status: Option<&InferenceDeploymentStatus>, generation: i64) -> Value {
+        let mut obj = serde_json::to_value(&c.idep).unwrap();
+        obj["metadata"]["generation"] = generation.into();
+        if let Some(s) = status {
+            obj["status"] = serde_json::to_value(s).unwrap();
+        }
+        strip_nulls(&mut obj);
+        obj
+    }
+
+    /// The API server leaves unset fields out; Lua would see `null` as a value.
+    fn strip_nulls(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                map.retain(|_, v| !v.is_null());
+                map.values_mut().for_each(strip_nulls);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+            _ => {}
+        }
+    }
+
+    /// Argo CD's verdict: `gitops/argocd/health.lua` run with `obj`, as Argo CD runs it.
+    fn argo(obj: &Value) -> (String, String) {
+        let lua = mlua::Lua::new();
+        lua.globals()
+            .set("obj", lua.to_value(obj).unwrap())
+            .unwrap();
+        let hs: mlua::Table = lua
+            .load(repo_file("gitops/argocd/health.lua"))
+            .eval()
+            .unwrap();
+        (hs.get("status").unwrap(), hs.get("message").unwrap())
+    }
+
+    /// Flux's verdict from the example Kustomization's healthCheckExprs: `failed`, then
+    /// `current`, else in progress; the object's top-level fields are the variables.
+    fn flux(obj: &Value) -> &'static str {
+        let kustomization: Value =
+            serde_saphyr::from_str(&repo_file("gitops/flux/kustomization.yaml")).unwrap();
+        let exprs = kustomization["spec"]["healthCheckExprs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| {
+                e["kind"] == "InferenceDeployment" && e["apiVersion"] == "sparsemoe.io/v1alpha1"
+            })
+            .expect("an expression for InferenceDeployment")
+            .clone();
+        let mut context = cel::Context::default();
+        for (name, value) in obj.as_object().unwrap() {
+            context.add_variable(name.as_str(), value).unwrap();
+        }
+        let holds = |which: &str| {
+            let source = exprs[which].as_str().unwrap();
+            let program = cel::Program::compile(source).unwrap_or_else(|e| panic!("{which}: {e}"));
+            match program.execute(&context) {
+                Ok(cel::Value::Bool(b)) => b,
+                other => panic!("{which} on {obj:#}: {other:?}"),
+            }
+        };
+        if holds("failed") {
+            "Failed"
+        } else if holds("current") {
+            "Current"
+        } else {
+            "InProgress"
+        }
+    }
+
+    #[test]
+    fn argo_cd_and_flux_read_the_operators_conditions() {
+        let mut three = gpu_idep();
+        three.spec.scaling.replicas = 3;
+        let c = case(three);
+        let check = |what: &str, obj: Value, want_argo: &str, want_flux: &str| {
+            let (status, message) = argo(&obj);
+            assert_eq!(status, want_argo, "{what}: Argo CD says {message:?}");
+            assert!(!message.is_empty(), "{what}: Argo CD gives no message");
+            assert_eq!(flux(&obj), want_flux, "{what}: Flux");
+            message
+        };
+
+        let done = status_of(&c, &observe(&c, |_| {}), None, 1);
+        let message = check(
+            "rolled out",
+            object(&c, Some(&done), 1),
+            "Healthy",
+            "Current",
+        );
+        assert!(message.contains("Available"), "{message}");
+        let rolling = status_of(&c, &observe(&c, |o| o.updated = 2), None, 1);
+        let message = check(
+            "rolling out",
+            object(&c, Some(&rolling), 1),
+            "Progressing",
+            "InProgress",
+        );
+        assert!(message.contains("h200: 2/3 updated"), "{message}");
+        let creating = status_of(&c, &BTreeMap::new(), None, 1);
+        check(
+            "creating",
+            object(&c, Some(&creating), 1),
+            "Progressing",
+            "InProgress",
+        );
+        // A new spec the operator has not written a status for yet: what says Ready is old.
+        let message = check(
+            "a newer spec",
+            object(&c, Some(&done), 2),
+            "Progressing",
+            "InProgress",
+        );
+        assert!(message.contains("generation 2"), "{message}");
+        let (status, _) = argo(&object(&c, None, 1));
+        assert_eq!(status, "Progressing", "no status yet");
+
+        let stuck = observe(&c, |o| {
+            o.failure = Some(Problem {
+                reason: "RolloutStuck",
+                message: "deployment llm-h200: ProgressDeadlineExceeded".into(),
+            })
+        });
+        let stuck = status_of(&c, &stuck, None, 1);
+        let message = check(
+            "a stuck rollout",
+            object(&c, Some(&stuck), 1),
+            "Degraded",
+            "Failed",
+        );
+        assert!(message.starts_with("RolloutStuck"), "{message}");
+
+        let mut short = spec_with_variants(&[("h200", Some(1))]);
+        short.scaling.replicas = 3;
+        let c = case(idep(short));
+        let s = status_of(&c, &observe(&c, |_| {}), None, 1);
+        check(
+            "too little room",
+            object(&c, Some(&s), 1),
+            "Degraded",
+            "Failed",
+        );
+
+        let mut zero = gpu_idep();
+        zero.spec.scaling.replicas = 0;
+        let c = case(zero);
+        let s = status_of(&c, &observe(&c, |_| {}), None, 1);
+        let message = check(
+            "scaled to zero",
+            object(&c, Some(&s), 1),
+            "Healthy",
+            "Current",
+        );
+        assert!(message.starts_with("NoReplicas"), "{message}");
+    }
+}
