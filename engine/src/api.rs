@@ -11,6 +11,11 @@ use crate::tokenizer::ChatMessage;
 pub const MAX_TOP_LOGPROBS: usize = 20;
 /// The most choices (`n`) a request may ask for, as OpenAI's API allows.
 pub const MAX_CHOICES: usize = 128;
+/// The most stop strings a request may give.
+pub const MAX_STOPS: usize = 16;
+/// The longest stop string accepted: every choice looks for each of them in its text after
+/// every token, so their lengths bound that work.
+pub const MAX_STOP_BYTES: usize = 1024;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,8 +72,9 @@ pub struct StreamOptions {
 
 /// The fields of `/v1/completions` and `/v1/chat/completions` the engine reads. Fields that
 /// would change the output and that the engine cannot honour (`echo`, `best_of`, `suffix`,
-/// `response_format` other than text, `tools`) are refused by name; others are ignored, as
-/// OpenAI-compatible servers do.
+/// `response_format` other than text, `tools`, and the OpenAI and vLLM fields of [`NOT_DONE`])
+/// are refused by name when they ask for something; others are ignored, as OpenAI-compatible
+/// servers do.
 #[derive(Debug, Default, Deserialize)]
 pub struct RequestBody {
     pub model: Option<String>,
@@ -105,6 +111,67 @@ pub struct RequestBody {
     pub suffix: Option<String>,
     pub response_format: Option<Value>,
     pub tools: Option<Value>,
+    /// More variables for the chat template (vLLM's extension; chat only), such as
+    /// `{"thinking": true}` for DeepSeek-V3.1/V3.2's templates.
+    pub chat_template_kwargs: Option<Value>,
+    /// Every other field: checked against [`NOT_DONE`], else ignored.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+/// OpenAI's and vLLM's fields that would change the output and that the engine does not do,
+/// with why: refused when they ask for something (see [`asks`]).
+const NOT_DONE: &[(&str, &str)] = &[
+    (
+        "guided_json",
+        "structured output (guided decoding) is not supported",
+    ),
+    (
+        "guided_regex",
+        "structured output (guided decoding) is not supported",
+    ),
+    (
+        "guided_choice",
+        "structured output (guided decoding) is not supported",
+    ),
+    (
+        "guided_grammar",
+        "structured output (guided decoding) is not supported",
+    ),
+    (
+        "structured_outputs",
+        "structured output (guided decoding) is not supported",
+    ),
+    ("functions", "function calling is not supported"),
+    ("function_call", "function calling is not supported"),
+    ("prompt_logprobs", "prompt_logprobs is not supported"),
+    ("allowed_token_ids", "allowed_token_ids is not supported"),
+    ("bad_words", "bad_words is not supported"),
+    (
+        "include_stop_str_in_output",
+        "include_stop_str_in_output is not supported: a stop string is never part of the output",
+    ),
+    (
+        "skip_special_tokens",
+        "skip_special_tokens false is not supported: special tokens are never part of the text",
+    ),
+    (
+        "truncate_prompt_tokens",
+        "truncate_prompt_tokens is not supported: a prompt longer than the context is refused",
+    ),
+];
+
+/// Whether field `name` with `value` asks for something: not null, false, empty or `"none"`
+/// (`skip_special_tokens` asks only when false, its default being true).
+fn asks(name: &str, value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b != (name == "skip_special_tokens"),
+        Value::String(s) => !s.is_empty() && s != "none",
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        Value::Number(_) => true,
+    }
 }
 
 /// The first field of `body` that asks for something the engine does not do, with why.
@@ -137,7 +204,10 @@ fn unsupported(body: &RequestBody) -> Option<(&'static str, &'static str)> {
     {
         return Some(("tools", "tool calling is not supported"));
     }
-    None
+    NOT_DONE
+        .iter()
+        .find(|(name, _)| body.other.get(*name).is_some_and(|v| asks(name, v)))
+        .copied()
 }
 
 /// A `[-bound, bound]`-style range check of an optional float field, as f32.
@@ -219,7 +289,11 @@ fn logit_bias(value: &Option<Value>) -> Result<Vec<(u32, f32)>, ApiError> {
 pub enum PromptInput {
     Text(String),
     Tokens(Vec<u32>),
-    Chat(Vec<ChatMessage>),
+    Chat {
+        messages: Vec<ChatMessage>,
+        /// `chat_template_kwargs`: more variables for the template.
+        template_kwargs: serde_json::Map<String, Value>,
+    },
 }
 
 /// A validated request.
@@ -389,9 +463,34 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
                 .messages
                 .as_ref()
                 .ok_or_else(|| ApiError::invalid(Some("messages"), "`messages` is required"))?;
-            PromptInput::Chat(parse_messages(m)?)
+            let template_kwargs = match &body.chat_template_kwargs {
+                None | Some(Value::Null) => serde_json::Map::new(),
+                Some(Value::Object(kwargs)) => kwargs.clone(),
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        Some("chat_template_kwargs"),
+                        "chat_template_kwargs must be an object of template variables",
+                    ));
+                }
+            };
+            PromptInput::Chat {
+                messages: parse_messages(m)?,
+                template_kwargs,
+            }
         }
     };
+    if endpoint == Endpoint::Completions
+        && body
+            .chat_template_kwargs
+            .as_ref()
+            .is_some_and(|k| !k.is_null())
+    {
+        return Err(ApiError::invalid(
+            Some("chat_template_kwargs"),
+            "chat_template_kwargs applies to /v1/chat/completions only: a completion's prompt \
+             is not rendered by the chat template",
+        ));
+    }
     let n = match body.n {
         None => 1,
         Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => n as usize,
@@ -458,10 +557,17 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
             ));
         }
     };
-    if stop.len() > 16 || stop.iter().any(String::is_empty) {
+    if stop.len() > MAX_STOPS
+        || stop
+            .iter()
+            .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+    {
         return Err(ApiError::invalid(
             Some("stop"),
-            "at most 16 stop strings, none empty",
+            format!(
+                "at most {MAX_STOPS} stop strings, none empty or longer than {MAX_STOP_BYTES} \
+                 bytes"
+            ),
         ));
     }
     let top_range = |param: &str, n: i64| -> Result<usize, ApiError> {
@@ -754,6 +860,48 @@ mod tests {
                 json!({"prompt": "x", "tools": [{"type": "function"}]}),
                 "tools",
             ),
+            (
+                json!({"prompt": "x", "guided_choice": ["yes", "no"]}),
+                "guided_choice",
+            ),
+            (
+                json!({"prompt": "x", "guided_json": {"type": "object"}}),
+                "guided_json",
+            ),
+            (
+                json!({"prompt": "x", "functions": [{"name": "f"}]}),
+                "functions",
+            ),
+            (
+                json!({"prompt": "x", "function_call": "auto"}),
+                "function_call",
+            ),
+            (
+                json!({"prompt": "x", "prompt_logprobs": 0}),
+                "prompt_logprobs",
+            ),
+            (
+                json!({"prompt": "x", "allowed_token_ids": [1]}),
+                "allowed_token_ids",
+            ),
+            (json!({"prompt": "x", "bad_words": ["no"]}), "bad_words"),
+            (
+                json!({"prompt": "x", "include_stop_str_in_output": true}),
+                "include_stop_str_in_output",
+            ),
+            (
+                json!({"prompt": "x", "skip_special_tokens": false}),
+                "skip_special_tokens",
+            ),
+            (
+                json!({"prompt": "x", "truncate_prompt_tokens": 5}),
+                "truncate_prompt_tokens",
+            ),
+            (
+                json!({"prompt": "x", "chat_template_kwargs": {"thinking": true}}),
+                "chat_template_kwargs",
+            ),
+            (json!({"prompt": "x", "stop": "y".repeat(1025)}), "stop"),
         ] {
             let e = err(v, Endpoint::Completions);
             assert_eq!(e.status, 400);
@@ -780,7 +928,11 @@ mod tests {
                          "response_format": {"type": "text"}, "tools": [],
                          "presence_penalty": -2, "frequency_penalty": 2, "repetition_penalty": 1.3,
                          "min_p": 0.1, "min_tokens": 3, "stop_token_ids": [5, 9],
-                         "logit_bias": {"7": -100, " 8": 2.5}}),
+                         "logit_bias": {"7": -100, " 8": 2.5},
+                         "guided_json": null, "functions": [], "function_call": "none",
+                         "bad_words": [], "include_stop_str_in_output": false,
+                         "skip_special_tokens": true, "chat_template_kwargs": null,
+                         "stop": "y".repeat(1024), "some_future_field": {"a": 1}}),
             ),
             Endpoint::Completions,
         )
@@ -814,10 +966,13 @@ mod tests {
         .unwrap();
         assert_eq!(
             v.prompt,
-            PromptInput::Chat(vec![ChatMessage {
-                role: "user".into(),
-                content: "hi".into()
-            }])
+            PromptInput::Chat {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "hi".into()
+                }],
+                template_kwargs: Default::default(),
+            }
         );
         assert_eq!(
             (v.logprobs, v.max_tokens, v.stream, v.include_usage),
@@ -826,6 +981,30 @@ mod tests {
         assert_eq!(
             err(json!({"messages": []}), Endpoint::Chat).param,
             Some("messages".into())
+        );
+        // The template's variables (chat only).
+        let messages = json!([{"role": "user", "content": "x"}]);
+        let v = validate(
+            &body(json!({"messages": messages, "chat_template_kwargs": {"thinking": true}})),
+            Endpoint::Chat,
+        )
+        .unwrap();
+        let PromptInput::Chat {
+            template_kwargs, ..
+        } = v.prompt
+        else {
+            panic!("chat")
+        };
+        assert_eq!(template_kwargs["thinking"], true);
+        let e = err(
+            json!({"messages": messages, "chat_template_kwargs": ["thinking"]}),
+            Endpoint::Chat,
+        );
+        assert_eq!(
+            e.param.as_deref(),
+            Some("chat_template_kwargs"),
+            "{}",
+            e.message
         );
     }
 

@@ -239,7 +239,7 @@ fn run<B: Backend>(command: Command, backend: B, devices: usize) -> anyhow::Resu
                     role: "user".into(),
                     content: prompt,
                 };
-                tokenizer.apply_chat_template(&[message], true)?
+                tokenizer.apply_chat_template(&[message], true, &Default::default())?
             } else {
                 prompt
             };

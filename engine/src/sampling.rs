@@ -521,8 +521,11 @@ pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
         }
     };
     let lp = |t: u32| log_prob(logits[t as usize]);
-    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
     let top = top.min(logits.len());
+    let mut order: Vec<u32> = match top {
+        0 => Vec::new(),
+        _ => (0..logits.len() as u32).collect(),
+    };
     if top > 0 {
         // By logit, a NaN one last (total_cmp would rank it above +inf; as a negative NaN it
         // ranks below -inf), ties by token id.
@@ -545,6 +548,21 @@ pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `logprobs: 0` (and chat's `logprobs: true` alone) asks for the token's log-probability
+    /// and no alternatives, not the whole vocabulary.
+    #[test]
+    fn logprobs_list_exactly_the_alternatives_asked_for() {
+        let logits = [0.5, 2.0, -1.0, 1.0];
+        for top in [0, 1, 3, 4, 9] {
+            let lp = logprobs(&logits, 2, top);
+            assert_eq!(lp.top.len(), top.min(logits.len()), "top {top}");
+            let ids: Vec<u32> = lp.top.iter().map(|&(t, _)| t).collect();
+            assert_eq!(ids, [1, 3, 0, 2][..top.min(4)], "top {top}: by logit");
+            assert_eq!(lp.token, 2);
+            assert!((lp.logprob - lp.top.get(3).map_or(lp.logprob, |t| t.1)).abs() < 1e-6);
+        }
+    }
 
     #[test]
     fn greedy_takes_the_argmax() {

@@ -347,10 +347,13 @@ fn prepare(
         PromptInput::Text(text) => {
             with_bos(state, state.tokenizer.encode(text).map_err(tokenize_error)?)
         }
-        PromptInput::Chat(messages) => {
+        PromptInput::Chat {
+            messages,
+            template_kwargs,
+        } => {
             let text = state
                 .tokenizer
-                .apply_chat_template(messages, true)
+                .apply_chat_template(messages, true, template_kwargs)
                 .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
             with_bos(
                 state,
@@ -436,9 +439,24 @@ async fn handle(
     body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
 ) -> Response {
-    let prepared = match prepare(&state, &headers, body, endpoint) {
-        Ok(p) => p,
-        Err(e) => {
+    // Parsing, the chat template and tokenization are CPU work on a body of up to
+    // MAX_BODY_BYTES: off the async workers, so that other streams and the probes go on.
+    let prepared = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || prepare(&state, &headers, body, endpoint)).await
+    };
+    let prepared = match prepared {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            state.metrics.error(e.status);
+            return error_response(&e);
+        }
+        Err(join) => {
+            let e = ApiError::new(
+                500,
+                "server_error",
+                format!("preparing the request failed: {join}"),
+            );
             state.metrics.error(e.status);
             return error_response(&e);
         }
@@ -580,10 +598,13 @@ impl Run {
                 }).collect::<Vec<_>>(),
             }),
             Endpoint::Completions => {
+                // The legacy shape holds the sampled token too (up to `logprobs` + 1 entries,
+                // as OpenAI's and vLLM's do), so `top_logprobs[i][tokens[i]]` always reads.
                 let mut top = serde_json::Map::new();
                 for &(t, l) in &lp.top {
                     top.insert(self.token_text(t), json!(l));
                 }
+                top.entry(token.clone()).or_insert(json!(lp.logprob));
                 json!({"token": token, "logprob": lp.logprob, "top": top, "offset": offset})
             }
         }

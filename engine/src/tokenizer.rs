@@ -178,11 +178,14 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// Renders the chat template; without one, joins `role: content` lines.
+    /// Renders the chat template; without one, joins `role: content` lines. `kwargs` are more
+    /// variables for the template (a request's `chat_template_kwargs`, such as `thinking` for
+    /// DeepSeek-V3.1/V3.2's templates); they do not replace the ones named here.
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String> {
         let Some(template) = &self.chat_template else {
             let mut text: String = messages
@@ -195,6 +198,7 @@ impl Tokenizer {
             return Ok(text);
         };
         let mut env = Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
             |message: String| -> std::result::Result<String, minijinja::Error> {
@@ -210,6 +214,7 @@ impl Tokenizer {
                     add_generation_prompt => add_generation_prompt,
                     bos_token => self.bos_token.clone().unwrap_or_default(),
                     eos_token => self.eos_token.clone().unwrap_or_default(),
+                    ..minijinja::Value::from(minijinja::value::Serde(kwargs))
                 })
             })
             .map_err(|e| EngineError::input(format!("chat template: {e}")))
@@ -253,9 +258,44 @@ mod tests {
                     content: "hello".into(),
                 }],
                 true,
+                &Default::default(),
             )
             .unwrap();
         assert_eq!(text, "[user] hello\n[assistant]");
+    }
+
+    /// Hugging Face chat templates are Python Jinja: DeepSeek's call `str.split` on a past
+    /// answer to drop its reasoning, and read variables a request passes in
+    /// `chat_template_kwargs` (`thinking`), which never replace the engine's own.
+    #[test]
+    fn templates_get_python_methods_and_the_requests_variables() {
+        let config = serde_json::json!({
+            "chat_template": "{% for m in messages %}{% set c = m.content %}\
+                {% if '</think>' in c %}{% set c = c.split('</think>')[-1] %}{% endif %}\
+                [{{ m.role }}]{{ c }}{% endfor %}{% if add_generation_prompt %}[assistant]\
+                {% if thinking %}<think>{% else %}</think>{% endif %}{% endif %}"
+        })
+        .to_string();
+        let t = Tokenizer::from_bytes(&word_tokenizer_json(), Some(&config)).unwrap();
+        let messages = [
+            ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            },
+            ChatMessage {
+                role: "assistant".into(),
+                content: "<think>reasoning</think>answer".into(),
+            },
+        ];
+        let plain = t
+            .apply_chat_template(&messages, true, &Default::default())
+            .unwrap();
+        assert_eq!(plain, "[user]hi[assistant]answer[assistant]</think>");
+        let kwargs = serde_json::json!({"thinking": true, "add_generation_prompt": false});
+        let thinking = t
+            .apply_chat_template(&messages, true, kwargs.as_object().unwrap())
+            .unwrap();
+        assert_eq!(thinking, "[user]hi[assistant]answer[assistant]<think>");
     }
 
     #[test]
@@ -269,7 +309,10 @@ mod tests {
             Some(r#"{"chat_template": "{{ raise_exception('no system role') }}"}"#),
         )
         .unwrap();
-        let err = t.apply_chat_template(&[], false).unwrap_err().to_string();
+        let err = t
+            .apply_chat_template(&[], false, &Default::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no system role"), "{err}");
     }
 

@@ -42,7 +42,11 @@ fn greedy_continuations_and_prompt_ids_match_transformers() {
                     })
                     .collect();
                 tokenizer
-                    .encode(&tokenizer.apply_chat_template(&messages, true).unwrap())
+                    .encode(
+                        &tokenizer
+                            .apply_chat_template(&messages, true, &Default::default())
+                            .unwrap(),
+                    )
                     .unwrap()
             }
             _ => {

@@ -377,6 +377,31 @@ async fn completions_and_chat_report_usage_and_finish_reasons() {
         completion
     );
 
+    // Each top_logprobs entry holds the sampled token as well, even with logprobs 0 (OpenAI's
+    // and vLLM's legacy shape: up to logprobs + 1 entries).
+    for (logprobs, most) in [(0, 1), (2, 3)] {
+        let v = s
+            .post(
+                "/v1/completions",
+                json!({"prompt": "t5 t6 t7", "max_tokens": 6, "temperature": 1.0, "seed": 7,
+                       "logprobs": logprobs}),
+            )
+            .await
+            .json();
+        let lp = &v["choices"][0]["logprobs"];
+        let tokens = lp["tokens"].as_array().unwrap();
+        assert!(!tokens.is_empty(), "{v}");
+        for (i, token) in tokens.iter().enumerate() {
+            let top = lp["top_logprobs"][i].as_object().unwrap();
+            assert!((1..=most).contains(&top.len()), "logprobs {logprobs}: {top:?}");
+            assert_eq!(
+                top[token.as_str().unwrap()],
+                lp["token_logprobs"][i],
+                "logprobs {logprobs}: token {i}"
+            );
+        }
+    }
+
     // Seeded sampling is reproducible.
     let seeded = json!({"prompt": [0, 5, 6], "max_tokens": 8, "temperature": 1.0, "seed": 42});
     let a = s.post("/v1/completions", seeded.clone()).await.json();
@@ -394,6 +419,24 @@ async fn completions_and_chat_report_usage_and_finish_reasons() {
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
     assert!(v["usage"]["total_tokens"].as_u64().unwrap() > 3);
+    // As many alternatives as asked for: top_logprobs, else none.
+    for (top, want) in [(Some(1), 1), (None, 0)] {
+        let mut body = json!({"messages": [{"role": "user", "content": "t3 t4"}],
+                              "max_tokens": 3, "logprobs": true});
+        if let Some(top) = top {
+            body["top_logprobs"] = json!(top);
+        }
+        let v = s.post("/v1/chat/completions", body).await.json();
+        let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+        assert!(!content.is_empty(), "{v}");
+        for entry in content {
+            assert_eq!(
+                entry["top_logprobs"].as_array().unwrap().len(),
+                want,
+                "top_logprobs {top:?}: {entry}"
+            );
+        }
+    }
 
     let models = s.get("/v1/models").await.json();
     assert_eq!(models["data"][0]["id"], "tiny");
