@@ -660,6 +660,19 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
         ));
     }
     let stream = body.stream.unwrap_or(false);
+    // As vLLM: options of a stream on a request that is not one are a mistake (an empty
+    // object asks for nothing).
+    if !stream
+        && body
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage.is_some())
+    {
+        return Err(ApiError::invalid(
+            Some("stream_options"),
+            "stream_options applies only with stream: true",
+        ));
+    }
     let include_usage = body
         .stream_options
         .as_ref()
@@ -982,6 +995,12 @@ mod tests {
             err(json!({"messages": []}), Endpoint::Chat).param,
             Some("messages".into())
         );
+        let messages = json!([{"role": "user", "content": "x"}]);
+        let e = err(
+            json!({"messages": messages, "stream_options": {"include_usage": true}}),
+            Endpoint::Chat,
+        );
+        assert_eq!(e.param.as_deref(), Some("stream_options"), "{}", e.message);
         // The template's variables (chat only).
         let messages = json!([{"role": "user", "content": "x"}]);
         let v = validate(

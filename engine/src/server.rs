@@ -102,6 +102,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async {
             error_response(&ApiError::new(404, "not_found_error", "no such route"))
         })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            error_response(&ApiError::new(
+                405,
+                "invalid_request_error",
+                format!("this route does not take {method}"),
+            ))
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

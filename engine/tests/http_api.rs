@@ -393,7 +393,10 @@ async fn completions_and_chat_report_usage_and_finish_reasons() {
         assert!(!tokens.is_empty(), "{v}");
         for (i, token) in tokens.iter().enumerate() {
             let top = lp["top_logprobs"][i].as_object().unwrap();
-            assert!((1..=most).contains(&top.len()), "logprobs {logprobs}: {top:?}");
+            assert!(
+                (1..=most).contains(&top.len()),
+                "logprobs {logprobs}: {top:?}"
+            );
             assert_eq!(
                 top[token.as_str().unwrap()],
                 lp["token_logprobs"][i],
@@ -694,9 +697,12 @@ async fn n_choices_are_sequences_of_their_own() {
 
     // A chat stream of two choices against the same request whole.
     let chat = |stream: bool| {
-        json!({"messages": [{"role": "user", "content": "t5"}], "n": 2, "max_tokens": 5,
-               "ignore_eos": true, "seed": 3, "stream": stream,
-               "stream_options": {"include_usage": true}})
+        let mut body = json!({"messages": [{"role": "user", "content": "t5"}], "n": 2,
+                              "max_tokens": 5, "ignore_eos": true, "seed": 3, "stream": stream});
+        if stream {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        body
     };
     let want = s.post("/v1/chat/completions", chat(false)).await.json();
     let r = s.post("/v1/chat/completions", chat(true)).await;
@@ -822,6 +828,19 @@ async fn bad_input_is_a_4xx_with_an_openai_error_and_harms_nothing() {
         let message = e["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(needle), "{what}: {e}");
         assert!(e["error"]["type"].is_string(), "{what}: {e}");
+    }
+
+    // A route asked with a method it does not take, and a route that does not exist: OpenAI
+    // error bodies too.
+    for (method, path, status) in [
+        ("GET", "/v1/completions", 405),
+        ("POST", "/v1/models", 405),
+        ("GET", "/v1/embeddings", 404),
+    ] {
+        let r = s.send(method, path, Bytes::new()).await;
+        assert_eq!(r.status, status, "{method} {path}");
+        let e = r.json();
+        assert!(e["error"]["message"].is_string(), "{method} {path}: {e}");
     }
 
     // A header flood is refused by the HTTP layer, not the process.
