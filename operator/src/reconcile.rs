@@ -297,12 +297,25 @@ where
 /// look missing: applied as new (a status of `Creating` and a `Created` event on every restart)
 /// and without the check that it is this object's.
 fn caches_synced(stores: &Stores) -> bool {
-    synced(&stores.deployments)
-        && synced(&stores.services)
-        && synced(&stores.pdbs)
-        && synced(&stores.config_maps)
-        && synced(&stores.pods)
-        && stores.leader_worker_sets.as_ref().is_none_or(synced)
+    unsynced_caches(stores).is_empty()
+}
+
+/// The child kinds whose caches have not had their first full list yet.
+pub fn unsynced_caches(stores: &Stores) -> Vec<&'static str> {
+    [
+        ("Deployment", synced(&stores.deployments)),
+        ("Service", synced(&stores.services)),
+        ("PodDisruptionBudget", synced(&stores.pdbs)),
+        ("ConfigMap", synced(&stores.config_maps)),
+        ("Pod", synced(&stores.pods)),
+        (
+            "LeaderWorkerSet",
+            stores.leader_worker_sets.as_ref().is_none_or(synced),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(kind, synced)| (!synced).then_some(kind))
+    .collect()
 }
 
 async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Action> {

@@ -225,6 +225,8 @@ fn group_not_served(status: &kube::core::Status) -> bool {
 /// Attempts at LeaderWorkerSet discovery before an error counts as "absent"; the waits between
 /// them double from [`DISCOVERY_FIRST_WAIT`] (1 + 2 + 4 + 8 + 16 s).
 const DISCOVERY_ATTEMPTS: u32 = 6;
+/// How often a replica whose child caches have not synced says which.
+const CACHE_SYNC_WARNING: Duration = Duration::from_secs(30);
 const DISCOVERY_FIRST_WAIT: Duration = Duration::from_secs(1);
 
 /// Whether the LeaderWorkerSet API is served (API discovery). It is read once, at start-up (the
@@ -387,6 +389,7 @@ async fn run_controller(
         pods,
         leader_worker_sets,
     };
+    let waiting_stores = stores.clone();
     let reporter = Reporter {
         controller: crate::FIELD_MANAGER.into(),
         instance: Some(config.identity.clone()),
@@ -400,14 +403,33 @@ async fn run_controller(
         failures: Mutex::new(HashMap::new()),
         applied: Mutex::new(HashMap::new()),
     });
+    // Ready once every cache has its first list: until then reconciles wait (see
+    // `reconcile::caches_synced`), and a cache that never syncs (a list the operator's RBAC
+    // forbids) is named in the log rather than leaving every object waiting in silence.
     let main_store = controller.store();
     let ready_flag = health.ready.clone();
     tokio::spawn(async move {
-        if deployments.wait_until_ready().await.is_ok()
-            && main_store.wait_until_ready().await.is_ok()
-        {
-            ready_flag.store(true, Ordering::Relaxed);
-            info!("caches synced; ready");
+        if main_store.wait_until_ready().await.is_err() {
+            return;
+        }
+        let started = tokio::time::Instant::now();
+        let mut warned = started;
+        loop {
+            let missing = reconcile::unsynced_caches(&waiting_stores);
+            if missing.is_empty() {
+                ready_flag.store(true, Ordering::Relaxed);
+                info!("caches synced; ready");
+                return;
+            }
+            if warned.elapsed() >= CACHE_SYNC_WARNING {
+                warned = tokio::time::Instant::now();
+                warn!(
+                    caches = ?missing,
+                    waited_s = started.elapsed().as_secs(),
+                    "child caches not synced yet, so nothing is reconciled: check that the operator may list and watch these kinds"
+                );
+            }
+            tokio::time::sleep(reconcile::CACHE_SYNC_WAIT).await;
         }
     });
     // Forget what the context keeps about deleted objects, every resync period.
