@@ -1274,3 +1274,67 @@ spec:
         start.elapsed()
     );
 }
+
+/// Workloads left by a `--cascade=orphan` delete: the InferenceDeployment applied again adopts
+/// the one its spec still names and, once that serves, deletes the one of the variant it no
+/// longer has, rather than leaving it running without an owner.
+#[test]
+fn an_orphaned_workload_of_a_removed_variant_is_deleted() {
+    let Some(cluster) = cluster() else { return };
+    let ns = cluster.namespace("op-orphans");
+    let ns = ns.name();
+    let op = Operator::start_in(&cluster, "a", ns, false).unwrap();
+    let one = cpu_idep("orphans", 1, &[]);
+    let second = "    - name: cpu-b\n      nodeSelector:\n        sparsemoe.io/e2e-pool: cpu\n      costPerHour: \"0.05\"\n      maxReplicas: 1\n";
+    let two = one
+        .replace(
+            "      costPerHour: \"0.05\"\n",
+            "      costPerHour: \"0.05\"\n      maxReplicas: 1\n",
+        )
+        .replace("  scaling:\n", &format!("{second}  scaling:\n"))
+        .replace("    replicas: 1\n", "    replicas: 2\n");
+    assert_ne!(two, one);
+    cluster.apply_yaml(&two, ns).unwrap();
+    wait_ready(&cluster, ns, "orphans").unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
+    let deployments = || {
+        let list = cluster
+            .get_json(&[
+                "deployments",
+                "-n",
+                ns,
+                "-l",
+                "sparsemoe.io/deployment=orphans",
+            ])
+            .unwrap();
+        names(&list)
+    };
+    assert_eq!(deployments(), set(&["orphans-cpu", "orphans-cpu-b"]));
+
+    cluster
+        .kubectl_ok(&[
+            "delete",
+            "-n",
+            ns,
+            "inferencedeployment/orphans",
+            "--cascade=orphan",
+            "--wait",
+        ])
+        .unwrap();
+    assert_eq!(
+        deployments(),
+        set(&["orphans-cpu", "orphans-cpu-b"]),
+        "orphaned, not deleted"
+    );
+    cluster.apply_yaml(&one, ns).unwrap();
+    wait_until(CONVERGE, || Ok(deployments() == set(&["orphans-cpu"])))
+        .unwrap_or_else(|e| panic!("{e:#}: {:?}\n{}", deployments(), op.log()));
+    wait_ready(&cluster, ns, "orphans").unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
+    check_converged(
+        &cluster,
+        ns,
+        "orphans",
+        &[("deployments", &["orphans-cpu"])],
+        1,
+    )
+    .unwrap();
+}

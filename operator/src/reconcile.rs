@@ -704,9 +704,11 @@ async fn fault_pause_after_apply() {
     }
 }
 
-/// Workloads this object owns that the spec no longer asks for: those of removed or renamed
-/// variants, or of a variant that switched between Deployment and LeaderWorkerSet. Workloads
-/// of variants that cannot be realised right now are not among them (they are left running).
+/// Workloads of this object that the spec no longer asks for: those of removed or renamed
+/// variants, or of a variant that switched between Deployment and LeaderWorkerSet, whether it
+/// controls them or they were left without a controller but with its label (a
+/// `--cascade=orphan` delete of it, then a spec without that variant). Workloads of variants
+/// that cannot be realised right now are not among them (they are left running).
 struct StaleWorkloads {
     deployments: Vec<Arc<Deployment>>,
     leader_worker_sets: Vec<Arc<DynamicObject>>,
@@ -734,7 +736,7 @@ impl StaleWorkloads {
             let unrealised = variant.is_some_and(|v| desired.unrealised_variants.contains(v));
             meta.namespace.as_deref() == Some(namespace)
                 && meta.labels.as_ref().and_then(|l| l.get(LABEL_DEPLOYMENT)) == Some(&name)
-                && owned_by(meta, uid)
+                && (owned_by(meta, uid) || controller_of(meta).is_none())
                 && !unrealised
                 && !wanted.contains(&format!(
                     "{kind}/{}",
