@@ -424,6 +424,18 @@ fn prepare(
         // A default (completions' 16, or none) is cut to the room the prompt leaves.
         (asked, _) => asked.unwrap_or(room).min(room),
     };
+    if validated.min_tokens > max_tokens {
+        return Err(ApiError::invalid(
+            Some("min_tokens"),
+            format!(
+                "min_tokens ({}) is more than this request may generate: {max_tokens} tokens \
+                 (the model's maximum context length is {} tokens and the prompt has {})",
+                validated.min_tokens,
+                state.max_context,
+                prompt.len()
+            ),
+        ));
+    }
     Ok(Prepared {
         validated,
         prompt,
@@ -588,7 +600,7 @@ enum Step {
 
 impl Run {
     fn token_text(&self, id: u32) -> String {
-        self.state.tokenizer.decode(&[id]).unwrap_or_default()
+        self.state.tokenizer.token_text(id)
     }
 
     /// A token's logprobs entry; `offset`: where its text begins in the output, in characters.

@@ -109,6 +109,15 @@ impl Tokenizer {
             .map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
+    /// How one token reads in a logprobs entry: its text, or for a special token (which the
+    /// text skips) its name, as vLLM shows the end-of-sequence token.
+    pub fn token_text(&self, id: u32) -> String {
+        match self.inner.id_to_token(id) {
+            Some(t) if self.inner.get_added_vocabulary().is_special_token(&t) => t,
+            _ => self.decode(&[id]).unwrap_or_default(),
+        }
+    }
+
     /// The text one more generated token adds to an output, special tokens skipped: what
     /// `decode` of the whole output gains, computed from the last few ids (`state`) rather than
     /// all of them, so a long output costs the same per token as a short one. A token that ends
@@ -250,6 +259,8 @@ mod tests {
         let t = Tokenizer::from_bytes(&word_tokenizer_json(), Some(config)).unwrap();
         assert_eq!(t.encode("hello world").unwrap(), vec![1, 2]);
         assert_eq!(t.decode(&[1, 2, 0]).unwrap(), "hello world");
+        assert_eq!((t.token_text(1), t.token_text(0)), ("hello".into(), "<eos>".into()));
+        assert_eq!(t.token_text(99), "", "an id past the vocabulary reads as nothing");
         assert_eq!(t.eos_token_id(), Some(0));
         let text = t
             .apply_chat_template(

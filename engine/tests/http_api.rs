@@ -575,6 +575,10 @@ async fn logit_bias_min_tokens_and_stop_token_ids_shape_the_output() {
         .as_array()
         .unwrap();
     assert_eq!(lps.len(), 1, "{r}");
+    // Named as a special token, not as the empty text it adds (as vLLM shows it).
+    let name = tokenizer().token_text(eos);
+    assert!(!name.is_empty());
+    assert_eq!(r["choices"][0]["logprobs"]["tokens"][0], name, "{r}");
     // The model's own log-probability, before the bias, as for every other token.
     let lp = lps[0].as_f64().unwrap();
     assert!(lp.is_finite() && lp <= 0.0, "{r}");
@@ -829,6 +833,17 @@ async fn bad_input_is_a_4xx_with_an_openai_error_and_harms_nothing() {
         assert!(message.contains(needle), "{what}: {e}");
         assert!(e["error"]["type"].is_string(), "{what}: {e}");
     }
+
+    // A chat without max_tokens may generate up to the context's room: a min_tokens beyond it
+    // cannot be met (as vLLM refuses it).
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "t3"}], "min_tokens": 600}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["param"], "min_tokens");
 
     // A route asked with a method it does not take, and a route that does not exist: OpenAI
     // error bodies too.
