@@ -1338,3 +1338,54 @@ fn an_orphaned_workload_of_a_removed_variant_is_deleted() {
     )
     .unwrap();
 }
+
+/// Under a holding policy (`queueDepth` holds what runs until its autoscaler is wired), a
+/// renamed variant's replicas move to the new name rather than falling back to minReplicas.
+#[test]
+fn a_renamed_variant_keeps_its_held_replicas() {
+    let Some(cluster) = cluster() else { return };
+    let ns = cluster.namespace("op-hold");
+    let ns = ns.name();
+    let op = Operator::start_in(&cluster, "a", ns, false).unwrap();
+    let holding = |min: u32| {
+        cpu_idep("hold", 1, &[]).replace(
+            "    policy: fixed\n    replicas: 1\n",
+            &format!("    policy: queueDepth\n    minReplicas: {min}\n    maxReplicas: 3\n"),
+        )
+    };
+    let before = holding(2);
+    assert!(before.contains("queueDepth"));
+    cluster.apply_yaml(&before, ns).unwrap();
+    wait_ready(&cluster, ns, "hold").unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
+    // Renamed, and minReplicas lowered: 2 run, and 2 are held under the new name.
+    let renamed = holding(1).replace("    - name: cpu\n", "    - name: cpu-b\n");
+    cluster.apply_yaml(&renamed, ns).unwrap();
+    let replicas = || {
+        let list = cluster
+            .get_json(&[
+                "deployments",
+                "-n",
+                ns,
+                "-l",
+                "sparsemoe.io/deployment=hold",
+            ])
+            .unwrap();
+        list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                let name = d["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                (name, d["spec"]["replicas"].as_i64().unwrap_or(0))
+            })
+            .collect::<Vec<_>>()
+    };
+    wait_until(CONVERGE, || {
+        Ok(replicas() == [("hold-cpu-b".to_string(), 2)])
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}\n{}", replicas(), op.log()));
+    wait_ready(&cluster, ns, "hold").unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
+}

@@ -259,8 +259,15 @@ mod tests {
         let t = Tokenizer::from_bytes(&word_tokenizer_json(), Some(config)).unwrap();
         assert_eq!(t.encode("hello world").unwrap(), vec![1, 2]);
         assert_eq!(t.decode(&[1, 2, 0]).unwrap(), "hello world");
-        assert_eq!((t.token_text(1), t.token_text(0)), ("hello".into(), "<eos>".into()));
-        assert_eq!(t.token_text(99), "", "an id past the vocabulary reads as nothing");
+        assert_eq!(
+            (t.token_text(1), t.token_text(0)),
+            ("hello".into(), "<eos>".into())
+        );
+        assert_eq!(
+            t.token_text(99),
+            "",
+            "an id past the vocabulary reads as nothing"
+        );
         assert_eq!(t.eos_token_id(), Some(0));
         let text = t
             .apply_chat_template(

@@ -6,7 +6,8 @@
 //! Today: `fixed` takes `spec.scaling.replicas` (which the /scale subresource, HPA and KEDA
 //! set) and fills the variants in listed order up to each one's `maxReplicas`, passing over
 //! variants that cannot be realised now ([`decide_around`]). `queueDepth`
-//! and `costAware` are NOT metrics-driven yet: they hold the replicas currently running,
+//! and `costAware` are NOT metrics-driven yet: they hold the replicas currently running
+//! (while a renamed variant's old workload is replaced, the replicas decided before),
 //! clamped to `[minReplicas, maxReplicas]`, and say so in their reason. The operator never
 //! writes the user's spec.
 
@@ -44,21 +45,38 @@ fn capacity(max: Option<u32>) -> i64 {
     max.map_or(i64::MAX, i64::from)
 }
 
+/// What an InferenceDeployment's workloads run now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Running {
+    /// Replicas each spec variant's workload runs, by variant name (absent: no workload yet).
+    pub variants: BTreeMap<String, i32>,
+    /// While workloads the spec no longer names still run (a variant renamed or removed, or
+    /// one that changed between Deployment and LeaderWorkerSet): the replicas the last
+    /// decision gave in all (the status's), which the holding policies keep, so that a rename
+    /// does not fall back to minReplicas.
+    pub replacing: Option<i32>,
+}
+
 /// Replicas per variant for `spec`, given the replicas each variant's workload runs now
 /// (`current`, by variant name; absent for variants with no workload yet).
 pub fn decide(spec: &InferenceDeploymentSpec, current: &BTreeMap<String, i32>) -> ReplicaDecision {
-    decide_around(spec, current, &BTreeSet::new())
+    let running = Running {
+        variants: current.clone(),
+        replacing: None,
+    };
+    decide_around(spec, &running, &BTreeSet::new())
 }
 
-/// [`decide`], leaving out the variants in `unavailable` (ones that cannot be realised now: a
-/// multi-node variant without the LeaderWorkerSet API, a GPU shape no expert plan fits): no
-/// replica is added to them, so the next variant in order of preference takes it; what such a
-/// variant's workload runs already is left as it is.
+/// [`decide`] from what runs now (`running`), leaving out the variants in `unavailable` (ones
+/// that cannot be realised now: a multi-node variant without the LeaderWorkerSet API, a GPU
+/// shape no expert plan fits): no replica is added to them, so the next variant in order of
+/// preference takes it; what such a variant's workload runs already is left as it is.
 pub fn decide_around(
     spec: &InferenceDeploymentSpec,
-    current: &BTreeMap<String, i32>,
+    running: &Running,
     unavailable: &BTreeSet<String>,
 ) -> ReplicaDecision {
+    let current = &running.variants;
     let scaling = &spec.scaling;
     // The most replicas a variant may be given.
     let room = |v: &GpuVariant| match unavailable.contains(&v.name) {
@@ -95,10 +113,14 @@ pub fn decide_around(
                 })
                 .collect();
             let total: i64 = variants.iter().map(|(_, n)| n).sum();
+            // What runs, or while workloads of a renamed variant are replaced, what was
+            // decided before: their replicas move to the spec's variants.
+            let held = total.max(running.replacing.map_or(0, i64::from));
+            let target = held.clamp(min, max);
             let mut unplaced = 0;
-            if total < min {
+            if total < target {
                 // Add replicas to the most preferred variants with room.
-                let mut missing = min - total;
+                let mut missing = target - total;
                 for (v, (_, n)) in spec.variants.iter().zip(variants.iter_mut()) {
                     let add = missing.min((room(v) - *n).max(0));
                     *n += add;
@@ -186,21 +208,55 @@ mod tests {
         let mut spec = spec_with_variants(&[("h200", None), ("h100", Some(3))]);
         spec.scaling.replicas = 2;
         let h200 = BTreeSet::from(["h200".to_string()]);
-        let d = decide_around(&spec, &BTreeMap::new(), &h200);
+        let d = decide_around(&spec, &Running::default(), &h200);
         assert_eq!(d.variants, vec![("h200".into(), 0), ("h100".into(), 2)]);
         spec.scaling.replicas = 5;
-        let d = decide_around(&spec, &BTreeMap::new(), &h200);
+        let d = decide_around(&spec, &Running::default(), &h200);
         assert_eq!((d.replicas_of("h100"), d.unplaced), (3, 2));
 
         spec.scaling.policy = ScalingPolicy::QueueDepth;
         spec.scaling.min_replicas = 2;
         spec.scaling.max_replicas = Some(6);
-        let d = decide_around(&spec, &BTreeMap::new(), &h200);
+        let d = decide_around(&spec, &Running::default(), &h200);
         assert_eq!(d.variants, vec![("h200".into(), 0), ("h100".into(), 2)]);
         // One already running on h200 stays, and counts.
-        let current = BTreeMap::from([("h200".to_string(), 1)]);
+        let current = Running {
+            variants: BTreeMap::from([("h200".to_string(), 1)]),
+            replacing: None,
+        };
         let d = decide_around(&spec, &current, &h200);
         assert_eq!(d.variants, vec![("h200".into(), 1), ("h100".into(), 1)]);
+    }
+
+    /// A renamed variant's replicas, still running under its old name, move to the spec's
+    /// variants under the holding policies (not back to minReplicas), and are not counted
+    /// twice once the new workload runs them.
+    #[test]
+    fn holding_policies_carry_a_renamed_variants_replicas_over() {
+        let mut spec = spec_with_variants(&[("h200-sxm", None), ("h100", Some(2))]);
+        spec.scaling.policy = ScalingPolicy::QueueDepth;
+        spec.scaling.min_replicas = 1;
+        spec.scaling.max_replicas = Some(10);
+        // `h200` (8 replicas) was renamed `h200-sxm`; its workload still runs.
+        let renamed = Running {
+            variants: BTreeMap::from([("h100".to_string(), 1)]),
+            replacing: Some(9),
+        };
+        let d = decide_around(&spec, &renamed, &BTreeSet::new());
+        assert_eq!(d.variants, vec![("h200-sxm".into(), 8), ("h100".into(), 1)]);
+        // The new workload runs them now, the old one still there: still 9 in all.
+        let moved = Running {
+            variants: BTreeMap::from([("h200-sxm".to_string(), 8), ("h100".to_string(), 1)]),
+            replacing: Some(9),
+        };
+        let d = decide_around(&spec, &moved, &BTreeSet::new());
+        assert_eq!(d.total(), 9);
+        // Capped by maxReplicas; nothing replaced: what runs.
+        spec.scaling.max_replicas = Some(4);
+        let d = decide_around(&spec, &renamed, &BTreeSet::new());
+        assert_eq!(d.total(), 4);
+        let d = decide(&spec, &BTreeMap::from([("h100".to_string(), 2)]));
+        assert_eq!(d.variants, vec![("h200-sxm".into(), 0), ("h100".into(), 2)]);
     }
 
     #[test]

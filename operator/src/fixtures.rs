@@ -171,7 +171,7 @@ impl Caches {
             idep,
             NS,
             idep.controller_owner_ref(&()),
-            &BTreeMap::new(),
+            &Default::default(),
             capabilities,
         );
         let mut service = built.service.clone();

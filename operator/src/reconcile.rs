@@ -33,7 +33,7 @@ use sparsemoe_api::InferenceDeployment;
 use sparsemoe_api::v1alpha1::InferenceDeploymentStatus;
 use tracing::{info, warn};
 
-use crate::autoscale::ReplicaDecision;
+use crate::autoscale::{self, ReplicaDecision};
 use crate::children::{self, Capabilities, Children, LABEL_DEPLOYMENT, LABEL_VARIANT, Workload};
 use crate::metrics::Metrics;
 use crate::status::{self, WorkloadObservation};
@@ -335,12 +335,34 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
     let stores = &ctx.stores;
 
     let observed = observe(idep, &namespace, stores);
-    let current: BTreeMap<String, i32> = observed
+    // Workloads of this object that no spec variant's observation took: those of a variant
+    // renamed, removed or moved between kinds, still running until they are replaced.
+    let ours = |meta: &kube::api::ObjectMeta| {
+        meta.namespace.as_deref() == Some(namespace.as_str())
+            && deployment_label(meta) == Some(&name)
+            && ours_to_read(meta, idep)
+    };
+    let workloads = stores
+        .deployments
+        .state()
         .iter()
-        .map(|(v, o)| (v.clone(), o.spec_replicas))
-        .collect();
+        .filter(|d| ours(&d.metadata))
+        .count()
+        + stores.leader_worker_sets.as_ref().map_or(0, |s| {
+            s.state().iter().filter(|l| ours(&l.metadata)).count()
+        });
+    let running = autoscale::Running {
+        variants: observed
+            .iter()
+            .map(|(v, o)| (v.clone(), o.spec_replicas))
+            .collect(),
+        replacing: (workloads > observed.len())
+            .then_some(idep.status.as_ref())
+            .flatten()
+            .map(|s| s.variants.iter().map(|v| v.desired_replicas).sum()),
+    };
     let (decision, desired) =
-        children::decide_and_build(idep, &namespace, owner, &current, ctx.capabilities);
+        children::decide_and_build(idep, &namespace, owner, &running, ctx.capabilities);
     let client = ctx.client.clone();
     let mut applied_variants = BTreeSet::new();
     let mut applied_any = false;

@@ -1,8 +1,6 @@
 //! `sparsemoe-operator render`: the children of one InferenceDeployment as multi-document
 //! YAML, with no cluster (for review and GitOps diffs).
 
-use std::collections::BTreeMap;
-
 use kube::ResourceExt;
 use serde::Serialize;
 use sparsemoe_api::InferenceDeployment;
@@ -28,7 +26,7 @@ pub fn render(manifest: &str, leader_worker_set: bool) -> Result<String, String>
         &idep,
         &namespace,
         None,
-        &BTreeMap::new(),
+        &Default::default(),
         Capabilities { leader_worker_set },
     );
     let mut out = String::new();

@@ -190,14 +190,14 @@ pub fn variant_labels(idep: &InferenceDeployment, variant: &str) -> BTreeMap<Str
 
 /// Builds every child. `owner` is the controller reference (absent when rendering offline),
 /// `namespace` the namespace children go to. Pure: same inputs, same objects.
-/// The replica decision for `idep` (given the replicas its workloads run now, `current`) and
-/// its children: a variant that cannot be realised ([`Children::unrealised_variants`]) is
-/// given no new replicas, so the next variant in order of preference takes them.
+/// The replica decision for `idep` (given what its workloads run now, `running`) and its
+/// children: a variant that cannot be realised ([`Children::unrealised_variants`]) is given no
+/// new replicas, so the next variant in order of preference takes them.
 pub fn decide_and_build(
     idep: &InferenceDeployment,
     namespace: &str,
     owner: Option<OwnerReference>,
-    current: &BTreeMap<String, i32>,
+    running: &autoscale::Running,
     capabilities: Capabilities,
 ) -> (ReplicaDecision, Children) {
     // Which variants cannot be realised does not depend on their replicas.
@@ -211,7 +211,7 @@ pub fn decide_and_build(
     .unrealised_variants
     .into_iter()
     .collect();
-    let decision = autoscale::decide_around(&idep.spec, current, &unavailable);
+    let decision = autoscale::decide_around(&idep.spec, running, &unavailable);
     let children = build(idep, namespace, owner, &decision, capabilities);
     (decision, children)
 }

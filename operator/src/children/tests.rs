@@ -661,8 +661,13 @@ fn replicas_skip_a_variant_that_cannot_be_realised() {
     spec.variants[0].nodes_per_replica = Some(2);
     spec.scaling.replicas = 2;
     let idep = idep(spec);
-    let (decision, c) =
-        decide_and_build(&idep, NS, None, &BTreeMap::new(), Capabilities::default());
+    let (decision, c) = decide_and_build(
+        &idep,
+        NS,
+        None,
+        &Default::default(),
+        Capabilities::default(),
+    );
     assert_eq!(
         decision.variants,
         vec![("h200".into(), 0), ("h100".into(), 2)]
@@ -679,7 +684,7 @@ fn replicas_skip_a_variant_that_cannot_be_realised() {
         &idep,
         NS,
         None,
-        &BTreeMap::new(),
+        &Default::default(),
         Capabilities {
             leader_worker_set: true,
         },
