@@ -178,6 +178,15 @@ fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
+/// The Deployments labelled as InferenceDeployment `name`'s, as `kubectl get -o json` lists
+/// them.
+fn deployments_of(cluster: &Cluster, ns: &str, name: &str) -> Value {
+    let selector = format!("sparsemoe.io/deployment={name}");
+    cluster
+        .get_json(&["deployments", "-n", ns, "-l", &selector])
+        .unwrap()
+}
+
 /// Every object of the children's kinds in `ns` labelled as `name`'s, by kind.
 fn children_of(cluster: &Cluster, ns: &str, name: &str) -> Result<Vec<(String, BTreeSet<String>)>> {
     let selector = format!("sparsemoe.io/deployment={name}");
@@ -387,15 +396,7 @@ fn ready_children_and_gpu_placement() {
         "{:#}",
         mixed["status"]
     );
-    let deployments = cluster
-        .get_json(&[
-            "deployments",
-            "-n",
-            ns,
-            "-l",
-            "sparsemoe.io/deployment=mixed",
-        ])
-        .unwrap();
+    let deployments = deployments_of(&cluster, ns, "mixed");
     assert_eq!(names(&deployments), set(&["mixed-h200"]));
     // Not retried hot: one reconcile's worth of writes, then quiet.
     let mark = cluster.audit_mark().unwrap();
@@ -1129,15 +1130,7 @@ fn a_renamed_variant_is_made_before_the_old_is_broken() {
     let start = Instant::now();
     let mut looks = 0;
     loop {
-        let list = cluster
-            .get_json(&[
-                "deployments",
-                "-n",
-                ns,
-                "-l",
-                "sparsemoe.io/deployment=rename",
-            ])
-            .unwrap();
+        let list = deployments_of(&cluster, ns, "rename");
         let available: i64 = list["items"]
             .as_array()
             .into_iter()
@@ -1240,15 +1233,7 @@ spec:
     let start = Instant::now();
     let mut looks = 0;
     loop {
-        let list = cluster
-            .get_json(&[
-                "deployments",
-                "-n",
-                ns,
-                "-l",
-                "sparsemoe.io/deployment=plans",
-            ])
-            .unwrap();
+        let list = deployments_of(&cluster, ns, "plans");
         let have = keys();
         looks += 1;
         if names(&list).contains("plans-h200") {
@@ -1297,15 +1282,7 @@ fn an_orphaned_workload_of_a_removed_variant_is_deleted() {
     cluster.apply_yaml(&two, ns).unwrap();
     wait_ready(&cluster, ns, "orphans").unwrap_or_else(|e| panic!("{e:#}\n{}", op.log()));
     let deployments = || {
-        let list = cluster
-            .get_json(&[
-                "deployments",
-                "-n",
-                ns,
-                "-l",
-                "sparsemoe.io/deployment=orphans",
-            ])
-            .unwrap();
+        let list = deployments_of(&cluster, ns, "orphans");
         names(&list)
     };
     assert_eq!(deployments(), set(&["orphans-cpu", "orphans-cpu-b"]));
@@ -1361,15 +1338,7 @@ fn a_renamed_variant_keeps_its_held_replicas() {
     let renamed = holding(1).replace("    - name: cpu\n", "    - name: cpu-b\n");
     cluster.apply_yaml(&renamed, ns).unwrap();
     let replicas = || {
-        let list = cluster
-            .get_json(&[
-                "deployments",
-                "-n",
-                ns,
-                "-l",
-                "sparsemoe.io/deployment=hold",
-            ])
-            .unwrap();
+        let list = deployments_of(&cluster, ns, "hold");
         list["items"]
             .as_array()
             .into_iter()
