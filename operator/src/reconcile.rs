@@ -250,6 +250,14 @@ fn observe(
     observed
 }
 
+/// Whether a cached object in `namespace` is one of `idep`'s children: labelled as its, and
+/// controlled by it or by nothing (see [`ours_to_read`]).
+fn child_of(meta: &kube::api::ObjectMeta, idep: &InferenceDeployment, namespace: &str) -> bool {
+    meta.namespace.as_deref() == Some(namespace)
+        && deployment_label(meta) == idep.metadata.name.as_ref()
+        && ours_to_read(meta, idep)
+}
+
 /// Whether a cached child is `idep`'s to read: it controls it, or nothing does and it carries
 /// `idep`'s label (an orphan the next apply adopts).
 fn ours_to_read(meta: &kube::api::ObjectMeta, idep: &InferenceDeployment) -> bool {
@@ -337,11 +345,7 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
     let observed = observe(idep, &namespace, stores);
     // Workloads of this object that no spec variant's observation took: those of a variant
     // renamed, removed or moved between kinds, still running until they are replaced.
-    let ours = |meta: &kube::api::ObjectMeta| {
-        meta.namespace.as_deref() == Some(namespace.as_str())
-            && deployment_label(meta) == Some(&name)
-            && ours_to_read(meta, idep)
-    };
+    let ours = |meta: &kube::api::ObjectMeta| child_of(meta, idep, &namespace);
     let workloads = stores
         .deployments
         .state()
@@ -369,7 +373,7 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
     // Children the API server refused as invalid: problems for the status (see `refused`).
     let mut rejected = Vec::new();
 
-    let stale = StaleWorkloads::find(idep, &namespace, uid.as_deref(), &desired, ctx);
+    let stale = StaleWorkloads::find(idep, &namespace, &desired, ctx);
     if let Some((_, config_map)) = &desired.placement {
         let existing = stores.config_maps.get(&ObjectRef::from_obj(config_map));
         // Workloads on their way out may mount plans the spec no longer has.
@@ -740,11 +744,9 @@ impl StaleWorkloads {
     fn find(
         idep: &InferenceDeployment,
         namespace: &str,
-        uid: Option<&str>,
         desired: &Children,
         ctx: &Context,
     ) -> Self {
-        let name = idep.name_any();
         let wanted: BTreeSet<String> = desired
             .workloads
             .iter()
@@ -756,9 +758,7 @@ impl StaleWorkloads {
         let stale = |kind: &str, meta: &kube::api::ObjectMeta| {
             let variant = meta.labels.as_ref().and_then(|l| l.get(LABEL_VARIANT));
             let unrealised = variant.is_some_and(|v| desired.unrealised_variants.contains(v));
-            meta.namespace.as_deref() == Some(namespace)
-                && meta.labels.as_ref().and_then(|l| l.get(LABEL_DEPLOYMENT)) == Some(&name)
-                && (owned_by(meta, uid) || controller_of(meta).is_none())
+            child_of(meta, idep, namespace)
                 && !unrealised
                 && !wanted.contains(&format!(
                     "{kind}/{}",

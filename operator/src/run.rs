@@ -225,9 +225,9 @@ fn group_not_served(status: &kube::core::Status) -> bool {
 /// Attempts at LeaderWorkerSet discovery before an error counts as "absent"; the waits between
 /// them double from [`DISCOVERY_FIRST_WAIT`] (1 + 2 + 4 + 8 + 16 s).
 const DISCOVERY_ATTEMPTS: u32 = 6;
+const DISCOVERY_FIRST_WAIT: Duration = Duration::from_secs(1);
 /// How often a replica whose child caches have not synced says which.
 const CACHE_SYNC_WARNING: Duration = Duration::from_secs(30);
-const DISCOVERY_FIRST_WAIT: Duration = Duration::from_secs(1);
 
 /// Whether the LeaderWorkerSet API is served (API discovery). It is read once, at start-up (the
 /// controller's watches are wired then), so an error other than "not served" (an API server

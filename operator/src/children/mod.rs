@@ -22,7 +22,7 @@ use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sparsemoe_api::v1alpha1::GpuVariant;
-use sparsemoe_api::{InferenceDeployment, PlacementPlan};
+use sparsemoe_api::{InferenceDeployment, InferenceDeploymentSpec, PlacementPlan};
 
 use crate::autoscale::{self, ReplicaDecision};
 
@@ -105,11 +105,11 @@ pub struct Children {
     pub problems: Vec<Problem>,
 }
 
-/// Name of the Service, the PDB, and the prefix of every other child.
 /// The problem of replicas asked for that no variant has room for: the status says so
 /// (`Degraded`, not `Ready`), but it blocks no rollout of the replicas that do fit.
 pub const INSUFFICIENT_CAPACITY: &str = "InsufficientCapacity";
 
+/// Name of the Service, the PDB, and the prefix of every other child.
 pub fn service_name(idep: &InferenceDeployment) -> String {
     idep.name_any()
 }
@@ -124,7 +124,6 @@ pub fn placement_config_map_name(idep: &InferenceDeployment) -> String {
     format!("{}-placement", idep.name_any())
 }
 
-/// Label selector (string form) of the serving pods, for status.selector and /scale.
 /// The placement ConfigMap's key for the plan of replicas of `gpus` GPUs over `nodes` nodes.
 pub fn plan_key(gpus: u32, nodes: u32) -> String {
     format!("placement-{gpus}gpu-{nodes}node.json")
@@ -135,25 +134,31 @@ pub fn plan_key(gpus: u32, nodes: u32) -> String {
 /// are rolled out (make before break), and a pod of theirs that restarts meanwhile must still
 /// find the plan of its shape.
 pub fn keeping_plans(config_map: &ConfigMap, existing: Option<&ConfigMap>) -> ConfigMap {
+    let has = |key: &String| {
+        config_map
+            .data
+            .as_ref()
+            .is_some_and(|d| d.contains_key(key))
+    };
+    let dropped: Vec<(&String, &String)> = existing
+        .and_then(|e| e.data.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|(key, _)| key.starts_with("placement-") && !has(key))
+        .collect();
     let mut kept = config_map.clone();
-    let old = existing.and_then(|e| e.data.as_ref());
+    if dropped.is_empty() {
+        return kept;
+    }
     let data = kept.data.get_or_insert_with(BTreeMap::new);
-    let mut added = false;
-    for (key, plan) in old.into_iter().flatten() {
-        if key.starts_with("placement-") && !data.contains_key(key) {
-            data.insert(key.clone(), plan.clone());
-            added = true;
-        }
-    }
-    if !added {
-        return config_map.clone();
-    }
+    data.extend(dropped.into_iter().map(|(k, v)| (k.clone(), v.clone())));
     if let Some(annotations) = kept.metadata.annotations.as_mut() {
         annotations.remove(ANNOTATION_APPLIED_HASH);
     }
     stamped(kept)
 }
 
+/// Label selector (string form) of the serving pods, for status.selector and /scale.
 pub fn pod_selector(idep: &InferenceDeployment) -> String {
     format!(
         "{LABEL_DEPLOYMENT}={},{LABEL_ROLE}={ROLE_LEADER}",
@@ -188,8 +193,6 @@ pub fn variant_labels(idep: &InferenceDeployment, variant: &str) -> BTreeMap<Str
     labels
 }
 
-/// Builds every child. `owner` is the controller reference (absent when rendering offline),
-/// `namespace` the namespace children go to. Pure: same inputs, same objects.
 /// The replica decision for `idep` (given what its workloads run now, `running`) and its
 /// children: a variant that cannot be realised ([`Children::unrealised_variants`]) is given no
 /// new replicas, so the next variant in order of preference takes them.
@@ -201,42 +204,34 @@ pub fn decide_and_build(
     capabilities: Capabilities,
 ) -> (ReplicaDecision, Children) {
     // Which variants cannot be realised does not depend on their replicas.
-    let unavailable = build(
+    let (shapes, problems) = shape_plans(idep);
+    let spec = &idep.spec;
+    let unavailable = spec
+        .variants
+        .iter()
+        .filter(|v| !realisable(spec, v, &shapes, capabilities))
+        .map(|v| v.name.clone())
+        .collect();
+    let decision = autoscale::decide_around(spec, running, &unavailable);
+    let children = build_planned(
         idep,
         namespace,
-        None,
-        &ReplicaDecision::default(),
+        owner,
+        &decision,
         capabilities,
-    )
-    .unrealised_variants
-    .into_iter()
-    .collect();
-    let decision = autoscale::decide_around(&idep.spec, running, &unavailable);
-    let children = build(idep, namespace, owner, &decision, capabilities);
+        (shapes, problems),
+    );
     (decision, children)
 }
 
-pub fn build(
-    idep: &InferenceDeployment,
-    namespace: &str,
-    owner: Option<OwnerReference>,
-    decision: &ReplicaDecision,
-    capabilities: Capabilities,
-) -> Children {
+/// Each GPU shape's expert plan, with expert parallelism (none without), and a problem for
+/// each shape no plan fits. Each shape (GPUs, nodes per replica) gets its own plan under a
+/// ConfigMap key named after the shape ([`plan_key`]), so a key never changes shape when
+/// variants are added, removed or reordered; every pod sees its plan mounted as
+/// `placement.json`.
+fn shape_plans(idep: &InferenceDeployment) -> (Vec<ShapePlan>, Vec<Problem>) {
     let spec = &idep.spec;
-    let meta = |name: String, labels: BTreeMap<String, String>| ObjectMeta {
-        name: Some(name),
-        namespace: Some(namespace.to_string()),
-        labels: Some(labels),
-        owner_references: owner.clone().map(|o| vec![o]),
-        ..ObjectMeta::default()
-    };
     let mut problems = Vec::new();
-
-    // With expert parallelism each GPU shape (GPUs, nodes per replica) gets its own plan under
-    // a ConfigMap key named after the shape ([`plan_key`]), so a key never changes shape when
-    // variants are added, removed or reordered; every pod sees its plan mounted as
-    // `placement.json`.
     let mut shapes: Vec<ShapePlan> = Vec::new();
     if spec.parallelism.expert_parallel.enabled {
         for v in &spec.variants {
@@ -257,6 +252,55 @@ pub fn build(
             shapes.push((shape, planned));
         }
     }
+    (shapes, problems)
+}
+
+/// Whether `variant` can be realised now, by the rules [`build`] applies: its GPU shape has a
+/// plan (with expert parallelism), and a multi-node one has the LeaderWorkerSet API.
+fn realisable(
+    spec: &InferenceDeploymentSpec,
+    variant: &GpuVariant,
+    shapes: &[ShapePlan],
+    capabilities: Capabilities,
+) -> bool {
+    let shape = (
+        variant.gpus(&spec.parallelism),
+        variant.nodes(&spec.parallelism),
+    );
+    let planned = !shapes.iter().any(|(s, r)| *s == shape && r.is_err());
+    planned && (shape.1 <= 1 || capabilities.leader_worker_set)
+}
+
+/// Builds every child. `owner` is the controller reference (absent when rendering offline),
+/// `namespace` the namespace children go to. Pure: same inputs, same objects.
+pub fn build(
+    idep: &InferenceDeployment,
+    namespace: &str,
+    owner: Option<OwnerReference>,
+    decision: &ReplicaDecision,
+    capabilities: Capabilities,
+) -> Children {
+    let planned = shape_plans(idep);
+    build_planned(idep, namespace, owner, decision, capabilities, planned)
+}
+
+/// [`build`] with the shapes' plans made already ([`shape_plans`]).
+fn build_planned(
+    idep: &InferenceDeployment,
+    namespace: &str,
+    owner: Option<OwnerReference>,
+    decision: &ReplicaDecision,
+    capabilities: Capabilities,
+    (shapes, mut problems): (Vec<ShapePlan>, Vec<Problem>),
+) -> Children {
+    let spec = &idep.spec;
+    let meta = |name: String, labels: BTreeMap<String, String>| ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace.to_string()),
+        labels: Some(labels),
+        owner_references: owner.clone().map(|o| vec![o]),
+        ..ObjectMeta::default()
+    };
     let plans: Vec<&(String, PlacementPlan)> =
         shapes.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
     let placement = plans.first().map(|(_, primary)| {
