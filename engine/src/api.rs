@@ -4,8 +4,9 @@
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::json_text::JsonValue;
 use crate::sampling::SamplingParams;
-use crate::tokenizer::ChatMessage;
+use crate::tokenizer::{ChatMessage, FunctionCall, MessageToolCall};
 
 /// The largest `logprobs` / `top_logprobs` accepted (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -72,7 +73,8 @@ pub struct StreamOptions {
 
 /// The fields of `/v1/completions` and `/v1/chat/completions` the engine reads. Fields that
 /// would change the output and that the engine cannot honour (`echo`, `best_of`, `suffix`,
-/// `response_format` other than text, `tools`, and the OpenAI and vLLM fields of [`NOT_DONE`])
+/// `response_format` other than text, a `tool_choice` that forces a call, and the OpenAI and
+/// vLLM fields of [`NOT_DONE`])
 /// are refused by name when they ask for something; others are ignored, as OpenAI-compatible
 /// servers do.
 #[derive(Debug, Default, Deserialize)]
@@ -110,7 +112,12 @@ pub struct RequestBody {
     pub best_of: Option<i64>,
     pub suffix: Option<String>,
     pub response_format: Option<Value>,
-    pub tools: Option<Value>,
+    /// Chat only: the tools the model may call (their keys kept in order: DeepSeek-V3.2's
+    /// prompt lists their schemas as written), whether it should (`tool_choice`: `auto` or
+    /// `none`), and at most one call (`parallel_tool_calls` false).
+    pub tools: Option<JsonValue>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     /// More variables for the chat template (vLLM's extension; chat only), such as
     /// `{"thinking": true}` for DeepSeek-V3.1/V3.2's templates.
     pub chat_template_kwargs: Option<Value>,
@@ -196,13 +203,6 @@ fn unsupported(body: &RequestBody) -> Option<(&'static str, &'static str)> {
             "response_format",
             "only response_format {\"type\": \"text\"} is supported (no JSON mode or schemas)",
         ));
-    }
-    if body
-        .tools
-        .as_ref()
-        .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return Some(("tools", "tool calling is not supported"));
     }
     NOT_DONE
         .iter()
@@ -293,6 +293,10 @@ pub enum PromptInput {
         messages: Vec<ChatMessage>,
         /// `chat_template_kwargs`: more variables for the template.
         template_kwargs: serde_json::Map<String, Value>,
+        /// The tools offered to the model (OpenAI's `{"type": "function", "function": …}`,
+        /// checked): none when the request has none or `tool_choice` is `none`. The output's
+        /// calls are read only when there are some.
+        tools: Vec<JsonValue>,
     },
 }
 
@@ -320,6 +324,18 @@ pub struct Validated {
     pub min_tokens: usize,
     /// More token ids that end the output (they apply with `ignore_eos` too).
     pub stop_token_ids: Vec<u32>,
+    /// `parallel_tool_calls`: false keeps only a choice's first call.
+    pub parallel_tool_calls: bool,
+}
+
+impl Validated {
+    /// The tools a chat request offers the model.
+    pub fn tools(&self) -> &[JsonValue] {
+        match &self.prompt {
+            PromptInput::Chat { tools, .. } => tools,
+            _ => &[],
+        }
+    }
 }
 
 /// Which endpoint a body came to.
@@ -342,7 +358,8 @@ pub fn parse_body(bytes: &[u8]) -> Result<RequestBody, ApiError> {
             "the request body must be a JSON object",
         ));
     };
-    serde_json::from_value(value.clone()).map_err(|e| {
+    // From the text, not the value: the tools' keys keep their order (see `tools`).
+    serde_json::from_str(text).map_err(|e| {
         // Name the field at fault: try each alone.
         let field = fields.iter().find(|(k, v)| {
             let mut one = serde_json::Map::new();
@@ -401,19 +418,21 @@ fn parse_prompt(prompt: &Value) -> Result<PromptInput, ApiError> {
 }
 
 fn parse_messages(messages: &Value) -> Result<Vec<ChatMessage>, ApiError> {
-    let bad = |m: &str| ApiError::invalid(Some("messages"), m.to_string());
+    let bad = |m: String| ApiError::invalid(Some("messages"), m);
     let list = messages
         .as_array()
-        .ok_or_else(|| bad("messages must be a list of {role, content} objects"))?;
+        .ok_or_else(|| bad("messages must be a list of {role, content} objects".into()))?;
     if list.is_empty() {
-        return Err(bad("messages must not be empty"));
+        return Err(bad("messages must not be empty".into()));
     }
     list.iter()
-        .map(|m| {
+        .enumerate()
+        .map(|(i, m)| {
+            let at = format!("messages[{i}]");
             let role = m
                 .get("role")
                 .and_then(Value::as_str)
-                .ok_or_else(|| bad("every message needs a string `role`"))?;
+                .ok_or_else(|| bad(format!("{at} needs a string `role`")))?;
             let content = match m.get("content") {
                 None | Some(Value::Null) => String::new(),
                 Some(Value::String(s)) => s.clone(),
@@ -422,19 +441,92 @@ fn parse_messages(messages: &Value) -> Result<Vec<ChatMessage>, ApiError> {
                     for part in parts {
                         match (part.get("type").and_then(Value::as_str), part.get("text")) {
                             (Some("text"), Some(Value::String(t))) => text.push_str(t),
-                            _ => return Err(bad("only text content parts are supported")),
+                            _ => {
+                                return Err(bad(format!(
+                                    "{at}: only text content parts are supported"
+                                )));
+                            }
                         }
                     }
                     text
                 }
-                Some(_) => return Err(bad("message content must be a string or text parts")),
+                Some(_) => {
+                    return Err(bad(format!("{at}.content must be a string or text parts")));
+                }
+            };
+            let text = |key: &str| match m.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(bad(format!("{at}.{key} must be a string"))),
+            };
+            let tool_calls = match m.get("tool_calls") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(calls)) if role == "assistant" => calls
+                    .iter()
+                    .enumerate()
+                    .map(|(c, call)| message_tool_call(call, &format!("{at}.tool_calls[{c}]")))
+                    .collect::<Result<_, _>>()?,
+                Some(Value::Array(_)) => {
+                    return Err(bad(format!(
+                        "{at}: tool_calls belong to assistant messages, not {role}"
+                    )));
+                }
+                Some(_) => return Err(bad(format!("{at}.tool_calls must be a list"))),
             };
             Ok(ChatMessage {
                 role: role.to_string(),
                 content,
+                tool_calls,
+                tool_call_id: text("tool_call_id")?,
+                name: text("name")?,
+                // vLLM reads both names.
+                reasoning_content: text("reasoning_content")?.or(text("reasoning")?),
             })
         })
         .collect()
+}
+
+/// One call of an assistant message: `{id, type: "function", function: {name, arguments}}`,
+/// the arguments JSON text (or an object, written as text).
+fn message_tool_call(call: &Value, at: &str) -> Result<MessageToolCall, ApiError> {
+    let bad = |m: String| ApiError::invalid(Some("messages"), m);
+    if call
+        .get("type")
+        .is_some_and(|t| !t.is_null() && t.as_str() != Some("function"))
+    {
+        return Err(bad(format!("{at}.type must be \"function\"")));
+    }
+    let function = call
+        .get("function")
+        .filter(|f| f.is_object())
+        .ok_or_else(|| bad(format!("{at}.function must be an object with a name")))?;
+    let name = match function.get("name") {
+        Some(Value::String(n)) if !n.is_empty() => n.clone(),
+        _ => {
+            return Err(bad(format!(
+                "{at}.function.name must be a non-empty string"
+            )));
+        }
+    };
+    let arguments = match function.get("arguments") {
+        None | Some(Value::Null) => "{}".to_string(),
+        Some(Value::String(a)) => a.clone(),
+        Some(object @ Value::Object(_)) => object.to_string(),
+        Some(_) => {
+            return Err(bad(format!(
+                "{at}.function.arguments must be a JSON object's text"
+            )));
+        }
+    };
+    let id = match call.get("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) => Some(id.clone()),
+        Some(_) => return Err(bad(format!("{at}.id must be a string"))),
+    };
+    Ok(MessageToolCall {
+        id,
+        function: FunctionCall { name, arguments },
+    })
 }
 
 fn positive(value: Option<i64>, param: &str) -> Result<Option<usize>, ApiError> {
@@ -476,9 +568,27 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
             PromptInput::Chat {
                 messages: parse_messages(m)?,
                 template_kwargs,
+                tools: offered_tools(body)?,
             }
         }
     };
+    if endpoint == Endpoint::Completions
+        && let Some(param) = [
+            ("tools", body.tools.as_ref().map(JsonValue::to_value)),
+            ("tool_choice", body.tool_choice.clone()),
+            (
+                "parallel_tool_calls",
+                body.parallel_tool_calls.map(Value::Bool),
+            ),
+        ]
+        .into_iter()
+        .find_map(|(name, v)| v.filter(|v| asks(name, v)).map(|_| name))
+    {
+        return Err(ApiError::invalid(
+            Some(param),
+            format!("{param} applies to /v1/chat/completions only"),
+        ));
+    }
     if endpoint == Endpoint::Completions
         && body
             .chat_template_kwargs
@@ -701,7 +811,111 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
         stream,
         include_usage,
         ignore_eos: body.ignore_eos.unwrap_or(false),
+        parallel_tool_calls: body.parallel_tool_calls.unwrap_or(true),
     })
+}
+
+/// OpenAI's limit on a request's tools.
+pub const MAX_TOOLS: usize = 128;
+
+/// The tools a chat request offers the model: its `tools`, checked, unless `tool_choice` is
+/// `none`. A `tool_choice` that forces a call (`required`, or a named function) is refused:
+/// that takes guided decoding, which the engine does not do.
+fn offered_tools(body: &RequestBody) -> Result<Vec<JsonValue>, ApiError> {
+    let bad = |param: &str, m: String| ApiError::invalid(Some(param), m);
+    let tools = match &body.tools {
+        None | Some(JsonValue::Null) => Vec::new(),
+        Some(JsonValue::Array(tools)) => tools.clone(),
+        Some(_) => return Err(bad("tools", "tools must be a list of tools".into())),
+    };
+    if tools.len() > MAX_TOOLS {
+        return Err(bad(
+            "tools",
+            format!("at most {MAX_TOOLS} tools, got {}", tools.len()),
+        ));
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, tool) in tools.iter().enumerate() {
+        if tool.get("type").and_then(JsonValue::as_str) != Some("function") {
+            return Err(bad(
+                "tools",
+                format!("tools[{i}].type must be \"function\""),
+            ));
+        }
+        let function = match tool.get("function") {
+            Some(f @ JsonValue::Object(_)) => f,
+            _ => {
+                return Err(bad(
+                    "tools",
+                    format!("tools[{i}].function must be an object with a name"),
+                ));
+            }
+        };
+        let name = function
+            .get("name")
+            .and_then(JsonValue::as_str)
+            .unwrap_or("");
+        if !valid_tool_name(name) {
+            return Err(bad(
+                "tools",
+                format!(
+                    "tools[{i}].function.name must be 1 to 64 characters, none of them a quote, \
+                     an angle bracket, a space or a control character; got {name:?}"
+                ),
+            ));
+        }
+        if !names.insert(name) {
+            return Err(bad(
+                "tools",
+                format!("tools[{i}]: two tools are named {name:?}"),
+            ));
+        }
+        if function
+            .get("description")
+            .is_some_and(|d| !matches!(d, JsonValue::String(_) | JsonValue::Null))
+        {
+            return Err(bad(
+                "tools",
+                format!("tools[{i}].function.description must be a string"),
+            ));
+        }
+        if function
+            .get("parameters")
+            .is_some_and(|p| !matches!(p, JsonValue::Object(_) | JsonValue::Null))
+        {
+            return Err(bad(
+                "tools",
+                format!("tools[{i}].function.parameters must be a JSON Schema object"),
+            ));
+        }
+    }
+    let forced = "forcing a tool call takes guided decoding, which this server does not do; \
+                  use \"auto\" (the model decides) or \"none\"";
+    match &body.tool_choice {
+        None | Some(Value::Null) => Ok(tools),
+        Some(Value::String(c)) if c == "auto" => Ok(tools),
+        Some(Value::String(c)) if c == "none" => Ok(Vec::new()),
+        Some(Value::String(c)) if c == "required" => Err(bad(
+            "tool_choice",
+            format!("tool_choice \"required\" is not supported: {forced}"),
+        )),
+        Some(Value::Object(_)) => Err(bad(
+            "tool_choice",
+            format!("a named tool_choice is not supported: {forced}"),
+        )),
+        Some(other) => Err(bad(
+            "tool_choice",
+            format!("tool_choice must be \"auto\" or \"none\", got {other}"),
+        )),
+    }
+}
+
+/// A name DSML can carry in a quoted attribute, and OpenAI's length limit.
+fn valid_tool_name(name: &str) -> bool {
+    (1..=64).contains(&name.chars().count())
+        && !name
+            .chars()
+            .any(|c| matches!(c, '"' | '<' | '>') || c.is_whitespace() || c.is_control())
 }
 
 /// Turns generated text, a token's piece at a time, into the deltas to send: holds back text
@@ -967,6 +1181,83 @@ mod tests {
     }
 
     #[test]
+    fn chat_reads_tool_calls_results_and_reasoning() {
+        // As a client sends it: text, whose key order the tools keep.
+        let text = r#"{
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": null, "reasoning": "look it up",
+                 "tool_calls": [{"id": "c1", "type": "function", "function":
+                     {"name": "w", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "tool_call_id": "c1", "name": "w", "content": "sunny"}
+            ],
+            "tools": [{"type": "function", "function": {"name": "w", "parameters":
+                {"type": "object", "properties": {"z": {}, "a": {}}}}}],
+            "tool_choice": "auto"
+        }"#;
+        let v = validate(&parse_body(text.as_bytes()).unwrap(), Endpoint::Chat).unwrap();
+        let PromptInput::Chat {
+            messages, tools, ..
+        } = &v.prompt
+        else {
+            panic!("a chat prompt");
+        };
+        let call = &messages[1];
+        assert_eq!(call.content, "");
+        assert_eq!(call.reasoning_content.as_deref(), Some("look it up"));
+        assert_eq!(call.tool_calls[0].id.as_deref(), Some("c1"));
+        assert_eq!(call.tool_calls[0].function.name, "w");
+        assert_eq!(call.tool_calls[0].function.arguments, r#"{"city":"Paris"}"#);
+        assert_eq!(messages[2].tool_call_id.as_deref(), Some("c1"));
+        assert_eq!(messages[2].name.as_deref(), Some("w"));
+        // The tools keep their keys' order for the prompt.
+        assert_eq!(
+            tools[0].python_text(),
+            r#"{"type": "function", "function": {"name": "w", "parameters": {"type": "object", "properties": {"z": {}, "a": {}}}}}"#
+        );
+        assert!(v.parallel_tool_calls);
+        // tool_choice "none": nothing offered.
+        let v = validate(
+            &body(json!({"messages": [{"role": "user", "content": "x"}],
+                         "tools": [{"type": "function", "function": {"name": "w"}}],
+                         "tool_choice": "none", "parallel_tool_calls": false})),
+            Endpoint::Chat,
+        )
+        .unwrap();
+        assert!(v.tools().is_empty());
+        assert!(!v.parallel_tool_calls);
+        for (bad, says) in [
+            (
+                json!({"role": "assistant", "tool_calls": {}}),
+                "tool_calls must be a list",
+            ),
+            (
+                json!({"role": "assistant", "tool_calls": [{"function": {"name": ""}}]}),
+                "function.name must be a non-empty string",
+            ),
+            (
+                json!({"role": "assistant", "tool_calls": [{"type": "code",
+                       "function": {"name": "f"}}]}),
+                "type must be \"function\"",
+            ),
+            (
+                json!({"role": "tool", "tool_call_id": 7}),
+                "tool_call_id must be a string",
+            ),
+        ] {
+            let e = err(json!({"messages": [bad]}), Endpoint::Chat);
+            assert_eq!(e.param.as_deref(), Some("messages"));
+            assert!(e.message.contains(says), "{}", e.message);
+        }
+        for name in ["get_weather", "local.search", "a-b:c", "天气"] {
+            assert!(valid_tool_name(name), "{name}");
+        }
+        for name in ["", "a b", "a\"b", "<x>", &"n".repeat(65)] {
+            assert!(!valid_tool_name(name), "{name}");
+        }
+    }
+
+    #[test]
     fn chat_reads_messages_and_logprobs() {
         let v = validate(
             &body(
@@ -980,11 +1271,9 @@ mod tests {
         assert_eq!(
             v.prompt,
             PromptInput::Chat {
-                messages: vec![ChatMessage {
-                    role: "user".into(),
-                    content: "hi".into()
-                }],
+                messages: vec![ChatMessage::new("user", "hi")],
                 template_kwargs: Default::default(),
+                tools: Vec::new(),
             }
         );
         assert_eq!(

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod backend;
 pub mod bench;
+pub mod chat_encoding;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod expert_load;
 pub mod expert_shards;
 pub mod generate;
 pub mod host_memory;
+pub mod json_text;
 pub mod kv_cache;
 pub mod linalg;
 pub mod metrics;
@@ -22,6 +24,7 @@ pub mod scheduler;
 pub mod serve;
 pub mod server;
 pub mod tokenizer;
+pub mod tool_calls;
 pub mod weights;
 
 pub use error::{EngineError, Result};

@@ -60,7 +60,7 @@ enum Command {
         seed: Option<u64>,
     },
     /// Serve the OpenAI-compatible HTTP API (the built-in demo model without --model).
-    Serve(sparsemoe_engine::serve::ServeArgs),
+    Serve(Box<sparsemoe_engine::serve::ServeArgs>),
     /// Measure throughput and long-context decode steps; prints JSON (see bench/).
     Bench {
         #[command(flatten)]
@@ -170,7 +170,7 @@ fn main() -> anyhow::Result<()> {
 /// Runs `command` with its model on `backend`, which spans `devices` devices.
 fn run<B: Backend>(command: Command, backend: B, devices: usize) -> anyhow::Result<()> {
     match command {
-        Command::Serve(args) => sparsemoe_engine::serve::run(args)?,
+        Command::Serve(args) => sparsemoe_engine::serve::run(*args)?,
         Command::Bench {
             model,
             batch,
@@ -232,14 +232,12 @@ fn run<B: Backend>(command: Command, backend: B, devices: usize) -> anyhow::Resu
                 ..SamplingParams::default()
             };
             params.validate()?;
-            let tokenizer = Tokenizer::from_dir(&model.model)?;
+            let mut tokenizer = Tokenizer::from_dir(&model.model)?;
             let loaded = model.load(backend, devices)?;
+            tokenizer.default_chat_format_for(loaded.config.arch);
             let text = if chat {
-                let message = ChatMessage {
-                    role: "user".into(),
-                    content: prompt,
-                };
-                tokenizer.apply_chat_template(&[message], true, &Default::default())?
+                let message = ChatMessage::new("user", &prompt);
+                tokenizer.apply_chat_template(&[message], true, &Default::default(), &[])?
             } else {
                 prompt
             };

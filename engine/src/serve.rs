@@ -20,7 +20,8 @@ use crate::metrics::{Metrics, ModelInfo};
 use crate::model::{AttentionMode, Model, ModelOptions};
 use crate::scheduler::{self, SchedulerConfig};
 use crate::server::{self, AppState};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{ChatFormat, Tokenizer};
+use crate::tool_calls::ToolCallParser;
 use crate::weights::WeightStore;
 
 /// Options of `serve`.
@@ -120,6 +121,44 @@ pub struct ServeArgs {
     /// does everything with expert shards on several lanes (`--device cuda:N,M,…`).
     #[arg(long, default_value_t = 0, env = "SPARSEMOE_CUDA_GRAPH_ROWS")]
     pub cuda_graph_rows: usize,
+    /// A Jinja chat template file to use instead of the checkpoint's (vLLM's flag). Without
+    /// one, a checkpoint's `tokenizer_config.json` template is used, or for a DeepSeek-V3.2
+    /// checkpoint without one (the official release ships none) DeepSeek-V3.2's own encoding.
+    #[arg(long, env = "SPARSEMOE_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
+    /// How tool calls are read out of chat outputs: `deepseek_v32` (DeepSeek-V3.2's DSML
+    /// blocks), `none` (requests that offer tools are refused), or `auto`: `deepseek_v32`
+    /// where DeepSeek-V3.2's own chat encoding writes the prompts, else `none`.
+    #[arg(long, default_value = "auto", env = "SPARSEMOE_TOOL_CALL_PARSER")]
+    pub tool_call_parser: String,
+}
+
+/// Sets `tokenizer`'s chat format for a model of `arch` (`--chat-template`, else the
+/// checkpoint's template, else DeepSeek-V3.2's encoding for a V3.2 model) and returns the
+/// tool-call parser `--tool-call-parser` names for it.
+pub fn configure_chat(
+    tokenizer: &mut Tokenizer,
+    arch: crate::config::Arch,
+    args: &ServeArgs,
+) -> anyhow::Result<Option<ToolCallParser>> {
+    if let Some(path) = &args.chat_template {
+        let template = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --chat-template {}", path.display()))?;
+        minijinja::Environment::new()
+            .template_from_str(&template)
+            .map_err(|e| anyhow::anyhow!("--chat-template {}: {e}", path.display()))?;
+        tokenizer.set_chat_format(ChatFormat::Template(template));
+    } else {
+        tokenizer.default_chat_format_for(arch);
+    }
+    Ok(match args.tool_call_parser.as_str() {
+        "auto" => (*tokenizer.chat_format() == ChatFormat::DeepSeekV32)
+            .then_some(ToolCallParser::DeepSeekV32),
+        "none" => None,
+        name => Some(ToolCallParser::from_name(name).with_context(|| {
+            format!("--tool-call-parser {name}: expected `deepseek_v32`, `auto` or `none`")
+        })?),
+    })
 }
 
 impl ServeArgs {
@@ -257,6 +296,9 @@ fn load<B: Backend>(args: &ServeArgs, backend: B, devices: usize) -> anyhow::Res
              (engine/demo-model was absent at build time; rebuild once it exists, or pass --model)"
         ),
     };
+    // The chat flags are checked before the weights load (and applied by build_state).
+    let mut tokenizer = tokenizer;
+    configure_chat(&mut tokenizer, config.arch, args)?;
     options.expert_shards = ExpertShards::from_options(
         &config,
         args.expert_shards,
@@ -354,11 +396,20 @@ fn kv_cache_budget(
 /// Builds the engine and server state from a loaded model (tests use this directly).
 pub fn build_state<B: Backend>(
     model: Model<B>,
-    tokenizer: Tokenizer,
+    mut tokenizer: Tokenizer,
     name: String,
     args: &ServeArgs,
 ) -> anyhow::Result<Arc<AppState>> {
     let config = model.config.clone();
+    let tool_parser = configure_chat(&mut tokenizer, config.arch, args)?;
+    eprintln!(
+        "sparsemoe-engine: chat prompts from {}; tool calls {}",
+        tokenizer.chat_format().describe(),
+        match tool_parser {
+            Some(ToolCallParser::DeepSeekV32) => "read as DeepSeek-V3.2's DSML (deepseek_v32)",
+            None => "not read (requests offering tools are refused)",
+        }
+    );
     let kv_dtype = args.kv_dtype()?;
     // On the host the weights are memory-mapped: pages not yet read count as available, and
     // pages read count as reclaimable cache, yet the model needs them resident, so they are set
@@ -442,6 +493,7 @@ pub fn build_state<B: Backend>(
     state.model_revision = args.model_revision.clone();
     state.bos_token = bos;
     state.stop_tokens = stop_tokens;
+    state.tool_parser = tool_parser;
     if let Some(path) = &args.api_key_file {
         let key = std::fs::read_to_string(path)
             .with_context(|| format!("reading --api-key-file {}", path.display()))?;

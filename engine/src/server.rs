@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::sampling::{SamplingParams, TokenLogprob};
 use crate::scheduler::{EngineHandle, Event, GenerationRequest, SubmitError};
 use crate::tokenizer::{DecodeState, Tokenizer};
+use crate::tool_calls::{DsmlStream, Piece, ToolCall, ToolCallParser};
 
 /// Everything a handler needs.
 #[derive(Debug)]
@@ -42,6 +43,9 @@ pub struct AppState {
     pub bos_token: Option<u32>,
     pub stop_tokens: Vec<u32>,
     pub api_key: Option<String>,
+    /// How tool calls are read out of a chat output (`--tool-call-parser`); `None`: requests
+    /// that offer tools are refused.
+    pub tool_parser: Option<ToolCallParser>,
     pub draining: AtomicBool,
     pub created: u64,
 }
@@ -69,6 +73,7 @@ impl AppState {
             bos_token: None,
             stop_tokens: Vec::new(),
             api_key: None,
+            tool_parser: None,
             draining: AtomicBool::new(false),
             created: unix_now(),
         }
@@ -357,10 +362,18 @@ fn prepare(
         PromptInput::Chat {
             messages,
             template_kwargs,
+            tools,
         } => {
+            if !tools.is_empty() && state.tool_parser.is_none() {
+                return Err(ApiError::invalid(
+                    Some("tools"),
+                    "this server reads no tool calls: start it with --tool-call-parser \
+                     deepseek_v32 to offer tools (or send tool_choice \"none\")",
+                ));
+            }
             let text = state
                 .tokenizer
-                .apply_chat_template(messages, true, template_kwargs)
+                .apply_chat_template(messages, true, template_kwargs, tools)
                 .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
             with_bos(
                 state,
@@ -546,12 +559,32 @@ async fn handle(
         state,
         failed: AtomicBool::new(false),
     });
-    let steps = spawn_choices(&run, receivers, &validated.stop);
+    // Calls are read from a chat output only when the request offered tools.
+    let tools = ToolReading {
+        parser: state_tool_parser(&run, validated),
+        parallel: validated.parallel_tool_calls,
+    };
+    let steps = spawn_choices(&run, receivers, &validated.stop, tools);
     if validated.stream {
         stream_response(run, steps, n, validated.include_usage)
     } else {
         complete_response(run, steps, n).await
     }
+}
+
+/// The tool-call parser a request's choices read their outputs with, if any.
+fn state_tool_parser(run: &Run, validated: &api::Validated) -> Option<ToolCallParser> {
+    run.state
+        .tool_parser
+        .filter(|_| !validated.tools().is_empty())
+}
+
+/// How a request's choices read tool calls.
+#[derive(Clone, Copy)]
+struct ToolReading {
+    parser: Option<ToolCallParser>,
+    /// `parallel_tool_calls`: false keeps a choice's first call only.
+    parallel: bool,
 }
 
 /// What a request's choices share.
@@ -580,6 +613,10 @@ struct Choice {
     generated: usize,
     /// Counted once per choice in `sparsemoe_request_success_total`.
     outcome: Outcome,
+    /// Reads the output's tool calls, when the request offered tools.
+    tools: Option<DsmlStream>,
+    /// Keep calls after the first (`parallel_tool_calls`).
+    parallel: bool,
 }
 
 /// What one engine event means to the client.
@@ -587,6 +624,7 @@ enum Step {
     Delta {
         text: String,
         logprob: Option<Value>,
+        calls: Vec<ToolCall>,
     },
     Done {
         text: String,
@@ -594,6 +632,9 @@ enum Step {
         logprob: Option<Value>,
         reason: FinishReason,
         completion_tokens: usize,
+        calls: Vec<ToolCall>,
+        /// The choice made tool calls (in this step or before).
+        made_calls: bool,
     },
     Failed(String),
 }
@@ -659,21 +700,36 @@ impl Run {
         v
     }
 
-    /// A stream chunk's choice `index`.
+    /// A stream chunk's choice `index`; `calls`: its tool calls in this chunk, numbered from
+    /// `first_call`.
     fn choice_delta(
         &self,
         index: usize,
         text: &str,
         logprob: Option<Value>,
         finish: Option<&str>,
+        (calls, first_call): (&[ToolCall], usize),
     ) -> Value {
         match self.endpoint {
-            Endpoint::Chat => json!({
-                "index": index,
-                "delta": if text.is_empty() { json!({}) } else { json!({"content": text}) },
-                "logprobs": logprob.map(|l| json!({"content": [l]})),
-                "finish_reason": finish,
-            }),
+            Endpoint::Chat => {
+                let mut delta = json!({});
+                if !text.is_empty() {
+                    delta["content"] = json!(text);
+                }
+                if !calls.is_empty() {
+                    delta["tool_calls"] = calls
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| c.to_delta(first_call + i))
+                        .collect();
+                }
+                json!({
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": logprob.map(|l| json!({"content": [l]})),
+                    "finish_reason": finish,
+                })
+            }
             Endpoint::Completions => json!({
                 "index": index,
                 "text": text,
@@ -684,14 +740,31 @@ impl Run {
     }
 
     /// A whole response's choice `index`.
-    fn choice(&self, index: usize, text: String, logprobs: Vec<Value>, reason: &str) -> Value {
+    fn choice(
+        &self,
+        index: usize,
+        text: String,
+        logprobs: Vec<Value>,
+        reason: &str,
+        calls: &[ToolCall],
+    ) -> Value {
         match self.endpoint {
-            Endpoint::Chat => json!({
-                "index": index,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": self.logprobs.then(|| json!({"content": logprobs})),
-                "finish_reason": reason,
-            }),
+            Endpoint::Chat => {
+                // As OpenAI's: a message of calls alone has null content.
+                let mut message = json!({
+                    "role": "assistant",
+                    "content": (!text.is_empty() || calls.is_empty()).then_some(text),
+                });
+                if !calls.is_empty() {
+                    message["tool_calls"] = calls.iter().map(ToolCall::to_json).collect();
+                }
+                json!({
+                    "index": index,
+                    "message": message,
+                    "logprobs": self.logprobs.then(|| json!({"content": logprobs})),
+                    "finish_reason": reason,
+                })
+            }
             Endpoint::Completions => json!({
                 "index": index,
                 "text": text,
@@ -721,15 +794,22 @@ impl Choice {
                     .map(|lp| run.logprob_entry(&lp, self.decoded_chars));
                 self.decoded_chars += piece.chars().count();
                 let (text, stopped) = self.text.push(&piece);
+                let (text, calls) = self.read_calls(text, stopped);
                 if stopped {
                     Step::Done {
                         text,
                         logprob,
                         reason: FinishReason::Stop,
                         completion_tokens: self.generated,
+                        calls,
+                        made_calls: self.made_calls(),
                     }
                 } else {
-                    Step::Delta { text, logprob }
+                    Step::Delta {
+                        text,
+                        logprob,
+                        calls,
+                    }
                 }
             }
             Event::Finished {
@@ -748,15 +828,59 @@ impl Choice {
                 let logprob = stop_logprob
                     .filter(|_| run.logprobs)
                     .map(|lp| run.logprob_entry(&lp, self.decoded_chars));
+                let (text, calls) = self.read_calls(text, true);
                 Step::Done {
                     text,
                     logprob,
                     reason: if stopped { FinishReason::Stop } else { reason },
                     completion_tokens,
+                    calls,
+                    made_calls: self.made_calls(),
                 }
             }
             Event::Error(message) => Step::Failed(message),
         }
+    }
+
+    /// Output `text` (after stop strings) as content and tool calls, when the request offered
+    /// tools; `last`: the output ends with it.
+    fn read_calls(&mut self, text: String, last: bool) -> (String, Vec<ToolCall>) {
+        let Some(reader) = self.tools.as_mut() else {
+            return (text, Vec::new());
+        };
+        let before = reader.calls();
+        let mut pieces = reader.push(&text);
+        if last {
+            pieces.extend(reader.finish());
+        }
+        let (mut content, mut calls) = (String::new(), Vec::new());
+        let mut made = before;
+        for piece in pieces {
+            match piece {
+                Piece::Content(t) => content.push_str(&t),
+                Piece::Call(c) => {
+                    // parallel_tool_calls false: the first call only.
+                    if self.parallel || made == 0 {
+                        calls.push(c);
+                    }
+                    made += 1;
+                }
+            }
+        }
+        (content, calls)
+    }
+
+    fn made_calls(&self) -> bool {
+        self.tools.as_ref().is_some_and(|r| r.calls() > 0)
+    }
+}
+
+/// A choice's finish reason as the response gives it: `tool_calls` for an output that ended
+/// itself after making calls.
+fn finish_text(reason: FinishReason, made_calls: bool) -> &'static str {
+    match (reason, made_calls) {
+        (FinishReason::Stop, true) => "tool_calls",
+        (reason, _) => reason.as_str(),
     }
 }
 
@@ -769,6 +893,7 @@ fn spawn_choices(
     run: &Arc<Run>,
     receivers: Vec<UnboundedReceiver<Event>>,
     stop: &[String],
+    tools: ToolReading,
 ) -> mpsc::Receiver<(usize, Step)> {
     let (tx, rx) = mpsc::channel(64);
     for (index, mut events) in receivers.into_iter().enumerate() {
@@ -783,6 +908,11 @@ fn spawn_choices(
                 metrics: run.state.metrics.clone(),
                 recorded: false,
             },
+            // Call ids: the request's id, the choice and the call's place in it.
+            tools: tools
+                .parser
+                .map(|p| p.stream(format!("call-{}-{index}", run.id))),
+            parallel: tools.parallel,
         };
         tokio::spawn(async move {
             // Ended by the response's end rather than its own: the client left (an abort), or
@@ -851,7 +981,8 @@ async fn complete_response(
 ) -> Response {
     let mut texts = vec![String::new(); n];
     let mut logprobs = vec![Vec::new(); n];
-    let mut reasons: Vec<Option<FinishReason>> = vec![None; n];
+    let mut calls: Vec<Vec<ToolCall>> = vec![Vec::new(); n];
+    let mut reasons: Vec<Option<&'static str>> = vec![None; n];
     let mut completion_tokens = 0;
     while reasons.iter().any(Option::is_none) {
         // Every choice's task sends its last step before it ends.
@@ -864,19 +995,27 @@ async fn complete_response(
             ));
         };
         match step {
-            Step::Delta { text, logprob } => {
+            Step::Delta {
+                text,
+                logprob,
+                calls: made,
+            } => {
                 texts[index].push_str(&text);
                 logprobs[index].extend(logprob);
+                calls[index].extend(made);
             }
             Step::Done {
                 text,
                 logprob,
                 reason,
                 completion_tokens: tokens,
+                calls: made,
+                made_calls,
             } => {
                 texts[index].push_str(&text);
                 logprobs[index].extend(logprob);
-                reasons[index] = Some(reason);
+                calls[index].extend(made);
+                reasons[index] = Some(finish_text(reason, made_calls));
                 completion_tokens += tokens;
             }
             Step::Failed(message) => {
@@ -889,10 +1028,10 @@ async fn complete_response(
         .into_iter()
         .zip(logprobs)
         .zip(reasons)
+        .zip(&calls)
         .enumerate()
-        .map(|(index, ((text, logprobs), reason))| {
-            let reason = reason.map_or("stop", FinishReason::as_str);
-            run.choice(index, text, logprobs, reason)
+        .map(|(index, (((text, logprobs), reason), calls))| {
+            run.choice(index, text, logprobs, reason.unwrap_or("stop"), calls)
         })
         .collect();
     json_response(json!({
@@ -933,6 +1072,8 @@ fn stream_response(
             }
         }
         let (mut open, mut completion_tokens) = (n, 0);
+        // Each choice's calls sent so far: the next one's index.
+        let mut calls_sent = vec![0; n];
         while open > 0 {
             // Client gone: stop at once, which drops `steps` and cancels every choice.
             let step = tokio::select! {
@@ -942,12 +1083,21 @@ fn stream_response(
             let failure = match step {
                 None => Some(engine_stopped(&run.state)),
                 Some((_, Step::Failed(message))) => Some(message),
-                Some((index, Step::Delta { text, logprob })) => {
-                    if text.is_empty() && logprob.is_none() {
+                Some((
+                    index,
+                    Step::Delta {
+                        text,
+                        logprob,
+                        calls,
+                    },
+                )) => {
+                    if text.is_empty() && logprob.is_none() && calls.is_empty() {
                         continue;
                     }
-                    let chunk =
-                        run.chunk(json!([run.choice_delta(index, &text, logprob, None)]), None);
+                    let first_call = calls_sent[index];
+                    calls_sent[index] += calls.len();
+                    let delta = run.choice_delta(index, &text, logprob, None, (&calls, first_call));
+                    let chunk = run.chunk(json!([delta]), None);
                     if tx.send(sse(&chunk)).await.is_err() {
                         return;
                     }
@@ -960,14 +1110,22 @@ fn stream_response(
                         logprob,
                         reason,
                         completion_tokens: tokens,
+                        calls,
+                        made_calls,
                     },
                 )) => {
                     open -= 1;
                     completion_tokens += tokens;
-                    let last = run.chunk(
-                        json!([run.choice_delta(index, &text, logprob, Some(reason.as_str()))]),
-                        None,
+                    let reason = finish_text(reason, made_calls);
+                    let delta = run.choice_delta(
+                        index,
+                        &text,
+                        logprob,
+                        Some(reason),
+                        (&calls, calls_sent[index]),
                     );
+                    calls_sent[index] += calls.len();
+                    let last = run.chunk(json!([delta]), None);
                     if tx.send(sse(&last)).await.is_err() {
                         return;
                     }

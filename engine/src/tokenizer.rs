@@ -8,12 +8,75 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{EngineError, Result};
+use crate::json_text::JsonValue;
 
-/// One chat message.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// One chat message: OpenAI's fields that a chat format reads (a template sees the ones that
+/// are set).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ChatMessage {
     pub role: String,
+    /// Its text (text parts joined; none is empty).
     pub content: String,
+    /// An assistant message's calls.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<MessageToolCall>,
+    /// A tool message's call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// An assistant message's reasoning (DeepSeek's thinking mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message of `role` with text `content` and nothing else.
+    pub fn new(role: &str, content: &str) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A call in an assistant message, as OpenAI's messages carry it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MessageToolCall {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub function: FunctionCall,
+}
+
+/// The function a call names, and its arguments as JSON text.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// How chat messages become a prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ChatFormat {
+    /// A Jinja template (`tokenizer_config.json`'s `chat_template`, or `serve --chat-template`).
+    Template(String),
+    /// DeepSeek-V3.2's own format, for its checkpoints, which ship no template
+    /// ([`crate::chat_encoding`]).
+    DeepSeekV32,
+    /// `role: content` lines: no template and no known format.
+    Plain,
+}
+
+impl ChatFormat {
+    /// What it is, in a few words (start-up logs).
+    pub fn describe(&self) -> &'static str {
+        match self {
+            ChatFormat::Template(_) => "a Jinja chat template",
+            ChatFormat::DeepSeekV32 => "DeepSeek-V3.2's chat encoding",
+            ChatFormat::Plain => "`role: content` lines (no chat template)",
+        }
+    }
 }
 
 /// Where one output's incremental decoding stands ([`Tokenizer::decode_next`]): the ids since
@@ -30,14 +93,14 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos_token: Option<String>,
     eos_token: Option<String>,
-    chat_template: Option<String>,
+    chat_format: ChatFormat,
 }
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
             .field("vocab", &self.inner.get_vocab_size(true))
-            .field("chat_template", &self.chat_template.is_some())
+            .field("chat_format", &self.chat_format.describe())
             .finish()
     }
 }
@@ -89,7 +152,10 @@ impl Tokenizer {
             inner,
             bos_token: special_token(&config, "bos_token"),
             eos_token: special_token(&config, "eos_token"),
-            chat_template,
+            chat_format: match chat_template {
+                Some(t) => ChatFormat::Template(t),
+                None => ChatFormat::Plain,
+            },
         })
     }
 
@@ -187,25 +253,67 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// Renders the chat template; without one, joins `role: content` lines. `kwargs` are more
-    /// variables for the template (a request's `chat_template_kwargs`, such as `thinking` for
-    /// DeepSeek-V3.1/V3.2's templates); they do not replace the ones named here.
+    /// How chat messages become a prompt.
+    pub fn chat_format(&self) -> &ChatFormat {
+        &self.chat_format
+    }
+
+    /// Replaces the chat format (`serve --chat-template`, or DeepSeek-V3.2's encoding for its
+    /// checkpoints, which ship no template).
+    pub fn set_chat_format(&mut self, format: ChatFormat) {
+        self.chat_format = format;
+    }
+
+    /// For a checkpoint that ships no chat template: DeepSeek-V3.2's own encoding when the
+    /// model is a V3.2 one (its official release has none).
+    pub fn default_chat_format_for(&mut self, arch: crate::config::Arch) {
+        if self.chat_format == ChatFormat::Plain && arch == crate::config::Arch::V32 {
+            self.chat_format = ChatFormat::DeepSeekV32;
+        }
+    }
+
+    /// The prompt for `messages` in this tokenizer's chat format. `kwargs` are more variables
+    /// for a template (a request's `chat_template_kwargs`; they do not replace the ones named
+    /// here), and `thinking` or `enable_thinking` among them turns on DeepSeek-V3.2's thinking
+    /// mode. `tools` are a request's tools (OpenAI's `{"type": "function", "function": …}`):
+    /// a template sees them as `tools` (none without any); DeepSeek-V3.2's encoding lists them
+    /// in its system prompt; the plain format has no place for them.
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
         kwargs: &serde_json::Map<String, serde_json::Value>,
+        tools: &[JsonValue],
     ) -> Result<String> {
-        let Some(template) = &self.chat_template else {
-            let mut text: String = messages
-                .iter()
-                .map(|m| format!("{}: {}\n", m.role, m.content))
-                .collect();
-            if add_generation_prompt {
-                text.push_str("assistant: ");
+        let template = match &self.chat_format {
+            ChatFormat::Template(t) => t,
+            ChatFormat::DeepSeekV32 => {
+                let on = |key: &str| kwargs.get(key).is_some_and(|v| v.as_bool() == Some(true));
+                let functions: Vec<JsonValue> = tools
+                    .iter()
+                    .map(|t| t.get("function").unwrap_or(t).clone())
+                    .collect();
+                // Its user turns end in the generation prompt already.
+                return crate::chat_encoding::deepseek_v32(
+                    messages,
+                    &functions,
+                    on("thinking") || on("enable_thinking"),
+                )
+                .map_err(EngineError::input);
             }
-            return Ok(text);
+            ChatFormat::Plain => {
+                let mut text: String = messages
+                    .iter()
+                    .map(|m| format!("{}: {}\n", m.role, m.content))
+                    .collect();
+                if add_generation_prompt {
+                    text.push_str("assistant: ");
+                }
+                return Ok(text);
+            }
         };
+        let tools = (!tools.is_empty())
+            .then(|| Value::Array(tools.iter().map(JsonValue::to_value).collect()));
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -220,6 +328,7 @@ impl Tokenizer {
             .and_then(|t| {
                 t.render(context! {
                     messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+                    tools => minijinja::Value::from(minijinja::value::Serde(tools)),
                     add_generation_prompt => add_generation_prompt,
                     bos_token => self.bos_token.clone().unwrap_or_default(),
                     eos_token => self.eos_token.clone().unwrap_or_default(),
@@ -271,12 +380,10 @@ mod tests {
         assert_eq!(t.eos_token_id(), Some(0));
         let text = t
             .apply_chat_template(
-                &[ChatMessage {
-                    role: "user".into(),
-                    content: "hello".into(),
-                }],
+                &[ChatMessage::new("user", "hello")],
                 true,
                 &Default::default(),
+                &[],
             )
             .unwrap();
         assert_eq!(text, "[user] hello\n[assistant]");
@@ -296,22 +403,16 @@ mod tests {
         .to_string();
         let t = Tokenizer::from_bytes(&word_tokenizer_json(), Some(&config)).unwrap();
         let messages = [
-            ChatMessage {
-                role: "user".into(),
-                content: "hi".into(),
-            },
-            ChatMessage {
-                role: "assistant".into(),
-                content: "<think>reasoning</think>answer".into(),
-            },
+            ChatMessage::new("user", "hi"),
+            ChatMessage::new("assistant", "<think>reasoning</think>answer"),
         ];
         let plain = t
-            .apply_chat_template(&messages, true, &Default::default())
+            .apply_chat_template(&messages, true, &Default::default(), &[])
             .unwrap();
         assert_eq!(plain, "[user]hi[assistant]answer[assistant]</think>");
         let kwargs = serde_json::json!({"thinking": true, "add_generation_prompt": false});
         let thinking = t
-            .apply_chat_template(&messages, true, kwargs.as_object().unwrap())
+            .apply_chat_template(&messages, true, kwargs.as_object().unwrap(), &[])
             .unwrap();
         assert_eq!(thinking, "[user]hi[assistant]answer[assistant]<think>");
     }
@@ -328,7 +429,7 @@ mod tests {
         )
         .unwrap();
         let err = t
-            .apply_chat_template(&[], false, &Default::default())
+            .apply_chat_template(&[], false, &Default::default(), &[])
             .unwrap_err()
             .to_string();
         assert!(err.contains("no system role"), "{err}");

@@ -36,15 +36,17 @@ fn greedy_continuations_and_prompt_ids_match_transformers() {
                     .as_array()
                     .unwrap()
                     .iter()
-                    .map(|m| ChatMessage {
-                        role: m["role"].as_str().unwrap().into(),
-                        content: m["content"].as_str().unwrap().into(),
+                    .map(|m| {
+                        ChatMessage::new(
+                            m["role"].as_str().unwrap(),
+                            m["content"].as_str().unwrap(),
+                        )
                     })
                     .collect();
                 tokenizer
                     .encode(
                         &tokenizer
-                            .apply_chat_template(&messages, true, &Default::default())
+                            .apply_chat_template(&messages, true, &Default::default(), &[])
                             .unwrap(),
                     )
                     .unwrap()

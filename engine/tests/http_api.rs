@@ -30,30 +30,47 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v32_sparse_moe")
 }
 
+/// The fixture's chat template.
+const TEMPLATE: &str = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}\
+                        {% if add_generation_prompt %}t9{% endif %}";
+
 /// Words `<s>`, `</s>`, `t2` … `t255` for the fixture's 256-token vocabulary.
 fn tokenizer() -> Tokenizer {
+    tokenizer_with(&[], Some(TEMPLATE))
+}
+
+/// The same vocabulary with `words` (id, text) in place of some `t…`, and `chat_template`.
+fn tokenizer_with(words: &[(u32, &str)], chat_template: Option<&str>) -> Tokenizer {
     let mut vocab = serde_json::Map::new();
     vocab.insert("<s>".into(), json!(0));
     vocab.insert("</s>".into(), json!(1));
     for i in 2..256 {
-        vocab.insert(format!("t{i}"), json!(i));
+        let word = words.iter().find(|&&(id, _)| id == i);
+        vocab.insert(word.map_or(format!("t{i}"), |w| w.1.into()), json!(i));
     }
-    let special = |id: u32, content: &str| {
+    let token = |id: u32, content: &str| {
         json!({"id": id, "content": content, "single_word": false, "lstrip": false,
                "rstrip": false, "normalized": false, "special": true})
     };
+    let added = [token(0, "<s>"), token(1, "</s>")];
     let json = json!({
         "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "<s>"), special(1, "</s>")],
+        "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": {"type": "Whitespace"},
         "post_processor": null,
         "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t2"}
     });
-    let config = r#"{"bos_token": "<s>", "eos_token": "</s>",
-        "chat_template": "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}t9{% endif %}"}"#;
-    Tokenizer::from_bytes(&serde_json::to_vec(&json).unwrap(), Some(config)).unwrap()
+    let mut config = json!({"bos_token": "<s>", "eos_token": "</s>"});
+    if let Some(template) = chat_template {
+        config["chat_template"] = json!(template);
+    }
+    Tokenizer::from_bytes(
+        &serde_json::to_vec(&json).unwrap(),
+        Some(&config.to_string()),
+    )
+    .unwrap()
 }
 
 struct Server {
@@ -73,6 +90,14 @@ async fn start(extra: &[&str]) -> Server {
 }
 
 async fn start_with<B: Backend>(model: Model<B>, extra: &[&str]) -> Server {
+    start_with_tokenizer(model, tokenizer(), extra).await
+}
+
+async fn start_with_tokenizer<B: Backend>(
+    model: Model<B>,
+    tokenizer: Tokenizer,
+    extra: &[&str],
+) -> Server {
     let mut argv = vec!["serve", "--served-model-name", "tiny"];
     argv.extend_from_slice(extra);
     #[derive(Parser)]
@@ -81,7 +106,7 @@ async fn start_with<B: Backend>(model: Model<B>, extra: &[&str]) -> Server {
         args: ServeArgs,
     }
     let args = Wrap::parse_from(argv).args;
-    let state = build_state(model, tokenizer(), "fixture".into(), &args).unwrap();
+    let state = build_state(model, tokenizer, "fixture".into(), &args).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
@@ -1263,4 +1288,348 @@ async fn a_stream_that_fails_sends_its_error_then_done() {
         "{events:?}"
     );
     s.shutdown().await;
+}
+
+/// A DSML block of two calls after some text: what DeepSeek-V3.2 writes to call tools.
+const CALLS: &str = "Sure.\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name=\"get_weather\">\n\
+    <｜DSML｜parameter name=\"city\" string=\"true\">Paris</｜DSML｜parameter>\n\
+    <｜DSML｜parameter name=\"days\" string=\"false\">2</｜DSML｜parameter>\n</｜DSML｜invoke>\n\
+    <｜DSML｜invoke name=\"now\">\n</｜DSML｜invoke>\n</｜DSML｜function_calls>";
+
+/// The fixture with token 250 reading as [`CALLS`] and DeepSeek-V3.2's own chat encoding (its
+/// tokenizer has no template, as the official release has none), and a chat body whose output
+/// is token 250 then stop token 251: 251 is biased highest but held back by `min_tokens` for
+/// the first token, which is then 250.
+async fn start_calling(extra: &[&str]) -> Server {
+    let model = Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
+    start_with_tokenizer(model, tokenizer_with(&[(250, CALLS)], None), extra).await
+}
+
+fn calling_body(extra: Value) -> Value {
+    let mut body = json!({
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [
+            {"type": "function", "function": {"name": "get_weather", "description": "Weather",
+             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+            {"type": "function", "function": {"name": "now"}}
+        ],
+        "logit_bias": {"250": 99, "251": 100}, "stop_token_ids": [251], "min_tokens": 1,
+        "temperature": 0, "max_tokens": 4
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+fn call_names_and_arguments(calls: &Value) -> Vec<(String, Value)> {
+    calls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert_eq!(c["type"], "function", "{c}");
+            let args = c["function"]["arguments"].as_str().unwrap();
+            (
+                c["function"]["name"].as_str().unwrap().to_string(),
+                serde_json::from_str(args).unwrap_or_else(|e| panic!("{e}: {args}")),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_come_back_as_openais_tool_calls() {
+    let s = start_calling(&[]).await;
+    let r = s
+        .post("/v1/chat/completions", calling_body(json!({})))
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    assert_eq!(choice["message"]["content"], "Sure.\n\n", "{v}");
+    let calls = &choice["message"]["tool_calls"];
+    assert_eq!(
+        call_names_and_arguments(calls),
+        [
+            (
+                "get_weather".to_string(),
+                json!({"city": "Paris", "days": 2})
+            ),
+            ("now".to_string(), json!({}))
+        ]
+    );
+    let ids: Vec<&str> = (0..2).map(|i| calls[i]["id"].as_str().unwrap()).collect();
+    assert!(
+        ids[0] != ids[1] && ids.iter().all(|id| id.starts_with("call-")),
+        "{ids:?}"
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
+
+    // The tools are in the prompt: it is longer with them.
+    let mut bare = calling_body(json!({}));
+    bare.as_object_mut().unwrap().remove("tools");
+    let without = s.post("/v1/chat/completions", bare).await.json();
+    let prompt_tokens = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        prompt_tokens(&v) > prompt_tokens(&without) + 100,
+        "{v} {without}"
+    );
+    // And without tools nothing is read as a call: the block is text.
+    assert_eq!(without["choices"][0]["finish_reason"], "stop");
+    assert_eq!(without["choices"][0]["message"]["content"], CALLS);
+    assert!(without["choices"][0]["message"].get("tool_calls").is_none());
+
+    // tool_choice "none": no tools offered, nothing read.
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            calling_body(json!({"tool_choice": "none"})),
+        )
+        .await
+        .json();
+    assert_eq!(r["choices"][0]["message"]["content"], CALLS, "{r}");
+    assert_eq!(prompt_tokens(&r), prompt_tokens(&without));
+
+    // parallel_tool_calls false: the first call only.
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            calling_body(json!({"parallel_tool_calls": false})),
+        )
+        .await
+        .json();
+    let names = call_names_and_arguments(&r["choices"][0]["message"]["tool_calls"]);
+    assert_eq!(names.len(), 1, "{r}");
+    assert_eq!(names[0].0, "get_weather");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_tool_calls_are_deltas_with_their_indices() {
+    let s = start_calling(&[]).await;
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            calling_body(json!({"stream": true, "n": 2})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    for index in 0..2 {
+        let deltas: Vec<Value> = r
+            .chunks()
+            .into_iter()
+            .filter_map(|c| {
+                let choice = c["choices"].as_array()?.first()?.clone();
+                (choice["index"] == index).then_some(choice)
+            })
+            .collect();
+        let content: String = deltas
+            .iter()
+            .filter_map(|d| d["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(content, "Sure.\n\n");
+        let calls: Vec<Value> = deltas
+            .iter()
+            .filter_map(|d| d["delta"]["tool_calls"].as_array())
+            .flatten()
+            .cloned()
+            .collect();
+        let indices: Vec<&Value> = calls.iter().map(|c| &c["index"]).collect();
+        assert_eq!(indices, [&json!(0), &json!(1)], "{calls:?}");
+        assert_eq!(
+            call_names_and_arguments(&Value::Array(calls))[0],
+            (
+                "get_weather".to_string(),
+                json!({"city": "Paris", "days": 2})
+            )
+        );
+        let last = deltas.last().unwrap();
+        assert_eq!(last["finish_reason"], "tool_calls", "{deltas:?}");
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_conversation_is_encoded_and_bad_ones_are_refused() {
+    let s = start_calling(&[]).await;
+    let conversation = json!([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call-1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call-1", "content": "sunny"}
+    ]);
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            calling_body(json!({"messages": conversation})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    for (messages, param, says) in [
+        (
+            json!([{"role": "user", "content": "x"}, {"role": "tool", "content": "sunny"}]),
+            "messages",
+            "messages[1]: a tool message must follow an assistant message with tool_calls",
+        ),
+        (
+            json!([{"role": "user", "content": "x", "tool_calls": []}]),
+            "messages",
+            "messages[0]: tool_calls belong to assistant messages",
+        ),
+        (
+            json!([{"role": "assistant", "tool_calls": [{"function": {"name": "f",
+                    "arguments": "[1]"}}]}]),
+            "messages",
+            "messages[0].tool_calls[0].function.arguments must be a JSON object",
+        ),
+    ] {
+        let r = s
+            .post(
+                "/v1/chat/completions",
+                calling_body(json!({"messages": messages})),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        let e = r.json();
+        assert_eq!(e["error"]["param"], param, "{e}");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{message}");
+    }
+    for (extra, param, says) in [
+        (
+            json!({"tool_choice": "required"}),
+            "tool_choice",
+            "guided decoding",
+        ),
+        (
+            json!({"tool_choice": {"type": "function", "function": {"name": "now"}}}),
+            "tool_choice",
+            "guided decoding",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "a\"b"}}]}),
+            "tools",
+            "tools[0].function.name",
+        ),
+        (
+            json!({"tools": [{"type": "retrieval"}]}),
+            "tools",
+            "tools[0].type must be \"function\"",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}},
+                             {"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+            "two tools are named",
+        ),
+    ] {
+        let r = s.post("/v1/chat/completions", calling_body(extra)).await;
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        let e = r.json();
+        assert_eq!(e["error"]["param"], param, "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(says),
+            "{e}"
+        );
+    }
+    let r = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "tools");
+    s.idle().await;
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_need_a_parser_and_a_template_file_sees_them() {
+    // A checkpoint with a Jinja template: no parser unless one is named.
+    let s = start(&[]).await;
+    let r = s
+        .post("/v1/chat/completions", calling_body(json!({})))
+        .await;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let e = r.json();
+    assert_eq!(e["error"]["param"], "tools");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--tool-call-parser"),
+        "{e}"
+    );
+    s.shutdown().await;
+
+    // --chat-template: a file of its own, which sees the request's tools.
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("tools.jinja");
+    std::fs::write(
+        &template,
+        "{% if tools is none %}{{ raise_exception('this template wants tools') }}{% endif %}\
+         {% for t in tools %}{{ t.function.name }} {% endfor %}\
+         {% for m in messages %}{{ m.content }} {% endfor %}",
+    )
+    .unwrap();
+    let model = Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
+    let s = start_with_tokenizer(
+        model,
+        tokenizer_with(&[(250, CALLS)], Some(TEMPLATE)),
+        &[
+            "--chat-template",
+            template.to_str().unwrap(),
+            "--tool-call-parser",
+            "deepseek_v32",
+        ],
+    )
+    .await;
+    let r = s
+        .post("/v1/chat/completions", calling_body(json!({})))
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    // <s> and "get_weather now Weather in Paris ?", each word a token (unknown ones t2).
+    assert_eq!(v["usage"]["prompt_tokens"], 1 + 6, "{v}");
+    let mut bare = calling_body(json!({}));
+    bare.as_object_mut().unwrap().remove("tools");
+    let r = s.post("/v1/chat/completions", bare).await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("this template wants tools")
+    );
+    s.shutdown().await;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+    for (flag, value, says) in [
+        ("--tool-call-parser", "hermes", "--tool-call-parser hermes"),
+        (
+            "--chat-template",
+            "/no/such/file.jinja",
+            "reading --chat-template",
+        ),
+    ] {
+        let args = Wrap::parse_from(["serve", flag, value]).args;
+        let model = Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
+        let err = build_state(model, tokenizer(), "fixture".into(), &args).expect_err("refused");
+        assert!(format!("{err:#}").contains(says), "{err:#}");
+    }
+    std::fs::write(&template, "{% for %}").unwrap();
+    let args = Wrap::parse_from(["serve", "--chat-template", template.to_str().unwrap()]).args;
+    let model = Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
+    let err = build_state(model, tokenizer(), "fixture".into(), &args).expect_err("refused");
+    assert!(format!("{err:#}").contains("--chat-template"), "{err:#}");
 }

@@ -1,12 +1,16 @@
 //! The request parser on arbitrary bytes: `parse_body` + `validate` for both endpoints never
 //! panic, every rejection is a 400 with a message, every accepted body is within the limits
-//! the scheduler relies on, and the stop-string streamer never loses or repeats text.
+//! the scheduler relies on, and the stop-string streamer never loses or repeats text; an
+//! accepted chat encodes in DeepSeek-V3.2's format or is refused with a message, and the
+//! input read as model output gives the same tool calls and text in any pieces.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sparsemoe_engine::api::{Endpoint, TextStream, parse_body, validate};
+use sparsemoe_engine::api::{Endpoint, PromptInput, TextStream, parse_body, validate};
+use sparsemoe_engine::tool_calls::{DsmlStream, Piece};
 
 fuzz_target!(|data: &[u8]| {
+    tool_calls_read_alike(&String::from_utf8_lossy(data));
     let Ok(body) = parse_body(data).inspect_err(|e| check_rejection(e.status, &e.message)) else {
         return;
     };
@@ -36,6 +40,21 @@ fuzz_target!(|data: &[u8]| {
                     "empty stop string accepted"
                 );
                 stream_through_stops(&v.stop, data);
+                if let PromptInput::Chat { messages, tools, .. } = &v.prompt {
+                    let functions: Vec<_> = tools
+                        .iter()
+                        .filter_map(|t| t.get("function").cloned())
+                        .collect();
+                    assert_eq!(functions.len(), tools.len(), "a tool without a function");
+                    for thinking in [false, true] {
+                        let encoded = sparsemoe_engine::chat_encoding::deepseek_v32(
+                            messages, &functions, thinking,
+                        );
+                        if let Err(e) = encoded {
+                            assert!(e.starts_with("messages["), "{e}");
+                        }
+                    }
+                }
             }
         }
     }
@@ -95,5 +114,43 @@ fn stream_through_stops(stops: &[String], data: &[u8]) {
             !sent.contains(s.as_str()),
             "kept text contains stop string {s:?}"
         );
+    }
+}
+
+/// `text` read as a model's output in one piece and a character at a time gives the same
+/// content and calls, and the content is the text less the blocks that became calls.
+fn tool_calls_read_alike(text: &str) {
+    let read = |pieces: &mut dyn Iterator<Item = &str>| {
+        let mut stream = DsmlStream::new("call".into());
+        let mut out = Vec::new();
+        for piece in pieces {
+            out.extend(stream.push(piece));
+        }
+        out.extend(stream.finish());
+        let mut content = String::new();
+        let mut calls = Vec::new();
+        for piece in out {
+            match piece {
+                Piece::Content(t) => content.push_str(&t),
+                Piece::Call(c) => calls.push(c),
+            }
+        }
+        (content, calls)
+    };
+    let whole = read(&mut std::iter::once(text));
+    let chars: Vec<String> = text.chars().map(String::from).collect();
+    let piecewise = read(&mut chars.iter().map(String::as_str));
+    assert_eq!(whole, piecewise, "pieces read differently from the whole");
+    for call in &whole.1 {
+        assert!(
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&call.arguments)
+                .is_ok(),
+            "arguments that are not a JSON object: {}",
+            call.arguments
+        );
+    }
+    if whole.1.is_empty() {
+        // No call: nothing but empty blocks may have gone.
+        assert!(whole.0.len() <= text.len());
     }
 }

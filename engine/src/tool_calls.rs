@@ -1,0 +1,456 @@
+//! Tool calls in a chat completion's output (`tools` in a request, `serve --tool-call-parser`).
+//!
+//! DeepSeek-V3.2 writes its calls as DSML, after any text of its answer:
+//!
+//! ```text
+//! <｜DSML｜function_calls>
+//! <｜DSML｜invoke name="get_weather">
+//! <｜DSML｜parameter name="city" string="true">Hangzhou</｜DSML｜parameter>
+//! <｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>
+//! </｜DSML｜invoke>
+//! </｜DSML｜function_calls>
+//! ```
+//!
+//! A parameter marked `string="true"` is text as it stands; any other is JSON (a value that does
+//! not parse is kept as text). [`DsmlStream`] reads an output piece by piece, as it is
+//! generated: text outside the blocks is content, passed on at once but for an end that may
+//! begin a block; each `invoke` becomes a [`ToolCall`] when its closing tag arrives. A block
+//! that is not DSML after all, or that the output leaves unfinished, comes back as content, so
+//! nothing the model wrote is lost. A whole response is the same reading of the whole output.
+
+use serde_json::{Value, json};
+
+use crate::json_text::{JsonValue, quoted};
+
+const BLOCK_START: &str = "<｜DSML｜function_calls>";
+const BLOCK_END: &str = "</｜DSML｜function_calls>";
+const INVOKE_START: &str = "<｜DSML｜invoke";
+const INVOKE_END: &str = "</｜DSML｜invoke>";
+const PARAM_START: &str = "<｜DSML｜parameter";
+const PARAM_END: &str = "</｜DSML｜parameter>";
+
+/// How the server reads tool calls out of an output (`serve --tool-call-parser`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToolCallParser {
+    /// DeepSeek-V3.2's DSML blocks.
+    DeepSeekV32,
+}
+
+impl ToolCallParser {
+    /// The parser named `name` on the command line (vLLM's names).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "deepseek_v32" => Some(Self::DeepSeekV32),
+            _ => None,
+        }
+    }
+
+    /// A reader of one output, naming its calls `{id_prefix}-{n}`.
+    pub fn stream(self, id_prefix: String) -> DsmlStream {
+        match self {
+            Self::DeepSeekV32 => DsmlStream::new(id_prefix),
+        }
+    }
+}
+
+/// One call the model made.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// A JSON object's text.
+    pub arguments: String,
+}
+
+impl ToolCall {
+    /// OpenAI's shape of a call in a message.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        })
+    }
+
+    /// OpenAI's shape of a call in a stream's delta, the `index`-th of its choice.
+    pub fn to_delta(&self, index: usize) -> Value {
+        let mut v = self.to_json();
+        v["index"] = json!(index);
+        v
+    }
+}
+
+/// What a piece of output turned out to hold.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Piece {
+    Content(String),
+    Call(ToolCall),
+}
+
+/// Reads one output's tool calls as it is generated (see the module's text).
+#[derive(Debug)]
+pub struct DsmlStream {
+    id_prefix: String,
+    calls: usize,
+    /// Inside a block: its text not yet turned into calls, from its start tag on (content
+    /// again if the block proves not to be DSML).
+    block: Option<String>,
+    /// Text not yet read: outside a block, an end that may begin one; inside, what follows
+    /// the last whole call.
+    pending: String,
+}
+
+impl DsmlStream {
+    pub fn new(id_prefix: String) -> Self {
+        Self {
+            id_prefix,
+            calls: 0,
+            block: None,
+            pending: String::new(),
+        }
+    }
+
+    /// Calls read so far.
+    pub fn calls(&self) -> usize {
+        self.calls
+    }
+
+    /// Reads `text`, the output's next piece.
+    pub fn push(&mut self, text: &str) -> Vec<Piece> {
+        self.pending.push_str(text);
+        let mut out = Vec::new();
+        loop {
+            let progressed = match self.block.is_some() {
+                false => self.read_content(&mut out),
+                true => self.read_block(&mut out),
+            };
+            if !progressed {
+                return merge(out);
+            }
+        }
+    }
+
+    /// The output ended: what is still held back, as content.
+    pub fn finish(&mut self) -> Vec<Piece> {
+        let mut text = self.block.take().unwrap_or_default();
+        text.push_str(&std::mem::take(&mut self.pending));
+        match text.is_empty() {
+            true => Vec::new(),
+            false => vec![Piece::Content(text)],
+        }
+    }
+
+    /// Outside a block: passes content on up to a block's start (entering it), or up to an end
+    /// that may begin one. Whether it entered a block.
+    fn read_content(&mut self, out: &mut Vec<Piece>) -> bool {
+        if let Some(at) = self.pending.find(BLOCK_START) {
+            let rest = self.pending.split_off(at);
+            out.push(Piece::Content(std::mem::take(&mut self.pending)));
+            self.pending = rest[BLOCK_START.len()..].to_string();
+            self.block = Some(BLOCK_START.to_string());
+            return true;
+        }
+        let keep = partial_start(&self.pending, BLOCK_START);
+        let rest = self.pending.split_off(self.pending.len() - keep);
+        out.push(Piece::Content(std::mem::replace(&mut self.pending, rest)));
+        false
+    }
+
+    /// Inside a block: reads whole calls, the block's end, or finds it is not DSML. Whether it
+    /// read anything.
+    fn read_block(&mut self, out: &mut Vec<Piece>) -> bool {
+        let text = self.pending.trim_start();
+        let skipped = self.pending.len() - text.len();
+        if let Some(after) = text.strip_prefix(BLOCK_END) {
+            self.pending = after.to_string();
+            self.block = None;
+            return true;
+        }
+        if text.starts_with(INVOKE_START) {
+            let Some(end) = text.find(INVOKE_END) else {
+                return false; // the call is still being written
+            };
+            let invoke = &text[..end + INVOKE_END.len()];
+            let Some((name, arguments)) = parse_invoke(invoke) else {
+                self.not_dsml(out);
+                return true;
+            };
+            self.calls += 1;
+            out.push(Piece::Call(ToolCall {
+                id: format!("{}-{}", self.id_prefix, self.calls - 1),
+                name,
+                arguments,
+            }));
+            let used = skipped + invoke.len();
+            let block = self.block.get_or_insert_with(String::new);
+            block.clear(); // its calls are read: only later text comes back as content
+            self.pending.drain(..used);
+            return true;
+        }
+        if INVOKE_START.starts_with(text) || BLOCK_END.starts_with(text) {
+            return false; // a tag still being written (or only whitespace so far)
+        }
+        self.not_dsml(out);
+        true
+    }
+
+    /// The block is not DSML: its text so far is content, and reading goes on outside it.
+    fn not_dsml(&mut self, out: &mut Vec<Piece>) {
+        let mut text = self.block.take().unwrap_or_default();
+        // Its start tag was read into `block` before any of `pending`; a block already giving
+        // calls has only the text after them.
+        text.push_str(&std::mem::take(&mut self.pending));
+        out.push(Piece::Content(text));
+    }
+}
+
+/// Joins neighbouring content and drops empty content.
+fn merge(pieces: Vec<Piece>) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        match (out.last_mut(), piece) {
+            (_, Piece::Content(t)) if t.is_empty() => {}
+            (Some(Piece::Content(last)), Piece::Content(t)) => last.push_str(&t),
+            (_, piece) => out.push(piece),
+        }
+    }
+    out
+}
+
+/// Bytes at the end of `text` that begin `tag` (a tag that may be arriving): the longest such
+/// end, on a character boundary.
+fn partial_start(text: &str, tag: &str) -> usize {
+    (1..tag.len().min(text.len() + 1))
+        .rev()
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n)
+                && tag.is_char_boundary(n)
+                && text.ends_with(&tag[..n])
+        })
+        .unwrap_or(0)
+}
+
+/// `<｜DSML｜invoke name="…">` and its parameters, up to `</｜DSML｜invoke>`: the call's name
+/// and its arguments as a JSON object's text (Python's spacing, as the model's prompt writes
+/// them); `None` if it is not that.
+fn parse_invoke(invoke: &str) -> Option<(String, String)> {
+    let body = invoke
+        .strip_prefix(INVOKE_START)?
+        .strip_suffix(INVOKE_END)?;
+    let (attrs, mut rest) = body.split_once('>')?;
+    let name = attribute(attrs, "name")?;
+    if name.is_empty() {
+        return None;
+    }
+    let mut arguments: Vec<(String, String)> = Vec::new();
+    loop {
+        rest = rest.trim_start();
+        if rest.is_empty() {
+            break;
+        }
+        let param = rest.strip_prefix(PARAM_START)?;
+        let (attrs, after) = param.split_once('>')?;
+        let key = attribute(attrs, "name")?;
+        let is_string = match attribute(attrs, "string").as_deref() {
+            Some("true") => true,
+            Some("false") => false,
+            _ => return None,
+        };
+        let (value, after) = after.split_once(PARAM_END)?;
+        let value = match is_string {
+            true => quoted(value),
+            false => JsonValue::parse(value.trim())
+                .map(|v| v.python_text())
+                .unwrap_or_else(|_| quoted(value)),
+        };
+        // A repeated key keeps its last value, as a JSON object's reader would.
+        arguments.retain(|(k, _)| *k != key);
+        arguments.push((key, value));
+        rest = after;
+    }
+    let entries: Vec<String> = arguments
+        .iter()
+        .map(|(k, v)| format!("{}: {v}", quoted(k)))
+        .collect();
+    Some((name, format!("{{{}}}", entries.join(", "))))
+}
+
+/// The value of `key="…"` among a tag's attributes (`attrs`: what follows the tag's name).
+fn attribute(attrs: &str, key: &str) -> Option<String> {
+    let mut rest = attrs;
+    loop {
+        rest = rest.trim_start();
+        if rest.is_empty() {
+            return None;
+        }
+        let (k, after) = rest.split_once('=')?;
+        let after = after.strip_prefix('"')?;
+        let (value, after) = after.split_once('"')?;
+        if k.trim() == key {
+            return Some(value.to_string());
+        }
+        rest = after;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO_CALLS: &str = "Let me look.\n\n<｜DSML｜function_calls>\n\
+        <｜DSML｜invoke name=\"get_weather\">\n\
+        <｜DSML｜parameter name=\"city\" string=\"true\">杭州 \"west\"</｜DSML｜parameter>\n\
+        <｜DSML｜parameter name=\"days\" string=\"false\">3</｜DSML｜parameter>\n\
+        <｜DSML｜parameter name=\"units\" string=\"false\">{\"temp\": \"C\", \"wind\": [1, 2.5]}</｜DSML｜parameter>\n\
+        </｜DSML｜invoke>\n\
+        <｜DSML｜invoke name=\"now\">\n</｜DSML｜invoke>\n\
+        </｜DSML｜function_calls>";
+
+    fn read_whole(text: &str) -> Vec<Piece> {
+        let mut s = DsmlStream::new("call".into());
+        let mut out = s.push(text);
+        out.extend(s.finish());
+        merge(out)
+    }
+
+    fn calls(pieces: &[Piece]) -> Vec<(&str, &str)> {
+        pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Call(c) => Some((c.name.as_str(), c.arguments.as_str())),
+                Piece::Content(_) => None,
+            })
+            .collect()
+    }
+
+    fn content(pieces: &[Piece]) -> String {
+        pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Content(t) => Some(t.as_str()),
+                Piece::Call(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_block_gives_its_calls_and_the_text_before_it_is_content() {
+        let pieces = read_whole(TWO_CALLS);
+        assert_eq!(content(&pieces), "Let me look.\n\n");
+        assert_eq!(
+            calls(&pieces),
+            [
+                (
+                    "get_weather",
+                    r#"{"city": "杭州 \"west\"", "days": 3, "units": {"temp": "C", "wind": [1, 2.5]}}"#
+                ),
+                ("now", "{}"),
+            ]
+        );
+        let ids: Vec<String> = pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Call(c) => Some(c.id.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, ["call-0", "call-1"]);
+        // Arguments are JSON objects.
+        for (_, args) in calls(&pieces) {
+            assert!(
+                serde_json::from_str::<serde_json::Map<_, _>>(args).is_ok(),
+                "{args}"
+            );
+        }
+    }
+
+    #[test]
+    fn any_split_of_the_output_reads_as_the_whole_does() {
+        let whole = read_whole(TWO_CALLS);
+        let chars: Vec<(usize, char)> = TWO_CALLS.char_indices().collect();
+        for step in [1, 2, 3, 7, 13] {
+            let mut s = DsmlStream::new("call".into());
+            let mut out = Vec::new();
+            for chunk in chars.chunks(step) {
+                let start = chunk[0].0;
+                let end = chunk.last().map(|&(i, c)| i + c.len_utf8()).unwrap();
+                out.extend(s.push(&TWO_CALLS[start..end]));
+            }
+            out.extend(s.finish());
+            assert_eq!(merge(out), whole, "pieces of {step} characters");
+        }
+    }
+
+    #[test]
+    fn content_is_passed_on_at_once_but_for_what_may_begin_a_block() {
+        let mut s = DsmlStream::new("c".into());
+        assert_eq!(s.push("Hello <"), [Piece::Content("Hello ".into())]);
+        assert_eq!(s.push("b>"), [Piece::Content("<b>".into())]);
+        assert_eq!(s.push("x <｜DS"), [Piece::Content("x ".into())]);
+        assert_eq!(s.push("ML｜function_calls>\n<｜DSML｜inv"), []);
+        assert_eq!(
+            s.finish(),
+            [Piece::Content(
+                "<｜DSML｜function_calls>\n<｜DSML｜inv".into()
+            )]
+        );
+    }
+
+    #[test]
+    fn what_is_not_dsml_or_is_left_unfinished_comes_back_as_content() {
+        for text in [
+            "<｜DSML｜function_calls>\nplain words",
+            "<｜DSML｜function_calls><｜DSML｜invoke name=\"f\"><b>x</b></｜DSML｜invoke>",
+            "<｜DSML｜function_calls><｜DSML｜invoke name=\"f\"><｜DSML｜parameter name=\"a\" \
+             string=\"maybe\">1</｜DSML｜parameter></｜DSML｜invoke>",
+            "<｜DSML｜function_calls><｜DSML｜invoke name=\"\"></｜DSML｜invoke>",
+            "<｜DSML｜function_calls><｜DSML｜invoke name=\"f\"><｜DSML｜parameter name=\"a\" \
+             string=\"true\">1",
+        ] {
+            let pieces = read_whole(text);
+            assert_eq!(pieces, [Piece::Content(text.into())], "{text}");
+        }
+    }
+
+    #[test]
+    fn text_after_a_block_is_content_and_a_second_block_gives_more_calls() {
+        let text = "<｜DSML｜function_calls><｜DSML｜invoke name=\"a\"></｜DSML｜invoke>\
+                    </｜DSML｜function_calls> and then \
+                    <｜DSML｜function_calls><｜DSML｜invoke name=\"b\"></｜DSML｜invoke>\
+                    </｜DSML｜function_calls>";
+        let pieces = read_whole(text);
+        assert_eq!(calls(&pieces), [("a", "{}"), ("b", "{}")]);
+        assert_eq!(content(&pieces), " and then ");
+    }
+
+    #[test]
+    fn a_block_broken_off_after_a_call_keeps_the_call_and_returns_the_rest() {
+        let text = "<｜DSML｜function_calls><｜DSML｜invoke name=\"a\"></｜DSML｜invoke>\n\
+                    <｜DSML｜invoke name=\"b\">";
+        let pieces = read_whole(text);
+        assert_eq!(calls(&pieces), [("a", "{}")]);
+        assert_eq!(content(&pieces), "\n<｜DSML｜invoke name=\"b\">");
+    }
+
+    #[test]
+    fn values_that_are_not_json_stay_text_and_a_repeated_key_keeps_its_last() {
+        let text = "<｜DSML｜function_calls><｜DSML｜invoke name=\"run\">\
+            <｜DSML｜parameter name=\"cmd\" string=\"false\">ls -la</｜DSML｜parameter>\
+            <｜DSML｜parameter name=\"n\" string=\"false\">1</｜DSML｜parameter>\
+            <｜DSML｜parameter name=\"n\" string=\"false\">2</｜DSML｜parameter>\
+            </｜DSML｜invoke></｜DSML｜function_calls>";
+        assert_eq!(
+            calls(&read_whole(text)),
+            [("run", r#"{"cmd": "ls -la", "n": 2}"#)]
+        );
+    }
+
+    #[test]
+    fn the_parser_is_named_as_vllm_names_it() {
+        assert_eq!(
+            ToolCallParser::from_name("deepseek_v32"),
+            Some(ToolCallParser::DeepSeekV32)
+        );
+        assert_eq!(ToolCallParser::from_name("hermes"), None);
+    }
+}
