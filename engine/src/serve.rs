@@ -131,6 +131,12 @@ pub struct ServeArgs {
     /// where DeepSeek-V3.2's own chat encoding writes the prompts, else `none`.
     #[arg(long, default_value = "auto", env = "SPARSEMOE_TOOL_CALL_PARSER")]
     pub tool_call_parser: String,
+    /// Whether a thinking output's reasoning comes back apart from its answer, as
+    /// `reasoning_content`: `auto` (the default; vLLM's `deepseek_r1` and `deepseek_v3` name the
+    /// same) does so for a chat prompt that ends in `<think>` (DeepSeek's thinking mode), up to
+    /// the `</think>` token; `none` leaves it all in `content`.
+    #[arg(long, default_value = "auto", env = "SPARSEMOE_REASONING_PARSER")]
+    pub reasoning_parser: String,
 }
 
 /// Sets `tokenizer`'s chat format for a model of `arch` (`--chat-template`, else the
@@ -162,6 +168,18 @@ pub fn configure_chat(
 }
 
 impl ServeArgs {
+    /// `--reasoning-parser`: whether reasoning is split from the answer.
+    pub fn reasoning_parser(&self) -> anyhow::Result<bool> {
+        match self.reasoning_parser.as_str() {
+            "auto" | "deepseek_r1" | "deepseek_v3" => Ok(true),
+            "none" => Ok(false),
+            other => bail!(
+                "--reasoning-parser {other}: expected `auto` (or `deepseek_r1`, `deepseek_v3`) \
+                 or `none`"
+            ),
+        }
+    }
+
     /// `--kv-cache-dtype`, with `auto` resolved against `--dtype`.
     pub fn kv_dtype(&self) -> anyhow::Result<KvDtype> {
         Ok(match self.kv_cache_dtype.as_str() {
@@ -299,6 +317,7 @@ fn load<B: Backend>(args: &ServeArgs, backend: B, devices: usize) -> anyhow::Res
     // The chat flags are checked before the weights load (and applied by build_state).
     let mut tokenizer = tokenizer;
     configure_chat(&mut tokenizer, config.arch, args)?;
+    args.reasoning_parser()?;
     options.expert_shards = ExpertShards::from_options(
         &config,
         args.expert_shards,
@@ -494,6 +513,7 @@ pub fn build_state<B: Backend>(
     state.bos_token = bos;
     state.stop_tokens = stop_tokens;
     state.tool_parser = tool_parser;
+    state.reasoning_parser = args.reasoning_parser()?;
     if let Some(path) = &args.api_key_file {
         let key = std::fs::read_to_string(path)
             .with_context(|| format!("reading --api-key-file {}", path.display()))?;

@@ -28,6 +28,11 @@ use crate::scheduler::{EngineHandle, Event, GenerationRequest, SubmitError};
 use crate::tokenizer::{DecodeState, Tokenizer};
 use crate::tool_calls::{DsmlStream, Piece, ToolCall, ToolCallParser};
 
+/// A thinking block's tags: a prompt that ends in the first starts its output in reasoning,
+/// which the second's token ends.
+const THINK_START: &str = "<think>";
+const THINK_END: &str = "</think>";
+
 /// Everything a handler needs.
 #[derive(Debug)]
 pub struct AppState {
@@ -46,6 +51,10 @@ pub struct AppState {
     /// How tool calls are read out of a chat output (`--tool-call-parser`); `None`: requests
     /// that offer tools are refused.
     pub tool_parser: Option<ToolCallParser>,
+    /// Split a thinking output's reasoning from its answer (`--reasoning-parser`): a chat
+    /// prompt that ends in `<think>` starts its output in reasoning, which ends at the
+    /// `</think>` token.
+    pub reasoning_parser: bool,
     pub draining: AtomicBool,
     pub created: u64,
 }
@@ -74,6 +83,7 @@ impl AppState {
             stop_tokens: Vec::new(),
             api_key: None,
             tool_parser: None,
+            reasoning_parser: false,
             draining: AtomicBool::new(false),
             created: unix_now(),
         }
@@ -310,6 +320,8 @@ struct Prepared {
     validated: Validated,
     prompt: Vec<u32>,
     max_tokens: usize,
+    /// The output starts in reasoning, which this token ends (see `AppState::reasoning_parser`).
+    reasoning_end: Option<u32>,
 }
 
 fn prepare(
@@ -354,6 +366,7 @@ fn prepare(
         });
     }
     let tokenize_error = |e: crate::EngineError| ApiError::invalid(None, e.to_string());
+    let mut reasoning_end = None;
     let prompt = match &validated.prompt {
         PromptInput::Tokens(ids) => ids.clone(),
         PromptInput::Text(text) => {
@@ -375,6 +388,9 @@ fn prepare(
                 .tokenizer
                 .apply_chat_template(messages, true, template_kwargs, tools)
                 .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+            if state.reasoning_parser && text.trim_end().ends_with(THINK_START) {
+                reasoning_end = state.tokenizer.token_id(THINK_END);
+            }
             with_bos(
                 state,
                 state.tokenizer.encode(&text).map_err(tokenize_error)?,
@@ -453,6 +469,7 @@ fn prepare(
         validated,
         prompt,
         max_tokens,
+        reasoning_end,
     })
 }
 
@@ -564,7 +581,13 @@ async fn handle(
         parser: state_tool_parser(&run, validated),
         parallel: validated.parallel_tool_calls,
     };
-    let steps = spawn_choices(&run, receivers, &validated.stop, tools);
+    let steps = spawn_choices(
+        &run,
+        receivers,
+        &validated.stop,
+        tools,
+        prepared.reasoning_end,
+    );
     if validated.stream {
         stream_response(run, steps, n, validated.include_usage)
     } else {
@@ -617,24 +640,43 @@ struct Choice {
     tools: Option<DsmlStream>,
     /// Keep calls after the first (`parallel_tool_calls`).
     parallel: bool,
+    /// While the output is reasoning: the token that ends it.
+    reasoning_end: Option<u32>,
+    /// The output began in reasoning (its response has `reasoning_content`).
+    reasoned: bool,
+}
+
+/// What one step adds to a choice's output.
+#[derive(Default)]
+struct Output {
+    text: String,
+    /// Reasoning text (a thinking output's, before its answer).
+    reasoning: String,
+    logprob: Option<Value>,
+    calls: Vec<ToolCall>,
+}
+
+impl Output {
+    fn is_empty(&self) -> bool {
+        self.text.is_empty()
+            && self.reasoning.is_empty()
+            && self.logprob.is_none()
+            && self.calls.is_empty()
+    }
 }
 
 /// What one engine event means to the client.
 enum Step {
-    Delta {
-        text: String,
-        logprob: Option<Value>,
-        calls: Vec<ToolCall>,
-    },
+    Delta(Output),
     Done {
-        text: String,
-        /// The last token's, when a stop string ends the output at that token.
-        logprob: Option<Value>,
+        /// With the last token's logprob, when a stop string ends the output at that token.
+        out: Output,
         reason: FinishReason,
         completion_tokens: usize,
-        calls: Vec<ToolCall>,
         /// The choice made tool calls (in this step or before).
         made_calls: bool,
+        /// The choice's output began in reasoning.
+        reasoned: bool,
     },
     Failed(String),
 }
@@ -700,24 +742,27 @@ impl Run {
         v
     }
 
-    /// A stream chunk's choice `index`; `calls`: its tool calls in this chunk, numbered from
+    /// A stream chunk's choice `index` carrying `out`, its tool calls numbered from
     /// `first_call`.
     fn choice_delta(
         &self,
         index: usize,
-        text: &str,
-        logprob: Option<Value>,
+        out: Output,
+        first_call: usize,
         finish: Option<&str>,
-        (calls, first_call): (&[ToolCall], usize),
     ) -> Value {
         match self.endpoint {
             Endpoint::Chat => {
                 let mut delta = json!({});
-                if !text.is_empty() {
-                    delta["content"] = json!(text);
+                if !out.reasoning.is_empty() {
+                    delta["reasoning_content"] = json!(out.reasoning);
                 }
-                if !calls.is_empty() {
-                    delta["tool_calls"] = calls
+                if !out.text.is_empty() {
+                    delta["content"] = json!(out.text);
+                }
+                if !out.calls.is_empty() {
+                    delta["tool_calls"] = out
+                        .calls
                         .iter()
                         .enumerate()
                         .map(|(i, c)| c.to_delta(first_call + i))
@@ -726,49 +771,47 @@ impl Run {
                 json!({
                     "index": index,
                     "delta": delta,
-                    "logprobs": logprob.map(|l| json!({"content": [l]})),
+                    "logprobs": out.logprob.map(|l| json!({"content": [l]})),
                     "finish_reason": finish,
                 })
             }
             Endpoint::Completions => json!({
                 "index": index,
-                "text": text,
-                "logprobs": logprob.map(|entry| completion_logprobs(&[entry])),
+                "text": out.text,
+                "logprobs": out.logprob.map(|entry| completion_logprobs(&[entry])),
                 "finish_reason": finish,
             }),
         }
     }
 
     /// A whole response's choice `index`.
-    fn choice(
-        &self,
-        index: usize,
-        text: String,
-        logprobs: Vec<Value>,
-        reason: &str,
-        calls: &[ToolCall],
-    ) -> Value {
+    fn choice(&self, index: usize, whole: Whole) -> Value {
+        let reason = whole.reason.unwrap_or("stop");
         match self.endpoint {
             Endpoint::Chat => {
                 // As OpenAI's: a message of calls alone has null content.
+                let text = whole.text;
                 let mut message = json!({
                     "role": "assistant",
-                    "content": (!text.is_empty() || calls.is_empty()).then_some(text),
+                    "content": (!text.is_empty() || whole.calls.is_empty()).then_some(text),
                 });
-                if !calls.is_empty() {
-                    message["tool_calls"] = calls.iter().map(ToolCall::to_json).collect();
+                if whole.reasoned {
+                    message["reasoning_content"] = json!(whole.reasoning);
+                }
+                if !whole.calls.is_empty() {
+                    message["tool_calls"] = whole.calls.iter().map(ToolCall::to_json).collect();
                 }
                 json!({
                     "index": index,
                     "message": message,
-                    "logprobs": self.logprobs.then(|| json!({"content": logprobs})),
+                    "logprobs": self.logprobs.then(|| json!({"content": whole.logprobs})),
                     "finish_reason": reason,
                 })
             }
             Endpoint::Completions => json!({
                 "index": index,
-                "text": text,
-                "logprobs": self.logprobs.then(|| completion_logprobs(&logprobs)),
+                "text": whole.text,
+                "logprobs": self.logprobs.then(|| completion_logprobs(&whole.logprobs)),
                 "finish_reason": reason,
             }),
         }
@@ -793,23 +836,37 @@ impl Choice {
                     .filter(|_| run.logprobs)
                     .map(|lp| run.logprob_entry(&lp, self.decoded_chars));
                 self.decoded_chars += piece.chars().count();
+                if let Some(end) = self.reasoning_end {
+                    // Reasoning is neither stop-string text nor read for calls; its end token
+                    // is in neither part.
+                    if id == end {
+                        self.reasoning_end = None;
+                    }
+                    let reasoning = if id == end { String::new() } else { piece };
+                    return Step::Delta(Output {
+                        reasoning,
+                        logprob,
+                        ..Output::default()
+                    });
+                }
                 let (text, stopped) = self.text.push(&piece);
                 let (text, calls) = self.read_calls(text, stopped);
+                let out = Output {
+                    text,
+                    reasoning: String::new(),
+                    logprob,
+                    calls,
+                };
                 if stopped {
                     Step::Done {
-                        text,
-                        logprob,
+                        out,
                         reason: FinishReason::Stop,
                         completion_tokens: self.generated,
-                        calls,
                         made_calls: self.made_calls(),
+                        reasoned: self.reasoned,
                     }
                 } else {
-                    Step::Delta {
-                        text,
-                        logprob,
-                        calls,
-                    }
+                    Step::Delta(out)
                 }
             }
             Event::Finished {
@@ -821,6 +878,11 @@ impl Choice {
                 // The end of a character no token finished, as the whole output's decode shows it.
                 let rest = tokenizer.decode_rest(&mut self.decoding);
                 self.decoded_chars += rest.chars().count();
+                // An output that ends in its reasoning has no answer.
+                let (reasoning, rest) = match self.reasoning_end {
+                    Some(_) => (rest, String::new()),
+                    None => (String::new(), rest),
+                };
                 let (mut text, stopped) = self.text.push(&rest);
                 if !stopped {
                     text.push_str(&self.text.flush());
@@ -830,12 +892,16 @@ impl Choice {
                     .map(|lp| run.logprob_entry(&lp, self.decoded_chars));
                 let (text, calls) = self.read_calls(text, true);
                 Step::Done {
-                    text,
-                    logprob,
+                    out: Output {
+                        text,
+                        reasoning,
+                        logprob,
+                        calls,
+                    },
                     reason: if stopped { FinishReason::Stop } else { reason },
                     completion_tokens,
-                    calls,
                     made_calls: self.made_calls(),
+                    reasoned: self.reasoned,
                 }
             }
             Event::Error(message) => Step::Failed(message),
@@ -894,6 +960,7 @@ fn spawn_choices(
     receivers: Vec<UnboundedReceiver<Event>>,
     stop: &[String],
     tools: ToolReading,
+    reasoning_end: Option<u32>,
 ) -> mpsc::Receiver<(usize, Step)> {
     let (tx, rx) = mpsc::channel(64);
     for (index, mut events) in receivers.into_iter().enumerate() {
@@ -913,6 +980,8 @@ fn spawn_choices(
                 .parser
                 .map(|p| p.stream(format!("call-{}-{index}", run.id))),
             parallel: tools.parallel,
+            reasoning_end,
+            reasoned: reasoning_end.is_some(),
         };
         tokio::spawn(async move {
             // Ended by the response's end rather than its own: the client left (an abort), or
@@ -934,7 +1003,7 @@ fn spawn_choices(
                     }
                 };
                 let last = match &step {
-                    Step::Delta { .. } => false,
+                    Step::Delta(_) => false,
                     Step::Done { reason, .. } => {
                         choice.outcome.finish(reason.as_str());
                         true
@@ -972,6 +1041,27 @@ fn completion_logprobs(entries: &[Value]) -> Value {
     })
 }
 
+/// A choice's whole output, for a response that is not a stream.
+#[derive(Default)]
+struct Whole {
+    text: String,
+    reasoning: String,
+    logprobs: Vec<Value>,
+    calls: Vec<ToolCall>,
+    /// Set when the choice is done.
+    reason: Option<&'static str>,
+    reasoned: bool,
+}
+
+impl Whole {
+    fn add(&mut self, out: Output) {
+        self.text.push_str(&out.text);
+        self.reasoning.push_str(&out.reasoning);
+        self.logprobs.extend(out.logprob);
+        self.calls.extend(out.calls);
+    }
+}
+
 /// The whole response once every choice is done: the choices in index order, the prompt's
 /// tokens counted once and every choice's output tokens.
 async fn complete_response(
@@ -979,12 +1069,9 @@ async fn complete_response(
     mut steps: mpsc::Receiver<(usize, Step)>,
     n: usize,
 ) -> Response {
-    let mut texts = vec![String::new(); n];
-    let mut logprobs = vec![Vec::new(); n];
-    let mut calls: Vec<Vec<ToolCall>> = vec![Vec::new(); n];
-    let mut reasons: Vec<Option<&'static str>> = vec![None; n];
+    let mut wholes: Vec<Whole> = (0..n).map(|_| Whole::default()).collect();
     let mut completion_tokens = 0;
-    while reasons.iter().any(Option::is_none) {
+    while wholes.iter().any(|w| w.reason.is_none()) {
         // Every choice's task sends its last step before it ends.
         let Some((index, step)) = steps.recv().await else {
             run.failed();
@@ -995,27 +1082,18 @@ async fn complete_response(
             ));
         };
         match step {
-            Step::Delta {
-                text,
-                logprob,
-                calls: made,
-            } => {
-                texts[index].push_str(&text);
-                logprobs[index].extend(logprob);
-                calls[index].extend(made);
-            }
+            Step::Delta(out) => wholes[index].add(out),
             Step::Done {
-                text,
-                logprob,
+                out,
                 reason,
                 completion_tokens: tokens,
-                calls: made,
                 made_calls,
+                reasoned,
             } => {
-                texts[index].push_str(&text);
-                logprobs[index].extend(logprob);
-                calls[index].extend(made);
-                reasons[index] = Some(finish_text(reason, made_calls));
+                let whole = &mut wholes[index];
+                whole.add(out);
+                whole.reason = Some(finish_text(reason, made_calls));
+                whole.reasoned = reasoned;
                 completion_tokens += tokens;
             }
             Step::Failed(message) => {
@@ -1024,15 +1102,10 @@ async fn complete_response(
             }
         }
     }
-    let choices: Vec<Value> = texts
+    let choices: Vec<Value> = wholes
         .into_iter()
-        .zip(logprobs)
-        .zip(reasons)
-        .zip(&calls)
         .enumerate()
-        .map(|(index, (((text, logprobs), reason), calls))| {
-            run.choice(index, text, logprobs, reason.unwrap_or("stop"), calls)
-        })
+        .map(|(index, whole)| run.choice(index, whole))
         .collect();
     json_response(json!({
         "id": run.id,
@@ -1083,21 +1156,16 @@ fn stream_response(
             let failure = match step {
                 None => Some(engine_stopped(&run.state)),
                 Some((_, Step::Failed(message))) => Some(message),
-                Some((
-                    index,
-                    Step::Delta {
-                        text,
-                        logprob,
-                        calls,
-                    },
-                )) => {
-                    if text.is_empty() && logprob.is_none() && calls.is_empty() {
+                Some((index, Step::Delta(out))) => {
+                    if out.is_empty() {
                         continue;
                     }
                     let first_call = calls_sent[index];
-                    calls_sent[index] += calls.len();
-                    let delta = run.choice_delta(index, &text, logprob, None, (&calls, first_call));
-                    let chunk = run.chunk(json!([delta]), None);
+                    calls_sent[index] += out.calls.len();
+                    let chunk = run.chunk(
+                        json!([run.choice_delta(index, out, first_call, None)]),
+                        None,
+                    );
                     if tx.send(sse(&chunk)).await.is_err() {
                         return;
                     }
@@ -1106,25 +1174,19 @@ fn stream_response(
                 Some((
                     index,
                     Step::Done {
-                        text,
-                        logprob,
+                        out,
                         reason,
                         completion_tokens: tokens,
-                        calls,
                         made_calls,
+                        ..
                     },
                 )) => {
                     open -= 1;
                     completion_tokens += tokens;
+                    let first_call = calls_sent[index];
+                    calls_sent[index] += out.calls.len();
                     let reason = finish_text(reason, made_calls);
-                    let delta = run.choice_delta(
-                        index,
-                        &text,
-                        logprob,
-                        Some(reason),
-                        (&calls, calls_sent[index]),
-                    );
-                    calls_sent[index] += calls.len();
+                    let delta = run.choice_delta(index, out, first_call, Some(reason));
                     let last = run.chunk(json!([delta]), None);
                     if tx.send(sse(&last)).await.is_err() {
                         return;

@@ -1617,6 +1617,11 @@ async fn tools_need_a_parser_and_a_template_file_sees_them() {
     for (flag, value, says) in [
         ("--tool-call-parser", "hermes", "--tool-call-parser hermes"),
         (
+            "--reasoning-parser",
+            "sometimes",
+            "--reasoning-parser sometimes",
+        ),
+        (
             "--chat-template",
             "/no/such/file.jinja",
             "reading --chat-template",
@@ -1632,4 +1637,89 @@ async fn tools_need_a_parser_and_a_template_file_sees_them() {
     let model = Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
     let err = build_state(model, tokenizer(), "fixture".into(), &args).expect_err("refused");
     assert!(format!("{err:#}").contains("--chat-template"), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thinking_outputs_give_their_reasoning_apart() {
+    // Token 248 "pondering", 249 "</think>", 250 the calls, 251 a stop token: biased 100, 90,
+    // 80 and 70 with a repetition penalty of 2, each token's logit halves once it is
+    // generated, so the output is 248, 249, 250, then 251 ends it.
+    let words = [(248, "pondering"), (249, "</think>"), (250, CALLS)];
+    let body = |extra: Value| {
+        let mut body = calling_body(json!({
+            "logit_bias": {"248": 100, "249": 90, "250": 80, "251": 70},
+            "repetition_penalty": 2.0, "min_tokens": 0, "max_tokens": 6,
+        }));
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let thinking = json!({"chat_template_kwargs": {"thinking": true}});
+    let model = Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
+    let s = start_with_tokenizer(model, tokenizer_with(&words, None), &[]).await;
+
+    let v = s
+        .post("/v1/chat/completions", body(thinking.clone()))
+        .await
+        .json();
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], "pondering", "{v}");
+    // The word-level decoder puts a space between words.
+    assert_eq!(message["content"], " Sure.\n\n", "{v}");
+    assert_eq!(
+        call_names_and_arguments(&message["tool_calls"]).len(),
+        2,
+        "{v}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
+
+    // Streamed: the reasoning first, as reasoning_content deltas.
+    let mut streamed = body(thinking.clone());
+    streamed["stream"] = json!(true);
+    let chunks = s.post("/v1/chat/completions", streamed).await.chunks();
+    let part = |key: &str| -> String {
+        chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"][key].as_str())
+            .collect()
+    };
+    assert_eq!(part("reasoning_content"), "pondering");
+    assert_eq!(part("content"), " Sure.\n\n");
+    // (The first chunk gives the role, with an empty content.)
+    let first_content = chunks
+        .iter()
+        .position(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        })
+        .unwrap();
+    let last_reasoning = chunks
+        .iter()
+        .rposition(|c| c["choices"][0]["delta"]["reasoning_content"].is_string())
+        .unwrap();
+    assert!(last_reasoning < first_content);
+
+    // Chat mode: the prompt does not open a thought, and the output is all answer.
+    let v = s.post("/v1/chat/completions", body(json!({}))).await.json();
+    let message = &v["choices"][0]["message"];
+    assert!(message.get("reasoning_content").is_none(), "{v}");
+    assert_eq!(message["content"], "pondering </think> Sure.\n\n", "{v}");
+    s.shutdown().await;
+
+    // --reasoning-parser none: thinking mode's reasoning stays in the content.
+    let model = Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
+    let s = start_with_tokenizer(
+        model,
+        tokenizer_with(&words, None),
+        &["--reasoning-parser", "none"],
+    )
+    .await;
+    let v = s.post("/v1/chat/completions", body(thinking)).await.json();
+    let message = &v["choices"][0]["message"];
+    assert!(message.get("reasoning_content").is_none(), "{v}");
+    assert_eq!(message["content"], "pondering </think> Sure.\n\n", "{v}");
+    s.shutdown().await;
 }
