@@ -81,7 +81,8 @@ pub struct StreamOptions {
 pub struct RequestBody {
     pub model: Option<String>,
     pub prompt: Option<Value>,
-    pub messages: Option<Value>,
+    /// Its objects' keys kept in order: a call's arguments sent as an object keep theirs.
+    pub messages: Option<JsonValue>,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
     pub temperature: Option<f64>,
@@ -417,11 +418,14 @@ fn parse_prompt(prompt: &Value) -> Result<PromptInput, ApiError> {
     }
 }
 
-fn parse_messages(messages: &Value) -> Result<Vec<ChatMessage>, ApiError> {
+fn parse_messages(ordered: &JsonValue) -> Result<Vec<ChatMessage>, ApiError> {
     let bad = |m: String| ApiError::invalid(Some("messages"), m);
-    let list = messages
-        .as_array()
-        .ok_or_else(|| bad("messages must be a list of {role, content} objects".into()))?;
+    let JsonValue::Array(ordered) = ordered else {
+        return Err(bad(
+            "messages must be a list of {role, content} objects".into()
+        ));
+    };
+    let list: Vec<Value> = ordered.iter().map(JsonValue::to_value).collect();
     if list.is_empty() {
         return Err(bad("messages must not be empty".into()));
     }
@@ -464,7 +468,14 @@ fn parse_messages(messages: &Value) -> Result<Vec<ChatMessage>, ApiError> {
                 Some(Value::Array(calls)) if role == "assistant" => calls
                     .iter()
                     .enumerate()
-                    .map(|(c, call)| message_tool_call(call, &format!("{at}.tool_calls[{c}]")))
+                    .map(|(c, call)| {
+                        // The same call as sent, for arguments sent as an object.
+                        let sent = match ordered[i].get("tool_calls") {
+                            Some(JsonValue::Array(calls)) => calls.get(c),
+                            _ => None,
+                        };
+                        message_tool_call(call, sent, &format!("{at}.tool_calls[{c}]"))
+                    })
                     .collect::<Result<_, _>>()?,
                 Some(Value::Array(_)) => {
                     return Err(bad(format!(
@@ -487,8 +498,12 @@ fn parse_messages(messages: &Value) -> Result<Vec<ChatMessage>, ApiError> {
 }
 
 /// One call of an assistant message: `{id, type: "function", function: {name, arguments}}`,
-/// the arguments JSON text (or an object, written as text).
-fn message_tool_call(call: &Value, at: &str) -> Result<MessageToolCall, ApiError> {
+/// the arguments JSON text (or an object, written as text with its keys in `sent`'s order).
+fn message_tool_call(
+    call: &Value,
+    sent: Option<&JsonValue>,
+    at: &str,
+) -> Result<MessageToolCall, ApiError> {
     let bad = |m: String| ApiError::invalid(Some("messages"), m);
     if call
         .get("type")
@@ -510,8 +525,12 @@ fn message_tool_call(call: &Value, at: &str) -> Result<MessageToolCall, ApiError
     };
     let arguments = match function.get("arguments") {
         None | Some(Value::Null) => "{}".to_string(),
+        // Some clients send "" for a call without arguments.
+        Some(Value::String(a)) if a.trim().is_empty() => "{}".to_string(),
         Some(Value::String(a)) => a.clone(),
-        Some(object @ Value::Object(_)) => object.to_string(),
+        Some(object @ Value::Object(_)) => sent
+            .and_then(|c| c.get("function")?.get("arguments"))
+            .map_or_else(|| object.to_string(), JsonValue::python_text),
         Some(_) => {
             return Err(bad(format!(
                 "{at}.function.arguments must be a JSON object's text"
@@ -1207,7 +1226,11 @@ mod tests {
         assert_eq!(call.reasoning_content.as_deref(), Some("look it up"));
         assert_eq!(call.tool_calls[0].id.as_deref(), Some("c1"));
         assert_eq!(call.tool_calls[0].function.name, "w");
-        assert_eq!(call.tool_calls[0].function.arguments, r#"{"city":"Paris"}"#);
+        // Sent as an object: written as text, its keys in the order sent.
+        assert_eq!(
+            call.tool_calls[0].function.arguments,
+            r#"{"city": "Paris"}"#
+        );
         assert_eq!(messages[2].tool_call_id.as_deref(), Some("c1"));
         assert_eq!(messages[2].name.as_deref(), Some("w"));
         // The tools keep their keys' order for the prompt.

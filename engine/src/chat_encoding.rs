@@ -31,6 +31,7 @@ const THINK_END: &str = "</think>";
 /// The system prompt's tools section, the schemas at its end (DeepSeek-V3.2's wording, which
 /// the model was trained on).
 const TOOLS_INTRO: &str = "## Tools
+
 You have access to a set of tools you can use to answer the user's question.
 You can invoke functions by writing a \"<｜DSML｜function_calls>\" block like the following as part of your reply to the user:
 <｜DSML｜function_calls>
@@ -42,15 +43,21 @@ You can invoke functions by writing a \"<｜DSML｜function_calls>\" block like 
 ...
 </｜DSML｜invoke>
 </｜DSML｜function_calls>
+
 String and scalar parameters should be specified as is without any escaping or quotes, while lists and objects should use JSON format. The \"string\" attribute should be set to \"true\" for string type parameters and \"false\" for other types (numbers, booleans, arrays, objects).
+
 If the thinking_mode is enabled, then after function results you should strongly consider outputting a thinking block. Here is an example:
+
 <｜DSML｜function_calls>
 ...
 </｜DSML｜function_calls>
+
 <function_results>
 ...
 </function_results>
+
 <think>...thinking about results</think>
+
 Here are the functions available in JSONSchema format:
 <functions>
 ";
@@ -80,6 +87,22 @@ pub fn deepseek_v32(
         true => THINK_START,
         false => THINK_END,
     };
+    // Every call answered, once results begin (as OpenAI asks): the format closes its results
+    // after the last call's.
+    for (i, (m, _)) in all.iter().enumerate() {
+        let results = all[i + 1..]
+            .iter()
+            .take_while(|(m, _)| m.role == "tool")
+            .count();
+        let calls = m.tool_calls.len();
+        if m.role == "assistant" && results > 0 && results < calls {
+            return Err(format!(
+                "messages[{}]: the assistant message made {calls} tool calls and {results} \
+                 result(s) follow it; give each call its result",
+                client_index(i)
+            ));
+        }
+    }
     let mut prompt = String::from(BOS);
     for (i, &(m, with_tools)) in all.iter().enumerate() {
         let at = || format!("messages[{}]", client_index(i));
@@ -372,6 +395,20 @@ mod tests {
             "{e}"
         );
 
+        let mut two_calls = one_call.clone();
+        two_calls.tool_calls.push(two_calls.tool_calls[0].clone());
+        let one_result = [
+            msg("user", "x"),
+            two_calls,
+            msg("tool", "a"),
+            msg("user", "y"),
+        ];
+        let e = deepseek_v32(&one_result, &[], false).unwrap_err();
+        assert!(
+            e.starts_with("messages[1]: the assistant message made 2 tool calls and 1"),
+            "{e}"
+        );
+
         let mut bad_args = one_call.clone();
         bad_args.tool_calls[0].function.arguments = "[1, 2]".into();
         let e = deepseek_v32(&[msg("user", "x"), bad_args], &[], false).unwrap_err();
@@ -393,6 +430,37 @@ mod tests {
         let tool = JsonValue::parse(r#"{"name": "w"}"#).unwrap();
         let e = deepseek_v32(&tool_first, &[tool], false).unwrap_err();
         assert!(e.starts_with("messages[1]:"), "{e}");
+    }
+
+    #[test]
+    fn the_tools_section_is_deepseeks_text_line_for_line() {
+        let tool = JsonValue::parse(r#"{"name": "now"}"#).unwrap();
+        let prompt = deepseek_v32(&[msg("user", "x")], &[tool], false).unwrap();
+        // Blank lines between its paragraphs, as DeepSeek's template has them.
+        let lines: Vec<&str> = prompt.lines().collect();
+        let blank: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].is_empty()).collect();
+        assert_eq!(lines[2], "## Tools");
+        assert_eq!(
+            blank.iter().map(|&i| lines[i - 1]).collect::<Vec<_>>(),
+            [
+                "<｜begin▁of▁sentence｜>",
+                "## Tools",
+                "</｜DSML｜function_calls>",
+                "String and scalar parameters should be specified as is without any escaping or \
+                 quotes, while lists and objects should use JSON format. The \"string\" attribute \
+                 should be set to \"true\" for string type parameters and \"false\" for other \
+                 types (numbers, booleans, arrays, objects).",
+                "If the thinking_mode is enabled, then after function results you should strongly \
+                 consider outputting a thinking block. Here is an example:",
+                "</｜DSML｜function_calls>",
+                "</function_results>",
+                "<think>...thinking about results</think>",
+            ]
+        );
+        assert!(prompt.ends_with(
+            "Here are the functions available in JSONSchema format:\n<functions>\n\
+             {\"name\": \"now\"}\n</functions>\n<｜User｜>x<｜Assistant｜></think>"
+        ));
     }
 
     #[test]

@@ -200,9 +200,13 @@ impl<'de> Visitor<'de> for JsonVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsonValue, A::Error> {
-        let mut entries = Vec::new();
+        let mut entries: Vec<(String, JsonValue)> = Vec::new();
         while let Some((k, v)) = map.next_entry::<String, JsonValue>()? {
-            entries.push((k, v));
+            // A repeated key keeps its first place and its last value, as Python's dict does.
+            match entries.iter_mut().find(|(key, _)| *key == k) {
+                Some(entry) => entry.1 = v,
+                None => entries.push((k, v)),
+            }
         }
         Ok(JsonValue::Object(entries))
     }
@@ -239,6 +243,12 @@ mod tests {
             v.python_text(),
             "[\"杭州\", \"é\", 2.0, 1e+20, 1e-05, 123.25, \"\\u0001\"]"
         );
+    }
+
+    #[test]
+    fn a_repeated_key_keeps_its_place_and_its_last_value() {
+        let v = JsonValue::parse(r#"{"a": 1, "b": 2, "a": 3}"#).unwrap();
+        assert_eq!(v.python_text(), r#"{"a": 3, "b": 2}"#);
     }
 
     #[test]

@@ -241,11 +241,13 @@ fn run<B: Backend>(command: Command, backend: B, devices: usize) -> anyhow::Resu
             } else {
                 prompt
             };
-            let mut ids = Vec::new();
-            if let Some(bos) = loaded.config.bos_token_id.or(tokenizer.bos_token_id()) {
-                ids.push(bos);
+            let mut ids = tokenizer.encode(&text)?;
+            // A chat format that writes the BOS itself (DeepSeek's do) is not given a second.
+            if let Some(bos) = loaded.config.bos_token_id.or(tokenizer.bos_token_id())
+                && ids.first() != Some(&bos)
+            {
+                ids.insert(0, bos);
             }
-            ids.extend(tokenizer.encode(&text)?);
             if ids.is_empty() {
                 bail!("the prompt encodes to no tokens");
             }

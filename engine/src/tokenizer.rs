@@ -42,11 +42,24 @@ impl ChatMessage {
 }
 
 /// A call in an assistant message, as OpenAI's messages carry it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MessageToolCall {
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     pub function: FunctionCall,
+}
+
+impl Serialize for MessageToolCall {
+    /// OpenAI's shape, `type` included (templates read it).
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        if let Some(id) = &self.id {
+            map.serialize_entry("id", id)?;
+        }
+        map.serialize_entry("type", "function")?;
+        map.serialize_entry("function", &self.function)?;
+        map.end()
+    }
 }
 
 /// The function a call names, and its arguments as JSON text.

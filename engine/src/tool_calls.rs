@@ -92,13 +92,20 @@ pub enum Piece {
 pub struct DsmlStream {
     id_prefix: String,
     calls: usize,
-    /// Inside a block: its text not yet turned into calls, from its start tag on (content
-    /// again if the block proves not to be DSML).
+    /// Inside a block: its text not yet turned into calls, from the blank line before its
+    /// start tag on (content again if the block proves not to be DSML).
     block: Option<String>,
     /// Text not yet read: outside a block, an end that may begin one; inside, what follows
     /// the last whole call.
     pending: String,
+    /// Inside a call still being written: how far into `pending` (less its leading
+    /// whitespace) its end tag has been looked for, so a long call is searched once.
+    scanned: usize,
 }
+
+/// The blank line DeepSeek-V3.2 writes between its answer's text and a block, part of the
+/// format rather than the text (its encoder writes it back before the calls).
+const LEAD: &str = "\n\n";
 
 impl DsmlStream {
     pub fn new(id_prefix: String) -> Self {
@@ -107,6 +114,7 @@ impl DsmlStream {
             calls: 0,
             block: None,
             pending: String::new(),
+            scanned: 0,
         }
     }
 
@@ -127,6 +135,7 @@ impl DsmlStream {
             if !progressed {
                 return merge(out);
             }
+            self.scanned = 0;
         }
     }
 
@@ -134,6 +143,7 @@ impl DsmlStream {
     pub fn finish(&mut self) -> Vec<Piece> {
         let mut text = self.block.take().unwrap_or_default();
         text.push_str(&std::mem::take(&mut self.pending));
+        self.scanned = 0;
         match text.is_empty() {
             true => Vec::new(),
             false => vec![Piece::Content(text)],
@@ -141,16 +151,24 @@ impl DsmlStream {
     }
 
     /// Outside a block: passes content on up to a block's start (entering it), or up to an end
-    /// that may begin one. Whether it entered a block.
+    /// that may begin one (or the blank line before one). Whether it entered a block.
     fn read_content(&mut self, out: &mut Vec<Piece>) -> bool {
         if let Some(at) = self.pending.find(BLOCK_START) {
             let rest = self.pending.split_off(at);
-            out.push(Piece::Content(std::mem::take(&mut self.pending)));
+            let mut content = std::mem::take(&mut self.pending);
+            let lead = match content.ends_with(LEAD) {
+                true => content.split_off(content.len() - LEAD.len()),
+                false => String::new(),
+            };
+            out.push(Piece::Content(content));
             self.pending = rest[BLOCK_START.len()..].to_string();
-            self.block = Some(BLOCK_START.to_string());
+            self.block = Some(lead + BLOCK_START);
             return true;
         }
-        let keep = partial_start(&self.pending, BLOCK_START);
+        let keep = partial_start(&self.pending, BLOCK_START).max(partial_start(
+            &self.pending,
+            &format!("{LEAD}{BLOCK_START}"),
+        ));
         let rest = self.pending.split_off(self.pending.len() - keep);
         out.push(Piece::Content(std::mem::replace(&mut self.pending, rest)));
         false
@@ -167,8 +185,15 @@ impl DsmlStream {
             return true;
         }
         if text.starts_with(INVOKE_START) {
-            let Some(end) = text.find(INVOKE_END) else {
-                return false; // the call is still being written
+            let mut from = self.scanned.min(text.len());
+            while !text.is_char_boundary(from) {
+                from -= 1;
+            }
+            let Some(end) = text[from..].find(INVOKE_END).map(|e| from + e) else {
+                // The call is still being written: next time, look from where this look
+                // could not have found an end tag.
+                self.scanned = text.len().saturating_sub(INVOKE_END.len());
+                return false;
             };
             let invoke = &text[..end + INVOKE_END.len()];
             let Some((name, arguments)) = parse_invoke(invoke) else {
@@ -194,13 +219,10 @@ impl DsmlStream {
         true
     }
 
-    /// The block is not DSML: its text so far is content, and reading goes on outside it.
+    /// The block is not DSML: what was taken for its start is content, and what follows is
+    /// read again outside it (where another block may start).
     fn not_dsml(&mut self, out: &mut Vec<Piece>) {
-        let mut text = self.block.take().unwrap_or_default();
-        // Its start tag was read into `block` before any of `pending`; a block already giving
-        // calls has only the text after them.
-        text.push_str(&std::mem::take(&mut self.pending));
-        out.push(Piece::Content(text));
+        out.push(Piece::Content(self.block.take().unwrap_or_default()));
     }
 }
 
@@ -336,7 +358,8 @@ mod tests {
     #[test]
     fn a_block_gives_its_calls_and_the_text_before_it_is_content() {
         let pieces = read_whole(TWO_CALLS);
-        assert_eq!(content(&pieces), "Let me look.\n\n");
+        // The blank line before the block is the format's, not the answer's.
+        assert_eq!(content(&pieces), "Let me look.");
         assert_eq!(
             calls(&pieces),
             [
@@ -366,19 +389,38 @@ mod tests {
 
     #[test]
     fn any_split_of_the_output_reads_as_the_whole_does() {
-        let whole = read_whole(TWO_CALLS);
-        let chars: Vec<(usize, char)> = TWO_CALLS.char_indices().collect();
-        for step in [1, 2, 3, 7, 13] {
-            let mut s = DsmlStream::new("call".into());
-            let mut out = Vec::new();
-            for chunk in chars.chunks(step) {
-                let start = chunk[0].0;
-                let end = chunk.last().map(|&(i, c)| i + c.len_utf8()).unwrap();
-                out.extend(s.push(&TWO_CALLS[start..end]));
+        let not_then_calls = "<｜DSML｜function_calls>x\n\n<｜DSML｜function_calls>\
+            <｜DSML｜invoke name=\"f\"></｜DSML｜invoke></｜DSML｜function_calls>";
+        for text in [
+            TWO_CALLS,
+            not_then_calls,
+            "a\n\n\n<｜DSML｜function_calls>b\n\n",
+        ] {
+            let whole = read_whole(text);
+            let chars: Vec<(usize, char)> = text.char_indices().collect();
+            for step in [1, 2, 3, 7, 13] {
+                let mut s = DsmlStream::new("call".into());
+                let mut out = Vec::new();
+                for chunk in chars.chunks(step) {
+                    let start = chunk[0].0;
+                    let end = chunk.last().map(|&(i, c)| i + c.len_utf8()).unwrap();
+                    out.extend(s.push(&text[start..end]));
+                }
+                out.extend(s.finish());
+                assert_eq!(merge(out), whole, "{text:?} in pieces of {step} characters");
             }
-            out.extend(s.finish());
-            assert_eq!(merge(out), whole, "pieces of {step} characters");
         }
+        // A start tag that begins no block is text, and a block after it is still read.
+        let pieces = read_whole(not_then_calls);
+        assert_eq!(calls(&pieces), [("f", "{}")]);
+        assert_eq!(content(&pieces), "<｜DSML｜function_calls>x");
+        // Only one blank line is the format's; a block that is not DSML keeps its own.
+        assert_eq!(
+            read_whole("a\n\n\n<｜DSML｜function_calls>b\n\n"),
+            [Piece::Content(
+                "a\n\n\n<｜DSML｜function_calls>b\n\n".into()
+            )]
+        );
     }
 
     #[test]

@@ -1296,13 +1296,15 @@ const CALLS: &str = "Sure.\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name
     <｜DSML｜parameter name=\"days\" string=\"false\">2</｜DSML｜parameter>\n</｜DSML｜invoke>\n\
     <｜DSML｜invoke name=\"now\">\n</｜DSML｜invoke>\n</｜DSML｜function_calls>";
 
-/// The fixture with token 250 reading as [`CALLS`] and DeepSeek-V3.2's own chat encoding (its
-/// tokenizer has no template, as the official release has none), and a chat body whose output
-/// is token 250 then stop token 251: 251 is biased highest but held back by `min_tokens` for
-/// the first token, which is then 250.
+/// The fixture with token 250 reading as [`CALLS`], 247 as its calls alone, and DeepSeek-V3.2's
+/// own chat encoding (its tokenizer has no template, as the official release has none), and a
+/// chat body whose output is token 250 then stop token 251: 251 is biased highest (10 above
+/// 250) but held back by `min_tokens` for the first token, which is then 250.
 async fn start_calling(extra: &[&str]) -> Server {
     let model = Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
-    start_with_tokenizer(model, tokenizer_with(&[(250, CALLS)], None), extra).await
+    let calls_alone = CALLS.strip_prefix("Sure.").unwrap();
+    let words = [(247, calls_alone), (250, CALLS)];
+    start_with_tokenizer(model, tokenizer_with(&words, None), extra).await
 }
 
 fn calling_body(extra: Value) -> Value {
@@ -1313,7 +1315,7 @@ fn calling_body(extra: Value) -> Value {
              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
             {"type": "function", "function": {"name": "now"}}
         ],
-        "logit_bias": {"250": 99, "251": 100}, "stop_token_ids": [251], "min_tokens": 1,
+        "logit_bias": {"250": 90, "251": 100}, "stop_token_ids": [251], "min_tokens": 1,
         "temperature": 0, "max_tokens": 4
     });
     for (k, v) in extra.as_object().unwrap() {
@@ -1348,7 +1350,7 @@ async fn tool_calls_come_back_as_openais_tool_calls() {
     let v = r.json();
     let choice = &v["choices"][0];
     assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
-    assert_eq!(choice["message"]["content"], "Sure.\n\n", "{v}");
+    assert_eq!(choice["message"]["content"], "Sure.", "{v}");
     let calls = &choice["message"]["tool_calls"];
     assert_eq!(
         call_names_and_arguments(calls),
@@ -1392,6 +1394,22 @@ async fn tool_calls_come_back_as_openais_tool_calls() {
     assert_eq!(r["choices"][0]["message"]["content"], CALLS, "{r}");
     assert_eq!(prompt_tokens(&r), prompt_tokens(&without));
 
+    // Calls alone: the content is null, not the blank line before the block.
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            calling_body(json!({"logit_bias": {"247": 90, "251": 100}})),
+        )
+        .await
+        .json();
+    let message = &r["choices"][0]["message"];
+    assert!(message["content"].is_null(), "{r}");
+    assert_eq!(
+        call_names_and_arguments(&message["tool_calls"]).len(),
+        2,
+        "{r}"
+    );
+
     // parallel_tool_calls false: the first call only.
     let r = s
         .post(
@@ -1429,7 +1447,7 @@ async fn streamed_tool_calls_are_deltas_with_their_indices() {
             .iter()
             .filter_map(|d| d["delta"]["content"].as_str())
             .collect();
-        assert_eq!(content, "Sure.\n\n");
+        assert_eq!(content, "Sure.");
         let calls: Vec<Value> = deltas
             .iter()
             .filter_map(|d| d["delta"]["tool_calls"].as_array())
@@ -1666,7 +1684,7 @@ async fn thinking_outputs_give_their_reasoning_apart() {
     let message = &v["choices"][0]["message"];
     assert_eq!(message["reasoning_content"], "pondering", "{v}");
     // The word-level decoder puts a space between words.
-    assert_eq!(message["content"], " Sure.\n\n", "{v}");
+    assert_eq!(message["content"], " Sure.", "{v}");
     assert_eq!(
         call_names_and_arguments(&message["tool_calls"]).len(),
         2,
@@ -1686,7 +1704,7 @@ async fn thinking_outputs_give_their_reasoning_apart() {
             .collect()
     };
     assert_eq!(part("reasoning_content"), "pondering");
-    assert_eq!(part("content"), " Sure.\n\n");
+    assert_eq!(part("content"), " Sure.");
     // (The first chunk gives the role, with an empty content.)
     let first_content = chunks
         .iter()
@@ -1706,7 +1724,7 @@ async fn thinking_outputs_give_their_reasoning_apart() {
     let v = s.post("/v1/chat/completions", body(json!({}))).await.json();
     let message = &v["choices"][0]["message"];
     assert!(message.get("reasoning_content").is_none(), "{v}");
-    assert_eq!(message["content"], "pondering </think> Sure.\n\n", "{v}");
+    assert_eq!(message["content"], "pondering </think> Sure.", "{v}");
     s.shutdown().await;
 
     // --reasoning-parser none: thinking mode's reasoning stays in the content.
@@ -1720,6 +1738,6 @@ async fn thinking_outputs_give_their_reasoning_apart() {
     let v = s.post("/v1/chat/completions", body(thinking)).await.json();
     let message = &v["choices"][0]["message"];
     assert!(message.get("reasoning_content").is_none(), "{v}");
-    assert_eq!(message["content"], "pondering </think> Sure.\n\n", "{v}");
+    assert_eq!(message["content"], "pondering </think> Sure.", "{v}");
     s.shutdown().await;
 }
