@@ -4,7 +4,9 @@ Serves the tiny fixture model (tests/fixtures/v32_sparse_moe) with a word-level 
 written here, on 127.0.0.1 with a free port, and checks completions and chat, streaming and
 not, usage numbers, stop sequences, max_tokens -> finish_reason "length", seed determinism,
 logprobs, logit bias and penalties (and vLLM's min_tokens through extra_body), and OpenAI-style
-errors.
+errors. A second server, whose tokenizer has no chat template (so DeepSeek-V3.2's own chat
+encoding and its tool-call parser are in use) and words that read as a DSML block of calls and
+as `</think>`, checks tool calls and reasoning as the client's own types read them.
 
 Run: python engine/tests/openai_client/test_openai.py [path/to/sparsemoe-engine]
 Without the `openai` package it prints that it skipped and exits 0, except under CI=true,
@@ -42,12 +44,25 @@ BINARY = os.environ.get("SPARSEMOE_ENGINE_BIN") or os.path.join(
 )
 
 
-def write_model(directory):
-    """The fixture's weights plus a word-level tokenizer: <s>=0, </s>=1, t2..t255."""
+TEMPLATE = ("{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
+            "{% if add_generation_prompt %}t9{% endif %}")
+
+# What DeepSeek-V3.2 writes to call two tools after a line of text.
+CALLS = ('Sure.\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name="get_weather">\n'
+         '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n'
+         '<｜DSML｜parameter name="days" string="false">2</｜DSML｜parameter>\n'
+         '</｜DSML｜invoke>\n<｜DSML｜invoke name="now">\n</｜DSML｜invoke>\n'
+         '</｜DSML｜function_calls>')
+
+
+def write_model(directory, words=None, chat_template=TEMPLATE):
+    """The fixture's weights plus a word-level tokenizer: <s>=0, </s>=1, t2..t255, with
+    `words` ({id: text}) in place of some t…."""
     for name in ("config.json", "model.safetensors"):
         shutil.copy(os.path.join(FIXTURE, name), os.path.join(directory, name))
     vocab = {"<s>": 0, "</s>": 1}
-    vocab.update({f"t{i}": i for i in range(2, 256)})
+    words = words or {}
+    vocab.update({words.get(i, f"t{i}"): i for i in range(2, 256)})
 
     def special(i, content):
         return {"id": i, "content": content, "single_word": False, "lstrip": False,
@@ -64,18 +79,17 @@ def write_model(directory):
     }
     with open(os.path.join(directory, "tokenizer.json"), "w") as f:
         json.dump(tokenizer, f)
+    config = {"bos_token": "<s>", "eos_token": "</s>"}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({
-            "bos_token": "<s>", "eos_token": "</s>",
-            "chat_template": "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
-                             "{% if add_generation_prompt %}t9{% endif %}",
-        }, f)
+        json.dump(config, f)
 
 
 class Server:
-    def __init__(self):
+    def __init__(self, **model):
         self.dir = tempfile.mkdtemp(prefix="sparsemoe-openai-")
-        write_model(self.dir)
+        write_model(self.dir, **model)
         self.proc = subprocess.Popen(
             [BINARY, "serve", "--model", self.dir, "--served-model-name", "tiny",
              "--host", "127.0.0.1", "--port", "0"],
@@ -103,10 +117,33 @@ class Server:
 
 
 SERVER = None
+# Token 248 reads "pondering", 249 "</think>", 250 the calls; 251 is a stop token below.
+TOOLS_SERVER = None
 
 
-def client():
-    return openai.OpenAI(base_url=SERVER.base + "/v1", api_key="unused", max_retries=0)
+def client(server=None):
+    base = (server or SERVER).base
+    return openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+
+
+WEATHER_TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                        "days": {"type": "integer"}}}}},
+    {"type": "function", "function": {"name": "now", "description": "The time"}},
+]
+
+
+def calling(**kw):
+    """A chat request whose output is token 250 (the calls) then stop token 251: 251 is biased
+    highest but held back for the first token by min_tokens."""
+    args = dict(model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                tools=WEATHER_TOOLS, temperature=0, max_tokens=4,
+                logit_bias={"250": 90, "251": 100},
+                extra_body={"min_tokens": 1, "stop_token_ids": [251]})
+    args.update(kw)
+    return client(TOOLS_SERVER).chat.completions.create(**args)
 
 
 class OpenAIClientTest(unittest.TestCase):
@@ -241,18 +278,75 @@ class OpenAIClientTest(unittest.TestCase):
             client().completions.create(model="tiny", prompt=[3, 999])
 
 
+class ToolCallsTest(unittest.TestCase):
+    def test_tool_calls_read_as_the_clients_types(self):
+        r = calling()
+        choice = r.choices[0]
+        self.assertEqual(choice.finish_reason, "tool_calls")
+        self.assertEqual(choice.message.content, "Sure.")
+        calls = choice.message.tool_calls
+        self.assertEqual([c.function.name for c in calls], ["get_weather", "now"])
+        self.assertEqual(json.loads(calls[0].function.arguments), {"city": "Paris", "days": 2})
+        self.assertEqual(json.loads(calls[1].function.arguments), {})
+        self.assertEqual(len({c.id for c in calls}), 2)
+        # The conversation goes on with the calls and their results.
+        follow = calling(messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny"},
+            {"role": "tool", "tool_call_id": calls[1].id, "content": "noon"},
+        ])
+        self.assertEqual(follow.choices[0].finish_reason, "tool_calls")
+
+    def test_streamed_tool_calls_accumulate(self):
+        stream = calling(stream=True)
+        text, calls, finish = "", {}, None
+        for chunk in stream:
+            for ch in chunk.choices:
+                text += ch.delta.content or ""
+                for tc in ch.delta.tool_calls or []:
+                    call = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                    call["name"] += tc.function.name or ""
+                    call["arguments"] += tc.function.arguments or ""
+                finish = ch.finish_reason or finish
+        self.assertEqual(text, "Sure.")
+        self.assertEqual(sorted(calls), [0, 1])
+        self.assertEqual(calls[0]["name"], "get_weather")
+        self.assertEqual(json.loads(calls[0]["arguments"]), {"city": "Paris", "days": 2})
+        self.assertEqual(finish, "tool_calls")
+
+    def test_forcing_a_call_is_refused(self):
+        with self.assertRaises(openai.BadRequestError) as e:
+            calling(tool_choice="required")
+        self.assertEqual(e.exception.param, "tool_choice")
+
+    def test_reasoning_comes_apart(self):
+        # 248, 249 (</think>), 250, then 251: biases 100, 90, 80, 70 halved once generated.
+        r = calling(logit_bias={"248": 100, "249": 90, "250": 80, "251": 70},
+                    extra_body={"chat_template_kwargs": {"thinking": True},
+                                "repetition_penalty": 2.0, "stop_token_ids": [251]},
+                    max_tokens=6)
+        message = r.choices[0].message
+        self.assertEqual(message.model_extra.get("reasoning_content"), "pondering")
+        self.assertEqual([c.function.name for c in message.tool_calls], ["get_weather", "now"])
+
+
 def main():
-    global SERVER
+    global SERVER, TOOLS_SERVER
     if not os.path.exists(BINARY):
         print(f"openai client tests: FAILED: {BINARY} not built (cargo build -p sparsemoe-engine)")
         return 1
     SERVER = Server()
+    TOOLS_SERVER = Server(words={248: "pondering", 249: "</think>", 250: CALLS},
+                          chat_template=None)
     try:
         result = unittest.main(argv=[sys.argv[0], "-v"], exit=False).result
     finally:
         code = SERVER.stop()
-    if code != 0:
-        print(f"openai client tests: FAILED: the server exited with {code} after SIGTERM")
+        tools_code = TOOLS_SERVER.stop()
+    if code != 0 or tools_code != 0:
+        print(f"openai client tests: FAILED: the servers exited with {code} and {tools_code} "
+              "after SIGTERM")
         return 1
     failed = len(result.failures) + len(result.errors)
     passed = result.testsRun - failed - len(result.skipped)
