@@ -789,11 +789,13 @@ impl Run {
         let reason = whole.reason.unwrap_or("stop");
         match self.endpoint {
             Endpoint::Chat => {
-                // As OpenAI's: a message of calls alone has null content.
+                // As OpenAI's: a message of calls alone has null content, and so (as vLLM's)
+                // does one of reasoning alone.
                 let text = whole.text;
+                let no_answer = text.is_empty() && (!whole.calls.is_empty() || whole.reasoned);
                 let mut message = json!({
                     "role": "assistant",
-                    "content": (!text.is_empty() || whole.calls.is_empty()).then_some(text),
+                    "content": (!no_answer).then_some(text),
                 });
                 if whole.reasoned {
                     message["reasoning_content"] = json!(whole.reasoning);
@@ -842,7 +844,15 @@ impl Choice {
                     if id == end {
                         self.reasoning_end = None;
                     }
-                    let reasoning = if id == end { String::new() } else { piece };
+                    // The end token's own text is neither (what a decoder puts before it, such
+                    // as a character left unfinished, stays reasoning).
+                    let reasoning = match id == end {
+                        true => piece
+                            .strip_suffix(THINK_END)
+                            .map_or("", str::trim_end)
+                            .to_string(),
+                        false => piece,
+                    };
                     return Step::Delta(Output {
                         reasoning,
                         logprob,

@@ -1693,6 +1693,15 @@ async fn thinking_outputs_give_their_reasoning_apart() {
     assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
     assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
 
+    // Cut short in its reasoning: no answer, so a null content.
+    let mut cut = body(thinking.clone());
+    cut["max_tokens"] = json!(1);
+    let v = s.post("/v1/chat/completions", cut).await.json();
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], "pondering", "{v}");
+    assert!(message["content"].is_null(), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+
     // Streamed: the reasoning first, as reasoning_content deltas.
     let mut streamed = body(thinking.clone());
     streamed["stream"] = json!(true);
