@@ -320,8 +320,8 @@ struct Prepared {
     validated: Validated,
     prompt: Vec<u32>,
     max_tokens: usize,
-    /// The output starts in reasoning, which this token ends (see `AppState::reasoning_parser`).
-    reasoning_end: Option<u32>,
+    /// The output starts in reasoning (see `AppState::reasoning_parser`).
+    starts_in_reasoning: bool,
 }
 
 fn prepare(
@@ -366,7 +366,7 @@ fn prepare(
         });
     }
     let tokenize_error = |e: crate::EngineError| ApiError::invalid(None, e.to_string());
-    let mut reasoning_end = None;
+    let mut starts_in_reasoning = false;
     let prompt = match &validated.prompt {
         PromptInput::Tokens(ids) => ids.clone(),
         PromptInput::Text(text) => {
@@ -388,9 +388,7 @@ fn prepare(
                 .tokenizer
                 .apply_chat_template(messages, true, template_kwargs, tools)
                 .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
-            if state.reasoning_parser && text.trim_end().ends_with(THINK_START) {
-                reasoning_end = state.tokenizer.token_id(THINK_END);
-            }
+            starts_in_reasoning = state.reasoning_parser && text.trim_end().ends_with(THINK_START);
             with_bos(
                 state,
                 state.tokenizer.encode(&text).map_err(tokenize_error)?,
@@ -469,7 +467,7 @@ fn prepare(
         validated,
         prompt,
         max_tokens,
-        reasoning_end,
+        starts_in_reasoning,
     })
 }
 
@@ -586,7 +584,7 @@ async fn handle(
         receivers,
         &validated.stop,
         tools,
-        prepared.reasoning_end,
+        prepared.starts_in_reasoning,
     );
     if validated.stream {
         stream_response(run, steps, n, validated.include_usage)
@@ -640,10 +638,18 @@ struct Choice {
     tools: Option<DsmlStream>,
     /// Keep calls after the first (`parallel_tool_calls`).
     parallel: bool,
-    /// While the output is reasoning: the token that ends it.
-    reasoning_end: Option<u32>,
+    /// While the output is reasoning: how it ends, and what is held back.
+    reasoning: Option<Reasoning>,
     /// The output began in reasoning (its response has `reasoning_content`).
     reasoned: bool,
+}
+
+/// An output's reasoning while it lasts: it ends at the `</think>` token, or at that text where
+/// the model writes it otherwise.
+struct Reasoning {
+    end_token: Option<u32>,
+    /// Its end, which may be the start of `</think>`: held back until the next piece says.
+    held: String,
 }
 
 /// What one step adds to a choice's output.
@@ -838,21 +844,10 @@ impl Choice {
                     .filter(|_| run.logprobs)
                     .map(|lp| run.logprob_entry(&lp, self.decoded_chars));
                 self.decoded_chars += piece.chars().count();
-                if let Some(end) = self.reasoning_end {
-                    // Reasoning is neither stop-string text nor read for calls; its end token
-                    // is in neither part.
-                    if id == end {
-                        self.reasoning_end = None;
-                    }
-                    // The end token's own text is neither (what a decoder puts before it, such
-                    // as a character left unfinished, stays reasoning).
-                    let reasoning = match id == end {
-                        true => piece
-                            .strip_suffix(THINK_END)
-                            .map_or("", str::trim_end)
-                            .to_string(),
-                        false => piece,
-                    };
+                // Reasoning is neither stop-string text nor read for calls.
+                let was_reasoning = self.reasoning.is_some();
+                let (reasoning, piece) = self.split_reasoning(id, piece);
+                if was_reasoning && piece.is_empty() {
                     return Step::Delta(Output {
                         reasoning,
                         logprob,
@@ -863,7 +858,7 @@ impl Choice {
                 let (text, calls) = self.read_calls(text, stopped);
                 let out = Output {
                     text,
-                    reasoning: String::new(),
+                    reasoning,
                     logprob,
                     calls,
                 };
@@ -889,8 +884,8 @@ impl Choice {
                 let rest = tokenizer.decode_rest(&mut self.decoding);
                 self.decoded_chars += rest.chars().count();
                 // An output that ends in its reasoning has no answer.
-                let (reasoning, rest) = match self.reasoning_end {
-                    Some(_) => (rest, String::new()),
+                let (reasoning, rest) = match self.reasoning.take() {
+                    Some(r) => (r.held + &rest, String::new()),
                     None => (String::new(), rest),
                 };
                 let (mut text, stopped) = self.text.push(&rest);
@@ -916,6 +911,33 @@ impl Choice {
             }
             Event::Error(message) => Step::Failed(message),
         }
+    }
+
+    /// Token `id`'s text `piece` as (reasoning, answer) while the output is reasoning: all
+    /// reasoning but for an end that may begin `</think>`, until the end token or that text,
+    /// where the answer begins (the tag itself is neither; what a decoder puts before the end
+    /// token, such as a character left unfinished, stays reasoning).
+    fn split_reasoning(&mut self, id: u32, piece: String) -> (String, String) {
+        let Some(r) = self.reasoning.as_mut() else {
+            return (String::new(), piece);
+        };
+        if r.end_token == Some(id) {
+            let mut reasoning = std::mem::take(&mut r.held);
+            reasoning.push_str(piece.strip_suffix(THINK_END).map_or("", str::trim_end));
+            self.reasoning = None;
+            return (reasoning, String::new());
+        }
+        r.held.push_str(&piece);
+        if let Some(at) = r.held.find(THINK_END) {
+            let answer = r.held[at + THINK_END.len()..].to_string();
+            r.held.truncate(at);
+            let reasoning = std::mem::take(&mut r.held);
+            self.reasoning = None;
+            return (reasoning, answer);
+        }
+        let keep = crate::tool_calls::partial_start(&r.held, THINK_END);
+        let held = r.held.split_off(r.held.len() - keep);
+        (std::mem::replace(&mut r.held, held), String::new())
     }
 
     /// Output `text` (after stop strings) as content and tool calls, when the request offered
@@ -970,8 +992,10 @@ fn spawn_choices(
     receivers: Vec<UnboundedReceiver<Event>>,
     stop: &[String],
     tools: ToolReading,
-    reasoning_end: Option<u32>,
+    starts_in_reasoning: bool,
 ) -> mpsc::Receiver<(usize, Step)> {
+    // The token that ends reasoning, where the tokenizer has it as one (DeepSeek's do).
+    let end_token = run.state.tokenizer.token_id(THINK_END);
     let (tx, rx) = mpsc::channel(64);
     for (index, mut events) in receivers.into_iter().enumerate() {
         let (run, tx) = (run.clone(), tx.clone());
@@ -990,8 +1014,11 @@ fn spawn_choices(
                 .parser
                 .map(|p| p.stream(format!("call-{}-{index}", run.id))),
             parallel: tools.parallel,
-            reasoning_end,
-            reasoned: reasoning_end.is_some(),
+            reasoning: starts_in_reasoning.then(|| Reasoning {
+                end_token,
+                held: String::new(),
+            }),
+            reasoned: starts_in_reasoning,
         };
         tokio::spawn(async move {
             // Ended by the response's end rather than its own: the client left (an abort), or
@@ -1230,4 +1257,72 @@ fn stream_response(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reasoning_choice(end_token: Option<u32>) -> Choice {
+        Choice {
+            index: 0,
+            decoding: DecodeState::default(),
+            text: TextStream::new(Vec::new()),
+            decoded_chars: 0,
+            generated: 0,
+            outcome: Outcome {
+                metrics: Arc::new(Metrics::new()),
+                recorded: true,
+            },
+            tools: None,
+            parallel: true,
+            reasoning: Some(Reasoning {
+                end_token,
+                held: String::new(),
+            }),
+            reasoned: true,
+        }
+    }
+
+    /// Reads `pieces` (token 7 each, or `end` where given) as one output: (reasoning, answer).
+    fn split(end_token: Option<u32>, pieces: &[(u32, &str)]) -> (String, String) {
+        let mut choice = reasoning_choice(end_token);
+        let (mut reasoning, mut answer) = (String::new(), String::new());
+        for &(id, piece) in pieces {
+            let (r, a) = choice.split_reasoning(id, piece.to_string());
+            reasoning.push_str(&r);
+            answer.push_str(&a);
+        }
+        if let Some(r) = choice.reasoning.take() {
+            reasoning.push_str(&r.held);
+        }
+        (reasoning, answer)
+    }
+
+    #[test]
+    fn reasoning_ends_at_its_token_or_its_text_however_the_text_is_split() {
+        let whole = ("think hard".to_string(), "answer</b>".to_string());
+        let text = "think hard</think>answer</b>";
+        for cut in 1..text.len() {
+            let (a, b) = text.split_at(cut);
+            assert_eq!(split(None, &[(7, a), (7, b)]), whole, "split at {cut}");
+        }
+        // The end token: its text is neither part, what comes before it stays reasoning.
+        assert_eq!(
+            split(
+                Some(9),
+                &[(7, "think hard"), (9, " </think>"), (7, "answer</b>")]
+            ),
+            whole
+        );
+        assert_eq!(
+            split(Some(9), &[(7, "a</"), (9, ""), (7, "b")]),
+            ("a</".to_string(), "b".to_string())
+        );
+        // No end: it is all reasoning, held back text included.
+        assert_eq!(
+            split(None, &[(7, "still </thi")]),
+            ("still </thi".to_string(), String::new())
+        );
+    }
 }

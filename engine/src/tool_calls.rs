@@ -241,7 +241,7 @@ fn merge(pieces: Vec<Piece>) -> Vec<Piece> {
 
 /// Bytes at the end of `text` that begin `tag` (a tag that may be arriving): the longest such
 /// end, on a character boundary.
-fn partial_start(text: &str, tag: &str) -> usize {
+pub(crate) fn partial_start(text: &str, tag: &str) -> usize {
     (1..tag.len().min(text.len() + 1))
         .rev()
         .find(|&n| {

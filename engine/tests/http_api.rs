@@ -1736,6 +1736,33 @@ async fn thinking_outputs_give_their_reasoning_apart() {
     assert_eq!(message["content"], "pondering </think> Sure.", "{v}");
     s.shutdown().await;
 
+    // A tokenizer without a </think> token: the text ends the reasoning, wherever it falls
+    // ("ok</think>" is one word here, so the tag is inside a token's text).
+    let spelled = [(248, "pondering"), (249, "ok</think>"), (250, CALLS)];
+    let model = Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
+    let s = start_with_tokenizer(model, tokenizer_with(&spelled, None), &[]).await;
+    let v = s
+        .post("/v1/chat/completions", body(thinking.clone()))
+        .await
+        .json();
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], "pondering ok", "{v}");
+    assert_eq!(message["content"], " Sure.", "{v}");
+    assert_eq!(
+        call_names_and_arguments(&message["tool_calls"]).len(),
+        2,
+        "{v}"
+    );
+    let mut streamed = body(thinking.clone());
+    streamed["stream"] = json!(true);
+    let chunks = s.post("/v1/chat/completions", streamed).await.chunks();
+    let reasoning: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())
+        .collect();
+    assert_eq!(reasoning, "pondering ok");
+    s.shutdown().await;
+
     // --reasoning-parser none: thinking mode's reasoning stays in the content.
     let model = Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
     let s = start_with_tokenizer(
