@@ -571,33 +571,24 @@ async fn handle(
         endpoint,
         prompt_tokens: prepared.prompt.len(),
         logprobs: validated.logprobs.is_some(),
+        reasoned: prepared.starts_in_reasoning,
         state,
         failed: AtomicBool::new(false),
     });
     // Calls are read from a chat output only when the request offered tools.
     let tools = ToolReading {
-        parser: state_tool_parser(&run, validated),
+        parser: run
+            .state
+            .tool_parser
+            .filter(|_| !validated.tools().is_empty()),
         parallel: validated.parallel_tool_calls,
     };
-    let steps = spawn_choices(
-        &run,
-        receivers,
-        &validated.stop,
-        tools,
-        prepared.starts_in_reasoning,
-    );
+    let steps = spawn_choices(&run, receivers, &validated.stop, tools);
     if validated.stream {
         stream_response(run, steps, n, validated.include_usage)
     } else {
         complete_response(run, steps, n).await
     }
-}
-
-/// The tool-call parser a request's choices read their outputs with, if any.
-fn state_tool_parser(run: &Run, validated: &api::Validated) -> Option<ToolCallParser> {
-    run.state
-        .tool_parser
-        .filter(|_| !validated.tools().is_empty())
 }
 
 /// How a request's choices read tool calls.
@@ -615,6 +606,9 @@ struct Run {
     endpoint: Endpoint,
     prompt_tokens: usize,
     logprobs: bool,
+    /// Its outputs begin in reasoning (a chat prompt that ends in `<think>`): each response
+    /// message has `reasoning_content`.
+    reasoned: bool,
     state: Arc<AppState>,
     /// Set when the request failed: its choices still running are ended as part of that
     /// failure, not counted as aborted.
@@ -640,8 +634,6 @@ struct Choice {
     parallel: bool,
     /// While the output is reasoning: how it ends, and what is held back.
     reasoning: Option<Reasoning>,
-    /// The output began in reasoning (its response has `reasoning_content`).
-    reasoned: bool,
 }
 
 /// An output's reasoning while it lasts: it ends at the `</think>` token, or at that text where
@@ -679,10 +671,6 @@ enum Step {
         out: Output,
         reason: FinishReason,
         completion_tokens: usize,
-        /// The choice made tool calls (in this step or before).
-        made_calls: bool,
-        /// The choice's output began in reasoning.
-        reasoned: bool,
     },
     Failed(String),
 }
@@ -798,12 +786,12 @@ impl Run {
                 // As OpenAI's: a message of calls alone has null content, and so (as vLLM's)
                 // does one of reasoning alone.
                 let text = whole.text;
-                let no_answer = text.is_empty() && (!whole.calls.is_empty() || whole.reasoned);
+                let no_answer = text.is_empty() && (!whole.calls.is_empty() || self.reasoned);
                 let mut message = json!({
                     "role": "assistant",
                     "content": (!no_answer).then_some(text),
                 });
-                if whole.reasoned {
+                if self.reasoned {
                     message["reasoning_content"] = json!(whole.reasoning);
                 }
                 if !whole.calls.is_empty() {
@@ -867,8 +855,6 @@ impl Choice {
                         out,
                         reason: FinishReason::Stop,
                         completion_tokens: self.generated,
-                        made_calls: self.made_calls(),
-                        reasoned: self.reasoned,
                     }
                 } else {
                     Step::Delta(out)
@@ -905,8 +891,6 @@ impl Choice {
                     },
                     reason: if stopped { FinishReason::Stop } else { reason },
                     completion_tokens,
-                    made_calls: self.made_calls(),
-                    reasoned: self.reasoned,
                 }
             }
             Event::Error(message) => Step::Failed(message),
@@ -967,14 +951,11 @@ impl Choice {
         }
         (content, calls)
     }
-
-    fn made_calls(&self) -> bool {
-        self.tools.as_ref().is_some_and(|r| r.calls() > 0)
-    }
 }
 
 /// A choice's finish reason as the response gives it: `tool_calls` for an output that ended
-/// itself after making calls.
+/// itself after making calls (its first call is always kept, so it made some when it gave
+/// some).
 fn finish_text(reason: FinishReason, made_calls: bool) -> &'static str {
     match (reason, made_calls) {
         (FinishReason::Stop, true) => "tool_calls",
@@ -992,7 +973,6 @@ fn spawn_choices(
     receivers: Vec<UnboundedReceiver<Event>>,
     stop: &[String],
     tools: ToolReading,
-    starts_in_reasoning: bool,
 ) -> mpsc::Receiver<(usize, Step)> {
     // The token that ends reasoning, where the tokenizer has it as one (DeepSeek's do).
     let end_token = run.state.tokenizer.token_id(THINK_END);
@@ -1014,11 +994,10 @@ fn spawn_choices(
                 .parser
                 .map(|p| p.stream(format!("call-{}-{index}", run.id))),
             parallel: tools.parallel,
-            reasoning: starts_in_reasoning.then(|| Reasoning {
+            reasoning: run.reasoned.then(|| Reasoning {
                 end_token,
                 held: String::new(),
             }),
-            reasoned: starts_in_reasoning,
         };
         tokio::spawn(async move {
             // Ended by the response's end rather than its own: the client left (an abort), or
@@ -1087,7 +1066,6 @@ struct Whole {
     calls: Vec<ToolCall>,
     /// Set when the choice is done.
     reason: Option<&'static str>,
-    reasoned: bool,
 }
 
 impl Whole {
@@ -1124,13 +1102,10 @@ async fn complete_response(
                 out,
                 reason,
                 completion_tokens: tokens,
-                made_calls,
-                reasoned,
             } => {
                 let whole = &mut wholes[index];
                 whole.add(out);
-                whole.reason = Some(finish_text(reason, made_calls));
-                whole.reasoned = reasoned;
+                whole.reason = Some(finish_text(reason, !whole.calls.is_empty()));
                 completion_tokens += tokens;
             }
             Step::Failed(message) => {
@@ -1214,15 +1189,13 @@ fn stream_response(
                         out,
                         reason,
                         completion_tokens: tokens,
-                        made_calls,
-                        ..
                     },
                 )) => {
                     open -= 1;
                     completion_tokens += tokens;
                     let first_call = calls_sent[index];
                     calls_sent[index] += out.calls.len();
-                    let reason = finish_text(reason, made_calls);
+                    let reason = finish_text(reason, calls_sent[index] > 0);
                     let delta = run.choice_delta(index, out, first_call, Some(reason));
                     let last = run.chunk(json!([delta]), None);
                     if tx.send(sse(&last)).await.is_err() {
@@ -1280,7 +1253,6 @@ mod tests {
                 end_token,
                 held: String::new(),
             }),
-            reasoned: true,
         }
     }
 
