@@ -322,7 +322,7 @@ mod tests {
         // before them show the block's form, with nothing to call).
         let answer = "Weather?<｜Assistant｜></think>";
         let block = &prompt[prompt.find(answer).unwrap() + answer.len()..];
-        let mut stream = crate::tool_calls::DsmlStream::new("c".into());
+        let mut stream = crate::tool_calls::CallStream::dsml("c".into());
         let read: Vec<_> = stream
             .push(block)
             .into_iter()

@@ -127,8 +127,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SPARSEMOE_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
     /// How tool calls are read out of chat outputs: `deepseek_v32` (DeepSeek-V3.2's DSML
-    /// blocks), `none` (requests that offer tools are refused), or `auto`: `deepseek_v32`
-    /// where DeepSeek-V3.2's own chat encoding writes the prompts, else `none`.
+    /// blocks), `deepseek_v31` or `deepseek_v3` (DeepSeek-V3.1's and V3's special-token calls),
+    /// `none` (requests that offer tools are refused), or `auto`: `deepseek_v32` where
+    /// DeepSeek-V3.2's own chat encoding writes the prompts, `deepseek_v3` or `deepseek_v31`
+    /// for a template that writes calls in their format (V3's with a fenced JSON block), else
+    /// `none`.
     #[arg(long, default_value = "auto", env = "SPARSEMOE_TOOL_CALL_PARSER")]
     pub tool_call_parser: String,
     /// Whether a thinking output's reasoning comes back apart from its answer, as
@@ -157,14 +160,25 @@ pub fn configure_chat(
     } else {
         tokenizer.default_chat_format_for(arch);
     }
-    Ok(match args.tool_call_parser.as_str() {
-        "auto" => (*tokenizer.chat_format() == ChatFormat::DeepSeekV32)
-            .then_some(ToolCallParser::DeepSeekV32),
+    let parser = match args.tool_call_parser.as_str() {
+        "auto" => match tokenizer.chat_format() {
+            ChatFormat::DeepSeekV32 => Some(ToolCallParser::DeepSeekV32),
+            ChatFormat::Template(t) => ToolCallParser::for_template(t),
+            ChatFormat::Plain => None,
+        },
         "none" => None,
         name => Some(ToolCallParser::from_name(name).with_context(|| {
-            format!("--tool-call-parser {name}: expected `deepseek_v32`, `auto` or `none`")
+            format!(
+                "--tool-call-parser {name}: expected one of {}, `auto` or `none`",
+                ToolCallParser::NAMES.map(|n| format!("`{n}`")).join(", ")
+            )
         })?),
-    })
+    };
+    if let Some(parser) = parser {
+        // A tokenizer that marks the calls' tokens special would drop them from the text.
+        tokenizer.keep_in_text(parser.markers());
+    }
+    Ok(parser)
 }
 
 impl ServeArgs {
@@ -426,9 +440,19 @@ pub fn build_state<B: Backend>(
         tokenizer.chat_format().describe(),
         match tool_parser {
             Some(ToolCallParser::DeepSeekV32) => "read as DeepSeek-V3.2's DSML (deepseek_v32)",
+            Some(ToolCallParser::DeepSeekV31) => "read as DeepSeek-V3.1's (deepseek_v31)",
+            Some(ToolCallParser::DeepSeekV3) => "read as DeepSeek-V3's (deepseek_v3)",
             None => "not read (requests offering tools are refused)",
         }
     );
+    if let (Some(_), ChatFormat::Template(t)) = (tool_parser, tokenizer.chat_format())
+        && !t.contains("tools")
+    {
+        eprintln!(
+            "sparsemoe-engine: warning: the chat template never reads `tools`, so the model is \
+             not shown the tools a request offers; give one that does with --chat-template"
+        );
+    }
     let kv_dtype = args.kv_dtype()?;
     // On the host the weights are memory-mapped: pages not yet read count as available, and
     // pages read count as reclaimable cache, yet the model needs them resident, so they are set

@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::sampling::{SamplingParams, TokenLogprob};
 use crate::scheduler::{EngineHandle, Event, GenerationRequest, SubmitError};
 use crate::tokenizer::{DecodeState, Tokenizer};
-use crate::tool_calls::{DsmlStream, Piece, ToolCall, ToolCallParser};
+use crate::tool_calls::{CallStream, Piece, ToolCall, ToolCallParser};
 
 /// A thinking block's tags: a prompt that ends in the first starts its output in reasoning,
 /// which the second's token ends.
@@ -381,7 +381,8 @@ fn prepare(
                 return Err(ApiError::invalid(
                     Some("tools"),
                     "this server reads no tool calls: start it with --tool-call-parser \
-                     deepseek_v32 to offer tools (or send tool_choice \"none\")",
+                     deepseek_v32, deepseek_v31 or deepseek_v3 (the model's format) to offer \
+                     tools (or send tool_choice \"none\")",
                 ));
             }
             let text = state
@@ -629,7 +630,7 @@ struct Choice {
     /// Counted once per choice in `sparsemoe_request_success_total`.
     outcome: Outcome,
     /// Reads the output's tool calls, when the request offered tools.
-    tools: Option<DsmlStream>,
+    tools: Option<CallStream>,
     /// Keep calls after the first (`parallel_tool_calls`).
     parallel: bool,
     /// While the output is reasoning: how it ends, and what is held back.

@@ -107,6 +107,8 @@ pub struct Tokenizer {
     bos_token: Option<String>,
     eos_token: Option<String>,
     chat_format: ChatFormat,
+    /// Special tokens whose text outputs keep all the same ([`Tokenizer::keep_in_text`]).
+    kept: std::collections::HashSet<u32>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -169,7 +171,27 @@ impl Tokenizer {
                 Some(t) => ChatFormat::Template(t),
                 None => ChatFormat::Plain,
             },
+            kept: Default::default(),
         })
+    }
+
+    /// Has outputs keep the text of `tokens` where the tokenizer marks them special (and so
+    /// would skip them): a tool-call parser's markers. Tokens not in the vocabulary, or not
+    /// special, need nothing.
+    pub fn keep_in_text(&mut self, tokens: &[&str]) {
+        for token in tokens {
+            if let Some(id) = self.inner.token_to_id(token)
+                && self.is_special(id)
+            {
+                self.kept.insert(id);
+            }
+        }
+    }
+
+    fn is_special(&self, id: u32) -> bool {
+        self.inner
+            .id_to_token(id)
+            .is_some_and(|t| self.inner.get_added_vocabulary().is_special_token(&t))
     }
 
     /// Token ids of `text` (no special tokens added; templates add their own).
@@ -181,11 +203,20 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// Text of `ids`, special tokens skipped.
+    /// Text of `ids`, special tokens skipped (but for those kept in the text).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+        let decoded = match self.kept.is_empty() {
+            true => self.inner.decode(ids, true),
+            false => {
+                let shown: Vec<u32> = ids
+                    .iter()
+                    .copied()
+                    .filter(|id| self.kept.contains(id) || !self.is_special(*id))
+                    .collect();
+                self.inner.decode(&shown, false)
+            }
+        };
+        decoded.map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     /// How one token reads in a logprobs entry: its text, or for a special token (which the
@@ -206,10 +237,19 @@ impl Tokenizer {
         // Tokens `decode` drops (special ones, ids past the vocabulary: a model's embedding
         // rows may outnumber its tokens) stay out of the window, which would otherwise grow by
         // one with each, and every later token decode them all again.
-        let shown = self
-            .inner
-            .id_to_token(id)
-            .is_some_and(|t| !self.inner.get_added_vocabulary().is_special_token(&t));
+        if self.kept.contains(&id) {
+            // Its text as it stands. It ends any character the window left unfinished, as it
+            // does in `decode`; otherwise the window goes on past it, so what follows reads
+            // as it would with the token skipped (a decoder's rules for a text's first token
+            // stay with the output's first).
+            let token = self.inner.id_to_token(id).unwrap_or_default();
+            let window = self.inner.decode(&state.ids, true).unwrap_or_default();
+            if window == state.prefix {
+                return token;
+            }
+            return self.decode_rest(state) + &token;
+        }
+        let shown = self.inner.id_to_token(id).is_some() && !self.is_special(id);
         if !shown {
             return String::new();
         }
@@ -502,6 +542,63 @@ mod tests {
         for _ in 0..200 {
             let n = rng.random_range(1..60);
             let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
+            let (pieces, rest) = decode_streamed(&t, &ids);
+            assert_eq!(pieces.concat() + &rest, t.decode(&ids).unwrap(), "{ids:?}");
+        }
+    }
+
+    /// The demo tokenizer with DeepSeek-V3's tool-call markers as special tokens after its
+    /// vocabulary, and their ids.
+    fn tokenizer_with_special_markers() -> (Tokenizer, Vec<u32>) {
+        let demo = crate::demo::DEMO.expect("engine/demo-model is part of the repository");
+        let mut json: Value = serde_json::from_slice(demo.tokenizer).unwrap();
+        let base = demo_tokenizer().vocab_size() as u32;
+        let added = json["added_tokens"].as_array_mut().unwrap();
+        let ids: Vec<u32> = (base..).take(crate::tool_calls::V3_MARKERS.len()).collect();
+        for (id, marker) in ids.iter().zip(crate::tool_calls::V3_MARKERS) {
+            added.push(
+                serde_json::json!({"id": id, "content": marker, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true}),
+            );
+        }
+        let bytes = serde_json::to_vec(&json).unwrap();
+        let t = Tokenizer::from_bytes(&bytes, Some(demo.tokenizer_config)).unwrap();
+        (t, ids)
+    }
+
+    #[test]
+    fn special_tokens_kept_in_the_text_stream_as_the_whole_decodes() {
+        use rand::{RngExt, SeedableRng};
+        let (mut t, markers) = tokenizer_with_special_markers();
+        let text = "get_weather {\"city\": \"Köln\"} 🎉";
+        let words = t.encode(text).unwrap();
+        let ids = [
+            &[markers[0], markers[2]][..],
+            &words,
+            &[markers[3], markers[1]],
+        ]
+        .concat();
+        // Skipped while not kept, as any special token.
+        assert_eq!(t.decode(&ids).unwrap(), text);
+        t.keep_in_text(&crate::tool_calls::V3_MARKERS);
+        let kept = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather {\"city\": \"Köln\"} 🎉\
+                    <｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+        assert_eq!(t.decode(&ids).unwrap(), kept);
+        let (pieces, rest) = decode_streamed(&t, &ids);
+        assert_eq!(pieces.concat() + &rest, kept);
+        // Markers between the bytes of one character, and among other special tokens.
+        let other_special = t.token_id("<｜end▁of▁sentence｜>").or(t.eos_token_id());
+        let vocab = t.vocab_size() as u32;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for _ in 0..200 {
+            let n = rng.random_range(1..40);
+            let ids: Vec<u32> = (0..n)
+                .map(|_| match rng.random_range(0..6) {
+                    0 => markers[rng.random_range(0..markers.len())],
+                    1 => other_special.unwrap_or(0),
+                    _ => rng.random_range(0..vocab),
+                })
+                .collect();
             let (pieces, rest) = decode_streamed(&t, &ids);
             assert_eq!(pieces.concat() + &rest, t.decode(&ids).unwrap(), "{ids:?}");
         }

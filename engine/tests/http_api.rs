@@ -41,6 +41,15 @@ fn tokenizer() -> Tokenizer {
 
 /// The same vocabulary with `words` (id, text) in place of some `t…`, and `chat_template`.
 fn tokenizer_with(words: &[(u32, &str)], chat_template: Option<&str>) -> Tokenizer {
+    tokenizer_with_special(words, &[], chat_template)
+}
+
+/// [`tokenizer_with`], with the words of `special` (ids among `words`) marked special.
+fn tokenizer_with_special(
+    words: &[(u32, &str)],
+    special: &[u32],
+    chat_template: Option<&str>,
+) -> Tokenizer {
     let mut vocab = serde_json::Map::new();
     vocab.insert("<s>".into(), json!(0));
     vocab.insert("</s>".into(), json!(1));
@@ -52,7 +61,10 @@ fn tokenizer_with(words: &[(u32, &str)], chat_template: Option<&str>) -> Tokeniz
         json!({"id": id, "content": content, "single_word": false, "lstrip": false,
                "rstrip": false, "normalized": false, "special": true})
     };
-    let added = [token(0, "<s>"), token(1, "</s>")];
+    let mut added = vec![token(0, "<s>"), token(1, "</s>")];
+    for &(id, word) in words.iter().filter(|(id, _)| special.contains(id)) {
+        added.push(token(id, word));
+    }
     let json = json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": added,
@@ -1421,6 +1433,125 @@ async fn tool_calls_come_back_as_openais_tool_calls() {
     let names = call_names_and_arguments(&r["choices"][0]["message"]["tool_calls"]);
     assert_eq!(names.len(), 1, "{r}");
     assert_eq!(names[0].0, "get_weather");
+    s.shutdown().await;
+}
+
+/// A chat template that shows the tools and writes past calls as DeepSeek-V3.1 does.
+const V31_TEMPLATE: &str = "{% if tools %}tools {{ tools | length }} {% endif %}{% for m in messages %}{{ m.role }} {{ m.content }} \
+    {% if m.tool_calls %}<｜tool▁calls▁begin｜>{% for c in m.tool_calls %}<｜tool▁call▁begin｜>\
+    {{ c.function.name }}<｜tool▁sep｜>{{ c.function.arguments }}<｜tool▁call▁end｜>{% endfor %}\
+    <｜tool▁calls▁end｜>{% endif %}{% endfor %}{% if add_generation_prompt %}t9{% endif %}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deepseek_v31_calls_are_read_from_special_tokens() {
+    // DeepSeek-V3.1's markers as special tokens (which outputs skip unless a parser keeps
+    // them), a name and an arguments word; biased in the output's order, each halved by the
+    // repetition penalty once generated, then 251 stops it.
+    let words = [
+        (240, "<｜tool▁calls▁begin｜>"),
+        (241, "<｜tool▁call▁begin｜>"),
+        (242, "get_weather"),
+        (243, "<｜tool▁sep｜>"),
+        (244, "{\"city\": \"Paris\"}"),
+        (245, "<｜tool▁call▁end｜>"),
+        (246, "<｜tool▁calls▁end｜>"),
+    ];
+    let special = [240, 241, 243, 245, 246];
+    let bias: serde_json::Map<String, Value> = words
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| (id.to_string(), json!(100 - 5 * i as i64)))
+        .chain([("251".to_string(), json!(60))])
+        .collect();
+    let body = |extra: Value| {
+        let mut body = calling_body(json!({
+            "logit_bias": bias, "repetition_penalty": 2.0, "min_tokens": 0, "max_tokens": 12,
+        }));
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let tokenizer = || tokenizer_with_special(&words, &special, Some(V31_TEMPLATE));
+    let model = || Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
+    // `auto` finds V3.1's format in the template.
+    let s = start_with_tokenizer(model(), tokenizer(), &[]).await;
+    let v = s.post("/v1/chat/completions", body(json!({}))).await.json();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    assert!(choice["message"]["content"].is_null(), "{v}");
+    assert_eq!(
+        call_names_and_arguments(&choice["message"]["tool_calls"]),
+        [("get_weather".to_string(), json!({"city": "Paris"}))],
+        "{v}"
+    );
+    // The stop token counts, as in every test here.
+    assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
+
+    // Streamed: one call delta, no content.
+    let mut streamed = body(json!({}));
+    streamed["stream"] = json!(true);
+    let chunks = s.post("/v1/chat/completions", streamed).await.chunks();
+    let calls: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    assert_eq!(calls.len(), 1, "{chunks:?}");
+    assert_eq!(calls[0]["index"], 0);
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "", "{chunks:?}");
+
+    // The call goes back into the prompt through the template, its markers encoded as their
+    // tokens.
+    let call = &choice["message"]["tool_calls"][0];
+    let mut again = body(json!({}));
+    again["messages"] = json!([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+    ]);
+    let first = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let v2 = s.post("/v1/chat/completions", again).await.json();
+    let second = v2["usage"]["prompt_tokens"].as_u64().unwrap();
+    let written = "assistant  <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>\
+                   {\"city\": \"Paris\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+    let ids = tokenizer().encode(written).unwrap();
+    for marker in special {
+        assert_eq!(ids.iter().filter(|&&id| id == marker).count(), 1, "{ids:?}");
+    }
+    assert_eq!(second, first + ids.len() as u64, "{v2}");
+    s.shutdown().await;
+
+    // Read as V3's format (whose calls have a fenced block), the same output is text: the
+    // markers are kept in it, so nothing is lost.
+    let s =
+        start_with_tokenizer(model(), tokenizer(), &["--tool-call-parser", "deepseek_v3"]).await;
+    let v = s.post("/v1/chat/completions", body(json!({}))).await.json();
+    let message = &v["choices"][0]["message"];
+    assert_eq!(
+        message["content"],
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜> \
+         {\"city\": \"Paris\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+        "{v}"
+    );
+    assert!(message.get("tool_calls").is_none(), "{v}");
+    s.shutdown().await;
+
+    // With no parser the markers are skipped as special tokens, and tools are refused.
+    let s = start_with_tokenizer(model(), tokenizer(), &["--tool-call-parser", "none"]).await;
+    let r = s.post("/v1/chat/completions", body(json!({}))).await;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let mut bare = body(json!({}));
+    bare.as_object_mut().unwrap().remove("tools");
+    let v = s.post("/v1/chat/completions", bare).await.json();
+    assert_eq!(
+        v["choices"][0]["message"]["content"], "get_weather {\"city\": \"Paris\"}",
+        "{v}"
+    );
     s.shutdown().await;
 }
 

@@ -2,12 +2,13 @@
 //! panic, every rejection is a 400 with a message, every accepted body is within the limits
 //! the scheduler relies on, and the stop-string streamer never loses or repeats text; an
 //! accepted chat encodes in DeepSeek-V3.2's format or is refused with a message, and the
-//! input read as model output gives the same tool calls and text in any pieces.
+//! input read as model output gives the same tool calls and text in any pieces, in every
+//! parser's format.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use sparsemoe_engine::api::{Endpoint, PromptInput, TextStream, parse_body, validate};
-use sparsemoe_engine::tool_calls::{DsmlStream, Piece};
+use sparsemoe_engine::tool_calls::{Piece, ToolCallParser};
 
 fuzz_target!(|data: &[u8]| {
     tool_calls_read_alike(&String::from_utf8_lossy(data));
@@ -118,10 +119,17 @@ fn stream_through_stops(stops: &[String], data: &[u8]) {
 }
 
 /// `text` read as a model's output in one piece and a character at a time gives the same
-/// content and calls, and the content is the text less the blocks that became calls.
+/// content and calls, in every parser's format, and the calls' arguments are JSON objects.
 fn tool_calls_read_alike(text: &str) {
+    for name in ToolCallParser::NAMES {
+        let parser = ToolCallParser::from_name(name).expect("a parser's own name");
+        read_alike(parser, text);
+    }
+}
+
+fn read_alike(parser: ToolCallParser, text: &str) {
     let read = |pieces: &mut dyn Iterator<Item = &str>| {
-        let mut stream = DsmlStream::new("call".into());
+        let mut stream = parser.stream("call".into());
         let mut out = Vec::new();
         for piece in pieces {
             out.extend(stream.push(piece));
@@ -140,7 +148,10 @@ fn tool_calls_read_alike(text: &str) {
     let whole = read(&mut std::iter::once(text));
     let chars: Vec<String> = text.chars().map(String::from).collect();
     let piecewise = read(&mut chars.iter().map(String::as_str));
-    assert_eq!(whole, piecewise, "pieces read differently from the whole");
+    assert_eq!(
+        whole, piecewise,
+        "{parser:?}: pieces read differently from the whole"
+    );
     for call in &whole.1 {
         assert!(
             serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&call.arguments)
