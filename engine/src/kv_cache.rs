@@ -793,9 +793,11 @@ pub struct BlockTable {
     /// Leading blocks already offered to the prefix cache (see [`BlockAllocator::register`]).
     registered: usize,
     /// The registered block holding the contents of the last of those (this table's own, or
-    /// the one registered first when this table computed the same rows): the next block's
-    /// key follows it.
-    chain: Option<u32>,
+    /// the one registered first when this table computed the same rows), with its generation
+    /// then: the next block's key follows it. The generation is kept, not read again, because
+    /// that other block may since have been evicted and handed out anew: a key naming its new
+    /// generation would claim rows computed after the old contents follow the new ones.
+    chain: Option<(u32, u64)>,
 }
 
 impl BlockAllocator {
@@ -947,7 +949,7 @@ impl BlockAllocator {
             parent = Some((block, self.generation[b]));
         }
         table.registered = table.blocks.len();
-        table.chain = table.blocks.last().copied();
+        table.chain = parent;
         table.blocks.len() * self.block_size
     }
 
@@ -965,7 +967,7 @@ impl BlockAllocator {
         for i in table.registered..full {
             let block = table.blocks[i];
             let key = BlockKey {
-                parent: table.chain.map(|p| (p, self.generation[p as usize])),
+                parent: table.chain,
                 tokens: tokens[i * self.block_size..(i + 1) * self.block_size].into(),
             };
             let canonical = match self.cached.get(&key) {
@@ -978,7 +980,7 @@ impl BlockAllocator {
                     block
                 }
             };
-            table.chain = Some(canonical);
+            table.chain = Some((canonical, self.generation[canonical as usize]));
         }
         table.registered = full;
     }
@@ -1138,6 +1140,35 @@ mod tests {
         let mut probe = BlockTable::default();
         assert_eq!(a.share_prefix(&mut probe, &tokens), 12);
         assert_eq!(probe.blocks, [t.blocks[0], t.blocks[1], u.blocks[2]]);
+    }
+
+    #[test]
+    fn a_duplicates_later_blocks_never_follow_the_copys_next_contents() {
+        let mut a = BlockAllocator::new(4, 6);
+        let tokens = filled(&[1, 2, 3]);
+        let (mut t, mut u) = (BlockTable::default(), BlockTable::default());
+        assert!(a.grow(&mut t, 12) && a.grow(&mut u, 12));
+        // One step computes the first two blocks of both: t registers them, u follows t's.
+        a.register(&mut t, &tokens, 8);
+        a.register(&mut u, &tokens, 8);
+        let t_second = t.blocks[1];
+        // t ends; v takes the free blocks, then t's cached ones, its second among them, and
+        // registers new contents in them.
+        a.release(&mut t);
+        let mut v = BlockTable::default();
+        assert!(a.grow(&mut v, 8 + 4 * a.free.len()));
+        assert!(v.blocks.contains(&t_second), "{v:?}");
+        let other = filled(&[9, 7, 5, 6, 4][..v.blocks.len()]);
+        a.register(&mut v, &other, other.len());
+        // u's third block was computed after [1][2]: registering it must not make it reachable
+        // after whatever t's second block holds now.
+        a.register(&mut u, &tokens, 12);
+        let at = v.blocks.iter().position(|&b| b == t_second).unwrap();
+        let mut lie = other[..(at + 1) * 4].to_vec();
+        lie.extend(&tokens[8..12]);
+        let mut probe = BlockTable::default();
+        assert_eq!(a.share_prefix(&mut probe, &lie), (at + 1) * 4, "{probe:?}");
+        assert!(!probe.blocks.contains(&u.blocks[2]));
     }
 
     #[test]
