@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -56,6 +56,10 @@ pub struct AppState {
     /// `</think>` token.
     pub reasoning_parser: bool,
     pub draining: AtomicBool,
+    /// Requests between their arrival and their submission to the engine (parsing, the chat
+    /// template, tokenization: the engine does not count them yet): a drain waits for them as
+    /// for the running ones.
+    pub preparing: AtomicUsize,
     pub created: u64,
 }
 
@@ -85,8 +89,25 @@ impl AppState {
             tool_parser: None,
             reasoning_parser: false,
             draining: AtomicBool::new(false),
+            preparing: AtomicUsize::new(0),
             created: unix_now(),
         }
+    }
+}
+
+/// One request counted in [`AppState::preparing`] while it lives.
+struct Preparing(Arc<AppState>);
+
+impl Preparing {
+    fn enter(state: &Arc<AppState>) -> Self {
+        state.preparing.fetch_add(1, Ordering::SeqCst);
+        Self(state.clone())
+    }
+}
+
+impl Drop for Preparing {
+    fn drop(&mut self) {
+        self.0.preparing.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -146,7 +167,8 @@ pub async fn serve(
         // Until the running requests finish, or nothing will finish them (the engine thread
         // stopped), or the grace period ends.
         let stats = &drain_state.engine.stats;
-        while stats.active.load(Ordering::SeqCst) > 0
+        while (stats.active.load(Ordering::SeqCst) > 0
+            || drain_state.preparing.load(Ordering::SeqCst) > 0)
             && !stats.stopped.load(Ordering::SeqCst)
             && Instant::now() < deadline
         {
@@ -487,6 +509,9 @@ async fn handle(
     body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
 ) -> Response {
+    // Counted before `prepare` looks at `draining` (both SeqCst): a drain that begins first
+    // has this request refused, one that begins after waits for it.
+    let preparing = Preparing::enter(&state);
     // Parsing, the chat template and tokenization are CPU work on a body of up to
     // MAX_BODY_BYTES: off the async workers, so that other streams and the probes go on.
     let prepared = {
@@ -544,7 +569,10 @@ async fn handle(
             logprobs: validated.logprobs,
         })
         .collect();
-    let receivers = match state.engine.submit_all(requests) {
+    let submitted = state.engine.submit_all(requests);
+    // The engine counts the request from here (or it was refused).
+    drop(preparing);
+    let receivers = match submitted {
         Ok(receivers) => receivers,
         Err(SubmitError::QueueFull) => {
             let e = ApiError::new(

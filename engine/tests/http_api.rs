@@ -1082,6 +1082,27 @@ async fn drain_finishes_in_flight_streams_and_refuses_new_requests() {
     s.done.await.unwrap().unwrap();
 }
 
+/// A request still being prepared (parsed, templated, tokenized) when the drain begins is not
+/// yet the engine's: the drain waits for it as for a running one, past the two seconds it
+/// gives open connections once nothing runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_requests_still_being_prepared() {
+    let mut s = start(&[]).await;
+    // As a request's handler counts itself before it looks at the drain.
+    s.state.preparing.fetch_add(1, Ordering::SeqCst);
+    let _ = s.stop.take().unwrap().send(());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!s.done.is_finished(), "the server stopped under a request");
+    assert_eq!(s.get("/ready").await.status, 503, "not draining");
+    // Submitted (the engine counts it) and finished: the drain ends.
+    s.state.preparing.fetch_sub(1, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), &mut s.done)
+        .await
+        .expect("the drain did not end")
+        .unwrap()
+        .unwrap();
+}
+
 /// `ignore_eos` (vLLM's extension) keeps generating past the end-of-sequence token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ignore_eos_generates_past_the_end_of_sequence() {
