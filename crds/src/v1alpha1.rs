@@ -57,6 +57,9 @@ pub const DEFAULT_ENGINE_IMAGE: &str = "ghcr.io/sparsemoe/sparsemoe-engine:v0.1.
     validation = Rule::new("size(self.metadata.name) <= 40").message(
         "metadata.name must be at most 40 characters: child objects are named <name>-<variant> and must stay valid DNS labels"
     ),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message(
+        "metadata.name must be lowercase letters, digits and '-', beginning with a letter (no dots, e.g. deepseek-v32 rather than deepseek-v3.2): it names the Service, whose name is a DNS label"
+    ),
 )]
 #[x_kube(
     validation = Rule::new(
@@ -219,14 +222,17 @@ pub struct EngineSpec {
     /// Overrides the model's `index_topk`: how many earlier tokens each query attends to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1").message("engine.indexTopK must be at least 1"))]
+    #[schemars(range(max = u32::MAX))]
     pub index_top_k: Option<u32>,
     /// Longest prompt + completion the engine accepts; defaults to the model's limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 16").message("engine.maxContextTokens must be at least 16"))]
+    #[schemars(range(max = u32::MAX))]
     pub max_context_tokens: Option<u32>,
     /// Token budget of one scheduler step (prefill chunks + decodes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 16").message("engine.maxBatchedTokens must be at least 16"))]
+    #[schemars(range(max = u32::MAX))]
     pub max_batched_tokens: Option<u32>,
     /// Share of free accelerator memory given to the KV cache, in (0, 0.98].
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -256,6 +262,7 @@ pub struct EngineSpec {
     #[x_kube(validation = Rule::new("self <= 64").message(
         "engine.cudaGraphRows must be at most 64: longer steps copy to the host, which a graph cannot replay"
     ))]
+    #[schemars(range(max = 64))]
     pub cuda_graph_rows: Option<u32>,
     /// Extra arguments appended to `sparsemoe-engine serve` (at most 64, each at most 4096
     /// bytes: the bounds keep the schema's rules within the API server's cost budget).
@@ -308,6 +315,7 @@ pub struct AttentionSpec {
     /// With `auto`: contexts shorter than this many tokens use dense attention; defaults to indexTopK.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1").message("engine.attention.denseBelowTokens must be at least 1"))]
+    #[schemars(range(max = u32::MAX))]
     pub dense_below_tokens: Option<u32>,
 }
 
@@ -375,6 +383,7 @@ pub struct ParallelismSpec {
     /// Nodes per replica; more than one runs the replica as a LeaderWorkerSet.
     #[serde(default = "one")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("parallelism.nodesPerReplica must be between 1 and 64"))]
+    #[schemars(range(max = 64))]
     pub nodes_per_replica: u32,
     /// Spread routed experts over the replica's GPUs.
     #[serde(default)]
@@ -411,6 +420,7 @@ pub struct ExpertParallelSpec {
     #[x_kube(validation = Rule::new("self >= 1 && self <= 4096").message(
         "parallelism.expertParallel.numExperts must be between 1 and 4096 (n_routed_experts of the model)"
     ))]
+    #[schemars(range(max = 4096))]
     pub num_experts: Option<u32>,
     /// Extra expert slots per replica for copies of hot experts.
     #[serde(default)]
@@ -421,6 +431,7 @@ pub struct ExpertParallelSpec {
     #[x_kube(validation = Rule::new("self >= 60").message(
         "parallelism.expertParallel.rebalanceIntervalSeconds must be at least 60 (a rebalance moves weights)"
     ))]
+    #[schemars(range(max = u32::MAX))]
     pub rebalance_interval_seconds: Option<u32>,
 }
 
@@ -454,12 +465,14 @@ pub struct GpuVariant {
     /// Nodes per replica on this type; defaults to parallelism.nodesPerReplica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("variants[].nodesPerReplica must be between 1 and 64"))]
+    #[schemars(range(max = 64))]
     pub nodes_per_replica: Option<u32>,
     /// Price of one replica of this variant per hour, in the user's currency: a decimal
     /// string such as "31.50" (quote fractional values) or a whole number.
     pub cost_per_hour: CostPerHour,
     /// The most replicas this variant can hold (its GPU capacity); unset: unbounded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1000))]
     pub max_replicas: Option<u32>,
 }
 
@@ -501,14 +514,17 @@ pub struct ScalingSpec {
     pub replicas: u32,
     /// Fewest replicas an autoscaling policy keeps.
     #[serde(default = "one")]
+    #[schemars(range(max = 1000))]
     pub min_replicas: u32,
     /// Most replicas an autoscaling policy may run; required for queueDepth and costAware.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("scaling.maxReplicas must be between 1 and 1000"))]
+    #[schemars(range(max = 1000))]
     pub max_replicas: Option<u32>,
     /// Waiting requests per replica the queueDepth policy aims for.
     #[serde(default = "default_target_queue_depth")]
     #[x_kube(validation = Rule::new("self >= 1").message("scaling.targetQueueDepthPerReplica must be at least 1"))]
+    #[schemars(range(max = u32::MAX))]
     pub target_queue_depth_per_replica: u32,
     /// Latency objectives the autoscaler keeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -563,10 +579,12 @@ pub struct SloSpec {
     /// Time to first token, at the 90th percentile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self > 0").message("scaling.slo.timeToFirstTokenMs must be a positive number of milliseconds"))]
+    #[schemars(range(max = u32::MAX))]
     pub time_to_first_token_ms: Option<u32>,
     /// Time per output token, at the 90th percentile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self > 0").message("scaling.slo.timePerOutputTokenMs must be a positive number of milliseconds"))]
+    #[schemars(range(max = u32::MAX))]
     pub time_per_output_token_ms: Option<u32>,
 }
 

@@ -42,6 +42,49 @@ fn checked_in_crd_matches_the_generator() {
     );
 }
 
+/// Every unsigned integer of the spec has a `maximum` its Rust type holds: the API server
+/// ignores `format: uint32`, so without one it would store a value the operator cannot read,
+/// and one such object fails the operator's whole list (kube-rs gives no item of a list that
+/// does not deserialize), so nothing in the cluster would be reconciled.
+#[test]
+fn every_unsigned_spec_integer_has_a_maximum_its_type_holds() {
+    use kube::CustomResourceExt;
+    fn walk(path: &str, node: &serde_json::Value, found: &mut Vec<String>) {
+        match node {
+            serde_json::Value::Object(map) => {
+                if let Some(format) = map.get("format").and_then(|f| f.as_str())
+                    && let Some(bits) = format.strip_prefix("uint")
+                {
+                    let bits: u32 = bits.parse().unwrap();
+                    let max = map.get("maximum").and_then(|m| m.as_f64());
+                    let holds = max.is_some_and(|m| m <= (2f64.powi(bits as i32) - 1.0));
+                    assert!(holds, "{path}: {format} with maximum {max:?}");
+                    found.push(path.to_string());
+                }
+                for (key, child) in map {
+                    walk(&format!("{path}/{key}"), child, found);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for child in items {
+                    walk(&format!("{path}[]"), child, found);
+                }
+            }
+            _ => {}
+        }
+    }
+    let crd = serde_json::to_value(sparsemoe_api::InferenceDeployment::crd()).unwrap();
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let mut found = Vec::new();
+    walk("spec", schema, &mut found);
+    // The walk reached the spec's integers (minReplicas among them).
+    assert!(found.len() >= 15, "{found:?}");
+    assert!(
+        found.iter().any(|p| p.ends_with("minReplicas")),
+        "{found:?}"
+    );
+}
+
 #[test]
 fn crd_has_subresources_short_name_and_printer_columns() {
     use kube::CustomResourceExt;
