@@ -326,6 +326,26 @@ pub fn unsynced_caches(stores: &Stores) -> Vec<&'static str> {
     .collect()
 }
 
+/// Whether any desired workload that exists already may still run pods of an older template
+/// (see [`children::older_pods_may_remain`]).
+fn rolling_out(desired: &Children, namespace: &str, stores: &Stores) -> bool {
+    desired.workloads.iter().any(|child| {
+        let existing = match &child.workload {
+            Workload::Deployment(d) => stores
+                .deployments
+                .get(&ObjectRef::from_obj(d.as_ref()))
+                .map(|e| Workload::Deployment(Box::new((*e).clone()))),
+            Workload::LeaderWorkerSet(l) => stores.leader_worker_sets.as_ref().and_then(|s| {
+                let key = ObjectRef::new_with(&l.name_any(), children::lws_api_resource())
+                    .within(namespace);
+                s.get(&key)
+                    .map(|e| Workload::LeaderWorkerSet(Box::new((*e).clone())))
+            }),
+        };
+        existing.is_some_and(|e| children::older_pods_may_remain(&e, &child.workload))
+    })
+}
+
 async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Action> {
     if idep.metadata.deletion_timestamp.is_some() {
         // Children go with it through their owner references.
@@ -376,8 +396,9 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
     let stale = StaleWorkloads::find(idep, &namespace, &desired, ctx);
     if let Some((_, config_map)) = &desired.placement {
         let existing = stores.config_maps.get(&ObjectRef::from_obj(config_map));
-        // Workloads on their way out may mount plans the spec no longer has.
-        let config_map = match stale.is_empty() {
+        // Workloads on their way out, and older pods of those being replaced in place, may
+        // mount plans the spec no longer has.
+        let config_map = match stale.is_empty() && !rolling_out(&desired, &namespace, stores) {
             true => config_map.clone(),
             false => children::keeping_plans(config_map, existing.as_deref()),
         };

@@ -75,9 +75,13 @@ pub enum Workload {
 
 impl Workload {
     pub fn name(&self) -> String {
+        self.meta().name.clone().unwrap_or_default()
+    }
+
+    pub fn meta(&self) -> &ObjectMeta {
         match self {
-            Workload::Deployment(d) => d.name_any(),
-            Workload::LeaderWorkerSet(l) => l.name_any(),
+            Workload::Deployment(d) => &d.metadata,
+            Workload::LeaderWorkerSet(l) => &l.metadata,
         }
     }
 }
@@ -131,8 +135,8 @@ pub fn plan_key(gpus: u32, nodes: u32) -> String {
 
 /// `config_map` (a placement ConfigMap as [`build`] makes it) keeping the plans of `existing`
 /// that it drops: workloads the spec no longer asks for keep serving until their replacements
-/// are rolled out (make before break), and a pod of theirs that restarts meanwhile must still
-/// find the plan of its shape.
+/// are rolled out (make before break), and so do the older pods of a workload changing shape
+/// in place; a pod of theirs that restarts meanwhile must still find the plan of its shape.
 pub fn keeping_plans(config_map: &ConfigMap, existing: Option<&ConfigMap>) -> ConfigMap {
     let has = |key: &String| {
         config_map
@@ -156,6 +160,35 @@ pub fn keeping_plans(config_map: &ConfigMap, existing: Option<&ConfigMap>) -> Co
         annotations.remove(ANNOTATION_APPLIED_HASH);
     }
     stamped(kept)
+}
+
+/// Whether pods of an older template than `desired`'s may still run under `existing` (the
+/// workload as the cluster has it): it is about to change (its applied hash differs from the
+/// desired one's), its controller has not yet seen its last change, or some of its pods are
+/// not of its current template. Such pods may mount a plan the new spec dropped (a change of
+/// GPUs per replica keeps the workload's name), and one that restarts must still find it.
+pub fn older_pods_may_remain(existing: &Workload, desired: &Workload) -> bool {
+    if applied_hash(existing.meta()) != applied_hash(desired.meta()) {
+        return true;
+    }
+    let (generation, observed, replicas, updated) = match existing {
+        Workload::Deployment(d) => {
+            let status = d.status.clone().unwrap_or_default();
+            (
+                d.metadata.generation,
+                status.observed_generation,
+                status.replicas.map(i64::from),
+                status.updated_replicas.map(i64::from),
+            )
+        }
+        Workload::LeaderWorkerSet(l) => {
+            let status = &l.data["status"];
+            let int = |key: &str| status[key].as_i64();
+            // A LeaderWorkerSet reports no observedGeneration: its counts alone.
+            (None, None, int("replicas"), int("updatedReplicas"))
+        }
+    };
+    observed < generation || replicas.unwrap_or(0) > updated.unwrap_or(0)
 }
 
 /// Label selector (string form) of the serving pods, for status.selector and /scale.
@@ -479,7 +512,7 @@ fn deployment(
                 }),
             }),
             // Model loading takes minutes; a rollout only counts as stuck well after that.
-            progress_deadline_seconds: Some(1800),
+            progress_deadline_seconds: Some(pod::PROGRESS_DEADLINE_SECONDS),
             revision_history_limit: Some(3),
             template: pod::pod_template(
                 idep,

@@ -52,6 +52,17 @@ fn env(name: &str, value: impl ToString) -> EnvVar {
     }
 }
 
+/// The startup probe's period and the failures it allows: how long an engine may take to load
+/// its model before liveness takes over (30 minutes).
+const STARTUP_PROBE_PERIOD_SECONDS: i32 = 10;
+const STARTUP_PROBE_FAILURES: i32 = 180;
+
+/// How long a pod may take from creation to ready before its rollout counts as stuck: the
+/// startup probe's whole allowance, plus as long again for scheduling, pulling the image and
+/// a model volume (an OCI image of hundreds of GB takes minutes).
+pub const PROGRESS_DEADLINE_SECONDS: i32 =
+    2 * STARTUP_PROBE_PERIOD_SECONDS * STARTUP_PROBE_FAILURES;
+
 fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -301,7 +312,11 @@ pub(super) fn pod_template(
         volume_mounts: Some(mounts),
         // Loading a large checkpoint takes minutes: the startup probe allows 30 of them before
         // liveness takes over.
-        startup_probe: Some(http_probe("/health", 10, 180)),
+        startup_probe: Some(http_probe(
+            "/health",
+            STARTUP_PROBE_PERIOD_SECONDS,
+            STARTUP_PROBE_FAILURES,
+        )),
         liveness_probe: Some(http_probe("/health", 10, 3)),
         readiness_probe: Some(http_probe("/ready", 5, 3)),
         lifecycle: Some(Lifecycle {

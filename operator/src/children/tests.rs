@@ -243,6 +243,75 @@ fn gpu_deployment_has_every_field() {
     );
 }
 
+/// A model that loads within the startup probe's allowance never has its rollout reported as
+/// stuck: the Deployment's deadline leaves room for scheduling and pulls besides.
+#[test]
+fn a_rollout_counts_as_stuck_only_well_after_the_startup_probe_gives_up() {
+    let children = build_default(&gpu_idep(), Capabilities::default());
+    let d = only_deployment(&children);
+    let probe = engine(d).startup_probe.as_ref().unwrap();
+    let allowance = probe.period_seconds.unwrap() * probe.failure_threshold.unwrap();
+    let deadline = d.spec.as_ref().unwrap().progress_deadline_seconds.unwrap();
+    assert!(
+        deadline >= allowance + 15 * 60,
+        "deadline {deadline} s, startup allowance {allowance} s"
+    );
+}
+
+/// Plans a new spec drops stay while older pods may mount them: a workload about to change,
+/// one whose controller has not seen its change, one with pods of an older template.
+#[test]
+fn older_pods_may_remain_until_the_rollout_is_done() {
+    use k8s_openapi::api::apps::v1::DeploymentStatus;
+    let children = build_default(&gpu_idep(), Capabilities::default());
+    let desired = Workload::Deployment(Box::new(only_deployment(&children).clone()));
+    let existing = |generation: i64, status: DeploymentStatus| {
+        let mut d = only_deployment(&children).clone();
+        d.metadata.generation = Some(generation);
+        d.status = Some(status);
+        Workload::Deployment(Box::new(d))
+    };
+    let status = |observed: i64, replicas: i32, updated: i32| DeploymentStatus {
+        observed_generation: Some(observed),
+        replicas: Some(replicas),
+        updated_replicas: Some(updated),
+        ..DeploymentStatus::default()
+    };
+    // Rolled out: nothing older remains.
+    assert!(!older_pods_may_remain(
+        &existing(3, status(3, 2, 2)),
+        &desired
+    ));
+    // Its controller has not seen the last change, or old pods are still there.
+    assert!(older_pods_may_remain(
+        &existing(4, status(3, 2, 2)),
+        &desired
+    ));
+    assert!(older_pods_may_remain(
+        &existing(3, status(3, 3, 2)),
+        &desired
+    ));
+    // A new template on its way in (another GPU count: another plan).
+    let mut idep = gpu_idep();
+    idep.spec.parallelism.gpus_per_replica += 8;
+    let changed = build_default(&idep, Capabilities::default());
+    let changed = Workload::Deployment(Box::new(only_deployment(&changed).clone()));
+    assert!(older_pods_may_remain(
+        &existing(3, status(3, 2, 2)),
+        &changed
+    ));
+    // A LeaderWorkerSet by its counts.
+    let lws = |replicas: i64, updated: i64| {
+        let mut l = kube::core::DynamicObject::new("llm-h200", &lws_api_resource());
+        l.metadata.annotations = desired.meta().annotations.clone();
+        l.data = serde_json::json!({"status": {"replicas": replicas, "updatedReplicas": updated}});
+        Workload::LeaderWorkerSet(Box::new(l))
+    };
+    let desired_lws = lws(0, 0);
+    assert!(!older_pods_may_remain(&lws(2, 2), &desired_lws));
+    assert!(older_pods_may_remain(&lws(2, 1), &desired_lws));
+}
+
 #[test]
 fn service_and_pdb_span_all_variants() {
     let mut spec = spec_with_variants(&[("h200", Some(1)), ("h100", None)]);
