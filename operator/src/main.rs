@@ -57,8 +57,8 @@ enum Command {
     },
     /// Print a balanced expert placement plan (JSON) from measured per-expert loads.
     PlanExperts {
-        /// JSON: a list of loads (one per expert), a list of such lists (one per MoE layer),
-        /// or {"layers": {"<layer>": [...]}}.
+        /// JSON: a list of loads (one per expert), a list of such lists (one per decoder
+        /// layer, `[]` for a dense one), or {"layers": {"<layer>": [...]}}.
         #[arg(long)]
         loads: PathBuf,
         /// GPUs in one replica.

@@ -25,7 +25,9 @@ pub enum PlacementError {
 pub type LayerLoads = (Option<u32>, Vec<f64>);
 
 /// The `--loads` file: one list of per-expert loads (used for every layer), a list of lists
-/// (one per MoE layer, layer index = position), or `{"layers": {"3": [...], ...}}`.
+/// (one per decoder layer, layer index = position, an empty list for a dense layer: the
+/// engine's `sparsemoe_expert_tokens_total{layer}` numbering), or
+/// `{"layers": {"3": [...], ...}}`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum LoadsFile {
@@ -42,6 +44,7 @@ impl LoadsFile {
             LoadsFile::PerLayer(layers) => layers
                 .into_iter()
                 .enumerate()
+                .filter(|(_, l)| !l.is_empty())
                 .map(|(i, l)| (Some(i as u32), l))
                 .collect(),
             LoadsFile::Keyed { layers } => layers
@@ -380,6 +383,15 @@ mod tests {
         assert_eq!(plan.layers.len(), 2);
         assert_eq!(plan.replicas_of(0, 3).len(), 2);
         assert_eq!(plan.replicas_of(1, 0).len(), 2);
+        // Positions are decoder layers: the dense layers before the first MoE one are empty
+        // lists, and the plans go to the layers the engine numbers so.
+        let file: LoadsFile = serde_json::from_str("[[],[],[1,1,1,9],[9,1,1,1]]").unwrap();
+        let plan = plan_from_file(file, 2, 1, 2).unwrap();
+        assert_eq!(plan.layers.keys().copied().collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(plan.replicas_of(2, 3).len(), 2);
+        assert_eq!(plan.replicas_of(3, 0).len(), 2);
+        let none: LoadsFile = serde_json::from_str("[[],[]]").unwrap();
+        assert!(plan_from_file(none, 2, 1, 0).is_err());
         let keyed: LoadsFile =
             serde_json::from_str(r#"{"layers": {"3": [1, 2], "4": [2, 1]}}"#).unwrap();
         assert_eq!(
