@@ -128,9 +128,17 @@ pub fn decide_around(
                 }
                 unplaced = missing;
             } else if total > max {
-                // Remove replicas from the least preferred variants first.
+                // Remove replicas from the least preferred variants first; not from one that
+                // cannot be realised, whose workload is not applied, so what it runs stays
+                // (taking them off it would leave more than maxReplicas running).
                 let mut excess = total - max;
-                for (_, n) in variants.iter_mut().rev() {
+                let realisable = spec.variants.iter().map(|v| !unavailable.contains(&v.name));
+                for ((_, n), _) in variants
+                    .iter_mut()
+                    .zip(realisable)
+                    .rev()
+                    .filter(|(_, r)| *r)
+                {
                     let remove = excess.min(*n);
                     *n -= remove;
                     excess -= remove;
@@ -226,6 +234,20 @@ mod tests {
         };
         let d = decide_around(&spec, &current, &h200);
         assert_eq!(d.variants, vec![("h200".into(), 1), ("h100".into(), 1)]);
+        // Over maxReplicas, the replicas come off the variants whose workloads are applied:
+        // the unrealisable one keeps what it runs, and the total is the maximum.
+        spec.scaling.max_replicas = Some(4);
+        let over = Running {
+            variants: BTreeMap::from([("h200".to_string(), 3), ("h100".to_string(), 3)]),
+            replacing: None,
+        };
+        let h100 = BTreeSet::from(["h100".to_string()]);
+        let d = decide_around(&spec, &over, &h100);
+        assert_eq!(d.variants, vec![("h200".into(), 1), ("h100".into(), 3)]);
+        assert_eq!(d.total(), 4);
+        // All realisable: the least preferred gives them up first.
+        let d = decide_around(&spec, &over, &BTreeSet::new());
+        assert_eq!(d.variants, vec![("h200".into(), 3), ("h100".into(), 1)]);
     }
 
     /// A renamed variant's replicas, still running under its old name, move to the spec's
