@@ -464,14 +464,26 @@ impl<B: Backend> Engine<B> {
         let mut plan: Vec<usize> = Vec::new(); // tokens per running index
         let mut i = 0;
         while i < self.running.len() {
-            let n = self.running[i].pending().min(budget);
+            let mut n = self.running[i].pending().min(budget);
             if n == 0 {
                 plan.push(0);
                 i += 1;
                 continue;
             }
-            let want = self.running[i].cache.len() + n;
+            let mut want = self.running[i].cache.len() + n;
             let mut fits = self.blocks.grow(&mut self.running[i].blocks, want);
+            if !fits && n > 1 {
+                // A prefill chunk takes what its blocks and the free ones hold rather than
+                // preempt others (or itself, losing its progress) for the whole chunk.
+                let seq = &self.running[i];
+                let held = seq.blocks.blocks.len() + self.blocks.free_blocks();
+                let room = (held * self.blocks.block_size()).saturating_sub(seq.cache.len());
+                if room > 0 {
+                    n = n.min(room);
+                    want = seq.cache.len() + n;
+                    fits = self.blocks.grow(&mut self.running[i].blocks, want);
+                }
+            }
             while !fits && self.running.len() > i + 1 {
                 self.preempt(self.running.len() - 1);
                 fits = self.blocks.grow(&mut self.running[i].blocks, want);

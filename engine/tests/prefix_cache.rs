@@ -1,7 +1,8 @@
 //! Prefix caching through the scheduler, on the demo model: requests whose prompts start with
 //! the same whole KV blocks share them, and every request's greedy output (and its logprobs)
 //! is what it is without prefix caching, also when cached blocks are evicted for space and
-//! when identical prompts run side by side.
+//! when identical prompts run side by side. And chunked prefill in a cache too small for a
+//! whole chunk: it shrinks rather than preempts, and changes no output.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,20 +22,19 @@ fn demo_model() -> Model<Cpu> {
 }
 
 fn engine(prefix_caching: bool, blocks: usize) -> (EngineHandle, Arc<Metrics>) {
-    let model = demo_model();
+    let config = SchedulerConfig {
+        max_context: 256,
+        prefix_caching,
+        ..SchedulerConfig::default()
+    };
+    engine_with(config, blocks)
+}
+
+fn engine_with(config: SchedulerConfig, blocks: usize) -> (EngineHandle, Arc<Metrics>) {
     let allocator = BlockAllocator::new(BLOCK, blocks);
     let metrics = Arc::new(Metrics::new());
-    let handle = scheduler::spawn(
-        model,
-        allocator,
-        SchedulerConfig {
-            max_context: 256,
-            prefix_caching,
-            ..SchedulerConfig::default()
-        },
-        metrics.clone(),
-    )
-    .expect("starting the engine");
+    let handle = scheduler::spawn(demo_model(), allocator, config, metrics.clone())
+        .expect("starting the engine");
     (handle, metrics)
 }
 
@@ -42,10 +42,18 @@ fn engine(prefix_caching: bool, blocks: usize) -> (EngineHandle, Arc<Metrics>) {
 type Output = Vec<(u32, f32)>;
 
 fn submit(engine: &EngineHandle, prompt: &[u32]) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+    submit_for(engine, prompt, 12)
+}
+
+fn submit_for(
+    engine: &EngineHandle,
+    prompt: &[u32],
+    max_tokens: usize,
+) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
     engine
         .submit(GenerationRequest {
             prompt: prompt.to_vec(),
-            max_tokens: 12,
+            max_tokens,
             params: SamplingParams::greedy(),
             stop_tokens: Vec::new(),
             min_tokens: 0,
@@ -152,6 +160,36 @@ fn evicted_prefix_blocks_are_recomputed_and_change_no_output() {
         "only the last prompt's blocks survive"
     );
     assert_idle(&cached);
+}
+
+/// Two requests of 60 tokens in 32-token chunks in 7 blocks of 16: the second's last chunk
+/// (which would take its fourth block) finds one block short while the first still decodes in
+/// its four. It computes what its blocks hold instead of preempting itself, which without
+/// prefix caching would throw its computed rows away; and the outputs are those of a roomy
+/// cache.
+#[test]
+fn a_prefill_chunk_shrinks_to_the_free_blocks_rather_than_preempting() {
+    let config = SchedulerConfig {
+        max_context: 256,
+        max_batch_tokens: 32,
+        prefix_caching: false,
+        ..SchedulerConfig::default()
+    };
+    let p = prompt(5, 60);
+    let both = |engine: &EngineHandle| -> Vec<Output> {
+        let receivers: Vec<_> = (0..2).map(|_| submit_for(engine, &p, 3)).collect();
+        receivers.into_iter().map(collect).collect()
+    };
+    let (tight, metrics) = engine_with(config.clone(), 7);
+    let outputs = both(&tight);
+    assert_eq!(
+        metrics.preemptions.get(),
+        0,
+        "a chunk preempted for its whole size"
+    );
+    assert_idle(&tight);
+    let (roomy, _) = engine_with(config, 64);
+    assert_same(&outputs, &both(&roomy));
 }
 
 /// Every request done and no KV block held. The engine publishes its counts after each
