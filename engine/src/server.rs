@@ -569,6 +569,7 @@ async fn handle(
             logprobs: validated.logprobs,
         })
         .collect();
+    let submitted_at = Instant::now();
     let submitted = state.engine.submit_all(requests);
     // The engine counts the request from here (or it was refused).
     drop(preparing);
@@ -601,6 +602,7 @@ async fn handle(
         prompt_tokens: prepared.prompt.len(),
         logprobs: validated.logprobs.is_some(),
         reasoned: prepared.starts_in_reasoning,
+        submitted: submitted_at,
         state,
         failed: AtomicBool::new(false),
     });
@@ -638,6 +640,9 @@ struct Run {
     /// Its outputs begin in reasoning (a chat prompt that ends in `<think>`): each response
     /// message has `reasoning_content`.
     reasoned: bool,
+    /// When its choices went to the engine, whose arrival time this stands for where the
+    /// server ends a choice itself.
+    submitted: Instant,
     state: Arc<AppState>,
     /// Set when the request failed: its choices still running are ended as part of that
     /// failure, not counted as aborted.
@@ -880,6 +885,12 @@ impl Choice {
                     calls,
                 };
                 if stopped {
+                    // The engine sees a stop string's end as a cancellation: its latency is
+                    // counted here, as the engine counts the outputs it ends.
+                    run.state
+                        .metrics
+                        .e2e_latency
+                        .observe(run.submitted.elapsed().as_secs_f64());
                     Step::Done {
                         out,
                         reason: FinishReason::Stop,

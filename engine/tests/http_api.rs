@@ -224,6 +224,15 @@ impl Server {
         self.send("GET", path, Bytes::new()).await
     }
 
+    /// The value of an unlabelled sample in `/metrics`.
+    async fn metric(&self, name: &str) -> f64 {
+        let metrics = String::from_utf8_lossy(&self.get("/metrics").await.body).into_owned();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    }
+
     async fn idle(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         let stats = &self.state.engine.stats;
@@ -268,6 +277,10 @@ async fn a_stop_string_keeps_the_last_tokens_logprob() {
     assert!(text.starts_with(&stop), "{free}");
     let mut stopped = body.clone();
     stopped["stop"] = json!([stop]);
+    s.idle().await;
+    let latencies_before = s
+        .metric("sparsemoe_e2e_request_latency_seconds_count")
+        .await;
     for stream in [false, true] {
         stopped["stream"] = json!(stream);
         let r = s.post("/v1/completions", stopped.clone()).await;
@@ -305,6 +318,12 @@ async fn a_stop_string_keeps_the_last_tokens_logprob() {
             "stream {stream}: a logprob for each of the 2 tokens"
         );
     }
+    // The engine sees those ends as cancellations; their latencies are counted all the same.
+    s.idle().await;
+    let latencies = s
+        .metric("sparsemoe_e2e_request_latency_seconds_count")
+        .await;
+    assert_eq!(latencies - latencies_before, 2.0);
     s.shutdown().await;
 }
 
@@ -967,13 +986,8 @@ async fn a_full_cache_preempts_and_every_request_still_finishes() {
         assert!(reason == "length" || reason == "stop", "{v}");
     }
     s.idle().await;
-    let metrics = String::from_utf8_lossy(&s.get("/metrics").await.body).into_owned();
-    let preemptions: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("sparsemoe_num_preemptions_total "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    assert!(preemptions > 0.0, "expected preemptions:\n{metrics}");
+    let preemptions = s.metric("sparsemoe_num_preemptions_total").await;
+    assert!(preemptions > 0.0, "expected preemptions");
     s.shutdown().await;
 }
 
