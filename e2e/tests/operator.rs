@@ -1073,9 +1073,10 @@ fn a_child_the_api_server_refuses_is_reported() {
 }
 
 /// Scenario 9: a child's name already taken by someone else's object (a user's Service named
-/// like the InferenceDeployment) is `Degraded: NameConflict`, and that object is left as it was
-/// (not taken over, so not garbage-collected with the InferenceDeployment); the other children
-/// are made all the same.
+/// like the InferenceDeployment, without a selector, so that an apply would merge into it
+/// rather than conflict) is `Degraded: NameConflict`, and that object is left as it was (not
+/// taken over, so not garbage-collected with the InferenceDeployment); the other children are
+/// made all the same.
 #[test]
 fn a_taken_child_name_is_a_conflict_not_a_takeover() {
     let Some(cluster) = cluster() else { return };
@@ -1087,7 +1088,6 @@ kind: Service
 metadata:
   name: taken
 spec:
-  selector: {app: theirs}
   ports:
     - {name: web, port: 9999}
 "#;
@@ -1097,10 +1097,9 @@ spec:
     let message = wait_degraded(&cluster, ns, target, "NameConflict", &op);
     assert!(message.contains("Service taken"), "{message}");
     let service = get(&cluster, ns, "service/taken").unwrap();
-    assert_eq!(
-        service["spec"]["selector"],
-        serde_json::json!({"app": "theirs"})
-    );
+    assert!(service["spec"]["selector"].is_null(), "{service:#}");
+    let ports = service["spec"]["ports"].as_array().unwrap();
+    assert_eq!(ports.len(), 1, "{service:#}");
     assert!(
         service["metadata"]["ownerReferences"].is_null(),
         "taken over: {service:#}"

@@ -696,6 +696,26 @@ where
             }
         }
     }
+    if existing.is_none() && MERGES_WITHOUT_CONFLICT.contains(&kind) {
+        // Not among this object's children: a user's object of this name would merge with
+        // the apply rather than conflict (a ConfigMap's keys, a Service without a selector),
+        // and carry this object's owner reference from then on, to be deleted with it.
+        if let Some(found) = api.get_opt(&name).await? {
+            match controller_of(found.meta()) {
+                // Made by an earlier apply, not yet in the cache.
+                Some(c) if Some(&c.uid) == ours => {}
+                other => {
+                    return Err(Error::NotOurs {
+                        kind: kind.to_string(),
+                        name,
+                        owner: other.map_or("no controller (a user's object)".to_string(), |c| {
+                            format!("{} {}", c.kind, c.name)
+                        }),
+                    });
+                }
+            }
+        }
+    }
     let key = applied_key(kind, namespace, &name);
     let reason = if adopt {
         Some("adopted (it had no controller)")
@@ -720,6 +740,10 @@ where
     // starts no rollout, so the status need not wait for one.
     Ok(existing.is_none_or(|e| AppliedMark::of(e.meta()) != AppliedMark::of(applied.meta())))
 }
+
+/// Child kinds whose apply merges with another object of the same name instead of meeting a
+/// conflict (their fields can be disjoint), so one not in the caches is looked up first.
+const MERGES_WITHOUT_CONFLICT: [&str; 2] = ["ConfigMap", "Service"];
 
 /// Environment variable for fault injection in the end-to-end tests: each child apply is
 /// followed by a pause of this many milliseconds, so a test can SIGKILL the operator between

@@ -8,7 +8,7 @@ use http::Method;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::Action;
 use kube::runtime::watcher;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::*;
 use crate::fixtures::*;
@@ -36,6 +36,53 @@ fn patch(path: String) -> Expect {
     expect(Method::PATCH, path, Reply::Echo)
 }
 
+/// A new object's placement ConfigMap looked up and applied, then its Deployment's apply,
+/// answered with `reply`.
+fn placement_then_deployment(reply: Reply) -> Vec<Expect> {
+    vec![
+        absent(format!("{CONFIG_MAPS}/llm-placement")),
+        patch(format!("{CONFIG_MAPS}/llm-placement")),
+        expect(Method::PATCH, format!("{DEPLOYMENTS}/llm-h200"), reply),
+    ]
+}
+
+/// A new object's requests after its placement ConfigMap's: its Deployment applied, then
+/// [`after_workload`].
+fn after_placement(idep: &InferenceDeployment) -> Vec<Expect> {
+    [
+        vec![patch(format!("{DEPLOYMENTS}/llm-h200"))],
+        after_workload(idep),
+    ]
+    .concat()
+}
+
+/// A new object's requests after its workload's: the Service (looked up first) and the PDB
+/// applied as new, the status, the `Created` event.
+fn after_workload(idep: &InferenceDeployment) -> Vec<Expect> {
+    vec![
+        absent(format!("{SERVICES}/llm")),
+        patch(format!("{SERVICES}/llm")),
+        patch(format!("{PDBS}/llm")),
+        expect(
+            Method::PATCH,
+            format!("{IDEPS}/llm/status"),
+            status_reply(idep),
+        ),
+        expect(Method::POST, EVENTS, Reply::Echo),
+    ]
+}
+
+/// What `seen` wrote: the requests with bodies (not the lookups of [`absent`]).
+fn writes(seen: Vec<Seen>) -> Vec<Seen> {
+    seen.into_iter().filter(|s| !s.body.is_null()).collect()
+}
+
+/// The lookup of a ConfigMap or Service child the caches do not hold (a user's object of that
+/// name would merge with the apply), which the server does not have either.
+fn absent(path: String) -> Expect {
+    expect(Method::GET, path, Reply::Fail(404, "NotFound"))
+}
+
 async fn run(idep: InferenceDeployment, ctx: Arc<Context>) -> Result<Action> {
     reconcile(Arc::new(idep), ctx).await
 }
@@ -47,24 +94,20 @@ async fn create_applies_every_child_then_status_then_one_event() {
     let idep = gpu_idep();
     let verifier = verify(
         handle,
-        vec![
-            patch(format!("{CONFIG_MAPS}/llm-placement")),
-            patch(format!("{DEPLOYMENTS}/llm-h200")),
-            patch(format!("{SERVICES}/llm")),
-            patch(format!("{PDBS}/llm")),
-            expect(
-                Method::PATCH,
-                format!("{IDEPS}/llm/status"),
-                status_reply(&idep),
-            ),
-            expect(Method::POST, EVENTS, Reply::Echo),
-        ],
+        [
+            vec![
+                absent(format!("{CONFIG_MAPS}/llm-placement")),
+                patch(format!("{CONFIG_MAPS}/llm-placement")),
+            ],
+            after_placement(&idep),
+        ]
+        .concat(),
     );
     let action = run(idep, ctx.clone()).await.expect("reconcile");
     assert_eq!(action, Action::requeue(RESYNC));
     assert_eq!(ctx.metrics.writes.get(), 5);
     drop(ctx);
-    let seen = finish(verifier).await;
+    let seen = writes(finish(verifier).await);
 
     // New children are applied without force (a name someone else holds is a conflict, not a
     // takeover); the status is forced.
@@ -273,14 +316,7 @@ async fn a_failed_apply_backs_off_and_the_retry_converges() {
     let idep = gpu_idep();
     let verifier = verify(
         handle,
-        vec![
-            patch(format!("{CONFIG_MAPS}/llm-placement")),
-            expect(
-                Method::PATCH,
-                format!("{DEPLOYMENTS}/llm-h200"),
-                Reply::Fail(500, "InternalError"),
-            ),
-        ],
+        placement_then_deployment(Reply::Fail(500, "InternalError")),
     );
     let error = run(idep.clone(), ctx.clone())
         .await
@@ -309,20 +345,7 @@ async fn a_failed_apply_backs_off_and_the_retry_converges() {
         .config_maps
         .apply_watcher_event(&watcher::Event::Apply(cm));
     let (ctx, handle) = context(&caches, Capabilities::default());
-    let verifier = verify(
-        handle,
-        vec![
-            patch(format!("{DEPLOYMENTS}/llm-h200")),
-            patch(format!("{SERVICES}/llm")),
-            patch(format!("{PDBS}/llm")),
-            expect(
-                Method::PATCH,
-                format!("{IDEPS}/llm/status"),
-                status_reply(&idep),
-            ),
-            expect(Method::POST, EVENTS, Reply::Echo),
-        ],
-    );
+    let verifier = verify(handle, after_placement(&idep));
     ctx.failures
         .lock()
         .unwrap()
@@ -346,23 +369,12 @@ async fn a_new_childs_taken_name_is_degraded_not_an_error() {
     let idep = gpu_idep();
     let verifier = verify(
         handle,
-        vec![
-            patch(format!("{CONFIG_MAPS}/llm-placement")),
-            expect(
-                Method::PATCH,
-                format!("{DEPLOYMENTS}/llm-h200"),
-                Reply::Fail(409, "Conflict"),
-            ),
-            patch(format!("{SERVICES}/llm")),
-            patch(format!("{PDBS}/llm")),
-            expect(
-                Method::PATCH,
-                format!("{IDEPS}/llm/status"),
-                status_reply(&idep),
-            ),
-            expect(Method::POST, EVENTS, Reply::Echo),
-            expect(Method::POST, EVENTS, Reply::Echo),
-        ],
+        [
+            placement_then_deployment(Reply::Fail(409, "Conflict")),
+            after_workload(&idep),
+            vec![expect(Method::POST, EVENTS, Reply::Echo)],
+        ]
+        .concat(),
     );
     let action = run(idep, ctx.clone())
         .await
@@ -370,7 +382,7 @@ async fn a_new_childs_taken_name_is_degraded_not_an_error() {
     assert_eq!(action, Action::requeue(UNREALISABLE_REQUEUE));
     assert!(ctx.failures.lock().unwrap().is_empty());
     drop(ctx);
-    let seen = finish(verifier).await;
+    let seen = writes(finish(verifier).await);
     let degraded = condition(&seen[4].body, "Degraded");
     assert_eq!(degraded["status"], "True");
     assert_eq!(degraded["reason"], "NameConflict");
@@ -383,6 +395,63 @@ async fn a_new_childs_taken_name_is_degraded_not_an_error() {
     );
 }
 
+/// A user's ConfigMap named like the placement ConfigMap, which the caches do not hold (it is
+/// not labelled as a child): an apply would merge into it (other keys) and own it, to delete
+/// it later; it is a `NameConflict` instead, left untouched. One this object controls that
+/// the caches do not hold yet (an earlier apply) is applied.
+#[tokio::test]
+async fn a_users_object_that_would_merge_is_a_conflict_not_a_takeover() {
+    let idep = gpu_idep();
+    let found = |object: Value| {
+        expect(
+            Method::GET,
+            format!("{CONFIG_MAPS}/llm-placement"),
+            Reply::Json(object),
+        )
+    };
+    let users = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "llm-placement", "namespace": NS}, "data": {"theirs": "1"}});
+    let (ctx, handle) = context(&Caches::default(), Capabilities::default());
+    let degraded_event = expect(Method::POST, EVENTS, Reply::Echo);
+    let verifier = verify(
+        handle,
+        [
+            vec![found(users)],
+            after_placement(&idep),
+            vec![degraded_event],
+        ]
+        .concat(),
+    );
+    run(idep.clone(), ctx.clone())
+        .await
+        .expect("a taken name is not an error");
+    drop(ctx);
+    let seen = writes(finish(verifier).await);
+    let degraded = condition(&seen[3].body, "Degraded");
+    assert_eq!(degraded["reason"], "NameConflict");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("ConfigMap llm-placement exists and is controlled by no controller"),
+        "{degraded}"
+    );
+
+    // Ours, from an earlier apply the caches have not seen yet: applied.
+    let ours = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "llm-placement", "namespace": NS,
+                     "ownerReferences": [idep.controller_owner_ref(&())]}});
+    let (ctx, handle) = context(&Caches::default(), Capabilities::default());
+    let apply = patch(format!("{CONFIG_MAPS}/llm-placement"));
+    let verifier = verify(
+        handle,
+        [vec![found(ours), apply], after_placement(&idep)].concat(),
+    );
+    run(idep, ctx.clone()).await.expect("reconcile");
+    drop(ctx);
+    finish(verifier).await;
+}
+
 #[tokio::test]
 async fn multi_node_without_lws_is_degraded_not_an_error() {
     let mut spec = spec_with_variants(&[("h100", None)]);
@@ -393,24 +462,19 @@ async fn multi_node_without_lws_is_degraded_not_an_error() {
     let (ctx, handle) = context(&caches, Capabilities::default());
     let verifier = verify(
         handle,
-        vec![
-            patch(format!("{SERVICES}/llm")),
-            patch(format!("{PDBS}/llm")),
-            expect(
-                Method::PATCH,
-                format!("{IDEPS}/llm/status"),
-                status_reply(&idep),
-            ),
-            expect(Method::POST, EVENTS, Reply::Echo),
-            expect(Method::POST, EVENTS, Reply::Echo),
-        ],
+        // No workload; a second event (`Degraded`).
+        [
+            after_workload(&idep),
+            vec![expect(Method::POST, EVENTS, Reply::Echo)],
+        ]
+        .concat(),
     );
     let action = run(idep.clone(), ctx.clone())
         .await
         .expect("degraded is not an error");
     assert_eq!(action, Action::requeue(UNREALISABLE_REQUEUE));
     drop(ctx);
-    let seen = finish(verifier).await;
+    let seen = writes(finish(verifier).await);
     let degraded = condition(&seen[2].body, "Degraded");
     assert_eq!(degraded["status"], "True");
     assert_eq!(degraded["reason"], "LeaderWorkerSetMissing");
@@ -450,21 +514,15 @@ async fn multi_node_without_lws_is_degraded_not_an_error() {
     let (ctx, handle) = context(&Caches::default(), caps);
     let verifier = verify(
         handle,
-        vec![
-            patch(format!("{LWS}/llm-h100")),
-            patch(format!("{SERVICES}/llm")),
-            patch(format!("{PDBS}/llm")),
-            expect(
-                Method::PATCH,
-                format!("{IDEPS}/llm/status"),
-                status_reply(&idep),
-            ),
-            expect(Method::POST, EVENTS, Reply::Echo),
-        ],
+        [
+            vec![patch(format!("{LWS}/llm-h100"))],
+            after_workload(&idep),
+        ]
+        .concat(),
     );
     run(idep, ctx.clone()).await.expect("reconcile");
     drop(ctx);
-    let seen = finish(verifier).await;
+    let seen = writes(finish(verifier).await);
     assert_eq!(seen[0].body["kind"], "LeaderWorkerSet");
     assert_eq!(seen[0].body["spec"]["leaderWorkerTemplate"]["size"], 2);
     assert_eq!(condition(&seen[3].body, "Degraded")["status"], "False");
