@@ -183,7 +183,31 @@ impl ModelConfig {
             ));
         }
 
+        // The router the engine implements (DeepSeek-V3's `Gate`): anything else is refused
+        // rather than routed wrongly.
+        for (key, only) in [("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")] {
+            if obj.contains_key(key) && f.string(key)? != only {
+                return Err(EngineError::config(
+                    origin,
+                    key,
+                    format!(
+                        "{:?} is not supported: sparsemoe routes as DeepSeek-V3 does ({key} {only:?})",
+                        f.string(key)?
+                    ),
+                ));
+            }
+        }
         let first_k_dense = f.usize_opt("first_k_dense_replace")?.unwrap_or(3);
+        // DeepSeek's own modelling code (as vLLM): a MoE layer every `moe_layer_freq` layers
+        // after the dense ones (1 in every release).
+        let moe_every = f.usize_opt("moe_layer_freq")?.unwrap_or(1);
+        if moe_every == 0 {
+            return Err(EngineError::config(
+                origin,
+                "moe_layer_freq",
+                "must be at least 1",
+            ));
+        }
         let moe_layers = match obj.get("mlp_layer_types") {
             Some(Value::Array(kinds)) if arch == Arch::V32 => {
                 if kinds.len() != num_layers {
@@ -206,7 +230,9 @@ impl ModelConfig {
                     })
                     .collect::<Result<Vec<bool>>>()?
             }
-            _ => (0..num_layers).map(|l| l >= first_k_dense).collect(),
+            _ => (0..num_layers)
+                .map(|l| l >= first_k_dense && l % moe_every == 0)
+                .collect(),
         };
 
         let indexer = if arch == Arch::V32 {
@@ -526,6 +552,22 @@ mod tests {
         );
     }
 
+    /// DeepSeek's released values are accepted, and `moe_layer_freq` spaces the MoE layers as
+    /// DeepSeek's modelling code does.
+    #[test]
+    fn router_fields_and_moe_layer_spacing() {
+        let mut v: Value = serde_json::from_str(MINIMAL).unwrap();
+        v["scoring_func"] = "sigmoid".into();
+        v["topk_method"] = "noaux_tc".into();
+        v["num_hidden_layers"] = 6.into();
+        v["first_k_dense_replace"] = 1.into();
+        let c = ModelConfig::from_json(&v.to_string(), "config.json").unwrap();
+        assert_eq!(c.moe_layers, [false, true, true, true, true, true]);
+        v["moe_layer_freq"] = 2.into();
+        let c = ModelConfig::from_json(&v.to_string(), "config.json").unwrap();
+        assert_eq!(c.moe_layers, [false, false, true, false, true, false]);
+    }
+
     #[test]
     fn bad_fields_are_named() {
         let cases = [
@@ -567,6 +609,17 @@ mod tests {
                 "index_head_dim",
                 "missing",
             ),
+            (
+                with("scoring_func", "\"softmax\""),
+                "scoring_func",
+                "not supported",
+            ),
+            (
+                with("topk_method", "\"greedy\""),
+                "topk_method",
+                "not supported",
+            ),
+            (with("moe_layer_freq", "0"), "moe_layer_freq", "at least 1"),
         ];
         for (text, field, words) in cases {
             let err = ModelConfig::from_json(&text, "m/config.json")
