@@ -127,7 +127,9 @@ fn rbac_grants_exactly_what_the_operator_uses() {
         // The controller's watch of InferenceDeployments; status by server-side apply.
         ("sparsemoe.io", "inferencedeployments", &["list", "watch"]),
         ("sparsemoe.io", "inferencedeployments/status", &["patch"]),
-        // Children: watched caches, server-side apply, deletion of dropped children.
+        // Children: watched caches, server-side apply, deletion of dropped children; a new
+        // ConfigMap or Service is looked up (get) first, since its apply would merge into a
+        // user's object of its name rather than conflict.
         (
             "apps",
             "deployments",
@@ -136,9 +138,9 @@ fn rbac_grants_exactly_what_the_operator_uses() {
         (
             "",
             "configmaps",
-            &["list", "watch", "create", "patch", "delete"],
+            &["get", "list", "watch", "create", "patch", "delete"],
         ),
-        ("", "services", &["list", "watch", "create", "patch"]),
+        ("", "services", &["get", "list", "watch", "create", "patch"]),
         (
             "policy",
             "poddisruptionbudgets",
