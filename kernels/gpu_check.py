@@ -540,6 +540,18 @@ class Harness:
             self.launch("rope_f32", (n, heads), 64, [xr, cos, sin, ("i", heads * width), ("i", width), ("i", offset), ("i", half), ("i", inter)])
             self.record(f"rope_f32 {'interleaved' if inter else 'half-split'}", rel_l2(xr, ref), F32_BOUND)
 
+        # the indexer's Hadamard rotation of each dim values (Sylvester's H / sqrt(dim)), in place
+        for vectors, dim in ((64 * 65, 128), (3, 2048)):
+            xh = torch.randn(vectors, dim, device=d)
+            idx = torch.arange(dim, device=d)
+            bits = torch.zeros(dim, dim, dtype=torch.int64, device=d)
+            for b in range(dim.bit_length()):
+                bits += ((idx[:, None] >> b) & (idx[None, :] >> b) & 1)
+            h = (1 - 2 * (bits % 2)).double() / math.sqrt(dim)
+            ref = xh.double() @ h
+            self.launch("hadamard_f32", (vectors,), 64, [xh, ("i", dim), ("f", 1 / math.sqrt(dim))], smem=4 * dim)
+            self.record(f"hadamard_f32 dim {dim}", rel_l2(xh, ref), F32_BOUND)
+
         # indexer scores (rows on grid x), masked to -inf past each row's visible keys, then top-k
         T, S, H, D, k = 24, 3000, 64, 128, 512
         q, keys = torch.randn(T, H, D, device=d), torch.randn(S, D, device=d)

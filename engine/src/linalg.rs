@@ -418,6 +418,28 @@ pub fn index_scores(q: &[f32], w: &[f32], keys: &[f32], scale: f32, out: &mut [f
     }
 }
 
+/// Rotates `v` (a power-of-two length) in place by the orthonormal Walsh–Hadamard matrix
+/// `H / √n` (Sylvester's order), the fast way: log₂ n passes of sums and differences.
+pub fn hadamard(v: &mut [f32]) {
+    let n = v.len();
+    assert!(
+        n.is_power_of_two(),
+        "hadamard: length {n} is not a power of two"
+    );
+    let mut h = 1;
+    while h < n {
+        for pair in v.chunks_exact_mut(2 * h) {
+            let (a, b) = pair.split_at_mut(h);
+            for (x, y) in a.iter_mut().zip(b) {
+                (*x, *y) = (*x + *y, *x - *y);
+            }
+        }
+        h *= 2;
+    }
+    let scale = (n as f32).sqrt().recip();
+    v.iter_mut().for_each(|x| *x *= scale);
+}
+
 /// Little-endian bf16 bytes to f32 (`dst.len()` values from `2 · dst.len()` bytes).
 pub fn bf16_to_f32(src: &[u8], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len() * 2, "bf16_to_f32: lengths differ");
@@ -762,6 +784,44 @@ mod x86 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The fast transform is `H / √n` of Sylvester's matrix (`H[i][j] = (-1)^popcount(i & j)`),
+    /// computed in float64 here, and it is its own inverse and keeps dot products.
+    #[test]
+    fn hadamard_is_sylvesters_orthonormal_rotation() {
+        for n in [1, 2, 8, 128] {
+            let x = pseudo_random(n, n as u32);
+            let mut fast = x.clone();
+            hadamard(&mut fast);
+            for (i, &got) in fast.iter().enumerate() {
+                let want: f64 = x
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &v)| {
+                        v as f64
+                            * if (i & j).count_ones() % 2 == 0 {
+                                1.0
+                            } else {
+                                -1.0
+                            }
+                    })
+                    .sum::<f64>()
+                    / (n as f64).sqrt();
+                assert!(
+                    (got as f64 - want).abs() < 1e-5,
+                    "n {n}, [{i}]: {got} vs {want}"
+                );
+            }
+            let y = pseudo_random(n, 99);
+            let mut ry = y.clone();
+            hadamard(&mut ry);
+            assert!((dot(&x, &y) - dot(&fast, &ry)).abs() < 1e-4 * n as f32);
+            hadamard(&mut fast);
+            for (a, b) in fast.iter().zip(&x) {
+                assert!((a - b).abs() < 1e-5, "not its own inverse: {a} vs {b}");
+            }
+        }
+    }
 
     fn naive(x: &[f32], n: usize, w: &[f32], m: usize, k: usize) -> Vec<f32> {
         let mut y = vec![0.0; n * m];

@@ -724,6 +724,14 @@ impl<B: Backend> Model<B> {
                     &self.rope,
                     RopeLayout::HalfSplit,
                 );
+                // DeepSeek-V3.2 rotates both by a Hadamard matrix before its fp8 indexer rounds
+                // them. An orthonormal rotation leaves every score as it was; what it changes is
+                // what an fp8 pool rounds: values whose outliers are spread over the head, as
+                // the model was trained with.
+                if ixc.head_dim.is_power_of_two() {
+                    b.hadamard(&mut qi, ixc.head_dim);
+                    b.hadamard(&mut ki, ixc.head_dim);
+                }
                 // weights_proj's n_heads^-0.5 and the q·k scale are positive constants: they
                 // scale every score of a row alike and cannot change the top-k, so only the
                 // q·k scale is kept (it sits inside the ReLU, where it is harmless too).

@@ -1516,6 +1516,27 @@ fn row_operations_match_the_cpu_backend_at_edge_shapes() {
             );
         }
     }
+    // The indexer's Hadamard rotation of every `dim` values of a row: heads of 128 (the
+    // model's), one value, and a width past the kernel's threads (2048 = 16 passes of 64).
+    for (rows, cols, dim) in [
+        (3, 64 * 128, 128),
+        (2, 128, 128),
+        (4, 8, 1),
+        (1, 4096, 2048),
+    ] {
+        let x = noise(rows * cols);
+        let (mut on_cpu, mut on_gpu) = (
+            Cpu.tensor(rows, cols, x.clone()),
+            cuda.tensor(rows, cols, x),
+        );
+        Cpu.hadamard(&mut on_cpu, dim);
+        cuda.hadamard(&mut on_gpu, dim);
+        close(
+            &format!("hadamard [{rows}, {cols}] by {dim}"),
+            Cpu.to_host(&on_cpu),
+            cuda.to_host(&on_gpu),
+        );
+    }
 }
 
 /// The `v32_sparse_moe` fixture on `cuda` with the indexer keeping 8 keys, so that

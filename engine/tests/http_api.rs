@@ -1236,6 +1236,9 @@ impl Backend for LosableCpu {
         self.cpu
             .rope(x, heads, head_width, offset, positions, rope, layout)
     }
+    fn hadamard(&self, x: &mut T, dim: usize) {
+        self.cpu.hadamard(x, dim)
+    }
     fn indexer_select(
         &self,
         q: &T,

@@ -836,6 +836,29 @@ rope_f32(float* __restrict__ x, const float* __restrict__ cos_t, const float* __
     }
 }
 
+// Rotates the dim values x[blockIdx.x · dim ..] (dim a power of two) by the orthonormal
+// Walsh-Hadamard matrix H / sqrt(dim), Sylvester's order: log2(dim) passes of sums and
+// differences over the vector in shared memory, then the scale (rsqrt_dim = 1 / sqrt(dim)).
+// Launch: grid (vectors), block HADAMARD_THREADS, dynamic shared memory dim floats.
+#define HADAMARD_THREADS 64
+extern "C" __global__ void __launch_bounds__(HADAMARD_THREADS)
+hadamard_f32(float* __restrict__ x, int dim, float rsqrt_dim) {
+    extern __shared__ float v[];
+    float* row = x + (size_t)blockIdx.x * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) v[i] = row[i];
+    __syncthreads();
+    for (int h = 1; h < dim; h *= 2) {
+        for (int p = threadIdx.x; p < dim / 2; p += blockDim.x) {
+            const int i = (p / h) * 2 * h + p % h, j = i + h;
+            const float a = v[i], b = v[j];
+            v[i] = a + b;
+            v[j] = a - b;
+        }
+        __syncthreads();
+    }
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) row[i] = v[i] * rsqrt_dim;
+}
+
 // Row blockIdx.x of the indexer's queries into shared memory, as [heads, dim] or (by_dim) as
 // [dim, heads], followed by its head weights; returns where the weights are.
 SMOE_DEVICE const float* stage_indexer_row(float* smem, const float* q, const float* w, int heads, int dim,

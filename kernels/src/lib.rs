@@ -217,6 +217,7 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("rope_f32" in "engine.cu":
         x: F32Mut, cos_t: F32, sin_t: F32, cols: Int, head_width: Int, offset: Int, half: Int,
         interleaved: Int),
+    kernel!("hadamard_f32" in "engine.cu": x: F32Mut, dim: Int, rsqrt_dim: Float),
     kernel!("indexer_scores_f32" in "engine.cu":
         scores: F32Mut, q: F32, w: F32, keys: F32, n_visible: I32, n_keys: Int, heads: Int,
         dim: Int, scale: Float),

@@ -96,8 +96,10 @@ pub fn fp8_row(row: &[f32], codes: &mut [u8], scales: &mut [f32]) {
 }
 
 /// Each `dim` values of `x` (a head of the indexer's queries) rounded as an fp8 pool rounds a
-/// row of `dim` ([`fp8_row`]): to an e4m3 code times a scale per [`FP8_BLOCK`] values. These are
-/// the values DeepSeek's fp8 indexer multiplies (its `act_quant` of the queries and keys).
+/// row of `dim` ([`fp8_row`]): to an e4m3 code times a scale per [`FP8_BLOCK`] values. With the
+/// model's Hadamard rotation before (see `Model`), these are the values DeepSeek's fp8 indexer
+/// multiplies (its `act_quant` of the rotated queries and keys), but for its power-of-two
+/// (UE8M0) scales.
 pub fn fp8_round_rows(x: &mut [f32], dim: usize) {
     let mut codes = vec![0u8; dim];
     let mut scales = vec![0f32; dim.div_ceil(FP8_BLOCK)];
@@ -381,6 +383,18 @@ impl Backend for Cpu {
                 let start = h * head_width + offset;
                 rope.apply(&mut row[start..start + rope.dim()], pos, layout);
             }
+        });
+    }
+
+    fn hadamard(&self, x: &mut CpuTensor, dim: usize) {
+        assert!(
+            dim.is_power_of_two() && x.cols.is_multiple_of(dim),
+            "hadamard: {dim} does not divide rows of {}",
+            x.cols
+        );
+        let (cols, work) = (x.cols, x.data.len());
+        for_each_chunk(&mut x.data, cols, work, |_, row| {
+            row.chunks_exact_mut(dim).for_each(crate::linalg::hadamard);
         });
     }
 

@@ -612,6 +612,7 @@ struct Kernels {
     add: CudaFunction,
     silu_mul: CudaFunction,
     rope: CudaFunction,
+    hadamard: CudaFunction,
     indexer_scores: CudaFunction,
     indexer_scores_store: CudaFunction,
     indexer_scores_store_bf16: CudaFunction,
@@ -1369,6 +1370,7 @@ fn open_device(ordinal: usize) -> Result<OpenDevice> {
         add: function("add_f32")?,
         silu_mul: function("silu_mul_f32")?,
         rope: function("rope_f32")?,
+        hadamard: function("hadamard_f32")?,
         indexer_scores: function("indexer_scores_f32")?,
         indexer_scores_store: function("indexer_scores_store_f32")?,
         indexer_scores_store_bf16: function("indexer_scores_store_bf16_bits")?,
@@ -4542,6 +4544,29 @@ impl Backend for Cuda {
         // SAFETY: every head's rotated span lies inside the row (checked above); cos and sin
         // are [rows, half].
         ok(unsafe { b.launch(cfg) }, "rope");
+    }
+
+    fn hadamard(&self, x: &mut CudaTensor, dim: usize) {
+        assert!(
+            dim.is_power_of_two() && x.cols.is_multiple_of(dim),
+            "hadamard: {dim} does not divide rows of {}",
+            x.cols
+        );
+        let vectors = x.rows * (x.cols / dim);
+        if vectors == 0 {
+            return;
+        }
+        let (dim_arg, scale) = (dim as i32, (dim as f32).sqrt().recip());
+        let mut b = self.stream.launch_builder(&self.k.hadamard);
+        b.arg(&mut x.buf).arg(&dim_arg).arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (vectors as u32, 1, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: (dim * std::mem::size_of::<f32>()) as u32,
+        };
+        // SAFETY: the vectors tile the tensor (checked above); each block reads and writes its
+        // own `dim` values and stages them in `dim` floats of shared memory.
+        ok(unsafe { b.launch(cfg) }, "hadamard");
     }
 
     fn indexer_select(

@@ -540,6 +540,10 @@ pub trait Backend: Send + Sync + 'static {
         layout: RopeLayout,
     );
 
+    /// Rotates every `dim` values of each row of `x` (`dim` a power of two dividing its width)
+    /// by the orthonormal Walsh–Hadamard matrix `H / √dim` ([`crate::linalg::hadamard`]).
+    fn hadamard(&self, x: &mut Self::Tensor, dim: usize);
+
     /// DSA lightning indexer: for query row `i` at position `positions[i]` the indices of the
     /// `k` cached keys `s ≤ positions[i]` with the largest `Σ_h w[i,h]·ReLU(scale·q[i,h]·keys[s])`
     /// (all of them when there are at most `k`).
