@@ -57,6 +57,11 @@ pub const DEFAULT_ENGINE_IMAGE: &str = "ghcr.io/sparsemoe/sparsemoe-engine:v0.1.
     validation = Rule::new("size(self.metadata.name) <= 40").message(
         "metadata.name must be at most 40 characters: child objects are named <name>-<variant> and must stay valid DNS labels"
     ),
+    validation = Rule::new(
+        "self.spec.variants.all(v, (has(v.nodesPerReplica) ? v.nodesPerReplica : self.spec.parallelism.nodesPerReplica) <= 1 || size(self.metadata.name) + size(v.name) <= 47)"
+    ).message(
+        "a multi-node variant's workload <name>-<variant> must be at most 48 characters: its LeaderWorkerSet's StatefulSets and pods add suffixes, and their labels and hostnames must stay within 63; shorten metadata.name or the variant's name"
+    ),
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message(
         "metadata.name must be lowercase letters, digits and '-', beginning with a letter (no dots, e.g. deepseek-v32 rather than deepseek-v3.2): it names the Service, whose name is a DNS label"
     ),
