@@ -725,9 +725,9 @@ impl<B: Backend> Model<B> {
                     RopeLayout::HalfSplit,
                 );
                 // DeepSeek-V3.2 rotates both by a Hadamard matrix before its fp8 indexer rounds
-                // them. An orthonormal rotation leaves every score as it was; what it changes is
-                // what an fp8 pool rounds: values whose outliers are spread over the head, as
-                // the model was trained with.
+                // them. An orthonormal rotation leaves every score as it was in exact
+                // arithmetic; what it changes is what a pool rounds (fp8 most): values whose
+                // outliers are spread over the head, as the model was trained with.
                 if ixc.head_dim.is_power_of_two() {
                     b.hadamard(&mut qi, ixc.head_dim);
                     b.hadamard(&mut ki, ixc.head_dim);

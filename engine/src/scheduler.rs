@@ -664,9 +664,8 @@ impl<B: Backend> Engine<B> {
                     completion_tokens: seq.generated() + usize::from(stop_token),
                     stop_logprob,
                 });
-                self.metrics
-                    .e2e_latency
-                    .observe(now.duration_since(seq.arrived).as_secs_f64());
+                // (Its end-to-end latency is the server's to count, which also sees the
+                // outputs a stop string ends: to the engine, cancellations.)
                 done.push(index);
             }
         }

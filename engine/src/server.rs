@@ -167,8 +167,10 @@ pub async fn serve(
         // Until the running requests finish, or nothing will finish them (the engine thread
         // stopped), or the grace period ends.
         let stats = &drain_state.engine.stats;
-        while (stats.active.load(Ordering::SeqCst) > 0
-            || drain_state.preparing.load(Ordering::SeqCst) > 0)
+        // `preparing` before `active`: a handler counts itself in `active` before it leaves
+        // `preparing`, so a request between the two is seen in one or the other.
+        while (drain_state.preparing.load(Ordering::SeqCst) > 0
+            || stats.active.load(Ordering::SeqCst) > 0)
             && !stats.stopped.load(Ordering::SeqCst)
             && Instant::now() < deadline
         {
@@ -640,13 +642,23 @@ struct Run {
     /// Its outputs begin in reasoning (a chat prompt that ends in `<think>`): each response
     /// message has `reasoning_content`.
     reasoned: bool,
-    /// When its choices went to the engine, whose arrival time this stands for where the
-    /// server ends a choice itself.
+    /// When its choices went to the engine: where their end-to-end latencies begin.
     submitted: Instant,
     state: Arc<AppState>,
     /// Set when the request failed: its choices still running are ended as part of that
     /// failure, not counted as aborted.
     failed: AtomicBool,
+}
+
+impl Run {
+    /// A choice ended (the engine ended it, or a stop string did, which the engine sees as a
+    /// cancellation): its end-to-end latency, from its submission.
+    fn observe_latency(&self) {
+        self.state
+            .metrics
+            .e2e_latency
+            .observe(self.submitted.elapsed().as_secs_f64());
+    }
 }
 
 /// One choice's progress (its own sequence on the engine), on a task of its own.
@@ -885,12 +897,7 @@ impl Choice {
                     calls,
                 };
                 if stopped {
-                    // The engine sees a stop string's end as a cancellation: its latency is
-                    // counted here, as the engine counts the outputs it ends.
-                    run.state
-                        .metrics
-                        .e2e_latency
-                        .observe(run.submitted.elapsed().as_secs_f64());
+                    run.observe_latency();
                     Step::Done {
                         out,
                         reason: FinishReason::Stop,
@@ -922,6 +929,7 @@ impl Choice {
                     .filter(|_| run.logprobs)
                     .map(|lp| run.logprob_entry(&lp, self.decoded_chars));
                 let (text, calls) = self.read_calls(text, true);
+                run.observe_latency();
                 Step::Done {
                     out: Output {
                         text,

@@ -397,8 +397,21 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
     if let Some((_, config_map)) = &desired.placement {
         let existing = stores.config_maps.get(&ObjectRef::from_obj(config_map));
         // Workloads on their way out, and older pods of those being replaced in place, may
-        // mount plans the spec no longer has.
-        let config_map = match stale.is_empty() && !rolling_out(&desired, &namespace, stores) {
+        // mount plans the spec no longer has: while any pod does, or may yet be made from an
+        // older template, they stay.
+        let pods = stores.pods.state_filter(|p| {
+            p.namespace().as_deref() == Some(namespace.as_str())
+                && p.labels().get(LABEL_DEPLOYMENT) == Some(&name)
+        });
+        let mounted =
+            children::mounted_plans(pods.iter().map(|p| p.as_ref()), &config_map.name_any());
+        let plans = config_map.data.as_ref();
+        let dropped_in_use = mounted
+            .iter()
+            .any(|k| plans.is_none_or(|d| !d.contains_key(k)));
+        let settled =
+            stale.is_empty() && !dropped_in_use && !rolling_out(&desired, &namespace, stores);
+        let config_map = match settled {
             true => config_map.clone(),
             false => children::keeping_plans(config_map, existing.as_deref()),
         };

@@ -8,12 +8,12 @@
 mod lws;
 mod pod;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -189,6 +189,21 @@ pub fn older_pods_may_remain(existing: &Workload, desired: &Workload) -> bool {
         }
     };
     observed < generation || replicas.unwrap_or(0) > updated.unwrap_or(0)
+}
+
+/// The placement plans (keys of the ConfigMap `config_map`) that `pods` mount. Pods that are
+/// running mount what their template named when they were made, whatever the workloads say now.
+pub fn mounted_plans<'p>(
+    pods: impl IntoIterator<Item = &'p Pod>,
+    config_map: &str,
+) -> BTreeSet<String> {
+    pods.into_iter()
+        .filter_map(|p| p.spec.as_ref()?.volumes.as_ref())
+        .flatten()
+        .filter_map(|v| v.config_map.as_ref())
+        .filter(|c| c.name == config_map)
+        .flat_map(|c| c.items.iter().flatten().map(|i| i.key.clone()))
+        .collect()
 }
 
 /// Label selector (string form) of the serving pods, for status.selector and /scale.

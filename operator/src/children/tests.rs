@@ -258,6 +258,30 @@ fn a_rollout_counts_as_stuck_only_well_after_the_startup_probe_gives_up() {
     );
 }
 
+/// The plans pods mount are read from their volumes: the placement ConfigMap's key of their
+/// shape, and nothing from another ConfigMap.
+#[test]
+fn pods_mount_the_plan_of_their_shape() {
+    use k8s_openapi::api::core::v1::Pod;
+    let children = build_default(&gpu_idep(), Capabilities::default());
+    let template = only_deployment(&children)
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .clone();
+    let pod = Pod {
+        metadata: template.metadata.unwrap_or_default(),
+        spec: template.spec,
+        ..Pod::default()
+    };
+    let name = children.placement.as_ref().unwrap().1.name_any();
+    let mounted = mounted_plans([&pod], &name);
+    assert_eq!(mounted.into_iter().collect::<Vec<_>>(), [plan_key(8, 1)]);
+    assert!(mounted_plans([&pod], "another").is_empty());
+    assert!(mounted_plans([&Pod::default()], &name).is_empty());
+}
+
 /// Plans a new spec drops stay while older pods may mount them: a workload about to change,
 /// one whose controller has not seen its change, one with pods of an older template.
 #[test]
