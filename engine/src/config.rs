@@ -186,13 +186,16 @@ impl ModelConfig {
         // The router the engine implements (DeepSeek-V3's `Gate`): anything else is refused
         // rather than routed wrongly.
         for (key, only) in [("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")] {
-            if obj.contains_key(key) && f.string(key)? != only {
+            let value = match obj.contains_key(key) {
+                true => f.string(key)?,
+                false => continue,
+            };
+            if value != only {
                 return Err(EngineError::config(
                     origin,
                     key,
                     format!(
-                        "{:?} is not supported: sparsemoe routes as DeepSeek-V3 does ({key} {only:?})",
-                        f.string(key)?
+                        "{value:?} is not supported: sparsemoe routes as DeepSeek-V3 does ({key} {only:?})"
                     ),
                 ));
             }

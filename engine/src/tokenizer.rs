@@ -243,11 +243,13 @@ impl Tokenizer {
             // as it would with the token skipped (a decoder's rules for a text's first token
             // stay with the output's first).
             let token = self.inner.id_to_token(id).unwrap_or_default();
-            let window = self.inner.decode(&state.ids, true).unwrap_or_default();
-            if window == state.prefix {
-                return token;
-            }
-            return self.decode_rest(state) + &token;
+            return match self.held_back(state) {
+                None => token,
+                Some(held) => {
+                    *state = DecodeState::default();
+                    held + &token
+                }
+            };
         }
         let shown = self.inner.id_to_token(id).is_some() && !self.is_special(id);
         if !shown {
@@ -278,12 +280,23 @@ impl Tokenizer {
     /// The text `decode_next` is holding back (the start of a UTF-8 character that no token
     /// finished, shown as `decode` shows it), for when the output ends; resets `state`.
     pub fn decode_rest(&self, state: &mut DecodeState) -> String {
-        let state = std::mem::take(state);
+        let held = self.held_back(state).unwrap_or_default();
+        *state = DecodeState::default();
+        held
+    }
+
+    /// The text of `state`'s window past what `decode_next` has given: `None` when it has
+    /// given it all, else what follows (empty where the window's text does not extend it).
+    fn held_back(&self, state: &DecodeState) -> Option<String> {
         let text = self.inner.decode(&state.ids, true).unwrap_or_default();
-        match text.strip_prefix(state.prefix.as_str()) {
-            Some(rest) => rest.to_string(),
-            None => String::new(),
+        if text == state.prefix {
+            return None;
         }
+        Some(
+            text.strip_prefix(state.prefix.as_str())
+                .unwrap_or_default()
+                .to_string(),
+        )
     }
 
     /// The id of a token string, if it is in the vocabulary.

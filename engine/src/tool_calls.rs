@@ -80,10 +80,10 @@ const V31: Format = Format {
 /// The special tokens of DeepSeek-V3's and V3.1's calls: a tokenizer that marks them special
 /// must still write them into an output's text for the calls to be read.
 pub const V3_MARKERS: [&str; 5] = [
-    "<｜tool▁calls▁begin｜>",
-    "<｜tool▁calls▁end｜>",
-    "<｜tool▁call▁begin｜>",
-    "<｜tool▁call▁end｜>",
+    V3.block_start,
+    V3.block_end,
+    V3.call_start,
+    V3.call_end,
     TOOL_SEP,
 ];
 

@@ -34,7 +34,9 @@ use sparsemoe_api::v1alpha1::InferenceDeploymentStatus;
 use tracing::{info, warn};
 
 use crate::autoscale::{self, ReplicaDecision};
-use crate::children::{self, Capabilities, Children, LABEL_DEPLOYMENT, LABEL_VARIANT, Workload};
+use crate::children::{
+    self, Cached, Capabilities, Children, LABEL_DEPLOYMENT, LABEL_VARIANT, Workload,
+};
 use crate::metrics::Metrics;
 use crate::status::{self, WorkloadObservation};
 use crate::{Error, FIELD_MANAGER, Result};
@@ -329,20 +331,20 @@ pub fn unsynced_caches(stores: &Stores) -> Vec<&'static str> {
 /// Whether any desired workload that exists already may still run pods of an older template
 /// (see [`children::older_pods_may_remain`]).
 fn rolling_out(desired: &Children, namespace: &str, stores: &Stores) -> bool {
-    desired.workloads.iter().any(|child| {
-        let existing = match &child.workload {
-            Workload::Deployment(d) => stores
-                .deployments
-                .get(&ObjectRef::from_obj(d.as_ref()))
-                .map(|e| Workload::Deployment(Box::new((*e).clone()))),
-            Workload::LeaderWorkerSet(l) => stores.leader_worker_sets.as_ref().and_then(|s| {
-                let key = ObjectRef::new_with(&l.name_any(), children::lws_api_resource())
-                    .within(namespace);
-                s.get(&key)
-                    .map(|e| Workload::LeaderWorkerSet(Box::new((*e).clone())))
+    desired.workloads.iter().any(|child| match &child.workload {
+        Workload::Deployment(d) => stores
+            .deployments
+            .get(&ObjectRef::from_obj(d.as_ref()))
+            .is_some_and(|e| {
+                children::older_pods_may_remain(Cached::Deployment(&e), &child.workload)
             }),
-        };
-        existing.is_some_and(|e| children::older_pods_may_remain(&e, &child.workload))
+        Workload::LeaderWorkerSet(l) => stores.leader_worker_sets.as_ref().is_some_and(|s| {
+            let key =
+                ObjectRef::new_with(&l.name_any(), children::lws_api_resource()).within(namespace);
+            s.get(&key).is_some_and(|e| {
+                children::older_pods_may_remain(Cached::LeaderWorkerSet(&e), &child.workload)
+            })
+        }),
     })
 }
 
@@ -394,17 +396,20 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
     let mut rejected = Vec::new();
 
     let stale = StaleWorkloads::find(idep, &namespace, &desired, ctx);
+    // This object's pods, whatever their variant.
+    let object_pods = stores.pods.state_filter(|p| {
+        p.namespace().as_deref() == Some(namespace.as_str())
+            && p.labels().get(LABEL_DEPLOYMENT) == Some(&name)
+    });
     if let Some((_, config_map)) = &desired.placement {
         let existing = stores.config_maps.get(&ObjectRef::from_obj(config_map));
         // Workloads on their way out, and older pods of those being replaced in place, may
         // mount plans the spec no longer has: while any pod does, or may yet be made from an
         // older template, they stay.
-        let pods = stores.pods.state_filter(|p| {
-            p.namespace().as_deref() == Some(namespace.as_str())
-                && p.labels().get(LABEL_DEPLOYMENT) == Some(&name)
-        });
-        let mounted =
-            children::mounted_plans(pods.iter().map(|p| p.as_ref()), &config_map.name_any());
+        let mounted = children::mounted_plans(
+            object_pods.iter().map(|p| p.as_ref()),
+            &config_map.name_any(),
+        );
         let plans = config_map.data.as_ref();
         let dropped_in_use = mounted
             .iter()
@@ -497,13 +502,14 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
 
     // Pods of the variants the spec has: a removed variant's, kept serving until its
     // replacement is rolled out, say nothing about this spec.
-    let mut pods: Vec<Arc<Pod>> = stores.pods.state_filter(|p| {
-        p.namespace().as_deref() == Some(namespace.as_str())
-            && p.labels().get(LABEL_DEPLOYMENT) == Some(&name)
-            && p.labels()
+    let mut pods: Vec<Arc<Pod>> = object_pods
+        .into_iter()
+        .filter(|p| {
+            p.labels()
                 .get(LABEL_VARIANT)
                 .is_some_and(|v| idep.spec.variants.iter().any(|s| &s.name == v))
-    });
+        })
+        .collect();
     // In name order, so the pod a problem names does not change with the cache's order.
     pods.sort_by_key(|p| p.name_any());
     let pod_problems = status::pod_problems(pods.iter().map(|p| p.as_ref()));

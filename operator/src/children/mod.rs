@@ -86,6 +86,23 @@ impl Workload {
     }
 }
 
+/// A workload as the caches hold it, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub enum Cached<'a> {
+    Deployment(&'a Deployment),
+    LeaderWorkerSet(&'a DynamicObject),
+}
+
+impl Workload {
+    /// This workload, borrowed as [`Cached`].
+    pub fn as_cached(&self) -> Cached<'_> {
+        match self {
+            Workload::Deployment(d) => Cached::Deployment(d),
+            Workload::LeaderWorkerSet(l) => Cached::LeaderWorkerSet(l),
+        }
+    }
+}
+
 /// A variant's desired workload and replica count.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VariantChild {
@@ -167,21 +184,25 @@ pub fn keeping_plans(config_map: &ConfigMap, existing: Option<&ConfigMap>) -> Co
 /// desired one's), its controller has not yet seen its last change, or some of its pods are
 /// not of its current template. Such pods may mount a plan the new spec dropped (a change of
 /// GPUs per replica keeps the workload's name), and one that restarts must still find it.
-pub fn older_pods_may_remain(existing: &Workload, desired: &Workload) -> bool {
-    if applied_hash(existing.meta()) != applied_hash(desired.meta()) {
+pub fn older_pods_may_remain(existing: Cached<'_>, desired: &Workload) -> bool {
+    let meta = match existing {
+        Cached::Deployment(d) => &d.metadata,
+        Cached::LeaderWorkerSet(l) => &l.metadata,
+    };
+    if applied_hash(meta) != applied_hash(desired.meta()) {
         return true;
     }
     let (generation, observed, replicas, updated) = match existing {
-        Workload::Deployment(d) => {
-            let status = d.status.clone().unwrap_or_default();
+        Cached::Deployment(d) => {
+            let status = d.status.as_ref();
             (
                 d.metadata.generation,
-                status.observed_generation,
-                status.replicas.map(i64::from),
-                status.updated_replicas.map(i64::from),
+                status.and_then(|s| s.observed_generation),
+                status.and_then(|s| s.replicas).map(i64::from),
+                status.and_then(|s| s.updated_replicas).map(i64::from),
             )
         }
-        Workload::LeaderWorkerSet(l) => {
+        Cached::LeaderWorkerSet(l) => {
             let status = &l.data["status"];
             let int = |key: &str| status[key].as_i64();
             // A LeaderWorkerSet reports no observedGeneration: its counts alone.

@@ -303,16 +303,16 @@ fn older_pods_may_remain_until_the_rollout_is_done() {
     };
     // Rolled out: nothing older remains.
     assert!(!older_pods_may_remain(
-        &existing(3, status(3, 2, 2)),
+        existing(3, status(3, 2, 2)).as_cached(),
         &desired
     ));
     // Its controller has not seen the last change, or old pods are still there.
     assert!(older_pods_may_remain(
-        &existing(4, status(3, 2, 2)),
+        existing(4, status(3, 2, 2)).as_cached(),
         &desired
     ));
     assert!(older_pods_may_remain(
-        &existing(3, status(3, 3, 2)),
+        existing(3, status(3, 3, 2)).as_cached(),
         &desired
     ));
     // A new template on its way in (another GPU count: another plan).
@@ -321,7 +321,7 @@ fn older_pods_may_remain_until_the_rollout_is_done() {
     let changed = build_default(&idep, Capabilities::default());
     let changed = Workload::Deployment(Box::new(only_deployment(&changed).clone()));
     assert!(older_pods_may_remain(
-        &existing(3, status(3, 2, 2)),
+        existing(3, status(3, 2, 2)).as_cached(),
         &changed
     ));
     // A LeaderWorkerSet by its counts.
@@ -332,8 +332,8 @@ fn older_pods_may_remain_until_the_rollout_is_done() {
         Workload::LeaderWorkerSet(Box::new(l))
     };
     let desired_lws = lws(0, 0);
-    assert!(!older_pods_may_remain(&lws(2, 2), &desired_lws));
-    assert!(older_pods_may_remain(&lws(2, 1), &desired_lws));
+    assert!(!older_pods_may_remain(lws(2, 2).as_cached(), &desired_lws));
+    assert!(older_pods_may_remain(lws(2, 1).as_cached(), &desired_lws));
 }
 
 #[test]
