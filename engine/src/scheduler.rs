@@ -259,13 +259,21 @@ impl<B: Backend> Sequence<B> {
 }
 
 /// Starts the engine thread with `model`, a KV pool of `blocks`, and `metrics`. Fails when the
-/// pool cannot be allocated.
+/// pool cannot be allocated. `max_context` is cut to what the pool holds (a sequence alone
+/// always fits, so one that waits for blocks waits only for older sequences to finish or give
+/// them up), and a step takes at least one token of one sequence.
 pub fn spawn<B: Backend>(
     model: Model<B>,
     blocks: BlockAllocator,
     config: SchedulerConfig,
     metrics: Arc<Metrics>,
 ) -> Result<EngineHandle> {
+    let config = SchedulerConfig {
+        max_context: config.max_context.min(blocks.capacity_tokens()),
+        max_batch_tokens: config.max_batch_tokens.max(1),
+        max_running: config.max_running.max(1),
+        ..config
+    };
     let pool = model.new_paged_pool(blocks.block_size(), blocks.total_blocks(), config.kv_dtype)?;
     let (tx, rx) = mpsc::channel();
     let stats = Arc::new(EngineStats::default());
@@ -462,6 +470,9 @@ impl<B: Backend> Engine<B> {
         // Plan: running sequences first (decodes, then unfinished prefills), in arrival order.
         let mut budget = self.config.max_batch_tokens;
         let mut plan: Vec<usize> = Vec::new(); // tokens per running index
+        // The newest running sequence waits for blocks only older ones hold: nothing newer may
+        // take what frees up before it does.
+        let mut stalled = false;
         let mut i = 0;
         while i < self.running.len() {
             let mut n = self.running[i].pending().min(budget);
@@ -489,8 +500,14 @@ impl<B: Backend> Engine<B> {
                 fits = self.blocks.grow(&mut self.running[i].blocks, want);
             }
             if !fits {
-                // Only this sequence is left to give blocks back: it waits for them instead.
-                self.preempt(i);
+                // Only older sequences hold the blocks it needs (with max_context within the
+                // pool, a sequence alone always fits): it keeps its own and skips this step
+                // rather than give them back and start over, since its own request would be
+                // first in line to take them again, recompute, and meet the same wall. An
+                // older sequence that needs its blocks preempts it; when one finishes, it goes
+                // on.
+                plan.push(0);
+                stalled = true;
                 break;
             }
             plan.push(n);
@@ -500,7 +517,7 @@ impl<B: Backend> Engine<B> {
         plan.truncate(self.running.len());
 
         // Admit waiting requests while the budget and the blocks last.
-        while budget > 0 && self.running.len() < self.config.max_running {
+        while !stalled && budget > 0 && self.running.len() < self.config.max_running {
             let Some(front) = self.waiting.front_mut() else {
                 break;
             };

@@ -192,6 +192,39 @@ fn a_prefill_chunk_shrinks_to_the_free_blocks_rather_than_preempting() {
     assert_same(&outputs, &both(&roomy));
 }
 
+/// Without prefix caching, the newest sequence that finds no free block waits for the older
+/// ones, keeping its own: a 100-token prompt beside a 20-token one that holds its 2 blocks of 16
+/// to the end fills the other 6 (96 tokens) and needs a seventh. Giving its blocks back would
+/// only see it admitted again at once, to recompute and meet the same wall until the older
+/// request ends. Both outputs are those of a roomy cache, with no preemption.
+#[test]
+fn the_newest_sequence_waits_for_blocks_rather_than_recomputing() {
+    let config = SchedulerConfig {
+        max_context: 128,
+        max_batch_tokens: 32,
+        prefix_caching: false,
+        ..SchedulerConfig::default()
+    };
+    // The first's prompt and 12 of its 13 tokens fill its 2 blocks exactly (its last token is
+    // sampled, never cached), so it never needs a third; it runs 12 decode steps, the second
+    // meets the wall after 4 (31 + 31 + 31 + 3 prompt tokens).
+    let (short, long) = (prompt(21, 20), prompt(22, 100));
+    let both = |engine: &EngineHandle| -> Vec<Output> {
+        let receivers = [submit_for(engine, &short, 13), submit_for(engine, &long, 3)];
+        receivers.map(collect).into()
+    };
+    let (tight, metrics) = engine_with(config.clone(), 8);
+    let outputs = both(&tight);
+    assert_eq!(
+        metrics.preemptions.get(),
+        0,
+        "the second sequence gave its blocks back"
+    );
+    assert_idle(&tight);
+    let (roomy, _) = engine_with(config, 64);
+    assert_same(&outputs, &both(&roomy));
+}
+
 /// Every request done and no KV block held. The engine publishes its counts after each
 /// step: this waits (up to 2 s) for the one after the last.
 fn assert_idle(engine: &EngineHandle) {
