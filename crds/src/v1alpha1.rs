@@ -125,7 +125,8 @@ pub struct ModelSpec {
     pub name: String,
     /// Where the Hugging Face model directory (config.json, *.safetensors, tokenizer.json) is.
     pub source: ModelSource,
-    /// The model revision (e.g. a Hugging Face commit); informational, shown to clients and in labels.
+    /// The model revision (e.g. a Hugging Face commit); informational: the engine shows it in its
+    /// `sparsemoe_model_info` metric.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
     pub revision: Option<String>,
@@ -239,7 +240,8 @@ pub struct EngineSpec {
     #[x_kube(validation = Rule::new("self >= 16").message("engine.maxBatchedTokens must be at least 16"))]
     #[schemars(range(max = u32::MAX))]
     pub max_batched_tokens: Option<u32>,
-    /// Share of free accelerator memory given to the KV cache, in (0, 0.98].
+    /// Share of available memory given to the KV cache, in (0, 0.98]: the accelerator's free
+    /// memory on GPU replicas, the container's available memory less the weights on CPU ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self > 0.0 && self <= 0.98").message(
         "engine.kvCacheMemoryFraction must be in (0, 0.98], e.g. 0.9"
@@ -252,7 +254,8 @@ pub struct EngineSpec {
     /// How the engine stores the KV cache: `auto` (the default: `bfloat16` with
     /// `dtype: bfloat16`, else `float32`), `float32`, `bfloat16` (half the bytes, so twice the
     /// tokens in the same memory), or `fp8` (e4m3 with a scale per 128 values, RoPE keys in
-    /// bf16: about a quarter of the float32 bytes). CPU and GPU replicas alike.
+    /// bf16: about a quarter of the float32 bytes; power-of-two scales where the checkpoint
+    /// says `scale_fmt: ue8m0`). CPU and GPU replicas alike.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_cache_dtype: Option<KvCacheDtype>,
     /// Reuse the KV blocks of a prompt prefix computed before (automatic prefix caching); on
@@ -277,7 +280,8 @@ pub struct EngineSpec {
     /// Extra environment variables for the engine container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
-    /// Replaces the computed resources (GPU requests are always added).
+    /// The engine container's resources; the GPUs of `parallelism.gpusPerReplica` are always
+    /// added (`nvidia.com/gpu`). Unset: no CPU or memory requests or limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 }
@@ -431,7 +435,8 @@ pub struct ExpertParallelSpec {
     #[serde(default)]
     #[schemars(range(max = 1024))]
     pub redundant_experts: u32,
-    /// How often the placement is recomputed from measured expert load; unset: never.
+    /// How often the placement is to be recomputed from measured expert load. Reserved: the
+    /// operator does not rebalance yet (the placement is `plan-experts`' or the balanced default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 60").message(
         "parallelism.expertParallel.rebalanceIntervalSeconds must be at least 60 (a rebalance moves weights)"
@@ -526,19 +531,21 @@ pub struct ScalingSpec {
     #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("scaling.maxReplicas must be between 1 and 1000"))]
     #[schemars(range(max = 1000))]
     pub max_replicas: Option<u32>,
-    /// Waiting requests per replica the queueDepth policy aims for.
+    /// Waiting requests per replica the queueDepth policy is to aim for. Reserved: queueDepth and
+    /// costAware are not metrics-driven yet (they hold the running replicas).
     #[serde(default = "default_target_queue_depth")]
     #[x_kube(validation = Rule::new("self >= 1").message("scaling.targetQueueDepthPerReplica must be at least 1"))]
     #[schemars(range(max = u32::MAX))]
     pub target_queue_depth_per_replica: u32,
-    /// Latency objectives the autoscaler keeps.
+    /// Latency objectives the autoscaler is to keep. Reserved: not acted on yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slo: Option<SloSpec>,
-    /// How long a higher recommendation must hold before scaling up.
+    /// How long a higher recommendation must hold before scaling up. Reserved: not acted on yet.
     #[serde(default)]
     #[schemars(range(max = 3600))]
     pub scale_up_stabilization_seconds: u32,
-    /// How long a lower recommendation must hold before scaling down.
+    /// How long a lower recommendation must hold before scaling down. Reserved: not acted on
+    /// yet.
     #[serde(default = "default_scale_down_stabilization")]
     #[schemars(range(max = 86400))]
     pub scale_down_stabilization_seconds: u32,
@@ -632,7 +639,7 @@ pub struct InferenceDeploymentStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// kstatus conditions: Ready, Progressing, Degraded, ScalingActive, PlacementReady.
+    /// kstatus conditions: Ready, Progressing, Degraded, ScalingActive.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Engine pods across all variants.
@@ -650,7 +657,8 @@ pub struct InferenceDeploymentStatus {
     /// Per-variant replica counts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub variants: Vec<VariantStatus>,
-    /// The most recent scaling decision.
+    /// The most recent scaling decision of a metrics-driven policy. Reserved: not written yet
+    /// (the Tokens/s and $/Mtok columns stay empty until it is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scaling: Option<ScalingDecision>,
     /// The expert placement plan in use.
