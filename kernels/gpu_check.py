@@ -95,13 +95,21 @@ def divided(x, d):
     return x / torch.tensor(d, dtype=x.dtype, device=x.device)
 
 
+def fp8_block_scale(amax, ue8m0):
+    """The scale of an fp8 block whose largest magnitude is amax, as the kernels' kv_fp8_scale
+    (the engine's fp8_scale): max(amax, 1e-4) / 448 divided for real, with ue8m0 the power of two
+    at or above it (exact: a float32's exponent, one up when it has a mantissa)."""
+    s = divided(amax.clamp_min(1e-4), 448.0)
+    if ue8m0:
+        s = torch.exp2(torch.ceil(torch.log2(s.double()))).float()
+    return s
+
+
 def ref_quant_fp8(x, pow2):
     """x [rows, dim] -> (e4m3 codes as uint8, float32 scale per row), as indexer_quant_fp8: scale =
     max(amax, 1e-4) / 448 (rounded up to a power of two if pow2), codes = e4m3(x / scale)."""
     xf = x.float()
-    scale = divided(xf.abs().amax(-1).clamp_min(1e-4), 448.0)
-    if pow2:
-        scale = torch.exp2(torch.ceil(torch.log2(scale.double()))).float()
+    scale = fp8_block_scale(xf.abs().amax(-1), pow2)
     codes = (xf / scale[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     return codes.view(torch.uint8), scale
 
@@ -427,25 +435,29 @@ class Harness:
         self.record_bool("scatter_rows_f32_to_bf16_bits",
                          torch.equal(kv.view(torch.int16), want.view(torch.int16)),
                          "rows rounded as torch rounds to bf16, the others untouched")
-        # A KV cache kept in fp8: per 128 values of a row a scale max(amax, 1e-4) / 448 and
-        # e4m3 codes of x / scale (torch's cast, after the clamp the kernel saturates to); a
-        # 300-wide row has a partial last block, and an all-zero row takes the scale's floor.
+        # A KV cache kept in fp8: per 128 values of a row a scale max(amax, 1e-4) / 448 (with
+        # ue8m0 the power of two at or above it) and e4m3 codes of x / scale (torch's cast, after
+        # the clamp the kernel saturates to); a 300-wide row has a partial last block, and an
+        # all-zero row takes the scale's floor.
         fc = 300
         fresh = torch.randn(rows, fc, device=d) * torch.rand(rows, 1, device=d) * 50
         fresh[7] = 0
         nb = (fc + 127) // 128
-        codes = torch.full((500, fc), 0x55, dtype=torch.uint8, device=d)
-        scales = torch.full((500, nb), -1.0, device=d)
-        want_c, want_s = codes.clone(), scales.clone()
-        for b in range(nb):
-            blk = fresh[:, 128 * b:128 * (b + 1)]
-            sc = divided(blk.abs().amax(-1).clamp_min(1e-4), 448.0)
-            want_s[slots.long(), b] = sc
-            want_c[slots.long(), 128 * b:128 * (b + 1)] = (blk / sc[:, None]).clamp(-448.0, 448.0) \
-                .to(torch.float8_e4m3fn).view(torch.uint8)
-        self.launch("scatter_rows_f32_to_fp8", (rows,), 256, [codes, scales, fresh, slots, ("i", fc)])
-        self.record_bool("scatter_rows_f32_to_fp8", torch.equal(codes, want_c) and torch.equal(scales, want_s),
-                         "codes and scales bit-exact with torch's e4m3 cast; other slots untouched")
+        for ue8m0 in (0, 1):
+            label = "scatter_rows_f32_to_fp8" + (" ue8m0" if ue8m0 else "")
+            codes = torch.full((500, fc), 0x55, dtype=torch.uint8, device=d)
+            scales = torch.full((500, nb), -1.0, device=d)
+            want_c, want_s = codes.clone(), scales.clone()
+            for b in range(nb):
+                blk = fresh[:, 128 * b:128 * (b + 1)]
+                sc = fp8_block_scale(blk.abs().amax(-1), ue8m0)
+                want_s[slots.long(), b] = sc
+                want_c[slots.long(), 128 * b:128 * (b + 1)] = (blk / sc[:, None]).clamp(-448.0, 448.0) \
+                    .to(torch.float8_e4m3fn).view(torch.uint8)
+            self.launch("scatter_rows_f32_to_fp8", (rows,), 256,
+                        [codes, scales, fresh, slots, ("i", fc), ("i", ue8m0)])
+            self.record_bool(label, torch.equal(codes, want_c) and torch.equal(scales, want_s),
+                             "codes and scales bit-exact with torch's e4m3 cast; other slots untouched")
         back = torch.full((rows, fc), nan, device=d)
         self.launch("gather_rows_fp8_f32", (rows,), 256, [back, codes, scales, slots, ("i", fc)])
         ref = (want_c[slots.long()].view(torch.float8_e4m3fn).double()
@@ -588,33 +600,37 @@ class Harness:
         f32_store[slots] = both
         bf16_store = torch.full((pool, D), nan, device=d).to(torch.bfloat16)
         bf16_store[slots] = both.to(torch.bfloat16)
-        sc = divided(both.abs().amax(-1).clamp_min(1e-4), 448.0)
-        codes = torch.full((pool, D), 0x7F, dtype=torch.uint8, device=d)
-        codes[slots] = (both / sc[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
-        code_scales = torch.full((pool, 1), nan, device=d)
-        code_scales[slots, 0] = sc
-        # over an fp8 pool, DeepSeek's fp8 indexer: each head's query rounded as the pool rounds
-        # a key (e4m3 codes of q / (amax / 448), the engine's fp8_row), in float32 and on the
-        # fp8 tensor cores alike
-        q_sc = divided(q.abs().amax(-1, keepdim=True).clamp_min(1e-4), 448.0)
-        q_fp8 = (q / q_sc).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).double() * q_sc.double()
-        for name, store, widened, q_ref in (
-                ("indexer_scores_store_f32", [f32_store], both, q),
-                ("indexer_scores_store_bf16_bits", [bf16_store], both.to(torch.bfloat16), q),
-                ("indexer_scores_store_fp8", [codes, code_scales],
-                 codes[slots].view(torch.float8_e4m3fn).double() * sc.double()[:, None], q_fp8)):
+        def fp8_pool(ue8m0):
+            """The keys as an fp8 pool keeps them (codes, a scale per row of D = 128 values) and
+            widened back, and the queries rounded as DeepSeek's fp8 indexer rounds them over it:
+            each head's as the pool rounds a key (the engine's fp8_row)."""
+            sc = fp8_block_scale(both.abs().amax(-1), ue8m0)
+            codes = torch.full((pool, D), 0x7F, dtype=torch.uint8, device=d)
+            codes[slots] = (both / sc[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+            code_scales = torch.full((pool, 1), nan, device=d)
+            code_scales[slots, 0] = sc
+            q_sc = fp8_block_scale(q.abs().amax(-1, keepdim=True), ue8m0)
+            q_fp8 = (q / q_sc).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).double() * q_sc.double()
+            widened = codes[slots].view(torch.float8_e4m3fn).double() * sc.double()[:, None]
+            return [codes, code_scales], widened, q_fp8
+
+        for name, label, store, widened, q_ref, flag in (
+                ("indexer_scores_store_f32", "", [f32_store], both, q, []),
+                ("indexer_scores_store_bf16_bits", "", [bf16_store], both.to(torch.bfloat16), q, []),
+                ("indexer_scores_store_fp8", "", *fp8_pool(0), [("i", 0)]),
+                ("indexer_scores_store_fp8", " ue8m0", *fp8_pool(1), [("i", 1)])):
             scores = torch.full((T, S), nan, device=d)
             self.launch(name, (T, (S + 127) // 128), 128,
                         [scores, q, wi] + store + [blocks, row_tables, ("i", bs), vis, ("i", S), ("i", H), ("i", D),
-                                                   ("f", D ** -0.5)],
+                                                   ("f", D ** -0.5)] + flag,
                         (H * D + H) * 4)
             ref = ref_indexer(q_ref, widened, wi, key_start, vis.cpu(), S, D ** -0.5)
             masked = ref == FLT_MIN
-            self.record(f"{name} 24x3000 (64 heads x 128), two sequences' tables of blocks of 16",
+            self.record(f"{name}{label} 24x3000 (64 heads x 128), two sequences' tables of blocks of 16",
                         rel_l2(scores[~masked], ref[~masked]),
                         F32_BOUND, "masked -inf" if bool((scores[masked] == -math.inf).all()) else "MASK WRONG")
             if not bool((scores[masked] == -math.inf).all()):
-                self.record_bool(f"{name} mask", False, "entries past n_visible are not -inf")
+                self.record_bool(f"{name}{label} mask", False, "entries past n_visible are not -inf")
             # the same on the tensor cores (indexer_tc.cuh): q and the keys rounded to bf16, or
             # an fp8 pool's as e4m3 codes on the fp8 tensor cores
             tc = name.replace("indexer_scores_store_", "indexer_scores_tc_store_")
@@ -623,14 +639,14 @@ class Harness:
             tiles = 2  # 47 tiles of keys: the last block takes one, and stops at the keys' end
             self.launch(tc, (T, (S + 64 * tiles - 1) // (64 * tiles)), 128,
                         [scores, q, wi] + store + [blocks, row_tables, ("i", bs), vis, ("i", S), ("i", H), ("i", D),
-                                                   ("f", D ** -0.5), ("i", tiles)],
+                                                   ("f", D ** -0.5), ("i", tiles)] + flag,
                         self.indexer_fp8_tc_smem(H, D) if fp8 else self.indexer_tc_smem(H, D))
-            self.record(f"{tc} 24x3000 (64 heads x 128, {tiles}-tile blocks), "
+            self.record(f"{tc}{label} 24x3000 (64 heads x 128, {tiles}-tile blocks), "
                         f"{'e4m3 products' if fp8 else 'bf16 roundings'}",
                         rel_l2(scores[~masked], ref[~masked]), FP8_TC_BOUND if fp8 else TC_BOUND,
                         "masked -inf" if bool((scores[masked] == -math.inf).all()) else "MASK WRONG")
             if not bool((scores[masked] == -math.inf).all()):
-                self.record_bool(f"{tc} mask", False, "entries past n_visible are not -inf")
+                self.record_bool(f"{tc}{label} mask", False, "entries past n_visible are not -inf")
 
         # absorbed attention in the latent space: per-row key lists with -1 entries, one empty row;
         # 20 heads, so the second block of 16 has 4 (a block takes a row and 16 heads: 256

@@ -36,6 +36,17 @@ pub enum RopeScaling {
     },
 }
 
+/// How the checkpoint's fp8 scales are rounded (`quantization_config.scale_fmt`): what an fp8
+/// KV cache follows ([`crate::kv_cache::KvDtype::for_model`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScaleFmt {
+    /// A block's largest magnitude over 448, as it falls (no `scale_fmt`: V3).
+    #[default]
+    Float32,
+    /// Rounded up to a power of two (`"ue8m0"`: V3.1 and V3.2).
+    Ue8m0,
+}
+
 /// Indexer (DSA) dimensions, V3.2 only.
 #[derive(Clone, Debug, PartialEq)]
 pub struct IndexerConfig {
@@ -80,6 +91,7 @@ pub struct ModelConfig {
     pub indexer: Option<IndexerConfig>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    pub scale_fmt: ScaleFmt,
 }
 
 impl ModelConfig {
@@ -247,10 +259,18 @@ impl ModelConfig {
                     format!("must be at least qk_rope_head_dim ({qk_rope_head_dim})"),
                 ));
             }
+            let topk = f.usize_opt("index_topk")?.unwrap_or(2048);
+            if topk == 0 {
+                return Err(EngineError::config(
+                    origin,
+                    "index_topk",
+                    "must be at least 1 (each query attends to the keys the indexer picks)",
+                ));
+            }
             Some(IndexerConfig {
                 n_heads: f.usize_req("index_n_heads")?,
                 head_dim,
-                topk: f.usize_opt("index_topk")?.unwrap_or(2048),
+                topk,
             })
         } else {
             None
@@ -306,6 +326,7 @@ impl ModelConfig {
             indexer,
             bos_token_id: f.usize_opt("bos_token_id")?.map(|v| v as u32),
             eos_token_ids,
+            scale_fmt: quantization(&f)?,
         };
         Ok(config)
     }
@@ -349,6 +370,56 @@ pub fn yarn_mscale(scale: f64, k: f64) -> f64 {
         1.0
     } else {
         0.1 * k * scale.ln() + 1.0
+    }
+}
+
+/// `quantization_config`, where there is one: DeepSeek's fp8 releases say `quant_method: "fp8"`,
+/// `fmt: "e4m3"`, `weight_block_size: [128, 128]` and, from V3.1 on, `scale_fmt: "ue8m0"`. The
+/// loader reads e4m3 weights with a scale per 128 × 128 block (their `_scale_inv` tensors) and
+/// nothing else, so any other method, format or block is refused here by name rather than met
+/// later as a tensor of the wrong shape. Returns the scale format.
+fn quantization(f: &Fields<'_>) -> Result<ScaleFmt> {
+    let q = match f.obj.get("quantization_config") {
+        None | Some(Value::Null) => return Ok(ScaleFmt::default()),
+        Some(Value::Object(q)) => q,
+        Some(other) => {
+            return Err(EngineError::config(
+                f.origin,
+                "quantization_config",
+                format!("expected an object, got {other}"),
+            ));
+        }
+    };
+    let refuse = |key: &str, got: &Value, supported: &str| {
+        EngineError::config(
+            f.origin,
+            &format!("quantization_config.{key}"),
+            format!("{got} is not supported: sparsemoe reads {supported}"),
+        )
+    };
+    for (key, only) in [("quant_method", "fp8"), ("fmt", "e4m3")] {
+        match q.get(key) {
+            None | Some(Value::Null) => {}
+            Some(v) if v.as_str() == Some(only) => {}
+            Some(v) => return Err(refuse(key, v, &format!("{only:?}"))),
+        }
+    }
+    let block = crate::weights::FP8_BLOCK as u64;
+    match q.get("weight_block_size") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(b)) if b.len() == 2 && b.iter().all(|v| v.as_u64() == Some(block)) => {}
+        Some(v) => {
+            return Err(refuse(
+                "weight_block_size",
+                v,
+                &format!("[{block}, {block}]"),
+            ));
+        }
+    }
+    match q.get("scale_fmt") {
+        None | Some(Value::Null) => Ok(ScaleFmt::Float32),
+        Some(v) if v.as_str() == Some("ue8m0") => Ok(ScaleFmt::Ue8m0),
+        Some(v) => Err(refuse("scale_fmt", v, "\"ue8m0\" or no scale_fmt")),
     }
 }
 
@@ -571,6 +642,24 @@ mod tests {
         assert_eq!(c.moe_layers, [false, false, true, false, true, false]);
     }
 
+    /// DeepSeek's own `quantization_config`s: V3's (no `scale_fmt`) and V3.2's (UE8M0 scales).
+    #[test]
+    fn released_quantization_configs_give_their_scale_format() {
+        let v3 = r#"{"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+            "weight_block_size": [128, 128]}"#;
+        let v32 = r#"{"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+            "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}"#;
+        for (q, want) in [
+            ("REMOVE", ScaleFmt::Float32),
+            ("null", ScaleFmt::Float32),
+            (v3, ScaleFmt::Float32),
+            (v32, ScaleFmt::Ue8m0),
+        ] {
+            let c = ModelConfig::from_json(&with("quantization_config", q), "c").unwrap();
+            assert_eq!(c.scale_fmt, want, "{q}");
+        }
+    }
+
     #[test]
     fn bad_fields_are_named() {
         let cases = [
@@ -623,6 +712,32 @@ mod tests {
                 "not supported",
             ),
             (with("moe_layer_freq", "0"), "moe_layer_freq", "at least 1"),
+            (with("index_topk", "0"), "index_topk", "at least 1"),
+            (
+                with("quantization_config", r#"{"quant_method": "awq"}"#),
+                "quantization_config.quant_method",
+                "not supported",
+            ),
+            (
+                with("quantization_config", r#"{"fmt": "e5m2"}"#),
+                "quantization_config.fmt",
+                "not supported",
+            ),
+            (
+                with("quantization_config", r#"{"weight_block_size": [64, 64]}"#),
+                "quantization_config.weight_block_size",
+                "[128, 128]",
+            ),
+            (
+                with("quantization_config", r#"{"scale_fmt": "e8m0fnu"}"#),
+                "quantization_config.scale_fmt",
+                "not supported",
+            ),
+            (
+                with("quantization_config", "[]"),
+                "quantization_config",
+                "expected an object",
+            ),
         ];
         for (text, field, words) in cases {
             let err = ModelConfig::from_json(&text, "m/config.json")

@@ -22,6 +22,11 @@ pub enum KvDtype {
     /// maps to 448), as DeepSeek's FlashMLA keeps V3.2's latent cache; the RoPE keys stay bf16
     /// ([`KvDtype::rope_keys`]). About a quarter of the float32 bytes.
     Fp8,
+    /// [`KvDtype::Fp8`] with each scale rounded up to a power of two (UE8M0: an exponent, no
+    /// mantissa), as DeepSeek's reference rounds V3.2's cache and its indexer's queries when
+    /// the checkpoint's `quantization_config` has `scale_fmt: "ue8m0"`
+    /// ([`KvDtype::for_model`] picks it for `fp8`). Same bytes as `Fp8`.
+    Fp8Ue8m0,
 }
 
 /// Values per fp8 scale in a row.
@@ -33,7 +38,22 @@ impl KvDtype {
         match self {
             Self::Float32 => 4 * cols,
             Self::Bfloat16 => 2 * cols,
-            Self::Fp8 => cols + 4 * cols.div_ceil(FP8_BLOCK),
+            Self::Fp8 | Self::Fp8Ue8m0 => cols + 4 * cols.div_ceil(FP8_BLOCK),
+        }
+    }
+
+    /// Whether rows are kept as fp8 codes and scales.
+    pub fn is_fp8(self) -> bool {
+        matches!(self, Self::Fp8 | Self::Fp8Ue8m0)
+    }
+
+    /// The dtype a pool of `config`'s model keeps: `fp8` takes the checkpoint's scale format
+    /// (power-of-two scales for `scale_fmt: "ue8m0"`, so the cache rounds as the model's own
+    /// reference does); every other dtype, and an explicit `fp8_ue8m0`, as asked.
+    pub fn for_model(self, config: &crate::config::ModelConfig) -> Self {
+        match (self, config.scale_fmt) {
+            (Self::Fp8, crate::config::ScaleFmt::Ue8m0) => Self::Fp8Ue8m0,
+            (other, _) => other,
         }
     }
 
@@ -41,7 +61,7 @@ impl KvDtype {
     /// precision-sensitive one, and FlashMLA keeps it bf16 too), else as the rest.
     pub fn rope_keys(self) -> Self {
         match self {
-            Self::Fp8 => Self::Bfloat16,
+            Self::Fp8 | Self::Fp8Ue8m0 => Self::Bfloat16,
             other => other,
         }
     }
@@ -51,6 +71,7 @@ impl KvDtype {
             Self::Float32 => "float32",
             Self::Bfloat16 => "bfloat16",
             Self::Fp8 => "fp8",
+            Self::Fp8Ue8m0 => "fp8_ue8m0",
         }
     }
 }
@@ -63,8 +84,10 @@ impl std::str::FromStr for KvDtype {
             "float32" => Ok(Self::Float32),
             "bfloat16" => Ok(Self::Bfloat16),
             "fp8" | "fp8_e4m3" => Ok(Self::Fp8),
+            "fp8_ue8m0" => Ok(Self::Fp8Ue8m0),
             other => Err(EngineError::input(format!(
-                "--kv-cache-dtype {other}: expected `auto`, `float32`, `bfloat16` or `fp8`"
+                "--kv-cache-dtype {other}: expected `auto`, `float32`, `bfloat16`, `fp8` or \
+                 `fp8_ue8m0`"
             ))),
         }
     }
@@ -989,6 +1012,45 @@ impl BlockAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `fp8` follows the checkpoint's scale format, so a V3.2 cache rounds as DeepSeek's
+    /// reference does; the other dtypes, and `fp8_ue8m0` asked for by name, are kept. Names
+    /// round-trip.
+    #[test]
+    fn fp8_pools_take_the_checkpoints_scale_format() {
+        use crate::config::{ModelConfig, ScaleFmt};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut config = ModelConfig::from_dir(&dir.join("tests/fixtures/v32_sparse_moe")).unwrap();
+        let all = [
+            KvDtype::Float32,
+            KvDtype::Bfloat16,
+            KvDtype::Fp8,
+            KvDtype::Fp8Ue8m0,
+        ];
+        for (fmt, fp8) in [
+            (ScaleFmt::Float32, KvDtype::Fp8),
+            (ScaleFmt::Ue8m0, KvDtype::Fp8Ue8m0),
+        ] {
+            config.scale_fmt = fmt;
+            let got = all.map(|d| d.for_model(&config));
+            assert_eq!(
+                got,
+                [KvDtype::Float32, KvDtype::Bfloat16, fp8, KvDtype::Fp8Ue8m0],
+                "{fmt:?}"
+            );
+        }
+        for d in all {
+            assert_eq!(d.as_str().parse::<KvDtype>().unwrap(), d);
+            assert_eq!(
+                d.row_bytes(300),
+                d.rope_keys().row_bytes(0) + d.row_bytes(300)
+            );
+        }
+        assert_eq!(
+            KvDtype::Fp8Ue8m0.row_bytes(300),
+            KvDtype::Fp8.row_bytes(300)
+        );
+    }
 
     #[test]
     fn blocks_are_allocated_grown_and_freed() {

@@ -442,7 +442,8 @@ impl<B: Backend> Model<B> {
     }
 
     /// A paged KV store of `blocks` blocks of `block_size` tokens, its rows kept as `dtype`
-    /// (zero-filled, allocated once), for caches made with [`SeqCache::paged`].
+    /// (as the model keeps it: [`KvDtype::for_model`]; zero-filled, allocated once), for caches
+    /// made with [`SeqCache::paged`].
     pub fn new_paged_pool(
         &self,
         block_size: usize,
@@ -450,6 +451,7 @@ impl<B: Backend> Model<B> {
         dtype: KvDtype,
     ) -> Result<SharedPool<B>> {
         let c = &self.config;
+        let dtype = dtype.for_model(c);
         let rows = block_size * blocks;
         let store = |cols: usize| self.backend.kv_store(rows, cols, dtype);
         let layers = (0..c.num_layers)

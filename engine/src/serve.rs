@@ -68,7 +68,9 @@ pub struct ServeArgs {
     /// How the KV cache stores its rows: `float32`, `bfloat16` (half the bytes, so twice the
     /// tokens in the same memory; rows rounded to bf16 as they are written), `fp8` (e4m3 codes
     /// with a float32 scale per 128 values, RoPE keys in bf16: about a quarter of the float32
-    /// bytes), or `auto`: bfloat16 with `--dtype bfloat16`, float32 otherwise.
+    /// bytes; the scales powers of two where the checkpoint's quantization_config says
+    /// scale_fmt "ue8m0", as V3.2's does), `fp8_ue8m0` (power-of-two scales whatever the
+    /// checkpoint), or `auto`: bfloat16 with `--dtype bfloat16`, float32 otherwise.
     #[arg(long, default_value = "auto", env = "SPARSEMOE_KV_CACHE_DTYPE")]
     pub kv_cache_dtype: String,
     /// Tokens per KV-cache block.
@@ -453,7 +455,7 @@ pub fn build_state<B: Backend>(
              not shown the tools a request offers; give one that does with --chat-template"
         );
     }
-    let kv_dtype = args.kv_dtype()?;
+    let kv_dtype = args.kv_dtype()?.for_model(&config);
     // On the host the weights are memory-mapped: pages not yet read count as available, and
     // pages read count as reclaimable cache, yet the model needs them resident, so they are set
     // aside first (in a container whose cgroup already charges resident weights this errs

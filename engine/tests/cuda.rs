@@ -279,6 +279,7 @@ fn paged_batches_match_the_cpu_backend() {
         (KvDtype::Float32, 1e-4),
         (KvDtype::Bfloat16, 1e-3),
         (KvDtype::Fp8, 1e-2),
+        (KvDtype::Fp8Ue8m0, 1e-2),
     ] {
         let want = paged_run(&cpu, dtype);
         let launches = cuda.indexer_launches();
@@ -784,6 +785,7 @@ fn the_indexer_reads_each_kv_store_in_place() {
             (KvDtype::Float32, 1e-4),
             (KvDtype::Bfloat16, 1e-4),
             (KvDtype::Fp8, 1e-4),
+            (KvDtype::Fp8Ue8m0, 1e-4),
         ] {
             // The tensor cores' own sums may keep fewer bits than float32 (bf16 roundings aside;
             // DeepSeek-V3's report gives about 14 for Hopper's fp8 wgmma): within 2e-3 either way.
@@ -794,8 +796,8 @@ fn the_indexer_reads_each_kv_store_in_place() {
                 noise(positions.len() * heads),
             );
             let mut scored = q.clone();
-            if dtype == KvDtype::Fp8 {
-                fp8_round_rows(&mut scored, dim);
+            if dtype.is_fp8() {
+                fp8_round_rows(&mut scored, dim, dtype == KvDtype::Fp8Ue8m0);
             }
             let mut cpu_store = Cpu.kv_store(pool_rows, dim, dtype).unwrap();
             Cpu.write_rows(
@@ -853,10 +855,10 @@ fn the_indexer_reads_each_kv_store_in_place() {
             }
         }
     }
-    // One scores launch a call on the tensor cores: 2 head counts × 3 dtypes at 128 values;
-    // at 132, 2 × 2 and the 80 heads' over the fp8 pool (its keys gathered as float32 rows,
+    // One scores launch a call on the tensor cores: 2 head counts × 4 dtypes at 128 values;
+    // at 132, 2 × 2 and the 80 heads' over each fp8 pool (its keys gathered as float32 rows,
     // scored on the bf16 tensor cores), where 64 heads take the float32 in-place kernel.
-    assert_eq!(cuda.tensor_core_launches(), 6 + 5);
+    assert_eq!(cuda.tensor_core_launches(), 8 + 6);
 }
 
 /// The indexer's rows of several sequences in one pool are one launch
@@ -1177,7 +1179,7 @@ fn attention_reads_each_kv_store_in_place() {
             let groups = match dtype {
                 KvDtype::Float32 => 1,
                 KvDtype::Bfloat16 => 2,
-                KvDtype::Fp8 => 4,
+                KvDtype::Fp8 | KvDtype::Fp8Ue8m0 => 4,
             };
             cuda.attention_head_groups(Some(groups)).unwrap();
             for ((selection, tensor_cores), splits) in [None, Some(picked.as_slice())]
@@ -1499,7 +1501,12 @@ fn row_operations_match_the_cpu_backend_at_edge_shapes() {
         // A pool of 9 rows; the rows written to scattered slots, read back in another order.
         let slots: Vec<usize> = (0..rows).map(|r| (r * 5 + 2) % 9).collect();
         let read: Vec<usize> = slots.iter().rev().copied().collect();
-        for dtype in [KvDtype::Float32, KvDtype::Bfloat16, KvDtype::Fp8] {
+        for dtype in [
+            KvDtype::Float32,
+            KvDtype::Bfloat16,
+            KvDtype::Fp8,
+            KvDtype::Fp8Ue8m0,
+        ] {
             let mut a = Cpu.kv_store(9, cols, dtype).unwrap();
             Cpu.write_rows(&mut a, &slots, &on_cpu);
             let mut b = cuda.kv_store(9, cols, dtype).unwrap();

@@ -226,7 +226,7 @@ fn a_bf16_pool_holds_each_row_rounded_to_bf16() {
                     assert_eq!(back[3 * cols + k], want, "case {k}");
                 }
             }
-            KvDtype::Fp8 => unreachable!("checked by the fp8 test below"),
+            KvDtype::Fp8 | KvDtype::Fp8Ue8m0 => unreachable!("checked by the fp8 test below"),
         }
     }
     let config = ModelConfig::from_dir(&fixture("v32_sparse_moe")).unwrap();
@@ -237,10 +237,12 @@ fn a_bf16_pool_holds_each_row_rounded_to_bf16() {
 }
 
 /// An fp8 store keeps each block of 128 values of a row as e4m3 codes times one scale, the
-/// block's largest magnitude over 448: every value comes back within half an e4m3 step (1/16
-/// relative for normal codes, or half the smallest subnormal step times the scale), each
-/// block's largest magnitude within its rounding, an all-zero row as zeros, and other slots
-/// untouched. The pool then takes about a quarter of the float32 bytes (RoPE keys in bf16).
+/// block's largest magnitude over 448 (or, UE8M0, the power of two at or above that): every
+/// value comes back within half an e4m3 step (1/16 relative for normal codes, or half the
+/// smallest subnormal step times the scale), each block's largest magnitude exactly with float
+/// scales (it is the code 448) and within its rounding with UE8M0 ones, an all-zero row as
+/// zeros, and other slots untouched. The pool then takes about a quarter of the float32 bytes
+/// (RoPE keys in bf16).
 #[test]
 fn an_fp8_pool_keeps_e4m3_codes_with_a_scale_per_128_values() {
     let cols = 300; // blocks of 128, 128 and 44
@@ -250,28 +252,41 @@ fn an_fp8_pool_keeps_e4m3_codes_with_a_scale_per_128_values() {
     x.extend(std::iter::repeat_n(0.0, cols)); // an all-zero row
     let rows = Cpu.tensor(4, cols, x.clone());
     let slots = [6, 1, 3, 0];
-    let mut store = Cpu.kv_store(8, cols, KvDtype::Fp8).unwrap();
-    Cpu.write_rows(&mut store, &slots, &rows);
-    let back = Cpu.to_host(&Cpu.gather_rows(&store, &slots));
-    let untouched = Cpu.to_host(&Cpu.gather_rows(&store, &[2, 4, 5, 7]));
-    assert!(untouched.iter().all(|&v| v == 0.0), "other slots written");
-    for r in 0..4 {
-        for (b, block) in x[r * cols..(r + 1) * cols].chunks(128).enumerate() {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax.max(1e-4) / 448.0;
-            let got = &back[r * cols + b * 128..][..block.len()];
-            for (i, (&v, &g)) in block.iter().zip(got).enumerate() {
-                let tolerance = (v.abs() / 16.0).max(scale * 2f32.powi(-10)) * 1.0001;
+    for dtype in [KvDtype::Fp8, KvDtype::Fp8Ue8m0] {
+        let mut store = Cpu.kv_store(8, cols, dtype).unwrap();
+        Cpu.write_rows(&mut store, &slots, &rows);
+        let back = Cpu.to_host(&Cpu.gather_rows(&store, &slots));
+        let untouched = Cpu.to_host(&Cpu.gather_rows(&store, &[2, 4, 5, 7]));
+        assert!(untouched.iter().all(|&v| v == 0.0), "other slots written");
+        for r in 0..4 {
+            for (b, block) in x[r * cols..(r + 1) * cols].chunks(128).enumerate() {
+                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let mut scale = amax.max(1e-4) / 448.0;
+                if dtype == KvDtype::Fp8Ue8m0 {
+                    scale = 2f32.powf(scale.log2().ceil());
+                }
+                let got = &back[r * cols + b * 128..][..block.len()];
+                for (i, (&v, &g)) in block.iter().zip(got).enumerate() {
+                    let tolerance = (v.abs() / 16.0).max(scale * 2f32.powi(-10)) * 1.0001;
+                    assert!(
+                        (v - g).abs() <= tolerance,
+                        "{dtype:?} row {r}, block {b}, value {i}: {v} came back as {g}"
+                    );
+                }
+                let back_max = got.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let exact = if dtype == KvDtype::Fp8 {
+                    1e-6
+                } else {
+                    1.0 / 16.0
+                };
                 assert!(
-                    (v - g).abs() <= tolerance,
-                    "row {r}, block {b}, value {i}: {v} came back as {g}"
+                    (back_max - amax).abs() <= amax * exact,
+                    "{dtype:?} row {r} block {b}"
                 );
             }
-            let back_max = got.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert!((back_max - amax).abs() <= amax * 1e-6, "row {r} block {b}");
         }
+        assert!(back[3 * cols..].iter().all(|&v| v == 0.0));
     }
-    assert!(back[3 * cols..].iter().all(|&v| v == 0.0));
     let config = ModelConfig::from_dir(&fixture("v32_sparse_moe")).unwrap();
     let (f32_bytes, fp8_bytes) = (
         bytes_per_token(&config, KvDtype::Float32),
@@ -313,20 +328,22 @@ fn paged_logits(model: &Model<Cpu>, tokens: &[u32], dtype: KvDtype, chunk: usize
 /// (latent, RoPE key, indexer key) in the float64 reference on these tokens. Median row error
 /// there: bf16 1.1e-3 to 1.9e-3; fp8 (e4m3 with a scale per 128 values, RoPE keys bf16) 1.5e-2
 /// to 2.5e-2 in dense attention and up to 1.1e-1 in sparse attention, where the coarser keys
-/// flip more of the indexer's choices on these small random models. The floors are far above
-/// float32's own noise (1e-6).
+/// flip more of the indexer's choices on these small random models; fp8 with UE8M0 scales
+/// (each up to twice as coarse) 1.5e-2 to 3.7e-2 dense and up to 4.8e-2 sparse. The floors are
+/// far above float32's own noise (1e-6).
 #[test]
 fn narrow_kv_caches_stay_within_their_rounding_of_float32() {
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 250 + 2) as u32).collect();
     let bounds = |dtype: KvDtype, attention: AttentionMode| match (dtype, attention) {
         (KvDtype::Bfloat16, _) => (1e-5, 4e-3),
         (KvDtype::Fp8, AttentionMode::Dense) => (1e-3, 5e-2),
-        (KvDtype::Fp8, _) => (1e-3, 2.5e-1),
+        (KvDtype::Fp8Ue8m0, AttentionMode::Dense) => (1e-3, 8e-2),
+        (KvDtype::Fp8 | KvDtype::Fp8Ue8m0, _) => (1e-3, 2.5e-1),
         (KvDtype::Float32, _) => unreachable!(),
     };
     for (name, dtype) in FIXTURE_MODELS
         .iter()
-        .flat_map(|n| [(n, KvDtype::Bfloat16), (n, KvDtype::Fp8)])
+        .flat_map(|n| [KvDtype::Bfloat16, KvDtype::Fp8, KvDtype::Fp8Ue8m0].map(|d| (n, d)))
     {
         for attention in [AttentionMode::Dense, AttentionMode::Sparse] {
             let options = ModelOptions {
@@ -361,7 +378,7 @@ fn narrow_kv_caches_do_not_depend_on_chunking() {
     };
     let model = Model::load(&dir, Cpu, options).unwrap();
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 250 + 2) as u32).collect();
-    for dtype in [KvDtype::Bfloat16, KvDtype::Fp8] {
+    for dtype in [KvDtype::Bfloat16, KvDtype::Fp8, KvDtype::Fp8Ue8m0] {
         let whole = paged_logits(&model, &tokens, dtype, 40);
         for chunk in [1, 7, 16] {
             let chunked = paged_logits(&model, &tokens, dtype, chunk);

@@ -92,5 +92,12 @@ SMOE_DEVICE uint32_t float_to_ordered(float f) {
     return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
+// The smallest power of two at or above s (a positive normal float): how DeepSeek rounds an fp8
+// block's scale to UE8M0, a scale with an exponent and no mantissa, so dividing by it is exact.
+SMOE_DEVICE float pow2_at_or_above(float s) {
+    const uint32_t bits = __float_as_uint(s);
+    return bits & 0x007fffffu ? __uint_as_float((bits + 0x00800000u) & 0x7f800000u) : s;
+}
+
 SMOE_DEVICE float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
 SMOE_DEVICE float siluf(float x) { return x / (1.f + expf(-x)); }

@@ -407,17 +407,23 @@ SMOE_DEVICE unsigned int f32_to_e4m3_rn(float x) {
 #define KV_FP8_BLOCK 128
 
 // The scale an fp8 block of largest magnitude `amax` takes (the engine's fp8_row): amax maps to
-// 448, e4m3's largest, with a floor for all-zero blocks. The pool's keys and, over an fp8 pool,
-// the indexer's queries are rounded with it, so both sides must compute it alike.
-SMOE_DEVICE float kv_fp8_scale(float amax) { return fmaxf(amax, 1e-4f) / 448.f; }
+// 448, e4m3's largest, with a floor for all-zero blocks; with ue8m0 (a checkpoint whose
+// quantization_config has scale_fmt "ue8m0", as DeepSeek-V3.2's) rounded up to a power of two.
+// The pool's keys and, over an fp8 pool, the indexer's queries are rounded with it, so both
+// sides must compute it alike.
+SMOE_DEVICE float kv_fp8_scale(float amax, int ue8m0) {
+    const float s = fmaxf(amax, 1e-4f) / 448.f;
+    return ue8m0 ? pow2_at_or_above(s) : s;
+}
 
 // A KV cache kept in fp8 (FlashMLA's layout for the latent): row r of rows goes to slot
 // slots[r] as e4m3 codes of x / scale, one scale per KV_FP8_BLOCK values, mapping the block's
-// largest magnitude (at least 1e-4) to 448. scales has ceil(cols / KV_FP8_BLOCK) per row.
+// largest magnitude (at least 1e-4) to 448 (kv_fp8_scale, a power of two at or above that with
+// ue8m0). scales has ceil(cols / KV_FP8_BLOCK) per row.
 // Launch: grid rows, block ENGINE_THREADS (>= KV_FP8_BLOCK).
 extern "C" __global__ void __launch_bounds__(ENGINE_THREADS)
 scatter_rows_f32_to_fp8(uint8_t* __restrict__ codes, float* __restrict__ scales, const float* __restrict__ rows,
-                        const int* __restrict__ slots, int cols) {
+                        const int* __restrict__ slots, int cols, int ue8m0) {
     __shared__ float scratch[32];
     const float* s = rows + (size_t)blockIdx.x * cols;
     const size_t slot = (size_t)slots[blockIdx.x];
@@ -426,7 +432,7 @@ scatter_rows_f32_to_fp8(uint8_t* __restrict__ codes, float* __restrict__ scales,
         const int c = b * KV_FP8_BLOCK + (int)threadIdx.x;
         const bool mine = threadIdx.x < KV_FP8_BLOCK && c < cols;
         const float x = mine ? s[c] : 0.f;
-        const float scale = kv_fp8_scale(block_max(fabsf(x), scratch));
+        const float scale = kv_fp8_scale(block_max(fabsf(x), scratch), ue8m0);
         if (mine) codes[slot * cols + c] = (uint8_t)f32_to_e4m3_rn(x / scale);
         if (threadIdx.x == 0) scales[slot * blocks + b] = scale;
     }
@@ -949,18 +955,18 @@ SMOE_DEVICE size_t paged_row(const int* blocks, int block_size, int s) {
 
 // The staged queries ([dim, heads]) as the scores over a store's keys take them: over an fp8
 // pool, DeepSeek's fp8 indexer's, each head's rounded in place as the pool rounds a key (the
-// engine's fp8_row: e4m3 codes times a scale per KV_FP8_BLOCK values); over the others, as
-// they are. Every thread of the block calls it.
+// engine's fp8_row: e4m3 codes times a scale per KV_FP8_BLOCK values, power-of-two scales with
+// ue8m0); over the others, as they are. Every thread of the block calls it.
 template <typename Store>
-SMOE_DEVICE void round_staged_queries(const Store&, float*, int, int) {}
-SMOE_DEVICE void round_staged_queries(const StoreFp8&, float* qs, int heads, int dim) {
+SMOE_DEVICE void round_staged_queries(const Store&, float*, int, int, int) {}
+SMOE_DEVICE void round_staged_queries(const StoreFp8&, float* qs, int heads, int dim, int ue8m0) {
     const int blocks = (dim + KV_FP8_BLOCK - 1) / KV_FP8_BLOCK;
     for (int i = threadIdx.x; i < heads * blocks; i += blockDim.x) {  // a thread a head's block
         const int h = i % heads, c0 = i / heads * KV_FP8_BLOCK;
         const int c1 = c0 + KV_FP8_BLOCK < dim ? c0 + KV_FP8_BLOCK : dim;
         float amax = 0.f;
         for (int c = c0; c < c1; ++c) amax = fmaxf(amax, fabsf(qs[c * heads + h]));
-        const float s = kv_fp8_scale(amax);
+        const float s = kv_fp8_scale(amax, ue8m0);
         for (int c = c0; c < c1; ++c) qs[c * heads + h] = fp8_e4m3_value(f32_to_e4m3_rn(qs[c * heads + h] / s)) * s;
     }
     __syncthreads();
@@ -978,10 +984,11 @@ SMOE_DEVICE void round_staged_queries(const StoreFp8&, float* qs, int heads, int
 template <typename Store>
 SMOE_DEVICE void indexer_scores_store(float* smem, float* scores, const float* q, const float* w, Store store,
                                       const int* blocks, const int* row_tables, int block_size,
-                                      const int* n_visible, int n_keys, int heads, int dim, float scale) {
+                                      const int* n_visible, int n_keys, int heads, int dim, float scale,
+                                      int ue8m0) {
     const float* qs = smem;  // [dim, heads]: a key value meets every head's q at once
     const float* ws = stage_indexer_row(smem, q, w, heads, dim, true);
-    round_staged_queries(store, smem, heads, dim);
+    round_staged_queries(store, smem, heads, dim, ue8m0);
     const int r = blockIdx.x;
     const int s = blockIdx.y * INDEXER_F32_KEYS + threadIdx.x;
     if (s >= n_keys) return;
@@ -1012,7 +1019,7 @@ indexer_scores_store_f32(float* __restrict__ scores, const float* __restrict__ q
                          int n_keys, int heads, int dim, float scale) {
     extern __shared__ float smem[];
     indexer_scores_store(smem, scores, q, w, StoreF32{keys}, blocks, row_tables, block_size, n_visible, n_keys, heads,
-                         dim, scale);
+                         dim, scale, 0);
 }
 
 extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS)
@@ -1022,21 +1029,22 @@ indexer_scores_store_bf16_bits(float* __restrict__ scores, const float* __restri
                                const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale) {
     extern __shared__ float smem[];
     indexer_scores_store(smem, scores, q, w, StoreBf16{keys}, blocks, row_tables, block_size, n_visible, n_keys, heads,
-                         dim, scale);
+                         dim, scale, 0);
 }
 
 // Over an fp8 pool the queries are rounded first, as DeepSeek's fp8 indexer rounds them
-// (round_staged_queries). At least one block an SM (not ptxas's default occupancy target): the
+// (round_staged_queries; ue8m0: power-of-two scales, as the pool's). At least one block an SM (not ptxas's default occupancy target): the
 // fp8 decode needs a few registers beyond the 80 the 64 sums and the rest fit in, which the
 // default would spill.
 extern "C" __global__ void __launch_bounds__(INDEXER_F32_KEYS, 1)
 indexer_scores_store_fp8(float* __restrict__ scores, const float* __restrict__ q, const float* __restrict__ w,
                          const uint8_t* __restrict__ codes, const float* __restrict__ key_scales,
                          const int* __restrict__ blocks, const int* __restrict__ row_tables, int block_size,
-                         const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale) {
+                         const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale,
+                         int ue8m0) {
     extern __shared__ float smem[];
     indexer_scores_store(smem, scores, q, w, StoreFp8{codes, key_scales}, blocks, row_tables, block_size, n_visible,
-                         n_keys, heads, dim, scale);
+                         n_keys, heads, dim, scale, ue8m0);
 }
 
 // indexer_scores_store_f32 and _bf16_bits on the bf16 tensor cores (indexer_tc.cuh): the queries
@@ -1102,7 +1110,9 @@ indexer_scores_tc_store_bf16_bits(float* __restrict__ scores, const float* __res
 struct F32Fp8IndexerQueries {
     const float* q;  // [rows, heads · dim]
     int heads;
-    // As the engine's fp8_row: scale = max(amax, 1e-4) / 448, codes e4m3(x / scale).
+    int ue8m0;
+    // As the engine's fp8_row: scale = max(amax, 1e-4) / 448 (kv_fp8_scale: a power of two at
+    // or above that with ue8m0), codes e4m3(x / scale).
     SMOE_DEVICE float stage_head(uint8_t* dst, int t, int h, int dim, int dim_p, int lane) const {
         const float* x = q + ((size_t)t * heads + h) * dim;
         float v[INDEXER_FP8_TC_MAX_DIM / 32];
@@ -1113,7 +1123,7 @@ struct F32Fp8IndexerQueries {
             v[j] = c < dim ? x[c] : 0.f;
             amax = fmaxf(amax, fabsf(v[j]));
         }
-        const float s = kv_fp8_scale(warp_max(amax));
+        const float s = kv_fp8_scale(warp_max(amax), ue8m0);
 #pragma unroll
         for (int j = 0; j < INDEXER_FP8_TC_MAX_DIM / 32; ++j) {
             const int c = lane + 32 * j;
@@ -1128,9 +1138,10 @@ indexer_scores_tc_store_fp8(float* __restrict__ scores, const float* __restrict_
                             const uint8_t* __restrict__ codes, const float* __restrict__ key_scales,
                             const int* __restrict__ blocks, const int* __restrict__ row_tables, int block_size,
                             const int* __restrict__ n_visible, int n_keys, int heads, int dim, float scale,
-                            int tiles) {
+                            int tiles, int ue8m0) {
     const int t = blockIdx.x;
-    indexer_scores_e4m3_tc<false>(scores + (size_t)t * n_keys, F32Fp8IndexerQueries{q, heads}, IndexerWeights{w, heads},
+    indexer_scores_e4m3_tc<false>(scores + (size_t)t * n_keys, F32Fp8IndexerQueries{q, heads, ue8m0},
+                                 IndexerWeights{w, heads},
                                  PagedKeys<StoreFp8>{StoreFp8{codes, key_scales}, blocks + row_tables[t], block_size, dim},
                                  t, blockIdx.y * tiles * INDEXER_TC_KEYS, tiles,
                                  n_visible[t] < n_keys ? n_visible[t] : n_keys, n_keys, heads, dim, scale, neg_inf());

@@ -147,10 +147,7 @@ indexer_quant_fp8(uint8_t* __restrict__ codes, float* __restrict__ scales, const
     for (int c = threadIdx.x; c < dim; c += blockDim.x) amax = fmaxf(amax, fabsf(bf16_to_f32(xr[c])));
     amax = block_max(amax, scratch);
     float scale = fmaxf(amax, 1e-4f) / FP8_E4M3_MAX;
-    if (pow2_scale) {
-        const uint32_t bits = __float_as_uint(scale);
-        if (bits & 0x007fffffu) scale = __uint_as_float((bits + 0x00800000u) & 0x7f800000u);
-    }
+    if (pow2_scale) scale = pow2_at_or_above(scale);
     uint8_t* cr = codes + (size_t)blockIdx.x * dim;
     for (int c = threadIdx.x; c < dim; c += blockDim.x) cr[c] = f32_to_e4m3(bf16_to_f32(xr[c]) / scale);
     if (threadIdx.x == 0) scales[blockIdx.x] = scale;

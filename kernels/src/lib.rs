@@ -195,7 +195,7 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("scatter_rows_f32_to_bf16_bits" in "engine.cu":
         dst: Bf16BitsMut, rows: F32, slots: I32, cols: Int),
     kernel!("scatter_rows_f32_to_fp8" in "engine.cu":
-        codes: U8Mut, scales: F32Mut, rows: F32, slots: I32, cols: Int),
+        codes: U8Mut, scales: F32Mut, rows: F32, slots: I32, cols: Int, ue8m0: Int),
     kernel!("gather_rows_fp8_f32" in "engine.cu":
         out: F32Mut, codes: U8, scales: F32, slots: I32, cols: Int),
     kernel!("scatter_add_rows_f32" in "engine.cu":
@@ -232,7 +232,7 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("indexer_scores_store_fp8" in "engine.cu":
         scores: F32Mut, q: F32, w: F32, codes: U8, key_scales: F32, blocks: I32,
         row_tables: I32, block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int,
-        scale: Float),
+        scale: Float, ue8m0: Int),
     kernel!("indexer_scores_tc_store_f32" in "engine.cu":
         scores: F32Mut, q: F32, w: F32, keys: F32, blocks: I32, row_tables: I32,
         block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int, scale: Float,
@@ -244,7 +244,7 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("indexer_scores_tc_store_fp8" in "engine.cu":
         scores: F32Mut, q: F32, w: F32, codes: U8, key_scales: F32, blocks: I32,
         row_tables: I32, block_size: Int, n_visible: I32, n_keys: Int, heads: Int, dim: Int,
-        scale: Float, tiles: Int),
+        scale: Float, tiles: Int, ue8m0: Int),
     kernel!("mla_latent_attention_f32" in "engine.cu":
         ctx: F32Mut, q_lat: F32, q_pe: F32, latent: F32, k_pe: F32, keys: I32, key_offsets: I32,
         heads: Int, latent_dim: Int, rope_dim: Int, q_pe_row: Int, q_pe_head: Int, scale: Float,

@@ -40,7 +40,8 @@ impl CpuTensor {
 }
 
 /// Rows of a paged KV pool in host memory: float32, bf16 as its bits (half the bytes), or fp8
-/// e4m3 codes with a float32 scale per [`FP8_BLOCK`] values of a row.
+/// e4m3 codes with a float32 scale per [`FP8_BLOCK`] values of a row (powers of two with
+/// `ue8m0`: [`KvDtype::Fp8Ue8m0`]).
 #[derive(Clone, Debug, PartialEq)]
 pub enum CpuStore {
     F32 {
@@ -55,6 +56,7 @@ pub enum CpuStore {
         cols: usize,
         codes: Vec<u8>,
         scales: Vec<f32>,
+        ue8m0: bool,
     },
 }
 
@@ -79,16 +81,30 @@ impl CpuStore {
 static FP8_VALUES: std::sync::LazyLock<[f32; 256]> =
     std::sync::LazyLock::new(|| std::array::from_fn(|q| fp8_e4m3_to_f32(q as u8)));
 
-/// A row as fp8: for each block of [`FP8_BLOCK`] values the scale that maps its largest
-/// magnitude (at least 1e-4) to 448, and each value's e4m3 code of `x / scale`.
-pub fn fp8_row(row: &[f32], codes: &mut [u8], scales: &mut [f32]) {
+/// The scale an fp8 block whose largest magnitude is `amax` takes: `amax` (at least 1e-4) over
+/// 448, e4m3's largest; with `ue8m0` the power of two at or above that, as DeepSeek's
+/// `act_quant` rounds it for a `scale_fmt: "ue8m0"` checkpoint (dividing by it is then exact).
+pub fn fp8_scale(amax: f32, ue8m0: bool) -> f32 {
+    let s = amax.max(1e-4) / 448.0;
+    let bits = s.to_bits();
+    if ue8m0 && bits & 0x007f_ffff != 0 {
+        // Positive and normal (at least 1e-4 / 448): the next exponent, no mantissa.
+        f32::from_bits((bits + 0x0080_0000) & 0x7f80_0000)
+    } else {
+        s
+    }
+}
+
+/// A row as fp8: for each block of [`FP8_BLOCK`] values its scale ([`fp8_scale`]) and each
+/// value's e4m3 code of `x / scale`.
+pub fn fp8_row(row: &[f32], codes: &mut [u8], scales: &mut [f32], ue8m0: bool) {
     for ((block, codes), scale) in row
         .chunks(FP8_BLOCK)
         .zip(codes.chunks_mut(FP8_BLOCK))
         .zip(scales.iter_mut())
     {
         let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
-        *scale = amax.max(1e-4) / 448.0;
+        *scale = fp8_scale(amax, ue8m0);
         for (c, &x) in codes.iter_mut().zip(block) {
             *c = f32_to_fp8_e4m3(x / *scale);
         }
@@ -98,14 +114,13 @@ pub fn fp8_row(row: &[f32], codes: &mut [u8], scales: &mut [f32]) {
 /// Each `dim` values of `x` (a head of the indexer's queries) rounded as an fp8 pool rounds a
 /// row of `dim` ([`fp8_row`]): to an e4m3 code times a scale per [`FP8_BLOCK`] values. With the
 /// model's Hadamard rotation before (see `Model`), these are the values DeepSeek's fp8 indexer
-/// multiplies (its `act_quant` of the rotated queries and keys), but for its power-of-two
-/// (UE8M0) scales.
-pub fn fp8_round_rows(x: &mut [f32], dim: usize) {
+/// multiplies (its `act_quant` of the rotated queries and keys), `ue8m0` as the pool's scales.
+pub fn fp8_round_rows(x: &mut [f32], dim: usize, ue8m0: bool) {
     let mut codes = vec![0u8; dim];
     let mut scales = vec![0f32; dim.div_ceil(FP8_BLOCK)];
     let values = &*FP8_VALUES;
     for row in x.chunks_mut(dim) {
-        fp8_row(row, &mut codes, &mut scales);
+        fp8_row(row, &mut codes, &mut scales, ue8m0);
         for (i, (v, &c)) in row.iter_mut().zip(&codes).enumerate() {
             *v = values[c as usize] * scales[i / FP8_BLOCK];
         }
@@ -270,10 +285,11 @@ impl Backend for Cpu {
                 cols,
                 data: vec![0; n],
             },
-            KvDtype::Fp8 => CpuStore::Fp8 {
+            KvDtype::Fp8 | KvDtype::Fp8Ue8m0 => CpuStore::Fp8 {
                 cols,
                 codes: vec![0; n],
                 scales: vec![0.0; rows * cols.div_ceil(FP8_BLOCK)],
+                ue8m0: dtype == KvDtype::Fp8Ue8m0,
             },
         })
     }
@@ -282,7 +298,8 @@ impl Backend for Cpu {
         match store {
             CpuStore::F32 { .. } => KvDtype::Float32,
             CpuStore::Bf16 { .. } => KvDtype::Bfloat16,
-            CpuStore::Fp8 { .. } => KvDtype::Fp8,
+            CpuStore::Fp8 { ue8m0: false, .. } => KvDtype::Fp8,
+            CpuStore::Fp8 { ue8m0: true, .. } => KvDtype::Fp8Ue8m0,
         }
     }
 
@@ -307,6 +324,7 @@ impl Backend for Cpu {
                 cols,
                 codes,
                 scales,
+                ue8m0,
             } => {
                 let blocks = cols.div_ceil(FP8_BLOCK);
                 for (i, &slot) in slots.iter().enumerate() {
@@ -314,6 +332,7 @@ impl Backend for Cpu {
                         rows.row(i),
                         &mut codes[slot * *cols..(slot + 1) * *cols],
                         &mut scales[slot * blocks..(slot + 1) * blocks],
+                        *ue8m0,
                     );
                 }
             }
@@ -349,6 +368,7 @@ impl Backend for Cpu {
                 cols,
                 codes,
                 scales,
+                ..
             } => {
                 let blocks = cols.div_ceil(FP8_BLOCK);
                 let values = &*FP8_VALUES;
@@ -963,7 +983,12 @@ mod tests {
         let q = cpu.tensor(2, d.heads * qk, pseudo_random(2 * d.heads * qk, 5));
         let positions = [8, 4];
         let picked = vec![vec![0, 3, 8], vec![1, 4]];
-        for dtype in [KvDtype::Float32, KvDtype::Bfloat16, KvDtype::Fp8] {
+        for dtype in [
+            KvDtype::Float32,
+            KvDtype::Bfloat16,
+            KvDtype::Fp8,
+            KvDtype::Fp8Ue8m0,
+        ] {
             let mut latent = cpu.kv_store(pool, d.latent, dtype).unwrap();
             let mut k_pe = cpu.kv_store(pool, d.rope, dtype.rope_keys()).unwrap();
             let rows = |cols, seed| cpu.tensor(tokens, cols, pseudo_random(tokens * cols, seed));
@@ -1005,7 +1030,7 @@ mod tests {
     fn an_fp8_pool_scores_the_rounded_queries() {
         let cpu = Cpu;
         let mut rounded = vec![1.0, 0.94];
-        fp8_round_rows(&mut rounded, 2);
+        fp8_round_rows(&mut rounded, 2, false);
         assert_eq!(rounded, [1.0, 1.0 / 448.0 * 416.0]);
         let keys = cpu.tensor(2, 2, vec![0.0, 1.0, 0.935, 0.0]);
         let blocks = [1];
@@ -1030,6 +1055,61 @@ mod tests {
             let picked = cpu.indexer_select_paged(&q, &w, &store, &[seq], 1, 1.0);
             assert_eq!(picked, [[[want]]], "{dtype:?}");
         }
+    }
+
+    /// UE8M0 scales: the power of two at or above the float scale (the float scale itself where
+    /// it is one), so every code is `x / scale` rounded with no error in the division. A pool of
+    /// them keeps those scales and reads back what [`fp8_round_rows`] makes of a row, which is
+    /// what the indexer's queries are rounded with over it.
+    #[test]
+    fn ue8m0_pools_round_with_power_of_two_scales() {
+        for amax in [0.0, 1e-9, 1e-4, 0.3, 1.0, 448.0, 448.0 * 8.0, 1000.0, 3.7e6] {
+            let (float, pow2) = (fp8_scale(amax, false), fp8_scale(amax, true));
+            assert_eq!(
+                pow2.to_bits() & 0x007f_ffff,
+                0,
+                "{amax}: {pow2} not a power of two"
+            );
+            assert!(
+                pow2 >= float && pow2 < 2.0 * float,
+                "{amax}: {pow2} vs {float}"
+            );
+            if float.to_bits() & 0x007f_ffff == 0 {
+                assert_eq!(pow2, float, "{amax}");
+            }
+        }
+        let cpu = Cpu;
+        let cols = 2 * FP8_BLOCK + 24; // a short last block
+        let x = cpu.tensor(3, cols, pseudo_random(3 * cols, 11));
+        let slots = [4, 0, 2];
+        let stores = [KvDtype::Fp8, KvDtype::Fp8Ue8m0].map(|dtype| {
+            let mut store = cpu.kv_store(5, cols, dtype).unwrap();
+            cpu.write_rows(&mut store, &slots, &x);
+            assert_eq!(cpu.kv_dtype(&store), dtype);
+            store
+        });
+        let CpuStore::Fp8 { scales, .. } = &stores[1] else {
+            panic!("an fp8 pool keeps codes and scales")
+        };
+        let written: Vec<f32> = slots
+            .iter()
+            .flat_map(|&s| &scales[s * 3..s * 3 + 3])
+            .copied()
+            .collect();
+        assert!(
+            written
+                .iter()
+                .all(|s| *s > 0.0 && s.to_bits() & 0x007f_ffff == 0)
+        );
+        let read = stores
+            .each_ref()
+            .map(|store| cpu.gather_rows(store, &slots).data);
+        for (ue8m0, read) in [(false, &read[0]), (true, &read[1])] {
+            let mut want = x.data.clone();
+            fp8_round_rows(&mut want, cols, ue8m0);
+            assert_eq!(read, &want, "ue8m0 {ue8m0}");
+        }
+        assert_ne!(read[0], read[1], "the two scale formats round alike");
     }
 
     /// A single decode row with enough keys to split: its heads go to several tasks (on a

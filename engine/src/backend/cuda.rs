@@ -149,7 +149,8 @@ pub struct CudaTensor {
 }
 
 /// Rows of a paged KV pool in device memory (`[rows, cols]`): float32, bf16 as its bits, or
-/// fp8 e4m3 codes with a float32 scale per [`FP8_BLOCK`] values of a row.
+/// fp8 e4m3 codes with a float32 scale per [`FP8_BLOCK`] values of a row (powers of two with
+/// `ue8m0`: [`KvDtype::Fp8Ue8m0`]).
 pub enum CudaStore {
     F32(CudaTensor),
     Bf16 {
@@ -162,6 +163,7 @@ pub enum CudaStore {
         scales: CudaSlice<f32>,
         rows: usize,
         cols: usize,
+        ue8m0: bool,
     },
 }
 
@@ -787,6 +789,8 @@ pub struct Cuda {
     bf16_grouped_launches: Arc<std::sync::atomic::AtomicU64>,
     /// The device's multiprocessors (streaming multiprocessors, SMs).
     multiprocessors: u32,
+    /// The most shared memory a block may take on the device (its opt-in limit), in bytes.
+    smem_per_block: u32,
     /// Read-only arrays this lane uploaded lately, reused while their contents repeat (see
     /// [`uploads`]), and its count of copies.
     recent_i32: Arc<Recent<i32>>,
@@ -809,6 +813,7 @@ struct OpenDevice {
     ordinal: usize,
     name: String,
     multiprocessors: u32,
+    smem_per_block: u32,
     ctx: Arc<CudaContext>,
     k: Arc<Kernels>,
     fp8_scratch: Arc<std::sync::atomic::AtomicUsize>,
@@ -855,9 +860,49 @@ fn grouped_gemm_present() -> bool {
 /// Keys listed per attention launch (4 bytes each on the device).
 const KEYS_PER_LAUNCH: usize = 1 << 24;
 
-/// The most shared memory an attention block takes: what every GPU this engine targets allows
-/// (sm_80's opt-in limit is the smallest).
-const ATTENTION_SMEM_KB: u32 = 163;
+/// Whether the attention kernel `tensor_cores` chooses for `dims` (the tensor-core one with a
+/// single group of 16 heads where its widths fit, else the float32 one) fits a GPU allowing
+/// `smem_limit` bytes of shared memory a block: sm_80 and sm_90 allow 163 and 227 KB, but
+/// sm_86, sm_89 and sm_120 only 99, less than the float32 kernel takes at DeepSeek's widths
+/// (108 KB at 512 + 64). Checked when a model loads, so a launch never fails mid-step.
+fn check_attention_smem(dims: MlaDims, smem_limit: u32, tensor_cores: bool) -> Result<()> {
+    let latent_max = launch::MLA_F32_MAX_LATENT as usize;
+    let (latent, rope) = (dims.latent as u32, dims.rope as u32);
+    let (kernel, smem) = if tensor_cores && launch::mla_tc_fits(latent, rope) {
+        ("tensor-core", launch::mla_tc_smem_bytes(latent, rope, 1))
+    } else {
+        ("float32", launch::mla_f32_smem_bytes(latent, rope))
+    };
+    if dims.latent > latent_max || smem > smem_limit {
+        return Err(EngineError::Device(format!(
+            "the CUDA backend's {kernel} attention takes a latent width (kv_lora_rank) of at \
+             most {latent_max} with its RoPE width within the GPU's {} KB of shared memory a \
+             block; this model has {} + {} ({} KB){}",
+            smem_limit / 1024,
+            dims.latent,
+            dims.rope,
+            smem.div_ceil(1024),
+            if tensor_cores {
+                ""
+            } else {
+                " (--dtype bfloat16 runs it on the tensor cores, in less)"
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// Groups of 16 heads a block of the tensor-core attention takes: `groups`, or fewer while the
+/// block's shared memory would pass `smem_limit` bytes (one group always fits: see
+/// [`check_attention_smem`]).
+fn head_groups_within(dims: MlaDims, mut groups: u32, smem_limit: u32) -> u32 {
+    while groups > 1
+        && launch::mla_tc_smem_bytes(dims.latent as u32, dims.rope as u32, groups) > smem_limit
+    {
+        groups /= 2;
+    }
+    groups
+}
 
 /// Whether two sequences' cached rows are the same buffers (a paged pool's stores, or the same
 /// tensors), so one attention launch can read both.
@@ -1308,6 +1353,12 @@ fn open_device(ordinal: usize) -> Result<OpenDevice> {
         )
         .map_err(|e| device_error(format!("asking cuda:{ordinal} its multiprocessors: {e:?}")))?
         .max(1) as u32;
+    let smem_per_block = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )
+        .map_err(|e| device_error(format!("asking cuda:{ordinal} its shared memory: {e:?}")))?
+        .max(0) as u32;
     // Streams are ordered by explicit events where they meet (expert shards); cudarc's
     // per-buffer events would be pure cost.
     // SAFETY: nothing has been allocated on this context by us yet, and buffers are shared
@@ -1397,6 +1448,7 @@ fn open_device(ordinal: usize) -> Result<OpenDevice> {
         ordinal,
         name,
         multiprocessors,
+        smem_per_block,
         ctx,
         k,
         fp8_scratch: Arc::default(),
@@ -1581,6 +1633,7 @@ impl Cuda {
             in_place_launches: Arc::default(),
             bf16_grouped_launches: Arc::default(),
             multiprocessors: device.multiprocessors,
+            smem_per_block: device.smem_per_block,
             recent_i32: Arc::default(),
             recent_f32: Arc::default(),
             tables: Arc::default(),
@@ -1674,7 +1727,7 @@ impl Cuda {
     }
 
     /// Sets how many groups of 16 heads a block of the tensor-core attention takes: 1, 2 or 4
-    /// (fewer when its shared memory would pass 163 KB), or, with `None` (the default), the
+    /// (fewer when its shared memory would pass what the GPU allows), or, with `None` (the default), the
     /// most that still gives every multiprocessor a block ([`launch::mla_tc_groups`]). More
     /// heads a block read each key fewer times.
     pub fn attention_head_groups(&self, groups: Option<u32>) -> Result<()> {
@@ -3310,6 +3363,14 @@ impl Cuda {
             if tensor_cores {
                 b.arg(&tiles_arg);
             }
+            // The fp8 kernels round the queries as the pool rounds its keys.
+            let ue8m0 = match keys {
+                IndexerKeys::Store(CudaStore::Fp8 { ue8m0, .. }) => Some(i32::from(*ue8m0)),
+                _ => None,
+            };
+            if let Some(ue8m0) = &ue8m0 {
+                b.arg(ue8m0);
+            }
             // SAFETY: scores is [rows, n_keys]; q and w hold rows rows of heads·dim and heads
             // from `lo + first`; a row with visible keys reads only the blocks of its own table
             // that hold them (uploaded above, each checked to lie in the keys), and a tensor's
@@ -3722,10 +3783,10 @@ impl Cuda {
 
     /// Groups of 16 heads a block of the tensor-core attention over `rows` rows: as
     /// [`Cuda::attention_head_groups`] set, else [`launch::mla_tc_groups`] for this GPU; fewer
-    /// while the block's shared memory would pass [`ATTENTION_SMEM_KB`].
+    /// while the block's shared memory would pass what this GPU allows ([`head_groups_within`]).
     fn attention_groups(&self, d: MlaDims, rows: usize) -> u32 {
         let forced = self.head_groups.load(std::sync::atomic::Ordering::Relaxed);
-        let mut groups = if forced > 0 {
+        let groups = if forced > 0 {
             forced
         } else {
             launch::mla_tc_groups(
@@ -3734,13 +3795,7 @@ impl Cuda {
                 self.multiprocessors,
             )
         };
-        while groups > 1
-            && launch::mla_tc_smem_bytes(d.latent as u32, d.rope as u32, groups)
-                > ATTENTION_SMEM_KB * 1024
-        {
-            groups /= 2;
-        }
-        groups
+        head_groups_within(d, groups, self.smem_per_block)
     }
 
     /// Stage 1 of [`Backend::mla_attention`] for every row of the batch: `q_lat[r, h] =
@@ -4399,7 +4454,7 @@ impl Backend for Cuda {
                 rows,
                 cols,
             },
-            KvDtype::Fp8 => CudaStore::Fp8 {
+            KvDtype::Fp8 | KvDtype::Fp8Ue8m0 => CudaStore::Fp8 {
                 codes: self.stream.alloc_zeros::<u8>(n).map_err(failed)?,
                 scales: self
                     .stream
@@ -4407,6 +4462,7 @@ impl Backend for Cuda {
                     .map_err(failed)?,
                 rows,
                 cols,
+                ue8m0: dtype == KvDtype::Fp8Ue8m0,
             },
         })
     }
@@ -4430,26 +4486,35 @@ impl Backend for Cuda {
         // The same slots for every store of every layer in a step.
         let idx = self.shared_i32(slots.iter().copied());
         let c = dst_cols as i32;
-        let (mut b, name) = match dst {
+        // The fp8 kernel last takes its scale format.
+        let (mut b, name, ue8m0) = match dst {
             CudaStore::F32(t) => {
                 let mut b = self.stream.launch_builder(&self.k.scatter_rows);
                 b.arg(&mut t.buf);
-                (b, "scatter_rows_f32")
+                (b, "scatter_rows_f32", None)
             }
             CudaStore::Bf16 { buf, .. } => {
                 let mut b = self.stream.launch_builder(&self.k.scatter_rows_bf16);
                 b.arg(buf);
-                (b, "scatter_rows_f32_to_bf16_bits")
+                (b, "scatter_rows_f32_to_bf16_bits", None)
             }
-            CudaStore::Fp8 { codes, scales, .. } => {
+            CudaStore::Fp8 {
+                codes,
+                scales,
+                ue8m0,
+                ..
+            } => {
                 let mut b = self.stream.launch_builder(&self.k.scatter_rows_fp8);
                 b.arg(codes).arg(scales);
-                (b, "scatter_rows_f32_to_fp8")
+                (b, "scatter_rows_f32_to_fp8", Some(i32::from(*ue8m0)))
             }
         };
         b.arg(&rows.buf).arg(&*idx).arg(&c);
+        if let Some(ue8m0) = &ue8m0 {
+            b.arg(ue8m0);
+        }
         // SAFETY: every slot is a row of dst (checked above); rows has slots.len() rows of
-        // dst's width.
+        // dst's width (and the fp8 kernel its scale format).
         ok(unsafe { b.launch(Self::row_config(slots.len())) }, name);
     }
 
@@ -4595,29 +4660,21 @@ impl Backend for Cuda {
     }
 
     fn check_attention(&self, dims: MlaDims) -> Result<()> {
-        let latent_max = launch::MLA_F32_MAX_LATENT as usize;
-        // The float32 kernel's shared memory (the tensor-core one's, with one group of heads,
-        // is less; with more it takes fewer groups rather than more memory).
-        const SMEM_KB: usize = ATTENTION_SMEM_KB as usize;
-        let smem = launch::mla_f32_smem_bytes(dims.latent as u32, dims.rope as u32) as usize;
-        if dims.latent > latent_max || smem > SMEM_KB * 1024 {
-            return Err(EngineError::Device(format!(
-                "the CUDA backend's attention takes a latent width (kv_lora_rank) of at most \
-                 {latent_max} with its RoPE width within {SMEM_KB} KB of shared memory; this \
-                 model has {} + {} ({} KB)",
-                dims.latent,
-                dims.rope,
-                smem.div_ceil(1024)
-            )));
-        }
-        Ok(())
+        // With more groups of heads the tensor-core kernel takes fewer groups rather than more
+        // memory (head_groups_within).
+        check_attention_smem(
+            dims,
+            self.smem_per_block,
+            self.tensor_cores.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     fn kv_dtype(&self, store: &CudaStore) -> KvDtype {
         match store {
             CudaStore::F32(_) => KvDtype::Float32,
             CudaStore::Bf16 { .. } => KvDtype::Bfloat16,
-            CudaStore::Fp8 { .. } => KvDtype::Fp8,
+            CudaStore::Fp8 { ue8m0: false, .. } => KvDtype::Fp8,
+            CudaStore::Fp8 { ue8m0: true, .. } => KvDtype::Fp8Ue8m0,
         }
     }
 
@@ -5379,6 +5436,45 @@ impl Cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// At DeepSeek's widths (latent 512 + RoPE 64) the float32 attention needs 108 KB a block:
+    /// sm_80 and sm_90 (163, 227 KB) take it, sm_89's 99 KB do not, and say so at load, where
+    /// the tensor-core kernel with one group of heads fits; the tensor-core blocks take fewer
+    /// groups of heads where more would not fit, down to one. A latent past the kernels'
+    /// largest is refused whatever the memory.
+    #[test]
+    fn attention_fits_each_gpus_shared_memory_or_is_refused_at_load() {
+        let deepseek = MlaDims {
+            heads: 128,
+            nope: 128,
+            rope: 64,
+            v: 128,
+            latent: 512,
+        };
+        let (sm80, sm89, sm90) = (163 * 1024, 99 * 1024, 227 * 1024);
+        for limit in [sm80, sm90] {
+            check_attention_smem(deepseek, limit, false).unwrap();
+        }
+        let err = check_attention_smem(deepseek, sm89, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("float32 attention") && err.contains("99 KB") && err.contains("512 + 64"),
+            "{err}"
+        );
+        check_attention_smem(deepseek, sm89, true).unwrap();
+        let groups = |limit| head_groups_within(deepseek, 4, limit);
+        assert_eq!(groups(sm90), 4);
+        let fitted = groups(sm89);
+        assert!(fitted < 4, "4 groups take more than 99 KB");
+        assert!(launch::mla_tc_smem_bytes(512, 64, fitted) <= sm89);
+        assert_eq!(head_groups_within(deepseek, 4, 1024), 1);
+        let wide = MlaDims {
+            latent: launch::MLA_F32_MAX_LATENT as usize + 16,
+            ..deepseek
+        };
+        assert!(check_attention_smem(wide, u32::MAX, true).is_err());
+    }
 
     /// The kernels compile for the newest architecture NVRTC has that the device runs, never
     /// one below sm_80 (their bf16 `mma.sync`) nor one newer than the device.

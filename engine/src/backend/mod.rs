@@ -195,7 +195,8 @@ pub fn fp8_indexer_queries<B: Backend + ?Sized>(
     w: &B::Tensor,
     keys: &B::Store,
 ) -> Option<B::Tensor> {
-    if b.kv_dtype(keys) != KvDtype::Fp8 {
+    let dtype = b.kv_dtype(keys);
+    if !dtype.is_fp8() {
         return None;
     }
     let ((rows, cols), heads) = (b.shape(q), b.shape(w).1);
@@ -204,7 +205,7 @@ pub fn fp8_indexer_queries<B: Backend + ?Sized>(
         "indexer: q is not [rows, heads·dim]"
     );
     let mut host = b.to_host(q);
-    cpu::fp8_round_rows(&mut host, cols / heads);
+    cpu::fp8_round_rows(&mut host, cols / heads, dtype == KvDtype::Fp8Ue8m0);
     Some(b.tensor(rows, cols, host))
 }
 
