@@ -23,8 +23,10 @@ impl FinishReason {
     }
 }
 
-/// Generates up to `max_tokens` tokens after `prompt`; stops early on any of `stop_tokens`
-/// (which is not included in the output). `on_token` sees each token as it is produced.
+/// Generates up to `max_tokens` tokens after `prompt`, and no further than the model's context
+/// (`max_position_embeddings` tokens, prompt included: `Length` there too); stops early on any
+/// of `stop_tokens` (which is not included in the output). `on_token` sees each token as it is
+/// produced.
 pub fn generate<B: Backend>(
     model: &Model<B>,
     prompt: &[u32],
@@ -36,6 +38,15 @@ pub fn generate<B: Backend>(
     if prompt.is_empty() {
         return Err(EngineError::input("the prompt is empty"));
     }
+    let context = model.config.max_position_embeddings;
+    if prompt.len() >= context {
+        return Err(EngineError::input(format!(
+            "the prompt has {} tokens; the model's context (max_position_embeddings) is {context}, \
+             which leaves no room for output",
+            prompt.len()
+        )));
+    }
+    let max_tokens = max_tokens.min(context - prompt.len());
     let mut cache = model.new_cache();
     let mut output = Vec::new();
     let mut next_input: Vec<u32> = prompt.to_vec();

@@ -4,10 +4,29 @@
 use std::path::Path;
 
 use sparsemoe_engine::backend::cpu::Cpu;
-use sparsemoe_engine::generate::generate;
+use sparsemoe_engine::generate::{FinishReason, generate};
 use sparsemoe_engine::model::{Model, ModelOptions};
 use sparsemoe_engine::sampling::{Sampler, SamplingParams};
 use sparsemoe_engine::tokenizer::{ChatMessage, Tokenizer};
+
+/// Generation stops at the model's context, prompt included, with `Length`; a prompt that
+/// fills it is refused, saying so.
+#[test]
+fn generation_stops_at_the_models_context() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo-model");
+    let mut model = Model::load(&dir, Cpu, ModelOptions::default()).unwrap();
+    model.config.max_position_embeddings = 10;
+    let mut sampler = Sampler::new(SamplingParams::greedy());
+    let (out, reason) = generate(&model, &[5, 6, 7, 8], 100, &mut sampler, &[], |_| {}).unwrap();
+    assert_eq!((out.len(), reason), (6, FinishReason::Length));
+    let err = generate(&model, &[5; 10], 1, &mut sampler, &[], |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("10 tokens") && err.contains("context"),
+        "{err}"
+    );
+}
 
 #[test]
 fn greedy_continuations_and_prompt_ids_match_transformers() {
