@@ -16,16 +16,31 @@ pins=(
     nvidia-cuda-cccl==13.0.85
     nvidia-cuda-nvrtc==13.0.88
 )
-if compgen -G "$venv/lib/python3*/site-packages/nvidia/cu13/bin/nvcc" >/dev/null; then
+# The venv is current when it was made from exactly these pins (a marker it gets last).
+if [[ -f $venv/.pins && "$(cat "$venv/.pins")" == "${pins[*]}" ]] &&
+    compgen -G "$venv/lib/python3*/site-packages/nvidia/cu13/bin/nvcc" >/dev/null; then
     exit 0
 fi
 mkdir -p "$cache/wheels"
-# nullglob: an empty cache counts 0 wheels (a failing `ls` would end the script under pipefail).
-shopt -s nullglob
-have=("$cache/wheels"/*.whl)
-shopt -u nullglob
-if [[ ${#have[@]} -lt ${#pins[@]} ]]; then
-    python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$cache/wheels" "${pins[@]}" >&2
+# Each pin's own wheel (name-version-*.whl, the name with underscores), downloaded if missing:
+# a changed pin is fetched even where older wheels are cached.
+wheels=()
+missing=()
+for pin in "${pins[@]}"; do
+    name=${pin%%==*} version=${pin#*==}
+    found=$(compgen -G "$cache/wheels/${name//-/_}-$version-*.whl" | head -n 1 || true)
+    if [[ -n $found ]]; then wheels+=("$found"); else missing+=("$pin"); fi
+done
+if [[ ${#missing[@]} -gt 0 ]]; then
+    python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$cache/wheels" "${missing[@]}" >&2
+    for pin in "${missing[@]}"; do
+        name=${pin%%==*} version=${pin#*==}
+        found=$(compgen -G "$cache/wheels/${name//-/_}-$version-*.whl" | head -n 1 || true)
+        [[ -n $found ]] || { echo "install-nvcc: no wheel for $pin after downloading it" >&2; exit 1; }
+        wheels+=("$found")
+    done
 fi
+rm -rf "$venv"
 python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --no-index --no-deps "$cache/wheels"/*.whl >&2
+"$venv/bin/python" -m pip install --quiet --no-index --no-deps "${wheels[@]}" >&2
+printf '%s' "${pins[*]}" >"$venv/.pins"

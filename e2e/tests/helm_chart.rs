@@ -125,6 +125,19 @@ fn chart_lints_renders_and_its_rbac_is_all_the_operator_needs() {
             "no {kind}:\n{all}"
         );
     }
+    // The Lease the chart's pod elects its leader on: the release's own, so two releases in one
+    // namespace do not share one.
+    let lease = all
+        .split("name: SPARSEMOE_LEASE_NAME")
+        .nth(1)
+        .and_then(|rest| rest.lines().nth(1))
+        .and_then(|line| line.trim().strip_prefix("value: "))
+        .map(|v| v.trim_matches('"').to_string())
+        .expect("the chart's Deployment sets SPARSEMOE_LEASE_NAME");
+    assert!(
+        lease.contains(&release),
+        "lease {lease} of release {release}"
+    );
     let dir = cluster.state_dir().join(format!("chart-{ns}"));
     std::fs::create_dir_all(&dir).unwrap();
     let all_file = dir.join("all.yaml");
@@ -199,6 +212,7 @@ fn chart_lints_renders_and_its_rbac_is_all_the_operator_needs() {
             ("POD_NAME", "operator-0"),
             ("POD_NAMESPACE", ns),
             ("SPARSEMOE_WATCH_NAMESPACE", ns),
+            ("SPARSEMOE_LEASE_NAME", &lease),
         ],
     )
     .unwrap();

@@ -47,17 +47,30 @@ impl LoadsFile {
                 .filter(|(_, l)| !l.is_empty())
                 .map(|(i, l)| (Some(i as u32), l))
                 .collect(),
-            LoadsFile::Keyed { layers } => layers
-                .into_iter()
-                .map(|(k, l)| {
-                    let layer = k.parse().map_err(|_| {
-                        PlacementError::Loads(format!(
-                            "layer key {k:?} is not a layer index such as \"3\""
-                        ))
-                    })?;
-                    Ok((Some(layer), l))
-                })
-                .collect::<Result<_, PlacementError>>()?,
+            LoadsFile::Keyed { layers } => {
+                let mut seen = std::collections::BTreeSet::new();
+                layers
+                    .into_iter()
+                    .map(|(k, l)| {
+                        // Plain digits only, so no two keys ("3", "03", "+3") name one layer.
+                        let layer = Some(&k)
+                            .filter(|k| k.bytes().all(|b| b.is_ascii_digit()))
+                            .filter(|k| k.len() == 1 || !k.starts_with('0'))
+                            .and_then(|k| k.parse::<u32>().ok())
+                            .ok_or_else(|| {
+                                PlacementError::Loads(format!(
+                                    "layer key {k:?} is not a layer index such as \"3\""
+                                ))
+                            })?;
+                        if !seen.insert(layer) {
+                            return Err(PlacementError::Loads(format!(
+                                "layer {layer} is listed twice"
+                            )));
+                        }
+                        Ok((Some(layer), l))
+                    })
+                    .collect::<Result<_, PlacementError>>()?
+            }
         })
     }
 }
@@ -81,11 +94,22 @@ pub fn plan_from_file(
             l.len()
         )));
     }
+    for (layer, loads) in &layers {
+        check_loads(loads).map_err(|why| match layer {
+            Some(layer) => PlacementError::Loads(format!("layer {layer}: {why}")),
+            None => PlacementError::Loads(why),
+        })?;
+    }
     let mut total = vec![0.0; experts];
     for (_, loads) in &layers {
         for (t, l) in total.iter_mut().zip(loads) {
             *t += l;
         }
+    }
+    if total.iter().any(|t| !t.is_finite()) {
+        return Err(PlacementError::Loads(
+            "the layers' loads add up past the largest number; scale them down".into(),
+        ));
     }
     let mut plan = plan_experts(&total, gpus, nodes, redundant)?;
     if layers.iter().any(|(k, _)| k.is_some()) {
@@ -101,6 +125,25 @@ pub fn plan_from_file(
     Ok(plan)
 }
 
+/// The most experts a plan places (the CRD's `numExperts` limit).
+const MAX_EXPERTS: u32 = 4096;
+/// The most redundant slots a plan has (the CRD's `redundantExperts` limit).
+const MAX_REDUNDANT: u32 = 1024;
+
+/// Every load finite and not negative.
+fn check_loads(loads: &[f64]) -> Result<(), String> {
+    match loads
+        .iter()
+        .enumerate()
+        .find(|(_, l)| !l.is_finite() || **l < 0.0)
+    {
+        Some((e, l)) => Err(format!(
+            "expert {e} has load {l}; loads must be finite and not negative"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Places `loads.len()` experts plus `redundant` copies on `gpus` GPUs over `nodes` nodes.
 pub fn plan_experts(
     loads: &[f64],
@@ -108,17 +151,21 @@ pub fn plan_experts(
     nodes: u32,
     redundant: u32,
 ) -> Result<PlacementPlan, PlacementError> {
-    let experts =
-        u32::try_from(loads.len()).map_err(|_| PlacementError::Loads("too many experts".into()))?;
-    if let Some((e, l)) = loads
-        .iter()
-        .enumerate()
-        .find(|(_, l)| !l.is_finite() || **l < 0.0)
-    {
+    check_loads(loads).map_err(PlacementError::Loads)?;
+    // Within the CRD's limits (numExperts, redundantExperts), which also bound the planner's
+    // work (a round per redundant slot over the experts).
+    if loads.len() > MAX_EXPERTS as usize {
         return Err(PlacementError::Loads(format!(
-            "expert {e} has load {l}; loads must be finite and not negative"
+            "{} experts; at most {MAX_EXPERTS}",
+            loads.len()
         )));
     }
+    if redundant > MAX_REDUNDANT {
+        return Err(PlacementError::Loads(format!(
+            "{redundant} redundant slots; at most {MAX_REDUNDANT}"
+        )));
+    }
+    let experts = loads.len() as u32;
     let infeasible = |why| PlanError::Infeasible {
         experts,
         gpus,
@@ -249,14 +296,13 @@ fn place_globally(loads: &[f64], gpus: u32, redundant: u32, slots: u32) -> Optio
 /// with room that does not already hold the same item. `None` if no such packing was found.
 fn pack(mut items: Vec<(u32, f64)>, bins: u32, slots: u32) -> Option<Vec<Vec<u32>>> {
     items.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let mut content: Vec<Vec<u32>> = vec![Vec::with_capacity(slots as usize); bins as usize];
+    // Each bin's items with their weights, and its total.
+    let mut content: Vec<Vec<(u32, f64)>> = vec![Vec::with_capacity(slots as usize); bins as usize];
     let mut weight = vec![0.0f64; bins as usize];
+    let holds = |bin: &[(u32, f64)], item: u32| bin.iter().any(|&(x, _)| x == item);
     for (item, w) in items {
-        let fits = |b: usize, content: &Vec<Vec<u32>>| {
-            content[b].len() < slots as usize && !content[b].contains(&item)
-        };
         let best = (0..bins as usize)
-            .filter(|&b| fits(b, &content))
+            .filter(|&b| content[b].len() < slots as usize && !holds(&content[b], item))
             .min_by(|&a, &b| weight[a].total_cmp(&weight[b]).then(a.cmp(&b)));
         let target = match best {
             Some(b) => b,
@@ -265,25 +311,33 @@ fn pack(mut items: Vec<(u32, f64)>, bins: u32, slots: u32) -> Option<Vec<Vec<u32
                 // bin without it into a bin with room, then place this one where that was.
                 let open = (0..bins as usize).find(|&b| content[b].len() < slots as usize)?;
                 let (donor, pos) = (0..bins as usize)
-                    .filter(|&b| !content[b].contains(&item))
+                    .filter(|&b| !holds(&content[b], item))
                     .find_map(|b| {
                         content[b]
                             .iter()
-                            .position(|x| !content[open].contains(x))
+                            .position(|&(x, _)| !holds(&content[open], x))
                             .map(|p| (b, p))
                     })?;
                 let moved = content[donor].remove(pos);
+                weight[donor] -= moved.1;
+                weight[open] += moved.1;
                 content[open].push(moved);
                 donor
             }
         };
-        content[target].push(item);
+        content[target].push((item, w));
         weight[target] += w;
     }
-    for bin in &mut content {
-        bin.sort_unstable();
-    }
-    Some(content)
+    Some(
+        content
+            .into_iter()
+            .map(|bin| {
+                let mut ids: Vec<u32> = bin.into_iter().map(|(x, _)| x).collect();
+                ids.sort_unstable();
+                ids
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -405,5 +459,33 @@ mod tests {
         );
         let ragged: LoadsFile = serde_json::from_str("[[1,1],[1,1,1]]").unwrap();
         assert!(plan_from_file(ragged, 2, 1, 0).is_err());
+    }
+
+    /// Bad loads files and arguments are refused, naming the problem, never a panic or an
+    /// endless plan: two keys for one layer, a key that is not plain digits, layers whose sum
+    /// overflows, a bad value in one layer, and sizes past the CRD's limits (which once
+    /// overflowed `experts + redundant`).
+    #[test]
+    fn bad_loads_and_sizes_are_refused_by_name() {
+        let refused = |json: &str, gpus, redundant| {
+            let file: LoadsFile = serde_json::from_str(json).unwrap();
+            plan_from_file(file, gpus, 1, redundant)
+                .unwrap_err()
+                .to_string()
+        };
+        let cases = [
+            (r#"{"layers": {"3": [1, 9], "+3": [9, 1]}}"#, 2, 0, "\"+3\""),
+            (r#"{"layers": {"3": [1, 9], "03": [9, 1]}}"#, 2, 0, "\"03\""),
+            (r#"{"layers": {"x": [1, 9]}}"#, 2, 0, "not a layer index"),
+            ("[[1e308, 1], [1e308, 1]]", 2, 0, "add up"),
+            ("[[1, 1], [1, -2]]", 2, 0, "layer 1: expert 1 has load -2"),
+            ("[1]", 1, u32::MAX, "at most 1024"),
+        ];
+        for (json, gpus, redundant, words) in cases {
+            let err = refused(json, gpus, redundant);
+            assert!(err.contains(words), "{json}: {err}");
+        }
+        let many = serde_json::to_string(&vec![1.0; 5000]).unwrap();
+        assert!(refused(&many, 8, 0).contains("at most 4096"));
     }
 }
