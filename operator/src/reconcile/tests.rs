@@ -817,3 +817,112 @@ async fn a_removed_variants_workload_stays_while_another_is_unrealisable() {
         (1.into(), 0.into())
     );
 }
+
+/// A pod of the old shape that outlives its rollout (terminating, say) keeps its plan in the
+/// placement ConfigMap: with every workload rolled out to 4 GPUs a replica, the 8-GPU plan
+/// stays while a pod mounts it, and the reconcile writes nothing; once the pod is gone, the
+/// next one drops the plan, in one apply of the ConfigMap.
+#[tokio::test]
+async fn a_plan_stays_while_a_pod_mounts_it_after_its_rollout() {
+    use k8s_openapi::api::core::v1::Pod;
+    let mut before = Caches::default();
+    let old = before.settle(&gpu_idep(), Capabilities::default());
+    let name = children::placement_config_map_name(&old);
+    let cached_cm = |caches: &Caches| {
+        caches
+            .config_maps
+            .as_reader()
+            .get(&ObjectRef::new(&name).within(NS))
+            .expect("a placement ConfigMap")
+    };
+    let old_cm = cached_cm(&before);
+    let old_pod = {
+        let (_, children) = children::decide_and_build(
+            &old,
+            NS,
+            old.controller_owner_ref(&()),
+            &Default::default(),
+            Capabilities::default(),
+        );
+        let Workload::Deployment(d) = &children.workloads[0].workload else {
+            panic!("a Deployment")
+        };
+        let template = d.spec.as_ref().unwrap().template.clone();
+        let mut meta = template.metadata.unwrap_or_default();
+        meta.name = Some("llm-h200-old".into());
+        meta.namespace = Some(NS.into());
+        Pod {
+            metadata: meta,
+            spec: template.spec,
+            ..Pod::default()
+        }
+    };
+    assert_eq!(
+        children::mounted_plans([&old_pod], &name)
+            .into_iter()
+            .collect::<Vec<_>>(),
+        [children::plan_key(8, 1)]
+    );
+
+    let mut spec = old.spec.clone();
+    spec.parallelism.gpus_per_replica = 4;
+    let mut changed = idep(spec);
+    changed.metadata.generation = Some(2);
+    let settle_with_old_plan = |pod: Option<&Pod>| {
+        let mut caches = Caches::default();
+        let settled = caches.settle(&changed, Capabilities::default());
+        // The ConfigMap as the rollout's reconciles left it: the new plan and the old one.
+        let (_, built) = children::decide_and_build(
+            &changed,
+            NS,
+            changed.controller_owner_ref(&()),
+            &Default::default(),
+            Capabilities::default(),
+        );
+        let new_cm = &built.placement.as_ref().expect("a placement ConfigMap").1;
+        let mut kept = children::keeping_plans(new_cm, Some(&old_cm));
+        caches.mark("ConfigMap", &mut kept.metadata, false);
+        caches
+            .config_maps
+            .apply_watcher_event(&watcher::Event::Apply(kept));
+        if let Some(pod) = pod {
+            caches
+                .pods
+                .apply_watcher_event(&watcher::Event::Apply(pod.clone()));
+        }
+        (caches, settled)
+    };
+
+    let (caches, settled) = settle_with_old_plan(Some(&old_pod));
+    let keys = |cm: &ConfigMap| {
+        cm.data
+            .clone()
+            .unwrap_or_default()
+            .into_keys()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        keys(&cached_cm(&caches)),
+        [children::plan_key(4, 1), children::plan_key(8, 1)]
+    );
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(handle, vec![]);
+    run(settled, ctx.clone()).await.expect("reconcile");
+    drop(ctx);
+    assert!(
+        finish(verifier).await.is_empty(),
+        "the mounted plan was dropped"
+    );
+
+    let (caches, settled) = settle_with_old_plan(None);
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(handle, vec![patch(format!("{CONFIG_MAPS}/{name}"))]);
+    run(settled, ctx.clone()).await.expect("reconcile");
+    drop(ctx);
+    let seen = finish(verifier).await;
+    let data = seen[0].body["data"].as_object().expect("the plans");
+    assert_eq!(
+        data.keys().cloned().collect::<Vec<_>>(),
+        [children::plan_key(4, 1)]
+    );
+}
