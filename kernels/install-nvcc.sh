@@ -40,7 +40,16 @@ if [[ ${#missing[@]} -gt 0 ]]; then
         wheels+=("$found")
     done
 fi
-rm -rf "$venv"
+# A venv this script made earlier (its marker, or the default place) is made again; anything
+# else at that path is someone else's, left alone.
+if [[ -e $venv ]]; then
+    if [[ -f $venv/.pins || $venv == "$cache/venv" ]]; then
+        rm -rf "$venv"
+    else
+        echo "install-nvcc: $venv exists and was not made by this script; remove it or set SPARSEMOE_CUDA_VENV elsewhere" >&2
+        exit 1
+    fi
+fi
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --no-index --no-deps "${wheels[@]}" >&2
 printf '%s' "${pins[*]}" >"$venv/.pins"

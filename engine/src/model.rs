@@ -225,6 +225,11 @@ impl<B: Backend> Model<B> {
             }
         }
         backend.check_attention(config.mla_dims())?;
+        if let Some(ix) = &config.indexer
+            && options.attention != AttentionMode::Dense
+        {
+            backend.check_indexer(ix.n_heads, ix.head_dim)?;
+        }
         let c = &config;
         let h = c.hidden_size;
         let upload =

@@ -1420,6 +1420,9 @@ fn attention_beyond_the_kernels_limits_is_refused_at_load() {
     let Some(cuda) = gpu("attention_beyond_the_kernels_limits_is_refused_at_load") else {
         return;
     };
+    // On the tensor cores, which every GPU's shared memory holds at DeepSeek's widths (the
+    // float32 kernel's 108 KB is more than sm_86/89/120 allow: a unit test checks that case).
+    cuda.attention_on_tensor_cores(true);
     let deepseek = MlaDims {
         heads: 128,
         nope: 128,

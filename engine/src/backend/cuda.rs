@@ -892,6 +892,47 @@ fn check_attention_smem(dims: MlaDims, smem_limit: u32, tensor_cores: bool) -> R
     Ok(())
 }
 
+/// Whether every kernel that may score the indexer's keys for `heads` heads of `dim` values
+/// (whatever the pool's dtype: [`Cuda::indexer_scores_on`], [`Cuda::indexer_in_place`]) fits a
+/// GPU allowing `smem_limit` bytes of shared memory a block: the float32 kernels keep a row's
+/// queries (`heads · dim` floats), the tensor-core ones a tile of keys beside them. DeepSeek's
+/// 64 heads of 128 take 33 KB at most; a config with much wider heads is refused at load
+/// rather than failing a launch mid-step.
+fn check_indexer_smem(heads: usize, dim: usize, smem_limit: u32, tensor_cores: bool) -> Result<()> {
+    let (h, d) = (
+        u32::try_from(heads).unwrap_or(u32::MAX),
+        u32::try_from(dim).unwrap_or(u32::MAX),
+    );
+    let float32 = ("float32", launch::indexer_f32_smem_bytes(h, d));
+    let mut needed = Vec::new();
+    if tensor_cores {
+        // A float32 or bf16 pool's keys (and gathered ones) on the bf16 tensor cores where the
+        // width is even; an fp8 pool's on the fp8 ones where the width fits, else in float32
+        // in place (few enough heads) or gathered.
+        needed.push(match d.is_multiple_of(2) {
+            true => ("bf16 tensor-core", launch::indexer_tc_smem_bytes(h, d)),
+            false => float32,
+        });
+        if launch::indexer_fp8_tc_fits(d) {
+            needed.push(("fp8 tensor-core", launch::indexer_fp8_tc_smem_bytes(h, d)));
+        } else if h <= launch::INDEXER_STORE_MAX_HEADS {
+            needed.push(float32);
+        }
+    } else {
+        needed.push(float32);
+    }
+    match needed.into_iter().find(|&(_, smem)| smem > smem_limit) {
+        Some((kernel, smem)) => Err(EngineError::Device(format!(
+            "the CUDA backend's {kernel} indexer scores {heads} heads of {dim} values \
+             (index_n_heads × index_head_dim) in {} KB of shared memory a block; the GPU allows \
+             {} KB",
+            smem.div_ceil(1024),
+            smem_limit / 1024
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Groups of 16 heads a block of the tensor-core attention takes: `groups`, or fewer while the
 /// block's shared memory would pass `smem_limit` bytes (one group always fits: see
 /// [`check_attention_smem`]).
@@ -4669,6 +4710,15 @@ impl Backend for Cuda {
         )
     }
 
+    fn check_indexer(&self, heads: usize, dim: usize) -> Result<()> {
+        check_indexer_smem(
+            heads,
+            dim,
+            self.smem_per_block,
+            self.tensor_cores.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     fn kv_dtype(&self, store: &CudaStore) -> KvDtype {
         match store {
             CudaStore::F32(_) => KvDtype::Float32,
@@ -5474,6 +5524,32 @@ mod tests {
             ..deepseek
         };
         assert!(check_attention_smem(wide, u32::MAX, true).is_err());
+    }
+
+    /// DeepSeek's indexer (64 heads of 128) fits every GPU in either mode; heads of 1024
+    /// values do not fit even sm_90's 227 KB, in float32 or on the tensor cores, and are
+    /// refused naming the kernel, the config fields and both sizes; an odd width on the tensor
+    /// cores is checked as the float32 kernel it runs on.
+    #[test]
+    fn the_indexer_fits_each_gpus_shared_memory_or_is_refused_at_load() {
+        let (sm89, sm90) = (99 * 1024, 227 * 1024);
+        for tensor_cores in [false, true] {
+            check_indexer_smem(64, 128, sm89, tensor_cores).unwrap();
+            let err = check_indexer_smem(64, 1024, sm90, tensor_cores)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("64 heads of 1024")
+                    && err.contains("index_head_dim")
+                    && err.contains("227 KB"),
+                "{err}"
+            );
+        }
+        let odd = check_indexer_smem(64, 1023, sm90, true)
+            .unwrap_err()
+            .to_string();
+        assert!(odd.contains("float32 indexer"), "{odd}");
+        check_indexer_smem(64, 255, sm90, true).unwrap();
     }
 
     /// The kernels compile for the newest architecture NVRTC has that the device runs, never

@@ -566,6 +566,14 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether the indexer's scores can run for `heads` heads of `dim` values, over a KV pool
+    /// of any dtype: as [`Backend::check_attention`], checked when a model that runs its
+    /// indexer is loaded. The default takes any.
+    fn check_indexer(&self, heads: usize, dim: usize) -> Result<()> {
+        let _ = (heads, dim);
+        Ok(())
+    }
+
     /// Whether [`Backend::mla_attention`] reads this KV store's rows where they are (through
     /// [`CachedRows::Stores`] and [`MlaSeq::rows`]), in the store's dtype. The default, false,
     /// has a paged cache gather the attended rows into float32 tensors first: the CPU
