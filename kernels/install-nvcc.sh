@@ -24,22 +24,23 @@ fi
 mkdir -p "$cache/wheels"
 # Each pin's own wheel (name-version-*.whl, the name with underscores), downloaded if missing:
 # a changed pin is fetched even where older wheels are cached.
-wheels=()
+wheel_of() {
+    local name=${1%%==*} version=${1#*==}
+    compgen -G "$cache/wheels/${name//-/_}-$version-*.whl" | head -n 1 || true
+}
 missing=()
 for pin in "${pins[@]}"; do
-    name=${pin%%==*} version=${pin#*==}
-    found=$(compgen -G "$cache/wheels/${name//-/_}-$version-*.whl" | head -n 1 || true)
-    if [[ -n $found ]]; then wheels+=("$found"); else missing+=("$pin"); fi
+    [[ -n $(wheel_of "$pin") ]] || missing+=("$pin")
 done
 if [[ ${#missing[@]} -gt 0 ]]; then
     python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$cache/wheels" "${missing[@]}" >&2
-    for pin in "${missing[@]}"; do
-        name=${pin%%==*} version=${pin#*==}
-        found=$(compgen -G "$cache/wheels/${name//-/_}-$version-*.whl" | head -n 1 || true)
-        [[ -n $found ]] || { echo "install-nvcc: no wheel for $pin after downloading it" >&2; exit 1; }
-        wheels+=("$found")
-    done
 fi
+wheels=()
+for pin in "${pins[@]}"; do
+    wheel=$(wheel_of "$pin")
+    [[ -n $wheel ]] || { echo "install-nvcc: no wheel for $pin after downloading it" >&2; exit 1; }
+    wheels+=("$wheel")
+done
 # A venv this script made earlier (its marker, or the default place) is made again; anything
 # else at that path is someone else's, left alone.
 if [[ -e $venv ]]; then

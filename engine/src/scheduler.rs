@@ -514,7 +514,8 @@ impl<B: Backend> Engine<B> {
             budget -= n;
             i += 1;
         }
-        plan.truncate(self.running.len());
+        // One entry a running sequence: preemption only takes sequences not yet planned.
+        debug_assert_eq!(plan.len(), self.running.len());
 
         // Admit waiting requests while the budget and the blocks last.
         while !stalled && budget > 0 && self.running.len() < self.config.max_running {
