@@ -11,6 +11,21 @@ use serde_json::{Map, Value};
 
 use crate::error::{EngineError, Result};
 
+// Bounds on config.json's sizes, each far past DeepSeek's releases (61 layers, 128 heads,
+// widths up to 18432, 256 experts, 163840 positions), so that a product of a few of them (a
+// tensor's expected shape, a buffer's length) cannot overflow and a hostile file is refused by
+// field instead of aborting an allocation.
+const MAX_LAYERS: usize = 1 << 12;
+const MAX_HEADS: usize = 1 << 12;
+const MAX_WIDTH: usize = 1 << 18;
+/// RoPE rotates at most 256 pairs ([`crate::rope::Rope::apply`]'s buffers).
+const MAX_ROPE_DIM: usize = 512;
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_POSITIONS: usize = 1 << 26;
+/// As the operator's placement plans (`MAX_EXPERTS` there).
+const MAX_EXPERTS: usize = 4096;
+const MAX_SHARED_EXPERTS: usize = 64;
+
 /// Which architecture the checkpoint is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
@@ -126,8 +141,8 @@ impl ModelConfig {
             }
         };
 
-        let num_layers = f.usize_req("num_hidden_layers")?;
-        let num_heads = f.usize_req("num_attention_heads")?;
+        let num_layers = f.usize_req("num_hidden_layers", MAX_LAYERS)?;
+        let num_heads = f.usize_req("num_attention_heads", MAX_HEADS)?;
         if let Some(kv_heads) = f.usize_opt("num_key_value_heads")?
             && kv_heads != num_heads
         {
@@ -137,7 +152,7 @@ impl ModelConfig {
                 format!("must equal num_attention_heads ({num_heads}) for MLA, got {kv_heads}"),
             ));
         }
-        let q_lora_rank = f.usize_opt("q_lora_rank")?;
+        let q_lora_rank = f.usize_at_most("q_lora_rank", MAX_WIDTH)?;
         if arch == Arch::V32 && q_lora_rank.is_none() {
             return Err(EngineError::config(
                 origin,
@@ -145,7 +160,7 @@ impl ModelConfig {
                 "deepseek_v32 needs q_lora_rank (the indexer reads the query latent)",
             ));
         }
-        let qk_rope_head_dim = f.usize_req("qk_rope_head_dim")?;
+        let qk_rope_head_dim = f.usize_req("qk_rope_head_dim", MAX_ROPE_DIM)?;
         if qk_rope_head_dim % 2 != 0 {
             return Err(EngineError::config(
                 origin,
@@ -156,23 +171,27 @@ impl ModelConfig {
 
         let (rope_theta, rope_scaling) = rope(&f)?;
         let max_position_embeddings = f
-            .usize_opt("max_position_embeddings")?
+            .usize_at_most("max_position_embeddings", MAX_POSITIONS)?
             .unwrap_or(if arch == Arch::V32 { 163_840 } else { 4096 });
-        let rope_scaling = match rope_scaling {
-            RopeScaling::Yarn { factor, .. } if factor <= 0.0 => {
-                return Err(EngineError::config(
-                    origin,
-                    "rope_scaling.factor",
-                    "must be positive",
-                ));
-            }
-            other => other,
-        };
 
-        let n_routed_experts = f.usize_req("n_routed_experts")?;
-        let num_experts_per_tok = f.usize_req("num_experts_per_tok")?;
-        let n_group = f.usize_opt("n_group")?.unwrap_or(8).max(1);
-        let topk_group = f.usize_opt("topk_group")?.unwrap_or(4).min(n_group);
+        let n_routed_experts = f.usize_req("n_routed_experts", MAX_EXPERTS)?;
+        let num_experts_per_tok = f.usize_req("num_experts_per_tok", MAX_EXPERTS)?;
+        let n_group = f.usize_at_most("n_group", MAX_EXPERTS)?.unwrap_or(8);
+        let topk_group = f.usize_at_most("topk_group", MAX_EXPERTS)?.unwrap_or(4);
+        if n_group == 0 || topk_group == 0 || topk_group > n_group {
+            return Err(EngineError::config(
+                origin,
+                if n_group == 0 {
+                    "n_group"
+                } else {
+                    "topk_group"
+                },
+                format!(
+                    "the router keeps topk_group ({topk_group}) of n_group ({n_group}) expert \
+                     groups: both must be positive, topk_group at most n_group"
+                ),
+            ));
+        }
         if n_routed_experts % n_group != 0 || n_routed_experts / n_group < 2 && n_group > 1 {
             return Err(EngineError::config(
                 origin,
@@ -212,10 +231,30 @@ impl ModelConfig {
                 ));
             }
         }
-        let first_k_dense = f.usize_opt("first_k_dense_replace")?.unwrap_or(3);
+        // The MLPs the engine implements: SiLU-gated, no biases (transformers' defaults).
+        if obj.contains_key("hidden_act") {
+            let act = f.string("hidden_act")?;
+            if act != "silu" {
+                return Err(EngineError::config(
+                    origin,
+                    "hidden_act",
+                    format!("{act:?} is not supported: sparsemoe's MLPs are SiLU-gated (\"silu\")"),
+                ));
+            }
+        }
+        if f.bool_opt("mlp_bias")? == Some(true) {
+            return Err(EngineError::config(
+                origin,
+                "mlp_bias",
+                "true is not supported: sparsemoe's MLPs have no biases",
+            ));
+        }
+        let first_k_dense = f
+            .usize_at_most("first_k_dense_replace", MAX_LAYERS)?
+            .unwrap_or(3);
         // DeepSeek's own modelling code (as vLLM): a MoE layer every `moe_layer_freq` layers
         // after the dense ones (1 in every release).
-        let moe_every = f.usize_opt("moe_layer_freq")?.unwrap_or(1);
+        let moe_every = f.usize_at_most("moe_layer_freq", MAX_LAYERS)?.unwrap_or(1);
         if moe_every == 0 {
             return Err(EngineError::config(
                 origin,
@@ -245,13 +284,20 @@ impl ModelConfig {
                     })
                     .collect::<Result<Vec<bool>>>()?
             }
+            Some(other) if arch == Arch::V32 && !other.is_null() => {
+                return Err(EngineError::config(
+                    origin,
+                    "mlp_layer_types",
+                    format!("expected an array of \"dense\" and \"sparse\", got {other}"),
+                ));
+            }
             _ => (0..num_layers)
                 .map(|l| l >= first_k_dense && l % moe_every == 0)
                 .collect(),
         };
 
         let indexer = if arch == Arch::V32 {
-            let head_dim = f.usize_req("index_head_dim")?;
+            let head_dim = f.usize_req("index_head_dim", MAX_WIDTH)?;
             if head_dim < qk_rope_head_dim {
                 return Err(EngineError::config(
                     origin,
@@ -259,7 +305,9 @@ impl ModelConfig {
                     format!("must be at least qk_rope_head_dim ({qk_rope_head_dim})"),
                 ));
             }
-            let topk = f.usize_opt("index_topk")?.unwrap_or(2048);
+            let topk = f
+                .usize_at_most("index_topk", MAX_POSITIONS)?
+                .unwrap_or(2048);
             if topk == 0 {
                 return Err(EngineError::config(
                     origin,
@@ -268,7 +316,7 @@ impl ModelConfig {
                 ));
             }
             Some(IndexerConfig {
-                n_heads: f.usize_req("index_n_heads")?,
+                n_heads: f.usize_req("index_n_heads", MAX_HEADS)?,
                 head_dim,
                 topk,
             })
@@ -297,34 +345,45 @@ impl ModelConfig {
 
         let config = Self {
             arch,
-            vocab_size: f.usize_req("vocab_size")?,
-            hidden_size: f.usize_req("hidden_size")?,
+            vocab_size: f.usize_req("vocab_size", MAX_VOCAB)?,
+            hidden_size: f.usize_req("hidden_size", MAX_WIDTH)?,
             num_layers,
             num_heads,
             q_lora_rank,
-            kv_lora_rank: f.usize_req("kv_lora_rank")?,
-            qk_nope_head_dim: f.usize_req("qk_nope_head_dim")?,
+            kv_lora_rank: f.usize_req("kv_lora_rank", MAX_WIDTH)?,
+            qk_nope_head_dim: f.usize_req("qk_nope_head_dim", MAX_WIDTH)?,
             qk_rope_head_dim,
-            v_head_dim: f.usize_req("v_head_dim")?,
-            rms_norm_eps: f.f64_opt("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            v_head_dim: f.usize_req("v_head_dim", MAX_WIDTH)?,
+            rms_norm_eps: f.f64_within("rms_norm_eps", 1e-6, 0.0..=1.0)? as f32,
             rope_theta,
             rope_scaling,
             rope_interleave: arch == Arch::V32 || f.bool_opt("rope_interleave")?.unwrap_or(true),
             attention_bias: f.bool_opt("attention_bias")?.unwrap_or(false),
             max_position_embeddings,
-            intermediate_size: f.usize_req("intermediate_size")?,
-            moe_intermediate_size: f.usize_req("moe_intermediate_size")?,
+            intermediate_size: f.usize_req("intermediate_size", MAX_WIDTH)?,
+            moe_intermediate_size: f.usize_req("moe_intermediate_size", MAX_WIDTH)?,
             n_routed_experts,
             num_experts_per_tok,
             n_group,
             topk_group,
-            n_shared_experts: f.usize_opt("n_shared_experts")?.unwrap_or(1),
-            routed_scaling_factor: f.f64_opt("routed_scaling_factor")?.unwrap_or(2.5) as f32,
+            n_shared_experts: f
+                .usize_at_most("n_shared_experts", MAX_SHARED_EXPERTS)?
+                .unwrap_or(1),
+            routed_scaling_factor: f.f64_within("routed_scaling_factor", 2.5, 1e-6..=1e6)? as f32,
             norm_topk_prob: f.bool_opt("norm_topk_prob")?.unwrap_or(true),
             moe_layers,
             tie_word_embeddings: f.bool_opt("tie_word_embeddings")?.unwrap_or(false),
             indexer,
-            bos_token_id: f.usize_opt("bos_token_id")?.map(|v| v as u32),
+            bos_token_id: match obj.get("bos_token_id") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(as_u32(v).ok_or_else(|| {
+                    EngineError::config(
+                        origin,
+                        "bos_token_id",
+                        format!("expected a token id, got {v}"),
+                    )
+                })?),
+            },
             eos_token_ids,
             scale_fmt: quantization(&f)?,
         };
@@ -447,7 +506,7 @@ fn rope(f: &Fields<'_>) -> Result<(f64, RopeScaling)> {
         }
     };
     let theta_in_params = params.and_then(|p| p.get("rope_theta")).cloned();
-    let theta = match theta_in_params {
+    let theta = match &theta_in_params {
         Some(v) => v.as_f64().ok_or_else(|| {
             EngineError::config(
                 f.origin,
@@ -457,14 +516,32 @@ fn rope(f: &Fields<'_>) -> Result<(f64, RopeScaling)> {
         })?,
         None => f.f64_opt("rope_theta")?.unwrap_or(10_000.0),
     };
+    // Frequencies are theta^(-2i/d): a base at or below 1 gives no rotation to tell positions
+    // apart (and YaRN divides by its logarithm).
+    if !(theta > 1.0 && theta.is_finite()) {
+        return Err(EngineError::config(
+            f.origin,
+            &match theta_in_params {
+                Some(_) => format!("{field}.rope_theta"),
+                None => "rope_theta".into(),
+            },
+            format!("must be a number above 1, got {theta}"),
+        ));
+    }
     let Some(p) = params else {
         return Ok((theta, RopeScaling::Default));
     };
-    let kind = p
-        .get("rope_type")
-        .or_else(|| p.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let kind = match p.get("rope_type").or_else(|| p.get("type")) {
+        None | Some(Value::Null) => "default",
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(other) => {
+            return Err(EngineError::config(
+                f.origin,
+                &format!("{field}.rope_type"),
+                format!("expected a string, got {other}"),
+            ));
+        }
+    };
     let num = |key: &str| -> Result<Option<f64>> {
         match p.get(key) {
             None | Some(Value::Null) => Ok(None),
@@ -487,21 +564,56 @@ fn rope(f: &Fields<'_>) -> Result<(f64, RopeScaling)> {
                     "required for yarn",
                 )
             })?;
+            let positive = |key: &str, x: f64| {
+                if x > 0.0 && x.is_finite() {
+                    Ok(x)
+                } else {
+                    Err(EngineError::config(
+                        f.origin,
+                        &format!("{field}.{key}"),
+                        format!("must be a positive number, got {x}"),
+                    ))
+                }
+            };
+            let original = positive("original_max_position_embeddings", original)?;
             let factor = match num("factor")? {
                 Some(x) => x,
                 None => f.f64_opt("max_position_embeddings")?.unwrap_or(original) / original,
             };
+            // YaRN's magnitude correction 0.1·m·ln(s) + 1 stays positive for m ≥ 0.
+            let at_least_zero = |key: &str| match num(key)? {
+                Some(x) if x < 0.0 => Err(EngineError::config(
+                    f.origin,
+                    &format!("{field}.{key}"),
+                    format!("must not be negative, got {x}"),
+                )),
+                x => Ok(x.unwrap_or(0.0)),
+            };
+            let truncate = match p.get("truncate") {
+                None | Some(Value::Null) => true,
+                Some(Value::Bool(b)) => *b,
+                Some(other) => {
+                    return Err(EngineError::config(
+                        f.origin,
+                        &format!("{field}.truncate"),
+                        format!("expected true or false, got {other}"),
+                    ));
+                }
+            };
             Ok((
                 theta,
                 RopeScaling::Yarn {
-                    factor,
+                    factor: positive("factor", factor)?,
                     original_max_position_embeddings: original,
-                    beta_fast: num("beta_fast")?.unwrap_or(32.0),
-                    beta_slow: num("beta_slow")?.unwrap_or(1.0),
-                    mscale: num("mscale")?.unwrap_or(0.0),
-                    mscale_all_dim: num("mscale_all_dim")?.unwrap_or(0.0),
-                    attention_factor: num("attention_factor")?,
-                    truncate: p.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+                    beta_fast: positive("beta_fast", num("beta_fast")?.unwrap_or(32.0))?,
+                    beta_slow: positive("beta_slow", num("beta_slow")?.unwrap_or(1.0))?,
+                    mscale: at_least_zero("mscale")?,
+                    mscale_all_dim: at_least_zero("mscale_all_dim")?,
+                    attention_factor: match num("attention_factor")? {
+                        Some(a) => Some(positive("attention_factor", a)?),
+                        None => None,
+                    },
+                    truncate,
                 },
             ))
         }
@@ -548,8 +660,21 @@ impl Fields<'_> {
         }
     }
 
-    fn usize_req(&self, key: &str) -> Result<usize> {
+    /// An optional count of at most `most`.
+    fn usize_at_most(&self, key: &str, most: usize) -> Result<Option<usize>> {
         match self.usize_opt(key)? {
+            Some(x) if x > most => Err(EngineError::config(
+                self.origin,
+                key,
+                format!("{x} is past the most sparsemoe reads ({most})"),
+            )),
+            other => Ok(other),
+        }
+    }
+
+    /// A required positive count of at most `most`.
+    fn usize_req(&self, key: &str, most: usize) -> Result<usize> {
+        match self.usize_at_most(key, most)? {
             Some(0) => Err(EngineError::config(self.origin, key, "must be positive")),
             Some(x) => Ok(x),
             None => Err(EngineError::config(self.origin, key, "missing")),
@@ -562,6 +687,25 @@ impl Fields<'_> {
             Some(v) => v.as_f64().map(Some).ok_or_else(|| {
                 EngineError::config(self.origin, key, format!("expected a number, got {v}"))
             }),
+        }
+    }
+
+    /// An optional number in `range` (`default` where absent).
+    fn f64_within(
+        &self,
+        key: &str,
+        default: f64,
+        range: std::ops::RangeInclusive<f64>,
+    ) -> Result<f64> {
+        let x = self.f64_opt(key)?.unwrap_or(default);
+        if range.contains(&x) {
+            Ok(x)
+        } else {
+            Err(EngineError::config(
+                self.origin,
+                key,
+                format!("{x} is outside {} to {}", range.start(), range.end()),
+            ))
         }
     }
 
@@ -737,6 +881,85 @@ mod tests {
                 with("quantization_config", "[]"),
                 "quantization_config",
                 "expected an object",
+            ),
+            // Sizes past any release would overflow shapes or abort allocations.
+            (
+                with("num_hidden_layers", "1000000000000000"),
+                "num_hidden_layers",
+                "past the most",
+            ),
+            (
+                with("num_attention_heads", "9223372036854775808"),
+                "num_attention_heads",
+                "past the most",
+            ),
+            (
+                with("qk_rope_head_dim", "1024"),
+                "qk_rope_head_dim",
+                "reads (512)",
+            ),
+            (with("n_group", "0"), "n_group", "both must be positive"),
+            (
+                with("topk_group", "0"),
+                "topk_group",
+                "both must be positive",
+            ),
+            (with("topk_group", "5"), "topk_group", "at most n_group"),
+            (
+                with("bos_token_id", "4294967296"),
+                "bos_token_id",
+                "expected a token id",
+            ),
+            (with("rope_theta", "1"), "rope_theta", "above 1"),
+            (
+                with(
+                    "rope_scaling",
+                    r#"{"type": "yarn", "original_max_position_embeddings": 0}"#,
+                ),
+                "rope_scaling.original_max_position_embeddings",
+                "positive",
+            ),
+            (
+                with(
+                    "rope_scaling",
+                    r#"{"type": "yarn", "original_max_position_embeddings": 64, "beta_fast": 0}"#,
+                ),
+                "rope_scaling.beta_fast",
+                "positive",
+            ),
+            (
+                with(
+                    "rope_scaling",
+                    r#"{"type": "yarn", "original_max_position_embeddings": 64, "mscale": -1}"#,
+                ),
+                "rope_scaling.mscale",
+                "negative",
+            ),
+            (
+                with(
+                    "rope_scaling",
+                    r#"{"type": "yarn", "original_max_position_embeddings": 64, "truncate": 1}"#,
+                ),
+                "rope_scaling.truncate",
+                "true or false",
+            ),
+            (
+                with("rope_scaling", r#"{"type": 5}"#),
+                "rope_scaling.rope_type",
+                "expected a string",
+            ),
+            (with("hidden_act", "\"gelu\""), "hidden_act", "SiLU"),
+            (with("mlp_bias", "true"), "mlp_bias", "no biases"),
+            (with("rms_norm_eps", "-1"), "rms_norm_eps", "outside"),
+            (
+                with("routed_scaling_factor", "0"),
+                "routed_scaling_factor",
+                "outside",
+            ),
+            (
+                with("mlp_layer_types", "\"sparse\""),
+                "mlp_layer_types",
+                "expected an array",
             ),
         ];
         for (text, field, words) in cases {

@@ -378,7 +378,7 @@ impl<B: Backend> Model<B> {
             if !c.tie_word_embeddings {
                 return Err(EngineError::tensor(
                     "lm_head.weight",
-                    "model directory",
+                    &store.dir(),
                     "missing (and tie_word_embeddings is false)",
                 ));
             }

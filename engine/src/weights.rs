@@ -347,6 +347,12 @@ impl WeightStore {
                     files.push(path);
                 }
             }
+            if files.is_empty() {
+                return Err(EngineError::weights(
+                    index_path.display().to_string(),
+                    "`weight_map` names no tensors",
+                ));
+            }
             files
         } else if dir.join("model.safetensors").exists() {
             vec![dir.join("model.safetensors")]
@@ -440,19 +446,20 @@ impl WeightStore {
         self.tensors.contains_key(name)
     }
 
+    /// The directory the shards are in (for errors about a tensor no shard holds).
+    pub fn dir(&self) -> String {
+        self.files[0]
+            .0
+            .parent()
+            .unwrap_or(Path::new("."))
+            .display()
+            .to_string()
+    }
+
     fn entry(&self, name: &str) -> Result<&TensorEntry> {
-        self.tensors.get(name).ok_or_else(|| {
-            EngineError::tensor(
-                name,
-                &self.files[0]
-                    .0
-                    .parent()
-                    .unwrap_or(Path::new("."))
-                    .display()
-                    .to_string(),
-                "missing from the checkpoint",
-            )
-        })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| EngineError::tensor(name, &self.dir(), "missing from the checkpoint"))
     }
 
     fn file_name(&self, entry: &TensorEntry) -> String {

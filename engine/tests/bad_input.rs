@@ -124,6 +124,36 @@ fn truncated_and_missing_files_are_reported() {
     assert!(err.contains("config.json"), "{err}");
 }
 
+/// An untied model without `lm_head.weight` names the directory it looked in; an index whose
+/// `weight_map` is empty says so rather than that the directory has no shards.
+#[test]
+fn a_missing_head_and_an_empty_index_name_where_they_looked() {
+    let dir = copy_of("v32_sparse_moe");
+    edit_config(dir.path(), |c| c["tie_word_embeddings"] = false.into());
+    edit_weights(dir.path(), |t| {
+        t.remove("lm_head.weight");
+    });
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("lm_head.weight")
+            && err.contains(&dir.path().display().to_string())
+            && err.contains("tie_word_embeddings is false"),
+        "{err}"
+    );
+
+    let dir = copy_of("v32_sparse_moe");
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        r#"{"metadata": {}, "weight_map": {}}"#,
+    )
+    .unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("model.safetensors.index.json") && err.contains("names no tensors"),
+        "{err}"
+    );
+}
+
 #[test]
 fn out_of_range_tokens_are_rejected_with_the_limit() {
     let model = Model::load(&fixture("v32_sparse_moe"), Cpu, ModelOptions::default()).unwrap();
