@@ -17,6 +17,9 @@ pub const MAX_STOPS: usize = 16;
 /// The longest stop string accepted: every choice looks for each of them in its text after
 /// every token, so their lengths bound that work.
 pub const MAX_STOP_BYTES: usize = 1024;
+/// The most distinct `stop_token_ids`: each choice keeps them and checks every token it samples
+/// against them, so their number bounds that work and memory.
+pub const MAX_STOP_TOKEN_IDS: usize = 1024;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -167,14 +170,34 @@ const NOT_DONE: &[(&str, &str)] = &[
         "truncate_prompt_tokens",
         "truncate_prompt_tokens is not supported: a prompt longer than the context is refused",
     ),
+    (
+        "continue_final_message",
+        "continue_final_message is not supported: a chat prompt always ends by opening a new \
+         assistant turn",
+    ),
+    (
+        "add_generation_prompt",
+        "add_generation_prompt false is not supported: a chat prompt always ends by opening a \
+         new assistant turn",
+    ),
+    (
+        "chat_template",
+        "a chat template per request is not supported: the server's (--chat-template) applies",
+    ),
+    ("use_beam_search", "beam search is not supported"),
+    (
+        "return_tokens_as_token_ids",
+        "return_tokens_as_token_ids is not supported: logprobs name tokens by their text",
+    ),
 ];
 
 /// Whether field `name` with `value` asks for something: not null, false, empty or `"none"`
-/// (`skip_special_tokens` asks only when false, its default being true).
+/// (`skip_special_tokens` and `add_generation_prompt` ask only when false, their default being
+/// true).
 fn asks(name: &str, value: &Value) -> bool {
     match value {
         Value::Null => false,
-        Value::Bool(b) => *b != (name == "skip_special_tokens"),
+        Value::Bool(b) => *b != matches!(name, "skip_special_tokens" | "add_generation_prompt"),
         Value::String(s) => !s.is_empty() && s != "none",
         Value::Array(a) => !a.is_empty(),
         Value::Object(o) => !o.is_empty(),
@@ -229,11 +252,11 @@ fn float_in(
     }
 }
 
-/// A list of token ids (`stop_token_ids`).
+/// A list of token ids (`stop_token_ids`): sorted, each once, at most [`MAX_STOP_TOKEN_IDS`].
 fn token_ids(value: &Option<Value>, param: &str) -> Result<Vec<u32>, ApiError> {
     let bad = || ApiError::invalid(Some(param), format!("{param} must be a list of token ids"));
-    match value {
-        None | Some(Value::Null) => Ok(Vec::new()),
+    let mut ids = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(items)) => items
             .iter()
             .map(|v| {
@@ -241,9 +264,21 @@ fn token_ids(value: &Option<Value>, param: &str) -> Result<Vec<u32>, ApiError> {
                     .and_then(|t| u32::try_from(t).ok())
                     .ok_or_else(bad)
             })
-            .collect(),
-        Some(_) => Err(bad()),
+            .collect::<Result<Vec<u32>, ApiError>>()?,
+        Some(_) => return Err(bad()),
+    };
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(ApiError::invalid(
+            Some(param),
+            format!(
+                "{param} may name at most {MAX_STOP_TOKEN_IDS} distinct tokens, got {}",
+                ids.len()
+            ),
+        ));
     }
+    Ok(ids)
 }
 
 /// `logit_bias`: an object from token ids (as strings) to biases in [-100, 100].
@@ -440,11 +475,17 @@ fn parse_messages(ordered: &JsonValue) -> Result<Vec<ChatMessage>, ApiError> {
             let content = match m.get("content") {
                 None | Some(Value::Null) => String::new(),
                 Some(Value::String(s)) => s.clone(),
+                // Text parts join with newlines, as vLLM joins them for a string template.
                 Some(Value::Array(parts)) => {
                     let mut text = String::new();
-                    for part in parts {
+                    for (k, part) in parts.iter().enumerate() {
                         match (part.get("type").and_then(Value::as_str), part.get("text")) {
-                            (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                            (Some("text"), Some(Value::String(t))) => {
+                                if k > 0 {
+                                    text.push('\n');
+                                }
+                                text.push_str(t);
+                            }
                             _ => {
                                 return Err(bad(format!(
                                     "{at}: only text content parts are supported"
@@ -641,6 +682,25 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
     };
     if let Some((param, why)) = unsupported(body) {
         return Err(ApiError::invalid(Some(param), why));
+    }
+    // A completion's prompt starts with the model's BOS; a chat template writes its own.
+    let adds_special = endpoint == Endpoint::Completions;
+    if let Some(v) = body.other.get("add_special_tokens")
+        && !v.is_null()
+        && v.as_bool() != Some(adds_special)
+    {
+        return Err(ApiError::invalid(
+            Some("add_special_tokens"),
+            format!(
+                "add_special_tokens must be {adds_special} here (or left out): this endpoint's \
+                 prompts {} the tokenizer's special tokens",
+                if adds_special {
+                    "start with"
+                } else {
+                    "take from the chat template"
+                }
+            ),
+        ));
     }
     let temperature = body.temperature.unwrap_or(1.0);
     // Sampling runs in f32: a value beyond f32's range would become infinite there.
@@ -945,6 +1005,9 @@ pub struct TextStream {
     text: String,
     sent: usize,
     stopped: bool,
+    /// Bytes of `text` from tokens within `min_tokens` ([`TextStream::push_within_min_tokens`]):
+    /// a stop string must end after them, as vLLM's detokenizer checks.
+    unchecked: usize,
 }
 
 impl TextStream {
@@ -963,28 +1026,51 @@ impl TextStream {
         }
         self.text.push_str(piece);
         let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        // A stop string may straddle what was sent and what is new.
-        let mut search_from = self.sent.saturating_sub(longest);
-        while !self.text.is_char_boundary(search_from) {
-            search_from -= 1;
-        }
+        // A stop string may straddle what was sent and what is new, but not end within text
+        // never checked. Matches begin on a character boundary, so a start that falls inside
+        // a character moves up to the next.
         let hit = self
             .stops
             .iter()
-            .filter_map(|s| self.text[search_from..].find(s.as_str()))
-            .min()
-            .map(|i| i + search_from);
+            .filter_map(|s| {
+                let mut from = self
+                    .sent
+                    .saturating_sub(longest)
+                    .max((self.unchecked + 1).saturating_sub(s.len()));
+                while !self.text.is_char_boundary(from) {
+                    from += 1;
+                }
+                self.text[from..].find(s.as_str()).map(|i| i + from)
+            })
+            .min();
         if let Some(end) = hit {
             self.stopped = true;
             let delta = self.slice_from_sent(end.max(self.sent));
             self.text.truncate(end.max(self.sent));
             return (delta, true);
         }
+        (self.safe_delta(longest), false)
+    }
+
+    /// Adds the text of a token within the request's `min_tokens`: no stop string ends in it
+    /// (it may begin there and end in a later token's text). Returns the text safe to send.
+    pub fn push_within_min_tokens(&mut self, piece: &str) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        self.text.push_str(piece);
+        self.unchecked = self.text.len();
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        self.safe_delta(longest)
+    }
+
+    /// The text that cannot yet be the start of a stop string of at most `longest` bytes.
+    fn safe_delta(&mut self, longest: usize) -> String {
         let mut safe = self.text.len().saturating_sub(longest.saturating_sub(1));
         while !self.text.is_char_boundary(safe) {
             safe -= 1;
         }
-        (self.slice_from_sent(safe.max(self.sent)), false)
+        self.slice_from_sent(safe.max(self.sent))
     }
 
     /// The text held back, at the end of generation.
@@ -1131,6 +1217,22 @@ mod tests {
                 "allowed_token_ids",
             ),
             (json!({"prompt": "x", "bad_words": ["no"]}), "bad_words"),
+            (
+                json!({"prompt": "x", "use_beam_search": true}),
+                "use_beam_search",
+            ),
+            (
+                json!({"prompt": "x", "return_tokens_as_token_ids": true}),
+                "return_tokens_as_token_ids",
+            ),
+            (
+                json!({"prompt": "x", "add_special_tokens": false}),
+                "add_special_tokens",
+            ),
+            (
+                json!({"prompt": "x", "stop_token_ids": (0..1025).collect::<Vec<u32>>()}),
+                "stop_token_ids",
+            ),
             (
                 json!({"prompt": "x", "include_stop_str_in_output": true}),
                 "include_stop_str_in_output",
@@ -1307,7 +1409,44 @@ mod tests {
             err(json!({"messages": []}), Endpoint::Chat).param,
             Some("messages".into())
         );
+        let parts = json!([{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]);
+        let v = validate(
+            &body(json!({"messages": [{"role": "user", "content": parts}]})),
+            Endpoint::Chat,
+        )
+        .unwrap();
+        let PromptInput::Chat { messages, .. } = v.prompt else {
+            panic!("chat")
+        };
+        assert_eq!(messages[0].content, "Hello\nworld");
+        // vLLM's prompt controls the engine does not do are refused; their defaults pass.
         let messages = json!([{"role": "user", "content": "x"}]);
+        for (field, value, refused) in [
+            ("add_generation_prompt", json!(false), true),
+            ("add_generation_prompt", json!(true), false),
+            ("continue_final_message", json!(true), true),
+            ("continue_final_message", json!(false), false),
+            ("add_special_tokens", json!(true), true),
+            ("add_special_tokens", json!(false), false),
+            ("chat_template", json!("{{ messages }}"), true),
+        ] {
+            let mut b = json!({"messages": messages});
+            b[field] = value.clone();
+            match validate(&body(b), Endpoint::Chat) {
+                Err(e) if refused => assert_eq!(e.param.as_deref(), Some(field), "{}", e.message),
+                Ok(_) if !refused => {}
+                other => panic!(
+                    "{field}: {value}: {:?}",
+                    other.map(|_| ()).map_err(|e| e.message)
+                ),
+            }
+        }
+        let v = validate(
+            &body(json!({"prompt": "x", "stop_token_ids": [9, 5, 9], "add_special_tokens": true})),
+            Endpoint::Completions,
+        )
+        .unwrap();
+        assert_eq!(v.stop_token_ids, [5, 9]);
         let e = err(
             json!({"messages": messages, "stream_options": {"include_usage": true}}),
             Endpoint::Chat,
@@ -1408,5 +1547,23 @@ mod tests {
         assert_eq!(s.push("aü"), ("a".into(), false));
         assert_eq!(s.push("!b"), ("".into(), true));
         assert_eq!(s.text(), "a");
+    }
+
+    /// Within `min_tokens` no stop string ends (vLLM's rule); one that begins there and ends
+    /// in a later token's text still stops the output.
+    #[test]
+    fn stop_strings_end_only_after_min_tokens() {
+        let mut s = TextStream::new(vec!["\n".into(), "xyz".into()]);
+        // Two bytes held back: they may begin "xyz".
+        assert_eq!(s.push_within_min_tokens("a\nb"), "a");
+        assert_eq!(s.push_within_min_tokens("\nx"), "\nb");
+        assert_eq!(s.push("y"), ("\n".into(), false));
+        assert_eq!(s.push("z\nc"), ("".into(), true));
+        assert_eq!(s.text(), "a\nb\n");
+        // A stop string wholly within the unchecked text and again after it: the later one.
+        let mut s = TextStream::new(vec!["ab".into()]);
+        assert_eq!(s.push_within_min_tokens("ab"), "a");
+        assert_eq!(s.push("cab"), ("bc".into(), true));
+        assert_eq!(s.text(), "abc");
     }
 }

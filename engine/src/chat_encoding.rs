@@ -90,12 +90,15 @@ pub fn deepseek_v32(
     // Every call answered, once results begin (as OpenAI asks): the format closes its results
     // after the last call's.
     for (i, (m, _)) in all.iter().enumerate() {
+        let calls = m.tool_calls.len();
+        if m.role != "assistant" || calls == 0 {
+            continue;
+        }
         let results = all[i + 1..]
             .iter()
             .take_while(|(m, _)| m.role == "tool")
             .count();
-        let calls = m.tool_calls.len();
-        if m.role == "assistant" && results > 0 && results < calls {
+        if results > 0 && results < calls {
             return Err(format!(
                 "messages[{}]: the assistant message made {calls} tool calls and {results} \
                  result(s) follow it; give each call its result",

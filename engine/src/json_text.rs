@@ -6,6 +6,7 @@
 //! workspace's `serde_json` maps sort their keys, so the prompt text the model was trained on
 //! needs values of their own.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -201,11 +202,16 @@ impl<'de> Visitor<'de> for JsonVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsonValue, A::Error> {
         let mut entries: Vec<(String, JsonValue)> = Vec::new();
+        // Each key's place in `entries`, so that an object of many keys reads in linear time.
+        let mut places: HashMap<String, usize> = HashMap::new();
         while let Some((k, v)) = map.next_entry::<String, JsonValue>()? {
             // A repeated key keeps its first place and its last value, as Python's dict does.
-            match entries.iter_mut().find(|(key, _)| *key == k) {
-                Some(entry) => entry.1 = v,
-                None => entries.push((k, v)),
+            match places.get(&k) {
+                Some(&i) => entries[i].1 = v,
+                None => {
+                    places.insert(k.clone(), entries.len());
+                    entries.push((k, v));
+                }
             }
         }
         Ok(JsonValue::Object(entries))

@@ -61,8 +61,8 @@ pub struct GenerationRequest {
     pub params: SamplingParams,
     /// Token ids that end generation (not emitted).
     pub stop_tokens: Vec<u32>,
-    /// Tokens generated before a stop token may end the request (vLLM's `min_tokens`; stop
-    /// strings still apply).
+    /// Tokens generated before a stop token may end the request (vLLM's `min_tokens`; the
+    /// server likewise lets no stop string end within them).
     pub min_tokens: usize,
     /// `Some(n)`: report each token's logprob and the `n` most likely alternatives.
     pub logprobs: Option<usize>,

@@ -177,8 +177,11 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = drained_tx.send(());
-        // Connections still open after the grace period (a stuck client) do not hold the exit.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Responses still being written (a slow reader of a finished stream) have the rest of
+        // the grace period, and at least 2 s; a connection open after that (a stuck client)
+        // does not hold the exit.
+        let force_at = deadline.max(Instant::now() + Duration::from_secs(2));
+        tokio::time::sleep(force_at.saturating_duration_since(Instant::now())).await;
         let _ = force_tx.send(());
     });
     // Small SSE writes must leave at once (Nagle + delayed ACK adds ~40 ms per token otherwise).
@@ -374,7 +377,7 @@ fn prepare(
         }
     })?;
     let body = api::parse_body(&bytes)?;
-    let validated = api::validate(&body, endpoint)?;
+    // A request for another model is answered as such before its fields are judged (vLLM).
     if let Some(model) = &body.model
         && model != &state.model_name
     {
@@ -389,6 +392,7 @@ fn prepare(
             code: Some("model_not_found"),
         });
     }
+    let validated = api::validate(&body, endpoint)?;
     let tokenize_error = |e: crate::EngineError| ApiError::invalid(None, e.to_string());
     let mut starts_in_reasoning = false;
     let prompt = match &validated.prompt {
@@ -603,6 +607,7 @@ async fn handle(
         endpoint,
         prompt_tokens: prepared.prompt.len(),
         logprobs: validated.logprobs.is_some(),
+        min_tokens: validated.min_tokens,
         reasoned: prepared.starts_in_reasoning,
         submitted: submitted_at,
         state,
@@ -639,6 +644,8 @@ struct Run {
     endpoint: Endpoint,
     prompt_tokens: usize,
     logprobs: bool,
+    /// No stop string ends in the text of a choice's first `min_tokens` tokens.
+    min_tokens: usize,
     /// Its outputs begin in reasoning (a chat prompt that ends in `<think>`): each response
     /// message has `reasoning_content`.
     reasoned: bool,
@@ -888,7 +895,10 @@ impl Choice {
                         ..Output::default()
                     });
                 }
-                let (text, stopped) = self.text.push(&piece);
+                let (text, stopped) = match self.generated <= run.min_tokens {
+                    true => (self.text.push_within_min_tokens(&piece), false),
+                    false => self.text.push(&piece),
+                };
                 let (text, calls) = self.read_calls(text, stopped);
                 let out = Output {
                     text,

@@ -834,6 +834,12 @@ async fn bad_input_is_a_4xx_with_an_openai_error_and_harms_nothing() {
             "gpt-9",
         ),
         (
+            "unknown model, bad fields too",
+            Bytes::from(r#"{"prompt": "t3", "model": "gpt-9", "top_p": 0}"#),
+            404,
+            "gpt-9",
+        ),
+        (
             "too long",
             Bytes::from(json!({"prompt": vec![5; 600]}).to_string()),
             400,
