@@ -1726,6 +1726,44 @@ fn random_fp8(rand: &mut impl FnMut(usize) -> Vec<f32>, n: usize, k: usize) -> M
 /// host (one copy), and experts of at most `in_place_rows` rows still run in place, more on
 /// cuBLAS's grouped products, as the host's routing would run them. Other widths past
 /// `in_place_rows` are left to the host, and so are experts of mixed dtypes.
+/// How far a row of router logits is from a tie where the router draws its lines: between
+/// the last group kept and the first dropped (by the sum of a group's top two biased scores),
+/// and between the last expert chosen from the kept groups and the next (in float64).
+fn routing_margin(logits: &[f32], bias: &[f32], r: &sparsemoe_engine::moe::RouterConfig) -> f64 {
+    let biased: Vec<f64> = logits
+        .iter()
+        .zip(bias)
+        .map(|(&l, &b)| 1.0 / (1.0 + (-f64::from(l)).exp()) + f64::from(b))
+        .collect();
+    let descending = |v: &mut Vec<(f64, usize)>| v.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let gap = |v: &[(f64, usize)], keep: usize| match keep < v.len() {
+        true => v[keep - 1].0 - v[keep].0,
+        false => f64::INFINITY,
+    };
+    let size = r.n_experts / r.n_group;
+    let mut groups: Vec<(f64, usize)> = (0..r.n_group)
+        .map(|g| {
+            let mut group: Vec<(f64, usize)> = biased[g * size..(g + 1) * size]
+                .iter()
+                .map(|&s| (s, 0))
+                .collect();
+            descending(&mut group);
+            (group[0].0 + group.get(1).map_or(0.0, |s| s.0), g)
+        })
+        .collect();
+    descending(&mut groups);
+    let mut candidates: Vec<(f64, usize)> = groups[..r.topk_group]
+        .iter()
+        .flat_map(|&(_, g)| (g * size..(g + 1) * size).map(|e| (biased[e], e)))
+        .collect();
+    descending(&mut candidates);
+    let groups_gap = match r.n_group > 1 {
+        true => gap(&groups, r.topk_group),
+        false => f64::INFINITY,
+    };
+    groups_gap.min(gap(&candidates, r.top_k))
+}
+
 #[test]
 fn routing_on_the_device_matches_the_host() {
     use sparsemoe_engine::backend::{Expert, Routing};
@@ -1828,6 +1866,14 @@ fn routing_on_the_device_matches_the_host() {
             let x = cuda.tensor(rows, hidden, x_host.clone());
             let mut logits_host: Vec<f32> =
                 rand(rows * n_experts).iter().map(|v| v * 6.0).collect();
+            // The GPU's expf may differ from the host's exp by an ulp or two: a row that near
+            // a tie could rightly choose differently, so rows are drawn until none is.
+            for row in logits_host.chunks_mut(n_experts) {
+                while routing_margin(row, &bias, &router) < 1e-4 {
+                    let fresh: Vec<f32> = rand(n_experts).iter().map(|v| v * 6.0).collect();
+                    row.copy_from_slice(&fresh);
+                }
+            }
             if poisoned {
                 // Row 0 all NaN; row 1 a NaN and infinities among numbers.
                 logits_host[..n_experts].fill(f32::NAN);
