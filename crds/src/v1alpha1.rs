@@ -639,7 +639,7 @@ pub struct InferenceDeploymentStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// kstatus conditions: Ready, Progressing, Degraded, ScalingActive.
+    /// Conditions: Ready, Progressing, Degraded, ScalingActive; Reconciling, Stalled (kstatus).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Engine pods across all variants.

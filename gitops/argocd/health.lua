@@ -1,5 +1,6 @@
 -- Argo CD health of a sparsemoe.io InferenceDeployment, read from the conditions the operator
--- writes (kstatus: Ready, Progressing, Degraded). Argo CD runs it with `obj`, the object.
+-- writes (Ready, Progressing, Degraded; it also writes kstatus's Reconciling and Stalled, which
+-- follow Progressing). Argo CD runs it with `obj`, the object.
 local hs = { status = "Progressing", message = "waiting for the sparsemoe operator" }
 local status = obj.status
 if status == nil then
@@ -25,8 +26,8 @@ end
 local degraded = conditions["Degraded"]
 local ready = conditions["Ready"]
 local progressing = conditions["Progressing"]
--- A problem that blocks the rollout (Progressing is then False, Stalled), fails pods, or
--- leaves replicas no variant has room for: waiting will not fix it.
+-- A problem that blocks the rollout (Progressing is then False, Stalled), fails pods or finds
+-- them no node, or leaves replicas no variant has room for: waiting will not fix it.
 if degraded ~= nil and degraded.status == "True" then
   hs.status = "Degraded"
   hs.message = said(degraded)

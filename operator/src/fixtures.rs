@@ -210,6 +210,7 @@ impl Caches {
             children: &built,
             observed: &observed,
             refused: &[],
+            refused_variants: &BTreeSet::new(),
             pod_problems: &[],
             applied: &BTreeSet::new(),
         };

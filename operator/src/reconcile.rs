@@ -389,116 +389,82 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
     };
     let (decision, desired) =
         children::decide_and_build(idep, &namespace, owner, &running, ctx.capabilities);
-    let client = ctx.client.clone();
-    let mut applied_variants = BTreeSet::new();
-    let mut applied_any = false;
-    // Children the API server refused as invalid: problems for the status (see `refused`).
-    let mut rejected = Vec::new();
-
+    let mut applied = Applied::default();
     let stale = StaleWorkloads::find(idep, &namespace, &desired, ctx);
     // This object's pods, whatever their variant.
     let object_pods = stores.pods.state_filter(|p| {
         p.namespace().as_deref() == Some(namespace.as_str())
             && p.labels().get(LABEL_DEPLOYMENT) == Some(&name)
     });
-    if let Some((_, config_map)) = &desired.placement {
-        let existing = stores.config_maps.get(&ObjectRef::from_obj(config_map));
-        // Workloads on their way out, and older pods of those being replaced in place, may
-        // mount plans the spec no longer has: while any pod does, or may yet be made from an
-        // older template, they stay.
-        let mounted = children::mounted_plans(
-            object_pods.iter().map(|p| p.as_ref()),
-            &config_map.name_any(),
-        );
-        let plans = config_map.data.as_ref();
-        let dropped_in_use = mounted
-            .iter()
-            .any(|k| plans.is_none_or(|d| !d.contains_key(k)));
-        let settled =
-            stale.is_empty() && !dropped_in_use && !rolling_out(&desired, &namespace, stores);
-        let config_map = match settled {
-            true => config_map.clone(),
-            false => children::keeping_plans(config_map, existing.as_deref()),
-        };
-        let result =
-            apply_if_changed(&client, &namespace, &config_map, existing.as_deref(), ctx).await;
-        applied_any |= refused(result, "ConfigMap", &config_map.name_any(), &mut rejected)?;
-    }
-    for child in &desired.workloads {
-        let changed = match &child.workload {
-            Workload::Deployment(d) => {
-                let existing = stores.deployments.get(&ObjectRef::from_obj(d.as_ref()));
-                let result =
-                    apply_if_changed(&client, &namespace, d.as_ref(), existing.as_deref(), ctx)
-                        .await;
-                refused(result, "Deployment", &d.name_any(), &mut rejected)?
-            }
-            Workload::LeaderWorkerSet(l) => {
-                let existing = stores.leader_worker_sets.as_ref().and_then(|s| {
-                    s.get(
-                        &ObjectRef::new_with(&l.name_any(), children::lws_api_resource())
-                            .within(&namespace),
-                    )
-                });
-                let api: Api<DynamicObject> =
-                    Api::namespaced_with(client.clone(), &namespace, &children::lws_api_resource());
-                let result =
-                    apply_dynamic_if_changed(&api, l.as_ref(), existing.as_deref(), ctx).await;
-                refused(result, children::LWS_KIND, &l.name_any(), &mut rejected)?
-            }
-        };
-        if changed {
-            applied_variants.insert(child.variant.clone());
-            applied_any = true;
-        }
-    }
-    let existing = stores.services.get(&ObjectRef::from_obj(&desired.service));
-    let result = apply_if_changed(
-        &client,
+    let mut failure = apply_children(
         &namespace,
-        &desired.service,
-        existing.as_deref(),
+        &desired,
+        stale.is_empty(),
+        &object_pods,
         ctx,
+        &mut applied,
     )
-    .await;
-    applied_any |= refused(
-        result,
-        "Service",
-        &desired.service.name_any(),
-        &mut rejected,
-    )?;
-    let existing = stores.pdbs.get(&ObjectRef::from_obj(&desired.pdb));
-    let result =
-        apply_if_changed(&client, &namespace, &desired.pdb, existing.as_deref(), ctx).await;
-    applied_any |= refused(
-        result,
-        "PodDisruptionBudget",
-        &desired.pdb.name_any(),
-        &mut rejected,
-    )?;
+    .await
+    .err();
 
     // Make before break: workloads the spec no longer asks for (a variant renamed, removed, or
     // switched between Deployment and LeaderWorkerSet) go only once every workload it does ask
     // for is rolled out and available, and none is refused or unrealisable; until then they
     // keep serving (and the placement ConfigMap they may mount stays).
-    let replaced = rejected.is_empty()
+    let replaced = failure.is_none()
+        && applied.rejected.is_empty()
         && desired.unrealised_variants.is_empty()
         && desired.workloads.iter().all(|child| {
-            !applied_variants.contains(&child.variant)
+            !applied.variants.contains(&child.variant)
                 && observed
                     .get(&child.variant)
                     .is_some_and(|o| o.is_current(child.replicas))
         });
-    delete_stale(
-        idep,
-        &namespace,
-        uid.as_deref(),
-        &desired,
-        stale,
-        replaced,
-        ctx,
-    )
-    .await?;
+    if failure.is_none() {
+        failure = delete_stale(
+            idep,
+            &namespace,
+            uid.as_deref(),
+            &desired,
+            stale,
+            replaced,
+            ctx,
+        )
+        .await
+        .err();
+    }
+    // A write that failed for a reason a retry may get past: the error policy retries it with
+    // backoff. Once it has failed twice in a row it is in the status too (a new object would
+    // have none, and an updated one would keep saying its old generation is Ready), as a
+    // problem that blocks the rollout; a single failure (an API server restarting, a timeout)
+    // does not flip the conditions.
+    let failed_before = ctx
+        .failures
+        .lock()
+        .map(|f| f.get(&ObjectRef::from_obj(idep)).copied().unwrap_or(0))
+        .unwrap_or(0);
+    if let Some(failed) = &failure {
+        if let Some(variant) = &failed.variant {
+            applied.refused_variants.insert(variant.clone());
+        }
+        applied.rejected.push(children::Problem {
+            reason: RECONCILE_ERROR,
+            message: format!(
+                "{} {} {}: {}; retrying with backoff",
+                failed.verb,
+                failed.kind,
+                failed.name,
+                error_message(&failed.error)
+            ),
+        });
+    }
+    let Applied {
+        variants: applied_variants,
+        any: applied_any,
+        rejected,
+        refused_variants,
+    } = applied;
+    let client = ctx.client.clone();
 
     // Pods of the variants the spec has: a removed variant's, kept serving until its
     // replacement is rolled out, say nothing about this spec.
@@ -512,7 +478,8 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
         .collect();
     // In name order, so the pod a problem names does not change with the cache's order.
     pods.sort_by_key(|p| p.name_any());
-    let pod_problems = status::pod_problems(pods.iter().map(|p| p.as_ref()));
+    let now = jiff::Timestamp::now();
+    let pod_problems = status::pod_problems(pods.iter().map(|p| p.as_ref()), now);
     let inputs = status::Inputs {
         idep,
         namespace: &namespace,
@@ -520,12 +487,14 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
         children: &desired,
         observed: &observed,
         refused: &rejected,
+        refused_variants: &refused_variants,
         pod_problems: &pod_problems,
         applied: &applied_variants,
     };
     let previous = idep.status.as_ref();
-    let next = status::compute(&inputs, previous, jiff::Timestamp::now());
-    if status::needs_update(previous, &next) {
+    let next = status::compute(&inputs, previous, now);
+    let write = failure.is_none() || failed_before > 0;
+    if write && status::needs_update(previous, &next) {
         let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), &namespace);
         let patch = serde_json::json!({
             "apiVersion": InferenceDeployment::api_version(&()),
@@ -533,28 +502,206 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
             "status": next,
         });
         ctx.metrics.writes.inc();
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-        publish_transitions(idep, previous, &next, &decision, applied_any, ctx).await;
+        let written = api
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await;
+        match (written, &failure) {
+            (Ok(_), _) => {
+                publish_transitions(idep, previous, &next, &decision, applied_any, ctx).await
+            }
+            (Err(e), None) => return Err(e.into()),
+            // The child's error is the one to retry and report.
+            (Err(error), Some(_)) => warn!(%error, "could not write the status"),
+        }
+    }
+    if let Some(failed) = failure {
+        return Err(failed.error);
     }
 
-    Ok(if !desired.problems.is_empty() || !rejected.is_empty() {
-        Action::requeue(UNREALISABLE_REQUEUE)
+    let every = if !desired.problems.is_empty() || !rejected.is_empty() {
+        UNREALISABLE_REQUEUE
     } else {
-        Action::requeue(RESYNC)
-    })
+        RESYNC
+    };
+    // A pod waiting for a node is looked at again when its grace runs out, so that it is
+    // reported then (see `status::UNSCHEDULABLE_GRACE`).
+    let recheck = status::pod_recheck(pods.iter().map(|p| p.as_ref()), now);
+    Ok(Action::requeue(recheck.map_or(every, |r| r.min(every))))
 }
 
-/// An apply's result, with a refusal as invalid (HTTP 400 or 422: a spec the CRD's schema lets
-/// through but the child's own API does not, such as resource requests above their limits) or a
-/// conflict over a new child's name (409: see [`apply_params`]) turned into a problem for the
-/// status: retrying cannot help, only a new spec (or the other object gone) can, so the reconcile
-/// goes on (the status says `Degraded`, reason `ApplyRejected` or `NameConflict`, with the API
-/// server's message) and looks again after [`UNREALISABLE_REQUEUE`]. Other errors stay errors.
+/// The reason of the `Degraded` problem of a child write that failed, again, with an error a
+/// retry may get past (the reconcile retries it with backoff, and says so from the second time).
+pub const RECONCILE_ERROR: &str = "ReconcileError";
+
+/// What the applies of one reconcile did.
+#[derive(Debug, Default)]
+struct Applied {
+    /// Variants whose workload an apply changed (not current until observed).
+    variants: BTreeSet<String>,
+    /// Whether any apply changed a child.
+    any: bool,
+    /// Children the API server refused: problems for the status (see [`refused`]).
+    rejected: Vec<children::Problem>,
+    /// Variants whose workload is among `rejected` (or failed: [`ChildFailure::variant`]).
+    refused_variants: BTreeSet<String>,
+}
+
+/// A child write that failed with an error a retry may get past (not a refusal: see
+/// [`refused`]); the reconcile stops there.
+#[derive(Debug)]
+struct ChildFailure {
+    verb: &'static str,
+    kind: String,
+    name: String,
+    /// The variant whose workload it is, if it is one.
+    variant: Option<String>,
+    error: Error,
+}
+
+impl ChildFailure {
+    fn of(
+        verb: &'static str,
+        kind: &str,
+        name: &str,
+        variant: Option<&str>,
+    ) -> impl FnOnce(Error) -> Self {
+        let (kind, name, variant) = (
+            kind.to_string(),
+            name.to_string(),
+            variant.map(str::to_string),
+        );
+        move |error| Self {
+            verb,
+            kind,
+            name,
+            variant,
+            error,
+        }
+    }
+}
+
+/// An error as the status says it: the API server's own words where it gave some.
+fn error_message(error: &Error) -> String {
+    match error {
+        Error::Kube(kube::Error::Api(status)) => format!(
+            "{} (HTTP {} {})",
+            status.message, status.code, status.reason
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// Applies the children in `desired` (the placement ConfigMap, the workloads, the Service, the
+/// PDB), noting in `applied` what changed and what the API server refused; stops at the first
+/// other error. `settled`: no workload of this object is on its way out (see
+/// [`StaleWorkloads`]); `object_pods`: this object's pods.
+async fn apply_children(
+    namespace: &str,
+    desired: &Children,
+    settled: bool,
+    object_pods: &[Arc<Pod>],
+    ctx: &Context,
+    applied: &mut Applied,
+) -> Result<(), ChildFailure> {
+    let client = ctx.client.clone();
+    let stores = &ctx.stores;
+    let rejected = &mut applied.rejected;
+    if let Some((_, config_map)) = &desired.placement {
+        let existing = stores.config_maps.get(&ObjectRef::from_obj(config_map));
+        // Workloads on their way out, and older pods of those being replaced in place, may
+        // mount plans the spec no longer has: while any pod does, or may yet be made from an
+        // older template, they stay.
+        let mounted = children::mounted_plans(
+            object_pods.iter().map(|p| p.as_ref()),
+            &config_map.name_any(),
+        );
+        let plans = config_map.data.as_ref();
+        let dropped_in_use = mounted
+            .iter()
+            .any(|k| plans.is_none_or(|d| !d.contains_key(k)));
+        let settled = settled && !dropped_in_use && !rolling_out(desired, namespace, stores);
+        let config_map = match settled {
+            true => config_map.clone(),
+            false => children::keeping_plans(config_map, existing.as_deref()),
+        };
+        let cm_name = config_map.name_any();
+        let result =
+            apply_if_changed(&client, namespace, &config_map, existing.as_deref(), ctx).await;
+        applied.any |= refused(result, "ConfigMap", &cm_name, rejected)
+            .map_err(ChildFailure::of("applying", "ConfigMap", &cm_name, None))?;
+    }
+    for child in &desired.workloads {
+        let (kind, name) = match &child.workload {
+            Workload::Deployment(d) => ("Deployment", d.name_any()),
+            Workload::LeaderWorkerSet(l) => (children::LWS_KIND, l.name_any()),
+        };
+        let result = match &child.workload {
+            Workload::Deployment(d) => {
+                let existing = stores.deployments.get(&ObjectRef::from_obj(d.as_ref()));
+                apply_if_changed(&client, namespace, d.as_ref(), existing.as_deref(), ctx).await
+            }
+            Workload::LeaderWorkerSet(l) => {
+                let existing = stores.leader_worker_sets.as_ref().and_then(|s| {
+                    s.get(
+                        &ObjectRef::new_with(&l.name_any(), children::lws_api_resource())
+                            .within(namespace),
+                    )
+                });
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(client.clone(), namespace, &children::lws_api_resource());
+                apply_dynamic_if_changed(&api, l.as_ref(), existing.as_deref(), ctx).await
+            }
+        };
+        let before = rejected.len();
+        let changed = refused(result, kind, &name, rejected).map_err(ChildFailure::of(
+            "applying",
+            kind,
+            &name,
+            Some(&child.variant),
+        ))?;
+        if rejected.len() > before {
+            // What runs is the spec before, however available.
+            applied.refused_variants.insert(child.variant.clone());
+        }
+        if changed {
+            applied.variants.insert(child.variant.clone());
+            applied.any = true;
+        }
+    }
+    let existing = stores.services.get(&ObjectRef::from_obj(&desired.service));
+    let service = desired.service.name_any();
+    let result = apply_if_changed(
+        &client,
+        namespace,
+        &desired.service,
+        existing.as_deref(),
+        ctx,
+    )
+    .await;
+    applied.any |= refused(result, "Service", &service, rejected)
+        .map_err(ChildFailure::of("applying", "Service", &service, None))?;
+    let existing = stores.pdbs.get(&ObjectRef::from_obj(&desired.pdb));
+    let pdb = desired.pdb.name_any();
+    let result = apply_if_changed(&client, namespace, &desired.pdb, existing.as_deref(), ctx).await;
+    applied.any |= refused(result, "PodDisruptionBudget", &pdb, rejected).map_err(
+        ChildFailure::of("applying", "PodDisruptionBudget", &pdb, None),
+    )?;
+    Ok(())
+}
+
+/// An apply's result, with a refusal turned into a problem for the status: as invalid (HTTP 400
+/// or 422: a spec the CRD's schema lets through but the child's own API does not, such as
+/// resource requests above their limits), as forbidden (403: an admission policy such as
+/// Gatekeeper's denies it, a ResourceQuota on object counts is exceeded, or the operator's RBAC
+/// lacks the verb), or a conflict over a new child's name (409: see [`apply_params`]). Retrying
+/// at once cannot help, only a new spec (or a changed policy, quota or role, or the other object
+/// gone) can, so the reconcile goes on (the status says `Degraded`, reason `ApplyRejected` or
+/// `NameConflict`, with the API server's message) and looks again after
+/// [`UNREALISABLE_REQUEUE`]. Other errors stay errors.
 fn refused(
     result: Result<bool>,
     kind: &str,
@@ -562,7 +709,7 @@ fn refused(
     problems: &mut Vec<children::Problem>,
 ) -> Result<bool> {
     match result {
-        Err(Error::Kube(kube::Error::Api(status))) if matches!(status.code, 400 | 422) => {
+        Err(Error::Kube(kube::Error::Api(status))) if matches!(status.code, 400 | 403 | 422) => {
             warn!(%kind, %name, message = %status.message, "the API server refused a child");
             problems.push(children::Problem {
                 reason: "ApplyRejected",
@@ -860,21 +1007,35 @@ async fn delete_stale(
     stale: StaleWorkloads,
     replaced: bool,
     ctx: &Context,
-) -> Result<()> {
+) -> Result<(), ChildFailure> {
     if !replaced {
         return Ok(());
     }
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
     for d in stale.deployments {
         ctx.metrics.writes.inc();
-        delete_ignoring_missing(&api, &d.name_any()).await?;
+        delete_ignoring_missing(&api, &d.name_any())
+            .await
+            .map_err(ChildFailure::of(
+                "deleting",
+                "Deployment",
+                &d.name_any(),
+                None,
+            ))?;
         info!(deployment = %d.name_any(), %namespace, "deleted stale workload");
     }
     let api: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), namespace, &children::lws_api_resource());
     for l in stale.leader_worker_sets {
         ctx.metrics.writes.inc();
-        delete_ignoring_missing(&api, &l.name_any()).await?;
+        delete_ignoring_missing(&api, &l.name_any())
+            .await
+            .map_err(ChildFailure::of(
+                "deleting",
+                children::LWS_KIND,
+                &l.name_any(),
+                None,
+            ))?;
         info!(leader_worker_set = %l.name_any(), %namespace, "deleted stale workload");
     }
     let placement_infeasible = desired
@@ -895,7 +1056,8 @@ async fn delete_stale(
                 &Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace),
                 &cm_name,
             )
-            .await?;
+            .await
+            .map_err(ChildFailure::of("deleting", "ConfigMap", &cm_name, None))?;
         }
     }
     Ok(())

@@ -310,15 +310,67 @@ where
 /// For [`cached`]: store objects whole (but for their managed fields).
 fn keep_all<K>(_: &mut K) {}
 
-/// What the operator reads of a pod: its labels, name and namespace, and its containers'
-/// states (for [`crate::status::pod_problems`]). The spec and the rest of the status go.
+/// What the operator reads of a pod: its labels, name and namespace; its containers' states
+/// and its `PodScheduled` condition (for [`crate::status::pod_problems`]); and the ConfigMap
+/// volumes it mounts, by ConfigMap name and key (for [`crate::children::mounted_plans`]). The
+/// rest of the spec and of the status goes.
 pub(crate) fn prune_pod(pod: &mut Pod) {
-    pod.spec = None;
+    use k8s_openapi::api::core::v1::{
+        ConfigMapVolumeSource, KeyToPath, PodCondition, PodSpec, PodStatus, Volume,
+    };
+    let config_maps: Vec<Volume> = pod
+        .spec
+        .take()
+        .and_then(|s| s.volumes)
+        .into_iter()
+        .flatten()
+        .filter_map(|v| {
+            let c = v.config_map?;
+            Some(Volume {
+                name: v.name,
+                config_map: Some(ConfigMapVolumeSource {
+                    name: c.name,
+                    items: c.items.map(|items| {
+                        items
+                            .into_iter()
+                            .map(|i| KeyToPath {
+                                key: i.key,
+                                path: i.path,
+                                mode: None,
+                            })
+                            .collect()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        })
+        .collect();
+    pod.spec = (!config_maps.is_empty()).then(|| PodSpec {
+        volumes: Some(config_maps),
+        ..Default::default()
+    });
     pod.metadata.annotations = None;
     if let Some(status) = &mut pod.status {
-        *status = k8s_openapi::api::core::v1::PodStatus {
+        let scheduled = status
+            .conditions
+            .take()
+            .into_iter()
+            .flatten()
+            .filter(|c| c.type_ == "PodScheduled")
+            .map(|c| PodCondition {
+                type_: c.type_,
+                status: c.status,
+                reason: c.reason,
+                message: c.message,
+                last_transition_time: c.last_transition_time,
+                ..Default::default()
+            })
+            .collect::<Vec<_>>();
+        *status = PodStatus {
             container_statuses: status.container_statuses.take(),
             init_container_statuses: status.init_container_statuses.take(),
+            conditions: (!scheduled.is_empty()).then_some(scheduled),
             ..Default::default()
         };
     }
@@ -493,14 +545,25 @@ mod tests {
         );
     }
 
-    /// The pruned pod still gives the same problems and the same owner lookup.
+    /// The pruned pod still gives the same problems, the same mounted plans and the same owner
+    /// lookup.
     #[test]
     fn pruned_pods_keep_what_status_and_triggers_read() {
+        let cm = "d-placement";
+        let plan = crate::children::plan_key(8, 1);
         let pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p", "namespace": "ns", "labels": {LABEL_DEPLOYMENT: "d"},
                          "annotations": {"a": "b"}},
-            "spec": {"containers": [{"name": "engine", "image": "img", "args": ["serve"]}]},
-            "status": {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}],
+            "spec": {"containers": [{"name": "engine", "image": "img", "args": ["serve"]}],
+                     "volumes": [
+                         {"name": "placement", "configMap": {"name": cm, "defaultMode": 292,
+                             "items": [{"key": plan, "path": "placement.json"}]}},
+                         {"name": "shm", "emptyDir": {"medium": "Memory"}}]},
+            "status": {"phase": "Pending", "conditions": [
+                           {"type": "Ready", "status": "False"},
+                           {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                            "message": "0/12 nodes are available: 12 Insufficient nvidia.com/gpu.",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}],
                        "containerStatuses": [{"name": "engine", "image": "img", "imageID": "",
                            "ready": false, "restartCount": 3,
                            "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}
@@ -508,13 +571,42 @@ mod tests {
         .unwrap();
         let mut pruned = pod.clone();
         prune_pod(&mut pruned);
-        assert!(pruned.spec.is_none());
-        assert!(pruned.status.as_ref().unwrap().conditions.is_none());
+        let spec = pruned.spec.as_ref().unwrap();
+        assert!(spec.containers.is_empty());
+        assert_eq!(
+            spec.volumes.as_ref().unwrap().len(),
+            1,
+            "only ConfigMap volumes"
+        );
+        let conditions = pruned.status.as_ref().unwrap().conditions.as_ref().unwrap();
+        assert_eq!(conditions.len(), 1, "only PodScheduled: {conditions:?}");
         assert_eq!(pruned.labels(), pod.labels());
         assert_eq!(pruned.namespace(), pod.namespace());
-        let problems = |p: &Pod| crate::status::pod_problems([p]);
+        assert!(pruned.annotations().is_empty());
+        let later = "2026-01-01T01:00:00Z".parse().unwrap();
+        let problems = |p: &Pod| crate::status::pod_problems([p], later);
         assert_eq!(problems(&pruned), problems(&pod));
-        assert_eq!(problems(&pruned).len(), 1);
+        assert_eq!(
+            problems(&pruned)
+                .iter()
+                .map(|p| p.reason)
+                .collect::<Vec<_>>(),
+            ["EngineCrashLooping", crate::status::UNSCHEDULABLE]
+        );
+        let mounted = |p: &Pod| crate::children::mounted_plans([p], cm);
+        assert_eq!(mounted(&pruned), mounted(&pod));
+        assert_eq!(mounted(&pruned).into_iter().collect::<Vec<_>>(), [plan]);
+
+        // A pod with no ConfigMap volume and no conditions keeps no spec and no conditions.
+        let mut bare: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "q"},
+            "spec": {"containers": [{"name": "engine", "image": "img"}]},
+            "status": {"phase": "Running"}
+        }))
+        .unwrap();
+        prune_pod(&mut bare);
+        assert!(bare.spec.is_none());
+        assert!(bare.status.unwrap().conditions.is_none());
     }
 
     #[tokio::test]

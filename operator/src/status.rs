@@ -1,12 +1,18 @@
 //! Status and conditions, computed purely from the spec, the replica decision, the children
 //! and what the cluster reports about them.
 //!
-//! kstatus semantics: `Ready` is True only when every variant's current generation is
-//! available (all desired replicas updated and available, no old pods left); `Progressing`
-//! is True while a rollout or scale is under way; `Degraded` is True with a reason when part
-//! of the spec cannot be realised or a rollout is failing. Nothing in the status changes from
-//! one loop to the next unless the world did: condition times move only when a condition's
-//! status flips, so an unchanged, settled object needs no status write ([`needs_update`]).
+//! `Ready` is True only when every variant's current generation is available (all desired
+//! replicas updated and available, no old pods left) and every child of the current spec was
+//! applied; `Progressing` is True while a rollout or scale is under way, and False with reason
+//! `Stalled` while a problem no rollout gets past blocks it; `Degraded` is True with a reason
+//! when part of the spec cannot be realised, a rollout is failing, or pods cannot start or be
+//! scheduled. For tools that read kstatus (cli-utils: Flux's default health check, Config Sync,
+//! kpt), which understands only the abnormal-true `Reconciling` and `Stalled`, those two are
+//! written as well: `Reconciling` is True exactly while `Progressing` is, `Stalled` exactly
+//! while a blocking problem holds (`Progressing=False`, reason `Stalled`); they are never both
+//! True. Nothing in the status changes from one loop to the next unless the world did:
+//! condition times move only when a condition's status flips, so an unchanged, settled object
+//! needs no status write ([`needs_update`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -24,8 +30,11 @@ use crate::children::{self, Children, Problem};
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
-/// The reason of `Progressing=False` while a problem (see `Degraded`) blocks the rollout.
+/// The reason of `Progressing=False` while a problem (see `Degraded`) blocks the rollout, and
+/// the kstatus condition that is True then.
 pub const STALLED: &str = "Stalled";
+/// The kstatus condition that is True while `Progressing` is.
+pub const RECONCILING: &str = "Reconciling";
 pub const SCALING_ACTIVE: &str = "ScalingActive";
 
 /// What the cluster reports about one variant's workload.
@@ -149,10 +158,63 @@ fn crash_looping(cs: &k8s_openapi::api::core::v1::ContainerStatus) -> bool {
     backing_off || running_again
 }
 
-/// Pods that cannot start, as problems (image pulls, crash loops), at most one per reason.
-pub fn pod_problems<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Problem> {
+/// How long a pod may wait for a node before it counts as [`UNSCHEDULABLE`]: longer than a
+/// replica takes to free its GPUs when it is replaced ([`children::TERMINATION_GRACE_SECONDS`]:
+/// a rollout with `maxUnavailable` on a full cluster waits that long for each node) and than a
+/// cluster autoscaler usually takes to add a GPU node, so that a rollout or a scale-up that will
+/// get its nodes does not flip `Degraded` back and forth.
+pub const UNSCHEDULABLE_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The pod problem of pods the scheduler finds no node for (`PodScheduled=False`, reason
+/// `Unschedulable`) for longer than [`UNSCHEDULABLE_GRACE`].
+pub const UNSCHEDULABLE: &str = "Unschedulable";
+
+/// Since when the scheduler finds no node for `pod`, and its message; `None` while it is
+/// scheduled, not yet tried, gated, or being deleted.
+fn unschedulable(pod: &Pod) -> Option<(jiff::Timestamp, &str)> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let scheduled = pod
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled")?;
+    if scheduled.status != "False" || scheduled.reason.as_deref() != Some("Unschedulable") {
+        return None;
+    }
+    // Without a time (never from a real API server), it counts at once.
+    let since = scheduled
+        .last_transition_time
+        .as_ref()
+        .or(pod.metadata.creation_timestamp.as_ref())
+        .map_or(jiff::Timestamp::UNIX_EPOCH, |t| t.0);
+    Some((since, scheduled.message.as_deref().unwrap_or_default()))
+}
+
+/// How long pods unschedulable `since` have waited at `now`.
+fn waited(since: jiff::Timestamp, now: jiff::Timestamp) -> std::time::Duration {
+    std::time::Duration::try_from(now.duration_since(since)).unwrap_or_default()
+}
+
+/// Pods that cannot start, as problems (image pulls, crash loops, no node for them past
+/// [`UNSCHEDULABLE_GRACE`] at `now`), at most one per reason.
+pub fn pod_problems<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+    now: jiff::Timestamp,
+) -> Vec<Problem> {
     let mut found: BTreeMap<&'static str, (usize, String)> = BTreeMap::new();
     for pod in pods {
+        if let Some((since, message)) = unschedulable(pod)
+            && waited(since, now) >= UNSCHEDULABLE_GRACE
+        {
+            let entry = found
+                .entry(UNSCHEDULABLE)
+                .or_insert_with(|| (0, format!("pod {}: {message}", pod.name_any())));
+            entry.0 += 1;
+        }
         let statuses = pod.status.iter().flat_map(|s| {
             s.container_statuses
                 .iter()
@@ -188,10 +250,28 @@ pub fn pod_problems<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Problem>
             message: match reason {
                 "ImagePullFailed" => format!("{count} engine container(s) cannot pull their image, e.g. {example}; check the image reference and pull secrets"),
                 "EngineCrashLooping" => format!("{count} engine container(s) are crash-looping, e.g. {example}; see its logs"),
+                UNSCHEDULABLE => format!(
+                    "{count} engine pod(s) have found no node for {} min or more, e.g. {example}; add nodes of the variant with free GPUs, or lower the replicas",
+                    UNSCHEDULABLE_GRACE.as_secs() / 60
+                ),
                 _ => format!("{count} engine container(s) cannot be configured, e.g. {example}"),
             },
         })
         .collect()
+}
+
+/// When to look at `pods` again so that one the scheduler finds no node for is reported once
+/// [`UNSCHEDULABLE_GRACE`] has passed (nothing else would trigger a reconcile then): the
+/// shortest wait left at `now`, `None` when no pod is waiting within its grace.
+pub fn pod_recheck<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+    now: jiff::Timestamp,
+) -> Option<std::time::Duration> {
+    pods.into_iter()
+        .filter_map(unschedulable)
+        .filter_map(|(since, _)| UNSCHEDULABLE_GRACE.checked_sub(waited(since, now)))
+        .filter(|left| !left.is_zero())
+        .min()
 }
 
 /// Everything the status is computed from.
@@ -203,8 +283,12 @@ pub struct Inputs<'a> {
     pub children: &'a Children,
     /// By variant name.
     pub observed: &'a BTreeMap<String, WorkloadObservation>,
-    /// Children the API server refused in this reconcile (they block the rollout).
+    /// Children the API server refused in this reconcile, or whose write failed again (they
+    /// block the rollout, and what serves is not all of the current spec: not `Ready`).
     pub refused: &'a [Problem],
+    /// Variants whose workload is among `refused`: what runs is an older spec's, not current
+    /// however available.
+    pub refused_variants: &'a BTreeSet<String>,
     /// Pods that cannot start (a rollout may still fix them: they make the object Degraded,
     /// and block its rollout only once the workload's own progress deadline passes).
     pub pod_problems: &'a [Problem],
@@ -244,6 +328,7 @@ pub fn compute(
         children,
         observed,
         refused,
+        refused_variants,
         pod_problems,
         applied,
     } = *inputs;
@@ -257,9 +342,14 @@ pub fn compute(
         let unrealised = children.unrealised_variants.contains(&v.name);
         let current = !unrealised
             && !applied.contains(&v.name)
+            && !refused_variants.contains(&v.name)
             && observed.contains_key(&v.name)
             && seen.is_current(desired);
-        let current = current || (desired == 0 && !observed.contains_key(&v.name) && !unrealised);
+        let current = current
+            || (desired == 0
+                && !observed.contains_key(&v.name)
+                && !unrealised
+                && !refused_variants.contains(&v.name));
         if !(current || unrealised && desired == 0) {
             not_current.push(format!(
                 "{}: {}/{desired} updated, {}/{desired} available",
@@ -313,26 +403,28 @@ pub fn compute(
             generation,
         ),
     };
-    let progressing = if not_current.is_empty() {
+    let progressing = if let Some(blocker) = blocking.first() {
+        // Not progressing: waiting will not finish the rollout while a problem blocks it (nor
+        // realise the rest of the spec, where every variant is current), and GitOps tools
+        // should see a failure now rather than at their timeout.
+        let blocked = format!("blocked by {}: see Degraded", blocker.reason);
+        condition(
+            PROGRESSING,
+            false,
+            STALLED,
+            if not_current.is_empty() {
+                blocked
+            } else {
+                format!("{}; {blocked}", not_current.join("; "))
+            },
+            generation,
+        )
+    } else if not_current.is_empty() {
         condition(
             PROGRESSING,
             false,
             "RolloutComplete",
             "every variant runs the current spec".into(),
-            generation,
-        )
-    } else if let Some(blocker) = blocking.first() {
-        // Not progressing: waiting will not finish the rollout while a problem blocks it, and
-        // GitOps tools should see a failure now rather than at their timeout.
-        condition(
-            PROGRESSING,
-            false,
-            STALLED,
-            format!(
-                "{}; blocked by {}: see Degraded",
-                not_current.join("; "),
-                blocker.reason
-            ),
             generation,
         )
     } else {
@@ -356,6 +448,15 @@ pub fn compute(
             false,
             "NoReplicas",
             "scaled to zero replicas: nothing serves".into(),
+            generation,
+        )
+    } else if let Some(first) = refused.first() {
+        // What serves, however available, is not all of the current spec.
+        condition(
+            READY,
+            false,
+            first.reason,
+            "the current spec could not be applied in full: see Degraded".into(),
             generation,
         )
     } else if not_current.is_empty() && decision.unplaced == 0 {
@@ -400,7 +501,32 @@ pub fn compute(
             generation,
         )
     };
-    let mut conditions = vec![ready, progressing, degraded, scaling];
+    // The kstatus pair (see the module's documentation).
+    let reconciling = Condition {
+        type_: RECONCILING.into(),
+        ..progressing.clone()
+    };
+    let stalled = match blocking.first() {
+        Some(first) => condition(
+            STALLED,
+            true,
+            first.reason,
+            blocking
+                .iter()
+                .map(|p| p.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+            generation,
+        ),
+        None => condition(
+            STALLED,
+            false,
+            "AsExpected",
+            "no problem blocks the rollout".into(),
+            generation,
+        ),
+    };
+    let mut conditions = vec![ready, progressing, degraded, scaling, reconciling, stalled];
     carry_transition_times(
         &mut conditions,
         previous

@@ -130,6 +130,10 @@ pub struct Children {
 /// (`Degraded`, not `Ready`), but it blocks no rollout of the replicas that do fit.
 pub const INSUFFICIENT_CAPACITY: &str = "InsufficientCapacity";
 
+/// The PodDisruptionBudget's `unhealthyPodEvictionPolicy`: pods that are running but not ready
+/// may be evicted whatever the budget (see [`build`]).
+pub const UNHEALTHY_POD_EVICTION_POLICY: &str = "AlwaysAllow";
+
 /// Name of the Service, the PDB, and the prefix of every other child.
 pub fn service_name(idep: &InferenceDeployment) -> String {
     idep.name_any()
@@ -471,7 +475,10 @@ fn build_planned(
         ..Service::default()
     };
     // One voluntary disruption at a time across all variants: node drains make progress, and
-    // never take more than one serving replica away at once.
+    // never take more than one serving replica away at once. A running pod that is not ready
+    // (crash-looping, say) serves nothing the budget protects: it may always be evicted, so a
+    // crash loop cannot block a node drain (`unhealthyPodEvictionPolicy`, beta and on by default
+    // since Kubernetes 1.27, GA in 1.31).
     let pdb = PodDisruptionBudget {
         metadata: meta(service_name(idep), common_labels(idep)),
         spec: Some(PodDisruptionBudgetSpec {
@@ -483,6 +490,7 @@ fn build_planned(
                 )])),
                 ..LabelSelector::default()
             }),
+            unhealthy_pod_eviction_policy: Some(UNHEALTHY_POD_EVICTION_POLICY.into()),
             ..PodDisruptionBudgetSpec::default()
         }),
         ..PodDisruptionBudget::default()

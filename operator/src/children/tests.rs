@@ -364,6 +364,11 @@ fn service_and_pdb_span_all_variants() {
     );
     let pdb = children.pdb.spec.as_ref().unwrap();
     assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+    // A crash-looping pod must not block node drains.
+    assert_eq!(
+        pdb.unhealthy_pod_eviction_policy.as_deref(),
+        Some("AlwaysAllow")
+    );
     assert_eq!(
         pdb.selector
             .as_ref()

@@ -893,7 +893,10 @@ async fn a_plan_stays_while_a_pod_mounts_it_after_its_rollout() {
         (caches, settled)
     };
 
-    let (caches, settled) = settle_with_old_plan(Some(&old_pod));
+    // As the pod cache holds it.
+    let mut pruned_pod = old_pod.clone();
+    crate::run::prune_pod(&mut pruned_pod);
+    let (caches, settled) = settle_with_old_plan(Some(&pruned_pod));
     let keys = |cm: &ConfigMap| {
         cm.data
             .clone()
@@ -925,4 +928,183 @@ async fn a_plan_stays_while_a_pod_mounts_it_after_its_rollout() {
         data.keys().cloned().collect::<Vec<_>>(),
         [children::plan_key(4, 1)]
     );
+}
+
+/// An object that was Ready, edited so that the API server refuses its Deployment (requests
+/// above limits: 422): the old Deployment serves on, fully available, but it runs the spec
+/// before, so the status of the new generation is not Ready and not RolloutComplete: the
+/// rollout is stalled by `ApplyRejected`.
+#[tokio::test]
+async fn a_refused_edit_of_a_ready_object_is_neither_ready_nor_complete() {
+    use k8s_openapi::api::core::v1::ResourceRequirements;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let mut caches = Caches::default();
+    let settled = caches.settle(&gpu_idep(), Capabilities::default());
+    assert!(status::is_true(settled.status.as_ref(), status::READY));
+    let mut edited = settled.clone();
+    let memory = |q: &str| BTreeMap::from([("memory".to_string(), Quantity(q.into()))]);
+    edited.spec.engine.resources = Some(ResourceRequirements {
+        requests: Some(memory("2Ti")),
+        limits: Some(memory("1Ti")),
+        ..Default::default()
+    });
+    edited.metadata.generation = Some(2);
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(
+        handle,
+        [
+            vec![expect(
+                Method::PATCH,
+                format!("{DEPLOYMENTS}/llm-h200"),
+                Reply::Fail(422, "Invalid"),
+            )],
+            // The status, and the `Degraded` event.
+            status_and_event(&edited),
+        ]
+        .concat(),
+    );
+    let action = run(edited, ctx.clone())
+        .await
+        .expect("a refusal is not an error");
+    assert_eq!(action, Action::requeue(UNREALISABLE_REQUEUE));
+    drop(ctx);
+    let seen = finish(verifier).await;
+    let status = &seen[1].body;
+    assert_eq!(status["status"]["observedGeneration"], 2);
+    let said = |type_: &str| {
+        let c = condition(status, type_);
+        (c["status"].clone(), c["reason"].clone())
+    };
+    assert_eq!(said("Ready"), ("False".into(), "ApplyRejected".into()));
+    assert_eq!(said("Progressing"), ("False".into(), "Stalled".into()));
+    assert_eq!(said("Degraded"), ("True".into(), "ApplyRejected".into()));
+    assert_eq!(said("Stalled"), ("True".into(), "ApplyRejected".into()));
+    assert_eq!(said("Reconciling").0, "False");
+    assert_eq!(seen[2].body["reason"], "Degraded");
+}
+
+/// A child apply forbidden (an admission policy denies it, a ResourceQuota on object counts is
+/// exceeded, the operator's role lacks the verb: 403) is `Degraded: ApplyRejected` with the API
+/// server's message, looked at again later, not an error retried hot: retrying cannot help
+/// until the policy, quota or role changes.
+#[tokio::test]
+async fn a_forbidden_apply_is_rejected_not_retried_hot() {
+    let caches = Caches::default();
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let idep = gpu_idep();
+    let verifier = verify(
+        handle,
+        [
+            placement_then_deployment(Reply::Fail(403, "Forbidden")),
+            after_workload(&idep),
+            vec![expect(Method::POST, EVENTS, Reply::Echo)],
+        ]
+        .concat(),
+    );
+    let action = run(idep, ctx.clone())
+        .await
+        .expect("a forbidden apply is not an error");
+    assert_eq!(action, Action::requeue(UNREALISABLE_REQUEUE));
+    assert!(ctx.failures.lock().unwrap().is_empty());
+    drop(ctx);
+    let seen = writes(finish(verifier).await);
+    let status = &seen[4].body;
+    let degraded = condition(status, "Degraded");
+    assert_eq!(degraded["reason"], "ApplyRejected");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("the API server refused Deployment llm-h200: mock Forbidden"),
+        "{degraded}"
+    );
+    assert_eq!(condition(status, "Ready")["status"], "False");
+    assert_eq!(condition(status, "Progressing")["reason"], "Stalled");
+}
+
+/// An error a retry may get past (here a 500) is retried with backoff; once it has failed
+/// twice in a row it is in the status as well, `Degraded: ReconcileError` naming the child,
+/// at the current generation: a new object gets a status, and an updated one stops saying its
+/// old generation is Ready.
+#[tokio::test]
+async fn a_repeated_error_is_in_the_status_and_still_backs_off() {
+    let idep = gpu_idep();
+    let failing = |ctx: &Arc<Context>, times: u32| {
+        ctx.failures
+            .lock()
+            .unwrap()
+            .insert(ObjectRef::from_obj(&idep), times);
+    };
+    // A new object, its second failure: the children before the failing one are applied, the
+    // status written (with the `Created` and `Degraded` events), and the error returned.
+    let (ctx, handle) = context(&Caches::default(), Capabilities::default());
+    failing(&ctx, 1);
+    let verifier = verify(
+        handle,
+        [
+            placement_then_deployment(Reply::Fail(500, "InternalError")),
+            status_and_event(&idep),
+            vec![expect(Method::POST, EVENTS, Reply::Echo)],
+        ]
+        .concat(),
+    );
+    let error = run(idep.clone(), ctx.clone())
+        .await
+        .expect_err("the error is still an error");
+    assert_eq!(error.metric_label(), "api");
+    assert_eq!(
+        error_policy(Arc::new(idep.clone()), &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(10)),
+        "the backoff goes on"
+    );
+    drop(ctx);
+    let seen = writes(finish(verifier).await);
+    let status = &seen[2].body;
+    assert_eq!(status["status"]["observedGeneration"], 1);
+    let degraded = condition(status, "Degraded");
+    assert_eq!(
+        (&degraded["status"], &degraded["reason"]),
+        (&json!("True"), &json!(RECONCILE_ERROR))
+    );
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("applying Deployment llm-h200: mock InternalError (HTTP 500 InternalError)"),
+        "{degraded}"
+    );
+    assert_eq!(condition(status, "Ready")["status"], "False");
+    assert_eq!(condition(status, "Stalled")["status"], "True");
+    assert_eq!(seen[3].body["reason"], "Created");
+    assert_eq!(seen[4].body["reason"], "Degraded");
+
+    // A Ready object whose edit cannot be applied: the status moves to the new generation and
+    // is no longer Ready.
+    let mut caches = Caches::default();
+    let settled = caches.settle(&idep, Capabilities::default());
+    let mut edited = settled.clone();
+    edited.spec.engine.image = "registry.invalid/engine:v2".into();
+    edited.metadata.generation = Some(2);
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    failing(&ctx, 3);
+    let verifier = verify(
+        handle,
+        [
+            vec![expect(
+                Method::PATCH,
+                format!("{DEPLOYMENTS}/llm-h200"),
+                Reply::Fail(503, "ServiceUnavailable"),
+            )],
+            status_and_event(&edited),
+        ]
+        .concat(),
+    );
+    run(edited, ctx.clone()).await.expect_err("an error");
+    drop(ctx);
+    let seen = finish(verifier).await;
+    let status = &seen[1].body;
+    assert_eq!(status["status"]["observedGeneration"], 2);
+    assert_eq!(condition(status, "Ready")["status"], "False");
+    assert_eq!(condition(status, "Ready")["reason"], RECONCILE_ERROR);
+    assert_eq!(condition(status, "Progressing")["reason"], "Stalled");
 }

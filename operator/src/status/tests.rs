@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
     ContainerStatus, PodStatus,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Resource;
 
 use super::*;
@@ -66,6 +67,7 @@ fn status_of(
         children: &c.children,
         observed,
         refused: &[],
+        refused_variants: &BTreeSet::new(),
         pod_problems: &[],
         applied: &BTreeSet::new(),
     };
@@ -195,7 +197,7 @@ fn degraded_carries_reasons_from_children_rollouts_and_pods() {
         pod("b", "ImagePullBackOff"),
         pod("c", "ContainerCreating"),
     ];
-    let problems = pod_problems(pods.iter());
+    let problems = pod_problems(pods.iter(), jiff::Timestamp::UNIX_EPOCH);
     assert_eq!(problems.len(), 1);
     assert_eq!(problems[0].reason, "ImagePullFailed");
     assert!(
@@ -213,6 +215,7 @@ fn degraded_carries_reasons_from_children_rollouts_and_pods() {
         children: &c.children,
         observed: &observe(&c, |o| o.available = 0),
         refused: &[],
+        refused_variants: &BTreeSet::new(),
         pod_problems: &problems,
         applied: &BTreeSet::new(),
     };
@@ -327,7 +330,7 @@ fn a_crash_loop_between_back_offs_is_still_one() {
         )
     };
     let looping = |p: &Pod| {
-        pod_problems([p])
+        pod_problems([p], jiff::Timestamp::UNIX_EPOCH)
             .iter()
             .any(|p| p.reason == "EngineCrashLooping")
     };
@@ -361,6 +364,223 @@ fn a_leader_worker_set_is_current_once_its_conditions_carry_its_generation() {
     assert!(lws(serde_json::json!([condition(1), condition(2)])).is_current(2));
     // A controller that stamps no generation: the counts alone, as before.
     assert!(lws(serde_json::json!([])).is_current(2));
+}
+
+/// A spec the API server refused (an edit of engine.resources whose Deployment apply gets a
+/// 422) on an object that was Ready: the old Deployment is still fully available, but it runs
+/// the spec before, so the new generation is neither Ready nor RolloutComplete.
+#[test]
+fn a_refused_workload_is_not_current_and_not_ready() {
+    let mut c = case(gpu_idep());
+    let settled = status_of(&c, &observe(&c, |_| {}), None, 1);
+    assert_eq!(cond(&settled, READY).status, "True");
+    c.idep.metadata.generation = Some(2);
+    let observed = observe(&c, |_| {});
+    let refused = [Problem {
+        reason: "ApplyRejected",
+        message: "the API server refused Deployment llm-h200: spec.template...: Invalid value"
+            .into(),
+    }];
+    let variants = BTreeSet::from(["h200".to_string()]);
+    let inputs = Inputs {
+        idep: &c.idep,
+        namespace: NS,
+        decision: &c.decision,
+        children: &c.children,
+        observed: &observed,
+        refused: &refused,
+        refused_variants: &variants,
+        pod_problems: &[],
+        applied: &BTreeSet::new(),
+    };
+    let s = compute(
+        &inputs,
+        Some(&settled),
+        jiff::Timestamp::from_second(2).unwrap(),
+    );
+    assert_eq!(s.observed_generation, Some(2));
+    let ready = cond(&s, READY);
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "ApplyRejected")
+    );
+    let progressing = cond(&s, PROGRESSING);
+    assert_eq!(
+        (progressing.status.as_str(), progressing.reason.as_str()),
+        ("False", STALLED)
+    );
+    assert!(
+        progressing.message.contains("h200: 1/1 updated")
+            && progressing.message.contains("blocked by ApplyRejected"),
+        "{}",
+        progressing.message
+    );
+    assert_eq!(cond(&s, DEGRADED).reason, "ApplyRejected");
+    assert_eq!(cond(&s, STALLED).status, "True");
+    assert_eq!(cond(&s, RECONCILING).status, "False");
+
+    // A refused child that is not a workload (the Service): every variant runs the current
+    // spec, but the spec is not all applied, so not Ready, and stalled, not complete.
+    let inputs = Inputs {
+        refused_variants: &BTreeSet::new(),
+        ..inputs
+    };
+    let s = compute(
+        &inputs,
+        Some(&settled),
+        jiff::Timestamp::from_second(2).unwrap(),
+    );
+    assert_eq!(cond(&s, READY).status, "False");
+    assert_eq!(cond(&s, PROGRESSING).reason, STALLED);
+    assert_eq!(
+        cond(&s, PROGRESSING).message,
+        "blocked by ApplyRejected: see Degraded"
+    );
+}
+
+/// kstatus (cli-utils) reads only `Reconciling` and `Stalled`: `Reconciling` is True exactly
+/// while `Progressing` is, `Stalled` exactly while a problem blocks the rollout, never both;
+/// their transition times move only when they flip, like the others'.
+#[test]
+fn reconciling_and_stalled_follow_progressing_and_blocking_problems() {
+    let c = case(gpu_idep());
+    let both = |s: &InferenceDeploymentStatus| {
+        (
+            cond(s, RECONCILING).status.clone(),
+            cond(s, STALLED).status.clone(),
+        )
+    };
+    let creating = status_of(&c, &BTreeMap::new(), None, 10);
+    assert_eq!(both(&creating), ("True".into(), "False".into()));
+    assert_eq!(cond(&creating, RECONCILING).reason, "Creating");
+    let rolling = status_of(&c, &observe(&c, |o| o.updated = 0), Some(&creating), 20);
+    assert_eq!(both(&rolling), ("True".into(), "False".into()));
+    assert_eq!(
+        cond(&rolling, RECONCILING)
+            .last_transition_time
+            .0
+            .as_second(),
+        10
+    );
+    let stuck = observe(&c, |o| {
+        o.failure = Some(Problem {
+            reason: "RolloutStuck",
+            message: "deployment llm-h200: ProgressDeadlineExceeded".into(),
+        })
+    });
+    let stalled = status_of(&c, &stuck, Some(&rolling), 30);
+    assert_eq!(both(&stalled), ("False".into(), "True".into()));
+    assert_eq!(cond(&stalled, STALLED).reason, "RolloutStuck");
+    assert!(
+        cond(&stalled, STALLED)
+            .message
+            .contains("ProgressDeadlineExceeded")
+    );
+    assert_eq!(
+        cond(&stalled, STALLED).last_transition_time.0.as_second(),
+        30
+    );
+    let done = status_of(&c, &observe(&c, |_| {}), Some(&stalled), 40);
+    assert_eq!(both(&done), ("False".into(), "False".into()));
+    // Reconciling went False when the rollout stalled, and stays so.
+    assert_eq!(
+        cond(&done, RECONCILING).last_transition_time.0.as_second(),
+        30
+    );
+    assert_eq!(cond(&done, STALLED).last_transition_time.0.as_second(), 40);
+    for s in [&creating, &rolling, &stalled, &done] {
+        assert_eq!(
+            cond(s, RECONCILING).status == "True",
+            cond(s, PROGRESSING).status == "True"
+        );
+        assert_eq!(
+            cond(s, STALLED).status == "True",
+            cond(s, PROGRESSING).reason == STALLED
+        );
+    }
+}
+
+/// A pod the scheduler finds no node for ("Insufficient nvidia.com/gpu") is `Degraded:
+/// Unschedulable` with the scheduler's message once it has waited [`UNSCHEDULABLE_GRACE`]
+/// (before, it may be waiting for a replaced replica's GPUs or a node being added, and the
+/// reconcile looks again when the grace runs out); it blocks no rollout.
+#[test]
+fn a_pod_with_no_node_for_it_is_degraded_after_its_grace() {
+    use k8s_openapi::api::core::v1::PodCondition;
+    assert!(
+        UNSCHEDULABLE_GRACE.as_secs() > children::TERMINATION_GRACE_SECONDS as u64,
+        "a rollout on a full cluster waits that long for each replica's GPUs"
+    );
+    let since = jiff::Timestamp::from_second(1_000).unwrap();
+    let pending = |name: &str, reason: &str| {
+        let mut pod = engine_pod(name, ContainerStatus::default());
+        let status = pod.status.as_mut().unwrap();
+        status.container_statuses = None;
+        status.conditions = Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some(reason.into()),
+            message: Some("0/12 nodes are available: 12 Insufficient nvidia.com/gpu.".into()),
+            last_transition_time: Some(Time(since)),
+            ..Default::default()
+        }]);
+        pod
+    };
+    let pods = [pending("a", "Unschedulable"), pending("b", "Unschedulable")];
+    let at = |secs: i64| {
+        since
+            .checked_add(jiff::SignedDuration::from_secs(secs))
+            .unwrap()
+    };
+
+    let early = at(60);
+    assert!(pod_problems(pods.iter(), early).is_empty());
+    assert_eq!(
+        pod_recheck(pods.iter(), early),
+        Some(UNSCHEDULABLE_GRACE - std::time::Duration::from_secs(60))
+    );
+    let late = at(UNSCHEDULABLE_GRACE.as_secs() as i64);
+    let problems = pod_problems(pods.iter(), late);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].reason, UNSCHEDULABLE);
+    assert!(
+        problems[0]
+            .message
+            .starts_with("2 engine pod(s) have found no node")
+            && problems[0]
+                .message
+                .contains("pod a: 0/12 nodes are available: 12 Insufficient nvidia.com/gpu."),
+        "{}",
+        problems[0].message
+    );
+    assert_eq!(pod_recheck(pods.iter(), late), None);
+    // Gated, or scheduled: not this problem.
+    let gated = [pending("g", "SchedulingGated")];
+    assert!(pod_problems(gated.iter(), late).is_empty());
+    assert_eq!(pod_recheck(gated.iter(), late), None);
+
+    let c = case(gpu_idep());
+    let inputs = Inputs {
+        idep: &c.idep,
+        namespace: NS,
+        decision: &c.decision,
+        children: &c.children,
+        observed: &observe(&c, |o| o.available = 0),
+        refused: &[],
+        refused_variants: &BTreeSet::new(),
+        pod_problems: &problems,
+        applied: &BTreeSet::new(),
+    };
+    let s = compute(&inputs, None, late);
+    let degraded = cond(&s, DEGRADED);
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", UNSCHEDULABLE)
+    );
+    assert!(degraded.message.contains("Insufficient nvidia.com/gpu"));
+    assert_eq!(cond(&s, READY).status, "False");
+    assert_eq!(cond(&s, PROGRESSING).status, "True");
+    assert_eq!(cond(&s, STALLED).status, "False");
 }
 
 /// A pod named `name` with one container whose status is `container`.
@@ -462,16 +682,40 @@ mod gitops {
         }
     }
 
+    /// kstatus's verdict (cli-utils `status.Compute` on a resource of a kind it has no rules
+    /// for, as Flux's default health check and Config Sync run it): an observedGeneration behind
+    /// is InProgress; else the first of `Reconciling` (InProgress) and `Stalled` (Failed) that
+    /// is True decides; else Current.
+    fn kstatus(obj: &Value) -> &'static str {
+        if obj["status"]["observedGeneration"] != obj["metadata"]["generation"] {
+            return "InProgress";
+        }
+        for c in obj["status"]["conditions"].as_array().into_iter().flatten() {
+            match (c["type"].as_str(), c["status"].as_str()) {
+                (Some("Reconciling"), Some("True")) => return "InProgress",
+                (Some("Stalled"), Some("True")) => return "Failed",
+                _ => {}
+            }
+        }
+        "Current"
+    }
+
     #[test]
     fn argo_cd_and_flux_read_the_operators_conditions() {
         let mut three = gpu_idep();
         three.spec.scaling.replicas = 3;
         let c = case(three);
+        // kstatus agrees with Flux's expressions but where a non-blocking problem (replicas no
+        // variant has room for) leaves nothing to roll out: `Ready` is False and `Degraded`
+        // True, but nothing is Reconciling or Stalled.
         let check = |what: &str, obj: Value, want_argo: &str, want_flux: &str| {
             let (status, message) = argo(&obj);
             assert_eq!(status, want_argo, "{what}: Argo CD says {message:?}");
             assert!(!message.is_empty(), "{what}: Argo CD gives no message");
             assert_eq!(flux(&obj), want_flux, "{what}: Flux");
+            if what != "too little room" {
+                assert_eq!(kstatus(&obj), want_flux, "{what}: kstatus");
+            }
             message
         };
 
@@ -524,6 +768,34 @@ mod gitops {
         );
         assert!(message.starts_with("RolloutStuck"), "{message}");
 
+        // An edit the API server refused on an object that was Ready: the old Deployment
+        // serves on, but the new generation has failed.
+        let mut edited = case(c.idep.clone());
+        edited.idep.metadata.generation = Some(2);
+        let refused = [Problem {
+            reason: "ApplyRejected",
+            message: "the API server refused Deployment llm-h200".into(),
+        }];
+        let inputs = Inputs {
+            idep: &edited.idep,
+            namespace: NS,
+            decision: &edited.decision,
+            children: &edited.children,
+            observed: &observe(&edited, |_| {}),
+            refused: &refused,
+            refused_variants: &BTreeSet::from(["h200".to_string()]),
+            pod_problems: &[],
+            applied: &BTreeSet::new(),
+        };
+        let s = compute(&inputs, Some(&done), jiff::Timestamp::UNIX_EPOCH);
+        let message = check(
+            "a refused edit",
+            object(&edited, Some(&s), 2),
+            "Degraded",
+            "Failed",
+        );
+        assert!(message.starts_with("ApplyRejected"), "{message}");
+
         let mut short = spec_with_variants(&[("h200", Some(1))]);
         short.scaling.replicas = 3;
         let c = case(idep(short));
@@ -534,6 +806,7 @@ mod gitops {
             "Degraded",
             "Failed",
         );
+        assert_eq!(kstatus(&object(&c, Some(&s), 1)), "Current");
 
         let mut zero = gpu_idep();
         zero.spec.scaling.replicas = 0;
