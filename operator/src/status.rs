@@ -314,6 +314,30 @@ fn condition(
     }
 }
 
+/// A condition that is `True` while there are `problems` (with the first's reason and all
+/// their messages), else `False` with `AsExpected` and `fine`.
+fn problems_condition(
+    type_: &str,
+    problems: &[&Problem],
+    fine: &str,
+    generation: Option<i64>,
+) -> Condition {
+    match problems.first() {
+        Some(first) => condition(
+            type_,
+            true,
+            first.reason,
+            problems
+                .iter()
+                .map(|p| p.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+            generation,
+        ),
+        None => condition(type_, false, "AsExpected", fine.into(), generation),
+    }
+}
+
 /// The status the object should have. `previous` is the status it has now; `now` stamps the
 /// conditions whose status flipped.
 pub fn compute(
@@ -383,26 +407,7 @@ pub fn compute(
         .chain(short)
         .chain(pod_problems)
         .collect();
-    let degraded = match problems.first() {
-        Some(first) => condition(
-            DEGRADED,
-            true,
-            first.reason,
-            problems
-                .iter()
-                .map(|p| p.message.as_str())
-                .collect::<Vec<_>>()
-                .join("; "),
-            generation,
-        ),
-        None => condition(
-            DEGRADED,
-            false,
-            "AsExpected",
-            "every child is realised".into(),
-            generation,
-        ),
-    };
+    let degraded = problems_condition(DEGRADED, &problems, "every child is realised", generation);
     let progressing = if let Some(blocker) = blocking.first() {
         // Not progressing: waiting will not finish the rollout while a problem blocks it (nor
         // realise the rest of the spec, where every variant is current), and GitOps tools
@@ -506,26 +511,12 @@ pub fn compute(
         type_: RECONCILING.into(),
         ..progressing.clone()
     };
-    let stalled = match blocking.first() {
-        Some(first) => condition(
-            STALLED,
-            true,
-            first.reason,
-            blocking
-                .iter()
-                .map(|p| p.message.as_str())
-                .collect::<Vec<_>>()
-                .join("; "),
-            generation,
-        ),
-        None => condition(
-            STALLED,
-            false,
-            "AsExpected",
-            "no problem blocks the rollout".into(),
-            generation,
-        ),
-    };
+    let stalled = problems_condition(
+        STALLED,
+        &blocking,
+        "no problem blocks the rollout",
+        generation,
+    );
     let mut conditions = vec![ready, progressing, degraded, scaling, reconciling, stalled];
     carry_transition_times(
         &mut conditions,

@@ -360,39 +360,62 @@ async fn a_failed_apply_backs_off_and_the_retry_converges() {
     assert_eq!(backoff(100), BACKOFF_MAX);
 }
 
-/// A new child whose name someone else's object holds: the unforced apply meets a conflict,
-/// which is `Degraded: NameConflict`, not an error to retry; the other children are applied.
+/// A child write the API server refuses for a reason a retry cannot get past is `Degraded`
+/// with its message, looked at again later, not an error retried hot; the other children are
+/// applied, and the object is neither Ready nor progressing. A new child whose name someone
+/// else's object holds meets a conflict on the unforced apply (`NameConflict`); one forbidden
+/// (an admission policy denies it, a ResourceQuota on object counts is exceeded, the
+/// operator's role lacks the verb: 403) waits for the policy, quota or role to change
+/// (`ApplyRejected`).
 #[tokio::test]
-async fn a_new_childs_taken_name_is_degraded_not_an_error() {
-    let caches = Caches::default();
-    let (ctx, handle) = context(&caches, Capabilities::default());
-    let idep = gpu_idep();
-    let verifier = verify(
-        handle,
-        [
-            placement_then_deployment(Reply::Fail(409, "Conflict")),
-            after_workload(&idep),
-            vec![expect(Method::POST, EVENTS, Reply::Echo)],
-        ]
-        .concat(),
-    );
-    let action = run(idep, ctx.clone())
-        .await
-        .expect("a taken name is not an error");
-    assert_eq!(action, Action::requeue(UNREALISABLE_REQUEUE));
-    assert!(ctx.failures.lock().unwrap().is_empty());
-    drop(ctx);
-    let seen = writes(finish(verifier).await);
-    let degraded = condition(&seen[4].body, "Degraded");
-    assert_eq!(degraded["status"], "True");
-    assert_eq!(degraded["reason"], "NameConflict");
-    assert!(
-        degraded["message"]
-            .as_str()
-            .unwrap()
-            .contains("Deployment llm-h200 exists and is not this InferenceDeployment's"),
-        "{degraded}"
-    );
+async fn a_refused_child_is_degraded_not_an_error() {
+    for (code, reason, words) in [
+        (
+            409,
+            "NameConflict",
+            "Deployment llm-h200 exists and is not this InferenceDeployment's",
+        ),
+        (
+            403,
+            "ApplyRejected",
+            "the API server refused Deployment llm-h200: mock Forbidden",
+        ),
+    ] {
+        let caches = Caches::default();
+        let (ctx, handle) = context(&caches, Capabilities::default());
+        let idep = gpu_idep();
+        let mock_reason = if code == 409 { "Conflict" } else { "Forbidden" };
+        let verifier = verify(
+            handle,
+            [
+                placement_then_deployment(Reply::Fail(code, mock_reason)),
+                after_workload(&idep),
+                vec![expect(Method::POST, EVENTS, Reply::Echo)],
+            ]
+            .concat(),
+        );
+        let action = run(idep, ctx.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{code} is not an error: {e}"));
+        assert_eq!(action, Action::requeue(UNREALISABLE_REQUEUE));
+        assert!(ctx.failures.lock().unwrap().is_empty());
+        drop(ctx);
+        let seen = writes(finish(verifier).await);
+        let status = &seen[4].body;
+        let degraded = condition(status, "Degraded");
+        assert_eq!(degraded["status"], "True", "{code}");
+        assert_eq!(degraded["reason"], reason, "{code}");
+        assert!(
+            degraded["message"].as_str().unwrap().contains(words),
+            "{code}: {degraded}"
+        );
+        assert_eq!(condition(status, "Ready")["status"], "False", "{code}");
+        assert_eq!(
+            condition(status, "Progressing")["reason"],
+            "Stalled",
+            "{code}"
+        );
+    }
 }
 
 /// A user's ConfigMap named like the placement ConfigMap, which the caches do not hold (it is
@@ -981,45 +1004,6 @@ async fn a_refused_edit_of_a_ready_object_is_neither_ready_nor_complete() {
     assert_eq!(said("Stalled"), ("True".into(), "ApplyRejected".into()));
     assert_eq!(said("Reconciling").0, "False");
     assert_eq!(seen[2].body["reason"], "Degraded");
-}
-
-/// A child apply forbidden (an admission policy denies it, a ResourceQuota on object counts is
-/// exceeded, the operator's role lacks the verb: 403) is `Degraded: ApplyRejected` with the API
-/// server's message, looked at again later, not an error retried hot: retrying cannot help
-/// until the policy, quota or role changes.
-#[tokio::test]
-async fn a_forbidden_apply_is_rejected_not_retried_hot() {
-    let caches = Caches::default();
-    let (ctx, handle) = context(&caches, Capabilities::default());
-    let idep = gpu_idep();
-    let verifier = verify(
-        handle,
-        [
-            placement_then_deployment(Reply::Fail(403, "Forbidden")),
-            after_workload(&idep),
-            vec![expect(Method::POST, EVENTS, Reply::Echo)],
-        ]
-        .concat(),
-    );
-    let action = run(idep, ctx.clone())
-        .await
-        .expect("a forbidden apply is not an error");
-    assert_eq!(action, Action::requeue(UNREALISABLE_REQUEUE));
-    assert!(ctx.failures.lock().unwrap().is_empty());
-    drop(ctx);
-    let seen = writes(finish(verifier).await);
-    let status = &seen[4].body;
-    let degraded = condition(status, "Degraded");
-    assert_eq!(degraded["reason"], "ApplyRejected");
-    assert!(
-        degraded["message"]
-            .as_str()
-            .unwrap()
-            .contains("the API server refused Deployment llm-h200: mock Forbidden"),
-        "{degraded}"
-    );
-    assert_eq!(condition(status, "Ready")["status"], "False");
-    assert_eq!(condition(status, "Progressing")["reason"], "Stalled");
 }
 
 /// An error a retry may get past (here a 500) is retried with backoff; once it has failed
