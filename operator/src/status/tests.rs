@@ -54,24 +54,36 @@ fn observe(
         .collect()
 }
 
-fn status_of(
-    c: &Case,
-    observed: &BTreeMap<String, WorkloadObservation>,
-    previous: Option<&InferenceDeploymentStatus>,
-    at: i64,
-) -> InferenceDeploymentStatus {
-    let inputs = Inputs {
+/// No variant's set: what [`inputs`] starts from.
+static NONE: BTreeSet<String> = BTreeSet::new();
+
+/// The inputs of case `c` with `observed` workloads, nothing refused, no pod problems and
+/// nothing applied in this reconcile; tests override the rest.
+fn inputs<'a>(c: &'a Case, observed: &'a BTreeMap<String, WorkloadObservation>) -> Inputs<'a> {
+    Inputs {
         idep: &c.idep,
         namespace: NS,
         decision: &c.decision,
         children: &c.children,
         observed,
         refused: &[],
-        refused_variants: &BTreeSet::new(),
+        refused_variants: &NONE,
         pod_problems: &[],
-        applied: &BTreeSet::new(),
-    };
-    compute(&inputs, previous, jiff::Timestamp::from_second(at).unwrap())
+        applied: &NONE,
+    }
+}
+
+fn status_of(
+    c: &Case,
+    observed: &BTreeMap<String, WorkloadObservation>,
+    previous: Option<&InferenceDeploymentStatus>,
+    at: i64,
+) -> InferenceDeploymentStatus {
+    compute(
+        &inputs(c, observed),
+        previous,
+        jiff::Timestamp::from_second(at).unwrap(),
+    )
 }
 
 fn cond<'a>(s: &'a InferenceDeploymentStatus, t: &str) -> &'a Condition {
@@ -208,16 +220,10 @@ fn degraded_carries_reasons_from_children_rollouts_and_pods() {
         problems[0].message
     );
     assert!(problems[0].message.contains("registry.invalid/engine:typo"));
+    let observed = observe(&c, |o| o.available = 0);
     let inputs = Inputs {
-        idep: &c.idep,
-        namespace: NS,
-        decision: &c.decision,
-        children: &c.children,
-        observed: &observe(&c, |o| o.available = 0),
-        refused: &[],
-        refused_variants: &BTreeSet::new(),
         pod_problems: &problems,
-        applied: &BTreeSet::new(),
+        ..inputs(&c, &observed)
     };
     let s = compute(&inputs, None, jiff::Timestamp::UNIX_EPOCH);
     assert_eq!(cond(&s, DEGRADED).reason, "ImagePullFailed");
@@ -383,15 +389,9 @@ fn a_refused_workload_is_not_current_and_not_ready() {
     }];
     let variants = BTreeSet::from(["h200".to_string()]);
     let inputs = Inputs {
-        idep: &c.idep,
-        namespace: NS,
-        decision: &c.decision,
-        children: &c.children,
-        observed: &observed,
         refused: &refused,
         refused_variants: &variants,
-        pod_problems: &[],
-        applied: &BTreeSet::new(),
+        ..inputs(&c, &observed)
     };
     let s = compute(
         &inputs,
@@ -422,7 +422,7 @@ fn a_refused_workload_is_not_current_and_not_ready() {
     // A refused child that is not a workload (the Service): every variant runs the current
     // spec, but the spec is not all applied, so not Ready, and stalled, not complete.
     let inputs = Inputs {
-        refused_variants: &BTreeSet::new(),
+        refused_variants: &NONE,
         ..inputs
     };
     let s = compute(
@@ -560,16 +560,10 @@ fn a_pod_with_no_node_for_it_is_degraded_after_its_grace() {
     assert_eq!(pod_recheck(gated.iter(), late), None);
 
     let c = case(gpu_idep());
+    let observed = observe(&c, |o| o.available = 0);
     let inputs = Inputs {
-        idep: &c.idep,
-        namespace: NS,
-        decision: &c.decision,
-        children: &c.children,
-        observed: &observe(&c, |o| o.available = 0),
-        refused: &[],
-        refused_variants: &BTreeSet::new(),
         pod_problems: &problems,
-        applied: &BTreeSet::new(),
+        ..inputs(&c, &observed)
     };
     let s = compute(&inputs, None, late);
     let degraded = cond(&s, DEGRADED);
@@ -776,16 +770,12 @@ mod gitops {
             reason: "ApplyRejected",
             message: "the API server refused Deployment llm-h200".into(),
         }];
+        let observed = observe(&edited, |_| {});
+        let variants = BTreeSet::from(["h200".to_string()]);
         let inputs = Inputs {
-            idep: &edited.idep,
-            namespace: NS,
-            decision: &edited.decision,
-            children: &edited.children,
-            observed: &observe(&edited, |_| {}),
             refused: &refused,
-            refused_variants: &BTreeSet::from(["h200".to_string()]),
-            pod_problems: &[],
-            applied: &BTreeSet::new(),
+            refused_variants: &variants,
+            ..inputs(&edited, &observed)
         };
         let s = compute(&inputs, Some(&done), jiff::Timestamp::UNIX_EPOCH);
         let message = check(
