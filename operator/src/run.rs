@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
@@ -48,6 +49,12 @@ pub struct RunConfig {
 /// Seconds a Lease is valid without renewal, and how long before expiry it is renewed.
 const LEASE_SECONDS: u64 = 15;
 const LEASE_GRACE_SECONDS: u64 = 5;
+/// The leader stops leading once the Lease it last saw renewed is this old (client-go's
+/// RenewDeadline): past the renewal due at `LEASE_SECONDS - LEASE_GRACE_SECONDS`, short of
+/// the `LEASE_SECONDS` after which a standby may take the Lease.
+const RENEW_DEADLINE: Duration = Duration::from_secs(12);
+/// How often the leader reads its Lease back to see that it is still renewed.
+const LEASE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// A future that resolves on SIGTERM or Ctrl-C.
 async fn termination() {
@@ -104,6 +111,66 @@ fn always_leader() -> (watch::Sender<bool>, watch::Receiver<bool>) {
 }
 
 /// Resolves when leadership turns false or its sender is gone (the lease task ended).
+/// What the leader's read of its Lease says: `Ok` with the last renewal the Lease shows (or
+/// `last`, the latest seen before, where that is later or the Lease shows none), while it is
+/// this replica's and that renewal is younger than [`RENEW_DEADLINE`] at `now`; `Err` with why
+/// not.
+fn lease_still_held(
+    lease: Option<&Lease>,
+    identity: &str,
+    last: jiff::Timestamp,
+    now: jiff::Timestamp,
+) -> Result<jiff::Timestamp, String> {
+    let mut renewed = last;
+    if let Some(lease) = lease {
+        let spec = lease.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(identity) {
+            return Err(format!(
+                "the Lease is held by {}",
+                spec.holder_identity.as_deref().unwrap_or("no one")
+            ));
+        }
+        if let Some(t) = spec.renew_time.or(spec.acquire_time) {
+            renewed = renewed.max(t.0);
+        }
+    }
+    // A renewal stamped after `now` (clocks a step apart) is as fresh as can be.
+    let age = Duration::try_from(now.duration_since(renewed)).unwrap_or(Duration::ZERO);
+    if age > RENEW_DEADLINE {
+        return Err(format!(
+            "the Lease was last seen renewed {:.1} s ago, past the {} s renew deadline",
+            age.as_secs_f64(),
+            RENEW_DEADLINE.as_secs()
+        ));
+    }
+    Ok(renewed)
+}
+
+/// Resolves when the leader can no longer be sure it holds its Lease: another replica holds
+/// it, or no renewal has been seen for [`RENEW_DEADLINE`] (renewals failing, or the API server
+/// out of reach). kube-lease-manager only logs a renewal that fails and tries again, so without
+/// this a leader cut off from the API server would lead on after a standby took the Lease.
+async fn renew_deadline_passed(api: Api<Lease>, name: String, identity: String) {
+    let mut renewed = jiff::Timestamp::now();
+    loop {
+        tokio::time::sleep(LEASE_CHECK_EVERY).await;
+        let lease = match api.get(&name).await {
+            Ok(lease) => Some(lease),
+            Err(error) => {
+                warn!(%error, lease = %name, "cannot read the leader Lease");
+                None
+            }
+        };
+        match lease_still_held(lease.as_ref(), &identity, renewed, jiff::Timestamp::now()) {
+            Ok(at) => renewed = at,
+            Err(why) => {
+                warn!(lease = %name, "{why}: no longer leading");
+                return;
+            }
+        }
+    }
+}
+
 async fn leadership_lost(mut leader: watch::Receiver<bool>) {
     while *leader.borrow_and_update() {
         if leader.changed().await.is_err() {
@@ -161,7 +228,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot use Lease {namespace}/{}", config.lease_name))?;
         let (rx, task) = manager.watch().await;
-        (rx, Some(task), None)
+        let guard = (
+            Api::<Lease>::namespaced(client.clone(), &namespace),
+            config.lease_name.clone(),
+        );
+        (rx, Some((task, guard)), None)
     } else {
         let (tx, rx) = always_leader();
         (rx, None, Some(tx))
@@ -177,19 +248,41 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         info!(identity = %config.identity, "leading; starting the controller");
         health.ready.store(false, Ordering::Relaxed);
         let lost = leadership_lost(leader.clone());
+        // On a task of its own: the controller's shutdown future must be Sync.
+        let stale = lease_task.as_ref().map(|(_, (api, name))| {
+            tokio::spawn(renew_deadline_passed(
+                api.clone(),
+                name.clone(),
+                config.identity.clone(),
+            ))
+        });
+        let stop_checking = stale.as_ref().map(|task| task.abort_handle());
         let stop = stopped();
         let shutdown = async move {
+            let stale = async move {
+                match stale {
+                    Some(task) => {
+                        let _ = task.await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = lost => {},
+                _ = stale => {},
                 _ = stop => {},
             }
         };
-        run_controller(client, &config, metrics, health.clone(), shutdown).await?;
+        let ran = run_controller(client, &config, metrics, health.clone(), shutdown).await;
+        if let Some(task) = stop_checking {
+            task.abort();
+        }
+        ran?;
         lost_leadership = !*stop_rx.borrow();
     }
     // Dropping the receiver makes the lease task release the Lease for the next leader.
     drop(leader);
-    if let Some(task) = lease_task {
+    if let Some((task, _)) = lease_task {
         match tokio::time::timeout(Duration::from_secs(5), task).await {
             Ok(Ok(Ok(_))) => info!("released the Lease"),
             Ok(Ok(Err(e))) => warn!(error = %e, "could not release the Lease"),
@@ -514,6 +607,51 @@ async fn run_controller(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The leader leads while it reads its Lease as its own and renewed within the deadline;
+    /// a Lease another holds, or one whose last renewal it saw is past the deadline (renewals
+    /// failing, or the Lease out of reach), ends its leading, before a standby may take it.
+    #[test]
+    fn the_leader_stops_leading_past_its_renew_deadline() {
+        use k8s_openapi::api::coordination::v1::LeaseSpec;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+        let t = |s: i64| jiff::Timestamp::from_second(s).unwrap();
+        let lease = |holder: &str, renewed: i64| Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.into()),
+                renew_time: Some(MicroTime(t(renewed))),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // Renewed at 110: held at 121, and the renewal is what counts from now on.
+        assert_eq!(
+            lease_still_held(Some(&lease("me", 110)), "me", t(100), t(121)),
+            Ok(t(110))
+        );
+        // Renewals stopped at 110 (PATCHes failing): past the deadline at 123, still short of
+        // the 125 from which a standby may take the Lease.
+        assert!(RENEW_DEADLINE.as_secs() < LEASE_SECONDS);
+        assert!(RENEW_DEADLINE.as_secs() > LEASE_SECONDS - LEASE_GRACE_SECONDS);
+        let err = lease_still_held(Some(&lease("me", 110)), "me", t(110), t(123)).unwrap_err();
+        assert!(err.contains("renew deadline"), "{err}");
+        // Unreadable: the last renewal seen counts.
+        assert_eq!(lease_still_held(None, "me", t(110), t(120)), Ok(t(110)));
+        assert!(lease_still_held(None, "me", t(110), t(123)).is_err());
+        // An older renewal read back (a stale read) does not move the last one seen back.
+        assert_eq!(
+            lease_still_held(Some(&lease("me", 105)), "me", t(110), t(111)),
+            Ok(t(110))
+        );
+        // Another holder: lost at once.
+        let err = lease_still_held(Some(&lease("other", 111)), "me", t(110), t(111)).unwrap_err();
+        assert!(err.contains("held by other"), "{err}");
+        // A renewal stamped a moment ahead of this clock is fresh.
+        assert_eq!(
+            lease_still_held(Some(&lease("me", 112)), "me", t(110), t(111)),
+            Ok(t(112))
+        );
+    }
 
     #[test]
     fn each_replica_takes_the_lease_under_its_own_field_manager() {
