@@ -5,7 +5,8 @@
 //!
 //! Today: `fixed` takes `spec.scaling.replicas` (which the /scale subresource, HPA and KEDA
 //! set) and fills the variants in listed order up to each one's `maxReplicas`, passing over
-//! variants that cannot be realised now ([`decide_around`]). `queueDepth`
+//! variants that cannot be realised now, whose running replicas count toward it
+//! ([`decide_around`]). `queueDepth`
 //! and `costAware` are NOT metrics-driven yet: they hold the replicas currently running
 //! (while a renamed variant's old workload is replaced, the replicas decided before),
 //! clamped to `[minReplicas, maxReplicas]`, and say so in their reason. The operator never
@@ -85,7 +86,20 @@ pub fn decide_around(
     };
     match scaling.policy {
         ScalingPolicy::Fixed => {
-            let (variants, unplaced) = fill_in_order(spec, i64::from(scaling.replicas), room);
+            // What an unrealisable variant's workload runs stays (it is not applied) and
+            // counts toward the replicas asked for; the rest fill the others in order.
+            let kept = |v: &GpuVariant| match unavailable.contains(&v.name) {
+                true => i64::from(current.get(&v.name).copied().unwrap_or(0).max(0)),
+                false => 0,
+            };
+            let kept_total: i64 = spec.variants.iter().map(kept).sum();
+            let asked = (i64::from(scaling.replicas) - kept_total).max(0);
+            let (mut variants, unplaced) = fill_in_order(spec, asked, room);
+            for (v, (_, n)) in spec.variants.iter().zip(variants.iter_mut()) {
+                if unavailable.contains(&v.name) {
+                    *n = clamp_i32(kept(v));
+                }
+            }
             ReplicaDecision {
                 variants,
                 unplaced,
@@ -210,7 +224,8 @@ mod tests {
     }
 
     /// A variant that cannot be realised now gets no new replicas: the next one in order of
-    /// preference takes them, under either kind of policy; what it runs already stays.
+    /// preference takes them, under either kind of policy; what it runs already stays, and
+    /// counts.
     #[test]
     fn unavailable_variants_pass_their_replicas_on() {
         let mut spec = spec_with_variants(&[("h200", None), ("h100", Some(3))]);
@@ -221,6 +236,18 @@ mod tests {
         spec.scaling.replicas = 5;
         let d = decide_around(&spec, &Running::default(), &h200);
         assert_eq!((d.replicas_of("h100"), d.unplaced), (3, 2));
+        // Replicas h200 runs already count toward the replicas asked for, not on top of them.
+        let on_h200 = Running {
+            variants: BTreeMap::from([("h200".to_string(), 2)]),
+            replacing: None,
+        };
+        spec.scaling.replicas = 3;
+        let d = decide_around(&spec, &on_h200, &h200);
+        assert_eq!(d.variants, vec![("h200".into(), 2), ("h100".into(), 1)]);
+        assert_eq!((d.total(), d.unplaced), (3, 0));
+        spec.scaling.replicas = 1;
+        let d = decide_around(&spec, &on_h200, &h200);
+        assert_eq!(d.variants, vec![("h200".into(), 2), ("h100".into(), 0)]);
 
         spec.scaling.policy = ScalingPolicy::QueueDepth;
         spec.scaling.min_replicas = 2;
