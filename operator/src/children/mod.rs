@@ -415,7 +415,7 @@ fn build_planned(
                 problems.push(Problem {
                     reason: "LeaderWorkerSetMissing",
                     message: format!(
-                        "variant {} spans {nodes} nodes per replica, which needs a LeaderWorkerSet, but the leaderworkerset.x-k8s.io/v1 API is not installed; install LeaderWorkerSet (kubernetes-sigs/lws) and restart the operator, or set nodesPerReplica: 1",
+                        "variant {} spans {nodes} nodes per replica, which needs a LeaderWorkerSet, but the operator found no leaderworkerset.x-k8s.io/v1 API when it started (not installed, or its discovery failed: see the operator's log); install LeaderWorkerSet (kubernetes-sigs/lws) and restart the operator, or set nodesPerReplica: 1",
                         variant.name
                     ),
                 });
