@@ -141,7 +141,13 @@ impl Tokenizer {
         } else {
             None
         };
-        Self::from_bytes(&bytes, config.as_deref())
+        // Parse errors name the files by name only: say which directory they are in.
+        Self::from_bytes(&bytes, config.as_deref()).map_err(|e| match e {
+            EngineError::Tokenizer(why) => {
+                EngineError::Tokenizer(format!("{}: {why}", dir.display()))
+            }
+            other => other,
+        })
     }
 
     /// Builds a tokenizer from the two files' contents.
@@ -489,6 +495,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("tokenizer.json"), "{err}");
+        // From a directory, the error says which.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), "{not json").unwrap();
+        let err = Tokenizer::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("{}: tokenizer.json", dir.path().display())),
+            "{err}"
+        );
         let t = Tokenizer::from_bytes(
             &word_tokenizer_json(),
             Some(r#"{"chat_template": "{{ raise_exception('no system role') }}"}"#),
