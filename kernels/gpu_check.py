@@ -6,24 +6,51 @@ kernel runs on fresh random inputs with its outputs poisoned first; a check pass
 output was written and the relative L2 error ||out - ref|| / ||ref|| is within the bound of the
 output's dtype (f32: 1e-5, bf16 outputs: 8e-3); discrete outputs (indices, routing) must match
 exactly, except where the reference itself has a near-tie. Timings are CUDA-event medians against
-PyTorch peers, next to the measured copy bandwidth and bf16 matmul rate. Writes gpu-check.md (the
-table), gpu-check.json and the raw log under --out.
+PyTorch peers, next to the measured copy bandwidth and bf16 matmul rate.
 
-    python3 kernels/gpu_check.py --out DIR [--quick]
+The work is a list of steps (--list-steps): every kernel's checks first, then the timings, the
+issue's goal kernels (sparse MLA decode, indexer + top-k, grouped GEMM) first among them. Each
+step's inputs come from --seed and the step's name, so `--steps NAME --seed N` repeats one. After
+every step gpu-check.md (the table), gpu-check.json (also the steps' state) are rewritten under
+--out, and each check and timing is printed as it is measured: a fault or a kill keeps what was
+done. A step that leaves the CUDA context broken ends the process with exit status 3; `--resume`
+then runs the steps left in a fresh process, adding to the same results (gpu-check.sh does this).
+
+Kernels: a .cu whose cubin kernels/gpu-build.sh prebuilt (target/gpu-check/cubins, --prebuild)
+from the same sources and flags is loaded as it is; the others are compiled here with nvcc, in
+parallel (NVRTC through CuPy where nvcc fails). A file that does not compile fails its own
+kernels' checks, not the others'. ptxas's register and spill report goes to the log.
+
+    python3 kernels/gpu_check.py --out DIR [--quick] [--steps A,B | --skip A,B] [--seed N] [--resume]
     python3 kernels/gpu_check.py --cpu-selftest      # the references alone, on the CPU
+    python3 kernels/gpu_check.py --prebuild DIR      # the cubins, with nvcc; no GPU, torch or numpy
+    python3 kernels/gpu_check.py --check-cubins      # whether target/gpu-check/cubins is current
     python3 kernels/gpu_check.py --emulate target/cuda-emu/libsparsemoe_kernels_emu.so --out DIR
                                                      # the checks on the CPU emulator (kernels/emu)
+    python3 kernels/gpu_check.py --emulate LIB --smoke --out DIR
+                                                     # the timing steps' code on the emulator at
+                                                     # tiny shapes, one launch a timing
 """
 import argparse
+import concurrent.futures
+import hashlib
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+import zlib
 
-import numpy as np
-import torch
+try:
+    import numpy as np
+    import torch
+except ImportError:  # --prebuild, --check-cubins and --list-steps need neither
+    np = torch = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA_DIR = os.path.join(HERE, "cuda")
@@ -42,6 +69,121 @@ TC_BOUND = 5e-3
 FP8_TC_BOUND = 1e-3
 FLT_MIN = -3.4028234663852886e38
 INDEXER_KEYS, MLA_HEADS_PER_BLOCK, MLA_TILE = 64, 16, 32
+
+# nvcc's flags for every .cu, the same for the cubins kernels/gpu-build.sh prebuilds and for a
+# compile on the GPU machine: SASS for sm_90a (the H200) only, and ptxas's report (-Xptxas=-v:
+# registers, shared memory and spills of each kernel).
+NVCC_FLAGS = ["-std=c++17", "-O3", "-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas=-v"]
+PREBUILT = os.path.join(os.path.dirname(HERE), "target", "gpu-check", "cubins")
+MANIFEST = "manifest.json"  # beside the cubins: {file: {"hash": source_hash, "ptxas": report}}
+
+# The steps, in the order they run: every kernel's checks, then the timings (the ceilings first,
+# which the others' notes divide by; then the issue's goal kernels).
+CHECK_STEPS = ["norm_rope_act", "engine_f32", "fp8", "fp8_linear", "moe", "indexer_topk", "indexer_fp8", "mla"]
+TIME_STEPS = ["ceilings", "time_mla", "time_indexer_topk", "time_grouped", "time_engine_attention",
+              "time_indexer_fp8", "time_linear"]
+STEPS = CHECK_STEPS + TIME_STEPS
+
+
+def source_hash(src):
+    """What a cubin of kernels/cuda/src is made from: nvcc's flags, src and every header there."""
+    h = hashlib.sha256(" ".join(NVCC_FLAGS).encode())
+    for name in [src] + sorted(f for f in os.listdir(CUDA_DIR) if f.endswith((".cuh", ".h"))):
+        h.update(name.encode() + b"\0")
+        with open(os.path.join(CUDA_DIR, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def nvcc_compile(nvcc, src, cubin):
+    """kernels/cuda/src -> cubin with NVCC_FLAGS. Returns (ok, what nvcc printed: ptxas's report,
+    or the errors)."""
+    cmd = [nvcc, *NVCC_FLAGS, "-I", CUDA_DIR, os.path.join(CUDA_DIR, src), "-o", cubin]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, f"{' '.join(cmd)}: {type(e).__name__}: {e}"
+    text = (r.stdout + r.stderr).strip()
+    return r.returncode == 0, text if r.returncode == 0 else f"{' '.join(cmd)}: exit {r.returncode}\n{text}"
+
+
+def ptxas_report(text):
+    """ptxas -v's output as one line a kernel (registers, spills, stack, shared memory), any other
+    line (warnings) as it is."""
+    lines, fn, frame = [], None, ""
+    for line in text.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)'", line):
+            fn = m.group(1)
+        elif m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line):
+            frame = f"stack {m.group(1)} B, spills {m.group(2)}/{m.group(3)} B (st/ld)"
+        elif (m := re.search(r"Used (\d+) registers(.*)", line)) and fn:
+            extra = ", ".join(p.strip() for p in m.group(2).split(",") if "smem" in p)
+            lines.append(f"  {fn}: {m.group(1)} registers, {frame}{', ' + extra if extra else ''}")
+            fn, frame = None, ""
+        elif not re.search(r"Function properties|Compile time|bytes gmem|^\s*$|^ptxas info", line):
+            lines.append("  " + line.strip())
+    return "\n".join(lines)
+
+
+def compile_all(nvcc, build, sources, workers=None):
+    """Compiles every file of `sources` into build/, in parallel; records each one's hash and
+    ptxas report in build/manifest.json. Returns {file: (ok, report or errors)}."""
+    os.makedirs(build, exist_ok=True)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 4) as pool:
+        jobs = {src: pool.submit(nvcc_compile, nvcc, src, os.path.join(build, src.replace(".cu", ".cubin")))
+                for src in sources}
+        results = {src: job.result() for src, job in jobs.items()}
+    manifest_path = os.path.join(build, MANIFEST)
+    try:
+        manifest = json.load(open(manifest_path))
+    except (OSError, ValueError):
+        manifest = {}
+    for src, (ok, text) in results.items():
+        if ok:
+            manifest[src] = {"hash": source_hash(src), "ptxas": ptxas_report(text)}
+        else:
+            manifest.pop(src, None)
+    with open(manifest_path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(manifest_path + ".tmp", manifest_path)
+    return results
+
+
+def prebuild(dest, nvcc):
+    """kernels/gpu-build.sh: every .cu's cubin into dest with its manifest, on the build machine."""
+    t = time.time()
+    results = compile_all(nvcc, dest, SOURCES)
+    for src, (ok, text) in results.items():
+        print(f"{src}: {'compiled' if ok else 'FAILED'}")
+        print(ptxas_report(text) if ok else text)
+    bad = [src for src, (ok, _) in results.items() if not ok]
+    print(f"prebuilt {len(SOURCES) - len(bad)} of {len(SOURCES)} cubins into {dest} in {time.time() - t:.0f} s"
+          + (f"; FAILED: {', '.join(bad)}" if bad else ""))
+    return 1 if bad else 0
+
+
+def cubin_of(src, dirs):
+    """(path, ptxas report) of a cubin of src built from these sources with these flags in one of
+    dirs (their manifests say), or None."""
+    want = source_hash(src)
+    for d in dirs:
+        try:
+            entry = json.load(open(os.path.join(d, MANIFEST))).get(src)
+        except (OSError, ValueError):
+            continue
+        path = os.path.join(d, src.replace(".cu", ".cubin"))
+        if entry and entry.get("hash") == want and os.path.exists(path):
+            return path, entry.get("ptxas", "")
+    return None
+
+
+def kernel_names(src):
+    """The extern "C" __global__ entry points of kernels/cuda/src."""
+    names = []
+    for raw in open(os.path.join(CUDA_DIR, src)).read().split('extern "C" __global__')[1:]:
+        head = raw.split("(", 2)
+        names.append((head[1].split(")")[1] if "__launch_bounds__" in head[0] else head[0]).split()[-1])
+    return names
 
 
 # ----------------------------------------------------------------------------- references (float64)
@@ -264,48 +406,97 @@ def cpu_selftest():
 
 # ----------------------------------------------------------------------------- GPU harness
 class Harness:
-    def __init__(self, out_dir, quick):
+    def __init__(self, out_dir, quick, build_dir, cubin_dirs):
         import cupy  # only on the GPU machine
 
         self.cp = cupy
+        self.init_results(out_dir, quick)
+        self.on_gpu, self.smoke = True, False  # EmuHarness: no GPU; smoke: the timings at tiny shapes
+        self.dev = torch.device("cuda")
+        props = torch.cuda.get_device_properties(0)
+        self.sms = props.multi_processor_count
+        self.card = f"{props.name}, {props.multi_processor_count} SMs"
+        self.load_modules(build_dir, cubin_dirs)
+
+    def init_results(self, out_dir, quick):
         self.out_dir = out_dir
         self.quick = quick
         self.rows = []  # (check, status, detail)
         self.timings = []  # (what, ours_ms, peer, peer_ms, note)
+        self.steps = {}  # name -> {"status", "seconds", "failed"}, in the order they ran
+        self.seeds = []  # one a process (--resume adds one)
         self.failed = 0
         self.kernels = {}
         self.smem_raised = {}
-        self.on_gpu = True  # False in EmuHarness: no timings, no ceilings
-        self.dev = torch.device("cuda")
-        props = torch.cuda.get_device_properties(0)
-        self.card = f"{props.name}, {props.multi_processor_count} SMs"
-        self.load_modules()
+        self.copy_gbs = self.mm_tflops = float("nan")  # until the ceilings step measures them
+        self.started = time.time()
+        self.earlier_s = 0.0  # earlier processes' run time, with --resume
 
-    def load_modules(self):
+    def load_modules(self, build, cubin_dirs):
+        """Every .cu's kernels: a prebuilt cubin of these sources where one of cubin_dirs has one,
+        else compiled with nvcc (in parallel, into build), else NVRTC through CuPy. A file that
+        fails is reported (a FAIL row and its errors) and its kernels stay missing: the checks
+        that launch them fail, the others run."""
         cp = self.cp
-        build = os.path.join(self.out_dir, "build")
-        os.makedirs(build, exist_ok=True)
         nvcc = os.environ.get("NVCC") or "nvcc"
+        t = time.time()
+        os.makedirs(build, exist_ok=True)
+        found = {src: cubin_of(src, cubin_dirs) for src in SOURCES}
+        todo = [src for src in SOURCES if not found[src]]
+        compiled = compile_all(nvcc, build, todo) if todo else {}
+        print(f"kernels: cubins of these sources found for {len(SOURCES) - len(todo)} files; {len(todo)} compiled "
+              f"here with {nvcc}, {sum(ok for ok, _ in compiled.values())} of them without errors, "
+              f"in {time.time() - t:.1f} s", flush=True)
+        self.module_errors = {}
         for src in SOURCES:
-            path = os.path.join(CUDA_DIR, src)
-            cubin = os.path.join(build, src.replace(".cu", ".cubin"))
             t = time.time()
-            try:
-                subprocess.run([nvcc, "-std=c++17", "-O3", "-cubin", "-gencode=arch=compute_90a,code=sm_90a",
-                                "-I", CUDA_DIR, "-Xptxas=-v", path, "-o", cubin], check=True,
-                               capture_output=True, text=True)
-                mod = cp.RawModule(path=cubin)
-                how = "nvcc"
-            except (OSError, subprocess.CalledProcessError) as e:  # no nvcc: NVRTC through CuPy
-                print(f"{src}: nvcc failed ({e}); trying NVRTC", flush=True)
-                mod = cp.RawModule(code=open(path).read(), backend="nvrtc",
-                                   options=("-std=c++17", f"-I{CUDA_DIR}", "--gpu-architecture=sm_90a"))
-                how = "nvrtc"
-            for raw in open(path).read().split('extern "C" __global__')[1:]:
-                head = raw.split("(", 2)
-                name = (head[1].split(")")[1] if "__launch_bounds__" in head[0] else head[0]).split()[-1]
-                self.kernels[name] = mod.get_function(name)
-            print(f"{src}: loaded with {how} in {time.time() - t:.1f}s", flush=True)
+            cubin = os.path.join(build, src.replace(".cu", ".cubin"))
+            if found[src]:
+                first = os.path.abspath(os.path.dirname(found[src][0])) == os.path.abspath(cubin_dirs[0])
+                where = "prebuilt" if first else "compiled earlier"
+                attempts = [(f"cubin ({where})", found[src][0], found[src][1])]
+            elif compiled[src][0]:
+                attempts = [("cubin (nvcc here)", cubin, ptxas_report(compiled[src][1]))]
+            else:
+                attempts = []
+            errors = [] if attempts else [f"nvcc: {compiled[src][1]}"]
+            if found[src]:
+                attempts.append(("nvcc here", None, None))  # a prebuilt cubin the driver refuses
+            attempts.append(("NVRTC (CuPy)", None, ""))
+            mod = None
+            for how, path, report in attempts:
+                try:
+                    if how == "nvcc here":
+                        ok, text = nvcc_compile(nvcc, src, cubin)
+                        if not ok:
+                            raise RuntimeError(text)
+                        path, report = cubin, ptxas_report(text)
+                    if path:
+                        mod = cp.RawModule(path=path)
+                    else:
+                        mod = cp.RawModule(code=open(os.path.join(CUDA_DIR, src)).read(), backend="nvrtc",
+                                           options=("-std=c++17", f"-I{CUDA_DIR}", "--gpu-architecture=sm_90a"))
+                    for name in kernel_names(src):
+                        self.kernels[name] = mod.get_function(name)
+                    break
+                except Exception as e:  # a cubin the driver refuses, nvcc's or NVRTC's errors
+                    errors.append(f"{how}: {type(e).__name__}: {e}")
+                    mod = None
+            if mod is None:
+                detail = " | ".join(" ".join(e.split()) for e in errors)[:600]
+                self.module_errors[src] = detail
+                print(f"{src}: FAILED to load, its kernels' checks will fail:\n" + "\n".join(errors), flush=True)
+                continue
+            if errors:
+                print(f"{src}: " + "\n".join(errors), flush=True)
+            print(f"{src}: loaded from {how} in {time.time() - t:.1f} s" + (f"; ptxas:\n{report}" if report else ""),
+                  flush=True)
+
+    def record_module_errors(self):
+        """A FAIL row a file that did not load (once, also across --resume)."""
+        for src, detail in getattr(self, "module_errors", {}).items():
+            if not any(r[0] == f"compile {src}" for r in self.rows):
+                self.record_bool(f"compile {src}", False, detail)
 
     def launch(self, name, grid, block, args, smem=0):
         conv = []
@@ -316,6 +507,8 @@ class Harness:
                 conv.append({"i": np.int32, "l": np.int64, "f": np.float32, "p": np.uint64}[a[0]](a[1]))
             else:
                 raise TypeError(a)
+        if name not in self.kernels:
+            raise RuntimeError(f"kernel {name} is not loaded (its file did not compile or load: see the log)")
         k = self.kernels[name]
         if smem > 48 * 1024 and self.smem_raised.get(name, 0) < smem:
             k.max_dynamic_shared_size_bytes = smem  # opt in above 48 KB, once per kernel and size
@@ -333,7 +526,36 @@ class Harness:
         self.rows.append((check, "pass" if ok else "FAIL", detail))
         print(f"{'pass' if ok else 'FAIL'}  {check}: {detail}", flush=True)
 
+    def add_timing(self, what, ours_ms, peer, peer_ms, note):
+        """A timing row, printed as it is measured (and in the results written after its step)."""
+        self.timings.append((what, ours_ms, peer, peer_ms, note))
+        print(f"time  {what}: ours {ours_ms:.3f} ms, {peer} {peer_ms:.3f} ms; {note}", flush=True)
+
+    def sz(self, real, tiny):
+        """A timing's shape: `real` on a GPU, `tiny` in the emulator's smoke run of the timings."""
+        return tiny if self.smoke else real
+
+    def sync(self):
+        if self.on_gpu:
+            torch.cuda.synchronize()
+
+    def context_ok(self):
+        """Whether the CUDA context still works after a step raised (an illegal address or a
+        launch failure leaves it broken for the rest of the process)."""
+        try:
+            torch.cuda.synchronize()
+            ok = torch.ones(4, device=self.dev).sum().item() == 4.0
+            self.cp.cuda.Device().synchronize()
+            return ok
+        except Exception as e:
+            print(f"the CUDA context is broken: {type(e).__name__}: {e}", flush=True)
+            return False
+
     def time_ms(self, fn, reps=20):
+        if not self.on_gpu:  # the emulator's smoke run: the code once, its time meaningless
+            t = time.perf_counter()
+            fn()
+            return max((time.perf_counter() - t) * 1e3, 1e-3)
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
@@ -352,13 +574,13 @@ class Harness:
 
     # ------------------------------------------------------------------ ceilings
     def ceilings(self):
-        n = 1 << 30  # 1 Gi floats = 4 GiB
+        n = self.sz(1 << 30, 1 << 16)  # 1 Gi floats = 4 GiB
         a = torch.randn(n // 4, device=self.dev).repeat(4)
         b = torch.empty_like(a)
         ms = self.time_ms(lambda: b.copy_(a), reps=10)
         self.copy_gbs = 2 * a.numel() * 4 / ms / 1e6
         del a, b
-        m = 8192
+        m = self.sz(8192, 64)
         x, y = self.bf16(m, m), self.bf16(m, m)
         ms = self.time_ms(lambda: x @ y, reps=10)
         self.mm_tflops = 2 * m ** 3 / ms / 1e9
@@ -756,64 +978,65 @@ class Harness:
             if not empty:
                 self.record_bool(f"{name} split empty row", False, "a row with no keys: context not 0")
 
-        # timing: the engine's attention at the issue's decode shape over a bf16 pool read in
-        # place (B 64, 128 heads, 512 + 64, top-k 2048 of 64K), float32 SIMT vs tensor cores
-        if self.on_gpu:
-            B, Hd, ctx_len, k = 64, 128, 65536, 2048
-            pool_lat = torch.randn(B * ctx_len, L, device=d).to(torch.bfloat16)
-            pool_pe = torch.randn(B * ctx_len, P, device=d).to(torch.bfloat16)
-            q_lat = torch.randn(B, Hd, L, device=d) * 0.05
-            q_pe = torch.randn(B, Hd, P, device=d) * 0.05
-            keys = (torch.randint(0, ctx_len, (B, k), device=d) + torch.arange(B, device=d)[:, None] * ctx_len).int().flatten()
-            offsets = (torch.arange(B + 1, device=d) * k).int()
-            ctx = torch.empty(B, Hd, L, device=d)
-            grid = (B, Hd // 16)
-            args = [ctx, q_lat, q_pe, pool_lat, pool_pe, keys, offsets, ("i", Hd), ("i", L), ("i", P),
-                    ("i", Hd * P), ("i", P), ("f", scale), ("p", 0), ("i", 0)]
-            t_simt = self.time_ms(lambda: self.launch("mla_latent_attention_bf16_bits", grid, 256, args,
-                                                      (16 * (L + P) + 32 * (L + P + 1) + 32) * 4))
-            bytes_ = B * k * (L + P) * 2
-            t_one = None
-            for groups in (1, 2, 4):  # heads a block: 16, 32, 64 (launch::mla_tc_groups picks)
-                t_tc = self.time_ms(lambda: self.launch("mla_latent_attention_tc_bf16_bits", (B, Hd // (16 * groups)),
-                                                        128 * groups, args, self.mla_tc_smem(L, P, groups)))
-                t_one = t_one or t_tc
-                self.timings.append((f"engine attention (bf16 pool in place) B=64, 128 heads, top-k 2048, tensor cores, "
-                                     f"{16 * groups} heads a block", t_tc,
-                                     "the engine's float32 SIMT kernel", t_simt,
-                                     f"{t_simt / t_tc:.1f}x the SIMT kernel; {t_one / t_tc:.2f}x 16 heads a block; "
-                                     f"{bytes_ / t_tc / 1e6:.0f} GB/s of picked rows = "
-                                     f"{100 * bytes_ / t_tc / 1e6 / self.copy_gbs:.0f}% of copy"))
+    def time_engine_attention(self):
+        """The engine's attention at the issue's decode shape over a bf16 pool read in place (B 64,
+        128 heads, 512 + 64, top-k 2048 of 64K), float32 SIMT vs tensor cores."""
+        d, L, P, scale = self.dev, 512, 64, 0.135234
+        B, Hd, ctx_len, k = self.sz((64, 128, 65536, 2048), (2, 32, 1024, 256))
+        pool_lat = torch.randn(B * ctx_len, L, device=d).to(torch.bfloat16)
+        pool_pe = torch.randn(B * ctx_len, P, device=d).to(torch.bfloat16)
+        q_lat = torch.randn(B, Hd, L, device=d) * 0.05
+        q_pe = torch.randn(B, Hd, P, device=d) * 0.05
+        keys = (torch.randint(0, ctx_len, (B, k), device=d) + torch.arange(B, device=d)[:, None] * ctx_len).int().flatten()
+        offsets = (torch.arange(B + 1, device=d) * k).int()
+        ctx = torch.empty(B, Hd, L, device=d)
+        grid = (B, Hd // 16)
+        args = [ctx, q_lat, q_pe, pool_lat, pool_pe, keys, offsets, ("i", Hd), ("i", L), ("i", P),
+                ("i", Hd * P), ("i", P), ("f", scale), ("p", 0), ("i", 0)]
+        t_simt = self.time_ms(lambda: self.launch("mla_latent_attention_bf16_bits", grid, 256, args,
+                                                  (16 * (L + P) + 32 * (L + P + 1) + 32) * 4))
+        bytes_ = B * k * (L + P) * 2
+        t_one = None
+        for groups in (1, 2, 4):  # heads a block: 16, 32, 64 (launch::mla_tc_groups picks)
+            t_tc = self.time_ms(lambda: self.launch("mla_latent_attention_tc_bf16_bits",
+                                                    (B, (Hd + 16 * groups - 1) // (16 * groups)),
+                                                    128 * groups, args, self.mla_tc_smem(L, P, groups)))
+            t_one = t_one or t_tc
+            self.add_timing(f"engine attention (bf16 pool in place) B=64, 128 heads, top-k 2048, tensor cores, "
+                                 f"{16 * groups} heads a block", t_tc,
+                                 "the engine's float32 SIMT kernel", t_simt,
+                                 f"{t_simt / t_tc:.1f}x the SIMT kernel; {t_one / t_tc:.2f}x 16 heads a block; "
+                                 f"{bytes_ / t_tc / 1e6:.0f} GB/s of picked rows = "
+                                 f"{100 * bytes_ / t_tc / 1e6 / self.copy_gbs:.0f}% of copy")
 
-            # one decode row (a single long request): 8 blocks of 16 heads leave most of the
-            # multiprocessors idle; split keys as launch::mla_split_keys picks for this device
-            # (one block a multiprocessor, parts of >= 256 keys), then the combine
-            for n_keys in (k, ctx_len):
-                keys1 = torch.randint(0, ctx_len, (n_keys,), device=d).int()
-                offsets1 = torch.tensor([0, n_keys], dtype=torch.int32, device=d)
-                ctx1 = torch.empty(1, Hd, L, device=d)
-                base = [q_lat[:1], q_pe[:1], pool_lat, pool_pe, keys1, offsets1, ("i", Hd), ("i", L), ("i", P),
-                        ("i", Hd * P), ("i", P), ("f", scale)]
-                smem1 = self.mla_tc_smem(L, P, 1)
-                t_whole = self.time_ms(lambda: self.launch("mla_latent_attention_tc_bf16_bits", (1, Hd // 16), 128,
-                                                           [ctx1] + base + [("p", 0), ("i", 0)], smem1))
-                sms = torch.cuda.get_device_properties(0).multi_processor_count
-                parts = min((sms + Hd // 16 - 1) // (Hd // 16), n_keys // 256, 32)
-                per = ((n_keys + parts - 1) // parts + 31) // 32 * 32
-                parts = (n_keys + per - 1) // per
-                partial = torch.empty(parts, 1, Hd, L, device=d)
-                lse = torch.empty(parts, 1, Hd, device=d)
+        # one decode row (a single long request): 8 blocks of 16 heads leave most of the
+        # multiprocessors idle; split keys as launch::mla_split_keys picks for this device
+        # (one block a multiprocessor, parts of >= 256 keys), then the combine
+        for n_keys in (k, ctx_len):
+            keys1 = torch.randint(0, ctx_len, (n_keys,), device=d).int()
+            offsets1 = torch.tensor([0, n_keys], dtype=torch.int32, device=d)
+            ctx1 = torch.empty(1, Hd, L, device=d)
+            base = [q_lat[:1], q_pe[:1], pool_lat, pool_pe, keys1, offsets1, ("i", Hd), ("i", L), ("i", P),
+                    ("i", Hd * P), ("i", P), ("f", scale)]
+            smem1 = self.mla_tc_smem(L, P, 1)
+            t_whole = self.time_ms(lambda: self.launch("mla_latent_attention_tc_bf16_bits", (1, Hd // 16), 128,
+                                                       [ctx1] + base + [("p", 0), ("i", 0)], smem1))
+            parts = max(1, min((self.sms + Hd // 16 - 1) // (Hd // 16), n_keys // 256, 32))
+            per = ((n_keys + parts - 1) // parts + 31) // 32 * 32
+            parts = (n_keys + per - 1) // per
+            partial = torch.empty(parts, 1, Hd, L, device=d)
+            lse = torch.empty(parts, 1, Hd, device=d)
 
-                def split_run():
-                    self.launch("mla_latent_attention_tc_bf16_bits", (1, Hd // 16, parts), 128,
-                                [partial] + base + [lse, ("i", per)], smem1)
-                    self.launch("mla_combine_splits_f32", (1, Hd), 128, [ctx1, partial, lse, ("i", parts), ("i", Hd), ("i", L)])
-                t_split = self.time_ms(split_run)
-                self.timings.append((f"engine attention (bf16 pool in place) one decode row, 128 heads, {n_keys} keys, "
-                                     f"tensor cores, keys in {parts} splits + combine", t_split,
-                                     "the same keys unsplit (8 blocks)", t_whole,
-                                     f"{t_whole / t_split:.1f}x unsplit; "
-                                     f"{n_keys * (L + P) * 2 / t_split / 1e6:.0f} GB/s of picked rows"))
+            def split_run():
+                self.launch("mla_latent_attention_tc_bf16_bits", (1, Hd // 16, parts), 128,
+                            [partial] + base + [lse, ("i", per)], smem1)
+                self.launch("mla_combine_splits_f32", (1, Hd), 128, [ctx1, partial, lse, ("i", parts), ("i", Hd), ("i", L)])
+            t_split = self.time_ms(split_run)
+            self.add_timing(f"engine attention (bf16 pool in place) one decode row, 128 heads, {n_keys} keys, "
+                                 f"tensor cores, keys in {parts} splits + combine", t_split,
+                                 "the same keys unsplit (8 blocks)", t_whole,
+                                 f"{t_whole / t_split:.1f}x unsplit; "
+                                 f"{n_keys * (L + P) * 2 / t_split / 1e6:.0f} GB/s of picked rows")
 
     def indexer_launch(self, scores, q, keys, w, start, vis, n_keys, heads, dim):
         smem = heads * dim * 2 + INDEXER_KEYS * (dim + 2) * 2 + INDEXER_KEYS * 4
@@ -868,8 +1091,7 @@ class Harness:
         while a block a row would leave SMs idle: 2 parts for 64 rows of 64K on 132 SMs), and
         its parts a row."""
         rows, n = scores.shape
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        parts = topk_parts(rows, n, k, sms)
+        parts = topk_parts(rows, n, k, self.sms)
         if parts < 2:
             return self.time_ms(lambda: self.launch("topk_rows_f32", (rows,), 1024,
                                                     [idx, scores, vis, ("i", k), ("l", n)])), 1
@@ -1016,10 +1238,10 @@ class Harness:
         self.record_bool("picks_to_pool_rows 6x512 (3 tables)", torch.equal(got.long(), want),
                          "each pick the pool row of its token; -1 kept" if torch.equal(got.long(), want) else "rows differ")
 
-        # timing: batch 64 decode at 64K context, each sequence its own keys
-        if not self.on_gpu:
-            return
-        B, ctx = 64, 65536
+    def time_indexer_topk(self):
+        """Indexer scores + top-k at batch 64 decode, 64K context, each sequence its own keys."""
+        H, D = 64, 128
+        B, ctx, k = self.sz((64, 65536, 2048), (2, 1024, 64))
         keys = self.bf16(B * ctx, D)
         q, w = self.bf16(B, H, D), torch.randn(B, H, device=self.dev) * H ** -0.5
         start = (torch.arange(B, device=self.dev) * ctx).int()
@@ -1033,25 +1255,25 @@ class Harness:
         peer = lambda: (torch.relu(torch.bmm(q, kb.transpose(1, 2)).float() * D ** -0.5) * w[:, :, None]).sum(1).topk(k, -1)
         t_peer = self.time_ms(peer, reps=10)
         bytes_ = keys.numel() * 2 + scores.numel() * 4 * 2  # keys once, scores written then read by top-k
-        self.timings.append(("indexer scores + top-k, B=64, ctx 64K, 64x128 heads, k=2048", t_idx + t_topk,
+        self.add_timing("indexer scores + top-k, B=64, ctx 64K, 64x128 heads, k=2048", t_idx + t_topk,
                              "torch bmm+relu+sum+topk", t_peer,
                              f"scores {t_idx:.3f} ms, top-k {t_topk:.3f} ms ({parts} parts a row); "
                              f"{bytes_ / (t_idx + t_topk) / 1e6:.0f} GB/s = "
-                             f"{100 * bytes_ / (t_idx + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
-        self.timings.append(("indexer scores on tensor cores + top-k, same shape", t_tc + t_topk,
+                             f"{100 * bytes_ / (t_idx + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)")
+        self.add_timing("indexer scores on tensor cores + top-k, same shape", t_tc + t_topk,
                              "torch bmm+relu+sum+topk", t_peer,
                              f"scores {t_tc:.3f} ms ({t_idx / t_tc:.1f}x the SIMT kernel), top-k {t_topk:.3f} ms; "
                              f"{bytes_ / (t_tc + t_topk) / 1e6:.0f} GB/s = "
-                             f"{100 * bytes_ / (t_tc + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
+                             f"{100 * bytes_ / (t_tc + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)")
         t_torch_topk = self.time_ms(lambda: scores.topk(k, -1))
         t_rows = self.time_ms(lambda: self.launch("topk_rows_f32", (B,), 1024, [idx, scores, vis, ("i", k), ("l", ctx)]))
-        self.timings.append(("topk_rows_f32 alone, 64 rows x 64K scores, k=2048", t_rows,
+        self.add_timing("topk_rows_f32 alone, 64 rows x 64K scores, k=2048", t_rows,
                              "torch.topk on the same scores", t_torch_topk,
                              f"{scores.numel() * 4 / t_rows / 1e6:.0f} GB/s of scores (read 3 times: 2 digit "
-                             f"passes and the collection); {t_torch_topk / t_rows:.2f}x torch.topk"))
+                             f"passes and the collection); {t_torch_topk / t_rows:.2f}x torch.topk")
         # Few rows leave multiprocessors idle a block a row: the engine splits them
         # (launch::topk_parts: 2 parts for 64 rows on 132 SMs, 5 for 8 rows at 64K, k = 2048).
-        for rows_t in (64, 8):
+        for rows_t in self.sz((64, 8), (2, 1)):
             sub, ids = scores[:rows_t], idx[:rows_t]
             t_split, parts = self.time_topk_as_the_engine(ids, sub, vis, k)
             if parts < 2:
@@ -1059,17 +1281,17 @@ class Harness:
             t_one = self.time_ms(lambda: self.launch("topk_rows_f32", (rows_t,), 1024,
                                                      [ids, sub, vis, ("i", k), ("l", ctx)]))
             t_torch = self.time_ms(lambda: sub.topk(k, -1))
-            self.timings.append((f"top-k split into {parts} parts, {rows_t} rows x 64K scores, k=2048", t_split,
+            self.add_timing(f"top-k split into {parts} parts, {rows_t} rows x 64K scores, k=2048", t_split,
                                  "topk_rows_f32, a block a row", t_one,
                                  f"{t_one / t_split:.2f}x a block a row, {t_torch / t_split:.2f}x torch.topk "
-                                 f"({t_torch:.3f} ms)"))
+                                 f"({t_torch:.3f} ms)")
         # Key tiles a block: 8 (what launch::indexer_tc_tiles picks at this shape on 132 SMs)
         # stage each row's query an eighth as often as 1. The engine's kernel reads float32
         # queries (32 KB a row against 16 KB of bf16 keys a tile), through a table of one block
         # a sequence over the same keys.
         t_tc8 = self.time_ms(lambda: self.indexer_tc_launch(scores, q, keys, w, start, vis, ctx, H, D, tiles=8))
-        self.timings.append(("indexer scores on tensor cores, 8 key tiles a block, same shape", t_tc8,
-                             "the same kernel, 1 tile a block", t_tc, f"{t_tc / t_tc8:.2f}x 1 tile a block"))
+        self.add_timing("indexer scores on tensor cores, 8 key tiles a block, same shape", t_tc8,
+                             "the same kernel, 1 tile a block", t_tc, f"{t_tc / t_tc8:.2f}x 1 tile a block")
         q32 = q.float().reshape(B, H * D)
         seq_blocks = torch.arange(B, dtype=torch.int32, device=self.dev)
         engine_tc = lambda tiles: self.launch(
@@ -1078,9 +1300,9 @@ class Harness:
              ("f", D ** -0.5), ("i", tiles)], self.indexer_tc_smem(H, D))
         t_eng1 = self.time_ms(lambda: engine_tc(1))
         t_eng8 = self.time_ms(lambda: engine_tc(8))
-        self.timings.append(("engine indexer scores (float32 queries, bf16 pool in place), tensor cores, "
+        self.add_timing("engine indexer scores (float32 queries, bf16 pool in place), tensor cores, "
                              "8 key tiles a block, same shape", t_eng8, "the same kernel, 1 tile a block", t_eng1,
-                             f"{t_eng1 / t_eng8:.2f}x 1 tile a block; {keys.numel() * 2 / t_eng8 / 1e6:.0f} GB/s of keys"))
+                             f"{t_eng1 / t_eng8:.2f}x 1 tile a block; {keys.numel() * 2 / t_eng8 / 1e6:.0f} GB/s of keys")
 
     def indexer_fp8_launch(self, scores, q8, qs, k8, ks, w, start, vis, n_keys, heads, dim):
         smem = heads * dim + heads * 4 + INDEXER_KEYS * (dim + 4) + INDEXER_KEYS * 4
@@ -1155,11 +1377,12 @@ class Harness:
         overlap = sum(len(top(scores[r]) & top(exact[r])) for r in rows) / (512 * max(len(rows), 1))
         self.rows.append(("indexer_scores_fp8 vs bf16 selection", "info",
                           f"{100 * overlap:.1f}% of the top-512 keys agree over {len(rows)} full rows"))
+        print(f"info  indexer_scores_fp8 vs bf16 selection: {self.rows[-1][2]}", flush=True)
 
-        # timing: B 64 at 64K, fp8 scores against the bf16 kernel on the same keys
-        if not self.on_gpu:
-            return
-        B, ctx, k = 64, 65536, 2048
+    def time_indexer_fp8(self):
+        """The fp8 indexer's scores against the bf16 kernels' on the same keys, B 64 at 64K."""
+        H, D = 64, 128
+        B, ctx, k = self.sz((64, 65536, 2048), (2, 1024, 64))
         keys = self.bf16(B * ctx, D)
         k8, ks = self.quant_fp8(keys, False)
         q, w = self.bf16(B, H, D), torch.randn(B, H, device=self.dev) * H ** -0.5
@@ -1178,20 +1401,20 @@ class Harness:
         t_fp8_tc8 = self.time_ms(
             lambda: self.indexer_fp8_tc_launch(scores, q8, qs, k8, ks, w, start, vis, ctx, H, D, tiles=8))
         bytes_ = k8.numel() + ks.numel() * 4 + scores.numel() * 4 * 2
-        self.timings.append(("fp8 indexer scores + top-k, B=64, ctx 64K, 64x128 heads, k=2048", t_fp8 + t_topk,
+        self.add_timing("fp8 indexer scores + top-k, B=64, ctx 64K, 64x128 heads, k=2048", t_fp8 + t_topk,
                              "our bf16 indexer scores + top-k", t_bf16 + t_topk,
                              f"scores {t_fp8:.3f} ms (bf16 {t_bf16:.3f} ms); {bytes_ / (t_fp8 + t_topk) / 1e6:.0f} GB/s = "
-                             f"{100 * bytes_ / (t_fp8 + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
-        self.timings.append(("fp8 indexer scores on mma.sync e4m3 (fp16 on Hopper) + top-k, same shape", t_fp8_tc + t_topk,
+                             f"{100 * bytes_ / (t_fp8 + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)")
+        self.add_timing("fp8 indexer scores on mma.sync e4m3 (fp16 on Hopper) + top-k, same shape", t_fp8_tc + t_topk,
                              "our bf16 tensor-core scores + top-k", t_bf16_tc + t_topk,
                              f"scores {t_fp8_tc:.3f} ms (bf16 tensor cores {t_bf16_tc:.3f} ms, fp8 widened to bf16 "
                              f"{t_widened:.3f} ms, fp8 SIMT {t_fp8:.3f} ms); "
                              f"{bytes_ / (t_fp8_tc + t_topk) / 1e6:.0f} GB/s = "
-                             f"{100 * bytes_ / (t_fp8_tc + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
-        self.timings.append(("fp8 indexer scores on mma.sync e4m3, 8 key tiles a block, + top-k, same shape",
+                             f"{100 * bytes_ / (t_fp8_tc + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)")
+        self.add_timing("fp8 indexer scores on mma.sync e4m3, 8 key tiles a block, + top-k, same shape",
                              t_fp8_tc8 + t_topk, "1 tile a block + top-k", t_fp8_tc + t_topk,
                              f"scores {t_fp8_tc8:.3f} ms ({t_fp8_tc / t_fp8_tc8:.2f}x 1 tile a block); "
-                             f"{100 * bytes_ / (t_fp8_tc8 + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)"))
+                             f"{100 * bytes_ / (t_fp8_tc8 + t_topk) / 1e6 / self.copy_gbs:.0f}% of copy (goal 50%)")
 
     def mla_launch(self, name, out, lse, q, kv, extra, heads, latent, rope):
         dqk = latent + rope
@@ -1279,10 +1502,11 @@ class Harness:
         ro, _ = ref_mla(q_d, kv_d, [torch.arange(int(s), int(s) + int(l), device=self.dev) for s, l in zip(starts, lens)], L, scale)
         self.record("dense_mla_attention_bf16 (contexts 1..4096)", rel_l2(out, ro), BF16_BOUND)
 
-        # timing: the issue's goal shape, batch 64, 128 heads, top-k 2048, context 64K
-        if not self.on_gpu:
-            return
-        B, ctx, k = 64, 65536, 2048
+    def time_mla(self):
+        """Sparse MLA decode at the issue's goal shape: batch 64, 128 heads, top-k 2048, context 64K."""
+        L, R, scale = 512, 64, 0.135234
+        H = self.sz(128, 32)
+        B, ctx, k = self.sz((64, 65536, 2048), (2, 512, 64))
         kv = self.bf16(B * ctx, L + R)
         q = self.bf16(B, H, L + R, scale=0.5)
         idx = (torch.randint(0, ctx, (B, k), device=self.dev) + torch.arange(B, device=self.dev)[:, None] * ctx).int()
@@ -1298,24 +1522,24 @@ class Harness:
         t_peer = self.time_ms(peer, reps=10)
         bytes_ = B * k * (L + R) * 2 + q.numel() * 2 + out.numel() * 2
         gbs = bytes_ / t_sparse / 1e6
-        self.timings.append(("sparse MLA decode B=64, 128 heads, 512+64, top-k 2048, ctx 64K", t_sparse,
+        self.add_timing("sparse MLA decode B=64, 128 heads, 512+64, top-k 2048, ctx 64K", t_sparse,
                              "torch gather + bmm attention", t_peer,
                              f"{gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy (goal 60%); "
-                             f"{t_peer / t_sparse:.1f}x the peer (goal 5x)"))
+                             f"{t_peer / t_sparse:.1f}x the peer (goal 5x)")
         flops = 2 * B * H * k * (L + R + L)
         for groups in (1, 2, 4):
             t_tc = self.time_ms(lambda: self.mla_tc_launch(out, lse, q, kv, idx, k, H, L, R, groups))
             gbs = bytes_ / t_tc / 1e6
-            self.timings.append((f"sparse MLA decode, same shape, tensor cores (mma.sync), {16 * groups} heads a block", t_tc,
+            self.add_timing(f"sparse MLA decode, same shape, tensor cores (mma.sync), {16 * groups} heads a block", t_tc,
                                  "torch gather + bmm attention", t_peer,
                                  f"{gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy (goal 60%); "
                                  f"{t_peer / t_tc:.1f}x the peer (goal 5x); {flops / t_tc / 1e9:.0f} TFLOP/s; "
-                                 f"{t_sparse / t_tc:.1f}x the SIMT kernel"))
+                                 f"{t_sparse / t_tc:.1f}x the SIMT kernel")
         starts = (torch.arange(B, device=self.dev) * ctx).int()
         lens = torch.full((B,), ctx, dtype=torch.int32, device=self.dev)
         t_dense = self.time_ms(lambda: self.mla_launch("dense_mla_attention_bf16", out, lse, q, kv, [starts, lens], H, L, R), reps=5)
-        self.timings.append(("dense MLA decode, same shape, all 64K keys", t_dense, "sparse kernel", t_sparse,
-                             f"sparse is {t_dense / t_sparse:.1f}x faster (attention only; whole-step goal 4x needs the backend)"))
+        self.add_timing("dense MLA decode, same shape, all 64K keys", t_dense, "sparse kernel", t_sparse,
+                             f"sparse is {t_dense / t_sparse:.1f}x faster (attention only; whole-step goal 4x needs the backend)")
 
     def check_moe(self):
         for T, E, K, G, TG, norm, rsf in ((4096, 256, 8, 8, 4, 1, 2.5), (512, 8, 2, 4, 2, 1, 2.5),
@@ -1467,10 +1691,28 @@ class Harness:
         self.launch("grouped_gemm_bf16_f32", ((N + 63) // 64, (maxrows + 63) // 64, E), 256, [yg, xg, wexp, offsets, ("i", N), ("i", Kd)])
         self.record("grouped_gemm_bf16_f32 (64 experts, uneven rows)", rel_l2(yg, ref_grouped_gemm(xg, wexp, offsets)), F32_BOUND)
 
-        # timing: the issue's grouped GEMM shape (gate_up: 4096 tokens x top-8 over 256 experts, 7168 -> 2x2048)
-        T, E, K, Hd, I = 4096, 256, 8, 7168, 2048
-        if self.quick or not self.on_gpu:
+    def time_grouped(self):
+        """The grouped expert products read in place (fp8_grouped_tc, bf16_grouped_tc), checked and
+        timed at the issue's grouped GEMM goal's shape and a decode step's, then the SIMT fallback."""
+        E, n, k = self.sz((256, 2048, 7168), (8, 64, 256))
+        decode, prefill = self.sz((64 * 8, 4096 * 8), (4 * 2, 16 * 2))
+        # The issue's grouped GEMM goal (>= 60% of the bf16 matmul rate): a prefill's 4096 tokens
+        # x top-8 over 256 experts (about 128 rows an expert), gate 7168 -> 2048, bf16 experts;
+        # and fp8 experts at that shape (the engine's prefill of fp8 experts), also against
+        # dequantising each expert and a matmul.
+        counts = torch.bincount(torch.randint(0, E, (prefill,)), minlength=E).tolist()
+        self.check_grouped(False, counts, n, k, time_it=True)
+        self.check_grouped(True, counts, n, k, time_it=True)
+        # Then a decode step's routed experts (64 tokens x top-8 over 256 experts, gate
+        # 7168 -> 2048) in one launch, against torch._grouped_mm (grouped_peer).
+        counts = torch.bincount(torch.randint(0, E, (decode,)), minlength=E).tolist()
+        self.check_grouped(True, counts, n, k, time_it=True)
+        self.check_grouped(False, counts, n, k, time_it=True)
+        # The SIMT fallback at the goal's gate_up shape (4096 tokens x top-8 over 256 experts,
+        # 7168 -> 2x2048), against a torch matmul an expert (skipped with --quick).
+        if self.quick:
             return
+        T, E, K, Hd, I = self.sz((4096, 256, 8, 7168, 2048), (16, 8, 2, 256, 64))
         rows = T * K
         counts = torch.bincount(torch.randint(0, E, (rows,), device=self.dev), minlength=E)
         offsets = torch.cat([torch.zeros(1, device=self.dev, dtype=torch.long), counts.cumsum(0)]).int()
@@ -1489,10 +1731,10 @@ class Harness:
 
         t_peer = self.time_ms(peer, reps=5)
         flops = 2 * rows * 2 * I * Hd
-        self.timings.append(("grouped GEMM fallback (SIMT) 4096x8 tokens, 256 experts, 7168 -> 4096", t_ours,
+        self.add_timing("grouped GEMM fallback (SIMT) 4096x8 tokens, 256 experts, 7168 -> 4096", t_ours,
                              "torch per-expert bf16 matmul", t_peer,
                              f"ours {flops / t_ours / 1e9:.0f} TFLOP/s, peer {flops / t_peer / 1e9:.0f}; "
-                             f"goal 60% of {self.mm_tflops:.0f} needs the cuBLAS grouped path"))
+                             f"goal 60% of {self.mm_tflops:.0f} needs the cuBLAS grouped path")
 
     def linear_in_place(self, y, x, weight, sms, heads=None, query=None):
         """y = x . W^T with W read in place, split as the engine splits it
@@ -1586,9 +1828,9 @@ class Harness:
         gbs = len(active) * weight_bytes / t_ours / 1e6
         tflops = 2 * rows * n * k / t_ours / 1e9
         what = f"{'fp8' if fp8 else 'bf16'} grouped experts in place: {rows} pairs over {len(active)} active of {E}, {k} -> {n}"
-        self.timings.append((what, t_ours, peer, t_peer,
+        self.add_timing(what, t_ours, peer, t_peer,
                              f"{t_peer / t_ours:.2f}x the peer; {gbs:.0f} GB/s of weights = {100 * gbs / self.copy_gbs:.0f}% "
-                             f"of copy; {tflops:.0f} TFLOP/s = {100 * tflops / self.mm_tflops:.0f}% of the bf16 matmul rate"))
+                             f"of copy; {tflops:.0f} TFLOP/s = {100 * tflops / self.mm_tflops:.0f}% of the bf16 matmul rate")
         if not fp8:
             return
         # The way without an fp8 grouped kernel (the engine's before fp8 experts ran in place at
@@ -1602,8 +1844,8 @@ class Harness:
                 torch.matmul(xb[offsets[e]:offsets[e + 1]], deq.T)
 
         t_deq = self.time_ms(dequantised, reps=5)
-        self.timings.append((what, t_ours, "fp8_dequant_bf16_bits + torch matmul an active expert at a time", t_deq,
-                             f"{t_deq / t_ours:.2f}x the dequantising path"))
+        self.add_timing(what, t_ours, "fp8_dequant_bf16_bits + torch matmul an active expert at a time", t_deq,
+                             f"{t_deq / t_ours:.2f}x the dequantising path")
 
     def grouped_peer(self, xb, w16, offsets, active):
         """The faster PyTorch way to run these groups (x rows in bf16, each group's bf16 weight
@@ -1614,7 +1856,7 @@ class Harness:
             wt = torch.stack([w16[e] for e in active]).transpose(1, 2)
             ends = torch.tensor([offsets[e + 1] for e in active], dtype=torch.int32, device=self.dev)
             torch._grouped_mm(xb, wt, offs=ends)
-            torch.cuda.synchronize()
+            self.sync()
             return self.time_ms(lambda: torch._grouped_mm(xb, wt, offs=ends), reps=10), "torch._grouped_mm (bf16 out)"
         except Exception as e:  # an older torch, or shapes its kernel refuses
             print(f"torch._grouped_mm: {type(e).__name__}: {e}; timing a matmul per expert instead", flush=True)
@@ -1641,7 +1883,7 @@ class Harness:
         float64 sums of the bf16 values dequantising gives; then, on a GPU, timed at decode
         shapes against what it replaces (fp8_dequant_bf16_bits + a bf16 matmul) and a bf16
         weight's matmul."""
-        sms = 1 if not self.on_gpu else torch.cuda.get_device_properties(0).multi_processor_count
+        sms = self.sms if self.on_gpu else 1
         shapes = ((1, 300, 1000), (5, 64, 4096), (64, 130, 259), (100, 70, 512), (3, 7, 130))
         if self.on_gpu:
             shapes += ((64, 7168, 2048), (1, 2048, 7168), (17, 24576, 1536))
@@ -1703,26 +1945,17 @@ class Harness:
         self.check_grouped(False, counts, 72, 301)
         self.check_grouped(False, [2, 0, 9], 40, 302)
         self.check_grouped(False, [1, 17, 0, 64], 130, 260)
-        if not self.on_gpu:
-            return
-        # Timing: a decode step's routed experts (64 tokens x top-8 over 256 experts, gate
-        # 7168 -> 2048) in one launch, against torch._grouped_mm (grouped_peer).
-        counts = torch.bincount(torch.randint(0, 256, (64 * 8,)), minlength=256).tolist()
-        self.check_grouped(True, counts, 2048, 7168, time_it=True)
-        self.check_grouped(False, counts, 2048, 7168, time_it=True)
-        # The issue's grouped GEMM goal (>= 60% of the bf16 matmul rate): a prefill's 4096 tokens
-        # x top-8 over 256 experts (about 128 rows an expert), gate 7168 -> 2048, bf16 experts;
-        # and fp8 experts at that shape (the engine's prefill of fp8 experts), also against
-        # dequantising each expert and a matmul.
-        counts = torch.bincount(torch.randint(0, 256, (4096 * 8,)), minlength=256).tolist()
-        self.check_grouped(False, counts, 2048, 7168, time_it=True)
-        self.check_grouped(True, counts, 2048, 7168, time_it=True)
+    def time_linear(self):
+        """fp8 and bf16 weights' products read in place (fp8_linear_tc, bf16_linear_tc) at
+        DeepSeek-V3's decode shapes and past in_place_rows, against the paths they replace."""
+        sms = self.sms
         # The last three are past the engine's in_place_rows (64), where it dequantises and calls
         # cuBLAS instead: they say whether in place would still pay there (in_place_rows is the
         # knob, grid rows of 64 the kernel's way to more rows).
-        for m, n, k, what in ((1, 2048, 7168, "expert gate"), (64, 2048, 7168, "expert gate"),
-                              (1, 7168, 16384, "o_proj"), (64, 7168, 16384, "o_proj"), (128, 7168, 16384, "o_proj"),
-                              (256, 7168, 16384, "o_proj"), (1024, 7168, 16384, "o_proj")):
+        for m, n, k, what in self.sz(((1, 2048, 7168, "expert gate"), (64, 2048, 7168, "expert gate"),
+                                      (1, 7168, 16384, "o_proj"), (64, 7168, 16384, "o_proj"), (128, 7168, 16384, "o_proj"),
+                                      (256, 7168, 16384, "o_proj"), (1024, 7168, 16384, "o_proj")),
+                                     ((1, 64, 256, "expert gate"), (3, 70, 300, "o_proj"), (70, 64, 256, "o_proj"))):
             codes, row_scales = self.fp8_weight(n, k)
             x = torch.randn(m, k, device=self.dev)
             y = torch.empty(m, n, device=self.dev)
@@ -1738,29 +1971,30 @@ class Harness:
             t_deq = self.time_ms(dequant_then_matmul)
             t_bf16 = self.time_ms(lambda: torch.matmul(x.to(torch.bfloat16), w16.T))
             gbs = (n * k + n * row_scales.shape[1] * 4 + m * k * 4 + m * n * 4) / t_ours / 1e6
-            self.timings.append((f"fp8 product in place, {what} {m}x{k} by {n}x{k}", t_ours,
+            self.add_timing(f"fp8 product in place, {what} {m}x{k} by {n}x{k}", t_ours,
                                  "fp8_dequant_bf16_bits + torch bf16 matmul (the path it replaces)", t_deq,
                                  f"{t_deq / t_ours:.1f}x the dequantising path; {t_bf16 / t_ours:.2f}x a bf16 weight's "
-                                 f"torch matmul ({t_bf16:.3f} ms); {gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy"))
+                                 f"torch matmul ({t_bf16:.3f} ms); {gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy")
         # A bf16 weight's decode-step products: bf16_linear_tc against what it replaces in the
         # engine, x rounded to bf16 and a cuBLAS bf16 product with float32 outputs (torch's
         # matmul, then the cast). DeepSeek-V3's q_b (1536 -> 24576), o_proj, an expert's gate,
         # and the absorbed MLA's W_UV over 128 heads (latent 512 -> v 128).
         # And past in_place_rows (the last two), as for fp8 above.
-        for m, n, k, what in ((1, 24576, 1536, "q_b"), (64, 24576, 1536, "q_b"), (1, 7168, 16384, "o_proj"),
-                              (64, 7168, 16384, "o_proj"), (8, 2048, 7168, "expert gate"), (256, 7168, 16384, "o_proj"),
-                              (1024, 7168, 16384, "o_proj")):
+        for m, n, k, what in self.sz(((1, 24576, 1536, "q_b"), (64, 24576, 1536, "q_b"), (1, 7168, 16384, "o_proj"),
+                                      (64, 7168, 16384, "o_proj"), (8, 2048, 7168, "expert gate"),
+                                      (256, 7168, 16384, "o_proj"), (1024, 7168, 16384, "o_proj")),
+                                     ((1, 64, 256, "q_b"), (70, 64, 130, "o_proj"))):
             w = torch.randn(n, k, device=self.dev).to(torch.bfloat16)
             x = torch.randn(m, k, device=self.dev)
             y = torch.empty(m, n, device=self.dev)
             t_ours = self.time_ms(lambda: self.linear_in_place(y, x, w, sms))
             t_peer = self.time_ms(lambda: torch.matmul(x.to(torch.bfloat16), w.T).float())
             gbs = (n * k * 2 + m * k * 4 + m * n * 4) / t_ours / 1e6
-            self.timings.append((f"bf16 product in place, {what} {m}x{k} by {n}x{k}", t_ours,
+            self.add_timing(f"bf16 product in place, {what} {m}x{k} by {n}x{k}", t_ours,
                                  "x to bf16 + torch bf16 matmul + to float32 (the cuBLAS path it replaces)", t_peer,
-                                 f"{t_peer / t_ours:.2f}x; {gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy"))
-        heads, nope, v, k = 128, 128, 128, 512
-        for m in (1, 64):
+                                 f"{t_peer / t_ours:.2f}x; {gbs:.0f} GB/s = {100 * gbs / self.copy_gbs:.0f}% of copy")
+        heads, nope, v, k = self.sz((128, 128, 128, 512), (4, 16, 16, 64))
+        for m in self.sz((1, 64), (1, 3)):
             w = torch.randn(heads * (nope + v), k, device=self.dev).to(torch.bfloat16)
             x = torch.randn(m, heads * k, device=self.dev)
             y = torch.empty(m, heads * v, device=self.dev)
@@ -1768,10 +2002,10 @@ class Harness:
             t_ours = self.time_ms(lambda: self.linear_in_place(y, x, w, sms, heads=(heads, nope, v)))
             t_peer = self.time_ms(lambda: torch.bmm(x.to(torch.bfloat16).view(m, heads, k).transpose(0, 1),
                                                     wv.transpose(1, 2)).float())
-            self.timings.append((f"bf16 W_UV in place, {heads} heads over {m} rows (latent {k} -> v {v})", t_ours,
-                                 "x to bf16 + torch batched bf16 matmul + to float32", t_peer, f"{t_peer / t_ours:.2f}x"))
-        rope = 64
-        for m in (1, 64):
+            self.add_timing(f"bf16 W_UV in place, {heads} heads over {m} rows (latent {k} -> v {v})", t_ours,
+                                 "x to bf16 + torch batched bf16 matmul + to float32", t_peer, f"{t_peer / t_ours:.2f}x")
+        rope = self.sz(64, 8)
+        for m in self.sz((1, 64), (1, 3)):
             w = torch.randn(heads * k, nope, device=self.dev).to(torch.bfloat16)
             x = torch.randn(m, heads * (nope + rope), device=self.dev)
             y = torch.empty(m, heads * k, device=self.dev)
@@ -1779,9 +2013,10 @@ class Harness:
             t_ours = self.time_ms(lambda: self.linear_in_place(y, x, w, sms, query=(heads, nope, rope, k)))
             t_peer = self.time_ms(lambda: torch.bmm(x.view(m, heads, nope + rope)[:, :, :nope].to(torch.bfloat16)
                                                     .transpose(0, 1), wk.transpose(1, 2)).float())
-            self.timings.append((f"bf16 W_UK in place, {heads} heads over {m} rows (nope {nope} -> latent {k})", t_ours,
+            self.add_timing(f"bf16 W_UK in place, {heads} heads over {m} rows (nope {nope} -> latent {k})", t_ours,
                                  "q_nope to bf16 + torch batched bf16 matmul + to float32", t_peer,
-                                 f"{t_peer / t_ours:.2f}x"))
+                                 f"{t_peer / t_ours:.2f}x")
+
 
     def check_fp8(self):
         rows, cols = 1000, 700  # not multiples of 128: partial scale blocks
@@ -1796,38 +2031,78 @@ class Harness:
         self.launch("fp8_block_dequant_bf16", ((cols + 255) // 256, min(rows, 65535)), 256, [outb, qb, sc, ("i", rows), ("i", cols)])
         self.record("fp8_block_dequant_bf16", rel_l2(outb, ref), BF16_BOUND)
 
-    def write(self, total_s):
-        ceilings = (f"ceilings: copy {self.copy_gbs:.0f} GB/s (read + write), bf16 matmul {self.mm_tflops:.0f} TFLOP/s"
-                    if self.on_gpu else "no ceilings or timings: emulated kernels show correctness, never speed")
-        lines = [f"# sparsemoe kernels on {self.card}", "", f"torch {torch.__version__}, cupy {self.cp.__version__}; "
-                 f"{ceilings}; run {total_s:.0f} s", "", "| check | result | detail |", "| --- | --- | --- |"]
+    def write(self, final=False):
+        """gpu-check.md and gpu-check.json as they stand (after every step: a kill keeps them)."""
+        total = self.earlier_s + time.time() - self.started
+        if self.on_gpu:
+            ceilings = (f"ceilings: copy {self.copy_gbs:.0f} GB/s (read + write), bf16 matmul {self.mm_tflops:.0f} TFLOP/s"
+                        if not math.isnan(self.copy_gbs) else "ceilings not measured (their step did not run)")
+        elif self.smoke:
+            ceilings = "smoke run of the timing steps' code at tiny shapes, one launch a timing: its times mean nothing"
+        else:
+            ceilings = "no ceilings or timings: emulated kernels show correctness, never speed"
+        lines = [f"# sparsemoe kernels on {self.card}", "",
+                 f"torch {torch.__version__}, cupy {self.cp.__version__}; {ceilings}; seed "
+                 f"{', '.join(map(str, self.seeds))} (a process each); run {total:.0f} s", "",
+                 "| step | status | seconds | checks failed |", "| --- | --- | --- | --- |"]
+        lines += [f"| {n} | {st['status']} | {st['seconds'] if st['seconds'] is not None else '-'} | {st['failed']} |"
+                  for n, st in self.steps.items()]
+        lines += ["", "| check | result | detail |", "| --- | --- | --- |"]
         lines += [f"| {c} | {s} | {d} |" for c, s, d in self.rows]
         lines += ["", "| timing (median, CUDA events) | ours ms | peer | peer ms | note |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {w} | {a:.3f} | {p} | {b:.3f} | {n} |" for w, a, p, b, n in self.timings]
         text = "\n".join(lines) + "\n"
-        open(os.path.join(self.out_dir, "gpu-check.md"), "w").write(text)
-        json.dump({"card": self.card, "copy_gbs": self.copy_gbs, "bf16_tflops": self.mm_tflops, "checks": self.rows,
-                   "timings": self.timings}, open(os.path.join(self.out_dir, "gpu-check.json"), "w"), indent=1)
-        print(text)
+        state = {"card": self.card, "copy_gbs": self.copy_gbs, "bf16_tflops": self.mm_tflops, "seeds": self.seeds,
+                 "run_s": round(total, 1), "steps": self.steps, "checks": self.rows, "timings": self.timings}
+        for name, write in (("gpu-check.md", lambda f: f.write(text)), ("gpu-check.json", lambda f: json.dump(state, f, indent=1))):
+            path = os.path.join(self.out_dir, name)
+            with open(path + ".tmp", "w") as f:
+                write(f)
+            os.replace(path + ".tmp", path)  # whole, even if a kill comes in the middle
+        if final:
+            print(text)
+
+    def load_state(self):
+        """An earlier process's results (--resume): its checks, timings, ceilings and steps."""
+        try:
+            state = json.load(open(os.path.join(self.out_dir, "gpu-check.json")))
+        except (OSError, ValueError) as e:
+            print(f"--resume: no earlier results to add to ({e}); starting afresh", flush=True)
+            return
+        self.rows = [tuple(r) for r in state.get("checks", [])]
+        self.timings = [tuple(t) for t in state.get("timings", [])]
+        self.steps = state.get("steps", {})
+        self.seeds = state.get("seeds", [])
+        self.earlier_s = state.get("run_s", 0.0)
+        self.copy_gbs, self.mm_tflops = state.get("copy_gbs", math.nan), state.get("bf16_tflops", math.nan)
+        self.failed = sum(1 for r in self.rows if r[1] == "FAIL")
+        for name, st in self.steps.items():
+            if st["status"] == "running":  # the process died inside it
+                st["status"] = "crashed"
+                self.record_bool(name, False, "the process running this step died (a device fault or a kill): "
+                                              "its checks after the last printed one did not run")
+                st["failed"] = 1
+        print(f"--resume: {len(self.steps)} steps done before ({', '.join(self.steps)})", flush=True)
 
 
 class EmuHarness(Harness):
     """The same checks on the CPU emulator (kernels/emu): host tensors, every kernel run by
     libsparsemoe_kernels_emu.so on the CPU. No timings or ceilings: it shows the kernels compute
-    what the references do, never how fast."""
+    what the references do, never how fast. With smoke, the timing steps run at tiny shapes, each
+    timing one call: their Python, shapes and launches are exercised, their times mean nothing."""
 
-    def __init__(self, out_dir, lib):
+    def __init__(self, out_dir, lib, quick=True, smoke=False):
         import ctypes
 
         self.ct = ctypes
         self.lib = ctypes.CDLL(lib)
         self.lib.smoe_emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 4 + [ctypes.c_ulonglong,
                                                                                         ctypes.POINTER(ctypes.c_void_p)]
-        self.out_dir, self.quick, self.on_gpu = out_dir, True, False
-        self.rows, self.timings, self.failed = [], [], 0
+        self.init_results(out_dir, quick)
+        self.on_gpu, self.smoke = False, smoke
+        self.sms = 132  # an H200's, so that the timings' split rules take the paths they take there
         self.dev = torch.device("cpu")
         self.card = "the CPU emulator (kernels/emu), not a GPU"
-        self.copy_gbs = self.mm_tflops = float("nan")
         self.cp = type("NoCupy", (), {"__version__": "none (emulated)"})
 
     def launch(self, name, grid, block, args, smem=0):
@@ -1847,36 +2122,127 @@ class EmuHarness(Harness):
             raise RuntimeError(f"{name}: {'no such kernel' if rc == 1 else 'a launch a GPU refuses'}")
 
 
+class Interrupted(BaseException):
+    """SIGTERM (timeout's): ends the step in hand, whose results so far are written."""
+
+
+def step_list(text):
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in STEPS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"no step {', '.join(unknown)} (the steps: {', '.join(STEPS)})")
+    return names
+
+
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/sparsemoe-gpu-check"))
-    ap.add_argument("--quick", action="store_true", help="skip the large grouped GEMM timing")
+    ap.add_argument("--quick", action="store_true", help="skip the SIMT grouped GEMM fallback's timing")
     ap.add_argument("--cpu-selftest", action="store_true")
     ap.add_argument("--emulate", metavar="LIB", help="run the checks (not the timings) on the CPU emulator: "
                     "target/cuda-emu/libsparsemoe_kernels_emu.so from kernels/emu/build.sh")
+    ap.add_argument("--smoke", action="store_true", help="with --emulate: the timing steps (by default only "
+                    "those) at tiny shapes, one launch a timing, to find their Python and shape errors")
+    ap.add_argument("--steps", type=step_list, help="only these steps, comma-separated (--list-steps)")
+    ap.add_argument("--skip", type=step_list, default=[], help="not these steps")
+    ap.add_argument("--list-steps", action="store_true", help="print the steps in their order")
+    ap.add_argument("--resume", action="store_true", help="add to --out's results, running only the steps "
+                    "not run yet (a step the last process died in counts as run: crashed)")
+    ap.add_argument("--seed", type=int, help="the inputs' seed (default: a fresh one, printed); a step's "
+                    "inputs depend only on it and the step's name")
+    ap.add_argument("--prebuild", metavar="DIR", help="compile every .cu to DIR with nvcc (no GPU), for "
+                    "kernels/gpu-build.sh")
+    ap.add_argument("--check-cubins", action="store_true", help="whether --cubins holds a cubin of the current "
+                    "sources of every .cu (exit 1 if not); no GPU, torch or numpy")
+    ap.add_argument("--nvcc", default=os.environ.get("NVCC") or "nvcc")
+    ap.add_argument("--cubins", default=PREBUILT, help="prebuilt cubins and their manifest (default %(default)s)")
+    ap.add_argument("--build-dir", help="where cubins compiled here go and are reused from (default: a "
+                    "fresh temporary directory)")
     args = ap.parse_args()
+    if args.list_steps:
+        print("\n".join(STEPS))
+        return 0
+    if args.prebuild:
+        return prebuild(args.prebuild, args.nvcc)
+    if args.check_cubins:
+        stale = [src for src in SOURCES if not cubin_of(src, [args.cubins])]
+        print(f"cubins in {args.cubins}: " + (f"missing or stale: {', '.join(stale)}" if stale else
+                                                f"all {len(SOURCES)} built from these sources"))
+        return 1 if stale else 0
+    if torch is None:
+        sys.exit("gpu_check.py: needs numpy and PyTorch (all but --prebuild, --check-cubins and --list-steps)")
     if args.cpu_selftest:
         return cpu_selftest()
+    if args.steps:
+        chosen = args.steps
+    elif args.emulate:
+        chosen = TIME_STEPS if args.smoke else CHECK_STEPS
+    else:
+        chosen = STEPS
+    chosen = [n for n in STEPS if n in chosen and n not in args.skip]  # always in STEPS' order
+    if args.emulate and not args.smoke and any(n in TIME_STEPS for n in chosen):
+        sys.exit("gpu_check.py: the timing steps run on the emulator only with --smoke")
     os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(int(time.time()))  # fresh inputs every run
-    started = time.time()
-    h = EmuHarness(args.out, args.emulate) if args.emulate else Harness(args.out, args.quick)
-    if h.on_gpu:
-        h.ceilings()
-    for step in (h.check_norm_rope_act, h.check_engine_f32, h.check_fp8, h.check_fp8_linear, h.check_moe, h.check_indexer_topk, h.check_indexer_fp8,
-                 h.check_mla):
-        try:
-            step()
-        except Exception as e:  # one broken kernel must not hide the others' results
-            import traceback
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+    print(f"seed {seed} (--seed {seed} --steps NAME repeats a step's inputs)", flush=True)
 
+    def on_term(*_):
+        raise Interrupted()
+
+    signal.signal(signal.SIGTERM, on_term)
+    if args.emulate:
+        h = EmuHarness(args.out, args.emulate, quick=args.quick, smoke=args.smoke)
+    else:
+        build = args.build_dir or tempfile.mkdtemp(prefix="sparsemoe-cubins-")
+        h = Harness(args.out, args.quick, build, [args.cubins, build])
+    if args.resume:
+        h.load_state()
+    h.seeds.append(seed)
+    h.record_module_errors()
+    plan = [n for n in chosen if n not in h.steps]
+    print(f"steps: {', '.join(plan) or 'none left'}", flush=True)
+    h.write()
+    lost = interrupted = False
+    for i, name in enumerate(plan):
+        fn = getattr(h, name if name in TIME_STEPS else "check_" + name)
+        h.steps[name] = {"status": "running", "seconds": None, "failed": 0}
+        h.write()
+        torch.manual_seed((seed + zlib.crc32(name.encode())) % 2 ** 63)
+        failed0, t0, status = h.failed, time.time(), "interrupted"
+        print(f"== step {name}", flush=True)
+        try:
+            fn()
+            h.sync()  # a fault of the step's last launches is the step's
+            status = "pass"
+        except Interrupted:
+            interrupted = True
+            print(f"step {name}: interrupted (SIGTERM: out of time?)", flush=True)
+        except Exception as e:  # one broken kernel must not hide the others' results
             traceback.print_exc()
-            h.record_bool(step.__name__, False, f"raised {type(e).__name__}: {e}")
-        if h.on_gpu:
-            torch.cuda.synchronize()
-    h.write(time.time() - started)
-    print(f"{h.failed} checks failed" if h.failed else "all checks passed")
-    return 1 if h.failed else 0
+            status = "raised"
+            h.record_bool(name, False, f"raised {type(e).__name__}: {' '.join(str(e).split())[:400]}")
+            if h.on_gpu and not h.context_ok():
+                status, lost = "raised; CUDA context lost", True
+        finally:
+            failed = h.failed - failed0
+            if status == "pass" and failed:
+                status = "FAIL"
+            h.steps[name] = {"status": status, "seconds": round(time.time() - t0, 1), "failed": failed}
+            h.write()
+            print(f"step {name}: {status} in {time.time() - t0:.1f} s ({failed} checks failed)", flush=True)
+        if interrupted:
+            return 124
+        left = plan[i + 1:]
+        if lost and left:
+            print(f"the CUDA context is lost: {len(left)} steps left ({', '.join(left)}); "
+                  f"`--resume` runs them in a fresh process (gpu-check.sh does)", flush=True)
+            sys.stderr.flush()
+            os._exit(3)  # not through the CUDA libraries' teardown, which a broken context can hang
+    h.write(final=True)
+    not_run = [n for n in chosen if h.steps.get(n, {}).get("status") != "pass"]
+    print((f"{h.failed} checks failed" if h.failed else "all checks passed")
+          + (f"; steps not passed: {', '.join(not_run)}" if not_run else ""))
+    return 1 if h.failed or not_run else 0
 
 
 if __name__ == "__main__":
