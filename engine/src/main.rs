@@ -179,6 +179,17 @@ fn run<B: Backend>(command: Command, backend: B, devices: usize) -> anyhow::Resu
             context,
             steps,
         } => {
+            for (flag, value) in [
+                ("--prompt-tokens", prompt_tokens),
+                ("--decode-tokens", decode_tokens),
+                ("--steps", steps),
+                ("--batch", batch.iter().copied().min().unwrap_or(1)),
+                ("--context", context.iter().copied().min().unwrap_or(1)),
+            ] {
+                if value == 0 {
+                    anyhow::bail!("{flag} 0: must be at least 1");
+                }
+            }
             let loaded = model.load(backend, devices)?;
             let mut throughput = Vec::new();
             for b in batch {

@@ -13,9 +13,11 @@ use crate::backend::{GraphCounts, GraphCountsSource};
 use crate::expert_load::ExpertLoad;
 use crate::expert_shards::ExpertShards;
 
+/// Up to two hours: a long reasoning output (tens of thousands of tokens) runs for many
+/// minutes, as vLLM's end-to-end buckets allow.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    20.0, 40.0, 80.0, 160.0, 640.0,
+    20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0, 7680.0,
 ];
 const TOKEN_LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,

@@ -183,7 +183,83 @@ pub fn configure_chat(
     Ok(parser)
 }
 
+/// The most tokens a KV-cache block may hold (vLLM's largest block size is 256).
+pub const MAX_BLOCK_SIZE: usize = 1024;
+
 impl ServeArgs {
+    /// Checks the settings that need no model, so that a bad one fails at once rather than
+    /// after a load that may take many minutes (and again on every restart).
+    pub fn check(&self) -> anyhow::Result<()> {
+        self.kv_dtype()?;
+        self.reasoning_parser()?;
+        kv_budget_flags(self.kv_cache_bytes, self.kv_cache_memory_fraction)?;
+        for (flag, value) in [
+            ("--max-queue", self.max_queue),
+            (
+                "--max-batch-tokens (SPARSEMOE_MAX_BATCHED_TOKENS)",
+                self.max_batch_tokens,
+            ),
+            ("--max-running", self.max_running),
+            ("--block-size", self.block_size),
+        ] {
+            if value == 0 {
+                bail!("{flag} 0: must be at least 1");
+            }
+        }
+        if self.block_size > MAX_BLOCK_SIZE {
+            bail!(
+                "--block-size {}: at most {MAX_BLOCK_SIZE} tokens a block",
+                self.block_size
+            );
+        }
+        if let Some(len) = self.max_model_len
+            && len < 2
+        {
+            bail!(
+                "--max-model-len (SPARSEMOE_MAX_CONTEXT_TOKENS) {len}: at least 2 (a prompt \
+                 token and one to generate)"
+            );
+        }
+        if self.served_model_name.as_deref().is_some_and(str::is_empty) {
+            bail!("--served-model-name (SPARSEMOE_SERVED_MODEL_NAME) is empty");
+        }
+        self.api_key()?;
+        self.listen_addr()?;
+        Ok(())
+    }
+
+    /// The key of `--api-key-file` (trimmed; an empty file is refused).
+    pub fn api_key(&self) -> anyhow::Result<Option<String>> {
+        let Some(path) = &self.api_key_file else {
+            return Ok(None);
+        };
+        let key = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --api-key-file {}", path.display()))?;
+        let key = key.trim().to_string();
+        if key.is_empty() {
+            bail!("--api-key-file {} is empty", path.display());
+        }
+        Ok(Some(key))
+    }
+
+    /// `--host` and `--port` as an address: an IPv4 or IPv6 address (`::`, with or without
+    /// brackets) or a host name.
+    pub fn listen_addr(&self) -> anyhow::Result<SocketAddr> {
+        use std::net::ToSocketAddrs;
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        (host, self.port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .with_context(|| {
+                format!(
+                    "--host {} --port {}: not an address to listen on (e.g. 0.0.0.0, ::, \
+                     127.0.0.1)",
+                    self.host, self.port
+                )
+            })
+    }
+
     /// `--reasoning-parser`: whether reasoning is split from the answer.
     pub fn reasoning_parser(&self) -> anyhow::Result<bool> {
         match self.reasoning_parser.as_str() {
@@ -357,6 +433,7 @@ fn load<B: Backend>(args: &ServeArgs, backend: B, devices: usize) -> anyhow::Res
 
 /// Loads the model on `--device` and builds the server state.
 fn load_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
+    args.check()?;
     if args.nodes_per_replica != 1 {
         bail!(
             "--nodes-per-replica {} (SPARSEMOE_NODES_PER_REPLICA): a replica spanning several \
@@ -395,6 +472,21 @@ fn load_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
     }
 }
 
+/// The KV cache's sizing flags, before any memory is read: at most one of them, a fraction in
+/// (0, 0.98].
+fn kv_budget_flags(bytes: Option<usize>, fraction: Option<f64>) -> anyhow::Result<()> {
+    match (bytes, fraction) {
+        (Some(_), Some(_)) => bail!(
+            "--kv-cache-bytes and --kv-cache-memory-fraction (SPARSEMOE_KV_CACHE_MEMORY_FRACTION) \
+             both size the KV cache: give one"
+        ),
+        (None, Some(f)) if !(f > 0.0 && f <= 0.98) => {
+            bail!("--kv-cache-memory-fraction {f}: must be in (0, 0.98], e.g. 0.9")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The KV cache's bytes and where the number came from: `--kv-cache-bytes`, or
 /// `--kv-cache-memory-fraction` of what `available()` reports, or 1 GiB.
 fn kv_cache_budget(
@@ -402,16 +494,10 @@ fn kv_cache_budget(
     fraction: Option<f64>,
     available: impl FnOnce() -> Option<u64>,
 ) -> anyhow::Result<(usize, String)> {
+    kv_budget_flags(bytes, fraction)?;
     match (bytes, fraction) {
-        (Some(_), Some(_)) => bail!(
-            "--kv-cache-bytes and --kv-cache-memory-fraction (SPARSEMOE_KV_CACHE_MEMORY_FRACTION) \
-             both size the KV cache: give one"
-        ),
-        (Some(bytes), None) => Ok((bytes, "--kv-cache-bytes".into())),
+        (Some(bytes), _) => Ok((bytes, "--kv-cache-bytes".into())),
         (None, Some(f)) => {
-            if !(f > 0.0 && f <= 0.98) {
-                bail!("--kv-cache-memory-fraction {f}: must be in (0, 0.98], e.g. 0.9");
-            }
             let free = available().context(
                 "--kv-cache-memory-fraction: could not read the available memory \
                  (/proc/meminfo, cgroup memory files); pass --kv-cache-bytes instead",
@@ -462,17 +548,40 @@ pub fn build_state<B: Backend>(
     // small). A device reports its free memory with the weights already in it.
     let weight_bytes = model.weight_bytes() as u64;
     let device_free = model.backend().device_memory_available();
-    let (kv_bytes, kv_source) =
-        kv_cache_budget(args.kv_cache_bytes, args.kv_cache_memory_fraction, || {
-            device_free.or_else(|| {
-                crate::host_memory::available_bytes().map(|a| a.saturating_sub(weight_bytes))
-            })
-        })?;
-    let blocks = BlockAllocator::from_budget(
-        args.block_size,
-        kv_bytes,
-        bytes_per_token(&config, kv_dtype),
-    );
+    let available = || {
+        device_free.or_else(|| {
+            crate::host_memory::available_bytes().map(|a| a.saturating_sub(weight_bytes))
+        })
+    };
+    let (kv_bytes, kv_source) = kv_cache_budget(
+        args.kv_cache_bytes,
+        args.kv_cache_memory_fraction,
+        available,
+    )?;
+    if args.kv_cache_bytes.is_some()
+        && let Some(free) = available()
+        && kv_bytes as u64 > free
+    {
+        bail!(
+            "--kv-cache-bytes {kv_bytes}: more than the {free} bytes available beside the \
+             weights; give less, or size it with --kv-cache-memory-fraction"
+        );
+    }
+    let token_bytes = bytes_per_token(&config, kv_dtype);
+    let blocks = args
+        .block_size
+        .max(1)
+        .checked_mul(token_bytes)
+        .map(|b| kv_bytes / b);
+    if blocks.is_none_or(|b| b > u32::MAX as usize) {
+        bail!(
+            "the KV cache ({kv_source}: {kv_bytes} bytes) would have more blocks of \
+             {} tokens than the {} a cache may have",
+            args.block_size,
+            u32::MAX
+        );
+    }
+    let blocks = BlockAllocator::from_budget(args.block_size, kv_bytes, token_bytes);
     eprintln!(
         "sparsemoe-engine: KV cache of {kv_bytes} bytes ({} tokens, {}) from {kv_source}",
         blocks.capacity_tokens(),
@@ -518,8 +627,8 @@ pub fn build_state<B: Backend>(
         model,
         blocks,
         SchedulerConfig {
-            max_batch_tokens: args.max_batch_tokens.max(1),
-            max_running: args.max_running.max(1),
+            max_batch_tokens: args.max_batch_tokens,
+            max_running: args.max_running,
             max_waiting: args.max_queue,
             max_context,
             prefix_caching: !args.no_prefix_caching,
@@ -540,15 +649,7 @@ pub fn build_state<B: Backend>(
     state.stop_tokens = stop_tokens;
     state.tool_parser = tool_parser;
     state.reasoning_parser = args.reasoning_parser()?;
-    if let Some(path) = &args.api_key_file {
-        let key = std::fs::read_to_string(path)
-            .with_context(|| format!("reading --api-key-file {}", path.display()))?;
-        let key = key.trim().to_string();
-        if key.is_empty() {
-            bail!("--api-key-file {} is empty", path.display());
-        }
-        state.api_key = Some(key);
-    }
+    state.api_key = args.api_key()?;
     Ok(Arc::new(state))
 }
 
@@ -583,9 +684,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let addr: SocketAddr = format!("{}:{}", args.host, args.port)
-            .parse()
-            .with_context(|| format!("--host {} --port {}", args.host, args.port))?;
+        let addr = args.listen_addr()?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;

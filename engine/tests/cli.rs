@@ -87,6 +87,26 @@ fn bad_arguments_fail_with_a_message_not_a_panic() {
         !out.status.success() && stderr.contains("temperature"),
         "{stderr}"
     );
+
+    // bench's counts are at least 1 (a run of no steps has no median).
+    for (flag, value) in [
+        ("--steps", "0"),
+        ("--batch", "1,0"),
+        ("--prompt-tokens", "0"),
+    ] {
+        let out = engine()
+            .args(["bench", "--model", dir.to_str().unwrap(), "--context", "64"])
+            .args([flag, value])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && stderr.contains(&format!("{flag} 0: must be at least 1"))
+                && !stderr.contains("panicked"),
+            "{flag} {value}: {stderr}"
+        );
+    }
 }
 
 #[test]
@@ -209,6 +229,35 @@ fn serve_refuses_settings_it_cannot_honour() {
             &["--device", "cuda:0", "--cuda-graph-rows", "65"][..],
             "--cuda-graph-rows 65: at most 64",
         ),
+        (
+            &["--max-queue", "0"][..],
+            "--max-queue 0: must be at least 1",
+        ),
+        (
+            &["--block-size", "0"][..],
+            "--block-size 0: must be at least 1",
+        ),
+        (&["--block-size", "72057594037927936"][..], "at most 1024"),
+        (
+            &["--max-model-len", "1"][..],
+            "--max-model-len (SPARSEMOE_MAX_CONTEXT_TOKENS) 1: at least 2",
+        ),
+        (
+            &[
+                "--kv-cache-bytes",
+                "4096",
+                "--kv-cache-memory-fraction",
+                "0.5",
+            ][..],
+            "give one",
+        ),
+        (&["--kv-cache-memory-fraction", "0.99"][..], "(0, 0.98]"),
+        (
+            &["--api-key-file", "/nonexistent/key"][..],
+            "reading --api-key-file /nonexistent/key",
+        ),
+        (&["--served-model-name", ""][..], "--served-model-name"),
+        (&["--host", "not a host"][..], "not an address to listen on"),
     ] {
         let out = engine()
             .args(["serve", "--port", "0"])
@@ -220,5 +269,25 @@ fn serve_refuses_settings_it_cannot_honour() {
             !out.status.success() && stderr.contains(message) && !stderr.contains("panicked"),
             "{args:?}: {stderr}"
         );
+        // Refused before the model loads (`chat prompts from` is said once it has).
+        assert!(!stderr.contains("chat prompts from"), "{args:?}: {stderr}");
     }
+    // More KV cache than the memory there is: refused by name (once the weights are known).
+    let out = engine()
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--kv-cache-bytes",
+            "18446744073709551615",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("--kv-cache-bytes 18446744073709551615: more than")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
 }
