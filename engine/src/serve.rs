@@ -220,6 +220,16 @@ impl ServeArgs {
                  token and one to generate)"
             );
         }
+        if self.index_topk == Some(0) {
+            bail!("--index-topk (SPARSEMOE_INDEX_TOPK) 0: must be at least 1");
+        }
+        if self.dense_below_tokens.is_some() && self.attention != "auto" {
+            bail!(
+                "--dense-below-tokens (SPARSEMOE_DENSE_BELOW_TOKENS) applies with --attention \
+                 auto only, not {}",
+                self.attention
+            );
+        }
         if self.served_model_name.as_deref().is_some_and(str::is_empty) {
             bail!("--served-model-name (SPARSEMOE_SERVED_MODEL_NAME) is empty");
         }

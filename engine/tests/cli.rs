@@ -258,6 +258,14 @@ fn serve_refuses_settings_it_cannot_honour() {
         ),
         (&["--served-model-name", ""][..], "--served-model-name"),
         (&["--host", "not a host"][..], "not an address to listen on"),
+        (
+            &["--index-topk", "0"][..],
+            "--index-topk (SPARSEMOE_INDEX_TOPK) 0",
+        ),
+        (
+            &["--dense-below-tokens", "64"][..],
+            "applies with --attention auto only, not sparse",
+        ),
     ] {
         let out = engine()
             .args(["serve", "--port", "0"])
