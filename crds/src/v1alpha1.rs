@@ -230,7 +230,8 @@ pub struct EngineSpec {
     #[x_kube(validation = Rule::new("self >= 1").message("engine.indexTopK must be at least 1"))]
     #[schemars(range(max = u32::MAX))]
     pub index_top_k: Option<u32>,
-    /// Longest prompt + completion the engine accepts; defaults to the model's limit.
+    /// Longest prompt + completion the engine accepts; defaults to the model's limit, or what
+    /// the KV cache holds if less. The engine refuses to start with more than either.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 16").message("engine.maxContextTokens must be at least 16"))]
     #[schemars(range(max = u32::MAX))]

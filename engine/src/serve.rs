@@ -76,7 +76,8 @@ pub struct ServeArgs {
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
-    /// Cap on prompt + output tokens (default: the model's max_position_embeddings).
+    /// Cap on prompt + output tokens (default: the model's max_position_embeddings, or what
+    /// the KV cache holds if less). Longer than either is refused.
     #[arg(long, env = "SPARSEMOE_MAX_CONTEXT_TOKENS")]
     pub max_model_len: Option<usize>,
     /// Tokens one engine step processes at most (decodes plus prefill chunks).
@@ -597,12 +598,11 @@ pub fn build_state<B: Backend>(
         blocks.capacity_tokens(),
         kv_dtype.as_str()
     );
-    let mut max_context = config.max_position_embeddings;
-    if let Some(cap) = args.max_model_len {
-        max_context = max_context.min(cap);
-    }
-    // One sequence of the full context must fit, or preemption could never make room.
-    max_context = max_context.min(blocks.capacity_tokens());
+    let max_context = max_context(
+        args.max_model_len,
+        config.max_position_embeddings,
+        blocks.capacity_tokens(),
+    )?;
     if max_context < 2 {
         bail!(
             "the KV cache ({kv_source}: {kv_bytes} bytes) holds {} tokens; at least one block \
@@ -661,6 +661,38 @@ pub fn build_state<B: Backend>(
     state.reasoning_parser = args.reasoning_parser()?;
     state.api_key = args.api_key()?;
     Ok(Arc::new(state))
+}
+
+/// The longest sequence served: `--max-model-len` when given, else the model's own context,
+/// capped by what the KV cache holds. A sequence of the full context must fit in the cache, or
+/// preemption could never make room for it. A length asked for explicitly that the model or
+/// the cache cannot honour is refused, as vLLM refuses it, rather than quietly shortened.
+fn max_context(asked: Option<usize>, model: usize, cache: usize) -> anyhow::Result<usize> {
+    let Some(asked) = asked else {
+        if (2..model).contains(&cache) {
+            eprintln!(
+                "sparsemoe-engine: serving at most {cache} tokens a sequence, what the KV \
+                 cache holds, below the model's {model}; give the cache more memory or set \
+                 --max-model-len to choose"
+            );
+        }
+        return Ok(model.min(cache));
+    };
+    if asked > model {
+        bail!(
+            "--max-model-len (SPARSEMOE_MAX_CONTEXT_TOKENS) {asked}: longer than the model's \
+             context of {model} tokens (max_position_embeddings in config.json)"
+        );
+    }
+    if asked > cache {
+        bail!(
+            "--max-model-len (SPARSEMOE_MAX_CONTEXT_TOKENS) {asked}: the KV cache holds only \
+             {cache} tokens, and one sequence of the full length must fit; give the cache \
+             more memory (--kv-cache-memory-fraction, --kv-cache-bytes) or ask for at most \
+             {cache}"
+        );
+    }
+    Ok(asked)
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -963,6 +963,48 @@ async fn api_key_is_required_when_configured() {
     s.shutdown().await;
 }
 
+#[test]
+fn a_max_model_len_the_model_or_the_cache_cannot_hold_is_refused() {
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+    let state = |extra: &[&str]| {
+        let mut argv = vec!["serve"];
+        argv.extend_from_slice(extra);
+        let model = Model::load(&fixture(), Cpu, ModelOptions::default()).unwrap();
+        build_state(
+            model,
+            tokenizer(),
+            "fixture".into(),
+            &Wrap::parse_from(argv).args,
+        )
+    };
+    // The fixture's max_position_embeddings is 512.
+    let Err(err) = state(&["--max-model-len", "513"]) else {
+        panic!("a length past the model's context was served");
+    };
+    assert!(
+        format!("{err:#}").contains("longer than the model's context of 512"),
+        "{err:#}"
+    );
+    // 448 bytes per token: 8 blocks of 16 tokens hold 128 tokens.
+    let small = ["--kv-cache-bytes", "57344"];
+    let Err(err) = state(&[&small[..], &["--max-model-len", "129"]].concat()) else {
+        panic!("a length past the cache was served");
+    };
+    assert!(
+        format!("{err:#}").contains("holds only 128 tokens"),
+        "{err:#}"
+    );
+    // What fits is served as asked; without the flag the cache's capacity caps the model's.
+    let fits = state(&[&small[..], &["--max-model-len", "100"]].concat()).unwrap();
+    assert_eq!(fits.max_context, 100);
+    assert_eq!(state(&["--max-model-len", "512"]).unwrap().max_context, 512);
+    assert_eq!(state(&small).unwrap().max_context, 128);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_cache_preempts_and_every_request_still_finishes() {
     // 448 bytes per token on the fixture: 8 blocks of 16 tokens = 128 tokens of KV in all.
