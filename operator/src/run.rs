@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
@@ -273,7 +273,24 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 _ = stop => {},
             }
         };
-        let ran = run_controller(client, &config, metrics, health.clone(), shutdown).await;
+        // Shared, so that the controller can restart under the same shutdown.
+        let shutdown = shutdown.shared();
+        let ran = loop {
+            let ran = run_controller(
+                client.clone(),
+                &config,
+                metrics.clone(),
+                health.clone(),
+                shutdown.clone(),
+            )
+            .await;
+            match ran {
+                Ok(Stopped::ToWatchNewKinds) if !*stop_rx.borrow() => {
+                    info!("restarting the controller to watch LeaderWorkerSets");
+                }
+                ran => break ran.map(drop),
+            }
+        };
         if let Some(task) = stop_checking {
             task.abort();
         }
@@ -322,25 +339,34 @@ const DISCOVERY_FIRST_WAIT: Duration = Duration::from_secs(1);
 /// How often a replica whose child caches have not synced says which.
 const CACHE_SYNC_WARNING: Duration = Duration::from_secs(30);
 
-/// Whether the LeaderWorkerSet API is served (API discovery). It is read once, at start-up (the
-/// controller's watches are wired then), so an error other than "not served" (an API server
-/// restarting, a timeout) is retried for about half a minute before the API is taken as absent:
-/// one blip would otherwise turn multi-node variants off until the operator restarts.
+/// How often an operator that runs without the LeaderWorkerSet API looks for it again.
+pub const REDISCOVER_EVERY: Duration = Duration::from_secs(60);
+
+/// Whether the API server serves LeaderWorkerSets, or the error that kept it from saying.
+async fn leader_worker_sets_served(client: &Client) -> Result<bool, kube::Error> {
+    match client
+        .list_api_group_resources(children::LWS_API_VERSION)
+        .await
+    {
+        Ok(list) => Ok(list
+            .resources
+            .iter()
+            .any(|r| r.name == children::LWS_PLURAL)),
+        Err(kube::Error::Api(status)) if group_not_served(&status) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the LeaderWorkerSet API is served (API discovery), read when the controller starts
+/// (its watches are wired then). An error other than "not served" (an API server restarting, a
+/// timeout) is retried for about half a minute before the API is taken as absent; while it is,
+/// [`leader_worker_sets_appear`] keeps looking, and the controller restarts when it is found.
 pub async fn discover(client: &Client) -> Capabilities {
     let mut wait = DISCOVERY_FIRST_WAIT;
     let mut attempt = 1;
     let leader_worker_set = loop {
-        match client
-            .list_api_group_resources(children::LWS_API_VERSION)
-            .await
-        {
-            Ok(list) => {
-                break list
-                    .resources
-                    .iter()
-                    .any(|r| r.name == children::LWS_PLURAL);
-            }
-            Err(kube::Error::Api(status)) if group_not_served(&status) => break false,
+        match leader_worker_sets_served(client).await {
+            Ok(served) => break served,
             Err(e) if attempt < DISCOVERY_ATTEMPTS => {
                 warn!(error = %e, attempt, retry_in = ?wait, "LeaderWorkerSet discovery failed");
                 tokio::time::sleep(wait).await;
@@ -348,13 +374,29 @@ pub async fn discover(client: &Client) -> Capabilities {
                 attempt += 1;
             }
             Err(e) => {
-                warn!(error = %e, attempt, "LeaderWorkerSet discovery failed; treating it as absent (multi-node variants are Degraded until the operator restarts)");
+                warn!(error = %e, attempt, every = ?REDISCOVER_EVERY, "LeaderWorkerSet discovery failed; treating it as absent and looking again");
                 break false;
             }
         }
     };
     info!(leader_worker_set, "discovered cluster capabilities");
     Capabilities { leader_worker_set }
+}
+
+/// Resolves once the LeaderWorkerSet API is served, looking every `every`: LeaderWorkerSet
+/// installed after the operator, or discovery that failed at start-up, then needs no restart.
+async fn leader_worker_sets_appear(client: Client, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match leader_worker_sets_served(&client).await {
+            Ok(true) => {
+                info!("the LeaderWorkerSet API is served now");
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "LeaderWorkerSet discovery failed; looking again"),
+        }
+    }
 }
 
 fn api_for<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -469,14 +511,48 @@ pub(crate) fn prune_pod(pod: &mut Pod) {
     }
 }
 
+/// Why the controller stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Stopped {
+    /// Its shutdown future resolved.
+    Shutdown,
+    /// The LeaderWorkerSet API appeared: a controller that watches it must take over.
+    ToWatchNewKinds,
+}
+
 async fn run_controller(
     client: Client,
     config: &RunConfig,
     metrics: Arc<Metrics>,
     health: Health,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Stopped> {
     let capabilities = discover(&client).await;
+    // Without LeaderWorkerSets, look for them again; on a task of its own, since the
+    // controller's shutdown future must be Sync.
+    let appeared = (!capabilities.leader_worker_set)
+        .then(|| tokio::spawn(leader_worker_sets_appear(client.clone(), REDISCOVER_EVERY)));
+    let appeared_abort = appeared.as_ref().map(|task| task.abort_handle());
+    let new_kinds = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shutdown = {
+        let new_kinds = new_kinds.clone();
+        async move {
+            let appeared = async move {
+                match appeared {
+                    Some(task) => {
+                        if task.await.is_ok() {
+                            new_kinds.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown => {},
+                _ = appeared => {},
+            }
+        }
+    };
     let ns = config.watch_namespace.as_deref();
     let (deployments, deployment_events) = cached(api_for::<Deployment>(&client, ns), keep_all);
     let (services, service_events) = cached(api_for::<Service>(&client, ns), keep_all);
@@ -553,7 +629,7 @@ async fn run_controller(
     // forbids) is named in the log rather than leaving every object waiting in silence.
     let main_store = controller.store();
     let ready_flag = health.ready.clone();
-    tokio::spawn(async move {
+    let waiting = tokio::spawn(async move {
         if main_store.wait_until_ready().await.is_err() {
             return;
         }
@@ -579,7 +655,7 @@ async fn run_controller(
     });
     // Forget what the context keeps about deleted objects, every resync period.
     let (pruned, ideps) = (context.clone(), controller.store());
-    tokio::spawn(async move {
+    let pruning = tokio::spawn(async move {
         let mut every = tokio::time::interval(reconcile::RESYNC);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -600,8 +676,18 @@ async fn run_controller(
             futures::future::ready(())
         })
         .await;
+    // A controller that restarts brings its own.
+    waiting.abort();
+    pruning.abort();
+    if let Some(task) = appeared_abort {
+        task.abort();
+    }
     info!("controller stopped");
-    Ok(())
+    Ok(if new_kinds.load(Ordering::Relaxed) {
+        Stopped::ToWatchNewKinds
+    } else {
+        Stopped::Shutdown
+    })
 }
 
 #[cfg(test)]
@@ -821,6 +907,46 @@ mod tests {
                 .await
                 .leader_worker_set
         );
+        finish(verifier).await;
+    }
+
+    /// Without LeaderWorkerSets the operator keeps looking, past "not served" and failures,
+    /// until they are served.
+    #[tokio::test(start_paused = true)]
+    async fn leader_worker_sets_installed_later_are_found() {
+        use crate::fixtures::{Reply, expect, finish, verify};
+        let path = format!("/apis/{}", children::LWS_API_VERSION);
+        let list = |resources: serde_json::Value| {
+            Reply::Json(serde_json::json!({
+                "kind": "APIResourceList", "apiVersion": "v1",
+                "groupVersion": children::LWS_API_VERSION, "resources": resources
+            }))
+        };
+        let (service, handle) = tower_test::mock::pair();
+        let verifier = verify(
+            handle,
+            vec![
+                expect(http::Method::GET, &path, Reply::Fail(404, "NotFound")),
+                expect(
+                    http::Method::GET,
+                    &path,
+                    Reply::Fail(503, "ServiceUnavailable"),
+                ),
+                // The group served before the kind is established.
+                expect(http::Method::GET, &path, list(serde_json::json!([]))),
+                expect(
+                    http::Method::GET,
+                    &path,
+                    list(
+                        serde_json::json!([{"name": children::LWS_PLURAL, "singularName": "",
+                        "namespaced": true, "kind": "LeaderWorkerSet", "verbs": ["get"]}]),
+                    ),
+                ),
+            ],
+        );
+        let started = tokio::time::Instant::now();
+        leader_worker_sets_appear(Client::new(service, "ns"), REDISCOVER_EVERY).await;
+        assert_eq!(started.elapsed(), REDISCOVER_EVERY * 4);
         finish(verifier).await;
     }
 

@@ -49,7 +49,7 @@ pub const ANNOTATION_APPLIED_HASH: &str = "sparsemoe.io/applied-hash";
 /// Pod-template annotation: the placement plan hash, so a new plan rolls the pods.
 pub const ANNOTATION_PLACEMENT_HASH: &str = "sparsemoe.io/placement-hash";
 
-/// What the cluster can run, discovered once at startup.
+/// What the cluster can run, discovered when the controller starts (see `run::discover`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Capabilities {
     /// The LeaderWorkerSet CRD (`leaderworkerset.x-k8s.io/v1`) is installed.
@@ -415,7 +415,7 @@ fn build_planned(
                 problems.push(Problem {
                     reason: "LeaderWorkerSetMissing",
                     message: format!(
-                        "variant {} spans {nodes} nodes per replica, which needs a LeaderWorkerSet, but the operator found no leaderworkerset.x-k8s.io/v1 API when it started (not installed, or its discovery failed: see the operator's log); install LeaderWorkerSet (kubernetes-sigs/lws) and restart the operator, or set nodesPerReplica: 1",
+                        "variant {} spans {nodes} nodes per replica, which needs a LeaderWorkerSet, but the operator has not found the leaderworkerset.x-k8s.io/v1 API (not installed, or its discovery failed: see the operator's log); install LeaderWorkerSet (kubernetes-sigs/lws), which the operator looks for every minute, or set nodesPerReplica: 1",
                         variant.name
                     ),
                 });
