@@ -947,6 +947,21 @@ impl BlockAllocator {
         table.chain = None;
     }
 
+    /// As [`release`](Self::release), for a sequence whose rows cannot be trusted (its model
+    /// output was unusable): each block no other sequence holds leaves the prefix cache and is
+    /// free again, so no later request reuses its rows.
+    pub fn discard(&mut self, table: &mut BlockTable) {
+        for &block in &table.blocks {
+            let b = block as usize;
+            if self.refs[b] == 1
+                && let Some(key) = self.key_of[b].take()
+            {
+                self.cached.remove(&key);
+            }
+        }
+        self.release(table);
+    }
+
     /// For an empty `table`: shares the cached blocks that hold the longest run of whole
     /// blocks at the start of `tokens`, and returns how many tokens they hold.
     pub fn share_prefix(&mut self, table: &mut BlockTable, tokens: &[u32]) -> usize {

@@ -611,7 +611,9 @@ impl<B: Backend> Engine<B> {
                 row.filter(|_| self.running[index].pending() == 0)
             })
             .collect();
-        let picks: Vec<Option<(u32, Option<TokenLogprob>)>> = self
+        // Per running sequence: nothing to pick this step, its pick, or a faulty row.
+        type Pick = Option<Result<(u32, Option<TokenLogprob>), ()>>;
+        let picks: Vec<Pick> = self
             .running
             .iter_mut()
             .zip(&rows)
@@ -629,14 +631,25 @@ impl<B: Backend> Engine<B> {
             .into_par_iter()
             .map(|job| {
                 let (sampler, suppress, top, row) = job?;
+                // A row with nothing to pick (every logit NaN or -inf) is a numeric fault, on
+                // the device or in the weights; sampling it would emit token 0 until the end.
+                if !row.iter().any(|&l| l > f32::NEG_INFINITY) {
+                    return Some(Err(()));
+                }
                 let token = sampler.sample(row, suppress);
-                Some((token, top.map(|top| logprobs(row, token, top))))
+                Some(Ok((token, top.map(|top| logprobs(row, token, top)))))
             })
             .collect();
         let mut done = Vec::new();
+        let mut faulted = Vec::new();
         for (index, pick) in picks.into_iter().enumerate() {
-            let Some((token, logprob)) = pick else {
-                continue;
+            let (token, logprob) = match pick {
+                None => continue,
+                Some(Ok(pick)) => pick,
+                Some(Err(())) => {
+                    faulted.push(index);
+                    continue;
+                }
             };
             let seq = &mut self.running[index];
             if seq.generated() == 0 && seq.last_token_at.is_none() {
@@ -687,8 +700,21 @@ impl<B: Backend> Engine<B> {
                 done.push(index);
             }
         }
-        for index in done.into_iter().rev() {
-            let seq = self.running.remove(index);
+        // Every index once, in descending order, so that removals do not shift the rest.
+        let mut ended: Vec<(usize, bool)> = done.into_iter().map(|i| (i, false)).collect();
+        ended.extend(faulted.into_iter().map(|i| (i, true)));
+        ended.sort_unstable_by_key(|&(index, _)| std::cmp::Reverse(index));
+        for (index, fault) in ended {
+            let mut seq = self.running.remove(index);
+            if fault {
+                let _ = seq.events.send(Event::Error(
+                    "the model's output for this sequence had no usable logit (every one NaN \
+                     or -inf): a numeric fault on the device or in the checkpoint's weights"
+                        .into(),
+                ));
+                // Its cached rows may be as broken: no later request reuses them.
+                self.blocks.discard(&mut seq.blocks);
+            }
             self.finish(seq);
         }
         Ok(())

@@ -1188,11 +1188,12 @@ async fn ignore_eos_generates_past_the_end_of_sequence() {
 
 /// The CPU backend on a device that can be lost: once `lost` is set, every product panics, as
 /// the CUDA backend does when its device fails in the middle of a step (the trait's compute
-/// methods cannot return errors).
+/// methods cannot return errors). While `nan` is set, every product is NaN (a numeric fault).
 #[derive(Clone, Debug, Default)]
 struct LosableCpu {
     cpu: Cpu,
     lost: Arc<std::sync::atomic::AtomicBool>,
+    nan: Arc<std::sync::atomic::AtomicBool>,
 }
 
 type T = <Cpu as Backend>::Tensor;
@@ -1234,7 +1235,12 @@ impl Backend for LosableCpu {
             !self.lost.load(Ordering::SeqCst),
             "CUDA cublasSgemm: CUBLAS_STATUS_EXECUTION_FAILED (the device was lost)"
         );
-        self.cpu.linear(x, w)
+        let y = self.cpu.linear(x, w);
+        if self.nan.load(Ordering::SeqCst) {
+            let (rows, cols) = self.cpu.shape(&y);
+            return self.cpu.tensor(rows, cols, vec![f32::NAN; rows * cols]);
+        }
+        y
     }
     fn rms_norm(&self, x: &T, w: &T, eps: f32) -> T {
         self.cpu.rms_norm(x, w, eps)
@@ -1357,6 +1363,48 @@ async fn a_device_failure_mid_step_fails_health_instead_of_hanging() {
     let refused =
         tokio::time::timeout(Duration::from_secs(10), s.post("/v1/completions", request)).await;
     assert_eq!(within("a new request")(refused).status, 503);
+    s.shutdown().await;
+}
+
+/// Logits that are all NaN (a numeric fault) end that request with an error that says so,
+/// rather than token 0 until `max_tokens`; the engine stays up, and the rows the faulty step
+/// cached are not reused: the same prompt afterwards gets what a fresh server gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nan_logits_fail_their_request_and_leave_no_cached_rows() {
+    let backend = LosableCpu::default();
+    let nan = backend.nan.clone();
+    let model = Model::load(&fixture(), backend, ModelOptions::default()).unwrap();
+    let s = start_with(model, &[]).await;
+    // Two whole blocks of 16 tokens, which the prefix cache keeps.
+    let prompt: Vec<u32> = (3..40).collect();
+    let request = json!({"prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 2});
+    nan.store(true, Ordering::SeqCst);
+    let failed = s.post("/v1/completions", request.clone()).await;
+    let body = String::from_utf8_lossy(&failed.body);
+    assert_eq!(failed.status, 500, "{body}");
+    assert!(body.contains("no usable logit"), "{body}");
+    assert_eq!(
+        s.get("/health").await.status,
+        200,
+        "one faulty output is not a dead engine"
+    );
+    nan.store(false, Ordering::SeqCst);
+    let after = s.post("/v1/completions", request.clone()).await;
+    assert_eq!(
+        after.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&after.body)
+    );
+    let fresh = start(&[]).await;
+    let want = fresh.post("/v1/completions", request).await.json();
+    let got = after.json();
+    assert_eq!(got["choices"][0]["text"], want["choices"][0]["text"]);
+    assert_eq!(
+        got["choices"][0]["logprobs"],
+        want["choices"][0]["logprobs"]
+    );
+    fresh.shutdown().await;
     s.shutdown().await;
 }
 
