@@ -299,7 +299,8 @@ fn logit_bias(value: &Option<Value>) -> Result<Vec<(u32, f32)>, ApiError> {
             format!("logit_bias may name at most 300 tokens, got {}", map.len()),
         ));
     }
-    map.iter()
+    let biases = map
+        .iter()
         .map(|(key, bias)| {
             let token = key.trim().parse::<u32>().map_err(|_| {
                 ApiError::invalid(
@@ -317,7 +318,18 @@ fn logit_bias(value: &Option<Value>) -> Result<Vec<(u32, f32)>, ApiError> {
                 )),
             }
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    // Keys such as "5" and "05" name one token: each bias would add to the other's, past the
+    // bound.
+    let mut tokens: Vec<u32> = biases.iter().map(|&(t, _)| t).collect();
+    tokens.sort_unstable();
+    if let Some(twice) = tokens.windows(2).find(|w| w[0] == w[1]) {
+        return Err(ApiError::invalid(
+            Some("logit_bias"),
+            format!("logit_bias names token {} more than once", twice[0]),
+        ));
+    }
+    Ok(biases)
 }
 
 /// What to generate from.
@@ -820,7 +832,8 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
         body.repetition_penalty,
         "repetition_penalty",
         1.0,
-        |v| v > 0.0 && v <= 100.0,
+        // Positive as the sampler's float32 too: 1e-50 would be 0 there.
+        |v| v as f32 > 0.0 && v <= 100.0,
         "in (0, 100]",
     )?;
     let min_p = float_in(
@@ -877,7 +890,8 @@ pub fn validate(body: &RequestBody, endpoint: Endpoint) -> Result<Validated, Api
             top_p: top_p as f32,
             top_k,
             min_p,
-            seed: body.seed.map(|s| s as u64),
+            // -1 asks for no seed, as in vLLM.
+            seed: body.seed.filter(|&s| s != -1).map(|s| s as u64),
             presence_penalty,
             frequency_penalty,
             repetition_penalty,
@@ -1157,6 +1171,16 @@ mod tests {
                 json!({"prompt": "x", "repetition_penalty": 0}),
                 "repetition_penalty",
             ),
+            // Positive, but 0 in the sampler's float32.
+            (
+                json!({"prompt": "x", "repetition_penalty": 1e-50}),
+                "repetition_penalty",
+            ),
+            // One token under two keys: the biases would add up to 200.
+            (
+                json!({"prompt": "x", "logit_bias": {"5": 100, "05": 100}}),
+                "logit_bias",
+            ),
             (json!({"prompt": "x", "min_p": 1.5}), "min_p"),
             (json!({"prompt": "x", "min_tokens": -1}), "min_tokens"),
             (
@@ -1299,6 +1323,19 @@ mod tests {
         bias.sort_by_key(|b| b.0);
         assert_eq!(bias, [(7, -100.0), (8, 2.5)]);
         assert_eq!((v.min_tokens, v.stop_token_ids), (3, vec![5, 9]));
+        // A seed of -1 asks for none, as in vLLM; other negative seeds are seeds.
+        let seed = |s: i64| {
+            validate(
+                &body(json!({"prompt": "x", "seed": s})),
+                Endpoint::Completions,
+            )
+            .unwrap()
+            .params
+            .seed
+        };
+        assert_eq!(seed(-1), None);
+        assert_eq!(seed(-7), Some(-7i64 as u64));
+        assert_eq!(seed(7), Some(7));
     }
 
     #[test]

@@ -267,20 +267,14 @@ fn run<B: Backend>(command: Command, backend: B, devices: usize) -> anyhow::Resu
             let mut sampler = Sampler::new(params).with_prompt(&ids);
             let mut out = std::io::stdout().lock();
             write!(out, "{text}")?;
-            let mut emitted = String::new();
-            let mut produced = Vec::new();
+            // Token by token, as the server streams: a character split across tokens prints
+            // once whole, and a long output costs the same per token as a short one.
+            let mut decoding = sparsemoe_engine::tokenizer::DecodeState::default();
             generate(&loaded, &ids, max_tokens, &mut sampler, &stops, |token| {
-                // Decode the whole output so multi-token characters print correctly.
-                produced.push(token);
-                if let Ok(all) = tokenizer.decode(&produced)
-                    && let Some(fresh) = all.strip_prefix(&emitted)
-                {
-                    let _ = write!(out, "{fresh}");
-                    let _ = out.flush();
-                    emitted = all;
-                }
+                let _ = write!(out, "{}", tokenizer.decode_next(&mut decoding, token));
+                let _ = out.flush();
             })?;
-            writeln!(out)?;
+            writeln!(out, "{}", tokenizer.decode_rest(&mut decoding))?;
         }
     }
     Ok(())

@@ -504,12 +504,14 @@ pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
     } else if max == f32::NEG_INFINITY {
         (LOGPROB_FLOOR, f32::INFINITY) // nothing is possible: an empty or all -inf / NaN row
     } else {
-        let sum: f32 = logits
+        // In float64: summed in float32, once the total nears 1 every term below 6e-8 is
+        // lost, and a long tail of them with it, depending on where in the row it lies.
+        let sum: f64 = logits
             .iter()
             .filter(|l| !l.is_nan())
-            .map(|l| (l - max).exp())
+            .map(|&l| f64::from(l - max).exp())
             .sum();
-        (LOGPROB_FLOOR, sum.ln() + max)
+        (LOGPROB_FLOOR, sum.ln() as f32 + max)
     };
     let log_prob = |l: f32| {
         if l == f32::INFINITY {
@@ -1006,6 +1008,22 @@ mod tests {
         let total: f32 = [1.0f32, 2.0, 3.0].iter().map(|l| (l - 3.0f32).exp()).sum();
         assert!((lp.logprob - (1.0 - 3.0 - total.ln())).abs() < 1e-6);
         assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
+    }
+
+    /// A long tail of tiny probabilities counts wherever it lies in the row: summed in float32,
+    /// each of these terms is lost once the total reaches the top token's 1.
+    #[test]
+    fn logprobs_count_a_long_tail_wherever_it_lies() {
+        let tail = 129_279;
+        let want = -(1.0 + tail as f64 * (-17.0f64).exp()).ln();
+        let mut top_first = vec![-17.0f32; tail + 1];
+        top_first[0] = 0.0;
+        let mut top_last = top_first.clone();
+        top_last.rotate_left(1);
+        for (row, top) in [(&top_first, 0), (&top_last, tail as u32)] {
+            let got = f64::from(logprobs(row, top, 0).logprob);
+            assert!((got - want).abs() < 1e-5, "top at {top}: {got} vs {want}");
+        }
     }
 
     #[test]

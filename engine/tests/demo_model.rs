@@ -28,12 +28,16 @@ fn generation_stops_at_the_models_context() {
     );
 }
 
+/// The demo model's directory, and what transformers gave for it (`reference.json`).
+fn demo_and_reference() -> (std::path::PathBuf, serde_json::Value) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo-model");
+    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    (dir, serde_json::from_str(&text).unwrap())
+}
+
 #[test]
 fn greedy_continuations_and_prompt_ids_match_transformers() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo-model");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
+    let (dir, reference) = demo_and_reference();
     let model = Model::load(&dir, Cpu, ModelOptions::default()).unwrap();
     let tokenizer = Tokenizer::from_dir(&dir).unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {
@@ -82,4 +86,41 @@ fn greedy_continuations_and_prompt_ids_match_transformers() {
             generate(&model, &prompt_ids, want.len(), &mut sampler, &[], |_| {}).unwrap();
         assert_eq!(got, want, "greedy continuation of {text:?}");
     }
+}
+
+/// `sparsemoe-engine generate` prints the prompt and then, token by token, the greedy
+/// continuation transformers gives: the same text as decoding it whole.
+#[test]
+fn the_generate_command_prints_the_greedy_continuation() {
+    let (dir, reference) = demo_and_reference();
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let case = reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "completion")
+        .expect("a completion case");
+    let prompt = case["prompt"].as_str().unwrap();
+    let want: Vec<u32> = case["greedy_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sparsemoe-engine"))
+        .args(["generate", "--prompt", prompt, "--max-tokens"])
+        .arg(want.len().to_string())
+        .arg("--model")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let continuation = tokenizer.decode(&want).unwrap();
+    assert!(!continuation.is_empty());
+    assert_eq!(printed, format!("{prompt}{continuation}\n"));
 }
