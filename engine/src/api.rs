@@ -332,6 +332,88 @@ fn logit_bias(value: &Option<Value>) -> Result<Vec<(u32, f32)>, ApiError> {
     Ok(biases)
 }
 
+/// The model's sampling defaults (`generation_config.json`) for the fields a request leaves
+/// out, as vLLM's `--generation-config auto` applies them: temperature, top_p, top_k, min_p and
+/// repetition_penalty. Like vLLM, which reads the file's difference from transformers'
+/// `GenerationConfig`, a value equal to transformers' own default (temperature, top_p and
+/// repetition_penalty 1, top_k 50) is not applied: `top_k: 50` in a file is not a top-k.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+}
+
+impl SamplingDefaults {
+    /// From the text of a `generation_config.json`, which `source` names in errors. A value a
+    /// request could not give (by the request's own rules) is refused, naming it.
+    pub fn from_generation_config(text: &str, source: &str) -> Result<Self, String> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| format!("{source}: not JSON: {e}"))?;
+        let Some(fields) = value.as_object() else {
+            return Err(format!("{source}: not a JSON object"));
+        };
+        let field = |key: &str| fields.get(key).filter(|v| !v.is_null());
+        let float = |key: &str, transformers: Option<f64>| match field(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(f) if Some(f) == transformers => Ok(None),
+                Some(f) => Ok(Some(f)),
+                None => Err(format!("{source}: {key} must be a number, got {v}")),
+            },
+        };
+        let top_k = match field("top_k") {
+            None => None,
+            Some(v) => match v.as_i64() {
+                Some(50) => None,
+                Some(k) => Some(k),
+                None => return Err(format!("{source}: top_k must be an integer, got {v}")),
+            },
+        };
+        let defaults = Self {
+            temperature: float("temperature", Some(1.0))?,
+            top_p: float("top_p", Some(1.0))?,
+            top_k,
+            min_p: float("min_p", None)?,
+            repetition_penalty: float("repetition_penalty", Some(1.0))?,
+        };
+        let mut body = RequestBody {
+            prompt: Some(json!("x")),
+            ..RequestBody::default()
+        };
+        defaults.fill(&mut body);
+        validate(&body, Endpoint::Completions).map_err(|e| format!("{source}: {}", e.message))?;
+        Ok(defaults)
+    }
+
+    /// Gives `body` each default it leaves out (or sends as null).
+    pub fn fill(&self, body: &mut RequestBody) {
+        body.temperature = body.temperature.or(self.temperature);
+        body.top_p = body.top_p.or(self.top_p);
+        body.top_k = body.top_k.or(self.top_k);
+        body.min_p = body.min_p.or(self.min_p);
+        body.repetition_penalty = body.repetition_penalty.or(self.repetition_penalty);
+    }
+
+    /// The defaults as `name value` pairs, for the start-up log; empty for none.
+    pub fn describe(&self) -> String {
+        let floats = [
+            ("temperature", self.temperature),
+            ("top_p", self.top_p),
+            ("min_p", self.min_p),
+            ("repetition_penalty", self.repetition_penalty),
+        ];
+        floats
+            .iter()
+            .filter_map(|(name, v)| v.map(|v| format!("{name} {v}")))
+            .chain(self.top_k.map(|k| format!("top_k {k}")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PromptInput {
@@ -1336,6 +1418,47 @@ mod tests {
         assert_eq!(seed(-1), None);
         assert_eq!(seed(-7), Some(-7i64 as u64));
         assert_eq!(seed(7), Some(7));
+    }
+
+    /// A DeepSeek V3-family generation_config.json gives temperature 0.6 and top_p 0.95, which
+    /// a request that leaves them out gets; transformers' defaults written out are no defaults
+    /// (vLLM reads the file's difference from them); a value no request could give is refused.
+    #[test]
+    fn generation_config_defaults_read_as_vllm_reads_them() {
+        let deepseek = r#"{"_from_model_config": true, "bos_token_id": 0, "eos_token_id": 1,
+            "do_sample": true, "temperature": 0.6, "top_p": 0.95,
+            "transformers_version": "4.46.3"}"#;
+        let d = SamplingDefaults::from_generation_config(deepseek, "g.json").unwrap();
+        assert_eq!(
+            (d.temperature, d.top_p, d.top_k),
+            (Some(0.6), Some(0.95), None)
+        );
+        assert_eq!(d.describe(), "temperature 0.6, top_p 0.95");
+        let mut left_out = body(json!({"prompt": "x", "top_p": 0.5, "min_p": null}));
+        d.fill(&mut left_out);
+        let v = validate(&left_out, Endpoint::Completions).unwrap();
+        assert_eq!((v.params.temperature, v.params.top_p), (0.6, 0.5));
+        let same = r#"{"temperature": 1.0, "top_p": 1, "top_k": 50, "repetition_penalty": 1.0}"#;
+        let d = SamplingDefaults::from_generation_config(same, "g.json").unwrap();
+        assert_eq!(d, SamplingDefaults::default());
+        assert_eq!(d.describe(), "");
+        let d = SamplingDefaults::from_generation_config(r#"{"top_k": 20, "min_p": 0.05}"#, "g")
+            .unwrap();
+        assert_eq!((d.top_k, d.min_p), (Some(20), Some(0.05)));
+        for (bad, named) in [
+            (r#"{"top_p": 2}"#, "top_p"),
+            (r#"{"temperature": "hot"}"#, "temperature"),
+            (r#"{"top_k": 2.5}"#, "top_k"),
+            (r#"{"repetition_penalty": -1}"#, "repetition_penalty"),
+            ("[1]", "not a JSON object"),
+            ("{", "not JSON"),
+        ] {
+            let err = SamplingDefaults::from_generation_config(bad, "dir/g.json").unwrap_err();
+            assert!(
+                err.starts_with("dir/g.json: ") && err.contains(named),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -53,6 +53,12 @@ pub struct ServeArgs {
     /// The model name clients use (default: the directory name, or `sparsemoe-demo`).
     #[arg(long, env = "SPARSEMOE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// Sampling defaults for the fields a request leaves out (temperature, top_p, top_k, min_p,
+    /// repetition_penalty): `auto` takes the model directory's generation_config.json when it
+    /// has one, as vLLM does; `vllm` takes none (temperature 1, no top-p or top-k); a
+    /// directory takes the generation_config.json in it.
+    #[arg(long, default_value = "auto", env = "SPARSEMOE_GENERATION_CONFIG")]
+    pub generation_config: String,
     /// The model's revision (e.g. a Hugging Face commit; the operator passes
     /// `spec.model.revision`): informational, shown in `/v1/models` and `sparsemoe_model_info`.
     #[arg(long, env = "SPARSEMOE_MODEL_REVISION")]
@@ -231,6 +237,7 @@ impl ServeArgs {
                 self.attention
             );
         }
+        self.sampling_defaults()?;
         if self.served_model_name.as_deref().is_some_and(str::is_empty) {
             bail!("--served-model-name (SPARSEMOE_SERVED_MODEL_NAME) is empty");
         }
@@ -240,6 +247,34 @@ impl ServeArgs {
     }
 
     /// The key of `--api-key-file` (trimmed; an empty file is refused).
+    /// The sampling defaults `--generation-config` names (see there).
+    pub fn sampling_defaults(&self) -> anyhow::Result<crate::api::SamplingDefaults> {
+        let dir = match (self.generation_config.as_str(), &self.model) {
+            ("vllm", _) | ("auto", None) => return Ok(Default::default()),
+            ("auto", Some(model)) => model.clone(),
+            (dir, _) => PathBuf::from(dir),
+        };
+        let path = dir.join("generation_config.json");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => crate::api::SamplingDefaults::from_generation_config(
+                &text,
+                &path.display().to_string(),
+            )
+            .map_err(|e| anyhow::anyhow!("--generation-config (SPARSEMOE_GENERATION_CONFIG): {e}")),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound && self.generation_config == "auto" =>
+            {
+                Ok(Default::default())
+            }
+            Err(e) => bail!(
+                "--generation-config (SPARSEMOE_GENERATION_CONFIG) {}: cannot read {}: {e} \
+                 (expected `auto`, `vllm` or a directory holding a generation_config.json)",
+                self.generation_config,
+                path.display()
+            ),
+        }
+    }
+
     pub fn api_key(&self) -> anyhow::Result<Option<String>> {
         let Some(path) = &self.api_key_file else {
             return Ok(None);
@@ -660,6 +695,14 @@ pub fn build_state<B: Backend>(
     state.tool_parser = tool_parser;
     state.reasoning_parser = args.reasoning_parser()?;
     state.api_key = args.api_key()?;
+    state.sampling_defaults = args.sampling_defaults()?;
+    let defaults = state.sampling_defaults.describe();
+    if !defaults.is_empty() {
+        eprintln!(
+            "sparsemoe-engine: sampling defaults from the model's generation_config.json for \
+             fields a request leaves out: {defaults} (--generation-config vllm for none)"
+        );
+    }
     Ok(Arc::new(state))
 }
 

@@ -55,6 +55,8 @@ pub struct AppState {
     /// prompt that ends in `<think>` starts its output in reasoning, which ends at the
     /// `</think>` token.
     pub reasoning_parser: bool,
+    /// The model's sampling defaults (`--generation-config`), for fields a request leaves out.
+    pub sampling_defaults: api::SamplingDefaults,
     pub draining: AtomicBool,
     /// Requests between their arrival and their submission to the engine (parsing, the chat
     /// template, tokenization: the engine does not count them yet): a drain waits for them as
@@ -88,6 +90,7 @@ impl AppState {
             api_key: None,
             tool_parser: None,
             reasoning_parser: false,
+            sampling_defaults: api::SamplingDefaults::default(),
             draining: AtomicBool::new(false),
             preparing: AtomicUsize::new(0),
             created: unix_now(),
@@ -376,7 +379,8 @@ fn prepare(
             ApiError::invalid(None, rejection.body_text())
         }
     })?;
-    let body = api::parse_body(&bytes)?;
+    let mut body = api::parse_body(&bytes)?;
+    state.sampling_defaults.fill(&mut body);
     // A request for another model is answered as such before its fields are judged (vLLM).
     if let Some(model) = &body.model
         && model != &state.model_name

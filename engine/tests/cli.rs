@@ -239,6 +239,10 @@ fn serve_refuses_settings_it_cannot_honour() {
         ),
         (&["--block-size", "72057594037927936"][..], "at most 1024"),
         (
+            &["--generation-config", "/nonexistent"][..],
+            "cannot read /nonexistent/generation_config.json",
+        ),
+        (
             &["--max-model-len", "1"][..],
             "--max-model-len (SPARSEMOE_MAX_CONTEXT_TOKENS) 1: at least 2",
         ),

@@ -963,6 +963,58 @@ async fn api_key_is_required_when_configured() {
     s.shutdown().await;
 }
 
+/// The model's generation_config.json gives the sampling settings a request leaves out (here
+/// temperature 0: greedy), and only those; `--generation-config vllm` takes none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_config_defaults_apply_to_fields_a_request_leaves_out() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"do_sample": true, "temperature": 0.0}"#,
+    )
+    .unwrap();
+    let config = dir.path().to_str().unwrap();
+    let text = |v: Value| v["choices"][0]["text"].as_str().unwrap().to_string();
+    let prompt: Vec<u32> = (3..12).collect();
+    let body = |extra: Value| {
+        let mut b = json!({"prompt": prompt, "max_tokens": 12});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let s = start(&["--generation-config", config]).await;
+    let greedy = text(
+        s.post("/v1/completions", body(json!({"temperature": 0})))
+            .await
+            .json(),
+    );
+    for _ in 0..2 {
+        let left_out = s.post("/v1/completions", body(json!({}))).await.json();
+        assert_eq!(text(left_out), greedy, "no temperature given: the file's 0");
+    }
+    // A request's own temperature wins: of 8 seeds, some continuation is not the greedy one.
+    let mut sampled = Vec::new();
+    for seed in 0..8 {
+        let v = body(json!({"temperature": 1.5, "seed": seed}));
+        sampled.push(text(s.post("/v1/completions", v).await.json()));
+    }
+    assert!(sampled.iter().any(|t| *t != greedy), "{sampled:?}");
+    s.shutdown().await;
+    // Without the file's defaults, a request that leaves temperature out samples at 1.
+    let s = start(&["--generation-config", "vllm"]).await;
+    let mut unseeded = Vec::new();
+    for seed in 0..8 {
+        unseeded.push(text(
+            s.post("/v1/completions", body(json!({"seed": seed})))
+                .await
+                .json(),
+        ));
+    }
+    assert!(unseeded.iter().any(|t| *t != greedy), "{unseeded:?}");
+    s.shutdown().await;
+}
+
 #[test]
 fn a_max_model_len_the_model_or_the_cache_cannot_hold_is_refused() {
     #[derive(Parser)]
