@@ -274,8 +274,17 @@ pub struct EngineSpec {
     #[schemars(range(max = 64))]
     pub cuda_graph_rows: Option<u32>,
     /// Extra arguments appended to `sparsemoe-engine serve` (at most 64, each at most 4096
-    /// bytes: the bounds keep the schema's rules within the API server's cost budget).
+    /// bytes: the bounds keep the schema's rules within the API server's cost budget). Not
+    /// `--model`, `--device`, `--host` or `--port`: the operator passes those, and the engine
+    /// refuses a flag given twice.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new(
+        "!self.exists(a, a in ['--model', '--device', '--host', '--port'] || \
+         a.startsWith('--model=') || a.startsWith('--device=') || \
+         a.startsWith('--host=') || a.startsWith('--port='))"
+    ).message(
+        "engine.args must not set --model, --device, --host or --port: the operator passes them to the engine, which exits when a flag is given twice; --model comes from model.source, --device from gpusPerReplica (in parallelism or the variant), and --host 0.0.0.0 and --port 8000 are fixed, as the Service and the probes use them"
+    ))]
     #[schemars(length(max = 64), inner(length(max = 4096)))]
     pub args: Vec<String>,
     /// Extra environment variables for the engine container.

@@ -220,3 +220,31 @@ fn unknown_or_mistyped_fields_name_the_problem() {
     .unwrap_err();
     assert!(err.contains("replicas"), "{err}");
 }
+
+/// `engine.args` may not repeat a flag the operator passes on the engine's command line (clap
+/// exits on a flag given twice), in either form; flags that merely share a prefix pass.
+#[test]
+fn engine_args_may_not_repeat_the_operators_flags() {
+    let manifest = |args: &str| {
+        format!(
+            "apiVersion: sparsemoe.io/v1alpha1\nkind: InferenceDeployment\nmetadata: {{name: m}}\nspec:\n  model: {{name: m, source: {{demo: {{}}}}}}\n  engine: {{args: {args}}}\n  variants: [{{name: cpu, costPerHour: 2}}]\n"
+        )
+    };
+    for flag in ["--model", "--device", "--host", "--port"] {
+        for args in [
+            format!("[\"{flag}\", \"x\"]"),
+            format!("[\"--max-running\", \"8\", \"{flag}=x\"]"),
+        ] {
+            let err = parse_and_validate(&manifest(&args))
+                .expect_err(&format!("engine.args {args} was accepted"));
+            assert!(
+                err.contains("engine.args must not set --model, --device, --host or --port"),
+                "{args}: {err}"
+            );
+        }
+    }
+    parse_and_validate(&manifest(
+        "[\"--model-revision=abc\", \"--max-running\", \"8\", \"--api-key-file\", \"/k\"]",
+    ))
+    .unwrap();
+}

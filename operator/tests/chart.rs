@@ -1,6 +1,7 @@
 //! The Helm chart, checked without `helm` (not installable from the Debian archive): the CRD
 //! copy equals the generated CRD, every file parses as YAML once template expressions are
-//! replaced by placeholders, and the RBAC grants exactly the verbs the operator uses.
+//! replaced by placeholders, the values parse and every one is in values.schema.json, and the
+//! RBAC grants exactly the verbs the operator uses (and users, through the aggregated roles).
 
 use std::path::{Path, PathBuf};
 
@@ -14,14 +15,29 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Drops whole-line control actions and replaces every `{{ ... }}` with `x`.
+/// Drops whole-line control actions (`if`, `else`, `end`, `with`, `range`, comments), turns
+/// any other whole-line action (an `include` of labels) into a placeholder key of its own, and
+/// replaces every other `{{ ... }}` with `x`.
 fn detemplate(text: &str) -> String {
     let mut out = String::new();
-    for line in text.lines() {
+    for (n, line) in text.lines().enumerate() {
         let trimmed = line.trim();
-        if trimmed.starts_with("{{-")
-            && (trimmed.contains(" if ") || trimmed.contains(" end ") || trimmed.contains(" end}}"))
+        if trimmed.starts_with("{{")
+            && trimmed.ends_with("}}")
+            && trimmed.matches("{{").count() == 1
         {
+            let action = trimmed
+                .trim_start_matches("{{")
+                .trim_start_matches('-')
+                .trim_start();
+            let keyword = action.split_whitespace().next().unwrap_or_default();
+            if action.starts_with("/*")
+                || ["if", "else", "end", "end}}", "end-}}", "with", "range"].contains(&keyword)
+            {
+                continue;
+            }
+            let indent = &line[..line.len() - line.trim_start().len()];
+            out.push_str(&format!("{indent}template-line-{n}: x\n"));
             continue;
         }
         let mut rest = line;
@@ -73,22 +89,95 @@ fn chart_files_parse() {
         kinds,
         [
             "ClusterRole",
+            "ClusterRole",
+            "ClusterRole",
             "ClusterRoleBinding",
             "Deployment",
+            "PodDisruptionBudget",
             "Role",
             "RoleBinding",
             "Service",
             "ServiceAccount"
         ]
     );
-    let deployment = parse(
-        &detemplate(&read(&chart().join("templates/deployment.yaml"))),
-        "deployment",
-    );
+    let deployment_text = read(&chart().join("templates/deployment.yaml"));
+    let deployment = parse(&detemplate(&deployment_text), "deployment");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["args"][0], "run");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    // The operator image's default tag is the appVersion, as it has always been.
+    assert!(
+        deployment_text.contains(".Values.image.tag | default .Chart.AppVersion }}"),
+        "the operator image's default tag is not the appVersion"
+    );
+    // The chart's RUST_LOG is the operator's own default.
+    let main = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src/main.rs"));
+    let level = values["logLevel"].as_str().unwrap();
+    assert!(
+        main.contains(&format!("EnvFilter::new(\"{level}\")")),
+        "values.yaml logLevel {level:?} is not the operator's default filter in src/main.rs"
+    );
+}
+
+/// Every value in values.yaml is in values.schema.json with its type, and every object the
+/// schema lists the keys of refuses others (a misspelt key fails `helm install`).
+#[test]
+fn values_schema_covers_every_value() {
+    fn walk(path: &str, value: &Value, schema: &Value, root: &Value) {
+        let schema = match schema["$ref"].as_str() {
+            Some(r) => {
+                let name = r.strip_prefix("#/definitions/").unwrap();
+                &root["definitions"][name]
+            }
+            None => schema,
+        };
+        let ty = match value {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        if let Some(want) = schema["type"].as_str() {
+            assert_eq!(
+                want, ty,
+                "{path}: values.yaml has a {ty}, the schema wants {want}"
+            );
+        } else {
+            assert!(
+                schema["anyOf"].is_array(),
+                "{path}: the schema gives no type"
+            );
+        }
+        if let Some(props) = schema["properties"].as_object() {
+            assert_eq!(
+                schema["additionalProperties"], false,
+                "{path}: the schema lists its keys but allows others"
+            );
+            for (key, child) in value.as_object().unwrap() {
+                let sub = props
+                    .get(key)
+                    .unwrap_or_else(|| panic!("{path}.{key} is not in values.schema.json"));
+                walk(&format!("{path}.{key}"), child, sub, root);
+            }
+        }
+    }
+    let values = parse(&read(&chart().join("values.yaml")), "values.yaml");
+    let schema: Value = serde_json::from_str(&read(&chart().join("values.schema.json")))
+        .expect("values.schema.json parses");
+    assert_eq!(schema["$schema"], "http://json-schema.org/draft-07/schema#");
+    walk("values", &values, &schema, &schema);
+    assert_eq!(values["serviceAccount"]["create"], true);
+    assert_eq!(values["rbac"]["aggregateToDefaultRoles"], true);
+    assert_eq!(values["podDisruptionBudget"]["enabled"], true);
+    let port = &schema["properties"]["metrics"]["properties"]["port"];
+    assert_eq!(
+        (&port["minimum"], &port["maximum"]),
+        (&1.into(), &65535.into())
+    );
 }
 
 fn rules(file: &str) -> Vec<(String, String, Vec<String>)> {
@@ -176,4 +265,83 @@ fn rbac_grants_exactly_what_the_operator_uses() {
     let lease: Vec<(&str, &str, &[&str])> =
         vec![("coordination.k8s.io", "leases", &["get", "create", "patch"])];
     assert_eq!(rules("role.yaml"), own(lease));
+}
+
+/// The ClusterRoles for users, aggregated into the built-in admin, edit and view roles.
+#[test]
+fn user_roles_are_aggregated_into_the_built_in_roles() {
+    let labels = |file: &str| {
+        let doc = parse(
+            &detemplate(&read(&chart().join("templates").join(file))),
+            file,
+        );
+        doc["metadata"]["labels"].clone()
+    };
+    let edit = labels("clusterrole-edit.yaml");
+    assert_eq!(edit["rbac.authorization.k8s.io/aggregate-to-edit"], "true");
+    assert_eq!(edit["rbac.authorization.k8s.io/aggregate-to-admin"], "true");
+    let view = labels("clusterrole-view.yaml");
+    assert_eq!(view["rbac.authorization.k8s.io/aggregate-to-view"], "true");
+    let all = [
+        "get",
+        "list",
+        "watch",
+        "create",
+        "update",
+        "patch",
+        "delete",
+        "deletecollection",
+    ];
+    let own = |v: &[(&str, &[&str])]| {
+        let mut v: Vec<(String, String, Vec<String>)> = v
+            .iter()
+            .map(|(r, verbs)| {
+                (
+                    "sparsemoe.io".to_string(),
+                    r.to_string(),
+                    verbs.iter().map(|s| s.to_string()).collect(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mut actual = rules("clusterrole-edit.yaml");
+    actual.sort();
+    assert_eq!(
+        actual,
+        own(&[
+            ("inferencedeployments", &all),
+            ("inferencedeployments/status", &["get"]),
+            ("inferencedeployments/scale", &["get", "update", "patch"]),
+        ])
+    );
+    let mut actual = rules("clusterrole-view.yaml");
+    actual.sort();
+    let read_only: &[&str] = &["get", "list", "watch"];
+    assert_eq!(
+        actual,
+        own(&[
+            ("inferencedeployments", read_only),
+            ("inferencedeployments/status", read_only),
+            ("inferencedeployments/scale", read_only),
+        ])
+    );
+}
+
+/// With more than one replica, a drain takes one operator pod at a time.
+#[test]
+fn operator_pdb_allows_one_pod_down() {
+    let text = read(&chart().join("templates/poddisruptionbudget.yaml"));
+    assert!(
+        text.lines()
+            .next()
+            .unwrap()
+            .contains("gt (int .Values.replicaCount) 1"),
+        "the PDB is not limited to replicaCount > 1"
+    );
+    let pdb = parse(&detemplate(&text), "poddisruptionbudget.yaml");
+    assert_eq!(pdb["apiVersion"], "policy/v1");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert!(pdb["spec"]["selector"]["matchLabels"].is_object());
 }

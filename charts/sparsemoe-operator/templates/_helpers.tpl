@@ -21,3 +21,22 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
+
+{{- /* The values' affinity; without one, and with more than one replica, a preference for
+replicas on different nodes; otherwise none. */ -}}
+{{- define "sparsemoe-operator.affinity" -}}
+{{- if .Values.affinity -}}
+{{- toYaml .Values.affinity -}}
+{{- else if gt (int .Values.replicaCount) 1 -}}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "sparsemoe-operator.selectorLabels" . | nindent 12 }}
+{{- else -}}
+{}
+{{- end -}}
+{{- end -}}
