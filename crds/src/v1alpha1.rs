@@ -541,8 +541,9 @@ pub struct ScalingSpec {
     #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("scaling.maxReplicas must be between 1 and 1000"))]
     #[schemars(range(max = 1000))]
     pub max_replicas: Option<u32>,
-    /// Waiting requests per replica the queueDepth policy is to aim for. Reserved: queueDepth and
-    /// costAware are not metrics-driven yet (they hold the running replicas).
+    /// Waiting requests per replica the queueDepth policy aims for: it runs the waiting
+    /// requests of every ready engine (`sparsemoe_num_requests_waiting`), summed, divided by
+    /// this, rounded up. (costAware is not metrics-driven yet: it holds the running replicas.)
     #[serde(default = "default_target_queue_depth")]
     #[x_kube(validation = Rule::new("self >= 1").message("scaling.targetQueueDepthPerReplica must be at least 1"))]
     #[schemars(range(max = u32::MAX))]
@@ -550,12 +551,13 @@ pub struct ScalingSpec {
     /// Latency objectives the autoscaler is to keep. Reserved: not acted on yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slo: Option<SloSpec>,
-    /// How long a higher recommendation must hold before scaling up. Reserved: not acted on yet.
+    /// How long a higher recommendation must hold before scaling up (queueDepth): a scale-up
+    /// goes to the lowest recommendation of this window.
     #[serde(default)]
     #[schemars(range(max = 3600))]
     pub scale_up_stabilization_seconds: u32,
-    /// How long a lower recommendation must hold before scaling down. Reserved: not acted on
-    /// yet.
+    /// How long a lower recommendation must hold before scaling down (queueDepth): a
+    /// scale-down goes to the highest recommendation of this window.
     #[serde(default = "default_scale_down_stabilization")]
     #[schemars(range(max = 86400))]
     pub scale_down_stabilization_seconds: u32,

@@ -1315,8 +1315,9 @@ fn an_orphaned_workload_of_a_removed_variant_is_deleted() {
     .unwrap();
 }
 
-/// Under a holding policy (`queueDepth` holds what runs until its autoscaler is wired), a
-/// renamed variant's replicas move to the new name rather than falling back to minReplicas.
+/// Under a holding policy (`queueDepth` holds what runs while no engine's metrics can be read,
+/// as here, where no engine listens), a renamed variant's replicas move to the new name rather
+/// than falling back to minReplicas.
 #[test]
 fn a_renamed_variant_keeps_its_held_replicas() {
     let Some(cluster) = cluster() else { return };

@@ -3,14 +3,16 @@
 //! metrics-driven autoscaler (another issue) replaces the body of the non-`fixed` arm without
 //! touching the reconciler.
 //!
-//! Today: `fixed` takes `spec.scaling.replicas` (which the /scale subresource, HPA and KEDA
-//! set) and fills the variants in listed order up to each one's `maxReplicas`, passing over
-//! variants that cannot be realised now, whose running replicas count toward it
-//! ([`decide_around`]). `queueDepth`
-//! and `costAware` are NOT metrics-driven yet: they hold the replicas currently running
-//! (while a renamed variant's old workload is replaced, the replicas decided before),
-//! clamped to `[minReplicas, maxReplicas]`, and say so in their reason. The operator never
-//! writes the user's spec.
+//! `fixed` takes `spec.scaling.replicas` (which the /scale subresource, HPA and KEDA set) and
+//! fills the variants in listed order up to each one's `maxReplicas`, passing over variants
+//! that cannot be realised now, whose running replicas count toward it ([`decide_around`]).
+//! `queueDepth` takes the total the engines' queues call for ([`crate::queue_scaling`]),
+//! adding replicas to the most preferred variants with room and taking them from the least
+//! preferred. Without a recommendation (no engine's metrics read), and always under
+//! `costAware`, which is NOT metrics-driven yet, the replicas that run are held (while a
+//! renamed variant's old workload is replaced, the replicas decided before), clamped to
+//! `[minReplicas, maxReplicas]`, and the reason says so. The operator never writes the user's
+//! spec.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,8 +25,11 @@ pub struct ReplicaDecision {
     pub variants: Vec<(String, i32)>,
     /// Replicas asked for that no variant has room for.
     pub unplaced: i32,
-    /// `true` when the count comes from a policy that is not wired to metrics yet.
+    /// `true` when the replicas that run are held rather than decided (see the module doc).
     pub holding: bool,
+    /// The ScalingActive condition's reason: `FixedReplicas`, `ValidMetricFound` (queueDepth
+    /// deciding), `MetricsUnavailable` or `AutoscalerNotWired` (holding).
+    pub reason_code: &'static str,
     /// Why, in words (shown in the ScalingActive condition).
     pub reason: String,
 }
@@ -56,6 +61,9 @@ pub struct Running {
     /// decision gave in all (the status's), which the holding policies keep, so that a rename
     /// does not fall back to minReplicas.
     pub replacing: Option<i32>,
+    /// Under `queueDepth`: the replicas the engines' queues call for, or why there is no
+    /// recommendation (the replicas that run are then held).
+    pub queue: Option<Result<crate::queue_scaling::Recommendation, String>>,
 }
 
 /// Replicas per variant for `spec`, given the replicas each variant's workload runs now
@@ -63,7 +71,7 @@ pub struct Running {
 pub fn decide(spec: &InferenceDeploymentSpec, current: &BTreeMap<String, i32>) -> ReplicaDecision {
     let running = Running {
         variants: current.clone(),
-        replacing: None,
+        ..Running::default()
     };
     decide_around(spec, &running, &BTreeSet::new())
 }
@@ -104,6 +112,7 @@ pub fn decide_around(
                 variants,
                 unplaced,
                 holding: false,
+                reason_code: "FixedReplicas",
                 reason: format!(
                     "policy fixed: {} replicas from spec.scaling.replicas",
                     scaling.replicas
@@ -130,7 +139,40 @@ pub fn decide_around(
             // What runs, or while workloads of a renamed variant are replaced, what was
             // decided before: their replicas move to the spec's variants.
             let held = total.max(running.replacing.map_or(0, i64::from));
-            let target = held.clamp(min, max);
+            let policy = if scaling.policy == ScalingPolicy::QueueDepth {
+                "queueDepth"
+            } else {
+                "costAware"
+            };
+            let (target, reason_code, reason) = match (&running.queue, scaling.policy) {
+                (Some(Ok(r)), ScalingPolicy::QueueDepth) => (
+                    r.replicas.clamp(min, max),
+                    "ValidMetricFound",
+                    r.reason.clone(),
+                ),
+                (unread, ScalingPolicy::QueueDepth) => (
+                    held.clamp(min, max),
+                    "MetricsUnavailable",
+                    format!(
+                        "policy queueDepth: holding the current replicas within minReplicas {} \
+                         and maxReplicas {max}: {}",
+                        scaling.min_replicas,
+                        match unread {
+                            Some(Err(why)) => why.as_str(),
+                            _ => "no engine's metrics read yet",
+                        }
+                    ),
+                ),
+                _ => (
+                    held.clamp(min, max),
+                    "AutoscalerNotWired",
+                    format!(
+                        "policy {policy} is not wired to engine metrics yet: holding the current \
+                         replicas within minReplicas {} and maxReplicas {max}",
+                        scaling.min_replicas
+                    ),
+                ),
+            };
             let mut unplaced = 0;
             if total < target {
                 // Add replicas to the most preferred variants with room.
@@ -141,11 +183,11 @@ pub fn decide_around(
                     missing -= add;
                 }
                 unplaced = missing;
-            } else if total > max {
+            } else if total > target {
                 // Remove replicas from the least preferred variants first; not from one that
                 // cannot be realised, whose workload is not applied, so what it runs stays
-                // (taking them off it would leave more than maxReplicas running).
-                let mut excess = total - max;
+                // (taking them off it would leave more than the target running).
+                let mut excess = total - target;
                 let realisable = spec.variants.iter().map(|v| !unavailable.contains(&v.name));
                 for ((_, n), _) in variants
                     .iter_mut()
@@ -158,22 +200,15 @@ pub fn decide_around(
                     excess -= remove;
                 }
             }
-            let policy = if scaling.policy == ScalingPolicy::QueueDepth {
-                "queueDepth"
-            } else {
-                "costAware"
-            };
             ReplicaDecision {
                 variants: variants
                     .into_iter()
                     .map(|(name, n)| (name, clamp_i32(n)))
                     .collect(),
                 unplaced: clamp_i32(unplaced),
-                holding: true,
-                reason: format!(
-                    "policy {policy} is not wired to engine metrics yet: holding the current replicas within minReplicas {} and maxReplicas {max}",
-                    scaling.min_replicas
-                ),
+                holding: reason_code != "ValidMetricFound",
+                reason_code,
+                reason,
             }
         }
     }
@@ -240,6 +275,7 @@ mod tests {
         let on_h200 = Running {
             variants: BTreeMap::from([("h200".to_string(), 2)]),
             replacing: None,
+            queue: None,
         };
         spec.scaling.replicas = 3;
         let d = decide_around(&spec, &on_h200, &h200);
@@ -258,6 +294,7 @@ mod tests {
         let current = Running {
             variants: BTreeMap::from([("h200".to_string(), 1)]),
             replacing: None,
+            queue: None,
         };
         let d = decide_around(&spec, &current, &h200);
         assert_eq!(d.variants, vec![("h200".into(), 1), ("h100".into(), 1)]);
@@ -267,6 +304,7 @@ mod tests {
         let over = Running {
             variants: BTreeMap::from([("h200".to_string(), 3), ("h100".to_string(), 3)]),
             replacing: None,
+            queue: None,
         };
         let h100 = BTreeSet::from(["h100".to_string()]);
         let d = decide_around(&spec, &over, &h100);
@@ -275,6 +313,55 @@ mod tests {
         // All realisable: the least preferred gives them up first.
         let d = decide_around(&spec, &over, &BTreeSet::new());
         assert_eq!(d.variants, vec![("h200".into(), 3), ("h100".into(), 1)]);
+    }
+
+    /// Under queueDepth with a recommendation, the total follows it: added to the most
+    /// preferred variants with room, taken from the least preferred, within minReplicas and
+    /// maxReplicas; without one (no engine read), the replicas that run are held, saying why.
+    #[test]
+    fn queue_depth_follows_the_recommendation() {
+        use crate::queue_scaling::Recommendation;
+        let mut spec = spec_with_variants(&[("h200", Some(2)), ("h100", None)]);
+        spec.scaling.policy = ScalingPolicy::QueueDepth;
+        spec.scaling.min_replicas = 1;
+        spec.scaling.max_replicas = Some(6);
+        let running = |h200: i32, h100: i32, replicas: i64| Running {
+            variants: BTreeMap::from([("h200".to_string(), h200), ("h100".to_string(), h100)]),
+            replacing: None,
+            queue: Some(Ok(Recommendation {
+                replicas,
+                reason: format!("{replicas} wanted"),
+            })),
+        };
+        let d = decide_around(&spec, &running(1, 0, 5), &BTreeSet::new());
+        assert_eq!(d.variants, vec![("h200".into(), 2), ("h100".into(), 3)]);
+        assert_eq!(
+            (d.holding, d.reason_code, d.reason.as_str()),
+            (false, "ValidMetricFound", "5 wanted")
+        );
+        let d = decide_around(&spec, &running(2, 3, 3), &BTreeSet::new());
+        assert_eq!(d.variants, vec![("h200".into(), 2), ("h100".into(), 1)]);
+        // Clamped: the policy's bounds hold whatever the recommendation.
+        assert_eq!(
+            decide_around(&spec, &running(2, 3, 40), &BTreeSet::new()).total(),
+            6
+        );
+        assert_eq!(
+            decide_around(&spec, &running(2, 3, 0), &BTreeSet::new()).total(),
+            1
+        );
+        let unread = Running {
+            queue: Some(Err("no engine pod is ready".into())),
+            ..running(2, 1, 0)
+        };
+        let d = decide_around(&spec, &unread, &BTreeSet::new());
+        assert_eq!(d.total(), 3);
+        assert_eq!((d.holding, d.reason_code), (true, "MetricsUnavailable"));
+        assert!(d.reason.contains("no engine pod is ready"), "{}", d.reason);
+        // costAware is not metrics-driven: a recommendation (never made for it) is ignored.
+        spec.scaling.policy = ScalingPolicy::CostAware;
+        let d = decide_around(&spec, &running(2, 1, 6), &BTreeSet::new());
+        assert_eq!((d.total(), d.reason_code), (3, "AutoscalerNotWired"));
     }
 
     /// A renamed variant's replicas, still running under its old name, move to the spec's
@@ -290,6 +377,7 @@ mod tests {
         let renamed = Running {
             variants: BTreeMap::from([("h100".to_string(), 1)]),
             replacing: Some(9),
+            queue: None,
         };
         let d = decide_around(&spec, &renamed, &BTreeSet::new());
         assert_eq!(d.variants, vec![("h200-sxm".into(), 8), ("h100".into(), 1)]);
@@ -297,6 +385,7 @@ mod tests {
         let moved = Running {
             variants: BTreeMap::from([("h200-sxm".to_string(), 8), ("h100".to_string(), 1)]),
             replacing: Some(9),
+            queue: None,
         };
         let d = decide_around(&spec, &moved, &BTreeSet::new());
         assert_eq!(d.total(), 9);
@@ -325,7 +414,11 @@ mod tests {
         // Nothing runs yet: start at minReplicas in preference order.
         let d = decide(&spec, &BTreeMap::new());
         assert_eq!(d.variants, vec![("h200".into(), 2), ("h100".into(), 0)]);
-        assert!(d.holding && d.reason.contains("not wired"), "{}", d.reason);
+        assert!(
+            d.holding && d.reason.contains("no engine's metrics"),
+            "{}",
+            d.reason
+        );
         // Running replicas are held as they are.
         let current = BTreeMap::from([("h200".to_string(), 3), ("h100".to_string(), 1)]);
         assert_eq!(

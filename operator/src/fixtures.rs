@@ -102,6 +102,30 @@ pub struct Caches {
     pub leader_worker_sets: Writer<DynamicObject>,
     /// What `settle` applied, as the operator's [`Context::applied`] records it.
     pub applied: HashMap<String, AppliedMark>,
+    /// What each engine's `/metrics` URL answers (absent: a refused connection).
+    pub engine_metrics: HashMap<String, Result<String, String>>,
+}
+
+/// Engines' `/metrics` as [`Caches::engine_metrics`] has them; the URLs asked for are kept.
+#[derive(Debug, Default)]
+pub struct FakeScrape {
+    pub answers: HashMap<String, Result<String, String>>,
+    pub asked: Mutex<Vec<String>>,
+}
+
+impl crate::queue_scaling::Scrape for FakeScrape {
+    fn get(
+        &self,
+        url: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>> {
+        self.asked.lock().unwrap().push(url.clone());
+        let answer = self
+            .answers
+            .get(&url)
+            .cloned()
+            .unwrap_or_else(|| Err(format!("{url}: connection refused")));
+        Box::pin(async move { answer })
+    }
 }
 
 impl Default for Caches {
@@ -115,6 +139,7 @@ impl Default for Caches {
             pods: Writer::default(),
             leader_worker_sets: Writer::new(children::lws_api_resource()),
             applied: HashMap::new(),
+            engine_metrics: HashMap::new(),
         };
         caches
             .deployments
@@ -261,6 +286,11 @@ pub fn context(
         capabilities,
         failures: Mutex::new(HashMap::new()),
         applied: Mutex::new(caches.applied.clone()),
+        scrape: Arc::new(FakeScrape {
+            answers: caches.engine_metrics.clone(),
+            ..FakeScrape::default()
+        }),
+        queues: Mutex::new(HashMap::new()),
     };
     (Arc::new(ctx), handle)
 }

@@ -30,7 +30,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sparsemoe_api::InferenceDeployment;
-use sparsemoe_api::v1alpha1::InferenceDeploymentStatus;
+use sparsemoe_api::v1alpha1::{InferenceDeploymentStatus, ScalingPolicy};
 use tracing::{info, warn};
 
 use crate::autoscale::{self, ReplicaDecision};
@@ -38,6 +38,7 @@ use crate::children::{
     self, Cached, Capabilities, Children, LABEL_DEPLOYMENT, LABEL_VARIANT, Workload,
 };
 use crate::metrics::Metrics;
+use crate::queue_scaling::{self, QueueObservation, Recommendations, Scrape};
 use crate::status::{self, WorkloadObservation};
 use crate::{Error, FIELD_MANAGER, Result};
 
@@ -65,6 +66,10 @@ pub struct Context {
     /// What each child was right after this process last applied it, by `kind/ns/name`: a
     /// cached child past it was changed by someone else (drift). See [`apply_reason`].
     pub applied: Mutex<HashMap<String, AppliedMark>>,
+    /// Reads engines' `/metrics` (the `queueDepth` policy).
+    pub scrape: Arc<dyn Scrape>,
+    /// The `queueDepth` recommendations of each object's stabilization windows.
+    pub queues: Mutex<HashMap<ObjectRef<InferenceDeployment>, Recommendations>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -139,6 +144,9 @@ pub async fn reconcile(idep: Arc<InferenceDeployment>, ctx: Arc<Context>) -> Res
 pub fn prune(ctx: &Context, ideps: &Store<InferenceDeployment>) {
     if let Ok(mut failures) = ctx.failures.lock() {
         failures.retain(|key, _| ideps.get(key).is_some());
+    }
+    if let Ok(mut queues) = ctx.queues.lock() {
+        queues.retain(|key, _| ideps.get(key).is_some());
     }
     let stores = &ctx.stores;
     let cached = |key: &str| {
@@ -377,7 +385,12 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
         + stores.leader_worker_sets.as_ref().map_or(0, |s| {
             s.state().iter().filter(|l| ours(&l.metadata)).count()
         });
-    let running = autoscale::Running {
+    // This object's pods, whatever their variant.
+    let object_pods = stores.pods.state_filter(|p| {
+        p.namespace().as_deref() == Some(namespace.as_str())
+            && p.labels().get(LABEL_DEPLOYMENT) == Some(&name)
+    });
+    let mut running = autoscale::Running {
         variants: observed
             .iter()
             .map(|(v, o)| (v.clone(), o.spec_replicas))
@@ -386,16 +399,36 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
             .then_some(idep.status.as_ref())
             .flatten()
             .map(|s| s.variants.iter().map(|v| v.desired_replicas).sum()),
+        queue: None,
     };
+    let by_queue = idep.spec.scaling.policy == ScalingPolicy::QueueDepth;
+    if by_queue {
+        let seen = read_queues(&object_pods, ctx.scrape.as_ref()).await;
+        let current = i64::from(
+            running
+                .variants
+                .values()
+                .map(|n| (*n).max(0))
+                .sum::<i32>()
+                .max(running.replacing.unwrap_or(0)),
+        );
+        let mut queues = ctx
+            .queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let history = queues.entry(ObjectRef::from_obj(idep)).or_default();
+        running.queue = Some(queue_scaling::recommend(
+            &idep.spec.scaling,
+            current,
+            &seen,
+            history,
+            tokio::time::Instant::now(),
+        ));
+    }
     let (decision, desired) =
         children::decide_and_build(idep, &namespace, owner, &running, ctx.capabilities);
     let mut applied = Applied::default();
     let stale = StaleWorkloads::find(idep, &namespace, &desired, ctx);
-    // This object's pods, whatever their variant.
-    let object_pods = stores.pods.state_filter(|p| {
-        p.namespace().as_deref() == Some(namespace.as_str())
-            && p.labels().get(LABEL_DEPLOYMENT) == Some(&name)
-    });
     let mut failure = apply_children(
         &namespace,
         &desired,
@@ -530,7 +563,68 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
     // A pod waiting for a node is looked at again when its grace runs out, so that it is
     // reported then (see `status::UNSCHEDULABLE_GRACE`).
     let recheck = status::pod_recheck(pods.iter().map(|p| p.as_ref()), now);
+    // Under queueDepth, the engines' queues are read again soon.
+    let every = match by_queue {
+        true => every.min(queue_scaling::SCRAPE_EVERY),
+        false => every,
+    };
     Ok(Action::requeue(recheck.map_or(every, |r| r.min(every))))
+}
+
+/// The `/metrics` address of a pod that serves: not being deleted, every container ready, an
+/// IP, and not a LeaderWorkerSet worker (a replica's leader serves its API).
+fn metrics_url(pod: &Pod) -> Option<String> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    if pod
+        .labels()
+        .get(LWS_WORKER_INDEX)
+        .is_some_and(|index| index != "0")
+    {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    let containers = status.container_statuses.as_deref().unwrap_or_default();
+    if containers.is_empty() || !containers.iter().all(|c| c.ready) {
+        return None;
+    }
+    let ip = status.pod_ip.as_deref().filter(|ip| !ip.is_empty())?;
+    let host = match ip.contains(':') {
+        true => format!("[{ip}]"),
+        false => ip.to_string(),
+    };
+    Some(format!("http://{host}:{}/metrics", children::ENGINE_PORT))
+}
+
+/// The label a LeaderWorkerSet gives each pod of a group: 0 for the leader.
+const LWS_WORKER_INDEX: &str = "leaderworkerset.sigs.k8s.io/worker-index";
+
+/// What the serving pods' queues hold, read side by side.
+async fn read_queues(pods: &[Arc<Pod>], scrape: &dyn Scrape) -> QueueObservation {
+    let reads = pods.iter().filter_map(|pod| {
+        let url = metrics_url(pod)?;
+        let name = pod.name_any();
+        let body = scrape.get(url);
+        Some(async move {
+            let waiting = body.await.and_then(|text| {
+                queue_scaling::metric_sum(&text, queue_scaling::WAITING_METRIC)?
+                    .ok_or_else(|| format!("no {} in its metrics", queue_scaling::WAITING_METRIC))
+            });
+            (name, waiting)
+        })
+    });
+    let mut seen = QueueObservation::default();
+    for (name, waiting) in futures::future::join_all(reads).await {
+        match waiting {
+            Ok(waiting) => {
+                seen.waiting += waiting.max(0.0);
+                seen.read += 1;
+            }
+            Err(why) => seen.unread.push(format!("pod {name}: {why}")),
+        }
+    }
+    seen
 }
 
 /// The reason of the `Degraded` problem of a child write that failed, again, with an error a

@@ -503,6 +503,8 @@ pub(crate) fn prune_pod(pod: &mut Pod) {
             })
             .collect::<Vec<_>>();
         *status = PodStatus {
+            // Where the queueDepth policy reads the engine's metrics.
+            pod_ip: status.pod_ip.take(),
             container_statuses: status.container_statuses.take(),
             init_container_statuses: status.init_container_statuses.take(),
             conditions: (!scheduled.is_empty()).then_some(scheduled),
@@ -623,6 +625,8 @@ async fn run_controller(
         capabilities,
         failures: Mutex::new(HashMap::new()),
         applied: Mutex::new(HashMap::new()),
+        scrape: Arc::new(crate::queue_scaling::HttpScrape::default()),
+        queues: Mutex::new(HashMap::new()),
     });
     // Ready once every cache has its first list: until then reconciles wait (see
     // `reconcile::caches_synced`), and a cache that never syncs (a list the operator's RBAC

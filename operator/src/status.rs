@@ -489,23 +489,13 @@ pub fn compute(
             generation,
         )
     };
-    let scaling = if decision.holding {
-        condition(
-            SCALING_ACTIVE,
-            false,
-            "AutoscalerNotWired",
-            decision.reason.clone(),
-            generation,
-        )
-    } else {
-        condition(
-            SCALING_ACTIVE,
-            true,
-            "FixedReplicas",
-            decision.reason.clone(),
-            generation,
-        )
-    };
+    let scaling = condition(
+        SCALING_ACTIVE,
+        !decision.holding,
+        decision.reason_code,
+        decision.reason.clone(),
+        generation,
+    );
     // The kstatus pair (see the module's documentation).
     let reconciling = Condition {
         type_: RECONCILING.into(),

@@ -230,6 +230,20 @@ async fn spec_change_rolls_out_one_deployment_and_ready_waits_for_it() {
     assert_eq!(seen[1].body["reason"], "RolloutComplete");
 }
 
+/// A settled object's requests when its replicas change: the Deployment's apply, the status,
+/// the `Scaled` event.
+fn scaled_requests(idep: &InferenceDeployment) -> Vec<Expect> {
+    vec![
+        patch(format!("{DEPLOYMENTS}/llm-h200")),
+        expect(
+            Method::PATCH,
+            format!("{IDEPS}/llm/status"),
+            status_reply(idep),
+        ),
+        expect(Method::POST, EVENTS, Reply::Echo),
+    ]
+}
+
 #[tokio::test]
 async fn scale_changes_replicas_and_records_an_event() {
     let mut caches = Caches::default();
@@ -237,18 +251,7 @@ async fn scale_changes_replicas_and_records_an_event() {
     scaled.spec.scaling.replicas = 3;
     scaled.metadata.generation = Some(2);
     let (ctx, handle) = context(&caches, Capabilities::default());
-    let verifier = verify(
-        handle,
-        vec![
-            patch(format!("{DEPLOYMENTS}/llm-h200")),
-            expect(
-                Method::PATCH,
-                format!("{IDEPS}/llm/status"),
-                status_reply(&scaled),
-            ),
-            expect(Method::POST, EVENTS, Reply::Echo),
-        ],
-    );
+    let verifier = verify(handle, scaled_requests(&scaled));
     run(scaled, ctx.clone()).await.expect("reconcile");
     drop(ctx);
     let seen = finish(verifier).await;
@@ -256,6 +259,99 @@ async fn scale_changes_replicas_and_records_an_event() {
     assert_eq!(seen[1].body["status"]["variants"][0]["desiredReplicas"], 3);
     assert_eq!(seen[2].body["reason"], "Scaled");
     assert!(seen[2].body["note"].as_str().unwrap().contains("1 -> 3"));
+}
+
+/// Under queueDepth the reconcile reads each ready engine's /metrics (not a pod that is not
+/// ready, nor a LeaderWorkerSet worker), scales to what the queue calls for, says so in
+/// ScalingActive, and comes back within the scrape interval to read them again.
+#[tokio::test]
+async fn queue_depth_scales_to_what_the_engines_queues_call_for() {
+    use k8s_openapi::api::core::v1::{ContainerStatus, PodStatus};
+    let mut queued = gpu_idep();
+    queued.spec.scaling.policy = ScalingPolicy::QueueDepth;
+    queued.spec.scaling.min_replicas = 1;
+    queued.spec.scaling.max_replicas = Some(6);
+    queued.spec.scaling.target_queue_depth_per_replica = 4;
+    let mut caches = Caches::default();
+    let settled = caches.settle(&queued, Capabilities::default());
+    assert_eq!(
+        condition(&json!({"status": settled.status}), "ScalingActive")["reason"],
+        "MetricsUnavailable"
+    );
+    let pod = |name: &str, ip: &str, ready: bool, worker: Option<&str>| {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some(name.into());
+        pod.metadata.namespace = Some(NS.into());
+        let mut labels =
+            std::collections::BTreeMap::from([(LABEL_DEPLOYMENT.to_string(), "llm".to_string())]);
+        if let Some(index) = worker {
+            labels.insert(LWS_WORKER_INDEX.into(), index.into());
+        }
+        pod.metadata.labels = Some(labels);
+        pod.status = Some(PodStatus {
+            pod_ip: Some(ip.into()),
+            container_statuses: Some(vec![ContainerStatus {
+                name: "engine".into(),
+                ready,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        pod
+    };
+    for p in [
+        pod("llm-h200-a", "10.0.0.7", true, None),
+        pod("llm-h200-b", "fd00::8", true, Some("0")),
+        pod("llm-h200-loading", "10.0.0.9", false, None),
+        pod("llm-h200-worker", "10.0.0.10", true, Some("1")),
+    ] {
+        caches.pods.apply_watcher_event(&watcher::Event::Apply(p));
+    }
+    caches.engine_metrics = std::collections::HashMap::from([
+        (
+            "http://10.0.0.7:8000/metrics".to_string(),
+            Ok(
+                "# TYPE sparsemoe_num_requests_waiting gauge\nsparsemoe_num_requests_waiting 12\n"
+                    .into(),
+            ),
+        ),
+        (
+            "http://[fd00::8]:8000/metrics".to_string(),
+            Ok("sparsemoe_num_requests_waiting 5\n".into()),
+        ),
+    ]);
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(handle, scaled_requests(&settled));
+    let action = run(settled, ctx.clone()).await.expect("reconcile");
+    assert_eq!(action, Action::requeue(queue_scaling::SCRAPE_EVERY));
+    let scrape = ctx.scrape.clone();
+    drop(ctx);
+    let seen = finish(verifier).await;
+    // 17 waiting, 4 per replica wanted: 5 replicas.
+    assert_eq!(seen[0].body["spec"]["replicas"], 5);
+    let scaling = condition(&seen[1].body, "ScalingActive");
+    assert_eq!(
+        (&scaling["status"], &scaling["reason"]),
+        (&json!("True"), &json!("ValidMetricFound"))
+    );
+    assert!(
+        scaling["message"]
+            .as_str()
+            .unwrap()
+            .contains("17 request(s) waiting on 2 engine(s)"),
+        "{scaling}"
+    );
+    assert_eq!(seen[2].body["reason"], "Scaled");
+    // Only the ready pods that serve were read.
+    let fake = format!("{scrape:?}");
+    assert!(
+        fake.contains("10.0.0.7") && fake.contains("[fd00::8]"),
+        "{fake}"
+    );
+    assert!(
+        !fake.contains("10.0.0.9") && !fake.contains("10.0.0.10"),
+        "{fake}"
+    );
 }
 
 #[tokio::test]

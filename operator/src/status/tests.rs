@@ -279,18 +279,26 @@ fn scaled_to_zero_is_not_ready_and_not_progressing() {
     assert_eq!(cond(&s, PROGRESSING).status, "False");
 }
 
+/// ScalingActive is False while a policy holds the replicas: queueDepth with no engine's
+/// metrics read, and costAware, whose autoscaler is not wired.
 #[test]
-fn metric_policies_say_the_autoscaler_is_not_wired() {
-    let mut idep = gpu_idep();
-    idep.spec.scaling.policy = sparsemoe_api::v1alpha1::ScalingPolicy::QueueDepth;
-    idep.spec.scaling.max_replicas = Some(4);
-    let c = case(idep);
-    let s = status_of(&c, &observe(&c, |_| {}), None, 1);
-    let scaling = cond(&s, SCALING_ACTIVE);
-    assert_eq!(
-        (scaling.status.as_str(), scaling.reason.as_str()),
-        ("False", "AutoscalerNotWired")
-    );
+fn holding_policies_say_why_scaling_is_not_active() {
+    use sparsemoe_api::v1alpha1::ScalingPolicy;
+    for (policy, reason) in [
+        (ScalingPolicy::QueueDepth, "MetricsUnavailable"),
+        (ScalingPolicy::CostAware, "AutoscalerNotWired"),
+    ] {
+        let mut idep = gpu_idep();
+        idep.spec.scaling.policy = policy;
+        idep.spec.scaling.max_replicas = Some(4);
+        let c = case(idep);
+        let s = status_of(&c, &observe(&c, |_| {}), None, 1);
+        let scaling = cond(&s, SCALING_ACTIVE);
+        assert_eq!(
+            (scaling.status.as_str(), scaling.reason.as_str()),
+            ("False", reason)
+        );
+    }
     let c = case(gpu_idep());
     let s = status_of(&c, &observe(&c, |_| {}), None, 1);
     assert_eq!(cond(&s, SCALING_ACTIVE).reason, "FixedReplicas");

@@ -1,0 +1,403 @@
+//! The `queueDepth` policy: how many replicas the requests waiting on an InferenceDeployment's
+//! engines call for. Each ready engine pod's `/metrics` is read for
+//! `sparsemoe_num_requests_waiting`; the sum over pods, divided by
+//! `scaling.targetQueueDepthPerReplica` and rounded up, is the recommendation (what an HPA
+//! computes for an `AverageValue` target), clamped to `[minReplicas, maxReplicas]` and
+//! stabilized as the HPA stabilizes: a scale-up takes the lowest recommendation of the last
+//! `scaleUpStabilizationSeconds`, a scale-down the highest of the last
+//! `scaleDownStabilizationSeconds`, so a burst or a lull shorter than the window moves nothing.
+//!
+//! Pods whose metrics cannot be read count neither way, but while any ready pod's cannot, no
+//! replica is taken away: the unread pods may be the busy ones. With none read at all there is
+//! no recommendation, and the replicas that run are held.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use sparsemoe_api::v1alpha1::ScalingSpec;
+use tokio::time::Instant;
+
+/// The engine's gauge of requests waiting for a slot.
+pub const WAITING_METRIC: &str = "sparsemoe_num_requests_waiting";
+/// How often an InferenceDeployment under `queueDepth` is looked at again (its engines read).
+pub const SCRAPE_EVERY: Duration = Duration::from_secs(15);
+/// How long one engine's `/metrics` may take before it counts as unreadable.
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most bytes of one engine's `/metrics` read.
+const MAX_METRICS_BYTES: usize = 4 << 20;
+
+/// Reads a URL's body, or says why it could not.
+pub trait Scrape: Send + Sync + std::fmt::Debug {
+    fn get(&self, url: String) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+}
+
+/// [`Scrape`] over plain HTTP/1, each read bounded by [`SCRAPE_TIMEOUT`].
+#[derive(Clone, Debug)]
+pub struct HttpScrape {
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Empty<bytes::Bytes>,
+    >,
+}
+
+impl Default for HttpScrape {
+    fn default() -> Self {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_connect_timeout(Some(SCRAPE_TIMEOUT));
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(connector);
+        Self { client }
+    }
+}
+
+impl Scrape for HttpScrape {
+    fn get(&self, url: String) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            use http_body_util::BodyExt as _;
+            let read = async {
+                let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+                let response = client.get(uri).await.map_err(|e| format!("{url}: {e}"))?;
+                if !response.status().is_success() {
+                    return Err(format!("{url}: HTTP {}", response.status()));
+                }
+                let body = http_body_util::Limited::new(response.into_body(), MAX_METRICS_BYTES)
+                    .collect()
+                    .await
+                    .map_err(|e| format!("{url}: {e}"))?
+                    .to_bytes();
+                String::from_utf8(body.to_vec()).map_err(|_| format!("{url}: not UTF-8"))
+            };
+            tokio::time::timeout(SCRAPE_TIMEOUT, read)
+                .await
+                .unwrap_or_else(|_| Err(format!("{url}: no answer in {SCRAPE_TIMEOUT:?}")))
+        })
+    }
+}
+
+/// The sum of every sample of `metric` in a Prometheus text exposition, or `None` when it has
+/// none. Labels are skipped whole, quoted values and their escapes included.
+pub fn metric_sum(text: &str, metric: &str) -> Result<Option<f64>, String> {
+    let mut sum = None;
+    for line in text.lines() {
+        let line = line.trim_start();
+        let Some(rest) = line.strip_prefix(metric) else {
+            continue;
+        };
+        let rest = match rest.chars().next() {
+            Some('{') => skip_labels(rest).ok_or_else(|| format!("unclosed labels: {line}"))?,
+            Some(c) if c.is_whitespace() => rest,
+            _ => continue, // another metric whose name starts with this one's
+        };
+        let value = rest
+            .split_whitespace()
+            .next()
+            .ok_or_else(|| format!("no value: {line}"))?;
+        let value: f64 = value.parse().map_err(|_| format!("not a number: {line}"))?;
+        *sum.get_or_insert(0.0) += value;
+    }
+    Ok(sum)
+}
+
+/// What follows a sample's `{labels}` (`text` starts with the `{`).
+fn skip_labels(text: &str) -> Option<&str> {
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, c) in text.char_indices() {
+        match (quoted, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (_, false, '"') => quoted = !quoted,
+            (false, _, '}') => return Some(&text[i + 1..]),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// What the ready engine pods of one InferenceDeployment say.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QueueObservation {
+    /// Requests waiting, summed over the pods read.
+    pub waiting: f64,
+    /// Pods read.
+    pub read: u32,
+    /// Ready pods that could not be read, each with why.
+    pub unread: Vec<String>,
+}
+
+/// The recommendations of the longest stabilization window, oldest first.
+#[derive(Clone, Debug, Default)]
+pub struct Recommendations(VecDeque<(Instant, i64)>);
+
+/// The replicas the queue calls for, and why in words (the ScalingActive condition's message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recommendation {
+    pub replicas: i64,
+    pub reason: String,
+}
+
+/// The replicas `scaling` calls for when `current` run and `seen` was read at `now`, adding
+/// this recommendation to `history`; `Err` with why there is none (no pod could be read).
+pub fn recommend(
+    scaling: &ScalingSpec,
+    current: i64,
+    seen: &QueueObservation,
+    history: &mut Recommendations,
+    now: Instant,
+) -> Result<Recommendation, String> {
+    if seen.read == 0 {
+        return Err(match seen.unread.first() {
+            None => "no engine pod is ready to read metrics from".into(),
+            Some(first) => format!(
+                "no ready engine pod's metrics could be read ({} tried; {first})",
+                seen.unread.len()
+            ),
+        });
+    }
+    let min = i64::from(scaling.min_replicas);
+    let max = i64::from(scaling.max_replicas.unwrap_or(scaling.min_replicas)).max(min);
+    let target = f64::from(scaling.target_queue_depth_per_replica.max(1));
+    let mut wanted = ((seen.waiting.max(0.0) / target).ceil() as i64).clamp(min, max);
+    if !seen.unread.is_empty() {
+        // The unread pods may be the busy ones: nothing comes off on what was read.
+        wanted = wanted.max(current.clamp(min, max));
+    }
+    let up = Duration::from_secs(scaling.scale_up_stabilization_seconds.into());
+    let down = Duration::from_secs(scaling.scale_down_stabilization_seconds.into());
+    let kept = up.max(down);
+    history
+        .0
+        .retain(|&(at, _)| now.saturating_duration_since(at) <= kept);
+    history.0.push_back((now, wanted));
+    let within = |window: Duration| {
+        history
+            .0
+            .iter()
+            .filter(move |(at, _)| now.saturating_duration_since(*at) <= window)
+            .map(|&(_, n)| n)
+    };
+    let lowest_lately = within(up).min().unwrap_or(wanted);
+    let highest_lately = within(down).max().unwrap_or(wanted);
+    let replicas = if current < lowest_lately {
+        lowest_lately
+    } else if current > highest_lately {
+        highest_lately
+    } else {
+        current.clamp(min, max)
+    };
+    let mut reason = format!(
+        "policy queueDepth: {:.0} request(s) waiting on {} engine(s), {} per replica wanted: \
+         {wanted} replica(s)",
+        seen.waiting, seen.read, scaling.target_queue_depth_per_replica
+    );
+    if !seen.unread.is_empty() {
+        reason.push_str(&format!(
+            " (none taken away while {} ready engine(s) cannot be read: {})",
+            seen.unread.len(),
+            seen.unread[0]
+        ));
+    }
+    if replicas != wanted {
+        let (window, seconds) = match replicas > wanted {
+            true => ("scaleDownStabilizationSeconds", down.as_secs()),
+            false => ("scaleUpStabilizationSeconds", up.as_secs()),
+        };
+        reason.push_str(&format!(
+            "; {replicas} for now, the recommendation of the last {seconds} s \
+             ({window})"
+        ));
+    }
+    Ok(Recommendation { replicas, reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As the engine writes it (`sparsemoe-engine`'s registry), and with what else an
+    /// exposition may hold: labels with quotes, braces and escapes, timestamps, other metrics
+    /// whose names start with this one's.
+    #[test]
+    fn waiting_requests_are_summed_over_samples() {
+        let text = "# HELP sparsemoe_num_requests_waiting Requests waiting for a slot\n\
+            # TYPE sparsemoe_num_requests_waiting gauge\n\
+            sparsemoe_num_requests_waiting 7\n\
+            sparsemoe_num_requests_waiting_total 100\n\
+            sparsemoe_num_requests_waiting{model=\"a \\\"b} c\",x=\"\\\\\"} 2.5 1700000000000\n\
+            sparsemoe_num_requests_running 3\n";
+        assert_eq!(metric_sum(text, WAITING_METRIC), Ok(Some(9.5)));
+        assert_eq!(
+            metric_sum(text, "sparsemoe_num_requests_running"),
+            Ok(Some(3.0))
+        );
+        assert_eq!(metric_sum("up 1\n", WAITING_METRIC), Ok(None));
+        for bad in [
+            "sparsemoe_num_requests_waiting{model=\"a\" 1\n",
+            "sparsemoe_num_requests_waiting many\n",
+            "sparsemoe_num_requests_waiting\t\n",
+        ] {
+            assert!(metric_sum(bad, WAITING_METRIC).is_err(), "{bad:?}");
+        }
+    }
+
+    fn scaling(min: u32, max: u32, target: u32) -> ScalingSpec {
+        ScalingSpec {
+            policy: sparsemoe_api::v1alpha1::ScalingPolicy::QueueDepth,
+            min_replicas: min,
+            max_replicas: Some(max),
+            target_queue_depth_per_replica: target,
+            scale_up_stabilization_seconds: 0,
+            scale_down_stabilization_seconds: 300,
+            ..ScalingSpec::default()
+        }
+    }
+
+    fn seen(waiting: f64, read: u32) -> QueueObservation {
+        QueueObservation {
+            waiting,
+            read,
+            unread: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_queue_scales_up_at_once_and_down_after_the_window() {
+        let s = scaling(1, 8, 4);
+        let mut history = Recommendations::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // 17 waiting over 2 replicas, 4 per replica wanted: 5 replicas, at once.
+        let r = recommend(&s, 2, &seen(17.0, 2), &mut history, at(0)).unwrap();
+        assert_eq!(r.replicas, 5, "{}", r.reason);
+        assert!(r.reason.contains("17 request(s) waiting"), "{}", r.reason);
+        // Past maxReplicas: clamped.
+        let r = recommend(&s, 5, &seen(400.0, 5), &mut history, at(15)).unwrap();
+        assert_eq!(r.replicas, 8);
+        // The queue empties: held at 8 for the 300 s window after the last high mark.
+        for t in [30, 100, 314] {
+            let r = recommend(&s, 8, &seen(0.0, 8), &mut history, at(t)).unwrap();
+            assert_eq!(r.replicas, 8, "at {t} s: {}", r.reason);
+            assert!(
+                r.reason.contains("scaleDownStabilizationSeconds"),
+                "{}",
+                r.reason
+            );
+        }
+        // Past it (the 8 of 15 s has left the window), the highest recommendation left: 1.
+        let r = recommend(&s, 8, &seen(0.0, 8), &mut history, at(316)).unwrap();
+        assert_eq!(r.replicas, 1, "{}", r.reason);
+        // minReplicas holds with nothing waiting.
+        let r = recommend(&scaling(2, 8, 4), 1, &seen(0.0, 1), &mut history, at(400)).unwrap();
+        assert_eq!(r.replicas, 2);
+    }
+
+    #[test]
+    fn a_scale_up_window_takes_the_lowest_recommendation() {
+        let mut s = scaling(1, 10, 1);
+        s.scale_up_stabilization_seconds = 60;
+        let mut history = Recommendations::default();
+        let t0 = Instant::now();
+        let r = recommend(&s, 1, &seen(1.0, 1), &mut history, t0).unwrap();
+        assert_eq!(r.replicas, 1);
+        // A burst: 6 waiting, but 1 was recommended within the last 60 s.
+        let r = recommend(
+            &s,
+            1,
+            &seen(6.0, 1),
+            &mut history,
+            t0 + Duration::from_secs(30),
+        );
+        assert_eq!(r.unwrap().replicas, 1);
+        // Held for the whole window: the lowest since is 6.
+        let r = recommend(
+            &s,
+            1,
+            &seen(8.0, 1),
+            &mut history,
+            t0 + Duration::from_secs(61),
+        );
+        let r = r.unwrap();
+        assert_eq!(r.replicas, 6, "{}", r.reason);
+        assert!(
+            r.reason.contains("scaleUpStabilizationSeconds"),
+            "{}",
+            r.reason
+        );
+    }
+
+    #[test]
+    fn unread_engines_stop_scale_downs_and_none_read_gives_no_recommendation() {
+        let s = scaling(1, 8, 4);
+        let mut history = Recommendations::default();
+        let now = Instant::now();
+        let partial = QueueObservation {
+            waiting: 0.0,
+            read: 2,
+            unread: vec!["pod a: connection refused".into()],
+        };
+        let mut no_window = s.clone();
+        no_window.scale_down_stabilization_seconds = 0;
+        let r = recommend(&no_window, 3, &partial, &mut history, now).unwrap();
+        assert_eq!(r.replicas, 3, "{}", r.reason);
+        assert!(
+            r.reason.contains("pod a: connection refused"),
+            "{}",
+            r.reason
+        );
+        // A scale-up still happens on what was read.
+        let busy = QueueObservation {
+            waiting: 20.0,
+            ..partial.clone()
+        };
+        let later = now + Duration::from_secs(1);
+        let r = recommend(&no_window, 3, &busy, &mut history, later).unwrap();
+        assert_eq!(r.replicas, 5);
+        let none = QueueObservation {
+            waiting: 0.0,
+            read: 0,
+            unread: vec!["pod a: timed out".into(), "pod b: timed out".into()],
+        };
+        let why = recommend(&s, 3, &none, &mut history, now).unwrap_err();
+        assert!(why.contains("2 tried; pod a: timed out"), "{why}");
+        let why = recommend(&s, 3, &seen(0.0, 0), &mut history, now).unwrap_err();
+        assert!(why.contains("no engine pod is ready"), "{why}");
+    }
+
+    /// A real HTTP read: the body of a server's answer; a refused connection and an error
+    /// status are errors that name the URL.
+    #[tokio::test]
+    async fn engines_are_read_over_http() {
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(|| async { "sparsemoe_num_requests_waiting 3\n" }),
+            )
+            .route(
+                "/broken",
+                axum::routing::get(|| async { (http::StatusCode::INTERNAL_SERVER_ERROR, "no") }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let scrape = HttpScrape::default();
+        let body = scrape.get(format!("http://{addr}/metrics")).await.unwrap();
+        assert_eq!(metric_sum(&body, WAITING_METRIC), Ok(Some(3.0)));
+        let err = scrape
+            .get(format!("http://{addr}/broken"))
+            .await
+            .unwrap_err();
+        assert!(err.contains("/broken") && err.contains("500"), "{err}");
+        // Nothing listens on the port just freed.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let err = scrape
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap_err();
+        assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    }
+}
