@@ -815,6 +815,9 @@ pub struct BlockTable {
     pub blocks: Vec<u32>,
     /// Leading blocks already offered to the prefix cache (see [`BlockAllocator::register`]).
     registered: usize,
+    /// Leading blocks taken from the prefix cache (see [`BlockAllocator::share_prefix`]): rows
+    /// other sequences computed.
+    shared: usize,
     /// The registered block holding the contents of the last of those (this table's own, or
     /// the one registered first when this table computed the same rows), with its generation
     /// then: the next block's key follows it. The generation is kept, not read again, because
@@ -944,18 +947,17 @@ impl BlockAllocator {
             }
         }
         table.registered = 0;
+        table.shared = 0;
         table.chain = None;
     }
 
     /// As [`release`](Self::release), for a sequence whose rows cannot be trusted (its model
-    /// output was unusable): each block no other sequence holds leaves the prefix cache and is
-    /// free again, so no later request reuses its rows.
+    /// output was unusable): the blocks it computed itself leave the prefix cache, so no later
+    /// request finds their rows (a sequence that shares one already keeps it, and it is freed
+    /// with the last), while those it took from the cache, which others computed, stay.
     pub fn discard(&mut self, table: &mut BlockTable) {
-        for &block in &table.blocks {
-            let b = block as usize;
-            if self.refs[b] == 1
-                && let Some(key) = self.key_of[b].take()
-            {
+        for &block in table.blocks.iter().skip(table.shared) {
+            if let Some(key) = self.key_of[block as usize].take() {
                 self.cached.remove(&key);
             }
         }
@@ -987,6 +989,7 @@ impl BlockAllocator {
             parent = Some((block, self.generation[b]));
         }
         table.registered = table.blocks.len();
+        table.shared = table.blocks.len();
         table.chain = parent;
         table.blocks.len() * self.block_size
     }
@@ -1114,6 +1117,43 @@ mod tests {
         let mut w = BlockTable::default();
         assert_eq!(a.share_prefix(&mut w, &filled(&[6, 8])), 0);
         assert!(w.blocks.is_empty());
+    }
+
+    /// A sequence whose rows are discarded takes out of the prefix cache the blocks it
+    /// computed, even one another sequence shares (which keeps its rows, freed with the last
+    /// holder), and leaves the blocks it took from the cache.
+    #[test]
+    fn discarded_rows_leave_the_cache_but_shared_ones_stay() {
+        let mut a = BlockAllocator::new(4, 8);
+        let two = filled(&[7, 8]);
+        let three = filled(&[7, 8, 9]);
+        let mut t = BlockTable::default();
+        assert!(a.grow(&mut t, 8));
+        a.register(&mut t, &two, 8);
+        // u takes t's two blocks from the cache and computes a third.
+        let mut u = BlockTable::default();
+        assert_eq!(a.share_prefix(&mut u, &three), 8);
+        assert!(a.grow(&mut u, 12));
+        a.register(&mut u, &three, 12);
+        // v shares all three, then u faults: its own third block leaves the cache, the two it
+        // shared stay.
+        let mut v = BlockTable::default();
+        assert_eq!(a.share_prefix(&mut v, &three), 12);
+        a.discard(&mut u);
+        let mut w = BlockTable::default();
+        assert_eq!(a.share_prefix(&mut w, &three), 8);
+        a.release(&mut w);
+        // t faults while v holds its blocks: they leave the cache, v keeps them.
+        a.discard(&mut t);
+        let mut x = BlockTable::default();
+        assert_eq!(a.share_prefix(&mut x, &three), 0);
+        assert_eq!(a.free_blocks(), 5, "v still holds its 3");
+        // Once v lets go, nothing is cached and every block is free.
+        a.release(&mut v);
+        assert_eq!(
+            (a.free_blocks(), a.cached_blocks(), a.cached.len()),
+            (8, 0, 0)
+        );
     }
 
     #[test]
