@@ -230,8 +230,9 @@ pub struct EngineSpec {
     #[x_kube(validation = Rule::new("self >= 1").message("engine.indexTopK must be at least 1"))]
     #[schemars(range(max = u32::MAX))]
     pub index_top_k: Option<u32>,
-    /// Longest prompt + completion the engine accepts; defaults to the model's limit, or what
-    /// the KV cache holds if less. The engine refuses to start with more than either.
+    /// Longest prompt + completion the engine accepts; defaults to the model's limit. The
+    /// engine refuses to start with more than the model's limit, and serves what its KV cache
+    /// holds when that is less (a variant with less GPU memory serves shorter sequences).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 16").message("engine.maxContextTokens must be at least 16"))]
     #[schemars(range(max = u32::MAX))]
@@ -543,7 +544,8 @@ pub struct ScalingSpec {
     pub max_replicas: Option<u32>,
     /// Waiting requests per replica the queueDepth policy aims for: it runs the waiting
     /// requests of every ready engine (`sparsemoe_num_requests_waiting`), summed, divided by
-    /// this, rounded up. (costAware is not metrics-driven yet: it holds the running replicas.)
+    /// this, rounded up, and never fewer replicas than keep the running requests in the
+    /// engines' slots. (costAware is not metrics-driven yet: it holds the running replicas.)
     #[serde(default = "default_target_queue_depth")]
     #[x_kube(validation = Rule::new("self >= 1").message("scaling.targetQueueDepthPerReplica must be at least 1"))]
     #[schemars(range(max = u32::MAX))]

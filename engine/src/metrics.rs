@@ -63,6 +63,8 @@ pub struct ModelInfo<'a> {
 pub struct Metrics {
     registry: Registry,
     pub requests_running: IntGauge,
+    /// `--max-running`: the running batch's slots (the operator's queueDepth policy reads it).
+    pub max_running: IntGauge,
     pub requests_waiting: IntGauge,
     pub kv_cache_usage: Gauge,
     pub kv_cache_blocks: IntGauge,
@@ -112,6 +114,10 @@ impl Metrics {
             requests_running: reg!(IntGauge::new(
                 "sparsemoe_num_requests_running",
                 "Requests in the running batch"
+            )),
+            max_running: reg!(IntGauge::new(
+                "sparsemoe_max_running_requests",
+                "Requests the running batch holds at most (--max-running)"
             )),
             requests_waiting: reg!(IntGauge::new(
                 "sparsemoe_num_requests_waiting",

@@ -82,8 +82,8 @@ pub struct ServeArgs {
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
-    /// Cap on prompt + output tokens (default: the model's max_position_embeddings, or what
-    /// the KV cache holds if less). Longer than either is refused.
+    /// Cap on prompt + output tokens (default: the model's max_position_embeddings). Longer
+    /// than the model's is refused; longer than the KV cache holds is capped to it.
     #[arg(long, env = "SPARSEMOE_MAX_CONTEXT_TOKENS")]
     pub max_model_len: Option<usize>,
     /// Tokens one engine step processes at most (decodes plus prefill chunks).
@@ -246,7 +246,6 @@ impl ServeArgs {
         Ok(())
     }
 
-    /// The key of `--api-key-file` (trimmed; an empty file is refused).
     /// The sampling defaults `--generation-config` names (see there).
     pub fn sampling_defaults(&self) -> anyhow::Result<crate::api::SamplingDefaults> {
         let dir = match (self.generation_config.as_str(), &self.model) {
@@ -275,6 +274,7 @@ impl ServeArgs {
         }
     }
 
+    /// The key of `--api-key-file` (trimmed; an empty file is refused).
     pub fn api_key(&self) -> anyhow::Result<Option<String>> {
         let Some(path) = &self.api_key_file else {
             return Ok(None);
@@ -665,6 +665,7 @@ pub fn build_state<B: Backend>(
         metrics.set_graph_counts(source);
     }
     metrics.kv_cache_blocks.set(blocks.total_blocks() as i64);
+    metrics.max_running.set(args.max_running as i64);
     let bos = config.bos_token_id.or(tokenizer.bos_token_id());
     let mut stop_tokens = config.eos_token_ids.clone();
     stop_tokens.extend(tokenizer.eos_token_id());
@@ -708,34 +709,32 @@ pub fn build_state<B: Backend>(
 
 /// The longest sequence served: `--max-model-len` when given, else the model's own context,
 /// capped by what the KV cache holds. A sequence of the full context must fit in the cache, or
-/// preemption could never make room for it. A length asked for explicitly that the model or
-/// the cache cannot honour is refused, as vLLM refuses it, rather than quietly shortened.
+/// preemption could never make room for it. A length past the model's context is refused, as
+/// vLLM refuses it. One past what the cache holds is capped, saying so, where vLLM refuses:
+/// one InferenceDeployment's `maxContextTokens` goes to every GPU variant, and a variant with
+/// less memory should serve shorter sequences rather than crash-loop.
 fn max_context(asked: Option<usize>, model: usize, cache: usize) -> anyhow::Result<usize> {
-    let Some(asked) = asked else {
-        if (2..model).contains(&cache) {
-            eprintln!(
-                "sparsemoe-engine: serving at most {cache} tokens a sequence, what the KV \
-                 cache holds, below the model's {model}; give the cache more memory or set \
-                 --max-model-len to choose"
-            );
-        }
-        return Ok(model.min(cache));
-    };
-    if asked > model {
+    if let Some(asked) = asked
+        && asked > model
+    {
         bail!(
             "--max-model-len (SPARSEMOE_MAX_CONTEXT_TOKENS) {asked}: longer than the model's \
              context of {model} tokens (max_position_embeddings in config.json)"
         );
     }
-    if asked > cache {
-        bail!(
-            "--max-model-len (SPARSEMOE_MAX_CONTEXT_TOKENS) {asked}: the KV cache holds only \
-             {cache} tokens, and one sequence of the full length must fit; give the cache \
-             more memory (--kv-cache-memory-fraction, --kv-cache-bytes) or ask for at most \
-             {cache}"
+    let wanted = asked.unwrap_or(model);
+    if (2..wanted).contains(&cache) {
+        eprintln!(
+            "sparsemoe-engine: serving at most {cache} tokens a sequence, what the KV cache \
+             holds, not {wanted} ({}); give the cache more memory \
+             (--kv-cache-memory-fraction, --kv-cache-bytes) to serve more",
+            match asked {
+                Some(_) => "--max-model-len",
+                None => "the model's context",
+            }
         );
     }
-    Ok(asked)
+    Ok(wanted.min(cache))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

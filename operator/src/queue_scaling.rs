@@ -19,8 +19,11 @@ use std::time::Duration;
 use sparsemoe_api::v1alpha1::ScalingSpec;
 use tokio::time::Instant;
 
-/// The engine's gauge of requests waiting for a slot.
+/// The engine's gauges of requests waiting for a slot, of requests running, and of the
+/// running batch's slots (`--max-running`).
 pub const WAITING_METRIC: &str = "sparsemoe_num_requests_waiting";
+pub const RUNNING_METRIC: &str = "sparsemoe_num_requests_running";
+pub const SLOTS_METRIC: &str = "sparsemoe_max_running_requests";
 /// How often an InferenceDeployment under `queueDepth` is looked at again (its engines read).
 pub const SCRAPE_EVERY: Duration = Duration::from_secs(15);
 /// How long one engine's `/metrics` may take before it counts as unreadable.
@@ -122,25 +125,81 @@ fn skip_labels(text: &str) -> Option<&str> {
 pub struct QueueObservation {
     /// Requests waiting, summed over the pods read.
     pub waiting: f64,
+    /// Requests running, summed over the pods read.
+    pub running: f64,
+    /// The running batches' slots (`sparsemoe_max_running_requests`), summed over the pods
+    /// read that say, and how many said.
+    pub slots: f64,
+    pub slotted: u32,
     /// Pods read.
     pub read: u32,
     /// Ready pods that could not be read, each with why.
     pub unread: Vec<String>,
 }
 
-/// The recommendations of the longest stabilization window, oldest first.
+/// The recommendations of the longest stabilization window, oldest first, in buckets of
+/// [`SCRAPE_EVERY`] (a reconcile an event brings between reads adds to the newest), so the
+/// history of a window of a day holds a few thousand entries, not one per reconcile.
 #[derive(Clone, Debug, Default)]
-pub struct Recommendations(VecDeque<(Instant, i64)>);
+pub struct Recommendations(VecDeque<Bucket>);
 
-/// The replicas the queue calls for, and why in words (the ScalingActive condition's message).
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    first: Instant,
+    last: Instant,
+    lowest: i64,
+    highest: i64,
+}
+
+impl Recommendations {
+    fn note(&mut self, now: Instant, replicas: i64) {
+        match self.0.back_mut() {
+            Some(b) if now.saturating_duration_since(b.first) < SCRAPE_EVERY => {
+                b.last = now;
+                b.lowest = b.lowest.min(replicas);
+                b.highest = b.highest.max(replicas);
+            }
+            _ => self.0.push_back(Bucket {
+                first: now,
+                last: now,
+                lowest: replicas,
+                highest: replicas,
+            }),
+        }
+    }
+
+    /// The buckets with a recommendation within `window` of `now`.
+    fn within(&self, now: Instant, window: Duration) -> impl Iterator<Item = &Bucket> {
+        self.0
+            .iter()
+            .filter(move |b| now.saturating_duration_since(b.last) <= window)
+    }
+
+    fn forget_before(&mut self, now: Instant, window: Duration) {
+        self.0
+            .retain(|b| now.saturating_duration_since(b.last) <= window);
+    }
+}
+
+/// The replicas the queue calls for, and why in words (the ScalingActive condition's message,
+/// which names no live count, so a settled object's status does not change with its load).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recommendation {
     pub replicas: i64,
     pub reason: String,
 }
 
+/// HPA's tolerance: a queue within 10% of the target per replica changes nothing.
+const TOLERANCE: f64 = 0.1;
+
 /// The replicas `scaling` calls for when `current` run and `seen` was read at `now`, adding
 /// this recommendation to `history`; `Err` with why there is none (no pod could be read).
+///
+/// The waiting requests call for `ceil(waiting / target)`; the running ones for as many
+/// replicas as keep each in a slot (`ceil(running / slots per engine)`), so a queue that
+/// empties because the batches took it in does not take away the replicas running it. What
+/// runs is the first recommendation of an empty history (a new object, or a restarted
+/// operator), and while nothing can be read, so a scale-down waits a whole window then too.
 pub fn recommend(
     scaling: &ScalingSpec,
     current: i64,
@@ -148,66 +207,81 @@ pub fn recommend(
     history: &mut Recommendations,
     now: Instant,
 ) -> Result<Recommendation, String> {
+    let min = i64::from(scaling.min_replicas);
+    let max = i64::from(scaling.max_replicas.unwrap_or(scaling.min_replicas)).max(min);
+    let up = Duration::from_secs(scaling.scale_up_stabilization_seconds.into());
+    let down = Duration::from_secs(scaling.scale_down_stabilization_seconds.into());
+    history.forget_before(now, up.max(down));
+    let holding = current.clamp(min, max);
+    if history.0.is_empty() || seen.read == 0 {
+        history.note(now, holding);
+    }
     if seen.read == 0 {
-        return Err(match seen.unread.first() {
-            None => "no engine pod is ready to read metrics from".into(),
-            Some(first) => format!(
-                "no ready engine pod's metrics could be read ({} tried; {first})",
-                seen.unread.len()
+        return Err(match seen.unread.len() {
+            0 => "no engine pod is ready to read metrics from".into(),
+            n => format!(
+                "no ready engine pod's metrics could be read ({n} tried; the operator's log \
+                 says why)"
             ),
         });
     }
-    let min = i64::from(scaling.min_replicas);
-    let max = i64::from(scaling.max_replicas.unwrap_or(scaling.min_replicas)).max(min);
     let target = f64::from(scaling.target_queue_depth_per_replica.max(1));
-    let mut wanted = ((seen.waiting.max(0.0) / target).ceil() as i64).clamp(min, max);
-    if !seen.unread.is_empty() {
-        // The unread pods may be the busy ones: nothing comes off on what was read.
-        wanted = wanted.max(current.clamp(min, max));
+    let waiting = seen.waiting.max(0.0);
+    let mut wanted = (waiting / target).ceil() as i64;
+    if current > 0 && ((waiting / (current as f64 * target)) - 1.0).abs() <= TOLERANCE {
+        wanted = current;
     }
-    let up = Duration::from_secs(scaling.scale_up_stabilization_seconds.into());
-    let down = Duration::from_secs(scaling.scale_down_stabilization_seconds.into());
-    let kept = up.max(down);
-    history
-        .0
-        .retain(|&(at, _)| now.saturating_duration_since(at) <= kept);
-    history.0.push_back((now, wanted));
-    let within = |window: Duration| {
-        history
-            .0
-            .iter()
-            .filter(move |(at, _)| now.saturating_duration_since(*at) <= window)
-            .map(|&(_, n)| n)
+    if seen.slotted > 0 && seen.slots > 0.0 {
+        let per_engine = seen.slots / f64::from(seen.slotted);
+        wanted = wanted.max((seen.running.max(0.0) / per_engine).ceil() as i64);
+    }
+    let wanted = wanted.clamp(min, max);
+    history.note(now, wanted);
+    let lowest_lately = match up.is_zero() {
+        true => wanted,
+        false => history
+            .within(now, up)
+            .map(|b| b.lowest)
+            .min()
+            .unwrap_or(wanted),
     };
-    let lowest_lately = within(up).min().unwrap_or(wanted);
-    let highest_lately = within(down).max().unwrap_or(wanted);
-    let replicas = if current < lowest_lately {
+    let highest_lately = match down.is_zero() {
+        true => wanted,
+        false => history
+            .within(now, down)
+            .map(|b| b.highest)
+            .max()
+            .unwrap_or(wanted),
+    };
+    let mut replicas = if current < lowest_lately {
         lowest_lately
     } else if current > highest_lately {
         highest_lately
     } else {
-        current.clamp(min, max)
+        holding
     };
     let mut reason = format!(
-        "policy queueDepth: {:.0} request(s) waiting on {} engine(s), {} per replica wanted: \
-         {wanted} replica(s)",
-        seen.waiting, seen.read, scaling.target_queue_depth_per_replica
+        "policy queueDepth: {wanted} replica(s) for the requests waiting ({} per replica \
+         wanted) and running",
+        scaling.target_queue_depth_per_replica
     );
-    if !seen.unread.is_empty() {
-        reason.push_str(&format!(
-            " (none taken away while {} ready engine(s) cannot be read: {})",
-            seen.unread.len(),
-            seen.unread[0]
-        ));
-    }
     if replicas != wanted {
         let (window, seconds) = match replicas > wanted {
             true => ("scaleDownStabilizationSeconds", down.as_secs()),
             false => ("scaleUpStabilizationSeconds", up.as_secs()),
         };
         reason.push_str(&format!(
-            "; {replicas} for now, the recommendation of the last {seconds} s \
+            "; {replicas} for now, within the recommendations of the last {seconds} s \
              ({window})"
+        ));
+    }
+    if !seen.unread.is_empty() && replicas < holding {
+        // The unread pods may be the busy ones: nothing comes off on what was read.
+        replicas = holding;
+        reason.push_str(&format!(
+            "; none taken away while {} ready engine(s) cannot be read (the operator's log \
+             says why)",
+            seen.unread.len()
         ));
     }
     Ok(Recommendation { replicas, reason })
@@ -259,7 +333,7 @@ mod tests {
         QueueObservation {
             waiting,
             read,
-            unread: Vec::new(),
+            ..QueueObservation::default()
         }
     }
 
@@ -272,7 +346,11 @@ mod tests {
         // 17 waiting over 2 replicas, 4 per replica wanted: 5 replicas, at once.
         let r = recommend(&s, 2, &seen(17.0, 2), &mut history, at(0)).unwrap();
         assert_eq!(r.replicas, 5, "{}", r.reason);
-        assert!(r.reason.contains("17 request(s) waiting"), "{}", r.reason);
+        assert!(
+            r.reason.starts_with("policy queueDepth: 5 replica(s)"),
+            "{}",
+            r.reason
+        );
         // Past maxReplicas: clamped.
         let r = recommend(&s, 5, &seen(400.0, 5), &mut history, at(15)).unwrap();
         assert_eq!(r.replicas, 8);
@@ -337,13 +415,14 @@ mod tests {
             waiting: 0.0,
             read: 2,
             unread: vec!["pod a: connection refused".into()],
+            ..QueueObservation::default()
         };
         let mut no_window = s.clone();
         no_window.scale_down_stabilization_seconds = 0;
         let r = recommend(&no_window, 3, &partial, &mut history, now).unwrap();
         assert_eq!(r.replicas, 3, "{}", r.reason);
         assert!(
-            r.reason.contains("pod a: connection refused"),
+            r.reason.contains("1 ready engine(s) cannot be read"),
             "{}",
             r.reason
         );
@@ -356,14 +435,71 @@ mod tests {
         let r = recommend(&no_window, 3, &busy, &mut history, later).unwrap();
         assert_eq!(r.replicas, 5);
         let none = QueueObservation {
-            waiting: 0.0,
-            read: 0,
             unread: vec!["pod a: timed out".into(), "pod b: timed out".into()],
+            ..QueueObservation::default()
         };
         let why = recommend(&s, 3, &none, &mut history, now).unwrap_err();
-        assert!(why.contains("2 tried; pod a: timed out"), "{why}");
+        // No pod's words: a message that changed with them would rewrite the status.
+        assert!(
+            why.contains("2 tried") && !why.contains("timed out"),
+            "{why}"
+        );
         let why = recommend(&s, 3, &seen(0.0, 0), &mut history, now).unwrap_err();
         assert!(why.contains("no engine pod is ready"), "{why}");
+    }
+
+    /// Running requests keep their slots: a queue the batches took in does not take away the
+    /// replicas running it (4 engines of 64 slots running 30 each need 2, not 1).
+    #[test]
+    fn the_running_requests_keep_their_slots() {
+        let mut s = scaling(1, 8, 4);
+        s.scale_down_stabilization_seconds = 0;
+        let busy = |slotted: u32| QueueObservation {
+            running: 120.0,
+            slots: 64.0 * f64::from(slotted),
+            slotted,
+            read: 4,
+            ..QueueObservation::default()
+        };
+        let now = Instant::now();
+        let r = recommend(&s, 4, &busy(4), &mut Recommendations::default(), now).unwrap();
+        assert_eq!(r.replicas, 2, "{}", r.reason);
+        // Engines that do not say their slots: the waiting requests alone.
+        let r = recommend(&s, 4, &busy(0), &mut Recommendations::default(), now).unwrap();
+        assert_eq!(r.replicas, 1, "{}", r.reason);
+    }
+
+    /// A new history (a restarted operator) starts at what runs, so a scale-down waits a
+    /// whole window; a queue within 10% of the target changes nothing (HPA's tolerance); one
+    /// reconcile after another adds to the newest bucket, not an entry each.
+    #[test]
+    fn history_starts_at_what_runs_is_tolerant_and_bounded() {
+        let s = scaling(1, 8, 4);
+        let mut history = Recommendations::default();
+        let t0 = Instant::now();
+        let r = recommend(&s, 8, &seen(0.0, 8), &mut history, t0).unwrap();
+        assert_eq!(r.replicas, 8, "{}", r.reason);
+        // 8.5 waiting on 2 replicas at 4 each: 6% over, 2 stay (3 without the tolerance).
+        let mut fresh = Recommendations::default();
+        let r = recommend(&s, 2, &seen(8.5, 2), &mut fresh, t0).unwrap();
+        assert_eq!(r.replicas, 2);
+        let r = recommend(
+            &s,
+            2,
+            &seen(9.0, 2),
+            &mut fresh,
+            t0 + Duration::from_secs(1),
+        );
+        assert_eq!(r.unwrap().replicas, 3);
+        for i in 0..3000u64 {
+            let now = t0 + Duration::from_secs(i);
+            recommend(&s, 8, &seen(0.0, 8), &mut history, now).unwrap();
+        }
+        assert!(
+            history.0.len() <= 300 / 15 + 2,
+            "{} buckets",
+            history.0.len()
+        );
     }
 
     /// A real HTTP read: the body of a server's answer; a refused connection and an error

@@ -68,8 +68,9 @@ pub struct Context {
     pub applied: Mutex<HashMap<String, AppliedMark>>,
     /// Reads engines' `/metrics` (the `queueDepth` policy).
     pub scrape: Arc<dyn Scrape>,
-    /// The `queueDepth` recommendations of each object's stabilization windows.
-    pub queues: Mutex<HashMap<ObjectRef<InferenceDeployment>, Recommendations>>,
+    /// The `queueDepth` recommendations of each object's stabilization windows, by UID (an
+    /// object deleted and made again under its name starts afresh).
+    pub queues: Mutex<HashMap<String, Recommendations>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -146,7 +147,9 @@ pub fn prune(ctx: &Context, ideps: &Store<InferenceDeployment>) {
         failures.retain(|key, _| ideps.get(key).is_some());
     }
     if let Ok(mut queues) = ctx.queues.lock() {
-        queues.retain(|key, _| ideps.get(key).is_some());
+        let live: std::collections::HashSet<String> =
+            ideps.state().iter().map(|i| queue_key(i)).collect();
+        queues.retain(|key, _| live.contains(key));
     }
     let stores = &ctx.stores;
     let cached = |key: &str| {
@@ -416,7 +419,7 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
             .queues
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let history = queues.entry(ObjectRef::from_obj(idep)).or_default();
+        let history = queues.entry(queue_key(idep)).or_default();
         running.queue = Some(queue_scaling::recommend(
             &idep.spec.scaling,
             current,
@@ -597,6 +600,17 @@ fn metrics_url(pod: &Pod) -> Option<String> {
     Some(format!("http://{host}:{}/metrics", children::ENGINE_PORT))
 }
 
+/// Where an object's queueDepth history is kept: its UID, or without one its namespace/name.
+fn queue_key(idep: &InferenceDeployment) -> String {
+    idep.metadata.uid.clone().unwrap_or_else(|| {
+        format!(
+            "{}/{}",
+            idep.namespace().unwrap_or_default(),
+            idep.name_any()
+        )
+    })
+}
+
 /// The label a LeaderWorkerSet gives each pod of a group: 0 for the leader.
 const LWS_WORKER_INDEX: &str = "leaderworkerset.sigs.k8s.io/worker-index";
 
@@ -607,21 +621,33 @@ async fn read_queues(pods: &[Arc<Pod>], scrape: &dyn Scrape) -> QueueObservation
         let name = pod.name_any();
         let body = scrape.get(url);
         Some(async move {
-            let waiting = body.await.and_then(|text| {
-                queue_scaling::metric_sum(&text, queue_scaling::WAITING_METRIC)?
-                    .ok_or_else(|| format!("no {} in its metrics", queue_scaling::WAITING_METRIC))
+            let read = body.await.and_then(|text| {
+                let sum = |metric| queue_scaling::metric_sum(&text, metric);
+                let waiting = sum(queue_scaling::WAITING_METRIC)?.ok_or_else(|| {
+                    format!("no {} in its metrics", queue_scaling::WAITING_METRIC)
+                })?;
+                let running = sum(queue_scaling::RUNNING_METRIC)?.unwrap_or(0.0);
+                Ok((waiting, running, sum(queue_scaling::SLOTS_METRIC)?))
             });
-            (name, waiting)
+            (name, read)
         })
     });
     let mut seen = QueueObservation::default();
-    for (name, waiting) in futures::future::join_all(reads).await {
-        match waiting {
-            Ok(waiting) => {
+    for (name, read) in futures::future::join_all(reads).await {
+        match read {
+            Ok((waiting, running, slots)) => {
                 seen.waiting += waiting.max(0.0);
+                seen.running += running.max(0.0);
+                if let Some(slots) = slots.filter(|s| *s > 0.0) {
+                    seen.slots += slots;
+                    seen.slotted += 1;
+                }
                 seen.read += 1;
             }
-            Err(why) => seen.unread.push(format!("pod {name}: {why}")),
+            Err(why) => {
+                warn!(pod = %name, error = %why, "cannot read the engine's metrics");
+                seen.unread.push(format!("pod {name}: {why}"));
+            }
         }
     }
     seen

@@ -284,9 +284,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 shutdown.clone(),
             )
             .await;
+            // Unless it is to stop anyway (a termination, or leadership lost at the same time).
+            let stopping = *stop_rx.borrow() || shutdown.clone().now_or_never().is_some();
             match ran {
-                Ok(Stopped::ToWatchNewKinds) if !*stop_rx.borrow() => {
+                Ok(Stopped::ToWatchNewKinds) if !stopping => {
                     info!("restarting the controller to watch LeaderWorkerSets");
+                    // Not ready again until the new controller's caches sync.
+                    health.ready.store(false, Ordering::Relaxed);
                 }
                 ran => break ran.map(drop),
             }

@@ -310,14 +310,18 @@ async fn queue_depth_scales_to_what_the_engines_queues_call_for() {
     caches.engine_metrics = std::collections::HashMap::from([
         (
             "http://10.0.0.7:8000/metrics".to_string(),
-            Ok(
-                "# TYPE sparsemoe_num_requests_waiting gauge\nsparsemoe_num_requests_waiting 12\n"
-                    .into(),
-            ),
+            Ok("# TYPE sparsemoe_num_requests_waiting gauge\n\
+                sparsemoe_num_requests_waiting 2\n\
+                sparsemoe_num_requests_running 200\n\
+                sparsemoe_max_running_requests 64\n"
+                .into()),
         ),
         (
             "http://[fd00::8]:8000/metrics".to_string(),
-            Ok("sparsemoe_num_requests_waiting 5\n".into()),
+            Ok("sparsemoe_num_requests_waiting 1\n\
+                sparsemoe_num_requests_running 100\n\
+                sparsemoe_max_running_requests 64\n"
+                .into()),
         ),
     ]);
     let (ctx, handle) = context(&caches, Capabilities::default());
@@ -327,7 +331,7 @@ async fn queue_depth_scales_to_what_the_engines_queues_call_for() {
     let scrape = ctx.scrape.clone();
     drop(ctx);
     let seen = finish(verifier).await;
-    // 17 waiting, 4 per replica wanted: 5 replicas.
+    // 3 waiting call for 1 replica at 4 each; 300 running, at 64 slots an engine, for 5.
     assert_eq!(seen[0].body["spec"]["replicas"], 5);
     let scaling = condition(&seen[1].body, "ScalingActive");
     assert_eq!(
@@ -338,7 +342,7 @@ async fn queue_depth_scales_to_what_the_engines_queues_call_for() {
         scaling["message"]
             .as_str()
             .unwrap()
-            .contains("17 request(s) waiting on 2 engine(s)"),
+            .starts_with("policy queueDepth: 5 replica(s)"),
         "{scaling}"
     );
     assert_eq!(seen[2].body["reason"], "Scaled");
