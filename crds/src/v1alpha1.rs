@@ -495,6 +495,14 @@ pub struct GpuVariant {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = 1000))]
     pub max_replicas: Option<u32>,
+    /// Generated tokens per second one replica of this variant delivers with its batch full
+    /// (from a benchmark of this model on this GPU type). The costAware policy ranks variants
+    /// by it, per unit of costPerHour, until it has measured them; unset, a variant not
+    /// measured yet keeps its place in the list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("variants[].expectedTokensPerSecond must be at least 1"))]
+    #[schemars(range(max = 100_000_000))]
+    pub expected_tokens_per_second: Option<u32>,
 }
 
 impl GpuVariant {
@@ -526,7 +534,11 @@ impl GpuVariant {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ScalingSpec {
-    /// `fixed` (replicas below, or the /scale subresource), `queueDepth`, or `costAware`.
+    /// `fixed` (replicas below, or the /scale subresource), `queueDepth` (as many replicas
+    /// as the engines' queues call for, added to the variants in listed order), or
+    /// `costAware` (as many, added to the variant that serves the most tokens per second per
+    /// unit of costPerHour and taken from the one that serves the fewest, as measured on the
+    /// engines or, until measured, as variants[].expectedTokensPerSecond says).
     #[serde(default)]
     pub policy: ScalingPolicy,
     /// Replicas for policy `fixed`; the /scale subresource (HPA, KEDA, kubectl scale) sets it.
@@ -542,10 +554,10 @@ pub struct ScalingSpec {
     #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("scaling.maxReplicas must be between 1 and 1000"))]
     #[schemars(range(max = 1000))]
     pub max_replicas: Option<u32>,
-    /// Waiting requests per replica the queueDepth policy aims for: it runs the waiting
-    /// requests of every ready engine (`sparsemoe_num_requests_waiting`), summed, divided by
-    /// this, rounded up, and never fewer replicas than keep the running requests in the
-    /// engines' slots. (costAware is not metrics-driven yet: it holds the running replicas.)
+    /// Waiting requests per replica the queueDepth and costAware policies aim for: they run
+    /// the waiting requests of every ready engine (`sparsemoe_num_requests_waiting`), summed,
+    /// divided by this, rounded up, and never fewer replicas than keep the running requests
+    /// in the engines' slots.
     #[serde(default = "default_target_queue_depth")]
     #[x_kube(validation = Rule::new("self >= 1").message("scaling.targetQueueDepthPerReplica must be at least 1"))]
     #[schemars(range(max = u32::MAX))]
@@ -553,13 +565,13 @@ pub struct ScalingSpec {
     /// Latency objectives the autoscaler is to keep. Reserved: not acted on yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slo: Option<SloSpec>,
-    /// How long a higher recommendation must hold before scaling up (queueDepth): a scale-up
-    /// goes to the lowest recommendation of this window.
+    /// How long a higher recommendation must hold before scaling up (queueDepth,
+    /// costAware): a scale-up goes to the lowest recommendation of this window.
     #[serde(default)]
     #[schemars(range(max = 3600))]
     pub scale_up_stabilization_seconds: u32,
-    /// How long a lower recommendation must hold before scaling down (queueDepth): a
-    /// scale-down goes to the highest recommendation of this window.
+    /// How long a lower recommendation must hold before scaling down (queueDepth,
+    /// costAware): a scale-down goes to the highest recommendation of this window.
     #[serde(default = "default_scale_down_stabilization")]
     #[schemars(range(max = 86400))]
     pub scale_down_stabilization_seconds: u32,
@@ -671,8 +683,9 @@ pub struct InferenceDeploymentStatus {
     /// Per-variant replica counts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub variants: Vec<VariantStatus>,
-    /// The most recent scaling decision of a metrics-driven policy. Reserved: not written yet
-    /// (the Tokens/s and $/Mtok columns stay empty until it is).
+    /// The most recent change of replicas a metrics-driven policy (queueDepth, costAware)
+    /// made, with what the engines served when it was made; written only when the decided
+    /// replicas change (the Tokens/s and $/Mtok columns show it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scaling: Option<ScalingDecision>,
     /// The expert placement plan in use.
@@ -718,13 +731,15 @@ pub struct ScalingDecision {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ScalingMetrics {
-    /// Waiting requests, summed over replicas.
+    /// Waiting requests, summed over the engines read.
     pub queue_depth: f64,
-    /// Generated tokens per second, summed over replicas.
+    /// Generated tokens per second, summed over the engines read (over the last interval
+    /// between two reads of each; 0 until an engine has been read twice).
     pub tokens_per_second: f64,
-    /// Tokens per second per unit of cost per hour.
+    /// tokensPerSecond per unit of costPerHour of the replicas read.
     pub tokens_per_second_per_dollar: f64,
-    /// Cost of a million generated tokens at the measured rate.
+    /// costPerHour of the replicas read per million tokens at the rate measured; unset while
+    /// nothing was generated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_per_million_tokens: Option<f64>,
 }

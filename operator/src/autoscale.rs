@@ -1,18 +1,17 @@
 //! The replica decision: how many replicas each variant runs. The reconciler calls
-//! [`decide_around`] (through `children::decide_and_build`) and nothing else, so the
-//! metrics-driven autoscaler (another issue) replaces the body of the non-`fixed` arm without
-//! touching the reconciler.
+//! [`decide_around`] (through `children::decide_and_build`) and nothing else.
 //!
 //! `fixed` takes `spec.scaling.replicas` (which the /scale subresource, HPA and KEDA set) and
 //! fills the variants in listed order up to each one's `maxReplicas`, passing over variants
 //! that cannot be realised now, whose running replicas count toward it ([`decide_around`]).
-//! `queueDepth` takes the total the engines' queues call for ([`crate::queue_scaling`]),
-//! adding replicas to the most preferred variants with room and taking them from the least
-//! preferred. Without a recommendation (no engine's metrics read), and always under
-//! `costAware`, which is NOT metrics-driven yet, the replicas that run are held (while a
-//! renamed variant's old workload is replaced, the replicas decided before), clamped to
-//! `[minReplicas, maxReplicas]`, and the reason says so. The operator never writes the user's
-//! spec.
+//! `queueDepth` and `costAware` take the total the engines' queues call for
+//! ([`crate::queue_scaling`]), adding replicas to the most preferred variants with room and
+//! taking them from the least preferred: under `queueDepth` the listed order is the order of
+//! preference, under `costAware` the variants' tokens per second per unit of cost
+//! ([`crate::cost`]). Without a recommendation (no engine's metrics read) the replicas that
+//! run are held (while a renamed variant's old workload is replaced, the replicas decided
+//! before), clamped to `[minReplicas, maxReplicas]`, and the reason says so. The operator
+//! never writes the user's spec.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -64,6 +63,9 @@ pub struct Running {
     /// Under `queueDepth`: the replicas the engines' queues call for, or why there is no
     /// recommendation (the replicas that run are then held).
     pub queue: Option<Result<crate::queue_scaling::Recommendation, String>>,
+    /// Under `costAware`: the variants by tokens per second per unit of cost, best first
+    /// (absent: the listed order).
+    pub ranking: Option<crate::cost::Ranking>,
 }
 
 /// Replicas per variant for `spec`, given the replicas each variant's workload runs now
@@ -144,17 +146,17 @@ pub fn decide_around(
             } else {
                 "costAware"
             };
-            let (target, reason_code, reason) = match (&running.queue, scaling.policy) {
-                (Some(Ok(r)), ScalingPolicy::QueueDepth) => (
+            let (target, reason_code, mut reason) = match &running.queue {
+                Some(Ok(r)) => (
                     r.replicas.clamp(min, max),
                     "ValidMetricFound",
                     r.reason.clone(),
                 ),
-                (unread, ScalingPolicy::QueueDepth) => (
+                unread => (
                     held.clamp(min, max),
                     "MetricsUnavailable",
                     format!(
-                        "policy queueDepth: holding the current replicas within minReplicas {} \
+                        "policy {policy}: holding the current replicas within minReplicas {} \
                          and maxReplicas {max}: {}",
                         scaling.min_replicas,
                         match unread {
@@ -163,22 +165,23 @@ pub fn decide_around(
                         }
                     ),
                 ),
-                _ => (
-                    held.clamp(min, max),
-                    "AutoscalerNotWired",
-                    format!(
-                        "policy {policy} is not wired to engine metrics yet: holding the current \
-                         replicas within minReplicas {} and maxReplicas {max}",
-                        scaling.min_replicas
-                    ),
-                ),
             };
+            // The order replicas are added in (and taken away in reverse): costAware's
+            // ranking, else the listed order.
+            let mut order: Vec<usize> = (0..spec.variants.len()).collect();
+            if let (ScalingPolicy::CostAware, Some(ranking)) = (scaling.policy, &running.ranking) {
+                let place = |name: &String| ranking.order.iter().position(|r| r == name);
+                order.sort_by_key(|&i| place(&spec.variants[i].name).unwrap_or(usize::MAX));
+                reason.push_str("; ");
+                reason.push_str(&ranking.describe);
+            }
             let mut unplaced = 0;
             if total < target {
                 // Add replicas to the most preferred variants with room.
                 let mut missing = target - total;
-                for (v, (_, n)) in spec.variants.iter().zip(variants.iter_mut()) {
-                    let add = missing.min((room(v) - *n).max(0));
+                for &i in &order {
+                    let n = &mut variants[i].1;
+                    let add = missing.min((room(&spec.variants[i]) - *n).max(0));
                     *n += add;
                     missing -= add;
                 }
@@ -188,13 +191,11 @@ pub fn decide_around(
                 // cannot be realised, whose workload is not applied, so what it runs stays
                 // (taking them off it would leave more than the target running).
                 let mut excess = total - target;
-                let realisable = spec.variants.iter().map(|v| !unavailable.contains(&v.name));
-                for ((_, n), _) in variants
-                    .iter_mut()
-                    .zip(realisable)
-                    .rev()
-                    .filter(|(_, r)| *r)
-                {
+                for &i in order.iter().rev() {
+                    if unavailable.contains(&spec.variants[i].name) {
+                        continue;
+                    }
+                    let n = &mut variants[i].1;
                     let remove = excess.min(*n);
                     *n -= remove;
                     excess -= remove;
@@ -276,6 +277,7 @@ mod tests {
             variants: BTreeMap::from([("h200".to_string(), 2)]),
             replacing: None,
             queue: None,
+            ranking: None,
         };
         spec.scaling.replicas = 3;
         let d = decide_around(&spec, &on_h200, &h200);
@@ -295,6 +297,7 @@ mod tests {
             variants: BTreeMap::from([("h200".to_string(), 1)]),
             replacing: None,
             queue: None,
+            ranking: None,
         };
         let d = decide_around(&spec, &current, &h200);
         assert_eq!(d.variants, vec![("h200".into(), 1), ("h100".into(), 1)]);
@@ -305,6 +308,7 @@ mod tests {
             variants: BTreeMap::from([("h200".to_string(), 3), ("h100".to_string(), 3)]),
             replacing: None,
             queue: None,
+            ranking: None,
         };
         let h100 = BTreeSet::from(["h100".to_string()]);
         let d = decide_around(&spec, &over, &h100);
@@ -332,6 +336,7 @@ mod tests {
                 replicas,
                 reason: format!("{replicas} wanted"),
             })),
+            ranking: None,
         };
         let d = decide_around(&spec, &running(1, 0, 5), &BTreeSet::new());
         assert_eq!(d.variants, vec![("h200".into(), 2), ("h100".into(), 3)]);
@@ -358,10 +363,73 @@ mod tests {
         assert_eq!(d.total(), 3);
         assert_eq!((d.holding, d.reason_code), (true, "MetricsUnavailable"));
         assert!(d.reason.contains("no engine pod is ready"), "{}", d.reason);
-        // costAware is not metrics-driven: a recommendation (never made for it) is ignored.
+        // costAware follows the same recommendation; without a ranking, in listed order.
         spec.scaling.policy = ScalingPolicy::CostAware;
-        let d = decide_around(&spec, &running(2, 1, 6), &BTreeSet::new());
-        assert_eq!((d.total(), d.reason_code), (3, "AutoscalerNotWired"));
+        let d = decide_around(&spec, &running(1, 0, 5), &BTreeSet::new());
+        assert_eq!(d.variants, vec![("h200".into(), 2), ("h100".into(), 3)]);
+        let d = decide_around(&spec, &unread, &BTreeSet::new());
+        assert_eq!((d.total(), d.reason_code), (3, "MetricsUnavailable"));
+        assert!(
+            d.reason.starts_with("policy costAware: holding"),
+            "{}",
+            d.reason
+        );
+    }
+
+    /// Under costAware, replicas go to the best-ranked variant with room and come off the
+    /// worst-ranked; those that run elsewhere stay (nothing is moved); the ranking is named.
+    #[test]
+    fn cost_aware_adds_to_the_best_and_takes_from_the_worst() {
+        use crate::cost::Ranking;
+        use crate::queue_scaling::Recommendation;
+        let mut spec =
+            spec_with_variants(&[("h200", Some(4)), ("a100", Some(1)), ("h100", Some(3))]);
+        spec.scaling.policy = ScalingPolicy::CostAware;
+        spec.scaling.min_replicas = 1;
+        spec.scaling.max_replicas = Some(10);
+        let ranking = Ranking {
+            order: vec!["h100".into(), "a100".into(), "h200".into()],
+            describe: "h100 first".into(),
+        };
+        let running = |h200: i32, a100: i32, h100: i32, replicas: i64| Running {
+            variants: BTreeMap::from([
+                ("h200".to_string(), h200),
+                ("a100".to_string(), a100),
+                ("h100".to_string(), h100),
+            ]),
+            replacing: None,
+            queue: Some(Ok(Recommendation {
+                replicas,
+                reason: format!("{replicas} wanted"),
+            })),
+            ranking: Some(ranking.clone()),
+        };
+        // 2 on h200 (the listed first), 6 wanted: h100 fills to 3, a100 takes 1.
+        let d = decide_around(&spec, &running(2, 0, 0, 6), &BTreeSet::new());
+        let want = |h200, a100, h100| {
+            vec![
+                ("h200".to_string(), h200),
+                ("a100".to_string(), a100),
+                ("h100".to_string(), h100),
+            ]
+        };
+        assert_eq!(d.variants, want(2, 1, 3));
+        assert_eq!(d.reason, "6 wanted; h100 first");
+        // Past their room, the rest go to h200.
+        let d = decide_around(&spec, &running(2, 0, 0, 8), &BTreeSet::new());
+        assert_eq!(d.variants, want(4, 1, 3));
+        // Down to 3: h200 gives up its 2 first, then a100.
+        let d = decide_around(&spec, &running(2, 1, 3, 3), &BTreeSet::new());
+        assert_eq!(d.variants, want(0, 0, 3));
+        // h100 cannot be realised now: the next best takes what it cannot.
+        let h100 = BTreeSet::from(["h100".to_string()]);
+        let d = decide_around(&spec, &running(0, 0, 0, 3), &h100);
+        assert_eq!(d.variants, want(2, 1, 0));
+        // queueDepth ignores a ranking: the listed order.
+        spec.scaling.policy = ScalingPolicy::QueueDepth;
+        let d = decide_around(&spec, &running(0, 0, 0, 3), &BTreeSet::new());
+        assert_eq!(d.variants, want(3, 0, 0));
+        assert_eq!(d.reason, "3 wanted");
     }
 
     /// A renamed variant's replicas, still running under its old name, move to the spec's
@@ -378,6 +446,7 @@ mod tests {
             variants: BTreeMap::from([("h100".to_string(), 1)]),
             replacing: Some(9),
             queue: None,
+            ranking: None,
         };
         let d = decide_around(&spec, &renamed, &BTreeSet::new());
         assert_eq!(d.variants, vec![("h200-sxm".into(), 8), ("h100".into(), 1)]);
@@ -386,6 +455,7 @@ mod tests {
             variants: BTreeMap::from([("h200-sxm".to_string(), 8), ("h100".to_string(), 1)]),
             replacing: Some(9),
             queue: None,
+            ranking: None,
         };
         let d = decide_around(&spec, &moved, &BTreeSet::new());
         assert_eq!(d.total(), 9);
@@ -432,6 +502,12 @@ mod tests {
             vec![("h200".into(), 4), ("h100".into(), 1)]
         );
         spec.scaling.policy = ScalingPolicy::CostAware;
-        assert!(decide(&spec, &current).reason.contains("costAware"));
+        assert!(
+            decide(&spec, &current)
+                .reason
+                .starts_with("policy costAware: holding"),
+            "{}",
+            decide(&spec, &current).reason
+        );
     }
 }

@@ -47,6 +47,7 @@ pub fn variant(name: &str, max_replicas: Option<u32>) -> GpuVariant {
         nodes_per_replica: None,
         cost_per_hour: CostPerHour::parse("31.60").expect("valid price"),
         max_replicas,
+        expected_tokens_per_second: None,
     }
 }
 
@@ -238,6 +239,7 @@ impl Caches {
             refused_variants: &BTreeSet::new(),
             pod_problems: &[],
             applied: &BTreeSet::new(),
+            served: None,
         };
         let mut settled = idep.clone();
         settled.status = Some(status::compute(

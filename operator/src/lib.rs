@@ -1,12 +1,14 @@
 //! sparsemoe-operator: reconciles `InferenceDeployment`s into engine workloads.
 //!
 //! Pure decisions live in [`children`] (spec → child objects), [`autoscale`] (replicas per
-//! variant), [`queue_scaling`] (what the engines' queues call for), [`status`] (conditions and
-//! the status no-op rule) and [`placement`] (expert placement from loads). [`reconcile`] is the thin I/O shell that applies them, and [`run`]
-//! wires the controller, leader election and the HTTP endpoints.
+//! variant), [`queue_scaling`] (what the engines' queues call for), [`cost`] (what the
+//! variants serve per unit of cost), [`status`] (conditions and the status no-op rule) and
+//! [`placement`] (expert placement from loads). [`reconcile`] is the thin I/O shell that
+//! applies them, and [`run`] wires the controller, leader election and the HTTP endpoints.
 
 pub mod autoscale;
 pub mod children;
+pub mod cost;
 pub mod metrics;
 pub mod placement;
 pub mod queue_scaling;

@@ -1,5 +1,5 @@
-//! The `queueDepth` policy: how many replicas the requests waiting on an InferenceDeployment's
-//! engines call for. Each ready engine pod's `/metrics` is read for
+//! The `queueDepth` and `costAware` policies' total: how many replicas the requests waiting on
+//! an InferenceDeployment's engines call for. Each ready engine pod's `/metrics` is read for
 //! `sparsemoe_num_requests_waiting`; the sum over pods, divided by
 //! `scaling.targetQueueDepthPerReplica` and rounded up, is the recommendation (what an HPA
 //! computes for an `AverageValue` target), clamped to `[minReplicas, maxReplicas]` and
@@ -16,7 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use sparsemoe_api::v1alpha1::ScalingSpec;
+use sparsemoe_api::v1alpha1::{ScalingPolicy, ScalingSpec};
 use tokio::time::Instant;
 
 /// The engine's gauges of requests waiting for a slot, of requests running, and of the
@@ -24,7 +24,8 @@ use tokio::time::Instant;
 pub const WAITING_METRIC: &str = "sparsemoe_num_requests_waiting";
 pub const RUNNING_METRIC: &str = "sparsemoe_num_requests_running";
 pub const SLOTS_METRIC: &str = "sparsemoe_max_running_requests";
-/// How often an InferenceDeployment under `queueDepth` is looked at again (its engines read).
+/// How often an InferenceDeployment under `queueDepth` or `costAware` is looked at again (its
+/// engines read).
 pub const SCRAPE_EVERY: Duration = Duration::from_secs(15);
 /// How long one engine's `/metrics` may take before it counts as unreadable.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -135,6 +136,8 @@ pub struct QueueObservation {
     pub read: u32,
     /// Ready pods that could not be read, each with why.
     pub unread: Vec<String>,
+    /// Each pod read, for its throughput ([`crate::cost`]).
+    pub engines: Vec<crate::cost::EngineRead>,
 }
 
 /// The recommendations of the longest stabilization window, oldest first, in buckets of
@@ -260,8 +263,12 @@ pub fn recommend(
     } else {
         holding
     };
+    let policy = match scaling.policy {
+        ScalingPolicy::CostAware => "costAware",
+        _ => "queueDepth",
+    };
     let mut reason = format!(
-        "policy queueDepth: {wanted} replica(s) for the requests waiting ({} per replica \
+        "policy {policy}: {wanted} replica(s) for the requests waiting ({} per replica \
          wanted) and running",
         scaling.target_queue_depth_per_replica
     );

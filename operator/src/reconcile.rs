@@ -37,6 +37,7 @@ use crate::autoscale::{self, ReplicaDecision};
 use crate::children::{
     self, Cached, Capabilities, Children, LABEL_DEPLOYMENT, LABEL_VARIANT, Workload,
 };
+use crate::cost;
 use crate::metrics::Metrics;
 use crate::queue_scaling::{self, QueueObservation, Recommendations, Scrape};
 use crate::status::{self, WorkloadObservation};
@@ -66,11 +67,20 @@ pub struct Context {
     /// What each child was right after this process last applied it, by `kind/ns/name`: a
     /// cached child past it was changed by someone else (drift). See [`apply_reason`].
     pub applied: Mutex<HashMap<String, AppliedMark>>,
-    /// Reads engines' `/metrics` (the `queueDepth` policy).
+    /// Reads engines' `/metrics` (the `queueDepth` and `costAware` policies).
     pub scrape: Arc<dyn Scrape>,
-    /// The `queueDepth` recommendations of each object's stabilization windows, by UID (an
-    /// object deleted and made again under its name starts afresh).
-    pub queues: Mutex<HashMap<String, Recommendations>>,
+    /// What the metric policies remember of each object, by UID (an object deleted and made
+    /// again under its name starts afresh).
+    pub queues: Mutex<HashMap<String, ScalingHistory>>,
+}
+
+/// What the metric policies remember of one object between reconciles.
+#[derive(Debug, Default)]
+pub struct ScalingHistory {
+    /// The recommendations of its stabilization windows.
+    pub recommendations: Recommendations,
+    /// Its engines' last reads and its variants' measured throughput (`costAware`).
+    pub throughput: cost::Throughput,
 }
 
 impl std::fmt::Debug for Context {
@@ -403,8 +413,11 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
             .flatten()
             .map(|s| s.variants.iter().map(|v| v.desired_replicas).sum()),
         queue: None,
+        ranking: None,
     };
-    let by_queue = idep.spec.scaling.policy == ScalingPolicy::QueueDepth;
+    let policy = idep.spec.scaling.policy;
+    let by_queue = matches!(policy, ScalingPolicy::QueueDepth | ScalingPolicy::CostAware);
+    let mut served = None;
     if by_queue {
         let seen = read_queues(&object_pods, ctx.scrape.as_ref()).await;
         let current = i64::from(
@@ -420,13 +433,26 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let history = queues.entry(queue_key(idep)).or_default();
+        let now = tokio::time::Instant::now();
+        let tokens_per_second = history.throughput.observe(&seen.engines, now);
+        if seen.read > 0 {
+            served = Some(cost::metrics(
+                &idep.spec.variants,
+                &seen.engines,
+                seen.waiting,
+                tokens_per_second,
+            ));
+        }
         running.queue = Some(queue_scaling::recommend(
             &idep.spec.scaling,
             current,
             &seen,
-            history,
-            tokio::time::Instant::now(),
+            &mut history.recommendations,
+            now,
         ));
+        if policy == ScalingPolicy::CostAware {
+            running.ranking = Some(history.throughput.rank(&idep.spec.variants));
+        }
     }
     let (decision, desired) =
         children::decide_and_build(idep, &namespace, owner, &running, ctx.capabilities);
@@ -526,6 +552,7 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
         refused_variants: &refused_variants,
         pod_problems: &pod_problems,
         applied: &applied_variants,
+        served: served.as_ref(),
     };
     let previous = idep.status.as_ref();
     let next = status::compute(&inputs, previous, now);
@@ -566,7 +593,7 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
     // A pod waiting for a node is looked at again when its grace runs out, so that it is
     // reported then (see `status::UNSCHEDULABLE_GRACE`).
     let recheck = status::pod_recheck(pods.iter().map(|p| p.as_ref()), now);
-    // Under queueDepth, the engines' queues are read again soon.
+    // Under the metric policies, the engines' queues are read again soon.
     let every = match by_queue {
         true => every.min(queue_scaling::SCRAPE_EVERY),
         false => every,
@@ -614,11 +641,17 @@ fn queue_key(idep: &InferenceDeployment) -> String {
 /// The label a LeaderWorkerSet gives each pod of a group: 0 for the leader.
 const LWS_WORKER_INDEX: &str = "leaderworkerset.sigs.k8s.io/worker-index";
 
-/// What the serving pods' queues hold, read side by side.
+/// What the serving pods' queues hold and have generated, read side by side.
 async fn read_queues(pods: &[Arc<Pod>], scrape: &dyn Scrape) -> QueueObservation {
     let reads = pods.iter().filter_map(|pod| {
         let url = metrics_url(pod)?;
         let name = pod.name_any();
+        let engine = cost::EngineRead {
+            pod: pod.metadata.uid.clone().unwrap_or_else(|| name.clone()),
+            variant: pod.labels().get(LABEL_VARIANT).cloned(),
+            generated: None,
+            full: false,
+        };
         let body = scrape.get(url);
         Some(async move {
             let read = body.await.and_then(|text| {
@@ -627,22 +660,28 @@ async fn read_queues(pods: &[Arc<Pod>], scrape: &dyn Scrape) -> QueueObservation
                     format!("no {} in its metrics", queue_scaling::WAITING_METRIC)
                 })?;
                 let running = sum(queue_scaling::RUNNING_METRIC)?.unwrap_or(0.0);
-                Ok((waiting, running, sum(queue_scaling::SLOTS_METRIC)?))
+                let slots = sum(queue_scaling::SLOTS_METRIC)?;
+                Ok((waiting, running, slots, sum(cost::GENERATED_METRIC)?))
             });
-            (name, read)
+            (name, engine, read)
         })
     });
     let mut seen = QueueObservation::default();
-    for (name, read) in futures::future::join_all(reads).await {
+    for (name, mut engine, read) in futures::future::join_all(reads).await {
         match read {
-            Ok((waiting, running, slots)) => {
-                seen.waiting += waiting.max(0.0);
-                seen.running += running.max(0.0);
-                if let Some(slots) = slots.filter(|s| *s > 0.0) {
+            Ok((waiting, running, slots, generated)) => {
+                let (waiting, running) = (waiting.max(0.0), running.max(0.0));
+                seen.waiting += waiting;
+                seen.running += running;
+                let slots = slots.filter(|s| *s > 0.0);
+                if let Some(slots) = slots {
                     seen.slots += slots;
                     seen.slotted += 1;
                 }
                 seen.read += 1;
+                engine.generated = generated;
+                engine.full = waiting > 0.0 || slots.is_some_and(|s| running >= s);
+                seen.engines.push(engine);
             }
             Err(why) => {
                 warn!(pod = %name, error = %why, "cannot read the engine's metrics");

@@ -22,7 +22,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kube::core::DynamicObject;
 use sparsemoe_api::InferenceDeployment;
-use sparsemoe_api::v1alpha1::{InferenceDeploymentStatus, PlacementStatus, VariantStatus};
+use sparsemoe_api::v1alpha1::{
+    InferenceDeploymentStatus, PlacementStatus, ScalingDecision, ScalingMetrics, VariantStatus,
+};
 
 use crate::autoscale::ReplicaDecision;
 use crate::children::{self, Children, Problem};
@@ -294,6 +296,9 @@ pub struct Inputs<'a> {
     pub pod_problems: &'a [Problem],
     /// Variants whose workload was (re)applied in this reconcile: not current until observed.
     pub applied: &'a BTreeSet<String>,
+    /// Under the metric policies: what the engines read serve and cost (absent when none
+    /// could be read).
+    pub served: Option<&'a ScalingMetrics>,
 }
 
 fn condition(
@@ -355,6 +360,7 @@ pub fn compute(
         refused_variants,
         pod_problems,
         applied,
+        served,
     } = *inputs;
     let generation = idep.metadata.generation;
 
@@ -524,8 +530,7 @@ pub fn compute(
         updated_replicas: variants.iter().map(|v| v.updated_replicas).sum(),
         selector: Some(children::pod_selector(idep)),
         variants,
-        // Owned by the autoscaler issue; kept as the object has it.
-        last_scaling: previous.and_then(|p| p.last_scaling.clone()),
+        last_scaling: last_scaling(decision, served, previous, now),
         placement: children
             .placement
             .as_ref()
@@ -535,6 +540,32 @@ pub fn compute(
                 config_map: cm.name_any(),
             }),
         endpoint: Some(children::endpoint(idep, namespace)),
+    }
+}
+
+/// `status.lastScaling`: a metric policy's decision, with what the engines served, when its
+/// replicas per variant differ from the last one written (so a settled object's status does
+/// not change with its load); otherwise what the object has.
+fn last_scaling(
+    decision: &ReplicaDecision,
+    served: Option<&ScalingMetrics>,
+    previous: Option<&InferenceDeploymentStatus>,
+    now: jiff::Timestamp,
+) -> Option<ScalingDecision> {
+    let last = previous.and_then(|p| p.last_scaling.as_ref());
+    let (Some(served), false) = (served, decision.holding) else {
+        return last.cloned();
+    };
+    let variants: BTreeMap<String, i32> = decision.variants.iter().cloned().collect();
+    match last {
+        Some(last) if last.variants == variants => Some(last.clone()),
+        _ => Some(ScalingDecision {
+            replicas: decision.total(),
+            variants,
+            reason: decision.reason.clone(),
+            metrics: served.clone(),
+            time: Some(Time(now)),
+        }),
     }
 }
 

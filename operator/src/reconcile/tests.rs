@@ -358,6 +358,136 @@ async fn queue_depth_scales_to_what_the_engines_queues_call_for() {
     );
 }
 
+/// costAware measures each variant's full-batch tokens per second between two reads of its
+/// engines and sends new replicas to the variant that serves the most per unit of cost,
+/// whatever the listed order; `lastScaling` records the decision with what was served.
+#[tokio::test(start_paused = true)]
+async fn cost_aware_sends_new_replicas_where_tokens_cost_least() {
+    use k8s_openapi::api::core::v1::{ContainerStatus, PodStatus};
+    use sparsemoe_api::CostPerHour;
+    let mut spec = spec_with_variants(&[("h200", Some(1)), ("h100", None)]);
+    spec.variants[0].cost_per_hour = CostPerHour::parse("40").unwrap();
+    spec.variants[1].cost_per_hour = CostPerHour::parse("20").unwrap();
+    spec.scaling.policy = ScalingPolicy::CostAware;
+    spec.scaling.min_replicas = 2;
+    spec.scaling.max_replicas = Some(6);
+    spec.scaling.target_queue_depth_per_replica = 4;
+    let mut caches = Caches::default();
+    // One replica on each (h200 could take only one then).
+    let mut settled = caches.settle(&idep(spec), Capabilities::default());
+    settled.spec.variants[0].max_replicas = None;
+    for (variant, ip) in [("h200", "10.0.0.7"), ("h100", "10.0.0.8")] {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some(format!("llm-{variant}-a"));
+        pod.metadata.namespace = Some(NS.into());
+        pod.metadata.uid = Some(format!("uid-{variant}"));
+        pod.metadata.labels = Some(std::collections::BTreeMap::from([
+            (LABEL_DEPLOYMENT.to_string(), "llm".to_string()),
+            (LABEL_VARIANT.to_string(), variant.to_string()),
+        ]));
+        pod.status = Some(PodStatus {
+            pod_ip: Some(ip.into()),
+            container_statuses: Some(vec![ContainerStatus {
+                name: "engine".into(),
+                ready: true,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        caches.pods.apply_watcher_event(&watcher::Event::Apply(pod));
+    }
+    // Both batches full (64 of 64 slots, requests waiting).
+    let answer = |waiting: u32, generated: u32| {
+        Ok(format!(
+            "sparsemoe_num_requests_waiting {waiting}\n\
+             sparsemoe_num_requests_running 64\n\
+             sparsemoe_max_running_requests 64\n\
+             sparsemoe_generation_tokens_total {generated}\n"
+        ))
+    };
+    caches.engine_metrics = std::collections::HashMap::from([
+        (
+            "http://10.0.0.7:8000/metrics".to_string(),
+            answer(1, 100_000),
+        ),
+        (
+            "http://10.0.0.8:8000/metrics".to_string(),
+            answer(1, 50_000),
+        ),
+    ]);
+    // The first read: 2 replicas keep the running requests in their slots; nothing measured.
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    let verifier = verify(
+        handle,
+        vec![expect(
+            Method::PATCH,
+            format!("{IDEPS}/llm/status"),
+            status_reply(&settled),
+        )],
+    );
+    run(settled.clone(), ctx.clone()).await.expect("reconcile");
+    let history: Vec<_> = ctx.queues.lock().unwrap().drain().collect();
+    drop(ctx);
+    let seen = finish(verifier).await;
+    let scaling = condition(&seen[0].body, "ScalingActive");
+    assert!(
+        scaling["message"].as_str().unwrap().contains(
+            "best first: h200 (not measured, kept in its listed place), h100 (not measured"
+        ),
+        "{scaling}"
+    );
+    let last = &seen[0].body["status"]["lastScaling"];
+    assert_eq!(
+        (&last["replicas"], &last["metrics"]["queueDepth"]),
+        (&json!(2), &json!(2.0)),
+        "{last}"
+    );
+    // 15 s on: h200 made 2,000 tokens/s (50 per unit of cost), h100 1,500 (75 per unit);
+    // 14 waiting call for 4 replicas, and the 2 new ones go to h100, listed second.
+    tokio::time::advance(Duration::from_secs(15)).await;
+    caches.engine_metrics = std::collections::HashMap::from([
+        (
+            "http://10.0.0.7:8000/metrics".to_string(),
+            answer(7, 130_000),
+        ),
+        (
+            "http://10.0.0.8:8000/metrics".to_string(),
+            answer(7, 72_500),
+        ),
+    ]);
+    let (ctx, handle) = context(&caches, Capabilities::default());
+    ctx.queues.lock().unwrap().extend(history);
+    let verifier = verify(
+        handle,
+        vec![
+            patch(format!("{DEPLOYMENTS}/llm-h100")),
+            expect(
+                Method::PATCH,
+                format!("{IDEPS}/llm/status"),
+                status_reply(&settled),
+            ),
+            expect(Method::POST, EVENTS, Reply::Echo),
+        ],
+    );
+    run(settled, ctx.clone()).await.expect("reconcile");
+    drop(ctx);
+    let seen = finish(verifier).await;
+    assert_eq!(seen[0].body["spec"]["replicas"], 3);
+    let scaling = condition(&seen[1].body, "ScalingActive");
+    let message = scaling["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("policy costAware: 4 replica(s)")
+            && message.contains("best first: h100 (measured), h200 (measured)"),
+        "{message}"
+    );
+    let last = &seen[1].body["status"]["lastScaling"];
+    assert_eq!(last["variants"], json!({"h200": 1, "h100": 3}), "{last}");
+    assert_eq!(last["metrics"]["tokensPerSecond"], json!(3500.0));
+    // 60 an hour for 12.6M tokens an hour.
+    let per_million = last["metrics"]["costPerMillionTokens"].as_f64().unwrap();
+    assert!((per_million - 60.0 / 12.6).abs() < 1e-9, "{last}");
+}
+
 #[tokio::test]
 async fn deleted_object_makes_no_calls_and_removed_variant_is_deleted() {
     // Being deleted: owner references garbage-collect the children, nothing to do.

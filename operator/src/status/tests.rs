@@ -70,6 +70,7 @@ fn inputs<'a>(c: &'a Case, observed: &'a BTreeMap<String, WorkloadObservation>) 
         refused_variants: &NONE,
         pod_problems: &[],
         applied: &NONE,
+        served: None,
     }
 }
 
@@ -279,14 +280,13 @@ fn scaled_to_zero_is_not_ready_and_not_progressing() {
     assert_eq!(cond(&s, PROGRESSING).status, "False");
 }
 
-/// ScalingActive is False while a policy holds the replicas: queueDepth with no engine's
-/// metrics read, and costAware, whose autoscaler is not wired.
+/// ScalingActive is False while a metric policy holds the replicas: no engine's metrics read.
 #[test]
 fn holding_policies_say_why_scaling_is_not_active() {
     use sparsemoe_api::v1alpha1::ScalingPolicy;
     for (policy, reason) in [
         (ScalingPolicy::QueueDepth, "MetricsUnavailable"),
-        (ScalingPolicy::CostAware, "AutoscalerNotWired"),
+        (ScalingPolicy::CostAware, "MetricsUnavailable"),
     ] {
         let mut idep = gpu_idep();
         idep.spec.scaling.policy = policy;
@@ -818,4 +818,101 @@ mod gitops {
         );
         assert!(message.starts_with("NoReplicas"), "{message}");
     }
+}
+
+/// `lastScaling` is written by a metric policy's decision, with what the engines served,
+/// only when the replicas per variant change; a held decision (nothing read) and `fixed`
+/// leave it as the object has it.
+#[test]
+fn last_scaling_is_written_only_when_the_decided_replicas_change() {
+    use crate::queue_scaling::Recommendation;
+    use sparsemoe_api::v1alpha1::{ScalingMetrics, ScalingPolicy};
+    let mut idep = gpu_idep();
+    idep.spec.scaling.policy = ScalingPolicy::QueueDepth;
+    idep.spec.scaling.max_replicas = Some(8);
+    let decided = |replicas: i64| {
+        let running = autoscale::Running {
+            queue: Some(Ok(Recommendation {
+                replicas,
+                reason: format!("{replicas} wanted"),
+            })),
+            ..autoscale::Running::default()
+        };
+        autoscale::decide_around(&idep.spec, &running, &BTreeSet::new())
+    };
+    let mut c = case(idep.clone());
+    c.decision = decided(3);
+    let observed = observe(&c, |_| {});
+    let served = ScalingMetrics {
+        queue_depth: 11.0,
+        tokens_per_second: 900.0,
+        tokens_per_second_per_dollar: 9.0,
+        cost_per_million_tokens: Some(30.0),
+    };
+    let at = |s| jiff::Timestamp::from_second(s).unwrap();
+    // Nothing read: nothing written.
+    assert_eq!(
+        compute(&inputs(&c, &observed), None, at(10)).last_scaling,
+        None
+    );
+    let first = compute(
+        &Inputs {
+            served: Some(&served),
+            ..inputs(&c, &observed)
+        },
+        None,
+        at(10),
+    );
+    let last = first.last_scaling.clone().expect("written");
+    assert_eq!(
+        (
+            last.replicas,
+            last.variants.get("h200"),
+            last.reason.as_str()
+        ),
+        (3, Some(&3), "3 wanted")
+    );
+    assert_eq!(
+        (last.metrics, last.time),
+        (served.clone(), Some(Time(at(10))))
+    );
+    // The same replicas with other figures later: the status needs no write.
+    let busier = ScalingMetrics {
+        tokens_per_second: 1200.0,
+        ..served.clone()
+    };
+    let again = compute(
+        &Inputs {
+            served: Some(&busier),
+            ..inputs(&c, &observed)
+        },
+        Some(&first),
+        at(25),
+    );
+    assert!(!needs_update(Some(&first), &again));
+    // Other replicas: written anew, with the figures of now.
+    c.decision = decided(5);
+    let scaled = compute(
+        &Inputs {
+            served: Some(&busier),
+            ..inputs(&c, &observed)
+        },
+        Some(&first),
+        at(40),
+    );
+    let last = scaled.last_scaling.expect("written");
+    assert_eq!((last.replicas, last.metrics.tokens_per_second), (5, 1200.0));
+    assert_eq!(last.time, Some(Time(at(40))));
+    // A held decision (no engine read) keeps the last one.
+    c.decision = autoscale::decide(&idep.spec, &BTreeMap::from([("h200".to_string(), 2)]));
+    assert!(c.decision.holding);
+    let held = compute(
+        &Inputs {
+            served: Some(&busier),
+            ..inputs(&c, &observed)
+        },
+        Some(&first),
+        at(55),
+    );
+    assert_eq!(held.last_scaling, first.last_scaling);
 }
