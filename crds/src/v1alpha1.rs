@@ -666,7 +666,10 @@ pub struct InferenceDeploymentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Conditions: Ready, Progressing, Degraded, ScalingActive; Reconciling, Stalled (kstatus).
+    /// One per type: a map list keyed by `type`, as Kubernetes' own conditions are, so that
+    /// server-side apply merges another writer's condition types instead of replacing them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Engine pods across all variants.
     #[serde(default)]

@@ -110,6 +110,25 @@ fn crd_has_subresources_short_name_and_printer_columns() {
         columns,
         ["Ready", "Replicas", "Variants", "Tokens/s", "$/Mtok", "Age"]
     );
+    // Conditions are a map list keyed by type, whose key every item must carry.
+    let schema = version.schema.as_ref().unwrap().open_api_v3_schema.as_ref();
+    let status = &schema.unwrap().properties.as_ref().unwrap()["status"];
+    let conditions = &status.properties.as_ref().unwrap()["conditions"];
+    assert_eq!(conditions.x_kubernetes_list_type.as_deref(), Some("map"));
+    assert_eq!(
+        conditions.x_kubernetes_list_map_keys,
+        Some(vec!["type".to_string()])
+    );
+    let item = match conditions.items.as_ref().unwrap() {
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(s) => s,
+        other => panic!("conditions items: {other:?}"),
+    };
+    assert!(
+        item.required
+            .as_ref()
+            .unwrap()
+            .contains(&"type".to_string())
+    );
 }
 
 #[test]
