@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{EnvVar, LocalObjectReference, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
@@ -295,6 +295,20 @@ pub struct EngineSpec {
     /// added (`nvidia.com/gpu`). Unset: no CPU or memory requests or limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Secrets (in the object's namespace) the kubelet pulls the engine image and an `image`
+    /// model source with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// The engine pods' PriorityClass, so serving can preempt batch work on the GPU nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+    /// The engine pods' RuntimeClass (e.g. `nvidia`, where the NVIDIA container runtime is
+    /// not the nodes' default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub runtime_class_name: Option<String>,
 }
 
 fn default_engine_image() -> String {
@@ -318,6 +332,9 @@ impl Default for EngineSpec {
             args: Vec::new(),
             env: Vec::new(),
             resources: None,
+            image_pull_secrets: Vec::new(),
+            priority_class_name: None,
+            runtime_class_name: None,
         }
     }
 }
@@ -537,8 +554,9 @@ pub struct ScalingSpec {
     /// `fixed` (replicas below, or the /scale subresource), `queueDepth` (as many replicas
     /// as the engines' queues call for, added to the variants in listed order), or
     /// `costAware` (as many, added to the variant that serves the most tokens per second per
-    /// unit of costPerHour and taken from the one that serves the fewest, as measured on the
-    /// engines or, until measured, as variants[].expectedTokensPerSecond says).
+    /// unit of costPerHour and taken from the one that serves the fewest per unit, as measured
+    /// on the engines with their batches full or, until measured, as
+    /// variants[].expectedTokensPerSecond says).
     #[serde(default)]
     pub policy: ScalingPolicy,
     /// Replicas for policy `fixed`; the /scale subresource (HPA, KEDA, kubectl scale) sets it.
@@ -686,9 +704,9 @@ pub struct InferenceDeploymentStatus {
     /// Per-variant replica counts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub variants: Vec<VariantStatus>,
-    /// The most recent change of replicas a metrics-driven policy (queueDepth, costAware)
-    /// made, with what the engines served when it was made; written only when the decided
-    /// replicas change (the Tokens/s and $/Mtok columns show it).
+    /// The most recent decision of a metric policy (queueDepth, costAware) whose replicas per
+    /// variant differ from the one before, with what the engines served when it was made
+    /// (the Tokens/s and $/Mtok columns show those figures, not live ones).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scaling: Option<ScalingDecision>,
     /// The expert placement plan in use.
@@ -736,13 +754,13 @@ pub struct ScalingDecision {
 pub struct ScalingMetrics {
     /// Waiting requests, summed over the engines read.
     pub queue_depth: f64,
-    /// Generated tokens per second, summed over the engines read (over the last interval
-    /// between two reads of each; 0 until an engine has been read twice).
+    /// Generated tokens per second, summed over the engines read twice (over the last
+    /// interval between two reads of each).
     pub tokens_per_second: f64,
-    /// tokensPerSecond per unit of costPerHour of the replicas read.
+    /// tokensPerSecond per unit of costPerHour (of the engines with a rate).
     pub tokens_per_second_per_dollar: f64,
-    /// costPerHour of the replicas read per million tokens at the rate measured; unset while
-    /// nothing was generated.
+    /// The costPerHour of the engines with a rate, per million tokens at that rate; unset
+    /// while nothing was generated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_per_million_tokens: Option<f64>,
 }

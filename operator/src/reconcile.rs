@@ -434,14 +434,9 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let history = queues.entry(queue_key(idep)).or_default();
         let now = tokio::time::Instant::now();
-        let tokens_per_second = history.throughput.observe(&seen.engines, now);
+        history.throughput.observe(&idep.spec, &seen.engines, now);
         if seen.read > 0 {
-            served = Some(cost::metrics(
-                &idep.spec.variants,
-                &seen.engines,
-                seen.waiting,
-                tokens_per_second,
-            ));
+            served = history.throughput.served(&idep.spec.variants, seen.waiting);
         }
         running.queue = Some(queue_scaling::recommend(
             &idep.spec.scaling,
@@ -661,7 +656,13 @@ async fn read_queues(pods: &[Arc<Pod>], scrape: &dyn Scrape) -> QueueObservation
                 })?;
                 let running = sum(queue_scaling::RUNNING_METRIC)?.unwrap_or(0.0);
                 let slots = sum(queue_scaling::SLOTS_METRIC)?;
-                Ok((waiting, running, slots, sum(cost::GENERATED_METRIC)?))
+                let kv_usage = sum(cost::KV_USAGE_METRIC)?;
+                let generated = sum(cost::GENERATED_METRIC)?;
+                let values = [Some(waiting), Some(running), slots, kv_usage, generated];
+                if values.iter().flatten().any(|v| !v.is_finite()) {
+                    return Err("a metric that is not a finite number".to_string());
+                }
+                Ok((waiting, running, slots, kv_usage, generated))
             });
             (name, engine, read)
         })
@@ -669,7 +670,7 @@ async fn read_queues(pods: &[Arc<Pod>], scrape: &dyn Scrape) -> QueueObservation
     let mut seen = QueueObservation::default();
     for (name, mut engine, read) in futures::future::join_all(reads).await {
         match read {
-            Ok((waiting, running, slots, generated)) => {
+            Ok((waiting, running, slots, kv_usage, generated)) => {
                 let (waiting, running) = (waiting.max(0.0), running.max(0.0));
                 seen.waiting += waiting;
                 seen.running += running;
@@ -680,7 +681,9 @@ async fn read_queues(pods: &[Arc<Pod>], scrape: &dyn Scrape) -> QueueObservation
                 }
                 seen.read += 1;
                 engine.generated = generated;
-                engine.full = waiting > 0.0 || slots.is_some_and(|s| running >= s);
+                // Every slot running, or requests waiting for KV cache.
+                engine.full = slots.is_some_and(|s| running >= s)
+                    || (waiting > 0.0 && kv_usage.is_some_and(|u| u >= cost::KV_FULL));
                 seen.engines.push(engine);
             }
             Err(why) => {

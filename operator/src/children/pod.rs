@@ -358,6 +358,10 @@ pub(super) fn pod_template(
                 .then(|| variant.node_selector.clone()),
             tolerations: (!variant.tolerations.is_empty()).then(|| variant.tolerations.clone()),
             termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
+            image_pull_secrets: (!engine.image_pull_secrets.is_empty())
+                .then(|| engine.image_pull_secrets.clone()),
+            priority_class_name: engine.priority_class_name.clone(),
+            runtime_class_name: engine.runtime_class_name.clone(),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
             security_context: Some(PodSecurityContext {

@@ -473,6 +473,11 @@ fn user_settings_reach_the_engine() {
         var("EXTRA", "2"),
     ];
     idep.spec.engine.image_pull_policy = Some(PullPolicy::Always);
+    idep.spec.engine.image_pull_secrets = vec![k8s_openapi::api::core::v1::LocalObjectReference {
+        name: "registry-creds".into(),
+    }];
+    idep.spec.engine.priority_class_name = Some("serving-high".into());
+    idep.spec.engine.runtime_class_name = Some("nvidia".into());
     idep.spec.rollout.max_surge = IntOrString::Int(0);
     idep.spec.rollout.max_unavailable = IntOrString::String("25%".into());
     let c = build_default(&idep, Capabilities::default());
@@ -503,6 +508,13 @@ fn user_settings_reach_the_engine() {
     names.dedup();
     assert_eq!(names.len(), listed, "a variable listed twice");
     assert_eq!(e.image_pull_policy.as_deref(), Some("Always"));
+    let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(
+        pod.image_pull_secrets.as_ref().unwrap()[0].name,
+        "registry-creds"
+    );
+    assert_eq!(pod.priority_class_name.as_deref(), Some("serving-high"));
+    assert_eq!(pod.runtime_class_name.as_deref(), Some("nvidia"));
     let rolling = d
         .spec
         .as_ref()

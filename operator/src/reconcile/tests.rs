@@ -358,9 +358,34 @@ async fn queue_depth_scales_to_what_the_engines_queues_call_for() {
     );
 }
 
-/// costAware measures each variant's full-batch tokens per second between two reads of its
+/// One reconcile of `idep` with the engines' answers of `caches` and the metric policies'
+/// memory `history` (taken back afterwards), expecting `expected`; the object comes back
+/// with the status it wrote, if it wrote one.
+async fn metric_round(
+    caches: &Caches,
+    idep: &mut InferenceDeployment,
+    history: &mut Vec<(String, ScalingHistory)>,
+    expected: Vec<Expect>,
+) -> Vec<Seen> {
+    let (ctx, handle) = context(caches, Capabilities::default());
+    ctx.queues.lock().unwrap().extend(history.drain(..));
+    let verifier = verify(handle, expected);
+    run(idep.clone(), ctx.clone()).await.expect("reconcile");
+    history.extend(ctx.queues.lock().unwrap().drain());
+    drop(ctx);
+    let seen = finish(verifier).await;
+    for s in &seen {
+        if let Some(status) = s.body.get("status") {
+            idep.status = Some(serde_json::from_value(status.clone()).unwrap());
+        }
+    }
+    seen
+}
+
+/// costAware measures each variant's full-batch tokens per second between reads of its
 /// engines and sends new replicas to the variant that serves the most per unit of cost,
-/// whatever the listed order; `lastScaling` records the decision with what was served.
+/// whatever the listed order; `lastScaling` records the decision with what was served, and a
+/// settled object is not written as its engines' figures move.
 #[tokio::test(start_paused = true)]
 async fn cost_aware_sends_new_replicas_where_tokens_cost_least() {
     use k8s_openapi::api::core::v1::{ContainerStatus, PodStatus};
@@ -374,8 +399,8 @@ async fn cost_aware_sends_new_replicas_where_tokens_cost_least() {
     spec.scaling.target_queue_depth_per_replica = 4;
     let mut caches = Caches::default();
     // One replica on each (h200 could take only one then).
-    let mut settled = caches.settle(&idep(spec), Capabilities::default());
-    settled.spec.variants[0].max_replicas = None;
+    let mut idep = caches.settle(&idep(spec), Capabilities::default());
+    idep.spec.variants[0].max_replicas = None;
     for (variant, ip) in [("h200", "10.0.0.7"), ("h100", "10.0.0.8")] {
         let mut pod = Pod::default();
         pod.metadata.name = Some(format!("llm-{variant}-a"));
@@ -396,39 +421,41 @@ async fn cost_aware_sends_new_replicas_where_tokens_cost_least() {
         });
         caches.pods.apply_watcher_event(&watcher::Event::Apply(pod));
     }
-    // Both batches full (64 of 64 slots, requests waiting).
-    let answer = |waiting: u32, generated: u32| {
-        Ok(format!(
-            "sparsemoe_num_requests_waiting {waiting}\n\
-             sparsemoe_num_requests_running 64\n\
-             sparsemoe_max_running_requests 64\n\
-             sparsemoe_generation_tokens_total {generated}\n"
-        ))
+    // Every 15 s, h200's engine makes 2,000 tokens/s (50 per unit of cost) and h100's 1,500
+    // (75 per unit), both with every slot taken; `waiting` requests wait on each.
+    let answers = |round: u32, waiting: u32| {
+        let answer = |generated: u32| {
+            Ok(format!(
+                "sparsemoe_num_requests_waiting {waiting}\n\
+                 sparsemoe_num_requests_running 64\n\
+                 sparsemoe_max_running_requests 64\n\
+                 sparsemoe_generation_tokens_total {generated}\n"
+            ))
+        };
+        std::collections::HashMap::from([
+            (
+                "http://10.0.0.7:8000/metrics".to_string(),
+                answer(100_000 + 30_000 * round),
+            ),
+            (
+                "http://10.0.0.8:8000/metrics".to_string(),
+                answer(50_000 + 22_500 * round),
+            ),
+        ])
     };
-    caches.engine_metrics = std::collections::HashMap::from([
-        (
-            "http://10.0.0.7:8000/metrics".to_string(),
-            answer(1, 100_000),
-        ),
-        (
-            "http://10.0.0.8:8000/metrics".to_string(),
-            answer(1, 50_000),
-        ),
-    ]);
-    // The first read: 2 replicas keep the running requests in their slots; nothing measured.
-    let (ctx, handle) = context(&caches, Capabilities::default());
-    let verifier = verify(
-        handle,
-        vec![expect(
+    let status_patch = |idep: &InferenceDeployment| {
+        expect(
             Method::PATCH,
             format!("{IDEPS}/llm/status"),
-            status_reply(&settled),
-        )],
-    );
-    run(settled.clone(), ctx.clone()).await.expect("reconcile");
-    let history: Vec<_> = ctx.queues.lock().unwrap().drain().collect();
-    drop(ctx);
-    let seen = finish(verifier).await;
+            status_reply(idep),
+        )
+    };
+    let mut history = Vec::new();
+    // The first read: the 2 replicas keep the running requests in their slots; no rate yet,
+    // so no lastScaling.
+    caches.engine_metrics = answers(0, 1);
+    let expected = vec![status_patch(&idep)];
+    let seen = metric_round(&caches, &mut idep, &mut history, expected).await;
     let scaling = condition(&seen[0].body, "ScalingActive");
     assert!(
         scaling["message"].as_str().unwrap().contains(
@@ -436,42 +463,32 @@ async fn cost_aware_sends_new_replicas_where_tokens_cost_least() {
         ),
         "{scaling}"
     );
-    let last = &seen[0].body["status"]["lastScaling"];
-    assert_eq!(
-        (&last["replicas"], &last["metrics"]["queueDepth"]),
-        (&json!(2), &json!(2.0)),
-        "{last}"
-    );
-    // 15 s on: h200 made 2,000 tokens/s (50 per unit of cost), h100 1,500 (75 per unit);
-    // 14 waiting call for 4 replicas, and the 2 new ones go to h100, listed second.
+    assert_eq!(seen[0].body["status"].get("lastScaling"), None);
+    // 15 s on: a rate, so the decision is recorded with what was served.
     tokio::time::advance(Duration::from_secs(15)).await;
-    caches.engine_metrics = std::collections::HashMap::from([
-        (
-            "http://10.0.0.7:8000/metrics".to_string(),
-            answer(7, 130_000),
-        ),
-        (
-            "http://10.0.0.8:8000/metrics".to_string(),
-            answer(7, 72_500),
-        ),
-    ]);
-    let (ctx, handle) = context(&caches, Capabilities::default());
-    ctx.queues.lock().unwrap().extend(history);
-    let verifier = verify(
-        handle,
-        vec![
-            patch(format!("{DEPLOYMENTS}/llm-h100")),
-            expect(
-                Method::PATCH,
-                format!("{IDEPS}/llm/status"),
-                status_reply(&settled),
-            ),
-            expect(Method::POST, EVENTS, Reply::Echo),
-        ],
-    );
-    run(settled, ctx.clone()).await.expect("reconcile");
-    drop(ctx);
-    let seen = finish(verifier).await;
+    caches.engine_metrics = answers(1, 1);
+    let expected = vec![status_patch(&idep)];
+    let seen = metric_round(&caches, &mut idep, &mut history, expected).await;
+    let last = &seen[0].body["status"]["lastScaling"];
+    assert_eq!(last["variants"], json!({"h200": 1, "h100": 1}), "{last}");
+    assert_eq!(last["metrics"]["queueDepth"], json!(2.0));
+    assert_eq!(last["metrics"]["tokensPerSecond"], json!(3500.0));
+    // 15 s on: new figures, the same decision and ranking (two intervals measure nothing
+    // yet): no write.
+    tokio::time::advance(Duration::from_secs(15)).await;
+    caches.engine_metrics = answers(2, 1);
+    let seen = metric_round(&caches, &mut idep, &mut history, vec![]).await;
+    assert!(seen.is_empty());
+    // The third interval measures both; 14 waiting call for 4 replicas, and the 2 new ones
+    // go to h100, listed second.
+    tokio::time::advance(Duration::from_secs(15)).await;
+    caches.engine_metrics = answers(3, 7);
+    let expected = vec![
+        patch(format!("{DEPLOYMENTS}/llm-h100")),
+        status_patch(&idep),
+        expect(Method::POST, EVENTS, Reply::Echo),
+    ];
+    let seen = metric_round(&caches, &mut idep, &mut history, expected).await;
     assert_eq!(seen[0].body["spec"]["replicas"], 3);
     let scaling = condition(&seen[1].body, "ScalingActive");
     let message = scaling["message"].as_str().unwrap();
