@@ -358,6 +358,83 @@ async fn queue_depth_scales_to_what_the_engines_queues_call_for() {
     );
 }
 
+/// An engine whose metrics say a count that is not a finite number is not read (a status
+/// carrying it would be refused); one full batch and one waiting for KV cache are full, one
+/// with free slots and requests waiting is not.
+#[tokio::test]
+async fn engines_are_read_for_their_queues_and_full_batches() {
+    use k8s_openapi::api::core::v1::{ContainerStatus, PodStatus};
+    let pod = |name: &str, ip: &str| {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some(name.into());
+        pod.metadata.labels = Some(std::collections::BTreeMap::from([(
+            LABEL_VARIANT.to_string(),
+            "h200".to_string(),
+        )]));
+        pod.status = Some(PodStatus {
+            pod_ip: Some(ip.into()),
+            container_statuses: Some(vec![ContainerStatus {
+                ready: true,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        Arc::new(pod)
+    };
+    let body = |waiting: &str, running: u32, kv: f64| {
+        Ok(format!(
+            "sparsemoe_num_requests_waiting {waiting}\n\
+             sparsemoe_num_requests_running {running}\n\
+             sparsemoe_max_running_requests 8\n\
+             sparsemoe_kv_cache_usage_perc {kv}\n\
+             sparsemoe_generation_tokens_total 100\n"
+        ))
+    };
+    let scrape = FakeScrape {
+        answers: std::collections::HashMap::from([
+            (
+                "http://10.0.0.1:8000/metrics".to_string(),
+                body("0", 8, 0.2),
+            ),
+            (
+                "http://10.0.0.2:8000/metrics".to_string(),
+                body("3", 2, 0.95),
+            ),
+            (
+                "http://10.0.0.3:8000/metrics".to_string(),
+                body("2", 5, 0.5),
+            ),
+            (
+                "http://10.0.0.4:8000/metrics".to_string(),
+                body("+Inf", 8, 0.2),
+            ),
+        ]),
+        ..FakeScrape::default()
+    };
+    let pods = [
+        pod("slots", "10.0.0.1"),
+        pod("cache", "10.0.0.2"),
+        pod("room", "10.0.0.3"),
+        pod("inf", "10.0.0.4"),
+    ];
+    let seen = read_queues(&pods, &scrape).await;
+    assert_eq!((seen.read, seen.waiting, seen.running), (3, 5.0, 15.0));
+    assert_eq!(seen.unread.len(), 1);
+    assert!(
+        seen.unread[0].starts_with("pod inf:") && seen.unread[0].contains("not a finite number"),
+        "{:?}",
+        seen.unread
+    );
+    let full: Vec<(&str, bool)> = seen
+        .engines
+        .iter()
+        .map(|e| (e.pod.as_str(), e.full))
+        .collect();
+    assert_eq!(full, [("slots", true), ("cache", true), ("room", false)]);
+    assert_eq!(seen.engines[0].generated, Some(100.0));
+    assert_eq!(seen.engines[0].variant.as_deref(), Some("h200"));
+}
+
 /// One reconcile of `idep` with the engines' answers of `caches` and the metric policies'
 /// memory `history` (taken back afterwards), expecting `expected`; the object comes back
 /// with the status it wrote, if it wrote one.
