@@ -628,6 +628,17 @@ pub enum ScalingPolicy {
     CostAware,
 }
 
+impl ScalingPolicy {
+    /// The policy as the spec spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScalingPolicy::Fixed => "fixed",
+            ScalingPolicy::QueueDepth => "queueDepth",
+            ScalingPolicy::CostAware => "costAware",
+        }
+    }
+}
+
 /// Latency objectives, in milliseconds.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]

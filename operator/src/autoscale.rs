@@ -141,11 +141,7 @@ pub fn decide_around(
             // What runs, or while workloads of a renamed variant are replaced, what was
             // decided before: their replicas move to the spec's variants.
             let held = total.max(running.replacing.map_or(0, i64::from));
-            let policy = if scaling.policy == ScalingPolicy::QueueDepth {
-                "queueDepth"
-            } else {
-                "costAware"
-            };
+            let policy = scaling.policy.as_str();
             let (target, reason_code, mut reason) = match &running.queue {
                 Some(Ok(r)) => (
                     r.replicas.clamp(min, max),

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use sparsemoe_api::v1alpha1::{ScalingPolicy, ScalingSpec};
+use sparsemoe_api::v1alpha1::ScalingSpec;
 use tokio::time::Instant;
 
 /// The engine's gauges of requests waiting for a slot, of requests running, and of the
@@ -263,10 +263,7 @@ pub fn recommend(
     } else {
         holding
     };
-    let policy = match scaling.policy {
-        ScalingPolicy::CostAware => "costAware",
-        _ => "queueDepth",
-    };
+    let policy = scaling.policy.as_str();
     let mut reason = format!(
         "policy {policy}: {wanted} replica(s) for the requests waiting ({} per replica \
          wanted) and running",

@@ -435,9 +435,7 @@ async fn reconcile_inner(idep: &InferenceDeployment, ctx: &Context) -> Result<Ac
         let history = queues.entry(queue_key(idep)).or_default();
         let now = tokio::time::Instant::now();
         history.throughput.observe(&idep.spec, &seen.engines, now);
-        if seen.read > 0 {
-            served = history.throughput.served(&idep.spec.variants, seen.waiting);
-        }
+        served = history.throughput.served(&idep.spec.variants, seen.waiting);
         running.queue = Some(queue_scaling::recommend(
             &idep.spec.scaling,
             current,

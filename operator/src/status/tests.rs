@@ -850,19 +850,19 @@ fn last_scaling_is_written_only_when_the_decided_replicas_change() {
         cost_per_million_tokens: Some(30.0),
     };
     let at = |s| jiff::Timestamp::from_second(s).unwrap();
+    let with_served = |c: &Case, metrics, previous, t| {
+        let inputs = Inputs {
+            served: Some(metrics),
+            ..inputs(c, &observed)
+        };
+        compute(&inputs, previous, at(t))
+    };
     // Nothing read: nothing written.
     assert_eq!(
         compute(&inputs(&c, &observed), None, at(10)).last_scaling,
         None
     );
-    let first = compute(
-        &Inputs {
-            served: Some(&served),
-            ..inputs(&c, &observed)
-        },
-        None,
-        at(10),
-    );
+    let first = with_served(&c, &served, None, 10);
     let last = first.last_scaling.clone().expect("written");
     assert_eq!(
         (
@@ -881,38 +881,17 @@ fn last_scaling_is_written_only_when_the_decided_replicas_change() {
         tokens_per_second: 1200.0,
         ..served.clone()
     };
-    let again = compute(
-        &Inputs {
-            served: Some(&busier),
-            ..inputs(&c, &observed)
-        },
-        Some(&first),
-        at(25),
-    );
+    let again = with_served(&c, &busier, Some(&first), 25);
     assert!(!needs_update(Some(&first), &again));
     // Other replicas: written anew, with the figures of now.
     c.decision = decided(5);
-    let scaled = compute(
-        &Inputs {
-            served: Some(&busier),
-            ..inputs(&c, &observed)
-        },
-        Some(&first),
-        at(40),
-    );
+    let scaled = with_served(&c, &busier, Some(&first), 40);
     let last = scaled.last_scaling.expect("written");
     assert_eq!((last.replicas, last.metrics.tokens_per_second), (5, 1200.0));
     assert_eq!(last.time, Some(Time(at(40))));
     // A held decision (no engine read) keeps the last one.
     c.decision = autoscale::decide(&idep.spec, &BTreeMap::from([("h200".to_string(), 2)]));
     assert!(c.decision.holding);
-    let held = compute(
-        &Inputs {
-            served: Some(&busier),
-            ..inputs(&c, &observed)
-        },
-        Some(&first),
-        at(55),
-    );
+    let held = with_served(&c, &busier, Some(&first), 55);
     assert_eq!(held.last_scaling, first.last_scaling);
 }
